@@ -1,0 +1,41 @@
+"""stabscope: stability diagnostics for PyTorch models, transformers first.
+
+The recording side (``Recorder``) imports torch; the reading side (``load_run``,
+``read_meta``) does not, so reports and CI gates run where no GPU stack is installed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+from .store import RUN_MODULE, SCHEMA_VERSION, NotARunError, load_run, read_meta
+
+_LAZY = {
+    "Recorder": ("stabscope.recorder", "Recorder"),
+    "RecorderConfig": ("stabscope.config", "RecorderConfig"),
+    "Schedule": ("stabscope.schedule", "Schedule"),
+}
+
+__all__ = [
+    "RUN_MODULE",
+    "SCHEMA_VERSION",
+    "NotARunError",
+    "Recorder",
+    "RecorderConfig",
+    "Schedule",
+    "__version__",
+    "load_run",
+    "read_meta",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # Torch-side names are imported on first use so `import stabscope` stays torch-free.
+    if name in _LAZY:
+        import importlib
+
+        module_name, attr = _LAZY[name]
+        return getattr(importlib.import_module(module_name), attr)
+    raise AttributeError(f"module 'stabscope' has no attribute {name!r}")

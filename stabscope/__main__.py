@@ -1,0 +1,5 @@
+"""``python -m stabscope`` runs the CLI."""
+
+from .cli import main
+
+main()

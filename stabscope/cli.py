@@ -1,0 +1,152 @@
+"""The ``stabscope`` command: parse, call the library, print, exit.
+
+Exit codes: 0 success, 1 the gate found problems, 2 bad input (one line with a hint).
+Human-readable output goes to stderr; data goes to stdout or ``--output``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+
+from .errors import ScriptError, UsageError
+
+if TYPE_CHECKING:
+    from .config import RecorderConfig
+
+app = typer.Typer(
+    name="stabscope",
+    help="Stability diagnostics for PyTorch models: record, report, check.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+err = Console(stderr=True, highlight=False)
+
+
+def fail(error: UsageError) -> typer.Exit:
+    """Print one error line (and its hint) to stderr; the exit code is 2 unless the script set one."""
+    err.print(f"[bold red]error:[/] {error.message}", markup=True, soft_wrap=True)
+    if error.hint:
+        err.print(f"[dim]hint:[/] {error.hint}", soft_wrap=True)
+    return typer.Exit(error.exit_code if isinstance(error, ScriptError) else 2)
+
+
+@app.command()
+def profile(
+    script: Annotated[Path, typer.Argument(help="Model script (see README: Model scripts).")],
+    steps: Annotated[int, typer.Option(help="Training steps to run.")] = 200,
+    out: Annotated[Path | None, typer.Option(help="Run directory [default: runs/SCRIPT]")] = None,
+    every: Annotated[int | None, typer.Option(help="After the dense start, record every N "
+                                              "steps [default: 25].")] = None,
+    dense: Annotated[int | None, typer.Option(help="Record every step for the first K steps "
+                                              "[default: 10].")] = None,
+    log_schedule: Annotated[bool, typer.Option("--log-schedule", help="Also record on "
+                                               "log-spaced steps.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed for torch, numpy and random.")] = 0,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
+    preset: Annotated[str, typer.Option(help="cheap, standard or full (ordered by cost).")]
+    = "standard",
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a CONFIG value of "
+                                                  "the script: --set depth=24 (repeatable).")]
+    = None,
+    include: Annotated[list[str] | None, typer.Option(help="Glob on module names to record "
+                                                      "(repeatable) [default: *].")] = None,
+    exclude: Annotated[list[str] | None, typer.Option(help="Glob on module names to skip "
+                                                      "(repeatable).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite a run already in --out.")]
+    = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Train a model script for --steps steps and record its statistics into a run directory."""
+    from .config import load_pyproject_config
+    from .schedule import Schedule
+
+    try:
+        config = load_pyproject_config()
+        schedule = Schedule(
+            dense=config.schedule.dense if dense is None else dense,
+            every=config.schedule.every if every is None else every,
+            log=log_schedule or config.schedule.log,
+            per_decade=config.schedule.per_decade,
+        )
+        config = config.replace(
+            preset=preset,
+            schedule=schedule,
+            include=tuple(include) if include else None,
+            exclude=tuple(exclude) if exclude else None,
+        )
+    except ValueError as e:
+        raise fail(UsageError(str(e), hint="see `stabscope profile --help`")) from None
+    run_dir = out or Path("runs") / script.stem
+    try:
+        _profile(script, run_dir, steps, config, seed, device, set_ or [], force, quiet)
+    except UsageError as e:
+        raise fail(e) from None
+
+
+def _profile(
+    script: Path,
+    run_dir: Path,
+    steps: int,
+    config: RecorderConfig,
+    seed: int,
+    device: str,
+    sets: list[str],
+    force: bool,
+    quiet: bool,
+) -> None:
+    from .profile import profile_script
+    from .progress import step_progress
+    from .recorder import RunExistsError, prepare_run_dir
+    from .report.console import print_summary
+    from .script import load_script, parse_set
+    from .summary import summarize
+
+    loaded = load_script(script, parse_set(sets))
+    try:
+        prepare_run_dir(run_dir, force)  # fail before any training work
+    except RunExistsError:
+        raise UsageError(f"{run_dir} already holds a run",
+                         hint="pass --force to overwrite it, or choose another --out") from None
+    except OSError as e:
+        raise UsageError(f"cannot write to {run_dir}: {e.strerror or e}",
+                         hint="choose a writable --out directory") from None
+    with step_progress(err, steps, disable=quiet) as progress:
+        result = profile_script(loaded, run_dir, steps, config, seed, device, force=True,
+                                progress=progress)
+    summary = summarize(result.run_dir)
+    print_summary(summary, err)
+    for note in result.notes:
+        err.print(f"[yellow]note:[/] {note}")
+    err.print(f"run directory: [bold]{result.run_dir}[/] ({result.seconds:.1f}s) — next: "
+              f"stabscope summary {result.run_dir}")
+
+
+@app.command()
+def summary(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
+) -> None:
+    """Print the headline numbers of a recorded run."""
+    from .report.console import print_summary
+    from .store import NotARunError
+    from .summary import summarize
+
+    try:
+        print_summary(summarize(run_dir), err)
+    except NotARunError as e:
+        raise fail(UsageError(str(e), hint="pass a directory written by `stabscope profile`"))
+
+
+def main() -> None:
+    """Console entry point."""
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Per-step collection: statistics stay on the device until one host sync at the step's end.
+
+Probes hand the collector device tensors together with a decoder; ``sync`` concatenates every
+pending tensor per device, copies it to the host once, and lets each decoder turn its slice
+into rows. Rows are kept as interned integer codes, ready for the Parquet writer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .store.writer import PartWriter
+
+Decoder = Callable[[np.ndarray, "Rows"], None]
+
+
+@dataclass
+class Rows:
+    """Rows of one or more steps, as column chunks of interned codes."""
+
+    writer: PartWriter
+    step: int = 0
+    _cols: list[tuple[np.ndarray, ...]] = field(default_factory=list)
+
+    def emit(
+        self,
+        phase: str,
+        module: np.ndarray | int,
+        call: np.ndarray | int,
+        metric: str,
+        value: np.ndarray | float,
+        index: np.ndarray | int = -1,
+        step: int | None = None,
+    ) -> None:
+        """Append rows; ``module`` holds module codes (from ``writer.modules``)."""
+        value = np.atleast_1d(np.asarray(value, np.float32))
+        n = len(value)
+
+        def full(x: np.ndarray | int, dtype: type) -> np.ndarray:
+            return np.broadcast_to(np.asarray(x, dtype), (n,))
+
+        self._cols.append(
+            (
+                full(self.step if step is None else step, np.int32),
+                full(self.writer.phases(phase), np.int32),
+                full(module, np.int32),
+                full(call, np.int16),
+                full(self.writer.metrics(metric), np.int32),
+                full(index, np.int16),
+                value,
+            )
+        )
+
+    def flush_to_writer(self) -> int:
+        """Hand the rows to the writer; returns how many rows were written."""
+        n = 0
+        for cols in self._cols:
+            self.writer.append(*cols)
+            n += len(cols[-1])
+        self._cols.clear()
+        return n
+
+
+class Collector:
+    """Pending device tensors of the current step and what to do with their values."""
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[torch.Tensor, Decoder]] = []
+
+    def add(self, values: torch.Tensor, decode: Decoder) -> None:
+        """Queue ``values`` (any shape, stays on device); ``decode`` gets them as float64 numpy."""
+        self._pending.append((values, decode))
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def sync(self, rows: Rows) -> None:
+        """Copy all pending values to the host with one transfer per device, then decode."""
+        if not self._pending:
+            return
+        by_device: dict[torch.device, list[int]] = {}
+        for i, (t, _) in enumerate(self._pending):
+            by_device.setdefault(t.device, []).append(i)
+        host: list[np.ndarray | None] = [None] * len(self._pending)
+        for indices in by_device.values():
+            flats = [self._pending[i][0].detach().reshape(-1).to(torch.float64) for i in indices]
+            joined = torch.cat(flats).cpu().numpy()  # the one device->host sync
+            offset = 0
+            for i, flat in zip(indices, flats):
+                host[i] = joined[offset : offset + flat.numel()]
+                offset += flat.numel()
+        pending, self._pending = self._pending, []
+        for (_, decode), values in zip(pending, host):
+            decode(values, rows)  # type: ignore[arg-type]
+
+    def clear(self) -> None:
+        self._pending.clear()

@@ -1,0 +1,82 @@
+"""Recorder configuration: one frozen dataclass, read from ``[tool.stabscope]`` and the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .schedule import Schedule
+
+#: Presets, cheapest first. Each names what a recorded step measures.
+PRESETS: dict[str, str] = {
+    "cheap": "forward moments of every module, parameter norms, loss and learning rate",
+    "standard": "cheap + gradient moments of every module output, gradient norms, update ratios",
+    "full": "standard + per-parameter weight and gradient moments (mean, absmax, non-finite)",
+}
+
+
+@dataclass(frozen=True)
+class RecorderConfig:
+    """What to record and how often. All fields have defaults that suit a first look."""
+
+    preset: str = "standard"
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+    schedule: Schedule = field(default_factory=Schedule)
+    record_eval: bool = True
+    part_rows: int = 500_000
+    flush_seconds: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        if self.part_rows < 1:
+            raise ValueError("part_rows must be positive")
+
+    @property
+    def grads(self) -> bool:
+        return self.preset != "cheap"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> RecorderConfig:
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def load_pyproject_config(start: Path | None = None) -> RecorderConfig:
+    """Read ``[tool.stabscope]`` from the nearest pyproject.toml above ``start`` (or cwd)."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+
+    here = (start or Path.cwd()).resolve()
+    for directory in (here, *here.parents):
+        path = directory / "pyproject.toml"
+        if path.is_file():
+            with open(path, "rb") as handle:
+                table = tomllib.load(handle).get("tool", {}).get("stabscope", {})
+            return config_from_mapping(table, source=str(path))
+    return RecorderConfig()
+
+
+def config_from_mapping(table: dict[str, Any], source: str = "config") -> RecorderConfig:
+    """Build a config from a plain mapping, with clear errors for unknown keys."""
+    known = {f.name for f in dataclasses.fields(RecorderConfig)}
+    unknown = set(table) - known
+    if unknown:
+        raise ValueError(f"{source}: unknown [tool.stabscope] keys {sorted(unknown)}; known: "
+                         f"{sorted(known)}")
+    values = dict(table)
+    if isinstance(values.get("schedule"), dict):
+        values["schedule"] = Schedule(**values["schedule"])
+    elif isinstance(values.get("schedule"), str):
+        values["schedule"] = Schedule.parse(values["schedule"])
+    for key in ("include", "exclude"):
+        if key in values:
+            values[key] = tuple(values[key])
+    return RecorderConfig(**values)

@@ -1,0 +1,23 @@
+"""Errors that mean "the input is wrong": the CLI prints one line with a hint and exits 2."""
+
+from __future__ import annotations
+
+
+class UsageError(Exception):
+    """Bad input from the user. ``hint`` says what to do about it."""
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} (hint: {self.hint})" if self.hint else self.message
+
+
+class ScriptError(UsageError):
+    """The user's script raised; ``exit_code`` is passed through when the script set one."""
+
+    def __init__(self, message: str, hint: str = "", exit_code: int = 2) -> None:
+        super().__init__(message, hint)
+        self.exit_code = exit_code

@@ -1,0 +1,132 @@
+"""Attaching and removing the per-module hooks of a recorded step, and counting what fired.
+
+Forward hooks are registered with ``with_kwargs=True`` (HF modules take kwargs and return
+tuples or ModelOutput objects). Gradients with respect to a module's output are taken with a
+tensor hook on that output, registered from the forward hook: full backward hooks break user
+code that modifies outputs in place (DESIGN.md, pitfall 1). A tensor hook on a view that is
+later modified in place never fires (pitfall 2), so every hook's firing is counted and the
+ones that never fired are reported instead of trusted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from .probes.moments import is_moment_tensor
+
+TRAIN, EVAL = 0, 1  # phase codes; names in store.schema.PHASES
+
+ForwardSink = Callable[[int, int, int, torch.Tensor], None]  # (phase, module, call, output)
+GradSink = Callable[[int, int, torch.Tensor], None]  # (module, call, grad)
+
+
+def primary_tensor(output: Any) -> torch.Tensor | None:
+    """The tensor that stands for a module's output: the output itself, or the first floating
+    tensor inside a tuple, list, mapping (HF ModelOutput) or dataclass."""
+    if isinstance(output, torch.Tensor):
+        return output if is_moment_tensor(output) else None
+    if isinstance(output, (tuple, list)):
+        items: Any = output
+    elif isinstance(output, Mapping):
+        items = output.values()
+    elif dataclasses.is_dataclass(output) and not isinstance(output, type):
+        items = (getattr(output, f.name) for f in dataclasses.fields(output))
+    else:
+        return None
+    for item in items:
+        found = primary_tensor(item)
+        if found is not None:
+            return found
+    return None
+
+
+def _in_backward() -> bool:
+    # Forward hooks also fire when activation checkpointing recomputes a forward inside
+    # backward; those calls are not new forward passes and are skipped.
+    return torch._C._current_graph_task_id() != -1
+
+
+def _compiling() -> bool:
+    is_compiling = getattr(torch.compiler, "is_compiling", None)
+    return bool(is_compiling and is_compiling())
+
+
+class ModuleHooks:
+    """Forward hooks on selected modules plus tensor hooks on their outputs, per step."""
+
+    def __init__(
+        self,
+        modules: list[tuple[int, nn.Module]],
+        on_forward: ForwardSink,
+        on_grad: GradSink | None,
+        record_eval: bool = True,
+    ) -> None:
+        self.modules = modules
+        self.on_forward = on_forward
+        self.on_grad = on_grad
+        self.record_eval = record_eval
+        n = 1 + max((code for code, _ in modules), default=-1)
+        # Cumulative over recorded steps, indexed by module code.
+        self.forward_calls = np.zeros(n, np.int64)
+        self.grad_hooks = np.zeros(n, np.int64)
+        self.grad_calls = np.zeros(n, np.int64)
+        self._calls: dict[tuple[int, int], int] = {}  # (phase, module) -> calls this step
+        self._handles: list[RemovableHandle] = []
+        self._tensor_handles: list[RemovableHandle] = []
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def attach(self) -> None:
+        if self._handles:
+            return
+        for code, module in self.modules:
+            hook = partial(self._forward_hook, code)
+            self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
+
+    def end_step(self) -> None:
+        """Forget this step's call counts and drop tensor hooks that did not fire."""
+        self._calls.clear()
+        for handle in self._tensor_handles:
+            handle.remove()
+        self._tensor_handles.clear()
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.end_step()
+
+    def _forward_hook(
+        self, code: int, module: nn.Module, args: Any, kwargs: Any, output: Any
+    ) -> None:
+        if _in_backward() or _compiling():
+            return
+        phase = TRAIN if (torch.is_grad_enabled() and module.training) else EVAL
+        if phase == EVAL and not self.record_eval:
+            return
+        key = (phase, code)
+        call = self._calls.get(key, 0)
+        self._calls[key] = call + 1
+        self.forward_calls[code] += 1
+        tensor = primary_tensor(output)
+        if tensor is None:
+            return
+        self.on_forward(phase, code, call, tensor)
+        if self.on_grad is not None and phase == TRAIN and tensor.requires_grad:
+            self.grad_hooks[code] += 1
+            self._tensor_handles.append(tensor.register_hook(partial(self._grad_hook, code, call)))
+
+    def _grad_hook(self, code: int, call: int, grad: torch.Tensor) -> None:
+        self.grad_calls[code] += 1
+        if self.on_grad is not None and is_moment_tensor(grad):
+            self.on_grad(code, call, grad)

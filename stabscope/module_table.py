@@ -1,0 +1,148 @@
+"""Naming and selecting the modules and parameters of a model, and the module table in meta.
+
+Names are the qualified names of ``named_modules()`` with wrapper prefixes removed
+(``_orig_mod.`` from ``torch.compile``, ``module.`` from DDP), so the same model gives the same
+names however it is wrapped. The root module is called ``<root>``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from torch import nn
+
+ROOT_NAME = "<root>"
+
+_LAYER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+
+# Coarse roles from the class name; transformer structure proper is found elsewhere.
+_ROLE_BY_TYPE = (
+    ("loss", re.compile(r"Loss$")),
+    ("norm", re.compile(r"Norm", re.I)),
+    ("attention", re.compile(r"Attention|Attn", re.I)),
+    ("embedding", re.compile(r"Embedding")),
+    ("mlp", re.compile(r"MLP|FeedForward|FFN", re.I)),
+    ("linear", re.compile(r"^(Linear|Conv1D|LazyLinear|Bilinear|NonDynamically\w*Linear)$")),
+    ("conv", re.compile(r"^Conv")),
+    ("dropout", re.compile(r"Dropout")),
+    ("activation", re.compile(r"^(ReLU|GELU|SiLU|Tanh|Sigmoid|Softmax|LeakyReLU|ELU|Mish|"
+                              r"NewGELUActivation|GELUActivation|SiLUActivation)")),
+    ("container", re.compile(r"^(ModuleList|ModuleDict|Sequential|ParameterList)$")),
+)
+_ROLE_BY_NAME = (
+    ("attention", re.compile(r"(^|\.)(attn|attention|self_attn|self_attention)$")),
+    ("mlp", re.compile(r"(^|\.)(mlp|ffn|feed_forward|feedforward)$")),
+)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside DDP / FSDP-style wrappers (``.module``) and ``torch.compile``."""
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
+            model = inner
+            continue
+        if type(model).__name__ in ("DistributedDataParallel", "DataParallel"):
+            model = model.module  # type: ignore[assignment]
+    return model
+
+
+def clean_name(name: str) -> str:
+    """Qualified name without wrapper prefixes; ``<root>`` for the model itself."""
+    parts = [p for p in name.split(".") if p not in ("_orig_mod",)]
+    name = ".".join(parts)
+    return name or ROOT_NAME
+
+
+def layer_index(name: str) -> int | None:
+    """The first integer component of a qualified name (``blocks.3.attn`` -> 3)."""
+    match = _LAYER.search(name)
+    return int(match.group(1)) if match else None
+
+
+def guess_role(name: str, module: nn.Module) -> str:
+    """A coarse role for display and grouping: norm, attention, mlp, linear, block, ..."""
+    if name == ROOT_NAME:
+        return "model"
+    type_name = type(module).__name__
+    for role, pattern in _ROLE_BY_TYPE:
+        if pattern.search(type_name):
+            return role
+    for role, pattern in _ROLE_BY_NAME:
+        if pattern.search(name):
+            return role
+    if re.search(r"\.\d+$", name) and any(True for _ in module.children()):
+        return "block"
+    return "other"
+
+
+def matches(name: str, include: Iterable[str], exclude: Iterable[str]) -> bool:
+    """Glob selection on qualified names (``*`` also crosses dots)."""
+    if not any(fnmatch.fnmatchcase(name, p) for p in include):
+        return False
+    return not any(fnmatch.fnmatchcase(name, p) for p in exclude)
+
+
+def select_modules(
+    model: nn.Module, include: Iterable[str] = ("*",), exclude: Iterable[str] = ()
+) -> list[tuple[str, nn.Module]]:
+    """(name, module) pairs to hook, in ``named_modules`` order; shared modules appear once.
+
+    Containers without a forward of their own (``ModuleList``, ``ModuleDict``) are left out:
+    they are never called, so a hook on them could never fire.
+    """
+    include, exclude = tuple(include), tuple(exclude)
+    out = []
+    for raw, module in unwrap_model(model).named_modules():
+        name = clean_name(raw)
+        if type(module).forward is nn.Module.forward:
+            continue
+        if matches(name, include, exclude):
+            out.append((name, module))
+    return out
+
+
+def select_parameters(
+    model: nn.Module, include: Iterable[str] = ("*",), exclude: Iterable[str] = ()
+) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) pairs; tied parameters appear once, under their first name."""
+    include, exclude = tuple(include), tuple(exclude)
+    return [
+        (clean_name(raw), p)
+        for raw, p in unwrap_model(model).named_parameters()
+        if matches(clean_name(raw), include, exclude)
+    ]
+
+
+def module_table(modules: list[tuple[str, nn.Module]]) -> list[dict[str, Any]]:
+    """The ``modules`` list of meta.json (forward order and fire counts are added later)."""
+    return [
+        {
+            "name": name,
+            "type": type(module).__name__,
+            "layer": layer_index(name),
+            "role": guess_role(name, module),
+            "depth": 0 if name == ROOT_NAME else name.count(".") + 1,
+            "params": sum(p.numel() for p in module.parameters()),
+        }
+        for name, module in modules
+    ]
+
+
+def parameter_table(params: list[tuple[str, nn.Parameter]]) -> list[dict[str, Any]]:
+    """The ``parameters`` list of meta.json."""
+    return [
+        {
+            "name": name,
+            "shape": list(p.shape),
+            "numel": p.numel(),
+            "layer": layer_index(name),
+            "trainable": p.requires_grad,
+        }
+        for name, p in params
+    ]

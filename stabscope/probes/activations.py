@@ -1,0 +1,82 @@
+"""Moments of every module's output and of the gradient with respect to it.
+
+Metrics: ``act_{mean,rms,absmax,nonfinite}`` and ``grad_{mean,rms,absmax,nonfinite}``, one row
+each per (module, call, phase) on a recorded step. Entries are kept in firing order, so the
+first non-finite entry is the first module where a NaN/Inf appeared, in forward order for
+activations and in backward order for gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from ..collector import Collector, Rows
+from ..hooks import EVAL, TRAIN
+from ..store.schema import PHASES
+from .moments import MOMENT_METRICS, decode_moments, moment_vector
+
+#: Called with (direction, module code, call) for a step's first non-finite entry.
+NonfiniteSink = Callable[[str, int, int], None]
+
+
+class _Entries:
+    """Moment vectors of one kind (activations or gradients) in firing order."""
+
+    def __init__(self, prefix: str, direction: str) -> None:
+        self.prefix = prefix
+        self.direction = direction
+        self.vectors: list[torch.Tensor] = []
+        self.keys: list[tuple[int, int, int, int]] = []  # (phase, module, call, numel)
+
+    def add(self, phase: int, module: int, call: int, t: torch.Tensor) -> None:
+        self.vectors.append(moment_vector(t))
+        self.keys.append((phase, module, call, t.numel()))
+
+    def hand_over(self, collector: Collector, on_nonfinite: NonfiniteSink) -> None:
+        if not self.vectors:
+            return
+        keys = np.array(self.keys, np.int64)  # (R, 4)
+        stacked = torch.stack(self.vectors)  # (R, 4) on device
+        self.vectors, self.keys = [], []
+
+        def decode(values: np.ndarray, rows: Rows) -> None:
+            metrics = decode_moments(values, keys[:, 3])
+            for phase_code, phase in ((TRAIN, PHASES[0]), (EVAL, PHASES[1])):
+                mask = keys[:, 0] == phase_code
+                if not mask.any():
+                    continue
+                for suffix in MOMENT_METRICS:
+                    rows.emit(phase, keys[mask, 1], keys[mask, 2], f"{self.prefix}_{suffix}",
+                              metrics[suffix][mask])
+                bad = np.flatnonzero(metrics["nonfinite"][mask])
+                if len(bad):
+                    first = np.flatnonzero(mask)[bad[0]]
+                    module, call = int(keys[first, 1]), int(keys[first, 2])
+                    rows.emit(phase, module, call, f"first_nonfinite_{self.direction}", 1.0)
+                    if phase_code == TRAIN:
+                        on_nonfinite(self.direction, module, call)
+
+        collector.add(stacked, decode)
+
+
+class ActivationProbe:
+    """Collects forward (and optionally gradient) moments during a recorded step."""
+
+    def __init__(self, grads: bool, on_nonfinite: NonfiniteSink) -> None:
+        self.grads = grads
+        self.on_nonfinite = on_nonfinite
+        self.forward = _Entries("act", "forward")
+        self.backward = _Entries("grad", "backward")
+
+    def on_forward(self, phase: int, module: int, call: int, output: torch.Tensor) -> None:
+        self.forward.add(phase, module, call, output)
+
+    def on_grad(self, module: int, call: int, grad: torch.Tensor) -> None:
+        self.backward.add(TRAIN, module, call, grad)
+
+    def end_step(self, collector: Collector) -> None:
+        self.forward.hand_over(collector, self.on_nonfinite)
+        self.backward.hand_over(collector, self.on_nonfinite)

@@ -1,0 +1,124 @@
+"""Parameter statistics: weight and gradient norms, and the update ratio ||Δθ||/||θ||.
+
+Norms are taken with ``torch._foreach_norm`` (one fused call per list, on device). The update
+is measured around ``optimizer.step()``: the pre-step hook keeps a copy of the parameters the
+optimizer owns (one extra copy of those weights, on recorded steps only), the post-step hook
+takes the norm of the difference. Metrics, one row per parameter:
+
+``param_norm, param_rms, param_grad_norm, param_grad_rms, update_norm, update_ratio``
+and with the ``full`` preset also ``param_{mean,absmax,nonfinite}`` and
+``param_grad_{mean,absmax,nonfinite}``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..collector import Collector, Rows
+from .moments import decode_moments, moment_vector
+
+_TRAIN = "train"
+
+
+def _norms(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """L2 norms of a list of tensors as one (P,) float32 tensor on the first tensor's device."""
+    device = tensors[0].device
+    return torch.stack([n.to(device, torch.float32) for n in torch._foreach_norm(tensors)])
+
+
+class ParameterProbe:
+    """Weight/gradient norms once per recorded step, update ratios around optimizer steps."""
+
+    def __init__(self, params: list[tuple[int, nn.Parameter]], updates: bool, full: bool) -> None:
+        self.codes = np.array([c for c, _ in params], np.int64)
+        self.params = [p for _, p in params]
+        self.numel = np.array([p.numel() for p in self.params], np.float64)
+        self.updates = updates
+        self.full = full
+        self._measured = False
+        self._before: dict[int, tuple[list[int], list[torch.Tensor], torch.Tensor]] = {}
+        self._collector: Collector | None = None
+
+    def begin_step(self, collector: Collector) -> None:
+        self._collector = collector
+        self._measured = False
+        self._before.clear()
+
+    def _measure(self, collector: Collector) -> None:
+        """Weight norms of all parameters and gradient norms of those that have a gradient."""
+        self._measured = True
+        if not self.params:
+            return
+        weights = [p.detach() for p in self.params]
+        with_grad = [i for i, p in enumerate(self.params) if p.grad is not None]
+        codes, numel = self.codes, self.numel
+        collector.add(_norms(weights), lambda v, rows: _emit_norms(rows, "param", codes, numel, v))
+        if with_grad:
+            g_codes, g_numel = codes[with_grad], numel[with_grad]
+            grads = [self.params[i].grad.detach() for i in with_grad]  # type: ignore[union-attr]
+            collector.add(
+                _norms(grads), lambda v, rows: _emit_norms(rows, "param_grad", g_codes, g_numel, v)
+            )
+        if self.full:
+            self._add_moments(collector, "param", list(range(len(self.params))), weights)
+            if with_grad:
+                self._add_moments(collector, "param_grad", with_grad, grads)
+
+    def _add_moments(
+        self, collector: Collector, prefix: str, which: list[int], tensors: list[torch.Tensor]
+    ) -> None:
+        codes, numel = self.codes[which], self.numel[which]
+        stacked = torch.stack([moment_vector(t) for t in tensors])  # (P, 4)
+
+        def decode(values: np.ndarray, rows: Rows) -> None:
+            metrics = decode_moments(values, numel)
+            for suffix in ("mean", "absmax", "nonfinite"):
+                rows.emit(_TRAIN, codes, 0, f"{prefix}_{suffix}", metrics[suffix])
+
+        collector.add(stacked, decode)
+
+    def before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        collector = self._collector
+        if collector is None or id(optimizer) in self._before:
+            return
+        if not self._measured:
+            self._measure(collector)
+        if not self.updates:
+            return
+        owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        which = [i for i, p in enumerate(self.params) if id(p) in owned]
+        if which:
+            old = [self.params[i].detach().clone() for i in which]
+            self._before[id(optimizer)] = (which, old, _norms(old))
+
+    def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        entry = self._before.get(id(optimizer))
+        if self._collector is None or entry is None or not entry[1]:
+            return
+        which, old, old_norm = entry
+        new = [self.params[i].detach() for i in which]
+        delta_norm = _norms(torch._foreach_sub(new, old))
+        entry[1].clear()  # free the copy now; the norms stay on device until the sync
+        codes = self.codes[which]
+
+        def decode(values: np.ndarray, rows: Rows) -> None:
+            delta, base = values.reshape(2, -1)
+            rows.emit(_TRAIN, codes, 0, "update_norm", delta)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                rows.emit(_TRAIN, codes, 0, "update_ratio", delta / base)
+
+        self._collector.add(torch.stack((delta_norm, old_norm)), decode)
+
+    def end_step(self, collector: Collector) -> None:
+        # Without an optimizer step (a custom update rule), measure at the step boundary.
+        if not self._measured:
+            self._measure(collector)
+        self._collector = None
+        self._before.clear()
+
+
+def _emit_norms(rows: Rows, prefix: str, codes: np.ndarray, numel: np.ndarray, v: np.ndarray):
+    rows.emit(_TRAIN, codes, 0, f"{prefix}_norm", v)
+    rows.emit(_TRAIN, codes, 0, f"{prefix}_rms", v / np.sqrt(numel))

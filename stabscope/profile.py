@@ -1,0 +1,141 @@
+"""``stabscope profile``: train a model script for N steps under the Recorder.
+
+The library side of the command: no printing, no exiting. Progress goes to a callback so the
+CLI can draw a progress bar; errors in the user's script come back as ``ScriptError``.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import RecorderConfig
+from .errors import ScriptError, UsageError
+from .recorder import Recorder
+from .script import ModelScript, script_failure
+
+#: progress(step_done, total, last_recorded_loss)
+ProgressFn = Callable[[int, int, float | None], None]
+
+
+@dataclass
+class ProfileResult:
+    run_dir: Path
+    steps: int
+    seconds: float
+    last_loss: float | None
+    notes: list[str] = field(default_factory=list)
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` is CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise UsageError(f"unknown device {name!r}", hint="use cpu, cuda, cuda:1 or auto") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {name} is not available here", hint="use --device cpu")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move tensors inside nested tuples/lists/dicts to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        moved = [to_device(b, device) for b in batch]
+        return type(batch)(moved) if not hasattr(batch, "_fields") else type(batch)(*moved)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def _call(script: ModelScript, where: str, fn: Callable[..., Any], *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except SystemExit as err:
+        raise ScriptError(f"{script.path.name} called sys.exit({err.code}) while {where}",
+                          hint="model-script functions must return, not exit") from err
+    except Exception as err:
+        raise script_failure(script.path, err, where) from err
+
+
+def profile_script(
+    script: ModelScript,
+    out: str | Path,
+    steps: int,
+    config: RecorderConfig,
+    seed: int = 0,
+    device: str = "auto",
+    force: bool = False,
+    progress: ProgressFn | None = None,
+) -> ProfileResult:
+    """Build the script's model, train it ``steps`` steps under a Recorder, return a summary."""
+    if steps < 1:
+        raise UsageError(f"--steps must be positive, got {steps}", hint="e.g. --steps 200")
+    dev = pick_device(device)
+    seed_everything(seed)
+    cfg = script.config
+    model = _call(script, "building the model", script.model, cfg)
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"{script.path.name}: model(cfg) returned {type(model).__name__}",
+                         hint="model(cfg) must return a torch.nn.Module")
+    model.to(dev).train()
+    if script.optimizer is not None:
+        opt = _call(script, "building the optimizer", script.optimizer, model, cfg)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=float(cfg.get("lr", 1e-3)))
+    sched = _call(script, "building the scheduler", script.scheduler, opt, cfg) \
+        if script.scheduler is not None else None
+    data = iter(_call(script, "creating batches", script.batches, cfg))
+
+    run_info = {"script": str(script.path), "script_config": dict(cfg), "seed": seed,
+                "device": str(dev), "steps_requested": steps,
+                "optimizer": type(opt).__name__}
+    notes: list[str] = []
+    start = time.perf_counter()
+    rec = Recorder(model, out, config, force=force, run_info=run_info)
+    with rec:
+        for step in range(steps):
+            try:
+                batch = next(data)
+            except StopIteration:
+                notes.append(f"batches(cfg) ran out after {step} steps")
+                break
+            except Exception as err:
+                raise script_failure(script.path, err, f"producing batch {step}") from err
+            batch = to_device(batch, dev)
+            opt.zero_grad(set_to_none=True)
+            loss = _call(script, f"computing the loss at step {step}", script.loss, model, batch)
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise UsageError(f"{script.path.name}: loss(model, batch) must return a scalar "
+                                 f"tensor, got {type(loss).__name__}", hint="return loss.mean()")
+            # A NaN loss is data: backward and the optimizer run as they would in training.
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            rec.step(loss=loss)
+            if progress is not None:
+                progress(step + 1, steps, rec.last_loss)
+    return ProfileResult(rec.run_dir, rec.step_index, time.perf_counter() - start,
+                         rec.last_loss, notes)

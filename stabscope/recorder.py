@@ -1,0 +1,355 @@
+"""The Recorder: lifecycle, step boundaries and the one host sync per recorded step.
+
+    with stabscope.Recorder(model, out="runs/mine") as rec:
+        for batch in data:
+            loss = train_step(batch)   # forward, backward, optimizer.step()
+            rec.step(loss=loss)        # marks the end of the step
+
+Hooks are attached only for recorded steps (see ``Schedule``); between them the model carries
+no hooks at all. Optimizer steps are seen through the global optimizer step hooks, filtered to
+optimizers that own this model's parameters, so no optimizer needs to be passed in.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
+
+from .collector import Collector, Rows
+from .config import RecorderConfig
+from .hooks import ModuleHooks
+from .module_table import (
+    module_table,
+    parameter_table,
+    select_modules,
+    select_parameters,
+)
+from .probes.activations import ActivationProbe
+from .probes.parameters import ParameterProbe
+from .schedule import Schedule
+from .store import RUN_MODULE, PartWriter, new_meta, save_meta
+from .store.schema import META_FILE, PARTS_DIR
+
+#: Losses of unrecorded steps wait on the device; past this many they are synced anyway.
+_MAX_PENDING_LOSSES = 1024
+
+
+class RunExistsError(FileExistsError):
+    """The output directory already holds a run."""
+
+
+def _rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def prepare_run_dir(out: str | os.PathLike[str], force: bool) -> Path:
+    """Create ``out`` for a new run; refuse to overwrite an existing run unless ``force``."""
+    path = Path(out)
+    if (path / META_FILE).exists() or (path / PARTS_DIR).exists():
+        if not force:
+            raise RunExistsError(f"{path} already holds a run")
+        (path / META_FILE).unlink(missing_ok=True)
+        shutil.rmtree(path / PARTS_DIR, ignore_errors=True)
+    path.mkdir(parents=True, exist_ok=True)
+    if not os.access(path, os.W_OK):
+        raise PermissionError(f"{path} is not writable")
+    return path
+
+
+class Recorder:
+    """Records per-module and per-parameter statistics of ``model`` into a run directory."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        out: str | os.PathLike[str],
+        config: RecorderConfig | None = None,
+        *,
+        preset: str | None = None,
+        include: tuple[str, ...] | list[str] | None = None,
+        exclude: tuple[str, ...] | list[str] | None = None,
+        schedule: Schedule | None = None,
+        force: bool = False,
+        run_info: dict[str, Any] | None = None,
+    ) -> None:
+        cfg = (config or RecorderConfig()).replace(
+            preset=preset,
+            include=tuple(include) if include is not None else None,
+            exclude=tuple(exclude) if exclude is not None else None,
+            schedule=schedule,
+        )
+        self.config = cfg
+        self.model = model
+        self.rank = _rank()
+        self.run_dir = prepare_run_dir(out, force) if self.rank == 0 else Path(out)
+        self.writer = PartWriter(self.run_dir, self.rank, cfg.part_rows, cfg.flush_seconds)
+        self.rows = Rows(self.writer)
+        self.collector = Collector()
+        self.step_index = 0
+        self.last_loss: float | None = None
+        self.first_nonfinite: dict[str, dict[str, Any]] = {}
+        self._pending_losses: list[tuple[int, torch.Tensor]] = []
+        self._optimizers: dict[int, torch.optim.Optimizer] = {}
+        self._optimizer_hooks: list[Any] = []
+        self._closed = False
+        self._started = False
+        self._sync_seconds = 0.0
+        self._recorded_steps = 0
+
+        modules = select_modules(model, cfg.include, cfg.exclude)
+        params = select_parameters(model, cfg.include, cfg.exclude)
+        self._module_names = [name for name, _ in modules]
+        self._param_ids = {id(p) for p in model.parameters()}
+        mod_codes = [(self.writer.modules(name), m) for name, m in modules]
+        self._module_codes = [c for c, _ in mod_codes]
+        param_codes = [(self.writer.modules(name), p) for name, p in params]
+        self._run_code = self.writer.modules(RUN_MODULE)
+        self._forward_order: dict[int, int] = {}
+
+        self.activations = ActivationProbe(grads=cfg.grads, on_nonfinite=self._note_nonfinite)
+        self.hooks = ModuleHooks(
+            mod_codes,
+            on_forward=self._on_forward,
+            on_grad=self.activations.on_grad if cfg.grads else None,
+            record_eval=cfg.record_eval,
+        )
+        self.parameters = ParameterProbe(
+            param_codes, updates=cfg.grads, full=cfg.preset == "full"
+        )
+        self.meta = new_meta(
+            config=cfg.to_dict(),
+            run=run_info or {},
+            rank=self.rank,
+            world_size=_world_size(),
+            model_type=type(model).__name__,
+            modules=module_table(modules),
+            parameters=parameter_table(params),
+            parts=0,
+            rows=0,
+            steps=0,
+            recorded_steps=0,
+            first_nonfinite={},
+            hooks_never_fired={},
+            error=None,
+        )
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def __enter__(self) -> Recorder:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if exc is None:
+            self.close("complete")
+        else:
+            self.close("failed", error=exc)
+
+    def start(self) -> Recorder:
+        """Write meta.json (status ``running``), register optimizer hooks, arm step 0."""
+        if self._started:
+            return self
+        self._started = True
+        self._save_meta()
+        self._optimizer_hooks = [
+            register_optimizer_step_pre_hook(self._before_optimizer_step),
+            register_optimizer_step_post_hook(self._after_optimizer_step),
+        ]
+        self._arm(self.step_index)
+        return self
+
+    def close(self, status: str = "complete", error: BaseException | None = None) -> None:
+        """Remove every hook, write what is left, and finish meta.json. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        self.hooks.detach()
+        for handle in self._optimizer_hooks:
+            handle.remove()
+        self._optimizer_hooks.clear()
+        try:
+            # A step that was started but never marked is discarded, not half-written.
+            self.collector.clear()
+            self._sync_losses()
+            self.rows.flush_to_writer()
+            self.writer.flush()
+        finally:
+            self.meta["status"] = status
+            self.meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            if error is not None:
+                self.meta["error"] = {
+                    "type": type(error).__name__,
+                    "message": str(error),
+                    "traceback": traceback.format_exception(
+                        type(error), error, error.__traceback__
+                    )[-6:],
+                }
+            self._save_meta()
+
+    # -- steps -------------------------------------------------------------------------------
+    def step(self, loss: torch.Tensor | float | None = None) -> None:
+        """Mark the end of the current step; ``loss`` is recorded for every step."""
+        if self._closed:
+            raise RuntimeError("Recorder.step() after close()")
+        if not self._started:
+            self.start()
+        step = self.step_index
+        if loss is not None:
+            value = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
+            self._pending_losses.append((step, value.reshape(())))
+        self._record_lr(step)
+        if self.hooks.attached:
+            self._finish_recorded_step(step)
+        elif len(self._pending_losses) >= _MAX_PENDING_LOSSES:
+            self._sync_losses()
+        self.step_index += 1
+        self.meta["steps"] = self.step_index
+        self._arm(self.step_index)
+
+    @property
+    def recording(self) -> bool:
+        """Whether the current step is being recorded."""
+        return self.hooks.attached
+
+    def _arm(self, step: int) -> None:
+        if self.config.schedule.is_recorded(step):
+            self.parameters.begin_step(self.collector)
+            self.hooks.attach()
+        else:
+            self.hooks.detach()
+
+    def _finish_recorded_step(self, step: int) -> None:
+        t0 = time.perf_counter()
+        self.activations.end_step(self.collector)
+        self.parameters.end_step(self.collector)
+        self.hooks.end_step()
+        self._add_losses_to(self.collector)
+        self.rows.step = step
+        self.collector.sync(self.rows)  # the one host sync of this step
+        self.rows.flush_to_writer()
+        self._recorded_steps += 1
+        self._sync_seconds += time.perf_counter() - t0
+        if self.writer.parts_written != self.meta["parts"]:
+            self._save_meta()
+
+    def _add_losses_to(self, collector: Collector) -> None:
+        if not self._pending_losses:
+            return
+        steps = np.array([s for s, _ in self._pending_losses], np.int32)
+        values = torch.stack([v.to(self._pending_losses[0][1].device) for _, v in
+                              self._pending_losses])
+        self._pending_losses = []
+        run = self._run_code
+
+        def decode(v: np.ndarray, rows: Rows) -> None:
+            for s, x in zip(steps, v):
+                rows.emit("train", run, 0, "loss", x, step=int(s))
+            if len(v):
+                self.last_loss = float(v[-1])
+
+        collector.add(values, decode)
+
+    def _sync_losses(self) -> None:
+        collector = Collector()
+        self._add_losses_to(collector)
+        collector.sync(self.rows)
+        self.rows.flush_to_writer()
+
+    def _record_lr(self, step: int) -> None:
+        seen = 0
+        for opt in self._optimizers.values():
+            for i, group in enumerate(opt.param_groups):
+                lr = group.get("lr")
+                if isinstance(lr, torch.Tensor):
+                    lr = float(lr.detach().cpu()) if lr.device.type == "cpu" else None
+                if lr is not None:
+                    self.rows.emit("train", self._run_code, 0, "lr", float(lr), index=seen + i,
+                                   step=step)
+            seen += len(opt.param_groups)
+
+    # -- hook targets ------------------------------------------------------------------------
+    def _on_forward(self, phase: int, code: int, call: int, output: torch.Tensor) -> None:
+        if code not in self._forward_order:
+            self._forward_order[code] = len(self._forward_order)
+        self.activations.on_forward(phase, code, call, output)
+
+    def _owns(self, optimizer: torch.optim.Optimizer) -> bool:
+        key = id(optimizer)
+        if key not in self._optimizers:
+            ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
+            if not ids & self._param_ids:
+                return False
+            self._optimizers[key] = optimizer
+        return True
+
+    def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kw: Any) -> None:
+        if self._owns(optimizer) and self.hooks.attached:
+            self.parameters.before_optimizer_step(optimizer)
+
+    def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kw: Any) -> None:
+        if self._owns(optimizer) and self.hooks.attached:
+            self.parameters.after_optimizer_step(optimizer)
+
+    def _note_nonfinite(self, direction: str, code: int, call: int) -> None:
+        if direction not in self.first_nonfinite:
+            self.first_nonfinite[direction] = {
+                "step": self.rows.step,
+                "module": self.writer.modules.names[code],
+                "call": call,
+            }
+            self.meta["first_nonfinite"] = self.first_nonfinite
+            self._save_meta()
+
+    # -- meta --------------------------------------------------------------------------------
+    def _save_meta(self) -> None:
+        self.meta.update(
+            parts=self.writer.parts_written,
+            rows=self.writer.rows_written,
+            recorded_steps=self._recorded_steps,
+            hooks_never_fired=self._never_fired(),
+            sync_seconds=round(self._sync_seconds, 4),
+        )
+        order = self._forward_order
+        hooks = self.hooks
+        for code, entry in zip(self._module_codes, self.meta["modules"]):
+            entry["forward_order"] = order.get(code)
+            entry["forward_calls"] = int(hooks.forward_calls[code])
+            entry["grad_hooks"] = int(hooks.grad_hooks[code])
+            entry["grad_calls"] = int(hooks.grad_calls[code])
+        if self.rank == 0:
+            save_meta(self.run_dir, self.meta)
+
+    def _never_fired(self) -> dict[str, list[str]]:
+        """Modules whose hooks never fired over the recorded steps so far."""
+        if self._recorded_steps == 0:
+            return {}
+        h = self.hooks
+        names = self.writer.modules.names
+        return {
+            "forward": [names[c] for c in self._module_codes if h.forward_calls[c] == 0],
+            "grad": [
+                names[c]
+                for c in self._module_codes
+                if h.grad_hooks[c] > 0 and h.grad_calls[c] == 0
+            ],
+        }
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+__all__ = ["Recorder", "RunExistsError"]

@@ -1,0 +1,57 @@
+"""Rich rendering of a run ``Summary`` for the terminal."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from ..summary import Summary
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4g}"
+
+
+def print_summary(summary: Summary, console: Console) -> None:
+    """A short summary: status, loss, gradient extremes, depth trend, non-finite values."""
+    s = summary
+    style = {"complete": "green", "failed": "red", "running": "yellow"}.get(s.status, "white")
+    console.print(
+        f"[bold]run[/] {s.run_dir}  [{style}]{s.status}[/]  steps {s.steps} "
+        f"(recorded {s.recorded_steps}), {s.rows:,} rows"
+    )
+    if s.loss_first is not None:
+        console.print(f"loss {_fmt(s.loss_first)} at step 0 -> {_fmt(s.loss_last)} "
+                      "(mean of the last tenth)")
+    if s.largest:
+        table = Table(title=f"{s.extremes_metric} at step {s.extremes_step}", title_justify="left")
+        table.add_column("largest")
+        table.add_column("value", justify="right")
+        table.add_column("smallest")
+        table.add_column("value", justify="right")
+        for (big, bv), (small, sv) in zip(s.largest, s.smallest):
+            table.add_row(big, _fmt(bv), small, _fmt(sv))
+        console.print(table)
+    for t in (s.trend, s.param_trend):
+        if t is None:
+            continue
+        console.print(
+            f"depth trend of {t.metric} over {len(t.layers)} layers (step {t.step}): "
+            f"{t.direction}; {_fmt(t.values[0])} at layer {t.layers[0]} -> "
+            f"{_fmt(t.values[-1])} at layer {t.layers[-1]} (x{t.first_to_last:.3g}, "
+            f"x{t.factor_per_layer:.3g} per layer)"
+        )
+    if s.first_nonfinite:
+        for direction, where in s.first_nonfinite.items():
+            console.print(
+                f"[red]first non-finite ({direction}):[/] {where['module']} "
+                f"(call {where['call']}) at step {where['step']}"
+            )
+    else:
+        console.print("no non-finite values recorded")
+    for kind, names in (s.never_fired or {}).items():
+        if names:
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            console.print(f"[yellow]{kind} hooks never fired:[/] {shown}")
+    if s.error:
+        console.print(f"[red]error:[/] {s.error.get('type')}: {s.error.get('message')}")

@@ -1,0 +1,23 @@
+"""The run store: directory layout, Parquet parts, meta.json, readers. No torch import."""
+
+from .meta import new_meta, read_meta, save_meta
+from .reader import NotARunError, StabscopeWarning, count_rows, load_run, load_table, part_files
+from .schema import RUN_MODULE, SCHEMA, SCHEMA_VERSION
+from .writer import Interner, PartWriter
+
+__all__ = [
+    "RUN_MODULE",
+    "SCHEMA",
+    "SCHEMA_VERSION",
+    "Interner",
+    "NotARunError",
+    "PartWriter",
+    "StabscopeWarning",
+    "count_rows",
+    "load_run",
+    "load_table",
+    "new_meta",
+    "part_files",
+    "read_meta",
+    "save_meta",
+]

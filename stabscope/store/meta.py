@@ -1,0 +1,88 @@
+"""``meta.json``: what the run is, how it was recorded, and how it ended."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from .atomic import write_text_atomically
+from .schema import META_FILE, SCHEMA_VERSION
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape the numbers (torch only if already imported)."""
+    import pyarrow
+
+    from .. import __version__
+
+    versions = {
+        "stabscope": __version__,
+        "python": platform.python_version(),
+        "pyarrow": pyarrow.__version__,
+    }
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        versions["torch"] = torch.__version__
+    return versions
+
+
+def new_meta(command: list[str] | None = None, **fields: Any) -> dict[str, Any]:
+    """A fresh meta document with status ``running``."""
+    meta: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "run_id": uuid.uuid4().hex[:12],
+        "status": "running",
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "finished": None,
+        "host": platform.node(),
+        "pid": os.getpid(),
+        "versions": library_versions(),
+        "command": list(sys.argv if command is None else command),
+    }
+    meta.update(fields)
+    return meta
+
+
+def save_meta(run_dir: Path, meta: dict[str, Any]) -> None:
+    """Atomically replace ``run_dir/meta.json``."""
+    text = json.dumps(_finite(meta), indent=1, default=_json_default, allow_nan=False)
+    write_text_atomically(Path(run_dir) / META_FILE, text + "\n")
+
+
+def _finite(obj: Any) -> Any:
+    """Strict JSON has no NaN/Inf: write them as strings so every JSON reader can load meta."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return repr(obj)
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item"):  # numpy / torch scalars
+        return obj.item()
+    return repr(obj)
+
+
+def read_meta(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read ``meta.json`` of a run directory; raises ``NotARunError`` when there is none."""
+    from .reader import NotARunError
+
+    path = Path(run_dir) / META_FILE
+    if not path.is_file():
+        raise NotARunError(f"{run_dir} is not a stabscope run (no {META_FILE})")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise NotARunError(f"{path} is not valid JSON: {err}") from err

@@ -1,0 +1,176 @@
+"""Reading runs back: ``load_run`` returns a pandas DataFrame of only what was asked for.
+
+Readers skip dot-files (parts still being written) and warn about, then skip, parts that
+cannot be opened (a truncated file from a crash on a filesystem without atomic rename).
+No torch import here: reports and the CI gate run on machines without a GPU stack.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from .schema import META_FILE, PART_PREFIX, PART_SUFFIX, PARTS_DIR, RUN_MODULE, SCHEMA
+
+PathLike = str | os.PathLike[str]
+StepSelection = int | range | slice | Iterable[int] | None
+
+
+class NotARunError(ValueError):
+    """The path is not a stabscope run directory."""
+
+
+class StabscopeWarning(UserWarning):
+    """Something in a run could not be read and was skipped."""
+
+
+def part_files(run_dir: PathLike) -> list[Path]:
+    """Readable part files of a run, in write order; corrupt parts are skipped with a warning."""
+    run = Path(run_dir)
+    if not (run / META_FILE).is_file() and not (run / PARTS_DIR).is_dir():
+        raise NotARunError(
+            f"{run} is not a stabscope run (no {META_FILE} or {PARTS_DIR}/); "
+            "create one with `stabscope profile` or stabscope.Recorder"
+        )
+    parts = sorted(
+        p
+        for p in (run / PARTS_DIR).glob(f"{PART_PREFIX}*{PART_SUFFIX}")
+        if not p.name.startswith(".")
+    )
+    good = []
+    for part in parts:
+        try:
+            pq.ParquetFile(part).close()
+        except (pa.ArrowException, OSError) as err:
+            warnings.warn(f"skipping unreadable part {part}: {err}", StabscopeWarning, stacklevel=2)
+            continue
+        good.append(part)
+    return good
+
+
+def _expand(patterns: str | Iterable[str] | None, names: Iterable[str]) -> list[str] | None:
+    """Expand glob patterns against the names known to the run."""
+    if patterns is None:
+        return None
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    patterns = list(patterns)
+    known = list(names)
+    out: list[str] = []
+    for pat in patterns:
+        if any(ch in pat for ch in "*?["):
+            out.extend(n for n in known if fnmatch.fnmatchcase(n, pat))
+        else:
+            out.append(pat)
+    return list(dict.fromkeys(out))
+
+
+def _step_filter(steps: StepSelection) -> ds.Expression | None:
+    if steps is None:
+        return None
+    field = ds.field("step")
+    if isinstance(steps, int):
+        return field == steps
+    if isinstance(steps, slice):
+        expr = None
+        if steps.start is not None:
+            expr = field >= steps.start
+        if steps.stop is not None:
+            stop = field < steps.stop
+            expr = stop if expr is None else expr & stop
+        if steps.step not in (None, 1):
+            raise ValueError("a step slice cannot have a stride; pass a range instead")
+        return expr
+    if isinstance(steps, range) and steps.step == 1:
+        return (field >= steps.start) & (field < steps.stop)
+    return field.isin(pa.array(sorted({int(s) for s in steps}), pa.int32()))
+
+
+def known_names(run_dir: PathLike) -> list[str]:
+    """Module and parameter names a run's meta lists (used to expand glob filters)."""
+    from .meta import read_meta
+
+    try:
+        meta = read_meta(run_dir)
+    except NotARunError:
+        return []
+    names = [m["name"] for m in meta.get("modules", [])]
+    names += [p["name"] for p in meta.get("parameters", [])]
+    return [*names, RUN_MODULE]
+
+
+def load_table(
+    run_dir: PathLike,
+    modules: str | Iterable[str] | None = None,
+    metrics: str | Iterable[str] | None = None,
+    steps: StepSelection = None,
+    phase: str | None = None,
+    columns: list[str] | None = None,
+) -> pa.Table:
+    """Like :func:`load_run`, but returns the pyarrow Table (no pandas conversion)."""
+    files = part_files(run_dir)
+    if not files:
+        return SCHEMA.empty_table() if columns is None else SCHEMA.empty_table().select(columns)
+    dataset = ds.dataset([str(f) for f in files], schema=SCHEMA, format="parquet")
+    filters = []
+    module_list = _expand(modules, known_names(run_dir)) if modules is not None else None
+    if module_list is None and modules is not None:
+        module_list = []
+    if module_list is not None:
+        filters.append(ds.field("module").isin(pa.array(module_list, pa.string())))
+    if metrics is not None:
+        metric_list = [metrics] if isinstance(metrics, str) else list(metrics)
+        filters.append(ds.field("metric").isin(pa.array(metric_list, pa.string())))
+    if phase is not None:
+        filters.append(ds.field("phase") == phase)
+    step_expr = _step_filter(steps)
+    if step_expr is not None:
+        filters.append(step_expr)
+    expr = None
+    for f in filters:
+        expr = f if expr is None else expr & f
+    return dataset.to_table(columns=columns, filter=expr)
+
+
+def load_run(
+    run_dir: PathLike,
+    modules: str | Iterable[str] | None = None,
+    metrics: str | Iterable[str] | None = None,
+    steps: StepSelection = None,
+    phase: str | None = None,
+    columns: list[str] | None = None,
+) -> pd.DataFrame:
+    """Load a run's long table as a DataFrame, reading only the rows that were asked for.
+
+    ``modules`` and ``metrics`` take names or glob patterns (``"blocks.*.attn"``); ``steps``
+    takes an int, a ``range``, a ``slice`` or any iterable of ints; ``phase`` is ``"train"`` or
+    ``"eval"``. String columns come back as pandas categoricals.
+    """
+    table = load_table(run_dir, modules, metrics, steps, phase, columns)
+    # Dictionaries may differ between parts; unify so pandas gets one categorical per column.
+    table = table.unify_dictionaries()
+    df = table.to_pandas()
+    return df.reset_index(drop=True)
+
+
+def count_rows(run_dir: PathLike) -> int:
+    """Number of rows in the readable parts, from footers only."""
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in part_files(run_dir))
+
+
+__all__ = [
+    "NotARunError",
+    "StabscopeWarning",
+    "count_rows",
+    "load_run",
+    "load_table",
+    "part_files",
+]

@@ -1,0 +1,141 @@
+"""Streaming writer for the long table: buffers rows in numpy chunks, rolls Parquet parts.
+
+Memory is bounded by ``part_rows``: once the buffer holds that many rows, or
+``flush_seconds`` have passed since the last part, the buffer becomes one part file on disk.
+A killed process therefore loses at most the rows that were not yet in a part.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .atomic import write_atomically
+from .schema import PARQUET_OPTIONS, PARTS_DIR, SCHEMA, part_name
+
+
+class Interner:
+    """Maps strings to stable small integer codes (the dictionary of a string column)."""
+
+    def __init__(self) -> None:
+        self.codes: dict[str, int] = {}
+        self.names: list[str] = []
+
+    def __call__(self, name: str) -> int:
+        code = self.codes.get(name)
+        if code is None:
+            code = self.codes[name] = len(self.names)
+            self.names.append(name)
+        return code
+
+
+class PartWriter:
+    """Appends rows and writes them as crash-safe Parquet parts under ``run_dir/parts``."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        rank: int = 0,
+        part_rows: int = 1_000_000,
+        flush_seconds: float = 30.0,
+    ) -> None:
+        self.parts_dir = Path(run_dir) / PARTS_DIR
+        self.parts_dir.mkdir(parents=True, exist_ok=True)
+        self.rank = rank
+        self.part_rows = part_rows
+        self.flush_seconds = flush_seconds
+        self.phases = Interner()
+        self.modules = Interner()
+        self.metrics = Interner()
+        self.parts_written = 0
+        self.rows_written = 0
+        self.last_step_written = -1
+        self._chunks: list[tuple[np.ndarray, ...]] = []
+        self._buffered = 0
+        self._last_flush = time.monotonic()
+        self._next_part = self._first_free_part_number()
+
+    def _first_free_part_number(self) -> int:
+        # Each rank numbers its parts in its own block so that ranks never write the same file.
+        base = self.rank * 10_000_000
+        taken = [
+            int(p.name[5:11]) if p.name[5:11].isdigit() else -1
+            for p in self.parts_dir.glob("part-*.parquet")
+        ]
+        taken = [n for n in taken if base <= n < base + 10_000_000]
+        return max(taken, default=base - 1) + 1
+
+    def append(
+        self,
+        step: np.ndarray,
+        phase: np.ndarray,
+        module: np.ndarray,
+        call: np.ndarray,
+        metric: np.ndarray,
+        index: np.ndarray,
+        value: np.ndarray,
+    ) -> None:
+        """Buffer rows given as equal-length arrays; string columns as interned codes."""
+        n = len(value)
+        if n == 0:
+            return
+        self._chunks.append(
+            (
+                np.asarray(step, np.int32),
+                np.asarray(phase, np.int32),
+                np.asarray(module, np.int32),
+                np.asarray(call, np.int16),
+                np.asarray(metric, np.int32),
+                np.asarray(index, np.int16),
+                np.asarray(value, np.float32),
+            )
+        )
+        self._buffered += n
+        if (
+            self._buffered >= self.part_rows
+            or time.monotonic() - self._last_flush >= self.flush_seconds
+        ):
+            self.flush()
+
+    @property
+    def buffered_rows(self) -> int:
+        return self._buffered
+
+    def flush(self) -> Path | None:
+        """Write the buffered rows as one part; returns its path, or None when empty."""
+        self._last_flush = time.monotonic()
+        if not self._buffered:
+            return None
+        cols = [np.concatenate(c) for c in zip(*self._chunks)]
+        step, phase, module, call, metric, index, value = cols
+        n = len(value)
+
+        def dict_column(codes: np.ndarray, names: list[str]) -> pa.DictionaryArray:
+            return pa.DictionaryArray.from_arrays(pa.array(codes, pa.int32()), pa.array(names))
+
+        table = pa.Table.from_arrays(
+            [
+                pa.array(step, pa.int32()),
+                pa.array(np.full(n, self.rank, np.int16)),
+                dict_column(phase, self.phases.names),
+                dict_column(module, self.modules.names),
+                pa.array(call, pa.int16()),
+                dict_column(metric, self.metrics.names),
+                pa.array(index, pa.int16()),
+                pa.array(value, pa.float32()),
+            ],
+            schema=SCHEMA,
+        )
+        target = self.parts_dir / part_name(self._next_part)
+        write_atomically(target, lambda tmp: pq.write_table(table, tmp, **PARQUET_OPTIONS))
+        self._next_part += 1
+        self.parts_written += 1
+        self.rows_written += n
+        self.last_step_written = max(self.last_step_written, int(step.max()))
+        self._chunks.clear()
+        self._buffered = 0
+        return target

@@ -1,0 +1,160 @@
+"""Headline numbers of a run, for the terminal: read from the run directory, no torch.
+
+- loss at the start and over the last tenth of the steps;
+- the modules with the largest and smallest gradient rms at the first recorded step;
+- the depth trend of gradient rms across layers (a log-linear fit per layer index);
+- the first non-finite value in forward and backward order;
+- hooks that never fired.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .store import RUN_MODULE, load_run, read_meta
+
+ROOT = "<root>"
+
+
+@dataclass
+class DepthTrend:
+    """log10(rms) ≈ intercept + slope·layer over the layer-level modules."""
+
+    metric: str
+    step: int
+    layers: list[int]
+    values: list[float]
+    factor_per_layer: float  # 10**slope
+    first_to_last: float  # value at the last layer / value at the first
+
+    @property
+    def direction(self) -> str:
+        if not math.isfinite(self.first_to_last):
+            return "non-finite"
+        if self.first_to_last > 2:
+            return "grows toward the output"
+        if self.first_to_last < 0.5:
+            return "shrinks toward the output"
+        return "roughly flat"
+
+
+@dataclass
+class Summary:
+    run_dir: Path
+    status: str
+    steps: int
+    recorded_steps: int
+    rows: int
+    loss_first: float | None = None
+    loss_last: float | None = None
+    extremes_metric: str | None = None
+    extremes_step: int | None = None
+    largest: list[tuple[str, float]] = field(default_factory=list)
+    smallest: list[tuple[str, float]] = field(default_factory=list)
+    trend: DepthTrend | None = None
+    param_trend: DepthTrend | None = None
+    first_nonfinite: dict[str, Any] = field(default_factory=dict)
+    never_fired: dict[str, list[str]] = field(default_factory=dict)
+    error: dict[str, Any] | None = None
+
+
+def layer_modules(meta: dict[str, Any]) -> dict[str, int]:
+    """Modules that stand for a whole layer: role ``block`` if any, else the shallowest
+    modules that carry a layer index (``layers.3`` rather than ``layers.3.fc``)."""
+    mods = [m for m in meta.get("modules", []) if m.get("layer") is not None]
+    blocks = [m for m in mods if m.get("role") == "block"]
+    if not blocks and mods:
+        shallowest = min(m["depth"] for m in mods)
+        blocks = [m for m in mods if m["depth"] == shallowest]
+    # Encoder-decoder models number layers twice; keep the group with the most layers.
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for m in blocks:
+        prefix = m["name"].rsplit(".", 1)[0] if "." in m["name"] else ""
+        groups.setdefault(prefix, []).append(m)
+    if not groups:
+        return {}
+    best = max(groups.values(), key=len)
+    return {m["name"]: int(m["layer"]) for m in best}
+
+
+def depth_trend(frame: pd.DataFrame, layers: dict[str, int], metric: str) -> DepthTrend | None:
+    """Fit log10(metric) against layer index at the first recorded step that has it."""
+    sub = frame[(frame.metric == metric) & frame.module.isin(list(layers)) & (frame.call == 0)]
+    if sub.empty:
+        return None
+    step = int(sub.step.min())
+    sub = sub[sub.step == step]
+    x = np.array([layers[m] for m in sub.module.astype(str)], float)
+    y = sub.value.to_numpy(float)
+    order = np.argsort(x)
+    x, y = x[order], y[order]
+    if len(x) < 2:
+        return None
+    ok = np.isfinite(y) & (y > 0)
+    slope = np.polyfit(x[ok], np.log10(y[ok]), 1)[0] if ok.sum() >= 2 else float("nan")
+    return DepthTrend(metric, step, x.astype(int).tolist(), y.tolist(), float(10**slope),
+                      float(y[-1] / y[0]) if y[0] > 0 else float("nan"))
+
+
+def summarize(run_dir: str | Path, top: int = 3) -> Summary:
+    """The headline numbers of a run (see module docstring)."""
+    meta = read_meta(run_dir)
+    s = Summary(Path(run_dir), meta.get("status", "?"), meta.get("steps", 0),
+                meta.get("recorded_steps", 0), meta.get("rows", 0),
+                first_nonfinite=meta.get("first_nonfinite") or {},
+                never_fired=meta.get("hooks_never_fired") or {}, error=meta.get("error"))
+    loss = load_run(run_dir, modules=[RUN_MODULE], metrics=["loss"], phase="train")
+    if not loss.empty:
+        values = loss.sort_values("step").value.to_numpy(float)
+        s.loss_first = float(values[0])
+        s.loss_last = float(np.nanmean(values[-max(1, len(values) // 10):]))
+    metrics = ["grad_rms", "act_rms"]
+    frame = load_run(run_dir, metrics=metrics, phase="train")
+    frame = frame[(frame.module != ROOT) & (frame.module != RUN_MODULE)]
+    for metric in metrics:
+        sub = frame[frame.metric == metric]
+        if sub.empty:
+            continue
+        first = int(sub.step.min())
+        at = sub[sub.step == first].groupby("module", observed=True).value.max().dropna()
+        at = at.sort_values(ascending=False)
+        s.extremes_metric, s.extremes_step = metric, first
+        s.largest = [(str(k), float(v)) for k, v in at.head(top).items()]
+        s.smallest = [(str(k), float(v)) for k, v in at.tail(top)[::-1].items()]
+        s.trend = depth_trend(frame, layer_modules(meta), metric)
+        break
+    s.param_trend = layer_param_grad_trend(run_dir, meta)
+    return s
+
+
+def layer_param_grad_trend(run_dir: str | Path, meta: dict[str, Any]) -> DepthTrend | None:
+    """Gradient norm of all parameters of each layer, sqrt(sum of squares), at the first
+    recorded step: the quantity of Xiong et al. 2020 (Fig. 3), which stays flat or decays
+    with depth for Pre-LN and is ~sqrt(L) larger near the output for Post-LN."""
+    layers = layer_modules(meta)
+    if not layers:
+        return None
+    prefixes = {name: layer for name, layer in layers.items()}
+    grads = load_run(run_dir, metrics=["param_grad_norm"], phase="train")
+    if grads.empty:
+        return None
+    grads = grads[grads.step == grads.step.min()]
+    per_layer: dict[int, float] = {}
+    for module, value in zip(grads.module.astype(str), grads.value.to_numpy(float)):
+        owner = module.rsplit(".", 1)[0]
+        while owner and owner not in prefixes:
+            owner = owner.rsplit(".", 1)[0] if "." in owner else ""
+        if owner:
+            per_layer[prefixes[owner]] = per_layer.get(prefixes[owner], 0.0) + value**2
+    if len(per_layer) < 2:
+        return None
+    frame = pd.DataFrame({"metric": "layer_param_grad_norm", "module": list(map(str, per_layer)),
+                          "call": 0, "step": int(grads.step.min()),
+                          "value": np.sqrt(list(per_layer.values()))})
+    return depth_trend(frame, {str(k): k for k in per_layer}, "layer_param_grad_norm")
