@@ -47,8 +47,10 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
         # (B, T, D) -> (B, H, T, D/H)
-        q, k, v = (proj(x).view(b, t, self.heads, d // self.heads).transpose(1, 2)
-                   for proj in (self.q, self.k, self.v))
+        q, k, v = (
+            proj(x).view(b, t, self.heads, d // self.heads).transpose(1, 2)
+            for proj in (self.q, self.k, self.v)
+        )
         if self.attn == "sdpa":
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
@@ -94,8 +96,17 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, vocab: int, seq_len: int, width: int, depth: int, heads: int,
-                 norm: str, attn: str = "sdpa", init: str = "xavier") -> None:
+    def __init__(
+        self,
+        vocab: int,
+        seq_len: int,
+        width: int,
+        depth: int,
+        heads: int,
+        norm: str,
+        attn: str = "sdpa",
+        init: str = "xavier",
+    ) -> None:
         super().__init__()
         if norm not in ("pre", "post", "deepnorm"):
             raise ValueError(f"norm must be pre, post or deepnorm, not {norm!r}")
@@ -132,15 +143,17 @@ class GPT(nn.Module):
 
 
 def model(cfg) -> nn.Module:
-    return GPT(cfg.vocab, cfg.seq_len, cfg.width, cfg.depth, cfg.heads, cfg.norm, cfg.attn,
-               cfg.init)
+    return GPT(
+        cfg.vocab, cfg.seq_len, cfg.width, cfg.depth, cfg.heads, cfg.norm, cfg.attn, cfg.init
+    )
 
 
 def successor_table(cfg) -> torch.Tensor:
     """(vocab, successors) table of allowed next tokens, fixed by task_seed."""
     g = torch.Generator().manual_seed(cfg.task_seed)
-    return torch.stack([torch.randperm(cfg.vocab, generator=g)[: cfg.successors]
-                        for _ in range(cfg.vocab)])
+    return torch.stack(
+        [torch.randperm(cfg.vocab, generator=g)[: cfg.successors] for _ in range(cfg.vocab)]
+    )
 
 
 def batches(cfg):

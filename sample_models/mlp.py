@@ -29,15 +29,19 @@ def model(cfg) -> nn.Module:
     for _ in range(cfg.depth - 1):
         layers.append(nn.ReLU(inplace=True) if cfg.act == "relu" else nn.Tanh())
         layers.append(nn.Linear(cfg.width, cfg.width))
-    layers += [nn.ReLU(inplace=True) if cfg.act == "relu" else nn.Tanh(),
-               nn.Linear(cfg.width, cfg.classes)]
+    layers += [
+        nn.ReLU(inplace=True) if cfg.act == "relu" else nn.Tanh(),
+        nn.Linear(cfg.width, cfg.classes),
+    ]
     return nn.Sequential(*layers)
 
 
 def batches(cfg):
     """Endless (x, y): x ~ N(centre[y], 1) with class centres fixed by task_seed."""
-    centres = torch.randn(cfg.classes, cfg.inputs, generator=torch.Generator().manual_seed(
-        cfg.task_seed)) * 1.5
+    centres = (
+        torch.randn(cfg.classes, cfg.inputs, generator=torch.Generator().manual_seed(cfg.task_seed))
+        * 1.5
+    )
     g = torch.Generator().manual_seed(torch.initial_seed())
     while True:
         y = torch.randint(cfg.classes, (cfg.batch_size,), generator=g)

@@ -30,7 +30,7 @@ err = Console(stderr=True, highlight=False)
 
 
 def fail(error: UsageError) -> typer.Exit:
-    """Print one error line (and its hint) to stderr; the exit code is 2 unless the script set one."""
+    """Print the error line and its hint to stderr; exit 2 unless the script set a code."""
     err.print(f"[bold red]error:[/] {error.message}", markup=True, soft_wrap=True)
     if error.hint:
         err.print(f"[dim]hint:[/] {error.hint}", soft_wrap=True)
@@ -42,25 +42,36 @@ def profile(
     script: Annotated[Path, typer.Argument(help="Model script (see README: Model scripts).")],
     steps: Annotated[int, typer.Option(help="Training steps to run.")] = 200,
     out: Annotated[Path | None, typer.Option(help="Run directory [default: runs/SCRIPT]")] = None,
-    every: Annotated[int | None, typer.Option(help="After the dense start, record every N "
-                                              "steps [default: 25].")] = None,
-    dense: Annotated[int | None, typer.Option(help="Record every step for the first K steps "
-                                              "[default: 10].")] = None,
-    log_schedule: Annotated[bool, typer.Option("--log-schedule", help="Also record on "
-                                               "log-spaced steps.")] = False,
+    every: Annotated[
+        int | None, typer.Option(help="After the dense start, record every N steps [default: 25].")
+    ] = None,
+    dense: Annotated[
+        int | None, typer.Option(help="Record every step for the first K steps [default: 10].")
+    ] = None,
+    log_schedule: Annotated[
+        bool, typer.Option("--log-schedule", help="Also record on log-spaced steps.")
+    ] = False,
     seed: Annotated[int, typer.Option(help="Seed for torch, numpy and random.")] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
-    preset: Annotated[str, typer.Option(help="cheap, standard or full (ordered by cost).")]
-    = "standard",
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a CONFIG value of "
-                                                  "the script: --set depth=24 (repeatable).")]
-    = None,
-    include: Annotated[list[str] | None, typer.Option(help="Glob on module names to record "
-                                                      "(repeatable) [default: *].")] = None,
-    exclude: Annotated[list[str] | None, typer.Option(help="Glob on module names to skip "
-                                                      "(repeatable).")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite a run already in --out.")]
-    = False,
+    preset: Annotated[
+        str, typer.Option(help="cheap, standard or full (ordered by cost).")
+    ] = "standard",
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set", help="Override a CONFIG value of the script: --set depth=24 (repeatable)."
+        ),
+    ] = None,
+    include: Annotated[
+        list[str] | None,
+        typer.Option(help="Glob on module names to record (repeatable) [default: *]."),
+    ] = None,
+    exclude: Annotated[
+        list[str] | None, typer.Option(help="Glob on module names to skip (repeatable).")
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Overwrite a run already in --out.")
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Train a model script for --steps steps and record its statistics into a run directory."""
@@ -101,7 +112,7 @@ def _profile(
     force: bool,
     quiet: bool,
 ) -> None:
-    from .profile import profile_script
+    from .profile import pick_device, profile_script
     from .progress import step_progress
     from .recorder import RunExistsError, prepare_run_dir
     from .report.console import print_summary
@@ -109,23 +120,31 @@ def _profile(
     from .summary import summarize
 
     loaded = load_script(script, parse_set(sets))
+    pick_device(device)  # a bad --device fails here, before any output directory is touched
     try:
         prepare_run_dir(run_dir, force)  # fail before any training work
     except RunExistsError:
-        raise UsageError(f"{run_dir} already holds a run",
-                         hint="pass --force to overwrite it, or choose another --out") from None
+        raise UsageError(
+            f"{run_dir} already holds a run",
+            hint="pass --force to overwrite it, or choose another --out",
+        ) from None
     except OSError as e:
-        raise UsageError(f"cannot write to {run_dir}: {e.strerror or e}",
-                         hint="choose a writable --out directory") from None
+        raise UsageError(
+            f"cannot write to {run_dir}: {e.strerror or e}",
+            hint="choose a writable --out directory",
+        ) from None
     with step_progress(err, steps, disable=quiet) as progress:
-        result = profile_script(loaded, run_dir, steps, config, seed, device, force=True,
-                                progress=progress)
+        result = profile_script(
+            loaded, run_dir, steps, config, seed, device, force=True, progress=progress
+        )
     summary = summarize(result.run_dir)
     print_summary(summary, err)
     for note in result.notes:
         err.print(f"[yellow]note:[/] {note}")
-    err.print(f"run directory: [bold]{result.run_dir}[/] ({result.seconds:.1f}s) — next: "
-              f"stabscope summary {result.run_dir}")
+    err.print(
+        f"run directory: [bold]{result.run_dir}[/] ({result.seconds:.1f}s) — next: "
+        f"stabscope summary {result.run_dir}"
+    )
 
 
 @app.command()
@@ -140,7 +159,9 @@ def summary(
     try:
         print_summary(summarize(run_dir), err)
     except NotARunError as e:
-        raise fail(UsageError(str(e), hint="pass a directory written by `stabscope profile`"))
+        raise fail(
+            UsageError(str(e), hint="pass a directory written by `stabscope profile`")
+        ) from None
 
 
 def main() -> None:

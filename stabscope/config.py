@@ -69,8 +69,9 @@ def config_from_mapping(table: dict[str, Any], source: str = "config") -> Record
     known = {f.name for f in dataclasses.fields(RecorderConfig)}
     unknown = set(table) - known
     if unknown:
-        raise ValueError(f"{source}: unknown [tool.stabscope] keys {sorted(unknown)}; known: "
-                         f"{sorted(known)}")
+        raise ValueError(
+            f"{source}: unknown [tool.stabscope] keys {sorted(unknown)}; known: {sorted(known)}"
+        )
     values = dict(table)
     if isinstance(values.get("schedule"), dict):
         values["schedule"] = Schedule(**values["schedule"])

@@ -28,8 +28,13 @@ _ROLE_BY_TYPE = (
     ("linear", re.compile(r"^(Linear|Conv1D|LazyLinear|Bilinear|NonDynamically\w*Linear)$")),
     ("conv", re.compile(r"^Conv")),
     ("dropout", re.compile(r"Dropout")),
-    ("activation", re.compile(r"^(ReLU|GELU|SiLU|Tanh|Sigmoid|Softmax|LeakyReLU|ELU|Mish|"
-                              r"NewGELUActivation|GELUActivation|SiLUActivation)")),
+    (
+        "activation",
+        re.compile(
+            r"^(ReLU|GELU|SiLU|Tanh|Sigmoid|Softmax|LeakyReLU|ELU|Mish|"
+            r"NewGELUActivation|GELUActivation|SiLUActivation)"
+        ),
+    ),
     ("container", re.compile(r"^(ModuleList|ModuleDict|Sequential|ParameterList)$")),
 )
 _ROLE_BY_NAME = (

@@ -73,8 +73,10 @@ def _call(script: ModelScript, where: str, fn: Callable[..., Any], *args: Any) -
     try:
         return fn(*args)
     except SystemExit as err:
-        raise ScriptError(f"{script.path.name} called sys.exit({err.code}) while {where}",
-                          hint="model-script functions must return, not exit") from err
+        raise ScriptError(
+            f"{script.path.name} called sys.exit({err.code}) while {where}",
+            hint="model-script functions must return, not exit",
+        ) from err
     except Exception as err:
         raise script_failure(script.path, err, where) from err
 
@@ -97,20 +99,30 @@ def profile_script(
     cfg = script.config
     model = _call(script, "building the model", script.model, cfg)
     if not isinstance(model, torch.nn.Module):
-        raise UsageError(f"{script.path.name}: model(cfg) returned {type(model).__name__}",
-                         hint="model(cfg) must return a torch.nn.Module")
+        raise UsageError(
+            f"{script.path.name}: model(cfg) returned {type(model).__name__}",
+            hint="model(cfg) must return a torch.nn.Module",
+        )
     model.to(dev).train()
     if script.optimizer is not None:
         opt = _call(script, "building the optimizer", script.optimizer, model, cfg)
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=float(cfg.get("lr", 1e-3)))
-    sched = _call(script, "building the scheduler", script.scheduler, opt, cfg) \
-        if script.scheduler is not None else None
+    sched = (
+        _call(script, "building the scheduler", script.scheduler, opt, cfg)
+        if script.scheduler is not None
+        else None
+    )
     data = iter(_call(script, "creating batches", script.batches, cfg))
 
-    run_info = {"script": str(script.path), "script_config": dict(cfg), "seed": seed,
-                "device": str(dev), "steps_requested": steps,
-                "optimizer": type(opt).__name__}
+    run_info = {
+        "script": str(script.path),
+        "script_config": dict(cfg),
+        "seed": seed,
+        "device": str(dev),
+        "steps_requested": steps,
+        "optimizer": type(opt).__name__,
+    }
     notes: list[str] = []
     start = time.perf_counter()
     rec = Recorder(model, out, config, force=force, run_info=run_info)
@@ -127,8 +139,11 @@ def profile_script(
             opt.zero_grad(set_to_none=True)
             loss = _call(script, f"computing the loss at step {step}", script.loss, model, batch)
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                raise UsageError(f"{script.path.name}: loss(model, batch) must return a scalar "
-                                 f"tensor, got {type(loss).__name__}", hint="return loss.mean()")
+                raise UsageError(
+                    f"{script.path.name}: loss(model, batch) must return a scalar "
+                    f"tensor, got {type(loss).__name__}",
+                    hint="return loss.mean()",
+                )
             # A NaN loss is data: backward and the optimizer run as they would in training.
             loss.backward()
             opt.step()
@@ -137,5 +152,6 @@ def profile_script(
             rec.step(loss=loss)
             if progress is not None:
                 progress(step + 1, steps, rec.last_loss)
-    return ProfileResult(rec.run_dir, rec.step_index, time.perf_counter() - start,
-                         rec.last_loss, notes)
+    return ProfileResult(
+        rec.run_dir, rec.step_index, time.perf_counter() - start, rec.last_loss, notes
+    )

@@ -35,8 +35,11 @@ def step_progress(console: Console, total: int, disable: bool = False) -> Iterat
 
         def update(done: int, total: int, loss: float | None) -> None:
             speed = bar.tasks[0].speed
-            bar.update(task, completed=done,
-                       loss="-" if loss is None else f"{loss:.4g}",
-                       rate="-" if not speed else f"{speed:.1f}")
+            bar.update(
+                task,
+                completed=done,
+                loss="-" if loss is None else f"{loss:.4g}",
+                rate="-" if not speed else f"{speed:.1f}",
+            )
 
         yield update

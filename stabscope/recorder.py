@@ -126,9 +126,7 @@ class Recorder:
             on_grad=self.activations.on_grad if cfg.grads else None,
             record_eval=cfg.record_eval,
         )
-        self.parameters = ParameterProbe(
-            param_codes, updates=cfg.grads, full=cfg.preset == "full"
-        )
+        self.parameters = ParameterProbe(param_codes, updates=cfg.grads, full=cfg.preset == "full")
         self.meta = new_meta(
             config=cfg.to_dict(),
             run=run_info or {},
@@ -248,8 +246,9 @@ class Recorder:
         if not self._pending_losses:
             return
         steps = np.array([s for s, _ in self._pending_losses], np.int32)
-        values = torch.stack([v.to(self._pending_losses[0][1].device) for _, v in
-                              self._pending_losses])
+        values = torch.stack(
+            [v.to(self._pending_losses[0][1].device) for _, v in self._pending_losses]
+        )
         self._pending_losses = []
         run = self._run_code
 
@@ -275,8 +274,9 @@ class Recorder:
                 if isinstance(lr, torch.Tensor):
                     lr = float(lr.detach().cpu()) if lr.device.type == "cpu" else None
                 if lr is not None:
-                    self.rows.emit("train", self._run_code, 0, "lr", float(lr), index=seen + i,
-                                   step=step)
+                    self.rows.emit(
+                        "train", self._run_code, 0, "lr", float(lr), index=seen + i, step=step
+                    )
             seen += len(opt.param_groups)
 
     # -- hook targets ------------------------------------------------------------------------
@@ -340,9 +340,7 @@ class Recorder:
         return {
             "forward": [names[c] for c in self._module_codes if h.forward_calls[c] == 0],
             "grad": [
-                names[c]
-                for c in self._module_codes
-                if h.grad_hooks[c] > 0 and h.grad_calls[c] == 0
+                names[c] for c in self._module_codes if h.grad_hooks[c] > 0 and h.grad_calls[c] == 0
             ],
         }
 

@@ -42,8 +42,10 @@ class Schedule:
     def _log_steps_near(self, step: int) -> set[int]:
         # Log-spaced grid 10**(k/per_decade), rounded; only the grid points near `step` matter.
         k = math.log10(step) * self.per_decade
-        return {round(10 ** (j / self.per_decade)) for j in (math.floor(k) - 1, math.floor(k),
-                                                             math.floor(k) + 1)}
+        return {
+            round(10 ** (j / self.per_decade))
+            for j in (math.floor(k) - 1, math.floor(k), math.floor(k) + 1)
+        }
 
     def recorded_steps(self, total: int) -> list[int]:
         """All recorded steps below ``total``."""

@@ -58,9 +58,10 @@ def script_failure(path: Path, err: BaseException, where: str) -> ScriptError:
     """One line naming the script's own frame that raised, for an exception inside user code."""
     frames = [f for f in traceback.extract_tb(err.__traceback__) if Path(f.filename) == path]
     loc = f" at {path.name}:{frames[-1].lineno}" if frames else ""
+    kept = "" if where == "being imported" else "; what was recorded so far is kept"
     return ScriptError(
         f"{path.name} raised {type(err).__name__}{loc} while {where}: {err}",
-        hint=f"run `python {path}` or fix the script; what was recorded so far is kept",
+        hint=f"fix the script (`python {path}` shows the full traceback){kept}",
     )
 
 
@@ -80,8 +81,10 @@ def load_script(path: str | Path, overrides: dict[str, str] | None = None) -> Mo
     try:
         spec.loader.exec_module(module)
     except SystemExit as err:
-        raise ScriptError(f"{path.name} called sys.exit({err.code}) on import",
-                          hint="guard the training code with `if __name__ == '__main__':`") from err
+        raise ScriptError(
+            f"{path.name} called sys.exit({err.code}) on import",
+            hint="guard the training code with `if __name__ == '__main__':`",
+        ) from err
     except Exception as err:
         raise script_failure(path, err, "being imported") from err
     missing = [fn for fn in REQUIRED if not callable(getattr(module, fn, None))]

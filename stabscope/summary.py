@@ -98,22 +98,34 @@ def depth_trend(frame: pd.DataFrame, layers: dict[str, int], metric: str) -> Dep
         return None
     ok = np.isfinite(y) & (y > 0)
     slope = np.polyfit(x[ok], np.log10(y[ok]), 1)[0] if ok.sum() >= 2 else float("nan")
-    return DepthTrend(metric, step, x.astype(int).tolist(), y.tolist(), float(10**slope),
-                      float(y[-1] / y[0]) if y[0] > 0 else float("nan"))
+    return DepthTrend(
+        metric,
+        step,
+        x.astype(int).tolist(),
+        y.tolist(),
+        float(10**slope),
+        float(y[-1] / y[0]) if y[0] > 0 else float("nan"),
+    )
 
 
 def summarize(run_dir: str | Path, top: int = 3) -> Summary:
     """The headline numbers of a run (see module docstring)."""
     meta = read_meta(run_dir)
-    s = Summary(Path(run_dir), meta.get("status", "?"), meta.get("steps", 0),
-                meta.get("recorded_steps", 0), meta.get("rows", 0),
-                first_nonfinite=meta.get("first_nonfinite") or {},
-                never_fired=meta.get("hooks_never_fired") or {}, error=meta.get("error"))
+    s = Summary(
+        Path(run_dir),
+        meta.get("status", "?"),
+        meta.get("steps", 0),
+        meta.get("recorded_steps", 0),
+        meta.get("rows", 0),
+        first_nonfinite=meta.get("first_nonfinite") or {},
+        never_fired=meta.get("hooks_never_fired") or {},
+        error=meta.get("error"),
+    )
     loss = load_run(run_dir, modules=[RUN_MODULE], metrics=["loss"], phase="train")
     if not loss.empty:
         values = loss.sort_values("step").value.to_numpy(float)
         s.loss_first = float(values[0])
-        s.loss_last = float(np.nanmean(values[-max(1, len(values) // 10):]))
+        s.loss_last = float(np.nanmean(values[-max(1, len(values) // 10) :]))
     metrics = ["grad_rms", "act_rms"]
     frame = load_run(run_dir, metrics=metrics, phase="train")
     frame = frame[(frame.module != ROOT) & (frame.module != RUN_MODULE)]
@@ -154,7 +166,13 @@ def layer_param_grad_trend(run_dir: str | Path, meta: dict[str, Any]) -> DepthTr
             per_layer[prefixes[owner]] = per_layer.get(prefixes[owner], 0.0) + value**2
     if len(per_layer) < 2:
         return None
-    frame = pd.DataFrame({"metric": "layer_param_grad_norm", "module": list(map(str, per_layer)),
-                          "call": 0, "step": int(grads.step.min()),
-                          "value": np.sqrt(list(per_layer.values()))})
+    frame = pd.DataFrame(
+        {
+            "metric": "layer_param_grad_norm",
+            "module": list(map(str, per_layer)),
+            "call": 0,
+            "step": int(grads.step.min()),
+            "value": np.sqrt(list(per_layer.values())),
+        }
+    )
     return depth_trend(frame, {str(k): k for k in per_layer}, "layer_param_grad_norm")

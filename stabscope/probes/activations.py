@@ -49,8 +49,13 @@ class _Entries:
                 if not mask.any():
                     continue
                 for suffix in MOMENT_METRICS:
-                    rows.emit(phase, keys[mask, 1], keys[mask, 2], f"{self.prefix}_{suffix}",
-                              metrics[suffix][mask])
+                    rows.emit(
+                        phase,
+                        keys[mask, 1],
+                        keys[mask, 2],
+                        f"{self.prefix}_{suffix}",
+                        metrics[suffix][mask],
+                    )
                 bad = np.flatnonzero(metrics["nonfinite"][mask])
                 if len(bad):
                     first = np.flatnonzero(mask)[bad[0]]

@@ -21,8 +21,9 @@ def print_summary(summary: Summary, console: Console) -> None:
         f"(recorded {s.recorded_steps}), {s.rows:,} rows"
     )
     if s.loss_first is not None:
-        console.print(f"loss {_fmt(s.loss_first)} at step 0 -> {_fmt(s.loss_last)} "
-                      "(mean of the last tenth)")
+        console.print(
+            f"loss {_fmt(s.loss_first)} at step 0 -> {_fmt(s.loss_last)} (mean of the last tenth)"
+        )
     if s.largest:
         table = Table(title=f"{s.extremes_metric} at step {s.extremes_step}", title_justify="left")
         table.add_column("largest")

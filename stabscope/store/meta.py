@@ -52,6 +52,7 @@ def new_meta(command: list[str] | None = None, **fields: Any) -> dict[str, Any]:
 
 def save_meta(run_dir: Path, meta: dict[str, Any]) -> None:
     """Atomically replace ``run_dir/meta.json``."""
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
     text = json.dumps(_finite(meta), indent=1, default=_json_default, allow_nan=False)
     write_text_atomically(Path(run_dir) / META_FILE, text + "\n")
 

@@ -1,0 +1,61 @@
+"""Shared helpers: small real models and a reference training loop."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "sample_models"
+sys.path.insert(0, str(SAMPLES))
+
+
+def train(
+    model: nn.Module,
+    steps: int,
+    make_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+    rec=None,
+    lr: float = 1e-2,
+) -> list[float]:
+    """Plain Adam training on MSE; marks steps on ``rec`` when given. Returns the losses."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    losses = []
+    for step in range(steps):
+        x, y = make_batch(step)
+        loss = (model(x) - y).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if rec is not None:
+            rec.step(loss=loss)
+        losses.append(loss.item())
+    return losses
+
+
+def batch_maker(d_in: int, d_out: int, batch: int = 8, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    data = [
+        (torch.randn(batch, d_in, generator=g), torch.randn(batch, d_out, generator=g))
+        for _ in range(64)
+    ]
+    return lambda step: data[step % len(data)]
+
+
+def mlp(d_in: int = 6, hidden: int = 12, d_out: int = 3, inplace: bool = False) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(d_in, hidden),
+        nn.ReLU(inplace=inplace),
+        nn.Linear(hidden, hidden),
+        nn.Tanh(),
+        nn.Linear(hidden, d_out),
+    )
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    return tmp_path / "run"

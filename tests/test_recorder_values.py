@@ -1,0 +1,163 @@
+"""Every recorded number against a naive autograd computation of the same quantity."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import stabscope
+from stabscope import Schedule
+from tests.conftest import batch_maker, mlp
+
+STEPS = 3
+
+
+def reference_stats(model, make_batch, steps, lr=1e-2):
+    """Re-run training by hand, layer by layer, collecting every statistic the recorder makes."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    out: dict[tuple[int, str, str], float] = {}
+    names = ["0", "1", "2", "3", "4"]
+    for step in range(steps):
+        x, y = make_batch(step)
+        acts = []
+        h = x
+        for layer in model:
+            h = layer(h)
+            h.retain_grad()
+            acts.append(h)
+        loss = (h - y).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        for name, a in zip([*names, "<root>"], [*acts, acts[-1]]):
+            a64, g64 = a.detach().double(), a.grad.double()
+            out[(step, name, "act_mean")] = a64.mean().item()
+            out[(step, name, "act_rms")] = a64.pow(2).mean().sqrt().item()
+            out[(step, name, "act_absmax")] = a64.abs().max().item()
+            out[(step, name, "grad_rms")] = g64.pow(2).mean().sqrt().item()
+            out[(step, name, "grad_mean")] = g64.mean().item()
+            out[(step, name, "grad_absmax")] = g64.abs().max().item()
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        for n, p in model.named_parameters():
+            out[(step, n, "param_norm")] = p.detach().double().norm().item()
+            out[(step, n, "param_rms")] = p.detach().double().pow(2).mean().sqrt().item()
+            out[(step, n, "param_grad_norm")] = p.grad.double().norm().item()
+        opt.step()
+        for n, p in model.named_parameters():
+            delta = (p.detach() - before[n]).double().norm().item()
+            out[(step, n, "update_norm")] = delta
+            out[(step, n, "update_ratio")] = delta / before[n].double().norm().item()
+        out[(step, "__run__", "loss")] = loss.item()
+    return out
+
+
+def test_every_metric_matches_naive_reference(run_dir):
+    torch.manual_seed(0)
+    model = mlp()
+    ref_model = copy.deepcopy(model)
+    make = batch_maker(6, 3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    with stabscope.Recorder(model, run_dir, schedule=Schedule(dense=STEPS, every=0)) as rec:
+        for step in range(STEPS):
+            x, y = make(step)
+            loss = (model(x) - y).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            rec.step(loss=loss)
+    expected = reference_stats(ref_model, make, STEPS)
+    df = stabscope.load_run(run_dir, phase="train")
+    got = {
+        (int(r.step), str(r.module), str(r.metric)): float(r.value)
+        for r in df.itertuples()
+        if r.call == 0
+    }
+    checked = 0
+    for key, value in expected.items():
+        assert key in got, f"missing {key}"
+        assert got[key] == pytest.approx(value, rel=2e-5, abs=1e-7), key
+        checked += 1
+    assert checked == len(expected) > 100
+
+
+def test_lr_follows_the_scheduler(run_dir):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    make = batch_maker(6, 3)
+    with stabscope.Recorder(model, run_dir, schedule=Schedule(dense=1, every=0)) as rec:
+        for step in range(4):
+            x, y = make(step)
+            loss = (model(x) - y).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            rec.step(loss=loss)
+    lr = stabscope.load_run(run_dir, metrics="lr").sort_values("step")
+    # The lr recorded at the end of step s is the one the next step will use: 0.1 * 0.5**(s+1).
+    np.testing.assert_allclose(lr.value, [0.1 * 0.5 ** (s + 1) for s in range(4)], rtol=1e-6)
+    # Loss is recorded on every step, including the three that carried no hooks.
+    assert sorted(stabscope.load_run(run_dir, metrics="loss").step) == [0, 1, 2, 3]
+
+
+def test_eval_pass_is_kept_apart(run_dir):
+    torch.manual_seed(0)
+    model = mlp()
+    make = batch_maker(6, 3)
+    x_eval = torch.randn(4, 6)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with stabscope.Recorder(model, run_dir, schedule=Schedule(dense=1, every=0)) as rec:
+        x, y = make(0)
+        loss = (model(x) - y).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        model.eval()
+        with torch.no_grad():
+            expected = model(x_eval)
+        model.train()
+        rec.step(loss=loss)
+    ev = stabscope.load_run(run_dir, phase="eval")
+    assert set(ev.metric.astype(str)) == {"act_mean", "act_rms", "act_absmax", "act_nonfinite"}
+    rms = ev[(ev.module == "<root>") & (ev.metric == "act_rms")].value.item()
+    assert rms == pytest.approx(expected.pow(2).mean().sqrt().item(), rel=1e-6)
+    train = stabscope.load_run(run_dir, modules="<root>", metrics="act_rms", phase="train")
+    assert len(train) == 1  # the eval call did not become call 1 of the training statistics
+
+
+def test_cheap_preset_records_no_gradients(run_dir):
+    model = mlp()
+    with stabscope.Recorder(model, run_dir, preset="cheap") as rec:
+        from tests.conftest import train
+
+        train(model, 2, batch_maker(6, 3), rec)
+    metrics = set(stabscope.load_run(run_dir).metric.astype(str))
+    assert "act_rms" in metrics and "param_norm" in metrics
+    assert not {m for m in metrics if m.startswith("grad_") or m.startswith("update")}
+
+
+def test_full_preset_adds_parameter_moments(run_dir):
+    torch.manual_seed(0)
+    model = mlp()
+    w = model[0].weight.detach().clone()
+    with stabscope.Recorder(model, run_dir, preset="full", schedule=Schedule(1, 0)) as rec:
+        from tests.conftest import train
+
+        train(model, 1, batch_maker(6, 3), rec)
+    df = stabscope.load_run(run_dir, modules="0.weight", metrics=["param_absmax", "param_mean"])
+    vals = dict(zip(df.metric.astype(str), df.value))
+    assert vals["param_absmax"] == pytest.approx(w.abs().max().item(), rel=1e-6)
+    assert vals["param_mean"] == pytest.approx(w.mean().item(), rel=1e-5, abs=1e-8)
+
+
+def test_module_filters(run_dir):
+    from tests.conftest import train
+
+    model = mlp()
+    with stabscope.Recorder(model, run_dir, include=["2*", "4*"], exclude=["*.bias"]) as rec:
+        train(model, 1, batch_maker(6, 3), rec)
+    modules = set(stabscope.load_run(run_dir).module.astype(str))
+    assert modules == {"2", "4", "2.weight", "4.weight", "__run__"}
