@@ -11,6 +11,7 @@ ones that never fired are reported instead of trusted.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
@@ -25,7 +26,7 @@ from .probes.moments import is_moment_tensor
 TRAIN, EVAL = 0, 1  # phase codes; names in store.schema.PHASES
 
 ForwardSink = Callable[[int, int, int, torch.Tensor], None]  # (phase, module, call, output)
-GradSink = Callable[[int, int, torch.Tensor], None]  # (module, call, grad)
+GradSink = Callable[[list[tuple[int, int]], torch.Tensor], None]  # ([(module, call)], grad)
 
 
 def primary_tensor(output: Any) -> torch.Tensor | None:
@@ -81,6 +82,9 @@ class ModuleHooks:
         self._calls: dict[tuple[int, int], int] = {}  # (phase, module) -> calls this step
         self._handles: list[RemovableHandle] = []
         self._tensor_handles: list[RemovableHandle] = []
+        # One tensor hook per output tensor, shared by every module that returned that very
+        # tensor (a block returning its last child's output): id -> (weakref, keys).
+        self._grad_keys: dict[int, tuple[weakref.ref, list[tuple[int, int]]]] = {}
 
     @property
     def attached(self) -> bool:
@@ -96,6 +100,7 @@ class ModuleHooks:
     def end_step(self) -> None:
         """Forget this step's call counts and drop tensor hooks that did not fire."""
         self._calls.clear()
+        self._grad_keys.clear()
         for handle in self._tensor_handles:
             handle.remove()
         self._tensor_handles.clear()
@@ -124,9 +129,16 @@ class ModuleHooks:
         self.on_forward(phase, code, call, tensor)
         if self.on_grad is not None and phase == TRAIN and tensor.requires_grad:
             self.grad_hooks[code] += 1
-            self._tensor_handles.append(tensor.register_hook(partial(self._grad_hook, code, call)))
+            shared = self._grad_keys.get(id(tensor))
+            if shared is not None and shared[0]() is tensor:
+                shared[1].append((code, call))
+                return
+            keys = [(code, call)]
+            self._grad_keys[id(tensor)] = (weakref.ref(tensor), keys)
+            self._tensor_handles.append(tensor.register_hook(partial(self._grad_hook, keys)))
 
-    def _grad_hook(self, code: int, call: int, grad: torch.Tensor) -> None:
-        self.grad_calls[code] += 1
+    def _grad_hook(self, keys: list[tuple[int, int]], grad: torch.Tensor) -> None:
+        for code, _ in keys:
+            self.grad_calls[code] += 1
         if self.on_grad is not None and is_moment_tensor(grad):
-            self.on_grad(code, call, grad)
+            self.on_grad(keys, grad)

@@ -8,6 +8,7 @@ activations and in backward order for gradients.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import numpy as np
@@ -16,7 +17,7 @@ import torch
 from ..collector import Collector, Rows
 from ..hooks import EVAL, TRAIN
 from ..store.schema import PHASES
-from .moments import MOMENT_METRICS, decode_moments, moment_vector
+from .moments import MOMENT_METRICS, decode_moments, moment_scalars, stack_moments
 
 #: Called with (direction, module code, call) for a step's first non-finite entry.
 NonfiniteSink = Callable[[str, int, int], None]
@@ -28,19 +29,36 @@ class _Entries:
     def __init__(self, prefix: str, direction: str) -> None:
         self.prefix = prefix
         self.direction = direction
-        self.vectors: list[torch.Tensor] = []
+        self.scalars: list[torch.Tensor] = []  # 4 per entry: sum, sumsq, min, max
         self.keys: list[tuple[int, int, int, int]] = []  # (phase, module, call, numel)
 
+        # Outputs that are the very same tensor as an earlier entry (a block returning its
+        # last child's output) reuse that entry's reductions: id -> (weakref, version, entry).
+        self._seen: dict[int, tuple[weakref.ref, int, int]] = {}
+
     def add(self, phase: int, module: int, call: int, t: torch.Tensor) -> None:
-        self.vectors.append(moment_vector(t))
+        seen = self._seen.get(id(t))
+        if seen is not None and seen[0]() is t and seen[1] == t._version:
+            self.scalars.extend(self.scalars[4 * seen[2] : 4 * seen[2] + 4])
+        else:
+            self._seen[id(t)] = (weakref.ref(t), t._version, len(self.keys))
+            self.scalars.extend(moment_scalars(t))
         self.keys.append((phase, module, call, t.numel()))
 
+    def add_shared(self, keys: list[tuple[int, int]], t: torch.Tensor) -> None:
+        """One tensor that stands for several (module, call) entries (training phase)."""
+        scalars = moment_scalars(t)
+        for module, call in keys:
+            self.scalars.extend(scalars)
+            self.keys.append((TRAIN, module, call, t.numel()))
+
     def hand_over(self, collector: Collector, on_nonfinite: NonfiniteSink) -> None:
-        if not self.vectors:
+        if not self.keys:
             return
         keys = np.array(self.keys, np.int64)  # (R, 4)
-        stacked = torch.stack(self.vectors)  # (R, 4) on device
-        self.vectors, self.keys = [], []
+        stacked = stack_moments(self.scalars)  # (R, 4) on device
+        self.scalars, self.keys = [], []
+        self._seen.clear()
 
         def decode(values: np.ndarray, rows: Rows) -> None:
             metrics = decode_moments(values, keys[:, 3])
@@ -79,8 +97,8 @@ class ActivationProbe:
     def on_forward(self, phase: int, module: int, call: int, output: torch.Tensor) -> None:
         self.forward.add(phase, module, call, output)
 
-    def on_grad(self, module: int, call: int, grad: torch.Tensor) -> None:
-        self.backward.add(TRAIN, module, call, grad)
+    def on_grad(self, keys: list[tuple[int, int]], grad: torch.Tensor) -> None:
+        self.backward.add_shared(keys, grad)
 
     def end_step(self, collector: Collector) -> None:
         self.forward.hand_over(collector, self.on_nonfinite)

