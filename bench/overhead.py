@@ -53,9 +53,19 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    cfg = ScriptConfig(gpt.CONFIG | dict(depth=args.depth, width=args.width, heads=4,
-                                         seq_len=args.seq_len, batch_size=args.batch_size,
-                                         vocab=256, successors=4, norm="pre"))
+    cfg = ScriptConfig(
+        gpt.CONFIG
+        | dict(
+            depth=args.depth,
+            width=args.width,
+            heads=4,
+            seq_len=args.seq_len,
+            batch_size=args.batch_size,
+            vocab=256,
+            successors=4,
+            norm="pre",
+        )
+    )
     torch.manual_seed(0)
     base = gpt.model(cfg).to(device)
     data = gpt.batches(cfg)
@@ -89,8 +99,9 @@ def main() -> None:
         "plain": None,
         "every": Recorder(models["every"], tmp / "every", schedule=Schedule(dense=10**9)).start(),
         # Step 0 is recorded (and excluded below); every later step is off the schedule.
-        "unrecorded": Recorder(models["unrecorded"], tmp / "unrec",
-                               schedule=Schedule(dense=1, every=0)).start(),
+        "unrecorded": Recorder(
+            models["unrecorded"], tmp / "unrec", schedule=Schedule(dense=1, every=0)
+        ).start(),
     }
     for m in modes:  # warm-up, including the unrecorded mode's one recorded step
         for _ in range(3):
@@ -115,17 +126,21 @@ def main() -> None:
     recorded = sched_rec.meta["recorded_steps"]
 
     plain = statistics.median(times["plain"])
-    print(f"# overhead: GPT depth={args.depth} d={args.width} seq={args.seq_len} "
-          f"batch={args.batch_size} on {device} ({torch.get_num_threads()} threads), "
-          f"torch {torch.__version__}")
+    print(
+        f"# overhead: GPT depth={args.depth} d={args.width} seq={args.seq_len} "
+        f"batch={args.batch_size} on {device} ({torch.get_num_threads()} threads), "
+        f"torch {torch.__version__}"
+    )
     print("| mode | step time (median) | ratio to plain |")
     print("|---|---|---|")
     for m in modes:
         med = statistics.median(times[m])
         print(f"| {m} | {med * 1e3:.1f} ms | {med / plain:.3f}x |")
     mean_ratio = statistics.mean(sched_times) / statistics.mean(plain_times)
-    print(f"| default schedule, mean over {args.schedule_steps} steps ({recorded} recorded) | "
-          f"{statistics.mean(sched_times) * 1e3:.1f} ms | {mean_ratio:.3f}x |")
+    print(
+        f"| default schedule, mean over {args.schedule_steps} steps ({recorded} recorded) | "
+        f"{statistics.mean(sched_times) * 1e3:.1f} ms | {mean_ratio:.3f}x |"
+    )
 
 
 if __name__ == "__main__":

@@ -78,10 +78,13 @@ class Collector:
     def __len__(self) -> int:
         return len(self._pending)
 
-    def sync(self, rows: Rows) -> None:
-        """Copy all pending values to the host with one transfer per device, then decode."""
+    def sync(self, rows: Rows) -> int:
+        """Copy all pending values to the host with one transfer per device, then decode.
+
+        Returns the number of device->host transfers made (one per device, 0 when empty).
+        """
         if not self._pending:
-            return
+            return 0
         by_device: dict[torch.device, list[int]] = {}
         for i, (t, _) in enumerate(self._pending):
             by_device.setdefault(t.device, []).append(i)
@@ -96,6 +99,7 @@ class Collector:
         pending, self._pending = self._pending, []
         for (_, decode), values in zip(pending, host):
             decode(values, rows)  # type: ignore[arg-type]
+        return len(by_device)
 
     def clear(self) -> None:
         self._pending.clear()

@@ -108,6 +108,7 @@ class Recorder:
         self._started = False
         self._sync_seconds = 0.0
         self._recorded_steps = 0
+        self.host_syncs = 0  # device->host transfers so far: one per recorded step per device
 
         modules = select_modules(model, cfg.include, cfg.exclude)
         params = select_parameters(model, cfg.include, cfg.exclude)
@@ -174,6 +175,7 @@ class Recorder:
             return
         self._closed = True
         self.hooks.detach()
+        self.parameters.release()
         for handle in self._optimizer_hooks:
             handle.remove()
         self._optimizer_hooks.clear()
@@ -235,7 +237,7 @@ class Recorder:
         self.hooks.end_step()
         self._add_losses_to(self.collector)
         self.rows.step = step
-        self.collector.sync(self.rows)  # the one host sync of this step
+        self.host_syncs += self.collector.sync(self.rows)  # the one host sync of this step
         self.rows.flush_to_writer()
         self._recorded_steps += 1
         self._sync_seconds += time.perf_counter() - t0
@@ -263,7 +265,7 @@ class Recorder:
     def _sync_losses(self) -> None:
         collector = Collector()
         self._add_losses_to(collector)
-        collector.sync(self.rows)
+        self.host_syncs += collector.sync(self.rows)
         self.rows.flush_to_writer()
 
     def _record_lr(self, step: int) -> None:
@@ -320,6 +322,7 @@ class Recorder:
             recorded_steps=self._recorded_steps,
             hooks_never_fired=self._never_fired(),
             sync_seconds=round(self._sync_seconds, 4),
+            host_syncs=self.host_syncs,
         )
         order = self._forward_order
         hooks = self.hooks

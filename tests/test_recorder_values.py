@@ -161,3 +161,19 @@ def test_module_filters(run_dir):
         train(model, 1, batch_maker(6, 3), rec)
     modules = set(stabscope.load_run(run_dir).module.astype(str))
     assert modules == {"2", "4", "2.weight", "4.weight", "__run__"}
+
+
+def test_one_host_sync_per_recorded_step(run_dir):
+    from tests.conftest import train
+
+    model = mlp()
+    schedule = Schedule(dense=3, every=5)
+    with stabscope.Recorder(model, run_dir, schedule=schedule) as rec:
+        train(model, 20, batch_maker(6, 3), rec)
+        syncs_while_training = rec.host_syncs
+    recorded = schedule.recorded_steps(20)  # 0, 1, 2, 5, 10, 15
+    assert syncs_while_training == len(recorded) == 6
+    # Losses of steps 16-19 waited on the device and were fetched once, at close.
+    assert rec.host_syncs == 7
+    assert sorted(stabscope.load_run(run_dir, metrics="loss").step) == list(range(20))
+    assert stabscope.read_meta(run_dir)["host_syncs"] == 7

@@ -23,8 +23,17 @@ _TRAIN = "train"
 
 
 def _norms(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """L2 norms of a list of tensors as one (P,) float32 tensor on the first tensor's device."""
+    """L2 norms of a list of tensors as one (P,) float32 tensor on the first tensor's device.
+
+    On CUDA ``_foreach_norm`` is one fused kernel for the whole list; on CPU it loops over
+    ``vector_norm``, which is ~20% slower than a ``dot`` per contiguous tensor.
+    """
     device = tensors[0].device
+    if device.type == "cpu" and all(
+        t.is_contiguous() and t.dtype == torch.float32 for t in tensors
+    ):
+        flat = [t.view(-1) for t in tensors]
+        return torch.stack([torch.dot(f, f) for f in flat]).sqrt_()
     return torch.stack([n.to(device, torch.float32) for n in torch._foreach_norm(tensors)])
 
 
@@ -60,8 +69,9 @@ class ParameterProbe:
         with_grad = [i for i, p in enumerate(self.params) if p.grad is not None]
         codes, numel = self.codes, self.numel
         self._weight_norms = _norms(weights)
-        collector.add(self._weight_norms,
-                      lambda v, rows: _emit_norms(rows, "param", codes, numel, v))
+        collector.add(
+            self._weight_norms, lambda v, rows: _emit_norms(rows, "param", codes, numel, v)
+        )
         if with_grad:
             g_codes, g_numel = codes[with_grad], numel[with_grad]
             grads = [self.params[i].grad.detach() for i in with_grad]  # type: ignore[union-attr]
@@ -125,6 +135,12 @@ class ParameterProbe:
                 rows.emit(_TRAIN, codes, 0, "update_ratio", delta / base)
 
         self._collector.add(torch.stack((delta_norm, old_norm)), decode)
+
+    def release(self) -> None:
+        """Free the kept copy buffers (the recorder is closing)."""
+        self._buffers.clear()
+        self._before.clear()
+        self._weight_norms = None
 
     def end_step(self, collector: Collector) -> None:
         # Without an optimizer step (a custom update rule), measure at the step boundary.
