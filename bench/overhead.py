@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sample_models"))
-import gpt  # noqa: E402
+import gpt
 
-from stabscope import Recorder, Schedule  # noqa: E402
-from stabscope.script import ScriptConfig  # noqa: E402
+from stabscope import Recorder, Schedule
+from stabscope.script import ScriptConfig
 
 
 def sync(device: torch.device) -> None:
