@@ -1,0 +1,66 @@
+"""Structure discovery: residual blocks, branches, norm placement and attention in any model.
+
+    structure = discover(model, lambda m: m(example_batch))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..module_table import clean_name, unwrap_model
+from .detect import detect, is_norm
+from .model import AttentionInfo, Block, Branch, Structure, unrecognised
+from .trace import Trace, capture
+
+
+def module_names(model: nn.Module) -> dict[int, str]:
+    return {id(m): clean_name(n) for n, m in unwrap_model(model).named_modules()}
+
+
+def discover(model: nn.Module, forward: Callable[[nn.Module], Any]) -> Structure:
+    """Run ``forward(model)`` once (eval mode, no grad, RNG state restored) and detect.
+
+    Eval mode keeps dropout and batch-norm statistics out of the way; the model's mode and
+    the global RNG state are restored afterwards, so training is unaffected.
+    """
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.random.fork_rng(devices=_cuda_devices(model)), torch.no_grad(), \
+                capture(model) as trace:
+            forward(model)
+    except Exception as err:  # the user's forward raised: say so, never crash here
+        return unrecognised(f"structure trace failed: {type(err).__name__}: {err}")
+    finally:
+        model.train(was_training)
+    return from_trace(model, trace)
+
+
+def from_trace(model: nn.Module, trace: Trace) -> Structure:
+    """Detect the structure from a trace captured elsewhere (e.g. a recorded step)."""
+    try:
+        return detect(unwrap_model(model), trace, module_names(model))
+    except Exception as err:  # detection is best effort: unknown beats a crash
+        return unrecognised(f"structure detection failed: {type(err).__name__}: {err}")
+
+
+def _cuda_devices(model: nn.Module) -> list[int]:
+    return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+
+
+__all__ = [
+    "AttentionInfo",
+    "Block",
+    "Branch",
+    "Structure",
+    "Trace",
+    "capture",
+    "discover",
+    "from_trace",
+    "is_norm",
+    "unrecognised",
+]

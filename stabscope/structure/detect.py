@@ -1,0 +1,232 @@
+"""Finding residual blocks, their branches and norm placement from a traced forward pass.
+
+Names are only hints. A residual add is claimed only when a tensor observed later in the
+block equals α·x + f to float precision, where x is the stream going in and f the output of
+a module that ran after x was produced. A norm whose *input* is that sum makes the branch
+Post-LN (α = 1) or DeepNorm-style (α ≠ 1); a norm whose *output* feeds the branch makes it
+Pre-LN. Blocks where no add can be verified are left out: a wrong guess is worse than none.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from .model import AttentionInfo, Block, Branch, Structure, unrecognised
+from .trace import Call, Trace
+
+_NORM = re.compile(r"Norm", re.I)
+_ATTN_TYPE = re.compile(r"Attention|Attn", re.I)
+_ATTN_NAME = re.compile(r"(^|\.)(attn|attention|self_attn|self_attention|crossattention|"
+                        r"encoder_attn|multihead_attn|EncDecAttention|SelfAttention)$")
+_CROSS = re.compile(r"cross|encoder_attn|EncDecAttention|multihead_attn", re.I)
+_MLP = re.compile(r"MLP|FeedForward|FFN|DenseReluDense|(^|\.)(mlp|ffn|feed_forward)$", re.I)
+_HEAD_ATTRS = ("num_heads", "n_head", "n_heads", "num_attention_heads", "heads", "h")
+_KV_ATTRS = ("num_key_value_heads", "n_kv_heads", "num_kv_heads")
+_TOL = 1e-4
+
+
+def is_norm(module: nn.Module) -> bool:
+    return bool(_NORM.search(type(module).__name__))
+
+
+def is_attention(call: Call) -> bool:
+    return bool(_ATTN_TYPE.search(type(call.module).__name__) or _ATTN_NAME.search(call.name))
+
+
+def residual_alpha(t: torch.Tensor, x: torch.Tensor, f: torch.Tensor) -> float | None:
+    """α with t = α·x + f to float precision, or None."""
+    if not (t.shape == x.shape == f.shape) or t is f or t is x:
+        return None
+    # Cheap filter on a strided sample before the exact check on everything.
+    n = t.numel()
+    stride = max(1, n // 256)
+    for sl in (slice(0, n, stride), slice(None)):
+        tt, xx, ff = (v.detach().reshape(-1)[sl].double() for v in (t, x, f))
+        xx_sq = torch.dot(xx, xx)
+        if xx_sq <= 0:
+            return None
+        alpha = float(torch.dot(tt - ff, xx) / xx_sq)
+        err = float((tt - ff - alpha * xx).norm() / (tt.norm() + 1e-12))
+        if not (err < _TOL and 0.05 < alpha < 50):
+            return None
+    return alpha
+
+
+def count_heads(module: nn.Module) -> tuple[int | None, int | None]:
+    """Attention and key/value head counts from the usual attribute names."""
+    heads = kv = None
+    for m in module.modules():
+        config = getattr(m, "config", None)
+        for source in (m, config):
+            if source is None:
+                continue
+            heads = heads or next((getattr(source, a) for a in _HEAD_ATTRS
+                                   if isinstance(getattr(source, a, None), int)), None)
+            kv = kv or next((getattr(source, a) for a in _KV_ATTRS
+                             if isinstance(getattr(source, a, None), int)), None)
+    return heads, kv
+
+
+def block_candidates(model: nn.Module, names: dict[int, str]) -> list[str]:
+    """Children of ModuleList/Sequential with a numeric name, of a repeated class, that have
+    children of their own; nested candidates are left to their outermost container."""
+    out = []
+    for module in model.modules():
+        if not isinstance(module, (nn.ModuleList, nn.Sequential)):
+            continue
+        kids = list(module.children())
+        for kid in kids:
+            same = sum(type(k) is type(kid) for k in kids)
+            if id(kid) in names and any(True for _ in kid.children()) and (
+                same >= 2 or re.search(r"Block|Layer", type(kid).__name__)
+            ):
+                out.append(names[id(kid)])
+    return [n for n in out if not any(n.startswith(o + ".") for o in out if o != n)]
+
+
+def _stack_of(name: str) -> str:
+    if re.search(r"(^|\.)decoder(\.|$)", name):
+        return "decoder"
+    if re.search(r"(^|\.)encoder(\.|$)", name):
+        return "encoder"
+    return ""
+
+
+def analyse_block(trace: Trace, block: Call) -> tuple[list[Branch], list[AttentionInfo]]:
+    """Walk a block's calls, finding residual adds one after another."""
+    inner = trace.descendants(block)
+    attention = [c for c in inner if is_attention(c)
+                 and not any(is_attention(trace.calls[p]) for p in _ancestors(trace, c, block))]
+    infos = [AttentionInfo(c.name, *count_heads(c.module)) for c in attention]
+    if block.input is None or block.output is None:
+        return [], infos
+    # Tensors observed in the block, with the time they were seen: candidate sums.
+    seen = [(c.start, c.input, c) for c in inner if c.input is not None]
+    seen += [(c.end, c.output, c) for c in inner if c.output is not None]
+    seen.append((block.end, block.output, block))
+    seen.sort(key=lambda e: e[0])
+
+    def next_add(stream: torch.Tensor, since: int):
+        """The first tensor seen after ``since`` that equals α·stream + f."""
+        for time, t, consumer in seen:
+            if time <= since or t is stream:
+                continue
+            producers = [c for c in inner if c.start > since and c.end < time
+                         and c.output is not None and not is_norm(c.module)]
+            outputs = {id(c.output): c.output for c in producers}.values()
+            # Latest-finishing producers first: the module whose output *is* the added term.
+            for w in sorted(outputs, key=lambda o: -max(c.end for c in producers
+                                                         if c.output is o)):
+                alpha = residual_alpha(t, stream, w)
+                if alpha is not None:
+                    maker = max((c for c in producers if c.output is w), key=lambda c: c.end)
+                    return time, t, consumer, maker, alpha
+        return None
+
+    branches: list[Branch] = []
+    stream, since = block.input, block.start
+    found = next_add(stream, since)
+    while found is not None:
+        time, t, consumer, out_call, alpha = found
+        norm_after = consumer if (consumer is not block and consumer.input is t
+                                  and is_norm(consumer.module)) else None
+        # Pre-LN keeps adding to the sum itself; Post-LN continues from the norm's output.
+        keep_sum = next_add(t, time)
+        after_norm = None if norm_after is None or norm_after.output is None else \
+            next_add(norm_after.output, norm_after.end)
+        is_post = norm_after is not None and keep_sum is None and (
+            after_norm is not None or norm_after.output is block.output)
+        # The sum is first seen as its pre-norm's input, so that norm starts at `since`.
+        pre_norm = next((c for c in inner if is_norm(c.module) and c.input is stream
+                         and c.start >= since and c.end < out_call.start), None)
+        covered = [c for c in inner if c.start > since and c.end <= out_call.end
+                   and not is_norm(c.module)]
+        branches.append(_branch(block, covered, out_call, norm_after if is_post else None,
+                                pre_norm, alpha))
+        if is_post:
+            stream, since, found = norm_after.output, norm_after.end, after_norm  # type: ignore[union-attr]
+        else:
+            stream, since, found = t, time, keep_sum
+    return branches, infos
+
+
+def _ancestors(trace: Trace, call: Call, stop: Call) -> list[int]:
+    out, p = [], call.parent
+    while p is not None and p != stop.index:
+        out.append(p)
+        p = trace.calls[p].parent
+    return out
+
+
+def _branch(block: Call, covered: list[Call], out_call: Call,
+            post_norm: Call | None, pre_norm: Call | None, alpha: float) -> Branch:
+    attn = [c for c in covered if is_attention(c)]
+    mlp = [c for c in covered if _MLP.search(type(c.module).__name__) or _MLP.search(c.name)]
+    if attn:
+        kind = "cross_attention" if _CROSS.search(attn[0].name) else "attention"
+        name = attn[0].name
+    elif mlp or sum(isinstance(c.module, nn.Linear) for c in covered) >= 2:
+        kind = "mlp"
+        name = mlp[0].name if mlp else out_call.name
+    else:
+        kind, name = "other", out_call.name
+    if post_norm is not None:
+        placement = "post" if abs(alpha - 1) < 1e-3 else "deepnorm"
+        norm = post_norm.name
+    else:
+        placement = "pre"
+        norm = pre_norm.name if pre_norm is not None else None
+    return Branch(name, out_call.name, kind, placement, norm, round(alpha, 6),
+                  _stack_of(block.name))
+
+
+def detect(model: nn.Module, trace: Trace, names: dict[int, str]) -> Structure:
+    """Structure of ``model`` from a traced forward pass; ``names`` maps id(module) -> name."""
+    candidates = block_candidates(model, names)
+    norms = sorted({c.name for c in trace.calls if is_norm(c.module)})
+    if not trace.calls:
+        return unrecognised("the traced forward pass ran no module")
+    blocks: list[Block] = []
+    skipped = []
+    for name in candidates:
+        call = trace.first_call(name)
+        if call is None:
+            continue
+        branches, attention = analyse_block(trace, call)
+        if not branches:
+            skipped.append(name)
+            continue
+        placements = {b.placement for b in branches}
+        index = int(name.rsplit(".", 1)[-1]) if name.rsplit(".", 1)[-1].isdigit() else len(blocks)
+        blocks.append(Block(name, index, _stack_of(name),
+                            placements.pop() if len(placements) == 1 else "mixed",
+                            max(b.alpha for b in branches), branches, attention))
+    blocks.sort(key=lambda b: trace.first_call(b.name).start)  # type: ignore[union-attr]
+    _number_branches(blocks)
+    if not blocks:
+        note = ("no residual blocks found: no tensor in any repeated layer equals input plus "
+                "branch output; recording generic per-module moments only")
+        s = unrecognised(note)
+        s.norms = norms
+        return s
+    notes = []
+    if skipped:
+        notes.append(f"{len(skipped)} repeated layers without a verified residual add "
+                     f"(e.g. {skipped[0]}) are not treated as blocks")
+    for b in blocks:
+        for a in b.attention:
+            if a.heads is None:
+                notes.append(f"head count of {a.name} not found; attention stats per head "
+                             "still follow the tensors")
+    return Structure(True, blocks, norms, notes)
+
+
+def _number_branches(blocks: list[Block]) -> None:
+    counts: dict[str, int] = {}
+    for block in blocks:
+        for branch in block.branches:
+            branch.position = counts.get(branch.stack, 0)
+            counts[branch.stack] = branch.position + 1
