@@ -13,8 +13,11 @@ from .schedule import Schedule
 #: Presets, cheapest first. Each names what a recorded step measures.
 PRESETS: dict[str, str] = {
     "cheap": "forward moments of every module, parameter norms, loss and learning rate",
-    "standard": "cheap + gradient moments of every module output, gradient norms, update ratios",
-    "full": "standard + per-parameter weight and gradient moments (mean, absmax, non-finite)",
+    "standard": "cheap + gradient moments of every module output, gradient norms, update "
+    "ratios, residual dependency, attention entropy and logits, token correlation, norm "
+    "inputs, output logits, Adam eps ratio",
+    "full": "standard + per-parameter weight and gradient moments (mean, absmax, non-finite) "
+    "and the model update ||F(x, θ_t) − F(x, θ_0)|| on a probe batch",
 }
 
 
@@ -29,6 +32,11 @@ class RecorderConfig:
     record_eval: bool = True
     part_rows: int = 500_000
     flush_seconds: float = 30.0
+    #: ||F(x, θ_t) − F(x, θ_0)|| on a probe batch; None = on for the full preset only.
+    model_update: bool | None = None
+    #: Attention probabilities are recomputed for this many sequences and query positions.
+    attn_batch: int = 2
+    attn_queries: int = 16
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -39,6 +47,10 @@ class RecorderConfig:
     @property
     def grads(self) -> bool:
         return self.preset != "cheap"
+
+    @property
+    def wants_model_update(self) -> bool:
+        return self.preset == "full" if self.model_update is None else self.model_update
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -82,6 +82,7 @@ class ModuleHooks:
         self._calls: dict[tuple[int, int], int] = {}  # (phase, module) -> calls this step
         self._handles: list[RemovableHandle] = []
         self._tensor_handles: list[RemovableHandle] = []
+        self.paused = False  # set while a probe runs its own forward pass
         # One tensor hook per output tensor, shared by every module that returned that very
         # tensor (a block returning its last child's output): id -> (weakref, keys).
         self._grad_keys: dict[int, tuple[weakref.ref, list[tuple[int, int]]]] = {}
@@ -114,7 +115,7 @@ class ModuleHooks:
     def _forward_hook(
         self, code: int, module: nn.Module, args: Any, kwargs: Any, output: Any
     ) -> None:
-        if _in_backward() or _compiling():
+        if self.paused or _in_backward() or _compiling():
             return
         phase = TRAIN if (torch.is_grad_enabled() and module.training) else EVAL
         if phase == EVAL and not self.record_eval:
@@ -142,3 +143,64 @@ class ModuleHooks:
             self.grad_calls[code] += 1
         if self.on_grad is not None and is_moment_tensor(grad):
             self.on_grad(keys, grad)
+
+
+PreListener = Callable[[nn.Module, Any, Any], None]  # (module, args, kwargs)
+PostListener = Callable[[nn.Module, Any, Any, Any], None]  # (module, args, kwargs, output)
+
+
+def _training_call(module: nn.Module) -> bool:
+    return torch.is_grad_enabled() and module.training and not _in_backward() and not _compiling()
+
+
+class ListenerHooks:
+    """Extra per-module hooks of the structure-aware probes, attached with the step's hooks.
+
+    Listeners see training-phase calls only (eval passes and checkpoint recomputation are
+    skipped), and can be paused, e.g. while a probe runs its own forward pass.
+    """
+
+    def __init__(self) -> None:
+        self._entries: list[tuple[nn.Module, PreListener | None, PostListener | None]] = []
+        self._handles: list[RemovableHandle] = []
+        self.paused = False
+
+    def add(
+        self, module: nn.Module, pre: PreListener | None = None, post: PostListener | None = None
+    ) -> None:
+        self._entries.append((module, pre, post))
+        if self._handles:  # added while attached: attach this one too
+            self._attach_one(module, pre, post)
+
+    def _attach_one(
+        self, module: nn.Module, pre: PreListener | None, post: PostListener | None
+    ) -> None:
+        if pre is not None:
+
+            def pre_hook(m: nn.Module, args: Any, kwargs: Any, fn: PreListener = pre) -> None:
+                if not self.paused and _training_call(m):
+                    fn(m, args, kwargs)
+
+            self._handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        if post is not None:
+
+            def post_hook(
+                m: nn.Module, args: Any, kwargs: Any, out: Any, fn: PostListener = post
+            ) -> None:
+                if not self.paused and _training_call(m):
+                    fn(m, args, kwargs, out)
+
+            self._handles.append(
+                module.register_forward_hook(post_hook, with_kwargs=True, always_call=True)
+            )
+
+    def attach(self) -> None:
+        if self._handles:
+            return
+        for entry in self._entries:
+            self._attach_one(*entry)
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()

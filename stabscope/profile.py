@@ -69,6 +69,15 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def _next_batch(script: ModelScript, data: Any, step: int, dev: torch.device) -> Any:
+    try:
+        return to_device(next(data), dev)
+    except StopIteration:
+        return None
+    except Exception as err:
+        raise script_failure(script.path, err, f"producing batch {step}") from err
+
+
 def _call(script: ModelScript, where: str, fn: Callable[..., Any], *args: Any) -> Any:
     try:
         return fn(*args)
@@ -125,17 +134,22 @@ def profile_script(
     }
     notes: list[str] = []
     start = time.perf_counter()
-    rec = Recorder(model, out, config, force=force, run_info=run_info)
+    first = _next_batch(script, data, 0, dev)
+    if first is None:
+        raise UsageError(
+            f"{script.path.name}: batches(cfg) yielded nothing",
+            hint="batches(cfg) must yield at least one batch",
+        )
+    # The first batch doubles as the probe batch: structure discovery and the model update.
+    rec = Recorder(
+        model, out, config, force=force, run_info=run_info, forward=lambda m: script.loss(m, first)
+    )
     with rec:
         for step in range(steps):
-            try:
-                batch = next(data)
-            except StopIteration:
+            batch = first if step == 0 else _next_batch(script, data, step, dev)
+            if batch is None:
                 notes.append(f"batches(cfg) ran out after {step} steps")
                 break
-            except Exception as err:
-                raise script_failure(script.path, err, f"producing batch {step}") from err
-            batch = to_device(batch, dev)
             opt.zero_grad(set_to_none=True)
             loss = _call(script, f"computing the loss at step {step}", script.loss, model, batch)
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:

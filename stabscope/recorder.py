@@ -16,6 +16,7 @@ import os
 import shutil
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +38,13 @@ from .module_table import (
     select_parameters,
 )
 from .probes.activations import ActivationProbe
+from .probes.attention import AttentionSampling
 from .probes.parameters import ParameterProbe
+from .probes.structured import StructureProbes
 from .schedule import Schedule
 from .store import RUN_MODULE, PartWriter, new_meta, save_meta
 from .store.schema import META_FILE, PARTS_DIR
+from .structure import Structure, capture, discover, from_trace
 
 #: Losses of unrecorded steps wait on the device; past this many they are synced anyway.
 _MAX_PENDING_LOSSES = 1024
@@ -84,6 +88,8 @@ class Recorder:
         schedule: Schedule | None = None,
         force: bool = False,
         run_info: dict[str, Any] | None = None,
+        forward: Callable[[nn.Module], Any] | None = None,
+        structure: Structure | None = None,
     ) -> None:
         cfg = (config or RecorderConfig()).replace(
             preset=preset,
@@ -106,6 +112,11 @@ class Recorder:
         self._optimizer_hooks: list[Any] = []
         self._closed = False
         self._started = False
+        self.forward = forward
+        self.structure = structure
+        self.structure_probes: StructureProbes | None = None
+        self._capture: Any = None  # trace of the first recorded step when no forward is given
+        self._trace: Any = None
         self._sync_seconds = 0.0
         self._recorded_steps = 0
         self.host_syncs = 0  # device->host transfers so far: one per recorded step per device
@@ -118,6 +129,7 @@ class Recorder:
         self._module_codes = [c for c, _ in mod_codes]
         param_codes = [(self.writer.modules(name), p) for name, p in params]
         self._run_code = self.writer.modules(RUN_MODULE)
+        self._param_codes = param_codes
         self._forward_order: dict[int, int] = {}
 
         self.activations = ActivationProbe(grads=cfg.grads, on_nonfinite=self._note_nonfinite)
@@ -142,6 +154,8 @@ class Recorder:
             recorded_steps=0,
             first_nonfinite={},
             hooks_never_fired={},
+            structure=None,
+            notes=[],
             error=None,
         )
 
@@ -161,6 +175,10 @@ class Recorder:
         if self._started:
             return self
         self._started = True
+        if self.structure is None and self.forward is not None:
+            self.structure = discover(self.model, self.forward)
+        if self.structure is not None:
+            self._build_structure_probes()
         self._save_meta()
         self._optimizer_hooks = [
             register_optimizer_step_pre_hook(self._before_optimizer_step),
@@ -174,6 +192,9 @@ class Recorder:
         if self._closed:
             return
         self._closed = True
+        self._stop_capture()
+        if self.structure_probes is not None:
+            self.structure_probes.detach()
         self.hooks.detach()
         self.parameters.release()
         for handle in self._optimizer_hooks:
@@ -224,16 +245,49 @@ class Recorder:
         return self.hooks.attached
 
     def _arm(self, step: int) -> None:
+        probes = self.structure_probes
         if self.config.schedule.is_recorded(step):
             self.parameters.begin_step(self.collector)
             self.hooks.attach()
+            if probes is not None:
+                probes.attach()
+            elif self.structure is None and self._capture is None:
+                # No probe forward was given: learn the structure from this step's forward.
+                self._capture = capture(self.model)
+                self._trace = self._capture.__enter__()
         else:
             self.hooks.detach()
+            if probes is not None:
+                probes.detach()
+
+    def _stop_capture(self) -> None:
+        if self._capture is not None:
+            self._capture.__exit__(None, None, None)
+            self._capture = None
+
+    def _build_structure_probes(self) -> None:
+        assert self.structure is not None
+        cfg = self.config
+        self.structure_probes = StructureProbes(
+            self.model,
+            self.structure,
+            self.writer.modules,
+            self._param_codes,
+            standard=cfg.preset != "cheap",
+            model_update=cfg.wants_model_update,
+            forward=self.forward,
+            module_hooks=self.hooks,
+            sampling=AttentionSampling(cfg.attn_batch, cfg.attn_queries),
+        )
+        self.meta["structure"] = self.structure.to_dict()
+        self.meta["notes"] = [*self.structure.notes, *self.structure_probes.notes]
 
     def _finish_recorded_step(self, step: int) -> None:
         t0 = time.perf_counter()
         self.activations.end_step(self.collector)
         self.parameters.end_step(self.collector)
+        if self.structure_probes is not None:
+            self.structure_probes.end_step(self.collector)
         self.hooks.end_step()
         self._add_losses_to(self.collector)
         self.rows.step = step
@@ -241,6 +295,12 @@ class Recorder:
         self.rows.flush_to_writer()
         self._recorded_steps += 1
         self._sync_seconds += time.perf_counter() - t0
+        if self._capture is not None:
+            self._stop_capture()
+            self.structure = from_trace(self.model, self._trace)
+            self._trace = None
+            self._build_structure_probes()
+            self._save_meta()
         if self.writer.parts_written != self.meta["parts"]:
             self._save_meta()
 
@@ -303,6 +363,8 @@ class Recorder:
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kw: Any) -> None:
         if self._owns(optimizer) and self.hooks.attached:
             self.parameters.after_optimizer_step(optimizer)
+            if self.structure_probes is not None:
+                self.structure_probes.after_optimizer_step(optimizer)
 
     def _note_nonfinite(self, direction: str, code: int, call: int) -> None:
         if direction not in self.first_nonfinite:

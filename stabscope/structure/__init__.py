@@ -1,6 +1,6 @@
 """Structure discovery: residual blocks, branches, norm placement and attention in any model.
 
-    structure = discover(model, lambda m: m(example_batch))
+structure = discover(model, lambda m: m(example_batch))
 """
 
 from __future__ import annotations
@@ -30,8 +30,11 @@ def discover(model: nn.Module, forward: Callable[[nn.Module], Any]) -> Structure
     was_training = model.training
     try:
         model.eval()
-        with torch.random.fork_rng(devices=_cuda_devices(model)), torch.no_grad(), \
-                capture(model) as trace:
+        with (
+            torch.random.fork_rng(devices=_cuda_devices(model)),
+            torch.no_grad(),
+            capture(model) as trace,
+        ):
             forward(model)
     except Exception as err:  # the user's forward raised: say so, never crash here
         return unrecognised(f"structure trace failed: {type(err).__name__}: {err}")

@@ -19,8 +19,10 @@ from .trace import Call, Trace
 
 _NORM = re.compile(r"Norm", re.I)
 _ATTN_TYPE = re.compile(r"Attention|Attn", re.I)
-_ATTN_NAME = re.compile(r"(^|\.)(attn|attention|self_attn|self_attention|crossattention|"
-                        r"encoder_attn|multihead_attn|EncDecAttention|SelfAttention)$")
+_ATTN_NAME = re.compile(
+    r"(^|\.)(attn|attention|self_attn|self_attention|crossattention|"
+    r"encoder_attn|multihead_attn|EncDecAttention|SelfAttention)$"
+)
 _CROSS = re.compile(r"cross|encoder_attn|EncDecAttention|multihead_attn", re.I)
 _MLP = re.compile(r"MLP|FeedForward|FFN|DenseReluDense|(^|\.)(mlp|ffn|feed_forward)$", re.I)
 _HEAD_ATTRS = ("num_heads", "n_head", "n_heads", "num_attention_heads", "heads", "h")
@@ -63,10 +65,22 @@ def count_heads(module: nn.Module) -> tuple[int | None, int | None]:
         for source in (m, config):
             if source is None:
                 continue
-            heads = heads or next((getattr(source, a) for a in _HEAD_ATTRS
-                                   if isinstance(getattr(source, a, None), int)), None)
-            kv = kv or next((getattr(source, a) for a in _KV_ATTRS
-                             if isinstance(getattr(source, a, None), int)), None)
+            heads = heads or next(
+                (
+                    getattr(source, a)
+                    for a in _HEAD_ATTRS
+                    if isinstance(getattr(source, a, None), int)
+                ),
+                None,
+            )
+            kv = kv or next(
+                (
+                    getattr(source, a)
+                    for a in _KV_ATTRS
+                    if isinstance(getattr(source, a, None), int)
+                ),
+                None,
+            )
     return heads, kv
 
 
@@ -80,8 +94,10 @@ def block_candidates(model: nn.Module, names: dict[int, str]) -> list[str]:
         kids = list(module.children())
         for kid in kids:
             same = sum(type(k) is type(kid) for k in kids)
-            if id(kid) in names and any(True for _ in kid.children()) and (
-                same >= 2 or re.search(r"Block|Layer", type(kid).__name__)
+            if (
+                id(kid) in names
+                and any(True for _ in kid.children())
+                and (same >= 2 or re.search(r"Block|Layer", type(kid).__name__))
             ):
                 out.append(names[id(kid)])
     return [n for n in out if not any(n.startswith(o + ".") for o in out if o != n)]
@@ -98,8 +114,12 @@ def _stack_of(name: str) -> str:
 def analyse_block(trace: Trace, block: Call) -> tuple[list[Branch], list[AttentionInfo]]:
     """Walk a block's calls, finding residual adds one after another."""
     inner = trace.descendants(block)
-    attention = [c for c in inner if is_attention(c)
-                 and not any(is_attention(trace.calls[p]) for p in _ancestors(trace, c, block))]
+    attention = [
+        c
+        for c in inner
+        if is_attention(c)
+        and not any(is_attention(trace.calls[p]) for p in _ancestors(trace, c, block))
+    ]
     infos = [AttentionInfo(c.name, *count_heads(c.module)) for c in attention]
     if block.input is None or block.output is None:
         return [], infos
@@ -114,12 +134,17 @@ def analyse_block(trace: Trace, block: Call) -> tuple[list[Branch], list[Attenti
         for time, t, consumer in seen:
             if time <= since or t is stream:
                 continue
-            producers = [c for c in inner if c.start > since and c.end < time
-                         and c.output is not None and not is_norm(c.module)]
+            producers = [
+                c
+                for c in inner
+                if c.start > since
+                and c.end < time
+                and c.output is not None
+                and not is_norm(c.module)
+            ]
             outputs = {id(c.output): c.output for c in producers}.values()
             # Latest-finishing producers first: the module whose output *is* the added term.
-            for w in sorted(outputs, key=lambda o: -max(c.end for c in producers
-                                                         if c.output is o)):
+            for w in sorted(outputs, key=lambda o: -max(c.end for c in producers if c.output is o)):
                 alpha = residual_alpha(t, stream, w)
                 if alpha is not None:
                     maker = max((c for c in producers if c.output is w), key=lambda c: c.end)
@@ -131,21 +156,41 @@ def analyse_block(trace: Trace, block: Call) -> tuple[list[Branch], list[Attenti
     found = next_add(stream, since)
     while found is not None:
         time, t, consumer, out_call, alpha = found
-        norm_after = consumer if (consumer is not block and consumer.input is t
-                                  and is_norm(consumer.module)) else None
+        norm_after = (
+            consumer
+            if (consumer is not block and consumer.input is t and is_norm(consumer.module))
+            else None
+        )
         # Pre-LN keeps adding to the sum itself; Post-LN continues from the norm's output.
         keep_sum = next_add(t, time)
-        after_norm = None if norm_after is None or norm_after.output is None else \
-            next_add(norm_after.output, norm_after.end)
-        is_post = norm_after is not None and keep_sum is None and (
-            after_norm is not None or norm_after.output is block.output)
+        after_norm = (
+            None
+            if norm_after is None or norm_after.output is None
+            else next_add(norm_after.output, norm_after.end)
+        )
+        is_post = (
+            norm_after is not None
+            and keep_sum is None
+            and (after_norm is not None or norm_after.output is block.output)
+        )
         # The sum is first seen as its pre-norm's input, so that norm starts at `since`.
-        pre_norm = next((c for c in inner if is_norm(c.module) and c.input is stream
-                         and c.start >= since and c.end < out_call.start), None)
-        covered = [c for c in inner if c.start > since and c.end <= out_call.end
-                   and not is_norm(c.module)]
-        branches.append(_branch(block, covered, out_call, norm_after if is_post else None,
-                                pre_norm, alpha))
+        pre_norm = next(
+            (
+                c
+                for c in inner
+                if is_norm(c.module)
+                and c.input is stream
+                and c.start >= since
+                and c.end < out_call.start
+            ),
+            None,
+        )
+        covered = [
+            c for c in inner if c.start > since and c.end <= out_call.end and not is_norm(c.module)
+        ]
+        branches.append(
+            _branch(block, covered, out_call, norm_after if is_post else None, pre_norm, alpha)
+        )
         if is_post:
             stream, since, found = norm_after.output, norm_after.end, after_norm  # type: ignore[union-attr]
         else:
@@ -161,8 +206,14 @@ def _ancestors(trace: Trace, call: Call, stop: Call) -> list[int]:
     return out
 
 
-def _branch(block: Call, covered: list[Call], out_call: Call,
-            post_norm: Call | None, pre_norm: Call | None, alpha: float) -> Branch:
+def _branch(
+    block: Call,
+    covered: list[Call],
+    out_call: Call,
+    post_norm: Call | None,
+    pre_norm: Call | None,
+    alpha: float,
+) -> Branch:
     attn = [c for c in covered if is_attention(c)]
     mlp = [c for c in covered if _MLP.search(type(c.module).__name__) or _MLP.search(c.name)]
     if attn:
@@ -179,8 +230,9 @@ def _branch(block: Call, covered: list[Call], out_call: Call,
     else:
         placement = "pre"
         norm = pre_norm.name if pre_norm is not None else None
-    return Branch(name, out_call.name, kind, placement, norm, round(alpha, 6),
-                  _stack_of(block.name))
+    return Branch(
+        name, out_call.name, kind, placement, norm, round(alpha, 6), _stack_of(block.name)
+    )
 
 
 def detect(model: nn.Module, trace: Trace, names: dict[int, str]) -> Structure:
@@ -201,26 +253,40 @@ def detect(model: nn.Module, trace: Trace, names: dict[int, str]) -> Structure:
             continue
         placements = {b.placement for b in branches}
         index = int(name.rsplit(".", 1)[-1]) if name.rsplit(".", 1)[-1].isdigit() else len(blocks)
-        blocks.append(Block(name, index, _stack_of(name),
-                            placements.pop() if len(placements) == 1 else "mixed",
-                            max(b.alpha for b in branches), branches, attention))
+        blocks.append(
+            Block(
+                name,
+                index,
+                _stack_of(name),
+                placements.pop() if len(placements) == 1 else "mixed",
+                max(b.alpha for b in branches),
+                branches,
+                attention,
+            )
+        )
     blocks.sort(key=lambda b: trace.first_call(b.name).start)  # type: ignore[union-attr]
     _number_branches(blocks)
     if not blocks:
-        note = ("no residual blocks found: no tensor in any repeated layer equals input plus "
-                "branch output; recording generic per-module moments only")
+        note = (
+            "no residual blocks found: no tensor in any repeated layer equals input plus "
+            "branch output; recording generic per-module moments only"
+        )
         s = unrecognised(note)
         s.norms = norms
         return s
     notes = []
     if skipped:
-        notes.append(f"{len(skipped)} repeated layers without a verified residual add "
-                     f"(e.g. {skipped[0]}) are not treated as blocks")
+        notes.append(
+            f"{len(skipped)} repeated layers without a verified residual add "
+            f"(e.g. {skipped[0]}) are not treated as blocks"
+        )
     for b in blocks:
         for a in b.attention:
             if a.heads is None:
-                notes.append(f"head count of {a.name} not found; attention stats per head "
-                             "still follow the tensors")
+                notes.append(
+                    f"head count of {a.name} not found; attention stats per head "
+                    "still follow the tensors"
+                )
     return Structure(True, blocks, norms, notes)
 
 

@@ -64,12 +64,18 @@ class Structure:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Structure:
         blocks = [
-            Block(**{**b, "branches": [Branch(**x) for x in b["branches"]],
-                     "attention": [AttentionInfo(**a) for a in b["attention"]]})
+            Block(
+                **{
+                    **b,
+                    "branches": [Branch(**x) for x in b["branches"]],
+                    "attention": [AttentionInfo(**a) for a in b["attention"]],
+                }
+            )
             for b in data.get("blocks", [])
         ]
-        return cls(data.get("recognised", False), blocks, data.get("norms", []),
-                   data.get("notes", []))
+        return cls(
+            data.get("recognised", False), blocks, data.get("norms", []), data.get("notes", [])
+        )
 
 
 def unrecognised(note: str) -> Structure:

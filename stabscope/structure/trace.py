@@ -102,10 +102,16 @@ def capture(model: nn.Module) -> Iterator[Trace]:
     try:
         for raw, module in root.named_modules():
             name = clean_name(raw)
-            handles.append(module.register_forward_pre_hook(
-                lambda m, a, k, n=name: pre(n, m, a, k), with_kwargs=True))
-            handles.append(module.register_forward_hook(
-                lambda m, a, k, o, n=name: post(n, m, a, k, o), with_kwargs=True))
+            handles.append(
+                module.register_forward_pre_hook(
+                    lambda m, a, k, n=name: pre(n, m, a, k), with_kwargs=True
+                )
+            )
+            handles.append(
+                module.register_forward_hook(
+                    lambda m, a, k, o, n=name: post(n, m, a, k, o), with_kwargs=True
+                )
+            )
         yield trace
     finally:
         for h in handles:

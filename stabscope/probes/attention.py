@@ -1,0 +1,274 @@
+"""Attention entropy and max attention logit, per attention module and head.
+
+Metrics (module = the attention module, ``index`` = head):
+
+- ``attn_entropy``: entropy of each query's attention distribution divided by log of the
+  number of keys it may attend to (causal, boolean, float and padding masks respected),
+  averaged over the sampled queries: 1 is uniform attention, 0 a single key (Zhai et al. 2023:
+  entropy collapse goes with instability);
+- ``attn_logit_max``: max |q·k|·scale over the sampled queries and allowed keys (Wortsman et
+  al. 2023: runs whose attention logits passed ~1e4 diverged).
+
+SDPA never materialises the probabilities, so they are recomputed for a sample: the first
+``batch`` sequences, ``queries`` query positions evenly spaced over the sequence (queries that
+can see a single key carry no entropy and are left out), all heads. Calls are intercepted
+with a TorchFunctionMode that is active only inside the attention modules of a recorded
+training step: ``F.scaled_dot_product_attention`` (is_causal, boolean and float masks, GQA),
+``F.multi_head_attention_forward`` (``nn.MultiheadAttention``; q and k are recomputed from its
+projection weights), and softmax over the last dimension of a 4-D tensor (explicit attention,
+HF eager). The model's own computation is never changed. With dropout, the probabilities are
+those before dropout.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from ..collector import Collector, Rows
+from ..hooks import ListenerHooks
+
+
+@dataclass(frozen=True)
+class AttentionSampling:
+    """How much of each attention call is recomputed: cost grows with batch × queries."""
+
+    batch: int = 2
+    queries: int = 16
+
+
+_SOFTMAX = {torch.softmax, F.softmax, torch.Tensor.softmax}
+_MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
+
+
+def query_positions(length: int, n: int, device: torch.device) -> torch.Tensor:
+    """``n`` query indices evenly spaced over [1, length-1] (query 0 sees one causal key)."""
+    if length <= 1:
+        return torch.zeros(1, dtype=torch.long, device=device)
+    return torch.unique(
+        torch.linspace(1, length - 1, min(n, length - 1), device=device).round().long()
+    )
+
+
+def entropy_and_max(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """(H, 2) of [mean normalised entropy, max |logit|] from (b, H, q, S) logits.
+
+    ``allowed``: boolean, broadcastable to ``logits``; True where a key may be attended.
+    """
+    allowed = allowed.expand_as(logits)
+    masked = logits.float().masked_fill(~allowed, float("-inf"))
+    p = masked.softmax(-1)
+    ent = torch.special.entr(p).sum(-1)  # (b, H, q) in nats; 0·log 0 = 0
+    keys = allowed.sum(-1)  # (b, H, q)
+    norm = ent / torch.log(keys.clamp(min=2).float())
+    valid = (keys > 1).float()
+    mean_ent = (norm * valid).sum((0, 2)) / valid.sum((0, 2)).clamp(min=1)
+    peak = logits.float().abs().masked_fill(~allowed, 0).amax((0, 2, 3))
+    return torch.stack((mean_ent, peak), 1)
+
+
+def _float_mask_allowed(mask: torch.Tensor) -> torch.Tensor:
+    # Additive masks use -inf or the dtype's most negative value for "never attend".
+    return torch.isfinite(mask) & (mask > torch.finfo(mask.dtype).min / 2)
+
+
+def sdpa_sample(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float | None,
+    sampling: AttentionSampling,
+) -> torch.Tensor:
+    """Entropy and max logit of an SDPA call: q (B, H, L, E), k (B, Hk, S, E)."""
+    q, k = q.detach(), k.detach()
+    b = min(sampling.batch, q.shape[0]) if q.dim() == 4 else 1
+    if q.dim() == 3:  # unbatched (H, L, E)
+        q, k = q.unsqueeze(0), k.unsqueeze(0)
+        attn_mask = (
+            attn_mask.unsqueeze(0) if attn_mask is not None and attn_mask.dim() == 3 else attn_mask
+        )
+    heads, length, source = q.shape[1], q.shape[2], k.shape[2]
+    qi = query_positions(length, sampling.queries, q.device)
+    kk = k[:b]
+    if kk.shape[1] != heads:  # grouped-query attention: each kv head serves heads/Hk queries
+        kk = kk.repeat_interleave(heads // kk.shape[1], dim=1)
+    s = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    logits = (q[:b, :, qi].float() @ kk.float().transpose(-2, -1)) * s  # (b, H, q, S)
+    allowed = torch.ones(1, 1, len(qi), source, dtype=torch.bool, device=q.device)
+    if is_causal:
+        allowed = allowed & (torch.arange(source, device=q.device) <= qi[:, None])
+    if attn_mask is not None:
+        mask = attn_mask.expand(q.shape[0], heads, length, source)[:b, :, qi]
+        if mask.dtype == torch.bool:
+            allowed = allowed & mask
+        else:
+            allowed = allowed & _float_mask_allowed(mask)
+            logits = logits + mask.float().masked_fill(~_float_mask_allowed(mask), 0)
+    return entropy_and_max(logits, allowed)
+
+
+def mha_sample(bound: dict[str, Any], sampling: AttentionSampling) -> torch.Tensor | None:
+    """Recompute q, k of ``F.multi_head_attention_forward`` (inputs (L, B, E)) and sample."""
+    if (
+        bound.get("bias_k") is not None
+        or bound.get("add_zero_attn")
+        or bound.get("static_k") is not None
+    ):
+        return None
+    query, key, heads = bound["query"], bound["key"], bound["num_heads"]
+    if query.dim() == 2:  # unbatched (L, E)
+        query, key = query.unsqueeze(1), key.unsqueeze(1)
+    embed = query.shape[-1]
+    if bound.get("use_separate_proj_weight"):
+        wq, wk = bound["q_proj_weight"], bound["k_proj_weight"]
+    else:
+        wq, wk = bound["in_proj_weight"][:embed], bound["in_proj_weight"][embed : 2 * embed]
+    bias = bound.get("in_proj_bias")
+    bq, bk = (bias[:embed], bias[embed : 2 * embed]) if bias is not None else (None, None)
+    b = min(sampling.batch, query.shape[1])
+    q = F.linear(query[:, :b].detach(), wq.detach(), None if bq is None else bq.detach())
+    k = F.linear(key[:, :b].detach(), wk.detach(), None if bk is None else bk.detach())
+    # (L, b, E) -> (b, H, L, E/H)
+    q = q.reshape(q.shape[0], b, heads, -1).permute(1, 2, 0, 3)
+    k = k.reshape(k.shape[0], b, heads, -1).permute(1, 2, 0, 3)
+    mask = bound.get("attn_mask")
+    if mask is not None:
+        mask = mask[: b * heads].reshape(b, heads, *mask.shape[-2:]) if mask.dim() == 3 else mask
+    pad = bound.get("key_padding_mask")
+    if pad is not None:
+        pad = pad[:b].reshape(b, 1, 1, -1)
+        pad = ~pad if pad.dtype == torch.bool else pad
+        if mask is None:
+            mask = pad
+        elif mask.dtype == torch.bool and pad.dtype == torch.bool:
+            mask = mask & pad
+        else:
+            to_float = lambda m: (
+                m
+                if m.dtype != torch.bool
+                else torch.zeros_like(m, dtype=q.dtype).masked_fill(~m, float("-inf"))
+            )
+            mask = to_float(mask) + to_float(pad)
+    causal = bool(bound.get("is_causal")) and mask is None
+    return sdpa_sample(q, k, mask, causal, None, AttentionSampling(b, sampling.queries))
+
+
+class _Intercept(TorchFunctionMode):
+    def __init__(self, probe: AttentionProbe) -> None:
+        super().__init__()
+        self.probe = probe
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        try:
+            self.probe.intercepted(func, args, kwargs, out)
+        except Exception as err:  # a probe must never break the user's forward
+            self.probe.errors.append(f"{type(err).__name__}: {err}")
+        return out
+
+
+class AttentionProbe:
+    """Pushes the intercepting mode around each attention module's training forward."""
+
+    def __init__(
+        self,
+        modules: dict[str, nn.Module],
+        codes: dict[str, int],
+        listeners: ListenerHooks,
+        sampling: AttentionSampling | None = None,
+    ) -> None:
+        self.sampling = sampling or AttentionSampling()
+        self.codes = codes
+        self.errors: list[str] = []
+        self._active: list[tuple[int, _Intercept]] = []
+        self._calls: dict[int, int] = {}
+        self._results: list[tuple[int, int, torch.Tensor]] = []  # (module code, call, (H, 2))
+        for name, module in modules.items():
+            code = codes[name]
+            listeners.add(
+                module,
+                pre=lambda m, a, k, c=code: self._enter(c),
+                post=lambda m, a, k, o, c=code: self._exit(c),
+            )
+
+    def _enter(self, code: int) -> None:
+        mode = _Intercept(self)
+        mode.__enter__()
+        self._active.append((code, mode))
+
+    def _exit(self, code: int) -> None:
+        while self._active:
+            c, mode = self._active.pop()
+            mode.__exit__(None, None, None)
+            if c == code:
+                break
+
+    def intercepted(self, func: Any, args: Any, kwargs: Any, out: Any) -> None:
+        if not self._active:
+            return
+        code = self._active[-1][0]
+        result = None
+        if func is F.scaled_dot_product_attention:
+            bound = dict(
+                zip(("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale"), args)
+            )
+            bound.update(kwargs)
+            result = sdpa_sample(
+                bound["query"],
+                bound["key"],
+                bound.get("attn_mask"),
+                bool(bound.get("is_causal", False)),
+                bound.get("scale"),
+                self.sampling,
+            )
+        elif func is F.multi_head_attention_forward:
+            bound = _MHA_SIGNATURE.bind(*args, **kwargs)
+            bound.apply_defaults()
+            result = mha_sample(dict(bound.arguments), self.sampling)
+        elif func in _SOFTMAX and isinstance(out, torch.Tensor) and out.dim() == 4:
+            dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+            if dim in (-1, 3):
+                result = self._from_softmax(args[0])
+        if result is not None:
+            call = self._calls.get(code, 0)
+            self._calls[code] = call + 1
+            self._results.append((code, call, result))
+
+    def _from_softmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """Explicit attention: the softmax input holds the (masked) logits."""
+        b = min(self.sampling.batch, logits.shape[0])
+        qi = query_positions(logits.shape[2], self.sampling.queries, logits.device)
+        sample = logits.detach()[:b, :, qi].float()
+        allowed = _float_mask_allowed(sample)
+        return entropy_and_max(sample.masked_fill(~allowed, 0), allowed)
+
+    def end_step(self, collector: Collector) -> None:
+        while self._active:  # a forward that raised may leave a mode pushed
+            self._active.pop()[1].__exit__(None, None, None)
+        self._calls.clear()
+        if not self._results:
+            return
+        results, self._results = self._results, []
+        heads = [r.shape[0] for _, _, r in results]
+        stacked = torch.cat([r for _, _, r in results])  # (sum of heads, 2)
+
+        def decode(values: np.ndarray, rows: Rows) -> None:
+            v = values.reshape(-1, 2)
+            start = 0
+            for (code, call, _), h in zip(results, heads):
+                part = v[start : start + h]
+                rows.emit("train", code, call, "attn_entropy", part[:, 0], index=np.arange(h))
+                rows.emit("train", code, call, "attn_logit_max", part[:, 1], index=np.arange(h))
+                start += h
+
+        collector.add(stacked, decode)

@@ -1,0 +1,68 @@
+"""``token_corr``: mean correlation between token representations at each block output.
+
+DeepScaleLM (Kedia et al. 2024) propagates the correlation r between tokens through every
+component; r → 1 means all positions carry the same vector (rank collapse). Measured on a
+sample: the first ``batch`` sequences, ``tokens`` positions evenly spaced, as the mean
+off-diagonal of the Gram matrix over its mean diagonal (uncentred, as the moment-propagation
+analysis assumes zero-mean features): r = mean_{i≠j} <x_i, x_j> / mean_i <x_i, x_i>.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..collector import Collector
+from ..hooks import ListenerHooks, primary_tensor
+
+
+def token_correlation(
+    x: torch.Tensor, batch: int = 2, tokens: int = 64, seq_dim: int = 1
+) -> torch.Tensor:
+    """r of a (B, T, D) tensor (``seq_dim`` = 0 for (T, B, D)) as a 0-d float32 tensor."""
+    x = x.detach()
+    if seq_dim == 0:
+        x = x.transpose(0, 1)
+    b, t = min(batch, x.shape[0]), x.shape[1]
+    idx = torch.linspace(0, t - 1, min(tokens, t), device=x.device).round().long().unique()
+    s = x[:b, idx].float()  # (b, n, D)
+    gram = s @ s.transpose(1, 2)  # (b, n, n)
+    n = s.shape[1]
+    diag = torch.diagonal(gram, dim1=1, dim2=2).sum()
+    off = gram.sum() - diag
+    return (off / max(b * n * (n - 1), 1)) / (diag / (b * n))
+
+
+class CorrelationProbe:
+    def __init__(
+        self,
+        modules: dict[str, nn.Module],
+        codes: dict[str, int],
+        listeners: ListenerHooks,
+        seq_dims: dict[str, int] | None = None,
+    ) -> None:
+        self._values: list[tuple[int, torch.Tensor]] = []
+        self._seen: set[int] = set()
+        seq_dims = seq_dims or {}
+        for name, module in modules.items():
+            listeners.add(
+                module,
+                post=lambda m, a, k, o, c=codes[name], d=seq_dims.get(name, 1): self._on(c, o, d),
+            )
+
+    def _on(self, code: int, output: object, seq_dim: int) -> None:
+        x = primary_tensor(output)
+        if x is None or x.dim() != 3 or x.shape[seq_dim] < 2 or code in self._seen:
+            return
+        self._seen.add(code)
+        self._values.append((code, token_correlation(x, seq_dim=seq_dim)))
+
+    def end_step(self, collector: Collector) -> None:
+        self._seen.clear()
+        if not self._values:
+            return
+        codes = np.array([c for c, _ in self._values])
+        stacked = torch.stack([v for _, v in self._values])
+        self._values = []
+        collector.add(stacked, lambda v, rows: rows.emit("train", codes, 0, "token_corr", v))

@@ -1,0 +1,79 @@
+"""``model_update``: ||F(x, θ_t) − F(x, θ_0)|| on a fixed probe batch (DeepNet, Wang et al.
+2022), and ``model_update_rel`` = that divided by ||F(x, θ_0)|| (module ``__run__``).
+
+DeepNet bounds the model update of a well-initialised network; Post-LN's grows sharply in the
+first steps. It costs one extra forward pass per recorded step, so it is on in the ``full``
+preset and opt-in elsewhere. The probe forward runs in eval mode (no dropout, batch-norm
+running statistics untouched) under ``no_grad`` with the RNG state restored, and the other
+probes are paused, so training is unaffected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..collector import Collector
+from ..hooks import ListenerHooks
+from .logits import output_logits
+
+
+class ModelUpdateProbe:
+    def __init__(
+        self,
+        model: nn.Module,
+        forward: Callable[[nn.Module], Any],
+        run_code: int,
+        pause: list[ListenerHooks | Any],
+    ) -> None:
+        self.model = model
+        self.forward = forward
+        self.run_code = run_code
+        self.pause = pause
+        self.reference: torch.Tensor | None = None
+
+    def output(self) -> torch.Tensor | None:
+        captured: list[torch.Tensor] = []
+        handle = self.model.register_forward_hook(
+            lambda m, a, o: captured.append(output_logits(o) if output_logits(o) is not None else o)
+        )
+        was_training = self.model.training
+        for p in self.pause:
+            p.paused = True
+        try:
+            self.model.eval()
+            devices = sorted(
+                {q.device.index or 0 for q in self.model.parameters() if q.device.type == "cuda"}
+            )
+            with torch.random.fork_rng(devices=devices), torch.no_grad():
+                self.forward(self.model)
+        finally:
+            handle.remove()
+            self.model.train(was_training)
+            for p in self.pause:
+                p.paused = False
+        out = captured[0] if captured else None
+        return out.detach().float() if isinstance(out, torch.Tensor) else None
+
+    def start(self) -> None:
+        """Keep F(x, θ_0); call before the first optimizer step."""
+        self.reference = self.output()
+
+    def end_step(self, collector: Collector) -> None:
+        if self.reference is None:
+            return
+        current = self.output()
+        if current is None or current.shape != self.reference.shape:
+            return
+        delta = torch.linalg.vector_norm(current - self.reference)
+        base = torch.linalg.vector_norm(self.reference)
+        code = self.run_code
+
+        def decode(v, rows) -> None:  # type: ignore[no-untyped-def]
+            rows.emit("train", code, 0, "model_update", v[0])
+            rows.emit("train", code, 0, "model_update_rel", v[0] / v[1] if v[1] > 0 else 0.0)
+
+        collector.add(torch.stack((delta, base)), decode)

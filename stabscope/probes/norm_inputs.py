@@ -1,0 +1,44 @@
+"""``norm_input_rms``: rms of every normalisation layer's input (Xiong et al. 2020, Lemma 3).
+
+A LayerNorm's Jacobian scales like sqrt(d)/||x||: when the input grows far beyond unit rms,
+gradients flowing through the norm shrink by the same factor.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..collector import Collector
+from ..hooks import ListenerHooks
+from ..structure.trace import main_input
+
+
+class NormInputProbe:
+    def __init__(
+        self, modules: dict[str, nn.Module], codes: dict[str, int], listeners: ListenerHooks
+    ) -> None:
+        self._values: list[tuple[int, torch.Tensor]] = []
+        self._seen: set[int] = set()
+        for name, module in modules.items():
+            listeners.add(module, post=lambda m, a, k, o, c=codes[name]: self._on(c, a, k))
+
+    def _on(self, code: int, args: tuple, kwargs: dict) -> None:
+        x = main_input(tuple(args), dict(kwargs or {}))
+        if x is None or code in self._seen:
+            return
+        self._seen.add(code)
+        v = x.detach().reshape(-1).float()
+        self._values.append((code, torch.dot(v, v) / v.numel()))
+
+    def end_step(self, collector: Collector) -> None:
+        self._seen.clear()
+        if not self._values:
+            return
+        codes = np.array([c for c, _ in self._values])
+        stacked = torch.stack([v for _, v in self._values])
+        self._values = []
+        collector.add(
+            stacked, lambda v, rows: rows.emit("train", codes, 0, "norm_input_rms", np.sqrt(v))
+        )

@@ -1,0 +1,175 @@
+"""Residual dependency (Admin, Liu et al. 2020) for every residual branch x' = α·x + f(x).
+
+Per branch, on each recorded step (module = the branch, see ``Structure``):
+
+- ``res_ratio``: rms(f)/rms(x) per token (over the hidden dimension), averaged over tokens;
+- ``res_dependency``: Var[f] / Var[α·x + f], how much the sum depends on the branch;
+- ``res_omega``: the ω Admin's profiling would assign to the branch's residual, computed as
+  Transformer-Clinic does, in forward order and separately for encoder and decoder:
+  ω₁ = 1, then ω ← sqrt(Var[x_i·ω_i] + Var[f_i]);
+- ``res_beta`` (``index`` = component j): the weights β_{i,j} of the sum after branch i,
+  written as Σ_j β_{i,j}·â_j over unit-variance components â_0 = the stream entering the
+  first branch and â_j = f_j. Norms are taken as division by the std of their input (their
+  centring and gain are left out), components as uncorrelated, so Σ_j β_{i,j}² = 1.
+  Post-LN concentrates β on j = i (heavy dependency on the branch); Pre-LN spreads it.
+
+The stream x is read where it is exact: for Pre-LN it is the input of the branch's norm; for
+Post-LN/DeepNorm the norm's input is α·x + f, so x = (input − f)/α. All reductions stay on
+the device: [ratio, Var f, Var x, Var(α·x + f)] per branch, one stack per step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..collector import Collector, Rows
+from ..hooks import ListenerHooks, primary_tensor
+from ..structure import Branch, Structure
+
+#: β rows are quadratic in the number of branches; past this many only the first recorded
+#: step gets them (the matrix at init is the one the theory reads).
+MAX_BETA_BRANCHES = 128
+
+
+def _mean_var(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    n = v.numel()
+    return v.sum() / n, torch.dot(v, v) / n
+
+
+def branch_stats(x: torch.Tensor, f: torch.Tensor, alpha: float) -> torch.Tensor:
+    """[mean per-token rms(f)/rms(x), Var f, Var x, Var(α·x + f)] as a float32 4-vector.
+
+    x, f: (..., hidden) tensors of the same shape.
+    """
+    x = x.detach().float()
+    f = f.detach().float()
+    ratio = (torch.linalg.vector_norm(f, dim=-1) / torch.linalg.vector_norm(x, dim=-1)).mean()
+    xv, fv = x.reshape(-1), f.reshape(-1)
+    mx, sqx = _mean_var(xv)
+    mf, sqf = _mean_var(fv)
+    var_x, var_f = sqx - mx * mx, sqf - mf * mf
+    cov = torch.dot(xv, fv) / xv.numel() - mx * mf
+    var_t = alpha * alpha * var_x + var_f + 2 * alpha * cov
+    return torch.stack((ratio, var_f, var_x, var_t))
+
+
+class ResidualProbe:
+    """Hooks each branch's stream and output; emits res_* rows per recorded step."""
+
+    def __init__(
+        self,
+        structure: Structure,
+        modules: dict[str, nn.Module],
+        codes: dict[str, int],
+        listeners: ListenerHooks,
+    ) -> None:
+        self.branches = [b for b in structure.branches if self._measurable(b, modules)]
+        self.skipped = [b.name for b in structure.branches if b not in self.branches]
+        self.codes = codes
+        self._pending: dict[int, torch.Tensor] = {}  # branch index -> x or f held for its pair
+        self._stats: dict[int, torch.Tensor] = {}
+        self._first_step = True
+        for i, b in enumerate(self.branches):
+            out_mod, norm_mod = modules[b.output], modules[b.norm]  # type: ignore[index]
+            if b.placement == "pre":
+                listeners.add(norm_mod, post=lambda m, a, k, o, i=i: self._hold(i, _arg(a, k)))
+                listeners.add(out_mod, post=lambda m, a, k, o, i=i: self._pre_pair(i, o))
+            else:
+                listeners.add(out_mod, post=lambda m, a, k, o, i=i: self._hold(i, o))
+                listeners.add(norm_mod, post=lambda m, a, k, o, i=i: self._post_pair(i, a, k))
+
+    @staticmethod
+    def _measurable(b: Branch, modules: dict[str, nn.Module]) -> bool:
+        return b.norm is not None and b.norm in modules and b.output in modules
+
+    def _hold(self, i: int, value: Any) -> None:
+        t = primary_tensor(value)
+        if t is not None and i not in self._stats:
+            self._pending[i] = t
+
+    def _pre_pair(self, i: int, output: Any) -> None:
+        x, f = self._pending.pop(i, None), primary_tensor(output)
+        if x is not None and f is not None and x.shape == f.shape and i not in self._stats:
+            self._stats[i] = branch_stats(x, f, 1.0)
+
+    def _post_pair(self, i: int, args: Any, kwargs: Any) -> None:
+        f, t = self._pending.pop(i, None), _arg(args, kwargs)
+        if f is not None and t is not None and t.shape == f.shape and i not in self._stats:
+            alpha = self.branches[i].alpha
+            x = (t.detach().float() - f.detach().float()) / alpha  # the norm's input is α·x + f
+            self._stats[i] = branch_stats(x, f, alpha)
+
+    def end_step(self, collector: Collector) -> None:
+        self._pending.clear()
+        if not self._stats:
+            return
+        order = sorted(self._stats)
+        stacked = torch.stack([self._stats[i] for i in order])  # (R, 4)
+        self._stats = {}
+        branches = [self.branches[i] for i in order]
+        with_beta = self._first_step or len(self.branches) <= MAX_BETA_BRANCHES
+        self._first_step = False
+
+        def decode(values: np.ndarray, rows: Rows) -> None:
+            v = values.reshape(-1, 4)
+            codes = np.array([self.codes[b.name] for b in branches])
+            with np.errstate(divide="ignore", invalid="ignore"):
+                rows.emit("train", codes, 0, "res_ratio", v[:, 0])
+                rows.emit("train", codes, 0, "res_dependency", v[:, 1] / v[:, 3])
+            for stack in dict.fromkeys(b.stack for b in branches):
+                idx = [k for k, b in enumerate(branches) if b.stack == stack]
+                sub = [branches[k] for k in idx]
+                omega = admin_omega(v[idx, 2], v[idx, 1])
+                rows.emit("train", codes[idx], 0, "res_omega", omega)
+                if with_beta:
+                    for k, (b, row) in enumerate(zip(sub, beta_matrix(sub, v[idx]))):
+                        rows.emit(
+                            "train",
+                            self.codes[b.name],
+                            0,
+                            "res_beta",
+                            row[: k + 2],
+                            index=np.arange(k + 2),
+                        )
+
+        collector.add(stacked, decode)
+
+
+def _arg(args: Any, kwargs: Any) -> torch.Tensor | None:
+    from ..structure.trace import main_input
+
+    return main_input(tuple(args), dict(kwargs or {}))
+
+
+def admin_omega(var_x: np.ndarray, var_f: np.ndarray) -> np.ndarray:
+    """ω per branch in forward order: ω₁ = 1, ω_{i+1} = sqrt(ω_i²·Var x_i + Var f_i)."""
+    out = np.empty(len(var_x))
+    omega = 1.0
+    for i, (vx, vf) in enumerate(zip(var_x, var_f)):
+        out[i] = omega
+        omega = math.sqrt(max(omega * omega * vx + vf, 0.0))
+    return out
+
+
+def beta_matrix(branches: list[Branch], v: np.ndarray) -> list[np.ndarray]:
+    """Row i: β_{i,0..i+1} of the sum after branch i (component 0 is the incoming stream).
+
+    v: (n, 4) rows of [ratio, Var f, Var x, Var(α·x + f)] in forward order.
+    """
+    coef = np.array([1.0])  # the stream as a combination of raw components a_0..a_k
+    std = np.array([math.sqrt(max(v[0, 2], 0.0))])  # std of each raw component
+    rows = []
+    for b, (_, var_f, _, var_t) in zip(branches, v):
+        coef = np.append(b.alpha * coef, 1.0)
+        std = np.append(std, math.sqrt(max(var_f, 0.0)))
+        weights = coef * std
+        total = math.sqrt(float(np.sum(weights**2))) or 1.0
+        rows.append(weights / total)
+        if b.placement != "pre":
+            coef = coef / math.sqrt(var_t) if var_t > 0 else coef
+    return rows

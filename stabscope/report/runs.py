@@ -1,0 +1,187 @@
+"""Opening runs for the report: meta, readable parts, names, and the depth axis.
+
+Everything that can be wrong with a run that still holds something worth drawing (a corrupt
+part, a part with another schema, a run still being written, no rows yet) becomes a warning
+on the run, so the report renders what it can and says what it left out.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..errors import UsageError
+from ..store import SCHEMA, SCHEMA_VERSION, NotARunError, StabscopeWarning, part_files, read_meta
+from ..summary import layer_modules
+
+ROOT = "<root>"
+
+
+@dataclass
+class Run:
+    """One run directory as the report sees it."""
+
+    name: str
+    path: Path
+    meta: dict[str, Any]
+    files: list[Path]
+    warnings: list[str] = field(default_factory=list)
+    layers: list[str] = field(default_factory=list)  # the depth axis, shallow to deep
+    depth_source: str = ""  # where the depth axis came from, said in the report
+
+    @property
+    def status(self) -> str:
+        return str(self.meta.get("status") or "unknown")
+
+    @property
+    def structure(self) -> dict[str, Any] | None:
+        structure = self.meta.get("structure")
+        return structure if isinstance(structure, dict) else None
+
+
+def _compatible(schema: pa.Schema) -> str | None:
+    """Why a part's schema cannot be read as the run table, or None when it can."""
+    for want in SCHEMA:
+        if want.name not in schema.names:
+            return f"no column {want.name!r}"
+        got = schema.field(want.name).type
+        if pa.types.is_dictionary(want.type):
+            ok = pa.types.is_dictionary(got) or pa.types.is_string(got)
+        else:
+            ok = got == want.type
+        if not ok:
+            return f"column {want.name!r} is {got}, expected {want.type}"
+    return None
+
+
+def readable_parts(path: Path) -> tuple[list[Path], list[str]]:
+    """The parts the report can read, and a warning for each one it cannot."""
+    notes: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", StabscopeWarning)
+        files = part_files(path)
+    notes += [str(w.message) for w in caught if issubclass(w.category, StabscopeWarning)]
+    good = []
+    for part in files:
+        try:
+            why = _compatible(pq.read_schema(part))
+        except (pa.ArrowException, OSError) as err:  # removed or truncated since it was listed
+            why = str(err)
+        if why is None:
+            good.append(part)
+        else:
+            notes.append(f"skipping part {part} with another schema: {why}")
+    return good, notes
+
+
+def open_run(path: str | Path, name: str) -> Run:
+    """Read a run's meta and list its parts; raises ``UsageError`` for a non-run."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UsageError(f"{path} is not a directory", hint="pass run directories")
+    try:
+        meta = read_meta(path)
+    except NotARunError as err:
+        raise UsageError(
+            str(err), hint="pass a directory written by `stabscope profile` or stabscope.Recorder"
+        ) from None
+    files, notes = readable_parts(path)
+    run = Run(name, path, meta, files, notes)
+    version = meta.get("schema_version")
+    if isinstance(version, int) and version > SCHEMA_VERSION:
+        run.warnings.append(
+            f"{name}: written with run format {version}, this stabscope reads {SCHEMA_VERSION}; "
+            "showing what it can read"
+        )
+    if run.status == "running":
+        run.warnings.append(
+            f"{name}: the run is still being written (or its process was killed); "
+            "the report shows the parts written so far"
+        )
+    if not files:
+        run.warnings.append(f"{name}: no readable rows (no parts written yet)")
+    run.layers, run.depth_source = depth_axis(meta)
+    return run
+
+
+def run_names(paths: list[Path]) -> list[str]:
+    """Short distinct names for the legend: the directory name, with parents added
+    until the names differ (``a/run`` and ``b/run``)."""
+    parts = [p.resolve().parts for p in paths]
+    for keep in range(1, max(len(p) for p in parts) + 1):
+        names = ["/".join(p[-keep:]) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [f"{n} ({i})" for i, n in enumerate(names)]
+
+
+def depth_axis(meta: dict[str, Any]) -> tuple[list[str], str]:
+    """Modules that stand for the layers, shallow to deep, and where the order came from:
+    the detected blocks, else the layer-level modules, else the forward order."""
+    structure = meta.get("structure")
+    if isinstance(structure, dict) and structure.get("blocks"):
+        return [str(b["name"]) for b in structure["blocks"]], "detected blocks"
+    layers = layer_modules(meta)
+    if layers:
+        return sorted(layers, key=lambda n: layers[n]), "layer-indexed modules"
+    ordered = [
+        m
+        for m in meta.get("modules", [])
+        if m.get("forward_order") is not None and m.get("name") != ROOT
+    ]
+    ordered.sort(key=lambda m: m["forward_order"])
+    return [str(m["name"]) for m in ordered], "forward order"
+
+
+def owner_layer(name: str, layers: dict[str, int]) -> int | None:
+    """Position of the layer a module or parameter belongs to (its longest layer prefix)."""
+    while name:
+        if name in layers:
+            return layers[name]
+        if "." not in name:
+            return None
+        name = name.rsplit(".", 1)[0]
+    return None
+
+
+_NUMBER = re.compile(r"\d+")
+
+
+def name_pattern(name: str) -> str:
+    """The name with its numbers replaced: modules of one kind share it (``blocks.#.attn``)."""
+    return _NUMBER.sub("#", name)
+
+
+def depth_order(names: list[str], layers: list[str], forward: dict[str, int]) -> list[list[str]]:
+    """Modules grouped by kind (name pattern), each group ordered by depth, then forward
+    order; groups come in the order of their first member. Rows of a heatmap are these
+    groups one after another, so no row bin mixes an attention branch with an MLP branch."""
+    position = {n: i for i, n in enumerate(layers)}
+
+    def key(name: str) -> tuple[float, float, str]:
+        layer = owner_layer(name, position)
+        return (
+            float("inf") if layer is None else layer,
+            forward.get(name, float("inf")),
+            name,
+        )
+
+    groups: dict[str, list[str]] = {}
+    for name in sorted(names, key=key):
+        groups.setdefault(name_pattern(name), []).append(name)
+    return list(groups.values())
+
+
+def forward_positions(meta: dict[str, Any]) -> dict[str, int]:
+    """Forward order of each module that ran, from the module table."""
+    return {
+        str(m["name"]): int(m["forward_order"])
+        for m in meta.get("modules", [])
+        if m.get("forward_order") is not None
+    }
