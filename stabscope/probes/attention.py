@@ -140,26 +140,23 @@ def mha_sample(bound: dict[str, Any], sampling: AttentionSampling) -> torch.Tens
     # (L, b, E) -> (b, H, L, E/H)
     q = q.reshape(q.shape[0], b, heads, -1).permute(1, 2, 0, 3)
     k = k.reshape(k.shape[0], b, heads, -1).permute(1, 2, 0, 3)
-    mask = bound.get("attn_mask")
-    if mask is not None:
-        mask = mask[: b * heads].reshape(b, heads, *mask.shape[-2:]) if mask.dim() == 3 else mask
-    pad = bound.get("key_padding_mask")
+    # nn.MultiheadAttention's boolean masks mark what is *not* attended (the opposite of
+    # SDPA's); both become additive float masks of shape (b, H or 1, L or 1, S).
+    mask = _additive(bound.get("attn_mask"), q.dtype)
+    if mask is not None and mask.dim() == 3:  # (B*H, L, S)
+        mask = mask[: b * heads].reshape(b, heads, *mask.shape[-2:])
+    pad = _additive(bound.get("key_padding_mask"), q.dtype)
     if pad is not None:
         pad = pad[:b].reshape(b, 1, 1, -1)
-        pad = ~pad if pad.dtype == torch.bool else pad
-        if mask is None:
-            mask = pad
-        elif mask.dtype == torch.bool and pad.dtype == torch.bool:
-            mask = mask & pad
-        else:
-            to_float = lambda m: (
-                m
-                if m.dtype != torch.bool
-                else torch.zeros_like(m, dtype=q.dtype).masked_fill(~m, float("-inf"))
-            )
-            mask = to_float(mask) + to_float(pad)
+        mask = pad if mask is None else mask + pad
     causal = bool(bound.get("is_causal")) and mask is None
     return sdpa_sample(q, k, mask, causal, None, AttentionSampling(b, sampling.queries))
+
+
+def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, -math.inf)
 
 
 class _Intercept(TorchFunctionMode):

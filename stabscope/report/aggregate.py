@@ -194,6 +194,7 @@ class StepBins:
     first: np.ndarray  # first step of each bin
     last: np.ndarray  # last step of each bin
     of_step: np.ndarray  # step -> bin, -1 for steps in no bin
+    starts: np.ndarray  # position of each bin's first step among the recorded steps
 
     def __len__(self) -> int:
         return len(self.first)
@@ -208,4 +209,4 @@ def step_bins(steps: np.ndarray, max_bins: int) -> StepBins:
     starts = (np.arange(k + 1) * n) // max(k, 1)
     of_rank = np.repeat(np.arange(k), np.diff(starts))
     of_step = lookup(int(steps.max()) + 1 if n else 0, steps, of_rank)
-    return StepBins(steps[starts[:-1]], steps[starts[1:] - 1], of_step)
+    return StepBins(steps[starts[:-1]], steps[starts[1:] - 1], of_step, starts[:-1])
