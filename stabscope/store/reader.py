@@ -10,11 +10,12 @@ from __future__ import annotations
 import fnmatch
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
@@ -56,14 +57,24 @@ def part_files(run_dir: PathLike) -> list[Path]:
     return good
 
 
-def _expand(patterns: str | Iterable[str] | None, names: Iterable[str]) -> list[str] | None:
-    """Expand glob patterns against the names known to the run."""
+def metric_names(dataset: ds.Dataset) -> list[str]:
+    """Distinct metric names of a run (reads the dictionary-encoded metric column only)."""
+    column = dataset.to_table(columns=["metric"]).column("metric")
+    return [str(v) for v in pc.unique(column.cast(pa.string())).to_pylist()]
+
+
+def _expand(
+    patterns: str | Iterable[str] | None, names: Iterable[str] | Callable[[], Iterable[str]]
+) -> list[str] | None:
+    """Expand glob patterns against the names known to the run (looked up only if needed)."""
     if patterns is None:
         return None
     if isinstance(patterns, str):
         patterns = [patterns]
     patterns = list(patterns)
-    known = list(names)
+    if not any(ch in p for p in patterns for ch in "*?["):
+        return patterns
+    known = list(names() if callable(names) else names)
     out: list[str] = []
     for pat in patterns:
         if any(ch in pat for ch in "*?["):
@@ -121,13 +132,13 @@ def load_table(
         return SCHEMA.empty_table() if columns is None else SCHEMA.empty_table().select(columns)
     dataset = ds.dataset([str(f) for f in files], schema=SCHEMA, format="parquet")
     filters = []
-    module_list = _expand(modules, known_names(run_dir)) if modules is not None else None
+    module_list = _expand(modules, lambda: known_names(run_dir))
     if module_list is None and modules is not None:
         module_list = []
     if module_list is not None:
         filters.append(ds.field("module").isin(pa.array(module_list, pa.string())))
     if metrics is not None:
-        metric_list = [metrics] if isinstance(metrics, str) else list(metrics)
+        metric_list = _expand(metrics, lambda: metric_names(dataset))
         filters.append(ds.field("metric").isin(pa.array(metric_list, pa.string())))
     if phase is not None:
         filters.append(ds.field("phase") == phase)
