@@ -89,16 +89,14 @@ def expected_metrics(net: Net, x: torch.Tensor, placement: str, alpha: float):
     return ratio, dependency, omega, beta
 
 
-@pytest.mark.parametrize(("placement", "alpha"), [("pre", 1.0), ("post", 1.0),
-                                                   ("post", 2.0)])
+@pytest.mark.parametrize(("placement", "alpha"), [("pre", 1.0), ("post", 1.0), ("post", 2.0)])
 def test_residual_metrics_match_hand_computation(run_dir, placement, alpha):
     torch.manual_seed(0)
     net = Net(placement, alpha=alpha)
     x = torch.randn(4, 6, 16) * 0.7
     reference = copy.deepcopy(net)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    with stabscope.Recorder(net, run_dir, schedule=Schedule(1, 0),
-                            forward=lambda m: m(x)) as rec:
+    with stabscope.Recorder(net, run_dir, schedule=Schedule(1, 0), forward=lambda m: m(x)) as rec:
         loss = net(x).pow(2).mean()
         loss.backward()
         opt.step()
@@ -143,14 +141,14 @@ def test_post_ln_depends_on_its_branch_pre_ln_dilutes_it(tmp_path):
     beta_ii = {}
     for placement in ("pre", "post"):
         model, forward = sample_gpt(placement, depth=12)
-        with stabscope.Recorder(model, tmp_path / placement, schedule=Schedule(1, 0),
-                                forward=forward) as rec:
+        with stabscope.Recorder(
+            model, tmp_path / placement, schedule=Schedule(1, 0), forward=forward
+        ) as rec:
             forward(model).backward()
             rec.step()
         df = stabscope.load_run(tmp_path / placement, metrics="res_beta")
         beta_ii[placement] = [
-            df[df.module == f"blocks.{i}.mlp"].sort_values("index").value.iloc[-1]
-            for i in (0, 11)
+            df[df.module == f"blocks.{i}.mlp"].sort_values("index").value.iloc[-1] for i in (0, 11)
         ]
     pre, post = beta_ii["pre"], beta_ii["post"]
     assert post[1] > 2 * pre[1]

@@ -14,8 +14,9 @@ from stabscope.structure import discover
 def sample_gpt(norm: str, depth: int = 3):
     import gpt
 
-    cfg = ScriptConfig(gpt.CONFIG | {"depth": depth, "norm": norm, "width": 32,
-                                     "seq_len": 8, "batch_size": 2})
+    cfg = ScriptConfig(
+        gpt.CONFIG | {"depth": depth, "norm": norm, "width": 32, "seq_len": 8, "batch_size": 2}
+    )
     torch.manual_seed(0)
     model = gpt.model(cfg)
     batch = next(gpt.batches(cfg))
@@ -23,8 +24,10 @@ def sample_gpt(norm: str, depth: int = 3):
 
 
 def summary(structure):
-    return [(b.name, b.placement, [(br.kind, br.placement, br.norm) for br in b.branches])
-            for b in structure.blocks]
+    return [
+        (b.name, b.placement, [(br.kind, br.placement, br.norm) for br in b.branches])
+        for b in structure.blocks
+    ]
 
 
 @pytest.mark.parametrize("norm", ["pre", "post", "deepnorm"])
@@ -34,8 +37,10 @@ def test_sample_gpt(norm):
     assert s.recognised and [b.name for b in s.blocks] == ["blocks.0", "blocks.1", "blocks.2"]
     block = s.blocks[1]
     assert block.placement == norm
-    assert [(br.name, br.kind) for br in block.branches] == [("blocks.1.attn", "attention"),
-                                                            ("blocks.1.mlp", "mlp")]
+    assert [(br.name, br.kind) for br in block.branches] == [
+        ("blocks.1.attn", "attention"),
+        ("blocks.1.mlp", "mlp"),
+    ]
     if norm == "pre":
         assert [br.norm for br in block.branches] == ["blocks.1.ln1", "blocks.1.ln2"]
     else:
@@ -53,15 +58,18 @@ def test_sample_gpt(norm):
 def test_torch_encoder_decoder(norm_first):
     torch.manual_seed(0)
     placement = "pre" if norm_first else "post"
-    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True,
-                                                           norm_first=norm_first), 2,
-                                enable_nested_tensor=False)
+    enc = nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, norm_first=norm_first),
+        2,
+        enable_nested_tensor=False,
+    )
     s = discover(enc, lambda m: m(torch.randn(2, 5, 16)))
     assert [b.placement for b in s.blocks] == [placement] * 2
     assert [br.kind for br in s.blocks[0].branches] == ["attention", "mlp"]
     assert s.blocks[0].attention[0].heads == 2
-    dec = nn.TransformerDecoder(nn.TransformerDecoderLayer(16, 2, 32, batch_first=True,
-                                                           norm_first=norm_first), 2)
+    dec = nn.TransformerDecoder(
+        nn.TransformerDecoderLayer(16, 2, 32, batch_first=True, norm_first=norm_first), 2
+    )
     s = discover(dec, lambda m: m(torch.randn(2, 5, 16), torch.randn(2, 7, 16)))
     assert [br.kind for br in s.blocks[0].branches] == ["attention", "cross_attention", "mlp"]
     assert {br.placement for br in s.branches} == {placement}
@@ -72,9 +80,13 @@ def test_torch_transformer_has_two_stacks():
     model = nn.Transformer(16, 2, 2, 3, 32, batch_first=True)
     s = discover(model, lambda m: m(torch.randn(2, 5, 16), torch.randn(2, 4, 16)))
     stacks = [(b.name, b.stack) for b in s.blocks]
-    assert stacks == [("encoder.layers.0", "encoder"), ("encoder.layers.1", "encoder"),
-                      ("decoder.layers.0", "decoder"), ("decoder.layers.1", "decoder"),
-                      ("decoder.layers.2", "decoder")]
+    assert stacks == [
+        ("encoder.layers.0", "encoder"),
+        ("encoder.layers.1", "encoder"),
+        ("decoder.layers.0", "decoder"),
+        ("decoder.layers.1", "decoder"),
+        ("decoder.layers.2", "decoder"),
+    ]
     # Branches are numbered per stack, in forward order.
     assert [br.position for br in s.branches if br.stack == "decoder"] == list(range(9))
 
@@ -84,28 +96,48 @@ IDS = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
 
 
 def test_hf_gpt2_pre_ln():
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        n_layer=2, n_embd=32, n_head=2, vocab_size=50, n_positions=16))
+    model = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50, n_positions=16)
+    )
     s = discover(model, lambda m: m(input_ids=IDS))
-    assert summary(s)[0] == ("transformer.h.0", "pre", [("attention", "pre", "transformer.h.0.ln_1"),
-                                                         ("mlp", "pre", "transformer.h.0.ln_2")])
+    assert summary(s)[0] == (
+        "transformer.h.0",
+        "pre",
+        [("attention", "pre", "transformer.h.0.ln_1"), ("mlp", "pre", "transformer.h.0.ln_2")],
+    )
 
 
 def test_hf_bert_post_ln():
-    model = transformers.BertModel(transformers.BertConfig(
-        num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64,
-        vocab_size=50))
+    model = transformers.BertModel(
+        transformers.BertConfig(
+            num_hidden_layers=2,
+            hidden_size=32,
+            num_attention_heads=2,
+            intermediate_size=64,
+            vocab_size=50,
+        )
+    )
     s = discover(model, lambda m: m(input_ids=IDS))
     assert [b.placement for b in s.blocks] == ["post", "post"]
     kinds = [(br.kind, br.norm) for br in s.blocks[0].branches]
-    assert kinds == [("attention", "encoder.layer.0.attention.output.LayerNorm"),
-                     ("mlp", "encoder.layer.0.output.LayerNorm")]
+    assert kinds == [
+        ("attention", "encoder.layer.0.attention.output.LayerNorm"),
+        ("mlp", "encoder.layer.0.output.LayerNorm"),
+    ]
 
 
 def test_hf_llama_gqa():
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=64, vocab_size=50, attn_implementation="sdpa"))
+    model = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            num_hidden_layers=2,
+            hidden_size=32,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            vocab_size=50,
+            attn_implementation="sdpa",
+        )
+    )
     s = discover(model, lambda m: m(input_ids=IDS))
     assert [b.placement for b in s.blocks] == ["pre", "pre"]
     attn = s.blocks[0].attention[0]
@@ -114,18 +146,26 @@ def test_hf_llama_gqa():
 
 
 def test_hf_t5_encoder_decoder():
-    model = transformers.T5ForConditionalGeneration(transformers.T5Config(
-        num_layers=2, num_decoder_layers=2, d_model=32, num_heads=2, d_kv=16, d_ff=64,
-        vocab_size=50))
+    model = transformers.T5ForConditionalGeneration(
+        transformers.T5Config(
+            num_layers=2,
+            num_decoder_layers=2,
+            d_model=32,
+            num_heads=2,
+            d_kv=16,
+            d_ff=64,
+            vocab_size=50,
+        )
+    )
     s = discover(model, lambda m: m(input_ids=IDS, decoder_input_ids=IDS))
     assert [(b.stack, b.placement) for b in s.blocks] == [("encoder", "pre")] * 2 + [
-        ("decoder", "pre")] * 2
+        ("decoder", "pre")
+    ] * 2
     assert [br.kind for br in s.blocks[2].branches] == ["attention", "cross_attention", "mlp"]
 
 
 def test_unrecognised_model_says_so():
-    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
-                          nn.Linear(8, 2))
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
     s = discover(model, lambda m: m(torch.randn(3, 4)))
     assert not s.recognised and s.blocks == []
     assert "no residual blocks found" in s.notes[0]

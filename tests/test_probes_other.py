@@ -1,0 +1,181 @@
+"""Norm inputs, token correlation, output logits, Adam's eps ratio and the model update,
+each against a direct computation on the sample GPT; and a model with no structure."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import stabscope
+from stabscope import Schedule
+from tests.test_structure import sample_gpt
+
+
+def run_sample(tmp_path, preset="standard", steps=1, norm="pre"):
+    model, forward = sample_gpt(norm, depth=2)
+    before = copy.deepcopy(model)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, eps=1e-8)
+    with stabscope.Recorder(
+        model, tmp_path, preset=preset, schedule=Schedule(steps, 0), forward=forward
+    ) as rec:
+        for _ in range(steps):
+            loss = forward(model)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            rec.step(loss=loss)
+    return before, model, forward, opt, stabscope.load_run(tmp_path, phase="train")
+
+
+def captured(model, forward, names):
+    """Inputs and outputs of the named modules during one forward pass."""
+    seen = {}
+
+    def keep(name, module, args, output):
+        seen.setdefault(name, (args[0].detach(), output.detach()))
+
+    modules = dict(model.named_modules())
+    handles = [
+        modules[n].register_forward_hook(lambda m, a, o, n=n: keep(n, m, a, o)) for n in names
+    ]
+    with torch.no_grad():
+        forward(model)
+    for h in handles:
+        h.remove()
+    return seen
+
+
+def value(df, module, metric, step=0):
+    sel = df[(df.module == module) & (df.metric == metric) & (df.step == step)]
+    assert len(sel) == 1, (module, metric)
+    return float(sel.value.iloc[0])
+
+
+def test_norm_input_and_token_correlation(tmp_path):
+    before, _, forward, _, df = run_sample(tmp_path)
+    seen = captured(before, forward, ["blocks.1.ln2", "blocks.0", "blocks.1"])
+    x = seen["blocks.1.ln2"][0]
+    assert value(df, "blocks.1.ln2", "norm_input_rms") == pytest.approx(
+        x.pow(2).mean().sqrt().item(), rel=1e-5
+    )
+    for block in ("blocks.0", "blocks.1"):
+        out = seen[block][1].double()  # (B, T, D)
+        idx = np.unique(np.round(np.linspace(0, out.shape[1] - 1, min(64, out.shape[1]))))
+        s = out[:2, idx]
+        gram = torch.einsum("bid,bjd->bij", s, s)
+        n = s.shape[1]
+        diag = gram.diagonal(dim1=1, dim2=2).mean()
+        off = (gram.sum((1, 2)) - gram.diagonal(dim1=1, dim2=2).sum(-1)).sum() / (2 * n * (n - 1))
+        assert value(df, block, "token_corr") == pytest.approx((off / diag).item(), rel=1e-4)
+
+
+def test_rank_collapse_reads_one():
+    from stabscope.probes.correlation import token_correlation
+
+    same = torch.randn(1, 1, 32).expand(2, 10, 32)  # every token the same vector
+    assert token_correlation(same).item() == pytest.approx(1.0, abs=1e-6)
+    g = torch.Generator().manual_seed(0)
+    independent = torch.randn(2, 64, 4096, generator=g)  # E<x_i, x_j> = 0 for i != j
+    assert abs(token_correlation(independent).item()) < 0.01
+
+
+def test_output_logits(tmp_path):
+    before, _, forward, _, df = run_sample(tmp_path)
+    seen = captured(before, forward, ["head"])
+    z = seen["head"][1].double()
+    assert value(df, "<root>", "logit_lse_mean") == pytest.approx(
+        torch.logsumexp(z, -1).mean().item(), rel=1e-5
+    )
+    assert value(df, "<root>", "logit_max") == pytest.approx(z.max().item(), rel=1e-6)
+    assert value(df, "<root>", "logit_min") == pytest.approx(z.min().item(), rel=1e-6)
+
+
+def test_adam_eps_ratio(tmp_path):
+    _, model, _, opt, df = run_sample(tmp_path)
+    p = model.blocks[0].mlp.fc.weight
+    v = opt.state[p]["exp_avg_sq"]
+    expected = v.double().mean().sqrt().item() / 1e-8
+    assert value(df, "blocks.0.mlp.fc.weight", "adam_sqrtv_over_eps") == pytest.approx(
+        expected, rel=1e-5
+    )
+
+
+def test_model_update_in_full_preset(tmp_path):
+    before, after, forward, _, df = run_sample(tmp_path, preset="full", steps=3)
+
+    def output(m):
+        m.eval()
+        with torch.no_grad():
+            seen = captured(m, forward, ["head"])
+        return seen["head"][1].double()
+
+    f0, f3 = output(before), output(after)
+    assert value(df, "__run__", "model_update", step=2) == pytest.approx(
+        (f3 - f0).norm().item(), rel=1e-4
+    )
+    assert value(df, "__run__", "model_update_rel", step=2) == pytest.approx(
+        ((f3 - f0).norm() / f0.norm()).item(), rel=1e-4
+    )
+    assert (
+        0
+        < value(df, "__run__", "model_update", step=0)
+        < value(df, "__run__", "model_update", step=2)
+    )
+
+
+def test_model_update_is_off_in_standard_and_on_when_asked(tmp_path):
+    *_, df = run_sample(tmp_path / "std")
+    assert df[df.metric == "model_update"].empty
+    model, forward = sample_gpt("pre", 2)
+    cfg = stabscope.RecorderConfig(preset="cheap", model_update=True, schedule=Schedule(1, 0))
+    with stabscope.Recorder(model, tmp_path / "cheap", cfg, forward=forward) as rec:
+        forward(model).backward()
+        rec.step()
+    got = stabscope.load_run(tmp_path / "cheap")
+    assert set(got.metric.astype(str)) >= {"model_update", "act_rms"}
+    assert got[got.metric.astype(str).str.startswith("attn")].empty
+
+
+def test_model_update_probe_keeps_training_bit_identical(tmp_path):
+    model, forward = sample_gpt("post", 2)
+    twin = copy.deepcopy(model)
+    torch.manual_seed(3)
+    with stabscope.Recorder(model, tmp_path, preset="full", forward=forward) as rec:
+        for _ in range(3):
+            forward(model).backward()
+            rec.step()
+    torch.manual_seed(3)
+    for _ in range(3):
+        forward(twin).backward()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p.grad, q.grad)
+
+
+def test_model_without_structure_records_generic_moments(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.randn(5, 4)
+    with stabscope.Recorder(model, tmp_path, forward=lambda m: m(x)) as rec:
+        model(x).sum().backward()
+        rec.step()
+    meta = stabscope.read_meta(tmp_path)
+    assert meta["structure"]["recognised"] is False
+    assert "no residual blocks found" in meta["notes"][0]
+    metrics = set(stabscope.load_run(tmp_path).metric.astype(str))
+    assert {"act_rms", "grad_rms", "logit_max"} <= metrics
+    assert not {m for m in metrics if m.startswith(("res_", "attn_"))}
+
+
+def test_structure_learned_from_first_step_without_forward(tmp_path):
+    model, forward = sample_gpt("post", 2)
+    with stabscope.Recorder(model, tmp_path, schedule=Schedule(2, 0)) as rec:
+        for _ in range(2):
+            forward(model).backward()
+            rec.step()
+    meta = stabscope.read_meta(tmp_path)
+    assert meta["structure"]["recognised"]
+    res = stabscope.load_run(tmp_path, metrics="res_ratio")
+    assert sorted(res.step.unique()) == [1]  # probes start on the step after discovery
