@@ -79,7 +79,7 @@ def expected_metrics(net: Net, x: torch.Tensor, placement: str, alpha: float):
         w = math.sqrt(var(h * w) + var(f))
     # β: the stream as sum_j c_j a_j over raw components a_0 = x_0, a_j = f_j.
     comps, coefs, beta = [triples[0][0]], [1.0], []
-    for h, f, t in triples:
+    for _, f, t in triples:
         coefs = [alpha * c for c in coefs] + [1.0]
         comps = [*comps, f]
         weights = np.array([c * math.sqrt(var(a)) for c, a in zip(coefs, comps)])
