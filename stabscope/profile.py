@@ -69,6 +69,24 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def build_for_inspection(script: ModelScript, seed: int = 0) -> tuple[torch.nn.Module, Any]:
+    """The script's model on CPU and a forward over its first batch, for structure discovery."""
+    seed_everything(seed)
+    model = _call(script, "building the model", script.model, script.config)
+    batch = _next_batch(
+        script,
+        iter(_call(script, "creating batches", script.batches, script.config)),
+        0,
+        torch.device("cpu"),
+    )
+    if batch is None:
+        raise UsageError(
+            f"{script.path.name}: batches(cfg) yielded nothing",
+            hint="batches(cfg) must yield at least one batch",
+        )
+    return model, lambda m: script.loss(m, batch)
+
+
 def _next_batch(script: ModelScript, data: Any, step: int, dev: torch.device) -> Any:
     try:
         return to_device(next(data), dev)

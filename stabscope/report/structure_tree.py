@@ -1,0 +1,70 @@
+"""Rich rendering of a detected structure: blocks, branches, norms, attention, and what the
+recorder measures where."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.tree import Tree
+
+from ..structure import Block, Structure
+
+_PLACEMENT = {
+    "pre": "Pre-LN  x + f(LN(x))",
+    "post": "Post-LN  LN(x + f(x))",
+    "deepnorm": "DeepNorm-style  LN(α·x + f(x))",
+    "mixed": "mixed placements",
+}
+
+
+def _block_label(block: Block) -> str:
+    stack = f" [dim]{block.stack}[/]" if block.stack else ""
+    alpha = f", α = {block.alpha:.4g}" if block.placement == "deepnorm" else ""
+    return (
+        f"[bold]{block.name}[/]{stack}: {_PLACEMENT.get(block.placement, block.placement)}{alpha}"
+    )
+
+
+def _add_block(tree: Tree, block: Block) -> None:
+    node = tree.add(_block_label(block))
+    for br in block.branches:
+        norm = f", norm {br.norm}" if br.norm else ", no norm found"
+        node.add(
+            f"{br.kind} branch [cyan]{br.name}[/] (f = output of {br.output}{norm}) "
+            "-> res_ratio, res_dependency, res_omega, res_beta"
+        )
+    for a in block.attention:
+        heads = "?" if a.heads is None else str(a.heads)
+        kv = f", {a.kv_heads} kv heads" if a.kv_heads and a.kv_heads != a.heads else ""
+        node.add(
+            f"attention [magenta]{a.name}[/]: {heads} heads{kv} "
+            "-> attn_entropy, attn_logit_max per head"
+        )
+    node.add("[dim]block output -> token_corr; every module -> act_*/grad_* moments[/]")
+
+
+def print_structure(
+    structure: Structure, title: str, console: Console, max_blocks: int = 4
+) -> None:
+    """The structure as a tree; long stacks of alike blocks are elided in the middle."""
+    tree = Tree(f"[bold]{title}[/]")
+    if not structure.recognised:
+        tree.add(
+            "[yellow]structure not recognised[/]: generic per-module moments, parameter "
+            "norms, update ratios, norm inputs and output logits only"
+        )
+    blocks = structure.blocks
+    head = blocks if len(blocks) <= max_blocks else blocks[: max_blocks - 1]
+    for block in head:
+        _add_block(tree, block)
+    if len(blocks) > max_blocks:
+        tree.add(f"[dim]... {len(blocks) - len(head) - 1} more blocks ...[/]")
+        _add_block(tree, blocks[-1])
+    if structure.norms:
+        tree.add(f"{len(structure.norms)} norms -> norm_input_rms")
+    tree.add(
+        "[dim]model output -> logit_lse_mean, logit_max, logit_min; parameters -> "
+        "param_*, update_*, adam_sqrtv_over_eps[/]"
+    )
+    for note in structure.notes:
+        tree.add(f"[yellow]note:[/] {note}")
+    console.print(tree)

@@ -1,0 +1,87 @@
+"""`stabscope amplification` reproduces the direction of Admin's theory on the sample GPT, and
+`stabscope inspect` shows what structure discovery found."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from typer.testing import CliRunner
+
+import stabscope
+from stabscope.amplification import linear_fit, run_amplification
+from stabscope.cli import app
+from stabscope.script import load_script
+from tests.conftest import SAMPLES
+
+runner = CliRunner()
+
+
+def test_linear_fit_is_exact_on_a_line():
+    fit = linear_fit(np.array([1.0, 2.0, 4.0]), np.array([3.0, 5.0, 9.0]))
+    assert (round(fit.slope, 9), round(fit.intercept, 9), round(fit.r2, 9)) == (2.0, 1.0, 1.0)
+
+
+def test_post_ln_amplifies_faster_with_depth_than_pre_ln(tmp_path):
+    growth, better = {}, {}
+    for norm in ("post", "pre"):
+        script = load_script(SAMPLES / "gpt.py", {"norm": norm})
+        result = run_amplification(script, [6, 12, 24, 48], tmp_path / norm)
+        growth[norm] = result.change[-1] / result.change[0]
+        better[norm] = result.better
+        stored = stabscope.load_run(tmp_path / norm, metrics="amplification")
+        np.testing.assert_allclose(stored.sort_values("index").value, result.change, rtol=1e-6)
+    # Admin: O(N) for Post-LN, O(log N) for Pre-LN.
+    assert growth["post"] > 3 * growth["pre"]
+    assert (better["post"], better["pre"]) == ("N", "log N")
+
+
+def test_amplification_cli_and_bad_depths(tmp_path):
+    res = runner.invoke(
+        app,
+        [
+            "amplification",
+            str(SAMPLES / "gpt.py"),
+            "--depths",
+            "2,4",
+            "--seeds",
+            "1",
+            "--out",
+            str(tmp_path / "a"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "grows like" in res.stderr
+    assert stabscope.read_meta(tmp_path / "a")["kind"] == "amplification"
+    res = runner.invoke(app, ["amplification", str(SAMPLES / "gpt.py"), "--depths", "2,x"])
+    assert res.exit_code == 2 and res.stderr.startswith("error: bad --depths")
+    res = runner.invoke(
+        app,
+        ["amplification", str(SAMPLES / "mlp.py"), "--depths", "2,3", "--out", str(tmp_path / "b")],
+    )
+    assert res.exit_code == 0, res.output  # mlp.py has a depth key too
+
+
+def test_inspect_tree_and_json():
+    res = runner.invoke(
+        app, ["inspect", str(SAMPLES / "gpt.py"), "--set", "norm=post", "--set", "depth=3"]
+    )
+    assert res.exit_code == 0, res.output
+    assert "Post-LN" in res.stderr and "blocks.2.attn: 4 heads" in res.stderr
+    res = runner.invoke(
+        app,
+        [
+            "inspect",
+            str(SAMPLES / "gpt.py"),
+            "--set",
+            "norm=deepnorm",
+            "--set",
+            "depth=8",
+            "--json",
+        ],
+    )
+    data = json.loads(res.stdout)
+    assert data["recognised"] and len(data["blocks"]) == 8
+    assert data["blocks"][0]["alpha"] == round((2 * 8) ** 0.25, 6)  # DeepNet's α = (2N)^(1/4)
+    res = runner.invoke(app, ["inspect", str(SAMPLES / "mlp.py")])
+    assert res.exit_code == 0 and "not recognised" in res.stderr
