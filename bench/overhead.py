@@ -3,13 +3,16 @@
     python bench/overhead.py                 # sample GPT: 6 layers, d=256, seq 128, batch 8
     python bench/overhead.py --device cuda   # on a GPU
 
-Four identical model copies train side by side, interleaved in rounds so that drift in machine
-speed hits every mode alike:
-  plain      no recorder
-  every      recorder, every step recorded (standard preset: forward + gradient moments,
-             parameter and gradient norms, update ratios)
-  unrecorded recorder attached, but the step is not on the schedule
-  schedule   recorder with the default schedule, over the first --schedule-steps steps
+Identical model copies train side by side, interleaved in rounds so that drift in machine
+speed hits every mode alike. Modes:
+  plain            no recorder
+  cheap            every step recorded, cheap preset (forward moments, parameter norms)
+  standard-noattn  every step, standard preset with the attention probe off (attn_queries=0)
+  standard         every step, standard preset (gradient moments, update ratios and the
+                   structure-aware probes: residual, attention, correlation, norms, logits)
+  full             every step, full preset (+ parameter moments, model update)
+  unrecorded       recorder attached, but the step is not on the schedule
+  schedule         standard preset, default schedule, mean over the first --schedule-steps
 Reported: median step time per mode and its ratio to plain; for the default schedule, the
 mean step time over the whole stretch (recorded and unrecorded steps together).
 """
@@ -29,8 +32,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sample_models"))
 import gpt
 
-from stabscope import Recorder, Schedule
+from stabscope import Recorder, RecorderConfig, Schedule
 from stabscope.script import ScriptConfig
+
+EVERY = Schedule(dense=10**9)
+MODES = {
+    "plain": None,
+    "cheap": RecorderConfig(preset="cheap", schedule=EVERY),
+    "standard-noattn": RecorderConfig(schedule=EVERY, attn_queries=0),
+    "standard": RecorderConfig(schedule=EVERY),
+    "full": RecorderConfig(preset="full", schedule=EVERY),
+    # Step 0 is recorded (and excluded below); every later step is off the schedule.
+    "unrecorded": RecorderConfig(schedule=Schedule(dense=1, every=0)),
+}
 
 
 def sync(device: torch.device) -> None:
@@ -45,8 +59,9 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=8)
-    ap.add_argument("--steps-per-round", type=int, default=5)
+    ap.add_argument("--steps-per-round", type=int, default=4)
     ap.add_argument("--schedule-steps", type=int, default=500)
+    ap.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of modes")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     args = ap.parse_args()
@@ -71,6 +86,9 @@ def main() -> None:
     data = gpt.batches(cfg)
     batches = [next(data).to(device) for _ in range(16)]
 
+    def forward(model):
+        return gpt.loss(model, batches[0])
+
     def make_step(model):
         opt = torch.optim.Adam(model.parameters(), lr=1e-4)
         state = {"i": 0}
@@ -92,16 +110,14 @@ def main() -> None:
         return step
 
     tmp = Path(tempfile.mkdtemp(prefix="stabscope-bench-"))
-    modes = ("plain", "every", "unrecorded")
+    modes = [m for m in args.modes.split(",") if m in MODES]
     models = {m: copy.deepcopy(base) for m in modes}
     steps = {m: make_step(models[m]) for m in modes}
     recs = {
-        "plain": None,
-        "every": Recorder(models["every"], tmp / "every", schedule=Schedule(dense=10**9)).start(),
-        # Step 0 is recorded (and excluded below); every later step is off the schedule.
-        "unrecorded": Recorder(
-            models["unrecorded"], tmp / "unrec", schedule=Schedule(dense=1, every=0)
-        ).start(),
+        m: None
+        if MODES[m] is None
+        else Recorder(models[m], tmp / m, MODES[m], forward=forward).start()
+        for m in modes
     }
     for m in modes:  # warm-up, including the unrecorded mode's one recorded step
         for _ in range(3):
@@ -114,18 +130,6 @@ def main() -> None:
         if rec is not None:
             rec.close()
 
-    # Default schedule over a stretch of steps, against plain steps interleaved with it.
-    sched_model, plain_model = copy.deepcopy(base), copy.deepcopy(base)
-    sched_step, plain_step = make_step(sched_model), make_step(plain_model)
-    sched_rec = Recorder(sched_model, tmp / "schedule").start()
-    sched_times, plain_times = [], []
-    for _ in range(args.schedule_steps):
-        sched_times.append(sched_step(sched_rec))
-        plain_times.append(plain_step())
-    sched_rec.close()
-    recorded = sched_rec.meta["recorded_steps"]
-
-    plain = statistics.median(times["plain"])
     print(
         f"# overhead: GPT depth={args.depth} d={args.width} seq={args.seq_len} "
         f"batch={args.batch_size} on {device} ({torch.get_num_threads()} threads), "
@@ -133,14 +137,34 @@ def main() -> None:
     )
     print("| mode | step time (median) | ratio to plain |")
     print("|---|---|---|")
+    plain = statistics.median(times["plain"]) if "plain" in times else None
     for m in modes:
         med = statistics.median(times[m])
-        print(f"| {m} | {med * 1e3:.1f} ms | {med / plain:.3f}x |")
-    mean_ratio = statistics.mean(sched_times) / statistics.mean(plain_times)
-    print(
-        f"| default schedule, mean over {args.schedule_steps} steps ({recorded} recorded) | "
-        f"{statistics.mean(sched_times) * 1e3:.1f} ms | {mean_ratio:.3f}x |"
-    )
+        ratio = f"{med / plain:.3f}x" if plain else "-"
+        print(f"| {m} | {med * 1e3:.1f} ms | {ratio} |")
+    if "standard" in times and "standard-noattn" in times:
+        extra = statistics.median(times["standard"]) - statistics.median(times["standard-noattn"])
+        share = extra / statistics.median(times["standard-noattn"])
+        print(
+            f"| attention probe, share of a recorded standard step | {extra * 1e3:.2f} ms | "
+            f"{share:+.1%} |"
+        )
+    if args.schedule_steps:
+        # Default schedule over a stretch of steps, against plain steps interleaved with it.
+        sched_model, plain_model = copy.deepcopy(base), copy.deepcopy(base)
+        sched_step, plain_step = make_step(sched_model), make_step(plain_model)
+        sched_rec = Recorder(sched_model, tmp / "schedule", forward=forward).start()
+        sched_times, plain_times = [], []
+        for _ in range(args.schedule_steps):
+            sched_times.append(sched_step(sched_rec))
+            plain_times.append(plain_step())
+        sched_rec.close()
+        recorded = sched_rec.meta["recorded_steps"]
+        ratio = statistics.mean(sched_times) / statistics.mean(plain_times)
+        print(
+            f"| default schedule, mean over {args.schedule_steps} steps ({recorded} recorded) "
+            f"| {statistics.mean(sched_times) * 1e3:.1f} ms | {ratio:.3f}x |"
+        )
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ class RecorderConfig:
     flush_seconds: float = 30.0
     #: ||F(x, θ_t) − F(x, θ_0)|| on a probe batch; None = on for the full preset only.
     model_update: bool | None = None
-    #: Attention probabilities are recomputed for this many sequences and query positions.
+    #: Attention probabilities are recomputed for this many sequences and query positions;
+    #: attn_queries = 0 turns the attention probe off.
     attn_batch: int = 2
     attn_queries: int = 16
 

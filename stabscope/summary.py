@@ -62,6 +62,9 @@ class Summary:
     first_nonfinite: dict[str, Any] = field(default_factory=dict)
     never_fired: dict[str, list[str]] = field(default_factory=dict)
     error: dict[str, Any] | None = None
+    structure: str | None = None
+    notes: list[str] = field(default_factory=list)
+    headlines: list[str] = field(default_factory=list)
 
 
 def layer_modules(meta: dict[str, Any]) -> dict[str, int]:
@@ -142,7 +145,47 @@ def summarize(run_dir: str | Path, top: int = 3) -> Summary:
         s.trend = depth_trend(frame, layer_modules(meta), metric)
         break
     s.param_trend = layer_param_grad_trend(run_dir, meta)
+    s.structure = describe_structure(meta.get("structure"))
+    s.notes = list(meta.get("notes") or [])
+    s.headlines = probe_headlines(run_dir)
     return s
+
+
+def describe_structure(structure: dict[str, Any] | None) -> str | None:
+    """One line: how many blocks of which norm placement (or why none were found)."""
+    if not structure:
+        return None
+    blocks = structure.get("blocks", [])
+    if not structure.get("recognised") or not blocks:
+        return "not recognised (generic per-module statistics only)"
+    counts: dict[str, int] = {}
+    for b in blocks:
+        key = f"{b['stack'] + ' ' if b['stack'] else ''}{b['placement']}"
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{n} {k} blocks" for k, n in counts.items())
+
+
+def probe_headlines(run_dir: str | Path) -> list[str]:
+    """Extremes of the transformer probes over the whole run, one line each."""
+    metrics = {
+        "attn_entropy": ("lowest attention entropy (normalised)", "min"),
+        "attn_logit_max": ("largest attention logit", "max"),
+        "res_dependency": ("largest residual dependency Var f / Var(x+f)", "max"),
+        "token_corr": ("largest token correlation", "max"),
+        "norm_input_rms": ("largest norm-input rms", "max"),
+        "model_update": ("largest model update ||F_t - F_0||", "max"),
+    }
+    frame = load_run(run_dir, metrics=list(metrics), phase="train")
+    lines = []
+    for metric, (label, how) in metrics.items():
+        sub = frame[frame.metric == metric].dropna(subset=["value"])
+        if sub.empty:
+            continue
+        row = sub.loc[sub.value.idxmin() if how == "min" else sub.value.idxmax()]
+        head = f" head {int(row['index'])}" if metric.startswith("attn") else ""
+        where = "" if row.module == RUN_MODULE else f" at {row.module}{head}"
+        lines.append(f"{label}: {row.value:.4g}{where}, step {int(row.step)}")
+    return lines
 
 
 def layer_param_grad_trend(run_dir: str | Path, meta: dict[str, Any]) -> DepthTrend | None:

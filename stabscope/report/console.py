@@ -20,6 +20,8 @@ def print_summary(summary: Summary, console: Console) -> None:
         f"[bold]run[/] {s.run_dir}  [{style}]{s.status}[/]  steps {s.steps} "
         f"(recorded {s.recorded_steps}), {s.rows:,} rows"
     )
+    if s.structure is not None:
+        console.print(f"structure: {s.structure}")
     if s.loss_first is not None:
         console.print(
             f"loss {_fmt(s.loss_first)} at step 0 -> {_fmt(s.loss_last)} (mean of the last tenth)"
@@ -42,6 +44,8 @@ def print_summary(summary: Summary, console: Console) -> None:
             f"{_fmt(t.values[-1])} at layer {t.layers[-1]} (x{t.first_to_last:.3g}, "
             f"x{t.factor_per_layer:.3g} per layer)"
         )
+    for line in s.headlines:
+        console.print(line)
     if s.first_nonfinite:
         for direction, where in s.first_nonfinite.items():
             console.print(
@@ -54,5 +58,7 @@ def print_summary(summary: Summary, console: Console) -> None:
         if names:
             shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
             console.print(f"[yellow]{kind} hooks never fired:[/] {shown}")
+    for note in s.notes:
+        console.print(f"[yellow]note:[/] {note}")
     if s.error:
         console.print(f"[red]error:[/] {s.error.get('type')}: {s.error.get('message')}")
