@@ -27,6 +27,7 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 err = Console(stderr=True, highlight=False)
+REPORT = Path("report.html")
 
 
 def fail(error: UsageError) -> typer.Exit:
@@ -151,8 +152,11 @@ def _profile(
 def summary(
     run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
 ) -> None:
-    """Print the headline numbers of a recorded run."""
-    from .report.console import print_summary
+    """Print the headline numbers of a recorded run and its findings."""
+    from rich.markup import escape
+
+    from .report.console import print_findings, print_summary
+    from .report.findings import FindingsError, load_findings
     from .store import NotARunError
     from .summary import summarize
 
@@ -162,6 +166,34 @@ def summary(
         raise fail(
             UsageError(str(e), hint="pass a directory written by `stabscope profile`")
         ) from None
+    try:
+        print_findings(load_findings(run_dir), err)
+    except FindingsError as e:
+        err.print(f"[yellow]warning:[/] {escape(str(e))}")
+
+
+@app.command()
+def report(
+    run_dirs: Annotated[
+        list[Path], typer.Argument(help="Run directories; several are compared side by side.")
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="HTML file to write.")] = REPORT,
+) -> None:
+    """Write one self-contained HTML report of one or more runs; it opens offline."""
+    from rich.markup import escape
+
+    from .report.build import build_report
+
+    try:
+        result = build_report(run_dirs, output)
+    except UsageError as e:
+        raise fail(e) from None
+    for warning in result.warnings:
+        err.print(f"[yellow]warning:[/] {escape(warning)}")
+    err.print(
+        f"report: [bold]{escape(str(result.path))}[/] ({result.size / 1e6:.1f} MB, "
+        f"{len(result.runs)} run{'s' if len(result.runs) > 1 else ''}, {result.plots} plots)"
+    )
 
 
 @app.command()

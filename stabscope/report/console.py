@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ..summary import Summary
+from .findings import Finding, evidence
 
 
 def _fmt(x: float | None) -> str:
@@ -62,3 +64,26 @@ def print_summary(summary: Summary, console: Console) -> None:
         console.print(f"[yellow]note:[/] {note}")
     if s.error:
         console.print(f"[red]error:[/] {s.error.get('type')}: {s.error.get('message')}")
+
+
+def print_findings(findings: list[Finding] | None, console: Console, shown: int = 10) -> None:
+    """The rules' findings, worst first, the same headline list as the HTML report."""
+    if findings is None:
+        console.print("findings: no rules have run on this run (no findings.json)")
+        return
+    if not findings:
+        console.print("findings: none")
+        return
+    colour = {"error": "red", "warning": "yellow"}
+    console.print(f"[bold]findings[/] ({len(findings)}), worst first:")
+    for f in findings[:shown]:
+        style = colour.get(f.severity, "blue")
+        console.print(
+            f"  [{style}]{escape(f.severity)}[/] [bold]{escape(f.rule)}[/]: {escape(f.message)}",
+            soft_wrap=True,
+        )
+        details = [evidence(f), f"remedy: {f.remedy}" if f.remedy else "", f.citation]
+        for line in filter(None, details):
+            console.print(f"      [dim]{escape(line)}[/]", soft_wrap=True)
+    if len(findings) > shown:
+        console.print(f"  and {len(findings) - shown} more: see `stabscope report`")

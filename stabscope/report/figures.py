@@ -21,6 +21,7 @@ from .grids import Grid
 
 RUN_COLOURS = ("#1f5fa8", "#c8321e", "#2a8c3c", "#7a4bb0", "#d98a00", "#1b9aa6", "#8c564b")
 DASHES = ("solid", "dash", "dot", "dashdot")
+DECADES = 1.3  # a colour scale goes log past this many decades (a factor of 20)
 F32 = np.float32
 
 TEMPLATE = go.layout.Template(
@@ -92,27 +93,28 @@ class Scale:
     def colorbar(self) -> dict:
         if not self.log:
             return {}
-        top = int(np.floor(self.hi))
-        ticks = list(range(int(np.ceil(self.lo)), top + 1))
-        if len(ticks) < 2:
-            ticks = list(np.linspace(self.lo, self.hi, 4))
-        step = max(1, len(ticks) // 8)
-        ticks = ticks[::step]
-        return {"tickvals": ticks, "ticktext": [f"{10**t:.2g}" for t in ticks]}
+        decades = list(range(int(np.ceil(self.lo)), int(np.floor(self.hi)) + 1))
+        ticks = decades[:: max(1, len(decades) // 8)]
+        return {
+            "tickvals": ticks,
+            "ticktext": [f"1e{t}" if abs(t) > 3 else f"{10.0**t:g}" for t in ticks],
+        }
 
 
 def scale_for(values: Sequence[np.ndarray], log: bool) -> Scale:
     """Range of the cells' colours across runs: 0.5 and 99.9 percentiles of the finite
-    values, so one outlier does not flatten the rest (it shows at the end colour)."""
+    values, so one outlier does not flatten the rest (it shows at the end colour). A log
+    scale only where the values are positive and span more than DECADES decades."""
     finite = np.concatenate([v[np.isfinite(v)].ravel() for v in values] or [np.zeros(0)])
+    if not len(finite):
+        return Scale(False, 0.0, 1.0)
     positive = finite[finite > 0]
     if log and len(positive):
         lo, hi = np.log10(np.percentile(positive, [0.5, 99.9]))
-        return Scale(True, float(lo), float(max(hi, lo + 1e-6)))
-    if not len(finite):
-        return Scale(False, 0.0, 1.0)
+        if hi - lo >= DECADES:
+            return Scale(True, float(lo), float(hi))
     lo, hi = np.percentile(finite, [0.5, 99.9])
-    return Scale(False, float(lo), float(max(hi, lo + 1e-12)))
+    return Scale(False, float(lo), float(max(hi, lo + 1e-12 * max(1.0, abs(lo)))))
 
 
 def heatmap(
@@ -153,10 +155,11 @@ def heatmap(
             col=i + 1,
         )
         fig.update_xaxes(title_text="step", row=1, col=i + 1)
-    fig.update_yaxes(autorange="reversed", type="category")
+    fig.update_yaxes(autorange="reversed", type="category", automargin=True)
     fig.update_layout(
-        title={"text": esc(title), "x": 0.01},
-        height=int(np.clip(140 + 4 * n_rows, 320, 760)),
+        title={"text": esc(title), "x": 0.01, "y": 0.98, "yanchor": "top"},
+        margin={"t": 80 if len(runs) > 1 else 50},
+        height=int(np.clip(160 + 4 * n_rows, 340, 780)),
         coloraxis={
             "colorscale": "Viridis",
             "reversescale": worst == "lo",
@@ -281,13 +284,13 @@ def matrices(
     e.g. attention entropy as layers x heads at a few steps. ``panels[r][c]`` is
     (subplot title, row labels, matrix)."""
     n_rows, n_cols = len(panels), max(len(p) for p in panels)
-    titles = [esc(t) for row in panels for t, _, _ in row]
+    titles = [esc(t) for row in panels for t in [p[0] for p in row] + [""] * (n_cols - len(row))]
     fig = make_subplots(
         rows=n_rows,
         cols=n_cols,
         shared_yaxes=True,
         horizontal_spacing=0.03,
-        vertical_spacing=0.12 / max(n_rows, 1),
+        vertical_spacing=min(0.25, 0.3 / n_rows) if n_rows > 1 else 0.1,
         subplot_titles=titles,
     )
     height = 0
@@ -304,9 +307,14 @@ def matrices(
                 row=r,
                 col=c,
             )
-            fig.update_xaxes(title_text=x_title, dtick=1 if z.shape[1] <= 16 else None, row=r, col=c)
-        height += int(np.clip(60 + 4 * max(len(lbl) for _, lbl, _ in row), 220, 520))
-    fig.update_yaxes(autorange="reversed", type="category")
+            fig.update_xaxes(
+                title_text=x_title if r == n_rows else None,
+                dtick=1 if z.shape[1] <= 16 else None,
+                row=r,
+                col=c,
+            )
+        height += int(np.clip(90 + 4 * max(len(lbl) for _, lbl, _ in row), 240, 540))
+    fig.update_yaxes(autorange="reversed", type="category", automargin=True)
     fig.update_layout(
         height=height + 60,
         coloraxis={

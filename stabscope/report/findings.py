@@ -67,12 +67,13 @@ def parse_finding(item: dict[str, Any]) -> Finding:
     )
 
 
-def worst_first(findings: list[Finding]) -> list[Finding]:
+def worst_first_key(f: Finding) -> tuple[int, bool, int, str, str]:
     """Errors, then warnings, then infos; within a severity the earliest step first."""
-    return sorted(
-        findings,
-        key=lambda f: (f.rank, f.step is None, f.step or 0, f.rule, f.module or ""),
-    )
+    return (f.rank, f.step is None, f.step or 0, f.rule, f.module or "")
+
+
+def worst_first(findings: list[Finding]) -> list[Finding]:
+    return sorted(findings, key=worst_first_key)
 
 
 def load_findings(run_dir: str | Path) -> list[Finding] | None:

@@ -1,0 +1,112 @@
+"""``build_report``: run directories in, one HTML file out, and what went wrong on the way.
+
+A directory that is not a run is bad input (``UsageError``). Everything else that is wrong
+with a run (corrupt or foreign parts, no rows, still being written, an unreadable
+findings.json) is a warning: the report renders what it can and says what it skipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+
+from ..errors import UsageError
+from ..store.atomic import write_text_atomically
+from .aggregate import Census
+from .data import Budget, RunData, census_of, collect, planned_heatmaps
+from .findings import Finding, FindingsError, load_findings
+from .html import page
+from .runs import open_run, run_names
+from .sections import Context, Section
+from .sections.attention import attention_section
+from .sections.findings_list import findings_section
+from .sections.header import header_section
+from .sections.heatmaps import heatmaps_section
+from .sections.nonfinite import nonfinite_section
+from .sections.propagation import propagation_section
+from .sections.residual import residual_section
+from .sections.training import training_section
+from .sections.updates import updates_section
+
+PAGE = (
+    header_section,
+    findings_section,
+    propagation_section,
+    heatmaps_section,
+    residual_section,
+    attention_section,
+    updates_section,
+    training_section,
+    nonfinite_section,
+)
+
+
+@dataclass
+class ReportResult:
+    path: Path
+    size: int  # bytes
+    runs: list[str]
+    sections: list[Section]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def plots(self) -> int:
+        return sum(s.plots for s in self.sections)
+
+
+def _read(run_data: list[RunData], budget: Budget, warnings: list[str]) -> None:
+    """Second pass for each run; a run whose parts fail mid-read keeps what was read."""
+    for i, d in enumerate(run_data):
+        try:
+            run_data[i] = collect(d.run, d.census, budget)
+        except (pa.ArrowException, OSError) as err:
+            warnings.append(
+                f"{d.run.name}: reading its parts failed, some plots are missing: {err}"
+            )
+
+
+def build_report(run_dirs: Sequence[str | Path], out: str | Path) -> ReportResult:
+    """Write the HTML report of ``run_dirs`` (several are compared) to ``out``."""
+    if not run_dirs:
+        raise UsageError("no run directory given", hint="stabscope report RUN_DIR ... -o out.html")
+    paths = [Path(p) for p in run_dirs]
+    runs = [open_run(p, n) for p, n in zip(paths, run_names(paths))]
+    warnings = [w for r in runs for w in r.warnings]
+    data = []
+    for run in runs:
+        try:
+            census = census_of(run)
+        except (pa.ArrowException, OSError) as err:
+            warnings.append(f"{run.name}: its parts could not be read: {err}")
+            census = Census()
+        data.append(RunData(run, census))
+    budget = Budget.for_heatmaps(sum(len(planned_heatmaps(d.census)) for d in data))
+    _read(data, budget, warnings)
+
+    findings: dict[str, list[Finding] | None] = {}
+    for run in runs:
+        try:
+            findings[run.name] = load_findings(run.path)
+        except FindingsError as err:
+            warnings.append(str(err))
+            findings[run.name] = None
+    ctx = Context(data, findings)
+    # Findings link to plots, so they are built after every plot; the propagation plot is
+    # only the link target for what no heatmap shows.
+    late = (propagation_section, findings_section)
+    built = {f: f(ctx) for f in [*(f for f in PAGE if f not in late), *late]}
+    sections = [built[f] for f in PAGE]
+    text = page([r.name for r in runs], sections)
+    target = Path(out)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomically(target, text)
+    except OSError as err:
+        raise UsageError(
+            f"cannot write the report to {target}: {err.strerror or err}",
+            hint="choose a writable path with -o",
+        ) from None
+    return ReportResult(target, len(text.encode()), [r.name for r in runs], sections, warnings)

@@ -1,0 +1,57 @@
+"""Section 5: residual branches: Admin's ω, branch/stream ratio, dependency, and β at init."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import figures
+from . import Context, Section, heat_block, missing_note
+
+KEYS = ("res_omega", "res_ratio", "res_dependency")
+INTRO = (
+    "Per residual branch over training: Admin's ω (Liu et al. 2020), the rms of the branch "
+    "output relative to the residual stream it is added to, and how much the output depends "
+    "on the branch. Then β at the first recorded step: how much each branch's input depends "
+    "on each earlier component (rows: branches, columns: components)."
+)
+
+
+def _beta(ctx: Context, section: Section) -> None:
+    panels = []
+    have = []
+    for d in ctx.data:
+        beta = d.beta
+        if beta is None or not np.isfinite(beta.values).any():
+            continue
+        have.append(d.run.name)
+        panels.append(
+            [(f"{d.run.name} · step {beta.steps[0]}", beta.modules, beta.values[:, :, 0])]
+        )
+    if not panels:
+        section.notes.append("res_beta (β at init): not recorded in any run")
+        return
+    note = missing_note(ctx, "res_beta", have)
+    if note:
+        section.notes.append(note)
+    values = np.concatenate([z.ravel() for row in panels for _, _, z in row])
+    finite = values[np.isfinite(values)]
+    div_id = ctx.register("fig-res_beta", "res_beta")
+    zrange = (float(min(0.0, finite.min())), float(max(1.0, finite.max())))
+    section.body.append(figures.matrices(panels, "component", zrange, div_id))
+
+
+def residual_section(ctx: Context) -> Section:
+    section = Section("residual", "Residual dependency", intro=INTRO)
+    absent = []
+    for key in KEYS:
+        block = heat_block(ctx, key, section.notes)
+        if block is None:
+            absent.append(key)
+        else:
+            section.body.append(block)
+    if absent:
+        section.notes.append(
+            f"not recorded in any run: {', '.join(absent)} (needs detected residual branches)"
+        )
+    _beta(ctx, section)
+    return section

@@ -1,0 +1,28 @@
+"""Section 7: updates: per-layer update ratios, Adam's √v against ε, and ‖ΔF‖."""
+
+from __future__ import annotations
+
+from . import Context, Section, heat_block, series_block
+
+INTRO = (
+    "How far each step moves each layer: ‖Δθ‖/‖θ‖ over the layer's parameters (≈ lr for "
+    "Adam when healthy; much larger early on is the warm-up failure), Adam's √v/ε where it "
+    "was recorded (near 1, ε dominates and updates shrink: Wortsman et al. 2023), and the "
+    "change of the model's output per step ‖ΔF‖ (Wang et al. 2022)."
+)
+
+
+def updates_section(ctx: Context) -> Section:
+    section = Section("updates", "Updates", intro=INTRO)
+    for key in ("update_ratio", "adam_sqrtv_over_eps"):
+        block = heat_block(ctx, key, section.notes)
+        if block is not None:
+            section.body.append(block)
+    block = series_block(ctx, "model_update", "model update ‖ΔF‖", True, section.notes)
+    if block is not None:
+        section.body.append(block)
+    else:
+        section.notes.append("model_update (‖ΔF‖): not recorded in any run")
+    if not section.body:
+        section.notes.append("no update metrics (update_norm with param_norm) in these runs")
+    return section
