@@ -169,7 +169,7 @@ def summary(
     try:
         print_findings(load_findings(run_dir), err)
     except FindingsError as e:
-        err.print(f"[yellow]warning:[/] {escape(str(e))}")
+        err.print(f"[yellow]warning:[/] {escape(str(e))}", soft_wrap=True)
 
 
 @app.command()
@@ -189,10 +189,11 @@ def report(
     except UsageError as e:
         raise fail(e) from None
     for warning in result.warnings:
-        err.print(f"[yellow]warning:[/] {escape(warning)}")
+        err.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
     err.print(
         f"report: [bold]{escape(str(result.path))}[/] ({result.size / 1e6:.1f} MB, "
-        f"{len(result.runs)} run{'s' if len(result.runs) > 1 else ''}, {result.plots} plots)"
+        f"{len(result.runs)} run{'s' if len(result.runs) > 1 else ''}, {result.plots} plots)",
+        soft_wrap=True,
     )
 
 

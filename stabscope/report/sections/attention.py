@@ -34,7 +34,7 @@ def _heads(ctx: Context, section: Section) -> None:
     note = missing_note(ctx, "attn_entropy", have)
     if note:
         section.notes.append(note)
-    div_id = ctx.register("fig-attn_heads", "attn_entropy")
+    div_id = "fig-attn_heads"  # findings link to the heatmap over time, which shows when
     section.body.append(figures.matrices(panels, "head", (0.0, 1.0), div_id, reverse=True))
 
 
