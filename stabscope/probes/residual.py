@@ -36,24 +36,27 @@ from ..structure import Branch, Structure
 MAX_BETA_BRANCHES = 128
 
 
-def _mean_var(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    n = v.numel()
-    return v.sum() / n, torch.dot(v, v) / n
+def _token_sq_norms(v: torch.Tensor) -> torch.Tensor:
+    """Squared norm of every token vector: (N, D) -> (N,), one pass, no (N, D) temporary."""
+    return torch.bmm(v.unsqueeze(1), v.unsqueeze(2)).reshape(-1)
 
 
 def branch_stats(x: torch.Tensor, f: torch.Tensor, alpha: float) -> torch.Tensor:
     """[mean per-token rms(f)/rms(x), Var f, Var x, Var(α·x + f)] as a float32 4-vector.
 
-    x, f: (..., hidden) tensors of the same shape.
+    x, f: (..., hidden) tensors of the same shape. Five passes: per-token squared norms of x
+    and f (their totals give the sums of squares), the two sums, and one cross dot product.
     """
-    x = x.detach().float()
-    f = f.detach().float()
-    ratio = (torch.linalg.vector_norm(f, dim=-1) / torch.linalg.vector_norm(x, dim=-1)).mean()
-    xv, fv = x.reshape(-1), f.reshape(-1)
-    mx, sqx = _mean_var(xv)
-    mf, sqf = _mean_var(fv)
-    var_x, var_f = sqx - mx * mx, sqf - mf * mf
-    cov = torch.dot(xv, fv) / xv.numel() - mx * mf
+    d = x.shape[-1]
+    xf = x.detach().float().reshape(-1, d)  # (tokens, hidden)
+    ff = f.detach().float().reshape(-1, d)
+    px, pf = _token_sq_norms(xf), _token_sq_norms(ff)
+    ratio = (pf / px).sqrt().mean()
+    n = xf.numel()
+    mx, mf = xf.sum() / n, ff.sum() / n
+    var_x = px.sum() / n - mx * mx
+    var_f = pf.sum() / n - mf * mf
+    cov = torch.dot(xf.reshape(-1), ff.reshape(-1)) / n - mx * mf
     var_t = alpha * alpha * var_x + var_f + 2 * alpha * cov
     return torch.stack((ratio, var_f, var_x, var_t))
 
