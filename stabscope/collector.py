@@ -103,3 +103,43 @@ class Collector:
 
     def clear(self) -> None:
         self._pending.clear()
+
+
+class ModuleScalars:
+    """One 0-d device tensor per module and step, handed over as a single stacked tensor.
+
+    The shape most probes share: collect ``(module code, value)`` during the step, then emit
+    one row per module under ``metric`` at the step's sync.
+    """
+
+    def __init__(
+        self, metric: str, transform: Callable[[np.ndarray], np.ndarray] | None = None
+    ) -> None:
+        self.metric = metric
+        self.transform = transform
+        self._values: list[tuple[int, torch.Tensor]] = []
+        self._seen: set[int] = set()
+
+    def add(self, code: int, value: torch.Tensor) -> None:
+        self._values.append((code, value))
+
+    def first_time(self, code: int) -> bool:
+        """True once per module and step: later calls of the same module are not measured."""
+        if code in self._seen:
+            return False
+        self._seen.add(code)
+        return True
+
+    def hand_over(self, collector: Collector) -> None:
+        self._seen.clear()
+        if not self._values:
+            return
+        codes = np.array([c for c, _ in self._values])
+        stacked = torch.stack([v for _, v in self._values])
+        self._values = []
+        metric, transform = self.metric, self.transform
+
+        def decode(values: np.ndarray, rows: Rows) -> None:
+            rows.emit("train", codes, 0, metric, transform(values) if transform else values)
+
+        collector.add(stacked, decode)

@@ -9,17 +9,16 @@ has ``eps`` (Adam, AdamW, NAdam, RAdam, ...).
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
-from ..collector import Collector
+from ..collector import Collector, ModuleScalars
 
 
 class AdamEpsProbe:
     def __init__(self, params: list[tuple[int, nn.Parameter]]) -> None:
         self.params = params
-        self._values: list[tuple[int, torch.Tensor]] = []
+        self.values = ModuleScalars("adam_sqrtv_over_eps")
 
     def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         eps_of = {id(p): g.get("eps") for g in optimizer.param_groups for p in g["params"]}
@@ -30,14 +29,7 @@ class AdamEpsProbe:
             if not isinstance(eps, float) or eps <= 0 or not isinstance(v, torch.Tensor):
                 continue
             flat = v.detach().reshape(-1).float()
-            self._values.append((code, (flat.sum() / flat.numel()).sqrt() / eps))
+            self.values.add(code, (flat.sum() / flat.numel()).sqrt() / eps)
 
     def end_step(self, collector: Collector) -> None:
-        if not self._values:
-            return
-        codes = np.array([c for c, _ in self._values])
-        stacked = torch.stack([v for _, v in self._values])
-        self._values = []
-        collector.add(
-            stacked, lambda v, rows: rows.emit("train", codes, 0, "adam_sqrtv_over_eps", v)
-        )
+        self.values.hand_over(collector)

@@ -9,11 +9,10 @@ analysis assumes zero-mean features): r = mean_{i≠j} <x_i, x_j> / mean_i <x_i,
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
-from ..collector import Collector
+from ..collector import Collector, ModuleScalars
 from ..hooks import ListenerHooks, primary_tensor
 
 
@@ -42,8 +41,7 @@ class CorrelationProbe:
         listeners: ListenerHooks,
         seq_dims: dict[str, int] | None = None,
     ) -> None:
-        self._values: list[tuple[int, torch.Tensor]] = []
-        self._seen: set[int] = set()
+        self.values = ModuleScalars("token_corr")
         seq_dims = seq_dims or {}
         for name, module in modules.items():
             listeners.add(
@@ -53,16 +51,13 @@ class CorrelationProbe:
 
     def _on(self, code: int, output: object, seq_dim: int) -> None:
         x = primary_tensor(output)
-        if x is None or x.dim() != 3 or x.shape[seq_dim] < 2 or code in self._seen:
-            return
-        self._seen.add(code)
-        self._values.append((code, token_correlation(x, seq_dim=seq_dim)))
+        if (
+            x is not None
+            and x.dim() == 3
+            and x.shape[seq_dim] >= 2
+            and self.values.first_time(code)
+        ):
+            self.values.add(code, token_correlation(x, seq_dim=seq_dim))
 
     def end_step(self, collector: Collector) -> None:
-        self._seen.clear()
-        if not self._values:
-            return
-        codes = np.array([c for c, _ in self._values])
-        stacked = torch.stack([v for _, v in self._values])
-        self._values = []
-        collector.add(stacked, lambda v, rows: rows.emit("train", codes, 0, "token_corr", v))
+        self.values.hand_over(collector)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..collector import Collector
+from ..collector import Collector, ModuleScalars
 from ..hooks import ListenerHooks
 from ..structure.trace import main_input
 
@@ -19,26 +19,15 @@ class NormInputProbe:
     def __init__(
         self, modules: dict[str, nn.Module], codes: dict[str, int], listeners: ListenerHooks
     ) -> None:
-        self._values: list[tuple[int, torch.Tensor]] = []
-        self._seen: set[int] = set()
+        self.values = ModuleScalars("norm_input_rms", np.sqrt)  # mean square -> rms
         for name, module in modules.items():
             listeners.add(module, post=lambda m, a, k, o, c=codes[name]: self._on(c, a, k))
 
     def _on(self, code: int, args: tuple, kwargs: dict) -> None:
         x = main_input(tuple(args), dict(kwargs or {}))
-        if x is None or code in self._seen:
-            return
-        self._seen.add(code)
-        v = x.detach().reshape(-1).float()
-        self._values.append((code, torch.dot(v, v) / v.numel()))
+        if x is not None and self.values.first_time(code):
+            v = x.detach().reshape(-1).float()
+            self.values.add(code, torch.dot(v, v) / v.numel())
 
     def end_step(self, collector: Collector) -> None:
-        self._seen.clear()
-        if not self._values:
-            return
-        codes = np.array([c for c, _ in self._values])
-        stacked = torch.stack([v for _, v in self._values])
-        self._values = []
-        collector.add(
-            stacked, lambda v, rows: rows.emit("train", codes, 0, "norm_input_rms", np.sqrt(v))
-        )
+        self.values.hand_over(collector)
