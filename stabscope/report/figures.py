@@ -124,10 +124,13 @@ def heatmap(
     The colour is the worst end of each cell's envelope; hover gives the envelope."""
     cells = [g.hi if worst == "hi" else g.lo for _, g in runs]
     scale = scale_for(cells, log)
+    # Plotly cannot draw a heatmap on a shared category axis unless every trace has all of
+    # its categories, so rows are shared only between runs with the same rows.
+    same_rows = all(g.rows == runs[0][1].rows for _, g in runs)
     fig = make_subplots(
         rows=1,
         cols=len(runs),
-        shared_yaxes=True,
+        shared_yaxes=same_rows,
         shared_xaxes="all",
         horizontal_spacing=0.03,
         subplot_titles=[esc(name) for name, _ in runs] if len(runs) > 1 else None,

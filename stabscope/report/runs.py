@@ -32,6 +32,7 @@ class Run:
     meta: dict[str, Any]
     files: list[Path]
     warnings: list[str] = field(default_factory=list)
+    rows: int = 0  # in the readable parts, from their footers
     layers: list[str] = field(default_factory=list)  # the depth axis, shallow to deep
     depth_source: str = ""  # where the depth axis came from, said in the report
 
@@ -60,24 +61,27 @@ def _compatible(schema: pa.Schema) -> str | None:
     return None
 
 
-def readable_parts(path: Path) -> tuple[list[Path], list[str]]:
-    """The parts the report can read, and a warning for each one it cannot."""
+def readable_parts(path: Path) -> tuple[list[Path], int, list[str]]:
+    """The parts the report can read, their row count, and a warning for each part it
+    cannot read."""
     notes: list[str] = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", StabscopeWarning)
         files = part_files(path)
     notes += [str(w.message) for w in caught if issubclass(w.category, StabscopeWarning)]
-    good = []
+    good, rows = [], 0
     for part in files:
         try:
-            why = _compatible(pq.read_schema(part))
+            footer = pq.read_metadata(part)
+            why = _compatible(footer.schema.to_arrow_schema())
         except (pa.ArrowException, OSError) as err:  # removed or truncated since it was listed
             why = str(err)
         if why is None:
             good.append(part)
+            rows += footer.num_rows
         else:
             notes.append(f"skipping part {part} with another schema: {why}")
-    return good, notes
+    return good, rows, notes
 
 
 def open_run(path: str | Path, name: str) -> Run:
@@ -91,8 +95,8 @@ def open_run(path: str | Path, name: str) -> Run:
         raise UsageError(
             str(err), hint="pass a directory written by `stabscope profile` or stabscope.Recorder"
         ) from None
-    files, notes = readable_parts(path)
-    run = Run(name, path, meta, files, notes)
+    files, rows, notes = readable_parts(path)
+    run = Run(name, path, meta, files, notes, rows)
     version = meta.get("schema_version")
     if isinstance(version, int) and version > SCHEMA_VERSION:
         run.warnings.append(

@@ -57,7 +57,10 @@ def _structure(run: Run) -> str:
         kinds += [f"{n}× {esc(s)}" for s, n in stacks.items()]
         if heads:
             kinds.append(f"heads {', '.join(map(str, heads))}")
-        lines.append(f"{len(blocks)} blocks ({found}): " + "; ".join(kinds))
+        if blocks:
+            lines.append(f"{len(blocks)} blocks ({found}): " + "; ".join(kinds))
+        else:
+            lines.append("no transformer blocks recognised")
         lines += [f"<i>{esc(note)}</i>" for note in structure.get("notes") or []]
     return "<br>".join(lines)
 
@@ -96,7 +99,7 @@ def _steps(run: Run) -> str:
     meta = run.meta
     return esc(
         f"{meta.get('steps', '–')} trained, {meta.get('recorded_steps', '–')} recorded, "
-        f"{meta.get('rows') or 0:,} rows in {len(run.files)} readable parts"
+        f"{run.rows:,} rows in {len(run.files)} readable parts"
     )
 
 
