@@ -10,6 +10,7 @@ ones that never fired are reported instead of trusted.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import weakref
 from collections.abc import Callable, Mapping
@@ -47,6 +48,13 @@ def primary_tensor(output: Any) -> torch.Tensor | None:
         if found is not None:
             return found
     return None
+
+
+def outside_modes() -> Any:
+    """A context in which torch functions skip every TorchFunctionMode: the recorder's own
+    statistics inside an attention module must not pay the attention probe's interception."""
+    disable = getattr(torch._C, "DisableTorchFunction", None)
+    return disable() if disable is not None else contextlib.nullcontext()
 
 
 def _in_backward() -> bool:
@@ -127,6 +135,10 @@ class ModuleHooks:
         tensor = primary_tensor(output)
         if tensor is None:
             return
+        with outside_modes():
+            self._record_output(phase, code, call, tensor)
+
+    def _record_output(self, phase: int, code: int, call: int, tensor: torch.Tensor) -> None:
         self.on_forward(phase, code, call, tensor)
         if self.on_grad is not None and phase == TRAIN and tensor.requires_grad:
             self.grad_hooks[code] += 1
@@ -179,7 +191,8 @@ class ListenerHooks:
 
             def pre_hook(m: nn.Module, args: Any, kwargs: Any, fn: PreListener = pre) -> None:
                 if not self.paused and _training_call(m):
-                    fn(m, args, kwargs)
+                    with outside_modes():
+                        fn(m, args, kwargs)
 
             self._handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
         if post is not None:
@@ -188,7 +201,8 @@ class ListenerHooks:
                 m: nn.Module, args: Any, kwargs: Any, out: Any, fn: PostListener = post
             ) -> None:
                 if not self.paused and _training_call(m):
-                    fn(m, args, kwargs, out)
+                    with outside_modes():
+                        fn(m, args, kwargs, out)
 
             self._handles.append(
                 module.register_forward_hook(post_hook, with_kwargs=True, always_call=True)

@@ -9,27 +9,41 @@ has ``eps`` (Adam, AdamW, NAdam, RAdam, ...).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
-from ..collector import Collector, ModuleScalars
+from ..collector import Collector, Rows
 
 
 class AdamEpsProbe:
     def __init__(self, params: list[tuple[int, nn.Parameter]]) -> None:
         self.params = params
-        self.values = ModuleScalars("adam_sqrtv_over_eps")
+        self._pending: list[tuple[np.ndarray, torch.Tensor]] = []
 
     def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         eps_of = {id(p): g.get("eps") for g in optimizer.param_groups for p in g["params"]}
+        codes, scale, squares = [], [], []
         for code, p in self.params:
             eps = eps_of.get(id(p))
             state = optimizer.state.get(p, {})
             v = state.get("exp_avg_sq") if isinstance(state, dict) else None
-            if not isinstance(eps, float) or eps <= 0 or not isinstance(v, torch.Tensor):
-                continue
-            flat = v.detach().reshape(-1).float()
-            self.values.add(code, (flat.sum() / flat.numel()).sqrt() / eps)
+            if isinstance(eps, float) and eps > 0 and isinstance(v, torch.Tensor):
+                codes.append(code)
+                scale.append((v.numel(), eps))
+                squares.append(v.detach())
+        if squares:
+            # exp_avg_sq >= 0, so its L1 norm is its sum: one fused call for all parameters.
+            sums = torch.stack([s.float() for s in torch._foreach_norm(squares, 1)])
+            self._pending.append((np.array(codes), np.array(scale, np.float64), sums))
 
     def end_step(self, collector: Collector) -> None:
-        self.values.hand_over(collector)
+        for codes, scale, sums in self._pending:
+
+            def decode(v: np.ndarray, rows: Rows, codes=codes, scale=scale) -> None:
+                rows.emit(
+                    "train", codes, 0, "adam_sqrtv_over_eps", np.sqrt(v / scale[:, 0]) / scale[:, 1]
+                )
+
+            collector.add(sums, decode)
+        self._pending = []
