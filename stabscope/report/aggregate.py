@@ -21,24 +21,22 @@ from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as ds
-
-from ..store import SCHEMA
+import pyarrow.parquet as pq
 
 BATCH_ROWS = 1 << 20  # ~20 MB of columns per batch
-MAX_INDEX = 1 << 15  # index is int16
 
 
 class Names:
     """Integer ids for the strings of a dictionary column, stable across parts whose
-    dictionaries differ. The lookup table of the last dictionary is kept, because every
-    batch of one part carries the same dictionary."""
+    dictionaries differ. Rows are never translated one by one: a batch's dictionary gets a
+    lookup table (kept while the next batches carry the same dictionary, as every batch
+    of one part does), and only the rows that are used go through it."""
 
     def __init__(self) -> None:
         self.ids: dict[str, int] = {}
         self.names: list[str] = []
         self._dictionary: pa.Array | None = None
-        self._lut = np.zeros(0, np.int32)
+        self._lut = np.zeros(0, np.int64)
 
     def id(self, name: str) -> int:
         code = self.ids.get(name)
@@ -47,29 +45,45 @@ class Names:
             self.names.append(name)
         return code
 
-    def codes(self, column: pa.Array) -> np.ndarray:
-        if not pa.types.is_dictionary(column.type):
-            column = column.dictionary_encode()
-        dictionary = column.dictionary
+    def lut(self, dictionary: pa.Array, grow: bool = True) -> np.ndarray:
+        """Ids of the dictionary's strings; without ``grow``, unknown strings get the id
+        ``len(names)``, one past every lookup table built from these names."""
         if self._dictionary is None or not (
             dictionary is self._dictionary or dictionary.equals(self._dictionary)
         ):
-            self._lut = np.array([self.id(n) for n in dictionary.to_pylist()], np.int32)
+            unknown = len(self.names)
+            self._lut = np.array(
+                [self.id(n) if grow else self.ids.get(n, unknown) for n in dictionary.to_pylist()],
+                np.int64,
+            )
             self._dictionary = dictionary
-        return self._lut[column.indices.to_numpy(zero_copy_only=False)]
+        return self._lut
 
 
-def batches(
-    files: Sequence[Path], columns: list[str], metrics: Sequence[str] | None = None
-) -> Iterator[pa.RecordBatch]:
-    """Training rows of rank 0, first call, optionally of some metrics only."""
-    if not files:
-        return
-    dataset = ds.dataset([str(f) for f in files], schema=SCHEMA, format="parquet")
-    expr = (ds.field("phase") == "train") & (ds.field("rank") == 0) & (ds.field("call") == 0)
-    if metrics is not None:
-        expr = expr & ds.field("metric").isin(pa.array(sorted(metrics), pa.string()))
-    yield from dataset.to_batches(columns=columns, filter=expr, batch_size=BATCH_ROWS)
+def batches(files: Sequence[Path], columns: list[str]) -> Iterator[pa.RecordBatch]:
+    """Training rows of rank 0, first call, part by part and row group by row group (a
+    dataset scanner reads ahead whole parts: ~1 GB at 200M rows). The filter is a numpy
+    mask, applied only to the rare batches that need it."""
+    for path in files:
+        with pq.ParquetFile(path) as part:
+            for batch in part.iter_batches(
+                batch_size=BATCH_ROWS, columns=[*columns, "phase", "rank", "call"]
+            ):
+                phase = dictionary_column(batch, "phase")
+                names = phase.dictionary.to_pylist()
+                train = names.index("train") if "train" in names else -1
+                keep = phase.indices.to_numpy() == train
+                keep &= batch.column("rank").to_numpy() == 0
+                keep &= batch.column("call").to_numpy() == 0
+                if keep.all():
+                    yield batch
+                elif keep.any():
+                    yield batch.filter(pa.array(keep))
+
+
+def dictionary_column(batch: pa.RecordBatch, name: str) -> pa.DictionaryArray:
+    column = batch.column(name)
+    return column if pa.types.is_dictionary(column.type) else column.dictionary_encode()
 
 
 def _grown(marks: np.ndarray, rows: int, cols: int) -> np.ndarray:
@@ -90,21 +104,33 @@ class Census:
         self.modules = Names()
         self._steps = np.zeros((8, 1024), bool)
         self._modules = np.zeros((8, 256), bool)
-        self._index = np.zeros((8, MAX_INDEX + 1), bool)  # column 0 is index -1
+        self._width = np.zeros(8, np.int64)  # largest index + 1, 0 when only -1
 
-    def add(self, metric: np.ndarray, module: np.ndarray, step: np.ndarray, index: np.ndarray):
-        if not len(metric):
-            return
-        rows = int(metric.max()) + 1
-        self._steps = _grown(self._steps, rows, int(step.max()) + 1)
-        self._modules = _grown(self._modules, rows, int(module.max()) + 1)
-        self._index = _grown(self._index, rows, MAX_INDEX + 1)
-        self._steps[metric, step] = True
-        self._modules[metric, module] = True
-        self._index[metric, index.astype(np.int32) + 1] = True
+    def add(self, batch: pa.RecordBatch) -> None:
+        metric, module = dictionary_column(batch, "metric"), dictionary_column(batch, "module")
+        metric_ids = self.metrics.lut(metric.dictionary)
+        module_ids = self.modules.lut(module.dictionary)
+        local_metric = metric.indices.to_numpy().astype(np.int64)
+        step = batch.column("step").to_numpy()
+        index = batch.column("index").to_numpy()
+        n_metrics, n_modules, n_steps = len(metric_ids), len(module_ids), int(step.max()) + 1
+        self._steps = _grown(self._steps, len(self.metrics.names), n_steps)
+        self._modules = _grown(self._modules, len(self.metrics.names), len(self.modules.names))
+        if len(self._width) < len(self.metrics.names):
+            self._width = np.r_[self._width, np.zeros(len(self.metrics.names), np.int64)]
+        # Marks are counted in the batch's own codes (small tables), then ORed into the
+        # run-wide ones through the lookup tables.
+        seen = np.bincount(local_metric * n_steps + step, minlength=n_metrics * n_steps)
+        self._steps[metric_ids, :n_steps] |= seen.reshape(n_metrics, n_steps) > 0
+        local_module = module.indices.to_numpy()
+        seen = np.bincount(local_metric * n_modules + local_module, minlength=n_metrics * n_modules)
+        self._modules[np.ix_(metric_ids, module_ids)] |= seen.reshape(n_metrics, n_modules) > 0
+        indexed = index >= 0
+        if indexed.any():
+            np.maximum.at(self._width, metric_ids[local_metric[indexed]], index[indexed] + 1)
 
     def has(self, metric: str) -> bool:
-        return metric in self.metrics.ids
+        return metric in self.metrics.ids and bool(self._steps[self.metrics.ids[metric]].any())
 
     def steps(self, metric: str) -> np.ndarray:
         code = self.metrics.ids.get(metric)
@@ -118,22 +144,15 @@ class Census:
 
     def width(self, metric: str) -> int:
         """Number of index values (heads, components, param groups); 1 when only -1."""
-        code = self.metrics.ids.get(metric)
-        if code is None:
+        if not self.has(metric):
             return 0
-        seen = np.flatnonzero(self._index[code])
-        return max(1, int(seen.max())) if len(seen) else 0
+        return max(1, int(self._width[self.metrics.ids[metric]]))
 
 
 def take_census(files: Sequence[Path]) -> Census:
     census = Census()
     for batch in batches(files, ["step", "metric", "module", "index"]):
-        census.add(
-            census.metrics.codes(batch.column("metric")),
-            census.modules.codes(batch.column("module")),
-            batch.column("step").to_numpy(),
-            batch.column("index").to_numpy(),
-        )
+        census.add(batch)
     return census
 
 
@@ -145,46 +164,46 @@ class Accumulator(Protocol):
 
 
 def feed(files: Sequence[Path], census: Census, accumulators: Sequence[Accumulator]) -> None:
-    """One pass over the rows of the accumulators' metrics, each row given to every
-    accumulator of its metric."""
-    wanted = {a.metric for a in accumulators if census.has(a.metric)}
-    if not wanted:
-        return
-    by_code: dict[int, list[Accumulator]] = {}
+    """One pass over the run, each row of a metric given to that metric's accumulators."""
+    by_id: dict[int, list[Accumulator]] = {}
     for acc in accumulators:
-        if acc.metric in wanted:
-            by_code.setdefault(census.metrics.ids[acc.metric], []).append(acc)
-    codes = np.array(sorted(by_code), np.int64)
-    cols = ["step", "metric", "module", "index", "value"]
-    for batch in batches(files, cols, sorted(wanted)):
-        metric = census.metrics.codes(batch.column("metric"))
-        # Group the batch by metric with one stable sort (radix sort on small ints).
-        order = np.argsort(metric.astype(np.int16), kind="stable")
-        bounds = np.searchsorted(metric[order], np.r_[codes, codes + 1])
-        step = batch.column("step").to_numpy()[order]
-        module = census.modules.codes(batch.column("module"))[order]
-        index = batch.column("index").to_numpy()[order]
-        value = batch.column("value").to_numpy()[order]
-        for i, code in enumerate(codes):
-            lo, hi = bounds[i], bounds[i + len(codes)]
-            if hi > lo:
-                for acc in by_code[int(code)]:
-                    acc.add(step[lo:hi], module[lo:hi], index[lo:hi], value[lo:hi])
+        if census.has(acc.metric):
+            by_id.setdefault(census.metrics.ids[acc.metric], []).append(acc)
+    if not by_id:
+        return
+    for batch in batches(files, ["step", "metric", "module", "index", "value"]):
+        metric, module = dictionary_column(batch, "metric"), dictionary_column(batch, "module")
+        metric_ids = census.metrics.lut(metric.dictionary, grow=False)
+        module_ids = census.modules.lut(module.dictionary, grow=False)
+        local_metric = metric.indices.to_numpy()
+        if len(metric_ids) < 256:  # one-byte compares below: 4x less memory traffic
+            local_metric = local_metric.astype(np.uint8)
+        local_module = module.indices.to_numpy()
+        step = batch.column("step").to_numpy()
+        index = batch.column("index").to_numpy()
+        value = batch.column("value").to_numpy()
+        for local, code in enumerate(metric_ids.tolist()):
+            if code not in by_id:
+                continue
+            rows = np.flatnonzero(local_metric == local)
+            if not len(rows):
+                continue
+            args = (step[rows], module_ids[local_module[rows]], index[rows], value[rows])
+            for acc in by_id[code]:
+                acc.add(*args)
 
 
 def lookup(size: int, keys: Sequence[int] | np.ndarray, values: Sequence[int] | np.ndarray):
-    """An array ``a`` of length ``size`` with ``a[keys] = values`` and -1 elsewhere."""
-    out = np.full(max(size, 1), -1, np.int64)
+    """A table ``t`` with ``t[key] = value`` for keys below ``size`` and -1 elsewhere; it
+    ends with one extra -1 that ``at`` uses for every key past the end."""
+    out = np.full(size + 1, -1, np.int64)
     out[np.asarray(keys, np.int64)] = np.asarray(values, np.int64)
     return out
 
 
 def at(table: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    """``table[keys]`` with -1 for keys past its end."""
-    out = np.full(len(keys), -1, np.int64)
-    inside = keys < len(table)
-    out[inside] = table[keys[inside]]
-    return out
+    """``table[keys]`` for non-negative keys; keys past the end give the table's last -1."""
+    return table[np.minimum(keys, len(table) - 1)]
 
 
 @dataclass

@@ -274,5 +274,7 @@ class Markers:
 
     def add(self, step: np.ndarray, module: np.ndarray, index: np.ndarray, value: np.ndarray):
         room = self.LIMIT - len(self.rows)
+        known = len(self.names.names)
         for s, m in zip(step[:room].tolist(), module[:room].tolist()):
-            self.rows.append((int(s), self.names.names[m]))
+            if m < known:
+                self.rows.append((int(s), self.names.names[m]))
