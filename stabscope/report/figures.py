@@ -76,6 +76,15 @@ def to_div(fig: go.Figure, div_id: str) -> str:
     )
 
 
+def power_label(exponent: float) -> str:
+    """10**exponent as 0.002, 50 or 2e-5, 1e6."""
+    value = 10.0**exponent
+    if -3 <= exponent < 3:
+        return f"{value:.3g}"
+    mantissa, power = f"{value:.0e}".split("e")
+    return f"{mantissa}e{int(power)}"
+
+
 @dataclass
 class Scale:
     """Colour scale: log10 values for magnitudes that span decades, else linear."""
@@ -93,12 +102,13 @@ class Scale:
     def colorbar(self) -> dict:
         if not self.log:
             return {}
-        decades = list(range(int(np.ceil(self.lo)), int(np.floor(self.hi)) + 1))
-        ticks = decades[:: max(1, len(decades) // 8)]
-        return {
-            "tickvals": ticks,
-            "ticktext": [f"1e{t}" if abs(t) > 3 else f"{10.0**t:g}" for t in ticks],
-        }
+        decades = range(int(np.floor(self.lo)), int(np.ceil(self.hi)) + 1)
+        # 1, 2, 5 per decade when the range spans few decades, every k-th decade when many
+        marks = (1,) if len(decades) > 4 else (1, 2, 5)
+        values = [d + float(np.log10(m)) for d in decades for m in marks]
+        ticks = [v for v in values if self.lo <= v <= self.hi]
+        ticks = ticks[:: max(1, len(ticks) // 8)]
+        return {"tickvals": ticks, "ticktext": [power_label(t) for t in ticks]}
 
 
 def scale_for(values: Sequence[np.ndarray], log: bool) -> Scale:

@@ -10,9 +10,10 @@ from . import Context, Section, heat_block, missing_note
 KEYS = ("res_omega", "res_ratio", "res_dependency")
 INTRO = (
     "Per residual branch over training: Admin's ω (Liu et al. 2020), the rms of the branch "
-    "output relative to the residual stream it is added to, and how much the output depends "
-    "on the branch. Then β at the first recorded step: how much each branch's input depends "
-    "on each earlier component (rows: branches, columns: components)."
+    "output over the rms of the stream it is added to, and the branch's share of the "
+    "variance of the sum. Then β at the first recorded step: the stream after each branch "
+    "(rows) as a mix of unit-variance components, the stream entering the first branch and "
+    "each branch output (columns)."
 )
 
 

@@ -8,7 +8,7 @@ INTRO = (
     "How far each step moves each layer: ‖Δθ‖/‖θ‖ over the layer's parameters (≈ lr for "
     "Adam when healthy; much larger early on is the warm-up failure), Adam's √v/ε where it "
     "was recorded (near 1, ε dominates and updates shrink: Wortsman et al. 2023), and the "
-    "change of the model's output per step ‖ΔF‖ (Wang et al. 2022)."
+    "model update ‖ΔF‖ = ‖F(x, θ_t) − F(x, θ_0)‖ on a probe batch (Wang et al. 2022)."
 )
 
 
