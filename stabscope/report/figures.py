@@ -24,6 +24,14 @@ DASHES = ("solid", "dash", "dot", "dashdot")
 DECADES = 1.3  # a colour scale goes log past this many decades (a factor of 20)
 F32 = np.float32
 
+# "1e-4" rather than plotly's SI "100μ", which reads as a unit
+AXIS = {
+    "gridcolor": "#ececec",
+    "linecolor": "#888",
+    "ticks": "outside",
+    "zeroline": False,
+    "exponentformat": "e",
+}
 TEMPLATE = go.layout.Template(
     layout={
         "font": {"family": "system-ui, -apple-system, 'Segoe UI', sans-serif", "size": 12},
@@ -33,18 +41,8 @@ TEMPLATE = go.layout.Template(
         "margin": {"l": 70, "r": 20, "t": 40, "b": 45},
         "hoverlabel": {"font": {"size": 12}},
         "legend": {"orientation": "h", "y": -0.18, "x": 0},
-        "xaxis": {
-            "gridcolor": "#ececec",
-            "linecolor": "#888",
-            "ticks": "outside",
-            "zeroline": False,
-        },
-        "yaxis": {
-            "gridcolor": "#ececec",
-            "linecolor": "#888",
-            "ticks": "outside",
-            "zeroline": False,
-        },
+        "xaxis": AXIS,
+        "yaxis": AXIS,
     }
 )
 

@@ -12,9 +12,9 @@ from . import Context, Section
 INTRO = (
     "Per-layer rms of each layer's output (forward) and of the loss gradient w.r.t. it "
     "(backward), and the norm of each layer's weight gradient, against depth: at the first "
-    "recorded step (solid) and at later recorded steps (dashed, dotted). Xiong et al. (2020) "
-    "draw this at init: Post-LN weight gradients grow toward the output, Pre-LN's shrink "
-    "like 1/√L. Log scale."
+    "recorded step and at three later ones. This is the picture of Xiong et al. (2020): at "
+    "init the weight gradients of Post-LN stay large up to the last layer, while Pre-LN's "
+    "shrink toward the output. Log scale."
 )
 
 
