@@ -8,13 +8,16 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from plotly.offline import get_plotlyjs
 from typer.testing import CliRunner
 
 from stabscope.cli import app
 from stabscope.report.build import build_report
+from stabscope.report.scales import power_label, scale_for
 from tests.conftest import ROOT
 from tests.report_runs import FINDINGS, write_run
 
@@ -178,3 +181,20 @@ def test_deep_heatmaps_are_cut_to_the_budget(tmp_path):
     rows, cols = (int(n) for n in z["shape"].split(","))
     # 200 layers merge into the 160-row cap; 100 recorded steps fit the column budget
     assert (rows, cols) == (160, 100)
+
+
+def test_colour_scale_is_log_only_across_decades():
+    wide = np.array([[1e-6, 1e-3], [1.0, np.nan]])
+    scale = scale_for([wide], log=True)
+    lo, hi = np.log10(np.percentile([1e-6, 1e-3, 1.0], [0.5, 99.9]))
+    assert scale.log and scale.lo == pytest.approx(lo) and scale.hi == pytest.approx(hi)
+    # zero and negatives show at the floor colour instead of vanishing
+    assert scale.map(np.array([0.0, 1e-3]))[0] == pytest.approx(lo, rel=1e-6)
+    assert not scale_for([np.array([1.0, 2.0, 5.0])], log=True).log  # a factor of 5
+    assert [power_label(np.log10(x)) for x in (1e-4, 2e-5, 500, 0.002, 1e6)] == [
+        "1e-4",
+        "2e-5",
+        "500",
+        "0.002",
+        "1e6",
+    ]

@@ -1,1 +1,1 @@
-"""Rendering runs for people: the terminal summary (and, later, the HTML report)."""
+"""Rendering runs for people: the terminal summary and the HTML report."""
