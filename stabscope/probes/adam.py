@@ -1,4 +1,5 @@
-"""``adam_sqrtv_over_eps``: per parameter, rms of sqrt(exp_avg_sq) divided by Adam's eps.
+"""``adam_sqrtv_over_eps``: per parameter, rms of sqrt(v̂) divided by Adam's eps, where
+v̂ = exp_avg_sq / (1 − β₂^t) is the bias-corrected second moment Adam divides by.
 
 Wortsman et al. (2023): when gradients get small enough that sqrt(v) approaches eps, Adam's
 update shrinks (the denominator is dominated by eps) and training effectively stalls for
@@ -22,15 +23,21 @@ class AdamEpsProbe:
         self._pending: list[tuple[np.ndarray, torch.Tensor]] = []
 
     def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        eps_of = {id(p): g.get("eps") for g in optimizer.param_groups for p in g["params"]}
+        group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
         codes, scale, squares = [], [], []
         for code, p in self.params:
-            eps = eps_of.get(id(p))
+            group = group_of.get(id(p), {})
+            eps, betas = group.get("eps"), group.get("betas", (0.9, 0.999))
             state = optimizer.state.get(p, {})
             v = state.get("exp_avg_sq") if isinstance(state, dict) else None
-            if isinstance(eps, float) and eps > 0 and isinstance(v, torch.Tensor):
+            step = state.get("step") if isinstance(state, dict) else None
+            if isinstance(eps, float) and eps > 0 and isinstance(v, torch.Tensor) and step:
+                on_device = isinstance(step, torch.Tensor) and step.device.type != "cpu"
+                # Fused/capturable Adam keeps `step` on the device: reading it would sync, so
+                # those get no bias correction (it only matters for the first ~1/(1-β₂) steps).
+                correction = 1.0 if on_device else 1.0 - float(betas[1]) ** float(step)
                 codes.append(code)
-                scale.append((v.numel(), eps))
+                scale.append((v.numel() * correction, eps))
                 squares.append(v.detach())
         if squares:
             # exp_avg_sq >= 0, so its L1 norm is its sum: one fused call for all parameters.
