@@ -114,7 +114,10 @@ def test_residual_metrics_match_hand_computation(run_dir, placement, alpha):
 
     np.testing.assert_allclose(series("res_ratio").value, ratio, rtol=1e-5)
     np.testing.assert_allclose(series("res_dependency").value, dependency, rtol=1e-4)
-    np.testing.assert_allclose(series("res_omega").value, omega, rtol=1e-4)
+    if placement == "pre":
+        assert series("res_omega").empty  # Admin's ω is defined for Post-LN streams only
+    else:
+        np.testing.assert_allclose(series("res_omega").value, omega, rtol=1e-4)
     beta_rows = series("res_beta")
     for i, row in enumerate(beta):
         got = beta_rows[beta_rows.layer == i].value.to_numpy()

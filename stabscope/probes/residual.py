@@ -6,7 +6,9 @@ Per branch, on each recorded step (module = the branch, see ``Structure``):
 - ``res_dependency``: Var[f] / Var[α·x + f], how much the sum depends on the branch;
 - ``res_omega``: the ω Admin's profiling would assign to the branch's residual, computed as
   Transformer-Clinic does, in forward order and separately for encoder and decoder:
-  ω₁ = 1, then ω ← sqrt(Var[x_i·ω_i] + Var[f_i]);
+  ω₁ = 1, then ω ← sqrt(Var[x_i·ω_i] + Var[f_i]). Admin is an initialisation for Post-LN,
+  where x_i is a norm's output; on a Pre-LN stream, which already carries every earlier
+  branch, the recursion would count them again, so Pre-LN branches get no ω;
 - ``res_beta`` (``index`` = component j): the weights β_{i,j} of the sum after branch i,
   written as Σ_j β_{i,j}·â_j over unit-variance components â_0 = the stream entering the
   first branch and â_j = f_j. Norms are taken as division by the std of their input (their
@@ -127,8 +129,10 @@ class ResidualProbe:
             for stack in dict.fromkeys(b.stack for b in branches):
                 idx = [k for k, b in enumerate(branches) if b.stack == stack]
                 sub = [branches[k] for k in idx]
-                omega = admin_omega(v[idx, 2], v[idx, 1])
-                rows.emit("train", codes[idx], 0, "res_omega", omega)
+                post = [k for k in idx if branches[k].placement != "pre"]
+                if post:
+                    omega = admin_omega(v[post, 2], v[post, 1])
+                    rows.emit("train", codes[post], 0, "res_omega", omega)
                 if with_beta:
                     for k, (b, row) in enumerate(zip(sub, beta_matrix(sub, v[idx]))):
                         rows.emit(
