@@ -3,6 +3,7 @@ what it left out and why (a metric not recorded, a run without it)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from .. import figures
@@ -58,6 +59,18 @@ def heat_block(ctx: Context, key: str, notes: list[str]) -> str | None:
         notes.append(note)
     div_id = ctx.register(f"fig-{key}", key, *heat_sources(heat))
     return figures.heatmap(have, f"{key}: {heat.title}", heat.log, heat.worst, div_id)
+
+
+def add_heat_blocks(ctx: Context, section: Section, keys: Iterable[str]) -> list[str]:
+    """Append the heatmap of each key that some run has; return the keys no run has."""
+    absent = []
+    for key in keys:
+        block = heat_block(ctx, key, section.notes)
+        if block is None:
+            absent.append(key)
+        else:
+            section.body.append(block)
+    return absent
 
 
 def series_block(

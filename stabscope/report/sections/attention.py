@@ -6,7 +6,7 @@ import numpy as np
 
 from .. import figures
 from ..grids import Grid
-from . import Context, Section, heat_block, missing_note
+from . import Context, Section, add_heat_blocks, missing_note
 
 INTRO = (
     "Attention entropy (normalised: 1 is uniform attention, 0 attends to one token) for each "
@@ -62,10 +62,7 @@ def _max_logit(ctx: Context) -> list[tuple[str, int, Grid, int]]:
 def attention_section(ctx: Context) -> Section:
     section = Section("attention", "Attention", intro=INTRO)
     _heads(ctx, section)
-    for key in ("attn_entropy", "attn_logit_max"):
-        block = heat_block(ctx, key, section.notes)
-        if block is not None:
-            section.body.append(block)
+    add_heat_blocks(ctx, section, ("attn_entropy", "attn_logit_max"))
     curves = _max_logit(ctx)
     if curves:
         div_id = "fig-attn_logit_max_over_time"

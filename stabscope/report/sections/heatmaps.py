@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import Context, Section, heat_block
+from . import Context, Section, add_heat_blocks
 
 KEYS = (
     "act_rms",
@@ -23,13 +23,7 @@ INTRO = (
 
 def heatmaps_section(ctx: Context) -> Section:
     section = Section("heatmaps", "Heatmaps", intro=INTRO)
-    absent = []
-    for key in KEYS:
-        block = heat_block(ctx, key, section.notes)
-        if block is None:
-            absent.append(key)
-        else:
-            section.body.append(block)
+    absent = add_heat_blocks(ctx, section, KEYS)
     if absent:
         section.notes.append(f"not recorded in any run: {', '.join(absent)}")
     return section

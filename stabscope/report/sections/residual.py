@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import figures
-from . import Context, Section, heat_block, missing_note
+from . import Context, Section, add_heat_blocks, missing_note
 
 KEYS = ("res_omega", "res_ratio", "res_dependency")
 INTRO = (
@@ -43,13 +43,7 @@ def _beta(ctx: Context, section: Section) -> None:
 
 def residual_section(ctx: Context) -> Section:
     section = Section("residual", "Residual dependency", intro=INTRO)
-    absent = []
-    for key in KEYS:
-        block = heat_block(ctx, key, section.notes)
-        if block is None:
-            absent.append(key)
-        else:
-            section.body.append(block)
+    absent = add_heat_blocks(ctx, section, KEYS)
     if absent:
         section.notes.append(
             f"not recorded in any run: {', '.join(absent)} (needs detected residual branches)"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import Context, Section, heat_block, series_block
+from . import Context, Section, add_heat_blocks, series_block
 
 INTRO = (
     "How far each step moves each layer: ‖Δθ‖/‖θ‖ over the layer's parameters (≈ lr for "
@@ -14,10 +14,7 @@ INTRO = (
 
 def updates_section(ctx: Context) -> Section:
     section = Section("updates", "Updates", intro=INTRO)
-    for key in ("update_ratio", "adam_sqrtv_over_eps"):
-        block = heat_block(ctx, key, section.notes)
-        if block is not None:
-            section.body.append(block)
+    add_heat_blocks(ctx, section, ("update_ratio", "adam_sqrtv_over_eps"))
     block = series_block(ctx, "model_update", "model update ‖ΔF‖", True, section.notes)
     if block is not None:
         section.body.append(block)
