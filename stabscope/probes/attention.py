@@ -22,6 +22,7 @@ those before dropout.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from dataclasses import dataclass
@@ -47,6 +48,19 @@ class AttentionSampling:
 
 _SOFTMAX = {torch.softmax, F.softmax, torch.Tensor.softmax}
 _MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
+
+
+@functools.lru_cache(maxsize=64)
+def _sample_layout(
+    length: int, source: int, n: int, causal: bool, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampled query positions and the (1, 1, q, S) mask of keys they may see; cached because
+    every layer of every recorded step asks for the same ones."""
+    qi = query_positions(length, n, device)
+    allowed = torch.ones(1, 1, len(qi), source, dtype=torch.bool, device=device)
+    if causal:
+        allowed = allowed & (torch.arange(source, device=device) <= qi[:, None])
+    return qi, allowed
 
 
 def query_positions(length: int, n: int, device: torch.device) -> torch.Tensor:
@@ -97,15 +111,12 @@ def sdpa_sample(
             attn_mask.unsqueeze(0) if attn_mask is not None and attn_mask.dim() == 3 else attn_mask
         )
     heads, length, source = q.shape[1], q.shape[2], k.shape[2]
-    qi = query_positions(length, sampling.queries, q.device)
+    qi, allowed = _sample_layout(length, source, sampling.queries, is_causal, q.device)
     kk = k[:b]
     if kk.shape[1] != heads:  # grouped-query attention: each kv head serves heads/Hk queries
         kk = kk.repeat_interleave(heads // kk.shape[1], dim=1)
     s = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     logits = (q[:b, :, qi].float() @ kk.float().transpose(-2, -1)) * s  # (b, H, q, S)
-    allowed = torch.ones(1, 1, len(qi), source, dtype=torch.bool, device=q.device)
-    if is_causal:
-        allowed = allowed & (torch.arange(source, device=q.device) <= qi[:, None])
     if attn_mask is not None:
         mask = attn_mask.expand(q.shape[0], heads, length, source)[:b, :, qi]
         if mask.dtype == torch.bool:
