@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 app = typer.Typer(
     name="stabscope",
-    help="Stability diagnostics for PyTorch models: record, report, check.",
+    help="Stability diagnostics for PyTorch models: record, inspect, summarise, report.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
