@@ -21,11 +21,17 @@ def train(
     make_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
     rec=None,
     lr: float = 1e-2,
+    before_step: Callable[[int], None] | None = None,
 ) -> list[float]:
-    """Plain Adam training on MSE; marks steps on ``rec`` when given. Returns the losses."""
+    """Plain Adam training on MSE; marks steps on ``rec`` when given. Returns the losses.
+
+    ``before_step(step)`` runs at the start of every step (to check or break things there).
+    """
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     losses = []
     for step in range(steps):
+        if before_step is not None:
+            before_step(step)
         x, y = make_batch(step)
         loss = (model(x) - y).pow(2).mean()
         opt.zero_grad()

@@ -38,26 +38,17 @@ def run(recorded: bool, run_dir, fail_at: int | None = None, keep: list | None =
     if keep is not None:
         keep.append(model)
     make = batch_maker(6, 3, seed=5)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     if not recorded:
-        for step in range(12):
-            x, y = make(step)
-            loss = (model(x) - y).pow(2).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        train(model, 12, make)
         return model
     with stabscope.Recorder(model, run_dir, schedule=Schedule(dense=3, every=4)) as rec:
-        for step in range(12):
+
+        def before_step(step: int) -> None:
             if step == fail_at:
                 raise RuntimeError("user code failed")
-            x, y = make(step)
-            loss = (model(x) - y).pow(2).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            rec.step(loss=loss)
             assert hook_count(model) > 0 or not rec.recording
+
+        train(model, 12, make, rec, before_step=before_step)
     return model
 
 

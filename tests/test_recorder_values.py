@@ -10,7 +10,7 @@ import torch
 
 import stabscope
 from stabscope import Schedule
-from tests.conftest import batch_maker, mlp
+from tests.conftest import batch_maker, mlp, train
 
 STEPS = 3
 
@@ -58,15 +58,8 @@ def test_every_metric_matches_naive_reference(run_dir):
     model = mlp()
     ref_model = copy.deepcopy(model)
     make = batch_maker(6, 3)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     with stabscope.Recorder(model, run_dir, schedule=Schedule(dense=STEPS, every=0)) as rec:
-        for step in range(STEPS):
-            x, y = make(step)
-            loss = (model(x) - y).pow(2).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            rec.step(loss=loss)
+        train(model, STEPS, make, rec)
     expected = reference_stats(ref_model, make, STEPS)
     df = stabscope.load_run(run_dir, phase="train")
     got = {
@@ -131,8 +124,6 @@ def test_eval_pass_is_kept_apart(run_dir):
 def test_cheap_preset_records_no_gradients(run_dir):
     model = mlp()
     with stabscope.Recorder(model, run_dir, preset="cheap") as rec:
-        from tests.conftest import train
-
         train(model, 2, batch_maker(6, 3), rec)
     metrics = set(stabscope.load_run(run_dir).metric.astype(str))
     assert "act_rms" in metrics and "param_norm" in metrics
@@ -144,8 +135,6 @@ def test_full_preset_adds_parameter_moments(run_dir):
     model = mlp()
     w = model[0].weight.detach().clone()
     with stabscope.Recorder(model, run_dir, preset="full", schedule=Schedule(1, 0)) as rec:
-        from tests.conftest import train
-
         train(model, 1, batch_maker(6, 3), rec)
     df = stabscope.load_run(run_dir, modules="0.weight", metrics=["param_absmax", "param_mean"])
     vals = dict(zip(df.metric.astype(str), df.value))
@@ -154,8 +143,6 @@ def test_full_preset_adds_parameter_moments(run_dir):
 
 
 def test_module_filters(run_dir):
-    from tests.conftest import train
-
     model = mlp()
     with stabscope.Recorder(model, run_dir, include=["2*", "4*"], exclude=["*.bias"]) as rec:
         train(model, 1, batch_maker(6, 3), rec)
@@ -164,8 +151,6 @@ def test_module_filters(run_dir):
 
 
 def test_one_host_sync_per_recorded_step(run_dir):
-    from tests.conftest import train
-
     model = mlp()
     schedule = Schedule(dense=3, every=5)
     with stabscope.Recorder(model, run_dir, schedule=schedule) as rec:
