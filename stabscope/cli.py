@@ -286,6 +286,142 @@ def amplification(
     err.print(f"run directory: [bold]{result.run_dir}[/]")
 
 
+@app.command()
+def check(
+    target: Annotated[
+        Path,
+        typer.Argument(
+            help="A run directory, or a model script to profile briefly (seeded) and then check."
+        ),
+    ],
+    fail_on: Annotated[
+        str,
+        typer.Option(help="Exit 1 on findings of this severity or worse: error, warning or info."),
+    ] = "error",
+    output_format: Annotated[
+        str, typer.Option("--format", help="table, json (stdout) or github (workflow annotations).")
+    ] = "table",
+    junit: Annotated[Path | None, typer.Option(help="Also write JUnit XML here.")] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            help="TOML file with a [tool.stabscope.rules] table [default: pyproject.toml]."
+        ),
+    ] = None,
+    baseline: Annotated[
+        Path | None,
+        typer.Option(
+            help="A stored run: fail when a layer's "
+            "act/grad rms moved by more than "
+            "--baseline-factor."
+        ),
+    ] = None,
+    baseline_factor: Annotated[
+        float, typer.Option(help="Allowed change against the baseline.")
+    ] = 10.0,
+    steps: Annotated[int, typer.Option(help="Steps to profile when TARGET is a script.")] = 50,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="CONFIG override for a script (repeatable).")
+    ] = None,
+) -> None:
+    """The CI gate: run the rules on a run; exit 1 when findings reach --fail-on."""
+    try:
+        code = _check(
+            target,
+            fail_on,
+            output_format,
+            junit,
+            config,
+            baseline,
+            baseline_factor,
+            steps,
+            set_ or [],
+        )
+    except UsageError as e:
+        raise fail(e) from None
+    raise typer.Exit(code)
+
+
+def _check(
+    target: Path,
+    fail_on: str,
+    output_format: str,
+    junit: Path | None,
+    config: Path | None,
+    baseline: Path | None,
+    factor: float,
+    steps: int,
+    sets: list[str],
+) -> int:
+    from .config import find_pyproject, read_toml_table
+    from .report.console import print_findings
+    from .report.findings import SEVERITIES
+    from .rules import ALL_RULES, check_run, settings_from_mapping, write_findings
+    from .rules.base import RunView
+    from .rules.baseline import compare_to_baseline
+    from .rules.output import at_or_above, to_github, to_json, to_junit
+    from .store import NotARunError
+
+    if fail_on not in SEVERITIES:
+        raise UsageError(f"bad --fail-on {fail_on!r}", hint=f"one of {', '.join(SEVERITIES)}")
+    if output_format not in ("table", "json", "github"):
+        raise UsageError(f"bad --format {output_format!r}", hint="table, json or github")
+    source = config or find_pyproject()
+    if config is not None and not config.is_file():
+        raise UsageError(f"no such config file: {config}", hint="pass a TOML file")
+    try:
+        table = read_toml_table(source, "tool", "stabscope", "rules") if source else {}
+        settings = settings_from_mapping(table, str(source))
+    except ValueError as e:
+        raise UsageError(str(e), hint="see README: The CI gate") from None
+    run_dir = target
+    if target.suffix == ".py":
+        run_dir = _profile_for_check(target, steps, sets)
+    try:
+        result = check_run(run_dir, settings)
+        if baseline is not None:
+            extra = list(compare_to_baseline(RunView.open(run_dir), RunView.open(baseline), factor))
+            result.findings[:0] = extra
+    except NotARunError as e:
+        raise UsageError(str(e), hint="pass a run directory or a model script") from None
+    findings = sorted(result.findings, key=lambda f: (SEVERITIES.index(f.severity), f.step or 0))
+    write_findings(run_dir, findings)
+    failing = at_or_above(findings, fail_on)
+    if output_format == "json":
+        typer.echo(to_json(str(run_dir), findings, result.skipped, bool(failing)))
+    elif output_format == "github":
+        text = to_github(findings)
+        if text:
+            typer.echo(text)
+    else:
+        print_findings(findings, err)
+        for rule, why in result.skipped.items():
+            err.print(f"[dim]skipped {rule}: {why}[/]")
+    if junit is not None:
+        rule_ids = [r.id for r in ALL_RULES] + (["baseline-regression"] if baseline else [])
+        junit.write_text(to_junit(str(run_dir), rule_ids, findings, fail_on), encoding="utf-8")
+    verdict = (
+        f"[red]failed[/]: {len(failing)} findings at {fail_on} or worse"
+        if failing
+        else "[green]passed[/]"
+    )
+    err.print(f"check {run_dir}: {verdict}")
+    return 1 if failing else 0
+
+
+def _profile_for_check(script: Path, steps: int, sets: list[str]) -> Path:
+    from .config import RecorderConfig
+    from .profile import profile_script
+    from .schedule import Schedule
+    from .script import load_script, parse_set
+
+    loaded = load_script(script, parse_set(sets))
+    run_dir = Path("runs") / f"{script.stem}-check"
+    config = RecorderConfig(schedule=Schedule(dense=10, every=5))
+    err.print(f"profiling {script.name} for {steps} steps into {run_dir} (seed 0)")
+    return profile_script(loaded, run_dir, steps, config, seed=0, device="auto", force=True).run_dir
+
+
 def main() -> None:
     """Console entry point."""
     app()

@@ -72,9 +72,32 @@ def load_pyproject_config(start: Path | None = None) -> RecorderConfig:
         path = directory / "pyproject.toml"
         if path.is_file():
             with open(path, "rb") as handle:
-                table = tomllib.load(handle).get("tool", {}).get("stabscope", {})
+                table = dict(tomllib.load(handle).get("tool", {}).get("stabscope", {}))
+            table.pop("rules", None)  # the rules' settings: see stabscope.rules
             return config_from_mapping(table, source=str(path))
     return RecorderConfig()
+
+
+def read_toml_table(path: Path, *keys: str) -> dict[str, Any]:
+    """The table at ``keys`` (e.g. "tool", "stabscope", "rules") of a TOML file, or {}."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+
+    with open(path, "rb") as handle:
+        table: Any = tomllib.load(handle)
+    for key in keys:
+        table = table.get(key, {}) if isinstance(table, dict) else {}
+    return dict(table)
+
+
+def find_pyproject(start: Path | None = None) -> Path | None:
+    here = (start or Path.cwd()).resolve()
+    return next(
+        (d / "pyproject.toml" for d in (here, *here.parents) if (d / "pyproject.toml").is_file()),
+        None,
+    )
 
 
 def config_from_mapping(table: dict[str, Any], source: str = "config") -> RecorderConfig:

@@ -1,0 +1,79 @@
+"""Rules: theory turned into checks on a recorded run (no torch import).
+
+result = check_run("runs/gpt-post")        # CheckResult(findings, skipped)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from ..report.findings import FINDINGS_FILE, SEVERITIES, Finding
+from ..store.atomic import write_text_atomically
+from . import health, transformer
+from .base import CheckResult, Rule, RuleSettings, RunView, run_rules
+
+ALL_RULES: list[Rule] = [*health.RULES, *transformer.RULES]
+RULES_BY_ID = {r.id: r for r in ALL_RULES}
+
+
+def settings_from_mapping(table: dict[str, Any], source: str = "config") -> RuleSettings:
+    """``[tool.stabscope.rules]``: ``disable = [ids]``; ``<rule-id> = {param = value,
+    severity = "warning"}``. Unknown rules or parameters are errors that list the valid ones."""
+    settings = RuleSettings()
+    for key, value in table.items():
+        if key == "disable":
+            unknown = set(value) - set(RULES_BY_ID)
+            if unknown:
+                raise ValueError(
+                    f"{source}: unknown rules {sorted(unknown)} in disable; "
+                    f"valid: {sorted(RULES_BY_ID)}"
+                )
+            settings.disabled |= set(value)
+            continue
+        rule = RULES_BY_ID.get(key)
+        if rule is None:
+            raise ValueError(
+                f"{source}: unknown key {key!r} in [tool.stabscope.rules]; valid: "
+                f"disable, {', '.join(sorted(RULES_BY_ID))}"
+            )
+        if not isinstance(value, dict):
+            raise ValueError(f"{source}: [tool.stabscope.rules.{key}] must be a table")
+        for param, v in value.items():
+            if param == "severity":
+                if v not in SEVERITIES:
+                    raise ValueError(f"{source}: severity of {key} must be one of {SEVERITIES}")
+                settings.severity[key] = v
+            elif param in rule.defaults:
+                settings.params.setdefault(key, {})[param] = float(v)
+            else:
+                raise ValueError(
+                    f"{source}: unknown parameter {param!r} for rule {key}; "
+                    f"valid: severity, {', '.join(sorted(rule.defaults))}"
+                )
+    return settings
+
+
+def check_run(run_dir: str | Path, settings: RuleSettings | None = None) -> CheckResult:
+    return run_rules(run_dir, ALL_RULES, settings)
+
+
+def write_findings(run_dir: str | Path, findings: list[Finding]) -> Path:
+    """``RUN_DIR/findings.json``, which ``report`` and ``summary`` show."""
+    path = Path(run_dir) / FINDINGS_FILE
+    write_text_atomically(path, json.dumps([asdict(f) for f in findings], indent=1) + "\n")
+    return path
+
+
+__all__ = [
+    "ALL_RULES",
+    "CheckResult",
+    "Rule",
+    "RuleSettings",
+    "RunView",
+    "check_run",
+    "settings_from_mapping",
+    "write_findings",
+]

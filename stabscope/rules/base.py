@@ -1,0 +1,110 @@
+"""The rule engine: a rule is a pure function of a run (its table and meta) to findings.
+
+Rules read the run directory only (pandas/pyarrow, no torch). Each declares its id, the paper
+it comes from, and its thresholds with documented defaults; users override thresholds and
+severities, or disable rules, in ``[tool.stabscope.rules]`` or a ``--config`` file. A rule
+whose inputs were not recorded is skipped with a note, never an error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ..report.findings import SEVERITIES, Finding
+from ..store import load_run, read_meta
+
+
+@dataclass
+class RunView:
+    """Lazy, cached access to one run's table for the rules."""
+
+    run_dir: Path
+    meta: dict[str, Any]
+    _cache: dict[tuple[str, ...], pd.DataFrame] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, run_dir: str | Path) -> RunView:
+        return cls(Path(run_dir), read_meta(run_dir))
+
+    def metrics(self, *names: str) -> pd.DataFrame:
+        """Training-phase rows of the named metrics (string columns as plain str)."""
+        key = tuple(sorted(names))
+        if key not in self._cache:
+            frame = load_run(self.run_dir, metrics=list(names), phase="train")
+            for col in ("module", "metric"):
+                frame[col] = frame[col].astype(str)
+            self._cache[key] = frame
+        return self._cache[key]
+
+    @property
+    def matrices(self) -> set[str]:
+        """Parameters with two or more dimensions (weights, not biases or norm gains)."""
+        return {p["name"] for p in self.meta.get("parameters", []) if len(p["shape"]) >= 2}
+
+    @property
+    def structure(self) -> dict[str, Any] | None:
+        return self.meta.get("structure")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One check. ``check(view, params) -> findings``; ``params`` are its thresholds."""
+
+    id: str
+    title: str
+    citation: str
+    needs: tuple[str, ...]  # metrics; the rule is skipped when none of them was recorded
+    defaults: dict[str, float]
+    check: Callable[[RunView, dict[str, float]], Iterable[Finding]]
+    severity: str = "error"  # the severity of its worst finding, unless configured otherwise
+
+
+@dataclass
+class RuleSettings:
+    """What the user changed: disabled rules, thresholds, severities."""
+
+    disabled: set[str] = field(default_factory=set)
+    params: dict[str, dict[str, float]] = field(default_factory=dict)
+    severity: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class CheckResult:
+    findings: list[Finding]
+    skipped: dict[str, str]  # rule id -> why
+
+
+def finding(rule: Rule, severity: str, message: str, **fields: Any) -> Finding:
+    return Finding(
+        rule=rule.id, severity=severity, message=message, citation=rule.citation, **fields
+    )
+
+
+def run_rules(
+    run_dir: str | Path, rules: list[Rule], settings: RuleSettings | None = None
+) -> CheckResult:
+    """Every enabled rule on one run, worst findings first."""
+    settings = settings or RuleSettings()
+    view = RunView.open(run_dir)
+    found: list[Finding] = []
+    skipped: dict[str, str] = {}
+    for rule in rules:
+        if rule.id in settings.disabled:
+            skipped[rule.id] = "disabled"
+            continue
+        if rule.needs and view.metrics(*rule.needs).empty:
+            skipped[rule.id] = f"not recorded: {', '.join(rule.needs)}"
+            continue
+        params = {**rule.defaults, **settings.params.get(rule.id, {})}
+        for f in rule.check(view, params):
+            override = settings.severity.get(rule.id)
+            if override is not None and f.severity != "info":
+                f = Finding(**{**f.__dict__, "severity": override})
+            found.append(f)
+    found.sort(key=lambda f: (SEVERITIES.index(f.severity), f.step or 0, f.rule))
+    return CheckResult(found, skipped)

@@ -1,0 +1,62 @@
+"""``--baseline RUN_DIR``: did this change make a layer explode? Per-module activation and
+gradient rms of the run against a stored run, at the steps both recorded."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from ..report.findings import Finding
+from ..store import RUN_MODULE
+from .base import RunView
+
+METRICS = ("act_rms", "grad_rms")
+
+
+def compare_to_baseline(
+    run: RunView, base: RunView, factor: float = 10.0, floor: float = 1e-3
+) -> Iterator[Finding]:
+    """One error finding per metric whose worst module moved by more than ``factor``.
+
+    Module-steps where both runs sit below ``floor`` times the baseline's median of that
+    metric are left out: a gradient of 1e-15 against 1e-12 is noise, not a regression.
+    """
+    for metric in METRICS:
+        a, b = run.metrics(metric), base.metrics(metric)
+        if a.empty or b.empty:
+            continue
+        key = ["step", "module", "call"]
+        merged = a.merge(b, on=key, suffixes=("", "_base"))
+        scale = floor * float(np.nanmedian(b.value.to_numpy(float)))
+        merged = merged[
+            (merged.module != RUN_MODULE)
+            & (merged.value_base > 0)
+            & ((merged.value_base > scale) | (merged.value > scale))
+        ]
+        if merged.empty:
+            continue
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = merged.value.to_numpy(float) / merged.value_base.to_numpy(float)
+        change = np.where(
+            np.isfinite(ratio), np.maximum(ratio, 1 / np.maximum(ratio, 1e-300)), np.inf
+        )
+        worst = int(np.argmax(change))
+        if change[worst] <= factor:
+            continue
+        row = merged.iloc[worst]
+        moved = int((change > factor).sum())
+        yield Finding(
+            rule="baseline-regression",
+            severity="error",
+            message=f"{metric} of {row.module} at step {int(row.step)} is {ratio[worst]:.3g}x "
+            f"the baseline's ({row.value:.3g} vs {row.value_base:.3g}); {moved} "
+            f"module-steps moved by more than {factor:g}x",
+            module=str(row.module),
+            step=int(row.step),
+            value=float(change[worst]),
+            threshold=factor,
+            metric=metric,
+            remedy="compare the two runs with `stabscope report RUN BASELINE`; the change "
+            "between them altered this layer's scale",
+        )

@@ -1,0 +1,218 @@
+"""Rules the transformer-stability literature gives: attention logits and entropy, rank
+collapse, residual dependency and DeepNorm's constants."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from ..report.findings import Finding
+from .base import Rule, RunView, finding
+from .health import WORTSMAN
+
+
+def _attention_logits(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
+    logits = view.metrics("attn_logit_max")
+    row = logits.loc[logits.value.idxmax()]
+    severity = (
+        "error" if row.value > p["error"] else "warning" if row.value > p["warning"] else None
+    )
+    if severity is None:
+        return
+    per_step = logits.groupby("step").value.max().sort_index()
+    growth = ""
+    if len(per_step) >= 2 and per_step.iloc[0] > 0:
+        span = per_step.index[-1] - per_step.index[0]
+        growth = f", x{per_step.iloc[-1] / per_step.iloc[0]:.3g} over {span} steps"
+    yield finding(
+        ATTN_LOGITS,
+        severity,
+        f"attention logit {row.value:.4g} in {row.module} head {int(row['index'])} at "
+        f"step {int(row.step)}{growth}; runs past ~1e4 diverged",
+        module=str(row.module),
+        step=int(row.step),
+        value=float(row.value),
+        threshold=p["error"] if severity == "error" else p["warning"],
+        metric="attn_logit_max",
+        remedy="qk-layernorm (normalise queries and keys), or a lower learning rate",
+    )
+
+
+ATTN_LOGITS = Rule(
+    "attention-logit-growth",
+    "Attention logit growth",
+    WORTSMAN,
+    ("attn_logit_max",),
+    {"warning": 1e3, "error": 1e4},
+    _attention_logits,
+)
+
+ZHAI = "Zhai et al. 2023, Stabilizing Transformer Training by Preventing Attention Entropy Collapse"
+
+
+def _attention_entropy(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
+    ent = view.metrics("attn_entropy")
+    # Per module and head: the value at the last recorded step against its first value.
+    ordered = ent.sort_values("step")
+    first = ordered.groupby(["module", "index"]).value.first()
+    last = ordered.groupby(["module", "index"]).value.last()
+    last_step = int(ordered.step.max())
+    low = last[last < p["min_entropy"]]
+    dropped = last[(first > 0) & (last < p["max_drop"] * first)]
+    heads = low.index.union(dropped.index)
+    if not len(heads):
+        return
+    (module, head) = min(heads, key=lambda k: last[k])
+    yield finding(
+        ATTN_ENTROPY,
+        "warning",
+        f"{len(heads)} attention heads collapsed by step {last_step}: lowest "
+        f"normalised entropy {last[(module, head)]:.3g} ({module} head {int(head)}, "
+        f"{first[(module, head)]:.3g} at the start)",
+        module=str(module),
+        step=last_step,
+        value=float(last[(module, head)]),
+        threshold=p["min_entropy"],
+        metric="attn_entropy",
+        remedy="σReparam or qk-layernorm on the attention logits, or a lower learning rate",
+    )
+
+
+ATTN_ENTROPY = Rule(
+    "attention-entropy-collapse",
+    "Attention entropy collapse",
+    ZHAI,
+    ("attn_entropy",),
+    {"min_entropy": 0.1, "max_drop": 0.25},
+    _attention_entropy,
+    "warning",
+)
+
+KEDIA = "Kedia et al. 2024, Transformers get Stable: An End-to-End Signal Propagation Theory"
+
+
+def _rank_collapse(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
+    corr = view.metrics("token_corr")
+    by_step = corr.groupby("step").value.max().sort_index()
+    last_step = int(by_step.index[-1])
+    last = corr[corr.step == last_step]
+    row = last.loc[last.value.idxmax()]
+    if row.value < p["warning"]:
+        return
+    severity = "error" if row.value >= p["error"] else "warning"
+    collapsed = int((last.value >= p["warning"]).sum())
+    yield finding(
+        RANK_COLLAPSE,
+        severity,
+        f"token correlation {row.value:.4f} at {row.module} (step {last_step}): "
+        f"{collapsed} block outputs carry nearly the same vector at every position "
+        f"(rank collapse; {by_step.iloc[0]:.3f} at step {int(by_step.index[0])})",
+        module=str(row.module),
+        step=last_step,
+        value=float(row.value),
+        threshold=p["error"] if severity == "error" else p["warning"],
+        metric="token_corr",
+        remedy="use Pre-LN, or scale the residual branches (DeepScaleLM / DeepNorm "
+        "init) so that depth does not wash out token differences",
+    )
+
+
+RANK_COLLAPSE = Rule(
+    "rank-collapse",
+    "Rank collapse",
+    KEDIA,
+    ("token_corr",),
+    {"warning": 0.95, "error": 0.99},
+    _rank_collapse,
+)
+
+ADMIN = "Liu et al. 2020, Understanding the Difficulty of Training Transformers (Admin)"
+
+
+def _residual_dependency(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
+    beta = view.metrics("res_beta")
+    first = beta[beta.step == beta.step.min()]
+    # β_{i,i}: the weight of branch i's own output in the sum right after it (last index).
+    own = first.sort_values("index").groupby("module").value.last()
+    if len(own) < 2:
+        return
+    heavy = own[own > p["beta_ii"]]
+    share = len(heavy) / len(own)
+    if share < p["share"]:
+        return
+    n = len(own)
+    layers = len((view.structure or {}).get("blocks", [])) or n
+    yield finding(
+        RESIDUAL,
+        "warning",
+        f"heavy dependency on the residual branch at init: β_ii > {p['beta_ii']:g} "
+        f"in {len(heavy)} of {n} branches (median {own.median():.3g}); each layer "
+        "leans on its own branch, which amplifies parameter updates (Post-LN-like)",
+        module=str(own.idxmax()),
+        step=int(first.step.min()),
+        value=float(share),
+        threshold=p["share"],
+        metric="res_beta",
+        remedy=f"Admin init (scale each residual by its profiled ω, see res_omega), "
+        f"Pre-LN, or DeepNorm with α=(2N)^(1/4)={(2 * layers) ** 0.25:.3g} for "
+        f"N={layers} layers",
+    )
+
+
+RESIDUAL = Rule(
+    "residual-dependency",
+    "Residual dependency",
+    ADMIN,
+    ("res_beta",),
+    {"beta_ii": 0.4, "share": 0.5},
+    _residual_dependency,
+    "warning",
+)
+
+WANG = "Wang et al. 2022, DeepNet: Scaling Transformers to 1,000 Layers"
+
+
+def deepnorm_alpha(n_encoder: int, n_decoder: int) -> dict[str, float]:
+    """DeepNet's α per stack: encoder-only/decoder-only (2N)^1/4; encoder-decoder
+    encoder 0.81·(N⁴M)^1/16, decoder (3M)^1/4."""
+    if n_encoder and n_decoder:
+        return {
+            "encoder": 0.81 * (n_encoder**4 * n_decoder) ** (1 / 16),
+            "decoder": (3 * n_decoder) ** 0.25,
+        }
+    n = n_encoder or n_decoder
+    return {"": (2 * n) ** 0.25, "encoder": (2 * n) ** 0.25, "decoder": (2 * n) ** 0.25}
+
+
+def _deepnorm(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
+    blocks = (view.structure or {}).get("blocks", [])
+    deep = [b for b in blocks if b["placement"] == "deepnorm"]
+    if not deep:
+        return
+    counts = {s: sum(b["stack"] == s for b in blocks) for s in ("encoder", "decoder", "")}
+    enc, dec = counts["encoder"] or 0, counts["decoder"] + counts[""]
+    expected = deepnorm_alpha(enc, dec)
+    for b in deep:
+        want = expected.get(b["stack"], expected.get("", np.nan))
+        if abs(b["alpha"] / want - 1) > p["tolerance"]:
+            yield finding(
+                DEEPNORM,
+                "warning",
+                f"{b['name']} scales its residual by α={b['alpha']:.4g}; DeepNet gives "
+                f"α={want:.4g} for this depth",
+                module=b["name"],
+                step=0,
+                value=float(b["alpha"]),
+                threshold=want,
+                metric=None,
+                remedy=f"use α={want:.4g} (and β-scaled init of v, out, FFN weights)",
+            )
+            return
+
+
+DEEPNORM = Rule(
+    "deepnorm-constants", "DeepNorm constants", WANG, (), {"tolerance": 0.05}, _deepnorm, "warning"
+)
+
+RULES = [ATTN_LOGITS, ATTN_ENTROPY, RANK_COLLAPSE, RESIDUAL, DEEPNORM]

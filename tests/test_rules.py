@@ -1,0 +1,216 @@
+"""Each rule on a healthy and a pathological run written through the real store; the CI gate
+end to end on the sample GPT; its JUnit, GitHub and JSON outputs; configuration errors."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from stabscope.cli import app
+from stabscope.rules import RULES_BY_ID, check_run, settings_from_mapping
+from stabscope.rules.transformer import deepnorm_alpha
+from stabscope.store import PartWriter, new_meta, save_meta
+from tests.conftest import SAMPLES
+
+runner = CliRunner()
+
+
+def write_run(run_dir, rows, structure=None, parameters=None):
+    """rows: (step, module, metric, index, value) tuples, phase train."""
+    save_meta(
+        run_dir,
+        new_meta(modules=[], parameters=parameters or [], structure=structure, status="complete"),
+    )
+    w = PartWriter(run_dir)
+    for step, module, metric, index, value in rows:
+        w.append(
+            np.array([step]),
+            np.array([w.phases("train")]),
+            np.array([w.modules(module)]),
+            np.array([0]),
+            np.array([w.metrics(metric)]),
+            np.array([index]),
+            np.array([value]),
+        )
+    w.flush()
+    return run_dir
+
+
+def rules_hit(run_dir, **settings):
+    result = check_run(run_dir, settings_from_mapping(settings) if settings else None)
+    return {f.rule: f for f in result.findings}, result.skipped
+
+
+def test_attention_logit_growth_thresholds(tmp_path):
+    base = [(s, "blocks.0.attn", "attn_logit_max", h, 5.0 + s) for s in range(5) for h in range(2)]
+    healthy, _ = rules_hit(write_run(tmp_path / "ok", base))
+    assert "attention-logit-growth" not in healthy
+    warn, _ = rules_hit(
+        write_run(tmp_path / "warn", [*base, (9, "blocks.0.attn", "attn_logit_max", 1, 2e3)])
+    )
+    assert warn["attention-logit-growth"].severity == "warning"
+    err, _ = rules_hit(
+        write_run(tmp_path / "err", [*base, (9, "blocks.0.attn", "attn_logit_max", 1, 2e4)])
+    )
+    f = err["attention-logit-growth"]
+    assert (f.severity, f.step, f.value, f.threshold) == ("error", 9, 2e4, 1e4)
+
+
+def test_rank_collapse_and_entropy_collapse(tmp_path):
+    healthy = [(s, f"blocks.{i}", "token_corr", -1, 0.3) for s in range(3) for i in range(4)]
+    healthy += [(s, "blocks.0.attn", "attn_entropy", 0, 0.8) for s in range(3)]
+    found, _ = rules_hit(write_run(tmp_path / "ok", healthy))
+    assert not found
+    sick = [
+        (s, f"blocks.{i}", "token_corr", -1, 0.3 if i < 2 else 0.995)
+        for s in range(3)
+        for i in range(4)
+    ]
+    sick += [(s, "blocks.0.attn", "attn_entropy", 0, 0.8 - 0.35 * s) for s in range(3)]
+    found, _ = rules_hit(write_run(tmp_path / "sick", sick))
+    assert found["rank-collapse"].severity == "error" and found["rank-collapse"].step == 2
+    # 0.8 -> 0.1: below a quarter of its starting value.
+    assert found["attention-entropy-collapse"].value == pytest.approx(0.1, abs=1e-6)
+
+
+def test_residual_dependency_from_beta(tmp_path):
+    def beta(own):  # β rows whose last entry is β_ii
+        return [
+            (0, f"blocks.{i}.mlp", "res_beta", j, own if j == 1 else 0.3)
+            for i in range(4)
+            for j in range(2)
+        ]
+
+    found, _ = rules_hit(write_run(tmp_path / "pre", beta(0.2)))
+    assert "residual-dependency" not in found
+    found, _ = rules_hit(write_run(tmp_path / "post", beta(0.6)))
+    assert found["residual-dependency"].value == 1.0  # every branch leans on itself
+
+
+def test_deepnorm_constants(tmp_path):
+    assert deepnorm_alpha(0, 18)[""] == pytest.approx(6**0.5)  # (2·18)^(1/4) = sqrt(6)
+    enc_dec = deepnorm_alpha(6, 6)
+    assert enc_dec["encoder"] == pytest.approx(0.81 * (6**5) ** (1 / 16))
+    assert enc_dec["decoder"] == pytest.approx(18**0.25)
+
+    def structure(alpha):
+        return {
+            "recognised": True,
+            "blocks": [
+                {"name": f"blocks.{i}", "stack": "", "placement": "deepnorm", "alpha": alpha}
+                for i in range(8)
+            ],
+        }
+
+    rows = [(0, "__run__", "loss", -1, 1.0)]
+    good, _ = rules_hit(write_run(tmp_path / "good", rows, structure(2.0)))  # (2·8)^(1/4) = 2
+    assert "deepnorm-constants" not in good
+    bad, _ = rules_hit(write_run(tmp_path / "bad", rows, structure(1.5)))
+    assert bad["deepnorm-constants"].threshold == pytest.approx(2.0)
+
+
+def test_health_rules(tmp_path):
+    params = [{"name": "w", "shape": [4, 4]}, {"name": "b", "shape": [4]}]
+    rows = [(s, "__run__", "loss", -1, 3.0 - 0.01 * s) for s in range(30)]
+    rows += [(s, "w", "update_ratio", -1, 1e-3) for s in range(3)]
+    rows += [(s, "b", "update_ratio", -1, float("inf")) for s in range(3)]  # zero-init bias
+    rows += [(2, "w", "adam_sqrtv_over_eps", -1, 1e4), (2, "<root>", "logit_max", -1, 12.0)]
+    rows += [(s, "0", "act_nonfinite", -1, 0.0) for s in range(3)]
+    found, skipped = rules_hit(write_run(tmp_path / "ok", rows, parameters=params))
+    assert not found and "attention-logit-growth" in skipped
+    rows += [
+        (30, "__run__", "loss", -1, 12.0),
+        (3, "w", "update_ratio", -1, 0.5),
+        (3, "w", "adam_sqrtv_over_eps", -1, 2.0),
+        (3, "<root>", "logit_min", -1, -5e3),
+        (3, "0", "act_nonfinite", -1, 1.0),
+    ]
+    found, _ = rules_hit(write_run(tmp_path / "sick", rows, parameters=params))
+    assert set(found) == {
+        "loss-spike",
+        "update-ratio",
+        "adam-epsilon",
+        "output-logit-divergence",
+        "nonfinite",
+    }
+    assert found["nonfinite"].severity == "error" and found["nonfinite"].step == 3
+    assert found["loss-spike"].step == 30
+
+
+def test_settings_errors_and_overrides(tmp_path):
+    with pytest.raises(ValueError, match="unknown key 'rank-colapse'"):
+        settings_from_mapping({"rank-colapse": {"error": 0.9}})
+    with pytest.raises(ValueError, match="valid: severity, error, warning"):
+        settings_from_mapping({"rank-collapse": {"eror": 0.9}})
+    with pytest.raises(ValueError, match="unknown rules"):
+        settings_from_mapping({"disable": ["nope"]})
+    rows = [(0, f"blocks.{i}", "token_corr", -1, 0.97) for i in range(3)]
+    run = write_run(tmp_path / "r", rows)
+    assert rules_hit(run)[0]["rank-collapse"].severity == "warning"
+    assert (
+        rules_hit(run, **{"rank-collapse": {"error": 0.96}})[0]["rank-collapse"].severity == "error"
+    )
+    assert "rank-collapse" not in rules_hit(run, disable=["rank-collapse"])[0]
+    assert set(RULES_BY_ID) >= {"nonfinite", "rank-collapse", "attention-logit-growth"}
+
+
+@pytest.mark.slow
+def test_gate_fails_deep_post_ln_and_passes_pre_ln(tmp_path):
+    runs = {}
+    for norm in ("post", "pre"):
+        out = tmp_path / norm
+        res = runner.invoke(
+            app,
+            [
+                "profile",
+                str(SAMPLES / "gpt.py"),
+                "--steps",
+                "12",
+                "-q",
+                "--out",
+                str(out),
+                "--set",
+                f"norm={norm}",
+                "--set",
+                "depth=24",
+            ],
+        )
+        assert res.exit_code == 0, res.output
+        runs[norm] = out
+    junit = tmp_path / "junit.xml"
+    res = runner.invoke(app, ["check", str(runs["post"]), "--junit", str(junit)])
+    assert res.exit_code == 1, res.output
+    assert "rank-collapse" in res.stderr and "failed" in res.stderr
+    suite = ET.parse(junit).getroot()
+    failed = [c.get("name") for c in suite.iter("testcase") if c.find("failure") is not None]
+    assert failed == ["rank-collapse"] and int(suite.get("tests")) == len(RULES_BY_ID)
+    findings = json.loads((runs["post"] / "findings.json").read_text())
+    assert findings[0]["rule"] == "rank-collapse" and findings[0]["severity"] == "error"
+
+    res = runner.invoke(app, ["check", str(runs["pre"]), "--format", "json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["failed"] is False
+
+    res = runner.invoke(
+        app, ["check", str(runs["post"]), "--format", "github", "--fail-on", "warning"]
+    )
+    lines = res.stdout.strip().splitlines()
+    assert res.exit_code == 1
+    assert lines[0].startswith("::error title=stabscope rank-collapse (blocks.")
+    assert all(line.startswith(("::error ", "::warning ")) for line in lines)
+
+
+def test_check_bad_input(tmp_path):
+    res = runner.invoke(app, ["check", str(tmp_path)])
+    assert res.exit_code == 2 and res.stderr.startswith("error:")
+    res = runner.invoke(app, ["check", str(tmp_path), "--fail-on", "fatal"])
+    assert res.exit_code == 2 and "bad --fail-on" in res.stderr
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[tool.stabscope.rules]\nbogus = 1\n")
+    run = write_run(tmp_path / "r", [(0, "__run__", "loss", -1, 1.0)])
+    res = runner.invoke(app, ["check", str(run), "--config", str(cfg)])
+    assert res.exit_code == 2 and "unknown key 'bogus'" in res.stderr
