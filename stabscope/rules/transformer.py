@@ -151,8 +151,8 @@ def _residual_dependency(view: RunView, p: dict[str, float]) -> Iterator[Finding
         "leans on its own branch, which amplifies parameter updates (Post-LN-like)",
         module=str(own.idxmax()),
         step=int(first.step.min()),
-        value=float(share),
-        threshold=p["share"],
+        value=float(own.median()),
+        threshold=p["beta_ii"],
         metric="res_beta",
         remedy=f"Admin init (scale each residual by its profiled ω, see res_omega), "
         f"Pre-LN, or DeepNorm with α=(2N)^(1/4)={(2 * layers) ** 0.25:.3g} for "
