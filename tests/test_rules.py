@@ -216,3 +216,39 @@ def test_check_bad_input(tmp_path):
     run = write_run(tmp_path / "r", [(0, "__run__", "loss", -1, 1.0)])
     res = runner.invoke(app, ["check", str(run), "--config", str(cfg)])
     assert res.exit_code == 2 and "unknown key 'bogus'" in res.stderr
+
+
+def test_gradient_growth_on_a_deep_plain_mlp(tmp_path):
+    """Xiong et al.'s depth profile on the simplest case: a default-init ReLU MLP has
+    gradients that vanish toward the input, by a factor the rule reports exactly."""
+    from stabscope.store import read_meta
+    from stabscope.summary import layer_param_grad_trend
+
+    out = tmp_path / "mlp"
+    res = runner.invoke(
+        app,
+        [
+            "profile",
+            str(SAMPLES / "mlp.py"),
+            "--steps",
+            "2",
+            "-q",
+            "--out",
+            str(out),
+            "--set",
+            "depth=8",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    found, _ = rules_hit(out)
+    trend = layer_param_grad_trend(out, read_meta(out))
+    f = found["gradient-growth"]
+    assert f.value == pytest.approx(trend.first_to_last) and f.value > 100
+    assert f.severity == "error"
+    # Raising the thresholds past the measured factor silences it.
+    assert (
+        "gradient-growth"
+        not in rules_hit(
+            out, **{"gradient-growth": {"warning": 2 * f.value, "error": 4 * f.value}}
+        )[0]
+    )
