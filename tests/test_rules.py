@@ -252,3 +252,19 @@ def test_gradient_growth_on_a_deep_plain_mlp(tmp_path):
             out, **{"gradient-growth": {"warning": 2 * f.value, "error": 4 * f.value}}
         )[0]
     )
+
+
+def test_model_update_blow_up_then_stall(tmp_path):
+    # Shapes measured on the 24-layer sample with the full preset: Post-LN jumps to 1.32 in
+    # one step and adds 0.26 by step 55; Pre-LN 1.03 then +0.83; DeepNorm 0.25 then +1.6.
+    def series(first, last):
+        return [
+            (s, "__run__", "model_update_rel", -1, first + (last - first) * s / 55)
+            for s in (0, 5, 55)
+        ]
+
+    post, _ = rules_hit(write_run(tmp_path / "post", series(1.32, 1.57)))
+    f = post["model-update"]
+    assert (f.value, f.step, f.severity) == (pytest.approx(1.32), 0, "warning")
+    assert "model-update" not in rules_hit(write_run(tmp_path / "pre", series(1.03, 1.86)))[0]
+    assert "model-update" not in rules_hit(write_run(tmp_path / "dn", series(0.25, 1.88)))[0]

@@ -49,3 +49,43 @@ GRAD_GROWTH = Rule(
 )
 
 RULES = [GRAD_GROWTH]
+
+
+WANG = "Wang et al. 2022, DeepNet: Scaling Transformers to 1,000 Layers"
+
+
+def _model_update(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
+    rel = view.metrics("model_update_rel").sort_values("step")
+    if len(rel) < 3:
+        return
+    first, last = float(rel.value.iloc[0]), float(rel.value.iloc[-1])
+    later = last - first
+    if first > p["first_step"] and later < p["stall"] * first:
+        yield finding(
+            MODEL_UPDATE,
+            "warning",
+            f"the first recorded step moved the output by {first:.3g}x its norm "
+            f"(||F(x,θ_t) − F(x,θ_0)|| / ||F(x,θ_0)||), then only {later:+.3g} more "
+            f"by step {int(rel.step.iloc[-1])}: a model-update blow-up followed by "
+            "a stall",
+            module=None,
+            step=int(rel.step.iloc[0]),
+            value=first,
+            threshold=p["first_step"],
+            metric="model_update_rel",
+            remedy="DeepNorm (α=(2N)^(1/4), β-scaled init), Pre-LN, or warm-up with "
+            "a lower peak learning rate",
+        )
+
+
+MODEL_UPDATE = Rule(
+    "model-update",
+    "Model-update blow-up",
+    WANG,
+    ("model_update_rel",),
+    {"first_step": 1.0, "stall": 0.5},
+    _model_update,
+    "warning",
+)
+
+RULES.append(MODEL_UPDATE)
