@@ -79,6 +79,16 @@ class CheckResult:
     skipped: dict[str, str]  # rule id -> why
 
 
+def graded(value: float, p: dict[str, float]) -> tuple[str, float] | None:
+    """("error", threshold) or ("warning", threshold) when ``value`` passes ``p["error"]`` or
+    ``p["warning"]``; None below both (and for NaN)."""
+    if value > p["error"]:
+        return "error", p["error"]
+    if value > p["warning"]:
+        return "warning", p["warning"]
+    return None
+
+
 def finding(rule: Rule, severity: str, message: str, **fields: Any) -> Finding:
     return Finding(
         rule=rule.id, severity=severity, message=message, citation=rule.citation, **fields

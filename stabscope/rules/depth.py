@@ -12,16 +12,17 @@ from collections.abc import Iterator
 
 from ..report.findings import Finding
 from ..summary import layer_param_grad_trend
-from .base import Rule, RunView, finding
+from .base import Rule, RunView, finding, graded
 
 XIONG = "Xiong et al. 2020, On Layer Normalization in the Transformer Architecture"
 
 
 def _grad_growth(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     trend = layer_param_grad_trend(view.run_dir, view.meta)
-    if trend is None or not trend.first_to_last > p["warning"]:
+    grade = None if trend is None else graded(trend.first_to_last, p)
+    if grade is None:
         return
-    severity = "error" if trend.first_to_last > p["error"] else "warning"
+    severity, threshold = grade
     yield finding(
         GRAD_GROWTH,
         severity,
@@ -32,7 +33,7 @@ def _grad_growth(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
         module=None,
         step=trend.step,
         value=trend.first_to_last,
-        threshold=p["error"] if severity == "error" else p["warning"],
+        threshold=threshold,
         metric="param_grad_norm",
         remedy="use Pre-LN, or add learning-rate warm-up; for a plain deep stack, "
         "residual connections or normalisation",

@@ -8,18 +8,17 @@ from collections.abc import Iterator
 import numpy as np
 
 from ..report.findings import Finding
-from .base import Rule, RunView, finding
+from .base import Rule, RunView, finding, graded
 from .health import WORTSMAN
 
 
 def _attention_logits(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     logits = view.metrics("attn_logit_max")
     row = logits.loc[logits.value.idxmax()]
-    severity = (
-        "error" if row.value > p["error"] else "warning" if row.value > p["warning"] else None
-    )
-    if severity is None:
+    grade = graded(float(row.value), p)
+    if grade is None:
         return
+    severity, threshold = grade
     per_step = logits.groupby("step").value.max().sort_index()
     growth = ""
     if len(per_step) >= 2 and per_step.iloc[0] > 0:
@@ -33,7 +32,7 @@ def _attention_logits(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
         module=str(row.module),
         step=int(row.step),
         value=float(row.value),
-        threshold=p["error"] if severity == "error" else p["warning"],
+        threshold=threshold,
         metric="attn_logit_max",
         remedy="qk-layernorm (normalise queries and keys), or a lower learning rate",
     )
@@ -98,10 +97,11 @@ def _rank_collapse(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     last_step = int(by_step.index[-1])
     last = corr[corr.step == last_step]
     row = last.loc[last.value.idxmax()]
-    if row.value < p["warning"]:
+    grade = graded(float(row.value), p)
+    if grade is None:
         return
-    severity = "error" if row.value >= p["error"] else "warning"
-    collapsed = int((last.value >= p["warning"]).sum())
+    severity, threshold = grade
+    collapsed = int((last.value > p["warning"]).sum())
     yield finding(
         RANK_COLLAPSE,
         severity,
@@ -111,7 +111,7 @@ def _rank_collapse(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
         module=str(row.module),
         step=last_step,
         value=float(row.value),
-        threshold=p["error"] if severity == "error" else p["warning"],
+        threshold=threshold,
         metric="token_corr",
         remedy="use Pre-LN, or scale the residual branches (DeepScaleLM / DeepNorm "
         "init) so that depth does not wash out token differences",
