@@ -56,8 +56,11 @@ def settings_from_mapping(table: dict[str, Any], source: str = "config") -> Rule
     return settings
 
 
-def check_run(run_dir: str | Path, settings: RuleSettings | None = None) -> CheckResult:
-    return run_rules(run_dir, ALL_RULES, settings)
+def check_run(
+    run_dir: str | Path, settings: RuleSettings | None = None, until: int | None = None
+) -> CheckResult:
+    """All rules on a run; ``until`` limits them to the steps before it."""
+    return run_rules(run_dir, ALL_RULES, settings, until)
 
 
 def write_findings(run_dir: str | Path, findings: list[Finding]) -> Path:

@@ -25,17 +25,19 @@ class RunView:
 
     run_dir: Path
     meta: dict[str, Any]
+    until: int | None = None  # only steps before this one (a verdict from the first steps)
     _cache: dict[tuple[str, ...], pd.DataFrame] = field(default_factory=dict)
 
     @classmethod
-    def open(cls, run_dir: str | Path) -> RunView:
-        return cls(Path(run_dir), read_meta(run_dir))
+    def open(cls, run_dir: str | Path, until: int | None = None) -> RunView:
+        return cls(Path(run_dir), read_meta(run_dir), until)
 
     def metrics(self, *names: str) -> pd.DataFrame:
         """Training-phase rows of the named metrics (string columns as plain str)."""
         key = tuple(sorted(names))
         if key not in self._cache:
-            frame = load_run(self.run_dir, metrics=list(names), phase="train")
+            steps = None if self.until is None else slice(0, self.until)
+            frame = load_run(self.run_dir, metrics=list(names), phase="train", steps=steps)
             for col in ("module", "metric"):
                 frame[col] = frame[col].astype(str)
             self._cache[key] = frame
@@ -96,11 +98,14 @@ def finding(rule: Rule, severity: str, message: str, **fields: Any) -> Finding:
 
 
 def run_rules(
-    run_dir: str | Path, rules: list[Rule], settings: RuleSettings | None = None
+    run_dir: str | Path,
+    rules: list[Rule],
+    settings: RuleSettings | None = None,
+    until: int | None = None,
 ) -> CheckResult:
-    """Every enabled rule on one run, worst findings first."""
+    """Every enabled rule on one run (its steps before ``until``), worst findings first."""
     settings = settings or RuleSettings()
-    view = RunView.open(run_dir)
+    view = RunView.open(run_dir, until)
     found: list[Finding] = []
     skipped: dict[str, str] = {}
     for rule in rules:
