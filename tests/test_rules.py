@@ -268,3 +268,11 @@ def test_model_update_blow_up_then_stall(tmp_path):
     assert (f.value, f.step, f.severity) == (pytest.approx(1.32), 0, "warning")
     assert "model-update" not in rules_hit(write_run(tmp_path / "pre", series(1.03, 1.86)))[0]
     assert "model-update" not in rules_hit(write_run(tmp_path / "dn", series(0.25, 1.88)))[0]
+
+
+def test_rules_limited_to_early_steps(tmp_path):
+    rows = [(s, "blocks.0.attn", "attn_logit_max", 0, 5.0) for s in range(10)]
+    rows.append((12, "blocks.0.attn", "attn_logit_max", 0, 5e4))
+    run = write_run(tmp_path / "r", rows)
+    assert check_run(run).findings[0].step == 12
+    assert check_run(run, until=10).findings == []  # the verdict from steps 0..9 only
