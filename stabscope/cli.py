@@ -353,53 +353,27 @@ def _check(
     steps: int,
     sets: list[str],
 ) -> int:
-    from .config import find_pyproject, read_toml_table
     from .report.console import print_findings
-    from .report.findings import SEVERITIES
-    from .rules import ALL_RULES, check_run, settings_from_mapping, write_findings
-    from .rules.base import RunView
-    from .rules.baseline import compare_to_baseline
-    from .rules.output import at_or_above, to_github, to_json, to_junit
-    from .store import NotARunError
+    from .rules.gate import run_gate
+    from .rules.output import to_github, to_json, to_junit
 
-    if fail_on not in SEVERITIES:
-        raise UsageError(f"bad --fail-on {fail_on!r}", hint=f"one of {', '.join(SEVERITIES)}")
     if output_format not in ("table", "json", "github"):
         raise UsageError(f"bad --format {output_format!r}", hint="table, json or github")
-    source = config or find_pyproject()
-    if config is not None and not config.is_file():
-        raise UsageError(f"no such config file: {config}", hint="pass a TOML file")
-    try:
-        table = read_toml_table(source, "tool", "stabscope", "rules") if source else {}
-        settings = settings_from_mapping(table, str(source))
-    except ValueError as e:
-        raise UsageError(str(e), hint="see README: The CI gate") from None
-    run_dir = target
-    if target.suffix == ".py":
-        run_dir = _profile_for_check(target, steps, sets)
-    try:
-        result = check_run(run_dir, settings)
-        if baseline is not None:
-            extra = list(compare_to_baseline(RunView.open(run_dir), RunView.open(baseline), factor))
-            result.findings[:0] = extra
-    except NotARunError as e:
-        raise UsageError(str(e), hint="pass a run directory or a model script") from None
-    findings = sorted(result.findings, key=lambda f: (SEVERITIES.index(f.severity), f.step or 0))
-    write_findings(run_dir, findings)
-    failing = at_or_above(findings, fail_on)
+    run_dir = _profile_for_check(target, steps, sets) if target.suffix == ".py" else target
+    gate = run_gate(run_dir, fail_on, config, baseline, factor)
+    findings, failing = gate.findings, gate.failing
     if output_format == "json":
-        typer.echo(to_json(str(run_dir), findings, result.skipped, bool(failing)))
+        typer.echo(to_json(str(run_dir), findings, gate.skipped, bool(failing)))
     elif output_format == "github":
         text = to_github(findings)
         if text:
             typer.echo(text)
     else:
         print_findings(findings, err)
-        for rule, why in result.skipped.items():
+        for rule, why in gate.skipped.items():
             err.print(f"[dim]skipped {rule}: {why}[/]")
     if junit is not None:
-        rule_ids = [r.id for r in ALL_RULES] + (["baseline-regression"] if baseline else [])
-        junit.write_text(to_junit(str(run_dir), rule_ids, findings, fail_on), encoding="utf-8")
+        junit.write_text(to_junit(str(run_dir), gate.rule_ids, findings, fail_on), encoding="utf-8")
     verdict = (
         f"[red]failed[/]: {len(failing)} findings at {fail_on} or worse"
         if failing

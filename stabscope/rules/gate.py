@@ -1,0 +1,64 @@
+"""The CI gate as a library call: settings, rules, baseline, findings.json, the verdict.
+
+The CLI only parses options, prints and exits; everything ``stabscope check`` decides is here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import find_pyproject, read_toml_table
+from ..errors import UsageError
+from ..report.findings import SEVERITIES, Finding
+from ..store import NotARunError
+from . import ALL_RULES, check_run, settings_from_mapping, write_findings
+from .base import RuleSettings, RunView
+from .baseline import compare_to_baseline
+from .output import at_or_above
+
+
+@dataclass
+class GateResult:
+    run_dir: Path
+    findings: list[Finding]  # worst first
+    skipped: dict[str, str]
+    failing: list[Finding]  # at --fail-on or worse
+    rule_ids: list[str]
+
+
+def load_settings(config: Path | None) -> RuleSettings:
+    """``[tool.stabscope.rules]`` of ``config``, else of the nearest pyproject.toml."""
+    if config is not None and not config.is_file():
+        raise UsageError(f"no such config file: {config}", hint="pass a TOML file")
+    source = config or find_pyproject()
+    try:
+        table = read_toml_table(source, "tool", "stabscope", "rules") if source else {}
+        return settings_from_mapping(table, str(source))
+    except ValueError as e:
+        raise UsageError(str(e), hint="see README: The CI gate") from None
+
+
+def run_gate(
+    run_dir: Path,
+    fail_on: str = "error",
+    config: Path | None = None,
+    baseline: Path | None = None,
+    factor: float = 10.0,
+) -> GateResult:
+    """Check a run, write its findings.json, and say which findings fail the gate."""
+    if fail_on not in SEVERITIES:
+        raise UsageError(f"bad --fail-on {fail_on!r}", hint=f"one of {', '.join(SEVERITIES)}")
+    settings = load_settings(config)
+    try:
+        result = check_run(run_dir, settings)
+        if baseline is not None:
+            result.findings[:0] = compare_to_baseline(
+                RunView.open(run_dir), RunView.open(baseline), factor
+            )
+    except NotARunError as e:
+        raise UsageError(str(e), hint="pass a run directory or a model script") from None
+    findings = sorted(result.findings, key=lambda f: (SEVERITIES.index(f.severity), f.step or 0))
+    write_findings(run_dir, findings)
+    rule_ids = [r.id for r in ALL_RULES] + (["baseline-regression"] if baseline else [])
+    return GateResult(run_dir, findings, result.skipped, at_or_above(findings, fail_on), rule_ids)
