@@ -188,34 +188,48 @@ def probe_headlines(run_dir: str | Path) -> list[str]:
     return lines
 
 
-def layer_param_grad_trend(run_dir: str | Path, meta: dict[str, Any]) -> DepthTrend | None:
-    """Gradient norm of all parameters of each layer, sqrt(sum of squares), at the first
-    recorded step: the quantity of Xiong et al. 2020 (Fig. 3), which stays flat or decays
-    with depth for Pre-LN and is ~sqrt(L) larger near the output for Post-LN."""
+def layer_param_grad_trends(grads: pd.DataFrame, meta: dict[str, Any]) -> list[DepthTrend]:
+    """Per recorded step, the gradient norm of all parameters of each layer (sqrt of the sum
+    of squares of ``param_grad_norm`` rows): the quantity of Xiong et al. 2020 (Fig. 3), flat
+    or decaying with depth for Pre-LN, large near the output and vanishing toward the input
+    for Post-LN. ``grads`` holds ``param_grad_norm`` rows; trends come in step order."""
     layers = layer_modules(meta)
-    if not layers:
-        return None
-    prefixes = {name: layer for name, layer in layers.items()}
-    grads = load_run(run_dir, metrics=["param_grad_norm"], phase="train")
-    if grads.empty:
-        return None
-    grads = grads[grads.step == grads.step.min()]
-    per_layer: dict[int, float] = {}
-    for module, value in zip(grads.module.astype(str), grads.value.to_numpy(float)):
+    if not layers or grads.empty:
+        return []
+    owner_layer: dict[str, int | None] = {}
+    for module in grads.module.astype(str).unique():
         owner = module.rsplit(".", 1)[0]
-        while owner and owner not in prefixes:
+        while owner and owner not in layers:
             owner = owner.rsplit(".", 1)[0] if "." in owner else ""
-        if owner:
-            per_layer[prefixes[owner]] = per_layer.get(prefixes[owner], 0.0) + value**2
-    if len(per_layer) < 2:
-        return None
-    frame = pd.DataFrame(
-        {
-            "metric": "layer_param_grad_norm",
-            "module": list(map(str, per_layer)),
-            "call": 0,
-            "step": int(grads.step.min()),
-            "value": np.sqrt(list(per_layer.values())),
-        }
-    )
-    return depth_trend(frame, {str(k): k for k in per_layer}, "layer_param_grad_norm")
+        owner_layer[module] = layers.get(owner) if owner else None
+    frame = grads.assign(layer=grads.module.astype(str).map(owner_layer)).dropna(subset=["layer"])
+    frame = frame.assign(square=frame.value.astype(float) ** 2)
+    sums = frame.groupby(["step", "layer"]).square.sum()
+    trends = []
+    for step, per_layer in sums.groupby(level="step"):
+        per_layer = per_layer.droplevel("step")
+        if len(per_layer) < 2:
+            continue
+        table = pd.DataFrame(
+            {
+                "metric": "layer_param_grad_norm",
+                "module": [str(int(k)) for k in per_layer.index],
+                "call": 0,
+                "step": int(step),
+                "value": np.sqrt(per_layer.to_numpy()),
+            }
+        )
+        trend = depth_trend(
+            table, {str(int(k)): int(k) for k in per_layer.index}, "layer_param_grad_norm"
+        )
+        if trend is not None:
+            trends.append(trend)
+    return trends
+
+
+def layer_param_grad_trend(run_dir: str | Path, meta: dict[str, Any]) -> DepthTrend | None:
+    """The per-layer gradient-norm trend at the first recorded step."""
+    grads = load_run(run_dir, metrics=["param_grad_norm"], phase="train")
+    first = grads[grads.step == grads.step.min()] if not grads.empty else grads
+    trends = layer_param_grad_trends(first, meta)
+    return trends[0] if trends else None

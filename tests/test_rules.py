@@ -186,12 +186,16 @@ def test_gate_fails_deep_post_ln_and_passes_pre_ln(tmp_path):
     junit = tmp_path / "junit.xml"
     res = runner.invoke(app, ["check", str(runs["post"]), "--junit", str(junit)])
     assert res.exit_code == 1, res.output
-    assert "rank-collapse" in res.stderr and "failed" in res.stderr
+    assert "gradient-growth" in res.stderr and "failed" in res.stderr
     suite = ET.parse(junit).getroot()
     failed = [c.get("name") for c in suite.iter("testcase") if c.find("failure") is not None]
-    assert failed == ["rank-collapse"] and int(suite.get("tests")) == len(RULES_BY_ID)
+    assert failed == ["gradient-growth", "rank-collapse"]
+    assert int(suite.get("tests")) == len(RULES_BY_ID)
     findings = json.loads((runs["post"] / "findings.json").read_text())
-    assert findings[0]["rule"] == "rank-collapse" and findings[0]["severity"] == "error"
+    # Rule 1 (Xiong et al.) fires first: the gradient ratio passes 100x within a few steps.
+    first = findings[0]
+    assert (first["rule"], first["severity"]) == ("gradient-growth", "error")
+    assert first["step"] < 6 and first["value"] > 100
 
     res = runner.invoke(app, ["check", str(runs["pre"]), "--format", "json"])
     assert res.exit_code == 0, res.output
@@ -202,7 +206,7 @@ def test_gate_fails_deep_post_ln_and_passes_pre_ln(tmp_path):
     )
     lines = res.stdout.strip().splitlines()
     assert res.exit_code == 1
-    assert lines[0].startswith("::error title=stabscope rank-collapse (blocks.")
+    assert lines[0].startswith("::error title=stabscope gradient-growth::")
     assert all(line.startswith(("::error ", "::warning ")) for line in lines)
 
 

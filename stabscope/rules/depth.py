@@ -1,9 +1,11 @@
-"""Gradient growth across depth at init (Xiong et al. 2020).
+"""Gradient growth across depth (Xiong et al. 2020), at init and over the first steps.
 
-The per-layer parameter-gradient norm at the first recorded step, fitted against the layer
-index: Post-LN's gradients are large near the output and shrink toward the input, Pre-LN's
-decay gently with depth (~1/sqrt(l)), which is expected and not flagged. The rule fires when
-the last layer's norm exceeds the first layer's by ``warning`` (10x) or ``error`` (100x).
+Per recorded step, the per-layer parameter-gradient norm, last layer over first layer.
+Post-LN's gradients are large near the output and vanish toward the input; on the sample
+GPT (24 layers) the ratio is ~1 at init and passes 100 by step 3 and 1e4 by step 25, while
+Pre-LN's stays below 1 (its gentle decay with depth is expected and not flagged) and
+DeepNorm's stays near 1. The finding names the first step where the ratio passes ``error``
+(else ``warning``).
 """
 
 from __future__ import annotations
@@ -11,32 +13,35 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from ..report.findings import Finding
-from ..summary import layer_param_grad_trend
+from ..summary import layer_param_grad_trends
 from .base import Rule, RunView, finding, graded
 
 XIONG = "Xiong et al. 2020, On Layer Normalization in the Transformer Architecture"
 
 
 def _grad_growth(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
-    trend = layer_param_grad_trend(view.run_dir, view.meta)
-    grade = None if trend is None else graded(trend.first_to_last, p)
-    if grade is None:
+    trends = layer_param_grad_trends(view.metrics("param_grad_norm"), view.meta)
+    graded_steps = [(t, graded(t.first_to_last, p)) for t in trends]
+    hits = [(t, g) for t, g in graded_steps if g is not None]
+    if not hits:
         return
-    severity, threshold = grade
+    worst = "error" if any(g[0] == "error" for _, g in hits) else "warning"
+    trend, (severity, threshold) = next((t, g) for t, g in hits if g[0] == worst)
+    at_init = trends[0].first_to_last
     yield finding(
         GRAD_GROWTH,
         severity,
         f"at step {trend.step} the gradient norm of layer {trend.layers[-1]} is "
         f"{trend.first_to_last:.3g}x that of layer {trend.layers[0]} "
-        f"(x{trend.factor_per_layer:.3g} per layer over {len(trend.layers)} layers): "
+        f"(x{at_init:.3g} at step {trends[0].step}, {len(trend.layers)} layers): "
         "gradients grow toward the output and vanish toward the input",
         module=None,
         step=trend.step,
         value=trend.first_to_last,
         threshold=threshold,
         metric="param_grad_norm",
-        remedy="use Pre-LN, or add learning-rate warm-up; for a plain deep stack, "
-        "residual connections or normalisation",
+        remedy="use Pre-LN or DeepNorm, or add learning-rate warm-up; for a plain "
+        "deep stack, residual connections or normalisation",
     )
 
 
