@@ -92,24 +92,42 @@ KEDIA = "Kedia et al. 2024, Transformers get Stable: An End-to-End Signal Propag
 
 
 def _rank_collapse(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
+    """Collapse at init is an architecture/init problem: error at once. Collapse that appears
+    during training is often a transient plateau (healthy runs at a high learning rate sit
+    near 1 for a few steps, then recover), so it is an error only once it has lasted
+    ``persist`` steps, a warning before that."""
     corr = view.metrics("token_corr")
     by_step = corr.groupby("step").value.max().sort_index()
-    last_step = int(by_step.index[-1])
-    last = corr[corr.step == last_step]
-    row = last.loc[last.value.idxmax()]
-    grade = graded(float(row.value), p)
-    if grade is None:
-        return
-    severity, threshold = grade
-    collapsed = int((last.value > p["warning"]).sum())
+    first_step, last_step = int(by_step.index[0]), int(by_step.index[-1])
+    if by_step.iloc[0] > p["error"]:
+        step, severity, threshold, how = first_step, "error", p["error"], "from the start"
+    else:
+        grade = graded(float(by_step.iloc[-1]), p)
+        if grade is None:
+            return
+        severity, threshold = grade
+        # The step since which the correlation has stayed above the error threshold.
+        below = by_step[by_step <= p["error"]]
+        since = (
+            int(by_step[by_step.index > below.index[-1]].index[0])
+            if severity == "error"
+            else last_step
+        )
+        if severity == "error" and last_step - since < p["persist"]:
+            severity, threshold = "warning", p["warning"]
+        step = last_step
+        how = f"since step {since}" if severity == "error" else f"at step {last_step}"
+    rows = corr[corr.step == step]
+    row = rows.loc[rows.value.idxmax()]
+    collapsed = int((rows.value > p["warning"]).sum())
     yield finding(
         RANK_COLLAPSE,
         severity,
-        f"token correlation {row.value:.4f} at {row.module} (step {last_step}): "
-        f"{collapsed} block outputs carry nearly the same vector at every position "
-        f"(rank collapse; {by_step.iloc[0]:.3f} at step {int(by_step.index[0])})",
+        f"token correlation {row.value:.4f} at {row.module} {how}: {collapsed} block outputs "
+        f"carry nearly the same vector at every position (rank collapse; {by_step.iloc[0]:.3f} "
+        f"at step {first_step}, {by_step.iloc[-1]:.3f} at step {last_step})",
         module=str(row.module),
-        step=last_step,
+        step=step,
         value=float(row.value),
         threshold=threshold,
         metric="token_corr",
@@ -123,7 +141,7 @@ RANK_COLLAPSE = Rule(
     "Rank collapse",
     KEDIA,
     ("token_corr",),
-    {"warning": 0.95, "error": 0.99},
+    {"warning": 0.95, "error": 0.99, "persist": 50},
     _rank_collapse,
 )
 
