@@ -99,6 +99,22 @@ class ModuleHooks:
     def attached(self) -> bool:
         return bool(self._handles)
 
+    def counts(self, code: int) -> dict[str, int]:
+        """Cumulative fire counts of one module, for its entry in meta.json."""
+        return {
+            "forward_calls": int(self.forward_calls[code]),
+            "grad_hooks": int(self.grad_hooks[code]),
+            "grad_calls": int(self.grad_calls[code]),
+        }
+
+    def never_fired(self, names: list[str]) -> dict[str, list[str]]:
+        """Modules whose forward hook, or whose registered gradient hooks, never fired."""
+        codes = [code for code, _ in self.modules]
+        return {
+            "forward": [names[c] for c in codes if self.forward_calls[c] == 0],
+            "grad": [names[c] for c in codes if self.grad_hooks[c] > 0 and self.grad_calls[c] == 0],
+        }
+
     def attach(self) -> None:
         if self._handles:
             return

@@ -378,36 +378,20 @@ class Recorder:
 
     # -- meta --------------------------------------------------------------------------------
     def _save_meta(self) -> None:
+        never = self.hooks.never_fired(self.writer.modules.names) if self._recorded_steps else {}
         self.meta.update(
             parts=self.writer.parts_written,
             rows=self.writer.rows_written,
             recorded_steps=self._recorded_steps,
-            hooks_never_fired=self._never_fired(),
+            hooks_never_fired=never,
             sync_seconds=round(self._sync_seconds, 4),
             host_syncs=self.host_syncs,
         )
-        order = self._forward_order
-        hooks = self.hooks
         for code, entry in zip(self._module_codes, self.meta["modules"]):
-            entry["forward_order"] = order.get(code)
-            entry["forward_calls"] = int(hooks.forward_calls[code])
-            entry["grad_hooks"] = int(hooks.grad_hooks[code])
-            entry["grad_calls"] = int(hooks.grad_calls[code])
+            entry["forward_order"] = self._forward_order.get(code)
+            entry.update(self.hooks.counts(code))
         if self.rank == 0:
             save_meta(self.run_dir, self.meta)
-
-    def _never_fired(self) -> dict[str, list[str]]:
-        """Modules whose hooks never fired over the recorded steps so far."""
-        if self._recorded_steps == 0:
-            return {}
-        h = self.hooks
-        names = self.writer.modules.names
-        return {
-            "forward": [names[c] for c in self._module_codes if h.forward_calls[c] == 0],
-            "grad": [
-                names[c] for c in self._module_codes if h.grad_hooks[c] > 0 and h.grad_calls[c] == 0
-            ],
-        }
 
 
 def _world_size() -> int:
