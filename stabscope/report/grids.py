@@ -17,6 +17,15 @@ import numpy as np
 from .aggregate import Names, StepBins, at, lookup
 
 
+def add_at(target: np.ndarray, cell: np.ndarray, weights: np.ndarray | None = None) -> None:
+    """``target[cell] += weights`` (or += 1), with repeated cells summed: one ``bincount``
+    over the short stretch of ``target`` that the cells span, not over all of it."""
+    base = int(cell.min())
+    local = cell - base
+    span = int(local.max()) + 1
+    target[base : base + span] += np.bincount(local, weights=weights, minlength=span)
+
+
 @dataclass
 class Grid:
     """Rows x step bins; cells with no finite value are NaN."""
@@ -115,11 +124,8 @@ class BinnedGrid:
         if not len(cell):
             return
         v = value[keep].astype(np.float64)
-        base = int(cell.min())
-        local = cell - base
-        span = int(local.max()) + 1
-        self.sum[base : base + span] += np.bincount(local, weights=v, minlength=span)
-        self.count[base : base + span] += np.bincount(local, minlength=span)
+        add_at(self.sum, cell, v)
+        add_at(self.count, cell)
         np.minimum.at(self.lo, cell, v)
         np.maximum.at(self.hi, cell, v)
 
@@ -203,12 +209,9 @@ class LayerGrid:
         if not len(cell):
             return
         v = value[keep].astype(np.float64)
-        base = int(cell.min())
-        local = cell - base
-        span = int(local.max()) + 1
-        self.count[base : base + span] += np.bincount(local, minlength=span)
+        add_at(self.count, cell)
         if self.how == "l2":  # NaN and Inf propagate: a non-finite tensor makes its layer so
-            self.acc[base : base + span] += np.bincount(local, weights=v * v, minlength=span)
+            add_at(self.acc, cell, v * v)
         else:
             np.fmin.at(self.acc, cell, v)
 
