@@ -97,6 +97,21 @@ def finding(rule: Rule, severity: str, message: str, **fields: Any) -> Finding:
     )
 
 
+def finding_at(
+    rule: Rule, severity: str, message: str, row: Any, value: float | None = None, **fields: Any
+) -> Finding:
+    """A finding located at a table row: the row's module, step and (unless given) value."""
+    return finding(
+        rule,
+        severity,
+        message,
+        module=str(row.module),
+        step=int(row.step),
+        value=float(row.value if value is None else value),
+        **fields,
+    )
+
+
 def run_rules(
     run_dir: str | Path,
     rules: list[Rule],

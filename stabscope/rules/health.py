@@ -8,7 +8,7 @@ import numpy as np
 
 from ..report.findings import Finding
 from ..store import RUN_MODULE
-from .base import Rule, RunView, finding
+from .base import Rule, RunView, finding, finding_at
 
 
 def _nonfinite(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
@@ -105,15 +105,13 @@ def _update_ratio(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     if big.empty:
         return
     worst = big.loc[big.value.idxmax()]
-    yield finding(
+    yield finding_at(
         UPDATE_RATIO,
         "warning",
         f"{big.module.nunique()} parameters had updates larger than "
         f"{p['max_ratio']:g} of their norm in one step; largest {worst.value:.3g} "
         f"({worst.module}, step {int(worst.step)})",
-        module=str(worst.module),
-        step=int(worst.step),
-        value=float(worst.value),
+        worst,
         threshold=p["max_ratio"],
         metric="update_ratio",
         remedy="lower the learning rate or add warm-up for these parameters",
@@ -145,15 +143,13 @@ def _adam_eps(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     if low.empty:
         return
     worst = low.loc[low.value.idxmin()]
-    yield finding(
+    yield finding_at(
         ADAM_EPS,
         "warning",
         f"{len(low)} parameters have gradient rms (sqrt of Adam's v) within "
         f"{p['min_ratio']:g}x of eps at step {int(worst.step)}; lowest "
         f"{worst.value:.3g} ({worst.module}): their updates are damped",
-        module=str(worst.module),
-        step=int(worst.step),
-        value=float(worst.value),
+        worst,
         threshold=p["min_ratio"],
         metric="adam_sqrtv_over_eps",
         remedy="lower Adam's eps (e.g. 1e-15) or rescale these parameters",
@@ -178,14 +174,13 @@ def _logits(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
         return
     row = ext.loc[ext.value.abs().idxmax()]
     if abs(row.value) > p["max_abs_logit"]:
-        yield finding(
+        yield finding_at(
             LOGITS,
             "warning",
             f"output logit {row.value:.4g} at step {int(row.step)} exceeds "
             f"{p['max_abs_logit']:g} in magnitude: output-logit divergence",
-            module=str(row.module),
-            step=int(row.step),
-            value=float(abs(row.value)),
+            row,
+            value=abs(row.value),
             threshold=p["max_abs_logit"],
             metric=str(row.metric),
             remedy="add a z-loss (1e-4·log²Z) or weight decay on the output layer",

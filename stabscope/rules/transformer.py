@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from ..report.findings import Finding
-from .base import Rule, RunView, finding, graded
+from .base import Rule, RunView, finding, finding_at, graded
 from .health import WORTSMAN
 
 
@@ -24,14 +24,12 @@ def _attention_logits(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     if len(per_step) >= 2 and per_step.iloc[0] > 0:
         span = per_step.index[-1] - per_step.index[0]
         growth = f", x{per_step.iloc[-1] / per_step.iloc[0]:.3g} over {span} steps"
-    yield finding(
+    yield finding_at(
         ATTN_LOGITS,
         severity,
         f"attention logit {row.value:.4g} in {row.module} head {int(row['index'])} at "
         f"step {int(row.step)}{growth}; runs past ~1e4 diverged",
-        module=str(row.module),
-        step=int(row.step),
-        value=float(row.value),
+        row,
         threshold=threshold,
         metric="attn_logit_max",
         remedy="qk-layernorm (normalise queries and keys), or a lower learning rate",
@@ -120,15 +118,13 @@ def _rank_collapse(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     rows = corr[corr.step == step]
     row = rows.loc[rows.value.idxmax()]
     collapsed = int((rows.value > p["warning"]).sum())
-    yield finding(
+    yield finding_at(
         RANK_COLLAPSE,
         severity,
         f"token correlation {row.value:.4f} at {row.module} {how}: {collapsed} block outputs "
         f"carry nearly the same vector at every position (rank collapse; {by_step.iloc[0]:.3f} "
         f"at step {first_step}, {by_step.iloc[-1]:.3f} at step {last_step})",
-        module=str(row.module),
-        step=step,
-        value=float(row.value),
+        row,
         threshold=threshold,
         metric="token_corr",
         remedy="use Pre-LN, or scale the residual branches (DeepScaleLM / DeepNorm "
