@@ -10,6 +10,7 @@ import torch
 
 import stabscope
 from stabscope import Schedule
+from stabscope.probes import host_moments
 from tests.conftest import batch_maker, mlp, train
 
 STEPS = 3
@@ -53,7 +54,12 @@ def reference_stats(model, make_batch, steps, lr=1e-2):
     return out
 
 
-def test_every_metric_matches_naive_reference(run_dir):
+# Both CPU moment paths: numba's single pass (when installed) and torch's reductions.
+@pytest.mark.parametrize("kernel", ["numba", "torch"])
+def test_every_metric_matches_naive_reference(run_dir, kernel, monkeypatch):
+    if kernel == "numba" and not host_moments.AVAILABLE:
+        pytest.skip("numba is not installed")
+    monkeypatch.setattr(host_moments, "AVAILABLE", kernel == "numba")
     torch.manual_seed(0)
     model = mlp()
     ref_model = copy.deepcopy(model)
@@ -73,6 +79,7 @@ def test_every_metric_matches_naive_reference(run_dir):
         assert got[key] == pytest.approx(value, rel=2e-5, abs=1e-7), key
         checked += 1
     assert checked == len(expected) > 100
+    assert stabscope.read_meta(run_dir)["cpu_moments"] == kernel
 
 
 def test_lr_follows_the_scheduler(run_dir):

@@ -17,7 +17,7 @@ import torch
 from ..collector import Collector, Rows
 from ..hooks import EVAL, TRAIN
 from ..store.schema import PHASES
-from .moments import MOMENT_METRICS, decode_moments, moment_scalars, stack_moments
+from .moments import MOMENT_METRICS, MomentRows, decode_moments
 
 #: Called with (direction, module code, call) for a step's first non-finite entry.
 NonfiniteSink = Callable[[str, int, int], None]
@@ -29,7 +29,7 @@ class _Entries:
     def __init__(self, prefix: str, direction: str) -> None:
         self.prefix = prefix
         self.direction = direction
-        self.scalars: list[torch.Tensor] = []  # 4 per entry: sum, sumsq, min, max
+        self.moments = MomentRows()  # one entry per key
         self.keys: list[tuple[int, int, int, int]] = []  # (phase, module, call, numel)
 
         # A tensor seen earlier in the step reuses that entry's reductions: forward, a block
@@ -38,30 +38,28 @@ class _Entries:
         # see about 30 distinct tensors). id -> (weakref, version, entry index).
         self._seen: dict[int, tuple[weakref.ref, int, int]] = {}
 
-    def _reductions(self, t: torch.Tensor) -> list[torch.Tensor]:
+    def _add_moments(self, t: torch.Tensor) -> None:
         seen = self._seen.get(id(t))
         if seen is not None and seen[0]() is t and seen[1] == t._version:
-            return self.scalars[4 * seen[2] : 4 * seen[2] + 4]
-        self._seen[id(t)] = (weakref.ref(t), t._version, len(self.keys))
-        return list(moment_scalars(t))
+            self.moments.repeat(seen[2])
+        else:
+            self._seen[id(t)] = (weakref.ref(t), t._version, self.moments.add(t))
 
     def add(self, phase: int, module: int, call: int, t: torch.Tensor) -> None:
-        self.scalars.extend(self._reductions(t))
+        self._add_moments(t)
         self.keys.append((phase, module, call, t.numel()))
 
     def add_shared(self, keys: list[tuple[int, int]], t: torch.Tensor) -> None:
         """One tensor that stands for several (module, call) entries (training phase)."""
-        scalars = self._reductions(t)
         for module, call in keys:
-            self.scalars.extend(scalars)
+            self._add_moments(t)
             self.keys.append((TRAIN, module, call, t.numel()))
 
     def hand_over(self, collector: Collector, on_nonfinite: NonfiniteSink) -> None:
         if not self.keys:
             return
         keys = np.array(self.keys, np.int64)  # (R, 4)
-        stacked = stack_moments(self.scalars)  # (R, 4) on device
-        self.scalars, self.keys = [], []
+        moments, self.moments, self.keys = self.moments, MomentRows(), []
         self._seen.clear()
 
         def decode(values: np.ndarray, rows: Rows) -> None:
@@ -86,7 +84,7 @@ class _Entries:
                     if phase_code == TRAIN:
                         on_nonfinite(self.direction, module, call)
 
-        collector.add(stacked, decode)
+        moments.hand_over(collector, decode)
 
 
 class ActivationProbe:

@@ -12,6 +12,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..collector import Collector, Decoder, Rows
+from . import host_moments
+
 #: Metric suffixes derived from one moment vector, in emission order.
 MOMENT_METRICS = ("mean", "rms", "absmax", "nonfinite")
 
@@ -51,6 +54,70 @@ def stack_moments(scalars: list[torch.Tensor]) -> torch.Tensor:
 def moment_vector(t: torch.Tensor) -> torch.Tensor:
     """``[sum, sumsq, min, max]`` of ``t`` as a float32 4-vector on ``t``'s device."""
     return stack_moments(list(moment_scalars(t)))
+
+
+class MomentRows:
+    """Moment vectors of a step's tensors, in the order they were added.
+
+    CPU tensors take the single-pass kernel of ``host_moments`` when numba is installed and
+    land straight in a float64 host array; other tensors keep their four 0-d reductions on
+    their device. ``hand_over`` queues both with the collector, so the step still has one
+    transfer per device and its decoder sees all ``(R, 4)`` vectors in order.
+    """
+
+    def __init__(self) -> None:
+        self._clear()
+
+    def _clear(self) -> None:
+        self._host = np.empty((64, 4), np.float64)  # rows of host-reduced tensors
+        self._rows = 0
+        self._device: list[tuple[torch.Tensor, ...]] = []  # 4 scalars per device tensor
+        self._where: list[int] = []  # per entry: host row, or -1 - device tensor index
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def add(self, t: torch.Tensor) -> int:
+        """Reduce ``t`` (floating, non-empty) as a new entry; returns the entry's index."""
+        if host_moments.AVAILABLE and t.device.type == "cpu":
+            if self._rows == len(self._host):
+                self._host = np.concatenate([self._host, np.empty_like(self._host)])
+            host_moments.host_moments_into(t, self._host[self._rows])
+            self._where.append(self._rows)
+            self._rows += 1
+        else:
+            self._where.append(-1 - len(self._device))
+            self._device.append(moment_scalars(t))
+        return len(self._where) - 1
+
+    def repeat(self, entry: int) -> None:
+        """Add entry ``entry`` again (the same tensor standing for another module)."""
+        self._where.append(self._where[entry])
+
+    def hand_over(self, collector: Collector, decode: Decoder) -> None:
+        """Queue the vectors; ``decode`` gets them as one float64 ``(R, 4)`` array."""
+        where = np.array(self._where, np.int64)
+        on_host = where >= 0
+        host_part = torch.from_numpy(self._host[where[on_host]]) if on_host.any() else None
+        device_part = None
+        if not on_host.all():  # the same scalars again for a repeated entry: no gather op
+            device_part = stack_moments([s for w in where[~on_host] for s in self._device[-1 - w]])
+        self._clear()
+        if device_part is None or host_part is None:
+            only = device_part if host_part is None else host_part
+            collector.add(only, lambda values, rows: decode(values.reshape(-1, 4), rows))
+            return
+        joined = np.empty((len(where), 4))
+
+        def keep_host(values: np.ndarray, rows: Rows) -> None:
+            joined[on_host] = values.reshape(-1, 4)
+
+        def add_device(values: np.ndarray, rows: Rows) -> None:  # decoded after keep_host
+            joined[~on_host] = values.reshape(-1, 4)
+            decode(joined, rows)
+
+        collector.add(host_part, keep_host)
+        collector.add(device_part, add_device)
 
 
 def decode_moments(vectors: np.ndarray, numel: np.ndarray) -> dict[str, np.ndarray]:

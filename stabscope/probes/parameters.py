@@ -18,7 +18,7 @@ from torch import nn
 
 from ..collector import Collector, Rows
 from ..distributed import local_tensor
-from .moments import decode_moments, moment_scalars, stack_moments
+from .moments import MomentRows, decode_moments
 
 _TRAIN = "train"
 
@@ -91,14 +91,16 @@ class ParameterProbe:
         self, collector: Collector, prefix: str, which: list[int], tensors: list[torch.Tensor]
     ) -> None:
         codes, numel = self.codes[which], self.numel[which]
-        stacked = stack_moments([s for t in tensors for s in moment_scalars(t)])  # (P, 4)
+        moments = MomentRows()
+        for t in tensors:
+            moments.add(t)
 
         def decode(values: np.ndarray, rows: Rows) -> None:
             metrics = decode_moments(values, numel)
             for suffix in ("mean", "absmax", "nonfinite"):
                 rows.emit(_TRAIN, codes, 0, f"{prefix}_{suffix}", metrics[suffix])
 
-        collector.add(stacked, decode)
+        moments.hand_over(collector, decode)
 
     def before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         collector = self._collector
