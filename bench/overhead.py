@@ -2,6 +2,7 @@
 
     python bench/overhead.py                 # sample GPT: 6 layers, d=256, seq 128, batch 8
     python bench/overhead.py --device cuda   # on a GPU
+    STABSCOPE_MOMENTS=torch python bench/overhead.py   # CPU moments by torch, not numba
 
 Identical model copies train side by side, interleaved in rounds so that drift in machine
 speed hits every mode alike. Modes:
@@ -35,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sample_models"))
 import gpt
 
 from stabscope import Recorder, RecorderConfig, Schedule
+from stabscope.probes import host_moments
 from stabscope.script import ScriptConfig
 
 EVERY = Schedule(dense=10**9)
@@ -136,7 +138,7 @@ def main() -> None:
     print(
         f"# overhead: GPT depth={args.depth} d={args.width} seq={args.seq_len} "
         f"batch={args.batch_size} on {device} ({torch.get_num_threads()} threads), "
-        f"torch {torch.__version__}"
+        f"torch {torch.__version__}, CPU moments: {'numba' if host_moments.AVAILABLE else 'torch'}"
     )
     print("| mode | step time (median) | ratio to plain |")
     print("|---|---|---|")
