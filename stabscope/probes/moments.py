@@ -79,7 +79,9 @@ class MomentRows:
 
     def add(self, t: torch.Tensor) -> int:
         """Reduce ``t`` (floating, non-empty) as a new entry; returns the entry's index."""
-        if host_moments.AVAILABLE and t.device.type == "cpu":
+        # Plain tensors only: a tensor subclass (DTensor, a wrapper without local storage)
+        # has no numpy view and keeps torch's reductions, which dispatch through it.
+        if host_moments.AVAILABLE and t.device.type == "cpu" and type(t.detach()) is torch.Tensor:
             if self._rows == len(self._host):
                 self._host = np.concatenate([self._host, np.empty_like(self._host)])
             host_moments.host_moments_into(t, self._host[self._rows])
