@@ -54,9 +54,9 @@ def _flat(t: torch.Tensor) -> np.ndarray:
 def host_moments_into(t: torch.Tensor, out: np.ndarray) -> None:
     """Write ``[sum, sumsq, -absmax, absmax]`` of the CPU tensor ``t`` into the float64 ``out``.
 
-    ``t`` is any floating CPU tensor with at least one element; half types and non-contiguous
-    tensors are copied to a contiguous float32 first (one extra pass, still fewer than the four
-    of the torch path). Requires ``AVAILABLE``.
+    ``t`` is any floating CPU tensor with at least one element; half types are copied to
+    float32 and non-contiguous tensors to a contiguous copy first (one extra pass, still fewer
+    than the four of the torch path). Requires ``AVAILABLE``.
     """
     values = _flat(t)
     int_type, mask = _BITS[values.itemsize]

@@ -74,14 +74,12 @@ class MomentRows:
         self._device: list[tuple[torch.Tensor, ...]] = []  # 4 scalars per device tensor
         self._where: list[int] = []  # per entry: host row, or -1 - device tensor index
 
-    def __len__(self) -> int:
-        return len(self._where)
-
     def add(self, t: torch.Tensor) -> int:
         """Reduce ``t`` (floating, non-empty) as a new entry; returns the entry's index."""
         # Plain tensors only: a tensor subclass (DTensor, a wrapper without local storage)
-        # has no numpy view and keeps torch's reductions, which dispatch through it.
-        if host_moments.AVAILABLE and t.device.type == "cpu" and type(t.detach()) is torch.Tensor:
+        # has no numpy view and keeps torch's reductions, which dispatch through it. Callers
+        # hand over module outputs, gradients and detached parameters: all plain tensors.
+        if host_moments.AVAILABLE and t.device.type == "cpu" and type(t) is torch.Tensor:
             if self._rows == len(self._host):
                 self._host = np.concatenate([self._host, np.empty_like(self._host)])
             host_moments.host_moments_into(t, self._host[self._rows])
