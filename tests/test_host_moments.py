@@ -121,3 +121,33 @@ def test_environment_forces_the_torch_path():
     code = "from stabscope.probes import host_moments as h; print(h.AVAILABLE)"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.stdout.strip() == "False"
+
+
+_KEEPS_THREADS = """
+import sys, tempfile, torch
+from torch import nn
+import stabscope
+torch.set_num_threads(int(sys.argv[1]))
+model = nn.Sequential(nn.Linear(64, 4096), nn.ReLU(), nn.Linear(4096, 1))  # outputs (64, 4096)
+opt = torch.optim.Adam(model.parameters())
+with stabscope.Recorder(model, tempfile.mkdtemp() + "/run") as rec:
+    for _ in range(2):
+        loss = model(torch.randn(64, 64)).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        rec.step(loss=loss)
+print(torch.get_num_threads())
+"""
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_recording_keeps_torchs_thread_count(threads):
+    """Starting numba's OpenMP pool sets the OpenMP thread count of torch's runtime too (to
+    NUMBA_NUM_THREADS, here 3): the model's own ops would then split differently and their
+    results change bits. The recorder keeps torch's count as the user set it."""
+    env = dict(os.environ, NUMBA_NUM_THREADS="3")
+    run = [sys.executable, "-c", _KEEPS_THREADS, str(threads)]
+    out = subprocess.run(run, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == str(threads)

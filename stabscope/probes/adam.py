@@ -16,6 +16,7 @@ from torch import nn
 
 from ..collector import Collector, Rows
 from ..distributed import local_tensor
+from . import host_params
 
 
 class AdamEpsProbe:
@@ -42,7 +43,9 @@ class AdamEpsProbe:
                 # numel above is the full tensor's (a DTensor's), the sum the local shard's.
                 squares.append(local_tensor(v.detach()))
         if squares:
-            if squares[0].device.type == "cpu":  # per-tensor sums: 2x faster than foreach on CPU
+            if host_params.usable(squares):  # one threaded pass over all of them
+                sums = torch.from_numpy(host_params.totals(squares))
+            elif squares[0].device.type == "cpu":  # per-tensor sums: 2x faster than foreach
                 sums = torch.stack([s.sum(dtype=torch.float32) for s in squares])
             else:  # exp_avg_sq >= 0, so its L1 norm is its sum: one fused kernel on CUDA
                 sums = torch.stack([s.float() for s in torch._foreach_norm(squares, 1)])

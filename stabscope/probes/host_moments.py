@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import threading
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -62,20 +64,78 @@ def host_moments_into(t: torch.Tensor, out: np.ndarray) -> None:
     int_type, mask = _BITS[values.itemsize]
     bits = values.view(int_type)
     zero = values.dtype.type(0)
-    from . import moment_kernels as kernels  # imports numba; compiled on first use
-
-    if values.size >= PARALLEL_FROM and _may_use_threads():
-        # Split like torch does: as many parts and numba threads as torch's intra-op threads.
-        parts = kernels.use_threads(torch.get_num_threads())
-        kernels.parallel(values, bits, int_type(mask), zero, parts, out)
+    parts = thread_parts() if values.size >= PARALLEL_FROM else 1
+    if parts > 1:
+        kernels().parallel(values, bits, int_type(mask), zero, parts, out)
     else:
-        kernels.serial(values, bits, int_type(mask), zero, out)
+        kernels().serial(values, bits, int_type(mask), zero, out)
+
+
+def kernels() -> ModuleType:
+    """The numba moment kernels (imports numba and loads or compiles them on first use)."""
+    if not _loaded:
+        from . import moment_kernels
+
+        _loaded.append(moment_kernels)
+    return _loaded[0]
+
+
+_loaded: list[ModuleType] = []
+
+
+def thread_parts() -> int:
+    """How many threads a parallel kernel called now may use: torch's intra-op thread count,
+    so the recorder splits work like the model's own ops do; 1 in a forked child, and 1
+    without starting numba's threads at all where torch runs on one thread."""
+    if not may_use_threads():
+        return 1
+    wanted, thread = torch.get_num_threads(), threading.get_ident()
+    if wanted <= 1:
+        return 1
+    known = _thread_parts.get(thread)
+    if known is None or known[0] != wanted:  # numba's count is per calling thread
+        known = _thread_parts[thread] = (wanted, _numba_threads(wanted))
+    return known[1]
+
+
+def _numba_threads(wanted: int) -> int:
+    # Starting numba's OpenMP pool calls omp_set_num_threads, which can resolve to torch's
+    # OpenMP runtime (measured: torch.get_num_threads() went from 1 to the core count). The
+    # model must keep its thread count: its reductions' order, hence its bits, depend on it.
+    before = torch.get_num_threads()
+    parts = kernels().use_threads(wanted)
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)
+    return parts
+
+
+_thread_parts: dict[int, tuple[int, int]] = {}  # thread id -> (torch threads, numba threads)
+
+
+def host_readable(*lists: list[torch.Tensor | None]) -> bool:
+    """Whether every tensor in ``lists`` (``None`` entries aside) can be read by a host kernel
+    in place: numba available, plain (not a subclass), on CPU, contiguous, and all of one
+    dtype, float32 or float64."""
+    if not AVAILABLE:
+        return False
+    dtype = None
+    for tensors in lists:
+        for t in tensors:
+            if t is None:
+                continue
+            if type(t) is not torch.Tensor or t.device.type != "cpu" or not t.is_contiguous():
+                return False
+            if dtype is None:
+                dtype = t.dtype
+            if t.dtype != dtype or dtype not in _HOST_DTYPES:
+                return False
+    return dtype is not None
 
 
 _threads_pid: list[int] = []  # the process whose numba OpenMP pool is (or will be) running
 
 
-def _may_use_threads() -> bool:
+def may_use_threads() -> bool:
     """Threads only in the process that started them: numba's OpenMP pool terminates a forked
     child that uses it again ("fork() called from a process already using GNU OpenMP"), and
     a DataLoader or ``ddp_fork`` child of a recording process must not die of that."""

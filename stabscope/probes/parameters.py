@@ -18,6 +18,7 @@ from torch import nn
 
 from ..collector import Collector, Rows
 from ..distributed import local_tensor
+from . import host_params
 from .moments import MomentRows, decode_moments
 
 _TRAIN = "train"
@@ -61,31 +62,48 @@ class ParameterProbe:
         self._measured = False
         self._before.clear()
 
-    def _measure(self, collector: Collector) -> None:
-        """Weight norms of all parameters and gradient norms of those that have a gradient."""
+    def _measure(
+        self, collector: Collector, copy_into: dict[int, torch.Tensor] | None = None
+    ) -> bool:
+        """Weight norms of all parameters and gradient norms of those that have a gradient.
+
+        ``copy_into`` maps a parameter's index to a buffer that should receive its weights
+        before the optimizer step. Where the numba kernels apply (CPU, ``fast`` extra) the
+        copies are made in the same read of the weights as their norms; returns whether they
+        were, else the caller copies.
+        """
         self._measured = True
         if not self.params:
-            return
+            return False
         # A sharded (FSDP) parameter contributes its local shard; ``numel`` stays the full
         # tensor's, so the squares of the ranks' norms and rms add up to the full tensor's.
         weights = [local_tensor(p.detach()) for p in self.params]
-        with_grad = [i for i, p in enumerate(self.params) if p.grad is not None]
+        grads = [None if p.grad is None else local_tensor(p.grad.detach()) for p in self.params]
+        with_grad = [i for i, g in enumerate(grads) if g is not None]
+        copies: list[torch.Tensor | None] = [None] * len(weights)
+        for i, buffer in (copy_into or {}).items():
+            copies[i] = buffer
+        copied = host_params.usable(weights, grads, copies)
+        if copied:
+            norms = torch.from_numpy(np.sqrt(host_params.squares_and_copy(weights, grads, copies)))
+            self._weight_norms, grad_norms = norms[:, 0], norms[with_grad, 1]
+        else:
+            self._weight_norms = _norms(weights)
+            grad_norms = _norms([grads[i] for i in with_grad]) if with_grad else None
         codes, numel = self.codes, self.numel
-        self._weight_norms = _norms(weights)
         collector.add(
             self._weight_norms, lambda v, rows: _emit_norms(rows, "param", codes, numel, v)
         )
-        if with_grad:
+        if grad_norms is not None:
             g_codes, g_numel = codes[with_grad], numel[with_grad]
-            grads = [self.params[i].grad for i in with_grad]
-            grads = [local_tensor(g.detach()) for g in grads]  # type: ignore[union-attr]
             collector.add(
-                _norms(grads), lambda v, rows: _emit_norms(rows, "param_grad", g_codes, g_numel, v)
+                grad_norms, lambda v, rows: _emit_norms(rows, "param_grad", g_codes, g_numel, v)
             )
         if self.full:
             self._add_moments(collector, "param", list(range(len(self.params))), weights)
             if with_grad:
-                self._add_moments(collector, "param_grad", with_grad, grads)
+                self._add_moments(collector, "param_grad", with_grad, [grads[i] for i in with_grad])
+        return copied
 
     def _add_moments(
         self, collector: Collector, prefix: str, which: list[int], tensors: list[torch.Tensor]
@@ -106,18 +124,22 @@ class ParameterProbe:
         collector = self._collector
         if collector is None or id(optimizer) in self._before:
             return
-        if not self._measured:
-            self._measure(collector)
         if not self.updates:
+            if not self._measured:
+                self._measure(collector)
             return
         owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
         which = [i for i, p in enumerate(self.params) if id(p) in owned]
+        params = [local_tensor(self.params[i].detach()) for i in which]
+        old = self._buffers.get(id(optimizer))
+        if old is None or len(old) != len(params):
+            old = [torch.empty_like(p) for p in params]
+        copied = False
+        if not self._measured:
+            copied = self._measure(collector, dict(zip(which, old)))
         if which and self._weight_norms is not None:
-            params = [local_tensor(self.params[i].detach()) for i in which]
-            old = self._buffers.get(id(optimizer))
-            if old is None or len(old) != len(params):
-                old = [torch.empty_like(p) for p in params]
-            torch._foreach_copy_(old, params)
+            if not copied:
+                torch._foreach_copy_(old, params)
             index = torch.as_tensor(which, device=self._weight_norms.device)
             self._before[id(optimizer)] = (which, old, self._weight_norms[index])
 
@@ -127,8 +149,11 @@ class ParameterProbe:
             return
         which, old, old_norm = entry
         new = [local_tensor(self.params[i].detach()) for i in which]
-        torch._foreach_sub_(old, new)  # old - new, in place
-        delta_norm = _norms(old)
+        if host_params.usable(new, old):  # one read of each, the difference never written
+            delta_norm = torch.from_numpy(np.sqrt(host_params.difference_squares(new, old)))
+        else:
+            torch._foreach_sub_(old, new)  # old - new, in place
+            delta_norm = _norms(old)
         if old[0].device.type == "cpu":
             self._buffers[id(optimizer)] = old
         del self._before[id(optimizer)]
@@ -141,7 +166,7 @@ class ParameterProbe:
             with np.errstate(divide="ignore", invalid="ignore"):
                 rows.emit(_TRAIN, codes, 0, "update_ratio", delta / base)
 
-        self._collector.add(torch.stack((delta_norm, old_norm)), decode)
+        self._collector.add(torch.stack((delta_norm.double(), old_norm.double())), decode)
 
     def release(self) -> None:
         """Free the kept copy buffers (the recorder is closing)."""

@@ -17,7 +17,8 @@ Per branch, on each recorded step (module = the branch, see ``Structure``):
 
 The stream x is read where it is exact: for Pre-LN it is the input of the branch's norm; for
 Post-LN/DeepNorm the norm's input is α·x + f, so x = (input − f)/α. All reductions stay on
-the device: [ratio, Var f, Var x, Var(α·x + f)] per branch, one stack per step.
+the device (on CPU with numba, one fused host pass per branch): [ratio, Var f, Var x,
+Var(α·x + f)] per branch, one stack per step.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from torch import nn
 from ..collector import Collector, Rows
 from ..hooks import ListenerHooks, primary_tensor
 from ..structure import Branch, Structure
+from . import host_moments
 
 #: β rows are quadratic in the number of branches; past this many only the first recorded
 #: step gets them (the matrix at init is the one the theory reads).
@@ -47,15 +49,25 @@ def _token_sq_norms(v: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(v, dim=-1).square()
 
 
-def branch_stats(x: torch.Tensor, f: torch.Tensor, alpha: float) -> torch.Tensor:
-    """[mean per-token rms(f)/rms(x), Var f, Var x, Var(α·x + f)] as a float32 4-vector.
+def branch_stats(
+    stream: torch.Tensor, f: torch.Tensor, alpha: float, holds_sum: bool = False
+) -> torch.Tensor:
+    """[mean per-token rms(f)/rms(x), Var f, Var x, Var(α·x + f)] as a 4-vector.
 
-    x, f: (..., hidden) tensors of the same shape. Five passes: per-token norms of x and f
-    (their squared totals give the sums of squares), the two sums, and one cross dot product.
+    stream, f: (..., hidden) tensors of the same shape; ``stream`` is x itself, or with
+    ``holds_sum`` the norm input t = α·x + f of a Post-LN/DeepNorm branch, so x = (t − f)/α.
+    On CPU with numba one fused read of both (``residual_kernels``, float64 result); else five
+    torch passes: per-token norms of x and f (their squared totals give the sums of squares),
+    the two sums and one cross dot product (float32, on the tensors' device).
     """
-    d = x.shape[-1]
-    xf = x.detach().float().reshape(-1, d)  # (tokens, hidden)
+    on_host = _host_branch_stats(stream, f, alpha, holds_sum)
+    if on_host is not None:
+        return on_host
+    d = f.shape[-1]
+    xf = stream.detach().float().reshape(-1, d)  # (tokens, hidden)
     ff = f.detach().float().reshape(-1, d)
+    if holds_sum:
+        xf = (xf - ff) / alpha
     px, pf = _token_sq_norms(xf), _token_sq_norms(ff)
     ratio = (pf / px).sqrt().mean()
     n = xf.numel()
@@ -65,6 +77,33 @@ def branch_stats(x: torch.Tensor, f: torch.Tensor, alpha: float) -> torch.Tensor
     cov = torch.dot(xf.reshape(-1), ff.reshape(-1)) / n - mx * mf
     var_t = alpha * alpha * var_x + var_f + 2 * alpha * cov
     return torch.stack((ratio, var_f, var_x, var_t))
+
+
+def _host_branch_stats(
+    stream: torch.Tensor, f: torch.Tensor, alpha: float, holds_sum: bool
+) -> torch.Tensor | None:
+    """``branch_stats`` by the fused numba kernel, or None where it does not apply."""
+    stream, f = stream.detach(), f.detach()
+    if stream.shape != f.shape or not host_moments.host_readable([stream, f]):
+        return None
+    from . import residual_kernels as kernels
+
+    d = f.shape[-1]
+    s, g = stream.reshape(-1).numpy(), f.reshape(-1).numpy()  # (tokens * hidden,) views
+    out = np.empty(kernels.FIELDS)
+    inv_alpha = s.dtype.type(1.0 / alpha)
+    parts = host_moments.thread_parts() if f.numel() >= host_moments.PARALLEL_FROM else 1
+    if parts > 1:
+        kernels.parallel(s, g, inv_alpha, holds_sum, d, parts, out)
+    else:
+        kernels.serial(s, g, inv_alpha, holds_sum, d, out)
+    ratio_sum, sx, sf, qx, qf, cross = out
+    n, tokens = f.numel(), f.numel() // d
+    mx, mf = sx / n, sf / n
+    var_x, var_f = qx / n - mx * mx, qf / n - mf * mf
+    cov = cross / n - mx * mf
+    var_t = alpha * alpha * var_x + var_f + 2 * alpha * cov
+    return torch.tensor([ratio_sum / tokens, var_f, var_x, var_t], dtype=torch.float64)
 
 
 class ResidualProbe:
@@ -109,9 +148,8 @@ class ResidualProbe:
     def _post_pair(self, i: int, args: Any, kwargs: Any) -> None:
         f, t = self._pending.pop(i, None), _arg(args, kwargs)
         if f is not None and t is not None and t.shape == f.shape and i not in self._stats:
-            alpha = self.branches[i].alpha
-            x = (t.detach().float() - f.detach().float()) / alpha  # the norm's input is α·x + f
-            self._stats[i] = branch_stats(x, f, alpha)
+            # The norm's input is α·x + f.
+            self._stats[i] = branch_stats(t, f, self.branches[i].alpha, holds_sum=True)
 
     def end_step(self, collector: Collector) -> None:
         self._pending.clear()

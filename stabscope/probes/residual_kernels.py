@@ -1,0 +1,109 @@
+"""numba kernels behind the residual probe on CPU: every statistic of a branch in one read of
+its stream ``x`` and its output ``f``.
+
+torch needs five passes for them (per-token norms of ``x`` and ``f``, two sums, one cross dot
+product) and, for a Post-LN branch, one more to write ``x = (t − f)/α`` from the norm's input
+``t``. Here each token row is read once: its sum, sum of squares and cross term with ``f``
+together, ``x`` derived on the fly where the stream is only known as ``t``.
+
+Output per call, float64: ``[Σ_tokens rms(f)/rms(x), Σx, Σf, Σx², Σf², Σx·f]``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+from .moment_kernels import prefetch_block
+
+#: Statistics per call, see the module docstring.
+FIELDS = 6
+
+_jit = numba.njit(fastmath=True, boundscheck=False, nogil=True, cache=True, error_model="numpy")
+
+
+@_jit
+def _row_given(x, f, zero):
+    # One token: (Σx, Σf, Σx², Σf², Σx·f) over its hidden dimension, x given.
+    sx = zero
+    sf = zero
+    qx = zero
+    qf = zero
+    c = zero
+    for j in range(x.size):
+        a = x[j]
+        b = f[j]
+        sx += a
+        sf += b
+        qx += a * a
+        qf += b * b
+        c += a * b
+    return sx, sf, qx, qf, c
+
+
+@_jit
+def _row_from_sum(t, f, inv_alpha, zero):
+    # The same with x = (t - f)/α: the norm's input t of a Post-LN branch is α·x + f.
+    sx = zero
+    sf = zero
+    qx = zero
+    qf = zero
+    c = zero
+    for j in range(t.size):
+        b = f[j]
+        a = (t[j] - b) * inv_alpha
+        sx += a
+        sf += b
+        qx += a * a
+        qf += b * b
+        c += a * b
+    return sx, sf, qx, qf, c
+
+
+@_jit
+def _rows(stream, f, inv_alpha, from_sum, width, lo, hi, out):
+    # Rows [lo, hi) of the (tokens, width) tensors, flattened; adds into out (FIELDS,).
+    zero = f[0] * 0
+    for r in range(lo, hi):
+        start, stop = r * width, (r + 1) * width
+        prefetch_block(stream, stop, min(stop + width, stream.size))
+        prefetch_block(f, stop, min(stop + width, f.size))
+        if from_sum:
+            sx, sf, qx, qf, c = _row_from_sum(stream[start:stop], f[start:stop], inv_alpha, zero)
+        else:
+            sx, sf, qx, qf, c = _row_given(stream[start:stop], f[start:stop], zero)
+        out[0] += math.sqrt(qf / qx)  # this token's rms(f)/rms(x)
+        out[1] += sx
+        out[2] += sf
+        out[3] += qx
+        out[4] += qf
+        out[5] += c
+
+
+@_jit
+def serial(stream, f, inv_alpha, from_sum, width, out):
+    out[:] = 0.0
+    _rows(stream, f, inv_alpha, from_sum, width, 0, f.size // width, out)
+
+
+@numba.njit(
+    fastmath=True, boundscheck=False, nogil=True, cache=True, error_model="numpy", parallel=True
+)
+def parallel(stream, f, inv_alpha, from_sum, width, parts, out):
+    tokens = f.size // width
+    share = (tokens + parts - 1) // parts
+    partial = np.zeros((parts, FIELDS))
+    for p in numba.prange(parts):
+        _rows(
+            stream,
+            f,
+            inv_alpha,
+            from_sum,
+            width,
+            p * share,
+            min(tokens, (p + 1) * share),
+            partial[p],
+        )
+    out[:] = partial.sum(axis=0)

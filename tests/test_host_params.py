@@ -1,0 +1,91 @@
+"""The parameter probe's and the residual probe's numba kernels against float64 references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from stabscope.probes import host_moments, host_params
+from stabscope.probes.residual import branch_stats
+
+pytestmark = pytest.mark.skipif(not host_moments.AVAILABLE, reason="numba is not installed")
+
+CHUNK = 1 << 15  # param_kernels.CHUNK, spelled out: the sizes below straddle it
+SIZES = [1, 7, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 5, 1 << 20]
+
+
+def _tensors(dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, generator=g, dtype=dtype) * (i + 1) for i, n in enumerate(SIZES)]
+
+
+def _squares(t: torch.Tensor) -> float:
+    return float(t.double().square().sum())
+
+
+@pytest.fixture(params=["threads", "one thread"])
+def threads(request, monkeypatch):
+    """Both drivers: split across threads, and the one-thread loop a forked child runs."""
+    if request.param == "one thread":
+        monkeypatch.setattr(host_moments, "thread_parts", lambda: 1)
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_squares_and_copy(dtype, threads):
+    weights, grads = _tensors(dtype, 0), _tensors(dtype, 1)
+    grads[2] = None  # a parameter without a gradient
+    copies = [torch.empty_like(w) if i % 2 else None for i, w in enumerate(weights)]
+    out = host_params.squares_and_copy(weights, grads, copies)
+    rtol = 1e-6 if dtype == torch.float32 else 1e-12
+    np.testing.assert_allclose(out[:, 0], [_squares(w) for w in weights], rtol=rtol)
+    want = [0.0 if g is None else _squares(g) for g in grads]
+    np.testing.assert_allclose(out[:, 1], want, rtol=rtol)
+    for w, c in zip(weights, copies):
+        if c is not None:
+            assert torch.equal(c, w)
+
+
+def test_difference_and_totals(threads):
+    old = _tensors(torch.float32, 2)
+    new = [t + 1e-3 * torch.randn_like(t) for t in old]
+    got = host_params.difference_squares(new, old)
+    want = [_squares(n.double() - o.double()) for n, o in zip(new, old)]
+    # float32 differences, as torch's sub_ + dot take them: ~1e-4 relative to a 1e-3 step.
+    np.testing.assert_allclose(got, want, rtol=1e-3)
+    np.testing.assert_allclose(
+        host_params.totals(old), [float(t.double().sum()) for t in old], rtol=1e-5, atol=1e-3
+    )
+
+
+def test_usable_only_for_tensors_read_in_place():
+    w = torch.randn(4, 5)
+    assert host_params.usable([w, w.clone()], [None])
+    assert not host_params.usable([w.t()])  # not contiguous
+    assert not host_params.usable([w, w.double()])  # two dtypes
+    assert not host_params.usable([w.bfloat16()])
+    assert not host_params.usable([torch.nn.Parameter(w)])  # a subclass: callers detach first
+    assert not host_params.usable([None])
+
+
+@pytest.mark.parametrize("alpha, holds_sum", [(1.0, False), (1.0, True), (2.5, True)])
+def test_branch_stats_kernel_equals_torch(alpha, holds_sum, threads, monkeypatch):
+    """Residual statistics of one branch: the fused kernel against the five torch passes
+    (which ``test_probes_residual`` checks against a hand-written block)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(8, 128, 256, generator=g) * 3 + 0.5  # over PARALLEL_FROM elements
+    f = torch.randn(8, 128, 256, generator=g) * 0.2 - 0.1
+    stream = alpha * x + f if holds_sum else x
+    fused = branch_stats(stream, f, alpha, holds_sum)
+    monkeypatch.setattr(host_moments, "AVAILABLE", False)
+    reference = branch_stats(stream, f, alpha, holds_sum)
+    assert fused.dtype == torch.float64 and reference.dtype == torch.float32
+    np.testing.assert_allclose(fused.numpy(), reference.double().numpy(), rtol=2e-5)
+
+
+def test_branch_stats_of_a_zero_stream_token():
+    """A token whose stream is all zeros: rms(f)/rms(x) is infinite, as on the torch path."""
+    x, f = torch.randn(2, 3, 16), torch.randn(2, 3, 16)
+    x[0, 1] = 0.0
+    assert np.isinf(branch_stats(x, f, 1.0)[0].item())
