@@ -36,6 +36,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..collector import Collector, Rows
 from ..hooks import ListenerHooks
+from . import host_moments
 
 
 @dataclass(frozen=True)
@@ -77,14 +78,20 @@ def entropy_and_max(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor
 
     ``allowed``: boolean, broadcastable to ``logits``; True where a key may be attended.
     """
+    if host_moments.host_readable([logits]) and logits.dim() == 4:  # one call on CPU
+        from .attention_kernels import entropy_and_max as kernel
+
+        out = np.empty((logits.shape[1], 2))
+        kernel(logits.numpy(), allowed.expand_as(logits).contiguous().numpy(), out)
+        return torch.from_numpy(out)
     allowed = allowed.expand_as(logits)
     masked = logits.float().masked_fill(~allowed, float("-inf"))
     p = masked.softmax(-1)
     ent = torch.special.entr(p).sum(-1)  # (b, H, q) in nats; 0·log 0 = 0
     keys = allowed.sum(-1)  # (b, H, q)
     norm = ent / torch.log(keys.clamp(min=2).float())
-    valid = (keys > 1).float()
-    mean_ent = (norm * valid).sum((0, 2)) / valid.sum((0, 2)).clamp(min=1)
+    valid = keys > 1  # rows with no choice (one key or none) are left out, not NaN
+    mean_ent = torch.where(valid, norm, 0).sum((0, 2)) / valid.sum((0, 2)).clamp(min=1)
     peak = logits.float().abs().masked_fill(~allowed, 0).amax((0, 2, 3))
     return torch.stack((mean_ent, peak), 1)
 

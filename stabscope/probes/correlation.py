@@ -16,6 +16,7 @@ from torch import nn
 
 from ..collector import Collector, ModuleScalars
 from ..hooks import ListenerHooks, primary_tensor
+from . import host_moments
 
 
 def token_correlation(
@@ -23,6 +24,12 @@ def token_correlation(
 ) -> torch.Tensor:
     """r of a (B, T, D) tensor (``seq_dim`` = 0 for (T, B, D)) as a 0-d float32 tensor."""
     x = x.detach()
+    if host_moments.host_readable([x]):  # one numba call instead of ~8 small torch ops
+        from .residual_kernels import token_correlation as kernel
+
+        b = min(batch, x.shape[1 - seq_dim])
+        positions = _positions(x.shape[seq_dim], tokens, x.device).numpy()
+        return torch.tensor(kernel(x.numpy(), positions, b, seq_dim), dtype=torch.float64)
     if seq_dim == 0:
         x = x.transpose(0, 1)
     b, t = min(batch, x.shape[0]), x.shape[1]

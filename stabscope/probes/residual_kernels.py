@@ -107,3 +107,31 @@ def parallel(stream, f, inv_alpha, from_sum, width, parts, out):
             partial[p],
         )
     out[:] = partial.sum(axis=0)
+
+
+@_jit
+def token_correlation(x, positions, batch, seq_dim):
+    """Mean off-diagonal over mean diagonal of the Gram matrix of the sampled tokens, per
+    sequence, added over the first ``batch`` sequences. x: (B, T, D), or (T, B, D) with
+    ``seq_dim`` 0; positions: (n,) int64 token indices.
+
+    Σ_{i≠j} <x_i, x_j> = ||Σ_i x_i||² − Σ_i ||x_i||², so no (n, n) matrix is formed: one read
+    of the n sampled rows, accumulated in float64.
+    """
+    n = positions.size
+    width = x.shape[2]
+    total = np.zeros(width)
+    diagonal = 0.0
+    off = 0.0
+    for b in range(batch):
+        total[:] = 0.0
+        for i in range(n):
+            row = x[b, positions[i]] if seq_dim == 1 else x[positions[i], b]
+            for d in range(width):
+                v = float(row[d])
+                total[d] += v
+                diagonal += v * v
+        for d in range(width):  # np.dot would need scipy's BLAS
+            off += total[d] * total[d]
+    off -= diagonal
+    return (off / max(batch * n * (n - 1), 1)) / (diagonal / (batch * n))

@@ -1,4 +1,5 @@
-"""The parameter probe's and the residual probe's numba kernels against float64 references."""
+"""The numba kernels of the parameter, residual, correlation and attention probes against
+float64 references, analytic values and the torch path they replace."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import pytest
 import torch
 
 from stabscope.probes import host_moments, host_params
+from stabscope.probes.attention import entropy_and_max
+from stabscope.probes.correlation import token_correlation
 from stabscope.probes.residual import branch_stats
 
 pytestmark = pytest.mark.skipif(not host_moments.AVAILABLE, reason="numba is not installed")
@@ -89,3 +92,46 @@ def test_branch_stats_of_a_zero_stream_token():
     x, f = torch.randn(2, 3, 16), torch.randn(2, 3, 16)
     x[0, 1] = 0.0
     assert np.isinf(branch_stats(x, f, 1.0)[0].item())
+
+
+def _torch_path(monkeypatch, fn, *args, **kwargs):
+    monkeypatch.setattr(host_moments, "AVAILABLE", False)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        monkeypatch.setattr(host_moments, "AVAILABLE", True)
+
+
+@pytest.mark.parametrize("seq_dim", [1, 0])
+def test_token_correlation_kernel(seq_dim, monkeypatch):
+    g = torch.Generator().manual_seed(4)
+    shape = (8, 128, 64) if seq_dim == 1 else (128, 8, 64)
+    shared = torch.randn(64, generator=g)  # a common direction: r well above 0
+    x = torch.randn(shape, generator=g) + 0.5 * shared
+    fused = token_correlation(x, seq_dim=seq_dim).item()
+    assert fused == pytest.approx(
+        _torch_path(monkeypatch, token_correlation, x, seq_dim=seq_dim).item(), abs=1e-6
+    )
+    same = shared.expand(shape).contiguous()  # every token the same vector: r = 1
+    assert token_correlation(same, seq_dim=seq_dim).item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_attention_kernel_uniform_and_masked(monkeypatch):
+    """Equal logits over k allowed keys have entropy log k: normalised, exactly 1."""
+    b, heads, q, s = 2, 3, 5, 16
+    allowed = torch.ones(1, 1, q, s, dtype=torch.bool).tril(diagonal=s - q)  # causal-like
+    flat = torch.full((b, heads, q, s), 0.7)
+    out = entropy_and_max(flat, allowed)
+    np.testing.assert_allclose(out[:, 0].numpy(), 1.0, rtol=1e-12)
+    np.testing.assert_allclose(out[:, 1].numpy(), 0.7)
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(b, heads, q, s, generator=g) * 4
+    mask = torch.rand(b, heads, q, s, generator=g) > 0.3
+    mask[0, 1, 2] = False  # a query with no key: left out, not NaN
+    mask[1, 2, 3, 1:] = False  # a query with one key: left out
+    for m in (allowed, mask):
+        fused = entropy_and_max(logits, m)
+        reference = _torch_path(monkeypatch, entropy_and_max, logits, m)
+        np.testing.assert_allclose(fused.numpy(), reference.double().numpy(), rtol=1e-5)
+    logits[0, 0, 0, 0] = float("nan")  # non-finite logits show, as on the torch path
+    assert np.isnan(entropy_and_max(logits, allowed)[0].numpy()).all()
