@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from stabscope.probes import host_moments
+from stabscope.probes import host_kernels, host_moments
 from stabscope.probes.moments import moment_scalars
 
 
@@ -38,7 +38,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     ap.add_argument("--repeats", type=int, default=300)
     args = ap.parse_args()
-    if not host_moments.AVAILABLE:
+    if not host_kernels.ready():
         raise SystemExit("numba is not installed (pip install 'stabscope[fast]')")
     if args.threads:
         torch.set_num_threads(args.threads)

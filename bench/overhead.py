@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sample_models"))
 import gpt
 
 from stabscope import Recorder, RecorderConfig, Schedule
-from stabscope.probes import host_moments
+from stabscope.probes import host_kernels
 from stabscope.script import ScriptConfig
 
 EVERY = Schedule(dense=10**9)
@@ -138,7 +138,7 @@ def main() -> None:
     print(
         f"# overhead: GPT depth={args.depth} d={args.width} seq={args.seq_len} "
         f"batch={args.batch_size} on {device} ({torch.get_num_threads()} threads), "
-        f"torch {torch.__version__}, CPU moments: {'numba' if host_moments.AVAILABLE else 'torch'}"
+        f"torch {torch.__version__}, CPU moments: {host_kernels.status()}"
     )
     print("| mode | step time (median) | ratio to plain |")
     print("|---|---|---|")

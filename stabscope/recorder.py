@@ -41,7 +41,7 @@ from .module_table import (
     select_parameters,
 )
 from .optim_closure import after_first_call, closure_of
-from .probes import host_moments
+from .probes import host_kernels
 from .probes.activations import ActivationProbe
 from .probes.attention import AttentionSampling
 from .probes.parameters import ParameterProbe
@@ -396,7 +396,7 @@ class Recorder:
             hooks_never_fired=never,
             sync_seconds=round(self._sync_seconds, 4),
             host_syncs=self.host_syncs,
-            cpu_moments="numba" if host_moments.AVAILABLE else "torch",
+            cpu_moments=host_kernels.status(),
         )
         for code, entry in zip(self._module_codes, self.meta["modules"]):
             entry["forward_order"] = self._forward_order.get(code)

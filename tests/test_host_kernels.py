@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from stabscope.probes import host_moments, host_params
+from stabscope.probes import host_kernels, host_params
 from stabscope.probes.attention import entropy_and_max
 from stabscope.probes.correlation import token_correlation
 from stabscope.probes.residual import branch_stats
 
-pytestmark = pytest.mark.skipif(not host_moments.AVAILABLE, reason="numba is not installed")
+pytestmark = pytest.mark.skipif(not host_kernels.AVAILABLE, reason="numba is not installed")
 
 CHUNK = 1 << 15  # param_kernels.CHUNK, spelled out: the sizes below straddle it
 SIZES = [1, 7, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 5, 1 << 20]
@@ -31,7 +31,7 @@ def _squares(t: torch.Tensor) -> float:
 def threads(request, monkeypatch):
     """Both drivers: split across threads, and the one-thread loop a forked child runs."""
     if request.param == "one thread":
-        monkeypatch.setattr(host_moments, "thread_parts", lambda: 1)
+        monkeypatch.setattr(host_kernels, "thread_parts", lambda: 1)
     return request.param
 
 
@@ -81,7 +81,7 @@ def test_branch_stats_kernel_equals_torch(alpha, holds_sum, threads, monkeypatch
     f = torch.randn(8, 128, 256, generator=g) * 0.2 - 0.1
     stream = alpha * x + f if holds_sum else x
     fused = branch_stats(stream, f, alpha, holds_sum)
-    monkeypatch.setattr(host_moments, "AVAILABLE", False)
+    monkeypatch.setattr(host_kernels, "AVAILABLE", False)
     reference = branch_stats(stream, f, alpha, holds_sum)
     assert fused.dtype == torch.float64 and reference.dtype == torch.float32
     np.testing.assert_allclose(fused.numpy(), reference.double().numpy(), rtol=2e-5)
@@ -95,11 +95,11 @@ def test_branch_stats_of_a_zero_stream_token():
 
 
 def _torch_path(monkeypatch, fn, *args, **kwargs):
-    monkeypatch.setattr(host_moments, "AVAILABLE", False)
+    monkeypatch.setattr(host_kernels, "AVAILABLE", False)
     try:
         return fn(*args, **kwargs)
     finally:
-        monkeypatch.setattr(host_moments, "AVAILABLE", True)
+        monkeypatch.setattr(host_kernels, "AVAILABLE", True)
 
 
 @pytest.mark.parametrize("seq_dim", [1, 0])

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from stabscope.collector import Collector, Rows
-from stabscope.probes import host_moments
+from stabscope.probes import host_kernels, host_moments
 from stabscope.probes.moments import MomentRows, decode_moments, moment_vector
 
-pytestmark = pytest.mark.skipif(not host_moments.AVAILABLE, reason="numba is not installed")
+pytestmark = pytest.mark.skipif(not host_kernels.AVAILABLE, reason="numba is not installed")
 
 
 def host_vector(t: torch.Tensor) -> np.ndarray:
@@ -29,7 +29,7 @@ def decoded(vector: np.ndarray, numel: int) -> dict[str, float]:
 
 
 # Sizes on both sides of the thread split and of the kernel's 8192-element blocks.
-@pytest.mark.parametrize("size", [1, 100, 8193, host_moments.PARALLEL_FROM + 7])
+@pytest.mark.parametrize("size", [1, 100, 8193, host_kernels.PARALLEL_FROM + 7])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 def test_matches_reference(size, dtype):
     gen = torch.Generator().manual_seed(size)
@@ -58,7 +58,7 @@ def test_half_sum_of_squares_does_not_overflow():
     assert got["nonfinite"] == 0
 
 
-@pytest.mark.parametrize("size", [100, host_moments.PARALLEL_FROM])
+@pytest.mark.parametrize("size", [100, host_kernels.PARALLEL_FROM])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_nonfinite_flag_like_the_device_path(bad, size):
     x = torch.randn(size)
@@ -79,9 +79,9 @@ def test_rows_keep_firing_order_across_both_paths(monkeypatch, tmp_path):
     tensors = [torch.randn(n, generator=gen) * (i + 1) for i, n in enumerate((50, 7, 300))]
     rows = MomentRows()
     first = rows.add(tensors[0])  # kernel
-    monkeypatch.setattr(host_moments, "AVAILABLE", False)
+    monkeypatch.setattr(host_kernels, "AVAILABLE", False)
     rows.add(tensors[1])  # torch reductions
-    monkeypatch.setattr(host_moments, "AVAILABLE", True)
+    monkeypatch.setattr(host_kernels, "AVAILABLE", True)
     rows.add(tensors[2])  # kernel
     rows.repeat(first)
     seen = []
@@ -99,26 +99,26 @@ def test_rows_keep_firing_order_across_both_paths(monkeypatch, tmp_path):
 def _child_moments(queue) -> None:
     # The tensor comes from numpy: a parallel torch op (torch.ones of this size) hangs in a
     # forked child of a process that ran OpenMP regions, with or without stabscope.
-    ones = torch.from_numpy(np.ones(host_moments.PARALLEL_FROM, np.float32))
+    ones = torch.from_numpy(np.ones(host_kernels.PARALLEL_FROM, np.float32))
     queue.put(host_vector(ones)[1])
 
 
 def test_forked_child_of_a_threaded_parent_survives():
     """numba's OpenMP pool terminates a forked child that uses it again; the kernel keeps
     children to one thread, so a DataLoader or ddp_fork child of a recording process lives."""
-    host_vector(torch.ones(host_moments.PARALLEL_FROM))  # the parent starts its threads
+    host_vector(torch.ones(host_kernels.PARALLEL_FROM))  # the parent starts its threads
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
     child = ctx.Process(target=_child_moments, args=(queue,))
     child.start()
     child.join(60)
     assert child.exitcode == 0
-    assert queue.get(timeout=5) == host_moments.PARALLEL_FROM  # sum of squares of ones
+    assert queue.get(timeout=5) == host_kernels.PARALLEL_FROM  # sum of squares of ones
 
 
 def test_environment_forces_the_torch_path():
     env = dict(os.environ, STABSCOPE_MOMENTS="torch")
-    code = "from stabscope.probes import host_moments as h; print(h.AVAILABLE)"
+    code = "from stabscope.probes import host_kernels as h; print(h.AVAILABLE)"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.stdout.strip() == "False"
 
@@ -151,3 +151,28 @@ def test_recording_keeps_torchs_thread_count(threads):
     out = subprocess.run(run, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == str(threads)
+
+
+def test_kernels_that_fail_to_build_leave_torchs_reductions(monkeypatch, tmp_path):
+    """A numba or LLVM version the kernels do not build on: one warning, then every CPU
+    statistic comes from torch's reductions and still matches the plain formulas."""
+    from stabscope.probes import moment_kernels
+
+    def broken(*args):
+        raise RuntimeError("LLVM refused the prefetch intrinsic")
+
+    monkeypatch.setattr(host_kernels, "_built", [])
+    monkeypatch.setattr(moment_kernels, "serial", broken)
+    with pytest.warns(RuntimeWarning, match="numba kernels unavailable"):
+        assert not host_kernels.ready()
+    assert host_kernels.status() == "torch"
+    x = torch.randn(1000) * 3
+    rows = MomentRows()
+    rows.add(x)
+    seen = []
+    collector = Collector()
+    rows.hand_over(collector, lambda values, _: seen.append(values.copy()))
+    collector.sync(Rows(writer=None))
+    got = decoded(seen[0], x.numel())
+    assert got["rms"] == pytest.approx(x.double().pow(2).mean().sqrt().item(), rel=1e-6)
+    assert got["absmax"] == x.abs().max().item()

@@ -10,7 +10,7 @@ import torch
 
 import stabscope
 from stabscope import Schedule
-from stabscope.probes import host_moments
+from stabscope.probes import host_kernels
 from tests.conftest import batch_maker, mlp, train
 
 STEPS = 3
@@ -57,9 +57,9 @@ def reference_stats(model, make_batch, steps, lr=1e-2):
 # Both CPU moment paths: numba's single pass (when installed) and torch's reductions.
 @pytest.mark.parametrize("kernel", ["numba", "torch"])
 def test_every_metric_matches_naive_reference(run_dir, kernel, monkeypatch):
-    if kernel == "numba" and not host_moments.AVAILABLE:
+    if kernel == "numba" and not host_kernels.AVAILABLE:
         pytest.skip("numba is not installed")
-    monkeypatch.setattr(host_moments, "AVAILABLE", kernel == "numba")
+    monkeypatch.setattr(host_kernels, "AVAILABLE", kernel == "numba")
     torch.manual_seed(0)
     model = mlp()
     ref_model = copy.deepcopy(model)

@@ -36,7 +36,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..collector import Collector, Rows
 from ..hooks import ListenerHooks
-from . import host_moments
+from . import host_kernels
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ def entropy_and_max(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor
 
     ``allowed``: boolean, broadcastable to ``logits``; True where a key may be attended.
     """
-    if host_moments.host_readable([logits]) and logits.dim() == 4:  # one call on CPU
+    if host_kernels.host_readable([logits]) and logits.dim() == 4:  # one call on CPU
         from .attention_kernels import entropy_and_max as kernel
 
         out = np.empty((logits.shape[1], 2))

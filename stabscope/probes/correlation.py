@@ -16,7 +16,7 @@ from torch import nn
 
 from ..collector import Collector, ModuleScalars
 from ..hooks import ListenerHooks, primary_tensor
-from . import host_moments
+from . import host_kernels
 
 
 def token_correlation(
@@ -24,7 +24,7 @@ def token_correlation(
 ) -> torch.Tensor:
     """r of a (B, T, D) tensor (``seq_dim`` = 0 for (T, B, D)) as a 0-d float32 tensor."""
     x = x.detach()
-    if host_moments.host_readable([x]):  # one numba call instead of ~8 small torch ops
+    if host_kernels.host_readable([x]):  # one numba call instead of ~8 small torch ops
         from .residual_kernels import token_correlation as kernel
 
         b = min(batch, x.shape[1 - seq_dim])

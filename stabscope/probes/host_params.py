@@ -24,12 +24,12 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from . import host_moments
+from . import host_kernels
 
 _DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
 #: Whether tensors can take these kernels (plain, contiguous CPU tensors of one float dtype).
-usable = host_moments.host_readable
+usable = host_kernels.host_readable
 
 
 @lru_cache(maxsize=8)
@@ -67,7 +67,7 @@ def _run(
     # The tensors stay referenced by the caller's lists for the whole call: the kernel reads
     # them by address.
     args = (_addresses(first), _addresses(second or none), _addresses(copies or none), like)
-    if len(param) > 1 and host_moments.thread_parts() > 1:
+    if len(param) > 1 and host_kernels.thread_parts() > 1:
         kernels.parallel(*args, getattr(kernels, mode), param, lo, hi, out)
     else:
         kernels.serial(*args, getattr(kernels, mode), param, lo, hi, out)

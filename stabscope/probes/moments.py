@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..collector import Collector, Decoder, Rows
-from . import host_moments
+from . import host_kernels, host_moments
 
 #: Metric suffixes derived from one moment vector, in emission order.
 MOMENT_METRICS = ("mean", "rms", "absmax", "nonfinite")
@@ -79,7 +79,7 @@ class MomentRows:
         # Plain tensors only: a tensor subclass (DTensor, a wrapper without local storage)
         # has no numpy view and keeps torch's reductions, which dispatch through it. Callers
         # hand over module outputs, gradients and detached parameters: all plain tensors.
-        if host_moments.AVAILABLE and t.device.type == "cpu" and type(t) is torch.Tensor:
+        if t.device.type == "cpu" and type(t) is torch.Tensor and host_kernels.ready():
             if self._rows == len(self._host):
                 self._host = np.concatenate([self._host, np.empty_like(self._host)])
             host_moments.host_moments_into(t, self._host[self._rows])

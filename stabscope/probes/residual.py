@@ -33,7 +33,7 @@ from torch import nn
 from ..collector import Collector, Rows
 from ..hooks import ListenerHooks, primary_tensor
 from ..structure import Branch, Structure
-from . import host_moments
+from . import host_kernels
 
 #: β rows are quadratic in the number of branches; past this many only the first recorded
 #: step gets them (the matrix at init is the one the theory reads).
@@ -84,7 +84,7 @@ def _host_branch_stats(
 ) -> torch.Tensor | None:
     """``branch_stats`` by the fused numba kernel, or None where it does not apply."""
     stream, f = stream.detach(), f.detach()
-    if stream.shape != f.shape or not host_moments.host_readable([stream, f]):
+    if stream.shape != f.shape or not host_kernels.host_readable([stream, f]):
         return None
     from . import residual_kernels as kernels
 
@@ -92,7 +92,7 @@ def _host_branch_stats(
     s, g = stream.reshape(-1).numpy(), f.reshape(-1).numpy()  # (tokens * hidden,) views
     out = np.empty(kernels.FIELDS)
     inv_alpha = s.dtype.type(1.0 / alpha)
-    parts = host_moments.thread_parts() if f.numel() >= host_moments.PARALLEL_FROM else 1
+    parts = host_kernels.thread_parts() if f.numel() >= host_kernels.PARALLEL_FROM else 1
     if parts > 1:
         kernels.parallel(s, g, inv_alpha, holds_sum, d, parts, out)
     else:
