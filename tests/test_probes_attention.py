@@ -111,6 +111,22 @@ def test_sample_gpt_sdpa_matches_explicit_softmax(tmp_path):
     np.testing.assert_allclose(merged.value_sdpa, merged.value_explicit, rtol=1e-5, atol=1e-5)
 
 
+def test_zero_queries_turn_the_probe_off(tmp_path):
+    """attn_queries=0 records no attention rows (not zero entropies that would read as
+    collapse), and the rest of the standard preset is still there."""
+    import stabscope.script
+
+    model, batch, sample = gpt("sdpa")
+    config = stabscope.RecorderConfig(schedule=Schedule(1, 0), attn_queries=0)
+    forward = lambda m: sample.loss(m, batch)  # noqa: E731
+    with stabscope.Recorder(model, tmp_path / "r", config, forward=forward) as rec:
+        forward(model).backward()
+        rec.step()
+    metrics = set(stabscope.load_run(tmp_path / "r").metric.astype(str))
+    assert not {m for m in metrics if m.startswith("attn_")}
+    assert {"res_ratio", "token_corr", "grad_rms"} <= metrics
+
+
 def test_multihead_attention_with_padding(tmp_path):
     torch.manual_seed(0)
     mha = nn.MultiheadAttention(16, 4, batch_first=True)

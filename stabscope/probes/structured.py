@@ -69,15 +69,12 @@ class StructureProbes:
                         f"residual stats skipped for {len(residual.skipped)} "
                         f"branches without a norm to read the stream from"
                     )
-                attention = {a.name: modules[a.name] for a in structure.attention}
-                self.attention = AttentionProbe(attention, codes, self.listeners, sampling)
                 blocks = {b.name: modules[b.name] for b in structure.blocks}
                 seq = {name: _seq_dim(m) for name, m in blocks.items()}
-                self.probes += [
-                    residual,
-                    self.attention,
-                    CorrelationProbe(blocks, codes, self.listeners, seq),
-                ]
+                self.probes += [residual, CorrelationProbe(blocks, codes, self.listeners, seq)]
+                if sampling is None or (sampling.queries > 0 and sampling.batch > 0):
+                    attention = {a.name: modules[a.name] for a in structure.attention}
+                    self.probes.append(AttentionProbe(attention, codes, self.listeners, sampling))
             norms = structure.norms or [n for n, m in modules.items() if is_norm(m)]
             self.probes.append(
                 NormInputProbe(
