@@ -1,36 +1,89 @@
-"""One tensor's moments: the single-pass numba kernel against torch's reductions, on CPU.
+"""The CPU kernels against the torch passes they replace, outside a training step.
 
     python bench/moments.py              # torch's default threads
     python bench/moments.py --threads 1
 
-For each size, the median time of ``host_moments_into`` (sum, sum of squares and absmax in one
-pass) against ``moment_scalars`` (``sum``, ``dot`` and ``amin``/``amax`` or ``aminmax``), both
-on the same float32 tensor, hot in cache: this is the kernels' own speed. Inside a training
-step the tensors come from memory and both are slower; ``bench/overhead.py`` measures that.
+Three tables:
+  hot          one tensor's moments, ``host_moments_into`` (sum, sum of squares and absmax in
+               one pass) against ``moment_scalars`` (``sum``, ``dot``, ``amin``/``amax`` or
+               ``aminmax``), on the same float32 tensor, hot in cache: the kernels' own speed;
+  from memory  the same on a 256 MiB tensor from torch's allocator (4 KiB pages, no huge
+               pages), in GB/s: the regime of a training step's tensors;
+  parameters   the parameter probe's passes over the sample GPT's parameters (6 layers,
+               d=256; 102 tensors, 4.9M values), caches flushed before each: weight and gradient
+               norms plus the pre-step copy, and the update norm after the step.
+``bench/overhead.py`` measures what all of it adds to a real step.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from stabscope.probes import host_kernels, host_moments
+from stabscope.probes.host_params import difference_squares, squares_and_copy
 from stabscope.probes.moments import moment_scalars
+from stabscope.script import ScriptConfig
 
 
-def median_us(fn, repeats: int) -> float:
+def median_us(fn, repeats: int, before=None) -> float:
+    """Median µs of ``fn()``; ``before()`` runs untimed ahead of each call."""
     for _ in range(10):
         fn()
     times = []
     for _ in range(repeats):
+        if before is not None:
+            before()
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e6
+
+
+def from_memory(out: np.ndarray) -> None:
+    x = torch.randn(1 << 26)  # 256 MiB: far beyond every cache
+    gb = x.numel() * 4 / 1e9
+    reference = median_us(lambda: torch.stack(moment_scalars(x)), 5) / 1e6
+    kernel = median_us(lambda: host_moments.host_moments_into(x, out), 5) / 1e6
+    print("\n| 256 MiB from memory | torch reductions | numba, one pass | speed-up |")
+    print("|---|---|---|---|")
+    print(f"| GB/s | {gb / reference:.1f} | {gb / kernel:.1f} | {reference / kernel:.2f}x |")
+
+
+def parameter_passes(repeats: int) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sample_models"))
+    import gpt
+
+    cfg = ScriptConfig(gpt.CONFIG | dict(depth=6, width=256, vocab=256))
+    weights = [p.detach() for p in gpt.model(cfg).parameters()]
+    grads = [torch.randn_like(w) for w in weights]
+    copies = [torch.empty_like(w) for w in weights]
+    flush = torch.empty(1 << 24)  # 64 MiB written between calls: every pass starts cold
+
+    def torch_before() -> None:
+        torch.stack([torch.dot(t.view(-1), t.view(-1)) for t in weights + grads])
+        torch._foreach_copy_(copies, weights)
+
+    def torch_after() -> None:
+        torch._foreach_sub_(copies, weights)
+        torch.stack([torch.dot(t.view(-1), t.view(-1)) for t in copies])
+
+    rows = [
+        ("norms + pre-step copy", torch_before, lambda: squares_and_copy(weights, grads, copies)),
+        ("update norm", torch_after, lambda: difference_squares(weights, copies)),
+    ]
+    print("\n| parameter pass (cold) | torch | numba, one call | speed-up |")
+    print("|---|---|---|---|")
+    for name, reference_fn, kernel_fn in rows:
+        reference = median_us(reference_fn, repeats, flush.zero_) / 1e3
+        kernel = median_us(kernel_fn, repeats, flush.zero_) / 1e3
+        print(f"| {name} | {reference:.2f} ms | {kernel:.2f} ms | {reference / kernel:.2f}x |")
 
 
 def main() -> None:
@@ -51,6 +104,8 @@ def main() -> None:
         reference = median_us(lambda x=x: torch.stack(moment_scalars(x)), args.repeats)
         kernel = median_us(lambda x=x: host_moments.host_moments_into(x, out), args.repeats)
         print(f"| {size:,} | {reference:.1f} µs | {kernel:.1f} µs | {reference / kernel:.2f}x |")
+    from_memory(out)
+    parameter_passes(max(10, args.repeats // 10))
 
 
 if __name__ == "__main__":
