@@ -14,8 +14,8 @@ from stabscope.probes.residual import branch_stats
 
 pytestmark = pytest.mark.skipif(not host_kernels.AVAILABLE, reason="numba is not installed")
 
-CHUNK = 1 << 15  # param_kernels.CHUNK, spelled out: the sizes below straddle it
-SIZES = [1, 7, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 5, 1 << 20]
+GRAIN = 32768  # param_kernels.GRAIN, spelled out: the sizes below straddle it
+SIZES = [1, 7, GRAIN - 1, GRAIN, GRAIN + 1, 3 * GRAIN + 5, 1 << 20]
 
 
 def _tensors(dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:

@@ -62,19 +62,10 @@ def _build() -> bool:
 
         x = np.linspace(-1.0, 1.0, 8, dtype=np.float32)
         moment_kernels.serial(x, x.view(np.int32), np.int32(0x7FFFFFFF), np.float32(0), np.empty(4))
-        addresses = np.array([x.ctypes.data], np.int64)
-        one = np.zeros(1, np.int64)
-        param_kernels.serial(
-            addresses,
-            one,
-            one,
-            np.zeros(1, np.float32),
-            param_kernels.SQUARES,
-            one,
-            one,
-            one + 8,
-            np.empty((1, 2)),
-        )
+        addresses, none = np.array([x.ctypes.data], np.int64), np.zeros(1, np.int64)
+        like, sizes = np.zeros(1, np.float32), np.array([8], np.int64)
+        squares = param_kernels.SQUARES
+        param_kernels.serial(addresses, none, none, like, squares, sizes, np.empty((1, 2)))
         residual_kernels.serial(x, x, np.float32(1.0), False, 4, np.empty(residual_kernels.FIELDS))
         residual_kernels.token_correlation(x.reshape(1, 2, 4), np.arange(2), 1, 1)
         attention_kernels.entropy_and_max(

@@ -19,8 +19,6 @@ or float64. ``usable`` says whether lists qualify; callers keep torch's path oth
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import numpy as np
 import torch
 
@@ -30,21 +28,6 @@ _DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
 #: Whether tensors can take these kernels (plain, contiguous CPU tensors of one float dtype).
 usable = host_kernels.host_readable
-
-
-@lru_cache(maxsize=8)
-def _chunks(sizes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Chunk table ``(param, lo, hi)``, each ``(C,)`` int64, cutting every tensor into pieces
-    of at most ``CHUNK`` elements (a parameter list's sizes do not change between steps)."""
-    from .param_kernels import CHUNK
-
-    sizes_arr = np.array(sizes, np.int64)
-    counts = np.maximum(1, -(-sizes_arr // CHUNK))  # (P,) chunks per tensor
-    param = np.repeat(np.arange(len(sizes), dtype=np.int64), counts)
-    first = np.repeat(np.cumsum(counts) - counts, counts)
-    lo = (np.arange(len(param)) - first) * CHUNK
-    hi = np.minimum(lo + CHUNK, sizes_arr[param])
-    return param, lo, hi
 
 
 def _addresses(tensors: list[torch.Tensor | None]) -> np.ndarray:
@@ -61,16 +44,17 @@ def _run(
     from . import param_kernels as kernels
 
     none: list[torch.Tensor | None] = [None] * len(first)
-    param, lo, hi = _chunks(tuple(t.numel() for t in first))
+    sizes = np.array([t.numel() for t in first], np.int64)
     like = np.zeros(1, _DTYPES[first[0].dtype])
     out = np.empty((len(first), 2))
     # The tensors stay referenced by the caller's lists for the whole call: the kernel reads
     # them by address.
     args = (_addresses(first), _addresses(second or none), _addresses(copies or none), like)
-    if len(param) > 1 and host_kernels.thread_parts() > 1:
-        kernels.parallel(*args, getattr(kernels, mode), param, lo, hi, out)
+    parts = host_kernels.thread_parts() if sizes.max() > kernels.GRAIN else 1
+    if parts > 1:
+        kernels.parallel(*args, getattr(kernels, mode), sizes, parts, out)
     else:
-        kernels.serial(*args, getattr(kernels, mode), param, lo, hi, out)
+        kernels.serial(*args, getattr(kernels, mode), sizes, out)
     return out
 
 

@@ -2,9 +2,9 @@
 call, split across threads by chunk rather than by tensor.
 
 A model has many small parameters (biases, norm weights) and a few large ones; one call per
-tensor leaves the small ones single-threaded and pays a dispatch each. Here every parameter is
-cut into chunks of at most ``CHUNK`` elements, the chunks of all parameters are shared among
-the threads, and per-chunk partial sums are added up per parameter at the end. Tensors are
+tensor pays a dispatch each and leaves the small ones single-threaded. Here one call takes them
+all: each thread reads its share of every tensor, the share torch's own elementwise ops give
+that thread, and per-thread partial sums are added up per parameter at the end. Tensors are
 reached through their addresses (``Tensor.data_ptr()``), so one call takes any number of them
 without building a typed list.
 
@@ -20,9 +20,9 @@ from numba.extending import intrinsic
 
 from .moment_kernels import _BLOCK, prefetch_block
 
-#: Largest chunk, in elements: 32K float32 (128 KiB) keeps a chunk's weights, gradients and
-#: copies within one core's L2 and gives a 1M-element matrix 32 chunks to share out.
-CHUNK = 1 << 15
+#: torch's grain size for elementwise ops (at::internal::GRAIN_SIZE): tensors up to this
+#: many elements are one thread's work, larger ones are split evenly across the threads.
+GRAIN = 32768
 
 #: Kernel modes. SQUARES: sum of squares of each weight (copying it where a copy address is
 #: given) and of each gradient (where one is given). DIFFERENCE: sum of squares of weight minus
@@ -92,6 +92,8 @@ def _view(address, fallback, like, size):
 def _chunk(first, second, copies, like, mode, param, lo, hi):
     # Partial sums over elements [lo, hi) of parameter ``param``: (first tensor, second tensor).
     zero = like[0]
+    if lo >= hi:
+        return 0.0, 0.0
     a = _view(first[param], first[param], like, hi)
     b = _view(second[param], first[param], like, hi)
     c = _view(copies[param], first[param], like, hi)
@@ -120,28 +122,34 @@ def _chunk(first, second, copies, like, mode, param, lo, hi):
 
 
 @_jit
-def _add_up(partials, param, out):
-    out[:] = 0.0
-    for k in range(param.size):
-        out[param[k], 0] += partials[k, 0]
-        out[param[k], 1] += partials[k, 1]
+def _share(size, part, parts):
+    # Elements [lo, hi) of a tensor of ``size`` that part ``part`` of ``parts`` reads: the
+    # split torch's elementwise ops use (at::parallel_for, grain GRAIN), so each thread reads
+    # the half of a weight or gradient that its own core wrote in the optimizer step or in
+    # backward, not the other core's (measured: the in-step passes took 2x their cold time).
+    used = max(1, min(parts, (size + GRAIN - 1) // GRAIN))
+    if part >= used:
+        return 0, 0
+    width = (size + used - 1) // used
+    return part * width, min(size, (part + 1) * width)
 
 
 @_jit
-def serial(first, second, copies, like, mode, param, lo, hi, out):
-    partials = np.empty((param.size, 2))
-    for k in range(param.size):
-        partials[k, 0], partials[k, 1] = _chunk(
-            first, second, copies, like, mode, param[k], lo[k], hi[k]
-        )
-    _add_up(partials, param, out)
+def _pass(first, second, copies, like, mode, sizes, part, parts, partials):
+    # Every tensor's share for this part; partials (P, 2) of this part.
+    for i in range(sizes.size):
+        lo, hi = _share(sizes[i], part, parts)
+        partials[i, 0], partials[i, 1] = _chunk(first, second, copies, like, mode, i, lo, hi)
+
+
+@_jit
+def serial(first, second, copies, like, mode, sizes, out):
+    _pass(first, second, copies, like, mode, sizes, 0, 1, out)
 
 
 @numba.njit(fastmath=True, boundscheck=False, nogil=True, cache=True, parallel=True)
-def parallel(first, second, copies, like, mode, param, lo, hi, out):
-    partials = np.empty((param.size, 2))
-    for k in numba.prange(param.size):
-        partials[k, 0], partials[k, 1] = _chunk(
-            first, second, copies, like, mode, param[k], lo[k], hi[k]
-        )
-    _add_up(partials, param, out)
+def parallel(first, second, copies, like, mode, sizes, parts, out):
+    partials = np.zeros((parts, sizes.size, 2))
+    for part in numba.prange(parts):
+        _pass(first, second, copies, like, mode, sizes, part, parts, partials[part])
+    out[:] = partials.sum(axis=0)
