@@ -114,6 +114,15 @@ def test_residual_metrics_match_hand_computation(run_dir, placement, alpha):
 
     np.testing.assert_allclose(series("res_ratio").value, ratio, rtol=1e-5)
     np.testing.assert_allclose(series("res_dependency").value, dependency, rtol=1e-4)
+    # The residual probe also reports each norm's input (x for Pre-LN, α·x + f otherwise),
+    # once per norm: the norm-input probe leaves these norms to it.
+    norms = stabscope.load_run(run_dir, metrics="norm_input_rms", steps=0)
+    layer = norms.module.astype(str).str.split(".").str[1].astype(int)
+    with torch.no_grad():
+        read = [h if placement == "pre" else t for h, _, t in by_hand(reference, x)]
+    assert sorted(layer) == list(range(len(read)))
+    rms = [v.double().pow(2).mean().sqrt().item() for v in read]
+    np.testing.assert_allclose(norms.value.to_numpy()[np.argsort(layer)], rms, rtol=1e-5)
     if placement == "pre":
         assert series("res_omega").empty  # Admin's ω is defined for Post-LN streams only
     else:
@@ -131,7 +140,7 @@ def test_beta_is_uniform_for_equal_independent_pre_ln_components():
 
     # Pre-LN stream x_0 + f_1 + f_2 + f_3 with unit-variance parts: β_{i,j} = 1/sqrt(i+2).
     branches = [Branch(f"b{i}", f"b{i}", "mlp", "pre", None, 1.0) for i in range(3)]
-    v = np.array([[1.0, 1.0, 1.0, 2.0]] * 3)
+    v = np.array([[1.0, 1.0, 1.0, 2.0, 2.0]] * 3)  # [ratio, Var f, Var x, Var sum, norm input]
     for i, row in enumerate(beta_matrix(branches, v)):
         np.testing.assert_allclose(row, np.full(i + 2, 1 / math.sqrt(i + 2)))
 

@@ -24,6 +24,7 @@ Var(α·x + f)] per branch, one stack per step.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -52,7 +53,8 @@ def _token_sq_norms(v: torch.Tensor) -> torch.Tensor:
 def branch_stats(
     stream: torch.Tensor, f: torch.Tensor, alpha: float, holds_sum: bool = False
 ) -> torch.Tensor:
-    """[mean per-token rms(f)/rms(x), Var f, Var x, Var(α·x + f)] as a 4-vector.
+    """[mean per-token rms(f)/rms(x), Var f, Var x, Var(α·x + f), mean square of the norm's
+    input] as a 5-vector (the norm reads x for Pre-LN, α·x + f for Post-LN and DeepNorm).
 
     stream, f: (..., hidden) tensors of the same shape; ``stream`` is x itself, or with
     ``holds_sum`` the norm input t = α·x + f of a Post-LN/DeepNorm branch, so x = (t − f)/α.
@@ -74,9 +76,12 @@ def branch_stats(
     mx, mf = xf.sum() / n, ff.sum() / n
     var_x = px.sum() / n - mx * mx
     var_f = pf.sum() / n - mf * mf
-    cov = torch.dot(xf.reshape(-1), ff.reshape(-1)) / n - mx * mf
+    cross = torch.dot(xf.reshape(-1), ff.reshape(-1)) / n
+    cov = cross - mx * mf
     var_t = alpha * alpha * var_x + var_f + 2 * alpha * cov
-    return torch.stack((ratio, var_f, var_x, var_t))
+    sq_x, sq_f = px.sum() / n, pf.sum() / n
+    norm_in = alpha * alpha * sq_x + 2 * alpha * cross + sq_f if holds_sum else sq_x
+    return torch.stack((ratio, var_f, var_x, var_t, norm_in))
 
 
 def _host_branch_stats(
@@ -103,7 +108,8 @@ def _host_branch_stats(
     var_x, var_f = qx / n - mx * mx, qf / n - mf * mf
     cov = cross / n - mx * mf
     var_t = alpha * alpha * var_x + var_f + 2 * alpha * cov
-    return torch.tensor([ratio_sum / tokens, var_f, var_x, var_t], dtype=torch.float64)
+    norm_in = (alpha * alpha * qx + 2 * alpha * cross + qf) / n if holds_sum else qx / n
+    return torch.tensor([ratio_sum / tokens, var_f, var_x, var_t, norm_in], dtype=torch.float64)
 
 
 class ResidualProbe:
@@ -118,6 +124,10 @@ class ResidualProbe:
     ) -> None:
         self.branches = [b for b in structure.branches if self._measurable(b, modules)]
         self.skipped = [b.name for b in structure.branches if b not in self.branches]
+        # Norms whose input this probe reads whole anyway (one branch each): it emits their
+        # norm_input_rms, and the norm-input probe leaves them out instead of reading again.
+        per_norm = Counter(b.norm for b in self.branches)
+        self.norms_read = {n for n, count in per_norm.items() if count == 1}
         self.codes = codes
         self._pending: dict[int, torch.Tensor] = {}  # branch index -> x or f held for its pair
         self._stats: dict[int, torch.Tensor] = {}
@@ -156,18 +166,22 @@ class ResidualProbe:
         if not self._stats:
             return
         order = sorted(self._stats)
-        stacked = torch.stack([self._stats[i] for i in order])  # (R, 4)
+        stacked = torch.stack([self._stats[i] for i in order])  # (R, 5)
         self._stats = {}
         branches = [self.branches[i] for i in order]
         with_beta = self._first_step or len(self.branches) <= MAX_BETA_BRANCHES
         self._first_step = False
 
         def decode(values: np.ndarray, rows: Rows) -> None:
-            v = values.reshape(-1, 4)
+            v = values.reshape(-1, 5)
             codes = np.array([self.codes[b.name] for b in branches])
             with np.errstate(divide="ignore", invalid="ignore"):
                 rows.emit("train", codes, 0, "res_ratio", v[:, 0])
                 rows.emit("train", codes, 0, "res_dependency", v[:, 1] / v[:, 3])
+            reads = [k for k, b in enumerate(branches) if b.norm in self.norms_read]
+            if reads:
+                norm_codes = np.array([self.codes[branches[k].norm] for k in reads])
+                rows.emit("train", norm_codes, 0, "norm_input_rms", np.sqrt(v[reads, 4]))
             for stack in dict.fromkeys(b.stack for b in branches):
                 idx = [k for k, b in enumerate(branches) if b.stack == stack]
                 sub = [branches[k] for k in idx]
@@ -208,12 +222,12 @@ def admin_omega(var_x: np.ndarray, var_f: np.ndarray) -> np.ndarray:
 def beta_matrix(branches: list[Branch], v: np.ndarray) -> list[np.ndarray]:
     """Row i: β_{i,0..i+1} of the sum after branch i (component 0 is the incoming stream).
 
-    v: (n, 4) rows of [ratio, Var f, Var x, Var(α·x + f)] in forward order.
+    v: (n, 5) rows of [ratio, Var f, Var x, Var(α·x + f), norm input] in forward order.
     """
     coef = np.array([1.0])  # the stream as a combination of raw components a_0..a_k
     std = np.array([math.sqrt(max(v[0, 2], 0.0))])  # std of each raw component
     rows = []
-    for b, (_, var_f, _, var_t) in zip(branches, v):
+    for b, (_, var_f, _, var_t, _) in zip(branches, v):
         coef = np.append(b.alpha * coef, 1.0)
         std = np.append(std, math.sqrt(max(var_f, 0.0)))
         weights = coef * std

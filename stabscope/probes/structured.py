@@ -76,11 +76,9 @@ class StructureProbes:
                     attention = {a.name: modules[a.name] for a in structure.attention}
                     self.probes.append(AttentionProbe(attention, codes, self.listeners, sampling))
             norms = structure.norms or [n for n, m in modules.items() if is_norm(m)]
-            self.probes.append(
-                NormInputProbe(
-                    {n: modules[n] for n in norms if n in modules}, codes, self.listeners
-                )
-            )
+            read = residual.norms_read if structure.recognised else set()
+            unread = {n: modules[n] for n in norms if n in modules and n not in read}
+            self.probes.append(NormInputProbe(unread, codes, self.listeners))
             self.probes.append(LogitProbe(root, codes[ROOT_NAME], self.listeners))
             self.adam = AdamEpsProbe(params)
             self.probes.append(self.adam)
