@@ -45,21 +45,14 @@ _jit = numba.njit(fastmath=True, boundscheck=False, nogil=True, cache=True)
 
 
 @_jit
-def _squares(x, zero):
+def _squares(x, out, copy, zero):
+    # With ``copy`` x is also written to out: the copy costs a write, the squares come free
+    # with the read it needs anyway.
     s = zero
     for i in range(x.size):
         v = x[i]
-        s += v * v
-    return s
-
-
-@_jit
-def _copy_squares(x, out, zero):
-    # The copy costs a write; the squares come free with the read it needs anyway.
-    s = zero
-    for i in range(x.size):
-        v = x[i]
-        out[i] = v
+        if copy:
+            out[i] = v
         s += v * v
     return s
 
@@ -112,12 +105,10 @@ def _chunk(first, second, copies, like, mode, param, lo, hi):
             s += _difference_squares(a[start:end], c[start:end], zero)
         elif mode == TOTAL:
             s += _total(a[start:end], zero)
-        elif with_c:
-            s += _copy_squares(a[start:end], c[start:end], zero)
         else:
-            s += _squares(a[start:end], zero)
+            s += _squares(a[start:end], c[start:end], with_c, zero)
         if mode == SQUARES and with_b:
-            t += _squares(b[start:end], zero)
+            t += _squares(b[start:end], b[start:end], False, zero)
     return s, t
 
 

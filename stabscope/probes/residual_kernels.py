@@ -25,35 +25,17 @@ _jit = numba.njit(fastmath=True, boundscheck=False, nogil=True, cache=True, erro
 
 
 @_jit
-def _row_given(x, f, zero):
-    # One token: (Σx, Σf, Σx², Σf², Σx·f) over its hidden dimension, x given.
+def _row(stream, f, inv_alpha, from_sum, zero):
+    # One token: (Σx, Σf, Σx², Σf², Σx·f) over its hidden dimension. x is the stream itself,
+    # or with ``from_sum`` (t - f)/α: the norm's input t of a Post-LN branch is α·x + f.
     sx = zero
     sf = zero
     qx = zero
     qf = zero
     c = zero
-    for j in range(x.size):
-        a = x[j]
+    for j in range(f.size):
         b = f[j]
-        sx += a
-        sf += b
-        qx += a * a
-        qf += b * b
-        c += a * b
-    return sx, sf, qx, qf, c
-
-
-@_jit
-def _row_from_sum(t, f, inv_alpha, zero):
-    # The same with x = (t - f)/α: the norm's input t of a Post-LN branch is α·x + f.
-    sx = zero
-    sf = zero
-    qx = zero
-    qf = zero
-    c = zero
-    for j in range(t.size):
-        b = f[j]
-        a = (t[j] - b) * inv_alpha
+        a = (stream[j] - b) * inv_alpha if from_sum else stream[j]
         sx += a
         sf += b
         qx += a * a
@@ -70,10 +52,7 @@ def _rows(stream, f, inv_alpha, from_sum, width, lo, hi, out):
         start, stop = r * width, (r + 1) * width
         prefetch_block(stream, stop, min(stop + width, stream.size))
         prefetch_block(f, stop, min(stop + width, f.size))
-        if from_sum:
-            sx, sf, qx, qf, c = _row_from_sum(stream[start:stop], f[start:stop], inv_alpha, zero)
-        else:
-            sx, sf, qx, qf, c = _row_given(stream[start:stop], f[start:stop], zero)
+        sx, sf, qx, qf, c = _row(stream[start:stop], f[start:stop], inv_alpha, from_sum, zero)
         out[0] += math.sqrt(qf / qx)  # this token's rms(f)/rms(x)
         out[1] += sx
         out[2] += sf
