@@ -9,9 +9,9 @@ one call per tensor. Here, for the whole parameter list at once:
 - ``difference_squares``: sum of squares of weight minus copy after the step, nothing written;
 - ``totals``: plain sums (Adam's ``exp_avg_sq``, whose sum gives the rms of sqrt(v)).
 
-Measured on the sample GPT (6×256, 102 tensors, 4.9M parameters) inside a training step,
-against the same step without the probe: the torch passes add 6.2 ms, these 1.6 ms
-(docs/benchmarks.md, "Parameter passes").
+Measured on the sample GPT's 102 parameter tensors (4.9M values), caches flushed before each
+call (``python bench/moments.py``, docs/benchmarks.md "CPU kernels"): norms and copy 2.68 ms
+with torch against 1.24 ms here, the update norm 1.69 ms against 0.79 ms.
 
 Only for tensors numba can read directly: plain, contiguous CPU tensors of one dtype, float32
 or float64. ``usable`` says whether lists qualify; callers keep torch's path otherwise.

@@ -27,7 +27,7 @@ from numba.extending import intrinsic
 #: Elements per float32/float64 partial sum, and per prefetch step: 1024 float32 are one
 #: 4 KiB page. The partials are added in float64 (1M elements: the result matches a float64
 #: reference to ~1e-8, torch's float32 ``dot`` to ~3e-7).
-_BLOCK = 1024
+BLOCK = 1024
 
 #: Elements per 64-byte cache line at float32 (one prefetch each; float64 lines are touched
 #: twice, which costs little).
@@ -87,9 +87,9 @@ def reduce_range(x, bits, mask, zero, lo, hi):
     s = 0.0
     q = 0.0
     m = np.bitwise_and(bits[0], mask)  # x[0] belongs to the tensor: a neutral start
-    for b in range(lo, hi, _BLOCK):
-        e = min(b + _BLOCK, hi)
-        prefetch_block(x, e, min(e + _BLOCK, hi))
+    for b in range(lo, hi, BLOCK):
+        e = min(b + BLOCK, hi)
+        prefetch_block(x, e, min(e + BLOCK, hi))
         bs, bq, bm = span(x[b:e], bits[b:e], mask, zero)
         s += bs
         q += bq

@@ -1,5 +1,5 @@
 """numba kernels behind ``host_params``: the parameter probe's passes over all parameters in one
-call, split across threads by chunk rather than by tensor.
+call, each tensor split across the threads.
 
 A model has many small parameters (biases, norm weights) and a few large ones; one call per
 tensor pays a dispatch each and leaves the small ones single-threaded. Here one call takes them
@@ -18,7 +18,7 @@ import numpy as np
 from numba import types
 from numba.extending import intrinsic
 
-from .moment_kernels import _BLOCK, prefetch_block
+from .moment_kernels import BLOCK, prefetch_block
 
 #: torch's grain size for elementwise ops (at::internal::GRAIN_SIZE): tensors up to this
 #: many elements are one thread's work, larger ones are split evenly across the threads.
@@ -93,9 +93,9 @@ def _chunk(first, second, copies, like, mode, param, lo, hi):
     with_b, with_c = second[param] != 0, copies[param] != 0
     s = 0.0
     t = 0.0
-    for start in range(lo, hi, _BLOCK):  # float partials per block, added in float64
-        end = min(start + _BLOCK, hi)
-        ahead = min(end + _BLOCK, hi)  # the next block's lines, loaded while this one runs
+    for start in range(lo, hi, BLOCK):  # float partials per block, added in float64
+        end = min(start + BLOCK, hi)
+        ahead = min(end + BLOCK, hi)  # the next block's lines, loaded while this one runs
         prefetch_block(a, end, ahead)
         if mode == DIFFERENCE:
             prefetch_block(c, end, ahead)
@@ -115,9 +115,9 @@ def _chunk(first, second, copies, like, mode, param, lo, hi):
 @_jit
 def _share(size, part, parts):
     # Elements [lo, hi) of a tensor of ``size`` that part ``part`` of ``parts`` reads: the
-    # split torch's elementwise ops use (at::parallel_for, grain GRAIN), so each thread reads
-    # the half of a weight or gradient that its own core wrote in the optimizer step or in
-    # backward, not the other core's (measured: the in-step passes took 2x their cold time).
+    # split torch's elementwise ops use (at::parallel_for, grain GRAIN). The work is balanced
+    # by elements, and a thread tends to read the part of a weight or gradient that the same
+    # split of the optimizer step or of backward last wrote.
     used = max(1, min(parts, (size + GRAIN - 1) // GRAIN))
     if part >= used:
         return 0, 0
