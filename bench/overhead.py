@@ -5,7 +5,7 @@
     STABSCOPE_MOMENTS=torch python bench/overhead.py   # CPU moments by torch, not numba
 
 Identical model copies train side by side, interleaved in rounds so that drift in machine
-speed hits every mode alike. Modes:
+speed hits every mode alike; the order within a round rotates from round to round. Modes:
   plain            no recorder
   cheap            every step recorded, cheap preset (forward moments, parameter norms)
   core             every step: forward and gradient moments, parameter and gradient norms,
@@ -128,8 +128,11 @@ def main() -> None:
         for _ in range(3):
             steps[m](recs[m])
     times: dict[str, list[float]] = {m: [] for m in modes}
-    for _ in range(args.rounds):
-        for m in modes:
+    for r in range(args.rounds):
+        # Each round starts one mode later: a mode's position in the round (what ran just
+        # before it, whose memory the caches hold) measurably shifts its time, so every mode
+        # takes every position equally often.
+        for m in modes[r % len(modes) :] + modes[: r % len(modes)]:
             times[m] += [steps[m](recs[m]) for _ in range(args.steps_per_round)]
     for rec in recs.values():
         if rec is not None:

@@ -135,3 +135,37 @@ def test_attention_kernel_uniform_and_masked(monkeypatch):
         np.testing.assert_allclose(fused.numpy(), reference.double().numpy(), rtol=1e-5)
     logits[0, 0, 0, 0] = float("nan")  # non-finite logits show, as on the torch path
     assert np.isnan(entropy_and_max(logits, allowed)[0].numpy()).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sampled_attention_kernel_reads_model_strides(dtype, monkeypatch):
+    """The fused SDPA sample (logits formed in the kernel, from q and k as the model leaves
+    them: transposed views of (B, L, H, E) projections) against the torch path, for a causal
+    call, grouped-query attention, a broadcast boolean mask, an additive float mask with HF's
+    most-negative value, and an unbatched call."""
+    from stabscope.probes.attention import AttentionSampling, sdpa_sample
+
+    g = torch.Generator().manual_seed(6)
+    sampling = AttentionSampling(batch=2, queries=9)
+    q = (torch.randn(3, 40, 8, 16, generator=g, dtype=dtype) * 2).transpose(1, 2)
+    k = torch.randn(3, 40, 2, 16, generator=g, dtype=dtype).transpose(1, 2)  # 2 kv heads
+    assert not q.is_contiguous()
+    allowed = torch.rand(3, 1, 40, 40, generator=g) > 0.5
+    allowed[..., 0] = True
+    additive = torch.zeros(3, 1, 40, 40, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    additive += torch.rand(3, 1, 40, 40, generator=g, dtype=dtype)  # a bias on allowed keys
+    cases = [
+        (q, k, None, True, None),
+        (q, k, allowed, False, 0.3),
+        (q, k, additive, False, None),
+        (q[0], k[0], allowed[0, 0], True, None),  # unbatched (H, L, E), mask (L, S)
+    ]
+    for args in cases:
+        fused = sdpa_sample(*args, sampling)
+        reference = _torch_path(monkeypatch, sdpa_sample, *args, sampling)
+        assert fused.dtype == torch.float64
+        np.testing.assert_allclose(fused.numpy(), reference.double().numpy(), rtol=2e-6, atol=2e-6)
+    bad = q.clone()
+    bad[0, 3, 20, 5] = float("nan")  # head 3 sees a NaN logit in a sampled row; others do not
+    out = sdpa_sample(bad, k, None, True, None, sampling).numpy()
+    assert np.isnan(out[3]).all() and np.isfinite(np.delete(out, 3, axis=0)).all()

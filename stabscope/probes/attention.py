@@ -118,20 +118,70 @@ def sdpa_sample(
             attn_mask.unsqueeze(0) if attn_mask is not None and attn_mask.dim() == 3 else attn_mask
         )
     heads, length, source = q.shape[1], q.shape[2], k.shape[2]
+    s = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    mask = None
+    if attn_mask is not None:  # (b, H, L, S) view, zero strides where broadcast
+        mask = attn_mask.expand(q.shape[0], heads, length, source)[:b]
+    if _sampled_on_host(q, k, mask):
+        return _host_sample(q[:b], k[:b], mask, is_causal, s, sampling.queries)
     qi, allowed = _sample_layout(length, source, sampling.queries, is_causal, q.device)
     kk = k[:b]
     if kk.shape[1] != heads:  # grouped-query attention: each kv head serves heads/Hk queries
         kk = kk.repeat_interleave(heads // kk.shape[1], dim=1)
-    s = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     logits = (q[:b, :, qi].float() @ kk.float().transpose(-2, -1)) * s  # (b, H, q, S)
-    if attn_mask is not None:
-        mask = attn_mask.expand(q.shape[0], heads, length, source)[:b, :, qi]
+    if mask is not None:
+        mask = mask[:, :, qi]
         if mask.dtype == torch.bool:
             allowed = allowed & mask
         else:
             allowed = allowed & _float_mask_allowed(mask)
             logits = logits + mask.float().masked_fill(~_float_mask_allowed(mask), 0)
     return entropy_and_max(logits, allowed)
+
+
+def _sampled_on_host(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether the fused CPU kernel can read q, k and the mask in place (any strides)."""
+    tensors = (q, k) if mask is None else (q, k, mask)
+    if any(type(t) is not torch.Tensor or t.device.type != "cpu" for t in tensors):
+        return False
+    if q.dtype not in host_kernels.HOST_DTYPES or k.dtype != q.dtype:
+        return False
+    if mask is not None and mask.dtype not in (torch.bool, q.dtype):
+        return False
+    return host_kernels.ready()
+
+
+@functools.lru_cache(maxsize=64)
+def _host_rows(length: int, n: int) -> np.ndarray:
+    return query_positions(length, n, torch.device("cpu")).numpy()
+
+
+_NO_MASK = {dt: np.zeros((0, 0, 0, 0), dt) for dt in (np.bool_, np.float32, np.float64)}
+
+
+def _host_sample(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    mask: torch.Tensor | None,
+    causal: bool,
+    scale: float,
+    queries: int,
+) -> torch.Tensor:
+    """One kernel call: q (b, H, L, E), k (b, Hk, S, E), mask (b, H, L, S) or None."""
+    from .attention_kernels import sampled_entropy_and_max
+
+    qn = q.numpy()
+    dtype = qn.dtype.type
+    allowed, bias = _NO_MASK[np.bool_], _NO_MASK[dtype]
+    if mask is not None and mask.dtype == torch.bool:
+        allowed = mask.numpy()
+    elif mask is not None:
+        bias = mask.numpy()
+    out = np.empty((q.shape[1], 2))
+    floor = dtype(np.finfo(dtype).min / 2)  # additive masks' "never attend", as below
+    rows = _host_rows(q.shape[2], queries)
+    sampled_entropy_and_max(qn, k.numpy(), rows, causal, dtype(scale), allowed, bias, floor, out)
+    return torch.from_numpy(out)
 
 
 def mha_sample(bound: dict[str, Any], sampling: AttentionSampling) -> torch.Tensor | None:

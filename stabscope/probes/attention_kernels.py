@@ -1,9 +1,16 @@
-"""numba kernel behind ``attention.entropy_and_max`` on CPU.
+"""numba kernels behind the attention probe's sample on CPU.
 
 The sampled logits of one attention call are small, (b, H, q, S) with b·q ≈ 32 rows per head,
 so torch's dozen elementwise ops over them (mask, softmax, entr, sums, max) cost their dispatch,
 ~0.4 ms a layer on CPU, not their arithmetic. One call here does all of it: per row, the max
 over the allowed keys, then log Z and the entropy as log Z − Σ p·(l − max).
+
+``sampled_entropy_and_max`` also forms the logits itself from q and k, in whatever strides the
+model left them (q is usually a transposed view of a projection's output), and under a causal
+mask computes only the keys a query may see: about half of them. Measured on the sample GPT's
+layer (b=2, 4 heads, 16 queries, 128 keys, head width 64): torch's gather, batched matmul and
+the entropy kernel 135-155 µs, this kernel ~70 µs (``bench/moments.py`` does not time it; the
+step-level effect is in docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -12,6 +19,10 @@ import math
 
 import numba
 import numpy as np
+
+#: Lets LLVM reorder the dot products' sums so that they vectorise; NaN and inf keep their
+#: meaning (no ``nnan``/``ninf``): a NaN logit still shows as NaN.
+_REORDER_SUMS = {"reassoc", "contract"}
 
 
 @numba.njit(boundscheck=False, nogil=True, cache=True, error_model="numpy")
@@ -49,6 +60,77 @@ def entropy_and_max(logits, allowed, out):
                             z += e
                             weighted += e * d
                 total += (math.log(z) - weighted / z) / math.log(n)
+                counted += 1
+        out[h, 0] = np.nan if saw_nan else total / max(counted, 1)
+        out[h, 1] = np.nan if saw_nan else peak
+
+
+@numba.njit(boundscheck=False, nogil=True, cache=True, error_model="numpy", fastmath=_REORDER_SUMS)
+def sampled_entropy_and_max(q, k, rows, causal, scale, allowed, bias, floor, out):
+    """What ``entropy_and_max`` gives for the logits ``scale·q·kᵀ + bias`` of the sampled
+    query positions, without forming them in torch.
+
+    q (b, H, L, E) and k (b, Hk, S, E), any strides, one float dtype; head h reads kv head
+    h // (H / Hk) (grouped-query attention). rows (n,) int64: the sampled query positions,
+    ascending. causal: key s is allowed for query p only if s ≤ p. allowed (b, H, L, S) bool
+    and bias (b, H, L, S) of q's dtype, any strides (zero for broadcast dimensions), or empty
+    arrays for "no mask" and "no bias": a key is allowed where ``allowed`` is True and its bias
+    lies in (floor, inf). out (H, 2) float64.
+    """
+    b, heads, _, width = q.shape
+    group = heads // k.shape[1]
+    keys = k.shape[2]
+    n = rows.shape[0]
+    span = 0 if n == 0 else min(keys, rows[n - 1] + 1) if causal else keys  # keys seen
+    has_allowed = allowed.shape[0] > 0
+    has_bias = bias.shape[0] > 0
+    typed = np.array([0.0, -np.inf], q.dtype)  # 0 and -inf in q's dtype: sums stay in it
+    kbuf = np.empty((span, width), q.dtype)  # one (batch, kv head)'s keys, contiguous
+    qrow = np.empty(width, q.dtype)
+    kept = np.empty(span, q.dtype)  # one query's logits over its allowed keys
+    for h in range(heads):
+        total = 0.0
+        counted = 0
+        peak = 0.0
+        saw_nan = False
+        for i in range(b):
+            kh = k[i, h // group]
+            for s in range(span):
+                for e in range(width):
+                    kbuf[s, e] = kh[s, e]
+            for r in range(n):
+                p = rows[r]
+                last = min(p + 1, keys) if causal else keys
+                for e in range(width):
+                    qrow[e] = q[i, h, p, e] * scale
+                m = 0
+                for s in range(last):
+                    add = bias[i, h, p, s] if has_bias else typed[0]
+                    if has_allowed and not allowed[i, h, p, s]:
+                        continue
+                    if has_bias and not (floor < add < np.inf):
+                        continue
+                    acc = typed[0]
+                    for e in range(width):
+                        acc += qrow[e] * kbuf[s, e]
+                    kept[m] = acc + add
+                    m += 1
+                top = typed[1]
+                for j in range(m):
+                    v = kept[j]
+                    saw_nan = saw_nan or math.isnan(v)
+                    top = v if v > top else top
+                    peak = max(peak, abs(float(v)))
+                if m < 2:
+                    continue  # one key (or none): no choice to measure
+                z = 0.0
+                weighted = 0.0
+                for j in range(m):
+                    d = kept[j] - top
+                    weight = math.exp(d)
+                    z += weight
+                    weighted += weight * d
+                total += (math.log(z) - weighted / z) / math.log(m)
                 counted += 1
         out[h, 0] = np.nan if saw_nan else total / max(counted, 1)
         out[h, 1] = np.nan if saw_nan else peak
