@@ -82,6 +82,8 @@ def test_uniform_attention_has_entropy_log_t():
 def gpt(attn: str):
     import gpt as sample
 
+    import stabscope.script
+
     cfg = stabscope.script.ScriptConfig(
         sample.CONFIG | {"depth": 2, "width": 32, "seq_len": 24, "attn": attn}
     )
@@ -192,4 +194,141 @@ def test_attention_probe_leaves_outputs_unchanged(tmp_path):
         out = model(batch[:, :-1])
         rec.step()
     assert torch.equal(out, twin(batch[:, :-1]))
-    assert F.scaled_dot_product_attention is torch.nn.functional.scaled_dot_product_attention
+    assert F.scaled_dot_product_attention is torch._C._nn.scaled_dot_product_attention
+
+
+# -- how calls are seen: TorchFunctionMode first, the patched attributes once they suffice ----
+
+
+def record_steps(model, run_dir, forward, steps=4, structure=None):
+    """``steps`` recorded forward/backward passes with unchanged weights (no optimizer), so
+    every step's attention is the same; rows per step."""
+    with stabscope.Recorder(
+        model, run_dir, schedule=Schedule(steps, 0), forward=forward, structure=structure
+    ) as rec:
+        for _ in range(steps):
+            forward(model).backward()
+            rec.step()
+            # Outside the attention modules nothing is patched, after every step.
+            assert F.scaled_dot_product_attention is torch._C._nn.scaled_dot_product_attention
+    df = stabscope.load_run(run_dir, metrics=["attn_entropy", "attn_logit_max"])
+    key = ["module", "metric", "index"]
+    return [g.sort_values(key).reset_index(drop=True) for _, g in df.groupby("step")]
+
+
+def watch_modes(model):
+    """Per call of each attention's q projection: whether a TorchFunctionMode was active."""
+    seen = []
+    for block in model.blocks:
+        block.attn.q.register_forward_pre_hook(
+            lambda m, a: seen.append(torch._C._is_torch_function_mode_enabled())
+        )
+    return seen
+
+
+def test_patched_attributes_take_over_and_give_the_same_values(tmp_path):
+    """The sample GPT's SDPA: the first recorded forward runs in the mode (and the patch),
+    later ones with the patch alone; the values are the same in every step."""
+    model, batch, sample = gpt("sdpa")
+    seen = watch_modes(model)
+    steps = record_steps(model, tmp_path, lambda m: sample.loss(m, batch))
+    # 2 layers a step: step 0 runs in the mode, steps 1-3 do not.
+    assert seen[-8:] == [True, True] + [False] * 6
+    assert seen.count(True) == 2
+    assert [len(s) for s in steps] == [2 * 2 * 4] * 4
+    for later in steps[1:]:
+        np.testing.assert_array_equal(later.value, steps[0].value)
+
+
+def test_calls_the_patch_cannot_see_keep_the_mode(tmp_path, monkeypatch):
+    """Explicit softmax attention, and SDPA imported by name before recording (the patched
+    attribute is never looked up): every forward keeps the mode, every step is recorded, and
+    the values equal those of SDPA through the attribute."""
+    model, batch, sample = gpt("sdpa")
+    reference = record_steps(
+        copy.deepcopy(model), tmp_path / "ref", lambda m: sample.loss(m, batch)
+    )
+    explicit = copy.deepcopy(model)
+    for block in explicit.blocks:
+        block.attn.attn = "explicit"
+    seen = watch_modes(explicit)
+    steps = record_steps(explicit, tmp_path / "explicit", lambda m: sample.loss(m, batch))
+    assert seen[-8:] == [True] * 8
+    for step in steps:
+        np.testing.assert_allclose(step.value, reference[0].value, rtol=1e-5, atol=1e-5)
+
+    import types
+
+    by_name = types.SimpleNamespace(**vars(F))  # like `from torch.nn.functional import ...`
+    monkeypatch.setattr(sample, "F", by_name)
+    seen = watch_modes(model)
+    steps = record_steps(model, tmp_path / "by-name", lambda m: sample.loss(m, batch))
+    assert seen[-8:] == [True] * 8
+    assert len(steps) == 4
+    for step in steps:
+        np.testing.assert_array_equal(step.value, reference[0].value)
+
+
+def test_multihead_attention_is_sampled_once_per_call_on_either_route(tmp_path):
+    """nn.MultiheadAttention calls F.multi_head_attention_forward, which calls SDPA inside:
+    one sample per call (not two), the same in the mode's step and the patch's."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, batch_first=True)
+    x = torch.randn(3, 20, 16)
+
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = mha
+
+        def forward(self, x):
+            return self.attn(x, x, x, need_weights=False, is_causal=True, attn_mask=causal)[0]
+
+    causal = nn.Transformer.generate_square_subsequent_mask(20)
+    model = nn.Sequential(Wrap(), nn.Linear(16, 16))
+    from stabscope.structure import AttentionInfo, Block, Structure
+
+    structure = Structure(
+        True, [Block("0", 0, "", "unknown", 1.0, [], [AttentionInfo("0.attn", 4)])]
+    )
+    steps = record_steps(model, tmp_path, lambda m: m(x).pow(2).mean(), structure=structure)
+    assert [len(s) for s in steps] == [2 * 4] * 4
+    for later in steps[1:]:
+        np.testing.assert_array_equal(later.value, steps[0].value)
+    want = reference(*_mha_qk(mha, x), torch.ones(20, 20, dtype=torch.bool).tril())
+    got = steps[0].set_index(["metric", "index"]).value
+    np.testing.assert_allclose(got["attn_entropy"].to_numpy(), want[0].numpy(), atol=1e-5)
+
+
+def _mha_qk(mha, x):
+    """q, k (B, H, L, E/H) of an nn.MultiheadAttention, from its packed projection."""
+    e, h = mha.embed_dim, mha.num_heads
+    w, b = mha.in_proj_weight.detach(), mha.in_proj_bias.detach()
+    q, k = F.linear(x, w[:e], b[:e]), F.linear(x, w[e : 2 * e], b[e : 2 * e])
+    split = lambda t: t.reshape(*t.shape[:2], h, e // h).transpose(1, 2)  # noqa: E731
+    return split(q), split(k)
+
+
+def test_a_forward_that_raises_leaves_nothing_patched(tmp_path):
+    """An exception inside an attention module (after its patched SDPA call) propagates, and
+    torch.nn.functional is restored at once, not only at the step's end."""
+    model, batch, sample = gpt("sdpa")
+    original = torch._C._nn.scaled_dot_product_attention
+
+    def fail(module, args, output):
+        raise RuntimeError("out projection failed")
+
+    with stabscope.Recorder(model, tmp_path, schedule=Schedule(3, 0)) as rec:
+        for _ in range(2):  # step 0 finds the structure, step 1 runs in the mode
+            sample.loss(model, batch).backward()
+            rec.step()
+        handle = model.blocks[0].attn.o.register_forward_hook(fail)  # step 2: the patch
+        with pytest.raises(RuntimeError, match="out projection failed"):
+            sample.loss(model, batch)
+        assert F.scaled_dot_product_attention is original
+        handle.remove()
+        sample.loss(model, batch).backward()
+        rec.step()
+    assert F.scaled_dot_product_attention is original
+    assert F.multi_head_attention_forward.__module__ == "torch.nn.functional"
+    assert set(stabscope.load_run(tmp_path, metrics="attn_entropy").step) == {1, 2}

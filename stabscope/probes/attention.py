@@ -11,9 +11,9 @@ Metrics (module = the attention module, ``index`` = head):
 
 SDPA never materialises the probabilities, so they are recomputed for a sample: the first
 ``batch`` sequences, ``queries`` query positions evenly spaced over the sequence (queries that
-can see a single key carry no entropy and are left out), all heads. Calls are intercepted
-with a TorchFunctionMode that is active only inside the attention modules of a recorded
-training step: ``F.scaled_dot_product_attention`` (is_causal, boolean and float masks, GQA),
+can see a single key carry no entropy and are left out), all heads. Calls are intercepted only
+inside the attention modules of a recorded training step (how: ``attention_routes``):
+``F.scaled_dot_product_attention`` (is_causal, boolean and float masks, GQA),
 ``F.multi_head_attention_forward`` (``nn.MultiheadAttention``; q and k are recomputed from its
 projection weights), and softmax over the last dimension of a 4-D tensor (explicit attention,
 HF eager). The model's own computation is never changed. With dropout, the probabilities are
@@ -32,11 +32,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from ..collector import Collector, Rows
 from ..hooks import ListenerHooks
 from . import host_kernels
+from .attention_routes import MHA, SDPA, AttentionRoutes
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class AttentionSampling:
 
 
 _SOFTMAX = {torch.softmax, F.softmax, torch.Tensor.softmax}
-_MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
+_MHA_SIGNATURE = inspect.signature(MHA)
 
 
 @functools.lru_cache(maxsize=64)
@@ -227,23 +227,8 @@ def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | N
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, -math.inf)
 
 
-class _Intercept(TorchFunctionMode):
-    def __init__(self, probe: AttentionProbe) -> None:
-        super().__init__()
-        self.probe = probe
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        try:
-            self.probe.intercepted(func, args, kwargs, out)
-        except Exception as err:  # a probe must never break the user's forward
-            self.probe.errors.append(f"{type(err).__name__}: {err}")
-        return out
-
-
 class AttentionProbe:
-    """Pushes the intercepting mode around each attention module's training forward."""
+    """Samples every attention call inside each attention module's training forward."""
 
     def __init__(
         self,
@@ -254,36 +239,25 @@ class AttentionProbe:
     ) -> None:
         self.sampling = sampling or AttentionSampling()
         self.codes = codes
-        self.errors: list[str] = []
-        self._active: list[tuple[int, _Intercept]] = []
+        self.routes = AttentionRoutes(self._sample)
         self._calls: dict[int, int] = {}
         self._results: list[tuple[int, int, torch.Tensor]] = []  # (module code, call, (H, 2))
         for name, module in modules.items():
             code = codes[name]
             listeners.add(
                 module,
-                pre=lambda m, a, k, c=code: self._enter(c),
-                post=lambda m, a, k, o, c=code: self._exit(c),
+                pre=lambda m, a, k, c=code: self.routes.enter(c),
+                post=lambda m, a, k, o, c=code: self.routes.exit(c),
             )
 
-    def _enter(self, code: int) -> None:
-        mode = _Intercept(self)
-        mode.__enter__()
-        self._active.append((code, mode))
+    @property
+    def errors(self) -> list[str]:
+        return self.routes.errors
 
-    def _exit(self, code: int) -> None:
-        while self._active:
-            c, mode = self._active.pop()
-            mode.__exit__(None, None, None)
-            if c == code:
-                break
-
-    def intercepted(self, func: Any, args: Any, kwargs: Any, out: Any) -> None:
-        if not self._active:
-            return
-        code = self._active[-1][0]
+    def _sample(self, func: Any, args: Any, kwargs: Any, out: Any, patched: bool) -> bool:
+        code = self.routes.active_code
         result = None
-        if func is F.scaled_dot_product_attention:
+        if func is SDPA:
             bound = dict(
                 zip(("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale"), args)
             )
@@ -296,7 +270,7 @@ class AttentionProbe:
                 bound.get("scale"),
                 self.sampling,
             )
-        elif func is F.multi_head_attention_forward:
+        elif func is MHA:
             bound = _MHA_SIGNATURE.bind(*args, **kwargs)
             bound.apply_defaults()
             result = mha_sample(dict(bound.arguments), self.sampling)
@@ -304,10 +278,12 @@ class AttentionProbe:
             dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
             if dim in (-1, 3):
                 result = self._from_softmax(args[0])
-        if result is not None:
-            call = self._calls.get(code, 0)
-            self._calls[code] = call + 1
-            self._results.append((code, call, result))
+        if result is None or code is None:
+            return False
+        call = self._calls.get(code, 0)
+        self._calls[code] = call + 1
+        self._results.append((code, call, result))
+        return True
 
     def _from_softmax(self, logits: torch.Tensor) -> torch.Tensor:
         """Explicit attention: the softmax input holds the (masked) logits."""
@@ -318,8 +294,7 @@ class AttentionProbe:
         return entropy_and_max(sample.masked_fill(~allowed, 0), allowed)
 
     def end_step(self, collector: Collector) -> None:
-        while self._active:  # a forward that raised may leave a mode pushed
-            self._active.pop()[1].__exit__(None, None, None)
+        self.routes.reset()
         self._calls.clear()
         if not self._results:
             return

@@ -97,6 +97,15 @@ class StructureProbes:
     def attach(self) -> None:
         self.listeners.attach()
 
+    def errors(self) -> list[str]:
+        """Distinct errors a probe caught inside the user's forward (the forward went on), with
+        how often each occurred; for meta.json."""
+        seen: dict[str, int] = {}
+        for probe in self.probes:
+            for message in getattr(probe, "errors", []):
+                seen[message] = seen.get(message, 0) + 1
+        return [f"{message} (x{count})" for message, count in list(seen.items())[:10]]
+
     def detach(self) -> None:
         self.listeners.detach()
 
