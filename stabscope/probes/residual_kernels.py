@@ -47,7 +47,10 @@ def _row(stream, f, inv_alpha, from_sum, zero):
 @_jit
 def _rows(stream, f, inv_alpha, from_sum, width, lo, hi, out):
     # Rows [lo, hi) of the (tokens, width) tensors, flattened; adds into out (FIELDS,).
-    zero = f[0] * 0
+    # A zero of the tensors' dtype: ``f[0] * 0`` would be float64 (numba promotes float32 times
+    # an integer), and the row sums with it, which measured 1.6x slower (converted, half-width
+    # vectors). inv_alpha is finite, so this is an exact 0.
+    zero = inv_alpha - inv_alpha
     for r in range(lo, hi):
         start, stop = r * width, (r + 1) * width
         prefetch_block(stream, stop, min(stop + width, stream.size))
