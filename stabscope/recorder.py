@@ -17,7 +17,6 @@ import shutil
 import time
 import traceback
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -375,11 +374,9 @@ class Recorder:
 
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kw: Any) -> None:
         if self._owns(optimizer) and self.hooks.attached:
-            update_pass = partial(self.parameters.after_optimizer_step, optimizer)
-            if self.structure_probes is None:
-                update_pass()
-            else:  # Adam's exp_avg_sq is read in the same pass as the update
-                self.structure_probes.after_optimizer_step(optimizer, update_pass)
+            self.parameters.after_optimizer_step(optimizer)
+            if self.structure_probes is not None:
+                self.structure_probes.after_optimizer_step(optimizer)
 
     def _note_nonfinite(self, direction: str, code: int, call: int) -> None:
         if direction not in self.first_nonfinite:

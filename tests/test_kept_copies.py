@@ -1,7 +1,6 @@
 """Weight copies kept from one recorded step for the next: the update and weight norms they give
 against weights snapshotted around every optimizer step, also when something changes the weights
-between two recorded steps (in place, through ``.data``, or by replacing the storage); and
-Adam's second moments, read in the same post-step pass, against the optimizer state."""
+between two recorded steps (in place, through ``.data``, or by replacing the storage)."""
 
 from __future__ import annotations
 
@@ -43,13 +42,9 @@ def run(run_dir, between, monkeypatch):
                 reference[(step, n, "param_norm")] = before[n].double().norm().item()
                 delta = (p.detach() - before[n]).double().norm().item()
                 reference[(step, n, "update_norm")] = delta
-                if step:  # from step 1, once step 0 has found the structure
-                    # Read in the same pass as the update: Adam's bias-corrected 2nd moment.
-                    v = opt.state[p]["exp_avg_sq"].double() / (1 - 0.999 ** (step + 1))
-                    reference[(step, n, "adam_sqrtv_over_eps")] = v.mean().sqrt().item() / 1e-8
             rec.step(loss=loss)
             between(model)
-    df = stabscope.load_run(run_dir, metrics=["param_norm", "update_norm", "adam_sqrtv_over_eps"])
+    df = stabscope.load_run(run_dir, metrics=["param_norm", "update_norm"])
     got = {(int(r.step), str(r.module), str(r.metric)): float(r.value) for r in df.itertuples()}
     return got, reference, len(copying)
 

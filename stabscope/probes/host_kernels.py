@@ -65,7 +65,7 @@ def _build() -> bool:
         addresses, none = np.array([x.ctypes.data], np.int64), np.zeros(1, np.int64)
         like, sizes = np.zeros(1, np.float32), np.array([8], np.int64)
         squares = param_kernels.SQUARES
-        param_kernels.serial(addresses, none, none, like, squares, sizes, np.empty((1, 3)))
+        param_kernels.serial(addresses, none, none, like, squares, sizes, np.empty((1, 2)))
         param_kernels.same_samples(addresses, addresses, like, sizes, 4)
         residual_kernels.serial(x, x, np.float32(1.0), False, 4, np.empty(residual_kernels.FIELDS))
         residual_kernels.token_correlation(x.reshape(1, 2, 4), np.arange(2), 1, 1)

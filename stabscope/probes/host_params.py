@@ -7,9 +7,8 @@ one call per tensor. Here, for the whole parameter list at once:
 - ``squares_and_copy``: sums of squares of weights and gradients, filling the pre-step copies
   in the same read of the weights (weights are read once, gradients once, copies written once);
 - ``difference_squares``: sum of squares of weight minus copy after the step, nothing written;
-- ``update_sums``: the same, optionally with the new weights' squares and the copy then
-  overwritten with the new weights (kept for the next step's update when that step is
-  recorded too, see ``kept_copies``), and optionally the sums of Adam's ``exp_avg_sq``;
+- ``advance``: the same and the new weights' squares, the copy then overwritten with the new
+  weights (kept for the next step's update when that step is recorded too);
 - ``totals``: plain sums (Adam's ``exp_avg_sq``, whose sum gives the rms of sqrt(v)).
 
 Measured on the sample GPT's 102 parameter tensors (4.9M values), caches flushed before each
@@ -43,13 +42,13 @@ def _run(
     second: list[torch.Tensor | None] | None = None,
     copies: list[torch.Tensor | None] | None = None,
 ) -> np.ndarray:
-    """``(P, 3)`` float64 sums from one kernel call over ``first`` and its companions."""
+    """``(P, 2)`` float64 sums from one kernel call over ``first`` and its companions."""
     from . import param_kernels as kernels
 
     none: list[torch.Tensor | None] = [None] * len(first)
     sizes = np.array([t.numel() for t in first], np.int64)
     like = np.zeros(1, _DTYPES[first[0].dtype])
-    out = np.empty((len(first), 3))
+    out = np.empty((len(first), 2))
     # The tensors stay referenced by the caller's lists for the whole call: the kernel reads
     # them by address.
     args = (_addresses(first), _addresses(second or none), _addresses(copies or none), like)
@@ -68,7 +67,7 @@ def squares_and_copy(
 ) -> np.ndarray:
     """``(P, 2)``: sum of squares of each weight and of its gradient (0 where ``None``);
     ``copies[i]``, where given, receives weight ``i`` (same size and dtype)."""
-    return _run("SQUARES", weights, grads, copies)[:, :2]
+    return _run("SQUARES", weights, grads, copies)
 
 
 def difference_squares(weights: list[torch.Tensor], copies: list[torch.Tensor]) -> np.ndarray:
@@ -82,17 +81,10 @@ def totals_of_squares(tensors: list[torch.Tensor]) -> np.ndarray:
     return _run("SQUARES", tensors, none, none)[:, 0] if tensors else np.zeros(0)
 
 
-def update_sums(
-    weights: list[torch.Tensor],
-    copies: list[torch.Tensor],
-    totals_of: list[torch.Tensor | None] | None = None,
-    keep: bool = False,
-) -> np.ndarray:
-    """The post-step pass, ``(P, 3)``: sum of squares of ``weights[i] - copies[i]``; with
-    ``keep``, sum of squares of ``weights[i]`` and then ``copies[i]`` holds ``weights[i]``
-    (else 0); the sum of ``totals_of[i]`` (Adam's ``exp_avg_sq``, same size and dtype as the
-    weight; 0 where ``None``), read in the same pass."""
-    return _run("ADVANCE" if keep else "DIFFERENCE", weights, totals_of, copies)
+def advance(weights: list[torch.Tensor], copies: list[torch.Tensor]) -> np.ndarray:
+    """``(P, 2)``: sum of squares of ``weights[i] - copies[i]`` and of ``weights[i]``; then
+    ``copies[i]`` holds ``weights[i]``."""
+    return _run("ADVANCE", weights, copies=copies)
 
 
 def same_samples(weights: list[torch.Tensor], copies: list[torch.Tensor], count: int) -> bool:

@@ -26,11 +26,9 @@ GRAIN = 32768
 
 #: Kernel modes. SQUARES: sum of squares of each weight (copying it where a copy address is
 #: given) and of each gradient (where one is given). DIFFERENCE: sum of squares of weight minus
-#: copy, without writing the difference anywhere (with a second tensor also its plain sum, as
-#: for ADVANCE). TOTAL: plain sum of each first tensor.
+#: copy, without writing the difference anywhere. TOTAL: plain sum of each first tensor.
 #: ADVANCE: sum of squares of weight minus copy and of the weight, then the weight written over
-#: the copy (whose lines the difference has just read, so the write costs no extra read); with
-#: a second tensor (Adam's ``exp_avg_sq``) also its plain sum, in the same pass.
+#: the copy (whose lines the difference has just read, so the write costs no extra read).
 SQUARES, DIFFERENCE, TOTAL, ADVANCE = 0, 1, 2, 3
 
 
@@ -100,42 +98,37 @@ def _view(address, fallback, like, size):
 
 @_jit
 def _chunk(first, second, copies, like, mode, param, lo, hi):
-    # Partial sums over elements [lo, hi) of parameter ``param``: the mode's three sums.
+    # Partial sums over elements [lo, hi) of parameter ``param``: (first tensor, second tensor).
     zero = like[0]
     if lo >= hi:
-        return 0.0, 0.0, 0.0
+        return 0.0, 0.0
     a = _view(first[param], first[param], like, hi)
     b = _view(second[param], first[param], like, hi)
     c = _view(copies[param], first[param], like, hi)
     with_b, with_c = second[param] != 0, copies[param] != 0
     s = 0.0
     t = 0.0
-    u = 0.0
     for start in range(lo, hi, BLOCK):  # float partials per block, added in float64
         end = min(start + BLOCK, hi)
         ahead = min(end + BLOCK, hi)  # the next block's lines, loaded while this one runs
         prefetch_block(a, end, ahead)
         if mode in (DIFFERENCE, ADVANCE):
             prefetch_block(c, end, ahead)
-        if with_b and mode != TOTAL:
+        elif mode == SQUARES and with_b:
             prefetch_block(b, end, ahead)
         if mode == DIFFERENCE:
             s += _difference_squares(a[start:end], c[start:end], zero)
-            if with_b:
-                u += _total(b[start:end], zero)
         elif mode == TOTAL:
             s += _total(a[start:end], zero)
         elif mode == ADVANCE:
             d2, x2 = _advance(a[start:end], c[start:end], zero)
             s += d2
             t += x2
-            if with_b:
-                u += _total(b[start:end], zero)
         else:
             s += _squares(a[start:end], c[start:end], with_c, zero)
         if mode == SQUARES and with_b:
             t += _squares(b[start:end], b[start:end], False, zero)
-    return s, t, u
+    return s, t
 
 
 @_jit
@@ -153,11 +146,10 @@ def _share(size, part, parts):
 
 @_jit
 def _pass(first, second, copies, like, mode, sizes, part, parts, partials):
-    # Every tensor's share for this part; partials (P, 3) of this part.
+    # Every tensor's share for this part; partials (P, 2) of this part.
     for i in range(sizes.size):
         lo, hi = _share(sizes[i], part, parts)
-        sums = _chunk(first, second, copies, like, mode, i, lo, hi)
-        partials[i, 0], partials[i, 1], partials[i, 2] = sums
+        partials[i, 0], partials[i, 1] = _chunk(first, second, copies, like, mode, i, lo, hi)
 
 
 @_jit
@@ -167,7 +159,7 @@ def serial(first, second, copies, like, mode, sizes, out):
 
 @numba.njit(fastmath=True, boundscheck=False, nogil=True, cache=True, parallel=True)
 def parallel(first, second, copies, like, mode, sizes, parts, out):
-    partials = np.zeros((parts, sizes.size, 3))
+    partials = np.zeros((parts, sizes.size, 2))
     for part in numba.prange(parts):
         _pass(first, second, copies, like, mode, sizes, part, parts, partials[part])
     out[:] = partials.sum(axis=0)

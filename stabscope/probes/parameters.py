@@ -168,27 +168,18 @@ class ParameterProbe:
             index = torch.as_tensor(which, device=self._weight_norms.device)
             self._before[id(optimizer)] = (which, old, self._weight_norms[index])
 
-    def after_optimizer_step(
-        self, optimizer: torch.optim.Optimizer, also_sum: dict[int, torch.Tensor] | None = None
-    ) -> dict[int, float]:
-        """The update norms of this optimizer's parameters. ``also_sum``: tensors (by parameter
-        index; same size and dtype as the parameter) whose plain sums the same pass should
-        read where the CPU kernels run (Adam's ``exp_avg_sq``); returns the sums it read."""
+    def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         entry = self._before.get(id(optimizer))
         if self._collector is None or entry is None or not entry[0]:
-            return {}
+            return
         which, old, old_norm = entry
         new = [local_tensor(self.params[i].detach()) for i in which]
-        summed: dict[int, float] = {}
-        extra = [(also_sum or {}).get(i) for i in which]
-        if not host_params.usable(new, old, extra):
-            extra = [None] * len(which)
-        if host_params.usable(new, old):  # one read of each, the difference never written
-            sums = host_params.update_sums(new, old, extra, keep=self._keep)
-            delta_norm = torch.from_numpy(np.sqrt(sums[:, 0]))
-            if self._keep:  # the copy now holds the new weights: the next step's "before"
-                self._kept[id(optimizer)] = KeptCopies.taken(which, new, old, sums[:, 1])
-            summed = {i: float(sums[k, 2]) for k, i in enumerate(which) if extra[k] is not None}
+        if host_params.usable(new, old) and self._keep:  # the copy becomes the next step's
+            squares = host_params.advance(new, old)
+            delta_norm = torch.from_numpy(np.sqrt(squares[:, 0]))
+            self._kept[id(optimizer)] = KeptCopies.taken(which, new, old, squares[:, 1])
+        elif host_params.usable(new, old):  # one read of each, the difference never written
+            delta_norm = torch.from_numpy(np.sqrt(host_params.difference_squares(new, old)))
         else:
             torch._foreach_sub_(old, new)  # old - new, in place
             delta_norm = _norms(old)
@@ -205,7 +196,6 @@ class ParameterProbe:
                 rows.emit(_TRAIN, codes, 0, "update_ratio", delta / base)
 
         self._collector.add(torch.stack((delta_norm.double(), old_norm.double())), decode)
-        return summed
 
     def release(self) -> None:
         """Free the kept copy buffers (the recorder is closing)."""

@@ -109,19 +109,9 @@ class StructureProbes:
     def detach(self) -> None:
         self.listeners.detach()
 
-    def after_optimizer_step(
-        self,
-        optimizer: torch.optim.Optimizer,
-        update_pass: Callable[[dict[int, torch.Tensor]], dict[int, float]],
-    ) -> None:
-        """``update_pass(tensors)``: the parameter probe's post-step pass, which also sums the
-        given tensors (by parameter index) where it can, and returns those sums."""
-        if self.adam is None:
-            update_pass({})
-            return
-        states = self.adam.states(optimizer)
-        sums = update_pass({i: v for i, (_, _, v) in states.items()})
-        self.adam.after_optimizer_step(optimizer, states, sums)
+    def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.adam is not None:
+            self.adam.after_optimizer_step(optimizer)
 
     def end_step(self, collector: Collector) -> None:
         # Listeners off before the model-update forward, which must not feed the probes.
