@@ -251,9 +251,7 @@ class Recorder:
     def _arm(self, step: int) -> None:
         probes = self.structure_probes
         if self.config.schedule.is_recorded(step):
-            self.parameters.begin_step(
-                self.collector, next_recorded=self.config.schedule.is_recorded(step + 1)
-            )
+            self.parameters.begin_step(self.collector)
             self.hooks.attach()
             if probes is not None:
                 probes.attach()

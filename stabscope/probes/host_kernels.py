@@ -66,7 +66,6 @@ def _build() -> bool:
         like, sizes = np.zeros(1, np.float32), np.array([8], np.int64)
         squares = param_kernels.SQUARES
         param_kernels.serial(addresses, none, none, like, squares, sizes, np.empty((1, 2)))
-        param_kernels.same_samples(addresses, addresses, like, sizes, 4)
         residual_kernels.serial(x, x, np.float32(1.0), False, 4, np.empty(residual_kernels.FIELDS))
         residual_kernels.token_correlation(x.reshape(1, 2, 4), np.arange(2), 1, 1)
         attention_kernels.entropy_and_max(

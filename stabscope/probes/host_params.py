@@ -7,8 +7,6 @@ one call per tensor. Here, for the whole parameter list at once:
 - ``squares_and_copy``: sums of squares of weights and gradients, filling the pre-step copies
   in the same read of the weights (weights are read once, gradients once, copies written once);
 - ``difference_squares``: sum of squares of weight minus copy after the step, nothing written;
-- ``advance``: the same and the new weights' squares, the copy then overwritten with the new
-  weights (kept for the next step's update when that step is recorded too);
 - ``totals``: plain sums (Adam's ``exp_avg_sq``, whose sum gives the rms of sqrt(v)).
 
 Measured on the sample GPT's 102 parameter tensors (4.9M values), caches flushed before each
@@ -73,27 +71,6 @@ def squares_and_copy(
 def difference_squares(weights: list[torch.Tensor], copies: list[torch.Tensor]) -> np.ndarray:
     """``(P,)``: sum of squares of ``weights[i] - copies[i]`` (the update, not materialised)."""
     return _run("DIFFERENCE", weights, copies=copies)[:, 0]
-
-
-def totals_of_squares(tensors: list[torch.Tensor]) -> np.ndarray:
-    """``(P,)``: the sum of squares of each tensor."""
-    none: list[torch.Tensor | None] = [None] * len(tensors)
-    return _run("SQUARES", tensors, none, none)[:, 0] if tensors else np.zeros(0)
-
-
-def advance(weights: list[torch.Tensor], copies: list[torch.Tensor]) -> np.ndarray:
-    """``(P, 2)``: sum of squares of ``weights[i] - copies[i]`` and of ``weights[i]``; then
-    ``copies[i]`` holds ``weights[i]``."""
-    return _run("ADVANCE", weights, copies=copies)
-
-
-def same_samples(weights: list[torch.Tensor], copies: list[torch.Tensor], count: int) -> bool:
-    """Whether ``count`` evenly spaced elements of each weight equal its copy's."""
-    from . import param_kernels as kernels
-
-    sizes = np.array([t.numel() for t in weights], np.int64)
-    like = np.zeros(1, _DTYPES[weights[0].dtype])
-    return bool(kernels.same_samples(_addresses(weights), _addresses(copies), like, sizes, count))
 
 
 def totals(tensors: list[torch.Tensor]) -> np.ndarray:

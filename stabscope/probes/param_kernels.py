@@ -27,9 +27,7 @@ GRAIN = 32768
 #: Kernel modes. SQUARES: sum of squares of each weight (copying it where a copy address is
 #: given) and of each gradient (where one is given). DIFFERENCE: sum of squares of weight minus
 #: copy, without writing the difference anywhere. TOTAL: plain sum of each first tensor.
-#: ADVANCE: sum of squares of weight minus copy and of the weight, then the weight written over
-#: the copy (whose lines the difference has just read, so the write costs no extra read).
-SQUARES, DIFFERENCE, TOTAL, ADVANCE = 0, 1, 2, 3
+SQUARES, DIFFERENCE, TOTAL = 0, 1, 2
 
 
 @intrinsic
@@ -69,19 +67,6 @@ def _difference_squares(x, y, zero):
 
 
 @_jit
-def _advance(x, y, zero):
-    d2 = zero
-    x2 = zero
-    for i in range(x.size):
-        v = x[i]
-        d = v - y[i]
-        d2 += d * d
-        x2 += v * v
-        y[i] = v
-    return d2, x2
-
-
-@_jit
 def _total(x, zero):
     s = zero
     for i in range(x.size):
@@ -112,7 +97,7 @@ def _chunk(first, second, copies, like, mode, param, lo, hi):
         end = min(start + BLOCK, hi)
         ahead = min(end + BLOCK, hi)  # the next block's lines, loaded while this one runs
         prefetch_block(a, end, ahead)
-        if mode in (DIFFERENCE, ADVANCE):
+        if mode == DIFFERENCE:
             prefetch_block(c, end, ahead)
         elif mode == SQUARES and with_b:
             prefetch_block(b, end, ahead)
@@ -120,10 +105,6 @@ def _chunk(first, second, copies, like, mode, param, lo, hi):
             s += _difference_squares(a[start:end], c[start:end], zero)
         elif mode == TOTAL:
             s += _total(a[start:end], zero)
-        elif mode == ADVANCE:
-            d2, x2 = _advance(a[start:end], c[start:end], zero)
-            s += d2
-            t += x2
         else:
             s += _squares(a[start:end], c[start:end], with_c, zero)
         if mode == SQUARES and with_b:
@@ -163,22 +144,3 @@ def parallel(first, second, copies, like, mode, sizes, parts, out):
     for part in numba.prange(parts):
         _pass(first, second, copies, like, mode, sizes, part, parts, partials[part])
     out[:] = partials.sum(axis=0)
-
-
-@numba.njit(boundscheck=False, nogil=True, cache=True)  # no fastmath: NaN compares must hold
-def same_samples(first, copies, like, sizes, count):
-    """Whether ``count`` evenly spaced elements of each first tensor (its first and last among
-    them) equal its copy's, bitwise for numbers, NaN matching NaN: a cheap check that a kept
-    copy still holds the weights. Each sample costs a cache (and TLB) miss: one every 64
-    elements measured 1.9 ms on the sample GPT, so the count per tensor is fixed."""
-    for i in range(sizes.size):
-        n = sizes[i]
-        if n == 0:
-            continue
-        a = _view(first[i], first[i], like, n)
-        c = _view(copies[i], first[i], like, n)
-        for k in range(count):
-            j = k * (n - 1) // max(count - 1, 1)
-            if a[j] != c[j] and not (a[j] != a[j] and c[j] != c[j]):
-                return False
-    return True

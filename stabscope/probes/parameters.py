@@ -19,7 +19,6 @@ from torch import nn
 from ..collector import Collector, Rows
 from ..distributed import local_tensor
 from . import host_params
-from .kept_copies import KeptCopies
 from .moments import MomentRows, decode_moments
 
 _TRAIN = "train"
@@ -56,31 +55,22 @@ class ParameterProbe:
         self.full = full
         self._measured = False
         self._before: dict[int, tuple[list[int], list[torch.Tensor], torch.Tensor]] = {}
-        self._keep = False
-        self._kept: dict[int, KeptCopies] = {}  # per optimizer, from the last post-step pass
         self._collector: Collector | None = None
 
-    def begin_step(self, collector: Collector, next_recorded: bool = False) -> None:
-        """A recorded step starts; ``next_recorded``: so will the next one (the post-step pass
-        then keeps its copy of the weights for it, see ``kept_copies``)."""
+    def begin_step(self, collector: Collector) -> None:
         self._collector = collector
         self._measured = False
-        self._keep = next_recorded
         self._before.clear()
 
     def _measure(
-        self,
-        collector: Collector,
-        copy_into: dict[int, torch.Tensor] | None = None,
-        known: KeptCopies | None = None,
+        self, collector: Collector, copy_into: dict[int, torch.Tensor] | None = None
     ) -> bool:
         """Weight norms of all parameters and gradient norms of those that have a gradient.
 
         ``copy_into`` maps a parameter's index to a buffer that should receive its weights
         before the optimizer step. Where the numba kernels apply (CPU, ``fast`` extra) the
         copies are made in the same read of the weights as their norms; returns whether they
-        were, else the caller copies. ``known``: copies kept from the previous step, still
-        equal to the weights, whose squares are taken instead of reading those weights.
+        were, else the caller copies.
         """
         self._measured = True
         if not self.params:
@@ -94,16 +84,7 @@ class ParameterProbe:
         for i, buffer in (copy_into or {}).items():
             copies[i] = buffer
         copied = host_params.usable(weights, grads, copies)
-        if known is not None and host_params.usable(weights, grads):
-            squares = np.empty(len(weights))
-            squares[known.which] = known.squares
-            unknown = sorted(set(range(len(weights))) - set(known.which))
-            if unknown:  # parameters the optimizer does not own: read
-                squares[unknown] = host_params.totals_of_squares([weights[i] for i in unknown])
-            grad_squares = host_params.totals_of_squares([grads[i] for i in with_grad])
-            self._weight_norms = torch.from_numpy(np.sqrt(squares))
-            grad_norms = torch.from_numpy(np.sqrt(grad_squares))
-        elif copied:
+        if copied:
             norms = torch.from_numpy(np.sqrt(host_params.squares_and_copy(weights, grads, copies)))
             self._weight_norms, grad_norms = norms[:, 0], norms[with_grad, 1]
         else:
@@ -150,18 +131,12 @@ class ParameterProbe:
         owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
         which = [i for i, p in enumerate(self.params) if id(p) in owned]
         params = [local_tensor(self.params[i].detach()) for i in which]
-        kept = self._kept.pop(id(optimizer), None)
-        if kept is not None and kept.hold(which, params):
-            old, copied = kept.buffers, True
-            if not self._measured:
-                self._measure(collector, known=kept)
-        else:
-            old = self._buffers.get(id(optimizer))
-            if old is None or len(old) != len(params):
-                old = [torch.empty_like(p) for p in params]
-            copied = False
-            if not self._measured:
-                copied = self._measure(collector, dict(zip(which, old)))
+        old = self._buffers.get(id(optimizer))
+        if old is None or len(old) != len(params):
+            old = [torch.empty_like(p) for p in params]
+        copied = False
+        if not self._measured:
+            copied = self._measure(collector, dict(zip(which, old)))
         if which and self._weight_norms is not None:
             if not copied:
                 torch._foreach_copy_(old, params)
@@ -174,11 +149,7 @@ class ParameterProbe:
             return
         which, old, old_norm = entry
         new = [local_tensor(self.params[i].detach()) for i in which]
-        if host_params.usable(new, old) and self._keep:  # the copy becomes the next step's
-            squares = host_params.advance(new, old)
-            delta_norm = torch.from_numpy(np.sqrt(squares[:, 0]))
-            self._kept[id(optimizer)] = KeptCopies.taken(which, new, old, squares[:, 1])
-        elif host_params.usable(new, old):  # one read of each, the difference never written
+        if host_params.usable(new, old):  # one read of each, the difference never written
             delta_norm = torch.from_numpy(np.sqrt(host_params.difference_squares(new, old)))
         else:
             torch._foreach_sub_(old, new)  # old - new, in place
@@ -200,7 +171,6 @@ class ParameterProbe:
     def release(self) -> None:
         """Free the kept copy buffers (the recorder is closing)."""
         self._buffers.clear()
-        self._kept.clear()
         self._before.clear()
         self._weight_norms = None
 
