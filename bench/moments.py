@@ -3,7 +3,7 @@
     python bench/moments.py              # torch's default threads
     python bench/moments.py --threads 1
 
-Three tables:
+Four tables:
   hot          one tensor's moments, ``host_moments_into`` (sum, sum of squares and absmax in
                one pass) against ``moment_scalars`` (``sum``, ``dot``, ``amin``/``amax`` or
                ``aminmax``), on the same float32 tensor, hot in cache: the kernels' own speed;
@@ -11,7 +11,12 @@ Three tables:
                pages), in GB/s: the regime of a training step's tensors;
   parameters   the parameter probe's passes over the sample GPT's parameters (6 layers,
                d=256; 102 tensors, 4.9M values), caches flushed before each: weight and gradient
-               norms plus the pre-step copy, and the update norm after the step.
+               norms plus the pre-step copy, and the update norm after the step;
+  probes       one call of the structure probes' kernels on the sample GPT's shapes, hot, each
+               against the torch path it replaces (numba switched off in the same process): a
+               residual branch's statistics (batch 8 x 128 tokens x 256) and the attention
+               sample of one SDPA call (2 of 8 sequences, 16 of 128 queries, 4 heads of 64, q
+               and k transposed views of (B, T, H, E) projections, causal).
 ``bench/overhead.py`` measures what all of it adds to a real step.
 """
 
@@ -27,8 +32,10 @@ import numpy as np
 import torch
 
 from stabscope.probes import host_kernels, host_moments
+from stabscope.probes.attention import AttentionSampling, sdpa_sample
 from stabscope.probes.host_params import difference_squares, squares_and_copy
 from stabscope.probes.moments import moment_scalars
+from stabscope.probes.residual import branch_stats
 from stabscope.script import ScriptConfig
 
 
@@ -86,6 +93,27 @@ def parameter_passes(repeats: int) -> None:
         print(f"| {name} | {reference:.2f} ms | {kernel:.2f} ms | {reference / kernel:.2f}x |")
 
 
+def probe_calls(repeats: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    x, f = torch.randn(8, 128, 256, generator=g), torch.randn(8, 128, 256, generator=g)
+    q, k = (torch.randn(8, 128, 4, 64, generator=g).transpose(1, 2) for _ in range(2))
+    sampling = AttentionSampling()
+    rows = [
+        ("residual branch statistics", lambda: branch_stats(x, f, 1.0)),
+        ("attention sample (SDPA, causal)", lambda: sdpa_sample(q, k, None, True, None, sampling)),
+    ]
+    print("\n| probe call (hot) | torch path | numba | speed-up |")
+    print("|---|---|---|---|")
+    for name, fn in rows:
+        kernel = median_us(fn, repeats)
+        host_kernels.AVAILABLE = False  # the torch path, in the same process
+        try:
+            reference = median_us(fn, repeats)
+        finally:
+            host_kernels.AVAILABLE = True
+        print(f"| {name} | {reference:.1f} µs | {kernel:.1f} µs | {reference / kernel:.2f}x |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
@@ -106,6 +134,7 @@ def main() -> None:
         print(f"| {size:,} | {reference:.1f} µs | {kernel:.1f} µs | {reference / kernel:.2f}x |")
     from_memory(out)
     parameter_passes(max(10, args.repeats // 10))
+    probe_calls(args.repeats)
 
 
 if __name__ == "__main__":

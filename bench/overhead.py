@@ -7,6 +7,8 @@
 Identical model copies train side by side, interleaved in rounds so that drift in machine
 speed hits every mode alike; the order within a round rotates from round to round. Modes:
   plain            no recorder
+  plain-b          a second uninstrumented copy: how far two identical copies differ, the
+                   noise floor of every ratio here (copies differ in memory placement)
   cheap            every step recorded, cheap preset (forward moments, parameter norms)
   core             every step: forward and gradient moments, parameter and gradient norms,
                    update ratios (standard without the structure-aware probes)
@@ -17,7 +19,10 @@ speed hits every mode alike; the order within a round rotates from round to roun
   unrecorded       recorder attached, but the step is not on the schedule
   schedule         standard preset, default schedule, mean over the first --schedule-steps
 Reported: median step time per mode and its ratio to plain; for the default schedule, the
-mean step time over the whole stretch (recorded and unrecorded steps together).
+mean step time over the whole stretch (recorded and unrecorded steps together). The attention
+probe's share is measured on the standard mode's own model (steps alternating in pairs with
+the probe on and off): two model copies differ by up to ~2% on their own, more than the
+probe costs.
 """
 
 from __future__ import annotations
@@ -37,11 +42,13 @@ import gpt
 
 from stabscope import Recorder, RecorderConfig, Schedule
 from stabscope.probes import host_kernels
+from stabscope.probes.attention import AttentionProbe
 from stabscope.script import ScriptConfig
 
 EVERY = Schedule(dense=10**9)
 MODES = {
     "plain": None,
+    "plain-b": None,
     "cheap": RecorderConfig(preset="cheap", schedule=EVERY),
     "core": RecorderConfig(schedule=EVERY, structure_probes=False),
     "standard-noattn": RecorderConfig(schedule=EVERY, attn_queries=0),
@@ -57,6 +64,21 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def attention_paired(rec: Recorder, step, args: argparse.Namespace) -> tuple[float, float]:
+    """The attention probe's cost on one model and recorder: steps alternate in pairs between
+    the probe on and off (``AttentionProbe.enabled``), so both sides share the model's memory
+    placement, which two model copies do not. Returns (median on - median off, its share)."""
+    probe = next(p for p in rec.structure_probes.probes if isinstance(p, AttentionProbe))
+    on: list[float] = []
+    off: list[float] = []
+    for i in range(2 * args.rounds * args.steps_per_round):
+        probe.enabled = (i // 2) % 2 == 0
+        (on if probe.enabled else off).append(step(rec))
+    probe.enabled = True
+    extra = statistics.median(on) - statistics.median(off)
+    return extra, extra / statistics.median(off)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--depth", type=int, default=6)
@@ -66,7 +88,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--steps-per-round", type=int, default=4)
     ap.add_argument("--schedule-steps", type=int, default=500)
-    ap.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of modes")
+    ap.add_argument(
+        "--modes",
+        default=",".join(m for m in MODES if m != "plain-b"),
+        help="comma-separated subset of modes (default: all but plain-b)",
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     args = ap.parse_args()
@@ -134,6 +160,9 @@ def main() -> None:
         # takes every position equally often.
         for m in modes[r % len(modes) :] + modes[: r % len(modes)]:
             times[m] += [steps[m](recs[m]) for _ in range(args.steps_per_round)]
+    paired = (
+        attention_paired(recs["standard"], steps["standard"], args) if "standard" in recs else None
+    )
     for rec in recs.values():
         if rec is not None:
             rec.close()
@@ -154,8 +183,14 @@ def main() -> None:
         extra = statistics.median(times["standard"]) - statistics.median(times["standard-noattn"])
         share = extra / statistics.median(times["standard-noattn"])
         print(
-            f"| attention probe, share of a recorded standard step | {extra * 1e3:.2f} ms | "
+            f"| standard minus standard-noattn (two model copies) | {extra * 1e3:.2f} ms | "
             f"{share:+.1%} |"
+        )
+    if paired is not None:
+        extra, share = paired
+        print(
+            f"| attention probe, share of a recorded standard step (paired, one model) | "
+            f"{extra * 1e3:.2f} ms | {share:+.1%} |"
         )
     if args.schedule_steps:
         # Default schedule over a stretch of steps, against plain steps interleaved with it.

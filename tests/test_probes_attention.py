@@ -332,3 +332,29 @@ def test_a_forward_that_raises_leaves_nothing_patched(tmp_path):
     assert F.scaled_dot_product_attention is original
     assert F.multi_head_attention_forward.__module__ == "torch.nn.functional"
     assert set(stabscope.load_run(tmp_path, metrics="attn_entropy").step) == {1, 2}
+
+
+def test_switching_the_probe_off_between_steps(tmp_path):
+    """``enabled = False`` leaves a step without attention rows (and unintercepted), the rest
+    of the step recorded; switched back on, the same attention is sampled as before."""
+    from stabscope.probes.attention import AttentionProbe
+
+    model, batch, sample = gpt("sdpa")
+    seen = watch_modes(model)
+    forward = lambda m: sample.loss(m, batch)  # noqa: E731
+    with stabscope.Recorder(model, tmp_path, schedule=Schedule(3, 0), forward=forward) as rec:
+        probe = next(p for p in rec.structure_probes.probes if isinstance(p, AttentionProbe))
+        for enabled in (True, False, True):
+            probe.enabled = enabled
+            forward(model).backward()
+            rec.step()
+    assert seen[-6:] == [True, True, False, False, False, False]
+    df = stabscope.load_run(tmp_path)
+    attention = df[df.metric.astype(str).str.startswith("attn_")]
+    assert set(attention.step) == {0, 2}
+    assert set(df[df.metric == "res_ratio"].step) == {0, 1, 2}
+    by_step = [
+        g.sort_values(["module", "metric", "index"]).value.to_numpy()
+        for _, g in attention.groupby("step")
+    ]
+    np.testing.assert_array_equal(by_step[0], by_step[1])

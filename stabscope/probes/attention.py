@@ -230,6 +230,10 @@ def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | N
 class AttentionProbe:
     """Samples every attention call inside each attention module's training forward."""
 
+    #: Set to False between steps to stop sampling (and intercepting) until set back; the
+    #: overhead bench measures the probe's share of a step this way, on one model.
+    enabled = True
+
     def __init__(
         self,
         modules: dict[str, nn.Module],
@@ -244,11 +248,21 @@ class AttentionProbe:
         self._results: list[tuple[int, int, torch.Tensor]] = []  # (module code, call, (H, 2))
         for name, module in modules.items():
             code = codes[name]
-            listeners.add(
-                module,
-                pre=lambda m, a, k, c=code: self.routes.enter(c),
-                post=lambda m, a, k, o, c=code: self.routes.exit(c),
-            )
+            listeners.add(module, pre=self._pre_hook(code), post=self._post_hook(code))
+
+    def _pre_hook(self, code: int) -> Any:
+        def enter(module: nn.Module, args: Any, kwargs: Any) -> None:
+            if self.enabled:
+                self.routes.enter(code)
+
+        return enter
+
+    def _post_hook(self, code: int) -> Any:
+        def exit_(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+            if self.enabled:
+                self.routes.exit(code)
+
+        return exit_
 
     @property
     def errors(self) -> list[str]:
