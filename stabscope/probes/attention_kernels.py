@@ -26,44 +26,65 @@ import numpy as np
 _REORDER_SUMS = {"reassoc", "contract"}
 
 
-@numba.njit(boundscheck=False, nogil=True, cache=True, error_model="numpy")
+_jit = numba.njit(boundscheck=False, nogil=True, cache=True, error_model="numpy")
+
+
+@_jit
+def _add_row(kept, m, typed, acc):
+    # One query's logits over its m allowed keys, kept[:m], into the head's running
+    # acc = [Σ normalised entropy, rows counted, max |logit|, any NaN]. The entropy is
+    # log Z − Σ p·(l − max), over log m; rows with fewer than two keys carry none.
+    top = typed[1]
+    peak = acc[2]  # locals in the loop: acc may alias kept as far as LLVM knows
+    saw_nan = False
+    for j in range(m):
+        v = kept[j]
+        saw_nan = saw_nan or math.isnan(v)  # NaN makes both results NaN, as in torch
+        top = v if v > top else top
+        peak = max(peak, abs(float(v)))
+    acc[2] = peak
+    if saw_nan:
+        acc[3] = 1.0
+    if m < 2:
+        return
+    z = 0.0
+    weighted = 0.0
+    for j in range(m):
+        d = kept[j] - top
+        weight = math.exp(d)
+        z += weight
+        weighted += weight * d
+    acc[0] += (math.log(z) - weighted / z) / math.log(m)
+    acc[1] += 1.0
+
+
+@_jit
+def _write_head(acc, out, h):
+    # out[h] <- [mean normalised entropy, max |logit|], both NaN if a logit was; acc reset.
+    out[h, 0] = np.nan if acc[3] else acc[0] / max(acc[1], 1.0)
+    out[h, 1] = np.nan if acc[3] else acc[2]
+    acc[:] = 0.0
+
+
+@_jit
 def entropy_and_max(logits, allowed, out):
     """logits (b, H, q, S) float32/64 and allowed (b, H, q, S) bool, both contiguous;
     out (H, 2) float64 <- [mean normalised entropy over the rows with at least two allowed
     keys, max |logit| over the allowed entries (0 if none)]."""
     b, heads, rows, keys = logits.shape
+    typed = np.array([0.0, -np.inf], logits.dtype)
+    kept = np.empty(keys, logits.dtype)  # one row's allowed logits
+    acc = np.zeros(4)
     for h in range(heads):
-        total = 0.0
-        counted = 0
-        peak = 0.0
-        saw_nan = False  # a NaN logit makes both NaN, as torch's softmax and amax do
         for i in range(b):
             for r in range(rows):
-                row, ok = logits[i, h, r], allowed[i, h, r]
-                top = -np.inf
-                n = 0
+                m = 0
                 for s in range(keys):
-                    if ok[s]:
-                        v = float(row[s])
-                        saw_nan = saw_nan or math.isnan(v)
-                        n += 1
-                        top = max(top, v)
-                        peak = max(peak, abs(v))
-                if n < 2:
-                    continue  # one key (or none): no choice to measure
-                z = 0.0
-                weighted = 0.0
-                for s in range(keys):
-                    if ok[s]:
-                        d = float(row[s]) - top
-                        e = math.exp(d)
-                        if e > 0.0:  # a -inf logit weighs nothing (0·log 0 = 0)
-                            z += e
-                            weighted += e * d
-                total += (math.log(z) - weighted / z) / math.log(n)
-                counted += 1
-        out[h, 0] = np.nan if saw_nan else total / max(counted, 1)
-        out[h, 1] = np.nan if saw_nan else peak
+                    if allowed[i, h, r, s]:
+                        kept[m] = logits[i, h, r, s]
+                        m += 1
+                _add_row(kept, m, typed, acc)
+        _write_head(acc, out, h)
 
 
 @numba.njit(boundscheck=False, nogil=True, cache=True, error_model="numpy", fastmath=_REORDER_SUMS)
@@ -89,11 +110,8 @@ def sampled_entropy_and_max(q, k, rows, causal, scale, allowed, bias, floor, out
     kbuf = np.empty((span, width), q.dtype)  # one (batch, kv head)'s keys, contiguous
     qrow = np.empty(width, q.dtype)
     kept = np.empty(span, q.dtype)  # one query's logits over its allowed keys
+    acc = np.zeros(4)
     for h in range(heads):
-        total = 0.0
-        counted = 0
-        peak = 0.0
-        saw_nan = False
         for i in range(b):
             kh = k[i, h // group]
             for s in range(span):
@@ -111,27 +129,10 @@ def sampled_entropy_and_max(q, k, rows, causal, scale, allowed, bias, floor, out
                         continue
                     if has_bias and not (floor < add < np.inf):
                         continue
-                    acc = typed[0]
+                    dot = typed[0]
                     for e in range(width):
-                        acc += qrow[e] * kbuf[s, e]
-                    kept[m] = acc + add
+                        dot += qrow[e] * kbuf[s, e]
+                    kept[m] = dot + add
                     m += 1
-                top = typed[1]
-                for j in range(m):
-                    v = kept[j]
-                    saw_nan = saw_nan or math.isnan(v)
-                    top = v if v > top else top
-                    peak = max(peak, abs(float(v)))
-                if m < 2:
-                    continue  # one key (or none): no choice to measure
-                z = 0.0
-                weighted = 0.0
-                for j in range(m):
-                    d = kept[j] - top
-                    weight = math.exp(d)
-                    z += weight
-                    weighted += weight * d
-                total += (math.log(z) - weighted / z) / math.log(m)
-                counted += 1
-        out[h, 0] = np.nan if saw_nan else total / max(counted, 1)
-        out[h, 1] = np.nan if saw_nan else peak
+                _add_row(kept, m, typed, acc)
+        _write_head(acc, out, h)
