@@ -4,6 +4,7 @@ attention, each against probabilities written out with an explicit softmax."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import numpy as np
@@ -182,6 +183,37 @@ def test_hf_llama_sdpa_matches_eager(tmp_path):
         df = record(model, tmp_path / impl, lambda m, ids=ids: m(input_ids=ids, labels=ids).loss)
         values.append(df.sort_values(["module", "metric", "index"]).reset_index(drop=True))
     assert len(values[0]) == 2 * 2 * 4
+    np.testing.assert_allclose(values[0].value, values[1].value, rtol=1e-5, atol=1e-5)
+
+
+def test_hf_t5_sdpa_matches_eager(tmp_path):
+    """T5 passes its learned relative position bias to SDPA as the additive mask (a tensor
+    that requires grad); every attention module of encoder and decoder is sampled."""
+    transformers = pytest.importorskip("transformers")
+    values = []
+    for impl in ("sdpa", "eager"):
+        torch.manual_seed(0)
+        config = transformers.T5Config(
+            num_layers=2,
+            num_decoder_layers=2,
+            d_model=32,
+            d_kv=8,
+            num_heads=4,
+            d_ff=64,
+            vocab_size=50,
+            dropout_rate=0.0,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            attn_implementation=impl,
+        )
+        model = transformers.T5ForConditionalGeneration(config)
+        ids = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(1))
+        df = record(model, tmp_path / impl, lambda m, ids=ids: m(input_ids=ids, labels=ids).loss)
+        values.append(df.sort_values(["module", "metric", "index"]).reset_index(drop=True))
+        meta = json.loads((tmp_path / impl / "meta.json").read_text())
+        assert "probe_errors" not in meta
+    # 2 encoder self-attentions, 2 decoder self- and 2 cross-attentions; 4 heads, 2 metrics
+    assert len(values[0]) == len(values[1]) == 6 * 4 * 2
     np.testing.assert_allclose(values[0].value, values[1].value, rtol=1e-5, atol=1e-5)
 
 

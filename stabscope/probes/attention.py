@@ -121,7 +121,8 @@ def sdpa_sample(
     s = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     mask = None
     if attn_mask is not None:  # (b, H, L, S) view, zero strides where broadcast
-        mask = attn_mask.expand(q.shape[0], heads, length, source)[:b]
+        # detach: an additive mask can be learned (T5's relative position bias).
+        mask = attn_mask.detach().expand(q.shape[0], heads, length, source)[:b]
     if _sampled_on_host(q, k, mask):
         return _host_sample(q[:b], k[:b], mask, is_causal, s, sampling.queries)
     qi, allowed = _sample_layout(length, source, sampling.queries, is_causal, q.device)
@@ -223,7 +224,7 @@ def mha_sample(bound: dict[str, Any], sampling: AttentionSampling) -> torch.Tens
 
 def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     if mask is None or mask.dtype != torch.bool:
-        return mask
+        return None if mask is None else mask.detach()
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, -math.inf)
 
 
