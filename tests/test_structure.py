@@ -91,6 +91,20 @@ def test_torch_transformer_has_two_stacks():
     assert [br.position for br in s.branches if br.stack == "decoder"] == list(range(9))
 
 
+def test_padded_post_ln_encoder_is_traced_as_it_trains():
+    """nn.TransformerEncoder's default enable_nested_tensor=True: under no_grad in eval mode a
+    padding mask would turn the batch into nested tensors; discovery traces with gradients on,
+    as training runs, and finds every block."""
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 2)
+    pad = torch.zeros(2, 5, dtype=torch.bool)
+    pad[1, 3:] = True
+    s = discover(enc, lambda m: m(torch.randn(2, 5, 16), src_key_padding_mask=pad))
+    assert s.recognised and not s.notes
+    assert [b.placement for b in s.blocks] == ["post", "post"]
+    assert [br.kind for br in s.blocks[0].branches] == ["attention", "mlp"]
+
+
 transformers = pytest.importorskip("transformers")
 IDS = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
 

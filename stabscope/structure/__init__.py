@@ -22,17 +22,20 @@ def module_names(model: nn.Module) -> dict[int, str]:
 
 
 def discover(model: nn.Module, forward: Callable[[nn.Module], Any]) -> Structure:
-    """Run ``forward(model)`` once (eval mode, no grad, RNG state restored) and detect.
+    """Run ``forward(model)`` once (eval mode, RNG state restored) and detect.
 
     Eval mode keeps dropout and batch-norm statistics out of the way; the model's mode and
-    the global RNG state are restored afterwards, so training is unaffected.
+    the global RNG state are restored afterwards, so training is unaffected. Gradients stay
+    enabled, as in training: under ``no_grad`` in eval mode ``nn.TransformerEncoder`` takes
+    its inference fast path, which turns a padded batch into nested tensors (no shapes to
+    trace) and runs fused kernels the training forward never calls.
     """
     was_training = model.training
     try:
         model.eval()
         with (
             torch.random.fork_rng(devices=_cuda_devices(model)),
-            torch.no_grad(),
+            torch.enable_grad(),
             capture(model) as trace,
         ):
             forward(model)
