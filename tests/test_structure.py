@@ -93,8 +93,8 @@ def test_torch_transformer_has_two_stacks():
 
 def test_padded_post_ln_encoder_is_traced_as_it_trains():
     """nn.TransformerEncoder's default enable_nested_tensor=True: under no_grad in eval mode a
-    padding mask would turn the batch into nested tensors; discovery traces with gradients on,
-    as training runs, and finds every block."""
+    padding mask would turn the batch into nested tensors; discovery turns torch's inference
+    fast path off while it traces (and back on after), and finds every block."""
     torch.manual_seed(0)
     enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 2)
     pad = torch.zeros(2, 5, dtype=torch.bool)
@@ -103,6 +103,7 @@ def test_padded_post_ln_encoder_is_traced_as_it_trains():
     assert s.recognised and not s.notes
     assert [b.placement for b in s.blocks] == ["post", "post"]
     assert [br.kind for br in s.blocks[0].branches] == ["attention", "mlp"]
+    assert torch.backends.mha.get_fastpath_enabled()
 
 
 transformers = pytest.importorskip("transformers")

@@ -5,7 +5,8 @@ structure = discover(model, lambda m: m(example_batch))
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -22,20 +23,21 @@ def module_names(model: nn.Module) -> dict[int, str]:
 
 
 def discover(model: nn.Module, forward: Callable[[nn.Module], Any]) -> Structure:
-    """Run ``forward(model)`` once (eval mode, RNG state restored) and detect.
+    """Run ``forward(model)`` once (eval mode, no grad, RNG state restored) and detect.
 
     Eval mode keeps dropout and batch-norm statistics out of the way; the model's mode and
-    the global RNG state are restored afterwards, so training is unaffected. Gradients stay
-    enabled, as in training: under ``no_grad`` in eval mode ``nn.TransformerEncoder`` takes
-    its inference fast path, which turns a padded batch into nested tensors (no shapes to
-    trace) and runs fused kernels the training forward never calls.
+    the global RNG state are restored afterwards, so training is unaffected. torch's
+    inference fast path for ``nn.MultiheadAttention`` and ``nn.TransformerEncoder`` is off
+    meanwhile: under ``no_grad`` in eval mode it would turn a padded batch into nested tensors
+    (no shapes to trace) and run fused kernels that the training forward never calls.
     """
     was_training = model.training
     try:
         model.eval()
         with (
             torch.random.fork_rng(devices=_cuda_devices(model)),
-            torch.enable_grad(),
+            torch.no_grad(),
+            _without_inference_fastpath(),
             capture(model) as trace,
         ):
             forward(model)
@@ -52,6 +54,20 @@ def from_trace(model: nn.Module, trace: Trace) -> Structure:
         return detect(unwrap_model(model), trace, module_names(model))
     except Exception as err:  # detection is best effort: unknown beats a crash
         return unrecognised(f"structure detection failed: {type(err).__name__}: {err}")
+
+
+@contextlib.contextmanager
+def _without_inference_fastpath() -> Iterator[None]:
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+        yield
+        return
+    was = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(was)
 
 
 def _cuda_devices(model: nn.Module) -> list[int]:
