@@ -164,57 +164,50 @@ def test_multihead_attention_with_padding(tmp_path):
     np.testing.assert_allclose(df.value, ent.mean((0, 2)).numpy(), atol=1e-5)
 
 
-def test_hf_llama_sdpa_matches_eager(tmp_path):
-    transformers = pytest.importorskip("transformers")
+def sdpa_and_eager(tmp_path, model_class, config_class, **config):
+    """Attention rows of an HF model from a seeded tiny config, recorded with HF's sdpa and
+    eager attention, one step each, sorted alike; no probe errors in either."""
+    ids = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(1))
     values = []
     for impl in ("sdpa", "eager"):
         torch.manual_seed(0)
-        config = transformers.LlamaConfig(
-            num_hidden_layers=2,
-            hidden_size=32,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=64,
-            vocab_size=50,
-            attn_implementation=impl,
-        )
-        model = transformers.LlamaForCausalLM(config)
-        ids = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(1))
-        df = record(model, tmp_path / impl, lambda m, ids=ids: m(input_ids=ids, labels=ids).loss)
+        model = model_class(config_class(vocab_size=50, attn_implementation=impl, **config))
+        df = record(model, tmp_path / impl, lambda m: m(input_ids=ids, labels=ids).loss)
         values.append(df.sort_values(["module", "metric", "index"]).reset_index(drop=True))
-    assert len(values[0]) == 2 * 2 * 4
+        assert "probe_errors" not in json.loads((tmp_path / impl / "meta.json").read_text())
     np.testing.assert_allclose(values[0].value, values[1].value, rtol=1e-5, atol=1e-5)
+    return values
+
+
+def test_hf_llama_sdpa_matches_eager(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    llama = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64)
+    sdpa, _ = sdpa_and_eager(
+        tmp_path,
+        transformers.LlamaForCausalLM,
+        transformers.LlamaConfig,
+        num_key_value_heads=2,
+        **llama,
+    )
+    assert len(sdpa) == 2 * 2 * 4
 
 
 def test_hf_t5_sdpa_matches_eager(tmp_path):
     """T5 passes its learned relative position bias to SDPA as the additive mask (a tensor
     that requires grad); every attention module of encoder and decoder is sampled."""
     transformers = pytest.importorskip("transformers")
-    values = []
-    for impl in ("sdpa", "eager"):
-        torch.manual_seed(0)
-        config = transformers.T5Config(
-            num_layers=2,
-            num_decoder_layers=2,
-            d_model=32,
-            d_kv=8,
-            num_heads=4,
-            d_ff=64,
-            vocab_size=50,
-            dropout_rate=0.0,
-            decoder_start_token_id=0,
-            pad_token_id=0,
-            attn_implementation=impl,
-        )
-        model = transformers.T5ForConditionalGeneration(config)
-        ids = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(1))
-        df = record(model, tmp_path / impl, lambda m, ids=ids: m(input_ids=ids, labels=ids).loss)
-        values.append(df.sort_values(["module", "metric", "index"]).reset_index(drop=True))
-        meta = json.loads((tmp_path / impl / "meta.json").read_text())
-        assert "probe_errors" not in meta
+    t5 = dict(num_layers=2, num_decoder_layers=2, d_model=32, d_kv=8, num_heads=4, d_ff=64)
+    sdpa, eager = sdpa_and_eager(
+        tmp_path,
+        transformers.T5ForConditionalGeneration,
+        transformers.T5Config,
+        dropout_rate=0.0,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        **t5,
+    )
     # 2 encoder self-attentions, 2 decoder self- and 2 cross-attentions; 4 heads, 2 metrics
-    assert len(values[0]) == len(values[1]) == 6 * 4 * 2
-    np.testing.assert_allclose(values[0].value, values[1].value, rtol=1e-5, atol=1e-5)
+    assert len(sdpa) == len(eager) == 6 * 4 * 2
 
 
 def test_attention_probe_leaves_outputs_unchanged(tmp_path):
