@@ -383,3 +383,24 @@ def test_switching_the_probe_off_between_steps(tmp_path):
         for _, g in attention.groupby("step")
     ]
     np.testing.assert_array_equal(by_step[0], by_step[1])
+
+
+def test_an_error_inside_the_probe_is_reported_not_raised(tmp_path, monkeypatch):
+    """A sample that fails leaves the forward running and the rest recorded; meta.json lists
+    the error once with its count (2 layers x 3 steps)."""
+    from stabscope.probes import attention
+
+    def broken(*args, **kwargs):
+        raise ValueError("broken sample")
+
+    monkeypatch.setattr(attention, "sdpa_sample", broken)
+    model, batch, sample = gpt("sdpa")
+    forward = lambda m: sample.loss(m, batch)  # noqa: E731
+    with stabscope.Recorder(model, tmp_path, schedule=Schedule(3, 0), forward=forward) as rec:
+        for _ in range(3):
+            forward(model).backward()
+            rec.step()
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["probe_errors"] == ["ValueError: broken sample (x6)"]
+    metrics = set(stabscope.load_run(tmp_path).metric.astype(str))
+    assert "res_ratio" in metrics and not {m for m in metrics if m.startswith("attn_")}

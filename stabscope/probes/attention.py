@@ -266,7 +266,7 @@ class AttentionProbe:
         return exit_
 
     @property
-    def errors(self) -> list[str]:
+    def errors(self) -> dict[str, int]:
         return self.routes.errors
 
     def _sample(self, func: Any, args: Any, kwargs: Any, out: Any, patched: bool) -> bool:

@@ -37,6 +37,9 @@ Sampler = Callable[[Any, tuple, dict, Any, bool], bool]
 
 _MODE, _PATCH = "mode", "patch"
 
+#: Distinct error messages kept (each with its count).
+MAX_ERRORS = 10
+
 
 class _Mode(TorchFunctionMode):
     def __init__(self, routes: AttentionRoutes) -> None:
@@ -60,7 +63,9 @@ class AttentionRoutes:
 
     def __init__(self, sample: Sampler) -> None:
         self.sample = sample
-        self.errors: list[str] = []
+        # Distinct error messages caught while sampling, with how often each occurred: a
+        # failing sample fails at every call of every step, so only the first few are kept.
+        self.errors: dict[str, int] = {}
         self._route: dict[int, str] = {}  # module code -> _MODE or _PATCH, once decided
         self._active: list[tuple[int, _Mode | None, list[int]]] = []  # (code, mode, counts)
         self._saved: tuple[Any, Any] | None = None  # the attributes replaced, to restore
@@ -121,7 +126,9 @@ class AttentionRoutes:
             if self.sample(func, args, kwargs, out, patched):
                 self._active[-1][2][0 if patched else 1] += 1
         except Exception as err:  # a probe must never break the user's forward
-            self.errors.append(f"{type(err).__name__}: {err}")
+            message = f"{type(err).__name__}: {err}"
+            if message in self.errors or len(self.errors) < MAX_ERRORS:
+                self.errors[message] = self.errors.get(message, 0) + 1
 
     def _call_patched(self, which: int, func: Any, args: tuple, kwargs: dict) -> Any:
         original = self._saved[which] if self._saved is not None else func

@@ -99,12 +99,12 @@ class StructureProbes:
 
     def errors(self) -> list[str]:
         """Distinct errors a probe caught inside the user's forward (the forward went on), with
-        how often each occurred; for meta.json."""
-        seen: dict[str, int] = {}
-        for probe in self.probes:
-            for message in getattr(probe, "errors", []):
-                seen[message] = seen.get(message, 0) + 1
-        return [f"{message} (x{count})" for message, count in list(seen.items())[:10]]
+        how often each occurred (each probe keeps the first few); for meta.json."""
+        return [
+            f"{message} (x{count})"
+            for probe in self.probes
+            for message, count in getattr(probe, "errors", {}).items()
+        ]
 
     def detach(self) -> None:
         self.listeners.detach()
