@@ -398,8 +398,9 @@ class Recorder:
             host_syncs=self.host_syncs,
             cpu_moments=host_kernels.status(),
         )
-        if self.structure_probes is not None and self.structure_probes.errors():
-            self.meta["probe_errors"] = self.structure_probes.errors()
+        errors = self.structure_probes.errors() if self.structure_probes is not None else []
+        if errors:
+            self.meta["probe_errors"] = errors
         for code, entry in zip(self._module_codes, self.meta["modules"]):
             entry["forward_order"] = self._forward_order.get(code)
             entry.update(self.hooks.counts(code))

@@ -179,7 +179,7 @@ def _host_sample(
     elif mask is not None:
         bias = mask.numpy()
     out = np.empty((q.shape[1], 2))
-    floor = dtype(np.finfo(dtype).min / 2)  # additive masks' "never attend", as below
+    floor = dtype(np.finfo(dtype).min / 2)  # "never attend", as in _float_mask_allowed
     rows = _host_rows(q.shape[2], queries)
     sampled_entropy_and_max(qn, k.numpy(), rows, causal, dtype(scale), allowed, bias, floor, out)
     return torch.from_numpy(out)
