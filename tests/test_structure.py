@@ -65,13 +65,22 @@ def test_torch_encoder_decoder(norm_first):
     )
     s = discover(enc, lambda m: m(torch.randn(2, 5, 16)))
     assert [b.placement for b in s.blocks] == [placement] * 2
-    assert [br.kind for br in s.blocks[0].branches] == ["attention", "mlp"]
+    # The feed-forward branch is named by its output projection (linear2), not by the dropout
+    # whose output f is: that one is still what the probes hook.
+    assert [(br.name, br.output, br.kind) for br in s.blocks[1].branches] == [
+        ("layers.1.self_attn", "layers.1.dropout1", "attention"),
+        ("layers.1.linear2", "layers.1.dropout2", "mlp"),
+    ]
     assert s.blocks[0].attention[0].heads == 2
     dec = nn.TransformerDecoder(
         nn.TransformerDecoderLayer(16, 2, 32, batch_first=True, norm_first=norm_first), 2
     )
     s = discover(dec, lambda m: m(torch.randn(2, 5, 16), torch.randn(2, 7, 16)))
-    assert [br.kind for br in s.blocks[0].branches] == ["attention", "cross_attention", "mlp"]
+    assert [(br.name, br.kind) for br in s.blocks[0].branches] == [
+        ("layers.0.self_attn", "attention"),
+        ("layers.0.multihead_attn", "cross_attention"),
+        ("layers.0.linear2", "mlp"),
+    ]
     assert {br.placement for br in s.branches} == {placement}
 
 
@@ -134,10 +143,16 @@ def test_hf_bert_post_ln():
     )
     s = discover(model, lambda m: m(input_ids=IDS))
     assert [b.placement for b in s.blocks] == ["post", "post"]
-    kinds = [(br.kind, br.norm) for br in s.blocks[0].branches]
+    kinds = [(br.name, br.kind, br.norm) for br in s.blocks[0].branches]
     assert kinds == [
-        ("attention", "encoder.layer.0.attention.output.LayerNorm"),
-        ("mlp", "encoder.layer.0.output.LayerNorm"),
+        (
+            "encoder.layer.0.attention.self",
+            "attention",
+            "encoder.layer.0.attention.output.LayerNorm",
+        ),
+        # No one module covers BERT's feed-forward (intermediate + output.dense): its output
+        # projection names it, not the dropout after it.
+        ("encoder.layer.0.output.dense", "mlp", "encoder.layer.0.output.LayerNorm"),
     ]
 
 
@@ -155,6 +170,10 @@ def test_hf_llama_gqa():
     )
     s = discover(model, lambda m: m(input_ids=IDS))
     assert [b.placement for b in s.blocks] == ["pre", "pre"]
+    assert [br.name for br in s.blocks[0].branches] == [
+        "model.layers.0.self_attn",
+        "model.layers.0.mlp",
+    ]
     attn = s.blocks[0].attention[0]
     assert (attn.name, attn.heads, attn.kv_heads) == ("model.layers.0.self_attn", 4, 2)
     assert s.blocks[0].branches[0].norm == "model.layers.0.input_layernorm"

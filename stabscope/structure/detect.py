@@ -221,9 +221,9 @@ def _branch(
         name = attn[0].name
     elif mlp or sum(isinstance(c.module, nn.Linear) for c in covered) >= 2:
         kind = "mlp"
-        name = mlp[0].name if mlp else out_call.name
+        name = mlp[0].name if mlp else _last_projection(covered, out_call)
     else:
-        kind, name = "other", out_call.name
+        kind, name = "other", _last_projection(covered, out_call)
     if post_norm is not None:
         placement = "post" if abs(alpha - 1) < 1e-3 else "deepnorm"
         norm = post_norm.name
@@ -233,6 +233,22 @@ def _branch(
     return Branch(
         name, out_call.name, kind, placement, norm, round(alpha, 6), _stack_of(block.name)
     )
+
+
+def _last_projection(covered: list[Call], out_call: Call) -> str:
+    """The name of a branch no attention or MLP module covers: the last module with a weight
+    matrix that ran in it (the projection that writes f, e.g. ``linear2`` of torch's
+    ``TransformerEncoderLayer`` or ``output.dense`` of BERT), not the dropout or activation
+    after it whose output f is; ``out_call`` when the branch has no such module."""
+    weighted = [
+        c
+        for c in covered
+        if c.end <= out_call.end
+        and not is_norm(c.module)
+        and isinstance(getattr(c.module, "weight", None), torch.Tensor)
+        and c.module.weight.dim() >= 2
+    ]
+    return max(weighted, key=lambda c: c.end).name if weighted else out_call.name
 
 
 def detect(model: nn.Module, trace: Trace, names: dict[int, str]) -> Structure:

@@ -12,7 +12,8 @@ class Branch:
     """One residual branch: the stream x goes in, f comes out, and x' = α·x + f.
 
     ``output`` is the module whose output *is* f (hooked at run time); ``name`` is the module
-    that best stands for the branch (the attention or MLP module when one covers it).
+    that best stands for the branch: the attention or MLP module when one covers it, else the
+    last projection (weight matrix) in it, e.g. ``linear2`` of torch's transformer layers.
     """
 
     name: str
