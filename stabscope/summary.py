@@ -172,7 +172,7 @@ def probe_headlines(run_dir: str | Path) -> list[str]:
     metrics = {
         "attn_entropy": ("lowest attention entropy (normalised)", "min"),
         "attn_logit_max": ("largest attention logit", "max"),
-        "res_dependency": ("largest residual dependency Var f / Var(x+f)", "max"),
+        "res_dependency": ("largest residual dependency Var f / (Var x + Var f)", "max"),
         "token_corr": ("largest token correlation", "max"),
         "norm_input_rms": ("largest norm-input rms", "max"),
         "model_update": ("largest model update ||F_t - F_0||", "max"),

@@ -27,6 +27,7 @@ VALUES: dict[str, tuple[str, Callable[[int, int, int], float]]] = {
     "norm_input_rms": ("blocks.{i}.ln", lambda i, s, h: 1.0 + i),
     "res_ratio": ("blocks.{i}.attn", lambda i, s, h: 0.5 / (i + 1)),
     "res_dependency": ("blocks.{i}.attn", lambda i, s, h: 0.2),
+    "res_corr": ("blocks.{i}.attn", lambda i, s, h: -0.1 * i),
     "res_omega": ("blocks.{i}.attn", lambda i, s, h: 1.0 + i),
     "res_beta": ("blocks.{i}.attn", lambda i, s, h: 1.0 / (h + 1)),
     "attn_entropy": ("blocks.{i}.attn", lambda i, s, h: 0.9 - 0.1 * h - 0.01 * s),

@@ -72,7 +72,11 @@ def expected_metrics(net: Net, x: torch.Tensor, placement: str, alpha: float):
         triples = by_hand(net, x)
     var = lambda v: v.double().var(unbiased=False).item()  # noqa: E731
     ratio = [(f.norm(dim=-1) / h.norm(dim=-1)).mean().item() for h, f, _ in triples]
-    dependency = [var(f) / var(t) for _, f, t in triples]
+    # Admin's footnote-1 ratio with x and f independent: Var f / (α² Var x + Var f).
+    dependency = [var(f) / (alpha**2 * var(h) + var(f)) for h, f, _ in triples]
+    corr = [
+        np.corrcoef(h.double().reshape(-1), f.double().reshape(-1))[0, 1] for h, f, _ in triples
+    ]
     omega, w = [], 1.0
     for h, f, _ in triples:
         omega.append(w)
@@ -86,7 +90,7 @@ def expected_metrics(net: Net, x: torch.Tensor, placement: str, alpha: float):
         beta.append(weights / np.linalg.norm(weights))
         if placement != "pre":
             coefs = [c / math.sqrt(var(t)) for c in coefs]
-    return ratio, dependency, omega, beta
+    return ratio, dependency, corr, omega, beta
 
 
 @pytest.mark.parametrize(("placement", "alpha"), [("pre", 1.0), ("post", 1.0), ("post", 2.0)])
@@ -105,7 +109,7 @@ def test_residual_metrics_match_hand_computation(run_dir, placement, alpha):
     want_placement = "deepnorm" if alpha != 1.0 else placement
     assert {b["placement"] for b in meta["structure"]["blocks"]} == {want_placement}
     df = stabscope.load_run(run_dir, metrics="res_*", steps=0)
-    ratio, dependency, omega, beta = expected_metrics(reference, x, placement, alpha)
+    ratio, dependency, corr, omega, beta = expected_metrics(reference, x, placement, alpha)
 
     def series(metric):
         sub = df[df.metric == metric].copy()
@@ -114,6 +118,7 @@ def test_residual_metrics_match_hand_computation(run_dir, placement, alpha):
 
     np.testing.assert_allclose(series("res_ratio").value, ratio, rtol=1e-5)
     np.testing.assert_allclose(series("res_dependency").value, dependency, rtol=1e-4)
+    np.testing.assert_allclose(series("res_corr").value, corr, rtol=1e-3, atol=1e-5)
     # The residual probe also reports each norm's input (x for Pre-LN, α·x + f otherwise),
     # once per norm: the norm-input probe leaves these norms to it.
     norms = stabscope.load_run(run_dir, metrics="norm_input_rms", steps=0)
@@ -132,6 +137,71 @@ def test_residual_metrics_match_hand_computation(run_dir, placement, alpha):
         got = beta_rows[beta_rows.layer == i].value.to_numpy()
         np.testing.assert_allclose(got, row, rtol=1e-4)
         assert np.sum(got**2) == pytest.approx(1.0, rel=1e-5)
+
+
+class Scaled(nn.Module):
+    """f = c·x exactly: a bias-free linear map with weight c·I."""
+
+    def __init__(self, d: int, c: float) -> None:
+        super().__init__()
+        self.lin = nn.Linear(d, d, bias=False)
+        with torch.no_grad():
+            self.lin.weight.copy_(c * torch.eye(d))
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+class ScaledBlock(nn.Module):
+    def __init__(self, d: int, placement: str, c: float) -> None:
+        super().__init__()
+        self.placement = placement
+        self.ln = nn.LayerNorm(d, elementwise_affine=False, eps=1e-12)
+        self.f = Scaled(d, c)
+
+    def forward(self, x):
+        if self.placement == "pre":
+            return x + self.f(self.ln(x))
+        return self.ln(x + self.f(x))
+
+
+class ScaledNet(nn.Module):
+    def __init__(self, d: int, placement: str, cs: tuple[float, ...]) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(ScaledBlock(d, placement, c) for c in cs)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+@pytest.mark.parametrize("placement", ["pre", "post"])
+def test_dependency_is_a_share_when_the_branch_is_a_multiple_of_the_stream(run_dir, placement):
+    """Branches f = c·(stream) with an analytic answer. Block 0: f = −0.5·x, so the share
+    Var f / (Var x + Var f) is 0.25 / 1.25 = 0.2 and Corr[x, f] = −1, where Var f / Var(x + f)
+    = 0.25 / 0.25 would be 1 (and grows without bound as c → −1): no share of anything.
+    Block 1: f = +1·LN(stream): its stream is 0.5·x for Pre-LN (share 1 / 1.25 = 0.8), the
+    norm's output x for Post-LN (share 0.5); Corr = +1."""
+    d = 16
+    net = ScaledNet(d, placement, (-0.5, 1.0))
+    # Tokens already normalised (zero mean, unit variance over the hidden dimension), so a
+    # norm leaves them as they are and the first branch reads exactly the stream.
+    x = nn.functional.layer_norm(
+        torch.randn(4, 8, d, generator=torch.Generator().manual_seed(0)), (d,)
+    )
+    with stabscope.Recorder(net, run_dir, schedule=Schedule(1, 0), forward=lambda m: m(x)) as rec:
+        net(x)
+        rec.step()
+    meta = stabscope.read_meta(run_dir)
+    assert [b["placement"] for b in meta["structure"]["blocks"]] == [placement] * 2
+    df = stabscope.load_run(run_dir, metrics=["res_dependency", "res_corr"], steps=0)
+    got = df.pivot_table(index="module", columns="metric", values="value")
+    names = ["blocks.0.f.lin", "blocks.1.f.lin"]
+    assert sorted(got.index) == names
+    want_share = [0.2, 0.8 if placement == "pre" else 0.5]
+    np.testing.assert_allclose(got.loc[names, "res_dependency"], want_share, rtol=1e-5)
+    np.testing.assert_allclose(got.loc[names, "res_corr"], [-1.0, 1.0], atol=1e-5)
 
 
 def test_beta_is_uniform_for_equal_independent_pre_ln_components():

@@ -27,7 +27,7 @@ PLOTS_OF_FULL_RUN = {
     "fig-propagation",
     *(f"fig-{k}" for k in ("act_rms", "grad_rms", "act_absmax", "grad_absmax")),
     *(f"fig-{k}" for k in ("param_norm", "param_grad_norm", "norm_input_rms", "token_corr")),
-    *(f"fig-{k}" for k in ("res_omega", "res_ratio", "res_dependency", "res_beta")),
+    *(f"fig-{k}" for k in ("res_omega", "res_ratio", "res_dependency", "res_corr", "res_beta")),
     "fig-attn_heads",
     "fig-attn_entropy",
     "fig-attn_logit_max",

@@ -3,7 +3,15 @@
 Per branch, on each recorded step (module = the branch, see ``Structure``):
 
 - ``res_ratio``: rms(f)/rms(x) per token (over the hidden dimension), averaged over tokens;
-- ``res_dependency``: Var[f] / Var[α·x + f], how much the sum depends on the branch;
+- ``res_dependency``: Var[f] / (α²·Var[x] + Var[f]), the branch's share of the variance of
+  the sum, in [0, 1]. Admin's footnote 1 calls Var[f(x)] / Var[x + f(x)] the dependency on
+  the residual branch; its analysis takes x and f as independent at init, where
+  Var[x + f] = Var[x] + Var[f] and the ratio is β_{i,i}² below. The measured
+  Var[α·x + f] also holds 2α·Cov[x, f]: with a branch anti-correlated with the stream it is
+  smaller than Var[f] (f = −0.5·x gives Var[f] / Var[0.5·x] = 1; f = −0.9·x gives 81), which
+  is no share. That covariance is reported on its own instead:
+- ``res_corr``: Corr[x, f], the correlation of the branch with the stream it is added to;
+  near −1 the branch cancels the stream, so the sum is smaller than either;
 - ``res_omega``: the ω Admin's profiling would assign to the branch's residual, computed as
   Transformer-Clinic does, in forward order and separately for encoder and decoder:
   ω₁ = 1, then ω ← sqrt(Var[x_i·ω_i] + Var[f_i]). Admin is an initialisation for Post-LN,
@@ -175,9 +183,12 @@ class ResidualProbe:
         def decode(values: np.ndarray, rows: Rows) -> None:
             v = values.reshape(-1, 5)
             codes = np.array([self.codes[b.name] for b in branches])
+            alphas = np.array([b.alpha for b in branches])
+            share, corr = dependency(v[:, 2], v[:, 1], v[:, 3], alphas)
             with np.errstate(divide="ignore", invalid="ignore"):
                 rows.emit("train", codes, 0, "res_ratio", v[:, 0])
-                rows.emit("train", codes, 0, "res_dependency", v[:, 1] / v[:, 3])
+            rows.emit("train", codes, 0, "res_dependency", share)
+            rows.emit("train", codes, 0, "res_corr", corr)
             reads = [k for k, b in enumerate(branches) if b.norm in self.norms_read]
             if reads:
                 norm_codes = np.array([self.codes[branches[k].norm] for k in reads])
@@ -207,6 +218,22 @@ def _arg(args: Any, kwargs: Any) -> torch.Tensor | None:
     from ..structure.trace import main_input
 
     return main_input(tuple(args), dict(kwargs or {}))
+
+
+def dependency(
+    var_x: np.ndarray, var_f: np.ndarray, var_t: np.ndarray, alpha: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(share, correlation) per branch: Var f / (α²·Var x + Var f) and Corr[x, f].
+
+    All (n,) arrays; var_t = Var(α·x + f) as measured, so the covariance is what it holds
+    beyond the two variances: Cov[α·x, f] = (var_t − α²·Var x − Var f) / 2. α > 0, so
+    Corr[α·x, f] = Corr[x, f]. A branch or stream of zero variance gives NaN there.
+    """
+    stream = alpha * alpha * var_x  # Var[α·x]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        share = var_f / (stream + var_f)
+        corr = (var_t - stream - var_f) / (2.0 * np.sqrt(stream * var_f))
+    return share, np.clip(corr, -1.0, 1.0)
 
 
 def admin_omega(var_x: np.ndarray, var_f: np.ndarray) -> np.ndarray:

@@ -58,9 +58,16 @@ HEATMAPS = {
         Heat("res_ratio", "rms of the branch output / rms of the stream", "modules"),
         Heat(
             "res_dependency",
-            "branch share of the variance, Var f / Var(αx + f)",
+            "branch share of the variance, Var f / (α² Var x + Var f)",
             "modules",
             log=False,
+        ),
+        Heat(
+            "res_corr",
+            "correlation of the branch with the stream (−1: it cancels the stream)",
+            "modules",
+            log=False,
+            worst="lo",
         ),
         Heat("attn_entropy", "attention entropy, lowest head", "modules", log=False, worst="lo"),
         Heat("attn_logit_max", "attention max logit, highest head", "modules"),

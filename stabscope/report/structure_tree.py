@@ -28,10 +28,15 @@ def _add_block(tree: Tree, block: Block) -> None:
     node = tree.add(_block_label(block))
     for br in block.branches:
         norm = f", norm {br.norm}" if br.norm else ", no norm found"
-        node.add(
-            f"{br.kind} branch [cyan]{br.name}[/] (f = output of {br.output}{norm}) "
-            "-> res_ratio, res_dependency, res_omega, res_beta"
+        # Admin's ω weights Post-LN and DeepNorm residuals only; a branch without a norm has
+        # no stream to read (the residual probe skips it).
+        omega = ", res_omega" if br.placement != "pre" else ""
+        metrics = (
+            f"-> res_ratio, res_dependency, res_corr{omega}, res_beta"
+            if br.norm
+            else "(not measured: no norm to read the stream from)"
         )
+        node.add(f"{br.kind} branch [cyan]{br.name}[/] (f = output of {br.output}{norm}) {metrics}")
     for a in block.attention:
         heads = "?" if a.heads is None else str(a.heads)
         kv = f", {a.kv_heads} kv heads" if a.kv_heads and a.kv_heads != a.heads else ""

@@ -7,13 +7,14 @@ import numpy as np
 from .. import figures
 from . import Context, Section, add_heat_blocks, missing_note
 
-KEYS = ("res_omega", "res_ratio", "res_dependency")
+KEYS = ("res_omega", "res_ratio", "res_dependency", "res_corr")
 INTRO = (
     "Per residual branch over training: Admin's ω (Liu et al. 2020), the rms of the branch "
-    "output over the rms of the stream it is added to, and the branch's share of the "
-    "variance of the sum. Then β at the first recorded step: the stream after each branch "
-    "(rows) as a mix of unit-variance components, the stream entering the first branch and "
-    "each branch output (columns)."
+    "output over the rms of the stream it is added to, the branch's share of the variance "
+    "of the sum (Var f / (α² Var x + Var f), in [0, 1]) and its correlation with the stream "
+    "(near −1 the branch cancels the stream). Then β at the first recorded step: the stream "
+    "after each branch (rows) as a mix of unit-variance components, the stream entering the "
+    "first branch and each branch output (columns)."
 )
 
 
