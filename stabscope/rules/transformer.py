@@ -9,6 +9,7 @@ import numpy as np
 
 from ..report.findings import Finding
 from ..theory.deepnorm import deepnorm_constants
+from . import residual_placement
 from .base import Rule, RunView, finding, finding_at, graded
 from .health import WORTSMAN
 
@@ -147,31 +148,41 @@ ADMIN = "Liu et al. 2020, Understanding the Difficulty of Training Transformers 
 
 def _residual_dependency(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     beta = view.metrics("res_beta")
-    first = beta[beta.step == beta.step.min()]
-    # β_{i,i}: the weight of branch i's own output in the sum right after it (last index).
-    own = first.sort_values("index").groupby("module").value.last()
+    step = int(beta.step.min())  # step 0 is init; later only if step 0 has no β
+    rows = beta[beta.step == step].sort_values("index").groupby("module")
+    # β_{i,i}: the weight of branch i's own output in the sum right after it (last index);
+    # row i holds components 0..i+1, so i is the branch's position in its stack.
+    own = rows.value.last()
     if len(own) < 2:
         return
-    heavy = own[own > p["beta_ii"]]
-    share = len(heavy) / len(own)
-    if share < p["share"]:
+    position = rows["index"].max().reindex(own.index) - 1
+    placements = residual_placement.branch_placements(view.structure)
+    placement = np.array([placements.get(m, "unknown") for m in own.index])
+    judged = residual_placement.judged(placement, position.to_numpy(), p["beta_ii"])
+    own = own[judged]
+    is_heavy = own.to_numpy() > p["beta_ii"]
+    n, heavy = len(own), int(is_heavy.sum())
+    if n < 2 or heavy / n < p["share"]:
         return
-    n = len(own)
-    layers = len((view.structure or {}).get("blocks", [])) or n
+    kinds = set(placement[judged][is_heavy])
+    kind = kinds.pop() if len(kinds) == 1 else "mixed"
+    meaning, remedy = residual_placement.explain(kind, view.structure)
+    scope = ""
+    if (placement == "pre").any():
+        first = residual_placement.first_judged_pre_ln(p["beta_ii"])
+        scope = f" (Pre-LN: branches {first} and later of each stack)"
     yield finding(
         RESIDUAL,
         "warning",
-        f"heavy dependency on the residual branch at init: β_ii > {p['beta_ii']:g} "
-        f"in {len(heavy)} of {n} branches (median {own.median():.3g}); each layer "
-        "leans on its own branch, which amplifies parameter updates (Post-LN-like)",
+        f"heavy dependency on the residual branch {residual_placement.when(step)}: β_ii > "
+        f"{p['beta_ii']:g} in {heavy} of {n} branches{scope}, median {own.median():.3g}; "
+        f"{meaning}",
         module=str(own.idxmax()),
-        step=int(first.step.min()),
+        step=step,
         value=float(own.median()),
         threshold=p["beta_ii"],
         metric="res_beta",
-        remedy=f"Admin init (scale each residual by its profiled ω, see res_omega), "
-        f"Pre-LN, or DeepNorm with α=(2N)^(1/4)={(2 * layers) ** 0.25:.3g} for "
-        f"N={layers} layers",
+        remedy=remedy,
     )
 
 
