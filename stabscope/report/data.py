@@ -24,7 +24,7 @@ from .grids import (
     reduce_exact,
     row_bins,
 )
-from .runs import ROOT, Run, depth_order, forward_positions, owner_layer
+from .runs import ROOT, Run, depth_order, forward_positions, forward_sorted, owner_layer
 
 
 @dataclass(frozen=True)
@@ -209,11 +209,9 @@ def collect(run: Run, census: Census, budget: Budget) -> RunData:
         data.heads = AtSteps("attn_entropy", modules, names, picked, census.width("attn_entropy"))
         accs.append(data.heads)
     if census.has("res_beta"):
-        modules = [
-            n
-            for g in depth_order(census.modules_of("res_beta"), present_layers, forward)
-            for n in g
-        ]
+        # Rows in forward order: row i is the stream after branch i, whose columns are the
+        # components before it (the stream entering the stack, then each branch in turn).
+        modules = forward_sorted(census.modules_of("res_beta"), present_layers, forward)
         first = [int(census.steps("res_beta")[0])]
         data.beta = AtSteps("res_beta", modules, names, first, census.width("res_beta"))
         accs.append(data.beta)

@@ -182,6 +182,15 @@ def depth_order(names: list[str], layers: list[str], forward: dict[str, int]) ->
     return list(groups.values())
 
 
+def forward_sorted(names: list[str], layers: list[str], forward: dict[str, int]) -> list[str]:
+    """Modules in the order the forward pass ran them (``forward_order`` of the module table),
+    e.g. the residual branches as the stream meets them: attention, MLP, next layer's
+    attention. Modules without a recorded order come last, in ``depth_order``."""
+    by_depth = [n for group in depth_order(names, layers, forward) for n in group]
+    rank = {n: i for i, n in enumerate(by_depth)}
+    return sorted(by_depth, key=lambda n: (forward.get(n, float("inf")), rank[n]))
+
+
 def forward_positions(meta: dict[str, Any]) -> dict[str, int]:
     """Forward order of each module that ran, from the module table."""
     return {
