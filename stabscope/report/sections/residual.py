@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 
 from .. import figures
+from ..data import RunData
 from . import Context, Section, add_heat_blocks, missing_note
 
-KEYS = ("res_omega", "res_ratio", "res_dependency", "res_corr")
+OMEGA = "res_omega"  # Post-LN and DeepNorm branches only
+KEYS = ("res_ratio", "res_dependency", "res_corr")
 INTRO = (
     "Per residual branch over training: Admin's ω (Liu et al. 2020), the rms of the branch "
     "output over the rms of the stream it is added to, the branch's share of the variance "
@@ -42,12 +44,55 @@ def _beta(ctx: Context, section: Section) -> None:
     section.body.append(figures.matrices(panels, "component", zrange, div_id))
 
 
+def _measured_placements(d: RunData) -> set[str]:
+    """Norm placements of the run's residual branches the probe can measure (those with a
+    norm to read the stream from)."""
+    structure = d.run.structure or {}
+    return {
+        str(br.get("placement"))
+        for block in structure.get("blocks", [])
+        for br in block.get("branches", [])
+        if br.get("norm")
+    }
+
+
+def _why_absent(data: list[RunData]) -> str:
+    if any(_measured_placements(d) for d in data):
+        return (
+            "residual branches were detected; the residual probe is off in the cheap preset "
+            "and with structure_probes = false"
+        )
+    return "needs detected residual branches"
+
+
+def _omega(ctx: Context, section: Section) -> list[RunData] | None:
+    """Admin's ω heatmap for the runs not all of whose branches are Pre-LN; those that are
+    get a note that ω is not defined for them, not that it is missing. Returns the runs ω
+    was expected from when none of them has it, else None."""
+    pre_only = [d.run.name for d in ctx.data if _measured_placements(d) == {"pre"}]
+    others = Context([d for d in ctx.data if d.run.name not in pre_only], ctx.findings, ctx.figures)
+    if pre_only:
+        where = "" if len(ctx.data) == 1 else f" ({', '.join(pre_only)})"
+        section.notes.append(
+            f"res_omega: not defined for Pre-LN branches{where}: Admin's ω sets the residual "
+            "weight of Post-LN and DeepNorm layers, where a norm follows the add; a Pre-LN "
+            "stream already carries every earlier branch"
+        )
+    if others.data and add_heat_blocks(others, section, [OMEGA]):
+        return others.data
+    return None
+
+
 def residual_section(ctx: Context) -> Section:
     section = Section("residual", "Residual dependency", intro=INTRO)
-    absent = add_heat_blocks(ctx, section, KEYS)
-    if absent:
-        section.notes.append(
-            f"not recorded in any run: {', '.join(absent)} (needs detected residual branches)"
-        )
+    absent: dict[str, list[str]] = {}  # why -> metrics no run has
+    omega_from = _omega(ctx, section)
+    if omega_from is not None:
+        absent.setdefault(_why_absent(omega_from), []).append(OMEGA)
+    missing = add_heat_blocks(ctx, section, KEYS)
+    if missing:
+        absent.setdefault(_why_absent(ctx.data), []).extend(missing)
+    for why, keys in absent.items():
+        section.notes.append(f"not recorded in any run: {', '.join(keys)} ({why})")
     _beta(ctx, section)
     return section
