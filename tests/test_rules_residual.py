@@ -104,3 +104,20 @@ def test_deepnorm_with_too_small_alpha(run_dir):
     # DeepNet for N = 3 layers: α = 6^(1/4), init gain β = 24^(-1/4).
     assert f"α=(2N)^(1/4)={6**0.25:.3g}" in f.remedy
     assert f"β=(8N)^(-1/4)={24**-0.25:.3g}" in f.remedy
+
+
+def test_without_a_detected_structure_the_message_says_so(tmp_path):
+    from tests.test_rules import write_run
+
+    rows = [
+        (3, f"blocks.{i}.mlp", "res_beta", j, 0.6 if j == 1 else 0.3)
+        for i in range(4)
+        for j in range(2)
+    ]
+    f = residual_finding(write_run(tmp_path / "run", rows))
+    assert (
+        f.step == 3
+        and "at step 3, the first recorded with β (after 3 optimizer updates" in f.message
+    )
+    assert "(norm placement not detected)" in f.message and "Post-LN stack" not in f.message
+    assert f.remedy.startswith("if the norms sit after the residual add (Post-LN)")

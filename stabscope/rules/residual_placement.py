@@ -118,7 +118,7 @@ def explain(placement: str, structure: dict[str, Any] | None) -> tuple[str, str]
             "whose output grows with depth at init",
         )
     return (
-        f"({LABEL.get(placement, placement)}) each layer leans on its own branch, which "
-        "amplifies parameter updates",
+        "each layer leans on its own branch, which amplifies parameter updates "
+        f"({LABEL.get(placement, placement)})",
         f"if the norms sit after the residual add (Post-LN): Admin init, Pre-LN, or {deepnorm}",
     )
