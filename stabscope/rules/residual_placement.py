@@ -50,8 +50,11 @@ def judged(placement: np.ndarray, position: np.ndarray, beta_ii: float) -> np.nd
     return (np.asarray(placement) != "pre") | (ceiling <= beta_ii)
 
 
-def first_judged_pre_ln(beta_ii: float) -> int:
-    """The 1-based place in its stack of the first Pre-LN branch that ``judged`` keeps."""
+def first_judged_pre_ln(beta_ii: float) -> int | None:
+    """The 1-based place in its stack of the first Pre-LN branch that ``judged`` keeps (None
+    for a threshold ≤ 0, which judges none)."""
+    if not beta_ii > 0:
+        return None
     return int(np.ceil(1.0 / beta_ii**2 - 1.0 - 1e-9)) + 1
 
 

@@ -170,7 +170,11 @@ def _residual_dependency(view: RunView, p: dict[str, float]) -> Iterator[Finding
     scope = ""
     if (placement == "pre").any():
         first = residual_placement.first_judged_pre_ln(p["beta_ii"])
-        scope = f" (Pre-LN: branches {first} and later of each stack)"
+        scope = (
+            f" (Pre-LN: branches {first} and later of each stack)"
+            if first
+            else " (Pre-LN branches not judged)"
+        )
     yield finding(
         RESIDUAL,
         "warning",
