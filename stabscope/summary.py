@@ -107,7 +107,9 @@ def depth_trend(frame: pd.DataFrame, layers: dict[str, int], metric: str) -> Dep
         x.astype(int).tolist(),
         y.tolist(),
         float(10**slope),
-        float(y[-1] / y[0]) if y[0] > 0 else float("nan"),
+        # NaN unless both ends are finite and the first is positive: a ratio of non-finite
+        # norms (or over a zero one) is not a depth trend.
+        float(y[-1] / y[0]) if np.isfinite(y[[0, -1]]).all() and y[0] > 0 else float("nan"),
     )
 
 
@@ -206,7 +208,10 @@ def layer_param_grad_trends(grads: pd.DataFrame, meta: dict[str, Any]) -> list[D
         owner_layer[module] = layers.get(owner) if owner else None
     frame = grads.assign(layer=grads.module.astype(str).map(owner_layer)).dropna(subset=["layer"])
     frame = frame.assign(square=frame.value.astype(float) ** 2)
-    sums = frame.groupby(["step", "layer"]).square.sum()
+    by_layer = frame.groupby(["step", "layer"]).square
+    # A layer with a NaN parameter gradient has a NaN norm, not the norm of the rest (a sum
+    # that skips NaN would turn an all-NaN layer into a norm of 0).
+    sums = by_layer.sum().where(by_layer.count() == by_layer.size())
     trends = []
     for step, per_layer in sums.groupby(level="step"):
         per_layer = per_layer.droplevel("step")
