@@ -8,11 +8,11 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import pytest
 
-from stabscope.rules import check_run, settings_from_mapping
-from stabscope.store import PartWriter, new_meta, save_meta
+from tests.rule_runs import checked, write
+
+NAN, INF = math.nan, math.inf
 
 LAYERS = 4
 STEPS = 12
@@ -89,30 +89,12 @@ def poisoned(rows: list, since: int, how: str) -> list:
     return out
 
 
-def write(run_dir, rows, **meta_fields):
-    """The rows as Parquet parts of a complete run, one writer per rank."""
-    fields = {"modules": MODULES, "parameters": PARAMETERS, "structure": STRUCTURE}
-    save_meta(run_dir, new_meta(status="complete", **{**fields, **meta_fields}))
-    for rank in sorted({r[0] for r in rows}):
-        w = PartWriter(run_dir, rank=rank)
-        mine = [r for r in rows if r[0] == rank]
-        w.append(
-            np.array([r[1] for r in mine]),
-            np.full(len(mine), w.phases("train")),
-            np.array([w.modules(r[2]) for r in mine]),
-            np.zeros(len(mine)),
-            np.array([w.metrics(r[3]) for r in mine]),
-            np.array([r[4] for r in mine]),
-            np.array([r[5] for r in mine]),
-        )
-        w.flush()
-    return run_dir
+def write_full(run_dir, rows):
+    return write(run_dir, rows, modules=MODULES, parameters=PARAMETERS, structure=STRUCTURE)
 
 
 def check(run_dir, until=None):
-    result = check_run(run_dir, settings_from_mapping(SETTINGS), until)
-    assert result.failed == {}, result.failed
-    return result
+    return checked(run_dir, until, **SETTINGS)
 
 
 def verdicts(findings) -> set:
@@ -120,7 +102,9 @@ def verdicts(findings) -> set:
 
 
 def test_the_healthy_twin_trips_the_rules_this_file_relies_on(tmp_path):
-    found = {f.rule for f in check(write(tmp_path / "ok", healthy_rows(range(STEPS)))).findings}
+    found = {
+        f.rule for f in check(write_full(tmp_path / "ok", healthy_rows(range(STEPS)))).findings
+    }
     assert found == {
         "gradient-growth",
         "norm-input-growth",
@@ -140,7 +124,7 @@ def test_the_healthy_twin_trips_the_rules_this_file_relies_on(tmp_path):
 @pytest.mark.parametrize("how", ["nan", "inf"])
 def test_a_divergence_partway_adds_nonfinite_and_changes_nothing_else(tmp_path, how):
     since = 8
-    run = write(tmp_path / how, poisoned(healthy_rows(range(STEPS)), since, how))
+    run = write_full(tmp_path / how, poisoned(healthy_rows(range(STEPS)), since, how))
     result = check(run)
     nonfinite = [f for f in result.findings if f.rule == "nonfinite"]
     others = [f for f in result.findings if f.rule != "nonfinite"]
@@ -156,7 +140,7 @@ def test_a_divergence_partway_adds_nonfinite_and_changes_nothing_else(tmp_path, 
 
 @pytest.mark.parametrize("how", ["nan", "inf"])
 def test_a_run_non_finite_from_step_0_gets_the_nonfinite_error_only(tmp_path, how):
-    run = write(tmp_path / how, poisoned(healthy_rows(range(STEPS)), 0, how))
+    run = write_full(tmp_path / how, poisoned(healthy_rows(range(STEPS)), 0, how))
     findings = check(run).findings
     assert [(f.rule, f.step, f.module) for f in findings] == [("nonfinite", 0, "blocks.1")]
 
@@ -164,7 +148,7 @@ def test_a_run_non_finite_from_step_0_gets_the_nonfinite_error_only(tmp_path, ho
 @pytest.mark.parametrize("how", ["finite", "nan", "inf"])
 def test_a_single_step(tmp_path, how):
     rows = healthy_rows(range(1))
-    run = write(tmp_path / how, rows if how == "finite" else poisoned(rows, 0, how))
+    run = write_full(tmp_path / how, rows if how == "finite" else poisoned(rows, 0, how))
     rules = {f.rule for f in check(run).findings}
     # One step holds no trend, spike or stall; what it does hold, at init, is still said.
     at_init = {"residual-dependency", "rank-desync", "adam-epsilon"}
@@ -181,7 +165,7 @@ def test_json_output_of_a_non_finite_run_is_strict_json(tmp_path):
     from stabscope.rules.gate import run_gate
     from stabscope.rules.output import to_json
 
-    run = write(tmp_path / "r", poisoned(healthy_rows(range(STEPS)), 8, "inf"))
+    run = write_full(tmp_path / "r", poisoned(healthy_rows(range(STEPS)), 8, "inf"))
     doc = json.loads(to_json(run_gate(run)), parse_constant=reject)
     assert doc["failed"] and doc["rule_errors"] == {}
     assert [f["step"] for f in doc["findings"] if f["rule"] == "nonfinite"] == [8]
@@ -189,3 +173,53 @@ def test_json_output_of_a_non_finite_run_is_strict_json(tmp_path):
     inf = Finding("x", "error", "m", value=math.inf, threshold=math.nan)
     doc = json.loads(write_findings(run, [inf]).read_text(), parse_constant=reject)
     assert (doc[0]["value"], doc[0]["threshold"]) == (None, None)
+
+
+def nonfinite_of(run_dir, until=None):
+    found = [f for f in checked(run_dir, until).findings if f.rule == "nonfinite"]
+    return found[0] if found else None
+
+
+ORDER = [{"name": n} for n in ("a", "b", "c")]  # registration (forward) order
+
+
+def flags(direction_metric, modules, since, steps=8):
+    return [(s, m, direction_metric, -1, float(s >= since)) for s in range(steps) for m in modules]
+
+
+def test_nonfinite_leads_with_the_earlier_direction_from_meta(tmp_path):
+    rows = flags("act_nonfinite", ["b"], 5) + flags("grad_nonfinite", ["c", "a"], 3)
+    rows += [(s, "__run__", "loss", -1, 1.0 if s < 6 else NAN) for s in range(8)]
+    first = {"forward": {"step": 5, "module": "b"}, "backward": {"step": 3, "module": "c"}}
+    f = nonfinite_of(write(tmp_path / "r", rows, modules=ORDER, first_nonfinite=first))
+    assert (f.severity, f.module, f.step, f.metric) == ("error", "c", 3, "grad_nonfinite")
+    assert f.message.startswith(
+        "NaN/Inf from step 3, first in the backward pass: the output gradient of c"
+    )
+    assert "forward pass: first the output of b at step 5" in f.message
+    assert "the loss went non-finite at step 6 (nan)" in f.message
+    # 3 forward (b at 5-7) and 10 backward (c and a at 3-7) values, over 5 recorded steps.
+    assert f.value == 3 + 10 and "over 5 recorded steps" in f.message
+
+
+def test_nonfinite_in_one_step_forward_comes_first_and_without_markers_module_order_decides(
+    tmp_path,
+):
+    # No meta entry and no marker rows: the first flagged module in registration order
+    # (forward), the last one (backward).
+    rows = flags("act_nonfinite", ["c", "b"], 4) + flags("grad_nonfinite", ["a", "b"], 4)
+    f = nonfinite_of(write(tmp_path / "r", rows, modules=ORDER))
+    assert (f.module, f.step, f.metric) == ("b", 4, "act_nonfinite")
+    assert "backward pass: first the output gradient of b at step 4" in f.message
+
+
+def test_nonfinite_of_the_loss_alone_and_before_until(tmp_path):
+    rows = flags("act_nonfinite", ["a"], 99) + [
+        (s, "__run__", "loss", -1, v) for s, v in enumerate([1.0, 2.0, INF, NAN])
+    ]
+    run = write(tmp_path / "loss", rows, modules=ORDER)
+    f = nonfinite_of(run)
+    assert (f.module, f.step, f.metric, f.value) == ("__run__", 2, "loss", 0.0)
+    assert f.message.startswith("the loss went non-finite at step 2 (inf)")
+    # The verdict from the steps before it has none.
+    assert nonfinite_of(run, until=2) is None and nonfinite_of(run, until=3).step == 2

@@ -9,6 +9,7 @@ them: a half-finished verdict is not one.
 
 from __future__ import annotations
 
+import sysconfig
 import traceback
 import warnings
 from collections.abc import Callable
@@ -35,8 +36,20 @@ class RuleFailure:
         return f"{text} ({self.where})" if self.where else text
 
 
+PACKAGE = Path(__file__).resolve().parents[1]
+LIBRARIES = [Path(sysconfig.get_paths()[k]).resolve() for k in ("stdlib", "purelib", "platlib")]
+
+
+def _ours(filename: str) -> bool:
+    """stabscope's code or a rule defined elsewhere; not pandas', numpy's or Python's."""
+    path = Path(filename).resolve()
+    return path.is_relative_to(PACKAGE) or not any(path.is_relative_to(p) for p in LIBRARIES)
+
+
 def _where(error: BaseException) -> str:
-    frames = [f for f in traceback.extract_tb(error.__traceback__) if "stabscope" in f.filename]
+    """The innermost frame of the rule's own code, not the library it called, as
+    ``folder/file.py:line``."""
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if _ours(f.filename)]
     if not frames:
         return ""
     path = Path(frames[-1].filename)
