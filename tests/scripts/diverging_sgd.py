@@ -1,7 +1,8 @@
-"""A model script that diverges: a tanh MLP regressing a fixed batch with plain SGD at a
-learning rate far past stability. The output layer's weights grow geometrically (tanh keeps
-the hidden activations bounded, so nothing saturates the growth): the loss overflows to Inf
-and then NaN after 15-21 steps at lr 5 (seeds 0-7), a run that goes non-finite partway.
+"""A model script that diverges: an MLP regressing a fixed batch with plain SGD at a learning
+rate far past stability. LayerNorm and tanh keep the hidden features bounded, so the output
+layer is a linear regression stepped past 2/curvature: its weights grow geometrically, the
+loss overflows to Inf after 14-16 steps at lr 5 (seeds 0-7), and NaN follows. A run that
+goes non-finite partway, with a norm whose input the rules read.
 
     stabscope check tests/scripts/diverging_sgd.py --steps 30     # exit 1: nonfinite
 """
