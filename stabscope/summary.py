@@ -132,7 +132,9 @@ def summarize(run_dir: str | Path, top: int = 3) -> Summary:
     if not loss.empty:
         values = loss.sort_values("step").value.to_numpy(float)
         s.loss_first = float(values[0])
-        s.loss_last = float(np.nanmean(values[-max(1, len(values) // 10) :]))
+        tail = values[-max(1, len(values) // 10) :]
+        # A diverged run's last tenth can be all NaN: its mean is NaN, without numpy's warning.
+        s.loss_last = math.nan if np.isnan(tail).all() else float(np.nanmean(tail))
     metrics = ["grad_rms", "act_rms"]
     frame = load_run(run_dir, metrics=metrics, phase="train", merge_ranks=True)
     frame = frame[(frame.module != ROOT) & (frame.module != RUN_MODULE)]

@@ -10,6 +10,7 @@ import math
 
 import pytest
 
+from stabscope.theory.prediction import PREDICTION_FILE, LayerPrediction, Prediction
 from tests.rule_runs import checked, write
 
 NAN, INF = math.nan, math.inf
@@ -43,7 +44,7 @@ def healthy_rows(steps: range) -> list[tuple[int, int, str, str, int, float]]:
     norm inputs grow, attention logits grow past 1e3, head 0's entropy collapses, token
     correlation ends near 1, a loss spike at step 5, a big update at step 3, a logit past
     1e3 at step 4, Adam's sqrt(v) near eps, β_ii heavy at init, a blow-up-then-stall model
-    update, and rank 1's output gradients 3x rank 0's."""
+    update, rank 1's output gradients 3x rank 0's, and block outputs 3x the predicted rms."""
     rows = []
     for s in steps:
         loss = 12.0 if s == 5 else 3.0 - 0.01 * s
@@ -51,6 +52,7 @@ def healthy_rows(steps: range) -> list[tuple[int, int, str, str, int, float]]:
             rows.append((rank, s, "__run__", "loss", -1, loss))
             for b in BLOCKS:
                 rows.append((rank, s, b, "grad_rms", -1, 0.1 * (3 if rank else 1)))
+                rows.append((rank, s, b, "act_rms", -1, 3.0))
         rows.append((0, s, "__run__", "model_update_rel", -1, 1.32 + 0.02 * s))
         rows.append((0, s, "<root>", "logit_max", -1, 2e3 if s == 4 else 12.0))
         rows.append((0, s, "<root>", "logit_min", -1, -5.0))
@@ -90,7 +92,11 @@ def poisoned(rows: list, since: int, how: str) -> list:
 
 
 def write_full(run_dir, rows):
-    return write(run_dir, rows, modules=MODULES, parameters=PARAMETERS, structure=STRUCTURE)
+    """With the theory's prediction at init: act_rms 1 where 3 is measured (mismatch)."""
+    write(run_dir, rows, modules=MODULES, parameters=PARAMETERS, structure=STRUCTURE)
+    layers = [LayerPrediction(i, b, 0.0, 1.0, 1.0, 1.0, 0.5) for i, b in enumerate(BLOCKS)]
+    (run_dir / PREDICTION_FILE).write_text(Prediction({}, {}, layers).to_json())
+    return run_dir
 
 
 def check(run_dir, until=None):
@@ -118,6 +124,7 @@ def test_the_healthy_twin_trips_the_rules_this_file_relies_on(tmp_path):
         "adam-epsilon",
         "model-update",
         "rank-desync",
+        "prediction-mismatch",
     }
 
 
@@ -151,7 +158,7 @@ def test_a_single_step(tmp_path, how):
     run = write_full(tmp_path / how, rows if how == "finite" else poisoned(rows, 0, how))
     rules = {f.rule for f in check(run).findings}
     # One step holds no trend, spike or stall; what it does hold, at init, is still said.
-    at_init = {"residual-dependency", "rank-desync", "adam-epsilon"}
+    at_init = {"residual-dependency", "rank-desync", "adam-epsilon", "prediction-mismatch"}
     assert rules == (at_init if how == "finite" else {"nonfinite"})
 
 

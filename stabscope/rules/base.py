@@ -3,7 +3,8 @@
 Rules read the run directory only (pandas/pyarrow, no torch). Each declares its id, the paper
 it comes from, and its thresholds with documented defaults; users override thresholds and
 severities, or disable rules, in ``[tool.stabscope.rules]`` or a ``--config`` file. A rule
-whose inputs were not recorded is skipped with a note, never an error.
+whose inputs were not recorded is skipped with a note, never an error; a rule that raises is
+recorded as failed (``CheckResult.failed``), never the gate's crash.
 """
 
 from __future__ import annotations
