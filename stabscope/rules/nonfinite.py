@@ -3,11 +3,12 @@
 Where it began comes from the table, so that ``--until`` and multi-rank runs see their own
 rows: per direction, the first recorded step where a module output (forward:
 ``act_nonfinite``) or a gradient with respect to one (backward: ``grad_nonfinite``) held a
-NaN or Inf, and the first module in that direction's order at that step (the recorder's
-``first_nonfinite_*`` marker row, or meta.json's ``first_nonfinite`` when it is for that
-step). The earlier of the two directions leads the finding (in one step, forward comes
-first). The loss is recorded at every step, module statistics only at recorded ones, so the
-loss can go non-finite earlier; its first such step is said too.
+NaN or Inf, and the first module in that direction's order at that step (meta.json's
+``first_nonfinite`` when it is for that step, else the recorder's ``first_nonfinite_*``
+marker row, else the flagged module first in registration order). The earlier of the two
+directions leads the finding (in one step, forward comes first). The loss is recorded at
+every step, module statistics only at recorded ones, so the loss can go non-finite earlier;
+its first such step is said too.
 """
 
 from __future__ import annotations
@@ -44,20 +45,21 @@ def _module_order(view: RunView, direction: str) -> dict[str, int]:
     return {name: i for i, name in enumerate(names)}
 
 
-def first_nonfinite(view: RunView, direction: str) -> FirstNonfinite | None:
+def first_nonfinite(
+    view: RunView, bad: pd.DataFrame, markers: pd.DataFrame, direction: str
+) -> FirstNonfinite | None:
     """The first recorded step with a non-finite value in ``direction`` and the first module
-    in that direction's order at that step; None when every recorded value was finite."""
+    in that direction's order at that step; None when every recorded value was finite.
+    ``bad``: the flag rows above 0; ``markers``: the recorder's marker rows."""
     flag, marker, _ = DIRECTIONS[direction]
-    flags = view.metrics(flag)
-    bad = flags[flags.value > 0]
+    bad = bad[bad.metric == flag]
     if bad.empty:
         return None
     step = int(bad.step.min())
     noted = (view.meta.get("first_nonfinite") or {}).get(direction) or {}
     if noted.get("step") == step and noted.get("module") is not None:
         return FirstNonfinite(direction, step, str(noted["module"]))
-    markers = view.metrics(marker)
-    candidates = markers[(markers.step == step) & (markers.value > 0)]
+    candidates = markers[(markers.metric == marker) & (markers.step == step)]
     if candidates.empty:  # no marker row: any flagged module, in module order
         candidates = bad[bad.step == step]
     order = _module_order(view, direction)
@@ -65,19 +67,11 @@ def first_nonfinite(view: RunView, direction: str) -> FirstNonfinite | None:
     return FirstNonfinite(direction, step, module)
 
 
-def first_nonfinite_loss(view: RunView) -> tuple[int, float] | None:
-    """The first step whose loss was NaN or Inf, and that value."""
-    loss = view.metrics("loss")
-    loss = loss[loss.module == RUN_MODULE].sort_values("step")
+def first_nonfinite_loss(loss: pd.DataFrame) -> tuple[int, float] | None:
+    """The first step whose loss (of the ``loss`` rows given) was NaN or Inf, and that value."""
+    loss = loss[(loss.metric == "loss") & (loss.module == RUN_MODULE)].sort_values("step")
     bad = loss[~np.isfinite(loss.value.to_numpy(float))]
     return None if bad.empty else (int(bad.step.iloc[0]), float(bad.value.iloc[0]))
-
-
-def _count(view: RunView) -> tuple[int, int]:
-    """Non-finite (module, step) values over both directions, and the recorded steps with any."""
-    flags = view.metrics(*(flag for flag, _, _ in DIRECTIONS.values()))
-    bad = flags[flags.value > 0]
-    return len(bad), int(pd.unique(bad.step).size)
 
 
 def _loss_only(step: int, value: float) -> Finding:
@@ -98,13 +92,16 @@ def _loss_only(step: int, value: float) -> Finding:
 
 
 def _nonfinite(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
-    firsts = [f for d in DIRECTIONS if (f := first_nonfinite(view, d)) is not None]
-    loss = first_nonfinite_loss(view)
-    if not firsts:
+    rows = view.metrics(*NONFINITE.needs)  # the rows the engine read to see they exist
+    bad = rows[rows.metric.isin([flag for flag, _, _ in DIRECTIONS.values()]) & (rows.value > 0)]
+    loss = first_nonfinite_loss(rows)
+    if bad.empty:
         if loss is not None:
             yield _loss_only(*loss)
         return
-    count, steps = _count(view)
+    markers = view.metrics(*(marker for _, marker, _ in DIRECTIONS.values()))
+    firsts = [f for d in DIRECTIONS if (f := first_nonfinite(view, bad, markers, d)) is not None]
+    count, steps = len(bad), int(pd.unique(bad.step).size)
     firsts.sort(key=lambda f: (f.step, list(DIRECTIONS).index(f.direction)))
     lead = firsts[0]
     what = DIRECTIONS[lead.direction][2]
