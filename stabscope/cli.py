@@ -224,9 +224,11 @@ def _check(
     steps: int,
     sets: list[str],
 ) -> int:
+    from rich.markup import escape
+
     from .report.console import print_findings
     from .rules.gate import run_gate
-    from .rules.output import to_github, to_json, to_junit
+    from .rules.output import failure_lines, to_github, to_json, to_junit
 
     if output_format not in ("table", "json", "github"):
         raise UsageError(f"bad --format {output_format!r}", hint="table, json or github")
@@ -234,24 +236,27 @@ def _check(
     gate = run_gate(run_dir, fail_on, config, baseline, factor)
     findings, failing = gate.findings, gate.failing
     if output_format == "json":
-        typer.echo(to_json(str(run_dir), findings, gate.skipped, bool(failing)))
+        typer.echo(to_json(gate))
     elif output_format == "github":
-        text = to_github(findings)
+        text = to_github(gate)
         if text:
             typer.echo(text)
     else:
         print_findings(findings, err)
         for rule, why in gate.skipped.items():
             err.print(f"[dim]skipped {rule}: {why}[/]")
+    for line in failure_lines(gate):  # on stderr in every format: never a silent gap
+        err.print(f"[bold red]{escape(line)}[/]", soft_wrap=True)
     if junit is not None:
-        junit.write_text(to_junit(str(run_dir), gate.rule_ids, findings, fail_on), encoding="utf-8")
-    verdict = (
-        f"[red]failed[/]: {len(failing)} findings at {fail_on} or worse"
-        if failing
-        else "[green]passed[/]"
-    )
+        junit.write_text(to_junit(gate, fail_on), encoding="utf-8")
+    reasons = [f"{len(failing)} findings at {fail_on} or worse"] if failing else []
+    if gate.failed_blocking:
+        reasons.append(f"{len(gate.failed_blocking)} rules that could fail it raised")
+    verdict = f"[red]failed[/]: {'; '.join(reasons)}" if reasons else "[green]passed[/]"
+    if gate.failed and not gate.failed_blocking:
+        verdict += f" ({len(gate.failed)} rules raised; none can reach --fail-on {fail_on})"
     err.print(f"check {run_dir}: {verdict}")
-    return 1 if failing else 0
+    return 0 if gate.passed else 1
 
 
 def _profile_for_check(script: Path, steps: int, sets: list[str]) -> Path:

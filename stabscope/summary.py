@@ -107,7 +107,9 @@ def depth_trend(frame: pd.DataFrame, layers: dict[str, int], metric: str) -> Dep
         x.astype(int).tolist(),
         y.tolist(),
         float(10**slope),
-        float(y[-1] / y[0]) if y[0] > 0 else float("nan"),
+        # NaN unless both ends are finite and the first is positive: a ratio of non-finite
+        # norms (or over a zero one) is not a depth trend.
+        float(y[-1] / y[0]) if np.isfinite(y[[0, -1]]).all() and y[0] > 0 else float("nan"),
     )
 
 
@@ -130,7 +132,9 @@ def summarize(run_dir: str | Path, top: int = 3) -> Summary:
     if not loss.empty:
         values = loss.sort_values("step").value.to_numpy(float)
         s.loss_first = float(values[0])
-        s.loss_last = float(np.nanmean(values[-max(1, len(values) // 10) :]))
+        tail = values[-max(1, len(values) // 10) :]
+        # A diverged run's last tenth can be all NaN: its mean is NaN, without numpy's warning.
+        s.loss_last = math.nan if np.isnan(tail).all() else float(np.nanmean(tail))
     metrics = ["grad_rms", "act_rms"]
     frame = load_run(run_dir, metrics=metrics, phase="train", merge_ranks=True)
     frame = frame[(frame.module != ROOT) & (frame.module != RUN_MODULE)]
@@ -206,7 +210,10 @@ def layer_param_grad_trends(grads: pd.DataFrame, meta: dict[str, Any]) -> list[D
         owner_layer[module] = layers.get(owner) if owner else None
     frame = grads.assign(layer=grads.module.astype(str).map(owner_layer)).dropna(subset=["layer"])
     frame = frame.assign(square=frame.value.astype(float) ** 2)
-    sums = frame.groupby(["step", "layer"]).square.sum()
+    by_layer = frame.groupby(["step", "layer"]).square
+    # A layer with a NaN parameter gradient has a NaN norm, not the norm of the rest (a sum
+    # that skips NaN would turn an all-NaN layer into a norm of 0).
+    sums = by_layer.sum().where(by_layer.count() == by_layer.size())
     trends = []
     for step, per_layer in sums.groupby(level="step"):
         per_layer = per_layer.droplevel("step")

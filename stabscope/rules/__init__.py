@@ -6,7 +6,6 @@ result = check_run("runs/gpt-post")        # CheckResult(findings, skipped)
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ from ..report.findings import FINDINGS_FILE, SEVERITIES, Finding
 from ..store.atomic import write_text_atomically
 from . import depth, health, prediction, ranks, transformer
 from .base import CheckResult, Rule, RuleSettings, RunView, run_rules
+from .output import finding_record
 
 ALL_RULES: list[Rule] = [
     *depth.RULES,
@@ -72,7 +72,8 @@ def check_run(
 def write_findings(run_dir: str | Path, findings: list[Finding]) -> Path:
     """``RUN_DIR/findings.json``, which ``report`` and ``summary`` show."""
     path = Path(run_dir) / FINDINGS_FILE
-    write_text_atomically(path, json.dumps([asdict(f) for f in findings], indent=1) + "\n")
+    records = [finding_record(f) for f in findings]
+    write_text_atomically(path, json.dumps(records, indent=1, allow_nan=False) + "\n")
     return path
 
 

@@ -3,7 +3,8 @@
 Rules read the run directory only (pandas/pyarrow, no torch). Each declares its id, the paper
 it comes from, and its thresholds with documented defaults; users override thresholds and
 severities, or disable rules, in ``[tool.stabscope.rules]`` or a ``--config`` file. A rule
-whose inputs were not recorded is skipped with a note, never an error.
+whose inputs were not recorded is skipped with a note, never an error; a rule that raises is
+recorded as failed (``CheckResult.failed``), never the gate's crash.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pandas as pd
 
 from ..report.findings import SEVERITIES, Finding
 from ..store import load_run, read_meta
+from .failures import RuleFailure, isolated
 
 
 @dataclass
@@ -88,7 +90,8 @@ class RuleSettings:
 @dataclass
 class CheckResult:
     findings: list[Finding]
-    skipped: dict[str, str]  # rule id -> why
+    skipped: dict[str, str]  # rule id -> why (disabled, or its inputs were not recorded)
+    failed: dict[str, RuleFailure] = field(default_factory=dict)  # rule id -> what it raised
 
 
 def graded(value: float, p: dict[str, float]) -> tuple[str, float] | None:
@@ -122,6 +125,13 @@ def finding_at(
     )
 
 
+def _findings_of(rule: Rule, view: RunView, params: dict[str, float]) -> list[Finding] | None:
+    """The rule's findings; None when none of its inputs was recorded."""
+    if rule.needs and view.metrics(*rule.needs).empty:
+        return None
+    return list(rule.check(view, params))
+
+
 def run_rules(
     run_dir: str | Path,
     rules: list[Rule],
@@ -133,18 +143,24 @@ def run_rules(
     view = RunView.open(run_dir, until)
     found: list[Finding] = []
     skipped: dict[str, str] = {}
+    failed: dict[str, RuleFailure] = {}
     for rule in rules:
         if rule.id in settings.disabled:
             skipped[rule.id] = "disabled"
             continue
-        if rule.needs and view.metrics(*rule.needs).empty:
+        params = {**rule.defaults, **settings.params.get(rule.id, {})}
+        # Reading the rule's inputs is part of the rule: a table it cannot read fails it alone.
+        findings, failure = isolated(lambda r=rule, p=params: _findings_of(r, view, p))
+        if failure is not None:
+            failed[rule.id] = failure
+            continue
+        if findings is None:
             skipped[rule.id] = f"not recorded: {', '.join(rule.needs)}"
             continue
-        params = {**rule.defaults, **settings.params.get(rule.id, {})}
-        for f in rule.check(view, params):
+        for f in findings:
             override = settings.severity.get(rule.id)
             if override is not None and f.severity != "info":
                 f = Finding(**{**f.__dict__, "severity": override})
             found.append(f)
     found.sort(key=lambda f: (SEVERITIES.index(f.severity), f.step or 0, f.rule))
-    return CheckResult(found, skipped)
+    return CheckResult(found, skipped, failed)

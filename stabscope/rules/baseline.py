@@ -12,6 +12,7 @@ from ..store import RUN_MODULE
 from .base import RunView
 
 METRICS = ("act_rms", "grad_rms")
+BASELINE = "baseline-regression"  # the rule id its findings carry
 
 
 def compare_to_baseline(
@@ -28,9 +29,17 @@ def compare_to_baseline(
             continue
         key = ["step", "module", "call"]
         merged = a.merge(b, on=key, suffixes=("", "_base"))
-        scale = floor * float(np.nanmedian(b.value.to_numpy(float)))
+        base_values = b.value.to_numpy(float)
+        finite_base = base_values[np.isfinite(base_values)]
+        scale = floor * float(np.median(finite_base)) if len(finite_base) else np.inf
+        # Finite values on both sides: a NaN or Inf is the nonfinite rule's error, and its
+        # ratio is no measure of how far a layer moved.
+        finite = np.isfinite(merged.value.to_numpy(float)) & np.isfinite(
+            merged.value_base.to_numpy(float)
+        )
         merged = merged[
-            (merged.module != RUN_MODULE)
+            finite
+            & (merged.module != RUN_MODULE)
             & (merged.value_base > 0)
             & ((merged.value_base > scale) | (merged.value > scale))
         ]
@@ -47,7 +56,7 @@ def compare_to_baseline(
         row = merged.iloc[worst]
         moved = int((change > factor).sum())
         yield Finding(
-            rule="baseline-regression",
+            rule=BASELINE,
             severity="error",
             message=f"{metric} of {row.module} at step {int(row.step)} is {ratio[worst]:.3g}x "
             f"the baseline's ({row.value:.3g} vs {row.value_base:.3g}); {moved} "

@@ -10,7 +10,10 @@ DeepNorm's stays near 1. The finding names the first step where the ratio passes
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
+
+import numpy as np
 
 from ..report.findings import Finding
 from ..summary import layer_param_grad_trends
@@ -28,12 +31,13 @@ def _grad_growth(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     worst = "error" if any(g[0] == "error" for _, g in hits) else "warning"
     trend, (severity, threshold) = next((t, g) for t, g in hits if g[0] == worst)
     at_init = trends[0].first_to_last
+    start = f"x{at_init:.3g}" if math.isfinite(at_init) else "not finite"
     yield finding(
         GRAD_GROWTH,
         severity,
         f"at step {trend.step} the gradient norm of layer {trend.layers[-1]} is "
         f"{trend.first_to_last:.3g}x that of layer {trend.layers[0]} "
-        f"(x{at_init:.3g} at step {trends[0].step}, {len(trend.layers)} layers): "
+        f"({start} at step {trends[0].step}, {len(trend.layers)} layers): "
         "gradients grow toward the output and vanish toward the input",
         module=None,
         step=trend.step,
@@ -62,6 +66,9 @@ WANG = "Wang et al. 2022, DeepNet: Scaling Transformers to 1,000 Layers"
 
 def _model_update(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     rel = view.metrics("model_update_rel").sort_values("step")
+    # Finite steps only: after a divergence the output change is NaN, which is neither a
+    # blow-up nor a stall (the nonfinite rule reports it); the stall is judged up to there.
+    rel = rel[np.isfinite(rel.value.to_numpy(float))]
     if len(rel) < 3:
         return
     first, last = float(rel.value.iloc[0]), float(rel.value.iloc[-1])
@@ -115,17 +122,27 @@ def _norm_input_growth(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     trends = layer_param_grad_trends(view.metrics("param_grad_norm"), view.meta)
     if norms.empty or len(trends) < 2:
         return
+    # dropna=False keeps a first step whose every value is NaN: the growth is relative to the
+    # first recorded step, not to the first finite one.
     rms = norms[norms.call == 0].pivot_table(
-        index="step", columns="module", values="value", aggfunc="first"
+        index="step", columns="module", values="value", aggfunc="first", dropna=False
     )
-    growth = rms / rms.iloc[0]  # (steps, norms): input rms relative to the first recorded step
+    if rms.empty:
+        return
+    start = rms.iloc[0]
+    start = start.where(np.isfinite(start) & (start > 0))  # NaN: no growth can be measured
+    growth = rms / start  # (steps, norms): input rms relative to the first recorded step
     first = trends[0]
     for trend in trends[1:]:
         if trend.step not in growth.index or trend.layers != first.layers:
             continue
+        ends = np.array([first.values[0], first.values[-1], trend.values[0], trend.values[-1]])
+        if not (np.isfinite(ends).all() and (ends > 0).all()):
+            continue  # a NaN, Inf or zero gradient norm: no collapse factor to speak of
         # How much more the bottom layer's gradient shrank than the top layer's.
         collapse = (first.values[0] / trend.values[0]) * (trend.values[-1] / first.values[-1])
-        row = growth.loc[trend.step].dropna()
+        row = growth.loc[trend.step]
+        row = row[np.isfinite(row)]
         if row.empty or not collapse >= p["grad_collapse"] or row.max() < p["input_growth"]:
             continue
         norm = str(row.idxmax())

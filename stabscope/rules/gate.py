@@ -5,7 +5,7 @@ The CLI only parses options, prints and exits; everything ``stabscope check`` de
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import find_pyproject, read_toml_table
@@ -14,7 +14,8 @@ from ..report.findings import SEVERITIES, Finding
 from ..store import NotARunError
 from . import ALL_RULES, check_run, settings_from_mapping, write_findings
 from .base import RuleSettings, RunView
-from .baseline import compare_to_baseline
+from .baseline import BASELINE, compare_to_baseline
+from .failures import RuleFailure, isolated
 from .output import at_or_above
 
 
@@ -25,6 +26,13 @@ class GateResult:
     skipped: dict[str, str]
     failing: list[Finding]  # at --fail-on or worse
     rule_ids: list[str]
+    failed: dict[str, RuleFailure] = field(default_factory=dict)  # rules that raised
+    # Failed rules whose findings could have reached --fail-on: the gate cannot vouch for them.
+    failed_blocking: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failing and not self.failed_blocking
 
 
 def load_settings(config: Path | None) -> RuleSettings:
@@ -50,15 +58,29 @@ def run_gate(
     if fail_on not in SEVERITIES:
         raise UsageError(f"bad --fail-on {fail_on!r}", hint=f"one of {', '.join(SEVERITIES)}")
     settings = load_settings(config)
+    severity = {r.id: settings.severity.get(r.id, r.severity) for r in ALL_RULES}
     try:
         result = check_run(run_dir, settings)
         if baseline is not None:
-            result.findings[:0] = compare_to_baseline(
-                RunView.open(run_dir), RunView.open(baseline), factor
-            )
+            run, base = RunView.open(run_dir), RunView.open(baseline)
+            severity[BASELINE] = "error"
+            found, failure = isolated(lambda: list(compare_to_baseline(run, base, factor)))
+            result.findings[:0] = found or []
+            if failure is not None:
+                result.failed[BASELINE] = failure
     except NotARunError as e:
         raise UsageError(str(e), hint="pass a run directory or a model script") from None
     findings = sorted(result.findings, key=lambda f: (SEVERITIES.index(f.severity), f.step or 0))
     write_findings(run_dir, findings)
-    rule_ids = [r.id for r in ALL_RULES] + (["baseline-regression"] if baseline else [])
-    return GateResult(run_dir, findings, result.skipped, at_or_above(findings, fail_on), rule_ids)
+    rule_ids = [r.id for r in ALL_RULES] + ([BASELINE] if baseline else [])
+    cut = SEVERITIES.index(fail_on)
+    blocking = [r for r in result.failed if SEVERITIES.index(severity[r]) <= cut]
+    return GateResult(
+        run_dir,
+        findings,
+        result.skipped,
+        at_or_above(findings, fail_on),
+        rule_ids,
+        result.failed,
+        blocking,
+    )

@@ -1,4 +1,5 @@
-"""Rules on any model: non-finite values, loss spikes, update size, Adam's epsilon, logits."""
+"""Rules on any model: run status, non-finite values (``nonfinite.py``), loss spikes, update
+size, Adam's epsilon, logits."""
 
 from __future__ import annotations
 
@@ -9,49 +10,7 @@ import numpy as np
 from ..report.findings import Finding
 from ..store import RUN_MODULE, count_rows
 from .base import Rule, RunView, finding, finding_at
-
-
-def _nonfinite(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
-    flags = view.metrics("act_nonfinite", "grad_nonfinite")
-    bad = flags[flags.value > 0]
-    loss = view.metrics("loss")
-    bad_loss = loss[~np.isfinite(loss.value)]
-    if bad.empty and bad_loss.empty:
-        return
-    first = view.meta.get("first_nonfinite") or {}
-    where = "; ".join(
-        f"first in {d} order: {w['module']} at step {w['step']}" for d, w in first.items()
-    )
-    step = int(
-        min(
-            bad.step.min() if not bad.empty else np.inf,
-            bad_loss.step.min() if not bad_loss.empty else np.inf,
-        )
-    )
-    module = (first.get("forward") or first.get("backward") or {}).get("module")
-    yield finding(
-        NONFINITE,
-        "error",
-        f"NaN/Inf from step {step} ({len(bad)} module outputs or gradients"
-        f"{', and the loss' if not bad_loss.empty else ''}){': ' + where if where else ''}",
-        module=module,
-        step=step,
-        value=float(len(bad)),
-        threshold=0.0,
-        metric="act_nonfinite",
-        remedy="look at the first module in forward order; lower the learning rate, "
-        "add warm-up or gradient clipping, or compute that module in float32",
-    )
-
-
-NONFINITE = Rule(
-    "nonfinite",
-    "Non-finite values",
-    "",
-    ("act_nonfinite", "grad_nonfinite", "loss"),
-    {},
-    _nonfinite,
-)
+from .nonfinite import NONFINITE
 
 
 def _run_status(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
@@ -95,17 +54,18 @@ def _loss_spike(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     series = loss[loss.module == RUN_MODULE].sort_values("step")
     values, steps = series.value.to_numpy(float), series.step.to_numpy()
     window = int(p["window"])
-    # A spike must also be large against the starting loss: near convergence a loss of 0.03
-    # after 0.01 is three times the median but no instability.
-    floor = p["min_rise"] * abs(values[0]) if len(values) else 0.0
+    # A spike must also be large against the starting loss (the first finite one): near
+    # convergence a loss of 0.03 after 0.01 is three times the median but no instability.
+    finite = values[np.isfinite(values)]
+    floor = p["min_rise"] * abs(finite[0]) if len(finite) else 0.0
     for i in range(window, len(values)):
-        ref = np.nanmedian(values[i - window : i])
-        if (
-            np.isfinite(values[i])
-            and ref > 0
-            and values[i] > p["factor"] * ref
-            and values[i] - ref > floor
-        ):
+        # Finite losses only, here and before: an Inf or NaN one is the nonfinite rule's.
+        before = values[i - window : i]
+        before = before[np.isfinite(before)]
+        if not np.isfinite(values[i]) or not len(before):
+            continue
+        ref = np.median(before)
+        if ref > 0 and values[i] > p["factor"] * ref and values[i] - ref > floor:
             yield finding(
                 LOSS_SPIKE,
                 "warning",
@@ -174,6 +134,8 @@ def _adam_eps(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     # Weight matrices only: some biases get exactly zero gradient (a key bias shifts every
     # logit of a query equally, which softmax ignores), and that is not a stall.
     ratio = ratio[ratio.module.isin(view.matrices)]
+    # The last step with finite values: after a divergence v̂ is NaN, which says nothing here.
+    ratio = ratio[np.isfinite(ratio.value.to_numpy(float))]
     last = ratio[ratio.step == ratio.step.max()]
     low = last[last.value < p["min_ratio"]]
     if low.empty:
@@ -206,6 +168,8 @@ ADAM_EPS = Rule(
 def _logits(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     z = view.metrics("logit_max", "logit_min", "logit_lse_mean")
     ext = z[z.metric.isin(["logit_max", "logit_min"])]
+    # Finite logits only: a NaN or Inf output is the nonfinite rule's error, not a magnitude.
+    ext = ext[np.isfinite(ext.value.to_numpy(float))]
     if ext.empty:
         return
     row = ext.loc[ext.value.abs().idxmax()]

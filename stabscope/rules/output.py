@@ -1,12 +1,21 @@
-"""Findings as JSON, GitHub workflow annotations and JUnit XML."""
+"""Findings as JSON, GitHub workflow annotations and JUnit XML, with the rules that failed.
+
+A rule that raised (``GateResult.failed``) is said in every format, apart from the plain
+skips: JSON ``rule_errors``, a JUnit ``<error>``, a GitHub annotation, a console line.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import xml.etree.ElementTree as ET
 from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
 
 from ..report.findings import SEVERITIES, Finding
+
+if TYPE_CHECKING:
+    from .gate import GateResult
 
 
 def at_or_above(findings: list[Finding], level: str) -> list[Finding]:
@@ -15,15 +24,43 @@ def at_or_above(findings: list[Finding], level: str) -> list[Finding]:
     return [f for f in findings if SEVERITIES.index(f.severity) <= cut]
 
 
-def to_json(run: str, findings: list[Finding], skipped: dict[str, str], failed: bool) -> str:
+def finding_record(f: Finding) -> dict[str, Any]:
+    """A finding as a JSON object; a non-finite number is null (strict JSON has no NaN or
+    Infinity, and a CI job's parser rejects them)."""
+    return {
+        k: None if isinstance(v, float) and not math.isfinite(v) else v
+        for k, v in asdict(f).items()
+    }
+
+
+def rule_errors(gate: GateResult) -> dict[str, dict[str, Any]]:
+    """Per failed rule: what it raised, and whether that fails the gate."""
+    return {
+        rule: {**asdict(failure), "fails_gate": rule in gate.failed_blocking}
+        for rule, failure in gate.failed.items()
+    }
+
+
+def failure_lines(gate: GateResult) -> list[str]:
+    """One plain-text line per rule that raised, for the terminal."""
+    return [
+        f"rule {rule} failed: {failure}; it did not check this run"
+        + (" (the gate fails)" if rule in gate.failed_blocking else "")
+        for rule, failure in gate.failed.items()
+    ]
+
+
+def to_json(gate: GateResult) -> str:
     return json.dumps(
         {
-            "run": run,
-            "failed": failed,
-            "findings": [asdict(f) for f in findings],
-            "skipped": skipped,
+            "run": str(gate.run_dir),
+            "failed": not gate.passed,
+            "findings": [finding_record(f) for f in gate.findings],
+            "skipped": gate.skipped,
+            "rule_errors": rule_errors(gate),
         },
         indent=1,
+        allow_nan=False,
     )
 
 
@@ -36,31 +73,46 @@ def _escape_property(text: str) -> str:
     return _escape_data(text).replace(":", "%3A").replace(",", "%2C")
 
 
-def to_github(findings: list[Finding]) -> str:
-    """One ``::error``/``::warning``/``::notice`` line per finding."""
+def to_github(gate: GateResult) -> str:
+    """One ``::error``/``::warning``/``::notice`` line per finding, then one per failed rule
+    (an error when it fails the gate, else a warning)."""
     kind = {"error": "error", "warning": "warning", "info": "notice"}
     lines = []
-    for f in findings:
+    for f in gate.findings:
         title = _escape_property(f"stabscope {f.rule}" + (f" ({f.module})" if f.module else ""))
         body = f.message + (f" Remedy: {f.remedy}" if f.remedy else "")
         lines.append(f"::{kind[f.severity]} title={title}::{_escape_data(body)}")
+    for rule, line in zip(gate.failed, failure_lines(gate)):
+        level = "error" if rule in gate.failed_blocking else "warning"
+        title = _escape_property(f"stabscope {rule} failed")
+        lines.append(f"::{level} title={title}::{_escape_data(line)}")
     return "\n".join(lines)
 
 
-def to_junit(run: str, rule_ids: list[str], findings: list[Finding], fail_on: str) -> str:
-    """A testsuite with one testcase per rule: failed when it has findings at ``fail_on`` or
-    worse, skipped when it did not run."""
-    failing = at_or_above(findings, fail_on)
+def to_junit(gate: GateResult, fail_on: str) -> str:
+    """A testsuite with one testcase per rule: a failure when it has findings at ``fail_on``
+    or worse, an error when the rule raised, skipped when it did not run."""
+    failing = at_or_above(gate.findings, fail_on)
     suite = ET.Element(
         "testsuite",
-        name=f"stabscope {run}",
-        tests=str(len(rule_ids)),
+        name=f"stabscope {gate.run_dir}",
+        tests=str(len(gate.rule_ids)),
         failures=str(len({f.rule for f in failing})),
+        errors=str(len(gate.failed)),
+        skipped=str(len(set(gate.skipped) & set(gate.rule_ids))),
     )
-    for rule in rule_ids:
+    for rule in gate.rule_ids:
         case = ET.SubElement(suite, "testcase", classname="stabscope", name=rule)
         for f in failing:
             if f.rule == rule:
                 fail = ET.SubElement(case, "failure", message=f.message, type=f.severity)
                 fail.text = "\n".join(filter(None, [f.remedy, f.citation]))
+        failure = gate.failed.get(rule)
+        if failure is not None:
+            error = ET.SubElement(case, "error", message=str(failure), type=failure.type)
+            error.text = "the rule raised and did not check this run" + (
+                "; the gate fails" if rule in gate.failed_blocking else ""
+            )
+        if rule in gate.skipped:
+            ET.SubElement(case, "skipped", message=gate.skipped[rule])
     return ET.tostring(suite, encoding="unicode", xml_declaration=True)

@@ -34,8 +34,10 @@ REPLICATED = ("param_norm", "param_grad_norm")
 
 
 def _by_rank(frame: pd.DataFrame, metric: str) -> dict[str, pd.DataFrame]:
-    """Per module: a steps x ranks table of ``metric`` (first call, no index)."""
+    """Per module with a finite value: a steps x ranks table of ``metric`` (first call, no
+    index; NaN where a rank's value was NaN or Inf, which is the nonfinite rule's error)."""
     rows = frame[(frame.metric == metric) & (frame.call == 0) & (frame["index"] == -1)]
+    rows = rows[np.isfinite(rows.value.to_numpy(float))]
     return {
         str(module): group.pivot_table(index="step", columns="rank", values="value")
         for module, group in rows.groupby("module", observed=True)

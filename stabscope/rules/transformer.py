@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
+import pandas as pd
 
 from ..report.findings import Finding
 from ..theory.deepnorm import deepnorm_constants
@@ -14,8 +15,16 @@ from .base import Rule, RunView, finding, finding_at, graded
 from .health import WORTSMAN
 
 
+def _finite(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows with a finite value: a NaN or Inf statistic is the nonfinite rule's error, and
+    would otherwise win every max, ratio or threshold here."""
+    return frame[np.isfinite(frame.value.to_numpy(float))]
+
+
 def _attention_logits(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
-    logits = view.metrics("attn_logit_max")
+    logits = _finite(view.metrics("attn_logit_max"))
+    if logits.empty:
+        return
     row = logits.loc[logits.value.idxmax()]
     grade = graded(float(row.value), p)
     if grade is None:
@@ -51,18 +60,17 @@ ZHAI = "Zhai et al. 2023, Stabilizing Transformer Training by Preventing Attenti
 
 
 def _attention_entropy(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
-    ent = view.metrics("attn_entropy")
-    # Per module and head: the value at the last recorded step against its first value.
-    ordered = ent.sort_values("step")
-    first = ordered.groupby(["module", "index"]).value.first()
-    last = ordered.groupby(["module", "index"]).value.last()
-    last_step = int(ordered.step.max())
+    ent = _finite(view.metrics("attn_entropy"))
+    # Per module and head: the value at its last finite step against its first value.
+    by_head = ent.sort_values("step").groupby(["module", "index"])
+    first, last = by_head.value.first(), by_head.value.last()
     low = last[last < p["min_entropy"]]
     dropped = last[(first > 0) & (last < p["max_drop"] * first)]
     heads = low.index.union(dropped.index)
     if not len(heads):
         return
     (module, head) = min(heads, key=lambda k: last[k])
+    last_step = int(by_head.step.last()[heads].max())
     yield finding(
         ATTN_ENTROPY,
         "warning",
@@ -96,7 +104,10 @@ def _rank_collapse(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     during training is often a transient plateau (healthy runs at a high learning rate sit
     near 1 for a few steps, then recover), so it is an error only once it has lasted
     ``persist`` steps, a warning before that."""
-    corr = view.metrics("token_corr")
+    corr = _finite(view.metrics("token_corr"))
+    if corr.empty:
+        return
+    # Per step, the most collapsed block among those with a finite correlation.
     by_step = corr.groupby("step").value.max().sort_index()
     first_step, last_step = int(by_step.index[0]), int(by_step.index[-1])
     if by_step.iloc[0] > p["error"]:
@@ -150,9 +161,12 @@ def _residual_dependency(view: RunView, p: dict[str, float]) -> Iterator[Finding
     beta = view.metrics("res_beta")
     step = int(beta.step.min())  # step 0 is init; later only if step 0 has no β
     rows = beta[beta.step == step].sort_values("index").groupby("module")
-    # β_{i,i}: the weight of branch i's own output in the sum right after it (last index);
-    # row i holds components 0..i+1, so i is the branch's position in its stack.
-    own = rows.value.last()
+    # β_{i,i}: the weight of branch i's own output in the sum right after it (last index;
+    # tail, not last(): a NaN β_ii must not be replaced by the β before it); row i holds
+    # components 0..i+1, so i is the branch's position in its stack. Then the branches with
+    # a finite β_ii: a NaN one is no evidence either way.
+    own = rows.tail(1).set_index("module").value
+    own = own[np.isfinite(own.to_numpy(float))]
     if len(own) < 2:
         return
     position = rows["index"].max().reindex(own.index) - 1

@@ -1,0 +1,141 @@
+"""Rule nonfinite: NaN or Inf in the model is an error, located where it began.
+
+Where it began comes from the table, so that ``--until`` and multi-rank runs see their own
+rows: per direction, the first recorded step where a module output (forward:
+``act_nonfinite``) or a gradient with respect to one (backward: ``grad_nonfinite``) held a
+NaN or Inf, and the first module in that direction's order at that step (meta.json's
+``first_nonfinite`` when it is for that step, else the recorder's ``first_nonfinite_*``
+marker row, else the flagged module first in registration order). The earlier of the two
+directions leads the finding (in one step, forward comes first). The loss is recorded at
+every step, module statistics only at recorded ones, so the loss can go non-finite earlier;
+its first such step is said too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from ..report.findings import Finding
+from ..store import RUN_MODULE
+from .base import Rule, RunView, finding
+
+#: direction -> (its flag metric, its marker metric, what it is a value of)
+DIRECTIONS = {
+    "forward": ("act_nonfinite", "first_nonfinite_forward", "output"),
+    "backward": ("grad_nonfinite", "first_nonfinite_backward", "output gradient"),
+}
+
+
+@dataclass(frozen=True)
+class FirstNonfinite:
+    direction: str  # forward | backward
+    step: int
+    module: str
+
+
+def _module_order(view: RunView, direction: str) -> dict[str, int]:
+    """Registration order of the modules (forward order, roughly; backward runs reversed)."""
+    names = [m["name"] for m in view.meta.get("modules", [])]
+    if direction == "backward":
+        names.reverse()
+    return {name: i for i, name in enumerate(names)}
+
+
+def first_nonfinite(
+    view: RunView, bad: pd.DataFrame, markers: pd.DataFrame, direction: str
+) -> FirstNonfinite | None:
+    """The first recorded step with a non-finite value in ``direction`` and the first module
+    in that direction's order at that step; None when every recorded value was finite.
+    ``bad``: the flag rows above 0; ``markers``: the recorder's marker rows."""
+    flag, marker, _ = DIRECTIONS[direction]
+    bad = bad[bad.metric == flag]
+    if bad.empty:
+        return None
+    step = int(bad.step.min())
+    noted = (view.meta.get("first_nonfinite") or {}).get(direction) or {}
+    if noted.get("step") == step and noted.get("module") is not None:
+        return FirstNonfinite(direction, step, str(noted["module"]))
+    candidates = markers[(markers.metric == marker) & (markers.step == step)]
+    if candidates.empty:  # no marker row: any flagged module, in module order
+        candidates = bad[bad.step == step]
+    order = _module_order(view, direction)
+    module = min(candidates.module.astype(str), key=lambda m: (order.get(m, len(order)), m))
+    return FirstNonfinite(direction, step, module)
+
+
+def first_nonfinite_loss(loss: pd.DataFrame) -> tuple[int, float] | None:
+    """The first step whose loss (of the ``loss`` rows given) was NaN or Inf, and that value."""
+    loss = loss[(loss.metric == "loss") & (loss.module == RUN_MODULE)].sort_values("step")
+    bad = loss[~np.isfinite(loss.value.to_numpy(float))]
+    return None if bad.empty else (int(bad.step.iloc[0]), float(bad.value.iloc[0]))
+
+
+def _loss_only(step: int, value: float) -> Finding:
+    return finding(
+        NONFINITE,
+        "error",
+        f"the loss went non-finite at step {step} ({value}); no module output or gradient "
+        "was non-finite at the recorded steps (the loss itself overflowed, or it began "
+        "between them)",
+        module=RUN_MODULE,
+        step=step,
+        value=0.0,
+        threshold=0.0,
+        metric="loss",
+        remedy="record every step around it (a denser schedule) to find the module; lower "
+        "the learning rate, add warm-up or gradient clipping",
+    )
+
+
+def _nonfinite(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
+    rows = view.metrics(*NONFINITE.needs)  # the rows the engine read to see they exist
+    bad = rows[rows.metric.isin([flag for flag, _, _ in DIRECTIONS.values()]) & (rows.value > 0)]
+    loss = first_nonfinite_loss(rows)
+    if bad.empty:
+        if loss is not None:
+            yield _loss_only(*loss)
+        return
+    markers = view.metrics(*(marker for _, marker, _ in DIRECTIONS.values()))
+    firsts = [f for d in DIRECTIONS if (f := first_nonfinite(view, bad, markers, d)) is not None]
+    count, steps = len(bad), int(pd.unique(bad.step).size)
+    firsts.sort(key=lambda f: (f.step, list(DIRECTIONS).index(f.direction)))
+    lead = firsts[0]
+    what = DIRECTIONS[lead.direction][2]
+    parts = [
+        f"NaN/Inf from step {lead.step}, first in the {lead.direction} pass: the {what} of "
+        f"{lead.module}"
+    ]
+    parts += [
+        f"{f.direction} pass: first the {DIRECTIONS[f.direction][2]} of {f.module} at step {f.step}"
+        for f in firsts[1:]
+    ]
+    if loss is not None:
+        parts.append(f"the loss went non-finite at step {loss[0]} ({loss[1]})")
+    parts.append(f"{count} module outputs or gradients non-finite over {steps} recorded steps")
+    yield finding(
+        NONFINITE,
+        "error",
+        "; ".join(parts),
+        module=lead.module,
+        step=lead.step,
+        value=float(count),
+        threshold=0.0,
+        metric=DIRECTIONS[lead.direction][0],
+        remedy=f"look at {lead.module}: its {what} was the first non-finite one in "
+        f"{lead.direction} order; lower the learning rate, add warm-up or gradient clipping, "
+        "or compute that module in float32",
+    )
+
+
+NONFINITE = Rule(
+    "nonfinite",
+    "Non-finite values",
+    "",
+    ("act_nonfinite", "grad_nonfinite", "loss"),
+    {},
+    _nonfinite,
+)
