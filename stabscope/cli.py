@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from . import cli_profile  # noqa: F401  (registers `profile` first: it leads --help)
 from .cli_common import app, err, fail
@@ -24,8 +25,6 @@ def summary(
     run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
 ) -> None:
     """Print the headline numbers of a recorded run and its findings."""
-    from rich.markup import escape
-
     from .report.console import print_findings, print_summary
     from .report.findings import FindingsError, load_findings
     from .store import NotARunError
@@ -51,8 +50,6 @@ def report(
     output: Annotated[Path, typer.Option("--output", "-o", help="HTML file to write.")] = REPORT,
 ) -> None:
     """Write one self-contained HTML report of one or more runs; it opens offline."""
-    from rich.markup import escape
-
     from .report.build import build_report
 
     try:
@@ -154,7 +151,7 @@ def amplification(
         f"{result.fit_log_n.r2:.3f} -> grows like [bold]{result.better}[/] "
         "(theory: N for Post-LN, log N for Pre-LN)"
     )
-    err.print(f"run directory: [bold]{result.run_dir}[/]")
+    err.print(f"run directory: [bold]{escape(str(result.run_dir))}[/]", soft_wrap=True)
 
 
 @app.command()
@@ -242,7 +239,7 @@ def _check(
     else:
         print_findings(findings, err)
         for rule, why in gate.skipped.items():
-            err.print(f"[dim]skipped {rule}: {why}[/]")
+            err.print(f"[dim]skipped {escape(rule)}: {escape(why)}[/]", soft_wrap=True)
     if junit is not None:
         junit.write_text(to_junit(str(run_dir), gate.rule_ids, findings, fail_on), encoding="utf-8")
     verdict = (
@@ -250,7 +247,7 @@ def _check(
         if failing
         else "[green]passed[/]"
     )
-    err.print(f"check {run_dir}: {verdict}")
+    err.print(f"check {escape(str(run_dir))}: {verdict}", soft_wrap=True)
     return 1 if failing else 0
 
 
@@ -263,7 +260,10 @@ def _profile_for_check(script: Path, steps: int, sets: list[str]) -> Path:
     loaded = load_script(script, parse_set(sets))
     run_dir = Path("runs") / f"{script.stem}-check"
     config = RecorderConfig(schedule=Schedule(dense=10, every=5))
-    err.print(f"profiling {script.name} for {steps} steps into {run_dir} (seed 0)")
+    err.print(
+        escape(f"profiling {script.name} for {steps} steps into {run_dir} (seed 0)"),
+        soft_wrap=True,
+    )
     return profile_script(loaded, run_dir, steps, config, seed=0, device="auto", force=True).run_dir
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .errors import ScriptError, UsageError
 
@@ -24,7 +25,8 @@ err = Console(stderr=True, highlight=False)
 
 def fail(error: UsageError) -> typer.Exit:
     """Print the error line and its hint to stderr; exit 2 unless the script set a code."""
-    err.print(f"[bold red]error:[/] {error.message}", markup=True, soft_wrap=True)
+    # Messages quote paths and names as given ("runs/exp[lr=1e-3]"): text, never markup.
+    err.print(f"[bold red]error:[/] {escape(error.message)}", soft_wrap=True)
     if error.hint:
-        err.print(f"[dim]hint:[/] {error.hint}", soft_wrap=True)
+        err.print(f"[dim]hint:[/] {escape(error.hint)}", soft_wrap=True)
     return typer.Exit(error.exit_code if isinstance(error, ScriptError) else 2)

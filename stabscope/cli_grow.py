@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.markup import escape
 
 from .cli_common import app, err, fail
 from .errors import UsageError
@@ -220,7 +221,8 @@ def _run_bars(names: list[str], steps: int, quiet: bool) -> Iterator[Callable[[s
 
         def for_run(name: str) -> ProgressFn:
             if not tasks:
-                tasks.update({n: bars.add_task(n, total=steps, loss="-") for n in names})
+                # The description column is markup: the names go in as text.
+                tasks.update({n: bars.add_task(escape(n), total=steps, loss="-") for n in names})
 
             def update(done: int, total: int, loss: float | None) -> None:
                 text = "-" if loss is None else f"{loss:.4g}"
@@ -237,8 +239,6 @@ def _print_result(
     axis: str | None,
     variants: list[tuple[str, GrowthSpec, float]],
 ) -> int:
-    from rich.markup import escape
-
     for v in result.variants:
         if v.growth is None or v.preservation is None:
             continue
@@ -271,7 +271,10 @@ def _print_result(
     grown = [v.run_dir for v in result.variants if v.growth is not None]
     base = [v.run_dir for v in result.variants if v.growth is None]
     runs = " ".join(str(p) for p in base + grown)
-    err.print(f"next: stabscope report {runs} -o grow.html; stabscope check {grown[-1]}")
+    err.print(
+        escape(f"next: stabscope report {runs} -o grow.html; stabscope check {grown[-1]}"),
+        soft_wrap=True,
+    )
     return 0
 
 
@@ -283,7 +286,7 @@ def _scaling(result: GrowResult, run_root: Path, sizes: dict[str, float]) -> pd.
     rows = [(v.name, v.run_dir, sizes.get(v.name) or v.size) for v in result.variants]
     table = scaling_table(rows)
     path = write_table(table, run_root)
-    err.print(f"scaling table: [bold]{path}[/]")
+    err.print(f"scaling table: [bold]{escape(str(path))}[/]", soft_wrap=True)
     return table
 
 
@@ -304,7 +307,7 @@ def _print_table(table: pd.DataFrame, axis: str | None) -> None:
     records = table.to_dict("records")
     for r in records:
         out.add_row(
-            str(r["run"]),
+            escape(str(r["run"])),
             f"{r['size']:.3g}",
             *(num(r[k]) for k in ("depth", "hidden", "mlp", "heads")),
             _count(r["params"]),
@@ -320,7 +323,7 @@ def _print_table(table: pd.DataFrame, axis: str | None) -> None:
     )
     for r in records:
         if r["findings"]:
-            err.print(f"findings of {r['run']}: {r['findings']}", soft_wrap=True)
+            err.print(escape(f"findings of {r['run']}: {r['findings']}"), soft_wrap=True)
     if axis and len(table) > 2:
         fits = exponents(table)
         err.print(

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.markup import escape
 
 from .cli_common import app, err, fail
 from .errors import UsageError
@@ -155,12 +156,12 @@ def print_prediction(prediction: Prediction, title: str) -> None:
     """The per-layer table and the headline, on stderr."""
     from rich.table import Table
 
-    table = Table(title=f"predicted at init: {title}")
+    table = Table(title=f"predicted at init: {escape(title)}")
     for col in ("layer", "act rms", "act var", "grad rms (rel. last)", "token corr"):
         table.add_column(col, justify="right")
     for layer in prediction.layers:
         table.add_row(
-            layer.module or str(layer.index),
+            escape(layer.module or str(layer.index)),
             f"{layer.act_rms:.4g}",
             f"{layer.act_var:.4g}",
             f"{layer.grad_rms_rel:.4g}",
@@ -175,4 +176,4 @@ def print_prediction(prediction: Prediction, title: str) -> None:
         f"{head['final_token_corr']:.3f}"
     )
     reasons = "; ".join(verdict["reasons"]) or "no vanishing or exploding gradients, no collapse"
-    err.print(f"verdict: [{style}]{verdict['severity']}[/] — {reasons}")
+    err.print(f"verdict: [{style}]{verdict['severity']}[/] — {escape(reasons)}", soft_wrap=True)

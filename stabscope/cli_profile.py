@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.markup import escape
 
 from .cli_common import app, err, fail
 from .errors import UsageError
@@ -261,14 +262,14 @@ def _prepare_run_dir(run_dir: Path, force: bool) -> None:
 
 
 def _print_profile_result(run_dir: Path, seconds: float, notes: list[str]) -> None:
-    from rich.markup import escape
-
     from .report.console import print_summary
     from .summary import summarize
 
     print_summary(summarize(run_dir), err)
     for note in notes:
         err.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
+    where = escape(str(run_dir))
     err.print(
-        f"run directory: [bold]{run_dir}[/] ({seconds:.1f}s) — next: stabscope summary {run_dir}"
+        f"run directory: [bold]{where}[/] ({seconds:.1f}s) — next: stabscope summary {where}",
+        soft_wrap=True,
     )

@@ -1,0 +1,154 @@
+"""Bad input through the real CLI: one error line, one hint, exit 2, and nothing recorded lost.
+
+Names and paths the user chose are printed as text: rich markup in a module name, a script
+name or a run directory (``runs/exp[lr=1e-3]``) is neither swallowed nor a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import stabscope
+from stabscope.cli import app
+
+runner = CliRunner()
+
+# Module names with rich markup in them: an nn.ModuleDict key may be any string without dots.
+BRACKET_MODEL = textwrap.dedent("""
+    import torch
+    from torch import nn
+
+    CONFIG = {"lr": 1e-2}
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleDict({"[/]": nn.Linear(4, 8), "x[bold]": nn.Linear(8, 2)})
+
+        def forward(self, x):
+            return self.blocks["x[bold]"](torch.relu(self.blocks["[/]"](x)))
+
+    def model(cfg):
+        return Net()
+
+    def batches(cfg):
+        g = torch.Generator().manual_seed(0)
+        while True:
+            yield torch.randn(8, 4, generator=g), torch.randn(8, 2, generator=g)
+
+    def loss(m, b):
+        x, y = b
+        return (m(x) - y).pow(2).mean()
+""")
+
+# A training script whose top-level code leaves a marker: running it at all would show.
+MARKED_TRAINING = textwrap.dedent("""
+    import pathlib
+    import torch
+    from torch import nn
+
+    pathlib.Path(__file__).with_name("MARKER").write_text("trained")
+    net = nn.Linear(3, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        net(torch.randn(4, 3)).pow(2).mean().backward()
+        opt.step()
+""")
+
+
+def invoke(*args: object):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def one_error(res, *needles: str) -> None:
+    """Exit 2, one ``error:`` line and one ``hint:`` line, no traceback."""
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["error", "hint"], res.stderr
+    assert "Traceback" not in res.output
+    for needle in needles:
+        assert needle in res.stderr, res.stderr
+
+
+@pytest.fixture(scope="module")
+def bracket_run(tmp_path_factory) -> Path:
+    """A real 3-step run of ``net[red].py`` in ``runs/exp[lr=1e-3]``."""
+    root = tmp_path_factory.mktemp("markup")
+    script = root / "net[red].py"
+    script.write_text(BRACKET_MODEL)
+    out = root / "runs" / "exp[lr=1e-3]"
+    res = invoke("profile", script, "--steps", 3, "--out", out, "-q", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    assert f"run directory: {out} " in res.stderr  # verbatim, brackets and all
+    assert "blocks.[/]" in res.stderr and "blocks.x[bold]" in res.stderr  # the summary table
+    return out
+
+
+def test_markup_in_names_and_paths_is_printed_as_text(bracket_run, tmp_path):
+    out = bracket_run
+    res = invoke("summary", out)
+    assert res.exit_code == 0, res.output
+    assert f"run {out} " in res.stderr
+    assert "blocks.[/]" in res.stderr and "blocks.x[bold]" in res.stderr
+
+    # A gate finding that names a bracketed parameter: exit 1, the name as recorded.
+    config = tmp_path / "strict.toml"
+    config.write_text("[tool.stabscope.rules]\nupdate-ratio = {max_ratio = 1e-9}\n")
+    res = invoke("check", out, "--config", config, "--fail-on", "warning")
+    assert res.exit_code == 1, res.output
+    assert "blocks.x[bold].weight" in res.stderr and f"check {out}: failed" in res.stderr
+    res = invoke("check", out)
+    assert res.exit_code == 0 and f"check {out}: passed" in res.stderr
+    res = invoke("check", out, "--format", "json")
+    assert res.exit_code == 0 and json.loads(res.stdout)["run"] == str(out)
+
+
+def test_report_of_a_run_with_markup_in_its_path(bracket_run, tmp_path):
+    out = bracket_run
+    html = tmp_path / "r[1].html"
+    res = invoke("report", out, "-o", html)
+    assert res.exit_code == 0, res.output
+    assert f"report: {html} " in res.stderr and html.is_file()
+
+
+def test_check_of_a_script_with_markup_in_its_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    script = tmp_path / "net[red].py"
+    script.write_text(BRACKET_MODEL)
+    res = invoke("check", script, "--steps", 2)
+    assert res.exit_code == 0, res.output
+    run = Path("runs") / "net[red]-check"
+    assert f"profiling net[red].py for 2 steps into {run}" in res.stderr
+    assert stabscope.read_meta(run)["status"] == "complete"
+
+
+def test_error_messages_keep_markup_in_paths(tmp_path):
+    missing = tmp_path / "runs" / "exp[lr=1e-3]"
+    one_error(invoke("summary", missing), str(missing))
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["inspect"],
+        ["check", "--steps", "2"],
+        ["predict"],
+        ["amplification"],
+        ["grow", "--depth", "2x"],
+    ],
+)
+def test_training_script_is_refused_before_it_runs(tmp_path, monkeypatch, command):
+    monkeypatch.chdir(tmp_path)
+    script = tmp_path / "train.py"
+    script.write_text(MARKED_TRAINING)
+    name, *options = command
+    res = invoke(name, script, *options)
+    one_error(res, "train.py is not a model script", "stabscope profile train.py --")
+    assert not (tmp_path / "MARKER").exists()  # its top-level code never ran
+    assert not (tmp_path / "runs").exists()
