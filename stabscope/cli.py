@@ -33,9 +33,8 @@ def summary(
     try:
         print_summary(summarize(run_dir), err)
     except NotARunError as e:
-        raise fail(
-            UsageError(str(e), hint="pass a directory written by `stabscope profile`")
-        ) from None
+        hint = getattr(e, "hint", "pass a directory written by `stabscope profile`")
+        raise fail(UsageError(str(e), hint=hint)) from None
     try:
         print_findings(load_findings(run_dir), err)
     except FindingsError as e:

@@ -152,3 +152,59 @@ def test_training_script_is_refused_before_it_runs(tmp_path, monkeypatch, comman
     one_error(res, "train.py is not a model script", "stabscope profile train.py --")
     assert not (tmp_path / "MARKER").exists()  # its top-level code never ran
     assert not (tmp_path / "runs").exists()
+
+
+def copy_run(run: Path, to: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(run, to))
+
+
+def snapshot(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def _edit(meta: dict, change) -> str:
+    return json.dumps(change(meta))
+
+
+BAD_METAS = {
+    "a list": lambda m: [m],
+    "a string": lambda m: "complete",
+    "modules not a list": lambda m: {**m, "modules": {"a": 1}},
+    "no status": lambda m: {k: v for k, v in m.items() if k != "status"},
+    "steps a string": lambda m: {**m, "steps": "many"},
+    "a module without name": lambda m: {**m, "modules": [{"type": "Linear"}]},
+    "a parameter shape of strings": lambda m: {
+        **m,
+        "parameters": [{"name": "w", "shape": ["4"]}],
+    },
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_METAS))
+def test_meta_of_the_wrong_shape_is_one_error_for_every_reader(bracket_run, tmp_path, case):
+    run = copy_run(bracket_run, tmp_path / "run")
+    meta = json.loads((run / "meta.json").read_text())
+    (run / "meta.json").write_text(json.dumps(BAD_METAS[case](meta)))
+    before = snapshot(run)
+    for args in (["summary", run], ["check", run], ["check", run, "--format", "json"]):
+        one_error(invoke(*args), f"{run / 'meta.json'}: ", "hint: meta.json was damaged")
+    one_error(invoke("report", run, "-o", tmp_path / "r.html"), "meta.json")
+    assert not (tmp_path / "r.html").exists()
+    with pytest.raises(stabscope.MetaError, match=r"meta\.json"):
+        stabscope.read_meta(run)
+    with pytest.raises(stabscope.MetaError):  # glob names come from meta: not a KeyError
+        stabscope.load_run(run, modules="blocks.*")
+    with pytest.raises(stabscope.MetaError):  # ranks merge by meta: not a TypeError
+        stabscope.load_run(run, merge_ranks=True)
+    assert snapshot(run) == before  # nothing written, nothing lost
+
+
+def test_meta_that_is_not_json_is_a_meta_error(bracket_run, tmp_path):
+    run = copy_run(bracket_run, tmp_path / "run")
+    (run / "meta.json").write_text('{"status": "complete",')
+    one_error(invoke("summary", run), "is not valid JSON", "hint: meta.json was damaged")
+    with pytest.raises(stabscope.MetaError):
+        stabscope.load_run(run, modules="blocks.*")
+    assert stabscope.NotARunError in stabscope.MetaError.__mro__  # old handlers still catch it
