@@ -221,12 +221,16 @@ def _check(
     sets: list[str],
 ) -> int:
     from .report.console import print_findings
-    from .rules.gate import run_gate
+    from .rules.gate import load_settings, run_gate
     from .rules.output import to_github, to_json, to_junit
 
     if output_format not in ("table", "json", "github"):
         raise UsageError(f"bad --format {output_format!r}", hint="table, json or github")
-    run_dir = _profile_for_check(target, steps, sets) if target.suffix == ".py" else target
+    if target.suffix == ".py":
+        load_settings(config)  # a bad --config fails before the script is profiled
+        run_dir = _profile_for_check(target, steps, sets)
+    else:
+        run_dir = target
     gate = run_gate(run_dir, fail_on, config, baseline, factor)
     findings, failing = gate.findings, gate.failing
     if output_format == "json":

@@ -184,6 +184,8 @@ def _grow(
 
     try:
         config = load_pyproject_config().replace(preset=preset)
+    except UsageError:  # [tool.stabscope] of the wrong type: names the key
+        raise
     except ValueError as e:
         raise UsageError(str(e), hint="see `stabscope grow --help`") from None
     if steps < 1:

@@ -118,6 +118,8 @@ def profile(
             include=tuple(include) if include else None,
             exclude=tuple(exclude) if exclude else None,
         )
+    except UsageError as e:  # [tool.stabscope] of the wrong type: names the key
+        raise fail(e) from None
     except ValueError as e:
         raise fail(UsageError(str(e), hint="see `stabscope profile --help`")) from None
     run_dir = out or Path("runs") / script.stem
