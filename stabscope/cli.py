@@ -6,6 +6,7 @@ Human-readable output goes to stderr; data goes to stdout or ``--output``.
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -14,6 +15,7 @@ import typer
 from rich.markup import escape
 
 from . import cli_profile  # noqa: F401  (registers `profile` first: it leads --help)
+from . import cli_values as values
 from .cli_common import app, err, fail
 from .errors import UsageError
 
@@ -52,6 +54,9 @@ def report(
     from .report.build import build_report
 
     try:
+        values.output_file(
+            output, "-o", "the report to"
+        )  # before reading the runs, which can take a while
         result = build_report(run_dirs, output)
     except UsageError as e:
         raise fail(e) from None
@@ -77,6 +82,7 @@ def inspect(
 ) -> None:
     """Show the detected structure: blocks, branches, norm placement, attention heads."""
     try:
+        values.seed(seed)
         _inspect(script, set_ or [], as_json, seed)
     except UsageError as e:
         raise fail(e) from None
@@ -126,6 +132,8 @@ def amplification(
             depth_list = [int(d) for d in depths.split(",") if d.strip()]
         except ValueError:
             raise UsageError(f"bad --depths {depths!r}", hint="e.g. --depths 6,12,24") from None
+        values.positive_int(seeds, "--seeds", "5")
+        values.positive_finite(delta, "--delta", "1e-4")
         loaded = load_script(script, parse_set(set_ or []))
         result = run_amplification(loaded, depth_list, run_dir, seeds, delta, device, force)
     except RunExistsError:
@@ -221,11 +229,20 @@ def _check(
     sets: list[str],
 ) -> int:
     from .report.console import print_findings
+    from .report.findings import SEVERITIES
     from .rules.gate import load_settings, run_gate
     from .rules.output import to_github, to_json, to_junit
 
     if output_format not in ("table", "json", "github"):
         raise UsageError(f"bad --format {output_format!r}", hint="table, json or github")
+    if fail_on not in SEVERITIES:
+        raise UsageError(f"bad --fail-on {fail_on!r}", hint=f"one of {', '.join(SEVERITIES)}")
+    # factor >= 1: a change is max(ratio, 1/ratio), so below 1 every module would fail.
+    ok = math.isfinite(factor) and factor >= 1
+    values.require(ok, "--baseline-factor", factor, "a number >= 1", "10")
+    values.positive_int(steps, "--steps", "50")
+    if junit is not None:
+        values.output_file(junit, "--junit")
     if target.suffix == ".py":
         load_settings(config)  # a bad --config fails before the script is profiled
         run_dir = _profile_for_check(target, steps, sets)
@@ -243,15 +260,23 @@ def _check(
         print_findings(findings, err)
         for rule, why in gate.skipped.items():
             err.print(f"[dim]skipped {escape(rule)}: {escape(why)}[/]", soft_wrap=True)
-    if junit is not None:
-        junit.write_text(to_junit(str(run_dir), gate.rule_ids, findings, fail_on), encoding="utf-8")
     verdict = (
         f"[red]failed[/]: {len(failing)} findings at {fail_on} or worse"
         if failing
         else "[green]passed[/]"
     )
     err.print(f"check {escape(str(run_dir))}: {verdict}", soft_wrap=True)
+    if junit is not None:
+        _write_junit(junit, to_junit(str(run_dir), gate.rule_ids, findings, fail_on), run_dir)
     return 1 if failing else 0
+
+
+def _write_junit(path: Path, text: str, run_dir: Path) -> None:
+    """The findings are in RUN/findings.json already: a failed write here loses nothing."""
+    from .report.findings import FINDINGS_FILE
+
+    kept = f"the findings are kept in {run_dir / FINDINGS_FILE}; "
+    values.write_output(path, text, "--junit", kept)
 
 
 def _profile_for_check(script: Path, steps: int, sets: list[str]) -> Path:

@@ -6,13 +6,36 @@ and register on ``app`` when ``cli.py`` imports them.
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperGroup
 
 from .errors import ScriptError, UsageError
 
+
+class _Commands(TyperGroup):
+    """The command group; it refuses an empty option value before the command parses it."""
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> tuple[str | None, Any, list[str]]:
+        from .cli_values import empty_option
+
+        name, command, rest = super().resolve_command(ctx, args)
+        option = None if command is None else empty_option(command, rest)
+        if option is not None:
+            raise fail(
+                UsageError(
+                    f"{option} is empty",
+                    hint=f"give {option} a value, or leave it out for its default",
+                )
+            )
+        return name, command, rest
+
+
 app = typer.Typer(
+    cls=_Commands,
     name="stabscope",
     help="Stability diagnostics for PyTorch models: record, inspect, summarise, report.",
     no_args_is_help=True,

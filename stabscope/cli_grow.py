@@ -3,6 +3,7 @@ batches, then profiled with the usual recorder; ``--sweep`` makes one grown run 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.markup import escape
 
+from . import cli_values as values
 from .cli_common import app, err, fail
 from .errors import UsageError
 
@@ -190,11 +192,12 @@ def _grow(
         raise UsageError(str(e), hint="see `stabscope grow --help`") from None
     if steps < 1:
         raise UsageError(f"--steps must be positive, got {steps}", hint="1 profiles at init")
-    if tolerance is not None and not tolerance >= 0:
+    if tolerance is not None and not 0 <= tolerance < math.inf:
         raise UsageError(
-            f"--tolerance must be zero or positive, got {tolerance}",
+            f"--tolerance must be zero or positive (and finite), got {tolerance}",
             hint="leave it out for the default, 1e-5 x the output's scale",
         )
+    values.seed(seed)
     loaded = load_script(script, parse_set(sets))
     settings = GrowSettings(steps, config, seed, device, probes, tolerance, force, not no_base)
     names = ([] if no_base else [BASE]) + [name for name, _, _ in variants]
@@ -293,8 +296,6 @@ def _scaling(result: GrowResult, run_root: Path, sizes: dict[str, float]) -> pd.
 
 
 def _print_table(table: pd.DataFrame, axis: str | None) -> None:
-    import math
-
     from rich.table import Table
 
     from .grow.table import exponents

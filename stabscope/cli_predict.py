@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.markup import escape
 
+from . import cli_values as values
 from .cli_common import app, err, fail
 from .errors import UsageError
 
@@ -75,6 +76,13 @@ def predict(
     from .theory import DescriptionError, ModelDescription
 
     try:
+        values.seed(seed)
+        values.positive_finite(ffn, "--ffn", "4")
+        values.positive_finite(input_var, "--input-var", "1")
+        values.positive_finite(alpha, "--alpha", "1")  # None: the placement's own
+        values.positive_finite(beta, "--beta", "1")
+        if out is not None:
+            values.output_file(out, "--out")
         if script is not None:
             if depth is not None or width is not None:
                 raise UsageError(
@@ -105,7 +113,7 @@ def predict(
             title = f"{depth}-layer {norm} model, width {width}"
         prediction = _run(desc)
         if out is not None:
-            _write(out, prediction.to_json())
+            values.write_output(out, prediction.to_json(), "--out")
     except UsageError as e:
         raise fail(e) from None
     if as_json:
@@ -139,17 +147,6 @@ def _run(desc: ModelDescription) -> Prediction:
         return predict(desc)
     with err.status(f"propagating {desc.depth} blocks × {desc.seq}² token moments"):
         return predict(desc)
-
-
-def _write(path: Path, text: str) -> None:
-    from .store.atomic import write_text_atomically
-
-    try:
-        write_text_atomically(path, text)
-    except OSError as e:
-        raise UsageError(
-            f"cannot write {path}: {e.strerror or e}", hint="choose a writable --out path"
-        ) from None
 
 
 def print_prediction(prediction: Prediction, title: str) -> None:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.markup import escape
 
+from . import cli_values as values
 from .cli_common import app, err, fail
 from .errors import UsageError
 
@@ -104,6 +105,15 @@ def profile(
     from .config import load_pyproject_config
     from .schedule import Schedule
 
+    try:
+        # Checked before anything is prepared: --force must not clear a run for bad input.
+        values.positive_int(steps, "--steps", "200")
+        values.positive_int(max_steps, "--max-steps", "100")
+        values.non_negative_int(every, "--every", "25")
+        values.non_negative_int(dense, "--dense", "10")
+        values.seed(seed)
+    except UsageError as e:
+        raise fail(e) from None
     try:
         config = load_pyproject_config()
         schedule = Schedule(
@@ -204,11 +214,26 @@ def _profile(
     pick_device(device)  # a bad --device fails here, before any output directory is touched
     _prepare_run_dir(run_dir, force)  # fail before any training work
     total = 200 if steps is None else steps
-    with step_progress(err, total, disable=quiet) as progress:
-        result = profile_script(
-            loaded, run_dir, total, config, seed, device, force=True, progress=progress
-        )
+    try:
+        with step_progress(err, total, disable=quiet) as progress:
+            result = profile_script(
+                loaded, run_dir, total, config, seed, device, force=True, progress=progress
+            )
+    except UsageError:
+        _drop_empty_parts(run_dir)
+        raise
     _print_profile_result(result.run_dir, result.seconds, result.notes)
+
+
+def _drop_empty_parts(run_dir: Path) -> None:
+    """A model script refused before its first step (--include matching nothing) leaves the
+    empty parts/ the recorder made; without meta.json it would still count as a run that
+    needs --force. Only an empty parts/ in a run without meta.json is removed."""
+    from .store.schema import META_FILE, PARTS_DIR
+
+    parts = run_dir / PARTS_DIR
+    if not (run_dir / META_FILE).exists() and parts.is_dir() and not any(parts.iterdir()):
+        parts.rmdir()
 
 
 def _lazy_progress(stack: contextlib.ExitStack, disable: bool) -> ProgressFn:
