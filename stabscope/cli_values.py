@@ -27,7 +27,7 @@ def require(ok: bool, option: str, value: object, words: str, example: str) -> N
 
 def positive_int(value: int | None, option: str, example: str) -> None:
     if value is not None:
-        require(value >= 1, option, value, "a positive integer", example)
+        require(value >= 1, option, value, "positive", example)
 
 
 def non_negative_int(value: int | None, option: str, example: str) -> None:

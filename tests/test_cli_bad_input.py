@@ -306,17 +306,17 @@ def test_empty_arguments_of_a_training_script_are_its_own():
 # -- numeric options -----------------------------------------------------------------------
 
 NUMBERS = [
-    (["profile", "net.py", "--steps", "0"], "--steps must be a positive integer, got 0"),
+    (["profile", "net.py", "--steps", "0"], "--steps must be positive, got 0"),
     (["profile", "net.py", "--every", "-1"], "--every must be an integer >= 0"),
     (["profile", "net.py", "--dense", "-1"], "--dense must be an integer >= 0"),
     (["profile", "net.py", "--seed", "-1"], "--seed must be an integer in 0 .. 4294967295"),
     (["profile", "net.py", "--seed", str(2**32)], "--seed must be an integer in 0"),
-    (["profile", "train.py", "--max-steps", "0"], "--max-steps must be a positive integer"),
+    (["profile", "train.py", "--max-steps", "0"], "--max-steps must be positive"),
     (["check", "RUN", "--baseline-factor", "-1"], "--baseline-factor must be a number >= 1"),
     (["check", "RUN", "--baseline-factor", "nan"], "--baseline-factor must be a number >= 1"),
     (["check", "RUN", "--baseline-factor", "0.5"], "--baseline-factor must be a number >= 1"),
-    (["check", "net.py", "--steps", "0"], "--steps must be a positive integer"),
-    (["amplification", "net.py", "--seeds", "0"], "--seeds must be a positive integer, got 0"),
+    (["check", "net.py", "--steps", "0"], "--steps must be positive"),
+    (["amplification", "net.py", "--seeds", "0"], "--seeds must be positive, got 0"),
     (["amplification", "net.py", "--delta", "nan"], "--delta must be a positive number"),
     (["amplification", "net.py", "--delta", "-1e-4"], "--delta must be a positive number"),
     (["amplification", "net.py", "--delta", "inf"], "--delta must be a positive number"),
