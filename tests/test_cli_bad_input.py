@@ -9,89 +9,27 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import subprocess
-import textwrap
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 import stabscope
 from stabscope.cli import app
-
-runner = CliRunner()
-
-# Module names with rich markup in them: an nn.ModuleDict key may be any string without dots.
-BRACKET_MODEL = textwrap.dedent("""
-    import torch
-    from torch import nn
-
-    CONFIG = {"lr": 1e-2}
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.blocks = nn.ModuleDict({"[/]": nn.Linear(4, 8), "x[bold]": nn.Linear(8, 2)})
-
-        def forward(self, x):
-            return self.blocks["x[bold]"](torch.relu(self.blocks["[/]"](x)))
-
-    def model(cfg):
-        return Net()
-
-    def batches(cfg):
-        g = torch.Generator().manual_seed(0)
-        while True:
-            yield torch.randn(8, 4, generator=g), torch.randn(8, 2, generator=g)
-
-    def loss(m, b):
-        x, y = b
-        return (m(x) - y).pow(2).mean()
-""")
-
-# A training script whose top-level code leaves a marker: running it at all would show.
-MARKED_TRAINING = textwrap.dedent("""
-    import pathlib
-    import torch
-    from torch import nn
-
-    pathlib.Path(__file__).with_name("MARKER").write_text("trained")
-    net = nn.Linear(3, 1)
-    opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    for _ in range(3):
-        opt.zero_grad()
-        net(torch.randn(4, 3)).pow(2).mean().backward()
-        opt.step()
-""")
-
-
-def invoke(*args: object):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def one_error(res, *needles: str) -> None:
-    """Exit 2, one ``error:`` line and one ``hint:`` line, no traceback."""
-    assert res.exit_code == 2, res.output
-    lines = res.stderr.strip().splitlines()
-    assert [line.split(":")[0] for line in lines] == ["error", "hint"], res.stderr
-    assert "Traceback" not in res.output
-    for needle in needles:
-        assert needle in res.stderr, res.stderr
+from tests.cli_inputs import (
+    BRACKET_MODEL,
+    MARKED_TRAINING,
+    copy_run,
+    invoke,
+    one_error,
+    record_bracket_run,
+    snapshot,
+    tmpfs,
+)
 
 
 @pytest.fixture(scope="module")
 def bracket_run(tmp_path_factory) -> Path:
-    """A real 3-step run of ``net[red].py`` in ``runs/exp[lr=1e-3]``."""
-    root = tmp_path_factory.mktemp("markup")
-    script = root / "net[red].py"
-    script.write_text(BRACKET_MODEL)
-    out = root / "runs" / "exp[lr=1e-3]"
-    res = invoke("profile", script, "--steps", 3, "--out", out, "-q", "--device", "cpu")
-    assert res.exit_code == 0, res.output
-    assert f"run directory: {out} " in res.stderr  # verbatim, brackets and all
-    assert "blocks.[/]" in res.stderr and "blocks.x[bold]" in res.stderr  # the summary table
-    return out
+    return record_bracket_run(tmp_path_factory.mktemp("markup"))
 
 
 def test_markup_in_names_and_paths_is_printed_as_text(bracket_run, tmp_path):
@@ -155,112 +93,6 @@ def test_training_script_is_refused_before_it_runs(tmp_path, monkeypatch, comman
     res = invoke(name, script, *options)
     one_error(res, "train.py is not a model script", "stabscope profile train.py --")
     assert not (tmp_path / "MARKER").exists()  # its top-level code never ran
-    assert not (tmp_path / "runs").exists()
-
-
-def copy_run(run: Path, to: Path) -> Path:
-    return Path(shutil.copytree(run, to))
-
-
-def snapshot(run: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
-
-
-def _edit(meta: dict, change) -> str:
-    return json.dumps(change(meta))
-
-
-BAD_METAS = {
-    "a list": lambda m: [m],
-    "a string": lambda m: "complete",
-    "modules not a list": lambda m: {**m, "modules": {"a": 1}},
-    "no status": lambda m: {k: v for k, v in m.items() if k != "status"},
-    "steps a string": lambda m: {**m, "steps": "many"},
-    "a module without name": lambda m: {**m, "modules": [{"type": "Linear"}]},
-    "a parameter shape of strings": lambda m: {
-        **m,
-        "parameters": [{"name": "w", "shape": ["4"]}],
-    },
-}
-
-
-@pytest.mark.parametrize("case", list(BAD_METAS))
-def test_meta_of_the_wrong_shape_is_one_error_for_every_reader(bracket_run, tmp_path, case):
-    run = copy_run(bracket_run, tmp_path / "run")
-    meta = json.loads((run / "meta.json").read_text())
-    (run / "meta.json").write_text(json.dumps(BAD_METAS[case](meta)))
-    before = snapshot(run)
-    for args in (["summary", run], ["check", run], ["check", run, "--format", "json"]):
-        one_error(invoke(*args), f"{run / 'meta.json'}: ", "hint: meta.json was damaged")
-    one_error(invoke("report", run, "-o", tmp_path / "r.html"), "meta.json")
-    assert not (tmp_path / "r.html").exists()
-    with pytest.raises(stabscope.MetaError, match=r"meta\.json"):
-        stabscope.read_meta(run)
-    with pytest.raises(stabscope.MetaError):  # glob names come from meta: not a KeyError
-        stabscope.load_run(run, modules="blocks.*")
-    with pytest.raises(stabscope.MetaError):  # ranks merge by meta: not a TypeError
-        stabscope.load_run(run, merge_ranks=True)
-    assert snapshot(run) == before  # nothing written, nothing lost
-
-
-def test_meta_that_is_not_json_is_a_meta_error(bracket_run, tmp_path):
-    run = copy_run(bracket_run, tmp_path / "run")
-    (run / "meta.json").write_text('{"status": "complete",')
-    one_error(invoke("summary", run), "is not valid JSON", "hint: meta.json was damaged")
-    with pytest.raises(stabscope.MetaError):
-        stabscope.load_run(run, modules="blocks.*")
-    assert stabscope.NotARunError in stabscope.MetaError.__mro__  # old handlers still catch it
-
-
-PYPROJECT_CASES = {
-    'part_rows = "big"': "part_rows must be a positive integer",
-    'include = "blocks.*"': "include must be a list of glob strings",
-    "flush_seconds = -1": "flush_seconds must be a positive number",
-    'record_eval = "yes"': 'record_eval must be true or false, got "yes"',
-    'schedule = { dense = "x" }': "[tool.stabscope.schedule] dense must be an integer >= 0",
-    "schedule = { bogus = 1 }": "unknown [tool.stabscope.schedule] keys ['bogus']",
-    "schedule = 5": "schedule must be a table",
-    "preset = 3": "preset must be one of cheap, standard, full",
-}
-
-
-@pytest.mark.parametrize("line", list(PYPROJECT_CASES))
-def test_wrong_types_in_pyproject_name_the_key(tmp_path, monkeypatch, line):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "pyproject.toml").write_text(f"[tool.stabscope]\n{line}\n")
-    script = tmp_path / "net.py"
-    script.write_text(BRACKET_MODEL)
-    res = invoke("profile", script, "--steps", 1, "--out", tmp_path / "run", "-q")
-    one_error(res, PYPROJECT_CASES[line], str(tmp_path / "pyproject.toml"))
-    assert not (tmp_path / "run").exists()  # refused before anything was recorded
-
-
-RULES_CASES = {
-    'disable = "nonfinite"': "disable must be a list of rule ids",
-    'update-ratio = { max_ratio = "abc" }': "[tool.stabscope.rules.update-ratio] max_ratio",
-    "update-ratio = { max_ratio = [1] }": "max_ratio must be a finite number >= 0",
-    "update-ratio = { max_ratio = true }": "got true",
-    "update-ratio = { max_ratio = nan }": "got NaN",
-}
-
-
-@pytest.mark.parametrize("line", list(RULES_CASES))
-def test_wrong_types_in_a_config_file_name_the_key(bracket_run, tmp_path, line):
-    run = copy_run(bracket_run, tmp_path / "run")
-    before = snapshot(run)
-    config = tmp_path / "gate.toml"
-    config.write_text(f"[tool.stabscope.rules]\n{line}\n")
-    one_error(invoke("check", run, "--config", config), RULES_CASES[line], str(config))
-    assert snapshot(run) == before  # no findings.json written from a half-read config
-
-
-def test_a_bad_config_fails_before_a_script_is_profiled(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    script = tmp_path / "net.py"
-    script.write_text(BRACKET_MODEL)
-    config = tmp_path / "gate.toml"
-    config.write_text("[tool.stabscope]\nrules = 3\n")
-    one_error(invoke("check", script, "--config", config), "tool.stabscope.rules must be a table")
     assert not (tmp_path / "runs").exists()
 
 
@@ -349,20 +181,6 @@ def test_numeric_options_out_of_range(bracket_run, tmp_path, monkeypatch, args, 
 
 
 # -- output paths --------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def tmpfs(path: Path, options: str):
-    """A real tmpfs mounted at ``path`` (read-only, or tiny to fill): skipped where this
-    process may not mount."""
-    path.mkdir()
-    mount = ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)]
-    if shutil.which("mount") is None or subprocess.run(mount, capture_output=True).returncode:
-        pytest.skip("needs permission to mount a tmpfs")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=True)
 
 
 @pytest.fixture
