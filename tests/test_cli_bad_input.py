@@ -25,6 +25,7 @@ from tests.cli_inputs import (
     snapshot,
     tmpfs,
 )
+from tests.conftest import SAMPLES
 
 
 @pytest.fixture(scope="module")
@@ -275,3 +276,11 @@ def test_include_matching_nothing_is_refused_and_leaves_no_run(tmp_path):
     assert res.exit_code == 0, res.output
     names = {m["name"] for m in stabscope.read_meta(out)["modules"]}
     assert names == {"blocks.[/]", "blocks.x[bold]"}
+
+
+@pytest.mark.parametrize("size", [["--depth", "nanx"], ["--sweep", "inf"]])
+def test_grow_factor_that_is_not_finite(tmp_path, size):
+    tiny = ["--set", "depth=2", "--set", "width=16", "--set", "seq_len=8", "--set", "batch_size=4"]
+    args = ["grow", SAMPLES / "gpt.py", *size, *tiny, "--out", tmp_path / "g", "--device", "cpu"]
+    one_error(invoke(*args), "factor", "is not a finite number")
+    assert not list((tmp_path / "g").rglob("meta.json"))
