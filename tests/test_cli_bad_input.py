@@ -284,3 +284,18 @@ def test_grow_factor_that_is_not_finite(tmp_path, size):
     args = ["grow", SAMPLES / "gpt.py", *size, *tiny, "--out", tmp_path / "g", "--device", "cpu"]
     one_error(invoke(*args), "factor", "is not a finite number")
     assert not list((tmp_path / "g").rglob("meta.json"))
+
+
+def test_include_matching_nothing_stops_a_training_script_at_its_first_forward(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(MARKED_TRAINING)
+    out = tmp_path / "run"
+    res = invoke("profile", script, "--out", out, "-q", "--include", "lin*", "--", "--x")
+    one_error(
+        res,
+        "error: no module or parameter of Linear is left to record with --include 'lin*'",
+        "hint: its modules are named like <root>",  # not "train.py raised UsageError"
+    )
+    meta = stabscope.read_meta(out)  # the run says why it holds nothing
+    assert meta["status"] == "failed" and meta["error"]["type"] == "UsageError"
+    assert stabscope.load_run(out).empty
