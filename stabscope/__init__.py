@@ -10,7 +10,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-from .store import RUN_MODULE, SCHEMA_VERSION, NotARunError, load_run, read_meta
+from .store import RUN_MODULE, SCHEMA_VERSION, MetaError, NotARunError, load_run, read_meta
 
 _LAZY = {
     "Recorder": ("stabscope.recorder", "Recorder"),
@@ -21,6 +21,7 @@ _LAZY = {
 __all__ = [
     "RUN_MODULE",
     "SCHEMA_VERSION",
+    "MetaError",
     "NotARunError",
     "Recorder",
     "RecorderConfig",

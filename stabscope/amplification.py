@@ -21,7 +21,7 @@ import torch
 from .errors import UsageError
 from .probes.logits import output_logits
 from .profile import _call, pick_device, seed_everything, to_device
-from .recorder import prepare_run_dir
+from .recorder import RunExistsError, prepare_run_dir
 from .script import ModelScript, ScriptConfig
 from .store import RUN_MODULE, PartWriter, new_meta, save_meta
 
@@ -112,7 +112,15 @@ def run_amplification(
             f"need at least two positive depths, got {depths}", hint="e.g. --depths 6,12,24,48"
         )
     dev = pick_device(device)
-    run_dir = prepare_run_dir(out, force)
+    try:
+        run_dir = prepare_run_dir(out, force)
+    except RunExistsError:
+        raise
+    except OSError as err:
+        raise UsageError(
+            f"cannot write to {out}: {err.strerror or err}",
+            hint="choose a writable --out directory",
+        ) from None
     change, spread = [], []
     for depth in depths:
         cfg = ScriptConfig({**script.config, "depth": depth})

@@ -6,13 +6,16 @@ Human-readable output goes to stderr; data goes to stdout or ``--output``.
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from . import cli_profile  # noqa: F401  (registers `profile` first: it leads --help)
+from . import cli_values as values
 from .cli_common import app, err, fail
 from .errors import UsageError
 
@@ -24,8 +27,6 @@ def summary(
     run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
 ) -> None:
     """Print the headline numbers of a recorded run and its findings."""
-    from rich.markup import escape
-
     from .report.console import print_findings, print_summary
     from .report.findings import FindingsError, load_findings
     from .store import NotARunError
@@ -34,9 +35,8 @@ def summary(
     try:
         print_summary(summarize(run_dir), err)
     except NotARunError as e:
-        raise fail(
-            UsageError(str(e), hint="pass a directory written by `stabscope profile`")
-        ) from None
+        hint = getattr(e, "hint", "pass a directory written by `stabscope profile`")
+        raise fail(UsageError(str(e), hint=hint)) from None
     try:
         print_findings(load_findings(run_dir), err)
     except FindingsError as e:
@@ -51,11 +51,12 @@ def report(
     output: Annotated[Path, typer.Option("--output", "-o", help="HTML file to write.")] = REPORT,
 ) -> None:
     """Write one self-contained HTML report of one or more runs; it opens offline."""
-    from rich.markup import escape
-
     from .report.build import build_report
 
     try:
+        values.output_file(
+            output, "-o", "the report to"
+        )  # before reading the runs, which can take a while
         result = build_report(run_dirs, output)
     except UsageError as e:
         raise fail(e) from None
@@ -81,6 +82,7 @@ def inspect(
 ) -> None:
     """Show the detected structure: blocks, branches, norm placement, attention heads."""
     try:
+        values.seed(seed)
         _inspect(script, set_ or [], as_json, seed)
     except UsageError as e:
         raise fail(e) from None
@@ -130,6 +132,8 @@ def amplification(
             depth_list = [int(d) for d in depths.split(",") if d.strip()]
         except ValueError:
             raise UsageError(f"bad --depths {depths!r}", hint="e.g. --depths 6,12,24") from None
+        values.positive_int(seeds, "--seeds", "5")
+        values.positive_finite(delta, "--delta", "1e-4")
         loaded = load_script(script, parse_set(set_ or []))
         result = run_amplification(loaded, depth_list, run_dir, seeds, delta, device, force)
     except RunExistsError:
@@ -154,7 +158,7 @@ def amplification(
         f"{result.fit_log_n.r2:.3f} -> grows like [bold]{result.better}[/] "
         "(theory: N for Post-LN, log N for Pre-LN)"
     )
-    err.print(f"run directory: [bold]{result.run_dir}[/]")
+    err.print(f"run directory: [bold]{escape(str(result.run_dir))}[/]", soft_wrap=True)
 
 
 @app.command()
@@ -227,12 +231,25 @@ def _check(
     from rich.markup import escape
 
     from .report.console import print_findings
-    from .rules.gate import run_gate
+    from .report.findings import SEVERITIES
+    from .rules.gate import load_settings, run_gate
     from .rules.output import failure_lines, to_github, to_json, to_junit
 
     if output_format not in ("table", "json", "github"):
         raise UsageError(f"bad --format {output_format!r}", hint="table, json or github")
-    run_dir = _profile_for_check(target, steps, sets) if target.suffix == ".py" else target
+    if fail_on not in SEVERITIES:
+        raise UsageError(f"bad --fail-on {fail_on!r}", hint=f"one of {', '.join(SEVERITIES)}")
+    # factor >= 1: a change is max(ratio, 1/ratio), so below 1 every module would fail.
+    ok = math.isfinite(factor) and factor >= 1
+    values.require(ok, "--baseline-factor", factor, "a number >= 1", "10")
+    values.positive_int(steps, "--steps", "50")
+    if junit is not None:
+        values.output_file(junit, "--junit")
+    if target.suffix == ".py":
+        load_settings(config)  # a bad --config fails before the script is profiled
+        run_dir = _profile_for_check(target, steps, sets)
+    else:
+        run_dir = target
     gate = run_gate(run_dir, fail_on, config, baseline, factor)
     findings, failing = gate.findings, gate.failing
     if output_format == "json":
@@ -244,19 +261,27 @@ def _check(
     else:
         print_findings(findings, err)
         for rule, why in gate.skipped.items():
-            err.print(f"[dim]skipped {rule}: {why}[/]")
+            err.print(f"[dim]skipped {escape(rule)}: {escape(why)}[/]", soft_wrap=True)
     for line in failure_lines(gate):  # on stderr in every format: never a silent gap
         err.print(f"[bold red]{escape(line)}[/]", soft_wrap=True)
-    if junit is not None:
-        junit.write_text(to_junit(gate, fail_on), encoding="utf-8")
     reasons = [f"{len(failing)} findings at {fail_on} or worse"] if failing else []
     if gate.failed_blocking:
         reasons.append(f"{len(gate.failed_blocking)} rules that could fail it raised")
     verdict = f"[red]failed[/]: {'; '.join(reasons)}" if reasons else "[green]passed[/]"
     if gate.failed and not gate.failed_blocking:
         verdict += f" ({len(gate.failed)} rules raised; none can reach --fail-on {fail_on})"
-    err.print(f"check {run_dir}: {verdict}")
+    err.print(f"check {escape(str(run_dir))}: {verdict}", soft_wrap=True)
+    if junit is not None:
+        _write_junit(junit, to_junit(gate, fail_on), run_dir)
     return 0 if gate.passed else 1
+
+
+def _write_junit(path: Path, text: str, run_dir: Path) -> None:
+    """The findings are in RUN/findings.json already: a failed write here loses nothing."""
+    from .report.findings import FINDINGS_FILE
+
+    kept = f"the findings are kept in {run_dir / FINDINGS_FILE}; "
+    values.write_output(path, text, "--junit", kept)
 
 
 def _profile_for_check(script: Path, steps: int, sets: list[str]) -> Path:
@@ -268,7 +293,10 @@ def _profile_for_check(script: Path, steps: int, sets: list[str]) -> Path:
     loaded = load_script(script, parse_set(sets))
     run_dir = Path("runs") / f"{script.stem}-check"
     config = RecorderConfig(schedule=Schedule(dense=10, every=5))
-    err.print(f"profiling {script.name} for {steps} steps into {run_dir} (seed 0)")
+    err.print(
+        escape(f"profiling {script.name} for {steps} steps into {run_dir} (seed 0)"),
+        soft_wrap=True,
+    )
     return profile_script(loaded, run_dir, steps, config, seed=0, device="auto", force=True).run_dir
 
 

@@ -6,12 +6,36 @@ and register on ``app`` when ``cli.py`` imports them.
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
 from rich.console import Console
+from rich.markup import escape
+from typer.core import TyperGroup
 
 from .errors import ScriptError, UsageError
 
+
+class _Commands(TyperGroup):
+    """The command group; it refuses an empty option value before the command parses it."""
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> tuple[str | None, Any, list[str]]:
+        from .cli_values import empty_option
+
+        name, command, rest = super().resolve_command(ctx, args)
+        option = None if command is None else empty_option(command, rest)
+        if option is not None:
+            raise fail(
+                UsageError(
+                    f"{option} is empty",
+                    hint=f"give {option} a value, or leave it out for its default",
+                )
+            )
+        return name, command, rest
+
+
 app = typer.Typer(
+    cls=_Commands,
     name="stabscope",
     help="Stability diagnostics for PyTorch models: record, inspect, summarise, report.",
     no_args_is_help=True,
@@ -24,7 +48,8 @@ err = Console(stderr=True, highlight=False)
 
 def fail(error: UsageError) -> typer.Exit:
     """Print the error line and its hint to stderr; exit 2 unless the script set a code."""
-    err.print(f"[bold red]error:[/] {error.message}", markup=True, soft_wrap=True)
+    # Messages quote paths and names as given ("runs/exp[lr=1e-3]"): text, never markup.
+    err.print(f"[bold red]error:[/] {escape(error.message)}", soft_wrap=True)
     if error.hint:
-        err.print(f"[dim]hint:[/] {error.hint}", soft_wrap=True)
+        err.print(f"[dim]hint:[/] {escape(error.hint)}", soft_wrap=True)
     return typer.Exit(error.exit_code if isinstance(error, ScriptError) else 2)

@@ -3,13 +3,16 @@ batches, then profiled with the usual recorder; ``--sweep`` makes one grown run 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.markup import escape
 
+from . import cli_values as values
 from .cli_common import app, err, fail
 from .errors import UsageError
 
@@ -183,15 +186,18 @@ def _grow(
 
     try:
         config = load_pyproject_config().replace(preset=preset)
+    except UsageError:  # [tool.stabscope] of the wrong type: names the key
+        raise
     except ValueError as e:
         raise UsageError(str(e), hint="see `stabscope grow --help`") from None
     if steps < 1:
         raise UsageError(f"--steps must be positive, got {steps}", hint="1 profiles at init")
-    if tolerance is not None and not tolerance >= 0:
+    if tolerance is not None and not 0 <= tolerance < math.inf:
         raise UsageError(
-            f"--tolerance must be zero or positive, got {tolerance}",
+            f"--tolerance must be zero or positive (and finite), got {tolerance}",
             hint="leave it out for the default, 1e-5 x the output's scale",
         )
+    values.seed(seed)
     loaded = load_script(script, parse_set(sets))
     settings = GrowSettings(steps, config, seed, device, probes, tolerance, force, not no_base)
     names = ([] if no_base else [BASE]) + [name for name, _, _ in variants]
@@ -220,7 +226,8 @@ def _run_bars(names: list[str], steps: int, quiet: bool) -> Iterator[Callable[[s
 
         def for_run(name: str) -> ProgressFn:
             if not tasks:
-                tasks.update({n: bars.add_task(n, total=steps, loss="-") for n in names})
+                # The description column is markup: the names go in as text.
+                tasks.update({n: bars.add_task(escape(n), total=steps, loss="-") for n in names})
 
             def update(done: int, total: int, loss: float | None) -> None:
                 text = "-" if loss is None else f"{loss:.4g}"
@@ -237,8 +244,6 @@ def _print_result(
     axis: str | None,
     variants: list[tuple[str, GrowthSpec, float]],
 ) -> int:
-    from rich.markup import escape
-
     for v in result.variants:
         if v.growth is None or v.preservation is None:
             continue
@@ -271,7 +276,10 @@ def _print_result(
     grown = [v.run_dir for v in result.variants if v.growth is not None]
     base = [v.run_dir for v in result.variants if v.growth is None]
     runs = " ".join(str(p) for p in base + grown)
-    err.print(f"next: stabscope report {runs} -o grow.html; stabscope check {grown[-1]}")
+    err.print(
+        escape(f"next: stabscope report {runs} -o grow.html; stabscope check {grown[-1]}"),
+        soft_wrap=True,
+    )
     return 0
 
 
@@ -283,13 +291,11 @@ def _scaling(result: GrowResult, run_root: Path, sizes: dict[str, float]) -> pd.
     rows = [(v.name, v.run_dir, sizes.get(v.name) or v.size) for v in result.variants]
     table = scaling_table(rows)
     path = write_table(table, run_root)
-    err.print(f"scaling table: [bold]{path}[/]")
+    err.print(f"scaling table: [bold]{escape(str(path))}[/]", soft_wrap=True)
     return table
 
 
 def _print_table(table: pd.DataFrame, axis: str | None) -> None:
-    import math
-
     from rich.table import Table
 
     from .grow.table import exponents
@@ -304,7 +310,7 @@ def _print_table(table: pd.DataFrame, axis: str | None) -> None:
     records = table.to_dict("records")
     for r in records:
         out.add_row(
-            str(r["run"]),
+            escape(str(r["run"])),
             f"{r['size']:.3g}",
             *(num(r[k]) for k in ("depth", "hidden", "mlp", "heads")),
             _count(r["params"]),
@@ -320,7 +326,7 @@ def _print_table(table: pd.DataFrame, axis: str | None) -> None:
     )
     for r in records:
         if r["findings"]:
-            err.print(f"findings of {r['run']}: {r['findings']}", soft_wrap=True)
+            err.print(escape(f"findings of {r['run']}: {r['findings']}"), soft_wrap=True)
     if axis and len(table) > 2:
         fits = exponents(table)
         err.print(

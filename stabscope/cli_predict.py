@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.markup import escape
 
+from . import cli_values as values
 from .cli_common import app, err, fail
 from .errors import UsageError
 
@@ -74,6 +76,13 @@ def predict(
     from .theory import DescriptionError, ModelDescription
 
     try:
+        values.seed(seed)
+        values.positive_finite(ffn, "--ffn", "4")
+        values.positive_finite(input_var, "--input-var", "1")
+        values.positive_finite(alpha, "--alpha", "1")  # None: the placement's own
+        values.positive_finite(beta, "--beta", "1")
+        if out is not None:
+            values.output_file(out, "--out")
         if script is not None:
             if depth is not None or width is not None:
                 raise UsageError(
@@ -104,7 +113,7 @@ def predict(
             title = f"{depth}-layer {norm} model, width {width}"
         prediction = _run(desc)
         if out is not None:
-            _write(out, prediction.to_json())
+            values.write_output(out, prediction.to_json(), "--out")
     except UsageError as e:
         raise fail(e) from None
     if as_json:
@@ -140,27 +149,16 @@ def _run(desc: ModelDescription) -> Prediction:
         return predict(desc)
 
 
-def _write(path: Path, text: str) -> None:
-    from .store.atomic import write_text_atomically
-
-    try:
-        write_text_atomically(path, text)
-    except OSError as e:
-        raise UsageError(
-            f"cannot write {path}: {e.strerror or e}", hint="choose a writable --out path"
-        ) from None
-
-
 def print_prediction(prediction: Prediction, title: str) -> None:
     """The per-layer table and the headline, on stderr."""
     from rich.table import Table
 
-    table = Table(title=f"predicted at init: {title}")
+    table = Table(title=f"predicted at init: {escape(title)}")
     for col in ("layer", "act rms", "act var", "grad rms (rel. last)", "token corr"):
         table.add_column(col, justify="right")
     for layer in prediction.layers:
         table.add_row(
-            layer.module or str(layer.index),
+            escape(layer.module or str(layer.index)),
             f"{layer.act_rms:.4g}",
             f"{layer.act_var:.4g}",
             f"{layer.grad_rms_rel:.4g}",
@@ -175,4 +173,4 @@ def print_prediction(prediction: Prediction, title: str) -> None:
         f"{head['final_token_corr']:.3f}"
     )
     reasons = "; ".join(verdict["reasons"]) or "no vanishing or exploding gradients, no collapse"
-    err.print(f"verdict: [{style}]{verdict['severity']}[/] — {reasons}")
+    err.print(f"verdict: [{style}]{verdict['severity']}[/] — {escape(reasons)}", soft_wrap=True)

@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.markup import escape
 
+from . import cli_values as values
 from .cli_common import app, err, fail
 from .errors import UsageError
 
@@ -104,6 +106,15 @@ def profile(
     from .schedule import Schedule
 
     try:
+        # Checked before anything is prepared: --force must not clear a run for bad input.
+        values.positive_int(steps, "--steps", "200")
+        values.positive_int(max_steps, "--max-steps", "100")
+        values.non_negative_int(every, "--every", "25")
+        values.non_negative_int(dense, "--dense", "10")
+        values.seed(seed)
+    except UsageError as e:
+        raise fail(e) from None
+    try:
         config = load_pyproject_config()
         schedule = Schedule(
             dense=config.schedule.dense if dense is None else dense,
@@ -117,6 +128,8 @@ def profile(
             include=tuple(include) if include else None,
             exclude=tuple(exclude) if exclude else None,
         )
+    except UsageError as e:  # [tool.stabscope] of the wrong type: names the key
+        raise fail(e) from None
     except ValueError as e:
         raise fail(UsageError(str(e), hint="see `stabscope profile --help`")) from None
     run_dir = out or Path("runs") / script.stem
@@ -201,11 +214,26 @@ def _profile(
     pick_device(device)  # a bad --device fails here, before any output directory is touched
     _prepare_run_dir(run_dir, force)  # fail before any training work
     total = 200 if steps is None else steps
-    with step_progress(err, total, disable=quiet) as progress:
-        result = profile_script(
-            loaded, run_dir, total, config, seed, device, force=True, progress=progress
-        )
+    try:
+        with step_progress(err, total, disable=quiet) as progress:
+            result = profile_script(
+                loaded, run_dir, total, config, seed, device, force=True, progress=progress
+            )
+    except UsageError:
+        _drop_empty_parts(run_dir)
+        raise
     _print_profile_result(result.run_dir, result.seconds, result.notes)
+
+
+def _drop_empty_parts(run_dir: Path) -> None:
+    """A model script refused before its first step (--include matching nothing) leaves the
+    empty parts/ the recorder made; without meta.json it would still count as a run that
+    needs --force. Only an empty parts/ in a run without meta.json is removed."""
+    from .store.schema import META_FILE, PARTS_DIR
+
+    parts = run_dir / PARTS_DIR
+    if not (run_dir / META_FILE).exists() and parts.is_dir() and not any(parts.iterdir()):
+        parts.rmdir()
 
 
 def _lazy_progress(stack: contextlib.ExitStack, disable: bool) -> ProgressFn:
@@ -261,14 +289,14 @@ def _prepare_run_dir(run_dir: Path, force: bool) -> None:
 
 
 def _print_profile_result(run_dir: Path, seconds: float, notes: list[str]) -> None:
-    from rich.markup import escape
-
     from .report.console import print_summary
     from .summary import summarize
 
     print_summary(summarize(run_dir), err)
     for note in notes:
         err.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
+    where = escape(str(run_dir))
     err.print(
-        f"run directory: [bold]{run_dir}[/] ({seconds:.1f}s) — next: stabscope summary {run_dir}"
+        f"run directory: [bold]{where}[/] ({seconds:.1f}s) — next: stabscope summary {where}",
+        soft_wrap=True,
     )

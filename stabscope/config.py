@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import UsageError
 from .schedule import Schedule
 
 #: Presets, cheapest first. Each names what a recorded step measures.
@@ -64,35 +68,92 @@ class RecorderConfig:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
-def load_pyproject_config(start: Path | None = None) -> RecorderConfig:
-    """Read ``[tool.stabscope]`` from the nearest pyproject.toml above ``start`` (or cwd)."""
+class ConfigError(UsageError, ValueError):
+    """A ``[tool.stabscope]`` table that cannot be used: names the file, the key and what the
+    key takes. A ``ValueError`` too, as config errors always were."""
+
+    def __init__(self, message: str, source: str) -> None:
+        super().__init__(
+            message, hint=f"fix it in {source} (the keys: README, Recording your own training loop)"
+        )
+
+    def __str__(self) -> str:  # one line where it is caught as a ValueError and re-worded
+        return self.message
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_glob_list(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+#: What each key of ``[tool.stabscope]`` takes: a test and the words for it.
+_EXPECTED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "preset": (lambda v: isinstance(v, str) and v in PRESETS, f"one of {', '.join(PRESETS)}"),
+    "include": (_is_glob_list, 'a list of glob strings, like ["blocks.*"]'),
+    "exclude": (_is_glob_list, 'a list of glob strings, like ["*.dropout"]'),
+    "schedule": (
+        lambda v: isinstance(v, (dict, str)),
+        'a table like { dense = 10, every = 25 } or a string like "log,dense=20"',
+    ),
+    "record_eval": (lambda v: isinstance(v, bool), "true or false"),
+    "part_rows": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    "flush_seconds": (
+        lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf,
+        "a positive number of seconds",
+    ),
+    "model_update": (lambda v: isinstance(v, bool), "true or false"),
+    "attn_batch": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    "attn_queries": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 turns it off)"),
+    "structure_probes": (lambda v: isinstance(v, bool), "true or false"),
+}
+_SCHEDULE: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "dense": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "every": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "log": (lambda v: isinstance(v, bool), "true or false"),
+    "per_decade": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+}
+
+
+def _load_toml(path: Path) -> dict[str, Any]:
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover - Python 3.10
         import tomli as tomllib  # type: ignore[no-redef]
 
-    here = (start or Path.cwd()).resolve()
-    for directory in (here, *here.parents):
-        path = directory / "pyproject.toml"
-        if path.is_file():
-            with open(path, "rb") as handle:
-                table = dict(tomllib.load(handle).get("tool", {}).get("stabscope", {}))
-            table.pop("rules", None)  # the rules' settings: see stabscope.rules
-            return config_from_mapping(table, source=str(path))
-    return RecorderConfig()
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path} is not valid TOML: {err}", str(path)) from None
+    except OSError as err:
+        raise ConfigError(f"cannot read {path}: {err.strerror or err}", str(path)) from None
+
+
+def load_pyproject_config(start: Path | None = None) -> RecorderConfig:
+    """Read ``[tool.stabscope]`` from the nearest pyproject.toml above ``start`` (or cwd)."""
+    path = find_pyproject(start)
+    if path is None:
+        return RecorderConfig()
+    table = read_toml_table(path, "tool", "stabscope")
+    table.pop("rules", None)  # the rules' settings: see stabscope.rules
+    return config_from_mapping(table, source=str(path))
 
 
 def read_toml_table(path: Path, *keys: str) -> dict[str, Any]:
-    """The table at ``keys`` (e.g. "tool", "stabscope", "rules") of a TOML file, or {}."""
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover - Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
-
-    with open(path, "rb") as handle:
-        table: Any = tomllib.load(handle)
-    for key in keys:
-        table = table.get(key, {}) if isinstance(table, dict) else {}
+    """The table at ``keys`` (e.g. "tool", "stabscope", "rules") of a TOML file, or {} when a
+    key is missing; ``ConfigError`` when one is there but is not a table."""
+    table: Any = _load_toml(path)
+    for depth, key in enumerate(keys):
+        table = table.get(key, {})
+        if not isinstance(table, dict):
+            name = ".".join(keys[: depth + 1])
+            raise ConfigError(
+                f"{path}: {name} must be a table ([{name}]), got {json.dumps(table, default=str)}",
+                str(path),
+            )
     return dict(table)
 
 
@@ -104,19 +165,40 @@ def find_pyproject(start: Path | None = None) -> Path | None:
     )
 
 
-def config_from_mapping(table: dict[str, Any], source: str = "config") -> RecorderConfig:
-    """Build a config from a plain mapping, with clear errors for unknown keys."""
-    known = {f.name for f in dataclasses.fields(RecorderConfig)}
-    unknown = set(table) - known
+def _check_keys(
+    table: dict[str, Any],
+    expected: dict[str, tuple[Callable[[Any], bool], str]],
+    where: str,
+    source: str,
+) -> None:
+    unknown = sorted(set(table) - set(expected))
     if unknown:
-        raise ValueError(
-            f"{source}: unknown [tool.stabscope] keys {sorted(unknown)}; known: {sorted(known)}"
+        raise ConfigError(
+            f"{source}: unknown {where} keys {unknown}; known: {sorted(expected)}", source
         )
+    for key, value in table.items():
+        test, words = expected[key]
+        if not test(value):
+            got = json.dumps(value, default=str)  # as TOML writes it: true, "x", [1]
+            raise ConfigError(f"{source}: {where} {key} must be {words}, got {got}", source)
+
+
+def config_from_mapping(table: dict[str, Any], source: str = "config") -> RecorderConfig:
+    """Build a config from a plain mapping (``[tool.stabscope]``): an unknown key, or a value
+    of the wrong type or range, is a ``ConfigError`` that names the key."""
+    _check_keys(table, _EXPECTED, "[tool.stabscope]", source)
     values = dict(table)
-    if isinstance(values.get("schedule"), dict):
-        values["schedule"] = Schedule(**values["schedule"])
-    elif isinstance(values.get("schedule"), str):
-        values["schedule"] = Schedule.parse(values["schedule"])
+    schedule = values.get("schedule")
+    try:
+        if isinstance(schedule, dict):
+            _check_keys(schedule, _SCHEDULE, "[tool.stabscope.schedule]", source)
+            values["schedule"] = Schedule(**schedule)
+        elif isinstance(schedule, str):
+            values["schedule"] = Schedule.parse(schedule)
+    except ValueError as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"{source}: [tool.stabscope] schedule: {err}", source) from None
     for key in ("include", "exclude"):
         if key in values:
             values[key] = tuple(values[key])

@@ -14,6 +14,8 @@ from typing import Any
 
 from torch import nn
 
+from .errors import UsageError
+
 ROOT_NAME = "<root>"
 
 _LAYER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
@@ -109,7 +111,26 @@ def select_modules(
             continue
         if matches(name, include, exclude):
             out.append((name, module))
+    if not out and not select_parameters(model, include, exclude):
+        raise _nothing_selected(model, include, exclude)
     return out
+
+
+def _nothing_selected(
+    model: nn.Module, include: tuple[str, ...], exclude: tuple[str, ...]
+) -> UsageError:
+    """Filters that leave nothing to record: a typo in --include, most often. Said before
+    the first step, with names the filters could have matched."""
+    names = [clean_name(raw) for raw, _ in unwrap_model(model).named_modules() if raw][:4]
+    given = " ".join(
+        [*(f"--include {p!r}" for p in include if p != "*"), *(f"--exclude {p!r}" for p in exclude)]
+    )
+    return UsageError(
+        f"no module or parameter of {type(unwrap_model(model)).__name__} is left to record "
+        f"with {given or 'these module filters'}",
+        hint=f"its modules are named like {', '.join(names) or ROOT_NAME}; "
+        "* also crosses dots (--include 'blocks.*')",
+    )
 
 
 def select_parameters(

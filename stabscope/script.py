@@ -75,9 +75,54 @@ def script_path(path: str | Path) -> Path:
     return path
 
 
+def top_level_names(tree: ast.Module) -> set[str]:
+    """Names a module binds at its top level (not inside functions, classes or guards)."""
+    names: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                names.update(n.id for n in ast.walk(target) if isinstance(n, ast.Name))
+    return names
+
+
+def missing_entry_points(path: str | Path) -> list[str]:
+    """The required entry points of a model script that ``path`` does not define, read from
+    its source: importing a file to find out would run an unguarded training loop."""
+    path = Path(path)
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    except SyntaxError as err:
+        raise UsageError(
+            f"{path.name} is not valid Python: {err.msg} (line {err.lineno})",
+            hint=f"`python {path}` shows the same error",
+        ) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"cannot read {path}: {err}", hint="pass a readable .py file") from None
+    names = top_level_names(tree)
+    return [name for name in REQUIRED if name not in names]
+
+
 def load_script(path: str | Path, overrides: dict[str, str] | None = None) -> ModelScript:
-    """Import a model script and apply ``--set`` overrides to its CONFIG."""
+    """Import a model script and apply ``--set`` overrides to its CONFIG.
+
+    A file that does not define ``model``, ``batches`` and ``loss`` at its top level is
+    refused before anything in it runs: it is a training script, whose top-level code may
+    train (``profile SCRIPT -- ARGS`` is the command that runs those)."""
     path = script_path(path)
+    missing = missing_entry_points(path)
+    if missing:
+        raise UsageError(
+            f"{path.name} is not a model script: it does not define {', '.join(missing)} "
+            "at its top level (it was not run)",
+            hint=f"record a training script with `stabscope profile {path.name} -- ARGS`; "
+            "a model script defines model(cfg), batches(cfg) and loss(model, batch) "
+            "(README: Model scripts)",
+        )
     name = f"stabscope_user_script_{abs(hash(str(path)))}"
     spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None

@@ -73,8 +73,8 @@ def layer_modules(meta: dict[str, Any]) -> dict[str, int]:
     mods = [m for m in meta.get("modules", []) if m.get("layer") is not None]
     blocks = [m for m in mods if m.get("role") == "block"]
     if not blocks and mods:
-        shallowest = min(m["depth"] for m in mods)
-        blocks = [m for m in mods if m["depth"] == shallowest]
+        shallowest = min(m.get("depth", 0) for m in mods)
+        blocks = [m for m in mods if m.get("depth", 0) == shallowest]
     # Encoder-decoder models number layers twice; keep the group with the most layers.
     groups: dict[str, list[dict[str, Any]]] = {}
     for m in blocks:
@@ -166,7 +166,8 @@ def describe_structure(structure: dict[str, Any] | None) -> str | None:
         return "not recognised (generic per-module statistics only)"
     counts: dict[str, int] = {}
     for b in blocks:
-        key = f"{b['stack'] + ' ' if b['stack'] else ''}{b['placement']}"
+        stack = b.get("stack") or ""
+        key = f"{stack + ' ' if stack else ''}{b.get('placement', '?')}"
         counts[key] = counts.get(key, 0) + 1
     return ", ".join(f"{n} {k} blocks" for k, n in counts.items())
 

@@ -38,3 +38,21 @@ def checked(run_dir: Path, until: int | None = None, **settings: Any) -> CheckRe
     result = check_run(run_dir, settings_from_mapping(settings) if settings else None, until)
     assert result.failed == {}, result.failed
     return result
+
+
+def post_ln_structure(blocks: list[str]) -> dict[str, Any]:
+    """meta.json's ``structure`` of a Post-LN stack: one branch per block, its norm ``.ln``."""
+    branch = {"kind": "other", "placement": "post", "alpha": 1.0}
+    return {
+        "recognised": True,
+        "blocks": [
+            {
+                "name": b,
+                "stack": "",
+                "placement": "post",
+                "alpha": 1.0,
+                "branches": [{**branch, "name": b, "output": b, "norm": f"{b}.ln"}],
+            }
+            for b in blocks
+        ],
+    }

@@ -306,7 +306,11 @@ def test_norm_input_growth_with_gradient_collapse_below(tmp_path):
     modules = [{"name": f"blocks.{i}", "layer": i, "role": "block", "depth": 1} for i in range(4)]
     structure = {
         "blocks": [
-            {"placement": "post", "branches": [{"norm": f"blocks.{i}.ln", "placement": "post"}]}
+            {
+                "name": f"blocks.{i}",
+                "placement": "post",
+                "branches": [{"norm": f"blocks.{i}.ln", "placement": "post"}],
+            }
             for i in range(4)
         ]
     }

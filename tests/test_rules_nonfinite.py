@@ -11,7 +11,7 @@ import math
 import pytest
 
 from stabscope.theory.prediction import PREDICTION_FILE, LayerPrediction, Prediction
-from tests.rule_runs import checked, write
+from tests.rule_runs import checked, post_ln_structure, write
 
 NAN, INF = math.nan, math.inf
 
@@ -20,28 +20,7 @@ STEPS = 12
 BLOCKS = [f"blocks.{i}" for i in range(LAYERS)]
 MODULES = [{"name": b, "layer": i, "role": "block", "depth": 1} for i, b in enumerate(BLOCKS)]
 PARAMETERS = [{"name": f"{b}.w", "shape": [4, 4]} for b in BLOCKS]
-STRUCTURE = {
-    "recognised": True,
-    "blocks": [
-        {
-            "name": b,
-            "stack": "",
-            "placement": "post",
-            "alpha": 1.0,
-            "branches": [
-                {
-                    "name": b,
-                    "output": b,
-                    "kind": "other",
-                    "norm": f"{b}.ln",
-                    "placement": "post",
-                    "alpha": 1.0,
-                }
-            ],
-        }
-        for b in BLOCKS
-    ],
-}
+STRUCTURE = post_ln_structure(BLOCKS)
 # loss-spike's window shortened so that 12 steps can hold a spike.
 SETTINGS = {"loss-spike": {"window": 3}}
 
@@ -206,7 +185,10 @@ def flags(direction_metric, modules, since, steps=8):
 def test_nonfinite_leads_with_the_earlier_direction_from_meta(tmp_path):
     rows = flags("act_nonfinite", ["b"], 5) + flags("grad_nonfinite", ["c", "a"], 3)
     rows += [(s, "__run__", "loss", -1, 1.0 if s < 6 else NAN) for s in range(8)]
-    first = {"forward": {"step": 5, "module": "b"}, "backward": {"step": 3, "module": "c"}}
+    first = {
+        "forward": {"step": 5, "module": "b", "call": 0},
+        "backward": {"step": 3, "module": "c", "call": 0},
+    }
     f = nonfinite_of(write(tmp_path / "r", rows, modules=ORDER, first_nonfinite=first))
     assert (f.severity, f.module, f.step, f.metric) == ("error", "c", 3, "grad_nonfinite")
     assert f.message.startswith(

@@ -11,7 +11,7 @@ import pytest
 
 from stabscope.rules.base import RunView
 from stabscope.rules.baseline import compare_to_baseline
-from tests.rule_runs import checked, write
+from tests.rule_runs import checked, post_ln_structure, write
 
 NAN, INF = math.nan, math.inf
 BLOCKS = [f"blocks.{i}" for i in range(4)]
@@ -48,12 +48,7 @@ def test_gradient_growth_skips_a_layer_norm_it_cannot_compute(tmp_path, poison):
     assert f.value == pytest.approx(expected, rel=1e-5)
 
 
-STRUCTURE = {
-    "blocks": [
-        {"placement": "post", "branches": [{"norm": f"{b}.ln", "placement": "post"}]}
-        for b in BLOCKS
-    ]
-}
+STRUCTURE = post_ln_structure(BLOCKS)
 
 
 def norm_run(tmp_path, name, steps):

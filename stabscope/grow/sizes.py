@@ -6,6 +6,7 @@ The result must be a whole number no smaller than the current size: the expansio
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -90,6 +91,10 @@ def parse_size(value: Size, current: int, name: str) -> int:
         factor = value
     if factor is not None:
         target = factor * current
+        if not math.isfinite(factor):
+            raise UsageError(
+                f"{name} factor {factor:g} is not a finite number", hint="use a factor like 2x"
+            )
         if factor < 1:
             raise UsageError(
                 f"{name} factor {factor:g} is below 1",

@@ -19,11 +19,12 @@ def print_summary(summary: Summary, console: Console) -> None:
     s = summary
     style = {"complete": "green", "failed": "red", "running": "yellow"}.get(s.status, "white")
     console.print(
-        f"[bold]run[/] {s.run_dir}  [{style}]{s.status}[/]  steps {s.steps} "
-        f"(recorded {s.recorded_steps}), {s.rows:,} rows"
+        f"[bold]run[/] {escape(str(s.run_dir))}  [{style}]{escape(s.status)}[/]  steps {s.steps} "
+        f"(recorded {s.recorded_steps}), {s.rows:,} rows",
+        soft_wrap=True,
     )
     if s.structure is not None:
-        console.print(f"structure: {s.structure}")
+        console.print(f"structure: {escape(s.structure)}", soft_wrap=True)
     if s.loss_first is not None:
         console.print(
             f"loss {_fmt(s.loss_first)} at step 0 -> {_fmt(s.loss_last)} (mean of the last tenth)"
@@ -35,7 +36,7 @@ def print_summary(summary: Summary, console: Console) -> None:
         table.add_column("smallest")
         table.add_column("value", justify="right")
         for (big, bv), (small, sv) in zip(s.largest, s.smallest):
-            table.add_row(big, _fmt(bv), small, _fmt(sv))
+            table.add_row(escape(big), _fmt(bv), escape(small), _fmt(sv))
         console.print(table)
     for t in (s.trend, s.param_trend):
         if t is None:
@@ -47,23 +48,27 @@ def print_summary(summary: Summary, console: Console) -> None:
             f"x{t.factor_per_layer:.3g} per layer)"
         )
     for line in s.headlines:
-        console.print(line)
+        console.print(escape(line), soft_wrap=True)
     if s.first_nonfinite:
         for direction, where in s.first_nonfinite.items():
             console.print(
-                f"[red]first non-finite ({direction}):[/] {where['module']} "
-                f"(call {where['call']}) at step {where['step']}"
+                f"[red]first non-finite ({escape(direction)}):[/] {escape(str(where['module']))} "
+                f"(call {where['call']}) at step {where['step']}",
+                soft_wrap=True,
             )
     else:
         console.print("no non-finite values recorded")
     for kind, names in (s.never_fired or {}).items():
         if names:
             shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-            console.print(f"[yellow]{kind} hooks never fired:[/] {shown}")
+            console.print(
+                f"[yellow]{escape(kind)} hooks never fired:[/] {escape(shown)}", soft_wrap=True
+            )
     for note in s.notes:
-        console.print(f"[yellow]note:[/] {note}")
+        console.print(f"[yellow]note:[/] {escape(str(note))}", soft_wrap=True)
     if s.error:
-        console.print(f"[red]error:[/] {s.error.get('type')}: {s.error.get('message')}")
+        error = f"{s.error.get('type')}: {s.error.get('message')}"
+        console.print(f"[red]error:[/] {escape(error)}", soft_wrap=True)
 
 
 def print_findings(findings: list[Finding] | None, console: Console, shown: int = 10) -> None:

@@ -92,9 +92,8 @@ def open_run(path: str | Path, name: str) -> Run:
     try:
         meta = read_meta(path)
     except NotARunError as err:
-        raise UsageError(
-            str(err), hint="pass a directory written by `stabscope profile` or stabscope.Recorder"
-        ) from None
+        hint = "pass a directory written by `stabscope profile` or stabscope.Recorder"
+        raise UsageError(str(err), hint=getattr(err, "hint", hint)) from None
     files, rows, notes = readable_parts(path)
     run = Run(name, path, meta, files, notes, rows)
     version = meta.get("schema_version")

@@ -4,6 +4,7 @@ recorder measures where."""
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.tree import Tree
 
 from ..structure import Block, Structure
@@ -17,17 +18,17 @@ _PLACEMENT = {
 
 
 def _block_label(block: Block) -> str:
-    stack = f" [dim]{block.stack}[/]" if block.stack else ""
+    # Module names are the user's (an nn.ModuleDict key may hold "[/]"): text, never markup.
+    stack = f" [dim]{escape(block.stack)}[/]" if block.stack else ""
     alpha = f", α = {block.alpha:.4g}" if block.placement == "deepnorm" else ""
-    return (
-        f"[bold]{block.name}[/]{stack}: {_PLACEMENT.get(block.placement, block.placement)}{alpha}"
-    )
+    placement = escape(_PLACEMENT.get(block.placement, block.placement))
+    return f"[bold]{escape(block.name)}[/]{stack}: {placement}{alpha}"
 
 
 def _add_block(tree: Tree, block: Block) -> None:
     node = tree.add(_block_label(block))
     for br in block.branches:
-        norm = f", norm {br.norm}" if br.norm else ", no norm found"
+        norm = f", norm {escape(br.norm)}" if br.norm else ", no norm found"
         # Admin's ω weights Post-LN and DeepNorm residuals only; a branch without a norm has
         # no stream to read (the residual probe skips it).
         omega = ", res_omega" if br.placement != "pre" else ""
@@ -36,12 +37,15 @@ def _add_block(tree: Tree, block: Block) -> None:
             if br.norm
             else "(not measured: no norm to read the stream from)"
         )
-        node.add(f"{br.kind} branch [cyan]{br.name}[/] (f = output of {br.output}{norm}) {metrics}")
+        node.add(
+            f"{escape(br.kind)} branch [cyan]{escape(br.name)}[/] "
+            f"(f = output of {escape(br.output)}{norm}) {metrics}"
+        )
     for a in block.attention:
         heads = "?" if a.heads is None else str(a.heads)
         kv = f", {a.kv_heads} kv heads" if a.kv_heads and a.kv_heads != a.heads else ""
         node.add(
-            f"attention [magenta]{a.name}[/]: {heads} heads{kv} "
+            f"attention [magenta]{escape(a.name)}[/]: {heads} heads{kv} "
             "-> attn_entropy, attn_logit_max per head"
         )
     node.add("[dim]block output -> token_corr; every module -> act_*/grad_* moments[/]")
@@ -51,7 +55,7 @@ def print_structure(
     structure: Structure, title: str, console: Console, max_blocks: int = 4
 ) -> None:
     """The structure as a tree; long stacks of alike blocks are elided in the middle."""
-    tree = Tree(f"[bold]{title}[/]")
+    tree = Tree(f"[bold]{escape(title)}[/]")
     if not structure.recognised:
         tree.add(
             "[yellow]structure not recognised[/]: generic per-module moments, parameter "
@@ -71,5 +75,5 @@ def print_structure(
         "param_*, update_*, adam_sqrtv_over_eps[/]"
     )
     for note in structure.notes:
-        tree.add(f"[yellow]note:[/] {note}")
+        tree.add(f"[yellow]note:[/] {escape(note)}")
     console.print(tree)

@@ -6,6 +6,7 @@ result = check_run("runs/gpt-post")        # CheckResult(findings, skipped)
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +26,22 @@ ALL_RULES: list[Rule] = [
 RULES_BY_ID = {r.id: r for r in ALL_RULES}
 
 
+def _threshold(v: Any) -> bool:
+    """Every rule parameter is a threshold, factor, window or count: a finite number >= 0."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < math.inf
+
+
 def settings_from_mapping(table: dict[str, Any], source: str = "config") -> RuleSettings:
     """``[tool.stabscope.rules]``: ``disable = [ids]``; ``<rule-id> = {param = value,
     severity = "warning"}``. Unknown rules or parameters are errors that list the valid ones."""
     settings = RuleSettings()
     for key, value in table.items():
         if key == "disable":
+            if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                raise ValueError(
+                    f"{source}: [tool.stabscope.rules] disable must be a list of rule ids, "
+                    f'like ["loss-spike"], got {json.dumps(value, default=str)}'
+                )
             unknown = set(value) - set(RULES_BY_ID)
             if unknown:
                 raise ValueError(
@@ -53,6 +64,12 @@ def settings_from_mapping(table: dict[str, Any], source: str = "config") -> Rule
                     raise ValueError(f"{source}: severity of {key} must be one of {SEVERITIES}")
                 settings.severity[key] = v
             elif param in rule.defaults:
+                if not _threshold(v):
+                    raise ValueError(
+                        f"{source}: [tool.stabscope.rules.{key}] {param} must be a finite "
+                        f"number >= 0 (default {rule.defaults[param]:g}), "
+                        f"got {json.dumps(v, default=str)}"
+                    )
                 settings.params.setdefault(key, {})[param] = float(v)
             else:
                 raise ValueError(

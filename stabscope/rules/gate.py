@@ -69,7 +69,8 @@ def run_gate(
             if failure is not None:
                 result.failed[BASELINE] = failure
     except NotARunError as e:
-        raise UsageError(str(e), hint="pass a run directory or a model script") from None
+        hint = getattr(e, "hint", "pass a run directory or a model script")  # MetaError's
+        raise UsageError(str(e), hint=hint) from None
     findings = sorted(result.findings, key=lambda f: (SEVERITIES.index(f.severity), f.step or 0))
     write_findings(run_dir, findings)
     rule_ids = [r.id for r in ALL_RULES] + ([BASELINE] if baseline else [])

@@ -1,6 +1,7 @@
 """The run store: directory layout, Parquet parts, meta.json, readers. No torch import."""
 
 from .meta import new_meta, read_meta, save_meta
+from .meta_check import MetaError
 from .reader import NotARunError, StabscopeWarning, count_rows, load_run, load_table, part_files
 from .schema import RUN_MODULE, SCHEMA, SCHEMA_VERSION
 from .writer import Interner, PartWriter
@@ -10,6 +11,7 @@ __all__ = [
     "SCHEMA",
     "SCHEMA_VERSION",
     "Interner",
+    "MetaError",
     "NotARunError",
     "PartWriter",
     "StabscopeWarning",

@@ -77,13 +77,19 @@ def _json_default(obj: Any) -> Any:
 
 
 def read_meta(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read ``meta.json`` of a run directory; raises ``NotARunError`` when there is none."""
+    """Read ``meta.json`` of a run directory; raises ``NotARunError`` when there is none, and
+    its subclass ``MetaError`` when it is not valid JSON or not shaped like a run's meta
+    (see ``meta_check``): the one place every reader's meta is checked."""
+    from .meta_check import MetaError, check_meta
     from .reader import NotARunError
 
     path = Path(run_dir) / META_FILE
     if not path.is_file():
         raise NotARunError(f"{run_dir} is not a stabscope run (no {META_FILE})")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise NotARunError(f"{path} is not valid JSON: {err}") from err
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise MetaError(f"{path} is not valid JSON: {err}") from err
+    except OSError as err:
+        raise MetaError(f"cannot read {path}: {err.strerror or err}") from err
+    return check_meta(meta, str(path))

@@ -101,11 +101,14 @@ def load_merged(
 ) -> pd.DataFrame:
     """``load_run(..., merge_ranks=True)``: the rows asked for, ranks merged."""
     from .meta import read_meta
+    from .meta_check import MetaError
     from .reader import NotARunError, load_run
 
     try:
         meta = read_meta(run_dir)
-    except NotARunError:  # parts without meta.json: nothing says they were sharded
+    except NotARunError as err:  # parts without meta.json: nothing says they were sharded
+        if isinstance(err, MetaError):  # but a damaged one is an error
+            raise
         meta = {}
     wanted = [metrics] if isinstance(metrics, str) else metrics
     extra = []

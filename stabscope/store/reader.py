@@ -108,10 +108,13 @@ def _step_filter(steps: StepSelection) -> ds.Expression | None:
 def known_names(run_dir: PathLike) -> list[str]:
     """Module and parameter names a run's meta lists (used to expand glob filters)."""
     from .meta import read_meta
+    from .meta_check import MetaError
 
     try:
         meta = read_meta(run_dir)
-    except NotARunError:
+    except NotARunError as err:
+        if isinstance(err, MetaError):  # a damaged meta.json is an error, not "no names"
+            raise
         return []
     names = [m["name"] for m in meta.get("modules", [])]
     names += [p["name"] for p in meta.get("parameters", [])]

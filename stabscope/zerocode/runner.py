@@ -172,6 +172,9 @@ def profile_training_script(
             hint=f"what was recorded is kept in {out}",
             exit_code=130,
         ) from None
+    except UsageError as exc:  # stabscope's own refusal (e.g. --include matching nothing)
+        recording.close("failed", exc)
+        raise
     except Exception as exc:
         recording.close("failed", exc)
         raise script_failure(path, exc, f"training (after {_steps(recording)})") from exc
