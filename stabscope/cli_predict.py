@@ -71,9 +71,12 @@ def predict(
     seed: Annotated[int, typer.Option(help="Seed for building SCRIPT's model.")] = 0,
 ) -> None:
     """Predict per-layer activation rms, gradient rms and token correlation at init."""
+    from .store.rundir import refuse_output_in_run
     from .theory import DescriptionError, ModelDescription
 
     try:
+        if out is not None:
+            refuse_output_in_run(out, "--out")
         if script is not None:
             if depth is not None or width is not None:
                 raise UsageError(
