@@ -20,7 +20,7 @@ from .describe_model import write_run_prediction
 from .errors import ScriptError, UsageError
 from .recorder import Recorder
 from .script import ModelScript, script_failure
-from .store.interrupts import ending_status
+from .store.interrupts import Terminated, ending_status
 from .structure import Structure, discover
 
 #: progress(step_done, total, last_recorded_loss)
@@ -102,6 +102,8 @@ def _next_batch(script: ModelScript, data: Any, step: int, dev: torch.device) ->
 def _call(script: ModelScript, where: str, fn: Callable[..., Any], *args: Any) -> Any:
     try:
         return fn(*args)
+    except Terminated:  # SIGTERM, not the script's own sys.exit
+        raise
     except SystemExit as err:
         raise ScriptError(
             f"{script.path.name} called sys.exit({err.code}) while {where}",
