@@ -192,9 +192,9 @@ class Recorder:
         self._started = True
         self._signals = interrupts.install()
         atexit.register(self._close_at_exit)
+        if self.structure is None and self.forward is not None:
+            self.structure = discover(self.model, self.forward)  # a forward: Ctrl-C may stop it
         with interrupts.deferred():
-            if self.structure is None and self.forward is not None:
-                self.structure = discover(self.model, self.forward)
             if self.structure is not None:
                 self._build_structure_probes()
             self._save_meta()
@@ -222,7 +222,7 @@ class Recorder:
             if write_error is not None:
                 status = "failed"
                 self.meta["write_error"] = error_entry(write_error)
-                error = error or write_error
+                error = write_error if error is None else error
             self.meta["status"] = status
             self.meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             if error is not None:

@@ -9,6 +9,8 @@ real write failure an unprivileged process can get. Both modes run where both ar
 from __future__ import annotations
 
 import json
+import resource
+import signal
 import subprocess
 import sys
 import textwrap
@@ -19,7 +21,7 @@ import pytest
 import stabscope
 from stabscope.store import count_rows
 from tests.conftest import ROOT
-from tests.run_children import child_env, parts_on_disk
+from tests.run_children import SLOW_MODEL, child_env, parts_on_disk, write_script
 
 pytestmark = pytest.mark.slow
 
@@ -137,3 +139,31 @@ def test_a_full_disk_marks_the_run_failed_and_keeps_meta_consistent(disk, when):
         assert 0 < child["at"] < 10**6 and len(steps) <= child["at"]
         if mode == "tmpfs":  # the parts before the disk filled are kept
             assert meta["parts"] >= 2 and len(steps) >= 40
+
+
+def test_profile_on_a_full_disk_says_so_in_one_line(disk, tmp_path):
+    mode, where = disk
+    script = write_script(tmp_path, "fast.py", SLOW_MODEL.replace('"delay": 0.05', '"delay": 0'))
+    out = where / "run"
+
+    def small_files():  # in the child, before exec: files stop growing at 8 KB (EFBIG)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))
+
+    cmd = [sys.executable, "-m", "stabscope", "profile", str(script), "--out", str(out)]
+    proc = subprocess.run(
+        [*cmd, "--steps", "100000", "--dense", "100000", "-q"],
+        cwd=ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=small_files if mode == "rlimit" else None,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-2].startswith(f"error: writing the run in {out} failed: ")
+    assert lines[-1].startswith("hint: free disk space")
+    meta = stabscope.read_meta(out)
+    assert meta["status"] == "failed" and "write_error" in meta
+    assert_consistent(out)
