@@ -182,8 +182,7 @@ def run_state(run_dir: PathLike, meta: dict[str, Any], reread: bool = True) -> R
     if here and alive is False:
         return RunState(
             "killed",
-            f"killed: status running, but its writer (pid {pid} on this host) is gone; "
-            "the parts written before it died are kept",
+            f"killed: status running, but its writer (pid {pid} on this host) is gone",
         )
     return RunState(
         "unfinished",
