@@ -21,9 +21,9 @@ import torch
 from .errors import UsageError
 from .probes.logits import output_logits
 from .profile import _call, pick_device, seed_everything, to_device
-from .recorder import RunExistsError, prepare_run_dir
 from .script import ModelScript, ScriptConfig
 from .store import RUN_MODULE, PartWriter, new_meta, save_meta
+from .store.rundir import prepare_run_dir, release_run_dir, run_dir_error
 
 
 @dataclass
@@ -114,13 +114,22 @@ def run_amplification(
     dev = pick_device(device)
     try:
         run_dir = prepare_run_dir(out, force)
-    except RunExistsError:
-        raise
-    except OSError as err:
-        raise UsageError(
-            f"cannot write to {out}: {err.strerror or err}",
-            hint="choose a writable --out directory",
-        ) from None
+    except OSError as err:  # a refused, locked or unwritable --out: one line for the CLI
+        raise run_dir_error(err, out) from None
+    try:
+        return _measure(script, depths, run_dir, seeds, delta, dev)
+    finally:
+        release_run_dir(run_dir)
+
+
+def _measure(
+    script: ModelScript,
+    depths: list[int],
+    run_dir: Path,
+    seeds: int,
+    delta: float,
+    dev: torch.device,
+) -> AmplificationResult:
     change, spread = [], []
     for depth in depths:
         cfg = ScriptConfig({**script.config, "depth": depth})

@@ -52,8 +52,10 @@ def report(
 ) -> None:
     """Write one self-contained HTML report of one or more runs; it opens offline."""
     from .report.build import build_report
+    from .store.rundir import refuse_output_in_run
 
     try:
+        refuse_output_in_run(output, "-o")
         values.output_file(
             output, "-o", "the report to"
         )  # before reading the runs, which can take a while
@@ -123,8 +125,8 @@ def amplification(
 ) -> None:
     """Output change under a δ-perturbation of every weight, against depth (Admin)."""
     from .amplification import run_amplification
-    from .recorder import RunExistsError
     from .script import load_script, parse_set
+    from .store.rundir import NestedRunError, RunExistsError, run_dir_error
 
     run_dir = out or Path("runs") / f"{script.stem}-amplification"
     try:
@@ -136,12 +138,8 @@ def amplification(
         values.positive_finite(delta, "--delta", "1e-4")
         loaded = load_script(script, parse_set(set_ or []))
         result = run_amplification(loaded, depth_list, run_dir, seeds, delta, device, force)
-    except RunExistsError:
-        raise fail(
-            UsageError(
-                f"{run_dir} already holds a run", hint="pass --force or choose another --out"
-            )
-        ) from None
+    except (RunExistsError, NestedRunError) as e:
+        raise fail(run_dir_error(e, run_dir)) from None
     except UsageError as e:
         raise fail(e) from None
     from rich.table import Table
@@ -198,6 +196,14 @@ def check(
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="CONFIG override for a script (repeatable).")
     ] = None,
+    allow_incomplete: Annotated[
+        bool,
+        typer.Option(
+            "--allow-incomplete",
+            help="A killed or interrupted run is a warning, not an error (it still fails "
+            "--fail-on warning).",
+        ),
+    ] = False,
 ) -> None:
     """The CI gate: run the rules on a run; exit 1 when findings reach --fail-on."""
     try:
@@ -211,6 +217,7 @@ def check(
             baseline_factor,
             steps,
             set_ or [],
+            allow_incomplete,
         )
     except UsageError as e:
         raise fail(e) from None
@@ -227,6 +234,7 @@ def _check(
     factor: float,
     steps: int,
     sets: list[str],
+    allow_incomplete: bool = False,
 ) -> int:
     from rich.markup import escape
 
@@ -234,6 +242,7 @@ def _check(
     from .report.findings import SEVERITIES
     from .rules.gate import load_settings, run_gate
     from .rules.output import failure_lines, to_github, to_json, to_junit
+    from .store.rundir import refuse_output_in_run
 
     if output_format not in ("table", "json", "github"):
         raise UsageError(f"bad --format {output_format!r}", hint="table, json or github")
@@ -244,13 +253,14 @@ def _check(
     values.require(ok, "--baseline-factor", factor, "a number >= 1", "10")
     values.positive_int(steps, "--steps", "50")
     if junit is not None:
+        refuse_output_in_run(junit, "--junit")  # findings.json is the one file check writes there
         values.output_file(junit, "--junit")
     if target.suffix == ".py":
         load_settings(config)  # a bad --config fails before the script is profiled
         run_dir = _profile_for_check(target, steps, sets)
     else:
         run_dir = target
-    gate = run_gate(run_dir, fail_on, config, baseline, factor)
+    gate = run_gate(run_dir, fail_on, config, baseline, factor, allow_incomplete)
     findings, failing = gate.findings, gate.failing
     if output_format == "json":
         typer.echo(to_json(gate))
@@ -289,6 +299,7 @@ def _profile_for_check(script: Path, steps: int, sets: list[str]) -> Path:
     from .profile import profile_script
     from .schedule import Schedule
     from .script import load_script, parse_set
+    from .store.rundir import NestedRunError, RunExistsError, run_dir_error
 
     loaded = load_script(script, parse_set(sets))
     run_dir = Path("runs") / f"{script.stem}-check"
@@ -297,7 +308,11 @@ def _profile_for_check(script: Path, steps: int, sets: list[str]) -> Path:
         escape(f"profiling {script.name} for {steps} steps into {run_dir} (seed 0)"),
         soft_wrap=True,
     )
-    return profile_script(loaded, run_dir, steps, config, seed=0, device="auto", force=True).run_dir
+    try:
+        result = profile_script(loaded, run_dir, steps, config, seed=0, device="auto", force=True)
+    except (RunExistsError, NestedRunError) as e:  # another check of this script is running
+        raise run_dir_error(e, run_dir) from None
+    return result.run_dir
 
 
 def _register_extra_commands() -> None:

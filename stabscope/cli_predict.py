@@ -73,6 +73,7 @@ def predict(
     seed: Annotated[int, typer.Option(help="Seed for building SCRIPT's model.")] = 0,
 ) -> None:
     """Predict per-layer activation rms, gradient rms and token correlation at init."""
+    from .store.rundir import refuse_output_in_run
     from .theory import DescriptionError, ModelDescription
 
     try:
@@ -82,6 +83,7 @@ def predict(
         values.positive_finite(alpha, "--alpha", "1")  # None: the placement's own
         values.positive_finite(beta, "--beta", "1")
         if out is not None:
+            refuse_output_in_run(out, "--out")
             values.output_file(out, "--out")
         if script is not None:
             if depth is not None or width is not None:

@@ -132,12 +132,33 @@ def profile(
         raise fail(e) from None
     except ValueError as e:
         raise fail(UsageError(str(e), hint="see `stabscope profile --help`")) from None
+    from .store import interrupts
+    from .store.atomic import RunWriteError
+    from .store.rundir import release_run_dir
+
     run_dir = out or Path("runs") / script.stem
     training = _TrainingOptions(script_args or [], run_script, max_steps, stop_script, no_compile)
     try:
-        _profile(script, run_dir, steps, config, seed, device, set_ or [], force, quiet, training)
+        # SIGTERM closes the run like Ctrl-C does, from the first moment (store/interrupts.py).
+        with interrupts.handling():
+            try:
+                _profile(
+                    script, run_dir, steps, config, seed, device, set_ or [], force, quiet, training
+                )
+            finally:
+                release_run_dir(run_dir)  # a claim no Recorder took over (it ended early)
     except UsageError as e:
         raise fail(e) from None
+    except RunWriteError as e:
+        raise fail(
+            UsageError(
+                f"writing the run in {run_dir} failed: {e.strerror or e}",
+                hint="free disk space or choose another --out; the run is marked failed and "
+                "keeps the parts written before",
+            )
+        ) from None
+    except (KeyboardInterrupt, interrupts.Terminated) as e:
+        raise typer.Exit(_interrupted(run_dir, e)) from None
 
 
 @dataclass
@@ -271,21 +292,37 @@ def _check_training_options(path: Path, steps: int | None, sets: list[str], devi
 
 
 def _prepare_run_dir(run_dir: Path, force: bool) -> None:
-    """Create ``run_dir`` for a new run, or fail with a usage error before any training."""
-    from .recorder import RunExistsError, prepare_run_dir
+    """Create and lock ``run_dir`` for a new run, or fail with a usage error before any
+    training; the lock passes to the Recorder that records into it."""
+    from .store.rundir import prepare_run_dir, run_dir_error
 
     try:
         prepare_run_dir(run_dir, force)
-    except RunExistsError:
-        raise UsageError(
-            f"{run_dir} already holds a run",
-            hint="pass --force to overwrite it, or choose another --out",
-        ) from None
     except OSError as e:
-        raise UsageError(
-            f"cannot write to {run_dir}: {e.strerror or e}",
-            hint="choose a writable --out directory",
-        ) from None
+        raise run_dir_error(e, run_dir) from None
+
+
+def _interrupted(run_dir: Path, error: BaseException) -> int:
+    """Say in one line that SIGINT/SIGTERM ended the profile and where the run is; the exit
+    status the signal stands for (128 + signum)."""
+    from rich.markup import escape
+
+    from .distributed import rank
+    from .store import NotARunError, interrupts, read_meta
+
+    signum = interrupts.interrupting_signal(error) or 2
+    name = interrupts.signal_name(signum)
+    if rank() == 0:
+        try:
+            meta = read_meta(run_dir)
+            kept = (
+                f"{meta.get('steps', 0)} steps are kept in {run_dir} "
+                f"(status {meta.get('status')}, {meta.get('rows', 0):,} rows)"
+            )
+        except (NotARunError, OSError):
+            kept = f"nothing was recorded in {run_dir} yet"
+        err.print(f"[yellow]interrupted[/] by {name}: {escape(kept)}", soft_wrap=True)
+    return 128 + signum
 
 
 def _print_profile_result(run_dir: Path, seconds: float, notes: list[str]) -> None:

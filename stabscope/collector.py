@@ -64,10 +64,16 @@ class Rows:
     def flush_to_writer(self) -> int:
         """Hand the rows to the writer; returns how many rows were written."""
         n = 0
-        for cols in self._cols:
-            self.writer.append(*cols)
+        chunks, self._cols = self._cols, []
+        for i, cols in enumerate(chunks):
+            try:
+                self.writer.append(*cols)  # buffers the chunk, then maybe writes a part
+            except BaseException:
+                # The chunk is in the writer's buffer even when its part failed: keep only the
+                # rest, so that a retry (close() after a full disk) writes no row twice.
+                self._cols = chunks[i + 1 :]
+                raise
             n += len(cols[-1])
-        self._cols.clear()
         return n
 
 

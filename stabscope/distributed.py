@@ -76,7 +76,7 @@ def prepare_on_rank0(out: str | os.PathLike[str], prepare: Callable[[], Path]) -
     if rank() == 0:
         try:
             path = prepare()
-        except OSError as err:  # RunExistsError, PermissionError, a failed mkdir
+        except OSError as err:  # RunExistsError, RunLockedError, PermissionError, a failed mkdir
             error = err
     dist = _group()
     if dist is not None and dist.get_world_size() > 1:
@@ -91,10 +91,12 @@ def prepare_on_rank0(out: str | os.PathLike[str], prepare: Callable[[], Path]) -
 
 
 def _rebuilt(kind: str, message: str) -> OSError:
-    from .recorder import RunExistsError
+    from .store.rundir import NestedRunError, RunExistsError, RunLockedError
 
     types: dict[str, type[OSError]] = {
         "RunExistsError": RunExistsError,
+        "RunLockedError": RunLockedError,
+        "NestedRunError": NestedRunError,
         "PermissionError": PermissionError,
     }
     return types.get(kind, OSError)(message)

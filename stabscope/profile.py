@@ -20,6 +20,7 @@ from .describe_model import write_run_prediction
 from .errors import ScriptError, UsageError
 from .recorder import Recorder
 from .script import ModelScript, script_failure
+from .store.interrupts import Terminated, ending_status
 from .structure import Structure, discover
 
 #: progress(step_done, total, last_recorded_loss)
@@ -101,6 +102,8 @@ def _next_batch(script: ModelScript, data: Any, step: int, dev: torch.device) ->
 def _call(script: ModelScript, where: str, fn: Callable[..., Any], *args: Any) -> Any:
     try:
         return fn(*args)
+    except Terminated:  # SIGTERM, not the script's own sys.exit
+        raise
     except SystemExit as err:
         raise ScriptError(
             f"{script.path.name} called sys.exit({err.code}) while {where}",
@@ -173,8 +176,12 @@ def profile_script(
     rec = Recorder(
         model, out, config, force=force, run_info=run_info, forward=forward, structure=structure
     )
-    # The theory's profile at init, from the model as built (see docs/theory.md).
-    prediction_note = write_run_prediction(model, structure, forward, rec.run_dir, rec.rank)
+    try:
+        # The theory's profile at init, from the model as built (see docs/theory.md).
+        prediction_note = write_run_prediction(model, structure, forward, rec.run_dir, rec.rank)
+    except BaseException as err:  # Ctrl-C here: the run is closed and its lock released
+        rec.close(ending_status(err), err)
+        raise
     with rec:
         if prediction_note:
             rec.meta["notes"].append(prediction_note)

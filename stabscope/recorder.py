@@ -12,12 +12,11 @@ optimizers that own this model's parameters, so no optimizer needs to be passed 
 
 from __future__ import annotations
 
+import atexit
 import os
-import shutil
 import time
 import traceback
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,8 +46,11 @@ from .probes.attention import AttentionSampling
 from .probes.parameters import ParameterProbe
 from .probes.structured import StructureProbes
 from .schedule import Schedule
-from .store import RUN_MODULE, PartWriter, new_meta, save_meta
-from .store.schema import META_FILE, PARTS_DIR
+from .store import RUN_MODULE, PartWriter, interrupts, new_meta, save_meta
+from .store import lock as locks
+from .store.atomic import RESERVE_FILE, SpaceReserve
+from .store.rundir import RunExistsError, RunLockedError, prepare_run_dir
+from .store.schema import META_FILE
 from .structure import Structure, capture, discover, from_trace
 
 #: Losses of unrecorded steps wait on the device; past this many they are synced anyway.
@@ -62,24 +64,6 @@ def error_entry(error: BaseException) -> dict[str, Any]:
         "message": str(error),
         "traceback": traceback.format_exception(type(error), error, error.__traceback__)[-6:],
     }
-
-
-class RunExistsError(FileExistsError):
-    """The output directory already holds a run."""
-
-
-def prepare_run_dir(out: str | os.PathLike[str], force: bool) -> Path:
-    """Create ``out`` for a new run; refuse to overwrite an existing run unless ``force``."""
-    path = Path(out)
-    if (path / META_FILE).exists() or (path / PARTS_DIR).exists():
-        if not force:
-            raise RunExistsError(f"{path} already holds a run")
-        (path / META_FILE).unlink(missing_ok=True)
-        shutil.rmtree(path / PARTS_DIR, ignore_errors=True)
-    path.mkdir(parents=True, exist_ok=True)
-    if not os.access(path, os.W_OK):
-        raise PermissionError(f"{path} is not writable")
-    return path
 
 
 class Recorder:
@@ -100,6 +84,8 @@ class Recorder:
         forward: Callable[[nn.Module], Any] | None = None,
         structure: Structure | None = None,
     ) -> None:
+        self.forward = forward
+        self.structure = structure
         cfg = (config or RecorderConfig()).replace(
             preset=preset,
             include=tuple(include) if include is not None else None,
@@ -109,7 +95,22 @@ class Recorder:
         self.config = cfg
         self.model = model
         self.rank = _rank()
+        # Rank 0 takes the directory's lock (or this process's claim from `profile`) here and
+        # keeps it until close(); the other ranks write their parts under it.
         self.run_dir = prepare_on_rank0(out, lambda: prepare_run_dir(out, force))
+        try:
+            self._setup(model, cfg, run_info)
+        except BaseException:
+            locks.release(self.run_dir)
+            raise
+        self._lock = locks.adopt(self.run_dir, self) if self.rank == 0 else None
+        # Room for the last meta.json on a disk that fills up (rank 0 writes meta.json).
+        self._reserve = SpaceReserve(self.run_dir / RESERVE_FILE) if self.rank == 0 else None
+        self._signals = False  # whether start() took the SIGINT/SIGTERM handlers
+
+    def _setup(
+        self, model: nn.Module, cfg: RecorderConfig, run_info: dict[str, Any] | None
+    ) -> None:
         self.writer = PartWriter(self.run_dir, self.rank, cfg.part_rows, cfg.flush_seconds)
         self.rows = Rows(self.writer)
         self.collector = Collector()
@@ -121,8 +122,6 @@ class Recorder:
         self._optimizer_hooks: list[Any] = []
         self._closed = False
         self._started = False
-        self.forward = forward
-        self.structure = structure
         self.structure_probes: StructureProbes | None = None
         self._capture: Any = None  # trace of the first recorded step when no forward is given
         self._trace: Any = None
@@ -171,37 +170,76 @@ class Recorder:
 
     # -- lifecycle ---------------------------------------------------------------------------
     def __enter__(self) -> Recorder:
-        self.start()
+        try:
+            self.start()
+        except BaseException as err:  # __exit__ is not called when __enter__ raises
+            self.close(interrupts.ending_status(err), error=err)
+            raise
         return self
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
-        if exc is None:
-            self.close("complete")
-        else:
-            self.close("failed", error=exc)
+        # KeyboardInterrupt and SIGTERM close the run as `interrupted`, anything else `failed`.
+        self.close(interrupts.ending_status(exc), error=exc)
 
     def start(self) -> Recorder:
-        """Write meta.json (status ``running``), register optimizer hooks, arm step 0."""
+        """Write meta.json (status ``running``), register optimizer hooks, arm step 0.
+
+        Also takes SIGINT and SIGTERM where their handlers are Python's defaults and this is
+        the main thread (``store/interrupts.py``), and closes the run at interpreter exit if
+        nobody did: a signal, or a script that forgot ``close()``, loses no buffered row."""
         if self._started:
             return self
         self._started = True
+        self._signals = interrupts.install()
+        atexit.register(self._close_at_exit)
         if self.structure is None and self.forward is not None:
-            self.structure = discover(self.model, self.forward)
-        if self.structure is not None:
-            self._build_structure_probes()
-        self._save_meta()
-        self._optimizer_hooks = [
-            register_optimizer_step_pre_hook(self._before_optimizer_step),
-            register_optimizer_step_post_hook(self._after_optimizer_step),
-        ]
-        self._arm(self.step_index)
+            self.structure = discover(self.model, self.forward)  # a forward: Ctrl-C may stop it
+        with interrupts.deferred():
+            if self.structure is not None:
+                self._build_structure_probes()
+            self._save_meta()
+            self._optimizer_hooks = [
+                register_optimizer_step_pre_hook(self._before_optimizer_step),
+                register_optimizer_step_post_hook(self._after_optimizer_step),
+            ]
+            self._arm(self.step_index)
         return self
 
     def close(self, status: str = "complete", error: BaseException | None = None) -> None:
-        """Remove every hook, write what is left, and finish meta.json. Safe to call twice."""
+        """Remove every hook, write what is left, and finish meta.json. Safe to call twice.
+
+        ``status`` is ``complete`` only if every row reached the disk: when the last rows
+        cannot be written (a full disk) the run is ``failed``, with the write error in
+        meta.json (``write_error``, and ``error`` unless another error ended the run), and
+        that error is raised here unless another one is already on its way. A signal that
+        arrives while closing waits until the run is closed."""
         if self._closed:
             return
         self._closed = True
+        with interrupts.deferred():
+            self._detach_all()
+            write_error = self._write_remaining()
+            if write_error is not None:
+                status = "failed"
+                self.meta["write_error"] = error_entry(write_error)
+                error = write_error if error is None else error
+            self.meta["status"] = status
+            self.meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            if error is not None:
+                self.meta["error"] = error_entry(error)
+            signum = interrupts.interrupting_signal(error) or interrupts.received()
+            if status == "interrupted" and signum is not None:
+                self.meta["interrupted_by"] = interrupts.signal_name(signum)
+            if self._reserve is not None:
+                self._reserve.release()  # its room is for this last meta.json
+            try:
+                self._save_meta()
+            finally:
+                self._let_go()
+        if write_error is not None and error is write_error:
+            raise write_error
+
+    def _detach_all(self) -> None:
         self._stop_capture()
         if self.structure_probes is not None:
             self.structure_probes.detach()
@@ -210,18 +248,34 @@ class Recorder:
         for handle in self._optimizer_hooks:
             handle.remove()
         self._optimizer_hooks.clear()
+
+    def _write_remaining(self) -> BaseException | None:
+        """Write every buffered row; the error that stopped it, if any."""
         try:
             # A step that was started but never marked is discarded, not half-written.
             self.collector.clear()
             self._sync_losses()
             self.rows.flush_to_writer()
             self.writer.flush()
-        finally:
-            self.meta["status"] = status
-            self.meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-            if error is not None:
-                self.meta["error"] = error_entry(error)
-            self._save_meta()
+        except BaseException as err:
+            return err
+        return None
+
+    def _let_go(self) -> None:
+        """Release the directory's lock and the signal handlers; the run is closed."""
+        if self._lock is not None:
+            locks.release(self.run_dir, self)
+            self._lock = None
+        if self._signals:
+            interrupts.uninstall()
+            self._signals = False
+        atexit.unregister(self._close_at_exit)
+
+    def _close_at_exit(self) -> None:
+        if interrupts.received() is not None:
+            self.close("interrupted")
+        else:
+            self.close("failed", RuntimeError("the process ended before the run was closed"))
 
     # -- steps -------------------------------------------------------------------------------
     def step(self, loss: torch.Tensor | float | None = None) -> None:
@@ -230,6 +284,10 @@ class Recorder:
             raise RuntimeError("Recorder.step() after close()")
         if not self._started:
             self.start()
+        with interrupts.deferred():  # a signal waits until the step is recorded and counted
+            self._step(loss)
+
+    def _step(self, loss: torch.Tensor | float | None) -> None:
         step = self.step_index
         if loss is not None:
             value = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
@@ -241,6 +299,8 @@ class Recorder:
             self._sync_losses()
         self.step_index += 1
         self.meta["steps"] = self.step_index
+        if self.writer.parts_written != self.meta["parts"]:
+            self._save_meta()  # meta.json counts the parts on disk
         self._arm(self.step_index)
 
     @property
@@ -297,6 +357,8 @@ class Recorder:
         self.rows.step = step
         self.host_syncs += self.collector.sync(self.rows)  # the one host sync of this step
         self.rows.flush_to_writer()
+        if self.writer.parts_written == 0:
+            self.writer.flush()  # the first recorded step is on disk at once
         self._recorded_steps += 1
         self._sync_seconds += time.perf_counter() - t0
         if self._capture is not None:
@@ -304,8 +366,6 @@ class Recorder:
             self.structure = from_trace(self.model, self._trace)
             self._trace = None
             self._build_structure_probes()
-            self._save_meta()
-        if self.writer.parts_written != self.meta["parts"]:
             self._save_meta()
 
     def _add_losses_to(self, collector: Collector) -> None:
@@ -406,6 +466,9 @@ class Recorder:
             entry.update(self.hooks.counts(code))
         if self.rank == 0:
             save_meta(self.run_dir, self.meta)
+        if self._reserve is not None and not self._closed:
+            # Twice meta.json: its temporary copy and the old file coexist for a moment.
+            self._reserve.ensure(2 * (self.run_dir / META_FILE).stat().st_size + 65536)
 
 
-__all__ = ["Recorder", "RunExistsError"]
+__all__ = ["Recorder", "RunExistsError", "RunLockedError", "prepare_run_dir"]

@@ -25,6 +25,7 @@ from types import ModuleType
 from typing import Any
 
 from .errors import ScriptError, UsageError
+from .store.interrupts import Terminated
 
 REQUIRED = ("model", "batches", "loss")
 OPTIONAL = ("optimizer", "scheduler")
@@ -131,6 +132,8 @@ def load_script(path: str | Path, overrides: dict[str, str] | None = None) -> Mo
     sys.path.insert(0, str(path.parent))  # scripts may import their neighbours
     try:
         spec.loader.exec_module(module)
+    except Terminated:  # SIGTERM while importing, not the script's own sys.exit
+        raise
     except SystemExit as err:
         raise ScriptError(
             f"{path.name} called sys.exit({err.code}) on import",

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from .store import RUN_MODULE, load_run, read_meta
+from .store.rundir import run_state
 
 ROOT = "<root>"
 
@@ -62,6 +63,7 @@ class Summary:
     first_nonfinite: dict[str, Any] = field(default_factory=dict)
     never_fired: dict[str, list[str]] = field(default_factory=dict)
     error: dict[str, Any] | None = None
+    status_detail: str | None = None  # what is known beyond the status word (killed by what)
     structure: str | None = None
     notes: list[str] = field(default_factory=list)
     headlines: list[str] = field(default_factory=list)
@@ -116,15 +118,17 @@ def depth_trend(frame: pd.DataFrame, layers: dict[str, int], metric: str) -> Dep
 def summarize(run_dir: str | Path, top: int = 3) -> Summary:
     """The headline numbers of a run (see module docstring)."""
     meta = read_meta(run_dir)
+    state = run_state(run_dir, meta)  # a `running` run: still running, or killed
     s = Summary(
         Path(run_dir),
-        meta.get("status", "?"),
+        state.status,
         meta.get("steps", 0),
         meta.get("recorded_steps", 0),
         meta.get("rows", 0),
         first_nonfinite=meta.get("first_nonfinite") or {},
         never_fired=meta.get("hooks_never_fired") or {},
         error=meta.get("error"),
+        status_detail=state.detail if state.detail != state.status else None,
     )
     loss = load_run(
         run_dir, modules=[RUN_MODULE], metrics=["loss"], phase="train", merge_ranks=True

@@ -133,6 +133,7 @@ def test_each_rank_writes_its_own_parts_and_rank0_owns_meta(desync_run):
     }
     files = sorted(p.name for p in (run / "parts").iterdir())
     assert not [f for f in files if f.startswith(".")]  # nothing left half-written
+    assert not list(run.glob(".*"))  # rank 0's lock and space reserve are gone with the run
     ranks_of = {f: set(pq.read_table(run / "parts" / f).column("rank").to_pylist()) for f in files}
     # Every part holds one rank, numbered in that rank's block: no file has two writers.
     for name, ranks in ranks_of.items():
@@ -145,8 +146,12 @@ def test_each_rank_writes_its_own_parts_and_rank0_owns_meta(desync_run):
 
 def test_both_ranks_refuse_an_existing_run_instead_of_waiting(desync_run):
     _, stdout = desync_run
-    assert sorted(re.findall(r"rank (\d) refused", stdout)) == ["0", "1"]
+    assert sorted(re.findall(r"rank (\d) refused: ", stdout)) == ["0", "1"]
     assert "rank 0: " in stdout  # rank 1 raises rank 0's error
+    # While the run was open, --force was refused on every rank: rank 0 holds the lock.
+    live = re.findall(r"rank (\d) refused while open: (.*)", stdout)
+    assert sorted(r for r, _ in live) == ["0", "1"]
+    assert all("is being written by another run" in why for _, why in live)
 
 
 def test_names_are_the_inner_models_whether_ddp_or_inner_was_given(desync_run):

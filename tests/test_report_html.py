@@ -138,9 +138,9 @@ def test_empty_corrupt_foreign_and_running_runs_render_with_warnings(tmp_path):
     assert "empty: no readable rows" in err
     assert "skipping unreadable part" in err and "part-000900" in err
     assert "part-000901.parquet with another schema" in err
-    assert "corrupt: the run is still being written" in err
+    assert "corrupt: still running (pid" in err  # its pid, this process, is alive
     html = (tmp_path / "r.html").read_text()
-    assert "incomplete: still being written" in html
+    assert "still running (pid" in html
     assert 'id="fig-act_rms"' in html  # the readable part is still drawn
 
 

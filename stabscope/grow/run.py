@@ -30,9 +30,9 @@ from ..profile import (
     profile_script,
     seed_everything,
 )
-from ..recorder import prepare_run_dir
 from ..script import ModelScript
 from ..store import read_meta, save_meta
+from ..store.rundir import lock_run_dir, prepare_run_dir, release_run_dir, run_dir_error
 from ..store.schema import META_FILE, PARTS_DIR
 from ..structure import Structure, discover
 from .expand import Growth, grow_model
@@ -97,6 +97,21 @@ def grow_script(
     dev = pick_device(settings.device)
     names = ([BASE] if settings.profile_base else []) + [name for name, _ in variants]
     claim_run_dirs(out, names, settings.force)
+    try:
+        return _grow_and_profile(script, variants, out, settings, progress, dev)
+    finally:
+        for name in names:  # claims of runs that were not profiled (a check failed)
+            release_run_dir(out / name)
+
+
+def _grow_and_profile(
+    script: ModelScript,
+    variants: list[tuple[str, GrowthSpec]],
+    out: Path,
+    settings: GrowSettings,
+    progress: Callable[[str], ProgressFn | None] | None,
+    dev: torch.device,
+) -> GrowResult:
     base, _ = build_for_inspection(script, settings.seed)
     probes = _probe_batches(script, settings.seed, settings.probes, dev)
     base = base.to(dev)
@@ -142,20 +157,15 @@ def claim_run_dirs(out: Path, names: list[str], force: bool) -> None:
     if len(set(names)) < len(names):
         raise UsageError(f"run names repeat: {', '.join(names)}", hint="one run per factor")
     for path in (out / name for name in names):
-        if (path / META_FILE).exists() or (path / PARTS_DIR).exists():
-            if force:
-                continue
-            raise UsageError(
-                f"{path} already holds a run",
-                hint="pass --force to overwrite it, or another --out",
-            )
         try:
-            prepare_run_dir(path, force=False)
+            if force and ((path / META_FILE).exists() or (path / PARTS_DIR).exists()):
+                lock_run_dir(path)  # locked, left in place until its replacement is profiled
+            else:
+                prepare_run_dir(path, force=False)
         except OSError as e:
-            raise UsageError(
-                f"cannot write to {path}: {e.strerror or e}",
-                hint="choose a writable --out directory",
-            ) from None
+            for name in names:
+                release_run_dir(out / name)
+            raise run_dir_error(e, path) from None
 
 
 def _probe_batches(script: ModelScript, seed: int, n: int, dev: torch.device) -> list[Any]:

@@ -12,7 +12,8 @@ calls 0..k-1 of each module and the step's loss is their mean. Lightning passes 
 ``on_train_batch_end`` divided by k (the scale it backpropagates), so it is multiplied back.
 Lightning runs the forward and backward pass inside ``optimizer.step(closure)``; the Recorder
 reads the gradients after the closure, so they are this step's (see ``optim_closure``).
-The run is closed on ``on_fit_end``, and marked ``failed`` on ``on_exception``.
+The run is closed on ``on_fit_end``, and marked ``failed`` on ``on_exception`` (``interrupted`` for
+Ctrl-C or SIGTERM).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 from ..config import RecorderConfig
 from ..recorder import Recorder
+from ..store.interrupts import ending_status
 from .session import RecordingSession
 
 try:
@@ -69,7 +71,7 @@ class StabscopeCallback(Callback):
         self.session.close("complete")
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        self.session.close("failed", exception)
+        self.session.close(ending_status(exception), exception)  # Ctrl-C: interrupted
 
 
 __all__ = ["StabscopeCallback"]

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..config import RecorderConfig
 from ..recorder import Recorder
+from ..store import interrupts
 
 
 class RecordingSession:
@@ -63,4 +64,7 @@ class RecordingSession:
             atexit.unregister(self._close_at_exit)
 
     def _close_at_exit(self) -> None:
+        if interrupts.received() is not None:  # SIGINT/SIGTERM ended the process
+            self.close("interrupted")
+            return
         self.close("failed", RuntimeError("the process ended before training finished"))

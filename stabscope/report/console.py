@@ -9,6 +9,15 @@ from rich.table import Table
 from ..summary import Summary
 from .findings import Finding, evidence
 
+STATUS_STYLE = {
+    "complete": "green",
+    "failed": "red",
+    "running": "yellow",
+    "interrupted": "yellow",
+    "killed": "red",
+    "unfinished": "red",
+}
+
 
 def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.4g}"
@@ -17,12 +26,14 @@ def _fmt(x: float | None) -> str:
 def print_summary(summary: Summary, console: Console) -> None:
     """A short summary: status, loss, gradient extremes, depth trend, non-finite values."""
     s = summary
-    style = {"complete": "green", "failed": "red", "running": "yellow"}.get(s.status, "white")
+    style = STATUS_STYLE.get(s.status, "white")
     console.print(
         f"[bold]run[/] {escape(str(s.run_dir))}  [{style}]{escape(s.status)}[/]  steps {s.steps} "
         f"(recorded {s.recorded_steps}), {s.rows:,} rows",
         soft_wrap=True,
     )
+    if s.status_detail:
+        console.print(f"[{style}]{escape(s.status_detail)}[/]")
     if s.structure is not None:
         console.print(f"structure: {escape(s.structure)}", soft_wrap=True)
     if s.loss_first is not None:

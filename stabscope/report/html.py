@@ -40,6 +40,8 @@ code { font: 12px ui-monospace, SFMono-Regular, Menlo, monospace; word-break: br
 .status-complete { background: #e3f4e6; color: #1c6b2c; }
 .status-failed { background: #fde5e1; color: #a3241a; }
 .status-running { background: #fff1cc; color: #8a5b00; }
+.status-interrupted { background: #fff1cc; color: #8a5b00; }
+.status-killed, .status-unfinished { background: #fde5e1; color: #a3241a; }
 ol.findings { padding-left: 24px; }
 li.finding { margin: 8px 0; padding: 6px 10px; border-left: 4px solid #aab4be;
              background: #fafbfc; }

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from ..errors import UsageError
 from ..store import SCHEMA, SCHEMA_VERSION, NotARunError, StabscopeWarning, part_files, read_meta
+from ..store.rundir import RunState, run_state
 from ..summary import layer_modules
 
 ROOT = "<root>"
@@ -35,9 +36,12 @@ class Run:
     rows: int = 0  # in the readable parts, from their footers
     layers: list[str] = field(default_factory=list)  # the depth axis, shallow to deep
     depth_source: str = ""  # where the depth axis came from, said in the report
+    state: RunState | None = None  # meta's status with a `running` run told apart
 
     @property
     def status(self) -> str:
+        if self.state is not None:
+            return self.state.status
         return str(self.meta.get("status") or "unknown")
 
     @property
@@ -102,10 +106,10 @@ def open_run(path: str | Path, name: str) -> Run:
             f"{name}: written with run format {version}, this stabscope reads {SCHEMA_VERSION}; "
             "showing what it can read"
         )
-    if run.status == "running":
+    run.state = run_state(path, meta)
+    if run.state.status == "running" or run.state.incomplete:
         run.warnings.append(
-            f"{name}: the run is still being written (or its process was killed); "
-            "the report shows the parts written so far"
+            f"{name}: {run.state.detail}; the report shows the parts written so far"
         )
     if not files:
         run.warnings.append(f"{name}: no readable rows (no parts written yet)")

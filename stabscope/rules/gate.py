@@ -53,11 +53,15 @@ def run_gate(
     config: Path | None = None,
     baseline: Path | None = None,
     factor: float = 10.0,
+    allow_incomplete: bool = False,
 ) -> GateResult:
-    """Check a run, write its findings.json, and say which findings fail the gate."""
+    """Check a run, write its findings.json, and say which findings fail the gate.
+    ``allow_incomplete``: a killed or interrupted run is a warning, not an error."""
     if fail_on not in SEVERITIES:
         raise UsageError(f"bad --fail-on {fail_on!r}", hint=f"one of {', '.join(SEVERITIES)}")
     settings = load_settings(config)
+    if allow_incomplete:
+        settings.params.setdefault("run-status", {})["allow_incomplete"] = 1.0
     severity = {r.id: settings.severity.get(r.id, r.severity) for r in ALL_RULES}
     try:
         result = check_run(run_dir, settings)

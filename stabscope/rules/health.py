@@ -8,45 +8,10 @@ from collections.abc import Iterator
 import numpy as np
 
 from ..report.findings import Finding
-from ..store import RUN_MODULE, count_rows
+from ..store import RUN_MODULE
 from .base import Rule, RunView, finding, finding_at
 from .nonfinite import NONFINITE
-
-
-def _run_status(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
-    """A gate must not pass a run that failed, or one with nothing in it."""
-    status = view.meta.get("status")
-    steps = int(view.meta.get("recorded_steps") or 0)
-    if status == "failed":
-        error = view.meta.get("error") or {}
-        what = f"{error.get('type', 'error')}: {error.get('message', '')}".strip(": ")
-        yield finding(
-            RUN_STATUS,
-            "error",
-            f"the run ended as failed after {steps} recorded steps ({what or 'no error saved'})",
-            value=float(steps),
-            remedy="fix the error in meta.json's `error` entry, then profile again",
-        )
-    elif count_rows(view.run_dir) == 0:
-        yield finding(
-            RUN_STATUS,
-            "error",
-            f"nothing was recorded (status {status}): the run has no readable rows",
-            value=0.0,
-            remedy="profile at least one step; check the module filters (--include/--exclude)",
-        )
-    elif status == "running":
-        yield finding(
-            RUN_STATUS,
-            "warning",
-            f"the run has not finished (status running, {steps} recorded steps): still being "
-            "written, or its process was killed; the rules saw the parts written so far",
-            value=float(steps),
-            remedy="check it again once training ends",
-        )
-
-
-RUN_STATUS = Rule("run-status", "Failed, empty or unfinished run", "", (), {}, _run_status)
+from .run_status import RUN_STATUS
 
 
 def _loss_spike(view: RunView, p: dict[str, float]) -> Iterator[Finding]:

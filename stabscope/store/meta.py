@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import write_text_atomically
+from .interrupts import deferred
 from .schema import META_FILE, SCHEMA_VERSION
 
 
@@ -54,7 +55,8 @@ def save_meta(run_dir: Path, meta: dict[str, Any]) -> None:
     """Atomically replace ``run_dir/meta.json``."""
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     text = json.dumps(_finite(meta), indent=1, default=_json_default, allow_nan=False)
-    write_text_atomically(Path(run_dir) / META_FILE, text + "\n")
+    with deferred():  # a signal waits until meta.json is whole
+        write_text_atomically(Path(run_dir) / META_FILE, text + "\n")
 
 
 def _finite(obj: Any) -> Any:

@@ -1,8 +1,14 @@
 """Streaming writer for the long table: buffers rows in numpy chunks, rolls Parquet parts.
 
-Memory is bounded by ``part_rows``: once the buffer holds that many rows, or
-``flush_seconds`` have passed since the last part, the buffer becomes one part file on disk.
-A killed process therefore loses at most the rows that were not yet in a part.
+Memory is bounded by ``part_rows``: once the buffer holds that many rows, or the flush
+interval has passed since the last part, the buffer becomes one part file on disk. The
+interval starts at one second and doubles after each part up to ``flush_seconds``, so the
+first rows of a run are on disk within seconds and a long run still writes few parts. A
+killed process therefore loses at most the rows that were not yet in a part.
+
+A part that cannot be written (a full disk) leaves no file behind, its rows stay buffered
+and counted nowhere, and the error goes on to the caller; ``parts_written`` and
+``rows_written`` count only parts that are on disk.
 """
 
 from __future__ import annotations
@@ -15,7 +21,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .atomic import write_atomically
+from .interrupts import deferred
 from .schema import PARQUET_OPTIONS, PARTS_DIR, SCHEMA, part_name
+
+#: The flush interval of a new writer; it doubles after each part up to ``flush_seconds``.
+FIRST_FLUSH_SECONDS = 1.0
 
 
 class Interner:
@@ -57,6 +67,7 @@ class PartWriter:
         self._chunks: list[tuple[np.ndarray, ...]] = []
         self._buffered = 0
         self._last_flush = time.monotonic()
+        self._interval = min(FIRST_FLUSH_SECONDS, flush_seconds)
         self._next_part = self._first_free_part_number()
 
     def _first_free_part_number(self) -> int:
@@ -97,7 +108,7 @@ class PartWriter:
         self._buffered += n
         if (
             self._buffered >= self.part_rows
-            or time.monotonic() - self._last_flush >= self.flush_seconds
+            or time.monotonic() - self._last_flush >= self._interval
         ):
             self.flush()
 
@@ -108,8 +119,13 @@ class PartWriter:
     def flush(self) -> Path | None:
         """Write the buffered rows as one part; returns its path, or None when empty."""
         self._last_flush = time.monotonic()
+        self._interval = min(2 * self._interval, self.flush_seconds)
         if not self._buffered:
             return None
+        with deferred():  # a signal waits until the part is written and counted
+            return self._write_part()
+
+    def _write_part(self) -> Path:
         cols = [np.concatenate(c) for c in zip(*self._chunks)]
         step, phase, module, call, metric, index, value = cols
         n = len(value)

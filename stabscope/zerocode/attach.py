@@ -45,6 +45,7 @@ from ..distributed import rank, world_size
 from ..module_table import unwrap_model
 from ..recorder import Recorder, error_entry
 from ..store import new_meta, save_meta
+from ..store.interrupts import interrupting_signal, signal_name
 from .losses import LossTap
 from .optimizers import OptimizerTracker, parameter_ids, trained_parameter_ids
 from .roots import RootCalls, enclosing_model, live_modules, other_trained_models
@@ -202,6 +203,9 @@ class ScriptRecording:
             finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             error=None if error is None else error_entry(error),
         )
+        signum = interrupting_signal(error)
+        if status == "interrupted" and signum is not None:
+            meta["interrupted_by"] = signal_name(signum)
         save_meta(self.out, meta)
 
     # -- root calls: finding the model -------------------------------------------------------

@@ -12,7 +12,9 @@ script ends decides the result:
 - ``sys.exit(N)`` with N != 0: ``failed``, ``ScriptError`` with exit code N (1 for a message,
   as Python does);
 - never ends a step (no optimizer, or none that trains a module it called): ``failed``,
-  ``UsageError`` (exit code 2).
+  ``UsageError`` (exit code 2);
+- SIGINT or SIGTERM (``KeyboardInterrupt`` / ``Terminated``): ``interrupted``, with every
+  step taken so far written, and the exception goes on to the caller.
 
 In every case what was recorded stays in the run directory, readable with ``load_run``.
 """
@@ -34,8 +36,9 @@ from ..config import RecorderConfig
 from ..distributed import rank
 from ..errors import ScriptError, UsageError
 from ..profile import seed_everything
-from ..recorder import prepare_run_dir
 from ..script import script_failure, script_path
+from ..store.interrupts import Terminated
+from ..store.rundir import prepare_run_dir, release_run_dir
 from .attach import ScriptRecording, StepProgress, StopScript
 from .detect import missing_entry_points
 
@@ -134,17 +137,38 @@ def profile_training_script(
     )
     if rank() == 0:
         prepare_run_dir(out, force)
+    try:
+        return _run(path, args, out, recording, seed, max_steps)
+    finally:
+        release_run_dir(out)  # a claim no Recorder took over (no model was found)
+
+
+def _run(
+    path: Path,
+    args: Sequence[str],
+    out: str | Path,
+    recording: ScriptRecording,
+    seed: int,
+    max_steps: int | None,
+) -> TrainingScriptResult:
     notes: list[str] = []
     ending = "ended"
     seed_everything(seed)
     start = time.perf_counter()
     try:
-        with as_main(path, args), dynamo_disabled(no_compile), warnings.catch_warnings():
+        with (
+            as_main(path, args),
+            dynamo_disabled(recording.compile_disabled),
+            warnings.catch_warnings(),
+        ):
             warnings.filterwarnings("ignore", message=_COMPILE_WRAPPER_WARNING)
             recording.install()
             runpy.run_path(str(path), run_name="__main__")
     except StopScript:
         notes.append(f"stopped {path.name} after {max_steps} steps (--stop-script)")
+    except (KeyboardInterrupt, Terminated) as exc:  # Terminated is a SystemExit: first
+        recording.close("interrupted", exc)
+        raise
     except SystemExit as exc:
         status = exit_status(exc.code)
         if status != 0:
@@ -164,13 +188,6 @@ def profile_training_script(
             hint="stabscope cannot tell sys.exit(0) from an early exit, so it exits 2; let the "
             "script return instead (main() rather than sys.exit(main())), or stop it with "
             "--max-steps N --stop-script",
-        ) from None
-    except KeyboardInterrupt as exc:
-        recording.close("failed", exc)
-        raise ScriptError(
-            f"{path.name} was interrupted after {_steps(recording)}",
-            hint=f"what was recorded is kept in {out}",
-            exit_code=130,
         ) from None
     except UsageError as exc:  # stabscope's own refusal (e.g. --include matching nothing)
         recording.close("failed", exc)

@@ -113,6 +113,12 @@ def main() -> None:
     with stabscope.Recorder(recorded, args.out, schedule=schedule, force=args.force) as rec:
         data = {"scale_rank": args.scale_rank, "scale": args.scale, "same_data": args.same_data}
         train_loop(model, opt, rec, args.steps, rank, args.inf_step, args.unsync_step, **data)
+        if args.check_refusal:
+            try:  # rank 0 holds the directory's lock while the run is open: even --force fails
+                stabscope.Recorder(recorded, args.out, force=True)
+            except FileExistsError as err:
+                sys.stdout.write(f"rank {rank} refused while open: {err}\n")
+                sys.stdout.flush()
     if args.check_refusal:
         try:
             stabscope.Recorder(recorded, args.out)

@@ -9,16 +9,11 @@ from ..figures import esc
 from ..runs import Run
 from . import Context, Section
 
-STATUS_TEXT = {
-    "complete": "complete",
-    "failed": "failed",
-    "running": "incomplete: still being written, or the process was killed",
-}
-
 
 def _status(run: Run) -> str:
     status = run.status
-    text = STATUS_TEXT.get(status, status)
+    # `interrupted`, `killed`, `running` (a live writer) and `unfinished` say more in a line.
+    text = run.state.detail if run.state is not None else status
     html = f'<span class="status status-{esc(status)}">{esc(text)}</span>'
     error = run.meta.get("error")
     if isinstance(error, dict):

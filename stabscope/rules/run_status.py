@@ -1,0 +1,64 @@
+"""Rule ``run-status``: a gate must not pass a run that failed, holds nothing, or never ended.
+
+What is known about how the run ended comes from ``store.rundir.run_state`` (meta.json's
+status and the directory's lock): ``failed`` (the error is quoted), ``interrupted`` (by which
+signal), ``killed`` (status ``running`` with no live writer on this host), ``unfinished``
+(status ``running``, written on another host with no live writer to be seen) or ``running``
+(a live writer: the rules saw the parts written so far).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from ..report.findings import Finding
+from ..store import count_rows
+from ..store.rundir import run_state
+from .base import Rule, RunView, finding
+
+#: Set by ``check --allow-incomplete`` (or in ``[tool.stabscope.rules]``): a killed or
+#: interrupted run is a warning instead of an error.
+DEFAULTS = {"allow_incomplete": 0.0}
+
+
+def _run_status(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
+    state = run_state(view.run_dir, view.meta)
+    steps = int(view.meta.get("recorded_steps") or 0)
+    if state.status == "failed":
+        error = view.meta.get("error") or {}
+        what = f"{error.get('type', 'error')}: {error.get('message', '')}".strip(": ")
+        yield finding(
+            RUN_STATUS,
+            "error",
+            f"the run ended as failed after {steps} recorded steps ({what or 'no error saved'})",
+            value=float(steps),
+            remedy="fix the error in meta.json's `error` entry, then profile again",
+        )
+    elif count_rows(view.run_dir) == 0:
+        yield finding(
+            RUN_STATUS,
+            "error",
+            f"nothing was recorded (status {state.status}): the run has no readable rows",
+            value=0.0,
+            remedy="profile at least one step; check the module filters (--include/--exclude)",
+        )
+    elif state.incomplete:
+        yield finding(
+            RUN_STATUS,
+            "warning" if p["allow_incomplete"] else "error",
+            f"the run is incomplete: {state.detail}; the rules saw the parts written before",
+            value=float(steps),
+            remedy="profile it again to the end, or pass --allow-incomplete to gate on what "
+            "was recorded",
+        )
+    elif state.status == "running":
+        yield finding(
+            RUN_STATUS,
+            "warning",
+            f"the run is {state.detail}: the rules saw the parts written so far",
+            value=float(steps),
+            remedy="check it again once training ends",
+        )
+
+
+RUN_STATUS = Rule("run-status", "Failed, empty or unfinished run", "", (), DEFAULTS, _run_status)

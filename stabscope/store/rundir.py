@@ -1,0 +1,207 @@
+"""A run directory's life as writers and readers see it.
+
+Writers: ``prepare_run_dir`` creates the directory and takes its lock (``lock.py``) before
+anything is built or trained, refuses a directory that holds a run (unless ``force``) or
+that a live writer holds (always), and refuses a directory inside another run.
+
+Readers: ``run_state`` turns meta.json's ``status`` and the lock into what is known about
+the run: ``complete``, ``failed``, ``interrupted``, ``running`` (its writer is alive),
+``killed`` (status ``running`` and no live writer) or ``unfinished`` (status ``running``,
+written on another host, no lock to tell). ``refuse_output_in_run`` keeps outputs (a report,
+JUnit XML, a prediction) from landing inside a run directory. No torch import here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import UsageError
+from . import lock as locks
+from .atomic import RESERVE_FILE
+from .schema import META_FILE, PART_PREFIX, PART_SUFFIX, PARTS_DIR
+
+PathLike = str | os.PathLike[str]
+
+
+class RunExistsError(FileExistsError):
+    """The output directory already holds a run."""
+
+
+class RunLockedError(RunExistsError):
+    """The output directory is being written by a live writer; ``force`` does not help."""
+
+
+class NestedRunError(OSError):
+    """The output directory lies inside another run directory."""
+
+
+def is_run_dir(path: Path) -> bool:
+    """Whether ``path`` is a stabscope run: a meta.json of the run format, or parts."""
+    meta = path / META_FILE
+    if meta.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            doc = json.loads(meta.read_text(encoding="utf-8"))
+            if isinstance(doc, dict) and "schema_version" in doc:
+                return True
+    parts = path / PARTS_DIR
+    return parts.is_dir() and next(parts.glob(f"{PART_PREFIX}*{PART_SUFFIX}"), None) is not None
+
+
+def enclosing_run(path: PathLike, include_self: bool = True) -> Path | None:
+    """The run directory that ``path`` is (with ``include_self``) or lies inside, if any."""
+    resolved = Path(os.path.realpath(path))
+    candidates = [resolved, *resolved.parents] if include_self else list(resolved.parents)
+    return next((p for p in candidates if p.is_dir() and is_run_dir(p)), None)
+
+
+def refuse_output_in_run(path: PathLike, option: str) -> None:
+    """``UsageError`` when the output ``path`` would land inside a run directory."""
+    run = enclosing_run(path)
+    if run is not None:
+        raise UsageError(
+            f"{option} {path} is inside the run directory {run}; writing there could destroy "
+            "the run",
+            hint=f"write {option} outside the run, e.g. {option} {run.name}-{Path(path).name}",
+        )
+
+
+def _who(run_dir: Path) -> str:
+    with contextlib.suppress(OSError, ValueError):
+        meta = json.loads((run_dir / META_FILE).read_text(encoding="utf-8"))
+        return f" (pid {meta.get('pid')} on {meta.get('host')})"
+    return ""
+
+
+def lock_run_dir(out: PathLike) -> locks.RunLock | None:
+    """Lock the existing directory ``out`` for this process without touching what it holds;
+    ``RunLockedError`` while a live writer holds it. None where there are no locks."""
+    path = Path(out)
+    try:
+        return locks.claim(path)
+    except locks.LockHeld:
+        raise RunLockedError(f"{path} is being written by another run{_who(path)}") from None
+
+
+def prepare_run_dir(out: PathLike, force: bool) -> Path:
+    """Create ``out`` for a new run and lock it for this process; refuse to overwrite an
+    existing run unless ``force``, and a run a live writer holds in any case. Nothing of an
+    existing run is touched when it is refused. The lock is released by the Recorder that
+    adopts it, or by ``release_run_dir``."""
+    path = Path(out)
+    outer = enclosing_run(path, include_self=False)
+    if outer is not None:
+        raise NestedRunError(f"{path} is inside the run directory {outer}")
+    path.mkdir(parents=True, exist_ok=True)
+    lock = lock_run_dir(path)
+    try:
+        if (path / META_FILE).exists() or (path / PARTS_DIR).exists():
+            if not force:
+                raise RunExistsError(f"{path} already holds a run")
+            (path / META_FILE).unlink(missing_ok=True)
+            (path / RESERVE_FILE).unlink(missing_ok=True)  # left by a killed run
+            shutil.rmtree(path / PARTS_DIR, ignore_errors=True)
+        if not os.access(path, os.W_OK):
+            raise PermissionError(f"{path} is not writable")
+    except BaseException:
+        if lock is not None:
+            locks.release(path)
+        raise
+    return path
+
+
+def run_dir_error(error: OSError, run_dir: PathLike) -> UsageError:
+    """The one-line error for the CLI when ``prepare_run_dir`` refused ``run_dir``."""
+    if isinstance(error, RunLockedError):
+        return UsageError(
+            f"{error}; --force never replaces a run that is being written",
+            hint="wait for it to end, or choose another --out",
+        )
+    if isinstance(error, RunExistsError):
+        return UsageError(
+            f"{run_dir} already holds a run",
+            hint="pass --force to overwrite it, or choose another --out",
+        )
+    if isinstance(error, NestedRunError):
+        return UsageError(str(error), hint="choose an --out outside every run directory")
+    return UsageError(
+        f"cannot write to {run_dir}: {error.strerror or error}",
+        hint="choose a writable --out directory",
+    )
+
+
+def release_run_dir(out: PathLike) -> None:
+    """Let go of this process's claim on ``out`` if no Recorder adopted it (a command that
+    prepared a directory and ended before, or without, recording)."""
+    locks.release(Path(out))
+
+
+@dataclass(frozen=True)
+class RunState:
+    """What is known about how a run ended, or whether it is still being written."""
+
+    status: str  # complete, failed, interrupted, running, killed, unfinished (or meta's own)
+    detail: str  # one line for people
+
+    @property
+    def incomplete(self) -> bool:
+        """Ended before its training did, or never closed."""
+        return self.status in ("interrupted", "killed", "unfinished")
+
+
+def run_state(run_dir: PathLike, meta: dict[str, Any], reread: bool = True) -> RunState:
+    """``meta``'s status, with a ``running`` run told apart: ``running`` while a process
+    holds its lock (or, without a lock file, while its pid lives on this host), ``killed``
+    when none does on this host, ``unfinished`` when that cannot be seen from here."""
+    run_dir = Path(run_dir)
+    status = str(meta.get("status") or "unknown")
+    steps = meta.get("recorded_steps") or 0
+    if status == "interrupted":
+        by = meta.get("interrupted_by") or "a signal"
+        return RunState(status, f"interrupted by {by} after {steps} recorded steps")
+    if status != "running":
+        return RunState(status, status)
+    pid, host = meta.get("pid"), meta.get("host")
+    alive = locks.writer_alive(run_dir)
+    here = host == platform.node()
+    if alive is None and here:
+        alive = locks.pid_alive(pid)
+    if alive:
+        return RunState("running", f"still running (pid {pid} on {host})")
+    if reread:  # it may have closed while we looked
+        with contextlib.suppress(OSError, ValueError):
+            fresh = json.loads((run_dir / META_FILE).read_text(encoding="utf-8"))
+            if isinstance(fresh, dict) and fresh.get("status") != "running":
+                return run_state(run_dir, fresh, reread=False)
+    if here and alive is False:
+        return RunState(
+            "killed",
+            f"killed: status running, but its writer (pid {pid} on this host) is gone",
+        )
+    return RunState(
+        "unfinished",
+        f"not finished: status running, written on {host} (pid {pid}), and no live writer "
+        "can be seen from here",
+    )
+
+
+__all__ = [
+    "NestedRunError",
+    "RunExistsError",
+    "RunLockedError",
+    "RunState",
+    "enclosing_run",
+    "is_run_dir",
+    "lock_run_dir",
+    "prepare_run_dir",
+    "refuse_output_in_run",
+    "release_run_dir",
+    "run_dir_error",
+    "run_state",
+]

@@ -1,0 +1,148 @@
+"""Real processes that write runs, for the run-lifecycle tests: a model script that trains
+slowly enough to be caught mid-run, a training script that never ends, and a library Recorder
+that reports each step on stdout."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from tests.conftest import ROOT
+
+#: A model script whose batches take ``delay`` seconds each: a run lasts as long as a test
+#: needs it to. Seeded by ``stabscope profile --seed`` (torch.initial_seed()).
+SLOW_MODEL = textwrap.dedent(
+    """
+    import time
+    import torch
+    from torch import nn
+
+    CONFIG = {"delay": 0.05}
+
+    def model(cfg):
+        return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+
+    def batches(cfg):
+        g = torch.Generator().manual_seed(torch.initial_seed())
+        while True:
+            time.sleep(cfg.delay)
+            yield torch.randn(4, 8, generator=g)
+
+    def loss(model, batch):
+        return model(batch).pow(2).mean()
+    """
+)
+
+#: A training script (no model/batches/loss) that trains until it is stopped.
+ENDLESS_TRAINING = textwrap.dedent(
+    """
+    import time
+    import torch
+    from torch import nn
+
+    def main():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+        opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+        while True:
+            time.sleep(0.05)
+            loss = model(torch.randn(4, 8)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    if __name__ == "__main__":
+        main()
+    """
+)
+
+#: The library Recorder on a small MLP; prints "step N parts P" after each step, and stops
+#: after argv[3] steps to wait (sleeping) for a signal. argv[2]: "with" or "start" (no close).
+LIBRARY_WRITER = textwrap.dedent(
+    """
+    import sys, time, torch
+    import stabscope
+    from stabscope import RecorderConfig, Schedule
+    sys.path.insert(0, {root!r})
+    from tests.conftest import batch_maker, mlp
+
+    torch.manual_seed(0)
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    make = batch_maker(6, 3)
+    cfg = RecorderConfig(schedule=Schedule(dense=1, every=1), flush_seconds=1e9)
+    rec = stabscope.Recorder(model, sys.argv[1], cfg)
+
+    def train():
+        for step in range(10**9):
+            if step == int(sys.argv[3]):
+                print("waiting", flush=True)
+                time.sleep(600)
+            x, y = make(step)
+            loss = (model(x) - y).pow(2).mean()
+            opt.zero_grad(); loss.backward(); opt.step()
+            rec.step(loss=loss)
+            print(f"step {{step}} parts {{rec.writer.parts_written}}", flush=True)
+
+    if sys.argv[2] == "with":
+        with rec:
+            train()
+    else:
+        rec.start()
+        train()
+    """
+)
+
+
+def child_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def write_script(directory: Path, name: str, text: str) -> Path:
+    path = directory / name
+    path.write_text(text)
+    return path
+
+
+def start_profile(script: Path, out: Path, *args: str) -> subprocess.Popen[str]:
+    """``python -m stabscope profile SCRIPT --out OUT -q ARGS`` in the background."""
+    cmd = [sys.executable, "-m", "stabscope", "profile", str(script), "--out", str(out), "-q"]
+    return subprocess.Popen(
+        [*cmd, *args],
+        cwd=ROOT,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def start_library_writer(out: Path, mode: str = "with", wait_at: int = 10**9):
+    """The library Recorder in a child (see ``LIBRARY_WRITER``)."""
+    code = LIBRARY_WRITER.format(root=str(ROOT))
+    return subprocess.Popen(
+        [sys.executable, "-c", code, str(out), mode, str(wait_at)],
+        cwd=ROOT,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for(condition, timeout: float = 120.0, what: str = "") -> float:
+    """Poll ``condition()`` every 20 ms; the seconds it took. Fails the test on timeout."""
+    start = time.monotonic()
+    while not condition():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+def parts_on_disk(run: Path) -> list[Path]:
+    return sorted((run / "parts").glob("part-*.parquet"))
