@@ -9,6 +9,7 @@ import numpy as np
 from ..report.findings import Finding
 from ..store import RUN_MODULE, count_rows
 from .base import Rule, RunView, finding, finding_at
+from .view import MATRICES, Request
 
 
 def _nonfinite(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
@@ -170,7 +171,7 @@ WORTSMAN = (
 
 
 def _adam_eps(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
-    ratio = view.metrics("adam_sqrtv_over_eps")
+    ratio = view.metrics("adam_sqrtv_over_eps", step="last", modules=view.matrices)
     # Weight matrices only: some biases get exactly zero gradient (a key bias shifts every
     # logit of a query equally, which softmax ignores), and that is not a stall.
     ratio = ratio[ratio.module.isin(view.matrices)]
@@ -200,6 +201,7 @@ ADAM_EPS = Rule(
     {"min_ratio": 10.0},
     _adam_eps,
     "warning",
+    (Request(("adam_sqrtv_over_eps",), step="last", modules=MATRICES),),
 )
 
 
@@ -231,6 +233,7 @@ LOGITS = Rule(
     {"max_abs_logit": 1000.0},
     _logits,
     "warning",
+    (Request(("logit_max", "logit_min", "logit_lse_mean")),),
 )
 
 RULES = [RUN_STATUS, NONFINITE, LOSS_SPIKE, UPDATE_RATIO, ADAM_EPS, LOGITS]

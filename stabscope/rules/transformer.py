@@ -11,6 +11,7 @@ from ..report.findings import Finding
 from ..theory.deepnorm import deepnorm_constants
 from .base import Rule, RunView, finding, finding_at, graded
 from .health import WORTSMAN
+from .view import Request
 
 
 def _attention_logits(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
@@ -146,7 +147,7 @@ ADMIN = "Liu et al. 2020, Understanding the Difficulty of Training Transformers 
 
 
 def _residual_dependency(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
-    beta = view.metrics("res_beta")
+    beta = view.metrics("res_beta", step="first")
     first = beta[beta.step == beta.step.min()]
     # β_{i,i}: the weight of branch i's own output in the sum right after it (last index).
     own = first.sort_values("index").groupby("module").value.last()
@@ -183,6 +184,7 @@ RESIDUAL = Rule(
     {"beta_ii": 0.4, "share": 0.5},
     _residual_dependency,
     "warning",
+    (Request(("res_beta",), step="first"),),
 )
 
 WANG = "Wang et al. 2022, DeepNet: Scaling Transformers to 1,000 Layers"
