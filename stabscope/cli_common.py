@@ -6,10 +6,14 @@ and register on ``app`` when ``cli.py`` imports them.
 
 from __future__ import annotations
 
+import warnings
+
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .errors import ScriptError, UsageError
+from .store import StabscopeWarning
 
 app = typer.Typer(
     name="stabscope",
@@ -28,3 +32,18 @@ def fail(error: UsageError) -> typer.Exit:
     if error.hint:
         err.print(f"[dim]hint:[/] {error.hint}", soft_wrap=True)
     return typer.Exit(error.exit_code if isinstance(error, ScriptError) else 2)
+
+
+_python_showwarning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """What a reader skipped in a run (a part it cannot read) as one ``warning:`` line on
+    stderr, like the report's warnings; other warnings as Python shows them."""
+    if issubclass(category, StabscopeWarning):
+        err.print(f"[yellow]warning:[/] {escape(str(message))}", soft_wrap=True)
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
+
+
+warnings.showwarning = _show_warning
