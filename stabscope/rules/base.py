@@ -34,7 +34,9 @@ class Rule:
 
     @property
     def requests(self) -> tuple[Request, ...]:
-        return self.reads or (Request(self.needs),)
+        if self.reads or not self.needs:
+            return self.reads
+        return (Request(self.needs),)
 
 
 @dataclass
