@@ -19,8 +19,9 @@ logit growing past 1e3, one weight matrix's update ratio at 0.3, and with ``--di
 non-finite.
 
 Each command runs in a fresh process under a wrapper whose only child it is, so the
-wrapper's RUSAGE_CHILDREN peak RSS is that command's. `check` exits 1 on a run with error
-findings; that is expected here.
+wrapper's RUSAGE_CHILDREN peak RSS and CPU time (user + system) are that command's; CPU time
+is the figure to compare on a shared machine, where wall time includes waiting for a core.
+`check` exits 1 on a run with error findings; that is expected here.
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ import json, resource, subprocess, sys, time
 t0 = time.perf_counter()
 rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE).returncode
 seconds = time.perf_counter() - t0
-peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-print(json.dumps({"rc": rc, "seconds": seconds, "peak_mb": peak}))
+usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+cpu = usage.ru_utime + usage.ru_stime
+print(json.dumps({"rc": rc, "seconds": seconds, "cpu": cpu, "peak_mb": usage.ru_maxrss / 1024}))
 """
 
 
@@ -139,7 +141,7 @@ def main() -> None:
     rows = read_meta(run)["rows"]
     disk = sum(p.stat().st_size for p in (run / "parts").glob("*.parquet")) / 1e6
     print(f"run: {rows / 1e6:.1f}M rows, {disk:.0f} MB of parts, depth {args.depth}")
-    print("| command | exit | wall time | peak RSS |\n|---|---|---|---|")
+    print("| command | exit | wall time | CPU time | peak RSS |\n|---|---|---|---|---|")
     stabscope = [sys.executable, "-m", "stabscope"]
     commands = {
         "report": [*stabscope, "report", str(run), "-o", str(root / "report.html")],
@@ -147,7 +149,10 @@ def main() -> None:
     }
     for name in args.commands.split(","):
         m = measure(commands[name])
-        print(f"| `stabscope {name}` | {m['rc']} | {m['seconds']:.1f} s | {m['peak_mb']:.0f} MB |")
+        print(
+            f"| `stabscope {name}` | {m['rc']} | {m['seconds']:.1f} s | {m['cpu']:.1f} s "
+            f"| {m['peak_mb']:.0f} MB |"
+        )
     if not args.keep:
         shutil.rmtree(root)
 

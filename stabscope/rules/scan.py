@@ -1,4 +1,4 @@
-"""One pass over a run's parts that collects every read the rules declared, in bounded memory.
+"""One pass over a run's parts that collects every read the rules declared, and only that.
 
 A read is one metric's training rows (those before ``until``), optionally only those of some
 modules, and optionally only those at the metric's first or last step among them: a rule

@@ -49,9 +49,9 @@ class RunView:
     run_dir: Path
     meta: dict[str, Any]
     until: int | None = None  # only steps before this one (a verdict from the first steps)
-    _planned: list[Read] = field(default_factory=list)
-    _scan: Scan | None = None
-    _parts: Parts | None = None
+    _planned: list[Read] = field(default_factory=list, repr=False)
+    _scan: Scan | None = field(default=None, repr=False)
+    _parts: Parts | None = field(default=None, repr=False)
 
     @classmethod
     def open(cls, run_dir: str | Path, until: int | None = None) -> RunView:
