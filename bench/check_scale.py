@@ -110,7 +110,7 @@ def write_run(template: Path, run: Path, rows: int, diverge: bool, seed: int = 0
                       metric, index, values)  # fmt: skip
     writer.flush()
     if diverge:
-        meta["first_nonfinite"] = {"forward": {"module": last_block, "step": nan_from}}
+        meta["first_nonfinite"] = {"forward": {"step": nan_from, "module": last_block, "call": 0}}
     meta.update(steps=steps, recorded_steps=steps, rows=writer.rows_written)
     meta.update(parts=writer.parts_written, status="complete")
     save_meta(run, meta)

@@ -41,6 +41,11 @@ class Request:
     modules: str | None = None
     per_rank: bool = False
 
+    def __post_init__(self) -> None:
+        if self.modules not in (None, MATRICES):
+            raise ValueError(f"modules must be None or {MATRICES!r}, not {self.modules!r}")
+        Read("", self.step)  # checks the step scope
+
 
 @dataclass
 class RunView:
