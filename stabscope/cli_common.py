@@ -6,6 +6,7 @@ and register on ``app`` when ``cli.py`` imports them.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import typer
@@ -14,6 +15,7 @@ from rich.markup import escape
 from typer.core import TyperGroup
 
 from .errors import ScriptError, UsageError
+from .store import StabscopeWarning
 
 
 class _Commands(TyperGroup):
@@ -53,3 +55,18 @@ def fail(error: UsageError) -> typer.Exit:
     if error.hint:
         err.print(f"[dim]hint:[/] {escape(error.hint)}", soft_wrap=True)
     return typer.Exit(error.exit_code if isinstance(error, ScriptError) else 2)
+
+
+_python_showwarning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """What a reader skipped in a run (a part it cannot read) as one ``warning:`` line on
+    stderr, like the report's warnings; other warnings as Python shows them."""
+    if issubclass(category, StabscopeWarning):
+        err.print(f"[yellow]warning:[/] {escape(str(message))}", soft_wrap=True)
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
+
+
+warnings.showwarning = _show_warning

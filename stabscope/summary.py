@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from .store.rundir import run_state
 ROOT = "<root>"
 
 
-@dataclass
+@dataclass(repr=False)
 class DepthTrend:
     """log10(rms) ≈ intercept + slope·layer over the layer-level modules."""
 
@@ -31,8 +32,23 @@ class DepthTrend:
     step: int
     layers: list[int]
     values: list[float]
-    factor_per_layer: float  # 10**slope
     first_to_last: float  # value at the last layer / value at the first
+
+    @cached_property
+    def factor_per_layer(self) -> float:
+        """10**slope of the fit, over the layers with a positive finite value. Fitted when
+        first asked: the rules read trends at thousands of steps and never ask."""
+        x, y = np.array(self.layers, float), np.array(self.values, float)
+        ok = np.isfinite(y) & (y > 0)
+        slope = np.polyfit(x[ok], np.log10(y[ok]), 1)[0] if ok.sum() >= 2 else float("nan")
+        return float(10**slope)
+
+    def __repr__(self) -> str:
+        return (
+            f"DepthTrend(metric={self.metric!r}, step={self.step!r}, layers={self.layers!r}, "
+            f"values={self.values!r}, factor_per_layer={self.factor_per_layer!r}, "
+            f"first_to_last={self.first_to_last!r})"
+        )
 
     @property
     def direction(self) -> str:
@@ -98,21 +114,18 @@ def depth_trend(frame: pd.DataFrame, layers: dict[str, int], metric: str) -> Dep
     x = np.array([layers[m] for m in sub.module.astype(str)], float)
     y = sub.value.to_numpy(float)
     order = np.argsort(x)
-    x, y = x[order], y[order]
+    return trend_of(metric, step, x[order], y[order])
+
+
+def trend_of(metric: str, step: int, x: np.ndarray, y: np.ndarray) -> DepthTrend | None:
+    """The trend of ``y`` (values per layer, float) over ``x`` (layer indices, ascending)."""
     if len(x) < 2:
         return None
-    ok = np.isfinite(y) & (y > 0)
-    slope = np.polyfit(x[ok], np.log10(y[ok]), 1)[0] if ok.sum() >= 2 else float("nan")
-    return DepthTrend(
-        metric,
-        step,
-        x.astype(int).tolist(),
-        y.tolist(),
-        float(10**slope),
-        # NaN unless both ends are finite and the first is positive: a ratio of non-finite
-        # norms (or over a zero one) is not a depth trend.
-        float(y[-1] / y[0]) if np.isfinite(y[[0, -1]]).all() and y[0] > 0 else float("nan"),
-    )
+    # NaN unless both ends are finite and the first is positive: a ratio of non-finite norms
+    # (or over a zero one) is not a depth trend.
+    ends_ok = np.isfinite(y[[0, -1]]).all() and y[0] > 0
+    first_to_last = float(y[-1] / y[0]) if ends_ok else float("nan")
+    return DepthTrend(metric, step, x.astype(int).tolist(), y.tolist(), first_to_last)
 
 
 def summarize(run_dir: str | Path, top: int = 3) -> Summary:
@@ -207,34 +220,35 @@ def layer_param_grad_trends(grads: pd.DataFrame, meta: dict[str, Any]) -> list[D
     layers = layer_modules(meta)
     if not layers or grads.empty:
         return []
-    owner_layer: dict[str, int | None] = {}
-    for module in grads.module.astype(str).unique():
+    # The layer of each distinct parameter, then of each row by its code (mapping millions
+    # of rows' strings through a dict takes seconds).
+    codes, modules = pd.factorize(grads.module.astype(str))
+    owner_layer: list[int] = []
+    for module in modules:
         owner = module.rsplit(".", 1)[0]
         while owner and owner not in layers:
             owner = owner.rsplit(".", 1)[0] if "." in owner else ""
-        owner_layer[module] = layers.get(owner) if owner else None
-    frame = grads.assign(layer=grads.module.astype(str).map(owner_layer)).dropna(subset=["layer"])
-    frame = frame.assign(square=frame.value.astype(float) ** 2)
-    by_layer = frame.groupby(["step", "layer"]).square
+        owner_layer.append(layers[owner] if owner else -1)
+    layer = np.array(owner_layer, np.int64)[codes]
+    owned = layer >= 0
+    layer = layer[owned]
+    # Sums of squares per (step, layer), grouped by one int64 key ordered like the pair:
+    # each sum adds its rows in their order, as a groupby on the two columns would.
+    width = int(layer.max()) + 1 if len(layer) else 1
+    key = grads.step.to_numpy().astype(np.int64)[owned] * width + layer
+    by_layer = pd.Series(grads.value.to_numpy(float)[owned] ** 2).groupby(key)
     # A layer with a NaN parameter gradient has a NaN norm, not the norm of the rest (a sum
     # that skips NaN would turn an all-NaN layer into a norm of 0).
     sums = by_layer.sum().where(by_layer.count() == by_layer.size())
+    steps, layer = np.divmod(sums.index.to_numpy(), width)
+    layer = layer.astype(float)
+    norms = np.sqrt(sums.to_numpy())
+    # One trend per step, from numpy slices: a run of thousands of steps takes a second.
+    starts = np.flatnonzero(np.r_[True, steps[1:] != steps[:-1]])
     trends = []
-    for step, per_layer in sums.groupby(level="step"):
-        per_layer = per_layer.droplevel("step")
-        if len(per_layer) < 2:
-            continue
-        table = pd.DataFrame(
-            {
-                "metric": "layer_param_grad_norm",
-                "module": [str(int(k)) for k in per_layer.index],
-                "call": 0,
-                "step": int(step),
-                "value": np.sqrt(per_layer.to_numpy()),
-            }
-        )
-        trend = depth_trend(
-            table, {str(int(k)): int(k) for k in per_layer.index}, "layer_param_grad_norm"
+    for start, stop in zip(starts, [*starts[1:], len(steps)]):
+        trend = trend_of(
+            "layer_param_grad_norm", int(steps[start]), layer[start:stop], norms[start:stop]
         )
         if trend is not None:
             trends.append(trend)

@@ -8,16 +8,12 @@ on the run, so the report renders what it can and says what it left out.
 from __future__ import annotations
 
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from ..errors import UsageError
-from ..store import SCHEMA, SCHEMA_VERSION, NotARunError, StabscopeWarning, part_files, read_meta
+from ..store import SCHEMA_VERSION, NotARunError, list_parts, read_meta
 from ..store.rundir import RunState, run_state
 from ..summary import layer_modules
 
@@ -50,44 +46,6 @@ class Run:
         return structure if isinstance(structure, dict) else None
 
 
-def _compatible(schema: pa.Schema) -> str | None:
-    """Why a part's schema cannot be read as the run table, or None when it can."""
-    for want in SCHEMA:
-        if want.name not in schema.names:
-            return f"no column {want.name!r}"
-        got = schema.field(want.name).type
-        if pa.types.is_dictionary(want.type):
-            ok = pa.types.is_dictionary(got) or pa.types.is_string(got)
-        else:
-            ok = got == want.type
-        if not ok:
-            return f"column {want.name!r} is {got}, expected {want.type}"
-    return None
-
-
-def readable_parts(path: Path) -> tuple[list[Path], int, list[str]]:
-    """The parts the report can read, their row count, and a warning for each part it
-    cannot read."""
-    notes: list[str] = []
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", StabscopeWarning)
-        files = part_files(path)
-    notes += [str(w.message) for w in caught if issubclass(w.category, StabscopeWarning)]
-    good, rows = [], 0
-    for part in files:
-        try:
-            footer = pq.read_metadata(part)
-            why = _compatible(footer.schema.to_arrow_schema())
-        except (pa.ArrowException, OSError) as err:  # removed or truncated since it was listed
-            why = str(err)
-        if why is None:
-            good.append(part)
-            rows += footer.num_rows
-        else:
-            notes.append(f"skipping part {part} with another schema: {why}")
-    return good, rows, notes
-
-
 def open_run(path: str | Path, name: str) -> Run:
     """Read a run's meta and list its parts; raises ``UsageError`` for a non-run."""
     path = Path(path)
@@ -98,8 +56,8 @@ def open_run(path: str | Path, name: str) -> Run:
     except NotARunError as err:
         hint = "pass a directory written by `stabscope profile` or stabscope.Recorder"
         raise UsageError(str(err), hint=getattr(err, "hint", hint)) from None
-    files, rows, notes = readable_parts(path)
-    run = Run(name, path, meta, files, notes, rows)
+    parts = list_parts(path)
+    run = Run(name, path, meta, parts.files, parts.notes, parts.rows)
     version = meta.get("schema_version")
     if isinstance(version, int) and version > SCHEMA_VERSION:
         run.warnings.append(
@@ -111,7 +69,7 @@ def open_run(path: str | Path, name: str) -> Run:
         run.warnings.append(
             f"{name}: {run.state.detail}; the report shows the parts written so far"
         )
-    if not files:
+    if not parts.files:
         run.warnings.append(f"{name}: no readable rows (no parts written yet)")
     run.layers, run.depth_source = depth_axis(meta)
     return run

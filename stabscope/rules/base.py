@@ -14,55 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from ..report.findings import SEVERITIES, Finding
-from ..store import load_run, read_meta
 from .failures import RuleFailure, isolated
-
-
-@dataclass
-class RunView:
-    """Lazy, cached access to one run's table for the rules."""
-
-    run_dir: Path
-    meta: dict[str, Any]
-    until: int | None = None  # only steps before this one (a verdict from the first steps)
-    _cache: dict[tuple[object, ...], pd.DataFrame] = field(default_factory=dict)
-
-    @classmethod
-    def open(cls, run_dir: str | Path, until: int | None = None) -> RunView:
-        return cls(Path(run_dir), read_meta(run_dir), until)
-
-    def metrics(self, *names: str) -> pd.DataFrame:
-        """Training-phase rows of the named metrics (string columns as plain str), one row per
-        number: the ranks of a multi-rank run merged as ``stabscope.store.ranks`` says."""
-        return self._load(names, merged=True)
-
-    def per_rank(self, *names: str) -> pd.DataFrame:
-        """Like :meth:`metrics`, with one row per rank (column ``rank``)."""
-        return self._load(names, merged=False)
-
-    def _load(self, names: tuple[str, ...], merged: bool) -> pd.DataFrame:
-        key = (merged, *sorted(names))
-        if key not in self._cache:
-            steps = None if self.until is None else slice(0, self.until)
-            frame = load_run(
-                self.run_dir, metrics=list(names), phase="train", steps=steps, merge_ranks=merged
-            )
-            for col in ("module", "metric"):
-                frame[col] = frame[col].astype(str)
-            self._cache[key] = frame
-        return self._cache[key]
-
-    @property
-    def matrices(self) -> set[str]:
-        """Parameters with two or more dimensions (weights, not biases or norm gains)."""
-        return {p["name"] for p in self.meta.get("parameters", []) if len(p["shape"]) >= 2}
-
-    @property
-    def structure(self) -> dict[str, Any] | None:
-        return self.meta.get("structure")
+from .view import Request, RunView
 
 
 @dataclass(frozen=True)
@@ -76,6 +30,15 @@ class Rule:
     defaults: dict[str, float]
     check: Callable[[RunView, dict[str, float]], Iterable[Finding]]
     severity: str = "error"  # the severity of its worst finding, unless configured otherwise
+    # What ``check`` reads, when that is not just ``needs`` at every step; all rules' reads
+    # come from one pass over the run (a read not declared costs one more pass).
+    reads: tuple[Request, ...] = ()
+
+    @property
+    def requests(self) -> tuple[Request, ...]:
+        if self.reads or not self.needs:
+            return self.reads
+        return (Request(self.needs),)
 
 
 @dataclass
@@ -127,7 +90,7 @@ def finding_at(
 
 def _findings_of(rule: Rule, view: RunView, params: dict[str, float]) -> list[Finding] | None:
     """The rule's findings; None when none of its inputs was recorded."""
-    if rule.needs and view.metrics(*rule.needs).empty:
+    if rule.needs and not view.has(*rule.needs):
         return None
     return list(rule.check(view, params))
 
@@ -141,6 +104,7 @@ def run_rules(
     """Every enabled rule on one run (its steps before ``until``), worst findings first."""
     settings = settings or RuleSettings()
     view = RunView.open(run_dir, until)
+    view.plan(r for rule in rules if rule.id not in settings.disabled for r in rule.requests)
     found: list[Finding] = []
     skipped: dict[str, str] = {}
     failed: dict[str, RuleFailure] = {}

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..report.findings import Finding
 from ..store import RUN_MODULE
-from .base import RunView
+from .view import Request, RunView
 
 METRICS = ("act_rms", "grad_rms")
 BASELINE = "baseline-regression"  # the rule id its findings carry
@@ -23,6 +23,8 @@ def compare_to_baseline(
     Module-steps where both runs sit below ``floor`` times the baseline's median of that
     metric are left out: a gradient of 1e-15 against 1e-12 is noise, not a regression.
     """
+    for view in (run, base):
+        view.plan([Request(METRICS)])
     for metric in METRICS:
         a, b = run.metrics(metric), base.metrics(metric)
         if a.empty or b.empty:

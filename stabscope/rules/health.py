@@ -12,6 +12,7 @@ from ..store import RUN_MODULE
 from .base import Rule, RunView, finding, finding_at
 from .nonfinite import NONFINITE
 from .run_status import RUN_STATUS
+from .view import MATRICES, Request
 
 
 def _loss_spike(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
@@ -95,7 +96,7 @@ WORTSMAN = (
 
 
 def _adam_eps(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
-    ratio = view.metrics("adam_sqrtv_over_eps")
+    ratio = view.metrics("adam_sqrtv_over_eps", step="last", modules=view.matrices)
     # Weight matrices only: some biases get exactly zero gradient (a key bias shifts every
     # logit of a query equally, which softmax ignores), and that is not a stall.
     ratio = ratio[ratio.module.isin(view.matrices)]
@@ -127,6 +128,7 @@ ADAM_EPS = Rule(
     {"min_ratio": 10.0},
     _adam_eps,
     "warning",
+    (Request(("adam_sqrtv_over_eps",), step="last", modules=MATRICES),),
 )
 
 
@@ -160,6 +162,7 @@ LOGITS = Rule(
     {"max_abs_logit": 1000.0},
     _logits,
     "warning",
+    (Request(("logit_max", "logit_min", "logit_lse_mean")),),
 )
 
 RULES = [RUN_STATUS, NONFINITE, LOSS_SPIKE, UPDATE_RATIO, ADAM_EPS, LOGITS]

@@ -20,6 +20,7 @@ import pandas as pd
 from ..report.findings import Finding
 from ..theory.prediction import KEDIA, Prediction, stored_prediction
 from .base import Rule, RunView, finding
+from .view import Request
 
 METRICS = ("act_rms", "grad_rms", "token_corr")
 
@@ -44,7 +45,7 @@ def compare(view: RunView, prediction: Prediction) -> list[Gap]:
     difference: a correlation near 0 has no meaningful relative error).
     """
     names = prediction.module_names([b["name"] for b in (view.structure or {}).get("blocks", [])])
-    frame = view.metrics(*METRICS)
+    frame = view.metrics(*METRICS, step="first")
     if frame.empty or None in names:
         return []
     step = int(frame.step.min())
@@ -114,6 +115,7 @@ MISMATCH = Rule(
     {"act": 0.5, "grad": 4.0, "corr": 0.35},
     _mismatch,
     "warning",
+    (Request(METRICS, step="first"),),
 )
 
 RULES = [MISMATCH]

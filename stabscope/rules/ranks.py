@@ -28,6 +28,7 @@ from ..report.findings import Finding
 from ..store import RUN_MODULE
 from ..store.ranks import is_sharded
 from .base import Rule, RunView, finding
+from .view import Request
 
 PER_RANK = ("loss", "grad_rms")
 REPLICATED = ("param_norm", "param_grad_norm")
@@ -130,6 +131,8 @@ def _replica_findings(frame: pd.DataFrame, p: dict[str, float]) -> Iterator[Find
 
 
 def _rank_desync(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
+    if view.ranks < 2:
+        return
     frame = view.per_rank(*PER_RANK, *REPLICATED)
     if frame.empty or frame["rank"].nunique() < 2:
         return
@@ -145,6 +148,7 @@ RANK_DESYNC = Rule(
     ("loss", "grad_rms", "param_norm", "param_grad_norm"),
     {"factor": 2.0, "replica_tol": 1e-5},
     _rank_desync,
+    reads=(Request((*PER_RANK, *REPLICATED), per_rank=True),),
 )
 
 RULES = [RANK_DESYNC]

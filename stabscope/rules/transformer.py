@@ -13,6 +13,7 @@ from ..theory.deepnorm import deepnorm_constants
 from . import residual_placement
 from .base import Rule, RunView, finding, finding_at, graded
 from .health import WORTSMAN
+from .view import Request
 
 
 def _finite(frame: pd.DataFrame) -> pd.DataFrame:
@@ -158,7 +159,7 @@ ADMIN = "Liu et al. 2020, Understanding the Difficulty of Training Transformers 
 
 
 def _residual_dependency(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
-    beta = view.metrics("res_beta")
+    beta = view.metrics("res_beta", step="first")
     step = int(beta.step.min())  # step 0 is init; later only if step 0 has no β
     rows = beta[beta.step == step].sort_values("index").groupby("module")
     # β_{i,i}: the weight of branch i's own output in the sum right after it (last index;
@@ -212,6 +213,7 @@ RESIDUAL = Rule(
     {"beta_ii": 0.4, "share": 0.5},
     _residual_dependency,
     "warning",
+    (Request(("res_beta",), step="first"),),
 )
 
 WANG = "Wang et al. 2022, DeepNet: Scaling Transformers to 1,000 Layers"

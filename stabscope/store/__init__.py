@@ -2,7 +2,8 @@
 
 from .meta import new_meta, read_meta, save_meta
 from .meta_check import MetaError
-from .reader import NotARunError, StabscopeWarning, count_rows, load_run, load_table, part_files
+from .parts import NotARunError, Parts, StabscopeWarning, list_parts, part_files, readable_parts
+from .reader import count_rows, load_run, load_table
 from .schema import RUN_MODULE, SCHEMA, SCHEMA_VERSION
 from .writer import Interner, PartWriter
 
@@ -14,12 +15,15 @@ __all__ = [
     "MetaError",
     "NotARunError",
     "PartWriter",
+    "Parts",
     "StabscopeWarning",
     "count_rows",
+    "list_parts",
     "load_run",
     "load_table",
     "new_meta",
     "part_files",
     "read_meta",
+    "readable_parts",
     "save_meta",
 ]

@@ -83,7 +83,7 @@ def read_meta(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     its subclass ``MetaError`` when it is not valid JSON or not shaped like a run's meta
     (see ``meta_check``): the one place every reader's meta is checked."""
     from .meta_check import MetaError, check_meta
-    from .reader import NotARunError
+    from .parts import NotARunError
 
     path = Path(run_dir) / META_FILE
     if not path.is_file():

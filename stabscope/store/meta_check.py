@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .reader import NotARunError
+from .parts import NotARunError
 
 
 class MetaError(NotARunError):

@@ -91,6 +91,23 @@ def rank0_only(meta: dict[str, Any]) -> Callable[[str], bool]:
     return lambda metric: reduction(metric, sharded) == "rank0"
 
 
+def ratio_inputs(metrics: list[str] | None, meta: dict[str, Any]) -> list[str]:
+    """Metrics a merged read of ``metrics`` also needs, and drops again (``merged``): the
+    update and weight norms that a sharded parameter's update ratio is recomputed from."""
+    if metrics is None or not is_sharded(meta) or "update_ratio" not in metrics:
+        return []
+    return [m for m in RATIO_INPUTS if m not in metrics]
+
+
+def merged(frame: pd.DataFrame, meta: dict[str, Any], extra: list[str]) -> pd.DataFrame:
+    """``frame`` (rows of the metrics asked for and of ``extra``) with ranks merged, without
+    the ``extra`` rows."""
+    frame = merge_ranks(frame, meta)
+    if extra:
+        frame = frame[~frame["metric"].isin(extra)].reset_index(drop=True)
+    return frame
+
+
 def load_merged(
     run_dir: Any,
     modules: Any = None,
@@ -111,14 +128,9 @@ def load_merged(
             raise
         meta = {}
     wanted = [metrics] if isinstance(metrics, str) else metrics
-    extra = []
-    if wanted is not None and is_sharded(meta) and "update_ratio" in wanted:
-        extra = [m for m in RATIO_INPUTS if m not in wanted]
+    extra = ratio_inputs(wanted, meta)
     load = None if wanted is None else [*wanted, *extra]
-    frame = merge_ranks(load_run(run_dir, modules, load, steps, phase, columns), meta)
-    if extra:
-        frame = frame[~frame["metric"].isin(extra)].reset_index(drop=True)
-    return frame
+    return merged(load_run(run_dir, modules, load, steps, phase, columns), meta, extra)
 
 
 def merge_ranks(frame: pd.DataFrame, meta: dict[str, Any]) -> pd.DataFrame:
@@ -184,6 +196,8 @@ __all__ = [
     "is_replicated",
     "is_sharded",
     "merge_ranks",
+    "merged",
     "rank0_only",
+    "ratio_inputs",
     "reduction",
 ]

@@ -1,60 +1,26 @@
 """Reading runs back: ``load_run`` returns a pandas DataFrame of only what was asked for.
 
-Readers skip dot-files (parts still being written) and warn about, then skip, parts that
-cannot be opened (a truncated file from a crash on a filesystem without atomic rename).
-No torch import here: reports and the CI gate run on machines without a GPU stack.
+Which parts are read is decided in one place, ``stabscope.store.parts``: dot-files (parts
+still being written) are left out, and parts that cannot be opened (a truncated file from a
+crash on a filesystem without atomic rename) or whose schema is not the run table's are
+skipped with a warning. No torch import here: reports and the CI gate run on machines
+without a GPU stack.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import os
-import warnings
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
-import pyarrow.parquet as pq
 
-from .schema import META_FILE, PART_PREFIX, PART_SUFFIX, PARTS_DIR, RUN_MODULE, SCHEMA
+from .parts import NotARunError, PathLike, StabscopeWarning, part_files, readable_parts
+from .schema import RUN_MODULE, SCHEMA
 
-PathLike = str | os.PathLike[str]
 StepSelection = int | range | slice | Iterable[int] | None
-
-
-class NotARunError(ValueError):
-    """The path is not a stabscope run directory."""
-
-
-class StabscopeWarning(UserWarning):
-    """Something in a run could not be read and was skipped."""
-
-
-def part_files(run_dir: PathLike) -> list[Path]:
-    """Readable part files of a run, in write order; corrupt parts are skipped with a warning."""
-    run = Path(run_dir)
-    if not (run / META_FILE).is_file() and not (run / PARTS_DIR).is_dir():
-        raise NotARunError(
-            f"{run} is not a stabscope run (no {META_FILE} or {PARTS_DIR}/); "
-            "create one with `stabscope profile` or stabscope.Recorder"
-        )
-    parts = sorted(
-        p
-        for p in (run / PARTS_DIR).glob(f"{PART_PREFIX}*{PART_SUFFIX}")
-        if not p.name.startswith(".")
-    )
-    good = []
-    for part in parts:
-        try:
-            pq.ParquetFile(part).close()
-        except (pa.ArrowException, OSError) as err:
-            warnings.warn(f"skipping unreadable part {part}: {err}", StabscopeWarning, stacklevel=2)
-            continue
-        good.append(part)
-    return good
 
 
 def metric_names(dataset: ds.Dataset) -> list[str]:
@@ -182,7 +148,7 @@ def load_run(
 
 def count_rows(run_dir: PathLike) -> int:
     """Number of rows in the readable parts, from footers only."""
-    return sum(pq.ParquetFile(p).metadata.num_rows for p in part_files(run_dir))
+    return readable_parts(run_dir).rows
 
 
 __all__ = [
