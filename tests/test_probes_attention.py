@@ -404,3 +404,59 @@ def test_an_error_inside_the_probe_is_reported_not_raised(tmp_path, monkeypatch)
     assert meta["probe_errors"] == ["ValueError: broken sample (x6)"]
     metrics = set(stabscope.load_run(tmp_path).metric.astype(str))
     assert "res_ratio" in metrics and not {m for m in metrics if m.startswith("attn_")}
+
+
+# -- a user's own hooks on the attention module are not the module's computation ----------
+
+
+def _user_attention_map(module, x):
+    """What an attention-map visualiser computes from the module's input: its own q and k
+    (through the weights, not the projection modules), a 4-D softmax and an SDPA call."""
+    b, t, d = x.shape
+    h = module.heads
+    q, k = (
+        F.linear(x, p.weight, p.bias).view(b, t, h, d // h).transpose(1, 2)
+        for p in (module.q, module.k)
+    )
+    maps = (q @ k.transpose(-2, -1) / math.sqrt(d // h)).softmax(-1)  # (B, H, T, T)
+    F.scaled_dot_product_attention(q, k, k, is_causal=True)
+    return maps
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "explicit"])
+def test_user_hooks_on_the_attention_module_are_not_sampled(tmp_path, attn):
+    """Forward pre-hooks and forward hooks of the user on each attention module that run
+    softmax and SDPA, registered before recording, and one registered with ``prepend=True``
+    while recording: the attention rows (every call index) are those of the run without
+    them, on the mode's step and the patch's (SDPA) alike."""
+    model, batch, sample = gpt(attn)
+    forward = lambda m: sample.loss(m, batch)  # noqa: E731
+    reference = record_steps(copy.deepcopy(model), tmp_path / "ref", forward)
+    maps = []
+    for block in model.blocks:
+        attention = block.attn
+        attention.register_forward_pre_hook(lambda m, a: maps.append(_user_attention_map(m, a[0])))
+        attention.register_forward_hook(lambda m, a, o: maps.append(_user_attention_map(m, a[0])))
+    steps = 4
+    with stabscope.Recorder(
+        model, tmp_path / "hooked", schedule=Schedule(steps, 0), forward=forward
+    ) as rec:
+        for step in range(steps):
+            forward(model).backward()
+            rec.step()
+            if step == 1:  # armed for step 2: registered after the recorder's own hooks
+                for block in model.blocks:
+                    block.attn.register_forward_hook(
+                        lambda m, a, o: maps.append(_user_attention_map(m, a[0])), prepend=True
+                    )
+    # 2 layers x (pre + post) x (4 steps + the discovery forward), + the late hook's 2 x 2
+    assert len(maps) == 2 * 2 * (steps + 1) + 2 * 2
+    df = stabscope.load_run(tmp_path / "hooked", metrics=["attn_entropy", "attn_logit_max"])
+    key = ["module", "call", "metric", "index"]
+    got = [g.sort_values(key).reset_index(drop=True) for _, g in df.groupby("step")]
+    assert len(got) == steps
+    for step, rows in enumerate(got):
+        want = reference[step]
+        assert rows.call.unique().tolist() == [0]
+        assert len(rows) == len(want) == 2 * 2 * 4
+        np.testing.assert_array_equal(rows.value.to_numpy(), want.sort_values(key).value.to_numpy())

@@ -249,7 +249,11 @@ class AttentionProbe:
         self._results: list[tuple[int, int, torch.Tensor]] = []  # (module code, call, (H, 2))
         for name, module in modules.items():
             code = codes[name]
-            listeners.add(module, pre=self._pre_hook(code), post=self._post_hook(code))
+            # innermost: a user's own hooks on the module (an attention-map visualiser that
+            # calls softmax) run outside the interception, not as extra calls.
+            listeners.add(
+                module, pre=self._pre_hook(code), post=self._post_hook(code), innermost=True
+            )
 
     def _pre_hook(self, code: int) -> Any:
         def enter(module: nn.Module, args: Any, kwargs: Any) -> None:
