@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .side_forward import side_forward
 from .structure import Structure
 from .theory import ModelDescription, Projection
 
@@ -186,24 +187,19 @@ def _first_input(
         seen.setdefault("y", y.detach())
         seen["y_last"] = y.detach()
 
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            pre = first.register_forward_pre_hook(grab_input, with_kwargs=True)
-            post = first.register_forward_hook(grab_output, with_kwargs=True)
+    with side_forward(model), torch.no_grad():
+        pre = first.register_forward_pre_hook(grab_input, with_kwargs=True)
+        post = first.register_forward_hook(grab_output, with_kwargs=True)
+        try:
+            forward(model)
+            moved = first.register_forward_pre_hook(perturb, with_kwargs=True)
             try:
                 forward(model)
-                moved = first.register_forward_pre_hook(perturb, with_kwargs=True)
-                try:
-                    forward(model)
-                finally:
-                    moved.remove()
             finally:
-                pre.remove()
-                post.remove()
-    finally:
-        model.train(was_training)
+                moved.remove()
+        finally:
+            pre.remove()
+            post.remove()
     x = seen.get("x")
     if x is None or x.dim() != 3:
         raise NotCovered("the first block's input is not a (batch, tokens, width) tensor")
@@ -235,11 +231,9 @@ def _output_gradient(
     def grab_output(_m: nn.Module, _a: tuple, out: Any) -> None:
         seen["y"] = out[0] if isinstance(out, tuple) else out
 
-    was_training = model.training
     hook = last.register_forward_hook(grab_output)
     try:
-        model.eval()
-        with torch.random.fork_rng(devices=[]), torch.enable_grad():
+        with side_forward(model), torch.enable_grad():
             loss = forward(model)
             y = seen.get("y")
             if not (
@@ -256,7 +250,6 @@ def _output_gradient(
         return None
     finally:
         hook.remove()
-        model.train(was_training)
     if grad is None:
         return None
     moments = _token_moments(grad)

@@ -197,40 +197,62 @@ class ListenerHooks:
     """
 
     def __init__(self) -> None:
-        self._entries: list[tuple[nn.Module, PreListener | None, PostListener | None]] = []
+        self._entries: list[tuple[nn.Module, PreListener | None, PostListener | None, bool]] = []
         self._handles: list[RemovableHandle] = []
         self.paused = False
 
     def add(
-        self, module: nn.Module, pre: PreListener | None = None, post: PostListener | None = None
+        self,
+        module: nn.Module,
+        pre: PreListener | None = None,
+        post: PostListener | None = None,
+        innermost: bool = False,
     ) -> None:
-        self._entries.append((module, pre, post))
+        """``innermost``: ``pre`` runs after every other forward pre-hook of the module and
+        ``post`` before every other forward hook, so that between them only the module's own
+        ``forward`` runs, not a user's hook (see ``_Innermost``)."""
+        self._entries.append((module, pre, post, innermost))
         if self._handles:  # added while attached: attach this one too
-            self._attach_one(module, pre, post)
+            self._attach_one(module, pre, post, innermost)
 
     def _attach_one(
-        self, module: nn.Module, pre: PreListener | None, post: PostListener | None
+        self,
+        module: nn.Module,
+        pre: PreListener | None,
+        post: PostListener | None,
+        innermost: bool = False,
     ) -> None:
+        order = _Innermost(module) if innermost else None
         if pre is not None:
 
             def pre_hook(m: nn.Module, args: Any, kwargs: Any, fn: PreListener = pre) -> None:
                 if not self.paused and _training_call(m):
+                    if order is not None:
+                        order.post_first()
                     with outside_modes():
                         fn(m, args, kwargs)
 
-            self._handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+            handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+            self._handles.append(handle)
+            if order is not None:
+                order.pre = handle.id
         if post is not None:
 
             def post_hook(
                 m: nn.Module, args: Any, kwargs: Any, out: Any, fn: PostListener = post
             ) -> None:
                 if not self.paused and _training_call(m):
+                    if order is not None:
+                        order.pre_last()
                     with outside_modes():
                         fn(m, args, kwargs, out)
 
-            self._handles.append(
-                module.register_forward_hook(post_hook, with_kwargs=True, always_call=True)
+            handle = module.register_forward_hook(
+                post_hook, with_kwargs=True, always_call=True, prepend=innermost
             )
+            self._handles.append(handle)
+            if order is not None:
+                order.post = handle.id
 
     def attach(self) -> None:
         if self._handles:
@@ -242,3 +264,33 @@ class ListenerHooks:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+class _Innermost:
+    """Keeps a listener pair around a module's ``forward`` alone: its pre-hook last among the
+    module's forward pre-hooks, its hook first among its forward hooks.
+
+    torch runs a module's pre-hooks, then ``forward``, then its forward hooks, each in
+    registration order (``prepend=True`` puts one first). The pair is registered at every
+    recorded step's start: the pre-hook appended (after the user's), the hook prepended. A user
+    hook registered later could still come in between, so each side moves the other back in
+    place: the pre-hook moves the forward hook to the front (torch reads the forward hooks after
+    ``forward``, so this call already sees it), the forward hook moves the pre-hook to the end
+    (from the next call on). Global hooks (``register_module_forward_hook``) run before every
+    module's own and cannot be ordered from here.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.pre: int | None = None
+        self.post: int | None = None
+
+    def post_first(self) -> None:
+        hooks = self.module._forward_hooks
+        if self.post in hooks and next(iter(hooks)) != self.post:
+            hooks.move_to_end(self.post, last=False)
+
+    def pre_last(self) -> None:
+        hooks = self.module._forward_pre_hooks
+        if self.pre in hooks and next(reversed(hooks)) != self.pre:
+            hooks.move_to_end(self.pre)

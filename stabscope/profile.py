@@ -137,7 +137,9 @@ def profile_script(
             f"{script.path.name}: model(cfg) returned {type(model).__name__}",
             hint="model(cfg) must return a torch.nn.Module",
         )
-    model.to(dev).train()
+    model.to(dev)
+    if not model.training:  # e.g. from_pretrained's eval mode: train it as a training loop would
+        model.train()  # (a model built in train mode keeps its submodules' own modes)
     if script.optimizer is not None:
         opt = _call(script, "building the optimizer", script.optimizer, model, cfg)
     else:

@@ -119,6 +119,8 @@ class Recorder:
         self.first_nonfinite: dict[str, dict[str, Any]] = {}
         self._pending_losses: list[tuple[int, torch.Tensor]] = []
         self._optimizers: dict[int, torch.optim.Optimizer] = {}
+        # Per owned optimizer, its groups' lr at its last step() in the current step.
+        self._step_lrs: dict[int, list[float | None]] = {}
         self._optimizer_hooks: list[Any] = []
         self._closed = False
         self._started = False
@@ -393,17 +395,16 @@ class Recorder:
         self.rows.flush_to_writer()
 
     def _record_lr(self, step: int) -> None:
+        """The lr each param group's ``optimizer.step()`` used in this step, as read just
+        before it (a scheduler stepped after the optimizer has already moved the groups' lr
+        on to the next step's). Index: the group's position over all owned optimizers."""
         seen = 0
-        for opt in self._optimizers.values():
-            for i, group in enumerate(opt.param_groups):
-                lr = group.get("lr")
-                if isinstance(lr, torch.Tensor):
-                    lr = float(lr.detach().cpu()) if lr.device.type == "cpu" else None
+        for key, opt in self._optimizers.items():
+            for i, lr in enumerate(self._step_lrs.get(key, ())):
                 if lr is not None:
-                    self.rows.emit(
-                        "train", self._run_code, 0, "lr", float(lr), index=seen + i, step=step
-                    )
+                    self.rows.emit("train", self._run_code, 0, "lr", lr, index=seen + i, step=step)
             seen += len(opt.param_groups)
+        self._step_lrs.clear()
 
     # -- hook targets ------------------------------------------------------------------------
     def _on_forward(self, phase: int, code: int, call: int, output: torch.Tensor) -> None:
@@ -421,7 +422,10 @@ class Recorder:
         return True
 
     def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kw: Any) -> Any:
-        if self._owns(optimizer) and self.hooks.attached:
+        if not self._owns(optimizer):
+            return None
+        self._step_lrs[id(optimizer)] = [_group_lr(g) for g in optimizer.param_groups]
+        if self.hooks.attached:
             if closure_of(args, kw) is None:
                 self.parameters.before_optimizer_step(optimizer)
             else:  # the closure computes this step's gradients: measure after it
@@ -469,6 +473,20 @@ class Recorder:
         if self._reserve is not None and not self._closed:
             # Twice meta.json: its temporary copy and the old file coexist for a moment.
             self._reserve.ensure(2 * (self.run_dir / META_FILE).stat().st_size + 65536)
+
+
+def _group_lr(group: dict[str, Any]) -> float | None:
+    """A param group's lr as a float; None for a device tensor (reading it would sync) or
+    anything that is not a number (this runs inside the user's ``optimizer.step()``)."""
+    lr = group.get("lr")
+    if isinstance(lr, torch.Tensor):
+        if lr.device.type != "cpu" or lr.numel() != 1:
+            return None
+        lr = lr.detach().item()
+    try:
+        return float(lr)
+    except (TypeError, ValueError):
+        return None
 
 
 __all__ = ["Recorder", "RunExistsError", "RunLockedError", "prepare_run_dir"]

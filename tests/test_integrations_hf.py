@@ -45,12 +45,13 @@ class Witness(TrainerCallback):
         self.logged: dict[int, dict[str, float]] = {}
         self.steps: list[dict] = []
 
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):  # after clipping
-        params = dict(self.model.named_parameters())
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        params = dict(self.model.named_parameters())  # after clipping
         self.steps.append(
             {
                 "grad": {n: p.grad.double().norm().item() for n, p in params.items()},
                 "weight": {n: p.detach().clone() for n, p in params.items()},
+                "lr": optimizer.param_groups[0]["lr"],
             }
         )
 
@@ -74,11 +75,12 @@ class Bigram(torch.nn.Module):
 
 
 def train(
-    run_dir, accumulate: int, model: torch.nn.Module | None = None
+    run_dir, accumulate: int, model: torch.nn.Module | None = None, **arguments
 ) -> tuple[torch.nn.Module, Witness, Trainer]:
     model = tiny_gpt2() if model is None else model
     witness = Witness(model)
     args = TrainingArguments(
+        **arguments,
         output_dir=str(run_dir.parent / "trainer"),
         max_steps=STEPS,
         per_device_train_batch_size=4,
@@ -138,6 +140,20 @@ def test_without_loss_kwargs_the_micro_batch_means_are_averaged(run_dir):
     assert not trainer.model_accepts_loss_kwargs
     logged = [witness.logged[s + 1]["loss"] for s in range(STEPS)]
     np.testing.assert_allclose(series(run_dir, "loss", "__run__"), logged, rtol=1e-6)
+
+
+def test_lr_is_the_one_each_optimizer_step_used(run_dir):
+    """The Trainer steps its scheduler before ``on_step_end``: with a linear schedule of 2
+    warm-up steps over 4, the lr recorded at step s is the one step s used,
+    1e-3 · (s/2 during warm-up, else (4-s)/2), not the next step's."""
+    _, witness, _ = train(run_dir, 1, warmup_steps=2, lr_scheduler_type="linear")
+    want = [1e-3 * (s / 2 if s < 2 else (STEPS - s) / (STEPS - 2)) for s in range(STEPS)]
+    assert want == [0.0, 5e-4, 1e-3, 5e-4]
+    np.testing.assert_allclose([s["lr"] for s in witness.steps], want, rtol=1e-12)
+    lr = stabscope.load_run(run_dir, metrics=["lr"])  # the Trainer's two groups: decay or not
+    assert sorted(lr["index"].unique()) == [0, 1]
+    for _, group in lr.groupby("index"):
+        np.testing.assert_allclose(group.sort_values("step").value, want, rtol=1e-6)
 
 
 @pytest.mark.slow

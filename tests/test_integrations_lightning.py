@@ -23,11 +23,12 @@ BATCHES, ACCUMULATE = 9, 2  # 4 windows of 2 micro-batches, then one of 1: 5 opt
 class Regressor(L.LightningModule):
     """MSE regression that notes, at every optimizer step, what the step is made of."""
 
-    def __init__(self, fail_at: int = -1) -> None:
+    def __init__(self, fail_at: int = -1, warmup: int = 0) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.net = mlp()
         self.fail_at = fail_at
+        self.warmup = warmup  # steps of a linear warm-up scheduler stepped every step; 0: none
         self.window: list[float] = []  # raw micro-batch losses since the last optimizer step
         self.steps: list[dict] = []
 
@@ -46,12 +47,17 @@ class Regressor(L.LightningModule):
                 "loss": float(np.mean(self.window)),
                 "grad": {n: p.grad.double().norm().item() for n, p in params.items()},
                 "weight": {n: p.detach().clone() for n, p in params.items()},
+                "lr": optimizer.param_groups[0]["lr"],
             }
         )
         self.window = []
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=1e-2)
+        opt = torch.optim.Adam(self.parameters(), lr=1e-2)
+        if not self.warmup:
+            return opt
+        warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / self.warmup, 1.0))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": warm, "interval": "step"}}
 
 
 def fit(module: Regressor, run_dir, **options) -> L.Trainer:
@@ -98,6 +104,16 @@ def test_one_step_per_optimizer_step_with_this_steps_loss_and_gradients(run_dir)
     acts = stabscope.load_run(run_dir, modules=["net.0"], metrics=["act_rms"], phase="train")
     assert acts.groupby("step").call.nunique().tolist() == [2, 2, 2, 2, 1]
     assert all(not m._forward_hooks for m in module.modules())  # nothing left attached
+
+
+def test_lr_is_the_one_each_optimizer_step_used(run_dir):
+    """Lightning steps the scheduler before ``on_train_batch_end``: the lr recorded at step s
+    is still the one step s used, 1e-2 · min((s+1)/3, 1), not the next step's."""
+    module = Regressor(warmup=3)
+    fit(module, run_dir)
+    want = [1e-2 * min((s + 1) / 3, 1.0) for s in range(5)]
+    np.testing.assert_allclose([s["lr"] for s in module.steps], want, rtol=1e-12)
+    np.testing.assert_allclose(series(run_dir, "lr", "__run__"), want, rtol=1e-6)
 
 
 def test_an_exception_in_fit_closes_the_run_as_failed(run_dir):

@@ -20,8 +20,12 @@ from stabscope.probes.attention import AttentionSampling, query_positions, sdpa_
 SAMPLING = AttentionSampling(batch=2, queries=16)
 
 
-def reference(q, k, allowed, scale=None):
-    """Normalised entropy per head and max |logit|, from full explicit probabilities."""
+def reference(q, k, allowed, scale=None, causal=None):
+    """Normalised entropy per head and max |logit|, from full explicit probabilities: the
+    entropy over the sampled rows (first sequences, evenly spaced queries), the max over those
+    and, in every sequence and head, the ``SAMPLING.peak`` queries with the largest
+    ‖q_i‖ · max ‖k_j‖ over the keys j ≤ i (``causal``; by default: whether ``allowed`` is the
+    causal mask) or all keys."""
     if k.shape[1] != q.shape[1]:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     scale = scale or 1 / math.sqrt(q.shape[-1])
@@ -35,8 +39,16 @@ def reference(q, k, allowed, scale=None):
     valid = keys > 1
     norm = torch.where(valid, ent / torch.log(keys.clamp(min=2).float()), 0)
     mean = norm.sum((0, 2)) / valid.sum((0, 2))
-    peak = logits.abs().masked_fill(~allowed, 0)[: SAMPLING.batch, :, qi].amax((0, 2, 3))
-    return mean, peak
+    row_max = logits.abs().masked_fill(~allowed, 0).amax(-1)  # (B, H, L)
+    peak = row_max[: SAMPLING.batch, :, qi].amax((0, 2))
+    if causal is None:
+        causal = torch.equal(allowed[0, 0], torch.ones_like(allowed[0, 0]).tril())
+    key_norms = k.norm(dim=-1)  # (B, H, S)
+    reach = torch.stack(
+        [key_norms[..., : i + 1 if causal else None].amax(-1) for i in range(q.shape[2])], -1
+    )
+    picked = (q.norm(dim=-1) * reach).topk(SAMPLING.peak, dim=-1).indices  # (B, H, peak)
+    return mean, torch.maximum(peak, row_max.gather(2, picked).amax((0, 2)))
 
 
 def qk(b=3, h=4, hk=4, length=40, source=40, e=8, seed=0):
@@ -109,9 +121,43 @@ def test_sample_gpt_sdpa_matches_explicit_softmax(tmp_path):
     a = record(sdpa, tmp_path / "a", lambda m: sample.loss(m, batch))
     b = record(explicit, tmp_path / "b", lambda m: sample.loss(m, batch))
     assert len(a) == len(b) == 2 * 2 * 4  # 2 layers x 2 metrics x 4 heads
+    compare_routes(a, b)
+    # Written-out logits: their max is read whole, every query of every sequence.
+    peak = b[b.metric == "attn_logit_max"].sort_values(["module", "index"]).value
+    np.testing.assert_allclose(peak, full_peaks(explicit, batch).ravel(), rtol=1e-5)
+
+
+def compare_routes(sdpa, explicit):
+    """The same attention through SDPA and written out: the same entropy; the max of the
+    written-out logits is the whole batch's, SDPA's a lower bound of it (from the sample and
+    the likeliest queries of each sequence)."""
     key = ["module", "metric", "index"]
-    merged = a.merge(b, on=key, suffixes=("_sdpa", "_explicit"))
-    np.testing.assert_allclose(merged.value_sdpa, merged.value_explicit, rtol=1e-5, atol=1e-5)
+    merged = sdpa.merge(explicit, on=key, suffixes=("_sdpa", "_explicit"))
+    ent = merged[merged.metric == "attn_entropy"]
+    np.testing.assert_allclose(ent.value_sdpa, ent.value_explicit, rtol=1e-5, atol=1e-5)
+    peak = merged[merged.metric == "attn_logit_max"]
+    assert len(peak) == len(ent) and (peak.value_sdpa <= peak.value_explicit * (1 + 1e-5)).all()
+
+
+def full_peaks(model, batch):
+    """(layers, heads) max |q·k|/sqrt(d) over every causal pair of the batch, from each sample
+    GPT attention's input."""
+    inputs = []
+    hooks = [
+        b.attn.register_forward_pre_hook(lambda m, a: inputs.append(a[0])) for b in model.blocks
+    ]
+    with torch.no_grad():
+        model(batch[:, :-1])
+    for h in hooks:
+        h.remove()
+    peaks = []
+    for block, x in zip(model.blocks, inputs):
+        attn, (b, t, d) = block.attn, x.shape
+        q, k = (p(x).view(b, t, attn.heads, -1).transpose(1, 2) for p in (attn.q, attn.k))
+        logits = (q @ k.transpose(-2, -1) / math.sqrt(d // attn.heads)).abs()
+        causal = torch.ones(t, t, dtype=torch.bool).tril()
+        peaks.append(logits.masked_fill(~causal, 0).amax((0, 2, 3)))
+    return torch.stack(peaks).detach().numpy()
 
 
 def test_zero_queries_turn_the_probe_off(tmp_path):
@@ -175,7 +221,7 @@ def sdpa_and_eager(tmp_path, model_class, config_class, **config):
         df = record(model, tmp_path / impl, lambda m: m(input_ids=ids, labels=ids).loss)
         values.append(df.sort_values(["module", "metric", "index"]).reset_index(drop=True))
         assert "probe_errors" not in json.loads((tmp_path / impl / "meta.json").read_text())
-    np.testing.assert_allclose(values[0].value, values[1].value, rtol=1e-5, atol=1e-5)
+    compare_routes(*values)
     return values
 
 
@@ -280,7 +326,7 @@ def test_calls_the_patch_cannot_see_keep_the_mode(tmp_path, monkeypatch):
     steps = record_steps(explicit, tmp_path / "explicit", lambda m: sample.loss(m, batch))
     assert seen[-8:] == [True] * 8
     for step in steps:
-        np.testing.assert_allclose(step.value, reference[0].value, rtol=1e-5, atol=1e-5)
+        compare_routes(reference[0], step)
 
     import types
 
@@ -404,3 +450,107 @@ def test_an_error_inside_the_probe_is_reported_not_raised(tmp_path, monkeypatch)
     assert meta["probe_errors"] == ["ValueError: broken sample (x6)"]
     metrics = set(stabscope.load_run(tmp_path).metric.astype(str))
     assert "res_ratio" in metrics and not {m for m in metrics if m.startswith("attn_")}
+
+
+# -- a user's own hooks on the attention module are not the module's computation ----------
+
+
+def _user_attention_map(module, x):
+    """What an attention-map visualiser computes from the module's input: its own q and k
+    (through the weights, not the projection modules), a 4-D softmax and an SDPA call."""
+    b, t, d = x.shape
+    h = module.heads
+    q, k = (
+        F.linear(x, p.weight, p.bias).view(b, t, h, d // h).transpose(1, 2)
+        for p in (module.q, module.k)
+    )
+    maps = (q @ k.transpose(-2, -1) / math.sqrt(d // h)).softmax(-1)  # (B, H, T, T)
+    F.scaled_dot_product_attention(q, k, k, is_causal=True)
+    return maps
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "explicit"])
+def test_user_hooks_on_the_attention_module_are_not_sampled(tmp_path, attn):
+    """Forward pre-hooks and forward hooks of the user on each attention module that run
+    softmax and SDPA, registered before recording, and one registered with ``prepend=True``
+    while recording: the attention rows (every call index) are those of the run without
+    them, on the mode's step and the patch's (SDPA) alike."""
+    model, batch, sample = gpt(attn)
+    forward = lambda m: sample.loss(m, batch)  # noqa: E731
+    reference = record_steps(copy.deepcopy(model), tmp_path / "ref", forward)
+    maps = []
+    for block in model.blocks:
+        attention = block.attn
+        attention.register_forward_pre_hook(lambda m, a: maps.append(_user_attention_map(m, a[0])))
+        attention.register_forward_hook(lambda m, a, o: maps.append(_user_attention_map(m, a[0])))
+    steps = 4
+    with stabscope.Recorder(
+        model, tmp_path / "hooked", schedule=Schedule(steps, 0), forward=forward
+    ) as rec:
+        for step in range(steps):
+            forward(model).backward()
+            rec.step()
+            if step == 1:  # armed for step 2: registered after the recorder's own hooks
+                for block in model.blocks:
+                    block.attn.register_forward_hook(
+                        lambda m, a, o: maps.append(_user_attention_map(m, a[0])), prepend=True
+                    )
+    # 2 layers x (pre + post) x (4 steps + the discovery forward), + the late hook's 2 x 2
+    assert len(maps) == 2 * 2 * (steps + 1) + 2 * 2
+    df = stabscope.load_run(tmp_path / "hooked", metrics=["attn_entropy", "attn_logit_max"])
+    key = ["module", "call", "metric", "index"]
+    got = [g.sort_values(key).reset_index(drop=True) for _, g in df.groupby("step")]
+    assert len(got) == steps
+    for step, rows in enumerate(got):
+        want = reference[step]
+        assert rows.call.unique().tolist() == [0]
+        assert len(rows) == len(want) == 2 * 2 * 4
+        np.testing.assert_array_equal(rows.value.to_numpy(), want.sort_values(key).value.to_numpy())
+
+
+# -- the max logit beyond the sample -----------------------------------------------------
+
+
+@pytest.mark.parametrize("host", [True, False])
+def test_the_max_reads_the_likeliest_queries_of_every_sequence(host, monkeypatch):
+    """One large logit in the last sequence, outside the sampled rows: the max finds it (its
+    query has the largest norm there), the entropy is the sample's; a NaN query there makes
+    that head's max NaN. On the numba kernel and on torch's path alike."""
+    from stabscope.probes import attention
+
+    if not host:
+        monkeypatch.setattr(attention, "_sampled_on_host", lambda *a: False)
+    q, k = qk(b=4)
+    # Query 5 of sequence 3, head 1 (not sampled: sequences 0-1, positions 1, 4, 6, ...),
+    # along key 2: the largest logit of the batch, ~10‖k‖²/sqrt(8).
+    q[3, 1, 5] = 10 * k[3, 1, 2]
+    causal = torch.ones(40, 40, dtype=torch.bool).tril()
+    got = sdpa_sample(q, k, None, True, None, SAMPLING)
+    check(got, reference(q, k, causal))
+    logits = (q @ k.transpose(-2, -1)) / math.sqrt(8)
+    true_max = logits.abs().masked_fill(~causal, 0).amax((0, 2, 3))
+    assert got[1, 1] == pytest.approx(true_max[1].item(), rel=1e-5)
+    old = sdpa_sample(q, k, None, True, None, AttentionSampling(2, 16, peak=0))
+    assert old[1, 1] < 0.5 * true_max[1]  # the sample alone misses it
+    q[3, 2, 7] = float("nan")
+    got = sdpa_sample(q, k, None, True, None, SAMPLING).numpy()
+    assert np.isnan(got[2, 1]) and np.isfinite(np.delete(got, 2, axis=0)).all()
+    assert np.isfinite(got[:, 0]).all()
+
+
+def test_written_out_logits_give_their_whole_max(monkeypatch):
+    """Explicit attention: the max over every allowed logit of every sequence, masked entries
+    (-inf, HF's most negative value) left out, a few sequences at a time; NaN shows."""
+    from stabscope.probes import attention_peak
+
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(5, 3, 12, 12, generator=g) * 3
+    allowed = torch.rand(5, 1, 12, 12, generator=g) > 0.3
+    want = logits.abs().masked_fill(~allowed, 0).amax((0, 2, 3))
+    monkeypatch.setattr(attention_peak, "CHUNK", 2 * 3 * 12 * 12)  # two sequences at a time
+    for never in (float("-inf"), torch.finfo(torch.float32).min):
+        got = attention_peak.written_out_peak(logits.masked_fill(~allowed, never))
+        np.testing.assert_array_equal(got.numpy(), want.numpy())
+    logits[4, 2, 0, 0] = float("nan")
+    got = attention_peak.written_out_peak(logits).numpy()
+    assert np.isnan(got[2]) and np.isfinite(got[:2]).all()

@@ -97,8 +97,9 @@ def test_lr_follows_the_scheduler(run_dir):
             sched.step()
             rec.step(loss=loss)
     lr = stabscope.load_run(run_dir, metrics="lr").sort_values("step")
-    # The lr recorded at the end of step s is the one the next step will use: 0.1 * 0.5**(s+1).
-    np.testing.assert_allclose(lr.value, [0.1 * 0.5 ** (s + 1) for s in range(4)], rtol=1e-6)
+    # The lr recorded at step s is the one its optimizer step used, 0.1 * 0.5**s, although
+    # the scheduler had moved the group on to the next step's when rec.step() was called.
+    np.testing.assert_allclose(lr.value, [0.1 * 0.5**s for s in range(4)], rtol=1e-6)
     # Loss is recorded on every step, including the three that carried no hooks.
     assert sorted(stabscope.load_run(run_dir, metrics="loss").step) == [0, 1, 2, 3]
 
@@ -209,3 +210,56 @@ def test_gradient_moments_through_residual_adds(run_dir):
         assert got[(name, "grad_absmax")] == pytest.approx(g.abs().max().item(), rel=1e-6)
     # d(x + f)/df = I: the branch's gradient is the block output's, an analytic identity.
     assert got[("2.branch", "grad_rms")] == got[("2", "grad_rms")]
+
+
+class LoRALinear(torch.nn.Module):
+    """A linear map with a zero-initialised bias and a LoRA adapter whose B starts at zero."""
+
+    def __init__(self, d_in: int, d_out: int, rank: int = 2) -> None:
+        super().__init__()
+        self.base = torch.nn.Linear(d_in, d_out)
+        torch.nn.init.zeros_(self.base.bias)
+        self.A = torch.nn.Parameter(torch.randn(rank, d_in) / d_in**0.5)
+        self.B = torch.nn.Parameter(torch.zeros(d_out, rank))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + x @ self.A.T @ self.B.T
+
+
+def test_update_ratio_of_zero_initialised_parameters(run_dir):
+    """||θ|| = 0 before the first step: no update_ratio row (undefined, never inf), the
+    update_norm is there; from the second step on the ratio is ||Δθ|| / ||θ_before||."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(LoRALinear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 3))
+    make = batch_maker(6, 3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    want: dict[tuple[int, str, str], float] = {}
+    with stabscope.Recorder(model, run_dir, schedule=Schedule(dense=STEPS, every=0)) as rec:
+        for step in range(STEPS):
+            x, y = make(step)
+            loss = (model(x) - y).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            before = {n: p.detach().double().clone() for n, p in model.named_parameters()}
+            opt.step()
+            rec.step(loss=loss)
+            for n, p in model.named_parameters():
+                delta = (p.detach().double() - before[n]).norm().item()
+                want[(step, n, "update_norm")] = delta
+                if before[n].norm() > 0:
+                    want[(step, n, "update_ratio")] = delta / before[n].norm().item()
+    df = stabscope.load_run(run_dir, metrics=["update_norm", "update_ratio"])
+    got = {(int(r.step), str(r.module), str(r.metric)): float(r.value) for r in df.itertuples()}
+    assert got.keys() == want.keys()
+    zero_init = {"0.B", "0.base.bias"}
+    assert {m for s, m, k in got if s == 0 and k == "update_ratio"} == {
+        "0.A",
+        "0.base.weight",
+        "2.weight",
+        "2.bias",
+    }
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-5), key
+    assert all(got[(0, n, "update_norm")] > 0 for n in zero_init)
+    assert all((s, n, "update_ratio") in got for s in (1, 2) for n in zero_init)
+    assert np.isfinite(df.value).all()

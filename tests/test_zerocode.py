@@ -348,3 +348,29 @@ def test_transformers_trainer_script(tmp_path):
         [r["loss"] for r in log], rel=1e-5
     )
     assert values(run, "transformer.h.0.mlp", "act_rms").call.tolist() == [0, 1] * 4
+
+
+def test_lr_is_the_one_each_optimizer_step_used(tmp_path):
+    """As in the Recorder and the framework callbacks: the scheduler steps after the
+    optimizer, and step s records the lr that step used, 0.1 · 0.5^s."""
+    script = write(
+        tmp_path,
+        "sched.py",
+        """
+        import torch
+        model = torch.nn.Linear(3, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        for step in range(4):
+            loss = model(torch.ones(2, 3)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        """,
+    )
+    run = tmp_path / "run"
+    profile_training_script(script, [], run, RecorderConfig())
+    lr = values(run, "__run__", "lr").sort_values("step")
+    assert lr.step.tolist() == [0, 1, 2, 3]
+    assert lr.value.tolist() == pytest.approx([0.1 * 0.5**s for s in range(4)], rel=1e-6)

@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..side_forward import side_forward
+
 #: Absolute tolerance per unit of output scale: float32 keeps ~7 digits, and a grown model
 #: sums in other orders and over longer (zero-padded) dot products; see docs/grow.md.
 RELATIVE_TOLERANCE = 1e-5
@@ -56,25 +58,19 @@ def compare(
 ) -> Preservation:
     """Run both models in eval mode without gradients on each probe; ``output(model, probe)``
     returns the output tensor to compare (logits)."""
-    modes = (base.training, grown.training)
-    base.eval()
-    grown.eval()
     worst, scale, n, nonfinite = 0.0, 0.0, 0, 0
     dtype = torch.float32
-    try:
-        with torch.no_grad():
-            for probe in probes:
-                a, b = output(base, probe), output(grown, probe)
-                dtype = a.dtype
-                a, b = a.double(), b.double()
-                worst = max(worst, _max_change(a, b))
-                finite = a[torch.isfinite(a)]
-                scale = max(scale, float(finite.abs().max()) if finite.numel() else 0.0)
-                nonfinite += a.numel() - finite.numel()
-                n += 1
-    finally:
-        base.train(modes[0])
-        grown.train(modes[1])
+    # Every submodule's mode (a frozen BatchNorm stays frozen), RNG and buffers given back.
+    with side_forward(base, grown), torch.no_grad():
+        for probe in probes:
+            a, b = output(base, probe), output(grown, probe)
+            dtype = a.dtype
+            a, b = a.double(), b.double()
+            worst = max(worst, _max_change(a, b))
+            finite = a[torch.isfinite(a)]
+            scale = max(scale, float(finite.abs().max()) if finite.numel() else 0.0)
+            nonfinite += a.numel() - finite.numel()
+            n += 1
     tol = default_tolerance(scale, dtype) if tolerance is None else tolerance
     return Preservation(worst, scale, tol, n, nonfinite)
 

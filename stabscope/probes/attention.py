@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from typing import Any
 
 import numpy as np
@@ -36,15 +36,19 @@ from torch import nn
 from ..collector import Collector, Rows
 from ..hooks import ListenerHooks
 from . import host_kernels
+from .attention_peak import candidate_peak, float_mask_allowed, written_out_peak
 from .attention_routes import MHA, SDPA, AttentionRoutes
 
 
 @dataclass(frozen=True)
 class AttentionSampling:
-    """How much of each attention call is recomputed: cost grows with batch × queries."""
+    """How much of each attention call is recomputed: the entropy's rows cost batch × queries;
+    the max logit also reads ``peak`` queries per sequence and head of every sequence
+    (``attention_peak``)."""
 
     batch: int = 2
     queries: int = 16
+    peak: int = 4
 
 
 _SOFTMAX = {torch.softmax, F.softmax, torch.Tensor.softmax}
@@ -96,11 +100,6 @@ def entropy_and_max(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor
     return torch.stack((mean_ent, peak), 1)
 
 
-def _float_mask_allowed(mask: torch.Tensor) -> torch.Tensor:
-    # Additive masks use -inf or the dtype's most negative value for "never attend".
-    return torch.isfinite(mask) & (mask > torch.finfo(mask.dtype).min / 2)
-
-
 def sdpa_sample(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -119,10 +118,30 @@ def sdpa_sample(
         )
     heads, length, source = q.shape[1], q.shape[2], k.shape[2]
     s = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    mask = None
-    if attn_mask is not None:  # (b, H, L, S) view, zero strides where broadcast
+    full = None
+    if attn_mask is not None:  # (B, H, L, S) view, zero strides where broadcast
         # detach: an additive mask can be learned (T5's relative position bias).
-        mask = attn_mask.detach().expand(q.shape[0], heads, length, source)[:b]
+        full = attn_mask.detach().expand(q.shape[0], heads, length, source)
+    on_host = _sampled_on_host(q, k, full)
+    result = _entropy_sample(q, k, None if full is None else full[:b], is_causal, s, b, sampling)
+    if sampling.peak > 0:  # the max also over the likeliest queries of every sequence
+        peak = candidate_peak(q, k, full, is_causal, s, sampling.peak, on_host)
+        result[:, 1] = torch.maximum(result[:, 1], peak.to(result))
+    return result
+
+
+def _entropy_sample(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    mask: torch.Tensor | None,
+    is_causal: bool,
+    s: float,
+    b: int,
+    sampling: AttentionSampling,
+) -> torch.Tensor:
+    """(H, 2) [mean entropy, max |logit|] over the sampled rows: the first ``b`` sequences
+    (``mask`` is already theirs) at evenly spaced queries."""
+    heads, length, source = q.shape[1], q.shape[2], k.shape[2]
     if _sampled_on_host(q, k, mask):
         return _host_sample(q[:b], k[:b], mask, is_causal, s, sampling.queries)
     qi, allowed = _sample_layout(length, source, sampling.queries, is_causal, q.device)
@@ -135,8 +154,8 @@ def sdpa_sample(
         if mask.dtype == torch.bool:
             allowed = allowed & mask
         else:
-            allowed = allowed & _float_mask_allowed(mask)
-            logits = logits + mask.float().masked_fill(~_float_mask_allowed(mask), 0)
+            allowed = allowed & float_mask_allowed(mask)
+            logits = logits + mask.float().masked_fill(~float_mask_allowed(mask), 0)
     return entropy_and_max(logits, allowed)
 
 
@@ -219,7 +238,8 @@ def mha_sample(bound: dict[str, Any], sampling: AttentionSampling) -> torch.Tens
         pad = pad[:b].reshape(b, 1, 1, -1)
         mask = pad if mask is None else mask + pad
     causal = bool(bound.get("is_causal")) and mask is None
-    return sdpa_sample(q, k, mask, causal, None, AttentionSampling(b, sampling.queries))
+    # q and k of the sampled sequences only: the max's extra queries come from them too.
+    return sdpa_sample(q, k, mask, causal, None, AttentionSampling(b, *astuple(sampling)[1:]))
 
 
 def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -249,7 +269,11 @@ class AttentionProbe:
         self._results: list[tuple[int, int, torch.Tensor]] = []  # (module code, call, (H, 2))
         for name, module in modules.items():
             code = codes[name]
-            listeners.add(module, pre=self._pre_hook(code), post=self._post_hook(code))
+            # innermost: a user's own hooks on the module (an attention-map visualiser that
+            # calls softmax) run outside the interception, not as extra calls.
+            listeners.add(
+                module, pre=self._pre_hook(code), post=self._post_hook(code), innermost=True
+            )
 
     def _pre_hook(self, code: int) -> Any:
         def enter(module: nn.Module, args: Any, kwargs: Any) -> None:
@@ -301,12 +325,16 @@ class AttentionProbe:
         return True
 
     def _from_softmax(self, logits: torch.Tensor) -> torch.Tensor:
-        """Explicit attention: the softmax input holds the (masked) logits."""
+        """Explicit attention: the softmax input holds the (masked) logits; the max is read
+        over all of them."""
         b = min(self.sampling.batch, logits.shape[0])
         qi = query_positions(logits.shape[2], self.sampling.queries, logits.device)
         sample = logits.detach()[:b, :, qi].float()
-        allowed = _float_mask_allowed(sample)
-        return entropy_and_max(sample.masked_fill(~allowed, 0), allowed)
+        allowed = float_mask_allowed(sample)
+        result = entropy_and_max(sample.masked_fill(~allowed, 0), allowed)
+        if self.sampling.peak > 0:
+            result[:, 1] = written_out_peak(logits).to(result)
+        return result
 
     def end_step(self, collector: Collector) -> None:
         self.routes.reset()

@@ -136,3 +136,84 @@ def sampled_entropy_and_max(q, k, rows, causal, scale, allowed, bias, floor, out
                     m += 1
                 _add_row(kept, m, typed, acc)
         _write_head(acc, out, h)
+
+
+@numba.njit(boundscheck=False, nogil=True, cache=True, error_model="numpy", fastmath=_REORDER_SUMS)
+def peak_candidates(
+    q, q_heads_first, k, k_heads_first, causal, scale, allowed, bias, floor, n, out
+):
+    """out (H,) float64 <- max |logit| over, in every sequence and head, the ``n`` queries with
+    the largest ‖q_p‖ · max_{s allowed} ‖k_s‖ (a bound on their |q·k|, so the likeliest to
+    hold the maximum); NaN if one of those logits is.
+
+    q and k C-contiguous, (b, H, L, E) and (b, Hk, S, E) if ``*_heads_first`` else
+    (b, L, H, E) and (b, S, Hk, E) (the projections' own layout, before the transpose):
+    every row is then a contiguous vector, and the norms and dot products vectorise. Masks
+    as in ``sampled_entropy_and_max``, over (b, H, L, S). The ranking ignores the masks (it
+    only picks rows); the logits respect them. Cost per sequence and kv head: one read of its
+    keys and queries, and ``n`` rows of logits.
+    """
+    b, width = q.shape[0], q.shape[3]
+    heads, length = (q.shape[1], q.shape[2]) if q_heads_first else (q.shape[2], q.shape[1])
+    kv_heads, keys = (k.shape[1], k.shape[2]) if k_heads_first else (k.shape[2], k.shape[1])
+    group = heads // kv_heads
+    has_allowed = allowed.shape[0] > 0
+    has_bias = bias.shape[0] > 0
+    zero = q.dtype.type(0)
+    reach = np.empty(length)  # per query: the largest key norm it may see
+    best_u = np.empty(n)
+    best_p = np.empty(n, np.int64)
+    peak = np.zeros(heads)
+    nan = np.zeros(heads, np.bool_)
+    for i in range(b):
+        for g in range(kv_heads):
+            top = 0.0
+            for s in range(keys):
+                kr = k[i, g, s] if k_heads_first else k[i, s, g]
+                sq = zero
+                for e in range(width):
+                    sq += kr[e] * kr[e]
+                top = max(top, math.sqrt(float(sq)))
+                if causal and s < length:
+                    reach[s] = top
+            if not causal:
+                reach[:] = top
+            elif keys < length:
+                reach[keys:] = top
+            for h in range(g * group, (g + 1) * group):
+                best_u[:] = -1.0
+                low = 0  # the slot of the smallest kept bound
+                for p in range(length):
+                    qr = q[i, h, p] if q_heads_first else q[i, p, h]
+                    sq = zero
+                    for e in range(width):
+                        sq += qr[e] * qr[e]
+                    u = math.sqrt(float(sq)) * reach[p]
+                    if math.isnan(u):
+                        u = np.inf  # a NaN query is picked: its logits show the NaN
+                    if u > best_u[low]:
+                        best_u[low] = u
+                        best_p[low] = p
+                        for r in range(n):
+                            if best_u[r] < best_u[low]:
+                                low = r
+                for r in range(n):
+                    if best_u[r] < 0:
+                        continue
+                    p = best_p[r]
+                    qr = q[i, h, p] if q_heads_first else q[i, p, h]
+                    for s in range(min(p + 1, keys) if causal else keys):
+                        add = bias[i, h, p, s] if has_bias else zero
+                        if has_allowed and not allowed[i, h, p, s]:
+                            continue
+                        if has_bias and not (floor < add < np.inf):
+                            continue
+                        kr = k[i, g, s] if k_heads_first else k[i, s, g]
+                        dot = zero
+                        for e in range(width):
+                            dot += qr[e] * kr[e]
+                        v = dot * scale + add
+                        nan[h] = nan[h] or math.isnan(v)
+                        peak[h] = max(peak[h], abs(float(v)))
+    for h in range(heads):
+        out[h] = np.nan if nan[h] else peak[h]

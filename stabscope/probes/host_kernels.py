@@ -76,6 +76,9 @@ def _build() -> bool:
         attention_kernels.sampled_entropy_and_max(
             qk, qk, rows, True, np.float32(1.0), *empty, np.float32(-1.0), np.empty((1, 2))
         )
+        attention_kernels.peak_candidates(
+            qk, True, qk, True, True, np.float32(1.0), *empty, np.float32(-1.0), 1, np.empty(1)
+        )
     except Exception as err:
         warnings.warn(
             f"stabscope: numba kernels unavailable ({type(err).__name__}: {err}); "

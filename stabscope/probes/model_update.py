@@ -4,8 +4,9 @@
 DeepNet bounds the model update of a well-initialised network; Post-LN's grows sharply in the
 first steps. It costs one extra forward pass per recorded step, so it is on in the ``full``
 preset and opt-in elsewhere. The probe forward runs in eval mode (no dropout, batch-norm
-running statistics untouched) under ``no_grad`` with the RNG state restored, and the other
-probes are paused, so training is unaffected.
+running statistics untouched) under ``no_grad``, every submodule's mode, the RNG states and
+the buffers given back after it (``side_forward``), and the other probes are paused, so
+training is unaffected.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 
 from ..collector import Collector
 from ..hooks import ListenerHooks
+from ..side_forward import side_forward
 from .logits import output_logits
 
 
@@ -40,19 +42,13 @@ class ModelUpdateProbe:
         handle = self.model.register_forward_hook(
             lambda m, a, o: captured.append(output_logits(o) if output_logits(o) is not None else o)
         )
-        was_training = self.model.training
         for p in self.pause:
             p.paused = True
         try:
-            self.model.eval()
-            devices = sorted(
-                {q.device.index or 0 for q in self.model.parameters() if q.device.type == "cuda"}
-            )
-            with torch.random.fork_rng(devices=devices), torch.no_grad():
+            with side_forward(self.model), torch.no_grad():
                 self.forward(self.model)
         finally:
             handle.remove()
-            self.model.train(was_training)
             for p in self.pause:
                 p.paused = False
         out = captured[0] if captured else None

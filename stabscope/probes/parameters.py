@@ -3,7 +3,13 @@
 Norms are taken with ``torch._foreach_norm`` (one fused call per list, on device). The update
 is measured around ``optimizer.step()``: the pre-step hook keeps a copy of the parameters the
 optimizer owns (one extra copy of those weights, on recorded steps only), the post-step hook
-takes the norm of the difference. Metrics, one row per parameter:
+takes the norm of the difference. ``update_ratio`` = ||θ_after − θ_before|| / ||θ_before||, the
+update relative to the weight it changes (the update-to-weight ratio of CS231n's ~1e-3 rule of
+thumb, the inverse of LARS/LAMB's trust ratio); where ||θ_before|| = 0 it is undefined and not
+recorded (LAMB likewise drops its ratio for a zero weight norm): a zero-initialised parameter
+has ``update_norm`` at its first step, ``update_ratio`` from its second on. A stand-in
+max(||θ||, eps) would make every zero-initialised matrix (LoRA's B) an "update too large"
+finding at step 0. Metrics, one row per parameter:
 
 ``param_norm, param_rms, param_grad_norm, param_grad_rms, update_norm, update_ratio``
 and with the ``full`` preset also ``param_{mean,absmax,nonfinite}`` and
@@ -163,8 +169,12 @@ class ParameterProbe:
         def decode(values: np.ndarray, rows: Rows) -> None:
             delta, base = values.reshape(2, -1)
             rows.emit(_TRAIN, codes, 0, "update_norm", delta)
+            # ||θ|| = 0 (a zero-initialised bias or LoRA B before its first update): the ratio
+            # is undefined, not infinite; no row (update_norm has the step). NaN stays data.
+            defined = base != 0
             with np.errstate(divide="ignore", invalid="ignore"):
-                rows.emit(_TRAIN, codes, 0, "update_ratio", delta / base)
+                ratio = delta / base
+            rows.emit(_TRAIN, codes[defined], 0, "update_ratio", ratio[defined])
 
         self._collector.add(torch.stack((delta_norm.double(), old_norm.double())), decode)
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..module_table import clean_name, unwrap_model
+from ..side_forward import side_forward
 from .detect import detect, is_norm
 from .model import AttentionInfo, Block, Branch, Structure, unrecognised
 from .trace import Trace, capture
@@ -23,19 +24,18 @@ def module_names(model: nn.Module) -> dict[int, str]:
 
 
 def discover(model: nn.Module, forward: Callable[[nn.Module], Any]) -> Structure:
-    """Run ``forward(model)`` once (eval mode, no grad, RNG state restored) and detect.
+    """Run ``forward(model)`` once (eval mode, no grad) and detect.
 
-    Eval mode keeps dropout and batch-norm statistics out of the way; the model's mode and
-    the global RNG state are restored afterwards, so training is unaffected. torch's
+    Eval mode keeps dropout and batch-norm statistics out of the way; ``side_forward`` gives
+    every submodule its own mode back, and the RNG states and buffers, so training is
+    unaffected. torch's
     inference fast path for ``nn.MultiheadAttention`` and ``nn.TransformerEncoder`` is off
     meanwhile: under ``no_grad`` in eval mode it would turn a padded batch into nested tensors
     (no shapes to trace) and run fused kernels that the training forward never calls.
     """
-    was_training = model.training
     try:
-        model.eval()
         with (
-            torch.random.fork_rng(devices=_cuda_devices(model)),
+            side_forward(model),
             torch.no_grad(),
             _without_inference_fastpath(),
             capture(model) as trace,
@@ -43,8 +43,6 @@ def discover(model: nn.Module, forward: Callable[[nn.Module], Any]) -> Structure
             forward(model)
     except Exception as err:  # the user's forward raised: say so, never crash here
         return unrecognised(f"structure trace failed: {type(err).__name__}: {err}")
-    finally:
-        model.train(was_training)
     return from_trace(model, trace)
 
 
@@ -68,10 +66,6 @@ def _without_inference_fastpath() -> Iterator[None]:
         yield
     finally:
         mha.set_fastpath_enabled(was)
-
-
-def _cuda_devices(model: nn.Module) -> list[int]:
-    return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
 
 
 __all__ = [

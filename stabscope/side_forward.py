@@ -1,0 +1,70 @@
+"""Extra forward passes on the user's model that leave its training exactly as it was.
+
+Structure discovery, the model-update probe and the theory's description each run the user's
+``forward`` once more, in eval mode. ``model.eval()`` then ``model.train(was_training)`` would
+put every submodule back into the *root's* mode: a BatchNorm the user froze (``bn.eval()``) or
+a dropout switched off would train again for good, and a module's own ``train()`` override
+(a LoRA layer that merges its weights on ``eval()``) would run. So ``side_forward``:
+
+- sets each submodule's ``training`` flag to False directly and gives each its own flag back
+  (no ``train()``/``eval()`` call, so no override runs);
+- restores the random number generators the pass may draw from (torch's CPU and CUDA, Python's
+  ``random``, numpy's global one): the user's next dropout mask is the one it would have been;
+- gives back every buffer the pass replaced or changed in place (found by identity and version
+  counter; in eval mode torch's own modules change none, a custom one may).
+
+Gradient mode is the caller's: most passes run under ``no_grad``, the description takes one
+gradient with ``autograd.grad`` (no parameter's ``.grad`` is touched).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@contextlib.contextmanager
+def side_forward(*models: nn.Module) -> Iterator[None]:
+    """Run the body with every submodule of ``models`` in eval mode; afterwards each module's
+    ``training`` flag, the RNG states and the buffers are what they were before."""
+    modules = list({id(m): m for model in models for m in model.modules()}.values())
+    flags = [m.training for m in modules]
+    # (module, name, tensor, version, copy): every buffer, to give back by identity and value.
+    # Inference tensors have no version counter and cannot change outside inference mode.
+    buffers = [
+        (m, name, b, *((None, None) if b.is_inference() else (b._version, b.detach().clone())))
+        for m in modules
+        for name, b in m._buffers.items()
+        if isinstance(b, torch.Tensor)
+    ]
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=_cuda_devices(models)):
+            for m in modules:
+                m.training = False
+            yield
+    finally:
+        for m, flag in zip(modules, flags):
+            m.training = flag
+        with torch.no_grad():
+            for m, name, b, version, saved in buffers:
+                if m._buffers.get(name) is not b:
+                    m._buffers[name] = b
+                if version is not None and b._version != version:
+                    b.copy_(saved)
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+def _cuda_devices(models: tuple[nn.Module, ...]) -> list[int]:
+    """The CUDA devices holding the models' tensors: their generators are saved and restored."""
+    tensors = [t for model in models for t in (*model.parameters(), *model.buffers())]
+    return sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+
+
+__all__ = ["side_forward"]

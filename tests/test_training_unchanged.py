@@ -1,0 +1,174 @@
+"""The extra forward passes stabscope runs on the user's model (structure discovery, the
+model-update probe, the theory's description) leave the training exactly as it was: every
+submodule's own mode, the RNG streams and the buffers."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import stabscope
+from stabscope import Schedule
+from stabscope.describe_model import write_run_prediction
+from stabscope.side_forward import side_forward
+from stabscope.structure import discover
+
+STEPS = 4
+
+
+class RunningScale(nn.Module):
+    """Divides by a running mean of |x| that it updates on every call, in any mode: a custom
+    buffer that an extra forward would move."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self.scale.mul_(0.9).add_(0.1 * x.abs().mean())
+        return x / self.scale
+
+
+class Stem(nn.Module):
+    """(B, T, D) -> (B, T, D): a BatchNorm the user froze, a live dropout, a running scale."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(width)
+        self.drop = nn.Dropout(0.2)
+        self.scale = RunningScale()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale(self.drop(self.bn(x.transpose(1, 2)).transpose(1, 2)))
+
+
+def model_and_data():
+    """The sample GPT with a stem after its token embedding: BatchNorm frozen (``eval()``,
+    running statistics from a few batches), dropout on; block 0's feed-forward has a dropout
+    the user switched off. Same weights and batches on every call."""
+    import gpt as sample
+
+    from stabscope.script import ScriptConfig
+
+    cfg = ScriptConfig(sample.CONFIG | {"depth": 2, "width": 32, "seq_len": 16, "batch_size": 8})
+    torch.manual_seed(0)
+    model = sample.model(cfg)
+    model.tok = nn.Sequential(model.tok, Stem(cfg.width))
+    model.blocks[0].mlp.act = nn.Sequential(nn.GELU(), nn.Dropout(0.5))
+    data = sample.batches(cfg)
+    batches = [next(data) for _ in range(STEPS + 3)]
+    with torch.no_grad():
+        for batch in batches[STEPS:]:  # the frozen BatchNorm's statistics: not 0 and 1
+            model(batch[:, :-1])
+    model.tok[1].bn.eval()
+    model.blocks[0].mlp.act[1].eval()
+    return model, batches[:STEPS], sample
+
+
+def modes(model: nn.Module) -> dict[str, bool]:
+    return {name: m.training for name, m in model.named_modules()}
+
+
+def train(tmp_path, recorded: bool) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """Losses of STEPS Adam steps and the final buffers; with ``recorded``, under a full-preset
+    Recorder given ``forward=`` (structure discovery, the model update every step) and after
+    the theory's prediction, as ``stabscope profile`` runs them."""
+    model, batches, sample = model_and_data()
+    before = modes(model)
+    assert not before["tok.1.bn"] and before["tok.1.drop"] and not before["blocks.0.mlp.act.1"]
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    torch.manual_seed(1)  # the dropout masks' stream
+    rec = None
+    if recorded:
+        forward = lambda m: sample.loss(m, batches[0])  # noqa: E731
+        structure = discover(model, forward)
+        assert structure.recognised and modes(model) == before
+        rec = stabscope.Recorder(
+            model,
+            tmp_path,
+            preset="full",
+            schedule=Schedule(dense=STEPS),
+            forward=forward,
+            structure=structure,
+        )
+        assert write_run_prediction(model, structure, forward, tmp_path) is None
+        assert (tmp_path / "prediction.json").exists()  # the description's forwards ran
+        assert modes(model) == before
+        rec.start()  # the model update's reference forward
+    losses = []
+    for batch in batches:
+        loss = sample.loss(model, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if rec is not None:
+            rec.step(loss=loss)
+        losses.append(loss.detach())
+        assert modes(model) == before  # after every step, every submodule's own mode
+    if rec is not None:
+        rec.close()
+        metrics = set(stabscope.load_run(tmp_path).metric.astype(str))
+        assert {"model_update", "res_ratio", "attn_entropy"} <= metrics
+    return losses, {name: b.clone() for name, b in model.named_buffers()}
+
+
+def test_recorder_with_a_probe_forward_leaves_training_bit_identical(tmp_path):
+    plain, plain_buffers = train(tmp_path / "plain", recorded=False)
+    recorded, recorded_buffers = train(tmp_path / "recorded", recorded=True)
+    for step, (a, b) in enumerate(zip(plain, recorded)):
+        assert torch.equal(a, b), f"step {step}: {a.item()} != {b.item()}"
+    assert plain_buffers.keys() == recorded_buffers.keys()
+    for name, value in plain_buffers.items():
+        assert torch.equal(value, recorded_buffers[name]), name
+
+
+def test_side_forward_gives_everything_back():
+    """Modes set directly (a ``train()`` override is not run), RNG streams of torch, Python
+    and numpy, and buffers changed in place or replaced."""
+    calls = []
+
+    class Merging(nn.Linear):  # merges something on eval(), like loralib's LoRA layers
+        def train(self, mode: bool = True):
+            calls.append(mode)
+            return super().train(mode)
+
+    model = nn.Sequential(nn.BatchNorm1d(4), Merging(4, 4), nn.Dropout(0.5), RunningScale())
+    model[0].eval()
+    model[2].eval()
+    model[0].running_mean += 1.0
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    old_scale = model[3].scale
+    torch.manual_seed(3)
+    random.seed(3)
+    np.random.seed(3)
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    torch.manual_seed(3)
+    random.seed(3)
+    np.random.seed(3)
+    with side_forward(model):
+        assert not any(m.training for m in model.modules())
+        model(torch.randn(5, 4))
+        random.random(), np.random.rand()
+        model[3].scale = torch.zeros(())  # replaced, not changed in place
+        model[0].running_var.mul_(2)
+    assert calls == []
+    assert [m.training for m in model] == [False, True, False, True]
+    after = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(after[0], expected[0]) and after[1:] == expected[1:]
+    assert model[3].scale is old_scale
+    for name, b in model.named_buffers():
+        assert torch.equal(b, buffers[name]), name
+
+
+def test_side_forward_restores_after_an_exception():
+    model = nn.Sequential(nn.BatchNorm1d(4), nn.Dropout(0.5))
+    model[0].eval()
+    with pytest.raises(RuntimeError, match="boom"), side_forward(model):
+        model(torch.randn(5, 4))
+        raise RuntimeError("boom")
+    assert [m.training for m in model.modules()] == [True, False, True]
