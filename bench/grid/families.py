@@ -10,7 +10,8 @@ Every family maps a batch dict (``tasks.to_batch``) to logits (B, T, vocab):
     resconv  a residual causal-convolution net with no normalisation at all
 
 ``out_scale`` multiplies the output head's weights after init (1 = as built): the knob of the
-bad-init failure. ``init_gain`` multiplies resconv's residual-branch weights.
+bad-init failure. ``init_gain`` multiplies resconv's residual-branch weights; ``init_std`` is the
+transformers models' ``initializer_range`` (their default 0.02).
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ def _llama(cfg, vocab: int, seq_len: int) -> nn.Module:
         num_hidden_layers=cfg.depth, num_attention_heads=cfg.heads,
         num_key_value_heads=cfg.heads, max_position_embeddings=seq_len,
         tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+        initializer_range=cfg.init_std,
     )  # fmt: skip
     return HFCausalLM(LlamaForCausalLM(conf))
 
@@ -100,6 +102,7 @@ def _gpt2(cfg, vocab: int, seq_len: int) -> nn.Module:
         vocab_size=vocab, n_embd=cfg.width, n_layer=cfg.depth, n_head=cfg.heads,
         n_positions=seq_len, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         tie_word_embeddings=False, bos_token_id=None, eos_token_id=None,
+        initializer_range=cfg.init_std,
     )  # fmt: skip
     return HFCausalLM(GPT2LMHeadModel(conf))
 
@@ -112,6 +115,7 @@ def _bert(cfg, vocab: int, seq_len: int) -> nn.Module:
         num_attention_heads=cfg.heads, intermediate_size=4 * cfg.width, is_decoder=True,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
         max_position_embeddings=seq_len, tie_word_embeddings=False, pad_token_id=None,
+        initializer_range=cfg.init_std,
     )  # fmt: skip
     return HFCausalLM(BertLMHeadModel(conf))
 

@@ -33,12 +33,12 @@ def truth_table(runs: list[Any], truths: dict) -> str:
     return "\n".join(lines)
 
 
-def score_table(k: int, scores: dict[str, dict], crashes: int) -> str:
+def score_table(k: int, scores: dict[str, dict], note: str) -> str:
     """One row per held-out family and pooled; per detector precision / recall / lead."""
     names = list(scores)
     families = list(next(iter(scores.values())))
     head = "| held out | " + " | ".join(f"{n} P / R / lead" for n in names) + " |"
-    lines = [f"K = {k}% (gate crashes: {crashes})", "", head, "|---|" + "---|" * len(names)]
+    lines = [f"K = {k}% ({note})", "", head, "|---|" + "---|" * len(names)]
     for fam in [f for f in families if f != "pooled"] + ["pooled"]:
         cells = []
         for n in names:
@@ -52,7 +52,7 @@ def score_table(k: int, scores: dict[str, dict], crashes: int) -> str:
     return "\n".join(lines)
 
 
-def markdown(all_runs, runs, dropped, truths, tables, crashes) -> str:
+def markdown(all_runs, runs, dropped, truths, tables, notes) -> str:
     n_fail = sum(r.failed for r in runs)
     parts = [
         f"# Grid: {len(all_runs)} runs, {len(runs)} scored ({n_fail} failed), "
@@ -63,6 +63,6 @@ def markdown(all_runs, runs, dropped, truths, tables, crashes) -> str:
     if dropped:
         parts += ["", "Dropped (seeds disagree or too close to the margin): " + ", ".join(dropped)]
     for k, scores in tables.items():
-        parts += ["", score_table(k, scores, crashes[k])]
+        parts += ["", score_table(k, scores, notes[k])]
     parts += ["", "Thresholds in brackets: the calibrated ones the folds used."]
     return "\n".join(parts)

@@ -9,7 +9,7 @@ Each run: ``profile_script`` on bench/grid/script.py with the config's ``--set``
 standard preset and the default schedule, 1 thread, into DIR/NAME-sSEED/; then
 DIR/NAME-sSEED/truth.json (bench/grid/truth.py: from the recorded loss and the first
 non-finite step, no rule involved), with the config, the unigram baseline and the planned lr
-of every step. A run with a truth.json is not trained again.
+of every step. A run whose truth.json holds the same settings is not trained again.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def train_one(job: tuple[Config, int, int, str]) -> dict:
     from stabscope.profile import profile_script
     from stabscope.script import load_script
 
-    sets = {**config.sets, "family": config.family, "steps": str(steps)}
+    sets = settings(config, steps)
     script = load_script(SCRIPT, sets)
     directory = run_dir(Path(out), config, seed)
     start, cpu = time.perf_counter(), time.process_time()
@@ -84,6 +84,17 @@ def train_one(job: tuple[Config, int, int, str]) -> dict:
     }
     (directory / TRUTH).write_text(json.dumps(record, indent=1) + "\n")
     return record
+
+
+def settings(config: Config, steps: int) -> dict[str, str]:
+    """The script's --set values of a run: the config's, its family and the budget."""
+    return {**config.sets, "family": config.family, "steps": str(steps)}
+
+
+def finished(out: Path, config: Config, seed: int, steps: int) -> bool:
+    """A truth.json recorded with exactly these settings (a changed config trains again)."""
+    path = run_dir(out, config, seed) / TRUTH
+    return path.exists() and json.loads(path.read_text())["sets"] == settings(config, steps)
 
 
 def select(args: argparse.Namespace) -> list[Config]:
@@ -119,7 +130,7 @@ def main() -> None:
     one_thread()
     seeds = [int(s) for s in args.seeds.split(",")]
     jobs = [(c, s, args.steps, str(args.out)) for c in select(args) for s in seeds]
-    todo = [j for j in jobs if not (run_dir(args.out, j[0], j[1]) / TRUTH).exists()]
+    todo = [j for j in jobs if not finished(args.out, *j[:3])]
     print(f"{len(jobs)} runs, {len(todo)} to train", file=sys.stderr, flush=True)
     start = time.perf_counter()
     with ProcessPoolExecutor(args.workers) as pool:

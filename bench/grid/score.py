@@ -221,10 +221,14 @@ def main() -> None:
         Detector("megatron", megatron_at, 10.0, (2.0, 3.0, 5.0, 10.0, 30.0, 100.0)),
         Detector("olmo", olmo_at, 6.0, (3.0, 4.0, 6.0, 8.0)),
     ]
-    crashes = {k: sum(isinstance(gate[str(r.path)][str(max(1, r.steps * k // 100))], str)
-                      for r in runs) for k in ks}  # fmt: skip
+    notes = {}
+    for k in ks:
+        until = {r.path: max(1, r.steps * k // 100) for r in runs}
+        crashes = sum(isinstance(gate[str(r.path)][str(until[r.path])], str) for r in runs)
+        early = sum(r.failed and r.failure_step < until[r.path] for r in runs)
+        notes[k] = f"gate crashes: {crashes}; runs failed before K%: {early}"
     tables = {k: {d.name: lofo(d, runs, k) for d in detectors} for k in ks}
-    print(report.markdown(all_runs, runs, dropped, truths, tables, crashes))
+    print(report.markdown(all_runs, runs, dropped, truths, tables, notes))
 
 
 if __name__ == "__main__":

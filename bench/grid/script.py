@@ -49,6 +49,7 @@ CONFIG = {
     "steps": 200,  # the planned budget the schedule is laid out on
     "out_scale": 1.0,  # output head weights x this after init (bad init)
     "init_gain": 1.0,  # resconv: residual-branch weights x this
+    "init_std": 0.02,  # llama, gpt2, bert: initializer_range
 }
 
 
