@@ -119,3 +119,16 @@ def test_lofo_never_calibrates_on_the_held_out_family():
     # scoring b, a calibrates 3x (above its healthy 2.5x): b's 2.5x failure is missed
     assert scores["b"].thresholds == [3.0] and (scores["b"].tp, scores["b"].fn) == (0, 1)
     assert (scores["pooled"].tp, scores["pooled"].fp, scores["pooled"].fn) == (1, 1, 1)
+
+
+def test_unstable_configs_are_left_out():
+    def r(name: str, seed: int, failed: bool) -> score.Run:
+        return score.Run(name, seed, "f", "k", failed, 10, 10, f"{name}-{seed}", np.zeros(10),
+                         (np.arange(0), np.zeros(0)))  # fmt: skip
+
+    runs = [r("agree", 0, True), r("agree", 1, True), r("flip", 0, True), r("flip", 1, False),
+            r("close", 0, False), r("close", 1, False)]  # fmt: skip
+    truths = {x.path: {"ambiguous": x.name == "close" and x.seed == 1} for x in runs}
+    kept, dropped = score.stable(runs, truths)
+    assert dropped == ["close", "flip"]
+    assert [x.path for x in kept] == ["agree-0", "agree-1"]

@@ -73,7 +73,7 @@ GRID: list[Config] = [
           {"ramp": 500}, {"ramp": 10}),
     # --- GPT-2-style (transformers), successor task ---
     *pair("gpt2", "lr-too-high", {"task": "succ"}, {"lr": 3e-1}, {"lr": 3e-2}),
-    *pair("gpt2", "warmup-peak", {"task": "succ", "warmup": 60}, {"lr": 3e-1}, {"lr": 3e-2}),
+    *pair("gpt2", "warmup-peak", {"task": "succ", "warmup": 60}, {"lr": 1.0}, {"lr": 3e-2}),
     *pair("gpt2", "bad-init", {"task": "succ"}, {"out_scale": 1e4}, {"out_scale": 10}),
     *pair("gpt2", "collapse", {"task": "succ", "lr": 1e-3, "ramp_at": 0.3, "ramp_end": 0.5},
           {"ramp": 500}, {"ramp": 10}),
@@ -81,7 +81,7 @@ GRID: list[Config] = [
     *pair("bert", "postln-still", {"task": "succ", "depth": 8, "lr": 1e-3},
           {"init_std": 0.2}, {"init_std": 0.02}),              # BERT's own init rescues
     *pair("bert", "warmup-peak", {"task": "succ", "depth": 8, "warmup": 100},
-          {"lr": 1e-1}, {"lr": 1e-2}),
+          {"lr": 1e-1}, {"lr": 3e-3}),
     *pair("bert", "bad-init", {"task": "succ", "depth": 8}, {"out_scale": 1e4},
           {"out_scale": 10}),
     *pair("bert", "collapse", {"task": "succ", "depth": 8, "lr": 1e-3, "ramp_at": 0.3,

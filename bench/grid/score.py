@@ -48,10 +48,11 @@ class Run:
     path: Path
     loss: np.ndarray = field(repr=False)  # (steps,)
     grad: tuple[np.ndarray, np.ndarray] = field(repr=False)  # recorded steps, total norm
+    key: str = ""  # directory name and run id: a retrained run is a new key
 
 
 def load(path: Path) -> Run:
-    from stabscope import load_run
+    from stabscope import load_run, read_meta
 
     rec = json.loads((path / "truth.json").read_text())
     loss = load_run(path, metrics="loss").sort_values("step").value.to_numpy(float)
@@ -60,7 +61,8 @@ def load(path: Path) -> Run:
     t = rec["truth"]
     return Run(rec["name"], rec["seed"], rec["family"], rec["kind"], t["failed"],
                t["failure_step"], rec["steps"], path, loss,
-               (total.index.to_numpy(), total.to_numpy(float)))  # fmt: skip
+               (total.index.to_numpy(), total.to_numpy(float)),
+               f"{path.name}#{read_meta(path)['run_id']}")  # fmt: skip
 
 
 def stable(runs: list[Run], truths: dict[Path, dict]) -> tuple[list[Run], list[str]]:
@@ -74,6 +76,21 @@ def stable(runs: list[Run], truths: dict[Path, dict]) -> tuple[list[Run], list[s
         if len({r.failed for r in rs}) > 1 or any(truths[r.path]["ambiguous"] for r in rs)
     ]
     return [r for r in runs if r.name not in dropped], sorted(dropped)
+
+
+def current_runs(out: Path) -> list[Path]:
+    """The run directories of today's grid (runs of configs since changed or removed are not
+    scored: ``run`` retrains the changed ones)."""
+    from bench.grid.failures import GRID
+    from bench.grid.run import TRUTH, settings
+
+    found = []
+    for config in GRID:
+        for path in sorted(out.glob(f"{config.name}-s*/{TRUTH}")):
+            rec = json.loads(path.read_text())
+            if rec["name"] == config.name and rec["sets"] == settings(config, rec["steps"]):
+                found.append(path.parent)
+    return found
 
 
 # --- detectors: (run, until, threshold) -> first detection step or None ---------------------
@@ -100,11 +117,11 @@ def source_fingerprint() -> str:
     return digest.hexdigest()[:16]
 
 
-def gate_job(job: tuple[str, list[int]]) -> tuple[str, dict[str, int | str | None]]:
+def gate_job(job: tuple[str, str, list[int]]) -> tuple[str, dict[str, int | str | None]]:
     """The gate's first error step for each ``until``; "crash" when the check raised."""
     from stabscope.rules import check_run
 
-    path, untils = job
+    key, path, untils = job
     out: dict[str, int | str | None] = {}
     for until in untils:
         try:
@@ -112,21 +129,21 @@ def gate_job(job: tuple[str, list[int]]) -> tuple[str, dict[str, int | str | Non
             out[str(until)] = min((f.step or 0) for f in errors) if errors else None
         except Exception as err:  # a crash is no verdict, counted in the table
             out[str(until)] = f"crash: {type(err).__name__}: {err}"[:200]
-    return path, out
+    return key, out
 
 
 def gate_detections(runs: list[Run], untils: list[int], out: Path, workers: int) -> dict:
-    """{run path: {until: step | None | "crash: ..."}}, cached per stabscope source version."""
+    """{run key: {until: step | None | "crash: ..."}}, cached per stabscope source version."""
     cache_file = out / GATE_CACHE
-    key = source_fingerprint()
+    version = source_fingerprint()
     cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
-    known = cache.get(key, {})
-    todo = [(str(r.path), untils) for r in runs
-            if not all(str(u) in known.get(str(r.path), {}) for u in untils)]  # fmt: skip
+    known = cache.get(version, {})
+    todo = [(r.key, str(r.path), untils) for r in runs
+            if not all(str(u) in known.get(r.key, {}) for u in untils)]  # fmt: skip
     with ProcessPoolExecutor(workers) as pool:
-        for path, found in pool.map(gate_job, todo):
-            known.setdefault(path, {}).update(found)
-    cache_file.write_text(json.dumps({key: known}, indent=1))
+        for key, found in pool.map(gate_job, todo):
+            known.setdefault(key, {}).update(found)
+    cache_file.write_text(json.dumps({version: known}, indent=1))
     return known
 
 
@@ -204,7 +221,7 @@ def main() -> None:
     ap.add_argument("--ks", default="5,10,25")
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
-    paths = sorted(p.parent for p in args.out.glob("*/truth.json"))
+    paths = current_runs(args.out)
     truths = {p: json.loads((p / "truth.json").read_text())["truth"] for p in paths}
     all_runs = [load(p) for p in paths]
     runs, dropped = stable(all_runs, truths)
@@ -213,7 +230,7 @@ def main() -> None:
     gate = gate_detections(runs, untils, args.out, args.workers)
 
     def gate_at(run: Run, until: int, _: float) -> int | None:
-        found = gate[str(run.path)][str(until)]
+        found = gate[run.key][str(until)]
         return None if isinstance(found, str) else found
 
     detectors = [
@@ -224,7 +241,7 @@ def main() -> None:
     notes = {}
     for k in ks:
         until = {r.path: max(1, r.steps * k // 100) for r in runs}
-        crashes = sum(isinstance(gate[str(r.path)][str(until[r.path])], str) for r in runs)
+        crashes = sum(isinstance(gate[r.key][str(until[r.path])], str) for r in runs)
         early = sum(r.failed and r.failure_step < until[r.path] for r in runs)
         notes[k] = f"gate crashes: {crashes}; runs failed before K%: {early}"
     tables = {k: {d.name: lofo(d, runs, k) for d in detectors} for k in ks}
