@@ -88,7 +88,9 @@ GRID: list[Config] = [
                                "ramp_end": 0.5}, {"ramp": 500}, {"ramp": 3}),
     # --- nn.Transformer encoder-decoder, reverse task ---
     *pair("encdec", "postln-still", {"task": "reverse", "norm": "post", "lr": 3e-3},
-          {"depth": 6}, {"depth": 4, "warmup": 60}),          # shallower + warm-up trains
+          {"depth": 6}, {"depth": 4, "warmup": 60},           # shallower + warm-up trains
+          {"task": "succ", "depth": 6, "lr": 1e-3},           # the same depth trains on
+          {"task": "succ", "depth": 6, "lr": 1e-3, "warmup": 60}),  # succ, with or without
     *pair("encdec", "lr-too-high", {"task": "reverse", "norm": "pre"}, {"lr": 3e-2},
           {"lr": 3e-3}),
     *pair("encdec", "bad-init", {"task": "reverse", "norm": "pre", "lr": 3e-3},
