@@ -89,25 +89,25 @@ def gate(run_dir: Path, until: int) -> int | None:
     return min((f.step or 0) for f in errors) if errors else None
 
 
-def megatron(loss: np.ndarray, steps: np.ndarray, until: int) -> int | None:
+def megatron(loss: np.ndarray, steps: np.ndarray, until: int, factor: float = 10) -> int | None:
     running = -math.inf
     for value, step in zip(loss, steps):
         if step >= until:
             break
-        if not math.isfinite(value) or (running > 0 and value > 10 * running):
+        if not math.isfinite(value) or (running > 0 and value > factor * running):
             return int(step)
         running = max(running, value)
     return None
 
 
-def six_sigma(values: np.ndarray, steps: np.ndarray, until: int) -> int | None:
+def six_sigma(values: np.ndarray, steps: np.ndarray, until: int, sigma: float = 6) -> int | None:
     for i, (value, step) in enumerate(zip(values, steps)):
         if step >= until:
             break
         if not math.isfinite(value):
             return int(step)
         past = values[max(0, i - 128) : i]
-        if len(past) >= 8 and value > past.mean() + 6 * past.std():
+        if len(past) >= 8 and value > past.mean() + sigma * past.std():
             return int(step)
     return None
 
