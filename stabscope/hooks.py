@@ -1,11 +1,11 @@
 """Attaching and removing the per-module hooks of a recorded step, and counting what fired.
 
-Forward hooks are registered with ``with_kwargs=True`` (HF modules take kwargs and return
-tuples or ModelOutput objects). Gradients with respect to a module's output are taken with a
-tensor hook on that output, registered from the forward hook: full backward hooks break user
-code that modifies outputs in place (DESIGN.md, pitfall 1). A tensor hook on a view that is
-later modified in place never fires (pitfall 2), so every hook's firing is counted and the
-ones that never fired are reported instead of trusted.
+Forward hooks are registered with ``with_kwargs=True`` (HF modules take kwargs and return tuples
+or ModelOutput objects). Gradients with respect to a module's output are taken with a tensor
+hook on that output, registered from the forward hook: full backward hooks break user code that
+modifies outputs in place (pitfall 1 in docs/architecture.md). A tensor hook on a view that is
+later modified in place never fires (pitfall 2), so every hook's firing is counted and the ones
+that never fired are reported instead of trusted.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""DESIGN.md's hook pitfalls, each met by a real script run unmodified: in-place ops on views,
-a module used twice, activation checkpointing (both variants), and the fused fast path of
-``nn.TransformerEncoderLayer`` in eval passes. Values are checked against gradients and
+"""The hook pitfalls of docs/architecture.md, each met by a real script run unmodified: in-place
+ops on views, a module used twice, activation checkpointing (both variants), and the fused fast
+path of ``nn.TransformerEncoderLayer`` in eval passes. Values are checked against gradients and
 activations computed here by hand."""
 
 from __future__ import annotations

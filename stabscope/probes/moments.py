@@ -1,10 +1,11 @@
 """Fast moments of a tensor: mean, rms, absmax and a non-finite flag from three reductions.
 
 On CPU, ``var_mean``/``std``/``vector_norm(inf)``/``isfinite().all()`` are 10-85x slower than
-``sum``, ``dot`` and ``aminmax`` (DESIGN.md, measured on torch 2.13). So a tensor is reduced to
-the 4-vector ``[sum, sum of squares, min, max]`` on its device, and everything else is derived
-on the host after the step's single sync. NaN and Inf propagate through all three reductions,
-so the non-finite flag costs nothing: any NaN makes min/max NaN, any Inf makes one of them Inf.
+``sum``, ``dot`` and ``aminmax`` (measured on torch 2.13; docs/architecture.md). So a tensor is
+reduced to the 4-vector ``[sum, sum of squares, min, max]`` on its device, and everything else
+is derived on the host after the step's single sync. NaN and Inf propagate through all three
+reductions, so the non-finite flag costs nothing: any NaN makes min/max NaN, any Inf makes one
+of them Inf.
 """
 
 from __future__ import annotations
