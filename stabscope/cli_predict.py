@@ -75,6 +75,7 @@ def predict(
     """Predict per-layer activation rms, gradient rms and token correlation at init."""
     from .store.rundir import refuse_output_in_run
     from .theory import DescriptionError, ModelDescription
+    from .theory.prediction import PREDICTION_FILE
 
     try:
         values.seed(seed)
@@ -83,7 +84,7 @@ def predict(
         values.positive_finite(alpha, "--alpha", "1")  # None: the placement's own
         values.positive_finite(beta, "--beta", "1")
         if out is not None:
-            refuse_output_in_run(out, "--out")
+            refuse_output_in_run(out, "--out", PREDICTION_FILE)
             values.output_file(out, "--out")
         if script is not None:
             if depth is not None or width is not None:

@@ -61,9 +61,14 @@ def enclosing_run(path: PathLike, include_self: bool = True) -> Path | None:
     return next((p for p in candidates if p.is_dir() and is_run_dir(p)), None)
 
 
-def refuse_output_in_run(path: PathLike, option: str) -> None:
-    """``UsageError`` when the output ``path`` would land inside a run directory."""
+def refuse_output_in_run(path: PathLike, option: str, own: str | None = None) -> None:
+    """``UsageError`` when the output ``path`` would land inside a run directory; ``own`` is
+    the one file of a run's top level that this output is (``predict --out RUN/prediction.json``
+    gives a recorded run the prediction its rule compares against)."""
     run = enclosing_run(path)
+    resolved = Path(os.path.realpath(path))
+    if run is not None and own is not None and resolved == run / own:
+        return
     if run is not None:
         raise UsageError(
             f"{option} {path} is inside the run directory {run}; writing there could destroy "
