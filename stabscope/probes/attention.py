@@ -36,7 +36,13 @@ from torch import nn
 from ..collector import Collector, Rows
 from ..hooks import ListenerHooks
 from . import host_kernels
-from .attention_peak import candidate_peak, float_mask_allowed, written_out_peak
+from .attention_peak import (
+    NEVER,
+    apply_mask,
+    candidate_peak,
+    float_mask_allowed,
+    written_out_peak,
+)
 from .attention_routes import MHA, SDPA, AttentionRoutes
 
 
@@ -150,12 +156,7 @@ def _entropy_sample(
         kk = kk.repeat_interleave(heads // kk.shape[1], dim=1)
     logits = (q[:b, :, qi].float() @ kk.float().transpose(-2, -1)) * s  # (b, H, q, S)
     if mask is not None:
-        mask = mask[:, :, qi]
-        if mask.dtype == torch.bool:
-            allowed = allowed & mask
-        else:
-            allowed = allowed & float_mask_allowed(mask)
-            logits = logits + mask.float().masked_fill(~float_mask_allowed(mask), 0)
+        logits, allowed = apply_mask(logits, allowed, mask[:, :, qi], torch.float32)
     return entropy_and_max(logits, allowed)
 
 
@@ -198,7 +199,7 @@ def _host_sample(
     elif mask is not None:
         bias = mask.numpy()
     out = np.empty((q.shape[1], 2))
-    floor = dtype(np.finfo(dtype).min / 2)  # "never attend", as in _float_mask_allowed
+    floor = dtype(np.finfo(dtype).min * NEVER)  # "never attend", as in float_mask_allowed
     rows = _host_rows(q.shape[2], queries)
     sampled_entropy_and_max(qn, k.numpy(), rows, causal, dtype(scale), allowed, bias, floor, out)
     return torch.from_numpy(out)

@@ -30,6 +30,18 @@ def float_mask_allowed(mask: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(mask) & (mask > torch.finfo(mask.dtype).min * NEVER)
 
 
+def apply_mask(
+    logits: torch.Tensor, allowed: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``logits`` and ``allowed`` (same shape) under ``mask``: boolean (True = may attend)
+    narrows ``allowed``; additive narrows it where the mask means "never" and adds the rest to
+    the logits (in ``dtype``)."""
+    if mask.dtype == torch.bool:
+        return logits, allowed & mask
+    ok = float_mask_allowed(mask)
+    return logits + mask.to(dtype).masked_fill(~ok, 0), allowed & ok
+
+
 def candidate_peak(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -73,12 +85,7 @@ def candidate_peak(
         allowed = torch.arange(keys, device=q.device) <= picks[..., None]
     if mask is not None:
         sampled = mask.gather(2, picks[..., None].expand(b, heads, n, keys))
-        if sampled.dtype == torch.bool:
-            allowed = allowed & sampled
-        else:
-            ok = float_mask_allowed(sampled)
-            allowed = allowed & ok
-            logits = logits + sampled.to(dtype).masked_fill(~ok, 0)
+        logits, allowed = apply_mask(logits, allowed, sampled, dtype)
     return logits.abs().masked_fill(~allowed, 0).amax((0, 2, 3))
 
 
