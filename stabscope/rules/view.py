@@ -32,9 +32,10 @@ MATRICES = "matrices"
 
 @dataclass(frozen=True)
 class Request:
-    """What a rule reads: training rows of ``metrics``, at every step or only at the first or
-    last step they have, of every module or only of the weight matrices (``"matrices"``),
-    with ranks merged or (``per_rank``) one row per rank."""
+    """What a rule reads: training rows of ``metrics``, at every step, or only at the first
+    step they have or the last one with a finite value (``rules.scan.Read``), of every module
+    or only of the weight matrices (``"matrices"``), with ranks merged or (``per_rank``) one
+    row per rank."""
 
     metrics: tuple[str, ...]
     step: str | None = None
