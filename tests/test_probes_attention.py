@@ -571,3 +571,19 @@ def test_written_out_logits_give_their_whole_max(monkeypatch):
     logits[4, 2, 0, 0] = float("nan")
     got = attention_sample.written_out_peak(logits).numpy()
     assert np.isnan(got[2]) and np.isfinite(got[:2]).all()
+
+
+def test_the_entropy_reads_every_sequence():
+    """Uniform attention in sequences 0-1 (entropy 1), attention on one key in 2-3 (entropy
+    ~0): the recorded entropy is the batch's mean, ~0.5, not the first sequences' 1."""
+    q, k = qk(b=4)
+    q[:2] = 0  # every logit 0: uniform
+    q[2:] = 1e3 * k[2:, :, :1]  # each query's logit with key 0 dwarfs the others
+    causal = torch.ones(40, 40, dtype=torch.bool).tril()
+    got = sdpa_sample(q, k, None, True, None, SAMPLING)
+    check(got, reference(q, k, causal))
+    logits = (q @ k.transpose(-2, -1)) / math.sqrt(8)
+    p = logits.masked_fill(~causal, float("-inf")).softmax(-1)
+    ent = torch.special.entr(p).sum(-1)[:, :, 1:] / torch.log(torch.arange(2, 41.0))
+    np.testing.assert_allclose(got[:, 0].numpy(), ent.mean((0, 2)).numpy(), atol=0.02)
+    assert (got[:, 0] < 0.6).all()
