@@ -22,7 +22,7 @@ Reported: median step time per mode and its ratio to plain; for the default sche
 mean step time over the whole stretch (recorded and unrecorded steps together). The attention
 probe's share is measured on the standard mode's own model (steps alternating in pairs with
 the probe on and off): two model copies differ by up to ~2% on their own, more than the
-probe costs.
+probe costs; a timer around the probe's sampling in those steps gives its own time.
 """
 
 from __future__ import annotations
@@ -64,19 +64,36 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def attention_paired(rec: Recorder, step, args: argparse.Namespace) -> tuple[float, float]:
+def attention_paired(rec: Recorder, step, args: argparse.Namespace) -> tuple[float, float, float]:
     """The attention probe's cost on one model and recorder: steps alternate in pairs between
     the probe on and off (``AttentionProbe.enabled``), so both sides share the model's memory
-    placement, which two model copies do not. Returns (median on - median off, its share)."""
+    placement, which two model copies do not. Returns (median on - median off, its share,
+    the median time inside the probe's sampling per step with it on: a timer around
+    ``AttentionProbe._sample``, less noisy than the difference on a shared machine)."""
     probe = next(p for p in rec.structure_probes.probes if isinstance(p, AttentionProbe))
+    sample, spent = probe._sample, [0.0]
+
+    def timed(*a, **k):  # type: ignore[no-untyped-def]
+        t0 = time.perf_counter()
+        try:
+            return sample(*a, **k)
+        finally:
+            spent[0] += time.perf_counter() - t0
+
+    probe.routes.sample = timed
     on: list[float] = []
     off: list[float] = []
+    inside: list[float] = []
     for i in range(2 * args.rounds * args.steps_per_round):
         probe.enabled = (i // 2) % 2 == 0
+        spent[0] = 0.0
         (on if probe.enabled else off).append(step(rec))
+        if probe.enabled:
+            inside.append(spent[0])
     probe.enabled = True
+    probe.routes.sample = sample
     extra = statistics.median(on) - statistics.median(off)
-    return extra, extra / statistics.median(off)
+    return extra, extra / statistics.median(off), statistics.median(inside)
 
 
 def main() -> None:
@@ -187,10 +204,16 @@ def main() -> None:
             f"{share:+.1%} |"
         )
     if paired is not None:
-        extra, share = paired
+        extra, share, inside = paired
         print(
             f"| attention probe, share of a recorded standard step (paired, one model) | "
             f"{extra * 1e3:.2f} ms | {share:+.1%} |"
+        )
+        print(
+            f"| of which inside the probe's sampling (timer) | {inside * 1e3:.2f} ms | "
+            f"{inside / statistics.median(times['plain']):.2%} of plain |"
+            if "plain" in times
+            else f"| of which inside the probe's sampling (timer) | {inside * 1e3:.2f} ms | - |"
         )
     if args.schedule_steps:
         # Default schedule over a stretch of steps, against plain steps interleaved with it.

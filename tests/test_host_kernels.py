@@ -165,7 +165,10 @@ def test_sampled_attention_kernel_reads_model_strides(dtype, monkeypatch):
         reference = _torch_path(monkeypatch, sdpa_sample, *args, sampling)
         assert fused.dtype == torch.float64
         np.testing.assert_allclose(fused.numpy(), reference.double().numpy(), rtol=2e-6, atol=2e-6)
+    from stabscope.probes.attention_sample import entropy_rows
+
     bad = q.clone()
-    bad[0, 3, 20, 5] = float("nan")  # head 3 sees a NaN logit in a sampled row; others do not
+    row = int(entropy_rows(3, 40, sampling.rows, torch.device("cpu"))[0, 2])
+    bad[0, 3, row, 5] = float("nan")  # head 3 sees a NaN logit in an entropy row; others do not
     out = sdpa_sample(bad, k, None, True, None, sampling).numpy()
     assert np.isnan(out[3]).all() and np.isfinite(np.delete(out, 3, axis=0)).all()

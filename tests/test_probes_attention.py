@@ -20,27 +20,39 @@ from stabscope.probes.attention import AttentionSampling, query_positions, sdpa_
 SAMPLING = AttentionSampling(batch=2, queries=16)
 
 
+def spread_rows(batch, length, rows=SAMPLING.batch * SAMPLING.queries):
+    """The entropy's rows as documented: r = rows // batch per sequence (at least 1), from a
+    grid of batch·r evenly spaced positions, sequence i taking grid points i, i+batch, ..."""
+    r = max(1, rows // batch)
+    grid = query_positions(length, batch * r, torch.device("cpu")).tolist()
+    return [
+        [grid[(i + j * batch) % len(grid)] for j in range(min(r, len(grid)))] for i in range(batch)
+    ]
+
+
 def reference(q, k, allowed, scale=None, causal=None):
     """Normalised entropy per head and max |logit|, from full explicit probabilities: the
-    entropy over the sampled rows (first sequences, evenly spaced queries), the max over those
-    and, in every sequence and head, the ``SAMPLING.peak`` queries with the largest
-    ‖q_i‖ · max ‖k_j‖ over the keys j ≤ i (``causal``; by default: whether ``allowed`` is the
-    causal mask) or all keys."""
+    entropy over the spread rows, the max over those and, in every sequence and head, the
+    ``SAMPLING.peak`` queries with the largest ‖q_i‖ · max ‖k_j‖ over the keys j ≤ i
+    (``causal``; by default: whether ``allowed`` is the causal mask) or all keys."""
     if k.shape[1] != q.shape[1]:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     scale = scale or 1 / math.sqrt(q.shape[-1])
     logits = (q @ k.transpose(-2, -1)) * scale  # (B, H, L, S)
     allowed = allowed.expand_as(logits)
     p = logits.masked_fill(~allowed, float("-inf")).softmax(-1)
-    ent = -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
+    ent = -(p * torch.log(p.clamp_min(1e-30))).sum(-1)  # (B, H, L)
     keys = allowed.sum(-1)
-    qi = query_positions(q.shape[2], SAMPLING.queries, q.device)
-    ent, keys = ent[: SAMPLING.batch, :, qi], keys[: SAMPLING.batch, :, qi]
-    valid = keys > 1
-    norm = torch.where(valid, ent / torch.log(keys.clamp(min=2).float()), 0)
-    mean = norm.sum((0, 2)) / valid.sum((0, 2))
     row_max = logits.abs().masked_fill(~allowed, 0).amax(-1)  # (B, H, L)
-    peak = row_max[: SAMPLING.batch, :, qi].amax((0, 2))
+    total = torch.zeros(q.shape[1], dtype=torch.float64)
+    count = torch.zeros(q.shape[1], dtype=torch.float64)
+    peak = torch.zeros(q.shape[1])
+    for i, positions in enumerate(spread_rows(q.shape[0], q.shape[2])):
+        for pos in positions:
+            valid = keys[i, :, pos] > 1
+            total += torch.where(valid, ent[i, :, pos] / torch.log(keys[i, :, pos].float()), 0)
+            count += valid
+            peak = torch.maximum(peak, row_max[i, :, pos])
     if causal is None:
         causal = torch.equal(allowed[0, 0], torch.ones_like(allowed[0, 0]).tril())
     key_norms = k.norm(dim=-1)  # (B, H, S)
@@ -48,7 +60,7 @@ def reference(q, k, allowed, scale=None, causal=None):
         [key_norms[..., : i + 1 if causal else None].amax(-1) for i in range(q.shape[2])], -1
     )
     picked = (q.norm(dim=-1) * reach).topk(SAMPLING.peak, dim=-1).indices  # (B, H, peak)
-    return mean, torch.maximum(peak, row_max.gather(2, picked).amax((0, 2)))
+    return (total / count).float(), torch.maximum(peak, row_max.gather(2, picked).amax((0, 2)))
 
 
 def qk(b=3, h=4, hk=4, length=40, source=40, e=8, seed=0):
@@ -204,10 +216,12 @@ def test_multihead_attention_with_padding(tmp_path):
     df = stabscope.load_run(tmp_path, metrics="attn_entropy").sort_values("index")
     with torch.no_grad():
         _, weights = mha(x, x, x, key_padding_mask=pad, average_attn_weights=False)
-    qi = query_positions(20, 16, x.device)
-    w = weights[:2, :, qi]  # (b, H, q, S)
+    # nn.MultiheadAttention's q and k are recomputed for the first 2 sequences only: the 32
+    # rows are spread over those two.
+    rows = torch.tensor(spread_rows(2, 20))  # (2, 16)
+    w = weights[torch.arange(2)[:, None], :, rows]  # (b, r, H, S)
     ent = -(w * torch.log(w.clamp_min(1e-30))).sum(-1) / math.log(15)
-    np.testing.assert_allclose(df.value, ent.mean((0, 2)).numpy(), atol=1e-5)
+    np.testing.assert_allclose(df.value, ent.mean((0, 1)).numpy(), atol=1e-5)
 
 
 def sdpa_and_eager(tmp_path, model_class, config_class, **config):
@@ -366,7 +380,9 @@ def test_multihead_attention_is_sampled_once_per_call_on_either_route(tmp_path):
     assert [len(s) for s in steps] == [2 * 4] * 4
     for later in steps[1:]:
         np.testing.assert_array_equal(later.value, steps[0].value)
-    want = reference(*_mha_qk(mha, x), torch.ones(20, 20, dtype=torch.bool).tril())
+    # q and k are recomputed for the first 2 sequences only
+    q, k = (t[:2] for t in _mha_qk(mha, x))
+    want = reference(q, k, torch.ones(20, 20, dtype=torch.bool).tril())
     got = steps[0].set_index(["metric", "index"]).value
     np.testing.assert_allclose(got["attn_entropy"].to_numpy(), want[0].numpy(), atol=1e-5)
 
@@ -513,17 +529,18 @@ def test_user_hooks_on_the_attention_module_are_not_sampled(tmp_path, attn):
 
 @pytest.mark.parametrize("host", [True, False])
 def test_the_max_reads_the_likeliest_queries_of_every_sequence(host, monkeypatch):
-    """One large logit in the last sequence, outside the sampled rows: the max finds it (its
+    """One large logit in the last sequence, outside the entropy's rows: the max finds it (its
     query has the largest norm there), the entropy is the sample's; a NaN query there makes
     that head's max NaN. On the numba kernel and on torch's path alike."""
-    from stabscope.probes import attention
+    from stabscope.probes import host_kernels
 
     if not host:
-        monkeypatch.setattr(attention, "_sampled_on_host", lambda *a: False)
+        monkeypatch.setattr(host_kernels, "AVAILABLE", False)
     q, k = qk(b=4)
-    # Query 5 of sequence 3, head 1 (not sampled: sequences 0-1, positions 1, 4, 6, ...),
+    # Query 6 of sequence 3, head 1 (not an entropy row: those are 5, 10, 14, ... there),
     # along key 2: the largest logit of the batch, ~10‖k‖²/sqrt(8).
-    q[3, 1, 5] = 10 * k[3, 1, 2]
+    assert 6 not in spread_rows(4, 40)[3]
+    q[3, 1, 6] = 10 * k[3, 1, 2]
     causal = torch.ones(40, 40, dtype=torch.bool).tril()
     got = sdpa_sample(q, k, None, True, None, SAMPLING)
     check(got, reference(q, k, causal))
@@ -541,16 +558,32 @@ def test_the_max_reads_the_likeliest_queries_of_every_sequence(host, monkeypatch
 def test_written_out_logits_give_their_whole_max(monkeypatch):
     """Explicit attention: the max over every allowed logit of every sequence, masked entries
     (-inf, HF's most negative value) left out, a few sequences at a time; NaN shows."""
-    from stabscope.probes import attention_peak
+    from stabscope.probes import attention_sample
 
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(5, 3, 12, 12, generator=g) * 3
     allowed = torch.rand(5, 1, 12, 12, generator=g) > 0.3
     want = logits.abs().masked_fill(~allowed, 0).amax((0, 2, 3))
-    monkeypatch.setattr(attention_peak, "CHUNK", 2 * 3 * 12 * 12)  # two sequences at a time
+    monkeypatch.setattr(attention_sample, "CHUNK", 2 * 3 * 12 * 12)  # two sequences at a time
     for never in (float("-inf"), torch.finfo(torch.float32).min):
-        got = attention_peak.written_out_peak(logits.masked_fill(~allowed, never))
+        got = attention_sample.written_out_peak(logits.masked_fill(~allowed, never))
         np.testing.assert_array_equal(got.numpy(), want.numpy())
     logits[4, 2, 0, 0] = float("nan")
-    got = attention_peak.written_out_peak(logits).numpy()
+    got = attention_sample.written_out_peak(logits).numpy()
     assert np.isnan(got[2]) and np.isfinite(got[:2]).all()
+
+
+def test_the_entropy_reads_every_sequence():
+    """Uniform attention in sequences 0-1 (entropy 1), attention on one key in 2-3 (entropy
+    ~0): the recorded entropy is the batch's mean, ~0.5, not the first sequences' 1."""
+    q, k = qk(b=4)
+    q[:2] = 0  # every logit 0: uniform
+    q[2:] = 1e3 * k[2:, :, :1]  # each query's logit with key 0 dwarfs the others
+    causal = torch.ones(40, 40, dtype=torch.bool).tril()
+    got = sdpa_sample(q, k, None, True, None, SAMPLING)
+    check(got, reference(q, k, causal))
+    logits = (q @ k.transpose(-2, -1)) / math.sqrt(8)
+    p = logits.masked_fill(~causal, float("-inf")).softmax(-1)
+    ent = torch.special.entr(p).sum(-1)[:, :, 1:] / torch.log(torch.arange(2, 41.0))
+    np.testing.assert_allclose(got[:, 0].numpy(), ent.mean((0, 2)).numpy(), atol=0.02)
+    assert (got[:, 0] < 0.6).all()

@@ -172,3 +172,38 @@ def test_side_forward_restores_after_an_exception():
         model(torch.randn(5, 4))
         raise RuntimeError("boom")
     assert [m.training for m in model.modules()] == [True, False, True]
+
+
+SCRIPT = """
+import torch
+from torch import nn
+
+def model(cfg):
+    net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1))
+    net[1].eval()  # frozen: running statistics as built
+    return net
+
+def batches(cfg):
+    g = torch.Generator().manual_seed(0)
+    while True:
+        yield torch.randn(16, 4, generator=g)
+
+def loss(model, x):
+    return model(x).pow(2).mean()
+"""
+
+
+def test_profile_keeps_a_model_scripts_frozen_submodules(tmp_path):
+    """``stabscope profile`` trains the model as built: a BatchNorm the script froze stays
+    frozen (its forward is an eval-mode pass, its running statistics unchanged), the rest
+    trains."""
+    from stabscope.config import RecorderConfig
+    from stabscope.profile import profile_script
+    from stabscope.script import load_script
+
+    path = tmp_path / "frozen.py"
+    path.write_text(SCRIPT)
+    run = profile_script(load_script(path), tmp_path / "run", 3, RecorderConfig(), device="cpu")
+    df = stabscope.load_run(run.run_dir, metrics=["act_rms"])
+    phases = df.groupby(df.module.astype(str)).phase.agg(lambda p: set(p.astype(str)))
+    assert phases["1"] == {"eval"} and phases["0"] == phases["3"] == {"train"}

@@ -3,15 +3,20 @@
 Metrics (module = the attention module, ``index`` = head):
 
 - ``attn_entropy``: entropy of each query's attention distribution divided by log of the
-  number of keys it may attend to (causal, boolean, float and padding masks respected),
-  averaged over the sampled queries: 1 is uniform attention, 0 a single key (Zhai et al. 2023:
-  entropy collapse goes with instability);
-- ``attn_logit_max``: max |q·k|·scale over the sampled queries and allowed keys (Wortsman et
-  al. 2023: runs whose attention logits passed ~1e4 diverged).
+  number of keys it may attend to (causal, boolean, float and padding masks respected); the
+  statistic is its mean over the sampled queries, an estimate of the mean over every query of
+  the batch: 1 is uniform attention, 0 a single key (Zhai et al. 2023: entropy collapse goes
+  with instability);
+- ``attn_logit_max``: max |q·k|·scale over the allowed keys of the sampled queries and, in
+  every sequence, of the ``peak`` queries likeliest to hold the maximum (``attention_sample``);
+  over every logit where the model wrote them out. A lower bound of the batch's maximum
+  (Wortsman et al. 2023: runs whose attention logits passed ~1e4 diverged).
 
-SDPA never materialises the probabilities, so they are recomputed for a sample: the first
-``batch`` sequences, ``queries`` query positions evenly spaced over the sequence (queries that
-can see a single key carry no entropy and are left out), all heads. Calls are intercepted only
+SDPA never materialises the probabilities, so they are recomputed for a sample: ``batch ×
+queries`` query rows spread over every sequence of the batch at staggered positions
+(``attention_sample``; queries that can see a single key carry no entropy and are left out),
+all heads. How far both statistics
+are from the full computation: ``bench/attention_sampling.py``. Calls are intercepted only
 inside the attention modules of a recorded training step (how: ``attention_routes``):
 ``F.scaled_dot_product_attention`` (is_causal, boolean and float masks, GQA),
 ``F.multi_head_attention_forward`` (``nn.MultiheadAttention``; q and k are recomputed from its
@@ -22,10 +27,9 @@ those before dropout.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import math
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -35,75 +39,34 @@ from torch import nn
 
 from ..collector import Collector, Rows
 from ..hooks import ListenerHooks
-from . import host_kernels
-from .attention_peak import (
-    NEVER,
-    apply_mask,
-    candidate_peak,
+from .attention_routes import MHA, SDPA, AttentionRoutes
+from .attention_sample import (
+    entropy_and_max,
+    entropy_rows,
     float_mask_allowed,
+    query_positions,
+    sample_sdpa,
     written_out_peak,
 )
-from .attention_routes import MHA, SDPA, AttentionRoutes
 
 
 @dataclass(frozen=True)
 class AttentionSampling:
-    """How much of each attention call is recomputed: the entropy's rows cost batch × queries;
-    the max logit also reads ``peak`` queries per sequence and head of every sequence
-    (``attention_peak``)."""
+    """How much of each attention call is recomputed (``attention_sample``): the entropy reads
+    ``batch × queries`` query rows, spread over every sequence of the batch and over
+    positions; the max logit also reads ``peak`` queries per sequence and head."""
 
     batch: int = 2
     queries: int = 16
     peak: int = 4
 
+    @property
+    def rows(self) -> int:
+        return self.batch * self.queries
+
 
 _SOFTMAX = {torch.softmax, F.softmax, torch.Tensor.softmax}
 _MHA_SIGNATURE = inspect.signature(MHA)
-
-
-@functools.lru_cache(maxsize=64)
-def _sample_layout(
-    length: int, source: int, n: int, causal: bool, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sampled query positions and the (1, 1, q, S) mask of keys they may see; cached because
-    every layer of every recorded step asks for the same ones."""
-    qi = query_positions(length, n, device)
-    allowed = torch.ones(1, 1, len(qi), source, dtype=torch.bool, device=device)
-    if causal:
-        allowed = allowed & (torch.arange(source, device=device) <= qi[:, None])
-    return qi, allowed
-
-
-def query_positions(length: int, n: int, device: torch.device) -> torch.Tensor:
-    """``n`` query indices evenly spaced over [1, length-1] (query 0 sees one causal key)."""
-    if length <= 1:
-        return torch.zeros(1, dtype=torch.long, device=device)
-    return torch.unique(
-        torch.linspace(1, length - 1, min(n, length - 1), device=device).round().long()
-    )
-
-
-def entropy_and_max(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """(H, 2) of [mean normalised entropy, max |logit|] from (b, H, q, S) logits.
-
-    ``allowed``: boolean, broadcastable to ``logits``; True where a key may be attended.
-    """
-    if host_kernels.host_readable([logits]) and logits.dim() == 4:  # one call on CPU
-        from .attention_kernels import entropy_and_max as kernel
-
-        out = np.empty((logits.shape[1], 2))
-        kernel(logits.numpy(), allowed.expand_as(logits).contiguous().numpy(), out)
-        return torch.from_numpy(out)
-    allowed = allowed.expand_as(logits)
-    masked = logits.float().masked_fill(~allowed, float("-inf"))
-    p = masked.softmax(-1)
-    ent = torch.special.entr(p).sum(-1)  # (b, H, q) in nats; 0·log 0 = 0
-    keys = allowed.sum(-1)  # (b, H, q)
-    norm = ent / torch.log(keys.clamp(min=2).float())
-    valid = keys > 1  # rows with no choice (one key or none) are left out, not NaN
-    mean_ent = torch.where(valid, norm, 0).sum((0, 2)) / valid.sum((0, 2)).clamp(min=1)
-    peak = logits.float().abs().masked_fill(~allowed, 0).amax((0, 2, 3))
-    return torch.stack((mean_ent, peak), 1)
 
 
 def sdpa_sample(
@@ -116,7 +79,6 @@ def sdpa_sample(
 ) -> torch.Tensor:
     """Entropy and max logit of an SDPA call: q (B, H, L, E), k (B, Hk, S, E)."""
     q, k = q.detach(), k.detach()
-    b = min(sampling.batch, q.shape[0]) if q.dim() == 4 else 1
     if q.dim() == 3:  # unbatched (H, L, E)
         q, k = q.unsqueeze(0), k.unsqueeze(0)
         attn_mask = (
@@ -124,85 +86,12 @@ def sdpa_sample(
         )
     heads, length, source = q.shape[1], q.shape[2], k.shape[2]
     s = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    full = None
+    mask = None
     if attn_mask is not None:  # (B, H, L, S) view, zero strides where broadcast
         # detach: an additive mask can be learned (T5's relative position bias).
-        full = attn_mask.detach().expand(q.shape[0], heads, length, source)
-    on_host = _sampled_on_host(q, k, full)
-    result = _entropy_sample(q, k, None if full is None else full[:b], is_causal, s, b, sampling)
-    if sampling.peak > 0:  # the max also over the likeliest queries of every sequence
-        peak = candidate_peak(q, k, full, is_causal, s, sampling.peak, on_host)
-        result[:, 1] = torch.maximum(result[:, 1], peak.to(result))
-    return result
-
-
-def _entropy_sample(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    mask: torch.Tensor | None,
-    is_causal: bool,
-    s: float,
-    b: int,
-    sampling: AttentionSampling,
-) -> torch.Tensor:
-    """(H, 2) [mean entropy, max |logit|] over the sampled rows: the first ``b`` sequences
-    (``mask`` is already theirs) at evenly spaced queries."""
-    heads, length, source = q.shape[1], q.shape[2], k.shape[2]
-    if _sampled_on_host(q, k, mask):
-        return _host_sample(q[:b], k[:b], mask, is_causal, s, sampling.queries)
-    qi, allowed = _sample_layout(length, source, sampling.queries, is_causal, q.device)
-    kk = k[:b]
-    if kk.shape[1] != heads:  # grouped-query attention: each kv head serves heads/Hk queries
-        kk = kk.repeat_interleave(heads // kk.shape[1], dim=1)
-    logits = (q[:b, :, qi].float() @ kk.float().transpose(-2, -1)) * s  # (b, H, q, S)
-    if mask is not None:
-        logits, allowed = apply_mask(logits, allowed, mask[:, :, qi], torch.float32)
-    return entropy_and_max(logits, allowed)
-
-
-def _sampled_on_host(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> bool:
-    """Whether the fused CPU kernel can read q, k and the mask in place (any strides)."""
-    tensors = (q, k) if mask is None else (q, k, mask)
-    if any(type(t) is not torch.Tensor or t.device.type != "cpu" for t in tensors):
-        return False
-    if q.dtype not in host_kernels.HOST_DTYPES or k.dtype != q.dtype:
-        return False
-    if mask is not None and mask.dtype not in (torch.bool, q.dtype):
-        return False
-    return host_kernels.ready()
-
-
-@functools.lru_cache(maxsize=64)
-def _host_rows(length: int, n: int) -> np.ndarray:
-    return query_positions(length, n, torch.device("cpu")).numpy()
-
-
-_NO_MASK = {dt: np.zeros((0, 0, 0, 0), dt) for dt in (np.bool_, np.float32, np.float64)}
-
-
-def _host_sample(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    mask: torch.Tensor | None,
-    causal: bool,
-    scale: float,
-    queries: int,
-) -> torch.Tensor:
-    """One kernel call: q (b, H, L, E), k (b, Hk, S, E), mask (b, H, L, S) or None."""
-    from .attention_kernels import sampled_entropy_and_max
-
-    qn = q.numpy()
-    dtype = qn.dtype.type
-    allowed, bias = _NO_MASK[np.bool_], _NO_MASK[dtype]
-    if mask is not None and mask.dtype == torch.bool:
-        allowed = mask.numpy()
-    elif mask is not None:
-        bias = mask.numpy()
-    out = np.empty((q.shape[1], 2))
-    floor = dtype(np.finfo(dtype).min * NEVER)  # "never attend", as in float_mask_allowed
-    rows = _host_rows(q.shape[2], queries)
-    sampled_entropy_and_max(qn, k.numpy(), rows, causal, dtype(scale), allowed, bias, floor, out)
-    return torch.from_numpy(out)
+        mask = attn_mask.detach().expand(q.shape[0], heads, length, source)
+    rows = entropy_rows(q.shape[0], length, sampling.rows, q.device)
+    return sample_sdpa(q, k, mask, is_causal, s, rows, sampling.peak)
 
 
 def mha_sample(bound: dict[str, Any], sampling: AttentionSampling) -> torch.Tensor | None:
@@ -239,8 +128,9 @@ def mha_sample(bound: dict[str, Any], sampling: AttentionSampling) -> torch.Tens
         pad = pad[:b].reshape(b, 1, 1, -1)
         mask = pad if mask is None else mask + pad
     causal = bool(bound.get("is_causal")) and mask is None
-    # q and k of the sampled sequences only: the max's extra queries come from them too.
-    return sdpa_sample(q, k, mask, causal, None, AttentionSampling(b, *astuple(sampling)[1:]))
+    # q and k of the first ``batch`` sequences only (recomputing them costs projections):
+    # both statistics come from those.
+    return sdpa_sample(q, k, mask, causal, None, sampling)
 
 
 def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -326,11 +216,12 @@ class AttentionProbe:
         return True
 
     def _from_softmax(self, logits: torch.Tensor) -> torch.Tensor:
-        """Explicit attention: the softmax input holds the (masked) logits; the max is read
-        over all of them."""
-        b = min(self.sampling.batch, logits.shape[0])
-        qi = query_positions(logits.shape[2], self.sampling.queries, logits.device)
-        sample = logits.detach()[:b, :, qi].float()
+        """Explicit attention: the softmax input holds the (masked) logits; the entropy reads
+        the same rows as for SDPA, the max all of them."""
+        b, length = logits.shape[0], logits.shape[2]
+        rows = entropy_rows(b, length, self.sampling.rows, logits.device)  # (B, r)
+        seq = torch.arange(b, device=logits.device)[:, None]
+        sample = logits.detach()[seq, :, rows].permute(0, 2, 1, 3).float().contiguous()
         allowed = float_mask_allowed(sample)
         result = entropy_and_max(sample.masked_fill(~allowed, 0), allowed)
         if self.sampling.peak > 0:
@@ -356,3 +247,13 @@ class AttentionProbe:
                 start += h
 
         collector.add(stacked, decode)
+
+
+__all__ = [
+    "AttentionProbe",
+    "AttentionSampling",
+    "entropy_and_max",
+    "mha_sample",
+    "query_positions",
+    "sdpa_sample",
+]

@@ -71,14 +71,12 @@ def _build() -> bool:
         attention_kernels.entropy_and_max(
             x.reshape(1, 1, 2, 4), np.ones((1, 1, 2, 4), np.bool_), np.empty((1, 2))
         )
-        qk, rows = x.reshape(1, 1, 2, 4), np.arange(2)
+        qk, rows = x.reshape(1, 1, 2, 4), np.arange(2).reshape(1, 2)
         empty = np.zeros((0, 0, 0, 0), np.bool_), np.zeros((0, 0, 0, 0), np.float32)
-        attention_kernels.sampled_entropy_and_max(
-            qk, qk, rows, True, np.float32(1.0), *empty, np.float32(-1.0), np.empty((1, 2))
-        )
-        attention_kernels.peak_candidates(
-            qk, True, qk, True, True, np.float32(1.0), *empty, np.float32(-1.0), 1, np.empty(1)
-        )
+        attention_kernels.sample_attention(
+            qk, True, qk, True, True, np.float32(1.0), *empty, np.float32(-1.0), rows, 1,
+            np.empty((1, 2)),
+        )  # fmt: skip
     except Exception as err:
         warnings.warn(
             f"stabscope: numba kernels unavailable ({type(err).__name__}: {err}); "
