@@ -19,7 +19,8 @@ PRESETS: dict[str, str] = {
     "cheap": "forward moments of every module, parameter norms, loss and learning rate",
     "standard": "cheap + gradient moments of every module output, gradient norms, update "
     "ratios, residual dependency, attention entropy and logits, token correlation, norm "
-    "inputs, output logits, Adam eps ratio",
+    "inputs, output logits, Adam eps ratio, the stability index at steps 2, 4, 8, ... (with a "
+    "probe forward)",
     "full": "standard + per-parameter weight and gradient moments (mean, absmax, non-finite) "
     "and the model update ||F(x, θ_t) − F(x, θ_0)|| on a probe batch",
 }
@@ -46,16 +47,27 @@ class RecorderConfig:
     #: token correlation, norm inputs, output logits, Adam); false keeps the recorder core:
     #: module moments, parameter and gradient norms, update ratios.
     structure_probes: bool = True
+    #: The stability index (top eigenvalue of the optimizer-preconditioned Hessian over the
+    #: optimizer's stability threshold) at steps 2, 4, 8, ...; None = on unless cheap.
+    sharpness: bool | None = None
+    #: Lanczos iterations per stability-index measurement (Hessian-vector products).
+    sharpness_iters: int = 8
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         if self.part_rows < 1:
             raise ValueError("part_rows must be positive")
+        if self.sharpness_iters < 1:
+            raise ValueError("sharpness_iters must be positive")
 
     @property
     def grads(self) -> bool:
         return self.preset != "cheap"
+
+    @property
+    def wants_sharpness(self) -> bool:
+        return self.preset != "cheap" if self.sharpness is None else self.sharpness
 
     @property
     def wants_model_update(self) -> bool:
@@ -108,6 +120,8 @@ _EXPECTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "attn_batch": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
     "attn_queries": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 turns it off)"),
     "structure_probes": (lambda v: isinstance(v, bool), "true or false"),
+    "sharpness": (lambda v: isinstance(v, bool), "true or false"),
+    "sharpness_iters": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
 }
 _SCHEDULE: dict[str, tuple[Callable[[Any], bool], str]] = {
     "dense": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),

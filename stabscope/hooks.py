@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from functools import partial
 from typing import Any
 
@@ -294,3 +294,16 @@ class _Innermost:
         hooks = self.module._forward_pre_hooks
         if self.pre in hooks and next(reversed(hooks)) != self.pre:
             hooks.move_to_end(self.pre)
+
+
+@contextlib.contextmanager
+def paused(*hooks: ModuleHooks | ListenerHooks) -> Iterator[None]:
+    """The body's forward passes feed none of these hooks (a probe's own forward)."""
+    was = [h.paused for h in hooks]
+    for h in hooks:
+        h.paused = True
+    try:
+        yield
+    finally:
+        for h, flag in zip(hooks, was):
+            h.paused = flag

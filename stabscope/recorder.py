@@ -44,6 +44,7 @@ from .probes import host_kernels
 from .probes.activations import ActivationProbe
 from .probes.attention import AttentionSampling
 from .probes.parameters import ParameterProbe
+from .probes.sharpness import SharpnessProbe
 from .probes.structured import StructureProbes
 from .schedule import Schedule
 from .store import RUN_MODULE, PartWriter, interrupts, new_meta, save_meta
@@ -139,6 +140,11 @@ class Recorder:
         self._module_codes = [c for c, _ in mod_codes]
         param_codes = [(self.writer.modules(name), p) for name, p in params]
         self._run_code = self.writer.modules(RUN_MODULE)
+        self.sharpness = (
+            SharpnessProbe(model, self.forward, self._run_code, cfg.sharpness_iters)
+            if cfg.wants_sharpness and self.forward is not None
+            else None
+        )
         self._param_codes = param_codes
         self._forward_order: dict[int, int] = {}
 
@@ -299,6 +305,8 @@ class Recorder:
             self._finish_recorded_step(step)
         elif len(self._pending_losses) >= _MAX_PENDING_LOSSES:
             self._sync_losses()
+        if self.sharpness is not None:
+            self._measure_sharpness(step)
         self.step_index += 1
         self.meta["steps"] = self.step_index
         if self.writer.parts_written != self.meta["parts"]:
@@ -369,6 +377,14 @@ class Recorder:
             self._trace = None
             self._build_structure_probes()
             self._save_meta()
+
+    def _measure_sharpness(self, step: int) -> None:
+        assert self.sharpness is not None
+        listeners = self.structure_probes.listeners if self.structure_probes else None
+        pause = (self.hooks, listeners) if listeners is not None else (self.hooks,)
+        self.sharpness.measure(step, list(self._optimizers.values()), self.rows, pause)
+        if self.sharpness.note is not None and self.sharpness.note not in self.meta["notes"]:
+            self.meta["notes"].append(self.sharpness.note)
 
     def _add_losses_to(self, collector: Collector) -> None:
         if not self._pending_losses:

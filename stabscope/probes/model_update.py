@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..collector import Collector
-from ..hooks import ListenerHooks
+from ..hooks import ListenerHooks, ModuleHooks, paused
 from ..side_forward import side_forward
 from .logits import output_logits
 
@@ -29,7 +29,7 @@ class ModelUpdateProbe:
         model: nn.Module,
         forward: Callable[[nn.Module], Any],
         run_code: int,
-        pause: list[ListenerHooks | Any],
+        pause: list[ListenerHooks | ModuleHooks],
     ) -> None:
         self.model = model
         self.forward = forward
@@ -42,15 +42,11 @@ class ModelUpdateProbe:
         handle = self.model.register_forward_hook(
             lambda m, a, o: captured.append(output_logits(o) if output_logits(o) is not None else o)
         )
-        for p in self.pause:
-            p.paused = True
         try:
-            with side_forward(self.model), torch.no_grad():
+            with paused(*self.pause), side_forward(self.model), torch.no_grad():
                 self.forward(self.model)
         finally:
             handle.remove()
-            for p in self.pause:
-                p.paused = False
         out = captured[0] if captured else None
         return out.detach().float() if isinstance(out, torch.Tensor) else None
 

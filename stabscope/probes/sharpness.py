@@ -1,0 +1,212 @@
+"""``stability_index``: how far the next step is from its optimizer's edge of stability.
+
+S = λ_max(M^½ H M^½), H the Hessian of the loss on the probe batch, M each parameter's step
+size in units of its optimizer's stability threshold (``stability_scale``): S < 1 means the
+quadratic model of the next step is stable; S > 1 that the step overshoots along the sharpest
+direction (Cohen et al. 2021 for SGD, Cohen et al. 2022 for Adam's preconditioned sharpness).
+The run-level rows (module ``__run__``) are ``stability_index`` and ``stability_lr``, the
+largest param-group lr the index was computed with: the forecast scales S by the planned lr
+over it.
+
+How: Lanczos on w -> M^½ H M^½ w with Hessian-vector products by double backward (one
+``autograd.grad`` of g·v per iteration, the graph of g built once), on the probe batch in eval
+mode (``side_forward``: no dropout, RNG and buffers given back), with the recorder's hooks
+paused and scaled-dot-product attention on its math kernel (the fused kernels have no double
+backward). ``iterations`` Lanczos steps give the top Ritz value of a k x k tridiagonal matrix;
+for the top eigenvalue a handful suffices. One host transfer per measurement.
+
+When: at steps 2, 4, 8, 16, ... (powers of two, the step just finished), so a run of N steps
+pays log2(N) measurements whether the step is recorded or not; each costs about ``iterations``
+x (forward + double backward) of the probe batch. No weight, gradient or optimizer state is
+touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..collector import Rows
+from ..hooks import paused
+from ..side_forward import side_forward
+from .stability_scale import scales
+
+ITERATIONS = 8
+
+
+def due(step: int) -> bool:
+    """Steps 2, 4, 8, 16, ...: log2(N) measurements over N steps."""
+    return step >= 2 and step & (step - 1) == 0
+
+
+def scalar_loss(output: Any) -> torch.Tensor | None:
+    """The loss in a probe forward's output: a one-element tensor, or a mapping's ``loss``."""
+    if isinstance(output, Mapping):
+        output = output.get("loss")
+    if isinstance(output, torch.Tensor) and output.numel() == 1 and output.requires_grad:
+        return output.reshape(())
+    return None
+
+
+@contextlib.contextmanager
+def _math_attention() -> Iterator[None]:
+    """SDPA on its math kernel: the only one with a double backward."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3: the math kernel is chosen on CPU anyway
+        yield
+        return
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield
+
+
+def hessian_vector_product(
+    loss: torch.Tensor, params: list[torch.Tensor]
+) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
+    """v -> H v for the Hessian of ``loss`` in ``params`` (float32 lists shaped like them)."""
+    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    live = [(g, i) for i, g in enumerate(grads) if g is not None and g.requires_grad]
+
+    def hvp(vs: list[torch.Tensor]) -> list[torch.Tensor]:
+        if not live:
+            return [torch.zeros_like(v) for v in vs]
+        dot = sum((g * vs[i].to(g.dtype)).sum() for g, i in live)
+        out = torch.autograd.grad(dot, params, retain_graph=True, allow_unused=True)
+        return [torch.zeros_like(v) if o is None else o.float() for o, v in zip(out, vs)]
+
+    return hvp
+
+
+def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+    return sum((x * y).sum() for x, y in zip(a, b))  # type: ignore[return-value]
+
+
+def lanczos_top(
+    op: Callable[[list[torch.Tensor]], list[torch.Tensor]],
+    like: list[torch.Tensor],
+    iterations: int = ITERATIONS,
+    seed: int = 0,
+) -> float:
+    """The largest eigenvalue of the symmetric operator ``op`` on tensors shaped like ``like``:
+    the top Ritz value after ``iterations`` Lanczos steps (no reorthogonalisation: a lost
+    orthogonality repeats converged Ritz values, it does not move the top one). The start
+    vector comes from a private generator: the user's random streams are not drawn from."""
+    gen = torch.Generator().manual_seed(seed)
+    v = [torch.randn(t.shape, generator=gen).to(t.device) for t in like]
+    norm = _dot(v, v).sqrt()
+    v = [x / norm for x in v]
+    prev: list[torch.Tensor] | None = None
+    alphas, betas = [], []
+    beta = torch.zeros((), device=like[0].device)
+    for _ in range(iterations):
+        w = op(v)
+        alpha = _dot(w, v)
+        w = [wi - alpha * vi for wi, vi in zip(w, v)]
+        if prev is not None:
+            w = [wi - beta * pi for wi, pi in zip(w, prev)]
+        beta = _dot(w, w).sqrt()
+        alphas.append(alpha)
+        betas.append(beta)
+        prev, v = v, [wi / beta.clamp_min(1e-30) for wi in w]
+    a = torch.stack(alphas).double().cpu().numpy()  # the one host transfer
+    b = torch.stack(betas).double().cpu().numpy()
+    # An invariant subspace found early (b ~ 0): the Ritz values up to there are exact.
+    scale = max(float(np.abs(a).max()), 1e-300)
+    stop = next((i + 1 for i, x in enumerate(b[:-1]) if x <= 1e-7 * scale), len(a))
+    a, b = a[:stop], b[: stop - 1]
+    if not np.all(np.isfinite(a)) or not np.all(np.isfinite(b)):
+        return float("nan")
+    tri = np.diag(a) + np.diag(b, 1) + np.diag(b, -1)
+    return float(np.linalg.eigvalsh(tri)[-1])
+
+
+def stability_index(
+    model: nn.Module,
+    forward: Callable[[nn.Module], Any],
+    optimizers: list[torch.optim.Optimizer],
+    iterations: int = ITERATIONS,
+    pause: tuple[Any, ...] = (),
+) -> tuple[float, float] | str:
+    """(S, the largest lr it used), or why it could not be measured."""
+    sc = scales(optimizers)
+    if sc.unsupported and not sc.params:
+        return f"no stability threshold for {', '.join(sc.unsupported)}"
+    if sc.not_ready or not sc.params:
+        return "the optimizer has not stepped yet"
+    lr = max(float(g["lr"]) for opt in optimizers for g in opt.param_groups)
+    roots = [m.sqrt() if isinstance(m, torch.Tensor) else m**0.5 for m in sc.scales]
+    with paused(*pause), side_forward(model), _math_attention(), torch.enable_grad():
+        loss = scalar_loss(forward(model))
+        if loss is None:
+            return "the probe forward returns no scalar loss"
+        if not torch.isfinite(loss).item():
+            return "the loss is not finite"
+        hvp = hessian_vector_product(loss, sc.params)
+
+        def op(w: list[torch.Tensor]) -> list[torch.Tensor]:
+            # (P,) per parameter: M^½ H M^½ w
+            hw = hvp([r * x for r, x in zip(roots, w)])
+            return [r * x for r, x in zip(roots, hw)]
+
+        like = [p.detach().float() for p in sc.params]
+        return lanczos_top(op, like, iterations), lr
+
+
+class SharpnessProbe:
+    """Measures ``stability_index`` at the ``due`` steps; the first reason it cannot is kept
+    in ``note`` and the probe stops trying (a model without double backward, a full device)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        forward: Callable[[nn.Module], Any],
+        run_code: int,
+        iterations: int = ITERATIONS,
+    ) -> None:
+        self.model, self.forward, self.run_code = model, forward, run_code
+        self.iterations = iterations
+        self.note: str | None = None
+        self.measured = 0
+
+    def measure(
+        self,
+        step: int,
+        optimizers: list[torch.optim.Optimizer],
+        rows: Rows,
+        pause: tuple[Any, ...] = (),
+    ) -> None:
+        """At a ``due`` step: emit the index as rows of ``step``; ``pause``: the recorder's
+        hooks, which must not see the probe's forward."""
+        if self.note is not None or not due(step) or not optimizers:
+            return
+        try:
+            found = stability_index(self.model, self.forward, optimizers, self.iterations, pause)
+        except (RuntimeError, NotImplementedError) as err:  # no double backward, out of memory
+            first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+            self.note = f"stability_index not measured: {type(err).__name__}: {first}"
+            return
+        if isinstance(found, str):
+            if found != "the loss is not finite" and found != "the optimizer has not stepped yet":
+                self.note = f"stability_index not measured: {found}"
+            return
+        value, lr = found
+        if np.isfinite(value):
+            rows.emit("train", self.run_code, 0, "stability_index", value, step=step)
+            rows.emit("train", self.run_code, 0, "stability_lr", lr, step=step)
+            self.measured += 1
+
+
+__all__ = [
+    "ITERATIONS",
+    "SharpnessProbe",
+    "due",
+    "hessian_vector_product",
+    "lanczos_top",
+    "scalar_loss",
+    "stability_index",
+]

@@ -1,0 +1,98 @@
+"""Each parameter's step size in units of its optimizer's stability threshold.
+
+On a quadratic with curvature λ along a direction, an optimizer's iteration is stable while
+its effective step times λ stays under a constant (the edge of stability, Cohen et al. 2021,
+"Gradient descent on neural networks typically occurs at the edge of stability", ICLR 2021;
+Cohen et al. 2022, "Adaptive gradient methods at the edge of stability", arXiv:2207.14484):
+
+    SGD, heavy-ball momentum β (torch's form)   η λ < 2 (1 + β)
+    SGD, Nesterov momentum β                    η λ < 2 (1 + β) / (1 + 2 β)
+    Adam / AdamW (β1)                           η λ(P⁻¹ H) < (2 + 2 β1) / (1 − β1),
+                                                P = (1 − β1^t) diag(√v̂ + ε)   (Cohen 2022)
+    RMSprop (momentum β)                        η λ(P⁻¹ H) < 2 (1 + β),  P = diag(√v + ε)
+
+``scales`` returns, per parameter, the diagonal M (same shape as the parameter) with the lr,
+the preconditioner and the threshold folded in, so that the stability index
+
+    S = λ_max(M^½ H M^½)
+
+is < 1 exactly when the quadratic model of the next step is stable, whatever the optimizer and
+however many param groups with their own lr. Optimizers not listed have no such threshold:
+``scales`` says which ones, and the index is not measured for their parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+#: Optimizer class names whose update is Adam's (preconditioned by √v̂ + ε, momentum β1).
+ADAM_LIKE = ("Adam", "AdamW")
+SUPPORTED = ("SGD", "RMSprop", *ADAM_LIKE)
+
+
+@dataclass
+class Scales:
+    params: list[torch.Tensor]
+    scales: list[torch.Tensor | float]  # per parameter: its M, a tensor like it or a number
+    unsupported: list[str]  # optimizer class names with no stability threshold here
+    not_ready: bool = False  # an adaptive optimizer before its first step (no √v yet)
+
+
+def scales(optimizers: list[torch.optim.Optimizer]) -> Scales:
+    """Per parameter of these optimizers (trainable ones only), its M (module docstring)."""
+    out = Scales([], [], [])
+    for opt in optimizers:
+        kind = type(opt).__name__
+        for group in opt.param_groups:
+            lr = float(group["lr"])  # a number or a 0-d tensor
+            for p in group["params"]:
+                if not p.requires_grad:
+                    continue
+                m = _scale(kind, group, opt.state.get(p, {}), lr)
+                if m is None:
+                    if kind in SUPPORTED:
+                        out.not_ready = True
+                    elif kind not in out.unsupported:
+                        out.unsupported.append(kind)
+                    continue
+                out.params.append(p)
+                out.scales.append(m)
+    return out
+
+
+def _scale(kind: str, group: dict, state: dict, lr: float) -> torch.Tensor | float | None:
+    if kind == "SGD":
+        beta = float(group.get("momentum", 0.0))
+        damp = float(group.get("dampening", 0.0)) if beta else 0.0
+        if group.get("nesterov"):
+            limit = 2 * (1 + beta) / (1 + 2 * beta)
+        else:
+            # dampening d scales the momentum buffer's input by (1 - d): the step is (1 - d) x.
+            limit = 2 * (1 + beta) / (1 - damp) if damp < 1 else float("inf")
+        return lr / limit
+    if kind in ADAM_LIKE:
+        v = state.get("max_exp_avg_sq") if group.get("amsgrad") else state.get("exp_avg_sq")
+        t = state.get("step")
+        if v is None or t is None:
+            return None
+        t = float(t)
+        beta1, beta2 = (float(b) for b in group["betas"])
+        # v̂ = v / (1 − β2^t); the bias-corrected first moment divides by (1 − β1^t).
+        denom = (v.float() / (1 - beta2**t)).sqrt_().add_(float(group["eps"]))
+        limit = (2 + 2 * beta1) / (1 - beta1)
+        return (lr / ((1 - beta1**t) * limit)) / denom
+    if kind == "RMSprop":
+        v = state.get("square_avg")
+        if v is None:
+            return None
+        var = v.float()
+        if group.get("centered") and state.get("grad_avg") is not None:
+            var = var - state["grad_avg"].float() ** 2
+        beta = float(group.get("momentum", 0.0))
+        return (lr / (2 * (1 + beta))) / var.clamp_min(0).sqrt().add(float(group["eps"]))
+    return None
+
+
+__all__ = ["ADAM_LIKE", "SUPPORTED", "Scales", "scales"]

@@ -1,0 +1,168 @@
+"""The stability index against the exact Hessian of small models, and as a recorded metric."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import batch_maker, train
+from torch import nn
+
+from stabscope import Recorder, load_run
+from stabscope.probes.sharpness import due, lanczos_top, stability_index
+from stabscope.probes.stability_scale import scales
+
+torch.manual_seed(0)
+X = torch.randn(16, 4)
+Y = torch.randint(0, 3, (16,))
+
+
+def small() -> nn.Sequential:
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+
+
+def loss_of(model: nn.Module) -> torch.Tensor:
+    return F.cross_entropy(model(X), Y)
+
+
+def exact_hessian(model: nn.Module) -> torch.Tensor:
+    """(P, P) Hessian of the loss in the flattened parameters, by torch.autograd.functional."""
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double()
+
+    def f(v: torch.Tensor) -> torch.Tensor:
+        parts, i = {}, 0
+        for name, shape in zip(names, shapes):
+            n = int(np.prod(shape))
+            parts[name] = v[i : i + n].reshape(shape)
+            i += n
+        out = torch.func.functional_call(model.double(), parts, (X.double(),))
+        return F.cross_entropy(out, Y)
+
+    hess = torch.autograd.functional.hessian(f, flat)
+    model.float()
+    return hess
+
+
+def index_by_hand(opt: torch.optim.Optimizer, model: nn.Module, limit: float) -> float:
+    """λ_max(M^½ H M^½) with M written out from the optimizer's own state (not the probe's)."""
+    parts = []
+    for group in opt.param_groups:
+        for p in group["params"]:
+            lr, st = group["lr"], opt.state[p]
+            if "exp_avg_sq" in st:  # Adam: lr / ((1 - β1^t) limit (√(v / (1 - β2^t)) + ε))
+                b1, b2 = group["betas"]
+                t = float(st["step"])
+                d = (st["exp_avg_sq"].double() / (1 - b2**t)).sqrt() + group["eps"]
+                parts.append((lr / ((1 - b1**t) * limit) / d).reshape(-1))
+            else:
+                parts.append(torch.full((p.numel(),), lr / limit, dtype=torch.float64))
+    m = torch.cat(parts).sqrt()
+    return float(torch.linalg.eigvalsh(m[:, None] * exact_hessian(model) * m[None, :])[-1])
+
+
+def stepped(make_opt, steps: int = 3) -> tuple[nn.Module, torch.optim.Optimizer]:
+    model = small()
+    opt = make_opt(model)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_of(model).backward()
+        opt.step()
+    return model, opt
+
+
+@pytest.mark.parametrize(
+    "make_opt, limit",
+    [
+        (lambda m: torch.optim.SGD(m.parameters(), lr=0.3), 2.0),
+        (lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), 3.8),
+        (lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.5, nesterov=True), 1.5),
+        (lambda m: torch.optim.Adam(m.parameters(), lr=1e-2), 38.0),
+        (lambda m: torch.optim.AdamW(m.parameters(), lr=3e-3, betas=(0.8, 0.99)), 18.0),
+    ],
+    ids=["sgd", "momentum", "nesterov", "adam", "adamw"],
+)
+def test_index_equals_exact_hessian_eigenvalue(make_opt, limit) -> None:
+    # 43 parameters: 43 Lanczos steps span the whole space, so the top Ritz value is exact.
+    model, opt = stepped(make_opt)
+    found, lr = stability_index(model, loss_of, [opt], iterations=43)
+    assert lr == opt.param_groups[0]["lr"]
+    assert found == pytest.approx(index_by_hand(opt, model, limit), rel=1e-4)
+
+
+def test_param_groups_with_their_own_lr() -> None:
+    def make(m: nn.Sequential) -> torch.optim.Optimizer:
+        groups = [{"params": m[0].parameters(), "lr": 0.05}, {"params": m[2].parameters()}]
+        return torch.optim.SGD(groups, lr=0.5)
+
+    model, opt = stepped(make)
+    found, lr = stability_index(model, loss_of, [opt], iterations=43)
+    assert lr == 0.5
+    assert found == pytest.approx(index_by_hand(opt, model, 2.0), rel=1e-4)
+
+
+def test_few_iterations_are_close_and_never_above() -> None:
+    # The top Ritz value rises to λ_max from below as the Krylov space grows.
+    model, opt = stepped(lambda m: torch.optim.Adam(m.parameters(), lr=1e-2))
+    exact = index_by_hand(opt, model, 38.0)
+    few, _ = stability_index(model, loss_of, [opt], iterations=8)
+    assert few <= exact * (1 + 1e-5)
+    assert few == pytest.approx(exact, rel=0.05)
+
+
+def test_lanczos_on_a_known_spectrum() -> None:
+    eig = torch.linspace(-3.0, 2.0, 50)  # the top eigenvalue is 2, the largest |λ| is -3
+    top = lanczos_top(lambda v: [eig * v[0]], [torch.zeros(50)], iterations=50)
+    assert top == pytest.approx(2.0, rel=1e-6)
+
+
+def test_the_probe_leaves_training_alone() -> None:
+    model, opt = stepped(lambda m: torch.optim.Adam(m.parameters(), lr=1e-2))
+    before = [p.detach().clone() for p in model.parameters()]
+    state = [opt.state[p]["exp_avg_sq"].clone() for p in model.parameters()]
+    rng = torch.get_rng_state()
+    stability_index(model, loss_of, [opt], iterations=8)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert all(
+        torch.equal(a, opt.state[p]["exp_avg_sq"]) for a, p in zip(state, model.parameters())
+    )
+    assert all(p.grad is not None for p in model.parameters())  # the last step's, untouched
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_unsupported_or_unready_optimizers_say_why() -> None:
+    model = small()
+    assert "Adagrad" in stability_index(model, loss_of, [torch.optim.Adagrad(model.parameters())])
+    fresh = torch.optim.Adam(model.parameters())
+    assert stability_index(model, loss_of, [fresh]) == "the optimizer has not stepped yet"
+    assert scales([fresh]).not_ready
+
+
+def test_recorded_at_powers_of_two(tmp_path) -> None:
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    make = batch_maker(6, 3)
+    probe_x, probe_y = make(0)
+    rec = Recorder(model, tmp_path / "run", forward=lambda m: (m(probe_x) - probe_y).pow(2).mean())
+    with rec:
+        train(model, 10, make, rec=rec, lr=1e-2)
+    df = load_run(tmp_path / "run", metrics=["stability_index", "stability_lr"])
+    idx = df[df.metric == "stability_index"]
+    assert sorted(idx.step) == [s for s in range(10) if due(s)] == [2, 4, 8]
+    assert np.allclose(df[df.metric == "stability_lr"].value, 1e-2)
+    assert (idx.value > 0).all()
+
+
+def test_a_nonfinite_loss_is_skipped_not_raised(tmp_path) -> None:
+    model = nn.Sequential(nn.Linear(6, 3))
+    make = batch_maker(6, 3)
+    x, y = make(0)
+
+    def forward(m: nn.Module) -> torch.Tensor:
+        return (m(x) - y).pow(2).mean() * float("nan")
+
+    with Recorder(model, tmp_path / "run", forward=forward) as rec:
+        train(model, 5, make, rec=rec)
+    assert load_run(tmp_path / "run", metrics="stability_index").empty
