@@ -166,3 +166,24 @@ def test_a_nonfinite_loss_is_skipped_not_raised(tmp_path) -> None:
     with Recorder(model, tmp_path / "run", forward=forward) as rec:
         train(model, 5, make, rec=rec)
     assert load_run(tmp_path / "run", metrics="stability_index").empty
+
+
+def test_a_parameter_that_never_had_a_gradient_is_left_out() -> None:
+    # Adam keeps no state for a parameter whose grad stayed None (an unused embedding): it
+    # does not move, so it has no step size, and the rest is measured as if it were absent.
+    model = small()
+    unused = nn.Parameter(torch.ones(3))
+    opt = torch.optim.Adam([*model.parameters(), unused], lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        loss_of(model).backward()
+        opt.step()
+    found, _ = stability_index(model, loss_of, [opt], iterations=43)
+    ref = torch.optim.Adam(model.parameters(), lr=1e-2)
+    ref.load_state_dict(
+        {
+            "state": opt.state_dict()["state"],
+            "param_groups": [{**opt.state_dict()["param_groups"][0], "params": list(range(4))}],
+        }
+    )
+    assert found == pytest.approx(index_by_hand(ref, model, 38.0), rel=1e-4)

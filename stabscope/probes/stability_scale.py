@@ -37,12 +37,15 @@ class Scales:
     params: list[torch.Tensor]
     scales: list[torch.Tensor | float]  # per parameter: its M, a tensor like it or a number
     unsupported: list[str]  # optimizer class names with no stability threshold here
-    not_ready: bool = False  # an adaptive optimizer before its first step (no √v yet)
+    # An adaptive optimizer before its first step (no √v yet). A parameter that never had
+    # a gradient (an unused embedding) has no state either: it does not move, and is left out.
+    not_ready: bool = False
 
 
 def scales(optimizers: list[torch.optim.Optimizer]) -> Scales:
     """Per parameter of these optimizers (trainable ones only), its M (module docstring)."""
     out = Scales([], [], [])
+    waiting = False
     for opt in optimizers:
         kind = type(opt).__name__
         for group in opt.param_groups:
@@ -53,12 +56,13 @@ def scales(optimizers: list[torch.optim.Optimizer]) -> Scales:
                 m = _scale(kind, group, opt.state.get(p, {}), lr)
                 if m is None:
                     if kind in SUPPORTED:
-                        out.not_ready = True
+                        waiting = True
                     elif kind not in out.unsupported:
                         out.unsupported.append(kind)
                     continue
                 out.params.append(p)
                 out.scales.append(m)
+    out.not_ready = waiting and not out.params
     return out
 
 
