@@ -33,6 +33,9 @@ class Finding:
     citation: str = ""
     remedy: str = ""
     metric: str | None = None
+    #: The signals behind a combined verdict (the failure forecast): per signal its name,
+    #: value, contribution to the log-odds and one line of evidence, strongest first.
+    evidence: tuple[dict[str, Any], ...] = ()
 
     @property
     def rank(self) -> int:
@@ -64,6 +67,7 @@ def parse_finding(item: dict[str, Any]) -> Finding:
         citation=str(item.get("citation") or ""),
         remedy=str(item.get("remedy") or ""),
         metric=_text(item.get("metric")),
+        evidence=tuple(e for e in item.get("evidence") or () if isinstance(e, dict)),
     )
 
 

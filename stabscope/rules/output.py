@@ -27,10 +27,17 @@ def at_or_above(findings: list[Finding], level: str) -> list[Finding]:
 def finding_record(f: Finding) -> dict[str, Any]:
     """A finding as a JSON object; a non-finite number is null (strict JSON has no NaN or
     Infinity, and a CI job's parser rejects them)."""
-    return {
-        k: None if isinstance(v, float) and not math.isfinite(v) else v
-        for k, v in asdict(f).items()
-    }
+    return {k: _strict(v) for k, v in asdict(f).items()}
+
+
+def _strict(v: Any) -> Any:
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, (list, tuple)):
+        return [_strict(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _strict(x) for k, x in v.items()}
+    return v
 
 
 def rule_errors(gate: GateResult) -> dict[str, dict[str, Any]]:
