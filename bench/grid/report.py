@@ -45,7 +45,7 @@ def score_table(k: int, scores: dict[str, dict], note: str) -> str:
             s = scores[n][fam]
             p, r, lead = s.row()
             used = "/".join(f"{t:g}" for t in sorted(set(s.thresholds)))
-            thr = "" if n == "gate" else f" ({used})"
+            thr = "" if n in ("gate", "rules") else f" ({used})"
             cells.append(f"{_fmt(p)} / {_fmt(r)} / {_fmt(lead)}{thr}")
         label = f"**{fam}**" if fam == "pooled" else fam
         lines.append(f"| {label} | " + " | ".join(cells) + " |")

@@ -7,8 +7,9 @@ nothing. A detector with thresholds is calibrated on the other families (the thr
 the best F1 there; ties go to its default) and scored on the held-out family; every run is
 scored once, by the fold that holds it out, and "pooled" sums those outcomes.
 
-    gate      any error finding of stabscope.rules.check_run(run, until=K%), default settings
-              (no threshold to calibrate); a crash of the check counts as no verdict
+    gate      any error finding of stabscope's rules on the first K% (bench/grid/fit.py): the
+              failure forecast fitted on the other families, or another rule's error
+    rules     the other rules' errors alone (no forecast); a crash counts as no verdict
     megatron  a loss above F x the running max of the earlier losses, or a non-finite loss
     olmo      a S-sigma spike of the loss, or of the total gradient norm (recorded steps)
 
@@ -24,7 +25,6 @@ import hashlib
 import json
 import statistics
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,8 +32,6 @@ import numpy as np
 
 from bench.forecast import megatron, six_sigma
 from bench.grid import report
-
-GATE_CACHE = "gate-detections.json"
 
 
 @dataclass
@@ -117,36 +115,6 @@ def source_fingerprint() -> str:
     return digest.hexdigest()[:16]
 
 
-def gate_job(job: tuple[str, str, list[int]]) -> tuple[str, dict[str, int | str | None]]:
-    """The gate's first error step for each ``until``; "crash" when the check raised."""
-    from stabscope.rules import check_run
-
-    key, path, untils = job
-    out: dict[str, int | str | None] = {}
-    for until in untils:
-        try:
-            errors = [f for f in check_run(path, until=until).findings if f.severity == "error"]
-            out[str(until)] = min((f.step or 0) for f in errors) if errors else None
-        except Exception as err:  # a crash is no verdict, counted in the table
-            out[str(until)] = f"crash: {type(err).__name__}: {err}"[:200]
-    return key, out
-
-
-def gate_detections(runs: list[Run], untils: list[int], out: Path, workers: int) -> dict:
-    """{run key: {until: step | None | "crash: ..."}}, cached per stabscope source version."""
-    cache_file = out / GATE_CACHE
-    version = source_fingerprint()
-    cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
-    known = cache.get(version, {})
-    todo = [(r.key, str(r.path), untils) for r in runs
-            if not all(str(u) in known.get(r.key, {}) for u in untils)]  # fmt: skip
-    with ProcessPoolExecutor(workers) as pool:
-        for key, found in pool.map(gate_job, todo):
-            known.setdefault(key, {}).update(found)
-    cache_file.write_text(json.dumps({version: known}, indent=1))
-    return known
-
-
 @dataclass
 class Detector:
     name: str
@@ -225,26 +193,32 @@ def main() -> None:
     truths = {p: json.loads((p / "truth.json").read_text())["truth"] for p in paths}
     all_runs = [load(p) for p in paths]
     runs, dropped = stable(all_runs, truths)
+    from bench.grid.fit import gate_scores
+    from bench.grid.signals import signals_and_errors
+
     ks = [int(k) for k in args.ks.split(",")]
     untils = sorted({max(1, r.steps * k // 100) for r in runs for k in ks})
-    gate = gate_detections(runs, untils, args.out, args.workers)
+    sig = signals_and_errors(runs, untils, args.out, args.workers)
 
-    def gate_at(run: Run, until: int, _: float) -> int | None:
-        found = gate[run.key][str(until)]
+    def rules_at(run: Run, until: int, _: float) -> int | None:
+        found = sig[run.key][str(until)]["error"]
         return None if isinstance(found, str) else found
 
     detectors = [
-        Detector("gate", gate_at, 0.0, (0.0,)),
+        Detector("rules", rules_at, 0.0, (0.0,)),
         Detector("megatron", megatron_at, 10.0, (2.0, 3.0, 5.0, 10.0, 30.0, 100.0)),
         Detector("olmo", olmo_at, 6.0, (3.0, 4.0, 6.0, 8.0)),
     ]
     notes = {}
     for k in ks:
         until = {r.path: max(1, r.steps * k // 100) for r in runs}
-        crashes = sum(isinstance(gate[r.key][str(until[r.path])], str) for r in runs)
+        crashes = sum(isinstance(sig[r.key][str(until[r.path])]["error"], str) for r in runs)
         early = sum(r.failed and r.failure_step < until[r.path] for r in runs)
-        notes[k] = f"gate crashes: {crashes}; runs failed before K%: {early}"
-    tables = {k: {d.name: lofo(d, runs, k) for d in detectors} for k in ks}
+        notes[k] = f"rule crashes: {crashes}; runs failed before K%: {early}"
+    tables = {
+        k: {"gate": gate_scores(runs, sig, k, ks), **{d.name: lofo(d, runs, k) for d in detectors}}
+        for k in ks
+    }
     print(report.markdown(all_runs, runs, dropped, truths, tables, notes))
 
 

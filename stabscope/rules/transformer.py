@@ -101,9 +101,11 @@ KEDIA = "Kedia et al. 2024, Transformers get Stable: An End-to-End Signal Propag
 
 
 def _rank_collapse(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
-    """Collapse at init is an architecture/init problem: error at once. Collapse that appears
-    during training is often a transient plateau (healthy runs at a high learning rate sit
-    near 1 for a few steps, then recover), so it is an error only once it has lasted
+    """Collapse at init is a risk, not a verdict: deep Post-LN models whose tokens are 0.999
+    correlated at step 0 train well with a warm-up or at a lower lr, so it is a warning, and
+    the failure forecast weighs it with the other signals (``init_token_corr``). Collapse that
+    appears during training is often a transient plateau (healthy runs at a high learning
+    rate sit near 1 for a few steps, then recover), so it is an error only once it has lasted
     ``persist`` steps, a warning before that."""
     corr = _finite(view.metrics("token_corr"))
     if corr.empty:
@@ -112,7 +114,8 @@ def _rank_collapse(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     by_step = corr.groupby("step").value.max().sort_index()
     first_step, last_step = int(by_step.index[0]), int(by_step.index[-1])
     if by_step.iloc[0] > p["error"]:
-        step, severity, threshold, how = first_step, "error", p["error"], "from the start"
+        step, severity, threshold = first_step, "warning", p["error"]
+        how = "from the start (a risk at init: the failure forecast weighs it)"
     else:
         grade = graded(float(by_step.iloc[-1]), p)
         if grade is None:

@@ -1,0 +1,117 @@
+"""Fit the failure forecast on the grid, and score the gate with it leave-one-family-out.
+
+    python -m bench.grid.fit --out /tmp/stabscope-grid [--ks 5,10,25] [--write]
+
+The forecast (stabscope/rules/forecast_model.py) is a monotone logistic model of the signals
+in SIGNALS. Its training rows are every stable grid run seen through each K% window (one row
+per run and K); ``--write`` stores the fit on all families in
+stabscope/rules/forecast_weights.json, the numbers the rule ships with. ``gate_scores`` is the
+honest version: for each held-out family the model is fitted on the other families' rows only,
+and the gate on a held-out run is "any other rule's error, or p >= 0.5 from that fold's model".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from bench.grid.score import Score, current_runs, load, stable
+from bench.grid.signals import signals_and_errors
+
+#: The forecast's signals (stabscope.rules.forecast.signals names), each larger = worse.
+SIGNALS = (
+    "stability_now",
+    "stability_peak",
+    "stability_forecast",
+    "init_logit_scale",
+    "attn_logit_growth",
+    "entropy_drop",
+    "grad_norm_trend",
+    "residual_growth",
+    "update_ratio_level",
+    "init_token_corr",
+)
+L2 = 1.0
+ERROR = 0.5
+
+
+def until_of(run, k: int) -> int:
+    return max(1, run.steps * k // 100)
+
+
+def rows(runs: list, sig: dict, ks: list[int]) -> tuple[list[dict], list[bool]]:
+    xs, ys = [], []
+    for r in runs:
+        for k in ks:
+            entry = sig[r.key][str(until_of(r, k))]
+            xs.append({s: _num(entry["signals"].get(s)) for s in SIGNALS})
+            ys.append(r.failed)
+    return xs, ys
+
+
+def _num(v) -> float:
+    return math.nan if v is None else float(v)
+
+
+def fit_on(runs: list, sig: dict, ks: list[int]):
+    from stabscope.rules.forecast_model import fit
+
+    xs, ys = rows(runs, sig, ks)
+    return fit(xs, ys, SIGNALS, l2=L2)
+
+
+def detect(run, sig: dict, until: int, model) -> int | None:
+    """The gate's first error step on the run's first ``until`` steps under ``model``."""
+    entry = sig[run.key][str(until)]
+    other = entry["error"] if not isinstance(entry["error"], str) else None
+    values = {s: _num(entry["signals"].get(s)) for s in SIGNALS}
+    flagged = until - 1 if model.probability(values) >= ERROR else None
+    found = [s for s in (other, flagged) if s is not None]
+    return min(found) if found else None
+
+
+def gate_scores(runs: list, sig: dict, k: int, ks: list[int]) -> dict[str, Score]:
+    """Per held-out family and pooled: the gate with the forecast fitted without that family."""
+    scores: dict[str, Score] = {"pooled": Score()}
+    for family in sorted({r.family for r in runs}):
+        held = [r for r in runs if r.family == family]
+        model = fit_on([r for r in runs if r.family != family], sig, ks)
+        s = scores.setdefault(family, Score(thresholds=[ERROR]))
+        for r in held:
+            step = detect(r, sig, until_of(r, k), model)
+            s.add(r, step)
+            scores["pooled"].add(r, step)
+    return scores
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("/tmp/stabscope-grid"))
+    ap.add_argument("--ks", default="5,10,25")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--write", action="store_true", help="store the fit in the package")
+    args = ap.parse_args()
+    from stabscope.rules.forecast_model import WEIGHTS_FILE
+
+    paths = current_runs(args.out)
+    truths = {p: json.loads((p / "truth.json").read_text())["truth"] for p in paths}
+    runs, _ = stable([load(p) for p in paths], truths)
+    ks = [int(k) for k in args.ks.split(",")]
+    untils = sorted({until_of(r, k) for r in runs for k in ks})
+    sig = signals_and_errors(runs, untils, args.out, args.workers)
+    model = fit_on(runs, sig, ks)
+    for name, w, fill, scale in zip(model.features, model.weights, model.fill, model.scale):
+        print(f"{name:22s} w={w:7.3f} fill={fill:8.3f} scale={scale:7.3f}")
+    print(f"bias {model.bias:.3f}")
+    for k in ks:
+        p, r, lead = gate_scores(runs, sig, k, ks)["pooled"].row()
+        print(f"K={k}%: LOFO gate P={p:.2f} R={r:.2f} lead={lead:.2f}")
+    if args.write:
+        WEIGHTS_FILE.write_text(model.to_json() + "\n")
+        print(f"wrote {WEIGHTS_FILE}")
+
+
+if __name__ == "__main__":
+    main()

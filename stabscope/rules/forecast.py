@@ -1,0 +1,167 @@
+"""``failure-forecast``: one calibrated probability that the run fails by its planned end.
+
+The signals (each scale-free, larger is worse) come from three sources: the look-ahead of
+the stability index under the planned lr (``stability_features``), trends over the steps seen
+so far (``forecast_features``), and risks at init (rank collapse). A monotone logistic model
+fitted on a grid of healthy and failing runs of six model families (``forecast_model``)
+combines them into p; the finding carries every signal with its share of the log-odds.
+
+Severity: an error from p >= ``error`` (0.5), a warning from p >= ``warning``; below that an
+info finding still reports p, so ``--format json`` always carries the score. The expected
+failure step is the first planned step at which the stability index, scaled by the planned lr,
+reaches 1 (when the run has a planned lr curve and that signal is among the reasons).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+
+from ..report.findings import Finding
+from ..store.lr_plan import planned_lr
+from . import forecast_features, stability_features
+from .base import Rule, RunView, finding
+from .forecast_model import load_default
+from .stability_features import Feature
+from .view import Request
+
+COHEN = (
+    "Cohen et al. 2021, Gradient Descent on Neural Networks Typically Occurs at the Edge of "
+    "Stability; Cohen et al. 2022, Adaptive Gradient Methods at the Edge of Stability"
+)
+
+#: Per signal: what to do when it is the main reason.
+REMEDIES = {
+    "stability": "lower the peak learning rate (below the planned peak / the forecast index) "
+    "or warm up longer, so the step stays under the edge of stability",
+    "init_logit_scale": "initialise the output head small (or zero) so the first loss is near "
+    "ln(classes); check the logit scaling",
+    "attn_logit_growth": "qk-layernorm or σReparam on the attention logits, or a lower lr "
+    "(Wortsman et al. 2023)",
+    "entropy_drop": "qk-layernorm or σReparam on the attention logits, or a lower lr",
+    "init_token_corr": "use Pre-LN, or scale the residual branches (DeepNorm / DeepScaleLM "
+    "init) so depth does not wash out token differences",
+}
+DEFAULT_REMEDY = "lower the learning rate or lengthen the warm-up; clip gradients"
+
+READS = (
+    *stability_features.READS,
+    *forecast_features.READS,
+    Request(("token_corr",), step="first"),
+)
+
+
+def init_token_corr(view: RunView) -> Feature:
+    """The most collapsed block's token correlation at the first step: a risk (a deep Post-LN
+    model near 1 at init may still train), not a verdict."""
+    name = "init_token_corr"
+    if not view.has("token_corr"):
+        return Feature(name, math.nan, "token correlation not recorded")
+    corr = view.metrics("token_corr", step="first")
+    corr = corr[np.isfinite(corr.value.to_numpy(float))]
+    if corr.empty:
+        return Feature(name, math.nan, "no finite token correlation")
+    row = corr.loc[corr.value.idxmax()]
+    # 1 - ρ on a log scale: 0.9 -> 1, 0.99 -> 2, 0.999 -> 3.
+    value = -math.log10(max(1.0 - float(row.value), 1e-6))
+    return Feature(
+        name,
+        value,
+        f"token correlation {row.value:.4f} at {row.module} at step {int(row.step)}",
+        int(row.step),
+    )
+
+
+def signals(view: RunView) -> dict[str, Feature]:
+    """Every signal of the forecast for this run (NaN where it was not recorded)."""
+    found = {**stability_features.stability_features(view)}
+    found.update(forecast_features.trend_features(view))
+    found["init_token_corr"] = init_token_corr(view)
+    return found
+
+
+def crossing_step(view: RunView, features: dict[str, Feature]) -> int | None:
+    """The first planned step after the last measurement at which S_now x lr(s) / lr_now
+    reaches 1, from the stability index's evidence and the planned lr curve."""
+    now = features.get("stability_now")
+    plan = planned_lr(view.meta)
+    if now is None or plan is None or not math.isfinite(now.value) or now.step is None:
+        return None
+    lr = view.metrics("stability_lr")
+    lr_now = lr[lr.step == now.step].value
+    if lr_now.empty or not lr_now.iloc[0] > 0:
+        return None
+    steps, lrs = plan
+    s_now = 10**now.value
+    over = np.flatnonzero((steps > now.step) & (s_now * lrs / float(lr_now.iloc[0]) >= 1))
+    return int(steps[over[0]]) if len(over) else None
+
+
+def _remedy(name: str) -> str:
+    return (
+        REMEDIES["stability"]
+        if name.startswith("stability")
+        else REMEDIES.get(name, DEFAULT_REMEDY)
+    )
+
+
+def _forecast(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
+    model = load_default()
+    features = signals(view)
+    values = {k: f.value for k, f in features.items()}
+    prob = model.probability(values)
+    shares = sorted(model.contributions(values).items(), key=lambda kv: -kv[1])
+    evidence = tuple(
+        {
+            "signal": name,
+            "value": features[name].value if name in features else None,
+            "contribution": round(share, 4),
+            "evidence": features[name].evidence if name in features else "",
+        }
+        for name, share in shares
+    )
+    reasons = [name for name, share in shares if share > 0.25][:3]
+    budget = (view.meta.get("lr_plan") or {}).get("budget")
+    seen = view.until if view.until is not None else int(view.meta.get("steps") or 0)
+    end = f"the planned end (step {budget})" if budget else "the end of training"
+    if prob >= p["error"]:
+        severity, threshold = "error", p["error"]
+    elif prob >= p["warning"]:
+        severity, threshold = "warning", p["warning"]
+    else:
+        severity, threshold = "info", p["warning"]
+    said = "; ".join(features[r].evidence for r in reasons if r in features)
+    message = f"fails by {end} with probability {prob:.2f}" + (f": {said}" if said else "")
+    lookahead = any(r.startswith("stability") for r in reasons) and severity != "info"
+    crossing = crossing_step(view, features) if lookahead else None
+    if crossing is not None:
+        message += f"; expected to fail near step {crossing}, where the planned lr takes the "
+        message += "stability index past 1"
+        evidence += ({"signal": "expected_failure_step", "value": crossing},)
+    yield finding(
+        FORECAST,
+        severity,
+        message,
+        module="__run__",
+        step=max(seen - 1, 0),  # when it was said: the last step it saw
+        value=prob,
+        threshold=threshold,
+        metric="failure_probability",
+        remedy=_remedy(reasons[0]) if reasons else DEFAULT_REMEDY,
+        evidence=evidence,
+    )
+
+
+FORECAST = Rule(
+    "failure-forecast",
+    "Failure forecast",
+    COHEN,
+    ("loss",),
+    {"error": 0.5, "warning": 0.25},
+    _forecast,
+    reads=READS,
+)
+
+RULES = [FORECAST]
