@@ -22,17 +22,17 @@ STEPS = 8
 NAN_AT = 5  # the step whose forward first sees a NaN weight
 
 
-def record(run_dir: Path, steps: int = STEPS, head_scale: float = 1.0, nan_at=None, tied=False):
+def record(run_dir: Path, steps=STEPS, head_scale=1.0, nan_at=None, tied=False, norm="pre") -> Path:
     """The sample GPT (2 Pre-LN blocks, width 16) on its successor task, Adam at 3e-2, every
     step recorded. ``head_scale`` multiplies the output head's weight after init (its bias
     is 0: the logits scale exactly); ``nan_at`` puts a NaN in a weight before that step;
-    ``tied`` shares the head's weight with the token embedding."""
+    ``tied`` shares the head's weight with the token embedding; ``norm`` places the norms."""
     import gpt as sample
 
     import stabscope.script
 
     cfg = stabscope.script.ScriptConfig(
-        sample.CONFIG | {"depth": 2, "width": 16, "seq_len": 8, "batch_size": 4}
+        sample.CONFIG | {"depth": 2, "width": 16, "seq_len": 8, "batch_size": 4, "norm": norm}
     )
     torch.manual_seed(0)
     model = sample.model(cfg)
@@ -65,6 +65,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         "scaled": record(root / "scaled", steps=2, head_scale=1000.0),
         "nan": record(root / "nan", nan_at=NAN_AT),
         "short": record(root / "short", steps=5),
+        "post": record(root / "post", norm="post"),
     }
 
 
@@ -125,10 +126,11 @@ def reference(run: Path, until: int | None) -> dict[str, float]:
     return ref
 
 
-@pytest.mark.parametrize("until", [None, 6, 2])
-def test_features_equal_an_independent_computation(runs, until):
-    got = features(runs["plain"], until)
-    want = reference(runs["plain"], until)
+@pytest.mark.parametrize(("run", "until"), [("plain", None), ("plain", 6), ("plain", 2),
+                                            ("post", None)])  # fmt: skip
+def test_features_equal_an_independent_computation(runs, run, until):
+    got = features(runs[run], until)
+    want = reference(runs[run], until)
     assert set(got) == set(want)
     for name, w in want.items():
         f = got[name]
@@ -137,6 +139,16 @@ def test_features_equal_an_independent_computation(runs, until):
         last = (until or STEPS) - 1
         assert f.step in (0, last), f  # the step at init, or the window's last
         assert f.evidence
+
+
+def test_post_ln_residual_stream_is_read_at_the_norms(runs):
+    """Post-LN blocks end in a LayerNorm: their outputs keep unit rms, and the stream's
+    growth shows only at the norms' inputs."""
+    found = features(runs["post"])["residual_growth"]
+    act = rows(runs["post"], "act_rms", None)
+    outputs = log_ratio(act[act.module.isin(["blocks.0", "blocks.1"])])
+    assert found.value > outputs.max() + 0.05
+    assert ".ln" in found.evidence
 
 
 def test_a_head_scaled_x1000_has_logits_three_decades_larger(runs):
@@ -201,11 +213,15 @@ def test_a_tied_head_has_no_known_classes(tmp_path):
     assert np.isfinite(found["init_logit_scale"].value)
 
 
-def test_features_of_a_model_without_attention_or_residual_blocks(tmp_path):
+@pytest.mark.parametrize("head", ["Linear", "Conv1D"])
+def test_features_of_a_model_without_attention_or_residual_blocks(tmp_path, head):
     """A plain MLP classifier: no attention (NaN), no residual blocks (every module's
-    output), V from its last Linear; the loss is cross-entropy over 5 classes."""
+    output), V = 5 from its last layer: a Linear, or HF's Conv1D, whose weight is (in, out)."""
+    from transformers.pytorch_utils import Conv1D
+
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 5))
+    last = torch.nn.Linear(16, 5) if head == "Linear" else Conv1D(5, 16)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), last)
     x, y = torch.randn(32, 6), torch.randint(5, (32,))
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     fwd = lambda m: F.cross_entropy(m(x), y)  # noqa: E731
@@ -219,11 +235,26 @@ def test_features_of_a_model_without_attention_or_residual_blocks(tmp_path):
     found = features(tmp_path / "mlp")
     assert math.isnan(found["attn_logit_growth"].value)
     assert math.isnan(found["entropy_drop"].value)
-    act = stabscope.load_run(tmp_path / "mlp", metrics="act_rms")
-    act = act[act.module.astype(str) != "<root>"].assign(module=lambda f: f.module.astype(str))
-    assert found["residual_growth"].value == pytest.approx(log_ratio(act).max(), rel=1e-5)
+    act = rows(tmp_path / "mlp", "act_rms", None)
+    assert found["residual_growth"].value == pytest.approx(
+        log_ratio(act[act.module != "<root>"]).max(), rel=1e-5
+    )
     assert "no residual blocks" in found["residual_growth"].evidence
-    losses = stabscope.load_run(tmp_path / "mlp", metrics="loss").sort_values("step").value
+    losses = rows(tmp_path / "mlp", "loss", None).sort_values("step").value
     assert found["init_loss_ratio"].value == pytest.approx(
         math.log10(losses.iloc[0] / math.log(5)), abs=1e-6
     )
+    assert "V = 5, 2" in found["init_loss_ratio"].evidence
+
+
+def test_reading_the_features_does_not_import_torch(runs):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from stabscope.rules.forecast_features import trend_features; "
+        "from stabscope.rules.view import RunView; "
+        f"f = trend_features(RunView.open({str(runs['plain'])!r})); "
+        "assert len(f) == 10; sys.exit(1 if 'torch' in sys.modules else 0)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
