@@ -258,3 +258,16 @@ def test_reading_the_features_does_not_import_torch(runs):
         "assert len(f) == 10; sys.exit(1 if 'torch' in sys.modules else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_grid_auc_counts_pairs_ties_and_inf():
+    """AUC = P(failed > healthy), ties one half (the Mann-Whitney U over n_f x n_h pairs);
+    +inf ranks above every finite value, NaN is left out."""
+    from bench.grid.features import auc
+
+    assert auc([3.0, 4.0], [1.0, 2.0]) == (1.0, 2, 2)
+    assert auc([1.0, 2.0], [3.0, 4.0])[0] == 0.0
+    assert auc([1.0, 1.0], [1.0])[0] == 0.5
+    # pairs: (inf > 2), (inf > 5), (3 > 2), (3 < 5): 3 of 4; the NaN runs drop out
+    assert auc([math.inf, 3.0, math.nan], [2.0, 5.0, math.nan]) == (0.75, 2, 2)
+    assert math.isnan(auc([math.nan], [1.0])[0])
