@@ -16,7 +16,8 @@ window's end is its last 20% of steps (at least one); V is the output head's cla
 - ``init_logit_scale``: log10(logit_max - logit_min) of the output at the first step.
 - ``init_loss_ratio``: log10(loss at the first step / ln V): 0 for a uniform prediction.
 - ``attn_logit_growth``: max over attention modules of log10(max logit last / first).
-- ``entropy_drop``: max over attention heads of log10(entropy first / last).
+- ``entropy_drop``: max over attention heads of log10(entropy first / last); +inf for a head
+  whose entropy fell to exactly 0 (every query on one key).
 - ``grad_norm_trend``: log10(total gradient norm last / first), total = sqrt(sum of squares).
 - ``residual_growth``: max of log10(rms last / first) over where the residual stream is seen
   un-normalised: residual blocks' outputs and norm layers' inputs (without residual blocks,
