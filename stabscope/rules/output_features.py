@@ -1,0 +1,144 @@
+"""The forecast's features of the model's output: its logits at init and its loss.
+
+V, the number of classes, comes from the output head in meta's module table
+(``output_classes``); a feature that needs it is NaN when the table does not say.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..store import RUN_MODULE
+from .trends import Feature, log10, nonfinite, undefined
+from .view import RunView
+
+LOGITS = ("logit_max", "logit_min", "logit_lse_mean")
+TAIL = 0.2  # the share of the window that is its end
+# HF's Conv1D stores its weight as (in, out); the other heads as (out, in, ...).
+TRANSPOSED = {"Conv1D"}
+
+
+def first_logits(view: RunView) -> pd.DataFrame:
+    z = view.metrics(*LOGITS)
+    return z[z.step == z.step.min()] if len(z) else z
+
+
+def output_classes(meta: dict[str, Any]) -> tuple[int, str] | None:
+    """(V, head) for the output head: the last linear or conv module to finish its forward,
+    V its weight's output dimension. None when its weight is not among the parameters (tied
+    to the embedding) or the model has no such module."""
+    ran = [
+        m
+        for m in meta.get("modules", [])
+        if m.get("forward_order") is not None and m.get("role") in ("linear", "conv")
+    ]
+    if not ran:
+        return None
+    head = max(ran, key=lambda m: m["forward_order"])
+    shapes = {p["name"]: p["shape"] for p in meta.get("parameters", [])}
+    shape = shapes.get(f"{head['name']}.weight")
+    if not shape or len(shape) < 2:
+        return None
+    return int(shape[-1] if head.get("type") in TRANSPOSED else shape[0]), head["name"]
+
+
+def log_classes(view: RunView) -> tuple[float, str] | str:
+    """(ln V, where it comes from), or why it is not known. The head is checked against the
+    logits at the first step: per row, max z <= logsumexp z <= max z + ln V and ln V + min z
+    <= logsumexp z, so the mean logsumexp bounds ln V from both sides."""
+    classes = output_classes(view.meta)
+    if classes is None:
+        return "the output head's classes are not in the module table"
+    v, head = classes
+    if v < 2:
+        return f"{head} has one output"
+    z = first_logits(view).groupby("metric").value.max()
+    if set(LOGITS) <= set(z.index) and np.isfinite(z.to_numpy(float)).all():
+        lse = z["logit_lse_mean"]
+        tol = 1e-3 * (1 + abs(lse))
+        if not lse - z["logit_max"] - tol <= math.log(v) <= lse - z["logit_min"] + tol:
+            return f"{head} ({v} outputs) does not match the output logits"
+    return math.log(v), f"ln V = {math.log(v):.3g} (V = {v}, {head})"
+
+
+def init_logit_scale(view: RunView) -> Feature:
+    """How far the output softmax is from uniform at init: the logits' span, in nats."""
+    name = "init_logit_scale"
+    z = first_logits(view)
+    z = z[z.metric.isin(["logit_max", "logit_min"])]
+    if z.empty:
+        return undefined(name, "output logits not recorded")
+    bad = nonfinite(name, z, "an output logit")
+    if bad is not None:
+        return bad
+    top, low = (float(z[z.metric == m].value.max()) for m in ("logit_max", "logit_min"))
+    step = int(z.step.iloc[0])
+    evidence = f"output logits span {top - low:.4g} nats at step {step} ({low:.4g} to {top:.4g})"
+    return Feature(name, log10(top - low), evidence, step)
+
+
+def losses(view: RunView) -> pd.DataFrame:
+    loss = view.metrics("loss")
+    return loss[loss.module == RUN_MODULE].sort_values("step", kind="stable")
+
+
+def tail(loss: pd.DataFrame) -> tuple[float, str]:
+    """The mean loss over the last ``TAIL`` of the window (at least one step), and where."""
+    end = loss.iloc[-max(1, math.ceil(TAIL * len(loss))) :]
+    steps = end.step.to_numpy()
+    return float(end.value.to_numpy(float).mean()), f"steps {steps[0]}-{steps[-1]}"
+
+
+def init_loss_ratio(view: RunView) -> Feature:
+    """log10(first loss / ln V): 0 for a uniform prediction; a bad init, 3 and more."""
+    name = "init_loss_ratio"
+    first = losses(view).iloc[:1]
+    if first.empty:
+        return undefined(name, "loss not recorded")
+    bad = nonfinite(name, first, "the first loss")
+    if bad is not None:
+        return bad
+    classes = log_classes(view)
+    if isinstance(classes, str):
+        return undefined(name, classes)
+    l0, step = float(first.value.iloc[0]), int(first.step.iloc[0])
+    evidence = f"loss {l0:.4g} at step {step}; {classes[1]}"
+    return Feature(name, log10(l0 / classes[0]), evidence, step)
+
+
+def loss_stall(view: RunView) -> Feature:
+    """Mean loss at the window's end / the first loss: 1 when it did not move."""
+    name = "loss_stall"
+    loss = losses(view)
+    bad = nonfinite(name, loss, "the loss")
+    if bad is not None:
+        return bad
+    if len(loss) < 2:
+        return undefined(name, "fewer than 2 losses")
+    (end, where), l0, step = tail(loss), float(loss.value.iloc[0]), int(loss.step.iloc[0])
+    if l0 <= 0:
+        return undefined(name, f"loss {l0:.4g} at step {step} is not positive")
+    evidence = f"mean loss {end:.4g} over {where} against {l0:.4g} at step {step}"
+    return Feature(name, end / l0, evidence, int(loss.step.iloc[-1]))
+
+
+def loss_level(view: RunView) -> Feature:
+    """Mean loss at the window's end / ln V: about 1 for a model that learned nothing from a
+    sane init, far above 1 after a bad init or a divergence."""
+    name = "loss_level"
+    loss = losses(view)
+    if loss.empty:
+        return undefined(name, "loss not recorded")
+    bad = nonfinite(name, loss, "the loss")
+    if bad is not None:
+        return bad
+    classes = log_classes(view)
+    if isinstance(classes, str):
+        return undefined(name, classes)
+    end, where = tail(loss)
+    evidence = f"mean loss {end:.4g} over {where}; {classes[1]}"
+    return Feature(name, end / classes[0], evidence, int(loss.step.iloc[-1]))

@@ -1,0 +1,273 @@
+"""The forecast's trend features on real recorded runs of the sample GPT: each against the
+same quantity computed independently from ``load_run``'s rows, and on analytic cases (a head
+scaled x1000, a run cut short by ``until``, a run that turns NaN, runs of one and two steps)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+import stabscope
+from stabscope import Schedule
+from stabscope.rules.forecast_features import READS, trend_features
+from stabscope.rules.view import RunView
+
+STEPS = 8
+NAN_AT = 5  # the step whose forward first sees a NaN weight
+
+
+def record(run_dir: Path, steps=STEPS, head_scale=1.0, nan_at=None, tied=False, norm="pre") -> Path:
+    """The sample GPT (2 Pre-LN blocks, width 16) on its successor task, Adam at 3e-2, every
+    step recorded. ``head_scale`` multiplies the output head's weight after init (its bias
+    is 0: the logits scale exactly); ``nan_at`` puts a NaN in a weight before that step;
+    ``tied`` shares the head's weight with the token embedding; ``norm`` places the norms."""
+    import gpt as sample
+
+    import stabscope.script
+
+    cfg = stabscope.script.ScriptConfig(
+        sample.CONFIG | {"depth": 2, "width": 16, "seq_len": 8, "batch_size": 4, "norm": norm}
+    )
+    torch.manual_seed(0)
+    model = sample.model(cfg)
+    with torch.no_grad():
+        model.head.weight *= head_scale
+    if tied:
+        model.head.weight = model.tok.weight
+    data = sample.batches(cfg)
+    batches = [next(data) for _ in range(steps)]
+    opt = torch.optim.Adam(model.parameters(), lr=3e-2)
+    forward = lambda m: sample.loss(m, batches[0])  # noqa: E731
+    with stabscope.Recorder(model, run_dir, schedule=Schedule(steps, 0), forward=forward) as rec:
+        for step in range(steps):
+            if step == nan_at:
+                with torch.no_grad():
+                    model.blocks[0].mlp.fc.weight[0, 0] = math.nan
+            loss = sample.loss(model, batches[step])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            rec.step(loss=loss)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("forecast")
+    return {
+        "plain": record(root / "plain"),
+        "scaled": record(root / "scaled", steps=2, head_scale=1000.0),
+        "nan": record(root / "nan", nan_at=NAN_AT),
+        "short": record(root / "short", steps=5),
+        "post": record(root / "post", norm="post"),
+    }
+
+
+def features(run: Path, until: int | None = None) -> dict[str, stabscope.rules.trends.Feature]:
+    view = RunView.open(run, until)
+    view.plan(READS)
+    found = trend_features(view)
+    assert view.scan.passes == 1  # READS covers every read
+    return found
+
+
+# --- independent references from load_run's rows ----------------------------------------
+
+
+def rows(run: Path, metric: str, until: int | None) -> pd.DataFrame:
+    df = stabscope.load_run(run, metrics=metric, phase="train")
+    df = df[df.step < until] if until is not None else df
+    return df.assign(module=df.module.astype(str))
+
+
+def log_ratio(per_step: pd.DataFrame) -> pd.Series:
+    """Per module: log10(value at its last step / at its first), from (module, step) rows."""
+    wide = per_step.pivot(index="step", columns="module", values="value").sort_index()
+    return np.log10(wide.ffill().iloc[-1] / wide.bfill().iloc[0])
+
+
+def reference(run: Path, until: int | None) -> dict[str, float]:
+    meta = stabscope.read_meta(run)
+    ref = {}
+    z = rows(run, "logit_*", until)
+    z0 = z[z.step == 0].set_index("metric").value
+    ref["init_logit_scale"] = math.log10(z0["logit_max"] - z0["logit_min"])
+    loss = rows(run, "loss", until).sort_values("step").value.to_numpy(float)
+    ln_v = math.log(32)  # the sample's vocabulary
+    ref["init_loss_ratio"] = math.log10(loss[0] / ln_v)
+    att = rows(run, "attn_logit_max", until).groupby(["module", "step"]).value.max()
+    ref["attn_logit_growth"] = log_ratio(att.reset_index()).max()
+    ent = rows(run, "attn_entropy", until)
+    ent = ent.assign(module=ent.module + "/" + ent["index"].astype(str))
+    ref["entropy_drop"] = (-log_ratio(ent)).max()
+    g = rows(run, "param_grad_norm", until)
+    total = g.groupby("step").value.apply(lambda v: np.sqrt((v.astype(float) ** 2).sum()))
+    ref["grad_norm_trend"] = math.log10(total.iloc[-1] / total.iloc[0])
+    blocks = [b["name"] for b in meta["structure"]["blocks"]]
+    norms = meta["structure"]["norms"]
+    act = rows(run, "act_rms", until)
+    stream = pd.concat([act[act.module.isin(blocks)], rows(run, "norm_input_rms", until)])
+    assert set(stream.module) == {*blocks, *norms}
+    ref["residual_growth"] = log_ratio(stream[["module", "step", "value"]]).max()
+    matrices = [p["name"] for p in meta["parameters"] if len(p["shape"]) >= 2]
+    u = rows(run, "update_ratio", until)
+    median = u[u.module.isin(matrices)].groupby("step").value.median()
+    ref["update_ratio_level"] = math.log10(median.iloc[-1])
+    ref["update_ratio_trend"] = math.log10(median.iloc[-1] / median.iloc[0])
+    tail = loss[-math.ceil(0.2 * len(loss)) :].mean()
+    ref["loss_stall"] = tail / loss[0]
+    ref["loss_level"] = tail / ln_v
+    return ref
+
+
+@pytest.mark.parametrize(("run", "until"), [("plain", None), ("plain", 6), ("plain", 2),
+                                            ("post", None)])  # fmt: skip
+def test_features_equal_an_independent_computation(runs, run, until):
+    got = features(runs[run], until)
+    want = reference(runs[run], until)
+    assert set(got) == set(want)
+    for name, w in want.items():
+        f = got[name]
+        assert np.isfinite(f.value), f
+        assert f.value == pytest.approx(w, rel=1e-5, abs=1e-6), (name, f.evidence)
+        last = (until or STEPS) - 1
+        assert f.step in (0, last), f  # the step at init, or the window's last
+        assert f.evidence
+
+
+def test_post_ln_residual_stream_is_read_at_the_norms(runs):
+    """Post-LN blocks end in a LayerNorm: their outputs keep unit rms, and the stream's
+    growth shows only at the norms' inputs."""
+    found = features(runs["post"])["residual_growth"]
+    act = rows(runs["post"], "act_rms", None)
+    outputs = log_ratio(act[act.module.isin(["blocks.0", "blocks.1"])])
+    assert found.value > outputs.max() + 0.05
+    assert ".ln" in found.evidence
+
+
+def test_a_head_scaled_x1000_has_logits_three_decades_larger(runs):
+    plain, scaled = features(runs["plain"]), features(runs["scaled"])
+    gap = scaled["init_logit_scale"].value - plain["init_logit_scale"].value
+    assert gap == pytest.approx(3.0, abs=1e-3)  # logits = W h + 0: exactly x1000 at step 0
+    # A uniform prediction has loss ln V: ratio 1 (0 in log10); the scaled head's is 1e2+.
+    assert abs(plain["init_loss_ratio"].value) < 0.2
+    assert scaled["init_loss_ratio"].value > 2
+    assert "V = 32, head" in scaled["init_loss_ratio"].evidence
+
+
+def test_until_sees_what_a_run_of_those_steps_sees(runs):
+    """The first 5 steps of the 12-step run, through ``until``, give the features of the run
+    that stopped after 5 steps (same seed, same batches: the same numbers)."""
+    cut, short = features(runs["plain"], until=5), features(runs["short"])
+    for name, f in short.items():
+        assert cut[name].value == pytest.approx(f.value, rel=1e-6), name
+        assert cut[name].step == f.step and f.step in (0, 4)
+    whole = features(runs["plain"])
+    assert whole["loss_stall"].value != pytest.approx(short["loss_stall"].value, rel=1e-3)
+
+
+def test_a_nan_run_gives_inf_with_its_first_nonfinite_step(runs):
+    after = features(runs["nan"])
+    assert after["loss_stall"].value == math.inf
+    assert after["loss_stall"].step == NAN_AT
+    assert "nan" in after["loss_stall"].evidence
+    assert after["loss_level"].value == math.inf
+    for name in ("attn_logit_growth", "entropy_drop", "grad_norm_trend", "residual_growth"):
+        assert after[name].value == math.inf, after[name]
+        assert after[name].step == NAN_AT, after[name]
+    # The init features see step 0 only: still finite, the same as the plain run's.
+    plain = features(runs["plain"])
+    for name in ("init_logit_scale", "init_loss_ratio"):
+        assert after[name].value == pytest.approx(plain[name].value, rel=1e-6)
+    # Before the NaN, the run is the plain one.
+    before, plain = features(runs["nan"], until=NAN_AT), features(runs["plain"], until=NAN_AT)
+    for name, f in before.items():
+        assert f.value == pytest.approx(plain[name].value, rel=1e-6), name
+
+
+def test_one_step_has_levels_but_no_trends(runs):
+    one = features(runs["plain"], until=1)
+    for name in ("init_logit_scale", "init_loss_ratio", "update_ratio_level", "loss_level"):
+        assert np.isfinite(one[name].value), one[name]
+    for name in ("attn_logit_growth", "entropy_drop", "grad_norm_trend", "residual_growth",
+                 "update_ratio_trend", "loss_stall"):  # fmt: skip
+        assert math.isnan(one[name].value), one[name]
+        assert one[name].step is None and one[name].evidence
+    empty = features(runs["plain"], until=0)
+    assert all(math.isnan(f.value) for f in empty.values())
+
+
+def test_a_tied_head_has_no_known_classes(tmp_path):
+    """The head's weight is the embedding's: not in the parameter table under the head's
+    name, so V is unknown and the features that need it are NaN, with the reason."""
+    found = features(record(tmp_path / "tied", steps=3, tied=True))
+    for name in ("init_loss_ratio", "loss_level"):
+        assert math.isnan(found[name].value)
+        assert "classes are not in the module table" in found[name].evidence
+    assert np.isfinite(found["init_logit_scale"].value)
+
+
+@pytest.mark.parametrize("head", ["Linear", "Conv1D"])
+def test_features_of_a_model_without_attention_or_residual_blocks(tmp_path, head):
+    """A plain MLP classifier: no attention (NaN), no residual blocks (every module's
+    output), V = 5 from its last layer: a Linear, or HF's Conv1D, whose weight is (in, out)."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    last = torch.nn.Linear(16, 5) if head == "Linear" else Conv1D(5, 16)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), last)
+    x, y = torch.randn(32, 6), torch.randint(5, (32,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    fwd = lambda m: F.cross_entropy(m(x), y)  # noqa: E731
+    with stabscope.Recorder(model, tmp_path / "mlp", schedule=Schedule(4, 0), forward=fwd) as rec:
+        for _ in range(4):
+            loss = fwd(model)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            rec.step(loss=loss)
+    found = features(tmp_path / "mlp")
+    assert math.isnan(found["attn_logit_growth"].value)
+    assert math.isnan(found["entropy_drop"].value)
+    act = rows(tmp_path / "mlp", "act_rms", None)
+    assert found["residual_growth"].value == pytest.approx(
+        log_ratio(act[act.module != "<root>"]).max(), rel=1e-5
+    )
+    assert "no residual blocks" in found["residual_growth"].evidence
+    losses = rows(tmp_path / "mlp", "loss", None).sort_values("step").value
+    assert found["init_loss_ratio"].value == pytest.approx(
+        math.log10(losses.iloc[0] / math.log(5)), abs=1e-6
+    )
+    assert "V = 5, 2" in found["init_loss_ratio"].evidence
+
+
+def test_reading_the_features_does_not_import_torch(runs):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from stabscope.rules.forecast_features import trend_features; "
+        "from stabscope.rules.view import RunView; "
+        f"f = trend_features(RunView.open({str(runs['plain'])!r})); "
+        "assert len(f) == 10; sys.exit(1 if 'torch' in sys.modules else 0)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_grid_auc_counts_pairs_ties_and_inf():
+    """AUC = P(failed > healthy), ties one half (the Mann-Whitney U over n_f x n_h pairs);
+    +inf ranks above every finite value, NaN is left out."""
+    from bench.grid.features import auc
+
+    assert auc([3.0, 4.0], [1.0, 2.0]) == (1.0, 2, 2)
+    assert auc([1.0, 2.0], [3.0, 4.0])[0] == 0.0
+    assert auc([1.0, 1.0], [1.0])[0] == 0.5
+    # pairs: (inf > 2), (inf > 5), (3 > 2), (3 < 5): 3 of 4; the NaN runs drop out
+    assert auc([math.inf, 3.0, math.nan], [2.0, 5.0, math.nan]) == (0.75, 2, 2)
+    assert math.isnan(auc([math.nan], [1.0])[0])
