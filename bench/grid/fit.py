@@ -26,6 +26,7 @@ SIGNALS = (
     "stability_peak",
     "stability_forecast",
     "init_logit_scale",
+    "init_loss_ratio",
     "attn_logit_growth",
     "entropy_drop",
     "grad_norm_trend",

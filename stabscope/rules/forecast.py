@@ -24,7 +24,7 @@ from ..store.lr_plan import planned_lr
 from . import forecast_features, stability_features
 from .base import Rule, RunView, finding
 from .forecast_model import load_default
-from .stability_features import Feature
+from .trends import Feature
 from .view import Request
 
 COHEN = (

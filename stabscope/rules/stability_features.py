@@ -14,26 +14,15 @@ Every signal is a log10 (S is scale-free already); NaN when the run did not meas
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 
 from ..store.lr_plan import peak_lr_after
+from .trends import Feature
 from .view import Request, RunView
 
 READS = (Request(("stability_index", "stability_lr")),)
 FLOOR = 1e-3  # S below this is "far from the edge": log10 floors at -3
-
-
-@dataclass(frozen=True)
-class Feature:
-    """One signal of the forecast: a scale-free value (NaN: not measured in this run), a
-    line saying where it comes from, and the step it was read at."""
-
-    name: str
-    value: float
-    evidence: str
-    step: int | None = None
 
 
 def _log(x: float) -> float:
@@ -93,4 +82,4 @@ def stability_features(view: RunView) -> dict[str, Feature]:
     return out
 
 
-__all__ = ["FLOOR", "READS", "Feature", "stability_features"]
+__all__ = ["FLOOR", "READS", "stability_features"]
