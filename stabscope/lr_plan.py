@@ -223,6 +223,16 @@ def plan_lrs(
     those the ``schedulers`` hold. Schedulers of other optimizers are left alone. None
     when there is no optimizer to read an lr from yet. Never raises: a scheduler that
     cannot be planned gives a plan whose source is ``unknown``, with a note."""
+    try:
+        return _plan(optimizers, schedulers, budget, start_step)
+    except Exception as err:  # never let planning break training
+        why = str(err) if isinstance(err, CannotPlan) else f"{type(err).__name__}: {err}"
+        return unknown_plan(budget, start_step, f"cannot plan the lr: {why}")
+
+
+def _plan(
+    optimizers: Iterable[Optimizer] | None, schedulers: Any, budget: int | None, start_step: int
+) -> dict[str, Any] | None:
     scheds = top_level(as_list(schedulers))
     opts = list(optimizers or []) or [s.optimizer for s in scheds if hasattr(s, "optimizer")]
     groups = _groups(opts)
@@ -238,14 +248,9 @@ def plan_lrs(
         return unknown_plan(None, start_step, _NO_BUDGET)
     if budget <= start_step:
         return unknown_plan(budget, start_step, f"no planned step: budget {budget} <= {start_step}")
-    try:
-        _check_plannable(scheds)
-        lrs = simulate(groups, scheds, budget - start_step)
-    except Exception as err:  # never let planning break training
-        why = str(err) if isinstance(err, CannotPlan) else f"{type(err).__name__}: {err}"
-        return unknown_plan(budget, start_step, f"cannot plan the lr: {why}")
-    source = "scheduler" if scheds else "constant"
-    return plan_entry(source, budget, start_step, lrs)
+    _check_plannable(scheds)
+    lrs = simulate(groups, scheds, budget - start_step)
+    return plan_entry("scheduler" if scheds else "constant", budget, start_step, lrs)
 
 
 def _trains(optimizer: Any, param_ids: set[int]) -> bool:

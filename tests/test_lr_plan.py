@@ -5,6 +5,8 @@ chunked form of a long plan never underestimates; every mode writes it."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 import textwrap
 import warnings
 
@@ -20,7 +22,7 @@ from stabscope.lr_plan import plan_lrs
 from stabscope.store import MetaError, read_meta, save_meta
 from stabscope.store.lr_plan import MAX_POINTS, peak_lr_after, planned_lr
 from stabscope.zerocode import profile_training_script
-from tests.conftest import batch_maker, mlp
+from tests.conftest import ROOT, batch_maker, mlp
 from tests.test_cli import assert_one_line_error, invoke
 
 STEPS = 24
@@ -391,3 +393,26 @@ def test_hf_trainer_plans_its_warmup_and_decay_to_max_steps(tmp_path):
     used = [s["lr"] for s in witness.steps]
     assert plan["source"] == "scheduler" and plan["budget"] == 6
     assert plan["lr"] == used and math.isclose(max(used), 1e-3)
+
+
+def test_the_read_side_does_not_import_torch(tmp_path):
+    save_meta(tmp_path, {"schema_version": 1, "status": "complete", "lr_plan": PLAN})
+    code = (
+        "import sys; from stabscope.store import read_meta; "
+        "from stabscope.store.lr_plan import peak_lr_after; "
+        f"assert peak_lr_after(read_meta({str(tmp_path)!r}), 2) == (3, 0.4); "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+
+
+#: A five-step plan written by hand: the warm-up peaks at step 3.
+PLAN = {
+    "budget": 5,
+    "source": "scheduler",
+    "from_step": 0,
+    "steps": [0, 1, 2, 3, 4],
+    "lr": [0.1, 0.2, 0.3, 0.4, 0.35],
+    "peak": {"step": 3, "lr": 0.4},
+}
