@@ -35,6 +35,13 @@ def profile(
     steps: Annotated[
         int | None, typer.Option(help="Model script: training steps to run (200 if not given).")
     ] = None,
+    budget: Annotated[
+        int | None,
+        typer.Option(
+            help="Planned training steps, for the planned lr curve: default --steps (model "
+            "script), --max-steps with --stop-script (training script)."
+        ),
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Run directory \\[default: runs/SCRIPT]")] = None,
     every: Annotated[
         int | None,
@@ -109,6 +116,7 @@ def profile(
         # Checked before anything is prepared: --force must not clear a run for bad input.
         values.positive_int(steps, "--steps", "200")
         values.positive_int(max_steps, "--max-steps", "100")
+        values.positive_int(budget, "--budget", "10000")
         values.non_negative_int(every, "--every", "25")
         values.non_negative_int(dense, "--dense", "10")
         values.seed(seed)
@@ -137,7 +145,9 @@ def profile(
     from .store.rundir import release_run_dir
 
     run_dir = out or Path("runs") / script.stem
-    training = _TrainingOptions(script_args or [], run_script, max_steps, stop_script, no_compile)
+    training = _TrainingOptions(
+        script_args or [], run_script, max_steps, stop_script, no_compile, budget
+    )
     try:
         # SIGTERM closes the run like Ctrl-C does, from the first moment (store/interrupts.py).
         with interrupts.handling():
@@ -170,6 +180,7 @@ class _TrainingOptions:
     max_steps: int | None
     stop_script: bool
     no_compile: bool
+    budget: int | None  # both kinds of script take it
 
     def requested(self) -> bool:
         return self.run_script or bool(self.args)
@@ -197,7 +208,7 @@ def _profile(
     training: _TrainingOptions,
 ) -> None:
     from .distributed import rank
-    from .profile import pick_device, profile_script
+    from .profile import pick_device, planned_budget, profile_script
     from .progress import step_progress
     from .script import load_script, parse_set, script_path
     from .zerocode import follows_model_script_convention, profile_training_script
@@ -219,6 +230,7 @@ def _profile(
                 max_steps=training.max_steps,
                 stop_script=training.stop_script,
                 no_compile=training.no_compile,
+                budget=training.budget,
                 force=True,  # prepared above
                 progress=progress,
             )
@@ -231,14 +243,23 @@ def _profile(
             "script (it defines model, batches and loss)",
             hint="a model script runs --steps steps; pass --run-script to run it as __main__",
         )
+    total = 200 if steps is None else steps
+    planned_budget(total, training.budget)  # before the run directory is touched
     loaded = load_script(path, parse_set(sets))
     pick_device(device)  # a bad --device fails here, before any output directory is touched
     _prepare_run_dir(run_dir, force)  # fail before any training work
-    total = 200 if steps is None else steps
     try:
         with step_progress(err, total, disable=quiet) as progress:
             result = profile_script(
-                loaded, run_dir, total, config, seed, device, force=True, progress=progress
+                loaded,
+                run_dir,
+                total,
+                config,
+                seed,
+                device,
+                force=True,
+                progress=progress,
+                budget=training.budget,
             )
     except UsageError:
         _drop_empty_parts(run_dir)

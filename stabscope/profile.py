@@ -72,6 +72,20 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def planned_budget(steps: int, budget: int | None) -> int:
+    """The planned training length of a profile of ``steps`` steps: ``budget``, by default
+    ``steps``; bad input when it is shorter than what is profiled."""
+    if budget is None:
+        return steps
+    if budget < steps:
+        raise UsageError(
+            f"--budget {budget} is less than --steps {steps}",
+            hint="--budget is the planned length of the whole training; leave it out to "
+            "plan the steps profiled",
+        )
+    return budget
+
+
 def build_for_inspection(script: ModelScript, seed: int = 0) -> tuple[torch.nn.Module, Any]:
     """The script's model on CPU and a forward over its first batch, for structure discovery."""
     seed_everything(seed)
@@ -123,11 +137,15 @@ def profile_script(
     force: bool = False,
     progress: ProgressFn | None = None,
     structure: Structure | None = None,
+    budget: int | None = None,
 ) -> ProfileResult:
     """Build the script's model, train it ``steps`` steps under a Recorder, return a summary.
-    ``structure`` skips structure discovery (for a model whose wiring was found elsewhere)."""
+    ``structure`` skips structure discovery (for a model whose wiring was found elsewhere).
+    ``budget`` is the planned length of the training (default ``steps``): the scheduler's
+    lr is planned that far (meta.json's ``lr_plan``)."""
     if steps < 1:
         raise UsageError(f"--steps must be positive, got {steps}", hint="e.g. --steps 200")
+    budget = planned_budget(steps, budget)
     dev = pick_device(device)
     seed_everything(seed)
     cfg = script.config
@@ -176,7 +194,15 @@ def profile_script(
     if structure is None:
         structure = discover(model, forward)
     rec = Recorder(
-        model, out, config, force=force, run_info=run_info, forward=forward, structure=structure
+        model,
+        out,
+        config,
+        force=force,
+        run_info=run_info,
+        forward=forward,
+        structure=structure,
+        schedulers=sched,
+        budget=budget,
     )
     try:
         # The theory's profile at init, from the model as built (see docs/theory.md).

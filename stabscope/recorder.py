@@ -33,6 +33,7 @@ from .distributed import distributed_info, prepare_on_rank0
 from .distributed import rank as _rank
 from .distributed import world_size as _world_size
 from .hooks import ModuleHooks
+from .lr_plan import LrPlanner
 from .module_table import (
     module_table,
     parameter_table,
@@ -84,9 +85,15 @@ class Recorder:
         run_info: dict[str, Any] | None = None,
         forward: Callable[[nn.Module], Any] | None = None,
         structure: Structure | None = None,
+        schedulers: Any = None,
+        budget: int | None = None,
     ) -> None:
         self.forward = forward
         self.structure = structure
+        # The planned lr curve (meta.json's lr_plan), when a scheduler or a budget is given.
+        planned = schedulers is not None or budget is not None
+        self._lr_planner = LrPlanner(schedulers, budget) if planned else None
+        self._plan_at_optimizer_step = False  # start() came after this step's optimizer step
         cfg = (config or RecorderConfig()).replace(
             preset=preset,
             include=tuple(include) if include is not None else None,
@@ -205,6 +212,8 @@ class Recorder:
         with interrupts.deferred():
             if self.structure is not None:
                 self._build_structure_probes()
+            if not self._plan_at_optimizer_step:
+                self._plan_lr()
             self._save_meta()
             self._optimizer_hooks = [
                 register_optimizer_step_pre_hook(self._before_optimizer_step),
@@ -291,6 +300,8 @@ class Recorder:
         if self._closed:
             raise RuntimeError("Recorder.step() after close()")
         if not self._started:
+            # This step's optimizer and scheduler have stepped: plan from the next one's lr.
+            self._plan_at_optimizer_step = True
             self.start()
         with interrupts.deferred():  # a signal waits until the step is recorded and counted
             self._step(loss)
@@ -437,9 +448,21 @@ class Recorder:
             self._optimizers[key] = optimizer
         return True
 
+    def _plan_lr(self) -> bool:
+        """Put the planned lr curve in meta.json once an optimizer is known; whether it did."""
+        if self._lr_planner is None:
+            return False
+        plan = self._lr_planner.plan(self._optimizers.values(), self.step_index, self._param_ids)
+        if plan is not None:
+            self.meta["lr_plan"] = plan
+            self._lr_planner = None
+        return plan is not None
+
     def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kw: Any) -> Any:
         if not self._owns(optimizer):
             return None
+        if self._plan_lr():
+            self._save_meta()
         self._step_lrs[id(optimizer)] = [_group_lr(g) for g in optimizer.param_groups]
         if self.hooks.attached:
             if closure_of(args, kw) is None:

@@ -20,6 +20,9 @@ and the shares are summed; otherwise the micro-batch means are averaged. Either 
 recorded loss is the one the Trainer logs for that step. A ``compute_loss`` override or a
 ``compute_loss_func`` computes a loss the model never returns: none is recorded then.
 
+**Planned lr.** The Trainer's scheduler (``lr_scheduler``) is planned to ``state.max_steps``
+(meta.json's ``lr_plan``; from the step training starts at when resuming).
+
 The run is closed on ``on_train_end``. The Trainer has no exception hook: when training
 raises, the run is closed as ``failed`` at interpreter exit, or when the next ``train()``
 starts.
@@ -51,6 +54,15 @@ def output_loss(output: Any) -> torch.Tensor | None:
     return loss if isinstance(loss, torch.Tensor) and loss.numel() == 1 else None
 
 
+def hf_plan(state: Any, scheduler: Any) -> dict[str, Any]:
+    """The Recorder's ``schedulers`` and ``budget`` from the Trainer's state: recorded steps
+    count from the step training starts at (``global_step`` when resuming)."""
+    max_steps = getattr(state, "max_steps", 0) or 0
+    left = max_steps - (getattr(state, "global_step", 0) or 0)
+    budget = left if left > 0 else None
+    return {"schedulers": [] if scheduler is None else scheduler, "budget": budget}
+
+
 class StabscopeCallback(TrainerCallback):
     """Records the Trainer's model; keyword options are ``stabscope.Recorder``'s
     (``preset``, ``include``, ``exclude``, ``schedule``, ``force``, ``forward``, ...)."""
@@ -69,7 +81,7 @@ class StabscopeCallback(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any):
         self._remove_loss_hook()  # left by a train() that raised
-        self.session.start(model, "transformers")
+        self.session.start(model, "transformers", **hf_plan(state, kw.get("lr_scheduler")))
         self._loss_hook = model.register_forward_hook(self._on_model_output, with_kwargs=True)
 
     def _on_model_output(self, module: Any, args: Any, kwargs: Any, output: Any) -> None:

@@ -12,16 +12,21 @@ calls 0..k-1 of each module and the step's loss is their mean. Lightning passes 
 ``on_train_batch_end`` divided by k (the scale it backpropagates), so it is multiplied back.
 Lightning runs the forward and backward pass inside ``optimizer.step(closure)``; the Recorder
 reads the gradients after the closure, so they are this step's (see ``optim_closure``).
+The planned lr (meta.json's ``lr_plan``) steps the schedulers Lightning steps every optimizer
+step (``interval="step"``, ``frequency=1``) to ``trainer.estimated_stepping_batches``; a
+scheduler stepped per epoch, or every k steps, or under manual optimization makes it ``unknown``.
 The run is closed on ``on_fit_end``, and marked ``failed`` on ``on_exception`` (``interrupted`` for
 Ctrl-C or SIGTERM).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
 from ..config import RecorderConfig
+from ..lr_plan import Unplannable
 from ..recorder import Recorder
 from ..store.interrupts import ending_status
 from .session import RecordingSession
@@ -35,6 +40,28 @@ except ImportError:  # the standalone package
         raise ImportError(
             "stabscope.integrations.lightning needs Lightning: pip install 'stabscope[lightning]'"
         ) from err
+
+
+def lightning_plan(trainer: Any, pl_module: Any) -> dict[str, Any]:
+    """The Recorder's ``schedulers`` and ``budget`` from the Trainer, at ``on_fit_start``
+    (after ``configure_optimizers``): recorded steps count from ``global_step``."""
+    try:  # may load the train dataloader, as it may inside configure_optimizers
+        total = float(trainer.estimated_stepping_batches)
+    except Exception:  # an estimate Lightning cannot make leaves the budget unknown
+        total = math.inf
+    left = int(total) - trainer.global_step if math.isfinite(total) else 0
+    schedulers: list[Any] = []
+    for config in getattr(trainer, "lr_scheduler_configs", None) or []:
+        name = type(config.scheduler).__name__
+        if not getattr(pl_module, "automatic_optimization", True):
+            schedulers.append(Unplannable(f"manual optimization steps {name} itself"))
+        elif config.interval != "step":
+            schedulers.append(Unplannable(f"{name} is stepped per {config.interval}"))
+        elif config.frequency != 1:
+            schedulers.append(Unplannable(f"{name} is stepped every {config.frequency} steps"))
+        else:
+            schedulers.append(config.scheduler)
+    return {"schedulers": schedulers, "budget": left if left > 0 else None}
 
 
 class StabscopeCallback(Callback):
@@ -54,7 +81,7 @@ class StabscopeCallback(Callback):
         return self.session.recorder
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        self.session.start(pl_module, "lightning")
+        self.session.start(pl_module, "lightning", **lightning_plan(trainer, pl_module))
         self._global_step = trainer.global_step
 
     def on_train_batch_end(

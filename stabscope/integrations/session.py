@@ -27,10 +27,12 @@ class RecordingSession:
         self.recorder: Recorder | None = None
         self._losses: list[torch.Tensor] = []  # micro-batch losses of the current step
 
-    def start(self, model: nn.Module, framework: str) -> Recorder:
+    def start(self, model: nn.Module, framework: str, **plan: Any) -> Recorder:
+        """Open the Recorder; ``plan`` is what the framework knows of the lr plan
+        (``schedulers``, ``budget``), unless the user's options say otherwise."""
         if self.recorder is not None:  # a previous fit ended without its end hook
             self.close("failed")
-        options = dict(self.options)
+        options = {**plan, **self.options}
         run_info = {"framework": framework, **options.pop("run_info", {})}
         self.recorder = Recorder(model, self.out, self.config, run_info=run_info, **options)
         self.recorder.start()

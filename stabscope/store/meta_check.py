@@ -134,6 +134,18 @@ STRUCTURE = Record(
 )
 NONFINITE = Record({"module": STR, "call": INT, "step": INT}, required=("module", "call", "step"))
 ERROR = Record({"type": STR, "message": STR, "traceback": ListOf(STR)}, nullable=True)
+LR_PLAN = Record(  # store/lr_plan.py
+    {
+        "budget": MAYBE_INT,
+        "source": STR,
+        "from_step": INT,
+        "steps": ListOf(INT),
+        "lr": ListOf(NUMBER),
+        "peak": Record({"step": INT, "lr": NUMBER}, required=("step", "lr"), nullable=True),
+        "note": STR,
+    },
+    required=("source",),
+)
 
 META = Record(
     {
@@ -163,6 +175,7 @@ META = Record(
         "structure": STRUCTURE,
         "notes": ListOf(STR),
         "error": ERROR,
+        "lr_plan": LR_PLAN,
     },
     required=("schema_version", "status"),
 )

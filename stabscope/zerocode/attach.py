@@ -18,6 +18,9 @@ The rules (also in docs/zero-code.md):
 - Root calls are watched until the first step ends (long enough to see every module the
   script calls in a step); after that only the optimizer step hooks, the backward wrapper and
   the Recorder's own per-step hooks remain, so unrecorded steps carry no module hook at all.
+- **The planned lr** (meta.json's ``lr_plan``): when the model is found, the live torch
+  schedulers of its optimizers are stepped forward to ``budget`` and put back (lr_plan.py);
+  a scheduler built after the model's first call is not seen.
 - ``max_steps``: after that many steps the Recorder is closed at the next safe point (the
   next backward call, or the end of the script) and every hook and wrapper is removed, so the
   rest of the script runs untouched; with ``stop_script`` the script is stopped at once by
@@ -42,6 +45,7 @@ from torch.optim.optimizer import (
 
 from ..config import RecorderConfig
 from ..distributed import rank, world_size
+from ..lr_plan import live_schedulers
 from ..module_table import unwrap_model
 from ..recorder import Recorder, error_entry
 from ..store import new_meta, save_meta
@@ -112,6 +116,7 @@ class ScriptRecording:
         max_steps: int | None = None,
         stop_script: bool = False,
         compile_disabled: bool = False,
+        budget: int | None = None,
         progress: StepProgress | None = None,
     ) -> None:
         self.out = Path(out)
@@ -120,6 +125,7 @@ class ScriptRecording:
         self.max_steps = max_steps
         self.stop_script = stop_script
         self.compile_disabled = compile_disabled
+        self.budget = budget
         self.progress = progress
         self.optimizers = OptimizerTracker()
         self.losses = LossTap(before_backward=self._safe_point)
@@ -261,7 +267,16 @@ class ScriptRecording:
             compiled_modules=compiled,
             optimizer=", ".join(self._owners.values()),
         )
-        rec = Recorder(module, self.out, self.config, run_info=self.run_info)
+        # Without a budget the plan is "unknown" whatever the schedulers: no scan for them.
+        schedulers = live_schedulers() if self.budget is not None else []
+        rec = Recorder(
+            module,
+            self.out,
+            self.config,
+            run_info=self.run_info,
+            schedulers=schedulers,
+            budget=self.budget,
+        )
         # Steps taken before the model was first called keep their numbers.
         rec.step_index = max((self._steps_before.get(k, 0) for k in self._owners), default=0)
         self.losses.clear()

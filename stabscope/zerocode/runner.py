@@ -103,10 +103,14 @@ def profile_training_script(
     max_steps: int | None = None,
     stop_script: bool = False,
     no_compile: bool = False,
+    budget: int | None = None,
     force: bool = False,
     progress: StepProgress | None = None,
 ) -> TrainingScriptResult:
     """Run ``script`` as ``__main__`` with ``args`` and record its training into ``out``.
+
+    ``budget`` is the script's planned number of optimizer steps, for the planned lr curve
+    (meta.json's ``lr_plan``); by default ``max_steps`` when ``stop_script`` ends it there.
 
     ``out`` is prepared (by rank 0 under torchrun) before the script starts, so a directory
     that already holds a run fails here (``RunExistsError`` unless ``force``), not inside
@@ -116,6 +120,10 @@ def profile_training_script(
         raise UsageError(f"--max-steps must be positive, got {max_steps}", hint="e.g. 100")
     if stop_script and max_steps is None:
         raise UsageError("--stop-script needs --max-steps", hint="e.g. --max-steps 100")
+    if budget is not None and budget < 1:
+        raise UsageError(f"--budget must be positive, got {budget}", hint="e.g. --budget 10000")
+    if budget is None and stop_script:
+        budget = max_steps
     run_info: dict[str, Any] = {
         "script": str(path),
         "script_args": list(args),
@@ -125,6 +133,7 @@ def profile_training_script(
         "max_steps": max_steps,
         "stop_script": stop_script,
         "no_compile": no_compile,
+        "budget": budget,
     }
     recording = ScriptRecording(
         Path(out),
@@ -133,6 +142,7 @@ def profile_training_script(
         max_steps=max_steps,
         stop_script=stop_script,
         compile_disabled=no_compile,
+        budget=budget,
         progress=progress,
     )
     if rank() == 0:
