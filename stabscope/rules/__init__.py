@@ -12,7 +12,7 @@ from typing import Any
 
 from ..report.findings import FINDINGS_FILE, SEVERITIES, Finding
 from ..store.atomic import write_text_atomically
-from . import depth, health, prediction, ranks, transformer
+from . import depth, forecast, health, prediction, ranks, transformer
 from .base import CheckResult, Rule, RuleSettings, RunView, run_rules
 from .output import finding_record
 
@@ -22,6 +22,7 @@ ALL_RULES: list[Rule] = [
     *transformer.RULES,
     *ranks.RULES,
     *prediction.RULES,
+    *forecast.RULES,
 ]
 RULES_BY_ID = {r.id: r for r in ALL_RULES}
 
