@@ -1,0 +1,104 @@
+"""The failure forecast on real recorded runs: its look-ahead against the planned lr and what
+the run then did, and the gate's output of the score and its evidence."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from stabscope import load_run
+from stabscope.cli import app
+from stabscope.rules import check_run
+from stabscope.rules.forecast import crossing_step, signals
+from stabscope.rules.view import RunView
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "scripts" / "ramping_sgd.py"
+runner = CliRunner()
+
+
+def profile(out: Path, steps: int, *sets: str, budget: int = 40) -> Path:
+    args = ["profile", str(SCRIPT), "--steps", str(steps), "--budget", str(budget), "-q"]
+    for s in sets:
+        args += ["--set", s]
+    res = runner.invoke(app, [*args, "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def factor(step: int, ramp: float) -> float:
+    """The script's lr multiplier, written out again: ramp^clip((step - 10) / 10, 0, 1)."""
+    return ramp ** min(1.0, max(0.0, (step - 10) / 10))
+
+
+@pytest.fixture(scope="module")
+def before_ramp(tmp_path_factory) -> Path:
+    # Steps 0-8 at lr 0.05: the ramp (steps 10-20, x1000) is only in the plan.
+    return profile(tmp_path_factory.mktemp("ramp") / "run", 9)
+
+
+def test_the_look_ahead_equals_the_index_times_the_planned_lr(before_ramp) -> None:
+    df = load_run(before_ramp, metrics=["stability_index", "stability_lr"])
+    index = df[df.metric == "stability_index"].set_index("step").value
+    assert list(index.index) == [2, 4, 8]
+    now = math.sqrt(index[4] * index[8])  # geometric mean of the last two measurements
+    found = signals(RunView.open(before_ramp))
+    assert found["stability_now"].value == pytest.approx(math.log10(now), abs=1e-6)
+    # The plan peaks at 0.05 x 1000 = 50 from step 20 on.
+    assert found["stability_forecast"].value == pytest.approx(math.log10(now * 1000), abs=1e-5)
+    assert found["stability_forecast"].step == 20
+    # The first planned step whose lr takes the index to 1.
+    want = next(s for s in range(9, 40) if now * factor(s, 1000) >= 1)
+    assert crossing_step(RunView.open(before_ramp), found) == want
+
+
+def test_the_forecast_comes_before_the_failure(before_ramp, tmp_path) -> None:
+    found = signals(RunView.open(before_ramp))
+    predicted = crossing_step(RunView.open(before_ramp), found)
+    # The same seed trained through the ramp: the loss blows up only after the crossing.
+    full = profile(tmp_path / "full", 40)
+    loss = load_run(full, metrics="loss").sort_values("step").value.to_numpy(float)
+    blown = int(np.flatnonzero(~(loss < 2 * loss[0]))[0])
+    assert predicted is not None and predicted < blown
+
+
+def test_check_reports_the_score_and_its_evidence(before_ramp, tmp_path) -> None:
+    res = runner.invoke(app, ["check", str(before_ramp), "--format", "json"])
+    assert res.exit_code == 1, res.output
+    out = json.loads(res.stdout)
+    forecast = next(f for f in out["findings"] if f["rule"] == "failure-forecast")
+    assert forecast["severity"] == "error" and forecast["value"] >= 0.5
+    assert forecast["metric"] == "failure_probability"
+    signals_named = [e["signal"] for e in forecast["evidence"]]
+    assert signals_named[0].startswith("stability")  # the strongest reason comes first
+    shares = [e["contribution"] for e in forecast["evidence"] if "contribution" in e]
+    assert shares == sorted(shares, reverse=True)
+    step = next(e["value"] for e in forecast["evidence"] if e["signal"] == "expected_failure_step")
+    assert "expected to fail near step" in forecast["message"] and step < 40
+    assert forecast["remedy"].startswith("lower the peak learning rate")
+
+    # The same run planned with a small ramp: the forecast is no error.
+    calm = profile(tmp_path / "calm", 9, "ramp=2")
+    f = next(f for f in check_run(calm).findings if f.rule == "failure-forecast")
+    assert f.severity != "error" and f.value < 0.5
+
+
+def test_a_run_without_an_index_or_plan_still_gets_a_score(tmp_path) -> None:
+    # No probe forward (a bare Recorder): every signal it lacks counts as a healthy median.
+    from conftest import batch_maker, mlp, train
+
+    from stabscope import Recorder
+
+    model = mlp()
+    with Recorder(model, tmp_path / "run") as rec:
+        train(model, 6, batch_maker(6, 3), rec=rec)
+    assert "stability_index" not in set(load_run(tmp_path / "run").metric)
+    f = next(f for f in check_run(tmp_path / "run").findings if f.rule == "failure-forecast")
+    assert 0.0 <= f.value <= 1.0
+    names = {e["signal"] for e in f.evidence}
+    assert {"stability_now", "stability_forecast"} <= names
