@@ -60,7 +60,7 @@ def fit_on(runs: list, sig: dict, ks: list[int]):
     from stabscope.rules.forecast_model import fit
 
     xs, ys = rows(runs, sig, ks)
-    return fit(xs, ys, SIGNALS, l2=L2)
+    return fit(xs, ys, SIGNALS, l2=L2)  # the module's SIGNALS and L2 (main may set them)
 
 
 def detect(run, sig: dict, until: int, model) -> int | None:
@@ -93,7 +93,12 @@ def main() -> None:
     ap.add_argument("--ks", default="5,10,25")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--write", action="store_true", help="store the fit in the package")
+    ap.add_argument("--signals", default="", help="comma-separated: fit these, not SIGNALS")
+    ap.add_argument("--l2", type=float, default=1.0)
     args = ap.parse_args()
+    global SIGNALS, L2
+    SIGNALS = tuple(args.signals.split(",")) if args.signals else SIGNALS
+    L2 = args.l2
     from stabscope.rules.forecast_model import WEIGHTS_FILE
 
     paths = current_runs(args.out)

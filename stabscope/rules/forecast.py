@@ -24,6 +24,7 @@ from ..store.lr_plan import planned_lr
 from . import forecast_features, stability_features
 from .base import Rule, RunView, finding
 from .forecast_model import load_default
+from .stability_features import lr_growth_ahead
 from .trends import Feature
 from .view import Request
 
@@ -83,8 +84,9 @@ def signals(view: RunView) -> dict[str, Feature]:
 
 
 def crossing_step(view: RunView, features: dict[str, Feature]) -> int | None:
-    """The first planned step after the last measurement at which S_now x lr(s) / lr_now
-    reaches 1, from the stability index's evidence and the planned lr curve."""
+    """The first planned step at which the extrapolated index S_now x lr(s) / base reaches 1,
+    ``base`` being the lr S was measured with (or, inside a warm-up, the warm-up's peak:
+    ``stability_features.lr_growth_ahead``)."""
     now = features.get("stability_now")
     plan = planned_lr(view.meta)
     if now is None or plan is None or not math.isfinite(now.value) or now.step is None:
@@ -94,8 +96,9 @@ def crossing_step(view: RunView, features: dict[str, Feature]) -> int | None:
     if lr_now.empty or not lr_now.iloc[0] > 0:
         return None
     steps, lrs = plan
+    ahead = lr_growth_ahead(steps, lrs, now.step, float(lr_now.iloc[0]))
     s_now = 10**now.value
-    over = np.flatnonzero((steps > now.step) & (s_now * lrs / float(lr_now.iloc[0]) >= 1))
+    over = np.flatnonzero((steps > ahead.base_step) & (s_now * lrs / ahead.base >= 1))
     return int(steps[over[0]]) if len(over) else None
 
 

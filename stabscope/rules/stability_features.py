@@ -14,10 +14,11 @@ Every signal is a log10 (S is scale-free already); NaN when the run did not meas
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
-from ..store.lr_plan import peak_lr_after
+from ..store.lr_plan import planned_lr
 from .trends import Feature
 from .view import Request, RunView
 
@@ -61,8 +62,8 @@ def stability_features(view: RunView) -> dict[str, Feature]:
         ),
     }
     lr_now = float(lr.get(last, math.nan))
-    ahead = peak_lr_after(view.meta, last + 1)
-    if ahead is None or not (lr_now > 0):
+    plan = planned_lr(view.meta)
+    if plan is None or not (lr_now > 0):
         out["stability_forecast"] = Feature(
             "stability_forecast",
             _log(now),
@@ -70,16 +71,64 @@ def stability_features(view: RunView) -> dict[str, Feature]:
             last,
         )
         return out
-    at, lr_peak = ahead
-    fc = now * lr_peak / lr_now
+    ahead = lr_growth_ahead(*plan, last, lr_now)
+    fc = now * ahead.factor
     out["stability_forecast"] = Feature(
         "stability_forecast",
         _log(fc),
-        f"stability index {now:.3g} at step {last} with lr {lr_now:.3g}; the planned lr "
-        f"reaches {lr_peak:.3g} at step {at}: index {fc:.3g} if the curvature stays",
-        at,
+        f"stability index {now:.3g} at step {last} with lr {lr_now:.3g}; {ahead.words}: "
+        f"index {fc:.3g} if the curvature stays",
+        ahead.step,
     )
     return out
 
 
-__all__ = ["FLOOR", "READS", "stability_features"]
+def warmup_end(steps: np.ndarray, lrs: np.ndarray) -> int:
+    """The step where the plan's opening rise (the warm-up) peaks; its first step if the plan
+    does not open with a rise."""
+    falls = np.flatnonzero(lrs[1:] <= lrs[:-1])
+    return int(steps[falls[0]] if len(falls) else steps[-1])
+
+
+@dataclass(frozen=True)
+class Ahead:
+    """The planned lr's rise that the forecast extrapolates S along: from ``base`` (the lr at
+    ``base_step``) up to ``peak`` at ``step``."""
+
+    step: int
+    peak: float
+    base: float
+    base_step: int
+    words: str
+
+    @property
+    def factor(self) -> float:
+        return max(self.peak / self.base, 1.0)
+
+
+def lr_growth_ahead(steps: np.ndarray, lrs: np.ndarray, last: int, lr_now: float) -> Ahead:
+    """How far the planned lr rises above the one S was measured with (``lr_now`` at
+    ``last``).
+
+    During a warm-up the curvature falls as the lr rises (Kalra and Barkeshli 2024, "Why
+    warmup the learning rate?": the warm-up's sharpness reduction is what lets the larger lr
+    train), so extrapolating S at fixed curvature along the warm-up predicts failures that
+    do not happen; only a rise beyond the warm-up's peak is extrapolated, from that peak.
+    After the warm-up, any later rise counts from the lr now."""
+    end = warmup_end(steps, lrs)
+    if last + 1 < end:  # inside the warm-up: only a rise beyond its peak
+        base, base_step = float(lrs[np.searchsorted(steps, end)]), end
+        words = "warm-up in progress (not extrapolated); "
+    else:
+        base, base_step, words = lr_now, last, ""
+    ahead = steps > base_step
+    if not ahead.any() or not np.nanmax(lrs[ahead]) > base:
+        return Ahead(last, base, base, base_step, words + "the planned lr rises no further")
+    i = int(np.flatnonzero(ahead)[np.nanargmax(lrs[ahead])])
+    peak, at = float(lrs[i]), int(steps[i])
+    return Ahead(
+        at, peak, base, base_step, words + f"the planned lr reaches {peak:.3g} at step {at}"
+    )
+
+
+__all__ = ["FLOOR", "READS", "Ahead", "lr_growth_ahead", "stability_features", "warmup_end"]
