@@ -22,6 +22,11 @@ from .hooks import _compiling, _in_backward
 #: call(model, *args, **kwargs): what the replay runs (default: ``model(*args, **kwargs)``)
 Call = Callable[..., Any]
 
+#: Keyword arguments left out of a replay. transformers' Trainer passes a model that takes
+#: loss kwargs the token count of all the step's micro-batches: the loss is then this
+#: micro-batch's share of the step's mean; without it, its own mean, the scale the step has.
+LOSS_SHARE_KWARGS = ("num_items_in_batch",)
+
 
 def detached_copy(obj: Any, device: torch.device | None = None) -> Any:
     """``obj`` with every tensor in its tuples, lists, mappings and dataclasses detached and
@@ -113,4 +118,11 @@ class FirstTrainingCall:
             self._handle = None
 
 
-__all__ = ["FirstTrainingCall", "Replay", "call_model", "detached_copy", "single_device"]
+__all__ = [
+    "LOSS_SHARE_KWARGS",
+    "FirstTrainingCall",
+    "Replay",
+    "call_model",
+    "detached_copy",
+    "single_device",
+]

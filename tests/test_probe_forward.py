@@ -97,3 +97,22 @@ def test_zero_code_notes_a_model_that_returns_no_loss(tmp_path):
     assert values(run, "__run__", "stability_index").empty
     notes = stabscope.read_meta(run)["notes"]
     assert "stability_index not measured: the probe forward returns no scalar loss" in notes
+
+
+def test_a_forward_that_raises_is_noted_and_training_goes_on(tmp_path):
+    """A replayed step may raise anything (a training_step reading a key the batch copy
+    lacks): the measurements stop with a note, the training is not interrupted."""
+    from tests.conftest import batch_maker, mlp, train
+
+    def forward(model: torch.nn.Module) -> torch.Tensor:
+        raise KeyError("labels")
+
+    model = mlp()
+    rec = stabscope.Recorder(model, tmp_path / "run")
+    assert rec.wants_probe_forward
+    rec.set_probe_forward(forward)
+    assert not rec.wants_probe_forward
+    with rec:
+        train(model, 4, batch_maker(6, 3), rec=rec)
+    assert stabscope.read_meta(tmp_path / "run")["steps"] == 4
+    assert "stability_index not measured: KeyError: 'labels'" in rec.meta["notes"]

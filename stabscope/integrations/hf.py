@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from ..config import RecorderConfig
-from ..probe_forward import FirstTrainingCall
+from ..probe_forward import LOSS_SHARE_KWARGS, FirstTrainingCall
 from ..recorder import Recorder
 from .session import RecordingSession
 
@@ -94,7 +94,7 @@ class StabscopeCallback(TrainerCallback):
             self._probe_batch = FirstTrainingCall(
                 model,
                 rec.set_probe_forward,
-                drop=("num_items_in_batch",),
+                drop=LOSS_SHARE_KWARGS,
                 accept=lambda output: output_loss(output) is not None,
             )
 

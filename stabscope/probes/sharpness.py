@@ -199,7 +199,9 @@ class SharpnessProbe:
             return
         try:
             found = stability_index(self.model, self.forward, optimizers, self.iterations, pause)
-        except (RuntimeError, NotImplementedError) as err:  # no double backward, out of memory
+        except Exception as err:  # no double backward, out of memory, a replayed step's error
+            # The forward may be the user's code replayed (a training_step, a model call):
+            # whatever it raises ends the measurements, never the training.
             first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
             self.note = f"stability_index not measured: {type(err).__name__}: {first}"
             return

@@ -51,7 +51,7 @@ from ..config import RecorderConfig
 from ..distributed import rank, world_size
 from ..lr_plan import live_schedulers
 from ..module_table import unwrap_model
-from ..probe_forward import FirstTrainingCall
+from ..probe_forward import LOSS_SHARE_KWARGS, FirstTrainingCall
 from ..recorder import Recorder, error_entry
 from ..store import new_meta, save_meta
 from ..store.interrupts import interrupting_signal, signal_name
@@ -299,7 +299,11 @@ class ScriptRecording:
         if rec.wants_probe_forward and not isinstance(module, TrainedModels):
             # Registered inside the model's first call: it already sees that call's output.
             self._probe_batch = FirstTrainingCall(
-                module, rec.set_probe_forward, call=call_unwrapped, to_device=True
+                module,
+                rec.set_probe_forward,
+                call=call_unwrapped,
+                drop=LOSS_SHARE_KWARGS,
+                to_device=True,
             )
         # Registered after the Recorder's own step hooks, so that its update ratios of this
         # step are in before the step ends.
