@@ -68,6 +68,19 @@ class Replay:
         return self.call(model, *self.args, **self.kwargs)
 
 
+def replay_of(
+    call: Call, args: tuple[Any, ...], kwargs: dict[str, Any], device: torch.device | None = None
+) -> Replay | None:
+    """A ``Replay`` on copies of ``args`` and ``kwargs``; None when they cannot be copied (no
+    memory left for the batch, an object that will not be rebuilt): this runs inside the
+    user's training, which a probe must never stop."""
+    try:
+        args, kwargs = detached_copy((args, kwargs), device)
+    except Exception:
+        return None
+    return Replay(call, args, kwargs)
+
+
 def single_device(model: nn.Module) -> torch.device | None:
     """The one device holding all of ``model``'s parameters; None if several or none."""
     devices = {p.device for p in model.parameters()}
@@ -102,15 +115,9 @@ class FirstTrainingCall:
             return
         self.remove()  # safe inside the hook: the call iterates a snapshot of the hooks
         kept = {k: v for k, v in kwargs.items() if k not in self.drop}
-        try:
-            args, kept = detached_copy((args, kept), self.device)
-        except RuntimeError:  # no memory left for a copy of the batch: no probe forward
-            return
-        self.on_capture(Replay(self.call, args, kept))
-
-    @property
-    def waiting(self) -> bool:
-        return self._handle is not None
+        replay = replay_of(self.call, args, kept, self.device)
+        if replay is not None:
+            self.on_capture(replay)
 
     def remove(self) -> None:
         if self._handle is not None:
@@ -124,5 +131,6 @@ __all__ = [
     "Replay",
     "call_model",
     "detached_copy",
+    "replay_of",
     "single_device",
 ]

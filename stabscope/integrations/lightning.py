@@ -34,7 +34,7 @@ from typing import Any
 
 from ..config import RecorderConfig
 from ..lr_plan import Unplannable
-from ..probe_forward import Replay, detached_copy
+from ..probe_forward import Replay, replay_of
 from ..recorder import Recorder
 from ..store.interrupts import ending_status
 from .session import RecordingSession
@@ -110,7 +110,7 @@ def training_step_replay(pl_module: Any, batch: Any, batch_idx: int) -> Replay |
         return None
     positional = any(p.kind is p.VAR_POSITIONAL for p in params.values())
     index = (batch_idx,) if "batch_idx" in params or len(params) >= 2 or positional else ()
-    return Replay(replay_training_step, (detached_copy(batch), *index), {})
+    return replay_of(replay_training_step, (batch, *index), {})
 
 
 class StabscopeCallback(Callback):
