@@ -147,11 +147,9 @@ class Recorder:
         self._module_codes = [c for c, _ in mod_codes]
         param_codes = [(self.writer.modules(name), p) for name, p in params]
         self._run_code = self.writer.modules(RUN_MODULE)
-        self.sharpness = (
-            SharpnessProbe(model, self.forward, self._run_code, cfg.sharpness_iters)
-            if cfg.wants_sharpness and self.forward is not None
-            else None
-        )
+        self.sharpness: SharpnessProbe | None = None
+        if self.forward is not None:
+            self.set_probe_forward(self.forward)
         self._param_codes = param_codes
         self._forward_order: dict[int, int] = {}
 
@@ -182,6 +180,20 @@ class Recorder:
             notes=[],
             error=None,
         )
+
+    @property
+    def wants_probe_forward(self) -> bool:
+        """Whether the stability index waits for a probe forward (``set_probe_forward``)."""
+        return self.sharpness is None and self.config.wants_sharpness
+
+    def set_probe_forward(self, forward: Callable[[nn.Module], Any]) -> None:
+        """Measure the stability index with ``forward`` from now on, unless it has one: for
+        callers that have a probe batch only once training runs (the framework callbacks,
+        zero-code mode). Structure discovery and the model update keep to ``Recorder(
+        forward=...)``: the update's reference is the model before its first step."""
+        if self.wants_probe_forward:
+            iters = self.config.sharpness_iters
+            self.sharpness = SharpnessProbe(self.model, forward, self._run_code, iters)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def __enter__(self) -> Recorder:
@@ -365,7 +377,12 @@ class Recorder:
             sampling=AttentionSampling(cfg.attn_batch, cfg.attn_queries),
         )
         self.meta["structure"] = self.structure.to_dict()
-        self.meta["notes"] = [*self.structure.notes, *self.structure_probes.notes]
+        # Notes added before the structure was known (by a caller) are kept after its own.
+        self.meta["notes"] = [
+            *self.structure.notes,
+            *self.structure_probes.notes,
+            *self.meta["notes"],
+        ]
 
     def _finish_recorded_step(self, step: int) -> None:
         t0 = time.perf_counter()

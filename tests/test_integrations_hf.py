@@ -20,6 +20,7 @@ from transformers import (
 
 import stabscope
 from stabscope.integrations.hf import StabscopeCallback
+from stabscope.probes.sharpness import due, stability_index
 from tests.conftest import ROOT
 
 STEPS = 4
@@ -75,14 +76,21 @@ class Bigram(torch.nn.Module):
 
 
 def train(
-    run_dir, accumulate: int, model: torch.nn.Module | None = None, **arguments
+    run_dir,
+    accumulate: int,
+    model: torch.nn.Module | None = None,
+    steps: int = STEPS,
+    recorded: bool = True,
+    extra: tuple[TrainerCallback, ...] = (),
+    **arguments,
 ) -> tuple[torch.nn.Module, Witness, Trainer]:
+    """``extra`` callbacks run before stabscope's; ``recorded=False``: without stabscope."""
     model = tiny_gpt2() if model is None else model
     witness = Witness(model)
     args = TrainingArguments(
         **arguments,
         output_dir=str(run_dir.parent / "trainer"),
-        max_steps=STEPS,
+        max_steps=steps,
         per_device_train_batch_size=4,
         gradient_accumulation_steps=accumulate,
         learning_rate=1e-3,
@@ -94,10 +102,11 @@ def train(
         disable_tqdm=True,
         seed=0,
     )
-    callback = StabscopeCallback(run_dir, schedule=stabscope.Schedule(dense=100, every=0))
-    trainer = Trainer(
-        model=model, args=args, train_dataset=dataset(), callbacks=[witness, callback]
-    )
+    callbacks = [witness, *extra]
+    if recorded:
+        schedule = stabscope.Schedule(dense=100, every=0)
+        callbacks.append(StabscopeCallback(run_dir, schedule=schedule))
+    trainer = Trainer(model=model, args=args, train_dataset=dataset(), callbacks=callbacks)
     trainer.train()
     return model, witness, trainer
 
@@ -154,6 +163,51 @@ def test_lr_is_the_one_each_optimizer_step_used(run_dir):
     assert sorted(lr["index"].unique()) == [0, 1]
     for _, group in lr.groupby("index"):
         np.testing.assert_allclose(group.sort_values("step").value, want, rtol=1e-6)
+
+
+class IndexWitness(TrainerCallback):
+    """The stability index computed here at every step end, before the recorder's
+    ``on_step_end``: on the model inputs of the first training pass, as captured by a
+    forward pre-hook, with the loss the model computes from them (the micro-batch mean)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.first: dict[str, torch.Tensor] | None = None
+        self.index: dict[int, float] = {}
+        self.handle = model.register_forward_pre_hook(self.see, with_kwargs=True)
+
+    def see(self, module, args, kwargs):
+        if self.first is None and module.training:
+            self.first = {k: kwargs[k].clone() for k in ("input_ids", "labels")}
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kw):
+        if not due(state.global_step - 1):
+            return
+        first = self.first
+        inner = optimizer.optimizer  # inside accelerate's AcceleratedOptimizer
+        found = stability_index(model, lambda m: m(**first).loss, [inner])
+        assert not isinstance(found, str), found
+        self.index[state.global_step - 1] = found[0]
+
+
+def test_stability_index_is_measured_on_the_first_batch_and_training_is_unchanged(run_dir):
+    """5 steps of 2 micro-batches: the index at steps 2 and 4 is the first micro-batch's,
+    with its own mean loss (not the Trainer's share of the step's tokens); the weights after
+    training are bit-identical to a run without stabscope (GPT-2's dropout is on)."""
+    model = tiny_gpt2()
+    probe = IndexWitness(model)
+    # A constant lr: the linear default's is 0 after the last step, and so is the index.
+    const = {"lr_scheduler_type": "constant"}
+    _, _, trainer = train(run_dir, 2, model, steps=5, extra=(probe,), **const)
+    assert trainer.model_accepts_loss_kwargs  # num_items_in_batch is passed to the model
+    index = stabscope.load_run(run_dir, metrics=["stability_index"]).sort_values("step")
+    assert index.step.tolist() == [2, 4]
+    want = [probe.index[2], probe.index[4]]
+    np.testing.assert_allclose(index.value.to_numpy(float), want, rtol=1e-5)
+    assert (index.value > 0).all()
+    plain, _, _ = train(run_dir.parent / "plain", 2, steps=5, recorded=False, **const)
+    after, want = dict(model.named_parameters()), dict(plain.named_parameters())
+    assert all(torch.equal(after[n], want[n]) for n in want)
+    assert not model._forward_hooks  # the probe batch's hook is gone too
 
 
 @pytest.mark.slow

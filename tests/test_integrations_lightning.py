@@ -10,11 +10,13 @@ import lightning.pytorch as L
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import stabscope
 from stabscope import Schedule
-from stabscope.integrations.lightning import StabscopeCallback
+from stabscope.integrations.lightning import MANUAL_NOTE, StabscopeCallback
+from stabscope.probes.sharpness import due, stability_index
 from tests.conftest import batch_maker, mlp
 
 BATCHES, ACCUMULATE = 9, 2  # 4 windows of 2 micro-batches, then one of 1: 5 optimizer steps
@@ -37,7 +39,8 @@ class Regressor(L.LightningModule):
             raise RuntimeError("data loader gave a bad batch")
         x, y = batch
         loss = (self.net(x) - y).pow(2).mean()
-        self.window.append(loss.item())
+        if self.training:  # not the stability index's replay of the first batch (eval mode)
+            self.window.append(loss.item())
         return loss
 
     def on_before_optimizer_step(self, optimizer):  # after backward, before the update
@@ -60,14 +63,32 @@ class Regressor(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": warm, "interval": "step"}}
 
 
-def fit(module: Regressor, run_dir, **options) -> L.Trainer:
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    """(72, 6) inputs and (72, 3) targets: 9 batches of 8, in order."""
     make = batch_maker(6, 3)
     x, y = (torch.cat(t) for t in zip(*(make(i) for i in range(BATCHES))))
+    return x, y
+
+
+def fit(
+    module: L.LightningModule,
+    run_dir,
+    extra: tuple[L.Callback, ...] = (),
+    recorded: bool = True,
+    accumulate: int = ACCUMULATE,
+    **options,
+) -> L.Trainer:
+    """``extra`` callbacks run before stabscope's; ``recorded=False``: without stabscope."""
+    x, y = data()
+    callbacks = [*extra]
+    if recorded:
+        schedule = Schedule(dense=100, every=0)
+        callbacks.append(StabscopeCallback(run_dir, schedule=schedule, **options))
     trainer = L.Trainer(
         max_epochs=1,
         accelerator="cpu",
-        accumulate_grad_batches=ACCUMULATE,
-        callbacks=[StabscopeCallback(run_dir, schedule=Schedule(dense=100, every=0), **options)],
+        accumulate_grad_batches=accumulate,
+        callbacks=callbacks,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -127,6 +148,86 @@ def test_an_exception_in_fit_closes_the_run_as_failed(run_dir):
     )
     assert len(module.steps) == 2
     assert all(not m._forward_hooks for m in module.modules())
+
+
+class Logging(L.LightningModule):
+    """MLP regression with dropout that logs its loss from ``training_step``, as most do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Dropout(0.2), nn.Linear(12, 3))
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (self.net(x) - y).pow(2).mean()
+
+    def training_step(self, batch, batch_idx):
+        loss = self.loss(*batch)
+        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        return {"loss": loss}
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+class IndexWitness(L.Callback):
+    """The stability index computed here when an optimizer step ends, before the recorder's
+    ``on_train_batch_end``: on the first batch the DataLoader yields (not shuffled)."""
+
+    def __init__(self) -> None:
+        x, y = data()
+        self.first = (x[:8], y[:8])
+        self.index: dict[int, float] = {}
+        self.global_step = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step, self.global_step = self.global_step, trainer.global_step
+        if trainer.global_step != step and due(step):
+            x, y = self.first
+            found = stability_index(pl_module, lambda m: m.loss(x, y), trainer.optimizers)
+            self.index[step] = found[0]
+
+
+def test_stability_index_replays_the_first_batch_and_training_is_unchanged(run_dir):
+    """5 optimizer steps: the index at steps 2 and 4 is the first batch's; the replayed
+    ``training_step`` logs nothing (the logged metrics are those of a run without
+    stabscope), and the weights after fit are bit-identical to that run's (dropout on)."""
+    module, witness = Logging(), IndexWitness()
+    trainer = fit(module, run_dir, extra=(witness,))
+    index = stabscope.load_run(run_dir, metrics=["stability_index"]).sort_values("step")
+    assert index.step.tolist() == [2, 4]
+    want = [witness.index[2], witness.index[4]]
+    np.testing.assert_allclose(index.value.to_numpy(float), want, rtol=1e-5)
+    assert (index.value > 0).all()
+    plain_module = Logging()
+    plain = fit(plain_module, run_dir.parent / "plain", recorded=False)
+    want_weights = dict(plain_module.named_parameters())
+    assert all(torch.equal(p, want_weights[n]) for n, p in module.named_parameters())
+    assert trainer.logged_metrics.keys() == plain.logged_metrics.keys()
+    for name, value in plain.logged_metrics.items():
+        assert torch.equal(trainer.logged_metrics[name], value), name
+    assert "log" not in module.__dict__  # the switch is gone
+
+
+def test_manual_optimization_is_not_replayed(run_dir):
+    class Manual(Regressor):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            opt = self.optimizers()
+            opt.zero_grad()
+            loss = (self.net(batch[0]) - batch[1]).pow(2).mean()
+            self.manual_backward(loss)
+            opt.step()
+            self.calls = getattr(self, "calls", 0) + 1
+
+    module = Manual()
+    fit(module, run_dir, accumulate=1)
+    assert module.calls == BATCHES  # no replay: one call per batch
+    assert stabscope.load_run(run_dir, metrics=["stability_index"]).empty
+    assert MANUAL_NOTE in stabscope.read_meta(run_dir)["notes"]
 
 
 def test_closure_steps_record_the_gradients_the_closure_computed(run_dir):

@@ -348,6 +348,9 @@ def test_transformers_trainer_script(tmp_path):
         [r["loss"] for r in log], rel=1e-5
     )
     assert values(run, "transformer.h.0.mlp", "act_rms").call.tolist() == [0, 1] * 4
+    # The model is given labels: its first call, replayed, gives the stability index.
+    index = values(run, "__run__", "stability_index")
+    assert index.step.tolist() == [2] and 0 < index.value[0] < float("inf")
 
 
 def test_lr_is_the_one_each_optimizer_step_used(tmp_path):

@@ -20,6 +20,11 @@ and the shares are summed; otherwise the micro-batch means are averaged. Either 
 recorded loss is the one the Trainer logs for that step. A ``compute_loss`` override or a
 ``compute_loss_func`` computes a loss the model never returns: none is recorded then.
 
+**Stability index.** Its probe batch is the model inputs of the first training pass whose
+output has a loss (the Trainer passes the labels in them), copied once on their device and
+replayed as ``model(**inputs)``, without ``num_items_in_batch``: the replayed loss is that
+micro-batch's own mean, the scale of the loss the optimizer steps on. ``forward=`` overrides it.
+
 **Planned lr.** The Trainer's scheduler (``lr_scheduler``) is planned to ``state.max_steps``
 (meta.json's ``lr_plan``; from the step training starts at when resuming).
 
@@ -37,6 +42,7 @@ from typing import Any
 import torch
 
 from ..config import RecorderConfig
+from ..probe_forward import LOSS_SHARE_KWARGS, FirstTrainingCall
 from ..recorder import Recorder
 from .session import RecordingSession
 
@@ -72,6 +78,7 @@ class StabscopeCallback(TrainerCallback):
     ) -> None:
         self.session = RecordingSession(out, config, options)
         self._loss_hook: Any = None
+        self._probe_batch: FirstTrainingCall | None = None
         self._reduce = "mean"
 
     @property
@@ -80,9 +87,16 @@ class StabscopeCallback(TrainerCallback):
         return self.session.recorder
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any):
-        self._remove_loss_hook()  # left by a train() that raised
-        self.session.start(model, "transformers", **hf_plan(state, kw.get("lr_scheduler")))
+        self._remove_hooks()  # left by a train() that raised
+        rec = self.session.start(model, "transformers", **hf_plan(state, kw.get("lr_scheduler")))
         self._loss_hook = model.register_forward_hook(self._on_model_output, with_kwargs=True)
+        if rec.wants_probe_forward:
+            self._probe_batch = FirstTrainingCall(
+                model,
+                rec.set_probe_forward,
+                drop=LOSS_SHARE_KWARGS,
+                accept=lambda output: output_loss(output) is not None,
+            )
 
     def _on_model_output(self, module: Any, args: Any, kwargs: Any, output: Any) -> None:
         if not (module.training and torch.is_grad_enabled()):
@@ -99,13 +113,16 @@ class StabscopeCallback(TrainerCallback):
         self.session.step(self._reduce, args.world_size if across else 1)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any):
-        self._remove_loss_hook()
+        self._remove_hooks()
         self.session.close("complete")
 
-    def _remove_loss_hook(self) -> None:
+    def _remove_hooks(self) -> None:
         if self._loss_hook is not None:
             self._loss_hook.remove()
             self._loss_hook = None
+        if self._probe_batch is not None:
+            self._probe_batch.remove()
+            self._probe_batch = None
 
 
 __all__ = ["StabscopeCallback", "output_loss"]

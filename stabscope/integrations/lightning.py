@@ -15,18 +15,26 @@ reads the gradients after the closure, so they are this step's (see ``optim_clos
 The planned lr (meta.json's ``lr_plan``) steps the schedulers Lightning steps every optimizer
 step (``interval="step"``, ``frequency=1``) to ``trainer.estimated_stepping_batches``; a
 scheduler stepped per epoch, or every k steps, or under manual optimization makes it ``unknown``.
+The stability index replays ``training_step`` on the first training batch (a copy taken in
+``on_train_batch_start``, where Lightning has moved it to the device), with ``self.log`` and
+``self.log_dict`` switched off and ``self.training`` False (the probe's eval mode); not under
+manual optimization, where ``training_step`` steps the optimizers itself.
 The run is closed on ``on_fit_end``, and marked ``failed`` on ``on_exception`` (``interrupted`` for
 Ctrl-C or SIGTERM).
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import math
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from ..config import RecorderConfig
 from ..lr_plan import Unplannable
+from ..probe_forward import Replay, replay_of
 from ..recorder import Recorder
 from ..store.interrupts import ending_status
 from .session import RecordingSession
@@ -64,6 +72,47 @@ def lightning_plan(trainer: Any, pl_module: Any) -> dict[str, Any]:
     return {"schedulers": schedulers, "budget": left if left > 0 else None}
 
 
+MANUAL_NOTE = (
+    "stability_index not measured: under manual optimization training_step steps the "
+    "optimizers itself, so it cannot be replayed as the probe forward"
+)
+
+
+def _ignore(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+@contextlib.contextmanager
+def logging_off(module: Any) -> Iterator[None]:
+    """``module.log`` and ``module.log_dict`` do nothing in the body: a replayed
+    ``training_step`` would otherwise log the probe batch's values into the running hook's
+    results (instance attributes shadow the methods, and are deleted afterwards)."""
+    module.log = module.log_dict = _ignore
+    try:
+        yield
+    finally:
+        del module.log, module.log_dict
+
+
+def replay_training_step(module: Any, batch: Any, *batch_idx: int) -> Any:
+    with logging_off(module):
+        return module.training_step(batch, *batch_idx)
+
+
+def training_step_replay(pl_module: Any, batch: Any, batch_idx: int) -> Replay | None:
+    """``forward(model)`` for the stability index: ``training_step`` on a copy of ``batch``,
+    with ``batch_idx`` when it takes one (as Lightning decides); None when it cannot be
+    replayed (manual optimization, or a ``training_step`` fed a ``dataloader_iter``)."""
+    if not getattr(pl_module, "automatic_optimization", True):
+        return None
+    params = inspect.signature(pl_module.training_step).parameters
+    if "dataloader_iter" in params:
+        return None
+    positional = any(p.kind is p.VAR_POSITIONAL for p in params.values())
+    index = (batch_idx,) if "batch_idx" in params or len(params) >= 2 or positional else ()
+    return replay_of(replay_training_step, (batch, *index), {})
+
+
 class StabscopeCallback(Callback):
     """Records the LightningModule's training; keyword options are ``stabscope.Recorder``'s
     (``preset``, ``include``, ``exclude``, ``schedule``, ``force``, ``forward``, ...)."""
@@ -74,6 +123,7 @@ class StabscopeCallback(Callback):
         super().__init__()
         self.session = RecordingSession(out, config, options)
         self._global_step = 0
+        self._probe_tried = False
 
     @property
     def recorder(self) -> Recorder | None:
@@ -81,8 +131,21 @@ class StabscopeCallback(Callback):
         return self.session.recorder
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        self.session.start(pl_module, "lightning", **lightning_plan(trainer, pl_module))
+        rec = self.session.start(pl_module, "lightning", **lightning_plan(trainer, pl_module))
         self._global_step = trainer.global_step
+        self._probe_tried = False
+        if rec.wants_probe_forward and not getattr(pl_module, "automatic_optimization", True):
+            rec.meta["notes"].append(MANUAL_NOTE)
+
+    def on_train_batch_start(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
+    ) -> None:
+        rec = self.session.recorder
+        if rec is not None and rec.wants_probe_forward and not self._probe_tried:
+            self._probe_tried = True  # the first batch of this fit only
+            replay = training_step_replay(pl_module, batch, batch_idx)
+            if replay is not None:
+                rec.set_probe_forward(replay)
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int

@@ -45,11 +45,24 @@ def due(step: int) -> bool:
 
 
 def scalar_loss(output: Any) -> torch.Tensor | None:
-    """The loss in a probe forward's output: a one-element tensor, or a mapping's ``loss``."""
+    """The loss in a probe forward's output, as a 0-d tensor: the output itself when it is a
+    one-element tensor that requires grad; a mapping's ``loss`` (a dict, transformers'
+    ``ModelOutput``) or another object's ``.loss``; the one such tensor among a tuple's or
+    list's items (nanoGPT's ``(logits, loss)``). None for anything else, and for a tuple
+    holding two candidates: a loss is never guessed, nor taken from a non-scalar."""
     if isinstance(output, Mapping):
-        output = output.get("loss")
-    if isinstance(output, torch.Tensor) and output.numel() == 1 and output.requires_grad:
-        return output.reshape(())
+        return _scalar(output.get("loss"))
+    if isinstance(output, (tuple, list)):
+        found = [t for t in map(_scalar, output) if t is not None]
+        return found[0] if len(found) == 1 else None
+    if isinstance(output, torch.Tensor):
+        return _scalar(output)
+    return _scalar(getattr(output, "loss", None))
+
+
+def _scalar(value: Any) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.requires_grad:
+        return value.reshape(())
     return None
 
 
@@ -186,7 +199,9 @@ class SharpnessProbe:
             return
         try:
             found = stability_index(self.model, self.forward, optimizers, self.iterations, pause)
-        except (RuntimeError, NotImplementedError) as err:  # no double backward, out of memory
+        except Exception as err:  # no double backward, out of memory, a replayed step's error
+            # The forward may be the user's code replayed (a training_step, a model call):
+            # whatever it raises ends the measurements, never the training.
             first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
             self.note = f"stability_index not measured: {type(err).__name__}: {first}"
             return

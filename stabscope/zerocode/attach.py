@@ -21,6 +21,10 @@ The rules (also in docs/zero-code.md):
 - **The planned lr** (meta.json's ``lr_plan``): when the model is found, the live torch
   schedulers of its optimizers are stepped forward to ``budget`` and put back (lr_plan.py);
   a scheduler built after the model's first call is not seen.
+- **The stability index** replays the model's first training call (its arguments, copied once
+  on the model's device) as the probe forward: measured when the model returns its loss
+  (``model(x, targets)`` returning ``(logits, loss)``, a transformers model given labels);
+  otherwise meta.json notes that the probe forward returns no scalar loss.
 - ``max_steps``: after that many steps the Recorder is closed at the next safe point (the
   next backward call, or the end of the script) and every hook and wrapper is removed, so the
   rest of the script runs untouched; with ``stop_script`` the script is stopped at once by
@@ -47,6 +51,7 @@ from ..config import RecorderConfig
 from ..distributed import rank, world_size
 from ..lr_plan import live_schedulers
 from ..module_table import unwrap_model
+from ..probe_forward import LOSS_SHARE_KWARGS, FirstTrainingCall
 from ..recorder import Recorder, error_entry
 from ..store import new_meta, save_meta
 from ..store.interrupts import interrupting_signal, signal_name
@@ -71,6 +76,12 @@ class TrainedModels(nn.ModuleDict):
                 name, k = f"{base}_{k}", k + 1
             names[name] = m
         super().__init__(names)
+
+
+def call_unwrapped(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The replay runs the model inside a DDP or ``torch.compile`` wrapper: no collective
+    outside the training's own, and a double backward that compiled graphs lack."""
+    return unwrap_model(model)(*args, **kwargs)
 
 
 class StopScript(BaseException):
@@ -143,6 +154,7 @@ class ScriptRecording:
         self._steps_before: dict[int, int] = {}  # per optimizer, steps before the model
         self._other_roots: set[int] = set()  # trained root modules outside the model
         self._hooks: list[Any] = []
+        self._probe_batch: FirstTrainingCall | None = None
         self._dynamo = DynamoCounts()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -165,6 +177,8 @@ class ScriptRecording:
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
+        if self._probe_batch is not None:
+            self._probe_batch.remove()
 
     def close(self, status: str = "complete", error: BaseException | None = None) -> None:
         """Remove every hook and wrapper, then close the run. Safe to call twice."""
@@ -282,6 +296,15 @@ class ScriptRecording:
         self.losses.clear()
         rec.start()
         self.recorder = rec
+        if rec.wants_probe_forward and not isinstance(module, TrainedModels):
+            # Registered inside the model's first call: it already sees that call's output.
+            self._probe_batch = FirstTrainingCall(
+                module,
+                rec.set_probe_forward,
+                call=call_unwrapped,
+                drop=LOSS_SHARE_KWARGS,
+                to_device=True,
+            )
         # Registered after the Recorder's own step hooks, so that its update ratios of this
         # step are in before the step ends.
         self._hooks.append(register_optimizer_step_post_hook(self._after_step))
