@@ -48,15 +48,18 @@ def exact_hessian(model: nn.Module) -> torch.Tensor:
 
 
 def index_by_hand(opt: torch.optim.Optimizer, model: nn.Module, limit: float) -> float:
-    """λ_max(M^½ H M^½) with M written out from the optimizer's own state (not the probe's)."""
+    """λ_max(M^½ H M^½) with M written out from the optimizer's own state (not the probe's)
+    and, for Adam, the probe batch's gradient: the v and t the next step would use."""
+    grads = dict(zip(model.parameters(), torch.autograd.grad(loss_of(model), model.parameters())))
     parts = []
     for group in opt.param_groups:
         for p in group["params"]:
             lr, st = group["lr"], opt.state[p]
             if "exp_avg_sq" in st:  # Adam: lr / ((1 - β1^t) limit (√(v / (1 - β2^t)) + ε))
                 b1, b2 = group["betas"]
-                t = float(st["step"])
-                d = (st["exp_avg_sq"].double() / (1 - b2**t)).sqrt() + group["eps"]
+                t = float(st["step"]) + 1
+                v = b2 * st["exp_avg_sq"].double() + (1 - b2) * grads[p].double() ** 2
+                d = (v / (1 - b2**t)).sqrt() + group["eps"]
                 parts.append((lr / ((1 - b1**t) * limit) / d).reshape(-1))
             else:
                 parts.append(torch.full((p.numel(),), lr / limit, dtype=torch.float64))

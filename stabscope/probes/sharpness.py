@@ -80,8 +80,9 @@ def _math_attention() -> Iterator[None]:
 
 def hessian_vector_product(
     loss: torch.Tensor, params: list[torch.Tensor]
-) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
-    """v -> H v for the Hessian of ``loss`` in ``params`` (float32 lists shaped like them)."""
+) -> tuple[Callable[[list[torch.Tensor]], list[torch.Tensor]], list[torch.Tensor | None]]:
+    """(v -> H v, the gradient): H the Hessian of ``loss`` in ``params`` (float32 lists shaped
+    like them); the gradient detached (None where ``loss`` does not reach a parameter)."""
     grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
     live = [(g, i) for i, g in enumerate(grads) if g is not None and g.requires_grad]
 
@@ -92,7 +93,7 @@ def hessian_vector_product(
         out = torch.autograd.grad(dot, params, retain_graph=True, allow_unused=True)
         return [torch.zeros_like(v) if o is None else o.float() for o, v in zip(out, vs)]
 
-    return hvp
+    return hvp, [None if g is None else g.detach() for g in grads]
 
 
 def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
@@ -152,14 +153,17 @@ def stability_index(
     if sc.not_ready or not sc.params:
         return "the optimizer has not stepped yet"
     lr = max(float(g["lr"]) for opt in optimizers for g in opt.param_groups)
-    roots = [m.sqrt() if isinstance(m, torch.Tensor) else m**0.5 for m in sc.scales]
     with paused(*pause), side_forward(model), _math_attention(), torch.enable_grad():
         loss = scalar_loss(forward(model))
         if loss is None:
             return "the probe forward returns no scalar loss"
         if not torch.isfinite(loss).item():
             return "the loss is not finite"
-        hvp = hessian_vector_product(loss, sc.params)
+        hvp, grads = hessian_vector_product(loss, sc.params)
+        # The adaptive preconditioners as the next step would use them on this batch.
+        probe = {id(p): g for p, g in zip(sc.params, grads) if g is not None}
+        sc = scales(optimizers, probe)
+        roots = [m.sqrt() if isinstance(m, torch.Tensor) else m**0.5 for m in sc.scales]
 
         def op(w: list[torch.Tensor]) -> list[torch.Tensor]:
             # (P,) per parameter: M^½ H M^½ w
