@@ -113,6 +113,7 @@ def test_the_healthy_twin_trips_the_rules_this_file_relies_on(tmp_path):
         "model-update",
         "rank-desync",
         "prediction-mismatch",
+        "failure-forecast",
     }
 
 
@@ -123,8 +124,11 @@ def test_a_divergence_partway_adds_nonfinite_and_changes_nothing_else(tmp_path, 
     result = check(run)
     nonfinite = [f for f in result.findings if f.rule == "nonfinite"]
     others = [f for f in result.findings if f.rule != "nonfinite"]
-    # The finite steps alone (the gate's own --until) give the same verdicts.
-    assert verdicts(others) == verdicts(check(run, until=since).findings)
+    # The finite steps alone (the gate's own --until) give the same verdicts, but for the
+    # failure forecast: a run that has failed gets none (nonfinite says it), its prefix does.
+    prefix = check(run, until=since).findings
+    assert "failure-forecast" in {f.rule for f in prefix}
+    assert verdicts(others) == verdicts(f for f in prefix if f.rule != "failure-forecast")
     (f,) = nonfinite
     assert (f.severity, f.module, f.step, f.metric) == ("error", "blocks.1", since, "act_nonfinite")
     assert "the loss went non-finite at step 8" in f.message
@@ -147,6 +151,7 @@ def test_a_single_step(tmp_path, how):
     rules = {f.rule for f in check(run).findings}
     # One step holds no trend, spike or stall; what it does hold, at init, is still said.
     at_init = {"residual-dependency", "rank-desync", "adam-epsilon", "prediction-mismatch"}
+    at_init.add("failure-forecast")  # a score from init, and none once the run is non-finite
     assert rules == (at_init if how == "finite" else {"nonfinite"})
 
 

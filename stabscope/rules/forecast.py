@@ -7,7 +7,8 @@ fitted on a grid of healthy and failing runs of six model families (``forecast_m
 combines them into p; the finding carries every signal with its share of the log-odds.
 
 Severity: an error from p >= ``error`` (0.5), a warning from p >= ``warning``; below that an
-info finding still reports p, so ``--format json`` always carries the score. The expected
+info finding still reports p, so ``--format json`` always carries the score. A run that has
+already gone non-finite gets no forecast: it has failed, and ``nonfinite`` says where. The expected
 failure step is the first planned step at which the stability index, scaled by the planned lr,
 reaches 1 (when the run has a planned lr curve and that signal is among the reasons).
 """
@@ -51,6 +52,7 @@ READS = (
     *stability_features.READS,
     *forecast_features.READS,
     Request(("token_corr",), step="first"),
+    Request(("loss",)),
 )
 
 
@@ -110,7 +112,19 @@ def _remedy(name: str) -> str:
     )
 
 
+def already_failed(view: RunView) -> bool:
+    """A non-finite loss, activation or gradient in the steps seen: the run has failed and the
+    ``nonfinite`` rule says where; a forecast would only repeat it."""
+    seen = [w.get("step") for w in (view.meta.get("first_nonfinite") or {}).values()]
+    if any(isinstance(s, int) and (view.until is None or s < view.until) for s in seen):
+        return True
+    loss = view.metrics("loss").value.to_numpy(float)
+    return bool(len(loss)) and not np.isfinite(loss).all()
+
+
 def _forecast(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
+    if already_failed(view):
+        return
     model = load_default()
     features = signals(view)
     values = {k: f.value for k, f in features.items()}
