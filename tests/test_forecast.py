@@ -68,7 +68,12 @@ def test_the_forecast_comes_before_the_failure(before_ramp, tmp_path) -> None:
 
 
 def test_check_reports_the_score_and_its_evidence(before_ramp, tmp_path) -> None:
-    res = runner.invoke(app, ["check", str(before_ramp), "--format", "json"])
+    # Planned to 32x the edge of stability: a warning at least (p ~0.8 with the shipped fit).
+    f = next(f for f in check_run(before_ramp).findings if f.rule == "failure-forecast")
+    assert f.severity in ("warning", "error") and f.value >= 0.4
+    # Planned to 320x the edge: the gate fails.
+    steep = profile(tmp_path / "steep", 9, "ramp=10000")
+    res = runner.invoke(app, ["check", str(steep), "--format", "json"])
     assert res.exit_code == 1, res.output
     out = json.loads(res.stdout)
     forecast = next(f for f in out["findings"] if f["rule"] == "failure-forecast")

@@ -7,7 +7,8 @@ in SIGNALS. Its training rows are every stable grid run seen through each K% win
 per run and K); ``--write`` stores the fit on all families in
 stabscope/rules/forecast_weights.json, the numbers the rule ships with. ``gate_scores`` is the
 honest version: for each held-out family the model is fitted on the other families' rows only,
-and the gate on a held-out run is "any other rule's error, or p >= 0.5 from that fold's model".
+and the gate on a held-out run is "any other rule's error, or p >= the rule's error threshold
+(0.8) from that fold's model".
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from bench.grid.score import Score, current_runs, load, stable
 from bench.grid.signals import signals_and_errors
+from stabscope.rules.forecast import FORECAST
 
 #: The forecast's signals (stabscope.rules.forecast.signals names), each larger = worse.
 SIGNALS = (
@@ -34,8 +36,10 @@ SIGNALS = (
     "update_ratio_level",
     "init_token_corr",
 )
+#: Signals that only add to what the others say (ForecastModel.risks).
+RISKS = ("init_token_corr",)
 L2 = 1.0
-ERROR = 0.5
+ERROR = FORECAST.defaults["error"]  # the rule's own error threshold
 
 
 def until_of(run, k: int) -> int:
@@ -60,7 +64,8 @@ def fit_on(runs: list, sig: dict, ks: list[int]):
     from stabscope.rules.forecast_model import fit
 
     xs, ys = rows(runs, sig, ks)
-    return fit(xs, ys, SIGNALS, l2=L2)  # the module's SIGNALS and L2 (main may set them)
+    # The module's SIGNALS and L2 (main may set them).
+    return fit(xs, ys, SIGNALS, l2=L2, risks=tuple(r for r in RISKS if r in SIGNALS))
 
 
 def detect(run, sig: dict, until: int, model) -> int | None:

@@ -4,8 +4,11 @@
 
 Every signal is oriented so that larger is worse, and the weights are constrained to be
 non-negative: more of a warning sign never lowers the probability, on models the grid never
-had. ``fill`` is the median over the grid's healthy runs: a signal a run did not record counts
-as a typical healthy value (no evidence either way). ``clip`` keeps each signal inside the
+had. ``fill`` is the median over the grid's healthy runs, and only a signal's excess over it
+counts: a signal a run did not record, or one at or below a typical healthy value, adds
+nothing. Being calmer than a typical grid run is no evidence on a model whose signals live on
+another scale (a regression head's "logits", a task with a lower loss), so it cannot cancel a
+warning sign elsewhere. ``clip`` keeps each signal inside the
 range the grid spanned, so an unseen extreme (an index of 1e9) cannot outvote the rest by
 extrapolation. ``scale`` is the signal's standard deviation on the grid.
 
@@ -36,19 +39,30 @@ class ForecastModel:
     scale: tuple[float, ...]
     low: tuple[float, ...]
     high: tuple[float, ...]
+    #: Risk factors: signals that raise p only as far as the others already do (their term
+    #: is at most the sum of the other signals' positive terms), so that a risk alone never
+    #: makes a verdict. Token correlation near 1 at init is one: deep Post-LN models start
+    #: there and may or may not train (Kedia et al. 2024; the grid has both).
+    risks: tuple[str, ...] = ()
 
     def standardised(self, values: dict[str, float]) -> np.ndarray:
-        """(F,) each signal clipped to the grid's range, minus its healthy median, over its
-        scale; a missing or NaN signal is 0 (its healthy median)."""
+        """(F,) each signal clipped to the grid's range, its excess over the healthy median,
+        over its scale: 0 for a missing or NaN signal and for one at or below that median."""
         x = np.array([values.get(f, math.nan) for f in self.features], float)
         x = np.where(np.isnan(x), self.fill, x)
         x = np.clip(x, self.low, self.high)
-        return (x - np.array(self.fill)) / np.array(self.scale)
+        return np.maximum(x - np.array(self.fill), 0.0) / np.array(self.scale)
 
     def contributions(self, values: dict[str, float]) -> dict[str, float]:
-        """Each signal's term w_i · z_i of the log-odds."""
+        """Each signal's term w_i · z_i of the log-odds; a risk factor's capped by the sum of
+        the other signals' positive terms."""
         z = self.standardised(values)
-        return {f: float(w * v) for f, w, v in zip(self.features, self.weights, z)}
+        terms = {f: float(w * v) for f, w, v in zip(self.features, self.weights, z)}
+        support = sum(max(t, 0.0) for f, t in terms.items() if f not in self.risks)
+        for f in self.risks:
+            if f in terms:
+                terms[f] = min(terms[f], support)
+        return terms
 
     def probability(self, values: dict[str, float]) -> float:
         logit = self.bias + sum(self.contributions(values).values())
@@ -73,9 +87,11 @@ def fit(
     features: tuple[str, ...],
     l2: float = 1.0,
     iterations: int = 4000,
+    risks: tuple[str, ...] = (),
 ) -> ForecastModel:
     """Fit the monotone logistic model: maximum likelihood with an L2 penalty ``l2``·|w|²/2
-    (the bias unpenalised), weights projected onto w >= 0 after each gradient step."""
+    (the bias unpenalised), weights projected onto w >= 0 after each gradient step. The
+    ``risks`` cap is applied when scoring, not in the fit (the fit stays convex)."""
     y = np.array(failed, float)
     raw = np.array([[r.get(f, math.nan) for f in features] for r in rows], float)
     healthy = raw[y == 0] if (y == 0).any() else raw
@@ -88,7 +104,7 @@ def fit(
     x = np.clip(x, low, high)
     scale = x.std(axis=0)
     scale = np.where(scale > 0, scale, 1.0)
-    z = (x - fill) / scale  # (N, F)
+    z = np.maximum(x - fill, 0.0) / scale  # (N, F): warning signs only
     w, b = np.zeros(len(features)), 0.0
     n = len(y)
     # Gradient descent with step 1/L: the logistic loss's Hessian is at most |z|²/4n + l2/n.
@@ -106,6 +122,7 @@ def fit(
         tuple(float(v) for v in scale),
         tuple(float(v) for v in low),
         tuple(float(v) for v in high),
+        tuple(risks),
     )
 
 
