@@ -35,7 +35,8 @@ def newton(z: np.ndarray, y: np.ndarray, l2: float) -> tuple[np.ndarray, float]:
 def test_fit_equals_newton_when_the_optimum_is_monotone() -> None:
     rows, y, x = data()
     model = fit(rows, y, ("a", "b"), l2=1.0, iterations=20000)
-    z = (x - np.array(model.fill)) / np.array(model.scale)
+    # The model's own design: each signal's excess over the healthy median, over its scale.
+    z = np.maximum(x - np.array(model.fill), 0) / np.array(model.scale)
     w, b = newton(z, np.array(y, float), 1.0)
     assert (w > 0).all()  # both true effects are positive: the constraint is not active
     np.testing.assert_allclose(model.weights, w, rtol=1e-3)
@@ -72,3 +73,18 @@ def test_json_round_trip_and_the_shipped_model() -> None:
     shipped = load_default()
     assert all(w >= 0 for w in shipped.weights)
     assert len(shipped.features) == len(shipped.weights) == len(shipped.fill)
+
+
+def test_only_warning_signs_count_and_a_risk_needs_a_second_signal() -> None:
+    rows, y, _ = data()
+    model = fit(rows, y, ("a", "b"), iterations=5000, risks=("b",))
+    low_a = min(r["a"] for r in rows)
+    # Calmer than the healthy median is no evidence: the term is 0, never negative.
+    assert model.contributions({"a": low_a, "b": 0.0})["a"] == 0.0
+    top_b = max(r["b"] for r in rows)
+    alone = model.contributions({"a": low_a, "b": top_b})
+    assert alone["b"] == 0.0  # the risk alone adds nothing
+    a_term = model.contributions({"a": model.fill[0] + 0.5 * model.scale[0]})["a"]
+    both = model.contributions({"a": model.fill[0] + 0.5 * model.scale[0], "b": top_b})
+    assert both["b"] == pytest.approx(a_term)  # capped by the other signal's term
+    assert a_term == pytest.approx(0.5 * model.weights[0])
