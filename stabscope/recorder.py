@@ -183,8 +183,10 @@ class Recorder:
 
     @property
     def wants_probe_forward(self) -> bool:
-        """Whether the stability index waits for a probe forward (``set_probe_forward``)."""
-        return self.sharpness is None and self.config.wants_sharpness
+        """Whether the stability index waits for a probe forward (``set_probe_forward``). Not
+        in a run of several processes: each rank's own batch, and DDP's reducer hooks on the
+        double backward, would make a rank-local, hook-entangled measurement."""
+        return self.sharpness is None and self.config.wants_sharpness and _world_size() == 1
 
     def set_probe_forward(self, forward: Callable[[nn.Module], Any]) -> None:
         """Measure the stability index with ``forward`` from now on, unless it has one: for

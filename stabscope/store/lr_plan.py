@@ -24,8 +24,9 @@ from typing import Any
 
 import numpy as np
 
-#: The most chunks an ``lr_plan`` keeps (100k-step budgets exist; meta.json stays small).
-MAX_POINTS = 1000
+#: The most chunks an ``lr_plan`` keeps: 100k-step budgets exist, and meta.json is rewritten
+#: at every flush and must stay a few KB (it is the one file a full disk must still take).
+MAX_POINTS = 100
 SOURCES = ("scheduler", "constant", "unknown")
 
 
