@@ -5,6 +5,7 @@ that reports each step on stdout."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -108,6 +109,15 @@ def write_script(directory: Path, name: str, text: str) -> Path:
     return path
 
 
+def default_signals() -> None:
+    """In the child, before exec: SIGINT and SIGTERM back to their defaults. A test suite run
+    as a background job (``cmd &`` in a non-interactive shell) has SIGINT ignored, a child
+    inherits that, and Python installs its KeyboardInterrupt handler only where SIGINT is not
+    ignored: the child would never see the Ctrl-C these tests send."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def start_profile(script: Path, out: Path, *args: str) -> subprocess.Popen[str]:
     """``python -m stabscope profile SCRIPT --out OUT -q ARGS`` in the background."""
     cmd = [sys.executable, "-m", "stabscope", "profile", str(script), "--out", str(out), "-q"]
@@ -118,6 +128,7 @@ def start_profile(script: Path, out: Path, *args: str) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=default_signals,
     )
 
 
@@ -131,6 +142,7 @@ def start_library_writer(out: Path, mode: str = "with", wait_at: int = 10**9):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=default_signals,
     )
 
 
