@@ -193,6 +193,13 @@ def check(
         float, typer.Option(help="Allowed change against the baseline.")
     ] = 10.0,
     steps: Annotated[int, typer.Option(help="Steps to profile when TARGET is a script.")] = 50,
+    budget: Annotated[
+        int | None,
+        typer.Option(
+            help="The planned length of the training when TARGET is a script (default: "
+            "--steps): the failure forecast looks ahead along the scheduler's lr up to it."
+        ),
+    ] = None,
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="CONFIG override for a script (repeatable).")
     ] = None,
@@ -218,6 +225,7 @@ def check(
             steps,
             set_ or [],
             allow_incomplete,
+            budget,
         )
     except UsageError as e:
         raise fail(e) from None
@@ -235,6 +243,7 @@ def _check(
     steps: int,
     sets: list[str],
     allow_incomplete: bool = False,
+    budget: int | None = None,
 ) -> int:
     from rich.markup import escape
 
@@ -252,12 +261,17 @@ def _check(
     ok = math.isfinite(factor) and factor >= 1
     values.require(ok, "--baseline-factor", factor, "a number >= 1", "10")
     values.positive_int(steps, "--steps", "50")
+    if budget is not None:
+        from .profile import planned_budget
+
+        values.positive_int(budget, "--budget", "10000")
+        planned_budget(steps, budget)  # shorter than --steps: bad input, before profiling
     if junit is not None:
         refuse_output_in_run(junit, "--junit")  # findings.json is the one file check writes there
         values.output_file(junit, "--junit")
     if target.suffix == ".py":
         load_settings(config)  # a bad --config fails before the script is profiled
-        run_dir = _profile_for_check(target, steps, sets)
+        run_dir = _profile_for_check(target, steps, sets, budget)
     else:
         run_dir = target
     gate = run_gate(run_dir, fail_on, config, baseline, factor, allow_incomplete)
@@ -294,7 +308,7 @@ def _write_junit(path: Path, text: str, run_dir: Path) -> None:
     values.write_output(path, text, "--junit", kept)
 
 
-def _profile_for_check(script: Path, steps: int, sets: list[str]) -> Path:
+def _profile_for_check(script: Path, steps: int, sets: list[str], budget: int | None) -> Path:
     from .config import RecorderConfig
     from .profile import profile_script
     from .schedule import Schedule
@@ -309,7 +323,9 @@ def _profile_for_check(script: Path, steps: int, sets: list[str]) -> Path:
         soft_wrap=True,
     )
     try:
-        result = profile_script(loaded, run_dir, steps, config, seed=0, device="auto", force=True)
+        result = profile_script(
+            loaded, run_dir, steps, config, seed=0, device="auto", force=True, budget=budget
+        )
     except (RunExistsError, NestedRunError) as e:  # another check of this script is running
         raise run_dir_error(e, run_dir) from None
     return result.run_dir

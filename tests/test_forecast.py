@@ -107,3 +107,29 @@ def test_a_run_without_an_index_or_plan_still_gets_a_score(tmp_path) -> None:
     assert 0.0 <= f.value <= 1.0
     names = {e["signal"] for e in f.evidence}
     assert {"stability_now", "stability_forecast"} <= names
+
+
+def forecast_of(json_output: str) -> dict:
+    findings = json.loads(json_output)["findings"]
+    return next(f for f in findings if f["rule"] == "failure-forecast")
+
+
+def test_check_of_a_script_looks_ahead_to_its_budget(tmp_path, monkeypatch) -> None:
+    # `check SCRIPT --steps 9 --budget 40`: the 9 steps before the ramp, the plan to step 40.
+    monkeypatch.chdir(tmp_path)  # check writes runs/ramping_sgd-check here
+    args = ["check", str(SCRIPT), "--steps", "9", "--set", "ramp=10000", "--format", "json"]
+    res = runner.invoke(app, [*args, "--budget", "40"])
+    assert res.exit_code == 1, res.output
+    forecast = next(
+        f for f in json.loads(res.stdout)["findings"] if f["rule"] == "failure-forecast"
+    )
+    assert forecast["severity"] == "error" and "(step 40)" in forecast["message"]
+    # Without the budget the plan ends where the profile does: nothing to look ahead to.
+    res = runner.invoke(app, args)
+    forecast = next(
+        f for f in json.loads(res.stdout)["findings"] if f["rule"] == "failure-forecast"
+    )
+    assert forecast["severity"] == "info" and "(step 9)" in forecast["message"]
+    # A budget shorter than the steps profiled is bad input: one line, exit 2.
+    res = runner.invoke(app, [*args, "--budget", "5"])
+    assert res.exit_code == 2 and "--budget 5 is less than --steps 9" in res.stderr
