@@ -142,7 +142,7 @@ def _forecast(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
         }
         for name, share in shares
     )
-    reasons = [name for name, share in shares if share > 0.25][:3]
+    reasons = [name for name, share in shares if share > 0.5][:3]  # a clear share of the log-odds
     budget = (view.meta.get("lr_plan") or {}).get("budget")
     seen = view.until if view.until is not None else int(view.meta.get("steps") or 0)
     end = f"the planned end (step {budget})" if budget else "the end of training"
