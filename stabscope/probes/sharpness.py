@@ -34,9 +34,13 @@ from torch import nn
 from ..collector import Rows
 from ..hooks import paused
 from ..side_forward import side_forward
-from .stability_scale import scales
+from .stability_scale import participants, scales
 
 ITERATIONS = 8
+#: Reasons that hold at one step only: the probe tries again at the next due step.
+NONFINITE_LOSS = "the loss is not finite"
+NOT_STEPPED = "the optimizer has not stepped yet"
+PASSING = (NONFINITE_LOSS, NOT_STEPPED)
 
 
 def due(step: int) -> bool:
@@ -147,18 +151,18 @@ def stability_index(
     pause: tuple[Any, ...] = (),
 ) -> tuple[float, float] | str:
     """(S, the largest lr it used), or why it could not be measured."""
-    sc = scales(optimizers)
+    sc = participants(optimizers)
     if sc.unsupported and not sc.params:
         return f"no stability threshold for {', '.join(sc.unsupported)}"
     if sc.not_ready or not sc.params:
-        return "the optimizer has not stepped yet"
+        return NOT_STEPPED
     lr = max(float(g["lr"]) for opt in optimizers for g in opt.param_groups)
     with paused(*pause), side_forward(model), _math_attention(), torch.enable_grad():
         loss = scalar_loss(forward(model))
         if loss is None:
             return "the probe forward returns no scalar loss"
         if not torch.isfinite(loss).item():
-            return "the loss is not finite"
+            return NONFINITE_LOSS
         hvp, grads = hessian_vector_product(loss, sc.params)
         # The adaptive preconditioners as the next step would use them on this batch.
         probe = {id(p): g for p, g in zip(sc.params, grads) if g is not None}
@@ -210,7 +214,7 @@ class SharpnessProbe:
             self.note = f"stability_index not measured: {type(err).__name__}: {first}"
             return
         if isinstance(found, str):
-            if found != "the loss is not finite" and found != "the optimizer has not stepped yet":
+            if found not in PASSING:
                 self.note = f"stability_index not measured: {found}"
             return
         value, lr = found

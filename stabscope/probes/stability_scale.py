@@ -55,6 +55,20 @@ def scales(
 ) -> Scales:
     """Per parameter of these optimizers (trainable ones only), its M (module docstring);
     ``grads``: the probe batch's gradient by ``id(param)``, for the adaptive preconditioners."""
+    return _walk(optimizers, grads, compute=True)
+
+
+def participants(optimizers: list[torch.optim.Optimizer]) -> Scales:
+    """``scales`` without the M tensors: which parameters an index covers, and whether it can
+    be measured yet (no model-sized work)."""
+    return _walk(optimizers, None, compute=False)
+
+
+def _walk(
+    optimizers: list[torch.optim.Optimizer],
+    grads: dict[int, torch.Tensor] | None,
+    compute: bool,
+) -> Scales:
     out = Scales([], [], [])
     waiting = False
     for opt in optimizers:
@@ -64,23 +78,40 @@ def scales(
             for p in group["params"]:
                 if not p.requires_grad:
                     continue
-                g = grads.get(id(p)) if grads is not None else None
-                m = _scale(kind, group, opt.state.get(p, {}), lr, g)
-                if m is None:
-                    if kind in SUPPORTED:
-                        waiting = True
-                    elif kind not in out.unsupported:
+                if kind not in SUPPORTED:
+                    if kind not in out.unsupported:
                         out.unsupported.append(kind)
                     continue
+                state = opt.state.get(p, {})
+                if not _ready(kind, group, state):
+                    waiting = True
+                    continue
                 out.params.append(p)
-                out.scales.append(m)
+                if compute:
+                    g = grads.get(id(p)) if grads is not None else None
+                    out.scales.append(_scale(kind, group, state, lr, g))
     out.not_ready = waiting and not out.params
     return out
 
 
+def _average_key(kind: str, group: dict) -> str | None:
+    """The state entry an adaptive preconditioner divides by; None for SGD (it needs none)."""
+    if kind in ADAM_LIKE:
+        return "max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq"
+    return "square_avg" if kind == "RMSprop" else None
+
+
+def _ready(kind: str, group: dict, state: dict) -> bool:
+    """Whether the parameter has the state its step size needs (Adam keeps none for a
+    parameter that never had a gradient)."""
+    key = _average_key(kind, group)
+    return key is None or (key in state and (kind not in ADAM_LIKE or "step" in state))
+
+
 def _scale(
     kind: str, group: dict, state: dict, lr: float, g: torch.Tensor | None
-) -> torch.Tensor | float | None:
+) -> torch.Tensor | float:
+    """M of one ready parameter of a supported optimizer."""
     if kind == "SGD":
         beta = float(group.get("momentum", 0.0))
         damp = float(group.get("dampening", 0.0)) if beta else 0.0
@@ -90,12 +121,9 @@ def _scale(
             # dampening d scales the momentum buffer's input by (1 - d): the step is (1 - d) x.
             limit = 2 * (1 + beta) / (1 - damp) if damp < 1 else float("inf")
         return lr / limit
+    v = state[_average_key(kind, group)]
     if kind in ADAM_LIKE:
-        v = state.get("max_exp_avg_sq") if group.get("amsgrad") else state.get("exp_avg_sq")
-        t = state.get("step")
-        if v is None or t is None:
-            return None
-        t = float(t)
+        t = float(state["step"])
         beta1, beta2 = (float(b) for b in group["betas"])
         v = _next_average(v, g, beta2)
         t += g is not None
@@ -103,16 +131,11 @@ def _scale(
         denom = (v.float() / (1 - beta2**t)).sqrt_().add_(float(group["eps"]))
         limit = (2 + 2 * beta1) / (1 - beta1)
         return (lr / ((1 - beta1**t) * limit)) / denom
-    if kind == "RMSprop":
-        v = state.get("square_avg")
-        if v is None:
-            return None
-        var = _next_average(v, g, float(group.get("alpha", 0.99)))
-        if group.get("centered") and state.get("grad_avg") is not None:
-            var = var - state["grad_avg"].float() ** 2
-        beta = float(group.get("momentum", 0.0))
-        return (lr / (2 * (1 + beta))) / var.clamp_min(0).sqrt().add(float(group["eps"]))
-    return None
+    var = _next_average(v, g, float(group.get("alpha", 0.99)))  # RMSprop
+    if group.get("centered") and state.get("grad_avg") is not None:
+        var = var - state["grad_avg"].float() ** 2
+    beta = float(group.get("momentum", 0.0))
+    return (lr / (2 * (1 + beta))) / var.clamp_min(0).sqrt().add(float(group["eps"]))
 
 
 def _next_average(v: torch.Tensor, g: torch.Tensor | None, beta: float) -> torch.Tensor:
@@ -121,4 +144,4 @@ def _next_average(v: torch.Tensor, g: torch.Tensor | None, beta: float) -> torch
     return v if g is None else v * beta + (1 - beta) * g.float().square()
 
 
-__all__ = ["ADAM_LIKE", "SUPPORTED", "Scales", "scales"]
+__all__ = ["ADAM_LIKE", "SUPPORTED", "Scales", "participants", "scales"]
