@@ -93,18 +93,27 @@ def tail(loss: pd.DataFrame) -> tuple[float, str]:
     return float(end.value.to_numpy(float).mean()), f"steps {steps[0]}-{steps[-1]}"
 
 
+def against_classes(
+    view: RunView, name: str, loss: pd.DataFrame, what: str
+) -> tuple[float, str] | Feature:
+    """(ln V, its words) for a loss-over-ln V feature, or the feature's value when that ratio
+    has none: no loss rows, a non-finite one (+inf), or V unknown."""
+    if loss.empty:
+        return undefined(name, "loss not recorded")
+    bad = nonfinite(name, loss, what)
+    if bad is not None:
+        return bad
+    classes = log_classes(view)
+    return undefined(name, classes) if isinstance(classes, str) else classes
+
+
 def init_loss_ratio(view: RunView) -> Feature:
     """log10(first loss / ln V): 0 for a uniform prediction; a bad init, 3 and more."""
     name = "init_loss_ratio"
     first = losses(view).iloc[:1]
-    if first.empty:
-        return undefined(name, "loss not recorded")
-    bad = nonfinite(name, first, "the first loss")
-    if bad is not None:
-        return bad
-    classes = log_classes(view)
-    if isinstance(classes, str):
-        return undefined(name, classes)
+    classes = against_classes(view, name, first, "the first loss")
+    if isinstance(classes, Feature):
+        return classes
     l0, step = float(first.value.iloc[0]), int(first.step.iloc[0])
     evidence = f"loss {l0:.4g} at step {step}; {classes[1]}"
     return Feature(name, log10(l0 / classes[0]), evidence, step)
@@ -131,14 +140,9 @@ def loss_level(view: RunView) -> Feature:
     sane init, far above 1 after a bad init or a divergence."""
     name = "loss_level"
     loss = losses(view)
-    if loss.empty:
-        return undefined(name, "loss not recorded")
-    bad = nonfinite(name, loss, "the loss")
-    if bad is not None:
-        return bad
-    classes = log_classes(view)
-    if isinstance(classes, str):
-        return undefined(name, classes)
+    classes = against_classes(view, name, loss, "the loss")
+    if isinstance(classes, Feature):
+        return classes
     end, where = tail(loss)
     evidence = f"mean loss {end:.4g} over {where}; {classes[1]}"
     return Feature(name, end / classes[0], evidence, int(loss.step.iloc[-1]))
