@@ -45,8 +45,8 @@ from torch.overrides import TorchFunctionMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sample_models"))
 import gpt
 
+from stabscope.drivers.script import ScriptConfig
 from stabscope.probes.attention import AttentionSampling, query_positions, sdpa_sample
-from stabscope.script import ScriptConfig
 
 SDPA = F.scaled_dot_product_attention
 

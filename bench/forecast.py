@@ -55,9 +55,9 @@ def run_one(job: dict) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from stabscope.config import RecorderConfig
-    from stabscope.profile import profile_script
-    from stabscope.script import load_script
+    from stabscope.drivers.profile import profile_script
+    from stabscope.drivers.script import load_script
+    from stabscope.record.config import RecorderConfig
 
     sets = {k: str(job[k]) for k in ("depth", "norm", "lr", "warmup")}
     script = load_script(ROOT / "sample_models" / "gpt.py", sets)

@@ -31,12 +31,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stabscope.probes import host_kernels, host_moments
+from stabscope.drivers.script import ScriptConfig
 from stabscope.probes.attention import AttentionSampling, sdpa_sample
-from stabscope.probes.host_params import difference_squares, squares_and_copy
+from stabscope.probes.kernels import host_kernels, host_moments
+from stabscope.probes.kernels.host_params import difference_squares, squares_and_copy
 from stabscope.probes.moments import moment_scalars
 from stabscope.probes.residual import branch_stats
-from stabscope.script import ScriptConfig
 
 
 def median_us(fn, repeats: int, before=None) -> float:

@@ -41,9 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sample_models"))
 import gpt
 
 from stabscope import Recorder, RecorderConfig, Schedule
-from stabscope.probes import host_kernels
+from stabscope.drivers.script import ScriptConfig
 from stabscope.probes.attention import AttentionProbe
-from stabscope.script import ScriptConfig
+from stabscope.probes.kernels import host_kernels
 
 EVERY = Schedule(dense=10**9)
 MODES = {

@@ -24,8 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sample_models"))
 import gpt
 
+from stabscope.drivers.script import ScriptConfig
 from stabscope.probes.sharpness import due, stability_index
-from stabscope.script import ScriptConfig
 
 
 def timed(fn, device: str) -> float:

@@ -13,9 +13,9 @@ __version__ = "0.1.0"
 from .store import RUN_MODULE, SCHEMA_VERSION, MetaError, NotARunError, load_run, read_meta
 
 _LAZY = {
-    "Recorder": ("stabscope.recorder", "Recorder"),
-    "RecorderConfig": ("stabscope.config", "RecorderConfig"),
-    "Schedule": ("stabscope.schedule", "Schedule"),
+    "Recorder": ("stabscope.record.recorder", "Recorder"),
+    "RecorderConfig": ("stabscope.record.config", "RecorderConfig"),
+    "Schedule": ("stabscope.record.schedule", "Schedule"),
 }
 
 __all__ = [

@@ -21,3 +21,16 @@ class ScriptError(UsageError):
     def __init__(self, message: str, hint: str = "", exit_code: int = 2) -> None:
         super().__init__(message, hint)
         self.exit_code = exit_code
+
+
+class ConfigError(UsageError, ValueError):
+    """A ``[tool.stabscope]`` table that cannot be used: names the file, the key and what the
+    key takes. A ``ValueError`` too, as config errors always were."""
+
+    def __init__(self, message: str, source: str) -> None:
+        super().__init__(
+            message, hint=f"fix it in {source} (the keys: README, Recording your own training loop)"
+        )
+
+    def __str__(self) -> str:  # one line where it is caught as a ValueError and re-worded
+        return self.message

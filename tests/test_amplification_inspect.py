@@ -9,9 +9,9 @@ import numpy as np
 from typer.testing import CliRunner
 
 import stabscope
-from stabscope.amplification import linear_fit, run_amplification
 from stabscope.cli import app
-from stabscope.script import load_script
+from stabscope.drivers.amplification import linear_fit, run_amplification
+from stabscope.drivers.script import load_script
 from tests.conftest import SAMPLES
 
 runner = CliRunner()

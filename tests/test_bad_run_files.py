@@ -71,8 +71,8 @@ PYPROJECT_CASES = {
     'include = "blocks.*"': "include must be a list of glob strings",
     "flush_seconds = -1": "flush_seconds must be a positive number",
     'record_eval = "yes"': 'record_eval must be true or false, got "yes"',
-    'schedule = { dense = "x" }': "[tool.stabscope.schedule] dense must be an integer >= 0",
-    "schedule = { bogus = 1 }": "unknown [tool.stabscope.schedule] keys ['bogus']",
+    'schedule = { dense = "x" }': "[tool.stabscope.record.schedule] dense must be an integer >= 0",
+    "schedule = { bogus = 1 }": "unknown [tool.stabscope.record.schedule] keys ['bogus']",
     "schedule = 5": "schedule must be a table",
     "preset = 3": "preset must be one of cheap, standard, full",
 }

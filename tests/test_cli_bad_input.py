@@ -128,7 +128,7 @@ def test_empty_arguments_of_a_training_script_are_its_own():
     """After --, arguments go to the training script as they are, empty ones included."""
     import typer
 
-    from stabscope.cli_values import empty_option
+    from stabscope.cli.values import empty_option
 
     command = typer.main.get_command(app).commands["profile"]
     assert empty_option(command, ["train.py", "--", "--name", ""]) is None

@@ -20,12 +20,12 @@ import torch
 
 import stabscope
 from stabscope import Schedule
+from stabscope.analysis.summary import summarize
 from stabscope.report.build import build_report
 from stabscope.report.data import Budget, census_of, collect
 from stabscope.report.rank_spread import collect_rank_spread
 from stabscope.report.runs import open_run
 from stabscope.rules import check_run
-from stabscope.summary import summarize
 from tests.conftest import ROOT
 from tests.dist_scripts import train as script
 

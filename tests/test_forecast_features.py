@@ -29,9 +29,9 @@ def record(run_dir: Path, steps=STEPS, head_scale=1.0, nan_at=None, tied=False, 
     ``tied`` shares the head's weight with the token embedding; ``norm`` places the norms."""
     import gpt as sample
 
-    import stabscope.script
+    import stabscope.drivers.script
 
-    cfg = stabscope.script.ScriptConfig(
+    cfg = stabscope.drivers.script.ScriptConfig(
         sample.CONFIG | {"depth": 2, "width": 16, "seq_len": 8, "batch_size": 4, "norm": norm}
     )
     torch.manual_seed(0)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from stabscope.script import load_script
+from stabscope.drivers.script import load_script
 from stabscope.store import load_run
 from tests.conftest import ROOT
 

@@ -10,7 +10,7 @@ import torch
 
 from bench.grid import families, score, tasks, truth
 from bench.grid.script import CONFIG, lr_factor, planned_lrs
-from stabscope.script import ScriptConfig
+from stabscope.drivers.script import ScriptConfig
 
 
 def cfg(**changes) -> ScriptConfig:

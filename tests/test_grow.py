@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stabscope.drivers.script import ScriptConfig
 from stabscope.errors import UsageError
 from stabscope.grow import GrowthSpec, compare, expand, grow_model
 from stabscope.grow.transforms import insertion_counts
-from stabscope.script import ScriptConfig
 
 TOL = 1e-5
 WIDTH, HEADS, HEAD, MLP = 32, 4, 8, 128  # the tiny sample GPT: k = v = 32 / 4, p = 4·32

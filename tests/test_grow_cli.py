@@ -12,12 +12,12 @@ from typer.testing import CliRunner
 
 import stabscope
 from stabscope.cli import app
-from stabscope.config import RecorderConfig
+from stabscope.drivers.script import load_script
 from stabscope.grow.run import GrowSettings, grow_script
 from stabscope.grow.sizes import GrowthSpec
 from stabscope.grow.table import exponents, scaling_table
-from stabscope.schedule import Schedule
-from stabscope.script import load_script
+from stabscope.record.config import RecorderConfig
+from stabscope.record.schedule import Schedule
 from tests.conftest import SAMPLES
 
 runner = CliRunner()

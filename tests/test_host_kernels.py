@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from stabscope.probes import host_kernels, host_params
 from stabscope.probes.attention import entropy_and_max
 from stabscope.probes.correlation import token_correlation
+from stabscope.probes.kernels import host_kernels, host_params
 from stabscope.probes.residual import branch_stats
 
 pytestmark = pytest.mark.skipif(not host_kernels.AVAILABLE, reason="numba is not installed")

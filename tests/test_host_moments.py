@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from stabscope.collector import Collector, Rows
-from stabscope.probes import host_kernels, host_moments
+from stabscope.probes.kernels import host_kernels, host_moments
 from stabscope.probes.moments import MomentRows, decode_moments, moment_vector
+from stabscope.record.collector import Collector, Rows
 
 pytestmark = pytest.mark.skipif(not host_kernels.AVAILABLE, reason="numba is not installed")
 
@@ -118,7 +118,7 @@ def test_forked_child_of_a_threaded_parent_survives():
 
 def test_environment_forces_the_torch_path():
     env = dict(os.environ, STABSCOPE_MOMENTS="torch")
-    code = "from stabscope.probes import host_kernels as h; print(h.AVAILABLE)"
+    code = "from stabscope.probes.kernels import host_kernels as h; print(h.AVAILABLE)"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.stdout.strip() == "False"
 
@@ -156,7 +156,7 @@ def test_recording_keeps_torchs_thread_count(threads):
 def test_kernels_that_fail_to_build_leave_torchs_reductions(monkeypatch, tmp_path):
     """A numba or LLVM version the kernels do not build on: one warning, then every CPU
     statistic comes from torch's reductions and still matches the plain formulas."""
-    from stabscope.probes import moment_kernels
+    from stabscope.probes.kernels import moment_kernels
 
     def broken(*args):
         raise RuntimeError("LLVM refused the prefetch intrinsic")

@@ -17,11 +17,11 @@ from torch.optim import lr_scheduler as sched
 
 import stabscope
 from stabscope import Schedule
-from stabscope.config import RecorderConfig
-from stabscope.lr_plan import plan_lrs
+from stabscope.drivers.zerocode import profile_training_script
+from stabscope.record.config import RecorderConfig
+from stabscope.record.lr_plan import plan_lrs
 from stabscope.store import MetaError, read_meta, save_meta
 from stabscope.store.lr_plan import MAX_POINTS, peak_lr_after, planned_lr
-from stabscope.zerocode import profile_training_script
 from tests.conftest import ROOT, batch_maker, mlp
 from tests.test_cli import assert_one_line_error, invoke
 

@@ -15,13 +15,13 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from stabscope import cli_common
+from stabscope.analysis.summary import summarize
 from stabscope.cli import app
+from stabscope.cli import common as cli_common
 from stabscope.report.build import build_report
 from stabscope.report.runs import open_run
 from stabscope.rules import check_run
 from stabscope.store import StabscopeWarning, list_parts, load_run
-from stabscope.summary import summarize
 from tests.report_runs import loss_at, write_run
 
 REASONS = {

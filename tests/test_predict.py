@@ -9,10 +9,10 @@ import pytest
 from typer.testing import CliRunner
 
 from stabscope.cli import app
-from stabscope.config import RecorderConfig
-from stabscope.profile import profile_script
+from stabscope.drivers.profile import profile_script
+from stabscope.drivers.script import load_script, parse_set
+from stabscope.record.config import RecorderConfig
 from stabscope.rules import check_run
-from stabscope.script import load_script, parse_set
 from stabscope.store import read_meta
 
 runner = CliRunner()

@@ -11,8 +11,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import stabscope
-from stabscope.probe_forward import detached_copy
 from stabscope.probes.sharpness import scalar_loss, stability_index
+from stabscope.record.probe_forward import detached_copy
 from tests.scripts import train_lm_loss
 from tests.scripts.harness import plain, record, values
 

@@ -107,9 +107,9 @@ def test_uniform_attention_has_entropy_log_t():
 def gpt(attn: str):
     import gpt as sample
 
-    import stabscope.script
+    import stabscope.drivers.script
 
-    cfg = stabscope.script.ScriptConfig(
+    cfg = stabscope.drivers.script.ScriptConfig(
         sample.CONFIG | {"depth": 2, "width": 32, "seq_len": 24, "attn": attn}
     )
     torch.manual_seed(0)
@@ -124,7 +124,7 @@ def record(model, run_dir, forward):
 
 
 def test_sample_gpt_sdpa_matches_explicit_softmax(tmp_path):
-    import stabscope.script  # noqa: F401
+    import stabscope.drivers.script  # noqa: F401
 
     sdpa, batch, sample = gpt("sdpa")
     explicit = copy.deepcopy(sdpa)
@@ -175,7 +175,7 @@ def full_peaks(model, batch):
 def test_zero_queries_turn_the_probe_off(tmp_path):
     """attn_queries=0 records no attention rows (not zero entropies that would read as
     collapse), and the rest of the standard preset is still there."""
-    import stabscope.script
+    import stabscope.drivers.script
 
     model, batch, sample = gpt("sdpa")
     config = stabscope.RecorderConfig(schedule=Schedule(1, 0), attn_queries=0)
@@ -532,7 +532,7 @@ def test_the_max_reads_the_likeliest_queries_of_every_sequence(host, monkeypatch
     """One large logit in the last sequence, outside the entropy's rows: the max finds it (its
     query has the largest norm there), the entropy is the sample's; a NaN query there makes
     that head's max NaN. On the numba kernel and on torch's path alike."""
-    from stabscope.probes import host_kernels
+    from stabscope.probes.kernels import host_kernels
 
     if not host:
         monkeypatch.setattr(host_kernels, "AVAILABLE", False)

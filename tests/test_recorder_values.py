@@ -10,7 +10,7 @@ import torch
 
 import stabscope
 from stabscope import Schedule
-from stabscope.probes import host_kernels
+from stabscope.probes.kernels import host_kernels
 from tests.conftest import batch_maker, mlp, train
 
 STEPS = 3

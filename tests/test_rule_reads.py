@@ -12,11 +12,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from stabscope.analysis.summary import DepthTrend, layer_modules, layer_param_grad_trends
 from stabscope.rules import ALL_RULES, check_run
 from stabscope.rules.scan import Read
 from stabscope.rules.view import MATRICES, Request, RunView
 from stabscope.store import PartWriter, load_run, new_meta, read_meta, save_meta
-from stabscope.summary import DepthTrend, layer_modules, layer_param_grad_trends
 from tests.conftest import ROOT
 
 
@@ -99,10 +99,10 @@ def findings(view: RunView) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def gpt_run(tmp_path_factory) -> Path:
-    from stabscope.config import RecorderConfig
-    from stabscope.profile import profile_script
-    from stabscope.schedule import Schedule
-    from stabscope.script import load_script, parse_set
+    from stabscope.drivers.profile import profile_script
+    from stabscope.drivers.script import load_script, parse_set
+    from stabscope.record.config import RecorderConfig
+    from stabscope.record.schedule import Schedule
 
     sets = ["norm=post", "depth=3", "lr=1e-2", "seq_len=16", "batch_size=4"]
     script = load_script(ROOT / "sample_models/gpt.py", parse_set(sets))

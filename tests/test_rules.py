@@ -256,8 +256,8 @@ def test_check_bad_input(tmp_path):
 def test_gradient_growth_on_a_deep_plain_mlp(tmp_path):
     """Xiong et al.'s depth profile on the simplest case: a default-init ReLU MLP has
     gradients that vanish toward the input, by a factor the rule reports exactly."""
+    from stabscope.analysis.summary import layer_param_grad_trend
     from stabscope.store import read_meta
-    from stabscope.summary import layer_param_grad_trend
 
     out = tmp_path / "mlp"
     res = runner.invoke(

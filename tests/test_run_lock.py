@@ -11,9 +11,9 @@ from typer.testing import CliRunner
 import stabscope
 from stabscope import RecorderConfig, Schedule
 from stabscope.cli import app
-from stabscope.profile import profile_script
-from stabscope.recorder import RunLockedError
-from stabscope.script import load_script
+from stabscope.drivers.profile import profile_script
+from stabscope.drivers.script import load_script
+from stabscope.record.recorder import RunLockedError
 from stabscope.store import count_rows
 from tests.conftest import batch_maker, mlp, train
 from tests.run_children import (

@@ -2,7 +2,7 @@ import itertools
 
 import pytest
 
-from stabscope.schedule import Schedule
+from stabscope.record.schedule import Schedule
 
 
 def test_dense_then_every():

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from stabscope.script import ScriptConfig
+from stabscope.drivers.script import ScriptConfig
 from stabscope.structure import discover
 
 

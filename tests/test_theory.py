@@ -12,11 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stabscope.config import RecorderConfig
-from stabscope.profile import profile_script
+from stabscope.drivers.profile import profile_script
+from stabscope.drivers.script import load_script, parse_set
+from stabscope.record.config import RecorderConfig
 from stabscope.rules.base import RunView
 from stabscope.rules.prediction import compare
-from stabscope.script import load_script, parse_set
 from stabscope.theory import (
     DescriptionError,
     ModelDescription,

@@ -13,8 +13,8 @@ from torch import nn
 
 import stabscope
 from stabscope import Schedule
-from stabscope.describe_model import write_run_prediction
-from stabscope.side_forward import side_forward
+from stabscope.drivers.describe_model import write_run_prediction
+from stabscope.record.side_forward import side_forward
 from stabscope.structure import discover
 
 STEPS = 4
@@ -53,7 +53,7 @@ def model_and_data():
     the user switched off. Same weights and batches on every call."""
     import gpt as sample
 
-    from stabscope.script import ScriptConfig
+    from stabscope.drivers.script import ScriptConfig
 
     cfg = ScriptConfig(sample.CONFIG | {"depth": 2, "width": 32, "seq_len": 16, "batch_size": 8})
     torch.manual_seed(0)
@@ -197,9 +197,9 @@ def test_profile_keeps_a_model_scripts_frozen_submodules(tmp_path):
     """``stabscope profile`` trains the model as built: a BatchNorm the script froze stays
     frozen (its forward is an eval-mode pass, its running statistics unchanged), the rest
     trains."""
-    from stabscope.config import RecorderConfig
-    from stabscope.profile import profile_script
-    from stabscope.script import load_script
+    from stabscope.drivers.profile import profile_script
+    from stabscope.drivers.script import load_script
+    from stabscope.record.config import RecorderConfig
 
     path = tmp_path / "frozen.py"
     path.write_text(SCRIPT)

@@ -12,9 +12,9 @@ import torch.optim.optimizer as optimizer_module
 from torch import nn
 
 import stabscope
-from stabscope.config import RecorderConfig
-from stabscope.schedule import Schedule
-from stabscope.zerocode import follows_model_script_convention, profile_training_script
+from stabscope.drivers.zerocode import follows_model_script_convention, profile_training_script
+from stabscope.record.config import RecorderConfig
+from stabscope.record.schedule import Schedule
 from tests.conftest import SAMPLES
 from tests.scripts import train_mlp
 from tests.scripts.harness import SCRIPTS, plain, read_log, record, rms, values

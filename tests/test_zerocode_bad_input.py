@@ -10,9 +10,9 @@ import sys
 import pytest
 
 import stabscope
-from stabscope.config import RecorderConfig
-from stabscope.recorder import RunExistsError
-from stabscope.zerocode import profile_training_script
+from stabscope.drivers.zerocode import profile_training_script
+from stabscope.record.config import RecorderConfig
+from stabscope.record.recorder import RunExistsError
 from tests.conftest import ROOT
 from tests.scripts.harness import SCRIPTS, read_log
 from tests.test_cli import assert_one_line_error, invoke

@@ -13,10 +13,10 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 import stabscope
-from stabscope.config import RecorderConfig
-from stabscope.schedule import Schedule
-from stabscope.zerocode import profile_training_script
-from stabscope.zerocode.attach import COMPILE_NOTE, EAGER_NOTE
+from stabscope.drivers.zerocode import profile_training_script
+from stabscope.drivers.zerocode.attach import COMPILE_NOTE, EAGER_NOTE
+from stabscope.record.config import RecorderConfig
+from stabscope.record.schedule import Schedule
 from tests.scripts import train_compiled
 from tests.scripts.harness import plain, read_log, record, rms, values
 

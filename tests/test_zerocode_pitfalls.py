@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import stabscope
-from stabscope.config import RecorderConfig
-from stabscope.schedule import Schedule
+from stabscope.record.config import RecorderConfig
+from stabscope.record.schedule import Schedule
 from tests.scripts import train_forward_direct, train_mlp, train_shared, train_transformer
 from tests.scripts.harness import plain, record, rms, values
 

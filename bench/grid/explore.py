@@ -21,8 +21,8 @@ SCRIPT = Path(__file__).with_name("script.py")
 
 def train(sets: dict[str, str], seed: int) -> tuple[np.ndarray, float]:
     """The loss of every step of the script's own loop (as profile_script runs it)."""
-    from stabscope.profile import seed_everything
-    from stabscope.script import load_script
+    from stabscope.drivers.profile import seed_everything
+    from stabscope.drivers.script import load_script
 
     script = load_script(SCRIPT, sets)
     cfg = script.config

@@ -54,9 +54,9 @@ def train_one(job: tuple[Config, int, int, str]) -> dict:
     from bench.grid.script import planned_lrs
     from bench.grid.truth import judge
     from stabscope import load_run, read_meta
-    from stabscope.config import RecorderConfig
-    from stabscope.profile import profile_script
-    from stabscope.script import load_script
+    from stabscope.drivers.profile import profile_script
+    from stabscope.drivers.script import load_script
+    from stabscope.record.config import RecorderConfig
 
     sets = settings(config, steps)
     script = load_script(SCRIPT, sets)

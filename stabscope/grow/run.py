@@ -17,10 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..amplification import _output
-from ..config import RecorderConfig
-from ..errors import UsageError
-from ..profile import (
+from ..drivers.amplification import _output
+from ..drivers.profile import (
     ProfileResult,
     ProgressFn,
     _call,
@@ -30,7 +28,9 @@ from ..profile import (
     profile_script,
     seed_everything,
 )
-from ..script import ModelScript
+from ..drivers.script import ModelScript
+from ..errors import UsageError
+from ..record.config import RecorderConfig
 from ..store import read_meta, save_meta
 from ..store.rundir import lock_run_dir, prepare_run_dir, release_run_dir, run_dir_error
 from ..store.schema import META_FILE, PARTS_DIR

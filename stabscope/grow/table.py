@@ -8,7 +8,7 @@ Columns (``SCALING_FILE``, CSV):
 - ``max_abs_diff``: max |Δ output| against the base on the probe batches;
 - ``loss_first``, ``loss_last``: loss at step 0 and the mean of the last tenth of the steps;
 - ``grad_growth_init``: last layer's parameter-gradient norm over the first layer's at the
-  first recorded step (Xiong et al. 2020; ``stabscope.summary.layer_param_grad_trends``);
+  first recorded step (Xiong et al. 2020; ``stabscope.analysis.summary.layer_param_grad_trends``);
   ``grad_growth_max`` and ``grad_growth_step``: its largest value over the recorded steps;
 - ``grad_rms_per_layer``: the factor per layer of the module gradient rms (depth trend);
 - ``act_rms_last``: forward rms of the last layer at the first recorded step, and
@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..analysis.summary import depth_trend, layer_modules, layer_param_grad_trends, summarize
 from ..rules import check_run
 from ..store import load_run, read_meta
-from ..summary import depth_trend, layer_modules, layer_param_grad_trends, summarize
 
 SCALING_FILE = "scaling.csv"
 STATS = (

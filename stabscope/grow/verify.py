@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..side_forward import side_forward
+from ..record.side_forward import side_forward
 
 #: Absolute tolerance per unit of output scale: float32 keeps ~7 digits, and a grown model
 #: sums in other orders and over longer (zero-padded) dot products; see docs/grow.md.

@@ -41,9 +41,9 @@ from typing import Any
 
 import torch
 
-from ..config import RecorderConfig
-from ..probe_forward import LOSS_SHARE_KWARGS, FirstTrainingCall
-from ..recorder import Recorder
+from ..record.config import RecorderConfig
+from ..record.probe_forward import LOSS_SHARE_KWARGS, FirstTrainingCall
+from ..record.recorder import Recorder
 from .session import RecordingSession
 
 try:

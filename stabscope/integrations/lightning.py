@@ -32,10 +32,10 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from ..config import RecorderConfig
-from ..lr_plan import Unplannable
-from ..probe_forward import Replay, replay_of
-from ..recorder import Recorder
+from ..record.config import RecorderConfig
+from ..record.lr_plan import Unplannable
+from ..record.probe_forward import Replay, replay_of
+from ..record.recorder import Recorder
 from ..store.interrupts import ending_status
 from .session import RecordingSession
 

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import RecorderConfig
-from ..recorder import Recorder
+from ..record.config import RecorderConfig
+from ..record.recorder import Recorder
 from ..store import interrupts
 
 

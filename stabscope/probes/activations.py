@@ -14,8 +14,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ..collector import Collector, Rows
-from ..hooks import EVAL, TRAIN
+from ..record.collector import Collector, Rows
+from ..record.hooks import EVAL, TRAIN
 from ..store.schema import PHASES
 from .moments import MOMENT_METRICS, MomentRows, decode_moments
 

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..collector import Collector, Rows
-from ..distributed import local_tensor
-from . import host_params
+from ..record.collector import Collector, Rows
+from ..record.distributed import local_tensor
+from .kernels import host_params
 
 
 class AdamEpsProbe:

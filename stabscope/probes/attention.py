@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..collector import Collector, Rows
-from ..hooks import ListenerHooks
+from ..record.collector import Collector, Rows
+from ..record.hooks import ListenerHooks
 from .attention_routes import MHA, SDPA, AttentionRoutes
 from .attention_sample import (
     entropy_and_max,

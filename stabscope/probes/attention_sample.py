@@ -24,7 +24,7 @@ import functools
 import numpy as np
 import torch
 
-from . import host_kernels
+from .kernels import host_kernels
 
 #: Logits or additive-mask values at or below this fraction of the dtype's most negative
 #: value mean "never attend" (-inf, or HF's ``finfo.min``).
@@ -153,7 +153,7 @@ def _host(
     rows: torch.Tensor,
     peak: int,
 ) -> torch.Tensor:
-    from .attention_kernels import sample_attention
+    from .kernels.attention_kernels import sample_attention
 
     qn, q_heads_first = _rows_contiguous(q)
     kn, k_heads_first = _rows_contiguous(k)
@@ -189,7 +189,7 @@ def entropy_and_max(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor
     ``allowed``: boolean, broadcastable to ``logits``; True where a key may be attended.
     """
     if host_kernels.host_readable([logits]) and logits.dim() == 4:  # one call on CPU
-        from .attention_kernels import entropy_and_max as kernel
+        from .kernels.attention_kernels import entropy_and_max as kernel
 
         out = np.empty((logits.shape[1], 2))
         kernel(logits.numpy(), allowed.expand_as(logits).contiguous().numpy(), out)

@@ -14,9 +14,9 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from ..collector import Collector, ModuleScalars
-from ..hooks import ListenerHooks, primary_tensor
-from . import host_kernels
+from ..record.collector import Collector, ModuleScalars
+from ..record.hooks import ListenerHooks, primary_tensor
+from .kernels import host_kernels
 
 
 def token_correlation(
@@ -25,7 +25,7 @@ def token_correlation(
     """r of a (B, T, D) tensor (``seq_dim`` = 0 for (T, B, D)) as a 0-d float32 tensor."""
     x = x.detach()
     if host_kernels.host_readable([x]):  # one numba call instead of ~8 small torch ops
-        from .residual_kernels import token_correlation as kernel
+        from .kernels.residual_kernels import token_correlation as kernel
 
         b = min(batch, x.shape[1 - seq_dim])
         positions = _positions(x.shape[seq_dim], tokens, x.device).numpy()

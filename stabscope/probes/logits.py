@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..collector import Collector
-from ..hooks import ListenerHooks, primary_tensor
+from ..record.collector import Collector
+from ..record.hooks import ListenerHooks, primary_tensor
 
 
 def output_logits(output: Any) -> torch.Tensor | None:

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..collector import Collector
-from ..hooks import ListenerHooks, ModuleHooks, paused
-from ..side_forward import side_forward
+from ..record.collector import Collector
+from ..record.hooks import ListenerHooks, ModuleHooks, paused
+from ..record.side_forward import side_forward
 from .logits import output_logits
 
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..collector import Collector, Decoder, Rows
-from . import host_kernels, host_moments
+from ..record.collector import Collector, Decoder, Rows
+from .kernels import host_kernels, host_moments
 
 #: Metric suffixes derived from one moment vector, in emission order.
 MOMENT_METRICS = ("mean", "rms", "absmax", "nonfinite")

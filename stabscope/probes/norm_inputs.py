@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..collector import Collector, ModuleScalars
-from ..hooks import ListenerHooks
+from ..record.collector import Collector, ModuleScalars
+from ..record.hooks import ListenerHooks
 from ..structure.trace import main_input
 
 

@@ -39,10 +39,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..collector import Collector, Rows
-from ..hooks import ListenerHooks, primary_tensor
+from ..record.collector import Collector, Rows
+from ..record.hooks import ListenerHooks, primary_tensor
 from ..structure import Branch, Structure
-from . import host_kernels
+from .kernels import host_kernels
 
 #: β rows are quadratic in the number of branches; past this many only the first recorded
 #: step gets them (the matrix at init is the one the theory reads).
@@ -99,7 +99,7 @@ def _host_branch_stats(
     stream, f = stream.detach(), f.detach()
     if stream.shape != f.shape or not host_kernels.host_readable([stream, f]):
         return None
-    from . import residual_kernels as kernels
+    from .kernels import residual_kernels as kernels
 
     d = f.shape[-1]
     s, g = stream.reshape(-1).numpy(), f.reshape(-1).numpy()  # (tokens * hidden,) views

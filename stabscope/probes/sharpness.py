@@ -31,9 +31,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..collector import Rows
-from ..hooks import paused
-from ..side_forward import side_forward
+from ..record.collector import Rows
+from ..record.hooks import paused
+from ..record.side_forward import side_forward
 from .stability_scale import participants, scales
 
 ITERATIONS = 8

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..collector import Collector
-from ..hooks import ListenerHooks, ModuleHooks
-from ..module_table import ROOT_NAME, clean_name, unwrap_model
+from ..record.collector import Collector
+from ..record.hooks import ListenerHooks, ModuleHooks
+from ..record.module_table import ROOT_NAME, clean_name, unwrap_model
 from ..store.writer import Interner
 from ..structure import Structure, is_norm
 from .adam import AdamEpsProbe

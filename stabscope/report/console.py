@@ -6,7 +6,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ..summary import Summary
+from ..analysis.summary import Summary
 from .findings import Finding, evidence
 
 STATUS_STYLE = {

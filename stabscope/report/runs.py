@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..analysis.summary import layer_modules
 from ..errors import UsageError
 from ..store import SCHEMA_VERSION, NotARunError, list_parts, read_meta
 from ..store.rundir import RunState, run_state
-from ..summary import layer_modules
 
 ROOT = "<root>"
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import find_pyproject, read_toml_table
 from ..errors import UsageError
 from ..report.findings import SEVERITIES, Finding
+from ..settings import find_pyproject, read_toml_table
 from ..store import NotARunError
 from . import ALL_RULES, check_run, settings_from_mapping, write_findings
 from .base import RuleSettings, RunView

@@ -1,6 +1,6 @@
 """meta.json's ``lr_plan``: the learning rate the run plans to use at each of its steps.
 
-Written by the recorder (``stabscope/lr_plan.py`` steps the schedulers forward on their own and
+Written by the recorder (``stabscope.record.lr_plan`` steps the schedulers forward on their own and
 puts them back), read by rules that look ahead. The entry::
 
     {"budget": N,            # planned total steps (steps 0 .. N-1), null when unknown

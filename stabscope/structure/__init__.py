@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..module_table import clean_name, unwrap_model
-from ..side_forward import side_forward
+from ..record.module_table import clean_name, unwrap_model
+from ..record.side_forward import side_forward
 from .detect import detect, is_norm
 from .model import AttentionInfo, Block, Branch, Structure, unrecognised
 from .trace import Trace, capture

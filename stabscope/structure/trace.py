@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..hooks import primary_tensor
-from ..module_table import clean_name, unwrap_model
+from ..record.hooks import primary_tensor
+from ..record.module_table import clean_name, unwrap_model
 
 #: Keyword names under which HF-style modules take their main input.
 _INPUT_KWARGS = ("hidden_states", "x", "input", "inputs", "query", "src", "tgt")

@@ -1,7 +1,7 @@
 """What the theory needs to know about a model: a plain description, checked.
 
 Either written by hand (``stabscope predict --depth 96 --width 512 --norm post``) or read off
-a built model (``stabscope.describe_model``), which fills in the measured init of every
+a built model (``stabscope.drivers.describe_model``), which fills in the measured init of every
 projection and the measured moments of the first block's input.
 """
 

@@ -18,7 +18,7 @@ from torch import nn
 
 import stabscope
 from stabscope import Schedule
-from stabscope.script import load_script
+from stabscope.drivers.script import load_script
 
 STEPS = 4
 SIZE = {"depth": "2", "width": "32", "seq_len": "16", "batch_size": "4"}

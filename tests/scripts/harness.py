@@ -11,9 +11,9 @@ import pandas as pd
 import torch
 
 import stabscope
-from stabscope.config import RecorderConfig
-from stabscope.zerocode import profile_training_script
-from stabscope.zerocode.runner import as_main
+from stabscope.drivers.zerocode import profile_training_script
+from stabscope.drivers.zerocode.runner import as_main
+from stabscope.record.config import RecorderConfig
 
 SCRIPTS = Path(__file__).resolve().parent
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .store.writer import PartWriter
+from ..store.writer import PartWriter
 
 Decoder = Callable[[np.ndarray, "Rows"], None]
 

@@ -24,7 +24,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
-from .store.lr_plan import plan_entry, unknown_plan
+from ..store.lr_plan import plan_entry, unknown_plan
 
 _NO_BUDGET = (
     "the planned number of training steps is not known "

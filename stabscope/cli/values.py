@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
+from ..errors import UsageError
 
 #: numpy's seeding takes 0 .. 2**32 - 1; torch and random take those too.
 SEED_LIMIT = 2**32
@@ -115,7 +115,7 @@ def write_output(path: Path, text: str, option: str, kept: str = "") -> None:
     """Write a file the user named with ``option``: atomically for a regular file (a failed
     write leaves no half file), straight through for ``/dev/stdout`` and the like. ``kept``
     says, in the hint, what is safe already."""
-    from .store.atomic import write_text_atomically
+    from ..store.atomic import write_text_atomically
 
     try:
         if _special(path):

@@ -1,7 +1,7 @@
 """Telling a model script from a training script without running either.
 
 A model script defines ``model``, ``batches`` and ``loss`` at its top level (see
-``stabscope.script``). Importing a file to find out would run an unguarded training script's
+``stabscope.drivers.script``). Importing a file to find out would run an unguarded training script's
 loop, so the decision reads the source: names bound at the top level by ``def``, ``class``,
 an assignment or an import count as defined.
 """

@@ -18,12 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import UsageError
-from .probes.logits import output_logits
+from ..errors import UsageError
+from ..probes.logits import output_logits
+from ..store import RUN_MODULE, PartWriter, new_meta, save_meta
+from ..store.rundir import prepare_run_dir, release_run_dir, run_dir_error
 from .profile import _call, pick_device, seed_everything, to_device
 from .script import ModelScript, ScriptConfig
-from .store import RUN_MODULE, PartWriter, new_meta, save_meta
-from .store.rundir import prepare_run_dir, release_run_dir, run_dir_error
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from .errors import UsageError
+from ..errors import UsageError
 
 ROOT_NAME = "<root>"
 

@@ -22,7 +22,7 @@ from torch.nn.modules.module import (
     register_module_forward_pre_hook,
 )
 
-from ..hooks import _compiling, _in_backward
+from ...record.hooks import _compiling, _in_backward
 from .optimizers import parameter_ids
 
 

@@ -47,14 +47,14 @@ from torch.optim.optimizer import (
     register_optimizer_step_pre_hook,
 )
 
-from ..config import RecorderConfig
-from ..distributed import rank, world_size
-from ..lr_plan import live_schedulers
-from ..module_table import unwrap_model
-from ..probe_forward import LOSS_SHARE_KWARGS, FirstTrainingCall
-from ..recorder import Recorder, error_entry
-from ..store import new_meta, save_meta
-from ..store.interrupts import interrupting_signal, signal_name
+from ...record.config import RecorderConfig
+from ...record.distributed import rank, world_size
+from ...record.lr_plan import live_schedulers
+from ...record.module_table import unwrap_model
+from ...record.probe_forward import LOSS_SHARE_KWARGS, FirstTrainingCall
+from ...record.recorder import Recorder, error_entry
+from ...store import new_meta, save_meta
+from ...store.interrupts import interrupting_signal, signal_name
 from .losses import LossTap
 from .optimizers import OptimizerTracker, parameter_ids, trained_parameter_ids
 from .roots import RootCalls, enclosing_model, live_modules, other_trained_models

@@ -14,15 +14,15 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
 
-from .errors import ScriptError, UsageError
-from .store import StabscopeWarning
+from ..errors import ScriptError, UsageError
+from ..store import StabscopeWarning
 
 
 class _Commands(TyperGroup):
     """The command group; it refuses an empty option value before the command parses it."""
 
     def resolve_command(self, ctx: Any, args: list[str]) -> tuple[str | None, Any, list[str]]:
-        from .cli_values import empty_option
+        from .values import empty_option
 
         name, command, rest = super().resolve_command(ctx, args)
         option = None if command is None else empty_option(command, rest)

@@ -10,13 +10,13 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.markup import escape
 
-from . import cli_values as values
-from .cli_common import app, err, fail
-from .errors import UsageError
+from ..errors import UsageError
+from . import values
+from .common import app, err, fail
 
 if TYPE_CHECKING:
-    from .config import RecorderConfig
-    from .profile import ProgressFn
+    from ..drivers.profile import ProgressFn
+    from ..record.config import RecorderConfig
 
 
 @app.command()
@@ -109,8 +109,8 @@ def profile(
 
     Example: stabscope profile train.py --max-steps 100 -- --lr 3e-4 --epochs 1
     """
-    from .config import load_pyproject_config
-    from .schedule import Schedule
+    from ..record.config import load_pyproject_config
+    from ..record.schedule import Schedule
 
     try:
         # Checked before anything is prepared: --force must not clear a run for bad input.
@@ -140,9 +140,9 @@ def profile(
         raise fail(e) from None
     except ValueError as e:
         raise fail(UsageError(str(e), hint="see `stabscope profile --help`")) from None
-    from .store import interrupts
-    from .store.atomic import RunWriteError
-    from .store.rundir import release_run_dir
+    from ..store import interrupts
+    from ..store.atomic import RunWriteError
+    from ..store.rundir import release_run_dir
 
     run_dir = out or Path("runs") / script.stem
     training = _TrainingOptions(
@@ -207,11 +207,11 @@ def _profile(
     quiet: bool,
     training: _TrainingOptions,
 ) -> None:
-    from .distributed import rank
-    from .profile import pick_device, planned_budget, profile_script
+    from ..drivers.profile import pick_device, planned_budget, profile_script
+    from ..drivers.script import load_script, parse_set, script_path
+    from ..drivers.zerocode import follows_model_script_convention, profile_training_script
+    from ..record.distributed import rank
     from .progress import step_progress
-    from .script import load_script, parse_set, script_path
-    from .zerocode import follows_model_script_convention, profile_training_script
 
     path = script_path(script)
     if training.requested() or not follows_model_script_convention(path):
@@ -271,7 +271,7 @@ def _drop_empty_parts(run_dir: Path) -> None:
     """A model script refused before its first step (--include matching nothing) leaves the
     empty parts/ the recorder made; without meta.json it would still count as a run that
     needs --force. Only an empty parts/ in a run without meta.json is removed."""
-    from .store.schema import META_FILE, PARTS_DIR
+    from ..store.schema import META_FILE, PARTS_DIR
 
     parts = run_dir / PARTS_DIR
     if not (run_dir / META_FILE).exists() and parts.is_dir() and not any(parts.iterdir()):
@@ -315,7 +315,7 @@ def _check_training_options(path: Path, steps: int | None, sets: list[str], devi
 def _prepare_run_dir(run_dir: Path, force: bool) -> None:
     """Create and lock ``run_dir`` for a new run, or fail with a usage error before any
     training; the lock passes to the Recorder that records into it."""
-    from .store.rundir import prepare_run_dir, run_dir_error
+    from ..store.rundir import prepare_run_dir, run_dir_error
 
     try:
         prepare_run_dir(run_dir, force)
@@ -328,8 +328,8 @@ def _interrupted(run_dir: Path, error: BaseException) -> int:
     status the signal stands for (128 + signum)."""
     from rich.markup import escape
 
-    from .distributed import rank
-    from .store import NotARunError, interrupts, read_meta
+    from ..record.distributed import rank
+    from ..store import NotARunError, interrupts, read_meta
 
     signum = interrupts.interrupting_signal(error) or 2
     name = interrupts.signal_name(signum)
@@ -347,8 +347,8 @@ def _interrupted(run_dir: Path, error: BaseException) -> int:
 
 
 def _print_profile_result(run_dir: Path, seconds: float, notes: list[str]) -> None:
-    from .report.console import print_summary
-    from .summary import summarize
+    from ..analysis.summary import summarize
+    from ..report.console import print_summary
 
     print_summary(summarize(run_dir), err)
     for note in notes:

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .store import RUN_MODULE, load_run, read_meta
-from .store.rundir import run_state
+from ..store import RUN_MODULE, load_run, read_meta
+from ..store.rundir import run_state
 
 ROOT = "<root>"
 

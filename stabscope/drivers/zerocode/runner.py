@@ -32,13 +32,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import RecorderConfig
-from ..distributed import rank
-from ..errors import ScriptError, UsageError
+from ...errors import ScriptError, UsageError
+from ...record.config import RecorderConfig
+from ...record.distributed import rank
+from ...store.interrupts import Terminated
+from ...store.rundir import prepare_run_dir, release_run_dir
 from ..profile import seed_everything
 from ..script import script_failure, script_path
-from ..store.interrupts import Terminated
-from ..store.rundir import prepare_run_dir, release_run_dir
 from .attach import ScriptRecording, StepProgress, StopScript
 from .detect import missing_entry_points
 

@@ -15,7 +15,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from .profile import ProgressFn
+from ..drivers.profile import ProgressFn
 
 
 @contextmanager

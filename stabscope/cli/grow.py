@@ -12,16 +12,16 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.markup import escape
 
-from . import cli_values as values
-from .cli_common import app, err, fail
-from .errors import UsageError
+from ..errors import UsageError
+from . import values
+from .common import app, err, fail
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from .grow.run import GrowResult
-    from .grow.sizes import GrowthSpec
-    from .profile import ProgressFn
+    from ..drivers.profile import ProgressFn
+    from ..grow.run import GrowResult
+    from ..grow.sizes import GrowthSpec
 
 
 @app.command()
@@ -97,7 +97,7 @@ def grow(
     Writes run directories OUT/base and OUT/grown (or OUT/AXIS-Fx per --sweep factor).
     Exit 1 when a grown model changed the outputs beyond --tolerance; 2 on bad input.
     """
-    from .grow.sizes import GrowthSpec
+    from ..grow.sizes import GrowthSpec
 
     base_spec = GrowthSpec(
         depth, width, hidden, mlp, heads, head_dim, key_dim, value_dim, position, init, seed
@@ -136,7 +136,7 @@ def _variants(
     spec: GrowthSpec, sweep: str | None, axis: str
 ) -> list[tuple[str, GrowthSpec, float]]:
     """``(run name, spec, size)`` per grown model; size is the sweep factor."""
-    from .grow.sizes import SIZE_AXES
+    from ..grow.sizes import SIZE_AXES
 
     if sweep is None:
         if not spec.requested():
@@ -180,9 +180,9 @@ def _grow(
     force: bool,
     quiet: bool,
 ) -> GrowResult:
-    from .config import load_pyproject_config
-    from .grow.run import BASE, GrowSettings, grow_script
-    from .script import load_script, parse_set
+    from ..drivers.script import load_script, parse_set
+    from ..grow.run import BASE, GrowSettings, grow_script
+    from ..record.config import load_pyproject_config
 
     try:
         config = load_pyproject_config().replace(preset=preset)
@@ -286,7 +286,7 @@ def _print_result(
 def _scaling(result: GrowResult, run_root: Path, sizes: dict[str, float]) -> pd.DataFrame:
     """The scaling table over base and grown runs, written to OUT/scaling.csv. The size is
     the sweep factor, or for a single grow the parameter count relative to the base."""
-    from .grow.table import scaling_table, write_table
+    from ..grow.table import scaling_table, write_table
 
     rows = [(v.name, v.run_dir, sizes.get(v.name) or v.size) for v in result.variants]
     table = scaling_table(rows)
@@ -298,7 +298,7 @@ def _scaling(result: GrowResult, run_root: Path, sizes: dict[str, float]) -> pd.
 def _print_table(table: pd.DataFrame, axis: str | None) -> None:
     from rich.table import Table
 
-    from .grow.table import exponents
+    from ..grow.table import exponents
 
     def num(x: object) -> str:
         return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3g}"

@@ -15,13 +15,13 @@ from typing import Any
 
 import torch
 
-from .config import RecorderConfig
+from ..errors import ScriptError, UsageError
+from ..record.config import RecorderConfig
+from ..record.recorder import Recorder
+from ..store.interrupts import Terminated, ending_status
+from ..structure import Structure, discover
 from .describe_model import write_run_prediction
-from .errors import ScriptError, UsageError
-from .recorder import Recorder
 from .script import ModelScript, script_failure
-from .store.interrupts import Terminated, ending_status
-from .structure import Structure, discover
 
 #: progress(step_done, total, last_recorded_loss)
 ProgressFn = Callable[[int, int, float | None], None]

@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.markup import escape
 
-from . import cli_values as values
-from .cli_common import app, err, fail
-from .errors import UsageError
+from ..errors import UsageError
+from . import values
+from .common import app, err, fail
 
 if TYPE_CHECKING:
-    from .theory import ModelDescription, Prediction
+    from ..theory import ModelDescription, Prediction
 
 _SEVERITY_STYLE = {"ok": "green", "warning": "yellow", "error": "red"}
 
@@ -73,9 +73,9 @@ def predict(
     seed: Annotated[int, typer.Option(help="Seed for building SCRIPT's model.")] = 0,
 ) -> None:
     """Predict per-layer activation rms, gradient rms and token correlation at init."""
-    from .store.rundir import refuse_output_in_run
-    from .theory import DescriptionError, ModelDescription
-    from .theory.prediction import PREDICTION_FILE
+    from ..store.rundir import refuse_output_in_run
+    from ..theory import DescriptionError, ModelDescription
+    from ..theory.prediction import PREDICTION_FILE
 
     try:
         values.seed(seed)
@@ -126,10 +126,10 @@ def predict(
 
 
 def _describe_script(script: Path, sets: list[str], seed: int) -> ModelDescription:
-    from .describe_model import NotCovered, describe
-    from .profile import build_for_inspection
-    from .script import load_script, parse_set
-    from .structure import discover
+    from ..drivers.describe_model import NotCovered, describe
+    from ..drivers.profile import build_for_inspection
+    from ..drivers.script import load_script, parse_set
+    from ..structure import discover
 
     loaded = load_script(script, parse_set(sets))
     model, forward = build_for_inspection(loaded, seed)
@@ -144,7 +144,7 @@ def _describe_script(script: Path, sets: list[str], seed: int) -> ModelDescripti
 
 def _run(desc: ModelDescription) -> Prediction:
     """The prediction, with a progress bar when it takes a while (O(depth·seq²))."""
-    from .theory import predict
+    from ..theory import predict
 
     if desc.depth * desc.seq**2 < 5_000_000:
         return predict(desc)

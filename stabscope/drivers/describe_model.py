@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .side_forward import side_forward
-from .structure import Structure
-from .theory import ModelDescription, Projection
+from ..record.side_forward import side_forward
+from ..structure import Structure
+from ..theory import ModelDescription, Projection
 
 
 class NotCovered(Exception):
@@ -268,8 +268,8 @@ def write_run_prediction(
     """Write ``RUN_DIR/prediction.json`` for the model as built, whose wiring is
     ``structure``; return a note when there is none. Never raises: a model the theory does
     not cover, or any failure, only costs the prediction."""
-    from .store.atomic import write_text_atomically
-    from .theory import PREDICTION_FILE, predict
+    from ..store.atomic import write_text_atomically
+    from ..theory import PREDICTION_FILE, predict
 
     if rank != 0:
         return None

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .probes.moments import is_moment_tensor
+from ..probes.moments import is_moment_tensor
 
 TRAIN, EVAL = 0, 1  # phase codes; names in store.schema.PHASES
 

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
+from ..errors import ConfigError
+from ..settings import check_keys, find_pyproject, read_toml_table
 from .schedule import Schedule
 
 #: Presets, cheapest first. Each names what a recorded step measures.
@@ -80,19 +79,6 @@ class RecorderConfig:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
-class ConfigError(UsageError, ValueError):
-    """A ``[tool.stabscope]`` table that cannot be used: names the file, the key and what the
-    key takes. A ``ValueError`` too, as config errors always were."""
-
-    def __init__(self, message: str, source: str) -> None:
-        super().__init__(
-            message, hint=f"fix it in {source} (the keys: README, Recording your own training loop)"
-        )
-
-    def __str__(self) -> str:  # one line where it is caught as a ValueError and re-worded
-        return self.message
-
-
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -131,21 +117,6 @@ _SCHEDULE: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-def _load_toml(path: Path) -> dict[str, Any]:
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover - Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
-
-    try:
-        with open(path, "rb") as handle:
-            return tomllib.load(handle)
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path} is not valid TOML: {err}", str(path)) from None
-    except OSError as err:
-        raise ConfigError(f"cannot read {path}: {err.strerror or err}", str(path)) from None
-
-
 def load_pyproject_config(start: Path | None = None) -> RecorderConfig:
     """Read ``[tool.stabscope]`` from the nearest pyproject.toml above ``start`` (or cwd)."""
     path = find_pyproject(start)
@@ -156,56 +127,15 @@ def load_pyproject_config(start: Path | None = None) -> RecorderConfig:
     return config_from_mapping(table, source=str(path))
 
 
-def read_toml_table(path: Path, *keys: str) -> dict[str, Any]:
-    """The table at ``keys`` (e.g. "tool", "stabscope", "rules") of a TOML file, or {} when a
-    key is missing; ``ConfigError`` when one is there but is not a table."""
-    table: Any = _load_toml(path)
-    for depth, key in enumerate(keys):
-        table = table.get(key, {})
-        if not isinstance(table, dict):
-            name = ".".join(keys[: depth + 1])
-            raise ConfigError(
-                f"{path}: {name} must be a table ([{name}]), got {json.dumps(table, default=str)}",
-                str(path),
-            )
-    return dict(table)
-
-
-def find_pyproject(start: Path | None = None) -> Path | None:
-    here = (start or Path.cwd()).resolve()
-    return next(
-        (d / "pyproject.toml" for d in (here, *here.parents) if (d / "pyproject.toml").is_file()),
-        None,
-    )
-
-
-def _check_keys(
-    table: dict[str, Any],
-    expected: dict[str, tuple[Callable[[Any], bool], str]],
-    where: str,
-    source: str,
-) -> None:
-    unknown = sorted(set(table) - set(expected))
-    if unknown:
-        raise ConfigError(
-            f"{source}: unknown {where} keys {unknown}; known: {sorted(expected)}", source
-        )
-    for key, value in table.items():
-        test, words = expected[key]
-        if not test(value):
-            got = json.dumps(value, default=str)  # as TOML writes it: true, "x", [1]
-            raise ConfigError(f"{source}: {where} {key} must be {words}, got {got}", source)
-
-
 def config_from_mapping(table: dict[str, Any], source: str = "config") -> RecorderConfig:
     """Build a config from a plain mapping (``[tool.stabscope]``): an unknown key, or a value
     of the wrong type or range, is a ``ConfigError`` that names the key."""
-    _check_keys(table, _EXPECTED, "[tool.stabscope]", source)
+    check_keys(table, _EXPECTED, "[tool.stabscope]", source)
     values = dict(table)
     schedule = values.get("schedule")
     try:
         if isinstance(schedule, dict):
-            _check_keys(schedule, _SCHEDULE, "[tool.stabscope.schedule]", source)
+            check_keys(schedule, _SCHEDULE, "[tool.stabscope.record.schedule]", source)
             values["schedule"] = Schedule(**schedule)
         elif isinstance(schedule, str):
             values["schedule"] = Schedule.parse(schedule)

@@ -24,8 +24,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from .errors import ScriptError, UsageError
-from .store.interrupts import Terminated
+from ..errors import ScriptError, UsageError
+from ..store.interrupts import Terminated
 
 REQUIRED = ("model", "batches", "loss")
 OPTIONAL = ("optimizer", "scheduler")

@@ -27,6 +27,18 @@ from torch.optim.optimizer import (
     register_optimizer_step_pre_hook,
 )
 
+from ..probes.activations import ActivationProbe
+from ..probes.attention import AttentionSampling
+from ..probes.kernels import host_kernels
+from ..probes.parameters import ParameterProbe
+from ..probes.sharpness import SharpnessProbe
+from ..probes.structured import StructureProbes
+from ..store import RUN_MODULE, PartWriter, interrupts, new_meta, save_meta
+from ..store import lock as locks
+from ..store.atomic import RESERVE_FILE, SpaceReserve
+from ..store.rundir import RunExistsError, RunLockedError, prepare_run_dir
+from ..store.schema import META_FILE
+from ..structure import Structure, capture, discover, from_trace
 from .collector import Collector, Rows
 from .config import RecorderConfig
 from .distributed import distributed_info, prepare_on_rank0
@@ -41,19 +53,7 @@ from .module_table import (
     select_parameters,
 )
 from .optim_closure import after_first_call, closure_of
-from .probes import host_kernels
-from .probes.activations import ActivationProbe
-from .probes.attention import AttentionSampling
-from .probes.parameters import ParameterProbe
-from .probes.sharpness import SharpnessProbe
-from .probes.structured import StructureProbes
 from .schedule import Schedule
-from .store import RUN_MODULE, PartWriter, interrupts, new_meta, save_meta
-from .store import lock as locks
-from .store.atomic import RESERVE_FILE, SpaceReserve
-from .store.rundir import RunExistsError, RunLockedError, prepare_run_dir
-from .store.schema import META_FILE
-from .structure import Structure, capture, discover, from_trace
 
 #: Losses of unrecorded steps wait on the device; past this many they are synced anyway.
 _MAX_PENDING_LOSSES = 1024

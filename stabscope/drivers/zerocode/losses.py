@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..hooks import _compiling, _in_backward
+from ...record.hooks import _compiling, _in_backward
 
 
 class LossTap:

@@ -91,7 +91,7 @@ def prepare_on_rank0(out: str | os.PathLike[str], prepare: Callable[[], Path]) -
 
 
 def _rebuilt(kind: str, message: str) -> OSError:
-    from .store.rundir import NestedRunError, RunExistsError, RunLockedError
+    from ..store.rundir import NestedRunError, RunExistsError, RunLockedError
 
     types: dict[str, type[OSError]] = {
         "RunExistsError": RunExistsError,

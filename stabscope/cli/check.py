@@ -1,0 +1,186 @@
+"""``stabscope check``: the CI gate over a run (or a model script it profiles first)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+
+from ..errors import UsageError
+from . import values
+from .common import app, err, fail
+
+
+@app.command()
+def check(
+    target: Annotated[
+        Path,
+        typer.Argument(
+            help="A run directory, or a model script to profile briefly (seeded) and then check."
+        ),
+    ],
+    fail_on: Annotated[
+        str,
+        typer.Option(help="Exit 1 on findings of this severity or worse: error, warning or info."),
+    ] = "error",
+    output_format: Annotated[
+        str, typer.Option("--format", help="table, json (stdout) or github (workflow annotations).")
+    ] = "table",
+    junit: Annotated[Path | None, typer.Option(help="Also write JUnit XML here.")] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            help="TOML file with a \\[tool.stabscope.rules] table \\[default: pyproject.toml]."
+        ),
+    ] = None,
+    baseline: Annotated[
+        Path | None,
+        typer.Option(
+            help="A stored run: fail when a layer's "
+            "act/grad rms moved by more than "
+            "--baseline-factor."
+        ),
+    ] = None,
+    baseline_factor: Annotated[
+        float, typer.Option(help="Allowed change against the baseline.")
+    ] = 10.0,
+    steps: Annotated[int, typer.Option(help="Steps to profile when TARGET is a script.")] = 50,
+    budget: Annotated[
+        int | None,
+        typer.Option(
+            help="The planned length of the training when TARGET is a script (default: "
+            "--steps): the failure forecast looks ahead along the scheduler's lr up to it."
+        ),
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="CONFIG override for a script (repeatable).")
+    ] = None,
+    allow_incomplete: Annotated[
+        bool,
+        typer.Option(
+            "--allow-incomplete",
+            help="A killed or interrupted run is a warning, not an error (it still fails "
+            "--fail-on warning).",
+        ),
+    ] = False,
+) -> None:
+    """The CI gate: run the rules on a run; exit 1 when findings reach --fail-on."""
+    try:
+        code = _check(
+            target,
+            fail_on,
+            output_format,
+            junit,
+            config,
+            baseline,
+            baseline_factor,
+            steps,
+            set_ or [],
+            allow_incomplete,
+            budget,
+        )
+    except UsageError as e:
+        raise fail(e) from None
+    raise typer.Exit(code)
+
+
+def _check(
+    target: Path,
+    fail_on: str,
+    output_format: str,
+    junit: Path | None,
+    config: Path | None,
+    baseline: Path | None,
+    factor: float,
+    steps: int,
+    sets: list[str],
+    allow_incomplete: bool = False,
+    budget: int | None = None,
+) -> int:
+    from rich.markup import escape
+
+    from ..report.console import print_findings
+    from ..report.findings import SEVERITIES
+    from ..rules.gate import load_settings, run_gate
+    from ..rules.output import failure_lines, to_github, to_json, to_junit
+    from ..store.rundir import refuse_output_in_run
+
+    if output_format not in ("table", "json", "github"):
+        raise UsageError(f"bad --format {output_format!r}", hint="table, json or github")
+    if fail_on not in SEVERITIES:
+        raise UsageError(f"bad --fail-on {fail_on!r}", hint=f"one of {', '.join(SEVERITIES)}")
+    # factor >= 1: a change is max(ratio, 1/ratio), so below 1 every module would fail.
+    ok = math.isfinite(factor) and factor >= 1
+    values.require(ok, "--baseline-factor", factor, "a number >= 1", "10")
+    values.positive_int(steps, "--steps", "50")
+    if budget is not None:
+        from ..drivers.profile import planned_budget
+
+        values.positive_int(budget, "--budget", "10000")
+        planned_budget(steps, budget)  # shorter than --steps: bad input, before profiling
+    if junit is not None:
+        refuse_output_in_run(junit, "--junit")  # findings.json is the one file check writes there
+        values.output_file(junit, "--junit")
+    if target.suffix == ".py":
+        load_settings(config)  # a bad --config fails before the script is profiled
+        run_dir = _profile_for_check(target, steps, sets, budget)
+    else:
+        run_dir = target
+    gate = run_gate(run_dir, fail_on, config, baseline, factor, allow_incomplete)
+    findings, failing = gate.findings, gate.failing
+    if output_format == "json":
+        typer.echo(to_json(gate))
+    elif output_format == "github":
+        text = to_github(gate)
+        if text:
+            typer.echo(text)
+    else:
+        print_findings(findings, err)
+        for rule, why in gate.skipped.items():
+            err.print(f"[dim]skipped {escape(rule)}: {escape(why)}[/]", soft_wrap=True)
+    for line in failure_lines(gate):  # on stderr in every format: never a silent gap
+        err.print(f"[bold red]{escape(line)}[/]", soft_wrap=True)
+    reasons = [f"{len(failing)} findings at {fail_on} or worse"] if failing else []
+    if gate.failed_blocking:
+        reasons.append(f"{len(gate.failed_blocking)} rules that could fail it raised")
+    verdict = f"[red]failed[/]: {'; '.join(reasons)}" if reasons else "[green]passed[/]"
+    if gate.failed and not gate.failed_blocking:
+        verdict += f" ({len(gate.failed)} rules raised; none can reach --fail-on {fail_on})"
+    err.print(f"check {escape(str(run_dir))}: {verdict}", soft_wrap=True)
+    if junit is not None:
+        _write_junit(junit, to_junit(gate, fail_on), run_dir)
+    return 0 if gate.passed else 1
+
+
+def _write_junit(path: Path, text: str, run_dir: Path) -> None:
+    """The findings are in RUN/findings.json already: a failed write here loses nothing."""
+    from ..report.findings import FINDINGS_FILE
+
+    kept = f"the findings are kept in {run_dir / FINDINGS_FILE}; "
+    values.write_output(path, text, "--junit", kept)
+
+
+def _profile_for_check(script: Path, steps: int, sets: list[str], budget: int | None) -> Path:
+    from ..drivers.profile import profile_script
+    from ..drivers.script import load_script, parse_set
+    from ..record.config import RecorderConfig
+    from ..record.schedule import Schedule
+    from ..store.rundir import NestedRunError, RunExistsError, run_dir_error
+
+    loaded = load_script(script, parse_set(sets))
+    run_dir = Path("runs") / f"{script.stem}-check"
+    config = RecorderConfig(schedule=Schedule(dense=10, every=5))
+    err.print(
+        escape(f"profiling {script.name} for {steps} steps into {run_dir} (seed 0)"),
+        soft_wrap=True,
+    )
+    try:
+        result = profile_script(
+            loaded, run_dir, steps, config, seed=0, device="auto", force=True, budget=budget
+        )
+    except (RunExistsError, NestedRunError) as e:  # another check of this script is running
+        raise run_dir_error(e, run_dir) from None
+    return result.run_dir
