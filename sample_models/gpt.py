@@ -4,7 +4,7 @@ The task: a vocabulary of ``vocab`` tokens where each token has ``successors`` p
 tokens (fixed at random by ``task_seed``), chosen uniformly. A model that learns the table
 reaches the optimal loss ln(successors) (0.69 for 2); a model that learns nothing stays near
 ln(vocab) (3.47 for 32). The point of the sample: at depth 24 with no warm-up, Post-LN stays
-stuck while its Pre-LN twin trains (numbers in the README).
+stuck while its Pre-LN twin trains (numbers in docs/sample-models.md).
 
     stabscope profile sample_models/gpt.py --set norm=post --set depth=24
 """
