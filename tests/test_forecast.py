@@ -54,12 +54,27 @@ def test_the_look_ahead_equals_the_index_times_the_planned_lr(before_ramp) -> No
     assert found["stability_forecast"].step == 20
     # The first planned step whose lr takes the index to 1.
     want = next(s for s in range(9, 40) if now * factor(s, 1000) >= 1)
-    assert crossing_step(RunView.open(before_ramp), found) == want
+    assert crossing_step(found) == want
+
+
+def test_the_crossing_of_a_flat_start_uses_the_raw_index(tmp_path) -> None:
+    # At lr 1e-4 the index is ~7e-5, under the signals' log floor (1e-3); the plan ramps the
+    # lr x1e5. Scaled from the floored 1e-3 the index would cross 1 at step 16; from the
+    # index measured it crosses at 19.
+    run = profile(tmp_path / "flat", 5, "lr=1e-4", "ramp=1e5")
+    df = load_run(run, metrics=["stability_index"])
+    index = df.set_index("step").value
+    now = math.sqrt(index[2] * index[4])
+    assert now < 1e-3
+    found = signals(RunView.open(run))
+    want = next(s for s in range(5, 40) if now * factor(s, 1e5) >= 1)
+    assert want == 19 and crossing_step(found) == want
+    assert found["stability_forecast"].value == pytest.approx(math.log10(now * 1e5), abs=1e-5)
 
 
 def test_the_forecast_comes_before_the_failure(before_ramp, tmp_path) -> None:
     found = signals(RunView.open(before_ramp))
-    predicted = crossing_step(RunView.open(before_ramp), found)
+    predicted = crossing_step(found)
     # The same seed trained through the ramp: the loss blows up only after the crossing.
     full = profile(tmp_path / "full", 40)
     loss = load_run(full, metrics="loss").sort_values("step").value.to_numpy(float)

@@ -102,9 +102,9 @@ def test_family_logits_and_out_scale(family, task):
     torch.testing.assert_close(ratio, torch.full_like(ratio, 100.0))
 
 
-def run(family: str, failed: bool, loss: list[float]) -> score.Run:
+def run(family: str, failed: bool, loss: list[float], kind: str = "k") -> score.Run:
     n = len(loss)
-    return score.Run("c", 0, family, "k", failed, n, n, None, np.array(loss, float),
+    return score.Run("c", 0, family, kind, failed, n, n, None, np.array(loss, float),
                      (np.arange(0), np.zeros(0)))  # fmt: skip
 
 
@@ -119,6 +119,22 @@ def test_lofo_never_calibrates_on_the_held_out_family():
     # scoring b, a calibrates 3x (above its healthy 2.5x): b's 2.5x failure is missed
     assert scores["b"].thresholds == [3.0] and (scores["b"].tp, scores["b"].fn) == (0, 1)
     assert (scores["pooled"].tp, scores["pooled"].fp, scores["pooled"].fn) == (1, 1, 1)
+
+
+def test_leave_one_kind_out_holds_out_kinds_across_families():
+    # The same four runs as above, grouped by failure kind instead: kind x is family a's
+    # failure and family b's healthy run, kind y the others.
+    x = [run("a", True, [1, 1, 4, 4], "x"), run("b", False, [1, 1, 1, 1], "x")]
+    y = [run("a", False, [1, 1, 2.5, 1], "y"), run("b", True, [1, 1, 2.5, 2.5], "y")]
+    det = score.Detector("megatron", score.megatron_at, 10.0, (2.0, 3.0, 10.0))
+    scores = score.lofo(det, x + y, 100, group="kind")
+    assert set(scores) == {"x", "y", "pooled"}
+    # scoring x, y (a 2.5x failure next to a 2.5x healthy jump) calibrates 2x: F1 2/3,
+    # against 0 at 3x and 10x; x's 4x failure fires, its flat healthy run does not
+    assert scores["x"].thresholds == [2.0] and (scores["x"].tp, scores["x"].fp) == (1, 0)
+    # scoring y, x (a 4x failure, a flat healthy run) calibrates 2x (F1 1, tied with 3x; the
+    # first wins): y's 2.5x jumps both fire
+    assert scores["y"].thresholds == [2.0] and (scores["y"].tp, scores["y"].fp) == (1, 1)
 
 
 def test_unstable_configs_are_left_out():

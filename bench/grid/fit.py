@@ -1,6 +1,7 @@
-"""Fit the failure forecast on the grid, and score the gate with it leave-one-family-out.
+"""Fit the failure forecast on the grid, and score the gate with it leave-one-group-out.
 
     python -m bench.grid.fit --out /tmp/stabscope-grid [--ks 5,10,25] [--write]
+                             [--signals a,b] [--l2 X]
 
 The forecast (stabscope/rules/forecast_model.py) is a monotone logistic model of the signals
 in SIGNALS. Its training rows are every stable grid run seen through each K% window (one row
@@ -8,7 +9,9 @@ per run and K); ``--write`` stores the fit on all families in
 stabscope/rules/forecast_weights.json, the numbers the rule ships with. ``gate_scores`` is the
 honest version: for each held-out family the model is fitted on the other families' rows only,
 and the gate on a held-out run is "any other rule's error, or p >= the rule's error threshold
-(0.8) from that fold's model".
+(0.8) from that fold's model". ``group="kind"`` holds out a failure kind instead (fitted on the
+other kinds' failing runs and healthy twins): the closest the grid has to a failure kind the
+forecast was never fitted on.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ SIGNALS = (
 )
 #: Signals that only add to what the others say (ForecastModel.risks).
 RISKS = ("init_token_corr",)
-L2 = 1.0
+L2 = 1.0  # the fit's penalty (forecast_model.fit)
 ERROR = FORECAST.defaults["error"]  # the rule's own error threshold
 
 
@@ -46,12 +49,14 @@ def until_of(run, k: int) -> int:
     return max(1, run.steps * k // 100)
 
 
-def rows(runs: list, sig: dict, ks: list[int]) -> tuple[list[dict], list[bool]]:
+def rows(
+    runs: list, sig: dict, ks: list[int], signals: tuple[str, ...] = SIGNALS
+) -> tuple[list[dict], list[bool]]:
     xs, ys = [], []
     for r in runs:
         for k in ks:
             entry = sig[r.key][str(until_of(r, k))]
-            xs.append({s: _num(entry["signals"].get(s)) for s in SIGNALS})
+            xs.append({s: _num(entry["signals"].get(s)) for s in signals})
             ys.append(r.failed)
     return xs, ys
 
@@ -60,31 +65,42 @@ def _num(v) -> float:
     return math.nan if v is None else float(v)
 
 
-def fit_on(runs: list, sig: dict, ks: list[int]):
+def fit_on(
+    runs: list, sig: dict, ks: list[int], signals: tuple[str, ...] = SIGNALS, l2: float = L2
+):
     from stabscope.rules.forecast_model import fit
 
-    xs, ys = rows(runs, sig, ks)
-    # The module's SIGNALS and L2 (main may set them).
-    return fit(xs, ys, SIGNALS, l2=L2, risks=tuple(r for r in RISKS if r in SIGNALS))
+    xs, ys = rows(runs, sig, ks, signals)
+    return fit(xs, ys, signals, l2=l2, risks=tuple(r for r in RISKS if r in signals))
 
 
 def detect(run, sig: dict, until: int, model) -> int | None:
     """The gate's first error step on the run's first ``until`` steps under ``model``."""
     entry = sig[run.key][str(until)]
     other = entry["error"] if not isinstance(entry["error"], str) else None
-    values = {s: _num(entry["signals"].get(s)) for s in SIGNALS}
+    values = {s: _num(entry["signals"].get(s)) for s in model.features}
     flagged = until - 1 if model.probability(values) >= ERROR else None
     found = [s for s in (other, flagged) if s is not None]
     return min(found) if found else None
 
 
-def gate_scores(runs: list, sig: dict, k: int, ks: list[int]) -> dict[str, Score]:
-    """Per held-out family and pooled: the gate with the forecast fitted without that family."""
+def gate_scores(
+    runs: list,
+    sig: dict,
+    k: int,
+    ks: list[int],
+    group: str = "family",
+    signals: tuple[str, ...] = SIGNALS,
+    l2: float = L2,
+) -> dict[str, Score]:
+    """Per held-out group (``group``: "family" or "kind", a Run attribute) and pooled: the
+    gate with the forecast fitted without that group's runs."""
     scores: dict[str, Score] = {"pooled": Score()}
-    for family in sorted({r.family for r in runs}):
-        held = [r for r in runs if r.family == family]
-        model = fit_on([r for r in runs if r.family != family], sig, ks)
-        s = scores.setdefault(family, Score(thresholds=[ERROR]))
+    for name in sorted({getattr(r, group) for r in runs}):
+        held = [r for r in runs if getattr(r, group) == name]
+        rest = [r for r in runs if getattr(r, group) != name]
+        model = fit_on(rest, sig, ks, signals, l2)
+        s = scores.setdefault(name, Score(thresholds=[ERROR]))
         for r in held:
             step = detect(r, sig, until_of(r, k), model)
             s.add(r, step)
@@ -99,11 +115,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--write", action="store_true", help="store the fit in the package")
     ap.add_argument("--signals", default="", help="comma-separated: fit these, not SIGNALS")
-    ap.add_argument("--l2", type=float, default=1.0)
+    ap.add_argument("--l2", type=float, default=L2)
     args = ap.parse_args()
-    global SIGNALS, L2
-    SIGNALS = tuple(args.signals.split(",")) if args.signals else SIGNALS
-    L2 = args.l2
+    signals = tuple(args.signals.split(",")) if args.signals else SIGNALS
     from stabscope.rules.forecast_model import WEIGHTS_FILE
 
     paths = current_runs(args.out)
@@ -112,13 +126,16 @@ def main() -> None:
     ks = [int(k) for k in args.ks.split(",")]
     untils = sorted({until_of(r, k) for r in runs for k in ks})
     sig = signals_and_errors(runs, untils, args.out, args.workers)
-    model = fit_on(runs, sig, ks)
+    model = fit_on(runs, sig, ks, signals, args.l2)
     for name, w, fill, scale in zip(model.features, model.weights, model.fill, model.scale):
         print(f"{name:22s} w={w:7.3f} fill={fill:8.3f} scale={scale:7.3f}")
     print(f"bias {model.bias:.3f}")
     for k in ks:
-        p, r, lead = gate_scores(runs, sig, k, ks)["pooled"].row()
-        print(f"K={k}%: LOFO gate P={p:.2f} R={r:.2f} lead={lead:.2f}")
+        for group, label in (("family", "LOFO"), ("kind", "LOKO")):
+            scores = gate_scores(runs, sig, k, ks, group, signals, args.l2)
+            p, r, lead = scores["pooled"].row()
+            print(f"K={k}%: {label} gate P={p:.2f} R={r:.2f} lead={lead:.2f}", end="  ")
+        print()
     if args.write:
         WEIGHTS_FILE.write_text(model.to_json() + "\n")
         print(f"wrote {WEIGHTS_FILE}")

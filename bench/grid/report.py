@@ -1,8 +1,11 @@
-"""Markdown tables of the grid: its truth, and the detectors' leave-one-family-out scores."""
+"""Markdown tables of the grid: its truth, and the detectors' leave-one-out scores."""
 
 from __future__ import annotations
 
 from typing import Any
+
+#: The held-out groups, by Run attribute: leave-one-family-out, leave-one-kind-out.
+GROUPS = {"family": "leave-one-family-out", "kind": "leave-one-kind-out"}
 
 
 def _fmt(x: float, digits: int = 2) -> str:
@@ -34,7 +37,7 @@ def truth_table(runs: list[Any], truths: dict) -> str:
 
 
 def score_table(k: int, scores: dict[str, dict], note: str) -> str:
-    """One row per held-out family and pooled; per detector precision / recall / lead."""
+    """One row per held-out group and pooled; per detector precision / recall / lead."""
     names = list(scores)
     families = list(next(iter(scores.values())))
     head = "| held out | " + " | ".join(f"{n} P / R / lead" for n in names) + " |"
@@ -52,7 +55,21 @@ def score_table(k: int, scores: dict[str, dict], note: str) -> str:
     return "\n".join(lines)
 
 
+def pooled_table(tables: dict[str, dict]) -> str:
+    """Per K, each detector's pooled precision / recall / lead under each held-out grouping."""
+    first = next(iter(tables.values()))
+    names = list(next(iter(first.values())))
+    head = "| K | held out | " + " | ".join(names) + " |"
+    lines = [head, "|---|---|" + "---|" * len(names)]
+    for k in first:
+        for group, by_k in tables.items():
+            cells = [" / ".join(_fmt(x) for x in by_k[k][n]["pooled"].row()) for n in names]
+            lines.append(f"| {k}% | {group} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def markdown(all_runs, runs, dropped, truths, tables, notes) -> str:
+    """``tables``: {group: {K: {detector: {held-out name or "pooled": Score}}}}."""
     n_fail = sum(r.failed for r in runs)
     parts = [
         f"# Grid: {len(all_runs)} runs, {len(runs)} scored ({n_fail} failed), "
@@ -62,7 +79,10 @@ def markdown(all_runs, runs, dropped, truths, tables, notes) -> str:
     ]
     if dropped:
         parts += ["", "Dropped (seeds disagree or too close to the margin): " + ", ".join(dropped)]
-    for k, scores in tables.items():
-        parts += ["", score_table(k, scores, notes[k])]
+    parts += ["", "Pooled precision / recall / median lead:", "", pooled_table(tables)]
+    for group, by_k in tables.items():
+        parts += ["", f"## {GROUPS[group].capitalize()}"]
+        for k, scores in by_k.items():
+            parts += ["", score_table(k, scores, notes[k])]
     parts += ["", "Thresholds in brackets: the calibrated ones the folds used."]
     return "\n".join(parts)

@@ -1,11 +1,13 @@
-"""Leave-one-family-out scores of early-warning detectors on the grid (bench/grid/run.py).
+"""Leave-one-out scores of early-warning detectors on the grid (bench/grid/run.py).
 
     python -m bench.grid.score --out /tmp/stabscope-grid [--ks 5,10,25] [--workers 2]
 
 Each detector sees only the steps before K% of the budget and says "failing" at a step, or
 nothing. A detector with thresholds is calibrated on the other families (the threshold with
 the best F1 there; ties go to its default) and scored on the held-out family; every run is
-scored once, by the fold that holds it out, and "pooled" sums those outcomes.
+scored once, by the fold that holds it out, and "pooled" sums those outcomes. The same is
+then done holding out one failure kind at a time (its failing runs and their healthy twins):
+the closest the grid has to a kind of failure nothing was calibrated on.
 
     gate      any error finding of stabscope's rules on the first K% (bench/grid/fit.py): the
               failure forecast fitted on the other families, or another rule's error
@@ -166,15 +168,16 @@ class Score:
         return precision, recall, statistics.median(self.leads) if self.leads else nan
 
 
-def lofo(det: Detector, runs: list[Run], k: int) -> dict[str, Score]:
-    """Per held-out family and "pooled": the scores with thresholds from the other families."""
+def lofo(det: Detector, runs: list[Run], k: int, group: str = "family") -> dict[str, Score]:
+    """Per held-out group (``group``: "family" or "kind") and "pooled": the scores with
+    thresholds from the other groups."""
     scores: dict[str, Score] = {"pooled": Score()}
-    for family in sorted({r.family for r in runs}):
-        held = [r for r in runs if r.family == family]
-        rest = [r for r in runs if r.family != family]
+    for name in sorted({getattr(r, group) for r in runs}):
+        held = [r for r in runs if getattr(r, group) == name]
+        rest = [r for r in runs if getattr(r, group) != name]
         until = max(1, held[0].steps * k // 100)
         thr = calibrate(det, rest, until) if len(det.thresholds) > 1 else det.default
-        s = scores.setdefault(family, Score(thresholds=[thr]))
+        s = scores.setdefault(name, Score(thresholds=[thr]))
         for r in held:
             step = det.detect(r, max(1, r.steps * k // 100), thr)
             s.add(r, step)
@@ -216,8 +219,14 @@ def main() -> None:
         early = sum(r.failed and r.failure_step < until[r.path] for r in runs)
         notes[k] = f"rule crashes: {crashes}; runs failed before K%: {early}"
     tables = {
-        k: {"gate": gate_scores(runs, sig, k, ks), **{d.name: lofo(d, runs, k) for d in detectors}}
-        for k in ks
+        group: {
+            k: {
+                "gate": gate_scores(runs, sig, k, ks, group),
+                **{d.name: lofo(d, runs, k, group) for d in detectors},
+            }
+            for k in ks
+        }
+        for group in report.GROUPS
     }
     print(report.markdown(all_runs, runs, dropped, truths, tables, notes))
 

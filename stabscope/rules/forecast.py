@@ -24,11 +24,9 @@ from collections.abc import Iterator
 import numpy as np
 
 from ..report.findings import Finding
-from ..store.lr_plan import planned_lr
 from . import forecast_features, stability_features
 from .base import Rule, RunView, finding
 from .forecast_model import load_default
-from .stability_features import lr_growth_ahead
 from .trends import Feature
 from .view import Request
 
@@ -81,30 +79,20 @@ def init_token_corr(view: RunView) -> Feature:
 
 
 def signals(view: RunView) -> dict[str, Feature]:
-    """Every signal of the forecast for this run (NaN where it was not recorded)."""
+    """Every signal of the forecast for this run (NaN where it was not recorded), and the
+    look-ahead's crossing step (``stability_features.CROSSING``, not a signal)."""
     found = {**stability_features.stability_features(view)}
     found.update(forecast_features.trend_features(view))
     found["init_token_corr"] = init_token_corr(view)
     return found
 
 
-def crossing_step(view: RunView, features: dict[str, Feature]) -> int | None:
+def crossing_step(features: dict[str, Feature]) -> int | None:
     """The first planned step at which the extrapolated index S_now x lr(s) / base reaches 1,
     ``base`` being the lr S was measured with (or, inside a warm-up, the warm-up's peak:
-    ``stability_features.lr_growth_ahead``)."""
-    now = features.get("stability_now")
-    plan = planned_lr(view.meta)
-    if now is None or plan is None or not math.isfinite(now.value) or now.step is None:
-        return None
-    lr = view.metrics("stability_lr")
-    lr_now = lr[lr.step == now.step].value
-    if lr_now.empty or not lr_now.iloc[0] > 0:
-        return None
-    steps, lrs = plan
-    ahead = lr_growth_ahead(steps, lrs, now.step, float(lr_now.iloc[0]))
-    s_now = 10**now.value
-    over = np.flatnonzero((steps > ahead.base_step) & (s_now * lrs / ahead.base >= 1))
-    return int(steps[over[0]]) if len(over) else None
+    ``stability_features.lr_growth_ahead``); None without an index, a plan or a crossing."""
+    found = features.get(stability_features.CROSSING)
+    return found.step if found is not None else None
 
 
 def _remedy(name: str) -> str:
@@ -155,7 +143,7 @@ def _forecast(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     said = "; ".join(features[r].evidence for r in reasons if r in features)
     message = f"fails by {end} with probability {prob:.2f}" + (f": {said}" if said else "")
     lookahead = any(r.startswith("stability") for r in reasons) and severity != "info"
-    crossing = crossing_step(view, features) if lookahead else None
+    crossing = crossing_step(features) if lookahead else None
     if crossing is not None:
         message += f"; expected to fail near step {crossing}, where the planned lr takes the "
         message += "stability index past 1"

@@ -24,6 +24,9 @@ from .view import Request, RunView
 
 READS = (Request(("stability_index", "stability_lr")),)
 FLOOR = 1e-3  # S below this is "far from the edge": log10 floors at -3
+#: Not a signal: the first planned step whose forecast S reaches 1 (Feature.step; None when
+#: the plan never takes S there), computed from the raw S and lr, not the floored log.
+CROSSING = "crossing_step"
 
 
 def _log(x: float) -> float:
@@ -32,10 +35,10 @@ def _log(x: float) -> float:
 
 def stability_features(view: RunView) -> dict[str, Feature]:
     """``stability_now``, ``stability_peak``, ``stability_forecast`` (module docstring), plus
-    ``crossing_step``'s evidence: the first planned step whose forecast S reaches 1."""
+    ``CROSSING``: the first planned step whose forecast S reaches 1."""
     nan = {
         name: Feature(name, math.nan, "stability index not measured")
-        for name in ("stability_now", "stability_peak", "stability_forecast")
+        for name in ("stability_now", "stability_peak", "stability_forecast", CROSSING)
     }
     if not view.has("stability_index"):
         return nan
@@ -47,8 +50,10 @@ def stability_features(view: RunView) -> dict[str, Feature]:
         return nan
     last = int(s.index[-1])
     # The last two measurements, geometric mean: one Lanczos estimate on one probe batch
-    # wobbles by a factor ~2 from step to step near the edge.
-    now = float(np.exp(np.log(np.maximum(s.iloc[-2:].to_numpy(float), FLOOR)).mean()))
+    # wobbles by a factor ~2 from step to step near the edge. Raw, not floored: the crossing
+    # step scales it by lr ratios of 1e4 and more (a flat start before a ramp).
+    tiny = np.finfo(float).tiny  # S <= 0 (no positive curvature): as stable as it gets
+    now = float(np.exp(np.log(np.maximum(s.iloc[-2:].to_numpy(float), tiny)).mean()))
     peak_step = int(s.idxmax())
     out = {
         "stability_now": Feature(
@@ -70,8 +75,10 @@ def stability_features(view: RunView) -> dict[str, Feature]:
             f"no planned lr curve: the lr is taken to stay at {lr_now:.3g}",
             last,
         )
+        out[CROSSING] = nan[CROSSING]
         return out
     ahead = lr_growth_ahead(*plan, last, lr_now)
+    out[CROSSING] = crossing(now, ahead, *plan)
     fc = now * ahead.factor
     out["stability_forecast"] = Feature(
         "stability_forecast",
@@ -81,6 +88,17 @@ def stability_features(view: RunView) -> dict[str, Feature]:
         ahead.step,
     )
     return out
+
+
+def crossing(now: float, ahead: Ahead, steps: np.ndarray, lrs: np.ndarray) -> Feature:
+    """The first planned step after ``ahead.base_step`` at which S_now x lr(s) / base reaches
+    1 (``now``: the raw index, never floored; ``steps``, ``lrs``: the plan, (P,) each)."""
+    over = np.flatnonzero((steps > ahead.base_step) & (now * lrs / ahead.base >= 1))
+    if not len(over):
+        return Feature(CROSSING, math.nan, "the planned lr keeps the index under 1")
+    at = int(steps[over[0]])
+    said = f"the planned lr ({float(lrs[over[0]]):.3g}) takes the index past 1 at step {at}"
+    return Feature(CROSSING, float(at), said, at)
 
 
 def warmup_end(steps: np.ndarray, lrs: np.ndarray) -> int:
@@ -131,4 +149,13 @@ def lr_growth_ahead(steps: np.ndarray, lrs: np.ndarray, last: int, lr_now: float
     )
 
 
-__all__ = ["FLOOR", "READS", "Ahead", "lr_growth_ahead", "stability_features", "warmup_end"]
+__all__ = [
+    "CROSSING",
+    "FLOOR",
+    "READS",
+    "Ahead",
+    "crossing",
+    "lr_growth_ahead",
+    "stability_features",
+    "warmup_end",
+]
