@@ -157,7 +157,7 @@ def _check(
 
 def _write_junit(path: Path, text: str, run_dir: Path) -> None:
     """The findings are in RUN/findings.json already: a failed write here loses nothing."""
-    from ..report.findings import FINDINGS_FILE
+    from ..store.layout import FINDINGS_FILE
 
     kept = f"the findings are kept in {run_dir / FINDINGS_FILE}; "
     values.write_output(path, text, "--junit", kept)

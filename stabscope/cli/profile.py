@@ -271,7 +271,7 @@ def _drop_empty_parts(run_dir: Path) -> None:
     """A model script refused before its first step (--include matching nothing) leaves the
     empty parts/ the recorder made; without meta.json it would still count as a run that
     needs --force. Only an empty parts/ in a run without meta.json is removed."""
-    from ..store.schema import META_FILE, PARTS_DIR
+    from ..store.layout import META_FILE, PARTS_DIR
 
     parts = run_dir / PARTS_DIR
     if not (run_dir / META_FILE).exists() and parts.is_dir() and not any(parts.iterdir()):
@@ -329,16 +329,16 @@ def _interrupted(run_dir: Path, error: BaseException) -> int:
     from rich.markup import escape
 
     from ..record.distributed import rank
-    from ..store import NotARunError, interrupts, read_meta
+    from ..store import NotARunError, interrupts, load_meta
 
     signum = interrupts.interrupting_signal(error) or 2
     name = interrupts.signal_name(signum)
     if rank() == 0:
         try:
-            meta = read_meta(run_dir)
+            meta = load_meta(run_dir)
             kept = (
-                f"{meta.get('steps', 0)} steps are kept in {run_dir} "
-                f"(status {meta.get('status')}, {meta.get('rows', 0):,} rows)"
+                f"{meta.steps} steps are kept in {run_dir} "
+                f"(status {meta.status}, {meta.rows:,} rows)"
             )
         except (NotARunError, OSError):
             kept = f"nothing was recorded in {run_dir} yet"

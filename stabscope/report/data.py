@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..store import RUN_MODULE
-from ..store.ranks import is_sharded, rank0_only
+from ..store.ranks import rank0_only
 from .aggregate import Census, feed, step_bins, take_census
 from .grids import (
     AtSteps,
@@ -153,7 +153,7 @@ def collect(run: Run, census: Census, budget: Budget) -> RunData:
     accs: list = []
     binned: dict[str, BinnedGrid] = {}
     layered: dict[str, LayerGrid] = {}
-    sharded = is_sharded(run.meta)
+    sharded = run.meta.sharded
 
     def bins_for(steps: np.ndarray, rows: int):
         return step_bins(steps, budget.columns(min(rows, budget.rows), len(steps)))

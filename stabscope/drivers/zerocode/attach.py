@@ -53,7 +53,7 @@ from ...record.lr_plan import live_schedulers
 from ...record.module_table import unwrap_model
 from ...record.probe_forward import LOSS_SHARE_KWARGS, FirstTrainingCall
 from ...record.recorder import Recorder, error_entry
-from ...store import new_meta, save_meta
+from ...store import new_meta, save_meta, update_meta
 from ...store.interrupts import interrupting_signal, signal_name
 from .losses import LossTap
 from .optimizers import OptimizerTracker, parameter_ids, trained_parameter_ids
@@ -190,13 +190,13 @@ class ScriptRecording:
         if rec is None:
             self._write_empty_run(status, error)
             return
-        rec.meta["notes"] = [*rec.meta.get("notes", []), *self.notes]
+        notes = list(self.notes)
         if self.losses.steps_without_loss and self.steps_marked:
-            rec.meta["notes"].append(
+            notes.append(
                 f"no loss for {self.losses.steps_without_loss} of {self.steps_marked} steps: "
                 "no backward call on a single scalar was seen in them"
             )
-        rec.meta["run"]["dynamo"] = self._dynamo.since_start()
+        update_meta(rec.meta, notes, run={"dynamo": self._dynamo.since_start()})
         rec.close(status, error)
 
     def _write_empty_run(self, status: str, error: BaseException | None) -> None:
@@ -225,7 +225,7 @@ class ScriptRecording:
         )
         signum = interrupting_signal(error)
         if status == "interrupted" and signum is not None:
-            meta["interrupted_by"] = signal_name(signum)
+            update_meta(meta, interrupted_by=signal_name(signum))
         save_meta(self.out, meta)
 
     # -- root calls: finding the model -------------------------------------------------------
