@@ -122,6 +122,15 @@ def prepare_run_dir(out: PathLike, force: bool) -> Path:
     return path
 
 
+def drop_empty_parts(run_dir: Path) -> None:
+    """A model script refused before its first step (--include matching nothing) leaves the
+    empty parts/ the recorder made; without meta.json it would still count as a run that
+    needs --force. Only an empty parts/ in a run without meta.json is removed."""
+    parts = run_dir / PARTS_DIR
+    if not (run_dir / META_FILE).exists() and parts.is_dir() and not any(parts.iterdir()):
+        parts.rmdir()
+
+
 def run_dir_error(error: OSError, run_dir: PathLike) -> UsageError:
     """The one-line error for the CLI when ``prepare_run_dir`` refused ``run_dir``."""
     if isinstance(error, RunLockedError):
@@ -202,6 +211,7 @@ __all__ = [
     "RunExistsError",
     "RunLockedError",
     "RunState",
+    "drop_empty_parts",
     "enclosing_run",
     "is_run_dir",
     "lock_run_dir",
