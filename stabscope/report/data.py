@@ -14,16 +14,9 @@ import numpy as np
 from ..store import RUN_MODULE
 from ..store.ranks import rank0_only
 from .aggregate import Census, feed, step_bins, take_census
-from .grids import (
-    AtSteps,
-    BinnedGrid,
-    Grid,
-    LayerGrid,
-    Markers,
-    StepCount,
-    reduce_exact,
-    row_bins,
-)
+from .grids import AtSteps, BinnedGrid, Grid, Markers, StepCount, reduce_exact
+from .layer_grid import LayerGrid
+from .rowbins import row_bins
 from .runs import ROOT, Run, depth_order, forward_positions, forward_sorted, owner_layer
 
 
