@@ -23,7 +23,7 @@ from torch.nn.modules.module import (
     register_module_forward_pre_hook,
 )
 
-from ...record.hooks import _compiling, _in_backward
+from ...record.hook_context import compiling, in_backward
 from ...record.module_table import unwrap_model
 from .optimizers import parameter_ids
 
@@ -37,7 +37,7 @@ class RootCalls:
         self._handles: list[Any] = []
 
     def _pre(self, module: nn.Module, args: Any) -> None:
-        if _compiling() or _in_backward():
+        if compiling() or in_backward():
             return
         self.depth += 1
         if self.depth == 1:
@@ -45,7 +45,7 @@ class RootCalls:
 
     def _post(self, module: nn.Module, args: Any, output: Any) -> None:
         # Also runs when the forward raised (always_call), so the depth stays balanced.
-        if _compiling() or _in_backward():
+        if compiling() or in_backward():
             return
         self.depth = max(0, self.depth - 1)
 
