@@ -25,10 +25,6 @@ PREDICTION_FILE = "prediction.json"
 LOCK_FILE = ".lock"
 RESERVE_FILE = ".reserve"
 
-#: Files of a run's top level that commands other than the recording write (an output
-#: option may name exactly these inside a run, see ``rundir.refuse_output_in_run``).
-DERIVED_FILES = (FINDINGS_FILE, PREDICTION_FILE)
-
 
 def part_name(number: int) -> str:
     """File name of part ``number`` (``part-000042.parquet``)."""
@@ -36,7 +32,6 @@ def part_name(number: int) -> str:
 
 
 __all__ = [
-    "DERIVED_FILES",
     "FINDINGS_FILE",
     "LOCK_FILE",
     "META_FILE",
