@@ -11,7 +11,7 @@ import pytest
 
 from stabscope.report.aggregate import step_bins, take_census
 from stabscope.report.data import Budget, census_of, collect
-from stabscope.report.grids import row_bins, span_label
+from stabscope.report.rowbins import row_bins, span_label
 from stabscope.report.runs import open_run
 from stabscope.store import SCHEMA
 from stabscope.store.schema import PARQUET_OPTIONS

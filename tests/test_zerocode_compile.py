@@ -14,7 +14,7 @@ from torch._dynamo.utils import counters
 
 import stabscope
 from stabscope.drivers.zerocode import profile_training_script
-from stabscope.drivers.zerocode.attach import COMPILE_NOTE, EAGER_NOTE
+from stabscope.drivers.zerocode.compiled import COMPILE_NOTE, EAGER_NOTE
 from stabscope.record.config import RecorderConfig
 from stabscope.record.schedule import Schedule
 from tests.scripts import train_compiled

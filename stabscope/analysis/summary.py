@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..store import RUN_MODULE, load_run, read_meta
+from ..store import RUN_MODULE, RunMeta, load_meta, load_run
 from ..store.rundir import run_state
 
 ROOT = "<root>"
@@ -85,10 +86,10 @@ class Summary:
     headlines: list[str] = field(default_factory=list)
 
 
-def layer_modules(meta: dict[str, Any]) -> dict[str, int]:
+def layer_modules(meta: Mapping[str, Any]) -> dict[str, int]:
     """Modules that stand for a whole layer: role ``block`` if any, else the shallowest
     modules that carry a layer index (``layers.3`` rather than ``layers.3.fc``)."""
-    mods = [m for m in meta.get("modules", []) if m.get("layer") is not None]
+    mods = [m for m in RunMeta.of(meta).modules if m.get("layer") is not None]
     blocks = [m for m in mods if m.get("role") == "block"]
     if not blocks and mods:
         shallowest = min(m.get("depth", 0) for m in mods)
@@ -130,17 +131,17 @@ def trend_of(metric: str, step: int, x: np.ndarray, y: np.ndarray) -> DepthTrend
 
 def summarize(run_dir: str | Path, top: int = 3) -> Summary:
     """The headline numbers of a run (see module docstring)."""
-    meta = read_meta(run_dir)
+    meta = load_meta(run_dir)
     state = run_state(run_dir, meta)  # a `running` run: still running, or killed
     s = Summary(
         Path(run_dir),
         state.status,
-        meta.get("steps", 0),
-        meta.get("recorded_steps", 0),
-        meta.get("rows", 0),
-        first_nonfinite=meta.get("first_nonfinite") or {},
-        never_fired=meta.get("hooks_never_fired") or {},
-        error=meta.get("error"),
+        meta.steps,
+        meta.recorded_steps,
+        meta.rows,
+        first_nonfinite=meta.first_nonfinite,
+        never_fired=meta.hooks_never_fired,
+        error=meta.error,
         status_detail=state.detail if state.detail != state.status else None,
     )
     loss = load_run(
@@ -168,8 +169,8 @@ def summarize(run_dir: str | Path, top: int = 3) -> Summary:
         s.trend = depth_trend(frame, layer_modules(meta), metric)
         break
     s.param_trend = layer_param_grad_trend(run_dir, meta)
-    s.structure = describe_structure(meta.get("structure"))
-    s.notes = list(meta.get("notes") or [])
+    s.structure = describe_structure(meta.structure)
+    s.notes = meta.notes
     s.headlines = probe_headlines(run_dir)
     return s
 
@@ -212,7 +213,7 @@ def probe_headlines(run_dir: str | Path) -> list[str]:
     return lines
 
 
-def layer_param_grad_trends(grads: pd.DataFrame, meta: dict[str, Any]) -> list[DepthTrend]:
+def layer_param_grad_trends(grads: pd.DataFrame, meta: Mapping[str, Any]) -> list[DepthTrend]:
     """Per recorded step, the gradient norm of all parameters of each layer (sqrt of the sum
     of squares of ``param_grad_norm`` rows): the quantity of Xiong et al. 2020 (Fig. 3), flat
     or decaying with depth for Pre-LN, large near the output and vanishing toward the input
@@ -255,7 +256,7 @@ def layer_param_grad_trends(grads: pd.DataFrame, meta: dict[str, Any]) -> list[D
     return trends
 
 
-def layer_param_grad_trend(run_dir: str | Path, meta: dict[str, Any]) -> DepthTrend | None:
+def layer_param_grad_trend(run_dir: str | Path, meta: Mapping[str, Any]) -> DepthTrend | None:
     """The per-layer gradient-norm trend at the first recorded step."""
     grads = load_run(run_dir, metrics=["param_grad_norm"], phase="train", merge_ranks=True)
     first = grads[grads.step == grads.step.min()] if not grads.empty else grads

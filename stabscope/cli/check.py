@@ -102,6 +102,7 @@ def _check(
 ) -> int:
     from rich.markup import escape
 
+    from ..drivers.check_script import profile_for_check
     from ..report.console import print_findings
     from ..report.findings import SEVERITIES
     from ..rules.gate import load_settings, run_gate
@@ -126,7 +127,7 @@ def _check(
         values.output_file(junit, "--junit")
     if target.suffix == ".py":
         load_settings(config)  # a bad --config fails before the script is profiled
-        run_dir = _profile_for_check(target, steps, sets, budget)
+        run_dir = profile_for_check(target, steps, sets, budget, _announce)
     else:
         run_dir = target
     gate = run_gate(run_dir, fail_on, config, baseline, factor, allow_incomplete)
@@ -157,30 +158,11 @@ def _check(
 
 def _write_junit(path: Path, text: str, run_dir: Path) -> None:
     """The findings are in RUN/findings.json already: a failed write here loses nothing."""
-    from ..report.findings import FINDINGS_FILE
+    from ..store.layout import FINDINGS_FILE
 
     kept = f"the findings are kept in {run_dir / FINDINGS_FILE}; "
     values.write_output(path, text, "--junit", kept)
 
 
-def _profile_for_check(script: Path, steps: int, sets: list[str], budget: int | None) -> Path:
-    from ..drivers.profile import profile_script
-    from ..drivers.script import load_script, parse_set
-    from ..record.config import RecorderConfig
-    from ..record.schedule import Schedule
-    from ..store.rundir import NestedRunError, RunExistsError, run_dir_error
-
-    loaded = load_script(script, parse_set(sets))
-    run_dir = Path("runs") / f"{script.stem}-check"
-    config = RecorderConfig(schedule=Schedule(dense=10, every=5))
-    err.print(
-        escape(f"profiling {script.name} for {steps} steps into {run_dir} (seed 0)"),
-        soft_wrap=True,
-    )
-    try:
-        result = profile_script(
-            loaded, run_dir, steps, config, seed=0, device="auto", force=True, budget=budget
-        )
-    except (RunExistsError, NestedRunError) as e:  # another check of this script is running
-        raise run_dir_error(e, run_dir) from None
-    return result.run_dir
+def _announce(line: str) -> None:
+    err.print(escape(line), soft_wrap=True)

@@ -18,6 +18,7 @@ import torch
 from ..errors import ScriptError, UsageError
 from ..record.config import RecorderConfig
 from ..record.recorder import Recorder
+from ..store import update_meta
 from ..store.interrupts import Terminated, ending_status
 from ..structure import Structure, discover
 from .describe_model import write_run_prediction
@@ -212,7 +213,7 @@ def profile_script(
         raise
     with rec:
         if prediction_note:
-            rec.meta["notes"].append(prediction_note)
+            update_meta(rec.meta, [prediction_note])
         for step in range(steps):
             batch = first if step == 0 else _next_batch(script, data, step, dev)
             if batch is None:

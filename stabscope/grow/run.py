@@ -31,9 +31,9 @@ from ..drivers.profile import (
 from ..drivers.script import ModelScript
 from ..errors import UsageError
 from ..record.config import RecorderConfig
-from ..store import read_meta, save_meta
+from ..store import update_meta_file
+from ..store.layout import META_FILE, PARTS_DIR
 from ..store.rundir import lock_run_dir, prepare_run_dir, release_run_dir, run_dir_error
-from ..store.schema import META_FILE, PARTS_DIR
 from ..structure import Structure, discover
 from .expand import Growth, grow_model
 from .sizes import GrowthSpec
@@ -217,14 +217,12 @@ def _profile(
 def _annotate(variant: Variant, base_record: dict[str, Any]) -> None:
     """Record in meta.json's config block what produced the model and how well it kept the
     base's outputs; the script config gets a one-line summary the report header shows."""
-    meta = read_meta(variant.run_dir)
     record = dict(base_record)
     line = "base model"
     if variant.growth is not None and variant.preservation is not None:
         record = {"role": "grown", **variant.growth.record()}
         record["preservation"] = variant.preservation.to_dict()
         line = f"{variant.growth.summary}; max |Δ output| {variant.preservation.max_abs_diff:.2g}"
-    meta.setdefault("config", {})["grow"] = record
-    run = meta.setdefault("run", {})
-    run["script_config"] = {**(run.get("script_config") or {}), "grow": line}
-    save_meta(variant.run_dir, meta)
+    update_meta_file(
+        variant.run_dir, config={"grow": record}, run={"script_config": {"grow": line}}
+    )

@@ -28,7 +28,7 @@ import pandas as pd
 
 from ..analysis.summary import depth_trend, layer_modules, layer_param_grad_trends, summarize
 from ..rules import check_run
-from ..store import load_run, read_meta
+from ..store import load_meta, load_run
 
 SCALING_FILE = "scaling.csv"
 STATS = (
@@ -44,8 +44,8 @@ STATS = (
 
 def run_row(name: str, run_dir: Path, size: float) -> dict[str, object]:
     """The row of one run directory."""
-    meta = read_meta(run_dir)
-    grow = (meta.get("config") or {}).get("grow") or {}
+    meta = load_meta(run_dir)
+    grow = meta.config.get("grow") or {}
     shape = grow.get("shape") or {}
     summary = summarize(run_dir)
     grads = load_run(run_dir, metrics=["param_grad_norm"], phase="train")

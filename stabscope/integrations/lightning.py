@@ -36,6 +36,7 @@ from ..record.config import RecorderConfig
 from ..record.lr_plan import Unplannable
 from ..record.probe_forward import Replay, replay_of
 from ..record.recorder import Recorder
+from ..store import update_meta
 from ..store.interrupts import ending_status
 from .session import RecordingSession
 
@@ -135,7 +136,7 @@ class StabscopeCallback(Callback):
         self._global_step = trainer.global_step
         self._probe_tried = False
         if rec.wants_probe_forward and not getattr(pl_module, "automatic_optimization", True):
-            rec.meta["notes"].append(MANUAL_NOTE)
+            update_meta(rec.meta, [MANUAL_NOTE])
 
     def on_train_batch_start(
         self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int

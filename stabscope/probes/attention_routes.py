@@ -25,7 +25,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from ..record.hooks import outside_modes
+from ..record.hook_context import outside_modes
 
 #: The functions as torch defines them (the attributes may be patched while a module runs).
 SDPA = F.scaled_dot_product_attention

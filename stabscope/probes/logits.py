@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from ..record.collector import Collector
-from ..record.hooks import ListenerHooks, primary_tensor
+from ..record.hook_context import primary_tensor
+from ..record.hooks import ListenerHooks
 
 
 def output_logits(output: Any) -> torch.Tensor | None:

@@ -40,7 +40,8 @@ import torch
 from torch import nn
 
 from ..record.collector import Collector, Rows
-from ..record.hooks import ListenerHooks, primary_tensor
+from ..record.hook_context import primary_tensor
+from ..record.hooks import ListenerHooks
 from ..structure import Branch, Structure
 from .kernels import host_kernels
 

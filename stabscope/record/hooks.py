@@ -11,9 +11,8 @@ that never fired are reported instead of trusted.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
@@ -23,49 +22,12 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ..probes.moments import is_moment_tensor
+from .hook_context import compiling, in_backward, outside_modes, primary_tensor
 
 TRAIN, EVAL = 0, 1  # phase codes; names in store.schema.PHASES
 
 ForwardSink = Callable[[int, int, int, torch.Tensor], None]  # (phase, module, call, output)
 GradSink = Callable[[list[tuple[int, int]], torch.Tensor], None]  # ([(module, call)], grad)
-
-
-def primary_tensor(output: Any) -> torch.Tensor | None:
-    """The tensor that stands for a module's output: the output itself, or the first floating
-    tensor inside a tuple, list, mapping (HF ModelOutput) or dataclass."""
-    if isinstance(output, torch.Tensor):
-        return output if is_moment_tensor(output) else None
-    if isinstance(output, (tuple, list)):
-        items: Any = output
-    elif isinstance(output, Mapping):
-        items = output.values()
-    elif dataclasses.is_dataclass(output) and not isinstance(output, type):
-        items = (getattr(output, f.name) for f in dataclasses.fields(output))
-    else:
-        return None
-    for item in items:
-        found = primary_tensor(item)
-        if found is not None:
-            return found
-    return None
-
-
-def outside_modes() -> Any:
-    """A context in which torch functions skip every TorchFunctionMode: the recorder's own
-    statistics inside an attention module must not pay the attention probe's interception."""
-    disable = getattr(torch._C, "DisableTorchFunction", None)
-    return disable() if disable is not None else contextlib.nullcontext()
-
-
-def _in_backward() -> bool:
-    # Forward hooks also fire when activation checkpointing recomputes a forward inside
-    # backward; those calls are not new forward passes and are skipped.
-    return torch._C._current_graph_task_id() != -1
-
-
-def _compiling() -> bool:
-    is_compiling = getattr(torch.compiler, "is_compiling", None)
-    return bool(is_compiling and is_compiling())
 
 
 class ModuleHooks:
@@ -139,8 +101,8 @@ class ModuleHooks:
     def _forward_hook(
         self, code: int, module: nn.Module, args: Any, kwargs: Any, output: Any
     ) -> None:
-        # _compiling() first: Dynamo cannot trace _in_backward() and would break the graph.
-        if _compiling() or self.paused or _in_backward():
+        # compiling() first: Dynamo cannot trace in_backward() and would break the graph.
+        if compiling() or self.paused or in_backward():
             return
         phase = TRAIN if (torch.is_grad_enabled() and module.training) else EVAL
         if phase == EVAL and not self.record_eval:
@@ -184,9 +146,9 @@ PostListener = Callable[[nn.Module, Any, Any, Any], None]  # (module, args, kwar
 
 
 def _training_call(module: nn.Module) -> bool:
-    if _compiling():  # checked first: see ModuleHooks._forward_hook
+    if compiling():  # checked first: see ModuleHooks._forward_hook
         return False
-    return torch.is_grad_enabled() and module.training and not _in_backward()
+    return torch.is_grad_enabled() and module.training and not in_backward()
 
 
 class ListenerHooks:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .hooks import _compiling, _in_backward
+from .hook_context import compiling, in_backward
 
 #: call(model, *args, **kwargs): what the replay runs (default: ``model(*args, **kwargs)``)
 Call = Callable[..., Any]
@@ -109,7 +109,7 @@ class FirstTrainingCall:
         self._handle: Any = model.register_forward_hook(self._hook, with_kwargs=True)
 
     def _hook(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
-        if _compiling() or _in_backward() or not (module.training and torch.is_grad_enabled()):
+        if compiling() or in_backward() or not (module.training and torch.is_grad_enabled()):
             return
         if self.accept is not None and not self.accept(output):
             return

@@ -12,18 +12,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..store import RUN_MODULE
-from ..store.ranks import is_sharded, rank0_only
+from ..store.ranks import rank0_only
 from .aggregate import Census, feed, step_bins, take_census
-from .grids import (
-    AtSteps,
-    BinnedGrid,
-    Grid,
-    LayerGrid,
-    Markers,
-    StepCount,
-    reduce_exact,
-    row_bins,
-)
+from .grids import AtSteps, BinnedGrid, Grid, Markers, StepCount, reduce_exact
+from .layer_grid import LayerGrid
+from .rowbins import row_bins
 from .runs import ROOT, Run, depth_order, forward_positions, forward_sorted, owner_layer
 
 
@@ -153,7 +146,7 @@ def collect(run: Run, census: Census, budget: Budget) -> RunData:
     accs: list = []
     binned: dict[str, BinnedGrid] = {}
     layered: dict[str, LayerGrid] = {}
-    sharded = is_sharded(run.meta)
+    sharded = run.meta.sharded
 
     def bins_for(steps: np.ndarray, rows: int):
         return step_bins(steps, budget.columns(min(rows, budget.rows), len(steps)))

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-FINDINGS_FILE = "findings.json"
+from ..store.layout import FINDINGS_FILE
+
 SEVERITIES = ("error", "warning", "info")
 
 

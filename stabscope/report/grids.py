@@ -7,14 +7,13 @@ the non-finite timeline counts them instead, and a log colour scale cannot show 
 
 from __future__ import annotations
 
-import itertools
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from .aggregate import Names, StepBins, at, lookup
+from .rowbins import RowBins
 
 
 def add_at(target: np.ndarray, cell: np.ndarray, weights: np.ndarray | None = None) -> None:
@@ -41,56 +40,6 @@ class Grid:
     @property
     def empty(self) -> bool:
         return not np.isfinite(self.hi).any()
-
-
-@dataclass
-class RowBins:
-    """Consecutive rows of one kind merged so a heatmap keeps at most a screen's rows."""
-
-    order: list[str]  # every member, in row order
-    starts: np.ndarray  # position in ``order`` where each row starts
-    labels: list[str]
-
-    def row_of(self) -> dict[str, int]:
-        bounds = np.r_[self.starts, len(self.order)]
-        return {
-            name: row
-            for row in range(len(self.labels))
-            for name in self.order[bounds[row] : bounds[row + 1]]
-        }
-
-
-def span_label(first: str, last: str) -> str:
-    """``blocks.4.attn`` .. ``blocks.7.attn`` -> ``blocks.4–7.attn``."""
-    if first == last:
-        return first
-    a, b = re.split(r"(\d+)", first), re.split(r"(\d+)", last)
-    differ = [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
-    if len(a) == len(b) and len(differ) == 1 and a[differ[0]].isdigit():
-        i = differ[0]
-        return "".join([*a[:i], f"{a[i]}–{b[i]}", *a[i + 1 :]])
-    return f"{first} … {last}"
-
-
-def row_bins(groups: Sequence[Sequence[str]], max_rows: int) -> RowBins:
-    """Rows for ``groups`` of names (each ordered by depth); when there are more than
-    ``max_rows`` names, each group is cut into runs of consecutive names, with a number of
-    rows in proportion to its size, and a run never crosses from one group to the next."""
-    total = sum(len(g) for g in groups)
-    order: list[str] = []
-    starts: list[int] = []
-    labels: list[str] = []
-    for group in groups:
-        n = len(group)
-        if not n:
-            continue
-        k = n if total <= max_rows else max(1, min(n, (max_rows * n) // total))
-        cut = (np.arange(k + 1) * n) // k
-        for lo, hi in itertools.pairwise(cut):
-            starts.append(len(order) + int(lo))
-            labels.append(span_label(group[lo], group[hi - 1]))
-        order.extend(group)
-    return RowBins(order, np.array(starts, np.int64), labels)
 
 
 class BinnedGrid:
@@ -182,74 +131,6 @@ class AtSteps:
         cell = (row[keep], np.maximum(index[keep], 0), col[keep])
         np.add.at(self.sum, cell, np.where(np.isfinite(v), v, np.nan))
         np.add.at(self.count, cell, 1)
-
-
-class LayerGrid:
-    """A per-layer aggregate of parameter rows at every recorded step: ``l2`` is
-    sqrt(sum of squares) over the layer's parameters (a layer's norm from its tensors'
-    norms), ``min`` the smallest value among them. With ``shards`` (an FSDP run: one row per
-    rank's shard, whose squares add up to the parameter's), ``min`` first takes each
-    parameter's root-sum-square over its shards; ``l2`` needs nothing more."""
-
-    def __init__(
-        self,
-        metric: str,
-        layer_of: dict[str, int],
-        n_layers: int,
-        names: Names,
-        steps: np.ndarray,
-        how: str,
-        shards: bool = False,
-    ) -> None:
-        self.metric, self.how, self.n_layers = metric, how, n_layers
-        known = {n: layer for n, layer in layer_of.items() if n in names.ids}
-        self.row_of = lookup(len(names.names), [names.ids[n] for n in known], list(known.values()))
-        self.shards = shards and how == "min"
-        if self.shards:  # squares per (step, parameter), summed over the shards
-            self.param_of = lookup(
-                len(names.names), [names.ids[n] for n in known], range(len(known))
-            )
-            self.layer_of_param = np.array(list(known.values()), np.int64)
-            self.squares = np.zeros(len(steps) * len(known))
-            self.param_count = np.zeros(len(steps) * len(known), np.int64)
-        self.steps = np.asarray(steps, np.int64)
-        self.rank_of = lookup(
-            int(self.steps.max()) + 1 if len(steps) else 0, steps, range(len(steps))
-        )
-        size = n_layers * len(self.steps)
-        self.acc = np.zeros(size) if how == "l2" else np.full(size, np.inf)
-        self.count = np.zeros(size, np.int64)
-
-    def add(self, step: np.ndarray, module: np.ndarray, index: np.ndarray, value: np.ndarray):
-        row, rank = at(self.row_of, module), at(self.rank_of, step)
-        keep = (row >= 0) & (rank >= 0)
-        cell = rank[keep] * self.n_layers + row[keep]  # step-major: see BinnedGrid.add
-        if not len(cell):
-            return
-        v = value[keep].astype(np.float64)
-        add_at(self.count, cell)
-        if self.shards:
-            param = rank[keep] * len(self.layer_of_param) + at(self.param_of, module)[keep]
-            add_at(self.squares, param, v * v)
-            add_at(self.param_count, param)
-        elif self.how == "l2":  # NaN and Inf propagate: a non-finite tensor makes its layer so
-            add_at(self.acc, cell, v * v)
-        else:
-            np.fmin.at(self.acc, cell, v)
-
-    def exact(self) -> np.ndarray:
-        """(layers, steps), NaN where a layer had no rows at a step."""
-        if self.shards:
-            values = np.where(self.param_count > 0, np.sqrt(self.squares), np.inf)
-            n = len(self.layer_of_param)
-            cells = np.arange(len(values)) // n * self.n_layers + np.tile(
-                self.layer_of_param, len(self.steps)
-            )
-            np.fmin.at(self.acc, cells, values)
-            self.shards = False  # folded into acc: exact() may be called again
-        acc = np.sqrt(self.acc) if self.how == "l2" else self.acc.copy()
-        acc[self.count == 0] = np.nan
-        return acc.reshape(len(self.steps), self.n_layers).T
 
 
 def reduce_exact(

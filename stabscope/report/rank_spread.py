@@ -69,7 +69,7 @@ def ranks_of(run: Run) -> list[int]:
 
 def collect_rank_spread(run: Run, census: Census) -> RankSpread | None:
     """The spread of a run with two or more ranks; None for a single-process run."""
-    if int(run.meta.get("world_size") or 1) < 2:
+    if run.meta.world_size < 2:
         return None
     ranks = ranks_of(run)
     if len(ranks) < 2:

@@ -8,13 +8,14 @@ on the run, so the report renders what it can and says what it left out.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..analysis.summary import layer_modules
 from ..errors import UsageError
-from ..store import SCHEMA_VERSION, NotARunError, list_parts, read_meta
+from ..store import SCHEMA_VERSION, NotARunError, RunMeta, list_parts, load_meta
 from ..store.rundir import RunState, run_state
 
 ROOT = "<root>"
@@ -26,7 +27,7 @@ class Run:
 
     name: str
     path: Path
-    meta: dict[str, Any]
+    meta: RunMeta
     files: list[Path]
     warnings: list[str] = field(default_factory=list)
     rows: int = 0  # in the readable parts, from their footers
@@ -38,12 +39,11 @@ class Run:
     def status(self) -> str:
         if self.state is not None:
             return self.state.status
-        return str(self.meta.get("status") or "unknown")
+        return self.meta.status
 
     @property
     def structure(self) -> dict[str, Any] | None:
-        structure = self.meta.get("structure")
-        return structure if isinstance(structure, dict) else None
+        return self.meta.structure
 
 
 def open_run(path: str | Path, name: str) -> Run:
@@ -52,13 +52,13 @@ def open_run(path: str | Path, name: str) -> Run:
     if not path.is_dir():
         raise UsageError(f"{path} is not a directory", hint="pass run directories")
     try:
-        meta = read_meta(path)
+        meta = load_meta(path)
     except NotARunError as err:
         hint = "pass a directory written by `stabscope profile` or stabscope.Recorder"
         raise UsageError(str(err), hint=getattr(err, "hint", hint)) from None
     parts = list_parts(path)
     run = Run(name, path, meta, parts.files, parts.notes, parts.rows)
-    version = meta.get("schema_version")
+    version = meta.schema_version
     if isinstance(version, int) and version > SCHEMA_VERSION:
         run.warnings.append(
             f"{name}: written with run format {version}, this stabscope reads {SCHEMA_VERSION}; "
@@ -86,19 +86,17 @@ def run_names(paths: list[Path]) -> list[str]:
     return [f"{n} ({i})" for i, n in enumerate(names)]
 
 
-def depth_axis(meta: dict[str, Any]) -> tuple[list[str], str]:
+def depth_axis(meta: Mapping[str, Any]) -> tuple[list[str], str]:
     """Modules that stand for the layers, shallow to deep, and where the order came from:
     the detected blocks, else the layer-level modules, else the forward order."""
-    structure = meta.get("structure")
-    if isinstance(structure, dict) and structure.get("blocks"):
-        return [str(b["name"]) for b in structure["blocks"]], "detected blocks"
+    meta = RunMeta.of(meta)
+    if meta.blocks:
+        return meta.blocks, "detected blocks"
     layers = layer_modules(meta)
     if layers:
         return sorted(layers, key=lambda n: layers[n]), "layer-indexed modules"
     ordered = [
-        m
-        for m in meta.get("modules", [])
-        if m.get("forward_order") is not None and m.get("name") != ROOT
+        m for m in meta.modules if m.get("forward_order") is not None and m.get("name") != ROOT
     ]
     ordered.sort(key=lambda m: m["forward_order"])
     return [str(m["name"]) for m in ordered], "forward order"
@@ -152,10 +150,10 @@ def forward_sorted(names: list[str], layers: list[str], forward: dict[str, int])
     return sorted(by_depth, key=lambda n: (forward.get(n, float("inf")), rank[n]))
 
 
-def forward_positions(meta: dict[str, Any]) -> dict[str, int]:
+def forward_positions(meta: Mapping[str, Any]) -> dict[str, int]:
     """Forward order of each module that ran, from the module table."""
     return {
         str(m["name"]): int(m["forward_order"])
-        for m in meta.get("modules", [])
+        for m in RunMeta.of(meta).modules
         if m.get("forward_order") is not None
     }

@@ -106,7 +106,7 @@ def _remedy(name: str) -> str:
 def already_failed(view: RunView) -> bool:
     """A non-finite loss, activation or gradient in the steps seen: the run has failed and the
     ``nonfinite`` rule says where; a forecast would only repeat it."""
-    seen = [w.get("step") for w in (view.meta.get("first_nonfinite") or {}).values()]
+    seen = [w.get("step") for w in view.meta.first_nonfinite.values()]
     if any(isinstance(s, int) and (view.until is None or s < view.until) for s in seen):
         return True
     loss = view.metrics("loss").value.to_numpy(float)
@@ -131,8 +131,8 @@ def _forecast(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
         for name, share in shares
     )
     reasons = [name for name, share in shares if share > 0.5][:3]  # a clear share of the log-odds
-    budget = (view.meta.get("lr_plan") or {}).get("budget")
-    seen = view.until if view.until is not None else int(view.meta.get("steps") or 0)
+    budget = (view.meta.lr_plan or {}).get("budget")
+    seen = view.until if view.until is not None else view.meta.steps
     end = f"the planned end (step {budget})" if budget else "the end of training"
     if prob >= p["error"]:
         severity, threshold = "error", p["error"]

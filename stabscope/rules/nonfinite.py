@@ -39,7 +39,7 @@ class FirstNonfinite:
 
 def _module_order(view: RunView, direction: str) -> dict[str, int]:
     """Registration order of the modules (forward order, roughly; backward runs reversed)."""
-    names = [m["name"] for m in view.meta.get("modules", [])]
+    names = view.meta.module_names
     if direction == "backward":
         names.reverse()
     return {name: i for i, name in enumerate(names)}
@@ -56,7 +56,7 @@ def first_nonfinite(
     if bad.empty:
         return None
     step = int(bad.step.min())
-    noted = (view.meta.get("first_nonfinite") or {}).get(direction) or {}
+    noted = view.meta.first_nonfinite.get(direction) or {}
     if noted.get("step") == step and noted.get("module") is not None:
         return FirstNonfinite(direction, step, str(noted["module"]))
     candidates = markers[(markers.metric == marker) & (markers.step == step)]

@@ -7,12 +7,11 @@ V, the number of classes, comes from the output head in meta's module table
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from ..store import RUN_MODULE
+from ..store import RUN_MODULE, RunMeta
 from .trends import Feature, log10, nonfinite, undefined
 from .view import RunView
 
@@ -27,19 +26,19 @@ def first_logits(view: RunView) -> pd.DataFrame:
     return z[z.step == z.step.min()] if len(z) else z
 
 
-def output_classes(meta: dict[str, Any]) -> tuple[int, str] | None:
+def output_classes(meta: RunMeta) -> tuple[int, str] | None:
     """(V, head) for the output head: the last linear or conv module to finish its forward,
     V its weight's output dimension. None when its weight is not among the parameters (tied
     to the embedding) or the model has no such module."""
     ran = [
         m
-        for m in meta.get("modules", [])
+        for m in meta.modules
         if m.get("forward_order") is not None and m.get("role") in ("linear", "conv")
     ]
     if not ran:
         return None
     head = max(ran, key=lambda m: m["forward_order"])
-    shapes = {p["name"]: p["shape"] for p in meta.get("parameters", [])}
+    shapes = {p["name"]: p["shape"] for p in meta.parameters}
     shape = shapes.get(f"{head['name']}.weight")
     if not shape or len(shape) < 2:
         return None

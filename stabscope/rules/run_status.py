@@ -23,9 +23,9 @@ DEFAULTS = {"allow_incomplete": 0.0}
 
 def _run_status(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     state = run_state(view.run_dir, view.meta)
-    steps = int(view.meta.get("recorded_steps") or 0)
+    steps = view.meta.recorded_steps
     if state.status == "failed":
-        error = view.meta.get("error") or {}
+        error = view.meta.error or {}
         what = f"{error.get('type', 'error')}: {error.get('message', '')}".strip(": ")
         yield finding(
             RUN_STATUS,

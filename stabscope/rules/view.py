@@ -22,7 +22,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..store import Parts, read_meta, readable_parts
+from ..store import Parts, RunMeta, load_meta, readable_parts
 from ..store.ranks import merged, ratio_inputs
 from .scan import Read, Rows, Scan
 
@@ -53,7 +53,7 @@ class RunView:
     """One run as the rules read it (see the module docstring)."""
 
     run_dir: Path
-    meta: dict[str, Any]
+    meta: RunMeta
     until: int | None = None  # only steps before this one (a verdict from the first steps)
     _planned: list[Read] = field(default_factory=list, repr=False)
     _scan: Scan | None = field(default=None, repr=False)
@@ -61,13 +61,13 @@ class RunView:
 
     @classmethod
     def open(cls, run_dir: str | Path, until: int | None = None) -> RunView:
-        return cls(Path(run_dir), read_meta(run_dir), until)
+        return cls(Path(run_dir), load_meta(run_dir), until)
 
     def plan(self, requests: Iterable[Request]) -> None:
         """Read these requests in the first pass over the parts (a run of one rank reads no
         ``per_rank`` request: the rules that need several ranks return before asking)."""
         for req in requests:
-            if req.per_rank and int(self.meta.get("world_size") or 1) <= 1:
+            if req.per_rank and self.meta.world_size <= 1:
                 continue
             modules = self.matrices if req.modules == MATRICES else req.modules
             self._planned += self._reads(req.metrics, req.step, modules, not req.per_rank)[0]
@@ -114,11 +114,11 @@ class RunView:
     @property
     def matrices(self) -> set[str]:
         """Parameters with two or more dimensions (weights, not biases or norm gains)."""
-        return {p["name"] for p in self.meta.get("parameters", []) if len(p["shape"]) >= 2}
+        return self.meta.matrices
 
     @property
     def structure(self) -> dict[str, Any] | None:
-        return self.meta.get("structure")
+        return self.meta.structure
 
     def _reads(self, names, step, modules, merge: bool) -> tuple[list[Read], list[str]]:
         """The reads behind a request, and the metrics among them only a merge needs."""

@@ -12,6 +12,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from .layout import RESERVE_FILE as RESERVE_FILE  # named in layout.py, used here
+
 
 class RunWriteError(OSError):
     """Writing a file of the run format failed (a full disk, a lost mount)."""
@@ -49,9 +51,6 @@ def write_atomically(target: Path, write: Callable[[Path], None]) -> None:
 def write_text_atomically(target: Path, text: str) -> None:
     """Atomic replacement of a small text file such as ``meta.json``."""
     write_atomically(target, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
-RESERVE_FILE = ".reserve"
 
 
 class SpaceReserve:

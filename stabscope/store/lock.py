@@ -29,12 +29,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .layout import LOCK_FILE
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover (Windows)
     fcntl = None  # type: ignore[assignment]
 
-LOCK_FILE = ".lock"
 
 #: A reader's probe holds a shared lock for microseconds: a writer retries this long before
 #: it concludes that another writer holds the directory.

@@ -19,10 +19,12 @@ of steps read from it is never lower than the plan's. No torch here: the read si
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from .run_meta import RunMeta
 
 #: The most chunks an ``lr_plan`` keeps: 100k-step budgets exist, and meta.json is rewritten
 #: at every flush and must stay a few KB (it is the one file a full disk must still take).
@@ -74,11 +76,11 @@ def unknown_plan(budget: int | None, from_step: int, note: str) -> dict[str, Any
     }
 
 
-def planned_lr(meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
+def planned_lr(meta: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
     """``(steps, lr)`` of the run's plan: chunk starts (int64) and each chunk's max lr
     (float64; a chunk runs to the next start, the last to ``budget``). None when the run
     has no plan, its source is ``unknown``, or the entry is inconsistent."""
-    plan = meta.get("lr_plan")
+    plan = RunMeta.of(meta).lr_plan
     if not isinstance(plan, dict) or plan.get("source") not in ("scheduler", "constant"):
         return None
     steps, lrs, budget = plan.get("steps"), plan.get("lr"), plan.get("budget")
@@ -97,7 +99,7 @@ def planned_lr(meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
     return out_steps, out_lr
 
 
-def peak_lr_after(meta: dict[str, Any], step: int) -> tuple[int, float] | None:
+def peak_lr_after(meta: Mapping[str, Any], step: int) -> tuple[int, float] | None:
     """The max planned lr at steps ``>= step`` and the first step it may be reached at;
     None without a plan or when no planned step is ``>= step``.
 
@@ -108,7 +110,7 @@ def peak_lr_after(meta: dict[str, Any], step: int) -> tuple[int, float] | None:
     if read is None:
         return None
     steps, lrs = read
-    plan = meta["lr_plan"]
+    plan = RunMeta.of(meta).lr_plan or {}
     peak = plan.get("peak")
     if isinstance(peak, dict) and isinstance(peak.get("step"), int) and peak["step"] >= step:
         return int(peak["step"]), float(peak["lr"])

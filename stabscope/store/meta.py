@@ -9,12 +9,14 @@ import platform
 import sys
 import time
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from .atomic import write_text_atomically
 from .interrupts import deferred
-from .schema import META_FILE, SCHEMA_VERSION
+from .layout import META_FILE
+from .schema import SCHEMA_VERSION
 
 
 def library_versions() -> dict[str, str]:
@@ -57,6 +59,35 @@ def save_meta(run_dir: Path, meta: dict[str, Any]) -> None:
     text = json.dumps(_finite(meta), indent=1, default=_json_default, allow_nan=False)
     with deferred():  # a signal waits until meta.json is whole
         write_text_atomically(Path(run_dir) / META_FILE, text + "\n")
+
+
+def update_meta(meta: dict[str, Any], notes: Iterable[str] = (), **fields: Any) -> dict[str, Any]:
+    """The one way code outside the Recorder changes a meta document (the Recorder's open
+    ``rec.meta``, or one read back by ``update_meta_file``): ``fields`` are merged in, a dict
+    into the dict already there key by key (``run={"dynamo": ...}`` keeps the rest of
+    ``run``), anything else replacing what was there; ``notes`` are appended to ``notes``.
+    Returns ``meta``."""
+    _merge(meta, fields)
+    if notes:
+        meta["notes"] = [*meta.get("notes", []), *notes]
+    return meta
+
+
+def _merge(into: dict[str, Any], fields: dict[str, Any]) -> None:
+    for key, value in fields.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def update_meta_file(
+    run_dir: str | os.PathLike[str], notes: Iterable[str] = (), **fields: Any
+) -> dict[str, Any]:
+    """``update_meta`` on a closed run's meta.json, read and replaced atomically."""
+    meta = update_meta(read_meta(run_dir), notes, **fields)
+    save_meta(Path(run_dir), meta)
+    return meta
 
 
 def _finite(obj: Any) -> Any:

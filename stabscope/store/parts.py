@@ -19,7 +19,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .schema import META_FILE, PART_PREFIX, PART_SUFFIX, PARTS_DIR, SCHEMA
+from .layout import META_FILE, PART_PREFIX, PART_SUFFIX, PARTS_DIR
+from .schema import SCHEMA
 
 PathLike = str | os.PathLike[str]
 

@@ -18,14 +18,15 @@ import json
 import os
 import platform
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
 from . import lock as locks
-from .atomic import RESERVE_FILE
-from .schema import META_FILE, PART_PREFIX, PART_SUFFIX, PARTS_DIR
+from .layout import META_FILE, PART_PREFIX, PART_SUFFIX, PARTS_DIR, RESERVE_FILE
+from .run_meta import RunMeta
 
 PathLike = str | os.PathLike[str]
 
@@ -121,6 +122,15 @@ def prepare_run_dir(out: PathLike, force: bool) -> Path:
     return path
 
 
+def drop_empty_parts(run_dir: Path) -> None:
+    """A model script refused before its first step (--include matching nothing) leaves the
+    empty parts/ the recorder made; without meta.json it would still count as a run that
+    needs --force. Only an empty parts/ in a run without meta.json is removed."""
+    parts = run_dir / PARTS_DIR
+    if not (run_dir / META_FILE).exists() and parts.is_dir() and not any(parts.iterdir()):
+        parts.rmdir()
+
+
 def run_dir_error(error: OSError, run_dir: PathLike) -> UsageError:
     """The one-line error for the CLI when ``prepare_run_dir`` refused ``run_dir``."""
     if isinstance(error, RunLockedError):
@@ -160,19 +170,19 @@ class RunState:
         return self.status in ("interrupted", "killed", "unfinished")
 
 
-def run_state(run_dir: PathLike, meta: dict[str, Any], reread: bool = True) -> RunState:
+def run_state(run_dir: PathLike, meta: Mapping[str, Any], reread: bool = True) -> RunState:
     """``meta``'s status, with a ``running`` run told apart: ``running`` while a process
     holds its lock (or, without a lock file, while its pid lives on this host), ``killed``
     when none does on this host, ``unfinished`` when that cannot be seen from here."""
     run_dir = Path(run_dir)
-    status = str(meta.get("status") or "unknown")
-    steps = meta.get("recorded_steps") or 0
+    meta = RunMeta.of(meta)
+    status = meta.status
     if status == "interrupted":
-        by = meta.get("interrupted_by") or "a signal"
-        return RunState(status, f"interrupted by {by} after {steps} recorded steps")
+        by = meta.interrupted_by or "a signal"
+        return RunState(status, f"interrupted by {by} after {meta.recorded_steps} recorded steps")
     if status != "running":
         return RunState(status, status)
-    pid, host = meta.get("pid"), meta.get("host")
+    pid, host = meta.pid, meta.host
     alive = locks.writer_alive(run_dir)
     here = host == platform.node()
     if alive is None and here:
@@ -201,6 +211,7 @@ __all__ = [
     "RunExistsError",
     "RunLockedError",
     "RunState",
+    "drop_empty_parts",
     "enclosing_run",
     "is_run_dir",
     "lock_run_dir",

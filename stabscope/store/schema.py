@@ -10,6 +10,13 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+# The file names of a run directory are named in layout.py; they stay importable from here.
+from .layout import META_FILE as META_FILE
+from .layout import PART_PREFIX as PART_PREFIX
+from .layout import PART_SUFFIX as PART_SUFFIX
+from .layout import PARTS_DIR as PARTS_DIR
+from .layout import part_name as part_name
+
 SCHEMA_VERSION = 1
 
 #: Module name used for run-level rows (loss, learning rate, first non-finite markers).
@@ -44,13 +51,3 @@ PARQUET_OPTIONS = {
     "use_byte_stream_split": ["value"],
     "write_statistics": ["step"],
 }
-
-PARTS_DIR = "parts"
-META_FILE = "meta.json"
-PART_PREFIX = "part-"
-PART_SUFFIX = ".parquet"
-
-
-def part_name(number: int) -> str:
-    """File name of part ``number`` (``part-000042.parquet``)."""
-    return f"{PART_PREFIX}{number:06d}{PART_SUFFIX}"

@@ -22,7 +22,8 @@ import pyarrow.parquet as pq
 
 from .atomic import write_atomically
 from .interrupts import deferred
-from .schema import PARQUET_OPTIONS, PARTS_DIR, SCHEMA, part_name
+from .layout import PARTS_DIR, part_name
+from .schema import PARQUET_OPTIONS, SCHEMA
 
 #: The flush interval of a new writer; it doubles after each part up to ``flush_seconds``.
 FIRST_FLUSH_SECONDS = 1.0

@@ -14,7 +14,8 @@ from torch import nn
 
 from ..record.module_table import clean_name, unwrap_model
 from ..record.side_forward import side_forward
-from .detect import detect, is_norm
+from .detect import detect
+from .kinds import is_norm
 from .model import AttentionInfo, Block, Branch, Structure, unrecognised
 from .trace import Trace, capture
 

@@ -9,33 +9,22 @@ Pre-LN. Blocks where no add can be verified are left out: a wrong guess is worse
 
 from __future__ import annotations
 
-import re
-
 import torch
 from torch import nn
 
+from .kinds import (
+    block_candidates,
+    count_heads,
+    is_attention,
+    is_cross_attention,
+    is_mlp,
+    is_norm,
+    stack_of,
+)
 from .model import AttentionInfo, Block, Branch, Structure, unrecognised
 from .trace import Call, Trace
 
-_NORM = re.compile(r"Norm", re.I)
-_ATTN_TYPE = re.compile(r"Attention|Attn", re.I)
-_ATTN_NAME = re.compile(
-    r"(^|\.)(attn|attention|self_attn|self_attention|crossattention|"
-    r"encoder_attn|multihead_attn|EncDecAttention|SelfAttention)$"
-)
-_CROSS = re.compile(r"cross|encoder_attn|EncDecAttention|multihead_attn", re.I)
-_MLP = re.compile(r"MLP|FeedForward|FFN|DenseReluDense|(^|\.)(mlp|ffn|feed_forward)$", re.I)
-_HEAD_ATTRS = ("num_heads", "n_head", "n_heads", "num_attention_heads", "heads", "h")
-_KV_ATTRS = ("num_key_value_heads", "n_kv_heads", "num_kv_heads")
 _TOL = 1e-4
-
-
-def is_norm(module: nn.Module) -> bool:
-    return bool(_NORM.search(type(module).__name__))
-
-
-def is_attention(call: Call) -> bool:
-    return bool(_ATTN_TYPE.search(type(call.module).__name__) or _ATTN_NAME.search(call.name))
 
 
 def residual_alpha(t: torch.Tensor, x: torch.Tensor, f: torch.Tensor) -> float | None:
@@ -55,60 +44,6 @@ def residual_alpha(t: torch.Tensor, x: torch.Tensor, f: torch.Tensor) -> float |
         if not (err < _TOL and 0.05 < alpha < 50):
             return None
     return alpha
-
-
-def count_heads(module: nn.Module) -> tuple[int | None, int | None]:
-    """Attention and key/value head counts from the usual attribute names."""
-    heads = kv = None
-    for m in module.modules():
-        config = getattr(m, "config", None)
-        for source in (m, config):
-            if source is None:
-                continue
-            heads = heads or next(
-                (
-                    getattr(source, a)
-                    for a in _HEAD_ATTRS
-                    if isinstance(getattr(source, a, None), int)
-                ),
-                None,
-            )
-            kv = kv or next(
-                (
-                    getattr(source, a)
-                    for a in _KV_ATTRS
-                    if isinstance(getattr(source, a, None), int)
-                ),
-                None,
-            )
-    return heads, kv
-
-
-def block_candidates(model: nn.Module, names: dict[int, str]) -> list[str]:
-    """Children of ModuleList/Sequential with a numeric name, of a repeated class, that have
-    children of their own; nested candidates are left to their outermost container."""
-    out = []
-    for module in model.modules():
-        if not isinstance(module, (nn.ModuleList, nn.Sequential)):
-            continue
-        kids = list(module.children())
-        for kid in kids:
-            same = sum(type(k) is type(kid) for k in kids)
-            if (
-                id(kid) in names
-                and any(True for _ in kid.children())
-                and (same >= 2 or re.search(r"Block|Layer", type(kid).__name__))
-            ):
-                out.append(names[id(kid)])
-    return [n for n in out if not any(n.startswith(o + ".") for o in out if o != n)]
-
-
-def _stack_of(name: str) -> str:
-    if re.search(r"(^|\.)decoder(\.|$)", name):
-        return "decoder"
-    if re.search(r"(^|\.)encoder(\.|$)", name):
-        return "encoder"
-    return ""
 
 
 def analyse_block(trace: Trace, block: Call) -> tuple[list[Branch], list[AttentionInfo]]:
@@ -215,9 +150,9 @@ def _branch(
     alpha: float,
 ) -> Branch:
     attn = [c for c in covered if is_attention(c)]
-    mlp = [c for c in covered if _MLP.search(type(c.module).__name__) or _MLP.search(c.name)]
+    mlp = [c for c in covered if is_mlp(c)]
     if attn:
-        kind = "cross_attention" if _CROSS.search(attn[0].name) else "attention"
+        kind = "cross_attention" if is_cross_attention(attn[0].name) else "attention"
         name = attn[0].name
     elif mlp or sum(isinstance(c.module, nn.Linear) for c in covered) >= 2:
         kind = "mlp"
@@ -230,9 +165,7 @@ def _branch(
     else:
         placement = "pre"
         norm = pre_norm.name if pre_norm is not None else None
-    return Branch(
-        name, out_call.name, kind, placement, norm, round(alpha, 6), _stack_of(block.name)
-    )
+    return Branch(name, out_call.name, kind, placement, norm, round(alpha, 6), stack_of(block.name))
 
 
 def _last_projection(covered: list[Call], out_call: Call) -> str:
@@ -273,7 +206,7 @@ def detect(model: nn.Module, trace: Trace, names: dict[int, str]) -> Structure:
             Block(
                 name,
                 index,
-                _stack_of(name),
+                stack_of(name),
                 placements.pop() if len(placements) == 1 else "mixed",
                 max(b.alpha for b in branches),
                 branches,

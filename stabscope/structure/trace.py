@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..record.hooks import primary_tensor
+from ..record.hook_context import primary_tensor
 from ..record.module_table import clean_name, unwrap_model
 
 #: Keyword names under which HF-style modules take their main input.

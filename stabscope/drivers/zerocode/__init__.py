@@ -3,10 +3,14 @@
 The script runs as ``__main__`` with its own arguments, and stabscope follows it from the
 outside, with no change to its code:
 
-- ``optimizers.py``: every ``torch.optim.Optimizer`` the script constructs;
-- ``roots.py``: the modules the script calls from outside any other module;
+- ``optimizers.py``: every ``torch.optim.Optimizer`` the script constructs, and which of
+  them train the model (a step ends once each of them has stepped);
+- ``roots.py``: the modules the script calls from outside any other module, and several
+  trained models recorded as one;
 - ``losses.py``: the scalar on which the script calls ``.backward()``;
 - ``attach.py``: which module is the model, where each step ends, when recording stops;
+- ``compiled.py``: ``torch.compile``: compiled modules, their notes, Dynamo's counters;
+- ``empty_run.py``: the meta.json of a script whose model was never found;
 - ``runner.py``: running the script as ``__main__`` and turning how it ended into a result;
 - ``detect.py``: whether a file is a model script or a training script.
 

@@ -33,9 +33,6 @@ The rules (also in docs/zero-code.md):
 
 from __future__ import annotations
 
-import re
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -48,71 +45,31 @@ from torch.optim.optimizer import (
 )
 
 from ...record.config import RecorderConfig
-from ...record.distributed import rank, world_size
 from ...record.lr_plan import live_schedulers
 from ...record.module_table import unwrap_model
 from ...record.probe_forward import LOSS_SHARE_KWARGS, FirstTrainingCall
-from ...record.recorder import Recorder, error_entry
-from ...store import new_meta, save_meta
-from ...store.interrupts import interrupting_signal, signal_name
+from ...record.recorder import Recorder
+from ...store import update_meta
+from .compiled import COMPILE_NOTE, EAGER_NOTE, DynamoCounts, compiled_modules
+from .empty_run import write_empty_run
 from .losses import LossTap
-from .optimizers import OptimizerTracker, parameter_ids, trained_parameter_ids
-from .roots import RootCalls, enclosing_model, live_modules, other_trained_models
+from .optimizers import OptimizerTracker, StepOwners, parameter_ids, trained_parameter_ids
+from .roots import (
+    RootCalls,
+    TrainedModels,
+    call_unwrapped,
+    enclosing_model,
+    live_modules,
+    other_trained_models,
+)
 
 #: progress(step_done, total_or_None, last_recorded_loss)
 StepProgress = Callable[[int, int | None, float | None], None]
 
 
-class TrainedModels(nn.ModuleDict):
-    """Several separately called models trained in one script, recorded as one: each under
-    its class name in snake case (``generator``, ``discriminator``). Never called itself."""
-
-    def __init__(self, models: list[nn.Module]) -> None:
-        names: dict[str, nn.Module] = {}
-        for m in models:
-            base = re.sub(r"(?<!^)(?=[A-Z])", "_", type(unwrap_model(m)).__name__).lower()
-            name, k = base, 2
-            while name in names:
-                name, k = f"{base}_{k}", k + 1
-            names[name] = m
-        super().__init__(names)
-
-
-def call_unwrapped(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    """The replay runs the model inside a DDP or ``torch.compile`` wrapper: no collective
-    outside the training's own, and a double backward that compiled graphs lack."""
-    return unwrap_model(model)(*args, **kwargs)
-
-
 class StopScript(BaseException):
     """Ends the script after ``max_steps`` (a BaseException: ``except Exception`` in the
     script does not swallow it, its ``finally`` blocks still run)."""
-
-
-def compiled_modules(model: nn.Module) -> list[str]:
-    """Qualified names of the modules of ``model`` that run under ``torch.compile``."""
-    dynamo = sys.modules.get("torch._dynamo.eval_frame")
-    wrapper = getattr(dynamo, "OptimizedModule", None)
-    return [
-        name or "<root>"
-        for name, m in model.named_modules()
-        if (wrapper is not None and isinstance(m, wrapper))
-        or getattr(m, "_compiled_call_impl", None) is not None
-    ]
-
-
-COMPILE_NOTE = (
-    "torch.compile: modules that run inside compiled code get no activation or gradient "
-    "statistics (hooks return at once while Dynamo traces, so they add no graph break); "
-    "parameter and gradient norms, update ratios, loss and lr are recorded. "
-    "`stabscope profile --no-compile` runs the script's compiled code eagerly and records "
-    "everything."
-)
-
-EAGER_NOTE = (
-    "torch.compile: disabled by --no-compile; the compiled modules ran eagerly and are "
-    "recorded like any other"
-)
 
 
 class ScriptRecording:
@@ -148,9 +105,7 @@ class ScriptRecording:
         self.optimizer_steps = 0  # every optimizer.step() seen, model found or not
         self.done = False  # max_steps reached: close at the next safe point
         self.closed = False
-        self._model_params: set[int] = set()
-        self._owners: dict[int, str] = {}  # id -> class name of the optimizers training it
-        self._stepped: set[int] = set()  # owners that stepped since the last step ended
+        self._owners = StepOwners([], set())
         self._steps_before: dict[int, int] = {}  # per optimizer, steps before the model
         self._other_roots: set[int] = set()  # trained root modules outside the model
         self._hooks: list[Any] = []
@@ -188,45 +143,16 @@ class ScriptRecording:
         self._remove()
         rec = self.recorder
         if rec is None:
-            self._write_empty_run(status, error)
+            write_empty_run(self.out, self.config, self.run_info, self.notes, status, error)
             return
-        rec.meta["notes"] = [*rec.meta.get("notes", []), *self.notes]
+        notes = list(self.notes)
         if self.losses.steps_without_loss and self.steps_marked:
-            rec.meta["notes"].append(
+            notes.append(
                 f"no loss for {self.losses.steps_without_loss} of {self.steps_marked} steps: "
                 "no backward call on a single scalar was seen in them"
             )
-        rec.meta["run"]["dynamo"] = self._dynamo.since_start()
+        update_meta(rec.meta, notes, run={"dynamo": self._dynamo.since_start()})
         rec.close(status, error)
-
-    def _write_empty_run(self, status: str, error: BaseException | None) -> None:
-        """No model was found: a meta.json that says so, and no parts (rank 0 writes it).
-
-        Not a Recorder of an empty module: its construction waits for every rank, and a rank
-        that found no model cannot count on the others getting here."""
-        if rank() != 0:
-            return
-        meta = new_meta(
-            config=self.config.to_dict(),
-            run=self.run_info,
-            rank=0,
-            world_size=world_size(),
-            model_type=None,
-            modules=[],
-            parameters=[],
-            parts=0,
-            rows=0,
-            steps=0,
-            recorded_steps=0,
-            notes=self.notes,
-            status=status,
-            finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            error=None if error is None else error_entry(error),
-        )
-        signum = interrupting_signal(error)
-        if status == "interrupted" and signum is not None:
-            meta["interrupted_by"] = signal_name(signum)
-        save_meta(self.out, meta)
 
     # -- root calls: finding the model -------------------------------------------------------
     def _safe_point(self) -> None:
@@ -267,8 +193,7 @@ class ScriptRecording:
 
     def _start(self, module: nn.Module, params: set[int], owners: list[Optimizer]) -> None:
         self.model = module
-        self._model_params = params
-        self._owners = {id(o): type(o).__name__ for o in owners}
+        self._owners = StepOwners(owners, params)
         compiled = compiled_modules(module)
         if compiled:
             self.notes.append(EAGER_NOTE if self.compile_disabled else COMPILE_NOTE)
@@ -279,7 +204,7 @@ class ScriptRecording:
             else type(inner).__name__,
             wrapper=type(module).__name__ if inner is not module else None,
             compiled_modules=compiled,
-            optimizer=", ".join(self._owners.values()),
+            optimizer=", ".join(self._owners.names.values()),
         )
         # Without a budget the plan is "unknown" whatever the schedulers: no scan for them.
         schedulers = live_schedulers() if self.budget is not None else []
@@ -292,7 +217,8 @@ class ScriptRecording:
             budget=self.budget,
         )
         # Steps taken before the model was first called keep their numbers.
-        rec.step_index = max((self._steps_before.get(k, 0) for k in self._owners), default=0)
+        before = (self._steps_before.get(k, 0) for k in self._owners.names)
+        rec.step_index = max(before, default=0)
         self.losses.clear()
         rec.start()
         self.recorder = rec
@@ -313,7 +239,7 @@ class ScriptRecording:
         key = id(module)
         if key in self._other_roots or next(module.parameters(), None) is None:
             return
-        params = parameter_ids(module) - self._model_params
+        params = parameter_ids(module) - self._owners.model_params
         if params and self.optimizers.training(params):
             self._other_roots.add(key)
             self.notes.append(
@@ -338,20 +264,10 @@ class ScriptRecording:
     def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         if self.done or self.recorder is None:
             return
-        key = id(optimizer)
-        if key not in self._owners:
-            if not trained_parameter_ids(optimizer) & self._model_params:
-                return
-            self._owners[key] = type(optimizer).__name__
-        if key in self._stepped:
-            # Stepped twice while another owner never did: that one is not training.
-            self._owners = {k: v for k, v in self._owners.items() if k in self._stepped}
-        self._stepped.add(key)
-        if self._stepped >= self._owners.keys():
+        if self._owners.stepped(optimizer):
             self._end_step(self.recorder)
 
     def _end_step(self, rec: Recorder) -> None:
-        self._stepped.clear()
         rec.step(loss=self.losses.take())
         self.steps_marked += 1
         if self.steps_marked == 1:
@@ -362,34 +278,3 @@ class ScriptRecording:
             self.done = True
             if self.stop_script:
                 raise StopScript(f"stopped after {rec.step_index} steps (--max-steps)")
-
-
-class DynamoCounts:
-    """What ``torch.compile`` did while the script ran: Dynamo's counters, before and after.
-
-    ``graph_breaks`` counts every break Dynamo met while tracing (a break in a function
-    compiled three times counts three times); ``graph_break_reasons`` are their distinct
-    first lines; ``unique_graphs`` the graphs compiled. None when Dynamo did not run."""
-
-    def __init__(self) -> None:
-        self._before = self._read()
-
-    @staticmethod
-    def _read() -> tuple[dict[str, int], int]:
-        utils = sys.modules.get("torch._dynamo.utils")
-        counters = getattr(utils, "counters", None)
-        if not counters:
-            return {}, 0
-        return dict(counters["graph_break"]), int(counters["stats"].get("unique_graphs", 0))
-
-    def since_start(self) -> dict[str, Any] | None:
-        (breaks, graphs), (breaks_0, graphs_0) = self._read(), self._before
-        new = {reason: n - breaks_0.get(reason, 0) for reason, n in breaks.items()}
-        new = {reason: n for reason, n in new.items() if n > 0}
-        if graphs == graphs_0 and not new:
-            return None
-        return {
-            "graph_breaks": sum(new.values()),
-            "graph_break_reasons": sorted({reason.splitlines()[0] for reason in new}),
-            "unique_graphs": graphs - graphs_0,
-        }

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ...record.hooks import _compiling, _in_backward
+from ...record.hook_context import compiling, in_backward
 
 
 class LossTap:
@@ -97,7 +97,7 @@ class LossTap:
         self._originals = (original_backward, original_scale)
 
         def backward(tensors: Any, grad_tensors: Any = None, *args: Any, **kwargs: Any) -> Any:
-            if not _compiling() and not _in_backward():
+            if not compiling() and not in_backward():
                 if self.before_backward is not None:
                     self.before_backward()
                 self.see_backward(tensors, grad_tensors)

@@ -73,3 +73,30 @@ class OptimizerTracker:
         if self._original_init is not None:
             Optimizer.__init__ = self._original_init  # type: ignore[method-assign]
             self._original_init = None
+
+
+class StepOwners:
+    """The optimizers that train the model (its *owners*), and where a step ends: once every
+    owner has stepped since the last step ended. An optimizer that starts training the
+    model's parameters later joins; an owner that steps twice before another stepped at all
+    drops the silent one (it is not training)."""
+
+    def __init__(self, owners: list[Optimizer], model_params: set[int]) -> None:
+        self.names = {id(o): type(o).__name__ for o in owners}  # id -> class name
+        self.model_params = model_params
+        self._stepped: set[int] = set()  # owners that stepped since the last step ended
+
+    def stepped(self, optimizer: Optimizer) -> bool:
+        """Note that ``optimizer`` stepped; whether that ended a step of the model."""
+        key = id(optimizer)
+        if key not in self.names:
+            if not trained_parameter_ids(optimizer) & self.model_params:
+                return False
+            self.names[key] = type(optimizer).__name__
+        if key in self._stepped:
+            self.names = {k: v for k, v in self.names.items() if k in self._stepped}
+        self._stepped.add(key)
+        if self._stepped >= self.names.keys():
+            self._stepped.clear()
+            return True
+        return False

@@ -12,6 +12,7 @@ so they add no graph break) and during backward (activation-checkpoint recomputa
 from __future__ import annotations
 
 import gc
+import re
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -22,7 +23,8 @@ from torch.nn.modules.module import (
     register_module_forward_pre_hook,
 )
 
-from ...record.hooks import _compiling, _in_backward
+from ...record.hook_context import compiling, in_backward
+from ...record.module_table import unwrap_model
 from .optimizers import parameter_ids
 
 
@@ -35,7 +37,7 @@ class RootCalls:
         self._handles: list[Any] = []
 
     def _pre(self, module: nn.Module, args: Any) -> None:
-        if _compiling() or _in_backward():
+        if compiling() or in_backward():
             return
         self.depth += 1
         if self.depth == 1:
@@ -43,7 +45,7 @@ class RootCalls:
 
     def _post(self, module: nn.Module, args: Any, output: Any) -> None:
         # Also runs when the forward raised (always_call), so the depth stays balanced.
-        if _compiling() or _in_backward():
+        if compiling() or in_backward():
             return
         self.depth = max(0, self.depth - 1)
 
@@ -121,3 +123,24 @@ def _is_module(obj: object) -> bool:
         return isinstance(obj, nn.Module)
     except Exception:  # a dead weakref.proxy raises ReferenceError on any attribute access
         return False
+
+
+class TrainedModels(nn.ModuleDict):
+    """Several separately called models trained in one script, recorded as one: each under
+    its class name in snake case (``generator``, ``discriminator``). Never called itself."""
+
+    def __init__(self, models: list[nn.Module]) -> None:
+        names: dict[str, nn.Module] = {}
+        for m in models:
+            base = re.sub(r"(?<!^)(?=[A-Z])", "_", type(unwrap_model(m)).__name__).lower()
+            name, k = base, 2
+            while name in names:
+                name, k = f"{base}_{k}", k + 1
+            names[name] = m
+        super().__init__(names)
+
+
+def call_unwrapped(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The replay runs the model inside a DDP or ``torch.compile`` wrapper: no collective
+    outside the training's own, and a double backward that compiled graphs lack."""
+    return unwrap_model(model)(*args, **kwargs)

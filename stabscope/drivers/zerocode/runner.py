@@ -35,6 +35,7 @@ from typing import Any
 from ...errors import ScriptError, UsageError
 from ...record.config import RecorderConfig
 from ...record.distributed import rank
+from ...store import RunMeta
 from ...store.interrupts import Terminated
 from ...store.rundir import prepare_run_dir, release_run_dir
 from ..profile import seed_everything
@@ -212,7 +213,7 @@ def _run(
     return TrainingScriptResult(
         run_dir=rec.run_dir,
         steps=rec.step_index,
-        recorded_steps=rec.meta["recorded_steps"],
+        recorded_steps=RunMeta(rec.meta).recorded_steps,
         seconds=time.perf_counter() - start,
         last_loss=rec.last_loss,
         notes=notes,  # the recording's own notes are in meta.json

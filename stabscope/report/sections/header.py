@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+from ...store import RunMeta
 from ..figures import esc
 from ..runs import Run
 from . import Context, Section
@@ -15,8 +16,8 @@ def _status(run: Run) -> str:
     # `interrupted`, `killed`, `running` (a live writer) and `unfinished` say more in a line.
     text = run.state.detail if run.state is not None else status
     html = f'<span class="status status-{esc(status)}">{esc(text)}</span>'
-    error = run.meta.get("error")
-    if isinstance(error, dict):
+    error = run.meta.error
+    if error is not None:
         html += f"<br><code>{esc(error.get('type', ''))}: {esc(error.get('message', ''))}</code>"
     return html
 
@@ -27,9 +28,9 @@ def _config(cfg: Any) -> str:
     return ", ".join(f"{esc(k)}={esc(v)}" for k, v in cfg.items())
 
 
-def _script_settings(meta: dict[str, Any]) -> str:
+def _script_settings(meta: RunMeta) -> str:
     """A model script's CONFIG overrides, or a training script's own command-line arguments."""
-    info = meta.get("run") or {}
+    info = meta.run_info
     if info.get("script_config"):
         return _config(info["script_config"])
     args = info.get("script_args")
@@ -38,8 +39,8 @@ def _script_settings(meta: dict[str, Any]) -> str:
 
 def _structure(run: Run) -> str:
     meta = run.meta
-    modules = meta.get("modules") or []
-    params = sum(int(p.get("numel") or 0) for p in meta.get("parameters") or [])
+    modules = meta.modules
+    params = sum(int(p.get("numel") or 0) for p in meta.parameters)
     types = Counter(str(m.get("type")) for m in modules if m.get("name") != "<root>")
     top = ", ".join(f"{n}× {esc(t)}" for t, n in types.most_common(6))
     lines = [
@@ -69,8 +70,8 @@ def _structure(run: Run) -> str:
     return "<br>".join(lines)
 
 
-def _schedule(meta: dict[str, Any]) -> str:
-    schedule = (meta.get("config") or {}).get("schedule")
+def _schedule(meta: RunMeta) -> str:
+    schedule = meta.config.get("schedule")
     if not isinstance(schedule, dict):
         return "–"
     text = f"every step below {schedule.get('dense')}, then every {schedule.get('every')}"
@@ -79,8 +80,8 @@ def _schedule(meta: dict[str, Any]) -> str:
     return esc(text)
 
 
-def _nonfinite(meta: dict[str, Any]) -> str:
-    first = meta.get("first_nonfinite") or {}
+def _nonfinite(meta: RunMeta) -> str:
+    first = meta.first_nonfinite
     if not first:
         return "none recorded"
     return "<br>".join(
@@ -88,8 +89,8 @@ def _nonfinite(meta: dict[str, Any]) -> str:
     )
 
 
-def _never_fired(meta: dict[str, Any]) -> str:
-    never = meta.get("hooks_never_fired") or {}
+def _never_fired(meta: RunMeta) -> str:
+    never = meta.hooks_never_fired
     parts = []
     for kind, names in never.items():
         if names:
@@ -107,13 +108,13 @@ def _steps(run: Run) -> str:
     )
 
 
-def _training(meta: dict[str, Any]) -> str:
-    info = meta.get("run") or {}
+def _training(meta: RunMeta) -> str:
+    info = meta.run_info
     return esc(", ".join(str(info[k]) for k in ("optimizer", "device", "seed") if k in info) or "–")
 
 
-def _times(meta: dict[str, Any]) -> str:
-    return esc(f"{meta.get('started') or '–'} → {meta.get('finished') or '–'}")
+def _times(meta: RunMeta) -> str:
+    return esc(f"{meta.started or '–'} → {meta.finished or '–'}")
 
 
 def _row(label: str, cells: list[str]) -> str:
@@ -125,18 +126,18 @@ def header_section(ctx: Context) -> Section:
     rows = [
         ("status", [_status(r) for r in runs]),
         ("directory", [f"<code>{esc(r.path)}</code>" for r in runs]),
-        ("model", [esc(r.meta.get("model_type") or "–") for r in runs]),
-        ("script", [esc((r.meta.get("run") or {}).get("script") or "–") for r in runs]),
+        ("model", [esc(r.meta.model_type or "–") for r in runs]),
+        ("script", [esc(r.meta.run_info.get("script") or "–") for r in runs]),
         ("script config or arguments", [_script_settings(r.meta) for r in runs]),
         ("optimizer, device, seed", [_training(r.meta) for r in runs]),
         ("structure", [_structure(r) for r in runs]),
         ("steps", [_steps(r) for r in runs]),
         ("schedule", [_schedule(r.meta) for r in runs]),
-        ("preset", [esc((r.meta.get("config") or {}).get("preset", "–")) for r in runs]),
+        ("preset", [esc(r.meta.config.get("preset", "–")) for r in runs]),
         ("started, finished", [_times(r.meta) for r in runs]),
         ("first non-finite", [_nonfinite(r.meta) for r in runs]),
         ("hooks that never fired", [_never_fired(r.meta) for r in runs]),
-        ("versions", [_config(r.meta.get("versions")) for r in runs]),
+        ("versions", [_config(r.meta.versions) for r in runs]),
     ]
     head = "<tr><th></th>" + "".join(f"<th>{esc(r.name)}</th>" for r in runs) + "</tr>"
     table = '<table class="runs">' + head + "".join(_row(k, v) for k, v in rows) + "</table>"

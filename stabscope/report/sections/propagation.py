@@ -55,7 +55,7 @@ def _predicted(ctx: Context, metric: str) -> list[Profile]:
         at, prediction = d.profiles.get(metric), stored_prediction(d.run.path)
         if at is None or prediction is None or not at.steps:
             continue
-        blocks = [b["name"] for b in (d.run.meta.get("structure") or {}).get("blocks", [])]
+        blocks = d.run.meta.blocks
         names = prediction.module_names(blocks)
         row = {name: k for k, name in enumerate(at.modules)}
         values = np.full(len(at.modules), np.nan)

@@ -8,8 +8,9 @@ import numpy as np
 from .. import figures
 from ..aggregate import step_bins
 from ..data import Budget
-from ..grids import Grid, reduce_exact, row_bins
+from ..grids import Grid, reduce_exact
 from ..rank_spread import RankSpread, collect_rank_spread
+from ..rowbins import row_bins
 from . import Context, Section
 
 INTRO = (

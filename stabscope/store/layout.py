@@ -1,0 +1,44 @@
+"""The files of a run directory: every name a reader or writer of a run uses, in one place.
+
+    RUN/
+      meta.json          what the run is and how it ended (store/meta.py writes it)
+      parts/part-NNNNNN.parquet   the long table, one part per flush (store/writer.py)
+      findings.json      the rules' findings (``stabscope check``, rules/gate.py)
+      prediction.json    the theory's profile at init (theory/prediction.py)
+      .lock              the live writer's flock (store/lock.py)
+      .reserve           disk space held for the last meta.json (store/atomic.py)
+
+Creating a run directory, refusing one that holds a run, and keeping outputs out of runs is
+``store/rundir.py``; this module only names things and imports nothing.
+"""
+
+from __future__ import annotations
+
+META_FILE = "meta.json"
+PARTS_DIR = "parts"
+PART_PREFIX = "part-"
+PART_SUFFIX = ".parquet"
+FINDINGS_FILE = "findings.json"
+#: The theory owns its file format and name (theory/prediction.py, which does not import the
+#: store); tests/test_store_layout.py keeps the two names the same.
+PREDICTION_FILE = "prediction.json"
+LOCK_FILE = ".lock"
+RESERVE_FILE = ".reserve"
+
+
+def part_name(number: int) -> str:
+    """File name of part ``number`` (``part-000042.parquet``)."""
+    return f"{PART_PREFIX}{number:06d}{PART_SUFFIX}"
+
+
+__all__ = [
+    "FINDINGS_FILE",
+    "LOCK_FILE",
+    "META_FILE",
+    "PARTS_DIR",
+    "PART_PREFIX",
+    "PART_SUFFIX",
+    "PREDICTION_FILE",
+    "RESERVE_FILE",
+    "part_name",
+]

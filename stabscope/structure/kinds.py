@@ -1,0 +1,103 @@
+"""What a module is, from its class name, its qualified name and its attributes: a norm, an
+attention, an MLP, a block of a repeated stack, an encoder or decoder. Only hints: detect.py
+claims a residual branch only where the traced tensors prove it."""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from .trace import Call
+
+_NORM = re.compile(r"Norm", re.I)
+_ATTN_TYPE = re.compile(r"Attention|Attn", re.I)
+_ATTN_NAME = re.compile(
+    r"(^|\.)(attn|attention|self_attn|self_attention|crossattention|"
+    r"encoder_attn|multihead_attn|EncDecAttention|SelfAttention)$"
+)
+_CROSS = re.compile(r"cross|encoder_attn|EncDecAttention|multihead_attn", re.I)
+_MLP = re.compile(r"MLP|FeedForward|FFN|DenseReluDense|(^|\.)(mlp|ffn|feed_forward)$", re.I)
+_HEAD_ATTRS = ("num_heads", "n_head", "n_heads", "num_attention_heads", "heads", "h")
+_KV_ATTRS = ("num_key_value_heads", "n_kv_heads", "num_kv_heads")
+
+
+def is_norm(module: nn.Module) -> bool:
+    return bool(_NORM.search(type(module).__name__))
+
+
+def is_attention(call: Call) -> bool:
+    return bool(_ATTN_TYPE.search(type(call.module).__name__) or _ATTN_NAME.search(call.name))
+
+
+def is_mlp(call: Call) -> bool:
+    return bool(_MLP.search(type(call.module).__name__) or _MLP.search(call.name))
+
+
+def is_cross_attention(name: str) -> bool:
+    return bool(_CROSS.search(name))
+
+
+def count_heads(module: nn.Module) -> tuple[int | None, int | None]:
+    """Attention and key/value head counts from the usual attribute names."""
+    heads = kv = None
+    for m in module.modules():
+        config = getattr(m, "config", None)
+        for source in (m, config):
+            if source is None:
+                continue
+            heads = heads or next(
+                (
+                    getattr(source, a)
+                    for a in _HEAD_ATTRS
+                    if isinstance(getattr(source, a, None), int)
+                ),
+                None,
+            )
+            kv = kv or next(
+                (
+                    getattr(source, a)
+                    for a in _KV_ATTRS
+                    if isinstance(getattr(source, a, None), int)
+                ),
+                None,
+            )
+    return heads, kv
+
+
+def block_candidates(model: nn.Module, names: dict[int, str]) -> list[str]:
+    """Children of ModuleList/Sequential with a numeric name, of a repeated class, that have
+    children of their own; nested candidates are left to their outermost container."""
+    out = []
+    for module in model.modules():
+        if not isinstance(module, (nn.ModuleList, nn.Sequential)):
+            continue
+        kids = list(module.children())
+        for kid in kids:
+            same = sum(type(k) is type(kid) for k in kids)
+            if (
+                id(kid) in names
+                and any(True for _ in kid.children())
+                and (same >= 2 or re.search(r"Block|Layer", type(kid).__name__))
+            ):
+                out.append(names[id(kid)])
+    return [n for n in out if not any(n.startswith(o + ".") for o in out if o != n)]
+
+
+def stack_of(name: str) -> str:
+    if re.search(r"(^|\.)decoder(\.|$)", name):
+        return "decoder"
+    if re.search(r"(^|\.)encoder(\.|$)", name):
+        return "encoder"
+    return ""
+
+
+__all__ = [
+    "block_candidates",
+    "count_heads",
+    "is_attention",
+    "is_cross_attention",
+    "is_mlp",
+    "is_norm",
+    "stack_of",
+]
