@@ -156,3 +156,16 @@ def test_catalogue_entries_are_well_formed():
     for m in METRICS:
         assert m.tier in TIERS and m.kind in ("module", "param", "run"), m.name
         assert m.worse in ("higher", "lower", "none"), m.name
+
+
+def test_every_metric_names_a_registered_probe_of_no_dearer_tier():
+    """The catalogue's ``probe`` is a registry name (or the recorder's own rows, or the
+    amplification command's), and no metric is recorded by a cheaper preset than its probe."""
+    from stabscope.probes import BY_NAME as PROBES
+
+    for m in METRICS:
+        if m.probe in ("recorder", "amplification"):
+            continue
+        assert m.probe in PROBES, m.name
+        assert TIERS.index(m.tier) >= TIERS.index(PROBES[m.probe].tier), m.name
+    assert set(PROBES) <= {m.probe for m in METRICS}  # every probe writes a catalogued metric

@@ -13,6 +13,7 @@ optimizers that own this model's parameters, so no optimizer needs to be passed 
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import os
 import time
 import traceback
@@ -27,11 +28,9 @@ from torch.optim.optimizer import (
     register_optimizer_step_pre_hook,
 )
 
-from ..probes.activations import ActivationProbe
-from ..probes.attention import AttentionSampling
+from ..probes import BY_NAME as PROBE_ENTRIES
+from ..probes.base import BaseProbe, ProbeContext, build_probes
 from ..probes.kernels import host_kernels
-from ..probes.parameters import ParameterProbe
-from ..probes.sharpness import SharpnessProbe
 from ..probes.structured import StructureProbes
 from ..store import RUN_MODULE, PartWriter, interrupts, new_meta, save_meta
 from ..store import lock as locks
@@ -147,20 +146,30 @@ class Recorder:
         self._module_codes = [c for c, _ in mod_codes]
         param_codes = [(self.writer.modules(name), p) for name, p in params]
         self._run_code = self.writer.modules(RUN_MODULE)
-        self.sharpness: SharpnessProbe | None = None
+        # What every probe is built from (the registry, ``stabscope.probes``).
+        self._probe_context = ProbeContext(
+            model=model,
+            config=cfg,
+            names=self.writer.modules,
+            params=param_codes,
+            run_code=self._run_code,
+            forward=self.forward,
+            on_nonfinite=self._note_nonfinite,
+        )
+        self.sharpness: Any = None  # the stability-index probe (stage ``due``), once built
         if self.forward is not None:
             self.set_probe_forward(self.forward)
-        self._param_codes = param_codes
         self._forward_order: dict[int, int] = {}
 
-        self.activations = ActivationProbe(grads=cfg.grads, on_nonfinite=self._note_nonfinite)
+        # The probes of stage ``model``: the module moments and the parameter statistics.
+        self.core: dict[str, BaseProbe] = build_probes("model", self._probe_context)
+        self.activations: Any = self.core["activations"]
         self.hooks = ModuleHooks(
             mod_codes,
             on_forward=self._on_forward,
             on_grad=self.activations.on_grad if cfg.grads else None,
             record_eval=cfg.record_eval,
         )
-        self.parameters = ParameterProbe(param_codes, updates=cfg.grads, full=cfg.preset == "full")
         self.meta = new_meta(
             config=cfg.to_dict(),
             run=run_info or {},
@@ -186,7 +195,12 @@ class Recorder:
         """Whether the stability index waits for a probe forward (``set_probe_forward``). Not
         in a run of several processes: each rank's own batch, and DDP's reducer hooks on the
         double backward, would make a rank-local, hook-entangled measurement."""
-        return self.sharpness is None and self.config.wants_sharpness and _world_size() == 1
+        wanted = PROBE_ENTRIES["sharpness"]
+        return (
+            self.sharpness is None
+            and wanted.load().wanted(self.config, wanted.tier)
+            and (_world_size() == 1)
+        )
 
     def set_probe_forward(self, forward: Callable[[nn.Module], Any]) -> None:
         """Measure the stability index with ``forward`` from now on, unless it has one: for
@@ -194,8 +208,8 @@ class Recorder:
         zero-code mode). Structure discovery and the model update keep to ``Recorder(
         forward=...)``: the update's reference is the model before its first step."""
         if self.wants_probe_forward:
-            iters = self.config.sharpness_iters
-            self.sharpness = SharpnessProbe(self.model, forward, self._run_code, iters)
+            ctx = dataclasses.replace(self._probe_context, forward=forward)
+            self.sharpness = build_probes("due", ctx).get("sharpness")
 
     # -- lifecycle ---------------------------------------------------------------------------
     def __enter__(self) -> Recorder:
@@ -275,7 +289,8 @@ class Recorder:
         if self.structure_probes is not None:
             self.structure_probes.detach()
         self.hooks.detach()
-        self.parameters.release()
+        for probe in self.core.values():
+            probe.release()
         for handle in self._optimizer_hooks:
             handle.remove()
         self._optimizer_hooks.clear()
@@ -346,7 +361,8 @@ class Recorder:
     def _arm(self, step: int) -> None:
         probes = self.structure_probes
         if self.config.schedule.is_recorded(step):
-            self.parameters.begin_step(self.collector)
+            for probe in self.core.values():
+                probe.begin_step(self.collector)
             self.hooks.attach()
             if probes is not None:
                 probes.attach()
@@ -366,17 +382,8 @@ class Recorder:
 
     def _build_structure_probes(self) -> None:
         assert self.structure is not None
-        cfg = self.config
         self.structure_probes = StructureProbes(
-            self.model,
-            self.structure,
-            self.writer.modules,
-            self._param_codes,
-            standard=cfg.preset != "cheap" and cfg.structure_probes,
-            model_update=cfg.wants_model_update,
-            forward=self.forward,
-            module_hooks=self.hooks,
-            sampling=AttentionSampling(cfg.attn_batch, cfg.attn_queries),
+            self.model, self.structure, self._probe_context, self.hooks
         )
         self.meta["structure"] = self.structure.to_dict()
         # Notes added before the structure was known (by a caller) are kept after its own.
@@ -388,8 +395,8 @@ class Recorder:
 
     def _finish_recorded_step(self, step: int) -> None:
         t0 = time.perf_counter()
-        self.activations.end_step(self.collector)
-        self.parameters.end_step(self.collector)
+        for probe in self.core.values():
+            probe.end_step(self.collector)
         if self.structure_probes is not None:
             self.structure_probes.end_step(self.collector)
         self.hooks.end_step()
@@ -484,17 +491,21 @@ class Recorder:
             self._save_meta()
         self._step_lrs[id(optimizer)] = [_group_lr(g) for g in optimizer.param_groups]
         if self.hooks.attached:
+
+            def measure() -> None:
+                for probe in self.core.values():
+                    probe.before_optimizer_step(optimizer)
+
             if closure_of(args, kw) is None:
-                self.parameters.before_optimizer_step(optimizer)
+                measure()
             else:  # the closure computes this step's gradients: measure after it
-                return after_first_call(
-                    args, kw, lambda: self.parameters.before_optimizer_step(optimizer)
-                )
+                return after_first_call(args, kw, measure)
         return None
 
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kw: Any) -> None:
         if self._owns(optimizer) and self.hooks.attached:
-            self.parameters.after_optimizer_step(optimizer)
+            for probe in self.core.values():
+                probe.after_optimizer_step(optimizer)
             if self.structure_probes is not None:
                 self.structure_probes.after_optimizer_step(optimizer)
 
