@@ -131,6 +131,8 @@ METRICS: tuple[Metric, ...] = (
     Metric("token_corr", "mean correlation between token vectors at a block's output",
            "correlation, 1 = collapse", "module", "correlation", "standard", heatmap="heatmaps",
            headline="largest token correlation"),
+    Metric("block_in_rms", "rms of a residual block's input, the stream entering it",
+           "stream units", "module", "block_input", "standard"),
     Metric("logit_lse_mean", "mean log Z (logsumexp) of the output logits", "nats", "module",
            "logits", "standard"),
     Metric("logit_max", "largest output logit", "logit units", "module", "logits", "standard",

@@ -43,6 +43,7 @@ PROBES: tuple[ProbeEntry, ...] = (
     ProbeEntry("logits", "standard", "logits:LogitProbe"),
     ProbeEntry("adam", "standard", "adam:AdamEpsProbe"),
     ProbeEntry("model_update", "full", "model_update:ModelUpdateProbe"),
+    ProbeEntry("block_input", "standard", "block_input:BlockInputProbe"),
 )
 
 BY_NAME: dict[str, ProbeEntry] = {p.name: p for p in PROBES}

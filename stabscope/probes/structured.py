@@ -68,6 +68,6 @@ class StructureProbes:
             probe.after_optimizer_step(optimizer)
 
     def end_step(self, collector: Collector) -> None:
-        # The model update comes last: its forward pauses the listeners of the others.
+        # The model update's own forward pauses every listener: no probe sees it.
         for probe in self.probes:
             probe.end_step(collector)
