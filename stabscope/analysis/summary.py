@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..metrics import headlines, worse_end
 from ..store import RUN_MODULE, RunMeta, load_meta, load_run
 from ..store.rundir import run_state
 
@@ -191,22 +192,17 @@ def describe_structure(structure: dict[str, Any] | None) -> str | None:
 
 
 def probe_headlines(run_dir: str | Path) -> list[str]:
-    """Extremes of the transformer probes over the whole run, one line each."""
-    metrics = {
-        "attn_entropy": ("lowest attention entropy (normalised)", "min"),
-        "attn_logit_max": ("largest attention logit", "max"),
-        "res_dependency": ("largest residual dependency Var f / (Var x + Var f)", "max"),
-        "token_corr": ("largest token correlation", "max"),
-        "norm_input_rms": ("largest norm-input rms", "max"),
-        "model_update": ("largest model update ||F_t - F_0||", "max"),
-    }
+    """The worst value over the whole run of each metric with a headline in the catalogue
+    (the transformer probes), one line each, in catalogue order."""
+    metrics = headlines()  # metric -> label, from the catalogue
     frame = load_run(run_dir, metrics=list(metrics), phase="train", merge_ranks=True)
     lines = []
-    for metric, (label, how) in metrics.items():
+    for metric, label in metrics.items():
         sub = frame[frame.metric == metric].dropna(subset=["value"])
         if sub.empty:
             continue
-        row = sub.loc[sub.value.idxmin() if how == "min" else sub.value.idxmax()]
+        lowest = worse_end(metric) == "lower"
+        row = sub.loc[sub.value.idxmin() if lowest else sub.value.idxmax()]
         head = f" head {int(row['index'])}" if metric.startswith("attn") else ""
         where = "" if row.module == RUN_MODULE else f" at {row.module}{head}"
         lines.append(f"{label}: {row.value:.4g}{where}, step {int(row.step)}")

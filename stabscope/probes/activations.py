@@ -17,6 +17,7 @@ import torch
 from ..record.collector import Collector, Rows
 from ..record.hooks import EVAL, TRAIN
 from ..store.schema import PHASES
+from .base import BaseProbe, ProbeContext
 from .moments import MOMENT_METRICS, MomentRows, decode_moments
 
 #: Called with (direction, module code, call) for a step's first non-finite entry.
@@ -87,8 +88,18 @@ class _Entries:
         moments.hand_over(collector, decode)
 
 
-class ActivationProbe:
-    """Collects forward (and optionally gradient) moments during a recorded step."""
+class ActivationProbe(BaseProbe):
+    """Collects forward (and optionally gradient) moments during a recorded step; fed by the
+    recorder's module hooks (``on_forward``, ``on_grad``)."""
+
+    stage = "model"
+    structure_aware = False
+    needs_backward = True
+
+    @classmethod
+    def build(cls, ctx: ProbeContext) -> ActivationProbe:
+        assert ctx.on_nonfinite is not None
+        return cls(grads=ctx.config.grads, on_nonfinite=ctx.on_nonfinite)
 
     def __init__(self, grads: bool, on_nonfinite: NonfiniteSink) -> None:
         self.grads = grads

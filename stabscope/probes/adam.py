@@ -16,10 +16,17 @@ from torch import nn
 
 from ..record.collector import Collector, Rows
 from ..record.distributed import local_tensor
+from .base import BaseProbe, ProbeContext
 from .kernels import host_params
 
 
-class AdamEpsProbe:
+class AdamEpsProbe(BaseProbe):
+    needs_optimizer = True
+
+    @classmethod
+    def build(cls, ctx: ProbeContext) -> AdamEpsProbe:
+        return cls(ctx.params)
+
     def __init__(self, params: list[tuple[int, nn.Parameter]]) -> None:
         self.params = params
         self._pending: list[tuple[np.ndarray, torch.Tensor]] = []

@@ -48,6 +48,7 @@ from .attention_sample import (
     sample_sdpa,
     written_out_peak,
 )
+from .base import BaseProbe, ProbeContext
 
 
 @dataclass(frozen=True)
@@ -139,8 +140,17 @@ def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | N
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, -math.inf)
 
 
-class AttentionProbe:
+class AttentionProbe(BaseProbe):
     """Samples every attention call inside each attention module's training forward."""
+
+    @classmethod
+    def build(cls, ctx: ProbeContext) -> AttentionProbe | None:
+        """On the structure's attention modules; ``attn_queries = 0`` turns it off."""
+        sampling = AttentionSampling(ctx.config.attn_batch, ctx.config.attn_queries)
+        if not ctx.structure.recognised or sampling.queries <= 0 or sampling.batch <= 0:
+            return None
+        attention = {a.name: ctx.modules[a.name] for a in ctx.structure.attention}
+        return cls(attention, ctx.codes, ctx.listeners, sampling)
 
     #: Set to False between steps to stop sampling (and intercepting) until set back; the
     #: overhead bench measures the probe's share of a step this way, on one model.

@@ -17,6 +17,7 @@ from torch import nn
 from ..record.collector import Collector, ModuleScalars
 from ..record.hook_context import primary_tensor
 from ..record.hooks import ListenerHooks
+from .base import BaseProbe, ProbeContext
 from .kernels import host_kernels
 
 
@@ -49,7 +50,24 @@ def _positions(length: int, tokens: int, device: torch.device) -> torch.Tensor:
     return torch.linspace(0, length - 1, min(tokens, length), device=device).round().long().unique()
 
 
-class CorrelationProbe:
+def _seq_dim(block: nn.Module) -> int:
+    """0 for (T, B, D) blocks: those whose nn.MultiheadAttention is not batch_first."""
+    for m in block.modules():
+        if isinstance(m, nn.MultiheadAttention) and not m.batch_first:
+            return 0
+    return 1
+
+
+class CorrelationProbe(BaseProbe):
+    @classmethod
+    def build(cls, ctx: ProbeContext) -> CorrelationProbe | None:
+        """At every residual block's output, where the structure is recognised."""
+        if not ctx.structure.recognised:
+            return None
+        blocks = {b.name: ctx.modules[b.name] for b in ctx.structure.blocks}
+        seq = {name: _seq_dim(m) for name, m in blocks.items()}
+        return cls(blocks, ctx.codes, ctx.listeners, seq)
+
     def __init__(
         self,
         modules: dict[str, nn.Module],

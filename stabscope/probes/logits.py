@@ -17,6 +17,8 @@ from torch import nn
 from ..record.collector import Collector
 from ..record.hook_context import primary_tensor
 from ..record.hooks import ListenerHooks
+from ..record.module_table import ROOT_NAME, unwrap_model
+from .base import BaseProbe, ProbeContext
 
 
 def output_logits(output: Any) -> torch.Tensor | None:
@@ -32,7 +34,11 @@ def logit_stats(z: torch.Tensor) -> torch.Tensor:
     return torch.stack((torch.logsumexp(z, -1).mean(), z.amax(), z.amin()))
 
 
-class LogitProbe:
+class LogitProbe(BaseProbe):
+    @classmethod
+    def build(cls, ctx: ProbeContext) -> LogitProbe:
+        return cls(unwrap_model(ctx.model), ctx.codes[ROOT_NAME], ctx.listeners)
+
     def __init__(self, root: nn.Module, code: int, listeners: ListenerHooks) -> None:
         self.code = code
         self._value: torch.Tensor | None = None

@@ -18,12 +18,30 @@ import torch
 from torch import nn
 
 from ..record.collector import Collector
+from ..record.config import RecorderConfig
 from ..record.hooks import ListenerHooks, ModuleHooks, paused
 from ..record.side_forward import side_forward
+from .base import BaseProbe, ProbeContext, switched
 from .logits import output_logits
 
 
-class ModelUpdateProbe:
+class ModelUpdateProbe(BaseProbe):
+    structure_aware = False  # on with the full preset or model_update=True
+    needs_forward = True
+
+    @classmethod
+    def wanted(cls, config: RecorderConfig, tier: str) -> bool:
+        return switched(config.model_update, config, tier)
+
+    @classmethod
+    def build(cls, ctx: ProbeContext) -> ModelUpdateProbe | None:
+        if ctx.forward is None:
+            ctx.notes.append(
+                "model_update needs a probe forward (Recorder(forward=...)); not recorded"
+            )
+            return None
+        return cls(ctx.model, ctx.forward, ctx.run_code, [ctx.listeners, ctx.module_hooks])
+
     def __init__(
         self,
         model: nn.Module,

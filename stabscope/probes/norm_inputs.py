@@ -12,10 +12,22 @@ from torch import nn
 
 from ..record.collector import Collector, ModuleScalars
 from ..record.hooks import ListenerHooks
+from ..structure import is_norm
 from ..structure.trace import main_input
+from .base import BaseProbe, ProbeContext
 
 
-class NormInputProbe:
+class NormInputProbe(BaseProbe):
+    @classmethod
+    def build(cls, ctx: ProbeContext) -> NormInputProbe:
+        """Every norm (the structure's, else every norm layer) but those whose input the
+        residual probe reads whole anyway and emits."""
+        modules = ctx.modules
+        norms = ctx.structure.norms or [n for n, m in modules.items() if is_norm(m)]
+        read = ctx.shared.get("norms_read", set())
+        unread = {n: modules[n] for n in norms if n in modules and n not in read}
+        return cls(unread, ctx.codes, ctx.listeners)
+
     def __init__(
         self, modules: dict[str, nn.Module], codes: dict[str, int], listeners: ListenerHooks
     ) -> None:

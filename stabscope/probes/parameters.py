@@ -24,6 +24,7 @@ from torch import nn
 
 from ..record.collector import Collector, Rows
 from ..record.distributed import local_tensor
+from .base import BaseProbe, ProbeContext, reached
 from .kernels import host_params
 from .moments import MomentRows, decode_moments
 
@@ -45,8 +46,18 @@ def _norms(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([n.to(device, torch.float32) for n in torch._foreach_norm(tensors)])
 
 
-class ParameterProbe:
+class ParameterProbe(BaseProbe):
     """Weight/gradient norms once per recorded step, update ratios around optimizer steps."""
+
+    stage = "model"
+    structure_aware = False
+    needs_optimizer = True
+    needs_backward = True
+
+    @classmethod
+    def build(cls, ctx: ProbeContext) -> ParameterProbe:
+        full = reached(ctx.config.preset, "full")  # the weight and gradient moments
+        return cls(ctx.params, updates=ctx.config.grads, full=full)
 
     def __init__(self, params: list[tuple[int, nn.Parameter]], updates: bool, full: bool) -> None:
         self.codes = np.array([c for c, _ in params], np.int64)

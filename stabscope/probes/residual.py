@@ -43,6 +43,7 @@ from ..record.collector import Collector, Rows
 from ..record.hook_context import primary_tensor
 from ..record.hooks import ListenerHooks
 from ..structure import Branch, Structure
+from .base import BaseProbe, ProbeContext
 from .kernels import host_kernels
 
 #: β rows are quadratic in the number of branches; past this many only the first recorded
@@ -121,8 +122,21 @@ def _host_branch_stats(
     return torch.tensor([ratio_sum / tokens, var_f, var_x, var_t, norm_in], dtype=torch.float64)
 
 
-class ResidualProbe:
+class ResidualProbe(BaseProbe):
     """Hooks each branch's stream and output; emits res_* rows per recorded step."""
+
+    @classmethod
+    def build(cls, ctx: ProbeContext) -> ResidualProbe | None:
+        if not ctx.structure.recognised:
+            return None
+        probe = cls(ctx.structure, ctx.modules, ctx.codes, ctx.listeners)
+        if probe.skipped:
+            ctx.notes.append(
+                f"residual stats skipped for {len(probe.skipped)} "
+                f"branches without a norm to read the stream from"
+            )
+        ctx.shared["norms_read"] = probe.norms_read  # the norm-input probe leaves them out
+        return probe
 
     def __init__(
         self,

@@ -32,8 +32,10 @@ import torch
 from torch import nn
 
 from ..record.collector import Rows
+from ..record.config import RecorderConfig
 from ..record.hooks import paused
 from ..record.side_forward import side_forward
+from .base import BaseProbe, ProbeContext, switched
 from .stability_scale import participants, scales
 
 ITERATIONS = 8
@@ -178,9 +180,24 @@ def stability_index(
         return lanczos_top(op, like, iterations), lr
 
 
-class SharpnessProbe:
+class SharpnessProbe(BaseProbe):
     """Measures ``stability_index`` at the ``due`` steps; the first reason it cannot is kept
     in ``note`` and the probe stops trying (a model without double backward, a full device)."""
+
+    stage = "due"  # its own steps, recorded or not: the recorder calls ``measure``
+    structure_aware = False
+    needs_forward = True
+    needs_optimizer = True
+
+    @classmethod
+    def wanted(cls, config: RecorderConfig, tier: str) -> bool:
+        return switched(config.sharpness, config, tier)
+
+    @classmethod
+    def build(cls, ctx: ProbeContext) -> SharpnessProbe | None:
+        if ctx.forward is None:
+            return None
+        return cls(ctx.model, ctx.forward, ctx.run_code, ctx.config.sharpness_iters)
 
     def __init__(
         self,

@@ -18,8 +18,8 @@ PRESETS: dict[str, str] = {
     "cheap": "forward moments of every module, parameter norms, loss and learning rate",
     "standard": "cheap + gradient moments of every module output, gradient norms, update "
     "ratios, residual dependency, attention entropy and logits, token correlation, norm "
-    "inputs, output logits, Adam eps ratio, the stability index at steps 2, 4, 8, ... (with a "
-    "probe forward)",
+    "and block inputs, output logits, Adam eps ratio, the stability index at steps 2, 4, 8, "
+    "... (with a probe forward)",
     "full": "standard + per-parameter weight and gradient moments (mean, absmax, non-finite) "
     "and the model update ||F(x, θ_t) − F(x, θ_0)|| on a probe batch",
 }

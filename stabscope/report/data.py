@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..metrics import worse_end
 from ..store import RUN_MODULE
 from ..store.ranks import rank0_only
 from .aggregate import Census, feed, step_bins, take_census
@@ -24,16 +25,20 @@ from .runs import ROOT, Run, depth_order, forward_positions, forward_sorted, own
 class Heat:
     """One layer x step heatmap: ``rows`` is ``layers`` (the depth axis modules),
     ``modules`` (every module with the metric, grouped by kind and ordered by depth) or
-    ``params`` (parameter rows aggregated per layer, ``how`` = ``l2`` or ``min``).
-    ``worst`` is the end of the range that signals trouble; the cell colour is that end of
-    the cell's envelope, so a one-step excursion still colours its cell."""
+    ``params`` (parameter rows aggregated per layer, ``how`` = ``l2`` or ``min``)."""
 
     key: str
     title: str
     rows: str
     log: bool = True
-    worst: str = "hi"
     how: str = "l2"
+
+    @property
+    def worst(self) -> str:
+        """The end of the range that signals trouble (``hi`` or ``lo``, from the metric
+        catalogue): the cell colour is that end of the cell's envelope, so a one-step
+        excursion still colours its cell."""
+        return "lo" if worse_end(self.key) == "lower" else "hi"
 
 
 HEATMAPS = {
@@ -60,14 +65,11 @@ HEATMAPS = {
             "correlation of the branch with the stream (−1: it cancels the stream)",
             "modules",
             log=False,
-            worst="lo",
         ),
-        Heat("attn_entropy", "attention entropy, lowest head", "modules", log=False, worst="lo"),
+        Heat("attn_entropy", "attention entropy, lowest head", "modules", log=False),
         Heat("attn_logit_max", "attention max logit, highest head", "modules"),
         Heat("update_ratio", "update ratio ‖Δθ‖/‖θ‖ per layer", "params"),
-        Heat(
-            "adam_sqrtv_over_eps", "Adam √v / ε, smallest in layer", "params", worst="lo", how="min"
-        ),
+        Heat("adam_sqrtv_over_eps", "Adam √v / ε, smallest in layer", "params", how="min"),
     )
 }
 

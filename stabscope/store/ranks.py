@@ -1,6 +1,8 @@
 """Merging the rows of several ranks into one statistic per step, module and metric.
 
-A multi-rank run (torch.distributed) has one row per rank for every number. Two kinds:
+A multi-rank run (torch.distributed) has one row per rank for every number. How each metric's
+rows merge is written in the metric catalogue (``stabscope.metrics``, ``Metric.ranks`` and
+``Metric.shards``); in short:
 
 - **replicated**: under DDP every rank holds the same weights, the same all-reduced
   gradients, the same optimizer state and learning rate (parameter metrics ``param_*``,
@@ -9,6 +11,8 @@ A multi-rank run (torch.distributed) has one row per rank for every number. Two 
   gradients, the transformer probes). Merged as the mean over ranks; extremes and flags
   (``*_absmax``, ``*_max``, ``*_nonfinite``, ``first_nonfinite_*``) as the max, ``*_min``
   as the min, so a NaN or a spike on one rank survives the merge.
+- **not catalogued** (rows of a newer version, a user's own): per rank, by the same name
+  pattern (``metrics.UNKNOWN_MERGE``); never rank 0 alone, so no rank's value is dropped.
 
 A **sharded** run (FSDP: parameters are DTensors) records parameter metrics of each rank's
 local shard. Norms are recorded so that squares add up: ``param_norm`` is the shard's norm, and
@@ -31,20 +35,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-#: Metrics that every DDP replica holds identically.
-PARAMETER_PREFIXES = ("param_", "update_", "adam_")
-REPLICATED_RUN_METRICS = frozenset({"lr", "model_update", "model_update_rel"})
-#: Sharded parameter metrics whose squares add up over ranks to the full tensor's.
-SHARD_NORMS = frozenset(
-    {
-        "param_norm",
-        "param_rms",
-        "param_grad_norm",
-        "param_grad_rms",
-        "update_norm",
-        "adam_sqrtv_over_eps",
-    }
-)
+from ..metrics import reduction as catalogued_reduction
+
 #: What a sharded parameter's update ratio is recomputed from.
 RATIO_INPUTS = ("update_norm", "param_norm")
 #: Row identity apart from the rank.
@@ -53,7 +45,7 @@ KEYS = ["step", "phase", "module", "call", "metric", "index"]
 
 def is_replicated(metric: str) -> bool:
     """Whether a DDP replica's value of ``metric`` equals every other replica's."""
-    return metric.startswith(PARAMETER_PREFIXES) or metric in REPLICATED_RUN_METRICS
+    return reduction(metric) == "rank0"
 
 
 def is_sharded(meta: dict[str, Any]) -> bool:
@@ -61,28 +53,10 @@ def is_sharded(meta: dict[str, Any]) -> bool:
     return bool((meta.get("distributed") or {}).get("sharded"))
 
 
-def _extreme_or_mean(metric: str) -> str:
-    if metric.endswith(("_absmax", "_max", "_nonfinite")) or metric.startswith("first_nonfinite"):
-        return "max"
-    if metric.endswith("_min"):
-        return "min"
-    return "mean"
-
-
 def reduction(metric: str, sharded: bool = False) -> str:
-    """How the ranks' rows of ``metric`` merge: ``rank0``, ``mean``, ``max``, ``min`` or
-    ``sum`` or ``rss`` (root-sum-square)."""
-    if not is_replicated(metric):
-        return _extreme_or_mean(metric)
-    if not sharded or not metric.startswith(PARAMETER_PREFIXES):
-        return "rank0"
-    if metric in SHARD_NORMS:
-        return "rss"
-    if metric == "update_ratio":
-        return "max"
-    if metric.endswith("_mean"):
-        return "sum"
-    return _extreme_or_mean(metric)
+    """How the ranks' rows of ``metric`` merge: ``rank0``, ``mean``, ``max``, ``min``,
+    ``sum`` or ``rss`` (root-sum-square), as the metric catalogue says."""
+    return catalogued_reduction(metric, sharded)
 
 
 def rank0_only(meta: dict[str, Any]) -> Callable[[str], bool]:

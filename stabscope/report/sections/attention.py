@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...metrics import heatmap_keys
 from .. import figures
 from ..grids import Grid
 from . import Context, Section, add_heat_blocks, missing_note
@@ -62,7 +63,7 @@ def _max_logit(ctx: Context) -> list[tuple[str, int, Grid, int]]:
 def attention_section(ctx: Context) -> Section:
     section = Section("attention", "Attention", intro=INTRO)
     _heads(ctx, section)
-    add_heat_blocks(ctx, section, ("attn_entropy", "attn_logit_max"))
+    add_heat_blocks(ctx, section, heatmap_keys("attention"))
     curves = _max_logit(ctx)
     if curves:
         div_id = "fig-attn_logit_max_over_time"

@@ -2,18 +2,10 @@
 
 from __future__ import annotations
 
+from ...metrics import heatmap_keys
 from . import Context, Section, add_heat_blocks
 
-KEYS = (
-    "act_rms",
-    "grad_rms",
-    "act_absmax",
-    "grad_absmax",
-    "param_norm",
-    "param_grad_norm",
-    "norm_input_rms",
-    "token_corr",
-)
+KEYS = heatmap_keys("heatmaps")  # the catalogue's order
 INTRO = (
     "Layers (rows, shallow at the top) against training steps. When steps or layers are "
     "merged to fit the page, a cell's colour is the largest value in it (the envelope keeps "

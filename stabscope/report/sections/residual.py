@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...metrics import heatmap_keys
 from .. import figures
 from ..data import RunData
 from . import Context, Section, add_heat_blocks, missing_note
 
 OMEGA = "res_omega"  # Post-LN and DeepNorm branches only
-KEYS = ("res_ratio", "res_dependency", "res_corr")
+KEYS = tuple(k for k in heatmap_keys("residual") if k != OMEGA)  # ω is drawn on its own
 INTRO = (
     "Per residual branch over training: Admin's ω (Liu et al. 2020), the rms of the branch "
     "output over the rms of the stream it is added to, the branch's share of the variance "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ...metrics import heatmap_keys
 from . import Context, Section, add_heat_blocks, series_block
 
 INTRO = (
@@ -14,7 +15,7 @@ INTRO = (
 
 def updates_section(ctx: Context) -> Section:
     section = Section("updates", "Updates", intro=INTRO)
-    add_heat_blocks(ctx, section, ("update_ratio", "adam_sqrtv_over_eps"))
+    add_heat_blocks(ctx, section, heatmap_keys("updates"))
     block = series_block(ctx, "model_update", "model update ‖ΔF‖", True, section.notes)
     if block is not None:
         section.body.append(block)

@@ -1,0 +1,141 @@
+"""How a recorded run opens and closes (a mixin of ``Recorder``).
+
+Opening writes meta.json (status ``running``), takes SIGINT/SIGTERM where their handlers are
+Python's defaults, registers the optimizer step hooks and arms step 0. Closing removes every
+hook, writes every buffered row, finishes meta.json with the status, and lets go of the run
+directory's lock and the signal handlers; it also runs at interpreter exit if nobody closed
+the run, so a signal or a forgotten ``close()`` loses no buffered row.
+"""
+
+from __future__ import annotations
+
+import atexit
+import time
+from typing import Any, TypeVar
+
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
+
+from ..store import interrupts
+from ..store import lock as locks
+from ..structure import discover
+from .run_meta import error_entry
+
+_Run = TypeVar("_Run", bound="RunLifecycle")
+
+
+class RunLifecycle:
+    """start/close, the context manager, and the last-resort close at exit."""
+
+    def __enter__(self: _Run) -> _Run:
+        try:
+            self.start()
+        except BaseException as err:  # __exit__ is not called when __enter__ raises
+            self.close(interrupts.ending_status(err), error=err)
+            raise
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        # KeyboardInterrupt and SIGTERM close the run as `interrupted`, anything else `failed`.
+        self.close(interrupts.ending_status(exc), error=exc)
+
+    def start(self: _Run) -> _Run:
+        """Write meta.json (status ``running``), register optimizer hooks, arm step 0.
+
+        Also takes SIGINT and SIGTERM where their handlers are Python's defaults and this is
+        the main thread (``store/interrupts.py``), and closes the run at interpreter exit if
+        nobody did: a signal, or a script that forgot ``close()``, loses no buffered row."""
+        if self._started:
+            return self
+        self._started = True
+        self._signals = interrupts.install()
+        atexit.register(self._close_at_exit)
+        if self.structure is None and self.forward is not None:
+            self.structure = discover(self.model, self.forward)  # a forward: Ctrl-C may stop it
+        with interrupts.deferred():
+            if self.structure is not None:
+                self._build_structure_probes()
+            if not self._plan_at_optimizer_step:
+                self._plan_lr()
+            self._save_meta()
+            self._optimizer_hooks = [
+                register_optimizer_step_pre_hook(self._before_optimizer_step),
+                register_optimizer_step_post_hook(self._after_optimizer_step),
+            ]
+            self._arm(self.step_index)
+        return self
+
+    def close(self, status: str = "complete", error: BaseException | None = None) -> None:
+        """Remove every hook, write what is left, and finish meta.json. Safe to call twice.
+
+        ``status`` is ``complete`` only if every row reached the disk: when the last rows
+        cannot be written (a full disk) the run is ``failed``, with the write error in
+        meta.json (``write_error``, and ``error`` unless another error ended the run), and
+        that error is raised here unless another one is already on its way. A signal that
+        arrives while closing waits until the run is closed."""
+        if self._closed:
+            return
+        self._closed = True
+        with interrupts.deferred():
+            self._detach_all()
+            write_error = self._write_remaining()
+            if write_error is not None:
+                status = "failed"
+                self.meta["write_error"] = error_entry(write_error)
+                error = write_error if error is None else error
+            self.meta["status"] = status
+            self.meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            if error is not None:
+                self.meta["error"] = error_entry(error)
+            signum = interrupts.interrupting_signal(error) or interrupts.received()
+            if status == "interrupted" and signum is not None:
+                self.meta["interrupted_by"] = interrupts.signal_name(signum)
+            if self._reserve is not None:
+                self._reserve.release()  # its room is for this last meta.json
+            try:
+                self._save_meta()
+            finally:
+                self._let_go()
+        if write_error is not None and error is write_error:
+            raise write_error
+
+    def _detach_all(self) -> None:
+        self._stop_capture()
+        if self.structure_probes is not None:
+            self.structure_probes.detach()
+        self.hooks.detach()
+        for probe in self.core.values():
+            probe.release()
+        for handle in self._optimizer_hooks:
+            handle.remove()
+        self._optimizer_hooks.clear()
+
+    def _write_remaining(self) -> BaseException | None:
+        """Write every buffered row; the error that stopped it, if any."""
+        try:
+            # A step that was started but never marked is discarded, not half-written.
+            self.collector.clear()
+            self.host_syncs += self.losses.sync(self.rows)
+            self.rows.flush_to_writer()
+            self.writer.flush()
+        except BaseException as err:
+            return err
+        return None
+
+    def _let_go(self) -> None:
+        """Release the directory's lock and the signal handlers; the run is closed."""
+        if self._lock is not None:
+            locks.release(self.run_dir, self)
+            self._lock = None
+        if self._signals:
+            interrupts.uninstall()
+            self._signals = False
+        atexit.unregister(self._close_at_exit)
+
+    def _close_at_exit(self) -> None:
+        if interrupts.received() is not None:
+            self.close("interrupted")
+        else:
+            self.close("failed", RuntimeError("the process ended before the run was closed"))

@@ -1,0 +1,57 @@
+"""The loss of every step, kept on the device until a host sync writes it.
+
+A recorded step syncs its losses with the step's other statistics; between recorded steps they
+wait, and past ``MAX_PENDING`` they are synced on their own (one transfer for all of them).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .collector import Collector, Rows
+
+#: Losses of unrecorded steps wait on the device; past this many they are synced anyway.
+MAX_PENDING = 1024
+
+
+class PendingLosses:
+    """``loss`` rows (module ``__run__``) of the steps not yet synced."""
+
+    def __init__(self, run_code: int) -> None:
+        self.run_code = run_code
+        self.last: float | None = None  # the last loss synced
+        self._pending: list[tuple[int, torch.Tensor]] = []  # (step, 0-d tensor)
+
+    def add(self, step: int, loss: torch.Tensor | float) -> None:
+        value = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
+        self._pending.append((step, value.reshape(())))
+
+    @property
+    def full(self) -> bool:
+        return len(self._pending) >= MAX_PENDING
+
+    def add_to(self, collector: Collector) -> None:
+        """Hand every pending loss to ``collector`` (one stacked tensor)."""
+        if not self._pending:
+            return
+        steps = np.array([s for s, _ in self._pending], np.int32)
+        values = torch.stack([v.to(self._pending[0][1].device) for _, v in self._pending])
+        self._pending = []
+        run = self.run_code
+
+        def decode(v: np.ndarray, rows: Rows) -> None:
+            for s, x in zip(steps, v):
+                rows.emit("train", run, 0, "loss", x, step=int(s))
+            if len(v):
+                self.last = float(v[-1])
+
+        collector.add(values, decode)
+
+    def sync(self, rows: Rows) -> int:
+        """Write every pending loss now; the host transfers it took."""
+        collector = Collector()
+        self.add_to(collector)
+        syncs = collector.sync(rows)
+        rows.flush_to_writer()
+        return syncs

@@ -1,0 +1,74 @@
+"""The optimizers that train the recorded model, and the lr each param group used per step.
+
+Optimizer steps are seen through torch's global optimizer step hooks, so no optimizer needs to
+be passed in; an optimizer is owned when it holds one of the model's parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .collector import Rows
+from .lr_plan import LrPlanner
+
+
+class OptimizerWatch:
+    """The owned optimizers, the lr of their groups at their last ``step()`` in the current
+    step, and the planned lr curve once an optimizer is known."""
+
+    def __init__(self, param_ids: set[int], planner: LrPlanner | None) -> None:
+        self.param_ids = param_ids
+        self.planner = planner
+        self.optimizers: dict[int, torch.optim.Optimizer] = {}
+        self._step_lrs: dict[int, list[float | None]] = {}
+
+    def owns(self, optimizer: torch.optim.Optimizer) -> bool:
+        key = id(optimizer)
+        if key not in self.optimizers:
+            ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
+            if not ids & self.param_ids:
+                return False
+            self.optimizers[key] = optimizer
+        return True
+
+    def note_lrs(self, optimizer: torch.optim.Optimizer) -> None:
+        """Called just before ``optimizer.step()``: the lr each of its groups uses."""
+        self._step_lrs[id(optimizer)] = [_group_lr(g) for g in optimizer.param_groups]
+
+    def record_lr(self, rows: Rows, run_code: int, step: int) -> None:
+        """The lr each param group's ``optimizer.step()`` used in this step, as read just
+        before it (a scheduler stepped after the optimizer has already moved the groups' lr
+        on to the next step's). Index: the group's position over all owned optimizers."""
+        seen = 0
+        for key, opt in self.optimizers.items():
+            for i, lr in enumerate(self._step_lrs.get(key, ())):
+                if lr is not None:
+                    rows.emit("train", run_code, 0, "lr", lr, index=seen + i, step=step)
+            seen += len(opt.param_groups)
+        self._step_lrs.clear()
+
+    def plan(self, step: int) -> dict[str, Any] | None:
+        """The planned lr curve (meta.json's ``lr_plan``) from ``step`` on, once: None before
+        an optimizer is known, and after the plan was made."""
+        if self.planner is None:
+            return None
+        plan = self.planner.plan(self.optimizers.values(), step, self.param_ids)
+        if plan is not None:
+            self.planner = None
+        return plan
+
+
+def _group_lr(group: dict[str, Any]) -> float | None:
+    """A param group's lr as a float; None for a device tensor (reading it would sync) or
+    anything that is not a number (this runs inside the user's ``optimizer.step()``)."""
+    lr = group.get("lr")
+    if isinstance(lr, torch.Tensor):
+        if lr.device.type != "cpu" or lr.numel() != 1:
+            return None
+        lr = lr.detach().item()
+    try:
+        return float(lr)
+    except (TypeError, ValueError):
+        return None

@@ -1,0 +1,97 @@
+"""meta.json as the recorder writes it (its first version, the counts it refreshes, the
+first non-finite values, errors); ``MetaWriting`` is a mixin of ``Recorder``.
+
+Only rank 0 writes meta.json. While the run is open, a reserve on disk keeps room for its last
+version, so a disk that fills up still gets the run's final status.
+"""
+
+from __future__ import annotations
+
+import traceback
+from typing import Any
+
+from torch import nn
+
+from ..probes.kernels import host_kernels
+from ..store import new_meta, save_meta
+from ..store.schema import META_FILE
+from .config import RecorderConfig
+from .distributed import distributed_info
+from .distributed import world_size as _world_size
+from .module_table import module_table, parameter_table
+
+
+def error_entry(error: BaseException) -> dict[str, Any]:
+    """The ``error`` entry of meta.json for a run that ended with ``error``."""
+    return {
+        "type": type(error).__name__,
+        "message": str(error),
+        "traceback": traceback.format_exception(type(error), error, error.__traceback__)[-6:],
+    }
+
+
+def initial_meta(
+    model: nn.Module,
+    cfg: RecorderConfig,
+    run_info: dict[str, Any] | None,
+    rank: int,
+    modules: list[tuple[str, nn.Module]],
+    params: list[tuple[str, nn.Parameter]],
+) -> dict[str, Any]:
+    """meta.json before the first step: the config, the model's tables, zero counts."""
+    return new_meta(
+        config=cfg.to_dict(),
+        run=run_info or {},
+        rank=rank,
+        world_size=_world_size(),
+        distributed=distributed_info(model, list(model.parameters())),
+        model_type=type(model).__name__,
+        modules=module_table(modules),
+        parameters=parameter_table(params),
+        parts=0,
+        rows=0,
+        steps=0,
+        recorded_steps=0,
+        first_nonfinite={},
+        hooks_never_fired={},
+        structure=None,
+        notes=[],
+        error=None,
+    )
+
+
+class MetaWriting:
+    """Refreshing and saving the recorder's meta.json."""
+
+    def _note_nonfinite(self, direction: str, code: int, call: int) -> None:
+        if direction not in self.first_nonfinite:
+            self.first_nonfinite[direction] = {
+                "step": self.rows.step,
+                "module": self.writer.modules.names[code],
+                "call": call,
+            }
+            self.meta["first_nonfinite"] = self.first_nonfinite
+            self._save_meta()
+
+    def _save_meta(self) -> None:
+        never = self.hooks.never_fired(self.writer.modules.names) if self._recorded_steps else {}
+        self.meta.update(
+            parts=self.writer.parts_written,
+            rows=self.writer.rows_written,
+            recorded_steps=self._recorded_steps,
+            hooks_never_fired=never,
+            sync_seconds=round(self._sync_seconds, 4),
+            host_syncs=self.host_syncs,
+            cpu_moments=host_kernels.status(),
+        )
+        errors = self.structure_probes.errors() if self.structure_probes is not None else []
+        if errors:
+            self.meta["probe_errors"] = errors
+        for code, entry in zip(self._module_codes, self.meta["modules"]):
+            entry["forward_order"] = self._forward_order.get(code)
+            entry.update(self.hooks.counts(code))
+        if self.rank == 0:
+            save_meta(self.run_dir, self.meta)
+        if self._reserve is not None and not self._closed:
+            # Twice meta.json: its temporary copy and the old file coexist for a moment.
+            self._reserve.ensure(2 * (self.run_dir / META_FILE).stat().st_size + 65536)
