@@ -13,12 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import FindingsError
+
 FINDINGS_FILE = "findings.json"
 SEVERITIES = ("error", "warning", "info")
-
-
-class FindingsError(ValueError):
-    """findings.json exists but cannot be read as a list of findings."""
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-
-class RunWriteError(OSError):
-    """Writing a file of the run format failed (a full disk, a lost mount)."""
+from ..errors import RunWriteError
 
 
 def fsync_dir(directory: Path) -> None:
