@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from ..version import __version__
 from .atomic import write_text_atomically
 from .interrupts import deferred
 from .schema import META_FILE, SCHEMA_VERSION
@@ -20,8 +21,6 @@ from .schema import META_FILE, SCHEMA_VERSION
 def library_versions() -> dict[str, str]:
     """Versions of the libraries that shape the numbers (torch only if already imported)."""
     import pyarrow
-
-    from .. import __version__
 
     versions = {
         "stabscope": __version__,
