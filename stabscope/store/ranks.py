@@ -20,6 +20,7 @@ weight norms when both were read (``load_merged`` reads them); otherwise it is t
 shard ratio (max).
 
 NaN and Inf propagate through every merge: a non-finite value on one rank stays visible.
+Pure functions of frames and meta: the reader reads (``load_run(..., merge_ranks=True)``).
 No torch import here.
 """
 
@@ -106,31 +107,6 @@ def merged(frame: pd.DataFrame, meta: dict[str, Any], extra: list[str]) -> pd.Da
     if extra:
         frame = frame[~frame["metric"].isin(extra)].reset_index(drop=True)
     return frame
-
-
-def load_merged(
-    run_dir: Any,
-    modules: Any = None,
-    metrics: str | list[str] | None = None,
-    steps: Any = None,
-    phase: str | None = None,
-    columns: list[str] | None = None,
-) -> pd.DataFrame:
-    """``load_run(..., merge_ranks=True)``: the rows asked for, ranks merged."""
-    from .meta import read_meta
-    from .meta_check import MetaError
-    from .reader import NotARunError, load_run
-
-    try:
-        meta = read_meta(run_dir)
-    except NotARunError as err:  # parts without meta.json: nothing says they were sharded
-        if isinstance(err, MetaError):  # but a damaged one is an error
-            raise
-        meta = {}
-    wanted = [metrics] if isinstance(metrics, str) else metrics
-    extra = ratio_inputs(wanted, meta)
-    load = None if wanted is None else [*wanted, *extra]
-    return merged(load_run(run_dir, modules, load, steps, phase, columns), meta, extra)
 
 
 def merge_ranks(frame: pd.DataFrame, meta: dict[str, Any]) -> pd.DataFrame:
