@@ -103,9 +103,9 @@ def _check(
     from rich.markup import escape
 
     from ..report.console import print_findings
-    from ..report.findings import SEVERITIES
     from ..rules.gate import load_settings, run_gate
     from ..rules.output import failure_lines, to_github, to_json, to_junit
+    from ..store.findings import SEVERITIES
     from ..store.rundir import refuse_output_in_run
 
     if output_format not in ("table", "json", "github"):
@@ -157,7 +157,7 @@ def _check(
 
 def _write_junit(path: Path, text: str, run_dir: Path) -> None:
     """The findings are in RUN/findings.json already: a failed write here loses nothing."""
-    from ..report.findings import FINDINGS_FILE
+    from ..store.findings import FINDINGS_FILE
 
     kept = f"the findings are kept in {run_dir / FINDINGS_FILE}; "
     values.write_output(path, text, "--junit", kept)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..report.findings import SEVERITIES, Finding
+from ..store.findings import Finding, worst_first
 from .failures import RuleFailure, isolated
 from .view import Request, RunView
 
@@ -126,5 +126,4 @@ def run_rules(
             if override is not None and f.severity != "info":
                 f = Finding(**{**f.__dict__, "severity": override})
             found.append(f)
-    found.sort(key=lambda f: (SEVERITIES.index(f.severity), f.step or 0, f.rule))
-    return CheckResult(found, skipped, failed)
+    return CheckResult(worst_first(found), skipped, failed)

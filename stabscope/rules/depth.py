@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from ..analysis.summary import layer_param_grad_trends
-from ..report.findings import Finding
+from ..store.findings import Finding
 from .base import Rule, RunView, finding, graded
 
 XIONG = "Xiong et al. 2020, On Layer Normalization in the Transformer Architecture"

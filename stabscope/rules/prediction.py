@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from ..report.findings import Finding
+from ..store.findings import Finding
 from ..theory.prediction import KEDIA, Prediction, stored_prediction
 from .base import Rule, RunView, finding
 from .view import Request

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import numpy as np
 import pandas as pd
 
-from ..report.findings import Finding
+from ..store.findings import Finding
 from ..theory.deepnorm import deepnorm_constants
 from . import residual_placement
 from .base import Rule, RunView, finding, finding_at, graded
