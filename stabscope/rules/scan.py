@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from ..report.aggregate import BATCH_ROWS, Names, dictionary_column
+from ..analysis.columns import BATCH_ROWS, Names, dictionary_column
 
 #: Numeric columns kept per row, with their dtypes in the run table.
 NUMERIC = {"step": np.int32, "rank": np.int16, "call": np.int16, "index": np.int16}
