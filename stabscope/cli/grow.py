@@ -19,8 +19,8 @@ from .common import app, err, fail
 if TYPE_CHECKING:
     import pandas as pd
 
+    from ..drivers.grow import GrowResult
     from ..drivers.profile import ProgressFn
-    from ..grow.run import GrowResult
     from ..grow.sizes import GrowthSpec
 
 
@@ -180,8 +180,8 @@ def _grow(
     force: bool,
     quiet: bool,
 ) -> GrowResult:
+    from ..drivers.grow import BASE, GrowSettings, grow_script
     from ..drivers.script import load_script, parse_set
-    from ..grow.run import BASE, GrowSettings, grow_script
     from ..record.config import load_pyproject_config
 
     try:
