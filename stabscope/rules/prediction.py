@@ -44,7 +44,7 @@ def compare(view: RunView, prediction: Prediction) -> list[Gap]:
     the gradient taken relative to the last block's, as predicted) and ``token_corr`` (absolute
     difference: a correlation near 0 has no meaningful relative error).
     """
-    names = prediction.module_names([b["name"] for b in (view.structure or {}).get("blocks", [])])
+    names = prediction.module_names(view.block_names)
     frame = view.metrics(*METRICS, step="first")
     if frame.empty or None in names:
         return []

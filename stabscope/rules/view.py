@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 
 from ..store import Parts, read_meta, readable_parts
 from ..store.ranks import merged, ratio_inputs
+from ..store.structure import Structure
 from .scan import Read, Rows, Scan
 
 #: A request's ``modules`` that stands for the run's weight matrices (``RunView.matrices``).
@@ -117,8 +118,16 @@ class RunView:
         return {p["name"] for p in self.meta.get("parameters", []) if len(p["shape"]) >= 2}
 
     @property
-    def structure(self) -> dict[str, Any] | None:
-        return self.meta.get("structure")
+    def structure(self) -> Structure | None:
+        """What structure discovery found, or None when the run has no structure."""
+        data = self.meta.get("structure")
+        return Structure.from_dict(data) if isinstance(data, dict) else None
+
+    @property
+    def block_names(self) -> list[str]:
+        """The residual blocks' names in forward order ([] when none were found)."""
+        structure = self.structure
+        return [b.name for b in structure.blocks] if structure else []
 
     def _reads(self, names, step, modules, merge: bool) -> tuple[list[Read], list[str]]:
         """The reads behind a request, and the metrics among them only a merge needs."""

@@ -14,7 +14,7 @@ import re
 import torch
 from torch import nn
 
-from .model import AttentionInfo, Block, Branch, Structure, unrecognised
+from ..store.structure import AttentionInfo, Block, Branch, Structure, unrecognised
 from .trace import Call, Trace
 
 _NORM = re.compile(r"Norm", re.I)
