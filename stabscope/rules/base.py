@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +115,7 @@ def run_rules(
             continue
         params = {**rule.defaults, **settings.params.get(rule.id, {})}
         # Reading the rule's inputs is part of the rule: a table it cannot read fails it alone.
-        findings, failure = isolated(lambda r=rule, p=params: _findings_of(r, view, p))
+        findings, failure = isolated(partial(_findings_of, rule, view, params))
         if failure is not None:
             failed[rule.id] = failure
             continue

@@ -12,7 +12,7 @@ only at the first or last step asks for that step (``step="first"``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,14 +129,22 @@ class RunView:
         structure = self.structure
         return [b.name for b in structure.blocks] if structure else []
 
-    def _reads(self, names, step, modules, merge: bool) -> tuple[list[Read], list[str]]:
+    def _reads(
+        self, names: Iterable[str], step: str | None, modules: Iterable[str] | None, merge: bool
+    ) -> tuple[list[Read], list[str]]:
         """The reads behind a request, and the metrics among them only a merge needs."""
         names = list(dict.fromkeys(names))
         extra = ratio_inputs(names, self.meta) if merge else []
         chosen = None if modules is None else frozenset(modules)
         return [Read(m, step, chosen) for m in [*names, *extra]], extra
 
-    def _frame(self, names, step, modules, merge: bool) -> pd.DataFrame:
+    def _frame(
+        self,
+        names: Sequence[str],
+        step: str | None,
+        modules: Iterable[str] | None,
+        merge: bool,
+    ) -> pd.DataFrame:
         if not names:
             raise ValueError("name at least one metric")
         reads, extra = self._reads(names, step, modules, merge)

@@ -27,7 +27,7 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write_atomically(target: Path, write: Callable[[Path], None]) -> None:
+def write_atomically(target: Path, write: Callable[[Path], object]) -> None:
     """Call ``write(tmp_path)``, fsync the result and rename it onto ``target``."""
     tmp = target.with_name(f".{target.name}.tmp")
     try:

@@ -153,7 +153,7 @@ def _reduce(part: pd.DataFrame, keys: list[str], how: str) -> pd.DataFrame:
     value = part["value"].to_numpy(np.float64)
     if how in ("mean", "sum", "rss"):
         x = value * value if how == "rss" else value
-        out = np.bincount(group, weights=x, minlength=n)
+        out: np.ndarray = np.bincount(group, weights=x, minlength=n)  # float64 with weights
         if how == "mean":
             out /= np.bincount(group, minlength=n)
         elif how == "rss":
