@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
-
 from .store import RUN_MODULE, SCHEMA_VERSION, MetaError, NotARunError, load_run, read_meta
+from .version import __version__
 
 _LAZY = {
     "Recorder": ("stabscope.record.recorder", "Recorder"),

@@ -1,4 +1,14 @@
-"""Errors that mean "the input is wrong": the CLI prints one line with a hint and exits 2."""
+"""Every error a user of stabscope can meet, and its one warning category, in one module.
+
+``UsageError`` and its subclasses mean "the input is wrong": the CLI prints one line with a
+hint and exits 2. The others are what the library raises to callers (``load_run`` on a
+directory that is no run, a recorder pointed at a directory that holds one); the modules
+that raise them re-export them, so ``stabscope.NotARunError`` and
+``stabscope.store.rundir.RunExistsError`` keep working. No imports: every layer may use it.
+
+Not here: exceptions that never leave the module that raises them (``LockHeld``,
+``CannotPlan``, ``NotCovered``, ``StopScript``): each is caught and turned into one of these.
+"""
 
 from __future__ import annotations
 
@@ -34,3 +44,57 @@ class ConfigError(UsageError, ValueError):
 
     def __str__(self) -> str:  # one line where it is caught as a ValueError and re-worded
         return self.message
+
+
+class NotARunError(ValueError):
+    """The path is not a stabscope run directory."""
+
+
+class MetaError(NotARunError):
+    """``meta.json`` exists but cannot be read as a run's description."""
+
+    hint = "meta.json was damaged or edited: restore it from a copy, or record the run again"
+
+
+class FindingsError(ValueError):
+    """findings.json exists but cannot be read as a list of findings."""
+
+
+class RunExistsError(FileExistsError):
+    """The output directory already holds a run."""
+
+
+class RunLockedError(RunExistsError):
+    """The output directory is being written by a live writer; ``force`` does not help."""
+
+
+class NestedRunError(OSError):
+    """The output directory lies inside another run directory."""
+
+
+class RunWriteError(OSError):
+    """Writing a file of the run format failed (a full disk, a lost mount)."""
+
+
+class DescriptionError(ValueError):
+    """A model description the theory cannot use; the message says which field and why."""
+
+
+class StabscopeWarning(UserWarning):
+    """Something in a run could not be read and was skipped."""
+
+
+__all__ = [
+    "ConfigError",
+    "DescriptionError",
+    "FindingsError",
+    "MetaError",
+    "NestedRunError",
+    "NotARunError",
+    "RunExistsError",
+    "RunLockedError",
+    "RunWriteError",
+    "ScriptError",
+    "StabscopeWarning",
+    "UsageError",
+]

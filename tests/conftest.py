@@ -62,6 +62,21 @@ def mlp(d_in: int = 6, hidden: int = 12, d_out: int = 3, inplace: bool = False) 
     )
 
 
+def sample_gpt(norm: str, depth: int = 3):
+    """The sample GPT (sample_models/gpt.py), small, and its loss on one fixed batch."""
+    import gpt
+
+    from stabscope.drivers.script import ScriptConfig
+
+    cfg = ScriptConfig(
+        gpt.CONFIG | {"depth": depth, "norm": norm, "width": 32, "seq_len": 8, "batch_size": 2}
+    )
+    torch.manual_seed(0)
+    model = gpt.model(cfg)
+    batch = next(gpt.batches(cfg))
+    return model, lambda m: gpt.loss(m, batch)
+
+
 @pytest.fixture
 def run_dir(tmp_path: Path) -> Path:
     return tmp_path / "run"

@@ -16,9 +16,9 @@ import pytest
 from typer.testing import CliRunner
 
 from stabscope.cli import app
-from stabscope.report.findings import Finding
 from stabscope.rules import ALL_RULES, RULES_BY_ID, check_run
 from stabscope.rules.base import Rule, RunView
+from stabscope.store.findings import Finding
 from tests.rule_runs import write
 
 runner = CliRunner()

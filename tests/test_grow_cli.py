@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 import stabscope
 from stabscope.cli import app
+from stabscope.drivers.grow import GrowSettings, grow_script
 from stabscope.drivers.script import load_script
-from stabscope.grow.run import GrowSettings, grow_script
 from stabscope.grow.sizes import GrowthSpec
 from stabscope.grow.table import exponents, scaling_table
 from stabscope.record.config import RecorderConfig

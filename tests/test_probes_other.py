@@ -12,7 +12,7 @@ from torch import nn
 
 import stabscope
 from stabscope import Schedule
-from tests.test_structure import sample_gpt
+from tests.conftest import sample_gpt
 
 
 def run_sample(tmp_path, preset="standard", steps=1, norm="pre"):

@@ -218,7 +218,7 @@ def test_beta_is_uniform_for_equal_independent_pre_ln_components():
 def test_post_ln_depends_on_its_branch_pre_ln_dilutes_it(tmp_path):
     """Admin (Liu et al. 2020), at init on the sample GPT: Post-LN's β_{i,i} stays large at every
     depth (heavy dependency on the branch), Pre-LN's shrinks as the stream accumulates."""
-    from tests.test_structure import sample_gpt
+    from tests.conftest import sample_gpt
 
     beta_ii = {}
     for placement in ("pre", "post"):

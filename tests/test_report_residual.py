@@ -13,7 +13,7 @@ from stabscope import Schedule
 from stabscope.report.build import build_report
 from stabscope.report.data import Budget, census_of, collect
 from stabscope.report.runs import open_run
-from tests.test_structure import sample_gpt
+from tests.conftest import sample_gpt
 
 
 def record(model, run_dir, forward):

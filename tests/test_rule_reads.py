@@ -136,7 +136,7 @@ def test_findings_equal_the_eager_views_on_a_real_run(gpt_run):
 
 
 def sorted_like_check(found: list[dict]) -> list[dict]:
-    from stabscope.report.findings import SEVERITIES
+    from stabscope.store.findings import SEVERITIES
 
     rows = [f for f in found if "rule" in f]
     return sorted(rows, key=lambda f: (SEVERITIES.index(f["severity"]), f["step"] or 0, f["rule"]))

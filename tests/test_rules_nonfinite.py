@@ -160,10 +160,10 @@ def reject(constant: str) -> None:
 
 
 def test_json_output_of_a_non_finite_run_is_strict_json(tmp_path):
-    from stabscope.report.findings import Finding
     from stabscope.rules import write_findings
     from stabscope.rules.gate import run_gate
     from stabscope.rules.output import to_json
+    from stabscope.store.findings import Finding
 
     run = write_full(tmp_path / "r", poisoned(healthy_rows(range(STEPS)), 8, "inf"))
     doc = json.loads(to_json(run_gate(run)), parse_constant=reject)

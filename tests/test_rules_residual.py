@@ -10,7 +10,7 @@ from torch import nn
 import stabscope
 from stabscope import Schedule
 from stabscope.rules import check_run
-from tests.test_structure import sample_gpt
+from tests.conftest import sample_gpt
 
 
 def residual_finding(run_dir):

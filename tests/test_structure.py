@@ -7,20 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-from stabscope.drivers.script import ScriptConfig
 from stabscope.structure import discover
+from tests.conftest import sample_gpt
 
 
-def sample_gpt(norm: str, depth: int = 3):
-    import gpt
-
-    cfg = ScriptConfig(
-        gpt.CONFIG | {"depth": depth, "norm": norm, "width": 32, "seq_len": 8, "batch_size": 2}
-    )
-    torch.manual_seed(0)
-    model = gpt.model(cfg)
-    batch = next(gpt.batches(cfg))
-    return model, lambda m: gpt.loss(m, batch)
+@pytest.fixture
+def transformers():
+    """The HF tests skip themselves where transformers is not installed; the others run."""
+    return pytest.importorskip("transformers")
 
 
 def summary(structure):
@@ -115,11 +109,10 @@ def test_padded_post_ln_encoder_is_traced_as_it_trains():
     assert torch.backends.mha.get_fastpath_enabled()
 
 
-transformers = pytest.importorskip("transformers")
 IDS = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
 
 
-def test_hf_gpt2_pre_ln():
+def test_hf_gpt2_pre_ln(transformers):
     model = transformers.GPT2LMHeadModel(
         transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50, n_positions=16)
     )
@@ -131,7 +124,7 @@ def test_hf_gpt2_pre_ln():
     )
 
 
-def test_hf_bert_post_ln():
+def test_hf_bert_post_ln(transformers):
     model = transformers.BertModel(
         transformers.BertConfig(
             num_hidden_layers=2,
@@ -156,7 +149,7 @@ def test_hf_bert_post_ln():
     ]
 
 
-def test_hf_llama_gqa():
+def test_hf_llama_gqa(transformers):
     model = transformers.LlamaForCausalLM(
         transformers.LlamaConfig(
             num_hidden_layers=2,
@@ -179,7 +172,7 @@ def test_hf_llama_gqa():
     assert s.blocks[0].branches[0].norm == "model.layers.0.input_layernorm"
 
 
-def test_hf_t5_encoder_decoder():
+def test_hf_t5_encoder_decoder(transformers):
     model = transformers.T5ForConditionalGeneration(
         transformers.T5Config(
             num_layers=2,

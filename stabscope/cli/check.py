@@ -104,9 +104,9 @@ def _check(
 
     from ..drivers.check_script import profile_for_check
     from ..report.console import print_findings
-    from ..report.findings import SEVERITIES
     from ..rules.gate import load_settings, run_gate
     from ..rules.output import failure_lines, to_github, to_json, to_junit
+    from ..store.findings import SEVERITIES
     from ..store.rundir import refuse_output_in_run
 
     if output_format not in ("table", "json", "github"):

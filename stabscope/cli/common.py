@@ -16,6 +16,7 @@ from typer.core import TyperGroup
 
 from ..errors import ScriptError, UsageError
 from ..store import StabscopeWarning
+from ..version import __version__
 
 
 class _Commands(TyperGroup):
@@ -46,6 +47,25 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 err = Console(stderr=True, highlight=False)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"stabscope {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(
+        False,
+        "--version",
+        callback=_print_version,
+        is_eager=True,
+        help="Print stabscope's version and exit.",
+    ),
+) -> None:
+    """Stability diagnostics for PyTorch models: record, inspect, summarise, report."""
 
 
 def fail(error: UsageError) -> typer.Exit:

@@ -15,7 +15,7 @@ from .common import app, fail
 from .grow_output import print_result, run_bars
 
 if TYPE_CHECKING:
-    from ..grow.run import GrowResult
+    from ..drivers.grow import GrowResult
     from ..grow.sizes import GrowthSpec
 
 
@@ -175,8 +175,8 @@ def _grow(
     force: bool,
     quiet: bool,
 ) -> GrowResult:
+    from ..drivers.grow import BASE, GrowSettings, grow_script
     from ..drivers.script import load_script, parse_set
-    from ..grow.run import BASE, GrowSettings, grow_script
     from ..record.config import load_pyproject_config
 
     try:

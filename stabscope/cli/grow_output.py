@@ -17,8 +17,8 @@ from .common import err
 if TYPE_CHECKING:
     import pandas as pd
 
+    from ..drivers.grow import GrowResult
     from ..drivers.profile import ProgressFn
-    from ..grow.run import GrowResult
     from ..grow.sizes import GrowthSpec
 
 

@@ -18,9 +18,10 @@ def summary(
 ) -> None:
     """Print the headline numbers of a recorded run and its findings."""
     from ..analysis.summary import summarize
+    from ..errors import FindingsError
     from ..report.console import print_findings, print_summary
-    from ..report.findings import FindingsError, load_findings
     from ..store import NotARunError
+    from ..store.findings import load_findings
 
     try:
         print_summary(summarize(run_dir), err)

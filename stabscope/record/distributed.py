@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import NestedRunError, RunExistsError, RunLockedError
+
 
 def _group() -> Any:
     dist = torch.distributed
@@ -91,8 +93,6 @@ def prepare_on_rank0(out: str | os.PathLike[str], prepare: Callable[[], Path]) -
 
 
 def _rebuilt(kind: str, message: str) -> OSError:
-    from ..store.rundir import NestedRunError, RunExistsError, RunLockedError
-
     types: dict[str, type[OSError]] = {
         "RunExistsError": RunExistsError,
         "RunLockedError": RunLockedError,

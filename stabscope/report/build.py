@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from ..errors import UsageError
+from ..errors import FindingsError, UsageError
 from ..store.atomic import write_text_atomically
+from ..store.findings import Finding, load_findings
 from .aggregate import Census
 from .data import Budget, RunData, census_of, collect, planned_heatmaps
-from .findings import Finding, FindingsError, load_findings
 from .html import page
 from .runs import open_run, run_names
 from .sections import Context, Section

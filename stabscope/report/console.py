@@ -7,7 +7,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..analysis.summary import Summary
-from .findings import Finding, evidence
+from ..store.findings import Finding
+from .findings import evidence
 
 STATUS_STYLE = {
     "complete": "green",

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from plotly.offline import get_plotlyjs
 
-from .. import __version__
+from ..version import __version__
 from .figures import esc
 from .sections import Section
 

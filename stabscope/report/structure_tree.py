@@ -7,7 +7,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.tree import Tree
 
-from ..structure import Block, Structure
+from ..store.structure import Block, Structure
 
 _PLACEMENT = {
     "pre": "Pre-LN  x + f(LN(x))",

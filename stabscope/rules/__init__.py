@@ -10,11 +10,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..report.findings import FINDINGS_FILE, SEVERITIES, Finding
-from ..store.atomic import write_text_atomically
+from ..store.findings import SEVERITIES, write_findings
 from . import depth, forecast, health, prediction, ranks, transformer
 from .base import CheckResult, Rule, RuleSettings, RunView, run_rules
-from .output import finding_record
 
 ALL_RULES: list[Rule] = [
     *depth.RULES,
@@ -85,14 +83,6 @@ def check_run(
 ) -> CheckResult:
     """All rules on a run; ``until`` limits them to the steps before it."""
     return run_rules(run_dir, ALL_RULES, settings, until)
-
-
-def write_findings(run_dir: str | Path, findings: list[Finding]) -> Path:
-    """``RUN_DIR/findings.json``, which ``report`` and ``summary`` show."""
-    path = Path(run_dir) / FINDINGS_FILE
-    records = [finding_record(f) for f in findings]
-    write_text_atomically(path, json.dumps(records, indent=1, allow_nan=False) + "\n")
-    return path
 
 
 __all__ = [

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from ..report.findings import SEVERITIES, Finding
+from ..store.findings import Finding, worst_first
 from .failures import RuleFailure, isolated
 from .view import Request, RunView
 
@@ -114,7 +115,7 @@ def run_rules(
             continue
         params = {**rule.defaults, **settings.params.get(rule.id, {})}
         # Reading the rule's inputs is part of the rule: a table it cannot read fails it alone.
-        findings, failure = isolated(lambda r=rule, p=params: _findings_of(r, view, p))
+        findings, failure = isolated(partial(_findings_of, rule, view, params))
         if failure is not None:
             failed[rule.id] = failure
             continue
@@ -126,5 +127,4 @@ def run_rules(
             if override is not None and f.severity != "info":
                 f = Finding(**{**f.__dict__, "severity": override})
             found.append(f)
-    found.sort(key=lambda f: (SEVERITIES.index(f.severity), f.step or 0, f.rule))
-    return CheckResult(found, skipped, failed)
+    return CheckResult(worst_first(found), skipped, failed)

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from ..report.findings import Finding
 from ..store import RUN_MODULE
+from ..store.findings import Finding
 from .view import Request, RunView
 
 METRICS = ("act_rms", "grad_rms")

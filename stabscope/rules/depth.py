@@ -16,7 +16,8 @@ from collections.abc import Iterator
 import numpy as np
 
 from ..analysis.summary import layer_param_grad_trends
-from ..report.findings import Finding
+from ..store.findings import Finding
+from ..store.structure import Structure
 from .base import Rule, RunView, finding, graded
 
 XIONG = "Xiong et al. 2020, On Layer Normalization in the Transformer Architecture"
@@ -104,14 +105,13 @@ MODEL_UPDATE = Rule(
 RULES.append(MODEL_UPDATE)
 
 
-def _stream_norms(structure: dict | None) -> set[str]:
+def _stream_norms(structure: Structure | None) -> set[str]:
     """Norms that sit on the residual stream (post or DeepNorm placement): every gradient to
     the layers below passes through each of them, so their Jacobians multiply."""
     return {
-        branch["norm"]
-        for block in (structure or {}).get("blocks", [])
-        for branch in block.get("branches", [])
-        if branch.get("norm") and branch.get("placement") in ("post", "deepnorm")
+        branch.norm
+        for branch in (structure.branches if structure else [])
+        if branch.norm and branch.placement in ("post", "deepnorm")
     }
 
 

@@ -85,7 +85,7 @@ def residual_growth(view: RunView) -> Feature:
     at every normalisation layer's input (Post-LN's blocks end in a norm: their outputs have
     unit rms whatever the stream does). Without residual blocks: every module's output."""
     act = view.metrics("act_rms")
-    blocks = [b["name"] for b in (view.structure or {}).get("blocks", [])]
+    blocks = view.block_names
     if not blocks:
         what = "module output rms (no residual blocks found)"
         return trend("residual_growth", act[act.module != ROOT], what)

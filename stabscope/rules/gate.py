@@ -9,14 +9,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UsageError
-from ..report.findings import SEVERITIES, Finding
 from ..settings import find_pyproject, read_toml_table
 from ..store import NotARunError
-from . import ALL_RULES, check_run, settings_from_mapping, write_findings
+from ..store.findings import (
+    SEVERITIES,
+    Finding,
+    at_or_above,
+    severity_rank,
+    worst_first,
+    write_findings,
+)
+from . import ALL_RULES, check_run, settings_from_mapping
 from .base import RuleSettings, RunView
 from .baseline import BASELINE, compare_to_baseline
 from .failures import RuleFailure, isolated
-from .output import at_or_above
 
 
 @dataclass
@@ -75,11 +81,11 @@ def run_gate(
     except NotARunError as e:
         hint = getattr(e, "hint", "pass a run directory or a model script")  # MetaError's
         raise UsageError(str(e), hint=hint) from None
-    findings = sorted(result.findings, key=lambda f: (SEVERITIES.index(f.severity), f.step or 0))
+    findings = worst_first(result.findings)
     write_findings(run_dir, findings)
     rule_ids = [r.id for r in ALL_RULES] + ([BASELINE] if baseline else [])
-    cut = SEVERITIES.index(fail_on)
-    blocking = [r for r in result.failed if SEVERITIES.index(severity[r]) <= cut]
+    cut = severity_rank(fail_on)
+    blocking = [r for r in result.failed if severity_rank(severity[r]) <= cut]
     return GateResult(
         run_dir,
         findings,

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from ..report.findings import Finding
 from ..store import RUN_MODULE
+from ..store.findings import Finding
 from .base import Rule, RunView, finding, finding_at
 from .nonfinite import NONFINITE
 from .run_status import RUN_STATUS

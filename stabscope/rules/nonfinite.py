@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from ..report.findings import Finding
 from ..store import RUN_MODULE
+from ..store.findings import Finding
 from .base import Rule, RunView, finding
 
 #: direction -> (its flag metric, its marker metric, what it is a value of)

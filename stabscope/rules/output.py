@@ -7,37 +7,14 @@ skips: JSON ``rule_errors``, a JUnit ``<error>``, a GitHub annotation, a console
 from __future__ import annotations
 
 import json
-import math
 import xml.etree.ElementTree as ET
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from ..report.findings import SEVERITIES, Finding
+from ..store.findings import at_or_above, finding_record
 
 if TYPE_CHECKING:
     from .gate import GateResult
-
-
-def at_or_above(findings: list[Finding], level: str) -> list[Finding]:
-    """Findings whose severity is ``level`` or worse."""
-    cut = SEVERITIES.index(level)
-    return [f for f in findings if SEVERITIES.index(f.severity) <= cut]
-
-
-def finding_record(f: Finding) -> dict[str, Any]:
-    """A finding as a JSON object; a non-finite number is null (strict JSON has no NaN or
-    Infinity, and a CI job's parser rejects them)."""
-    return {k: _strict(v) for k, v in asdict(f).items()}
-
-
-def _strict(v: Any) -> Any:
-    if isinstance(v, float):
-        return v if math.isfinite(v) else None
-    if isinstance(v, (list, tuple)):
-        return [_strict(x) for x in v]
-    if isinstance(v, dict):
-        return {k: _strict(x) for k, x in v.items()}
-    return v
 
 
 def rule_errors(gate: GateResult) -> dict[str, dict[str, Any]]:

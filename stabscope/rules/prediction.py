@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from ..report.findings import Finding
+from ..store.findings import Finding
 from ..theory.prediction import KEDIA, Prediction, stored_prediction
 from .base import Rule, RunView, finding
 from .view import Request
@@ -44,9 +44,10 @@ def compare(view: RunView, prediction: Prediction) -> list[Gap]:
     the gradient taken relative to the last block's, as predicted) and ``token_corr`` (absolute
     difference: a correlation near 0 has no meaningful relative error).
     """
-    names = prediction.module_names([b["name"] for b in (view.structure or {}).get("blocks", [])])
+    found = prediction.module_names(view.block_names)
+    names = [n for n in found if n is not None]
     frame = view.metrics(*METRICS, step="first")
-    if frame.empty or None in names:
+    if frame.empty or len(names) < len(found):  # a block the prediction has no module for
         return []
     step = int(frame.step.min())
     first = frame[(frame.step == step) & (frame.call == 0) & frame.module.isin(names)]

@@ -24,8 +24,8 @@ from collections.abc import Iterator
 import numpy as np
 import pandas as pd
 
-from ..report.findings import Finding
 from ..store import RUN_MODULE
+from ..store.findings import Finding
 from ..store.ranks import is_sharded
 from .base import Rule, RunView, finding
 from .view import Request

@@ -9,10 +9,9 @@ structure discovery recorded per branch (meta.json ``structure``).
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
+from ..store.structure import Structure
 from ..theory.deepnorm import deepnorm_constants
 
 LABEL = {
@@ -25,12 +24,11 @@ LABEL = {
 }
 
 
-def branch_placements(structure: dict[str, Any] | None) -> dict[str, str]:
+def branch_placements(structure: Structure | None) -> dict[str, str]:
     """Branch name -> ``pre`` | ``post`` | ``deepnorm`` | ``none`` (no norm found)."""
     return {
-        str(br["name"]): (str(br.get("placement")) if br.get("norm") else "none")
-        for block in (structure or {}).get("blocks", [])
-        for br in block.get("branches", [])
+        br.name: (br.placement if br.norm else "none")
+        for br in (structure.branches if structure else [])
     }
 
 
@@ -68,14 +66,14 @@ def when(step: int) -> str:
     )
 
 
-def _stack_depths(structure: dict[str, Any] | None) -> tuple[int, int]:
+def _stack_depths(structure: Structure | None) -> tuple[int, int]:
     """(encoder, decoder) layer counts; a decoder- or encoder-only stack counts as decoder."""
-    blocks = (structure or {}).get("blocks", [])
-    encoder = sum(b.get("stack") == "encoder" for b in blocks)
+    blocks = structure.blocks if structure else []
+    encoder = sum(b.stack == "encoder" for b in blocks)
     return encoder, len(blocks) - encoder
 
 
-def _deepnorm_constants(structure: dict[str, Any] | None) -> str:
+def _deepnorm_constants(structure: Structure | None) -> str:
     """DeepNet's α and init gain β for this model's depth, as text (the formulas when the
     depth is unknown)."""
     encoder, decoder = _stack_depths(structure)
@@ -93,7 +91,7 @@ def _deepnorm_constants(structure: dict[str, Any] | None) -> str:
     return f"α=(2N)^(1/4)={one.alpha:.3g}, init gain β=(8N)^(-1/4)={one.beta:.3g} for N={n} layers"
 
 
-def explain(placement: str, structure: dict[str, Any] | None) -> tuple[str, str]:
+def explain(placement: str, structure: Structure | None) -> tuple[str, str]:
     """(what the heavy dependency means, remedy) for the heavy branches' placement."""
     constants = _deepnorm_constants(structure)
     deepnorm = f"DeepNorm ({constants})"

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from ..report.findings import Finding
 from ..store import count_rows
+from ..store.findings import Finding
 from ..store.rundir import run_state
 from .base import Rule, RunView, finding
 

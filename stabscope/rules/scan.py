@@ -20,12 +20,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..report.aggregate import BATCH_ROWS, Names, dictionary_column
+from ..analysis.columns import BATCH_ROWS, Names, dictionary_column
 
 #: Numeric columns kept per row, with their dtypes in the run table.
-NUMERIC = {"step": np.int32, "rank": np.int16, "call": np.int16, "index": np.int16}
+NUMERIC: dict[str, type[np.number]] = {
+    "step": np.int32,
+    "rank": np.int16,
+    "call": np.int16,
+    "index": np.int16,
+}
 NUMERIC["value"] = np.float32
 #: Every kept column's type: the numeric ones, run-wide module ids, the row's run position.
 COLUMNS = {**NUMERIC, "module": np.int32, "seq": np.int64}
@@ -160,7 +166,14 @@ class Scan:
             self.rows[r] = Rows(k.chunks)
         self.passes += 1
 
-    def _batch(self, batch, seq: np.ndarray, metrics: list[str], kept: dict[Read, Kept], census):
+    def _batch(
+        self,
+        batch: pa.RecordBatch,
+        seq: np.ndarray,
+        metrics: list[str],
+        kept: dict[Read, Kept],
+        census: bool,
+    ) -> None:
         # Every batch's dictionaries go into the run-wide names, selected rows or not, in
         # part order: that is the order unify_dictionaries gives load_run's categoricals.
         phase = dictionary_column(batch, "phase")
@@ -204,7 +217,9 @@ class Scan:
             if len(mine):
                 k.add(columns, mine)
 
-    def _census(self, batch, selected_metric: np.ndarray, names: list[str], keep) -> None:
+    def _census(
+        self, batch: pa.RecordBatch, selected_metric: np.ndarray, names: list[str], keep: np.ndarray
+    ) -> None:
         seen = np.bincount(selected_metric, minlength=len(names))
         self.present.update(names[i] for i in np.flatnonzero(seen))
         rank = batch.column("rank").to_numpy()[keep]

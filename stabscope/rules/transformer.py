@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import numpy as np
 import pandas as pd
 
-from ..report.findings import Finding
+from ..store.findings import Finding
 from ..theory.deepnorm import deepnorm_constants
 from . import residual_placement
 from .base import Rule, RunView, finding, finding_at, graded
@@ -228,25 +228,27 @@ def deepnorm_alpha(n_encoder: int, n_decoder: int) -> dict[str, float]:
 
 
 def _deepnorm(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
-    blocks = (view.structure or {}).get("blocks", [])
-    deep = [b for b in blocks if b["placement"] == "deepnorm"]
+    blocks = view.structure.blocks if view.structure else []
+    deep = [b for b in blocks if b.placement == "deepnorm"]
     if not deep:
         return
-    counts = {s: sum(b["stack"] == s for b in blocks) for s in ("encoder", "decoder", "")}
+    counts = {s: sum(b.stack == s for b in blocks) for s in ("encoder", "decoder", "")}
     enc, dec = counts["encoder"] or 0, counts["decoder"] + counts[""]
     expected = deepnorm_constants(enc, dec)
     for b in deep:
-        constants = expected.get(b["stack"], expected.get(""))
-        want = constants.alpha if constants else np.nan
-        if abs(b["alpha"] / want - 1) > p["tolerance"]:
+        constants = expected.get(b.stack, expected.get(""))
+        if constants is None:  # a stack DeepNet gives no constants for
+            continue
+        want = constants.alpha
+        if abs(b.alpha / want - 1) > p["tolerance"]:
             yield finding(
                 DEEPNORM,
                 "warning",
-                f"{b['name']} scales its residual by α={b['alpha']:.4g}; DeepNet gives "
+                f"{b.name} scales its residual by α={b.alpha:.4g}; DeepNet gives "
                 f"α={want:.4g} for this depth",
-                module=b["name"],
+                module=b.name,
                 step=0,
-                value=float(b["alpha"]),
+                value=float(b.alpha),
                 threshold=want,
                 metric=None,
                 remedy=f"use α={want:.4g} and β={constants.beta:.4g} (xavier_normal gain of "

@@ -12,10 +12,9 @@ only at the first or last step asks for that step (``step="first"``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -24,6 +23,7 @@ import pyarrow.compute as pc
 
 from ..store import Parts, RunMeta, load_meta, readable_parts
 from ..store.ranks import merged, ratio_inputs
+from ..store.structure import Structure
 from .scan import Read, Rows, Scan
 
 #: A request's ``modules`` that stands for the run's weight matrices (``RunView.matrices``).
@@ -117,17 +117,33 @@ class RunView:
         return self.meta.matrices
 
     @property
-    def structure(self) -> dict[str, Any] | None:
-        return self.meta.structure
+    def structure(self) -> Structure | None:
+        """What structure discovery found, or None when the run has no structure."""
+        data = self.meta.structure
+        return Structure.from_dict(data) if isinstance(data, dict) else None
 
-    def _reads(self, names, step, modules, merge: bool) -> tuple[list[Read], list[str]]:
+    @property
+    def block_names(self) -> list[str]:
+        """The residual blocks' names in forward order ([] when none were found)."""
+        structure = self.structure
+        return [b.name for b in structure.blocks] if structure else []
+
+    def _reads(
+        self, names: Iterable[str], step: str | None, modules: Iterable[str] | None, merge: bool
+    ) -> tuple[list[Read], list[str]]:
         """The reads behind a request, and the metrics among them only a merge needs."""
         names = list(dict.fromkeys(names))
         extra = ratio_inputs(names, self.meta) if merge else []
         chosen = None if modules is None else frozenset(modules)
         return [Read(m, step, chosen) for m in [*names, *extra]], extra
 
-    def _frame(self, names, step, modules, merge: bool) -> pd.DataFrame:
+    def _frame(
+        self,
+        names: Sequence[str],
+        step: str | None,
+        modules: Iterable[str] | None,
+        merge: bool,
+    ) -> pd.DataFrame:
         if not names:
             raise ValueError("name at least one metric")
         reads, extra = self._reads(names, step, modules, merge)

@@ -12,11 +12,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from ..errors import RunWriteError
 from .layout import RESERVE_FILE as RESERVE_FILE  # named in layout.py, used here
-
-
-class RunWriteError(OSError):
-    """Writing a file of the run format failed (a full disk, a lost mount)."""
 
 
 def fsync_dir(directory: Path) -> None:
@@ -31,7 +28,7 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write_atomically(target: Path, write: Callable[[Path], None]) -> None:
+def write_atomically(target: Path, write: Callable[[Path], object]) -> None:
     """Call ``write(tmp_path)``, fsync the result and rename it onto ``target``."""
     tmp = target.with_name(f".{target.name}.tmp")
     try:

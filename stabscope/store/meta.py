@@ -13,17 +13,18 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from ..errors import MetaError, NotARunError
+from ..version import __version__
 from .atomic import write_text_atomically
 from .interrupts import deferred
 from .layout import META_FILE
+from .meta_check import check_meta
 from .schema import SCHEMA_VERSION
 
 
 def library_versions() -> dict[str, str]:
     """Versions of the libraries that shape the numbers (torch only if already imported)."""
     import pyarrow
-
-    from .. import __version__
 
     versions = {
         "stabscope": __version__,
@@ -113,9 +114,6 @@ def read_meta(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """Read ``meta.json`` of a run directory; raises ``NotARunError`` when there is none, and
     its subclass ``MetaError`` when it is not valid JSON or not shaped like a run's meta
     (see ``meta_check``): the one place every reader's meta is checked."""
-    from .meta_check import MetaError, check_meta
-    from .parts import NotARunError
-
     path = Path(run_dir) / META_FILE
     if not path.is_file():
         raise NotARunError(f"{run_dir} is not a stabscope run (no {META_FILE})")

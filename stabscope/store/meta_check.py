@@ -13,13 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .parts import NotARunError
-
-
-class MetaError(NotARunError):
-    """``meta.json`` exists but cannot be read as a run's description."""
-
-    hint = "meta.json was damaged or edited: restore it from a copy, or record the run again"
+from ..errors import MetaError
 
 
 @dataclass(frozen=True)

@@ -19,18 +19,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..errors import NotARunError, StabscopeWarning
 from .layout import META_FILE, PART_PREFIX, PART_SUFFIX, PARTS_DIR
 from .schema import SCHEMA
 
 PathLike = str | os.PathLike[str]
-
-
-class NotARunError(ValueError):
-    """The path is not a stabscope run directory."""
-
-
-class StabscopeWarning(UserWarning):
-    """Something in a run could not be read and was skipped."""
 
 
 @dataclass

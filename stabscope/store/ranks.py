@@ -24,12 +24,13 @@ weight norms when both were read (``load_merged`` reads them); otherwise it is t
 shard ratio (max).
 
 NaN and Inf propagate through every merge: a non-finite value on one rank stays visible.
+Pure functions of frames and meta: the reader reads (``load_run(..., merge_ranks=True)``).
 No torch import here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -48,7 +49,7 @@ def is_replicated(metric: str) -> bool:
     return reduction(metric) == "rank0"
 
 
-def is_sharded(meta: dict[str, Any]) -> bool:
+def is_sharded(meta: Mapping[str, Any]) -> bool:
     """Whether the run's parameters were sharded across ranks (FSDP)."""
     return bool((meta.get("distributed") or {}).get("sharded"))
 
@@ -59,13 +60,13 @@ def reduction(metric: str, sharded: bool = False) -> str:
     return catalogued_reduction(metric, sharded)
 
 
-def rank0_only(meta: dict[str, Any]) -> Callable[[str], bool]:
+def rank0_only(meta: Mapping[str, Any]) -> Callable[[str], bool]:
     """For a run: whether a metric is read from rank 0 only (its replicated metrics)."""
     sharded = is_sharded(meta)
     return lambda metric: reduction(metric, sharded) == "rank0"
 
 
-def ratio_inputs(metrics: list[str] | None, meta: dict[str, Any]) -> list[str]:
+def ratio_inputs(metrics: list[str] | None, meta: Mapping[str, Any]) -> list[str]:
     """Metrics a merged read of ``metrics`` also needs, and drops again (``merged``): the
     update and weight norms that a sharded parameter's update ratio is recomputed from."""
     if metrics is None or not is_sharded(meta) or "update_ratio" not in metrics:
@@ -73,7 +74,7 @@ def ratio_inputs(metrics: list[str] | None, meta: dict[str, Any]) -> list[str]:
     return [m for m in RATIO_INPUTS if m not in metrics]
 
 
-def merged(frame: pd.DataFrame, meta: dict[str, Any], extra: list[str]) -> pd.DataFrame:
+def merged(frame: pd.DataFrame, meta: Mapping[str, Any], extra: list[str]) -> pd.DataFrame:
     """``frame`` (rows of the metrics asked for and of ``extra``) with ranks merged, without
     the ``extra`` rows."""
     frame = merge_ranks(frame, meta)
@@ -82,32 +83,7 @@ def merged(frame: pd.DataFrame, meta: dict[str, Any], extra: list[str]) -> pd.Da
     return frame
 
 
-def load_merged(
-    run_dir: Any,
-    modules: Any = None,
-    metrics: str | list[str] | None = None,
-    steps: Any = None,
-    phase: str | None = None,
-    columns: list[str] | None = None,
-) -> pd.DataFrame:
-    """``load_run(..., merge_ranks=True)``: the rows asked for, ranks merged."""
-    from .meta import read_meta
-    from .meta_check import MetaError
-    from .reader import NotARunError, load_run
-
-    try:
-        meta = read_meta(run_dir)
-    except NotARunError as err:  # parts without meta.json: nothing says they were sharded
-        if isinstance(err, MetaError):  # but a damaged one is an error
-            raise
-        meta = {}
-    wanted = [metrics] if isinstance(metrics, str) else metrics
-    extra = ratio_inputs(wanted, meta)
-    load = None if wanted is None else [*wanted, *extra]
-    return merged(load_run(run_dir, modules, load, steps, phase, columns), meta, extra)
-
-
-def merge_ranks(frame: pd.DataFrame, meta: dict[str, Any]) -> pd.DataFrame:
+def merge_ranks(frame: pd.DataFrame, meta: Mapping[str, Any]) -> pd.DataFrame:
     """One row per (step, phase, module, call, metric, index), ranks merged as described in
     the module docstring. Frames of one rank come back unchanged, without the rank column."""
     if frame.empty or "rank" not in frame or frame["rank"].nunique() <= 1:
@@ -151,7 +127,7 @@ def _reduce(part: pd.DataFrame, keys: list[str], how: str) -> pd.DataFrame:
     value = part["value"].to_numpy(np.float64)
     if how in ("mean", "sum", "rss"):
         x = value * value if how == "rss" else value
-        out = np.bincount(group, weights=x, minlength=n)
+        out: np.ndarray = np.bincount(group, weights=x, minlength=n)  # float64 with weights
         if how == "mean":
             out /= np.bincount(group, minlength=n)
         elif how == "rss":

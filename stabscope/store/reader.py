@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from .parts import NotARunError, PathLike, StabscopeWarning, part_files, readable_parts
+from ..errors import MetaError, NotARunError, StabscopeWarning
+from .meta import read_meta
+from .parts import PathLike, part_files, readable_parts
+from .ranks import merged, ratio_inputs
 from .schema import RUN_MODULE, SCHEMA
 
 StepSelection = int | range | slice | Iterable[int] | None
@@ -71,16 +75,21 @@ def _step_filter(steps: StepSelection) -> ds.Expression | None:
     return field.isin(pa.array(sorted({int(s) for s in steps}), pa.int32()))
 
 
+def meta_if_any(run_dir: PathLike) -> dict[str, Any]:
+    """The run's meta, or {} for parts without a meta.json (nothing is known about them);
+    a damaged meta.json is an error (``MetaError``), not "nothing known"."""
+    try:
+        return read_meta(run_dir)
+    except NotARunError as err:
+        if isinstance(err, MetaError):
+            raise
+        return {}
+
+
 def known_names(run_dir: PathLike) -> list[str]:
     """Module and parameter names a run's meta lists (used to expand glob filters)."""
-    from .meta import read_meta
-    from .meta_check import MetaError
-
-    try:
-        meta = read_meta(run_dir)
-    except NotARunError as err:
-        if isinstance(err, MetaError):  # a damaged meta.json is an error, not "no names"
-            raise
+    meta = meta_if_any(run_dir)
+    if not meta:
         return []
     names = [m["name"] for m in meta.get("modules", [])]
     names += [p["name"] for p in meta.get("parameters", [])]
@@ -137,9 +146,11 @@ def load_run(
     per rank; ``merge_ranks=True`` merges them (``stabscope.store.ranks``) and drops ``rank``.
     """
     if merge_ranks:
-        from .ranks import load_merged
-
-        return load_merged(run_dir, modules, metrics, steps, phase, columns)
+        meta = meta_if_any(run_dir)  # is the run sharded?
+        wanted = [metrics] if isinstance(metrics, str) else None if metrics is None else [*metrics]
+        extra = ratio_inputs(wanted, meta)
+        load = None if wanted is None else [*wanted, *extra]
+        return merged(load_run(run_dir, modules, load, steps, phase, columns), meta, extra)
     table = load_table(run_dir, modules, metrics, steps, phase, columns)
     # Dictionaries may differ between parts; unify so pandas gets one categorical per column.
     table = table.unify_dictionaries()

@@ -23,24 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import UsageError
+from ..errors import NestedRunError, RunExistsError, RunLockedError, UsageError
 from . import lock as locks
 from .layout import META_FILE, PART_PREFIX, PART_SUFFIX, PARTS_DIR, RESERVE_FILE
 from .run_meta import RunMeta
 
 PathLike = str | os.PathLike[str]
-
-
-class RunExistsError(FileExistsError):
-    """The output directory already holds a run."""
-
-
-class RunLockedError(RunExistsError):
-    """The output directory is being written by a live writer; ``force`` does not help."""
-
-
-class NestedRunError(OSError):
-    """The output directory lies inside another run directory."""
 
 
 def is_run_dir(path: Path) -> bool:

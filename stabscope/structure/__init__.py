@@ -1,5 +1,7 @@
 """Structure discovery: residual blocks, branches, norm placement and attention in any model.
 
+What it finds (``Structure`` and its parts) is torch-free and lives in ``stabscope.store``.
+
 structure = discover(model, lambda m: m(example_batch))
 """
 
@@ -14,9 +16,9 @@ from torch import nn
 
 from ..record.module_table import clean_name, unwrap_model
 from ..record.side_forward import side_forward
+from ..store.structure import AttentionInfo, Block, Branch, Structure, unrecognised
 from .detect import detect
 from .kinds import is_norm
-from .model import AttentionInfo, Block, Branch, Structure, unrecognised
 from .trace import Trace, capture
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..store.structure import AttentionInfo, Block, Branch, Structure, unrecognised
 from .kinds import (
     block_candidates,
     count_heads,
@@ -21,7 +22,6 @@ from .kinds import (
     is_norm,
     stack_of,
 )
-from .model import AttentionInfo, Block, Branch, Structure, unrecognised
 from .trace import Call, Trace
 
 _TOL = 1e-4

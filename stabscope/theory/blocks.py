@@ -35,8 +35,8 @@ def _norm(desc: ModelDescription) -> Norm:
 
 
 def _attention(desc: ModelDescription, block: int) -> Component:
-    parts = [desc.projection(block, r) for r in ("q", "k", "v", "o")]
-    attn = Attention(desc.width, *parts, causal=desc.causal)
+    q, k, v, o = (desc.projection(block, r) for r in ("q", "k", "v", "o"))
+    attn = Attention(desc.width, q, k, v, o, causal=desc.causal)
     return Chain([attn, Dropout(desc.dropout)]) if desc.dropout else attn
 
 

@@ -57,6 +57,13 @@ def token_correlation(K: np.ndarray, positions: np.ndarray | None = None) -> flo
     return float((K.sum() - diag) / (n * (n - 1)) / (diag / n))
 
 
+def _saved(value: np.ndarray | None) -> np.ndarray:
+    """What ``forward`` kept for ``backward``: calling backward first is a programming error."""
+    if value is None:
+        raise RuntimeError("backward() called before forward()")
+    return value
+
+
 def _outer_diag(K: np.ndarray) -> np.ndarray:
     d = np.diag(K)
     return np.sqrt(np.maximum(np.outer(d, d), 1e-300))
@@ -109,8 +116,9 @@ class Activation(Component):
 
     def backward(self, g: np.ndarray) -> np.ndarray:
         _, slope, _ = ACTIVATIONS[self.kind]
-        d = np.diag(self._pre)
-        return g * slope(d[:, None], d[None, :], self._pre)
+        pre = _saved(self._pre)
+        d = np.diag(pre)
+        return g * slope(d[:, None], d[None, :], pre)
 
 
 @dataclass
@@ -139,7 +147,7 @@ class Norm(Component):
         return Signal(self.gain2 * rho + self.bias2, np.zeros_like(x.mean))
 
     def backward(self, g: np.ndarray) -> np.ndarray:
-        return self.gain2 * g / self._scale
+        return self.gain2 * g / _saved(self._scale)
 
 
 @dataclass

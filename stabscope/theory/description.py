@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import DescriptionError
 from .deepnorm import deepnorm_constants
 
 NORMS = ("pre", "post", "deepnorm")
@@ -22,10 +23,6 @@ NORM_KINDS = ("layernorm", "rmsnorm")
 ROLES = ("q", "k", "v", "o", "fc", "proj")
 #: Projections DeepNet scales by β at init (the value, output and feed-forward weights).
 BETA_ROLES = ("v", "o", "fc", "proj")
-
-
-class DescriptionError(ValueError):
-    """A description the theory cannot use; the message says which field and why."""
 
 
 @dataclass

@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from ...store.findings import Finding
 from .. import figures
 from ..data import HEATMAPS, RunData, heat_sources
-from ..findings import Finding
 
 
 @dataclass

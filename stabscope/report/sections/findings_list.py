@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from ...store.findings import Finding, worst_first_key
 from ..figures import esc
-from ..findings import Finding, evidence, worst_first_key
+from ..findings import evidence
 from . import Context, Section
 
 SHOWN = 300  # a page of findings is read; past that, the rules need tuning, not scrolling

@@ -1,8 +1,14 @@
-"""What structure discovery found: blocks, their residual branches, norms and attention."""
+"""What structure discovery found: blocks, their residual branches, norms and attention.
+
+Discovery (``stabscope.structure``, torch) builds these; the recorder writes them to
+meta.json's ``structure``; the read side (rules, report) reads them back with
+``Structure.from_dict``. No torch import here.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,20 +70,52 @@ class Structure:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Structure:
+        """From meta.json's ``structure`` as ``store.meta_check`` lets it through: keys a
+        newer stabscope added are ignored, optional ones missing get defaults, and an α
+        written as ``"nan"`` or null (strict JSON) is NaN."""
         blocks = [
-            Block(
-                **{
-                    **b,
-                    "branches": [Branch(**x) for x in b["branches"]],
-                    "attention": [AttentionInfo(**a) for a in b["attention"]],
-                }
+            _record(
+                Block,
+                b,
+                _BLOCK,
+                alpha=_number(b.get("alpha")),
+                branches=[
+                    _record(Branch, x, _BRANCH, alpha=_number(x.get("alpha")))
+                    for x in b.get("branches", [])
+                ],
+                attention=[_record(AttentionInfo, a, _ATTENTION) for a in b.get("attention", [])],
             )
             for b in data.get("blocks", [])
         ]
         return cls(
-            data.get("recognised", False), blocks, data.get("norms", []), data.get("notes", [])
+            bool(data.get("recognised", False)),
+            blocks,
+            list(data.get("norms", [])),
+            list(data.get("notes", [])),
         )
+
+
+#: What a record read back from meta.json gets for a key it lacks (``meta_check`` requires
+#: only a block's name).
+_BRANCH = {"name": "", "output": "", "kind": "other", "placement": "", "norm": None}
+_ATTENTION = {"name": "", "heads": None}
+_BLOCK = {"index": 0, "stack": "", "placement": ""}
+
+
+def _record(cls: type[Any], data: dict[str, Any], defaults: dict[str, Any], **parsed: Any) -> Any:
+    known = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{**defaults, **{k: v for k, v in data.items() if k in known}, **parsed})
+
+
+def _number(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
 
 
 def unrecognised(note: str) -> Structure:
     return Structure(False, notes=[note])
+
+
+__all__ = ["AttentionInfo", "Block", "Branch", "Structure", "unrecognised"]

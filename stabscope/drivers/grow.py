@@ -17,8 +17,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..drivers.amplification import _output
-from ..drivers.profile import (
+from ..errors import UsageError
+from ..grow.expansion import Growth, grow_model
+from ..grow.sizes import GrowthSpec
+from ..grow.verify import Preservation, compare
+from ..record.config import RecorderConfig
+from ..store import update_meta_file
+from ..store.layout import META_FILE, PARTS_DIR
+from ..store.rundir import lock_run_dir, prepare_run_dir, release_run_dir, run_dir_error
+from ..structure import Structure, discover
+from .amplification import _output
+from .profile import (
     ProfileResult,
     ProgressFn,
     _call,
@@ -28,16 +37,7 @@ from ..drivers.profile import (
     profile_script,
     seed_everything,
 )
-from ..drivers.script import ModelScript
-from ..errors import UsageError
-from ..record.config import RecorderConfig
-from ..store import update_meta_file
-from ..store.layout import META_FILE, PARTS_DIR
-from ..store.rundir import lock_run_dir, prepare_run_dir, release_run_dir, run_dir_error
-from ..structure import Structure, discover
-from .expand import Growth, grow_model
-from .sizes import GrowthSpec
-from .verify import Preservation, compare
+from .script import ModelScript
 
 BASE = "base"
 

@@ -1,0 +1,149 @@
+"""Findings of the rules: the type, the severities, the one worst-first order, and
+``RUN_DIR/findings.json`` (written by the gate, read by the report and the summary).
+
+The file is a list of objects with ``rule, severity, module, step, value, threshold,
+message, citation, remedy, metric, evidence``. No file means no rules have run on the run,
+which the report and the summary say rather than showing an empty list as "all clear".
+Every list of findings a user sees (the gate's output, findings.json, the console, the HTML
+report) is in ``worst_first`` order. No torch import here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import FindingsError
+from .atomic import write_text_atomically
+from .layout import FINDINGS_FILE
+
+SEVERITIES = ("error", "warning", "info")
+
+
+@dataclass(frozen=True)
+class Finding:
+    rule: str
+    severity: str
+    message: str
+    module: str | None = None
+    step: int | None = None
+    value: float | None = None
+    threshold: float | None = None
+    citation: str = ""
+    remedy: str = ""
+    metric: str | None = None
+    #: The signals behind a combined verdict (the failure forecast): per signal its name,
+    #: value, contribution to the log-odds and one line of evidence, strongest first.
+    evidence: tuple[dict[str, Any], ...] = ()
+
+    @property
+    def rank(self) -> int:
+        return severity_rank(self.severity)
+
+
+def severity_rank(severity: str) -> int:
+    """0 for an error, 1 for a warning, 2 for an info; an unknown severity after them."""
+    return SEVERITIES.index(severity) if severity in SEVERITIES else len(SEVERITIES)
+
+
+def _number(x: Any) -> float | None:
+    try:
+        value = float(x)
+    except (TypeError, ValueError):
+        return None
+    return value if not math.isnan(value) else None
+
+
+def _text(x: Any) -> str | None:
+    return None if x is None else str(x)
+
+
+def parse_finding(item: dict[str, Any]) -> Finding:
+    step = _number(item.get("step"))
+    return Finding(
+        rule=str(item.get("rule") or "?"),
+        severity=str(item.get("severity") or "info").lower(),
+        message=str(item.get("message") or ""),
+        module=_text(item.get("module")),
+        step=None if step is None or math.isinf(step) else int(step),
+        value=_number(item.get("value")),
+        threshold=_number(item.get("threshold")),
+        citation=str(item.get("citation") or ""),
+        remedy=str(item.get("remedy") or ""),
+        metric=_text(item.get("metric")),
+        evidence=tuple(e for e in item.get("evidence") or () if isinstance(e, dict)),
+    )
+
+
+def worst_first_key(f: Finding) -> tuple[int, bool, int, str, str]:
+    """Errors, then warnings, then infos; within a severity the earliest step first, findings
+    without a step (about the whole run) after those with one; then by rule and module."""
+    return (f.rank, f.step is None, f.step or 0, f.rule, f.module or "")
+
+
+def worst_first(findings: Iterable[Finding]) -> list[Finding]:
+    """The one order of findings everywhere they are shown or written."""
+    return sorted(findings, key=worst_first_key)
+
+
+def at_or_above(findings: Iterable[Finding], level: str) -> list[Finding]:
+    """Findings whose severity is ``level`` or worse."""
+    cut = severity_rank(level)
+    return [f for f in findings if f.rank <= cut]
+
+
+def finding_record(f: Finding) -> dict[str, Any]:
+    """A finding as a JSON object; a non-finite number is null (strict JSON has no NaN or
+    Infinity, and a CI job's parser rejects them)."""
+    return {k: _strict(v) for k, v in asdict(f).items()}
+
+
+def _strict(v: Any) -> Any:
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, (list, tuple)):
+        return [_strict(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _strict(x) for k, x in v.items()}
+    return v
+
+
+def write_findings(run_dir: str | Path, findings: Iterable[Finding]) -> Path:
+    """``RUN_DIR/findings.json``, worst first, which ``report`` and ``summary`` show."""
+    path = Path(run_dir) / FINDINGS_FILE
+    records = [finding_record(f) for f in worst_first(findings)]
+    write_text_atomically(path, json.dumps(records, indent=1, allow_nan=False) + "\n")
+    return path
+
+
+def load_findings(run_dir: str | Path) -> list[Finding] | None:
+    """The run's findings worst first, or None when no rules have run on it."""
+    path = Path(run_dir) / FINDINGS_FILE
+    if not path.is_file():
+        return None
+    try:
+        items = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise FindingsError(f"{path} cannot be read: {err}") from None
+    if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+        raise FindingsError(f"{path} is not a list of findings")
+    return worst_first([parse_finding(i) for i in items])
+
+
+__all__ = [
+    "FINDINGS_FILE",
+    "SEVERITIES",
+    "Finding",
+    "at_or_above",
+    "finding_record",
+    "load_findings",
+    "parse_finding",
+    "severity_rank",
+    "worst_first",
+    "worst_first_key",
+    "write_findings",
+]
