@@ -102,7 +102,6 @@ def _check(
 ) -> int:
     from rich.markup import escape
 
-    from ..drivers.check_script import profile_for_check
     from ..report.console import print_findings
     from ..rules.gate import load_settings, run_gate
     from ..rules.output import failure_lines, to_github, to_json, to_junit
@@ -127,6 +126,8 @@ def _check(
         values.output_file(junit, "--junit")
     if target.suffix == ".py":
         load_settings(config)  # a bad --config fails before the script is profiled
+        from ..drivers.check_script import profile_for_check  # torch: only for a script
+
         run_dir = profile_for_check(target, steps, sets, budget, _announce)
     else:
         run_dir = target
