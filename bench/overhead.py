@@ -18,6 +18,7 @@ speed hits every mode alike; the order within a round rotates from round to roun
   full             every step, full preset (+ parameter moments, model update)
   unrecorded       recorder attached, but the step is not on the schedule
   schedule         standard preset, default schedule, mean over the first --schedule-steps
+                   (the stability index included; --sharpness-budget bounds its share)
 Reported: median step time per mode and its ratio to plain; for the default schedule, the
 mean step time over the whole stretch (recorded and unrecorded steps together). The attention
 probe's share is measured on the standard mode's own model (steps alternating in pairs with
@@ -109,6 +110,12 @@ def main() -> None:
         "--modes",
         default=",".join(m for m in MODES if m != "plain-b"),
         help="comma-separated subset of modes (default: all but plain-b)",
+    )
+    ap.add_argument(
+        "--sharpness-budget",
+        type=float,
+        default=None,
+        help="the schedule mode's sharpness_budget (default: none, every index measurement)",
     )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
@@ -219,16 +226,20 @@ def main() -> None:
         # Default schedule over a stretch of steps, against plain steps interleaved with it.
         sched_model, plain_model = copy.deepcopy(base), copy.deepcopy(base)
         sched_step, plain_step = make_step(sched_model), make_step(plain_model)
-        sched_rec = Recorder(sched_model, tmp / "schedule", forward=forward).start()
+        sched_cfg = RecorderConfig(sharpness_budget=args.sharpness_budget)
+        sched_rec = Recorder(sched_model, tmp / "schedule", sched_cfg, forward=forward).start()
         sched_times, plain_times = [], []
         for _ in range(args.schedule_steps):
             sched_times.append(sched_step(sched_rec))
             plain_times.append(plain_step())
         sched_rec.close()
         recorded = sched_rec.meta["recorded_steps"]
+        index = sched_rec.meta.get("stability_index", {})
         ratio = statistics.mean(sched_times) / statistics.mean(plain_times)
         print(
-            f"| default schedule, mean over {args.schedule_steps} steps ({recorded} recorded) "
+            f"| default schedule, mean over {args.schedule_steps} steps ({recorded} recorded; "
+            f"stability index: {index.get('measured', 0)} measured, {index.get('skipped', 0)} "
+            f"skipped, budget {args.sharpness_budget}) "
             f"| {statistics.mean(sched_times) * 1e3:.1f} ms | {ratio:.3f}x |"
         )
 

@@ -9,9 +9,12 @@ import torch.nn.functional as F
 from conftest import batch_maker, train
 from torch import nn
 
-from stabscope import Recorder, load_run
-from stabscope.probes.sharpness import due, lanczos_top, stability_index
+from stabscope import Recorder, RecorderConfig, load_run, read_meta
+from stabscope.errors import ConfigError
+from stabscope.probes.index_budget import IndexBudget
+from stabscope.probes.sharpness import BUDGET_NOTE, due, lanczos_top, stability_index
 from stabscope.probes.stability_scale import scales
+from stabscope.record.config import config_from_mapping
 
 torch.manual_seed(0)
 X = torch.randn(16, 4)
@@ -190,3 +193,74 @@ def test_a_parameter_that_never_had_a_gradient_is_left_out() -> None:
         }
     )
     assert found == pytest.approx(index_by_hand(ref, model, 38.0), rel=1e-4)
+
+
+def _budget_run(tmp_path, budget: float | None) -> tuple[nn.Module, dict]:
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    make = batch_maker(6, 3)
+    probe_x, probe_y = make(0)
+    cfg = RecorderConfig(sharpness_budget=budget)
+    out = tmp_path / f"run-{budget}"
+    rec = Recorder(model, out, cfg, forward=lambda m: (m(probe_x) - probe_y).pow(2).mean())
+    with rec:
+        train(model, 20, make, rec=rec, lr=1e-2)
+    return model, read_meta(out)
+
+
+def test_a_budget_skips_measurements_records_the_skips_and_leaves_training_alone(tmp_path):
+    # A budget of 1e-9 of the training time admits no measurement: each scheduled one (steps
+    # 2, 4, 8, 16) is skipped, counted and noted; the weights are those of a plain run.
+    model, meta = _budget_run(tmp_path, 1e-9)
+    assert meta["stability_index"]["skipped"] == 4 == sum(map(due, range(20)))
+    assert meta["stability_index"]["measured"] == 0
+    assert any(n.startswith(BUDGET_NOTE + "4 scheduled") for n in meta["notes"])
+    assert load_run(tmp_path / "run-1e-09", metrics="stability_index").empty
+    torch.manual_seed(3)
+    plain = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    train(plain, 20, batch_maker(6, 3), lr=1e-2)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), plain.parameters()))
+    # No budget: every scheduled step is measured, and training is the same again.
+    free, meta = _budget_run(tmp_path, None)
+    assert meta["stability_index"]["measured"] == 4 and meta["stability_index"]["skipped"] == 0
+    assert not any(n.startswith(BUDGET_NOTE) for n in meta["notes"])
+    assert all(torch.equal(a, b) for a, b in zip(free.parameters(), plain.parameters()))
+
+
+def test_budget_arithmetic_on_a_known_clock() -> None:
+    # Steps of 1 s; each measurement 3 s; 25% of the training time. Allowed when the spent
+    # time plus the next cost (the last one's; 3 steps = 3 s before the first) fits.
+    now = [0.0]
+
+    def read() -> float:
+        return now[0]
+
+    budget = IndexBudget(0.25, first_cost=3.0, clock=read)
+    allowed = []
+    for step in range(64):
+        now[0] += 1.0  # the step trains for 1 s
+        budget.tick()
+        if due(step):
+            ok = budget.allows()
+            allowed.append((step, ok))
+            if ok:
+                now[0] += 3.0  # the measurement
+                budget.charge(3.0)
+    # training after step s: s seconds (the clock starts at the first boundary).
+    # step 2: 0 + 3 <= 0.25 * 2? no. 4: 3 <= 1? no. 8: 3 <= 2? no. 16: 3 <= 4 yes (spent 3).
+    # 32: 6 <= 8 yes (spent 6). no more due steps below 64 but 32.
+    assert allowed == [(2, False), (4, False), (8, False), (16, True), (32, True)]
+    assert (budget.measured, budget.skipped, budget.spent) == (2, 3, 6.0)
+    assert budget.training == 63.0
+    # A planned run of 1000 steps of 1 s allows 250 s: every measurement from the first.
+    planned = IndexBudget(0.25, first_cost=3.0, clock=read)
+    planned.tick()
+    now[0] += 1.0
+    planned.tick()
+    assert planned.allows(planned=1000) and not planned.allows()
+
+
+def test_a_bad_budget_in_pyproject_names_the_key() -> None:
+    with pytest.raises(ConfigError, match="sharpness_budget"):
+        config_from_mapping({"sharpness_budget": -1})
+    assert config_from_mapping({"sharpness_budget": 0.05}).sharpness_budget == 0.05

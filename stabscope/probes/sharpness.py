@@ -17,13 +17,15 @@ for the top eigenvalue a handful suffices. One host transfer per measurement.
 
 When: at steps 2, 4, 8, 16, ... (powers of two, the step just finished), so a run of N steps
 pays log2(N) measurements whether the step is recorded or not; each costs about ``iterations``
-x (forward + double backward) of the probe batch. No weight, gradient or optimizer state is
-touched.
+x (forward + double backward) of the probe batch. With ``sharpness_budget`` a measurement that
+would take the index's time past that fraction of the training time is skipped and counted
+(index_budget.py). No weight, gradient or optimizer state is touched.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -36,6 +38,7 @@ from ..record.config import RecorderConfig
 from ..record.hooks import paused
 from ..record.side_forward import side_forward
 from .base import BaseProbe, ProbeContext, switched
+from .index_budget import IndexBudget
 from .stability_scale import participants, scales
 
 ITERATIONS = 8
@@ -43,6 +46,11 @@ ITERATIONS = 8
 NONFINITE_LOSS = "the loss is not finite"
 NOT_STEPPED = "the optimizer has not stepped yet"
 PASSING = (NONFINITE_LOSS, NOT_STEPPED)
+#: How the note of a run whose budget skipped measurements begins.
+BUDGET_NOTE = "stability_index budget: "
+#: The first measurement's cost before one is timed, in training steps: ``iterations`` double
+#: backwards at ~2.2 steps each and the gradient's graph (docs/benchmarks.md).
+STEPS_PER_PRODUCT = 2.5
 
 
 def due(step: int) -> bool:
@@ -181,8 +189,9 @@ def stability_index(
 
 
 class SharpnessProbe(BaseProbe):
-    """Measures ``stability_index`` at the ``due`` steps; the first reason it cannot is kept
-    in ``note`` and the probe stops trying (a model without double backward, a full device)."""
+    """Measures ``stability_index`` at the ``due`` steps within its time budget; the first
+    reason it cannot is kept in ``note`` and the probe stops trying (a model without double
+    backward, a full device)."""
 
     stage = "due"  # its own steps, recorded or not: the recorder calls ``measure``
     structure_aware = False
@@ -197,7 +206,8 @@ class SharpnessProbe(BaseProbe):
     def build(cls, ctx: ProbeContext) -> SharpnessProbe | None:
         if ctx.forward is None:
             return None
-        return cls(ctx.model, ctx.forward, ctx.run_code, ctx.config.sharpness_iters)
+        cfg = ctx.config
+        return cls(ctx.model, ctx.forward, ctx.run_code, cfg.sharpness_iters, cfg.sharpness_budget)
 
     def __init__(
         self,
@@ -205,11 +215,27 @@ class SharpnessProbe(BaseProbe):
         forward: Callable[[nn.Module], Any],
         run_code: int,
         iterations: int = ITERATIONS,
+        budget: float | None = None,
     ) -> None:
         self.model, self.forward, self.run_code = model, forward, run_code
         self.iterations = iterations
+        self.budget = IndexBudget(budget, first_cost=STEPS_PER_PRODUCT * (iterations + 1))
         self.note: str | None = None
-        self.measured = 0
+
+    @property
+    def measured(self) -> int:
+        return self.budget.measured
+
+    @property
+    def budget_note(self) -> str | None:
+        """The note of a run whose budget skipped measurements (None if it skipped none)."""
+        b = self.budget
+        if not b.skipped:
+            return None
+        return (
+            f"{BUDGET_NOTE}{b.skipped} scheduled measurement(s) skipped to keep its time "
+            f"within {b.fraction:.3g} of the training time (sharpness_budget)"
+        )
 
     def measure(
         self,
@@ -217,11 +243,17 @@ class SharpnessProbe(BaseProbe):
         optimizers: list[torch.optim.Optimizer],
         rows: Rows,
         pause: tuple[Any, ...] = (),
+        planned: int | None = None,
     ) -> None:
-        """At a ``due`` step: emit the index as rows of ``step``; ``pause``: the recorder's
-        hooks, which must not see the probe's forward."""
+        """At every step boundary (the budget's clock); at a ``due`` step within the budget:
+        emit the index as rows of ``step``. ``pause``: the recorder's hooks, which must not
+        see the probe's forward; ``planned``: the run's planned length, when known."""
+        self.budget.tick()
         if self.note is not None or not due(step) or not optimizers:
             return
+        if not self.budget.allows(planned):
+            return
+        start = time.perf_counter()
         try:
             found = stability_index(self.model, self.forward, optimizers, self.iterations, pause)
         except Exception as err:  # no double backward, out of memory, a replayed step's error
@@ -230,18 +262,22 @@ class SharpnessProbe(BaseProbe):
             first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
             self.note = f"stability_index not measured: {type(err).__name__}: {first}"
             return
+        finally:
+            seconds = time.perf_counter() - start
+        ok = not isinstance(found, str) and bool(np.isfinite(found[0]))
+        self.budget.charge(seconds, measured=ok)
         if isinstance(found, str):
             if found not in PASSING:
                 self.note = f"stability_index not measured: {found}"
             return
-        value, lr = found
-        if np.isfinite(value):
+        if ok:
+            value, lr = found
             rows.emit("train", self.run_code, 0, "stability_index", value, step=step)
             rows.emit("train", self.run_code, 0, "stability_lr", lr, step=step)
-            self.measured += 1
 
 
 __all__ = [
+    "BUDGET_NOTE",
     "ITERATIONS",
     "SharpnessProbe",
     "due",

@@ -49,8 +49,13 @@ class RecorderConfig:
     #: The stability index (top eigenvalue of the optimizer-preconditioned Hessian over the
     #: optimizer's stability threshold) at steps 2, 4, 8, ...; None = on unless cheap.
     sharpness: bool | None = None
-    #: Lanczos iterations per stability-index measurement (Hessian-vector products).
+    #: Lanczos iterations per stability-index measurement at most (Hessian-vector products;
+    #: a measurement stops once its estimate settles).
     sharpness_iters: int = 8
+    #: The stability index's time as a fraction of the training time (of the planned run's,
+    #: when the run knows its plan): a scheduled measurement that would exceed it is skipped
+    #: and counted in meta.json. None: no limit.
+    sharpness_budget: float | None = None
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -59,6 +64,8 @@ class RecorderConfig:
             raise ValueError("part_rows must be positive")
         if self.sharpness_iters < 1:
             raise ValueError("sharpness_iters must be positive")
+        if self.sharpness_budget is not None and not _is_fraction(self.sharpness_budget):
+            raise ValueError("sharpness_budget must be a positive number (0.05: 5%) or None")
 
     @property
     def grads(self) -> bool:
@@ -81,6 +88,10 @@ class RecorderConfig:
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_fraction(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf
 
 
 def _is_glob_list(v: Any) -> bool:
@@ -108,6 +119,7 @@ _EXPECTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "structure_probes": (lambda v: isinstance(v, bool), "true or false"),
     "sharpness": (lambda v: isinstance(v, bool), "true or false"),
     "sharpness_iters": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    "sharpness_budget": (_is_fraction, "a positive fraction of the training time, like 0.05"),
 }
 _SCHEDULE: dict[str, tuple[Callable[[Any], bool], str]] = {
     "dense": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),

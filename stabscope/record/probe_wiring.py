@@ -16,6 +16,7 @@ from torch import nn
 
 from ..probes import BY_NAME as PROBE_ENTRIES
 from ..probes.base import BaseProbe, ProbeContext, build_probes
+from ..probes.sharpness import BUDGET_NOTE, due
 from ..probes.structured import StructureProbes
 from .distributed import world_size as _world_size
 
@@ -76,8 +77,16 @@ class ProbeWiring:
         assert self.sharpness is not None
         listeners = self.structure_probes.listeners if self.structure_probes else None
         pause = (self.hooks, listeners) if listeners is not None else (self.hooks,)
-        self.sharpness.measure(
-            step, list(self.optimizer_watch.optimizers.values()), self.rows, pause
-        )
+        plan = self.meta.get("lr_plan")
+        planned = plan.get("budget") if isinstance(plan, dict) else None
+        optimizers = list(self.optimizer_watch.optimizers.values())
+        self.sharpness.measure(step, optimizers, self.rows, pause, planned)
         if self.sharpness.note is not None and self.sharpness.note not in self.meta["notes"]:
             self.meta["notes"].append(self.sharpness.note)
+        budget = self.sharpness.budget
+        if due(step):
+            # meta.json: how many measurements the budget allowed and skipped, and the time.
+            self.meta["stability_index"] = budget.summary()
+            note = self.sharpness.budget_note
+            notes = [n for n in self.meta["notes"] if not n.startswith(BUDGET_NOTE)]
+            self.meta["notes"] = [*notes, note] if note else notes
