@@ -25,13 +25,14 @@ def report(
     """Write one self-contained HTML report of one or more runs; it opens offline."""
     from ..report.build import build_report
     from ..store.rundir import refuse_output_in_run
+    from .verdict import findings_for
 
     try:
         refuse_output_in_run(output, "-o")
         values.output_file(
             output, "-o", "the report to"
         )  # before reading the runs, which can take a while
-        result = build_report(run_dirs, output)
+        result = build_report(run_dirs, output, findings_for)
     except UsageError as e:
         raise fail(e) from None
     for warning in result.warnings:

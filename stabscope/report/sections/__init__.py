@@ -28,6 +28,8 @@ class Section:
 class Context:
     data: list[RunData]
     findings: dict[str, list[Finding] | None]  # run name -> worst-first findings
+    #: run name -> where its findings came from, when not its findings.json
+    findings_sources: dict[str, str] = field(default_factory=dict)
     figures: dict[str, str] = field(default_factory=dict)  # metric -> id of the plot showing it
 
     @property
