@@ -20,7 +20,9 @@ def report(
     run_dirs: Annotated[
         list[Path], typer.Argument(help="Run directories; several are compared side by side.")
     ],
-    output: Annotated[Path, typer.Option("--output", "-o", help="HTML file to write.")] = REPORT,
+    output: Annotated[
+        Path, typer.Option("--out", "-o", "--output", help="HTML file to write.")
+    ] = REPORT,
 ) -> None:
     """Write one self-contained HTML report of one or more runs; it opens offline."""
     from ..report.build import build_report
