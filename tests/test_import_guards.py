@@ -18,7 +18,7 @@ import stabscope
 from tests.conftest import ROOT, sample_gpt
 
 #: The read side: every module under these packages, and these modules.
-READ_PACKAGES = ("store", "rules", "report", "theory", "analysis")
+READ_PACKAGES = ("store", "rules", "report", "theory", "analysis", "notebook", "export")
 READ_MODULES = (
     "stabscope",
     "stabscope.metrics",

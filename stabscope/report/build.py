@@ -81,15 +81,9 @@ def _read(run_data: list[RunData], budget: Budget, warnings: list[str]) -> None:
             )
 
 
-def build_report(
-    run_dirs: Sequence[str | Path],
-    out: str | Path,
-    findings_of: FindingsSource = stored_findings,
-) -> ReportResult:
-    """Write the HTML report of ``run_dirs`` (several are compared) to ``out``; each run's
-    findings come from ``findings_of``."""
-    if not run_dirs:
-        raise UsageError("no run directory given", hint="stabscope report RUN_DIR ... -o out.html")
+def read_runs(run_dirs: Sequence[str | Path]) -> tuple[list[RunData], list[str]]:
+    """Everything the page draws for each run (two passes over its parts, within the page's
+    budget), and the warnings met on the way. ``UsageError`` for a directory that is no run."""
     paths = [Path(p) for p in run_dirs]
     runs = [open_run(p, n) for p, n in zip(paths, run_names(paths))]
     warnings = [w for r in runs for w in r.warnings]
@@ -103,6 +97,20 @@ def build_report(
         data.append(RunData(run, census))
     budget = Budget.for_heatmaps(sum(len(planned_heatmaps(d.census)) for d in data))
     _read(data, budget, warnings)
+    return data, warnings
+
+
+def build_report(
+    run_dirs: Sequence[str | Path],
+    out: str | Path,
+    findings_of: FindingsSource = stored_findings,
+) -> ReportResult:
+    """Write the HTML report of ``run_dirs`` (several are compared) to ``out``; each run's
+    findings come from ``findings_of``."""
+    if not run_dirs:
+        raise UsageError("no run directory given", hint="stabscope report RUN_DIR ... -o out.html")
+    data, warnings = read_runs(run_dirs)
+    runs = [d.run for d in data]
 
     findings: dict[str, list[Finding] | None] = {}
     sources: dict[str, str] = {}
