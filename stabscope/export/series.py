@@ -26,7 +26,7 @@ from ..metrics import METRICS, headlines, worse_end
 from ..report.runs import depth_axis, owner_layer
 from ..store import RUN_MODULE, RunMeta, load_run
 
-#: The default cap on exported series: a 32-layer model needs ~210 (documented in
+#: The default cap on exported series: a 32-layer model needs ~200 (documented in
 #: docs/report.md); a dashboard stays usable at that.
 MAX_SERIES = 256
 
