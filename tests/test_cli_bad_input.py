@@ -92,7 +92,10 @@ def test_training_script_is_refused_before_it_runs(tmp_path, monkeypatch, comman
     script.write_text(MARKED_TRAINING)
     name, *options = command
     res = invoke(name, script, *options)
-    one_error(res, "train.py is not a model script", "stabscope profile train.py --")
+    if name == "check":  # check gates runs: record it with profile, then check the run
+        one_error(res, "train.py is a training script", "stabscope check runs/train")
+    else:
+        one_error(res, "train.py is not a model script", "stabscope profile train.py --")
     assert not (tmp_path / "MARKER").exists()  # its top-level code never ran
     assert not (tmp_path / "runs").exists()
 

@@ -18,7 +18,7 @@ import stabscope
 from tests.conftest import ROOT, sample_gpt
 
 #: The read side: every module under these packages, and these modules.
-READ_PACKAGES = ("store", "rules", "report", "theory", "analysis")
+READ_PACKAGES = ("store", "rules", "report", "theory", "analysis", "notebook", "export")
 READ_MODULES = (
     "stabscope",
     "stabscope.metrics",
@@ -65,11 +65,16 @@ run, html, modules = sys.argv[1], sys.argv[2], sys.argv[3:]
 for name in modules:
     importlib.import_module(name)
 codes = {}
-for command in (["summary", run], ["report", run, "-o", html], ["check", run]):
+commands = (["summary", run], ["report", run, "-o", html], ["check", run])
+commands += (["export", run, "--to", "tensorboard", "-o", html + ".tb"],)
+for command in commands:
     result = CliRunner().invoke(app, command)
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
     codes[command[0]] = result.exit_code
+import stabscope  # the notebook's Run: its display and a figure
+notebook = stabscope.open_run(run)
+codes["notebook"] = int("findings" not in notebook._repr_html_() or not notebook.figure("loss"))
 print(json.dumps({"codes": codes, "torch": "torch" in sys.modules}))
 """
 
@@ -91,7 +96,8 @@ def test_the_read_side_imports_and_runs_without_torch(tmp_path: Path):
     assert "stabscope.store.reader" in modules and "stabscope.rules.gate" in modules
     html = tmp_path / "report.html"
     out = json.loads(run_blocked("torch", READ_WITHOUT_TORCH, str(run), str(html), *modules))
-    assert out == {"codes": {"summary": 0, "report": 0, "check": 0}, "torch": False}
+    codes = {"summary": 0, "report": 0, "check": 0, "export": 0, "notebook": 0}
+    assert out == {"codes": codes, "torch": False}
     assert html.stat().st_size > 10_000
     assert (run / "findings.json").is_file()
 

@@ -8,10 +8,10 @@ count for the layers, not for cycles.
 Tiers, highest first. A module may import its own top-level package and any lower tier; two
 packages of one tier may not import each other, except inside the torch engine, which is one
 unit (probes hook through record's hooks, the recorder owns the probes, discovery traces with
-record's hooks; its modules still form no cycle). The issue's five layers are groups of tiers:
-cli > drivers (integrations over drivers) > the torch engine > rules, report (independent of
-each other) over analysis > store over theory, settings, metrics (independent) over version,
-errors.
+record's hooks; its modules still form no cycle). The layers are groups of tiers:
+cli > drivers (integrations over drivers) > the torch engine > notebook, export (torch-free
+facades over both) > rules, report (independent of each other) over analysis > store over
+theory, settings, metrics (independent) over version, errors.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ TIERS: list[tuple[str, ...]] = [
     ("integrations",),
     ("drivers",),
     ("record", "probes", "structure", "grow"),
+    ("notebook", "export"),  # the read side's facades over rules and report
     ("rules", "report"),
     ("analysis",),
     ("store",),

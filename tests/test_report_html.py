@@ -153,10 +153,12 @@ def test_summary_prints_findings_worst_first(tmp_path):
     assert order == sorted(order)
     assert "remedy: QK-norm" in out
     plain = write_run(tmp_path / "p", layers=2, steps=range(3))
-    assert "no rules have run" in runner.invoke(app, ["summary", str(plain)]).stderr
+    res = runner.invoke(app, ["summary", str(plain)])  # no findings.json: the rules run now
+    assert "judged now by the rules (no findings.json)" in res.stderr
     (plain / "findings.json").write_text("{not json")
     res = runner.invoke(app, ["summary", str(plain)])
-    assert res.exit_code == 0 and "warning:" in res.stderr and "findings.json" in res.stderr
+    assert res.exit_code == 0 and "(findings.json cannot be read)" in res.stderr
+    assert (plain / "findings.json").read_text() == "{not json"  # left as it was
 
 
 def test_report_side_never_imports_torch(tmp_path):

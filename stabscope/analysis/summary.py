@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ import pandas as pd
 
 from ..metrics import headlines, worse_end
 from ..store import RUN_MODULE, RunMeta, load_meta, load_run
+from ..store.findings import strict_json
 from ..store.rundir import run_state
 
 ROOT = "<root>"
@@ -85,6 +86,17 @@ class Summary:
     structure: str | None = None
     notes: list[str] = field(default_factory=list)
     headlines: list[str] = field(default_factory=list)
+
+
+def summary_record(s: Summary) -> dict[str, Any]:
+    """The summary as a JSON object (``stabscope summary --json``): every field, the depth
+    trends with their fitted factor per layer, non-finite numbers as null (strict JSON)."""
+    record = asdict(s)
+    record["run_dir"] = str(s.run_dir)
+    for key, trend in (("trend", s.trend), ("param_trend", s.param_trend)):
+        if trend is not None:
+            record[key]["factor_per_layer"] = trend.factor_per_layer
+    return dict(strict_json(record))
 
 
 def layer_modules(meta: Mapping[str, Any]) -> dict[str, int]:

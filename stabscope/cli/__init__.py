@@ -13,7 +13,7 @@ from .common import app
 # isort: off
 from . import profile  # noqa: F401  (first: it leads --help)
 from . import summary, report, inspect, check  # noqa: F401
-from . import grow, predict  # noqa: F401
+from . import grow, predict, export  # noqa: F401
 # isort: on
 
 

@@ -23,12 +23,15 @@ def check(
         ),
     ],
     fail_on: Annotated[
-        str,
-        typer.Option(help="Exit 1 on findings of this severity or worse: error, warning or info."),
-    ] = "error",
+        values.Severity,
+        typer.Option(help="Exit 1 on findings of this severity or worse."),
+    ] = values.Severity.error,
     output_format: Annotated[
-        str, typer.Option("--format", help="table, json (stdout) or github (workflow annotations).")
-    ] = "table",
+        values.CheckFormat,
+        typer.Option(
+            "--format", help="table (stderr), json (stdout) or github (workflow annotations)."
+        ),
+    ] = values.CheckFormat.table,
     junit: Annotated[Path | None, typer.Option(help="Also write JUnit XML here.")] = None,
     config: Annotated[
         Path | None,
@@ -71,8 +74,8 @@ def check(
     try:
         code = _check(
             target,
-            fail_on,
-            output_format,
+            fail_on.value,
+            output_format.value,
             junit,
             config,
             baseline,
@@ -126,6 +129,7 @@ def _check(
         values.output_file(junit, "--junit")
     if target.suffix == ".py":
         load_settings(config)  # a bad --config fails before the script is profiled
+        _refuse_training_script(target)
         from ..drivers.check_script import profile_for_check  # torch: only for a script
 
         run_dir = profile_for_check(target, steps, sets, budget, _announce)
@@ -155,6 +159,21 @@ def _check(
     if junit is not None:
         _write_junit(junit, to_junit(gate, fail_on), run_dir)
     return 0 if gate.passed else 1
+
+
+def _refuse_training_script(script: Path) -> None:
+    """``check`` profiles model scripts only (briefly, seeded); a training script is recorded
+    by ``profile`` with its own arguments, and its run then checked."""
+    from ..drivers.script import missing_entry_points  # reads the source, runs nothing
+
+    if script.is_file() and missing_entry_points(script):
+        run = f"runs/{script.stem}"
+        raise UsageError(
+            f"{script.name} is a training script (no model, batches and loss): check profiles "
+            "model scripts only",
+            hint=f"record it, then check the run: stabscope profile {script} --out {run} -- "
+            f"ARGS && stabscope check {run}",
+        )
 
 
 def _write_junit(path: Path, text: str, run_dir: Path) -> None:

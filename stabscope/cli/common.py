@@ -20,11 +20,14 @@ from ..version import __version__
 
 
 class _Commands(TyperGroup):
-    """The command group; it refuses an empty option value before the command parses it."""
+    """The command group; it refuses an empty option value before the command parses it,
+    and turns click's parse errors (an unknown option, a value not among the choices) into
+    the one ``error:`` line and ``hint:`` line of every other bad input."""
 
     def resolve_command(self, ctx: Any, args: list[str]) -> tuple[str | None, Any, list[str]]:
         from .values import empty_option
 
+        ctx.meta["stabscope.args"] = list(args)  # what the command will parse, for hints
         name, command, rest = super().resolve_command(ctx, args)
         option = None if command is None else empty_option(command, rest)
         if option is not None:
@@ -35,6 +38,39 @@ class _Commands(TyperGroup):
                 )
             )
         return name, command, rest
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Exception as e:
+            # duck-typed: typer vendors its own click, whose exceptions are not click's
+            if not (hasattr(e, "format_message") and getattr(e, "exit_code", 0) == 2):
+                raise
+            args = ctx.meta.get("stabscope.args", [])
+            error = UsageError(_first_line(e.format_message()), hint=parse_hint(e, args))
+            raise fail(error) from None
+
+
+def _first_line(text: str) -> str:
+    text = text.replace("Value error, ", "")  # typer's wording for a choice it refused
+    return text.strip().splitlines()[0] if text.strip() else "bad command line"
+
+
+def parse_hint(error: Any, args: list[str]) -> str:
+    """What to do about a parse error of ``stabscope COMMAND ARGS``. An unknown option after
+    a script path is most likely the script's own (``train.py --max_iters 10``): those go
+    after ``--``, which stabscope passes to the script untouched."""
+    command = args[0] if args else ""
+    option = getattr(error, "option_name", None)
+    if option is not None and type(error).__name__ == "NoSuchOption":
+        at = next((i for i, a in enumerate(args) if a.split("=")[0] == option), len(args))
+        scripts = [a for a in args[1:at] if a.endswith(".py")]
+        if scripts:
+            return (
+                f"if {option} is the script's own, put it after `--`: stabscope {command} "
+                f"{scripts[0]} [OPTIONS] -- {option} ..."
+            )
+    return f"see `stabscope {command} --help`".replace("  ", " ")
 
 
 app = typer.Typer(

@@ -62,7 +62,9 @@ def grow(
     out: Annotated[
         Path | None,
         typer.Option(
-            help=r"Output directory \[default: runs/SCRIPT-grow, or runs/SCRIPT-AXIS-sweep]."
+            "--out",
+            "-o",
+            help=r"Output directory \[default: runs/SCRIPT-grow, or runs/SCRIPT-AXIS-sweep].",
         ),
     ] = None,
     probes: Annotated[int, typer.Option(help="Probe batches for the preservation check.")] = 2,

@@ -55,7 +55,8 @@ def amplification(
     script: Annotated[Path, typer.Argument(help="Model script whose CONFIG has 'depth'.")],
     depths: Annotated[str, typer.Option(help="Comma-separated depths.")] = "6,12,24,48",
     out: Annotated[
-        Path | None, typer.Option(help="Run directory \\[default: runs/SCRIPT-amplification]")
+        Path | None,
+        typer.Option("--out", "-o", help="Run directory \\[default: runs/SCRIPT-amplification]"),
     ] = None,
     seeds: Annotated[int, typer.Option(help="Perturbations averaged per depth.")] = 5,
     delta: Annotated[float, typer.Option(help="Perturbation size per weight.")] = 1e-4,

@@ -68,7 +68,7 @@ def predict(
     ] = 0.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the prediction as JSON.")] = False,
     out: Annotated[
-        Path | None, typer.Option(help="Also write the prediction to this file.")
+        Path | None, typer.Option("--out", "-o", help="Also write the prediction to this file.")
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed for building SCRIPT's model.")] = 0,
 ) -> None:

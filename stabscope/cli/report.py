@@ -20,18 +20,21 @@ def report(
     run_dirs: Annotated[
         list[Path], typer.Argument(help="Run directories; several are compared side by side.")
     ],
-    output: Annotated[Path, typer.Option("--output", "-o", help="HTML file to write.")] = REPORT,
+    output: Annotated[
+        Path, typer.Option("--out", "-o", "--output", help="HTML file to write.")
+    ] = REPORT,
 ) -> None:
     """Write one self-contained HTML report of one or more runs; it opens offline."""
     from ..report.build import build_report
     from ..store.rundir import refuse_output_in_run
+    from .verdict import findings_for
 
     try:
         refuse_output_in_run(output, "-o")
         values.output_file(
             output, "-o", "the report to"
         )  # before reading the runs, which can take a while
-        result = build_report(run_dirs, output)
+        result = build_report(run_dirs, output, findings_for)
     except UsageError as e:
         raise fail(e) from None
     for warning in result.warnings:

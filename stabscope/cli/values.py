@@ -10,10 +10,28 @@ from __future__ import annotations
 import math
 import tempfile
 from collections.abc import Sequence
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
+
+
+class Severity(str, Enum):
+    """``--fail-on``: the store's SEVERITIES, worst first (a test keeps them the same)."""
+
+    error = "error"
+    warning = "warning"
+    info = "info"
+
+
+class CheckFormat(str, Enum):
+    """``check --format``: a table on stderr, JSON on stdout, or GitHub annotations."""
+
+    table = "table"
+    json = "json"
+    github = "github"
+
 
 #: numpy's seeding takes 0 .. 2**32 - 1; torch and random take those too.
 SEED_LIMIT = 2**32
@@ -131,6 +149,8 @@ def write_output(path: Path, text: str, option: str, kept: str = "") -> None:
 
 
 __all__ = [
+    "CheckFormat",
+    "Severity",
     "empty_option",
     "non_negative_int",
     "output_file",

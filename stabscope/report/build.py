@@ -7,7 +7,7 @@ findings.json) is a warning: the report renders what it can and says what it ski
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +46,17 @@ PAGE = (
 )
 
 
+#: A run's findings (None: no rules have run) and, when they are not its findings.json, a
+#: note on where they came from. ``stabscope report`` passes one that runs the rules when the
+#: run has no current findings.json (report/ never imports rules/, cli/report.py joins them).
+FindingsSource = Callable[[Path], tuple[list[Finding] | None, str | None]]
+
+
+def stored_findings(path: Path) -> tuple[list[Finding] | None, str | None]:
+    """The run's findings.json as it is, or None when no rules have run."""
+    return load_findings(path), None
+
+
 @dataclass
 class ReportResult:
     path: Path
@@ -70,10 +81,9 @@ def _read(run_data: list[RunData], budget: Budget, warnings: list[str]) -> None:
             )
 
 
-def build_report(run_dirs: Sequence[str | Path], out: str | Path) -> ReportResult:
-    """Write the HTML report of ``run_dirs`` (several are compared) to ``out``."""
-    if not run_dirs:
-        raise UsageError("no run directory given", hint="stabscope report RUN_DIR ... -o out.html")
+def read_runs(run_dirs: Sequence[str | Path]) -> tuple[list[RunData], list[str]]:
+    """Everything the page draws for each run (two passes over its parts, within the page's
+    budget), and the warnings met on the way. ``UsageError`` for a directory that is no run."""
     paths = [Path(p) for p in run_dirs]
     runs = [open_run(p, n) for p, n in zip(paths, run_names(paths))]
     warnings = [w for r in runs for w in r.warnings]
@@ -87,15 +97,32 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path) -> ReportResul
         data.append(RunData(run, census))
     budget = Budget.for_heatmaps(sum(len(planned_heatmaps(d.census)) for d in data))
     _read(data, budget, warnings)
+    return data, warnings
+
+
+def build_report(
+    run_dirs: Sequence[str | Path],
+    out: str | Path,
+    findings_of: FindingsSource = stored_findings,
+) -> ReportResult:
+    """Write the HTML report of ``run_dirs`` (several are compared) to ``out``; each run's
+    findings come from ``findings_of``."""
+    if not run_dirs:
+        raise UsageError("no run directory given", hint="stabscope report RUN_DIR ... -o out.html")
+    data, warnings = read_runs(run_dirs)
+    runs = [d.run for d in data]
 
     findings: dict[str, list[Finding] | None] = {}
+    sources: dict[str, str] = {}
     for run in runs:
         try:
-            findings[run.name] = load_findings(run.path)
+            findings[run.name], note = findings_of(run.path)
         except FindingsError as err:
             warnings.append(str(err))
-            findings[run.name] = None
-    ctx = Context(data, findings)
+            findings[run.name], note = None, None
+        if note:
+            sources[run.name] = note
+    ctx = Context(data, findings, sources)
     # Findings link to plots, so they are built after every plot; the propagation plot is
     # only the link target for what no heatmap shows.
     late = (propagation_section, findings_section)

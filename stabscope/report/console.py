@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from ..analysis.summary import Summary
 from ..store.findings import Finding
@@ -42,14 +41,14 @@ def print_summary(summary: Summary, console: Console) -> None:
             f"loss {_fmt(s.loss_first)} at step 0 -> {_fmt(s.loss_last)} (mean of the last tenth)"
         )
     if s.largest:
-        table = Table(title=f"{s.extremes_metric} at step {s.extremes_step}", title_justify="left")
-        table.add_column("largest")
-        table.add_column("value", justify="right")
-        table.add_column("smallest")
-        table.add_column("value", justify="right")
-        for (big, bv), (small, sv) in zip(s.largest, s.smallest):
-            table.add_row(escape(big), _fmt(bv), escape(small), _fmt(sv))
-        console.print(table)
+        # One line per module, the whole name: a table would cut names to the terminal's
+        # width ("model.layers.3.self_att…") and two layers would read the same.
+        console.print(f"{s.extremes_metric} at step {s.extremes_step}:")
+        width = max(len(name) for name, _ in [*s.largest, *s.smallest])
+        for label, rows in (("largest ", s.largest), ("smallest", s.smallest)):
+            for name, value in rows:
+                line = f"  {label} {escape(name.ljust(width))}  {_fmt(value)}"
+                console.print(line, soft_wrap=True)
     for t in (s.trend, s.param_trend):
         if t is None:
             continue
@@ -83,8 +82,13 @@ def print_summary(summary: Summary, console: Console) -> None:
         console.print(f"[red]error:[/] {escape(error)}", soft_wrap=True)
 
 
-def print_findings(findings: list[Finding] | None, console: Console, shown: int = 10) -> None:
-    """The rules' findings, worst first, the same headline list as the HTML report."""
+def print_findings(
+    findings: list[Finding] | None, console: Console, shown: int = 10, note: str | None = None
+) -> None:
+    """The rules' findings, worst first, the same headline list as the HTML report; ``note``
+    says where they came from when not from the run's findings.json."""
+    if note:
+        console.print(f"[dim]findings: {escape(note)}[/]", soft_wrap=True)
     if findings is None:
         console.print("findings: no rules have run on this run (no findings.json)")
         return

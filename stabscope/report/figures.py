@@ -77,6 +77,13 @@ def to_div(fig: go.Figure, div_id: str) -> str:
 def heatmap(
     runs: Sequence[tuple[str, Grid]], title: str, log: bool, worst: str, div_id: str
 ) -> str:
+    """``heatmap_figure`` as a div of the page."""
+    return to_div(heatmap_figure(runs, title, log, worst), div_id)
+
+
+def heatmap_figure(
+    runs: Sequence[tuple[str, Grid]], title: str, log: bool, worst: str
+) -> go.Figure:
     """Layer x step heatmaps side by side, one per run, sharing axes and colour scale.
     The colour is the worst end of each cell's envelope; hover gives the envelope."""
     cells = [g.hi if worst == "hi" else g.lo for _, g in runs]
@@ -127,8 +134,9 @@ def heatmap(
             "cmax": scale.hi,
             "colorbar": {"title": {"text": "log₁₀" if scale.log else ""}, **scale.colorbar()},
         },
+        template=TEMPLATE,
     )
-    return to_div(fig, div_id)
+    return fig
 
 
 def lines(
@@ -138,6 +146,13 @@ def lines(
     div_id: str,
     y_title: str = "",
 ) -> str:
+    """``lines_figure`` as a div of the page."""
+    return to_div(lines_figure(runs, title, log, y_title), div_id)
+
+
+def lines_figure(
+    runs: Sequence[tuple[str, int, Grid, int]], title: str, log: bool, y_title: str = ""
+) -> go.Figure:
     """One line per (run, row) of a step-binned grid: the mean of each bin, with the
     bin's min-max band when bins hold more than one value, so spikes stay visible."""
     fig = go.Figure()
@@ -182,10 +197,12 @@ def lines(
                 hovertemplate=f"step %{{x}}: %{{y:.4g}}<extra>{esc(name)}</extra>",
             )
         )
-    fig.update_layout(title={"text": esc(title), "x": 0.01}, height=340, showlegend=True)
+    fig.update_layout(
+        title={"text": esc(title), "x": 0.01}, height=340, showlegend=True, template=TEMPLATE
+    )
     fig.update_xaxes(title_text="step")
     fig.update_yaxes(type="log" if log else "linear", title_text=esc(y_title))
-    return to_div(fig, div_id)
+    return fig
 
 
 @dataclass

@@ -8,13 +8,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import UsageError
+from ..errors import FindingsError, UsageError
 from ..settings import find_pyproject, read_toml_table
 from ..store import NotARunError
 from ..store.findings import (
     SEVERITIES,
     Finding,
     at_or_above,
+    findings_state,
+    load_findings,
     severity_rank,
     worst_first,
     write_findings,
@@ -95,3 +97,44 @@ def run_gate(
         result.failed,
         blocking,
     )
+
+
+@dataclass
+class Verdict:
+    """What the rules say about a run for a reader (the report, the summary, a notebook):
+    the findings.json of the last ``check`` while it is current, else the rules run now."""
+
+    findings: list[Finding]  # worst first
+    source: str  # "findings.json", or why the rules ran now ("no findings.json")
+    failed: dict[str, RuleFailure] = field(default_factory=dict)  # rules that raised now
+
+    @property
+    def judged_now(self) -> bool:
+        return self.source != "findings.json"
+
+
+def judge(run_dir: str | Path, config: Path | None = None) -> Verdict:
+    """The run's findings without writing into the run: RUN/findings.json when it is current
+    (``findings_state``), else every rule run now in memory, with the settings ``check``
+    would use (``config``, else the nearest pyproject.toml). Only ``check`` writes
+    findings.json: a reader may look at a run it cannot or should not change (a copy on a
+    read-only mount, a run still being written)."""
+    state = findings_state(run_dir)
+    if state == "current":
+        try:
+            found = load_findings(run_dir)
+        except FindingsError:
+            state = "unreadable"
+        else:
+            if found is not None:
+                return Verdict(found, "findings.json")
+    why = {
+        "missing": "no findings.json",
+        "stale": "findings.json is older than the run",
+        "unreadable": "findings.json cannot be read",
+    }[state]
+    try:
+        result = check_run(run_dir, load_settings(config))
+    except NotARunError as e:
+        raise UsageError(str(e), hint=getattr(e, "hint", "pass a run directory")) from None
+    return Verdict(worst_first(result.findings), why, result.failed)

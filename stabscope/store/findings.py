@@ -19,7 +19,7 @@ from typing import Any
 
 from ..errors import FindingsError
 from .atomic import write_text_atomically
-from .layout import FINDINGS_FILE
+from .layout import FINDINGS_FILE, META_FILE, PARTS_DIR
 
 SEVERITIES = ("error", "warning", "info")
 
@@ -99,16 +99,17 @@ def at_or_above(findings: Iterable[Finding], level: str) -> list[Finding]:
 def finding_record(f: Finding) -> dict[str, Any]:
     """A finding as a JSON object; a non-finite number is null (strict JSON has no NaN or
     Infinity, and a CI job's parser rejects them)."""
-    return {k: _strict(v) for k, v in asdict(f).items()}
+    return {k: strict_json(v) for k, v in asdict(f).items()}
 
 
-def _strict(v: Any) -> Any:
+def strict_json(v: Any) -> Any:
+    """``v`` with every non-finite float as None, in lists, tuples and dicts too."""
     if isinstance(v, float):
         return v if math.isfinite(v) else None
     if isinstance(v, (list, tuple)):
-        return [_strict(x) for x in v]
+        return [strict_json(x) for x in v]
     if isinstance(v, dict):
-        return {k: _strict(x) for k, x in v.items()}
+        return {k: strict_json(x) for k, x in v.items()}
     return v
 
 
@@ -134,15 +135,41 @@ def load_findings(run_dir: str | Path) -> list[Finding] | None:
     return worst_first([parse_finding(i) for i in items])
 
 
+def findings_state(run_dir: str | Path) -> str:
+    """``current``, ``missing`` or ``stale``: whether RUN/findings.json still speaks for the
+    run. It is stale when meta.json or a part was written after it (the run went on, or was
+    recorded again, after the last ``check``). The writer touches meta.json whenever a part
+    lands and at close, so a run that changed after the check always has a newer file."""
+    path = Path(run_dir) / FINDINGS_FILE
+    try:
+        written = path.stat().st_mtime_ns
+    except OSError:
+        return "missing"
+    run = Path(run_dir)
+    sources = [run / META_FILE]
+    parts = run / PARTS_DIR
+    if parts.is_dir():
+        sources += [p for p in parts.iterdir() if not p.name.startswith(".")]
+    for source in sources:
+        try:
+            if source.stat().st_mtime_ns > written:
+                return "stale"
+        except OSError:  # a part renamed or removed meanwhile: judge by the others
+            continue
+    return "current"
+
+
 __all__ = [
     "FINDINGS_FILE",
     "SEVERITIES",
     "Finding",
     "at_or_above",
     "finding_record",
+    "findings_state",
     "load_findings",
     "parse_finding",
     "severity_rank",
+    "strict_json",
     "worst_first",
     "worst_first_key",
     "write_findings",

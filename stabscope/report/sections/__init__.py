@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import plotly.graph_objects as go
+
 from ...store.findings import Finding
 from .. import figures
 from ..data import HEATMAPS, RunData, heat_sources
@@ -28,6 +30,8 @@ class Section:
 class Context:
     data: list[RunData]
     findings: dict[str, list[Finding] | None]  # run name -> worst-first findings
+    #: run name -> where its findings came from, when not its findings.json
+    findings_sources: dict[str, str] = field(default_factory=dict)
     figures: dict[str, str] = field(default_factory=dict)  # metric -> id of the plot showing it
 
     @property
@@ -48,7 +52,7 @@ def missing_note(ctx: Context, what: str, have: list[str]) -> str | None:
     return None
 
 
-def heat_block(ctx: Context, key: str, notes: list[str]) -> str | None:
+def heat_figure(ctx: Context, key: str, notes: list[str]) -> go.Figure | None:
     """The layer x step heatmap of ``key`` for every run that has it, side by side."""
     heat = HEATMAPS[key]
     have = [(d.run.name, d.heat[key]) for d in ctx.data if key in d.heat and not d.heat[key].empty]
@@ -57,8 +61,16 @@ def heat_block(ctx: Context, key: str, notes: list[str]) -> str | None:
     note = missing_note(ctx, key, [n for n, _ in have])
     if note:
         notes.append(note)
-    div_id = ctx.register(f"fig-{key}", key, *heat_sources(heat))
-    return figures.heatmap(have, f"{key}: {heat.title}", heat.log, heat.worst, div_id)
+    return figures.heatmap_figure(have, f"{key}: {heat.title}", heat.log, heat.worst)
+
+
+def heat_block(ctx: Context, key: str, notes: list[str]) -> str | None:
+    """``heat_figure`` on the page; findings about ``key`` link to it."""
+    fig = heat_figure(ctx, key, notes)
+    if fig is None:
+        return None
+    div_id = ctx.register(f"fig-{key}", key, *heat_sources(HEATMAPS[key]))
+    return figures.to_div(fig, div_id)
 
 
 def add_heat_blocks(ctx: Context, section: Section, keys: Iterable[str]) -> list[str]:
@@ -76,6 +88,16 @@ def add_heat_blocks(ctx: Context, section: Section, keys: Iterable[str]) -> list
 def series_block(
     ctx: Context, metric: str, title: str, log: bool, notes: list[str], y_title: str = ""
 ) -> str | None:
+    """``series_figure`` on the page; findings about ``metric`` link to it."""
+    fig = series_figure(ctx, metric, title, log, notes, y_title)
+    if fig is None:
+        return None
+    return figures.to_div(fig, ctx.register(f"fig-{metric}", metric))
+
+
+def series_figure(
+    ctx: Context, metric: str, title: str, log: bool, notes: list[str], y_title: str = ""
+) -> go.Figure | None:
     """Line plot of a run-level series, every row (param group) of every run."""
     curves = [
         (d.run.name if len(grid.rows) == 1 else f"{d.run.name} · group {r}", i, grid, r)
@@ -88,5 +110,4 @@ def series_block(
     note = missing_note(ctx, metric, [d.run.name for d in ctx.data if metric in d.series])
     if note:
         notes.append(note)
-    div_id = ctx.register(f"fig-{metric}", metric)
-    return figures.lines(curves, title, log, div_id, y_title)
+    return figures.lines_figure(curves, title, log, y_title)

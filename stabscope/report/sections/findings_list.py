@@ -32,6 +32,8 @@ def findings_section(ctx: Context) -> Section:
     )
     tagged: list[tuple[Finding, str]] = []
     for name, findings in ctx.findings.items():
+        if name in ctx.findings_sources:
+            section.notes.append(f"{name}: {ctx.findings_sources[name]}")
         if findings is None:
             section.notes.append(f"no rules have run on {name} (no findings.json)")
         elif not findings:

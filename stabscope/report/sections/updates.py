@@ -13,10 +13,14 @@ INTRO = (
 )
 
 
+#: The run-level line of this section: (metric, title, log scale).
+PLOTS = (("model_update", "model update ‖ΔF‖", True),)
+
+
 def updates_section(ctx: Context) -> Section:
     section = Section("updates", "Updates", intro=INTRO)
     add_heat_blocks(ctx, section, heatmap_keys("updates"))
-    block = series_block(ctx, "model_update", "model update ‖ΔF‖", True, section.notes)
+    block = series_block(ctx, *PLOTS[0], section.notes)
     if block is not None:
         section.body.append(block)
     else:

@@ -1,0 +1,76 @@
+"""``stabscope export RUN --to tensorboard``: a run's curated series, findings and heatmaps
+for a dashboard, from the run store alone (no torch)."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+
+from ..errors import UsageError
+from . import values
+from .common import app, err, fail
+
+
+class Target(str, Enum):
+    tensorboard = "tensorboard"
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
+    to: Annotated[Target, typer.Option("--to", help="The dashboard's format.")],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Log directory \\[default: tensorboard/RUN]."),
+    ] = None,
+    max_series: Annotated[
+        int, typer.Option(help="Most scalar series to write (blocks are thinned to fit).")
+    ] = 256,
+    images: Annotated[
+        bool, typer.Option("--images/--no-images", help="The report's heatmaps as images.")
+    ] = True,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace the event files of an earlier export.")
+    ] = False,
+) -> None:
+    """Export a run to TensorBoard: per block a few headline series, loss and lr, the
+    findings as text, heatmaps as images; `tensorboard --logdir tensorboard` shows it."""
+    from ..export.tensorboard import event_files, export_tensorboard, require_tensorboard
+    from ..store import NotARunError, load_meta
+    from ..store.rundir import refuse_output_in_run
+    from .verdict import findings_for
+
+    target = out or Path("tensorboard") / run_dir.resolve().name
+    try:
+        values.positive_int(max_series, "--max-series", "256")
+        require_tensorboard()  # before any reading: a missing extra is said at once
+        try:
+            load_meta(run_dir)
+        except NotARunError as e:
+            hint = getattr(e, "hint", "pass a directory written by `stabscope profile`")
+            raise UsageError(str(e), hint=hint) from None
+        refuse_output_in_run(target, "--out")
+        old = event_files(target)
+        if old and not force:
+            raise UsageError(
+                f"{target} already holds {len(old)} TensorBoard event files",
+                hint="pass --force to replace them, or choose another --out",
+            )
+        found, note = findings_for(run_dir)
+        source = note or "the last `stabscope check`"
+        if old:
+            for path in old:
+                path.unlink()
+        done = export_tensorboard(run_dir, target, (found or [], source), max_series, images)
+    except UsageError as e:
+        raise fail(e) from None
+    err.print(
+        f"export: [bold]{escape(str(done.out))}[/] ({escape(done.selection.note)}; "
+        f"{done.findings} findings, {done.images} heatmaps, {done.steps} steps)",
+        soft_wrap=True,
+    )
+    err.print(f"view it: tensorboard --logdir {escape(str(done.out.parent))}", soft_wrap=True)
