@@ -51,6 +51,11 @@ class RecorderConfig:
     sharpness: bool | None = None
     #: Lanczos iterations per stability-index measurement (Hessian-vector products).
     sharpness_iters: int = 8
+    #: The flight recorder: rms, largest |x| and NaN/Inf of every block's, the stem's and the
+    #: head's output and gradient at every step, recorded or not (docs/flight-recorder.md).
+    flight: bool = True
+    #: Steps per ring buffer: one device->host transfer (and one part) per this many steps.
+    flight_every: int = 50
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -59,6 +64,8 @@ class RecorderConfig:
             raise ValueError("part_rows must be positive")
         if self.sharpness_iters < 1:
             raise ValueError("sharpness_iters must be positive")
+        if self.flight_every < 1:
+            raise ValueError("flight_every must be positive")
 
     @property
     def grads(self) -> bool:
@@ -108,6 +115,8 @@ _EXPECTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "structure_probes": (lambda v: isinstance(v, bool), "true or false"),
     "sharpness": (lambda v: isinstance(v, bool), "true or false"),
     "sharpness_iters": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    "flight": (lambda v: isinstance(v, bool), "true or false"),
+    "flight_every": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
 }
 _SCHEDULE: dict[str, tuple[Callable[[Any], bool], str]] = {
     "dense": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
