@@ -1,24 +1,25 @@
 """The flight recorder: every training step, recorded or not, for every block, stem and head.
 
-Per step and watched module (``flight_search.watched_modules``): the rms and the largest
-|x| of its output and of the gradient w.r.t. it, and whether either held a NaN/Inf
-(``flight_act_*``, ``flight_grad_*``). Hooks stay on the watched modules for the whole run and
-do tensor work only, into the ring buffer on the device (``flight_ring.FlightRing``): no
-``.item()``, no host sync inside the step, and Dynamo traces them into compiled graphs with no
-graph break. The ring (``flight_every`` steps, 50 by default) is copied to the host in one
-transfer when it is full, at close, and at once after a step where a NaN/Inf first appeared;
-each transfer is written as a part, so a killed process loses at most the ring's steps.
+Per step and watched module (``flight_search.watched_modules``): the rms and the largest |x| of
+its output and of the gradient w.r.t. it, and whether either held a NaN/Inf (``flight_act_*``,
+``flight_grad_*``). Hooks stay on the watched modules for the whole run and do tensor work
+only, into the ring buffer on the device (``flight_ring.FlightRing``): no ``.item()``, no host
+sync inside the step, and Dynamo traces them into compiled graphs with no graph break (forward
+statistics only there: see ``COMPILED_NOTE``). The ring (``flight_every`` steps, 50 by default)
+is copied to the host in one transfer when it is full, at close, and at once after a step where
+a NaN/Inf first appeared; each transfer is written as a part, so a killed process loses at most
+the ring's steps.
 
 When a watched module first goes non-finite, the exact leaf module and step are searched
 (``flight_search``) and reported through the recorder's ``first_nonfinite`` (meta.json) and a
-``first_nonfinite_{forward,backward}`` marker row. On CPU the flags are read straight from
-the buffer's memory (free); on CUDA a non-blocking copy of the step's flags lands in pinned
-memory and is read at a later step boundary, once its event has completed.
+``first_nonfinite_{forward,backward}`` marker row. On CPU the flags are read straight from the
+buffer's memory (free); on CUDA a non-blocking copy of the step's flags lands in pinned memory
+and is read at a later step boundary, once its event has completed.
 
 The "every" stage (``probes/base.py``): the recorder calls ``check(step)`` before each
-optimizer step, ``boundary(step, collector)`` at every step's end and ``close(collector)``
-when the run closes. ``channel(metric)`` is the hook point for other per-step scalars
-(gradient norms before clipping, update norms): a writer into the same ring, flushed with it.
+optimizer step, ``boundary(step, collector)`` at every step's end and ``close(collector)`` when
+the run closes. ``channel(metric)`` is the hook point for other per-step scalars (gradient
+norms before clipping, update norms): a writer into the same ring, flushed with it.
 """
 
 from __future__ import annotations
@@ -52,10 +53,12 @@ PREFIX = ("flight_act", "flight_grad")
 SUFFIXES = ("rms", "absmax", "nonfinite")
 
 COMPILED_NOTE = (
-    "flight recorder: the watched modules run compiled; their every-step statistics are "
-    "traced into the graph, but the first non-finite leaf of a forward pass is found from "
-    "the parameters only (a replay needs the block's inputs, which compiled code does not "
-    "hand to Python)"
+    "flight recorder: the watched modules run compiled; their every-step output statistics "
+    "are traced into the graph (no graph break), but not the gradients w.r.t. them (a "
+    "gradient hook traced into the graph makes its backward save the ring buffer, which the "
+    "next graph's writes invalidate), and the first non-finite leaf of a forward pass is "
+    "found from the parameters only (a replay needs the block's inputs, which compiled code "
+    "does not hand to Python)"
 )
 
 
@@ -105,7 +108,10 @@ class FlightRecorder(BaseProbe):
     def start(self) -> None:
         for w, (_, module) in enumerate(self.watched):
             hook = partial(self._forward_hook, w)
-            self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
+            # First among the module's hooks: the recorded steps' hooks come and go after it
+            # in one order, so compiled code sees one hook order more, not two.
+            handle = module.register_forward_hook(hook, with_kwargs=True, prepend=True)
+            self._handles.append(handle)
 
     def release(self) -> None:
         for handle in self._handles:
@@ -117,8 +123,9 @@ class FlightRecorder(BaseProbe):
             tensor = primary_tensor(out)
             if tensor is not None and torch.is_grad_enabled() and module.training:
                 self.ring.put(w, 0, tensor)
-                if tensor.requires_grad:
-                    tensor.register_hook(partial(self._grad_hook, w))
+            # No gradient hook: one traced into the graph reads the ring in the compiled
+            # backward, which autograd then saves from the forward; the next graph's write
+            # bumps its version and that backward fails ("modified by an inplace operation").
             return
         if self.paused or not (torch.is_grad_enabled() and module.training) or in_backward():
             return
@@ -135,7 +142,7 @@ class FlightRecorder(BaseProbe):
             tensor.register_hook(partial(self._grad_hook, w))
 
     def _grad_hook(self, w: int, grad: torch.Tensor) -> None:
-        if compiling() or is_moment_tensor(grad):
+        if is_moment_tensor(grad):
             self.ring.put(w, 1, grad)
 
     # -- the first non-finite ------------------------------------------------------------

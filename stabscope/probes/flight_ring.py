@@ -66,8 +66,12 @@ class FlightRing:
         whether it held a NaN/Inf when the host knows it for free (eager CPU), else None."""
         host = self.host
         if host is None or compiling() or type(t) is not torch.Tensor or t.device.type != "cpu":
-            cell = self.values[self.slot, w, d]  # (5,)
-            self.values[self.slot, w, d] = _combine(cell, _device_moments(t))
+            # Index with tensors only: Dynamo reads ``values[slot]`` with a 0-d index as an
+            # integer and would recompile at every step.
+            at = self.slot.view(1)
+            cell = self.values.index_select(0, at)[0, w, d]  # (5,)
+            where = (at, _const(w, at), _const(d, at))
+            self.values.index_put_(where, _combine(cell, _device_moments(t)).view(1, STATS))
             return None if host is None or compiling() else not _finite(host[self.index, w, d])
         if host_kernels.ready():
             host_moments.host_moments_into(t, self._row)  # [sum, sumsq, -absmax, absmax]
@@ -95,7 +99,8 @@ class FlightRing:
     def put_run(self, c: int, value: torch.Tensor) -> None:
         """Channel ``c``'s value of the current slot (a 0-d tensor, stays on its device)."""
         v = value.detach().reshape(()).float().to(self.run.device)
-        self.run[self.slot, c] = torch.stack([v, torch.ones_like(v)])
+        at = self.slot.view(1)
+        self.run.index_put_((at, _const(c, at)), torch.stack([v, torch.ones_like(v)]).view(1, 2))
 
     # -- the host side -------------------------------------------------------------------
     def nonfinite(self) -> np.ndarray | None:
@@ -106,11 +111,6 @@ class FlightRing:
         cell = self.host[self.index]  # (W, 2, 5)
         with np.errstate(invalid="ignore"):
             return (cell[..., 4] > 0) & ~(np.isfinite(cell[..., 2]) & np.isfinite(cell[..., 3]))
-
-    def nonfinite_flag(self) -> torch.Tensor:
-        """Whether the current slot saw a NaN/Inf, as a 0-d bool tensor on the device."""
-        ext = self.values[self.slot][..., 2:4]  # (W, 2, 2)
-        return ~torch.isfinite(ext).all()
 
     def seen(self) -> bool:
         """Whether anything was written into the current slot (on the host: CPU only)."""
@@ -141,6 +141,11 @@ class FlightRing:
         self.values[index].zero_()
         self.run[index].zero_()
         self.slot.fill_(index)
+
+
+def _const(i: int, like: torch.Tensor) -> torch.Tensor:
+    """The index ``i`` as a 1-element long tensor on ``like``'s device."""
+    return torch.full((1,), i, dtype=torch.long, device=like.device)
 
 
 def _finite(cell: np.ndarray) -> bool:
