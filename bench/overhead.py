@@ -16,11 +16,17 @@ speed hits every mode alike; the order within a round rotates from round to roun
   standard         every step, standard preset (gradient moments, update ratios and the
                    structure-aware probes: residual, attention, correlation, norms, logits)
   full             every step, full preset (+ parameter moments, model update)
-  unrecorded       recorder attached, but the step is not on the schedule
+  unrecorded       recorder attached, but the step is not on the schedule, flight recorder off
+  flight           the flight recorder alone: every step's block, stem and head statistics
+                   (the recorder attached, the step not on the schedule)
   schedule         standard preset, default schedule, mean over the first --schedule-steps
                    (the stability index included; --sharpness-budget bounds its share)
-Reported: median step time per mode and its ratio to plain; for the default schedule, the
-mean step time over the whole stretch (recorded and unrecorded steps together). The attention
+Reported: median step time per mode and its ratio to plain; for the default schedule (with
+the flight recorder, as by default), the mean step time over the whole stretch (recorded and
+unrecorded steps together), and the device->host transfers per step.
+
+    python bench/overhead.py --modes plain,plain-b,unrecorded,flight --compile
+compiles every copy with torch.compile (--backend, default inductor) before timing. The attention
 probe's share is measured on the standard mode's own model (steps alternating in pairs with
 the probe on and off): two model copies differ by up to ~2% on their own, more than the
 probe costs; a timer around the probe's sampling in those steps gives its own time.
@@ -56,7 +62,8 @@ MODES = {
     "standard": RecorderConfig(schedule=EVERY),
     "full": RecorderConfig(preset="full", schedule=EVERY),
     # Step 0 is recorded (and excluded below); every later step is off the schedule.
-    "unrecorded": RecorderConfig(schedule=Schedule(dense=1, every=0)),
+    "unrecorded": RecorderConfig(schedule=Schedule(dense=1, every=0), flight=False),
+    "flight": RecorderConfig(schedule=Schedule(dense=1, every=0)),
 }
 
 
@@ -119,6 +126,8 @@ def main() -> None:
     )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile every model copy")
+    ap.add_argument("--backend", default="inductor", help="the torch.compile backend")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -167,15 +176,19 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="stabscope-bench-"))
     modes = [m for m in args.modes.split(",") if m in MODES]
     models = {m: copy.deepcopy(base) for m in modes}
-    steps = {m: make_step(models[m]) for m in modes}
+    run = {
+        m: torch.compile(models[m], backend=args.backend) if args.compile else models[m]
+        for m in modes
+    }
+    steps = {m: make_step(run[m]) for m in modes}
     recs = {
         m: None
         if MODES[m] is None
-        else Recorder(models[m], tmp / m, MODES[m], forward=forward).start()
+        else Recorder(run[m], tmp / m, MODES[m], forward=forward).start()
         for m in modes
     }
-    for m in modes:  # warm-up, including the unrecorded mode's one recorded step
-        for _ in range(3):
+    for m in modes:  # warm-up, including the unrecorded mode's one recorded step (compiled:
+        for _ in range(3 if not args.compile else 6):  # and the recompilation after it)
             steps[m](recs[m])
     times: dict[str, list[float]] = {m: [] for m in modes}
     for r in range(args.rounds):
@@ -193,7 +206,8 @@ def main() -> None:
 
     print(
         f"# overhead: GPT depth={args.depth} d={args.width} seq={args.seq_len} "
-        f"batch={args.batch_size} on {device} ({torch.get_num_threads()} threads), "
+        f"batch={args.batch_size} on {device} ({torch.get_num_threads()} threads)"
+        f"{f', compiled ({args.backend})' if args.compile else ''}, "
         f"torch {torch.__version__}, CPU moments: {host_kernels.status()}"
     )
     print("| mode | step time (median) | ratio to plain |")
@@ -202,7 +216,11 @@ def main() -> None:
     for m in modes:
         med = statistics.median(times[m])
         ratio = f"{med / plain:.3f}x" if plain else "-"
-        print(f"| {m} | {med * 1e3:.1f} ms | {ratio} |")
+        syncs = ""
+        if recs[m] is not None:
+            meta = recs[m].meta
+            syncs = f" ({meta['host_syncs'] / max(meta['steps'], 1):.2f} transfers/step)"
+        print(f"| {m}{syncs} | {med * 1e3:.1f} ms | {ratio} |")
     if "standard" in times and "standard-noattn" in times:
         extra = statistics.median(times["standard"]) - statistics.median(times["standard-noattn"])
         share = extra / statistics.median(times["standard-noattn"])
@@ -226,6 +244,10 @@ def main() -> None:
         # Default schedule over a stretch of steps, against plain steps interleaved with it.
         sched_model, plain_model = copy.deepcopy(base), copy.deepcopy(base)
         sched_step, plain_step = make_step(sched_model), make_step(plain_model)
+        if args.compile:
+            sched_model = torch.compile(sched_model, backend=args.backend)
+            plain_model = torch.compile(plain_model, backend=args.backend)
+            sched_step, plain_step = make_step(sched_model), make_step(plain_model)
         sched_cfg = RecorderConfig(sharpness_budget=args.sharpness_budget)
         sched_rec = Recorder(sched_model, tmp / "schedule", sched_cfg, forward=forward).start()
         sched_times, plain_times = [], []
@@ -237,7 +259,8 @@ def main() -> None:
         index = sched_rec.meta.get("stability_index", {})
         ratio = statistics.mean(sched_times) / statistics.mean(plain_times)
         print(
-            f"| default schedule, mean over {args.schedule_steps} steps ({recorded} recorded; "
+            f"| default schedule, mean over {args.schedule_steps} steps ({recorded} recorded, "
+            f"{sched_rec.meta['host_syncs'] / args.schedule_steps:.2f} transfers/step; "
             f"stability index: {index.get('measured', 0)} measured, {index.get('skipped', 0)} "
             f"skipped, budget {args.sharpness_budget}) "
             f"| {statistics.mean(sched_times) * 1e3:.1f} ms | {ratio:.3f}x |"

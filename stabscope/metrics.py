@@ -80,6 +80,19 @@ METRICS: tuple[Metric, ...] = (
            "marker, 1.0", "module", "activations", "cheap", ranks="max"),
     Metric("first_nonfinite_backward", "the first module with a NaN/Inf gradient, backward order",
            "marker, 1.0", "module", "activations", "standard", ranks="max"),
+    # Every step, recorded or not: blocks, stem and head (probes/flight.py).
+    Metric("flight_act_rms", "rms of a block's (stem's, head's) output, every step",
+           "output units", "module", "flight", "cheap"),
+    Metric("flight_act_absmax", "largest |x| of a block's (stem's, head's) output, every step",
+           "output units", "module", "flight", "cheap", ranks="max"),
+    Metric("flight_act_nonfinite", "a block's (stem's, head's) output held a NaN or Inf, every "
+           "step", "flag 0/1", "module", "flight", "cheap", ranks="max"),
+    Metric("flight_grad_rms", "rms of the gradient w.r.t. a block's output, every step",
+           "loss per output unit", "module", "flight", "cheap"),
+    Metric("flight_grad_absmax", "largest |x| of the gradient w.r.t. a block's output, every "
+           "step", "loss per output unit", "module", "flight", "cheap", ranks="max"),
+    Metric("flight_grad_nonfinite", "the gradient w.r.t. a block's output held a NaN or Inf, "
+           "every step", "flag 0/1", "module", "flight", "cheap", ranks="max"),
     # Parameters (probes/parameters.py): every DDP replica holds the same, so rank 0 stands
     # for all; a sharded run records each rank's shard, whose squares add up (rss).
     Metric("param_norm", "L2 norm of the weight before the optimizer step", "weight units", "param",

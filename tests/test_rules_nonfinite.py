@@ -201,8 +201,8 @@ def test_nonfinite_leads_with_the_earlier_direction_from_meta(tmp_path):
     )
     assert "forward pass: first the output of b at step 5" in f.message
     assert "the loss went non-finite at step 6 (nan)" in f.message
-    # 3 forward (b at 5-7) and 10 backward (c and a at 3-7) values, over 5 recorded steps.
-    assert f.value == 3 + 10 and "over 5 recorded steps" in f.message
+    # 3 forward (b at 5-7) and 10 backward (c and a at 3-7) values, over 5 steps.
+    assert f.value == 3 + 10 and "over 5 steps" in f.message
 
 
 def test_nonfinite_in_one_step_forward_comes_first_and_without_markers_module_order_decides(

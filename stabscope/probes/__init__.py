@@ -44,6 +44,7 @@ PROBES: tuple[ProbeEntry, ...] = (
     ProbeEntry("adam", "standard", "adam:AdamEpsProbe"),
     ProbeEntry("model_update", "full", "model_update:ModelUpdateProbe"),
     ProbeEntry("block_input", "standard", "block_input:BlockInputProbe"),
+    ProbeEntry("flight", "cheap", "flight:FlightRecorder"),
 )
 
 BY_NAME: dict[str, ProbeEntry] = {p.name: p for p in PROBES}

@@ -16,7 +16,10 @@ What a probe reads in the forward pass it reads through hooks registered when it
 the module hooks feed the activation probe, the structure-aware probes add listeners to
 ``ProbeContext.listeners`` (attached on recorded steps only). ``stage`` says when a probe is
 built: ``model`` with the recorder, ``structure`` once the model's structure is known,
-``due`` for a probe that measures on its own steps (the stability index, ``measure``).
+``due`` for a probe that measures on its own steps (the stability index, ``measure``),
+``every`` for a probe that watches every step, recorded or not, with its own hooks (the flight
+recorder: ``check(step)`` before each optimizer step, ``boundary(step, collector)`` at each
+step's end, ``close(collector)``; built with the ``structure`` probes, from their context).
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ class ProbeContext:
     params: list[tuple[int, nn.Parameter]]  # (module code, parameter) of the selected ones
     run_code: int  # the code of __run__, the module of run-level rows
     forward: Callable[[nn.Module], Any] | None = None  # the probe batch's forward, if given
-    on_nonfinite: Callable[[str, int, int], None] | None = None
+    on_nonfinite: Callable[..., None] | None = None  # (direction, code, call[, step, extra])
     structure: Any = None  # stabscope.structure.Structure
     modules: dict[str, nn.Module] = field(default_factory=dict)  # clean name -> module
     codes: dict[str, int] = field(default_factory=dict)  # clean name -> module code

@@ -47,6 +47,7 @@ class StructureProbes:
         )
         self.probes: list[BaseProbe] = list(build_probes("structure", ctx).values())
         self.notes = ctx.notes
+        self.context = ctx  # what the probes of stage "every" are built from too
 
     def attach(self) -> None:
         self.listeners.attach()

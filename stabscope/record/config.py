@@ -56,6 +56,11 @@ class RecorderConfig:
     #: when the run knows its plan): a scheduled measurement that would exceed it is skipped
     #: and counted in meta.json. None: no limit.
     sharpness_budget: float | None = None
+    #: The flight recorder: rms, largest |x| and NaN/Inf of every block's, the stem's and the
+    #: head's output and gradient at every step, recorded or not (docs/flight-recorder.md).
+    flight: bool = True
+    #: Steps per ring buffer: one device->host transfer (and one part) per this many steps.
+    flight_every: int = 50
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -66,6 +71,8 @@ class RecorderConfig:
             raise ValueError("sharpness_iters must be positive")
         if self.sharpness_budget is not None and not _is_fraction(self.sharpness_budget):
             raise ValueError("sharpness_budget must be a positive number (0.05: 5%) or None")
+        if self.flight_every < 1:
+            raise ValueError("flight_every must be positive")
 
     @property
     def grads(self) -> bool:
@@ -120,6 +127,8 @@ _EXPECTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "sharpness": (lambda v: isinstance(v, bool), "true or false"),
     "sharpness_iters": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
     "sharpness_budget": (_is_fraction, "a positive fraction of the training time, like 0.05"),
+    "flight": (lambda v: isinstance(v, bool), "true or false"),
+    "flight_every": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
 }
 _SCHEDULE: dict[str, tuple[Callable[[Any], bool], str]] = {
     "dense": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),

@@ -108,6 +108,8 @@ class RunLifecycle:
         self.hooks.detach()
         for probe in self.core.values():
             probe.release()
+        for probe in self.every.values():
+            probe.release()
         for handle in self._optimizer_hooks:
             handle.remove()
         self._optimizer_hooks.clear()
@@ -117,6 +119,7 @@ class RunLifecycle:
         try:
             # A step that was started but never marked is discarded, not half-written.
             self.collector.clear()
+            self._every_close()
             self.host_syncs += self.losses.sync(self.rows)
             self.rows.flush_to_writer()
             self.writer.flush()

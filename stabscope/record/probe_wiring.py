@@ -60,6 +60,7 @@ class ProbeWiring:
         self.structure_probes = StructureProbes(
             self.model, self.structure, self._probe_context, self.hooks
         )
+        self._build_every_probes(self.structure_probes.context)
         self.meta["structure"] = self.structure.to_dict()
         # Notes added before the structure was known (by a caller) are kept after its own.
         self.meta["notes"] = [
@@ -67,6 +68,40 @@ class ProbeWiring:
             *self.structure_probes.notes,
             *self.meta["notes"],
         ]
+
+    def _build_every_probes(self, context: ProbeContext) -> None:
+        """The probes of stage ``every`` (the flight recorder), once the blocks are known.
+        Built at the end of a step they start with the next one."""
+        self.every = build_probes("every", context)
+        for probe in self.every.values():
+            probe.step = self.step_index + (1 if self._recorded_steps else 0)
+
+    def _every_check(self) -> None:
+        for probe in self.every.values():
+            probe.check(self.step_index)
+
+    def _every_boundary(self, step: int) -> None:
+        for probe in self.every.values():
+            probe.boundary(step, self.every_collector)
+        self._every_sync()
+
+    def _every_close(self) -> None:
+        for probe in self.every.values():
+            probe.close(self.every_collector)
+        self._every_sync()
+
+    def _every_sync(self) -> None:
+        """One transfer for what the every-step probes handed over (with the pending losses),
+        written as a part at once: a killed process loses at most one ring of steps."""
+        for probe in self.every.values():
+            if probe.note is not None and probe.note not in self.meta["notes"]:
+                self.meta["notes"].append(probe.note)
+        if not len(self.every_collector):
+            return
+        self.losses.add_to(self.every_collector)
+        self.host_syncs += self.every_collector.sync(self.rows)
+        self.rows.flush_to_writer()
+        self.writer.flush()
 
     def _stop_capture(self) -> None:
         if self._capture is not None:
@@ -77,6 +112,7 @@ class ProbeWiring:
         assert self.sharpness is not None
         listeners = self.structure_probes.listeners if self.structure_probes else None
         pause = (self.hooks, listeners) if listeners is not None else (self.hooks,)
+        pause += tuple(self.every.values())
         plan = self.meta.get("lr_plan")
         planned = plan.get("budget") if isinstance(plan, dict) else None
         optimizers = list(self.optimizer_watch.optimizers.values())

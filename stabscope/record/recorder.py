@@ -102,6 +102,8 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting):
         self.writer = PartWriter(self.run_dir, self.rank, cfg.part_rows, cfg.flush_seconds)
         self.rows = Rows(self.writer)
         self.collector = Collector()
+        self.every_collector = Collector()  # the flight recorder's transfers
+        self.every: dict[str, Any] = {}  # probes of stage "every", once the structure is known
         self.step_index = 0
         self.first_nonfinite: dict[str, dict[str, Any]] = {}
         self._optimizer_hooks: list[Any] = []
@@ -168,6 +170,7 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting):
             self._finish_recorded_step(step)
         elif self.losses.full:
             self.host_syncs += self.losses.sync(self.rows)
+        self._every_boundary(step)
         if self.sharpness is not None:
             self._measure_sharpness(step)
         self.step_index += 1
@@ -239,6 +242,7 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting):
         if self._plan_lr():
             self._save_meta()
         self.optimizer_watch.note_lrs(optimizer)
+        self._every_check()  # gradients in place, weights as the step's forward used them
         if self.hooks.attached:
 
             def measure() -> None:

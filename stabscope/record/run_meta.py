@@ -63,12 +63,23 @@ def initial_meta(
 class MetaWriting:
     """Refreshing and saving the recorder's meta.json."""
 
-    def _note_nonfinite(self, direction: str, code: int, call: int) -> None:
+    def _note_nonfinite(
+        self,
+        direction: str,
+        code: int,
+        call: int,
+        step: int | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        """The first module with a NaN/Inf in ``direction``: from a recorded step's sync (the
+        step being written), or from the flight recorder (its own ``step``, and ``extra``:
+        the watched module where it showed and how the leaf was found)."""
         if direction not in self.first_nonfinite:
             self.first_nonfinite[direction] = {
-                "step": self.rows.step,
+                "step": self.rows.step if step is None else step,
                 "module": self.writer.modules.names[code],
                 "call": call,
+                **(extra or {}),
             }
             self.meta["first_nonfinite"] = self.first_nonfinite
             self._save_meta()

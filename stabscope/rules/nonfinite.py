@@ -1,11 +1,13 @@
 """Rule nonfinite: NaN or Inf in the model is an error, located where it began.
 
 Where it began comes from the table, so that ``--until`` and multi-rank runs see their own
-rows: per direction, the first recorded step where a module output (forward:
-``act_nonfinite``) or a gradient with respect to one (backward: ``grad_nonfinite``) held a
+rows: per direction, the first step where a module output (forward: ``act_nonfinite`` at a
+recorded step, ``flight_act_nonfinite`` of a block, the stem or the head at any step) or a
+gradient with respect to one (backward: ``grad_nonfinite``, ``flight_grad_nonfinite``) held a
 NaN or Inf, and the first module in that direction's order at that step (meta.json's
-``first_nonfinite`` when it is for that step, else the recorder's ``first_nonfinite_*``
-marker row, else the flagged module first in registration order). The earlier of the two
+``first_nonfinite`` when it is for that step: the exact leaf module the flight recorder
+found, else the recorder's ``first_nonfinite_*`` marker row, else the flagged module first in
+registration order). The earlier of the two
 directions leads the finding (in one step, forward comes first). The loss is recorded at
 every step, module statistics only at recorded ones, so the loss can go non-finite earlier;
 its first such step is said too.
@@ -23,11 +25,16 @@ from ..store import RUN_MODULE
 from ..store.findings import Finding
 from .base import Rule, RunView, finding
 
-#: direction -> (its flag metric, its marker metric, what it is a value of)
+#: direction -> (its flag metrics, its marker metric, what it is a value of)
 DIRECTIONS = {
-    "forward": ("act_nonfinite", "first_nonfinite_forward", "output"),
-    "backward": ("grad_nonfinite", "first_nonfinite_backward", "output gradient"),
+    "forward": (("act_nonfinite", "flight_act_nonfinite"), "first_nonfinite_forward", "output"),
+    "backward": (
+        ("grad_nonfinite", "flight_grad_nonfinite"),
+        "first_nonfinite_backward",
+        "output gradient",
+    ),
 }
+FLAGS = tuple(flag for flags, _, _ in DIRECTIONS.values() for flag in flags)
 
 
 @dataclass(frozen=True)
@@ -35,6 +42,7 @@ class FirstNonfinite:
     direction: str  # forward | backward
     step: int
     module: str
+    metric: str  # the flag that showed it at that step (a recorded step's, else the flight's)
 
 
 def _module_order(view: RunView, direction: str) -> dict[str, int]:
@@ -51,20 +59,21 @@ def first_nonfinite(
     """The first recorded step with a non-finite value in ``direction`` and the first module
     in that direction's order at that step; None when every recorded value was finite.
     ``bad``: the flag rows above 0; ``markers``: the recorder's marker rows."""
-    flag, marker, _ = DIRECTIONS[direction]
-    bad = bad[bad.metric == flag]
+    flags, marker, _ = DIRECTIONS[direction]
+    bad = bad[bad.metric.isin(flags)]
     if bad.empty:
         return None
     step = int(bad.step.min())
+    metric = next(f for f in flags if ((bad.step == step) & (bad.metric == f)).any())
     noted = view.meta.first_nonfinite.get(direction) or {}
     if noted.get("step") == step and noted.get("module") is not None:
-        return FirstNonfinite(direction, step, str(noted["module"]))
+        return FirstNonfinite(direction, step, str(noted["module"]), metric)
     candidates = markers[(markers.metric == marker) & (markers.step == step)]
     if candidates.empty:  # no marker row: any flagged module, in module order
         candidates = bad[bad.step == step]
     order = _module_order(view, direction)
     module = min(candidates.module.astype(str), key=lambda m: (order.get(m, len(order)), m))
-    return FirstNonfinite(direction, step, module)
+    return FirstNonfinite(direction, step, module, metric)
 
 
 def first_nonfinite_loss(loss: pd.DataFrame) -> tuple[int, float] | None:
@@ -93,7 +102,7 @@ def _loss_only(step: int, value: float) -> Finding:
 
 def _nonfinite(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     rows = view.metrics(*NONFINITE.needs)  # the rows the engine read to see they exist
-    bad = rows[rows.metric.isin([flag for flag, _, _ in DIRECTIONS.values()]) & (rows.value > 0)]
+    bad = rows[rows.metric.isin(FLAGS) & (rows.value > 0)]
     loss = first_nonfinite_loss(rows)
     if bad.empty:
         if loss is not None:
@@ -115,7 +124,7 @@ def _nonfinite(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     ]
     if loss is not None:
         parts.append(f"the loss went non-finite at step {loss[0]} ({loss[1]})")
-    parts.append(f"{count} module outputs or gradients non-finite over {steps} recorded steps")
+    parts.append(f"{count} module outputs or gradients non-finite over {steps} steps")
     yield finding(
         NONFINITE,
         "error",
@@ -124,7 +133,7 @@ def _nonfinite(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
         step=lead.step,
         value=float(count),
         threshold=0.0,
-        metric=DIRECTIONS[lead.direction][0],
+        metric=lead.metric,
         remedy=f"look at {lead.module}: its {what} was the first non-finite one in "
         f"{lead.direction} order; lower the learning rate, add warm-up or gradient clipping, "
         "or compute that module in float32",
@@ -135,7 +144,7 @@ NONFINITE = Rule(
     "nonfinite",
     "Non-finite values",
     "",
-    ("act_nonfinite", "grad_nonfinite", "loss"),
+    ("act_nonfinite", "grad_nonfinite", "loss", "flight_act_nonfinite", "flight_grad_nonfinite"),
     {},
     _nonfinite,
 )
