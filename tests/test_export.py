@@ -52,11 +52,17 @@ def expected(frame, tag: str) -> tuple[list[int], np.ndarray]:
     name, _, block = tag.partition("/")
     owned = frame.module.str.startswith(f"{block}.")
     own = frame.module == block
+
+    def every(metric: str) -> str:
+        # The flight recorder's every-step series where the run has it, else the scheduled one.
+        flight = f"flight_{metric}"
+        return flight if (own & (frame.metric == flight)).any() else metric
+
     pick = {
         "loss": (frame.metric == "loss", "first"),
         "lr": ((frame.metric == "lr") & (frame["index"] == 0), "first"),
-        "act_rms": (own & (frame.metric == "act_rms"), "first"),
-        "grad_rms": (own & (frame.metric == "grad_rms"), "first"),
+        "act_rms": (own & (frame.metric == every("act_rms")), "first"),
+        "grad_rms": (own & (frame.metric == every("grad_rms")), "first"),
         "attn_entropy_min": (owned & (frame.metric == "attn_entropy"), "min"),
         "attn_logit_max": (owned & (frame.metric == "attn_logit_max"), "max"),
     }
