@@ -51,6 +51,9 @@ class RecorderConfig:
     sharpness: bool | None = None
     #: Lanczos iterations per stability-index measurement (Hessian-vector products).
     sharpness_iters: int = 8
+    #: The rules that hold on a partial run, run while it trains each time a part is written
+    #: (``rules.online``): their error findings warn, call ``on_finding`` or stop the run.
+    online_rules: bool = True
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -108,6 +111,7 @@ _EXPECTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "structure_probes": (lambda v: isinstance(v, bool), "true or false"),
     "sharpness": (lambda v: isinstance(v, bool), "true or false"),
     "sharpness_iters": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    "online_rules": (lambda v: isinstance(v, bool), "true or false"),
 }
 _SCHEDULE: dict[str, tuple[Callable[[Any], bool], str]] = {
     "dense": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),

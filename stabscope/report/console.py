@@ -15,6 +15,7 @@ STATUS_STYLE = {
     "failed": "red",
     "running": "yellow",
     "interrupted": "yellow",
+    "stopped": "red",
     "killed": "red",
     "unfinished": "red",
 }
