@@ -165,3 +165,89 @@ def test_a_loop_that_ignores_the_stop_completes(tmp_path):
     m = meta(tmp_path / "run")
     assert m["status"] == "complete" and "stopped_by" not in m
     assert rec.stopped_by == m["online"]["findings"][0] and rec.stopped_by["seen_at"] == 110
+
+
+def test_a_finding_inside_the_users_exception_handling_never_hides_the_exception(tmp_path):
+    """The loss overflows at step 104; the script's guard raises, and its handler ends the
+    step before re-raising. That step boundary judges the run (a non-finite loss is a
+    trigger), but the stop and the callback wait: the script's own exception ends the run."""
+    cfg = Namespace(**diverging_late.CONFIG)
+    net, _ = late_training(cfg)
+    opt = torch.optim.SGD(net.parameters(), lr=cfg.lr)
+    sched = diverging_late.scheduler(opt, cfg)
+    data = diverging_late.batches(cfg)
+
+    def callback(finding):
+        raise RuntimeError(f"callback saw {finding.rule}")
+
+    rec = Recorder(net, tmp_path / "run", schedule=Schedule(1000), on_error="stop",
+                   on_finding=callback)  # fmt: skip
+    with pytest.raises(FloatingPointError, match="step 104"), rec:
+        for step in range(160):
+            try:
+                opt.zero_grad(set_to_none=True)
+                loss = diverging_late.loss(net, next(data))
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss {loss.item()} at step {step}")
+                loss.backward()
+                opt.step()
+                sched.step()
+                rec.step(loss)
+            except FloatingPointError:
+                rec.step(loss)  # the handler ends the step, then re-raises
+                raise
+    m = meta(tmp_path / "run")
+    assert m["status"] == "failed" and m["error"]["type"] == "FloatingPointError"
+    assert not rec.should_stop and "stopped_by" not in m
+
+
+EXCEPT_SCRIPT = """
+import sys
+from argparse import Namespace
+import torch
+sys.path.insert(0, {scripts!r})
+import diverging_late as d
+
+cfg = Namespace(**d.CONFIG)
+torch.manual_seed(0)
+net = d.model(cfg)
+opt = d.optimizer(net, cfg)
+sched = d.scheduler(opt, cfg)
+data = d.batches(cfg)
+for step in range(160):
+    opt.zero_grad(set_to_none=True)
+    loss = d.loss(net, next(data))
+    try:
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss {{loss.item()}} at step {{step}}")
+    except FloatingPointError:
+        loss.backward()  # the handler finishes the step, then re-raises
+        opt.step()
+        raise
+    loss.backward()
+    opt.step()
+    sched.step()
+"""
+
+
+@pytest.mark.slow
+def test_zero_code_stop_ends_the_script_at_the_boundary_and_never_hides_its_error(tmp_path):
+    common = ("--run-script", "--on-error", "stop", "--preset", "cheap", "-q")
+    run = tmp_path / "zc"
+    every10 = ("--dense", 0, "--every", 10)
+    result = invoke("profile", LATE, *common, *every10, "--out", run, "--", "--steps", 160)
+    assert result.exit_code == 1, result.output
+    m = meta(run)
+    assert m["status"] == "stopped" and m["steps"] == 111
+    assert m["stopped_by"]["rule"] == "nonfinite" and m["stopped_by"]["seen_at"] == 110
+    assert_readable_and_gated(run)
+    # Its own guard raises at step 104 and its handler steps: the script's error wins.
+    script = tmp_path / "guarded.py"
+    script.write_text(EXCEPT_SCRIPT.format(scripts=str(LATE.parent)))
+    run = tmp_path / "guarded"
+    result = invoke("profile", script, *common, "--dense", 1000, "--out", run)
+    assert result.exit_code == 2, result.output
+    assert "FloatingPointError" in result.output and "step 104" in result.output
+    m = meta(run)
+    assert m["status"] == "failed" and m["error"]["type"] == "FloatingPointError"
+    assert "stopped_by" not in m

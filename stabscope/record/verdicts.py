@@ -1,7 +1,8 @@
 """Acting on the rules' verdicts while the run trains (a mixin of ``Recorder``).
 
 The online rules (``rules.online``) run in a worker thread each time a part lands, and at once,
-on the training thread, when the first non-finite value is seen (its rows are written first).
+on the training thread, when the first non-finite value is seen in a module's output or
+gradient, or in a loss synced (its rows are written first).
 At each step boundary the Recorder takes the new error findings and, for each one, once:
 
 - records it in meta.json (``online.findings``, with ``seen_at``, the step it arrived after);
@@ -22,6 +23,7 @@ collective); meta.json notes it.
 
 from __future__ import annotations
 
+import math
 import sys
 import warnings
 from collections.abc import Callable
@@ -60,6 +62,7 @@ class VerdictActions:
         self.stopped_by: dict[str, Any] | None = None
         self._stop_at: int | None = None  # step_index when the stop was asked for
         self._verdict_trigger = False
+        self._loss_nonfinite = False  # a non-finite loss has triggered a check
         self._parts_judged = 0
         self._online_found: list[dict[str, Any]] = []
         self.verdicts: OnlineVerdicts | None = None
@@ -93,6 +96,9 @@ class VerdictActions:
         verdicts = self.verdicts
         if verdicts is None or sys.exc_info()[0] is not None:
             return  # inside the user's exception handling: the next boundary acts
+        last = self.losses.last  # the last loss synced
+        if last is not None and not math.isfinite(last) and not self._loss_nonfinite:
+            self._loss_nonfinite = self._verdict_trigger = True
         if self._verdict_trigger:
             self._verdict_trigger = False
             with interrupts.deferred():  # the rows that tripped it, on disk before the check
