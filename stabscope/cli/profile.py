@@ -88,6 +88,15 @@ def profile(
             "is recorded.",
         ),
     ] = False,
+    on_error: Annotated[
+        str,
+        typer.Option(
+            "--on-error",
+            metavar="[warn|stop]",
+            help="What an error finding of the rules does while the run trains: warn (a "
+            "warning line) or stop (training ends at that step; status stopped, exit 1).",
+        ),
+    ] = "warn",
     force: Annotated[
         bool, typer.Option("--force", help="Overwrite a run already in --out.")
     ] = False,
@@ -105,8 +114,10 @@ def profile(
     """
     from ..record.config import load_pyproject_config
     from ..record.schedule import Schedule
+    from ..rules.online import ON_ERROR
 
     try:
+        values.one_of(on_error, "--on-error", ON_ERROR)
         # Checked before anything is prepared: --force must not clear a run for bad input.
         values.positive_int(steps, "--steps", "200")
         values.positive_int(max_steps, "--max-steps", "100")
@@ -142,12 +153,23 @@ def profile(
     training = TrainingOptions(
         script_args or [], run_script, max_steps, stop_script, no_compile, budget
     )
+    stopped = False
     try:
         # SIGTERM closes the run like Ctrl-C does, from the first moment (store/interrupts.py).
         with interrupts.handling():
             try:
-                run_profile(
-                    script, run_dir, steps, config, seed, device, set_ or [], force, quiet, training
+                stopped = run_profile(
+                    script,
+                    run_dir,
+                    steps,
+                    config,
+                    seed,
+                    device,
+                    set_ or [],
+                    force,
+                    quiet,
+                    training,
+                    on_error,
                 )
             finally:
                 release_run_dir(run_dir)  # a claim no Recorder took over (it ended early)
@@ -163,3 +185,5 @@ def profile(
         ) from None
     except (KeyboardInterrupt, interrupts.Terminated) as e:
         raise typer.Exit(interrupted(run_dir, e)) from None
+    if stopped:  # --on-error stop ended it: the run has an error finding
+        raise typer.Exit(1)

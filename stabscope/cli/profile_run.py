@@ -54,7 +54,9 @@ def run_profile(
     force: bool,
     quiet: bool,
     training: TrainingOptions,
-) -> None:
+    on_error: str = "warn",
+) -> bool:
+    """Profile the script; whether an error finding stopped it (``--on-error stop``)."""
     from ..drivers.profile import pick_device, planned_budget, profile_script
     from ..drivers.script import load_script, parse_set, script_path
     from ..drivers.zerocode import follows_model_script_convention, profile_training_script
@@ -82,10 +84,11 @@ def run_profile(
                 budget=training.budget,
                 force=True,  # prepared above
                 progress=progress,
+                on_error=on_error,
             )
         if rank() == 0:
             _print_profile_result(result.run_dir, result.seconds, result.notes)
-        return
+        return result.stopped_by is not None
     if training.given() is not None:
         raise UsageError(
             f"{training.given()} applies to training scripts, and {path.name} is a model "
@@ -109,11 +112,13 @@ def run_profile(
                 force=True,
                 progress=progress,
                 budget=training.budget,
+                on_error=on_error,
             )
     except UsageError:
         drop_empty_parts(run_dir)
         raise
     _print_profile_result(result.run_dir, result.seconds, result.notes)
+    return result.stopped_by is not None
 
 
 def _lazy_progress(stack: contextlib.ExitStack, disable: bool) -> ProgressFn:
@@ -188,6 +193,7 @@ def _print_profile_result(run_dir: Path, seconds: float, notes: list[str]) -> No
     from ..analysis.summary import summarize
     from ..report.console import print_summary
 
+    # A stopped run's summary says by which finding, on its status line.
     print_summary(summarize(run_dir), err)
     for note in notes:
         err.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)

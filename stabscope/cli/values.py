@@ -58,6 +58,16 @@ def positive_finite(value: float | None, option: str, example: str) -> None:
         require(math.isfinite(value) and value > 0, option, value, "a positive number", example)
 
 
+def one_of(value: str, option: str, choices: Sequence[str]) -> None:
+    """``value`` must be one of ``choices`` (Typer's own choice type would print a framed
+    panel)."""
+    if value not in choices:
+        raise UsageError(
+            f"{option} must be one of {', '.join(choices)}, got {value!r}",
+            hint=f"e.g. {option} {choices[-1]}",
+        )
+
+
 def seed(value: int, option: str = "--seed") -> None:
     require(0 <= value < SEED_LIMIT, option, value, f"an integer in 0 .. {SEED_LIMIT - 1}", "0")
 

@@ -35,6 +35,8 @@ class ProfileResult:
     seconds: float
     last_loss: float | None
     notes: list[str] = field(default_factory=list)
+    #: The finding that stopped the run (``on_error="stop"``), as meta.json's ``stopped_by``.
+    stopped_by: dict[str, Any] | None = None
 
 
 def pick_device(name: str) -> torch.device:
@@ -139,8 +141,11 @@ def profile_script(
     progress: ProgressFn | None = None,
     structure: Structure | None = None,
     budget: int | None = None,
+    on_error: str = "warn",
 ) -> ProfileResult:
     """Build the script's model, train it ``steps`` steps under a Recorder, return a summary.
+    ``on_error="stop"`` ends training at the step boundary where an error finding of the
+    online rules arrives (the run's status is then ``stopped``).
     ``structure`` skips structure discovery (for a model whose wiring was found elsewhere).
     ``budget`` is the planned length of the training (default ``steps``): the scheduler's
     lr is planned that far (meta.json's ``lr_plan``)."""
@@ -204,6 +209,7 @@ def profile_script(
         structure=structure,
         schedulers=sched,
         budget=budget,
+        on_error=on_error,
     )
     try:
         # The theory's profile at init, from the model as built (see docs/theory.md).
@@ -235,6 +241,13 @@ def profile_script(
             rec.step(loss=loss)
             if progress is not None:
                 progress(step + 1, steps, rec.last_loss)
+            if rec.should_stop:
+                break
     return ProfileResult(
-        rec.run_dir, rec.step_index, time.perf_counter() - start, rec.last_loss, notes
+        rec.run_dir,
+        rec.step_index,
+        time.perf_counter() - start,
+        rec.last_loss,
+        notes,
+        rec.stopped_by if rec.meta.get("status") == "stopped" else None,
     )

@@ -28,6 +28,10 @@ micro-batch's own mean, the scale of the loss the optimizer steps on. ``forward=
 **Planned lr.** The Trainer's scheduler (``lr_scheduler``) is planned to ``state.max_steps``
 (meta.json's ``lr_plan``; from the step training starts at when resuming).
 
+With ``on_error="stop"``, an error finding of the online rules sets
+``control.should_training_stop`` at the optimizer step it arrives after, and the run is
+``stopped``.
+
 The run is closed on ``on_train_end``. The Trainer has no exception hook: when training
 raises, the run is closed as ``failed`` at interpreter exit, or when the next ``train()``
 starts.
@@ -111,6 +115,8 @@ class StabscopeCallback(TrainerCallback):
         # and multiplies by their number after the forward pass: do the same.
         across = self._reduce == "sum" and getattr(args, "average_tokens_across_devices", False)
         self.session.step(self._reduce, args.world_size if across else 1)
+        if self.session.should_stop:  # on_error="stop": an error finding arrived
+            control.should_training_stop = True
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any):
         self._remove_hooks()

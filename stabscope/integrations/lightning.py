@@ -20,7 +20,8 @@ The stability index replays ``training_step`` on the first training batch (a cop
 ``self.log_dict`` switched off and ``self.training`` False (the probe's eval mode); not under
 manual optimization, where ``training_step`` steps the optimizers itself.
 The run is closed on ``on_fit_end``, and marked ``failed`` on ``on_exception`` (``interrupted`` for
-Ctrl-C or SIGTERM).
+Ctrl-C or SIGTERM). With ``on_error="stop"``, an error finding of the online rules sets
+``trainer.should_stop`` at the optimizer step it arrives after, and the run is ``stopped``.
 """
 
 from __future__ import annotations
@@ -157,6 +158,8 @@ class StabscopeCallback(Callback):
         if trainer.global_step != self._global_step:  # an optimizer step ended this batch
             self._global_step = trainer.global_step
             self.session.step("mean")
+            if self.session.should_stop:  # on_error="stop": an error finding arrived
+                trainer.should_stop = True
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         self.session.close("complete")

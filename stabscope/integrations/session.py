@@ -59,6 +59,11 @@ class RecordingSession:
         self._losses = []
         self.recorder.step(loss=loss)
 
+    @property
+    def should_stop(self) -> bool:
+        """Whether an error finding asked training to stop (the Recorder's ``on_error``)."""
+        return self.recorder is not None and self.recorder.should_stop
+
     def close(self, status: str = "complete", error: BaseException | None = None) -> None:
         if self.recorder is not None:
             self.recorder.close(status, error)

@@ -61,6 +61,9 @@ class RecorderConfig:
     flight: bool = True
     #: Steps per ring buffer: one device->host transfer (and one part) per this many steps.
     flight_every: int = 50
+    #: The rules that hold on a partial run, run while it trains each time a part is written
+    #: (``rules.online``): their error findings warn, call ``on_finding`` or stop the run.
+    online_rules: bool = True
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -129,6 +132,7 @@ _EXPECTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "sharpness_budget": (_is_fraction, "a positive fraction of the training time, like 0.05"),
     "flight": (lambda v: isinstance(v, bool), "true or false"),
     "flight_every": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    "online_rules": (lambda v: isinstance(v, bool), "true or false"),
 }
 _SCHEDULE: dict[str, tuple[Callable[[Any], bool], str]] = {
     "dense": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),

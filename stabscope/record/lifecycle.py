@@ -81,6 +81,7 @@ class RunLifecycle:
         with interrupts.deferred():
             self._detach_all()
             write_error = self._write_remaining()
+            status = self._close_verdicts(status)  # `stopped` by a finding
             if write_error is not None:
                 status = "failed"
                 self.meta["write_error"] = error_entry(write_error)

@@ -29,6 +29,7 @@ from ..probes.structured import StructureProbes
 from ..store import RUN_MODULE, PartWriter, interrupts
 from ..store import lock as locks
 from ..store.atomic import RESERVE_FILE, SpaceReserve
+from ..store.findings import Finding
 from ..store.rundir import RunExistsError, RunLockedError, prepare_run_dir
 from ..structure import Structure, capture, from_trace
 from .collector import Collector, Rows
@@ -45,9 +46,10 @@ from .optimizers import OptimizerWatch
 from .probe_wiring import ProbeWiring
 from .run_meta import MetaWriting, error_entry, initial_meta
 from .schedule import Schedule
+from .verdicts import VerdictActions, check_on_error
 
 
-class Recorder(RunLifecycle, ProbeWiring, MetaWriting):
+class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
     """Records per-module and per-parameter statistics of ``model`` into a run directory."""
 
     def __init__(
@@ -66,7 +68,10 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting):
         structure: Structure | None = None,
         schedulers: Any = None,
         budget: int | None = None,
+        on_finding: Callable[[Finding], Any] | None = None,
+        on_error: str = "warn",
     ) -> None:
+        check_on_error(on_error)  # before the run directory is touched
         self.forward = forward
         self.structure = structure
         # The planned lr curve (meta.json's lr_plan), when a scheduler or a budget is given.
@@ -88,6 +93,8 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting):
         self.run_dir = prepare_on_rank0(out, lambda: prepare_run_dir(out, force))
         try:
             self._setup(model, cfg, run_info)
+            notes = self._setup_verdicts(on_finding, on_error, self.meta["world_size"])
+            self.meta["notes"] += notes
         except BaseException:
             locks.release(self.run_dir)
             raise
@@ -160,6 +167,7 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting):
             self.start()
         with interrupts.deferred():  # a signal waits until the step is recorded and counted
             self._step(loss)
+        self._judge_step()  # the online rules' verdicts (record/verdicts.py)
 
     def _step(self, loss: torch.Tensor | float | None) -> None:
         step = self.step_index

@@ -83,6 +83,7 @@ class MetaWriting:
             }
             self.meta["first_nonfinite"] = self.first_nonfinite
             self._save_meta()
+            self._trigger_verdicts()
 
     def _save_meta(self) -> None:
         never = self.hooks.never_fired(self.writer.modules.names) if self._recorded_steps else {}

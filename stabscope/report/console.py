@@ -14,6 +14,7 @@ STATUS_STYLE = {
     "failed": "red",
     "running": "yellow",
     "interrupted": "yellow",
+    "stopped": "red",
     "killed": "red",
     "unfinished": "red",
 }

@@ -41,7 +41,7 @@ code { font: 12px ui-monospace, SFMono-Regular, Menlo, monospace; word-break: br
 .status-failed { background: #fde5e1; color: #a3241a; }
 .status-running { background: #fff1cc; color: #8a5b00; }
 .status-interrupted { background: #fff1cc; color: #8a5b00; }
-.status-killed, .status-unfinished { background: #fde5e1; color: #a3241a; }
+.status-killed, .status-unfinished, .status-stopped { background: #fde5e1; color: #a3241a; }
 ol.findings { padding-left: 24px; }
 li.finding { margin: 8px 0; padding: 6px 10px; border-left: 4px solid #aab4be;
              background: #fafbfc; }

@@ -34,6 +34,10 @@ class Rule:
     # What ``check`` reads, when that is not just ``needs`` at every step; all rules' reads
     # come from one pass over the run (a read not declared costs one more pass).
     reads: tuple[Request, ...] = ()
+    # Whether a verdict on the steps written so far holds while the run trains (the online
+    # rules of ``rules.online``): false for rules that need the whole run (how it ended, a
+    # stall after the first step, a forecast to the planned end).
+    online: bool = True
 
     @property
     def requests(self) -> tuple[Request, ...]:

@@ -100,6 +100,7 @@ MODEL_UPDATE = Rule(
     {"first_step": 1.0, "stall": 0.5},
     _model_update,
     "warning",
+    online=False,  # "the rest of the run added less": needs the rest of the run
 )
 
 RULES.append(MODEL_UPDATE)

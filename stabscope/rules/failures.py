@@ -9,10 +9,12 @@ them: a half-finished verdict is not one.
 
 from __future__ import annotations
 
+import contextlib
 import sysconfig
+import threading
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -64,8 +66,21 @@ def isolated(work: Callable[[], T]) -> tuple[T | None, RuleFailure | None]:
     should return a list, not a generator, so that the rule runs inside.
     """
     try:
-        with warnings.catch_warnings(), np.errstate(all="ignore"):
-            warnings.simplefilter("ignore", RuntimeWarning)
+        with _quiet(), np.errstate(all="ignore"):
             return work(), None
     except Exception as e:  # any bug in one rule is reported, not raised
         return None, RuleFailure(type(e).__name__, str(e), _where(e))
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """numpy's RuntimeWarnings off, on the main thread. ``catch_warnings`` changes the filters
+    of the whole process: on another thread (the online rules' worker, ``rules.online``) it
+    would silence the training thread's warnings too, and its exit could undo a filter that
+    thread set meanwhile; that worker drops its warnings itself."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield

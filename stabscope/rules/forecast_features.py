@@ -36,7 +36,7 @@ from . import output_features as out
 from .trends import Feature, log10, nonfinite, series, trend, undefined
 from .view import Request, RunView
 
-__all__ = ["READS", "Feature", "trend_features"]
+__all__ = ["READS", "Feature", "residual_stream", "trend_features"]
 
 ROOT = "<root>"  # the model itself in the module table (module_table.ROOT_NAME; no torch here)
 #: What ``trend_features`` reads, for the rule that uses it to plan in its one pass (every
@@ -80,18 +80,28 @@ def grad_norm_trend(view: RunView) -> Feature:
     return series(name, total, "total gradient norm")
 
 
-def residual_growth(view: RunView) -> Feature:
-    """The residual stream is seen un-normalised at the residual blocks' outputs (Pre-LN) and
-    at every normalisation layer's input (Post-LN's blocks end in a norm: their outputs have
-    unit rms whatever the stream does). Without residual blocks: every module's output."""
-    act = view.metrics("act_rms")
+def residual_stream(view: RunView) -> tuple[pd.DataFrame, str] | None:
+    """The rms of the residual stream, where it is seen un-normalised: the residual blocks'
+    outputs (Pre-LN) and every normalisation layer's input (Post-LN's blocks end in a norm:
+    their outputs have unit rms whatever the stream does); with what it is, for evidence.
+    None without residual blocks."""
     blocks = view.block_names
     if not blocks:
+        return None
+    act = view.metrics("act_rms")
+    seen = [act[act.module.isin(blocks)], view.metrics("norm_input_rms")]
+    return pd.concat([f for f in seen if not f.empty] or seen[:1]), "residual stream rms"
+
+
+def residual_growth(view: RunView) -> Feature:
+    """log10 growth of the residual stream (``residual_stream``); without residual blocks,
+    of every module's output."""
+    stream = residual_stream(view)
+    if stream is None:
+        act = view.metrics("act_rms")
         what = "module output rms (no residual blocks found)"
         return trend("residual_growth", act[act.module != ROOT], what)
-    seen = [act[act.module.isin(blocks)], view.metrics("norm_input_rms")]
-    stream = pd.concat([f for f in seen if not f.empty] or seen[:1])
-    return trend("residual_growth", stream, "residual stream rms")
+    return trend("residual_growth", *stream)
 
 
 def update_ratio(view: RunView) -> tuple[Feature, Feature]:

@@ -1,7 +1,8 @@
 """Rule ``run-status``: a gate must not pass a run that failed, holds nothing, or never ended.
 
 What is known about how the run ended comes from ``store.rundir.run_state`` (meta.json's
-status and the directory's lock): ``failed`` (the error is quoted), ``interrupted`` (by which
+status and the directory's lock): ``failed`` (the error is quoted), ``stopped`` (a rule's
+error while it trained stopped it: ``--on-error stop``), ``interrupted`` (by which
 signal), ``killed`` (status ``running`` with no live writer on this host), ``unfinished``
 (status ``running``, written on another host with no live writer to be seen) or ``running``
 (a live writer: the rules saw the parts written so far).
@@ -34,6 +35,15 @@ def _run_status(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
             value=float(steps),
             remedy="fix the error in meta.json's `error` entry, then profile again",
         )
+    elif state.status == "stopped":
+        rule = (view.meta.stopped_by or {}).get("rule", "a rule")
+        yield finding(
+            RUN_STATUS,
+            "error",
+            f"the run was {state.detail}",
+            value=float(view.meta.steps),
+            remedy=f"fix what {rule} found (its own finding says how), then profile again",
+        )
     elif count_rows(view.run_dir) == 0:
         yield finding(
             RUN_STATUS,
@@ -61,4 +71,12 @@ def _run_status(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
         )
 
 
-RUN_STATUS = Rule("run-status", "Failed, empty or unfinished run", "", (), DEFAULTS, _run_status)
+RUN_STATUS = Rule(
+    "run-status",
+    "Failed, empty, stopped or unfinished run",
+    "",
+    (),
+    DEFAULTS,
+    _run_status,
+    online=False,  # how the run ended
+)

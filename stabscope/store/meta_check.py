@@ -140,6 +140,32 @@ LR_PLAN = Record(  # store/lr_plan.py
     },
     required=("source",),
 )
+#: A verdict that arrived while the run trained (``rules.online``): the finding's fields and
+#: ``seen_at``, the training step at whose boundary it arrived.
+ONLINE_FINDING = Record(
+    {
+        "rule": STR,
+        "severity": STR,
+        "message": STR,
+        "module": MAYBE_STR,
+        "step": MAYBE_INT,
+        "value": MAYBE_NUMBER,
+        "threshold": MAYBE_NUMBER,
+        "metric": MAYBE_STR,
+        "remedy": STR,
+        "seen_at": INT,
+    },
+    required=("rule", "severity", "message", "seen_at"),
+)
+ONLINE = Record(
+    {
+        "on_error": STR,
+        "checks": INT,
+        "seconds": NUMBER,
+        "findings": ListOf(ONLINE_FINDING),
+        "rule_errors": MapOf(STR),
+    }
+)
 
 META = Record(
     {
@@ -170,6 +196,8 @@ META = Record(
         "notes": ListOf(STR),
         "error": ERROR,
         "lr_plan": LR_PLAN,
+        "online": ONLINE,
+        "stopped_by": Record(ONLINE_FINDING.fields, ONLINE_FINDING.required, nullable=True),
     },
     required=("schema_version", "status"),
 )

@@ -48,13 +48,25 @@ class RunMeta(Mapping[str, Any]):
     # -- how it ended ----------------------------------------------------------------------
     @property
     def status(self) -> str:
-        """``complete``, ``failed``, ``interrupted``, ``running``; ``unknown`` when absent."""
+        """``complete``, ``failed``, ``interrupted``, ``stopped``, ``running``; ``unknown``
+        when absent."""
         return str(self.doc.get("status") or "unknown")
 
     @property
     def error(self) -> dict[str, Any] | None:
         """``{type, message, traceback}`` of the exception that ended the run, if one did."""
         return self.doc.get("error") or None
+
+    @property
+    def stopped_by(self) -> dict[str, Any] | None:
+        """The finding that stopped the run (``--on-error stop``): the finding's fields and
+        ``seen_at``, the step at whose end it arrived; None when nothing stopped it."""
+        return self.doc.get("stopped_by") or None
+
+    @property
+    def online_findings(self) -> list[dict[str, Any]]:
+        """The verdicts that arrived while the run trained, in the order they arrived."""
+        return list(self._dict("online").get("findings") or [])
 
     @property
     def interrupted_by(self) -> str | None:

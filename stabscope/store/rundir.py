@@ -5,7 +5,8 @@ anything is built or trained, refuses a directory that holds a run (unless ``for
 that a live writer holds (always), and refuses a directory inside another run.
 
 Readers: ``run_state`` turns meta.json's ``status`` and the lock into what is known about
-the run: ``complete``, ``failed``, ``interrupted``, ``running`` (its writer is alive),
+the run: ``complete``, ``failed``, ``interrupted``, ``stopped`` (a finding stopped it while
+it trained), ``running`` (its writer is alive),
 ``killed`` (status ``running`` and no live writer) or ``unfinished`` (status ``running``,
 written on another host, no lock to tell). ``refuse_output_in_run`` keeps outputs (a report,
 JUnit XML, a prediction) from landing inside a run directory. No torch import here.
@@ -149,13 +150,24 @@ def release_run_dir(out: PathLike) -> None:
 class RunState:
     """What is known about how a run ended, or whether it is still being written."""
 
-    status: str  # complete, failed, interrupted, running, killed, unfinished (or meta's own)
+    # complete, failed, interrupted, stopped, running, killed, unfinished (or meta's own)
+    status: str
     detail: str  # one line for people
 
     @property
     def incomplete(self) -> bool:
         """Ended before its training did, or never closed."""
         return self.status in ("interrupted", "killed", "unfinished")
+
+
+def stopped_detail(meta: RunMeta) -> str:
+    """One line on a stopped run: where, and the finding that stopped it."""
+    by = meta.stopped_by or {}
+    where = f" ({by['module']})" if by.get("module") else ""
+    return (
+        f"stopped after step {meta.steps - 1} by rule {by.get('rule', '?')}{where}: "
+        f"{by.get('message', 'no finding saved')}"
+    )
 
 
 def run_state(run_dir: PathLike, meta: Mapping[str, Any], reread: bool = True) -> RunState:
@@ -168,6 +180,8 @@ def run_state(run_dir: PathLike, meta: Mapping[str, Any], reread: bool = True) -
     if status == "interrupted":
         by = meta.interrupted_by or "a signal"
         return RunState(status, f"interrupted by {by} after {meta.recorded_steps} recorded steps")
+    if status == "stopped":
+        return RunState(status, stopped_detail(meta))
     if status != "running":
         return RunState(status, status)
     pid, host = meta.pid, meta.host

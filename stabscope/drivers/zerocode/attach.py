@@ -29,10 +29,15 @@ The rules (also in docs/zero-code.md):
   next backward call, or the end of the script) and every hook and wrapper is removed, so the
   rest of the script runs untouched; with ``stop_script`` the script is stopped at once by
   ``StopScript`` raised from ``optimizer.step()``.
+- ``on_error="stop"``: when an error finding of the online rules arrives at a step boundary,
+  ``StopOnFinding`` (a ``StopScript``) is raised from ``optimizer.step()`` the same way, and the
+  run closes as ``stopped``. Never while the script is handling an exception of its own: the
+  stop waits for the next boundary, so the script's exception is the one that ends it.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -72,6 +77,11 @@ class StopScript(BaseException):
     script does not swallow it, its ``finally`` blocks still run)."""
 
 
+class StopOnFinding(StopScript):
+    """Ends the script at the step boundary where an error finding asked the run to stop
+    (``on_error="stop"``)."""
+
+
 class ScriptRecording:
     """Finds the model of a running training script and records it with a ``Recorder``."""
 
@@ -86,8 +96,10 @@ class ScriptRecording:
         compile_disabled: bool = False,
         budget: int | None = None,
         progress: StepProgress | None = None,
+        on_error: str = "warn",
     ) -> None:
         self.out = Path(out)
+        self.on_error = on_error
         self.config = config
         self.run_info = run_info
         self.max_steps = max_steps
@@ -215,6 +227,7 @@ class ScriptRecording:
             run_info=self.run_info,
             schedulers=schedulers,
             budget=self.budget,
+            on_error=self.on_error,
         )
         # Steps taken before the model was first called keep their numbers.
         before = (self._steps_before.get(k, 0) for k in self._owners.names)
@@ -274,6 +287,9 @@ class ScriptRecording:
             self.roots.remove()  # module hooks are not iterated here: safe to remove
         if self.progress is not None:
             self.progress(rec.step_index, self.max_steps, rec.last_loss)
+        if rec.should_stop and sys.exc_info()[0] is None:
+            by = rec.stopped_by or {}
+            raise StopOnFinding(f"stopped after step {rec.step_index - 1} by {by.get('rule')}")
         if self.max_steps is not None and rec.step_index >= self.max_steps:
             self.done = True
             if self.stop_script:

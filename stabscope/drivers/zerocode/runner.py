@@ -5,6 +5,8 @@ script ends decides the result:
 
 - returns, or is stopped by ``--stop-script``: the run is ``complete`` and a
   ``TrainingScriptResult`` comes back;
+- is stopped by an error finding (``on_error="stop"``): the run is ``stopped`` (the finding in
+  meta.json's ``stopped_by`` and the result's), and a ``TrainingScriptResult`` comes back;
 - calls ``sys.exit(0)`` / ``sys.exit()`` after at least one step: the run is closed as
   ``complete`` (every step it took is recorded), then ``UsageError`` (exit code 2): the
   script left through ``SystemExit``, so stabscope cannot tell whether training ended;
@@ -40,7 +42,7 @@ from ...store.interrupts import Terminated
 from ...store.rundir import prepare_run_dir, release_run_dir
 from ..profile import seed_everything
 from ..script import script_failure, script_path
-from .attach import ScriptRecording, StepProgress, StopScript
+from .attach import ScriptRecording, StepProgress, StopOnFinding, StopScript
 from .detect import missing_entry_points
 
 #: PyTorch warns that global hooks also fire for the wrapper ``torch.compile(module)`` returns;
@@ -56,6 +58,8 @@ class TrainingScriptResult:
     seconds: float
     last_loss: float | None
     notes: list[str] = field(default_factory=list)
+    #: The finding that stopped the run (``on_error="stop"``), as meta.json's ``stopped_by``.
+    stopped_by: dict[str, Any] | None = None
 
 
 def exit_status(code: Any) -> int:
@@ -107,6 +111,7 @@ def profile_training_script(
     budget: int | None = None,
     force: bool = False,
     progress: StepProgress | None = None,
+    on_error: str = "warn",
 ) -> TrainingScriptResult:
     """Run ``script`` as ``__main__`` with ``args`` and record its training into ``out``.
 
@@ -145,6 +150,7 @@ def profile_training_script(
         compile_disabled=no_compile,
         budget=budget,
         progress=progress,
+        on_error=on_error,
     )
     if rank() == 0:
         prepare_run_dir(out, force)
@@ -175,6 +181,8 @@ def _run(
             warnings.filterwarnings("ignore", message=_COMPILE_WRAPPER_WARNING)
             recording.install()
             runpy.run_path(str(path), run_name="__main__")
+    except StopOnFinding as stop:
+        notes.append(f"{stop} (on error: stop)")
     except StopScript:
         notes.append(f"stopped {path.name} after {max_steps} steps (--stop-script)")
     except (KeyboardInterrupt, Terminated) as exc:  # Terminated is a SystemExit: first
@@ -217,6 +225,7 @@ def _run(
         seconds=time.perf_counter() - start,
         last_loss=rec.last_loss,
         notes=notes,  # the recording's own notes are in meta.json
+        stopped_by=rec.stopped_by if rec.meta.get("status") == "stopped" else None,
     )
 
 

@@ -1,0 +1,113 @@
+"""What the online rules cost a training step: the sample GPT under the default schedule, with
+the rules off, in their worker thread (the default), and on the training thread (each check
+where a part lands, for comparison), interleaved in rounds in one process.
+
+    python bench/online_rules.py                  # GPT depth 6, d=256, seq 128, batch 8, CPU
+    python bench/online_rules.py --device cuda
+
+Parts land often here (``flush_seconds`` 2, so a check starts every few seconds at first):
+the worker's share of the CPU is capped at 1/(1 + PAUSE) of one core whatever the interval.
+Reported: median and mean step time per mode and their ratio to ``off`` (the mean carries the
+steps a check on the training thread blocks), the checks run and their time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sample_models"))
+import gpt
+
+from stabscope import Recorder, RecorderConfig
+from stabscope.drivers.script import ScriptConfig
+
+MODES = ("off", "worker", "inline")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--depth", type=int, default=6)
+    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=300, help="steps per mode")
+    ap.add_argument("--round", type=int, default=10, help="steps per mode and round")
+    ap.add_argument("--flush-seconds", type=float, default=2.0)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    cfg = ScriptConfig(
+        gpt.CONFIG
+        | dict(depth=args.depth, width=args.width, heads=4, seq_len=args.seq_len,
+               batch_size=args.batch_size, vocab=256, successors=4, norm="pre")
+    )  # fmt: skip
+    torch.manual_seed(0)
+    base = gpt.model(cfg).to(device)
+    data = gpt.batches(cfg)
+    batches = [next(data).to(device) for _ in range(16)]
+    tmp = Path(tempfile.mkdtemp(prefix="stabscope-online-"))
+    recs, steps = {}, {}
+    for mode in MODES:
+        model = copy.deepcopy(base)
+        config = RecorderConfig(flush_seconds=args.flush_seconds, online_rules=mode != "off")
+        rec = Recorder(model, tmp / mode, config, forward=lambda m: gpt.loss(m, batches[0]))
+        if mode == "inline" and rec.verdicts is not None:
+            rec.verdicts.landed = rec.verdicts.check_now  # type: ignore[method-assign]
+        recs[mode] = rec.start()
+        steps[mode] = stepper(model, rec, batches, device)
+    times: dict[str, list[float]] = {m: [] for m in MODES}
+    for r in range(args.steps // args.round):
+        for mode in MODES[r % 3 :] + MODES[: r % 3]:
+            times[mode] += [steps[mode]() for _ in range(args.round)]
+    for rec in recs.values():
+        rec.close()
+    print(
+        f"# online rules: GPT depth={args.depth} d={args.width} seq={args.seq_len} "
+        f"batch={args.batch_size} on {device}, default schedule, {args.steps} steps per mode, "
+        f"flush_seconds {args.flush_seconds}"
+    )
+    print("| mode | median step | ratio | mean step | ratio | checks | check time |")
+    print("|---|---|---|---|---|---|---|")
+    med0, mean0 = statistics.median(times["off"]), statistics.mean(times["off"])
+    for mode in MODES:
+        med, mean = statistics.median(times[mode]), statistics.mean(times[mode])
+        v = recs[mode].verdicts
+        checks = f"{v.checks} | {v.seconds:.2f} s" if v is not None else "- | -"
+        print(
+            f"| {mode} | {med * 1e3:.1f} ms | {med / med0:.3f}x | {mean * 1e3:.1f} ms | "
+            f"{mean / mean0:.3f}x | {checks} |"
+        )
+
+
+def stepper(model, rec, batches, device):  # type: ignore[no-untyped-def]
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    state = {"i": 0}
+
+    def step() -> float:
+        batch = batches[state["i"] % len(batches)]
+        state["i"] += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        loss = gpt.loss(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        rec.step(loss=loss)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+
+    return step
+
+
+if __name__ == "__main__":
+    main()

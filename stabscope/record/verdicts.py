@@ -1,0 +1,158 @@
+"""Acting on the rules' verdicts while the run trains (a mixin of ``Recorder``).
+
+The online rules (``rules.online``) run in a worker thread each time a part lands, and at once,
+on the training thread, when the first non-finite value is seen in a module's output or
+gradient, or in a loss synced (its rows are written first).
+At each step boundary the Recorder takes the new error findings and, for each one, once:
+
+- records it in meta.json (``online.findings``, with ``seen_at``, the step it arrived after);
+- warns (a ``StabscopeWarning``, a ``warning:`` line under the CLI);
+- calls ``on_finding(finding)``;
+- with ``on_error="stop"``, asks the run to stop: ``rec.should_stop`` turns true and
+  ``rec.stopped_by`` holds the finding. Whoever drives the loop ends it at this boundary
+  (``stabscope profile``, zero-code mode, the Lightning and HF callbacks do; a plain loop
+  checks ``rec.should_stop``); a run closed without another step is ``stopped``, with the
+  finding in meta.json's ``stopped_by``.
+
+A verdict never interrupts the user's own error handling: while an exception is being handled
+(a step boundary inside the script's ``except`` or ``finally``) findings wait for the next
+boundary, and closing a run never acts on one. With several ranks only rank 0 runs the rules,
+and ``stop`` acts as ``warn`` (stopping one rank would leave the others waiting in their next
+collective); meta.json notes it.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import StabscopeWarning, UsageError
+from ..rules.gate import load_settings
+from ..rules.online import ON_ERROR, OnlineVerdicts, finding_entry
+from ..store import interrupts
+from ..store.findings import Finding
+
+MULTI_RANK_NOTE = (
+    "on_error=stop acts as warn with several ranks: stopping one rank would leave the others "
+    "waiting in their next collective (stop from on_finding, with your own broadcast)"
+)
+
+
+def check_on_error(on_error: str) -> None:
+    if on_error not in ON_ERROR:
+        raise UsageError(
+            f"on_error must be one of {', '.join(ON_ERROR)}, got {on_error!r}",
+            hint="warn reports an error finding while the run trains; stop also stops the run",
+        )
+
+
+class VerdictActions:
+    """The online verdicts of a ``Recorder`` (module docstring)."""
+
+    def _setup_verdicts(
+        self, on_finding: Callable[[Finding], Any] | None, on_error: str, world_size: int
+    ) -> list[str]:
+        """Build the online rules for this run; the notes for meta.json."""
+        check_on_error(on_error)
+        self.on_finding = on_finding
+        self.on_error = on_error
+        self.stopped_by: dict[str, Any] | None = None
+        self._stop_at: int | None = None  # step_index when the stop was asked for
+        self._verdict_trigger = False
+        self._loss_nonfinite = False  # a non-finite loss has triggered a check
+        self._parts_judged = 0
+        self._online_found: list[dict[str, Any]] = []
+        self.verdicts: OnlineVerdicts | None = None
+        notes: list[str] = []
+        if not self.config.online_rules or self.rank != 0:
+            return notes
+        if on_error == "stop" and world_size > 1:
+            self.on_error = "warn"
+            notes.append(MULTI_RANK_NOTE)
+        try:
+            settings = load_settings(None)  # [tool.stabscope.rules], as `check` reads it
+        except UsageError as e:
+            settings = None
+            notes.append(f"online rules use their defaults: {e.message}")
+        self.verdicts = OnlineVerdicts(self.run_dir, settings)
+        return notes
+
+    @property
+    def should_stop(self) -> bool:
+        """Whether an error finding asked the run to stop (``on_error="stop"``)."""
+        return self.stopped_by is not None
+
+    def _trigger_verdicts(self) -> None:
+        """Judge the run at the end of this step, on the training thread (the first
+        non-finite value: the run is likely lost, and a prompt stop saves its compute)."""
+        self._verdict_trigger = True
+
+    def _judge_step(self) -> None:
+        """At a step boundary, outside the step's deferred section: start a check where a
+        part landed (or run one now on a trigger), and act on the findings that arrived."""
+        verdicts = self.verdicts
+        if verdicts is None or sys.exc_info()[0] is not None:
+            return  # inside the user's exception handling: the next boundary acts
+        last = self.losses.last  # the last loss synced
+        if last is not None and not math.isfinite(last) and not self._loss_nonfinite:
+            self._loss_nonfinite = self._verdict_trigger = True
+        if self._verdict_trigger:
+            self._verdict_trigger = False
+            with interrupts.deferred():  # the rows that tripped it, on disk before the check
+                self.rows.flush_to_writer()
+                self.writer.flush()
+                self._save_meta()
+            verdicts.check_now()
+        elif self.writer.parts_written != self._parts_judged:
+            verdicts.landed()
+        self._parts_judged = self.writer.parts_written
+        found = verdicts.take()
+        if found:
+            self._act(found)
+
+    def _act(self, found: list[Finding]) -> None:
+        seen_at = self.step_index - 1  # the step that just ended
+        for f in found:
+            entry = finding_entry(f, seen_at)
+            self._online_found.append(entry)
+            stop = self.on_error == "stop" and self.stopped_by is None
+            if stop:
+                self.stopped_by = entry
+                self._stop_at = self.step_index
+            where = f" ({f.module})" if f.module else ""
+            at = f"step {f.step}" if f.step is not None else "the run"
+            action = "; stopping the run" if stop else ""
+            warnings.warn(
+                f"{f.rule}{where} at {at}, seen after step {seen_at}: {f.message}{action}",
+                StabscopeWarning,
+                stacklevel=4,  # the caller of rec.step()
+            )
+        self._store_verdicts()
+        if self.on_finding is not None:
+            for f in found:
+                self.on_finding(f)
+
+    def _store_verdicts(self) -> None:
+        if self.verdicts is None:
+            return
+        online = self.verdicts.summary(self.on_error)
+        self.meta["online"] = {**online, "findings": self._online_found}
+        with interrupts.deferred():
+            self._save_meta()
+
+    def _close_verdicts(self, status: str) -> str:
+        """Stop the worker and put the verdicts in meta.json; the run's status: ``stopped``
+        when it ends cleanly at the boundary where a finding asked it to stop."""
+        if self.verdicts is None:
+            return status
+        self.verdicts.close()
+        online = self.verdicts.summary(self.on_error)
+        self.meta["online"] = {**online, "findings": self._online_found}
+        ended_there = self._stop_at == self.step_index  # no step after the one that asked
+        if status == "complete" and self.stopped_by is not None and ended_there:
+            self.meta["stopped_by"] = self.stopped_by
+            return "stopped"
+        return status  # a run that went on after the stop was asked, or ended otherwise

@@ -1,0 +1,79 @@
+"""Rule ``residual-stream-growth``: the residual stream's rms growing by orders of magnitude.
+
+Scale-free: per place the stream is seen (a residual block's output, a norm's input; the
+same places as the failure forecast's ``residual_growth`` signal, ``forecast_features``), the
+ratio of its rms at the latest recorded step with a finite value to its rms at the first
+recorded step. The worst place is graded: a warning above 100 (two orders of magnitude), an
+error above 1000 (three).
+
+Why those thresholds: a healthy run's stream grows a little (the sample GPT's Pre-LN norm
+inputs x2.1 over 100 steps; a 4-block sample GPT at lr 3e-2, AdamW, x28 by step 125), while a
+stream that gains three orders of magnitude has left the range where the norms and the
+softmax behave (their Jacobians scale like 1/||x||, logits like ||x||², Xiong et al. 2020;
+Wortsman et al. 2023 reproduce the resulting logit divergence at small scale). A nanoGPT run
+at lr 3e-2 reached x16,000 at ``transformer.h.3`` before it diverged.
+
+Non-finite rows are left out (the ``nonfinite`` rule reports them); a run without residual
+blocks is not judged (its module outputs have no stream to grow).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from ..store.findings import Finding
+from .base import Rule, RunView, finding, graded
+from .forecast_features import residual_stream
+from .health import WORTSMAN
+from .trends import ends
+
+METRICS = ("act_rms", "norm_input_rms")
+
+
+def _residual_stream_growth(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
+    stream = residual_stream(view)
+    if stream is None:
+        return
+    frame, what = stream
+    frame = frame[np.isfinite(frame.value.to_numpy(float))]
+    # One value per place and step (the first call: the stream as the block hands it on).
+    per_step = frame[frame.call == 0].groupby(["module", "step"]).value.first()
+    growth = ends(per_step.rename_axis(["key", "step"]).reset_index())
+    if growth.empty:
+        return
+    worst = growth["log"].idxmax()
+    e = growth.loc[worst]
+    factor = float(10 ** e["log"])
+    grade = graded(factor, p)
+    if grade is None:
+        return
+    severity, threshold = grade
+    grown = growth[growth["log"] > np.log10(p["warning"])]
+    yield finding(
+        RESIDUAL_STREAM_GROWTH,
+        severity,
+        f"the {what} at {worst} grew x{factor:.3g} from step {int(e['from'])} to "
+        f"{int(e['to'])} ({e['first']:.3g} -> {e['last']:.3g}); {len(grown)} of {len(growth)} "
+        f"places grew more than x{p['warning']:g}",
+        module=str(worst),
+        step=int(e["to"]),
+        value=factor,
+        threshold=threshold,
+        metric=str(frame[frame.module == worst].metric.iloc[0]),
+        remedy="lower the peak learning rate or add warm-up; weight decay, QK-layernorm and "
+        "a z-loss keep activations and logits bounded (Wortsman et al. 2023)",
+    )
+
+
+RESIDUAL_STREAM_GROWTH = Rule(
+    "residual-stream-growth",
+    "Residual stream growing by orders of magnitude",
+    WORTSMAN,
+    METRICS,
+    {"warning": 100.0, "error": 1000.0},
+    _residual_stream_growth,
+)
+
+RULES = [RESIDUAL_STREAM_GROWTH]

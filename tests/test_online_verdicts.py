@@ -1,0 +1,253 @@
+"""Verdicts while the run trains: the online rules, ``--on-error warn|stop``, ``on_finding``,
+and a stopped run's status, on real training (a run that diverges to NaN near step 100, and
+the same run kept healthy)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from argparse import Namespace
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import stabscope
+from stabscope import Recorder, Schedule
+from stabscope.cli import app
+from stabscope.errors import StabscopeWarning, UsageError
+from stabscope.rules import ALL_RULES
+from stabscope.rules.online import online_rules
+from tests.conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "tests" / "scripts"))
+import diverging_late
+
+LATE = ROOT / "tests" / "scripts" / "diverging_late.py"
+runner = CliRunner()
+
+
+def invoke(*args: object):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def meta(run) -> dict:
+    return json.loads((run / "meta.json").read_text())
+
+
+def assert_readable_and_gated(run) -> None:
+    """load_run reads every step taken; check fails the stopped run (exit 1) and says why."""
+    m = meta(run)
+    df = stabscope.load_run(run, metrics=["loss"])
+    assert df.step.max() == m["steps"] - 1
+    result = invoke("check", run)
+    assert result.exit_code == 1, result.output
+    found = json.loads((run / "findings.json").read_text())
+    assert {"nonfinite", "run-status"} <= {f["rule"] for f in found}
+    status = next(f for f in found if f["rule"] == "run-status")
+    assert "stopped after step" in status["message"]
+
+
+def test_whole_run_rules_do_not_act_online():
+    ids = {r.id for r in online_rules()}
+    assert {"run-status", "failure-forecast", "model-update"}.isdisjoint(ids)
+    assert {"nonfinite", "gradient-growth", "attention-logit-growth"} <= ids
+    assert len(ids) == len(ALL_RULES) - 3
+
+
+@pytest.mark.slow
+def test_on_error_stop_stops_a_diverging_model_script_at_the_finding(tmp_path):
+    run = tmp_path / "late"
+    result = invoke("profile", LATE, "--steps", 200, "--on-error", "stop", "--out", run, "-q")
+    assert result.exit_code == 1, result.output
+    m = meta(run)
+    assert m["status"] == "stopped"
+    by = m["stopped_by"]
+    assert by["rule"] == "nonfinite" and by["severity"] == "error"
+    # The loss overflows at step 104 (lr x1000 from step 95); the next recorded step is 125,
+    # whose non-finite rows are judged at once: the run ends at that step's boundary.
+    assert 100 <= by["step"] <= 125
+    assert m["steps"] - 1 == by["seen_at"] == by["step"]
+    assert "stopped after step 125 by rule nonfinite" in result.output
+    assert m["online"]["findings"] == [by]
+    assert_readable_and_gated(run)
+    summary = invoke("summary", run)
+    assert summary.exit_code == 0 and "stopped" in summary.output
+
+
+@pytest.mark.slow
+def test_healthy_run_never_fires_and_warn_only_reports(tmp_path):
+    healthy, warned = tmp_path / "healthy", tmp_path / "warned"
+    args = ("--steps", 150, "-q", "--dense", 0, "--every", 10, "--preset", "cheap")
+    ok = invoke("profile", LATE, *args, "--set", "factor=1", "--on-error", "stop", "--out", healthy)
+    assert ok.exit_code == 0, ok.output
+    m = meta(healthy)
+    assert m["status"] == "complete" and m["steps"] == 150 and "stopped_by" not in m
+    assert m["online"]["findings"] == [] and m["online"]["checks"] >= 1
+    # The default, warn: the divergence is reported while it trains and the run goes on.
+    with pytest.warns(StabscopeWarning, match="nonfinite"):  # a warning: line in a terminal
+        bad = invoke("profile", LATE, *args, "--out", warned)
+    assert bad.exit_code == 0, bad.output
+    m = meta(warned)
+    assert m["status"] == "complete" and m["steps"] == 150
+    assert [f["rule"] for f in m["online"]["findings"]] == ["nonfinite"]
+
+
+def test_bad_on_error_is_one_line_with_a_hint(tmp_path):
+    result = invoke("profile", LATE, "--on-error", "bogus", "--out", tmp_path / "x")
+    assert result.exit_code == 2
+    assert "--on-error must be one of warn, stop, got 'bogus'" in result.output
+    assert "hint: e.g. --on-error stop" in result.output
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(UsageError, match="on_error must be one of warn, stop"):
+        Recorder(torch.nn.Linear(2, 2), tmp_path / "y", on_error="bogus")
+    assert not (tmp_path / "y").exists()
+
+
+def late_training(cfg: Namespace):
+    torch.manual_seed(0)
+    net = diverging_late.model(cfg)
+    opt = diverging_late.optimizer(net, cfg)
+    sched = diverging_late.scheduler(opt, cfg)
+    data = diverging_late.batches(cfg)
+
+    def step() -> torch.Tensor:
+        opt.zero_grad(set_to_none=True)
+        loss = diverging_late.loss(net, next(data))
+        loss.backward()
+        opt.step()
+        sched.step()
+        return loss
+
+    return net, step
+
+
+def test_on_finding_gets_each_error_finding_once(tmp_path):
+    cfg = Namespace(**diverging_late.CONFIG)
+    net, step = late_training(cfg)
+    got = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        every10 = Schedule(10, 10)
+        with Recorder(net, tmp_path / "run", schedule=every10, on_finding=got.append) as rec:
+            for _ in range(160):
+                rec.step(step())
+    assert [f.rule for f in got] == ["nonfinite"] and got[0].severity == "error"
+    # Judged at the first recorded step with a non-finite row (every 10th step here).
+    assert got[0].step == 110 and "NaN/Inf from step 110" in got[0].message
+    m = meta(tmp_path / "run")
+    assert m["status"] == "complete" and m["steps"] == 160  # warn: training went on
+    assert m["online"]["findings"][0]["seen_at"] == 110
+    assert any("nonfinite" in str(w.message) for w in caught)
+
+
+def test_a_plain_loop_stops_on_should_stop(tmp_path):
+    cfg = Namespace(**diverging_late.CONFIG)
+    net, step = late_training(cfg)
+    with Recorder(net, tmp_path / "run", schedule=Schedule(10, 10), on_error="stop") as rec:
+        for _ in range(160):
+            rec.step(step())
+            if rec.should_stop:
+                break
+    m = meta(tmp_path / "run")
+    assert m["status"] == "stopped" and m["steps"] == 111
+    assert rec.stopped_by == m["stopped_by"] and m["stopped_by"]["seen_at"] == 110
+
+
+def test_a_loop_that_ignores_the_stop_completes(tmp_path):
+    """``stopped`` means the run ended where the finding asked; one that went on is complete."""
+    cfg = Namespace(**diverging_late.CONFIG)
+    net, step = late_training(cfg)
+    with Recorder(net, tmp_path / "run", schedule=Schedule(10, 10), on_error="stop") as rec:
+        for _ in range(120):
+            rec.step(step())
+    m = meta(tmp_path / "run")
+    assert m["status"] == "complete" and "stopped_by" not in m
+    assert rec.stopped_by == m["online"]["findings"][0] and rec.stopped_by["seen_at"] == 110
+
+
+def test_a_finding_inside_the_users_exception_handling_never_hides_the_exception(tmp_path):
+    """The loss overflows at step 104; the script's guard raises, and its handler ends the
+    step before re-raising. That step boundary judges the run (a non-finite loss is a
+    trigger), but the stop and the callback wait: the script's own exception ends the run."""
+    cfg = Namespace(**diverging_late.CONFIG)
+    net, _ = late_training(cfg)
+    opt = torch.optim.SGD(net.parameters(), lr=cfg.lr)
+    sched = diverging_late.scheduler(opt, cfg)
+    data = diverging_late.batches(cfg)
+
+    def callback(finding):
+        raise RuntimeError(f"callback saw {finding.rule}")
+
+    rec = Recorder(net, tmp_path / "run", schedule=Schedule(1000), on_error="stop",
+                   on_finding=callback)  # fmt: skip
+    with pytest.raises(FloatingPointError, match="step 104"), rec:
+        for step in range(160):
+            try:
+                opt.zero_grad(set_to_none=True)
+                loss = diverging_late.loss(net, next(data))
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss {loss.item()} at step {step}")
+                loss.backward()
+                opt.step()
+                sched.step()
+                rec.step(loss)
+            except FloatingPointError:
+                rec.step(loss)  # the handler ends the step, then re-raises
+                raise
+    m = meta(tmp_path / "run")
+    assert m["status"] == "failed" and m["error"]["type"] == "FloatingPointError"
+    assert not rec.should_stop and "stopped_by" not in m
+
+
+EXCEPT_SCRIPT = """
+import sys
+from argparse import Namespace
+import torch
+sys.path.insert(0, {scripts!r})
+import diverging_late as d
+
+cfg = Namespace(**d.CONFIG)
+torch.manual_seed(0)
+net = d.model(cfg)
+opt = d.optimizer(net, cfg)
+sched = d.scheduler(opt, cfg)
+data = d.batches(cfg)
+for step in range(160):
+    opt.zero_grad(set_to_none=True)
+    loss = d.loss(net, next(data))
+    try:
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss {{loss.item()}} at step {{step}}")
+    except FloatingPointError:
+        loss.backward()  # the handler finishes the step, then re-raises
+        opt.step()
+        raise
+    loss.backward()
+    opt.step()
+    sched.step()
+"""
+
+
+@pytest.mark.slow
+def test_zero_code_stop_ends_the_script_at_the_boundary_and_never_hides_its_error(tmp_path):
+    common = ("--run-script", "--on-error", "stop", "--preset", "cheap", "-q")
+    run = tmp_path / "zc"
+    every10 = ("--dense", 0, "--every", 10)
+    result = invoke("profile", LATE, *common, *every10, "--out", run, "--", "--steps", 160)
+    assert result.exit_code == 1, result.output
+    m = meta(run)
+    assert m["status"] == "stopped" and m["steps"] == 111
+    assert m["stopped_by"]["rule"] == "nonfinite" and m["stopped_by"]["seen_at"] == 110
+    assert_readable_and_gated(run)
+    # Its own guard raises at step 104 and its handler steps: the script's error wins.
+    script = tmp_path / "guarded.py"
+    script.write_text(EXCEPT_SCRIPT.format(scripts=str(LATE.parent)))
+    run = tmp_path / "guarded"
+    result = invoke("profile", script, *common, "--dense", 1000, "--out", run)
+    assert result.exit_code == 2, result.output
+    assert "FloatingPointError" in result.output and "step 104" in result.output
+    m = meta(run)
+    assert m["status"] == "failed" and m["error"]["type"] == "FloatingPointError"
+    assert "stopped_by" not in m
