@@ -51,6 +51,9 @@ class RecorderConfig:
     sharpness: bool | None = None
     #: Lanczos iterations per stability-index measurement (Hessian-vector products).
     sharpness_iters: int = 8
+    #: ||Δθ|| and ||θ|| of every residual block at every step (a kept copy of the block
+    #: parameters); None = on while the blocks hold at most 100M values.
+    step_updates: bool | None = None
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -108,6 +111,7 @@ _EXPECTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "structure_probes": (lambda v: isinstance(v, bool), "true or false"),
     "sharpness": (lambda v: isinstance(v, bool), "true or false"),
     "sharpness_iters": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    "step_updates": (lambda v: isinstance(v, bool), "true or false"),
 }
 _SCHEDULE: dict[str, tuple[Callable[[Any], bool], str]] = {
     "dense": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
