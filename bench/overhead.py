@@ -16,7 +16,9 @@ speed hits every mode alike; the order within a round rotates from round to roun
   standard         every step, standard preset (gradient moments, update ratios and the
                    structure-aware probes: residual, attention, correlation, norms, logits)
   full             every step, full preset (+ parameter moments, model update)
-  unrecorded       recorder attached, but the step is not on the schedule
+  unrecorded       recorder attached, but the step is not on the schedule (loss, lr, the
+                   gradient norm and the block update norms of every step)
+  unrecorded-noupdates  the same with step_updates off: loss, lr and the gradient norm only
   schedule         standard preset, default schedule, mean over the first --schedule-steps
 Reported: median step time per mode and its ratio to plain; for the default schedule, the
 mean step time over the whole stretch (recorded and unrecorded steps together). The attention
@@ -56,6 +58,7 @@ MODES = {
     "full": RecorderConfig(preset="full", schedule=EVERY),
     # Step 0 is recorded (and excluded below); every later step is off the schedule.
     "unrecorded": RecorderConfig(schedule=Schedule(dense=1, every=0)),
+    "unrecorded-noupdates": RecorderConfig(schedule=Schedule(dense=1, every=0), step_updates=False),
 }
 
 
@@ -112,6 +115,7 @@ def main() -> None:
     )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    ap.add_argument("--clip", type=float, default=0.0, help="clip_grad_norm_ max_norm (0: none)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -149,6 +153,8 @@ def main() -> None:
             loss = gpt.loss(model, batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if args.clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
             opt.step()
             if rec is not None:
                 rec.step(loss=loss)
@@ -187,6 +193,7 @@ def main() -> None:
     print(
         f"# overhead: GPT depth={args.depth} d={args.width} seq={args.seq_len} "
         f"batch={args.batch_size} on {device} ({torch.get_num_threads()} threads), "
+        f"clip={args.clip or 'none'}, "
         f"torch {torch.__version__}, CPU moments: {host_kernels.status()}"
     )
     print("| mode | step time (median) | ratio to plain |")
