@@ -19,6 +19,7 @@ speed hits every mode alike; the order within a round rotates from round to roun
   unrecorded       recorder attached, but the step is not on the schedule, flight recorder off
   flight           the flight recorder alone: every step's block, stem and head statistics
                    (the recorder attached, the step not on the schedule)
+  unrecorded-noupdates  unrecorded with step_updates off: loss, lr and the gradient norm only
   schedule         standard preset, default schedule, mean over the first --schedule-steps
                    (the stability index included; --sharpness-budget bounds its share)
 Reported: median step time per mode and its ratio to plain; for the default schedule (with
@@ -64,6 +65,9 @@ MODES = {
     # Step 0 is recorded (and excluded below); every later step is off the schedule.
     "unrecorded": RecorderConfig(schedule=Schedule(dense=1, every=0), flight=False),
     "flight": RecorderConfig(schedule=Schedule(dense=1, every=0)),
+    "unrecorded-noupdates": RecorderConfig(
+        schedule=Schedule(dense=1, every=0), flight=False, step_updates=False
+    ),
 }
 
 
@@ -128,6 +132,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     ap.add_argument("--compile", action="store_true", help="torch.compile every model copy")
     ap.add_argument("--backend", default="inductor", help="the torch.compile backend")
+    ap.add_argument("--clip", type=float, default=0.0, help="clip_grad_norm_ max_norm (0: none)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -165,6 +170,8 @@ def main() -> None:
             loss = gpt.loss(model, batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if args.clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
             opt.step()
             if rec is not None:
                 rec.step(loss=loss)
@@ -208,6 +215,7 @@ def main() -> None:
         f"# overhead: GPT depth={args.depth} d={args.width} seq={args.seq_len} "
         f"batch={args.batch_size} on {device} ({torch.get_num_threads()} threads)"
         f"{f', compiled ({args.backend})' if args.compile else ''}, "
+        f"clip={args.clip or 'none'}, "
         f"torch {torch.__version__}, CPU moments: {host_kernels.status()}"
     )
     print("| mode | step time (median) | ratio to plain |")

@@ -59,6 +59,22 @@ METRICS: tuple[Metric, ...] = (
            "the loss's own (nats for cross-entropy)", "run", "recorder", "cheap"),
     Metric("lr", "the lr a param group's optimizer.step() used (index = group)", "learning rate",
            "run", "recorder", "cheap", ranks="rank0", worse="none"),
+    # Every step (record/step_norms.py). DDP replicas share the averaged gradient (rank 0
+    # stands for all); a sharded run records each rank's shard (rss).
+    Metric("grad_norm", "global L2 gradient norm before clipping (the clip's own total where "
+           "the script clips), every step", "loss per weight unit", "run", "recorder", "cheap",
+           ranks="rank0", shards="rss"),
+    Metric("grad_norm_clipped", "global L2 norm of the gradients optimizer.step() received, "
+           "after the script's clip; steps with a clip only", "loss per weight unit", "run",
+           "recorder", "cheap", ranks="rank0", shards="rss"),
+    Metric("block_param_norm", "||θ|| of a residual block's parameters before optimizer.step(), "
+           "every step", "weight units", "module", "recorder", "cheap", ranks="rank0",
+           shards="rss", worse="none"),
+    Metric("block_update_norm", "||Δθ|| of a residual block's parameters across "
+           "optimizer.step(), every step", "weight units", "module", "recorder", "cheap",
+           ranks="rank0", shards="rss"),
+    Metric("block_update_ratio", "block_update_norm / block_param_norm, every step", "ratio",
+           "module", "recorder", "cheap", ranks="rank0", shards="max"),
     # Module outputs and the gradients w.r.t. them (probes/activations.py).
     Metric("act_mean", "mean of the module's output", "output units", "module", "activations",
            "cheap"),

@@ -88,19 +88,20 @@ def train(
     model = tiny_gpt2() if model is None else model
     witness = Witness(model)
     args = TrainingArguments(
-        **arguments,
         output_dir=str(run_dir.parent / "trainer"),
         max_steps=steps,
         per_device_train_batch_size=4,
         gradient_accumulation_steps=accumulate,
         learning_rate=1e-3,
-        max_grad_norm=1e9,  # computed and logged, never clipping
+        # computed and logged, by default never clipping
+        max_grad_norm=arguments.pop("max_grad_norm", 1e9),
         logging_steps=1,
         save_strategy="no",
         report_to="none",
         use_cpu=True,
         disable_tqdm=True,
         seed=0,
+        **arguments,
     )
     callbacks = [witness, *extra]
     if recorded:
@@ -142,6 +143,18 @@ def test_recorded_steps_loss_and_gradients_are_the_trainers(run_dir, accumulate)
     acts = stabscope.load_run(run_dir, modules=["transformer.h.0"], metrics=["act_rms"])
     assert set(acts.groupby("step").call.nunique()) == {accumulate}
     assert not model._forward_hooks
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_grad_norm_is_the_trainers_logged_norm_before_its_clip(run_dir, accumulate):
+    """With the Trainer clipping (max_grad_norm), grad_norm is the norm it logged (its clip's
+    return), and grad_norm_clipped the norm of what it handed the optimizer."""
+    _, witness, _ = train(run_dir, accumulate, max_grad_norm=0.5)
+    logged = [witness.logged[s + 1]["grad_norm"] for s in range(STEPS)]
+    assert min(logged) > 0.5  # every step clips
+    np.testing.assert_allclose(series(run_dir, "grad_norm", "__run__"), logged, rtol=1e-6)
+    handed = [np.sqrt(sum(g**2 for g in s["grad"].values())) for s in witness.steps]
+    np.testing.assert_allclose(series(run_dir, "grad_norm_clipped", "__run__"), handed, rtol=1e-5)
 
 
 def test_without_loss_kwargs_the_micro_batch_means_are_averaged(run_dir):

@@ -76,6 +76,7 @@ def fit(
     extra: tuple[L.Callback, ...] = (),
     recorded: bool = True,
     accumulate: int = ACCUMULATE,
+    clip: float | None = None,
     **options,
 ) -> L.Trainer:
     """``extra`` callbacks run before stabscope's; ``recorded=False``: without stabscope."""
@@ -88,6 +89,7 @@ def fit(
         max_epochs=1,
         accelerator="cpu",
         accumulate_grad_batches=accumulate,
+        gradient_clip_val=clip,
         callbacks=callbacks,
         logger=False,
         enable_checkpointing=False,
@@ -125,6 +127,19 @@ def test_one_step_per_optimizer_step_with_this_steps_loss_and_gradients(run_dir)
     acts = stabscope.load_run(run_dir, modules=["net.0"], metrics=["act_rms"], phase="train")
     assert acts.groupby("step").call.nunique().tolist() == [2, 2, 2, 2, 1]
     assert all(not m._forward_hooks for m in module.modules())  # nothing left attached
+
+
+def test_grad_norm_is_the_norm_before_lightnings_clip(run_dir):
+    """gradient_clip_val: Lightning clips inside the optimizer's closure, after
+    ``on_before_optimizer_step`` (where the module took its gradients' norms)."""
+    module = Regressor()
+    fit(module, run_dir, clip=0.05)
+    pre = [np.sqrt(sum(g**2 for g in s["grad"].values())) for s in module.steps]
+    assert min(pre) > 0.05  # every step clips
+    np.testing.assert_allclose(series(run_dir, "grad_norm", "__run__"), pre, rtol=1e-5)
+    # clip_grad_norm_ scales by max_norm / (norm + 1e-6)
+    want = [0.05 * p / (p + 1e-6) for p in pre]
+    np.testing.assert_allclose(series(run_dir, "grad_norm_clipped", "__run__"), want, rtol=1e-5)
 
 
 def test_lr_is_the_one_each_optimizer_step_used(run_dir):

@@ -64,6 +64,9 @@ class RecorderConfig:
     #: The rules that hold on a partial run, run while it trains each time a part is written
     #: (``rules.online``): their error findings warn, call ``on_finding`` or stop the run.
     online_rules: bool = True
+    #: ||Δθ|| and ||θ|| of every residual block at every step (a kept copy of the block
+    #: parameters); None = on while the blocks hold at most 100M values.
+    step_updates: bool | None = None
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -133,6 +136,7 @@ _EXPECTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "flight": (lambda v: isinstance(v, bool), "true or false"),
     "flight_every": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
     "online_rules": (lambda v: isinstance(v, bool), "true or false"),
+    "step_updates": (lambda v: isinstance(v, bool), "true or false"),
 }
 _SCHEDULE: dict[str, tuple[Callable[[Any], bool], str]] = {
     "dense": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),

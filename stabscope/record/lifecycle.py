@@ -21,6 +21,7 @@ from torch.optim.optimizer import (
 from ..store import interrupts
 from ..store import lock as locks
 from ..structure import discover
+from . import clip_sites
 from .run_meta import error_entry
 
 _Run = TypeVar("_Run", bound="RunLifecycle")
@@ -64,6 +65,7 @@ class RunLifecycle:
                 register_optimizer_step_pre_hook(self._before_optimizer_step),
                 register_optimizer_step_post_hook(self._after_optimizer_step),
             ]
+            clip_sites.listen(self.step_norms.on_clip)
             self._arm(self.step_index)
         return self
 
@@ -114,6 +116,8 @@ class RunLifecycle:
         for handle in self._optimizer_hooks:
             handle.remove()
         self._optimizer_hooks.clear()
+        clip_sites.unlisten(self.step_norms.on_clip)
+        self.step_norms.release()
 
     def _write_remaining(self) -> BaseException | None:
         """Write every buffered row; the error that stopped it, if any."""

@@ -2,14 +2,21 @@
 
 A recorded step syncs its losses with the step's other statistics; between recorded steps they
 wait, and past ``MAX_PENDING`` they are synced on their own (one transfer for all of them).
+Other every-step values (``step_norms.py``: gradient norms, block update norms) wait with them,
+each with the decoder that turns it into rows.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from .collector import Collector, Rows
+
+#: Turns one step's values (float64, as the collector decodes them) into rows of that step.
+StepDecoder = Callable[[np.ndarray, Rows, int], None]
 
 #: Losses of unrecorded steps wait on the device; past this many they are synced anyway.
 MAX_PENDING = 1024
@@ -22,6 +29,11 @@ class PendingLosses:
         self.run_code = run_code
         self.last: float | None = None  # the last loss synced
         self._pending: list[tuple[int, torch.Tensor]] = []  # (step, 0-d tensor)
+        self._values: list[tuple[int, torch.Tensor, StepDecoder]] = []  # other values
+
+    def add_values(self, step: int, values: torch.Tensor, decode: StepDecoder) -> None:
+        """Keep ``values`` (any shape, on its device) of ``step`` until the next sync."""
+        self._values.append((step, values, decode))
 
     def add(self, step: int, loss: torch.Tensor | float) -> None:
         value = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
@@ -29,10 +41,14 @@ class PendingLosses:
 
     @property
     def full(self) -> bool:
-        return len(self._pending) >= MAX_PENDING
+        return max(len(self._pending), len(self._values)) >= MAX_PENDING
 
     def add_to(self, collector: Collector) -> None:
-        """Hand every pending loss to ``collector`` (one stacked tensor)."""
+        """Hand every pending loss to ``collector`` (one stacked tensor), and the other
+        values (the collector joins them per device: one transfer for all)."""
+        for step, values, decode_values in self._values:
+            collector.add(values, lambda v, rows, s=step, d=decode_values: d(v, rows, s))
+        self._values = []
         if not self._pending:
             return
         steps = np.array([s for s, _ in self._pending], np.int32)

@@ -62,6 +62,10 @@ class ProbeWiring:
         )
         self._build_every_probes(self.structure_probes.context)
         self.meta["structure"] = self.structure.to_dict()
+        blocks = [(b.name, self._probe_context.names(b.name)) for b in self.structure.blocks]
+        self.step_norms.set_blocks(blocks)
+        if self.step_norms.note is not None:
+            self.meta["notes"].append(self.step_norms.note)
         # Notes added before the structure was known (by a caller) are kept after its own.
         self.meta["notes"] = [
             *self.structure.notes,

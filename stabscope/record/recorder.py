@@ -46,6 +46,7 @@ from .optimizers import OptimizerWatch
 from .probe_wiring import ProbeWiring
 from .run_meta import MetaWriting, error_entry, initial_meta
 from .schedule import Schedule
+from .step_norms import StepNorms
 from .verdicts import VerdictActions, check_on_error
 
 
@@ -131,6 +132,8 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
         param_codes = [(self.writer.modules(name), p) for name, p in params]
         self._run_code = self.writer.modules(RUN_MODULE)
         self.losses = PendingLosses(self._run_code)
+        # Gradient norms before/after clipping and block update norms, every step.
+        self.step_norms = StepNorms(select_parameters(model), self._run_code, cfg.step_updates)
         # What every probe is built from (the registry, ``stabscope.probes``).
         context = ProbeContext(
             model=model,
@@ -173,6 +176,8 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
         step = self.step_index
         if loss is not None:
             self.losses.add(step, loss)
+        for values, decode in self.step_norms.take():
+            self.losses.add_values(step, values, decode)
         self.optimizer_watch.record_lr(self.rows, self._run_code, step)
         if self.hooks.attached:
             self._finish_recorded_step(step)
@@ -250,20 +255,24 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
         if self._plan_lr():
             self._save_meta()
         self.optimizer_watch.note_lrs(optimizer)
-        self._every_check()  # gradients in place, weights as the step's forward used them
-        if self.hooks.attached:
+        recorded = self.hooks.attached
 
-            def measure() -> None:
+        def measure() -> None:
+            self._every_check()  # gradients in place, weights as the step's forward used them
+            self.step_norms.before_optimizer_step(optimizer)
+            if recorded:
                 for probe in self.core.values():
                     probe.before_optimizer_step(optimizer)
 
-            if closure_of(args, kw) is None:
-                measure()
-            else:  # the closure computes this step's gradients: measure after it
-                return after_first_call(args, kw, measure)
-        return None
+        if closure_of(args, kw) is None:
+            measure()
+            return None
+        # The closure computes this step's gradients (and may clip them): measure after it.
+        return after_first_call(args, kw, measure)
 
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kw: Any) -> None:
+        if self.optimizer_watch.owns(optimizer):
+            self.step_norms.after_optimizer_step(optimizer)
         if self.optimizer_watch.owns(optimizer) and self.hooks.attached:
             for probe in self.core.values():
                 probe.after_optimizer_step(optimizer)

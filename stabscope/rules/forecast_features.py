@@ -18,7 +18,8 @@ window's end is its last 20% of steps (at least one); V is the output head's cla
 - ``attn_logit_growth``: max over attention modules of log10(max logit last / first).
 - ``entropy_drop``: max over attention heads of log10(entropy first / last); +inf for a head
   whose entropy fell to exactly 0 (every query on one key).
-- ``grad_norm_trend``: log10(total gradient norm last / first), total = sqrt(sum of squares).
+- ``grad_norm_trend``: log10(global gradient norm last / first): ``grad_norm`` (before clipping)
+  at the steps with parameter statistics, else sqrt(sum of squares of ``param_grad_norm``).
 - ``residual_growth``: max of log10(rms last / first) over where the residual stream is seen
   un-normalised: residual blocks' outputs and norm layers' inputs (without residual blocks,
   every module's output).
@@ -32,7 +33,10 @@ from __future__ import annotations
 
 import pandas as pd
 
+from ..store import RUN_MODULE
 from . import output_features as out
+from .grad_norms import READS as GRAD_READS
+from .grad_norms import total_by_step
 from .trends import Feature, log10, nonfinite, series, trend, undefined
 from .view import Request, RunView
 
@@ -45,7 +49,7 @@ READS: tuple[Request, ...] = (
     Request(("loss",)),
     Request(out.LOGITS),
     Request(("attn_logit_max", "attn_entropy")),
-    Request(("param_grad_norm",)),
+    *GRAD_READS,
     Request(("act_rms", "norm_input_rms")),
     Request(("update_ratio",)),
 )
@@ -70,14 +74,19 @@ def entropy_drop(view: RunView) -> Feature:
 
 
 def grad_norm_trend(view: RunView) -> Feature:
+    """Before clipping where the run recorded it (``grad_norm``), at the steps that have
+    parameter statistics: the steps the forecast was fitted on."""
     name, g = "grad_norm_trend", view.metrics("param_grad_norm")
+    pre = view.metrics("grad_norm")
+    pre = pre[pre.module == RUN_MODULE]
+    if not pre.empty:
+        g = pre[pre.step.isin(g.step)] if not g.empty else pre
     if g.empty:
         return undefined(name, "param_grad_norm not recorded")
     bad = nonfinite(name, g, "a gradient norm")
     if bad is not None:
         return bad
-    total = g.assign(value=g.value.astype(float) ** 2).groupby("step").value.sum() ** 0.5
-    return series(name, total, "total gradient norm")
+    return series(name, total_by_step(g), "total gradient norm")
 
 
 def residual_stream(view: RunView) -> tuple[pd.DataFrame, str] | None:

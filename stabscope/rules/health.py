@@ -1,5 +1,5 @@
-"""Rules on any model: run status, non-finite values (``nonfinite.py``), loss spikes, update
-size, Adam's epsilon, logits."""
+"""Rules on any model: run status, non-finite values (``nonfinite.py``), loss and gradient-norm
+spikes (``spikes.py``), update size, Adam's epsilon, logits."""
 
 from __future__ import annotations
 
@@ -7,56 +7,12 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from ..store import RUN_MODULE
 from ..store.findings import Finding
-from .base import Rule, RunView, finding, finding_at
+from .base import Rule, RunView, finding_at
 from .nonfinite import NONFINITE
 from .run_status import RUN_STATUS
+from .spikes import GRAD_NORM_SPIKE, LOSS_SPIKE
 from .view import MATRICES, Request
-
-
-def _loss_spike(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
-    loss = view.metrics("loss")
-    series = loss[loss.module == RUN_MODULE].sort_values("step")
-    values, steps = series.value.to_numpy(float), series.step.to_numpy()
-    window = int(p["window"])
-    # A spike must also be large against the starting loss (the first finite one): near
-    # convergence a loss of 0.03 after 0.01 is three times the median but no instability.
-    finite = values[np.isfinite(values)]
-    floor = p["min_rise"] * abs(finite[0]) if len(finite) else 0.0
-    for i in range(window, len(values)):
-        # Finite losses only, here and before: an Inf or NaN one is the nonfinite rule's.
-        before = values[i - window : i]
-        before = before[np.isfinite(before)]
-        if not np.isfinite(values[i]) or not len(before):
-            continue
-        ref = np.median(before)
-        if ref > 0 and values[i] > p["factor"] * ref and values[i] - ref > floor:
-            yield finding(
-                LOSS_SPIKE,
-                "warning",
-                f"loss {values[i]:.4g} at step {steps[i]} is {values[i] / ref:.1f}x the "
-                f"median of the previous {window} steps",
-                module=RUN_MODULE,
-                step=int(steps[i]),
-                value=float(values[i] / ref),
-                threshold=p["factor"],
-                metric="loss",
-                remedy="lower the learning rate or add warm-up; a spike is a late "
-                "symptom: check the earlier findings",
-            )
-            return
-
-
-LOSS_SPIKE = Rule(
-    "loss-spike",
-    "Loss spike (baseline detector)",
-    "",
-    ("loss",),
-    {"factor": 3.0, "window": 20, "min_rise": 0.1},
-    _loss_spike,
-    "warning",
-)
 
 
 def _update_ratio(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
@@ -165,4 +121,4 @@ LOGITS = Rule(
     (Request(("logit_max", "logit_min", "logit_lse_mean")),),
 )
 
-RULES = [RUN_STATUS, NONFINITE, LOSS_SPIKE, UPDATE_RATIO, ADAM_EPS, LOGITS]
+RULES = [RUN_STATUS, NONFINITE, LOSS_SPIKE, GRAD_NORM_SPIKE, UPDATE_RATIO, ADAM_EPS, LOGITS]

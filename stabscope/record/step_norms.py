@@ -1,0 +1,212 @@
+"""Gradient and update norms of every step, recorded or not, kept on the device.
+
+Per step, at module ``__run__``:
+
+- ``grad_norm``: the global L2 gradient norm *before* clipping: the norm the script's clip
+  computed (``clip_sites.py``) where it clips, else the norm of the gradients the optimizer
+  step received (nothing was clipped: the same number);
+- ``grad_norm_clipped``: where a clip was seen, the norm of the gradients the optimizer step
+  received, after the clip.
+
+Per residual block (the structure's blocks, once known), when ``step_updates`` is on:
+
+- ``block_param_norm``: ||θ|| of the block's parameters just before ``optimizer.step()``;
+- ``block_update_norm``: ||Δθ|| across it; ``block_update_ratio``: their ratio (no row where
+  ||θ|| = 0, as ``update_ratio``).
+
+The update needs a copy of the block parameters before each step: model-sized memory, kept
+across steps, and one copy plus one difference pass per step. ``step_updates = None`` (the
+default) turns it on while the blocks hold at most ``MAX_COPIED`` values, and off with a note
+above that. Everything is computed on the device and waits, like the loss, for the next host
+sync (``losses.PendingLosses``); ``take`` hands over one step's tensors.
+
+With gradient accumulation the norms are of the accumulated gradient the optimizer steps on.
+Under DDP the gradients the optimizer receives are the averaged ones, and a clip sees them
+averaged too. An fp16 ``GradScaler`` unscales before the clip (``scaler.unscale_``) or
+inside ``scaler.step``: both are before the optimizer step, so no norm is of scaled gradients;
+a step the scaler skips has no ``optimizer.step()`` and keeps only a clip's (non-finite) norm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .clip_sites import l2_norm
+from .collector import Rows
+from .distributed import local_tensor
+
+#: The block parameters are copied before each step (for ||Δθ||) up to this many values.
+MAX_COPIED = 100_000_000
+
+_TRAIN = "train"
+Decoder = Callable[[np.ndarray, Rows, int], None]
+
+
+class StepNorms:
+    """This step's gradient norms (before and after clipping) and block update norms."""
+
+    def __init__(
+        self, params: list[tuple[str, nn.Parameter]], run_code: int, step_updates: bool | None
+    ) -> None:
+        self.named = params
+        self.param_ids = {id(p) for _, p in params}
+        self.run_code = run_code
+        self.step_updates = step_updates
+        self.note: str | None = None  # why the block updates are off, when they are
+        self._clips: dict[int, torch.Tensor] = {}  # first parameter's id -> pre-clip norm
+        self._seen: dict[int, torch.Tensor] = {}  # optimizer id -> norm of its gradients
+        self._blocks: _BlockUpdates | None = None
+
+    # -- gradient norms -----------------------------------------------------------------
+    def on_clip(self, params: list[torch.Tensor], norm: torch.Tensor) -> None:
+        """A clip of ``params`` whose gradient norm before clipping was ``norm``. The first
+        clip of a parameter set in a step counts (a second one sees clipped gradients)."""
+        owned = [p for p in params if id(p) in self.param_ids]
+        if owned and id(owned[0]) not in self._clips:
+            self._clips[id(owned[0])] = norm
+
+    def before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Just before ``optimizer.step()`` (after its closure): the gradients it receives."""
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        params = [p for p in params if id(p) in self.param_ids]
+        norm = l2_norm(p.grad for p in params)
+        if norm is not None:
+            self._seen[id(optimizer)] = norm
+        if self._blocks is not None:
+            self._blocks.before(optimizer)
+
+    def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._blocks is not None:
+            self._blocks.after(optimizer)
+
+    # -- blocks -----------------------------------------------------------------------------
+    def set_blocks(self, blocks: list[tuple[str, int]]) -> None:
+        """The residual blocks as (name, module code): their parameters are those named
+        ``name.*``. Decides whether the update norms are on (``step_updates``)."""
+        if self.step_updates is False or not blocks:
+            return
+        members = [
+            (i, p)
+            for i, (name, _) in enumerate(blocks)
+            for pname, p in self.named
+            if pname.startswith(name + ".")
+        ]
+        size = sum(p.numel() for _, p in members)
+        if self.step_updates is None and size > MAX_COPIED:
+            self.note = (
+                f"block update norms every step are off: the blocks hold {size:,} values, "
+                f"over {MAX_COPIED:,} (a copy of them per step); step_updates = true turns "
+                "them on"
+            )
+            return
+        if members:
+            self._blocks = _BlockUpdates(members, np.array([c for _, c in blocks]))
+
+    # -- the step's values ------------------------------------------------------------------
+    def take(self) -> list[tuple[torch.Tensor, Decoder]]:
+        """This step's device tensors with their decoders; clears the step."""
+        out: list[tuple[torch.Tensor, Decoder]] = []
+        clips, seen = list(self._clips.values()), list(self._seen.values())
+        self._clips, self._seen = {}, {}
+        pre = _rss(clips) if clips else _rss(seen)
+        if pre is not None:
+            post = _rss(seen) if clips else None
+            values = pre.reshape(1) if post is None else torch.stack((pre, post.to(pre.device)))
+            out.append((values, self._decode_grads))
+        if self._blocks is not None:
+            taken = self._blocks.take()
+            if taken is not None:
+                out.append(taken)
+        return out
+
+    def _decode_grads(self, values: np.ndarray, rows: Rows, step: int) -> None:
+        rows.emit(_TRAIN, self.run_code, 0, "grad_norm", values[0], step=step)
+        if len(values) > 1:
+            rows.emit(_TRAIN, self.run_code, 0, "grad_norm_clipped", values[1], step=step)
+
+    def release(self) -> None:
+        self._blocks = None
+        self._clips, self._seen = {}, {}
+
+
+def _rss(norms: list[torch.Tensor]) -> torch.Tensor | None:
+    """The norm over several disjoint parameter sets (root-sum-square), 0-d on device."""
+    if not norms:
+        return None
+    if len(norms) == 1:
+        return norms[0].float()
+    return torch.linalg.vector_norm(torch.stack([n.float().to(norms[0].device) for n in norms]))
+
+
+class _BlockUpdates:
+    """||θ|| and ||Δθ|| per block around each optimizer step, from a kept copy of the block
+    parameters (allocated once)."""
+
+    def __init__(self, members: list[tuple[int, nn.Parameter]], codes: np.ndarray) -> None:
+        self.params = [p for _, p in members]
+        self.block = torch.tensor([b for b, _ in members])  # (P,) block of each parameter
+        self.codes = codes  # (B,) module codes of the blocks
+        self.ids = {id(p): i for i, p in enumerate(self.params)}
+        self._copies: list[torch.Tensor] | None = None
+        self._which: dict[int, list[int]] = {}  # optimizer id -> indices it steps
+        self._weights = torch.zeros(0)  # (P,) squared norms before the step
+        self._updates = torch.zeros(0)  # (P,) squared update norms
+        self._stepped = False
+
+    def before(self, optimizer: torch.optim.Optimizer) -> None:
+        stepped = [p for g in optimizer.param_groups for p in g["params"]]
+        which = [self.ids[id(p)] for p in stepped if id(p) in self.ids]
+        if not which:
+            return
+        if self._copies is None:
+            self._copies = [torch.empty_like(local_tensor(p.detach())) for p in self.params]
+            device = self._copies[0].device
+            self._weights = torch.zeros(len(self.params), device=device)
+            self._updates = torch.zeros(len(self.params), device=device)
+            self.block = self.block.to(device)
+        if not self._stepped:
+            self._weights.zero_()
+            self._updates.zero_()
+        weights = [local_tensor(self.params[i].detach()) for i in which]
+        copies = [self._copies[i] for i in which]
+        torch._foreach_copy_(copies, weights)
+        self._weights[which] = _squares(weights, self._weights.device)
+        self._which[id(optimizer)] = which
+        self._stepped = True
+
+    def after(self, optimizer: torch.optim.Optimizer) -> None:
+        which = self._which.pop(id(optimizer), None)
+        if not which or self._copies is None:
+            return
+        copies = [self._copies[i] for i in which]
+        torch._foreach_sub_(copies, [local_tensor(self.params[i].detach()) for i in which])
+        self._updates[which] = _squares(copies, self._updates.device)
+
+    def take(self) -> tuple[torch.Tensor, Decoder] | None:
+        if not self._stepped:
+            return None
+        self._stepped = False
+        blocks = len(self.codes)
+        sums = torch.zeros(2, blocks, device=self._weights.device)
+        sums[0].index_add_(0, self.block, self._weights)
+        sums[1].index_add_(0, self.block, self._updates)
+        return sums.sqrt_(), self._decode
+
+    def _decode(self, values: np.ndarray, rows: Rows, step: int) -> None:
+        weight, update = values.reshape(2, -1)
+        rows.emit(_TRAIN, self.codes, 0, "block_param_norm", weight, step=step)
+        rows.emit(_TRAIN, self.codes, 0, "block_update_norm", update, step=step)
+        defined = weight != 0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = update / weight
+        rows.emit(_TRAIN, self.codes[defined], 0, "block_update_ratio", ratio[defined], step=step)
+
+
+def _squares(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """(len,) float32 sums of squares, on ``device``."""
+    norms = torch._foreach_norm(tensors)
+    return torch.stack([n.to(device, torch.float32) for n in norms]).square_()

@@ -1,0 +1,135 @@
+"""Loss and gradient-norm spikes: a z-score over a trailing window, every step.
+
+A step is a spike when its value is more than ``z`` standard deviations above the mean of the
+previous ``window`` finite values (population std, the value itself left out), and above
+that mean by more than ``min_rise`` of it. The z threshold is OLMo-core's
+``StabilityMonitorCallback`` (src/olmo_core/train/callbacks/stability_monitor.py: 6 standard
+deviations above the mean of the previous 128 values); the window is llm.c's
+``OutlierDetector`` (llmc/outlier_detector.h: the z-score over 64 values, used to skip
+updates above ``-sl``/``-sg``, off by default). 64 rather than 128: a window that still holds
+the loss's early fall has a wide spread; on the sample GPT one corrupt batch at step 150 is
+z = 5.9 against 128 values and z = 32 against 64.
+Checks start once ``min_steps`` previous values exist (the window fills up to ``window``), so
+short runs are judged too. ``min_rise`` keeps a near-constant series (a converged loss whose
+std is 1e-4) from calling a blip a spike. Non-finite values are the ``nonfinite`` rule's and
+are left out of the window.
+
+The gradient norm is the one before clipping where the run recorded it (``grad_norms.py``);
+older runs give the norm at their recorded steps, after any clip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pandas as pd
+
+from ..store import RUN_MODULE
+from ..store.findings import Finding
+from .base import Rule, RunView, finding
+from .grad_norms import READS as GRAD_READS
+from .grad_norms import grad_norm_rows, total_by_step
+from .view import Request
+
+SOURCES = (
+    "Allen Institute for AI 2026, OLMo-core StabilityMonitorCallback (z 6); "
+    "Karpathy 2024, llm.c OutlierDetector (z-score over 64 steps)"
+)
+
+
+def spikes(series: pd.Series, p: dict[str, float]) -> pd.DataFrame:
+    """The spike steps of ``series`` (float values indexed by step, in step order): columns
+    step, value, mean, z. A previous window with zero spread and a rise gives z = inf."""
+    finite = series[np.isfinite(series.to_numpy(float))]
+    # A window of at least 2 values; a configured window below min_steps checks once full.
+    window = max(int(p["window"]), 2)
+    prev = finite.shift(1).rolling(window, min_periods=min(max(int(p["min_steps"]), 2), window))
+    mean, std = prev.mean(), prev.std(ddof=0)
+    rise = finite - mean
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = rise / std
+    z = z.where(std > 0, np.where(rise > 0, np.inf, 0.0))
+    hit = (z > p["z"]) & (rise > p["min_rise"] * mean.abs()) & mean.notna()
+    return pd.DataFrame(
+        {"step": finite.index[hit], "value": finite[hit], "mean": mean[hit], "z": z[hit]}
+    )
+
+
+def _finding(
+    rule: Rule, what: str, found: pd.DataFrame, p: dict[str, float], remedy: str
+) -> Finding:
+    first = found.iloc[0]
+    more = f"; {len(found) - 1} more spike steps" if len(found) > 1 else ""
+    return finding(
+        rule,
+        "warning",
+        f"{what} {first.value:.4g} at step {int(first.step)} is {first.z:.3g} standard "
+        f"deviations above the mean {first['mean']:.4g} of the previous "
+        f"{int(p['window'])} steps ({first.value / first['mean']:.2f}x){more}",
+        module=RUN_MODULE,
+        step=int(first.step),
+        value=float(first.z),
+        threshold=p["z"],
+        metric="loss" if rule is LOSS_SPIKE else "grad_norm",
+        remedy=remedy,
+    )
+
+
+def _loss_spike(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
+    loss = view.metrics("loss")
+    loss = loss[loss.module == RUN_MODULE]
+    series = pd.Series(loss.value.to_numpy(float), index=loss.step.to_numpy()).sort_index()
+    found = spikes(series, p)
+    if not found.empty:
+        yield _finding(
+            LOSS_SPIKE,
+            "loss",
+            found,
+            p,
+            "look at the batch of that step and at grad_norm just before it; lower the "
+            "learning rate, add warm-up or clip the gradient; a spike is a late symptom: check "
+            "the earlier findings",
+        )
+
+
+def _grad_norm_spike(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
+    rows = grad_norm_rows(view)
+    found = spikes(total_by_step(rows), p)
+    if not found.empty:
+        pre = (rows.metric.astype(str) == "grad_norm").all()
+        yield _finding(
+            GRAD_NORM_SPIKE,
+            "the gradient norm before clipping" if pre else "the gradient norm",
+            found,
+            p,
+            "a gradient spike often comes before a loss spike: lower the learning rate, "
+            "clip the gradient (max_norm near the typical grad_norm), or skip such steps",
+        )
+
+
+DEFAULTS = {"z": 6.0, "window": 64, "min_steps": 20}
+
+LOSS_SPIKE = Rule(
+    "loss-spike",
+    "Loss spike (z-score over a trailing window)",
+    SOURCES,
+    ("loss",),
+    {**DEFAULTS, "min_rise": 0.1},
+    _loss_spike,
+    "warning",
+    (Request(("loss",)),),
+)
+
+GRAD_NORM_SPIKE = Rule(
+    "grad-norm-spike",
+    "Gradient-norm spike (z-score over a trailing window)",
+    SOURCES,
+    ("grad_norm", "param_grad_norm"),
+    {**DEFAULTS, "min_rise": 0.5},
+    _grad_norm_spike,
+    "warning",
+    GRAD_READS,
+)
+
+RULES = [LOSS_SPIKE, GRAD_NORM_SPIKE]

@@ -1,0 +1,95 @@
+"""The loss-spike and grad-norm-spike rules on real recorded runs of the sample GPT: a healthy
+run gives no finding; the same run with one corrupt batch (uniform random tokens) gives both,
+at that step. The script clips at max_norm 1, as nanoGPT does: the gradient spike is seen only
+before the clip. Plus the z-score itself against a direct computation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import stabscope
+from stabscope.drivers.script import ScriptConfig
+from stabscope.rules import check_run
+from stabscope.rules.spikes import DEFAULTS, spikes
+
+STEPS, CORRUPT = 200, 150
+
+
+def record(run_dir, corrupt_at: int | None) -> None:
+    import gpt
+
+    cfg = ScriptConfig(gpt.CONFIG | {"depth": 2, "width": 32, "seq_len": 16, "batch_size": 8})
+    torch.manual_seed(0)
+    model, data = gpt.model(cfg), gpt.batches(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    schedule = stabscope.Schedule(dense=2, every=50)
+    with stabscope.Recorder(model, run_dir, preset="cheap", schedule=schedule) as rec:
+        for step in range(STEPS):
+            batch = next(data)
+            if step == corrupt_at:
+                batch = torch.randint(cfg.vocab, batch.shape, generator=torch.Generator())
+            loss = gpt.loss(model, batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            rec.step(loss)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("spikes")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: threads only add contention
+    try:
+        record(root / "healthy", None)
+        record(root / "spiked", CORRUPT)
+    finally:
+        torch.set_num_threads(threads)
+    return root / "healthy", root / "spiked"
+
+
+def spike_findings(run_dir) -> dict[str, stabscope.Finding]:
+    found = check_run(run_dir).findings
+    return {f.rule: f for f in found if f.rule in ("loss-spike", "grad-norm-spike")}
+
+
+@pytest.mark.slow
+def test_a_healthy_run_has_no_spike(runs):
+    assert spike_findings(runs[0]) == {}
+
+
+@pytest.mark.slow
+def test_one_corrupt_batch_is_a_loss_and_a_gradient_spike_at_its_step(runs):
+    found = spike_findings(runs[1])
+    assert set(found) == {"loss-spike", "grad-norm-spike"}
+    assert found["loss-spike"].step == found["grad-norm-spike"].step == CORRUPT
+    assert found["grad-norm-spike"].value > DEFAULTS["z"]
+    # The clip hides it from what the optimizer received.
+    clipped = stabscope.load_run(runs[1], metrics=["grad_norm_clipped"]).value
+    assert clipped.max() <= 1.0 + 1e-5
+
+
+def test_z_score_against_a_direct_computation():
+    rng = np.random.default_rng(0)
+    values = 3.0 + 0.1 * rng.standard_normal(300)
+    values[[40, 250]] += [0.3, 2.0]  # z ~3 (noise) and z ~20 (a spike)
+    values[230] = np.nan  # left out of every window
+    series = pd.Series(values, index=np.arange(300) * 2)  # steps need not be consecutive
+    found = spikes(series, {**DEFAULTS, "min_rise": 0.1})
+    assert found.step.tolist() == [500]
+    before = values[:250]
+    finite = before[np.isfinite(before)][-int(DEFAULTS["window"]) :]
+    z = (values[250] - finite.mean()) / finite.std()
+    assert found.z.iloc[0] == pytest.approx(z, rel=1e-9)
+    # A rise below min_rise is not a spike, however large z is.
+    assert spikes(series, {**DEFAULTS, "min_rise": 1.0}).empty
+
+
+def test_a_flat_window_then_a_jump_is_a_spike():
+    series = pd.Series([2.0] * 30 + [2.5])
+    found = spikes(series, {**DEFAULTS, "min_rise": 0.1})
+    assert found.step.tolist() == [30] and found.z.iloc[0] == np.inf
