@@ -75,7 +75,12 @@ def expected(frame, tag: str) -> tuple[list[int], np.ndarray]:
             rows = frame[owned & (frame.metric == metric)]
             return np.sqrt((rows.value.astype(np.float64) ** 2).groupby(rows.step).sum())
 
-        by = rss(name) if name == "param_grad_norm" else rss("update_norm") / rss("param_norm")
+        if name == "param_grad_norm":
+            by = rss(name)
+        elif (own & (frame.metric == "block_update_ratio")).any():  # every step, when recorded
+            by = frame[own & (frame.metric == "block_update_ratio")].groupby("step").value.first()
+        else:
+            by = rss("update_norm") / rss("param_norm")
     elif tag == "worst/attn_logit_max":
         by = frame[frame.metric == "attn_logit_max"].groupby("step").value.max()
     else:
