@@ -17,6 +17,7 @@ import stabscope
 from stabscope import Recorder, Schedule
 from stabscope.cli import app
 from stabscope.errors import StabscopeWarning, UsageError
+from stabscope.record.config import RecorderConfig
 from stabscope.rules import ALL_RULES
 from stabscope.rules.online import online_rules
 from tests.conftest import ROOT
@@ -47,6 +48,10 @@ def assert_readable_and_gated(run) -> None:
     assert {"nonfinite", "run-status"} <= {f["rule"] for f in found}
     status = next(f for f in found if f["rule"] == "run-status")
     assert "stopped after step" in status["message"]
+
+
+#: These tests are about the scheduled rows; the flight recorder would find the NaN earlier.
+NOFLIGHT = RecorderConfig(flight=False)
 
 
 def test_whole_run_rules_do_not_act_online():
@@ -130,7 +135,9 @@ def test_on_finding_gets_each_error_finding_once(tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         every10 = Schedule(10, 10)
-        with Recorder(net, tmp_path / "run", schedule=every10, on_finding=got.append) as rec:
+        with Recorder(
+            net, tmp_path / "run", schedule=every10, on_finding=got.append, config=NOFLIGHT
+        ) as rec:
             for _ in range(160):
                 rec.step(step())
     assert [f.rule for f in got] == ["nonfinite"] and got[0].severity == "error"
@@ -145,7 +152,9 @@ def test_on_finding_gets_each_error_finding_once(tmp_path):
 def test_a_plain_loop_stops_on_should_stop(tmp_path):
     cfg = Namespace(**diverging_late.CONFIG)
     net, step = late_training(cfg)
-    with Recorder(net, tmp_path / "run", schedule=Schedule(10, 10), on_error="stop") as rec:
+    with Recorder(
+        net, tmp_path / "run", schedule=Schedule(10, 10), on_error="stop", config=NOFLIGHT
+    ) as rec:
         for _ in range(160):
             rec.step(step())
             if rec.should_stop:
@@ -159,7 +168,9 @@ def test_a_loop_that_ignores_the_stop_completes(tmp_path):
     """``stopped`` means the run ended where the finding asked; one that went on is complete."""
     cfg = Namespace(**diverging_late.CONFIG)
     net, step = late_training(cfg)
-    with Recorder(net, tmp_path / "run", schedule=Schedule(10, 10), on_error="stop") as rec:
+    with Recorder(
+        net, tmp_path / "run", schedule=Schedule(10, 10), on_error="stop", config=NOFLIGHT
+    ) as rec:
         for _ in range(120):
             rec.step(step())
     m = meta(tmp_path / "run")
