@@ -15,7 +15,8 @@ Per residual block (the structure's blocks, once known), when ``step_updates`` i
   ||θ|| = 0, as ``update_ratio``).
 
 The update needs a copy of the block parameters before each step: model-sized memory, kept
-across steps, and one copy plus one difference pass per step. ``step_updates = None`` (the
+across steps, and one copy plus one difference pass per step (on CPU with the ``fast`` extra,
+numba's one-read kernels of ``probes/kernels/host_params.py``). ``step_updates = None`` (the
 default) turns it on while the blocks hold at most ``MAX_COPIED`` values, and off with a note
 above that. Everything is computed on the device and waits, like the loss, for the next host
 sync (``losses.PendingLosses``); ``take`` hands over one step's tensors.
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..probes.kernels import host_params
 from .clip_sites import l2_norm
 from .collector import Rows
 from .distributed import local_tensor
@@ -172,9 +174,13 @@ class _BlockUpdates:
             self._weights.zero_()
             self._updates.zero_()
         weights = [local_tensor(self.params[i].detach()) for i in which]
-        copies = [self._copies[i] for i in which]
-        torch._foreach_copy_(copies, weights)
-        self._weights[which] = _squares(weights, self._weights.device)
+        copies: list[torch.Tensor | None] = [self._copies[i] for i in which]
+        if host_params.usable(weights, copies):  # CPU: norms and copy in one read (numba)
+            squares = host_params.squares_and_copy(weights, [None] * len(which), copies)[:, 0]
+            self._weights[which] = torch.from_numpy(squares).float()
+        else:
+            torch._foreach_copy_(copies, weights)
+            self._weights[which] = _squares(weights, self._weights.device)
         self._which[id(optimizer)] = which
         self._stepped = True
 
@@ -183,8 +189,13 @@ class _BlockUpdates:
         if not which or self._copies is None:
             return
         copies = [self._copies[i] for i in which]
-        torch._foreach_sub_(copies, [local_tensor(self.params[i].detach()) for i in which])
-        self._updates[which] = _squares(copies, self._updates.device)
+        weights = [local_tensor(self.params[i].detach()) for i in which]
+        if host_params.usable(weights, copies):  # CPU: one read of each, nothing written
+            squares = host_params.difference_squares(weights, copies)
+            self._updates[which] = torch.from_numpy(squares).float()
+        else:
+            torch._foreach_sub_(copies, weights)
+            self._updates[which] = _squares(copies, self._updates.device)
 
     def take(self) -> tuple[torch.Tensor, Decoder] | None:
         if not self._stepped:

@@ -38,8 +38,11 @@ import pandas as pd
 
 from ..metrics import reduction as catalogued_reduction
 
-#: What a sharded parameter's update ratio is recomputed from.
-RATIO_INPUTS = ("update_norm", "param_norm")
+#: What a sharded run's update ratios are recomputed from: ratio -> (||Δθ||, ||θ||).
+RATIOS = {
+    "update_ratio": ("update_norm", "param_norm"),
+    "block_update_ratio": ("block_update_norm", "block_param_norm"),
+}
 #: Row identity apart from the rank.
 KEYS = ["step", "phase", "module", "call", "metric", "index"]
 
@@ -69,9 +72,10 @@ def rank0_only(meta: Mapping[str, Any]) -> Callable[[str], bool]:
 def ratio_inputs(metrics: list[str] | None, meta: Mapping[str, Any]) -> list[str]:
     """Metrics a merged read of ``metrics`` also needs, and drops again (``merged``): the
     update and weight norms that a sharded parameter's update ratio is recomputed from."""
-    if metrics is None or not is_sharded(meta) or "update_ratio" not in metrics:
+    if metrics is None or not is_sharded(meta):
         return []
-    return [m for m in RATIO_INPUTS if m not in metrics]
+    needed = [m for ratio, inputs in RATIOS.items() if ratio in metrics for m in inputs]
+    return [m for m in dict.fromkeys(needed) if m not in metrics]
 
 
 def merged(frame: pd.DataFrame, meta: Mapping[str, Any], extra: list[str]) -> pd.DataFrame:
@@ -99,23 +103,24 @@ def merge_ranks(frame: pd.DataFrame, meta: Mapping[str, Any]) -> pd.DataFrame:
             pieces.append(_reduce(part, keys, name))
     merged = pd.concat(pieces, ignore_index=True).drop(columns="rank")
     if sharded:
-        merged = _exact_update_ratio(merged, keys)
+        for ratio, inputs in RATIOS.items():
+            merged = _exact_ratio(merged, keys, ratio, inputs)
     return merged.sort_values(["step", "metric", "module"], kind="stable", ignore_index=True)
 
 
-def _exact_update_ratio(merged: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    """A sharded parameter's update ratio from its merged update and weight norms."""
+def _exact_ratio(
+    merged: pd.DataFrame, keys: list[str], ratio: str, inputs: tuple[str, str]
+) -> pd.DataFrame:
+    """A sharded run's ``ratio`` rows from its merged update and weight norms (``inputs``)."""
     metric = merged["metric"].astype(str)
-    if not {"update_ratio", *RATIO_INPUTS} <= set(metric.unique()):
+    if not {ratio, *inputs} <= set(metric.unique()):
         return merged
     where = [k for k in keys if k != "metric"]
-    norms = {
-        m: merged[metric == m].set_index(where)["value"].astype(np.float64) for m in RATIO_INPUTS
-    }
-    ratios = merged[metric == "update_ratio"]
+    norms = [merged[metric == m].set_index(where)["value"].astype(np.float64) for m in inputs]
+    ratios = merged[metric == ratio]
     index = pd.MultiIndex.from_frame(ratios[where])
     with np.errstate(invalid="ignore", divide="ignore"):
-        exact = norms["update_norm"].reindex(index) / norms["param_norm"].reindex(index)
+        exact = norms[0].reindex(index) / norms[1].reindex(index)
     merged.loc[ratios.index, "value"] = exact.to_numpy(np.float32)
     return merged
 
