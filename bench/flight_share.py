@@ -9,35 +9,25 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sample_models"))
-import gpt
+from sample_gpt import add_shape_args, gpt, sample_gpt
 
 from stabscope import Recorder, RecorderConfig, Schedule
-from stabscope.drivers.script import ScriptConfig
 from stabscope.probes.flight import FlightRecorder
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
+    add_shape_args(ap)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     device = torch.device(args.device)
-    cfg = ScriptConfig(
-        gpt.CONFIG
-        | dict(depth=6, width=256, heads=4, seq_len=128, batch_size=8, vocab=256, successors=4)
-    )
-    torch.manual_seed(0)
-    model = gpt.model(cfg).to(device)
-    data = gpt.batches(cfg)
-    batches = [next(data).to(device) for _ in range(4)]
+    model, batches = sample_gpt(args, device, 4)
     spent = [0.0]
     for name in ("_forward_hook", "_grad_hook", "boundary", "check"):
         inner = getattr(FlightRecorder, name)

@@ -16,43 +16,28 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sample_models"))
-import gpt
+from sample_gpt import add_shape_args, gpt, sample_gpt
 
 from stabscope import Recorder, RecorderConfig
-from stabscope.drivers.script import ScriptConfig
 
 MODES = ("off", "worker", "inline")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--depth", type=int, default=6)
-    ap.add_argument("--width", type=int, default=256)
-    ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--batch-size", type=int, default=8)
+    add_shape_args(ap)
     ap.add_argument("--steps", type=int, default=300, help="steps per mode")
     ap.add_argument("--round", type=int, default=10, help="steps per mode and round")
     ap.add_argument("--flush-seconds", type=float, default=2.0)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     device = torch.device(args.device)
-    cfg = ScriptConfig(
-        gpt.CONFIG
-        | dict(depth=args.depth, width=args.width, heads=4, seq_len=args.seq_len,
-               batch_size=args.batch_size, vocab=256, successors=4, norm="pre")
-    )  # fmt: skip
-    torch.manual_seed(0)
-    base = gpt.model(cfg).to(device)
-    data = gpt.batches(cfg)
-    batches = [next(data).to(device) for _ in range(16)]
+    base, batches = sample_gpt(args, device, 16)
     tmp = Path(tempfile.mkdtemp(prefix="stabscope-online-"))
     recs, steps = {}, {}
     for mode in MODES:

@@ -38,18 +38,14 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sample_models"))
-import gpt
+from sample_gpt import add_shape_args, gpt, sample_gpt
 
 from stabscope import Recorder, RecorderConfig, Schedule
-from stabscope.drivers.script import ScriptConfig
 from stabscope.probes.attention import AttentionProbe
 from stabscope.probes.kernels import host_kernels
 
@@ -110,10 +106,7 @@ def attention_paired(rec: Recorder, step, args: argparse.Namespace) -> tuple[flo
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--depth", type=int, default=6)
-    ap.add_argument("--width", type=int, default=256)
-    ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--batch-size", type=int, default=8)
+    add_shape_args(ap)
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--steps-per-round", type=int, default=4)
     ap.add_argument("--schedule-steps", type=int, default=500)
@@ -137,23 +130,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    cfg = ScriptConfig(
-        gpt.CONFIG
-        | dict(
-            depth=args.depth,
-            width=args.width,
-            heads=4,
-            seq_len=args.seq_len,
-            batch_size=args.batch_size,
-            vocab=256,
-            successors=4,
-            norm="pre",
-        )
-    )
-    torch.manual_seed(0)
-    base = gpt.model(cfg).to(device)
-    data = gpt.batches(cfg)
-    batches = [next(data).to(device) for _ in range(16)]
+    base, batches = sample_gpt(args, device, 16)
 
     def forward(model):
         return gpt.loss(model, batches[0])
