@@ -61,9 +61,9 @@ ENDLESS_TRAINING = textwrap.dedent(
     """
 )
 
-#: The library Recorder on a small MLP; prints "step N parts P" after each step, and stops
-#: after argv[3] steps to wait (sleeping) for a signal. argv[2]: "with" or "start" (no close).
-LIBRARY_WRITER = textwrap.dedent(
+#: The start of every small-MLP child script: torch, stabscope, the tests' MLP (seed 0), its
+#: Adam and its batches. ``{root}`` is filled in with ``str.format`` (so braces are doubled).
+MLP_CHILD = textwrap.dedent(
     """
     import sys, time, torch
     import stabscope
@@ -75,6 +75,35 @@ LIBRARY_WRITER = textwrap.dedent(
     model = mlp()
     opt = torch.optim.Adam(model.parameters(), 1e-2)
     make = batch_maker(6, 3)
+    """
+)
+
+_UNTIL_KILLED = textwrap.dedent(
+    """
+    rec = stabscope.Recorder(model, sys.argv[1], cfg).start()
+    step = 0
+    while True:  # until killed
+        x, y = make(step)
+        loss = (model(x) - y).pow(2).mean()
+        opt.zero_grad(); loss.backward(); opt.step()
+        rec.step(loss=loss)
+        print(REPORT, flush=True)
+        step += 1
+    """
+)
+
+
+def mlp_until_killed(config: str, report: str) -> str:
+    """A child script (still to ``str.format`` with ``root``) that trains the MLP under
+    ``Recorder(model, argv[1], cfg)`` until killed: ``config`` sets ``cfg``, ``report`` is the
+    expression printed after each step."""
+    return MLP_CHILD + textwrap.dedent(config) + _UNTIL_KILLED.replace("REPORT", report)
+
+
+#: The library Recorder on a small MLP; prints "step N parts P" after each step, and stops
+#: after argv[3] steps to wait (sleeping) for a signal. argv[2]: "with" or "start" (no close).
+LIBRARY_WRITER = MLP_CHILD + textwrap.dedent(
+    """
     cfg = RecorderConfig(schedule=Schedule(dense=1, every=1), flush_seconds=1e9)
     rec = stabscope.Recorder(model, sys.argv[1], cfg)
 

@@ -6,35 +6,16 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
 import stabscope
 from tests.conftest import ROOT
+from tests.run_children import mlp_until_killed
 
-CHILD = textwrap.dedent(
-    """
-    import sys, torch
-    import stabscope
-    from stabscope import RecorderConfig, Schedule
-    sys.path.insert(0, {root!r})
-    from tests.conftest import batch_maker, mlp
-    torch.manual_seed(0)
-    model = mlp()
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    make = batch_maker(6, 3)
-    cfg = RecorderConfig(schedule=Schedule(dense=1, every=1), part_rows=10**9, flush_seconds=0)
-    rec = stabscope.Recorder(model, sys.argv[1], cfg).start()
-    step = 0
-    while True:  # until killed
-        x, y = make(step)
-        loss = (model(x) - y).pow(2).mean()
-        opt.zero_grad(); loss.backward(); opt.step()
-        rec.step(loss=loss)
-        print(f"flushed {{rec.writer.parts_written}} {{rec.writer.last_step_written}}", flush=True)
-        step += 1
-    """
+CHILD = mlp_until_killed(
+    "cfg = RecorderConfig(schedule=Schedule(dense=1, every=1), part_rows=10**9, flush_seconds=0)\n",
+    'f"flushed {{rec.writer.parts_written}} {{rec.writer.last_step_written}}"',
 )
 
 

@@ -7,39 +7,22 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
 import stabscope
 from tests.conftest import ROOT
+from tests.run_children import mlp_until_killed
 
 RING = 5
-CHILD = textwrap.dedent(
+CHILD = mlp_until_killed(
     """
-    import sys, torch
-    import stabscope
-    from stabscope import RecorderConfig, Schedule
-    sys.path.insert(0, {root!r})
-    from tests.conftest import batch_maker, mlp
-    torch.manual_seed(0)
-    model = mlp()
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    make = batch_maker(6, 3)
     # Only step 0 is on the schedule and parts wait for 10**9 rows or 1000 s: what reaches
     # the disk after step 0 is the flight recorder's transfers, one part per ring.
     cfg = RecorderConfig(schedule=Schedule(dense=1, every=0), part_rows=10**9,
                          flush_seconds=1000, flight_every={ring})
-    rec = stabscope.Recorder(model, sys.argv[1], cfg).start()
-    step = 0
-    while True:  # until killed
-        x, y = make(step)
-        loss = (model(x) - y).pow(2).mean()
-        opt.zero_grad(); loss.backward(); opt.step()
-        rec.step(loss=loss)
-        print(f"{{step}} {{rec.writer.parts_written}}", flush=True)
-        step += 1
-    """
+    """,
+    'f"{{step}} {{rec.writer.parts_written}}"',
 )
 
 
