@@ -84,14 +84,6 @@ class RecorderConfig:
     def grads(self) -> bool:
         return self.preset != "cheap"
 
-    @property
-    def wants_sharpness(self) -> bool:
-        return self.preset != "cheap" if self.sharpness is None else self.sharpness
-
-    @property
-    def wants_model_update(self) -> bool:
-        return self.preset == "full" if self.model_update is None else self.model_update
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
