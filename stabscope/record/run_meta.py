@@ -14,7 +14,7 @@ from torch import nn
 
 from ..probes.kernels import host_kernels
 from ..store import new_meta, save_meta
-from ..store.schema import META_FILE
+from ..store.layout import META_FILE
 from .config import RecorderConfig
 from .distributed import distributed_info
 from .distributed import world_size as _world_size

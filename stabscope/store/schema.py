@@ -10,13 +10,6 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-# The file names of a run directory are named in layout.py; they stay importable from here.
-from .layout import META_FILE as META_FILE
-from .layout import PART_PREFIX as PART_PREFIX
-from .layout import PART_SUFFIX as PART_SUFFIX
-from .layout import PARTS_DIR as PARTS_DIR
-from .layout import part_name as part_name
-
 SCHEMA_VERSION = 1
 
 #: Module name used for run-level rows (loss, learning rate, first non-finite markers).
