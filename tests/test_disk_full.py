@@ -49,7 +49,12 @@ CHILD = textwrap.dedent(
     model = mlp()
     opt = torch.optim.Adam(model.parameters(), 1e-2)
     make = batch_maker(6, 3)
-    cfg = RecorderConfig(schedule=Schedule(dense=1, every=1), part_rows=part_rows)
+    # close: the flight recorder hands its ring over once, at the end (a ring of 50 steps
+    # would write a part every 50 steps, each small enough to fit).
+    flight_every = 1000 if when == "close" else 50
+    cfg = RecorderConfig(
+        schedule=Schedule(dense=1, every=1), part_rows=part_rows, flight_every=flight_every
+    )
 
     def fill(leave):
         st = os.statvfs(out)

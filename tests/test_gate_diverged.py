@@ -22,7 +22,6 @@ from tests.conftest import ROOT
 
 SCRIPT = ROOT / "tests" / "scripts" / "diverging_sgd.py"
 STEPS = 30
-RECORDED = set(range(10)) | set(range(0, STEPS, 5))  # check's schedule: dense 10, every 5
 
 
 def stabscope(cwd, *args) -> subprocess.CompletedProcess:
@@ -37,10 +36,11 @@ def stabscope(cwd, *args) -> subprocess.CompletedProcess:
     )
 
 
-def twin() -> tuple[list[float], tuple[int, str] | None, int | None]:
-    """The losses; the first recorded step with a non-finite module output and the first
-    such module in forward (call) order; the first recorded step with a non-finite gradient
-    with respect to a module output."""
+def twin() -> tuple[list[float], tuple[int, str] | None, tuple[int, str] | None]:
+    """The losses; the first step with a non-finite module output and the first such module in
+    forward (call) order; the first step with a non-finite gradient with respect to a module
+    output and the first such module in backward order. Every step counts: the flight
+    recorder watches them all."""
     script = load_script(SCRIPT, {})
     torch.manual_seed(0)  # what profile's seed 0 does before building the model
     model = script.model(script.config)
@@ -48,12 +48,13 @@ def twin() -> tuple[list[float], tuple[int, str] | None, int | None]:
     batch = next(iter(script.batches(script.config)))
     names = {m: name or "<root>" for name, m in model.named_modules()}
     step_out: list[str] = []  # modules with a non-finite output, in call order
-    step_grad: list[str] = []
+    step_grad: list[str] = []  # modules with a non-finite output gradient, in backward order
 
     def on_forward(module: nn.Module, args, out: torch.Tensor) -> None:
         if not torch.isfinite(out).all():
             step_out.append(names[module])
-        out.register_hook(lambda g: step_grad.append("") if not torch.isfinite(g).all() else None)
+        name = names[module]
+        out.register_hook(lambda g: None if torch.isfinite(g).all() else step_grad.append(name))
 
     for m in model.modules():
         m.register_forward_hook(on_forward)
@@ -65,10 +66,10 @@ def twin() -> tuple[list[float], tuple[int, str] | None, int | None]:
         loss.backward()
         opt.step()
         losses.append(loss.item())
-        if step in RECORDED and step_out and forward is None:
+        if step_out and forward is None:
             forward = (step, step_out[0])
-        if step in RECORDED and step_grad and backward is None:
-            backward = step
+        if step_grad and backward is None:
+            backward = (step, step_grad[0])
     return losses, forward, backward
 
 
@@ -101,10 +102,13 @@ def test_check_a_diverging_script_then_its_run(tmp_path):
     assert f"the loss went non-finite at step {first_loss} ({losses[first_loss]})" in f["message"]
     # The first module, and its step: forward leads unless backward went first.
     assert forward is not None and backward is not None
-    if forward[0] <= backward:
-        assert (f["metric"], f["step"], f["module"]) == ("act_nonfinite", *forward)
+    # (act_nonfinite at a recorded step, the flight recorder's block metric between them)
+    if forward[0] <= backward[0]:
+        assert f["metric"] in ("act_nonfinite", "flight_act_nonfinite")
+        assert (f["step"], f["module"]) == forward
     else:
-        assert (f["metric"], f["step"]) == ("grad_nonfinite", backward)
+        assert f["metric"] in ("grad_nonfinite", "flight_grad_nonfinite")
+        assert (f["step"], f["module"]) == backward
 
     res = stabscope(tmp_path, "summary", run)
     assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr

@@ -175,11 +175,18 @@ class FlightRecorder(BaseProbe):
             leaf, how = self._by_parameters(w)
             self._found("forward", step, leaf, self.watched[w][0], how)
         if flags[:, 1].any() and "backward" not in self.found:
-            w = next(w for w in reversed(self.order) if flags[w, 1])
-            ordered = (leaf for v in self.order for leaf in leaves(*self.watched[v]))
-            leaf = by_gradients(ordered)
-            how = "gradients" if leaf is not None else "block"
-            self._found("backward", step, leaf or self.watched[w][0], self.watched[w][0], how)
+            at = max(i for i, w in enumerate(self.order) if flags[w, 1])
+            name, module = self.watched[self.order[at]]
+            # The gradient w.r.t. this output went bad in what consumes it: a leaf of the
+            # watched modules after it (forward order) whose parameter gradients hold a NaN/Inf.
+            later = (leaf for v in self.order[at + 1 :] for leaf in leaves(*self.watched[v]))
+            leaf, how = by_gradients(later), "gradients"
+            if leaf is None and not any(module.children()):  # a watched leaf: itself
+                leaf, how = name, "output"
+            elif leaf is None:  # no later leaf to blame: the last bad one inside the block
+                leaf = by_gradients(iter(leaves(name, module)))
+                how = "gradients" if leaf is not None else "block"
+            self._found("backward", step, leaf or name, name, how)
 
     def _found(self, direction: str, step: int, leaf: str, block: str, how: str) -> None:
         code = self.names(leaf)

@@ -15,10 +15,13 @@ The first non-finite leaf, once a watched module's output (forward) or the gradi
 - forward elsewhere (CUDA, compiled code, a replay that raised or stayed finite): the first
   leaf of the block, in registration order, whose parameters hold a NaN/Inf (``parameters``),
   else the block itself (``block``).
-- backward: before the optimizer step, the leaf that comes last in forward order among those
-  whose parameter gradients hold a NaN/Inf: gradients flow backwards, so that leaf is where
-  they first went bad (``gradients``); a parameter-free leaf where it began is named by the
-  leaf with parameters just before it. None (no gradients left): the module (``block``).
+- backward: the watched module W first in backward order whose output gradient went
+  non-finite; the gradient went bad in what consumes W's output. Before the optimizer step,
+  among the leaves of the watched modules after W, the one that comes last in forward order
+  whose parameter gradients hold a NaN/Inf (gradients flow backwards, so that leaf is where
+  they first went bad: ``gradients``). None there: W itself when it is a leaf (``output``),
+  else the last such leaf inside W (``gradients``), else W (``block``). A parameter-free
+  leaf inside a block where it began is named by the leaf with parameters just before it.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from torch.optim.optimizer import (
     register_optimizer_step_pre_hook,
 )
 
+from ..errors import RunWriteError
 from ..store import interrupts
 from ..store import lock as locks
 from ..structure import discover
@@ -88,6 +89,8 @@ class RunLifecycle:
                 status = "failed"
                 self.meta["write_error"] = error_entry(write_error)
                 error = write_error if error is None else error
+            elif isinstance(error, RunWriteError):  # a write during training ended the run
+                self.meta["write_error"] = error_entry(error)
             self.meta["status"] = status
             self.meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             if error is not None:
