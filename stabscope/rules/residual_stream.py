@@ -1,10 +1,17 @@
 """Rule ``residual-stream-growth``: the residual stream's rms growing by orders of magnitude.
 
-Scale-free: per place the stream is seen (a residual block's output, a norm's input; the
-same places as the failure forecast's ``residual_growth`` signal, ``forecast_features``), the
-ratio of its rms at the latest recorded step with a finite value to its rms at the first
-recorded step. The worst place is graded: a warning above 100 (two orders of magnitude), an
-error above 1000 (three).
+Per place the stream is seen (a residual block's output, a norm's input; the same places as
+the failure forecast's ``residual_growth`` signal, ``forecast_features``), the ratio of its
+rms at the latest recorded step with a finite value to its rms at the first recorded step,
+or to 1 when it started below 1 (``UNIT_RMS``). The worst place is graded: a warning above
+100 (two orders of magnitude), an error above 1000 (three).
+
+Why a floor of 1: the unit is the scale a norm hands on (LayerNorm and RMSNorm outputs have
+rms 1 before their gain) and the scale of standardised inputs. A stream that starts far below
+it grows to it as the model learns, which no norm or softmax feels: GPT-2 and LLaMA
+initialisations (``initializer_range`` 0.02) give embeddings of rms ~0.03, and a healthy
+GPT-2-style model at a high learning rate grows x2,000 from there to rms ~70. Measured
+without the floor, that run was an error; with it, x73.
 
 Why those thresholds: a healthy run's stream grows a little (the sample GPT's Pre-LN norm
 inputs x2.1 over 100 steps; a 4-block sample GPT at lr 3e-2, AdamW, x28 by step 125), while a
@@ -30,6 +37,8 @@ from .health import WORTSMAN
 from .trends import ends
 
 METRICS = ("act_rms", "norm_input_rms")
+#: Growth is measured from the first rms or from this, whichever is larger (module docstring).
+UNIT_RMS = 1.0
 
 
 def _residual_stream_growth(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
@@ -43,6 +52,9 @@ def _residual_stream_growth(view: RunView, p: dict[str, float]) -> Iterator[Find
     growth = ends(per_step.rename_axis(["key", "step"]).reset_index())
     if growth.empty:
         return
+    reference = np.maximum(growth["first"].to_numpy(float), UNIT_RMS)
+    with np.errstate(divide="ignore"):
+        growth["log"] = np.log10(growth["last"].to_numpy(float) / reference)
     worst = growth["log"].idxmax()
     e = growth.loc[worst]
     factor = float(10 ** e["log"])
@@ -50,13 +62,14 @@ def _residual_stream_growth(view: RunView, p: dict[str, float]) -> Iterator[Find
     if grade is None:
         return
     severity, threshold = grade
+    below = f", measured from rms {UNIT_RMS:g}" if e["first"] < UNIT_RMS else ""
     grown = growth[growth["log"] > np.log10(p["warning"])]
     yield finding(
         RESIDUAL_STREAM_GROWTH,
         severity,
         f"the {what} at {worst} grew x{factor:.3g} from step {int(e['from'])} to "
-        f"{int(e['to'])} ({e['first']:.3g} -> {e['last']:.3g}); {len(grown)} of {len(growth)} "
-        f"places grew more than x{p['warning']:g}",
+        f"{int(e['to'])} ({e['first']:.3g} -> {e['last']:.3g}{below}); {len(grown)} of "
+        f"{len(growth)} places grew more than x{p['warning']:g}",
         module=str(worst),
         step=int(e["to"]),
         value=factor,
