@@ -70,8 +70,8 @@ def test_on_error_stop_stops_a_diverging_model_script_at_the_finding(tmp_path):
     assert m["status"] == "stopped"
     by = m["stopped_by"]
     assert by["rule"] == "nonfinite" and by["severity"] == "error"
-    # The loss overflows at step 104 (lr x1000 from step 95); the flight recorder flags the
-    # first non-finite gradient at once (step 104 or the next): the run ends at that boundary.
+    # The loss overflows at step 104 (lr x1000 from step 95), read at once (a CPU loss needs no
+    # sync; the flight recorder flags the first non-finite module): the run ends there.
     assert 104 <= by["step"] <= 106
     assert m["steps"] - 1 == by["seen_at"] == by["step"]
     assert f"stopped after step {by['step']} by rule nonfinite" in result.output
@@ -96,7 +96,7 @@ def test_healthy_run_never_fires_and_warn_only_reports(tmp_path):
     assert bad.exit_code == 0, bad.output
     m = meta(warned)
     assert m["status"] == "complete" and m["steps"] == 150
-    assert [f["rule"] for f in m["online"]["findings"]] == ["nonfinite"]
+    assert {f["rule"] for f in m["online"]["findings"]} == {"nonfinite"}
 
 
 def test_bad_on_error_is_one_line_with_a_hint(tmp_path):
@@ -140,12 +140,15 @@ def test_on_finding_gets_each_error_finding_once(tmp_path):
         ) as rec:
             for _ in range(160):
                 rec.step(step())
-    assert [f.rule for f in got] == ["nonfinite"] and got[0].severity == "error"
-    # Judged at the first recorded step with a non-finite row (every 10th step here).
-    assert got[0].step == 110 and "NaN/Inf from step 110" in got[0].message
+    assert [f.rule for f in got] == ["nonfinite"] * 2 and got[0].severity == "error"
+    # The loss overflows at step 104: a CPU loss is read without a sync and judged at once.
+    assert (got[0].module, got[0].step) == ("__run__", 104)
+    assert "the loss went non-finite at step 104" in got[0].message
+    # The modules at the first recorded step with a non-finite row (every 10th step here).
+    assert got[1].step == 110 and "NaN/Inf from step 110" in got[1].message
     m = meta(tmp_path / "run")
     assert m["status"] == "complete" and m["steps"] == 160  # warn: training went on
-    assert m["online"]["findings"][0]["seen_at"] == 110
+    assert [f["seen_at"] for f in m["online"]["findings"]] == [104, 110]
     assert any("nonfinite" in str(w.message) for w in caught)
 
 
@@ -160,8 +163,8 @@ def test_a_plain_loop_stops_on_should_stop(tmp_path):
             if rec.should_stop:
                 break
     m = meta(tmp_path / "run")
-    assert m["status"] == "stopped" and m["steps"] == 111
-    assert rec.stopped_by == m["stopped_by"] and m["stopped_by"]["seen_at"] == 110
+    assert m["status"] == "stopped" and m["steps"] == 105  # at the non-finite loss
+    assert rec.stopped_by == m["stopped_by"] and m["stopped_by"]["seen_at"] == 104
 
 
 def test_a_loop_that_ignores_the_stop_completes(tmp_path):
@@ -175,7 +178,7 @@ def test_a_loop_that_ignores_the_stop_completes(tmp_path):
             rec.step(step())
     m = meta(tmp_path / "run")
     assert m["status"] == "complete" and "stopped_by" not in m
-    assert rec.stopped_by == m["online"]["findings"][0] and rec.stopped_by["seen_at"] == 110
+    assert rec.stopped_by == m["online"]["findings"][0] and rec.stopped_by["seen_at"] == 104
 
 
 def test_a_finding_inside_the_users_exception_handling_never_hides_the_exception(tmp_path):

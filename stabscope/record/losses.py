@@ -3,11 +3,13 @@
 A recorded step syncs its losses with the step's other statistics; between recorded steps they
 wait, and past ``MAX_PENDING`` they are synced on their own (one transfer for all of them).
 Other every-step values (``step_norms.py``: gradient norms, block update norms) wait with them,
-each with the decoder that turns it into rows.
+each with the decoder that turns it into rows. A non-finite loss already in host memory (a
+float, a CPU tensor) is written at once, so that the online rules judge that very step.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -20,6 +22,14 @@ StepDecoder = Callable[[np.ndarray, Rows, int], None]
 
 #: Losses of unrecorded steps wait on the device; past this many they are synced anyway.
 MAX_PENDING = 1024
+
+
+def nonfinite_on_host(loss: torch.Tensor | float) -> bool:
+    """Whether ``loss`` is a NaN/Inf that can be read without a device sync (a float or a CPU
+    tensor); False for a loss on an accelerator, whose value waits for the next sync."""
+    if isinstance(loss, torch.Tensor):
+        return loss.device.type == "cpu" and not bool(torch.isfinite(loss.detach()).all())
+    return not math.isfinite(float(loss))
 
 
 class PendingLosses:

@@ -38,7 +38,7 @@ from .distributed import prepare_on_rank0
 from .distributed import rank as _rank
 from .hooks import ModuleHooks
 from .lifecycle import RunLifecycle
-from .losses import PendingLosses
+from .losses import PendingLosses, nonfinite_on_host
 from .lr_plan import LrPlanner
 from .module_table import select_modules, select_parameters
 from .optim_closure import after_first_call, closure_of
@@ -176,6 +176,10 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
         step = self.step_index
         if loss is not None:
             self.losses.add(step, loss)
+            if self.verdicts is not None and not self._loss_nonfinite and nonfinite_on_host(loss):
+                # Already in host memory (no device sync): write the losses now, so that this
+                # step's boundary judges the run (``_judge_step``) and can stop it here.
+                self.host_syncs += self.losses.sync(self.rows)
         for values, decode in self.step_norms.take():
             self.losses.add_values(step, values, decode)
         self.optimizer_watch.record_lr(self.rows, self._run_code, step)
