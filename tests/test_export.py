@@ -152,8 +152,8 @@ def test_a_second_export_needs_force(tmp_path: Path):
     assert res.exit_code == 2 and "--force" in res.stderr
     export(run, tmp_path / "tb", "--no-images", "--force")
     assert len(list((tmp_path / "tb").glob("events.out.tfevents.*"))) == 1
-    res = runner.invoke(app, ["export", str(run), "--to", "wandb"])
-    assert res.exit_code == 2 and "'tensorboard'" in res.stderr
+    res = runner.invoke(app, ["export", str(run), "--to", "neptune"])
+    assert res.exit_code == 2 and "'tensorboard'" in res.stderr and "'wandb'" in res.stderr
 
 
 EXPORT_BLOCKED = """

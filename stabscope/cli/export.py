@@ -17,6 +17,7 @@ from .common import app, err, fail
 
 class Target(str, Enum):
     tensorboard = "tensorboard"
+    wandb = "wandb"
 
 
 @app.command()
@@ -25,8 +26,14 @@ def export(
     to: Annotated[Target, typer.Option("--to", help="The dashboard's format.")],
     out: Annotated[
         Path | None,
-        typer.Option("--out", "-o", help="Log directory \\[default: tensorboard/RUN]."),
+        typer.Option(
+            "--out",
+            "-o",
+            help="Log directory \\[default: tensorboard/RUN; wandb: the current directory, "
+            "which gets wandb/offline-run-*].",
+        ),
     ] = None,
+    project: Annotated[str, typer.Option(help="W&B project of the offline run.")] = "stabscope",
     max_series: Annotated[
         int, typer.Option(help="Most scalar series to write (blocks are thinned to fit).")
     ] = 256,
@@ -37,10 +44,13 @@ def export(
         bool, typer.Option("--force", help="Replace the event files of an earlier export.")
     ] = False,
 ) -> None:
-    """Export a run to TensorBoard: per block a few headline series, loss and lr, the
-    findings as text, heatmaps as images; `tensorboard --logdir tensorboard` shows it."""
+    """Export a run to TensorBoard or W&B: per block a few headline series, loss and lr, the
+    findings (text, W&B alerts), heatmaps as images (TensorBoard); `tensorboard --logdir
+    tensorboard` shows it, `wandb sync DIR` uploads the W&B offline run."""
+    if to == Target.wandb:
+        _export_wandb(run_dir, out or Path("."), project, max_series)
+        return
     from ..export.tensorboard import event_files, export_tensorboard, require_tensorboard
-    from ..store import NotARunError, load_meta
     from ..store.rundir import refuse_output_in_run
     from .verdict import findings_for
 
@@ -48,11 +58,7 @@ def export(
     try:
         values.positive_int(max_series, "--max-series", "256")
         require_tensorboard()  # before any reading: a missing extra is said at once
-        try:
-            load_meta(run_dir)
-        except NotARunError as e:
-            hint = getattr(e, "hint", "pass a directory written by `stabscope profile`")
-            raise UsageError(str(e), hint=hint) from None
+        _check_run(run_dir)
         refuse_output_in_run(target, "--out")
         old = event_files(target)
         if old and not force:
@@ -74,3 +80,36 @@ def export(
         soft_wrap=True,
     )
     err.print(f"view it: tensorboard --logdir {escape(str(done.out.parent))}", soft_wrap=True)
+
+
+def _export_wandb(run_dir: Path, out: Path, project: str, max_series: int) -> None:
+    from ..export.wandb import export_wandb, require_wandb
+    from ..store.rundir import refuse_output_in_run
+    from .verdict import findings_for
+
+    try:
+        values.positive_int(max_series, "--max-series", "256")
+        require_wandb()  # before any reading: a missing extra is said at once
+        _check_run(run_dir)
+        refuse_output_in_run(out, "--out")
+        found, note = findings_for(run_dir)
+        source = note or "the last `stabscope check`"
+        done = export_wandb(run_dir, out, (found or [], source), project, max_series)
+    except UsageError as e:
+        raise fail(e) from None
+    err.print(
+        f"export: [bold]{escape(str(done.path))}[/] ({escape(done.selection.note)}; "
+        f"{done.findings} findings, {done.steps} steps)",
+        soft_wrap=True,
+    )
+    err.print(f"upload it: wandb sync {escape(str(done.path))}", soft_wrap=True)
+
+
+def _check_run(run_dir: Path) -> None:
+    from ..store import NotARunError, load_meta
+
+    try:
+        load_meta(run_dir)
+    except NotARunError as e:
+        hint = getattr(e, "hint", "pass a directory written by `stabscope profile`")
+        raise UsageError(str(e), hint=hint) from None

@@ -97,6 +97,15 @@ def profile(
             "warning line) or stop (training ends at that step; status stopped, exit 1).",
         ),
     ] = "warn",
+    log_to: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--log-to",
+            metavar="TARGET",
+            help="Also send the headline series and findings, while it trains, to "
+            "tensorboard:DIR, wandb or wandb:PROJECT (repeatable, or comma-separated).",
+        ),
+    ] = None,
     force: Annotated[
         bool, typer.Option("--force", help="Overwrite a run already in --out.")
     ] = False,
@@ -125,6 +134,9 @@ def profile(
         values.non_negative_int(every, "--every", "25")
         values.non_negative_int(dense, "--dense", "10")
         values.seed(seed)
+        from ..export.destinations import check_targets
+
+        targets = tuple(check_targets(log_to)) if log_to else None
     except UsageError as e:
         raise fail(e) from None
     try:
@@ -140,6 +152,7 @@ def profile(
             schedule=schedule,
             include=tuple(include) if include else None,
             exclude=tuple(exclude) if exclude else None,
+            log_to=targets,
         )
     except UsageError as e:  # [tool.stabscope] of the wrong type: names the key
         raise fail(e) from None

@@ -148,8 +148,7 @@ def select(run_dir: str, meta: RunMeta, max_series: int = MAX_SERIES) -> Selecti
         if source is not None:
             chosen.append((spec.name, *source))
     blocks, _ = depth_axis(meta)
-    room = max(0, max_series - len(selection.series)) // max(1, len(chosen))
-    kept = _spread(blocks, room)
+    kept = blocks_within(blocks, len(selection.series), len(chosen), max_series)
     selection.blocks, selection.left_out = kept, [b for b in blocks if b not in kept]
     for name, metric, how in chosen:
         rows = _per_block(frame, how, metric, kept)
@@ -159,6 +158,14 @@ def select(run_dir: str, meta: RunMeta, max_series: int = MAX_SERIES) -> Selecti
                 selection.series.append(_series(f"{name}/{block}", mine))
     selection.series = selection.series[:max_series]
     return selection
+
+
+def blocks_within(blocks: list[str], fixed: int, per_block: int, max_series: int) -> list[str]:
+    """The blocks whose ``per_block`` series fit in ``max_series`` next to ``fixed`` others:
+    evenly spaced from the first to the last when all do not fit (the export's and the live
+    bridges' one choice)."""
+    room = max(0, max_series - fixed) // max(1, per_block)
+    return _spread(blocks, room)
 
 
 def _spread(blocks: list[str], count: int) -> list[str]:

@@ -49,14 +49,15 @@ def findings_markdown(findings: list[Finding], source: str) -> str:
     if not findings:
         return f"The rules found nothing ({source})."
     lines = [f"**{len(findings)} findings**, worst first ({source}):", ""]
-    for f in findings:
-        where = ", ".join(
-            x for x in (f.module or "", "" if f.step is None else f"step {f.step}") if x
-        )
-        lines.append(f"1. **{f.severity}** `{f.rule}`{f' ({where})' if where else ''}: {f.message}")
-        if f.remedy:
-            lines.append(f"   *remedy:* {f.remedy}")
+    lines += ["1. " + finding_markdown(f).replace("\n", "\n   ") for f in findings]
     return "\n".join(lines)
+
+
+def finding_markdown(f: Finding) -> str:
+    """One finding: severity, rule, where, message, and its remedy on a second line."""
+    where = ", ".join(x for x in (f.module or "", "" if f.step is None else f"step {f.step}") if x)
+    text = f"**{f.severity}** `{f.rule}`{f' ({where})' if where else ''}: {f.message}"
+    return text + (f"\n*remedy:* {f.remedy}" if f.remedy else "")
 
 
 def export_tensorboard(
@@ -116,6 +117,7 @@ __all__ = [
     "Exported",
     "event_files",
     "export_tensorboard",
+    "finding_markdown",
     "findings_markdown",
     "require_tensorboard",
 ]

@@ -32,6 +32,10 @@ With ``on_error="stop"``, an error finding of the online rules sets
 ``control.should_training_stop`` at the optimizer step it arrives after, and the run is
 ``stopped``.
 
+``log_to="trainer"`` sends the live series and findings where the Trainer's ``report_to``
+logs: ``tensorboard`` (an event file of stabscope's own in ``logging_dir``) and ``wandb`` (the
+run the WandbCallback started, under ``stabscope/``).
+
 The run is closed on ``on_train_end``. The Trainer has no exception hook: when training
 raises, the run is closed as ``failed`` at interpreter exit, or when the next ``train()``
 starts.
@@ -48,6 +52,7 @@ import torch
 from ..record.config import RecorderConfig
 from ..record.probe_forward import LOSS_SHARE_KWARGS, FirstTrainingCall
 from ..record.recorder import Recorder
+from .loggers import hf_targets
 from .session import RecordingSession
 
 try:
@@ -92,7 +97,8 @@ class StabscopeCallback(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any):
         self._remove_hooks()  # left by a train() that raised
-        rec = self.session.start(model, "transformers", **hf_plan(state, kw.get("lr_scheduler")))
+        plan = hf_plan(state, kw.get("lr_scheduler"))
+        rec = self.session.start(model, "transformers", trainer_log=hf_targets(args), **plan)
         self._loss_hook = model.register_forward_hook(self._on_model_output, with_kwargs=True)
         if rec.wants_probe_forward:
             self._probe_batch = FirstTrainingCall(

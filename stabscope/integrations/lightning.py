@@ -19,6 +19,8 @@ The stability index replays ``training_step`` on the first training batch (a cop
 ``on_train_batch_start``, where Lightning has moved it to the device), with ``self.log`` and
 ``self.log_dict`` switched off and ``self.training`` False (the probe's eval mode); not under
 manual optimization, where ``training_step`` steps the optimizers itself.
+``log_to="trainer"`` sends the live series (``stabscope/...``) and findings to the Trainer's
+own loggers (integrations/loggers.py); other ``log_to`` targets are the Recorder's.
 The run is closed on ``on_fit_end``, and marked ``failed`` on ``on_exception`` (``interrupted`` for
 Ctrl-C or SIGTERM). With ``on_error="stop"``, an error finding of the online rules sets
 ``trainer.should_stop`` at the optimizer step it arrives after, and the run is ``stopped``.
@@ -39,6 +41,7 @@ from ..record.probe_forward import Replay, replay_of
 from ..record.recorder import Recorder
 from ..store import update_meta
 from ..store.interrupts import ending_status
+from .loggers import LightningLoggers
 from .session import RecordingSession
 
 try:
@@ -133,7 +136,12 @@ class StabscopeCallback(Callback):
         return self.session.recorder
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        rec = self.session.start(pl_module, "lightning", **lightning_plan(trainer, pl_module))
+        rec = self.session.start(
+            pl_module,
+            "lightning",
+            trainer_log=[LightningLoggers(trainer)],
+            **lightning_plan(trainer, pl_module),
+        )
         self._global_step = trainer.global_step
         self._probe_tried = False
         if rec.wants_probe_forward and not getattr(pl_module, "automatic_optimization", True):

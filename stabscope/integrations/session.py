@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -13,6 +14,7 @@ from torch import nn
 from ..record.config import RecorderConfig
 from ..record.recorder import Recorder
 from ..store import interrupts
+from .loggers import with_trainer
 
 
 class RecordingSession:
@@ -27,12 +29,17 @@ class RecordingSession:
         self.recorder: Recorder | None = None
         self._losses: list[torch.Tensor] = []  # micro-batch losses of the current step
 
-    def start(self, model: nn.Module, framework: str, **plan: Any) -> Recorder:
+    def start(
+        self, model: nn.Module, framework: str, trainer_log: Sequence[Any] = (), **plan: Any
+    ) -> Recorder:
         """Open the Recorder; ``plan`` is what the framework knows of the lr plan
-        (``schedulers``, ``budget``), unless the user's options say otherwise."""
+        (``schedulers``, ``budget``), unless the user's options say otherwise;
+        ``trainer_log``: what ``log_to="trainer"`` stands for (integrations/loggers.py)."""
         if self.recorder is not None:  # a previous fit ended without its end hook
             self.close("failed")
         options = {**plan, **self.options}
+        if "log_to" in options:
+            options["log_to"] = with_trainer(options["log_to"], trainer_log)
         run_info = {"framework": framework, **options.pop("run_info", {})}
         self.recorder = Recorder(model, self.out, self.config, run_info=run_info, **options)
         self.recorder.start()

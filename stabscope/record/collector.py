@@ -25,6 +25,8 @@ class Rows:
     writer: PartWriter
     step: int = 0
     _cols: list[tuple[np.ndarray, ...]] = field(default_factory=list)
+    #: Sees the chunks handed to the writer (the live bridge, record/live.py); must not raise.
+    tap: Callable[[list[tuple[np.ndarray, ...]]], None] | None = None
 
     def emit(
         self,
@@ -72,8 +74,12 @@ class Rows:
                 # The chunk is in the writer's buffer even when its part failed: keep only the
                 # rest, so that a retry (close() after a full disk) writes no row twice.
                 self._cols = chunks[i + 1 :]
+                if self.tap is not None:
+                    self.tap(chunks[: i + 1])
                 raise
             n += len(cols[-1])
+        if self.tap is not None and chunks:
+            self.tap(chunks)
         return n
 
 

@@ -67,6 +67,11 @@ class RecorderConfig:
     #: ||Δθ|| and ||θ|| of every residual block at every step (a kept copy of the block
     #: parameters); None = on while the blocks hold at most 100M values.
     step_updates: bool | None = None
+    #: Dashboards that get the curated series and the findings while the run trains
+    #: (``tensorboard:DIR``, ``wandb``, ``wandb:PROJECT``; docs/dashboards.md).
+    log_to: tuple[str, ...] = ()
+    #: The most live series sent (blocks are thinned evenly to fit).
+    live_max_series: int = 256
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -79,6 +84,8 @@ class RecorderConfig:
             raise ValueError("sharpness_budget must be a positive number (0.05: 5%) or None")
         if self.flight_every < 1:
             raise ValueError("flight_every must be positive")
+        if self.live_max_series < 1:
+            raise ValueError("live_max_series must be positive")
 
     @property
     def grads(self) -> bool:
@@ -129,6 +136,8 @@ _EXPECTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "flight_every": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
     "online_rules": (lambda v: isinstance(v, bool), "true or false"),
     "step_updates": (lambda v: isinstance(v, bool), "true or false"),
+    "log_to": (_is_glob_list, 'a list of targets, like ["tensorboard:runs/tb", "wandb"]'),
+    "live_max_series": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
 }
 _SCHEDULE: dict[str, tuple[Callable[[Any], bool], str]] = {
     "dense": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
@@ -164,7 +173,7 @@ def config_from_mapping(table: dict[str, Any], source: str = "config") -> Record
         if isinstance(err, ConfigError):
             raise
         raise ConfigError(f"{source}: [tool.stabscope] schedule: {err}", source) from None
-    for key in ("include", "exclude"):
+    for key in ("include", "exclude", "log_to"):
         if key in values:
             values[key] = tuple(values[key])
     return RecorderConfig(**values)

@@ -85,6 +85,8 @@ class RunLifecycle:
             self._detach_all()
             write_error = self._write_remaining()
             status = self._close_verdicts(status)  # `stopped` by a finding
+            if self.live is not None:
+                self.live.close()  # the last steps, then the dashboards' own close
             if write_error is not None:
                 status = "failed"
                 self.meta["write_error"] = error_entry(write_error)

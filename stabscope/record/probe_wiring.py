@@ -61,6 +61,8 @@ class ProbeWiring:
             self.model, self.structure, self._probe_context, self.hooks
         )
         self._build_every_probes(self.structure_probes.context)
+        if self.live is not None:
+            self.live.set_blocks()
         self.meta["structure"] = self.structure.to_dict()
         blocks = [(b.name, self._probe_context.names(b.name)) for b in self.structure.blocks]
         self.step_norms.set_blocks(blocks)

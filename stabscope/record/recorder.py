@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..export.destinations import check_targets
 from ..probes.base import ProbeContext
 from ..probes.structured import StructureProbes
 from ..store import RUN_MODULE, PartWriter, interrupts
@@ -38,6 +39,7 @@ from .distributed import prepare_on_rank0
 from .distributed import rank as _rank
 from .hooks import ModuleHooks
 from .lifecycle import RunLifecycle
+from .live import LiveBridge, live_targets
 from .losses import PendingLosses, nonfinite_on_host
 from .lr_plan import LrPlanner
 from .module_table import select_modules, select_parameters
@@ -71,8 +73,11 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
         budget: int | None = None,
         on_finding: Callable[[Finding], Any] | None = None,
         on_error: str = "warn",
+        log_to: Any = None,
     ) -> None:
         check_on_error(on_error)  # before the run directory is touched
+        targets = live_targets((config or RecorderConfig()).log_to, log_to)
+        check_targets([t for t in targets if isinstance(t, str)])  # before it is touched too
         self.forward = forward
         self.structure = structure
         # The planned lr curve (meta.json's lr_plan), when a scheduler or a budget is given.
@@ -92,10 +97,12 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
         # Rank 0 takes the directory's lock (or this process's claim from `profile`) here and
         # keeps it until close(); the other ranks write their parts under it.
         self.run_dir = prepare_on_rank0(out, lambda: prepare_run_dir(out, force))
+        self.live: LiveBridge | None = None
         try:
             self._setup(model, cfg, run_info)
             notes = self._setup_verdicts(on_finding, on_error, self.meta["world_size"])
             self.meta["notes"] += notes
+            self.live = LiveBridge(self, targets, cfg.live_max_series) if targets else None
         except BaseException:
             locks.release(self.run_dir)
             raise

@@ -131,6 +131,9 @@ class VerdictActions:
                 stacklevel=4,  # the caller of rec.step()
             )
         self._store_verdicts()
+        if self.live is not None:  # the dashboards (record/live.py)
+            for f in found:
+                self.live.finding(seen_at, f)
         if self.on_finding is not None:
             for f in found:
                 self.on_finding(f)
