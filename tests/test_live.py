@@ -5,6 +5,7 @@ fails mid-run warns once and loses no Parquet row; bad targets are one line with
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 
@@ -110,11 +111,24 @@ def test_tensorboard_live_series_equal_the_run_table(tmp_path: Path):
 def test_findings_arrive_as_text_with_their_remedy(tmp_path: Path):
     tb = tmp_path / "tb"
     seen = []
+    model, forward = sample_gpt("post", depth=3)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-2)
+    cfg = stabscope.RecorderConfig(schedule=stabscope.Schedule(3, 5), flight_every=4)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", StabscopeWarning)
-        # lr 3.0 diverges: the online rules fire while it trains
-        train_gpt(tmp_path / "run", lr=3.0, log_to=f"tensorboard:{tb}", on_finding=seen.append)
-    assert seen, "the online rules found nothing"
+        with stabscope.Recorder(
+            model, tmp_path / "run", cfg, forward=forward, on_finding=seen.append,
+            log_to=f"tensorboard:{tb}",
+        ) as rec:  # fmt: skip
+            for step in range(STEPS):
+                loss = forward(model)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                # A NaN loss at step 6 is judged on the training thread at once (the
+                # worker's checks of landed parts may or may not finish inside 13 steps).
+                rec.step(loss=loss if step != 6 else torch.tensor(math.nan))
+    assert "nonfinite" in {f.rule for f in seen}
     texts = read_back(tb).Tensors("stabscope/findings")
     assert len(texts) == len(seen)
     first = texts[0].tensor_proto.string_val[0].decode()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +21,14 @@ wandb = pytest.importorskip("wandb")
 
 
 @pytest.fixture
-def wandb_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def wandb_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_CONSOLE", "off")
-    return tmp_path
+    wandb.teardown()  # wandb keeps its settings (the directory) in a process-wide singleton
+    yield tmp_path
+    wandb.teardown()
 
 
 def test_wandb_live_series_and_alerts_equal_the_run_table(wandb_dir: Path):
