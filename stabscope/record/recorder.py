@@ -30,10 +30,10 @@ from ..store import RUN_MODULE, PartWriter, interrupts
 from ..store import lock as locks
 from ..store.atomic import RESERVE_FILE, SpaceReserve
 from ..store.findings import Finding
-from ..store.rundir import RunExistsError, RunLockedError, prepare_run_dir
+from ..store.rundir import RunExistsError, RunLockedError, keyword_hint, prepare_run_dir
 from ..structure import Structure, capture, from_trace
 from .collector import Collector, Rows
-from .config import RecorderConfig
+from .config import RecorderConfig, keyword_names, with_options
 from .distributed import prepare_on_rank0
 from .distributed import rank as _rank
 from .hooks import ModuleHooks
@@ -71,7 +71,9 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
         budget: int | None = None,
         on_finding: Callable[[Finding], Any] | None = None,
         on_error: str = "warn",
+        **options: Any,
     ) -> None:
+        """``options``: any field of ``RecorderConfig`` (``part_rows=3000``), over ``config``."""
         check_on_error(on_error)  # before the run directory is touched
         self.forward = forward
         self.structure = structure
@@ -86,12 +88,16 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
             exclude=tuple(exclude) if exclude is not None else None,
             schedule=schedule,
         )
+        cfg = with_options(cfg, options, "Recorder", keyword_names(Recorder.__init__))
         self.config = cfg
         self.model = model
         self.rank = _rank()
         # Rank 0 takes the directory's lock (or this process's claim from `profile`) here and
         # keeps it until close(); the other ranks write their parts under it.
-        self.run_dir = prepare_on_rank0(out, lambda: prepare_run_dir(out, force))
+        try:
+            self.run_dir = prepare_on_rank0(out, lambda: prepare_run_dir(out, force))
+        except RunExistsError as err:  # one line with the force hint, not a chain
+            raise keyword_hint(err) from None
         try:
             self._setup(model, cfg, run_info)
             notes = self._setup_verdicts(on_finding, on_error, self.meta["world_size"])
