@@ -12,7 +12,7 @@ from rich.markup import escape
 
 from ..errors import UsageError
 from . import values
-from .common import app, err, fail
+from .common import Quiet, app, err, fail
 
 
 class Target(str, Enum):
@@ -36,6 +36,7 @@ def export(
     force: Annotated[
         bool, typer.Option("--force", help="Replace the event files of an earlier export.")
     ] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Export a run to TensorBoard: per block a few headline series, loss and lr, the
     findings as text, heatmaps as images; `tensorboard --logdir tensorboard` shows it."""
@@ -68,6 +69,8 @@ def export(
         done = export_tensorboard(run_dir, target, (found or [], source), max_series, images)
     except UsageError as e:
         raise fail(e) from None
+    if quiet:
+        return
     err.print(
         f"export: [bold]{escape(str(done.out))}[/] ({escape(done.selection.note)}; "
         f"{done.findings} findings, {done.images} heatmaps, {done.steps} steps)",
