@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .errors import OptionError, RunExistsError
 from .store import RUN_MODULE, SCHEMA_VERSION, MetaError, NotARunError, load_run, read_meta
 from .version import __version__
 
@@ -25,9 +26,11 @@ __all__ = [
     "SCHEMA_VERSION",
     "MetaError",
     "NotARunError",
+    "OptionError",
     "Recorder",
     "RecorderConfig",
     "Run",
+    "RunExistsError",
     "Schedule",
     "__version__",
     "load_run",

@@ -46,6 +46,11 @@ class ConfigError(UsageError, ValueError):
         return self.message
 
 
+class OptionError(UsageError, TypeError, ValueError):
+    """A keyword of ``Recorder`` or a callback that does not exist (a ``TypeError``, as Python
+    says for an unexpected keyword) or takes no such value (a ``ValueError``)."""
+
+
 class NotARunError(ValueError):
     """The path is not a stabscope run directory."""
 
@@ -61,7 +66,16 @@ class FindingsError(ValueError):
 
 
 class RunExistsError(FileExistsError):
-    """The output directory already holds a run."""
+    """The output directory already holds a run. ``hint`` (also in ``str()``, which stays
+    one line) says what to do about it: ``force=True``, or another directory."""
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} (hint: {self.hint})" if self.hint else self.message
 
 
 class RunLockedError(RunExistsError):
@@ -91,6 +105,7 @@ __all__ = [
     "MetaError",
     "NestedRunError",
     "NotARunError",
+    "OptionError",
     "RunExistsError",
     "RunLockedError",
     "RunWriteError",

@@ -128,7 +128,7 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
 
 
 def test_the_graph_sees_function_level_and_relative_imports():
-    assert GRAPH["stabscope.cli.summary"].get("stabscope.store.findings") is True  # in a function
+    assert GRAPH["stabscope.cli.summary"].get("stabscope.analysis.summary") is True  # in a function
     assert "stabscope.rules.depth" in GRAPH["stabscope.rules"]  # from . import depth
     assert GRAPH["stabscope.rules.output"]["stabscope.rules.gate"] is False  # TYPE_CHECKING
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]

@@ -11,7 +11,7 @@ from rich.markup import escape
 
 from ..errors import UsageError
 from . import values
-from .common import app, err, fail
+from .common import Quiet, app, err, fail
 
 
 @app.command()
@@ -69,6 +69,7 @@ def check(
             "--fail-on warning).",
         ),
     ] = False,
+    quiet: Quiet = False,
 ) -> None:
     """The CI gate: run the rules on a run; exit 1 when findings reach --fail-on."""
     try:
@@ -84,6 +85,7 @@ def check(
             set_ or [],
             allow_incomplete,
             budget,
+            quiet,
         )
     except UsageError as e:
         raise fail(e) from None
@@ -102,6 +104,7 @@ def _check(
     sets: list[str],
     allow_incomplete: bool = False,
     budget: int | None = None,
+    quiet: bool = False,
 ) -> int:
     from rich.markup import escape
 
@@ -132,7 +135,7 @@ def _check(
         _refuse_training_script(target)
         from ..drivers.check_script import profile_for_check  # torch: only for a script
 
-        run_dir = profile_for_check(target, steps, sets, budget, _announce)
+        run_dir = profile_for_check(target, steps, sets, budget, None if quiet else _announce)
     else:
         run_dir = target
     gate = run_gate(run_dir, fail_on, config, baseline, factor, allow_incomplete)
@@ -143,6 +146,9 @@ def _check(
         text = to_github(gate)
         if text:
             typer.echo(text)
+    elif quiet:  # only the findings that fail the gate
+        if failing:
+            print_findings(failing, err)
     else:
         print_findings(findings, err)
         for rule, why in gate.skipped.items():

@@ -6,8 +6,12 @@ and register on ``app`` when ``cli.py`` imports them.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import warnings
-from typing import Any
+from collections.abc import Iterator
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -28,7 +32,13 @@ class _Commands(TyperGroup):
         from .values import empty_option
 
         ctx.meta["stabscope.args"] = list(args)  # what the command will parse, for hints
-        name, command, rest = super().resolve_command(ctx, args)
+        try:
+            name, command, rest = super().resolve_command(ctx, args)
+        except Exception as e:  # no such command (click's words add "Did you mean ...")
+            if not _is_parse_error(e):
+                raise
+            error = UsageError(_first_line(e.format_message()), hint=self._commands_hint())
+            raise fail(error) from None
         option = None if command is None else empty_option(command, rest)
         if option is not None:
             raise fail(
@@ -39,16 +49,33 @@ class _Commands(TyperGroup):
             )
         return name, command, rest
 
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        """``stabscope``'s own options (``--bogus``) fail as one line too, not click's box."""
+        try:
+            return super().parse_args(ctx, args)
+        except Exception as e:
+            if not _is_parse_error(e) or type(e).__name__ == "NoArgsIsHelpError":
+                raise
+            error = UsageError(_first_line(e.format_message()), hint=self._commands_hint())
+            raise fail(error) from None
+
+    def _commands_hint(self) -> str:
+        return f"the commands: {', '.join(self.list_commands(None))}; see `stabscope --help`"
+
     def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
         except Exception as e:
-            # duck-typed: typer vendors its own click, whose exceptions are not click's
-            if not (hasattr(e, "format_message") and getattr(e, "exit_code", 0) == 2):
+            if not _is_parse_error(e):
                 raise
             args = ctx.meta.get("stabscope.args", [])
             error = UsageError(_first_line(e.format_message()), hint=parse_hint(e, args))
             raise fail(error) from None
+
+
+def _is_parse_error(e: Exception) -> bool:
+    # duck-typed: typer vendors its own click, whose exceptions are not click's
+    return hasattr(e, "format_message") and getattr(e, "exit_code", 0) == 2
 
 
 def _first_line(text: str) -> str:
@@ -102,6 +129,33 @@ def _options(
     ),
 ) -> None:
     """Stability diagnostics for PyTorch models: record, inspect, summarise, report."""
+
+
+#: ``--quiet`` of every command that says more than its result: progress bars, summaries,
+#: tables and notes go; errors, ``warning:`` lines and the verdict line that CI reads stay.
+Quiet = Annotated[
+    bool,
+    typer.Option(
+        "--quiet", "-q", help="Only errors, warnings and the verdict line (no progress, no tables)."
+    ),
+]
+
+
+@contextlib.contextmanager
+def stdout_for_data_only() -> Iterator[None]:
+    """Inside: whatever is written to stdout (a script's ``print``, a library's C code
+    writing to file descriptor 1) goes to stderr, so that stdout carries only the data the
+    command prints afterwards (``--json``)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def fail(error: UsageError) -> typer.Exit:

@@ -12,7 +12,7 @@ from rich.markup import escape
 
 from ..errors import UsageError
 from . import values
-from .common import app, err, fail
+from .common import Quiet, app, err, fail
 
 
 class Target(str, Enum):
@@ -43,6 +43,7 @@ def export(
     force: Annotated[
         bool, typer.Option("--force", help="Replace the event files of an earlier export.")
     ] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Export a run to TensorBoard or W&B: per block a few headline series, loss and lr, the
     findings (text, W&B alerts), heatmaps as images (TensorBoard); `tensorboard --logdir
@@ -74,6 +75,8 @@ def export(
         done = export_tensorboard(run_dir, target, (found or [], source), max_series, images)
     except UsageError as e:
         raise fail(e) from None
+    if quiet:
+        return
     err.print(
         f"export: [bold]{escape(str(done.out))}[/] ({escape(done.selection.note)}; "
         f"{done.findings} findings, {done.images} heatmaps, {done.steps} steps)",

@@ -11,7 +11,7 @@ import typer
 
 from ..errors import UsageError
 from . import values
-from .common import app, fail
+from .common import Quiet, app, fail
 from .grow_output import print_result, run_bars
 
 if TYPE_CHECKING:
@@ -87,7 +87,7 @@ def grow(
         bool, typer.Option("--no-base", help="Do not profile the base model.")
     ] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite runs in --out.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Grow a model without changing what it computes, check that, and profile it.
 
@@ -119,7 +119,7 @@ def grow(
         )
     except UsageError as e:
         raise fail(e) from None
-    code = print_result(result, run_root, sweep_axis if sweep else None, variants)
+    code = print_result(result, run_root, sweep_axis if sweep else None, variants, quiet)
     raise typer.Exit(code)
 
 

@@ -56,7 +56,10 @@ def print_result(
     run_root: Path,
     axis: str | None,
     variants: list[tuple[str, GrowthSpec, float]],
+    quiet: bool = False,
 ) -> int:
+    """The verdict per grown model; then, unless ``quiet``, the scaling table (written to
+    OUT/scaling.csv either way) and what to run next. Exit 1 when a model changed."""
     for v in result.variants:
         if v.growth is None or v.preservation is None:
             continue
@@ -84,7 +87,9 @@ def print_result(
         err.print("[dim]hint:[/] see docs/grow.md for which expansions each norm placement keeps")
         return 1
     sizes = {name: size for name, _, size in variants}
-    table = _scaling(result, run_root, sizes)
+    table = _scaling(result, run_root, sizes, quiet)
+    if quiet:
+        return 0
     _print_table(table, axis)
     grown = [v.run_dir for v in result.variants if v.growth is not None]
     base = [v.run_dir for v in result.variants if v.growth is None]
@@ -96,7 +101,9 @@ def print_result(
     return 0
 
 
-def _scaling(result: GrowResult, run_root: Path, sizes: dict[str, float]) -> pd.DataFrame:
+def _scaling(
+    result: GrowResult, run_root: Path, sizes: dict[str, float], quiet: bool
+) -> pd.DataFrame:
     """The scaling table over base and grown runs, written to OUT/scaling.csv. The size is
     the sweep factor, or for a single grow the parameter count relative to the base."""
     from ..grow.table import scaling_table, write_table
@@ -104,7 +111,8 @@ def _scaling(result: GrowResult, run_root: Path, sizes: dict[str, float]) -> pd.
     rows = [(v.name, v.run_dir, sizes.get(v.name) or v.size) for v in result.variants]
     table = scaling_table(rows)
     path = write_table(table, run_root)
-    err.print(f"scaling table: [bold]{escape(str(path))}[/]", soft_wrap=True)
+    if not quiet:
+        err.print(f"scaling table: [bold]{escape(str(path))}[/]", soft_wrap=True)
     return table
 
 

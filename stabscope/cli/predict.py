@@ -14,7 +14,7 @@ from rich.markup import escape
 
 from ..errors import UsageError
 from . import values
-from .common import app, err, fail
+from .common import Quiet, app, err, fail
 
 if TYPE_CHECKING:
     from ..theory import ModelDescription, Prediction
@@ -71,6 +71,7 @@ def predict(
         Path | None, typer.Option("--out", "-o", help="Also write the prediction to this file.")
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed for building SCRIPT's model.")] = 0,
+    quiet: Quiet = False,
 ) -> None:
     """Predict per-layer activation rms, gradient rms and token correlation at init."""
     from ..store.rundir import refuse_output_in_run
@@ -114,7 +115,7 @@ def predict(
             except DescriptionError as e:
                 raise UsageError(str(e), hint="see `stabscope predict --help`") from None
             title = f"{depth}-layer {norm} model, width {width}"
-        prediction = _run(desc)
+        prediction = _run(desc, quiet)
         if out is not None:
             values.write_output(out, prediction.to_json(), "--out")
     except UsageError as e:
@@ -122,7 +123,7 @@ def predict(
     if as_json:
         typer.echo(prediction.to_json(), nl=False)
     else:
-        print_prediction(prediction, title)
+        print_prediction(prediction, title, quiet)
 
 
 def _describe_script(script: Path, sets: list[str], seed: int) -> ModelDescription:
@@ -142,18 +143,26 @@ def _describe_script(script: Path, sets: list[str], seed: int) -> ModelDescripti
         ) from None
 
 
-def _run(desc: ModelDescription) -> Prediction:
+def _run(desc: ModelDescription, quiet: bool) -> Prediction:
     """The prediction, with a progress bar when it takes a while (O(depth·seq²))."""
     from ..theory import predict
 
-    if desc.depth * desc.seq**2 < 5_000_000:
+    if quiet or desc.depth * desc.seq**2 < 5_000_000:
         return predict(desc)
     with err.status(f"propagating {desc.depth} blocks × {desc.seq}² token moments"):
         return predict(desc)
 
 
-def print_prediction(prediction: Prediction, title: str) -> None:
-    """The per-layer table and the headline, on stderr."""
+def print_prediction(prediction: Prediction, title: str, quiet: bool = False) -> None:
+    """The per-layer table, the headline and the verdict on stderr (the verdict only when
+    ``quiet``)."""
+    head, verdict = prediction.headline, prediction.verdict
+    style = _SEVERITY_STYLE[verdict["severity"]]
+    reasons = "; ".join(verdict["reasons"]) or "no vanishing or exploding gradients, no collapse"
+    line = f"verdict: [{style}]{verdict['severity']}[/] — {escape(reasons)}"
+    if quiet:
+        err.print(line, soft_wrap=True)
+        return
     from rich.table import Table
 
     table = Table(title=f"predicted at init: {escape(title)}")
@@ -168,12 +177,9 @@ def print_prediction(prediction: Prediction, title: str) -> None:
             f"{layer.token_corr:.3f}",
         )
     err.print(table)
-    head, verdict = prediction.headline, prediction.verdict
-    style = _SEVERITY_STYLE[verdict["severity"]]
     err.print(
         f"gradient rms first/last layer ×{head['grad_ratio_first_last']:.3g}; activation rms "
         f"last/first ×{head['act_rms_growth']:.3g}; final token correlation "
         f"{head['final_token_corr']:.3f}"
     )
-    reasons = "; ".join(verdict["reasons"]) or "no vanishing or exploding gradients, no collapse"
-    err.print(f"verdict: [{style}]{verdict['severity']}[/] — {escape(reasons)}", soft_wrap=True)
+    err.print(line, soft_wrap=True)

@@ -9,8 +9,8 @@ import typer
 
 from ..errors import UsageError
 from . import values
-from .common import app, fail
-from .profile_run import TrainingOptions, interrupted, run_profile
+from .common import Quiet, app, fail
+from .profile_run import ProfileOutput, TrainingOptions, interrupted, run_profile
 
 
 @app.command()
@@ -36,7 +36,9 @@ def profile(
             "script), --max-steps with --stop-script (training script)."
         ),
     ] = None,
-    out: Annotated[Path | None, typer.Option(help="Run directory \\[default: runs/SCRIPT]")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Run directory \\[default: runs/SCRIPT]")
+    ] = None,
     every: Annotated[
         int | None,
         typer.Option(help="After the dense start, record every N steps \\[default: 25]."),
@@ -109,7 +111,15 @@ def profile(
     force: Annotated[
         bool, typer.Option("--force", help="Overwrite a run already in --out.")
     ] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    quiet: Quiet = False,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="Print the closing summary and findings as one JSON object on stdout "
+            "(the script's own stdout goes to stderr).",
+        ),
+    ] = False,
 ) -> None:
     """Record a model script for --steps steps, or an unmodified training script.
 
@@ -180,7 +190,7 @@ def profile(
                     device,
                     set_ or [],
                     force,
-                    quiet,
+                    ProfileOutput(quiet, as_json),
                     training,
                     on_error,
                 )

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from rich.markup import escape
 
 from ..errors import UsageError
-from .common import err
+from .common import err, stdout_for_data_only
 
 if TYPE_CHECKING:
     from ..drivers.profile import ProgressFn
@@ -43,6 +43,19 @@ class TrainingOptions:
         return next((name for name, on in given.items() if on), None)
 
 
+@dataclass(frozen=True)
+class ProfileOutput:
+    """What ``profile`` prints: ``quiet`` keeps the verdict line only (no bar, no summary),
+    ``as_json`` prints the closing summary as one JSON object on stdout instead, with
+    whatever the script writes to stdout meanwhile sent to stderr."""
+
+    quiet: bool = False
+    as_json: bool = False
+
+    def training(self) -> contextlib.AbstractContextManager[None]:
+        return stdout_for_data_only() if self.as_json else contextlib.nullcontext()
+
+
 def run_profile(
     script: Path,
     run_dir: Path,
@@ -52,7 +65,7 @@ def run_profile(
     device: str,
     sets: list[str],
     force: bool,
-    quiet: bool,
+    output: ProfileOutput,
     training: TrainingOptions,
     on_error: str = "warn",
 ) -> bool:
@@ -70,8 +83,9 @@ def run_profile(
         if rank() == 0:  # under torchrun, rank 0 alone prepares the run directory
             _prepare_run_dir(run_dir, force)
         with contextlib.ExitStack() as stack:
+            stack.enter_context(output.training())
             # The bar appears with the first step: errors before it stay one line.
-            progress = _lazy_progress(stack, disable=quiet or rank() != 0)
+            progress = _lazy_progress(stack, disable=output.quiet or rank() != 0)
             result = profile_training_script(
                 path,
                 training.args,
@@ -87,7 +101,7 @@ def run_profile(
                 on_error=on_error,
             )
         if rank() == 0:
-            _print_profile_result(result.run_dir, result.seconds, result.notes)
+            _print_profile_result(result.run_dir, result.seconds, result.notes, output)
         return result.stopped_by is not None
     if training.given() is not None:
         raise UsageError(
@@ -97,11 +111,12 @@ def run_profile(
         )
     total = 200 if steps is None else steps
     planned_budget(total, training.budget)  # before the run directory is touched
-    loaded = load_script(path, parse_set(sets))
+    with output.training():  # the script's top level may print
+        loaded = load_script(path, parse_set(sets))
     pick_device(device)  # a bad --device fails here, before any output directory is touched
     _prepare_run_dir(run_dir, force)  # fail before any training work
     try:
-        with step_progress(err, total, disable=quiet) as progress:
+        with output.training(), step_progress(err, total, disable=output.quiet) as progress:
             result = profile_script(
                 loaded,
                 run_dir,
@@ -117,7 +132,7 @@ def run_profile(
     except UsageError:
         drop_empty_parts(run_dir)
         raise
-    _print_profile_result(result.run_dir, result.seconds, result.notes)
+    _print_profile_result(result.run_dir, result.seconds, result.notes, output)
     return result.stopped_by is not None
 
 
@@ -189,12 +204,27 @@ def interrupted(run_dir: Path, error: BaseException) -> int:
     return 128 + signum
 
 
-def _print_profile_result(run_dir: Path, seconds: float, notes: list[str]) -> None:
+def _print_profile_result(
+    run_dir: Path, seconds: float, notes: list[str], output: ProfileOutput
+) -> None:
     from ..analysis.summary import summarize
     from ..report.console import print_summary
 
+    headline = summarize(run_dir)
+    if output.as_json or output.quiet:
+        import json
+
+        from .verdict import findings_for, json_record, verdict_line
+
+        findings, note = findings_for(run_dir)  # the rules on the fresh run, as `summary`
+        if output.as_json:
+            record = {**json_record(headline, findings, note), "seconds": seconds, "notes": notes}
+            print(json.dumps(record, indent=1, allow_nan=False), flush=True)
+        else:
+            err.print(escape(verdict_line(headline, findings)), soft_wrap=True)
+        return
     # A stopped run's summary says by which finding, on its status line.
-    print_summary(summarize(run_dir), err)
+    print_summary(headline, err)
     for note in notes:
         err.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
     where = escape(str(run_dir))

@@ -10,7 +10,7 @@ from rich.markup import escape
 
 from ..errors import UsageError
 from . import values
-from .common import app, err, fail
+from .common import Quiet, app, err, fail
 
 REPORT = Path("report.html")
 
@@ -23,6 +23,7 @@ def report(
     output: Annotated[
         Path, typer.Option("--out", "-o", "--output", help="HTML file to write.")
     ] = REPORT,
+    quiet: Quiet = False,
 ) -> None:
     """Write one self-contained HTML report of one or more runs; it opens offline."""
     from ..report.build import build_report
@@ -39,6 +40,8 @@ def report(
         raise fail(e) from None
     for warning in result.warnings:
         err.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
+    if quiet:
+        return
     err.print(
         f"report: [bold]{escape(str(result.path))}[/] ({result.size / 1e6:.1f} MB, "
         f"{len(result.runs)} run{'s' if len(result.runs) > 1 else ''}, {result.plots} plots)",

@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 
 from ..errors import UsageError
-from .common import app, err, fail
+from .common import Quiet, app, err, fail
 
 
 @app.command()
@@ -22,15 +22,15 @@ def summary(
             "--json", help="Print one JSON object on stdout: the summary and the findings."
         ),
     ] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Print the headline numbers of a recorded run and its findings (the rules run now when
     the run has no current findings.json; nothing is written into the run)."""
-    from ..analysis.summary import summarize, summary_record
+    from ..analysis.summary import summarize
     from ..errors import FindingsError
     from ..report.console import print_findings, print_summary
     from ..store import NotARunError
-    from ..store.findings import finding_record
-    from .verdict import findings_for
+    from .verdict import findings_for, json_record, verdict_line
 
     try:
         headline = summarize(run_dir)
@@ -43,12 +43,9 @@ def summary(
         findings, note = None, None
         err.print(f"[yellow]warning:[/] {escape(str(e))}", soft_wrap=True)
     if as_json:
-        record = {
-            "summary": summary_record(headline),
-            "findings": None if findings is None else [finding_record(f) for f in findings],
-            "findings_source": note or "findings.json",
-        }
-        typer.echo(json.dumps(record, indent=1, allow_nan=False))
-        return
-    print_summary(headline, err)
-    print_findings(findings, err, note=note)
+        typer.echo(json.dumps(json_record(headline, findings, note), indent=1, allow_nan=False))
+    elif quiet:
+        err.print(escape(verdict_line(headline, findings)), soft_wrap=True)
+    else:
+        print_summary(headline, err)
+        print_findings(findings, err, note=note)

@@ -4,9 +4,13 @@ current, else the rules run now (``rules.gate.judge``), with a note saying which
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ..errors import UsageError
-from ..store.findings import Finding
+from ..store.findings import SEVERITIES, Finding
+
+if TYPE_CHECKING:
+    from ..analysis.summary import Summary
 
 
 def findings_for(run_dir: Path) -> tuple[list[Finding] | None, str | None]:
@@ -25,3 +29,31 @@ def findings_for(run_dir: Path) -> tuple[list[Finding] | None, str | None]:
     if verdict.failed:
         note += f"; rules that raised: {', '.join(sorted(verdict.failed))}"
     return verdict.findings, note
+
+
+def json_record(
+    headline: Summary, findings: list[Finding] | None, note: str | None
+) -> dict[str, Any]:
+    """The one JSON object of ``summary --json`` and ``profile --json``: the summary, the
+    findings worst first (null when no rules could run) and where they came from."""
+    from ..analysis.summary import summary_record
+    from ..store.findings import finding_record
+
+    return {
+        "summary": summary_record(headline),
+        "findings": None if findings is None else [finding_record(f) for f in findings],
+        "findings_source": note or "findings.json",
+    }
+
+
+def verdict_line(headline: Summary, findings: list[Finding] | None) -> str:
+    """What ``--quiet`` keeps of a run: ``run RUN: complete, 200 steps; findings: 1 error,
+    2 warnings`` (plain text, one line)."""
+    line = f"run {headline.run_dir}: {headline.status}, {headline.steps} steps"
+    if headline.status_detail:
+        line += f" ({headline.status_detail})"
+    if findings is None:
+        return line + "; findings: the rules did not run"
+    counts = [(sum(f.severity == s for f in findings), s) for s in SEVERITIES]
+    said = [f"{n} {s}{'s' if n > 1 else ''}" for n, s in counts if n]
+    return line + f"; findings: {', '.join(said) or 'none'}"

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, OptionError
 from ..settings import check_keys, find_pyproject, read_toml_table
 from .schedule import Schedule
 
@@ -145,6 +146,43 @@ _SCHEDULE: dict[str, tuple[Callable[[Any], bool], str]] = {
     "log": (lambda v: isinstance(v, bool), "true or false"),
     "per_decade": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
 }
+
+
+#: Fields whose ``None`` means "decide from the preset or the model".
+_NONE_MEANS_AUTO = ("model_update", "sharpness", "sharpness_budget", "step_updates")
+
+
+def with_options(
+    cfg: RecorderConfig, options: dict[str, Any], where: str, valid: list[str]
+) -> RecorderConfig:
+    """``cfg`` with ``options`` (RecorderConfig fields given as keywords of ``where``, e.g.
+    ``Recorder(model, out, part_rows=3000)``) replacing its values. An unknown keyword is
+    one ``OptionError`` listing ``valid`` (every keyword ``where`` takes); a value of the wrong
+    type or range is one naming what the field takes, as ``[tool.stabscope]`` does."""
+    fields = {f.name for f in dataclasses.fields(RecorderConfig)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise OptionError(
+            f"{where}() got unknown keyword{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}",
+            hint=f"the keywords it takes: {', '.join(sorted(set(valid) | fields))}",
+        )
+    for key, value in options.items():
+        test, words = _EXPECTED[key]
+        if not (value is None and key in _NONE_MEANS_AUTO) and not test(value):
+            raise OptionError(
+                f"{where}() {key} must be {words}, got {value!r}",
+                hint="see the Recorder options in docs/recording.md",
+            )
+    return dataclasses.replace(cfg, **options)
+
+
+def keyword_names(function: Callable[..., Any]) -> list[str]:
+    """The keyword-only parameters of ``function`` (a constructor's own options)."""
+    return [
+        name
+        for name, p in inspect.signature(function).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    ]
 
 
 def load_pyproject_config(start: Path | None = None) -> RecorderConfig:

@@ -31,10 +31,10 @@ from ..store import RUN_MODULE, PartWriter, interrupts
 from ..store import lock as locks
 from ..store.atomic import RESERVE_FILE, SpaceReserve
 from ..store.findings import Finding
-from ..store.rundir import RunExistsError, RunLockedError, prepare_run_dir
+from ..store.rundir import RunExistsError, RunLockedError, keyword_hint, prepare_run_dir
 from ..structure import Structure, capture, from_trace
 from .collector import Collector, Rows
-from .config import RecorderConfig
+from .config import RecorderConfig, keyword_names, with_options
 from .distributed import prepare_on_rank0
 from .distributed import rank as _rank
 from .hooks import ModuleHooks
@@ -74,10 +74,10 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
         on_finding: Callable[[Finding], Any] | None = None,
         on_error: str = "warn",
         log_to: Any = None,
+        **options: Any,
     ) -> None:
+        """``options``: any field of ``RecorderConfig`` (``part_rows=3000``), over ``config``."""
         check_on_error(on_error)  # before the run directory is touched
-        targets = live_targets((config or RecorderConfig()).log_to, log_to)
-        check_targets([t for t in targets if isinstance(t, str)])  # before it is touched too
         self.forward = forward
         self.structure = structure
         # The planned lr curve (meta.json's lr_plan), when a scheduler or a budget is given.
@@ -91,12 +91,18 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
             exclude=tuple(exclude) if exclude is not None else None,
             schedule=schedule,
         )
+        cfg = with_options(cfg, options, "Recorder", keyword_names(Recorder.__init__))
+        targets = live_targets(cfg.log_to, log_to)
+        check_targets([t for t in targets if isinstance(t, str)])  # before the directory too
         self.config = cfg
         self.model = model
         self.rank = _rank()
         # Rank 0 takes the directory's lock (or this process's claim from `profile`) here and
         # keeps it until close(); the other ranks write their parts under it.
-        self.run_dir = prepare_on_rank0(out, lambda: prepare_run_dir(out, force))
+        try:
+            self.run_dir = prepare_on_rank0(out, lambda: prepare_run_dir(out, force))
+        except RunExistsError as err:  # one line with the force hint, not a chain
+            raise keyword_hint(err) from None
         self.live: LiveBridge | None = None
         try:
             self._setup(model, cfg, run_info)

@@ -219,6 +219,11 @@ class Profile:
 
 
 def profiles(panels: Sequence[tuple[str, Sequence[Profile]]], div_id: str, log: bool) -> str:
+    """``profiles_figure`` as a div of the page."""
+    return to_div(profiles_figure(panels, log), div_id)
+
+
+def profiles_figure(panels: Sequence[tuple[str, Sequence[Profile]]], log: bool) -> go.Figure:
     """Panels of per-layer values against depth: colour by run, dash by step."""
     panels = [p for p in panels if p[1]]
     fig = make_subplots(
@@ -250,8 +255,8 @@ def profiles(panels: Sequence[tuple[str, Sequence[Profile]]], div_id: str, log: 
             seen.add(legend)
         fig.update_xaxes(title_text="layer (shallow → deep)", row=1, col=col)
     fig.update_yaxes(type="log" if log else "linear")
-    fig.update_layout(height=420, legend={"y": -0.25})
-    return to_div(fig, div_id)
+    fig.update_layout(height=420, legend={"y": -0.25}, template=TEMPLATE)
+    return fig
 
 
 def matrices(
@@ -261,6 +266,16 @@ def matrices(
     div_id: str,
     reverse: bool = False,
 ) -> str:
+    """``matrices_figure`` as a div of the page."""
+    return to_div(matrices_figure(panels, x_title, zrange, reverse), div_id)
+
+
+def matrices_figure(
+    panels: Sequence[Sequence[tuple[str, list[str], np.ndarray]]],
+    x_title: str,
+    zrange: tuple[float, float],
+    reverse: bool = False,
+) -> go.Figure:
     """A grid of small matrices (one row of panels per run) on one linear colour scale,
     e.g. attention entropy as layers x heads at a few steps. ``panels[r][c]`` is
     (subplot title, row labels, matrix)."""
@@ -304,5 +319,6 @@ def matrices(
             "cmin": zrange[0],
             "cmax": zrange[1],
         },
+        template=TEMPLATE,
     )
-    return to_div(fig, div_id)
+    return fig

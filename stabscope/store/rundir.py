@@ -124,7 +124,7 @@ def run_dir_error(error: OSError, run_dir: PathLike) -> UsageError:
     """The one-line error for the CLI when ``prepare_run_dir`` refused ``run_dir``."""
     if isinstance(error, RunLockedError):
         return UsageError(
-            f"{error}; --force never replaces a run that is being written",
+            f"{error.message}; --force never replaces a run that is being written",
             hint="wait for it to end, or choose another --out",
         )
     if isinstance(error, RunExistsError):
@@ -138,6 +138,18 @@ def run_dir_error(error: OSError, run_dir: PathLike) -> UsageError:
         f"cannot write to {run_dir}: {error.strerror or error}",
         hint="choose a writable --out directory",
     )
+
+
+def keyword_hint(error: RunExistsError) -> RunExistsError:
+    """``prepare_run_dir``'s refusal as the Recorder (and the Lightning and HF callbacks over
+    it) raise it: the same type, one line, with the hint in the words of its keywords."""
+    if error.hint:  # worded already
+        return error
+    if isinstance(error, RunLockedError):
+        hint = "force=True never replaces a run that is being written: wait for it to end, "
+        return RunLockedError(error.message, hint=hint + "or choose another out directory")
+    hint = "pass force=True to overwrite it, or choose another out directory"
+    return RunExistsError(error.message, hint=hint)
 
 
 def release_run_dir(out: PathLike) -> None:
@@ -216,6 +228,7 @@ __all__ = [
     "drop_empty_parts",
     "enclosing_run",
     "is_run_dir",
+    "keyword_hint",
     "lock_run_dir",
     "prepare_run_dir",
     "refuse_output_in_run",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import plotly.graph_objects as go
 
 from ...metrics import heatmap_keys
 from .. import figures
@@ -17,8 +18,14 @@ INTRO = (
 )
 
 
-def _heads(ctx: Context, section: Section) -> None:
-    panels, have = [], []
+Matrices = list[list[tuple[str, list[str], np.ndarray]]]
+LOGIT_TITLE = "largest attention logit (all layers and heads)"
+
+
+def _head_panels(ctx: Context) -> tuple[Matrices, list[str]]:
+    """Entropy as layers x heads at a few steps, one row of panels per run that has it."""
+    panels: Matrices = []
+    have: list[str] = []
     for d in ctx.data:
         at = d.heads
         if at is None or not np.isfinite(at.values).any():
@@ -30,6 +37,23 @@ def _heads(ctx: Context, section: Section) -> None:
                 for j, s in enumerate(at.steps)
             ]
         )
+    return panels, have
+
+
+def heads_figure(ctx: Context) -> go.Figure | None:
+    """``fig-attn_heads``: entropy per layer and head at a few steps."""
+    panels, _ = _head_panels(ctx)
+    return figures.matrices_figure(panels, "head", (0.0, 1.0), reverse=True) if panels else None
+
+
+def logit_max_figure(ctx: Context) -> go.Figure | None:
+    """``fig-attn_logit_max_over_time``: the largest attention logit over all heads."""
+    curves = _max_logit(ctx)
+    return figures.lines_figure(curves, LOGIT_TITLE, True) if curves else None
+
+
+def _heads(ctx: Context, section: Section) -> None:
+    panels, have = _head_panels(ctx)
     if not panels:
         return
     note = missing_note(ctx, "attn_entropy", have)
@@ -67,9 +91,7 @@ def attention_section(ctx: Context) -> Section:
     curves = _max_logit(ctx)
     if curves:
         div_id = "fig-attn_logit_max_over_time"
-        section.body.append(
-            figures.lines(curves, "largest attention logit (all layers and heads)", True, div_id)
-        )
+        section.body.append(figures.lines(curves, LOGIT_TITLE, True, div_id))
     if not section.body:
         section.notes.append("no attention metrics (attn_entropy, attn_logit_max) in these runs")
     return section

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import plotly.graph_objects as go
 
-from ..figures import colour, esc, to_div
+from ..figures import TEMPLATE, colour, esc, to_div
 from . import Context, Section
 
 KINDS = {
@@ -36,13 +36,13 @@ def _markers_table(ctx: Context) -> str:
     return f'<table class="data">{head}{body}</table>'
 
 
-def nonfinite_section(ctx: Context) -> Section:
-    section = Section(
-        "nonfinite",
-        "Non-finite timeline",
-        intro="How many tensors held a NaN or Inf at each recorded step, by kind, and the "
-        "first module where one appeared in forward and in backward order.",
-    )
+def nonfinite_figure(ctx: Context) -> go.Figure | None:
+    """``fig-nonfinite``: tensors with NaN/Inf per step, by kind; None when no run has any."""
+    return _timeline(ctx)[0]
+
+
+def _timeline(ctx: Context) -> tuple[go.Figure | None, list[str]]:
+    """The figure, and the runs without a non-finite value."""
     fig = go.Figure()
     clean = []
     for i, d in enumerate(ctx.data):
@@ -65,10 +65,25 @@ def nonfinite_section(ctx: Context) -> Section:
             )
         if not found:
             clean.append(d.run.name)
-    if fig.data:
-        fig.update_layout(title={"text": "tensors with NaN/Inf per step", "x": 0.01}, height=320)
-        fig.update_xaxes(title_text="step")
-        fig.update_yaxes(title_text="count", rangemode="tozero")
+    if not fig.data:
+        return None, clean
+    fig.update_layout(
+        title={"text": "tensors with NaN/Inf per step", "x": 0.01}, height=320, template=TEMPLATE
+    )
+    fig.update_xaxes(title_text="step")
+    fig.update_yaxes(title_text="count", rangemode="tozero")
+    return fig, clean
+
+
+def nonfinite_section(ctx: Context) -> Section:
+    section = Section(
+        "nonfinite",
+        "Non-finite timeline",
+        intro="How many tensors held a NaN or Inf at each recorded step, by kind, and the "
+        "first module where one appeared in forward and in backward order.",
+    )
+    fig, clean = _timeline(ctx)
+    if fig is not None:
         div_id = ctx.register("fig-nonfinite", *KINDS, *FIRST)
         section.body.append(to_div(fig, div_id))
     if clean:

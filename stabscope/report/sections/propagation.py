@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import plotly.graph_objects as go
 
 from ...theory.prediction import stored_prediction
 from .. import figures
@@ -71,14 +72,29 @@ def _predicted(ctx: Context, metric: str) -> list[Profile]:
     return curves
 
 
-def propagation_section(ctx: Context) -> Section:
-    section = Section("propagation", "Signal propagation", intro=INTRO)
+Panels = list[tuple[str, list[Profile]]]
+
+
+def _panels(ctx: Context) -> tuple[Panels, bool]:
+    """The three panels against depth, and whether a theory curve is among them."""
     predicted = {m: _predicted(ctx, m) for m in ("act_rms", "grad_rms")}
     panels = [
         ("forward rms (act_rms)", _at_steps(ctx, "act_rms") + predicted["act_rms"]),
         ("gradient rms (grad_rms)", _at_steps(ctx, "grad_rms") + predicted["grad_rms"]),
         ("weight-gradient norm per layer", _layer_norms(ctx, "param_grad_norm")),
     ]
+    return panels, bool(predicted["act_rms"] or predicted["grad_rms"])
+
+
+def propagation_figure(ctx: Context) -> go.Figure | None:
+    """The section's figure (``fig-propagation``); None without per-layer data."""
+    panels, _ = _panels(ctx)
+    return figures.profiles_figure(panels, log=True) if any(c for _, c in panels) else None
+
+
+def propagation_section(ctx: Context) -> Section:
+    section = Section("propagation", "Signal propagation", intro=INTRO)
+    panels, predicted = _panels(ctx)
     if not any(curves for _, curves in panels):
         section.notes.append("no per-layer act_rms, grad_rms or param_grad_norm in these runs")
         return section
@@ -88,7 +104,7 @@ def propagation_section(ctx: Context) -> Section:
     # Findings link to the heatmaps first (they show when); this plot shows where.
     div_id = ctx.register("fig-propagation", "act_rms", "grad_rms", "param_grad_norm")
     section.body.append(figures.profiles(panels, div_id, log=True))
-    if predicted["act_rms"] or predicted["grad_rms"]:
+    if predicted:
         section.notes.append(
             "long dashes and crosses, “predicted at init”: the theory's profile for the model "
             "as built (DeepScaleLM moment propagation, Kedia et al. 2024; docs/theory.md); "

@@ -4,6 +4,7 @@ rank shows. Absent from the page when every run has one rank."""
 from __future__ import annotations
 
 import numpy as np
+import plotly.graph_objects as go
 
 from .. import figures
 from ..aggregate import step_bins
@@ -32,16 +33,19 @@ RATIO_TITLES = {
 }
 
 
-def ranks_section(ctx: Context) -> Section | None:
+def ranks_figures(ctx: Context) -> tuple[dict[str, go.Figure], list[str]] | None:
+    """The section's figures by name (``ranks-loss``, ``ranks-act_rms``, ...) in page order,
+    and its notes; None when every run has one rank."""
     spreads = [(d.run.name, collect_rank_spread(d.run, d.census)) for d in ctx.data]
     have = [(name, s) for name, s in spreads if s is not None]
     if not have:
         return None
-    section = Section("ranks", "Ranks", intro=INTRO)
+    notes = []
     single = [name for name, s in spreads if s is None]
     if single:
-        section.notes.append(f"one rank only: {', '.join(single)}")
+        notes.append(f"one rank only: {', '.join(single)}")
     budget = Budget()
+    figs: dict[str, go.Figure] = {}
     for metric, (title, log) in CURVE_TITLES.items():
         curves = []
         for name, spread in have:
@@ -50,8 +54,7 @@ def ranks_section(ctx: Context) -> Section | None:
                 label = f"{name} · rank {rank}" if len(have) > 1 else f"rank {rank}"
                 curves.append((label, len(curves), grid, row))
         if curves:
-            div_id = ctx.register(f"fig-ranks-{metric}")
-            section.body.append(figures.lines(curves, title, log, div_id))
+            figs[f"ranks-{metric}"] = figures.lines_figure(curves, title, log)
     for metric, title in RATIO_TITLES.items():
         grids = [
             (name, grid)
@@ -59,10 +62,20 @@ def ranks_section(ctx: Context) -> Section | None:
             if (grid := _ratio_grid(spread, metric, budget)) is not None
         ]
         if grids:
-            div_id = ctx.register(f"fig-ranks-{metric}")
-            section.body.append(figures.heatmap(grids, title, True, "hi", div_id))
+            figs[f"ranks-{metric}"] = figures.heatmap_figure(grids, title, True, "hi")
         else:
-            section.notes.append(f"{metric}: not recorded on every rank")
+            notes.append(f"{metric}: not recorded on every rank")
+    return figs, notes
+
+
+def ranks_section(ctx: Context) -> Section | None:
+    built = ranks_figures(ctx)
+    if built is None:
+        return None
+    figs, notes = built
+    section = Section("ranks", "Ranks", intro=INTRO, notes=notes)
+    for name, fig in figs.items():
+        section.body.append(figures.to_div(fig, ctx.register(f"fig-{name}")))
     return section
 
 

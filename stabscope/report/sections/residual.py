@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import plotly.graph_objects as go
 
 from ...metrics import heatmap_keys
 from .. import figures
@@ -21,7 +22,10 @@ INTRO = (
 )
 
 
-def _beta(ctx: Context, section: Section) -> None:
+def _beta_panels(
+    ctx: Context,
+) -> tuple[list[list[tuple[str, list[str], np.ndarray]]], list[str], tuple[float, float]]:
+    """β at the first recorded step, one panel per run that has it, and its colour range."""
     panels = []
     have = []
     for d in ctx.data:
@@ -33,15 +37,27 @@ def _beta(ctx: Context, section: Section) -> None:
             [(f"{d.run.name} · step {beta.steps[0]}", beta.modules, beta.values[:, :, 0])]
         )
     if not panels:
+        return panels, have, (0.0, 1.0)
+    values = np.concatenate([z.ravel() for row in panels for _, _, z in row])
+    finite = values[np.isfinite(values)]
+    return panels, have, (float(min(0.0, finite.min())), float(max(1.0, finite.max())))
+
+
+def beta_figure(ctx: Context) -> go.Figure | None:
+    """``fig-res_beta``: β at the first recorded step."""
+    panels, _, zrange = _beta_panels(ctx)
+    return figures.matrices_figure(panels, "component", zrange) if panels else None
+
+
+def _beta(ctx: Context, section: Section) -> None:
+    panels, have, zrange = _beta_panels(ctx)
+    if not panels:
         section.notes.append("res_beta (β at init): not recorded in any run")
         return
     note = missing_note(ctx, "res_beta", have)
     if note:
         section.notes.append(note)
-    values = np.concatenate([z.ravel() for row in panels for _, _, z in row])
-    finite = values[np.isfinite(values)]
     div_id = ctx.register("fig-res_beta", "res_beta")
-    zrange = (float(min(0.0, finite.min())), float(max(1.0, finite.max())))
     section.body.append(figures.matrices(panels, "component", zrange, div_id))
 
 
