@@ -17,7 +17,7 @@ from stabscope.errors import OptionError, RunExistsError
 from tests.conftest import batch_maker, mlp, train
 
 #: A value other than the default for every field a keyword can set (preset, include,
-#: exclude and schedule were keywords already).
+#: exclude, schedule and log_to are keywords of their own).
 NON_DEFAULT = {
     "record_eval": False,
     "part_rows": 100,
@@ -33,11 +33,12 @@ NON_DEFAULT = {
     "flight_every": 7,
     "online_rules": False,
     "step_updates": False,
+    "live_max_series": 17,
 }
 
 
 def test_the_table_covers_every_field():
-    explicit = {"preset", "include", "exclude", "schedule"}
+    explicit = {"preset", "include", "exclude", "schedule", "log_to"}
     assert set(NON_DEFAULT) | explicit == {f.name for f in dataclasses.fields(RecorderConfig)}
     defaults = RecorderConfig()
     assert all(getattr(defaults, k) != v for k, v in NON_DEFAULT.items())
