@@ -11,12 +11,22 @@ from pathlib import Path
 from typing import Any
 
 from ..store.findings import SEVERITIES, write_findings
-from . import depth, forecast, health, prediction, ranks, residual_stream, transformer
+from . import (
+    depth,
+    forecast,
+    health,
+    loss_divergence,
+    prediction,
+    ranks,
+    residual_stream,
+    transformer,
+)
 from .base import CheckResult, Rule, RuleSettings, RunView, run_rules
 
 ALL_RULES: list[Rule] = [
     *depth.RULES,
     *health.RULES,
+    *loss_divergence.RULES,
     *transformer.RULES,
     *residual_stream.RULES,
     *ranks.RULES,

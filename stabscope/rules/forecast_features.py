@@ -20,9 +20,9 @@ window's end is its last 20% of steps (at least one); V is the output head's cla
   whose entropy fell to exactly 0 (every query on one key).
 - ``grad_norm_trend``: log10(global gradient norm last / first): ``grad_norm`` (before clipping)
   at the steps with parameter statistics, else sqrt(sum of squares of ``param_grad_norm``).
-- ``residual_growth``: max of log10(rms last / first) over where the residual stream is seen
-  un-normalised: residual blocks' outputs and norm layers' inputs (without residual blocks,
-  every module's output).
+- ``residual_growth``: max of log10(rms last / max(first, 1)) over where the residual stream
+  is seen un-normalised: residual blocks' outputs and norm layers' inputs (the floor of 1:
+  ``UNIT_RMS``); without residual blocks, log10(last / first) of every module's output.
 - ``update_ratio_level``: log10 of the median update ratio of the weight matrices, last step.
 - ``update_ratio_trend``: log10(that median at the last step / at the first).
 - ``loss_stall``: mean loss at the window's end / loss at the first step.
@@ -89,6 +89,13 @@ def grad_norm_trend(view: RunView) -> Feature:
     return series(name, total_by_step(g), "total gradient norm")
 
 
+#: The residual stream's growth is measured from its first rms or from this, whichever is
+#: larger: the scale a norm hands on (LayerNorm and RMSNorm outputs have rms 1 before their
+#: gain). A stream initialised far below it (GPT-2's and LLaMA's initializer_range 0.02 give
+#: embeddings of rms ~0.03) grows to it as the model learns, which no norm or softmax feels.
+UNIT_RMS = 1.0
+
+
 def residual_stream(view: RunView) -> tuple[pd.DataFrame, str] | None:
     """The rms of the residual stream, where it is seen un-normalised: the residual blocks'
     outputs (Pre-LN) and every normalisation layer's input (Post-LN's blocks end in a norm:
@@ -110,7 +117,7 @@ def residual_growth(view: RunView) -> Feature:
         act = view.metrics("act_rms")
         what = "module output rms (no residual blocks found)"
         return trend("residual_growth", act[act.module != ROOT], what)
-    return trend("residual_growth", *stream)
+    return trend("residual_growth", *stream, floor=UNIT_RMS)
 
 
 def update_ratio(view: RunView) -> tuple[Feature, Feature]:

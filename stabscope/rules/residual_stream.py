@@ -32,13 +32,11 @@ import numpy as np
 
 from ..store.findings import Finding
 from .base import Rule, RunView, finding, graded
-from .forecast_features import residual_stream
+from .forecast_features import UNIT_RMS, residual_stream
 from .health import WORTSMAN
 from .trends import ends
 
 METRICS = ("act_rms", "norm_input_rms")
-#: Growth is measured from the first rms or from this, whichever is larger (module docstring).
-UNIT_RMS = 1.0
 
 
 def _residual_stream_growth(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
@@ -49,12 +47,9 @@ def _residual_stream_growth(view: RunView, p: dict[str, float]) -> Iterator[Find
     frame = frame[np.isfinite(frame.value.to_numpy(float))]
     # One value per place and step (the first call: the stream as the block hands it on).
     per_step = frame[frame.call == 0].groupby(["module", "step"]).value.first()
-    growth = ends(per_step.rename_axis(["key", "step"]).reset_index())
+    growth = ends(per_step.rename_axis(["key", "step"]).reset_index(), floor=UNIT_RMS)
     if growth.empty:
         return
-    reference = np.maximum(growth["first"].to_numpy(float), UNIT_RMS)
-    with np.errstate(divide="ignore"):
-        growth["log"] = np.log10(growth["last"].to_numpy(float) / reference)
     worst = growth["log"].idxmax()
     e = growth.loc[worst]
     factor = float(10 ** e["log"])

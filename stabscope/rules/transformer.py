@@ -106,13 +106,17 @@ def _rank_collapse(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     the failure forecast weighs it with the other signals (``init_token_corr``). Collapse that
     appears during training is often a transient plateau (healthy runs at a high learning
     rate sit near 1 for a few steps, then recover), so it is an error only once it has lasted
-    ``persist`` steps, a warning before that."""
+    ``persist`` steps, a warning before that; and only at the output block (the last block
+    in forward order), whose tokens the head reads: an encoder that collapses while the
+    decoder keeps its tokens apart trains (an encoder-decoder on a task the decoder can learn
+    alone), and in a sequential stack a collapse anywhere reaches the last block."""
     corr = _finite(view.metrics("token_corr"))
     if corr.empty:
         return
     # Per step, the most collapsed block among those with a finite correlation.
     by_step = corr.groupby("step").value.max().sort_index()
     first_step, last_step = int(by_step.index[0]), int(by_step.index[-1])
+    out, out_note = None, ""
     if by_step.iloc[0] > p["error"]:
         step, severity, threshold = first_step, "warning", p["error"]
         how = "from the start (a risk at init: the failure forecast weighs it)"
@@ -121,32 +125,55 @@ def _rank_collapse(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
         if grade is None:
             return
         severity, threshold = grade
-        # The step since which the correlation has stayed above the error threshold.
-        below = by_step[by_step <= p["error"]]
-        since = (
-            int(by_step[by_step.index > below.index[-1]].index[0])
-            if severity == "error"
-            else last_step
-        )
-        if severity == "error" and last_step - since < p["persist"]:
-            severity, threshold = "warning", p["warning"]
+        since = None
+        if severity == "error":
+            out = _output_block(view, corr)
+            at_out = corr[corr.module == out].groupby("step").value.max().sort_index()
+            since = _since_above(at_out, p["error"])
+            if since is None or last_step - since < p["persist"]:
+                severity, threshold = "warning", p["warning"]
+                if since is None:
+                    out_note = f"; the output block {out} keeps them apart ({at_out.iloc[-1]:.3f})"
+                out = None
         step = last_step
         how = f"since step {since}" if severity == "error" else f"at step {last_step}"
     rows = corr[corr.step == step]
-    row = rows.loc[rows.value.idxmax()]
+    row = rows.loc[rows[rows.module == out].value.idxmax() if out else rows.value.idxmax()]
     collapsed = int((rows.value > p["warning"]).sum())
     yield finding_at(
         RANK_COLLAPSE,
         severity,
         f"token correlation {row.value:.4f} at {row.module} {how}: {collapsed} block outputs "
         f"carry nearly the same vector at every position (rank collapse; {by_step.iloc[0]:.3f} "
-        f"at step {first_step}, {by_step.iloc[-1]:.3f} at step {last_step})",
+        f"at step {first_step}, {by_step.iloc[-1]:.3f} at step {last_step}){out_note}",
         row,
         threshold=threshold,
         metric="token_corr",
         remedy="use Pre-LN, or scale the residual branches (DeepScaleLM / DeepNorm "
         "init) so that depth does not wash out token differences",
     )
+
+
+def _output_block(view: RunView, corr: pd.DataFrame) -> str:
+    """Of the blocks with a token correlation, the last in forward order (meta.json's
+    ``forward_order``, else the structure's block order, else the last name)."""
+    names = sorted(corr.module.astype(str).unique())
+    order = {m["name"]: m.get("forward_order") for m in view.meta.modules}
+    if all(order.get(n) is not None for n in names):
+        return max(names, key=lambda n: order[n])
+    blocks = view.block_names
+    if all(n in blocks for n in names):
+        return max(names, key=blocks.index)
+    return names[-1]
+
+
+def _since_above(series: pd.Series, threshold: float) -> int | None:
+    """The step since which ``series`` (indexed by step, in order) has stayed above
+    ``threshold``; None when its last value is not above it."""
+    if not len(series) or series.iloc[-1] <= threshold:
+        return None
+    below = series[series <= threshold]
+    return int(series.index[0] if below.empty else series[series.index > below.index[-1]].index[0])
 
 
 RANK_COLLAPSE = Rule(

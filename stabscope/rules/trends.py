@@ -42,17 +42,18 @@ def nonfinite(name: str, frame: pd.DataFrame, what: str) -> Feature | None:
     return Feature(name, math.inf, evidence, int(row.step))
 
 
-def ends(per_step: pd.DataFrame, invert: bool = False) -> pd.DataFrame:
+def ends(per_step: pd.DataFrame, invert: bool = False, floor: float = 0.0) -> pd.DataFrame:
     """Per key of ``per_step`` (columns key, step, value; one row per key and step): the value
     at its first and last step (``first``, ``last``, ``from``, ``to``) and ``log`` =
-    log10(last / first), or log10(first / last) with ``invert``. Keys with one step or a
-    first value of 0 are left out."""
+    log10(last / first), or log10(first / last) with ``invert``; with ``floor``, growth is
+    measured from max(first, floor). Keys with one step or a first value of 0 are left out."""
     by_key = per_step.sort_values("step", kind="stable").groupby("key", sort=False)
     out = pd.DataFrame({"first": by_key.value.first(), "last": by_key.value.last(),
                         "from": by_key.step.first(), "to": by_key.step.last()})  # fmt: skip
     out = out[(out["to"] > out["from"]) & (out["first"] != 0)]
+    base = np.maximum(out["first"], floor) if floor else out["first"]
     with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = (out["first"] / out["last"]) if invert else (out["last"] / out["first"])
+        ratio = (base / out["last"]) if invert else (out["last"] / base)
         out["log"] = np.log10(ratio.to_numpy(float))
     return out[~np.isnan(out["log"].to_numpy(float))]
 
@@ -81,16 +82,17 @@ def trend(
     key: Callable[[pd.DataFrame], pd.Series] = lambda f: f.module,
     agg: str = "max",
     invert: bool = False,
+    floor: float = 0.0,
 ) -> Feature:
-    """The largest log ratio (``ends``) of ``frame``'s values over ``key`` (the module by
-    default), the values of one key and step combined by ``agg``."""
+    """The largest log ratio (``ends``, from max(first, ``floor``)) of ``frame``'s values over
+    ``key`` (the module by default), the values of one key and step combined by ``agg``."""
     if frame.empty:
         return undefined(name, f"{what}: not recorded")
     bad = nonfinite(name, frame, what)
     if bad is not None:
         return bad
     per_step = frame.assign(key=key(frame)).groupby(["key", "step"]).value.agg(agg)
-    return worst(name, ends(per_step.reset_index(), invert), what)
+    return worst(name, ends(per_step.reset_index(), invert, floor), what)
 
 
 def series(name: str, values: pd.Series, what: str) -> Feature:

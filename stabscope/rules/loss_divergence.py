@@ -1,0 +1,96 @@
+"""Rule ``loss-divergence``: the run un-learned what it had learned, without a NaN.
+
+On the loss of every step (finite values only; a NaN/Inf is the ``nonfinite`` rule's):
+
+- ``start``: the median of the first ``w`` losses, ``w = max(min_window, n // 20)`` for ``n``
+  finite losses, so that a noisy mini-batch loss is read as its level, not its draws;
+- ``best``: the lowest median over ``w`` consecutive losses;
+- ``end``: the median of the last ``w`` losses.
+
+An error when the loss, after learning (``start > best``), rose back by at least ``give_back``
+(half) of what it had gained, ``end - best >= give_back * (start - best)``, and by at least
+``min_rise`` (20%) of its best level, ``end - best >= min_rise * |best|``.
+
+Why these thresholds. They define un-learning, not a tuned score: giving back half of what
+was learned is the point where the run has lost more than it kept, and the 20% floor keeps a
+loss near its floor (a best of 0.003 whose noise doubles it) from counting as divergence.
+Measured on the development grid (docs/benchmarks.md: 58 healthy runs of six model families):
+healthy runs give back at most 9% of their gain; the runs that collapse or diverge after a
+learning-rate ramp or a warm-up past stability give back 69% to far above 100%. A spike that
+recovers moves no median over ``w`` steps, and an lr schedule that ends in a plateau keeps
+``end`` near ``best``.
+
+What it cannot see: a run that never learned (its ``start`` is its ``best``), and one that
+learned only a little before it stalled; those need a reference the loss alone does not give
+(the data's unigram loss). It needs ``min_steps`` finite losses; it acts online, on the
+losses written so far, so a collapse is reported while the run trains.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pandas as pd
+
+from ..store import RUN_MODULE
+from ..store.findings import Finding
+from .base import Rule, RunView, finding
+from .view import Request
+
+
+def loss_levels(series: pd.Series, min_window: int) -> tuple[float, float, int, float, int]:
+    """``(start, best, best_step, end, w)`` of a finite loss series indexed by step (in step
+    order): medians over ``w`` consecutive losses (module docstring)."""
+    w = max(int(min_window), len(series) // 20)
+    level = series.rolling(w).median().dropna()  # the median of the w losses ending there
+    values = series.to_numpy(float)
+    at = int(np.argmin(level.to_numpy(float)))
+    return (
+        float(np.median(values[:w])),
+        float(level.iloc[at]),
+        int(level.index[at]),
+        float(np.median(values[-w:])),
+        w,
+    )
+
+
+def _loss_divergence(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
+    loss = view.metrics("loss")
+    loss = loss[(loss.module == RUN_MODULE) & np.isfinite(loss.value.to_numpy(float))]
+    series = loss.groupby("step").value.mean().sort_index().astype(float)
+    if len(series) < max(int(p["min_steps"]), 2):
+        return
+    start, best, best_step, end, w = loss_levels(series, int(p["min_window"]))
+    gained, rise = start - best, end - best
+    if gained <= 0 or rise < p["give_back"] * gained or rise < p["min_rise"] * abs(best):
+        return
+    last = int(series.index[-1])
+    yield finding(
+        LOSS_DIVERGENCE,
+        "error",
+        f"the loss fell from {start:.4g} to {best:.4g} (step {best_step}) and rose back to "
+        f"{end:.4g} by step {last}: the run gave back {rise / gained:.0%} of what it had "
+        f"learned (medians over {w} steps)",
+        module=RUN_MODULE,
+        step=last,
+        value=rise / gained,
+        threshold=p["give_back"],
+        metric="loss",
+        remedy="lower the peak learning rate or lengthen the warm-up; clip the gradient; "
+        "look at the lr schedule around the step the loss turned, and at the earlier findings",
+    )
+
+
+LOSS_DIVERGENCE = Rule(
+    "loss-divergence",
+    "Loss rose back after learning (divergence or collapse without a NaN)",
+    "",
+    ("loss",),
+    {"give_back": 0.5, "min_rise": 0.2, "min_steps": 20, "min_window": 5},
+    _loss_divergence,
+    "error",
+    (Request(("loss",)),),
+)
+
+RULES = [LOSS_DIVERGENCE]
