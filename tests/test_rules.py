@@ -19,12 +19,12 @@ from tests.conftest import SAMPLES
 runner = CliRunner()
 
 
-def write_run(run_dir, rows, structure=None, parameters=None):
+def write_run(run_dir, rows, structure=None, parameters=None, modules=None):
     """rows: (step, module, metric, index, value) tuples, phase train."""
-    save_meta(
-        run_dir,
-        new_meta(modules=[], parameters=parameters or [], structure=structure, status="complete"),
+    meta = new_meta(
+        modules=modules or [], parameters=parameters or [], structure=structure, status="complete"
     )
+    save_meta(run_dir, meta)
     w = PartWriter(run_dir)
     for step, module, metric, index, value in rows:
         w.append(
@@ -94,6 +94,28 @@ def test_rank_collapse_during_training_must_persist(tmp_path):
     lasting = [*transient, (60, 0.998)]
     f = rules_hit(run("l", lasting))[0]["rank-collapse"]
     assert (f.severity, f.step) == ("error", 60) and "since step 3" in f.message
+
+
+def test_rank_collapse_is_an_error_only_at_the_output_block(tmp_path):
+    """An encoder-decoder whose encoder collapses for good while the decoder, which the head
+    reads, keeps its tokens apart trains (measured: Post-LN nn.Transformer on a task the
+    decoder learns alone); the same collapse at the last decoder block is the verdict."""
+    names = [f"encoder.layers.{i}" for i in range(2)] + [f"decoder.layers.{i}" for i in range(2)]
+    modules = [{"name": n, "forward_order": k} for k, n in enumerate(names)]
+
+    def run(name, last_block):
+        rows = [(0, n, "token_corr", -1, 0.5) for n in names]
+        for s in (5, 60, 120):
+            rows += [(s, n, "token_corr", -1, 0.999 if "encoder" in n else 0.05) for n in names]
+            rows.append((s, "decoder.layers.1", "token_corr", -1, last_block))
+        return write_run(tmp_path / name, rows, modules=modules)
+
+    kept = rules_hit(run("kept", 0.05))[0]["rank-collapse"]
+    assert kept.severity == "warning" and kept.module == "encoder.layers.0"
+    assert "the output block decoder.layers.1 keeps them apart (0.050)" in kept.message
+    lost = rules_hit(run("lost", 0.998))[0]["rank-collapse"]
+    assert (lost.severity, lost.module, lost.step) == ("error", "decoder.layers.1", 120)
+    assert "since step 5" in lost.message
 
 
 def test_residual_dependency_from_beta(tmp_path):

@@ -1,0 +1,71 @@
+"""Rule ``loss-divergence`` on real training: an MLP regression under Adam whose learning
+rate jumps x300 at step 60 gives back most of what it had learned (an error); the same run
+without the jump, and one with a corrupt batch at step 60 (a loss spike that recovers), give
+no finding. The levels are recomputed here from the recorded losses with numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import stabscope
+from stabscope import Recorder, RecorderConfig, Schedule
+from stabscope.rules import check_run
+
+STEPS = 120
+
+
+def train(run_dir, lrs: dict[int, float], bad_batch: int | None = None) -> None:
+    """120 steps at lr 1e-2; ``lrs``: step -> the lr from that step on; at ``bad_batch`` the
+    targets are x20."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 4))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 8, generator=g)
+    y = (2 * x[:, :4]).sin()  # (64, 4)
+    config = RecorderConfig(preset="cheap", schedule=Schedule(5, 50), online_rules=False)
+    with Recorder(net, run_dir, config) as rec:
+        for step in range(STEPS):
+            for group in opt.param_groups:
+                group["lr"] = lrs.get(step, group["lr"])
+            loss = (net(x) - (20 * y if step == bad_batch else y)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            rec.step(loss)
+
+
+def given_back(run_dir) -> float:
+    """(end - best) / (start - best) of the medians over w = max(5, n // 20) losses."""
+    loss = stabscope.load_run(run_dir, metrics=["loss"]).sort_values("step")
+    v = loss.value.to_numpy(float)
+    w = max(5, len(v) // 20)
+    medians = [np.median(v[i : i + w]) for i in range(len(v) - w + 1)]
+    start, best, end = np.median(v[:w]), min(medians), np.median(v[-w:])
+    return (end - best) / (start - best)
+
+
+def found(run_dir) -> list:
+    return [f for f in check_run(run_dir).findings if f.rule == "loss-divergence"]
+
+
+@pytest.mark.slow
+def test_a_run_that_gives_back_what_it_learned_is_an_error(tmp_path):
+    jumped, healthy, spiked = tmp_path / "jump", tmp_path / "ok", tmp_path / "spike"
+    train(jumped, {60: 3.0})
+    train(healthy, {})
+    train(spiked, {}, bad_batch=60)
+    back = given_back(jumped)
+    assert back > 0.5
+    (f,) = found(jumped)
+    assert (f.severity, f.step, f.threshold) == ("error", STEPS - 1, 0.5)
+    assert f.value == pytest.approx(back, rel=1e-5)
+    assert f"gave back {back:.0%}" in f.message
+    # Learning without the jump keeps its gains; a spike that recovers moves no median far.
+    assert given_back(healthy) < 0.05 and found(healthy) == []
+    spike = stabscope.load_run(spiked, metrics=["loss"]).set_index("step").value
+    assert spike[60] > 10 * spike[59]  # the corrupt batch's loss
+    assert given_back(spiked) < 0.5 and found(spiked) == []
