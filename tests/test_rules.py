@@ -118,6 +118,30 @@ def test_rank_collapse_is_an_error_only_at_the_output_block(tmp_path):
     assert "since step 5" in lost.message
 
 
+def test_gradient_growth_of_an_encoder_decoder_reads_the_decoder(tmp_path):
+    """Both stacks number their layers 0-3; the decoder runs last and feeds the head, so its
+    ratio is the one judged (an encoder the task barely uses gets vanishing gradients)."""
+    stacks = ("encoder", "decoder")
+    modules = [
+        {"name": f"{s}.layers.{i}", "layer": i, "depth": 2, "role": None,
+         "forward_order": 4 * k + i}
+        for k, s in enumerate(stacks) for i in range(4)
+    ]  # fmt: skip
+
+    def run(name, ratio):  # per stack: last layer's gradient norm over the first layer's
+        rows = [
+            (0, f"{s}.layers.{i}.fc.weight", "param_grad_norm", -1, ratio[s] ** (i / 3))
+            for s in stacks
+            for i in range(4)
+        ]
+        return write_run(tmp_path / name, rows, modules=modules)
+
+    found = rules_hit(run("enc", {"encoder": 300.0, "decoder": 2.0}))[0]
+    assert "gradient-growth" not in found
+    f = rules_hit(run("dec", {"encoder": 2.0, "decoder": 300.0}))[0]["gradient-growth"]
+    assert f.severity == "error" and f.value == pytest.approx(300.0)
+
+
 def test_residual_dependency_from_beta(tmp_path):
     def beta(own):  # β rows whose last entry is β_ii
         return [

@@ -107,14 +107,21 @@ def layer_modules(meta: Mapping[str, Any]) -> dict[str, int]:
     if not blocks and mods:
         shallowest = min(m.get("depth", 0) for m in mods)
         blocks = [m for m in mods if m.get("depth", 0) == shallowest]
-    # Encoder-decoder models number layers twice; keep the group with the most layers.
+    # Encoder-decoder models number layers twice; keep the group with the most layers and,
+    # among equals, the one that runs last (the decoder: the stack the head reads, where the
+    # depth theory applies; an encoder the task barely uses gets gradients only through
+    # cross-attention, vanishing toward its input on a healthy run).
     groups: dict[str, list[dict[str, Any]]] = {}
     for m in blocks:
         prefix = m["name"].rsplit(".", 1)[0] if "." in m["name"] else ""
         groups.setdefault(prefix, []).append(m)
     if not groups:
         return {}
-    best = max(groups.values(), key=len)
+    def runs_last(group: list[dict[str, Any]]) -> int:
+        orders = [m.get("forward_order") for m in group]
+        return max((o for o in orders if o is not None), default=-1)
+
+    best = max(groups.values(), key=lambda g: (len(g), runs_last(g)))
     return {m["name"]: int(m["layer"]) for m in best}
 
 
