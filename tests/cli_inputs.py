@@ -79,7 +79,7 @@ def record_bracket_run(root: Path) -> Path:
     script = root / "net[red].py"
     script.write_text(BRACKET_MODEL)
     out = root / "runs" / "exp[lr=1e-3]"
-    res = invoke("profile", script, "--steps", 3, "--out", out, "-q", "--device", "cpu")
+    res = invoke("profile", script, "--steps", 3, "--out", out, "--device", "cpu")
     assert res.exit_code == 0, res.output
     assert f"run directory: {out} " in res.stderr  # verbatim, brackets and all
     assert "blocks.[/]" in res.stderr and "blocks.x[bold]" in res.stderr  # the summary table
