@@ -41,7 +41,8 @@ def test_profile_sample_gpt_end_to_end(tmp_path):
         *TINY_GPT,
     )
     assert res.exit_code == 0, res.output
-    assert "run directory" in res.stderr and str(out) in res.stderr
+    # -q: one line, the run and its verdict
+    assert res.stderr.strip() == f"run {out}: complete, 12 steps; findings: 1 warning, 1 info"
     meta = stabscope.read_meta(out)
     assert meta["status"] == "complete" and meta["steps"] == 12
     assert meta["run"]["script_config"]["norm"] == "post"

@@ -35,7 +35,9 @@ def test_wandb_live_series_and_alerts_equal_the_run_table(wandb_dir: Path):
     seen = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", StabscopeWarning)
-        train_gpt(wandb_dir / "run", lr=3.0, log_to="wandb:stabscope-test", on_finding=seen.append)
+        train_gpt(
+            wandb_dir / "run", log_to="wandb:stabscope-test", on_finding=seen.append, nan_at=6
+        )
     rows = history(offline_run(wandb_dir))
     frame = load_run(wandb_dir / "run", phase="train")
     frame = frame[frame.call == 0].astype({"module": str, "metric": str})

@@ -117,6 +117,7 @@ def layer_modules(meta: Mapping[str, Any]) -> dict[str, int]:
         groups.setdefault(prefix, []).append(m)
     if not groups:
         return {}
+
     def runs_last(group: list[dict[str, Any]]) -> int:
         orders = [m.get("forward_order") for m in group]
         return max((o for o in orders if o is not None), default=-1)

@@ -66,15 +66,17 @@ def _loss_divergence(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     if gained <= 0 or rise < p["give_back"] * gained or rise < p["min_rise"] * abs(best):
         return
     last = int(series.index[-1])
+    given = rise / gained
+    share = f"{given:.0%} of" if given < 10 else f"{given:.3g} times"
     yield finding(
         LOSS_DIVERGENCE,
         "error",
         f"the loss fell from {start:.4g} to {best:.4g} (step {best_step}) and rose back to "
-        f"{end:.4g} by step {last}: the run gave back {rise / gained:.0%} of what it had "
-        f"learned (medians over {w} steps)",
+        f"{end:.4g} by step {last}: the run gave back {share} what it had learned "
+        f"(medians over {w} steps)",
         module=RUN_MODULE,
         step=last,
-        value=rise / gained,
+        value=given,
         threshold=p["give_back"],
         metric="loss",
         remedy="lower the peak learning rate or lengthen the warm-up; clip the gradient; "
