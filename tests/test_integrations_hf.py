@@ -3,6 +3,7 @@ downloads), checked against what the Trainer logged and what it handed the optim
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 import textwrap
@@ -82,6 +83,7 @@ def train(
     steps: int = STEPS,
     recorded: bool = True,
     extra: tuple[TrainerCallback, ...] = (),
+    callback_options: dict | None = None,
     **arguments,
 ) -> tuple[torch.nn.Module, Witness, Trainer]:
     """``extra`` callbacks run before stabscope's; ``recorded=False``: without stabscope."""
@@ -106,7 +108,7 @@ def train(
     callbacks = [witness, *extra]
     if recorded:
         schedule = stabscope.Schedule(dense=100, every=0)
-        callbacks.append(StabscopeCallback(run_dir, schedule=schedule))
+        callbacks.append(StabscopeCallback(run_dir, schedule=schedule, **(callback_options or {})))
     trainer = Trainer(model=model, args=args, train_dataset=dataset(), callbacks=callbacks)
     trainer.train()
     return model, witness, trainer
@@ -210,7 +212,9 @@ def test_stability_index_is_measured_on_the_first_batch_and_training_is_unchange
     probe = IndexWitness(model)
     # A constant lr: the linear default's is 0 after the last step, and so is the index.
     const = {"lr_scheduler_type": "constant"}
-    _, _, trainer = train(run_dir, 2, model, steps=5, extra=(probe,), **const)
+    every = {"sharpness_budget": math.inf}  # every measurement (a callback's default: 5%)
+    _, _, trainer = train(run_dir, 2, model, steps=5, extra=(probe,), callback_options=every,
+                          **const)  # fmt: skip
     assert trainer.model_accepts_loss_kwargs  # num_items_in_batch is passed to the model
     index = stabscope.load_run(run_dir, metrics=["stability_index"]).sort_values("step")
     assert index.step.tolist() == [2, 4]

@@ -3,6 +3,7 @@ data), checked against what the LightningModule itself saw at each optimizer ste
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
@@ -208,7 +209,8 @@ def test_stability_index_replays_the_first_batch_and_training_is_unchanged(run_d
     ``training_step`` logs nothing (the logged metrics are those of a run without
     stabscope), and the weights after fit are bit-identical to that run's (dropout on)."""
     module, witness = Logging(), IndexWitness()
-    trainer = fit(module, run_dir, extra=(witness,))
+    # every measurement (a callback's default keeps the index within 5% of the training)
+    trainer = fit(module, run_dir, extra=(witness,), sharpness_budget=math.inf)
     index = stabscope.load_run(run_dir, metrics=["stability_index"]).sort_values("step")
     assert index.step.tolist() == [2, 4]
     want = [witness.index[2], witness.index[4]]
@@ -276,3 +278,13 @@ def test_importing_stabscope_imports_neither_lightning_nor_transformers():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_callback_keeps_the_index_within_five_percent_by_default(run_dir):
+    """Riding along real training, the index may take 5% of the (planned) training time: 5
+    optimizer steps allow a quarter of a step, less than one measurement (~20 steps), so the
+    scheduled ones at steps 2 and 4 are skipped and counted."""
+    fit(Logging(), run_dir)
+    index = stabscope.read_meta(run_dir)["stability_index"]
+    assert (index["budget"], index["measured"], index["skipped"]) == (0.05, 0, 2)
+    assert stabscope.load_run(run_dir, metrics=["stability_index"]).empty

@@ -16,6 +16,14 @@ from ..record.recorder import Recorder
 from ..store import interrupts
 from .loggers import with_trainer
 
+#: The stability index's default share of the training time under a framework callback: it
+#: rides along real training, where `stabscope profile` is a diagnostic run of its own (every
+#: measurement). Measured on the sample GPT (CPU): a measurement costs ~20 training steps, so
+#: 300 steps without a budget cost +53% (docs/benchmarks.md). With 5% it measures from step
+#: 512 on (log2 schedule), or from the start when the Trainer knows its max_steps (the share
+#: is of the planned run). ``sharpness_budget=`` of the user's wins.
+CALLBACK_INDEX_BUDGET = 0.05
+
 
 class RecordingSession:
     """One Recorder over one ``fit``/``train`` call; options are the Recorder's."""
@@ -41,7 +49,10 @@ class RecordingSession:
         if "log_to" in options:
             options["log_to"] = with_trainer(options["log_to"], trainer_log)
         run_info = {"framework": framework, **options.pop("run_info", {})}
-        self.recorder = Recorder(model, self.out, self.config, run_info=run_info, **options)
+        config = self.config or RecorderConfig()
+        if config.sharpness_budget is None and "sharpness_budget" not in options:
+            config = config.replace(sharpness_budget=CALLBACK_INDEX_BUDGET)
+        self.recorder = Recorder(model, self.out, config, run_info=run_info, **options)
         self.recorder.start()
         # A framework that has no exception hook (transformers' Trainer) leaves the run open
         # when training raises: mark it failed, with its rows written, at interpreter exit.

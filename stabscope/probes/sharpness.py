@@ -25,6 +25,7 @@ would take the index's time past that fraction of the training time is skipped a
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -219,7 +220,10 @@ class SharpnessProbe(BaseProbe):
     ) -> None:
         self.model, self.forward, self.run_code = model, forward, run_code
         self.iterations = iterations
-        self.budget = IndexBudget(budget, first_cost=STEPS_PER_PRODUCT * (iterations + 1))
+        unlimited = budget is None or math.isinf(budget)  # inf: no limit, asked for
+        self.budget = IndexBudget(
+            None if unlimited else budget, first_cost=STEPS_PER_PRODUCT * (iterations + 1)
+        )
         self.note: str | None = None
 
     @property

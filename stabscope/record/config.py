@@ -82,7 +82,9 @@ class RecorderConfig:
         if self.sharpness_iters < 1:
             raise ValueError("sharpness_iters must be positive")
         if self.sharpness_budget is not None and not _is_fraction(self.sharpness_budget):
-            raise ValueError("sharpness_budget must be a positive number (0.05: 5%) or None")
+            raise ValueError(
+                "sharpness_budget must be a positive number (0.05: 5%; inf: no limit) or None"
+            )
         if self.flight_every < 1:
             raise ValueError("flight_every must be positive")
         if self.live_max_series < 1:
@@ -104,7 +106,8 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_fraction(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf
+    """A positive share of the training time; ``inf``: no limit."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= math.inf
 
 
 def _is_glob_list(v: Any) -> bool:
@@ -132,7 +135,10 @@ _EXPECTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "structure_probes": (lambda v: isinstance(v, bool), "true or false"),
     "sharpness": (lambda v: isinstance(v, bool), "true or false"),
     "sharpness_iters": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
-    "sharpness_budget": (_is_fraction, "a positive fraction of the training time, like 0.05"),
+    "sharpness_budget": (
+        _is_fraction,
+        "a positive fraction of the training time, like 0.05 (inf: no limit)",
+    ),
     "flight": (lambda v: isinstance(v, bool), "true or false"),
     "flight_every": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
     "online_rules": (lambda v: isinstance(v, bool), "true or false"),
