@@ -25,6 +25,7 @@ import contextlib
 import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from typing import Any, Protocol
 
 import numpy as np
@@ -182,7 +183,7 @@ class LiveSeries:
                 values[tag] = v
             self._sent = max(self._sent, s)
             if values:
-                self._each(lambda d, s=s, values=values: d.scalars(s, values))
+                self._each(partial(_send_scalars, step=s, values=values))
 
     # -- findings and the end ----------------------------------------------------------------
     def finding(self, step: int, finding: Finding) -> None:
@@ -239,3 +240,7 @@ def _grouped(
     if how == "rss":
         out = {k: math.sqrt(v) for k, v in out.items()}
     return out
+
+
+def _send_scalars(destination: Any, step: int, values: dict[str, float]) -> None:
+    destination.scalars(step, values)

@@ -117,7 +117,10 @@ def residual_growth(view: RunView) -> Feature:
         act = view.metrics("act_rms")
         what = "module output rms (no residual blocks found)"
         return trend("residual_growth", act[act.module != ROOT], what)
-    return trend("residual_growth", *stream, floor=UNIT_RMS)
+    frame, what = stream
+    return trend(
+        "residual_growth", frame, f"{what} (from rms {UNIT_RMS:g} if below)", floor=UNIT_RMS
+    )
 
 
 def update_ratio(view: RunView) -> tuple[Feature, Feature]:

@@ -158,9 +158,14 @@ def _output_block(view: RunView, corr: pd.DataFrame) -> str:
     """Of the blocks with a token correlation, the last in forward order (meta.json's
     ``forward_order``, else the structure's block order, else the last name)."""
     names = sorted(corr.module.astype(str).unique())
-    order = {m["name"]: m.get("forward_order") for m in view.meta.modules}
-    if all(order.get(n) is not None for n in names):
-        return max(names, key=lambda n: order[n])
+    order: dict[str, int] = {
+        m["name"]: int(m["forward_order"])
+        for m in view.meta.modules
+        if m.get("forward_order") is not None
+    }
+    known = {n: order[n] for n in names if n in order}
+    if len(known) == len(names):
+        return max(names, key=known.__getitem__)
     blocks = view.block_names
     if all(n in blocks for n in names):
         return max(names, key=blocks.index)
