@@ -109,7 +109,7 @@ def test_llama_width_sweep_writes_one_run_per_factor(tmp_path):
     out = tmp_path / "sweep"
     res = invoke(
         "grow", script, "--sweep", "2,3", "--sweep-axis", "width", "--depth", "2x",
-        "--out", out, "-q",
+        "--out", out,
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     assert "how the statistics scale with width" in res.stderr
