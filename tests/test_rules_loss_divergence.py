@@ -69,3 +69,18 @@ def test_a_run_that_gives_back_what_it_learned_is_an_error(tmp_path):
     spike = stabscope.load_run(spiked, metrics=["loss"]).set_index("step").value
     assert spike[60] > 10 * spike[59]  # the corrupt batch's loss
     assert given_back(spiked) < 0.5 and found(spiked) == []
+
+
+@pytest.mark.slow
+def test_a_run_that_ends_worse_than_it_started_is_an_error(tmp_path):
+    """lr 100 from the first step: Adam's steps of ~100 throw the weights around and the loss
+    ends ~4x above its start (finite); the healthy twin of the first test ends far below."""
+    run = tmp_path / "at-once"
+    train(run, {0: 100.0})
+    loss = stabscope.load_run(run, metrics=["loss"]).sort_values("step").value.to_numpy(float)
+    start, end = loss[0], np.median(loss[-6:])  # w = max(5, 120 // 20) = 6
+    assert end > 1.5 * start
+    (f,) = found(run)
+    assert f.severity == "error" and f.threshold == 0.5
+    assert f.value == pytest.approx((end - start) / start, rel=1e-5)
+    assert "worse than it started" in f.message

@@ -3,13 +3,23 @@
 On the loss of every step (finite values only; a NaN/Inf is the ``nonfinite`` rule's):
 
 - ``start``: the median of the first ``w`` losses, ``w = max(min_window, n // 20)`` for ``n``
-  finite losses, so that a noisy mini-batch loss is read as its level, not its draws;
+  finite losses, so that a noisy mini-batch loss is read as its level, not its draws; or the
+  first loss, when it is lower (a run that diverges from its first update);
 - ``best``: the lowest median over ``w`` consecutive losses;
 - ``end``: the median of the last ``w`` losses.
 
-An error when the loss, after learning (``start > best``), rose back by at least ``give_back``
-(half) of what it had gained, ``end - best >= give_back * (start - best)``, and by at least
-``min_rise`` (20%) of its best level, ``end - best >= min_rise * |best|``.
+An error in two cases:
+
+- it learned and gave it back: the loss fell by at least ``min_gain`` (10%) of its start,
+  ``start - best >= min_gain * |start|``, then rose back by at least ``give_back`` (half) of
+  what it had gained, ``end - best >= give_back * (start - best)``, and by at least
+  ``min_rise`` (20%) of its best level, ``end - best >= min_rise * |best|``;
+- it ends worse than it started: ``end - start >= above_start * |start|`` (50% above), with
+  or without learning first (a run that diverges at once; a fine-tune from a converged
+  model that a too-high learning rate throws off).
+
+The 10% gain keeps a loss that never moved much (a GAN's summed losses wander around their
+start; a fine-tune's flat loss) from reading its noise as learning given back.
 
 Why these thresholds. They define un-learning, not a tuned score: giving back half of what
 was learned is the point where the run has lost more than it kept, and the 20% floor keeps a
@@ -20,10 +30,13 @@ learning-rate ramp or a warm-up past stability give back 69% to far above 100%. 
 recovers moves no median over ``w`` steps, and an lr schedule that ends in a plateau keeps
 ``end`` near ``best``.
 
-What it cannot see: a run that never learned (its ``start`` is its ``best``), and one that
-learned only a little before it stalled; those need a reference the loss alone does not give
-(the data's unigram loss). It needs ``min_steps`` finite losses; it acts online, on the
-losses written so far, so a collapse is reported while the run trains.
+What it cannot see: a run that never learned and did not get worse (its ``start`` is its
+``best``), and one that learned only a little before it stalled; those need a reference the
+loss alone does not give (the data's unigram loss). A loss that is not meant to fall (a GAN's
+generator loss alone rises as the discriminator learns) is not a training loss to judge:
+give the recorder the sum of the losses, or disable the rule. It needs ``min_steps`` finite
+losses; it acts online, on the losses written so far, so a collapse is reported while the
+run trains.
 """
 
 from __future__ import annotations
@@ -46,8 +59,10 @@ def loss_levels(series: pd.Series, min_window: int) -> tuple[float, float, int, 
     level = series.rolling(w).median().dropna()  # the median of the w losses ending there
     values = series.to_numpy(float)
     at = int(np.argmin(level.to_numpy(float)))
+    # The start: the first loss (before any update) unless the next ones sit lower: a run
+    # that diverges at once has no median to speak of at its start.
     return (
-        float(np.median(values[:w])),
+        float(min(values[0], np.median(values[:w]))),
         float(level.iloc[at]),
         int(level.index[at]),
         float(np.median(values[-w:])),
@@ -62,22 +77,33 @@ def _loss_divergence(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     if len(series) < max(int(p["min_steps"]), 2):
         return
     start, best, best_step, end, w = loss_levels(series, int(p["min_window"]))
-    gained, rise = start - best, end - best
-    if gained <= 0 or rise < p["give_back"] * gained or rise < p["min_rise"] * abs(best):
+    gained, rise, last = start - best, end - best, int(series.index[-1])
+    learned = gained >= p["min_gain"] * abs(start)
+    if learned and rise >= p["give_back"] * gained and rise >= p["min_rise"] * abs(best):
+        given = rise / gained
+        share = f"{given:.0%} of" if given < 10 else f"{given:.3g} times"
+        message = (
+            f"the loss fell from {start:.4g} to {best:.4g} (step {best_step}) and rose back "
+            f"to {end:.4g} by step {last}: the run gave back {share} what it had learned "
+            f"(medians over {w} steps)"
+        )
+        value, threshold = given, p["give_back"]
+    elif end - start >= p["above_start"] * abs(start):
+        message = (
+            f"the loss rose from {start:.4g} at the start to {end:.4g} by step {last}: the "
+            f"run ends {end / start:.3g}x worse than it started (medians over {w} steps)"
+        )
+        value, threshold = (end - start) / abs(start), p["above_start"]
+    else:
         return
-    last = int(series.index[-1])
-    given = rise / gained
-    share = f"{given:.0%} of" if given < 10 else f"{given:.3g} times"
     yield finding(
         LOSS_DIVERGENCE,
         "error",
-        f"the loss fell from {start:.4g} to {best:.4g} (step {best_step}) and rose back to "
-        f"{end:.4g} by step {last}: the run gave back {share} what it had learned "
-        f"(medians over {w} steps)",
+        message,
         module=RUN_MODULE,
         step=last,
-        value=given,
-        threshold=p["give_back"],
+        value=value,
+        threshold=threshold,
         metric="loss",
         remedy="lower the peak learning rate or lengthen the warm-up; clip the gradient; "
         "look at the lr schedule around the step the loss turned, and at the earlier findings",
@@ -89,7 +115,14 @@ LOSS_DIVERGENCE = Rule(
     "Loss rose back after learning (divergence or collapse without a NaN)",
     "",
     ("loss",),
-    {"give_back": 0.5, "min_rise": 0.2, "min_steps": 20, "min_window": 5},
+    {
+        "give_back": 0.5,
+        "min_rise": 0.2,
+        "min_gain": 0.1,
+        "above_start": 0.5,
+        "min_steps": 20,
+        "min_window": 5,
+    },
     _loss_divergence,
     "error",
     (Request(("loss",)),),

@@ -1,0 +1,95 @@
+"""Rule ``no-update``: training that does not train, the weights standing still.
+
+Two cases, each over every trainable weight matrix (two or more dimensions) with a recorded
+value, and at least ``min_steps`` recorded steps:
+
+- no gradient: ``param_grad_norm`` exactly 0 at every recorded step. Nothing upstream of the
+  loss carries a gradient: dead activations (every ReLU input negative), a detached graph,
+  or a loss that does not depend on the weights.
+- no update: ``update_norm`` (the change of the weights over a step) exactly 0 at every
+  recorded step. The optimizer never moved them: ``optimizer.step()`` not called, or called
+  after ``zero_grad()``, or a learning rate of 0 throughout.
+
+Exactly zero, not small: a run with a small learning rate or vanishing gradients still moves
+its weights by some amount, and that is the depth and update rules' business; an exact zero
+over every matrix and every recorded step is a bug, not a regime. A warm-up from lr 0 or a
+frozen backbone leaves other steps or other matrices moving, so neither counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from ..store.findings import Finding
+from .base import Rule, RunView, finding
+from .view import Request
+
+CASES = {
+    "param_grad_norm": (
+        "no weight matrix received a gradient",
+        "look for dead activations (a ReLU whose inputs are all negative: a large negative "
+        "bias or a norm's shift), a tensor detached from the graph (.detach(), .data, "
+        "torch.no_grad around the forward), or a loss that does not depend on the weights",
+    ),
+    "update_norm": (
+        "no weight matrix changed",
+        "call optimizer.step() after loss.backward() and before the next zero_grad(), and "
+        "check that the learning rate is not 0",
+    ),
+}
+
+
+def _still(view: RunView, metric: str, min_steps: int) -> tuple[int, list[int]] | None:
+    """(matrices, recorded steps) when every trainable matrix's ``metric`` is exactly 0 at
+    every recorded step, at least ``min_steps`` of them; else None."""
+    rows = view.metrics(metric)
+    trainable = {p["name"] for p in view.meta.parameters if p.get("trainable", True)}
+    rows = rows[rows.module.isin(view.matrices & trainable)]
+    values = rows.value.to_numpy(float)
+    if rows.empty or not np.isfinite(values).all() or (values != 0).any():
+        return None
+    steps = sorted({int(s) for s in rows.step})
+    return (rows.module.nunique(), steps) if len(steps) >= min_steps else None
+
+
+def _no_update(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
+    still = {m: _still(view, m, int(p["min_steps"])) for m in CASES}
+    # The weights not moving is the fact; zero gradients, where they are seen too, are why
+    # (a dead network, or gradients zeroed before the optimizer's step reads them).
+    metric = "update_norm" if still["update_norm"] else "param_grad_norm"
+    found = still[metric]
+    if found is None:
+        return
+    matrices, steps = found
+    what, remedy = CASES[metric]
+    if metric == "update_norm" and still["param_grad_norm"]:
+        what += ", and their gradients were 0 when the optimizer stepped"
+        remedy = f"{CASES['param_grad_norm'][1]}; or {remedy}"
+    yield finding(
+        NO_UPDATE,
+        "error",
+        f"{what}: {metric} is exactly 0 for all {matrices} trainable weight matrices at "
+        f"all {len(steps)} recorded steps ({steps[0]} to {steps[-1]}): the model is not "
+        "training",
+        step=steps[-1],
+        value=0.0,
+        threshold=0.0,
+        metric=metric,
+        remedy=remedy,
+    )
+
+
+NO_UPDATE = Rule(
+    "no-update",
+    "The weights never change (no gradient, or no optimizer step)",
+    "",
+    ("param_grad_norm", "update_norm"),
+    {"min_steps": 2},
+    _no_update,
+    "error",
+    (Request(("param_grad_norm", "update_norm")),),
+)
+
+RULES = [NO_UPDATE]

@@ -1,0 +1,76 @@
+"""Rule ``no-update`` on real training: a loop that calls ``zero_grad()`` between
+``backward()`` and ``step()`` (its weights never move) and an MLP whose ReLU inputs are all
+negative under AdamW (no weight matrix gets a gradient; weight decay alone moves them) are
+errors; the same loops without the bug are not. The zeros are checked against the weights and
+gradients themselves."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from stabscope import Recorder, RecorderConfig, Schedule
+from stabscope.rules import check_run
+
+STEPS = 12
+
+
+def mlp(dead: bool) -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    if dead:  # every pre-activation below 0: the ReLU passes no value and no gradient
+        with torch.no_grad():
+            net[0].bias.fill_(-100.0)
+    return net
+
+
+def train(
+    run_dir, net: nn.Module, zero_before_step: bool, decay: float = 0.0
+) -> tuple[dict[str, torch.Tensor], float]:
+    """The weight matrices' change over the run; the largest gradient entry any of them
+    had when the optimizer stepped."""
+    before = {n: p.detach().clone() for n, p in net.named_parameters() if p.dim() >= 2}
+    opt = torch.optim.AdamW(net.parameters(), lr=0.1, weight_decay=decay)
+    largest = 0.0
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 8, generator=g), torch.randn(32, 4, generator=g)
+    config = RecorderConfig(schedule=Schedule(STEPS, 0), online_rules=False)
+    with Recorder(net, run_dir, config) as rec:
+        for _ in range(STEPS):
+            loss = (net(x) - y).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            if zero_before_step:
+                opt.zero_grad(set_to_none=False)  # the bug: the step sees zero gradients
+            grads = [p.grad.abs().max().item() for p in net.parameters() if p.dim() >= 2]
+            largest = max(largest, *grads)
+            opt.step()
+            rec.step(loss)
+    change = {n: p.detach() - before[n] for n, p in net.named_parameters() if n in before}
+    return change, largest
+
+
+def found(run_dir) -> list:
+    return [f for f in check_run(run_dir).findings if f.rule == "no-update"]
+
+
+def test_weights_that_never_move_are_an_error(tmp_path):
+    change, largest = train(tmp_path / "bug", mlp(False), zero_before_step=True)
+    assert largest == 0 and all(bool((d == 0).all()) for d in change.values())
+    (f,) = found(tmp_path / "bug")
+    assert (f.severity, f.metric, f.step) == ("error", "update_norm", STEPS - 1)
+    assert f"all 2 trainable weight matrices at all {STEPS} recorded steps" in f.message
+    assert "gradients were 0 when the optimizer stepped" in f.message
+    change, largest = train(tmp_path / "ok", mlp(False), zero_before_step=False)
+    assert largest > 0 and all(bool((d != 0).any()) for d in change.values())
+    assert found(tmp_path / "ok") == []
+
+
+def test_a_dead_network_is_an_error_even_when_weight_decay_moves_it(tmp_path):
+    change, largest = train(tmp_path / "dead", mlp(True), zero_before_step=False, decay=0.1)
+    assert largest == 0 and all(bool((d != 0).any()) for d in change.values())  # decay only
+    (f,) = found(tmp_path / "dead")
+    assert (f.severity, f.metric) == ("error", "param_grad_norm")
+    assert "no weight matrix received a gradient" in f.message and "dead" in f.remedy
+    train(tmp_path / "alive", mlp(False), zero_before_step=False, decay=0.1)
+    assert found(tmp_path / "alive") == []
