@@ -1,6 +1,7 @@
 """Leave-one-out scores of early-warning detectors on the grid (bench/grid/run.py).
 
     python -m bench.grid.score --out /tmp/stabscope-grid [--ks 5,10,25] [--workers 2]
+    python -m bench.grid.score --out DIR --ks 5,10,25,100   # + the finished runs
 
 Each detector sees only the steps before K% of the budget and says "failing" at a step, or
 nothing. A detector with thresholds is calibrated on the other families (the threshold with
@@ -189,7 +190,12 @@ def lofo(det: Detector, runs: list[Run], k: int, group: str = "family") -> dict[
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("/tmp/stabscope-grid"))
-    ap.add_argument("--ks", default="5,10,25")
+    ap.add_argument("--ks", default="5,10,25", help="the cut-offs scored, in %% of the run")
+    ap.add_argument(
+        "--fit-ks",
+        default="5,10,25",
+        help="the cut-offs each fold's forecast is fitted on (as the shipped fit: 5,10,25)",
+    )
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
     paths = current_runs(args.out)
@@ -200,7 +206,8 @@ def main() -> None:
     from bench.grid.signals import signals_and_errors
 
     ks = [int(k) for k in args.ks.split(",")]
-    untils = sorted({max(1, r.steps * k // 100) for r in runs for k in ks})
+    fit_ks = [int(k) for k in args.fit_ks.split(",")]
+    untils = sorted({max(1, r.steps * k // 100) for r in runs for k in {*ks, *fit_ks}})
     sig = signals_and_errors(runs, untils, args.out, args.workers)
 
     def rules_at(run: Run, until: int, _: float) -> int | None:
@@ -221,7 +228,7 @@ def main() -> None:
     tables = {
         group: {
             k: {
-                "gate": gate_scores(runs, sig, k, ks, group),
+                "gate": gate_scores(runs, sig, k, fit_ks, group),
                 **{d.name: lofo(d, runs, k, group) for d in detectors},
             }
             for k in ks
