@@ -70,7 +70,8 @@ def open_run(path: str | Path, name: str) -> Run:
             f"{name}: {run.state.detail}; the report shows the parts written so far"
         )
     if not parts.files:
-        run.warnings.append(f"{name}: no readable rows (no parts written yet)")
+        why = "no parts written yet" if run.state.status == "running" else "no parts written"
+        run.warnings.append(f"{name}: no readable rows ({why})")
     run.layers, run.depth_source = depth_axis(meta)
     return run
 
