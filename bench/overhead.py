@@ -20,6 +20,10 @@ speed hits every mode alike; the order within a round rotates from round to roun
   flight           the flight recorder alone: every step's block, stem and head statistics
                    (the recorder attached, the step not on the schedule)
   unrecorded-noupdates  unrecorded with step_updates off: loss, lr and the gradient norm only
+  live             the flight mode, its series sent live to TensorBoard (log_to
+                   tensorboard:TMPDIR, docs/dashboards.md); a timer around the bridge's
+                   hand-over (``Rows.tap``) gives its own time, the mean step time its
+                   spikes (a ring every flight_every steps), which a median hides
   schedule         standard preset, default schedule, mean over the first --schedule-steps
                    (the stability index included; --sharpness-budget bounds its share)
 Reported: median step time per mode and its ratio to plain; for the default schedule (with
@@ -61,6 +65,7 @@ MODES = {
     # Step 0 is recorded (and excluded below); every later step is off the schedule.
     "unrecorded": RecorderConfig(schedule=Schedule(dense=1, every=0), flight=False),
     "flight": RecorderConfig(schedule=Schedule(dense=1, every=0)),
+    "live": RecorderConfig(schedule=Schedule(dense=1, every=0)),  # + log_to, in main()
     "unrecorded-noupdates": RecorderConfig(
         schedule=Schedule(dense=1, every=0), flight=False, step_updates=False
     ),
@@ -102,6 +107,22 @@ def attention_paired(rec: Recorder, step, args: argparse.Namespace) -> tuple[flo
     probe.routes.sample = sample
     extra = statistics.median(on) - statistics.median(off)
     return extra, extra / statistics.median(off), statistics.median(inside)
+
+
+def time_live_bridge(rec: Recorder) -> list[float]:
+    """Seconds spent in the live bridge's hand-over (``Rows.tap``: the series chosen, sent to
+    the destinations' writers), summed in the returned one-element list."""
+    tap, spent = rec.rows.tap, [0.0]
+
+    def timed(chunks):  # type: ignore[no-untyped-def]
+        t0 = time.perf_counter()
+        try:
+            tap(chunks)
+        finally:
+            spent[0] += time.perf_counter() - t0
+
+    rec.rows.tap = timed
+    return spent
 
 
 def main() -> None:
@@ -168,12 +189,21 @@ def main() -> None:
     recs = {
         m: None
         if MODES[m] is None
-        else Recorder(run[m], tmp / m, MODES[m], forward=forward).start()
+        else Recorder(
+            run[m],
+            tmp / m,
+            MODES[m],
+            forward=forward,
+            log_to=f"tensorboard:{tmp / 'tb'}" if m == "live" else None,
+        ).start()
         for m in modes
     }
+    live_spent = time_live_bridge(recs["live"]) if "live" in recs else None
     for m in modes:  # warm-up, including the unrecorded mode's one recorded step (compiled:
         for _ in range(3 if not args.compile else 6):  # and the recompilation after it)
             steps[m](recs[m])
+    if live_spent is not None:
+        live_spent[0] = 0.0  # not the warm-up's
     times: dict[str, list[float]] = {m: [] for m in modes}
     for r in range(args.rounds):
         # Each round starts one mode later: a mode's position in the round (what ran just
@@ -184,6 +214,7 @@ def main() -> None:
     paired = (
         attention_paired(recs["standard"], steps["standard"], args) if "standard" in recs else None
     )
+    live_inside = live_spent[0] if live_spent is not None else None  # not close()'s flush
     for rec in recs.values():
         if rec is not None:
             rec.close()
@@ -206,6 +237,18 @@ def main() -> None:
             meta = recs[m].meta
             syncs = f" ({meta['host_syncs'] / max(meta['steps'], 1):.2f} transfers/step)"
         print(f"| {m}{syncs} | {med * 1e3:.1f} ms | {ratio} |")
+    if live_inside is not None:
+        inside = live_inside / (args.rounds * args.steps_per_round)
+        print(
+            f"| live: inside the bridge (timer, per step) | {inside * 1e3:.3f} ms | "
+            + (f"{inside / plain:.2%} of plain |" if plain else "- |")
+        )
+        if "flight" in times:
+            live, flight = statistics.mean(times["live"]), statistics.mean(times["flight"])
+            print(
+                f"| live minus flight, mean step time (two model copies) | "
+                f"{(live - flight) * 1e3:.2f} ms | {live / flight - 1:+.1%} |"
+            )
     if "standard" in times and "standard-noattn" in times:
         extra = statistics.median(times["standard"]) - statistics.median(times["standard-noattn"])
         share = extra / statistics.median(times["standard-noattn"])

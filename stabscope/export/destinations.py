@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,15 @@ WANDB_HINT = "pip install 'stabscope[wandb]' (or pip install wandb)"
 #: Live W&B series and findings are under this prefix: they share the run with the user's own.
 WANDB_PREFIX = "stabscope/"
 WANDB_STEP = "stabscope/step"
+
+
+@dataclass(frozen=True)
+class Target:
+    """A target whose TensorBoard tags go under ``prefix``: a trainer's logging directory,
+    shared with the trainer's own series (``log_to="trainer"``)."""
+
+    spec: str
+    prefix: str = ""
 
 
 def split_targets(specs: str | Sequence[str]) -> list[str]:
@@ -53,19 +63,28 @@ def _wandb() -> Any:
     return wandb
 
 
-def open_targets(specs: str | Sequence[str], run_name: str) -> tuple[list[Any], list[str]]:
+def open_targets(specs: str | Sequence[str | Target], run_name: str) -> tuple[list[Any], list[str]]:
     """A destination for each target (``live.Destination``) and a line for each that could
     not be opened (an unwritable directory, a W&B login missing): training goes on without
     it. ``run_name`` names a new W&B run."""
+    items = [specs] if isinstance(specs, str) else list(specs)
+    pairs = [
+        pair
+        for t in items
+        for pair in (
+            [(t.spec, t.prefix)] if isinstance(t, Target) else [(s, "") for s in split_targets(t)]
+        )
+    ]
+    check_targets([t for t, _ in pairs])
     out: list[Any] = []
     failed: list[str] = []
-    for target in check_targets(specs):
+    for target, prefix in pairs:
         kind, _, arg = target.partition(":")
         try:
             if kind == "tensorboard":
-                out.append(TensorBoardLive(Path(arg)))
+                out.append(TensorBoardLive(Path(arg), prefix))
             else:
-                out.append(WandbLive(arg or None, run_name))
+                out.append(WandbLive(arg or None, run_name))  # always under stabscope/
         except Exception as err:
             failed.append(f"live logging to {target} could not start: {type(err).__name__}: {err}")
     return out, failed

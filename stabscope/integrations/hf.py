@@ -33,8 +33,10 @@ With ``on_error="stop"``, an error finding of the online rules sets
 ``stopped``.
 
 ``log_to="trainer"`` sends the live series and findings where the Trainer's ``report_to``
-logs: ``tensorboard`` (an event file of stabscope's own in ``logging_dir``) and ``wandb`` (the
-run the WandbCallback started, under ``stabscope/``).
+logs: ``tensorboard`` (an event file of stabscope's own in the TensorBoardCallback's directory,
+tags under ``stabscope/``) and ``wandb`` (the run the WandbCallback started, under
+``stabscope/``). The structure is learned from the first step's forward: that step's rows wait
+for it, so the dashboards have the blocks' series from step 0, as the run table does.
 
 The run is closed on ``on_train_end``. The Trainer has no exception hook: when training
 raises, the run is closed as ``failed`` at interpreter exit, or when the next ``train()``

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import StabscopeWarning
-from ..export.destinations import open_targets, split_targets
+from ..export.destinations import Target, open_targets, split_targets
 from ..export.live import Chunk, LiveSeries
 from ..store import update_meta
 from ..store.findings import Finding
@@ -21,8 +21,8 @@ class LiveBridge:
 
     def __init__(self, rec: Any, targets: Sequence[Any], max_series: int) -> None:
         self.rec = rec
-        names = [t for t in targets if isinstance(t, str)]
-        objects = [t for t in targets if not isinstance(t, str)]  # a trainer's loggers
+        names = [t for t in targets if isinstance(t, (str, Target))]
+        objects = [t for t in targets if not isinstance(t, (str, Target))]  # a trainer's loggers
         opened, failed = open_targets(names, rec.run_dir.name) if names else ([], [])
         for message in failed:
             self._note(message)
@@ -31,6 +31,9 @@ class LiveBridge:
         self.series: LiveSeries | None = LiveSeries(
             destinations, rec.writer, max_series, note=self._note
         )
+        # The rows of the step the structure is learned from (no probe forward given): they
+        # reach the writer just before the blocks are known, and wait for them here.
+        self._early: list[Chunk] = []
         rec.rows.tap = self.rows
 
     def _note(self, text: str) -> None:
@@ -48,6 +51,9 @@ class LiveBridge:
             warnings.warn(message, StabscopeWarning, stacklevel=3)
 
     def rows(self, chunks: list[Chunk]) -> None:
+        if self.rec.structure is None and self.rec._capture is not None:
+            self._early += chunks  # one recorded step's rows, sent by set_blocks
+            return
         self._guard("rows", lambda s: s.rows(chunks))
 
     def set_blocks(self) -> None:
@@ -56,11 +62,16 @@ class LiveBridge:
         blocks = [b.name for b in structure.blocks] if structure is not None else []
         starts = [p.step for p in self.rec.every.values()]
         self._guard("blocks", lambda s: s.set_blocks(blocks, min(starts) if starts else None))
+        early, self._early = self._early, []
+        if early:
+            self.rows(early)
 
     def finding(self, step: int, finding: Finding) -> None:
         self._guard("finding", lambda s: s.finding(step, finding))
 
     def close(self) -> None:
+        early, self._early = self._early, []  # a run closed before its structure was learned
+        self._guard("rows", lambda s: s.rows(early))
         self._guard("close", lambda s: s.close())
         self.series = None
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..export.destinations import check_targets
+from ..export.destinations import Target, check_targets
 from ..probes.base import ProbeContext
 from ..probes.structured import StructureProbes
 from ..store import RUN_MODULE, PartWriter, interrupts
@@ -93,7 +93,8 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
         )
         cfg = with_options(cfg, options, "Recorder", keyword_names(Recorder.__init__))
         targets = live_targets(cfg.log_to, log_to)
-        check_targets([t for t in targets if isinstance(t, str)])  # before the directory too
+        # before the directory too
+        check_targets([getattr(t, "spec", t) for t in targets if isinstance(t, (str, Target))])
         self.config = cfg
         self.model = model
         self.rank = _rank()
