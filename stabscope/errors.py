@@ -13,8 +13,9 @@ Not here: exceptions that never leave the module that raises them (``LockHeld``,
 from __future__ import annotations
 
 
-class UsageError(Exception):
-    """Bad input from the user. ``hint`` says what to do about it."""
+class Hinted(Exception):
+    """An error with a ``hint``: what to do about it, also in ``str()``, which stays one
+    line."""
 
     def __init__(self, message: str, hint: str = "") -> None:
         super().__init__(message)
@@ -23,6 +24,10 @@ class UsageError(Exception):
 
     def __str__(self) -> str:
         return f"{self.message} (hint: {self.hint})" if self.hint else self.message
+
+
+class UsageError(Hinted):
+    """Bad input from the user. ``hint`` says what to do about it."""
 
 
 class ScriptError(UsageError):
@@ -65,17 +70,9 @@ class FindingsError(ValueError):
     """findings.json exists but cannot be read as a list of findings."""
 
 
-class RunExistsError(FileExistsError):
-    """The output directory already holds a run. ``hint`` (also in ``str()``, which stays
-    one line) says what to do about it: ``force=True``, or another directory."""
-
-    def __init__(self, message: str, hint: str = "") -> None:
-        super().__init__(message)
-        self.message = message
-        self.hint = hint
-
-    def __str__(self) -> str:
-        return f"{self.message} (hint: {self.hint})" if self.hint else self.message
+class RunExistsError(Hinted, FileExistsError):
+    """The output directory already holds a run. ``hint`` says what to do about it:
+    ``force=True``, or another directory."""
 
 
 class RunLockedError(RunExistsError):

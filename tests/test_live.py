@@ -98,6 +98,17 @@ def live_expected(frame, tag: str) -> tuple[list[int], np.ndarray]:
     return by.index.tolist(), by.to_numpy(np.float32)
 
 
+def assert_wandb_rows_are_the_table(rows: list[dict], frame, logged: set[str]) -> None:
+    """Each logged ``stabscope/...`` series of W&B history ``rows`` (NaN written as "NaN")
+    holds ``live_expected``'s steps and values."""
+    for key in sorted(logged):
+        got = [(r["stabscope/step"], r[key]) for r in rows if key in r]
+        want_steps, want = live_expected(frame, key.removeprefix("stabscope/"))
+        assert [s for s, _ in got] == want_steps, key
+        values = np.array([math.nan if v == "NaN" else v for _, v in got], np.float64)
+        np.testing.assert_allclose(values, want, rtol=2e-6, err_msg=key)
+
+
 def test_tensorboard_live_series_equal_the_run_table(tmp_path: Path):
     tb = tmp_path / "tb"
     train_gpt(tmp_path / "run", log_to=f"tensorboard:{tb}")

@@ -6,7 +6,6 @@ file. Both equal the run table."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ from transformers import Trainer, TrainingArguments
 import stabscope
 from stabscope.integrations.hf import StabscopeCallback
 from tests.test_integrations_hf import dataset, tiny_gpt2
-from tests.test_live import live_expected
+from tests.test_live import assert_wandb_rows_are_the_table, live_expected
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -104,9 +103,4 @@ def test_hf_wandb_gets_the_live_series_in_the_trainers_run(tmp_path: Path, monke
     logged = {k for r in rows for k in r if k.startswith("stabscope/")} - {"stabscope/step"}
     assert {"stabscope/loss", "stabscope/act_rms/transformer.h.1"} <= logged
     frame = run_table(run)
-    for key in sorted(logged):
-        got = [(r["stabscope/step"], r[key]) for r in rows if key in r]
-        want_steps, want = live_expected(frame, key.removeprefix("stabscope/"))
-        assert [s for s, _ in got] == want_steps, key
-        values = np.array([math.nan if v == "NaN" else v for _, v in got], np.float64)
-        np.testing.assert_allclose(values, want, rtol=2e-6, err_msg=key)
+    assert_wandb_rows_are_the_table(rows, frame, logged)

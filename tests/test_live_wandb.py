@@ -14,7 +14,7 @@ import pytest
 
 from stabscope.errors import StabscopeWarning
 from stabscope.store import count_rows, load_meta, load_run
-from tests.test_live import live_expected, train_gpt
+from tests.test_live import assert_wandb_rows_are_the_table, train_gpt
 from tests.wandb_records import alerts, history, offline_run
 
 wandb = pytest.importorskip("wandb")
@@ -45,12 +45,7 @@ def test_wandb_live_series_and_alerts_equal_the_run_table(wandb_dir: Path):
     assert {"stabscope/loss", "stabscope/act_rms/blocks.1"} <= logged
     steps = [row["stabscope/step"] for row in rows]
     assert steps == sorted(steps) and len(set(steps)) == len(steps)  # in order, once each
-    for key in sorted(logged):
-        got = [(r["stabscope/step"], r[key]) for r in rows if key in r]
-        want_steps, want = live_expected(frame, key.removeprefix("stabscope/"))
-        assert [s for s, _ in got] == want_steps, key
-        values = np.array([math.nan if v == "NaN" else v for _, v in got], np.float64)
-        np.testing.assert_allclose(values, want, rtol=2e-6, err_msg=key)
+    assert_wandb_rows_are_the_table(rows, frame, logged)
     found = alerts(offline_run(wandb_dir))
     assert seen and len(found) == len(seen)
     assert seen[0].rule in found[0].title and seen[0].message in found[0].text
