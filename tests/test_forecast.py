@@ -148,3 +148,25 @@ def test_check_of_a_script_looks_ahead_to_its_budget(tmp_path, monkeypatch) -> N
     # A budget shorter than the steps profiled is bad input: one line, exit 2.
     res = runner.invoke(app, [*args, "--budget", "5"])
     assert res.exit_code == 2 and "--budget 5 is less than --steps 9" in res.stderr
+
+
+def test_a_finished_run_that_learned_is_judged_by_its_outcome(tmp_path) -> None:
+    """At its planned end a run's outcome is known: the forecast gives way (``learned_by_the
+    _end``) when the last losses sit below a uniform guess over the head's V outputs (ln V,
+    computed here from the sample GPT's vocab); before the end, or without a plan, it does not."""
+    from stabscope.rules.forecast import learned_by_the_end
+    from tests.conftest import SAMPLES
+
+    sets = ["depth=2", "width=32", "seq_len=16", "batch_size=8", "lr=3e-3"]
+    args = ["profile", str(SAMPLES / "gpt.py"), "--steps", "40", "-q", "--out", str(tmp_path)]
+    res = runner.invoke(app, [*args, *(a for s in sets for a in ("--set", s))])
+    assert res.exit_code == 0, res.output
+    view = RunView.open(tmp_path)
+    loss = load_run(tmp_path, metrics=["loss"]).sort_values("step").value.to_numpy(float)
+    ln_v = math.log(json.loads((tmp_path / "meta.json").read_text())["run"]["script_config"]
+                    ["vocab"])  # fmt: skip
+    assert np.median(loss[-5:]) < ln_v < loss[0] + 1  # it learned: below a uniform guess
+    said = learned_by_the_end(view, 40, 40)
+    assert said is not None and f"ln V = {ln_v:.3g}" in said
+    assert learned_by_the_end(view, 100, 40) is None  # not at its planned end yet
+    assert learned_by_the_end(view, None, 40) is None  # no plan: no end to be at

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -27,6 +28,7 @@ from ..store.findings import Finding
 from . import forecast_features, stability_features
 from .base import Rule, RunView, finding
 from .forecast_model import load_default
+from .output_features import log_classes
 from .trends import Feature
 from .view import Request
 
@@ -113,6 +115,33 @@ def already_failed(view: RunView) -> bool:
     return bool(len(loss)) and not np.isfinite(loss).all()
 
 
+def learned_by_the_end(view: RunView, budget: Any, seen: int) -> str | None:
+    """On a run that reached its planned end, the outcome overrides the forecast where the
+    loss shows the model learned: why (its last losses below a uniform guess over its
+    outputs, ln V), or None. A forecast says "fails by the planned end"; once there, how the
+    run ended is known, and the rules on the outcome (``loss-divergence``, ``nonfinite``,
+    ``no-update``) judge it. A run that ends above ln V (a bad init whose loss fell from 1e3
+    to 20 still predicts worse than chance) keeps the forecast's error."""
+    if not isinstance(budget, int) or seen < budget:
+        return None
+    classes = log_classes(view)
+    if not isinstance(classes, tuple):
+        return None  # no ln V: nothing to read the loss against
+    rows = view.metrics("loss").sort_values("step", kind="stable")
+    loss = rows.value.to_numpy(float)
+    tail = loss[-max(5, len(loss) // 20) :]
+    if not len(tail) or not np.isfinite(tail).all():
+        return None
+    level = float(np.median(tail))
+    ln_v, where = classes
+    if level >= ln_v:
+        return None
+    return (
+        f"its loss ends at {level:.3g}, below a uniform guess ({where}): the rules on the "
+        "outcome judge it"
+    )
+
+
 def _forecast(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     if already_failed(view):
         return
@@ -142,6 +171,10 @@ def _forecast(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
         severity, threshold = "info", p["warning"]
     said = "; ".join(features[r].evidence for r in reasons if r in features)
     message = f"fails by {end} with probability {prob:.2f}" + (f": {said}" if said else "")
+    learned = learned_by_the_end(view, budget, seen)
+    if severity == "error" and learned is not None:
+        severity, threshold = "warning", p["warning"]
+        message += f"; but the run reached its planned end and {learned}"
     lookahead = any(r.startswith("stability") for r in reasons) and severity != "info"
     crossing = crossing_step(features) if lookahead else None
     if crossing is not None:
