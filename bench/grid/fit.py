@@ -79,7 +79,8 @@ def detect(run, sig: dict, until: int, model) -> int | None:
     entry = sig[run.key][str(until)]
     other = entry["error"] if not isinstance(entry["error"], str) else None
     values = {s: _num(entry["signals"].get(s)) for s in model.features}
-    flagged = until - 1 if model.probability(values) >= ERROR else None
+    known = entry.get("outcome_known", False)  # at its planned end, below ln V: a warning
+    flagged = until - 1 if model.probability(values) >= ERROR and not known else None
     found = [s for s in (other, flagged) if s is not None]
     return min(found) if found else None
 

@@ -110,11 +110,13 @@ def olmo_at(run: Run, until: int, sigma: float) -> int | None:
 
 
 def source_fingerprint() -> str:
-    """A hash of stabscope's sources: cached gate verdicts are reused only for the same code."""
-    root = Path(__file__).resolve().parents[2] / "stabscope"
+    """A hash of stabscope's sources and of this grid's scoring code: cached gate verdicts
+    are reused only for the same code."""
+    repo = Path(__file__).resolve().parents[2]
     digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        digest.update(path.read_bytes())
+    for root in (repo / "stabscope", Path(__file__).resolve().parent):
+        for path in sorted(root.rglob("*.py")):
+            digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
 

@@ -23,7 +23,7 @@ FORECAST_RULE = "failure-forecast"
 def job(args: tuple[str, str, list[int]]) -> tuple[str, dict[str, dict[str, Any]]]:
     from stabscope.rules import check_run
     from stabscope.rules.base import RuleSettings
-    from stabscope.rules.forecast import signals
+    from stabscope.rules.forecast import learned_by_the_end, signals
     from stabscope.rules.view import RunView
 
     key, path, untils = args
@@ -41,7 +41,12 @@ def job(args: tuple[str, str, list[int]]) -> tuple[str, dict[str, dict[str, Any]
         except Exception as err:  # a crash is no verdict, counted in the table
             entry["error"] = f"crash: {type(err).__name__}: {err}"[:200]
         try:
-            entry["signals"] = {k: f.value for k, f in signals(RunView.open(path, until)).items()}
+            view = RunView.open(path, until)
+            entry["signals"] = {k: f.value for k, f in signals(view).items()}
+            # The product's rule gives way to the outcome at the planned end (forecast.py).
+            budget = (view.meta.lr_plan or {}).get("budget")
+            seen = until if until is not None else view.meta.steps
+            entry["outcome_known"] = learned_by_the_end(view, budget, seen) is not None
         except Exception as err:
             entry["signals"] = {}
             entry["signal_error"] = f"{type(err).__name__}: {err}"[:200]
