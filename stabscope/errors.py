@@ -13,7 +13,7 @@ Not here: exceptions that never leave the module that raises them (``LockHeld``,
 from __future__ import annotations
 
 
-class Hinted(Exception):
+class HintedError(Exception):
     """An error with a ``hint``: what to do about it, also in ``str()``, which stays one
     line."""
 
@@ -26,7 +26,7 @@ class Hinted(Exception):
         return f"{self.message} (hint: {self.hint})" if self.hint else self.message
 
 
-class UsageError(Hinted):
+class UsageError(HintedError):
     """Bad input from the user. ``hint`` says what to do about it."""
 
 
@@ -70,7 +70,7 @@ class FindingsError(ValueError):
     """findings.json exists but cannot be read as a list of findings."""
 
 
-class RunExistsError(Hinted, FileExistsError):
+class RunExistsError(HintedError, FileExistsError):
     """The output directory already holds a run. ``hint`` says what to do about it:
     ``force=True``, or another directory."""
 
