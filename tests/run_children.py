@@ -4,6 +4,7 @@ that reports each step on stdout."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -130,6 +131,21 @@ LIBRARY_WRITER = MLP_CHILD + textwrap.dedent(
 
 def child_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def run_python_child(code: str, *args: str, timeout: float = 600) -> dict:
+    """Run ``code`` in a fresh interpreter (``child_env``) with ``args``; it must exit 0 and
+    print one JSON object as its last line, which is returned."""
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def write_script(directory: Path, name: str, text: str) -> Path:

@@ -8,7 +8,6 @@ real write failure an unprivileged process can get. Both modes run where both ar
 
 from __future__ import annotations
 
-import json
 import resource
 import signal
 import subprocess
@@ -21,7 +20,13 @@ import pytest
 import stabscope
 from stabscope.store import count_rows
 from tests.conftest import ROOT
-from tests.run_children import SLOW_MODEL, child_env, parts_on_disk, write_script
+from tests.run_children import (
+    SLOW_MODEL,
+    child_env,
+    parts_on_disk,
+    run_python_child,
+    write_script,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -103,16 +108,8 @@ def disk(request, tmp_path):
 
 def record_until_full(mode: str, where, when: str) -> tuple[dict, dict]:
     out = where / "run"
-    proc = subprocess.run(
-        [sys.executable, "-c", CHILD.format(root=str(ROOT)), str(out), mode, when],
-        cwd=ROOT,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return stabscope.read_meta(out), json.loads(proc.stdout.strip().splitlines()[-1])
+    child = run_python_child(CHILD.format(root=str(ROOT)), str(out), mode, when, timeout=300)
+    return stabscope.read_meta(out), child
 
 
 def assert_consistent(run) -> None:

@@ -156,11 +156,12 @@ def test_a_second_export_needs_force(tmp_path: Path):
     assert res.exit_code == 2 and "'tensorboard'" in res.stderr and "'wandb'" in res.stderr
 
 
+#: argv: run, out, target. ``export`` in a process where an import may be blocked.
 EXPORT_BLOCKED = """
 import json, sys
 from typer.testing import CliRunner
 from stabscope.cli import app
-res = CliRunner().invoke(app, ["export", sys.argv[1], "--to", "tensorboard", "-o", sys.argv[2]])
+res = CliRunner().invoke(app, ["export", sys.argv[1], "--to", sys.argv[3], "-o", sys.argv[2]])
 print(json.dumps({"code": res.exit_code, "stderr": res.stderr, "torch": "torch" in sys.modules}))
 """
 
@@ -168,7 +169,9 @@ print(json.dumps({"code": res.exit_code, "stderr": res.stderr, "torch": "torch" 
 @pytest.mark.parametrize("blocked", ["torch", "tensorboard"])
 def test_without_torch_it_exports_and_without_tensorboard_it_says_how(tmp_path: Path, blocked):
     run = write_run(tmp_path / "r", layers=2, steps=range(2), findings=FINDINGS)
-    out = json.loads(run_blocked(blocked, EXPORT_BLOCKED, str(run), str(tmp_path / "tb")))
+    out = json.loads(
+        run_blocked(blocked, EXPORT_BLOCKED, str(run), str(tmp_path / "tb"), "tensorboard")
+    )
     assert out["torch"] is False
     if blocked == "torch":
         assert out["code"] == 0, out["stderr"]

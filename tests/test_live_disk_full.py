@@ -8,9 +8,7 @@ model), the event file grows past it. Both modes run where both are possible."""
 
 from __future__ import annotations
 
-import json
 import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -18,7 +16,7 @@ import pytest
 import stabscope
 from stabscope.store import count_rows
 from tests.conftest import ROOT
-from tests.run_children import child_env, parts_on_disk
+from tests.run_children import parts_on_disk, run_python_child
 from tests.test_disk_full import mount_tmpfs
 
 pytest.importorskip("tensorboard")
@@ -82,16 +80,7 @@ def test_a_tensorboard_disk_full_mid_run_warns_once_and_loses_no_row(tb_disk, tm
     mode, tb = tb_disk
     run = tmp_path / "run"
     code = CHILD.format(root=str(ROOT), limit=LIMIT, part_rows=PART_ROWS, steps=STEPS)
-    proc = subprocess.run(
-        [sys.executable, "-c", code, str(run), str(tb), mode],
-        cwd=ROOT,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    child = json.loads(proc.stdout.strip().splitlines()[-1])
+    child = run_python_child(code, str(run), str(tb), mode)
     assert child["steps"] == STEPS
     (warning,) = child["warnings"]  # exactly one
     assert warning.startswith(f"live logging to tensorboard:{tb} stopped: ")

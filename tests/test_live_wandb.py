@@ -106,24 +106,16 @@ def test_export_to_wandb_writes_the_curated_series_and_findings(wandb_dir: Path)
     assert len(alerts(path)) == len(FINDINGS)
 
 
-EXPORT_BLOCKED = """
-import json, sys
-from typer.testing import CliRunner
-from stabscope.cli import app
-res = CliRunner().invoke(app, ["export", sys.argv[1], "--to", "wandb", "-o", sys.argv[2]])
-print(json.dumps({"code": res.exit_code, "stderr": res.stderr, "torch": "torch" in sys.modules}))
-"""
-
-
 @pytest.mark.parametrize("blocked", ["torch", "wandb"])
 def test_export_to_wandb_needs_no_torch_and_says_how_without_wandb(wandb_dir: Path, blocked):
     import json
 
     from tests.report_runs import FINDINGS, write_run
+    from tests.test_export import EXPORT_BLOCKED
     from tests.test_import_guards import run_blocked
 
     run = write_run(wandb_dir / "r", layers=2, steps=range(2), findings=FINDINGS)
-    out = json.loads(run_blocked(blocked, EXPORT_BLOCKED, str(run), str(wandb_dir / "o")))
+    out = json.loads(run_blocked(blocked, EXPORT_BLOCKED, str(run), str(wandb_dir / "o"), "wandb"))
     assert out["torch"] is False
     if blocked == "torch":
         assert out["code"] == 0, out["stderr"]

@@ -160,16 +160,20 @@ def test_on_finding_gets_each_error_finding_once(tmp_path):
     assert any("nonfinite" in str(w.message) for w in caught)
 
 
-def test_a_plain_loop_stops_on_should_stop(tmp_path):
-    cfg = Namespace(**diverging_late.CONFIG)
-    net, step = late_training(cfg)
-    with Recorder(
-        net, tmp_path / "run", schedule=Schedule(10, 10), on_error="stop", config=NOFLIGHT
-    ) as rec:
-        for _ in range(160):
+def late_loop_with_stop(run, steps: int, obey: bool) -> Recorder:
+    """The late-diverging training for ``steps`` steps under ``on_error="stop"``, every 10th
+    step recorded; ``obey``: the loop ends once ``rec.should_stop``."""
+    net, step = late_training(Namespace(**diverging_late.CONFIG))
+    with Recorder(net, run, schedule=Schedule(10, 10), on_error="stop", config=NOFLIGHT) as rec:
+        for _ in range(steps):
             rec.step(step())
-            if rec.should_stop:
+            if obey and rec.should_stop:
                 break
+    return rec
+
+
+def test_a_plain_loop_stops_on_should_stop(tmp_path):
+    rec = late_loop_with_stop(tmp_path / "run", 160, obey=True)
     m = meta(tmp_path / "run")
     assert m["status"] == "stopped" and m["steps"] == 105  # at the non-finite loss
     assert rec.stopped_by == m["stopped_by"] and m["stopped_by"]["seen_at"] == 104
@@ -177,13 +181,7 @@ def test_a_plain_loop_stops_on_should_stop(tmp_path):
 
 def test_a_loop_that_ignores_the_stop_completes(tmp_path):
     """``stopped`` means the run ended where the finding asked; one that went on is complete."""
-    cfg = Namespace(**diverging_late.CONFIG)
-    net, step = late_training(cfg)
-    with Recorder(
-        net, tmp_path / "run", schedule=Schedule(10, 10), on_error="stop", config=NOFLIGHT
-    ) as rec:
-        for _ in range(120):
-            rec.step(step())
+    rec = late_loop_with_stop(tmp_path / "run", 120, obey=False)
     m = meta(tmp_path / "run")
     assert m["status"] == "complete" and "stopped_by" not in m
     assert rec.stopped_by == m["online"]["findings"][0] and rec.stopped_by["seen_at"] == 104
