@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import torch
-from sample_gpt import add_shape_args, gpt, sample_gpt
+from sample_gpt import add_shape_args, sample_gpt, stepper
 
 from stabscope import Recorder, RecorderConfig, Schedule
 from stabscope.probes.flight import FlightRecorder
@@ -40,22 +40,15 @@ def main() -> None:
                 spent[0] += time.perf_counter() - t0
 
         setattr(FlightRecorder, name, timed)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     config = RecorderConfig(schedule=Schedule(dense=1, every=0))
     shares, steps = [], []
     with Recorder(model, Path(tempfile.mkdtemp()) / "r", config) as rec:
+        step = stepper(model, rec, batches, device)
         for i in range(args.steps + 2):
             spent[0] = 0.0
-            t0 = time.perf_counter()
-            loss = gpt.loss(model, batches[i % len(batches)])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            rec.step(loss=loss)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            seconds = step()
             if i >= 2:  # step 0 is recorded, step 1 builds nothing new but warms up
-                steps.append(time.perf_counter() - t0)
+                steps.append(seconds)
                 shares.append(spent[0])
     inside, step = statistics.median(shares), statistics.median(steps)
     print(

@@ -17,11 +17,10 @@ import argparse
 import copy
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from sample_gpt import add_shape_args, gpt, sample_gpt
+from sample_gpt import add_shape_args, gpt, sample_gpt, stepper
 
 from stabscope import Recorder, RecorderConfig
 
@@ -70,28 +69,6 @@ def main() -> None:
             f"| {mode} | {med * 1e3:.1f} ms | {med / med0:.3f}x | {mean * 1e3:.1f} ms | "
             f"{mean / mean0:.3f}x | {checks} |"
         )
-
-
-def stepper(model, rec, batches, device):  # type: ignore[no-untyped-def]
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    state = {"i": 0}
-
-    def step() -> float:
-        batch = batches[state["i"] % len(batches)]
-        state["i"] += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        loss = gpt.loss(model, batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        rec.step(loss=loss)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - t0
-
-    return step
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -42,4 +43,28 @@ def sample_gpt(
     return model, [next(data).to(device) for _ in range(batches)]
 
 
-__all__ = ["add_shape_args", "gpt", "sample_gpt"]
+def stepper(model, rec, batches, device):  # type: ignore[no-untyped-def]
+    """A training step of ``model`` (Adam, lr 1e-4) through ``batches`` in turn, marked on
+    ``rec``: ``step()`` returns its wall time, the device synchronised on both sides."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    state = {"i": 0}
+
+    def step() -> float:
+        batch = batches[state["i"] % len(batches)]
+        state["i"] += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        loss = gpt.loss(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        rec.step(loss=loss)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+
+    return step
+
+
+__all__ = ["add_shape_args", "gpt", "sample_gpt", "stepper"]
