@@ -28,6 +28,7 @@ from ..store.findings import Finding
 from . import forecast_features, stability_features
 from .base import Rule, RunView, finding
 from .forecast_model import load_default
+from .loss_divergence import loss_series, window
 from .output_features import log_classes
 from .trends import Feature
 from .view import Request
@@ -127,9 +128,8 @@ def learned_by_the_end(view: RunView, budget: Any, seen: int) -> str | None:
     classes = log_classes(view)
     if not isinstance(classes, tuple):
         return None  # no ln V: nothing to read the loss against
-    rows = view.metrics("loss").sort_values("step", kind="stable")
-    loss = rows.value.to_numpy(float)
-    tail = loss[-max(5, len(loss) // 20) :]
+    loss = loss_series(view).to_numpy(float)
+    tail = loss[-window(len(loss)) :]  # the end level as loss-divergence reads it
     if not len(tail) or not np.isfinite(tail).all():
         return None
     level = float(np.median(tail))

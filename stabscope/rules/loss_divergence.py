@@ -51,11 +51,27 @@ from ..store.findings import Finding
 from .base import Rule, RunView, finding
 from .view import Request
 
+#: The fewest losses a level is the median of (``min_window``'s default).
+MIN_WINDOW = 5
+
+
+def window(n: int, min_window: int = MIN_WINDOW) -> int:
+    """How many consecutive losses a level is the median of, for ``n`` losses."""
+    return max(int(min_window), n // 20)
+
+
+def loss_series(view: RunView) -> pd.Series:
+    """The loss of every step (module ``__run__``; micro-batches averaged), indexed by step
+    in step order; non-finite values kept."""
+    loss = view.metrics("loss")
+    loss = loss[loss.module == RUN_MODULE]
+    return loss.groupby("step").value.mean().sort_index().astype(float)
+
 
 def loss_levels(series: pd.Series, min_window: int) -> tuple[float, float, int, float, int]:
     """``(start, best, best_step, end, w)`` of a finite loss series indexed by step (in step
     order): medians over ``w`` consecutive losses (module docstring)."""
-    w = max(int(min_window), len(series) // 20)
+    w = window(len(series), min_window)
     level = series.rolling(w).median().dropna()  # the median of the w losses ending there
     values = series.to_numpy(float)
     at = int(np.argmin(level.to_numpy(float)))
@@ -71,9 +87,8 @@ def loss_levels(series: pd.Series, min_window: int) -> tuple[float, float, int, 
 
 
 def _loss_divergence(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
-    loss = view.metrics("loss")
-    loss = loss[(loss.module == RUN_MODULE) & np.isfinite(loss.value.to_numpy(float))]
-    series = loss.groupby("step").value.mean().sort_index().astype(float)
+    series = loss_series(view)
+    series = series[np.isfinite(series.to_numpy(float))]
     if len(series) < max(int(p["min_steps"]), 2):
         return
     start, best, best_step, end, w = loss_levels(series, int(p["min_window"]))
@@ -121,7 +136,7 @@ LOSS_DIVERGENCE = Rule(
         "min_gain": 0.1,
         "above_start": 0.5,
         "min_steps": 20,
-        "min_window": 5,
+        "min_window": MIN_WINDOW,
     },
     _loss_divergence,
     "error",
