@@ -169,3 +169,42 @@ def test_profile_on_a_full_disk_says_so_in_one_line(disk, tmp_path):
     meta = stabscope.read_meta(out)
     assert meta["status"] == "failed" and "write_error" in meta
     assert_consistent(out)
+
+
+#: argv: out. A failed run's meta with two long tracebacks; the file size limit sits halfway
+#: between what the indented document and the compact one take. Prints the two sizes.
+COMPACT_CHILD = textwrap.dedent(
+    """
+    import json, resource, signal, sys
+    sys.path.insert(0, {root!r})
+    from stabscope.store.meta import new_meta, save_meta
+
+    out = sys.argv[1]
+    frame = '  File "/somewhere/deep/in/a/library/module.py", line 123, in f\\n    g()\\n'
+    error = {{"type": "RunWriteError", "message": "File too large",
+              "traceback": [frame] * 40 + ["RunWriteError: File too large\\n"]}}
+    meta = new_meta(["train.py"], status="failed", error=error, write_error=error,
+                    notes=[f"note {{i}}" for i in range(100)])
+    full = len(json.dumps(meta, indent=1)) + 1
+    compact = len(json.dumps(meta, separators=(",", ":"))) - 2 * 40 * (len(frame) + 3)
+    limit = (full + compact) // 2
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    save_meta(out, meta)
+    print(json.dumps({{"meta": meta, "limit": limit, "full": full}}))
+    """
+)
+
+
+def test_a_meta_that_does_not_fit_is_written_compact(tmp_path):
+    """On a disk without room for the indented meta.json, the run still says how it ended:
+    every field is kept, only the tracebacks are cut to the line that names the error."""
+    out = tmp_path / "run"
+    child = run_python_child(COMPACT_CHILD.format(root=str(ROOT)), str(out))
+    written = (out / "meta.json").stat().st_size
+    assert written <= child["limit"] < child["full"]
+    meta, want = stabscope.read_meta(out), child["meta"]
+    for key in ("error", "write_error"):
+        assert meta[key]["traceback"] == want[key]["traceback"][-1:]
+        want[key]["traceback"] = want[key]["traceback"][-1:]
+    assert meta == want

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -13,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ..errors import MetaError, NotARunError
+from ..errors import MetaError, NotARunError, RunWriteError
 from ..version import __version__
 from .atomic import write_text_atomically
 from .interrupts import deferred
@@ -54,12 +55,40 @@ def new_meta(command: list[str] | None = None, **fields: Any) -> dict[str, Any]:
     return meta
 
 
+#: A file that could not grow: a full disk, a full quota, a per-file size limit (ulimit -f).
+_NO_ROOM = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
+
+
 def save_meta(run_dir: Path, meta: dict[str, Any]) -> None:
-    """Atomically replace ``run_dir/meta.json``."""
+    """Atomically replace ``run_dir/meta.json``. Where the disk has no room for it, it is
+    written once more without indentation and with each traceback cut to its last frame
+    (about a third smaller): a run that ends on a full disk should still say how it ended."""
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_finite(meta), indent=1, default=_json_default, allow_nan=False)
+    document = _finite(meta)
+    text = json.dumps(document, indent=1, default=_json_default, allow_nan=False)
     with deferred():  # a signal waits until meta.json is whole
-        write_text_atomically(Path(run_dir) / META_FILE, text + "\n")
+        try:
+            write_text_atomically(Path(run_dir) / META_FILE, text + "\n")
+        except RunWriteError as err:
+            if err.errno not in _NO_ROOM:
+                raise
+            compact = json.dumps(
+                _last_frames(document),
+                separators=(",", ":"),
+                default=_json_default,
+                allow_nan=False,
+            )
+            write_text_atomically(Path(run_dir) / META_FILE, compact + "\n")
+
+
+def _last_frames(meta: dict[str, Any]) -> dict[str, Any]:
+    """``meta`` with every recorded traceback (``error``, ``write_error``, ...) cut to its
+    last entry, the line that names the exception."""
+    out = dict(meta)
+    for key, value in meta.items():
+        if isinstance(value, dict) and isinstance(value.get("traceback"), list):
+            out[key] = {**value, "traceback": value["traceback"][-1:]}
+    return out
 
 
 def update_meta(meta: dict[str, Any], notes: Iterable[str] = (), **fields: Any) -> dict[str, Any]:
