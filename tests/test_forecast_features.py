@@ -22,11 +22,15 @@ STEPS = 8
 NAN_AT = 5  # the step whose forward first sees a NaN weight
 
 
-def record(run_dir: Path, steps=STEPS, head_scale=1.0, nan_at=None, tied=False, norm="pre") -> Path:
+def record(
+    run_dir: Path, steps=STEPS, head_scale=1.0, nan_at=None, tied=False, norm="pre", qk_scale=1.0
+) -> Path:
     """The sample GPT (2 Pre-LN blocks, width 16) on its successor task, Adam at 3e-2, every
     step recorded. ``head_scale`` multiplies the output head's weight after init (its bias
     is 0: the logits scale exactly); ``nan_at`` puts a NaN in a weight before that step;
-    ``tied`` shares the head's weight with the token embedding; ``norm`` places the norms."""
+    ``tied`` shares the head's weight with the token embedding; ``norm`` places the norms;
+    ``qk_scale`` multiplies every query and key projection (weight and bias): the attention
+    logits by its square at step 0."""
     import gpt as sample
 
     import stabscope.drivers.script
@@ -38,6 +42,10 @@ def record(run_dir: Path, steps=STEPS, head_scale=1.0, nan_at=None, tied=False, 
     model = sample.model(cfg)
     with torch.no_grad():
         model.head.weight *= head_scale
+        for block in model.blocks:
+            for proj in (block.attn.q, block.attn.k):
+                proj.weight *= qk_scale
+                proj.bias *= qk_scale
     if tied:
         model.head.weight = model.tok.weight
     data = sample.batches(cfg)
@@ -66,6 +74,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         "nan": record(root / "nan", nan_at=NAN_AT),
         "short": record(root / "short", steps=5),
         "post": record(root / "post", norm="post"),
+        "small_qk": record(root / "small_qk", qk_scale=0.03),
     }
 
 
@@ -86,10 +95,11 @@ def rows(run: Path, metric: str, until: int | None) -> pd.DataFrame:
     return df.assign(module=df.module.astype(str))
 
 
-def log_ratio(per_step: pd.DataFrame) -> pd.Series:
-    """Per module: log10(value at its last step / at its first), from (module, step) rows."""
+def log_ratio(per_step: pd.DataFrame, floor: float = 0.0) -> pd.Series:
+    """Per module: log10(value at its last step / max(value at its first, floor)), from
+    (module, step) rows."""
     wide = per_step.pivot(index="step", columns="module", values="value").sort_index()
-    return np.log10(wide.ffill().iloc[-1] / wide.bfill().iloc[0])
+    return np.log10(wide.ffill().iloc[-1] / wide.bfill().iloc[0].clip(lower=floor))
 
 
 def reference(run: Path, until: int | None) -> dict[str, float]:
@@ -102,7 +112,7 @@ def reference(run: Path, until: int | None) -> dict[str, float]:
     ln_v = math.log(32)  # the sample's vocabulary
     ref["init_loss_ratio"] = math.log10(loss[0] / ln_v)
     att = rows(run, "attn_logit_max", until).groupby(["module", "step"]).value.max()
-    ref["attn_logit_growth"] = log_ratio(att.reset_index()).max()
+    ref["attn_logit_growth"] = log_ratio(att.reset_index(), floor=1.0).max()
     ent = rows(run, "attn_entropy", until)
     ent = ent.assign(module=ent.module + "/" + ent["index"].astype(str))
     ref["entropy_drop"] = (-log_ratio(ent)).max()
@@ -159,6 +169,19 @@ def test_a_head_scaled_x1000_has_logits_three_decades_larger(runs):
     assert abs(plain["init_loss_ratio"].value) < 0.2
     assert scaled["init_loss_ratio"].value > 2
     assert "V = 32, head" in scaled["init_loss_ratio"].evidence
+
+
+def test_attention_logits_below_one_nat_grow_from_one(runs):
+    """Logits that start near 0 (queries and keys x0.03: logits x1e-3) and rise to a few nats
+    grow from 1, not from their start: a softmax barely feels logits below 1."""
+    att = rows(runs["small_qk"], "attn_logit_max", None).groupby(["module", "step"]).value.max()
+    wide = att.unstack("module").sort_index()
+    first, last = wide.iloc[0], wide.iloc[-1]
+    assert (first < 0.05).all()  # the floor is what the growth is measured from
+    found = features(runs["small_qk"])["attn_logit_growth"]
+    assert found.value == pytest.approx(np.log10(last / 1.0).max(), rel=1e-6)
+    assert np.log10(last / first).max() > found.value + 1  # unfloored: over a decade more
+    assert "from 1 if below" in found.evidence
 
 
 def test_until_sees_what_a_run_of_those_steps_sees(runs):

@@ -15,7 +15,8 @@ window's end is its last 20% of steps (at least one); V is the output head's cla
 
 - ``init_logit_scale``: log10(logit_max - logit_min) of the output at the first step.
 - ``init_loss_ratio``: log10(loss at the first step / ln V): 0 for a uniform prediction.
-- ``attn_logit_growth``: max over attention modules of log10(max logit last / first).
+- ``attn_logit_growth``: max over attention modules of log10(max logit last / max(first, 1))
+  (the floor of 1 nat: ``UNIT_LOGIT``).
 - ``entropy_drop``: max over attention heads of log10(entropy first / last); +inf for a head
   whose entropy fell to exactly 0 (every query on one key).
 - ``grad_norm_trend``: log10(global gradient norm last / first): ``grad_norm`` (before clipping)
@@ -55,10 +56,18 @@ READS: tuple[Request, ...] = (
 )
 
 
+#: Attention logit growth is measured from the first max logit or from this, whichever is
+#: larger (nats): below it the softmax is near uniform whatever the logits do. GPT-2's and
+#: LLaMA's initializer_range 0.02 start the max logit near 0.1, and learning lifts it past 1
+#: in a few steps; Wortsman et al. 2023 see divergence from logits in the tens and more.
+UNIT_LOGIT = 1.0
+
+
 def attn_logit_growth(view: RunView) -> Feature:
     """Wortsman et al. 2023: attention logits that grow early diverge later."""
     logits = view.metrics("attn_logit_max")
-    return trend("attn_logit_growth", logits, "attention max logit")
+    what = f"attention max logit (from {UNIT_LOGIT:g} if below)"
+    return trend("attn_logit_growth", logits, what, floor=UNIT_LOGIT)
 
 
 def entropy_drop(view: RunView) -> Feature:
