@@ -13,6 +13,7 @@ import stabscope
 from stabscope.drivers.zerocode import profile_training_script
 from stabscope.record.config import RecorderConfig
 from stabscope.record.recorder import RunExistsError
+from stabscope.rules import check_run
 from tests.conftest import ROOT
 from tests.scripts.harness import SCRIPTS, read_log
 from tests.test_cli import assert_one_line_error, invoke
@@ -45,6 +46,12 @@ def test_script_that_never_steps_an_optimizer(tmp_path):
     meta = stabscope.read_meta(out)
     assert meta["status"] == "failed" and "optimizer.step()" in meta["error"]["message"]
     assert stabscope.load_run(out).empty
+    # The hint the CLI printed is kept apart: the gate gives it as its remedy.
+    hint = next(x for x in res.stderr.splitlines() if x.startswith("hint: "))[6:]
+    assert meta["error"]["hint"] == hint and hint not in meta["error"]["message"]
+    (status,) = [f for f in check_run(out).findings if f.rule == "run-status"]
+    assert status.message.endswith(f"UsageError: {meta['error']['message']}")
+    assert status.remedy == f"{hint}; then profile again"
 
 
 def test_script_without_any_optimizer_or_model(tmp_path):

@@ -12,6 +12,7 @@ from typing import Any
 
 from torch import nn
 
+from ..errors import HintedError
 from ..probes.kernels import host_kernels
 from ..store import new_meta, save_meta
 from ..store.layout import META_FILE
@@ -22,12 +23,16 @@ from .module_table import module_table, parameter_table
 
 
 def error_entry(error: BaseException) -> dict[str, Any]:
-    """The ``error`` entry of meta.json for a run that ended with ``error``."""
-    return {
+    """The ``error`` entry of meta.json for a run that ended with ``error``; an error that
+    carries a hint (``HintedError``) keeps it apart, as ``hint``, for the rule that quotes
+    the error to give as its remedy."""
+    hint = getattr(error, "hint", "") if isinstance(error, HintedError) else ""
+    entry = {
         "type": type(error).__name__,
-        "message": str(error),
+        "message": error.message if hint else str(error),
         "traceback": traceback.format_exception(type(error), error, error.__traceback__)[-6:],
     }
+    return {**entry, "hint": hint} if hint else entry
 
 
 def initial_meta(

@@ -28,12 +28,15 @@ def _run_status(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     if state.status == "failed":
         error = view.meta.error or {}
         what = f"{error.get('type', 'error')}: {error.get('message', '')}".strip(": ")
+        hint = error.get("hint")
         yield finding(
             RUN_STATUS,
             "error",
-            f"the run ended as failed after {steps} recorded steps ({what or 'no error saved'})",
+            f"the run ended as failed after {steps} recorded steps: {what or 'no error saved'}",
             value=float(steps),
-            remedy="fix the error in meta.json's `error` entry, then profile again",
+            remedy=f"{hint}; then profile again"
+            if hint
+            else "fix the error in meta.json's `error` entry, then profile again",
         )
     elif state.status == "stopped":
         rule = (view.meta.stopped_by or {}).get("rule", "a rule")

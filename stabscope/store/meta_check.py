@@ -127,7 +127,7 @@ STRUCTURE = Record(
     nullable=True,
 )
 NONFINITE = Record({"module": STR, "call": INT, "step": INT}, required=("module", "call", "step"))
-ERROR = Record({"type": STR, "message": STR, "traceback": ListOf(STR)}, nullable=True)
+ERROR = Record({"type": STR, "message": STR, "traceback": ListOf(STR), "hint": STR}, nullable=True)
 LR_PLAN = Record(  # store/lr_plan.py
     {
         "budget": MAYBE_INT,
