@@ -186,7 +186,10 @@ def summarize(run_dir: str | Path, top: int = 3) -> Summary:
         at = at.sort_values(ascending=False)
         s.extremes_metric, s.extremes_step = metric, first
         s.largest = [(str(k), float(v)) for k, v in at.head(top).items()]
-        s.smallest = [(str(k), float(v)) for k, v in at.tail(top)[::-1].items()]
+        # From the modules not listed as largest: a model of fewer than 2 x top modules
+        # lists each once.
+        rest = at.iloc[len(s.largest) :]
+        s.smallest = [(str(k), float(v)) for k, v in rest.tail(top)[::-1].items()]
         s.trend = depth_trend(frame, layer_modules(meta), metric)
         break
     s.param_trend = layer_param_grad_trend(run_dir, meta)
