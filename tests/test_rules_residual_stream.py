@@ -41,7 +41,16 @@ class Net(nn.Module):
         return self.head(x)
 
 
-def train(run_dir, lr: float, steps: int = 60, init_scale: float = 1.0) -> None:
+def train(
+    run_dir,
+    lr: float,
+    steps: int = 60,
+    init_scale: float = 1.0,
+    late: tuple[int, float] | None = None,
+    **config: object,
+) -> None:
+    """``late``: (step, lr) from which the learning rate jumps; ``config``: RecorderConfig
+    fields over this test's schedule."""
     torch.manual_seed(0)
     net = Net()
     with torch.no_grad():  # a small init of what writes the stream, as GPT-2's gives
@@ -54,9 +63,12 @@ def train(run_dir, lr: float, steps: int = 60, init_scale: float = 1.0) -> None:
     def loss(m: nn.Module) -> torch.Tensor:
         return (m(x) - y).pow(2).mean()
 
-    config = RecorderConfig(preset="cheap", schedule=Schedule(10, 10), online_rules=False)
-    with Recorder(net, run_dir, config, forward=loss) as rec:
-        for _ in range(steps):
+    settings = {"schedule": Schedule(10, 10), **config}
+    cfg = RecorderConfig(preset="cheap", online_rules=False, **settings)
+    with Recorder(net, run_dir, cfg, forward=loss) as rec:
+        for step in range(steps):
+            if late is not None and step == late[0]:
+                opt.param_groups[0]["lr"] = late[1]
             opt.zero_grad()
             value = loss(net)
             value.backward()
@@ -64,13 +76,18 @@ def train(run_dir, lr: float, steps: int = 60, init_scale: float = 1.0) -> None:
             rec.step(value)
 
 
-def block_growth(run_dir, floor: float = 1.0) -> dict[str, float]:
-    """Per block: act_rms at its last finite recorded step over its first, or over ``floor``
-    when the first is below it (independent of the rule's code: straight from the table)."""
-    df = stabscope.load_run(run_dir, metrics=["act_rms"], phase="train")
+def block_growth(
+    run_dir, floor: float = 1.0, metrics: tuple[str, ...] = ("act_rms", "flight_act_rms")
+) -> dict[str, float]:
+    """Per block: its output rms at its last step with a finite value over its first step's,
+    or over ``floor`` when that is below it; read from the scheduled ``act_rms`` and the
+    every-step ``flight_act_rms`` rows (independent of the rule's code: straight from the
+    table)."""
+    df = stabscope.load_run(run_dir, metrics=list(metrics), phase="train")
     out = {}
     for name in [f"blocks.{i}" for i in range(4)]:
-        s = df[(df.module == name) & (df.call == 0)].sort_values("step").value.to_numpy(float)
+        mine = df[(df.module == name) & (df.call == 0)]
+        s = mine.groupby("step").value.first().sort_index().to_numpy(float)
         s = s[np.isfinite(s)]
         out[name] = s[-1] / max(s[0], floor)
     return out
@@ -122,3 +139,21 @@ def test_a_stream_that_starts_below_unit_scale_is_measured_from_unit_scale(tmp_p
     assert max(floored.values()) < 100
     found = [f for f in check_run(run).findings if f.rule == "residual-stream-growth"]
     assert found == []
+
+
+@pytest.mark.slow
+def test_growth_between_recorded_steps_is_read_from_the_every_step_tier(tmp_path):
+    """Recorded steps 0-4 only: the stream's growth after them shows in the every-step
+    tier's block rms, which the rule reads; without the tier the same run reads the
+    recorded steps only."""
+    with_tier, without = tmp_path / "tier", tmp_path / "no-tier"
+    for run, flight in ((with_tier, True), (without, False)):
+        train(run, 1e-3, steps=40, late=(10, 3.0), schedule=Schedule(5, 1000), flight=flight)
+    growth = block_growth(with_tier)
+    worst = max(growth, key=growth.get)
+    assert growth[worst] > 1000 > max(block_growth(with_tier, metrics=("act_rms",)).values())
+    (found,) = [f for f in check_run(with_tier).findings if f.rule == "residual-stream-growth"]
+    assert found.severity == "error" and found.module == worst and found.step == 39
+    assert found.value == pytest.approx(growth[worst], rel=1e-5)
+    assert max(block_growth(without, metrics=("act_rms",)).values()) < 2
+    assert not [f for f in check_run(without).findings if f.rule == "residual-stream-growth"]

@@ -1,9 +1,10 @@
 """Rule ``residual-stream-growth``: the residual stream's rms growing by orders of magnitude.
 
 Per place the stream is seen (a residual block's output, a norm's input; the same places as
-the failure forecast's ``residual_growth`` signal, ``forecast_features``), the ratio of its
-rms at the latest recorded step with a finite value to its rms at the first recorded step,
-or to 1 when it started below 1 (``UNIT_RMS``). The worst place is graded: a warning above
+the failure forecast's ``residual_growth`` signal, ``forecast_features``; a block's output
+at every step where the every-step tier recorded it), the ratio of its rms at the latest
+step with a finite value to its rms at the first step, or to 1 when it started below 1
+(``UNIT_RMS``). The worst place is graded: a warning above
 100 (two orders of magnitude), an error above 1000 (three).
 
 Why a floor of 1: the unit is the scale a norm hands on (LayerNorm and RMSNorm outputs have
@@ -29,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
+import pandas as pd
 
 from ..store.findings import Finding
 from .base import Rule, RunView, finding, graded
@@ -36,7 +38,9 @@ from .forecast_features import UNIT_RMS, residual_stream
 from .health import WORTSMAN
 from .trends import ends
 
-METRICS = ("act_rms", "norm_input_rms")
+#: The every-step tier's block rms (``flight_act_rms``) has the scheduled ``act_rms``'s
+#: definition: with it the stream is read at every step, not only the recorded ones.
+METRICS = ("act_rms", "norm_input_rms", "flight_act_rms")
 
 
 def _residual_stream_growth(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
@@ -44,6 +48,10 @@ def _residual_stream_growth(view: RunView, p: dict[str, float]) -> Iterator[Find
     if stream is None:
         return
     frame, what = stream
+    every_step = view.metrics("flight_act_rms")
+    every_step = every_step[every_step.module.isin(view.block_names)]
+    if not every_step.empty:
+        frame = pd.concat([frame, every_step])
     frame = frame[np.isfinite(frame.value.to_numpy(float))]
     # One value per place and step (the first call: the stream as the block hands it on).
     per_step = frame[frame.call == 0].groupby(["module", "step"]).value.first()
