@@ -121,3 +121,49 @@ def test_without_a_detected_structure_the_message_says_so(tmp_path):
     )
     assert "(norm placement not detected)" in f.message and "Post-LN stack" not in f.message
     assert f.remedy.startswith("if the norms sit after the residual add (Post-LN)")
+
+
+def own_beta_median(run_dir) -> float:
+    """The median β_ii at step 0 (each branch's last component), from the table."""
+    beta = stabscope.load_run(run_dir, metrics="res_beta", steps=0)
+    return float(beta.sort_values("index").groupby("module").value.last().median())
+
+
+def depth_ratio(run_dir, depth: int) -> float:
+    """The largest, over recorded steps, last-block over first-block parameter-gradient norm,
+    each the root of its parameters' squared norms (Xiong et al. 2020's quantity)."""
+    g = stabscope.load_run(run_dir, metrics="param_grad_norm", phase="train")
+    g = g.assign(module=g.module.astype(str))
+
+    def norm(block: str):
+        mine = g[g.module.str.startswith(block + ".")]
+        return mine.groupby("step").value.apply(
+            lambda v: float((v.astype(float) ** 2).sum()) ** 0.5
+        )
+
+    return float((norm(f"blocks.{depth - 1}") / norm("blocks.0")).max())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scale", [10.0, 1.0])
+def test_skips_that_carry_almost_nothing_and_starved_gradients_are_an_error(run_dir, scale):
+    """Post-LN, 8 blocks, the branches' output projections x``scale``: at x10 each branch
+    carries ~99% of its sum (β_ii ~0.99; at init Post-LN's is ~0.5) and within 30 steps the
+    last block's gradient is over 10x the first's. Both together are the error (Liu et al.
+    2020; Xiong et al. 2020); heavy dependency alone stays a warning."""
+    model, forward = sample_gpt("post", depth=8)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.o.weight.mul_(scale)
+            block.mlp.proj.weight.mul_(scale)
+    record(model, run_dir, forward, steps=30)
+    median, ratio = own_beta_median(run_dir), depth_ratio(run_dir, 8)
+    f = residual_finding(run_dir)
+    assert f.value == pytest.approx(median, rel=1e-6)
+    if scale > 1:
+        assert median > 0.9 and ratio > 10
+        assert f.severity == "error" and f.threshold == 0.9
+        assert f"gradient of the last layer is {ratio:.3g}x the first's" in f.message
+    else:
+        assert 0.4 < median < 0.9
+        assert f.severity == "warning" and "gradient of the last layer" not in f.message

@@ -8,10 +8,12 @@ from collections.abc import Iterator
 import numpy as np
 import pandas as pd
 
+from ..analysis.summary import layer_param_grad_trends
 from ..store.findings import Finding
 from ..theory.deepnorm import deepnorm_constants
 from . import residual_placement
 from .base import Rule, RunView, finding, finding_at, graded
+from .depth import GRAD_GROWTH
 from .health import WORTSMAN
 from .view import Request
 
@@ -225,19 +227,40 @@ def _residual_dependency(view: RunView, p: dict[str, float]) -> Iterator[Finding
             if first
             else " (Pre-LN branches not judged)"
         )
+    severity, threshold, starved = "warning", p["beta_ii"], ""
+    if own.median() >= p["error_median"]:
+        growth = _depth_growth(view)
+        if growth is not None and growth[0] >= p["gradient_growth"]:
+            severity, threshold = "error", p["error_median"]
+            starved = (
+                f"; with the skips carrying under {1 - p['error_median']:.0%} of the stream, "
+                f"the gradient of the last layer is {growth[0]:.3g}x the first's by step "
+                f"{growth[1]} (Xiong et al. 2020): the stack trains as one without residuals"
+            )
     yield finding(
         RESIDUAL,
-        "warning",
+        severity,
         f"heavy dependency on the residual branch {residual_placement.when(step)}: β_ii > "
         f"{p['beta_ii']:g} in {heavy} of {n} branches{scope}, median {own.median():.3g}; "
-        f"{meaning}",
+        f"{meaning}{starved}",
         module=str(own.idxmax()),
         step=step,
         value=float(own.median()),
-        threshold=p["beta_ii"],
+        threshold=threshold,
         metric="res_beta",
         remedy=remedy,
     )
+
+
+def _depth_growth(view: RunView) -> tuple[float, int] | None:
+    """The largest last-layer / first-layer parameter-gradient norm ratio over the steps
+    seen and its step (``gradient-growth``'s measure), or None without one."""
+    trends = layer_param_grad_trends(view.metrics("param_grad_norm"), view.meta)
+    finite = [t for t in trends if np.isfinite(t.first_to_last)]
+    if not finite:
+        return None
+    worst = max(finite, key=lambda t: t.first_to_last)
+    return float(worst.first_to_last), worst.step
 
 
 RESIDUAL = Rule(
@@ -245,10 +268,17 @@ RESIDUAL = Rule(
     "Residual dependency",
     ADMIN,
     ("res_beta",),
-    {"beta_ii": 0.4, "share": 0.5},
+    # error_median: the median β_ii at which the skips carry under a tenth of the stream;
+    # an error only together with gradient-growth's warning-level depth ratio.
+    {
+        "beta_ii": 0.4,
+        "share": 0.5,
+        "error_median": 0.9,
+        "gradient_growth": GRAD_GROWTH.defaults["warning"],
+    },
     _residual_dependency,
-    "warning",
-    (Request(("res_beta",), step="first"),),
+    "error",
+    (Request(("res_beta",), step="first"), Request(("param_grad_norm",))),
 )
 
 WANG = "Wang et al. 2022, DeepNet: Scaling Transformers to 1,000 Layers"
