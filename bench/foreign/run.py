@@ -157,14 +157,14 @@ def write_truth(v: Variant, out: Path, extra: dict) -> dict:
     return record
 
 
-def select(only: str | None) -> list[Variant]:
+def select(only: str | None, ap: argparse.ArgumentParser) -> list[Variant]:
     if not only:
         return VARIANTS
     names = only.split(",")
     unknown = sorted(set(names) - {v.name for v in VARIANTS})
-    if unknown:
-        raise SystemExit(f"unknown run(s) {', '.join(unknown)}; known: "
-                         + ", ".join(v.name for v in VARIANTS))  # fmt: skip
+    if unknown:  # exits 2
+        ap.error(f"unknown run(s) {', '.join(unknown)} (known: "
+                 + ", ".join(v.name for v in VARIANTS) + ")")  # fmt: skip
     return [v for v in VARIANTS if v.name in names]
 
 
@@ -174,8 +174,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--only", help="comma-separated run names (default: all)")
     args = ap.parse_args()
+    variants = select(args.only, ap)
     args.out.mkdir(parents=True, exist_ok=True)
-    variants = select(args.only)
     todo = [v for v in variants if not is_done(v, args.out)]
     print(f"{len(variants)} runs, {len(todo)} to train", file=sys.stderr, flush=True)
     begin = time.perf_counter()

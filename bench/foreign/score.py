@@ -150,7 +150,7 @@ def main() -> None:
     ks = [int(k) for k in args.ks.split(",")]
     names = [v.name for v in VARIANTS if (args.out / v.name / "truth.json").exists()]
     if not names:
-        raise SystemExit(f"no runs in {args.out}: python -m bench.foreign.run --out {args.out}")
+        ap.error(f"no runs in {args.out} (hint: python -m bench.foreign.run --out {args.out})")
     rows = [score_run(args.out, name, ks) for name in names]
     dump = [{**r.__dict__, "cells": {str(k): v for k, v in r.cells.items()}} for r in rows]
     (args.out / "score.json").write_text(json.dumps(dump, indent=1, default=_plain))
