@@ -239,7 +239,7 @@ def test_a_tied_head_has_no_known_classes(tmp_path):
 @pytest.mark.parametrize("head", ["Linear", "Conv1D"])
 def test_features_of_a_model_without_attention_or_residual_blocks(tmp_path, head):
     """A plain MLP classifier: no attention (NaN), no residual blocks (every module's
-    output), V = 5 from its last layer: a Linear, or HF's Conv1D, whose weight is (in, out)."""
+    output, from rms 1 where it starts below), V = 5 from its last layer: a Linear, or HF's Conv1D, whose weight is (in, out)."""
     from transformers.pytorch_utils import Conv1D
 
     torch.manual_seed(0)
@@ -260,7 +260,7 @@ def test_features_of_a_model_without_attention_or_residual_blocks(tmp_path, head
     assert math.isnan(found["entropy_drop"].value)
     act = rows(tmp_path / "mlp", "act_rms", None)
     assert found["residual_growth"].value == pytest.approx(
-        log_ratio(act[act.module != "<root>"]).max(), rel=1e-5
+        log_ratio(act[act.module != "<root>"], floor=1.0).max(), rel=1e-5
     )
     assert "no residual blocks" in found["residual_growth"].evidence
     losses = rows(tmp_path / "mlp", "loss", None).sort_values("step").value
