@@ -239,7 +239,8 @@ def test_a_tied_head_has_no_known_classes(tmp_path):
 @pytest.mark.parametrize("head", ["Linear", "Conv1D"])
 def test_features_of_a_model_without_attention_or_residual_blocks(tmp_path, head):
     """A plain MLP classifier: no attention (NaN), no residual blocks (every module's
-    output, from rms 1 where it starts below), V = 5 from its last layer: a Linear, or HF's Conv1D, whose weight is (in, out)."""
+    output, from rms 1 where it starts below), V = 5 from its last layer: a Linear, or HF's
+    Conv1D, whose weight is (in, out)."""
     from transformers.pytorch_utils import Conv1D
 
     torch.manual_seed(0)

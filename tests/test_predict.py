@@ -4,6 +4,7 @@ prediction-mismatch, and the report's overlay."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from typer.testing import CliRunner
@@ -105,6 +106,24 @@ def test_prediction_mismatch_fires_on_another_init_and_not_on_its_own(tmp_path):
     assert len(found) == 1 and found[0].severity == "warning"
     assert found[0].metric == "act_rms2" and found[0].value < found[0].threshold
     assert "Kedia" in found[0].citation and found[0].remedy
+
+
+def test_a_prediction_that_overflowed_reads_back_as_nan_and_judges_nothing(tmp_path):
+    """A prediction of a badly initialised model can overflow: its NaNs are written as JSON
+    null, read back as NaN, and the rule compares nothing rather than raising."""
+    run = _profile(tmp_path, "gpt", ["depth=3"])
+    path = run / "prediction.json"
+    stored = json.loads(path.read_text())
+    for layer in stored["layers"]:
+        layer["act_rms"] = layer["grad_rms_rel"] = None
+    path.write_text(json.dumps(stored))
+    from stabscope.theory.prediction import load_prediction
+
+    layers = load_prediction(path).layers
+    assert all(math.isnan(x.act_rms) and math.isnan(x.grad_rms_rel) for x in layers)
+    result = check_run(run)
+    assert "prediction-mismatch" not in result.failed
+    assert "prediction-mismatch" not in {f.rule for f in result.findings}
 
 
 def test_report_overlays_the_prediction(tmp_path):

@@ -90,7 +90,8 @@ class Prediction:
     def from_dict(cls, data: dict[str, Any]) -> Prediction:
         if data.get("format") != FORMAT:
             raise ValueError(f"not a {FORMAT} file")
-        layers = [LayerPrediction(**layer) for layer in data["layers"]]
+        # A NaN was written as null (``_finite``): read it back as NaN, the number it was.
+        layers = [LayerPrediction(**_nan_for_null(layer)) for layer in data["layers"]]
         return cls(data["description"], data["input"], layers, data.get("verdict", {}))
 
     def to_json(self) -> str:
@@ -180,6 +181,11 @@ def stored_prediction(run_dir: str | Path) -> Prediction | None:
         return load_prediction(Path(run_dir) / PREDICTION_FILE)
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def _nan_for_null(layer: dict[str, Any]) -> dict[str, Any]:
+    """A stored layer with its nulls (NaN on write) as NaN; ``module`` may be null."""
+    return {k: math.nan if v is None and k != "module" else v for k, v in layer.items()}
 
 
 def _finite(value: Any) -> Any:
