@@ -79,13 +79,16 @@ class FlightRing:
         else:
             new = _device_moments(t)[:4].double().numpy()
         cell = host[self.index, w, d]  # (5,) float32 view
-        if cell[4] == 0:
-            cell[:4] = new
-        else:
-            cell[0] += new[0]
-            cell[1] += new[1]
-            cell[2] = np.minimum(cell[2], new[2])
-            cell[3] = np.maximum(cell[3], new[3])
+        # A sum of squares past float32's range is stored as inf, as the device path's
+        # float32 reduction gives: data, not a warning for the user.
+        with np.errstate(over="ignore"):
+            if cell[4] == 0:
+                cell[:4] = new
+            else:
+                cell[0] += new[0]
+                cell[1] += new[1]
+                cell[2] = np.minimum(cell[2], new[2])
+                cell[3] = np.maximum(cell[3], new[3])
         cell[4] += t.numel()
         return not _finite(cell)
 
