@@ -153,7 +153,8 @@ def test_check_of_a_script_looks_ahead_to_its_budget(tmp_path, monkeypatch) -> N
 def test_a_finished_run_that_learned_is_judged_by_its_outcome(tmp_path) -> None:
     """At its planned end a run's outcome is known: the forecast gives way (``learned_by_the
     _end``) when the last losses sit below a uniform guess over the head's V outputs (ln V,
-    computed here from the sample GPT's vocab); before the end, or without a plan, it does not."""
+    computed here from the sample GPT's vocab) and under half the starting loss; before the
+    end, or without a plan, it does not; nor for a run that only got below ln V."""
     from stabscope.rules.forecast import learned_by_the_end
     from tests.conftest import SAMPLES
 
@@ -165,8 +166,14 @@ def test_a_finished_run_that_learned_is_judged_by_its_outcome(tmp_path) -> None:
     loss = load_run(tmp_path, metrics=["loss"]).sort_values("step").value.to_numpy(float)
     ln_v = math.log(json.loads((tmp_path / "meta.json").read_text())["run"]["script_config"]
                     ["vocab"])  # fmt: skip
-    assert np.median(loss[-5:]) < ln_v < loss[0] + 1  # it learned: below a uniform guess
+    # It learned: below a uniform guess, and under half its start.
+    assert np.median(loss[-5:]) < min(ln_v, 0.5 * min(loss[0], np.median(loss[:5])))
     said = learned_by_the_end(view, 40, 40)
-    assert said is not None and f"ln V = {ln_v:.3g}" in said
+    assert said is not None and f"ln V = {ln_v:.3g}" in said and "under half its start" in said
     assert learned_by_the_end(view, 100, 40) is None  # not at its planned end yet
     assert learned_by_the_end(view, None, 40) is None  # no plan: no end to be at
+    # The run's first k steps, k the first cut whose last losses sit below ln V: not yet
+    # under half its start, so it has not learned by a run of k steps' end.
+    k = next(k for k in range(6, 41) if np.median(loss[k - 5 : k]) < ln_v)
+    assert np.median(loss[k - 5 : k]) > 0.5 * min(loss[0], np.median(loss[:5]))
+    assert learned_by_the_end(RunView.open(tmp_path, k), k, k) is None
