@@ -84,3 +84,19 @@ def test_a_run_that_ends_worse_than_it_started_is_an_error(tmp_path):
     assert f.severity == "error" and f.threshold == 0.5
     assert f.value == pytest.approx((end - start) / start, rel=1e-5)
     assert "worse than it started" in f.message
+
+
+def test_ten_losses_are_enough_for_a_run_that_blew_up(tmp_path):
+    """lr 100 from the first step, seen through its first 12 steps (an early check, or a
+    compiled run whose probes are blind): the medians of its first and last 5 losses share
+    no loss, and the end sits far above the start (an error); through 9 steps, too few."""
+    run = tmp_path / "at-once"
+    train(run, {0: 100.0})
+    loss = stabscope.load_run(run, metrics=["loss"]).sort_values("step").value.to_numpy(float)
+    start = min(loss[0], np.median(loss[:5]))
+    end = np.median(loss[7:12])  # the last 5 of the first 12
+    assert end > 1.5 * start
+    early = [f for f in check_run(run, until=12).findings if f.rule == "loss-divergence"]
+    assert [(f.severity, f.step) for f in early] == [("error", 11)]
+    assert early[0].value == pytest.approx((end - start) / start, rel=1e-5)
+    assert not [f for f in check_run(run, until=9).findings if f.rule == "loss-divergence"]

@@ -35,8 +35,10 @@ What it cannot see: a run that never learned and did not get worse (its ``start`
 loss alone does not give (the data's unigram loss). A loss that is not meant to fall (a GAN's
 generator loss alone rises as the discriminator learns) is not a training loss to judge:
 give the recorder the sum of the losses, or disable the rule. It needs ``min_steps`` finite
-losses; it acts online, on the losses written so far, so a collapse is reported while the
-run trains.
+losses, twice ``min_window``: the fewest for a start and an end level that share no loss (a
+compiled run whose probes are blind still has its loss at every step, and one that rose
+x230 in 12 steps is an error at once); it acts online, on the losses written so far, so a
+collapse is reported while the run trains.
 """
 
 from __future__ import annotations
@@ -135,7 +137,7 @@ LOSS_DIVERGENCE = Rule(
         "min_rise": 0.2,
         "min_gain": 0.1,
         "above_start": 0.5,
-        "min_steps": 20,
+        "min_steps": 2 * MIN_WINDOW,
         "min_window": MIN_WINDOW,
     },
     _loss_divergence,
