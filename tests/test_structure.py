@@ -48,6 +48,60 @@ def test_sample_gpt(norm):
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
+class _Block(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.norm, self.fc = nn.LayerNorm(d), nn.Linear(d, d)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (batch, d) -> (batch, d)
+        return h + self.fc(self.norm(h))
+
+
+class _ResidualMLP(nn.Module):
+    """Pre-LN residual MLP blocks on a stream a Linear writes: under bf16 autocast the
+    stream and every branch output are bfloat16, so each residual sum is rounded to bf16."""
+
+    def __init__(self, d: int = 32, depth: int = 3) -> None:
+        super().__init__()
+        self.inp = nn.Linear(16, d)
+        self.blocks = nn.ModuleList(_Block(d) for _ in range(depth))
+        self.out = nn.Linear(d, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (batch, 16) -> (batch, 4)
+        h = self.inp(x)
+        for block in self.blocks:
+            h = block(h)
+        return self.out(h)
+
+
+def test_residual_sums_rounded_to_bf16_under_autocast_are_still_found():
+    """The adds are verified within the precision the sum is stored in (bf16's eps 7.8e-3,
+    against 1e-4 in float32): under autocast the structure is the one found in float32."""
+    from stabscope.structure.detect import _TOL, residual_alpha, tolerance
+
+    torch.manual_seed(0)
+    model, x = _ResidualMLP(), torch.randn(64, 16)
+
+    def forward(m):
+        return m(x).float().pow(2).mean()
+
+    def autocast_forward(m):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return forward(m)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = model.inp(x)
+        f = model.blocks[0].fc(model.blocks[0].norm(h))
+        t = h + f
+    assert t.dtype == torch.bfloat16 and tolerance(t) == torch.finfo(torch.bfloat16).eps
+    error = float((t.double() - h.double() - f.double()).norm() / t.double().norm())
+    assert _TOL < error < tolerance(t)  # rounding a float32 tolerance would reject
+    assert residual_alpha(t, h, f) == pytest.approx(1.0, abs=1e-2)
+    plain, mixed = discover(model, forward), discover(model, autocast_forward)
+    assert plain.recognised and mixed.recognised
+    assert summary(mixed) == summary(plain)
+
+
 @pytest.mark.parametrize("norm_first", [False, True])
 def test_torch_encoder_decoder(norm_first):
     torch.manual_seed(0)

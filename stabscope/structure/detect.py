@@ -27,10 +27,20 @@ from .trace import Call, Trace
 _TOL = 1e-4
 
 
+def tolerance(t: torch.Tensor) -> float:
+    """The relative error allowed in t = α·x + f: ``_TOL``, or the precision of t's dtype
+    where that is coarser. A sum stored in bfloat16 (under ``torch.autocast``) is rounded to
+    8 bits of mantissa: each element within eps/2 of the exact sum (bf16: eps 7.8e-3), so
+    the norm of the difference is too."""
+    eps = torch.finfo(t.dtype).eps if t.dtype.is_floating_point else 0.0
+    return max(_TOL, eps)
+
+
 def residual_alpha(t: torch.Tensor, x: torch.Tensor, f: torch.Tensor) -> float | None:
-    """α with t = α·x + f to float precision, or None."""
+    """α with t = α·x + f to the precision t is stored in, or None."""
     if not (t.shape == x.shape == f.shape) or t is f or t is x:
         return None
+    tol = tolerance(t)
     # Cheap filter on a strided sample before the exact check on everything.
     n = t.numel()
     stride = max(1, n // 256)
@@ -41,7 +51,7 @@ def residual_alpha(t: torch.Tensor, x: torch.Tensor, f: torch.Tensor) -> float |
             return None
         alpha = float(torch.dot(tt - ff, xx) / xx_sq)
         err = float((tt - ff - alpha * xx).norm() / (tt.norm() + 1e-12))
-        if not (err < _TOL and 0.05 < alpha < 50):
+        if not (err < tol and 0.05 < alpha < 50):
             return None
     return alpha
 
