@@ -89,7 +89,7 @@ def test_residual_sums_rounded_to_bf16_under_autocast_are_still_found():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return forward(m)
 
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         h = model.inp(x)
         f = model.blocks[0].fc(model.blocks[0].norm(h))
         t = h + f
