@@ -177,3 +177,18 @@ def test_a_finished_run_that_learned_is_judged_by_its_outcome(tmp_path) -> None:
     k = next(k for k in range(6, 41) if np.median(loss[k - 5 : k]) < ln_v)
     assert np.median(loss[k - 5 : k]) > 0.5 * min(loss[0], np.median(loss[:5]))
     assert learned_by_the_end(RunView.open(tmp_path, k), k, k) is None
+
+
+def test_an_index_already_past_one_has_no_crossing_step() -> None:
+    """S_now = 5.24 under a constant planned lr: no planned step takes it past 1 (it is there),
+    so no expected failure step is claimed; at 0.5 the plan's doubling is where it crosses."""
+    from stabscope.rules.stability_features import Ahead, crossing
+
+    steps = np.arange(100, 200, 10)  # (10,) planned steps after the last measurement
+    flat = np.full(10, 1e-3)  # (10,) lr held
+    held = Ahead(steps[-1], 1e-3, 1e-3, 99, "the planned lr rises no further")
+    past = crossing(5.24, held, steps, flat)
+    assert math.isnan(past.value) and past.evidence == "the index is already past 1 (5.24)"
+    doubling = np.where(steps >= 150, 2e-3, 1e-3)  # (10,) the lr doubles at step 150
+    rising = Ahead(150, 2e-3, 1e-3, 99, "")
+    assert crossing(0.5, rising, steps, doubling).value == 150

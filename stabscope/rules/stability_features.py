@@ -92,7 +92,10 @@ def stability_features(view: RunView) -> dict[str, Feature]:
 
 def crossing(now: float, ahead: Ahead, steps: np.ndarray, lrs: np.ndarray) -> Feature:
     """The first planned step after ``ahead.base_step`` at which S_now x lr(s) / base reaches
-    1 (``now``: the raw index, never floored; ``steps``, ``lrs``: the plan, (P,) each)."""
+    1 (``now``: the raw index, never floored; ``steps``, ``lrs``: the plan, (P,) each); none
+    when S_now is already past 1: no step of the plan is where it gets there."""
+    if now >= 1:  # no planned step takes it past 1: it is there (an lr held, or a bad init)
+        return Feature(CROSSING, math.nan, f"the index is already past 1 ({now:.3g})")
     over = np.flatnonzero((steps > ahead.base_step) & (now * lrs / ahead.base >= 1))
     if not len(over):
         return Feature(CROSSING, math.nan, "the planned lr keeps the index under 1")
