@@ -73,6 +73,18 @@ def test_inplace_relu_on_3d_linear_is_reported_not_trusted(run_dir):
     df, meta = record_one_step(model, run_dir, lambda m: m(x).pow(2).mean())
     assert "0" in meta["hooks_never_fired"]["grad"]
     assert df[(df.module == "0") & (df.metric == "grad_rms")].empty
+    # The summary names the module and why a gradient hook can stay silent.
+    from rich.console import Console
+
+    from stabscope.analysis.summary import summarize
+    from stabscope.report.console import print_summary
+
+    console = Console(record=True, width=200)
+    print_summary(summarize(run_dir), console)
+    assert (
+        "grad hooks never fired (no gradient w.r.t. their outputs: unused by the loss, or "
+        "changed in place): 0" in console.export_text()
+    )
     # The forward statistic is taken before the in-place ReLU and is still right.
     torch.manual_seed(0)
     ref = nn.Linear(4, 8)

@@ -73,8 +73,14 @@ def print_summary(summary: Summary, console: Console) -> None:
     for kind, names in (s.never_fired or {}).items():
         if names:
             shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            # A gradient hook sits on a module's output: it stays silent when that output
+            # does not reach the loss (a GRU's sequence output when only its last state is
+            # used) or is changed in place, though the module's parameters may still train.
+            why = " (no gradient w.r.t. their outputs: unused by the loss, or changed in place)"
+            why = why if kind == "grad" else ""
             console.print(
-                f"[yellow]{escape(kind)} hooks never fired:[/] {escape(shown)}", soft_wrap=True
+                f"[yellow]{escape(kind)} hooks never fired{why}:[/] {escape(shown)}",
+                soft_wrap=True,
             )
     for note in s.notes:
         console.print(f"[yellow]note:[/] {escape(str(note))}", soft_wrap=True)
