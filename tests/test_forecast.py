@@ -192,3 +192,13 @@ def test_an_index_already_past_one_has_no_crossing_step() -> None:
     doubling = np.where(steps >= 150, 2e-3, 1e-3)  # (10,) the lr doubles at step 150
     rising = Ahead(150, 2e-3, 1e-3, 99, "")
     assert crossing(0.5, rising, steps, doubling).value == 150
+
+
+def test_a_finished_run_of_few_losses_is_not_called_learned(tmp_path) -> None:
+    """Two steps at their planned end: too few losses for a start and an end level, so the
+    outcome does not override the forecast (and reading it does not fail)."""
+    from stabscope.rules.forecast import learned_by_the_end
+
+    run = profile(tmp_path / "two", 2, budget=2)
+    assert learned_by_the_end(RunView.open(run), 2, 2) is None
+    assert "failure-forecast" not in check_run(run).failed

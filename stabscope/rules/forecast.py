@@ -140,6 +140,8 @@ def learned_by_the_end(view: RunView, budget: Any, seen: int) -> str | None:
     if len(loss) < 2 or not np.isfinite(loss.to_numpy(float)[-window(len(loss)) :]).all():
         return None
     loss = loss[np.isfinite(loss.to_numpy(float))]
+    if len(loss) < 2 * MIN_WINDOW:  # a start and an end level that share no loss
+        return None
     start, _, _, level, _ = loss_levels(loss, MIN_WINDOW)
     ln_v, where = classes
     if level >= ln_v or level > LEARNED_SHARE * start:
