@@ -7,22 +7,14 @@ import torch
 
 import stabscope
 from stabscope.analysis.summary import summarize
-from tests.conftest import batch_maker, mlp
+from tests.conftest import batch_maker, mlp, train
 
 
 def record(run_dir):
     torch.manual_seed(0)
     model = mlp()  # five modules: three Linear, ReLU, Tanh
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    make = batch_maker(6, 3)
     with stabscope.Recorder(model, run_dir) as rec:
-        for step in range(3):
-            x, y = make(step)
-            loss = (model(x) - y).pow(2).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            rec.step(loss=loss)
+        train(model, 3, batch_maker(6, 3), rec)
     return run_dir
 
 
