@@ -23,7 +23,14 @@ NAN_AT = 5  # the step whose forward first sees a NaN weight
 
 
 def record(
-    run_dir: Path, steps=STEPS, head_scale=1.0, nan_at=None, tied=False, norm="pre", qk_scale=1.0
+    run_dir: Path,
+    steps=STEPS,
+    head_scale=1.0,
+    nan_at=None,
+    tied=False,
+    norm="pre",
+    qk_scale=1.0,
+    head_bias=True,
 ) -> Path:
     """The sample GPT (2 Pre-LN blocks, width 16) on its successor task, Adam at 3e-2, every
     step recorded. ``head_scale`` multiplies the output head's weight after init (its bias
@@ -48,6 +55,8 @@ def record(
                 proj.bias *= qk_scale
     if tied:
         model.head.weight = model.tok.weight
+    if not head_bias:
+        model.head.bias = None
     data = sample.batches(cfg)
     batches = [next(data) for _ in range(steps)]
     opt = torch.optim.Adam(model.parameters(), lr=3e-2)
@@ -226,14 +235,20 @@ def test_one_step_has_levels_but_no_trends(runs):
     assert all(math.isnan(f.value) for f in empty.values())
 
 
-def test_a_tied_head_has_no_known_classes(tmp_path):
-    """The head's weight is the embedding's: not in the parameter table under the head's
-    name, so V is unknown and the features that need it are NaN, with the reason."""
-    found = features(record(tmp_path / "tied", steps=3, tied=True))
-    for name in ("init_loss_ratio", "loss_level"):
-        assert math.isnan(found[name].value)
-        assert "classes are not in the module table" in found[name].evidence
-    assert np.isfinite(found["init_logit_scale"].value)
+@pytest.mark.parametrize("head_bias", [True, False])
+def test_a_tied_head_reads_its_classes_from_its_bias_or_the_embedding(tmp_path, head_bias):
+    """The head's weight is the embedding's (listed once, as ``tok.weight``): V comes from
+    the head's bias, or without one from the one embedding weight of the head's size, and
+    agrees with the logits (their bounds on ln V hold); the loss features read against it."""
+    run = record(tmp_path / "tied", steps=3, tied=True, head_bias=head_bias)
+    found = features(run)
+    loss = rows(run, "loss", None).sort_values("step").value
+    assert found["init_loss_ratio"].value == pytest.approx(
+        math.log10(loss.iloc[0] / math.log(32)), abs=1e-6
+    )
+    where = "head, tied" if head_bias else "head, tied to tok.weight"
+    assert f"V = 32, {where}" in found["init_loss_ratio"].evidence
+    assert np.isfinite(found["loss_level"].value)
 
 
 @pytest.mark.parametrize("head", ["Linear", "Conv1D"])

@@ -28,8 +28,10 @@ def first_logits(view: RunView) -> pd.DataFrame:
 
 def output_classes(meta: RunMeta) -> tuple[int, str] | None:
     """(V, head) for the output head: the last linear or conv module to finish its forward,
-    V its weight's output dimension. None when its weight is not among the parameters (tied
-    to the embedding) or the model has no such module."""
+    V its weight's output dimension. A head tied to the embedding has no weight of its own in
+    the parameter table (it is listed once, under the embedding): V is then its bias's length,
+    or without a bias the rows of the one embedding weight of the head's size (``_tied``).
+    None when the model has no such module or the tie cannot be read."""
     ran = [
         m
         for m in meta.modules
@@ -40,9 +42,32 @@ def output_classes(meta: RunMeta) -> tuple[int, str] | None:
     head = max(ran, key=lambda m: m["forward_order"])
     shapes = {p["name"]: p["shape"] for p in meta.parameters}
     shape = shapes.get(f"{head['name']}.weight")
-    if not shape or len(shape) < 2:
+    if not shape:
+        return _tied(meta, head, shapes)
+    if len(shape) < 2:
         return None
     return int(shape[-1] if head.get("type") in TRANSPOSED else shape[0]), head["name"]
+
+
+def _tied(meta: RunMeta, head: dict, shapes: dict[str, list[int]]) -> tuple[int, str] | None:
+    """(V, where) for a head whose weight is another module's (weight tying, Press and Wolf
+    2017): its bias has one entry per output; without one, its parameter count (the module
+    table counts the tied weight) is an embedding weight's of shape (V, d)."""
+    bias = shapes.get(f"{head['name']}.bias")
+    if bias is not None and len(bias) == 1:
+        return int(bias[0]), f"{head['name']}, tied"
+    embeddings = {m["name"] for m in meta.modules if m.get("role") == "embedding"}
+    same = [
+        (name, shape)
+        for name, shape in shapes.items()
+        if name.rsplit(".", 1)[0] in embeddings
+        and len(shape) == 2
+        and math.prod(shape) == head.get("params")
+    ]
+    if len(same) != 1:
+        return None
+    name, shape = same[0]
+    return int(shape[0]), f"{head['name']}, tied to {name}"
 
 
 def log_classes(view: RunView) -> tuple[float, str] | str:
