@@ -141,6 +141,7 @@ print(torch.get_num_threads())
 """
 
 
+@pytest.mark.slow  # a child process per thread count: ~4.5 s each
 @pytest.mark.parametrize("threads", [1, 2])
 def test_recording_keeps_torchs_thread_count(threads):
     """Starting numba's OpenMP pool sets the OpenMP thread count of torch's runtime too (to

@@ -83,6 +83,7 @@ def page_report(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_report([tmp / "real", tmp / "synthetic"], tmp / "report.html").path
 
 
+@pytest.mark.slow  # a headless browser start: ~5 s
 def test_report_renders_in_chromium(page_report: Path) -> None:
     html = page_report.read_text()
     expected = html.count('class="plotly-graph-div"')
