@@ -137,7 +137,7 @@ def learned_by_the_end(view: RunView, budget: Any, seen: int) -> str | None:
     if not isinstance(classes, tuple):
         return None  # no ln V: nothing to read the loss against
     loss = loss_series(view)
-    if len(loss) < 2 or not np.isfinite(loss.to_numpy(float)[-window(len(loss)) :]).all():
+    if not np.isfinite(loss.to_numpy(float)[-window(len(loss)) :]).all():
         return None
     loss = loss[np.isfinite(loss.to_numpy(float))]
     if len(loss) < 2 * MIN_WINDOW:  # a start and an end level that share no loss
