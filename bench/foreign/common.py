@@ -39,6 +39,17 @@ class LossLog:
         self.f.flush()
 
 
+def logged_cross_entropy(
+    model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor], log: LossLog
+) -> torch.Tensor:
+    """The classification loss of an (inputs, labels) batch, written to the script's own log
+    first (the truth is read from that log, never from stabscope)."""
+    x, y = batch
+    value = torch.nn.functional.cross_entropy(model(x), y)
+    log(value)
+    return value
+
+
 def run_dir(default: str) -> str:
     return os.environ.get(RUN_ENV) or default
 

@@ -44,10 +44,7 @@ def batches(cfg):
 
 
 def loss(model, batch):
-    x, y = batch
-    value = F.cross_entropy(model(x), y)
-    _log(value)
-    return value
+    return common.logged_cross_entropy(model, batch, _log)
 
 
 def optimizer(model, cfg):

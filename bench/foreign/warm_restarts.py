@@ -6,7 +6,6 @@ import math
 
 import common
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 torch.set_num_threads(1)
@@ -29,10 +28,7 @@ def batches(cfg):
 
 
 def loss(model, batch):
-    x, y = batch
-    value = F.cross_entropy(model(x), y)
-    _log(value)
-    return value
+    return common.logged_cross_entropy(model, batch, _log)
 
 
 def optimizer(model, cfg):
