@@ -68,12 +68,13 @@ METRICS: tuple[Metric, ...] = (
            "after the script's clip; steps with a clip only", "loss per weight unit", "run",
            "recorder", "cheap", ranks="rank0", shards="rss"),
     Metric("block_param_norm", "||θ|| of a residual block's parameters before optimizer.step(), "
-           "every step", "weight units", "module", "recorder", "cheap", ranks="rank0",
-           shards="rss", worse="none"),
+           "every step_updates_every-th step and every recorded one", "weight units", "module",
+           "recorder", "cheap", ranks="rank0", shards="rss", worse="none"),
     Metric("block_update_norm", "||Δθ|| of a residual block's parameters across "
-           "optimizer.step(), every step", "weight units", "module", "recorder", "cheap",
-           ranks="rank0", shards="rss"),
-    Metric("block_update_ratio", "block_update_norm / block_param_norm, every step", "ratio",
+           "optimizer.step(), every step_updates_every-th step and every recorded one",
+           "weight units", "module", "recorder", "cheap", ranks="rank0", shards="rss"),
+    Metric("block_update_ratio", "block_update_norm / block_param_norm, at the same steps",
+           "ratio",
            "module", "recorder", "cheap", ranks="rank0", shards="max"),
     # Module outputs and the gradients w.r.t. them (probes/activations.py).
     Metric("act_mean", "mean of the module's output", "output units", "module", "activations",

@@ -44,7 +44,8 @@ CHILD = textwrap.dedent(
     model, forward = sample_gpt("post", depth=2)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     cfg = stabscope.RecorderConfig(
-        schedule=stabscope.Schedule(3, 5), flight_every=4, part_rows={part_rows}
+        schedule=stabscope.Schedule(3, 5), flight_every=4, part_rows={part_rows},
+        step_updates_every=1,  # the block update series every step: the event file's size
     )
     steps = 0
     with warnings.catch_warnings(record=True) as caught:

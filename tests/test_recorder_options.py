@@ -33,6 +33,7 @@ NON_DEFAULT = {
     "flight_every": 7,
     "online_rules": False,
     "step_updates": False,
+    "step_updates_every": 4,
     "live_max_series": 17,
 }
 

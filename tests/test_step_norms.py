@@ -39,7 +39,7 @@ def total_norm(model) -> float:
     return torch.cat(grads).norm().item()
 
 
-def run_script(model, batches, loss_fn, run_dir=None, clip="norm", accumulate=1):
+def run_script(model, batches, loss_fn, run_dir=None, clip="norm", accumulate=1, **options):
     """A nanoGPT-like loop (AdamW, micro-batches, a clip before the step). Returns, per step,
     what the script saw: the clip's return, the norm before and after the clip, the weights
     of every parameter before and after the step."""
@@ -47,7 +47,9 @@ def run_script(model, batches, loss_fn, run_dir=None, clip="norm", accumulate=1)
     rec = None
     if run_dir is not None:
         schedule = Schedule(dense=2, every=0)
-        rec = stabscope.Recorder(model, run_dir, preset="cheap", schedule=schedule).start()
+        rec = stabscope.Recorder(
+            model, run_dir, preset="cheap", schedule=schedule, **options
+        ).start()
     seen: list[dict] = []
     for step in range(STEPS):
         for micro in range(accumulate):
@@ -112,28 +114,37 @@ def test_clip_by_value_keeps_the_norm_before_it(run_dir):
     np.testing.assert_allclose(post, [s["post"] for s in seen], rtol=1e-5)
 
 
-def test_block_update_and_weight_norms_every_step(run_dir):
+@pytest.mark.parametrize("every", [1, 3, None])
+def test_block_update_and_weight_norms_on_their_steps(run_dir, every):
     model, batches, loss_fn = gpt_and_batches(depth=3)
-    seen = run_script(model, batches, loss_fn, run_dir)
+    options = {} if every is None else {"step_updates_every": every}
+    seen = run_script(model, batches, loss_fn, run_dir, **options)
+    # The blocks are known from the first recorded step's trace: from step 1 on; then the
+    # recorded steps (0, 1) and every ``every``-th step (10 by default).
+    stride = every or 10
+    want_steps = [s for s in range(1, STEPS) if s < 2 or s % stride == 0]
     for block in ("blocks.0", "blocks.2"):
         names = [n for n, _ in model.named_parameters() if n.startswith(block + ".")]
         want_w = [
-            np.sqrt(sum(s["before"][n].double().pow(2).sum().item() for n in names)) for s in seen
+            np.sqrt(sum(seen[s]["before"][n].double().pow(2).sum().item() for n in names))
+            for s in want_steps
         ]
         want_u = [
             np.sqrt(
-                sum((s["after"][n] - s["before"][n]).double().pow(2).sum().item() for n in names)
+                sum(
+                    (seen[s]["after"][n] - seen[s]["before"][n]).double().pow(2).sum().item()
+                    for n in names
+                )
             )
-            for s in seen
+            for s in want_steps
         ]
-        # The blocks are known from the first recorded step's trace: from step 1 on.
         steps, weight = series(run_dir, "block_param_norm", block)
-        assert steps.tolist() == list(range(1, STEPS))
-        np.testing.assert_allclose(weight, want_w[1:], rtol=1e-5)
+        assert steps.tolist() == want_steps
+        np.testing.assert_allclose(weight, want_w, rtol=1e-5)
         _, update = series(run_dir, "block_update_norm", block)
-        np.testing.assert_allclose(update, want_u[1:], rtol=1e-4)
+        np.testing.assert_allclose(update, want_u, rtol=1e-4)
         _, ratio = series(run_dir, "block_update_ratio", block)
-        np.testing.assert_allclose(ratio, np.array(want_u[1:]) / want_w[1:], rtol=1e-4)
+        np.testing.assert_allclose(ratio, np.array(want_u) / want_w, rtol=1e-4)
 
 
 def test_training_is_bit_identical_with_and_without_the_recorder(run_dir):

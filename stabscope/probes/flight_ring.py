@@ -58,39 +58,24 @@ class FlightRing:
         self.run = torch.zeros(slots, 0, 2, device=device)  # (S, C, 2): value, written
         # On CPU the host reads the storage directly: no transfer, no sync.
         self.host = self.values.numpy() if device.type == "cpu" else None
-        self._row = np.empty(4, np.float64)  # the numba kernel's output
 
     # -- writes (from hooks, eager or compiled) ------------------------------------------
     def put(self, w: int, d: int, t: torch.Tensor) -> bool | None:
         """Add tensor ``t`` as module ``w``'s direction ``d`` in the current slot. Returns
         whether it held a NaN/Inf when the host knows it for free (eager CPU), else None."""
         host = self.host
-        if host is None or compiling() or type(t) is not torch.Tensor or t.device.type != "cpu":
-            # Index with tensors only: Dynamo reads ``values[slot]`` with a 0-d index as an
-            # integer and would recompile at every step.
-            at = self.slot.view(1)
-            cell = self.values.index_select(0, at)[0, w, d]  # (5,)
-            where = (at, _const(w, at), _const(d, at))
-            self.values.index_put_(where, _combine(cell, _device_moments(t)).view(1, STATS))
-            return None if host is None or compiling() else not _finite(host[self.index, w, d])
-        if host_kernels.ready():
-            host_moments.host_moments_into(t, self._row)  # [sum, sumsq, -absmax, absmax]
-            new = self._row
-        else:
-            new = _device_moments(t)[:4].double().numpy()
-        cell = host[self.index, w, d]  # (5,) float32 view
-        # A sum of squares past float32's range is stored as inf, as the device path's
-        # float32 reduction gives: data, not a warning for the user.
-        with np.errstate(over="ignore"):
-            if cell[4] == 0:
-                cell[:4] = new
-            else:
-                cell[0] += new[0]
-                cell[1] += new[1]
-                cell[2] = np.minimum(cell[2], new[2])
-                cell[3] = np.maximum(cell[3], new[3])
-        cell[4] += t.numel()
-        return not _finite(cell)
+        eager_cpu = host is not None and not compiling()
+        on_host = type(t) is torch.Tensor and t.device.type == "cpu"
+        if eager_cpu and on_host and host_kernels.ready():
+            # One numba call reduces ``t`` and combines it into the cell in host memory.
+            return not host_moments.accumulate_into(t, host[self.index, w, d])
+        # Index with tensors only: Dynamo reads ``values[slot]`` with a 0-d index as an
+        # integer and would recompile at every step.
+        at = self.slot.view(1)
+        cell = self.values.index_select(0, at)[0, w, d]  # (5,)
+        where = (at, _const(w, at), _const(d, at))
+        self.values.index_put_(where, _combine(cell, _device_moments(t)).view(1, STATS))
+        return not _finite(host[self.index, w, d]) if eager_cpu else None
 
     def add_channel(self) -> int:
         """A new run-level channel; its index. Grows the run buffer (rare: at setup)."""

@@ -277,7 +277,10 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
 
         def measure() -> None:
             self._every_check()  # gradients in place, weights as the step's forward used them
-            self.step_norms.before_optimizer_step(optimizer)
+            every = self.config.step_updates_every
+            self.step_norms.before_optimizer_step(
+                optimizer, updates=recorded or self.step_index % every == 0
+            )
             if recorded:
                 for probe in self.core.values():
                     probe.before_optimizer_step(optimizer)

@@ -8,18 +8,20 @@ Per step, at module ``__run__``:
 - ``grad_norm_clipped``: where a clip was seen, the norm of the gradients the optimizer step
   received, after the clip.
 
-Per residual block (the structure's blocks, once known), when ``step_updates`` is on:
+Per residual block (the structure's blocks, once known), when ``step_updates`` is on, at
+every recorded step and every ``step_updates_every``-th step (10 by default) between:
 
 - ``block_param_norm``: ||θ|| of the block's parameters just before ``optimizer.step()``;
 - ``block_update_norm``: ||Δθ|| across it; ``block_update_ratio``: their ratio (no row where
   ||θ|| = 0, as ``update_ratio``).
 
-The update needs a copy of the block parameters before each step: model-sized memory, kept
-across steps, and one copy plus one difference pass per step (on CPU with the ``fast`` extra,
-numba's one-read kernels of ``probes/kernels/host_params.py``). ``step_updates = None`` (the
-default) turns it on while the blocks hold at most ``MAX_COPIED`` values, and off with a note
-above that. Everything is computed on the device and waits, like the loss, for the next host
-sync (``losses.PendingLosses``); ``take`` hands over one step's tensors.
+The update needs a copy of the block parameters before the step: model-sized memory, kept
+across steps, and one copy plus one difference pass per measured step (on CPU with the
+``fast`` extra, numba's one-read kernels of ``probes/kernels/host_params.py``).
+``step_updates = None`` (the default) turns it on while the blocks hold at most
+``MAX_COPIED`` values, and off with a note above that. Everything is computed on the device
+and waits, like the loss, for the next host sync (``losses.PendingLosses``); ``take`` hands
+over one step's tensors.
 
 With gradient accumulation the norms are of the accumulated gradient the optimizer steps on.
 Under DDP the gradients the optimizer receives are the averaged ones, and a clip sees them
@@ -71,14 +73,15 @@ class StepNorms:
         if owned and id(owned[0]) not in self._clips:
             self._clips[id(owned[0])] = norm
 
-    def before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Just before ``optimizer.step()`` (after its closure): the gradients it receives."""
+    def before_optimizer_step(self, optimizer: torch.optim.Optimizer, updates: bool = True) -> None:
+        """Just before ``optimizer.step()`` (after its closure): the gradients it receives;
+        ``updates``: whether this step measures the block update norms (``step_updates_every``)."""
         params = [p for g in optimizer.param_groups for p in g["params"]]
         params = [p for p in params if id(p) in self.param_ids]
         norm = l2_norm(p.grad for p in params)
         if norm is not None:
             self._seen[id(optimizer)] = norm
-        if self._blocks is not None:
+        if self._blocks is not None and updates:
             self._blocks.before(optimizer)
 
     def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:

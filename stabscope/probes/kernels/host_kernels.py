@@ -61,7 +61,9 @@ def _build() -> bool:
         from . import attention_kernels, moment_kernels, param_kernels, residual_kernels
 
         x = np.linspace(-1.0, 1.0, 8, dtype=np.float32)
-        moment_kernels.serial(x, x.view(np.int32), np.int32(0x7FFFFFFF), np.float32(0), np.empty(4))
+        mask, zero = np.int32(0x7FFFFFFF), np.float32(0)
+        moment_kernels.serial(x, x.view(np.int32), mask, zero, np.empty(4))
+        moment_kernels.serial_into(x, x.view(np.int32), mask, zero, np.zeros(5, np.float32))
         addresses, none = np.array([x.ctypes.data], np.int64), np.zeros(1, np.int64)
         like, sizes = np.zeros(1, np.float32), np.array([8], np.int64)
         squares = param_kernels.SQUARES

@@ -27,6 +27,12 @@ from .host_kernels import HOST_DTYPES, PARALLEL_FROM, kernels, thread_parts
 
 #: Float width -> (integer type of the same width, mask that clears the sign bit).
 _BITS = {4: (np.int32, 0x7FFFFFFF), 8: (np.int64, 0x7FFFFFFFFFFFFFFF)}
+#: Float width -> the kernels' constant arguments (integer type, typed mask, typed zero),
+#: built once: the flight ring calls ``accumulate_into`` ~20 times a step.
+_ARGS = {
+    4: (np.int32, np.int32(0x7FFFFFFF), np.float32(0)),
+    8: (np.int64, np.int64(0x7FFFFFFFFFFFFFFF), np.float64(0)),
+}
 
 
 def _flat(t: torch.Tensor) -> np.ndarray:
@@ -53,3 +59,19 @@ def host_moments_into(t: torch.Tensor, out: np.ndarray) -> None:
         kernels().parallel(values, bits, int_type(mask), zero, parts, out)
     else:
         kernels().serial(values, bits, int_type(mask), zero, out)
+
+
+def accumulate_into(t: torch.Tensor, cell: np.ndarray) -> bool:
+    """Add the CPU tensor ``t`` to the float32 moment cell ``[sum, sumsq, min, max, numel]``
+    (count 0: empty) in one call: the reduction and the combination with what the cell held
+    run inside the kernel, so the flight ring's hook pays one dispatch, not a dozen numpy
+    scalar operations. Returns whether the cell is finite (no NaN/Inf seen so far).
+    Requires ``host_kernels.ready()``."""
+    values = _flat(t)
+    int_type, mask, zero = _ARGS[values.itemsize]
+    bits = values.view(int_type)
+    if values.size >= PARALLEL_FROM:
+        parts = thread_parts()
+        if parts > 1:
+            return bool(kernels().parallel_into(values, bits, mask, zero, parts, cell))
+    return bool(kernels().serial_into(values, bits, mask, zero, cell))

@@ -127,3 +127,51 @@ def parallel(x, bits, mask, zero, parts, out):
             x, bits, mask, zero, p * width, min(n, (p + 1) * width)
         )
     write(sums.sum(), squares.sum(), peaks.max(), bits, x, out)
+
+
+# The flight ring's cell: ``[sum, sumsq, min, max, numel]`` (float32). These three are compiled
+# without fastmath: the cell's NaN and Inf are the data it reports, and fastmath lets LLVM
+# assume there are none (an inlined ``isfinite`` folds to true). The reduction they call keeps
+# its own fastmath (its vectorised loop).
+_exact = numba.njit(boundscheck=False, nogil=True, cache=True)
+
+
+@_exact
+def combine(s, q, m, bits, x, n, cell):
+    tmp = np.empty(1, bits.dtype)
+    tmp[0] = m
+    a = np.float64(tmp.view(x.dtype)[0])  # absmax: NaN where a NaN was seen
+    lo, hi = -a, a
+    if cell[4] != 0:
+        s += cell[0]
+        q += cell[1]
+        old_lo, old_hi = np.float64(cell[2]), np.float64(cell[3])
+        # NaN wins, as np.minimum/np.maximum: a NaN seen by either call stays seen.
+        lo = np.nan if lo != lo or old_lo != old_lo else min(lo, old_lo)
+        hi = np.nan if hi != hi or old_hi != old_hi else max(hi, old_hi)
+    cell[0] = s  # a sum of squares past float32's range is stored as inf: data
+    cell[1] = q
+    cell[2] = lo
+    cell[3] = hi
+    cell[4] += n
+    return np.isfinite(cell[2]) and np.isfinite(cell[3])
+
+
+@_exact
+def serial_into(x, bits, mask, zero, cell):
+    s, q, m = reduce_range(x, bits, mask, zero, 0, x.size)
+    return combine(s, q, m, bits, x, x.size, cell)
+
+
+@numba.njit(boundscheck=False, nogil=True, cache=True, parallel=True)
+def parallel_into(x, bits, mask, zero, parts, cell):
+    n = x.size
+    width = (n + parts - 1) // parts
+    sums = np.zeros(parts)
+    squares = np.zeros(parts)
+    peaks = np.zeros(parts, bits.dtype)
+    for p in numba.prange(parts):
+        sums[p], squares[p], peaks[p] = reduce_range(
+            x, bits, mask, zero, p * width, min(n, (p + 1) * width)
+        )
+    return combine(sums.sum(), squares.sum(), peaks.max(), bits, x, n, cell)
