@@ -1,8 +1,17 @@
-"""The flight recorder's own time per step, measured inside it on one model: timers around its
-hooks, its step boundary and its pre-optimizer check, against the step's time. On a shared,
-loaded machine a difference of two model copies (bench/overhead.py) is noisier than the cost.
+"""The every-step tier's own time per step, measured inside it on one model: timers around
+everything the recorder does on a step that is not on the schedule, against the step's time.
+On a shared, loaded machine a difference of two model copies (bench/overhead.py) is noisier
+than the cost; these timers are not.
 
-    python bench/flight_share.py [--steps 12] [--device cpu]
+Timed, in three parts (none nested in another):
+  flight      the flight recorder's hooks on the watched modules' outputs and gradients
+  optimizer   around ``optimizer.step()``: the pre-clip gradient norm, the block update norms
+              (every ``step_updates_every``-th step), the flight ring's non-finite check
+  boundary    ``Recorder.step``: the loss and lr kept on the device, the ring's slot closed,
+              a ring handed over every ``flight_every`` steps
+The stability index is off here (it is not part of the tier: bench/sharpness_cost.py).
+
+    python bench/flight_share.py [--steps 40] [--device cpu]
 """
 
 from __future__ import annotations
@@ -19,42 +28,57 @@ from sample_gpt import add_shape_args, sample_gpt, stepper
 from stabscope import Recorder, RecorderConfig, Schedule
 from stabscope.probes.flight import FlightRecorder
 
+#: (part, owner, method): the recorder's entry points on an unrecorded step.
+TIMED = (
+    ("flight", FlightRecorder, "_forward_hook"),
+    ("flight", FlightRecorder, "_grad_hook"),
+    ("optimizer", Recorder, "_before_optimizer_step"),
+    ("optimizer", Recorder, "_after_optimizer_step"),
+    ("boundary", Recorder, "step"),
+)
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     add_shape_args(ap)
-    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     device = torch.device(args.device)
     model, batches = sample_gpt(args, device, 4)
-    spent = [0.0]
-    for name in ("_forward_hook", "_grad_hook", "boundary", "check"):
-        inner = getattr(FlightRecorder, name)
+    spent = {part: 0.0 for part, _, _ in TIMED}
+    for part, owner, name in TIMED:
+        inner = getattr(owner, name)
 
-        def timed(*a, _inner=inner, **k):  # type: ignore[no-untyped-def]
+        def timed(*a, _inner=inner, _part=part, **k):  # type: ignore[no-untyped-def]
             t0 = time.perf_counter()
             try:
                 return _inner(*a, **k)
             finally:
-                spent[0] += time.perf_counter() - t0
+                spent[_part] += time.perf_counter() - t0
 
-        setattr(FlightRecorder, name, timed)
-    config = RecorderConfig(schedule=Schedule(dense=1, every=0))
-    shares, steps = [], []
+        setattr(owner, name, timed)
+    config = RecorderConfig(schedule=Schedule(dense=1, every=0), sharpness=False)
+    inside: dict[str, list[float]] = {part: [] for part in spent}
+    steps = []
     with Recorder(model, Path(tempfile.mkdtemp()) / "r", config) as rec:
         step = stepper(model, rec, batches, device)
         for i in range(args.steps + 2):
-            spent[0] = 0.0
+            for part in spent:
+                spent[part] = 0.0
             seconds = step()
             if i >= 2:  # step 0 is recorded, step 1 builds nothing new but warms up
                 steps.append(seconds)
-                shares.append(spent[0])
-    inside, step = statistics.median(shares), statistics.median(steps)
+                for part, value in spent.items():
+                    inside[part].append(value)
+    # Means: the update norms and the ring's hand-over come on some steps only.
+    mean = {part: statistics.mean(values) for part, values in inside.items()}
+    total, step_time = sum(mean.values()), statistics.mean(steps)
+    parts = ", ".join(f"{part} {value * 1e3:.2f} ms" for part, value in mean.items())
     print(
-        f"flight recorder inside a step: {inside * 1e3:.2f} ms of {step * 1e3:.1f} ms "
-        f"({inside / (step - inside):.2%} of the step without it), "
-        f"{rec.meta['host_syncs']} transfers over {rec.meta['steps']} steps, "
+        f"every-step tier inside a step (mean of {args.steps}): {total * 1e3:.2f} ms of "
+        f"{step_time * 1e3:.1f} ms, {total / (step_time - total):.2%} of the step without it "
+        f"({parts}); {rec.meta['host_syncs']} transfers over {rec.meta['steps']} steps, "
         f"{torch.get_num_threads()} threads"
     )
 

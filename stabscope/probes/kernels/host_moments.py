@@ -61,6 +61,14 @@ def host_moments_into(t: torch.Tensor, out: np.ndarray) -> None:
         kernels().serial(values, bits, int_type(mask), zero, out)
 
 
+#: ``accumulate_into`` splits a tensor across threads only from this many elements (16 MiB of
+#: float32). Below it one thread reads it on the calling thread: as fast on an idle machine
+#: (the sample GPT's 1 MiB block outputs: the tier's hooks 3.7 ms a step either way), and it
+#: never waits for a second thread where torch's threads hold the cores (under load, 3.9 ms
+#: against 10.2 ms; ``python bench/flight_share.py``, docs/benchmarks.md).
+ACCUMULATE_PARALLEL_FROM = 1 << 22
+
+
 def accumulate_into(t: torch.Tensor, cell: np.ndarray) -> bool:
     """Add the CPU tensor ``t`` to the float32 moment cell ``[sum, sumsq, min, max, numel]``
     (count 0: empty) in one call: the reduction and the combination with what the cell held
@@ -70,7 +78,7 @@ def accumulate_into(t: torch.Tensor, cell: np.ndarray) -> bool:
     values = _flat(t)
     int_type, mask, zero = _ARGS[values.itemsize]
     bits = values.view(int_type)
-    if values.size >= PARALLEL_FROM:
+    if values.size >= ACCUMULATE_PARALLEL_FROM:
         parts = thread_parts()
         if parts > 1:
             return bool(kernels().parallel_into(values, bits, mask, zero, parts, cell))
