@@ -34,6 +34,7 @@ pytestmark = pytest.mark.slow
 WORLD, STEPS = 2, 6
 SCALE = 10.0  # rank 1's data is this many times larger in the desynchronised run
 UNSYNC = 4  # and at this step its gradients are not all-reduced: the replicas part
+CLIP = 0.05  # the FSDP runs clip to this max norm: below every step's gradient norm
 
 
 def torchrun(out: Path, *args: str, script: str = "train.py") -> str:
@@ -61,14 +62,21 @@ class Step:
     grads: list[dict[str, torch.Tensor]]  # per rank, the gradient its optimizer applied
     losses: list[float]  # per rank
     act_rms: list[float]  # per rank, output of layer "0"
+    grad_norm: float  # L2 norm of the averaged gradient over all parameters, before any clip
+    exp_avg_sq: dict[str, torch.Tensor]  # rank 0's Adam second moments after the step
 
 
 def reference(
-    scale_rank: int = -1, scale: float = 1.0, same_data: bool = False, unsync_step: int = -1
+    scale_rank: int = -1,
+    scale: float = 1.0,
+    same_data: bool = False,
+    unsync_step: int = -1,
+    clip: float | None = None,
 ) -> list[Step]:
     """The same training in one process without torch.distributed: one replica per rank, the
     ranks' gradients averaged by hand (what DDP's all-reduce and FSDP's reduce-scatter
-    compute), except at ``unsync_step``, where each replica applies its own."""
+    compute), except at ``unsync_step``, where each replica applies its own. With ``clip``
+    the averaged gradient is scaled by min(1, clip / (its norm + 1e-6)), as torch clips."""
     replicas = [script.make_model() for _ in range(WORLD)]
     opts = [script.make_optimizer(m) for m in replicas]
     steps = []
@@ -83,13 +91,19 @@ def reference(
             losses.append(loss.item())
             acts.append(hidden.detach().double().pow(2).mean().sqrt().item())
         mean = {n: sum(g[n] for g in own) / WORLD for n in own[0]}
+        norm = torch.stack([g.double().norm() for g in mean.values()]).norm().item()
+        if clip is not None:
+            mean = {n: g * min(1.0, clip / (norm + 1e-6)) for n, g in mean.items()}
         used = own if step == unsync_step else [mean] * WORLD
         params = [{n: p.detach().clone() for n, p in m.named_parameters()} for m in replicas]
         for model, opt, grads in zip(replicas, opts, used):
             for n, p in model.named_parameters():
                 p.grad = grads[n].clone()
             opt.step()
-        steps.append(Step(params, used, losses, acts))
+        second = {
+            n: opts[0].state[p]["exp_avg_sq"].clone() for n, p in replicas[0].named_parameters()
+        }
+        steps.append(Step(params, used, losses, acts, norm, second))
     return steps
 
 
@@ -115,8 +129,18 @@ def desync_run(tmp_path_factory) -> tuple[Path, str]:
 
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory) -> Path:
+    """FSDP2, clipped by ``torch.nn.utils.clip_grad_norm_`` at every step."""
     out = tmp_path_factory.mktemp("fsdp") / "run"
-    torchrun(out, "--mode", "fsdp")
+    torchrun(out, "--mode", "fsdp", "--clip", str(CLIP))
+    return out
+
+
+@pytest.fixture(scope="module")
+def fsdp1_run(tmp_path_factory) -> Path:
+    """FSDP1 (FULL_SHARD, every Linear and the root wrapped), clipped by its own
+    ``clip_grad_norm_`` at every step."""
+    out = tmp_path_factory.mktemp("fsdp1") / "run"
+    torchrun(out, "--mode", "fsdp1", "--clip", str(CLIP))
     return out
 
 
@@ -228,7 +252,7 @@ def test_rules_see_one_row_per_number_not_one_per_rank(desync_run, tmp_path):
 
 
 def test_fsdp_parameter_statistics_are_per_shard_and_merge_to_the_full_tensor(fsdp_run):
-    ref = reference()
+    ref = reference(clip=CLIP)
     meta = stabscope.read_meta(fsdp_run)
     assert meta["distributed"]["sharded"] is True
     merged = stabscope.load_run(fsdp_run, phase="train", merge_ranks=True)
@@ -251,6 +275,66 @@ def test_fsdp_parameter_statistics_are_per_shard_and_merge_to_the_full_tensor(fs
     np.testing.assert_allclose(
         values(fsdp_run, "loss", "__run__"), [s.losses for s in ref], rtol=1e-5
     )
+
+
+def merged_values(run: Path, metric: str, module: str) -> np.ndarray:
+    """(steps,) array of one metric of one module, ranks merged."""
+    df = stabscope.load_run(
+        run, modules=[module], metrics=[metric], phase="train", merge_ranks=True
+    )
+    return df[df.call == 0].sort_values("step").value.to_numpy(np.float64)
+
+
+@pytest.mark.parametrize("mode", ["fsdp", "fsdp1"])
+def test_fsdp_grad_norm_is_the_clips_total_before_clipping(mode, request):
+    """FSDP2 clipped by torch.nn.utils.clip_grad_norm_, FSDP1 by its own clip_grad_norm_:
+    each rank records its shards' norm, and the ranks' rows merge to the norm the script's
+    clip returned (over every rank's shard) and the reference's, before clipping."""
+    run = request.getfixturevalue(f"{mode}_run")
+    ref = reference(clip=CLIP)
+    returned = json.loads(script.clips_file(run).read_text())
+    assert len(returned) == STEPS and min(returned) > 4 * CLIP  # every step clipped
+    np.testing.assert_allclose(returned, [s.grad_norm for s in ref], rtol=1e-5)
+    pre = merged_values(run, "grad_norm", "__run__")
+    np.testing.assert_allclose(pre, returned, rtol=1e-5)
+    # After the clip: the norm of the clipped gradients the reference applied (= CLIP).
+    clipped = [torch.stack([g.double().norm() for g in s.grads[0].values()]).norm() for s in ref]
+    np.testing.assert_allclose(clipped, CLIP, rtol=1e-4)
+    post = merged_values(run, "grad_norm_clipped", "__run__")
+    np.testing.assert_allclose(post, clipped, rtol=1e-5)
+    # Per rank: its shards' part, neither the whole norm nor one rank's for all.
+    per_rank = values(run, "grad_norm", "__run__")
+    assert (per_rank < pre[:, None] * (1 - 1e-3)).all()
+
+
+def flat(tensors: dict[str, torch.Tensor], layer: int) -> torch.Tensor:
+    """FSDP1's FlatParameter of Linear ``layer`` (weight, then bias, flattened), unpadded."""
+    return torch.cat([tensors[f"{layer}.weight"].flatten(), tensors[f"{layer}.bias"]]).double()
+
+
+def test_fsdp1_is_sharded_and_its_flat_parameters_merge_to_the_full_ones(fsdp1_run):
+    ref = reference(clip=CLIP)
+    meta = stabscope.read_meta(fsdp1_run)
+    assert meta["distributed"]["sharded"] is True
+    assert meta["distributed"]["wrapper"] == "FullyShardedDataParallel"
+    beta2, eps = 0.999, 1e-8  # Adam's defaults (script.make_optimizer)
+    for layer in (0, 2, 4):  # Linear 4's 39 values are padded to 40 for 2 ranks
+        name = f"_fsdp_wrapped_module.{layer}._fsdp_wrapped_module._flat_param"
+        full = [flat(s.params[0], layer) for s in ref]
+        got = merged_values(fsdp1_run, "param_norm", name)
+        np.testing.assert_allclose(got, [p.norm().item() for p in full], rtol=1e-5)
+        got = merged_values(fsdp1_run, "param_rms", name)
+        np.testing.assert_allclose(got, [p.pow(2).mean().sqrt().item() for p in full], rtol=1e-5)
+        got = merged_values(fsdp1_run, "param_grad_norm", name)
+        want = [flat(s.grads[0], layer).norm().item() for s in ref]
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+        got = merged_values(fsdp1_run, "adam_sqrtv_over_eps", name)
+        v = [flat(s.exp_avg_sq, layer) for s in ref]
+        want = [(x.mean() / (1 - beta2 ** (t + 1))).sqrt().item() / eps for t, x in enumerate(v)]
+        assert len(got) == STEPS - 1  # recorded from step 1 on
+        np.testing.assert_allclose(got, want[1:], rtol=1e-5)
+    # Each rank holds a different shard: not a desynchronised replica.
+    assert not [f for f in check_run(fsdp1_run).findings if f.rule == "rank-desync"]
 
 
 def test_report_merges_ranks_and_shows_their_spread(desync_run, tmp_path):

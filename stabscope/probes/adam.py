@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..record.collector import Collector, Rows
-from ..record.distributed import local_tensor
+from ..record.distributed import full_numel, local_tensor
 from .base import BaseProbe, ProbeContext
 from .kernels import host_params
 
@@ -46,8 +46,8 @@ class AdamEpsProbe(BaseProbe):
                 # those get no bias correction (it only matters for the first ~1/(1-β₂) steps).
                 correction = 1.0 if on_device else 1.0 - float(betas[1]) ** float(step)
                 codes.append(code)
-                scale.append((v.numel() * correction, eps))
-                # numel above is the full tensor's (a DTensor's), the sum the local shard's.
+                scale.append((full_numel(p) * correction, eps))
+                # The full parameter's count (FSDP: not the shard's), the sum the local shard's.
                 squares.append(local_tensor(v.detach()))
         if squares:
             if host_params.usable(squares):  # one threaded pass over all of them

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..record.collector import Collector, Rows
-from ..record.distributed import local_tensor
+from ..record.distributed import full_numel, local_tensor
 from .base import BaseProbe, ProbeContext, reached
 from .kernels import host_params
 from .moments import MomentRows, decode_moments
@@ -67,7 +67,7 @@ class ParameterProbe(BaseProbe):
         # faults. Elsewhere (CUDA's caching allocator) they are freed after each step.
         self._buffers: dict[int, list[torch.Tensor]] = {}
         self.params = [p for _, p in params]
-        self.numel = np.array([p.numel() for p in self.params], np.float64)
+        self.numel = np.array([full_numel(p) for p in self.params], np.float64)
         self.updates = updates
         self.full = full
         self._measured = False

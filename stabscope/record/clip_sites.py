@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch.nn.utils import clip_grad
 
-from .distributed import local_tensor
+from .distributed import fsdp1_shards, local_tensor
 
 #: A listener: (the clipped parameters, their gradient norm before the clip, 0-d on device).
 Listener = Callable[[list[torch.Tensor], torch.Tensor], None]
@@ -123,14 +123,17 @@ def _wrap_measuring(original: Callable[..., Any]) -> Callable[..., Any]:
 def _wrap_fsdp(original: Callable[..., Any]) -> Callable[..., Any]:
     def clip_grad_norm_(self: Any, max_norm: float, norm_type: float = 2.0) -> Any:
         params = list(self.parameters())
-        if float(norm_type) != 2.0:
+        # Sharded, each rank hands on its own shards' norm (the ranks' rows merge
+        # root-sum-square): the total, all-reduced, is the same on every rank.
+        measured = float(norm_type) != 2.0 or fsdp1_shards(self)
+        if measured:
             _tell(params, l2_norm(_grads(params)))
-        _state["depth"] += 1
+        _state["depth"] += 1  # NO_SHARD clips through torch's clip_grad_norm_: told here
         try:
             total = original(self, max_norm, norm_type)
         finally:
             _state["depth"] -= 1
-        if float(norm_type) == 2.0:
+        if not measured:
             _tell(params, total)
         return total
 

@@ -39,9 +39,17 @@ def world_size() -> int:
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The rank's own shard of a DTensor (FSDP2 parameters, their gradients and optimizer
-    state); any other tensor as it is. Statistics of shards need no communication."""
+    state); any other tensor as it is (an FSDP1 parameter is its shard already). Statistics
+    of shards need no communication."""
     to_local = getattr(tensor, "to_local", None)
     return to_local() if callable(to_local) else tensor
+
+
+def full_numel(param: torch.Tensor) -> int:
+    """Elements of the whole parameter, not of this rank's shard: a DTensor counts its global
+    shape already; an FSDP1 ``FlatParameter`` holds a padded shard of its unsharded size."""
+    unsharded = getattr(param, "_unpadded_unsharded_size", None)  # FSDP1's FlatParameter
+    return unsharded.numel() if isinstance(unsharded, torch.Size) else param.numel()
 
 
 def is_sharded(params: list[nn.Parameter]) -> bool:
@@ -53,6 +61,20 @@ def is_sharded(params: list[nn.Parameter]) -> bool:
     )
 
 
+def fsdp1_shards(model: nn.Module) -> bool:
+    """Whether FSDP1 (``FullyShardedDataParallel``) splits parameters of ``model`` across
+    ranks: a wrapper in it with a sharding strategy other than NO_SHARD over several ranks.
+    Its parameters (``FlatParameter``s, or views of them) are then plain tensors that hold
+    this rank's shard, as a DTensor's local tensor does."""
+    for module in model.modules():  # the root first: one look where the root is sharded
+        strategy = getattr(module, "sharding_strategy", None)
+        if type(module).__name__ != "FullyShardedDataParallel" or strategy is None:
+            continue
+        if getattr(strategy, "name", "NO_SHARD") != "NO_SHARD" and module.world_size > 1:
+            return True
+    return False
+
+
 def distributed_info(model: nn.Module, params: list[nn.Parameter]) -> dict[str, Any]:
     """The ``distributed`` entry of meta.json."""
     dist = _group()
@@ -60,7 +82,7 @@ def distributed_info(model: nn.Module, params: list[nn.Parameter]) -> dict[str, 
         "world_size": world_size(),
         "backend": str(dist.get_backend()) if dist is not None else None,
         "wrapper": type(model).__name__,
-        "sharded": is_sharded(params),
+        "sharded": is_sharded(params) or fsdp1_shards(model),
     }
 
 
