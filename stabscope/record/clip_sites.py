@@ -15,11 +15,17 @@ open run's listener, then clips as before. Nothing about the clip changes.
 - ``clip_grad_value_``: the wrapper takes the L2 norm of the gradients first (one pass over
   the gradients, only in scripts that clip by value). A copy imported by name before the run
   opened is not seen.
-- FSDP's ``FullyShardedDataParallel.clip_grad_norm_`` (when ``torch.distributed.fsdp`` is
-  loaded): its return value, the norm over all ranks' shards. Not tested here (no multi-GPU).
+- FSDP1's ``FullyShardedDataParallel.clip_grad_norm_`` (when ``torch.distributed.fsdp`` is
+  loaded before the run opens): with NO_SHARD (or one rank), its return value.
 
-A norm other than L2 (``norm_type=inf``), or gradients that are DTensor shards (FSDP2), are
-measured again as the L2 norm of this rank's gradients (shards merge root-sum-square).
+Sharded gradients (FSDP2's DTensors, FSDP1 sharding over several ranks): the clip's total is
+all-reduced, the same full norm on every rank, but a sharded run's rows are each rank's
+shards and merge root-sum-square over ranks (``store/ranks.py``). So each rank hands on the
+L2 norm of its own shards, measured before the clip (one ``_foreach_norm`` pass over the
+local shards: 1/world of the gradients); the merge is the clip's total. Tested on 2 ranks
+(gloo, CPU) against both clips' return values. A norm other than L2 (``norm_type=inf``) is
+measured the same way. HSDP (shards replicated across groups) would count each shard once
+per replica.
 """
 
 from __future__ import annotations

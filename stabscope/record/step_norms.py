@@ -25,9 +25,12 @@ over one step's tensors.
 
 With gradient accumulation the norms are of the accumulated gradient the optimizer steps on.
 Under DDP the gradients the optimizer receives are the averaged ones, and a clip sees them
-averaged too. An fp16 ``GradScaler`` unscales before the clip (``scaler.unscale_``) or
-inside ``scaler.step``: both are before the optimizer step, so no norm is of scaled gradients;
-a step the scaler skips has no ``optimizer.step()`` and keeps only a clip's (non-finite) norm.
+averaged too. Under FSDP (a sharded run) both norms are of this rank's shards, the clip's
+included (``clip_sites``): the ranks' rows merge root-sum-square to the full norms.
+
+An fp16 ``GradScaler`` unscales before the clip (``scaler.unscale_``) or inside
+``scaler.step``: both are before the optimizer step, so no norm is of scaled gradients; a
+step the scaler skips has no ``optimizer.step()`` and keeps only a clip's (non-finite) norm.
 """
 
 from __future__ import annotations
