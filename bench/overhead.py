@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import statistics
 import tempfile
 import time
@@ -285,7 +286,8 @@ def main() -> None:
         sched_rec.close()
         recorded = sched_rec.meta["recorded_steps"]
         index = sched_rec.meta.get("stability_index", {})
-        ratio = statistics.mean(sched_times) / statistics.mean(plain_times)
+        plain_mean = statistics.mean(plain_times)
+        ratio = statistics.mean(sched_times) / plain_mean
         print(
             f"| default schedule, mean over {args.schedule_steps} steps ({recorded} recorded, "
             f"{sched_rec.meta['host_syncs'] / args.schedule_steps:.2f} transfers/step; "
@@ -293,6 +295,26 @@ def main() -> None:
             f"skipped, budget {args.sharpness_budget}) "
             f"| {statistics.mean(sched_times) * 1e3:.1f} ms | {ratio:.3f}x |"
         )
+        print_index_share(sched_times, plain_mean, index)
+
+
+def print_index_share(sched_times: list[float], plain_mean: float, index: dict) -> None:
+    """The schedule's mean without the stability index's own time (its timer, meta.json's
+    ``stability_index.seconds``), and that time spread over longer runs: measurements come at
+    steps 2, 4, 8, ..., log2(N) of them over N steps, each costing what it cost here."""
+    measured, seconds = index.get("measured", 0), index.get("seconds", 0.0)
+    if not measured:
+        return
+    n = len(sched_times)
+    without = (sum(sched_times) - seconds) / n
+    print(
+        f"| default schedule without the index's own time ({seconds:.1f} s in {measured} "
+        f"measurements) | {without * 1e3:.1f} ms | {without / plain_mean:.3f}x |"
+    )
+    each = seconds / measured
+    for steps in (10_000, 100_000):
+        share = int(math.log2(steps)) * each / (steps * plain_mean)
+        print(f"| the index over a {steps:,}-step run (log2 N measurements) | - | +{share:.1%} |")
 
 
 if __name__ == "__main__":

@@ -40,7 +40,9 @@ from torch.nn.utils import clip_grad
 from .distributed import fsdp1_shards, local_tensor
 
 #: A listener: (the clipped parameters, their gradient norm before the clip, 0-d on device).
-Listener = Callable[[list[torch.Tensor], torch.Tensor], None]
+#: A third argument, when not None, is the norm after the clip, known without a pass over the
+#: gradients: a clip by the L2 norm scales them all by one factor.
+Listener = Callable[[list[torch.Tensor], torch.Tensor, torch.Tensor | None], None]
 
 _listeners: list[Listener] = []
 _restore: list[tuple[Any, str, Any]] = []  # (owner, attribute, original) while patched
@@ -72,12 +74,14 @@ def _grads(params: list[torch.Tensor]) -> list[torch.Tensor | None]:
     return [p.grad for p in params]
 
 
-def _tell(params: list[torch.Tensor], norm: torch.Tensor | None) -> None:
+def _tell(
+    params: list[torch.Tensor], norm: torch.Tensor | None, after: torch.Tensor | None = None
+) -> None:
     if norm is None or _state["depth"] > 0:  # inside a wrapped clip that reports for itself
         return
     norm = norm.detach()
     for listener in list(_listeners):
-        listener(params, norm)
+        listener(params, norm, after)
 
 
 def _is_plain_l2(total: Any, params: list[torch.Tensor]) -> bool:
@@ -96,11 +100,18 @@ def _wrap_total_norm(original: Callable[..., Any]) -> Callable[..., Any]:
     return get_total_norm
 
 
+def _scaled(total: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """The L2 norm after ``_clip_grads_with_norm_`` scales every gradient by its factor,
+    ``min(max_norm / (total + 1e-6), 1)``: on the device, no pass over the gradients."""
+    total = total.detach()
+    return total * torch.clamp(max_norm / (total + 1e-6), max=1.0)
+
+
 def _wrap_clip_with_norm(original: Callable[..., Any]) -> Callable[..., Any]:
     def clip_grads_with_norm_(parameters: Any, max_norm: float, total_norm: Any, *a: Any, **k: Any):
         params = _as_list(parameters)
         if _is_plain_l2(total_norm, params):
-            _tell(params, total_norm)
+            _tell(params, total_norm, _scaled(total_norm, max_norm))
         else:
             _tell(params, l2_norm(_grads(params)))
         _state["total"] = None

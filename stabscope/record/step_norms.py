@@ -6,7 +6,8 @@ Per step, at module ``__run__``:
   computed (``clip_sites.py``) where it clips, else the norm of the gradients the optimizer
   step received (nothing was clipped: the same number);
 - ``grad_norm_clipped``: where a clip was seen, the norm of the gradients the optimizer step
-  received, after the clip.
+  received, after the clip: the clip's total times its factor where one clip by the L2 norm
+  covered exactly the optimizer's gradients (no pass), else one ``_foreach_norm``.
 
 Per residual block (the structure's blocks, once known), when ``step_updates`` is on, at
 every recorded step and every ``step_updates_every``-th step (10 by default) between:
@@ -65,23 +66,38 @@ class StepNorms:
         self.step_updates = step_updates
         self.note: str | None = None  # why the block updates are off, when they are
         self._clips: dict[int, torch.Tensor] = {}  # first parameter's id -> pre-clip norm
+        # The one clip of the step whose norm after it is known without a pass: (ids of the
+        # parameters it clipped, that norm).
+        self._after: tuple[frozenset[int], torch.Tensor] | None = None
         self._seen: dict[int, torch.Tensor] = {}  # optimizer id -> norm of its gradients
         self._blocks: _BlockUpdates | None = None
 
     # -- gradient norms -----------------------------------------------------------------
-    def on_clip(self, params: list[torch.Tensor], norm: torch.Tensor) -> None:
-        """A clip of ``params`` whose gradient norm before clipping was ``norm``. The first
-        clip of a parameter set in a step counts (a second one sees clipped gradients)."""
+    def on_clip(
+        self, params: list[torch.Tensor], norm: torch.Tensor, after: torch.Tensor | None = None
+    ) -> None:
+        """A clip of ``params`` whose gradient norm before clipping was ``norm`` (and after
+        it ``after``, when the clip knows it). The first clip of a parameter set in a step
+        counts (a second one sees clipped gradients)."""
         owned = [p for p in params if id(p) in self.param_ids]
         if owned and id(owned[0]) not in self._clips:
             self._clips[id(owned[0])] = norm
+            first = len(self._clips) == 1 and after is not None
+            self._after = (frozenset(map(id, owned)), after) if first else None
 
     def before_optimizer_step(self, optimizer: torch.optim.Optimizer, updates: bool = True) -> None:
         """Just before ``optimizer.step()`` (after its closure): the gradients it receives;
         ``updates``: whether this step measures the block update norms (``step_updates_every``)."""
         params = [p for g in optimizer.param_groups for p in g["params"]]
         params = [p for p in params if id(p) in self.param_ids]
-        norm = l2_norm(p.grad for p in params)
+        known = self._after
+        if known is not None and len(self._clips) == 1 and known[0] == {id(p) for p in params}:
+            # The step's one clip covered exactly these gradients and scaled them by one
+            # factor: their norm is its norm after the clip, without a pass (nanoGPT, the HF
+            # Trainer and Lightning clip this way).
+            norm: torch.Tensor | None = known[1]
+        else:
+            norm = l2_norm(p.grad for p in params)
         if norm is not None:
             self._seen[id(optimizer)] = norm
         if self._blocks is not None and updates:
@@ -119,7 +135,7 @@ class StepNorms:
         """This step's device tensors with their decoders; clears the step."""
         out: list[tuple[torch.Tensor, Decoder]] = []
         clips, seen = list(self._clips.values()), list(self._seen.values())
-        self._clips, self._seen = {}, {}
+        self._clips, self._seen, self._after = {}, {}, None
         pre = _rss(clips) if clips else _rss(seen)
         if pre is not None:
             post = _rss(seen) if clips else None
@@ -138,7 +154,7 @@ class StepNorms:
 
     def release(self) -> None:
         self._blocks = None
-        self._clips, self._seen = {}, {}
+        self._clips, self._seen, self._after = {}, {}, None
 
 
 def _rss(norms: list[torch.Tensor]) -> torch.Tensor | None:
