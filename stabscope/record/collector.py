@@ -27,6 +27,8 @@ class Rows:
     _cols: list[tuple[np.ndarray, ...]] = field(default_factory=list)
     #: Sees the chunks handed to the writer (the live bridge, record/live.py); must not raise.
     tap: Callable[[list[tuple[np.ndarray, ...]]], None] | None = None
+    #: Rows emitted so far (the online rules judge again once it grows: record/verdicts.py).
+    emitted: int = 0
 
     def emit(
         self,
@@ -62,6 +64,12 @@ class Rows:
                 value,
             )
         )
+        self.emitted += n
+
+    @property
+    def chunks(self) -> tuple[tuple[np.ndarray, ...], ...]:
+        """The rows emitted and not yet handed to the writer (``store.memory.Chunk``s)."""
+        return tuple(self._cols)
 
     def flush_to_writer(self) -> int:
         """Hand the rows to the writer; returns how many rows were written."""
