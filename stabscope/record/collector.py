@@ -27,8 +27,6 @@ class Rows:
     _cols: list[tuple[np.ndarray, ...]] = field(default_factory=list)
     #: Sees the chunks handed to the writer (the live bridge, record/live.py); must not raise.
     tap: Callable[[list[tuple[np.ndarray, ...]]], None] | None = None
-    #: Rows emitted so far (the online rules judge again once it grows: record/verdicts.py).
-    emitted: int = 0
 
     def emit(
         self,
@@ -64,7 +62,6 @@ class Rows:
                 value,
             )
         )
-        self.emitted += n
 
     @property
     def chunks(self) -> tuple[tuple[np.ndarray, ...], ...]:

@@ -10,7 +10,8 @@ hands it a snapshot, without a sync and without writing a part:
   already in host memory (a CPU loss: every step's; a loss on an accelerator waits for the
   recorder's next sync: the next recorded step or flight-recorder transfer);
 - the full check: the rows the writer buffers, those not yet handed to it, and the pending
-  values already in host memory, next to the parts on disk.
+  losses already in host memory (on CPU also the flight recorder's ring), next to the parts
+  on disk.
 
 So a verdict on a CPU loss comes within a few steps of the loss that shows it, however
 short the run (docs/recording.md gives the cadence and its measurements).
@@ -140,9 +141,11 @@ class VerdictActions:
         return due
 
     def _new_rows(self, kind: str) -> bool:
-        """Whether rows reached the host since the last check of ``kind`` was handed over
-        (counted: losses visible for the loss check, rows emitted and losses for the full)."""
-        seen = self.losses.visible + (self.rows.emitted if kind == FULL else 0)
+        """Whether rows came since the last check of ``kind`` was handed over: for the loss
+        check a loss in host memory; for the full check rows handed to the writer (a
+        recorded step's, a flight-recorder transfer's: the losses alone are the loss
+        check's, and a full check at every step would cost 20x a loss check for them)."""
+        seen = self.losses.visible if kind == LOSS else self.writer.rows_appended
         if seen == self._judged[kind]:
             return False
         self._judged[kind] = seen
@@ -155,9 +158,11 @@ class VerdictActions:
 
     def _unwritten(self) -> Unwritten:
         """The rows no part holds: the writer's buffer, the rows not yet handed to it, and
-        the pending values already in host memory (emitted here, not consumed)."""
+        the pending losses and flight rows already in host memory (emitted here, not
+        consumed)."""
         pending = Rows(self.writer)
         self.losses.peek(pending)
+        self._every_peek(pending)  # the flight recorder's ring, on CPU
         return self.writer.unwritten(self.rows.chunks + pending.chunks)
 
     def _act(self, found: list[Finding]) -> None:

@@ -8,8 +8,9 @@ Two checks, run by one worker thread, one at a time:
   that are already on the host: a float, a CPU tensor), read from memory, no part at all:
   milliseconds, whatever the run's size;
 - the **full check**: every online rule over the parts written so far and the rows no part
-  holds yet (``store.memory.Unwritten``: the writer's buffer, and the pending values already
-  in host memory), so a verdict never waits for a part, and no part is written for it.
+  holds yet (``store.memory.Unwritten``: the writer's buffer, and the pending losses and
+  flight rows already in host memory), so a verdict never waits for a part, and no part is
+  written for it.
 
 The recorder asks for a check at a step boundary where it is ``due`` (no check queued or
 running, and that check's pause over) and something new is in host memory, handing over a
@@ -207,12 +208,15 @@ class OnlineVerdicts:
     def _check(self, kind: str, memory: Unwritten | None) -> None:
         rules = self.loss_rules if kind == LOSS else self.rules
         with self._checking:
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.thread_time()
             result, failure = isolated(
                 lambda: run_rules(self.run_dir, rules, self.settings, memory=memory)
             )
             spent = time.perf_counter() - t0
-            self._not_before[kind] = time.monotonic() + self.pause * spent
+            # The pause follows the core time the check took, not its wall time: a check that
+            # waited for the GIL, held by the training thread, did not take that time from it.
+            cpu = time.thread_time() - cpu0
+            self._not_before[kind] = time.monotonic() + self.pause * cpu
             with self._lock:
                 self.checks[kind] += 1
                 self.seconds += spent

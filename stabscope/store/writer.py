@@ -67,6 +67,7 @@ class PartWriter:
         self.metrics = Interner()
         self.parts_written = 0
         self.rows_written = 0
+        self.rows_appended = 0  # rows handed to the writer, on disk or buffered
         self.last_step_written = -1
         self._chunks: list[Chunk] = []
         self._buffered = 0
@@ -110,6 +111,7 @@ class PartWriter:
             )
         )
         self._buffered += n
+        self.rows_appended += n
         if (
             self._buffered >= self.part_rows
             or time.monotonic() - self._last_flush >= self._interval
