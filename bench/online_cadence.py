@@ -9,7 +9,8 @@ Reported per step time: the first step at which ``loss-divergence`` holds on the
 far (the rule run on each prefix of the finished run's losses), the step whose boundary the
 verdict arrived after (``seen_at``), the delay in steps and seconds, the checks of each kind
 and the time in them. Run it under another ``PYTHONPATH`` to compare versions (a version
-without the loss check reports its checks as ``-``).
+without the loss check reports its checks as ``-``). Then, with ``--sizes``, what one loss
+check costs over that many losses (median of 5, wall and CPU time, on this thread).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "scripts"))
@@ -73,6 +75,7 @@ def main() -> None:
     ap.add_argument("--load-ms", default="0,10,30", help="step times to try (data loading, ms)")
     ap.add_argument("--steps", type=int, default=90)
     ap.add_argument("--jump", type=int, default=40)
+    ap.add_argument("--sizes", default="100,10000,100000", help="losses per timed loss check")
     args = ap.parse_args()
     warnings.simplefilter("ignore")  # the verdicts' warnings: they are what is measured
     tmp = Path(tempfile.mkdtemp(prefix="stabscope-cadence-"))
@@ -92,6 +95,35 @@ def main() -> None:
             f"| {ms:g} ms | {r['step'] * 1e3:.1f} ms | {first} | {seen} | {late} | "
             f"{online['checks']} ({loss_checks}) | {online['seconds']:.2f} s |"
         )
+    if args.sizes:
+        print("\n| losses | one loss check: wall | CPU |\n|---|---|---|")
+        for n in (int(s) for s in args.sizes.split(",")):
+            wall, cpu = loss_check_time(run, n)
+            print(f"| {n:,} | {wall * 1e3:.1f} ms | {cpu * 1e3:.1f} ms |")
+
+
+def loss_check_time(run: Path, n: int) -> tuple[float, float]:
+    """Median wall and CPU time of the loss check over ``n`` losses (a falling curve) in
+    memory, with ``run``'s meta.json."""
+    from stabscope.record.losses import PendingLosses
+    from stabscope.rules.online import OnlineVerdicts
+    from stabscope.store.memory import Unwritten
+    from stabscope.store.writer import Interner
+
+    names = (Interner(), Interner(), Interner())
+    losses = PendingLosses(names[1]("__run__"))
+    steps = np.arange(n, dtype=np.int32)
+    losses.history.extend(steps, np.exp(-steps / max(n / 3, 1)).astype(np.float32))
+    chunks = losses.chunks(names[0]("train"), names[2]("loss"))
+    memory = Unwritten(chunks, 0, names, with_parts=False)
+    rules = OnlineVerdicts(run).loss_rules
+    walls, cpus = [], []
+    for _ in range(5):
+        t0, c0 = time.perf_counter(), time.thread_time()
+        run_rules(run, rules, memory=memory)
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.thread_time() - c0)
+    return statistics.median(walls), statistics.median(cpus)
 
 
 if __name__ == "__main__":
