@@ -19,7 +19,8 @@ built: ``model`` with the recorder, ``structure`` once the model's structure is 
 ``due`` for a probe that measures on its own steps (the stability index, ``measure``),
 ``every`` for a probe that watches every step, recorded or not, with its own hooks (the flight
 recorder: ``check(step)`` before each optimizer step, ``boundary(step, collector)`` at each
-step's end, ``close(collector)``; built with the ``structure`` probes, from their context).
+step's end, ``peek(rows)`` for the online rules, ``close(collector)``; built with the
+``structure`` probes, from their context).
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ sync inside the step, and Dynamo traces them into compiled graphs with no graph 
 statistics only there: see ``COMPILED_NOTE``). The ring (``flight_every`` steps, 50 by default)
 is copied to the host in one transfer when it is full, at close, and at once after a step where
 a NaN/Inf first appeared; each transfer is written as a part, so a killed process loses at most
-the ring's steps.
+the ring's steps. On CPU the ring is in host memory already: ``peek`` lets the online rules
+read its finished steps before the transfer (no copy of the ring is consumed).
 
 When a watched module first goes non-finite, the exact leaf module and step are searched
 (``flight_search``) and reported through the recorder's ``first_nonfinite`` (meta.json) and a
@@ -17,9 +18,10 @@ buffer's memory (free); on CUDA a non-blocking copy of the step's flags lands in
 and is read at a later step boundary, once its event has completed.
 
 The "every" stage (``probes/base.py``): the recorder calls ``check(step)`` before each
-optimizer step, ``boundary(step, collector)`` at every step's end and ``close(collector)`` when
-the run closes. ``channel(metric)`` is the hook point for other per-step scalars (gradient
-norms before clipping, update norms): a writer into the same ring, flushed with it.
+optimizer step, ``boundary(step, collector)`` at every step's end, ``peek(rows)`` when the
+online rules are handed the rows in host memory, and ``close(collector)`` when the run
+closes. ``channel(metric)`` is the hook point for other per-step scalars (gradient norms
+before clipping, update norms): a writer into the same ring, flushed with it.
 """
 
 from __future__ import annotations
@@ -249,6 +251,29 @@ class FlightRecorder(BaseProbe):
         self._flush = False
         steps, values, run = self.ring.take()
         markers, self._markers = self._markers, []
+        decode, decode_run = self._decoders(steps, markers)
+        if steps or markers:
+            collector.add(values, decode)
+        if steps and self._channels:
+            collector.add(run, decode_run)
+
+    def peek(self, rows: Rows) -> None:
+        """Emit the rows of the ring's finished steps into ``rows`` where they are in host
+        memory (CPU: no transfer), without handing them over: the online rules read them
+        before the ring is full (``record/verdicts.py``). Off CPU nothing: they wait."""
+        ring = self.ring
+        if ring.host is None or not (ring.steps or self._markers):
+            return
+        n = len(ring.steps)
+        decode, decode_run = self._decoders(list(ring.steps), list(self._markers))
+        decode(ring.host[:n].reshape(-1).astype(np.float64), rows)  # (S*W*2*5,)
+        if n and self._channels:
+            decode_run(ring.run[:n].numpy().reshape(-1).astype(np.float64), rows)
+
+    def _decoders(
+        self, steps: list[int], markers: list[tuple[int, int, str]]
+    ) -> tuple[Callable[[np.ndarray, Rows], None], Callable[[np.ndarray, Rows], None]]:
+        """The decoders of the ring's values and channels of ``steps`` (flat float64)."""
         codes, channels, run_code = self.codes, list(self._channels), self.run_code
         step_of = np.array(steps, np.int32)  # (S,)
 
@@ -274,10 +299,7 @@ class FlightRecorder(BaseProbe):
                 if len(s):
                     rows.emit("train", run_code, 0, metric, cells[s, c, 0], step=step_of[s])
 
-        if steps or markers:
-            collector.add(values, decode)
-        if steps and channels:
-            collector.add(run, decode_run)
+        return decode, decode_run
 
     # -- the hook point for other per-step scalars ---------------------------------------
     def channel(self, metric: str) -> Callable[[torch.Tensor], None]:

@@ -63,6 +63,11 @@ class Rows:
             )
         )
 
+    @property
+    def chunks(self) -> tuple[tuple[np.ndarray, ...], ...]:
+        """The rows emitted and not yet handed to the writer (``store.memory.Chunk``s)."""
+        return tuple(self._cols)
+
     def flush_to_writer(self) -> int:
         """Hand the rows to the writer; returns how many rows were written."""
         n = 0

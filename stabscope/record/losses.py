@@ -5,6 +5,11 @@ wait, and past ``MAX_PENDING`` they are synced on their own (one transfer for al
 Other every-step values (``step_norms.py``: gradient norms, block update norms) wait with them,
 each with the decoder that turns it into rows. A non-finite loss already in host memory (a
 float, a CPU tensor) is written at once, so that the online rules judge that very step.
+
+For the online rules (``record/verdicts.py``), without a sync and without consuming anything:
+``history`` keeps every loss synced so far (4 + 4 bytes a loss), ``on_host`` gives the
+pending losses already in host memory (a float, a CPU tensor: no transfer), and ``peek``
+emits their rows.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from ..store.memory import Chunk
 from .collector import Collector, Rows
 
 #: Turns one step's values (float64, as the collector decodes them) into rows of that step.
@@ -32,14 +38,57 @@ def nonfinite_on_host(loss: torch.Tensor | float) -> bool:
     return not math.isfinite(float(loss))
 
 
+def _loss_chunk(
+    steps: np.ndarray, values: np.ndarray, phase: int, module: int, metric: int
+) -> Chunk:
+    """Loss rows as a chunk: the constant columns as zero-stride views (O(1))."""
+    n = len(values)
+
+    def const(code: int, dtype: type) -> np.ndarray:
+        return np.broadcast_to(np.array(code, dtype), (n,))
+
+    call, index = const(0, np.int16), const(-1, np.int16)
+    ints = (const(phase, np.int32), const(module, np.int32))
+    return (steps, *ints, call, const(metric, np.int32), index, values)
+
+
+class LossHistory:
+    """Every loss synced so far, in arrays that grow by doubling: ``view()`` is O(1), and a
+    view stays valid for a reader on another thread (later losses go past its end, or into
+    new arrays)."""
+
+    def __init__(self) -> None:
+        self.steps = np.zeros(256, np.int32)
+        self.values = np.zeros(256, np.float32)
+        self.n = 0
+
+    def extend(self, steps: np.ndarray, values: np.ndarray) -> None:
+        end = self.n + len(steps)
+        if end > len(self.steps):
+            size = max(end, 2 * len(self.steps))
+            self.steps = np.concatenate([self.steps[: self.n], np.zeros(size - self.n, np.int32)])
+            self.values = np.concatenate(
+                [self.values[: self.n], np.zeros(size - self.n, np.float32)]
+            )
+        self.steps[self.n : end] = steps
+        self.values[self.n : end] = values
+        self.n = end
+
+    def view(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(steps, values)`` of the losses so far (views, not copies)."""
+        return self.steps[: self.n], self.values[: self.n]
+
+
 class PendingLosses:
     """``loss`` rows (module ``__run__``) of the steps not yet synced."""
 
     def __init__(self, run_code: int) -> None:
         self.run_code = run_code
         self.last: float | None = None  # the last loss synced
+        self.history = LossHistory()
         self._pending: list[tuple[int, torch.Tensor]] = []  # (step, 0-d tensor)
         self._values: list[tuple[int, torch.Tensor, StepDecoder]] = []  # other values
+        self._on_host = 0  # pending losses in host memory
 
     def add_values(self, step: int, values: torch.Tensor, decode: StepDecoder) -> None:
         """Keep ``values`` (any shape, on its device) of ``step`` until the next sync."""
@@ -48,6 +97,38 @@ class PendingLosses:
     def add(self, step: int, loss: torch.Tensor | float) -> None:
         value = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
         self._pending.append((step, value.reshape(())))
+        self._on_host += value.device.type == "cpu"
+
+    @property
+    def visible(self) -> int:
+        """How many losses a reader on the host can see without a sync: those synced and
+        those pending in host memory (it grows with each one that becomes visible)."""
+        return self.history.n + self._on_host
+
+    def on_host(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(steps, values)`` of the pending losses in host memory, not consumed."""
+        host = [(s, v) for s, v in self._pending if v.device.type == "cpu"]
+        if not host:
+            return np.zeros(0, np.int32), np.zeros(0, np.float32)
+        values = torch.stack([v for _, v in host]).to(torch.float32).numpy()
+        return np.array([s for s, _ in host], np.int32), values
+
+    def chunks(self, phase: int, metric: int) -> tuple[Chunk, Chunk]:
+        """Every loss in host memory (synced, and pending on the host) as two chunks of
+        rows (``store.memory.Chunk``) under the codes of phase ``train`` and metric
+        ``loss``; O(1) but for the pending ones (their columns are views)."""
+        synced, pending = self.history.view(), self.on_host()
+        return _loss_chunk(*synced, phase, self.run_code, metric), _loss_chunk(
+            *pending, phase, self.run_code, metric
+        )
+
+    def peek(self, rows: Rows) -> None:
+        """Emit into ``rows`` the rows the next sync will write of the pending losses in host
+        memory; nothing is consumed. (Not the other values: no rule that acts online reads
+        them, and decoding them costs ~40 µs a step's worth; they wait for the sync.)"""
+        steps, values = self.on_host()
+        if len(steps):
+            rows.emit("train", self.run_code, 0, "loss", values, step=steps)
 
     @property
     def full(self) -> bool:
@@ -63,14 +144,14 @@ class PendingLosses:
             return
         steps = np.array([s for s, _ in self._pending], np.int32)
         values = torch.stack([v.to(self._pending[0][1].device) for _, v in self._pending])
-        self._pending = []
+        self._pending, self._on_host = [], 0
         run = self.run_code
 
         def decode(v: np.ndarray, rows: Rows) -> None:
-            for s, x in zip(steps, v):
-                rows.emit("train", run, 0, "loss", x, step=int(s))
+            rows.emit("train", run, 0, "loss", v, step=steps)
             if len(v):
                 self.last = float(v[-1])
+                self.history.extend(steps, v)
 
         collector.add(values, decode)
 

@@ -18,6 +18,7 @@ from ..probes import BY_NAME as PROBE_ENTRIES
 from ..probes.base import BaseProbe, ProbeContext, build_probes
 from ..probes.sharpness import BUDGET_NOTE, due
 from ..probes.structured import StructureProbes
+from .collector import Rows
 from .distributed import world_size as _world_size
 
 
@@ -90,6 +91,12 @@ class ProbeWiring:
         for probe in self.every.values():
             probe.boundary(step, self.every_collector)
         self._every_sync()
+
+    def _every_peek(self, rows: Rows) -> None:
+        """What the every-step probes hold in host memory, emitted into ``rows`` and not
+        handed over (the online rules' snapshot, record/verdicts.py)."""
+        for probe in self.every.values():
+            probe.peek(rows)
 
     def _every_close(self) -> None:
         for probe in self.every.values():

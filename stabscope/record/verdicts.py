@@ -1,8 +1,21 @@
 """Acting on the rules' verdicts while the run trains (a mixin of ``Recorder``).
 
-The online rules (``rules.online``) run in a worker thread each time a part lands, and at once,
-on the training thread, when the first non-finite value is seen in a module's output or
-gradient, or in a loss synced (its rows are written first).
+The online rules (``rules.online``) run in a worker thread over the rows in host memory, and
+at once, on the training thread, when the first non-finite value is seen in a module's output
+or gradient, or in a loss synced (its rows are written first). At each step boundary where
+the worker is free (``OnlineVerdicts.due``) and a new row has reached the host, the recorder
+hands it a snapshot, without a sync and without writing a part:
+
+- the loss check: every loss synced so far (``losses.history``) and the pending losses
+  already in host memory (a CPU loss: every step's; a loss on an accelerator waits for the
+  recorder's next sync: the next recorded step or flight-recorder transfer);
+- the full check: the rows the writer buffers, those not yet handed to it, and the pending
+  losses already in host memory (on CPU also the flight recorder's ring), next to the parts
+  on disk.
+
+So a verdict on a CPU loss comes within ~0.1-0.2 s of the loss that shows it, a few steps
+of a short run's ~30 ms, however short the run (docs/recording.md gives the cadence and its
+measurements).
 At each step boundary the Recorder takes the new error findings and, for each one, once:
 
 - records it in meta.json (``online.findings``, with ``seen_at``, the step it arrived after);
@@ -31,9 +44,11 @@ from typing import Any
 
 from ..errors import StabscopeWarning, UsageError
 from ..rules.gate import load_settings
-from ..rules.online import ON_ERROR, OnlineVerdicts, finding_entry
+from ..rules.online import FULL, LOSS, ON_ERROR, OnlineVerdicts, finding_entry
 from ..store import interrupts
 from ..store.findings import Finding
+from ..store.memory import Unwritten
+from .collector import Rows
 
 MULTI_RANK_NOTE = (
     "on_error=stop acts as warn with several ranks: stopping one rank would leave the others "
@@ -63,7 +78,10 @@ class VerdictActions:
         self._stop_at: int | None = None  # step_index when the stop was asked for
         self._verdict_trigger = False
         self._loss_nonfinite = False  # a non-finite loss has triggered a check
-        self._parts_judged = 0
+        self._judged = {LOSS: -1, FULL: -1}  # what each check saw: see ``_new_rows``
+        # The loss check reads this rank's losses: with several ranks the run's loss is
+        # their mean, which only the parts hold (the full check).
+        self._loss_check = world_size == 1
         self._online_found: list[dict[str, Any]] = []
         self.verdicts: OnlineVerdicts | None = None
         notes: list[str] = []
@@ -91,8 +109,9 @@ class VerdictActions:
         self._verdict_trigger = True
 
     def _judge_step(self) -> None:
-        """At a step boundary, outside the step's deferred section: start a check where a
-        part landed (or run one now on a trigger), and act on the findings that arrived."""
+        """At a step boundary, outside the step's deferred section: hand the worker what it
+        has not judged yet (or check now on a trigger), and act on the findings that
+        arrived."""
         verdicts = self.verdicts
         if verdicts is None or sys.exc_info()[0] is not None:
             return  # inside the user's exception handling: the next boundary acts
@@ -105,13 +124,47 @@ class VerdictActions:
                 self.rows.flush_to_writer()
                 self.writer.flush()
                 self._save_meta()
-            verdicts.check_now()
-        elif self.writer.parts_written != self._parts_judged:
-            verdicts.landed()
-        self._parts_judged = self.writer.parts_written
+            verdicts.check_now(self._unwritten())
+        else:
+            jobs = {kind: make() for kind, make in self._checks_due(verdicts)}
+            verdicts.submit(jobs)
         found = verdicts.take()
         if found:
             self._act(found)
+
+    def _checks_due(self, verdicts: OnlineVerdicts) -> list[tuple[str, Callable[[], Unwritten]]]:
+        """The checks to hand over now: those that would start at once, with new rows."""
+        due = []
+        if self._loss_check and verdicts.due(LOSS) and self._new_rows(LOSS):
+            due.append((LOSS, self._loss_rows))
+        if verdicts.due(FULL) and self._new_rows(FULL):
+            due.append((FULL, self._unwritten))
+        return due
+
+    def _new_rows(self, kind: str) -> bool:
+        """Whether rows came since the last check of ``kind`` was handed over: for the loss
+        check a loss in host memory; for the full check rows handed to the writer (a
+        recorded step's, a flight-recorder transfer's: the losses alone are the loss
+        check's, and a full check at every step would cost 20x a loss check for them)."""
+        seen = self.losses.visible if kind == LOSS else self.writer.rows_appended
+        if seen == self._judged[kind]:
+            return False
+        self._judged[kind] = seen
+        return True
+
+    def _loss_rows(self) -> Unwritten:
+        """Every loss in host memory, as the loss check reads them (no part): O(1) here."""
+        chunks = self.losses.chunks(self.writer.phases("train"), self.writer.metrics("loss"))
+        return Unwritten(chunks, self.rank, self.writer.names, with_parts=False)
+
+    def _unwritten(self) -> Unwritten:
+        """The rows no part holds: the writer's buffer, the rows not yet handed to it, and
+        the pending losses and flight rows already in host memory (emitted here, not
+        consumed)."""
+        pending = Rows(self.writer)
+        self.losses.peek(pending)
+        self._every_peek(pending)  # the flight recorder's ring, on CPU
+        return self.writer.unwritten(self.rows.chunks + pending.chunks)
 
     def _act(self, found: list[Finding]) -> None:
         seen_at = self.step_index - 1  # the step that just ended

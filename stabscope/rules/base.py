@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..store.findings import Finding, worst_first
+from ..store.memory import Unwritten
 from .failures import RuleFailure, isolated
 from .view import Request, RunView
 
@@ -105,10 +106,12 @@ def run_rules(
     rules: list[Rule],
     settings: RuleSettings | None = None,
     until: int | None = None,
+    memory: Unwritten | None = None,
 ) -> CheckResult:
-    """Every enabled rule on one run (its steps before ``until``), worst findings first."""
+    """Every enabled rule on one run (its steps before ``until``), worst findings first;
+    ``memory``: rows no part holds yet, while the run trains (``rules.view``)."""
     settings = settings or RuleSettings()
-    view = RunView.open(run_dir, until)
+    view = RunView.open(run_dir, until, memory)
     view.plan(r for rule in rules if rule.id not in settings.disabled for r in rule.requests)
     found: list[Finding] = []
     skipped: dict[str, str] = {}

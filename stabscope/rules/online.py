@@ -1,20 +1,37 @@
 """Verdicts while a run trains: the rules whose verdict holds on a partial run (``Rule.online``),
-run over the parts written so far.
+run over the rows recorded so far.
 
-The recorder calls ``landed()`` each time a part reaches the disk. A worker thread then runs the
-online rules over the run directory (the parts and meta.json are written atomically, so it never
-reads half a file) and queues each error finding it has not reported before; the recorder takes
-them at the next step boundary (``take``), on the training thread, and acts. ``check_now`` runs a
-check on the calling thread instead: for a trigger (the first non-finite value), where a prompt
-verdict matters more than one step's time.
+Two checks, run by one worker thread, one at a time:
+
+- the **loss check**: the online rules that read nothing but the loss (``loss-divergence``;
+  ``loss-spike`` once configured as an error), over every loss in host memory (those synced,
+  and those still pending that are already on the host: a float, a CPU tensor), read from
+  memory, no part at all: 5 ms for 100 losses, 50 ms for 100,000;
+- the **full check**: every online rule over the parts written so far and the rows no part
+  holds yet (``store.memory.Unwritten``: the writer's buffer, and the pending losses and
+  flight rows already in host memory), so a verdict never waits for a part, and no part is
+  written for it.
+
+The recorder asks for a check at a step boundary where it is ``due`` (no check queued or
+running, and that check's pause over) and something new is in host memory, handing over a
+snapshot of the rows taken in O(chunks) (``submit``; ``record/verdicts.py``). The worker runs
+it and queues each error finding it has not reported before; the recorder takes them at the
+next step boundary (``take``), on the training thread, and acts. ``check_now`` runs a full
+check on the calling thread instead: for a trigger (the first non-finite value), where a
+prompt verdict matters more than one step's time.
 
 - **What acts**: findings at ``error`` after ``[tool.stabscope.rules]`` (severity, thresholds,
-  ``disable``), once per (rule, module, metric): the same finding seen again in a later check is
-  not new.
-- **Cost**: one check reads the run so far (one pass, as ``check`` does). The worker runs one
-  check at a time, and after a check that took ``t`` seconds it waits ``PAUSE * t`` before the
-  next, so it uses at most 1/(1 + PAUSE) of one core however long the run grows; parts that land
-  meanwhile are read by the next check. Measured in docs/benchmarks.md.
+  ``disable``), once per (rule, module, metric): the same finding seen again in a later check,
+  of either kind, is not new. Only the rules that can find an error run (``acts``): a rule
+  whose worst finding is a warning (``Rule.severity``) runs once configured as an error.
+- **Cost**: after a check that took ``t`` seconds of CPU time, that kind of check waits
+  ``PAUSE * t`` before the next, so each kind uses at most 1/(1 + PAUSE) of one core however
+  long the run grows, and the training thread never waits for one (handing a check over
+  costs it ~70-200 µs, a boundary with nothing to hand over ~7 µs). The loss check comes
+  every ~0.1-0.2 s on a short run: every 1-4 steps of ~30 ms. Measured in
+  docs/benchmarks.md.
+- With several ranks there is no loss check: the run's loss is the ranks' mean, which only
+  the parts hold (the recorder does not hand one over).
 - **Never a crash**: a rule that raises is a ``RuleFailure`` in ``failures`` (as the gate
   reports it), and anything else a check raises is one too, under ``CHECK``; training goes on.
   Warnings the rules raise on the worker thread (numpy's NaN warnings, a skipped part) are
@@ -30,11 +47,13 @@ from pathlib import Path
 from typing import Any
 
 from ..store.findings import Finding
+from ..store.memory import Unwritten
 from . import ALL_RULES
 from .base import Rule, RuleSettings, run_rules
 from .failures import RuleFailure, isolated
 
-#: After a check of t seconds the worker waits PAUSE * t: at most 1/(1 + PAUSE) of one core.
+#: After a check of t seconds, that kind of check waits PAUSE * t: each kind of check takes
+#: at most 1/(1 + PAUSE) of one core.
 PAUSE = 19.0
 #: The worker thread's name; warnings raised on it are dropped (module docstring).
 WORKER = "stabscope-online-rules"
@@ -45,11 +64,27 @@ ACTING = "error"
 #: What an acting finding does (``--on-error``, ``Recorder(on_error=)``): ``warn`` reports it,
 #: ``stop`` also ends training at that step boundary.
 ON_ERROR = ("warn", "stop")
+#: The two kinds of check (module docstring).
+LOSS, FULL = "loss", "full"
+#: What the loss check holds: the rules that read only these run its way.
+LOSS_METRICS = frozenset({"loss"})
 
 
 def online_rules(rules: list[Rule] | None = None) -> list[Rule]:
     """The rules whose verdict on the steps so far holds while the run trains."""
     return [r for r in (ALL_RULES if rules is None else rules) if r.online]
+
+
+def acts(rule: Rule, settings: RuleSettings) -> bool:
+    """Whether ``rule``, enabled, can find an error under ``settings``."""
+    severity = settings.severity.get(rule.id, rule.severity)
+    return rule.id not in settings.disabled and severity == ACTING
+
+
+def reads_only(rule: Rule, metrics: frozenset[str]) -> bool:
+    """Whether everything ``rule`` reads is among ``metrics``."""
+    read = set(rule.needs) | {m for request in rule.requests for m in request.metrics}
+    return bool(read) and read <= metrics
 
 
 def finding_key(f: Finding) -> tuple[str, str | None, str | None]:
@@ -86,35 +121,51 @@ class OnlineVerdicts:
     ) -> None:
         self.run_dir = Path(run_dir)
         self.settings = settings or RuleSettings()
-        self.rules = online_rules(rules)
+        # Only a rule that can find an error can act: a warning rule is not run (Rule.severity
+        # is the severity of a rule's worst finding), unless configured to be an error.
+        self.rules = [r for r in online_rules(rules) if acts(r, self.settings)]
+        self.loss_rules = [r for r in self.rules if reads_only(r, LOSS_METRICS)]
         self.pause = pause
-        self.checks = 0
+        self.checks = {LOSS: 0, FULL: 0}
         self.seconds = 0.0  # time spent in checks, on whichever thread
         self.failures: dict[str, RuleFailure] = {}
         self._seen: set[tuple[str, str | None, str | None]] = set()
         self._ready: list[Finding] = []
-        self._lock = threading.Lock()  # guards _ready, _seen and the counters
+        self._lock = threading.Lock()  # guards _ready, _seen, _jobs and the counters
         self._checking = threading.Lock()  # one check at a time
         self._wake = threading.Event()
         self._closed = False
-        self._not_before = 0.0
+        self._busy = False  # a submitted check is queued or running
+        self._jobs: dict[str, Unwritten] = {}
+        self._not_before = {LOSS: 0.0, FULL: 0.0}
         self._thread: threading.Thread | None = None
 
     # -- the training thread -----------------------------------------------------------------
-    def landed(self) -> None:
-        """A part reached the disk: check the run in the background, soon."""
-        if self._closed:
+    def due(self, kind: str) -> bool:
+        """Whether a check of ``kind`` handed over now starts at once: no check is queued or
+        running, and its pause is over. Two reads, no lock: cheap at every step boundary."""
+        if self._closed or self._busy or time.monotonic() < self._not_before[kind]:
+            return False
+        return bool(self.loss_rules) if kind == LOSS else True
+
+    def submit(self, jobs: dict[str, Unwritten]) -> None:
+        """Check the run in the background over the parts and the rows of ``jobs``
+        (``LOSS``: the losses alone, ``FULL``: what no part holds yet), loss check first."""
+        if self._closed or not jobs:
             return
+        with self._lock:
+            self._jobs.update(jobs)
+            self._busy = True
         if self._thread is None:
             _drop_worker_warnings()
             self._thread = threading.Thread(target=self._loop, name=WORKER, daemon=True)
             self._thread.start()
         self._wake.set()
 
-    def check_now(self) -> None:
-        """Check on this thread now (after a check in progress, if any)."""
+    def check_now(self, memory: Unwritten | None = None) -> None:
+        """A full check on this thread now (after a check in progress, if any)."""
         if not self._closed:
-            self._check()
+            self._check(FULL, memory)
 
     def take(self) -> list[Finding]:
         """The new acting findings since the last call, in the order they were found."""
@@ -136,7 +187,8 @@ class OnlineVerdicts:
         with self._lock:
             return {
                 "on_error": on_error,
-                "checks": self.checks,
+                "checks": self.checks[FULL] + self.checks[LOSS],
+                "loss_checks": self.checks[LOSS],
                 "seconds": round(self.seconds, 4),
                 "rule_errors": {k: str(v) for k, v in self.failures.items()},
             }
@@ -145,24 +197,32 @@ class OnlineVerdicts:
     def _loop(self) -> None:
         while True:
             self._wake.wait()
-            if self._closed:
-                return
-            delay = self._not_before - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)  # parts landing meanwhile are read by this check
             self._wake.clear()
+            while not self._closed:
+                with self._lock:
+                    kind = next((k for k in (LOSS, FULL) if k in self._jobs), None)
+                    if kind is None:
+                        self._busy = False
+                        break
+                    memory = self._jobs.pop(kind)
+                self._check(kind, memory)
             if self._closed:
                 return
-            self._check()
 
-    def _check(self) -> None:
+    def _check(self, kind: str, memory: Unwritten | None) -> None:
+        rules = self.loss_rules if kind == LOSS else self.rules
         with self._checking:
-            t0 = time.perf_counter()
-            result, failure = isolated(lambda: run_rules(self.run_dir, self.rules, self.settings))
+            t0, cpu0 = time.perf_counter(), time.thread_time()
+            result, failure = isolated(
+                lambda: run_rules(self.run_dir, rules, self.settings, memory=memory)
+            )
             spent = time.perf_counter() - t0
-            self._not_before = time.monotonic() + self.pause * spent
+            # The pause follows the core time the check took, not its wall time: a check that
+            # waited for the GIL, held by the training thread, did not take that time from it.
+            cpu = time.thread_time() - cpu0
+            self._not_before[kind] = time.monotonic() + self.pause * cpu
             with self._lock:
-                self.checks += 1
+                self.checks[kind] += 1
                 self.seconds += spent
                 if failure is not None:
                     self.failures[CHECK] = failure

@@ -15,7 +15,7 @@ them, so that frames built from the reads match ``load_run``'s exactly.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +51,15 @@ class Read:
     def __post_init__(self) -> None:
         if self.step not in STEP_SCOPES:
             raise ValueError(f"step must be one of {STEP_SCOPES}, not {self.step!r}")
+
+
+def _batches(files: Sequence[Path], tables: Sequence[pa.Table]) -> Iterator[pa.RecordBatch]:
+    """The record batches of ``files`` in order, then those of ``tables``."""
+    for path in files:
+        with pq.ParquetFile(path) as part:
+            yield from part.iter_batches(batch_size=BATCH_ROWS)
+    for table in tables:
+        yield from table.to_batches(max_chunksize=BATCH_ROWS)
 
 
 class Runs:
@@ -148,20 +157,26 @@ class Scan:
     ranks: set[int] = field(default_factory=set)  # ranks with a selected row
     passes: int = 0
 
-    def run(self, files: Sequence[Path], reads: Iterable[Read], rows: int = 0) -> None:
-        """One pass over ``files`` (of ``rows`` rows in all, from their footers) that
-        collects ``reads`` (those not collected yet)."""
+    def run(
+        self,
+        files: Sequence[Path],
+        reads: Iterable[Read],
+        rows: int = 0,
+        tables: Sequence[pa.Table] = (),
+    ) -> None:
+        """One pass over ``files`` (of ``rows`` rows in all, from their footers), then over
+        ``tables`` (rows in memory, after every part: ``store.memory``), that collects
+        ``reads`` (those not collected yet)."""
         wanted = [r for r in dict.fromkeys(reads) if r not in self.rows]
         if self.passes and not wanted:
             return
         kept = {r: Kept(r.step) for r in wanted}
         metrics = list(dict.fromkeys(r.metric for r in wanted))
+        rows += sum(t.num_rows for t in tables)
         seq = np.zeros(1, np.uint32 if rows < 1 << 32 else np.int64)
-        for path in files:
-            with pq.ParquetFile(path) as part:
-                for batch in part.iter_batches(batch_size=BATCH_ROWS):
-                    self._batch(batch, seq, metrics, kept, census=self.passes == 0)
-                    seq = seq + batch.num_rows
+        for batch in _batches(files, tables):
+            self._batch(batch, seq, metrics, kept, census=self.passes == 0)
+            seq = seq + batch.num_rows
         for r, k in kept.items():
             self.rows[r] = Rows(k.chunks)
         self.passes += 1

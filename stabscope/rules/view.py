@@ -8,6 +8,10 @@ parts (``rules.scan``), keeping compact columns of just the rows asked for. Each
 types; module and metric as plain strings). A request that was not planned still works: it
 costs one more pass. Memory is what the rules asked for, never the table: a rule that looks
 only at the first or last step asks for that step (``step="first"``).
+
+While the run trains, the view can also hold rows that no part holds yet (``memory``, a
+``store.memory.Unwritten``): they are read after the parts, and the parts written after
+them are left out (they hold the same rows).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..store import Parts, RunMeta, load_meta, readable_parts
+from ..store.memory import Unwritten
 from ..store.ranks import merged, ratio_inputs
 from ..store.structure import Structure
 from .scan import Read, Rows, Scan
@@ -55,13 +60,17 @@ class RunView:
     run_dir: Path
     meta: RunMeta
     until: int | None = None  # only steps before this one (a verdict from the first steps)
+    memory: Unwritten | None = None  # rows no part holds yet (module docstring)
     _planned: list[Read] = field(default_factory=list, repr=False)
     _scan: Scan | None = field(default=None, repr=False)
     _parts: Parts | None = field(default=None, repr=False)
+    _tables: list[pa.Table] | None = field(default=None, repr=False)
 
     @classmethod
-    def open(cls, run_dir: str | Path, until: int | None = None) -> RunView:
-        return cls(Path(run_dir), load_meta(run_dir), until)
+    def open(
+        cls, run_dir: str | Path, until: int | None = None, memory: Unwritten | None = None
+    ) -> RunView:
+        return cls(Path(run_dir), load_meta(run_dir), until, memory)
 
     def plan(self, requests: Iterable[Request]) -> None:
         """Read these requests in the first pass over the parts (a run of one rank reads no
@@ -74,18 +83,35 @@ class RunView:
 
     @property
     def parts(self) -> Parts:
-        """The readable parts (skipped ones warned about once)."""
+        """The readable parts (skipped ones warned about once), less those ``memory`` hides."""
         if self._parts is None:
-            self._parts = readable_parts(self.run_dir)
+            memory = self.memory
+            if memory is None:
+                self._parts = readable_parts(self.run_dir)
+            elif memory.with_parts:
+                self._parts = _without(readable_parts(self.run_dir), memory)
+            else:
+                self._parts = Parts()
         return self._parts
+
+    @property
+    def tables(self) -> list[pa.Table]:
+        """The rows of ``memory`` (none without it), built once."""
+        if self._tables is None:
+            self._tables = [] if self.memory is None else [self.memory.table()]
+        return self._tables
 
     @property
     def scan(self) -> Scan:
         """What was read so far; the first use reads every planned request."""
         if self._scan is None:
             self._scan = Scan(until=self.until)
-            self._scan.run(self.parts.files, self._planned, self.parts.rows)
+            self._read(self._planned)
         return self._scan
+
+    def _read(self, reads: list[Read]) -> None:
+        assert self._scan is not None
+        self._scan.run(self.parts.files, reads, self.parts.rows, self.tables)
 
     def has(self, *names: str) -> bool:
         """Whether any of the metrics has a training row (before ``until``)."""
@@ -150,7 +176,7 @@ class RunView:
         scan = self.scan
         missing = [r for r in reads if r not in scan.rows]
         if missing:  # not planned: one more pass
-            scan.run(self.parts.files, missing, self.parts.rows)
+            self._read(missing)
         rows = _in_run_order(scan, reads)
         if step is not None and len(rows["step"]):
             at = rows["step"].min() if step == "first" else rows["step"].max()
@@ -161,6 +187,13 @@ class RunView:
         for col in ("module", "metric"):
             frame[col] = _as_str(frame[col])
         return frame
+
+
+def _without(parts: Parts, memory: Unwritten) -> Parts:
+    """``parts`` less the files that ``memory`` hides. Their rows still count: ``rows`` only
+    sizes the row positions of a pass (``Scan.run``), and an upper bound does that."""
+    files = [f for f in parts.files if not memory.hides(f)]
+    return Parts(files, parts.rows, parts.skipped)
 
 
 def _in_run_order(scan: Scan, reads: list[Read]) -> dict[str, np.ndarray]:

@@ -161,6 +161,7 @@ ONLINE = Record(
     {
         "on_error": STR,
         "checks": INT,
+        "loss_checks": INT,
         "seconds": NUMBER,
         "findings": ListOf(ONLINE_FINDING),
         "rule_errors": MapOf(STR),

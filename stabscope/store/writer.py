@@ -9,6 +9,9 @@ killed process therefore loses at most the rows that were not yet in a part.
 A part that cannot be written (a full disk) leaves no file behind, its rows stay buffered
 and counted nowhere, and the error goes on to the caller; ``parts_written`` and
 ``rows_written`` count only parts that are on disk.
+
+``unwritten()`` hands the rows not yet in a part to a reader in memory (``store.memory``:
+the online rules read them without waiting for a part).
 """
 
 from __future__ import annotations
@@ -17,13 +20,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .atomic import write_atomically
 from .interrupts import deferred
 from .layout import PARTS_DIR, part_name
-from .schema import PARQUET_OPTIONS, SCHEMA
+from .memory import PART_BLOCK, Chunk, Unwritten, rows_table
+from .schema import PARQUET_OPTIONS
 
 #: The flush interval of a new writer; it doubles after each part up to ``flush_seconds``.
 FIRST_FLUSH_SECONDS = 1.0
@@ -64,8 +67,9 @@ class PartWriter:
         self.metrics = Interner()
         self.parts_written = 0
         self.rows_written = 0
+        self.rows_appended = 0  # rows handed to the writer, on disk or buffered
         self.last_step_written = -1
-        self._chunks: list[tuple[np.ndarray, ...]] = []
+        self._chunks: list[Chunk] = []
         self._buffered = 0
         self._last_flush = time.monotonic()
         self._interval = min(FIRST_FLUSH_SECONDS, flush_seconds)
@@ -73,12 +77,12 @@ class PartWriter:
 
     def _first_free_part_number(self) -> int:
         # Each rank numbers its parts in its own block so that ranks never write the same file.
-        base = self.rank * 10_000_000
+        base = self.rank * PART_BLOCK
         taken = [
             int(p.name[5:11]) if p.name[5:11].isdigit() else -1
             for p in self.parts_dir.glob("part-*.parquet")
         ]
-        taken = [n for n in taken if base <= n < base + 10_000_000]
+        taken = [n for n in taken if base <= n < base + PART_BLOCK]
         return max(taken, default=base - 1) + 1
 
     def append(
@@ -107,6 +111,7 @@ class PartWriter:
             )
         )
         self._buffered += n
+        self.rows_appended += n
         if (
             self._buffered >= self.part_rows
             or time.monotonic() - self._last_flush >= self._interval
@@ -116,6 +121,18 @@ class PartWriter:
     @property
     def buffered_rows(self) -> int:
         return self._buffered
+
+    @property
+    def names(self) -> tuple[Interner, Interner, Interner]:
+        """The phase, module and metric names of the codes."""
+        return self.phases, self.modules, self.metrics
+
+    def unwritten(self, more: tuple[Chunk, ...] = ()) -> Unwritten:
+        """The buffered rows and ``more`` (chunks of the same codes), as a reader in memory
+        sees them, and which of this writer's parts hold none of them (those written so
+        far). O(chunks): nothing is copied (a chunk is never changed once appended)."""
+        block = self.rank * PART_BLOCK
+        return Unwritten((*self._chunks, *more), self.rank, self.names, self._next_part, block)
 
     def flush(self) -> Path | None:
         """Write the buffered rows as one part; returns its path, or None when empty."""
@@ -128,25 +145,9 @@ class PartWriter:
 
     def _write_part(self) -> Path:
         cols = [np.concatenate(c) for c in zip(*self._chunks)]
-        step, phase, module, call, metric, index, value = cols
+        step, value = cols[0], cols[-1]
         n = len(value)
-
-        def dict_column(codes: np.ndarray, names: list[str]) -> pa.DictionaryArray:
-            return pa.DictionaryArray.from_arrays(pa.array(codes, pa.int32()), pa.array(names))
-
-        table = pa.Table.from_arrays(
-            [
-                pa.array(step, pa.int32()),
-                pa.array(np.full(n, self.rank, np.int16)),
-                dict_column(phase, self.phases.names),
-                dict_column(module, self.modules.names),
-                pa.array(call, pa.int16()),
-                dict_column(metric, self.metrics.names),
-                pa.array(index, pa.int16()),
-                pa.array(value, pa.float32()),
-            ],
-            schema=SCHEMA,
-        )
+        table = rows_table(cols, self.rank, self.names)
         target = self.parts_dir / part_name(self._next_part)
         write_atomically(target, lambda tmp: pq.write_table(table, tmp, **PARQUET_OPTIONS))
         self._next_part += 1
