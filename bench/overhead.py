@@ -19,6 +19,8 @@ speed hits every mode alike; the order within a round rotates from round to roun
   unrecorded       recorder attached, but the step is not on the schedule, flight recorder off
   flight           the flight recorder alone: every step's block, stem and head statistics
                    (the recorder attached, the step not on the schedule)
+  flight-offline   the flight mode without the rules judging the run while it trains
+                   (``online_rules=False``): what the online checks' worker thread costs
   unrecorded-noupdates  unrecorded with step_updates off: loss, lr and the gradient norm only
   live             the flight mode, its series sent live to TensorBoard (log_to
                    tensorboard:TMPDIR, docs/dashboards.md); a timer around the bridge's
@@ -66,6 +68,7 @@ MODES = {
     # Step 0 is recorded (and excluded below); every later step is off the schedule.
     "unrecorded": RecorderConfig(schedule=Schedule(dense=1, every=0), flight=False),
     "flight": RecorderConfig(schedule=Schedule(dense=1, every=0)),
+    "flight-offline": RecorderConfig(schedule=Schedule(dense=1, every=0), online_rules=False),
     "live": RecorderConfig(schedule=Schedule(dense=1, every=0)),  # + log_to, in main()
     "unrecorded-noupdates": RecorderConfig(
         schedule=Schedule(dense=1, every=0), flight=False, step_updates=False

@@ -13,7 +13,7 @@ hands it a snapshot, without a sync and without writing a part:
   losses already in host memory (on CPU also the flight recorder's ring), next to the parts
   on disk.
 
-So a verdict on a CPU loss comes within ~0.1-0.2 s of the loss that shows it, a few steps
+So a verdict on a CPU loss comes within ~0.25 s of the loss that shows it, a few steps
 of a short run's ~30 ms, however short the run (docs/recording.md gives the cadence and its
 measurements).
 At each step boundary the Recorder takes the new error findings and, for each one, once:

@@ -28,7 +28,7 @@ prompt verdict matters more than one step's time.
   ``PAUSE * t`` before the next, so each kind uses at most 1/(1 + PAUSE) of one core however
   long the run grows, and the training thread never waits for one (handing a check over
   costs it ~70-200 µs, a boundary with nothing to hand over ~7 µs). The loss check comes
-  every ~0.1-0.2 s on a short run: every 1-4 steps of ~30 ms. Measured in
+  every ~0.25 s on a short run: every 3-8 steps of ~30 ms. Measured in
   docs/benchmarks.md.
 - With several ranks there is no loss check: the run's loss is the ranks' mean, which only
   the parts hold (the recorder does not hand one over).
@@ -53,8 +53,9 @@ from .base import Rule, RuleSettings, run_rules
 from .failures import RuleFailure, isolated
 
 #: After a check of t seconds, that kind of check waits PAUSE * t: each kind of check takes
-#: at most 1/(1 + PAUSE) of one core.
-PAUSE = 19.0
+#: at most 1/(1 + PAUSE) of one core, 2%. At 19 (5%) the checks cost the sample GPT's CPU
+#: step 3.4% where torch's threads hold both cores, at 49 0.7% (docs/benchmarks.md).
+PAUSE = 49.0
 #: The worker thread's name; warnings raised on it are dropped (module docstring).
 WORKER = "stabscope-online-rules"
 #: The key of ``failures`` for a check that failed outside any one rule (meta.json unreadable).
