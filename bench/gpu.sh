@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 out="${OUT:-.}/bench-gpu.txt"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out"
 python bench/overhead.py --device cuda --rounds 10 --steps-per-round 8 --schedule-steps 300 \
-    --modes plain,plain-b,unrecorded,flight,standard | tee -a "$out"
+    --modes plain,plain-b,unrecorded,flight,flight-offline,standard | tee -a "$out"
 timeout 240 python bench/overhead.py --device cuda --compile --rounds 10 --steps-per-round 8 \
-    --schedule-steps 0 --modes plain,plain-b,flight | tee -a "$out"
+    --schedule-steps 0 --modes plain,plain-b,flight,flight-offline | tee -a "$out"
+python bench/flight_share.py --device cuda --steps 40 | tee -a "$out"
