@@ -70,7 +70,7 @@ def test_findings_worst_first_with_evidence_and_plot_links(tmp_path):
         ("warning", "grad-growth"),
         ("info", "info-note"),
     ]
-    assert "grad_rms = 8, threshold 4 in blocks.3 at step 0" in listed
+    assert "value 8, threshold 4, from grad_rms in blocks.3 at step 0" in listed
     assert "remedy: use Pre-LN" in listed and "Xiong et al. 2020" in listed
     links = re.findall(r'href="#([^"]+)">see the plot', listed)
     assert links == ["fig-attn_entropy", "fig-grad_rms", "fig-loss"]

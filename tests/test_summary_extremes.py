@@ -1,12 +1,17 @@
 """`stabscope summary`'s largest and smallest modules: each module listed once, in the order
-of the recorded values at the first recorded step (load_run's rows are the reference)."""
+of the recorded values at the first recorded step (load_run's rows are the reference); and a
+loss that overflowed while every module stayed finite is named, not "no non-finite values"."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 import stabscope
 from stabscope.analysis.summary import summarize
+from stabscope.rules import check_run
+from tests.cli_inputs import invoke
 from tests.conftest import batch_maker, mlp, train
 
 
@@ -37,3 +42,36 @@ def test_a_model_with_few_modules_lists_each_once(tmp_path):
     assert s.largest == want and s.smallest == []
     s = summarize(run, top=2)
     assert s.largest == want[:2] and s.smallest == want[-2:][::-1]
+
+
+def test_a_loss_that_overflows_while_every_module_stays_finite_is_named(tmp_path):
+    """The squared error of a target at 1e20 is 1e40, past float32: the loss is inf at that
+    step while the model's output and the gradient (2 * error / n, ~1e19) stay finite."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # the weights never change
+    run = tmp_path / "run"
+    losses = []
+    with stabscope.Recorder(model, run) as rec:
+        for step in range(6):
+            x = torch.randn(8, 4)
+            y = torch.full((8, 1), 1e20 if step == 3 else 0.0)
+            loss = (model(x) - y).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            rec.step(loss=loss)
+            losses.append(loss.item())
+    want = next(i for i, v in enumerate(losses) if not math.isfinite(v))
+    assert want == 3
+    s = summarize(run)
+    assert s.first_nonfinite == {}  # no module output or gradient went non-finite
+    assert s.loss_nonfinite_step == want
+    result = invoke("summary", str(run))
+    assert f"the loss did at step {want}" in " ".join(result.output.split())
+    assert "no non-finite values recorded" not in result.output
+    # The gate says the same, and that the flight recorder watched that very step: no advice
+    # to record more steps to find a module.
+    (f,) = [f for f in check_run(run).findings if f.rule == "nonfinite"]
+    assert (f.step, f.module) == (want, "__run__")
+    assert "the flight recorder watched it" in f.message and "denser" not in f.remedy

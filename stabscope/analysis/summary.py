@@ -73,6 +73,7 @@ class Summary:
     rows: int
     loss_first: float | None = None
     loss_last: float | None = None
+    loss_nonfinite_step: int | None = None  # the first step whose loss was NaN/Inf
     extremes_metric: str | None = None
     extremes_step: int | None = None
     largest: list[tuple[str, float]] = field(default_factory=list)
@@ -169,8 +170,12 @@ def summarize(run_dir: str | Path, top: int = 3) -> Summary:
         run_dir, modules=[RUN_MODULE], metrics=["loss"], phase="train", merge_ranks=True
     )
     if not loss.empty:
-        values = loss.sort_values("step").value.to_numpy(float)
+        ordered = loss.sort_values("step")
+        values = ordered.value.to_numpy(float)
         s.loss_first = float(values[0])
+        bad = ~np.isfinite(values)
+        if bad.any():  # a loss that overflowed while every module stayed finite says so
+            s.loss_nonfinite_step = int(ordered.step.to_numpy()[bad.argmax()])
         tail = values[-max(1, len(values) // 10) :]
         # A diverged run's last tenth can be all NaN: its mean is NaN, without numpy's warning.
         s.loss_last = math.nan if np.isnan(tail).all() else float(np.nanmean(tail))

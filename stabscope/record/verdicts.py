@@ -22,9 +22,10 @@ At each step boundary the Recorder takes the new error findings and, for each on
 - warns (a ``StabscopeWarning``, a ``warning:`` line under the CLI);
 - calls ``on_finding(finding)``;
 - with ``on_error="stop"``, asks the run to stop: ``rec.should_stop`` turns true and
-  ``rec.stopped_by`` holds the finding. Whoever drives the loop ends it at this boundary
-  (``stabscope profile``, zero-code mode, the Lightning and HF callbacks do; a plain loop
-  checks ``rec.should_stop``); a run closed without another step is ``stopped``, with the
+  ``rec.stopped_by`` holds the finding as meta.json keeps it (a dict, ``finding_entry``:
+  ``rule``, ``step``, ``message``, ``seen_at``, ...). Whoever drives the loop ends it at
+  this boundary (``stabscope profile``, zero-code mode, the Lightning and HF callbacks do; a
+  plain loop checks ``rec.should_stop``); a run closed without another step is ``stopped``, with the
   finding in meta.json's ``stopped_by``.
 
 A verdict never interrupts the user's own error handling: while an exception is being handled

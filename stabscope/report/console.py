@@ -68,6 +68,11 @@ def print_summary(summary: Summary, console: Console) -> None:
                 f"(call {where['call']}) at step {where['step']}",
                 soft_wrap=True,
             )
+    elif s.loss_nonfinite_step is not None:
+        console.print(
+            "[red]no module output or gradient went non-finite; the loss did at step "
+            f"{s.loss_nonfinite_step}[/]"
+        )
     else:
         console.print("no non-finite values recorded")
     for kind, names in (s.never_fired or {}).items():

@@ -26,7 +26,7 @@ def _update_ratio(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     yield finding_at(
         UPDATE_RATIO,
         "warning",
-        f"{big.module.nunique()} parameters had updates larger than "
+        f"{(n := big.module.nunique())} parameter{'s' if n != 1 else ''} had updates larger than "
         f"{p['max_ratio']:g} of their norm in one step; largest {worst.value:.3g} "
         f"({worst.module}, step {int(worst.step)})",
         worst,

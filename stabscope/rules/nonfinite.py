@@ -83,20 +83,39 @@ def first_nonfinite_loss(loss: pd.DataFrame) -> tuple[int, float] | None:
     return None if bad.empty else (int(bad.step.iloc[0]), float(bad.value.iloc[0]))
 
 
-def _loss_only(step: int, value: float) -> Finding:
+def _loss_only(step: int, value: float, watched: bool) -> Finding:
+    """The loss went NaN/Inf and no flag did. ``watched``: the flight recorder's flags cover
+    that very step (all finite), so the loss itself overflowed, not a module between two
+    recorded steps."""
+    if watched:
+        why = (
+            "every watched module's output and gradient was finite at that step (the flight "
+            "recorder watched it): the loss itself overflowed"
+        )
+        remedy = (
+            "compute the loss so it stays finite for large errors (float32 or wider, a mean "
+            "not a sum, a Huber loss instead of a squared one); lower the learning rate, add "
+            "warm-up or gradient clipping"
+        )
+    else:
+        why = (
+            "no module output or gradient was non-finite at the recorded steps (the loss "
+            "itself overflowed, or it began between them)"
+        )
+        remedy = (
+            "record every step around it (a denser schedule, or the flight recorder) to find "
+            "the module; lower the learning rate, add warm-up or gradient clipping"
+        )
     return finding(
         NONFINITE,
         "error",
-        f"the loss went non-finite at step {step} ({value}); no module output or gradient "
-        "was non-finite at the recorded steps (the loss itself overflowed, or it began "
-        "between them)",
+        f"the loss went non-finite at step {step} ({value}); {why}",
         module=RUN_MODULE,
         step=step,
-        value=0.0,
+        value=0.0,  # no flag held one: the count of non-finite module outputs, as below
         threshold=0.0,
         metric="loss",
-        remedy="record every step around it (a denser schedule) to find the module; lower "
-        "the learning rate, add warm-up or gradient clipping",
+        remedy=remedy,
     )
 
 
@@ -106,7 +125,8 @@ def _nonfinite(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     loss = first_nonfinite_loss(rows)
     if bad.empty:
         if loss is not None:
-            yield _loss_only(*loss)
+            flight = rows.metric.isin(DIRECTIONS["forward"][0][1:]) & (rows.step == loss[0])
+            yield _loss_only(*loss, watched=bool(flight.any()))
         return
     markers = view.metrics(*(marker for _, marker, _ in DIRECTIONS.values()))
     firsts = [f for d in DIRECTIONS if (f := first_nonfinite(view, bad, markers, d)) is not None]

@@ -60,7 +60,8 @@ def _finding(
     rule: Rule, what: str, found: pd.DataFrame, p: dict[str, float], remedy: str
 ) -> Finding:
     first = found.iloc[0]
-    more = f"; {len(found) - 1} more spike steps" if len(found) > 1 else ""
+    extra = len(found) - 1
+    more = f"; {extra} more spike step{'s' if extra > 1 else ''}" if extra else ""
     return finding(
         rule,
         "warning",
