@@ -100,6 +100,14 @@ class PendingLosses:
         self._on_host += value.device.type == "cpu"
 
     @property
+    def latest(self) -> float | None:
+        """The newest loss readable without a device sync: the last pending one when it is
+        in host memory, else the last synced (None before any)."""
+        if self._pending and self._pending[-1][1].device.type == "cpu":
+            return float(self._pending[-1][1])
+        return self.last
+
+    @property
     def visible(self) -> int:
         """How many losses a reader on the host can see without a sync: those synced and
         those pending in host memory (it grows with each one that becomes visible)."""

@@ -170,8 +170,9 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
 
     @property
     def last_loss(self) -> float | None:
-        """The loss of the last step written (synced) so far."""
-        return self.losses.last
+        """The newest loss readable without a device sync: the last step's when its loss is
+        in host memory (CPU), else that of the last step synced (the progress bar's)."""
+        return self.losses.latest
 
     # -- steps -------------------------------------------------------------------------------
     def step(self, loss: torch.Tensor | float | None = None) -> None:
