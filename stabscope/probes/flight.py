@@ -201,8 +201,10 @@ class FlightRecorder(BaseProbe):
     def check(self, step: int) -> None:
         """Before an optimizer step (gradients in place, weights not yet changed) and at the
         step's end: judge the step when its flags are on the host for free (CPU)."""
+        if len(self.found) == 2:
+            return  # both directions found: nothing left to judge
         flags = self.ring.nonfinite()
-        if flags is not None and len(self.found) < 2:
+        if flags is not None and flags.any():
             self._judge(flags, step)
 
     def _poll_device(self, step: int) -> None:

@@ -97,6 +97,8 @@ class FlightRing:
         if self.host is None:
             return None
         cell = self.host[self.index]  # (W, 2, 5)
+        if np.isfinite(cell[..., 2:4]).all():  # the common case in one pass: nothing to flag
+            return np.zeros(cell.shape[:2], bool)
         with np.errstate(invalid="ignore"):
             return (cell[..., 4] > 0) & ~(np.isfinite(cell[..., 2]) & np.isfinite(cell[..., 3]))
 
