@@ -24,6 +24,7 @@ from stabscope.rules.view import RunView
 from stabscope.store.memory import PART_BLOCK, Unwritten
 from stabscope.store.writer import Interner
 from tests.conftest import ROOT
+from tests.script_training import script_training
 
 sys.path.insert(0, str(ROOT / "tests" / "scripts"))
 import diverging_finite
@@ -86,22 +87,7 @@ def test_the_reference_first_divergence_of_the_late_diverging_script():
 
 
 def finite_training(**config: float):
-    cfg = ScriptConfig({**diverging_finite.CONFIG, **config})
-    torch.manual_seed(0)
-    net = diverging_finite.model(cfg)
-    opt = diverging_finite.optimizer(net, cfg)
-    sched = diverging_finite.scheduler(opt, cfg)
-    data = diverging_finite.batches(cfg)
-
-    def step() -> torch.Tensor:
-        opt.zero_grad(set_to_none=True)
-        loss = diverging_finite.loss(net, next(data))
-        loss.backward()
-        opt.step()
-        sched.step()
-        return loss
-
-    return net, step
+    return script_training(diverging_finite, ScriptConfig({**diverging_finite.CONFIG, **config}))
 
 
 def as_read(frame: pd.DataFrame) -> pd.DataFrame:

@@ -21,6 +21,7 @@ from stabscope.record.config import RecorderConfig
 from stabscope.rules import ALL_RULES
 from stabscope.rules.online import online_rules
 from tests.conftest import ROOT
+from tests.script_training import script_training
 
 sys.path.insert(0, str(ROOT / "tests" / "scripts"))
 import diverging_late
@@ -124,21 +125,7 @@ def test_bad_on_error_is_one_line_with_a_hint(tmp_path):
 
 
 def late_training(cfg: Namespace):
-    torch.manual_seed(0)
-    net = diverging_late.model(cfg)
-    opt = diverging_late.optimizer(net, cfg)
-    sched = diverging_late.scheduler(opt, cfg)
-    data = diverging_late.batches(cfg)
-
-    def step() -> torch.Tensor:
-        opt.zero_grad(set_to_none=True)
-        loss = diverging_late.loss(net, next(data))
-        loss.backward()
-        opt.step()
-        sched.step()
-        return loss
-
-    return net, step
+    return script_training(diverging_late, cfg)
 
 
 def test_on_finding_gets_each_error_finding_once(tmp_path):
