@@ -97,12 +97,18 @@ def reduce_range(x, bits, mask, zero, lo, hi):
     return s, q, m
 
 
-@_jit
-def write(s, q, m, bits, x, out):
-    # absmax is the float whose bit pattern is the integer ``m`` (sign bit clear).
+@numba.njit(boundscheck=False, nogil=True, cache=True)
+def absmax(m, bits, x):
+    # The float whose bit pattern is the integer ``m`` (sign bit clear): NaN where a NaN was
+    # seen. No fastmath: this value carries the NaN/Inf the statistics report.
     tmp = np.empty(1, bits.dtype)
     tmp[0] = m
-    a = tmp.view(x.dtype)[0]
+    return tmp.view(x.dtype)[0]
+
+
+@_jit
+def write(s, q, m, bits, x, out):
+    a = absmax(m, bits, x)
     out[0] = s
     out[1] = q
     out[2] = -a
@@ -116,7 +122,9 @@ def serial(x, bits, mask, zero, out):
 
 
 @numba.njit(fastmath=True, boundscheck=False, nogil=True, cache=True, parallel=True)
-def parallel(x, bits, mask, zero, parts, out):
+def reduce_parts(x, bits, mask, zero, parts):
+    # ``reduce_range`` over ``parts`` contiguous slices, one thread each; their sums added,
+    # their integer maxima combined.
     n = x.size
     width = (n + parts - 1) // parts
     sums = np.zeros(parts)
@@ -126,7 +134,13 @@ def parallel(x, bits, mask, zero, parts, out):
         sums[p], squares[p], peaks[p] = reduce_range(
             x, bits, mask, zero, p * width, min(n, (p + 1) * width)
         )
-    write(sums.sum(), squares.sum(), peaks.max(), bits, x, out)
+    return sums.sum(), squares.sum(), peaks.max()
+
+
+@_jit
+def parallel(x, bits, mask, zero, parts, out):
+    s, q, m = reduce_parts(x, bits, mask, zero, parts)
+    write(s, q, m, bits, x, out)
 
 
 # The flight ring's cell: ``[sum, sumsq, min, max, numel]`` (float32). These three are compiled
@@ -138,9 +152,7 @@ _exact = numba.njit(boundscheck=False, nogil=True, cache=True)
 
 @_exact
 def combine(s, q, m, bits, x, n, cell):
-    tmp = np.empty(1, bits.dtype)
-    tmp[0] = m
-    a = np.float64(tmp.view(x.dtype)[0])  # absmax: NaN where a NaN was seen
+    a = np.float64(absmax(m, bits, x))
     lo, hi = -a, a
     if cell[4] != 0:
         s += cell[0]
@@ -163,15 +175,7 @@ def serial_into(x, bits, mask, zero, cell):
     return combine(s, q, m, bits, x, x.size, cell)
 
 
-@numba.njit(boundscheck=False, nogil=True, cache=True, parallel=True)
+@_exact
 def parallel_into(x, bits, mask, zero, parts, cell):
-    n = x.size
-    width = (n + parts - 1) // parts
-    sums = np.zeros(parts)
-    squares = np.zeros(parts)
-    peaks = np.zeros(parts, bits.dtype)
-    for p in numba.prange(parts):
-        sums[p], squares[p], peaks[p] = reduce_range(
-            x, bits, mask, zero, p * width, min(n, (p + 1) * width)
-        )
-    return combine(sums.sum(), squares.sum(), peaks.max(), bits, x, n, cell)
+    s, q, m = reduce_parts(x, bits, mask, zero, parts)
+    return combine(s, q, m, bits, x, x.size, cell)
