@@ -23,6 +23,7 @@ from ..metrics import headlines, worse_end
 from ..store import RUN_MODULE, RunMeta, load_meta, load_run
 from ..store.findings import strict_json
 from ..store.rundir import run_state
+from .losses import first_nonfinite_loss
 
 ROOT = "<root>"
 
@@ -170,12 +171,11 @@ def summarize(run_dir: str | Path, top: int = 3) -> Summary:
         run_dir, modules=[RUN_MODULE], metrics=["loss"], phase="train", merge_ranks=True
     )
     if not loss.empty:
-        ordered = loss.sort_values("step")
-        values = ordered.value.to_numpy(float)
+        values = loss.sort_values("step").value.to_numpy(float)
         s.loss_first = float(values[0])
-        bad = ~np.isfinite(values)
-        if bad.any():  # a loss that overflowed while every module stayed finite says so
-            s.loss_nonfinite_step = int(ordered.step.to_numpy()[bad.argmax()])
+        # A loss that overflowed while every module stayed finite is said as such.
+        first_bad = first_nonfinite_loss(loss)
+        s.loss_nonfinite_step = None if first_bad is None else first_bad[0]
         tail = values[-max(1, len(values) // 10) :]
         # A diverged run's last tenth can be all NaN: its mean is NaN, without numpy's warning.
         s.loss_last = math.nan if np.isnan(tail).all() else float(np.nanmean(tail))

@@ -18,9 +18,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import numpy as np
 import pandas as pd
 
+from ..analysis.losses import first_nonfinite_loss
 from ..store import RUN_MODULE
 from ..store.findings import Finding
 from .base import Rule, RunView, finding
@@ -76,13 +76,6 @@ def first_nonfinite(
     return FirstNonfinite(direction, step, module, metric)
 
 
-def first_nonfinite_loss(loss: pd.DataFrame) -> tuple[int, float] | None:
-    """The first step whose loss (of the ``loss`` rows given) was NaN or Inf, and that value."""
-    loss = loss[(loss.metric == "loss") & (loss.module == RUN_MODULE)].sort_values("step")
-    bad = loss[~np.isfinite(loss.value.to_numpy(float))]
-    return None if bad.empty else (int(bad.step.iloc[0]), float(bad.value.iloc[0]))
-
-
 def _loss_only(step: int, value: float, watched: bool) -> Finding:
     """The loss went NaN/Inf and no flag did. ``watched``: the flight recorder's flags cover
     that very step (all finite), so the loss itself overflowed, not a module between two
@@ -125,7 +118,8 @@ def _nonfinite(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     loss = first_nonfinite_loss(rows)
     if bad.empty:
         if loss is not None:
-            flight = rows.metric.isin(DIRECTIONS["forward"][0][1:]) & (rows.step == loss[0])
+            # The flight recorder's forward flags are at every step it watched, 0 or 1.
+            flight = (rows.metric == "flight_act_nonfinite") & (rows.step == loss[0])
             yield _loss_only(*loss, watched=bool(flight.any()))
         return
     markers = view.metrics(*(marker for _, marker, _ in DIRECTIONS.values()))
