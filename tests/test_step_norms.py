@@ -174,3 +174,27 @@ def test_block_updates_off_above_the_size_limit(run_dir, monkeypatch):
     assert series(run_dir, "grad_norm")[0].size == STEPS
     notes = stabscope.read_meta(run_dir)["notes"]
     assert any("block update norms every step are off" in n for n in notes)
+
+
+def test_a_second_clip_of_the_same_gradients_is_measured_after_both(run_dir):
+    """Two ``clip_grad_norm_`` calls a step (the second tighter): the norm the optimizer
+    receives is the second clip's, not the first clip's total times its factor."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    received = []
+    with stabscope.Recorder(model, run_dir, preset="cheap") as rec:
+        for _ in range(STEPS):
+            x = torch.randn(32, 8)
+            loss = (model(x) - 5.0).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            clip_grad_norm_(model.parameters(), 1.0)
+            clip_grad_norm_(model.parameters(), 0.1)
+            received.append(total_norm(model))
+            opt.step()
+            rec.step(loss=loss)
+    assert all(r < 0.1 + 1e-6 for r in received)  # the second clip acted at every step
+    steps, post = series(run_dir, "grad_norm_clipped")
+    assert steps.tolist() == list(range(STEPS))
+    np.testing.assert_allclose(post, received, rtol=1e-5)

@@ -80,10 +80,14 @@ class StepNorms:
         it ``after``, when the clip knows it). The first clip of a parameter set in a step
         counts (a second one sees clipped gradients)."""
         owned = [p for p in params if id(p) in self.param_ids]
-        if owned and id(owned[0]) not in self._clips:
-            self._clips[id(owned[0])] = norm
-            first = len(self._clips) == 1 and after is not None
-            self._after = (frozenset(map(id, owned)), after) if first else None
+        if not owned:
+            return
+        if id(owned[0]) in self._clips:
+            self._after = None  # clipped again: its factor is not the first clip's alone
+            return
+        self._clips[id(owned[0])] = norm
+        first = len(self._clips) == 1 and after is not None
+        self._after = (frozenset(map(id, owned)), after) if first else None
 
     def before_optimizer_step(self, optimizer: torch.optim.Optimizer, updates: bool = True) -> None:
         """Just before ``optimizer.step()`` (after its closure): the gradients it receives;
@@ -91,7 +95,7 @@ class StepNorms:
         params = [p for g in optimizer.param_groups for p in g["params"]]
         params = [p for p in params if id(p) in self.param_ids]
         known = self._after
-        if known is not None and len(self._clips) == 1 and known[0] == {id(p) for p in params}:
+        if known is not None and known[0] == {id(p) for p in params}:
             # The step's one clip covered exactly these gradients and scaled them by one
             # factor: their norm is its norm after the clip, without a pass (nanoGPT, the HF
             # Trainer and Lightning clip this way).
