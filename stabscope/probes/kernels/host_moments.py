@@ -25,10 +25,9 @@ import torch
 
 from .host_kernels import HOST_DTYPES, PARALLEL_FROM, kernels, thread_parts
 
-#: Float width -> (integer type of the same width, mask that clears the sign bit).
-_BITS = {4: (np.int32, 0x7FFFFFFF), 8: (np.int64, 0x7FFFFFFFFFFFFFFF)}
-#: Float width -> the kernels' constant arguments (integer type, typed mask, typed zero),
-#: built once: the flight ring calls ``accumulate_into`` ~20 times a step.
+#: Float width -> the kernels' constant arguments: the integer type of the same width, the
+#: mask that clears the sign bit (of that type) and a typed zero; built once, not per call
+#: (the flight ring calls ``accumulate_into`` ~20 times a step).
 _ARGS = {
     4: (np.int32, np.int32(0x7FFFFFFF), np.float32(0)),
     8: (np.int64, np.int64(0x7FFFFFFFFFFFFFFF), np.float64(0)),
@@ -51,14 +50,13 @@ def host_moments_into(t: torch.Tensor, out: np.ndarray) -> None:
     than the four of the torch path). Requires ``host_kernels.ready()``.
     """
     values = _flat(t)
-    int_type, mask = _BITS[values.itemsize]
+    int_type, mask, zero = _ARGS[values.itemsize]
     bits = values.view(int_type)
-    zero = values.dtype.type(0)
     parts = thread_parts() if values.size >= PARALLEL_FROM else 1
     if parts > 1:
-        kernels().parallel(values, bits, int_type(mask), zero, parts, out)
+        kernels().parallel(values, bits, mask, zero, parts, out)
     else:
-        kernels().serial(values, bits, int_type(mask), zero, out)
+        kernels().serial(values, bits, mask, zero, out)
 
 
 #: ``accumulate_into`` splits a tensor across threads only from this many elements (16 MiB of
