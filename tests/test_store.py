@@ -101,3 +101,25 @@ def test_meta_is_strict_json_even_with_nan(run_dir):
 
     save_meta(run_dir, new_meta(run={"lr": float("nan")}))
     json.loads((run_dir / "meta.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_writer_reopened_on_its_parts_numbers_after_them(run_dir, rank):
+    """A rank's parts are numbered in its own block (rank 1 from 10,000,000: eight digits);
+    a writer opened where that rank's parts already are writes after them and overwrites
+    none, whatever the width of the number."""
+    rows = []
+    for _ in range(2):
+        w = PartWriter(run_dir, rank=rank, flush_seconds=1e9)
+        w.append(
+            np.array([len(rows)]),
+            np.array([w.phases("train")]),
+            np.array([w.modules("m")]),
+            np.zeros(1),
+            np.array([w.metrics("loss")]),
+            np.array([-1]),
+            np.array([float(len(rows))], np.float32),
+        )
+        rows.append(w.flush())
+    assert rows[0] != rows[1] and all(p.exists() for p in rows)
+    assert sorted(load_run(run_dir).value) == [0.0, 1.0]

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from .atomic import write_atomically
 from .interrupts import deferred
 from .layout import PARTS_DIR, part_name
-from .memory import PART_BLOCK, Chunk, Unwritten, rows_table
+from .memory import PART_BLOCK, Chunk, Unwritten, part_number, rows_table
 from .schema import PARQUET_OPTIONS
 
 #: The flush interval of a new writer; it doubles after each part up to ``flush_seconds``.
@@ -78,11 +78,8 @@ class PartWriter:
     def _first_free_part_number(self) -> int:
         # Each rank numbers its parts in its own block so that ranks never write the same file.
         base = self.rank * PART_BLOCK
-        taken = [
-            int(p.name[5:11]) if p.name[5:11].isdigit() else -1
-            for p in self.parts_dir.glob("part-*.parquet")
-        ]
-        taken = [n for n in taken if base <= n < base + PART_BLOCK]
+        numbers = (part_number(p) for p in self.parts_dir.glob("part-*.parquet"))
+        taken = [n for n in numbers if n is not None and base <= n < base + PART_BLOCK]
         return max(taken, default=base - 1) + 1
 
     def append(
