@@ -55,6 +55,10 @@ class RuleSettings:
     params: dict[str, dict[str, float]] = field(default_factory=dict)
     severity: dict[str, str] = field(default_factory=dict)
 
+    def severity_of(self, rule: Rule) -> str:
+        """The severity of ``rule``'s worst finding: the user's override, else the rule's."""
+        return self.severity.get(rule.id, rule.severity)
+
 
 @dataclass
 class CheckResult:

@@ -70,7 +70,7 @@ def run_gate(
     settings = load_settings(config)
     if allow_incomplete:
         settings.params.setdefault("run-status", {})["allow_incomplete"] = 1.0
-    severity = {r.id: settings.severity.get(r.id, r.severity) for r in ALL_RULES}
+    severity = {r.id: settings.severity_of(r) for r in ALL_RULES}
     try:
         result = check_run(run_dir, settings)
         if baseline is not None:

@@ -78,8 +78,7 @@ def online_rules(rules: list[Rule] | None = None) -> list[Rule]:
 
 def acts(rule: Rule, settings: RuleSettings) -> bool:
     """Whether ``rule``, enabled, can find an error under ``settings``."""
-    severity = settings.severity.get(rule.id, rule.severity)
-    return rule.id not in settings.disabled and severity == ACTING
+    return rule.id not in settings.disabled and settings.severity_of(rule) == ACTING
 
 
 def reads_only(rule: Rule, metrics: frozenset[str]) -> bool:
