@@ -37,6 +37,12 @@ def records(path: Path) -> list:
 
 
 def offline_run(wandb_dir: Path) -> Path:
+    """The one offline run's ``.wandb`` file, read after the wandb service has exited: a
+    finished run's records are written by that separate process, and under CI's load a read
+    right after ``finish()`` twice found no history rows in a file that had them later."""
+    import wandb
+
+    wandb.teardown()  # waits for the service to close its streams (and their files)
     (path,) = wandb_dir.glob("wandb/offline-run-*/run-*.wandb")
     return path
 
