@@ -36,6 +36,13 @@ def split_targets(specs: str | Sequence[str]) -> list[str]:
     return [t.strip() for item in items for t in str(item).split(",") if t.strip()]
 
 
+def target_items(specs: Any) -> list[Any]:
+    """``log_to`` as a flat list: each string split at its commas; a ``Target`` or a
+    destination object (anything else) kept as it is."""
+    items = [specs] if isinstance(specs, str) or not isinstance(specs, Sequence) else specs
+    return [t for item in items for t in (split_targets(item) if isinstance(item, str) else [item])]
+
+
 def check_targets(specs: str | Sequence[str]) -> list[str]:
     """The targets, or a ``UsageError`` for an unknown one or a missing extra."""
     targets = split_targets(specs)
@@ -67,14 +74,7 @@ def open_targets(specs: str | Sequence[str | Target], run_name: str) -> tuple[li
     """A destination for each target (``live.Destination``) and a line for each that could
     not be opened (an unwritable directory, a W&B login missing): training goes on without
     it. ``run_name`` names a new W&B run."""
-    items = [specs] if isinstance(specs, str) else list(specs)
-    pairs = [
-        pair
-        for t in items
-        for pair in (
-            [(t.spec, t.prefix)] if isinstance(t, Target) else [(s, "") for s in split_targets(t)]
-        )
-    ]
+    pairs = [(t.spec, t.prefix) if isinstance(t, Target) else (t, "") for t in target_items(specs)]
     check_targets([t for t, _ in pairs])
     out: list[Any] = []
     failed: list[str] = []

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..export.destinations import Target, split_targets
+from ..export.destinations import Target, target_items
 from ..store.findings import Finding
 
 TRAINER = "trainer"
@@ -48,12 +48,11 @@ def with_trainer(log_to: Any, trainer_targets: Sequence[Any]) -> Any:
     """``log_to`` with ``"trainer"`` replaced by ``trainer_targets``."""
     if log_to is None:
         return None
-    items = [log_to] if isinstance(log_to, str) or not isinstance(log_to, Sequence) else log_to
-    out: list[Any] = []
-    for item in items:
-        for target in split_targets(item) if isinstance(item, str) else [item]:
-            out += list(trainer_targets) if target == TRAINER else [target]
-    return out
+    return [
+        t
+        for target in target_items(log_to)
+        for t in (list(trainer_targets) if target == TRAINER else [target])
+    ]
 
 
 def hf_targets(args: Any) -> list[Target | str]:

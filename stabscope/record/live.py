@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import StabscopeWarning
-from ..export.destinations import Target, open_targets, split_targets
+from ..export.destinations import Target, open_targets, target_items
 from ..export.live import Chunk, LiveSeries
 from ..store import update_meta
 from ..store.findings import Finding
@@ -78,10 +78,4 @@ class LiveBridge:
 
 def live_targets(config_targets: Sequence[str], log_to: Any) -> list[Any]:
     """The keyword's targets (a string, a comma list, destinations), else the config's."""
-    if log_to is None:
-        return list(config_targets)
-    items = [log_to] if isinstance(log_to, str) or not isinstance(log_to, Sequence) else log_to
-    out: list[Any] = []
-    for item in items:
-        out += split_targets(item) if isinstance(item, str) else [item]
-    return out
+    return list(config_targets) if log_to is None else target_items(log_to)
