@@ -183,7 +183,6 @@ def profile_script(
         "steps_requested": steps,
         "optimizer": type(opt).__name__,
     }
-    notes: list[str] = []
     start = time.perf_counter()
     first = _next_batch(script, data, 0, dev)
     if first is None:
@@ -223,7 +222,9 @@ def profile_script(
         for step in range(steps):
             batch = first if step == 0 else _next_batch(script, data, step, dev)
             if batch is None:
-                notes.append(f"batches(cfg) ran out after {step} steps")
+                # Kept in meta.json, not only printed: `summary`, `report` and `check` of a run
+                # shorter than --steps (a one-epoch DataLoader) say why it is.
+                update_meta(rec.meta, [f"batches(cfg) ran out after {step} of {steps} steps"])
                 break
             opt.zero_grad(set_to_none=True)
             loss = _call(script, f"computing the loss at step {step}", script.loss, model, batch)
@@ -248,6 +249,5 @@ def profile_script(
         rec.step_index,
         time.perf_counter() - start,
         rec.last_loss,
-        notes,
-        rec.stopped_by if rec.meta.get("status") == "stopped" else None,
+        stopped_by=rec.stopped_by if rec.meta.get("status") == "stopped" else None,
     )
