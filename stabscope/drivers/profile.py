@@ -130,6 +130,15 @@ def _call(script: ModelScript, where: str, fn: Callable[..., Any], *args: Any) -
         raise script_failure(script.path, err, where) from err
 
 
+def step_scheduler(sched: Any, loss: torch.Tensor) -> None:
+    """One scheduler step per training step; ReduceLROnPlateau's takes the metric it watches,
+    here the step's loss (the only one a model script's loop has)."""
+    if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        sched.step(float(loss.detach()))
+    else:
+        sched.step()
+
+
 def profile_script(
     script: ModelScript,
     out: str | Path,
@@ -235,10 +244,12 @@ def profile_script(
                     hint="return loss.mean()",
                 )
             # A NaN loss is data: backward and the optimizer run as they would in training.
+            # The optimizer and scheduler are the script's (its own classes, its arguments):
+            # an error there is reported as one line, like one in loss or batches.
             loss.backward()
-            opt.step()
+            _call(script, f"stepping the optimizer at step {step}", opt.step)
             if sched is not None:
-                sched.step()
+                _call(script, f"stepping the scheduler at step {step}", step_scheduler, sched, loss)
             rec.step(loss=loss)
             if progress is not None:
                 progress(step + 1, steps, rec.last_loss)
