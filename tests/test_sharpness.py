@@ -80,6 +80,18 @@ def stepped(make_opt, steps: int = 3) -> tuple[nn.Module, torch.optim.Optimizer]
     return model, opt
 
 
+class ClippedAdam(torch.optim.Adam):
+    """A subclass that clips inside ``step``, as scripts write it: Adam's update and state."""
+
+    def step(self, closure=None):  # type: ignore[override]
+        torch.nn.utils.clip_grad_norm_([p for g in self.param_groups for p in g["params"]], 1.0)
+        return super().step(closure)
+
+
+class MySGD(torch.optim.SGD):
+    pass
+
+
 @pytest.mark.parametrize(
     "make_opt, limit",
     [
@@ -88,8 +100,10 @@ def stepped(make_opt, steps: int = 3) -> tuple[nn.Module, torch.optim.Optimizer]
         (lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.5, nesterov=True), 1.5),
         (lambda m: torch.optim.Adam(m.parameters(), lr=1e-2), 38.0),
         (lambda m: torch.optim.AdamW(m.parameters(), lr=3e-3, betas=(0.8, 0.99)), 18.0),
+        (lambda m: ClippedAdam(m.parameters(), lr=1e-2), 38.0),
+        (lambda m: MySGD(m.parameters(), lr=0.1, momentum=0.9), 3.8),
     ],
-    ids=["sgd", "momentum", "nesterov", "adam", "adamw"],
+    ids=["sgd", "momentum", "nesterov", "adam", "adamw", "adam-subclass", "sgd-subclass"],
 )
 def test_index_equals_exact_hessian_eigenvalue(make_opt, limit) -> None:
     # 43 parameters: 43 Lanczos steps span the whole space, so the top Ritz value is exact.
@@ -264,3 +278,23 @@ def test_a_bad_budget_in_pyproject_names_the_key() -> None:
     with pytest.raises(ConfigError, match="sharpness_budget"):
         config_from_mapping({"sharpness_budget": -1})
     assert config_from_mapping({"sharpness_budget": 0.05}).sharpness_budget == 0.05
+
+
+def test_the_forecast_says_why_an_optimizer_got_no_index(tmp_path) -> None:
+    from stabscope.rules import check_run
+
+    model = small()
+    opt = torch.optim.Adagrad(model.parameters(), lr=1e-2)
+    with Recorder(model, tmp_path / "run", forward=loss_of) as rec:
+        for _ in range(6):
+            loss = loss_of(model)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            rec.step(loss=loss)
+    (forecast,) = [f for f in check_run(tmp_path / "run").findings if f.rule == "failure-forecast"]
+    evidence = {e["signal"]: e["evidence"] for e in forecast.evidence}
+    assert (
+        evidence["stability_now"]
+        == "stability index not measured: no stability threshold for Adagrad"
+    )

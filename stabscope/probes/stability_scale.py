@@ -40,6 +40,13 @@ ADAM_LIKE = ("Adam", "AdamW")
 SUPPORTED = ("SGD", "RMSprop", *ADAM_LIKE)
 
 
+def supported_kind(opt: torch.optim.Optimizer) -> str | None:
+    """The supported optimizer ``opt`` is, or subclasses (a ``ClippedAdam(Adam)`` that clips
+    inside ``step`` keeps Adam's update and state): the first class name of its MRO in
+    ``SUPPORTED``; None when there is none."""
+    return next((c.__name__ for c in type(opt).__mro__ if c.__name__ in SUPPORTED), None)
+
+
 @dataclass
 class Scales:
     params: list[torch.Tensor]
@@ -72,7 +79,7 @@ def _walk(
     out = Scales([], [], [])
     waiting = False
     for opt in optimizers:
-        kind = type(opt).__name__
+        kind = supported_kind(opt) or type(opt).__name__
         for group in opt.param_groups:
             lr = float(group["lr"])  # a number or a 0-d tensor
             for p in group["params"]:
@@ -144,4 +151,4 @@ def _next_average(v: torch.Tensor, g: torch.Tensor | None, beta: float) -> torch
     return v if g is None else v * beta + (1 - beta) * g.float().square()
 
 
-__all__ = ["ADAM_LIKE", "SUPPORTED", "Scales", "participants", "scales"]
+__all__ = ["ADAM_LIKE", "SUPPORTED", "Scales", "participants", "scales", "supported_kind"]

@@ -36,8 +36,12 @@ def _log(x: float) -> float:
 def stability_features(view: RunView) -> dict[str, Feature]:
     """``stability_now``, ``stability_peak``, ``stability_forecast`` (module docstring), plus
     ``CROSSING``: the first planned step whose forecast S reaches 1."""
+    why = next(
+        (n for n in view.meta.get("notes", []) if str(n).startswith("stability_index not")),
+        "stability index not measured",
+    )
     nan = {
-        name: Feature(name, math.nan, "stability index not measured")
+        name: Feature(name, math.nan, str(why).replace("_", " ", 1))
         for name in ("stability_now", "stability_peak", "stability_forecast", CROSSING)
     }
     if not view.has("stability_index"):
