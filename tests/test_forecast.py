@@ -96,7 +96,11 @@ def test_check_reports_the_score_and_its_evidence(before_ramp, tmp_path) -> None
     assert forecast["metric"] == "failure_probability"
     signals_named = [e["signal"] for e in forecast["evidence"]]
     assert signals_named[0].startswith("stability")  # the strongest reason comes first
-    shares = [e["contribution"] for e in forecast["evidence"] if "contribution" in e]
+    # Every entry has the same keys; the expected failure step is no signal (no share).
+    assert all(
+        set(e) == {"signal", "value", "contribution", "evidence"} for e in forecast["evidence"]
+    )
+    shares = [e["contribution"] for e in forecast["evidence"] if e["contribution"] is not None]
     assert shares == sorted(shares, reverse=True)
     step = next(e["value"] for e in forecast["evidence"] if e["signal"] == "expected_failure_step")
     assert "expected to fail near step" in forecast["message"] and step < 40
@@ -202,3 +206,39 @@ def test_a_finished_run_of_few_losses_is_not_called_learned(tmp_path) -> None:
     run = profile(tmp_path / "two", 2, budget=2)
     assert learned_by_the_end(RunView.open(run), 2, 2) is None
     assert "failure-forecast" not in check_run(run).failed
+
+
+def test_a_regression_heads_growth_to_its_targets_scale_is_not_residual_growth(tmp_path) -> None:
+    """Only the head trains (the hidden layer is frozen) on targets of std 100: the head's
+    output rms grows past 10 while every module before it keeps its rms, so the plain net's
+    residual_growth is the hidden modules' (below 0), not the head's (above 1)."""
+    import torch
+    from torch import nn
+
+    from stabscope import Recorder
+    from stabscope.rules.forecast_features import residual_growth
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1))
+    model[0].requires_grad_(False)
+    x = torch.randn(64, 8)
+    y = 100 * x[:, :1]
+    opt = torch.optim.Adam(model[2].parameters(), lr=0.3)
+    with Recorder(model, tmp_path / "run") as rec:
+        for _ in range(30):
+            loss = (model(x) - y).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            rec.step(loss=loss)
+    view = RunView.open(tmp_path / "run")
+    act = view.metrics("act_rms")
+    head = act[act.module == "2"].sort_values("step").value.to_numpy()
+    hidden = act[act.module == "1"].value.to_numpy()
+    assert head[-1] > 10 * max(head[0], 1.0)  # the head grew to the targets' scale
+    assert hidden.max() < 1.0  # the frozen layer's features stay below rms 1
+    # Each module before the head: log10(last rms / max(first rms, 1)), the largest of them.
+    before = act[act.module.isin(["0", "1"])].sort_values("step").groupby("module").value
+    expected = max(np.log10(v.iloc[-1] / max(v.iloc[0], 1.0)) for _, v in before)
+    assert residual_growth(view).value == pytest.approx(expected, abs=1e-6)
+    assert expected < 0.01

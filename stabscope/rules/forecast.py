@@ -190,7 +190,14 @@ def _forecast(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     if crossing is not None:
         message += f"; expected to fail near step {crossing}, where the planned lr takes the "
         message += "stability index past 1"
-        evidence += ({"signal": "expected_failure_step", "value": crossing},)
+        evidence += (
+            {
+                "signal": "expected_failure_step",
+                "value": crossing,
+                "contribution": None,  # not a signal: when the look-ahead says it fails
+                "evidence": f"the planned lr takes the stability index past 1 at step {crossing}",
+            },
+        )
     yield finding(
         FORECAST,
         severity,

@@ -120,14 +120,18 @@ def residual_stream(view: RunView) -> tuple[pd.DataFrame, str] | None:
 
 def residual_growth(view: RunView) -> Feature:
     """log10 growth of the residual stream (``residual_stream``); without residual blocks,
-    of every module's output."""
+    of every module's output before the output head."""
     stream = residual_stream(view)
     if stream is None:
         # Measured from rms 1 as well: a plain net's features grow to unit scale as it learns
-        # (a ReLU CNN's last conv from rms 0.04 to 14 while its loss falls 1.8 -> 0.16).
+        # (a ReLU CNN's last conv from rms 0.04 to 14 while its loss falls 1.8 -> 0.16). The
+        # head's output is the prediction: it grows to the targets' scale as a regression
+        # learns (0.11 -> 68 on targets of std 280), which is no runaway; the logit signals
+        # read it where it is logits.
         act = view.metrics("act_rms")
-        what = f"module output rms (no residual blocks found; from {UNIT_RMS:g} if below)"
-        return trend("residual_growth", act[act.module != ROOT], what, floor=UNIT_RMS)
+        act = act[~act.module.isin(out.after_the_head(view.meta) | {ROOT})]
+        what = "module output rms before the head (no residual blocks found; "
+        return trend("residual_growth", act, f"{what}from {UNIT_RMS:g} if below)", floor=UNIT_RMS)
     frame, what = stream
     return trend(
         "residual_growth", frame, f"{what} (from rms {UNIT_RMS:g} if below)", floor=UNIT_RMS

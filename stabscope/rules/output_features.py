@@ -26,20 +26,40 @@ def first_logits(view: RunView) -> pd.DataFrame:
     return z[z.step == z.step.min()] if len(z) else z
 
 
+def output_head(meta: RunMeta) -> dict | None:
+    """meta's module record of the output head: the last linear or conv module to finish its
+    forward (None when no such module ran)."""
+    ran = [
+        m
+        for m in meta.modules
+        if m.get("forward_order") is not None and m.get("role") in ("linear", "conv")
+    ]
+    return max(ran, key=lambda m: m["forward_order"]) if ran else None
+
+
+def after_the_head(meta: RunMeta) -> set[str]:
+    """The modules whose output is the model's prediction or made from it: the head, what
+    runs after it, and the containers around it (they finish their forward after it)."""
+    head = output_head(meta)
+    if head is None:
+        return set()
+    last = head["forward_order"]
+    return {
+        m["name"]
+        for m in meta.modules
+        if m.get("forward_order") is not None and m["forward_order"] >= last
+    }
+
+
 def output_classes(meta: RunMeta) -> tuple[int, str] | None:
     """(V, head) for the output head: the last linear or conv module to finish its forward,
     V its weight's output dimension. A head tied to the embedding has no weight of its own in
     the parameter table (it is listed once, under the embedding): V is then its bias's length,
     or without a bias the rows of the one embedding weight of the head's size (``_tied``).
     None when the model has no such module or the tie cannot be read."""
-    ran = [
-        m
-        for m in meta.modules
-        if m.get("forward_order") is not None and m.get("role") in ("linear", "conv")
-    ]
-    if not ran:
+    head = output_head(meta)
+    if head is None:
         return None
-    head = max(ran, key=lambda m: m["forward_order"])
     shapes = {p["name"]: p["shape"] for p in meta.parameters}
     shape = shapes.get(f"{head['name']}.weight")
     if not shape:
