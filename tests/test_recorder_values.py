@@ -302,3 +302,38 @@ def test_two_optimizers_each_read_just_before_their_own_step(run_dir):
     assert got.keys() == want.keys()
     for key, value in want.items():
         assert got[key] == pytest.approx(value, rel=1e-5), key
+
+
+def test_a_recorder_opened_by_its_first_step_records_nothing_of_that_step_but_its_loss(run_dir):
+    """Without ``with`` or ``start()``, the first ``rec.step()`` opens the run after that
+    step's forward, backward and optimizer step: step 0 has its loss and no statistics (its
+    weights read then would be step 1's, labelled step 0), a note says why, and every
+    weight norm recorded is that of the weights its step's optimizer step received."""
+    torch.manual_seed(0)
+    model = mlp()
+    make = batch_maker(6, 3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    rec = stabscope.Recorder(model, run_dir, schedule=Schedule(dense=STEPS, every=0))
+    want: dict[tuple[int, str], float] = {}
+    losses = []
+    for step in range(STEPS):
+        x, y = make(step)
+        loss = (model(x) - y).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        for n, p in model.named_parameters():
+            want[(step, n)] = p.detach().double().norm().item()
+        opt.step()
+        rec.step(loss=loss)
+        losses.append(loss.item())
+    rec.close()
+    df = stabscope.load_run(run_dir)
+    assert df[df.step == 0].metric.unique().tolist() == ["loss"]
+    assert df[df.metric == "loss"].value.tolist() == pytest.approx(losses)
+    norms = df[df.metric == "param_norm"]
+    assert sorted(set(norms.step)) == [1, 2]
+    for r in norms.itertuples():
+        assert r.value == pytest.approx(want[(r.step, r.module)], rel=1e-5)
+    assert set(df[df.metric == "act_rms"].step) == {1, 2}
+    notes = stabscope.read_meta(run_dir)["notes"]
+    assert any("step 0 ran before the run opened" in n for n in notes), notes
