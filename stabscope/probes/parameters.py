@@ -63,6 +63,7 @@ class ParameterProbe(BaseProbe):
         self.codes = np.array([c for c, _ in params], np.int64)
         # Weight norms measured this step: parameter index -> (norms tensor, position in it).
         self._weight_norms: dict[int, tuple[torch.Tensor, int]] = {}
+        self._unseen: set[int] = set()  # parameters whose optimizer step began unseen
         # Per optimizer: copy buffers for the parameters it owns. On CPU they are kept across
         # steps: allocating a model-sized copy each time costs ~6x the copy itself in page
         # faults. Elsewhere (CUDA's caching allocator) they are freed after each step.
@@ -77,10 +78,11 @@ class ParameterProbe(BaseProbe):
     def begin_step(self, collector: Collector) -> None:
         self._collector = collector
         self._weight_norms.clear()
+        self._unseen.clear()
         self._before.clear()
 
     def _unmeasured(self, which: list[int]) -> list[int]:
-        return [i for i in which if i not in self._weight_norms]
+        return [i for i in which if i not in self._weight_norms and i not in self._unseen]
 
     def _measure(
         self,
@@ -178,6 +180,12 @@ class ParameterProbe(BaseProbe):
 
     def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         entry = self._before.get(id(optimizer))
+        if self._collector is not None and entry is None:
+            # Its step began before this step was armed (the run opened inside it: a model
+            # first called in a closure): its weights are already the next step's, and its
+            # gradients a later evaluation's. Nothing of them is read at the step boundary.
+            owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            self._unseen.update(i for i, p in enumerate(self.params) if id(p) in owned)
         if self._collector is None or entry is None or not entry[0]:
             return
         which, old, old_norm = entry
@@ -218,6 +226,7 @@ class ParameterProbe(BaseProbe):
         self._collector = None
         self._before.clear()
         self._weight_norms.clear()
+        self._unseen.clear()
 
 
 def _emit_norms(rows: Rows, prefix: str, codes: np.ndarray, numel: np.ndarray, v: np.ndarray):
