@@ -266,3 +266,74 @@ def test_update_ratio_of_zero_initialised_parameters(run_dir):
     assert all(got[(0, n, "update_norm")] > 0 for n in zero_init)
     assert all((s, n, "update_ratio") in got for s in (1, 2) for n in zero_init)
     assert np.isfinite(df.value).all()
+
+
+def test_two_optimizers_each_read_just_before_their_own_step(run_dir):
+    """A GAN-style step: the discriminator's optimizer steps, then the generator's backward
+    makes its gradients and its optimizer steps. Each parameter's weight and gradient norms
+    are those its own ``optimizer.step()`` received (the generator's gradients do not exist
+    yet when the discriminator steps: read there, they would be the previous step's)."""
+    torch.manual_seed(0)
+    gen, disc = torch.nn.Linear(4, 6), torch.nn.Linear(6, 1)
+    model = torch.nn.ModuleDict({"gen": gen, "disc": disc})
+    opt_d = torch.optim.SGD(disc.parameters(), lr=0.1)
+    opt_g = torch.optim.Adam(gen.parameters(), lr=1e-2)
+    want: dict[tuple[int, str, str], float] = {}
+
+    def read(step: int, prefix: str, part: torch.nn.Module) -> None:
+        for n, p in part.named_parameters():
+            want[(step, f"{prefix}.{n}", "param_norm")] = p.detach().double().norm().item()
+            want[(step, f"{prefix}.{n}", "param_grad_norm")] = p.grad.double().norm().item()
+
+    with stabscope.Recorder(model, run_dir, schedule=Schedule(dense=STEPS, every=0)) as rec:
+        for step in range(STEPS):
+            z, real = torch.randn(8, 4), torch.randn(8, 6)
+            opt_d.zero_grad()
+            (disc(gen(z).detach()).mean() - disc(real).mean()).backward()
+            read(step, "disc", disc)
+            opt_d.step()
+            opt_g.zero_grad()
+            (-disc(gen(z)).mean()).backward()
+            read(step, "gen", gen)
+            opt_g.step()
+            rec.step()
+    df = stabscope.load_run(run_dir, metrics=["param_norm", "param_grad_norm"])
+    got = {(int(r.step), str(r.module), str(r.metric)): float(r.value) for r in df.itertuples()}
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-5), key
+
+
+def test_a_recorder_opened_by_its_first_step_records_nothing_of_that_step_but_its_loss(run_dir):
+    """Without ``with`` or ``start()``, the first ``rec.step()`` opens the run after that
+    step's forward, backward and optimizer step: step 0 has its loss and no statistics (its
+    weights read then would be step 1's, labelled step 0), a note says why, and every
+    weight norm recorded is that of the weights its step's optimizer step received."""
+    torch.manual_seed(0)
+    model = mlp()
+    make = batch_maker(6, 3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    rec = stabscope.Recorder(model, run_dir, schedule=Schedule(dense=STEPS, every=0))
+    want: dict[tuple[int, str], float] = {}
+    losses = []
+    for step in range(STEPS):
+        x, y = make(step)
+        loss = (model(x) - y).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        for n, p in model.named_parameters():
+            want[(step, n)] = p.detach().double().norm().item()
+        opt.step()
+        rec.step(loss=loss)
+        losses.append(loss.item())
+    rec.close()
+    df = stabscope.load_run(run_dir)
+    assert df[df.step == 0].metric.unique().tolist() == ["loss"]
+    assert df[df.metric == "loss"].value.tolist() == pytest.approx(losses)
+    norms = df[df.metric == "param_norm"]
+    assert sorted(set(norms.step)) == [1, 2]
+    for r in norms.itertuples():
+        assert r.value == pytest.approx(want[(r.step, r.module)], rel=1e-5)
+    assert set(df[df.metric == "act_rms"].step) == {1, 2}
+    notes = stabscope.read_meta(run_dir)["notes"]
+    assert any("step 0 ran before the run opened" in n for n in notes), notes

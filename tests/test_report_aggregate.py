@@ -8,7 +8,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
+import stabscope
+from stabscope import Schedule
 from stabscope.report.aggregate import step_bins, take_census
 from stabscope.report.data import Budget, census_of, collect
 from stabscope.report.rowbins import row_bins, span_label
@@ -180,3 +183,29 @@ def test_parts_with_different_dictionaries(tmp_path):
     grid = collected(run).heat["act_rms"]
     f = VALUES["act_rms"][1]
     np.testing.assert_allclose(grid.hi, [[f(0, 0, 0), 10, 20], [f(1, 0, 0), 11, 21]], rtol=1e-6)
+
+
+def test_a_step_marked_first_nonfinite_twice_is_listed_once(tmp_path):
+    """A bias that is NaN from the start: every step's forward is non-finite. Step 1 is
+    marked by its recorded step and by the flight recorder (whose first step it is): the
+    report's table of first non-finite modules lists each step and module once."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    with torch.no_grad():
+        model[2].bias.fill_(float("nan"))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with stabscope.Recorder(model, tmp_path / "run", schedule=Schedule(dense=3, every=0)) as rec:
+        for _ in range(4):
+            x = torch.randn(8, 4)
+            loss = model(x).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            rec.step(loss=loss)
+    rows = stabscope.load_run(tmp_path / "run", metrics="first_nonfinite_forward")
+    pairs = list(zip(rows.step.tolist(), rows.module.astype(str)))
+    # Step 0: the NaN bias's layer; from step 1 on the first layer's weights are NaN too
+    # (step 0's update). Step 1 carries the recorded step's marker and the flight recorder's.
+    assert sorted(pairs) == [(0, "2"), (1, "0"), (1, "0"), (2, "0")]
+    listed = collected(tmp_path / "run").markers["first_nonfinite_forward"]
+    assert sorted(listed) == [(0, "2"), (1, "0"), (2, "0")]

@@ -57,6 +57,34 @@ class _Block(nn.Module):
         return h + self.fc(self.norm(h))
 
 
+class _LoRALinear(nn.Module):
+    """A frozen projection plus a low-rank adapter: f = base(x) + x A^T B^T."""
+
+    def __init__(self, d: int, rank: int = 2) -> None:
+        super().__init__()
+        self.base = nn.Linear(d, d)
+        self.A = nn.Parameter(torch.randn(rank, d) * 0.1)
+        self.B = nn.Parameter(torch.randn(d, rank) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (batch, d) -> (batch, d)
+        return self.base(x) + x @ self.A.t() @ self.B.t()
+
+
+def test_a_branch_whose_module_adds_to_its_projection_is_named_by_that_module():
+    """An adapter-wrapped projection: f is the wrapper's output (base + adapter), not its
+    inner Linear's, so the branch is named by the wrapper, the module that writes f. A
+    projection that writes f itself keeps its name (linear2 before its dropout, below)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_Block(8), _Block(8))
+    for block in model:
+        block.fc = _LoRALinear(8)
+    s = discover(model, lambda m: m(torch.randn(4, 8)))
+    assert [(br.name, br.output, br.placement) for br in s.branches] == [
+        ("0.fc", "0.fc", "pre"),
+        ("1.fc", "1.fc", "pre"),
+    ]
+
+
 class _ResidualMLP(nn.Module):
     """Pre-LN residual MLP blocks on a stream a Linear writes: under bf16 autocast the
     stream and every branch output are bfloat16, so each residual sum is rounded to bf16."""

@@ -75,3 +75,29 @@ def test_a_loss_that_overflows_while_every_module_stays_finite_is_named(tmp_path
     (f,) = [f for f in check_run(run).findings if f.rule == "nonfinite"]
     assert (f.step, f.module) == (want, "__run__")
     assert "the flight recorder watched it" in f.message and "denser" not in f.remedy
+
+
+def test_a_frozen_body_under_a_trained_head_has_no_layer_trend_and_no_crash(tmp_path):
+    """Linear probing: the numbered layers (body.0, body.2) are frozen, only the head (no
+    layer index) has gradients. The per-layer gradient-norm trend has no layer to read, so
+    there is none; the summary, and profile's, still come out (this raised IndexError)."""
+    torch.manual_seed(0)
+    body = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8))
+    model = torch.nn.ModuleDict({"body": body, "head": torch.nn.Linear(8, 3)})
+    body.requires_grad_(False)
+    opt = torch.optim.SGD(model["head"].parameters(), lr=0.1)
+    make = batch_maker(6, 3)
+    with stabscope.Recorder(model, tmp_path / "run") as rec:
+        for step in range(3):
+            x, y = make(step)
+            loss = (model["head"](body(x)) - y).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            rec.step(loss=loss)
+    grads = stabscope.load_run(tmp_path / "run", metrics="param_grad_norm")
+    assert set(grads.module) == {"head.weight", "head.bias"}
+    s = summarize(tmp_path / "run")
+    assert s.param_trend is None
+    result = invoke("summary", tmp_path / "run")
+    assert result.exit_code == 0, result.output

@@ -332,6 +332,46 @@ def test_closure_optimizer_loss_is_the_first_evaluation(tmp_path):
     assert values(run, "__run__", "loss").value.tolist() == pytest.approx(logged, rel=1e-6)
 
 
+def test_closure_optimizer_first_seen_inside_its_step_records_no_weights_from_after_it(tmp_path):
+    """The model is first called inside LBFGS's closure, so step 0's optimizer step began
+    before the run did: its weights at the step boundary are already step 1's, and its
+    gradients the last line-search evaluation's. Step 0 has no parameter norms; every one
+    recorded is that of the weights and the first evaluation's gradients its step received."""
+    log = tmp_path / "lbfgs.jsonl"
+    script = write(
+        tmp_path,
+        "lbfgs.py",
+        f"""
+        import torch
+        from plain_loop import log_step
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 1)
+        x, y = torch.randn(16, 4), torch.randn(16, 1)
+        opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=5)
+        for step in range(3):
+            grads = []
+            def closure():
+                opt.zero_grad()
+                loss = (model(x) - y).pow(2).mean()
+                loss.backward()
+                grads.append(model.weight.grad.norm().item())
+                return loss
+            weight = model.weight.detach().norm().item()
+            opt.step(closure)
+            log_step({str(log)!r}, step=step, weight=weight, grad=grads[0])
+        """,
+    )
+    run = tmp_path / "run"
+    profile_training_script(script, [], run, RecorderConfig())
+    logged = read_log(log)
+    norms = values(run, "weight", "param_norm")
+    assert norms.step.tolist() == [1, 2]
+    assert norms.value.tolist() == pytest.approx([r["weight"] for r in logged[1:]], rel=1e-6)
+    grads = values(run, "weight", "param_grad_norm")
+    assert grads.step.tolist() == [1, 2]
+    assert grads.value.tolist() == pytest.approx([r["grad"] for r in logged[1:]], rel=1e-6)
+
+
 @pytest.mark.slow
 def test_transformers_trainer_script(tmp_path):
     run, log = record(

@@ -256,6 +256,8 @@ def layer_param_grad_trends(grads: pd.DataFrame, meta: Mapping[str, Any]) -> lis
         owner_layer.append(layers[owner] if owner else -1)
     layer = np.array(owner_layer, np.int64)[codes]
     owned = layer >= 0
+    if not owned.any():  # no gradient in any layer (a frozen body under a trained head)
+        return []
     layer = layer[owned]
     # Sums of squares per (step, layer), grouped by one int64 key ordered like the pair:
     # each sum adds its rows in their order, as a groupby on the two columns would.

@@ -61,7 +61,9 @@ class ParameterProbe(BaseProbe):
 
     def __init__(self, params: list[tuple[int, nn.Parameter]], updates: bool, full: bool) -> None:
         self.codes = np.array([c for c, _ in params], np.int64)
-        self._weight_norms: torch.Tensor | None = None  # (P,) of the current step
+        # Weight norms measured this step: parameter index -> (norms tensor, position in it).
+        self._weight_norms: dict[int, tuple[torch.Tensor, int]] = {}
+        self._unseen: set[int] = set()  # parameters whose optimizer step began unseen
         # Per optimizer: copy buffers for the parameters it owns. On CPU they are kept across
         # steps: allocating a model-sized copy each time costs ~6x the copy itself in page
         # faults. Elsewhere (CUDA's caching allocator) they are freed after each step.
@@ -70,57 +72,75 @@ class ParameterProbe(BaseProbe):
         self.numel = np.array([full_numel(p) for p in self.params], np.float64)
         self.updates = updates
         self.full = full
-        self._measured = False
         self._before: dict[int, tuple[list[int], list[torch.Tensor], torch.Tensor]] = {}
         self._collector: Collector | None = None
 
     def begin_step(self, collector: Collector) -> None:
         self._collector = collector
-        self._measured = False
+        self._weight_norms.clear()
+        self._unseen.clear()
         self._before.clear()
 
+    def _unmeasured(self, which: list[int]) -> list[int]:
+        return [i for i in which if i not in self._weight_norms and i not in self._unseen]
+
     def _measure(
-        self, collector: Collector, copy_into: dict[int, torch.Tensor] | None = None
+        self,
+        collector: Collector,
+        which: list[int],
+        copy_into: dict[int, torch.Tensor] | None = None,
     ) -> bool:
-        """Weight norms of all parameters and gradient norms of those that have a gradient.
+        """Weight norms of the parameters ``which`` (indices into ``self.params``) and gradient
+        norms of those that have a gradient, read now: just before the optimizer that owns
+        them steps (with several optimizers, each one's gradients exist only from its own
+        backward on), or at the step boundary for parameters no optimizer stepped.
 
         ``copy_into`` maps a parameter's index to a buffer that should receive its weights
         before the optimizer step. Where the numba kernels apply (CPU, ``fast`` extra) the
         copies are made in the same read of the weights as their norms; returns whether they
         were, else the caller copies.
         """
-        self._measured = True
-        if not self.params:
+        if not which:
             return False
         # A sharded (FSDP) parameter contributes its local shard; ``numel`` stays the full
         # tensor's, so the squares of the ranks' norms and rms add up to the full tensor's.
-        weights = [local_tensor(p.detach()) for p in self.params]
-        grads = [None if p.grad is None else local_tensor(p.grad.detach()) for p in self.params]
-        with_grad = [i for i, g in enumerate(grads) if g is not None]
-        copies: list[torch.Tensor | None] = [None] * len(weights)
-        for i, buffer in (copy_into or {}).items():
-            copies[i] = buffer
+        params = [self.params[i] for i in which]
+        weights = [local_tensor(p.detach()) for p in params]
+        grads = [None if p.grad is None else local_tensor(p.grad.detach()) for p in params]
+        with_grad = [k for k, g in enumerate(grads) if g is not None]
+        copies: list[torch.Tensor | None] = [(copy_into or {}).get(i) for i in which]
         copied = host_params.usable(weights, grads, copies)
         if copied:
             norms = torch.from_numpy(np.sqrt(host_params.squares_and_copy(weights, grads, copies)))
-            self._weight_norms, grad_norms = norms[:, 0], norms[with_grad, 1]
+            weight_norms, grad_norms = norms[:, 0], norms[with_grad, 1]
         else:
-            self._weight_norms = _norms(weights)
-            grad_norms = _norms([grads[i] for i in with_grad]) if with_grad else None
-        codes, numel = self.codes, self.numel
-        collector.add(
-            self._weight_norms, lambda v, rows: _emit_norms(rows, "param", codes, numel, v)
-        )
+            weight_norms = _norms(weights)
+            grad_norms = _norms([grads[k] for k in with_grad]) if with_grad else None
+        for k, i in enumerate(which):
+            self._weight_norms[i] = (weight_norms, k)
+        codes, numel = self.codes[which], self.numel[which]
+        collector.add(weight_norms, lambda v, rows: _emit_norms(rows, "param", codes, numel, v))
         if grad_norms is not None:
             g_codes, g_numel = codes[with_grad], numel[with_grad]
             collector.add(
                 grad_norms, lambda v, rows: _emit_norms(rows, "param_grad", g_codes, g_numel, v)
             )
         if self.full:
-            self._add_moments(collector, "param", list(range(len(self.params))), weights)
+            self._add_moments(collector, "param", which, weights)
             if with_grad:
-                self._add_moments(collector, "param_grad", with_grad, [grads[i] for i in with_grad])
+                got = [which[k] for k in with_grad]
+                self._add_moments(collector, "param_grad", got, [grads[k] for k in with_grad])
         return copied
+
+    def _norms_of(self, which: list[int]) -> torch.Tensor:
+        """The weight norms measured this step of the parameters ``which``, as one tensor."""
+        first = self._weight_norms[which[0]][0]
+        entries = [self._weight_norms[i] for i in which]
+        if len(first) == len(which) and all(
+            t is first and k == j for j, (t, k) in enumerate(entries)
+        ):
+            return first  # measured together, in this order (one optimizer: the usual case)
+        return torch.stack([t[k] for t, k in entries])
 
     def _add_moments(
         self, collector: Collector, prefix: str, which: list[int], tensors: list[torch.Tensor]
@@ -141,27 +161,31 @@ class ParameterProbe(BaseProbe):
         collector = self._collector
         if collector is None or id(optimizer) in self._before:
             return
-        if not self.updates:
-            if not self._measured:
-                self._measure(collector)
-            return
         owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
         which = [i for i, p in enumerate(self.params) if id(p) in owned]
+        todo = self._unmeasured(which)
+        if not self.updates:
+            self._measure(collector, todo)
+            return
         params = [local_tensor(self.params[i].detach()) for i in which]
         old = self._buffers.get(id(optimizer))
         if old is None or len(old) != len(params):
             old = [torch.empty_like(p) for p in params]
-        copied = False
-        if not self._measured:
-            copied = self._measure(collector, dict(zip(which, old)))
-        if which and self._weight_norms is not None:
-            if not copied:
+        buffers = dict(zip(which, old))
+        copied = self._measure(collector, todo, {i: buffers[i] for i in todo})
+        if which:
+            if not copied or len(todo) != len(which):
                 torch._foreach_copy_(old, params)
-            index = torch.as_tensor(which, device=self._weight_norms.device)
-            self._before[id(optimizer)] = (which, old, self._weight_norms[index])
+            self._before[id(optimizer)] = (which, old, self._norms_of(which))
 
     def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         entry = self._before.get(id(optimizer))
+        if self._collector is not None and entry is None:
+            # Its step began before this step was armed (the run opened inside it: a model
+            # first called in a closure): its weights are already the next step's, and its
+            # gradients a later evaluation's. Nothing of them is read at the step boundary.
+            owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            self._unseen.update(i for i, p in enumerate(self.params) if id(p) in owned)
         if self._collector is None or entry is None or not entry[0]:
             return
         which, old, old_norm = entry
@@ -193,14 +217,16 @@ class ParameterProbe(BaseProbe):
         """Free the kept copy buffers (the recorder is closing)."""
         self._buffers.clear()
         self._before.clear()
-        self._weight_norms = None
+        self._weight_norms.clear()
 
     def end_step(self, collector: Collector) -> None:
-        # Without an optimizer step (a custom update rule), measure at the step boundary.
-        if not self._measured:
-            self._measure(collector)
+        # Parameters no optimizer stepped (frozen ones, a custom update rule): measured at
+        # the step boundary.
+        self._measure(collector, self._unmeasured(list(range(len(self.params)))))
         self._collector = None
         self._before.clear()
+        self._weight_norms.clear()
+        self._unseen.clear()
 
 
 def _emit_norms(rows: Rows, prefix: str, codes: np.ndarray, numel: np.ndarray, v: np.ndarray):

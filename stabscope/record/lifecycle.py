@@ -27,6 +27,11 @@ from .run_meta import error_entry
 
 _Run = TypeVar("_Run", bound="RunLifecycle")
 
+OPENED_LATE_NOTE = (
+    "the run was opened by the first rec.step(): step 0 ran before the run opened and has only "
+    "its loss; open the run before the first step (`with Recorder(...)` or `rec.start()`)"
+)
+
 
 class RunLifecycle:
     """start/close, the context manager, and the last-resort close at exit."""
@@ -67,7 +72,13 @@ class RunLifecycle:
                 register_optimizer_step_post_hook(self._after_optimizer_step),
             ]
             clip_sites.listen(self.step_norms.on_clip)
-            self._arm(self.step_index)
+            if self._plan_at_optimizer_step:
+                # Opened by the first step(): that step's forward, backward and optimizer step
+                # have run unseen, and its weights are already the next step's. Only its loss
+                # is recorded; recording starts with the next step.
+                self.meta["notes"].append(OPENED_LATE_NOTE)
+            else:
+                self._arm(self.step_index)
         return self
 
     def close(self, status: str = "complete", error: BaseException | None = None) -> None:

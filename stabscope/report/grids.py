@@ -178,17 +178,21 @@ class StepCount:
 
 
 class Markers:
-    """The rows of a marker metric (first non-finite module per step), kept as names."""
+    """The rows of a marker metric (first non-finite module per step), kept as names, each
+    (step, module) once: a recorded step and the flight recorder may both mark one step."""
 
     LIMIT = 10_000
 
     def __init__(self, metric: str, names: Names) -> None:
         self.metric, self.names = metric, names
         self.rows: list[tuple[int, str]] = []
+        self._seen: set[tuple[int, int]] = set()
 
     def add(self, step: np.ndarray, module: np.ndarray, index: np.ndarray, value: np.ndarray):
-        room = self.LIMIT - len(self.rows)
         known = len(self.names.names)
-        for s, m in zip(step[:room].tolist(), module[:room].tolist()):
-            if m < known:
+        for s, m in zip(step.tolist(), module.tolist()):
+            if len(self.rows) >= self.LIMIT:
+                break
+            if m < known and (s, m) not in self._seen:
+                self._seen.add((s, m))
                 self.rows.append((int(s), self.names.names[m]))

@@ -182,7 +182,9 @@ def _last_projection(covered: list[Call], out_call: Call) -> str:
     """The name of a branch no attention or MLP module covers: the last module with a weight
     matrix that ran in it (the projection that writes f, e.g. ``linear2`` of torch's
     ``TransformerEncoderLayer`` or ``output.dense`` of BERT), not the dropout or activation
-    after it whose output f is; ``out_call`` when the branch has no such module."""
+    after it whose output f is; ``out_call`` when the branch has no such module, or when that
+    projection ran inside ``out_call`` and f is not its output (an adapter-wrapped linear
+    whose wrapper adds the adapter: the wrapper writes f)."""
     weighted = [
         c
         for c in covered
@@ -191,7 +193,11 @@ def _last_projection(covered: list[Call], out_call: Call) -> str:
         and isinstance(getattr(c.module, "weight", None), torch.Tensor)
         and c.module.weight.dim() >= 2
     ]
-    return max(weighted, key=lambda c: c.end).name if weighted else out_call.name
+    if not weighted:
+        return out_call.name
+    last = max(weighted, key=lambda c: c.end)
+    inside = out_call.start < last.start and last.end < out_call.end
+    return out_call.name if inside and last.output is not out_call.output else last.name
 
 
 def detect(model: nn.Module, trace: Trace, names: dict[int, str]) -> Structure:
