@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..store.findings import Finding
-from . import forecast_features, stability_features
+from . import forecast_features, nonfinite, stability_features
 from .base import Rule, RunView, finding
 from .forecast_model import load_default
 from .loss_divergence import MIN_WINDOW, loss_levels, loss_series, window
@@ -57,6 +57,7 @@ READS = (
     *forecast_features.READS,
     Request(("token_corr",), step="first"),
     Request(("loss",)),
+    Request((*nonfinite.FLAGS, "lr")),
 )
 
 
@@ -111,7 +112,8 @@ def already_failed(view: RunView) -> bool:
     ``nonfinite`` rule says where; a forecast would only repeat it."""
     seen = [w.get("step") for w in view.meta.first_nonfinite.values()]
     if any(isinstance(s, int) and (view.until is None or s < view.until) for s in seen):
-        return True
+        # Gradients that overflowed only at steps the loss scaler skipped: no failure.
+        return not nonfinite.skipped_overflow_steps(view)
     loss = view.metrics("loss").value.to_numpy(float)
     return bool(len(loss)) and not np.isfinite(loss).all()
 

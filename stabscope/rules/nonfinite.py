@@ -11,6 +11,15 @@ registration order). The earlier of the two
 directions leads the finding (in one step, forward comes first). The loss is recorded at
 every step, module statistics only at recorded ones, so the loss can go non-finite earlier;
 its first such step is said too.
+
+Skipped steps are not failures. Dynamic loss scaling (fp16 ``GradScaler``; Micikevicius et
+al. 2018, *Mixed Precision Training*) multiplies the loss by a large scale, and when the
+scaled gradients overflow it skips ``optimizer.step()`` and halves the scale: Inf gradients
+on a few early steps are how it finds its scale. When every non-finite value was a gradient,
+at a step whose optimizer step did not run (no ``lr`` row there, while other steps have
+one), the loss and every output were finite, and the optimizer stepped again afterwards,
+the finding is a warning that says so. A run whose gradients stay non-finite to its end, or
+whose outputs or loss go non-finite, is an error as before.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from ..analysis.losses import first_nonfinite_loss
 from ..store import RUN_MODULE
 from ..store.findings import Finding
 from .base import Rule, RunView, finding
+from .view import Request
 
 #: direction -> (its flag metrics, its marker metric, what it is a value of)
 DIRECTIONS = {
@@ -112,9 +122,32 @@ def _loss_only(step: int, value: float, watched: bool) -> Finding:
     )
 
 
+def skipped_overflow_steps(view: RunView, bad: pd.DataFrame | None = None) -> list[int]:
+    """The steps of a run whose only non-finite values were gradients at steps the optimizer
+    skipped, when it then stepped again (module docstring); [] otherwise. ``bad``: the flag
+    rows above 0, when the caller has them."""
+    if bad is None:
+        rows = view.metrics(*FLAGS)
+        bad = rows[rows.value > 0]
+    backward = set(DIRECTIONS["backward"][0])
+    if bad.empty or not bad.metric.isin(backward).all():
+        return []
+    if first_nonfinite_loss(view.metrics("loss")) is not None:
+        return []
+    stepped = set(view.metrics("lr").step.astype(int))
+    steps = sorted(set(bad.step.astype(int)))
+    if not stepped or stepped & set(steps) or max(stepped) < steps[-1]:
+        return []
+    return steps
+
+
 def _nonfinite(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     rows = view.metrics(*NONFINITE.needs)  # the rows the engine read to see they exist
     bad = rows[rows.metric.isin(FLAGS) & (rows.value > 0)]
+    skipped = skipped_overflow_steps(view, bad)
+    if skipped:
+        yield _skipped(view, bad, skipped)
+        return
     loss = first_nonfinite_loss(rows)
     if bad.empty:
         if loss is not None:
@@ -154,11 +187,35 @@ def _nonfinite(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     )
 
 
+def _skipped(view: RunView, bad: pd.DataFrame, steps: list[int]) -> Finding:
+    markers = view.metrics(DIRECTIONS["backward"][1])
+    first = first_nonfinite(view, bad, markers, "backward")
+    assert first is not None  # bad holds backward flags at these steps
+    listed = ", ".join(map(str, steps[:8])) + (", ..." if len(steps) > 8 else "")
+    return finding(
+        NONFINITE,
+        "warning",
+        f"gradients were non-finite at {len(steps)} step{'s' if len(steps) != 1 else ''} "
+        f"({listed}; first the output gradient of {first.module}) and the optimizer skipped "
+        "each of them, as dynamic loss scaling does when its scale overflows; the loss and "
+        "every output stayed finite and training went on",
+        module=first.module,
+        step=first.step,
+        value=float(len(steps)),
+        threshold=0.0,
+        metric=first.metric,
+        remedy="nothing if it stops early (the scaler found its scale); if it recurs, start "
+        "the scaler lower (init_scale) or train in bfloat16",
+    )
+
+
 NONFINITE = Rule(
     "nonfinite",
     "Non-finite values",
-    "",
+    "Micikevicius et al. 2018, Mixed Precision Training (the skipped steps of loss scaling)",
     ("act_nonfinite", "grad_nonfinite", "loss", "flight_act_nonfinite", "flight_grad_nonfinite"),
     {},
     _nonfinite,
+    # the flags and the loss, the markers, and lr: a step without one skipped its update
+    reads=(Request((*FLAGS, "loss", "first_nonfinite_forward", "first_nonfinite_backward", "lr")),),
 )
