@@ -17,9 +17,10 @@ al. 2018, *Mixed Precision Training*) multiplies the loss by a large scale, and 
 scaled gradients overflow it skips ``optimizer.step()`` and halves the scale: Inf gradients
 on a few early steps are how it finds its scale. When every non-finite value was a gradient,
 at a step whose optimizer step did not run (no ``lr`` row there, while other steps have
-one), the loss and every output were finite, and the optimizer stepped again afterwards,
-the finding is a warning that says so. A run whose gradients stay non-finite to its end, or
-whose outputs or loss go non-finite, is an error as before.
+one), the loss and every output were finite, and the optimizer stepped again afterwards
+(or, while the run trains, may still), the finding is a warning that says so. A run whose
+gradients stay non-finite to its end, or whose outputs or loss go non-finite, is an error
+as before.
 """
 
 from __future__ import annotations
@@ -136,7 +137,11 @@ def skipped_overflow_steps(view: RunView, bad: pd.DataFrame | None = None) -> li
         return []
     stepped = set(view.metrics("lr").step.astype(int))
     steps = sorted(set(bad.step.astype(int)))
-    if not stepped or stepped & set(steps) or max(stepped) < steps[-1]:
+    if stepped & set(steps):
+        return []
+    # While the run trains (the online checks) the next step may still come: a scaler that
+    # overflows at step 0 has stepped nowhere yet. An ended run must have stepped after.
+    if view.meta.status != "running" and (not stepped or max(stepped) < steps[-1]):
         return []
     return steps
 
