@@ -65,7 +65,7 @@ def test_every_output_says_a_rule_failed_and_the_gate_fails(tmp_path, loss_chang
     junit = tmp_path / "junit.xml"
     res = runner.invoke(app, ["check", str(run), "--junit", str(junit)])
     assert res.exit_code == 1, res.output
-    assert said in res.stderr and "1 rules that could fail it raised" in res.stderr
+    assert said in res.stderr and "1 rule that could fail it raised" in res.stderr
     case = next(c for c in ET.parse(junit).getroot() if c.get("name") == "loss-change")
     error = case.find("error")
     assert error is not None and error.get("type") == "ZeroDivisionError"
@@ -95,3 +95,11 @@ def test_a_failed_rule_below_fail_on_is_said_but_does_not_fail_the_gate(tmp_path
     assert "rule loss-change failed" in res.stderr and "passed" in res.stderr
     res = runner.invoke(app, ["check", str(run), "--config", str(config), "--fail-on", "warning"])
     assert res.exit_code == 1
+
+
+def test_the_verdict_line_counts_the_failing_findings_in_words(tmp_path):
+    run = loss_run(tmp_path, [0.0, 1.0, math.nan])  # a NaN loss: one nonfinite error
+    errors = [f for f in check_run(run).findings if f.severity == "error"]
+    res = runner.invoke(app, ["check", str(run)])
+    assert len(errors) == 1 and res.exit_code == 1
+    assert "failed: 1 finding at error or worse" in res.stderr, res.stderr

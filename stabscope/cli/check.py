@@ -11,7 +11,7 @@ from rich.markup import escape
 
 from ..errors import UsageError
 from . import values
-from .common import Quiet, app, err, fail
+from .common import Quiet, app, counted, err, fail
 
 
 @app.command()
@@ -155,12 +155,15 @@ def _check(
             err.print(f"[dim]skipped {escape(rule)}: {escape(why)}[/]", soft_wrap=True)
     for line in failure_lines(gate):  # on stderr in every format: never a silent gap
         err.print(f"[bold red]{escape(line)}[/]", soft_wrap=True)
-    reasons = [f"{len(failing)} findings at {fail_on} or worse"] if failing else []
+    reasons = [f"{counted(len(failing), 'finding')} at {fail_on} or worse"] if failing else []
     if gate.failed_blocking:
-        reasons.append(f"{len(gate.failed_blocking)} rules that could fail it raised")
+        n = len(gate.failed_blocking)
+        reasons.append(f"{counted(n, 'rule')} that could fail it raised")
     verdict = f"[red]failed[/]: {'; '.join(reasons)}" if reasons else "[green]passed[/]"
     if gate.failed and not gate.failed_blocking:
-        verdict += f" ({len(gate.failed)} rules raised; none can reach --fail-on {fail_on})"
+        verdict += (
+            f" ({counted(len(gate.failed), 'rule')} raised; none can reach --fail-on {fail_on})"
+        )
     err.print(f"check {escape(str(run_dir))}: {verdict}", soft_wrap=True)
     if junit is not None:
         _write_junit(junit, to_junit(gate, fail_on), run_dir)
