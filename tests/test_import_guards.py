@@ -25,6 +25,7 @@ READ_MODULES = (
     "stabscope.settings",
     "stabscope.errors",
     "stabscope.version",
+    "stabscope.wording",
     "stabscope.grow.sizes",
     "stabscope.grow.table",
     "stabscope.cli",

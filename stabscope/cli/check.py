@@ -10,8 +10,9 @@ import typer
 from rich.markup import escape
 
 from ..errors import UsageError
+from ..wording import counted
 from . import values
-from .common import Quiet, app, counted, err, fail
+from .common import Quiet, app, err, fail
 
 
 @app.command()

@@ -180,8 +180,3 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 warnings.showwarning = _show_warning
-
-
-def counted(n: int, noun: str) -> str:
-    """``n`` and ``noun``, plural unless n is 1: "1 finding", "3 findings"."""
-    return f"{n} {noun}{'' if n == 1 else 's'}"

@@ -9,6 +9,7 @@ import typer
 from rich.markup import escape
 
 from ..errors import UsageError
+from ..wording import counted
 from . import values
 from .common import Quiet, app, err, fail
 
@@ -44,6 +45,6 @@ def report(
         return
     err.print(
         f"report: [bold]{escape(str(result.path))}[/] ({result.size / 1e6:.1f} MB, "
-        f"{len(result.runs)} run{'s' if len(result.runs) > 1 else ''}, {result.plots} plots)",
+        f"{counted(len(result.runs), 'run')}, {result.plots} plots)",
         soft_wrap=True,
     )

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import UsageError
 from ..store.findings import SEVERITIES, Finding
+from ..wording import counted
 
 if TYPE_CHECKING:
     from ..analysis.summary import Summary
@@ -55,5 +56,5 @@ def verdict_line(headline: Summary, findings: list[Finding] | None) -> str:
     if findings is None:
         return line + "; findings: the rules did not run"
     counts = [(sum(f.severity == s for f in findings), s) for s in SEVERITIES]
-    said = [f"{n} {s}{'s' if n > 1 else ''}" for n, s in counts if n]
+    said = [counted(n, s) for n, s in counts if n]
     return line + f"; findings: {', '.join(said) or 'none'}"

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from ..store.findings import Finding
+from ..wording import counted
 from .base import Rule, RunView, finding_at
 from .nonfinite import NONFINITE
 from .run_status import RUN_STATUS
@@ -26,7 +27,7 @@ def _update_ratio(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     yield finding_at(
         UPDATE_RATIO,
         "warning",
-        f"{(n := big.module.nunique())} parameter{'s' if n != 1 else ''} had updates larger than "
+        f"{counted(big.module.nunique(), 'parameter')} had updates larger than "
         f"{p['max_ratio']:g} of their norm in one step; largest {worst.value:.3g} "
         f"({worst.module}, step {int(worst.step)})",
         worst,

@@ -33,6 +33,7 @@ import pandas as pd
 from ..analysis.losses import first_nonfinite_loss
 from ..store import RUN_MODULE
 from ..store.findings import Finding
+from ..wording import counted
 from .base import Rule, RunView, finding
 from .view import Request
 
@@ -200,7 +201,7 @@ def _skipped(view: RunView, bad: pd.DataFrame, steps: list[int]) -> Finding:
     return finding(
         NONFINITE,
         "warning",
-        f"gradients were non-finite at {len(steps)} step{'s' if len(steps) != 1 else ''} "
+        f"gradients were non-finite at {counted(len(steps), 'step')} "
         f"({listed}; first the output gradient of {first.module}) and the optimizer skipped "
         "each of them, as dynamic loss scaling does when its scale overflows; the loss and "
         "every output stayed finite and training went on",

@@ -27,6 +27,7 @@ import pandas as pd
 
 from ..store import RUN_MODULE
 from ..store.findings import Finding
+from ..wording import counted
 from .base import Rule, RunView, finding
 from .grad_norms import READS as GRAD_READS
 from .grad_norms import grad_norm_rows, total_by_step
@@ -61,7 +62,7 @@ def _finding(
 ) -> Finding:
     first = found.iloc[0]
     extra = len(found) - 1
-    more = f"; {extra} more spike step{'s' if extra > 1 else ''}" if extra else ""
+    more = f"; {counted(extra, 'more spike step')}" if extra else ""
     return finding(
         rule,
         "warning",

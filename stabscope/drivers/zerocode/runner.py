@@ -40,6 +40,7 @@ from ...record.distributed import rank
 from ...store import RunMeta
 from ...store.interrupts import Terminated
 from ...store.rundir import prepare_run_dir, release_run_dir
+from ...wording import counted
 from ..profile import seed_everything
 from ..script import script_failure, script_path
 from .attach import ScriptRecording, StepProgress, StopOnFinding, StopScript
@@ -230,8 +231,7 @@ def _run(
 
 
 def _steps(recording: ScriptRecording) -> str:
-    n = recording.optimizer_steps
-    return f"{n} optimizer step{'s' if n != 1 else ''}"
+    return counted(recording.optimizer_steps, "optimizer step")
 
 
 def _require_steps(recording: ScriptRecording, path: Path, ending: str) -> None:
