@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,27 +22,46 @@ from bench.grid.truth import judge
 SCRIPT = Path(__file__).with_name("script.py")
 
 
+@dataclass
+class Training:
+    """One grid config's script loop, as profile_script runs it, stepped on demand."""
+
+    script: Any
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    sched: Any
+    data: Iterator[Any]
+
+    @classmethod
+    def start(cls, sets: dict[str, str], seed: int) -> Training:
+        from stabscope.drivers.profile import seed_everything
+        from stabscope.drivers.script import load_script
+
+        script = load_script(SCRIPT, sets)
+        cfg = script.config
+        seed_everything(seed)
+        model = script.model(cfg)
+        opt = script.optimizer(model, cfg)
+        return cls(script, model, opt, script.scheduler(opt, cfg), iter(script.batches(cfg)))
+
+    def advance(self, steps: int) -> list[float]:
+        """Train ``steps`` steps; the loss of each."""
+        losses = []
+        for _ in range(steps):
+            self.opt.zero_grad(set_to_none=True)
+            loss = self.script.loss(self.model, next(self.data))
+            loss.backward()
+            self.opt.step()
+            self.sched.step()
+            losses.append(float(loss.detach()))
+        return losses
+
+
 def train(sets: dict[str, str], seed: int) -> tuple[np.ndarray, float]:
     """The loss of every step of the script's own loop (as profile_script runs it)."""
-    from stabscope.drivers.profile import seed_everything
-    from stabscope.drivers.script import load_script
-
-    script = load_script(SCRIPT, sets)
-    cfg = script.config
-    seed_everything(seed)
-    model = script.model(cfg)
-    opt = script.optimizer(model, cfg)
-    sched = script.scheduler(opt, cfg)
-    data = iter(script.batches(cfg))
-    losses = []
-    for _ in range(cfg.steps):
-        opt.zero_grad(set_to_none=True)
-        loss = script.loss(model, next(data))
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-    return np.array(losses), baseline_of(script)
+    run = Training.start(sets, seed)
+    losses = run.advance(run.script.config.steps)
+    return np.array(losses), baseline_of(run.script)
 
 
 def baseline_of(script) -> float:

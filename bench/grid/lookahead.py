@@ -15,37 +15,24 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from bench.grid.explore import Training
 from bench.grid.failures import GRID, Config
 from bench.grid.script import planned_lrs
-
-SCRIPT = Path(__file__).with_name("script.py")
 
 
 def trial_steps(config: Config, at: int, seed: int = 0) -> dict[str, float]:
     """log10(loss after / loss before) on held-back batches for k = 1, 5 steps at the lr now
     and at the planned peak ahead, plus the two lrs."""
-    from stabscope.drivers.profile import seed_everything
-    from stabscope.drivers.script import load_script
-
-    script = load_script(SCRIPT, {**config.sets, "family": config.family})
+    run = Training.start({**config.sets, "family": config.family}, seed)
+    run.advance(at)
+    script, model, opt = run.script, run.model, run.opt
     cfg = script.config
-    seed_everything(seed)
-    model = script.model(cfg)
-    opt = script.optimizer(model, cfg)
-    sched = script.scheduler(opt, cfg)
-    data = iter(script.batches(cfg))
-    for _ in range(at):
-        opt.zero_grad(set_to_none=True)
-        script.loss(model, next(data)).backward()
-        opt.step()
-        sched.step()
     plan = planned_lrs(cfg)
-    held = [next(data) for _ in range(4)]
+    held = [next(run.data) for _ in range(4)]
 
     def mean_loss(m: torch.nn.Module) -> float:
         with torch.no_grad():
