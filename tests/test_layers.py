@@ -11,7 +11,7 @@ unit (probes hook through record's hooks, the recorder owns the probes, discover
 record's hooks; its modules still form no cycle). The layers are groups of tiers:
 cli > drivers (integrations over drivers) > the torch engine > notebook, export (torch-free
 facades over both) > rules, report (independent of each other) over analysis > store over
-theory, settings, metrics (independent) over version, errors.
+theory, settings, metrics (independent) over version, errors, wording.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ TIERS: list[tuple[str, ...]] = [
     ("analysis",),
     ("store",),
     ("theory", "settings", "metrics"),
-    ("version", "errors"),
+    ("version", "errors", "wording"),
 ]
 UNITS = {("record", "probes", "structure", "grow")}  # tiers whose packages import each other
 TIER = {name: i for i, tier in enumerate(TIERS) for name in tier}
