@@ -26,7 +26,15 @@ from typing import Any
 
 from ..errors import NestedRunError, RunExistsError, RunLockedError, UsageError
 from . import lock as locks
-from .layout import META_FILE, PART_PREFIX, PART_SUFFIX, PARTS_DIR, RESERVE_FILE
+from .layout import (
+    FINDINGS_FILE,
+    META_FILE,
+    PART_PREFIX,
+    PART_SUFFIX,
+    PARTS_DIR,
+    PREDICTION_FILE,
+    RESERVE_FILE,
+)
 from .run_meta import RunMeta
 
 PathLike = str | os.PathLike[str]
@@ -99,9 +107,7 @@ def prepare_run_dir(out: PathLike, force: bool) -> Path:
         if (path / META_FILE).exists() or (path / PARTS_DIR).exists():
             if not force:
                 raise RunExistsError(f"{path} already holds a run")
-            (path / META_FILE).unlink(missing_ok=True)
-            (path / RESERVE_FILE).unlink(missing_ok=True)  # left by a killed run
-            shutil.rmtree(path / PARTS_DIR, ignore_errors=True)
+            replace_run(path)
         if not os.access(path, os.W_OK):
             raise PermissionError(f"{path} is not writable")
     except BaseException:
@@ -109,6 +115,35 @@ def prepare_run_dir(out: PathLike, force: bool) -> Path:
             locks.release(path)
         raise
     return path
+
+
+def _is_run_file(name: str) -> bool:
+    """A part, or a part's temporary name while it is written (``.part-NNNNNN.parquet.tmp``,
+    left behind by a killed writer)."""
+    stem = name[1:].removesuffix(".tmp") if name.startswith(".") else name
+    return stem.startswith(PART_PREFIX) and stem.endswith(PART_SUFFIX)
+
+
+def replace_run(path: Path) -> None:
+    """Remove the run in ``path`` for ``force``: its meta.json, parts and the files that spoke
+    of it (findings, prediction). A parts/ folder that holds anything the writer does not make
+    is someone else's folder: refused whole, before anything is removed."""
+    parts = path / PARTS_DIR
+    if parts.is_dir():
+        foreign = sorted(p.name for p in parts.iterdir() if not _is_run_file(p.name))
+        if foreign:
+            raise RunExistsError(
+                f"{parts} holds files stabscope did not write ({', '.join(foreign[:3])})",
+                hint="force replaces only a run; move those files, or choose another output",
+            )
+    elif parts.exists():  # a file named parts
+        raise RunExistsError(
+            f"{parts} is not a folder of parts",
+            hint="force replaces only a run; move it, or choose another output",
+        )
+    for name in (META_FILE, RESERVE_FILE, FINDINGS_FILE, PREDICTION_FILE):
+        (path / name).unlink(missing_ok=True)  # RESERVE_FILE: left by a killed run
+    shutil.rmtree(parts, ignore_errors=True)
 
 
 def drop_empty_parts(run_dir: Path) -> None:
@@ -127,6 +162,8 @@ def run_dir_error(error: OSError, run_dir: PathLike) -> UsageError:
             f"{error.message}; --force never replaces a run that is being written",
             hint="wait for it to end, or choose another --out",
         )
+    if isinstance(error, RunExistsError) and error.hint:  # worded where it was raised
+        return UsageError(error.message, hint=error.hint)
     if isinstance(error, RunExistsError):
         return UsageError(
             f"{run_dir} already holds a run",
