@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
+import pandas as pd
 
 from ..store.findings import Finding
 from ..wording import counted
@@ -20,6 +21,7 @@ def _update_ratio(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     ratios = view.metrics("update_ratio")
     # Weight matrices only: biases and gains start at zero or one, so their ratio says little.
     ratios = ratios[ratios.module.isin(view.matrices) & np.isfinite(ratios.value)]
+    ratios = ratios[~_growing_from_zero(view, ratios, p["max_ratio"])]
     big = ratios[ratios.value > p["max_ratio"]]
     if big.empty:
         return
@@ -37,6 +39,17 @@ def _update_ratio(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     )
 
 
+def _growing_from_zero(view: RunView, ratios: pd.DataFrame, max_ratio: float) -> pd.Series:
+    """Rows of matrices initialised to zero (LoRA's B, adaLN-Zero, a zero-init output
+    projection) at steps where their ratio is large by construction. Grown from zero by k
+    steps of one size u, ||θ|| is k·u when the steps align and about √k·u when they do not,
+    so the ratio u/||θ|| stays above ``max_ratio`` for up to 1/max_ratio² steps (100 at 0.1)
+    in a healthy run: those steps say nothing about the lr."""
+    first = view.metrics("param_norm", step="first", modules=view.matrices)
+    zero = set(first.module[(first.value == 0) & (first.step == 0)])
+    return ratios.module.isin(zero) & (ratios.step < 1.0 / max_ratio**2)
+
+
 UPDATE_RATIO = Rule(
     "update-ratio",
     "Update too large for the parameter",
@@ -45,6 +58,7 @@ UPDATE_RATIO = Rule(
     {"max_ratio": 0.1},
     _update_ratio,
     "warning",
+    reads=(Request(("update_ratio",)), Request(("param_norm",), step="first", modules=MATRICES)),
 )
 
 WORTSMAN = (
