@@ -31,13 +31,15 @@ def record(
     norm="pre",
     qk_scale=1.0,
     head_bias=True,
+    loss_scale=1.0,
 ) -> Path:
     """The sample GPT (2 Pre-LN blocks, width 16) on its successor task, Adam at 3e-2, every
     step recorded. ``head_scale`` multiplies the output head's weight after init (its bias
     is 0: the logits scale exactly); ``nan_at`` puts a NaN in a weight before that step;
     ``tied`` shares the head's weight with the token embedding; ``norm`` places the norms;
     ``qk_scale`` multiplies every query and key projection (weight and bias): the attention
-    logits by its square at step 0."""
+    logits by its square at step 0; ``loss_scale``: the loss trained on and recorded is the
+    mean cross-entropy times this (the batch's token count: a loss summed over tokens)."""
     import gpt as sample
 
     import stabscope.drivers.script
@@ -66,7 +68,7 @@ def record(
             if step == nan_at:
                 with torch.no_grad():
                     model.blocks[0].mlp.fc.weight[0, 0] = math.nan
-            loss = sample.loss(model, batches[step])
+            loss = sample.loss(model, batches[step]) * loss_scale
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -84,6 +86,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         "short": record(root / "short", steps=5),
         "post": record(root / "post", norm="post"),
         "small_qk": record(root / "small_qk", qk_scale=0.03),
+        "summed": record(root / "summed", steps=3, loss_scale=4 * 8),  # (batch, seq) = (4, 8)
     }
 
 
@@ -178,6 +181,28 @@ def test_a_head_scaled_x1000_has_logits_three_decades_larger(runs):
     assert abs(plain["init_loss_ratio"].value) < 0.2
     assert scaled["init_loss_ratio"].value > 2
     assert "V = 32, head" in scaled["init_loss_ratio"].evidence
+
+
+def test_a_loss_summed_over_tokens_is_not_read_against_ln_v(runs):
+    """A token's cross-entropy is at most the logits' span + ln V: a first loss over twice
+    that is no mean cross-entropy (here the sum over 32 tokens), and a ratio to ln V would
+    read it as a bad init. The head x1000 run's loss is a mean and keeps its ratio."""
+    found = features(runs["summed"])
+    for name in ("init_loss_ratio", "loss_level"):
+        assert math.isnan(found[name].value), found[name]
+        assert "not a mean cross-entropy" in found[name].evidence
+    z = rows(runs["summed"], "logit_*", None)
+    z0 = z[z.step == 0].set_index("metric").value
+    bound = z0["logit_max"] - z0["logit_min"] + math.log(32)
+    loss0 = rows(runs["summed"], "loss", None).sort_values("step").value.iloc[0]
+    assert loss0 > 2 * bound and loss0 / 32 < bound  # summed: over it; per token: under it
+    assert f"({bound:.3g}: the logits' span + ln V)" in found["init_loss_ratio"].evidence
+    assert features(runs["plain"])["loss_level"].value == pytest.approx(
+        reference(runs["plain"], None)["loss_level"], rel=1e-5
+    )
+    scaled = rows(runs["scaled"], "logit_*", None)
+    assert np.isfinite(features(runs["scaled"])["init_loss_ratio"].value)
+    assert scaled.value.abs().max() > 100  # its logits are wide: a large mean loss fits
 
 
 def test_attention_logits_below_one_nat_grow_from_one(runs):

@@ -90,10 +90,19 @@ def _tied(meta: RunMeta, head: dict, shapes: dict[str, list[int]]) -> tuple[int,
     return int(shape[0]), f"{head['name']}, tied to {name}"
 
 
+#: How far above its bound (logit span + ln V) a first loss may sit and still be read as a
+#: mean cross-entropy: the logits' extremes may come from another forward than the loss's.
+MEAN_CE_SLACK = 2.0
+
+
 def log_classes(view: RunView) -> tuple[float, str] | str:
-    """(ln V, where it comes from), or why it is not known. The head is checked against the
-    logits at the first step: per row, max z <= logsumexp z <= max z + ln V and ln V + min z
-    <= logsumexp z, so the mean logsumexp bounds ln V from both sides."""
+    """(ln V, where it comes from), or why the loss cannot be read against it. The head is
+    checked against the logits at the first step: per row, max z <= logsumexp z <= max z +
+    ln V and ln V + min z <= logsumexp z, so the mean logsumexp bounds ln V from both sides.
+    The loss is checked to be a mean cross-entropy of those logits: a token's is
+    logsumexp z - z_target <= max z - min z + ln V (with label smoothing or masked tokens
+    too). A loss summed over tokens, or scaled, sits far above that (x512 for a sum over
+    512 tokens), and a ratio to ln V would read it as a bad init."""
     classes = output_classes(view.meta)
     if classes is None:
         return "the output head's classes are not in the module table"
@@ -106,6 +115,15 @@ def log_classes(view: RunView) -> tuple[float, str] | str:
         tol = 1e-3 * (1 + abs(lse))
         if not lse - z["logit_max"] - tol <= math.log(v) <= lse - z["logit_min"] + tol:
             return f"{head} ({v} outputs) does not match the output logits"
+        bound = z["logit_max"] - z["logit_min"] + math.log(v)
+        first = losses(view).iloc[:1]
+        if len(first) and float(first.value.iloc[0]) > MEAN_CE_SLACK * bound:
+            return (
+                f"the loss is not a mean cross-entropy of {head}'s outputs: "
+                f"{float(first.value.iloc[0]):.4g} at step {int(first.step.iloc[0])}, over "
+                f"{MEAN_CE_SLACK:g}x the most one can be ({bound:.3g}: the logits' span + "
+                "ln V); summed over tokens, or scaled?"
+            )
     return math.log(v), f"ln V = {math.log(v):.3g} (V = {v}, {head})"
 
 
