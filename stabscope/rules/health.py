@@ -19,7 +19,12 @@ from .view import MATRICES, Request
 def _update_ratio(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     ratios = view.metrics("update_ratio")
     # Weight matrices only: biases and gains start at zero or one, so their ratio says little.
-    ratios = ratios[ratios.module.isin(view.matrices) & np.isfinite(ratios.value)]
+    # So does a matrix initialised at zero (a ViT's class token, a zero-init output
+    # projection): its norm is its first few updates, and any step is "large" against it.
+    first = view.metrics("param_norm", step="first", modules=view.matrices)
+    zero_init = set(first.module[first.value == 0])
+    keep = ratios.module.isin(view.matrices - zero_init) & np.isfinite(ratios.value)
+    ratios = ratios[keep]
     big = ratios[ratios.value > p["max_ratio"]]
     if big.empty:
         return
@@ -45,6 +50,7 @@ UPDATE_RATIO = Rule(
     {"max_ratio": 0.1},
     _update_ratio,
     "warning",
+    (Request(("update_ratio",)), Request(("param_norm",), step="first", modules=MATRICES)),
 )
 
 WORTSMAN = (
