@@ -1,7 +1,8 @@
 """The loss-spike and grad-norm-spike rules on real recorded runs of the sample GPT: a healthy
 run gives no finding; the same run with one corrupt batch (uniform random tokens) gives both,
 at that step. The script clips at max_norm 1, as nanoGPT does: the gradient spike is seen only
-before the clip. Plus the z-score itself against a direct computation."""
+before the clip, and the message says so; without the clip it speaks of no clipping. Plus the
+z-score itself against a direct computation."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from stabscope.rules.spikes import DEFAULTS, spikes
 STEPS, CORRUPT = 200, 150
 
 
-def record(run_dir, corrupt_at: int | None) -> None:
+def record(run_dir, corrupt_at: int | None, clip: bool = True) -> None:
     import gpt
 
     cfg = ScriptConfig(gpt.CONFIG | {"depth": 2, "width": 32, "seq_len": 16, "batch_size": 8})
@@ -34,7 +35,8 @@ def record(run_dir, corrupt_at: int | None) -> None:
             loss = gpt.loss(model, batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            if clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             rec.step(loss)
 
@@ -47,9 +49,10 @@ def runs(tmp_path_factory):
     try:
         record(root / "healthy", None)
         record(root / "spiked", CORRUPT)
+        record(root / "unclipped", CORRUPT, clip=False)
     finally:
         torch.set_num_threads(threads)
-    return root / "healthy", root / "spiked"
+    return root / "healthy", root / "spiked", root / "unclipped"
 
 
 def spike_findings(run_dir) -> dict[str, stabscope.Finding]:
@@ -71,6 +74,16 @@ def test_one_corrupt_batch_is_a_loss_and_a_gradient_spike_at_its_step(runs):
     # The clip hides it from what the optimizer received.
     clipped = stabscope.load_run(runs[1], metrics=["grad_norm_clipped"]).value
     assert clipped.max() <= 1.0 + 1e-5
+    assert "the gradient norm before clipping" in found["grad-norm-spike"].message
+
+
+@pytest.mark.slow
+def test_a_spike_in_a_run_without_a_clip_is_not_said_to_be_before_clipping(runs):
+    found = spike_findings(runs[2])["grad-norm-spike"]
+    assert found.step == CORRUPT
+    assert stabscope.load_run(runs[2], metrics=["grad_norm_clipped"]).empty
+    assert "clipping" not in found.message
+    assert found.message.startswith("the gradient norm ")
 
 
 def test_z_score_against_a_direct_computation():

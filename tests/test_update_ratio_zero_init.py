@@ -1,12 +1,14 @@
-"""``update-ratio`` on a matrix initialised to zero (LoRA's B): grown from zero, its update is
-a large share of its norm by construction for its first 1/max_ratio² steps, and that says
-nothing about the lr. The same rule still fires on a random-init matrix whose lr is too
-high. The ratios are checked against the script's own norms."""
+"""``update-ratio`` on a matrix initialised to zero (LoRA's B, a ViT's class token): grown
+from zero, its update is a large share of its norm by construction for its first
+1/max_ratio² steps, and that says nothing about the lr. The same rule still fires on a
+random-init matrix whose lr is too high. The ratios are checked against the script's own
+norms."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import stabscope
@@ -71,3 +73,39 @@ def test_a_random_init_matrix_at_too_high_an_lr_still_is(tmp_path):
     assert a.value.max() > 0.1  # lora_A starts random: its ratio is the lr's doing
     (found,) = update_ratio_findings(tmp_path / "hot")
     assert "0.lora_A" in found.message or "2.weight" in found.message
+
+
+WIDTH, TOKENS, CLASSES = 16, 4, 3
+
+
+class TokenClassifier(nn.Module):
+    """(B, TOKENS, WIDTH) -> (B, CLASSES): a class token joins the tokens, a mixing layer,
+    the class token's output classified."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cls = nn.Parameter(torch.zeros(1, 1, WIDTH))  # zero-init, as ViT's
+        self.mix = nn.Linear(WIDTH * (TOKENS + 1), WIDTH)
+        self.head = nn.Linear(WIDTH, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([self.cls.expand(len(x), -1, -1), x], 1)  # (B, TOKENS + 1, WIDTH)
+        return self.head(torch.tanh(self.mix(x.flatten(1))))
+
+
+def test_a_zero_initialised_class_token_is_not_an_oversized_update(tmp_path):
+    torch.manual_seed(0)
+    model = TokenClassifier()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with stabscope.Recorder(model, tmp_path, schedule=Schedule(dense=6, every=50)) as rec:
+        for _ in range(6):
+            x, y = torch.randn(32, TOKENS, WIDTH), torch.randint(CLASSES, (32,))
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            rec.step(loss)
+    ratios = stabscope.load_run(tmp_path, metrics=["update_ratio"])
+    assert ratios[ratios.module == "cls"].value.max() > 0.5  # its norm is its own updates
+    assert ratios[ratios.module != "cls"].value.max() < 0.1  # the weights: small steps
+    assert update_ratio_findings(tmp_path) == []

@@ -99,10 +99,13 @@ def _grad_norm_spike(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     rows = grad_norm_rows(view)
     found = spikes(total_by_step(rows), p)
     if not found.empty:
+        # "Before clipping" only where a clip ran: a run without one has one norm, and the
+        # phrase would send the reader looking for a clip the script does not have.
         pre = (rows.metric.astype(str) == "grad_norm").all()
+        clipped = pre and not view.metrics("grad_norm_clipped").empty
         yield _finding(
             GRAD_NORM_SPIKE,
-            "the gradient norm before clipping" if pre else "the gradient norm",
+            "the gradient norm before clipping" if clipped else "the gradient norm",
             found,
             p,
             "a gradient spike often comes before a loss spike: lower the learning rate, "
@@ -131,7 +134,7 @@ GRAD_NORM_SPIKE = Rule(
     {**DEFAULTS, "min_rise": 0.5},
     _grad_norm_spike,
     "warning",
-    GRAD_READS,
+    (*GRAD_READS, Request(("grad_norm_clipped",))),
 )
 
 RULES = [LOSS_SPIKE, GRAD_NORM_SPIKE]
