@@ -270,6 +270,7 @@ def test_gate_fails_deep_post_ln_and_passes_pre_ln(tmp_path):
     )
     growth = by_rule["gradient-growth"]
     assert growth["severity"] == "error" and growth["step"] < 6 and growth["value"] > 100
+    assert growth["remedy"].startswith("use Pre-LN or DeepNorm")  # residual blocks found
 
     res = runner.invoke(app, ["check", str(runs["pre"]), "--format", "json"])
     assert res.exit_code == 0, res.output
@@ -326,6 +327,10 @@ def test_gradient_growth_on_a_deep_plain_mlp(tmp_path):
     f = found["gradient-growth"]
     assert f.value == pytest.approx(trend.first_to_last) and f.value > 100
     assert f.severity == "error"
+    # No residual blocks: the lever is the init, not the norm placement.
+    assert "Kaiming" in f.remedy and "Pre-LN" not in f.remedy
+    layers = f"the last of {len(trend.layers)} layers (layer {trend.layers[-1]})"
+    assert layers in f.message and f"the first (layer {trend.layers[0]};" in f.message
     # Raising the thresholds past the measured factor silences it.
     assert (
         "gradient-growth"

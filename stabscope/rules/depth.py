@@ -36,18 +36,27 @@ def _grad_growth(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     yield finding(
         GRAD_GROWTH,
         severity,
-        f"at step {trend.step} the gradient norm of layer {trend.layers[-1]} is "
-        f"{trend.first_to_last:.3g}x that of layer {trend.layers[0]} "
-        f"({start} at step {trends[0].step}, {len(trend.layers)} layers): "
-        "gradients grow toward the output and vanish toward the input",
+        f"at step {trend.step} the gradient norm of the last of {len(trend.layers)} layers "
+        f"(layer {trend.layers[-1]}) is {trend.first_to_last:.3g}x that of the first (layer "
+        f"{trend.layers[0]}; {start} at step {trends[0].step}): gradients grow toward the "
+        "output and vanish toward the input",
         module=None,
         step=trend.step,
         value=trend.first_to_last,
         threshold=threshold,
         metric="param_grad_norm",
-        remedy="use Pre-LN or DeepNorm, or add learning-rate warm-up; for a plain "
-        "deep stack, residual connections or normalisation",
+        remedy=PLAIN_REMEDY if not view.block_names else BLOCKS_REMEDY,
     )
+
+
+#: Residual blocks were found: the norm placement is the lever (Xiong et al. 2020).
+BLOCKS_REMEDY = "use Pre-LN or DeepNorm, or add learning-rate warm-up"
+#: No residual blocks: a plain deep stack, where the init sets how each layer scales the
+#: backward signal (He et al. 2015: gain sqrt(2) keeps it for ReLU; Glorot and Bengio 2010).
+PLAIN_REMEDY = (
+    "initialise each layer to keep the gradient's scale (Kaiming/He for ReLU, Glorot for "
+    "tanh), or add residual connections or normalisation"
+)
 
 
 GRAD_GROWTH = Rule(
