@@ -7,12 +7,35 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from ..store import RUN_MODULE
+from ..store import RUN_MODULE, RunMeta
 from ..store.findings import Finding
 from .view import Request, RunView
 
 METRICS = ("act_rms", "grad_rms")
 BASELINE = "baseline-regression"  # the rule id its findings carry
+
+
+#: The share of the run's weight matrices (name and shape) the baseline must have: a change
+#: that adds layers or widens one keeps most of them; another architecture keeps few.
+SAME_MODEL_SHARE = 0.5
+
+
+def another_model(run: RunMeta, base: RunMeta) -> str | None:
+    """Why ``base`` is not a run of the model ``run`` recorded (before some change), or None:
+    fewer than half of the run's weight matrices are in it by name and shape. Modules are
+    compared by name, so another model's rows would be matched by accident (``0.weight``
+    of an MLP against ``0.weight`` of a ViT) and read as a regression."""
+    shapes = {p["name"]: p.get("shape") for p in base.parameters}
+    matrices = [p for p in run.parameters if len(p.get("shape") or ()) >= 2]
+    if not matrices:
+        return None
+    same = sum(shapes.get(p["name"]) == p.get("shape") for p in matrices)
+    if same >= SAME_MODEL_SHARE * len(matrices):
+        return None
+    return (
+        f"{same} of this run's {len(matrices)} weight matrices are in it with the same name "
+        "and shape"
+    )
 
 
 def compare_to_baseline(
