@@ -33,15 +33,29 @@ def _log(x: float) -> float:
     return math.log10(max(x, FLOOR)) if math.isfinite(x) else (math.inf if x > 0 else math.nan)
 
 
+def _budget_why(counts: object) -> str:
+    """Why no index was measured, from meta.json's ``stability_index`` counts: a time budget
+    that skipped every scheduled measurement (a callback's default 5% of a short plan) is not
+    a probe that failed, and the user can lift it."""
+    if isinstance(counts, dict) and not counts.get("measured") and counts.get("skipped"):
+        return (
+            f"stability index not measured: {counts['skipped']} scheduled measurement(s) "
+            f"skipped to keep its time within {counts.get('budget'):.3g} of the training time "
+            "(sharpness_budget; sharpness_budget=inf measures every one)"
+        )
+    return "stability index not measured"
+
+
 def stability_features(view: RunView) -> dict[str, Feature]:
     """``stability_now``, ``stability_peak``, ``stability_forecast`` (module docstring), plus
     ``CROSSING``: the first planned step whose forecast S reaches 1."""
-    why = next(
+    note = next(
         (n for n in view.meta.get("notes", []) if str(n).startswith("stability_index not")),
-        "stability index not measured",
+        None,
     )
+    why = str(note).replace("_", " ", 1) if note else _budget_why(view.meta.get("stability_index"))
     nan = {
-        name: Feature(name, math.nan, str(why).replace("_", " ", 1))
+        name: Feature(name, math.nan, why)
         for name in ("stability_now", "stability_peak", "stability_forecast", CROSSING)
     }
     if not view.has("stability_index"):
