@@ -18,6 +18,8 @@ import stabscope
 from stabscope import Schedule
 from stabscope.integrations.lightning import MANUAL_NOTE, StabscopeCallback
 from stabscope.probes.sharpness import due, stability_index
+from stabscope.rules.forecast import signals
+from stabscope.rules.view import RunView
 from tests.conftest import batch_maker, mlp
 
 BATCHES, ACCUMULATE = 9, 2  # 4 windows of 2 micro-batches, then one of 1: 5 optimizer steps
@@ -288,3 +290,14 @@ def test_a_callback_keeps_the_index_within_five_percent_by_default(run_dir):
     index = stabscope.read_meta(run_dir)["stability_index"]
     assert (index["budget"], index["measured"], index["skipped"]) == (0.05, 0, 2)
     assert stabscope.load_run(run_dir, metrics=["stability_index"]).empty
+
+
+def test_the_forecast_says_the_budget_skipped_every_index_measurement(run_dir):
+    """A short plan under a callback measures no index (above): the forecast's evidence says
+    that the budget skipped them, not a bare 'not measured' that reads like a broken probe."""
+    fit(Logging(), run_dir)
+    found = signals(RunView.open(run_dir))
+    for name in ("stability_now", "stability_peak", "stability_forecast"):
+        assert math.isnan(found[name].value)
+        assert "2 scheduled measurement(s) skipped" in found[name].evidence
+        assert "(sharpness_budget;" in found[name].evidence
