@@ -242,3 +242,11 @@ def test_a_regression_heads_growth_to_its_targets_scale_is_not_residual_growth(t
     expected = max(np.log10(v.iloc[-1] / max(v.iloc[0], 1.0)) for _, v in before)
     assert residual_growth(view).value == pytest.approx(expected, abs=1e-6)
     assert expected < 0.01
+    # One output: no ln V, and the evidence says which module is the head, and why.
+    from stabscope.rules.output_features import init_loss_ratio
+
+    ratio = init_loss_ratio(view)
+    assert np.isnan(ratio.value)
+    assert (
+        ratio.evidence == "the output head (2) has one output: no classes to read the loss against"
+    )

@@ -108,7 +108,7 @@ def log_classes(view: RunView) -> tuple[float, str] | str:
         return "the output head's classes are not in the module table"
     v, head = classes
     if v < 2:
-        return f"{head} has one output"
+        return f"the output head ({head}) has one output: no classes to read the loss against"
     z = first_logits(view).groupby("metric").value.max()
     if set(LOGITS) <= set(z.index) and np.isfinite(z.to_numpy(float)).all():
         lse = z["logit_lse_mean"]
