@@ -16,6 +16,7 @@ from . import (
     forecast,
     health,
     loss_divergence,
+    lr_ramp,
     no_update,
     prediction,
     ranks,
@@ -34,6 +35,7 @@ ALL_RULES: list[Rule] = [
     *ranks.RULES,
     *prediction.RULES,
     *forecast.RULES,
+    *lr_ramp.RULES,
 ]
 RULES_BY_ID = {r.id: r for r in ALL_RULES}
 

@@ -9,6 +9,9 @@ edge of stability training pushes S back towards 1), which is why these are sign
 calibrated weight in the forecast, not verdicts on their own.
 
 Every signal is a log10 (S is scale-free already); NaN when the run did not measure it.
+``stability_forecast`` is also NaN when the plan has no rise ahead to extrapolate along (a
+constant lr, a warm-up, a decay, an unknown plan): the index as it is reads as
+``stability_now``, and the forecast speaks only of a planned rise.
 """
 
 from __future__ import annotations
@@ -87,23 +90,19 @@ def stability_features(view: RunView) -> dict[str, Feature]:
     lr_now = float(lr.get(last, math.nan))
     plan = planned_lr(view.meta)
     if plan is None or not (lr_now > 0):
-        out["stability_forecast"] = Feature(
-            "stability_forecast",
-            _log(now),
-            f"no planned lr curve: the lr is taken to stay at {lr_now:.3g}",
-            last,
-        )
+        why = f"no planned lr curve: no rise to extrapolate the index ({now:.3g}) along"
+        out["stability_forecast"] = Feature("stability_forecast", math.nan, why, last)
         out[CROSSING] = nan[CROSSING]
         return out
     ahead = lr_growth_ahead(*plan, last, lr_now)
     out[CROSSING] = crossing(now, ahead, *plan)
+    said = f"stability index {now:.3g} at step {last} with lr {lr_now:.3g}; {ahead.words}"
+    if ahead.factor <= 1:  # no rise to extrapolate along: stability_now reads the index
+        out["stability_forecast"] = Feature("stability_forecast", math.nan, said, last)
+        return out
     fc = now * ahead.factor
     out["stability_forecast"] = Feature(
-        "stability_forecast",
-        _log(fc),
-        f"stability index {now:.3g} at step {last} with lr {lr_now:.3g}; {ahead.words}: "
-        f"index {fc:.3g} if the curvature stays",
-        ahead.step,
+        "stability_forecast", _log(fc), f"{said}: index {fc:.3g} if the curvature stays", ahead.step
     )
     return out
 
@@ -153,13 +152,20 @@ def lr_growth_ahead(steps: np.ndarray, lrs: np.ndarray, last: int, lr_now: float
     warmup the learning rate?": the warm-up's sharpness reduction is what lets the larger lr
     train), so extrapolating S at fixed curvature along the warm-up predicts failures that
     do not happen; only a rise beyond the warm-up's peak is extrapolated, from that peak.
-    After the warm-up, any later rise counts from the lr now."""
+    After the warm-up, a later rise counts from the lr now, or from the largest lr the plan
+    has already trained at when that is larger: a restart of a cyclic or warm-restart
+    schedule (SGDR, Loshchilov and Hutter 2017) returns to an lr the run has trained at,
+    and S measured at the bottom of a cycle, scaled up to its top, would read the restart
+    as a ramp into the unknown."""
     end = warmup_end(steps, lrs)
     if last + 1 < end:  # inside the warm-up: only a rise beyond its peak
         base, base_step = float(lrs[np.searchsorted(steps, end)]), end
         words = "warm-up in progress (not extrapolated); "
     else:
-        base, base_step, words = lr_now, last, ""
+        trained = lrs[steps <= last]
+        base = max(lr_now, float(np.nanmax(trained))) if len(trained) else lr_now
+        base_step = last
+        words = "" if base == lr_now else f"the plan has trained at lr {base:.3g}; "
     ahead = steps > base_step
     if not ahead.any() or not np.nanmax(lrs[ahead]) > base:
         return Ahead(last, base, base, base_step, words + "the planned lr rises no further")
