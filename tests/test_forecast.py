@@ -242,3 +242,14 @@ def test_a_regression_heads_growth_to_its_targets_scale_is_not_residual_growth(t
     expected = max(np.log10(v.iloc[-1] / max(v.iloc[0], 1.0)) for _, v in before)
     assert residual_growth(view).value == pytest.approx(expected, abs=1e-6)
     assert expected < 0.01
+
+
+def test_a_constant_lr_is_not_read_as_rising_from_its_float32_row(tmp_path) -> None:
+    # The lr the index used is stored as float32: 0.03 reads back as 0.029999999, just under
+    # the plan's 0.03, which is not a rise of the lr.
+    run = profile(tmp_path / "const", 9, "lr=0.03", "ramp=1")
+    df = load_run(run, metrics=["stability_lr"])
+    assert (df.value.to_numpy(np.float64) < 0.03).all()  # the case: it rounds down
+    found = signals(RunView.open(run))
+    assert "the planned lr rises no further" in found["stability_forecast"].evidence
+    assert found["stability_forecast"].value == pytest.approx(found["stability_now"].value)
