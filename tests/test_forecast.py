@@ -250,3 +250,15 @@ def test_a_regression_heads_growth_to_its_targets_scale_is_not_residual_growth(t
     assert (
         ratio.evidence == "the output head (2) has one output: no classes to read the loss against"
     )
+
+
+def test_a_constant_lr_is_not_read_as_rising_from_its_float32_row(tmp_path) -> None:
+    # The lr the index used is stored as float32: 0.03 reads back as 0.029999999, just under
+    # the plan's 0.03, which is not a rise of the lr.
+    run = profile(tmp_path / "const", 9, "lr=0.03", "ramp=1")
+    df = load_run(run, metrics=["stability_lr"])
+    assert (df.value.to_numpy(np.float64) < 0.03).all()  # the case: it rounds down
+    found = signals(RunView.open(run))
+    assert found["stability_forecast"].evidence.endswith("; the planned lr rises no further")
+    assert "has trained at" not in found["stability_forecast"].evidence  # no second lr
+    assert np.isnan(found["stability_forecast"].value)  # no rise: stability_now reads it

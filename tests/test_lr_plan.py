@@ -416,3 +416,34 @@ PLAN = {
     "lr": [0.1, 0.2, 0.3, 0.4, 0.35],
     "peak": {"step": 3, "lr": 0.4},
 }
+
+
+def test_two_optimizers_are_planned_together(run_dir):
+    """Adam for the first layer, SGD for the rest (two optimizers stepped one after the
+    other, as Muon + AdamW or a frozen-backbone fine-tune do): the plan is the max lr over
+    both, the second one's scheduler included, as the lr rows and the index read it."""
+    torch.manual_seed(0)
+    model = mlp()
+    first = [p for n, p in model.named_parameters() if n.startswith("0.")]
+    rest = [p for n, p in model.named_parameters() if not n.startswith("0.")]
+    adam = torch.optim.Adam(first, lr=5e-2)  # above the SGD lr until the ramp
+    sgd = torch.optim.SGD(rest, lr=1e-2)
+    ramp = sched.LambdaLR(sgd, lambda s: 1.0 if s < 6 else 100.0)  # x100 from step 6
+    make = batch_maker(6, 3)
+    used = []
+    with stabscope.Recorder(model, run_dir, schedulers=ramp, budget=10) as rec:
+        for step in range(10):
+            x, y = make(step)
+            adam.zero_grad()
+            sgd.zero_grad()
+            loss = (model(x) - y).pow(2).mean()
+            loss.backward()
+            used.append(max(g["lr"] for o in (adam, sgd) for g in o.param_groups))
+            adam.step()
+            sgd.step()
+            ramp.step()
+            rec.step(loss=loss)
+    plan = read_meta(run_dir)["lr_plan"]
+    assert plan["from_step"] == 0 and plan["steps"] == list(range(10))
+    assert plan["lr"] == pytest.approx(used) and plan["peak"]["lr"] == pytest.approx(1.0)
+    assert recorded_lr(run_dir) == pytest.approx(dict(enumerate(used)), rel=1e-6)

@@ -25,12 +25,12 @@ def mlp(dead: bool) -> nn.Module:
 
 
 def train(
-    run_dir, net: nn.Module, zero_before_step: bool, decay: float = 0.0
+    run_dir, net: nn.Module, zero_before_step: bool, decay: float = 0.0, eps: float = 1e-8
 ) -> tuple[dict[str, torch.Tensor], float]:
     """The weight matrices' change over the run; the largest gradient entry any of them
     had when the optimizer stepped."""
     before = {n: p.detach().clone() for n, p in net.named_parameters() if p.dim() >= 2}
-    opt = torch.optim.AdamW(net.parameters(), lr=0.1, weight_decay=decay)
+    opt = torch.optim.AdamW(net.parameters(), lr=0.1, weight_decay=decay, eps=eps)
     largest = 0.0
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(32, 8, generator=g), torch.randn(32, 4, generator=g)
@@ -74,3 +74,15 @@ def test_a_dead_network_is_an_error_even_when_weight_decay_moves_it(tmp_path):
     assert "no weight matrix received a gradient" in f.message and "dead" in f.remedy
     train(tmp_path / "alive", mlp(False), zero_before_step=False, decay=0.1)
     assert found(tmp_path / "alive") == []
+
+
+def test_a_dead_network_is_not_told_that_adams_eps_damps_its_updates(tmp_path):
+    """sqrt(v) = 0 in every weight matrix: no gradient reached them (no-update says so), and
+    there is no update for eps to damp. Gradients that do arrive, under an eps as large as
+    they are, still get the warning."""
+    train(tmp_path / "dead", mlp(True), zero_before_step=False)
+    rules = {f.rule: f for f in check_run(tmp_path / "dead").findings}
+    assert "no-update" in rules and "adam-epsilon" not in rules
+    train(tmp_path / "big-eps", mlp(False), zero_before_step=False, eps=1.0)
+    (f,) = [f for f in check_run(tmp_path / "big-eps").findings if f.rule == "adam-epsilon"]
+    assert 0 < f.value < 10

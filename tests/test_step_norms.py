@@ -198,3 +198,40 @@ def test_a_second_clip_of_the_same_gradients_is_measured_after_both(run_dir):
     steps, post = series(run_dir, "grad_norm_clipped")
     assert steps.tolist() == list(range(STEPS))
     np.testing.assert_allclose(post, received, rtol=1e-5)
+
+
+class _ClipInsideSGD(torch.optim.SGD):
+    """SGD whose ``step`` clips first (clipping without touching the training loop): the clip
+    runs after the optimizer's step pre-hook. Keeps what the clip saw and what the update used."""
+
+    def __init__(self, params, max_norm: float, **kw) -> None:
+        super().__init__(params, **kw)
+        self.max_norm, self.returned, self.used = max_norm, [], []
+
+    def step(self, closure=None):
+        params = [p for g in self.param_groups for p in g["params"]]
+        self.returned.append(clip_grad_norm_(params, self.max_norm).item())
+        self.used.append(torch.cat([p.grad.double().flatten() for p in params]).norm().item())
+        return super().step(closure)
+
+
+def test_a_clip_inside_optimizer_step_is_measured_after_it(run_dir):
+    """The norm after the clip is that of the gradients the update used, not the unclipped
+    norm the step's pre-hook saw before ``step`` clipped them."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    opt = _ClipInsideSGD(model.parameters(), 0.05, lr=1e-2)
+    with stabscope.Recorder(model, run_dir, preset="cheap") as rec:
+        for _ in range(STEPS):
+            loss = (model(torch.randn(32, 8)) - 5.0).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            rec.step(loss=loss)
+    assert all(r > 10 * 0.05 for r in opt.returned)  # the clip acted at every step
+    steps, pre = series(run_dir, "grad_norm")
+    assert steps.tolist() == list(range(STEPS))
+    np.testing.assert_allclose(pre, opt.returned, rtol=1e-5)
+    steps, post = series(run_dir, "grad_norm_clipped")
+    assert steps.tolist() == list(range(STEPS))
+    np.testing.assert_allclose(post, opt.used, rtol=1e-5)

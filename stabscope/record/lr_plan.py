@@ -258,11 +258,11 @@ def _trains(optimizer: Any, param_ids: set[int]) -> bool:
 
 
 class LrPlanner:
-    """What a Recorder needs to plan: the schedulers and the budget, until it has a plan.
+    """What a Recorder needs to plan: the schedulers and the budget.
 
     ``plan`` is called at ``start()``, and again at each optimizer step of the model until
     it returns a plan (there is no optimizer to read before the first one is seen, when no
-    scheduler names it)."""
+    scheduler names it), and once more when an optimizer the plan did not cover steps."""
 
     def __init__(self, schedulers: Any, budget: int | None) -> None:
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int)):
@@ -272,15 +272,17 @@ class LrPlanner:
         self.schedulers = as_list(schedulers)
         self.budget = budget
 
+    def planned_optimizers(self, param_ids: set[int]) -> list[Optimizer]:
+        """The schedulers' optimizers that train one of ``param_ids``."""
+        held = [getattr(_unwrap(s), "optimizer", None) for s in self.schedulers]
+        return [o for o in held if o is not None and _trains(o, param_ids)]
+
     def plan(
         self, optimizers: Iterable[Optimizer], start_step: int, param_ids: set[int]
     ) -> dict[str, Any] | None:
         """The plan from ``start_step``, for ``optimizers`` or, when none is known yet, for
         the schedulers' optimizers that train one of ``param_ids``; None to try later."""
-        opts = list(optimizers)
-        if not opts:
-            held = [getattr(_unwrap(s), "optimizer", None) for s in self.schedulers]
-            opts = [o for o in held if o is not None and _trains(o, param_ids)]
+        opts = list(optimizers) or self.planned_optimizers(param_ids)
         if not opts:
             return None
         return plan_lrs(opts, self.schedulers, self.budget, start_step)

@@ -23,6 +23,7 @@ class OptimizerWatch:
         self.planner = planner
         self.optimizers: dict[int, torch.optim.Optimizer] = {}
         self._step_lrs: dict[int, list[float | None]] = {}
+        self._planned_for: set[int] | None = None  # the optimizers the plan covers, once made
 
     def owns(self, optimizer: torch.optim.Optimizer) -> bool:
         key = id(optimizer)
@@ -50,13 +51,21 @@ class OptimizerWatch:
         self._step_lrs.clear()
 
     def plan(self, step: int) -> dict[str, Any] | None:
-        """The planned lr curve (meta.json's ``lr_plan``) from ``step`` on, once: None before
-        an optimizer is known, and after the plan was made."""
+        """The planned lr curve (meta.json's ``lr_plan``) from ``step`` on: None before an
+        optimizer is known, and while the plan made covers every owned optimizer. A second
+        optimizer seen stepping after the plan was made (Adam for some parameters, SGD for
+        the others, stepped one after the other) is planned with the first from its step on:
+        the plan is the max lr over all of them, as the ``lr`` rows and the index read it."""
         if self.planner is None:
             return None
-        plan = self.planner.plan(self.optimizers.values(), step, self.param_ids)
+        if self._planned_for is not None and set(self.optimizers) <= self._planned_for:
+            return None
+        known = list(self.optimizers.values())
+        plan = self.planner.plan(known, step, self.param_ids)
         if plan is not None:
-            self.planner = None
+            # Before any step the plan comes from the schedulers' optimizers (none known yet).
+            held = known or self.planner.planned_optimizers(self.param_ids)
+            self._planned_for = {id(o) for o in held}
         return plan
 
 

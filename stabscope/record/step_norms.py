@@ -7,7 +7,10 @@ Per step, at module ``__run__``:
   step received (nothing was clipped: the same number);
 - ``grad_norm_clipped``: where a clip was seen, the norm of the gradients the optimizer step
   received, after the clip: the clip's total times its factor where one clip by the L2 norm
-  covered exactly the optimizer's gradients (no pass), else one ``_foreach_norm``.
+  covered exactly the optimizer's gradients (no pass), else one ``_foreach_norm``. A clip
+  inside ``optimizer.step()`` (a ``ClippedSGD(SGD)`` whose ``step`` clips first) runs after
+  the step's pre-hook: the norm is then taken again after the step, of the clipped gradients
+  the update used.
 
 Per residual block (the structure's blocks, once known), when ``step_updates`` is on, at
 every recorded step and every ``step_updates_every``-th step (10 by default) between:
@@ -70,6 +73,10 @@ class StepNorms:
         # parameters it clipped, that norm).
         self._after: tuple[frozenset[int], torch.Tensor] | None = None
         self._seen: dict[int, torch.Tensor] = {}  # optimizer id -> norm of its gradients
+        # The optimizer between its step's pre- and post-hook (id, ids of its parameters), and
+        # those whose own step clipped: their norm in _seen is from before that clip.
+        self._stepping: tuple[int, frozenset[int]] | None = None
+        self._clipped_inside: set[int] = set()
         self._blocks: _BlockUpdates | None = None
 
     # -- gradient norms -----------------------------------------------------------------
@@ -82,6 +89,8 @@ class StepNorms:
         owned = [p for p in params if id(p) in self.param_ids]
         if not owned:
             return
+        if self._stepping is not None and id(owned[0]) in self._stepping[1]:
+            self._clipped_inside.add(self._stepping[0])  # norm again after the step
         if id(owned[0]) in self._clips:
             self._after = None  # clipped again: its factor is not the first clip's alone
             return
@@ -104,10 +113,20 @@ class StepNorms:
             norm = l2_norm(p.grad for p in params)
         if norm is not None:
             self._seen[id(optimizer)] = norm
+        self._stepping = (id(optimizer), frozenset(map(id, params)))
         if self._blocks is not None and updates:
             self._blocks.before(optimizer)
 
     def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self._stepping = None
+        if id(optimizer) in self._clipped_inside:
+            # The step clipped its own gradients after the pre-hook read them: the update used
+            # the clipped ones, still in .grad (an optimizer step does not write its grads).
+            self._clipped_inside.discard(id(optimizer))
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            norm = l2_norm(p.grad for p in params if id(p) in self.param_ids)
+            if norm is not None:
+                self._seen[id(optimizer)] = norm
         if self._blocks is not None:
             self._blocks.after(optimizer)
 
@@ -140,6 +159,8 @@ class StepNorms:
         out: list[tuple[torch.Tensor, Decoder]] = []
         clips, seen = list(self._clips.values()), list(self._seen.values())
         self._clips, self._seen, self._after = {}, {}, None
+        self._clipped_inside.clear()
+        self._stepping = None
         pre = _rss(clips) if clips else _rss(seen)
         if pre is not None:
             post = _rss(seen) if clips else None

@@ -73,6 +73,9 @@ def _adam_eps(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     ratio = ratio[ratio.module.isin(view.matrices)]
     # The last step with finite values: after a divergence v̂ is NaN, which says nothing here.
     ratio = ratio[np.isfinite(ratio.value.to_numpy(float))]
+    # sqrt(v) exactly 0: no gradient ever reached the matrix (dead ReLUs, a detached branch;
+    # no-update says so): there is no update for eps to damp.
+    ratio = ratio[ratio.value.to_numpy(float) > 0]
     last = ratio[ratio.step == ratio.step.max()]
     low = last[last.value < p["min_ratio"]]
     if low.empty:

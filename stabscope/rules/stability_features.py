@@ -144,6 +144,10 @@ class Ahead:
         return max(self.peak / self.base, 1.0)
 
 
+#: The relative rounding of a float32 row (the stored lr), with a margin.
+F32_ROUNDING = 4 * float(np.finfo(np.float32).eps)
+
+
 def lr_growth_ahead(steps: np.ndarray, lrs: np.ndarray, last: int, lr_now: float) -> Ahead:
     """How far the planned lr rises above the one S was measured with (``lr_now`` at
     ``last``).
@@ -165,9 +169,12 @@ def lr_growth_ahead(steps: np.ndarray, lrs: np.ndarray, last: int, lr_now: float
         trained = lrs[steps <= last]
         base = max(lr_now, float(np.nanmax(trained))) if len(trained) else lr_now
         base_step = last
-        words = "" if base == lr_now else f"the plan has trained at lr {base:.3g}; "
+        above = base > lr_now * (1 + F32_ROUNDING)  # not the float32 row's rounding
+        words = f"the plan has trained at lr {base:.3g}; " if above else ""
     ahead = steps > base_step
-    if not ahead.any() or not np.nanmax(lrs[ahead]) > base:
+    # lr_now comes from a float32 row: a plan that holds it reads up to one float32 rounding
+    # above it (0.03 -> 0.029999999), and that is no rise.
+    if not ahead.any() or not np.nanmax(lrs[ahead]) > base * (1 + F32_ROUNDING):
         return Ahead(last, base, base, base_step, words + "the planned lr rises no further")
     i = int(np.flatnonzero(ahead)[np.nanargmax(lrs[ahead])])
     peak, at = float(lrs[i]), int(steps[i])
