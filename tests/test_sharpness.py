@@ -298,3 +298,51 @@ def test_the_forecast_says_why_an_optimizer_got_no_index(tmp_path) -> None:
         evidence["stability_now"]
         == "stability index not measured: no stability threshold for Adagrad"
     )
+
+
+def _clipped_run(out, max_norm: float | None) -> list[float]:
+    """SGD at lr 0.5 on ``small``'s loss scaled x50 (gradients of norm ~10-100), clipped to
+    ``max_norm`` (None: no clip) before each step, every step recorded. Returns the clip's
+    factor per step by the script's own account: min(1, max_norm / (total + 1e-6)), the
+    total being clip_grad_norm_'s return."""
+    model = small()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    factors = []
+    with Recorder(model, out, forward=lambda m: 50 * loss_of(m)) as rec:
+        for _ in range(9):
+            loss = 50 * loss_of(model)
+            opt.zero_grad()
+            loss.backward()
+            if max_norm is not None:
+                total = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+                factors.append(min(1.0, max_norm / (total + 1e-6)))
+            opt.step()
+            rec.step(loss=loss)
+    return factors
+
+
+def test_a_clipped_step_is_read_at_its_clipped_size(tmp_path) -> None:
+    """The index is the step's size in units of the edge: a clip that scales the gradient by
+    f scales SGD's step by f, so the signal reads S x f at each measured step (the factor by
+    the script's own clip), and an unclipped run reads S as measured."""
+    import math
+
+    from stabscope import load_run
+    from stabscope.rules.stability_features import stability_features
+    from stabscope.rules.view import RunView
+
+    factors = _clipped_run(tmp_path / "clip", 0.1)
+    index = load_run(tmp_path / "clip", metrics="stability_index").set_index("step").value
+    assert list(index.index) == [2, 4, 8]
+    scaled = [index[s] * factors[s] for s in (4, 8)]  # the last two, as S_now reads them
+    assert max(factors[s] for s in (2, 4, 8)) < 0.05  # the clip is active: a x20+ cut
+    found = stability_features(RunView.open(tmp_path / "clip"))
+    assert found["stability_now"].value == pytest.approx(
+        math.log10(math.sqrt(scaled[0] * scaled[1])), abs=1e-4
+    )
+    assert "scaled by the clip's factor" in found["stability_now"].evidence
+    _clipped_run(tmp_path / "free", None)
+    free = load_run(tmp_path / "free", metrics="stability_index").set_index("step").value
+    plain = stability_features(RunView.open(tmp_path / "free"))["stability_now"]
+    assert plain.value == pytest.approx(math.log10(math.sqrt(free[4] * free[8])), abs=1e-6)
+    assert "clip" not in plain.evidence
