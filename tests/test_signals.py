@@ -75,12 +75,16 @@ def test_a_signal_closes_a_profiled_model_script(tmp_path, sig):
     script = write_script(tmp_path, "slow.py", SLOW_MODEL)
     out = tmp_path / "run"
     proc = start_profile(script, out, "--steps", "100000", "--dense", "3", "--every", "5")
-    wait_for(lambda: parts_on_disk(out), timeout=120, what="the first part")
-    # While it runs: the gate says it is still running (a warning), not killed.
-    state = run_state(out, stabscope.read_meta(out))
-    assert state.status == "running" and "still running" in state.detail
-    _, finding = run_status_finding(out)
-    assert finding["severity"] == "warning" and "still running" in finding["message"]
+    try:
+        wait_for(lambda: parts_on_disk(out), timeout=120, what="the first part")
+        # While it runs: the gate says it is still running (a warning), not killed.
+        state = run_state(out, stabscope.read_meta(out))
+        assert state.status == "running" and "still running" in state.detail
+        _, finding = run_status_finding(out)
+        assert finding["severity"] == "warning" and "still running" in finding["message"]
+    except BaseException:
+        proc.kill()  # a failed check must not leave a 100,000-step profile running
+        raise
     lines = interrupt_profile(proc, out, sig)
     name = signal.Signals(sig).name
     assert "Traceback" not in "\n".join(lines)
