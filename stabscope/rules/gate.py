@@ -23,7 +23,7 @@ from ..store.findings import (
 )
 from . import ALL_RULES, check_run, settings_from_mapping
 from .base import RuleSettings, RunView
-from .baseline import BASELINE, compare_to_baseline
+from .baseline import BASELINE, another_model, compare_to_baseline
 from .failures import RuleFailure, isolated
 
 
@@ -75,6 +75,12 @@ def run_gate(
         result = check_run(run_dir, settings)
         if baseline is not None:
             run, base = RunView.open(run_dir), RunView.open(baseline)
+            other = another_model(run.meta, base.meta)
+            if other is not None:
+                raise UsageError(
+                    f"--baseline {baseline} is a run of another model: {other}",
+                    hint="pass a run of this model from before the change, or leave out --baseline",
+                )
             severity[BASELINE] = "error"
             found, failure = isolated(lambda: list(compare_to_baseline(run, base, factor)))
             result.findings[:0] = found or []
