@@ -304,18 +304,26 @@ def test_models_trained_side_by_side_are_recorded_together(tmp_path):
     assert values(run, "bilinear", "act_rms").value[0] == pytest.approx(rms(out), rel=1e-6)
 
 
+LBFGS_SETUP = """\
+import torch
+from plain_loop import log_step
+torch.manual_seed(0)
+model = torch.nn.Linear(4, 1)
+x, y = torch.randn(16, 4), torch.randn(16, 1)
+opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=5)
+"""
+
+
+def lbfgs_script(tmp_path, loop: str):
+    """lbfgs.py: a linear regression under LBFGS (``LBFGS_SETUP``), then ``loop``."""
+    return write(tmp_path, "lbfgs.py", LBFGS_SETUP + textwrap.dedent(loop))
+
+
 def test_closure_optimizer_loss_is_the_first_evaluation(tmp_path):
     log = tmp_path / "lbfgs.jsonl"
-    script = write(
+    script = lbfgs_script(
         tmp_path,
-        "lbfgs.py",
         f"""
-        import torch
-        from plain_loop import log_step
-        torch.manual_seed(0)
-        model = torch.nn.Linear(4, 1)
-        x, y = torch.randn(16, 4), torch.randn(16, 1)
-        opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=5)
         def closure():
             opt.zero_grad()
             loss = (model(x) - y).pow(2).mean()
@@ -338,16 +346,9 @@ def test_closure_optimizer_first_seen_inside_its_step_records_no_weights_from_af
     gradients the last line-search evaluation's. Step 0 has no parameter norms; every one
     recorded is that of the weights and the first evaluation's gradients its step received."""
     log = tmp_path / "lbfgs.jsonl"
-    script = write(
+    script = lbfgs_script(
         tmp_path,
-        "lbfgs.py",
         f"""
-        import torch
-        from plain_loop import log_step
-        torch.manual_seed(0)
-        model = torch.nn.Linear(4, 1)
-        x, y = torch.randn(16, 4), torch.randn(16, 1)
-        opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=5)
         for step in range(3):
             grads = []
             def closure():

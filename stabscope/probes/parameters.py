@@ -81,6 +81,11 @@ class ParameterProbe(BaseProbe):
         self._unseen.clear()
         self._before.clear()
 
+    def _owned(self, optimizer: torch.optim.Optimizer) -> list[int]:
+        """Indices into ``self.params`` of the parameters ``optimizer`` steps."""
+        owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        return [i for i, p in enumerate(self.params) if id(p) in owned]
+
     def _unmeasured(self, which: list[int]) -> list[int]:
         return [i for i in which if i not in self._weight_norms and i not in self._unseen]
 
@@ -161,8 +166,7 @@ class ParameterProbe(BaseProbe):
         collector = self._collector
         if collector is None or id(optimizer) in self._before:
             return
-        owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        which = [i for i, p in enumerate(self.params) if id(p) in owned]
+        which = self._owned(optimizer)
         todo = self._unmeasured(which)
         if not self.updates:
             self._measure(collector, todo)
@@ -184,8 +188,7 @@ class ParameterProbe(BaseProbe):
             # Its step began before this step was armed (the run opened inside it: a model
             # first called in a closure): its weights are already the next step's, and its
             # gradients a later evaluation's. Nothing of them is read at the step boundary.
-            owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
-            self._unseen.update(i for i, p in enumerate(self.params) if id(p) in owned)
+            self._unseen.update(self._owned(optimizer))
         if self._collector is None or entry is None or not entry[0]:
             return
         which, old, old_norm = entry

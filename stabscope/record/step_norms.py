@@ -101,8 +101,7 @@ class StepNorms:
     def before_optimizer_step(self, optimizer: torch.optim.Optimizer, updates: bool = True) -> None:
         """Just before ``optimizer.step()`` (after its closure): the gradients it receives;
         ``updates``: whether this step measures the block update norms (``step_updates_every``)."""
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        params = [p for p in params if id(p) in self.param_ids]
+        params = self._stepped_params(optimizer)
         known = self._after
         if known is not None and known[0] == {id(p) for p in params}:
             # The step's one clip covered exactly these gradients and scaled them by one
@@ -117,14 +116,17 @@ class StepNorms:
         if self._blocks is not None and updates:
             self._blocks.before(optimizer)
 
+    def _stepped_params(self, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+        """The recorded model's parameters that ``optimizer`` steps, in its group order."""
+        return [p for g in optimizer.param_groups for p in g["params"] if id(p) in self.param_ids]
+
     def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self._stepping = None
         if id(optimizer) in self._clipped_inside:
             # The step clipped its own gradients after the pre-hook read them: the update used
             # the clipped ones, still in .grad (an optimizer step does not write its grads).
             self._clipped_inside.discard(id(optimizer))
-            params = [p for g in optimizer.param_groups for p in g["params"]]
-            norm = l2_norm(p.grad for p in params if id(p) in self.param_ids)
+            norm = l2_norm(p.grad for p in self._stepped_params(optimizer))
             if norm is not None:
                 self._seen[id(optimizer)] = norm
         if self._blocks is not None:

@@ -52,12 +52,14 @@ REMEDIES = {
 }
 DEFAULT_REMEDY = "lower the learning rate or lengthen the warm-up; clip gradients"
 
+#: What ``already_failed`` reads: the loss, and the non-finite flags with the steps that
+#: stepped (``nonfinite.skipped_overflow_steps``).
+FAILED_READS = (Request(("loss",)), Request((*nonfinite.FLAGS, "lr")))
 READS = (
     *stability_features.READS,
     *forecast_features.READS,
     Request(("token_corr",), step="first"),
-    Request(("loss",)),
-    Request((*nonfinite.FLAGS, "lr")),
+    *FAILED_READS,
 )
 
 

@@ -25,11 +25,9 @@ import math
 from collections.abc import Iterator
 
 from ..store.findings import Finding
-from . import nonfinite
 from .base import Rule, RunView, finding
-from .forecast import already_failed
+from .forecast import FAILED_READS, already_failed
 from .stability_features import READS, stability_features
-from .view import Request
 
 LEWKOWYCZ = (
     "Lewkowycz et al. 2020, The large learning rate phase of deep learning: the catapult "
@@ -67,7 +65,7 @@ LR_RISE = Rule(
     ("stability_index",),
     {"max_index": 6.0},
     _rise_past_catapult,
-    reads=(*READS, Request(("loss",)), Request((*nonfinite.FLAGS, "lr"))),  # already_failed
+    reads=(*READS, *FAILED_READS),
     # A forecast to the planned end: ``check`` gives it; a run is stopped only for a failure
     # it has shown.
     online=False,

@@ -72,7 +72,7 @@ def stability_features(view: RunView) -> dict[str, Feature]:
     if s.empty:
         return nan
     factors = clip_factors(view, s.index)
-    s, clipped = s * factors, ""
+    s = s * factors
     last = int(s.index[-1])
     # The last two measurements, geometric mean: one Lanczos estimate on one probe batch
     # wobbles by a factor ~2 from step to step near the edge. Raw, not floored: the crossing
@@ -80,6 +80,7 @@ def stability_features(view: RunView) -> dict[str, Feature]:
     tiny = np.finfo(float).tiny  # S <= 0 (no positive curvature): as stable as it gets
     now = float(np.exp(np.log(np.maximum(s.iloc[-2:].to_numpy(float), tiny)).mean()))
     peak_step = int(s.idxmax())
+    clipped = ""  # where the script clipped: say the index was read at the clipped step
     if (factors < 1).any():
         clipped = f" (scaled by the clip's factor, {float(factors.iloc[-1]):.3g} at step {last})"
     out = {
