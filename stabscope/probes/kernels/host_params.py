@@ -7,6 +7,7 @@ one call per tensor. Here, for the whole parameter list at once:
 - ``squares_and_copy``: sums of squares of weights and gradients, filling the pre-step copies
   in the same read of the weights (weights are read once, gradients once, copies written once);
 - ``difference_squares``: sum of squares of weight minus copy after the step, nothing written;
+- ``squares``: sums of squares alone (the global gradient norm of ``record/clip_sites``);
 - ``totals``: plain sums (Adam's ``exp_avg_sq``, whose sum gives the rms of sqrt(v)).
 
 Measured on the sample GPT's 102 parameter tensors (4.9M values), caches flushed before each
@@ -66,6 +67,11 @@ def squares_and_copy(
     """``(P, 2)``: sum of squares of each weight and of its gradient (0 where ``None``);
     ``copies[i]``, where given, receives weight ``i`` (same size and dtype)."""
     return _run("SQUARES", weights, grads, copies)
+
+
+def squares(tensors: list[torch.Tensor]) -> np.ndarray:
+    """``(P,)`` float64: the sum of squares of each tensor (a gradient norm's pass)."""
+    return _run("SQUARES", tensors)[:, 0]
 
 
 def difference_squares(weights: list[torch.Tensor], copies: list[torch.Tensor]) -> np.ndarray:
