@@ -30,12 +30,13 @@ CONFIG = {
     "warmup": 0,  # linear warm-up steps; 0 = none
     "init": "xavier",  # xavier (Transformer/fairseq: xavier_uniform, zero bias) | torch (defaults)
     "attn": "sdpa",  # sdpa (F.scaled_dot_product_attention) | explicit (softmax written out)
+    "qk_norm": False,  # LayerNorm on each head's queries and keys (Dehghani et al. 2023)
     "task_seed": 1234,
 }
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, width: int, heads: int, attn: str) -> None:
+    def __init__(self, width: int, heads: int, attn: str, qk_norm: bool = False) -> None:
         super().__init__()
         assert width % heads == 0, "width must be divisible by heads"
         self.heads, self.attn = heads, attn
@@ -43,6 +44,10 @@ class CausalSelfAttention(nn.Module):
         self.k = nn.Linear(width, width)
         self.v = nn.Linear(width, width)
         self.o = nn.Linear(width, width)
+        # QK-norm bounds each logit by the head width whatever the weights do: the
+        # attention-logit growth of high learning rates cannot happen (Wortsman et al. 2023).
+        self.q_norm = nn.LayerNorm(width // heads) if qk_norm else None
+        self.k_norm = nn.LayerNorm(width // heads) if qk_norm else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
@@ -51,6 +56,8 @@ class CausalSelfAttention(nn.Module):
             proj(x).view(b, t, self.heads, d // self.heads).transpose(1, 2)
             for proj in (self.q, self.k, self.v)
         )
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.attn == "sdpa":
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
@@ -79,11 +86,13 @@ class Block(nn.Module):
     deepnorm: LN(alpha*x + f(x))    (Wang et al. 2022, with beta-scaled init of v, o, fc, proj)
     """
 
-    def __init__(self, width: int, heads: int, norm: str, alpha: float, attn: str) -> None:
+    def __init__(
+        self, width: int, heads: int, norm: str, alpha: float, attn: str, qk_norm: bool = False
+    ) -> None:
         super().__init__()
         self.norm, self.alpha = norm, alpha
         self.ln1 = nn.LayerNorm(width)
-        self.attn = CausalSelfAttention(width, heads, attn)
+        self.attn = CausalSelfAttention(width, heads, attn, qk_norm)
         self.ln2 = nn.LayerNorm(width)
         self.mlp = MLP(width)
 
@@ -106,6 +115,7 @@ class GPT(nn.Module):
         norm: str,
         attn: str = "sdpa",
         init: str = "xavier",
+        qk_norm: bool = False,
     ) -> None:
         super().__init__()
         if norm not in ("pre", "post", "deepnorm"):
@@ -114,7 +124,9 @@ class GPT(nn.Module):
         alpha = (2 * depth) ** 0.25 if norm == "deepnorm" else 1.0
         self.tok = nn.Embedding(vocab, width)
         self.pos = nn.Embedding(seq_len, width)
-        self.blocks = nn.ModuleList(Block(width, heads, norm, alpha, attn) for _ in range(depth))
+        self.blocks = nn.ModuleList(
+            Block(width, heads, norm, alpha, attn, qk_norm) for _ in range(depth)
+        )
         # Pre-LN needs a final norm: the residual stream's scale grows with depth.
         self.ln_f = nn.LayerNorm(width) if norm == "pre" else nn.Identity()
         self.head = nn.Linear(width, vocab)
@@ -144,8 +156,9 @@ class GPT(nn.Module):
 
 def model(cfg) -> nn.Module:
     return GPT(
-        cfg.vocab, cfg.seq_len, cfg.width, cfg.depth, cfg.heads, cfg.norm, cfg.attn, cfg.init
-    )
+        cfg.vocab, cfg.seq_len, cfg.width, cfg.depth, cfg.heads, cfg.norm, cfg.attn, cfg.init,
+        qk_norm=bool(cfg.get("qk_norm", False)),
+    )  # fmt: skip
 
 
 def successor_table(cfg) -> torch.Tensor:

@@ -14,6 +14,7 @@ from torch import nn
 import stabscope
 from stabscope import Recorder, RecorderConfig, Schedule
 from stabscope.rules import check_run
+from stabscope.rules.base import RuleSettings
 
 
 class Block(nn.Module):
@@ -77,7 +78,10 @@ def train(
 
 
 def block_growth(
-    run_dir, floor: float = 1.0, metrics: tuple[str, ...] = ("act_rms", "flight_act_rms")
+    run_dir,
+    floor: float = 1.0,
+    metrics: tuple[str, ...] = ("act_rms", "flight_act_rms"),
+    blocks: int = 4,
 ) -> dict[str, float]:
     """Per block: its output rms at its last step with a finite value over its first step's,
     or over ``floor`` when that is below it; read from the scheduled ``act_rms`` and the
@@ -85,7 +89,7 @@ def block_growth(
     table)."""
     df = stabscope.load_run(run_dir, metrics=list(metrics), phase="train")
     out = {}
-    for name in [f"blocks.{i}" for i in range(4)]:
+    for name in [f"blocks.{i}" for i in range(blocks)]:
         mine = df[(df.module == name) & (df.call == 0)]
         s = mine.groupby("step").value.first().sort_index().to_numpy(float)
         s = s[np.isfinite(s)]
@@ -157,3 +161,56 @@ def test_growth_between_recorded_steps_is_read_from_the_every_step_tier(tmp_path
     assert found.value == pytest.approx(growth[worst], rel=1e-5)
     assert max(block_growth(without, metrics=("act_rms",)).values()) < 2
     assert not [f for f in check_run(without).findings if f.rule == "residual-stream-growth"]
+
+
+def train_gpt(run_dir, qk_norm: bool, lr: float = 0.1, steps: int = 40) -> None:
+    """The sample GPT (2 Pre-LN blocks) at a high Adam lr, with or without QK-norm."""
+    import gpt
+
+    from stabscope.drivers.script import ScriptConfig
+
+    cfg = ScriptConfig(gpt.CONFIG | {"depth": 2, "qk_norm": qk_norm})
+    torch.manual_seed(0)
+    model, data = gpt.model(cfg), gpt.batches(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    config = RecorderConfig(schedule=Schedule(10, 10), sharpness=False, online_rules=False)
+    with Recorder(model, run_dir, config) as rec:
+        for _ in range(steps):
+            opt.zero_grad()
+            value = gpt.loss(model, next(data))
+            value.backward()
+            opt.step()
+            rec.step(value)
+
+
+def attention_collapsed(run_dir) -> bool:
+    """Straight from the table: a head whose normalised entropy ended below 0.1 or below a
+    quarter of its first value, or a max logit past 1e3 (the attention rules' defaults)."""
+    df = stabscope.load_run(run_dir, metrics=["attn_entropy", "attn_logit_max"])
+    ent = df[df.metric == "attn_entropy"].sort_values("step").groupby(["module", "index"])
+    first, last = ent.value.first(), ent.value.last()
+    logits = df[df.metric == "attn_logit_max"].value
+    return bool(((last < 0.1) | (last < 0.25 * first)).any() or logits.max() > 1e3)
+
+
+@pytest.mark.slow
+def test_growth_whose_attention_stays_spread_is_a_warning_and_with_collapse_an_error(tmp_path):
+    """The same high lr with and without QK-norm: both streams grow past the (lowered) error
+    threshold. With QK-norm the attention stays spread: the growth is a warning that says
+    so; without it the heads collapse: an error."""
+    lowered = RuleSettings(params={"residual-stream-growth": {"warning": 10.0, "error": 100.0}})
+    verdicts = {}
+    for qk_norm in (True, False):
+        run = tmp_path / f"qk-{qk_norm}"
+        train_gpt(run, qk_norm)
+        growth = max(block_growth(run, metrics=("act_rms",), blocks=2).values())
+        assert growth > 100
+        (found,) = [
+            f
+            for f in check_run(run, settings=lowered).findings
+            if f.rule == "residual-stream-growth"
+        ]
+        verdicts[qk_norm] = (attention_collapsed(run), found.severity, found.message)
+    assert verdicts[True][:2] == (False, "warning")
+    assert "the attention it feeds stays spread" in verdicts[True][2]
+    assert verdicts[False][:2] == (True, "error")

@@ -99,6 +99,30 @@ ATTN_ENTROPY = Rule(
     "warning",
 )
 
+
+def attention_unharmed(view: RunView) -> str | None:
+    """Where the run recorded attention and none of it shows the failure a growing residual
+    stream leads to (Wortsman et al. 2023: logits past the logit rule's warning; Zhai et al.
+    2023: a head collapsed by the entropy rule's own defaults), what it shows instead, for a
+    message; None where attention was not recorded or shows either. Pre-LN blocks and
+    QK-norm read the stream through norms, which absorb its scale: growth alone is then a
+    symptom of large updates, not the failure."""
+    ent, logits = _finite(view.metrics("attn_entropy")), _finite(view.metrics("attn_logit_max"))
+    if ent.empty or logits.empty:
+        return None
+    p = ATTN_ENTROPY.defaults
+    by_head = ent.sort_values("step").groupby(["module", "index"]).value
+    first, last = by_head.first(), by_head.last()
+    collapsed = (last < p["min_entropy"]) | ((first > 0) & (last < p["max_drop"] * first))
+    largest = float(logits.value.max())
+    if collapsed.any() or largest > ATTN_LOGITS.defaults["warning"]:
+        return None
+    return (
+        f"the attention it feeds stays spread (lowest normalised entropy {last.min():.3g}, "
+        f"largest logit {largest:.3g})"
+    )
+
+
 KEDIA = "Kedia et al. 2024, Transformers get Stable: An End-to-End Signal Propagation Theory"
 
 
