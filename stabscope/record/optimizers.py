@@ -12,6 +12,7 @@ import torch
 
 from .collector import Rows
 from .lr_plan import LrPlanner
+from .optimizer_settings import describe
 
 
 class OptimizerWatch:
@@ -24,6 +25,7 @@ class OptimizerWatch:
         self.optimizers: dict[int, torch.optim.Optimizer] = {}
         self._step_lrs: dict[int, list[float | None]] = {}
         self._planned_for: set[int] | None = None  # the optimizers the plan covers, once made
+        self.settings: list[dict[str, Any]] = []  # meta.json's ``optimizers``, in owned order
 
     def owns(self, optimizer: torch.optim.Optimizer) -> bool:
         key = id(optimizer)
@@ -32,6 +34,7 @@ class OptimizerWatch:
             if not ids & self.param_ids:
                 return False
             self.optimizers[key] = optimizer
+            self.settings.append(describe(optimizer))
         return True
 
     def note_lrs(self, optimizer: torch.optim.Optimizer) -> None:

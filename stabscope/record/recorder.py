@@ -269,9 +269,12 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
         return plan is not None
 
     def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kw: Any) -> Any:
+        known = len(self.optimizer_watch.optimizers)
         if not self.optimizer_watch.owns(optimizer):
             return None
-        if self._plan_lr():
+        if len(self.optimizer_watch.optimizers) > known:  # a new one: its settings
+            self.meta["optimizers"] = list(self.optimizer_watch.settings)
+        if self._plan_lr() or len(self.optimizer_watch.optimizers) > known:
             self._save_meta()
         self.optimizer_watch.note_lrs(optimizer)
         recorded = self.hooks.attached

@@ -140,6 +140,19 @@ LR_PLAN = Record(  # store/lr_plan.py
     },
     required=("source",),
 )
+#: Each owned optimizer's settings when it first stepped (record/optimizer_settings.py).
+OPTIMIZER_GROUP = Record(
+    {
+        "params": INT,
+        "lr": NUMBER,
+        "momentum": NUMBER,
+        "dampening": NUMBER,
+        "eps": NUMBER,
+        "weight_decay": NUMBER,
+        "betas": ListOf(NUMBER),
+    }
+)
+OPTIMIZER = Record({"class": STR, "groups": ListOf(OPTIMIZER_GROUP)}, required=("class",))
 #: A verdict that arrived while the run trained (``rules.online``): the finding's fields and
 #: ``seen_at``, the training step at whose boundary it arrived.
 ONLINE_FINDING = Record(
@@ -197,6 +210,7 @@ META = Record(
         "notes": ListOf(STR),
         "error": ERROR,
         "lr_plan": LR_PLAN,
+        "optimizers": ListOf(OPTIMIZER),
         "online": ONLINE,
         "stopped_by": Record(ONLINE_FINDING.fields, ONLINE_FINDING.required, nullable=True),
     },

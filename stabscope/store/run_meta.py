@@ -192,6 +192,12 @@ class RunMeta(Mapping[str, Any]):
         """The learning rate planned ahead (store/lr_plan.py), if it was known."""
         return self.doc.get("lr_plan") or None
 
+    @property
+    def optimizers(self) -> list[dict[str, Any]]:
+        """Each owned optimizer's class and param groups' settings when it first stepped
+        (record/optimizer_settings.py); empty for runs that predate it."""
+        return list(self.doc.get("optimizers") or [])
+
 
 def load_meta(run_dir: str | os.PathLike[str]) -> RunMeta:
     """``read_meta`` (every check included) as a typed view."""
