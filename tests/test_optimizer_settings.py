@@ -77,6 +77,11 @@ def test_sgd_and_a_run_recorded_before_the_settings_are_not_judged(tmp_path):
     assert recorded["class"] == "SGD" and recorded["groups"][0]["momentum"] == 0.9
     assert "betas" not in recorded["groups"][0]
     assert not [f for f in check_run(sgd).findings if f.rule == "adam-betas"]
+    # Adamax divides by a running max, not √v: its betas are not judged by √β2.
+    adamax = tmp_path / "adamax"
+    record(adamax, lambda net: torch.optim.Adamax(net.parameters(), betas=(0.99, 0.9)))
+    assert json.loads((adamax / "meta.json").read_text())["optimizers"][0]["class"] == "Adamax"
+    assert not [f for f in check_run(adamax).findings if f.rule == "adam-betas"]
     # An older run's meta.json has no ``optimizers``: nothing to judge, no crash.
     old = tmp_path / "old"
     record(old, two_groups((0.99, 0.9)))

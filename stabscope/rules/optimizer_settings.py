@@ -27,6 +27,8 @@ ADAM_CONVERGENCE = "Reddi et al. 2018, On the Convergence of Adam and Beyond"
 def _adam_betas(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     worst: tuple[float, str, int, list[float]] | None = None
     for optimizer in view.meta.optimizers:
+        if not _adam_like(str(optimizer.get("class"))):
+            continue
         for i, group in enumerate(optimizer.get("groups") or []):
             betas = group.get("betas")
             if not betas or betas[1] <= 0:
@@ -47,6 +49,14 @@ def _adam_betas(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
         threshold=p["max_ratio"],
         remedy=f"keep β1 below √β2: raise β2 (0.95-0.999) or lower β1 (below {math.sqrt(b2):.3g})",
     )
+
+
+def _adam_like(name: str) -> bool:
+    """Optimizers whose update is m/√v (Adam, AdamW, NAdam, RAdam, fused and 8-bit ones):
+    not Adamax (its v is a running max: the bound is β1 < β2) nor Lion (a sign update,
+    bounded whatever its betas)."""
+    lowered = name.lower()
+    return "adam" in lowered and "adamax" not in lowered
 
 
 ADAM_BETAS = Rule(
