@@ -154,6 +154,22 @@ def test_check_of_a_script_looks_ahead_to_its_budget(tmp_path, monkeypatch) -> N
     assert res.exit_code == 2 and "--budget 5 is less than --steps 9" in res.stderr
 
 
+def test_check_of_a_run_directory_does_not_read_budget_against_default_steps(
+    tmp_path, monkeypatch
+) -> None:
+    # --budget and --steps plan a script's profile. A run directory holds its own plan, so
+    # `check RUN --budget 5` is judged as `check RUN`: not refused as "less than --steps 50",
+    # a --steps never given (the default of a profile that does not run).
+    monkeypatch.chdir(tmp_path)
+    args = ["check", str(SCRIPT), "--steps", "9", "--set", "ramp=10000", "--format", "json"]
+    assert runner.invoke(app, args).exit_code in (0, 1)
+    run = tmp_path / "runs" / "ramping_sgd-check"
+    plain = runner.invoke(app, ["check", str(run), "--format", "json"])
+    res = runner.invoke(app, ["check", str(run), "--budget", "5", "--format", "json"])
+    assert res.exit_code == plain.exit_code != 2, res.output
+    assert forecast_of(res.stdout)["message"] == forecast_of(plain.stdout)["message"]
+
+
 def test_a_finished_run_that_learned_is_judged_by_its_outcome(tmp_path) -> None:
     """At its planned end a run's outcome is known: the forecast gives way (``learned_by_the
     _end``) when the last losses sit below a uniform guess over the head's V outputs (ln V,

@@ -124,10 +124,13 @@ def _check(
     values.require(ok, "--baseline-factor", factor, "a number >= 1", "10")
     values.positive_int(steps, "--steps", "50")
     if budget is not None:
-        from ..drivers.profile import planned_budget
-
         values.positive_int(budget, "--budget", "10000")
-        planned_budget(steps, budget)  # shorter than --steps: bad input, before profiling
+        if target.suffix == ".py":
+            from ..drivers.profile import planned_budget
+
+            # Shorter than --steps: bad input, before profiling. Only a script is profiled:
+            # a run directory holds its own plan, and --steps' default is no step it took.
+            planned_budget(steps, budget)
     if junit is not None:
         refuse_output_in_run(junit, "--junit")  # findings.json is the one file check writes there
         values.output_file(junit, "--junit")
