@@ -183,21 +183,17 @@ def train_gpt(run_dir, qk_norm: bool, lr: float = 0.1, steps: int = 40) -> None:
             rec.step(value)
 
 
-def attention_collapsed(run_dir) -> bool:
-    """Straight from the table: a head whose normalised entropy ended below 0.1 or below a
-    quarter of its first value, or a max logit past 1e3 (the attention rules' defaults)."""
-    df = stabscope.load_run(run_dir, metrics=["attn_entropy", "attn_logit_max"])
-    ent = df[df.metric == "attn_entropy"].sort_values("step").groupby(["module", "index"])
-    first, last = ent.value.first(), ent.value.last()
-    logits = df[df.metric == "attn_logit_max"].value
-    return bool(((last < 0.1) | (last < 0.25 * first)).any() or logits.max() > 1e3)
+def largest_attention_logit(run_dir) -> float:
+    """Straight from the table: the largest recorded attention logit."""
+    df = stabscope.load_run(run_dir, metrics=["attn_logit_max"])
+    return float(df.value.max())
 
 
 @pytest.mark.slow
-def test_growth_whose_attention_stays_spread_is_a_warning_and_with_collapse_an_error(tmp_path):
+def test_growth_whose_attention_logits_stay_bounded_is_a_warning_else_an_error(tmp_path):
     """The same high lr with and without QK-norm: both streams grow past the (lowered) error
-    threshold. With QK-norm the attention stays spread: the growth is a warning that says
-    so; without it the heads collapse: an error."""
+    threshold. With QK-norm the attention logits stay under 1e3: the growth is a warning that
+    says so; without it they pass 1e3: an error."""
     lowered = RuleSettings(params={"residual-stream-growth": {"warning": 10.0, "error": 100.0}})
     verdicts = {}
     for qk_norm in (True, False):
@@ -210,7 +206,7 @@ def test_growth_whose_attention_stays_spread_is_a_warning_and_with_collapse_an_e
             for f in check_run(run, settings=lowered).findings
             if f.rule == "residual-stream-growth"
         ]
-        verdicts[qk_norm] = (attention_collapsed(run), found.severity, found.message)
+        verdicts[qk_norm] = (largest_attention_logit(run) > 1e3, found.severity, found.message)
     assert verdicts[True][:2] == (False, "warning")
-    assert "the attention it feeds stays spread" in verdicts[True][2]
+    assert "the attention it feeds keeps its logits bounded" in verdicts[True][2]
     assert verdicts[False][:2] == (True, "error")
