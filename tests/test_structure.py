@@ -254,6 +254,48 @@ def test_hf_llama_gqa(transformers):
     assert s.blocks[0].branches[0].norm == "model.layers.0.input_layernorm"
 
 
+def test_hf_opt_adds_its_ffn_on_the_flattened_stream(transformers):
+    """OPT flattens the stream to (batch·tokens, d) before its FFN and adds there, then views
+    the sum back: the add holds up to that reshape. Its value is checked here by hand: the
+    block output equals the flattened stream after attention plus fc2's output."""
+    model = transformers.OPTForCausalLM(
+        transformers.OPTConfig(
+            num_hidden_layers=2,
+            hidden_size=32,
+            ffn_dim=64,
+            num_attention_heads=2,
+            vocab_size=50,
+            max_position_embeddings=16,
+            word_embed_proj_dim=32,
+            dropout=0.0,
+        )
+    ).eval()
+    seen = {}
+    layer = model.model.decoder.layers[0]
+    layer.final_layer_norm.register_forward_hook(lambda m, a, o: seen.update(stream=a[0]))
+    layer.fc2.register_forward_hook(lambda m, a, o: seen.update(f=o))
+    layer.register_forward_hook(
+        lambda m, a, o: seen.update(out=o[0] if isinstance(o, tuple) else o)
+    )
+    with torch.no_grad():
+        model(input_ids=IDS)
+    assert seen["stream"].dim() == 2 and seen["out"].dim() == 3  # the add is on the flat view
+    torch.testing.assert_close(seen["out"].reshape(-1, 32), seen["stream"] + seen["f"])
+    s = discover(model, lambda m: m(input_ids=IDS))
+    layers = "model.decoder.layers"
+    assert summary(s) == [
+        (
+            f"{layers}.{i}",
+            "pre",
+            [
+                ("attention", "pre", f"{layers}.{i}.self_attn_layer_norm"),
+                ("mlp", "pre", f"{layers}.{i}.final_layer_norm"),
+            ],
+        )
+        for i in range(2)
+    ]
+
+
 def test_hf_t5_encoder_decoder(transformers):
     model = transformers.T5ForConditionalGeneration(
         transformers.T5Config(

@@ -37,8 +37,13 @@ def tolerance(t: torch.Tensor) -> float:
 
 
 def residual_alpha(t: torch.Tensor, x: torch.Tensor, f: torch.Tensor) -> float | None:
-    """α with t = α·x + f to the precision t is stored in, or None."""
-    if not (t.shape == x.shape == f.shape) or t is f or t is x:
+    """α with t = α·x + f to the precision t is stored in, or None. The three may differ in
+    shape up to a reshape that keeps the feature dimension: HF's OPT runs its FFN on the
+    stream flattened to (batch·tokens, d) and adds it there, then views the sum back to
+    (batch, tokens, d). Elements are compared in order, so only a true reshape matches."""
+    if t is f or t is x or not (t.numel() == x.numel() == f.numel()) or t.dim() == 0:
+        return None
+    if not (t.shape[-1] == x.shape[-1] == f.shape[-1]):
         return None
     tol = tolerance(t)
     # Cheap filter on a strided sample before the exact check on everything.
