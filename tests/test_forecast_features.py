@@ -335,3 +335,44 @@ def test_grid_auc_counts_pairs_ties_and_inf():
     # pairs: (inf > 2), (inf > 5), (3 > 2), (3 < 5): 3 of 4; the NaN runs drop out
     assert auc([math.inf, 3.0, math.nan], [2.0, 5.0, math.nan]) == (0.75, 2, 2)
     assert math.isnan(auc([math.nan], [1.0])[0])
+
+
+def test_a_roberta_head_tied_with_its_bias_beside_it_reads_the_word_embedding(tmp_path):
+    """HF RoBERTa's masked-LM head ties its decoder to the word embeddings and lists its bias
+    as ``lm_head.bias``. With 128 tokens, width 64 and 130 positions, the head's count
+    (128·64 + 128) equals the position table's (130·64): V is the word embedding's, 128,
+    which the logits' bounds confirm (the feature is defined only where they hold)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.RobertaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=130,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    torch.manual_seed(0)
+    model = transformers.RobertaForMaskedLM(config)
+    assert model.lm_head.decoder.weight is model.roberta.embeddings.word_embeddings.weight
+    assert 128 * 64 + 128 == 130 * 64  # the coincidence
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 128, (4, 16), generator=g)
+    labels = torch.where(torch.rand(4, 16, generator=g) < 0.3, ids, -100)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    run = tmp_path / "roberta"
+    forward = lambda m: m(input_ids=ids, labels=labels).loss  # noqa: E731
+    with stabscope.Recorder(model, run, schedule=Schedule(3, 0), forward=forward) as rec:
+        for _ in range(3):
+            loss = forward(model)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            rec.step(loss=loss)
+    found = features(run)["init_loss_ratio"]
+    first = rows(run, "loss", None).sort_values("step").value.iloc[0]
+    assert found.value == pytest.approx(math.log10(first / math.log(128)), abs=1e-6)
+    assert "V = 128, lm_head.decoder, tied to roberta.embeddings.word_embeddings" in (
+        found.evidence
+    )

@@ -71,19 +71,27 @@ def output_classes(meta: RunMeta) -> tuple[int, str] | None:
 
 def _tied(meta: RunMeta, head: dict, shapes: dict[str, list[int]]) -> tuple[int, str] | None:
     """(V, where) for a head whose weight is another module's (weight tying, Press and Wolf
-    2017): its bias has one entry per output; without one, its parameter count (the module
-    table counts the tied weight) is an embedding weight's of shape (V, d)."""
+    2017): its bias has one entry per output; without one listed under its name, its
+    parameter count (the module table counts the tied weight) is an embedding weight's of
+    shape (V, d), or that plus a bias of V listed beside the head (HF RoBERTa registers its
+    head's bias as ``lm_head.bias``, its ``lm_head.decoder.bias`` being the same tensor).
+    A match with such a bias wins over a bare one: the (V + 2, d) position table of a tiny
+    RoBERTa has the head's count too."""
     bias = shapes.get(f"{head['name']}.bias")
     if bias is not None and len(bias) == 1:
         return int(bias[0]), f"{head['name']}, tied"
     embeddings = {m["name"] for m in meta.modules if m.get("role") == "embedding"}
-    same = [
+    parent = head["name"].rsplit(".", 1)[0] + "." if "." in head["name"] else ""
+    beside = {tuple(s) for n, s in shapes.items() if n.startswith(parent) and len(s) == 1}
+    tables = [
         (name, shape)
         for name, shape in shapes.items()
-        if name.rsplit(".", 1)[0] in embeddings
-        and len(shape) == 2
-        and math.prod(shape) == head.get("params")
+        if name.rsplit(".", 1)[0] in embeddings and len(shape) == 2
     ]
+    count = head.get("params")
+    with_bias = [(n, s) for n, s in tables if math.prod(s) + s[0] == count and (s[0],) in beside]
+    bare = [(n, s) for n, s in tables if math.prod(s) == count]
+    same = with_bias if len(with_bias) == 1 else bare
     if len(same) != 1:
         return None
     name, shape = same[0]
