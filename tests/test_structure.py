@@ -296,6 +296,51 @@ def test_hf_opt_adds_its_ffn_on_the_flattened_stream(transformers):
     ]
 
 
+def test_hf_gpt_neox_parallel_residual_has_two_branches_from_one_sum(transformers):
+    """GPT-NeoX's parallel block adds x + attn(LN1 x) + mlp(LN2 x) in one sum, with no
+    tensor between: checked here by hand from the modules' outputs, then found as a Pre-LN
+    block with an attention and an MLP branch, each with its own norm of the stream."""
+    model = transformers.GPTNeoXForCausalLM(
+        transformers.GPTNeoXConfig(
+            num_hidden_layers=2,
+            hidden_size=32,
+            num_attention_heads=2,
+            intermediate_size=64,
+            vocab_size=50,
+            max_position_embeddings=16,
+            use_parallel_residual=True,
+        )
+    ).eval()
+    seen = {}
+    layer = model.gpt_neox.layers[0]
+
+    def stream_in(module, args, kwargs):  # the stream arrives by position or by keyword
+        seen["x"] = args[0] if args else kwargs["hidden_states"]
+
+    layer.register_forward_pre_hook(stream_in, with_kwargs=True)
+    layer.attention.register_forward_hook(lambda m, a, o: seen.update(attn=o[0]))
+    layer.mlp.register_forward_hook(lambda m, a, o: seen.update(mlp=o))
+    layer.register_forward_hook(
+        lambda m, a, o: seen.update(out=o[0] if isinstance(o, tuple) else o)
+    )
+    with torch.no_grad():
+        model(input_ids=IDS)
+    torch.testing.assert_close(seen["out"], seen["x"] + seen["attn"] + seen["mlp"])
+    s = discover(model, lambda m: m(input_ids=IDS))
+    layers = "gpt_neox.layers"
+    assert summary(s) == [
+        (
+            f"{layers}.{i}",
+            "pre",
+            [
+                ("attention", "pre", f"{layers}.{i}.input_layernorm"),
+                ("mlp", "pre", f"{layers}.{i}.post_attention_layernorm"),
+            ],
+        )
+        for i in range(2)
+    ]
+
+
 def test_hf_t5_encoder_decoder(transformers):
     model = transformers.T5ForConditionalGeneration(
         transformers.T5Config(

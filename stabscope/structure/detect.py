@@ -25,6 +25,9 @@ from .kinds import (
 from .trace import Call, Trace
 
 _TOL = 1e-4
+#: A parallel block's two added terms are looked for among this many latest-finishing
+#: module outputs before the sum (pairs of them: at most 15 checks a candidate sum).
+PAIRED = 6
 
 
 def tolerance(t: torch.Tensor) -> float:
@@ -94,18 +97,33 @@ def analyse_block(trace: Trace, block: Call) -> tuple[list[Branch], list[Attenti
             ]
             outputs = {id(c.output): c.output for c in producers}.values()
             # Latest-finishing producers first: the module whose output *is* the added term.
-            for w in sorted(outputs, key=lambda o: -max(c.end for c in producers if c.output is o)):
+            latest = sorted(outputs, key=lambda o: -max(c.end for c in producers if c.output is o))
+
+            def maker(w: torch.Tensor, producers: list[Call] = producers) -> Call:
+                return max((c for c in producers if c.output is w), key=lambda c: c.end)
+
+            for w in latest:
                 alpha = residual_alpha(t, stream, w)
                 if alpha is not None:
-                    maker = max((c for c in producers if c.output is w), key=lambda c: c.end)
-                    return time, t, consumer, maker, alpha
+                    return time, t, consumer, (maker(w),), alpha
+            # A parallel block (GPT-J, GPT-NeoX, Falcon): x + attn(LN1 x) + mlp(LN2 x) in one
+            # sum, no tensor between: two branch outputs added to the stream at once.
+            for i, w1 in enumerate(latest[:PAIRED]):
+                for w2 in latest[i + 1 : PAIRED]:
+                    if w1.numel() != w2.numel() or w1.shape[-1] != w2.shape[-1]:
+                        continue
+                    alpha = residual_alpha(t, stream, w1 + w2.reshape(w1.shape))
+                    if alpha is not None:
+                        pair = sorted((maker(w1), maker(w2)), key=lambda c: c.start)
+                        return time, t, consumer, tuple(pair), alpha
         return None
 
     branches: list[Branch] = []
     stream, since = block.input, block.start
     found = next_add(stream, since)
     while found is not None:
-        time, t, consumer, out_call, alpha = found
+        time, t, consumer, makers, alpha = found
+        out_call = makers[-1]
         norm_after = (
             consumer
             if (consumer is not block and consumer.input is t and is_norm(consumer.module))
@@ -123,29 +141,52 @@ def analyse_block(trace: Trace, block: Call) -> tuple[list[Branch], list[Attenti
             and keep_sum is None
             and (after_norm is not None or norm_after.output is block.output)
         )
-        # The sum is first seen as its pre-norm's input, so that norm starts at `since`.
-        pre_norm = next(
-            (
+        if len(makers) == 1:
+            # The sum is first seen as its pre-norm's input, so that norm starts at `since`.
+            pre_norm = next(
+                (
+                    c
+                    for c in inner
+                    if is_norm(c.module)
+                    and c.input is stream
+                    and c.start >= since
+                    and c.end < out_call.start
+                ),
+                None,
+            )
+            covered = [
                 c
                 for c in inner
-                if is_norm(c.module)
-                and c.input is stream
-                and c.start >= since
-                and c.end < out_call.start
-            ),
-            None,
-        )
-        covered = [
-            c for c in inner if c.start > since and c.end <= out_call.end and not is_norm(c.module)
-        ]
-        branches.append(
-            _branch(block, covered, out_call, norm_after if is_post else None, pre_norm, alpha)
-        )
+                if c.start > since and c.end <= out_call.end and not is_norm(c.module)
+            ]
+            spans = [(out_call, pre_norm, covered)]
+        else:  # parallel: each branch from its own norm of the stream
+            spans = [_parallel_span(inner, stream, since, m) for m in makers]
+        for made, pre_norm, covered in spans:
+            branches.append(
+                _branch(block, covered, made, norm_after if is_post else None, pre_norm, alpha)
+            )
         if is_post:
             stream, since, found = norm_after.output, norm_after.end, after_norm  # type: ignore[union-attr]
         else:
             stream, since, found = t, time, keep_sum
     return branches, infos
+
+
+def _parallel_span(
+    inner: list[Call], stream: torch.Tensor, since: int, made: Call
+) -> tuple[Call, Call | None, list[Call]]:
+    """One branch of a parallel block: (the call whose output it adds, the last norm of the
+    stream before it, the calls from that norm to it)."""
+    norms = [
+        c
+        for c in inner
+        if is_norm(c.module) and c.input is stream and c.start >= since and c.end < made.start
+    ]
+    pre_norm = max(norms, key=lambda c: c.end) if norms else None
+    start = pre_norm.end if pre_norm is not None else since
+    covered = [c for c in inner if c.start > start and c.end <= made.end and not is_norm(c.module)]
+    return made, pre_norm, covered
 
 
 def _ancestors(trace: Trace, call: Call, stop: Call) -> list[int]:
