@@ -341,6 +341,103 @@ def test_hf_gpt_neox_parallel_residual_has_two_branches_from_one_sum(transformer
     ]
 
 
+def _hooked(layer: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """The stream entering ``layer``, its output and the outputs of its submodules ``names``
+    (the first tensor of a tuple), filled in by the next forward pass."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def first(o):  # copied: the model may later write into a tensor it returned
+        return (o[0] if isinstance(o, tuple) else o).clone()
+
+    def stream_in(module, args, kwargs):  # the stream arrives by position or by keyword
+        seen["x"] = first(args if args else (kwargs["hidden_states"],))
+
+    layer.register_forward_pre_hook(stream_in, with_kwargs=True)
+    for name in names:
+        sub = layer.get_submodule(name)
+        sub.register_forward_hook(lambda m, a, o, n=name: seen.update({n: first(o)}))
+    layer.register_forward_hook(lambda m, a, o: seen.update(out=first(o)))
+    return seen
+
+
+def test_hf_gptj_parallel_block_from_one_norm_has_an_attention_and_an_mlp_branch(transformers):
+    """GPT-J adds x + attn(LN x) + mlp(LN x): one norm feeds both branches. The MLP branch is
+    the MLP's, not the attention's that ran between the norm and it."""
+    model = transformers.GPTJForCausalLM(
+        transformers.GPTJConfig(
+            vocab_size=50, n_embd=32, n_layer=2, n_head=2, rotary_dim=8, n_positions=16
+        )
+    ).eval()
+    seen = _hooked(model.transformer.h[0], ["attn", "mlp"])
+    with torch.no_grad():
+        model(input_ids=IDS)
+    torch.testing.assert_close(seen["out"], seen["x"] + seen["attn"] + seen["mlp"])
+    s = discover(model, lambda m: m(input_ids=IDS))
+    for i, block in enumerate(s.blocks):
+        h = f"transformer.h.{i}"
+        assert [(br.kind, br.name, br.placement, br.norm) for br in block.branches] == [
+            ("attention", f"{h}.attn", "pre", f"{h}.ln_1"),
+            ("mlp", f"{h}.mlp", "pre", f"{h}.ln_1"),
+        ]
+    assert len(s.blocks) == 2
+
+
+def test_hf_gemma2_sandwich_norms_are_pre_ln_branches_ending_in_their_own_norm(transformers):
+    """Gemma 2 adds x + LN_post(attn(LN_pre x)): the added term is a norm's output. The stream
+    itself is never normalised, so both branches are Pre-LN, each f written by its post-norm."""
+    model = transformers.Gemma2ForCausalLM(
+        transformers.Gemma2Config(
+            vocab_size=50,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            max_position_embeddings=16,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    ).eval()
+    post = ["post_attention_layernorm", "post_feedforward_layernorm"]
+    seen = _hooked(model.model.layers[0], post)
+    with torch.no_grad():
+        model(input_ids=IDS)
+    torch.testing.assert_close(seen["out"], seen["x"] + seen[post[0]] + seen[post[1]])
+    s = discover(model, lambda m: m(input_ids=IDS))
+    assert len(s.blocks) == 2
+    for i, block in enumerate(s.blocks):
+        h = f"model.layers.{i}"
+        assert [(br.kind, br.output, br.placement, br.norm) for br in block.branches] == [
+            ("attention", f"{h}.post_attention_layernorm", "pre", f"{h}.input_layernorm"),
+            ("mlp", f"{h}.post_feedforward_layernorm", "pre", f"{h}.pre_feedforward_layernorm"),
+        ]
+        assert [(a.heads, a.kv_heads) for a in block.attention] == [(2, 1)]
+
+
+def test_hf_bloom_branches_that_add_the_stream_inside_their_module_keep_its_kind(transformers):
+    """BLOOM's attention and MLP take the residual as an argument and add it themselves, so
+    each ends after the sum: the branch is still that attention's and that MLP's."""
+    model = transformers.BloomForCausalLM(
+        transformers.BloomConfig(vocab_size=50, hidden_size=32, n_layer=2, n_head=2)
+    ).eval()
+    seen = _hooked(model.transformer.h[0], ["self_attention.dense", "mlp.dense_4h_to_h"])
+    with torch.no_grad():
+        model(input_ids=IDS)
+    torch.testing.assert_close(
+        seen["out"], seen["x"] + seen["self_attention.dense"] + seen["mlp.dense_4h_to_h"]
+    )
+    s = discover(model, lambda m: m(input_ids=IDS))
+    assert len(s.blocks) == 2
+    for i, block in enumerate(s.blocks):
+        h = f"transformer.h.{i}"
+        assert [(br.kind, br.name, br.output, br.placement) for br in block.branches] == [
+            ("attention", f"{h}.self_attention", f"{h}.self_attention.dense", "pre"),
+            ("mlp", f"{h}.mlp", f"{h}.mlp.dense_4h_to_h", "pre"),
+        ]
+
+
 def test_hf_t5_encoder_decoder(transformers):
     model = transformers.T5ForConditionalGeneration(
         transformers.T5Config(

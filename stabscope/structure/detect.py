@@ -93,7 +93,7 @@ def analyse_block(trace: Trace, block: Call) -> tuple[list[Branch], list[Attenti
                 if c.start > since
                 and c.end < time
                 and c.output is not None
-                and not is_norm(c.module)
+                and not (is_norm(c.module) and c.input is stream)
             ]
             outputs = {id(c.output): c.output for c in producers}.values()
             # Latest-finishing producers first: the module whose output *is* the added term.
@@ -161,10 +161,18 @@ def analyse_block(trace: Trace, block: Call) -> tuple[list[Branch], list[Attenti
             ]
             spans = [(out_call, pre_norm, covered)]
         else:  # parallel: each branch from its own norm of the stream
-            spans = [_parallel_span(inner, stream, since, m) for m in makers]
+            # makers are in start order; the later branch's own calls run after the earlier
+            # one's output is made (GPT-J and Phi feed both from one norm: attn, then mlp).
+            spans = [
+                _parallel_span(inner, stream, since, m, makers[0] if i else None)
+                for i, m in enumerate(makers)
+            ]
         for made, pre_norm, covered in spans:
+            around = [trace.calls[p] for p in _ancestors(trace, made, block)]
             branches.append(
-                _branch(block, covered, made, norm_after if is_post else None, pre_norm, alpha)
+                _branch(
+                    block, covered, made, norm_after if is_post else None, pre_norm, alpha, around
+                )
             )
         if is_post:
             stream, since, found = norm_after.output, norm_after.end, after_norm  # type: ignore[union-attr]
@@ -174,10 +182,11 @@ def analyse_block(trace: Trace, block: Call) -> tuple[list[Branch], list[Attenti
 
 
 def _parallel_span(
-    inner: list[Call], stream: torch.Tensor, since: int, made: Call
+    inner: list[Call], stream: torch.Tensor, since: int, made: Call, earlier: Call | None
 ) -> tuple[Call, Call | None, list[Call]]:
     """One branch of a parallel block: (the call whose output it adds, the last norm of the
-    stream before it, the calls from that norm to it)."""
+    stream before it, the calls from that norm, or from the ``earlier`` branch's output when
+    that came later, to it)."""
     norms = [
         c
         for c in inner
@@ -185,6 +194,8 @@ def _parallel_span(
     ]
     pre_norm = max(norms, key=lambda c: c.end) if norms else None
     start = pre_norm.end if pre_norm is not None else since
+    if earlier is not None:
+        start = max(start, earlier.end)
     covered = [c for c in inner if c.start > start and c.end <= made.end and not is_norm(c.module)]
     return made, pre_norm, covered
 
@@ -204,9 +215,13 @@ def _branch(
     post_norm: Call | None,
     pre_norm: Call | None,
     alpha: float,
+    around: list[Call],
 ) -> Branch:
-    attn = [c for c in covered if is_attention(c)]
-    mlp = [c for c in covered if is_mlp(c)]
+    # ``around``: the calls inside the block that enclose out_call, innermost first. A module
+    # that adds the stream itself (BLOOM's attention and MLP, MPT's MLP take the residual as an
+    # argument) makes f inside it, so it ends after the sum and is not among ``covered``.
+    attn = [c for c in covered if is_attention(c)] or [c for c in around if is_attention(c)][-1:]
+    mlp = [c for c in covered if is_mlp(c)] or [c for c in around if is_mlp(c)][-1:]
     if attn:
         kind = "cross_attention" if is_cross_attention(attn[0].name) else "attention"
         name = attn[0].name

@@ -17,7 +17,9 @@ _ATTN_NAME = re.compile(
     r"encoder_attn|multihead_attn|EncDecAttention|SelfAttention)$"
 )
 _CROSS = re.compile(r"cross|encoder_attn|EncDecAttention|multihead_attn", re.I)
-_MLP = re.compile(r"MLP|FeedForward|FFN|DenseReluDense|(^|\.)(mlp|ffn|feed_forward)$", re.I)
+_MLP_TYPE = re.compile(r"MLP|FeedForward|FFN|DenseReluDense", re.I)
+#: By name only the module's own (last) name: ``mlp.dense_h_to_4h`` is a projection inside one.
+_MLP_NAME = re.compile(r"(^|\.)(mlp|ffn|feed_forward|DenseReluDense)$", re.I)
 _HEAD_ATTRS = ("num_heads", "n_head", "n_heads", "num_attention_heads", "heads", "h")
 _KV_ATTRS = ("num_key_value_heads", "n_kv_heads", "num_kv_heads")
 
@@ -31,7 +33,7 @@ def is_attention(call: Call) -> bool:
 
 
 def is_mlp(call: Call) -> bool:
-    return bool(_MLP.search(type(call.module).__name__) or _MLP.search(call.name))
+    return bool(_MLP_TYPE.search(type(call.module).__name__) or _MLP_NAME.search(call.name))
 
 
 def is_cross_attention(name: str) -> bool:
