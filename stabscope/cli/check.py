@@ -131,6 +131,13 @@ def _check(
             # Shorter than --steps: bad input, before profiling. Only a script is profiled:
             # a run directory holds its own plan, and --steps' default is no step it took.
             planned_budget(steps, budget)
+    if sets and target.suffix != ".py":
+        # A run directory was recorded with its own CONFIG: an override would be silently
+        # ignored, and the verdict read as that of another configuration.
+        raise UsageError(
+            f"--set is read only for a model script, and {target} is a run directory",
+            hint="profile the script again with --set, or check the run without it",
+        )
     if junit is not None:
         refuse_output_in_run(junit, "--junit")  # findings.json is the one file check writes there
         values.output_file(junit, "--junit")
