@@ -106,7 +106,7 @@ def analyse_block(trace: Trace, block: Call) -> tuple[list[Branch], list[Attenti
                 alpha = residual_alpha(t, stream, w)
                 if alpha is not None:
                     return time, t, consumer, (maker(w),), alpha
-            # A parallel block (GPT-J, GPT-NeoX, Falcon): x + attn(LN1 x) + mlp(LN2 x) in one
+            # A parallel block (GPT-J, GPT-NeoX, Phi): x + attn(LN1 x) + mlp(LN2 x) in one
             # sum, no tensor between: two branch outputs added to the stream at once.
             for i, w1 in enumerate(latest[:PAIRED]):
                 for w2 in latest[i + 1 : PAIRED]:
