@@ -37,15 +37,23 @@ def describe(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     return {"class": type(optimizer).__name__, "groups": groups}
 
 
-def _number(value: Any) -> float | None:
-    """A finite float, or None: a CPU 0-d tensor is read, a device tensor is not (a sync)."""
+def host_value(value: Any) -> Any:
+    """A param-group setting as the host may read it inside ``optimizer.step()``: a
+    one-element CPU tensor as its Python number, a device tensor as None (reading it would
+    sync), anything else as it is."""
     if isinstance(value, torch.Tensor):
         if value.device.type != "cpu" or value.numel() != 1:
             return None
-        value = value.detach().item()
+        return value.detach().item()
+    return value
+
+
+def _number(value: Any) -> float | None:
+    """A finite float, or None (a device tensor, not a number, NaN or Inf)."""
+    value = host_value(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return float(value) if math.isfinite(value) else None
 
 
-__all__ = ["SETTINGS", "describe"]
+__all__ = ["SETTINGS", "describe", "host_value"]

@@ -12,7 +12,7 @@ import torch
 
 from .collector import Rows
 from .lr_plan import LrPlanner
-from .optimizer_settings import describe
+from .optimizer_settings import describe, host_value
 
 
 class OptimizerWatch:
@@ -75,11 +75,7 @@ class OptimizerWatch:
 def _group_lr(group: dict[str, Any]) -> float | None:
     """A param group's lr as a float; None for a device tensor (reading it would sync) or
     anything that is not a number (this runs inside the user's ``optimizer.step()``)."""
-    lr = group.get("lr")
-    if isinstance(lr, torch.Tensor):
-        if lr.device.type != "cpu" or lr.numel() != 1:
-            return None
-        lr = lr.detach().item()
+    lr = host_value(group.get("lr"))
     try:
         return float(lr)
     except (TypeError, ValueError):

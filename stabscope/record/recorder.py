@@ -272,9 +272,10 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
         known = len(self.optimizer_watch.optimizers)
         if not self.optimizer_watch.owns(optimizer):
             return None
-        if len(self.optimizer_watch.optimizers) > known:  # a new one: its settings
+        new = len(self.optimizer_watch.optimizers) > known
+        if new:  # its settings
             self.meta["optimizers"] = list(self.optimizer_watch.settings)
-        if self._plan_lr() or len(self.optimizer_watch.optimizers) > known:
+        if self._plan_lr() or new:
             self._save_meta()
         self.optimizer_watch.note_lrs(optimizer)
         recorded = self.hooks.attached

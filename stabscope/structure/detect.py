@@ -143,17 +143,7 @@ def analyse_block(trace: Trace, block: Call) -> tuple[list[Branch], list[Attenti
         )
         if len(makers) == 1:
             # The sum is first seen as its pre-norm's input, so that norm starts at `since`.
-            pre_norm = next(
-                (
-                    c
-                    for c in inner
-                    if is_norm(c.module)
-                    and c.input is stream
-                    and c.start >= since
-                    and c.end < out_call.start
-                ),
-                None,
-            )
+            pre_norm = next(iter(_stream_norms(inner, stream, since, out_call)), None)
             covered = [
                 c
                 for c in inner
@@ -181,17 +171,23 @@ def analyse_block(trace: Trace, block: Call) -> tuple[list[Branch], list[Attenti
     return branches, infos
 
 
+def _stream_norms(inner: list[Call], stream: torch.Tensor, since: int, made: Call) -> list[Call]:
+    """The norms that read ``stream`` from ``since`` and ended before ``made`` started, in
+    call order: the candidates for the pre-norm of the branch ``made`` writes."""
+    return [
+        c
+        for c in inner
+        if is_norm(c.module) and c.input is stream and c.start >= since and c.end < made.start
+    ]
+
+
 def _parallel_span(
     inner: list[Call], stream: torch.Tensor, since: int, made: Call, earlier: Call | None
 ) -> tuple[Call, Call | None, list[Call]]:
     """One branch of a parallel block: (the call whose output it adds, the last norm of the
     stream before it, the calls from that norm, or from the ``earlier`` branch's output when
     that came later, to it)."""
-    norms = [
-        c
-        for c in inner
-        if is_norm(c.module) and c.input is stream and c.start >= since and c.end < made.start
-    ]
+    norms = _stream_norms(inner, stream, since, made)
     pre_norm = max(norms, key=lambda c: c.end) if norms else None
     start = pre_norm.end if pre_norm is not None else since
     if earlier is not None:
