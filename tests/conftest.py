@@ -43,6 +43,33 @@ def train(
     return losses
 
 
+def record_steps(
+    model: nn.Module,
+    run: Path,
+    forward,
+    opt,
+    steps: int,
+    *config,
+    probe_forward: bool = True,
+    **options,
+) -> Path:
+    """``steps`` optimizer steps on the loss ``forward(model)``, recorded into ``run`` by a
+    Recorder with ``forward`` as its probe forward (none without ``probe_forward``: the
+    structure then comes from step 0's own forward); ``config``, ``options``: the Recorder's
+    other arguments. Returns ``run``."""
+    import stabscope
+
+    probe = forward if probe_forward else None
+    with stabscope.Recorder(model, run, *config, forward=probe, **options) as rec:
+        for _ in range(steps):
+            loss = forward(model)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            rec.step(loss=loss)
+    return run
+
+
 def batch_maker(d_in: int, d_out: int, batch: int = 8, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     data = [

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import stabscope
-from tests.conftest import sample_gpt
+from tests.conftest import record_steps, sample_gpt
 
 STEPS = 6
 
@@ -17,14 +17,7 @@ STEPS = 6
 def record_gpt(run: Path, depth: int = 4, lr: float = 3e-2) -> Path:
     model, forward = sample_gpt("post", depth=depth)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    with stabscope.Recorder(model, run, schedule=stabscope.Schedule(4, 0), forward=forward) as rec:
-        for _ in range(STEPS):
-            loss = forward(model)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            rec.step(loss=loss)
-    return run
+    return record_steps(model, run, forward, opt, STEPS, schedule=stabscope.Schedule(4, 0))
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import stabscope
 from stabscope import Schedule
 from stabscope.rules.forecast_features import READS, trend_features
 from stabscope.rules.view import RunView
+from tests.conftest import record_steps
 
 STEPS = 8
 NAN_AT = 5  # the step whose forward first sees a NaN weight
@@ -289,13 +290,7 @@ def test_features_of_a_model_without_attention_or_residual_blocks(tmp_path, head
     x, y = torch.randn(32, 6), torch.randint(5, (32,))
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     fwd = lambda m: F.cross_entropy(m(x), y)  # noqa: E731
-    with stabscope.Recorder(model, tmp_path / "mlp", schedule=Schedule(4, 0), forward=fwd) as rec:
-        for _ in range(4):
-            loss = fwd(model)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            rec.step(loss=loss)
+    record_steps(model, tmp_path / "mlp", fwd, opt, 4, schedule=Schedule(4, 0))
     found = features(tmp_path / "mlp")
     assert math.isnan(found["attn_logit_growth"].value)
     assert math.isnan(found["entropy_drop"].value)
@@ -361,15 +356,8 @@ def test_a_roberta_head_tied_with_its_bias_beside_it_reads_the_word_embedding(tm
     ids = torch.randint(3, 128, (4, 16), generator=g)
     labels = torch.where(torch.rand(4, 16, generator=g) < 0.3, ids, -100)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    run = tmp_path / "roberta"
     forward = lambda m: m(input_ids=ids, labels=labels).loss  # noqa: E731
-    with stabscope.Recorder(model, run, schedule=Schedule(3, 0), forward=forward) as rec:
-        for _ in range(3):
-            loss = forward(model)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            rec.step(loss=loss)
+    run = record_steps(model, tmp_path / "roberta", forward, opt, 3, schedule=Schedule(3, 0))
     found = features(run)["init_loss_ratio"]
     first = rows(run, "loss", None).sort_values("step").value.iloc[0]
     assert found.value == pytest.approx(math.log10(first / math.log(128)), abs=1e-6)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import stabscope
-from tests.conftest import ROOT, sample_gpt
+from tests.conftest import ROOT, record_steps, sample_gpt
 
 #: The read side: every module under these packages, and these modules.
 READ_PACKAGES = ("store", "rules", "report", "theory", "analysis", "notebook", "export")
@@ -84,14 +84,7 @@ def test_the_read_side_imports_and_runs_without_torch(tmp_path: Path):
     # A real recorded run (the sample GPT, its structure found) ...
     model, forward = sample_gpt("post", depth=2)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    run = tmp_path / "run"
-    with stabscope.Recorder(model, run, schedule=stabscope.Schedule(3, 0), forward=forward) as rec:
-        for _ in range(3):
-            loss = forward(model)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            rec.step(loss=loss)
+    run = record_steps(model, tmp_path / "run", forward, opt, 3, schedule=stabscope.Schedule(3, 0))
     # ... imported, summarised, reported on and checked where torch cannot be imported.
     modules = read_side_modules()
     assert "stabscope.store.reader" in modules and "stabscope.rules.gate" in modules

@@ -17,7 +17,7 @@ import stabscope
 from stabscope.errors import StabscopeWarning, UsageError
 from stabscope.export.series import BLOCK_SERIES, RUN_METRICS
 from stabscope.store import count_rows, load_meta, load_run
-from tests.conftest import sample_gpt
+from tests.conftest import record_steps, sample_gpt
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -154,15 +154,9 @@ def test_a_32_layer_model_stays_under_the_cap(tmp_path: Path):
         cfg = stabscope.RecorderConfig(
             schedule=stabscope.Schedule(2, 0), flight_every=2, live_max_series=cap
         )
-        with stabscope.Recorder(
-            model, tmp_path / f"run{cap}", cfg, forward=forward, log_to=f"tensorboard:{out}"
-        ) as rec:
-            for _ in range(3):
-                loss = forward(model)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                rec.step(loss=loss)
+        run = record_steps(
+            model, tmp_path / f"run{cap}", forward, opt, 3, cfg, log_to=f"tensorboard:{out}"
+        )
         tags = read_back(out).Tags()["scalars"]
         assert len(tags) <= cap
         kept = sorted({int(t.rsplit(".", 1)[1]) for t in tags if t.startswith("act_rms/")})
@@ -171,7 +165,7 @@ def test_a_32_layer_model_stays_under_the_cap(tmp_path: Path):
             assert len(kept) == 32 and len(tags) > 6 * 32
         else:
             assert 2 <= len(kept) < 32 and np.ptp(np.diff(kept)) <= 1  # evenly spaced
-            assert any("live series" in n for n in load_meta(rec.run_dir)["notes"])
+            assert any("live series" in n for n in load_meta(run)["notes"])
 
 
 def test_bad_targets_are_usage_errors_before_the_run_is_made(tmp_path: Path):

@@ -11,9 +11,9 @@ import math
 import pytest
 import torch
 
-from stabscope import Recorder, RecorderConfig
+from stabscope import RecorderConfig
 from stabscope.rules import check_run
-from tests.conftest import mlp
+from tests.conftest import mlp, record_steps
 
 
 def record(run_dir, make_optimizer, steps: int = 3) -> torch.optim.Optimizer:
@@ -21,13 +21,8 @@ def record(run_dir, make_optimizer, steps: int = 3) -> torch.optim.Optimizer:
     net = mlp()
     opt = make_optimizer(net)
     x, y = torch.randn(8, 6), torch.randn(8, 3)
-    with Recorder(net, run_dir, RecorderConfig(preset="cheap", online_rules=False)) as rec:
-        for _ in range(steps):
-            opt.zero_grad()
-            loss = (net(x) - y).pow(2).mean()
-            loss.backward()
-            opt.step()
-            rec.step(loss)
+    config = RecorderConfig(preset="cheap", online_rules=False)
+    record_steps(net, run_dir, lambda m: (m(x) - y).pow(2).mean(), opt, steps, config)
     return opt
 
 

@@ -12,22 +12,14 @@ from torch import nn
 
 import stabscope
 from stabscope import Schedule
-from tests.conftest import sample_gpt
+from tests.conftest import record_steps, sample_gpt
 
 
 def run_sample(tmp_path, preset="standard", steps=1, norm="pre"):
     model, forward = sample_gpt(norm, depth=2)
     before = copy.deepcopy(model)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2, eps=1e-8)
-    with stabscope.Recorder(
-        model, tmp_path, preset=preset, schedule=Schedule(steps, 0), forward=forward
-    ) as rec:
-        for _ in range(steps):
-            loss = forward(model)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            rec.step(loss=loss)
+    record_steps(model, tmp_path, forward, opt, steps, preset=preset, schedule=Schedule(steps, 0))
     return before, model, forward, opt, stabscope.load_run(tmp_path, phase="train")
 
 

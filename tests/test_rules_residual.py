@@ -10,7 +10,7 @@ from torch import nn
 import stabscope
 from stabscope import Schedule
 from stabscope.rules import check_run
-from tests.conftest import sample_gpt
+from tests.conftest import record_steps, sample_gpt
 
 
 def residual_finding(run_dir):
@@ -36,15 +36,10 @@ def record(model, run_dir, forward, steps=2, probe_forward=True):
     """``steps`` Adam steps; the structure from ``forward`` before step 0, or (without
     ``probe_forward``) from step 0's own forward, as zero-code mode does."""
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    with stabscope.Recorder(
-        model, run_dir, schedule=Schedule(steps, 0), forward=forward if probe_forward else None
-    ) as rec:
-        for _ in range(steps):
-            loss = forward(model)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            rec.step(loss=loss)
+    schedule = Schedule(steps, 0)
+    record_steps(
+        model, run_dir, forward, opt, steps, schedule=schedule, probe_forward=probe_forward
+    )
     return stabscope.read_meta(run_dir)
 
 

@@ -254,6 +254,25 @@ def test_hf_llama_gqa(transformers):
     assert s.blocks[0].branches[0].norm == "model.layers.0.input_layernorm"
 
 
+def _hooked(layer: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """The stream entering ``layer``, its output and the outputs of its submodules ``names``
+    (the first tensor of a tuple), filled in by the next forward pass."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def first(o):  # copied: the model may later write into a tensor it returned
+        return (o[0] if isinstance(o, tuple) else o).clone()
+
+    def stream_in(module, args, kwargs):  # the stream arrives by position or by keyword
+        seen["x"] = first(args if args else (kwargs["hidden_states"],))
+
+    layer.register_forward_pre_hook(stream_in, with_kwargs=True)
+    for name in names:
+        sub = layer.get_submodule(name)
+        sub.register_forward_hook(lambda m, a, o, n=name: seen.update({n: first(o)}))
+    layer.register_forward_hook(lambda m, a, o: seen.update(out=first(o)))
+    return seen
+
+
 def test_hf_opt_adds_its_ffn_on_the_flattened_stream(transformers):
     """OPT flattens the stream to (batch·tokens, d) before its FFN and adds there, then views
     the sum back: the add holds up to that reshape. Its value is checked here by hand: the
@@ -311,21 +330,10 @@ def test_hf_gpt_neox_parallel_residual_has_two_branches_from_one_sum(transformer
             use_parallel_residual=True,
         )
     ).eval()
-    seen = {}
-    layer = model.gpt_neox.layers[0]
-
-    def stream_in(module, args, kwargs):  # the stream arrives by position or by keyword
-        seen["x"] = args[0] if args else kwargs["hidden_states"]
-
-    layer.register_forward_pre_hook(stream_in, with_kwargs=True)
-    layer.attention.register_forward_hook(lambda m, a, o: seen.update(attn=o[0]))
-    layer.mlp.register_forward_hook(lambda m, a, o: seen.update(mlp=o))
-    layer.register_forward_hook(
-        lambda m, a, o: seen.update(out=o[0] if isinstance(o, tuple) else o)
-    )
+    seen = _hooked(model.gpt_neox.layers[0], ["attention", "mlp"])
     with torch.no_grad():
         model(input_ids=IDS)
-    torch.testing.assert_close(seen["out"], seen["x"] + seen["attn"] + seen["mlp"])
+    torch.testing.assert_close(seen["out"], seen["x"] + seen["attention"] + seen["mlp"])
     s = discover(model, lambda m: m(input_ids=IDS))
     layers = "gpt_neox.layers"
     assert summary(s) == [
@@ -339,25 +347,6 @@ def test_hf_gpt_neox_parallel_residual_has_two_branches_from_one_sum(transformer
         )
         for i in range(2)
     ]
-
-
-def _hooked(layer: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
-    """The stream entering ``layer``, its output and the outputs of its submodules ``names``
-    (the first tensor of a tuple), filled in by the next forward pass."""
-    seen: dict[str, torch.Tensor] = {}
-
-    def first(o):  # copied: the model may later write into a tensor it returned
-        return (o[0] if isinstance(o, tuple) else o).clone()
-
-    def stream_in(module, args, kwargs):  # the stream arrives by position or by keyword
-        seen["x"] = first(args if args else (kwargs["hidden_states"],))
-
-    layer.register_forward_pre_hook(stream_in, with_kwargs=True)
-    for name in names:
-        sub = layer.get_submodule(name)
-        sub.register_forward_hook(lambda m, a, o, n=name: seen.update({n: first(o)}))
-    layer.register_forward_hook(lambda m, a, o: seen.update(out=first(o)))
-    return seen
 
 
 def test_hf_gptj_parallel_block_from_one_norm_has_an_attention_and_an_mlp_branch(transformers):
