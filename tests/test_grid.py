@@ -86,7 +86,8 @@ def test_planned_lrs_are_what_the_scheduler_does():
 
 
 @pytest.mark.parametrize("family,task", [("gpt", "succ"), ("encdec", "reverse"),
-                                         ("resconv", "text")])  # fmt: skip
+                                         ("resconv", "text"), ("opt", "text"),
+                                         ("neox", "succ"), ("lstm", "text")])  # fmt: skip
 def test_family_logits_and_out_scale(family, task):
     c = cfg(family=family, task=task, norm="post" if family == "encdec" else "pre")
     t = tasks.make_task(c)

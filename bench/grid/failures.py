@@ -104,5 +104,30 @@ GRID: list[Config] = [
                                   "ramp_end": 0.5}, {"ramp": 1e7}, {"ramp": 10}),
     *pair("resconv", "bad-init", {"task": "text", "depth": 8}, {"init_gain": 3},
           {"init_gain": 1.5}),
+    # --- OPT (transformers, Pre-LN, ReLU FFN); its ramps start at half the budget ---
+    *pair("opt", "lr-too-high", {"task": "text"}, {"lr": 3e-1}, {"lr": 3e-3}),
+    *pair("opt", "warmup-peak", {"task": "succ", "warmup": 60}, {"lr": 1.0}, {"lr": 3e-2}),
+    *pair("opt", "nan-adam", {"task": "text", "lr": 1e-3, "ramp_at": 0.5, "ramp_end": 0.8},
+          {"ramp": 1e5}, {"ramp": 10}),
+    *pair("opt", "bad-init", {"task": "text"}, {"out_scale": 1e3}, {"out_scale": 10}),
+    *pair("opt", "collapse", {"task": "text", "lr": 1e-3, "ramp_at": 0.5, "ramp_end": 0.7},
+          {"ramp": 300}, {"ramp": 10}),
+    # --- GPT-NeoX (transformers), parallel attention and MLP branches, rotary ---
+    *pair("neox", "lr-too-high", {"task": "text"}, {"lr": 1.0}, {"lr": 1e-2}),
+    *pair("neox", "warmup-peak", {"task": "succ", "warmup": 80}, {"lr": 1.0}, {"lr": 3e-2}),
+    *pair("neox", "nan-sgd", {"task": "succ", "optim": "sgd", "lr": 3e-2, "ramp_at": 0.3},
+          {"ramp": 1e4}, {"ramp": 10}),
+    *pair("neox", "bad-init", {"task": "succ"}, {"out_scale": 1e4}, {"out_scale": 10}),
+    *pair("neox", "collapse", {"task": "succ", "lr": 1e-3, "ramp_at": 0.6, "ramp_end": 0.8},
+          {"ramp": 500}, {"ramp": 10}),
+    # --- a stacked LSTM: no attention and no residual blocks, byte-level text ---
+    *pair("lstm", "nan-sgd", {"task": "text", "optim": "sgd", "lr": 0.3, "ramp_at": 0.2},
+          {"ramp": 1e4}, {"ramp": 10}),
+    *pair("lstm", "nan-adam", {"task": "text", "lr": 3e-3, "ramp_at": 0.4, "ramp_end": 0.7},
+          {"ramp": 1e5}, {"ramp": 10}),
+    *pair("lstm", "bad-init", {"task": "text", "lr": 3e-3}, {"out_scale": 1e4},
+          {"out_scale": 10}),
+    *pair("lstm", "collapse", {"task": "text", "lr": 3e-3, "ramp_at": 0.4, "ramp_end": 0.6},
+          {"ramp": 1000}, {"ramp": 10}),
 ]
 # fmt: on

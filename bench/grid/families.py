@@ -8,6 +8,9 @@ Every family maps a batch dict (``tasks.to_batch``) to logits (B, T, vocab):
     bert     transformers' BertLMHeadModel as a causal LM (Post-LN)
     encdec   torch.nn.Transformer encoder-decoder (norm = pre | post) for the s2s form
     resconv  a residual causal-convolution net with no normalisation at all
+    opt      transformers' OPTForCausalLM (Pre-LN, ReLU FFN added on the flattened stream)
+    neox     transformers' GPTNeoXForCausalLM with parallel residual blocks (x + attn + mlp)
+    lstm     a stacked LSTM language model: no attention, no residual blocks
 
 ``out_scale`` multiplies the output head's weights after init (1 = as built): the knob of the
 bad-init failure. ``init_gain`` multiplies resconv's residual-branch weights; ``init_std`` is the
@@ -78,6 +81,20 @@ class ResConv(nn.Module):
         return self.head(h.transpose(1, 2))  # (B, T, vocab)
 
 
+class LSTMLM(nn.Module):
+    """Embedding, a ``depth``-layer LSTM, a linear head: the grid's recurrent family."""
+
+    def __init__(self, vocab: int, width: int, depth: int) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, width)
+        self.rnn = nn.LSTM(width, width, depth, batch_first=True)
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, _ = self.rnn(self.tok(x))  # (B, T, width)
+        return self.head(h)  # (B, T, vocab)
+
+
 def _gpt(cfg, vocab: int, seq_len: int) -> nn.Module:
     return GPT(vocab, seq_len, cfg.width, cfg.depth, cfg.heads, cfg.norm)
 
@@ -128,6 +145,36 @@ def _resconv(cfg, vocab: int, seq_len: int) -> nn.Module:
     return ResConv(vocab, cfg.width, cfg.depth, cfg.init_gain)
 
 
+def _opt(cfg, vocab: int, seq_len: int) -> nn.Module:
+    from transformers import OPTConfig, OPTForCausalLM
+
+    conf = OPTConfig(
+        vocab_size=vocab, hidden_size=cfg.width, num_hidden_layers=cfg.depth,
+        ffn_dim=4 * cfg.width, num_attention_heads=cfg.heads, max_position_embeddings=seq_len,
+        word_embed_proj_dim=cfg.width, do_layer_norm_before=True, dropout=0.0,
+        attention_dropout=0.0, init_std=cfg.init_std, tie_word_embeddings=False,
+        pad_token_id=None, bos_token_id=None, eos_token_id=None,
+    )  # fmt: skip
+    return HFCausalLM(OPTForCausalLM(conf))
+
+
+def _neox(cfg, vocab: int, seq_len: int) -> nn.Module:
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    conf = GPTNeoXConfig(
+        vocab_size=vocab, hidden_size=cfg.width, num_hidden_layers=cfg.depth,
+        num_attention_heads=cfg.heads, intermediate_size=4 * cfg.width,
+        max_position_embeddings=seq_len, use_parallel_residual=True, hidden_dropout=0.0,
+        attention_dropout=0.0, initializer_range=cfg.init_std, tie_word_embeddings=False,
+        bos_token_id=None, eos_token_id=None,
+    )  # fmt: skip
+    return HFCausalLM(GPTNeoXForCausalLM(conf))
+
+
+def _lstm(cfg, vocab: int, seq_len: int) -> nn.Module:
+    return LSTMLM(vocab, cfg.width, cfg.depth)
+
+
 BUILDERS = {
     "gpt": _gpt,
     "llama": _llama,
@@ -135,6 +182,9 @@ BUILDERS = {
     "bert": _bert,
     "encdec": _encdec,
     "resconv": _resconv,
+    "opt": _opt,
+    "neox": _neox,
+    "lstm": _lstm,
 }
 FORMS = {name: "s2s" if name == "encdec" else "lm" for name in BUILDERS}
 

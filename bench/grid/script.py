@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 from bench.grid import families, tasks
 
 CONFIG = {
-    "family": "gpt",  # gpt | llama | gpt2 | bert | encdec | resconv
+    "family": "gpt",  # gpt | llama | gpt2 | bert | encdec | resconv | opt | neox | lstm
     "task": "succ",  # text | succ | reverse
     "depth": 2,
     "width": 64,
