@@ -170,11 +170,16 @@ def fail(error: UsageError) -> typer.Exit:
 _python_showwarning = warnings.showwarning
 
 
+def warning_line(text: str) -> None:
+    """One ``warning:`` line on stderr."""
+    err.print(f"[yellow]warning:[/] {escape(text)}", soft_wrap=True)
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """What a reader skipped in a run (a part it cannot read) as one ``warning:`` line on
     stderr, like the report's warnings; other warnings as Python shows them."""
     if issubclass(category, StabscopeWarning):
-        err.print(f"[yellow]warning:[/] {escape(str(message))}", soft_wrap=True)
+        warning_line(str(message))
     else:
         _python_showwarning(message, category, filename, lineno, file, line)
 

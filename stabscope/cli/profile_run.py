@@ -5,6 +5,7 @@ and the one line when a signal ended it."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -12,7 +13,8 @@ from typing import TYPE_CHECKING
 from rich.markup import escape
 
 from ..errors import UsageError
-from .common import err, stdout_for_data_only
+from ..record.verdicts import announced_by
+from .common import err, stdout_for_data_only, warning_line
 
 if TYPE_CHECKING:
     from ..drivers.profile import ProgressFn
@@ -52,8 +54,15 @@ class ProfileOutput:
     quiet: bool = False
     as_json: bool = False
 
-    def training(self) -> contextlib.AbstractContextManager[None]:
-        return stdout_for_data_only() if self.as_json else contextlib.nullcontext()
+    @contextlib.contextmanager
+    def training(self) -> Iterator[None]:
+        """Around the script's code: its stdout kept off a JSON summary, and the run's
+        findings while it trains printed as ``warning:`` lines whatever its warning filters."""
+        with contextlib.ExitStack() as stack:
+            if self.as_json:
+                stack.enter_context(stdout_for_data_only())
+            stack.enter_context(announced_by(warning_line))
+            yield
 
 
 def run_profile(
