@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 import stabscope
 from stabscope import Recorder, Schedule
 from stabscope.cli import app
-from stabscope.errors import StabscopeWarning, UsageError
+from stabscope.errors import UsageError
 from stabscope.record.config import RecorderConfig
 from stabscope.rules import ALL_RULES
 from stabscope.rules.online import online_rules

@@ -461,3 +461,45 @@ def test_forward_that_raises_is_a_note_not_a_crash():
 
     s = discover(model, bad)
     assert not s.recognised and "ValueError: wrong batch" in s.notes[0]
+
+
+class _SmallInitPostLNLayer(nn.Module):
+    """LN(x + attn(x)), then LN(h + ff(h)), with weights so small that each branch adds
+    ~1e-3 of the stream: the first norm's output is then within the add check's tolerance of
+    the sum it normalises."""
+
+    def __init__(self, d: int = 32) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.ln1 = nn.LayerNorm(d)
+        self.ff = nn.Sequential(nn.Linear(d, 4 * d), nn.ReLU(), nn.Linear(4 * d, d))
+        self.ln2 = nn.LayerNorm(d)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.004)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.attn.in_proj_weight, std=0.004)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ln1(x + self.attn(x, x, x, need_weights=False)[0])
+        return self.ln2(h + self.ff(h))
+
+
+def test_a_small_init_post_ln_is_post_ln_in_every_block():
+    torch.manual_seed(0)
+    layers = nn.ModuleList(_SmallInitPostLNLayer() for _ in range(4))
+    model = nn.Sequential(nn.LayerNorm(32), *layers)  # the stream enters normalised
+    x = torch.randn(2, 6, 32)
+    # The degenerate fit, by hand: in the second block the stream is LN output, LN1's output
+    # h and the sum it reads differ by less than the add check's tolerance, so h + ff(h) also
+    # fits 1·(x + attn) + ff.
+    with torch.no_grad():
+        x1 = layers[0](model[0](x))
+        s_attn = x1 + layers[1].attn(x1, x1, x1, need_weights=False)[0]
+        h = layers[1].ln1(s_attn)
+    assert float((h - s_attn).norm() / s_attn.norm()) < 1e-4
+    s = discover(model, lambda m: m(x))
+    assert [b.placement for b in s.blocks] == ["post"] * 4
+    assert [[br.norm for br in b.branches] for b in s.blocks] == [
+        [f"{i + 1}.ln1", f"{i + 1}.ln2"] for i in range(4)
+    ]

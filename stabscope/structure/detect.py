@@ -136,6 +136,15 @@ def analyse_block(trace: Trace, block: Call) -> tuple[list[Branch], list[Attenti
             if norm_after is None or norm_after.output is None
             else next_add(norm_after.output, norm_after.end)
         )
+        if keep_sum is not None and after_norm is not None and keep_sum[1] is after_norm[1]:
+            # One later sum read both ways. A branch that adds next to nothing (a small init:
+            # |f| ~ 1e-3 |x|) leaves the norm's output within the tolerance of the sum
+            # itself, so both fit; the stream it really adds to fits exactly.
+            assert norm_after is not None and norm_after.output is not None
+            if _misfit(after_norm, norm_after.output) <= _misfit(keep_sum, t):
+                keep_sum = None
+            else:
+                after_norm = None
         is_post = (
             norm_after is not None
             and keep_sum is None
@@ -169,6 +178,14 @@ def analyse_block(trace: Trace, block: Call) -> tuple[list[Branch], list[Attenti
         else:
             stream, since, found = t, time, keep_sum
     return branches, infos
+
+
+def _misfit(found: tuple, stream: torch.Tensor) -> float:
+    """|t - α·stream - Σf| / |t| of a sum ``next_add`` found: (time, t, consumer, makers, α)."""
+    _, t, _, makers, alpha = found
+    f = sum(m.output.detach().reshape(-1).double() for m in makers)
+    tt = t.detach().reshape(-1).double()
+    return float((tt - f - alpha * stream.detach().reshape(-1).double()).norm() / tt.norm())
 
 
 def _stream_norms(inner: list[Call], stream: torch.Tensor, since: int, made: Call) -> list[Call]:
