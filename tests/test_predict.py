@@ -145,3 +145,60 @@ def test_theory_and_rule_do_not_import_torch():
         "sys.exit(1 if 'torch' in sys.modules else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_torch_encoder_layers_feed_forward_is_read_from_the_layer(activation):
+    """``nn.TransformerEncoderLayer`` runs linear1, its activation function and linear2 in
+    its own forward: the MLP branch is named by linear2, and the theory reads both maps and
+    the activation (a function, not a module) from the layer."""
+    import torch
+    from torch import nn
+
+    from stabscope.drivers.describe_model import describe
+    from stabscope.structure import discover
+
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(
+        16, 2, 48, dropout=0.0, activation=activation, batch_first=True, norm_first=True
+    )
+    model = nn.Sequential(nn.TransformerEncoder(layer, 3, enable_nested_tensor=False))
+    x = torch.randn(4, 8, 16)
+
+    def forward(m):
+        return m(x).pow(2).mean()
+
+    d = describe(model, discover(model, forward), forward)
+    assert (d.depth, d.width, d.heads, d.ffn, d.norm, d.activation) == (
+        3, 16, 2, 3.0, "pre", activation,
+    )  # fmt: skip
+    for roles, built in zip(d.projections, model[0].layers):
+        for role, linear in (("fc", built.linear1), ("proj", built.linear2)):
+            w = linear.weight.detach().double()
+            assert roles[role].std == pytest.approx(float(w.pow(2).mean().sqrt()), rel=1e-12)
+            assert roles[role].bias == pytest.approx(
+                float(linear.bias.detach().double().pow(2).mean().sqrt()), rel=1e-12
+            )
+
+
+def test_grouped_query_attention_is_named_as_not_covered():
+    """A LLaMA with 2 key/value heads for 4 query heads: k and v are narrower than q, which
+    the theory does not compose; the reason says so, with the maps' shapes."""
+    import torch
+
+    from stabscope.drivers.describe_model import NotCovered, describe
+    from stabscope.structure import discover
+
+    transformers = pytest.importorskip("transformers")
+    conf = transformers.LlamaConfig(
+        vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(conf)
+    ids = torch.randint(0, 40, (2, 8), generator=torch.Generator().manual_seed(0))
+
+    def forward(m):
+        return m(input_ids=ids).logits.pow(2).mean()
+
+    with pytest.raises(NotCovered, match=r"grouped- or multi-query.*k_proj 32->16"):
+        describe(model, discover(model, forward), forward)

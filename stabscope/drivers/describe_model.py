@@ -49,9 +49,10 @@ def describe(
         if kinds != ["attention", "mlp"]:
             raise NotCovered(f"{block.name}: branches {kinds}, the theory composes attention + mlp")
         attn, mlp = (modules[br.name] for br in block.branches)
-        roles = {**_attention_projections(block.name, attn), **_mlp_projections(block.name, mlp)}
+        ffn = _feed_forward(modules[block.name], attn, mlp)
+        roles = {**_attention_projections(block.name, attn), **_mlp_projections(block.name, ffn)}
         projections.append(roles)
-        activation = activation or _activation(block.name, mlp)
+        activation = activation or _activation(block.name, ffn, modules[block.name])
         norm = modules.get(block.branches[0].norm or "")
         norm_kind = norm_kind or (
             "rmsnorm" if "rms" in type(norm).__name__.lower() else "layernorm"
@@ -125,11 +126,43 @@ def _attention_projections(block: str, attn: nn.Module) -> dict[str, _Weight]:
             for i in range(3)
         ]
         return dict(zip("qkv", parts), o=_Weight(out.weight, out.bias))
-    raise NotCovered(f"{block}: attention projections not recognised ({len(lins)} linear maps)")
+    raise NotCovered(f"{block}: attention projections not recognised: {_layout(lins)}")
 
 
-def _mlp_projections(block: str, mlp: nn.Module) -> dict[str, _Weight]:
-    lins = [m for _, m in _linears(mlp)]
+def _layout(lins: list[tuple[str, nn.Linear]]) -> str:
+    """What the theory saw in an attention module it does not cover, in the user's terms."""
+    shapes = ", ".join(f"{n} {m.in_features}->{m.out_features}" for n, m in lins)
+    outs = [m.out_features for _, m in lins]
+    d = lins[0][1].in_features if lins else 0
+    if len(lins) == 4 and outs[0] == d and min(outs[1:3]) < d:
+        why = "k and v narrower than q (grouped- or multi-query attention)"
+    elif len(lins) == 2 and d < outs[0] < 3 * d:
+        why = "a fused projection narrower than q, k and v (multi-query attention)"
+    else:
+        why = (
+            "the theory reads q, k, v and o as four d x d maps, one fused 3d-wide map, "
+            "or nn.MultiheadAttention"
+        )
+    return f"{why}; {len(lins)} linear maps: {shapes}"
+
+
+def _feed_forward(block: nn.Module, attn: nn.Module, mlp: nn.Module) -> list[nn.Module]:
+    """The modules of the block's feed-forward: the MLP branch's module, or, where the branch
+    is named by its last projection (torch's ``TransformerEncoderLayer`` runs ``linear1``,
+    the activation and ``linear2`` in its own forward, with no module around them), every
+    module of the block outside its attention and norms."""
+    if len(_linears(mlp)) != 1:
+        return list(mlp.modules())
+    skip = {id(m) for m in attn.modules()}
+    return [
+        m
+        for m in block.modules()
+        if id(m) not in skip and m is not block and "norm" not in type(m).__name__.lower()
+    ]
+
+
+def _mlp_projections(block: str, ffn: list[nn.Module]) -> dict[str, _Weight]:
+    lins = [m for m in ffn if isinstance(m, nn.Linear)]
     if len(lins) != 2 or lins[0].out_features != lins[1].in_features:
         raise NotCovered(f"{block}: feed-forward with {len(lins)} linear maps (the theory: 2)")
     return {
@@ -138,9 +171,14 @@ def _mlp_projections(block: str, mlp: nn.Module) -> dict[str, _Weight]:
     }
 
 
-def _activation(block: str, mlp: nn.Module) -> str:
-    for m in mlp.modules():
-        name = type(m).__name__.lower()
+def _activation(block: str, ffn: list[nn.Module], module: nn.Module) -> str:
+    """GELU or ReLU: a module of the feed-forward, else the block's ``activation`` function
+    (torch's transformer layers keep ``F.relu`` / ``F.gelu`` there)."""
+    names = [type(m).__name__.lower() for m in ffn]
+    function = getattr(module, "activation", None)
+    if callable(function) and not isinstance(function, nn.Module):
+        names.append(getattr(function, "__name__", "").lower())
+    for name in names:
         if "gelu" in name:
             return "gelu"
         if name == "relu":
