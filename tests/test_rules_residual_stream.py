@@ -1,5 +1,5 @@
-"""Rule ``residual-stream-growth`` on real training of a Pre-LN residual MLP: Adam at lr 3
-grows the residual stream by about four orders of magnitude in 50 steps (an error), lr 1e-3
+"""Rule ``residual-stream-growth`` on real training of a Pre-LN residual MLP: Adam at lr 30
+grows the residual stream by about seven orders of magnitude in 60 steps (an error), lr 1e-3
 keeps it within x1.2 (no finding), and a stream initialised at rms ~1e-3 that learns its way
 to unit scale grows x1000 from its first value but is measured from rms 1 (no finding). The
 growth is checked against the recorded block outputs' rms, read back with ``load_run``."""
@@ -99,8 +99,10 @@ def block_growth(
 
 @pytest.mark.slow
 def test_a_stream_grown_by_orders_of_magnitude_is_an_error_and_a_healthy_one_is_not(tmp_path):
-    grown, healthy = tmp_path / "lr3", tmp_path / "lr1e-3"
-    train(grown, 3.0)
+    # lr 30, not 3: how far lr 3 grows this stream depends on the seed and on the CPU's
+    # floating-point paths (x126 to x5e4 measured); lr 30 grows it x1e7 here.
+    grown, healthy = tmp_path / "lr30", tmp_path / "lr1e-3"
+    train(grown, 30.0)
     train(healthy, 1e-3)
     growth = block_growth(grown)
     worst = max(growth, key=growth.get)
