@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from rich.markup import escape
 
 from ..errors import UsageError
-from ..record.verdicts import announced_by
+from ..record.announce import announced_by
 from .common import err, stdout_for_data_only, warning_line
 
 if TYPE_CHECKING:

@@ -37,11 +37,10 @@ collective); meta.json notes it.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import StabscopeWarning, UsageError
@@ -50,26 +49,8 @@ from ..rules.online import FULL, LOSS, ON_ERROR, OnlineVerdicts, finding_entry
 from ..store import interrupts
 from ..store.findings import Finding
 from ..store.memory import Unwritten
+from . import announce
 from .collector import Rows
-
-#: Where a live finding's line goes: None is ``warnings.warn`` (a library's way, which the
-#: user's warning filters govern). ``stabscope profile`` prints it itself while it trains
-#: (``announced_by``): a script's ``warnings.filterwarnings("ignore")`` or
-#: ``PYTHONWARNINGS=ignore`` is aimed at the script's own noise, and must not silence what
-#: ``--on-error warn`` promises to say.
-announce: Callable[[str], None] | None = None
-
-
-@contextlib.contextmanager
-def announced_by(printer: Callable[[str], None]) -> Iterator[None]:
-    """Live findings' lines go to ``printer`` inside the block, not to ``warnings``."""
-    global announce
-    before, announce = announce, printer
-    try:
-        yield
-    finally:
-        announce = before
-
 
 MULTI_RANK_NOTE = (
     "on_error=stop acts as warn with several ranks: stopping one rank would leave the others "
@@ -200,8 +181,9 @@ class VerdictActions:
             at = f"step {f.step}" if f.step is not None else "the run"
             action = "; stopping the run" if stop else ""
             line = f"{f.rule}{where} at {at}, seen after step {seen_at}: {f.message}{action}"
-            if announce is not None:
-                announce(line)
+            say = announce.printer()
+            if say is not None:
+                say(line)
             else:
                 warnings.warn(line, StabscopeWarning, stacklevel=4)  # the caller of rec.step()
         self._store_verdicts()
