@@ -7,14 +7,18 @@ import json
 import math
 
 import pytest
+import torch
+from torch import nn
 from typer.testing import CliRunner
 
 from stabscope.cli import app
+from stabscope.drivers.describe_model import NotCovered, describe
 from stabscope.drivers.profile import profile_script
 from stabscope.drivers.script import load_script, parse_set
 from stabscope.record.config import RecorderConfig
 from stabscope.rules import check_run
 from stabscope.store import read_meta
+from stabscope.structure import discover
 
 runner = CliRunner()
 
@@ -152,12 +156,6 @@ def test_torch_encoder_layers_feed_forward_is_read_from_the_layer(activation):
     """``nn.TransformerEncoderLayer`` runs linear1, its activation function and linear2 in
     its own forward: the MLP branch is named by linear2, and the theory reads both maps and
     the activation (a function, not a module) from the layer."""
-    import torch
-    from torch import nn
-
-    from stabscope.drivers.describe_model import describe
-    from stabscope.structure import discover
-
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(
         16, 2, 48, dropout=0.0, activation=activation, batch_first=True, norm_first=True
@@ -184,11 +182,6 @@ def test_torch_encoder_layers_feed_forward_is_read_from_the_layer(activation):
 def test_grouped_query_attention_is_named_as_not_covered():
     """A LLaMA with 2 key/value heads for 4 query heads: k and v are narrower than q, which
     the theory does not compose; the reason says so, with the maps' shapes."""
-    import torch
-
-    from stabscope.drivers.describe_model import NotCovered, describe
-    from stabscope.structure import discover
-
     transformers = pytest.importorskip("transformers")
     conf = transformers.LlamaConfig(
         vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -24,6 +24,22 @@ def summary(structure):
     ]
 
 
+def pre_ln_blocks(layers: str, attn_norm: str, mlp_norm: str, n: int = 2) -> list:
+    """``summary`` of ``n`` Pre-LN blocks ``layers.i``, an attention branch after the norm
+    ``attn_norm`` and an MLP branch after ``mlp_norm`` (names inside the block)."""
+    return [
+        (
+            f"{layers}.{i}",
+            "pre",
+            [
+                ("attention", "pre", f"{layers}.{i}.{attn_norm}"),
+                ("mlp", "pre", f"{layers}.{i}.{mlp_norm}"),
+            ],
+        )
+        for i in range(n)
+    ]
+
+
 @pytest.mark.parametrize("norm", ["pre", "post", "deepnorm"])
 def test_sample_gpt(norm):
     model, forward = sample_gpt(norm, depth=3)
@@ -199,11 +215,7 @@ def test_hf_gpt2_pre_ln(transformers):
         transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50, n_positions=16)
     )
     s = discover(model, lambda m: m(input_ids=IDS))
-    assert summary(s)[0] == (
-        "transformer.h.0",
-        "pre",
-        [("attention", "pre", "transformer.h.0.ln_1"), ("mlp", "pre", "transformer.h.0.ln_2")],
-    )
+    assert summary(s)[0] == pre_ln_blocks("transformer.h", "ln_1", "ln_2", n=1)[0]
 
 
 def test_hf_bert_post_ln(transformers):
@@ -301,18 +313,9 @@ def test_hf_opt_adds_its_ffn_on_the_flattened_stream(transformers):
     assert seen["stream"].dim() == 2 and seen["out"].dim() == 3  # the add is on the flat view
     torch.testing.assert_close(seen["out"].reshape(-1, 32), seen["stream"] + seen["f"])
     s = discover(model, lambda m: m(input_ids=IDS))
-    layers = "model.decoder.layers"
-    assert summary(s) == [
-        (
-            f"{layers}.{i}",
-            "pre",
-            [
-                ("attention", "pre", f"{layers}.{i}.self_attn_layer_norm"),
-                ("mlp", "pre", f"{layers}.{i}.final_layer_norm"),
-            ],
-        )
-        for i in range(2)
-    ]
+    assert summary(s) == pre_ln_blocks(
+        "model.decoder.layers", "self_attn_layer_norm", "final_layer_norm"
+    )
 
 
 def test_hf_gpt_neox_parallel_residual_has_two_branches_from_one_sum(transformers):
@@ -335,18 +338,9 @@ def test_hf_gpt_neox_parallel_residual_has_two_branches_from_one_sum(transformer
         model(input_ids=IDS)
     torch.testing.assert_close(seen["out"], seen["x"] + seen["attention"] + seen["mlp"])
     s = discover(model, lambda m: m(input_ids=IDS))
-    layers = "gpt_neox.layers"
-    assert summary(s) == [
-        (
-            f"{layers}.{i}",
-            "pre",
-            [
-                ("attention", "pre", f"{layers}.{i}.input_layernorm"),
-                ("mlp", "pre", f"{layers}.{i}.post_attention_layernorm"),
-            ],
-        )
-        for i in range(2)
-    ]
+    assert summary(s) == pre_ln_blocks(
+        "gpt_neox.layers", "input_layernorm", "post_attention_layernorm"
+    )
 
 
 def test_hf_gptj_parallel_block_from_one_norm_has_an_attention_and_an_mlp_branch(transformers):

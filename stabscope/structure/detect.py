@@ -39,6 +39,11 @@ def tolerance(t: torch.Tensor) -> float:
     return max(_TOL, eps)
 
 
+def _misfit(t: torch.Tensor, x: torch.Tensor, f: torch.Tensor, alpha: float) -> float:
+    """|t - α·x - f| / |t|: how far t is from the sum α·x + f (all flat, float64)."""
+    return float((t - f - alpha * x).norm() / (t.norm() + 1e-12))
+
+
 def residual_alpha(t: torch.Tensor, x: torch.Tensor, f: torch.Tensor) -> float | None:
     """α with t = α·x + f to the precision t is stored in, or None. The three may differ in
     shape up to a reshape that keeps the feature dimension: HF's OPT runs its FFN on the
@@ -58,8 +63,7 @@ def residual_alpha(t: torch.Tensor, x: torch.Tensor, f: torch.Tensor) -> float |
         if xx_sq <= 0:
             return None
         alpha = float(torch.dot(tt - ff, xx) / xx_sq)
-        err = float((tt - ff - alpha * xx).norm() / (tt.norm() + 1e-12))
-        if not (err < tol and 0.05 < alpha < 50):
+        if not (_misfit(tt, xx, ff, alpha) < tol and 0.05 < alpha < 50):
             return None
     return alpha
 
@@ -141,7 +145,7 @@ def analyse_block(trace: Trace, block: Call) -> tuple[list[Branch], list[Attenti
             # |f| ~ 1e-3 |x|) leaves the norm's output within the tolerance of the sum
             # itself, so both fit; the stream it really adds to fits exactly.
             assert norm_after is not None and norm_after.output is not None
-            if _misfit(after_norm, norm_after.output) <= _misfit(keep_sum, t):
+            if _found_misfit(after_norm, norm_after.output) <= _found_misfit(keep_sum, t):
                 keep_sum = None
             else:
                 after_norm = None
@@ -180,12 +184,13 @@ def analyse_block(trace: Trace, block: Call) -> tuple[list[Branch], list[Attenti
     return branches, infos
 
 
-def _misfit(found: tuple, stream: torch.Tensor) -> float:
-    """|t - α·stream - Σf| / |t| of a sum ``next_add`` found: (time, t, consumer, makers, α)."""
+def _found_misfit(found: tuple, stream: torch.Tensor) -> float:
+    """``_misfit`` of a sum ``next_add`` found, (time, t, consumer, makers, α), with the
+    makers' outputs added up as its f."""
     _, t, _, makers, alpha = found
+    flat = [v.detach().reshape(-1).double() for v in (t, stream)]
     f = sum(m.output.detach().reshape(-1).double() for m in makers)
-    tt = t.detach().reshape(-1).double()
-    return float((tt - f - alpha * stream.detach().reshape(-1).double()).norm() / tt.norm())
+    return _misfit(flat[0], flat[1], f, alpha)
 
 
 def _stream_norms(inner: list[Call], stream: torch.Tensor, since: int, made: Call) -> list[Call]:
