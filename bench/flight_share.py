@@ -10,8 +10,11 @@ Timed, in three parts (none nested in another):
   boundary    ``Recorder.step``: the loss and lr kept on the device, the ring's slot closed,
               a ring handed over every ``flight_every`` steps
 The stability index is off here (it is not part of the tier: bench/sharpness_cost.py).
+``--detail`` also times the pieces inside those parts ("of which"): the ring's reductions
+(``FlightRing.put``, the rest of the hooks is Python), the pre-clip gradient norm's pass
+(``l2_norm``), the block update norms' copy and difference, the ring's non-finite check.
 
-    python bench/flight_share.py [--steps 40] [--device cpu]
+    python bench/flight_share.py [--steps 40] [--device cpu] [--detail]
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from sample_gpt import add_shape_args, sample_gpt, stepper
 
 from stabscope import Recorder, RecorderConfig, Schedule
 from stabscope.probes.flight import FlightRecorder
+from stabscope.probes.flight_ring import FlightRing
+from stabscope.record import step_norms
 
 #: (part, owner, method): the recorder's entry points on an unrecorded step.
 TIMED = (
@@ -37,17 +42,19 @@ TIMED = (
     ("boundary", Recorder, "step"),
 )
 
+#: (piece, owner, attribute): timed inside the parts above with ``--detail``.
+DETAIL = (
+    ("ring reductions", FlightRing, "put"),
+    ("gradient norm", step_norms, "l2_norm"),
+    ("update norms", step_norms._BlockUpdates, "before"),
+    ("update norms", step_norms._BlockUpdates, "after"),
+    ("non-finite check", Recorder, "_every_check"),
+)
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    add_shape_args(ap)
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--device", default="cpu")
-    args = ap.parse_args()
-    device = torch.device(args.device)
-    model, batches = sample_gpt(args, device, 4)
-    spent = {part: 0.0 for part, _, _ in TIMED}
-    for part, owner, name in TIMED:
+
+def time_calls(entries, spent: dict[str, float]) -> None:  # type: ignore[no-untyped-def]
+    """Wrap each (part, owner, attribute) so that its calls add their time to spent[part]."""
+    for part, owner, name in entries:
         inner = getattr(owner, name)
 
         def timed(*a, _inner=inner, _part=part, **k):  # type: ignore[no-untyped-def]
@@ -58,19 +65,37 @@ def main() -> None:
                 spent[_part] += time.perf_counter() - t0
 
         setattr(owner, name, timed)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    add_shape_args(ap)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--detail", action="store_true", help="also time the pieces inside")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    model, batches = sample_gpt(args, device, 4)
+    spent = {part: 0.0 for part, _, _ in TIMED}
+    time_calls(TIMED, spent)
+    pieces = {piece: 0.0 for piece, _, _ in DETAIL} if args.detail else {}
+    time_calls(DETAIL if args.detail else (), pieces)
     config = RecorderConfig(schedule=Schedule(dense=1, every=0), sharpness=False)
     inside: dict[str, list[float]] = {part: [] for part in spent}
+    within: dict[str, list[float]] = {piece: [] for piece in pieces}
     steps = []
     with Recorder(model, Path(tempfile.mkdtemp()) / "r", config) as rec:
         step = stepper(model, rec, batches, device)
         for i in range(args.steps + 2):
-            for part in spent:
-                spent[part] = 0.0
+            for timers in (spent, pieces):
+                timers.update(dict.fromkeys(timers, 0.0))
             seconds = step()
             if i >= 2:  # step 0 is recorded, step 1 builds nothing new but warms up
                 steps.append(seconds)
                 for part, value in spent.items():
                     inside[part].append(value)
+                for piece, value in pieces.items():
+                    within[piece].append(value)
     # Means: the update norms and the ring's hand-over come on some steps only.
     mean = {part: statistics.mean(values) for part, values in inside.items()}
     total, step_time = sum(mean.values()), statistics.mean(steps)
@@ -81,6 +106,10 @@ def main() -> None:
         f"({parts}); {rec.meta['host_syncs']} transfers over {rec.meta['steps']} steps, "
         f"{torch.get_num_threads()} threads"
     )
+    if within:
+        print("of which: " + ", ".join(
+            f"{piece} {statistics.mean(v) * 1e3:.2f} ms" for piece, v in within.items()
+        ))  # fmt: skip
 
 
 if __name__ == "__main__":
