@@ -161,6 +161,62 @@ def test_weight_poisoned_between_scheduled_steps_is_found_at_its_leaf_and_step(t
     assert max(v for (s, _), v in flags.items() if s < 7) == 0
 
 
+class TrainingOnlyNaN(torch.nn.Module):
+    """GELU whose output gets a NaN at step ``at`` in training mode only, on its first
+    ``calls`` calls of that step (a NaN a replay in the same mode makes again when ``calls``
+    is unbounded, and never makes again when it is 1)."""
+
+    def __init__(self, step_of: list[int], at: int, calls: float) -> None:
+        super().__init__()
+        self.step_of, self.at, self.calls, self.made = step_of, at, calls, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.gelu(x)
+        if self.training and self.step_of[0] == self.at and self.made < self.calls:
+            self.made += 1
+            y = y.clone()
+            y[0, 0, 0] = math.nan
+        return y
+
+
+def poisoned_forward(tmp_path, at: int, calls: float) -> dict:
+    """Train the sample GPT whose blocks.1.mlp.act is ``TrainingOnlyNaN``; meta.json's first
+    forward non-finite, after checking that hooks written here saw it there first."""
+    model, loss_of = sample_gpt("pre")
+    step_of = [0]
+    model.blocks[1].mlp.act = TrainingOnlyNaN(step_of, at, calls)
+    found, handles = first_nonfinite_leaf(model, step_of, at)
+
+    def before(step):
+        step_of[0] = step
+
+    with Recorder(model, tmp_path / "r", RecorderConfig(**LIGHT)) as rec:
+        train(model, loss_of, rec, at + 2, before)
+    for h in handles:
+        h.remove()
+    assert found == ["blocks.1.mlp.act"]
+    return stabscope.read_meta(tmp_path / "r")["first_nonfinite"]["forward"]
+
+
+def test_a_nan_made_in_training_mode_only_is_found_by_a_replay_in_that_mode(tmp_path):
+    forward = poisoned_forward(tmp_path, at=7, calls=math.inf)  # step 7: not on the schedule
+    assert (forward["module"], forward["step"], forward["found_by"]) == (
+        "blocks.1.mlp.act",
+        7,
+        "replay",
+    )
+
+
+def test_a_recorded_step_names_the_leaf_a_replay_could_not_find(tmp_path):
+    # Step 5 is on the schedule; the NaN comes once, so the flight recorder's replay stays
+    # finite and it can only name the block; the recorded step's probes saw the leaf.
+    forward = poisoned_forward(tmp_path, at=5, calls=1)
+    assert (forward["module"], forward["step"]) == ("blocks.1.mlp.act", 5)
+    assert (forward["block"], forward["found_by"]) == ("blocks.1", "recorded step")
+    (finding,) = [f for f in checked(tmp_path / "r").findings if f.rule == "nonfinite"]
+    assert (finding.module, finding.step) == ("blocks.1.mlp.act", 5)
+
+
 def test_nan_in_one_modules_gradient_is_found_at_that_module_and_step(tmp_path):
     model, loss_of = sample_gpt("pre")
     handle = []

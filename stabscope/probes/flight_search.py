@@ -11,7 +11,9 @@ The first non-finite leaf, once a watched module's output (forward) or the gradi
 - forward, eager CPU: the block is replayed at once, inside its own forward hook, from the
   inputs it just received and with the step's weights, under ``no_grad`` with the RNG and
   buffers given back (``side_forward``); the first leaf, in firing order, whose output holds a
-  NaN/Inf is the answer (``found_by: replay``). Nothing is kept between steps for this.
+  NaN/Inf is the answer (``found_by: replay``). The replay runs in the modes the modules
+  trained in (a NaN that only a training-mode path makes shows again), then, where that
+  stayed finite, once more in eval mode. Nothing is kept between steps for this.
 - forward elsewhere (CUDA, compiled code, a replay that raised or stayed finite): the first
   leaf of the block, in registration order, whose parameters hold a NaN/Inf (``parameters``),
   else the block itself (``block``).
@@ -96,8 +98,9 @@ def replay(
     pause: tuple[Any, ...],
 ) -> str | None:
     """Run ``module`` again on ``args``/``kwargs`` (no grad, RNG and buffers given back, the
-    recorder's hooks paused) and return the first leaf, in firing order, whose output held a
-    NaN/Inf; None when none did. Errors are the caller's to catch."""
+    recorder's hooks paused), in its modules' own modes and then in eval mode, and return the
+    first leaf, in firing order, whose output held a NaN/Inf; None when neither run made
+    one. Errors are the caller's to catch."""
     found: list[str] = []
     handles = []
 
@@ -111,8 +114,11 @@ def replay(
     try:
         for leaf, m in leaves(name, module):
             handles.append(m.register_forward_hook(check(leaf)))
-        with paused(*pause), side_forward(module), torch.no_grad():
-            module(*args, **kwargs)
+        for keep_modes in (True, False):
+            with paused(*pause), side_forward(module, keep_modes=keep_modes), torch.no_grad():
+                module(*args, **kwargs)
+            if found:
+                break
     finally:
         for h in handles:
             h.remove()

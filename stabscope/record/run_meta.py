@@ -65,6 +65,24 @@ def initial_meta(
     )
 
 
+#: How the flight recorder named a forward non-finite without seeing the leaf make it.
+_BLOCK_ONLY = ("parameters", "block")
+
+
+def _sharper(direction: str, noted: dict[str, Any], entry: dict[str, Any]) -> bool:
+    """Whether ``entry``, from a recorded step's probes, names the first forward non-finite
+    more exactly than ``noted``, the flight recorder's answer for the same step: a leaf
+    inside the block that the recorder could only name by its parameters or as a whole."""
+    block = str(noted.get("block", noted["module"]))
+    return (
+        direction == "forward"
+        and noted.get("found_by") in _BLOCK_ONLY
+        and noted["step"] == entry["step"]
+        and "found_by" not in entry
+        and str(entry["module"]).startswith(block + ".")
+    )
+
+
 class MetaWriting:
     """Refreshing and saving the recorder's meta.json."""
 
@@ -79,16 +97,27 @@ class MetaWriting:
         """The first module with a NaN/Inf in ``direction``: from a recorded step's sync (the
         step being written), or from the flight recorder (its own ``step``, and ``extra``:
         the watched module where it showed and how the leaf was found)."""
-        if direction not in self.first_nonfinite:
-            self.first_nonfinite[direction] = {
-                "step": self.rows.step if step is None else step,
-                "module": self.writer.modules.names[code],
-                "call": call,
-                **(extra or {}),
-            }
+        entry = {
+            "step": self.rows.step if step is None else step,
+            "module": self.writer.modules.names[code],
+            "call": call,
+            **(extra or {}),
+        }
+        noted = self.first_nonfinite.get(direction)
+        if noted is None:
+            self.first_nonfinite[direction] = entry
             self.meta["first_nonfinite"] = self.first_nonfinite
             self._save_meta()
             self._trigger_verdicts()
+        elif _sharper(direction, noted, entry):
+            # A recorded step saw every module's output: where the flight recorder could only
+            # name the block (a NaN its replay did not make again), this names the leaf.
+            self.first_nonfinite[direction] = {
+                **entry,
+                "block": noted["module"],
+                "found_by": "recorded step",
+            }
+            self._save_meta()
 
     def _save_meta(self) -> None:
         never = self.hooks.never_fired(self.writer.modules.names) if self._recorded_steps else {}

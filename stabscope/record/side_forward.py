@@ -29,8 +29,9 @@ from torch import nn
 
 
 @contextlib.contextmanager
-def side_forward(*models: nn.Module) -> Iterator[None]:
-    """Run the body with every submodule of ``models`` in eval mode; afterwards each module's
+def side_forward(*models: nn.Module, keep_modes: bool = False) -> Iterator[None]:
+    """Run the body with every submodule of ``models`` in eval mode (``keep_modes``: in the
+    modes they are in, e.g. to replay a training forward); afterwards each module's
     ``training`` flag, the RNG states and the buffers are what they were before."""
     modules = list({id(m): m for model in models for m in model.modules()}.values())
     flags = [m.training for m in modules]
@@ -46,7 +47,7 @@ def side_forward(*models: nn.Module) -> Iterator[None]:
     try:
         with torch.random.fork_rng(devices=_cuda_devices(models)):
             for m in modules:
-                m.training = False
+                m.training = m.training and keep_modes
             yield
     finally:
         for m, flag in zip(modules, flags):
