@@ -86,6 +86,35 @@ def test_output_logits(tmp_path):
     assert value(df, "<root>", "logit_min") == pytest.approx(z.min().item(), rel=1e-6)
 
 
+class LossFirst(nn.Module):
+    """The sample GPT returning ``(loss, logits)``, HF's ``return_dict=False`` order."""
+
+    def __init__(self, gpt: nn.Module) -> None:
+        super().__init__()
+        self.gpt = gpt
+
+    def forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.gpt(batch[:, :-1])  # (B, T, V)
+        targets = batch[:, 1:].reshape(-1)
+        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets), logits
+
+
+def test_output_logits_after_the_loss_in_a_tuple(tmp_path):
+    gpt, _ = sample_gpt("pre", depth=2)  # vocabulary 32, 8 positions
+    batch = torch.randint(32, (2, 9), generator=torch.Generator().manual_seed(0))
+    model = LossFirst(gpt)
+    with torch.no_grad():
+        z = model(batch)[1].double()  # the logits of step 0, before any update
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    record_steps(model, tmp_path, lambda m: m(batch)[0], opt, 1, schedule=Schedule(1, 0))
+    df = stabscope.load_run(tmp_path, phase="train")
+    assert value(df, "<root>", "logit_lse_mean") == pytest.approx(
+        torch.logsumexp(z, -1).mean().item(), rel=1e-5
+    )
+    assert value(df, "<root>", "logit_max") == pytest.approx(z.max().item(), rel=1e-6)
+    assert value(df, "<root>", "logit_min") == pytest.approx(z.min().item(), rel=1e-6)
+
+
 def test_adam_eps_ratio(tmp_path):
     _, model, _, opt, df = run_sample(tmp_path)
     p = model.blocks[0].mlp.fc.weight

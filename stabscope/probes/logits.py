@@ -3,7 +3,9 @@ last dimension), ``logit_max`` and ``logit_min`` of the model output (module ``<
 
 Output-logit divergence shows as log Z drifting far from 0 and the extreme logits growing.
 The logits are the ``logits`` entry of a dict-like output (HF ModelOutput), else the model's
-primary output tensor when it has at least two dimensions.
+first output tensor with at least two dimensions and more than one class: a model that
+returns ``(loss, logits)`` (HF's ``return_dict=False`` order) has its logits read, not its
+0-d loss.
 """
 
 from __future__ import annotations
@@ -22,10 +24,15 @@ from .base import BaseProbe, ProbeContext
 
 
 def output_logits(output: Any) -> torch.Tensor | None:
+    """The logits in a model's output, or None."""
     if isinstance(output, Mapping) and isinstance(output.get("logits"), torch.Tensor):
         return output["logits"]
-    t = primary_tensor(output)
-    return t if t is not None and t.dim() >= 2 and t.shape[-1] > 1 else None
+    return primary_tensor(output, _class_scores)
+
+
+def _class_scores(t: torch.Tensor) -> bool:
+    """Whether ``t`` can hold logits: (..., classes) with two classes or more."""
+    return t.dim() >= 2 and t.shape[-1] > 1
 
 
 def logit_stats(z: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -15,11 +15,14 @@ import torch
 from ..probes.moments import is_moment_tensor
 
 
-def primary_tensor(output: Any) -> torch.Tensor | None:
+def primary_tensor(
+    output: Any, where: Callable[[torch.Tensor], bool] | None = None
+) -> torch.Tensor | None:
     """The tensor that stands for a module's output: the output itself, or the first floating
-    tensor inside a tuple, list, mapping (HF ModelOutput) or dataclass."""
+    tensor inside a tuple, list, mapping (HF ModelOutput) or dataclass; with ``where``, the
+    first such tensor that it accepts."""
     if isinstance(output, torch.Tensor):
-        return output if is_moment_tensor(output) else None
+        return output if is_moment_tensor(output) and (where is None or where(output)) else None
     if isinstance(output, (tuple, list)):
         items: Any = output
     elif isinstance(output, Mapping):
@@ -29,7 +32,7 @@ def primary_tensor(output: Any) -> torch.Tensor | None:
     else:
         return None
     for item in items:
-        found = primary_tensor(item)
+        found = primary_tensor(item, where)
         if found is not None:
             return found
     return None
