@@ -5,6 +5,8 @@ step. Every step, recorded or not (the schedule here records steps 0-1 only)."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -235,3 +237,47 @@ def test_a_clip_inside_optimizer_step_is_measured_after_it(run_dir):
     steps, post = series(run_dir, "grad_norm_clipped")
     assert steps.tolist() == list(range(STEPS))
     np.testing.assert_allclose(post, opt.used, rtol=1e-5)
+
+
+def test_a_step_the_script_skipped_leaves_its_clip_out(run_dir):
+    """A spike guard: clip, and on a bad batch throw the gradients away and go on without a
+    step. The step's grad_norm is the clip of the gradients the step received, not the clip
+    of the batch the script dropped (with either kind of zero_grad)."""
+    model, batches, loss_fn = gpt_and_batches()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    rec = stabscope.Recorder(model, run_dir, preset="cheap", schedule=Schedule(2, 0)).start()
+    used, dropped = [], []
+    for i, batch in enumerate(batches[:9]):
+        loss_fn(model, batch).backward()
+        norm = clip_grad_norm_(model.parameters(), MAX_NORM).item()
+        if i % 3 == 1:  # a "bad" batch: skipped
+            dropped.append(norm)
+            opt.zero_grad(set_to_none=i % 2 == 0)
+            continue
+        used.append(norm)
+        opt.step()
+        opt.zero_grad(set_to_none=i % 2 == 0)
+        rec.step()
+    rec.close()
+    assert min(abs(a - b) for a, b in zip(used[1:], dropped)) > 1e-3  # told apart
+    np.testing.assert_allclose(series(run_dir, "grad_norm")[1], used, rtol=1e-6)
+
+
+def test_without_a_clip_the_norm_covers_tensors_stepped_beside_the_model(run_dir):
+    """A learnable temperature outside the model, stepped by the same optimizer: the norm of
+    every gradient ``optimizer.step()`` received, as a clip over the same tensors returns."""
+    model, batches, loss_fn = gpt_and_batches()
+    temperature = torch.nn.Parameter(torch.tensor(1.5))
+    opt = torch.optim.Adam([*model.parameters(), temperature], lr=1e-2)
+    rec = stabscope.Recorder(model, run_dir, preset="cheap", schedule=Schedule(2, 0)).start()
+    want, model_only = [], []
+    for batch in batches[:4]:
+        (loss_fn(model, batch) * temperature).backward()
+        want.append(math.hypot(total_norm(model), temperature.grad.item()))
+        model_only.append(total_norm(model))
+        opt.step()
+        opt.zero_grad()
+        rec.step()
+    rec.close()
+    assert min(w - m for w, m in zip(want, model_only)) > 1e-3 * max(want)  # it counts
+    np.testing.assert_allclose(series(run_dir, "grad_norm")[1], want, rtol=1e-5)

@@ -418,3 +418,43 @@ def test_lr_is_the_one_each_optimizer_step_used(tmp_path):
     lr = values(run, "__run__", "lr").sort_values("step")
     assert lr.step.tolist() == [0, 1, 2, 3]
     assert lr.value.tolist() == pytest.approx([0.1 * 0.5**s for s in range(4)], rel=1e-6)
+
+
+@pytest.mark.parametrize("zeroing", ["opt.zero_grad()", "model.zero_grad(set_to_none=False)"])
+def test_a_batch_the_script_skips_leaves_the_steps_loss_and_norm(tmp_path, zeroing):
+    """A spike guard: backward, clip, and on every third batch drop the gradients and go on
+    without a step. Each step's loss and grad_norm are those of the batch it stepped on, as
+    the script logs them; the dropped batch's loss is not added to the next step's."""
+    log = tmp_path / "guard.jsonl"
+    script = write(
+        tmp_path,
+        "guard.py",
+        f"""
+        import torch
+        from plain_loop import log_step, regression_batch
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for i in range(9):
+            x, y = regression_batch(i, 4, 2, 16)
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            if i % 3 == 1:
+                {zeroing}
+                continue
+            opt.step()
+            {zeroing}
+            log_step({str(log)!r}, loss=loss.item(), norm=norm.item())
+        """,
+    )
+    run = tmp_path / "run"
+    profile_training_script(script, [], run, RecorderConfig())
+    logged = read_log(log)
+    assert len(logged) == 6
+    assert values(run, "__run__", "loss").value.tolist() == pytest.approx(
+        [r["loss"] for r in logged], rel=1e-6
+    )
+    assert values(run, "__run__", "grad_norm").value.tolist() == pytest.approx(
+        [r["norm"] for r in logged], rel=1e-6
+    )

@@ -39,6 +39,7 @@ step the scaler skips has no ``optimizer.step()`` and keeps only a clip's (non-f
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import numpy as np
@@ -69,6 +70,8 @@ class StepNorms:
         self.step_updates = step_updates
         self.note: str | None = None  # why the block updates are off, when they are
         self._clips: dict[int, torch.Tensor] = {}  # first parameter's id -> pre-clip norm
+        # first parameter's id -> the gradients that clip saw (``_GradMark``)
+        self._clip_marks: dict[int, _GradMark | None] = {}
         # The one clip of the step whose norm after it is known without a pass: (ids of the
         # parameters it clipped, that norm).
         self._after: tuple[frozenset[int], torch.Tensor] | None = None
@@ -88,15 +91,23 @@ class StepNorms:
         counts (a second one sees clipped gradients)."""
         owned = [p for p in params if id(p) in self.param_ids]
         if not owned:
-            return
+            return  # another model's clip
         if self._stepping is not None and id(owned[0]) in self._stepping[1]:
             self._clipped_inside.add(self._stepping[0])  # norm again after the step
-        if id(owned[0]) in self._clips:
+        mark = _GradMark.of(owned)
+        known = self._clip_marks.get(id(owned[0]))
+        if id(owned[0]) in self._clips and not (mark and known and known.discarded_for(mark)):
             self._after = None  # clipped again: its factor is not the first clip's alone
             return
+        # The first clip of these gradients; or new gradients since the step's earlier clip:
+        # the script dropped those (a spike guard's ``zero_grad(); continue``) and no step
+        # used them, so this clip's norm is the one of the gradients the step will receive.
         self._clips[id(owned[0])] = norm
+        self._clip_marks[id(owned[0])] = mark
         first = len(self._clips) == 1 and after is not None
-        self._after = (frozenset(map(id, owned)), after) if first else None
+        # All the clip's tensors, the model's and any beside it (a temperature the same
+        # optimizer steps): its norm covers them all.
+        self._after = (frozenset(map(id, params)), after) if first else None
 
     def before_optimizer_step(self, optimizer: torch.optim.Optimizer, updates: bool = True) -> None:
         """Just before ``optimizer.step()`` (after its closure): the gradients it receives;
@@ -116,9 +127,12 @@ class StepNorms:
         if self._blocks is not None and updates:
             self._blocks.before(optimizer)
 
-    def _stepped_params(self, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-        """The recorded model's parameters that ``optimizer`` steps, in its group order."""
-        return [p for g in optimizer.param_groups for p in g["params"] if id(p) in self.param_ids]
+    @staticmethod
+    def _stepped_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+        """Every tensor ``optimizer`` steps, in its group order: the model's parameters and
+        any beside them (a learnable temperature kept outside the model), each once."""
+        params = {id(p): p for g in optimizer.param_groups for p in g["params"]}
+        return list(params.values())
 
     def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self._stepping = None
@@ -161,6 +175,7 @@ class StepNorms:
         out: list[tuple[torch.Tensor, Decoder]] = []
         clips, seen = list(self._clips.values()), list(self._seen.values())
         self._clips, self._seen, self._after = {}, {}, None
+        self._clip_marks = {}
         self._clipped_inside.clear()
         self._stepping = None
         pre = _rss(clips) if clips else _rss(seen)
@@ -182,6 +197,26 @@ class StepNorms:
     def release(self) -> None:
         self._blocks = None
         self._clips, self._seen, self._after = {}, {}, None
+
+
+class _GradMark:
+    """Which gradients a clip saw: the first gradient tensor of its parameters (a weak
+    reference: a freed tensor's id can come back) and that tensor's version counter."""
+
+    def __init__(self, grad: torch.Tensor) -> None:
+        self.ref = weakref.ref(grad)
+        self.version = grad._version
+
+    @classmethod
+    def of(cls, params: list[torch.Tensor]) -> _GradMark | None:
+        grad = next((p.grad for p in params if p.grad is not None), None)
+        return None if grad is None else cls(grad)
+
+    def discarded_for(self, later: _GradMark) -> bool:
+        """Whether ``later`` saw other gradients than this mark: a new tensor (after
+        ``zero_grad(set_to_none=True)``), or this one changed by more than the clip's own
+        in-place scaling (one version): zeroed and accumulated into again."""
+        return self.ref() is not later.ref() or later.version - self.version > 1
 
 
 def _rss(norms: list[torch.Tensor]) -> torch.Tensor | None:

@@ -15,6 +15,11 @@ trial parameters, and the first evaluation is the loss at the step's parameters 
 
 AMP: ``GradScaler.scale(loss)`` is wrapped too, and a backward on its result records the
 unscaled loss.
+
+A ``zero_grad`` (an optimizer's or a module's, outside ``optimizer.step()``) throws away the
+gradients of the backward calls since the last optimizer step: their losses are dropped too.
+A spike guard that skips a bad batch (``loss.backward(); if bad: opt.zero_grad(); continue``)
+so leaves the step's loss to the batches the step descends on.
 """
 
 from __future__ import annotations
@@ -35,17 +40,26 @@ class LossTap:
         # Called at each top-level backward: a point where no optimizer or module hook runs.
         self.before_backward = before_backward
         self._values: list[torch.Tensor] = []
+        self._stepped = 0  # how many of _values an optimizer step has used
         self._unclear = False
         # id(scaled loss) -> (weak reference to it, the loss before scaling)
         self._unscaled: dict[int, tuple[weakref.ref[torch.Tensor], torch.Tensor]] = {}
         self.steps_without_loss = 0
         self._originals: tuple[Any, ...] = ()
+        self._zeroing: list[tuple[type, Callable[..., Any]]] = []  # (class, its zero_grad)
         self._in_step = False  # inside optimizer.step(): backward comes from a closure
         self._closure_counted = False
 
     def optimizer_step(self, running: bool) -> None:
         """Told by the optimizer step hooks when a step starts (True) and ends (False)."""
         self._in_step, self._closure_counted = running, False
+        if not running:
+            self._stepped = len(self._values)
+
+    def zero_grad(self) -> None:
+        """Gradients were thrown away: the losses no optimizer step used since are gone."""
+        if not self._in_step:  # a closure zeroes its own gradients before each evaluation
+            del self._values[self._stepped :]
 
     def take(self) -> torch.Tensor | None:
         """The step's loss as a 0-d tensor on its device (no host sync), or None."""
@@ -59,7 +73,7 @@ class LossTap:
 
     def clear(self) -> None:
         """Forget the scalars seen since the last step (steps before the model was found)."""
-        self._values, self._unclear = [], False
+        self._values, self._unclear, self._stepped = [], False, 0
         self._unscaled.clear()
 
     def see_backward(self, tensors: Any, grad_tensors: Any) -> None:
@@ -110,8 +124,27 @@ class LossTap:
 
         torch.autograd.backward = backward  # type: ignore[assignment]
         torch.amp.GradScaler.scale = scale  # type: ignore[method-assign]
+        for owner in _ZEROING:
+            original = owner.zero_grad
+            self._zeroing.append((owner, original))
+            owner.zero_grad = self._zeroing_wrapper(original)  # type: ignore[method-assign]
+
+    def _zeroing_wrapper(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        def zero_grad(*args: Any, **kwargs: Any) -> Any:
+            self.zero_grad()
+            return original(*args, **kwargs)
+
+        return zero_grad
 
     def remove(self) -> None:
         if self._originals:
             torch.autograd.backward, torch.amp.GradScaler.scale = self._originals  # type: ignore[method-assign]
             self._originals = ()
+        while self._zeroing:
+            owner, original = self._zeroing.pop()
+            owner.zero_grad = original  # type: ignore[method-assign]
+
+
+#: The classes whose ``zero_grad`` throws gradients away (subclasses that do not override it
+#: inherit the wrapper).
+_ZEROING = (torch.optim.Optimizer, torch.nn.Module)
