@@ -48,8 +48,11 @@ def test_an_unknown_option_after_a_script_names_the_double_dash(tmp_path: Path):
     script = tmp_path / "train.py"
     script.write_text("print('training')\n")
     res = runner.invoke(app, ["profile", str(script), "--max_iters", "10"])
-    _, hint = one_error(res, "No such option: --max_iters")
+    _, hint = one_error(res, "No such option: --max_iters (Possible options: --max-steps)")
     assert f"stabscope profile {script} [OPTIONS] -- --max_iters" in hint
+    # Where click finds nothing alike, it suggests --help: left out, the hint says more.
+    res = runner.invoke(app, ["profile", str(script), "--lr", "3"])
+    assert one_error(res)[0] == "error: No such option: --lr"
     # Without a script path before it, the hint is the command's help.
     res = runner.invoke(app, ["summary", str(tmp_path), "--bogus"])
     assert one_error(res)[1] == "hint: see `stabscope summary --help`"

@@ -82,6 +82,16 @@ def test_an_unknown_keyword_names_the_valid_ones(tmp_path):
     assert not (tmp_path / "run").exists()  # refused before the directory was made
 
 
+@pytest.mark.parametrize("model", [None, "model.pt"])
+def test_a_model_that_is_not_a_module_is_refused_before_the_directory(tmp_path, model):
+    with pytest.raises(TypeError) as caught:
+        stabscope.Recorder(model, tmp_path / "run")
+    error = caught.value
+    assert isinstance(error, OptionError)
+    assert error.message == f"Recorder records an nn.Module, got {type(model).__name__}"
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize(
     "key, value, words",
     [("part_rows", "3000", "a positive integer"), ("flight", 1, "true or false")],

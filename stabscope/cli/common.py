@@ -80,6 +80,8 @@ def _is_parse_error(e: Exception) -> bool:
 
 def _first_line(text: str) -> str:
     text = text.replace("Value error, ", "")  # typer's wording for a choice it refused
+    # click's suggestion when nothing is like the unknown option: noise beside our hint
+    text = text.replace(" (Possible options: --help)", "")
     return text.strip().splitlines()[0] if text.strip() else "bad command line"
 
 

@@ -82,7 +82,7 @@ def export(
         f"{done.findings} findings, {done.images} heatmaps, {done.steps} steps)",
         soft_wrap=True,
     )
-    err.print(f"view it: tensorboard --logdir {escape(str(done.out.parent))}", soft_wrap=True)
+    err.print(f"view it: tensorboard --logdir {escape(str(done.out))}", soft_wrap=True)
 
 
 def _export_wandb(run_dir: Path, out: Path, project: str, max_series: int) -> None:

@@ -41,7 +41,10 @@ def profile(
     ] = None,
     every: Annotated[
         int | None,
-        typer.Option(help="After the dense start, record every N steps \\[default: 25]."),
+        typer.Option(
+            help="After the dense start, record every N steps (0: the dense start only) "
+            "\\[default: 25]."
+        ),
     ] = None,
     dense: Annotated[
         int | None, typer.Option(help="Record every step for the first K steps \\[default: 10].")

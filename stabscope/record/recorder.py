@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import OptionError
 from ..export.destinations import Target, check_targets
 from ..probes.base import ProbeContext
 from ..probes.structured import StructureProbes
@@ -77,6 +78,11 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
         **options: Any,
     ) -> None:
         """``options``: any field of ``RecorderConfig`` (``part_rows=3000``), over ``config``."""
+        if not isinstance(model, nn.Module):
+            raise OptionError(
+                f"Recorder records an nn.Module, got {type(model).__name__}",
+                hint="pass the model itself: stabscope.Recorder(model, 'runs/mine')",
+            )
         check_on_error(on_error)  # before the run directory is touched
         self.forward = forward
         self.structure = structure
