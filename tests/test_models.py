@@ -11,6 +11,7 @@ from torch import nn
 
 import stabscope
 from stabscope import Schedule
+from stabscope.analysis.summary import summarize
 
 
 def record_one_step(model, run_dir, forward, **kw):
@@ -76,7 +77,6 @@ def test_inplace_relu_on_3d_linear_is_reported_not_trusted(run_dir):
     # The summary names the module and why a gradient hook can stay silent.
     from rich.console import Console
 
-    from stabscope.analysis.summary import summarize
     from stabscope.report.console import print_summary
 
     console = Console(record=True, width=200)
@@ -163,7 +163,9 @@ def test_transformer_encoder_both_norm_placements(run_dir, norm_first):
             )
     assert value(df, "layers.2.linear2", "grad_rms") > 0
     # MultiheadAttention computes with out_proj's weights directly: its hooks never fire.
+    # The run says so; the summary leaves out what holds for every such model.
     assert "layers.0.self_attn.out_proj" in meta["hooks_never_fired"]["forward"]
+    assert summarize(run_dir).never_fired["forward"] == []
     # Post-LN normalises the block output; Pre-LN leaves the residual stream unnormalised.
     out_rms = value(df, "layers.2", "act_rms")
     assert out_rms == pytest.approx(1.0, abs=0.01) if not norm_first else out_rms > 1.0

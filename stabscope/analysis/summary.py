@@ -152,6 +152,22 @@ def trend_of(metric: str, step: int, x: np.ndarray, y: np.ndarray) -> DepthTrend
     return DepthTrend(metric, step, x.astype(int).tolist(), y.tolist(), first_to_last)
 
 
+def _unexpectedly_silent(meta: RunMeta) -> dict[str, list[str]]:
+    """meta.json's hooks that never fired, less the forward hooks of every
+    ``nn.MultiheadAttention``'s ``out_proj``: torch's attention multiplies by that weight
+    directly and never calls the module, in every model that uses it (the run keeps them)."""
+    types = {m["name"]: m.get("type") for m in meta.modules}
+    never = dict(meta.hooks_never_fired)
+    never["forward"] = [
+        n
+        for n in never.get("forward", [])
+        if not (
+            n.endswith(".out_proj") and types.get(n[: -len(".out_proj")]) == "MultiheadAttention"
+        )
+    ]
+    return never
+
+
 def summarize(run_dir: str | Path, top: int = 3) -> Summary:
     """The headline numbers of a run (see module docstring)."""
     meta = load_meta(run_dir)
@@ -163,7 +179,7 @@ def summarize(run_dir: str | Path, top: int = 3) -> Summary:
         meta.recorded_steps,
         meta.rows,
         first_nonfinite=meta.first_nonfinite,
-        never_fired=meta.hooks_never_fired,
+        never_fired=_unexpectedly_silent(meta),
         error=meta.error,
         status_detail=state.detail if state.detail != state.status else None,
     )
