@@ -249,6 +249,51 @@ def test_manual_optimization_is_not_replayed(run_dir):
     assert MANUAL_NOTE in stabscope.read_meta(run_dir)["notes"]
 
 
+def test_manual_optimization_that_returns_no_loss_records_its_backward_losses(run_dir):
+    """Two nets stepped by hand (a GAN's shape): ``training_step`` returns nothing, and the
+    step's loss is the sum of what it passed to ``manual_backward``. The loss module it holds
+    is not recorded as a module (its output is the loss, the gradient w.r.t. it is 1)."""
+
+    class TwoNets(Regressor):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+            self.other = mlp()
+            self.criterion = torch.nn.MSELoss()
+            self.sums: list[float] = []
+
+        def training_step(self, batch, batch_idx):
+            first, second = self.optimizers()
+            x, y = batch
+            a = self.criterion(self.net(x), y)
+            first.zero_grad()
+            self.manual_backward(a)
+            first.step()
+            b = self.criterion(self.other(x), 2 * y)
+            second.zero_grad()
+            self.manual_backward(b)
+            second.step()
+            if self.training:
+                self.sums.append(a.item() + b.item())
+
+        def on_before_optimizer_step(self, optimizer):  # the base class's notes: not here
+            pass
+
+        def configure_optimizers(self):
+            return [
+                torch.optim.Adam(self.net.parameters(), lr=1e-2),
+                torch.optim.SGD(self.other.parameters(), lr=1e-2),
+            ]
+
+    module = TwoNets()
+    fit(module, run_dir, accumulate=1)
+    assert len(module.sums) == BATCHES
+    np.testing.assert_allclose(series(run_dir, "loss", "__run__"), module.sums, rtol=1e-6)
+    names = [m["name"] for m in stabscope.read_meta(run_dir)["modules"]]
+    assert "net.0" in names and "criterion" not in names
+    assert "manual_backward" not in vars(module)  # the class's method again
+
+
 def test_closure_steps_record_the_gradients_the_closure_computed(run_dir):
     """Lightning's mechanism in plain torch: ``optimizer.step(closure)`` runs backward after
     the step's pre-hooks; the recorded gradient must be this step's, not the last one's."""

@@ -458,3 +458,49 @@ def test_a_batch_the_script_skips_leaves_the_steps_loss_and_norm(tmp_path, zeroi
     assert values(run, "__run__", "grad_norm").value.tolist() == pytest.approx(
         [r["norm"] for r in logged], rel=1e-6
     )
+
+
+def test_a_second_model_is_named_by_the_module_the_script_calls(tmp_path):
+    """A GAN whose discriminator keeps its layers in a child ``nn.Sequential``: the two hold
+    the same parameters, and the discriminator, which the script calls, names them."""
+    script = write(
+        tmp_path,
+        "gan.py",
+        """
+        import torch
+        from torch import nn
+        class Generator(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.l1 = nn.Linear(8, 2)
+            def forward(self, z):
+                return self.l1(z)
+        class Discriminator(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.net = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 1))
+            def forward(self, x):
+                return self.net(x)
+        torch.manual_seed(0)
+        G, D = Generator(), Discriminator()
+        og = torch.optim.Adam(G.parameters(), 1e-3)
+        od = torch.optim.Adam(D.parameters(), 1e-3)
+        for step in range(3):
+            fake = G(torch.randn(16, 8))
+            od.zero_grad()
+            (D(torch.randn(16, 2)).mean() - D(fake.detach()).mean()).backward()
+            od.step()
+            og.zero_grad()
+            (-D(fake).mean()).backward()
+            og.step()
+        """,
+    )
+    run = tmp_path / "run"
+    profile_training_script(script, [], run, RecorderConfig())
+    meta = stabscope.read_meta(run)
+    assert meta["run"]["model"] == "Generator + Discriminator"
+    assert {p["name"] for p in meta["parameters"]} == {
+        "generator.l1.weight",
+        "generator.l1.bias",
+        *(f"discriminator.net.{i}.{w}" for i in (0, 2) for w in ("weight", "bias")),
+    }

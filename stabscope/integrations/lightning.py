@@ -21,6 +21,9 @@ The stability index replays ``training_step`` on the first training batch (a cop
 manual optimization, where ``training_step`` steps the optimizers itself.
 ``log_to="trainer"`` sends the live series (``stabscope/...``) and findings to the Trainer's
 own loggers (integrations/loggers.py); other ``log_to`` targets are the Recorder's.
+Under manual optimization ``training_step`` often returns nothing: the batch's loss is then the
+sum of the scalars it passed to ``self.manual_backward`` (a GAN's discriminator and generator
+losses), as the zero-code driver sums the scalars ``backward`` ran on.
 The run is closed on ``on_fit_end``, and marked ``failed`` on ``on_exception`` (``interrupted`` for
 Ctrl-C or SIGTERM). With ``on_error="stop"``, an error finding of the online rules sets
 ``trainer.should_stop`` at the optimizer step it arrives after, and the run is ``stopped``.
@@ -34,6 +37,8 @@ import math
 import os
 from collections.abc import Iterator
 from typing import Any
+
+import torch
 
 from ..record.config import RecorderConfig
 from ..record.lr_plan import Unplannable
@@ -129,6 +134,8 @@ class StabscopeCallback(Callback):
         self.session = RecordingSession(out, config, options)
         self._global_step = 0
         self._probe_tried = False
+        self._manual_losses: list[torch.Tensor] = []  # this batch's manual_backward scalars
+        self._tapped: Any = None  # the LightningModule whose manual_backward is tapped
 
     @property
     def recorder(self) -> Recorder | None:
@@ -144,8 +151,29 @@ class StabscopeCallback(Callback):
         )
         self._global_step = trainer.global_step
         self._probe_tried = False
-        if rec.wants_probe_forward and not getattr(pl_module, "automatic_optimization", True):
+        manual = not getattr(pl_module, "automatic_optimization", True)
+        if rec.wants_probe_forward and manual:
             update_meta(rec.meta, [MANUAL_NOTE])
+        if manual:
+            self._tap_manual_backward(pl_module)
+
+    def _tap_manual_backward(self, pl_module: Any) -> None:
+        """Keep the scalar losses ``manual_backward`` receives (an instance attribute over the
+        class's method, removed at the end of fit)."""
+        original = pl_module.manual_backward
+
+        def manual_backward(loss: Any, *args: Any, **kwargs: Any) -> Any:
+            if isinstance(loss, torch.Tensor) and loss.numel() == 1 and loss.is_floating_point():
+                self._manual_losses.append(loss.detach().reshape(()))
+            return original(loss, *args, **kwargs)
+
+        pl_module.manual_backward = manual_backward
+        self._tapped = pl_module
+
+    def _untap(self) -> None:
+        if self._tapped is not None:
+            self._tapped.__dict__.pop("manual_backward", None)
+            self._tapped = None
 
     def on_train_batch_start(
         self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
@@ -161,8 +189,11 @@ class StabscopeCallback(Callback):
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        manual, self._manual_losses = self._manual_losses, []
         if loss is not None:
             self.session.add_loss(loss * trainer.accumulate_grad_batches)
+        elif manual:  # manual optimization, training_step returned no loss
+            self.session.add_loss(torch.stack([v.to(manual[0].device) for v in manual]).sum())
         if trainer.global_step != self._global_step:  # an optimizer step ended this batch
             self._global_step = trainer.global_step
             self.session.step("mean")
@@ -170,9 +201,11 @@ class StabscopeCallback(Callback):
                 trainer.should_stop = True
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        self._untap()
         self.session.close("complete")
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._untap()
         self.session.close(ending_status(exception), exception)  # Ctrl-C: interrupted
 
 

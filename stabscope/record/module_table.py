@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from torch import nn
+from torch.nn.modules.loss import _Loss
 
 from ..errors import UsageError
 
@@ -101,13 +102,15 @@ def select_modules(
     """(name, module) pairs to hook, in ``named_modules`` order; shared modules appear once.
 
     Containers without a forward of their own (``ModuleList``, ``ModuleDict``) are left out:
-    they are never called, so a hook on them could never fire.
+    they are never called, so a hook on them could never fire. So are loss modules
+    (``nn.CrossEntropyLoss`` and the other ``torch.nn`` losses) that a LightningModule or a
+    model holds: their output is the loss, recorded as such, and the gradient w.r.t. it is 1.
     """
     include, exclude = tuple(include), tuple(exclude)
     out = []
     for raw, module in unwrap_model(model).named_modules():
         name = clean_name(raw)
-        if type(module).forward is nn.Module.forward:
+        if type(module).forward is nn.Module.forward or isinstance(module, _Loss):
             continue
         if matches(name, include, exclude):
             out.append((name, module))

@@ -77,6 +77,11 @@ def _size(module: nn.Module) -> tuple[int, int]:
     return len(parameter_ids(module)), -sum(1 for _ in module.modules())
 
 
+def _outer_first(module: nn.Module) -> tuple[int, int]:
+    """Sort key: more parameters first; among equals, the outermost (most modules)."""
+    return len(parameter_ids(module)), sum(1 for _ in module.modules())
+
+
 def enclosing_model(module: nn.Module, trained: set[int], live: list[nn.Module]) -> nn.Module:
     """The module that holds ``module`` and the most of the ``trained`` parameters, and none
     that are not trained; ``module`` itself when nothing larger qualifies.
@@ -103,14 +108,21 @@ def other_trained_models(
     trained parameters: a GAN's discriminator when the generator was called first, a
     decoder trained with an encoder. Modules holding any untrained parameter (a frozen
     teacher, an EMA copy) never qualify; the largest are taken first, so a container of both
-    models wins over either of them."""
+    models wins over either of them. Among equally large ones the outermost with a forward
+    of its own wins: the discriminator the script calls, not the ``nn.Sequential`` inside
+    it that holds the same parameters (a ``ModuleList`` or ``ModuleDict`` is never called)."""
     inside = {id(m) for m in model.modules()}
     candidates = [
-        m for m in live if id(m) not in inside and (params := parameter_ids(m)) and params <= rest
+        m
+        for m in live
+        if id(m) not in inside
+        and type(m).forward is not nn.Module.forward
+        and (params := parameter_ids(m))
+        and params <= rest
     ]
     found: list[nn.Module] = []
     covered: set[int] = set()
-    for m in sorted(candidates, key=_size, reverse=True):
+    for m in sorted(candidates, key=_outer_first, reverse=True):
         params = parameter_ids(m)
         if not params & covered:
             found.append(m)
