@@ -280,3 +280,37 @@ def test_a_channel_writes_one_run_value_per_step_with_the_ring(tmp_path):
     again, loss = table(df, "loss_again"), table(df, "loss")
     assert set(again) == {(s, "__run__") for s in range(1, 8)}
     assert all(again[k] == pytest.approx(loss[k], rel=1e-6) for k in again)
+
+
+class Checkpointed(torch.nn.Module):
+    """A stem and two residual MLP blocks run through ``torch.utils.checkpoint``."""
+
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = torch.nn.Linear(4, 8)
+        self.blocks = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh()) for _ in range(2)
+        )
+        self.reentrant = reentrant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        for block in self.blocks:
+            h = h + torch.utils.checkpoint.checkpoint(block, h, use_reentrant=self.reentrant)
+        return h
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_blocks_under_reentrant_checkpointing_are_named_in_a_note(tmp_path, reentrant):
+    model = Checkpointed(reentrant)
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(1))
+    with Recorder(model, tmp_path / "r", RecorderConfig(**LIGHT)) as rec:
+        train(model, lambda m: m(x).pow(2).mean(), rec, 3)
+    notes = [n for n in stabscope.read_meta(tmp_path / "r")["notes"] if "without autograd" in n]
+    flights = table(stabscope.load_run(tmp_path / "r"), "flight_act_rms")
+    if reentrant:  # the blocks' training forward runs under no_grad: no every-step rows
+        assert len(notes) == 1 and "blocks.0, blocks.1 ran their training forward" in notes[0]
+        assert {m for _, m in flights} == {"stem"}
+    else:
+        assert notes == [] and {m for _, m in flights} == {"stem", "blocks.0", "blocks.1"}

@@ -64,6 +64,17 @@ COMPILED_NOTE = (
 )
 
 
+def _no_autograd_note(names: list[str]) -> str:
+    """The note for watched modules whose training forward ran without autograd."""
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return (
+        f"flight recorder: {shown} ran their training forward without autograd (reentrant "
+        "activation checkpointing, torch.utils.checkpoint(use_reentrant=True), or a no_grad "
+        "forward in training mode): no every-step statistics for them, and a NaN there shows "
+        "first in the next watched module; use_reentrant=False keeps them"
+    )
+
+
 class FlightRecorder(BaseProbe):
     """Every-step statistics of the blocks, stem and head, and the exact first non-finite."""
 
@@ -100,6 +111,7 @@ class FlightRecorder(BaseProbe):
         self.note: str | None = None  # for meta.json's notes
         self.order = list(range(len(watched)))  # forward order (learned from eager calls)
         self._fired: list[int] = []  # this step's first calls, in order (eager only)
+        self._without_grad: set[int] = set()  # watched, called in training mode, no autograd
         self._markers: list[tuple[int, int, str]] = []  # (step, module code, metric)
         self._flush = False  # a trigger fired: hand the ring over at this step's end
         self._channels: list[str] = []
@@ -130,6 +142,8 @@ class FlightRecorder(BaseProbe):
             # bumps its version and that backward fails ("modified by an inplace operation").
             return
         if self.paused or not (torch.is_grad_enabled() and module.training) or in_backward():
+            if module.training and not self.paused and not in_backward():
+                self._without_grad.add(w)  # a training forward without autograd
             return
         tensor = primary_tensor(out)
         if tensor is None:
@@ -232,6 +246,10 @@ class FlightRecorder(BaseProbe):
             self.check(step)
         else:
             self._poll_device(step)
+        silent = self._without_grad.difference(self._fired)
+        if silent and self.note is None:
+            self.note = _no_autograd_note([self.watched[w][0] for w in sorted(silent)])
+        self._without_grad.clear()
         if self._fired:
             self.order = self._fired + [w for w in self.order if w not in self._fired]
             self._fired = []
