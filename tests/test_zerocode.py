@@ -371,6 +371,9 @@ def test_closure_optimizer_first_seen_inside_its_step_records_no_weights_from_af
     grads = values(run, "weight", "param_grad_norm")
     assert grads.step.tolist() == [1, 2]
     assert grads.value.tolist() == pytest.approx([r["grad"] for r in logged[1:]], rel=1e-6)
+    # The lr every step used, step 0's read when it ended; the optimizer is in meta.json.
+    assert values(run, "__run__", "lr").value.tolist() == [0.5, 0.5, 0.5]
+    assert [o["class"] for o in stabscope.read_meta(run)["optimizers"]] == ["LBFGS"]
 
 
 @pytest.mark.slow

@@ -37,9 +37,11 @@ class OptimizerWatch:
             self.settings.append(describe(optimizer))
         return True
 
-    def note_lrs(self, optimizer: torch.optim.Optimizer) -> None:
-        """Called just before ``optimizer.step()``: the lr each of its groups uses."""
-        self._step_lrs[id(optimizer)] = [_group_lr(g) for g in optimizer.param_groups]
+    def note_lrs(self, optimizer: torch.optim.Optimizer, unless_noted: bool = False) -> None:
+        """Called just before ``optimizer.step()``: the lr each of its groups uses
+        (``unless_noted``: only if this step's are not noted yet)."""
+        if not (unless_noted and id(optimizer) in self._step_lrs):
+            self._step_lrs[id(optimizer)] = [_group_lr(g) for g in optimizer.param_groups]
 
     def record_lr(self, rows: Rows, run_code: int, step: int) -> None:
         """The lr each param group's ``optimizer.step()`` used in this step, as read just

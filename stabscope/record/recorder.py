@@ -275,10 +275,11 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
         return plan is not None
 
     def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kw: Any) -> Any:
-        known = len(self.optimizer_watch.optimizers)
         if not self.optimizer_watch.owns(optimizer):
             return None
-        new = len(self.optimizer_watch.optimizers) > known
+        # An optimizer not yet in meta.json: new, or first seen at the end of a step that
+        # began before the run did (a model first called inside LBFGS's closure).
+        new = len(self.meta.get("optimizers") or []) != len(self.optimizer_watch.settings)
         if new:  # its settings
             self.meta["optimizers"] = list(self.optimizer_watch.settings)
         if self._plan_lr() or new:
@@ -304,6 +305,9 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
 
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kw: Any) -> None:
         if self.optimizer_watch.owns(optimizer):
+            # A step that began before the run did has no lr noted yet: the lr it used is
+            # still in its groups (a scheduler steps after optimizer.step() returns).
+            self.optimizer_watch.note_lrs(optimizer, unless_noted=True)
             self.step_norms.after_optimizer_step(optimizer)
         if self.optimizer_watch.owns(optimizer) and self.hooks.attached:
             for probe in self.core.values():
