@@ -11,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from stabscope.cli import app
+from stabscope.errors import StabscopeWarning
 from stabscope.rules import RULES_BY_ID, check_run, settings_from_mapping
 from stabscope.rules.transformer import deepnorm_alpha
 from stabscope.store import PartWriter, new_meta, save_meta
@@ -415,6 +416,18 @@ def test_gate_fails_a_failed_or_empty_run_and_warns_on_an_unfinished_one(tmp_pat
     assert failed.value == 3
     empty = rules_hit(run_with("empty", "complete", []))[0]["run-status"]
     assert (empty.severity, empty.value) == ("error", 0)
+    assert "nothing was recorded" in empty.message and "profile at least one step" in empty.remedy
+    # Rows written, but its one part damaged since: said as such, not as an empty run.
+    damaged = run_with("damaged", "complete", rows)
+    meta = json.loads((damaged / "meta.json").read_text())
+    (damaged / "meta.json").write_text(json.dumps({**meta, "rows": len(rows)}))
+    for part in (damaged / "parts").glob("*.parquet"):
+        part.write_bytes(b"not parquet")
+    with pytest.warns(StabscopeWarning, match="skipping unreadable part"):
+        lost = rules_hit(damaged)[0]["run-status"]
+    assert lost.severity == "error"
+    assert "meta.json counts 3 rows written, and no part holds a readable one" in lost.message
+    assert "restore them from a copy" in lost.remedy
     unfinished = rules_hit(run_with("running", "running", rows))[0]["run-status"]
     assert unfinished.severity == "warning"
     assert "run-status" not in rules_hit(run_with("done", "complete", rows))[0]

@@ -48,12 +48,19 @@ def _run_status(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
             remedy=f"fix what {rule} found (its own finding says how), then profile again",
         )
     elif count_rows(view.run_dir) == 0:
+        written = view.meta.rows
         yield finding(
             RUN_STATUS,
             "error",
-            f"nothing was recorded (status {state.status}): the run has no readable rows",
+            f"nothing readable (status {state.status}): meta.json counts {written:,} rows "
+            "written, and no part holds a readable one"
+            if written
+            else f"nothing was recorded (status {state.status}): the run has no readable rows",
             value=0.0,
-            remedy="profile at least one step; check the module filters (--include/--exclude)",
+            remedy="the parts under parts/ are damaged (the warnings name them): restore them "
+            "from a copy, or profile again"
+            if written
+            else "profile at least one step; check the module filters (--include/--exclude)",
         )
     elif state.incomplete:
         yield finding(
