@@ -218,3 +218,41 @@ def test_cnn_with_batchnorm(run_dir):
     # Training-mode BatchNorm output has per-channel mean 0 and variance ~1: rms ~1.
     assert value(df, "1", "act_rms") == pytest.approx(1.0, abs=1e-3)
     assert abs(value(df, "1", "act_mean")) < 1e-5
+
+
+def test_a_gradient_penalty_is_not_recorded_as_the_losss_gradient(run_dir):
+    """WGAN-GP: the critic's output at interpolated points goes through torch.autograd.grad
+    (grad_outputs of ones) for the penalty, not into the loss. The gradients recorded for the
+    critic's head, per call and every step, are those of the loss alone."""
+    torch.manual_seed(0)
+    critic = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 1))
+    opt = torch.optim.Adam(critic.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(1)
+    real, fake = torch.randn(32, 2, generator=g) + 2, torch.randn(32, 2, generator=g)
+    seen: list[torch.Tensor] = []  # the loss's gradient w.r.t. the head's output, per call
+    with stabscope.Recorder(critic, run_dir, schedule=Schedule(dense=1, every=0)) as rec:
+        for _ in range(3):
+            outs = [critic(real), critic(fake)]
+            for out in outs:
+                out.register_hook(seen.append)
+            mix = torch.rand(32, 1, generator=g)
+            interp = (mix * real + (1 - mix) * fake).requires_grad_(True)
+            score = critic(interp)
+            (slope,) = torch.autograd.grad(score, interp, torch.ones_like(score), create_graph=True)
+            penalty = (slope.norm(dim=1) - 1).pow(2).mean()
+            loss = outs[1].mean() - outs[0].mean() + 10 * penalty
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            rec.step(loss=loss)
+
+    def rms(t: torch.Tensor) -> float:
+        return t.double().pow(2).mean().sqrt().item()
+
+    df = stabscope.load_run(run_dir)
+    grads = df[(df.module == "2") & (df.metric == "grad_rms") & (df.step == 0)]
+    assert sorted(grads.call.tolist()) == [0, 1]  # the interpolated call has no loss gradient
+    assert sorted(grads.value) == pytest.approx(sorted(rms(t) for t in seen[:2]), rel=1e-6)
+    flight = df[(df.module == "2") & (df.metric == "flight_grad_rms")].sort_values("step")
+    pooled = [torch.cat([seen[2 * s], seen[2 * s + 1]]) for s in flight.step]
+    assert flight.value.tolist() == pytest.approx([rms(t) for t in pooled], rel=1e-6)

@@ -160,11 +160,23 @@ def test_training_is_bit_identical_with_and_without_the_recorder(run_dir):
 
 
 def test_closing_the_run_gives_torch_its_functions_back(run_dir):
-    originals = (clip_grad_module._clip_grads_with_norm_, torch.nn.utils.clip_grad_value_)
+    originals = (
+        clip_grad_module._clip_grads_with_norm_,
+        torch.nn.utils.clip_grad_value_,
+        torch.autograd.grad,
+    )
+
+    def current():
+        return (
+            clip_grad_module._clip_grads_with_norm_,
+            torch.nn.utils.clip_grad_value_,
+            torch.autograd.grad,
+        )
+
     rec = stabscope.Recorder(gpt_and_batches()[0], run_dir).start()
-    assert clip_grad_module._clip_grads_with_norm_ is not originals[0]
+    assert current()[0] is not originals[0] and current()[2] is not originals[2]
     rec.close()
-    assert (clip_grad_module._clip_grads_with_norm_, torch.nn.utils.clip_grad_value_) == originals
+    assert current() == originals
     assert not clip_sites._listeners
 
 

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..record import grad_calls
 from ..record.collector import Collector, Rows
 from ..record.config import RecorderConfig
 from ..record.hook_context import compiling, in_backward, outside_modes, primary_tensor
@@ -158,7 +159,7 @@ class FlightRecorder(BaseProbe):
             tensor.register_hook(partial(self._grad_hook, w))
 
     def _grad_hook(self, w: int, grad: torch.Tensor) -> None:
-        if is_moment_tensor(grad):
+        if is_moment_tensor(grad) and not grad_calls.inside():  # not a torch.autograd.grad's
             self.ring.put(w, 1, grad)
 
     # -- the first non-finite ------------------------------------------------------------

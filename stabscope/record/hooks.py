@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ..probes.moments import is_moment_tensor
+from . import grad_calls
 from .hook_context import compiling, in_backward, outside_modes, primary_tensor
 
 TRAIN, EVAL = 0, 1  # phase codes; names in store.schema.PHASES
@@ -135,6 +136,8 @@ class ModuleHooks:
             self._tensor_handles.append(tensor.register_hook(partial(self._grad_hook, keys)))
 
     def _grad_hook(self, keys: list[tuple[int, int]], grad: torch.Tensor) -> None:
+        if grad_calls.inside():  # a torch.autograd.grad call's gradient, not the loss's
+            return
         for code, _ in keys:
             self.grad_calls[code] += 1
         if self.on_grad is not None and is_moment_tensor(grad):

@@ -22,7 +22,7 @@ from ..errors import RunWriteError
 from ..store import interrupts
 from ..store import lock as locks
 from ..structure import discover
-from . import clip_sites
+from . import clip_sites, grad_calls
 from .run_meta import error_entry
 
 _Run = TypeVar("_Run", bound="RunLifecycle")
@@ -72,6 +72,7 @@ class RunLifecycle:
                 register_optimizer_step_post_hook(self._after_optimizer_step),
             ]
             clip_sites.listen(self.step_norms.on_clip)
+            grad_calls.watch()
             if self._plan_at_optimizer_step:
                 # Opened by the first step(): that step's forward, backward and optimizer step
                 # have run unseen, and its weights are already the next step's. Only its loss
@@ -133,6 +134,7 @@ class RunLifecycle:
             handle.remove()
         self._optimizer_hooks.clear()
         clip_sites.unlisten(self.step_norms.on_clip)
+        grad_calls.unwatch()
         self.step_norms.release()
 
     def _write_remaining(self) -> BaseException | None:
