@@ -12,12 +12,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import stabscope
+from stabscope import Schedule
 from stabscope.cli import app
 from stabscope.report.data import HEATMAPS
 from stabscope.rules.gate import judge
+from tests.conftest import record_steps, sample_gpt
 from tests.recorded_runs import gpt_run  # noqa: F401  (fixture)
 from tests.report_runs import FINDINGS, write_run
 from tests.test_import_guards import run_blocked
@@ -53,20 +56,20 @@ def expected(frame, tag: str) -> tuple[list[int], np.ndarray]:
     owned = frame.module.str.startswith(f"{block}.")
     own = frame.module == block
 
-    def every(metric: str) -> str:
-        # The flight recorder's every-step series where the run has it, else the scheduled one.
-        flight = f"flight_{metric}"
-        return flight if (own & (frame.metric == flight)).any() else metric
+    def first(metric: str):
+        return frame[own & (frame.metric == metric)].groupby("step").value.first()
 
     pick = {
         "loss": (frame.metric == "loss", "first"),
         "lr": ((frame.metric == "lr") & (frame["index"] == 0), "first"),
-        "act_rms": (own & (frame.metric == every("act_rms")), "first"),
-        "grad_rms": (own & (frame.metric == every("grad_rms")), "first"),
         "attn_entropy_min": (owned & (frame.metric == "attn_entropy"), "min"),
         "attn_logit_max": (owned & (frame.metric == "attn_logit_max"), "max"),
     }
-    if name in pick:
+    if name in ("act_rms", "grad_rms"):
+        # The flight recorder's every-step value where a step has it, else the scheduled one
+        # (step 0, recorded before the blocks were known).
+        by = first(f"flight_{name}").combine_first(first(name))
+    elif name in pick:
         mask, how = pick[name]
         by = frame[mask].groupby("step").value.agg(how)
     elif name in ("param_grad_norm", "update_ratio"):
@@ -193,3 +196,20 @@ def test_the_run_directory_is_left_as_it_was(gpt_run: Path, tmp_path: Path):  # 
     assert snapshot(run) == before
     res = runner.invoke(app, ["export", str(run), "--to", "tensorboard", "-o", str(run / "tb")])
     assert res.exit_code == 2 and "inside the run directory" in res.stderr
+
+
+def test_a_run_without_a_probe_forward_exports_step_0_from_the_recorded_step(tmp_path: Path):
+    """Without a probe forward the blocks are known from step 1: the flight recorder's rows
+    start there, and step 0, recorded, gives its scheduled value of the same definition."""
+    model, forward = sample_gpt("pre", depth=2)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    run = record_steps(
+        model, tmp_path / "run", forward, opt, 4, probe_forward=False, schedule=Schedule(1, 0)
+    )
+    frame = stabscope.load_run(run, modules=["blocks.1"], metrics=["act_rms", "flight_act_rms"])
+    assert sorted(frame[frame.metric == "flight_act_rms"].step) == [1, 2, 3]
+    export(run, tmp_path / "tb")
+    steps, values = scalars(read_back(tmp_path / "tb"), "act_rms/blocks.1")
+    assert steps == [0, 1, 2, 3]
+    want = frame.sort_values("step").value.to_numpy(np.float32)  # one row a step: 0 recorded
+    np.testing.assert_allclose(values, want, rtol=1e-6)

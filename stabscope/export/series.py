@@ -33,8 +33,8 @@ MAX_SERIES = 256
 
 @dataclass(frozen=True)
 class BlockSeries:
-    """One per-block series: ``sources`` in order of preference (the first the run has is
-    used), each ``(metric, how)``: ``own`` the block's own row, ``rss`` the root-sum-square
+    """One per-block series: ``sources`` in order of preference (at each step, the first the
+    run has there), each ``(metric, how)``: ``own`` the block's own row, ``rss`` the root-sum-square
     over the block's parameters, ``ratio`` rss(update_norm) / rss(param_norm) over them,
     ``min``/``max`` over the block's modules and heads."""
 
@@ -144,14 +144,18 @@ def select(run_dir: str, meta: RunMeta, max_series: int = MAX_SERIES) -> Selecti
     have = set(frame.metric.unique())
     chosen = []
     for spec in BLOCK_SERIES:
-        source = next(((m, how) for m, how in spec.sources if m in have), None)
-        if source is not None:
-            chosen.append((spec.name, *source))
+        sources = [(m, how) for m, how in spec.sources if m in have]
+        if sources:
+            chosen.append((spec.name, sources))
     blocks, _ = depth_axis(meta)
     kept = blocks_within(blocks, len(selection.series), len(chosen), max_series)
     selection.blocks, selection.left_out = kept, [b for b in blocks if b not in kept]
-    for name, metric, how in chosen:
-        rows = _per_block(frame, how, metric, kept)
+    for name, sources in chosen:
+        # The preferred source where it has the step, the next ones where it has not: the
+        # flight recorder's rows start once the blocks are known (step 1 without a probe
+        # forward), the recorded step 0 has the scheduled probes' of the same definition.
+        parts = [_per_block(frame, how, metric, kept) for metric, how in sources]
+        rows = pd.concat(parts).drop_duplicates(["block", "step"], keep="first")
         for block in kept:
             mine = rows[rows.block == block]
             if not mine.empty:
