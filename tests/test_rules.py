@@ -4,10 +4,12 @@ end to end on the sample GPT; its JUnit, GitHub and JSON outputs; configuration 
 from __future__ import annotations
 
 import json
+import math
 import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from stabscope.cli import app
@@ -331,7 +333,7 @@ def test_gradient_growth_on_a_deep_plain_mlp(tmp_path):
     # No residual blocks: the lever is the init, not the norm placement.
     assert "Kaiming" in f.remedy and "Pre-LN" not in f.remedy
     layers = f"the last of {len(trend.layers)} layers (layer {trend.layers[-1]})"
-    assert layers in f.message and f"the first (layer {trend.layers[0]};" in f.message
+    assert layers in f.message and f"the first (layer {trend.layers[0]}" in f.message
     # Raising the thresholds past the measured factor silences it.
     assert (
         "gradient-growth"
@@ -434,3 +436,32 @@ def test_gate_fails_a_failed_or_empty_run_and_warns_on_an_unfinished_one(tmp_pat
     # Through the CLI, the failed run fails the gate.
     res = runner.invoke(app, ["check", str(tmp_path / "failed")])
     assert res.exit_code == 1, res.output
+
+
+def test_gradients_that_vanish_to_exactly_zero_before_the_input_are_an_error(tmp_path):
+    """A 64-layer sigmoid stack: each layer scales the backward signal by at most 1/4, and by
+    the first layers float32 holds exactly 0 (checked here on a copy of the model). No ratio
+    is defined over 0; the limit is infinite growth toward the output."""
+    import copy
+
+    from stabscope import Recorder, Schedule
+
+    torch.manual_seed(0)
+    layers = [m for _ in range(64) for m in (torch.nn.Linear(16, 16), torch.nn.Sigmoid())]
+    model = torch.nn.Sequential(*layers, torch.nn.Linear(16, 4))
+    x, y = torch.randn(64, 16), torch.randint(4, (64,))
+    probe = copy.deepcopy(model)
+    torch.nn.functional.cross_entropy(probe(x), y).backward()
+    assert probe[0].weight.grad.abs().max().item() == 0.0
+    assert probe[-1].weight.grad.abs().max().item() > 0.0
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with Recorder(model, tmp_path / "r", schedule=Schedule(dense=2, every=0)) as rec:
+        for _ in range(2):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            rec.step(loss=loss)
+    f = rules_hit(tmp_path / "r")[0]["gradient-growth"]
+    assert (f.severity, f.step, f.value) == ("error", 0, math.inf)
+    assert "(layer 0) is exactly 0 and that of the last" in f.message

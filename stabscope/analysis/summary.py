@@ -56,6 +56,8 @@ class DepthTrend:
 
     @property
     def direction(self) -> str:
+        if self.first_to_last == math.inf:
+            return "grows toward the output from exactly 0 at the first layer"
         if not math.isfinite(self.first_to_last):
             return "non-finite"
         if self.first_to_last > 2:
@@ -146,9 +148,16 @@ def trend_of(metric: str, step: int, x: np.ndarray, y: np.ndarray) -> DepthTrend
     if len(x) < 2:
         return None
     # NaN unless both ends are finite and the first is positive: a ratio of non-finite norms
-    # (or over a zero one) is not a depth trend.
-    ends_ok = np.isfinite(y[[0, -1]]).all() and y[0] > 0
-    first_to_last = float(y[-1] / y[0]) if ends_ok else float("nan")
+    # is not a depth trend. A first layer at exactly 0 under a last one that is not is the
+    # limit of vanishing toward the input (a deep sigmoid stack's gradients underflow to 0
+    # there): infinite growth toward the output.
+    finite = bool(np.isfinite(y[[0, -1]]).all())
+    if finite and y[0] > 0:
+        first_to_last = float(y[-1] / y[0])
+    elif finite and y[0] == 0 and y[-1] > 0:
+        first_to_last = math.inf
+    else:
+        first_to_last = math.nan
     return DepthTrend(metric, step, x.astype(int).tolist(), y.tolist(), first_to_last)
 
 

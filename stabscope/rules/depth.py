@@ -31,15 +31,27 @@ def _grad_growth(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
         return
     worst = "error" if any(g[0] == "error" for _, g in hits) else "warning"
     trend, (severity, threshold) = next((t, g) for t, g in hits if g[0] == worst)
-    at_init = trends[0].first_to_last
-    start = f"x{at_init:.3g}" if math.isfinite(at_init) else "not finite"
+    first, last = trend.layers[0], trend.layers[-1]
+    # How it began, where the step found is a later one.
+    start = trends[0]
+    init = "" if trend is start else f"{_ratio_words(start.first_to_last)} at step {start.step}"
+    if trend.first_to_last == math.inf:
+        measured = (
+            f"the gradient norm of the first of {len(trend.layers)} layers (layer {first}) is "
+            f"exactly 0 and that of the last (layer {last}) is not{f' ({init})' if init else ''}"
+            ": the gradients vanish before they reach the input"
+        )
+    else:
+        measured = (
+            f"the gradient norm of the last of {len(trend.layers)} layers (layer {last}) is "
+            f"{trend.first_to_last:.3g}x that of the first (layer {first}"
+            f"{f'; {init}' if init else ''}): gradients grow toward the output and vanish "
+            "toward the input"
+        )
     yield finding(
         GRAD_GROWTH,
         severity,
-        f"at step {trend.step} the gradient norm of the last of {len(trend.layers)} layers "
-        f"(layer {trend.layers[-1]}) is {trend.first_to_last:.3g}x that of the first (layer "
-        f"{trend.layers[0]}; {start} at step {trends[0].step}): gradients grow toward the "
-        "output and vanish toward the input",
+        f"at step {trend.step} {measured}",
         module=None,
         step=trend.step,
         value=trend.first_to_last,
@@ -47,6 +59,12 @@ def _grad_growth(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
         metric="param_grad_norm",
         remedy=PLAIN_REMEDY if not view.block_names else BLOCKS_REMEDY,
     )
+
+
+def _ratio_words(ratio: float) -> str:
+    if math.isfinite(ratio):
+        return f"x{ratio:.3g}"
+    return "exactly 0 at the first layer" if ratio == math.inf else "not finite"
 
 
 #: Residual blocks were found: the norm placement is the lever (Xiong et al. 2020).
