@@ -51,9 +51,10 @@ def assert_readable_and_gated(run) -> None:
     assert "stopped after step" in status["message"]
 
 
-#: The error rules that see the divergence: the loss rising x1e25 (loss-divergence), then
-#: the NaN/Inf (nonfinite).
-DIVERGED = {"loss-divergence", "nonfinite"}
+#: The error rules that see the divergence: the loss rising x1e25 (loss-divergence), the
+#: ReLUs it kills (gradient-growth: at step 100 the first layers' gradients are exactly 0
+#: under the last one's 3e10), then the NaN/Inf (nonfinite).
+DIVERGED = {"loss-divergence", "gradient-growth", "nonfinite"}
 
 #: These tests are about the scheduled rows; the flight recorder would find the NaN earlier.
 NOFLIGHT = RecorderConfig(flight=False)
@@ -147,20 +148,23 @@ def test_on_finding_gets_each_error_finding_once(tmp_path):
         ) as rec:
             for _ in range(160):
                 rec.step(step())
-    assert [f.rule for f in got] == ["loss-divergence", "nonfinite", "nonfinite"]
+    rules = ["gradient-growth", "loss-divergence", "nonfinite", "nonfinite"]
+    assert [f.rule for f in got] == rules
     assert {f.severity for f in got} == {"error"}
+    # Recorded step 100, after the jump: the ReLUs are dead, the first layers' gradients 0.
+    assert got[0].step == 100 and "is exactly 0" in got[0].message
     # The loss gave back what it had learned from step 98 on (LATE_DIVERGED), and overflows
     # at step 104: a CPU loss is read without a sync and judged by the loss check as it
     # rises, and at once when it overflows, with the steps before it.
-    assert LATE_DIVERGED <= got[0].step <= 103
-    assert (got[1].module, got[1].step) == ("__run__", 104)
-    assert "the loss went non-finite at step 104" in got[1].message
+    assert LATE_DIVERGED <= got[1].step <= 103
+    assert (got[2].module, got[2].step) == ("__run__", 104)
+    assert "the loss went non-finite at step 104" in got[2].message
     # The modules at the first recorded step with a non-finite row (every 10th step here).
-    assert got[2].step == 110 and "NaN/Inf from step 110" in got[2].message
+    assert got[3].step == 110 and "NaN/Inf from step 110" in got[3].message
     m = meta(tmp_path / "run")
     assert m["status"] == "complete" and m["steps"] == 160  # warn: training went on
     seen = [f["seen_at"] for f in m["online"]["findings"]]
-    assert got[0].step <= seen[0] <= 104 and seen[1:] == [104, 110]
+    assert got[0].step <= seen[0] <= seen[1] <= 104 and seen[2:] == [104, 110]
     assert any("nonfinite" in str(w.message) for w in caught)
 
 

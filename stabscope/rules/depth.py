@@ -54,7 +54,7 @@ def _grad_growth(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
         f"at step {trend.step} {measured}",
         module=None,
         step=trend.step,
-        value=trend.first_to_last,
+        value=trend.first_to_last if math.isfinite(trend.first_to_last) else None,  # JSON
         threshold=threshold,
         metric="param_grad_norm",
         remedy=PLAIN_REMEDY if not view.block_names else BLOCKS_REMEDY,

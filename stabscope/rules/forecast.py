@@ -185,6 +185,14 @@ def _forecast(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
         severity, threshold = "info", p["warning"]
     said = "; ".join(features[r].evidence for r in reasons if r in features)
     message = f"fails by {end} with probability {prob:.2f}" + (f": {said}" if said else "")
+    if severity == "info" and isinstance(budget, int) and seen >= budget:
+        # Past its end a low score is no news about the run: how it ended is (the rules on
+        # the outcome judge it), and "fails with probability 0.03" next to a loss-divergence
+        # error would read as a contradiction.
+        message = (
+            f"the run reached {end}: the forecast of a failure before it ({prob:.2f}) no "
+            "longer applies; the rules on the outcome judge how it ended"
+        )
     learned = learned_by_the_end(view, budget, seen)
     if severity == "error" and learned is not None:
         severity, threshold = "warning", p["warning"]
