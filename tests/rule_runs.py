@@ -40,16 +40,17 @@ def checked(run_dir: Path, until: int | None = None, **settings: Any) -> CheckRe
     return result
 
 
-def post_ln_structure(blocks: list[str]) -> dict[str, Any]:
-    """meta.json's ``structure`` of a Post-LN stack: one branch per block, its norm ``.ln``."""
-    branch = {"kind": "other", "placement": "post", "alpha": 1.0}
+def post_ln_structure(blocks: list[str], placement: str = "post") -> dict[str, Any]:
+    """meta.json's ``structure`` of a Post-LN stack (or of another ``placement``): one branch
+    per block, its norm ``.ln``."""
+    branch = {"kind": "other", "placement": placement, "alpha": 1.0}
     return {
         "recognised": True,
         "blocks": [
             {
                 "name": b,
                 "stack": "",
-                "placement": "post",
+                "placement": placement,
                 "alpha": 1.0,
                 "branches": [{**branch, "name": b, "output": b, "norm": f"{b}.ln"}],
             }

@@ -17,6 +17,7 @@ from stabscope.rules import RULES_BY_ID, check_run, settings_from_mapping
 from stabscope.rules.transformer import deepnorm_alpha
 from stabscope.store import PartWriter, new_meta, save_meta
 from tests.conftest import SAMPLES
+from tests.rule_runs import post_ln_structure
 
 runner = CliRunner()
 
@@ -96,6 +97,13 @@ def test_rank_collapse_during_training_must_persist(tmp_path):
     lasting = [*transient, (60, 0.998)]
     f = rules_hit(run("l", lasting))[0]["rank-collapse"]
     assert (f.severity, f.step) == ("error", 60) and "since step 3" in f.message
+    # The remedy follows the blocks: unknown or Post-LN, the placement; all Pre-LN, the lr.
+    assert f.remedy.startswith("use Pre-LN")
+    for placement, start in (("post", "use Pre-LN"), ("pre", "lower the peak learning rate")):
+        rows = [(s, "blocks.3", "token_corr", -1, v) for s, v in lasting]
+        structure = post_ln_structure([f"blocks.{i}" for i in range(4)], placement)
+        run_dir = write_run(tmp_path / placement, rows, structure=structure)
+        assert rules_hit(run_dir)[0]["rank-collapse"].remedy.startswith(start)
 
 
 def test_rank_collapse_is_an_error_only_at_the_output_block(tmp_path):

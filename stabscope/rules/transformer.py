@@ -169,8 +169,24 @@ def _rank_collapse(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
         row,
         threshold=threshold,
         metric="token_corr",
-        remedy="use Pre-LN, or scale the residual branches (DeepScaleLM / DeepNorm "
-        "init) so that depth does not wash out token differences",
+        remedy=_collapse_remedy(view),
+    )
+
+
+def _collapse_remedy(view: RunView) -> str:
+    """Post-LN (or unknown) blocks: the placement and the branch scale are the levers
+    (Kedia et al. 2024). Pre-LN blocks already keep the stream's tokens apart at init: a
+    collapse there comes with training, the output falling back to one prediction for every
+    position (the unigram), which a learning rate past what the model takes brings."""
+    blocks = view.structure.blocks if view.structure is not None else []
+    if blocks and all(b.placement == "pre" for b in blocks):
+        return (
+            "lower the peak learning rate or lengthen the warm-up: every position predicting "
+            "the same distribution is the unigram fallback a too-large step brings"
+        )
+    return (
+        "use Pre-LN, or scale the residual branches (DeepScaleLM / DeepNorm init) so that "
+        "depth does not wash out token differences"
     )
 
 
