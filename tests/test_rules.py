@@ -106,6 +106,24 @@ def test_rank_collapse_during_training_must_persist(tmp_path):
         assert rules_hit(run_dir)[0]["rank-collapse"].remedy.startswith(start)
 
 
+def test_rank_collapse_with_a_budget_must_last_half_the_run(tmp_path):
+    """A healthy GPT-2 at a high lr sat at 0.99 for its first 100 of 300 steps, then learned:
+    with the budget known, a collapse is an error once it has lasted half the planned run."""
+
+    def run(name, last):
+        steps = [0, *range(1, last + 1, 25)]
+        rows = [(s, "blocks.3", "token_corr", -1, 0.5 if s == 0 else 0.995) for s in steps]
+        run_dir = write_run(tmp_path / name, rows)
+        meta = json.loads((run_dir / "meta.json").read_text())
+        meta["lr_plan"] = {"budget": 300, "source": "constant"}
+        (run_dir / "meta.json").write_text(json.dumps(meta))
+        return rules_hit(run_dir)[0]["rank-collapse"]
+
+    assert run("third", 101).severity == "warning"  # 100 steps since step 1: a plateau
+    lasting = run("half", 176)  # 175 steps: past 150
+    assert (lasting.severity, lasting.step) == ("error", 176) and "since step 1" in lasting.message
+
+
 def test_rank_collapse_is_an_error_only_at_the_output_block(tmp_path):
     """An encoder-decoder whose encoder collapses for good while the decoder, which the head
     reads, keeps its tokens apart trains (measured: Post-LN nn.Transformer on a task the
@@ -221,7 +239,7 @@ def test_health_rules(tmp_path):
 def test_settings_errors_and_overrides(tmp_path):
     with pytest.raises(ValueError, match="unknown key 'rank-colapse'"):
         settings_from_mapping({"rank-colapse": {"error": 0.9}})
-    with pytest.raises(ValueError, match="valid: severity, error, persist, warning"):
+    with pytest.raises(ValueError, match="valid: severity, error, persist, persist_share, warning"):
         settings_from_mapping({"rank-collapse": {"eror": 0.9}})
     with pytest.raises(ValueError, match="unknown rules"):
         settings_from_mapping({"disable": ["nope"]})
