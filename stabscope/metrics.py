@@ -67,6 +67,9 @@ METRICS: tuple[Metric, ...] = (
     Metric("grad_norm_clipped", "global L2 norm of the gradients optimizer.step() received, "
            "after the script's clip; steps with a clip only", "loss per weight unit", "run",
            "recorder", "cheap", ranks="rank0", shards="rss"),
+    Metric("grad_not_zeroed", "1.0 at a step whose optimizer step received gradients never "
+           "zeroed since the step before (no zero_grad in the loop); absent otherwise", "flag",
+           "run", "recorder", "cheap", ranks="max"),
     Metric("block_param_norm", "||θ|| of a residual block's parameters before optimizer.step(), "
            "every step_updates_every-th step and every recorded one", "weight units", "module",
            "recorder", "cheap", ranks="rank0", shards="rss", worse="none"),

@@ -27,6 +27,9 @@ across steps, and one copy plus one difference pass per measured step (on CPU wi
 and waits, like the loss, for the next host sync (``losses.PendingLosses``); ``take`` hands
 over one step's tensors.
 
+- ``grad_not_zeroed``: 1.0 at a step whose optimizer step received gradients that were never
+  zeroed since the step before (``stale_grads``: a loop without ``zero_grad``).
+
 With gradient accumulation the norms are of the accumulated gradient the optimizer steps on.
 Under DDP the gradients the optimizer receives are the averaged ones, and a clip sees them
 averaged too. Under FSDP (a sharded run) both norms are of this rank's shards, the clip's
@@ -39,7 +42,6 @@ step the scaler skips has no ``optimizer.step()`` and keeps only a clip's (non-f
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 
 import numpy as np
@@ -50,6 +52,7 @@ from ..probes.kernels import host_params
 from .clip_sites import l2_norm
 from .collector import Rows
 from .distributed import local_tensor
+from .stale_grads import GradMark, StaleGradients
 
 #: The block parameters are copied before each step (for ||Δθ||) up to this many values.
 MAX_COPIED = 100_000_000
@@ -70,8 +73,8 @@ class StepNorms:
         self.step_updates = step_updates
         self.note: str | None = None  # why the block updates are off, when they are
         self._clips: dict[int, torch.Tensor] = {}  # first parameter's id -> pre-clip norm
-        # first parameter's id -> the gradients that clip saw (``_GradMark``)
-        self._clip_marks: dict[int, _GradMark | None] = {}
+        # first parameter's id -> the gradients that clip saw (``GradMark``)
+        self._clip_marks: dict[int, GradMark | None] = {}
         # The one clip of the step whose norm after it is known without a pass: (ids of the
         # parameters it clipped, that norm).
         self._after: tuple[frozenset[int], torch.Tensor] | None = None
@@ -81,6 +84,8 @@ class StepNorms:
         self._stepping: tuple[int, frozenset[int]] | None = None
         self._clipped_inside: set[int] = set()
         self._blocks: _BlockUpdates | None = None
+        trained = next((p for _, p in params if p.requires_grad), None)
+        self._stale = StaleGradients(trained) if trained is not None else None
 
     # -- gradient norms -----------------------------------------------------------------
     def on_clip(
@@ -94,9 +99,12 @@ class StepNorms:
             return  # another model's clip
         if self._stepping is not None and id(owned[0]) in self._stepping[1]:
             self._clipped_inside.add(self._stepping[0])  # norm again after the step
-        mark = _GradMark.of(owned)
+        mark = GradMark.of(owned)
         known = self._clip_marks.get(id(owned[0]))
-        if id(owned[0]) in self._clips and not (mark and known and known.discarded_for(mark)):
+        # Other gradients than the earlier clip's: a new tensor, or more in-place changes
+        # since than that clip's own scaling (zeroed, then accumulated into again).
+        fresh = mark is not None and known is not None and known.changed_by_more_than(mark, 1)
+        if id(owned[0]) in self._clips and not fresh:
             self._after = None  # clipped again: its factor is not the first clip's alone
             return
         # The first clip of these gradients; or new gradients since the step's earlier clip:
@@ -136,6 +144,8 @@ class StepNorms:
 
     def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self._stepping = None
+        if self._stale is not None:
+            self._stale.after_optimizer_step(optimizer)
         if id(optimizer) in self._clipped_inside:
             # The step clipped its own gradients after the pre-hook read them: the update used
             # the clipped ones, still in .grad (an optimizer step does not write its grads).
@@ -187,7 +197,12 @@ class StepNorms:
             taken = self._blocks.take()
             if taken is not None:
                 out.append(taken)
+        if self._stale is not None and self._stale.take():
+            out.append((torch.ones(1), self._decode_stale))
         return out
+
+    def _decode_stale(self, values: np.ndarray, rows: Rows, step: int) -> None:
+        rows.emit(_TRAIN, self.run_code, 0, "grad_not_zeroed", values[0], step=step)
 
     def _decode_grads(self, values: np.ndarray, rows: Rows, step: int) -> None:
         rows.emit(_TRAIN, self.run_code, 0, "grad_norm", values[0], step=step)
@@ -197,26 +212,9 @@ class StepNorms:
     def release(self) -> None:
         self._blocks = None
         self._clips, self._seen, self._after = {}, {}, None
-
-
-class _GradMark:
-    """Which gradients a clip saw: the first gradient tensor of its parameters (a weak
-    reference: a freed tensor's id can come back) and that tensor's version counter."""
-
-    def __init__(self, grad: torch.Tensor) -> None:
-        self.ref = weakref.ref(grad)
-        self.version = grad._version
-
-    @classmethod
-    def of(cls, params: list[torch.Tensor]) -> _GradMark | None:
-        grad = next((p.grad for p in params if p.grad is not None), None)
-        return None if grad is None else cls(grad)
-
-    def discarded_for(self, later: _GradMark) -> bool:
-        """Whether ``later`` saw other gradients than this mark: a new tensor (after
-        ``zero_grad(set_to_none=True)``), or this one changed by more than the clip's own
-        in-place scaling (one version): zeroed and accumulated into again."""
-        return self.ref() is not later.ref() or later.version - self.version > 1
+        if self._stale is not None:
+            self._stale.release()
+            self._stale = None
 
 
 def _rss(norms: list[torch.Tensor]) -> torch.Tensor | None:

@@ -22,6 +22,7 @@ from . import (
     prediction,
     ranks,
     residual_stream,
+    training_loop,
     transformer,
 )
 from .base import CheckResult, Rule, RuleSettings, RunView, run_rules
@@ -32,6 +33,7 @@ ALL_RULES: list[Rule] = [
     *loss_divergence.RULES,
     *no_update.RULES,
     *optimizer_settings.RULES,
+    *training_loop.RULES,
     *transformer.RULES,
     *residual_stream.RULES,
     *ranks.RULES,

@@ -1,0 +1,75 @@
+"""Which gradients a point of the step saw, and whether an optimizer step received gradients
+that were never zeroed since the step before.
+
+A parameter's ``.grad`` is one tensor that backward adds into in place (its version counter
+goes up by one per accumulation) until ``zero_grad`` zeroes it in place (one more) or sets it
+to None (the next backward makes a new tensor). A loop that never zeroes it hands every
+optimizer step the sum of all the gradients so far: the update of step t repeats every
+earlier one, the steps grow, and the loss diverges (a whole run: ``loss-divergence`` at the
+end; a few steps: nothing else shows it). ``StaleGradients`` watches one parameter with a
+post-accumulate-grad hook: at the first accumulation after an optimizer step, a ``.grad``
+that is the very tensor the step used, one version on, was added to without being zeroed.
+Anything else (a new tensor, a zeroing in place, a clip or an unscale in between, DDP's copy
+from its buckets) reads as zeroed: the check can miss a loop, never accuse one.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+
+
+class GradMark:
+    """Which gradients a point of the step saw: the first gradient tensor of some parameters
+    (a weak reference: a freed tensor's id can come back) and that tensor's version."""
+
+    def __init__(self, grad: torch.Tensor) -> None:
+        self.ref = weakref.ref(grad)
+        self.version = grad._version
+
+    @classmethod
+    def of(cls, params: list[torch.Tensor]) -> GradMark | None:
+        grad = next((p.grad for p in params if p.grad is not None), None)
+        return None if grad is None else cls(grad)
+
+    def changed_by_more_than(self, later: GradMark, versions: int) -> bool:
+        """Whether ``later`` saw another tensor, or this one changed by more than
+        ``versions`` in-place operations since."""
+        return self.ref() is not later.ref() or later.version - self.version > versions
+
+
+class StaleGradients:
+    """Whether this step's optimizer step received gradients never zeroed since the last one
+    (module docstring); watches ``param``, the first parameter the model trains."""
+
+    def __init__(self, param: torch.Tensor) -> None:
+        self._param = param
+        self._handle: Any = param.register_post_accumulate_grad_hook(self._accumulated)
+        self._stepped: GradMark | None = None  # .grad as the last optimizer step left it
+        self._steps_it: dict[int, bool] = {}  # optimizer id -> whether it steps param
+        self.stale = False  # this step's gradients were added onto the last step's
+
+    def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        key = id(optimizer)
+        if key not in self._steps_it:
+            groups = optimizer.param_groups
+            self._steps_it[key] = any(p is self._param for g in groups for p in g["params"])
+        if self._steps_it[key]:
+            self._stepped = GradMark.of([self._param])
+
+    def _accumulated(self, param: torch.Tensor) -> None:
+        stepped, self._stepped = self._stepped, None  # the first accumulation only
+        now = GradMark.of([param])
+        if stepped is not None and now is not None:
+            # One version on from the step's: backward's own addition, and nothing before it.
+            self.stale |= not stepped.changed_by_more_than(now, 1)
+
+    def take(self) -> bool:
+        """Whether this step's gradients were stale; clears it for the next step."""
+        stale, self.stale = self.stale, False
+        return stale
+
+    def release(self) -> None:
+        self._handle.remove()
