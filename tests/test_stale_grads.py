@@ -101,3 +101,13 @@ def test_a_closure_optimizer_that_zeroes_in_its_closure(tmp_path):
         for _ in range(4):
             rec.step(loss=opt.step(closure))
     assert "gradients-not-zeroed" not in findings(tmp_path / "r")
+
+
+def test_a_tensor_torch_takes_no_such_hook_on_is_left_unwatched():
+    from stabscope.record.stale_grads import StaleGradients
+
+    leaf = torch.zeros(3, requires_grad=True)
+    watch = StaleGradients.watching(leaf)
+    assert watch is not None
+    watch.release()
+    assert StaleGradients.watching(leaf * 2) is None  # not a leaf: torch refuses the hook

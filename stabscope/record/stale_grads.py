@@ -51,6 +51,15 @@ class StaleGradients:
         self._steps_it: dict[int, bool] = {}  # optimizer id -> whether it steps param
         self.stale = False  # this step's gradients were added onto the last step's
 
+    @classmethod
+    def watching(cls, param: torch.Tensor) -> StaleGradients | None:
+        """A watch on ``param``, or None where torch takes no such hook on it (a tensor
+        subclass or a wrapper's parameter that is not a leaf): then nothing is checked."""
+        try:
+            return cls(param)
+        except RuntimeError:
+            return None
+
     def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         key = id(optimizer)
         if key not in self._steps_it:

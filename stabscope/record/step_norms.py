@@ -85,7 +85,7 @@ class StepNorms:
         self._clipped_inside: set[int] = set()
         self._blocks: _BlockUpdates | None = None
         trained = next((p for _, p in params if p.requires_grad), None)
-        self._stale = StaleGradients(trained) if trained is not None else None
+        self._stale = StaleGradients.watching(trained) if trained is not None else None
 
     # -- gradient norms -----------------------------------------------------------------
     def on_clip(
