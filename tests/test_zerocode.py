@@ -507,3 +507,42 @@ def test_a_second_model_is_named_by_the_module_the_script_calls(tmp_path):
         "generator.l1.bias",
         *(f"discriminator.net.{i}.{w}" for i in (0, 2) for w in ("weight", "bias")),
     }
+
+
+def test_a_gradient_penalty_imported_by_name_is_not_the_losss_gradient(tmp_path):
+    """WGAN-GP with ``from torch.autograd import grad`` at the script's top (before any run
+    opens): the critic's head gets the loss's gradient for its real and fake calls only."""
+    log = tmp_path / "wgan.jsonl"
+    script = write(
+        tmp_path,
+        "wgan.py",
+        f"""
+        import torch
+        from torch import nn
+        from torch.autograd import grad
+        from plain_loop import log_step
+        torch.manual_seed(0)
+        critic = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 1))
+        opt = torch.optim.Adam(critic.parameters(), lr=1e-3)
+        g = torch.Generator().manual_seed(1)
+        for step in range(3):
+            real, fake = torch.randn(32, 2, generator=g) + 2, torch.randn(32, 2, generator=g)
+            real_out, fake_out = critic(real), critic(fake)
+            mix = torch.rand(32, 1, generator=g)
+            interp = (mix * real + (1 - mix) * fake).requires_grad_(True)
+            score = critic(interp)
+            (slope,) = grad(score, interp, torch.ones_like(score), create_graph=True)
+            loss = fake_out.mean() - real_out.mean() + 10 * (slope.norm(dim=1) - 1).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            log_step({str(log)!r}, loss=loss.item())
+        """,
+    )
+    run = tmp_path / "run"
+    profile_training_script(script, [], run, RecorderConfig())
+    grads = values(run, "2", "grad_rms")
+    assert sorted(grads[grads.step == 0].call) == [0, 1]  # the interpolated call: no row
+    # d loss / d output: -1/32 for the real call's 32 outputs, +1/32 for the fake's.
+    assert grads[grads.step == 0].value.tolist() == pytest.approx([1 / 32, 1 / 32], rel=1e-6)
+    assert torch.autograd.grad.__module__ == "torch.autograd"  # given back at the end

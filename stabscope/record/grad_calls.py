@@ -8,8 +8,9 @@ R1), the derivatives of a physics-informed loss or an input-gradient regulariser
 gradients are of something else than the loss (of a critic's output w.r.t. its input, with
 ``grad_outputs`` of ones), so the recorder's gradient statistics skip them. PyTorch tells a
 hook nothing about the pass that calls it, so ``torch.autograd.grad`` is wrapped while a run
-is open and counts how deep the calls are. A script that bound the function before the run
-opened (``from torch.autograd import grad``) calls the original, which is not seen.
+is open and counts how deep the calls are; the zero-code driver wraps it before the script's
+imports run. A script that bound the function by name (``from torch.autograd import grad``)
+before a ``Recorder`` opened calls the original, which is not seen.
 """
 
 from __future__ import annotations

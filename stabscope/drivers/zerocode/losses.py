@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from ...record import grad_calls
 from ...record.hook_context import compiling, in_backward
 
 
@@ -124,6 +125,9 @@ class LossTap:
 
         torch.autograd.backward = backward  # type: ignore[assignment]
         torch.amp.GradScaler.scale = scale  # type: ignore[method-assign]
+        # Before the script's own imports run: `from torch.autograd import grad` at its top
+        # then binds the counting wrapper, so a gradient penalty's pass is told apart.
+        grad_calls.watch()
         for owner in _ZEROING:
             original = owner.zero_grad
             self._zeroing.append((owner, original))
@@ -140,6 +144,7 @@ class LossTap:
         if self._originals:
             torch.autograd.backward, torch.amp.GradScaler.scale = self._originals  # type: ignore[method-assign]
             self._originals = ()
+            grad_calls.unwatch()
         while self._zeroing:
             owner, original = self._zeroing.pop()
             owner.zero_grad = original  # type: ignore[method-assign]
