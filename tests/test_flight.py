@@ -217,6 +217,40 @@ def test_a_recorded_step_names_the_leaf_a_replay_could_not_find(tmp_path):
     assert (finding.module, finding.step) == ("blocks.1.mlp.act", 5)
 
 
+class NoReplay(torch.nn.Module):
+    """GELU that raises when run without autograd at step ``at``: the flight recorder's
+    replay (under ``no_grad``) fails there, and it names the leaf by its parameters."""
+
+    def __init__(self, step_of: list[int], at: int) -> None:
+        super().__init__()
+        self.step_of, self.at = step_of, at
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.step_of[0] == self.at and not torch.is_grad_enabled():
+            raise RuntimeError("no replay here")
+        return torch.nn.functional.gelu(x)
+
+
+def test_a_recorded_step_keeps_the_block_of_a_leaf_named_by_its_parameters(tmp_path):
+    model, loss_of = sample_gpt("pre")
+    step_of = [0]
+    model.blocks[1].mlp.act = NoReplay(step_of, 5)
+
+    def before(step):
+        step_of[0] = step
+        if step == 5:  # on the schedule
+            with torch.no_grad():
+                model.blocks[1].mlp.fc.weight[0, 0] = math.inf
+
+    with Recorder(model, tmp_path / "r", RecorderConfig(**LIGHT)) as rec:
+        train(model, loss_of, rec, 7, before)
+    meta = stabscope.read_meta(tmp_path / "r")
+    forward = meta["first_nonfinite"]["forward"]
+    assert (forward["module"], forward["step"]) == ("blocks.1.mlp.fc", 5)
+    assert (forward["block"], forward["found_by"]) == ("blocks.1", "recorded step")
+    assert any("replay of blocks.1 failed: RuntimeError" in n for n in meta["notes"])
+
+
 def test_nan_in_one_modules_gradient_is_found_at_that_module_and_step(tmp_path):
     model, loss_of = sample_gpt("pre")
     handle = []

@@ -69,11 +69,16 @@ def initial_meta(
 _BLOCK_ONLY = ("parameters", "block")
 
 
+def _block_of(noted: dict[str, Any]) -> str:
+    """The watched module where the flight recorder saw a non-finite value first."""
+    return str(noted.get("block", noted["module"]))
+
+
 def _sharper(direction: str, noted: dict[str, Any], entry: dict[str, Any]) -> bool:
     """Whether ``entry``, from a recorded step's probes, names the first forward non-finite
     more exactly than ``noted``, the flight recorder's answer for the same step: a leaf
     inside the block that the recorder could only name by its parameters or as a whole."""
-    block = str(noted.get("block", noted["module"]))
+    block = _block_of(noted)
     return (
         direction == "forward"
         and noted.get("found_by") in _BLOCK_ONLY
@@ -114,7 +119,7 @@ class MetaWriting:
             # name the block (a NaN its replay did not make again), this names the leaf.
             self.first_nonfinite[direction] = {
                 **entry,
-                "block": noted["module"],
+                "block": _block_of(noted),
                 "found_by": "recorded step",
             }
             self._save_meta()
