@@ -44,9 +44,8 @@ def job(args: tuple[str, str, list[int]]) -> tuple[str, dict[str, dict[str, Any]
             view = RunView.open(path, until)
             entry["signals"] = {k: f.value for k, f in signals(view).items()}
             # The product's rule gives way to the outcome at the planned end (forecast.py).
-            budget = (view.meta.lr_plan or {}).get("budget")
             seen = until if until is not None else view.meta.steps
-            entry["outcome_known"] = learned_by_the_end(view, budget, seen) is not None
+            entry["outcome_known"] = learned_by_the_end(view, view.meta.budget, seen) is not None
         except Exception as err:
             entry["signals"] = {}
             entry["signal_error"] = f"{type(err).__name__}: {err}"[:200]

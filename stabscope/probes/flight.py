@@ -142,9 +142,10 @@ class FlightRecorder(BaseProbe):
             # backward, which autograd then saves from the forward; the next graph's write
             # bumps its version and that backward fails ("modified by an inplace operation").
             return
-        if self.paused or not (torch.is_grad_enabled() and module.training) or in_backward():
-            if module.training and not self.paused and not in_backward():
-                self._without_grad.add(w)  # a training forward without autograd
+        if self.paused or not module.training or in_backward():
+            return
+        if not torch.is_grad_enabled():
+            self._without_grad.add(w)  # a training forward without autograd
             return
         tensor = primary_tensor(out)
         if tensor is None:

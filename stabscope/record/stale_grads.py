@@ -70,8 +70,10 @@ class StaleGradients:
 
     def _accumulated(self, param: torch.Tensor) -> None:
         stepped, self._stepped = self._stepped, None  # the first accumulation only
+        if stepped is None:
+            return
         now = GradMark.of([param])
-        if stepped is not None and now is not None:
+        if now is not None:
             # One version on from the step's: backward's own addition, and nothing before it.
             self.stale |= not stepped.changed_by_more_than(now, 1)
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from typing import Any
 
 import numpy as np
 
@@ -124,7 +123,7 @@ def already_failed(view: RunView) -> bool:
 LEARNED_SHARE = 0.5
 
 
-def learned_by_the_end(view: RunView, budget: Any, seen: int) -> str | None:
+def learned_by_the_end(view: RunView, budget: int | None, seen: int) -> str | None:
     """On a run that reached its planned end, the outcome overrides the forecast where the
     loss shows the model learned: why, or None. Learned: its last losses sit below a uniform
     guess over its outputs (ln V) and at most half its starting level (both as
@@ -135,7 +134,7 @@ def learned_by_the_end(view: RunView, budget: Any, seen: int) -> str | None:
     where its healthy twin reaches 0.53), and one that ends above ln V (a bad init whose loss
     fell from 1e3 to 20) still predicts worse than chance. Either keeps the forecast's
     error."""
-    if not isinstance(budget, int) or seen < budget:
+    if budget is None or seen < budget:
         return None
     classes = log_classes(view)
     if not isinstance(classes, tuple):
@@ -174,7 +173,7 @@ def _forecast(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
         for name, share in shares
     )
     reasons = [name for name, share in shares if share > 0.5][:3]  # a clear share of the log-odds
-    budget = (view.meta.lr_plan or {}).get("budget")
+    budget = view.meta.budget
     seen = view.until if view.until is not None else view.meta.steps
     end = f"the planned end (step {budget})" if budget else "the end of training"
     if prob >= p["error"]:
@@ -185,7 +184,7 @@ def _forecast(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
         severity, threshold = "info", p["warning"]
     said = "; ".join(features[r].evidence for r in reasons if r in features)
     message = f"fails by {end} with probability {prob:.2f}" + (f": {said}" if said else "")
-    if severity == "info" and isinstance(budget, int) and seen >= budget:
+    if severity == "info" and budget is not None and seen >= budget:
         # Past its end a low score is no news about the run: how it ended is (the rules on
         # the outcome judge it), and "fails with probability 0.03" next to a loss-divergence
         # error would read as a contradiction.

@@ -196,8 +196,8 @@ def _persist(view: RunView, p: dict[str, float]) -> float:
     or ``persist_share`` of the planned run where the budget is known. A healthy GPT-2 at a
     high lr sat at 0.99 for its first 100 of 300 steps and then learned: a plateau of a
     third of the run, which a fixed 50 steps would call a failure at step 51."""
-    budget = (view.meta.lr_plan or {}).get("budget")
-    share = p["persist_share"] * budget if isinstance(budget, int) else 0.0
+    budget = view.meta.budget
+    share = p["persist_share"] * budget if budget is not None else 0.0
     return max(p["persist"], share)
 
 

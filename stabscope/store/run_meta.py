@@ -193,6 +193,12 @@ class RunMeta(Mapping[str, Any]):
         return self.doc.get("lr_plan") or None
 
     @property
+    def budget(self) -> int | None:
+        """The planned number of steps (``lr_plan``'s budget), or None where it is unknown."""
+        budget = (self.lr_plan or {}).get("budget")
+        return budget if isinstance(budget, int) and not isinstance(budget, bool) else None
+
+    @property
     def optimizers(self) -> list[dict[str, Any]]:
         """Each owned optimizer's class and param groups' settings when it first stepped
         (record/optimizer_settings.py); empty for runs that predate it."""

@@ -72,14 +72,11 @@ def live_modules() -> list[nn.Module]:
         return [obj for obj in gc.get_objects() if _is_module(obj)]
 
 
-def _size(module: nn.Module) -> tuple[int, int]:
-    """Sort key: more parameters first; among equals, the innermost (fewest modules)."""
-    return len(parameter_ids(module)), -sum(1 for _ in module.modules())
-
-
-def _outer_first(module: nn.Module) -> tuple[int, int]:
-    """Sort key: more parameters first; among equals, the outermost (most modules)."""
-    return len(parameter_ids(module)), sum(1 for _ in module.modules())
+def _size(module: nn.Module, outermost: bool = False) -> tuple[int, int]:
+    """Sort key: more parameters first; among equals, the innermost (fewest modules), or with
+    ``outermost`` the outermost."""
+    modules = sum(1 for _ in module.modules())
+    return len(parameter_ids(module)), modules if outermost else -modules
 
 
 def enclosing_model(module: nn.Module, trained: set[int], live: list[nn.Module]) -> nn.Module:
@@ -122,7 +119,7 @@ def other_trained_models(
     ]
     found: list[nn.Module] = []
     covered: set[int] = set()
-    for m in sorted(candidates, key=_outer_first, reverse=True):
+    for m in sorted(candidates, key=lambda m: _size(m, outermost=True), reverse=True):
         params = parameter_ids(m)
         if not params & covered:
             found.append(m)
