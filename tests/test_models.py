@@ -12,6 +12,7 @@ from torch import nn
 import stabscope
 from stabscope import Schedule
 from stabscope.analysis.summary import summarize
+from tests.scripts.harness import rms
 
 
 def record_one_step(model, run_dir, forward, **kw):
@@ -245,9 +246,6 @@ def test_a_gradient_penalty_is_not_recorded_as_the_losss_gradient(run_dir):
             loss.backward()
             opt.step()
             rec.step(loss=loss)
-
-    def rms(t: torch.Tensor) -> float:
-        return t.double().pow(2).mean().sqrt().item()
 
     df = stabscope.load_run(run_dir)
     grads = df[(df.module == "2") & (df.metric == "grad_rms") & (df.step == 0)]
