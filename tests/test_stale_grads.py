@@ -111,3 +111,19 @@ def test_a_tensor_torch_takes_no_such_hook_on_is_left_unwatched():
     assert watch is not None
     watch.release()
     assert StaleGradients.watching(leaf * 2) is None  # not a leaf: torch refuses the hook
+
+
+def test_the_watch_is_on_the_model_only_while_the_run_is_open(tmp_path):
+    torch.manual_seed(0)
+    model = mlp()
+    first = next(model.parameters())
+
+    def hooks() -> int:
+        return len(first._post_accumulate_grad_hooks or {})
+
+    rec = stabscope.Recorder(model, tmp_path / "r")  # made, not opened: nothing on the model
+    assert hooks() == 0
+    rec.start()
+    assert hooks() == 1
+    rec.close()
+    assert hooks() == 0

@@ -72,6 +72,7 @@ class RunLifecycle:
                 register_optimizer_step_post_hook(self._after_optimizer_step),
             ]
             clip_sites.listen(self.step_norms.on_clip)
+            self.step_norms.watch()
             grad_calls.watch()
             if self._plan_at_optimizer_step:
                 # Opened by the first step(): that step's forward, backward and optimizer step

@@ -84,8 +84,14 @@ class StepNorms:
         self._stepping: tuple[int, frozenset[int]] | None = None
         self._clipped_inside: set[int] = set()
         self._blocks: _BlockUpdates | None = None
-        trained = next((p for _, p in params if p.requires_grad), None)
-        self._stale = StaleGradients.watching(trained) if trained is not None else None
+        self._stale: StaleGradients | None = None  # from watch() to release()
+
+    def watch(self) -> None:
+        """Start the stale-gradient watch on the first trained parameter (a hook on the
+        user's model: taken when the run opens, given back by ``release``)."""
+        trained = next((p for _, p in self.named if p.requires_grad), None)
+        if self._stale is None and trained is not None:
+            self._stale = StaleGradients.watching(trained)
 
     # -- gradient norms -----------------------------------------------------------------
     def on_clip(
