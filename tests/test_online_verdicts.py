@@ -19,7 +19,7 @@ from stabscope.cli import app
 from stabscope.errors import UsageError
 from stabscope.record.config import RecorderConfig
 from stabscope.rules import ALL_RULES
-from stabscope.rules.online import online_rules
+from stabscope.rules.online import FULL, WORKER, OnlineVerdicts, online_rules
 from tests.conftest import ROOT
 from tests.script_training import script_training
 
@@ -285,3 +285,19 @@ def test_zero_code_stop_ends_the_script_at_the_boundary_and_never_hides_its_erro
     m = meta(run)
     assert m["status"] == "failed" and m["error"]["type"] == "FloatingPointError"
     assert "stopped_by" not in m
+
+
+def test_closing_waits_for_the_check_in_progress(tmp_path):
+    """No worker outlives its run: a daemon thread still inside pandas, pyarrow or torch at
+    interpreter exit is ended as it takes the GIL back, which aborts the process (exit 134)
+    after the user's script has finished."""
+    net, step = late_training(Namespace(**diverging_late.CONFIG))
+    with Recorder(net, tmp_path / "run", schedule=Schedule(40, 0), config=NOFLIGHT) as rec:
+        for _ in range(40):
+            rec.step(step())
+    verdicts = OnlineVerdicts(tmp_path / "run", pause=0.0)
+    verdicts.submit({FULL: None})  # the parts alone: one pass of the online rules, ~0.1 s
+    worker = verdicts._thread
+    assert worker is not None and worker.name == WORKER
+    verdicts.close()
+    assert not worker.is_alive()

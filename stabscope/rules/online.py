@@ -58,6 +58,7 @@ from .failures import RuleFailure, isolated
 PAUSE = 49.0
 #: The worker thread's name; warnings raised on it are dropped (module docstring).
 WORKER = "stabscope-online-rules"
+CLOSE_WAIT = 60.0  # seconds a closing run waits for a check in progress (close())
 #: The key of ``failures`` for a check that failed outside any one rule (meta.json unreadable).
 CHECK = "(online check)"
 #: The severity that acts (``--on-error``, ``on_finding``).
@@ -136,7 +137,7 @@ class OnlineVerdicts:
         self._wake = threading.Event()
         self._closed = False
         self._busy = False  # a submitted check is queued or running
-        self._jobs: dict[str, Unwritten] = {}
+        self._jobs: dict[str, Unwritten | None] = {}
         self._not_before = {LOSS: 0.0, FULL: 0.0}
         self._thread: threading.Thread | None = None
 
@@ -148,9 +149,10 @@ class OnlineVerdicts:
             return False
         return bool(self.loss_rules) if kind == LOSS else True
 
-    def submit(self, jobs: dict[str, Unwritten]) -> None:
+    def submit(self, jobs: dict[str, Unwritten | None]) -> None:
         """Check the run in the background over the parts and the rows of ``jobs``
-        (``LOSS``: the losses alone, ``FULL``: what no part holds yet), loss check first."""
+        (``LOSS``: the losses alone, ``FULL``: what no part holds yet, None: the parts
+        alone), loss check first."""
         if self._closed or not jobs:
             return
         with self._lock:
@@ -175,11 +177,18 @@ class OnlineVerdicts:
             found, self._ready = self._ready, []
         return found
 
-    def close(self, wait: float = 0.0) -> None:
-        """Stop the worker; ``wait`` seconds at most for a check in progress."""
+    def close(self, wait: float = CLOSE_WAIT) -> None:
+        """Stop the worker, waiting ``wait`` seconds at most for a check in progress.
+
+        Why wait: a daemon thread still inside pandas, pyarrow or torch when the interpreter
+        finalizes is ended by ``pthread_exit`` as it takes the GIL back, and the unwind
+        through their C++ frames aborts the process ("terminate called without an active
+        exception", exit 134) after the user's script has finished. A check is one rule pass
+        over the run (~0.2 s on a 300-step run), so the wait is short; a check still running
+        after ``wait`` is left to the daemon thread rather than hang the user's exit."""
         self._closed = True
         self._wake.set()
-        if self._thread is not None and wait > 0:
+        if self._thread is not None and wait > 0 and self._thread is not threading.current_thread():
             self._thread.join(wait)
 
     def summary(self, on_error: str) -> dict[str, Any]:
