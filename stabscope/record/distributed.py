@@ -1,5 +1,5 @@
 """torch.distributed as the recorder sees it: rank, world size, sharded parameters, and the
-one synchronisation at construction that lets rank 0 prepare the run directory first.
+one exchange at construction that lets rank 0 prepare the run directory first.
 
 Each rank records to its own part files (numbered in its own block, see ``PartWriter``) and
 rank 0 alone writes ``meta.json``, so no two ranks ever write the same file. Nothing here
@@ -9,6 +9,7 @@ others waiting on the recorder.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -90,7 +91,7 @@ def prepare_on_rank0(out: str | os.PathLike[str], prepare: Callable[[], Path]) -
     """Run ``prepare`` (create or refuse the run directory) on rank 0 only.
 
     With an initialised process group of several ranks, every rank waits here for rank 0
-    (one ``broadcast_object_list``, so the Recorder must be created on every rank) and
+    (through the process group's store: the Recorder must be created on every rank) and
     raises rank 0's error too: no rank writes a part before the directory is ready, and a
     refused directory stops every rank instead of leaving the others waiting in their first
     collective. Without a process group the ranks do not wait for each other.
@@ -104,14 +105,50 @@ def prepare_on_rank0(out: str | os.PathLike[str], prepare: Callable[[], Path]) -
             error = err
     dist = _group()
     if dist is not None and dist.get_world_size() > 1:
-        box: list[Any] = [None if error is None else (type(error).__name__, str(error))]
-        dist.broadcast_object_list(box, src=0)
-        if error is None and box[0] is not None:
-            kind, message = box[0]
+        sent = None if error is None else (type(error).__name__, str(error))
+        got = answer_from_rank0(dist, sent)
+        if error is None and got is not None:
+            kind, message = got
             error = _rebuilt(kind, f"rank 0: {message}")
     if error is not None:
         raise error
     return path
+
+
+#: How many answers rank 0 has given in this process: each Recorder's key in the store.
+_ANSWERS = [0]
+
+
+def answer_from_rank0(dist: Any, value: Any) -> Any:
+    """Rank 0's ``value`` (small, JSON-serialisable: a tuple arrives as a list) on every
+    rank, through the process group's key-value store: rank 0 sets a key, the others wait
+    for it. Why not a collective: a broadcast's tensors are Python's, and a gloo work still
+    held by gloo's thread when the interpreter exits (the process refused a run and ended)
+    frees them there, taking the GIL during finalization, which aborts the process
+    ("terminate called without an active exception"; 3 of 36 two-rank runs under load, and
+    again with the tensors kept in a module global, which finalization clears too). A store
+    has no tensors and no device, whatever the backend. Without a store,
+    ``broadcast_object_list``."""
+    key = f"stabscope/run-dir/{_ANSWERS[0]}"  # every rank creates its Recorders in one order
+    _ANSWERS[0] += 1
+    store = _default_store(dist)
+    if store is None:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    if dist.get_rank() == 0:
+        store.set(key, json.dumps(value))
+        return value
+    return json.loads(store.get(key))
+
+
+def _default_store(dist: Any) -> Any:
+    """The default process group's store (torch's own accessor: private, so any failure
+    to reach it means no store)."""
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # an older or newer torch without it, a group torch set up otherwise
+        return None
 
 
 def _rebuilt(kind: str, message: str) -> OSError:

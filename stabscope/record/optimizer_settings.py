@@ -2,10 +2,11 @@
 they were when the optimizer first stepped.
 
 Rules read the settings that decide whether an update stays bounded (Adam's betas and eps,
-SGD's momentum) without torch: ``rules/optimizer_settings.py``. Per group only plain numbers
-are kept: a setting that is a device tensor (a tensor lr on an accelerator) would cost a host
-sync to read inside the user's ``optimizer.step()`` and is left out, as is anything that is
-not a number.
+SGD's momentum, how weight decay applies) without torch: ``rules/optimizer_settings.py``,
+``rules/weight_decay.py``. Per group only plain numbers are kept (and Adam's
+``decoupled_weight_decay`` flag): a setting that is a device tensor (a tensor lr on an
+accelerator) would cost a host sync to read inside the user's ``optimizer.step()`` and is
+left out, as is anything else that is not a number.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def describe(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
             pair = [_number(b) for b in betas]
             if None not in pair:
                 entry["betas"] = pair
+        if group.get("decoupled_weight_decay") is True:  # Adam's, torch >= 2.5: AdamW's decay
+            entry["decoupled_weight_decay"] = True
         groups.append(entry)
     return {"class": type(optimizer).__name__, "groups": groups}
 

@@ -24,6 +24,7 @@ from . import (
     residual_stream,
     training_loop,
     transformer,
+    weight_decay,
 )
 from .base import CheckResult, Rule, RuleSettings, RunView, run_rules
 
@@ -33,6 +34,7 @@ ALL_RULES: list[Rule] = [
     *loss_divergence.RULES,
     *no_update.RULES,
     *optimizer_settings.RULES,
+    *weight_decay.RULES,
     *training_loop.RULES,
     *transformer.RULES,
     *residual_stream.RULES,

