@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from stabscope.cli import app
@@ -99,3 +100,14 @@ def test_summary_prints_whole_module_names(tmp_path: Path):
     assert res.exit_code == 0, res.output
     lines = [line for line in res.stderr.splitlines() if LONG in line]
     assert lines and "largest" in lines[0] and "…" not in res.stderr
+
+
+def test_each_command_is_one_line_in_the_command_list():
+    """The list `stabscope --help` prints gives each command one line at 160 columns (the
+    first paragraph of its docstring; a wrapped one broke mid-sentence at any width)."""
+    res = runner.invoke(app, ["--help"], env={"COLUMNS": "160"})
+    table = res.output.split("Commands")[1]
+    rows = [line.strip("│ ").rstrip() for line in table.splitlines()[1:] if line.startswith("│")]
+    names = list(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
+    assert len(names) >= 9 and len(rows) == len(names), rows
+    assert sorted(row.split()[0] for row in rows) == sorted(names)

@@ -45,9 +45,11 @@ def export(
     ] = False,
     quiet: Quiet = False,
 ) -> None:
-    """Export a run to TensorBoard or W&B: per block a few headline series, loss and lr, the
-    findings (text, W&B alerts), heatmaps as images (TensorBoard); `tensorboard --logdir
-    tensorboard` shows it, `wandb sync DIR` uploads the W&B offline run."""
+    """Export a run to TensorBoard or W&B.
+
+    Per block a few headline series, loss and lr, the findings (text, W&B alerts), heatmaps
+    as images (TensorBoard); `tensorboard --logdir tensorboard` shows it, `wandb sync DIR`
+    uploads the W&B offline run."""
     if to == Target.wandb:
         _export_wandb(run_dir, out or Path("."), project, max_series)
         return

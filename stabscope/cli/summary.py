@@ -24,8 +24,10 @@ def summary(
     ] = False,
     quiet: Quiet = False,
 ) -> None:
-    """Print the headline numbers of a recorded run and its findings (the rules run now when
-    the run has no current findings.json; nothing is written into the run)."""
+    """Print the headline numbers of a recorded run and its findings.
+
+    The rules run now when the run has no current findings.json; nothing is written into
+    the run."""
     from ..analysis.summary import summarize
     from ..errors import FindingsError
     from ..report.console import print_findings, print_summary
