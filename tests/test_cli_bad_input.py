@@ -184,12 +184,16 @@ def test_numeric_options_out_of_range(bracket_run, tmp_path, monkeypatch, args, 
     assert not (tmp_path / "MARKER").exists() and not (tmp_path / "runs").exists()
 
 
-def test_a_config_override_on_a_run_directory_is_refused(bracket_run, tmp_path):
-    """``check RUN --set k=v``: the run was recorded with its own CONFIG, so the override
-    would change nothing; refused, and the run is left exactly as it was."""
+@pytest.mark.parametrize(
+    ("option", "value"), [("--set", "lr=5"), ("--steps", "25"), ("--budget", "300")]
+)
+def test_a_script_option_on_a_run_directory_is_refused(bracket_run, tmp_path, option, value):
+    """``check RUN --set k=v`` (or ``--steps``, ``--budget``): the run was recorded with its
+    own CONFIG, length and plan, so the option would change nothing while the verdict read as
+    that of the first 25 steps; refused, and the run is left exactly as it was."""
     run = copy_run(bracket_run, tmp_path / "run")
     before = snapshot(run)
-    one_error(invoke("check", run, "--set", "lr=5"), "--set is read only for a model script")
+    one_error(invoke("check", run, option, value), f"{option} is read only for a model script")
     assert snapshot(run) == before
 
 

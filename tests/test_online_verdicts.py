@@ -93,7 +93,7 @@ def test_on_error_stop_stops_a_diverging_model_script_at_the_finding(tmp_path):
     assert m["steps"] - 1 == by["seen_at"]
     assert f"stopped after step {by['seen_at']} by rule {by['rule']}" in result.output
     # The finding's own line, said while it trains, whatever the warning filters.
-    assert f"warning: {by['rule']} " in result.output and "stopping the run" in result.output
+    assert f"error: {by['rule']} " in result.output and "stopping the run" in result.output
     assert m["online"]["findings"][0] == by
     assert {f["rule"] for f in m["online"]["findings"]} <= DIVERGED
     assert_readable_and_gated(run)
@@ -115,7 +115,7 @@ def test_healthy_run_never_fires_and_warn_only_reports(tmp_path):
         warnings.simplefilter("ignore")
         bad = invoke("profile", LATE, *args, "--out", warned)
     assert bad.exit_code == 0, bad.output
-    assert "warning: nonfinite" in bad.output
+    assert "error: nonfinite" in bad.output
     m = meta(warned)
     assert m["status"] == "complete" and m["steps"] == 150
     assert {f["rule"] for f in m["online"]["findings"]} == DIVERGED

@@ -1,8 +1,8 @@
-"""Weight decay that outpaces the updates: real training under AdamW at lr·wd 0.03 per step is
-an error with the weights' norm ratio measured here; its wd 0.1 twin, coupled L2 (Adam,
-which the rule does not judge) and a decay rate below the threshold are not. The decay rate
-follows each optimizer's own update rule: SGD's momentum repeats it 1/(1-momentum) times,
-a warm-up's peak lr counts, not the lr it started at."""
+"""Weight decay that outpaces the updates: real training under AdamW at lr·wd 0.1 per step is
+an error, at 0.03 a warning, each with the weights' norm ratio measured here; a wd 0.1 twin,
+coupled L2 (Adam, which the rule does not judge) and a rate below 0.01 have no finding. The
+decay rate follows each optimizer's own update rule: SGD's momentum repeats it
+1/(1-momentum) times, a warm-up's peak lr counts, not the lr it started at."""
 
 from __future__ import annotations
 
@@ -53,15 +53,21 @@ def found(run) -> list:
     return [f for f in check_run(run).findings if f.rule == RULE]
 
 
-def test_adamw_decaying_3_percent_a_step_is_an_error_and_its_twin_is_not(tmp_path):
-    norms = train(tmp_path / "wd10", lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=10))
+def test_adamw_decaying_a_tenth_a_step_is_an_error_a_thirtieth_a_warning(tmp_path):
+    norms = train(tmp_path / "wd10", lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=10))
     (f,) = found(tmp_path / "wd10")
     assert f.severity == "error" and f.step == STEPS - 1
     assert f.value == pytest.approx(norms[STEPS - 1] / norms[0], rel=1e-5)
-    assert f.value < 0.75
+    assert f.value <= 0.75
+    assert "AdamW param group 0 decays its weights by lr·wd = 0.01·10 = 0.1 per step" in f.message
+    assert "(half-life 7 steps)" in f.message  # ln 2 / -ln(1 - 0.1) = 6.58
+    assert "keeps e^-1 of what it learned 10 steps before" in f.message
+    norms = train(tmp_path / "wd3", lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=10))
+    (f,) = found(tmp_path / "wd3")
+    assert f.severity == "warning" and f.value <= 0.75
+    assert f.value == pytest.approx(norms[STEPS - 1] / norms[0], rel=1e-5)
     assert "lr·wd = 0.003·10 = 0.03 per step (half-life 23 steps)" in f.message
-    assert "AdamW param group 0" in f.message
-    twin = train(tmp_path / "wd01", lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=0.1))
+    twin = train(tmp_path / "wd01", lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1))
     assert twin[STEPS - 1] > 0.75 * twin[0]
     assert found(tmp_path / "wd01") == []
 
@@ -86,6 +92,7 @@ def test_the_rate_follows_each_optimizers_update_rule(tmp_path):
     train(tmp_path / "sgd", sgd)
     (rate,) = decay_rates(RunView.open(tmp_path / "sgd"))
     assert rate.rate == pytest.approx(0.05 * 0.02 / (1 - 0.9))
+    assert rate.formula == "lr·wd·(1 - dampening)/(1 - momentum) = 0.05·0.02·10 = 0.01"
     # Adam with decoupled_weight_decay is AdamW's rule: lr·wd.
     decoupled = lambda p: torch.optim.Adam(  # noqa: E731
         p, lr=3e-3, weight_decay=10, decoupled_weight_decay=True
@@ -95,6 +102,7 @@ def test_the_rate_follows_each_optimizers_update_rule(tmp_path):
     assert rate.rate == pytest.approx(0.03)
     (f,) = found(tmp_path / "decoupled")
     assert f.value == pytest.approx(norms[STEPS - 1] / norms[0], rel=1e-5)
+    assert f.message.startswith("Adam (decoupled_weight_decay) param group 0")
     # A 10-step warm-up from lr/10: meta.json keeps the first lr (3e-4), the rule the peak.
     adamw = lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=10)  # noqa: E731
     train(tmp_path / "warmup", adamw, warmup=10)

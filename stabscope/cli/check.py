@@ -51,7 +51,10 @@ def check(
     baseline_factor: Annotated[
         float, typer.Option(help="Allowed change against the baseline.")
     ] = 10.0,
-    steps: Annotated[int, typer.Option(help="Steps to profile when TARGET is a script.")] = 50,
+    steps: Annotated[
+        int | None,
+        typer.Option(help="Steps to profile when TARGET is a script \\[default: 50]."),
+    ] = None,
     budget: Annotated[
         int | None,
         typer.Option(
@@ -122,22 +125,26 @@ def _check(
     # factor >= 1: a change is max(ratio, 1/ratio), so below 1 every module would fail.
     ok = math.isfinite(factor) and factor >= 1
     values.require(ok, "--baseline-factor", factor, "a number >= 1", "10")
+    if target.suffix != ".py":
+        # A run directory was recorded with its own CONFIG, length and plan: an override
+        # would be silently ignored, and the verdict read as that of another configuration.
+        overrides = (("--steps", steps), ("--budget", budget), ("--set", sets))
+        given = [name for name, value in overrides if value]
+        if given:
+            raise UsageError(
+                f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} read only for a "
+                f"model script, and {target} is a run directory",
+                hint="profile the script again with them, or check the run without them",
+            )
+    steps = 50 if steps is None else steps
     values.positive_int(steps, "--steps", "50")
     if budget is not None:
         values.positive_int(budget, "--budget", "10000")
         if target.suffix == ".py":
             from ..drivers.profile import planned_budget
 
-            # Shorter than --steps: bad input, before profiling. Only a script is profiled:
-            # a run directory holds its own plan, and --steps' default is no step it took.
+            # Shorter than --steps: bad input, before profiling.
             planned_budget(steps, budget)
-    if sets and target.suffix != ".py":
-        # A run directory was recorded with its own CONFIG: an override would be silently
-        # ignored, and the verdict read as that of another configuration.
-        raise UsageError(
-            f"--set is read only for a model script, and {target} is a run directory",
-            hint="profile the script again with --set, or check the run without it",
-        )
     if junit is not None:
         refuse_output_in_run(junit, "--junit")  # findings.json is the one file check writes there
         values.output_file(junit, "--junit")

@@ -177,6 +177,12 @@ def warning_line(text: str) -> None:
     err.print(f"[yellow]warning:[/] {escape(text)}", soft_wrap=True)
 
 
+def finding_line(text: str) -> None:
+    """One ``error:`` line on stderr: an error finding that arrived while the run trained
+    (only those act), named by its severity as ``check`` names it."""
+    err.print(f"[red]error:[/] {escape(text)}", soft_wrap=True)
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """What a reader skipped in a run (a part it cannot read) as one ``warning:`` line on
     stderr, like the report's warnings; other warnings as Python shows them."""

@@ -14,7 +14,7 @@ from rich.markup import escape
 
 from ..errors import UsageError
 from ..record.announce import announced_by
-from .common import err, stdout_for_data_only, warning_line
+from .common import err, finding_line, stdout_for_data_only
 
 if TYPE_CHECKING:
     from ..drivers.profile import ProgressFn
@@ -57,11 +57,12 @@ class ProfileOutput:
     @contextlib.contextmanager
     def training(self) -> Iterator[None]:
         """Around the script's code: its stdout kept off a JSON summary, and the run's
-        findings while it trains printed as ``warning:`` lines whatever its warning filters."""
+        error findings while it trains printed as ``error:`` lines whatever its warning
+        filters."""
         with contextlib.ExitStack() as stack:
             if self.as_json:
                 stack.enter_context(stdout_for_data_only())
-            stack.enter_context(announced_by(warning_line))
+            stack.enter_context(announced_by(finding_line))
             yield
 
 

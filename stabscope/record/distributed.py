@@ -125,7 +125,7 @@ def answer_from_rank0(dist: Any, value: Any) -> Any:
     for it. Why not a collective: a broadcast's tensors are Python's, and a gloo work still
     held by gloo's thread when the interpreter exits (the process refused a run and ended)
     frees them there, taking the GIL during finalization, which aborts the process
-    ("terminate called without an active exception"; 3 of 36 two-rank runs under load, and
+    ("terminate called without an active exception"; 4 of 50 two-rank runs under load, and
     again with the tensors kept in a module global, which finalization clears too). A store
     has no tensors and no device, whatever the backend. Without a store,
     ``broadcast_object_list``."""
