@@ -107,9 +107,10 @@ def decay_rates(view: RunView) -> list[Decay]:
             if wd <= 0 or lr <= 0 or not group.get("params") or not decays_directly(name, group):
                 continue
             factor = _momentum_factor(name, group)
+            label = name  # the optimizer as the message names it
             if group.get("decoupled_weight_decay") and "adamw" not in name.lower():
-                name = f"{name} (decoupled_weight_decay)"
-            found.append(Decay(lr * wd * factor, name, i, lr, wd, factor))
+                label = f"{name} (decoupled_weight_decay)"
+            found.append(Decay(lr * wd * factor, label, i, lr, wd, factor))
     return found
 
 
