@@ -110,3 +110,25 @@ def test_the_rate_follows_each_optimizers_update_rule(tmp_path):
     assert view.meta.optimizers[0]["groups"][0]["lr"] == pytest.approx(3e-4)
     (rate,) = decay_rates(view)
     assert rate.lr == pytest.approx(3e-3) and rate.rate == pytest.approx(0.03)
+
+
+def test_each_group_is_read_at_its_own_recorded_lr(tmp_path):
+    """Two groups of one AdamW: the lr rows are numbered by group, and each rate is that
+    group's lr times its own weight decay."""
+
+    def grouped(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        matrices = [p for p in params if p.ndim >= 2]
+        vectors = [p for p in params if p.ndim < 2]
+        return torch.optim.AdamW(
+            [
+                {"params": vectors, "lr": 1e-3, "weight_decay": 1.0},
+                {"params": matrices, "lr": 1e-2, "weight_decay": 10.0},
+            ]
+        )
+
+    train(tmp_path / "groups", grouped)
+    rates = decay_rates(RunView.open(tmp_path / "groups"))
+    assert [(r.group, r.optimizer) for r in rates] == [(0, "AdamW"), (1, "AdamW")]
+    assert [r.rate for r in rates] == pytest.approx([1e-3, 0.1], rel=1e-6)
+    (f,) = found(tmp_path / "groups")
+    assert "AdamW param group 1 decays its weights by lr·wd = 0.01·10" in f.message
