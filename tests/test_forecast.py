@@ -154,20 +154,21 @@ def test_check_of_a_script_looks_ahead_to_its_budget(tmp_path, monkeypatch) -> N
     assert res.exit_code == 2 and "--budget 5 is less than --steps 9" in res.stderr
 
 
-def test_check_of_a_run_directory_does_not_read_budget_against_default_steps(
+def test_check_of_a_run_directory_refuses_budget_instead_of_reading_it_against_steps(
     tmp_path, monkeypatch
 ) -> None:
     # --budget and --steps plan a script's profile. A run directory holds its own plan, so
-    # `check RUN --budget 5` is judged as `check RUN`: not refused as "less than --steps 50",
-    # a --steps never given (the default of a profile that does not run).
+    # `check RUN --budget 5` is refused as an option that would change nothing (not as
+    # "less than --steps 50", a --steps never given), and `check RUN` judges the run.
     monkeypatch.chdir(tmp_path)
     args = ["check", str(SCRIPT), "--steps", "9", "--set", "ramp=10000", "--format", "json"]
     assert runner.invoke(app, args).exit_code in (0, 1)
     run = tmp_path / "runs" / "ramping_sgd-check"
     plain = runner.invoke(app, ["check", str(run), "--format", "json"])
+    assert plain.exit_code in (0, 1) and forecast_of(plain.stdout)["message"]
     res = runner.invoke(app, ["check", str(run), "--budget", "5", "--format", "json"])
-    assert res.exit_code == plain.exit_code != 2, res.output
-    assert forecast_of(res.stdout)["message"] == forecast_of(plain.stdout)["message"]
+    assert res.exit_code == 2 and "--budget is read only for a model script" in res.stderr
+    assert "less than --steps" not in res.stderr and res.stdout == ""
 
 
 def test_a_finished_run_that_learned_is_judged_by_its_outcome(tmp_path) -> None:
