@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -398,3 +399,38 @@ def test_fsdp_merged_statistics_equal_ddps_on_the_sample_gpt(tmp_path):
     assert len(ddp.heat) > 10
     for key, grid in ddp.heat.items():
         np.testing.assert_allclose(fsdp.heat[key].mean, grid.mean, rtol=1e-5, atol=1e-7)
+
+
+def test_a_rank_that_comes_late_gets_rank_0s_refusal_after_rank_0_has_ended(tmp_path):
+    """The store is served by rank 0's process here (``env://`` without torchrun): rank 0
+    waits for every rank's acknowledgement before it raises and ends, so rank 1, arriving
+    1.5 s later, still reads rank 0's answer."""
+    out = tmp_path / "run"
+    stabscope.Recorder(torch.nn.Linear(2, 2), out, schedule=Schedule(dense=1, every=0)).close()
+    with socket.socket() as s:  # a free port for the store
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    env |= {"WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(ROOT / "tests/dist_scripts/late_rank.py"), str(out)]
+    procs = [
+        subprocess.Popen(cmd, env={**env, "RANK": str(r)}, stdout=subprocess.PIPE, text=True)
+        for r in (0, 1)
+    ]
+    lines = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [3, 3], lines
+    assert lines[0].startswith("rank 0: RunExistsError: ") and "already holds a run" in lines[0]
+    assert lines[1].startswith("rank 1: RunExistsError: rank 0: "), lines[1]
+
+
+def test_a_process_group_without_a_usable_store_falls_back_to_a_broadcast(tmp_path):
+    """torch's fake backend (as MPI's) holds a placeholder store that cannot set a key."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    torch.distributed.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    try:
+        with stabscope.Recorder(torch.nn.Linear(2, 2), tmp_path / "run") as rec:
+            rec.step(loss=torch.tensor(1.0))
+    finally:
+        torch.distributed.destroy_process_group()
+    assert (tmp_path / "run" / "meta.json").exists()

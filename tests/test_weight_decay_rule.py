@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,7 +17,7 @@ import stabscope
 from stabscope import Schedule
 from stabscope.rules import check_run
 from stabscope.rules.view import RunView
-from stabscope.rules.weight_decay import decay_rates
+from stabscope.rules.weight_decay import at_least, decay_rates
 from tests.conftest import mlp
 
 STEPS = 30
@@ -132,3 +133,9 @@ def test_each_group_is_read_at_its_own_recorded_lr(tmp_path):
     assert [r.rate for r in rates] == pytest.approx([1e-3, 0.1], rel=1e-6)
     (f,) = found(tmp_path / "groups")
     assert "AdamW param group 1 decays its weights by lr·wd = 0.01·10" in f.message
+
+
+def test_a_rate_at_a_threshold_counts_though_its_lr_was_stored_as_float32():
+    lr32 = float(np.float32(0.01))  # how the lr rows hold lr 0.01: 0.009999999776
+    assert lr32 * 1.0 < 0.01 and at_least(lr32 * 1.0, 0.01) and at_least(lr32 * 10, 0.1)
+    assert not at_least(0.0099, 0.01)  # a rate 1% under is under

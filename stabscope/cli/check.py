@@ -128,8 +128,8 @@ def _check(
     if target.suffix != ".py":
         # A run directory was recorded with its own CONFIG, length and plan: an override
         # would be silently ignored, and the verdict read as that of another configuration.
-        overrides = (("--steps", steps), ("--budget", budget), ("--set", sets))
-        given = [name for name, value in overrides if value]
+        overrides = (("--steps", steps), ("--budget", budget), ("--set", sets or None))
+        given = [name for name, value in overrides if value is not None]
         if given:
             raise UsageError(
                 f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} read only for a "

@@ -106,7 +106,7 @@ def prepare_on_rank0(out: str | os.PathLike[str], prepare: Callable[[], Path]) -
     dist = _group()
     if dist is not None and dist.get_world_size() > 1:
         sent = None if error is None else (type(error).__name__, str(error))
-        got = answer_from_rank0(dist, sent)
+        got = answer_from_rank0(dist, sent, os.path.abspath(out))
         if error is None and got is not None:
             kind, message = got
             error = _rebuilt(kind, f"rank 0: {message}")
@@ -115,31 +115,51 @@ def prepare_on_rank0(out: str | os.PathLike[str], prepare: Callable[[], Path]) -
     return path
 
 
-#: How many answers rank 0 has given in this process: each Recorder's key in the store.
-_ANSWERS = [0]
+#: How many answers rank 0 has given in this process, per run directory: the store's keys.
+_ANSWERS: dict[str, int] = {}
+
+#: Backends whose process group holds a placeholder store (MPI's, the fake one's): no keys.
+_NO_STORE_BACKENDS = ("mpi", "fake")
 
 
-def answer_from_rank0(dist: Any, value: Any) -> Any:
-    """Rank 0's ``value`` (small, JSON-serialisable: a tuple arrives as a list) on every
-    rank, through the process group's key-value store: rank 0 sets a key, the others wait
-    for it. Why not a collective: a broadcast's tensors are Python's, and a gloo work still
-    held by gloo's thread when the interpreter exits (the process refused a run and ended)
-    frees them there, taking the GIL during finalization, which aborts the process
-    ("terminate called without an active exception"; 4 of 50 two-rank runs under load, and
-    again with the tensors kept in a module global, which finalization clears too). A store
-    has no tensors and no device, whatever the backend. Without a store,
-    ``broadcast_object_list``."""
-    key = f"stabscope/run-dir/{_ANSWERS[0]}"  # every rank creates its Recorders in one order
-    _ANSWERS[0] += 1
+def answer_from_rank0(dist: Any, value: Any, topic: str) -> Any:
+    """Rank 0's ``value`` about ``topic`` (small, JSON-serialisable: a tuple arrives as a
+    list) on every rank, through the process group's key-value store: rank 0 sets a key,
+    each other rank reads it and sets its own acknowledgement, and rank 0 waits for all of
+    them (so it never leaves, nor ends a process that serves the store, before every rank
+    has its answer; a Recorder made on some ranks only waits as a collective would), then
+    deletes the keys.
+
+    Why not a collective: a broadcast's tensors are Python's, and a gloo work still held by
+    gloo's thread when the interpreter exits (the process refused a run and ended) frees
+    them there, taking the GIL during finalization, which aborts the process ("terminate
+    called without an active exception"; 4 of 50 two-rank runs under load, and again with
+    the tensors kept in a module global, which finalization clears too). A store has no
+    tensors and no device. Without a usable store, ``broadcast_object_list``."""
+    # The key names the run directory (every rank records into the same one) and how many
+    # times this process asked about it, so a Recorder made on rank 0 only, for another
+    # directory, is never taken for the next one every rank makes.
+    count = _ANSWERS[topic] = _ANSWERS.get(topic, -1) + 1
+    key = f"stabscope/run-dir/{topic}/{count}"
     store = _default_store(dist)
-    if store is None:
+    if store is None or str(dist.get_backend()) in _NO_STORE_BACKENDS:
         box = [value]
         dist.broadcast_object_list(box, src=0)
         return box[0]
-    if dist.get_rank() == 0:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    acks = [f"{key}/read/{r}" for r in range(1, world)]
+    if rank == 0:
         store.set(key, json.dumps(value))
+        store.wait(acks)  # the store's timeout, as the process group's own collectives
+        for done in (key, *acks):
+            try:
+                store.delete_key(done)
+            except Exception:  # a store without deletion keeps a few bytes: no harm
+                break
         return value
-    return json.loads(store.get(key))
+    got = json.loads(store.get(key))
+    store.set(f"{key}/read/{rank}", "1")
+    return got
 
 
 def _default_store(dist: Any) -> Any:

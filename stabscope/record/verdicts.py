@@ -45,7 +45,15 @@ from typing import Any
 
 from ..errors import StabscopeWarning, UsageError
 from ..rules.gate import load_settings
-from ..rules.online import FULL, LOSS, ON_ERROR, OnlineVerdicts, finding_entry
+from ..rules.online import (
+    CLOSE_WAIT,
+    FULL,
+    HURRIED_CLOSE_WAIT,
+    LOSS,
+    ON_ERROR,
+    OnlineVerdicts,
+    finding_entry,
+)
 from ..store import interrupts
 from ..store.findings import Finding
 from ..store.memory import Unwritten
@@ -207,7 +215,8 @@ class VerdictActions:
         when it ends cleanly at the boundary where a finding asked it to stop."""
         if self.verdicts is None:
             return status
-        self.verdicts.close()
+        hurried = status != "complete"  # a signal or an error: its end is written first
+        self.verdicts.close(wait=HURRIED_CLOSE_WAIT if hurried else CLOSE_WAIT)
         online = self.verdicts.summary(self.on_error)
         self.meta["online"] = {**online, "findings": self._online_found}
         ended_there = self._stop_at == self.step_index  # no step after the one that asked

@@ -59,6 +59,9 @@ PAUSE = 49.0
 #: The worker thread's name; warnings raised on it are dropped (module docstring).
 WORKER = "stabscope-online-rules"
 CLOSE_WAIT = 60.0  # seconds a closing run waits for a check in progress (close())
+#: The wait of a run closing on a signal or an error: a preemption's grace period (often 30 s
+#: before SIGKILL) belongs to writing the run's end, not to a verdict.
+HURRIED_CLOSE_WAIT = 5.0
 #: The key of ``failures`` for a check that failed outside any one rule (meta.json unreadable).
 CHECK = "(online check)"
 #: The severity that acts (``--on-error``, ``on_finding``).
@@ -184,8 +187,9 @@ class OnlineVerdicts:
         finalizes is ended by ``pthread_exit`` as it takes the GIL back, and the unwind
         through their C++ frames aborts the process ("terminate called without an active
         exception", exit 134) after the user's script has finished. A check is one rule pass
-        over the run (~0.2 s on a 300-step run), so the wait is short; a check still running
-        after ``wait`` is left to the daemon thread rather than hang the user's exit."""
+        over the run (about a second on a 200-step GPT), so the wait is short; a check still
+        running after ``wait`` is left to the daemon thread rather than hang the user's
+        exit."""
         self._closed = True
         self._wake.set()
         if self._thread is not None and wait > 0 and self._thread is not threading.current_thread():

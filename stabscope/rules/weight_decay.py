@@ -29,9 +29,10 @@ twins (an LSTM at 0.015, 1.9x its twin's loss; an MLP at 0.03, 1.3x): a warning 
 Missed: a run whose norm grew under lr·wd 0.1 (an OPT after a 50-step warm-up), and a BERT
 at 0.05 whose weights the decay held at their initial scale.
 
-Only decays applied to the weights themselves count: AdamW's, Lion's, Adafactor's, Adam's
-with ``decoupled_weight_decay``, SGD's. Adam, RMSprop and Adagrad add ``wd·w`` to the
-gradient, and their normalisation by the gradient's own scale changes what it does.
+Only decays applied to the weights themselves, at lr·wd, count: AdamW's, Lion's, Adam's
+with ``decoupled_weight_decay``, SGD's; not Adafactor's (HF's scales it by the weights'
+rms). Adam, RMSprop and Adagrad add ``wd·w`` to the gradient, and their normalisation by the
+gradient's own scale changes what it does.
 """
 
 from __future__ import annotations
@@ -50,7 +51,9 @@ from .view import Request
 DECOUPLED_WEIGHT_DECAY = "Loshchilov & Hutter 2019, Decoupled Weight Decay Regularization"
 
 #: Optimizers whose decay multiplies the weights by (1 - lr·wd): lowercase name fragments.
-DIRECT_DECAY = ("adamw", "lion", "adafactor", "sgd")
+#: Not Adafactor: HF's multiplies its decay by the weights' rms (``scale_parameter``), torch's
+#: does not, and both have the one class name.
+DIRECT_DECAY = ("adamw", "lion", "sgd")
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,11 @@ class Decay:
             momentum = "(1 - dampening)/(1 - momentum)"
             return f"lr·wd·{momentum} = {product}·{self.factor:.3g} = {self.rate:.3g}"
         return f"lr·wd = {product} = {self.rate:.3g}"
+
+
+def at_least(rate: float, threshold: float) -> bool:
+    """``rate >= threshold``, allowing for the lr rows' float32 (0.01 reads 0.0099999998)."""
+    return rate >= threshold * (1 - 1e-6)
 
 
 def decays_directly(name: str, group: dict[str, Any]) -> bool:
@@ -135,7 +143,7 @@ def weight_norm_ratio(view: RunView) -> tuple[float, int, int] | None:
 
 
 def _weight_decay_dominance(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
-    decays = [d for d in decay_rates(view) if d.rate >= p["min_decay"]]
+    decays = [d for d in decay_rates(view) if at_least(d.rate, p["min_decay"])]
     if not decays:
         return
     shrunk = weight_norm_ratio(view)
@@ -149,7 +157,7 @@ def _weight_decay_dominance(view: RunView, p: dict[str, float]) -> Iterator[Find
         f"per step (half-life {half_life:.0f} steps), and the weights' norm fell to "
         f"{ratio:.2f} of its step-{first} value by step {last}: the decay outpaces the updates"
     )
-    if worst.rate >= p["error_decay"] * (1 - 1e-6):  # the lr rows are float32: 0.00999999977
+    if at_least(worst.rate, p["error_decay"]):
         severity = "error"
         said += (
             f", and a weight keeps e^-1 of what it learned {1 / worst.rate:.0f} steps before: "
@@ -167,9 +175,9 @@ def _weight_decay_dominance(view: RunView, p: dict[str, float]) -> Iterator[Find
         value=ratio,
         threshold=p["max_norm_ratio"],
         metric="param_norm",
-        remedy=f"lower weight_decay (lr·wd near 1e-5-1e-4 per step is usual: wd "
-        f"{1e-4 / worst.lr:.2g} or less at lr {worst.lr:.3g}), and leave norm gains, biases "
-        "and embeddings out of the decayed group",
+        remedy=f"lower weight_decay (a decay rate near 1e-5-1e-4 per step is usual: wd "
+        f"{1e-4 / (worst.lr * worst.factor):.2g} or less at lr {worst.lr:.3g}), and leave norm "
+        "gains, biases and embeddings out of the decayed group",
     )
 
 
