@@ -45,8 +45,7 @@ def _still(view: RunView, metric: str, min_steps: int) -> tuple[int, list[int]] 
     """(matrices, recorded steps) when every trainable matrix's ``metric`` is exactly 0 at
     every recorded step, at least ``min_steps`` of them; else None."""
     rows = view.metrics(metric)
-    trainable = {p["name"] for p in view.meta.parameters if p.get("trainable", True)}
-    rows = rows[rows.module.isin(view.matrices & trainable)]
+    rows = rows[rows.module.isin(view.matrices & view.meta.trainable)]
     values = rows.value.to_numpy(float)
     if rows.empty or not np.isfinite(values).all() or (values != 0).any():
         return None

@@ -58,7 +58,8 @@ from .failures import RuleFailure, isolated
 PAUSE = 49.0
 #: The worker thread's name; warnings raised on it are dropped (module docstring).
 WORKER = "stabscope-online-rules"
-CLOSE_WAIT = 60.0  # seconds a closing run waits for a check in progress (close())
+#: Seconds a closing run waits for a check in progress (``close``).
+CLOSE_WAIT = 60.0
 #: The wait of a run closing on a signal or an error: a preemption's grace period (often 30 s
 #: before SIGKILL) belongs to writing the run's end, not to a verdict.
 HURRIED_CLOSE_WAIT = 5.0

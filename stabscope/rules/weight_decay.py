@@ -126,8 +126,7 @@ def weight_norm_ratio(view: RunView) -> tuple[float, int, int] | None:
     """(the weights' norm at the latest recorded step over the first, first step, latest
     step): the trainable parameters recorded at both steps, summed in quadrature."""
     rows = view.metrics("param_norm")
-    trainable = {p["name"] for p in view.meta.parameters if p.get("trainable", True)}
-    rows = rows[rows.module.isin(trainable)]
+    rows = rows[rows.module.isin(view.meta.trainable)]
     if rows.empty:
         return None
     first, last = int(rows.step.min()), int(rows.step.max())

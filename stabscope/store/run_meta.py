@@ -159,6 +159,11 @@ class RunMeta(Mapping[str, Any]):
         return {p["name"] for p in self.parameters if len(p["shape"]) >= 2}
 
     @property
+    def trainable(self) -> set[str]:
+        """Parameters the run trained (``trainable``: a record without it counts as trained)."""
+        return {p["name"] for p in self.parameters if p.get("trainable", True)}
+
+    @property
     def structure(self) -> dict[str, Any] | None:
         """What structure discovery found (blocks, branches, norms), if it ran."""
         structure = self.doc.get("structure")
