@@ -279,3 +279,49 @@ def test_a_constant_lr_is_not_read_as_rising_from_its_float32_row(tmp_path) -> N
     assert found["stability_forecast"].evidence.endswith("; the planned lr rises no further")
     assert "has trained at" not in found["stability_forecast"].evidence  # no second lr
     assert np.isnan(found["stability_forecast"].value)  # no rise: stability_now reads it
+
+
+def test_an_init_the_loss_has_already_repaired_no_longer_counts(tmp_path) -> None:
+    """A head started 30x too large: the first loss is 15x ln 16, and 20 steps of Adam bring it
+    under 1.5 ln 16 and under half its start (checked here from the loss rows). The init
+    signals then count as not recorded: no warning from them. Started 3000x too large, the loss
+    is still far above ln 16 at step 20, and they make the forecast's error."""
+    script = ROOT / "tests" / "scripts" / "head_scaled.py"
+
+    def forecast(scale: str) -> tuple[dict, np.ndarray]:
+        out = tmp_path / scale
+        args = ["profile", str(script), "--steps", "20", "--budget", "400", "-q"]
+        res = runner.invoke(app, [*args, "--set", f"head_scale={scale}", "--out", str(out)])
+        assert res.exit_code == 0, res.output
+        loss = load_run(out, metrics=["loss"]).sort_values("step").value.to_numpy(float)
+        (found,) = [f for f in check_run(out).findings if f.rule == "failure-forecast"]
+        return {e["signal"]: e for e in found.evidence} | {"": found}, loss
+
+    init = ("init_logit_scale", "init_loss_ratio")
+    repaired, loss = forecast("30")
+    assert loss[0] > 10 * math.log(16)
+    assert np.mean(loss[-4:]) < min(1.5 * math.log(16), 0.5 * loss[0])
+    assert all(repaired[s]["contribution"] == 0 and "answered" in repaired[s]["evidence"]
+               for s in init)  # fmt: skip
+    assert repaired[""].severity == "info"
+    bad, loss = forecast("3000")
+    assert np.mean(loss[-4:]) > 10 * math.log(16)
+    assert all(bad[s]["contribution"] > 0 for s in init) and bad[""].severity == "error"
+
+
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_the_token_correlation_remedy_follows_the_blocks_placement(tmp_path, norm) -> None:
+    """ "Use Pre-LN" is the remedy for tokens that start alike in a Post-LN stack; a model whose
+    blocks are all Pre-LN (as structure discovery finds the sample GPT's) is told to look at
+    its input and first updates instead."""
+    from stabscope.rules.forecast import PRE_LN_TOKEN_CORR, REMEDIES, _remedy
+    from tests.conftest import SAMPLES
+
+    sets = ["depth=2", "width=32", "seq_len=16", "batch_size=8", f"norm={norm}"]
+    args = ["profile", str(SAMPLES / "gpt.py"), "--steps", "2", "-q", "--out", str(tmp_path)]
+    res = runner.invoke(app, [*args, *(a for s in sets for a in ("--set", s))])
+    assert res.exit_code == 0, res.output
+    view = RunView.open(tmp_path)
+    assert {b.placement for b in view.structure.blocks} == {norm}
+    expected = PRE_LN_TOKEN_CORR if norm == "pre" else REMEDIES["init_token_corr"]
+    assert _remedy("init_token_corr", view) == expected

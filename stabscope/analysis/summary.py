@@ -103,6 +103,22 @@ def summary_record(s: Summary) -> dict[str, Any]:
     return dict(strict_json(record))
 
 
+def _alike(group: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The members of a numbered container that make a stack of layers: those with
+    parameters, of the type most of them share (the convolutions of a ``Sequential(conv, norm,
+    act, conv, norm, act)``). A small ``Sequential(norm, act, conv)`` inside a U-Net stage
+    numbers a norm 0 and a convolution 2: not two layers of one stack, and its one
+    convolution is no stack at all."""
+    owning = [m for m in group if m.get("params", 1) > 0]
+    counts: dict[str, int] = {}
+    for m in owning:
+        counts[str(m.get("type"))] = counts.get(str(m.get("type")), 0) + 1
+    if not counts:
+        return []
+    common = max(counts, key=lambda t: counts[t])
+    return [m for m in owning if str(m.get("type")) == common]
+
+
 def layer_modules(meta: Mapping[str, Any]) -> dict[str, int]:
     """Modules that stand for a whole layer: role ``block`` if any, else the shallowest
     modules that carry a layer index (``layers.3`` rather than ``layers.3.fc``)."""
@@ -119,6 +135,7 @@ def layer_modules(meta: Mapping[str, Any]) -> dict[str, int]:
     for m in blocks:
         prefix = m["name"].rsplit(".", 1)[0] if "." in m["name"] else ""
         groups.setdefault(prefix, []).append(m)
+    groups = {k: g for k, g in ((k, _alike(g)) for k, g in groups.items()) if len(g) >= 2}
     if not groups:
         return {}
 

@@ -163,6 +163,16 @@ def module_table(modules: list[tuple[str, nn.Module]]) -> list[dict[str, Any]]:
     ]
 
 
+def mark_stepped(
+    table: list[dict[str, Any]], params: list[tuple[str, nn.Parameter]], held: set[int]
+) -> None:
+    """Set each record of ``table`` (``parameter_table(params)``) to say whether an optimizer
+    the run owns holds that parameter (``stepped``): one with ``requires_grad`` that none holds
+    gets gradients and never moves."""
+    for record, (_, p) in zip(table, params):
+        record["stepped"] = id(p) in held
+
+
 def parameter_table(params: list[tuple[str, nn.Parameter]]) -> list[dict[str, Any]]:
     """The ``parameters`` list of meta.json."""
     return [

@@ -37,6 +37,17 @@ class OptimizerWatch:
             self.settings.append(describe(optimizer))
         return True
 
+    def held_count(self) -> int:
+        """How many parameters the owned optimizers' groups hold: cheap enough for every
+        step (one ``len`` per group)."""
+        return sum(len(g["params"]) for o in self.optimizers.values() for g in o.param_groups)
+
+    def held(self) -> set[int]:
+        """The ids of the parameters the owned optimizers hold, over all their groups."""
+        return {
+            id(p) for o in self.optimizers.values() for g in o.param_groups for p in g["params"]
+        }
+
     def note_lrs(self, optimizer: torch.optim.Optimizer, unless_noted: bool = False) -> None:
         """Called just before ``optimizer.step()``: the lr each of its groups uses
         (``unless_noted``: only if this step's are not noted yet)."""

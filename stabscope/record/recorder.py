@@ -43,7 +43,7 @@ from .lifecycle import RunLifecycle
 from .live import LiveBridge, live_targets
 from .losses import PendingLosses, nonfinite_on_host
 from .lr_plan import LrPlanner
-from .module_table import select_modules, select_parameters
+from .module_table import mark_stepped, select_modules, select_parameters
 from .optim_closure import after_first_call, closure_of
 from .optimizers import OptimizerWatch
 from .probe_wiring import ProbeWiring
@@ -173,6 +173,8 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
             record_eval=cfg.record_eval,
         )
         self.meta = initial_meta(model, cfg, run_info, self.rank, modules, params)
+        self._table_params = params  # the parameters of meta.json's table, in its order
+        self._held_count = -1  # parameters the owned optimizers held when last marked
 
     @property
     def last_loss(self) -> float | None:
@@ -282,7 +284,14 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
         new = len(self.meta.get("optimizers") or []) != len(self.optimizer_watch.settings)
         if new:  # its settings
             self.meta["optimizers"] = list(self.optimizer_watch.settings)
-        if self._plan_lr() or new:
+        # Which parameters the owned optimizers hold: again whenever their count changes
+        # (``add_param_group`` when a frozen part is released).
+        held = self.optimizer_watch.held_count()
+        regrouped = held != self._held_count
+        if regrouped:
+            self._held_count = held
+            mark_stepped(self.meta["parameters"], self._table_params, self.optimizer_watch.held())
+        if self._plan_lr() or new or regrouped:
             self._save_meta()
         self.optimizer_watch.note_lrs(optimizer)
         recorded = self.hooks.attached

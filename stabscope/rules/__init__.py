@@ -12,11 +12,13 @@ from typing import Any
 
 from ..store.findings import SEVERITIES, write_findings
 from . import (
+    clip_throttle,
     depth,
     forecast,
     health,
     loss_divergence,
     lr_ramp,
+    lr_vanish,
     no_update,
     optimizer_settings,
     prediction,
@@ -42,6 +44,8 @@ ALL_RULES: list[Rule] = [
     *prediction.RULES,
     *forecast.RULES,
     *lr_ramp.RULES,
+    *lr_vanish.RULES,
+    *clip_throttle.RULES,
 ]
 RULES_BY_ID = {r.id: r for r in ALL_RULES}
 

@@ -10,6 +10,16 @@ value, and at least ``min_steps`` recorded steps:
   recorded step. The optimizer never moved them: ``optimizer.step()`` not called, or called
   after ``zero_grad()``, or a learning rate of 0 throughout.
 
+A third case needs no zero: weight matrices with ``requires_grad`` that no optimizer of the
+run holds (meta.json's ``stepped``) and that received a gradient. They never move: the
+optimizer was built from part of the model (``Adam(model.head.parameters())``, or only the
+no-decay group), or a module was added after the optimizer was made. An error when they hold
+``unstepped_share`` (half) or more of the values of the weight matrices with
+``requires_grad``: most of the model does not train. A warning below that. A part meant to
+stay frozen is frozen with ``requires_grad_(False)``, which also spares its backward; such a
+part is not counted here. Judged once the run has ended, not while it trains: a part may
+still join the optimizer (``add_param_group``, when a frozen body is released).
+
 Exactly zero, not small: a run with a small learning rate or vanishing gradients still moves
 its weights by some amount, and that is the depth and update rules' business; an exact zero
 over every matrix and every recorded step is a bug, not a regime. A warm-up from lr 0 or a
@@ -23,6 +33,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from ..store.findings import Finding
+from ..store.rundir import run_state
 from .base import Rule, RunView, finding
 from .view import Request
 
@@ -53,7 +64,44 @@ def _still(view: RunView, metric: str, min_steps: int) -> tuple[int, list[int]] 
     return (rows.module.nunique(), steps) if len(steps) >= min_steps else None
 
 
+def _unstepped(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
+    """Weight matrices that get gradients and that no optimizer holds (module docstring)."""
+    meta = view.meta
+    unstepped = view.matrices & meta.unstepped
+    if not unstepped or run_state(view.run_dir, meta).status == "running":
+        # While it trains, a part may still join the optimizer (``add_param_group`` when a
+        # frozen body is released): judged once the run has ended.
+        return
+    grads = view.metrics("param_grad_norm")
+    grads = grads[grads.module.isin(unstepped)]
+    # NaN counts as a gradient too: it reached the weight; only an exact 0 does not.
+    reached = sorted(set(grads.module[grads.value.to_numpy(float) != 0]))
+    if not reached:
+        return
+    numel = {q["name"]: int(q.get("numel", 0)) for q in meta.parameters}
+    total = sum(numel.get(n, 0) for n in view.matrices if n in meta.trainable | meta.unstepped)
+    share = sum(numel.get(n, 0) for n in reached) / total if total else 1.0
+    severity = "error" if share >= p["unstepped_share"] else "warning"
+    named = ", ".join(reached[:3]) + (f" and {len(reached) - 3} more" if len(reached) > 3 else "")
+    yield finding(
+        NO_UPDATE,
+        severity,
+        f"{len(reached)} weight matrices receive gradients but no optimizer holds them, so "
+        f"they never change: {share:.0%} of the values of the weight matrices that require a "
+        f"gradient ({named})",
+        step=int(grads.step.max()),
+        value=share,
+        threshold=p["unstepped_share"],
+        metric="param_grad_norm",
+        module=reached[0],
+        remedy="build the optimizer from every parameter that should train "
+        "(model.parameters(), after every module is added), and freeze the rest with "
+        "requires_grad_(False), which also spares their backward",
+    )
+
+
 def _no_update(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
+    yield from _unstepped(view, p)
     still = {m: _still(view, m, int(p["min_steps"])) for m in CASES}
     # The weights not moving is the fact; zero gradients, where they are seen too, are why
     # (a dead network, or gradients zeroed before the optimizer's step reads them).
@@ -85,7 +133,7 @@ NO_UPDATE = Rule(
     "The weights never change (no gradient, or no optimizer step)",
     "",
     ("param_grad_norm", "update_norm"),
-    {"min_steps": 2},
+    {"min_steps": 2, "unstepped_share": 0.5},
     _no_update,
     "error",
     (Request(("param_grad_norm", "update_norm")),),

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from ..store import RUN_MODULE
-from ..store.lr_plan import planned_lr
+from .lr_plan_check import checked_plan
 from .trends import Feature
 from .view import Request, RunView
 
@@ -95,7 +95,7 @@ def stability_features(view: RunView) -> dict[str, Feature]:
         ),
     }
     lr_now = float(lr.get(last, math.nan))
-    plan = planned_lr(view.meta)
+    plan = checked_plan(view)  # None where the scripts' schedulers step at another pace
     if plan is None or not (lr_now > 0):
         why = f"no planned lr curve: no rise to extrapolate the index ({now:.3g}) along"
         out["stability_forecast"] = Feature("stability_forecast", math.nan, why, last)

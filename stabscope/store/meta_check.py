@@ -94,7 +94,14 @@ MODULE = Record(
     required=("name",),
 )
 PARAMETER = Record(
-    {"name": STR, "shape": ListOf(INT), "numel": INT, "layer": MAYBE_INT, "trainable": BOOL},
+    {
+        "name": STR,
+        "shape": ListOf(INT),
+        "numel": INT,
+        "layer": MAYBE_INT,
+        "trainable": BOOL,
+        "stepped": BOOL,
+    },
     required=("name", "shape"),
 )
 BRANCH = Record(

@@ -150,7 +150,9 @@ class RunMeta(Mapping[str, Any]):
 
     @property
     def parameters(self) -> list[dict[str, Any]]:
-        """One record per parameter: name, shape, numel, layer, trainable."""
+        """One record per parameter: name, shape, numel, layer, trainable (its
+        ``requires_grad``), and once an optimizer stepped, stepped (an owned optimizer holds
+        it)."""
         return list(self.doc.get("parameters") or [])
 
     @property
@@ -160,8 +162,23 @@ class RunMeta(Mapping[str, Any]):
 
     @property
     def trainable(self) -> set[str]:
-        """Parameters the run trained (``trainable``: a record without it counts as trained)."""
-        return {p["name"] for p in self.parameters if p.get("trainable", True)}
+        """Parameters the run trained: ``requires_grad`` (``trainable``) and held by an
+        optimizer (``stepped``); a record without either field counts as trained."""
+        return {
+            p["name"]
+            for p in self.parameters
+            if p.get("trainable", True) and p.get("stepped", True)
+        }
+
+    @property
+    def unstepped(self) -> set[str]:
+        """Parameters with ``requires_grad`` that no optimizer of the run holds: they get
+        gradients and never move (empty before an optimizer stepped)."""
+        return {
+            p["name"]
+            for p in self.parameters
+            if p.get("trainable", True) and p.get("stepped") is False
+        }
 
     @property
     def structure(self) -> dict[str, Any] | None:
