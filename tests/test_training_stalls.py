@@ -206,6 +206,43 @@ def test_without_a_plan_the_recorded_lr_decides(tmp_path):
     assert "of the 40 steps so far" in f.message
 
 
+def test_a_plan_of_chunks_is_checked_from_below_too(tmp_path):
+    """A budget of 2000 steps keeps the plan as chunks of 20. The script steps its warm-up and
+    decay every 10 steps, so it is still warming up where the plan (once per step) has
+    already peaked: the run's lr sits below the chunks' minimum, not above their maximum.
+    The plan is set aside and nothing vanished."""
+    f = lambda s: (s + 1) / 20 if s < 20 else max(0.0, (200 - s) / 180)  # noqa: E731
+
+    def every_ten(model):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, f)
+
+    train(tmp_path / "k", every_ten, steps=100, budget=2000, epoch=10)
+    plan = json.loads((tmp_path / "k" / "meta.json").read_text())["lr_plan"]
+    assert len(plan["lr"]) == len(plan["lr_min"]) == 100  # chunks of 20 steps
+    # Step 30: the run's lr is f(3) = 0.2 of 1e-2, still warming up; the plan's chunk
+    # [20, 40) holds f(20..39), 1.0 down to 0.894 of it.
+    assert 1e-2 * f(30 // 10) < plan["lr_min"][1] == pytest.approx(1e-2 * f(39))
+    assert plan_conflict(RunView.open(tmp_path / "k")) is not None
+    assert found(tmp_path / "k", "lr-vanishes") == []
+
+
+def test_an_lr_at_exactly_a_thousandth_of_its_peak_is_not_below_it(tmp_path):
+    """Three x0.1 step decays from lr 0.1 end at 1e-4, 1/1000 of the peak, which the float32
+    lr rows store just under 1e-4 x float32(0.1): not below. A fourth decay is."""
+
+    def step_lr(model):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.1)
+
+    train(tmp_path / "three", step_lr, steps=60)  # 1e-4 over steps 30-59: half the run
+    assert np.float32(1e-4) < 1e-3 * np.float32(0.1)  # what a strict comparison would see
+    assert found(tmp_path / "three", "lr-vanishes") == []
+    train(tmp_path / "four", step_lr, steps=80)  # 1e-5 over steps 40-79
+    (f,) = found(tmp_path / "four", "lr-vanishes")
+    assert f.step == 40 and f.value == pytest.approx(40 / 80)
+
+
 # -- a clip far below the gradient norm ------------------------------------------------------
 
 
@@ -214,12 +251,16 @@ def sgd(model):
 
 
 def test_sgd_under_a_clip_a_thousand_times_below_the_gradient_norm_is_an_error(tmp_path):
+    torch.manual_seed(0)
+    weights = math.sqrt(sum(float(p.detach().pow(2).sum()) for p in mlp(hidden=32).parameters()))
     norms = train(tmp_path / "tiny", sgd, steps=20, clip=1e-4)
     (f,) = found(tmp_path / "tiny", "clip-throttles")
     factors = [1e-4 / (n + 1e-6) for n in norms]  # clip_grad_norm_'s own scaling
     assert f.severity == "error"
     assert f.value == pytest.approx(float(np.quantile(factors, 0.9)), rel=1e-4)
     assert f.value < 1e-2
+    # Each step: lr 0.1 x the clipped norm 1e-4 x momentum's gain 1/(1 - 0.9), over ||θ||.
+    assert f"moving the weights by {0.1 * 1e-4 * 10 / weights:.2g} of their norm" in f.message
     # The usual clip passes most steps unchanged; Adam does not see a uniform factor.
     norms = train(tmp_path / "usual", sgd, steps=20, clip=1.0)
     assert found(tmp_path / "usual", "clip-throttles") == []
@@ -230,3 +271,24 @@ def test_sgd_under_a_clip_a_thousand_times_below_the_gradient_norm_is_an_error(t
 
     train(tmp_path / "adam", adam, steps=20, clip=1e-4)
     assert found(tmp_path / "adam", "clip-throttles") == []
+
+
+def test_a_clip_at_every_step_with_an_lr_tuned_for_it_is_not_throttling(tmp_path):
+    """Normalised gradient descent: a summed loss, clipped to 0.1 at every step, with lr 0.5.
+    The clip keeps under 1% of the gradient, but each step moves the weights by about a tenth
+    of their norm, and the run learns."""
+    torch.manual_seed(0)
+    model = mlp(hidden=32)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    x, y = data()
+    kept = []
+    with stabscope.Recorder(model, tmp_path / "nsgd", schedule=Schedule(dense=10, every=5)) as rec:
+        for _ in range(40):
+            loss = (model(x) - y).pow(2).sum()
+            opt.zero_grad()
+            loss.backward()
+            kept.append(0.1 / float(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)))
+            opt.step()
+            rec.step(loss=loss)
+    assert np.quantile(kept, 0.9) < 1e-2  # the clip acts as hard as in the throttled run
+    assert found(tmp_path / "nsgd", "clip-throttles") == []

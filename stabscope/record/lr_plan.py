@@ -24,7 +24,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
-from ..store.lr_plan import plan_entry, unknown_plan
+from ..store.lr_plan import METRIC_DRIVEN, plan_entry, unknown_plan
 
 _NO_BUDGET = (
     "the planned number of training steps is not known "
@@ -186,7 +186,7 @@ def _check_plannable(schedulers: list[Any]) -> None:
         if isinstance(s, Unplannable):
             raise CannotPlan(s.why)
         if isinstance(s, ReduceLROnPlateau):
-            raise CannotPlan("ReduceLROnPlateau changes the lr from a metric, not on a plan")
+            raise CannotPlan(f"ReduceLROnPlateau {METRIC_DRIVEN}, not on a plan")
         if not isinstance(s, LRScheduler):
             raise CannotPlan(f"{type(s).__name__} is not a torch LRScheduler")
         stack.extend(_children(s))

@@ -10,7 +10,13 @@ orders of magnitude below the gradient norm (1e-4 for a norm near 1) instead shr
 step a thousandfold and the loss stands still.
 
 An error when the clip's factor (``grad_norm_clipped`` / ``grad_norm``, every step) is at most
-``max_factor`` (1/100) at ``share`` (90%) of at least ``min_steps`` steps.
+``max_factor`` (1/100) at ``share`` (90%) of at least ``min_steps`` steps, and the step that
+is left is small: lr x the clipped norm x SGD's momentum gain (1 - dampening)/(1 - momentum),
+over the weights' norm at the first recorded step, at most ``max_step`` (1e-4) at the median
+step: ten times below the update-to-weight ratio of about 1e-3 per step that healthy training
+shows (Karpathy, CS231n notes, "Neural Networks Part 3"). A clip that acts at every step
+with an lr tuned for it (a summed loss, normalised gradient descent) takes steps of a useful
+size and is not reported.
 """
 
 from __future__ import annotations
@@ -26,8 +32,45 @@ from .view import Request
 
 
 def _all_sgd(view: RunView) -> bool:
-    classes = [str(o.get("class", "")) for o in view.meta.optimizers]
-    return bool(classes) and all("sgd" in c.lower() for c in classes)
+    """Every owned optimizer is SGD (a class name with "SGD", not the sign of the gradient's
+    SignSGD, which a uniform factor does not change)."""
+    classes = [str(o.get("class", "")).lower() for o in view.meta.optimizers]
+    return bool(classes) and all("sgd" in c and "sign" not in c for c in classes)
+
+
+def _momentum_gain(view: RunView) -> float:
+    """The largest (1 - dampening)/(1 - momentum) over the SGD groups: how far momentum
+    lengthens a step at steady state (1 without momentum)."""
+    gains = [1.0]
+    for optimizer in view.meta.optimizers:
+        for group in optimizer.get("groups") or []:
+            momentum = float(group.get("momentum") or 0.0)
+            if 0.0 <= momentum < 1.0:
+                gains.append((1.0 - float(group.get("dampening") or 0.0)) / (1.0 - momentum))
+    return max(gains)
+
+
+def _weight_norm(view: RunView) -> float | None:
+    """The trained parameters' norm at the first step that recorded them (in quadrature)."""
+    rows = view.metrics("param_norm")
+    rows = rows[rows.module.isin(view.meta.trainable)]
+    if rows.empty:
+        return None
+    first = rows[rows.step == rows.step.min()].value.to_numpy(float)
+    total = float(np.sqrt(np.sum(first**2)))
+    return total if np.isfinite(total) and total > 0 else None
+
+
+def _relative_step(view: RunView, steps: np.ndarray, after: np.ndarray) -> float | None:
+    """The median over ``steps`` of lr x the clipped norm x the momentum gain / ||θ||."""
+    norm = _weight_norm(view)
+    if norm is None or not view.has("lr"):
+        return None
+    lr = view.metrics("lr").groupby("step").value.max()  # (S,) the largest group's lr
+    at = lr.reindex(steps).to_numpy(float)  # (steps,) NaN where a step has no lr row
+    size = at * after * _momentum_gain(view) / norm
+    size = size[np.isfinite(size)]
+    return float(np.median(size)) if len(size) else None
 
 
 def _clip_throttles(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
@@ -48,6 +91,9 @@ def _clip_throttles(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     if not high <= p["max_factor"]:
         return
     steps = wide.index.to_numpy(np.int64)[usable]
+    size = _relative_step(view, steps, after[usable])
+    if size is None or not size <= p["max_step"]:
+        return
     yield finding(
         CLIP_THROTTLES,
         "error",
@@ -55,7 +101,8 @@ def _clip_throttles(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
         f"{len(factor)} steps (median {float(np.median(factor)):.2g}; the norm before the "
         f"clip {float(np.median(before[usable])):.3g}, after {float(np.median(after[usable])):.3g}"
         f"): SGD steps by lr x the clipped gradient, so the run trains at about "
-        f"{float(np.median(factor)):.2g} of its learning rate",
+        f"{float(np.median(factor)):.2g} of its learning rate, each step moving the weights "
+        f"by {size:.2g} of their norm",
         module=RUN_MODULE,
         step=int(steps[-1]),
         value=high,
@@ -71,10 +118,10 @@ CLIP_THROTTLES = Rule(
     "A gradient clip far below the gradient norm throttles SGD",
     "",
     ("grad_norm_clipped",),
-    {"max_factor": 0.01, "share": 0.9, "min_steps": 10},
+    {"max_factor": 0.01, "share": 0.9, "min_steps": 10, "max_step": 1e-4},
     _clip_throttles,
     "error",
-    (Request(("grad_norm", "grad_norm_clipped")),),
+    (Request(("grad_norm", "grad_norm_clipped", "lr")), Request(("param_norm",))),
 )
 
 RULES = [CLIP_THROTTLES]

@@ -5,27 +5,25 @@ schedulers once per training step. A script that steps its scheduler once per ep
 every k steps, trains on another curve: a per-epoch ``StepLR(gamma=0.7)`` over 30 batches an
 epoch is planned 30x too steep. Such a plan would read a healthy per-epoch decay as the lr
 vanishing, and a per-epoch warm-up as a rise far past the catapult. The ``lr`` rows say what
-each step used, so the plan is read only where it agrees with them:
-
-- at no recorded step may the lr used exceed the plan's largest lr over that step and its
-  neighbours (a chunk's max, ``store/lr_plan.py``; a neighbour allows for a scheduler
-  stepped before the optimizer rather than after it);
-- where the plan holds single steps, the lr used may not fall below the plan's smallest
-  over the same three steps either.
-
-Relative tolerance ``TOLERANCE``: the rows are float32.
+each step used, so the plan is read only where it agrees with them: at every recorded step
+the lr used lies between the smallest and the largest planned lr over that step and its
+neighbours (each chunk's ``lr_min`` and ``lr``, ``store/lr_plan.py``; a neighbour allows for
+a scheduler stepped before the optimizer rather than after it), with a relative tolerance
+``TOLERANCE`` (the rows are float32). A plan written before chunks kept their minimum has
+only the upper bound, and the lower one where it holds single steps (budgets up to 100).
 
 Agreement is only evidence where the plan moved within the rows: a plan still flat over the
 steps recorded so far (its first change further on, or the rows not yet written while the
-run trains) cannot tell a per-epoch scheduler from a per-step one. ``moved=True`` asks for
-that evidence: a recorded step at which the plan differs from its first step's lr.
+run trains) cannot tell a per-epoch scheduler from a per-step one. ``checked_plan(moved=True)``
+asks for that evidence: a recorded step at which the plan differs from its first step's lr,
+and both bounds.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ..store.lr_plan import planned_lr
+from ..store.lr_plan import planned_lr, planned_lr_min
 from .view import RunView
 
 TOLERANCE = 1e-4
@@ -37,8 +35,25 @@ def _used(view: RunView, starts: np.ndarray, budget: int) -> tuple[np.ndarray, n
         return np.zeros(0, np.int64), np.zeros(0)
     used = view.metrics("lr").groupby("step").value.max()  # (S,) by step
     steps = used.index.to_numpy(np.int64)
-    keep = (steps >= starts[0]) & (steps < budget)
-    return steps[keep], used.to_numpy(float)[keep]
+    lr = used.to_numpy(float)
+    keep = (steps >= starts[0]) & (steps < budget) & np.isfinite(lr)
+    return steps[keep], lr[keep]
+
+
+def _bounds(
+    starts: np.ndarray, high: np.ndarray, low: np.ndarray | None, budget: int, steps: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(upper, lower) planned bounds at each of ``steps`` (S,): over the chunks that hold the
+    step before, the step and the step after. Without chunk minima the lower bound is the
+    chunk max where chunks are single steps, else 0."""
+    if low is None:
+        single = bool(np.all(np.diff(np.append(starts, budget)) == 1))
+        low = high if single else np.zeros_like(high)
+    last = len(starts) - 1
+    at = [np.clip(np.searchsorted(starts, steps + d, "right") - 1, 0, last) for d in (-1, 0, 1)]
+    upper = np.nanmax(np.stack([high[i] for i in at]), axis=0)
+    lower = np.nanmin(np.stack([low[i] for i in at]), axis=0)
+    return upper, lower
 
 
 def plan_conflict(view: RunView) -> str | None:
@@ -52,19 +67,17 @@ def plan_conflict(view: RunView) -> str | None:
     steps, lr = _used(view, starts, budget)
     if not len(steps):
         return None
-    ends = np.append(starts[1:], budget)  # (C,) exclusive chunk ends
-    single = bool(np.all(ends - starts == 1))
-    for step, value in zip(steps, lr):
-        near = np.flatnonzero((ends > step - 1) & (starts <= step + 1))  # chunks of s-1..s+1
-        high, low = float(np.nanmax(chunk_max[near])), float(np.nanmin(chunk_max[near]))
-        if value > high * (1 + TOLERANCE) or (single and value < low * (1 - TOLERANCE)):
-            planned = float(chunk_max[np.searchsorted(starts, step, "right") - 1])
-            return (
-                f"the planned lr ({planned:.3g} at step {step}) is not the lr the run used "
-                f"({value:.3g}): a scheduler stepped other than once per training step "
-                "(per epoch, or every few steps)"
-            )
-    return None
+    upper, lower = _bounds(starts, chunk_max, planned_lr_min(view.meta), budget, steps)
+    off = (lr > upper * (1 + TOLERANCE)) | (lr < lower * (1 - TOLERANCE))
+    if not off.any():
+        return None
+    i = int(np.flatnonzero(off)[0])
+    planned = float(chunk_max[np.searchsorted(starts, steps[i], "right") - 1])
+    return (
+        f"the planned lr ({planned:.3g} at step {int(steps[i])}) is not the lr the run used "
+        f"({lr[i]:.3g}): a scheduler stepped other than once per training step (per epoch, "
+        "or every few steps)"
+    )
 
 
 def _moved(view: RunView, starts: np.ndarray, chunk_max: np.ndarray) -> bool:
@@ -77,11 +90,16 @@ def _moved(view: RunView, starts: np.ndarray, chunk_max: np.ndarray) -> bool:
 
 def checked_plan(view: RunView, moved: bool = False) -> tuple[np.ndarray, np.ndarray] | None:
     """``planned_lr`` of the run when it agrees with the lr rows (and, with ``moved``, when
-    the rows reach a step where the plan changed); else None."""
+    the rows reach a step where the plan changed and the plan has both bounds); else None."""
     read = planned_lr(view.meta)
     if read is None or plan_conflict(view) is not None:
         return None
-    return None if moved and not _moved(view, *read) else read
+    if moved:
+        budget = int((view.meta.lr_plan or {})["budget"])
+        chunked = len(read[0]) < budget - int(read[0][0])
+        if (chunked and planned_lr_min(view.meta) is None) or not _moved(view, *read):
+            return None
+    return read
 
 
 __all__ = ["TOLERANCE", "checked_plan", "plan_conflict"]

@@ -17,7 +17,10 @@ An error when the lr is below ``floor`` (1/1000) of its peak, after the peak, fo
   the lr the run used where the plan has already moved (``lr_plan_check``), over the planned
   steps: this judges a run at its first steps, before the lr has fallen;
 - otherwise over the steps recorded so far, at least ``min_steps`` of them (the ``lr`` rows,
-  the largest param group's lr at each step).
+  the largest param group's lr at each step, float32: an lr counts as below when it is below
+  by more than ``TOLERANCE``, so 1e-6 after a peak of 1e-3 does not). Not for a scheduler that
+  follows a metric (``ReduceLROnPlateau``): lowering the lr when the loss has stopped falling
+  is what it is for.
 
 A run whose lr is 0 throughout has no peak; that is ``no-update``'s case.
 """
@@ -29,9 +32,13 @@ from collections.abc import Iterator
 import numpy as np
 
 from ..store.findings import Finding
+from ..store.lr_plan import METRIC_DRIVEN
 from .base import Rule, RunView, finding
 from .lr_plan_check import checked_plan
 from .view import Request
+
+#: Relative margin below ``floor`` x peak for an lr row to count (float32 rows).
+TOLERANCE = 1e-5
 
 REMEDY = (
     "give the scheduler the number of optimizer steps the run trains for "
@@ -49,17 +56,18 @@ def _below_in_plan(view: RunView, floor: float) -> tuple[int, int, int, float, i
         return None
     starts, chunk_max = plan  # (C,), (C,): chunk starts and each chunk's max lr
     budget = int((view.meta.lr_plan or {})["budget"])
+    planned = budget - int(starts[0])  # the steps from the recorder's first on
     ends = np.append(starts[1:], budget)
     low = (starts > int(peak["step"])) & (chunk_max < floor * float(peak["lr"]))
     if not low.any():
-        return 0, budget, -1, float(peak["lr"]), int(peak["step"])
+        return 0, planned, -1, float(peak["lr"]), int(peak["step"])
     count = int((ends - starts)[low].sum())
-    return count, budget, int(starts[low][0]), float(peak["lr"]), int(peak["step"])
+    return count, planned, int(starts[low][0]), float(peak["lr"]), int(peak["step"])
 
 
 def _below_in_rows(view: RunView, floor: float) -> tuple[int, int, int, float, int] | None:
     """The same over the recorded ``lr`` rows; None without them."""
-    if not view.has("lr"):
+    if not view.has("lr") or METRIC_DRIVEN in str((view.meta.lr_plan or {}).get("note", "")):
         return None
     used = view.metrics("lr").groupby("step").value.max()  # (S,) by step
     lr, steps = used.to_numpy(float), used.index.to_numpy(np.int64)
@@ -67,7 +75,7 @@ def _below_in_rows(view: RunView, floor: float) -> tuple[int, int, int, float, i
     if not finite.any() or not np.nanmax(lr) > 0:
         return None
     top = int(np.nanargmax(np.where(finite, lr, -np.inf)))
-    low = (np.arange(len(lr)) > top) & finite & (lr < floor * lr[top])
+    low = (np.arange(len(lr)) > top) & finite & (lr < floor * lr[top] * (1 - TOLERANCE))
     first = int(steps[low][0]) if low.any() else -1
     return int(low.sum()), len(lr), first, float(lr[top]), int(steps[top])
 

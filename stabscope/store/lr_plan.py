@@ -8,6 +8,7 @@ puts them back), read by rules that look ahead. The entry::
      "from_step": s0,        # the first planned step (the step the recorder started at)
      "steps": [...],         # chunk starts: chunk i holds steps[i] .. steps[i+1]-1 (last: N-1)
      "lr": [...],            # chunk i's max lr (over its steps and every param group)
+     "lr_min": [...],        # chunk i's min over its steps (of the max over param groups)
      "peak": {"step": s, "lr": x},   # the exact maximum and its first step
      "note": "..."}          # why, when the source is "unknown"
 
@@ -30,6 +31,8 @@ from .run_meta import RunMeta
 #: at every flush and must stay a few KB (it is the one file a full disk must still take).
 MAX_POINTS = 100
 SOURCES = ("scheduler", "constant", "unknown")
+#: Part of an ``unknown`` plan's note when a scheduler follows a metric (ReduceLROnPlateau).
+METRIC_DRIVEN = "changes the lr from a metric"
 
 
 def chunk_starts(n: int, max_points: int = MAX_POINTS) -> np.ndarray:
@@ -48,6 +51,7 @@ def plan_entry(source: str, budget: int, from_step: int, lrs: Sequence[float]) -
     starts = chunk_starts(len(values))
     # fmax ignores a NaN unless the whole chunk is NaN (then the chunk says NaN).
     chunk_max = np.fmax.reduceat(values, starts)
+    chunk_min = np.fmin.reduceat(values, starts)
     finite = np.isfinite(values)
     peak = None
     if finite.any():
@@ -59,6 +63,7 @@ def plan_entry(source: str, budget: int, from_step: int, lrs: Sequence[float]) -
         "from_step": int(from_step),
         "steps": [int(from_step + s) for s in starts],
         "lr": [float(v) for v in chunk_max],
+        "lr_min": [float(v) for v in chunk_min],
         "peak": peak,
     }
 
@@ -99,6 +104,19 @@ def planned_lr(meta: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
     return out_steps, out_lr
 
 
+def planned_lr_min(meta: Mapping[str, Any]) -> np.ndarray | None:
+    """Each chunk's smallest planned lr (float64, as ``planned_lr``'s chunks); None without a
+    plan, or for a plan written before chunks kept their minimum."""
+    read = planned_lr(meta)
+    low = (RunMeta.of(meta).lr_plan or {}).get("lr_min")
+    if read is None or not isinstance(low, list) or len(low) != len(read[1]):
+        return None
+    try:
+        return np.asarray([float(v) for v in low], dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+
+
 def peak_lr_after(meta: Mapping[str, Any], step: int) -> tuple[int, float] | None:
     """The max planned lr at steps ``>= step`` and the first step it may be reached at;
     None without a plan or when no planned step is ``>= step``.
@@ -127,10 +145,12 @@ def peak_lr_after(meta: Mapping[str, Any], step: int) -> tuple[int, float] | Non
 
 __all__ = [
     "MAX_POINTS",
+    "METRIC_DRIVEN",
     "SOURCES",
     "chunk_starts",
     "peak_lr_after",
     "plan_entry",
     "planned_lr",
+    "planned_lr_min",
     "unknown_plan",
 ]

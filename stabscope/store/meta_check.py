@@ -142,6 +142,7 @@ LR_PLAN = Record(  # store/lr_plan.py
         "from_step": INT,
         "steps": ListOf(INT),
         "lr": ListOf(NUMBER),
+        "lr_min": ListOf(NUMBER),
         "peak": Record({"step": INT, "lr": NUMBER}, required=("step", "lr"), nullable=True),
         "note": STR,
     },
