@@ -112,6 +112,39 @@ def test_a_module_added_after_the_optimizer_is_a_warning_and_a_frozen_one_nothin
     assert found(tmp_path / "frozen", "no-update") == []
 
 
+BODY_REPLACED = """
+import torch
+from torch import nn
+
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 3))
+opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+model[0], model[2] = nn.Linear(6, 32), nn.Linear(32, 32)  # after the optimizer: never stepped
+g = torch.Generator().manual_seed(1)
+x, w = torch.randn(64, 6, generator=g), torch.randn(6, 3, generator=g)
+for step in range(12):
+    loss = (model(x) - torch.tanh(x @ w)).pow(2).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+"""
+
+
+def test_a_body_replaced_after_the_optimizer_was_built_is_an_error(tmp_path):
+    """The optimizer still holds the old body, out of the graph: the recorder sees it too (a
+    second set of parameters the script's optimizer steps), but it gets no gradient, so the
+    new body's share is of the matrices that get one: (6·32 + 32·32) / (6·32 + 32·32 + 32·3)."""
+    from tests.test_cli import invoke
+
+    script = tmp_path / "replaced.py"
+    script.write_text(BODY_REPLACED)
+    res = invoke("profile", script, "--out", tmp_path / "run", "-q")
+    assert res.exit_code == 0, res.output
+    (f,) = found(tmp_path / "run", "no-update")
+    body = 6 * 32 + 32 * 32
+    assert f.severity == "error" and f.value == pytest.approx(body / (body + 32 * 3))
+
+
 def test_a_part_released_later_with_add_param_group_counts_as_stepped(tmp_path):
     """Progressive unfreezing: the optimizer starts with the head, the body joins through
     ``add_param_group`` at step 6. meta.json's ``stepped`` follows the groups, so the body
@@ -241,6 +274,34 @@ def test_an_lr_at_exactly_a_thousandth_of_its_peak_is_not_below_it(tmp_path):
     train(tmp_path / "four", step_lr, steps=80)  # 1e-5 over steps 40-79
     (f,) = found(tmp_path / "four", "lr-vanishes")
     assert f.step == 40 and f.value == pytest.approx(40 / 80)
+
+
+def test_an_sgd_phase_handed_to_an_adam_fine_tune_is_two_scales_not_a_vanishing_lr(tmp_path):
+    """SGD at lr 0.1 for 20 steps, then a new Adam at 1e-5 for 40: the second optimizer's lr is
+    1e-4 of the first's, but each group is read against its own peak. The same drop inside one
+    SGD group is an error."""
+    torch.manual_seed(0)
+    model = mlp(hidden=32)
+    sgd_ = torch.optim.SGD(model.parameters(), lr=0.1)
+    adam = torch.optim.Adam(model.parameters(), lr=1e-5)
+    x, y = data()
+    with stabscope.Recorder(model, tmp_path / "handover", schedule=Schedule(dense=10)) as rec:
+        for step in range(60):
+            opt = sgd_ if step < 20 else adam
+            loss = (model(x) - y).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            rec.step(loss=loss)
+    assert found(tmp_path / "handover", "lr-vanishes") == []
+
+    def drop(model):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 if s < 20 else 1e-4)
+
+    train(tmp_path / "drop", drop, steps=60)
+    (f,) = found(tmp_path / "drop", "lr-vanishes")
+    assert f.step == 20 and f.value == pytest.approx(40 / 60)
 
 
 # -- a clip far below the gradient norm ------------------------------------------------------

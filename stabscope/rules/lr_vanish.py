@@ -30,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
+import pandas as pd
 
 from ..store.findings import Finding
 from ..store.lr_plan import METRIC_DRIVEN
@@ -66,18 +67,30 @@ def _below_in_plan(view: RunView, floor: float) -> tuple[int, int, int, float, i
 
 
 def _below_in_rows(view: RunView, floor: float) -> tuple[int, int, int, float, int] | None:
-    """The same over the recorded ``lr`` rows; None without them."""
+    """The same over the recorded ``lr`` rows; None without them. Each param group is read
+    against its own peak (an SGD pre-training at lr 0.1 handed to an Adam fine-tune at 1e-5
+    is two scales, not a vanishing lr): a step counts when every group that stepped in it is
+    past its own peak and below ``floor`` of it."""
     if not view.has("lr") or METRIC_DRIVEN in str((view.meta.lr_plan or {}).get("note", "")):
         return None
-    used = view.metrics("lr").groupby("step").value.max()  # (S,) by step
-    lr, steps = used.to_numpy(float), used.index.to_numpy(np.int64)
-    finite = np.isfinite(lr)
-    if not finite.any() or not np.nanmax(lr) > 0:
+    rows = view.metrics("lr")
+    rows = rows[np.isfinite(rows.value.to_numpy(float))]
+    if rows.empty or not rows.value.max() > 0:
         return None
-    top = int(np.nanargmax(np.where(finite, lr, -np.inf)))
-    low = (np.arange(len(lr)) > top) & finite & (lr < floor * lr[top] * (1 - TOLERANCE))
-    first = int(steps[low][0]) if low.any() else -1
-    return int(low.sum()), len(lr), first, float(lr[top]), int(steps[top])
+    rows = rows.sort_values(["index", "step"], kind="stable")
+    by_group = rows.groupby("index").value
+    peak = by_group.transform("max").to_numpy(float)  # (R,) each row's group peak
+    peak_step = rows.step.where(rows.value.to_numpy(float) == peak)
+    peak_step = peak_step.groupby(rows["index"]).transform("min").to_numpy(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        low = (rows.step.to_numpy() > peak_step) & (
+            rows.value.to_numpy(float) < floor * peak * (1 - TOLERANCE)
+        )
+    per_step = pd.Series(low).groupby(rows.step.to_numpy()).all()  # (S,) every group low
+    steps = per_step.index.to_numpy(np.int64)
+    first = int(steps[per_step.to_numpy()][0]) if per_step.any() else -1
+    top = rows.loc[rows.value.idxmax()]
+    return int(per_step.sum()), len(per_step), first, float(top.value), int(top.step)
 
 
 def _lr_vanishes(view: RunView, p: dict[str, float]) -> Iterator[Finding]:

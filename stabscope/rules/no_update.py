@@ -14,11 +14,13 @@ A third case needs no zero: weight matrices with ``requires_grad`` that no optim
 run holds (meta.json's ``stepped``) and that received a gradient. They never move: the
 optimizer was built from part of the model (``Adam(model.head.parameters())``, or only the
 no-decay group), or a module was added after the optimizer was made. An error when they hold
-``unstepped_share`` (half) or more of the values of the weight matrices with
-``requires_grad``: most of the model does not train. A warning below that. A part meant to
-stay frozen is frozen with ``requires_grad_(False)``, which also spares its backward; such a
-part is not counted here. Judged once the run has ended, not while it trains: a part may
-still join the optimizer (``add_param_group``, when a frozen body is released).
+``unstepped_share`` (half) or more of the values of the weight matrices that get a
+gradient: most of the model does not train. (A body replaced after the optimizer was built
+is still held by it, out of the graph: it gets no gradient and does not count.) A warning
+below that. A part meant to stay frozen is frozen with ``requires_grad_(False)``, which also
+spares its backward; such a part is not counted here. Judged once the run has ended, not
+while it trains: a part may still join the optimizer (``add_param_group``, when a frozen body
+is released).
 
 Exactly zero, not small: a run with a small learning rate or vanishing gradients still moves
 its weights by some amount, and that is the depth and update rules' business; an exact zero
@@ -79,7 +81,11 @@ def _unstepped(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     if not reached:
         return
     numel = {q["name"]: int(q.get("numel", 0)) for q in meta.parameters}
-    total = sum(numel.get(n, 0) for n in view.matrices if n in meta.trainable | meta.unstepped)
+    # Of the matrices that got a gradient: a body replaced after the optimizer was built is
+    # still held by the optimizer but no longer in the graph, and counts for nothing.
+    all_grads = view.metrics("param_grad_norm")
+    alive = set(all_grads.module[all_grads.value.to_numpy(float) != 0]) & view.matrices
+    total = sum(numel.get(n, 0) for n in alive if n in meta.trainable | meta.unstepped)
     share = sum(numel.get(n, 0) for n in reached) / total if total else 1.0
     severity = "error" if share >= p["unstepped_share"] else "warning"
     named = ", ".join(reached[:3]) + (f" and {len(reached) - 3} more" if len(reached) > 3 else "")
@@ -87,7 +93,7 @@ def _unstepped(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
         NO_UPDATE,
         severity,
         f"{len(reached)} weight matrices receive gradients but no optimizer holds them, so "
-        f"they never change: {share:.0%} of the values of the weight matrices that require a "
+        f"they never change: {share:.1%} of the values of the weight matrices that get a "
         f"gradient ({named})",
         step=int(grads.step.max()),
         value=share,
