@@ -111,3 +111,35 @@ def test_each_command_is_one_line_in_the_command_list():
     names = list(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
     assert len(names) >= 9 and len(rows) == len(names), rows
     assert sorted(row.split()[0] for row in rows) == sorted(names)
+
+
+SEVEN_STEPS = """
+import torch
+from torch import nn
+
+m = nn.Linear(4, 1)
+opt = torch.optim.SGD(m.parameters(), lr=0.1)
+for _ in range(7):
+    loss = m(torch.randn(8, 4)).pow(2).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+"""
+
+
+@pytest.mark.parametrize(("budget", "shown"), [(None, "7/?"), ("7", "7/7")])
+def test_a_training_scripts_bar_ends_at_its_budget(tmp_path, budget, shown) -> None:
+    """A training script's length is unknown without ``--max-steps``: the bar counts steps
+    with no end, unless ``--budget`` says how many are planned."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "seven.py"
+    script.write_text(SEVEN_STEPS)
+    args = [sys.executable, "-m", "stabscope", "profile", str(script), "--out", str(tmp_path / "r")]
+    done = subprocess.run(
+        [*args, *(["--budget", budget] if budget else [])], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    (bar,) = [line for line in done.stderr.splitlines() if line.startswith("training")]
+    assert f" {shown} " in bar

@@ -95,7 +95,9 @@ def run_profile(
         with contextlib.ExitStack() as stack:
             stack.enter_context(output.training())
             # The bar appears with the first step: errors before it stay one line.
-            progress = _lazy_progress(stack, disable=output.quiet or rank() != 0)
+            progress = _lazy_progress(
+                stack, disable=output.quiet or rank() != 0, planned=training.budget
+            )
             result = profile_training_script(
                 path,
                 training.args,
@@ -146,13 +148,17 @@ def run_profile(
     return result.stopped_by is not None
 
 
-def _lazy_progress(stack: contextlib.ExitStack, disable: bool) -> ProgressFn:
-    """A progress callback that opens its bar (inside ``stack``) on the first call."""
+def _lazy_progress(
+    stack: contextlib.ExitStack, disable: bool, planned: int | None = None
+) -> ProgressFn:
+    """A progress callback that opens its bar (inside ``stack``) on the first call. A script
+    run without ``--max-steps`` has no known end; ``planned`` (``--budget``) gives the bar one."""
     from .progress import step_progress
 
     bar: list[ProgressFn] = []
 
     def update(done: int, total: int | None, loss: float | None) -> None:
+        total = total if total is not None else planned
         if not bar:
             bar.append(stack.enter_context(step_progress(err, total, disable=disable)))
         bar[0](done, total, loss)
