@@ -73,3 +73,48 @@ def test_a_run_of_another_model_is_refused(runs):
     )
     assert lines[1].startswith("hint: pass a run of this model from before the change")
     assert not findings.exists()  # refused before anything was written
+
+
+def record_scaled(run: Path, scaled_steps: set[int]) -> Path:
+    """A 12-step MLP at lr 0 (every step's weights the same, the batches seeded alike), its
+    middle layer's output x100 at ``scaled_steps``: the runs differ there and nowhere else."""
+    import torch
+
+    from stabscope import Schedule
+    from tests.conftest import mlp
+
+    torch.manual_seed(0)
+    model = mlp(hidden=16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    g = torch.Generator().manual_seed(1)
+    step = [0]
+    model[2].register_forward_hook(lambda m, a, out: out * 100 if step[0] in scaled_steps else out)
+    with stabscope.Recorder(model, run, schedule=Schedule(dense=12)) as rec:
+        for step[0] in range(12):
+            x = torch.randn(32, 6, generator=g)
+            loss = model(x).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            rec.step(loss=loss)
+    return run
+
+
+def test_a_one_step_transient_is_not_a_regression_a_lasting_change_is(tmp_path):
+    """A layer x100 at one step of twelve (a seed's transient) is no regression; x100 at every
+    step (a change to the model) is, with the factor applied."""
+    from stabscope.rules.baseline import compare_to_baseline
+    from stabscope.rules.view import RunView
+
+    base = record_scaled(tmp_path / "base", set())
+    once = record_scaled(tmp_path / "once", {5})
+    always = record_scaled(tmp_path / "always", set(range(12)))
+    rows = stabscope.load_run(once, modules="2", metrics="act_rms", phase="train")
+    ref = stabscope.load_run(base, modules="2", metrics="act_rms", phase="train")
+    ratio = rows.set_index("step").value / ref.set_index("step").value
+    assert ratio[5] == pytest.approx(100, rel=1e-5) and (ratio.drop(5) == 1).all()
+    assert list(compare_to_baseline(RunView.open(once), RunView.open(base))) == []
+    found = {f.metric: f for f in compare_to_baseline(RunView.open(always), RunView.open(base))}
+    assert found["act_rms"].module == "2"
+    assert found["act_rms"].value == pytest.approx(100, rel=1e-5)  # the scale applied
+    assert "12 module-steps moved" in found["act_rms"].message  # every step of module 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
+import pandas as pd
 
 from ..store import RUN_MODULE, RunMeta
 from ..store.findings import Finding
@@ -38,10 +39,18 @@ def another_model(run: RunMeta, base: RunMeta) -> str | None:
     )
 
 
+#: The share of the steps both runs recorded at which a module must have moved by more than
+#: the factor: a change to the model moves a layer at every step, a seed's transient at one.
+PERSIST_SHARE = 0.5
+
+
 def compare_to_baseline(
     run: RunView, base: RunView, factor: float = 10.0, floor: float = 1e-3
 ) -> Iterator[Finding]:
-    """One error finding per metric whose worst module moved by more than ``factor``.
+    """One error finding per metric whose worst module moved by more than ``factor``, at
+    ``PERSIST_SHARE`` or more of the steps both runs recorded for it (a healthy Qwen2 run and
+    its twin of another seed differ 550x in one module's grad_rms at one step of a rank
+    collapse that both went through; a change that scales a layer moves it at every step).
 
     Module-steps where both runs sit below ``floor`` times the baseline's median of that
     metric are left out: a gradient of 1e-15 against 1e-12 is noise, not a regression.
@@ -75,6 +84,9 @@ def compare_to_baseline(
         change = np.where(
             np.isfinite(ratio), np.maximum(ratio, 1 / np.maximum(ratio, 1e-300)), np.inf
         )
+        over = pd.Series(change > factor, index=merged.index)
+        lasting = over.groupby([merged.module, merged.call]).transform("mean") >= PERSIST_SHARE
+        change = np.where(lasting.to_numpy() & over.to_numpy(), change, 0.0)
         worst = int(np.argmax(change))
         if change[worst] <= factor:
             continue
