@@ -28,7 +28,9 @@ import numpy as np
 from ..store import RUN_MODULE
 from ..store.findings import Finding
 from .base import Rule, RunView, finding
+from .lr_plan_check import largest_lr
 from .view import Request
+from .weight_decay import momentum_factor
 
 
 def _all_sgd(view: RunView) -> bool:
@@ -41,13 +43,14 @@ def _all_sgd(view: RunView) -> bool:
 def _momentum_gain(view: RunView) -> float:
     """The largest (1 - dampening)/(1 - momentum) over the SGD groups: how far momentum
     lengthens a step at steady state (1 without momentum)."""
-    gains = [1.0]
-    for optimizer in view.meta.optimizers:
-        for group in optimizer.get("groups") or []:
-            momentum = float(group.get("momentum") or 0.0)
-            if 0.0 <= momentum < 1.0:
-                gains.append((1.0 - float(group.get("dampening") or 0.0)) / (1.0 - momentum))
-    return max(gains)
+    return max(
+        [1.0]
+        + [
+            momentum_factor(str(optimizer.get("class")), group)
+            for optimizer in view.meta.optimizers
+            for group in optimizer.get("groups") or []
+        ]
+    )
 
 
 def _weight_norm(view: RunView) -> float | None:
@@ -66,8 +69,7 @@ def _relative_step(view: RunView, steps: np.ndarray, after: np.ndarray) -> float
     norm = _weight_norm(view)
     if norm is None or not view.has("lr"):
         return None
-    lr = view.metrics("lr").groupby("step").value.max()  # (S,) the largest group's lr
-    at = lr.reindex(steps).to_numpy(float)  # (steps,) NaN where a step has no lr row
+    at = largest_lr(view).reindex(steps).to_numpy(float)  # (steps,) NaN: no finite lr row
     size = at * after * _momentum_gain(view) / norm
     size = size[np.isfinite(size)]
     return float(np.median(size)) if len(size) else None

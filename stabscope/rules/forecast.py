@@ -30,6 +30,7 @@ from .base import Rule, RunView, finding
 from .forecast_model import load_default
 from .loss_divergence import MIN_WINDOW, loss_levels, loss_series, window
 from .output_features import log_classes
+from .residual_placement import all_pre_ln
 from .trends import Feature
 from .view import Request
 
@@ -122,8 +123,7 @@ PRE_LN_TOKEN_CORR = (
 def _remedy(name: str, view: RunView) -> str:
     if name.startswith("stability"):
         return REMEDIES["stability"]
-    blocks = view.structure.blocks if view.structure is not None else []
-    if name == "init_token_corr" and blocks and all(b.placement == "pre" for b in blocks):
+    if name == "init_token_corr" and all_pre_ln(view.structure):
         return PRE_LN_TOKEN_CORR
     return REMEDIES.get(name, DEFAULT_REMEDY)
 

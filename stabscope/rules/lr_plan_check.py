@@ -22,6 +22,7 @@ and both bounds.
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
 from ..store.lr_plan import planned_lr, planned_lr_min
 from .view import RunView
@@ -29,14 +30,24 @@ from .view import RunView
 TOLERANCE = 1e-4
 
 
-def _used(view: RunView, starts: np.ndarray, budget: int) -> tuple[np.ndarray, np.ndarray]:
-    """(steps, lr) of the recorded ``lr`` rows inside the plan: the largest group's lr."""
+def largest_lr(view: RunView) -> pd.Series:
+    """The largest param group's recorded lr at each step, by step; a step whose largest is
+    not finite is left out."""
     if not view.has("lr"):
-        return np.zeros(0, np.int64), np.zeros(0)
-    used = view.metrics("lr").groupby("step").value.max()  # (S,) by step
-    steps = used.index.to_numpy(np.int64)
-    lr = used.to_numpy(float)
-    keep = (steps >= starts[0]) & (steps < budget) & np.isfinite(lr)
+        return pd.Series(dtype=float)
+    used = view.metrics("lr").groupby("step").value.max()  # (S,) NaN rows skipped
+    return used[np.isfinite(used.to_numpy(float))]
+
+
+def _budget(view: RunView) -> int:
+    return int((view.meta.lr_plan or {})["budget"])
+
+
+def _used(view: RunView, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, lr) of the recorded ``lr`` rows inside the plan: the largest group's lr."""
+    used = largest_lr(view)  # (S,) by step
+    steps, lr = used.index.to_numpy(np.int64), used.to_numpy(float)
+    keep = (steps >= starts[0]) & (steps < _budget(view))
     return steps[keep], lr[keep]
 
 
@@ -60,13 +71,17 @@ def plan_conflict(view: RunView) -> str | None:
     """Where the plan disagrees with the lr the run used, in words; None when it agrees, or
     when there is no plan or no ``lr`` row to compare."""
     read = planned_lr(view.meta)
-    if read is None:
-        return None
-    starts, chunk_max = read  # (C,) int64 chunk starts, (C,) float64 chunk max lr
-    budget = int((view.meta.lr_plan or {})["budget"])
-    steps, lr = _used(view, starts, budget)
+    return None if read is None else _conflict(view, *read, *_used(view, read[0]))
+
+
+def _conflict(
+    view: RunView, starts: np.ndarray, chunk_max: np.ndarray, steps: np.ndarray, lr: np.ndarray
+) -> str | None:
+    """``plan_conflict`` of the plan's (C,) chunk starts and maxima against the (S,) steps
+    and lrs the run used."""
     if not len(steps):
         return None
+    budget = _budget(view)
     upper, lower = _bounds(starts, chunk_max, planned_lr_min(view.meta), budget, steps)
     off = (lr > upper * (1 + TOLERANCE)) | (lr < lower * (1 - TOLERANCE))
     if not off.any():
@@ -80,10 +95,9 @@ def plan_conflict(view: RunView) -> str | None:
     )
 
 
-def _moved(view: RunView, starts: np.ndarray, chunk_max: np.ndarray) -> bool:
-    """Whether a recorded step lies where the plan's lr differs from its first step's."""
-    budget = int((view.meta.lr_plan or {})["budget"])
-    steps, _ = _used(view, starts, budget)
+def _moved(starts: np.ndarray, chunk_max: np.ndarray, steps: np.ndarray) -> bool:
+    """Whether one of the recorded ``steps`` lies where the plan's lr differs from its first
+    step's."""
     chunk = np.searchsorted(starts, steps, "right") - 1  # (S,) the chunk of each step
     return bool(len(steps)) and bool(np.any(chunk_max[chunk] != chunk_max[0]))
 
@@ -92,14 +106,16 @@ def checked_plan(view: RunView, moved: bool = False) -> tuple[np.ndarray, np.nda
     """``planned_lr`` of the run when it agrees with the lr rows (and, with ``moved``, when
     the rows reach a step where the plan changed and the plan has both bounds); else None."""
     read = planned_lr(view.meta)
-    if read is None or plan_conflict(view) is not None:
+    if read is None:
+        return None
+    steps, lr = _used(view, read[0])
+    if _conflict(view, *read, steps, lr) is not None:
         return None
     if moved:
-        budget = int((view.meta.lr_plan or {})["budget"])
-        chunked = len(read[0]) < budget - int(read[0][0])
-        if (chunked and planned_lr_min(view.meta) is None) or not _moved(view, *read):
+        chunked = len(read[0]) < _budget(view) - int(read[0][0])
+        if (chunked and planned_lr_min(view.meta) is None) or not _moved(*read, steps):
             return None
     return read
 
 
-__all__ = ["TOLERANCE", "checked_plan", "plan_conflict"]
+__all__ = ["TOLERANCE", "checked_plan", "largest_lr", "plan_conflict"]

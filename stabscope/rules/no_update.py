@@ -75,16 +75,14 @@ def _unstepped(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
         # frozen body is released): judged once the run has ended.
         return
     grads = view.metrics("param_grad_norm")
-    grads = grads[grads.module.isin(unstepped)]
-    # NaN counts as a gradient too: it reached the weight; only an exact 0 does not.
-    reached = sorted(set(grads.module[grads.value.to_numpy(float) != 0]))
+    # The matrices that got a gradient (NaN counts too: it reached the weight; only an exact
+    # 0 does not). A body replaced after the optimizer was built is still held by it, but no
+    # longer in the graph, and counts for nothing.
+    alive = set(grads.module[grads.value.to_numpy(float) != 0]) & view.matrices
+    reached = sorted(alive & unstepped)
     if not reached:
         return
     numel = {q["name"]: int(q.get("numel", 0)) for q in meta.parameters}
-    # Of the matrices that got a gradient: a body replaced after the optimizer was built is
-    # still held by the optimizer but no longer in the graph, and counts for nothing.
-    all_grads = view.metrics("param_grad_norm")
-    alive = set(all_grads.module[all_grads.value.to_numpy(float) != 0]) & view.matrices
     total = sum(numel.get(n, 0) for n in alive if n in meta.trainable | meta.unstepped)
     share = sum(numel.get(n, 0) for n in reached) / total if total else 1.0
     severity = "error" if share >= p["unstepped_share"] else "warning"
@@ -95,7 +93,7 @@ def _unstepped(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
         f"{len(reached)} weight matrices receive gradients but no optimizer holds them, so "
         f"they never change: {share:.1%} of the values of the weight matrices that get a "
         f"gradient ({named})",
-        step=int(grads.step.max()),
+        step=int(grads[grads.module.isin(unstepped)].step.max()),
         value=share,
         threshold=p["unstepped_share"],
         metric="param_grad_norm",

@@ -32,6 +32,12 @@ def branch_placements(structure: Structure | None) -> dict[str, str]:
     }
 
 
+def all_pre_ln(structure: Structure | None) -> bool:
+    """Whether blocks were found and every one of them is Pre-LN."""
+    blocks = structure.blocks if structure is not None else []
+    return bool(blocks) and all(b.placement == "pre" for b in blocks)
+
+
 def judged(placement: np.ndarray, position: np.ndarray, beta_ii: float) -> np.ndarray:
     """Which branches the β_{i,i} threshold can judge (a boolean per branch).
 

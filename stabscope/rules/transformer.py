@@ -179,8 +179,7 @@ def _collapse_remedy(view: RunView) -> str:
     (Kedia et al. 2024). Pre-LN blocks already keep the stream's tokens apart at init: a
     collapse there comes with training, the output falling back to one prediction for every
     position (the unigram), which a learning rate past what the model takes brings."""
-    blocks = view.structure.blocks if view.structure is not None else []
-    if blocks and all(b.placement == "pre" for b in blocks):
+    if residual_placement.all_pre_ln(view.structure):
         return (
             "lower the peak learning rate or lengthen the warm-up: every position predicting "
             "the same distribution is the unigram fallback a too-large step brings"

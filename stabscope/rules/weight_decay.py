@@ -87,7 +87,7 @@ def decays_directly(name: str, group: dict[str, Any]) -> bool:
     return bool(group.get("decoupled_weight_decay")) or any(k in name.lower() for k in DIRECT_DECAY)
 
 
-def _momentum_factor(name: str, group: dict[str, Any]) -> float:
+def momentum_factor(name: str, group: dict[str, Any]) -> float:
     """SGD's momentum buffer sums the decay term ``(1 - dampening)/(1 - momentum)`` times at
     steady state; 1 for the others, whose decay bypasses the buffer."""
     if "sgd" not in name.lower():
@@ -114,7 +114,7 @@ def decay_rates(view: RunView) -> list[Decay]:
             wd, lr = group.get("weight_decay") or 0.0, peak.get(k, group.get("lr") or 0.0)
             if wd <= 0 or lr <= 0 or not group.get("params") or not decays_directly(name, group):
                 continue
-            factor = _momentum_factor(name, group)
+            factor = momentum_factor(name, group)
             label = name  # the optimizer as the message names it
             if group.get("decoupled_weight_decay") and "adamw" not in name.lower():
                 label = f"{name} (decoupled_weight_decay)"
