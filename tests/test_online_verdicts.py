@@ -148,15 +148,18 @@ def test_on_finding_gets_each_error_finding_once(tmp_path):
         ) as rec:
             for _ in range(160):
                 rec.step(step())
-    rules = ["gradient-growth", "loss-divergence", "nonfinite", "nonfinite"]
-    assert [f.rule for f in got] == rules
+    # The first two come from checks that run off the training thread, in either order.
+    rules = [f.rule for f in got]
+    assert sorted(rules[:2]) == ["gradient-growth", "loss-divergence"]
+    assert rules[2:] == ["nonfinite", "nonfinite"]
     assert {f.severity for f in got} == {"error"}
+    growth, diverged = (next(f for f in got if f.rule == r) for r in sorted(rules[:2]))
     # Recorded step 100, after the jump: the ReLUs are dead, the first layers' gradients 0.
-    assert got[0].step == 100 and "is exactly 0" in got[0].message
+    assert growth.step == 100 and "is exactly 0" in growth.message
     # The loss gave back what it had learned from step 98 on (LATE_DIVERGED), and overflows
     # at step 104: a CPU loss is read without a sync and judged by the loss check as it
     # rises, and at once when it overflows, with the steps before it.
-    assert LATE_DIVERGED <= got[1].step <= 103
+    assert LATE_DIVERGED <= diverged.step <= 103
     assert (got[2].module, got[2].step) == ("__run__", 104)
     assert "the loss went non-finite at step 104" in got[2].message
     # The modules at the first recorded step with a non-finite row (every 10th step here).
@@ -164,7 +167,8 @@ def test_on_finding_gets_each_error_finding_once(tmp_path):
     m = meta(tmp_path / "run")
     assert m["status"] == "complete" and m["steps"] == 160  # warn: training went on
     seen = [f["seen_at"] for f in m["online"]["findings"]]
-    assert got[0].step <= seen[0] <= seen[1] <= 104 and seen[2:] == [104, 110]
+    assert all(f.step <= at <= 104 for f, at in zip(got[:2], seen[:2]))
+    assert seen[0] <= seen[1] and seen[2:] == [104, 110]
     assert any("nonfinite" in str(w.message) for w in caught)
 
 

@@ -92,18 +92,21 @@ class FirstTrainingCall:
     made in training (train mode, gradients on, outside compiled code and backward) whose
     output ``accept`` takes, then removes itself. The captured keyword arguments leave out
     ``drop``; with ``to_device`` every tensor is moved to the model's device (a DDP wrapper
-    moves its inputs inside its own forward; the replay calls the model inside it)."""
+    moves its inputs inside its own forward; the replay calls the model inside it). With
+    ``with_output`` the call's output is handed over too: ``on_capture(replay, output)``."""
 
     def __init__(
         self,
         model: nn.Module,
-        on_capture: Callable[[Replay], None],
+        on_capture: Callable[..., None],
         call: Call = call_model,
         drop: Iterable[str] = (),
         accept: Callable[[Any], bool] | None = None,
         to_device: bool = False,
+        with_output: bool = False,
     ) -> None:
         self.on_capture, self.call, self.accept = on_capture, call, accept
+        self.with_output = with_output
         self.drop = frozenset(drop)
         self.device = single_device(model) if to_device else None
         self._handle: Any = model.register_forward_hook(self._hook, with_kwargs=True)
@@ -117,7 +120,7 @@ class FirstTrainingCall:
         kept = {k: v for k, v in kwargs.items() if k not in self.drop}
         replay = replay_of(self.call, args, kept, self.device)
         if replay is not None:
-            self.on_capture(replay)
+            self.on_capture(*((replay, output) if self.with_output else (replay,)))
 
     def remove(self) -> None:
         if self._handle is not None:

@@ -22,9 +22,10 @@ The rules (also in docs/zero-code.md):
   schedulers of its optimizers are stepped forward to ``budget`` and put back (lr_plan.py);
   a scheduler built after the model's first call is not seen.
 - **The stability index** replays the model's first training call (its arguments, copied once
-  on the model's device) as the probe forward: measured when the model returns its loss
-  (``model(x, targets)`` returning ``(logits, loss)``, a transformers model given labels);
-  otherwise meta.json notes that the probe forward returns no scalar loss.
+  on the model's device) as the probe forward, with the model's own loss (``(logits, loss)``,
+  a transformers model given labels) or else the loss the script computed from the output,
+  traced through the first step and replayed (probe_loss.py); meta.json notes why not when
+  neither is there.
 - ``max_steps``: after that many steps the Recorder is closed at the next safe point (the
   next backward call, or the end of the script) and every hook and wrapper is removed, so the
   rest of the script runs untouched; with ``stop_script`` the script is stopped at once by
@@ -59,6 +60,7 @@ from .compiled import COMPILE_NOTE, EAGER_NOTE, DynamoCounts, compiled_modules
 from .empty_run import write_empty_run
 from .losses import LossTap
 from .optimizers import OptimizerTracker, StepOwners, parameter_ids, trained_parameter_ids
+from .probe_loss import ProbeLoss
 from .roots import (
     RootCalls,
     TrainedModels,
@@ -122,6 +124,7 @@ class ScriptRecording:
         self._other_roots: set[int] = set()  # trained root modules outside the model
         self._hooks: list[Any] = []
         self._probe_batch: FirstTrainingCall | None = None
+        self._probe_loss: ProbeLoss | None = None
         self._dynamo = DynamoCounts()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -146,6 +149,8 @@ class ScriptRecording:
         self._hooks.clear()
         if self._probe_batch is not None:
             self._probe_batch.remove()
+        if self._probe_loss is not None:
+            self._probe_loss.abandon()
 
     def close(self, status: str = "complete", error: BaseException | None = None) -> None:
         """Remove every hook and wrapper, then close the run. Safe to call twice."""
@@ -174,6 +179,8 @@ class ScriptRecording:
             self.close("complete")
 
     def _on_root(self, module: nn.Module) -> None:
+        if self._probe_loss is not None:
+            self._probe_loss.safe_point()
         if self.done:
             self._safe_point()
         elif self.recorder is None:
@@ -237,12 +244,15 @@ class ScriptRecording:
         self.recorder = rec
         if rec.wants_probe_forward and not isinstance(module, TrainedModels):
             # Registered inside the model's first call: it already sees that call's output.
+            self._probe_loss = ProbeLoss(rec.set_probe_forward, self.notes.append)
+            self.losses.on_loss = self._probe_loss.loss
             self._probe_batch = FirstTrainingCall(
                 module,
-                rec.set_probe_forward,
+                self._probe_loss.captured,
                 call=call_unwrapped,
                 drop=LOSS_SHARE_KWARGS,
                 to_device=True,
+                with_output=True,
             )
         # Registered after the Recorder's own step hooks, so that its update ratios of this
         # step are in before the step ends.
@@ -264,6 +274,8 @@ class ScriptRecording:
     # -- optimizer steps: marking steps ------------------------------------------------------
     def _step_starts(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         self.losses.optimizer_step(running=True)
+        if self._probe_loss is not None:
+            self._probe_loss.safe_point()
 
     def _count_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         self.losses.optimizer_step(running=False)
@@ -281,6 +293,9 @@ class ScriptRecording:
             self._end_step(self.recorder)
 
     def _end_step(self, rec: Recorder) -> None:
+        if self._probe_loss is not None and self.steps_marked == 0:
+            self._probe_loss.step_ended(self.losses.count)
+            self.losses.on_loss = None
         rec.step(loss=self.losses.take())
         self.steps_marked += 1
         if self.steps_marked == 1:

@@ -43,8 +43,13 @@ class LossTap:
         self._values: list[torch.Tensor] = []
         self._stepped = 0  # how many of _values an optimizer step has used
         self._unclear = False
-        # id(scaled loss) -> (weak reference to it, the loss before scaling)
-        self._unscaled: dict[int, tuple[weakref.ref[torch.Tensor], torch.Tensor]] = {}
+        # id(scaled loss) -> (weak reference to it, the loss before scaling, and that loss
+        # itself, with its graph: weakly)
+        self._unscaled: dict[
+            int, tuple[weakref.ref[torch.Tensor], torch.Tensor, weakref.ref[torch.Tensor]]
+        ] = {}
+        # Told of each scalar that counts as a loss, as the graph tensor before AMP scaling.
+        self.on_loss: Callable[[torch.Tensor], None] | None = None
         self.steps_without_loss = 0
         self._originals: tuple[Any, ...] = ()
         self._zeroing: list[tuple[type, Callable[..., Any]]] = []  # (class, its zero_grad)
@@ -61,6 +66,11 @@ class LossTap:
         """Gradients were thrown away: the losses no optimizer step used since are gone."""
         if not self._in_step:  # a closure zeroes its own gradients before each evaluation
             del self._values[self._stepped :]
+
+    @property
+    def count(self) -> int:
+        """The loss scalars of the current step so far (micro-batches, with accumulation)."""
+        return len(self._values)
 
     def take(self) -> torch.Tensor | None:
         """The step's loss as a 0-d tensor on its device (no host sync), or None."""
@@ -96,12 +106,17 @@ class LossTap:
             self._unclear = True
             return
         known = self._unscaled.get(id(tensors))
-        value = known[1] if known is not None and known[0]() is tensors else tensors.detach()
+        scaled = known is not None and known[0]() is tensors
+        value = known[1] if known is not None and scaled else tensors.detach()
         self._values.append(value.reshape(()).float())
+        if self.on_loss is not None:
+            graph = known[2]() if known is not None and scaled else tensors
+            if graph is not None:
+                self.on_loss(graph)
 
     def see_scaled(self, loss: Any, scaled: Any) -> None:
         if isinstance(loss, torch.Tensor) and isinstance(scaled, torch.Tensor):
-            self._unscaled[id(scaled)] = (weakref.ref(scaled), loss.detach())
+            self._unscaled[id(scaled)] = (weakref.ref(scaled), loss.detach(), weakref.ref(loss))
 
     def install(self) -> None:
         """Wrap ``torch.autograd.backward`` and ``GradScaler.scale`` until ``remove()``."""
