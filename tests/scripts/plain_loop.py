@@ -38,9 +38,21 @@ def regression_loop(
     log: str | None,
 ) -> None:
     """The loop of a tutorial: forward, MSE, zero_grad, backward, step."""
-    for step in range(steps):
+
+    def loss_of(step: int) -> torch.Tensor:
         x, y = batch(step)
-        loss = nn.functional.mse_loss(model(x), y)
+        return nn.functional.mse_loss(model(x), y)
+
+    loss_loop(opt, loss_of, steps, log)
+
+
+def loss_loop(
+    opt: torch.optim.Optimizer, loss_of: Callable[[int], torch.Tensor], steps: int, log: str | None
+) -> None:
+    """``steps`` steps of: the step's loss (computed in the loop, outside any model),
+    zero_grad, backward, step."""
+    for step in range(steps):
+        loss = loss_of(step)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from plain_loop import log_step, parser
+from plain_loop import loss_loop, parser
 from torch import nn
 
 
@@ -20,16 +20,15 @@ def main() -> None:
     torch.manual_seed(0)
     encoder = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
     opt = torch.optim.Adam(encoder.parameters(), lr=1e-3)
-    for step in range(args.steps):
+
+    def info_nce(step: int) -> torch.Tensor:
         x = torch.randn(16, 8)
         z1 = F.normalize(encoder(x), dim=-1)  # (16, 8)
         z2 = encoder(x + 0.1 * torch.randn_like(x))
         z2 = F.normalize(F.dropout(z2, args.dropout) if args.dropout else z2, dim=-1)
-        loss = F.cross_entropy(z1 @ z2.T / 0.1, torch.arange(16))  # (16, 16) similarities
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        log_step(args.log, step=step, loss=loss.item())
+        return F.cross_entropy(z1 @ z2.T / 0.1, torch.arange(16))  # (16, 16) similarities
+
+    loss_loop(opt, info_nce, args.steps, args.log)
 
 
 if __name__ == "__main__":
