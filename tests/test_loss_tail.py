@@ -245,3 +245,24 @@ def test_zero_code_notes_why_a_random_loss_is_not_replayed(tmp_path):
     assert len(why) == 1 and why[0][len(TAIL_NOTE) :].startswith("its replay gives ")
     assert "stability_index not measured: the probe forward returns no scalar loss" in notes
     assert recorded == plain(tmp_path, "two_views.py", *args)
+
+
+def test_a_loss_computed_under_autocast_is_replayed_under_it():
+    """The AMP loop: logits and loss inside ``torch.autocast`` (bf16), backward outside.
+    Autocast runs the cross-entropy of bf16 logits in float32; the replay must too."""
+    torch.manual_seed(5)
+    w = torch.randn(16, V, requires_grad=True)
+    x, y = torch.randn(32, 16), torch.randint(0, V, (32,))
+
+    def compute(out: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return F.cross_entropy(out, y)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = x @ w  # (32, V) bf16
+    tail, loss = traced(logits, compute)
+    assert isinstance(tail, LossTail) and logits.dtype == torch.bfloat16
+    assert loss.dtype == torch.float32  # autocast's float32 cross-entropy
+    want = F.cross_entropy(logits.float(), y)  # the same in float32 by hand
+    assert tail(logits).item() == pytest.approx(want.item(), rel=1e-6)
+    assert F.cross_entropy(logits, y).item() != pytest.approx(want.item(), rel=1e-4)

@@ -28,6 +28,8 @@ What keeps the replay honest:
   (no gradients, random number generators given back) and must give the script's loss to
   1e-4; a loss made by code the mode cannot see (a value read to Python and used as a
   number, an in-place change through a view) fails the check: no tail.
+- **Its precision.** Each call is replayed in the autocast regions it ran in (the standard
+  AMP loop computes its loss inside ``torch.autocast`` and calls ``backward`` outside).
 - **Its scale.** The loss the script calls ``backward`` on is replayed, unscaled by an AMP
   ``GradScaler`` (the scaler's input is the loss). With gradient accumulation the optimizer
   steps on the sum of the micro-batch losses: the replay is multiplied by the first step's
@@ -41,6 +43,7 @@ their results are the unchanged results of the calls.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from typing import Any
@@ -87,6 +90,8 @@ class _Call:
     in_place: int | None = None  # __setitem__: the changed tensor's leaf index
     # A write into a view changes its base too: (the base's slot before, its slot after).
     aliases: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    # The autocast regions it ran in, (device type, dtype): replayed in the same ones.
+    autocast: tuple[tuple[str, torch.dtype], ...] = ()
 
 
 class LossTail:
@@ -112,7 +117,10 @@ class LossTail:
         for call in self.calls:
             leaves = [_value(x, values) for x in call.leaves]
             args, kwargs = tree_unflatten(leaves, call.spec)
-            out = call.func(*args, **kwargs)
+            with contextlib.ExitStack() as regions:
+                for device, dtype in call.autocast:
+                    regions.enter_context(torch.autocast(device, dtype=dtype))
+                out = call.func(*args, **kwargs)
             tensors = [leaves[call.in_place]] if call.in_place is not None else _tensors(out)
             for index, slot in call.results:
                 values[slot] = tensors[index]
@@ -236,7 +244,7 @@ class TailTrace(TorchFunctionMode):
                 before = self._slots.get(id(base))
                 if before is not None and not any(base is t for t in results):
                     aliases.append((before, self._bind(base)))
-        self.calls.append(_Call(func, spec, kept, slots, in_place, aliases))
+        self.calls.append(_Call(func, spec, kept, slots, in_place, aliases, _autocast()))
 
     # -- the end -------------------------------------------------------------------------
     def stop(self) -> None:
@@ -316,6 +324,24 @@ def _checked(tail: LossTail, sources: list[torch.Tensor], loss: torch.Tensor) ->
     if not torch.allclose(got.float(), want.float(), rtol=TOLERANCE, atol=1e-6, equal_nan=True):
         return f"its replay gives {got.item():.6g}, the script's loss was {want.item():.6g}"
     return tail
+
+
+def _autocast() -> tuple[tuple[str, torch.dtype], ...]:
+    """The autocast regions active now (the standard AMP loop computes its loss inside one:
+    a cross-entropy of bf16 logits runs in float32 there, in bf16 outside)."""
+    try:
+        return tuple(
+            (device, torch.get_autocast_dtype(device))
+            for device in ("cpu", "cuda")
+            if torch.is_autocast_enabled(device)
+        )
+    except (AttributeError, TypeError):  # torch < 2.4: one function per device
+        regions = []
+        if torch.is_autocast_cpu_enabled():
+            regions.append(("cpu", torch.get_autocast_cpu_dtype()))
+        if torch.is_autocast_enabled():
+            regions.append(("cuda", torch.get_autocast_gpu_dtype()))
+        return tuple(regions)
 
 
 def _changes_in_place(func: Any, kwargs: dict[str, Any]) -> bool:
