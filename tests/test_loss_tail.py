@@ -266,3 +266,44 @@ def test_a_loss_computed_under_autocast_is_replayed_under_it():
     want = F.cross_entropy(logits.float(), y)  # the same in float32 by hand
     assert tail(logits).item() == pytest.approx(want.item(), rel=1e-6)
     assert F.cross_entropy(logits, y).item() != pytest.approx(want.item(), rel=1e-4)
+
+
+class RoutedMLP(nn.Module):
+    """A layer that keeps a side loss on itself, as MoE layers keep their load-balancing
+    loss: ``self.aux`` = mean squared gate activation of the last call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate, self.body = nn.Linear(4, 4), nn.Linear(4, 3)
+        self.aux: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 4) -> (B, 3)
+        g = torch.sigmoid(self.gate(x))
+        self.aux = g.pow(2).mean()
+        return self.body(g * x)
+
+
+def test_a_side_loss_kept_on_a_module_is_read_again_after_the_replayed_call():
+    torch.manual_seed(6)
+    model = RoutedMLP()
+    x, y = torch.randn(8, 4), torch.randn(8, 3)
+    out = model(x)
+    trace = TailTrace(out, model)
+    trace.open()
+    loss = F.mse_loss(out, y) + 0.1 * model.aux
+    trace.recording = False
+    assert trace.close()
+    tail = trace.finish(loss)
+    assert isinstance(tail, LossTail)
+    x2 = torch.randn(8, 4)
+    replayed = tail(model(x2))  # the call sets model.aux anew
+    g = torch.sigmoid(x2 @ model.gate.weight.T + model.gate.bias)
+    want = F.mse_loss((g * x2) @ model.body.weight.T + model.body.bias, y) + 0.1 * g.pow(2).mean()
+    assert replayed.item() == pytest.approx(want.item(), rel=1e-6)
+    # Without the model to look in, the side loss is a tensor from outside the window.
+    trace = TailTrace(model(x))
+    trace.open()
+    loss = F.mse_loss(trace._held[0], y) + 0.1 * model.aux
+    trace.recording = False
+    assert trace.close()
+    assert trace.finish(loss) == NOT_ONE_CALL

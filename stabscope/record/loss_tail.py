@@ -6,9 +6,10 @@ training loops do not: ``logits = model(x)`` and ``loss = F.cross_entropy(logits
 .reshape(-1, V), y.reshape(-1))`` are torch calls in the script. So from the return of the
 model's first training call to the first ``backward`` of that step, a ``TorchFunctionMode``
 records every torch call (function and arguments) that takes a tensor made from the model's
-output or a trained leaf tensor (a temperature, an L2 penalty on the weights, a second call
-of the model). At the backward the calls the loss depends on are kept as a ``LossTail``:
-replayed on the probe forward's output they give the loss of the captured batch.
+output or any tensor that requires a gradient (a temperature, an L2 penalty on the weights,
+a second call of the model, a side loss the call left on a module). At the backward the
+calls the loss depends on are kept as a ``LossTail``: replayed on the probe forward's output
+they give the loss of the captured batch.
 
 What keeps the replay honest:
 
@@ -18,8 +19,10 @@ What keeps the replay honest:
   place (``torch.zeros(()) += ce``) is copied again at each replay.
 - **One window.** A second call of the model inside the window (a contrastive loss's other
   view) is recorded through its calls on the trained weights and replayed as recorded (in
-  the mode it ran in). A constant that has a gradient history made outside the window means
-  the loss depends on more than the trace saw: no tail.
+  the mode it ran in). A tensor with a gradient history that the model's call left on one of
+  its modules (an MoE layer's load-balancing loss kept as ``self.aux``) is read there again
+  after the replayed call. Any other constant with a gradient history means the loss
+  depends on more than the trace saw: no tail.
 - **The output as it was.** A call that writes into the output or a view of it
   (``logits[pad] = 0``) is replayed; the check starts from a copy taken before that first
   write (and only then: the check reads the output itself). A change the trace
@@ -78,6 +81,15 @@ class _Fresh:
     tensor: torch.Tensor
 
 
+@dataclasses.dataclass(frozen=True)
+class _Attribute:
+    """A tensor the model's call left on one of its modules (an MoE layer's load-balancing
+    loss kept as ``self.aux``): read there again after the replayed call."""
+
+    module: nn.Module
+    name: str
+
+
 @dataclasses.dataclass
 class _Call:
     """One recorded torch call: ``func`` on its flattened arguments (``_Ref`` for tensors made
@@ -134,6 +146,8 @@ def _value(leaf: Any, values: dict[int, Any]) -> Any:
         return values[leaf.slot]
     if isinstance(leaf, _Fresh):
         return leaf.tensor.clone()
+    if isinstance(leaf, _Attribute):
+        return getattr(leaf.module, leaf.name)
     return leaf
 
 
@@ -145,8 +159,9 @@ class TailTrace(TorchFunctionMode):
     """Records the torch calls on tensors made from ``output`` until ``finish``; ``open``
     pushes it on torch's mode stack, ``close`` takes it off where it is on top."""
 
-    def __init__(self, output: Any) -> None:
+    def __init__(self, output: Any, model: nn.Module | None = None) -> None:
         super().__init__()
+        self.model = model  # where side results of the call may be kept (``_Attribute``)
         leaves, self.out_spec = tree_flatten(output)
         self.sources = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
         # id(tensor) -> its latest slot; the tensors are held so that no id is reused.
@@ -221,8 +236,8 @@ class TailTrace(TorchFunctionMode):
     def _record(self, func: Any, args: Any, kwargs: Any, out: Any) -> None:
         leaves, spec = tree_flatten((args, kwargs))
         refs = [self._slots.get(id(x)) if isinstance(x, torch.Tensor) else None for x in leaves]
-        if all(r is None for r in refs) and not any(map(_trained_leaf, leaves)):
-            return  # neither made from the output nor from a trained tensor
+        if all(r is None for r in refs) and not any(map(_differentiable, leaves)):
+            return  # nothing the loss's gradient could flow through
         in_place = 0 if func is torch.Tensor.__setitem__ else None
         results = [leaves[0]] if in_place is not None else _tensors(out)
         if not results:
@@ -273,10 +288,14 @@ class TailTrace(TorchFunctionMode):
                 return "the model's output was changed in place by code the trace does not see"
             # Without a recorded write the replay only reads the output: no copy of it.
             sources.append(before if before is not None else self._held[i].detach())
+        kept_on = _attributes(self.model)
         for call in calls:
             for i, x in enumerate(call.leaves):
                 if isinstance(x, (torch.Tensor, _Fresh)):
-                    kept = _constant(x.tensor if isinstance(x, _Fresh) else x)
+                    tensor = x.tensor if isinstance(x, _Fresh) else x
+                    kept: Any = _constant(tensor)
+                    if kept is None:
+                        kept = kept_on.get(id(tensor))
                     if kept is None:
                         return NOT_ONE_CALL
                     call.leaves[i] = _Fresh(kept) if isinstance(x, _Fresh) else kept
@@ -284,10 +303,10 @@ class TailTrace(TorchFunctionMode):
         return _checked(tail, sources, loss)
 
 
-def _trained_leaf(x: Any) -> bool:
-    """A tensor the replay uses live (a temperature or penalty on parameters is part of the
-    loss): calls on it are recorded like calls on the output."""
-    return isinstance(x, torch.Tensor) and x.requires_grad and x.is_leaf
+def _differentiable(x: Any) -> bool:
+    """A tensor the loss's gradient can flow through (a trained weight, a side loss the call
+    left on a module): calls on it are recorded like calls on the output."""
+    return isinstance(x, torch.Tensor) and x.requires_grad
 
 
 def _constant(tensor: torch.Tensor) -> torch.Tensor | None:
@@ -296,6 +315,17 @@ def _constant(tensor: torch.Tensor) -> torch.Tensor | None:
     if tensor.requires_grad:
         return tensor if tensor.is_leaf else None
     return tensor.detach().clone()
+
+
+def _attributes(model: nn.Module | None) -> dict[int, _Attribute]:
+    """id -> where it is kept, for each tensor with a gradient history that a module of
+    ``model`` holds as a plain attribute (not a parameter or buffer)."""
+    found: dict[int, _Attribute] = {}
+    for module in model.modules() if model is not None else ():
+        for name, value in vars(module).items():
+            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                found.setdefault(id(value), _Attribute(module, name))
+    return found
 
 
 def _needed(calls: list[_Call], loss_slot: int) -> list[_Call]:

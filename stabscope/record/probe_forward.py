@@ -93,7 +93,8 @@ class FirstTrainingCall:
     output ``accept`` takes, then removes itself. The captured keyword arguments leave out
     ``drop``; with ``to_device`` every tensor is moved to the model's device (a DDP wrapper
     moves its inputs inside its own forward; the replay calls the model inside it). With
-    ``with_output`` the call's output is handed over too: ``on_capture(replay, output)``."""
+    ``with_output`` the call's output and module are handed over too: ``on_capture(replay,
+    output, module)``."""
 
     def __init__(
         self,
@@ -120,7 +121,7 @@ class FirstTrainingCall:
         kept = {k: v for k, v in kwargs.items() if k not in self.drop}
         replay = replay_of(self.call, args, kept, self.device)
         if replay is not None:
-            self.on_capture(*((replay, output) if self.with_output else (replay,)))
+            self.on_capture(*((replay, output, module) if self.with_output else (replay,)))
 
     def remove(self) -> None:
         if self._handle is not None:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import nn
 
 from ...probes.sharpness import scalar_loss
 from ...record.hook_context import compiling
@@ -34,13 +35,13 @@ class ProbeLoss:
         self._on_stack: TailTrace | None = None  # its mode, until taken off torch's stack
         self._tail: LossTail | None = None  # until the first step's loss count is known
 
-    def captured(self, replay: Replay, output: Any) -> None:
+    def captured(self, replay: Replay, output: Any, model: nn.Module | None = None) -> None:
         """The model's first training call (from its forward hook, ``output`` its result)."""
         if scalar_loss(output) is not None or compiling():
             self.set_forward(replay)  # the model returns its loss (or no trace can run)
             return
         self._replay = replay
-        self._trace = self._on_stack = TailTrace(output)
+        self._trace = self._on_stack = TailTrace(output, model)
         self._trace.open()
 
     def loss(self, tensor: torch.Tensor) -> None:
