@@ -38,22 +38,39 @@ FINITE = ROOT / "tests" / "scripts" / "diverging_finite.py"
 WITHIN = 16
 
 
+def noise(x: np.ndarray, w: int) -> float:
+    """3 standard deviations of a difference of two medians of w losses, σ from the median
+    second difference (0.6745·√6·σ for Gaussian draws)."""
+    sigma = np.median(np.abs(np.diff(x, 2))) / (0.6745 * np.sqrt(6)) if len(x) > 2 else 0.0
+    return 3 * np.sqrt(2) * 1.2533 * sigma / np.sqrt(w)
+
+
 def diverged(losses: np.ndarray) -> bool:
     """``loss-divergence`` on the losses so far, as its docs define it (defaults): levels are
     medians over w = max(5, n // 20) losses; start the lower of the first loss and the first
     level, best the lowest level, end the last; an error when the run learned (10% of its
-    start) and gave back half of it (and 20% of its best), or ends 50% above its start."""
+    start) and gave back half of it (and 20% of its best, and 3 noise deviations of the
+    losses up to the best), or ends 50% above its start (and 3 noise deviations of all its
+    losses above it, in log space for positive losses)."""
     x = losses[np.isfinite(losses)]
     n = len(x)
     if n < 10:
         return False
     w = max(5, n // 20)
-    best = min(np.median(x[i - w : i]) for i in range(w, n + 1))
+    levels = [np.median(x[i - w : i]) for i in range(w, n + 1)]
+    at = int(np.argmin(levels))
+    best = levels[at]
     start, end = min(x[0], np.median(x[:w])), np.median(x[-w:])
     learned = start - best >= 0.1 * abs(start)
-    if learned and end - best >= 0.5 * (start - best) and end - best >= 0.2 * abs(best):
+    rise = end - best
+    floor = max(0.2 * abs(best), noise(x[: max(at + w, 2 * w)], w))
+    if learned and rise >= 0.5 * (start - best) and rise >= floor:
         return True
-    return end - start >= 0.5 * abs(start)
+    if end - start < 0.5 * abs(start):
+        return False
+    if start > 0 and (x > 0).all():
+        return np.log(end / start) >= noise(np.log(x), w)
+    return end - start >= noise(x, w)
 
 
 def first_divergence(losses: np.ndarray) -> int | None:

@@ -100,3 +100,54 @@ def test_ten_losses_are_enough_for_a_run_that_blew_up(tmp_path):
     assert [(f.severity, f.step) for f in early] == [("error", 11)]
     assert early[0].value == pytest.approx((end - start) / start, rel=1e-5)
     assert not [f for f in check_run(run, until=9).findings if f.rule == "loss-divergence"]
+
+
+def noisy_regression(run_dir, steps: int = 200) -> np.ndarray:
+    """SGD (lr 0.01, momentum 0.9) on batches of 4 from targets with noise of sd 1: a healthy
+    run whose level stays put while its per-batch loss wobbles (coefficient of variation
+    ~0.7, a chi-square of 4 draws)."""
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    g = torch.Generator().manual_seed(101)
+    x = torch.randn(512, 8, generator=g)
+    y = x[:, :1].sin() + torch.randn(512, 1, generator=g)  # (512, 1)
+    config = RecorderConfig(preset="cheap", schedule=Schedule(5, 50), online_rules=False)
+    with Recorder(net, run_dir, config) as rec:
+        for _ in range(steps):
+            i = torch.randint(0, 512, (4,), generator=g)
+            loss = (net(x[i]) - y[i]).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            rec.step(loss)
+    return stabscope.load_run(run_dir, metrics=["loss"]).sort_values("step").value.to_numpy(float)
+
+
+def noise_floor(v: np.ndarray, w: int) -> float:
+    """3 standard deviations of a difference of two medians of w losses, σ from the median
+    second difference (0.6745·√6·σ for Gaussian draws)."""
+    sigma = np.median(np.abs(np.diff(v, 2))) / (0.6745 * np.sqrt(6))
+    return 3 * np.sqrt(2) * 1.2533 * sigma / np.sqrt(w)
+
+
+def test_a_rise_within_the_losses_own_noise_is_no_divergence(tmp_path):
+    """Through its first 20 steps the levels (medians of 5) fall and rise back by more than
+    half, and end 50% above the first loss: each proportional test alone would call it a
+    divergence. The rise is under 3 standard deviations of the noise (read up to the best
+    level), the end under 3 of them above the start in log space (read from all losses):
+    no finding, then or at the end of the run, whose level stays where it began."""
+    run = tmp_path / "noisy"
+    v = noisy_regression(run)
+    assert v[-50:].mean() < 1.1 * v[:50].mean()  # healthy: the level holds
+    x, w = v[:20], 5
+    medians = np.array([np.median(x[i - w : i]) for i in range(w, len(x) + 1)])
+    start, end = min(x[0], np.median(x[:w])), np.median(x[-w:])
+    at = int(medians.argmin())
+    best = medians[at]
+    gave_back = start - best >= 0.1 * start and end - best >= max(0.5 * (start - best), 0.2 * best)
+    assert gave_back or end >= 1.5 * start  # a proportional test holds
+    assert end - best < noise_floor(x[: max(at + w, 2 * w)], w)
+    assert np.log(end / start) < noise_floor(np.log(x), w)
+    early = [f for f in check_run(run, until=20).findings if f.rule == "loss-divergence"]
+    assert early == [] and found(run) == []
