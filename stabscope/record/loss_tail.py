@@ -56,6 +56,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
+from .hook_context import compiling
+
 #: A trace that records more calls than this is given up (a window that never reaches a backward).
 MAX_CALLS = 5000
 #: The replayed loss must equal the script's to this relative tolerance.
@@ -200,6 +202,8 @@ class TailTrace(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        if compiling():  # Dynamo tracing a compiled loss in the window: add nothing to its graph
+            return func(*args, **kwargs)
         if self.recording and _changes_in_place(func, kwargs):
             self._keep_before(args)
         out = func(*args, **kwargs)

@@ -36,12 +36,14 @@ def regression_loop(
     batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
     steps: int,
     log: str | None,
+    mse: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = nn.functional.mse_loss,
 ) -> None:
-    """The loop of a tutorial: forward, MSE, zero_grad, backward, step."""
+    """The loop of a tutorial: forward, MSE (``mse``, e.g. a compiled one), zero_grad,
+    backward, step."""
 
     def loss_of(step: int) -> torch.Tensor:
         x, y = batch(step)
-        return nn.functional.mse_loss(model(x), y)
+        return mse(model(x), y)
 
     loss_loop(opt, loss_of, steps, log)
 

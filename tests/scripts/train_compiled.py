@@ -1,10 +1,12 @@
 """A training script that compiles its model with ``torch.compile``, without stabscope.
 
-    python train_compiled.py --backend eager --steps 4 [--graph-break] [--log FILE]
+    python train_compiled.py --backend eager --steps 4 [--graph-break] [--compile-loss]
+        [--log FILE]
 
 ``--backend`` is any Dynamo backend (``eager`` and ``aot_eager`` need no C compiler);
 ``--graph-break`` puts one deliberate graph break in the forward pass, so that a test can
-tell the script's own graph breaks from any a recorder would add.
+tell the script's own graph breaks from any a recorder would add; ``--compile-loss``
+compiles the loss function too.
 """
 
 from __future__ import annotations
@@ -44,11 +46,15 @@ def main() -> None:
     p = parser(__doc__, steps=4)
     p.add_argument("--backend", default="eager")
     p.add_argument("--graph-break", action="store_true")
+    p.add_argument("--compile-loss", action="store_true")
     args = p.parse_args()
     model = make_model(args.graph_break)
     compiled = torch.compile(model, backend=args.backend)
     opt = torch.optim.SGD(compiled.parameters(), lr=0.1)
-    regression_loop(compiled, opt, batch, args.steps, args.log)
+    mse = nn.functional.mse_loss
+    if args.compile_loss:
+        mse = torch.compile(mse, backend=args.backend)
+    regression_loop(compiled, opt, batch, args.steps, args.log, mse)
 
 
 if __name__ == "__main__":
