@@ -5,8 +5,10 @@ here with the loss by hand, with the training bit-identical to a run without sta
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from functools import partial
+from typing import Any
 
 import pytest
 import torch
@@ -47,7 +49,7 @@ def script_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     )
 
 
-def traced(output: torch.Tensor, compute) -> tuple[LossTail | str, torch.Tensor]:
+def traced(output: Any, compute) -> tuple[LossTail | str, torch.Tensor]:
     trace = TailTrace(output)
     trace.open()
     try:
@@ -307,3 +309,53 @@ def test_a_side_loss_kept_on_a_module_is_read_again_after_the_replayed_call():
     trace.recording = False
     assert trace.close()
     assert trace.finish(loss) == NOT_ONE_CALL
+
+
+def test_a_write_the_trace_cannot_see_through_data_is_refused():
+    """``out.data[...] = v`` and a numpy view write into the output without moving its
+    version counter: the output's fingerprint (sum and norm) at the start of the window
+    tells. Replayed, the write would be missing (the loss of another output, silently)."""
+    torch.manual_seed(7)
+    w = torch.randn(4, 3, requires_grad=True)
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+
+    def through_data(out: torch.Tensor) -> torch.Tensor:
+        out.data[:, 0] = 3.0
+        return F.cross_entropy(out, y)
+
+    def through_numpy(out: torch.Tensor) -> torch.Tensor:
+        out.detach().numpy()[:, 0] = 3.0
+        return F.cross_entropy(out, y)
+
+    for write in (through_data, through_numpy):
+        out = x @ w
+        version = out._version
+        refused, _ = traced(out, write)
+        assert out._version == version and out[0, 0].item() == 3.0  # written, unversioned
+        assert refused == "the model's output was changed in place by code the trace does not see"
+
+
+@dataclasses.dataclass
+class Heads:
+    """A model output torch's pytree does not open (not registered)."""
+
+    logits: torch.Tensor
+    aux: torch.Tensor
+
+
+def test_an_output_dataclass_is_opened():
+    torch.manual_seed(8)
+    w = torch.randn(4, 3, requires_grad=True)
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+
+    def head_out(x: torch.Tensor) -> dict[str, Heads]:
+        z = x @ w
+        return {"heads": Heads(z, z.pow(2).mean())}
+
+    tail, _ = traced(head_out(x), lambda o: F.cross_entropy(o["heads"].logits, y) + o["heads"].aux)
+    assert isinstance(tail, LossTail)
+    x2 = torch.randn(6, 4)
+    z2 = x2 @ w
+    want = F.cross_entropy(z2, y) + z2.pow(2).mean()
+    assert tail(head_out(x2)).item() == pytest.approx(want.item(), rel=1e-6)
+    assert tail((z2,)) is None  # another structure

@@ -25,7 +25,9 @@ What keeps the replay honest:
   depends on more than the trace saw: no tail.
 - **The output as it was.** A call that writes into the output or a view of it
   (``logits[pad] = 0``) is replayed; the check starts from a copy taken before that first
-  write (and only then: the check reads the output itself). A change the trace
+  write (and only then: the check reads the output itself). A write torch does not see
+  (through ``.data`` or a numpy view moves no version counter) changes the output's sum and
+  norm, read when the window opens: no tail. A change the trace
   does not see (the version counter moved without a recorded write) means no tail.
 - **Checked once.** At the backward the kept calls are replayed on a copy of the real output
   (no gradients, random number generators given back) and must give the script's loss to
@@ -48,7 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -64,8 +66,9 @@ MAX_CALLS = 5000
 TOLERANCE = 1e-4
 #: Why a loss with a gradient history from outside the trace is not replayed.
 NOT_ONE_CALL = (
-    "the loss depends on tensors with a gradient history of their own (a second model call, "
-    "or code outside torch calls)"
+    "the loss depends on tensors with a gradient history the trace did not see (made before "
+    "the model's first training call returned, inside a torch.func transform such as vmap, "
+    "or by code outside torch calls)"
 )
 
 
@@ -112,18 +115,16 @@ class LossTail:
     """The kept calls: ``__call__(output)`` gives the loss of a model output shaped like the
     traced one (None when it is not)."""
 
-    def __init__(
-        self, out_spec: TreeSpec, sources: list[int], calls: list[_Call], loss_slot: int
-    ) -> None:
-        self.out_spec, self.sources = out_spec, sources
+    def __init__(self, paths: list[Path], calls: list[_Call], loss_slot: int) -> None:
+        self.paths = paths  # of the output's tensors, the replay's first slots
         self.calls, self.loss_slot = calls, loss_slot
         self.factor = 1  # the micro-batch losses per optimizer step (set after the first step)
 
     def __call__(self, output: Any) -> torch.Tensor | None:
-        leaves, spec = tree_flatten(output)
-        if spec != self.out_spec:
+        found = output_tensors(output)
+        if [path for path, _ in found] != self.paths:
             return None
-        loss = self._run([leaves[i] for i in self.sources])
+        loss = self._run([t for _, t in found])
         return loss if self.factor == 1 else loss * self.factor
 
     def _run(self, sources: list[torch.Tensor]) -> torch.Tensor:
@@ -157,6 +158,26 @@ def _tensors(out: Any) -> list[torch.Tensor]:
     return [x for x in tree_flatten(out)[0] if isinstance(x, torch.Tensor)]
 
 
+Path = tuple[Any, ...]
+
+
+def output_tensors(output: Any, path: Path = ()) -> list[tuple[Path, torch.Tensor]]:
+    """Every tensor in a model's output with its path: through tuples and lists (named or
+    not), mappings (a transformers ``ModelOutput``) and dataclasses, which torch's pytree
+    does not open unless registered."""
+    if isinstance(output, torch.Tensor):
+        return [(path, output)]
+    if isinstance(output, Mapping):
+        items: Iterable[tuple[Any, Any]] = output.items()
+    elif isinstance(output, (tuple, list)):
+        items = enumerate(output)
+    elif dataclasses.is_dataclass(output) and not isinstance(output, type):
+        items = ((f.name, getattr(output, f.name)) for f in dataclasses.fields(output))
+    else:
+        return []
+    return [found for key, value in items for found in output_tensors(value, (*path, key))]
+
+
 class TailTrace(TorchFunctionMode):
     """Records the torch calls on tensors made from ``output`` until ``finish``; ``open``
     pushes it on torch's mode stack, ``close`` takes it off where it is on top."""
@@ -164,20 +185,30 @@ class TailTrace(TorchFunctionMode):
     def __init__(self, output: Any, model: nn.Module | None = None) -> None:
         super().__init__()
         self.model = model  # where side results of the call may be kept (``_Attribute``)
-        leaves, self.out_spec = tree_flatten(output)
-        self.sources = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
+        found = output_tensors(output)
+        self.paths = [path for path, _ in found]
+        sources = [t for _, t in found]
         # id(tensor) -> its latest slot; the tensors are held so that no id is reused.
         self._slots: dict[int, int] = {}
         self._held: list[torch.Tensor] = []
-        for i in self.sources:
-            self._bind(leaves[i])
+        for t in sources:
+            self._bind(t)
         # The output's values before the window changed any of it in place: the check
-        # replays from them. Versions tell a change the trace did not see.
-        self._versions = [_version(leaves[i]) for i in self.sources]
-        self._source_index = {id(leaves[s]): i for i, s in enumerate(self.sources)}
+        # replays from them. Versions and fingerprints tell a change the trace did not see
+        # (a write through ``.data`` or a numpy view moves no version counter).
+        self._versions = [_version(t) for t in sources]
+        self._prints = [_fingerprint(t) for t in sources]
+        self._source_index = {id(t): i for i, t in enumerate(sources)}
         self._before: dict[int, torch.Tensor] = {}  # source index -> copy before a change
         self.calls: list[_Call] = []
-        self.failure: str | None = None if self.sources else "the model returns no tensor"
+        self.failure: str | None = (
+            None
+            if sources
+            else (
+                f"the model's output ({type(output).__name__}) holds no tensor in a tuple, list, "
+                "mapping or dataclass"
+            )
+        )
         self.recording = False
         self._pushed = False
 
@@ -282,13 +313,15 @@ class TailTrace(TorchFunctionMode):
         if self.failure is not None:
             return self.failure
         slot = self._slots.get(id(loss))
-        if slot is None or slot < len(self.sources):
+        if slot is None or slot < len(self.paths):
             return "the loss is not made from the model's output by torch calls"
         calls = _needed(self.calls, slot)
         sources = []
-        for i, version in enumerate(self._versions):
+        for i, (version, printed) in enumerate(zip(self._versions, self._prints)):
             before = self._before.get(i)
-            if before is None and _version(self._held[i]) != version:
+            now = before if before is not None else self._held[i]
+            moved = before is None and _version(now) != version
+            if moved or not _same(_fingerprint(now), printed):
                 return "the model's output was changed in place by code the trace does not see"
             # Without a recorded write the replay only reads the output: no copy of it.
             sources.append(before if before is not None else self._held[i].detach())
@@ -303,7 +336,7 @@ class TailTrace(TorchFunctionMode):
                     if kept is None:
                         return NOT_ONE_CALL
                     call.leaves[i] = _Fresh(kept) if isinstance(x, _Fresh) else kept
-        tail = LossTail(self.out_spec, self.sources, calls, slot)
+        tail = LossTail(self.paths, calls, slot)
         return _checked(tail, sources, loss)
 
 
@@ -356,7 +389,11 @@ def _checked(tail: LossTail, sources: list[torch.Tensor], loss: torch.Tensor) ->
     if not isinstance(got, torch.Tensor) or got.shape != want.shape:
         return "its replay gives another shape"
     if not torch.allclose(got.float(), want.float(), rtol=TOLERANCE, atol=1e-6, equal_nan=True):
-        return f"its replay gives {got.item():.6g}, the script's loss was {want.item():.6g}"
+        return (
+            f"its replay gives {got.item():.6g}, the script's loss was {want.item():.6g} (a "
+            "random loss, dropout in the loop or in a second call of the model, differs at "
+            "each replay)"
+        )
     return tail
 
 
@@ -389,6 +426,21 @@ def _changes_in_place(func: Any, kwargs: dict[str, Any]) -> bool:
 
 _OPS = ("add", "sub", "mul", "matmul", "truediv", "floordiv", "mod", "pow", "and", "or", "xor")
 _WRITING_DUNDERS = frozenset(f"__i{op}__" for op in (*_OPS, "lshift", "rshift")) | {"__setitem__"}
+
+
+def _fingerprint(tensor: torch.Tensor) -> torch.Tensor:
+    """(2,) float64 on the tensor's device: its sum and norm (one read each, no host sync)."""
+    t = tensor.detach()
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    elif not t.is_floating_point():
+        t = t.to(torch.float64)  # token ids, masks: small
+    norm = torch.linalg.vector_norm(t, dtype=torch.float64)
+    return torch.stack((t.sum(dtype=torch.float64), norm))
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return bool(torch.equal(a, b) or torch.allclose(a, b, rtol=0.0, atol=0.0, equal_nan=True))
 
 
 def _version(tensor: torch.Tensor) -> int | None:

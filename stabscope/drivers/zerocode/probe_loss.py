@@ -40,9 +40,15 @@ class ProbeLoss:
         if scalar_loss(output) is not None or compiling():
             self.set_forward(replay)  # the model returns its loss (or no trace can run)
             return
+        try:
+            trace = TailTrace(output, model)
+        except Exception as err:  # inside the user's forward hook: never break the step
+            self.note(f"{TAIL_NOTE}{type(err).__name__} reading the model's output")
+            self.set_forward(replay)
+            return
         self._replay = replay
-        self._trace = self._on_stack = TailTrace(output, model)
-        self._trace.open()
+        self._trace = self._on_stack = trace
+        trace.open()
 
     def loss(self, tensor: torch.Tensor) -> None:
         """A backward on the scalar ``tensor`` (before any AMP scaling) that counts as a loss."""
@@ -50,7 +56,10 @@ class ProbeLoss:
         self._trace = self._replay = None
         if trace is None or replay is None:
             return
-        found = trace.finish(tensor)
+        try:
+            found: LossTail | str = trace.finish(tensor)
+        except Exception as err:  # inside the user's backward call: never break it
+            found = f"{type(err).__name__} while checking the replay"
         if isinstance(found, str):
             self.note(TAIL_NOTE + found)
             self.set_forward(replay)
