@@ -249,6 +249,21 @@ def test_zero_code_notes_why_a_random_loss_is_not_replayed(tmp_path):
     assert recorded == plain(tmp_path, "two_views.py", *args)
 
 
+def test_the_cli_says_why_the_loss_is_not_replayed(tmp_path):
+    """The reason is on the terminal too, not only in meta.json."""
+    from typer.testing import CliRunner
+
+    from stabscope.cli import app
+    from tests.scripts.harness import SCRIPTS
+
+    script = str(SCRIPTS / "two_views.py")
+    args = ["profile", script, "--out", str(tmp_path / "run"), "--", "--steps", "3"]
+    result = CliRunner().invoke(app, [*args, "--dropout", "0.5"])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())  # rich wraps long lines
+    assert "note: " + TAIL_NOTE + "its replay gives " in said
+
+
 def test_a_loss_computed_under_autocast_is_replayed_under_it():
     """The AMP loop: logits and loss inside ``torch.autocast`` (bf16), backward outside.
     Autocast runs the cross-entropy of bf16 logits in float32; the replay must too."""

@@ -45,6 +45,7 @@ from ..profile import seed_everything
 from ..script import script_failure, script_path
 from .attach import ScriptRecording, StepProgress, StopOnFinding, StopScript
 from .detect import missing_entry_points
+from .probe_loss import TAIL_NOTE
 
 #: PyTorch warns that global hooks also fire for the wrapper ``torch.compile(module)`` returns;
 #: that call is the root call the recording looks for, so the warning says nothing to the user.
@@ -219,6 +220,8 @@ def _run(
     recording.close("complete")
     rec = recording.recorder
     assert rec is not None
+    # Said on the terminal too: without it the forecast lacks the stability index.
+    notes += [n for n in recording.notes if n.startswith(TAIL_NOTE)]
     return TrainingScriptResult(
         run_dir=rec.run_dir,
         steps=rec.step_index,
