@@ -146,6 +146,24 @@ def test_rank_collapse_is_an_error_only_at_the_output_block(tmp_path):
     assert "since step 5" in lost.message
 
 
+def test_rank_collapse_of_positions_the_output_does_not_keep_is_a_warning(tmp_path):
+    """A lasting collapse at the output block is the verdict where the model's output keeps
+    that block's positions (an LM's logits); where the output is pooled (a classifier, a
+    Perceiver's latents) no prediction collapses with them: a warning that says so."""
+    rows = [(s, "blocks.3", "token_corr", -1, v) for s, v in [(0, 0.7), (3, 0.995), (60, 0.998)]]
+    blocks = [f"blocks.{i}" for i in range(4)]
+
+    def run(name, positions):
+        structure = {**post_ln_structure(blocks, "pre"), "output_positions": positions}
+        return rules_hit(write_run(tmp_path / name, rows, structure=structure))[0]
+
+    assert run("lm", True)["rank-collapse"].severity == "error"
+    assert run("unknown", None)["rank-collapse"].severity == "error"  # runs before the field
+    pooled = run("pooled", False)["rank-collapse"]
+    assert pooled.severity == "warning"
+    assert "the model's output keeps none of blocks.3's positions (pooled)" in pooled.message
+
+
 def test_gradient_growth_of_an_encoder_decoder_reads_the_decoder(tmp_path):
     """Both stacks number their layers 0-3; the decoder runs last and feeds the head, so its
     ratio is the one judged (an encoder the task barely uses gets vanishing gradients)."""

@@ -130,7 +130,11 @@ def _rank_collapse(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     warning before that; and only at the output block (the last block
     in forward order), whose tokens the head reads: an encoder that collapses while the
     decoder keeps its tokens apart trains (an encoder-decoder on a task the decoder can learn
-    alone), and in a sequential stack a collapse anywhere reaches the last block."""
+    alone), and in a sequential stack a collapse anywhere reaches the last block. And only
+    where the model's output keeps that block's positions (``Structure.output_positions``):
+    the harm is every position's prediction becoming one; a pooled output (a classifier, a
+    Perceiver's latents read as one) has no positions to lose, and a Perceiver whose 8
+    latents became one vector learned anyway."""
     corr = _finite(view.metrics("token_corr"))
     if corr.empty:
         return
@@ -151,10 +155,16 @@ def _rank_collapse(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
             out = _output_block(view, corr)
             at_out = corr[corr.module == out].groupby("step").value.max().sort_index()
             since = _since_above(at_out, p["error"])
-            if since is None or last_step - since < _persist(view, p):
+            pooled = view.structure is not None and view.structure.output_positions is False
+            if since is None or last_step - since < _persist(view, p) or pooled:
                 severity, threshold = "warning", p["warning"]
                 if since is None:
                     out_note = f"; the output block {out} keeps them apart ({at_out.iloc[-1]:.3f})"
+                elif pooled:
+                    out_note = (
+                        f"; the model's output keeps none of {out}'s positions (pooled): "
+                        "no output collapses with them"
+                    )
                 out = None
         step = last_step
         how = f"since step {since}" if severity == "error" else f"at step {last_step}"

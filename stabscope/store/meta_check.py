@@ -129,8 +129,15 @@ BLOCK = Record(
     },
     required=("name",),
 )
+MAYBE_BOOL = Kind("true, false or null", lambda v: v is None or isinstance(v, bool))
 STRUCTURE = Record(
-    {"recognised": BOOL, "blocks": ListOf(BLOCK), "norms": ListOf(STR), "notes": ListOf(STR)},
+    {
+        "recognised": BOOL,
+        "blocks": ListOf(BLOCK),
+        "norms": ListOf(STR),
+        "notes": ListOf(STR),
+        "output_positions": MAYBE_BOOL,
+    },
     nullable=True,
 )
 NONFINITE = Record({"module": STR, "call": INT, "step": INT}, required=("module", "call", "step"))

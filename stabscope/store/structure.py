@@ -56,6 +56,9 @@ class Structure:
     blocks: list[Block] = field(default_factory=list)
     norms: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # Whether the model's output keeps the positions of its last block's output (an LM's
+    # or a tagger's logits do; a classifier's pooled output does not); None when unknown.
+    output_positions: bool | None = None
 
     @property
     def branches(self) -> list[Branch]:
@@ -87,11 +90,13 @@ class Structure:
             )
             for b in data.get("blocks", [])
         ]
+        positions = data.get("output_positions")
         return cls(
             bool(data.get("recognised", False)),
             blocks,
             list(data.get("norms", [])),
             list(data.get("notes", [])),
+            positions if isinstance(positions, bool) else None,
         )
 
 

@@ -331,7 +331,23 @@ def detect(model: nn.Module, trace: Trace, names: dict[int, str]) -> Structure:
                     f"head count of {a.name} not found; attention stats per head "
                     "still follow the tensors"
                 )
-    return Structure(True, blocks, norms, notes)
+    return Structure(True, blocks, norms, notes, output_positions(trace, blocks[-1].name))
+
+
+def output_positions(trace: Trace, last_block: str) -> bool | None:
+    """Whether the model's output (its first call's primary tensor) keeps the positions of
+    ``last_block``'s (B, T, D) or (T, B, D) output: its first two dims are those two in
+    either order (an LM's logits, batch or sequence first), or its first dim is B·T (a
+    flattened (B·T, V) head). None when either is not a tensor of the shapes that say it."""
+    block = trace.first_call(last_block)
+    root = trace.calls[0] if trace.calls else None
+    if block is None or root is None or root.parent is not None:
+        return None
+    x, out = block.output, root.output
+    if x is None or out is None or x.dim() != 3 or out.dim() < 1 or min(x.shape[:2]) < 2:
+        return None
+    lead = sorted(x.shape[:2])  # (B, T) in some order: the layout need not be known
+    return sorted(out.shape[:2]) == lead or out.shape[0] == lead[0] * lead[1]
 
 
 def _number_branches(blocks: list[Block]) -> None:
