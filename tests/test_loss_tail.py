@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 from functools import partial
 from typing import Any
 
@@ -320,7 +321,7 @@ def test_a_side_loss_kept_on_a_module_is_read_again_after_the_replayed_call():
     # Without the model to look in, the side loss is a tensor from outside the window.
     trace = TailTrace(model(x))
     trace.open()
-    loss = F.mse_loss(trace._held[0], y) + 0.1 * model.aux
+    loss = F.mse_loss(trace._sources[0], y) + 0.1 * model.aux
     trace.recording = False
     assert trace.close()
     assert trace.finish(loss) == NOT_ONE_CALL
@@ -374,3 +375,24 @@ def test_an_output_dataclass_is_opened():
     want = F.cross_entropy(z2, y) + z2.pow(2).mean()
     assert tail(head_out(x2)).item() == pytest.approx(want.item(), rel=1e-6)
     assert tail((z2,)) is None  # another structure
+
+
+def test_the_trace_keeps_no_result_of_the_window_alive():
+    """An LM's float copy of its logits, made in the loop and dropped before the backward,
+    must not live until the backward because the trace saw it: results are held weakly."""
+    torch.manual_seed(9)
+    w = torch.randn(4, 3, requires_grad=True)
+    out = torch.randn(6, 4) @ w
+    trace = TailTrace(out)
+    trace.open()
+    copy = out.double() * 2.0  # (6, 3) float64; its backward keeps neither input
+    seen = weakref.ref(copy)
+    loss = copy.sum()
+    del copy
+    trace.recording = False
+    assert trace.close()
+    assert seen() is None  # freed though the trace recorded the calls that made it
+    tail = trace.finish(loss)
+    assert isinstance(tail, LossTail)
+    other = torch.randn(6, 4) @ w
+    assert tail(other).item() == pytest.approx((2.0 * other.double()).sum().item(), rel=1e-12)

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -188,9 +189,12 @@ class TailTrace(TorchFunctionMode):
         found = output_tensors(output)
         self.paths = [path for path, _ in found]
         sources = [t for _, t in found]
-        # id(tensor) -> its latest slot; the tensors are held so that no id is reused.
-        self._slots: dict[int, int] = {}
-        self._held: list[torch.Tensor] = []
+        # id(tensor) -> (its latest slot, a weak reference that tells a reused id): the
+        # window's results are not kept alive by the trace (an LM's float copy of its logits
+        # would otherwise live until the backward); the output itself is held.
+        self._slots: dict[int, tuple[int, weakref.ref[torch.Tensor]]] = {}
+        self._count = 0
+        self._sources = sources
         for t in sources:
             self._bind(t)
         # The output's values before the window changed any of it in place: the check
@@ -247,10 +251,14 @@ class TailTrace(TorchFunctionMode):
 
     # -- recording -----------------------------------------------------------------------
     def _bind(self, tensor: torch.Tensor) -> int:
-        slot = len(self._held)
-        self._held.append(tensor)
-        self._slots[id(tensor)] = slot
+        slot, self._count = self._count, self._count + 1
+        self._slots[id(tensor)] = (slot, weakref.ref(tensor))
         return slot
+
+    def _slot(self, x: Any) -> int | None:
+        """The latest slot of ``x`` when it is a tensor the trace made or was given."""
+        entry = self._slots.get(id(x)) if isinstance(x, torch.Tensor) else None
+        return entry[0] if entry is not None and entry[1]() is x else None
 
     def _keep_before(self, args: Any) -> None:
         """Copy each output tensor among ``args``, or whose view is among them, before its
@@ -261,16 +269,16 @@ class TailTrace(TorchFunctionMode):
             for whole in (x, x._base):
                 i = self._source_index.get(id(whole))
                 if i is not None and i not in self._before:
-                    self._before[i] = self._held[i].detach().clone()
+                    self._before[i] = self._sources[i].detach().clone()
 
     def _give_up(self, why: str) -> None:
         self.failure = self.failure or why
         self.recording = False
-        self.calls, self._slots, self._held = [], {}, []
+        self.calls, self._slots, self._sources = [], {}, []
 
     def _record(self, func: Any, args: Any, kwargs: Any, out: Any) -> None:
         leaves, spec = tree_flatten((args, kwargs))
-        refs = [self._slots.get(id(x)) if isinstance(x, torch.Tensor) else None for x in leaves]
+        refs = [self._slot(x) for x in leaves]
         if all(r is None for r in refs) and not any(map(_differentiable, leaves)):
             return  # nothing the loss's gradient could flow through
         in_place = 0 if func is torch.Tensor.__setitem__ else None
@@ -291,7 +299,7 @@ class TailTrace(TorchFunctionMode):
         aliases = []
         if _changes_in_place(func, kwargs):
             for base in {id(t._base): t._base for t in results if t._base is not None}.values():
-                before = self._slots.get(id(base))
+                before = self._slot(base)
                 if before is not None and not any(base is t for t in results):
                     aliases.append((before, self._bind(base)))
         self.calls.append(_Call(func, spec, kept, slots, in_place, aliases, _autocast()))
@@ -307,24 +315,24 @@ class TailTrace(TorchFunctionMode):
         try:
             return self._finish(loss)
         finally:
-            self._slots, self._held = {}, []
+            self._slots, self._sources = {}, []
 
     def _finish(self, loss: torch.Tensor) -> LossTail | str:
         if self.failure is not None:
             return self.failure
-        slot = self._slots.get(id(loss))
+        slot = self._slot(loss)
         if slot is None or slot < len(self.paths):
             return "the loss is not made from the model's output by torch calls"
         calls = _needed(self.calls, slot)
         sources = []
         for i, (version, printed) in enumerate(zip(self._versions, self._prints)):
             before = self._before.get(i)
-            now = before if before is not None else self._held[i]
+            now = before if before is not None else self._sources[i]
             moved = before is None and _version(now) != version
             if moved or not _same(_fingerprint(now), printed):
                 return "the model's output was changed in place by code the trace does not see"
             # Without a recorded write the replay only reads the output: no copy of it.
-            sources.append(before if before is not None else self._held[i].detach())
+            sources.append(before if before is not None else self._sources[i].detach())
         kept_on = _attributes(self.model)
         for call in calls:
             for i, x in enumerate(call.leaves):
