@@ -239,12 +239,13 @@ class TailTrace(TorchFunctionMode):
         kwargs = kwargs or {}
         if compiling():  # Dynamo tracing a compiled loss in the window: add nothing to its graph
             return func(*args, **kwargs)
-        if self.recording and _changes_in_place(func, kwargs):
+        writes = self.recording and _changes_in_place(func, kwargs)
+        if writes:
             self._keep_before(args)
         out = func(*args, **kwargs)
         if self.recording:
             try:
-                self._record(func, args, kwargs, out)
+                self._record(func, args, kwargs, out, writes)
             except Exception as err:  # the trace must never break the user's step
                 self._give_up(f"{type(err).__name__} while recording {_name(func)}")
         return out
@@ -276,7 +277,9 @@ class TailTrace(TorchFunctionMode):
         self.recording = False
         self.calls, self._slots, self._sources = [], {}, []
 
-    def _record(self, func: Any, args: Any, kwargs: Any, out: Any) -> None:
+    def _record(self, func: Any, args: Any, kwargs: Any, out: Any, writes: bool) -> None:
+        """Keep the call when it takes a tensor of the trace or one that requires a gradient;
+        ``writes``: it writes into an argument (``_changes_in_place``)."""
         leaves, spec = tree_flatten((args, kwargs))
         refs = [self._slot(x) for x in leaves]
         if all(r is None for r in refs) and not any(map(_differentiable, leaves)):
@@ -297,7 +300,7 @@ class TailTrace(TorchFunctionMode):
                 kept[i] = _Fresh(x)
         slots = [(i, self._bind(t)) for i, t in enumerate(results)]
         aliases = []
-        if _changes_in_place(func, kwargs):
+        if writes:
             for base in {id(t._base): t._base for t in results if t._base is not None}.values():
                 before = self._slot(base)
                 if before is not None and not any(base is t for t in results):
@@ -332,7 +335,7 @@ class TailTrace(TorchFunctionMode):
             if moved or not _same(_fingerprint(now), printed):
                 return "the model's output was changed in place by code the trace does not see"
             # Without a recorded write the replay only reads the output: no copy of it.
-            sources.append(before if before is not None else self._sources[i].detach())
+            sources.append(now.detach())
         kept_on = _attributes(self.model)
         for call in calls:
             for i, x in enumerate(call.leaves):
@@ -432,8 +435,13 @@ def _changes_in_place(func: Any, kwargs: dict[str, Any]) -> bool:
     return name.endswith("_") or "out" in kwargs
 
 
-_OPS = ("add", "sub", "mul", "matmul", "truediv", "floordiv", "mod", "pow", "and", "or", "xor")
-_WRITING_DUNDERS = frozenset(f"__i{op}__" for op in (*_OPS, "lshift", "rshift")) | {"__setitem__"}
+_WRITING_DUNDERS = frozenset(
+    f"__i{op}__"
+    for op in (
+        *("add", "sub", "mul", "matmul", "truediv", "floordiv", "mod", "pow"),
+        *("and", "or", "xor", "lshift", "rshift"),
+    )
+) | {"__setitem__"}
 
 
 def _fingerprint(tensor: torch.Tensor) -> torch.Tensor:
@@ -448,7 +456,8 @@ def _fingerprint(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return bool(torch.equal(a, b) or torch.allclose(a, b, rtol=0.0, atol=0.0, equal_nan=True))
+    """Equal fingerprints; NaN equals NaN (a loss of NaN logits is replayed like any)."""
+    return torch.allclose(a, b, rtol=0.0, atol=0.0, equal_nan=True)
 
 
 def _version(tensor: torch.Tensor) -> int | None:

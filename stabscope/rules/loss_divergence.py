@@ -31,7 +31,7 @@ all its losses, in log space when they are all positive (the first losses of a r
 diverges at once are already climbing, so there is no calm stretch to read σ from, and a
 diverged loss wobbles in proportion to its level; the start may be a single draw): a loss
 whose first draw fell low by chance does not end "above its start". A healthy regression on
-batches of 4 (per-batch losses spread with a coefficient of variation of ~0.7) read at 20 to
+batches of 4 (per-batch losses spread with a coefficient of variation of ~0.7) read at 12 to
 100 steps ended "above its start" in 24-38% of 100 seeds without this test.
 
 The 10% gain keeps a loss that never moved much (a GAN's summed losses wander around their
