@@ -215,6 +215,24 @@ def test_beta_is_uniform_for_equal_independent_pre_ln_components():
         np.testing.assert_allclose(row, np.full(i + 2, 1 / math.sqrt(i + 2)))
 
 
+def test_beta_of_an_infinite_branch_is_nan_without_a_warning():
+    """A blown-up run: branch 2's variance is inf. The finite parts' share of the stream is 0,
+    the infinite one's inf / inf is NaN, and numpy prints nothing into the user's terminal."""
+    import warnings
+
+    from stabscope.probes.residual import beta_matrix
+    from stabscope.structure import Branch
+
+    branches = [Branch(f"b{i}", f"b{i}", "mlp", "pre", None, 1.0) for i in range(2)]
+    v = np.array([[1.0, 1.0, 1.0, 2.0, 2.0], [1.0, math.inf, 2.0, math.inf, 2.0]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rows = beta_matrix(branches, v)
+    np.testing.assert_allclose(rows[0], [1 / math.sqrt(2)] * 2)
+    np.testing.assert_array_equal(rows[1][:2], [0.0, 0.0])
+    assert math.isnan(rows[1][2])
+
+
 def test_post_ln_depends_on_its_branch_pre_ln_dilutes_it(tmp_path):
     """Admin (Liu et al. 2020), at init on the sample GPT: Post-LN's β_{i,i} stays large at every
     depth (heavy dependency on the branch), Pre-LN's shrinks as the stream accumulates."""

@@ -273,8 +273,11 @@ def beta_matrix(branches: list[Branch], v: np.ndarray) -> list[np.ndarray]:
         coef = np.append(b.alpha * coef, 1.0)
         std = np.append(std, math.sqrt(max(var_f, 0.0)))
         weights = coef * std
-        total = math.sqrt(float(np.sum(weights**2))) or 1.0
-        rows.append(weights / total)
+        # A blown-up run has infinite variances: inf / inf is NaN there, as the data says,
+        # and numpy's warning would land in the user's terminal.
+        with np.errstate(invalid="ignore", over="ignore"):
+            total = math.sqrt(float(np.sum(weights**2))) or 1.0
+            rows.append(weights / total)
         if b.placement != "pre":
             coef = coef / math.sqrt(var_t) if var_t > 0 else coef
     return rows
