@@ -172,6 +172,11 @@ METRICS: tuple[Metric, ...] = (
            ranks="max"),
     Metric("logit_min", "smallest output logit", "logit units", "module", "logits", "standard",
            ranks="min", worse="lower"),
+    Metric("pred_entropy", "mean entropy of each position's output softmax, H(p_i)", "nats",
+           "module", "logits", "standard", worse="none"),
+    Metric("pred_marginal_entropy", "entropy of the output softmax averaged over positions, "
+           "H(p̄); minus pred_entropy: what the prediction says about the input", "nats",
+           "module", "logits", "standard", worse="none"),
     Metric("adam_sqrtv_over_eps", "rms of sqrt(v̂) over Adam's eps; near 1 eps damps the update",
            "ratio", "param", "adam", "standard", ranks="rank0", shards="rss", worse="lower",
            heatmap="updates"),

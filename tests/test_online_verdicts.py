@@ -69,7 +69,13 @@ OVERFLOW = 1e8
 
 def test_whole_run_rules_do_not_act_online():
     ids = {r.id for r in online_rules()}
-    whole_run = {"run-status", "failure-forecast", "model-update", "lr-rise-past-catapult"}
+    whole_run = {
+        "run-status",
+        "failure-forecast",
+        "model-update",
+        "lr-rise-past-catapult",
+        "constant-prediction",
+    }
     assert whole_run.isdisjoint(ids)
     assert {"nonfinite", "gradient-growth", "attention-logit-growth"} <= ids
     assert len(ids) == len(ALL_RULES) - len(whole_run)

@@ -86,6 +86,41 @@ def test_output_logits(tmp_path):
     assert value(df, "<root>", "logit_min") == pytest.approx(z.min().item(), rel=1e-6)
 
 
+def entropies64(z: torch.Tensor) -> tuple[float, float]:
+    """(mean H(p_i), H(p̄)) of (..., V) logits in float64 numpy, 0·log 0 = 0."""
+    p = torch.softmax(z.double(), -1).reshape(-1, z.shape[-1]).numpy()
+
+    def h(q: np.ndarray) -> np.ndarray:
+        return -(q * np.log(np.where(q > 0, q, 1.0))).sum(-1)
+
+    return float(h(p).mean()), float(h(p.mean(0)))
+
+
+def test_prediction_entropies(tmp_path):
+    before, _, forward, _, df = run_sample(tmp_path)
+    z = captured(before, forward, ["head"])["head"][1]  # (B, T, V)
+    each, marginal = entropies64(z)
+    assert value(df, "<root>", "pred_entropy") == pytest.approx(each, rel=1e-5)
+    assert value(df, "<root>", "pred_marginal_entropy") == pytest.approx(marginal, rel=1e-5)
+
+
+def test_prediction_entropies_of_masked_classes_and_many_positions():
+    from stabscope.probes.logits import ENTROPY_ROWS, prediction_entropies
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 5, 7, generator=g)
+    z[..., 0] = -torch.inf  # a class masked out everywhere: it adds nothing
+    np.testing.assert_allclose(prediction_entropies(z).numpy(), entropies64(z), rtol=1e-5)
+    same = torch.randn(7, generator=g).expand(4, 9, 7)  # one prediction everywhere
+    each, marginal = prediction_entropies(same).tolist()
+    assert marginal - each == pytest.approx(0.0, abs=1e-6)
+    # More positions than ENTROPY_ROWS: the evenly spaced rows, read as above.
+    big = torch.randn(ENTROPY_ROWS + 905, 11, generator=g)
+    pick = [k * (len(big) - 1) // (ENTROPY_ROWS - 1) for k in range(ENTROPY_ROWS)]
+    assert pick[0] == 0 and pick[-1] == len(big) - 1
+    np.testing.assert_allclose(prediction_entropies(big).numpy(), entropies64(big[pick]), rtol=1e-5)
+
+
 class LossFirst(nn.Module):
     """The sample GPT returning ``(loss, logits)``, HF's ``return_dict=False`` order."""
 

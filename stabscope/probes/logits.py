@@ -2,6 +2,13 @@
 last dimension), ``logit_max`` and ``logit_min`` of the model output (module ``<root>``).
 
 Output-logit divergence shows as log Z drifting far from 0 and the extreme logits growing.
+
+``pred_entropy`` and ``pred_marginal_entropy``: the mean entropy of each position's softmax,
+H(p_i), and the entropy of their mean, H(p̄). Their difference is the mutual information
+between the input and the prediction (Bridle, Heading and MacKay 1992): 0 when the model
+predicts one distribution whatever its input, whatever that distribution is. A model that
+only learned its data's marginal (the unigram of an LM) sits there; ``constant-prediction``
+reads it at the planned end.
 The logits are the ``logits`` entry of a dict-like output (HF ModelOutput), else the model's
 first output tensor with at least two dimensions and more than one class: a model that
 returns ``(loss, logits)`` (HF's ``return_dict=False`` order) has its logits read, not its
@@ -41,6 +48,31 @@ def logit_stats(z: torch.Tensor) -> torch.Tensor:
     return torch.stack((torch.logsumexp(z, -1).mean(), z.amax(), z.amin()))
 
 
+#: The positions the prediction entropies read, evenly spaced over the flattened leading
+#: dims: an LM's (B·T, 50257) logits cost (4096, 50257) here. The mean of 4096 softmaxes is
+#: the batch's mean prediction to well under a percent of its entropy.
+ENTROPY_ROWS = 4096
+
+
+def prediction_entropies(z: torch.Tensor) -> torch.Tensor:
+    """[mean over positions of H(softmax z_i), H(mean over positions of softmax z_i)] of
+    (..., classes) logits, in nats, float32; entr(0) = 0, so a masked class (-inf) adds
+    nothing, and a non-finite logit gives NaN (data, not an error)."""
+    rows = z.detach().reshape(-1, z.shape[-1])  # (positions, classes)
+    if rows.shape[0] > ENTROPY_ROWS:
+        # Row k of ENTROPY_ROWS: k·(n − 1) // (ENTROPY_ROWS − 1), exact in integers.
+        pick = torch.arange(ENTROPY_ROWS, device=rows.device) * (rows.shape[0] - 1)
+        rows = rows[pick // (ENTROPY_ROWS - 1)]
+    p = torch.softmax(rows.float(), dim=-1)  # (n, classes)
+    each = torch.special.entr(p).sum(-1).mean()
+    marginal = torch.special.entr(p.mean(0)).sum()
+    return torch.stack((each, marginal))
+
+
+#: The rows this probe writes, in the order of its value tensor.
+NAMES = ("logit_lse_mean", "logit_max", "logit_min", "pred_entropy", "pred_marginal_entropy")
+
+
 class LogitProbe(BaseProbe):
     @classmethod
     def build(cls, ctx: ProbeContext) -> LogitProbe:
@@ -54,7 +86,7 @@ class LogitProbe(BaseProbe):
     def _on(self, output: Any) -> None:
         z = output_logits(output)
         if z is not None and self._value is None:
-            self._value = logit_stats(z)
+            self._value = torch.cat((logit_stats(z), prediction_entropies(z)))
 
     def end_step(self, collector: Collector) -> None:
         if self._value is None:
@@ -63,7 +95,7 @@ class LogitProbe(BaseProbe):
         code = self.code
 
         def decode(v, rows) -> None:  # type: ignore[no-untyped-def]
-            for name, x in zip(("logit_lse_mean", "logit_max", "logit_min"), v):
+            for name, x in zip(NAMES, v):
                 rows.emit("train", code, 0, name, x)
 
         collector.add(value, decode)

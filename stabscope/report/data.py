@@ -80,6 +80,8 @@ SERIES = {
     "logit_lse_mean": ROOT,
     "logit_max": ROOT,
     "logit_min": ROOT,
+    "pred_entropy": ROOT,
+    "pred_marginal_entropy": ROOT,
 }
 NONFINITE_FLAGS = ("act_nonfinite", "grad_nonfinite", "param_nonfinite", "param_grad_nonfinite")
 MARKERS = ("first_nonfinite_forward", "first_nonfinite_backward")

@@ -13,6 +13,7 @@ from typing import Any
 from ..store.findings import SEVERITIES, write_findings
 from . import (
     clip_throttle,
+    constant_prediction,
     depth,
     forecast,
     health,
@@ -46,6 +47,7 @@ ALL_RULES: list[Rule] = [
     *lr_ramp.RULES,
     *lr_vanish.RULES,
     *clip_throttle.RULES,
+    *constant_prediction.RULES,
 ]
 RULES_BY_ID = {r.id: r for r in ALL_RULES}
 

@@ -10,6 +10,13 @@ PLOTS = (
     ("logit_max", "largest output logit", False),
     ("logit_min", "smallest output logit", False),
     ("logit_lse_mean", "mean log-sum-exp of the output logits", False),
+    ("pred_marginal_entropy", "entropy of the mean prediction H(p̄), nats", False),
+    (
+        "pred_entropy",
+        "mean entropy of each prediction H(p_i), nats (the gap to H(p̄): what "
+        "the prediction says about the input)",
+        False,
+    ),
 )
 INTRO = (
     "Every step is recorded for loss and learning rate. Long runs are shown as the mean of "
