@@ -95,6 +95,21 @@ class StabscopeWarning(UserWarning):
     """Something in a run could not be read and was skipped."""
 
 
+def warn(message: str, stacklevel: int = 2) -> None:
+    """``warnings.warn(message, StabscopeWarning)`` that never raises into its caller. Under a
+    filter that turns warnings into errors (``python -W error``, pytest's ``-W error``) the
+    line goes to stderr instead: a monitoring tool's warning must not end a training run, nor
+    turn a gate's read of a damaged run into a rule that failed. ``stacklevel`` counts from
+    the caller of this function, as ``warnings.warn``'s does from its own."""
+    import sys
+    import warnings
+
+    try:
+        warnings.warn(message, StabscopeWarning, stacklevel=stacklevel + 1)
+    except Warning:
+        print(f"warning: {message}", file=sys.stderr)
+
+
 __all__ = [
     "ConfigError",
     "DescriptionError",

@@ -1,7 +1,8 @@
 """One readable-parts policy for every reader: a part with a foreign schema, one without the
 ``value`` column, one with a float64 ``value`` and a truncated one, next to good parts, are
 skipped (warned once, with the reason) by load_run, check, summary and report alike, which all
-read exactly the good rows."""
+read exactly the good rows; the gate fails on the rows lost (``run-status``) unless told to
+gate on what is readable (``--allow-incomplete``)."""
 
 from __future__ import annotations
 
@@ -96,11 +97,17 @@ def test_check_sees_no_false_nonfinite_and_summary_and_report_the_good_rows(mixe
     with warnings.catch_warnings():  # as outside pytest, which records warnings instead
         warnings.simplefilter("default")
         warnings.showwarning = cli_common._show_warning
-        res = CliRunner().invoke(app, ["check", str(run), "--format", "json"])
+        strict = CliRunner().invoke(app, ["check", str(run), "--format", "json"])
+        res = CliRunner().invoke(app, ["check", str(run), "--format", "json", "--allow-incomplete"])
+    # The skipped parts' rows are lost to every rule: the gate fails on them, naming them;
+    # --allow-incomplete gates on the good rows, where nothing is wrong.
+    assert strict.exit_code == 1, strict.output
+    (status,) = [f for f in json.loads(strict.stdout)["findings"] if f["severity"] == "error"]
+    assert status["rule"] == "run-status" and "4 of 8 parts cannot be read" in status["message"]
     assert res.exit_code == 0, res.output
     assert not json.loads(res.stdout)["failed"]
     for name, reason in REASONS.items():  # one line per skipped part, with its reason
-        lines = [line for line in res.stderr.splitlines() if name in line]
+        lines = [line for line in strict.stderr.splitlines() if name in line]
         assert len(lines) == 1 and lines[0].startswith("warning: skipping") and reason in lines[0]
     result = check_run(run)
     assert "nonfinite" not in {f.rule for f in result.findings}

@@ -101,6 +101,36 @@ def test_a_value_of_the_wrong_type_names_what_the_field_takes(tmp_path, key, val
         stabscope.Recorder(mlp(), tmp_path / "run", **{key: value})
 
 
+def test_a_schedule_is_a_schedule_or_its_text(tmp_path):
+    rec = stabscope.Recorder(mlp(), tmp_path / "text", schedule="dense=3,every=5")
+    assert rec.config.schedule == stabscope.Schedule(dense=3, every=5)
+    rec.close()
+    with pytest.raises(ValueError, match="bad schedule item 'x'"):
+        stabscope.Recorder(mlp(), tmp_path / "bad", schedule="x")
+    with pytest.raises(TypeError, match="schedule takes a Schedule or its text, got int"):
+        stabscope.Recorder(mlp(), tmp_path / "bad", schedule=3)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_an_out_that_is_a_file_is_one_error(tmp_path):
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(stabscope.errors.UsageError, match="is a file, not a directory"):
+        stabscope.Recorder(mlp(), tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_a_loss_of_more_than_one_number_is_one_error(tmp_path):
+    model = mlp()
+    x, y = batch_maker(6, 3)(0)
+    with stabscope.Recorder(model, tmp_path / "run") as rec:
+        per_output = (model(x) - y).pow(2).mean(0)  # (3,): the caller forgot the mean
+        with pytest.raises(ValueError, match=r"got a tensor of shape \(3,\)"):
+            rec.step(loss=per_output)
+        rec.step(loss=per_output.mean())  # the recorder goes on
+    loss = stabscope.load_run(tmp_path / "run", metrics="loss").value
+    assert loss.tolist() == pytest.approx([per_output.mean().item()])
+
+
 def snapshot(run: Path) -> dict[str, str]:
     """Every file of a run (dot-files included) and a hash of its bytes."""
     return {

@@ -202,14 +202,30 @@ def profile(
     except UsageError as e:
         raise fail(e) from None
     except RunWriteError as e:
-        raise fail(
-            UsageError(
-                f"writing the run in {run_dir} failed: {e.strerror or e}",
-                hint="free disk space or choose another --out; the run is marked failed and "
-                "keeps the parts written before",
-            )
-        ) from None
+        raise fail(_write_failed(run_dir, e.strerror or str(e))) from None
     except (KeyboardInterrupt, interrupts.Terminated) as e:
         raise typer.Exit(interrupted(run_dir, e)) from None
+    lost = _rows_lost(run_dir)  # the disk filled while it trained: training went on
+    if lost is not None:
+        raise fail(_write_failed(run_dir, lost))
     if stopped:  # --on-error stop ended it: the run has an error finding
         raise typer.Exit(1)
+
+
+def _write_failed(run_dir: Path, why: str) -> UsageError:
+    return UsageError(
+        f"writing the run in {run_dir} failed: {why}",
+        hint="free disk space or choose another --out; the run is marked failed and keeps "
+        "the parts written before",
+    )
+
+
+def _rows_lost(run_dir: Path) -> str | None:
+    """meta.json's write error of a run whose rows did not all reach the disk, or None."""
+    from ..store import read_meta
+
+    try:
+        entry = read_meta(run_dir).get("write_error")
+    except Exception:  # no readable meta.json: the run says nothing of a write error
+        return None
+    return str(entry.get("message") or entry) if isinstance(entry, dict) else None

@@ -113,7 +113,7 @@ def run_profile(
                 on_error=on_error,
             )
         if rank() == 0:
-            _print_profile_result(result.run_dir, result.seconds, result.notes, output)
+            _print_profile_result(run_dir, result.seconds, result.notes, output)
         return result.stopped_by is not None
     if training.given() is not None:
         raise UsageError(
@@ -144,7 +144,7 @@ def run_profile(
     except UsageError:
         drop_empty_parts(run_dir)
         raise
-    _print_profile_result(result.run_dir, result.seconds, result.notes, output)
+    _print_profile_result(run_dir, result.seconds, result.notes, output)
     return result.stopped_by is not None
 
 

@@ -59,11 +59,14 @@ def script_failure(path: Path, err: BaseException, where: str) -> ScriptError:
     """One line naming the script's own frame that raised, for an exception inside user code."""
     frames = [f for f in traceback.extract_tb(err.__traceback__) if Path(f.filename) == path]
     loc = f" at {path.name}:{frames[-1].lineno}" if frames else ""
-    kept = "" if where == "being imported" else "; what was recorded so far is kept"
-    return ScriptError(
-        f"{path.name} raised {type(err).__name__}{loc} while {where}: {err}",
-        hint=f"fix the script (`python {path}` shows the full traceback){kept}",
-    )
+    if where == "being imported":  # importing it again shows the same traceback
+        hint = f"fix the script (`python {path}` shows the full traceback)"
+    else:  # the run holds it: running the script again would train again, or do nothing
+        hint = (
+            "fix the script; the run's meta.json keeps the full traceback (`error.traceback`) "
+            "and what was recorded so far"
+        )
+    return ScriptError(f"{path.name} raised {type(err).__name__}{loc} while {where}: {err}", hint)
 
 
 def script_path(path: str | Path) -> Path:

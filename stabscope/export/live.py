@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from typing import Any, Protocol
 
 import numpy as np
 
-from ..errors import StabscopeWarning
+from ..errors import warn
 from ..store import RUN_MODULE
 from ..store.findings import Finding
 from ..store.writer import PartWriter
@@ -211,7 +210,7 @@ class LiveSeries:
                     "the run keeps recording"
                 )
                 self._note(message)
-                warnings.warn(message, StabscopeWarning, stacklevel=2)
+                warn(message, stacklevel=2)
                 with contextlib.suppress(Exception):
                     d.close()
 

@@ -11,14 +11,13 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from ..analysis.summary import Summary, summarize
-from ..errors import StabscopeWarning, UsageError
+from ..errors import UsageError, warn
 from ..rules.gate import Verdict, judge
 from ..store import RunMeta, load_meta, load_run
 from ..store.findings import Finding
@@ -113,7 +112,7 @@ class Run:
         if self._data is None or stamp != self._stamp:
             (data,), notes = read_runs([self.path])
             for note in notes:
-                warnings.warn(note, StabscopeWarning, stacklevel=3)
+                warn(note, stacklevel=3)
             self._data, self._stamp = data, stamp
         return self._data
 

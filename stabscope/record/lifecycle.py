@@ -33,6 +33,12 @@ OPENED_LATE_NOTE = (
 )
 
 
+WRITE_RECOVERED_NOTE = (
+    "a write failed while the run trained (a full disk); it was tried again later and every "
+    "row reached the disk"
+)
+
+
 class RunLifecycle:
     """start/close, the context manager, and the last-resort close at exit."""
 
@@ -86,10 +92,11 @@ class RunLifecycle:
     def close(self, status: str = "complete", error: BaseException | None = None) -> None:
         """Remove every hook, write what is left, and finish meta.json. Safe to call twice.
 
-        ``status`` is ``complete`` only if every row reached the disk: when the last rows
-        cannot be written (a full disk) the run is ``failed``, with the write error in
-        meta.json (``write_error``, and ``error`` unless another error ended the run), and
-        that error is raised here unless another one is already on its way. A signal that
+        ``status`` is ``complete`` only if every row reached the disk: when rows could not
+        be written (a full disk, now or while the run trained) the run is ``failed``, with
+        the write error in meta.json (``write_error``, and ``error`` unless another error
+        ended the run). A write error is warned about, never raised: the training it
+        watched, and the user's code after it (saving the model), go on. A signal that
         arrives while closing waits until the run is closed."""
         if self._closed:
             return
@@ -106,6 +113,8 @@ class RunLifecycle:
                 error = write_error if error is None else error
             elif isinstance(error, RunWriteError):  # a write during training ended the run
                 self.meta["write_error"] = error_entry(error)
+            elif self._write_warned:  # the disk had room again: every row is on disk
+                self.meta["notes"].append(WRITE_RECOVERED_NOTE)
             self.meta["status"] = status
             self.meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             if error is not None:
@@ -117,10 +126,12 @@ class RunLifecycle:
                 self._reserve.release()  # its room is for this last meta.json
             try:
                 self._save_meta()
+            except RunWriteError as err:  # the disk is full even for the reserve's room
+                self._on_write_error(err)
             finally:
                 self._let_go()
-        if write_error is not None and error is write_error:
-            raise write_error
+        if write_error is not None:
+            self._on_write_error(write_error)
 
     def _detach_all(self) -> None:
         self._stop_capture()
@@ -139,7 +150,8 @@ class RunLifecycle:
         self.step_norms.release()
 
     def _write_remaining(self) -> BaseException | None:
-        """Write every buffered row; the error that stopped it, if any."""
+        """Write every buffered row; the error that kept rows off the disk, if any (also
+        one from while the run trained, when the rows it held back are still lost)."""
         try:
             # A step that was started but never marked is discarded, not half-written.
             self.collector.clear()
@@ -149,6 +161,12 @@ class RunLifecycle:
             self.writer.flush()
         except BaseException as err:
             return err
+        lost = self.writer.lost_rows
+        if lost and self.writer.write_error is not None:
+            err = self.writer.write_error
+            return RunWriteError(
+                err.errno, f"{err.strerror or err}; {lost:,} rows not written", err.filename
+            )
         return None
 
     def _let_go(self) -> None:

@@ -4,11 +4,10 @@ on the online rules' findings. The series and the cap are ``export/live.py``'s."
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from ..errors import StabscopeWarning
+from ..errors import warn
 from ..export.destinations import Target, open_targets, target_items
 from ..export.live import Chunk, LiveSeries
 from ..store import update_meta
@@ -26,7 +25,7 @@ class LiveBridge:
         opened, failed = open_targets(names, rec.run_dir.name) if names else ([], [])
         for message in failed:
             self._note(message)
-            warnings.warn(message, StabscopeWarning, stacklevel=3)
+            warn(message, stacklevel=3)
         destinations = [*opened, *objects]
         self.series: LiveSeries | None = LiveSeries(
             destinations, rec.writer, max_series, note=self._note
@@ -48,7 +47,7 @@ class LiveBridge:
             self.series = None
             message = f"live logging stopped ({what}): {type(err).__name__}: {err}"
             self._note(message)
-            warnings.warn(message, StabscopeWarning, stacklevel=3)
+            warn(message, stacklevel=3)
 
     def rows(self, chunks: list[Chunk]) -> None:
         if self.rec.structure is None and self.rec._capture is not None:

@@ -20,6 +20,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from ..errors import OptionError
 from ..store.memory import Chunk
 from .collector import Collector, Rows
 
@@ -96,6 +97,12 @@ class PendingLosses:
 
     def add(self, step: int, loss: torch.Tensor | float) -> None:
         value = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
+        if value.numel() != 1:
+            raise OptionError(
+                f"rec.step(loss=...) takes the step's loss, one number; got a tensor of shape "
+                f"{tuple(value.shape)}",
+                hint="pass the scalar the step's backward started from (e.g. loss.mean())",
+            )
         self._pending.append((step, value.reshape(())))
         self._on_host += value.device.type == "cpu"
 

@@ -1,11 +1,14 @@
 """The optimizers that train the recorded model, and the lr each param group used per step.
 
 Optimizer steps are seen through torch's global optimizer step hooks, so no optimizer needs to
-be passed in; an optimizer is owned when it holds one of the model's parameters.
+be passed in; an optimizer is owned when it holds one of the model's parameters. Owned
+optimizers are held weakly: a script that builds a new optimizer every step (or once, to
+change its settings) frees the old one and its state, and the old one stops counting.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -22,19 +25,35 @@ class OptimizerWatch:
     def __init__(self, param_ids: set[int], planner: LrPlanner | None) -> None:
         self.param_ids = param_ids
         self.planner = planner
-        self.optimizers: dict[int, torch.optim.Optimizer] = {}
+        self._refs: dict[int, weakref.ref[torch.optim.Optimizer]] = {}  # by id, owned order
         self._step_lrs: dict[int, list[float | None]] = {}
         self._planned_for: set[int] | None = None  # the optimizers the plan covers, once made
         self.settings: list[dict[str, Any]] = []  # meta.json's ``optimizers``, in owned order
 
+    @property
+    def optimizers(self) -> dict[int, torch.optim.Optimizer]:
+        """The owned optimizers still alive, by id, in the order they were first seen."""
+        live = {key: ref() for key, ref in self._refs.items()}
+        for key in [k for k, opt in live.items() if opt is None]:
+            del self._refs[key]
+            self._step_lrs.pop(key, None)
+        return {key: opt for key, opt in live.items() if opt is not None}
+
     def owns(self, optimizer: torch.optim.Optimizer) -> bool:
         key = id(optimizer)
-        if key not in self.optimizers:
+        ref = self._refs.get(key)
+        if ref is None or ref() is not optimizer:
             ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
             if not ids & self.param_ids:
                 return False
-            self.optimizers[key] = optimizer
-            self.settings.append(describe(optimizer))
+            alive = len(self.optimizers)  # prunes the freed ones
+            replaced = alive < len(self.settings)
+            self._refs[key] = weakref.ref(optimizer)
+            settings = describe(optimizer)
+            # A replacement with the same settings (a new optimizer each step) adds no entry:
+            # meta.json's list says which kinds of optimizer trained the model.
+            if not (replaced and settings in self.settings):
+                self.settings.append(settings)
         return True
 
     def held_count(self) -> int:

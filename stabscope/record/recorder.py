@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -84,6 +85,7 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
                 hint="pass the model itself: stabscope.Recorder(model, 'runs/mine')",
             )
         check_on_error(on_error)  # before the run directory is touched
+        schedule = _schedule_value(schedule)
         self.forward = forward
         self.structure = structure
         # The planned lr curve (meta.json's lr_plan), when a scheduler or a budget is given.
@@ -107,7 +109,10 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
         # Rank 0 takes the directory's lock (or this process's claim from `profile`) here and
         # keeps it until close(); the other ranks write their parts under it.
         try:
-            self.run_dir = prepare_on_rank0(out, lambda: prepare_run_dir(out, force))
+            prepared = prepare_on_rank0(out, lambda: prepare_run_dir(out, force))
+            # Absolute: a script that changes its working directory (Hydra's
+            # ``hydra.job.chdir``) keeps writing here.
+            self.run_dir = Path(os.path.abspath(prepared))
         except RunExistsError as err:  # one line with the force hint, not a chain
             raise keyword_hint(err) from None
         self.live: LiveBridge | None = None
@@ -127,7 +132,11 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
     def _setup(
         self, model: nn.Module, cfg: RecorderConfig, run_info: dict[str, Any] | None
     ) -> None:
-        self.writer = PartWriter(self.run_dir, self.rank, cfg.part_rows, cfg.flush_seconds)
+        self.writer = PartWriter(
+            self.run_dir, self.rank, cfg.part_rows, cfg.flush_seconds, keep_going=True
+        )
+        self.writer.on_write_error = self._on_write_error
+        self._write_warned = False
         self.rows = Rows(self.writer)
         self.collector = Collector()
         self.every_collector = Collector()  # the flight recorder's transfers
@@ -324,5 +333,21 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
             if self.structure_probes is not None:
                 self.structure_probes.after_optimizer_step(optimizer)
 
+
+
+
+def _schedule_value(schedule: Any) -> Schedule | None:
+    """A ``Schedule``, or its text (``"dense=10,every=25"``, as the CLI's ``--schedule``)."""
+    if schedule is None or isinstance(schedule, Schedule):
+        return schedule
+    if isinstance(schedule, str):
+        try:
+            return Schedule.parse(schedule)
+        except ValueError as err:
+            raise OptionError(str(err), hint="schedule=Schedule(dense=10, every=25)") from None
+    raise OptionError(
+        f"schedule takes a Schedule or its text, got {type(schedule).__name__}",
+        hint="schedule=Schedule(dense=10, every=25) or schedule='dense=10,every=25'",
+    )
 
 __all__ = ["Recorder", "RunExistsError", "RunLockedError", "error_entry", "prepare_run_dir"]

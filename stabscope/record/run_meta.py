@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import HintedError
+from ..errors import HintedError, RunWriteError, warn
 from ..probes.kernels import host_kernels
 from ..store import new_meta, save_meta
 from ..store.layout import META_FILE
@@ -30,9 +30,27 @@ def error_entry(error: BaseException) -> dict[str, Any]:
     entry = {
         "type": type(error).__name__,
         "message": error.message if hint else str(error),
-        "traceback": traceback.format_exception(type(error), error, error.__traceback__)[-6:],
+        "traceback": traceback_lines(error),
     }
     return {**entry, "hint": hint} if hint else entry
+
+
+#: The frames of the traceback meta.json keeps: the innermost ones, where the error was made.
+TRACEBACK_FRAMES = 12
+
+
+def traceback_lines(error: BaseException) -> list[str]:
+    """The last TRACEBACK_FRAMES frames of the exception that began it all (the end of its
+    ``__cause__`` chain: the user's own error, where stabscope wrapped it in one of its own),
+    then the line that names ``error`` when that is another exception."""
+    root = error
+    while root.__cause__ is not None and root.__cause__ is not root:
+        root = root.__cause__
+    lines = traceback.format_exception(type(root), root, root.__traceback__, chain=False)
+    lines = lines[:1] + lines[1:-1][-TRACEBACK_FRAMES:] + lines[-1:]  # header, frames, line
+    if root is not error:
+        lines += traceback.format_exception_only(type(error), error)
+    return lines
 
 
 def initial_meta(
@@ -124,6 +142,21 @@ class MetaWriting:
             }
             self._save_meta()
 
+    def _on_write_error(self, err: RunWriteError) -> None:
+        """A part or meta.json could not be written while the run trains: say so once. The
+        error never reaches the training loop (a full disk must not end the user's run);
+        ``close`` marks the run ``failed`` if rows were lost, ``complete`` otherwise."""
+        if self._write_warned:
+            return
+        self._write_warned = True
+        warn(
+            f"writing the run {self.run_dir} failed at step {self.step_index} "
+            f"({err.strerror or err}: {err.filename}); training goes on, stabscope keeps up "
+            f"to {self.writer.part_rows:,} rows in memory and tries again at each flush; if "
+            "rows are lost the run will read `failed`",
+            stacklevel=4,
+        )
+
     def _save_meta(self) -> None:
         never = self.hooks.never_fired(self.writer.modules.names) if self._recorded_steps else {}
         self.meta.update(
@@ -142,7 +175,15 @@ class MetaWriting:
             entry["forward_order"] = self._forward_order.get(code)
             entry.update(self.hooks.counts(code))
         if self.rank == 0:
-            save_meta(self.run_dir, self.meta)
+            try:
+                save_meta(self.run_dir, self.meta)
+            except RunWriteError as err:
+                if self._closed:
+                    raise
+                # The disk is full while the run trains: training goes on, and meta.json is
+                # written again at the next change (the reserve keeps room for the last one).
+                self._on_write_error(err)
+                return
         if self._reserve is not None and not self._closed:
             # Twice meta.json: its temporary copy and the old file coexist for a moment.
             self._reserve.ensure(2 * (self.run_dir / META_FILE).stat().st_size + 65536)

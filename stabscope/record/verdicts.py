@@ -39,11 +39,10 @@ from __future__ import annotations
 
 import math
 import sys
-import warnings
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import StabscopeWarning, UsageError
+from ..errors import UsageError, warn
 from ..rules.gate import load_settings
 from ..rules.online import (
     CLOSE_WAIT,
@@ -193,7 +192,7 @@ class VerdictActions:
             if say is not None:
                 say(line)
             else:
-                warnings.warn(line, StabscopeWarning, stacklevel=4)  # the caller of rec.step()
+                warn(line, stacklevel=4)  # the caller of rec.step()
         self._store_verdicts()
         if self.live is not None:  # the dashboards (record/live.py)
             for f in found:

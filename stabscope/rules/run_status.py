@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from ..store import count_rows
+from ..store import count_rows, list_parts
 from ..store.findings import Finding
 from ..store.rundir import run_state
 from .base import Rule, RunView, finding
@@ -79,6 +79,27 @@ def _run_status(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
             value=float(steps),
             remedy="check it again once training ends",
         )
+    yield from _damaged_parts(view, p)
+
+
+def _damaged_parts(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
+    """Parts that cannot be read (truncated, another schema): their rows are lost to every
+    rule, so the verdict is on part of the run; an error, as for an incomplete run. A run
+    with no readable row at all is the case above."""
+    parts = list_parts(view.run_dir)
+    if not parts.skipped or not parts.files:
+        return
+    names = ", ".join(path.name for path, _ in parts.skipped[:3])
+    more = f" and {len(parts.skipped) - 3} more" if len(parts.skipped) > 3 else ""
+    yield finding(
+        RUN_STATUS,
+        "warning" if p["allow_incomplete"] else "error",
+        f"{len(parts.skipped)} of {len(parts.skipped) + len(parts.files)} parts cannot be "
+        f"read ({names}{more}): their rows are lost and the rules saw the rest",
+        value=float(len(parts.skipped)),
+        remedy="restore the parts from a copy or profile again, or pass --allow-incomplete to "
+        "gate on the readable parts",
+    )
 
 
 RUN_STATUS = Rule(

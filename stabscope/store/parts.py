@@ -12,14 +12,14 @@ No torch import here.
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..errors import NotARunError, StabscopeWarning
+from ..errors import NotARunError, warn
+from ..errors import StabscopeWarning as StabscopeWarning  # re-exported by store
 from .layout import META_FILE, PART_PREFIX, PART_SUFFIX, PARTS_DIR
 from .schema import SCHEMA
 
@@ -105,7 +105,7 @@ def readable_parts(run_dir: PathLike) -> Parts:
     for note in parts.notes:
         if note not in _warned:
             _warned.add(note)
-            warnings.warn(note, StabscopeWarning, stacklevel=2)
+            warn(note, stacklevel=2)
     return parts
 
 

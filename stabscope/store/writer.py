@@ -8,7 +8,11 @@ killed process therefore loses at most the rows that were not yet in a part.
 
 A part that cannot be written (a full disk) leaves no file behind, its rows stay buffered
 and counted nowhere, and the error goes on to the caller; ``parts_written`` and
-``rows_written`` count only parts that are on disk.
+``rows_written`` count only parts that are on disk. A writer that keeps going
+(``keep_going``, the Recorder's: a full disk must not end the user's training) keeps the
+error in ``write_error`` instead, tells ``on_write_error`` once, and tries again at each
+later flush; while it cannot write, it buffers up to ``part_rows`` rows and lets go of the
+rest (``rows_dropped``), so its memory stays bounded.
 
 ``unwritten()`` hands the rows not yet in a part to a reader in memory (``store.memory``:
 the online rules read them without waiting for a part).
@@ -17,11 +21,13 @@ the online rules read them without waiting for a part).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 
+from ..errors import RunWriteError
 from .atomic import write_atomically
 from .interrupts import deferred
 from .layout import PARTS_DIR, part_name
@@ -56,6 +62,7 @@ class PartWriter:
         rank: int = 0,
         part_rows: int = 1_000_000,
         flush_seconds: float = 30.0,
+        keep_going: bool = False,
     ) -> None:
         self.parts_dir = Path(run_dir) / PARTS_DIR
         self.parts_dir.mkdir(parents=True, exist_ok=True)
@@ -68,6 +75,10 @@ class PartWriter:
         self.parts_written = 0
         self.rows_written = 0
         self.rows_appended = 0  # rows handed to the writer, on disk or buffered
+        self.keep_going = keep_going
+        self.write_error: RunWriteError | None = None  # the first part that could not be written
+        self.on_write_error: Callable[[RunWriteError], None] | None = None
+        self.rows_dropped = 0  # rows let go while no part could be written (keep_going)
         self.last_step_written = -1
         self._chunks: list[Chunk] = []
         self._buffered = 0
@@ -95,6 +106,9 @@ class PartWriter:
         """Buffer rows given as equal-length arrays; string columns as interned codes."""
         n = len(value)
         if n == 0:
+            return
+        if self.write_error is not None and self._buffered >= self.part_rows:
+            self.rows_dropped += n  # the disk has had no room: memory stays bounded
             return
         self._chunks.append(
             (
@@ -138,7 +152,21 @@ class PartWriter:
         if not self._buffered:
             return None
         with deferred():  # a signal waits until the part is written and counted
-            return self._write_part()
+            try:
+                return self._write_part()
+            except RunWriteError as err:
+                if not self.keep_going:
+                    raise
+                if self.write_error is None:
+                    self.write_error = err
+                    if self.on_write_error is not None:
+                        self.on_write_error(err)
+                return None  # the rows stay buffered: the next flush tries again
+
+    @property
+    def lost_rows(self) -> int:
+        """Rows handed to this writer that are not on disk: buffered ones and dropped ones."""
+        return self._buffered + self.rows_dropped
 
     def _write_part(self) -> Path:
         cols = [np.concatenate(c) for c in zip(*self._chunks)]

@@ -79,6 +79,12 @@ class StopScript(BaseException):
     script does not swallow it, its ``finally`` blocks still run)."""
 
 
+CAUGHT_STOP_NOTE = (
+    "the script caught the exception that stopped it (--on-error stop) and went on: nothing "
+    "after the step that asked to stop was recorded"
+)
+
+
 class StopOnFinding(StopScript):
     """Ends the script at the step boundary where an error finding asked the run to stop
     (``on_error="stop"``)."""
@@ -118,6 +124,7 @@ class ScriptRecording:
         self.steps_marked = 0  # step boundaries marked on the Recorder
         self.optimizer_steps = 0  # every optimizer.step() seen, model found or not
         self.done = False  # max_steps reached: close at the next safe point
+        self._stop_raised = False  # StopOnFinding was raised (on_error="stop")
         self.closed = False
         self._owners = StepOwners([], set())
         self._steps_before: dict[int, int] = {}  # per optimizer, steps before the model
@@ -176,6 +183,8 @@ class ScriptRecording:
         # Called where no optimizer hook is running: PyTorch iterates the optimizer hook
         # dicts while calling them, so hooks can only be removed out here.
         if self.done:
+            if self._stop_raised and CAUGHT_STOP_NOTE not in self.notes:
+                self.notes.append(CAUGHT_STOP_NOTE)
             self.close("complete")
 
     def _on_root(self, module: nn.Module) -> None:
@@ -304,6 +313,10 @@ class ScriptRecording:
             self.progress(rec.step_index, self.max_steps, rec.last_loss)
         if rec.should_stop and sys.exc_info()[0] is None:
             by = rec.stopped_by or {}
+            # Nothing more is recorded, whether the exception ends the script or the script
+            # catches it (a bare ``except:`` around its step) and trains on: the run closes at
+            # this boundary as `stopped` either way.
+            self.done = self._stop_raised = True
             raise StopOnFinding(f"stopped after step {rec.step_index - 1} by {by.get('rule')}")
         if self.max_steps is not None and rec.step_index >= self.max_steps:
             self.done = True

@@ -82,21 +82,36 @@ class StepOwners:
     drops the silent one (it is not training)."""
 
     def __init__(self, owners: list[Optimizer], model_params: set[int]) -> None:
-        self.names = {id(o): type(o).__name__ for o in owners}  # id -> class name
+        # Weakly: an optimizer the script replaced (a new one each step, or once to change its
+        # settings) is freed, and a step no longer waits for it.
+        self._owners = {id(o): (type(o).__name__, weakref.ref(o)) for o in owners}
         self.model_params = model_params
         self._stepped: set[int] = set()  # owners that stepped since the last step ended
+
+    @property
+    def names(self) -> dict[int, str]:
+        """The live owners' class names, by id."""
+        dead = [k for k, (_, ref) in self._owners.items() if ref() is None]
+        for key in dead:
+            del self._owners[key]
+            self._stepped.discard(key)
+        return {k: name for k, (name, _) in self._owners.items()}
 
     def stepped(self, optimizer: Optimizer) -> bool:
         """Note that ``optimizer`` stepped; whether that ended a step of the model."""
         key = id(optimizer)
-        if key not in self.names:
+        names = self.names  # the freed owners dropped
+        known = self._owners.get(key)
+        if known is None or known[1]() is not optimizer:
             if not trained_parameter_ids(optimizer) & self.model_params:
                 return False
-            self.names[key] = type(optimizer).__name__
+            self._owners[key] = (type(optimizer).__name__, weakref.ref(optimizer))
+            names = self.names
         if key in self._stepped:
-            self.names = {k: v for k, v in self.names.items() if k in self._stepped}
+            self._owners = {k: v for k, v in self._owners.items() if k in self._stepped}
+            names = self.names
         self._stepped.add(key)
-        if self._stepped >= self.names.keys():
+        if self._stepped >= names.keys():
             self._stepped.clear()
             return True
         return False

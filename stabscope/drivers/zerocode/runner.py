@@ -73,8 +73,10 @@ def exit_status(code: Any) -> int:
 
 @contextlib.contextmanager
 def as_main(path: Path, args: Sequence[str]) -> Iterator[None]:
-    """``sys.argv`` and ``sys.path[0]`` as ``python path args...`` would set them."""
-    saved_argv, saved_path = sys.argv, list(sys.path)
+    """``sys.argv`` and ``sys.path[0]`` as ``python path args...`` would set them; the
+    working directory the script may change (Hydra's ``hydra.job.chdir``) is restored after
+    it, so that stabscope's own paths given relative (``--out``) mean what they meant."""
+    saved_argv, saved_path, saved_cwd = sys.argv, list(sys.path), os.getcwd()
     sys.argv = [str(path), *args]
     sys.path.insert(0, str(path.parent))
     try:
@@ -82,6 +84,8 @@ def as_main(path: Path, args: Sequence[str]) -> Iterator[None]:
     finally:
         sys.argv = saved_argv
         sys.path[:] = saved_path
+        with contextlib.suppress(OSError):
+            os.chdir(saved_cwd)
 
 
 @contextlib.contextmanager
@@ -252,8 +256,10 @@ def _require_steps(recording: ScriptRecording, path: Path, ending: str) -> None:
         problem = UsageError(
             f"{what}{ending} without calling optimizer.step(): nothing was recorded",
             hint="a training script builds a torch.optim optimizer and calls optimizer.step() "
-            "(docs/zero-code.md); a model script defines model(cfg), batches(cfg) and "
-            "loss(model, batch) (README: Model scripts)",
+            "(docs/zero-code.md); one that trains in processes it starts itself "
+            "(torch.multiprocessing.spawn) is profiled under torchrun instead (`torchrun "
+            "--nproc_per_node=N -m stabscope profile ...`); a model script defines model(cfg), "
+            "batches(cfg) and loss(model, batch) (README: Model scripts)",
         )
     else:
         problem = UsageError(
