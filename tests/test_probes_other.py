@@ -121,6 +121,39 @@ def test_prediction_entropies_of_masked_classes_and_many_positions():
     np.testing.assert_allclose(prediction_entropies(big).numpy(), entropies64(big[pick]), rtol=1e-5)
 
 
+class ConvTagger(nn.Module):
+    """Per-position classes from a 1x1 convolution: logits (B, C=6, T=10), the layout
+    ``cross_entropy`` takes (a WaveNet's, a segmentation net's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Conv1d(3, 16, 3, padding=1)
+        self.head = nn.Conv1d(16, 6, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.body(x)))
+
+
+def test_output_logits_of_a_convolution_head_read_its_channels_as_classes(tmp_path):
+    torch.manual_seed(0)
+    model = ConvTagger()
+    x = torch.randn(4, 3, 10)
+    y = torch.randint(6, (4, 10))
+    with torch.no_grad():
+        z = model(x).double().movedim(1, -1)  # (B, T, C): the classes last, as read
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss = lambda m: nn.functional.cross_entropy(m(x), y)  # noqa: E731
+    record_steps(model, tmp_path, loss, opt, 1, schedule=Schedule(1, 0))
+    df = stabscope.load_run(tmp_path, phase="train")
+    assert value(df, "<root>", "logit_lse_mean") == pytest.approx(
+        torch.logsumexp(z, -1).mean().item(), rel=1e-5
+    )
+    each, marginal = entropies64(z)
+    assert marginal <= np.log(6) + 1e-9  # over the 6 classes, not the 10 positions
+    assert value(df, "<root>", "pred_entropy") == pytest.approx(each, rel=1e-5)
+    assert value(df, "<root>", "pred_marginal_entropy") == pytest.approx(marginal, rel=1e-5)
+
+
 class LossFirst(nn.Module):
     """The sample GPT returning ``(loss, logits)``, HF's ``return_dict=False`` order."""
 

@@ -12,7 +12,8 @@ reads it at the planned end.
 The logits are the ``logits`` entry of a dict-like output (HF ModelOutput), else the model's
 first output tensor with at least two dimensions and more than one class: a model that
 returns ``(loss, logits)`` (HF's ``return_dict=False`` order) has its logits read, not its
-0-d loss.
+0-d loss. The classes are the last dim, or dim 1 where a convolution head wrote them in
+torch's (N, C, ...) layout (``class_axis``).
 """
 
 from __future__ import annotations
@@ -73,6 +74,22 @@ def prediction_entropies(z: torch.Tensor) -> torch.Tensor:
 NAMES = ("logit_lse_mean", "logit_max", "logit_min", "pred_entropy", "pred_marginal_entropy")
 
 
+def head_widths(root: nn.Module) -> tuple[set[int], set[int]]:
+    """(out_features of every Linear, out_channels of every convolution) in ``root``."""
+    linear = {m.out_features for m in root.modules() if isinstance(m, nn.Linear)}
+    conv = {m.out_channels for m in root.modules() if isinstance(m, nn.modules.conv._ConvNd)}
+    return linear, conv
+
+
+def class_axis(z: torch.Tensor, linear: set[int], conv: set[int]) -> int:
+    """The classes' dim of output logits: the last, (..., classes), unless a convolution head
+    wrote them in torch's (N, C, d1, ...) layout (a WaveNet's (B, 256, T), a segmentation
+    net's (N, C, H, W), the layout ``cross_entropy`` takes): dim 1 is a convolution's channel
+    count and the last dim is no linear layer's width."""
+    conv_layout = z.dim() >= 3 and 1 < z.shape[1] != z.shape[-1] and z.shape[1] in conv
+    return 1 if conv_layout and z.shape[-1] not in linear else -1
+
+
 class LogitProbe(BaseProbe):
     @classmethod
     def build(cls, ctx: ProbeContext) -> LogitProbe:
@@ -81,11 +98,13 @@ class LogitProbe(BaseProbe):
     def __init__(self, root: nn.Module, code: int, listeners: ListenerHooks) -> None:
         self.code = code
         self._value: torch.Tensor | None = None
+        self._widths = head_widths(root)
         listeners.add(root, post=lambda m, a, k, o: self._on(o))
 
     def _on(self, output: Any) -> None:
         z = output_logits(output)
         if z is not None and self._value is None:
+            z = z.movedim(class_axis(z, *self._widths), -1)  # (..., classes)
             self._value = torch.cat((logit_stats(z), prediction_entropies(z)))
 
     def end_step(self, collector: Collector) -> None:

@@ -334,8 +334,6 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
                 self.structure_probes.after_optimizer_step(optimizer)
 
 
-
-
 def _schedule_value(schedule: Any) -> Schedule | None:
     """A ``Schedule``, or its text (``"dense=10,every=25"``, as the CLI's ``--schedule``)."""
     if schedule is None or isinstance(schedule, Schedule):
@@ -349,5 +347,6 @@ def _schedule_value(schedule: Any) -> Schedule | None:
         f"schedule takes a Schedule or its text, got {type(schedule).__name__}",
         hint="schedule=Schedule(dense=10, every=25) or schedule='dense=10,every=25'",
     )
+
 
 __all__ = ["Recorder", "RunExistsError", "RunLockedError", "error_entry", "prepare_run_dir"]

@@ -99,9 +99,7 @@ def prepare_run_dir(out: PathLike, force: bool) -> Path:
     adopts it, or by ``release_run_dir``."""
     path = Path(out)
     if path.exists() and not path.is_dir():
-        raise UsageError(
-            f"{path} is a file, not a directory", hint="give the run a directory path"
-        )
+        raise UsageError(f"{path} is a file, not a directory", hint="give the run a directory path")
     outer = enclosing_run(path, include_self=False)
     if outer is not None:
         raise NestedRunError(f"{path} is inside the run directory {outer}")
