@@ -46,10 +46,14 @@ class NextToken(nn.Module):
         return self.head(self.body(h))  # (B, T, V)
 
 
-def train(run, sees_input: bool, budget: int = STEPS, steps: int = STEPS) -> NextToken:
+def train(
+    run, sees_input: bool, budget: int = STEPS, steps: int = STEPS, warmup: int = 0
+) -> NextToken:
     torch.manual_seed(0)
     model = NextToken(sees_input)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    ramp = lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0  # noqa: E731
+    rise = torch.optim.lr_scheduler.LambdaLR(opt, ramp)
     g = torch.Generator().manual_seed(1)
     batches = [markov_batch(g) for _ in range(8)]
 
@@ -67,6 +71,7 @@ def train(run, sees_input: bool, budget: int = STEPS, steps: int = STEPS) -> Nex
             opt.zero_grad()
             loss.backward()
             opt.step()
+            rise.step()
             rec.step(loss=loss)
     model.probe = batches[0]  # type: ignore[assignment]
     return model
@@ -111,6 +116,21 @@ def test_before_the_planned_end_or_on_a_short_budget_it_says_nothing(tmp_path):
     assert findings(tmp_path / "long", until=STEPS // 2) == []  # the run was still going
     train(tmp_path / "short", sees_input=False, budget=50, steps=50)  # under min_steps
     assert findings(tmp_path / "short") == []
+
+
+def test_a_run_that_ends_inside_its_warm_up_is_told_so(tmp_path):
+    """A warm-up ten times longer than the run: the lr still rises at the end, and the
+    finding names the warm-up; one that ends within the run does not."""
+    from stabscope.rules.constant_prediction import WARMING_UP
+
+    train(tmp_path / "rising", sees_input=False, warmup=10 * STEPS)
+    lr = stabscope.load_run(tmp_path / "rising", metrics="lr").sort_values("step").value
+    assert lr.idxmax() == lr.index[-1] and lr.iloc[-1] > lr.iloc[0]
+    (rising,) = findings(tmp_path / "rising")
+    assert rising.message.endswith(WARMING_UP)
+    train(tmp_path / "warm", sees_input=False, warmup=STEPS // 4)  # warm by the end
+    (warm,) = findings(tmp_path / "warm")
+    assert WARMING_UP not in warm.message
 
 
 def test_a_regression_output_is_not_read_as_a_constant_prediction(tmp_path):

@@ -25,6 +25,9 @@ Judged only at the planned end (meta.json ``lr_plan.budget``; the forecast's bar
 stopped early never reaches) of a run of at least ``min_steps`` steps: a smoke test of a few
 dozen steps, or a run that is still learning its marginal, is not a verdict on training. And
 only where the loss reads as a mean cross-entropy of the output head (``log_classes``).
+Where the lr still rises at the end (its largest value first reached in the last tenth of
+the steps, above where it started), the finding says so: the run never left its warm-up, a
+warm-up longer than the run (or a smoke test cut inside the warm-up of a longer recipe).
 
 What it catches is a symptom with many causes (an init too large or too small, a dead or
 collapsed body, a learning rate decayed to nothing, an input that does not reach the model),
@@ -40,6 +43,7 @@ import numpy as np
 from ..store.findings import Finding
 from .base import Rule, RunView, finding
 from .loss_divergence import MIN_WINDOW, loss_levels, loss_series
+from .lr_plan_check import largest_lr
 from .output_features import LOGITS, log_classes
 from .view import Request
 
@@ -69,6 +73,23 @@ def _end_entropies(view: RunView, seen: int) -> tuple[float, float, int] | None:
     return each, marginal, int(table.index[-1])
 
 
+#: Added to the finding where the run ended inside its warm-up.
+WARMING_UP = (
+    "; its lr was still rising at the end: it never left its warm-up (a warm-up longer than "
+    "the run, or a short test of a longer recipe)"
+)
+
+
+def _still_warming_up(view: RunView) -> bool:
+    """Whether the largest group's lr, as recorded every step, first reaches its maximum in
+    the last tenth of the steps and ends above where it started: the run ended inside its
+    warm-up."""
+    lr = largest_lr(view).to_numpy(float)  # (S,) by step
+    if len(lr) < 2 or not lr[-1] > lr[0]:
+        return False
+    return int(np.argmax(lr)) >= len(lr) - max(1, len(lr) // 10)
+
+
 def _constant_prediction(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     budget = view.meta.budget
     seen = view.until if view.until is not None else view.meta.steps
@@ -96,7 +117,7 @@ def _constant_prediction(view: RunView, p: dict[str, float]) -> Iterator[Finding
         f"input (H(p̄) {marginal:.4g} − mean H(p_i) {each:.4g}, {info / marginal:.1%} of "
         f"H(p̄)), and its loss ends at {level:.4g}, {level / marginal:.0%} of the "
         f"{marginal:.4g} nats of predicting p̄ everywhere: it learned its outputs' marginal "
-        "and little more",
+        "and little more" + (WARMING_UP if _still_warming_up(view) else ""),
         module=None,
         step=step,
         value=info / marginal,
@@ -116,7 +137,7 @@ CONSTANT_PREDICTION = Rule(
     ENTROPIES,
     {"max_info_share": 0.1, "min_loss_share": 0.9, "min_steps": 100},
     _constant_prediction,
-    reads=(Request(ENTROPIES), Request(("loss",)), Request(LOGITS)),
+    reads=(Request(ENTROPIES), Request(("loss", "lr")), Request(LOGITS)),
     online=False,  # how the run ended: needs its planned end
 )
 
