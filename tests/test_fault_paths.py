@@ -79,12 +79,14 @@ def test_a_script_that_changes_directory_keeps_every_step_in_its_run(tmp_path):
 
 def test_a_new_optimizer_every_step_gives_one_step_each(tmp_path):
     """Each step's optimizer replaces the last (which is freed): every step ends at its
-    optimizer's step, the recorded losses are the script's own, and --stop-script fires."""
-    body = "opt = torch.optim.AdamW(model.parameters(), 1e-2)"
+    optimizer's step, the recorded losses are the script's own, meta.json holds the last
+    optimizer's settings, and --stop-script fires."""
+    body = "opt = torch.optim.AdamW(model.parameters(), 1e-2 / (i + 1))"
     proc = profile(tmp_path, script(tmp_path, body))
     assert proc.returncode == 0, proc.stderr[-2000:]
     meta = stabscope.read_meta(tmp_path / "run")
     assert meta["steps"] == 8 and len(meta["optimizers"]) == 1
+    assert meta["optimizers"][0]["groups"][0]["lr"] == pytest.approx(1e-2 / 8)
     own = json.loads((tmp_path / "losses.json").read_text())
     assert recorded_losses(tmp_path / "run") == pytest.approx(own, rel=1e-6)
     proc = profile(tmp_path, script(tmp_path, body), "--force", "--max-steps", "3", "--stop-script")

@@ -50,9 +50,13 @@ class OptimizerWatch:
             replaced = alive < len(self.settings)
             self._refs[key] = weakref.ref(optimizer)
             settings = describe(optimizer)
-            # A replacement with the same settings (a new optimizer each step) adds no entry:
-            # meta.json's list says which kinds of optimizer trained the model.
-            if not (replaced and settings in self.settings):
+            # A replacement (a new optimizer each step, or one rebuilt with a new lr) takes
+            # the place of the last entry of its class: meta.json's list says which
+            # optimizers train the model, and stays as long as the script's own list.
+            same = [i for i, s in enumerate(self.settings) if s["class"] == settings["class"]]
+            if replaced and same:
+                self.settings[same[-1]] = settings
+            else:
                 self.settings.append(settings)
         return True
 

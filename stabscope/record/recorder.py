@@ -290,7 +290,7 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
             return None
         # An optimizer not yet in meta.json: new, or first seen at the end of a step that
         # began before the run did (a model first called inside LBFGS's closure).
-        new = len(self.meta.get("optimizers") or []) != len(self.optimizer_watch.settings)
+        new = (self.meta.get("optimizers") or []) != self.optimizer_watch.settings
         if new:  # its settings
             self.meta["optimizers"] = list(self.optimizer_watch.settings)
         # Which parameters the owned optimizers hold: again whenever their count changes
