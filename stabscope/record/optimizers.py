@@ -8,7 +8,6 @@ change its settings) frees the old one and its state, and the old one stops coun
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 import torch
@@ -16,6 +15,7 @@ import torch
 from .collector import Rows
 from .lr_plan import LrPlanner
 from .optimizer_settings import describe, host_value
+from .weak_optimizers import WeakOptimizers
 
 
 class OptimizerWatch:
@@ -25,7 +25,7 @@ class OptimizerWatch:
     def __init__(self, param_ids: set[int], planner: LrPlanner | None) -> None:
         self.param_ids = param_ids
         self.planner = planner
-        self._refs: dict[int, weakref.ref[torch.optim.Optimizer]] = {}  # by id, owned order
+        self._owned = WeakOptimizers()
         self._step_lrs: dict[int, list[float | None]] = {}
         self._planned_for: set[int] | None = None  # the optimizers the plan covers, once made
         self.settings: list[dict[str, Any]] = []  # meta.json's ``optimizers``, in owned order
@@ -33,22 +33,18 @@ class OptimizerWatch:
     @property
     def optimizers(self) -> dict[int, torch.optim.Optimizer]:
         """The owned optimizers still alive, by id, in the order they were first seen."""
-        live = {key: ref() for key, ref in self._refs.items()}
-        for key in [k for k, opt in live.items() if opt is None]:
-            del self._refs[key]
-            self._step_lrs.pop(key, None)
-        return {key: opt for key, opt in live.items() if opt is not None}
+        live = self._owned.alive()
+        for key in self._step_lrs.keys() - live.keys():
+            del self._step_lrs[key]
+        return live
 
     def owns(self, optimizer: torch.optim.Optimizer) -> bool:
-        key = id(optimizer)
-        ref = self._refs.get(key)
-        if ref is None or ref() is not optimizer:
+        if optimizer not in self._owned:
             ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
             if not ids & self.param_ids:
                 return False
-            alive = len(self.optimizers)  # prunes the freed ones
-            replaced = alive < len(self.settings)
-            self._refs[key] = weakref.ref(optimizer)
+            replaced = len(self.optimizers) < len(self.settings)  # one of them was freed
+            self._owned.add(optimizer)
             settings = describe(optimizer)
             # A replacement (a new optimizer each step, or one rebuilt with a new lr) takes
             # the place of the last entry of its class: meta.json's list says which

@@ -42,6 +42,7 @@ import numpy as np
 
 from ..store.findings import Finding
 from .base import Rule, RunView, finding
+from .forecast_features import ROOT
 from .loss_divergence import MIN_WINDOW, loss_levels, loss_series
 from .lr_plan_check import largest_lr
 from .output_features import LOGITS, log_classes
@@ -51,7 +52,6 @@ BRIDLE = (
     "Bridle, Heading and MacKay 1992, Unsupervised Classifiers, Mutual Information and "
     "'Phantom Targets'"
 )
-ROOT = "<root>"  # the model itself in the module table (module_table.ROOT_NAME; no torch here)
 ENTROPIES = ("pred_entropy", "pred_marginal_entropy")
 #: How many of the last recorded steps the shares are the median of.
 LAST = 3

@@ -10,11 +10,12 @@ a weak reference and is removed when the script ends.
 from __future__ import annotations
 
 import functools
-import weakref
 from typing import Any
 
 from torch import nn
 from torch.optim import Optimizer
+
+from ...record.weak_optimizers import WeakOptimizers
 
 
 def trained_parameter_ids(optimizer: Optimizer) -> set[int]:
@@ -30,25 +31,15 @@ class OptimizerTracker:
     """Weak references to the optimizers alive in the script, in order of construction."""
 
     def __init__(self) -> None:
-        self._refs: dict[int, weakref.ref[Optimizer]] = {}
+        self._built = WeakOptimizers()
         self._original_init: Any = None
         self.constructed = 0  # optimizers built while installed
 
     def add(self, optimizer: Optimizer) -> None:
-        key = id(optimizer)
-        ref = self._refs.get(key)
-        if ref is None or ref() is not optimizer:
-            self._refs[key] = weakref.ref(optimizer)
+        self._built.add(optimizer)
 
     def alive(self) -> list[Optimizer]:
-        out = []
-        for key, ref in list(self._refs.items()):
-            opt = ref()
-            if opt is None:
-                del self._refs[key]
-            else:
-                out.append(opt)
-        return out
+        return list(self._built.alive().values())
 
     def training(self, params: set[int]) -> list[Optimizer]:
         """The live optimizers that update at least one of ``params``."""
@@ -84,34 +75,29 @@ class StepOwners:
     def __init__(self, owners: list[Optimizer], model_params: set[int]) -> None:
         # Weakly: an optimizer the script replaced (a new one each step, or once to change its
         # settings) is freed, and a step no longer waits for it.
-        self._owners = {id(o): (type(o).__name__, weakref.ref(o)) for o in owners}
+        self._owners = WeakOptimizers(owners)
         self.model_params = model_params
         self._stepped: set[int] = set()  # owners that stepped since the last step ended
 
     @property
     def names(self) -> dict[int, str]:
         """The live owners' class names, by id."""
-        dead = [k for k, (_, ref) in self._owners.items() if ref() is None]
-        for key in dead:
-            del self._owners[key]
-            self._stepped.discard(key)
-        return {k: name for k, (name, _) in self._owners.items()}
+        return {key: type(o).__name__ for key, o in self._owners.alive().items()}
 
     def stepped(self, optimizer: Optimizer) -> bool:
         """Note that ``optimizer`` stepped; whether that ended a step of the model."""
         key = id(optimizer)
-        names = self.names  # the freed owners dropped
-        known = self._owners.get(key)
-        if known is None or known[1]() is not optimizer:
+        if optimizer not in self._owners:
             if not trained_parameter_ids(optimizer) & self.model_params:
                 return False
-            self._owners[key] = (type(optimizer).__name__, weakref.ref(optimizer))
-            names = self.names
+            self._stepped.discard(key)  # a freed owner's id, now another optimizer's
+            self._owners.add(optimizer)
         if key in self._stepped:
-            self._owners = {k: v for k, v in self._owners.items() if k in self._stepped}
-            names = self.names
+            self._owners.keep(self._stepped)
         self._stepped.add(key)
-        if self._stepped >= names.keys():
+        owners = self._owners.alive().keys()
+        self._stepped &= owners  # the freed owners dropped
+        if self._stepped >= owners:
             self._stepped.clear()
             return True
         return False
