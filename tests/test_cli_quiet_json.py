@@ -94,6 +94,48 @@ def test_profile_json_is_the_closing_summary_alone_on_stdout(tmp_path: Path):
     assert record["seconds"] > 0
 
 
+FAILING_LOOP = """
+import torch
+
+torch.manual_seed(0)
+model = torch.nn.Linear(4, 2)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+for i in range(30):
+    loss = model(torch.randn(8, 4)).pow(2).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    if i == 11:
+        raise ValueError("the data ran out")
+"""
+
+
+def test_profile_json_says_why_on_stdout_when_the_script_fails(tmp_path: Path):
+    """A caller that parses stdout gets one JSON object when the run fails too: the error
+    line's text, exit code 2, and the run the script left (12 optimizer steps before its
+    raise, as ``summary --json`` reads the run); bad input before any run, the error alone."""
+    script = tmp_path / "fails.py"
+    script.write_text(FAILING_LOOP)
+    run = tmp_path / "run"
+    res = runner.invoke(app, ["profile", str(script), "-o", str(run), "--json"])
+    assert res.exit_code == 2
+    record = json.loads(res.stdout)
+    error, hint = lines(res.stderr)[-2:]  # after the progress bar
+    assert error == f"error: {record['error']}" and hint == f"hint: {record['hint']}"
+    assert record["exit_code"] == 2 and record["run"] == str(run)
+    assert record["summary"]["status"] == "failed" and record["summary"]["steps"] == 12
+    summary = json.loads(runner.invoke(app, ["summary", str(run), "--json"]).stdout)
+    assert {k: record[k] for k in summary} == summary
+
+    bad = runner.invoke(app, ["profile", str(script), "--max-steps", "0", "--json"])
+    error, hint = one_error(bad, "--max-steps")
+    assert json.loads(bad.stdout) == {
+        "error": error.removeprefix("error: "),
+        "hint": hint.removeprefix("hint: "),
+        "exit_code": 2,
+    }
+
+
 @pytest.mark.slow
 def test_profile_quiet_says_only_the_verdict_line(tmp_path: Path):
     """And ``-o`` names the run directory, as ``--out``."""

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ..errors import UsageError
+from ..errors import ScriptError, UsageError
 from . import values
 from .common import Quiet, app, fail
 from .profile_run import ProfileOutput, TrainingOptions, interrupted, run_profile
@@ -151,7 +151,7 @@ def profile(
 
         targets = tuple(check_targets(log_to)) if log_to else None
     except UsageError as e:
-        raise fail(e) from None
+        raise _failed(e, None, as_json) from None
     try:
         config = load_pyproject_config()
         schedule = Schedule(
@@ -168,9 +168,10 @@ def profile(
             log_to=targets,
         )
     except UsageError as e:  # [tool.stabscope] of the wrong type: names the key
-        raise fail(e) from None
+        raise _failed(e, None, as_json) from None
     except ValueError as e:
-        raise fail(UsageError(str(e), hint="see `stabscope profile --help`")) from None
+        bad = UsageError(str(e), hint="see `stabscope profile --help`")
+        raise _failed(bad, None, as_json) from None
     from ..store import interrupts
     from ..store.atomic import RunWriteError
     from ..store.rundir import release_run_dir
@@ -200,16 +201,50 @@ def profile(
             finally:
                 release_run_dir(run_dir)  # a claim no Recorder took over (it ended early)
     except UsageError as e:
-        raise fail(e) from None
+        raise _failed(e, run_dir, as_json, isinstance(e, ScriptError)) from None
     except RunWriteError as e:
-        raise fail(_write_failed(run_dir, e.strerror or str(e))) from None
+        why = _write_failed(run_dir, e.strerror or str(e))
+        raise _failed(why, run_dir, as_json, run_kept=True) from None
     except (KeyboardInterrupt, interrupts.Terminated) as e:
         raise typer.Exit(interrupted(run_dir, e)) from None
     lost = _rows_lost(run_dir)  # the disk filled while it trained: training went on
     if lost is not None:
-        raise fail(_write_failed(run_dir, lost))
+        raise _failed(_write_failed(run_dir, lost), run_dir, as_json, run_kept=True)
     if stopped:  # --on-error stop ended it: the run has an error finding
         raise typer.Exit(1)
+
+
+def _failed(error: UsageError, run_dir: Path, as_json: bool, run_kept: bool = False) -> typer.Exit:
+    """The error line on stderr; with ``--json`` also one JSON object on stdout, so a caller
+    that parses stdout learns why instead of reading nothing, and, where the training ran
+    (``run_kept``: the script failed in it, or the disk filled), what the run kept."""
+    if as_json:
+        import json
+
+        record: dict[str, object] = {
+            "error": error.message,
+            "hint": error.hint,
+            "exit_code": error.exit_code if isinstance(error, ScriptError) else 2,
+        }
+        if run_kept and run_dir is not None:
+            record.update(_kept_run(run_dir))
+        print(json.dumps(record, indent=1, allow_nan=False), flush=True)
+    return fail(error)
+
+
+def _kept_run(run_dir: Path) -> dict[str, object]:
+    """The run a failed script left (its status, steps and findings), as ``summary --json``
+    gives it; nothing when no run is readable there."""
+    from ..analysis.summary import summarize
+    from ..store import NotARunError
+    from .verdict import findings_for, json_record
+
+    try:
+        headline = summarize(run_dir)
+        findings, note = findings_for(run_dir)
+    except (NotARunError, OSError, UsageError):
+        return {}
+    return {"run": str(run_dir), **json_record(headline, findings, note)}
 
 
 def _write_failed(run_dir: Path, why: str) -> UsageError:
