@@ -39,6 +39,21 @@ def test_script_that_raises_partway_keeps_its_steps(tmp_path):
     assert df.sort_values("step").value.tolist() == pytest.approx([r["loss"] for r in log])
 
 
+def test_a_raise_after_max_steps_says_where_the_recording_ended(tmp_path):
+    """--max-steps 2 closes the run complete and the script trains on; its raise at step 3
+    is the script's failure (exit 2), said as after the recording ended at step 2, not as
+    "after 2 optimizer steps", and the complete run keeps exactly its 2 steps."""
+    out, log = tmp_path / "run", tmp_path / "log.jsonl"
+    args = ("--steps", "6", "--raise-at", "3", "--log", log)
+    res = invoke("profile", MLP, "--out", out, "-q", "--max-steps", "2", "--", *args)
+    assert_one_line_error(
+        res, "raised RuntimeError", "after the recording ended at step 2; that run is complete"
+    )
+    assert len(read_log(log)) == 3  # the script ran on past the recording
+    assert stabscope.read_meta(out)["status"] == "complete"
+    assert sorted(stabscope.load_run(out, metrics=["loss"]).step) == [0, 1]
+
+
 def test_script_that_never_steps_an_optimizer(tmp_path):
     res, out, log = profile(tmp_path, "--steps", "3", "--no-step")
     assert_one_line_error(res, "train_mlp.py ended without calling optimizer.step()")

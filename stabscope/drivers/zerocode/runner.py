@@ -197,19 +197,21 @@ def _run(
     except SystemExit as exc:
         status = exit_status(exc.code)
         if status != 0:
+            when = _steps(recording)
             recording.close("failed", exc)
             raise ScriptError(
-                f"{path.name} called sys.exit({exc.code!r}) after {_steps(recording)}",
+                f"{path.name} called sys.exit({exc.code!r}) {when}",
                 hint=f"its exit status {status} is passed through; what was recorded is kept "
                 f"in {out}",
                 exit_code=status,
             ) from None
         ending = f"called sys.exit({exc.code!r})"
         _require_steps(recording, path, ending)
+        when = _steps(recording)
         recording.close("complete")
         raise UsageError(
-            f"{path.name} {ending} after {_steps(recording)}; they are recorded and the run "
-            f"in {out} is complete",
+            f"{path.name} {ending} {when}; what it recorded is kept and the run in {out} is "
+            "complete",
             hint="stabscope cannot tell sys.exit(0) from an early exit, so it exits 2; let the "
             "script return instead (main() rather than sys.exit(main())), or stop it with "
             "--max-steps N --stop-script",
@@ -218,8 +220,9 @@ def _run(
         recording.close("failed", exc)
         raise
     except Exception as exc:
+        when = _steps(recording)
         recording.close("failed", exc)
-        raise script_failure(path, exc, f"training (after {_steps(recording)})") from exc
+        raise script_failure(path, exc, f"training ({when})") from exc
     _require_steps(recording, path, ending)
     recording.close("complete")
     rec = recording.recorder
@@ -238,7 +241,15 @@ def _run(
 
 
 def _steps(recording: ScriptRecording) -> str:
-    return counted(recording.optimizer_steps, "optimizer step")
+    """How far the script got, read before the run is closed for its failure. Once
+    ``--max-steps`` (or a stop the script caught) closed the recording, its steps are no
+    longer counted: say where the recording ended, so a raise at step 12 does not read as
+    "after 5 steps"."""
+    rec = recording.recorder
+    if not recording.closed or rec is None:
+        return "after " + counted(recording.optimizer_steps, "optimizer step")
+    status = rec.meta.get("status", "complete")
+    return f"after the recording ended at step {rec.step_index}; that run is {status}"
 
 
 def _require_steps(recording: ScriptRecording, path: Path, ending: str) -> None:
