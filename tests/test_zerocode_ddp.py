@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import stabscope
+from stabscope.rules import check_run
 from tests.conftest import ROOT
 from tests.scripts import train_ddp
 from tests.scripts.harness import SCRIPTS, read_log
@@ -40,22 +41,26 @@ def reference_grads() -> list[torch.Tensor]:
     return grads
 
 
-@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
-def test_torchrun_records_each_rank_of_an_unmodified_script(tmp_path, fsdp):
-    out, logs = tmp_path / "run", tmp_path / "logs"
-    logs.mkdir()
+def torchrun_profile(out, logs, *script_args: str, force: bool = False):
+    """``torchrun --nproc_per_node=2 -m stabscope profile train_ddp.py`` (gloo, CPU)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     cmd += [f"--nproc_per_node={WORLD}", "-m", "stabscope", "profile"]
-    cmd += [str(SCRIPTS / "train_ddp.py"), "--out", str(out), "-q"]
-    flags = ["--fsdp"] if fsdp else []
-    proc = subprocess.run(
-        [*cmd, "--", "--steps", str(STEPS), "--log-dir", str(logs), *flags],
+    cmd += [str(SCRIPTS / "train_ddp.py"), "--out", str(out), "-q", *(["--force"] * force)]
+    return subprocess.run(
+        [*cmd, "--", "--steps", str(STEPS), "--log-dir", str(logs), *script_args],
         cwd=ROOT,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
         capture_output=True,
         text=True,
         timeout=240,
     )
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_torchrun_records_each_rank_of_an_unmodified_script(tmp_path, fsdp):
+    out, logs = tmp_path / "run", tmp_path / "logs"
+    logs.mkdir()
+    proc = torchrun_profile(out, logs, *(["--fsdp"] if fsdp else []))
     assert proc.returncode == 0, proc.stderr[-4000:]
     meta = stabscope.read_meta(out)
     assert meta["status"] == "complete" and meta["rank"] == 0 and meta["world_size"] == WORLD
@@ -86,3 +91,42 @@ def test_torchrun_records_each_rank_of_an_unmodified_script(tmp_path, fsdp):
     merged = merged[merged.metric == "param_grad_norm"].sort_values("step")
     want = [g.norm().item() for g in reference_grads()]
     assert merged.value.tolist() == pytest.approx(want, rel=1e-5)
+
+
+def test_a_failure_on_rank_1_is_the_runs_error_not_rank_0s_knock_on(tmp_path):
+    """Rank 1 raises before step 2's forward. Rank 0 then fails in the all-reduce ("Connection
+    closed by peer"), or torchrun ends it with SIGTERM, whichever comes first: meta.json, which
+    rank 0 alone writes, must still give rank 1's error as the run's, and the gate say so.
+    Profiling again with --force leaves none of it behind."""
+    out, logs = tmp_path / "run", tmp_path / "logs"
+    logs.mkdir()
+    proc = torchrun_profile(out, logs, "--fail-rank", "1", "--fail-at", "2")
+    assert proc.returncode != 0
+    meta = stabscope.read_meta(out)
+    assert meta["status"] == "failed"
+    error = meta["error"]
+    assert (error["rank"], error["type"]) == (1, "ValueError")
+    assert "rank 1's data loader failed at step 2" in error["message"]
+    assert any("train_ddp.py" in frame and "main" in frame for frame in error["traceback"])
+    assert meta["rank_errors"][0] == error
+    assert [e["time"] for e in meta["rank_errors"]] == sorted(
+        e["time"] for e in meta["rank_errors"]
+    )
+    # Rank 0 recorded its two steps: their losses are the ones its own log has.
+    df = stabscope.load_run(out, metrics=["loss"])
+    mine = df[df["rank"] == 0].sort_values("step")
+    assert mine.value.tolist() == pytest.approx(
+        [r["loss"] for r in read_log(logs / "rank0.jsonl")], rel=1e-6
+    )
+    assert len(mine) == 2
+    (status,) = [f for f in check_run(out).findings if f.rule == "run-status"]
+    assert status.severity == "error"
+    assert "rank 1 failed first with ValueError: rank 1's data loader failed" in status.message
+
+    for log in logs.iterdir():
+        log.unlink()
+    again = torchrun_profile(out, logs, force=True)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert not list(out.glob("error-rank*.json"))
+    assert stabscope.read_meta(out)["status"] == "complete"
+    assert "rank_errors" not in stabscope.read_meta(out)

@@ -214,6 +214,10 @@ def interrupted(run_dir: Path, error: BaseException) -> int:
                 f"{meta.steps} steps are kept in {run_dir} "
                 f"(status {meta.status}, {meta.rows:,} rows)"
             )
+            first = meta.error or {}
+            if first.get("rank"):  # torchrun ended this rank because another one failed
+                kept += f"; rank {first['rank']} failed first: {first.get('type')}: "
+                kept += str(first.get("message"))
         except (NotARunError, OSError):
             kept = f"nothing was recorded in {run_dir} yet"
         err.print(f"[yellow]interrupted[/] by {name}: {escape(kept)}", soft_wrap=True)

@@ -10,6 +10,7 @@ the run, so a signal or a forgotten ``close()`` loses no buffered row.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import time
 from typing import Any, TypeVar
 
@@ -21,6 +22,7 @@ from torch.optim.optimizer import (
 from ..errors import RunWriteError
 from ..store import interrupts
 from ..store import lock as locks
+from ..store.rank_errors import merge_rank_errors, write_rank_error
 from ..structure import discover
 from . import clip_sites, grad_calls
 from .run_meta import error_entry
@@ -119,6 +121,7 @@ class RunLifecycle:
             self.meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             if error is not None:
                 self.meta["error"] = error_entry(error)
+            self._share_rank_error(status)
             signum = interrupts.interrupting_signal(error) or interrupts.received()
             if status == "interrupted" and signum is not None:
                 self.meta["interrupted_by"] = interrupts.signal_name(signum)
@@ -132,6 +135,20 @@ class RunLifecycle:
                 self._let_go()
         if write_error is not None:
             self._on_write_error(write_error)
+
+    def _share_rank_error(self, status: str) -> None:
+        """Only rank 0 writes meta.json: another rank that failed leaves its error beside it
+        (the cause, where rank 0's own is the knock-on), and rank 0 takes in those already
+        there (store/rank_errors.py)."""
+        if self.rank != 0:
+            if status == "failed" and self.meta.get("error"):
+                with contextlib.suppress(OSError):  # its console still has the error
+                    write_rank_error(self.run_dir, self.rank, status, self.meta["error"])
+            return
+        merged = merge_rank_errors(self.meta, self.run_dir)
+        if merged is not self.meta:
+            self.meta.clear()
+            self.meta.update(merged)
 
     def _detach_all(self) -> None:
         self._stop_capture()

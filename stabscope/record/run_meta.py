@@ -7,6 +7,7 @@ version, so a disk that fills up still gets the run's final status.
 
 from __future__ import annotations
 
+import time
 import traceback
 from typing import Any
 
@@ -31,6 +32,7 @@ def error_entry(error: BaseException) -> dict[str, Any]:
         "type": type(error).__name__,
         "message": error.message if hint else str(error),
         "traceback": traceback_lines(error),
+        "time": round(time.time(), 6),  # which rank failed first (store/rank_errors.py)
     }
     return {**entry, "hint": hint} if hint else entry
 

@@ -28,6 +28,10 @@ def _run_status(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     if state.status == "failed":
         error = view.meta.error or {}
         what = f"{error.get('type', 'error')}: {error.get('message', '')}".strip(": ")
+        others = len(view.meta.rank_errors) - 1
+        if what and others > 0:  # a multi-rank run: say where it began
+            what = f"rank {error.get('rank')} failed first with {what} ({others} other "
+            what += f"rank{'s' if others > 1 else ''} failed after it: meta.json's rank_errors)"
         hint = error.get("hint")
         yield finding(
             RUN_STATUS,

@@ -5,6 +5,7 @@
       parts/part-NNNNNN.parquet   the long table, one part per flush (store/writer.py)
       findings.json      the rules' findings (``stabscope check``, rules/gate.py)
       prediction.json    the theory's profile at init (theory/prediction.py)
+      error-rankR.json   how rank R (> 0) of a multi-rank run failed (store/rank_errors.py)
       .lock              the live writer's flock (store/lock.py)
       .reserve           disk space held for the last meta.json (store/atomic.py)
 
@@ -22,8 +23,15 @@ FINDINGS_FILE = "findings.json"
 #: The theory owns its file format and name (theory/prediction.py, which does not import the
 #: store); tests/test_store_layout.py keeps the two names the same.
 PREDICTION_FILE = "prediction.json"
+#: ``error-rank1.json``: rank 1's error, where only rank 0 writes meta.json.
+RANK_ERROR_PREFIX = "error-rank"
 LOCK_FILE = ".lock"
 RESERVE_FILE = ".reserve"
+
+
+def rank_error_name(rank: int) -> str:
+    """File name of rank ``rank``'s error (``error-rank1.json``)."""
+    return f"{RANK_ERROR_PREFIX}{rank}.json"
 
 
 def part_name(number: int) -> str:
@@ -39,6 +47,8 @@ __all__ = [
     "PART_PREFIX",
     "PART_SUFFIX",
     "PREDICTION_FILE",
+    "RANK_ERROR_PREFIX",
     "RESERVE_FILE",
     "part_name",
+    "rank_error_name",
 ]

@@ -20,6 +20,7 @@ from .atomic import write_text_atomically
 from .interrupts import deferred
 from .layout import META_FILE
 from .meta_check import check_meta
+from .rank_errors import merge_rank_errors
 from .schema import SCHEMA_VERSION
 
 
@@ -152,4 +153,5 @@ def read_meta(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
         raise MetaError(f"{path} is not valid JSON: {err}") from err
     except OSError as err:
         raise MetaError(f"cannot read {path}: {err.strerror or err}") from err
-    return check_meta(meta, str(path))
+    # Another rank's error, where it failed first, is the run's error (rank 0's the knock-on).
+    return merge_rank_errors(check_meta(meta, str(path)), Path(run_dir))

@@ -141,7 +141,17 @@ STRUCTURE = Record(
     nullable=True,
 )
 NONFINITE = Record({"module": STR, "call": INT, "step": INT}, required=("module", "call", "step"))
-ERROR = Record({"type": STR, "message": STR, "traceback": ListOf(STR), "hint": STR}, nullable=True)
+#: ``rank`` and ``status`` only in a multi-rank run's errors (store/rank_errors.py).
+ERROR_FIELDS: dict[str, Spec] = {
+    "type": STR,
+    "message": STR,
+    "traceback": ListOf(STR),
+    "hint": STR,
+    "time": NUMBER,
+    "rank": INT,
+    "status": STR,
+}
+ERROR = Record(ERROR_FIELDS, nullable=True)
 LR_PLAN = Record(  # store/lr_plan.py
     {
         "budget": MAYBE_INT,
@@ -225,6 +235,7 @@ META = Record(
         "structure": STRUCTURE,
         "notes": ListOf(STR),
         "error": ERROR,
+        "rank_errors": ListOf(Record(ERROR_FIELDS)),
         "lr_plan": LR_PLAN,
         "optimizers": ListOf(OPTIMIZER),
         "online": ONLINE,

@@ -58,6 +58,12 @@ class RunMeta(Mapping[str, Any]):
         return self.doc.get("error") or None
 
     @property
+    def rank_errors(self) -> list[dict[str, Any]]:
+        """Every rank's error of a multi-rank run one of whose ranks failed, the earliest
+        first (``error`` is the first of them); empty otherwise."""
+        return [e for e in self.doc.get("rank_errors") or [] if isinstance(e, dict)]
+
+    @property
     def stopped_by(self) -> dict[str, Any] | None:
         """The finding that stopped the run (``--on-error stop``): the finding's fields and
         ``seen_at``, the step at whose end it arrived; None when nothing stopped it."""

@@ -41,6 +41,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--log-dir", default=None)
     p.add_argument("--fsdp", action="store_true", help="FSDP2 fully_shard instead of DDP")
+    p.add_argument("--fail-rank", type=int, default=-1, help="this rank raises ...")
+    p.add_argument("--fail-at", type=int, default=-1, help="... before this step's forward")
     args = p.parse_args()
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -53,6 +55,8 @@ def main() -> None:
         model = DistributedDataParallel(model)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     for step in range(args.steps):
+        if rank == args.fail_rank and step == args.fail_at:
+            raise ValueError(f"rank {rank}'s data loader failed at step {step}")
         x, y = batch(step, rank)
         loss = nn.functional.mse_loss(model(x), y)
         opt.zero_grad()

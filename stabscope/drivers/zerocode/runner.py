@@ -222,7 +222,15 @@ def _run(
     except Exception as exc:
         when = _steps(recording)
         recording.close("failed", exc)
-        raise script_failure(path, exc, f"training ({when})") from exc
+        failure = script_failure(path, exc, f"training ({when})")
+        first = _failed_first_elsewhere(recording)
+        if first is not None:  # this rank's error is the knock-on of another rank's
+            failure = ScriptError(
+                f"rank {first.get('rank')} failed first: {first.get('type')}: "
+                f"{first.get('message')}; then {failure.message}",
+                failure.hint,
+            )
+        raise failure from exc
     _require_steps(recording, path, ending)
     recording.close("complete")
     rec = recording.recorder
@@ -238,6 +246,16 @@ def _run(
         notes=notes,  # the recording's own notes are in meta.json
         stopped_by=rec.stopped_by if rec.meta.get("status") == "stopped" else None,
     )
+
+
+def _failed_first_elsewhere(recording: ScriptRecording) -> dict[str, Any] | None:
+    """Under torchrun: another rank's error that came before this rank's (rank 0 took it
+    into meta.json as the run's error when it closed; store/rank_errors.py), or None."""
+    rec = recording.recorder
+    error = rec.meta.get("error") if rec is not None else None
+    if not isinstance(error, dict) or error.get("rank") in (None, rank()):
+        return None
+    return error
 
 
 def _steps(recording: ScriptRecording) -> str:

@@ -1,0 +1,73 @@
+"""How the ranks of a multi-rank run failed, where only rank 0 writes ``meta.json``.
+
+When one rank raises, the others usually fail a moment later on their next collective
+("Connection closed by peer") or are ended by torchrun's SIGTERM. Rank 0's own error is then
+only the knock-on, and the cause would be lost: it was on another rank's console. So a rank
+other than 0 that ends with an error writes ``error-rankR.json`` into the run directory
+(atomically, before its process exits, so before the peers see it go), and whoever reads the
+run's meta merges those files: ``error`` becomes the earliest error of any rank (with its
+``rank``), ``rank_errors`` lists every rank's error in the order they happened, and a run one
+of whose ranks failed is ``failed``. Rank 0 merges at its close too, so meta.json itself says
+it; readers merge again, for a rank that failed after rank 0 had closed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from .atomic import write_text_atomically
+from .layout import RANK_ERROR_PREFIX, rank_error_name
+
+#: Statuses a failure on another rank turns into ``failed``: rank 0 ended, or was ended,
+#: without a verdict of its own (a ``stopped`` run names the finding that stopped it).
+_BECOMES_FAILED = frozenset({"complete", "interrupted", "failed"})
+
+
+def write_rank_error(run_dir: Path, rank: int, status: str, error: dict[str, Any]) -> None:
+    """Record how rank ``rank`` (> 0) ended: its status and its ``error`` entry (``type``,
+    ``message``, ``traceback``, ``time``)."""
+    document = {**error, "rank": rank, "status": status}
+    text = json.dumps(document, indent=1, allow_nan=False, default=str)
+    write_text_atomically(Path(run_dir) / rank_error_name(rank), text + "\n")
+
+
+def read_rank_errors(run_dir: Path) -> list[dict[str, Any]]:
+    """The errors other ranks wrote, unreadable files skipped (a rank killed mid-write
+    leaves only a dot-file, which is not read)."""
+    found = []
+    for path in sorted(Path(run_dir).glob(f"{RANK_ERROR_PREFIX}*.json")):
+        try:
+            entry = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("rank"), int):
+            found.append(entry)
+    return found
+
+
+def merge_rank_errors(meta: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """``meta`` with the other ranks' errors merged in (a new dict), or ``meta`` itself when
+    no other rank wrote one."""
+    others = read_rank_errors(run_dir)
+    if not others:
+        return meta
+    own = meta.get("error")
+    errors = [e for e in (meta.get("rank_errors") or []) if isinstance(e, dict)]
+    known = {(e.get("rank"), e.get("time")) for e in errors}
+    if isinstance(own, dict) and not errors:
+        errors.append({**own, "rank": own.get("rank", meta.get("rank", 0))})
+    errors += [e for e in others if (e.get("rank"), e.get("time")) not in known]
+    errors.sort(key=_time)
+    merged = {**meta, "rank_errors": errors, "error": errors[0]}
+    if merged.get("status") in _BECOMES_FAILED:
+        merged["status"] = "failed"
+    return merged
+
+
+def _time(entry: dict[str, Any]) -> float:
+    """When the error happened (seconds since the epoch); an entry without one goes last."""
+    value = entry.get("time")
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else math.inf
