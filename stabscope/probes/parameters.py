@@ -57,9 +57,13 @@ class ParameterProbe(BaseProbe):
     @classmethod
     def build(cls, ctx: ProbeContext) -> ParameterProbe:
         full = reached(ctx.config.preset, "full")  # the weight and gradient moments
-        return cls(ctx.params, updates=ctx.config.grads, full=full)
+        probe = cls(ctx.params, updates=ctx.config.grads, full=full)
+        # Ids of parameters that left the model mid-run (record/model_changes.py).
+        probe.departed = ctx.shared.setdefault("departed_params", set())
+        return probe
 
     def __init__(self, params: list[tuple[int, nn.Parameter]], updates: bool, full: bool) -> None:
+        self.departed: set[int] = set()
         self.codes = np.array([c for c, _ in params], np.int64)
         # Weight norms measured this step: parameter index -> (norms tensor, position in it).
         self._weight_norms: dict[int, tuple[torch.Tensor, int]] = {}
@@ -224,8 +228,11 @@ class ParameterProbe(BaseProbe):
 
     def end_step(self, collector: Collector) -> None:
         # Parameters no optimizer stepped (frozen ones, a custom update rule): measured at
-        # the step boundary.
-        self._measure(collector, self._unmeasured(list(range(len(self.params)))))
+        # the step boundary; not those that left the model (their last gradient, stale).
+        rest = self._unmeasured(list(range(len(self.params))))
+        if self.departed:
+            rest = [i for i in rest if id(self.params[i]) not in self.departed]
+        self._measure(collector, rest)
         self._collector = None
         self._before.clear()
         self._weight_norms.clear()

@@ -164,13 +164,28 @@ def module_table(modules: list[tuple[str, nn.Module]]) -> list[dict[str, Any]]:
 
 
 def mark_stepped(
-    table: list[dict[str, Any]], params: list[tuple[str, nn.Parameter]], held: set[int]
-) -> None:
+    table: list[dict[str, Any]],
+    params: list[tuple[str, nn.Parameter]],
+    held: set[int],
+    live: set[int],
+    step: int,
+) -> list[str]:
     """Set each record of ``table`` (``parameter_table(params)``) to say whether an optimizer
     the run owns holds that parameter (``stepped``): one with ``requires_grad`` that none holds
-    gets gradients and never moves."""
-    for record, (_, p) in zip(table, params):
-        record["stepped"] = id(p) in held
+    gets gradients and never moves. A parameter no longer in the model (``live``: the ids of
+    its parameters now; a block replaced mid-run) keeps its last ``stepped`` and gets
+    ``left_at``, the step from which it is not part of the model; returns the names that
+    left now."""
+    left = []
+    for record, (name, p) in zip(table, params):
+        if "left_at" in record:
+            continue
+        if id(p) not in live:
+            record["left_at"] = step
+            left.append(name)
+        else:
+            record["stepped"] = id(p) in held
+    return left
 
 
 def parameter_table(params: list[tuple[str, nn.Parameter]]) -> list[dict[str, Any]]:

@@ -44,7 +44,8 @@ from .lifecycle import RunLifecycle
 from .live import LiveBridge, live_targets
 from .losses import PendingLosses, nonfinite_on_host
 from .lr_plan import LrPlanner
-from .module_table import mark_stepped, select_modules, select_parameters
+from .model_changes import ParameterMembership
+from .module_table import select_modules, select_parameters
 from .optim_closure import after_first_call, closure_of
 from .optimizers import OptimizerWatch
 from .probe_wiring import ProbeWiring
@@ -163,6 +164,7 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
         self.losses = PendingLosses(self._run_code)
         # Gradient norms before/after clipping and block update norms, every step.
         self.step_norms = StepNorms(select_parameters(model), self._run_code, cfg.step_updates)
+        self._membership = ParameterMembership(model)  # a block replaced mid-run
         # What every probe is built from (the registry, ``stabscope.probes``).
         context = ProbeContext(
             model=model,
@@ -172,6 +174,7 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
             run_code=self._run_code,
             forward=self.forward,
             on_nonfinite=self._note_nonfinite,
+            shared={"departed_params": self._membership.departed},
         )
         self._build_core_probes(context)
         self._forward_order: dict[int, int] = {}
@@ -299,7 +302,15 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
         regrouped = held != self._held_count
         if regrouped:
             self._held_count = held
-            mark_stepped(self.meta["parameters"], self._table_params, self.optimizer_watch.held())
+            changed = self._membership.update(
+                self.model,
+                self.meta["parameters"],
+                self._table_params,
+                self.optimizer_watch.held(),
+                self.step_index,
+            )
+            if changed is not None:
+                self.meta["notes"].append(changed)
         if self._plan_lr() or new or regrouped:
             self._save_meta()
         self.optimizer_watch.note_lrs(optimizer)

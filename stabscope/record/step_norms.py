@@ -245,6 +245,7 @@ class _BlockUpdates:
         self._which: dict[int, list[int]] = {}  # optimizer id -> indices it steps
         self._weights = torch.zeros(0)  # (P,) squared norms before the step
         self._updates = torch.zeros(0)  # (P,) squared update norms
+        self._touched = torch.zeros(0)  # (P,) 1 where an optimizer stepped it this step
         self._stepped = False
 
     def before(self, optimizer: torch.optim.Optimizer) -> None:
@@ -257,10 +258,13 @@ class _BlockUpdates:
             device = self._copies[0].device
             self._weights = torch.zeros(len(self.params), device=device)
             self._updates = torch.zeros(len(self.params), device=device)
+            self._touched = torch.zeros(len(self.params), device=device)
             self.block = self.block.to(device)
         if not self._stepped:
             self._weights.zero_()
             self._updates.zero_()
+            self._touched.zero_()
+        self._touched[which] = 1.0
         weights = [local_tensor(self.params[i].detach()) for i in which]
         copies: list[torch.Tensor | None] = [self._copies[i] for i in which]
         if host_params.usable(weights, copies):  # CPU: norms and copy in one read (numba)
@@ -290,19 +294,24 @@ class _BlockUpdates:
             return None
         self._stepped = False
         blocks = len(self.codes)
-        sums = torch.zeros(2, blocks, device=self._weights.device)
+        sums = torch.zeros(3, blocks, device=self._weights.device)
         sums[0].index_add_(0, self.block, self._weights)
         sums[1].index_add_(0, self.block, self._updates)
+        sums[2].index_add_(0, self.block, self._touched)  # its parameters stepped (a count)
         return sums.sqrt_(), self._decode
 
     def _decode(self, values: np.ndarray, rows: Rows, step: int) -> None:
-        weight, update = values.reshape(2, -1)
-        rows.emit(_TRAIN, self.codes, 0, "block_param_norm", weight, step=step)
-        rows.emit(_TRAIN, self.codes, 0, "block_update_norm", update, step=step)
+        # A block none of whose parameters an optimizer stepped (frozen, or replaced by a
+        # new block mid-run) has no rows: its norms here would read 0, not its weights'.
+        weight, update, touched = values.reshape(3, -1)
+        stepped = touched > 0
+        codes, weight, update = self.codes[stepped], weight[stepped], update[stepped]
+        rows.emit(_TRAIN, codes, 0, "block_param_norm", weight, step=step)
+        rows.emit(_TRAIN, codes, 0, "block_update_norm", update, step=step)
         defined = weight != 0
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = update / weight
-        rows.emit(_TRAIN, self.codes[defined], 0, "block_update_ratio", ratio[defined], step=step)
+        rows.emit(_TRAIN, codes[defined], 0, "block_update_ratio", ratio[defined], step=step)
 
 
 def _squares(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:

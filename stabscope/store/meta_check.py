@@ -101,6 +101,7 @@ PARAMETER = Record(
         "layer": MAYBE_INT,
         "trainable": BOOL,
         "stepped": BOOL,
+        "left_at": INT,
     },
     required=("name", "shape"),
 )

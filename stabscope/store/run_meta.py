@@ -179,11 +179,13 @@ class RunMeta(Mapping[str, Any]):
     @property
     def unstepped(self) -> set[str]:
         """Parameters with ``requires_grad`` that no optimizer of the run holds: they get
-        gradients and never move (empty before an optimizer stepped)."""
+        gradients and never move (empty before an optimizer stepped). One that left the
+        model mid-run (``left_at``: a replaced block) is not among them: its gradient is
+        the last it got, and no optimizer needs to hold it."""
         return {
             p["name"]
             for p in self.parameters
-            if p.get("trainable", True) and p.get("stepped") is False
+            if p.get("trainable", True) and p.get("stepped") is False and "left_at" not in p
         }
 
     @property
