@@ -107,10 +107,16 @@ def test_a_signal_closes_a_profiled_model_script(tmp_path, sig):
 def test_a_signal_closes_a_profiled_training_script(tmp_path, sig):
     script = write_script(tmp_path, "endless.py", ENDLESS_TRAINING)
     out = tmp_path / "run"
-    proc = start_profile(script, out, "--dense", "3", "--every", "5")
+    proc = start_profile(script, out, "--dense", "3", "--every", "5", "--json")
     lines = interrupt_profile(proc, out, sig)
-    assert lines[-1].startswith(f"interrupted by {signal.Signals(sig).name}: ")
-    assert_closed_by(out, sig)
+    name = signal.Signals(sig).name
+    assert lines[-1].startswith(f"interrupted by {name}: ")
+    meta = assert_closed_by(out, sig)
+    # --json: stdout is one JSON object that says so too, with the run as `summary` reads it.
+    record = json.loads(proc.stdout.read())
+    assert record["error"] == f"interrupted by {name}" and record["exit_code"] == 128 + sig
+    assert record["summary"]["status"] == "interrupted"
+    assert record["summary"]["steps"] == meta["steps"]
 
 
 @pytest.mark.slow

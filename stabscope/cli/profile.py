@@ -206,7 +206,11 @@ def profile(
         why = _write_failed(run_dir, e.strerror or str(e))
         raise _failed(why, run_dir, as_json, run_kept=True) from None
     except (KeyboardInterrupt, interrupts.Terminated) as e:
-        raise typer.Exit(interrupted(run_dir, e)) from None
+        code = interrupted(run_dir, e)
+        if as_json:  # the caller parsing stdout learns it too, with what the run kept
+            signal = interrupts.signal_name(code - 128)
+            _print_json({"error": f"interrupted by {signal}", "exit_code": code}, run_dir)
+        raise typer.Exit(code) from None
     lost = _rows_lost(run_dir)  # the disk filled while it trained: training went on
     if lost is not None:
         raise _failed(_write_failed(run_dir, lost), run_dir, as_json, run_kept=True)
@@ -219,17 +223,20 @@ def _failed(error: UsageError, run_dir: Path, as_json: bool, run_kept: bool = Fa
     that parses stdout learns why instead of reading nothing, and, where the training ran
     (``run_kept``: the script failed in it, or the disk filled), what the run kept."""
     if as_json:
-        import json
-
-        record: dict[str, object] = {
-            "error": error.message,
-            "hint": error.hint,
-            "exit_code": error.exit_code if isinstance(error, ScriptError) else 2,
-        }
-        if run_kept and run_dir is not None:
-            record.update(_kept_run(run_dir))
-        print(json.dumps(record, indent=1, allow_nan=False), flush=True)
+        code = error.exit_code if isinstance(error, ScriptError) else 2
+        record = {"error": error.message, "hint": error.hint, "exit_code": code}
+        _print_json(record, run_dir if run_kept else None)
     return fail(error)
+
+
+def _print_json(record: dict[str, object], run_dir: Path | None) -> None:
+    """``record``, with what the run in ``run_dir`` kept when one is given, as the one JSON
+    object on stdout."""
+    import json
+
+    if run_dir is not None:
+        record = {**record, **_kept_run(run_dir)}
+    print(json.dumps(record, indent=1, allow_nan=False), flush=True)
 
 
 def _kept_run(run_dir: Path) -> dict[str, object]:
