@@ -106,6 +106,33 @@ def test_grad_scaler_loss_is_recorded_unscaled(tmp_path):
     assert losses(run) == pytest.approx([s["loss"] for s in replay_mlp(3)], rel=1e-6)
 
 
+def test_a_step_the_grad_scaler_skipped_is_a_step_of_the_run(tmp_path):
+    """An Inf gradient in the first 3 iterations: the scaler skips their optimizer.step(), as
+    it does after an fp16 overflow. They are steps 0-2 of the run all the same, with the
+    losses the script logged, and --max-steps 4 --stop-script stops the script in its 4th
+    iteration (the skipped ones counted), not after 4 optimizer steps."""
+    run, log = record(
+        tmp_path,
+        "train_mlp.py",
+        "--steps",
+        "8",
+        "--amp",
+        "--overflow-steps",
+        "3",
+        max_steps=4,
+        stop_script=True,
+    )
+    assert [r["skipped"] for r in log] == [True, True, True]  # stopped inside iteration 3
+    meta = stabscope.read_meta(run)
+    assert meta["status"] == "complete" and meta["steps"] == 4
+    recorded = losses(run)
+    assert recorded[:3] == pytest.approx([r["loss"] for r in log], rel=1e-6)
+    assert len(recorded) == 4
+    # The Inf the scaler saw is in the gradients recorded at those steps, not in the loss.
+    grad = values(run, "fc1.weight", "param_grad_norm")
+    assert grad.step.tolist()[:3] == [0, 1, 2] and all(v == float("inf") for v in grad.value[:3])
+
+
 def test_two_optimizers_make_one_step_per_iteration(tmp_path):
     run, _ = record(tmp_path, "train_mlp.py", "--steps", "4", "--two-optimizers")
     assert stabscope.read_meta(run)["run"]["optimizer"] == "Adam, SGD"

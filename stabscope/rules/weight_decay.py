@@ -133,8 +133,12 @@ def weight_norm_ratio(view: RunView) -> tuple[float, int, int] | None:
     if first == last:
         return None
     ends = rows[rows.step.isin((first, last))]
-    wide = ends.pivot_table(index="module", columns="step", values="value", aggfunc="first")
-    wide = wide.dropna()  # the parameters recorded at both steps
+    wide = ends.pivot_table(
+        index="module", columns="step", values="value", aggfunc="first", dropna=False
+    )
+    # Both steps' columns, also where one holds only NaN (a run that diverged: pivot_table
+    # would drop that column), then the parameters recorded at both steps.
+    wide = wide.reindex(columns=[first, last]).dropna()
     squares = (wide.to_numpy(float) ** 2).sum(axis=0)  # (2,): first step, latest step
     if wide.empty or not np.isfinite(squares).all() or squares[0] <= 0:
         return None

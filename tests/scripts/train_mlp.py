@@ -63,6 +63,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=0)
     p.add_argument("--inference-mode", action="store_true", help="eval under inference_mode")
     p.add_argument("--amp", action="store_true", help="GradScaler-scaled backward")
+    p.add_argument("--overflow-steps", type=int, default=0, help="an Inf gradient in these")
     p.add_argument("--two-optimizers", action="store_true", help="SGD for the head")
     p.add_argument("--raise-at", type=int, default=-1)
     p.add_argument("--exit-at", type=int, default=-1)
@@ -92,10 +93,14 @@ def main(argv: list[str] | None = None) -> None:
             loss = criterion(model(x), target) / args.accum
             scaler.scale(loss).backward()
             step_loss += loss.item()
+        if step < args.overflow_steps:  # as an fp16 overflow leaves it: the scaler skips
+            next(model.parameters()).grad[0] = float("inf")
+        scale = scaler.get_scale()
         if not args.no_step:
             for opt in optimizers:
                 scaler.step(opt)
             scaler.update()
+        skipped = args.amp and scaler.get_scale() < scale  # Inf/NaN: the scaler skipped it
         if args.eval_every and step % args.eval_every == 0:
             model.eval()
             with torch.inference_mode() if args.inference_mode else torch.no_grad():
@@ -103,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
             model.train()
         if args.log:
             with open(args.log, "a") as f:
-                f.write(json.dumps({"step": step, "loss": step_loss}) + "\n")
+                f.write(json.dumps({"step": step, "loss": step_loss, "skipped": skipped}) + "\n")
 
 
 if __name__ == "__main__":

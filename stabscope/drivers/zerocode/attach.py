@@ -69,6 +69,7 @@ from .roots import (
     live_modules,
     other_trained_models,
 )
+from .scaler_steps import SkippedScalerSteps
 
 #: progress(step_done, total_or_None, last_recorded_loss)
 StepProgress = Callable[[int, int | None, float | None], None]
@@ -144,6 +145,7 @@ class ScriptRecording:
         self._hooks += [
             register_optimizer_step_pre_hook(self._step_starts),
             register_optimizer_step_post_hook(self._count_step),
+            SkippedScalerSteps(lambda: self.optimizer_steps, self._skipped_step),
         ]
 
     def _remove(self) -> None:
@@ -294,6 +296,16 @@ class ScriptRecording:
             key = id(optimizer)
             self._steps_before[key] = self._steps_before.get(key, 0) + 1
             self.losses.clear()
+
+    def _skipped_step(self, optimizer: Optimizer) -> None:
+        """An AMP GradScaler skipped ``optimizer``'s step (Inf/NaN gradients): the iteration
+        is a step of the run all the same, with its loss (scaler_steps.py)."""
+        if self.recorder is None:  # before the model is known, as a step is (_count_step)
+            self.losses.clear()
+            return
+        self.losses.optimizer_step(running=False)  # its losses are this step's
+        if not self.done and self._owners.stepped(optimizer):
+            self._end_step(self.recorder)
 
     def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         if self.done or self.recorder is None:
