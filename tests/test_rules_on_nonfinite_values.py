@@ -1,0 +1,90 @@
+"""Every rule on runs whose recorded values went non-finite in the ways diverged runs do: the
+last recorded step all NaN or all Inf, everything NaN from the middle on, a third of the
+metrics NaN throughout, scattered -Inf. A rule that raises fails the gate for the tool's
+sake, not the model's (``weight-decay-dominance`` once raised IndexError on a run whose last
+weights were all NaN): none may. The run is a real one (a zero-code MLP under AdamW whose
+weight decay the rules read, so the decay rule reaches its weight norms), rewritten part by
+part in real Parquet."""
+
+from __future__ import annotations
+
+import shutil
+import textwrap
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from stabscope.drivers.zerocode import profile_training_script
+from stabscope.record.config import RecorderConfig
+from stabscope.record.schedule import Schedule
+from tests.rule_runs import checked
+
+SCRIPT = """
+import torch
+from torch import nn
+
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(8, 32), nn.LayerNorm(32), nn.GELU(), nn.Linear(32, 4))
+opt = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=1.0)  # 0.05 a step
+for step in range(40):
+    x = torch.randn(16, 8)
+    loss = nn.functional.cross_entropy(model(x), (x[:, 0] > 0).long() + 2 * (x[:, 1] > 0))
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+"""
+
+PATTERNS = ["last-nan", "last-inf", "nan-from-middle", "metrics-nan", "scattered-neg-inf"]
+
+
+@pytest.fixture(scope="module")
+def source_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("nonfinite-rules")
+    script = root / "train.py"
+    script.write_text(textwrap.dedent(SCRIPT))
+    config = RecorderConfig(preset="full", schedule=Schedule(dense=5, every=5))
+    run = root / "run"
+    profile_training_script(script, [], run, config, budget=40)
+    return run
+
+
+def poison(run, pattern: str) -> int:
+    """Rewrite every part of ``run`` with ``pattern``'s non-finite values; how many."""
+    parts = sorted((run / "parts").glob("*.parquet"))
+    steps = np.concatenate([pq.read_table(p, columns=["step"])["step"].to_numpy() for p in parts])
+    last, middle = steps.max(), (steps.min() + steps.max()) // 2
+    rng = np.random.default_rng(0)
+    metrics: set[str] = set()
+    for p in parts:
+        metrics |= set(pq.read_table(p, columns=["metric"])["metric"].to_pylist())
+    chosen = set(rng.permutation(sorted(metrics))[: len(metrics) // 3])
+    poisoned = 0
+    for p in parts:
+        table = pq.read_table(p)
+        value = table["value"].to_numpy(zero_copy_only=False).copy()
+        step = table["step"].to_numpy()
+        metric = np.array(table["metric"].to_pylist())
+        where = {
+            "last-nan": step == last,
+            "last-inf": step == last,
+            "nan-from-middle": step >= middle,
+            "metrics-nan": np.isin(metric, list(chosen)),
+            "scattered-neg-inf": rng.random(len(value)) < 0.05,
+        }[pattern]
+        value[where] = {"last-inf": np.inf, "scattered-neg-inf": -np.inf}.get(pattern, np.nan)
+        poisoned += int(where.sum())
+        column = table.schema.get_field_index("value")
+        field = table.schema.field("value")
+        table = table.set_column(column, field, pa.array(value, type=field.type))
+        pq.write_table(table, p)
+    return poisoned
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_no_rule_raises_on_non_finite_values(source_run, tmp_path, pattern):
+    run = tmp_path / "run"
+    shutil.copytree(source_run, run)
+    assert poison(run, pattern) > 0
+    checked(run)  # asserts that no rule raised
