@@ -82,7 +82,8 @@ def _clip_throttles(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     rows = rows[rows.module == RUN_MODULE]
     wide = rows.pivot_table(index="step", columns="metric", values="value", aggfunc="first")
     wide = wide.dropna()
-    if len(wide) < p["min_steps"] or "grad_norm_clipped" not in wide:
+    # pivot_table drops a metric whose every value is NaN (a diverged run's grad_norm).
+    if len(wide) < p["min_steps"] or not {"grad_norm", "grad_norm_clipped"} <= set(wide):
         return
     before, after = wide.grad_norm.to_numpy(float), wide.grad_norm_clipped.to_numpy(float)
     usable = np.isfinite(before) & np.isfinite(after) & (before > 0)
