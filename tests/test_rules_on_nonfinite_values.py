@@ -1,10 +1,11 @@
 """Every rule on runs whose recorded values went non-finite in the ways diverged runs do: the
 last recorded step all NaN or all Inf, everything NaN from the middle on, every other metric
-NaN throughout, the run-level series NaN, scattered -Inf. A rule that raises fails the gate for the tool's
-sake, not the model's (``weight-decay-dominance`` once raised IndexError on a run whose last
-weights were all NaN): none may. The run is a real one (a zero-code MLP under AdamW whose
-weight decay the rules read, so the decay rule reaches its weight norms; SGD clipped at every
-step, so clip-throttles reads its norms), rewritten part by part in real Parquet."""
+NaN throughout, the run-level series NaN, scattered -Inf. A rule that raises fails the gate
+for the tool's sake, not the model's (``weight-decay-dominance`` once raised IndexError on a
+run whose last weights were all NaN): none may. The runs are real ones (a zero-code MLP under
+AdamW whose weight decay the rules read, so the decay rule reaches its weight norms; and under
+SGD clipped at every step, so clip-throttles reads its norms), rewritten part by part in real
+Parquet."""
 
 from __future__ import annotations
 
