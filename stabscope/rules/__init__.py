@@ -12,6 +12,7 @@ from typing import Any
 
 from ..store.findings import SEVERITIES, write_findings
 from . import (
+    above_uniform,
     clip_throttle,
     constant_prediction,
     depth,
@@ -48,6 +49,7 @@ ALL_RULES: list[Rule] = [
     *lr_vanish.RULES,
     *clip_throttle.RULES,
     *constant_prediction.RULES,
+    *above_uniform.RULES,
 ]
 RULES_BY_ID = {r.id: r for r in ALL_RULES}
 

@@ -90,11 +90,22 @@ def _still_warming_up(view: RunView) -> bool:
     return int(np.argmax(lr)) >= len(lr) - max(1, len(lr) // 10)
 
 
-def _constant_prediction(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
+def at_planned_end(view: RunView, min_steps: float) -> tuple[int, int] | None:
+    """(the planned steps, the steps seen) of a run that reached its planned end
+    (meta.json's ``lr_plan.budget``) and plans at least ``min_steps`` steps; None for a run
+    not there yet, or too short to expect learning."""
     budget = view.meta.budget
     seen = view.until if view.until is not None else view.meta.steps
-    if budget is None or seen < budget or budget < p["min_steps"]:
-        return  # not at the planned end, or too short a run to expect learning
+    if budget is None or seen < budget or budget < min_steps:
+        return None
+    return budget, seen
+
+
+def _constant_prediction(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
+    end = at_planned_end(view, p["min_steps"])
+    if end is None:
+        return
+    budget, seen = end
     if not isinstance(log_classes(view), tuple):
         return  # the loss is not read as a cross-entropy of the output head
     ends = _end_entropies(view, seen)

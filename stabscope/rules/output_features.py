@@ -103,14 +103,16 @@ def _tied(meta: RunMeta, head: dict, shapes: dict[str, list[int]]) -> tuple[int,
 MEAN_CE_SLACK = 2.0
 
 
-def log_classes(view: RunView) -> tuple[float, str] | str:
+def log_classes(view: RunView, checked: bool = False) -> tuple[float, str] | str:
     """(ln V, where it comes from), or why the loss cannot be read against it. The head is
     checked against the logits at the first step: per row, max z <= logsumexp z <= max z +
     ln V and ln V + min z <= logsumexp z, so the mean logsumexp bounds ln V from both sides.
     The loss is checked to be a mean cross-entropy of those logits: a token's is
     logsumexp z - z_target <= max z - min z + ln V (with label smoothing or masked tokens
     too). A loss summed over tokens, or scaled, sits far above that (x512 for a sum over
-    512 tokens), and a ratio to ln V would read it as a bad init."""
+    512 tokens), and a ratio to ln V would read it as a bad init. ``checked``: only where
+    those checks ran (the logits were recorded, finite); otherwise the module table alone
+    gives V, which a head that is no classifier (a VAE's decoder) also has."""
     classes = output_classes(view.meta)
     if classes is None:
         return "the output head's classes are not in the module table"
@@ -118,7 +120,10 @@ def log_classes(view: RunView) -> tuple[float, str] | str:
     if v < 2:
         return f"the output head ({head}) has one output: no classes to read the loss against"
     z = first_logits(view).groupby("metric").value.max()
-    if set(LOGITS) <= set(z.index) and np.isfinite(z.to_numpy(float)).all():
+    measured = set(LOGITS) <= set(z.index) and np.isfinite(z.to_numpy(float)).all()
+    if checked and not measured:
+        return f"the output logits of {head} were not recorded finite at the first step"
+    if measured:
         lse = z["logit_lse_mean"]
         tol = 1e-3 * (1 + abs(lse))
         if not lse - z["logit_max"] - tol <= math.log(v) <= lse - z["logit_min"] + tol:
@@ -132,7 +137,35 @@ def log_classes(view: RunView) -> tuple[float, str] | str:
                 f"{MEAN_CE_SLACK:g}x the most one can be ({bound:.3g}: the logits' span + "
                 "ln V); summed over tokens, or scaled?"
             )
+        if checked and len(first):
+            outside = _outside_ce_range(float(first.value.iloc[0]), z, head)
+            if outside is not None:
+                return outside
     return math.log(v), f"ln V = {math.log(v):.3g} (V = {v}, {head})"
+
+
+#: How far (a share of the range's width) a first loss may sit outside the range a mean
+#: cross-entropy of the first logits lies in: the extremes may come from another forward.
+CE_RANGE_SLACK = 0.25
+
+
+def _outside_ce_range(loss: float, z: pd.Series, head: str) -> str | None:
+    """Why ``loss``, the first step's, is no mean cross-entropy of logits whose first step
+    had the extremes and mean logsumexp ``z``; None where it can be one. A token's is
+    lse - z_target, between lse - max z and lse - min z (label smoothing too: a mix of such
+    terms), so the mean is in [mean lse - max z, mean lse - min z]. A regression's outputs
+    read as logits start near-uniform, a narrow range around ln V that its loss (a mean
+    squared error of its targets' scale) has no reason to fall in: 0.99 against [0.62, 0.80]
+    for a 2-D denoiser."""
+    low = float(z["logit_lse_mean"] - z["logit_max"])
+    high = float(z["logit_lse_mean"] - z["logit_min"])
+    tol = CE_RANGE_SLACK * (high - low) + 1e-3 * (1 + abs(float(z["logit_lse_mean"])))
+    if low - tol <= loss <= high + tol:
+        return None
+    return (
+        f"the first loss ({loss:.4g}) is outside [{low:.4g}, {high:.4g}], where a mean "
+        f"cross-entropy of {head}'s first logits lies: not their cross-entropy"
+    )
 
 
 def init_logit_scale(view: RunView) -> Feature:

@@ -1,0 +1,98 @@
+"""Rule ``loss-above-uniform``: a run that reached its planned end with a loss above that of
+predicting every class with equal probability.
+
+Predicting the uniform distribution over V classes has cross-entropy exactly ln V, whatever
+the labels (Cover and Thomas 2006, ch. 2: the cross-entropy of q = uniform is the mean of
+-ln(1/V)). A model trained by that cross-entropy whose loss ends above ln V does worse than
+knowing nothing. Label noise, label smoothing and mixup raise the best reachable loss, but
+never above ln V (an entropy over V outcomes is at most ln V). What ends there is a model
+that is confidently wrong: dropout so heavy that training outputs are noise, labels that do
+not match their inputs, an init or a learning rate it never recovered from, a body frozen at
+a bad init.
+
+Judged where the loss reads as a mean cross-entropy of the output head whose logits were
+recorded (``log_classes`` with its checks: a head that is no classifier, a VAE's decoder, is
+not read against ln V), at the planned end (``lr_plan.budget``) of a run of at least
+``min_steps`` steps: early in training a healthy run can sit above ln V (a T5 at init starts
+near 28 nats over 18 classes). The loss is the end level of ``loss-divergence`` (a median
+over the last steps).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from ..store.findings import Finding
+from .base import Rule, RunView, finding
+from .constant_prediction import at_planned_end
+from .forecast_features import ROOT
+from .loss_divergence import MIN_WINDOW, loss_levels, loss_series
+from .output_features import LOGITS, log_classes
+from .view import Request
+
+COVER_THOMAS = "Cover and Thomas 2006, Elements of Information Theory, ch. 2"
+
+
+def _mean_entropy(view: RunView, since: int) -> float | None:
+    """The median of the recorded mean H(p_i) since ``since``, or None."""
+    rows = view.metrics("pred_entropy")
+    rows = rows[(rows.module == ROOT) & (rows.step >= since)]
+    values = rows.value.to_numpy(float)
+    values = values[np.isfinite(values)]
+    return float(np.median(values)) if len(values) else None
+
+
+def _loss_above_uniform(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
+    end = at_planned_end(view, p["min_steps"])
+    if end is None:
+        return  # not at the planned end: a healthy run can still be above ln V early on
+    budget, seen = end
+    classes = log_classes(view, checked=True)
+    if not isinstance(classes, tuple):
+        return
+    ln_v, source = classes
+    loss = loss_series(view)
+    loss = loss[np.isfinite(loss.to_numpy(float))]
+    if len(loss) < 2 * MIN_WINDOW:
+        return
+    level = loss_levels(loss, MIN_WINDOW)[3]
+    ratio = level / ln_v
+    if not ratio >= p["min_ratio"]:
+        return
+    said = (
+        f"the run reached its planned end (step {budget}) with its loss at {level:.4g}, "
+        f"{ratio:.2f}x {source}, the loss of predicting every class with equal probability: "
+        "it does worse than knowing nothing"
+    )
+    each = _mean_entropy(view, seen // 2)
+    if each is not None and each < level:
+        said += f"; its predictions are confident (mean entropy {each:.3g} nats) and wrong"
+    yield finding(
+        LOSS_ABOVE_UNIFORM,
+        "error",
+        said,
+        module=None,
+        step=int(loss.index[-1]),
+        value=ratio,
+        threshold=p["min_ratio"],
+        metric="loss",
+        remedy="look for what keeps the outputs from fitting the targets: dropout or noise "
+        "so strong that training outputs are noise, targets that do not match the inputs, "
+        "an init or learning rate the model never recovered from, a body left frozen",
+    )
+
+
+LOSS_ABOVE_UNIFORM = Rule(
+    "loss-above-uniform",
+    "A loss above ln V, the uniform prediction's, at the planned end",
+    COVER_THOMAS,
+    ("loss",),
+    {"min_ratio": 1.0, "min_steps": 100},
+    _loss_above_uniform,
+    reads=(Request(("loss", "pred_entropy")), Request(LOGITS)),
+    online=False,  # how the run ended: needs its planned end
+)
+
+RULES = [LOSS_ABOVE_UNIFORM]

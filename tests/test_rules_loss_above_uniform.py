@@ -1,0 +1,102 @@
+"""``loss-above-uniform`` on real training: a next-token model on a Markov chain behind
+dropout 0.98 at a high learning rate ends confidently wrong, its loss above ln V (what
+predicting every token with equal probability scores); the same model without the dropout
+learns the chain. The end level is checked against the median of the script's own last
+losses; a regression head whose mean squared error ends above ln 2 is not read against it."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import pytest
+import torch
+from torch import nn
+
+import stabscope
+from stabscope.rules import check_run
+from stabscope.rules.output_features import log_classes
+from stabscope.rules.view import RunView
+from tests.test_rules_constant_prediction import STEPS, V, markov_batch
+
+
+class Net(nn.Module):
+    def __init__(self, dropout: float) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(V, 32)
+        self.drop = nn.Dropout(dropout)
+        self.body = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Dropout(dropout))
+        self.head = nn.Linear(64, V)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, V)
+        return self.head(self.body(self.drop(self.emb(tokens))))
+
+
+def train(run, dropout: float, lr: float, budget: int = STEPS) -> list[float]:
+    """The script's own loss at every step."""
+    torch.manual_seed(0)
+    model = Net(dropout)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(1)
+    batches = [markov_batch(g) for _ in range(8)]
+    seen = []
+    with stabscope.Recorder(model, run, budget=budget) as rec:
+        for step in range(STEPS):
+            batch = batches[step % len(batches)]
+            logits = model(batch[:, :-1])
+            loss = nn.functional.cross_entropy(logits.reshape(-1, V), batch[:, 1:].reshape(-1))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            rec.step(loss=loss)
+            seen.append(loss.item())
+    return seen
+
+
+def above_uniform(run) -> list:
+    return [f for f in check_run(run).findings if f.rule == "loss-above-uniform"]
+
+
+def test_a_model_worse_than_uniform_at_its_planned_end_is_an_error(tmp_path):
+    seen = train(tmp_path / "run", dropout=0.98, lr=0.1)
+    (found,) = above_uniform(tmp_path / "run")
+    # The end level: the median of the last w = max(5, 120 // 20) = 6 losses.
+    level = statistics.median(seen[-6:])
+    assert level > math.log(V)
+    assert found.severity == "error" and found.value == pytest.approx(level / math.log(V))
+    assert f"{level:.4g}" in found.message and "worse than knowing nothing" in found.message
+
+
+def test_the_model_that_learns_and_a_run_before_its_planned_end_pass(tmp_path):
+    seen = train(tmp_path / "healthy", dropout=0.0, lr=1e-2)
+    assert statistics.median(seen[-6:]) < 0.5 * math.log(V)
+    assert above_uniform(tmp_path / "healthy") == []
+    train(tmp_path / "early", dropout=0.98, lr=0.1, budget=4 * STEPS)  # a quarter of the way
+    assert above_uniform(tmp_path / "early") == []
+
+
+def test_a_regression_head_is_not_read_against_ln_v(tmp_path):
+    """Two outputs fit to noisy targets of variance ~2 by mean squared error: the loss ends
+    near 1, above ln 2, and at step 0 it is outside the range a cross-entropy of the two
+    near-zero outputs lies in (near ln 2), so it is no cross-entropy of them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 32), nn.Tanh(), nn.Linear(32, 2))
+    with torch.no_grad():
+        model[2].weight.mul_(0.01)  # near-zero outputs at init: a narrow cross-entropy range
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(1)
+    losses = []
+    with stabscope.Recorder(model, tmp_path / "run", budget=STEPS) as rec:
+        for _ in range(STEPS):
+            x = torch.randn(64, 4, generator=g)
+            y = x[:, :2] + torch.randn(64, 2, generator=g)
+            loss = nn.functional.mse_loss(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            rec.step(loss=loss)
+            losses.append(loss.item())
+    assert statistics.median(losses[-6:]) > math.log(2)
+    reason = log_classes(RunView.open(tmp_path / "run"), checked=True)
+    assert isinstance(reason, str) and "outside" in reason
+    assert above_uniform(tmp_path / "run") == []
