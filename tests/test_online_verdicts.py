@@ -75,6 +75,7 @@ def test_whole_run_rules_do_not_act_online():
         "model-update",
         "lr-rise-past-catapult",
         "constant-prediction",
+        "loss-above-uniform",
     }
     assert whole_run.isdisjoint(ids)
     assert {"nonfinite", "gradient-growth", "attention-logit-growth"} <= ids
