@@ -21,6 +21,7 @@ from . import (
     loss_divergence,
     lr_ramp,
     lr_vanish,
+    negligible_updates,
     no_update,
     optimizer_settings,
     prediction,
@@ -50,6 +51,7 @@ ALL_RULES: list[Rule] = [
     *clip_throttle.RULES,
     *constant_prediction.RULES,
     *above_uniform.RULES,
+    *negligible_updates.RULES,
 ]
 RULES_BY_ID = {r.id: r for r in ALL_RULES}
 

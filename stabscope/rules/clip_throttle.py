@@ -40,7 +40,7 @@ def _all_sgd(view: RunView) -> bool:
     return bool(classes) and all("sgd" in c and "sign" not in c for c in classes)
 
 
-def _momentum_gain(view: RunView) -> float:
+def momentum_gain(view: RunView) -> float:
     """The largest (1 - dampening)/(1 - momentum) over the SGD groups: how far momentum
     lengthens a step at steady state (1 without momentum)."""
     return max(
@@ -70,7 +70,7 @@ def _relative_step(view: RunView, steps: np.ndarray, after: np.ndarray) -> float
     if norm is None or not view.has("lr"):
         return None
     at = largest_lr(view).reindex(steps).to_numpy(float)  # (steps,) NaN: no finite lr row
-    size = at * after * _momentum_gain(view) / norm
+    size = at * after * momentum_gain(view) / norm
     size = size[np.isfinite(size)]
     return float(np.median(size)) if len(size) else None
 
