@@ -1,7 +1,7 @@
 """Rule ``negligible-updates``: a run whose planned updates cannot move its weights.
 
 The update ratio ||Δθ|| / ||θ|| of a weight matrix is how far one step moves it; about 1e-3 a
-step is the usual working range (Karpathy, CS231n notes: "somewhere around 1e-3"). Over the
+step is the usual working range (Karpathy 2016, CS231n notes: "somewhere around 1e-3"). Over the
 planned run the weights move by about the sum of the ratios over its steps. With an optimizer
 whose step is proportional to the learning rate (Adam's is, SGD's at a given gradient), the
 ratio measured at step t, r_t, and the planned lr give that sum ahead of time:
@@ -31,7 +31,7 @@ from .clip_throttle import momentum_gain
 from .lr_plan_check import checked_plan, largest_lr
 from .view import MATRICES, Request
 
-KARPATHY = "Karpathy, CS231n notes (Neural Networks Part 3: the update to weight ratio)"
+KARPATHY = "Karpathy 2016, CS231n course notes, Neural Networks Part 3 (the update ratio)"
 #: How many of the latest recorded steps the ratio is the largest median of.
 LAST = 3
 
