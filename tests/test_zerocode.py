@@ -82,6 +82,8 @@ def test_recording_leaves_training_bit_identical_and_removes_every_hook(tmp_path
     assert not optimizer_module._global_optimizer_post_hooks
     assert torch.autograd.backward.__module__ == "torch.autograd"
     assert torch.optim.Optimizer.__init__.__qualname__ == "Optimizer.__init__"
+    for wrapped in ("scale", "step"):  # the loss under AMP, and the steps its scaler skips
+        assert getattr(torch.amp.GradScaler, wrapped).__qualname__ == f"GradScaler.{wrapped}"
 
 
 def test_gradient_accumulation_is_one_step_with_one_call_per_micro_batch(tmp_path):
