@@ -75,28 +75,51 @@ def test_the_model_that_learns_and_a_run_before_its_planned_end_pass(tmp_path):
     assert above_uniform(tmp_path / "early") == []
 
 
-def test_a_regression_head_is_not_read_against_ln_v(tmp_path):
-    """Two outputs fit to noisy targets of variance ~2 by mean squared error: the loss ends
-    near 1, above ln 2, and at step 0 it is outside the range a cross-entropy of the two
-    near-zero outputs lies in (near ln 2), so it is no cross-entropy of them."""
+def train_regression(run, signal: float, small_head: bool, as_float: bool) -> list[float]:
+    """Two outputs fit by mean squared error to ``signal`` · x[:, :2] + noise of variance 1;
+    the script's own loss at every step. ``small_head``: near-zero outputs at init (a narrow
+    cross-entropy range); ``as_float``: the loss handed over without its graph."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 32), nn.Tanh(), nn.Linear(32, 2))
-    with torch.no_grad():
-        model[2].weight.mul_(0.01)  # near-zero outputs at init: a narrow cross-entropy range
+    if small_head:
+        with torch.no_grad():
+            model[2].weight.mul_(0.01)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(1)
     losses = []
-    with stabscope.Recorder(model, tmp_path / "run", budget=STEPS) as rec:
+    with stabscope.Recorder(model, run, budget=STEPS) as rec:
         for _ in range(STEPS):
             x = torch.randn(64, 4, generator=g)
-            y = x[:, :2] + torch.randn(64, 2, generator=g)
+            y = signal * x[:, :2] + torch.randn(64, 2, generator=g)
             loss = nn.functional.mse_loss(model(x), y)
             opt.zero_grad()
             loss.backward()
             opt.step()
-            rec.step(loss=loss)
+            rec.step(loss=loss.item() if as_float else loss)
             losses.append(loss.item())
+    return losses
+
+
+def test_a_regression_head_is_not_read_against_ln_v(tmp_path):
+    """Targets of variance ~2, the loss handed over as a float (no graph to read its loss
+    function from): the loss ends near 1, above ln 2, and at step 0 it is outside the range a
+    cross-entropy of the two near-zero outputs lies in (near ln 2), so it is no cross-entropy
+    of them."""
+    losses = train_regression(tmp_path / "run", 1.0, small_head=True, as_float=True)
+    assert "loss_function" not in stabscope.read_meta(tmp_path / "run")
     assert statistics.median(losses[-6:]) > math.log(2)
     reason = log_classes(RunView.open(tmp_path / "run"), checked=True)
     assert isinstance(reason, str) and "outside" in reason
     assert above_uniform(tmp_path / "run") == []
+
+
+def test_a_noisy_regression_that_fits_as_well_as_it_can_is_neither_rules_case(tmp_path):
+    """Targets 0.3·x + noise of variance 1 (R² ~ 0.08): the best fit's outputs stay small, so
+    read as two logits they are nearly uniform whatever the input, and its error (the noise's
+    variance, ~1) sits above ln 2. Its loss's graph says mse_loss, so neither rule that reads
+    a loss against ln V judges it."""
+    losses = train_regression(tmp_path / "run", 0.3, small_head=False, as_float=False)
+    assert statistics.median(losses[-6:]) > math.log(2)
+    assert stabscope.read_meta(tmp_path / "run")["loss_function"] == "mse_loss"
+    ids = {f.rule for f in check_run(tmp_path / "run").findings if f.severity == "error"}
+    assert not ids & {"loss-above-uniform", "constant-prediction"}

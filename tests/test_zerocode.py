@@ -106,6 +106,8 @@ def test_grad_scaler_loss_is_recorded_unscaled(tmp_path):
     # GradScaler multiplies by 2**10 before backward; the recorded loss is the script's own.
     assert losses(run) == pytest.approx([r["loss"] for r in log], rel=1e-6)
     assert losses(run) == pytest.approx([s["loss"] for s in replay_mlp(3)], rel=1e-6)
+    # Read from the graph of the loss the scaler was given (record/loss_function.py).
+    assert stabscope.read_meta(run)["loss_function"] == "mse_loss"
 
 
 def test_a_step_the_grad_scaler_skipped_is_a_step_of_the_run(tmp_path):

@@ -42,6 +42,7 @@ from .distributed import rank as _rank
 from .hooks import ModuleHooks
 from .lifecycle import RunLifecycle
 from .live import LiveBridge, live_targets
+from .loss_function import loss_function
 from .losses import PendingLosses, nonfinite_on_host
 from .lr_plan import LrPlanner
 from .model_changes import ParameterMembership
@@ -187,6 +188,7 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
         self.meta = initial_meta(model, cfg, run_info, self.rank, modules, params)
         self._table_params = params  # the parameters of meta.json's table, in its order
         self._held_count = -1  # parameters the owned optimizers held when last marked
+        self._loss_function_read = False  # the loss's graph was read (note_loss_function)
 
     @property
     def last_loss(self) -> float | None:
@@ -207,9 +209,22 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
             self._step(loss)
         self._judge_step()  # the online rules' verdicts (record/verdicts.py)
 
+    def note_loss_function(self, loss: torch.Tensor) -> None:
+        """Read which loss function ``loss`` is from its graph, once (meta.json's
+        ``loss_function``; record/loss_function.py). Zero-code mode hands over the loss of
+        the first backward, before any scaling or division; ``step(loss)`` the step's."""
+        if self._loss_function_read or getattr(loss, "grad_fn", None) is None:
+            return
+        self._loss_function_read = True
+        name = loss_function(loss)
+        if name is not None:
+            self.meta["loss_function"] = name
+
     def _step(self, loss: torch.Tensor | float | None) -> None:
         step = self.step_index
         if loss is not None:
+            if not self._loss_function_read and isinstance(loss, torch.Tensor):
+                self.note_loss_function(loss)
             self.losses.add(step, loss)
             if self.verdicts is not None and not self._loss_nonfinite and nonfinite_on_host(loss):
                 # Already in host memory (no device sync): write the losses now, so that this

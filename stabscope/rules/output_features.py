@@ -113,6 +113,9 @@ def log_classes(view: RunView, checked: bool = False) -> tuple[float, str] | str
     512 tokens), and a ratio to ln V would read it as a bad init. ``checked``: only where
     those checks ran (the logits were recorded, finite); otherwise the module table alone
     gives V, which a head that is no classifier (a VAE's decoder) also has."""
+    function = view.meta.doc.get("loss_function")
+    if function not in (None, "cross_entropy"):  # read from the loss's own graph
+        return f"the loss is {function}, not a softmax cross-entropy of the output head"
     classes = output_classes(view.meta)
     if classes is None:
         return "the output head's classes are not in the module table"

@@ -225,6 +225,7 @@ META = Record(
         "world_size": INT,
         "distributed": Record({"sharded": BOOL}, nullable=True),
         "model_type": MAYBE_STR,
+        "loss_function": STR,
         "modules": ListOf(MODULE),
         "parameters": ListOf(PARAMETER),
         "parts": INT,

@@ -253,6 +253,7 @@ class ScriptRecording:
         self.losses.clear()
         rec.start()
         self.recorder = rec
+        self.losses.on_first_graph = rec.note_loss_function  # the loss before any scaling
         if rec.wants_probe_forward and not isinstance(module, TrainedModels):
             # Registered inside the model's first call: it already sees that call's output.
             self._probe_loss = ProbeLoss(rec.set_probe_forward, self.notes.append)

@@ -50,6 +50,8 @@ class LossTap:
         ] = {}
         # Told of each scalar that counts as a loss, as the graph tensor before AMP scaling.
         self.on_loss: Callable[[torch.Tensor], None] | None = None
+        # Told the first loss with its graph once, then dropped (which loss function it is).
+        self.on_first_graph: Callable[[torch.Tensor], None] | None = None
         self.steps_without_loss = 0
         self._originals: tuple[Any, ...] = ()
         self._zeroing: list[tuple[type, Callable[..., Any]]] = []  # (class, its zero_grad)
@@ -109,10 +111,16 @@ class LossTap:
         scaled = known is not None and known[0]() is tensors
         value = known[1] if known is not None and scaled else tensors.detach()
         self._values.append(value.reshape(()).float())
+        if self.on_loss is None and self.on_first_graph is None:
+            return
+        graph = known[2]() if known is not None and scaled else tensors
+        if graph is None:
+            return
         if self.on_loss is not None:
-            graph = known[2]() if known is not None and scaled else tensors
-            if graph is not None:
-                self.on_loss(graph)
+            self.on_loss(graph)
+        if self.on_first_graph is not None:
+            told, self.on_first_graph = self.on_first_graph, None
+            told(graph)
 
     def see_scaled(self, loss: Any, scaled: Any) -> None:
         if isinstance(loss, torch.Tensor) and isinstance(scaled, torch.Tensor):
