@@ -123,3 +123,32 @@ def test_a_noisy_regression_that_fits_as_well_as_it_can_is_neither_rules_case(tm
     assert stabscope.read_meta(tmp_path / "run")["loss_function"] == "mse_loss"
     ids = {f.rule for f in check_run(tmp_path / "run").findings if f.severity == "error"}
     assert not ids & {"loss-above-uniform", "constant-prediction"}
+
+
+def test_a_contrastive_loss_over_the_batch_is_not_read_against_the_projection_width(tmp_path):
+    """InfoNCE over 64 candidates of 16-wide projections: a cross-entropy whose classes are the
+    batch's candidates, its floor far above ln 16. The loss's graph says so (64 classes, not
+    the head's 16 outputs), and the rule does not read it against ln 16."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 16))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(1)
+    losses = []
+    with stabscope.Recorder(model, tmp_path / "run", budget=STEPS) as rec:
+        for _ in range(STEPS):
+            x = torch.randn(64, 8, generator=g)
+            views = (
+                x + 0.5 * torch.randn(64, 8, generator=g),
+                x + 0.5 * torch.randn(64, 8, generator=g),
+            )
+            a, b = (nn.functional.normalize(model(v), dim=-1) for v in views)
+            loss = nn.functional.cross_entropy(a @ b.T / 0.5, torch.arange(64))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            rec.step(loss=loss)
+            losses.append(loss.item())
+    assert statistics.median(losses[-6:]) > math.log(16)
+    meta = stabscope.read_meta(tmp_path / "run")
+    assert (meta["loss_function"], meta["loss_classes"]) == ("cross_entropy", 64)
+    assert above_uniform(tmp_path / "run") == []

@@ -9,7 +9,14 @@ is: ``F.cross_entropy`` leaves ``NllLossBackward0`` (after ``LogSoftmaxBackward0
 the loss, ``F.mse_loss`` leaves ``MseLossBackward0``. The graph is walked breadth-first from
 the loss, at most ``NODES`` nodes (the loss function sits a few nodes under the loss; the
 model's own graph below it is not needed), once per run; the first loss-function node found
-names it. Nothing is read where the loss has no graph (a float, a detached tensor).
+names it, a cross-entropy first. Nothing is read where the loss has no graph (a float, a
+detached tensor).
+
+A cross-entropy over other classes than the head's outputs is no cross-entropy of the head:
+a contrastive loss (SimCLR's, InfoNCE) takes ``cross_entropy`` of a batch-by-batch similarity
+matrix, its classes the batch's candidates, while the model's output is a projection whose
+width the rules would read as V. So the number of classes the ``log_softmax`` normalised is
+kept beside the name (meta.json ``loss_classes``).
 """
 
 from __future__ import annotations
@@ -34,24 +41,50 @@ OTHERS = {
 }
 #: How many autograd nodes are looked at, at most.
 NODES = 256
+#: Where the graph was walked and held none of the loss functions above.
+OTHER = "other"
 
 
-def loss_function(loss: torch.Tensor) -> str | None:
-    """``"cross_entropy"``, the name of another loss function (``"mse_loss"``), or None
-    where the graph under ``loss`` holds none of them within ``NODES`` nodes."""
+def loss_function(loss: torch.Tensor) -> tuple[str, int | None] | None:
+    """``("cross_entropy", classes)``, ``(name of another loss function, None)``,
+    ``("other", None)`` where the walk found none of them, or None where ``loss`` has no
+    graph. A cross-entropy anywhere within ``NODES`` wins over another loss (a classifier's
+    loss plus an auxiliary ``mse_loss``); its ``classes`` are the size of the dim its
+    ``log_softmax`` normalised (None where that cannot be read): a contrastive loss's are the
+    batch's candidates, not the head's outputs."""
     start = getattr(loss, "grad_fn", None)
     if start is None:
         return None
     queue, seen = deque([start]), {start}
+    cross_entropy, classes, other = False, None, None
     while queue and len(seen) <= NODES:
         node = queue.popleft()
         name = type(node).__name__
         if name in CROSS_ENTROPY:
-            return "cross_entropy"
-        if name in OTHERS:
-            return OTHERS[name]
+            cross_entropy = True
+            if name == "LogSoftmaxBackward0":
+                classes = _normalised_size(node)
+                break
+        elif name in OTHERS and other is None:
+            other = OTHERS[name]
         for child, _ in getattr(node, "next_functions", ()):
             if child is not None and child not in seen:
                 seen.add(child)
                 queue.append(child)
-    return None
+    if cross_entropy:
+        return "cross_entropy", classes
+    return (other or OTHER), None
+
+
+def _normalised_size(node: object) -> int | None:
+    """The size of the dim a ``LogSoftmaxBackward0`` node normalised, from the input shape
+    autograd keeps for it (also after the backward freed its saved result); None where this
+    torch does not keep it where it is read here."""
+    try:
+        shape = node._input_metadata[0].shape  # type: ignore[attr-defined]
+        dim = int(node._saved_dim)  # type: ignore[attr-defined]
+    except (AttributeError, IndexError, TypeError, RuntimeError):
+        return None
+    if dim >= 2**63:  # a negative dim comes back as its unsigned 64-bit value
+        dim -= 2**64
+    return int(shape[dim]) if -len(shape) <= dim < len(shape) else None

@@ -216,9 +216,11 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
         if self._loss_function_read or getattr(loss, "grad_fn", None) is None:
             return
         self._loss_function_read = True
-        name = loss_function(loss)
-        if name is not None:
-            self.meta["loss_function"] = name
+        read = loss_function(loss)
+        if read is not None:
+            self.meta["loss_function"], classes = read
+            if classes is not None:
+                self.meta["loss_classes"] = classes
 
     def _step(self, loss: torch.Tensor | float | None) -> None:
         step = self.step_index

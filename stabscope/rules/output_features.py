@@ -120,6 +120,12 @@ def log_classes(view: RunView, checked: bool = False) -> tuple[float, str] | str
     if classes is None:
         return "the output head's classes are not in the module table"
     v, head = classes
+    normalised = view.meta.doc.get("loss_classes")
+    if isinstance(normalised, int) and normalised != v:  # a contrastive loss over the batch
+        return (
+            f"the loss is a cross-entropy over {normalised} classes, not over the {v} outputs "
+            f"of {head}"
+        )
     if v < 2:
         return f"the output head ({head}) has one output: no classes to read the loss against"
     z = first_logits(view).groupby("metric").value.max()

@@ -226,6 +226,7 @@ META = Record(
         "distributed": Record({"sharded": BOOL}, nullable=True),
         "model_type": MAYBE_STR,
         "loss_function": STR,
+        "loss_classes": INT,
         "modules": ListOf(MODULE),
         "parameters": ListOf(PARAMETER),
         "parts": INT,
