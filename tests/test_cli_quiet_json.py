@@ -136,6 +136,23 @@ def test_profile_json_says_why_on_stdout_when_the_script_fails(tmp_path: Path):
     }
 
 
+def test_profile_json_never_reports_an_earlier_run_as_the_one_a_failure_left(tmp_path):
+    """A model script profiled once, then broken at import and profiled again with --force:
+    the run directory still holds the first run, which this failure did not record; the JSON
+    says the error only."""
+    script = tmp_path / "model.py"
+    script.write_text(DIVERGING.read_text())
+    run = tmp_path / "run"
+    first = runner.invoke(app, ["profile", str(script), "-o", str(run), "--steps", "3", "-q"])
+    assert first.exit_code == 0, first.output
+    broken = "\nraise ImportError('a module the script needs is gone')\n"
+    script.write_text(DIVERGING.read_text() + broken)  # still a model script: fails on import
+    res = runner.invoke(app, ["profile", str(script), "-o", str(run), "--force", "--json"])
+    assert res.exit_code == 2
+    record = json.loads(res.stdout)
+    assert "gone" in record["error"] and "run" not in record and "summary" not in record
+
+
 @pytest.mark.slow
 def test_profile_quiet_says_only_the_verdict_line(tmp_path: Path):
     """And ``-o`` names the run directory, as ``--out``."""

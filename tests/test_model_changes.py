@@ -5,6 +5,7 @@ stayed are still measured right (against their own tensors)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -39,7 +40,10 @@ class Net(nn.Module):
         return self.out(h)
 
 
-def test_a_replaced_block_is_not_read_after_it_left(run_dir):
+@pytest.mark.parametrize("append", [True, False], ids=["replaced-and-appended", "same-shape"])
+def test_a_replaced_block_is_not_read_after_it_left(run_dir, append):
+    """Also a block replaced by one of the same shape and the optimizer rebuilt for it, where
+    the owned optimizers hold as many parameters as before."""
     torch.manual_seed(0)
     model = Net()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -49,7 +53,8 @@ def test_a_replaced_block_is_not_read_after_it_left(run_dir):
         for step in range(STEPS):
             if step == CHANGE:
                 model.blocks[1] = Block()
-                model.blocks.append(Block())
+                if append:
+                    model.blocks.append(Block())
                 opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
             x = torch.randn(8, 4)
             loss = (model(x) - x.sum(1, keepdim=True)).pow(2).mean()
@@ -63,7 +68,8 @@ def test_a_replaced_block_is_not_read_after_it_left(run_dir):
     meta = stabscope.read_meta(run_dir)
     (note,) = [n for n in meta["notes"] if n.startswith("the model changed")]
     assert f"before step {CHANGE}: 4 parameters (blocks.1.ln.weight" in note
-    assert "8 parameters (blocks.1.ln.weight" in note and "joined it" in note
+    joined = 8 if append else 4
+    assert f"{joined} parameters (blocks.1.ln.weight" in note and "joined it" in note
     left = {p["name"]: p["left_at"] for p in meta["parameters"] if "left_at" in p}
     assert left == {
         f"blocks.1.{n}": CHANGE for n in ("ln.weight", "ln.bias", "fc.weight", "fc.bias")

@@ -151,7 +151,7 @@ def profile(
 
         targets = tuple(check_targets(log_to)) if log_to else None
     except UsageError as e:
-        raise _failed(e, None, as_json) from None
+        raise _failed(e, as_json) from None
     try:
         config = load_pyproject_config()
         schedule = Schedule(
@@ -168,10 +168,10 @@ def profile(
             log_to=targets,
         )
     except UsageError as e:  # [tool.stabscope] of the wrong type: names the key
-        raise _failed(e, None, as_json) from None
+        raise _failed(e, as_json) from None
     except ValueError as e:
         bad = UsageError(str(e), hint="see `stabscope profile --help`")
-        raise _failed(bad, None, as_json) from None
+        raise _failed(bad, as_json) from None
     from ..store import interrupts
     from ..store.atomic import RunWriteError
     from ..store.rundir import release_run_dir
@@ -181,6 +181,7 @@ def profile(
         script_args or [], run_script, max_steps, stop_script, no_compile, budget
     )
     stopped = False
+    kept = (run_dir, _run_id(run_dir))  # the run an earlier profile left there, if any
     try:
         # SIGTERM closes the run like Ctrl-C does, from the first moment (store/interrupts.py).
         with interrupts.handling():
@@ -201,51 +202,70 @@ def profile(
             finally:
                 release_run_dir(run_dir)  # a claim no Recorder took over (it ended early)
     except UsageError as e:
-        raise _failed(e, run_dir, as_json, isinstance(e, ScriptError)) from None
+        raise _failed(e, as_json, kept if isinstance(e, ScriptError) else None) from None
     except RunWriteError as e:
-        why = _write_failed(run_dir, e.strerror or str(e))
-        raise _failed(why, run_dir, as_json, run_kept=True) from None
+        raise _failed(_write_failed(run_dir, e.strerror or str(e)), as_json, kept) from None
     except (KeyboardInterrupt, interrupts.Terminated) as e:
         code = interrupted(run_dir, e)
         if as_json:  # the caller parsing stdout learns it too, with what the run kept
             signal = interrupts.signal_name(code - 128)
-            _print_json({"error": f"interrupted by {signal}", "exit_code": code}, run_dir)
+            _print_json({"error": f"interrupted by {signal}", "exit_code": code}, kept)
         raise typer.Exit(code) from None
     lost = _rows_lost(run_dir)  # the disk filled while it trained: training went on
     if lost is not None:
-        raise _failed(_write_failed(run_dir, lost), run_dir, as_json, run_kept=True)
+        raise _failed(_write_failed(run_dir, lost), as_json, kept)
     if stopped:  # --on-error stop ended it: the run has an error finding
         raise typer.Exit(1)
 
 
-def _failed(error: UsageError, run_dir: Path, as_json: bool, run_kept: bool = False) -> typer.Exit:
+#: A run directory and the ``run_id`` of the run it held before this profile (None: none).
+Kept = tuple[Path, "str | None"]
+
+
+def _run_id(run_dir: Path) -> str | None:
+    """The ``run_id`` of the run in ``run_dir``, or None where there is none."""
+    from ..store import read_meta
+
+    try:
+        return str(read_meta(run_dir).get("run_id"))
+    except Exception:  # no run there, or one whose meta.json cannot be read
+        return None
+
+
+def _failed(error: UsageError, as_json: bool, kept: Kept | None = None) -> typer.Exit:
     """The error line on stderr; with ``--json`` also one JSON object on stdout, so a caller
-    that parses stdout learns why instead of reading nothing, and, where the training ran
-    (``run_kept``: the script failed in it, or the disk filled), what the run kept."""
+    that parses stdout learns why instead of reading nothing, and, where the training may have
+    run (``kept``: the script failed, or the disk filled), what its run kept."""
     if as_json:
         code = error.exit_code if isinstance(error, ScriptError) else 2
-        record = {"error": error.message, "hint": error.hint, "exit_code": code}
-        _print_json(record, run_dir if run_kept else None)
+        _print_json({"error": error.message, "hint": error.hint, "exit_code": code}, kept)
     return fail(error)
 
 
-def _print_json(record: dict[str, object], run_dir: Path | None) -> None:
-    """``record``, with what the run in ``run_dir`` kept when one is given, as the one JSON
+def _print_json(record: dict[str, object], kept: Kept | None) -> None:
+    """``record``, with what this profile's run kept when there is one, as the one JSON
     object on stdout."""
     import json
 
-    if run_dir is not None:
-        record = {**record, **_kept_run(run_dir)}
+    from ..record.distributed import rank
+
+    if rank() != 0:  # under torchrun, one object: rank 0's, as on success
+        return
+    if kept is not None:
+        record = {**record, **_kept_run(*kept)}
     print(json.dumps(record, indent=1, allow_nan=False), flush=True)
 
 
-def _kept_run(run_dir: Path) -> dict[str, object]:
-    """The run a failed script left (its status, steps and findings), as ``summary --json``
-    gives it; nothing when no run is readable there."""
+def _kept_run(run_dir: Path, earlier: str | None) -> dict[str, object]:
+    """The run this profile left (its status, steps and findings), as ``summary --json``
+    gives it; nothing where the run there is the one an earlier profile left (this one
+    failed before it recorded: a model script that raises on import) or none is readable."""
     from ..analysis.summary import summarize
     from ..store import NotARunError
     from .verdict import findings_for, json_record
 
+    if _run_id(run_dir) in (None, earlier):
+        return {}
     try:
         headline = summarize(run_dir)
         findings, note = findings_for(run_dir)

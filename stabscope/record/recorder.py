@@ -187,7 +187,8 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
         )
         self.meta = initial_meta(model, cfg, run_info, self.rank, modules, params)
         self._table_params = params  # the parameters of meta.json's table, in its order
-        self._held_count = -1  # parameters the owned optimizers held when last marked
+        # (parameters the owned optimizers held, their ids) when last marked
+        self._held: tuple[int, tuple[int, ...]] = (-1, ())
         self._loss_function_read = False  # the loss's graph was read (note_loss_function)
 
     @property
@@ -314,11 +315,12 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
         if new:  # its settings
             self.meta["optimizers"] = list(self.optimizer_watch.settings)
         # Which parameters the owned optimizers hold: again whenever their count changes
-        # (``add_param_group`` when a frozen part is released).
-        held = self.optimizer_watch.held_count()
-        regrouped = held != self._held_count
+        # (``add_param_group`` when a frozen part is released) or an owned optimizer is new (a
+        # block replaced by one of the same shape, and the optimizer rebuilt for it).
+        held = (self.optimizer_watch.held_count(), tuple(self.optimizer_watch.optimizers))
+        regrouped = held != self._held
         if regrouped:
-            self._held_count = held
+            self._held = held
             changed = self._membership.update(
                 self.model,
                 self.meta["parameters"],

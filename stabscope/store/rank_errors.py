@@ -5,9 +5,12 @@ When one rank raises, the others usually fail a moment later on their next colle
 only the knock-on, and the cause would be lost: it was on another rank's console. So a rank
 other than 0 that ends with an error writes ``error-rankR.json`` into the run directory
 (atomically, before its process exits, so before the peers see it go), and whoever reads the
-run's meta merges those files: ``error`` becomes the earliest error of any rank (with its
-``rank``), ``rank_errors`` lists every rank's error in the order they happened, and a run one
-of whose ranks failed is ``failed``. Rank 0 merges at its close too, so meta.json itself says
+run's meta merges those files: ``rank_errors`` lists every rank's error in the order they
+happened, and where another rank's failure came before rank 0's own error (or rank 0 had
+none) it becomes the run's ``error`` and the run is ``failed``. A run rank 0 itself ended
+first (Ctrl-C on every rank, the peers' knock-on errors after it) keeps rank 0's status.
+The order is by each host's clock: ranks on different machines are ordered only as well as
+their clocks agree. Rank 0 merges at its close too, so meta.json itself says
 it; readers merge again, for a rank that failed after rank 0 had closed.
 """
 
@@ -61,9 +64,12 @@ def merge_rank_errors(meta: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         errors.append({**own, "rank": own.get("rank", meta.get("rank", 0))})
     errors += [e for e in others if (e.get("rank"), e.get("time")) not in known]
     errors.sort(key=_time)
-    merged = {**meta, "rank_errors": errors, "error": errors[0]}
-    if merged.get("status") in _BECOMES_FAILED:
-        merged["status"] = "failed"
+    merged = {**meta, "rank_errors": errors}
+    first = errors[0]
+    if first.get("rank") != meta.get("rank", 0):  # another rank's failure came first
+        merged["error"] = first
+        if merged.get("status") in _BECOMES_FAILED:
+            merged["status"] = "failed"
     return merged
 
 
