@@ -113,21 +113,21 @@ def log_classes(view: RunView, checked: bool = False) -> tuple[float, str] | str
     512 tokens), and a ratio to ln V would read it as a bad init. ``checked``: only where
     those checks ran (the logits were recorded, finite); otherwise the module table alone
     gives V, which a head that is no classifier (a VAE's decoder) also has."""
-    function = view.meta.doc.get("loss_function")
-    if function not in (None, "cross_entropy"):  # read from the loss's own graph
-        return f"the loss is {function}, not a softmax cross-entropy of the output head"
     classes = output_classes(view.meta)
     if classes is None:
         return "the output head's classes are not in the module table"
     v, head = classes
+    if v < 2:
+        return f"the output head ({head}) has one output: no classes to read the loss against"
+    function = view.meta.doc.get("loss_function")
+    if function not in (None, "cross_entropy"):  # read from the loss's own graph
+        return f"the loss is {function}, not a softmax cross-entropy of the output head"
     normalised = view.meta.doc.get("loss_classes")
     if isinstance(normalised, int) and normalised != v:  # a contrastive loss over the batch
         return (
             f"the loss is a cross-entropy over {normalised} classes, not over the {v} outputs "
             f"of {head}"
         )
-    if v < 2:
-        return f"the output head ({head}) has one output: no classes to read the loss against"
     z = first_logits(view).groupby("metric").value.max()
     measured = set(LOGITS) <= set(z.index) and np.isfinite(z.to_numpy(float)).all()
     if checked and not measured:
