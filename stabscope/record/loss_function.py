@@ -43,6 +43,8 @@ OTHERS = {
 NODES = 256
 #: Where the graph was walked and held none of the loss functions above.
 OTHER = "other"
+#: Where the first loss came without a graph (a float, a detached tensor): nothing to read.
+UNKNOWN = "unknown"
 
 
 def loss_function(loss: torch.Tensor) -> tuple[str, int | None] | None:

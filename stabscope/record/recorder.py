@@ -42,7 +42,7 @@ from .distributed import rank as _rank
 from .hooks import ModuleHooks
 from .lifecycle import RunLifecycle
 from .live import LiveBridge, live_targets
-from .loss_function import loss_function
+from .loss_function import UNKNOWN, loss_function
 from .losses import PendingLosses, nonfinite_on_host
 from .lr_plan import LrPlanner
 from .model_changes import ParameterMembership
@@ -225,9 +225,12 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
 
     def _step(self, loss: torch.Tensor | float | None) -> None:
         step = self.step_index
-        if loss is not None:
-            if not self._loss_function_read and isinstance(loss, torch.Tensor):
+        if loss is not None and not self._loss_function_read:
+            if isinstance(loss, torch.Tensor):
                 self.note_loss_function(loss)
+            if not self._loss_function_read:  # a float, or a tensor without a graph
+                self._loss_function_read = True
+                self.meta.setdefault("loss_function", UNKNOWN)
             self.losses.add(step, loss)
             if self.verdicts is not None and not self._loss_nonfinite and nonfinite_on_host(loss):
                 # Already in host memory (no device sync): write the losses now, so that this

@@ -53,8 +53,11 @@ def _loss_above_uniform(view: RunView, p: dict[str, float]) -> Iterator[Finding]
     if end is None:
         return  # not at the planned end: a healthy run can still be above ln V early on
     budget, seen = end
-    if view.meta.doc.get("loss_function") != "cross_entropy":
-        return  # read from the loss's graph (record/loss_function.py): unknown is not enough
+    if view.meta.doc.get("loss_function", "cross_entropy") != "cross_entropy":
+        # Read from the loss's graph (record/loss_function.py); a loss that came without one
+        # ("unknown") is not enough. A run recorded before the key existed is judged on the
+        # checks of log_classes alone.
+        return
     classes = log_classes(view, checked=True)
     if not isinstance(classes, tuple):
         return

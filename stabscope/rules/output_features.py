@@ -120,7 +120,7 @@ def log_classes(view: RunView, checked: bool = False) -> tuple[float, str] | str
     if v < 2:
         return f"the output head ({head}) has one output: no classes to read the loss against"
     function = view.meta.doc.get("loss_function")
-    if function not in (None, "cross_entropy"):  # read from the loss's own graph
+    if function not in (None, "unknown", "cross_entropy"):  # read from the loss's own graph
         return f"the loss is {function}, not a softmax cross-entropy of the output head"
     normalised = view.meta.doc.get("loss_classes")
     if isinstance(normalised, int) and normalised != v:  # a contrastive loss over the batch
