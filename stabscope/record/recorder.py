@@ -223,14 +223,20 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
             if classes is not None:
                 self.meta["loss_classes"] = classes
 
+    def _read_loss_function(self, loss: torch.Tensor | float) -> None:
+        """The first step's loss: its loss function from its graph, or ``unknown`` where it
+        came without one (a float, a detached tensor)."""
+        if isinstance(loss, torch.Tensor):
+            self.note_loss_function(loss)
+        if not self._loss_function_read:
+            self._loss_function_read = True
+            self.meta.setdefault("loss_function", UNKNOWN)
+
     def _step(self, loss: torch.Tensor | float | None) -> None:
         step = self.step_index
-        if loss is not None and not self._loss_function_read:
-            if isinstance(loss, torch.Tensor):
-                self.note_loss_function(loss)
-            if not self._loss_function_read:  # a float, or a tensor without a graph
-                self._loss_function_read = True
-                self.meta.setdefault("loss_function", UNKNOWN)
+        if loss is not None:
+            if not self._loss_function_read:
+                self._read_loss_function(loss)
             self.losses.add(step, loss)
             if self.verdicts is not None and not self._loss_nonfinite and nonfinite_on_host(loss):
                 # Already in host memory (no device sync): write the losses now, so that this
