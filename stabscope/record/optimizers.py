@@ -56,10 +56,13 @@ class OptimizerWatch:
                 self.settings.append(settings)
         return True
 
-    def held_count(self) -> int:
-        """How many parameters the owned optimizers' groups hold: cheap enough for every
-        step (one ``len`` per group)."""
-        return sum(len(g["params"]) for o in self.optimizers.values() for g in o.param_groups)
+    def holding(self) -> tuple[int, tuple[int, ...]]:
+        """(how many parameters the owned optimizers' groups hold, the optimizers' ids): what
+        changes when a group is added or an optimizer rebuilt; cheap enough for every step
+        (one ``len`` per group)."""
+        owned = self.optimizers
+        count = sum(len(g["params"]) for o in owned.values() for g in o.param_groups)
+        return count, tuple(owned)
 
     def held(self) -> set[int]:
         """The ids of the parameters the owned optimizers hold, over all their groups."""

@@ -189,7 +189,6 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
         self._table_params = params  # the parameters of meta.json's table, in its order
         # (parameters the owned optimizers held, their ids) when last marked
         self._held: tuple[int, tuple[int, ...]] = (-1, ())
-        self._loss_function_read = False  # the loss's graph was read (note_loss_function)
 
     @property
     def last_loss(self) -> float | None:
@@ -214,11 +213,10 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
         """Read which loss function ``loss`` is from its graph, once (meta.json's
         ``loss_function``; record/loss_function.py). Zero-code mode hands over the loss of
         the first backward, before any scaling or division; ``step(loss)`` the step's."""
-        if self._loss_function_read or getattr(loss, "grad_fn", None) is None:
+        if "loss_function" in self.meta or getattr(loss, "grad_fn", None) is None:
             return
-        self._loss_function_read = True
         read = loss_function(loss)
-        if read is not None:
+        if read is not None:  # always, for a loss with a graph
             self.meta["loss_function"], classes = read
             if classes is not None:
                 self.meta["loss_classes"] = classes
@@ -228,14 +226,12 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
         came without one (a float, a detached tensor)."""
         if isinstance(loss, torch.Tensor):
             self.note_loss_function(loss)
-        if not self._loss_function_read:
-            self._loss_function_read = True
-            self.meta.setdefault("loss_function", UNKNOWN)
+        self.meta.setdefault("loss_function", UNKNOWN)
 
     def _step(self, loss: torch.Tensor | float | None) -> None:
         step = self.step_index
         if loss is not None:
-            if not self._loss_function_read:
+            if "loss_function" not in self.meta:
                 self._read_loss_function(loss)
             self.losses.add(step, loss)
             if self.verdicts is not None and not self._loss_nonfinite and nonfinite_on_host(loss):
@@ -326,7 +322,7 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
         # Which parameters the owned optimizers hold: again whenever their count changes
         # (``add_param_group`` when a frozen part is released) or an owned optimizer is new (a
         # block replaced by one of the same shape, and the optimizer rebuilt for it).
-        held = (self.optimizer_watch.held_count(), tuple(self.optimizer_watch.optimizers))
+        held = self.optimizer_watch.holding()
         regrouped = held != self._held
         if regrouped:
             self._held = held

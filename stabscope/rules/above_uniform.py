@@ -26,26 +26,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import numpy as np
-
 from ..store.findings import Finding
 from .base import Rule, RunView, finding
-from .constant_prediction import at_planned_end
-from .forecast_features import ROOT
-from .loss_divergence import MIN_WINDOW, loss_levels, loss_series
+from .constant_prediction import ENTROPIES, at_planned_end, end_entropies
+from .loss_divergence import MIN_WINDOW, finite_losses, loss_levels
 from .output_features import LOGITS, log_classes
 from .view import Request
 
 COVER_THOMAS = "Cover and Thomas 2006, Elements of Information Theory, ch. 2"
-
-
-def _mean_entropy(view: RunView, since: int) -> float | None:
-    """The median of the recorded mean H(p_i) since ``since``, or None."""
-    rows = view.metrics("pred_entropy")
-    rows = rows[(rows.module == ROOT) & (rows.step >= since)]
-    values = rows.value.to_numpy(float)
-    values = values[np.isfinite(values)]
-    return float(np.median(values)) if len(values) else None
 
 
 def _loss_above_uniform(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
@@ -62,9 +50,8 @@ def _loss_above_uniform(view: RunView, p: dict[str, float]) -> Iterator[Finding]
     if not isinstance(classes, tuple):
         return
     ln_v, source = classes
-    loss = loss_series(view)
-    loss = loss[np.isfinite(loss.to_numpy(float))]
-    if len(loss) < 2 * MIN_WINDOW:
+    loss = finite_losses(view)
+    if loss is None:
         return
     level = loss_levels(loss, MIN_WINDOW)[3]
     ratio = level / ln_v
@@ -75,7 +62,8 @@ def _loss_above_uniform(view: RunView, p: dict[str, float]) -> Iterator[Finding]
         f"{ratio:.2f}x {source}, the loss of predicting every class with equal probability: "
         "it does worse than knowing nothing"
     )
-    each = _mean_entropy(view, seen // 2)
+    ends = end_entropies(view, seen)  # the predictions' mean entropy at the end
+    each = ends[0] if ends is not None else None
     if each is not None and each < level:
         said += f"; its predictions are confident (mean entropy {each:.3g} nats) and wrong"
     yield finding(
@@ -100,7 +88,7 @@ LOSS_ABOVE_UNIFORM = Rule(
     ("loss",),
     {"min_ratio": 1.05, "min_steps": 100},
     _loss_above_uniform,
-    reads=(Request(("loss", "pred_entropy")), Request(LOGITS)),
+    reads=(Request(("loss", *ENTROPIES)), Request(LOGITS)),
     online=False,  # how the run ended: needs its planned end
 )
 

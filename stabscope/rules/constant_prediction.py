@@ -43,7 +43,7 @@ import numpy as np
 from ..store.findings import Finding
 from .base import Rule, RunView, finding
 from .forecast_features import ROOT
-from .loss_divergence import MIN_WINDOW, loss_levels, loss_series
+from .loss_divergence import MIN_WINDOW, finite_losses, loss_levels
 from .lr_plan_check import largest_lr
 from .output_features import LOGITS, log_classes
 from .view import Request
@@ -57,7 +57,7 @@ ENTROPIES = ("pred_entropy", "pred_marginal_entropy")
 LAST = 3
 
 
-def _end_entropies(view: RunView, seen: int) -> tuple[float, float, int] | None:
+def end_entropies(view: RunView, seen: int) -> tuple[float, float, int] | None:
     """(mean H(p_i), H(p̄), step of the last) over the last LAST recorded steps of the second
     half of the run: medians; None without a finite pair there."""
     rows = view.metrics(*ENTROPIES)
@@ -108,10 +108,9 @@ def _constant_prediction(view: RunView, p: dict[str, float]) -> Iterator[Finding
     budget, seen = end
     if not isinstance(log_classes(view), tuple):
         return  # the loss is not read as a cross-entropy of the output head
-    ends = _end_entropies(view, seen)
-    loss = loss_series(view)
-    loss = loss[np.isfinite(loss.to_numpy(float))]
-    if ends is None or len(loss) < 2 * MIN_WINDOW:
+    ends = end_entropies(view, seen)
+    loss = finite_losses(view)
+    if ends is None or loss is None:
         return
     each, marginal, step = ends
     if marginal <= 0:

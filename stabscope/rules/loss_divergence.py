@@ -86,6 +86,14 @@ def loss_series(view: RunView) -> pd.Series:
     return loss.groupby("step").value.mean().sort_index().astype(float)
 
 
+def finite_losses(view: RunView, at_least: int = 2 * MIN_WINDOW) -> pd.Series | None:
+    """The run's finite losses by step (``loss_series`` without NaN/Inf), or None with fewer
+    than ``at_least`` of them (two level windows by default: a start and an end)."""
+    series = loss_series(view)
+    series = series[np.isfinite(series.to_numpy(float))]
+    return series if len(series) >= at_least else None
+
+
 def loss_levels(series: pd.Series, min_window: int) -> tuple[float, float, int, float, int]:
     """``(start, best, best_step, end, w)`` of a finite loss series indexed by step (in step
     order): medians over ``w`` consecutive losses (module docstring)."""
@@ -126,9 +134,8 @@ def _above_noise(values: np.ndarray, start: float, end: float, w: int, p: dict) 
 
 
 def _loss_divergence(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
-    series = loss_series(view)
-    series = series[np.isfinite(series.to_numpy(float))]
-    if len(series) < max(int(p["min_steps"]), 2):
+    series = finite_losses(view, max(int(p["min_steps"]), 2))
+    if series is None:
         return
     start, best, best_step, end, w = loss_levels(series, int(p["min_window"]))
     gained, rise, last = start - best, end - best, int(series.index[-1])

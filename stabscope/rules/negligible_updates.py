@@ -32,7 +32,7 @@ import numpy as np
 from ..store.findings import Finding
 from .base import Rule, RunView, finding
 from .clip_throttle import momentum_gain
-from .loss_divergence import MIN_WINDOW, loss_levels, loss_series
+from .loss_divergence import MIN_WINDOW, finite_losses, loss_levels
 from .lr_plan_check import checked_plan, largest_lr
 from .view import MATRICES, Request
 
@@ -67,9 +67,8 @@ def _planned_sum(plan: tuple[np.ndarray, np.ndarray], budget: int) -> float:
 def _loss_fall(view: RunView) -> float | None:
     """How far the loss has fallen so far, as a share of where it started (the start and end
     levels of ``loss-divergence``: medians over a few steps); None with too few losses."""
-    loss = loss_series(view)
-    loss = loss[np.isfinite(loss.to_numpy(float))]
-    if len(loss) < 2 * MIN_WINDOW:
+    loss = finite_losses(view)
+    if loss is None:
         return None
     start, _, _, end, _ = loss_levels(loss, MIN_WINDOW)
     return (start - end) / abs(start) if start != 0 else None
