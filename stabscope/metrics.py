@@ -57,6 +57,10 @@ METRICS: tuple[Metric, ...] = (
     # The recorder's own rows (module __run__).
     Metric("loss", "the step's loss, every step, recorded or not",
            "the loss's own (nats for cross-entropy)", "run", "recorder", "cheap"),
+    Metric("loss_constant", "the loss a constant prediction (the targets' batch mean) scores on "
+           "the step's own targets, for a loss that is one mse_loss or binary cross-entropy "
+           "(stabscope profile, every step)", "the loss's own", "run", "recorder", "cheap",
+           worse="none"),
     Metric("lr", "the lr a param group's optimizer.step() used (index = group)", "learning rate",
            "run", "recorder", "cheap", ranks="rank0", worse="none"),
     # Every step (record/step_norms.py). DDP replicas share the averaged gradient (rank 0

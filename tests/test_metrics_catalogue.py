@@ -81,11 +81,12 @@ def test_every_metric_a_run_writes_is_catalogued_with_its_tier_and_kind(tmp_path
                 assert RUN_MODULE not in modules and not modules & params, name
         if preset == "full" and record is _record_gpt:
             # Everything a training run can record: every catalogued training metric but the
-            # non-finite markers (nothing diverged), the clipped gradient norm (nothing clips)
-            # and the stale-gradient flag (the loop zeroes) is there.
+            # non-finite markers (nothing diverged), the clipped gradient norm (nothing clips),
+            # the stale-gradient flag (the loop zeroes) and the constant prediction's loss (a
+            # zero-code regression's: tests/test_rules_loss_above_constant.py) is there.
             training = {m.name for m in METRICS if m.tier != "amplification"}
             markers = {"first_nonfinite_forward", "first_nonfinite_backward", "grad_norm_clipped"}
-            markers.add("grad_not_zeroed")
+            markers |= {"grad_not_zeroed", "loss_constant"}
             assert training - markers - written == set()
 
 

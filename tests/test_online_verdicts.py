@@ -76,6 +76,8 @@ def test_whole_run_rules_do_not_act_online():
         "lr-rise-past-catapult",
         "constant-prediction",
         "loss-above-uniform",
+        "loss-above-constant",
+        "no-better-than-constant",
     }
     assert whole_run.isdisjoint(ids)
     assert {"nonfinite", "gradient-growth", "attention-logit-growth"} <= ids

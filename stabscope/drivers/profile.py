@@ -17,6 +17,7 @@ import torch
 
 from ..errors import ScriptError, UsageError
 from ..record.config import RecorderConfig
+from ..record.constant_loss import constant_loss
 from ..record.recorder import Recorder
 from ..store import update_meta
 from ..store.interrupts import Terminated, ending_status
@@ -246,6 +247,9 @@ def profile_script(
             # A NaN loss is data: backward and the optimizer run as they would in training.
             # The optimizer and scheduler are the script's (its own classes, its arguments):
             # an error there is reported as one line, like one in loss or batches.
+            constant = constant_loss(loss)  # before backward frees the targets it saved
+            if constant is not None:
+                rec.note_constant_loss(constant)
             loss.backward()
             _call(script, f"stepping the optimizer at step {step}", opt.step)
             if sched is not None:

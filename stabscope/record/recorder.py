@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -166,6 +167,7 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
         # Gradient norms before/after clipping and block update norms, every step.
         self.step_norms = StepNorms(select_parameters(model), self._run_code, cfg.step_updates)
         self._membership = ParameterMembership(model)  # a block replaced mid-run
+        self._step_constant: torch.Tensor | None = None  # this step's loss_constant
         # What every probe is built from (the registry, ``stabscope.probes``).
         context = ProbeContext(
             model=model,
@@ -221,6 +223,15 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
             if classes is not None:
                 self.meta["loss_classes"] = classes
 
+    def note_constant_loss(self, value: torch.Tensor) -> None:
+        """The loss a constant prediction scores on this step's targets (a 0-d tensor on the
+        loss's device, record/constant_loss.py): the step's ``loss_constant`` row, written
+        with its loss. Zero-code mode reads it from the loss's graph before its backward."""
+        self._step_constant = value.detach().reshape(1).float()
+
+    def _decode_constant(self, values: np.ndarray, rows: Rows, step: int) -> None:
+        rows.emit("train", self._run_code, 0, "loss_constant", values[0], step=step)
+
     def _read_loss_function(self, loss: torch.Tensor | float) -> None:
         """The first step's loss: its loss function from its graph, or ``unknown`` where it
         came without one (a float, a detached tensor)."""
@@ -240,6 +251,9 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
                 self.host_syncs += self.losses.sync(self.rows)
         for values, decode in self.step_norms.take():
             self.losses.add_values(step, values, decode)
+        if self._step_constant is not None:
+            self.losses.add_values(step, self._step_constant, self._decode_constant)
+            self._step_constant = None
         self.optimizer_watch.record_lr(self.rows, self._run_code, step)
         if self.hooks.attached:
             self._finish_recorded_step(step)

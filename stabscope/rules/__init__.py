@@ -12,6 +12,7 @@ from typing import Any
 
 from ..store.findings import SEVERITIES, write_findings
 from . import (
+    above_constant,
     above_uniform,
     clip_throttle,
     constant_prediction,
@@ -51,6 +52,7 @@ ALL_RULES: list[Rule] = [
     *clip_throttle.RULES,
     *constant_prediction.RULES,
     *above_uniform.RULES,
+    *above_constant.RULES,
     *negligible_updates.RULES,
 ]
 RULES_BY_ID = {r.id: r for r in ALL_RULES}

@@ -254,6 +254,7 @@ class ScriptRecording:
         rec.start()
         self.recorder = rec
         self.losses.on_first_graph = rec.note_loss_function  # the loss before any scaling
+        self.losses.read_constants = True  # each step's loss_constant
         if rec.wants_probe_forward and not isinstance(module, TrainedModels):
             # Registered inside the model's first call: it already sees that call's output.
             self._probe_loss = ProbeLoss(rec.set_probe_forward, self.notes.append)
@@ -318,7 +319,10 @@ class ScriptRecording:
         if self._probe_loss is not None and self.steps_marked == 0:
             self._probe_loss.step_ended(self.losses.count)
             self.losses.on_loss = None
-        rec.step(loss=self.losses.take())
+        loss = self.losses.take()
+        if self.losses.step_constant is not None:
+            rec.note_constant_loss(self.losses.step_constant)
+        rec.step(loss=loss)
         self.steps_marked += 1
         if self.steps_marked == 1:
             self.roots.remove()  # module hooks are not iterated here: safe to remove

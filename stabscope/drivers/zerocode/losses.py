@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from ...record import grad_calls
+from ...record.constant_loss import constant_loss
 from ...record.hook_context import compiling, in_backward
 
 
@@ -53,6 +54,11 @@ class LossTap:
         # Told the first loss with its graph once, then dropped (which loss function it is).
         self.on_first_graph: Callable[[torch.Tensor], None] | None = None
         self.steps_without_loss = 0
+        # The constant prediction's loss of each of this step's losses, read while
+        # ``read_constants`` (record/constant_loss.py); the step's sum is ``step_constant``.
+        self.read_constants = False
+        self._constants: list[torch.Tensor | None] = []
+        self.step_constant: torch.Tensor | None = None
         self._originals: tuple[Any, ...] = ()
         self._zeroing: list[tuple[type, Callable[..., Any]]] = []  # (class, its zero_grad)
         self._in_step = False  # inside optimizer.step(): backward comes from a closure
@@ -68,6 +74,7 @@ class LossTap:
         """Gradients were thrown away: the losses no optimizer step used since are gone."""
         if not self._in_step:  # a closure zeroes its own gradients before each evaluation
             del self._values[self._stepped :]
+            del self._constants[self._stepped :]
 
     @property
     def count(self) -> int:
@@ -76,8 +83,12 @@ class LossTap:
 
     def take(self) -> torch.Tensor | None:
         """The step's loss as a 0-d tensor on its device (no host sync), or None."""
-        values, unclear = self._values, self._unclear
+        values, unclear, constants = self._values, self._unclear, self._constants
         self.clear()
+        # A step has a constant only where every one of its losses had one.
+        read = [c for c in constants if c is not None]
+        whole = not unclear and bool(values) and len(read) == len(values)
+        self.step_constant = torch.stack(read).sum() if whole else None
         if unclear or not values:
             self.steps_without_loss += 1
             return None
@@ -87,6 +98,7 @@ class LossTap:
     def clear(self) -> None:
         """Forget the scalars seen since the last step (steps before the model was found)."""
         self._values, self._unclear, self._stepped = [], False, 0
+        self._constants = []
         self._unscaled.clear()
 
     def see_backward(self, tensors: Any, grad_tensors: Any) -> None:
@@ -111,9 +123,11 @@ class LossTap:
         scaled = known is not None and known[0]() is tensors
         value = known[1] if known is not None and scaled else tensors.detach()
         self._values.append(value.reshape(()).float())
-        if self.on_loss is None and self.on_first_graph is None:
+        if self.on_loss is None and self.on_first_graph is None and not self.read_constants:
             return
         graph = known[2]() if known is not None and scaled else tensors
+        if self.read_constants:  # before its backward frees the targets it saved
+            self._constants.append(constant_loss(graph) if graph is not None else None)
         if graph is None:
             return
         if self.on_loss is not None:

@@ -1,0 +1,133 @@
+"""The loss a constant prediction scores on a step's own targets: the bar a regression or a
+binary classifier has to get under (the run's ``loss_constant``, every step).
+
+A model that outputs the same value for every input, the targets' mean, scores the targets'
+variance under a mean squared error, and the entropy of each label's base rate under a binary
+cross-entropy. Any model with an output bias can learn that constant, so a trained model
+whose loss ends above it has learned less than nothing (rule ``loss-above-constant``). The
+softmax cross-entropy has such a bar by definition (ln V, ``loss-above-uniform``); these
+losses need the targets, and the targets are in the loss's autograd graph only until its
+backward frees what it saved. So the loss of each backward call is read here just before
+its backward runs (by ``stabscope profile``: a training script's backward calls, a model
+script's loss; a library-mode ``rec.step(loss)`` comes too late, after the backward):
+
+- the loss must be one ``mse_loss`` or ``binary_cross_entropy(_with_logits)`` (a mean or a
+  sum over its elements, without per-element or per-class weights), times constants: an
+  accumulation's ``loss / k``, a scale. A sum of several terms (a VAE's reconstruction plus
+  its KL, a classifier plus an auxiliary loss) has no such bar and is not read;
+- the constant is the per-output mean over the batch (dim 0): for outputs of shape
+  ``(B, ...)`` a constant of shape ``(...)``, which a model can learn whatever it is fed.
+  Its squared error is the batch variance with Bessel's correction (B - 1), the unbiased
+  estimate of what the population mean scores; the entropy of a base rate gets the
+  Miller-Madow correction (+1 / 2B nats where the rate is not 0 or 1), the plug-in
+  entropy's bias (Miller 1955);
+- it is put in the loss's own units: the loss times constant / model, both read from the
+  same saved tensors under the loss's reduction, so ``loss / k`` and a sum keep their scale.
+
+A step's constant is the sum over its backward calls, as its loss is (drivers/zerocode/
+losses.py): a step any of whose calls could not be read has none. It is the run's
+``loss_constant`` row of that step, every step (the targets' spread can change as training
+goes: a value network's bootstrapped targets grow with it), kept on the device with the loss
+until the loss's next host sync. A handful of kernels a step over the targets (two
+reductions of the output's size), and a walk of at most ``MAX_SCALINGS`` autograd nodes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+#: Nodes that only multiply or divide the loss by a constant (one input with a graph).
+SCALINGS = frozenset({"MulBackward0", "DivBackward0"})
+#: How many scalings between the loss and its loss function are followed.
+MAX_SCALINGS = 4
+_MEAN_REDUCTIONS = (1, 2)  # torch's Reduction enum: 1 mean, 2 sum (0 none is not read)
+
+
+def constant_loss(loss: torch.Tensor) -> torch.Tensor | None:
+    """The loss a constant prediction (the targets' per-output batch mean) scores on this
+    loss's own targets, in its units, as a 0-d float32 tensor on its device; None where
+    ``loss`` is not one mean squared error or binary cross-entropy times constants, its
+    batch has fewer than 2 rows, or its graph's saved tensors are already freed."""
+    node = getattr(loss, "grad_fn", None)
+    for _ in range(MAX_SCALINGS):
+        if node is None or type(node).__name__ not in SCALINGS:
+            break
+        children = [c for c, _ in node.next_functions if c is not None]
+        if len(children) != 1:
+            return None  # a product of two graphs, not a scaling
+        node = children[0]
+    read = _READERS.get(type(node).__name__)
+    if read is None:
+        return None
+    try:
+        pair = read(node)
+    except (RuntimeError, AttributeError):  # freed by a backward, or another torch's node
+        return None
+    if pair is None:
+        return None
+    constant, model = pair
+    value = loss.detach().reshape(()).float() * (constant / model)
+    # A perfect fit (model 0) or a non-finite read is NaN: that step is left out.
+    return torch.where(torch.isfinite(value) & (model > 0), value, math.nan)
+
+
+def _saved(node: Any) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """(prediction, target, reduction) of a loss node whose target has a batch of >= 2
+    rows and the prediction's shape."""
+    output, target = node._saved_self, node._saved_target
+    reduction = int(node._saved_reduction)
+    if reduction not in _MEAN_REDUCTIONS or target.shape != output.shape:
+        return None
+    if target.dim() == 0 or target.shape[0] < 2:
+        return None
+    return output.detach().float(), target.detach().float(), reduction
+
+
+def _reduce(values: torch.Tensor, reduction: int) -> torch.Tensor:
+    return values.mean() if reduction == 1 else values.sum()
+
+
+def _mse(node: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    saved = _saved(node)
+    if saved is None:
+        return None
+    output, target, reduction = saved
+    # target: (B, ...); the constant of shape (...) that scores least is the batch mean.
+    spread = target.var(dim=0, correction=1, keepdim=True).expand_as(target)
+    constant = _reduce(spread, reduction)
+    model = _reduce((output - target).square(), reduction)
+    return constant, model
+
+
+def _bce(node: Any, logits: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    if getattr(node, "_saved_weight", None) is not None:
+        return None  # per-element or per-class weights move the bar
+    if logits and getattr(node, "_saved_pos_weight", None) is not None:
+        return None
+    saved = _saved(node)
+    if saved is None:
+        return None
+    output, target, reduction = saved
+    rows = target.shape[0]
+    rate = target.mean(dim=0, keepdim=True).clamp(0.0, 1.0)  # (1, ...): each label's rate
+    entropy = -(torch.xlogy(rate, rate) + torch.xlogy(1 - rate, 1 - rate))
+    # Miller-Madow: the plug-in entropy of a rate seen in B draws is low by about 1 / 2B.
+    mixed = (rate > 0) & (rate < 1)
+    entropy = entropy + mixed.float() / (2 * rows)
+    constant = _reduce(entropy.expand_as(target), reduction)
+    if logits:
+        model = F.binary_cross_entropy_with_logits(output, target, reduction="none")
+    else:
+        model = F.binary_cross_entropy(output.clamp(0.0, 1.0), target, reduction="none")
+    return constant, _reduce(model, reduction)
+
+
+_READERS: dict[str, Any] = {
+    "MseLossBackward0": _mse,
+    "BinaryCrossEntropyWithLogitsBackward0": lambda node: _bce(node, logits=True),
+    "BinaryCrossEntropyBackward0": lambda node: _bce(node, logits=False),
+}

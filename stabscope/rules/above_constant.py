@@ -1,0 +1,168 @@
+"""Rules ``loss-above-constant`` and ``no-better-than-constant``: a regression or binary
+classifier that reached its planned end with a loss above that of a constant prediction of
+its targets, or within 5% of it.
+
+A model that outputs the targets' mean for every input scores their variance under a mean
+squared error (the mean is the constant that minimises it), and the entropy of each label's
+base rate under a binary cross-entropy (Cover and Thomas 2006, ch. 2; the plug-in entropy's
+bias that the bar corrects: Miller 1955). A model with an
+output bias can learn that constant in a few steps, so one whose loss ends above it does
+worse than ignoring its inputs: targets left in raw units (a mean of 250 against outputs
+near 0, its lr too small to get there), targets that do not match their inputs, dropout or
+noise so strong that training outputs are noise, an init it never recovered from.
+
+The bar is the run's ``loss_constant``, every step: read by ``stabscope profile`` from the
+targets the loss saved in its graph, in the loss's own units (record/constant_loss.py; a
+loss of several terms is not read). Each step's loss is read against its own step's bar, so a batch
+of spread-out targets raises both and cancels, and targets whose spread changes as training
+goes (a value network's) are read against their spread at the end. Judged only
+
+- at the planned end (``lr_plan.budget``) of a run of at least ``min_steps`` steps: at init a
+  regression's loss is often far above its bar;
+- for a run with one optimizer: a GAN's or an actor-critic's step sums the losses of two
+  players, each of which may end above its own bar by design;
+- over the run's last tenth (at least ``min_bar_steps`` steps with a bar), from the median
+  of loss / bar, which must clear its threshold by two standard errors of that median
+  besides (1.2533 σ / √n, σ the ratios' spread), so that noise does not decide.
+
+``loss-above-constant`` fires at ``min_ratio`` 1.05: worse than ignoring the inputs.
+``no-better-than-constant`` fires at ``min_share`` 0.95 below that: the model explains under
+5% of its targets' spread, the regression counterpart of ``constant-prediction`` (a model
+that learned nothing sits at 1.00: a target drawn afresh each step, an lr too small to move).
+A task whose best model leaves much of the spread unexplained stays well under it: a toy
+diffusion model's noise prediction ends near 0.55 of its targets' variance, flow matching
+between two independent standard Gaussians near 0.79 (π/4) at best.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..store import RUN_MODULE
+from ..store.findings import Finding
+from .above_uniform import COVER_THOMAS
+from .base import Rule, RunView, finding
+from .constant_prediction import at_planned_end
+from .loss_divergence import finite_losses
+from .view import Request
+
+
+@dataclass(frozen=True)
+class EndRatio:
+    """The median of loss / ``loss_constant`` over the last steps, two standard errors of it,
+    how many steps, the planned end and the last step with a finite loss."""
+
+    ratio: float
+    noise: float
+    steps: int
+    budget: int
+    step: int
+
+    @property
+    def what(self) -> str:
+        return f"the median over its last {self.steps} steps, each against its own batch"
+
+
+#: Standard errors of the median ratio it must also clear, and a median's standard error
+#: per σ / √n (asymptotic, for Gaussian draws).
+SEMS, MEDIAN_SE = 2.0, 1.2533
+
+
+def end_ratio(view: RunView, min_steps: float, min_bar_steps: float) -> EndRatio | None:
+    """The loss over the constant prediction's at the end of a run that reached its planned
+    end with one optimizer; None where it cannot be read (module docstring)."""
+    end = at_planned_end(view, min_steps)
+    if end is None:
+        return None  # not at the planned end: early on a healthy regression is above its bar
+    if len(view.meta.doc.get("optimizers") or []) != 1:
+        return None
+    loss = finite_losses(view)
+    if loss is None:
+        return None
+    bars = view.metrics("loss_constant")
+    bars = bars[bars.module == RUN_MODULE].groupby("step").value.mean()
+    last = loss.iloc[-max(int(min_bar_steps), len(loss) // 10) :]
+    # Each step's loss over its own step's bar: (steps,), finite and positive only.
+    ratios = (last / bars.reindex(last.index)).to_numpy(float)
+    ratios = ratios[np.isfinite(ratios) & (ratios > 0)]
+    if len(ratios) < min_bar_steps:
+        return None
+    noise = SEMS * MEDIAN_SE * float(np.std(ratios, ddof=1)) / math.sqrt(len(ratios))
+    return EndRatio(float(np.median(ratios)), noise, len(ratios), end[0], int(loss.index[-1]))
+
+
+def _loss_above_constant(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
+    read = end_ratio(view, p["min_steps"], p["min_bar_steps"])
+    if read is None or not read.ratio >= p["min_ratio"] + read.noise:
+        return
+    yield finding(
+        LOSS_ABOVE_CONSTANT,
+        "error",
+        f"the run reached its planned end (step {read.budget}) with its loss {read.ratio:.3g}x "
+        f"the loss of predicting its targets' mean for every input ({read.what}): it does "
+        "worse than ignoring its inputs",
+        module=None,
+        step=read.step,
+        value=read.ratio,
+        threshold=p["min_ratio"],
+        metric="loss",
+        remedy="look for what keeps the outputs from reaching the targets: targets in raw "
+        "units far from the outputs' scale (standardise them, or start the output bias at "
+        "their mean), a learning rate too small to move there, targets that do not match "
+        "the inputs, dropout or noise so strong that training outputs are noise",
+    )
+
+
+def _no_better_than_constant(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
+    read = end_ratio(view, p["min_steps"], p["min_bar_steps"])
+    if read is None or not read.ratio >= p["min_share"] + read.noise:
+        return
+    above = LOSS_ABOVE_CONSTANT.defaults["min_ratio"]
+    if read.ratio >= above + read.noise:
+        return  # worse than the constant: loss-above-constant's case
+    yield finding(
+        NO_BETTER_THAN_CONSTANT,
+        "error",
+        f"the run reached its planned end (step {read.budget}) with its loss "
+        f"{read.ratio:.3g}x the loss of predicting its targets' mean for every input "
+        f"({read.what}): it explains under {1 - p['min_share']:.0%} of its targets' spread, "
+        "and predicts little more than their mean",
+        module=None,
+        step=read.step,
+        value=read.ratio,
+        threshold=p["min_share"],
+        metric="loss",
+        remedy="check that the inputs reach the model and that the targets depend on them "
+        "(a target drawn afresh, shuffled against its inputs), the learning rate and its "
+        "schedule (too small to move, decayed to ~0), and the init (a dead or saturated "
+        "body)",
+    )
+
+
+LOSS_ABOVE_CONSTANT = Rule(
+    "loss-above-constant",
+    "A regression's or binary classifier's loss above a constant prediction's, at the end",
+    f"{COVER_THOMAS}; Miller 1955, Note on the bias of information estimates",
+    ("loss",),
+    {"min_ratio": 1.05, "min_steps": 100, "min_bar_steps": 16},
+    _loss_above_constant,
+    reads=(Request(("loss", "loss_constant")),),
+    online=False,  # how the run ended: needs its planned end
+)
+
+NO_BETTER_THAN_CONSTANT = Rule(
+    "no-better-than-constant",
+    "A regression's or binary classifier's loss no better than a constant prediction's",
+    COVER_THOMAS,
+    ("loss",),
+    {"min_share": 0.95, "min_steps": 100, "min_bar_steps": 16},
+    _no_better_than_constant,
+    reads=(Request(("loss", "loss_constant")),),
+    online=False,  # how the run ended: needs its planned end
+)
+
+RULES = [LOSS_ABOVE_CONSTANT, NO_BETTER_THAN_CONSTANT]

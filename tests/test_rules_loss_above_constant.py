@@ -1,0 +1,178 @@
+"""``loss-above-constant`` and the bar it reads (the run's ``loss_constant`` of every step).
+
+The bar is checked against the loss of the constant prediction itself, computed here from
+the scripts' own targets: the batch mean predicted for every row (Bessel-corrected), and for
+a binary cross-entropy each label's base rate (Miller-Madow-corrected). The rule is checked
+on a real regression script left in raw target units (mean 250, sd 80) at a small learning
+rate, against the same script on standardised targets, and on two optimizers."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stabscope.record.constant_loss import constant_loss
+from stabscope.rules import check_run
+from stabscope.store import RUN_MODULE
+from tests.scripts import train_mlp, train_regression
+from tests.scripts.harness import record, values
+from tests.test_cli import invoke
+
+
+def test_mse_bar_is_the_loss_of_predicting_the_batch_mean():
+    torch.manual_seed(0)
+    out = torch.randn(10, 3, requires_grad=True)
+    target = 5 + 2 * torch.randn(10, 3)
+    mean_prediction = target.mean(0, keepdim=True).expand_as(target)
+    reference = F.mse_loss(mean_prediction, target).item() * 10 / 9  # Bessel: B / (B - 1)
+    loss = F.mse_loss(out, target)
+    assert constant_loss(loss).item() == pytest.approx(reference, rel=1e-5)
+    # In the loss's units: an accumulation's loss / 4, a sum over the elements.
+    assert constant_loss(F.mse_loss(out, target) / 4).item() == pytest.approx(reference / 4)
+    summed = F.mse_loss(out, target, reduction="sum") * 0.5
+    assert constant_loss(summed).item() == pytest.approx(reference * 30 * 0.5, rel=1e-5)
+
+
+def test_bce_bar_is_the_entropy_of_each_labels_base_rate():
+    torch.manual_seed(0)
+    logits = torch.randn(20, 4, requires_grad=True)
+    labels = (torch.rand(20, 4) < torch.tensor([0.1, 0.5, 0.8, 0.0])).float()
+    rate = labels.mean(0, keepdim=True).expand_as(labels)
+    plug_in = F.binary_cross_entropy(rate, labels, reduction="none").mean(0)  # (4,) nats
+    mixed = ((rate[0] > 0) & (rate[0] < 1)).float()
+    reference = (plug_in + mixed / (2 * 20)).mean().item()
+    loss = F.binary_cross_entropy_with_logits(logits, labels)
+    assert constant_loss(loss).item() == pytest.approx(reference, rel=1e-5)
+    probs = F.binary_cross_entropy(torch.sigmoid(logits), labels)
+    assert constant_loss(probs).item() == pytest.approx(reference, rel=1e-5)
+
+
+def test_losses_without_such_a_bar_read_nothing():
+    out = torch.randn(8, 2, requires_grad=True)
+    target = torch.randn(8, 2)
+    labels = (target > 0).float()
+    assert constant_loss(F.mse_loss(out, target) + out.square().mean()) is None  # two terms
+    assert constant_loss(F.l1_loss(out, target)) is None
+    assert constant_loss(F.binary_cross_entropy_with_logits(out, labels, weight=labels)) is None
+    assert constant_loss(F.mse_loss(out[:1], target[:1])) is None  # one row: no spread
+    freed = F.mse_loss(out, target)
+    freed.backward()
+    assert constant_loss(freed) is None  # backward freed the saved targets
+
+
+def test_every_step_holds_its_bar_with_accumulation(tmp_path):
+    """train_mlp's targets are a frozen teacher's outputs, two micro-batches a step, each
+    loss / 2: the step's bar is the sum of the two micro-batches' halves."""
+    run, _ = record(tmp_path, "train_mlp.py", "--steps", "12", "--accum", "2")
+    _, teacher = train_mlp.make_model()
+    expected = []
+    for step in range(12):
+        bars = []
+        for micro in range(2):
+            target = teacher(train_mlp.batch(step, micro))  # (B, T, D)
+            mean = target.mean(0, keepdim=True).expand_as(target)
+            b = target.shape[0]
+            bars.append(F.mse_loss(mean, target).item() * b / (b - 1) / 2)
+        expected.append(sum(bars))
+    got = values(run, RUN_MODULE, "loss_constant")
+    assert list(got.step) == list(range(12))
+    assert got.value.tolist() == pytest.approx(expected, rel=1e-5)
+
+
+def raw_regression(tmp_path, *args: str, rule: str = "loss-above-constant") -> tuple:
+    run, log = record(tmp_path, "train_regression.py", *args, budget=120)
+    found = [f for f in check_run(run).findings if f.rule == rule]
+    return run, [row["loss"] for row in log], found
+
+
+def bar_of(step: int, accum: int, signal: bool = True) -> float:
+    """train_regression's step bar: the micro-batches' Bessel-corrected variances / accum."""
+    return sum(
+        train_regression.data(step, micro, signal)[1].var(0, correction=1).item() / accum
+        for micro in range(accum)
+    )
+
+
+def test_a_regression_on_raw_targets_ends_above_its_targets_variance(tmp_path):
+    _, losses, found = raw_regression(tmp_path, "--accum", "2")
+    # The script's own losses over the last 16 steps, each against its step's bar.
+    ratios = [losses[s] / bar_of(s, 2) for s in range(104, 120)]
+    (error,) = found
+    assert error.severity == "error"
+    assert error.value == pytest.approx(statistics.median(ratios), rel=1e-4)
+    assert error.value > 2 and "predicting its targets' mean" in error.message
+    variance = train_regression.SD**2 + train_regression.NOISE**2  # 6,800
+    assert statistics.mean(bar_of(s, 2) for s in range(120)) == pytest.approx(variance, rel=0.1)
+
+
+def test_standardised_targets_and_two_optimizers_are_not_flagged(tmp_path):
+    _, losses, found = raw_regression(tmp_path / "std", "--standardize")
+    assert statistics.median(losses[-6:]) < 0.2 and found == []
+    # The same raw-target failure, its head under a second optimizer: a run whose step may
+    # sum two players' losses (a GAN's) is not judged.
+    _, losses, found = raw_regression(tmp_path / "two", "--two-optimizers")
+    assert statistics.median(losses[-6:]) > 6_800 and found == []
+
+
+def test_a_regression_whose_inputs_carry_nothing_ends_at_its_targets_variance(tmp_path):
+    """Standardised targets drawn apart from the inputs: the model learns their mean and no
+    more, its loss / bar at 1.00 (within noise); with the inputs that carry them it is far
+    below, and neither rule fires."""
+    _, losses, found = raw_regression(
+        tmp_path / "none", "--standardize", "--no-signal", rule="no-better-than-constant"
+    )
+    bars = [bar_of(s, 1, signal=False) / train_regression.SD**2 for s in range(104, 120)]
+    ratios = [losses[s] / b for s, b in zip(range(104, 120), bars, strict=True)]
+    (error,) = found
+    assert error.value == pytest.approx(statistics.median(ratios), rel=1e-4)
+    assert 0.95 < error.value < 1.05 and "explains under 5%" in error.message
+    nothing = "no-better-than-constant"
+    assert raw_regression(tmp_path / "std", "--standardize", rule=nothing)[2] == []
+    # Worse than the constant is the other rule's case alone.
+    assert raw_regression(tmp_path / "raw", rule=nothing)[2] == []
+
+
+MODEL_SCRIPT = """
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CONFIG = {"batch_size": 16}
+
+
+def model(cfg):
+    return nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
+
+
+def batches(cfg):
+    g = torch.Generator().manual_seed(5)
+    while True:
+        x = torch.randn(cfg.batch_size, 3, generator=g)
+        yield x, 10 + 3 * torch.randn(cfg.batch_size, 2, generator=g)
+
+
+def loss(model, batch):
+    x, y = batch
+    return F.mse_loss(model(x), y)
+"""
+
+
+def test_a_model_scripts_loss_gets_its_bar_too(tmp_path):
+    """``stabscope profile`` on a model script computes the loss itself: the bar is read
+    before its backward, each step the Bessel-corrected variance of that step's targets."""
+    script = tmp_path / "regress.py"
+    script.write_text(MODEL_SCRIPT)
+    run = tmp_path / "run"
+    result = invoke("profile", script, "--steps", 6, "--out", run, "-q")
+    assert result.exit_code == 0, result.output
+    g = torch.Generator().manual_seed(5)
+    expected = []
+    for _ in range(6):
+        torch.randn(16, 3, generator=g)
+        y = 10 + 3 * torch.randn(16, 2, generator=g)  # (B, 2)
+        expected.append(y.var(0, correction=1).mean().item())
+    got = values(run, RUN_MODULE, "loss_constant")
+    assert got.value.tolist() == pytest.approx(expected, rel=1e-5)
