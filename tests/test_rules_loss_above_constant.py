@@ -9,6 +9,7 @@ rate, against the same script on standardised targets, and on two optimizers."""
 from __future__ import annotations
 
 import statistics
+import warnings
 
 import pytest
 import torch
@@ -34,6 +35,23 @@ def test_mse_bar_is_the_loss_of_predicting_the_batch_mean():
     assert constant_loss(F.mse_loss(out, target) / 4).item() == pytest.approx(reference / 4)
     summed = F.mse_loss(out, target, reduction="sum") * 0.5
     assert constant_loss(summed).item() == pytest.approx(reference * 30 * 0.5, rel=1e-5)
+
+
+def test_a_broadcast_mse_is_read_over_its_broadcast(tmp_path):
+    """An output (B, 1) against a target (B,): mse_loss reads every output against every
+    target, so one constant can be learned, the targets' mean: its loss is their variance
+    (Bessel-corrected over the B targets), also where autocast copied the output."""
+    torch.manual_seed(0)
+    y = 3 + 2 * torch.randn(12)
+    head = torch.nn.Linear(4, 1)
+    x = torch.randn(12, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # mse_loss warns of the broadcast
+        plain = F.mse_loss(head(x), y)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            cast = F.mse_loss(head(x), y)
+    for loss in (plain, cast):
+        assert constant_loss(loss).item() == pytest.approx(y.var(correction=1).item(), rel=1e-5)
 
 
 def test_bce_bar_is_the_entropy_of_each_labels_base_rate():

@@ -151,3 +151,23 @@ def test_a_rise_within_the_losses_own_noise_is_no_divergence(tmp_path):
     assert np.log(end / start) < noise_floor(np.log(x), w)
     early = [f for f in check_run(run, until=20).findings if f.rule == "loss-divergence"]
     assert early == [] and found(run) == []
+
+
+def test_a_noisy_healthy_run_is_never_called_diverged_while_it_trains(tmp_path):
+    """The online checks judge the losses written so far. The same healthy run, judged after
+    every 5th step: its best level is the lowest of many noisy medians, and its batch losses
+    are skewed far right (a few at 4-5x the level), so a window of five can sit at 3x a lucky
+    best with nothing wrong. Read in log space, with the lowest of k levels' own bias, no cut
+    calls it diverged (with σ in linear units from the losses before the best and no such
+    bias, 3 of these 39 cuts did, and 19 of 191 judged after every step)."""
+    run = tmp_path / "noisy"
+    v = noisy_regression(run)
+    w = 5
+    medians = [np.median(v[i : i + w]) for i in range(0, 60, w)]
+    assert max(medians) > 3 * min(medians)  # the windows swing, though the level holds
+    cuts = range(10, 201, 5)
+    assert [n for n in cuts if found_until(run, n)] == []
+
+
+def found_until(run_dir, until: int) -> list:
+    return [f for f in check_run(run_dir, until=until).findings if f.rule == "loss-divergence"]

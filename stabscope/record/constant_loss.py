@@ -18,7 +18,10 @@ script's loss; a library-mode ``rec.step(loss)`` comes too late, after the backw
 - the constant is the per-output mean over the batch (dim 0): for outputs of shape
   ``(B, ...)`` a constant of shape ``(...)``, which a model can learn whatever it is fed.
   Its squared error is the batch variance with Bessel's correction (B - 1), the unbiased
-  estimate of what the population mean scores; the entropy of a base rate gets the
+  estimate of what the population mean scores. A mean squared error that broadcasts its
+  output against its target (an output ``(B, 1)`` against a target ``(B,)`` is read over
+  ``(B, B)``, a classic bug) is read over the same broadcast, where the constant is the mean
+  of every target value it meets; the entropy of a base rate gets the
   Miller-Madow correction (+1 / 2B nats where the rate is not 0 or 1), the plug-in
   entropy's bias (Miller 1955);
 - it is put in the loss's own units: the loss times constant / model, both read from the
@@ -75,14 +78,14 @@ def constant_loss(loss: torch.Tensor) -> torch.Tensor | None:
     return torch.where(torch.isfinite(value) & (model > 0), value, math.nan)
 
 
-def _saved(node: Any) -> tuple[torch.Tensor, torch.Tensor, int] | None:
-    """(prediction, target, reduction) of a loss node whose target has a batch of >= 2
-    rows and the prediction's shape."""
+def _saved(node: Any, same_shape: bool = True) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """(prediction, target, reduction) of a loss node with a mean or sum reduction; with
+    ``same_shape``, only where the target has the prediction's shape and >= 2 rows."""
     output, target = node._saved_self, node._saved_target
     reduction = int(node._saved_reduction)
-    if reduction not in _MEAN_REDUCTIONS or target.shape != output.shape:
+    if reduction not in _MEAN_REDUCTIONS:
         return None
-    if target.dim() == 0 or target.shape[0] < 2:
+    if same_shape and (target.shape != output.shape or target.dim() == 0 or len(target) < 2):
         return None
     return output.detach().float(), target.detach().float(), reduction
 
@@ -92,15 +95,46 @@ def _reduce(values: torch.Tensor, reduction: int) -> torch.Tensor:
 
 
 def _mse(node: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
-    saved = _saved(node)
+    saved = _saved(node, same_shape=False)
     if saved is None:
         return None
     output, target, reduction = saved
-    # target: (B, ...); the constant of shape (...) that scores least is the batch mean.
-    spread = target.var(dim=0, correction=1, keepdim=True).expand_as(target)
-    constant = _reduce(spread, reduction)
+    if target.shape != output.shape or target.dim() == 0:
+        return None
+    dims = _constant_dims(output, target)
+    # The target values each constant is fit to: its own extent along those dims.
+    draws = math.prod(target.shape[d] for d in dims if target.stride(d) != 0)
+    if draws < 2:
+        return None
+    centred = target - target.mean(dim=dims, keepdim=True)
+    # Bessel's correction: the unbiased estimate of what the population's mean scores.
+    constant = _reduce(centred.square(), reduction) * (draws / (draws - 1))
     model = _reduce((output - target).square(), reduction)
     return constant, model
+
+
+def _constant_dims(output: torch.Tensor, target: torch.Tensor) -> list[int]:
+    """The dims a constant prediction is the same along: the batch (dim 0), and, where
+    ``mse_loss`` broadcast its inputs, every dim along which the output was expanded.
+
+    Autograd saves the broadcast tensors: an output ``(B, 1)`` against a target ``(B,)`` is
+    saved as two ``(B, B)`` tensors, the output's expanded (stride 0) along dim 1, the
+    target's along dim 0. A cast under autocast copies the output, so where the target
+    shows a broadcast the output's dims are also checked by value (one host sync, only in
+    this case)."""
+    dims = {0}
+    expanded = [d for d in range(target.dim()) if target.shape[d] > 1]
+    out_zero = {d for d in expanded if output.stride(d) == 0}
+    tgt_zero = {d for d in expanded if target.stride(d) == 0}
+    if not out_zero and not tgt_zero:
+        return [0]
+    dims |= out_zero
+    for d in expanded:
+        if d not in dims and d not in tgt_zero:
+            first = output.narrow(d, 0, 1)
+            if bool((output == first).all()):
+                dims.add(d)
+    return sorted(dims)
 
 
 def _bce(node: Any, logits: bool) -> tuple[torch.Tensor, torch.Tensor] | None:

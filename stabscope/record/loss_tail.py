@@ -60,6 +60,7 @@ from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from .hook_context import compiling
+from .script_warnings import call_as_script, quiet
 
 #: A trace that records more calls than this is given up (a window that never reaches a backward).
 MAX_CALLS = 5000
@@ -129,6 +130,10 @@ class LossTail:
         return loss if self.factor == 1 else loss * self.factor
 
     def _run(self, sources: list[torch.Tensor]) -> torch.Tensor:
+        with quiet():  # the script's own calls showed their warnings
+            return self._replay(sources)
+
+    def _replay(self, sources: list[torch.Tensor]) -> torch.Tensor:
         values: dict[int, Any] = dict(enumerate(sources))
         for call in self.calls:
             leaves = [_value(x, values) for x in call.leaves]
@@ -242,7 +247,7 @@ class TailTrace(TorchFunctionMode):
         writes = self.recording and _changes_in_place(func, kwargs)
         if writes:
             self._keep_before(args)
-        out = func(*args, **kwargs)
+        out = call_as_script(func, *args, **kwargs)
         if self.recording:
             try:
                 self._record(func, args, kwargs, out, writes)

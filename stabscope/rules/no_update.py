@@ -99,8 +99,10 @@ def _unstepped(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
         metric="param_grad_norm",
         module=reached[0],
         remedy="build the optimizer from every parameter that should train "
-        "(model.parameters(), after every module is added), and freeze the rest with "
-        "requires_grad_(False), which also spares their backward",
+        "(model.parameters(), after every module is added, and from the model object the "
+        "loop trains: one built before `model = copy.deepcopy(model)` or a reload holds the "
+        "old parameters), and freeze the rest with requires_grad_(False), which also spares "
+        "their backward",
     )
 
 
