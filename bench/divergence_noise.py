@@ -24,14 +24,25 @@ from stabscope import Recorder, RecorderConfig, Schedule
 from stabscope.rules import check_run
 
 
-def train(run: Path, seed: int, lr: float, steps: int) -> None:
+def train(
+    run: Path,
+    seed: int,
+    lr: float,
+    steps: int,
+    data_seed: int | None = None,
+    schedule: Schedule | None = None,
+) -> None:
+    """SGD (momentum 0.9) on batches of 4 of sin(x_0) + noise of sd 1, recorded into ``run``
+    (the losses; the scheduled probes at step 0 only, unless ``schedule``)."""
     torch.manual_seed(seed)
     net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
-    g = torch.Generator().manual_seed(1000 + seed)
+    g = torch.Generator().manual_seed(1000 + seed if data_seed is None else data_seed)
     x = torch.randn(512, 8, generator=g)
     y = x[:, :1].sin() + torch.randn(512, 1, generator=g)  # (512, 1)
-    config = RecorderConfig(preset="cheap", schedule=Schedule(1, 10**9), online_rules=False)
+    config = RecorderConfig(
+        preset="cheap", schedule=schedule or Schedule(1, 10**9), online_rules=False
+    )
     with Recorder(net, run, config) as rec:
         for _ in range(steps):
             i = torch.randint(0, 512, (4,), generator=g)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import stabscope
+from bench import divergence_noise
 from stabscope import Recorder, RecorderConfig, Schedule
 from stabscope.rules import check_run
 
@@ -105,22 +106,8 @@ def test_ten_losses_are_enough_for_a_run_that_blew_up(tmp_path):
 def noisy_regression(run_dir, steps: int = 200) -> np.ndarray:
     """SGD (lr 0.01, momentum 0.9) on batches of 4 from targets with noise of sd 1: a healthy
     run whose level stays put while its per-batch loss wobbles (coefficient of variation
-    ~0.7, a chi-square of 4 draws)."""
-    torch.manual_seed(1)
-    net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
-    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-    g = torch.Generator().manual_seed(101)
-    x = torch.randn(512, 8, generator=g)
-    y = x[:, :1].sin() + torch.randn(512, 1, generator=g)  # (512, 1)
-    config = RecorderConfig(preset="cheap", schedule=Schedule(5, 50), online_rules=False)
-    with Recorder(net, run_dir, config) as rec:
-        for _ in range(steps):
-            i = torch.randint(0, 512, (4,), generator=g)
-            loss = (net(x[i]) - y[i]).pow(2).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            rec.step(loss)
+    ~0.7, a chi-square of 4 draws). Its losses by step."""
+    divergence_noise.train(run_dir, 1, 0.01, steps, data_seed=101, schedule=Schedule(5, 50))
     return stabscope.load_run(run_dir, metrics=["loss"]).sort_values("step").value.to_numpy(float)
 
 
