@@ -21,9 +21,11 @@ goes (a value network's) are read against their spread at the end. Judged only
   regression's loss is often far above its bar;
 - for a run with one optimizer: a GAN's or an actor-critic's step sums the losses of two
   players, each of which may end above its own bar by design;
-- over the run's last tenth (at least ``min_bar_steps`` steps with a bar), from the median
-  of loss / bar, which must clear its threshold by two standard errors of that median
-  besides (1.2533 σ / √n, σ the ratios' spread), so that noise does not decide.
+- over the run's last tenth (at least ``min_bar_steps`` steps with a bar), from the sum of
+  the losses over the sum of their bars (a ratio estimator: unbiased where a mean or median
+  of per-step ratios is not, for small batches), which must clear its threshold by two
+  standard errors of that ratio besides (the residuals loss - ratio · bar), so that noise
+  does not decide.
 
 ``loss-above-constant`` fires at ``min_ratio`` 1.05: worse than ignoring the inputs.
 ``no-better-than-constant`` fires at ``min_share`` 0.95 below that: the model explains under
@@ -53,8 +55,8 @@ from .view import Request
 
 @dataclass(frozen=True)
 class EndRatio:
-    """The median of loss / ``loss_constant`` over the last steps, two standard errors of it,
-    how many steps, the planned end and the last step with a finite loss."""
+    """Σ loss / Σ ``loss_constant`` over the last steps, two standard errors of it, how many
+    steps, the planned end and the last step with a finite loss."""
 
     ratio: float
     noise: float
@@ -64,12 +66,11 @@ class EndRatio:
 
     @property
     def what(self) -> str:
-        return f"the median over its last {self.steps} steps, each against its own batch"
+        return f"its last {self.steps} steps' losses over their own batches' bars"
 
 
-#: Standard errors of the median ratio it must also clear, and a median's standard error
-#: per σ / √n (asymptotic, for Gaussian draws).
-SEMS, MEDIAN_SE = 2.0, 1.2533
+#: Standard errors of the ratio it must also clear.
+SEMS = 2.0
 
 
 def end_ratio(view: RunView, min_steps: float, min_bar_steps: float) -> EndRatio | None:
@@ -86,13 +87,19 @@ def end_ratio(view: RunView, min_steps: float, min_bar_steps: float) -> EndRatio
     bars = view.metrics("loss_constant")
     bars = bars[bars.module == RUN_MODULE].groupby("step").value.mean()
     last = loss.iloc[-max(int(min_bar_steps), len(loss) // 10) :]
-    # Each step's loss over its own step's bar: (steps,), finite and positive only.
-    ratios = (last / bars.reindex(last.index)).to_numpy(float)
-    ratios = ratios[np.isfinite(ratios) & (ratios > 0)]
-    if len(ratios) < min_bar_steps:
+    pairs = np.stack([last.to_numpy(float), bars.reindex(last.index).to_numpy(float)])
+    kept = np.isfinite(pairs).all(axis=0) & (pairs[1] > 0)
+    losses, bar = pairs[:, kept]  # (n,) each: the steps with a loss and a bar
+    n = len(losses)
+    if n < min_bar_steps:
         return None
-    noise = SEMS * MEDIAN_SE * float(np.std(ratios, ddof=1)) / math.sqrt(len(ratios))
-    return EndRatio(float(np.median(ratios)), noise, len(ratios), end[0], int(loss.index[-1]))
+    # The ratio of the sums: a mean of per-step ratios would read 1 / (a batch's variance),
+    # which is (B - 1) / (B - 3) times too large on average for batches of B; the median
+    # of the ratios reads a model that learned nothing at about 1 - 0.55 / B.
+    ratio = float(losses.sum() / bar.sum())
+    spread = float(np.sqrt(np.sum((losses - ratio * bar) ** 2) / (n - 1)))
+    noise = SEMS * spread / (math.sqrt(n) * float(bar.mean()))  # the ratio estimator's SE
+    return EndRatio(ratio, noise, n, end[0], int(loss.index[-1]))
 
 
 def _loss_above_constant(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
