@@ -24,8 +24,9 @@ script's loss; a library-mode ``rec.step(loss)`` comes too late, after the backw
   of every target value it meets; the entropy of a base rate gets the
   Miller-Madow correction (+1 / 2B nats where the rate is not 0 or 1), the plug-in
   entropy's bias (Miller 1955);
-- it is put in the loss's own units: the loss times constant / model, both read from the
-  same saved tensors under the loss's reduction, so ``loss / k`` and a sum keep their scale.
+- it is put in the loss's own units: under the loss's own reduction it is; through a
+  scaling (``loss / k``) it is the loss times constant / model, both read from the same saved
+  tensors, so the scale is kept without knowing it.
 
 A step's constant is the sum over its backward calls, as its loss is (drivers/zerocode/
 losses.py): a step any of whose calls could not be read has none. It is the run's
@@ -56,23 +57,26 @@ def constant_loss(loss: torch.Tensor) -> torch.Tensor | None:
     ``loss`` is not one mean squared error or binary cross-entropy times constants, its
     batch has fewer than 2 rows, or its graph's saved tensors are already freed."""
     node = getattr(loss, "grad_fn", None)
+    scaled = False
     for _ in range(MAX_SCALINGS):
         if node is None or type(node).__name__ not in SCALINGS:
             break
         children = [c for c, _ in node.next_functions if c is not None]
         if len(children) != 1:
             return None  # a product of two graphs, not a scaling
-        node = children[0]
+        node, scaled = children[0], True
     read = _READERS.get(type(node).__name__)
     if read is None:
         return None
     try:
-        pair = read(node)
+        pair = read(node, scaled)
     except (RuntimeError, AttributeError):  # freed by a backward, or another torch's node
         return None
     if pair is None:
         return None
     constant, model = pair
+    if model is None:  # the loss is the loss function's own value: already in its units
+        return torch.where(torch.isfinite(constant), constant, math.nan)
     value = loss.detach().reshape(()).float() * (constant / model)
     # A perfect fit (model 0) or a non-finite read is NaN: that step is left out.
     return torch.where(torch.isfinite(value) & (model > 0), value, math.nan)
@@ -94,7 +98,7 @@ def _reduce(values: torch.Tensor, reduction: int) -> torch.Tensor:
     return values.mean() if reduction == 1 else values.sum()
 
 
-def _mse(node: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _mse(node: Any, scaled: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     saved = _saved(node, same_shape=False)
     if saved is None:
         return None
@@ -109,8 +113,9 @@ def _mse(node: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
     centred = target - target.mean(dim=dims, keepdim=True)
     # Bessel's correction: the unbiased estimate of what the population's mean scores.
     constant = _reduce(centred.square(), reduction) * (draws / (draws - 1))
-    model = _reduce((output - target).square(), reduction)
-    return constant, model
+    if not scaled:
+        return constant, None
+    return constant, _reduce((output - target).square(), reduction)
 
 
 def _constant_dims(output: torch.Tensor, target: torch.Tensor) -> list[int]:
@@ -137,7 +142,7 @@ def _constant_dims(output: torch.Tensor, target: torch.Tensor) -> list[int]:
     return sorted(dims)
 
 
-def _bce(node: Any, logits: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _bce(node: Any, logits: bool, scaled: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     if getattr(node, "_saved_weight", None) is not None:
         return None  # per-element or per-class weights move the bar
     if logits and getattr(node, "_saved_pos_weight", None) is not None:
@@ -153,6 +158,8 @@ def _bce(node: Any, logits: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
     mixed = (rate > 0) & (rate < 1)
     entropy = entropy + mixed.float() / (2 * rows)
     constant = _reduce(entropy.expand_as(target), reduction)
+    if not scaled:
+        return constant, None
     if logits:
         model = F.binary_cross_entropy_with_logits(output, target, reduction="none")
     else:
@@ -162,6 +169,6 @@ def _bce(node: Any, logits: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 _READERS: dict[str, Any] = {
     "MseLossBackward0": _mse,
-    "BinaryCrossEntropyWithLogitsBackward0": lambda node: _bce(node, logits=True),
-    "BinaryCrossEntropyBackward0": lambda node: _bce(node, logits=False),
+    "BinaryCrossEntropyWithLogitsBackward0": lambda node, scaled: _bce(node, True, scaled),
+    "BinaryCrossEntropyBackward0": lambda node, scaled: _bce(node, False, scaled),
 }
