@@ -247,7 +247,8 @@ def profile_script(
             # A NaN loss is data: backward and the optimizer run as they would in training.
             # The optimizer and scheduler are the script's (its own classes, its arguments):
             # an error there is reported as one line, like one in loss or batches.
-            constant = constant_loss(loss)  # before backward frees the targets it saved
+            rec.note_loss_function(loss)  # once, before backward frees what it saved
+            constant = constant_loss(loss)
             if constant is not None:
                 rec.note_constant_loss(constant)
             loss.backward()

@@ -56,15 +56,10 @@ def constant_loss(loss: torch.Tensor) -> torch.Tensor | None:
     loss's own targets, in its units, as a 0-d float32 tensor on its device; None where
     ``loss`` is not one mean squared error or binary cross-entropy times constants, its
     batch has fewer than 2 rows, or its graph's saved tensors are already freed."""
-    node = getattr(loss, "grad_fn", None)
-    scaled = False
-    for _ in range(MAX_SCALINGS):
-        if node is None or type(node).__name__ not in SCALINGS:
-            break
-        children = [c for c, _ in node.next_functions if c is not None]
-        if len(children) != 1:
-            return None  # a product of two graphs, not a scaling
-        node, scaled = children[0], True
+    found = loss_node(loss)
+    if found is None:
+        return None
+    node, scaled = found
     read = _READERS.get(type(node).__name__)
     if read is None:
         return None
@@ -80,6 +75,21 @@ def constant_loss(loss: torch.Tensor) -> torch.Tensor | None:
     value = loss.detach().reshape(()).float() * (constant / model)
     # A perfect fit (model 0) or a non-finite read is NaN: that step is left out.
     return torch.where(torch.isfinite(value) & (model > 0), value, math.nan)
+
+
+def loss_node(loss: torch.Tensor) -> tuple[Any, bool] | None:
+    """The autograd node under ``loss`` past at most ``MAX_SCALINGS`` scalings by constants,
+    and whether any was passed; None where the graph is a product of two graphs there."""
+    node = getattr(loss, "grad_fn", None)
+    scaled = False
+    for _ in range(MAX_SCALINGS):
+        if node is None or type(node).__name__ not in SCALINGS:
+            break
+        children = [c for c, _ in node.next_functions if c is not None]
+        if len(children) != 1:
+            return None  # a product of two graphs, not a scaling
+        node, scaled = children[0], True
+    return node, scaled
 
 
 def _saved(node: Any, same_shape: bool = True) -> tuple[torch.Tensor, torch.Tensor, int] | None:
@@ -120,26 +130,27 @@ def _mse(node: Any, scaled: bool) -> tuple[torch.Tensor, torch.Tensor | None] | 
 
 def _constant_dims(output: torch.Tensor, target: torch.Tensor) -> list[int]:
     """The dims a constant prediction is the same along: the batch (dim 0), and, where
-    ``mse_loss`` broadcast its inputs, every dim along which the output was expanded.
+    ``mse_loss`` broadcast its inputs, every dim along which the output was expanded."""
+    return sorted({0, *broadcast_dims(output, target)[0]})
+
+
+def broadcast_dims(output: torch.Tensor, target: torch.Tensor) -> tuple[list[int], list[int]]:
+    """(the dims along which the output was expanded, those along which the target was) of
+    two tensors a loss broadcast to one shape and saved; both empty where neither was.
 
     Autograd saves the broadcast tensors: an output ``(B, 1)`` against a target ``(B,)`` is
     saved as two ``(B, B)`` tensors, the output's expanded (stride 0) along dim 1, the
     target's along dim 0. A cast under autocast copies the output, so where the target
-    shows a broadcast the output's dims are also checked by value (one host sync, only in
-    this case)."""
-    dims = {0}
-    expanded = [d for d in range(target.dim()) if target.shape[d] > 1]
-    out_zero = {d for d in expanded if output.stride(d) == 0}
-    tgt_zero = {d for d in expanded if target.stride(d) == 0}
-    if not out_zero and not tgt_zero:
-        return [0]
-    dims |= out_zero
-    for d in expanded:
-        if d not in dims and d not in tgt_zero:
-            first = output.narrow(d, 0, 1)
-            if bool((output == first).all()):
-                dims.add(d)
-    return sorted(dims)
+    shows a broadcast the output's other dims are also checked by value (one host sync,
+    only in this case)."""
+    sized = [d for d in range(target.dim()) if target.shape[d] > 1]
+    out = [d for d in sized if output.stride(d) == 0]
+    tgt = [d for d in sized if target.stride(d) == 0]
+    if tgt:
+        for d in sized:
+            if d not in out and d not in tgt and bool((output == output.narrow(d, 0, 1)).all()):
+                out.append(d)
+    return sorted(out), tgt
 
 
 def _bce(node: Any, logits: bool, scaled: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:

@@ -43,6 +43,7 @@ from .distributed import rank as _rank
 from .hooks import ModuleHooks
 from .lifecycle import RunLifecycle
 from .live import LiveBridge, live_targets
+from .loss_broadcast import loss_broadcast
 from .loss_function import UNKNOWN, loss_function
 from .losses import PendingLosses, nonfinite_on_host
 from .lr_plan import LrPlanner
@@ -217,6 +218,9 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
         the first backward, before any scaling or division; ``step(loss)`` the step's."""
         if "loss_function" in self.meta or getattr(loss, "grad_fn", None) is None:
             return
+        broadcast = loss_broadcast(loss)  # where the graph still holds what it saved
+        if broadcast is not None:
+            self.meta["loss_broadcast"] = broadcast
         read = loss_function(loss)
         if read is not None:  # always, for a loss with a graph
             self.meta["loss_function"], classes = read

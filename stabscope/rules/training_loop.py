@@ -8,6 +8,13 @@ steps grow with t: measured on an MLP, GPT-2 and a GRU, the total gradient norm 
 within 30 steps and the loss 2-14x the trivial predictor's by step 300, where the same loops
 with ``zero_grad`` learned. It is read exactly, at the first step it happens, so it is an
 error at once: no other signal shows it that early, and nothing but the bug makes it.
+
+``loss-broadcast``: a regression loss compared every output with every target (meta.json
+``loss_broadcast``, record/loss_broadcast.py): an output of shape ``(B, 1)`` against targets
+of shape ``(B,)`` is broadcast to ``(B, B)``, so the loss is minimised by predicting the
+batch's mean for every input whatever the model learns. Read from the first loss's graph, an
+error from the first step: the loss falls at first (the outputs move to the targets' mean)
+and then stays at their variance, which a rule on the loss sees only at the end.
 """
 
 from __future__ import annotations
@@ -52,4 +59,37 @@ NOT_ZEROED = Rule(
     reads=(Request(("grad_not_zeroed",)),),
 )
 
-RULES = [NOT_ZEROED]
+
+def _broadcast(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
+    read = view.meta.doc.get("loss_broadcast")
+    if not isinstance(read, dict):
+        return
+    shape = "x".join(str(n) for n in read.get("shape", []))
+    out, tgt = read.get("output_dims", []), read.get("target_dims", [])
+    yield finding(
+        BROADCAST,
+        "error",
+        f"{read.get('function', 'the loss')} compared every output with every target: its "
+        f"inputs were broadcast to {shape}, the outputs repeated along dim "
+        f"{', '.join(map(str, out))} and the targets along dim {', '.join(map(str, tgt))}; "
+        "the model can do no better than predict the batch's mean target for every input",
+        module=None,
+        step=0,
+        value=1.0,
+        metric="loss",
+        remedy="give the output and the target the same shape: `output.squeeze(-1)` against "
+        "targets of shape (B,), or `target.unsqueeze(-1)` against outputs of shape (B, 1) "
+        "(PyTorch warns: 'Using a target size that is different to the input size')",
+    )
+
+
+BROADCAST = Rule(
+    "loss-broadcast",
+    "A regression loss that compares every output with every target",
+    "",  # no paper: torch's broadcasting semantics
+    (),  # a meta.json entry written only when it happens
+    {},
+    _broadcast,
+)
+
+RULES = [NOT_ZEROED, BROADCAST]

@@ -227,6 +227,15 @@ META = Record(
         "model_type": MAYBE_STR,
         "loss_function": STR,
         "loss_classes": INT,
+        "loss_broadcast": Record(
+            {
+                "function": STR,
+                "shape": ListOf(INT),
+                "output_dims": ListOf(INT),
+                "target_dims": ListOf(INT),
+            },
+            required=("function", "shape", "output_dims", "target_dims"),
+        ),
         "modules": ListOf(MODULE),
         "parameters": ListOf(PARAMETER),
         "parts": INT,
