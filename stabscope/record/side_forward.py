@@ -32,7 +32,8 @@ from torch import nn
 def side_forward(*models: nn.Module, keep_modes: bool = False) -> Iterator[None]:
     """Run the body with every submodule of ``models`` in eval mode (``keep_modes``: in the
     modes they are in, e.g. to replay a training forward); afterwards each module's
-    ``training`` flag, the RNG states and the buffers are what they were before."""
+    ``training`` flag, the RNG states, the buffers and the weights of embeddings that
+    renormalise in forward (``max_norm``) are what they were before."""
     modules = list({id(m): m for model in models for m in model.modules()}.values())
     flags = [m.training for m in modules]
     # (module, name, tensor, version, copy): every buffer, to give back by identity and value.
@@ -42,6 +43,13 @@ def side_forward(*models: nn.Module, keep_modes: bool = False) -> Iterator[None]
         for m in modules
         for name, b in m._buffers.items()
         if isinstance(b, torch.Tensor)
+    ]
+    # An embedding with ``max_norm`` renormalises the rows it looks up in place, in forward
+    # (``torch.embedding_renorm_``): its weight is given back too, where it changed.
+    renormed = [
+        (m.weight, m.weight._version, m.weight.detach().clone())
+        for m in modules
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None
     ]
     py_state, np_state = random.getstate(), np.random.get_state()
     try:
@@ -58,6 +66,9 @@ def side_forward(*models: nn.Module, keep_modes: bool = False) -> Iterator[None]
                     m._buffers[name] = b
                 if version is not None and b._version != version:
                     b.copy_(saved)
+            for weight, version, saved in renormed:
+                if weight._version != version:
+                    weight.copy_(saved)
         random.setstate(py_state)
         np.random.set_state(np_state)
 
