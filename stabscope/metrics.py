@@ -58,7 +58,8 @@ METRICS: tuple[Metric, ...] = (
     Metric("loss", "the step's loss, every step, recorded or not",
            "the loss's own (nats for cross-entropy)", "run", "recorder", "cheap"),
     Metric("loss_constant", "the loss a constant prediction (the targets' batch mean) scores on "
-           "the step's own targets, for a loss that is one mse_loss or binary cross-entropy "
+           "the step's own targets, for a loss that is one mse_loss, binary cross-entropy or "
+           "cross-entropy "
            "(stabscope profile, every step)", "the loss's own", "run", "recorder", "cheap",
            worse="none"),
     Metric("lr", "the lr a param group's optimizer.step() used (index = group)", "learning rate",

@@ -8,6 +8,7 @@ rate, against the same script on standardised targets, and on two optimizers."""
 
 from __future__ import annotations
 
+import math
 import statistics
 import warnings
 
@@ -15,6 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from stabscope.drivers.zerocode import profile_training_script
+from stabscope.record.config import RecorderConfig
 from stabscope.record.constant_loss import constant_loss
 from stabscope.rules import check_run
 from stabscope.store import RUN_MODULE
@@ -195,3 +198,68 @@ def test_a_model_scripts_loss_gets_its_bar_too(tmp_path):
         expected.append(y.var(0, correction=1).mean().item())
     got = values(run, RUN_MODULE, "loss_constant")
     assert got.value.tolist() == pytest.approx(expected, rel=1e-5)
+
+
+def test_cross_entropy_bar_is_the_entropy_of_the_batchs_labels():
+    """A contrastive loss over the batch (each row's positive its own column): exactly ln N.
+    A classifier: the loss of predicting the batch's label frequencies (computed here with
+    nll_loss of their logs) plus the Miller-Madow correction, ignored rows left out. A batch
+    with fewer than 5 rows per label seen reads nothing."""
+    torch.manual_seed(0)
+    sims = torch.randn(16, 16, requires_grad=True)
+    assert constant_loss(F.cross_entropy(sims, torch.arange(16))).item() == pytest.approx(
+        math.log(16)
+    )
+    logits = torch.randn(64, 4, requires_grad=True)
+    labels = torch.randint(4, (64,))
+    labels[:5] = -100
+    kept = labels[labels >= 0]
+    rate = torch.bincount(kept, minlength=4).float() / len(kept)  # (4,)
+    frequencies = rate.log().expand(len(kept), 4)
+    reference = F.nll_loss(frequencies, kept).item() + (4 - 1) / (2 * len(kept))
+    assert constant_loss(F.cross_entropy(logits, labels)).item() == pytest.approx(reference)
+    halved = F.cross_entropy(logits, labels) / 2
+    assert constant_loss(halved).item() == pytest.approx(reference / 2, rel=1e-5)
+    rare = F.cross_entropy(torch.randn(20, 100, requires_grad=True), torch.randint(100, (20,)))
+    assert math.isnan(constant_loss(rare).item())
+
+
+CONTRASTIVE = """
+import sys
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+torch.manual_seed(0)
+query, doc = nn.Linear(8, 16), nn.Linear(8, 16)
+opt = torch.optim.Adam([*query.parameters(), *doc.parameters()], lr=1e-2)
+broken = sys.argv[1] == "broken"
+g = torch.Generator().manual_seed(1)
+for step in range(120):
+    x = torch.randn(32, 8, generator=g)
+    pair = x + 0.3 * torch.randn(32, 8, generator=g)  # each row's positive
+    if broken:  # the query tower re-initialised every step: nothing it learns is kept
+        query.reset_parameters()
+    sims = F.normalize(query(x), dim=1) @ F.normalize(doc(pair), dim=1).T / 0.1  # (32, 32)
+    loss = F.cross_entropy(sims, torch.arange(32))
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+"""
+
+
+@pytest.mark.parametrize("variant", ["broken", "healthy"])
+def test_a_contrastive_model_that_keeps_nothing_ends_at_ln_of_its_batch(tmp_path, variant):
+    script = tmp_path / "towers.py"
+    script.write_text(CONTRASTIVE)
+    run = tmp_path / variant
+    profile_training_script(script, [variant], run, RecorderConfig(), budget=120)
+    bars = values(run, RUN_MODULE, "loss_constant").value
+    assert len(bars) == 120 and bars.to_numpy() == pytest.approx(math.log(32))
+    rules = {"no-better-than-constant", "loss-above-constant"}
+    found = [f for f in check_run(run).findings if f.rule in rules]
+    if variant == "broken":  # random similarities at temperature 0.1: confidently wrong
+        (error,) = found
+        assert error.rule == "loss-above-constant" and error.value > 1.05
+    else:
+        assert found == []

@@ -1,18 +1,20 @@
 """The loss a constant prediction scores on a step's own targets: the bar a regression or a
-binary classifier has to get under (the run's ``loss_constant``, every step).
+classifier has to get under (the run's ``loss_constant``, every step).
 
 A model that outputs the same value for every input, the targets' mean, scores the targets'
-variance under a mean squared error, and the entropy of each label's base rate under a binary
-cross-entropy. Any model with an output bias can learn that constant, so a trained model
-whose loss ends above it has learned less than nothing (rule ``loss-above-constant``). The
-softmax cross-entropy has such a bar by definition (ln V, ``loss-above-uniform``); these
-losses need the targets, and the targets are in the loss's autograd graph only until its
-backward frees what it saved. So the loss of each backward call is read here just before
-its backward runs (by ``stabscope profile``: a training script's backward calls, a model
-script's loss; a library-mode ``rec.step(loss)`` comes too late, after the backward):
+variance under a mean squared error, the entropy of each label's base rate under a binary
+cross-entropy, and the entropy of the labels' frequencies under a cross-entropy. Any model
+with an output bias can learn that constant, so a trained model whose loss ends above it has
+learned less than nothing (rule ``loss-above-constant``). The softmax cross-entropy has such
+a bar by definition (ln V, ``loss-above-uniform``); these losses need the targets, and the
+targets are in the loss's autograd graph only until its backward frees what it saved. So the
+loss of each backward call is read here just before its backward runs (by ``stabscope
+profile``: a training script's backward calls, a model script's loss; a library-mode
+``rec.step(loss)`` comes too late, after the backward):
 
-- the loss must be one ``mse_loss`` or ``binary_cross_entropy(_with_logits)`` (a mean or a
-  sum over its elements, without per-element or per-class weights), times constants: an
+- the loss must be one ``mse_loss``, ``binary_cross_entropy(_with_logits)`` or
+  ``cross_entropy`` (``nll_loss``; a mean or a sum over its elements, without per-element or
+  per-class weights, label smoothing or soft targets), times constants: an
   accumulation's ``loss / k``, a scale. A sum of several terms (a VAE's reconstruction plus
   its KL, a classifier plus an auxiliary loss) has no such bar and is not read;
 - the constant is the per-output mean over the batch (dim 0): for outputs of shape
@@ -44,6 +46,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+#: Rows per label seen, at least, for a batch's label entropy to stand for the constant.
+SAMPLED = 5
 #: Nodes that only multiply or divide the loss by a constant (one input with a graph).
 SCALINGS = frozenset({"MulBackward0", "DivBackward0"})
 #: How many scalings between the loss and its loss function are followed.
@@ -178,7 +182,46 @@ def _bce(node: Any, logits: bool, scaled: bool) -> tuple[torch.Tensor, torch.Ten
     return constant, _reduce(model, reduction)
 
 
+def _nll(node: Any, scaled: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """A cross-entropy (``nll_loss`` of log-probabilities): the best constant prediction
+    is the batch's label frequencies, scoring their entropy. Read only where that estimate
+    is sound, decided on the device (no host sync): every candidate the target of exactly
+    one row (a contrastive loss over the batch, InfoNCE: exactly ln N), or at least
+    ``SAMPLED`` rows per label seen (the plug-in entropy with the Miller-Madow correction);
+    a language model's thousands of rare tokens in one batch would read far too low."""
+    if getattr(node, "_saved_weight", None) is not None:
+        return None  # class weights move the bar
+    reduction = int(node._saved_reduction)
+    if reduction not in _MEAN_REDUCTIONS:
+        return None
+    logp, target = node._saved_self.detach(), node._saved_target.detach()
+    ignore = int(node._saved_ignore_index)
+    if ignore >= 2**63:  # a negative index comes back as its unsigned 64-bit value
+        ignore -= 2**64
+    classes = int(logp.shape[1] if logp.dim() > 1 else logp.shape[0])
+    labels = target.reshape(-1)
+    valid = (labels != ignore).float()
+    counts = torch.bincount(labels.clamp(0, classes - 1), weights=valid, minlength=classes)
+    rows = counts.sum()
+    seen = (counts > 0).sum()
+    rate = counts / rows.clamp(min=1)
+    plug_in = -torch.xlogy(rate, rate).sum() + (seen - 1) / (2 * rows.clamp(min=1))
+    exact = (rows == classes) & (counts == 1).all()
+    entropy = torch.where(
+        exact, rows.clamp(min=1).log(), torch.where(rows >= SAMPLED * seen, plug_in, math.nan)
+    )
+    constant = entropy if reduction == 1 else entropy * rows
+    if not scaled:
+        return constant, None
+    model = F.nll_loss(
+        logp.float(), target, ignore_index=ignore, reduction="mean" if reduction == 1 else "sum"
+    )
+    return constant, model
+
+
 _READERS: dict[str, Any] = {
+    "NllLossBackward0": _nll,
+    "NllLoss2DBackward0": _nll,
     "MseLossBackward0": _mse,
     "BinaryCrossEntropyWithLogitsBackward0": lambda node, scaled: _bce(node, True, scaled),
     "BinaryCrossEntropyBackward0": lambda node, scaled: _bce(node, False, scaled),

@@ -234,7 +234,8 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
         self._step_constant = value.detach().reshape(1).float()
 
     def _decode_constant(self, values: np.ndarray, rows: Rows, step: int) -> None:
-        rows.emit("train", self._run_code, 0, "loss_constant", values[0], step=step)
+        if np.isfinite(values[0]):  # NaN: this step's bar could not be read (no row)
+            rows.emit("train", self._run_code, 0, "loss_constant", values[0], step=step)
 
     def _read_loss_function(self, loss: torch.Tensor | float) -> None:
         """The first step's loss: its loss function from its graph, or ``unknown`` where it

@@ -1,10 +1,11 @@
-"""Rules ``loss-above-constant`` and ``no-better-than-constant``: a regression or binary
-classifier that reached its planned end with a loss above that of a constant prediction of
-its targets, or within 5% of it.
+"""Rules ``loss-above-constant`` and ``no-better-than-constant``: a regression or classifier
+that reached its planned end with a loss above that of a constant prediction of its targets,
+or within 5% of it.
 
 A model that outputs the targets' mean for every input scores their variance under a mean
 squared error (the mean is the constant that minimises it), and the entropy of each label's
-base rate under a binary cross-entropy (Cover and Thomas 2006, ch. 2; the plug-in entropy's
+base rate under a binary cross-entropy, and that of the labels' frequencies under a
+cross-entropy (Cover and Thomas 2006, ch. 2; the plug-in entropy's
 bias that the bar corrects: Miller 1955). A model with an
 output bias can learn that constant in a few steps, so one whose loss ends above it does
 worse than ignoring its inputs: targets left in raw units (a mean of 250 against outputs
@@ -152,7 +153,7 @@ def _no_better_than_constant(view: RunView, p: dict[str, float]) -> Iterator[Fin
 
 LOSS_ABOVE_CONSTANT = Rule(
     "loss-above-constant",
-    "A regression's or binary classifier's loss above a constant prediction's, at the end",
+    "A regression's or classifier's loss above a constant prediction's, at the end",
     f"{COVER_THOMAS}; Miller 1955, Note on the bias of information estimates",
     ("loss",),
     {"min_ratio": 1.05, "min_steps": 100, "min_bar_steps": 16},
@@ -163,7 +164,7 @@ LOSS_ABOVE_CONSTANT = Rule(
 
 NO_BETTER_THAN_CONSTANT = Rule(
     "no-better-than-constant",
-    "A regression's or binary classifier's loss no better than a constant prediction's",
+    "A regression's or classifier's loss no better than a constant prediction's",
     COVER_THOMAS,
     ("loss",),
     {"min_share": 0.95, "min_steps": 100, "min_bar_steps": 16},
