@@ -26,12 +26,14 @@ from tests.scripts.harness import record, values
 from tests.test_cli import invoke
 
 
-def test_mse_bar_is_the_loss_of_predicting_the_batch_mean():
+def test_mse_bar_is_the_loss_of_predicting_the_targets_mean():
+    """One constant for every element (which dim is the batch is not known): the targets'
+    mean, its loss Bessel-corrected over the 30 values."""
     torch.manual_seed(0)
     out = torch.randn(10, 3, requires_grad=True)
     target = 5 + 2 * torch.randn(10, 3)
-    mean_prediction = target.mean(0, keepdim=True).expand_as(target)
-    reference = F.mse_loss(mean_prediction, target).item() * 10 / 9  # Bessel: B / (B - 1)
+    mean_prediction = target.mean().expand_as(target)
+    reference = F.mse_loss(mean_prediction, target).item() * 30 / 29
     loss = F.mse_loss(out, target)
     assert constant_loss(loss).item() == pytest.approx(reference, rel=1e-5)
     # In the loss's units: an accumulation's loss / 4, a sum over the elements.
@@ -71,6 +73,18 @@ def test_bce_bar_is_the_entropy_of_each_labels_base_rate():
     assert constant_loss(probs).item() == pytest.approx(reference, rel=1e-5)
 
 
+def test_soft_binary_targets_read_no_bar():
+    """A teacher's probabilities or smoothed labels carry their own entropy, a floor no
+    model goes below: the bar of hard labels would call a perfect student no better than
+    a constant."""
+    logits = torch.randn(16, 3, requires_grad=True)
+    hard = (torch.rand(16, 3) < 0.3).float()
+    for soft in (torch.rand(16, 3), hard * 0.9 + 0.05):
+        loss = F.binary_cross_entropy_with_logits(logits, soft)
+        assert math.isnan(constant_loss(loss).item())
+    assert math.isfinite(constant_loss(F.binary_cross_entropy_with_logits(logits, hard)).item())
+
+
 def test_losses_without_such_a_bar_read_nothing():
     out = torch.randn(8, 2, requires_grad=True)
     target = torch.randn(8, 2)
@@ -78,7 +92,7 @@ def test_losses_without_such_a_bar_read_nothing():
     assert constant_loss(F.mse_loss(out, target) + out.square().mean()) is None  # two terms
     assert constant_loss(F.l1_loss(out, target)) is None
     assert constant_loss(F.binary_cross_entropy_with_logits(out, labels, weight=labels)) is None
-    assert constant_loss(F.mse_loss(out[:1], target[:1])) is None  # one row: no spread
+    assert constant_loss(F.mse_loss(out[:1, :1], target[:1, :1])) is None  # one value
     freed = F.mse_loss(out, target)
     freed.backward()
     assert constant_loss(freed) is None  # backward freed the saved targets
@@ -94,9 +108,9 @@ def test_every_step_holds_its_bar_with_accumulation(tmp_path):
         bars = []
         for micro in range(2):
             target = teacher(train_mlp.batch(step, micro))  # (B, T, D)
-            mean = target.mean(0, keepdim=True).expand_as(target)
-            b = target.shape[0]
-            bars.append(F.mse_loss(mean, target).item() * b / (b - 1) / 2)
+            mean = target.mean().expand_as(target)
+            n = target.numel()
+            bars.append(F.mse_loss(mean, target).item() * n / (n - 1) / 2)
         expected.append(sum(bars))
     got = values(run, RUN_MODULE, "loss_constant")
     assert list(got.step) == list(range(12))
@@ -195,7 +209,7 @@ def test_a_model_scripts_loss_gets_its_bar_too(tmp_path):
     for _ in range(6):
         torch.randn(16, 3, generator=g)
         y = 10 + 3 * torch.randn(16, 2, generator=g)  # (B, 2)
-        expected.append(y.var(0, correction=1).mean().item())
+        expected.append(y.var(correction=1).item())
     got = values(run, RUN_MODULE, "loss_constant")
     assert got.value.tolist() == pytest.approx(expected, rel=1e-5)
 

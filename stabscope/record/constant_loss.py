@@ -17,15 +17,16 @@ profile``: a training script's backward calls, a model script's loss; a library-
   per-class weights, label smoothing or soft targets), times constants: an
   accumulation's ``loss / k``, a scale. A sum of several terms (a VAE's reconstruction plus
   its KL, a classifier plus an auxiliary loss) has no such bar and is not read;
-- the constant is the per-output mean over the batch (dim 0): for outputs of shape
-  ``(B, ...)`` a constant of shape ``(...)``, which a model can learn whatever it is fed.
-  Its squared error is the batch variance with Bessel's correction (B - 1), the unbiased
-  estimate of what the population mean scores. A mean squared error that broadcasts its
-  output against its target (an output ``(B, 1)`` against a target ``(B,)`` is read over
-  ``(B, B)``, a classic bug) is read over the same broadcast, where the constant is the mean
-  of every target value it meets; the entropy of a base rate gets the
-  Miller-Madow correction (+1 / 2B nats where the rate is not 0 or 1), the plug-in
-  entropy's bias (Miller 1955);
+- for a mean squared error the constant is one value for every element, the targets' mean:
+  which dim is the batch is not known (an LSTM's default layout puts time first, and a mean
+  over time would use the future). Its squared error is the targets' variance with Bessel's
+  correction, the unbiased estimate of what the population's mean scores. A mean squared
+  error that broadcasts its output against its target (an output ``(B, 1)`` against a
+  target ``(B,)`` is read over ``(B, B)``, a classic bug) counts each target once;
+- for a binary cross-entropy the constant is each label's rate over the batch (dim 0),
+  with the Miller-Madow correction (+1 / 2B nats where the rate is not 0 or 1), the
+  plug-in entropy's bias (Miller 1955); soft targets (label smoothing, a teacher's
+  probabilities) are not read: their own entropy is a floor no model goes below;
 - it is put in the loss's own units: under the loss's own reduction it is; through a
   scaling (``loss / k``) it is the loss times constant / model, both read from the same saved
   tensors, so the scale is kept without knowing it.
@@ -119,23 +120,19 @@ def _mse(node: Any, scaled: bool) -> tuple[torch.Tensor, torch.Tensor | None] | 
     output, target, reduction = saved
     if target.shape != output.shape or target.dim() == 0:
         return None
-    dims = _constant_dims(output, target)
-    # The target values each constant is fit to: its own extent along those dims.
-    draws = math.prod(target.shape[d] for d in dims if target.stride(d) != 0)
+    # One constant for every element: which dim is the batch is not known (an LSTM's
+    # default layout puts time first, and a mean over time would use the future), and a
+    # per-output constant is finer than the model may be able to learn from the stream.
+    # Bessel's correction over the distinct target values (a broadcast repeats them).
+    draws = math.prod(n for n, stride in zip(target.shape, target.stride()) if stride != 0)
     if draws < 2:
         return None
-    centred = target - target.mean(dim=dims, keepdim=True)
+    centred = target - target.mean()
     # Bessel's correction: the unbiased estimate of what the population's mean scores.
     constant = _reduce(centred.square(), reduction) * (draws / (draws - 1))
     if not scaled:
         return constant, None
     return constant, _reduce((output - target).square(), reduction)
-
-
-def _constant_dims(output: torch.Tensor, target: torch.Tensor) -> list[int]:
-    """The dims a constant prediction is the same along: the batch (dim 0), and, where
-    ``mse_loss`` broadcast its inputs, every dim along which the output was expanded."""
-    return sorted({0, *broadcast_dims(output, target)[0]})
 
 
 def broadcast_dims(output: torch.Tensor, target: torch.Tensor) -> tuple[list[int], list[int]]:
@@ -144,13 +141,14 @@ def broadcast_dims(output: torch.Tensor, target: torch.Tensor) -> tuple[list[int
 
     Autograd saves the broadcast tensors: an output ``(B, 1)`` against a target ``(B,)`` is
     saved as two ``(B, B)`` tensors, the output's expanded (stride 0) along dim 1, the
-    target's along dim 0. A cast under autocast copies the output, so where the target
-    shows a broadcast the output's other dims are also checked by value (one host sync,
-    only in this case)."""
+    target's along dim 0. A cast under autocast copies the output, so where the target is
+    expanded along the batch dim the output's other dims are also checked by value (one
+    host sync, only in this case; a per-row target spread over a row's positions, ``(B, 1)``
+    against ``(B, T)``, is read from strides alone)."""
     sized = [d for d in range(target.dim()) if target.shape[d] > 1]
     out = [d for d in sized if output.stride(d) == 0]
     tgt = [d for d in sized if target.stride(d) == 0]
-    if tgt:
+    if 0 in tgt:  # the same targets for every row: the (B, 1) against (B,) case
         for d in sized:
             if d not in out and d not in tgt and bool((output == output.narrow(d, 0, 1)).all()):
                 out.append(d)
@@ -166,13 +164,16 @@ def _bce(node: Any, logits: bool, scaled: bool) -> tuple[torch.Tensor, torch.Ten
     if saved is None:
         return None
     output, target, reduction = saved
+    # Soft targets (label smoothing, a teacher's probabilities) carry their own entropy,
+    # which no model goes below: no bar is read for them (NaN, decided on the device).
+    hard = ((target == 0) | (target == 1)).all()
     rows = target.shape[0]
     rate = target.mean(dim=0, keepdim=True).clamp(0.0, 1.0)  # (1, ...): each label's rate
     entropy = -(torch.xlogy(rate, rate) + torch.xlogy(1 - rate, 1 - rate))
     # Miller-Madow: the plug-in entropy of a rate seen in B draws is low by about 1 / 2B.
     mixed = (rate > 0) & (rate < 1)
     entropy = entropy + mixed.float() / (2 * rows)
-    constant = _reduce(entropy.expand_as(target), reduction)
+    constant = torch.where(hard, _reduce(entropy.expand_as(target), reduction), math.nan)
     if not scaled:
         return constant, None
     if logits:

@@ -7,8 +7,11 @@ batch, so the best the model can do is predict the batch's mean for every input.
 warns ("Using a target size that is different to the input size"), once, among a script's
 other output, and the run trains on. The saved tensors show it: the output is expanded
 along one dim and the target along another (record/constant_loss.py's ``broadcast_dims``),
-a cross product. A one-sided broadcast (every output against one target vector) is not
-reported: it can be meant.
+a cross product: the targets repeated along the batch dim, the outputs along another, and
+the outputs differing from row to row. A one-sided broadcast (every output against one
+target vector, or a per-row target against every position of its row) is not reported: it
+can be meant; nor an output that is the same for every row (a zero-initialised head), whose
+broadcast cannot be told from its values.
 """
 
 from __future__ import annotations
@@ -44,7 +47,12 @@ def loss_broadcast(loss: torch.Tensor) -> dict[str, Any] | None:
         return None
     if output.shape != target.shape:
         return None
-    out, tgt = broadcast_dims(output.detach(), target.detach())
-    if not out or not tgt:
+    output = output.detach()
+    out, tgt = broadcast_dims(output, target.detach())
+    # A cross product: the targets repeated along the batch, the outputs along another dim,
+    # and the outputs differ from row to row (a zero-initialised head is the same for all).
+    if 0 not in tgt or not out or set(out) & set(tgt):
+        return None
+    if bool((output == output.narrow(0, 0, 1)).all()):
         return None
     return {"function": name, "shape": list(target.shape), "output_dims": out, "target_dims": tgt}

@@ -26,7 +26,6 @@ class OptimizerWatch:
         self.param_ids = param_ids
         self.planner = planner
         self._owned = WeakOptimizers()
-        self._adopted = WeakOptimizers()  # owned although they hold none of param_ids
         self._step_lrs: dict[int, list[float | None]] = {}
         self._planned_for: set[int] | None = None  # the optimizers the plan covers, once made
         self.settings: list[dict[str, Any]] = []  # meta.json's ``optimizers``, in owned order
@@ -42,7 +41,7 @@ class OptimizerWatch:
     def owns(self, optimizer: torch.optim.Optimizer) -> bool:
         if optimizer not in self._owned:
             ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
-            if not ids & self.param_ids and optimizer not in self._adopted:
+            if not ids & self.param_ids:
                 return False
             replaced = len(self.optimizers) < len(self.settings)  # one of them was freed
             self._owned.add(optimizer)
@@ -56,13 +55,6 @@ class OptimizerWatch:
             else:
                 self.settings.append(settings)
         return True
-
-    def adopt(self, optimizer: torch.optim.Optimizer) -> None:
-        """Own ``optimizer`` from its next step although it holds none of the model's
-        parameters: the script steps it while it trains the model (zero-code mode found
-        an optimizer left holding a stale copy's parameters). Its settings and lr are the
-        run's, and meta.json's ``stepped`` says that nothing it holds is the model's."""
-        self._adopted.add(optimizer)
 
     def holding(self) -> tuple[int, tuple[int, ...]]:
         """(how many parameters the owned optimizers' groups hold, the optimizers' ids): what

@@ -203,18 +203,6 @@ class ScriptRecording:
         params = parameter_ids(module)
         owners = self.optimizers.training(params) if params else []
         if not owners:
-            owners = self._stale_optimizers(module)
-            if owners:
-                self.notes.append(
-                    f"no optimizer holds the parameters of {type(unwrap_model(module)).__name__}, "
-                    "the module the script trains (they get gradients; the parameters the "
-                    f"{len(owners)} optimizer(s) step get none): recorded from the second call "
-                    "on, its steps ended by those optimizers' steps"
-                )
-                self._start(module, params, owners)
-                assert self.recorder is not None
-                for optimizer in owners:
-                    self.recorder.optimizer_watch.adopt(optimizer)
             return
         trained = set().union(*(trained_parameter_ids(o) for o in self.optimizers.alive()))
         if not trained <= params:
@@ -232,23 +220,6 @@ class ScriptRecording:
             params = parameter_ids(module)
             owners = self.optimizers.training(params)
         self._start(module, params, owners)
-
-    def _stale_optimizers(self, module: nn.Module) -> list[Optimizer]:
-        """The optimizers, where the script trains ``module`` but steps optimizers that hold
-        none of its parameters: after an optimizer step, ``module``'s parameters have
-        gradients and no parameter of any live optimizer has one (an optimizer built before
-        ``model = copy.deepcopy(model)``, or for a model object replaced since). Recording
-        such a model lets the rules say that nothing updates it; otherwise nothing would be
-        recorded. Empty in every other case."""
-        if self.optimizer_steps == 0:
-            return []
-        if not any(p.grad is not None for p in module.parameters() if p.requires_grad):
-            return []
-        alive = self.optimizers.alive()
-        held = (p for o in alive for group in o.param_groups for p in group["params"])
-        if not alive or any(p.grad is not None for p in held):
-            return []
-        return alive
 
     def _start(self, module: nn.Module, params: set[int], owners: list[Optimizer]) -> None:
         self.model = module
