@@ -7,14 +7,9 @@ its rows were renormalised by them and the script's losses drifted by ~1e-7 from
 from __future__ import annotations
 
 import json
-import runpy
-import textwrap
 
-import torch
-
-from stabscope.drivers.zerocode import profile_training_script
-from stabscope.drivers.zerocode.runner import as_main
 from stabscope.record.config import RecorderConfig
+from tests.scripts.harness import run_both
 
 SCRIPT = """
 import json
@@ -43,13 +38,7 @@ def losses(path) -> list[float]:
 
 
 def test_an_embedding_that_renormalises_in_forward_trains_as_without_stabscope(tmp_path):
-    script = tmp_path / "emb.py"
-    script.write_text(textwrap.dedent(SCRIPT))
-    plain, profiled = tmp_path / "plain.jsonl", tmp_path / "profiled.jsonl"
-    with as_main(script, [str(plain)]):
-        runpy.run_path(str(script), run_name="__main__")
-    torch.manual_seed(0)
     config = RecorderConfig(sharpness=True)  # extra forward passes at steps 2, 4, 8
-    profile_training_script(script, [str(profiled)], tmp_path / "run", config, budget=12)
+    plain, profiled, _ = run_both(tmp_path, SCRIPT, config, budget=12)
     assert len(losses(plain)) == 12
     assert losses(profiled) == losses(plain)

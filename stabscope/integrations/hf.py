@@ -52,6 +52,7 @@ from typing import Any
 import torch
 
 from ..record.config import RecorderConfig
+from ..record.copy_safe import NotCopied
 from ..record.probe_forward import LOSS_SHARE_KWARGS, FirstTrainingCall
 from ..record.recorder import Recorder
 from .loggers import hf_targets
@@ -80,7 +81,7 @@ def hf_plan(state: Any, scheduler: Any) -> dict[str, Any]:
     return {"schedulers": [] if scheduler is None else scheduler, "budget": budget}
 
 
-class StabscopeCallback(TrainerCallback):
+class StabscopeCallback(TrainerCallback, NotCopied):
     """Records the Trainer's model; keyword options are ``stabscope.Recorder``'s
     (``preset``, ``include``, ``exclude``, ``schedule``, ``force``, ``forward``, ...)."""
 

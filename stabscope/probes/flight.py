@@ -37,6 +37,7 @@ from torch import nn
 from ..record import grad_calls
 from ..record.collector import Collector, Rows
 from ..record.config import RecorderConfig
+from ..record.copy_safe import NotCopied
 from ..record.hook_context import compiling, in_backward, outside_modes, primary_tensor
 from ..record.module_table import unwrap_model
 from .base import BaseProbe, ProbeContext
@@ -76,7 +77,7 @@ def _no_autograd_note(names: list[str]) -> str:
     )
 
 
-class FlightRecorder(BaseProbe):
+class FlightRecorder(BaseProbe, NotCopied):
     """Every-step statistics of the blocks, stem and head, and the exact first non-finite."""
 
     stage = "every"

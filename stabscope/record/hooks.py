@@ -23,6 +23,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ..probes.moments import is_moment_tensor
 from . import grad_calls
+from .copy_safe import NotCopied
 from .hook_context import compiling, in_backward, outside_modes, primary_tensor
 
 TRAIN, EVAL = 0, 1  # phase codes; names in store.schema.PHASES
@@ -31,7 +32,7 @@ ForwardSink = Callable[[int, int, int, torch.Tensor], None]  # (phase, module, c
 GradSink = Callable[[list[tuple[int, int]], torch.Tensor], None]  # ([(module, call)], grad)
 
 
-class ModuleHooks:
+class ModuleHooks(NotCopied):
     """Forward hooks on selected modules plus tensor hooks on their outputs, per step."""
 
     def __init__(
@@ -154,7 +155,7 @@ def _training_call(module: nn.Module) -> bool:
     return torch.is_grad_enabled() and module.training and not in_backward()
 
 
-class ListenerHooks:
+class ListenerHooks(NotCopied):
     """Extra per-module hooks of the structure-aware probes, attached with the step's hooks.
 
     Listeners see training-phase calls only (eval passes and checkpoint recomputation are

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .copy_safe import NotCopied
 from .hook_context import compiling, in_backward
 
 #: call(model, *args, **kwargs): what the replay runs (default: ``model(*args, **kwargs)``)
@@ -87,7 +88,7 @@ def single_device(model: nn.Module) -> torch.device | None:
     return devices.pop() if len(devices) == 1 else None
 
 
-class FirstTrainingCall:
+class FirstTrainingCall(NotCopied):
     """A forward hook on ``model`` that hands ``on_capture`` a ``Replay`` of the first call
     made in training (train mode, gradients on, outside compiled code and backward) whose
     output ``accept`` takes, then removes itself. The captured keyword arguments leave out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import runpy
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -53,3 +54,26 @@ def values(run: Path, module: str, metric: str, phase: str = "train") -> pd.Data
 
 def rms(t: torch.Tensor) -> float:
     return t.detach().double().pow(2).mean().sqrt().item()
+
+
+def run_both(
+    tmp_path: Path, text: str, config: RecorderConfig | None = None, budget: int | None = None
+) -> tuple[Path, Path, Path]:
+    """Write ``text`` as a script that takes its log's path as its one argument, run it
+    without stabscope and then profiled (the same torch seed before each): (the plain log,
+    the profiled log, the run directory)."""
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(text))
+    plain_log, profiled_log, run = (
+        tmp_path / "plain.log",
+        tmp_path / "profiled.log",
+        tmp_path / "run",
+    )
+    torch.manual_seed(0)
+    with as_main(script, [str(plain_log)]):
+        runpy.run_path(str(script), run_name="__main__")
+    torch.manual_seed(0)
+    profile_training_script(
+        script, [str(profiled_log)], run, config or RecorderConfig(), budget=budget
+    )
+    return plain_log, profiled_log, run
