@@ -146,3 +146,23 @@ def test_output_that_holds_a_run_fails_before_the_script_starts(tmp_path):
     assert len(log_again) == 2  # the log of the first run only: the script did not start again
     with pytest.raises(RunExistsError):
         profile_training_script(MLP, ["--steps", "2"], out, RecorderConfig())
+
+
+def test_an_optimizer_left_on_a_stale_copy_is_named_in_the_hint(tmp_path):
+    """The optimizer is built, then ``model = copy.deepcopy(model)``: the loop trains the copy,
+    whose parameters no optimizer holds, so no module can be recorded; the hint names the
+    likely cause."""
+    script = tmp_path / "stale.py"
+    script.write_text(
+        "import copy, torch\n"
+        "model = torch.nn.Linear(3, 1)\n"
+        "opt = torch.optim.SGD(model.parameters(), lr=0.1)\n"
+        "model = copy.deepcopy(model)\n"
+        "for _ in range(3):\n"
+        "    loss = model(torch.ones(2, 3)).pow(2).mean()\n"
+        "    opt.zero_grad()\n"
+        "    loss.backward()\n"
+        "    opt.step()\n"
+    )
+    result = invoke("profile", script, "--out", tmp_path / "run")
+    assert_one_line_error(result, "no module it called holds", "copy.deepcopy(model)")

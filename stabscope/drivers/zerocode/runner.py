@@ -295,7 +295,8 @@ def _require_steps(recording: ScriptRecording, path: Path, ending: str) -> None:
             f"{what}{ending} after calling optimizer.step() {recording.optimizer_steps} times, "
             "but no module it called holds the optimizer's parameters: nothing was recorded",
             hint="stabscope records the first module, called from the script, whose parameters "
-            "an optimizer trains (docs/zero-code.md)",
+            "an optimizer trains (docs/zero-code.md); an optimizer built before "
+            "`model = copy.deepcopy(model)` (or a reload) holds the old model's parameters",
         )
     recording.close("failed", problem)
     raise problem
