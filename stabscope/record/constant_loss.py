@@ -47,6 +47,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .loss_function import saved_int
+
 #: Rows per label seen, at least, for a batch's label entropy to stand for the constant.
 SAMPLED = 5
 #: Nodes that only multiply or divide the loss by a constant (one input with a graph).
@@ -57,10 +59,10 @@ _MEAN_REDUCTIONS = (1, 2)  # torch's Reduction enum: 1 mean, 2 sum (0 none is no
 
 
 def constant_loss(loss: torch.Tensor) -> torch.Tensor | None:
-    """The loss a constant prediction (the targets' per-output batch mean) scores on this
-    loss's own targets, in its units, as a 0-d float32 tensor on its device; None where
-    ``loss`` is not one mean squared error or binary cross-entropy times constants, its
-    batch has fewer than 2 rows, or its graph's saved tensors are already freed."""
+    """The loss a constant prediction scores on this loss's own targets (module docstring),
+    in its units, as a 0-d float32 tensor on its device: NaN where the estimate is not sound
+    for this batch; None where ``loss`` is not one mean squared error, binary cross-entropy
+    or cross-entropy times constants, or its graph's saved tensors are already freed."""
     found = loss_node(loss)
     if found is None:
         return None
@@ -97,14 +99,12 @@ def loss_node(loss: torch.Tensor) -> tuple[Any, bool] | None:
     return node, scaled
 
 
-def _saved(node: Any, same_shape: bool = True) -> tuple[torch.Tensor, torch.Tensor, int] | None:
-    """(prediction, target, reduction) of a loss node with a mean or sum reduction; with
-    ``same_shape``, only where the target has the prediction's shape and >= 2 rows."""
+def _saved(node: Any) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """(prediction, target, reduction) of a loss node with a mean or sum reduction, where the
+    target has the prediction's shape and at least one dim."""
     output, target = node._saved_self, node._saved_target
     reduction = int(node._saved_reduction)
-    if reduction not in _MEAN_REDUCTIONS:
-        return None
-    if same_shape and (target.shape != output.shape or target.dim() == 0 or len(target) < 2):
+    if reduction not in _MEAN_REDUCTIONS or target.shape != output.shape or target.dim() == 0:
         return None
     return output.detach().float(), target.detach().float(), reduction
 
@@ -114,12 +114,10 @@ def _reduce(values: torch.Tensor, reduction: int) -> torch.Tensor:
 
 
 def _mse(node: Any, scaled: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    saved = _saved(node, same_shape=False)
+    saved = _saved(node)
     if saved is None:
         return None
     output, target, reduction = saved
-    if target.shape != output.shape or target.dim() == 0:
-        return None
     # One constant for every element: which dim is the batch is not known (an LSTM's
     # default layout puts time first, and a mean over time would use the future), and a
     # per-output constant is finer than the model may be able to learn from the stream.
@@ -161,7 +159,7 @@ def _bce(node: Any, logits: bool, scaled: bool) -> tuple[torch.Tensor, torch.Ten
     if logits and getattr(node, "_saved_pos_weight", None) is not None:
         return None
     saved = _saved(node)
-    if saved is None:
+    if saved is None or len(saved[1]) < 2:  # a rate needs two rows
         return None
     output, target, reduction = saved
     # Soft targets (label smoothing, a teacher's probabilities) carry their own entropy,
@@ -196,9 +194,7 @@ def _nll(node: Any, scaled: bool) -> tuple[torch.Tensor, torch.Tensor | None] | 
     if reduction not in _MEAN_REDUCTIONS:
         return None
     logp, target = node._saved_self.detach(), node._saved_target.detach()
-    ignore = int(node._saved_ignore_index)
-    if ignore >= 2**63:  # a negative index comes back as its unsigned 64-bit value
-        ignore -= 2**64
+    ignore = saved_int(node._saved_ignore_index)
     classes = int(logp.shape[1] if logp.dim() > 1 else logp.shape[0])
     labels = target.reshape(-1)
     valid = (labels != ignore).float()

@@ -84,9 +84,14 @@ def _normalised_size(node: object) -> int | None:
     torch does not keep it where it is read here."""
     try:
         shape = node._input_metadata[0].shape  # type: ignore[attr-defined]
-        dim = int(node._saved_dim)  # type: ignore[attr-defined]
+        dim = saved_int(node._saved_dim)  # type: ignore[attr-defined]
     except (AttributeError, IndexError, TypeError, RuntimeError):
         return None
-    if dim >= 2**63:  # a negative dim comes back as its unsigned 64-bit value
-        dim -= 2**64
     return int(shape[dim]) if -len(shape) <= dim < len(shape) else None
+
+
+def saved_int(value: object) -> int:
+    """An integer autograd saved on a node (a dim, an ``ignore_index``): a negative one comes
+    back as its unsigned 64-bit value."""
+    number = int(value)  # type: ignore[call-overload]
+    return number - 2**64 if number >= 2**63 else number

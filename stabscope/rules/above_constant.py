@@ -66,8 +66,13 @@ class EndRatio:
     step: int
 
     @property
-    def what(self) -> str:
-        return f"its last {self.steps} steps' losses over their own batches' bars"
+    def said(self) -> str:
+        """What both rules' findings open with."""
+        return (
+            f"the run reached its planned end (step {self.budget}) with its loss "
+            f"{self.ratio:.3g}x the loss of predicting its targets' mean for every input "
+            f"(its last {self.steps} steps' losses over their own batches' bars)"
+        )
 
 
 #: Standard errors of the ratio it must also clear.
@@ -110,9 +115,7 @@ def _loss_above_constant(view: RunView, p: dict[str, float]) -> Iterator[Finding
     yield finding(
         LOSS_ABOVE_CONSTANT,
         "error",
-        f"the run reached its planned end (step {read.budget}) with its loss {read.ratio:.3g}x "
-        f"the loss of predicting its targets' mean for every input ({read.what}): it does "
-        "worse than ignoring its inputs",
+        f"{read.said}: it does worse than ignoring its inputs",
         module=None,
         step=read.step,
         value=read.ratio,
@@ -135,9 +138,7 @@ def _no_better_than_constant(view: RunView, p: dict[str, float]) -> Iterator[Fin
     yield finding(
         NO_BETTER_THAN_CONSTANT,
         "error",
-        f"the run reached its planned end (step {read.budget}) with its loss "
-        f"{read.ratio:.3g}x the loss of predicting its targets' mean for every input "
-        f"({read.what}): it explains under {1 - p['min_share']:.0%} of its targets' spread, "
+        f"{read.said}: it explains under {1 - p['min_share']:.0%} of its targets' spread, "
         "and predicts little more than their mean",
         module=None,
         step=read.step,

@@ -136,8 +136,6 @@ def level_noise(values: np.ndarray, w: int) -> float:
     read from the levels themselves (the robust spread of their second differences,
     1.4826 · median absolute deviation / √6 for a level, √2 that for a difference) is taken
     where it is larger."""
-    if len(values) < 3:
-        return 0.0
     gaussian = float(np.sqrt(2) * 1.2533 * draw_noise(values) / np.sqrt(w))
     k = len(values) // w
     if k < MIN_LEVELS:
