@@ -158,3 +158,23 @@ def test_a_noisy_healthy_run_is_never_called_diverged_while_it_trains(tmp_path):
 
 def found_until(run_dir, until: int) -> list:
     return [f for f in check_run(run_dir, until=until).findings if f.rule == "loss-divergence"]
+
+
+def test_a_loss_at_exactly_zero_is_judged_without_raising(tmp_path):
+    """A consistency loss between a model and its own copy is 0 at every step: it neither
+    learned nor gave anything back, and the rule must not divide by what it gained (the
+    gate fails when a rule raises)."""
+    torch.manual_seed(0)
+    net = nn.Linear(4, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with Recorder(net, tmp_path / "zero", RecorderConfig(online_rules=False)) as rec:
+        for _ in range(20):
+            out = net(torch.randn(8, 4))
+            loss = (out - out).pow(2).mean()  # exactly 0, with a graph
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            rec.step(loss)
+    assert set(stabscope.load_run(tmp_path / "zero", metrics=["loss"]).value) == {0.0}
+    result = check_run(tmp_path / "zero")
+    assert "loss-divergence" not in result.failed and found(tmp_path / "zero") == []

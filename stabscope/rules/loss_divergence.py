@@ -192,7 +192,8 @@ def _loss_divergence(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     # choosing the lowest of k moves it by chance.
     values = series.to_numpy(float)
     z = p["min_z"] + selection(int(series.index.get_loc(best_step)) + 1, w)
-    learned = gained >= p["min_gain"] * abs(start)
+    # A loss that never fell learned nothing (a loss at exactly 0 throughout gained 0 >= 0).
+    learned = gained > 0 and gained >= p["min_gain"] * abs(start)
     rose = rise >= p["min_rise"] * abs(best) and _stands_out(values, best, end, w, z)
     if learned and rise >= p["give_back"] * gained and rose:
         given = rise / gained
@@ -203,8 +204,12 @@ def _loss_divergence(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
             f"(medians over {w} steps)"
         )
         value, threshold = given, p["give_back"]
-    elif end - start >= p["above_start"] * abs(start) and _stands_out(
-        values, start, end, w, p["min_z"], one_draw=start < float(np.median(values[:w]))
+    elif (
+        start != 0
+        and end - start >= p["above_start"] * abs(start)
+        and _stands_out(
+            values, start, end, w, p["min_z"], one_draw=start < float(np.median(values[:w]))
+        )
     ):
         message = (
             f"the loss rose from {start:.4g} at the start to {end:.4g} by step {last}: the "
