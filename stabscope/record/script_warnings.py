@@ -7,8 +7,8 @@ call raises (``mse_loss`` warns of a target it broadcasts, with ``stacklevel=2``
 name stabscope's frame as its source, and a replay would raise it again at every
 measurement. So a passed-through call's warnings are raised again at the script's line that
 made the call (the innermost frame outside stabscope and torch), with that module's registry
-so the default "once per location" still holds, and a replay's are dropped: the script's own
-call already showed them.
+so the default "once per location" still holds, and a replay's are not shown: the script's
+own call already showed them.
 """
 
 from __future__ import annotations
@@ -57,10 +57,21 @@ def call_as_script(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
 @contextmanager
 def quiet() -> Iterator[None]:
-    """Drop the warnings of what runs inside: a replay of calls the script already made."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    """Drop the warnings of what runs inside: a replay of calls the script already made.
+    The filters are left as they are: changing them (``catch_warnings``) resets every
+    module's "once per location" registry, and the script's own next call showed its
+    warning again after each replay. A filter that turns the warning into an error raises
+    in the replay as it did in the script's own call."""
+    shown = warnings.showwarning
+    warnings.showwarning = _nothing
+    try:
         yield
+    finally:
+        warnings.showwarning = shown
+
+
+def _nothing(*args: Any, **kwargs: Any) -> None:
+    return None
 
 
 def _script_frame() -> FrameType | None:
