@@ -62,6 +62,14 @@ METRICS: tuple[Metric, ...] = (
            "cross-entropy "
            "(stabscope profile, every step)", "the loss's own", "run", "recorder", "cheap",
            worse="none"),
+    Metric("target_count", "how many target values the step's loss_constant read (its calls "
+           "together): an mse_loss's, or a binary cross-entropy's with one label",
+           "values", "run", "recorder", "cheap", worse="none"),
+    Metric("target_mean", "the mean of those targets (a binary label's rate): from it the "
+           "rules pool the constant over a window of steps", "the targets' own", "run",
+           "recorder", "cheap", worse="none"),
+    Metric("target_var", "the variance of those targets (Bessel-corrected)",
+           "the targets' own, squared", "run", "recorder", "cheap", worse="none"),
     Metric("lr", "the lr a param group's optimizer.step() used (index = group)", "learning rate",
            "run", "recorder", "cheap", ranks="rank0", worse="none"),
     # Every step (record/step_norms.py). DDP replicas share the averaged gradient (rank 0

@@ -82,11 +82,13 @@ def test_every_metric_a_run_writes_is_catalogued_with_its_tier_and_kind(tmp_path
         if preset == "full" and record is _record_gpt:
             # Everything a training run can record: every catalogued training metric but the
             # non-finite markers (nothing diverged), the clipped gradient norm (nothing clips),
-            # the stale-gradient flag (the loop zeroes) and the constant prediction's loss (a
-            # zero-code regression's: tests/test_rules_loss_above_constant.py) is there.
+            # the stale-gradient flag (the loop zeroes) and the constant prediction's loss and
+            # its targets' moments (a zero-code regression's: tests/test_rules_loss_above_
+            # constant.py) is there.
             training = {m.name for m in METRICS if m.tier != "amplification"}
             markers = {"first_nonfinite_forward", "first_nonfinite_backward", "grad_norm_clipped"}
-            markers |= {"grad_not_zeroed", "loss_constant"}
+            markers |= {"grad_not_zeroed", "loss_constant", "target_count", "target_mean"}
+            markers |= {"target_var"}
             assert training - markers - written == set()
 
 

@@ -16,10 +16,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import stabscope
 from stabscope.drivers.zerocode import profile_training_script
 from stabscope.record.config import RecorderConfig
-from stabscope.record.constant_loss import constant_loss
+from stabscope.record.constant_loss import constant_loss, constant_read, merge_reads
 from stabscope.rules import check_run
+from stabscope.rules.above_constant import end_ratio
+from stabscope.rules.view import RunView
 from stabscope.store import RUN_MODULE
 from tests.scripts import train_mlp, train_regression
 from tests.scripts.harness import record, values
@@ -123,10 +126,10 @@ def raw_regression(tmp_path, *args: str, rule: str = "loss-above-constant") -> t
     return run, [row["loss"] for row in log], found
 
 
-def bar_of(step: int, accum: int, signal: bool = True) -> float:
+def bar_of(step: int, accum: int, signal: bool = True, grouped: bool = False) -> float:
     """train_regression's step bar: the micro-batches' Bessel-corrected variances / accum."""
     return sum(
-        train_regression.data(step, micro, signal)[1].var(0, correction=1).item() / accum
+        train_regression.data(step, micro, signal, grouped)[1].var(0, correction=1).item() / accum
         for micro in range(accum)
     )
 
@@ -277,3 +280,137 @@ def test_a_contrastive_model_that_keeps_nothing_ends_at_ln_of_its_batch(tmp_path
         assert error.rule == "loss-above-constant" and error.value > 1.05
     else:
         assert found == []
+
+
+def test_target_moments_come_with_the_bar_and_merge_over_micro_batches():
+    """Each call's targets' count, mean and variance, and the step's over its calls as if
+    their targets were one batch (computed here by concatenating them)."""
+    torch.manual_seed(0)
+    out = torch.randn(10, 3, requires_grad=True)
+    parts = [5 + 2 * torch.randn(10, 3), -1 + torch.randn(10, 3), 7 * torch.randn(10, 3)]
+    reads = [constant_read(F.mse_loss(out, t) / 3) for t in parts]
+    first = reads[0]
+    assert first[1:].tolist() == pytest.approx(
+        [30, parts[0].mean().item(), parts[0].var().item()], rel=1e-5
+    )
+    merged = merge_reads(reads)
+    together = torch.cat(parts)
+    assert merged[0].item() == pytest.approx(sum(r[0].item() for r in reads), rel=1e-6)
+    assert merged[1:].tolist() == pytest.approx(
+        [90, together.mean().item(), together.var().item()], rel=1e-5
+    )
+    # One binary label: its rate, and the Bernoulli variance (Bessel-corrected).
+    labels = (torch.rand(40) < 0.3).float()
+    read = constant_read(
+        F.binary_cross_entropy_with_logits(torch.randn(40, requires_grad=True), labels)
+    )
+    assert read[1:].tolist() == pytest.approx([40, labels.mean().item(), labels.var().item()])
+    # Several labels, or a cross-entropy: a bar, no moments.
+    several = constant_read(
+        F.binary_cross_entropy_with_logits(
+            torch.randn(40, 2, requires_grad=True), (torch.rand(40, 2) < 0.5).float()
+        )
+    )
+    classes = constant_read(
+        F.cross_entropy(torch.randn(64, 3, requires_grad=True), torch.randint(3, (64,)))
+    )
+    for read in (several, classes):
+        assert math.isfinite(read[0].item()) and read[1:].isnan().all()
+
+
+def test_batches_of_one_group_are_read_against_one_constant_for_the_window(tmp_path):
+    """Each batch one group with an offset no input reveals (sd 2 in standardised units):
+    each batch's own variance leaves that offset out, so a model that learned everything
+    it can ends near 4x its batches' bars. One constant for the whole window scores the
+    within-batch variance plus the offsets' (the law of total variance): the healthy model
+    is well under it, and one whose inputs carry nothing sits at it."""
+    _, losses, found = raw_regression(tmp_path / "ok", "--standardize", "--grouped")
+    last = range(104, 120)
+    own = sum(bar_of(s, 1, grouped=True) for s in last) / train_regression.SD**2
+    assert sum(losses[s] for s in last) / own > 2  # what the batches' own bars read
+    assert found == []
+    assert raw_regression(tmp_path / "ok2", "--standardize", "--grouped", rule=NOTHING)[2] == []
+    # Nothing to learn: the loss over one constant's, that constant the window's targets'
+    # mean, from all 16 batches' targets together (the same 2 standard errors of noise
+    # as the rule's are far wider here: 16 draws of an offset).
+    run, losses, _ = raw_regression(
+        tmp_path / "none", "--standardize", "--grouped", "--no-signal", rule=NOTHING
+    )
+    targets = torch.cat([train_regression.data(s, 0, signal=False, grouped=True)[1] for s in last])
+    pooled = targets.var().item() / train_regression.SD**2
+    read = end_ratio(RunView.open(run), 100, 16)
+    expected = sum(losses[s] for s in last) / (16 * pooled)
+    assert read is not None and read.ratio == pytest.approx(expected, rel=1e-4)
+    assert 0.8 < read.ratio < 1.2
+
+
+NOTHING = "no-better-than-constant"
+
+DRIFTING_CLICKS = """
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))
+opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+g = torch.Generator().manual_seed(1)
+w = torch.tensor([2.0, -1.0, 1.0, 0.5])
+for step in range(200):
+    x = torch.randn(64, 4, generator=g)
+    # The hour of day no input reveals: the click rate swings between batches.
+    shift = 2.5 if step % 2 else -2.5
+    y = (torch.rand(64, generator=g) < torch.sigmoid(x @ w + shift)).float()
+    loss = F.binary_cross_entropy_with_logits(model(x).squeeze(1), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+"""
+
+
+def test_a_binary_rate_that_swings_between_batches_is_pooled(tmp_path):
+    """A click model whose batches alternate between rates near 0.1 and 0.9: each batch's
+    own rate's entropy is far below what one rate for every batch scores, the entropy of
+    the pooled rate, which the rule reads (computed here from the recorded rates)."""
+    script = tmp_path / "clicks.py"
+    script.write_text(DRIFTING_CLICKS)
+    run = tmp_path / "run"
+    profile_training_script(script, [], run, RecorderConfig(), budget=200)
+    found = [f for f in check_run(run).findings if f.rule in {NOTHING, "loss-above-constant"}]
+    assert found == []
+    rates = values(run, RUN_MODULE, "target_mean").value.to_numpy()[-20:]
+    bars = values(run, RUN_MODULE, "loss_constant").value.to_numpy()[-20:]
+    pooled = rates.mean()
+    entropy = -(pooled * math.log(pooled) + (1 - pooled) * math.log(1 - pooled))
+    read = end_ratio(RunView.open(run), 100, 16)
+    losses = stabscope.load_run(run, modules=[RUN_MODULE], metrics=["loss"]).value.to_numpy()
+    assert read is not None
+    assert read.ratio == pytest.approx(losses[-20:].sum() / (20 * entropy), rel=0.02)
+    assert losses[-20:].sum() / bars.sum() > 1.05  # what each batch's own bar reads
+
+
+def test_a_library_mode_loop_hands_over_its_bar_before_backward(tmp_path):
+    """``rec.step(loss)`` comes after the backward freed the targets: a loop that wants the
+    bar reads it first, with its moments (``constant_read``) or the bar alone
+    (``constant_loss``), and both land as the step's rows."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    targets = []
+    with stabscope.Recorder(model, tmp_path / "run", preset="cheap") as rec:
+        for step in range(4):
+            x, y = torch.randn(16, 3), 2 + torch.randn(16, 1)
+            targets.append(y)
+            loss = F.mse_loss(model(x), y)
+            read = constant_read(loss) if step % 2 == 0 else constant_loss(loss)
+            rec.note_constant_loss(read)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            rec.step(loss)
+    run = tmp_path / "run"
+    bars = values(run, RUN_MODULE, "loss_constant").value.tolist()
+    assert bars == pytest.approx([y.var().item() for y in targets], rel=1e-5)
+    means = values(run, RUN_MODULE, "target_mean")
+    assert list(means.step) == [0, 2]  # the bar alone carries no moments
+    assert means.value.tolist() == pytest.approx([targets[s].mean().item() for s in (0, 2)])

@@ -17,7 +17,7 @@ import torch
 
 from ..errors import ScriptError, UsageError
 from ..record.config import RecorderConfig
-from ..record.constant_loss import constant_loss
+from ..record.constant_loss import constant_read
 from ..record.recorder import Recorder
 from ..store import update_meta
 from ..store.interrupts import Terminated, ending_status
@@ -248,7 +248,7 @@ def profile_script(
             # The optimizer and scheduler are the script's (its own classes, its arguments):
             # an error there is reported as one line, like one in loss or batches.
             rec.note_loss_function(loss)  # once, before backward frees what it saved
-            constant = constant_loss(loss)
+            constant = constant_read(loss)
             if constant is not None:
                 rec.note_constant_loss(constant)
             loss.backward()

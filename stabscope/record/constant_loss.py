@@ -32,7 +32,15 @@ profile``: a training script's backward calls, a model script's loss; a library-
   tensors, so the scale is kept without knowing it.
 
 A step's constant is the sum over its backward calls, as its loss is (drivers/zerocode/
-losses.py): a step any of whose calls could not be read has none. It is the run's
+losses.py): a step any of whose calls could not be read has none.
+
+With it come the targets' count, mean and variance (``target_count``, ``target_mean``,
+``target_var``; a binary cross-entropy's only where it has one label: its rate) over the
+step's calls, merged with Chan, Golub and LeVeque's (1979) pairwise update. A batch's own
+mean is the best constant for that batch alone, and batches that are not random draws of
+the data (one group or one entity per batch, a series in time order) each spread less:
+from these moments the rules pool the constant over a window of steps, one value for all of
+them, as a model with an output bias could learn it (rules/above_constant.py). It is the run's
 ``loss_constant`` row of that step, every step (the targets' spread can change as training
 goes: a value network's bootstrapped targets grow with it), kept on the device with the loss
 until the loss's next host sync. A handful of kernels a step over the targets (two
@@ -56,6 +64,14 @@ SCALINGS = frozenset({"MulBackward0", "DivBackward0"})
 #: How many scalings between the loss and its loss function are followed.
 MAX_SCALINGS = 4
 _MEAN_REDUCTIONS = (1, 2)  # torch's Reduction enum: 1 mean, 2 sum (0 none is not read)
+#: A reader's (constant, the loss function's own value where the loss scales it, the
+#: targets' (count, mean, variance) as a (3,) tensor or None).
+_Read = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+
+
+#: What ``constant_read`` returns, in this order: the constant's loss, then the targets'
+#: moments (NaN where the loss has none: a cross-entropy, several binary labels).
+READ_FIELDS = ("loss_constant", "target_count", "target_mean", "target_var")
 
 
 def constant_loss(loss: torch.Tensor) -> torch.Tensor | None:
@@ -63,6 +79,13 @@ def constant_loss(loss: torch.Tensor) -> torch.Tensor | None:
     in its units, as a 0-d float32 tensor on its device: NaN where the estimate is not sound
     for this batch; None where ``loss`` is not one mean squared error, binary cross-entropy
     or cross-entropy times constants, or its graph's saved tensors are already freed."""
+    read = constant_read(loss)
+    return None if read is None else read[0]
+
+
+def constant_read(loss: torch.Tensor) -> torch.Tensor | None:
+    """``constant_loss`` and the targets' moments: a ``(4,)`` float32 tensor on the loss's
+    device, laid out as ``READ_FIELDS`` (no host sync); None as for ``constant_loss``."""
     found = loss_node(loss)
     if found is None:
         return None
@@ -71,17 +94,38 @@ def constant_loss(loss: torch.Tensor) -> torch.Tensor | None:
     if read is None:
         return None
     try:
-        pair = read(node, scaled)
+        got = read(node, scaled)
     except (RuntimeError, AttributeError):  # freed by a backward, or another torch's node
         return None
-    if pair is None:
+    if got is None:
         return None
-    constant, model = pair
+    constant, model, moments = got
     if model is None:  # the loss is the loss function's own value: already in its units
-        return torch.where(torch.isfinite(constant), constant, math.nan)
-    value = loss.detach().reshape(()).float() * (constant / model)
-    # A perfect fit (model 0) or a non-finite read is NaN: that step is left out.
-    return torch.where(torch.isfinite(value) & (model > 0), value, math.nan)
+        value = torch.where(torch.isfinite(constant), constant, math.nan)
+    else:
+        value = loss.detach().reshape(()).float() * (constant / model)
+        # A perfect fit (model 0) or a non-finite read is NaN: that step is left out.
+        value = torch.where(torch.isfinite(value) & (model > 0), value, math.nan)
+    if moments is None:
+        moments = torch.full((3,), math.nan, device=value.device)
+    return torch.cat([value.reshape(1), moments.float()])
+
+
+def merge_reads(reads: list[torch.Tensor]) -> torch.Tensor:
+    """One step's read from those of its backward calls (each laid out as ``READ_FIELDS``):
+    the constants' sum, as the step's loss is the calls' sum, and the targets' moments of
+    all the calls together (Chan, Golub and LeVeque 1979's pairwise update; NaN where any
+    call had none). On the device, no host sync."""
+    merged = reads[0]
+    for read in reads[1:]:
+        n_a, mean_a, var_a = merged[1], merged[2], merged[3]
+        n_b, mean_b, var_b = read[1], read[2], read[3]
+        n = n_a + n_b
+        delta = mean_b - mean_a
+        # Sums of squared deviations, (n - 1) · var, merged with the means' difference.
+        spread = var_a * (n_a - 1) + var_b * (n_b - 1) + delta.square() * n_a * n_b / n
+        merged = torch.stack([merged[0] + read[0], n, mean_a + delta * n_b / n, spread / (n - 1)])
+    return merged
 
 
 def loss_node(loss: torch.Tensor) -> tuple[Any, bool] | None:
@@ -113,7 +157,7 @@ def _reduce(values: torch.Tensor, reduction: int) -> torch.Tensor:
     return values.mean() if reduction == 1 else values.sum()
 
 
-def _mse(node: Any, scaled: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+def _mse(node: Any, scaled: bool) -> _Read | None:
     saved = _saved(node)
     if saved is None:
         return None
@@ -125,12 +169,15 @@ def _mse(node: Any, scaled: bool) -> tuple[torch.Tensor, torch.Tensor | None] | 
     draws = math.prod(n for n, stride in zip(target.shape, target.stride()) if stride != 0)
     if draws < 2:
         return None
-    centred = target - target.mean()
+    mean = target.mean()  # a broadcast repeats every value equally often: their mean
+    centred = target - mean
     # Bessel's correction: the unbiased estimate of what the population's mean scores.
     constant = _reduce(centred.square(), reduction) * (draws / (draws - 1))
+    variance = centred.square().mean() * (draws / (draws - 1))
+    moments = torch.stack([torch.full_like(mean, draws), mean, variance])  # a fill: no copy
     if not scaled:
-        return constant, None
-    return constant, _reduce((output - target).square(), reduction)
+        return constant, None, moments
+    return constant, _reduce((output - target).square(), reduction), moments
 
 
 def broadcast_dims(output: torch.Tensor, target: torch.Tensor) -> tuple[list[int], list[int]]:
@@ -153,7 +200,7 @@ def broadcast_dims(output: torch.Tensor, target: torch.Tensor) -> tuple[list[int
     return sorted(out), tgt
 
 
-def _bce(node: Any, logits: bool, scaled: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+def _bce(node: Any, logits: bool, scaled: bool) -> _Read | None:
     if getattr(node, "_saved_weight", None) is not None:
         return None  # per-element or per-class weights move the bar
     if logits and getattr(node, "_saved_pos_weight", None) is not None:
@@ -172,16 +219,21 @@ def _bce(node: Any, logits: bool, scaled: bool) -> tuple[torch.Tensor, torch.Ten
     mixed = (rate > 0) & (rate < 1)
     entropy = entropy + mixed.float() / (2 * rows)
     constant = torch.where(hard, _reduce(entropy.expand_as(target), reduction), math.nan)
+    moments = None
+    if target.numel() == rows:  # one label: its rate is the targets' mean
+        spread = rate.reshape(()) * (1 - rate.reshape(())) * (rows / (rows - 1))
+        count = torch.full_like(spread, rows)
+        moments = torch.where(hard, torch.stack([count, rate.reshape(()), spread]), math.nan)
     if not scaled:
-        return constant, None
+        return constant, None, moments
     if logits:
         model = F.binary_cross_entropy_with_logits(output, target, reduction="none")
     else:
         model = F.binary_cross_entropy(output.clamp(0.0, 1.0), target, reduction="none")
-    return constant, _reduce(model, reduction)
+    return constant, _reduce(model, reduction), moments
 
 
-def _nll(node: Any, scaled: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+def _nll(node: Any, scaled: bool) -> _Read | None:
     """A cross-entropy (``nll_loss`` of log-probabilities): the best constant prediction
     is the batch's label frequencies, scoring their entropy. Read only where that estimate
     is sound, decided on the device (no host sync): every candidate the target of exactly
@@ -209,11 +261,11 @@ def _nll(node: Any, scaled: bool) -> tuple[torch.Tensor, torch.Tensor | None] | 
     )
     constant = entropy if reduction == 1 else entropy * rows
     if not scaled:
-        return constant, None
+        return constant, None, None
     model = F.nll_loss(
         logp.float(), target, ignore_index=ignore, reduction="mean" if reduction == 1 else "sum"
     )
-    return constant, model
+    return constant, model, None
 
 
 _READERS: dict[str, Any] = {

@@ -16,6 +16,7 @@ and their lr), ``losses`` (the loss of every step); this module drives the step 
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable
@@ -38,6 +39,7 @@ from ..store.rundir import RunExistsError, RunLockedError, keyword_hint, prepare
 from ..structure import Structure, capture, from_trace
 from .collector import Collector, Rows
 from .config import RecorderConfig, keyword_names, with_options
+from .constant_loss import READ_FIELDS
 from .distributed import prepare_on_rank0
 from .distributed import rank as _rank
 from .hooks import ModuleHooks
@@ -227,15 +229,25 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
             if classes is not None:
                 self.meta["loss_classes"] = classes
 
-    def note_constant_loss(self, value: torch.Tensor) -> None:
-        """The loss a constant prediction scores on this step's targets (a 0-d tensor on the
-        loss's device, record/constant_loss.py): the step's ``loss_constant`` row, written
-        with its loss. Zero-code mode reads it from the loss's graph before its backward."""
-        self._step_constant = value.detach().reshape(1).float()
+    def note_constant_loss(self, read: torch.Tensor) -> None:
+        """The loss a constant prediction scores on this step's targets, and their moments
+        (``constant_read``'s ``(4,)`` tensor on the loss's device laid out as
+        ``READ_FIELDS``, or ``constant_loss``'s 0-d bar alone; record/constant_loss.py): the
+        step's ``loss_constant`` and ``target_*`` rows, written with its loss. Zero-code
+        mode reads it from the loss's graph before its backward."""
+        read = read.detach().reshape(-1).float()
+        if read.numel() == 1:  # constant_loss's bar alone: no moments to pool it with
+            read = torch.cat(
+                [read, torch.full((len(READ_FIELDS) - 1,), math.nan, device=read.device)]
+            )
+        self._step_constant = read
 
     def _decode_constant(self, values: np.ndarray, rows: Rows, step: int) -> None:
         if np.isfinite(values[0]):  # NaN: this step's bar could not be read (no row)
-            rows.emit("train", self._run_code, 0, "loss_constant", values[0], step=step)
+            rows.emit("train", self._run_code, 0, READ_FIELDS[0], values[0], step=step)
+        if np.isfinite(values[1:]).all():  # NaN: a loss without target moments
+            for name, value in zip(READ_FIELDS[1:], values[1:]):
+                rows.emit("train", self._run_code, 0, name, value, step=step)
 
     def _read_loss_function(self, loss: torch.Tensor | float) -> None:
         """The first step's loss: its loss function from its graph, or ``unknown`` where it

@@ -22,6 +22,11 @@ goes (a value network's) are read against their spread at the end. Judged only
   regression's loss is often far above its bar;
 - for a run with one optimizer: a GAN's or an actor-critic's step sums the losses of two
   players, each of which may end above its own bar by design;
+- against one constant for the whole window (``pooling``): each batch's own mean is the best
+  constant for that batch alone, and batches that are not random draws (one group or one
+  entity per batch, a series in time order) each spread less than the data do; from the
+  targets' moments of every step (``target_mean``, ``target_var``, ``target_count``) the
+  bar is raised to what one constant scores over the window. Random batches read the same;
 - over the run's last tenth (at least ``min_bar_steps`` steps with a bar), from the sum of
   the losses over the sum of their bars (a ratio estimator: unbiased where a mean or median
   of per-step ratios is not, for small batches), which must clear its threshold by two
@@ -44,6 +49,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
 from ..store import RUN_MODULE
 from ..store.findings import Finding
@@ -102,10 +108,61 @@ def end_ratio(view: RunView, min_steps: float, min_bar_steps: float) -> EndRatio
     # The ratio of the sums: a mean of per-step ratios would read 1 / (a batch's variance),
     # which is (B - 1) / (B - 3) times too large on average for batches of B; the median
     # of the ratios reads a model that learned nothing at about 1 - 0.55 / B.
+    # One constant for the whole window, not each batch's own (module docstring).
+    bar = bar * pooling(view, last.index[kept], str(view.meta.doc.get("loss_function")))
     ratio = float(losses.sum() / bar.sum())
     spread = float(np.sqrt(np.sum((losses - ratio * bar) ** 2) / (n - 1)))
     noise = SEMS * spread / (math.sqrt(n) * float(bar.mean()))  # the ratio estimator's SE
     return EndRatio(ratio, noise, n, end[0], int(loss.index[-1]))
+
+
+def pooling(view: RunView, steps: pd.Index, function: str) -> float:
+    """How much more a constant pooled over ``steps`` scores than each batch's own, on
+    average (1 where the targets' moments are missing for any of them: a cross-entropy,
+    several binary labels, a run recorded before they were).
+
+    For a mean squared error the pooled constant is the mean of all the window's targets,
+    and its loss their variance (Bessel-corrected, as each batch's bar is): the variance
+    within the batches plus that of the batch means about theirs (the law of total
+    variance), over the batches' own. For a binary cross-entropy it is the entropy of the
+    pooled rate over the mean of the batches' own (Miller-Madow-corrected) entropies:
+    entropy is concave, so the pooled one is the larger. 1 where the batches' means vary no
+    more than random batches' do (var / n each, within two standard errors of a sample
+    variance: the one-way analysis of variance's test, Searle, Casella and McCulloch 1992,
+    ch. 3), which leaves random batches as they are read."""
+    moments = {}
+    for name in ("target_count", "target_mean", "target_var"):
+        rows = view.metrics(name)
+        moments[name] = rows[rows.module == RUN_MODULE].groupby("step").value.mean()
+    table = pd.DataFrame(moments).reindex(steps)
+    if table.isna().to_numpy().any() or len(table) < 2:
+        return 1.0
+    count, mean, var = (table[c].to_numpy(float) for c in moments)
+    chance = float((var / count).mean())  # the variance a random batch's mean has
+    spread = float(mean.var(ddof=1))
+    # Batch means that vary no more than chance allows (two standard errors of a sample
+    # variance of k draws, sqrt(2 / (k - 1))): random batches, read as they are.
+    if spread <= chance * (1.0 + SEMS * math.sqrt(2.0 / (len(mean) - 1))):
+        return 1.0
+    if function == "mse_loss":
+        # The Bessel-corrected variance of all the window's targets together (sums of
+        # squared deviations within the batches, and of the batch means about theirs).
+        centre = float(np.sum(count * mean) / count.sum())
+        squares = np.sum((count - 1) * var) + np.sum(count * (mean - centre) ** 2)
+        within = float(var.mean())
+        return float(squares / (count.sum() - 1)) / within if within > 0 else 1.0
+    if function.startswith("binary_cross_entropy"):
+        own = float((entropy(mean) + ((mean > 0) & (mean < 1)) / (2 * count)).mean())
+        pooled = float(entropy(np.array([np.sum(count * mean) / count.sum()]))[0])
+        return max(pooled / own, 1.0) if own > 0 else 1.0
+    return 1.0
+
+
+def entropy(rate: np.ndarray) -> np.ndarray:
+    """The entropy in nats of a binary label at each ``rate``."""
+    inner = np.clip(rate, 1e-300, 1.0)
+    outer = np.clip(1.0 - rate, 1e-300, 1.0)
+    return -(rate * np.log(inner) + (1.0 - rate) * np.log(outer))
 
 
 def _loss_above_constant(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
@@ -159,7 +216,7 @@ LOSS_ABOVE_CONSTANT = Rule(
     ("loss",),
     {"min_ratio": 1.05, "min_steps": 100, "min_bar_steps": 16},
     _loss_above_constant,
-    reads=(Request(("loss", "loss_constant")),),
+    reads=(Request(("loss", "loss_constant", "target_count", "target_mean", "target_var")),),
     online=False,  # how the run ended: needs its planned end
 )
 
@@ -170,7 +227,7 @@ NO_BETTER_THAN_CONSTANT = Rule(
     ("loss",),
     {"min_share": 0.95, "min_steps": 100, "min_bar_steps": 16},
     _no_better_than_constant,
-    reads=(Request(("loss", "loss_constant")),),
+    reads=(Request(("loss", "loss_constant", "target_count", "target_mean", "target_var")),),
     online=False,  # how the run ended: needs its planned end
 )
 

@@ -6,6 +6,8 @@ mean 250 and variance 80² + 20² = 6,800 in raw units; ``--standardize`` trains
 moves each weight by about 1e-2 a step: after 120 steps the outputs are still far short of
 250, and the loss is several times the targets' variance.
 ``--no-signal`` draws the inputs apart from the targets (nothing to learn but their mean).
+``--grouped`` makes each micro-batch one group (a store, a patient, a file of an iterable
+dataset) whose targets share an offset of sd ``GROUP_SD`` that no input reveals.
 ``--accum`` splits each step into micro-batches (``loss / k``); ``--two-optimizers`` trains the
 head with its own optimizer. ``--log FILE`` appends one JSON line per step with its loss.
 """
@@ -18,15 +20,19 @@ import json
 import torch
 from torch import nn
 
-FEATURES, BATCH, MEAN, SD, NOISE = 6, 32, 250.0, 80.0, 20.0
+FEATURES, BATCH, MEAN, SD, NOISE, GROUP_SD = 6, 32, 250.0, 80.0, 20.0, 160.0
 
 
-def data(step: int, micro: int, signal: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def data(
+    step: int, micro: int, signal: bool = True, grouped: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """x (BATCH, FEATURES), raw y (BATCH, 1)."""
     g = torch.Generator().manual_seed(7919 * step + micro)
     w = torch.arange(1.0, FEATURES + 1)
     x = torch.randn(BATCH, FEATURES, generator=g)
     y = MEAN + SD * (x @ w / w.norm()) + NOISE * torch.randn(BATCH, generator=g)
+    if grouped:
+        y = y + GROUP_SD * torch.randn(1, generator=g)
     if not signal:
         x = torch.randn(BATCH, FEATURES, generator=g)
     return x, y[:, None]
@@ -40,6 +46,7 @@ def main() -> None:
     p.add_argument("--standardize", action="store_true")
     p.add_argument("--two-optimizers", action="store_true")
     p.add_argument("--no-signal", action="store_true")
+    p.add_argument("--grouped", action="store_true")
     p.add_argument("--log", default=None)
     args = p.parse_args()
     torch.manual_seed(0)
@@ -56,7 +63,7 @@ def main() -> None:
             opt.zero_grad()
         step_loss = 0.0
         for micro in range(args.accum):
-            x, y = data(step, micro, signal=not args.no_signal)
+            x, y = data(step, micro, signal=not args.no_signal, grouped=args.grouped)
             if args.standardize:
                 y = (y - MEAN) / SD
             loss = nn.functional.mse_loss(model(x), y) / args.accum

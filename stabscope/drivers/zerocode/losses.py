@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from ...record import grad_calls
-from ...record.constant_loss import constant_loss
+from ...record.constant_loss import constant_read, merge_reads
 from ...record.hook_context import compiling, in_backward
 
 
@@ -88,7 +88,7 @@ class LossTap:
         # A step has a constant only where every one of its losses had one.
         read = [c for c in constants if c is not None]
         whole = not unclear and bool(values) and len(read) == len(values)
-        self.step_constant = torch.stack(read).sum() if whole else None
+        self.step_constant = merge_reads(read) if whole else None
         if unclear or not values:
             self.steps_without_loss += 1
             return None
@@ -127,7 +127,7 @@ class LossTap:
             return
         graph = known[2]() if known is not None and scaled else tensors
         if self.read_constants:  # before its backward frees the targets it saved
-            self._constants.append(constant_loss(graph) if graph is not None else None)
+            self._constants.append(constant_read(graph) if graph is not None else None)
         if graph is None:
             return
         if self.on_loss is not None:
