@@ -199,6 +199,9 @@ METRICS: tuple[Metric, ...] = (
            "full", ranks="rank0"),
     Metric("stability_index", "λ_max of the preconditioned Hessian over the stability threshold",
            "multiples of the threshold", "run", "sharpness", "standard"),
+    Metric("probe_loss", "the probe batch's loss, one forward in eval mode on the same batch "
+           "at steps 2, 4, 8, ... and at the end: moves only as the model does, never with "
+           "the data", "the loss's own", "run", "sharpness", "standard", worse="none"),
     Metric("stability_lr", "the largest group lr the stability index used", "learning rate", "run",
            "sharpness", "standard", worse="none"),
     # Rows of `stabscope amplification` (index = depth), not of a training run.

@@ -225,6 +225,9 @@ class SharpnessProbe(BaseProbe):
             None if unlimited else budget, first_cost=STEPS_PER_PRODUCT * (iterations + 1)
         )
         self.note: str | None = None
+        self.loss_note: str | None = None
+        self._loss_steps: set[int] = set()
+        self.last_loss_step: int | None = None  # None: never measured (no optimizer yet)
 
     @property
     def measured(self) -> int:
@@ -250,10 +253,14 @@ class SharpnessProbe(BaseProbe):
         planned: int | None = None,
     ) -> None:
         """At every step boundary (the budget's clock); at a ``due`` step within the budget:
-        emit the index as rows of ``step``. ``pause``: the recorder's hooks, which must not
-        see the probe's forward; ``planned``: the run's planned length, when known."""
+        emit the index as rows of ``step``, and at every ``due`` step the probe batch's loss
+        (``probe_loss``). ``pause``: the recorder's hooks, which must not see the probe's
+        forward; ``planned``: the run's planned length, when known."""
         self.budget.tick()
-        if self.note is not None or not due(step) or not optimizers:
+        if not due(step) or not optimizers:
+            return
+        self.measure_loss(step, rows, pause)
+        if self.note is not None:
             return
         if not self.budget.allows(planned):
             return
@@ -278,6 +285,27 @@ class SharpnessProbe(BaseProbe):
             value, lr = found
             rows.emit("train", self.run_code, 0, "stability_index", value, step=step)
             rows.emit("train", self.run_code, 0, "stability_lr", lr, step=step)
+
+    def measure_loss(self, step: int, rows: Rows, pause: tuple[Any, ...] = ()) -> None:
+        """The probe batch's loss with the weights after ``step`` (``probe_loss``): one
+        forward in eval mode on the same batch every time (``side_forward``: no dropout,
+        random streams and buffers given back), so it moves only as the model does, never
+        with the data. ``loss-divergence`` reads it to tell a model that un-learned from
+        batches that got harder (a curriculum, a drifting stream). Once a step; the first
+        error ends these measurements, never the training."""
+        if self.loss_note is not None or step in self._loss_steps:
+            return
+        self._loss_steps.add(step)
+        self.last_loss_step = step
+        try:
+            with paused(*pause), side_forward(self.model), torch.enable_grad():
+                loss = scalar_loss(self.forward(self.model))
+                value = None if loss is None else float(loss.detach())
+        except Exception as err:  # the user's forward replayed: its error ends the probe
+            self.loss_note = f"probe_loss not measured: {type(err).__name__}"
+            return
+        if value is not None and math.isfinite(value):
+            rows.emit("train", self.run_code, 0, "probe_loss", value, step=step)
 
 
 __all__ = [

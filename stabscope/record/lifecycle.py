@@ -105,6 +105,12 @@ class RunLifecycle:
         self._closed = True
         with interrupts.deferred():
             self._detach_all()
+            probe = self.sharpness
+            if status == "complete" and probe is not None and probe.last_loss_step is not None:
+                # The probe batch's loss with the final weights (``probe_loss``), for the
+                # run's end level, where it was read during training (an optimizer stepped);
+                # the hooks are off, so one forward is all it costs.
+                probe.measure_loss(self.step_index - 1, self.rows)
             write_error = self._write_remaining()
             status = self._close_verdicts(status)  # `stopped` by a finding
             if self.live is not None:

@@ -58,6 +58,18 @@ learning-rate ramp or a warm-up past stability give back 69% to far above 100%. 
 recovers moves no median over ``w`` steps, and an lr schedule that ends in a plateau keeps
 ``end`` near ``best``.
 
+Two kinds of run are read apart:
+
+- a game (``a_game``: an optimizer stepped between two backward calls of one step, a
+  GAN's two halves, an actor and a critic): the step's loss sums the players' scores,
+  which settle at an equilibrium (3 ln 2 for a GAN) from wherever they started. Not judged;
+- batches that get harder: where the probe batch's loss (``probe_loss``, the same batch in
+  eval mode at steps 2, 4, 8, ... and at the end: the model's loss with the data held
+  still) ends below its first reading and gave back less than ``give_back`` of its own
+  gain, the model kept what it learned and the rise is the data's (a curriculum from easy
+  to hard, a stream that drifts): a warning, not an error. A run judged while it trains,
+  whose latest probe reading is older than the loss's end window, stays an error.
+
 What it cannot see: a run that never learned and did not get worse (its ``start`` is its
 ``best``), and one that learned only a little before it stalled; those need a reference the
 loss alone does not give (the data's unigram loss). A loss that is not meant to fall (a GAN's
@@ -181,7 +193,42 @@ def _stands_out(
     return high - low >= z * noise
 
 
+def a_game(view: RunView) -> bool:
+    """Whether each step's loss sums several players' (meta.json ``players``: an optimizer
+    stepped between two backward calls of one step, a GAN's discriminator then its
+    generator, an actor then a critic): their scores settle where neither player can
+    improve, not where one loss is lowest (a GAN at its equilibrium sums 3 ln 2 from a lower
+    start). Two optimizers stepped after one backward (an encoder's and a decoder's) train
+    one loss: that is judged."""
+    return bool(view.meta.doc.get("players"))
+
+
+def held_on_the_probe_batch(
+    view: RunView, last: int, w: int, give_back: float
+) -> tuple[float, float, float] | None:
+    """``(first, best, end)`` of the probe batch's loss (``probe_loss``: the same batch,
+    eval mode, at steps 2, 4, 8, ... and at the end) where the model kept what it learned on
+    it: its end below its first and less than ``give_back`` of its gain given back. None
+    where it did not, or where it cannot tell: fewer than 3 readings, or none within the
+    training loss's end window (a run judged while it trains, the latest reading old).
+
+    A model that diverges un-learns on any batch, this one too; a loss that rises because
+    the batches got harder (a curriculum, a stream that drifts) leaves the model's loss on
+    a fixed batch where it was."""
+    rows = view.metrics("probe_loss")
+    probe = rows[rows.module == RUN_MODULE].groupby("step").value.mean().sort_index()
+    probe = probe[np.isfinite(probe.to_numpy(float))]
+    if len(probe) < 3 or int(probe.index[-1]) < last - w:
+        return None
+    first, best, end = float(probe.iloc[0]), float(probe.min()), float(probe.iloc[-1])
+    if end < first and end - best < give_back * (first - best):
+        return first, best, end
+    return None
+
+
 def _loss_divergence(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
+    if a_game(view):
+        return
     series = finite_losses(view, max(int(p["min_steps"]), 2))
     if series is None:
         return
@@ -218,9 +265,18 @@ def _loss_divergence(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
         value, threshold = (end - start) / abs(start), p["above_start"]
     else:
         return
+    severity = "error"
+    held = held_on_the_probe_batch(view, last, w, p["give_back"])
+    if held is not None:
+        severity = "warning"
+        message += (
+            f"; but on one fixed batch the model's loss went {held[0]:.4g} -> {held[1]:.4g} "
+            f"-> {held[2]:.4g} (probe_loss): it kept what it learned there, so its batches "
+            "got harder (a curriculum, a drifting stream), not the model worse"
+        )
     yield finding(
         LOSS_DIVERGENCE,
-        "error",
+        severity,
         message,
         module=RUN_MODULE,
         step=last,
@@ -248,7 +304,7 @@ LOSS_DIVERGENCE = Rule(
     },
     _loss_divergence,
     "error",
-    (Request(("loss",)),),
+    (Request(("loss", "probe_loss")),),
 )
 
 RULES = [LOSS_DIVERGENCE]

@@ -73,7 +73,10 @@ ON_ERROR = ("warn", "stop")
 #: The two kinds of check (module docstring).
 LOSS, FULL = "loss", "full"
 #: What the loss check holds: the rules that read only these run its way.
-LOSS_METRICS = frozenset({"loss"})
+#: What a loss check reads: the losses, and the probe batch's loss that ``loss-divergence``
+#: reads beside them (what the parts hold of it; a reading older than the losses' end
+#: window leaves the verdict an error, as it would be without it).
+LOSS_METRICS = frozenset({"loss", "probe_loss"})
 
 
 def online_rules(rules: list[Rule] | None = None) -> list[Rule]:

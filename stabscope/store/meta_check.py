@@ -227,6 +227,7 @@ META = Record(
         "model_type": MAYBE_STR,
         "loss_function": STR,
         "loss_classes": INT,
+        "players": BOOL,
         "loss_broadcast": Record(
             {
                 "function": STR,

@@ -319,6 +319,8 @@ class ScriptRecording:
         if self._probe_loss is not None and self.steps_marked == 0:
             self._probe_loss.step_ended(self.losses.count)
             self.losses.on_loss = None
+        if self.losses.players:
+            rec.meta["players"] = True  # read by loss-divergence (rules/loss_divergence.py)
         loss = self.losses.take()
         if self.losses.step_constant is not None:
             rec.note_constant_loss(self.losses.step_constant)

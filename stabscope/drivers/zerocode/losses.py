@@ -62,6 +62,9 @@ class LossTap:
         self._originals: tuple[Any, ...] = ()
         self._zeroing: list[tuple[type, Callable[..., Any]]] = []  # (class, its zero_grad)
         self._in_step = False  # inside optimizer.step(): backward comes from a closure
+        # An optimizer stepped between two backward calls of one step (a GAN's discriminator
+        # then its generator): the step's loss sums the losses of several players.
+        self.players = False
         self._closure_counted = False
 
     def optimizer_step(self, running: bool) -> None:
@@ -122,6 +125,8 @@ class LossTap:
         known = self._unscaled.get(id(tensors))
         scaled = known is not None and known[0]() is tensors
         value = known[1] if known is not None and scaled else tensors.detach()
+        if self._stepped > 0:  # an optimizer already stepped in this step
+            self.players = True
         self._values.append(value.reshape(()).float())
         if self.on_loss is None and self.on_first_graph is None and not self.read_constants:
             return

@@ -1,0 +1,166 @@
+"""``probe_loss`` (the probe batch's loss, the same batch in eval mode at steps 2, 4, 8, ...
+and at the end) and what ``loss-divergence`` makes of it.
+
+The readings are checked against the loss this test computes itself on that batch with the
+weights of each step. A curriculum whose later batches are harder raises the training loss
+while the model keeps what it learned (the probe batch's loss stays low): a warning, not an
+error; a run whose learning rate jumps x1000 un-learns on the probe batch too: an error. A
+GAN's summed losses, two players', are not judged; one loss under two optimizers is."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import stabscope
+from stabscope import Recorder, RecorderConfig
+from stabscope.drivers.zerocode import profile_training_script
+from stabscope.rules import check_run
+from stabscope.store import RUN_MODULE
+
+STEPS = 40
+
+
+def probe_rows(run) -> dict[int, float]:
+    df = stabscope.load_run(run, modules=[RUN_MODULE], metrics=["probe_loss"])
+    return dict(zip(df.step.astype(int), df.value))
+
+
+def divergence(run) -> list:
+    return [f for f in check_run(run).findings if f.rule == "loss-divergence"]
+
+
+def test_probe_loss_is_the_loss_on_the_probe_batch_with_each_steps_weights(tmp_path):
+    """Dropout on: the probe reads eval mode, as this test does; training is unchanged."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 32), nn.Dropout(0.3), nn.Tanh(), nn.Linear(32, 2))
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(2)
+    x0, y0 = torch.randn(16, 6, generator=g), torch.randn(16, 2, generator=g)
+
+    def probe(model: nn.Module) -> torch.Tensor:
+        return F.mse_loss(model(x0), y0)
+
+    expected = {}
+    config = RecorderConfig(online_rules=False)
+    with Recorder(net, tmp_path / "run", config, forward=probe) as rec:
+        for step in range(STEPS):
+            x, y = torch.randn(16, 6, generator=g), torch.randn(16, 2, generator=g)
+            loss = F.mse_loss(net(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            rec.step(loss)
+            net.eval()
+            with torch.no_grad():
+                expected[step] = F.mse_loss(net(x0), y0).item()
+            net.train()
+    got = probe_rows(tmp_path / "run")
+    assert sorted(got) == [2, 4, 8, 16, 32, STEPS - 1]  # the due steps, and the end
+    assert [got[s] for s in sorted(got)] == pytest.approx(
+        [expected[s] for s in sorted(got)], rel=1e-6
+    )
+
+
+def train_classifier(run, curriculum: bool, jump_at: int | None = None, steps: int = 160):
+    """A logistic task on 10 features. ``curriculum``: early batches keep only the easy rows
+    (|margin| >= 2, almost noise-free labels) for the first 40% of the steps, then the full
+    data with its label noise (the loss rises to the best reachable, ~0.4 nats); ``jump_at``:
+    the lr x1000 from that step on (to 10: Adam then un-learns)."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(10, generator=g)
+    w /= w.norm()
+
+    def sample(n: int, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn(8 * n, 10, generator=g)
+        x = x[(x @ w).abs() >= margin][:n]  # (n, 10)
+        y = (torch.rand(len(x), generator=g) < torch.sigmoid(3 * (x @ w))).long()
+        return x, y
+
+    net = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 2))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    first = sample(128, 2.0 if curriculum else 0.0)
+
+    def probe(model: nn.Module) -> torch.Tensor:
+        return F.cross_entropy(model(first[0]), first[1])
+
+    with Recorder(net, run, RecorderConfig(online_rules=False), forward=probe) as rec:
+        for step in range(steps):
+            if jump_at is not None and step == jump_at:
+                for group in opt.param_groups:
+                    group["lr"] *= 1000
+            margin = 2.0 if curriculum and step < 0.4 * steps else 0.0
+            x, y = first if step == 0 else sample(128, margin)
+            loss = F.cross_entropy(net(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            rec.step(loss)
+
+
+@pytest.mark.slow
+def test_a_curriculum_warns_and_a_divergence_stays_an_error(tmp_path):
+    curriculum, jumped = tmp_path / "curriculum", tmp_path / "jumped"
+    train_classifier(curriculum, curriculum=True)
+    train_classifier(jumped, curriculum=False, jump_at=60)
+    (warning,) = divergence(curriculum)
+    assert warning.severity == "warning" and "got harder" in warning.message
+    probe = probe_rows(curriculum)
+    first, end = probe[min(probe)], probe[max(probe)]
+    assert end < first / 4  # the easy probe batch: still learned at the end
+    (error,) = divergence(jumped)
+    assert error.severity == "error"
+    probe = probe_rows(jumped)
+    best = min(probe.values())
+    assert probe[max(probe)] - best > 0.5 * (probe[min(probe)] - best)  # un-learned there too
+
+
+GAME = """
+import sys
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+torch.manual_seed(0)
+game = sys.argv[1] == "gan"
+G = nn.Sequential(nn.Linear(4, 32), nn.LeakyReLU(0.2), nn.Linear(32, 1))
+D = nn.Sequential(nn.Linear(1, 32), nn.LeakyReLU(0.2), nn.Linear(32, 1))
+og = torch.optim.Adam(G.parameters(), 1e-3, betas=(0.5, 0.999))
+od = torch.optim.Adam(D.parameters(), 1e-3, betas=(0.5, 0.999))
+g = torch.Generator().manual_seed(1)
+for step in range(300):
+    real = 3 + 0.5 * torch.randn(64, 1, generator=g)
+    if game:  # the discriminator, then the generator: the step sums both players' losses
+        fake = G(torch.randn(64, 4, generator=g))
+        ones, zeros = torch.ones(64, 1), torch.zeros(64, 1)
+        ld = F.binary_cross_entropy_with_logits(D(real), ones)
+        ld = ld + F.binary_cross_entropy_with_logits(D(fake.detach()), zeros)
+        od.zero_grad(); ld.backward(); od.step()
+        lg = F.binary_cross_entropy_with_logits(D(fake), ones)
+        og.zero_grad(); lg.backward(); og.step()
+    else:  # one loss, two models under two optimizers after one backward; the lr x1000
+        if step == 100:
+            for opt in (og, od):
+                for group in opt.param_groups:
+                    group["lr"] *= 1000
+        x = torch.randn(64, 4, generator=g)
+        loss = F.mse_loss(D(G(x)), x[:, :1])
+        og.zero_grad(); od.zero_grad(); loss.backward(); og.step(); od.step()
+"""
+
+
+@pytest.mark.slow
+def test_a_gan_is_not_judged_by_its_summed_losses(tmp_path):
+    script = tmp_path / "game.py"
+    script.write_text(GAME)
+    config = RecorderConfig(online_rules=False)
+    profile_training_script(script, ["gan"], tmp_path / "gan", config, budget=300)
+    profile_training_script(script, ["one"], tmp_path / "one", config, budget=300)
+    assert divergence(tmp_path / "gan") == []
+    losses = stabscope.load_run(tmp_path / "gan", metrics=["loss"]).value
+    assert losses.iloc[-20:].median() > losses.iloc[20:40].median() * 1.05  # it rose
+    (error,) = divergence(tmp_path / "one")
+    assert error.severity == "error"
