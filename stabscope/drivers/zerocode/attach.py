@@ -130,6 +130,10 @@ class ScriptRecording:
         self._owners = StepOwners([], set())
         self._steps_before: dict[int, int] = {}  # per optimizer, steps before the model
         self._other_roots: set[int] = set()  # trained root modules outside the model
+        # Optimizers that stepped on parameters outside the recorded model once it was
+        # found (a second phase's model, a student after its teacher), by id: [class name,
+        # steps, the run's step at the first one].
+        self._outside: dict[int, list[Any]] = {}
         self._hooks: list[Any] = []
         self._probe_batch: FirstTrainingCall | None = None
         self._probe_loss: ProbeLoss | None = None
@@ -171,7 +175,7 @@ class ScriptRecording:
         if rec is None:
             write_empty_run(self.out, self.config, self.run_info, self.notes, status, error)
             return
-        notes = list(self.notes)
+        notes = [*self.notes, *self._outside_notes()]
         if self.losses.steps_without_loss and self.steps_marked:
             notes.append(
                 f"no loss for {self.losses.steps_without_loss} of {self.steps_marked} steps: "
@@ -314,6 +318,23 @@ class ScriptRecording:
             return
         if self._owners.stepped(optimizer):
             self._end_step(self.recorder)
+        elif not self._owners.owns(optimizer):
+            seen = self._outside.setdefault(
+                id(optimizer), [type(optimizer).__name__, 0, self.recorder.step_index]
+            )
+            seen[1] += 1
+
+    def _outside_notes(self) -> list[str]:
+        """What trained outside the recorded model, one note per optimizer: a run must not
+        read as the whole training when it was one of its models."""
+        model = self.run_info.get("model", "the model")
+        return [
+            f"another optimizer ({name}) stepped {steps} times from step {first} on "
+            f"parameters outside the recorded model ({model}): that training is not recorded "
+            "(a second model trained after the first, a student after its teacher); to "
+            "record it, train it in a script of its own or give it a stabscope.Recorder"
+            for name, steps, first in self._outside.values()
+        ]
 
     def _end_step(self, rec: Recorder) -> None:
         if self._probe_loss is not None and self.steps_marked == 0:

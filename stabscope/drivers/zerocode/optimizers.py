@@ -84,6 +84,10 @@ class StepOwners:
         """The live owners' class names, by id."""
         return {key: type(o).__name__ for key, o in self._owners.alive().items()}
 
+    def owns(self, optimizer: Optimizer) -> bool:
+        """Whether ``optimizer`` is one of the live owners."""
+        return optimizer in self._owners
+
     def stepped(self, optimizer: Optimizer) -> bool:
         """Note that ``optimizer`` stepped; whether that ended a step of the model."""
         key = id(optimizer)
