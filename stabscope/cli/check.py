@@ -117,6 +117,7 @@ def _check(
     from ..rules.output import failure_lines, to_github, to_json, to_junit
     from ..store.findings import SEVERITIES
     from ..store.rundir import refuse_output_in_run
+    from .verdict import withdrawn
 
     if output_format not in ("table", "json", "github"):
         raise UsageError(f"bad --format {output_format!r}", hint="table, json or github")
@@ -171,6 +172,8 @@ def _check(
         print_findings(findings, err)
         for rule, why in gate.skipped.items():
             err.print(f"[dim]skipped {escape(rule)}: {escape(why)}[/]", soft_wrap=True)
+        for line in withdrawn(run_dir, findings):  # the profile's console showed them
+            err.print(f"[yellow]note:[/] {escape(line)}", soft_wrap=True)
     for line in failure_lines(gate):  # on stderr in every format: never a silent gap
         err.print(f"[bold red]{escape(line)}[/]", soft_wrap=True)
     reasons = [f"{counted(len(failing), 'finding')} at {fail_on} or worse"] if failing else []

@@ -245,6 +245,9 @@ def _print_profile_result(
         return
     # A stopped run's summary says by which finding, on its status line.
     print_summary(headline, err)
+    from .verdict import withdrawn
+
+    notes = [*notes, *withdrawn(run_dir)]
     for note in notes:
         err.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
     where = escape(str(run_dir))

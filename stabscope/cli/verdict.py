@@ -49,7 +49,8 @@ def json_record(
 
 def verdict_line(headline: Summary, findings: list[Finding] | None) -> str:
     """What ``--quiet`` keeps of a run: ``run RUN: complete, 200 steps; findings: 1 error,
-    2 warnings`` (plain text, one line)."""
+    2 warnings`` (plain text, one line), and the live errors that the whole run no longer
+    bears out (``withdrawn``)."""
     line = f"run {headline.run_dir}: {headline.status}, {headline.steps} steps"
     if headline.status_detail:
         line += f" ({headline.status_detail})"
@@ -57,4 +58,37 @@ def verdict_line(headline: Summary, findings: list[Finding] | None) -> str:
         return line + "; findings: the rules did not run"
     counts = [(sum(f.severity == s for f in findings), s) for s in SEVERITIES]
     said = [counted(n, s) for n, s in counts if n]
-    return line + f"; findings: {', '.join(said) or 'none'}"
+    line += f"; findings: {', '.join(said) or 'none'}"
+    gone = withdrawn(headline.run_dir, findings)
+    if gone:
+        line += f"; {'; '.join(gone)}"
+    return line
+
+
+def withdrawn(run_dir: Path, findings: list[Finding] | None = None) -> list[str]:
+    """The live errors (meta.json ``online.findings``, printed as ``error:`` while the run
+    trained) that the rules on the whole run (``findings``; judged here where not given and
+    only where there was a live error) no longer find as errors, each said once: a loss
+    that rose for a while and came back. The live line stays on the console; this says
+    that the verdict on the whole run took it back."""
+    from ..store.run_meta import load_meta
+
+    try:
+        live = (load_meta(run_dir).doc.get("online") or {}).get("findings") or []
+    except (OSError, ValueError):
+        return []
+    live = [f for f in live if isinstance(f, dict) and f.get("severity") == "error"]
+    if not live:
+        return []
+    if findings is None:
+        findings = findings_for(run_dir)[0] or []
+    standing = {(f.rule, f.module) for f in findings if f.severity == "error"}
+    said: dict[tuple[Any, Any], str] = {}
+    for f in live:
+        key = (f.get("rule"), f.get("module"))
+        if key not in standing and key not in said:
+            said[key] = (
+                f"the live error {key[0]} (seen after step {f.get('seen_at')}) is not an "
+                "error of the whole run"
+            )
+    return list(said.values())
