@@ -134,6 +134,7 @@ class ScriptRecording:
         # found (a second phase's model, a student after its teacher), by id: [class name,
         # steps, the run's step at the first one].
         self._outside: dict[int, list[Any]] = {}
+        self._step_optimizers: set[int] = set()  # owners that stepped in this step, by id
         self._hooks: list[Any] = []
         self._probe_batch: FirstTrainingCall | None = None
         self._probe_loss: ProbeLoss | None = None
@@ -227,7 +228,7 @@ class ScriptRecording:
 
     def _start(self, module: nn.Module, params: set[int], owners: list[Optimizer]) -> None:
         self.model = module
-        self._owners = StepOwners(owners, params)
+        self._owners = StepOwners(owners, params, module)
         compiled = compiled_modules(module)
         if compiled:
             self.notes.append(EAGER_NOTE if self.compile_disabled else COMPILE_NOTE)
@@ -316,9 +317,19 @@ class ScriptRecording:
     def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         if self.done or self.recorder is None:
             return
-        if self._owners.stepped(optimizer):
-            self._end_step(self.recorder)
-        elif not self._owners.owns(optimizer):
+        ended = self._owners.stepped(optimizer)
+        if self._owners.repeated:
+            # An owner stepped twice while another never did (an optimizer built and never
+            # stepped, one whose parameters were frozen): the step had ended at the optimizer
+            # step before this one, with the losses up to it.
+            self._end_step(self.recorder, upto=self.losses.before_last_step)
+            if self.done:
+                return
+        if self._owners.owns(optimizer):
+            self._step_optimizers.add(id(optimizer))
+            if ended:
+                self._end_step(self.recorder)
+        else:
             seen = self._outside.setdefault(
                 id(optimizer), [type(optimizer).__name__, 0, self.recorder.step_index]
             )
@@ -336,13 +347,18 @@ class ScriptRecording:
             for name, steps, first in self._outside.values()
         ]
 
-    def _end_step(self, rec: Recorder) -> None:
+    def _end_step(self, rec: Recorder, upto: int | None = None) -> None:
+        """End a step at this step boundary, with the losses seen since the last one (or
+        only the first ``upto`` of them: a step that had ended at an earlier optimizer step)."""
         if self._probe_loss is not None and self.steps_marked == 0:
-            self._probe_loss.step_ended(self.losses.count)
+            self._probe_loss.step_ended(self.losses.count if upto is None else upto)
             self.losses.on_loss = None
-        if self.losses.players:
-            rec.meta["players"] = True  # read by loss-divergence (rules/loss_divergence.py)
-        loss = self.losses.take()
+        if self.losses.backward_after_step and len(self._step_optimizers) > 1:
+            # Optimizers stepped between the backward calls of one step, each on its own
+            # loss: the step's loss sums several players' (read by loss-divergence).
+            rec.meta["players"] = True
+        self._step_optimizers = set()
+        loss = self.losses.take() if upto is None else self.losses.take_first(upto)
         if self.losses.step_constant is not None:
             rec.note_constant_loss(self.losses.step_constant)
         rec.step(loss=loss)

@@ -62,9 +62,11 @@ class LossTap:
         self._originals: tuple[Any, ...] = ()
         self._zeroing: list[tuple[type, Callable[..., Any]]] = []  # (class, its zero_grad)
         self._in_step = False  # inside optimizer.step(): backward comes from a closure
-        # An optimizer stepped between two backward calls of one step (a GAN's discriminator
-        # then its generator): the step's loss sums the losses of several players.
-        self.players = False
+        # An optimizer stepped between two backward calls of this step (a GAN's
+        # discriminator then its generator, where another optimizer steps after it).
+        self.backward_after_step = False
+        # How many of _values each optimizer step of this step had used, in order.
+        self._marks: list[int] = []
         self._closure_counted = False
 
     def optimizer_step(self, running: bool) -> None:
@@ -72,6 +74,13 @@ class LossTap:
         self._in_step, self._closure_counted = running, False
         if not running:
             self._stepped = len(self._values)
+            self._marks.append(self._stepped)
+
+    @property
+    def before_last_step(self) -> int:
+        """How many of this step's losses the optimizer step before the last one had used
+        (0: none): where a step ends that is seen to have ended only at the last."""
+        return self._marks[-2] if len(self._marks) > 1 else 0
 
     def zero_grad(self) -> None:
         """Gradients were thrown away: the losses no optimizer step used since are gone."""
@@ -88,6 +97,21 @@ class LossTap:
         """The step's loss as a 0-d tensor on its device (no host sync), or None."""
         values, unclear, constants = self._values, self._unclear, self._constants
         self.clear()
+        return self._sum(values, constants, unclear)
+
+    def take_first(self, count: int) -> torch.Tensor | None:
+        """The loss of the first ``count`` losses of this step as a step of their own (one
+        that ended at an optimizer step seen only later as a step's end: StepOwners); the
+        rest stay this step's."""
+        values, constants = self._values[:count], self._constants[:count]
+        self._values, self._constants = self._values[count:], self._constants[count:]
+        self._stepped -= count
+        self._marks = [m - count for m in self._marks if m > count]
+        return self._sum(values, constants, self._unclear)
+
+    def _sum(
+        self, values: list[torch.Tensor], constants: list[torch.Tensor | None], unclear: bool
+    ) -> torch.Tensor | None:
         # A step has a constant only where every one of its losses had one.
         read = [c for c in constants if c is not None]
         whole = not unclear and bool(values) and len(read) == len(values)
@@ -101,7 +125,7 @@ class LossTap:
     def clear(self) -> None:
         """Forget the scalars seen since the last step (steps before the model was found)."""
         self._values, self._unclear, self._stepped = [], False, 0
-        self._constants = []
+        self._constants, self._marks, self.backward_after_step = [], [], False
         self._unscaled.clear()
 
     def see_backward(self, tensors: Any, grad_tensors: Any) -> None:
@@ -126,7 +150,7 @@ class LossTap:
         scaled = known is not None and known[0]() is tensors
         value = known[1] if known is not None and scaled else tensors.detach()
         if self._stepped > 0:  # an optimizer already stepped in this step
-            self.players = True
+            self.backward_after_step = True
         self._values.append(value.reshape(()).float())
         if self.on_loss is None and self.on_first_graph is None and not self.read_constants:
             return

@@ -72,17 +72,42 @@ class StepOwners:
     model's parameters later joins; an owner that steps twice before another stepped at all
     drops the silent one (it is not training)."""
 
-    def __init__(self, owners: list[Optimizer], model_params: set[int]) -> None:
+    def __init__(
+        self, owners: list[Optimizer], model_params: set[int], model: nn.Module | None = None
+    ) -> None:
         # Weakly: an optimizer the script replaced (a new one each step, or once to change its
         # settings) is freed, and a step no longer waits for it.
         self._owners = WeakOptimizers(owners)
         self.model_params = model_params
+        # The model, to read its parameters again for an optimizer over none of those it
+        # had (adapters put into it later: LoRA); ids of optimizers found outside it.
+        self._model = model
+        self._outside: set[int] = set()
         self._stepped: set[int] = set()  # owners that stepped since the last step ended
+        # The last optimizer step was an owner's second since the last step's end (the
+        # owners that never stepped were dropped then): the step had ended already, at
+        # the optimizer step before it (attach.py ends it there).
+        self.repeated = False
 
     @property
     def names(self) -> dict[int, str]:
         """The live owners' class names, by id."""
         return {key: type(o).__name__ for key, o in self._owners.alive().items()}
+
+    def _trains_the_model(self, optimizer: Optimizer) -> bool:
+        """Whether ``optimizer`` trains parameters of the model: those it had when found, or
+        those it holds now (read once per optimizer: adapters put into its modules later)."""
+        trained = trained_parameter_ids(optimizer)
+        if trained & self.model_params:
+            return True
+        if self._model is None or id(optimizer) in self._outside:
+            return False
+        now = parameter_ids(self._model)
+        if not trained & now:
+            self._outside.add(id(optimizer))
+            return False
+        self.model_params = self.model_params | now  # the parameters that joined it
+        return True
 
     def owns(self, optimizer: Optimizer) -> bool:
         """Whether ``optimizer`` is one of the live owners."""
@@ -91,13 +116,17 @@ class StepOwners:
     def stepped(self, optimizer: Optimizer) -> bool:
         """Note that ``optimizer`` stepped; whether that ended a step of the model."""
         key = id(optimizer)
+        self.repeated = False
         if optimizer not in self._owners:
-            if not trained_parameter_ids(optimizer) & self.model_params:
+            if not self._trains_the_model(optimizer):
                 return False
             self._stepped.discard(key)  # a freed owner's id, now another optimizer's
             self._owners.add(optimizer)
         if key in self._stepped:
             self._owners.keep(self._stepped)
+            # The owners left behind never stepped: the step had ended before this one.
+            self.repeated = True
+            self._stepped.clear()
         self._stepped.add(key)
         owners = self._owners.alive().keys()
         self._stepped &= owners  # the freed owners dropped
