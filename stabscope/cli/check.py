@@ -113,6 +113,7 @@ def _check(
     from rich.markup import escape
 
     from ..report.console import print_findings
+    from ..rules.base import UNRECORDED
     from ..rules.gate import load_settings, run_gate
     from ..rules.output import failure_lines, to_github, to_json, to_junit
     from ..store.findings import SEVERITIES
@@ -170,8 +171,18 @@ def _check(
             print_findings(failing, err)
     else:
         print_findings(findings, err)
+        # Rules whose metrics this run did not record (a preset without them, no probe
+        # batch): one line; any other reason, one line each.
+        unrecorded = [rule for rule, why in gate.skipped.items() if why.startswith(UNRECORDED)]
+        if unrecorded:
+            err.print(
+                f"[dim]skipped {counted(len(unrecorded), 'rule')} whose metrics this run did "
+                f"not record: {escape(', '.join(unrecorded))} (--format json says which)[/]",
+                soft_wrap=True,
+            )
         for rule, why in gate.skipped.items():
-            err.print(f"[dim]skipped {escape(rule)}: {escape(why)}[/]", soft_wrap=True)
+            if rule not in unrecorded:
+                err.print(f"[dim]skipped {escape(rule)}: {escape(why)}[/]", soft_wrap=True)
         for line in withdrawn(run_dir, findings):  # the profile's console showed them
             err.print(f"[yellow]note:[/] {escape(line)}", soft_wrap=True)
     for line in failure_lines(gate):  # on stderr in every format: never a silent gap

@@ -20,6 +20,9 @@ from ..store.memory import Unwritten
 from .failures import RuleFailure, isolated
 from .view import Request, RunView
 
+#: How the reason of a rule skipped for metrics the run did not record begins.
+UNRECORDED = "not recorded: "
+
 
 @dataclass(frozen=True)
 class Rule:
@@ -131,7 +134,7 @@ def run_rules(
             failed[rule.id] = failure
             continue
         if findings is None:
-            skipped[rule.id] = f"not recorded: {', '.join(rule.needs)}"
+            skipped[rule.id] = f"{UNRECORDED}{', '.join(rule.needs)}"
             continue
         for f in findings:
             override = settings.severity.get(rule.id)
