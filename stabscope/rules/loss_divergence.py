@@ -68,7 +68,13 @@ Two kinds of run are read apart:
   still) ends below its first reading and gave back less than ``give_back`` of its own
   gain, the model kept what it learned and the rise is the data's (a curriculum from easy
   to hard, a stream that drifts): a warning, not an error. A run judged while it trains,
-  whose latest probe reading is older than the loss's end window, stays an error.
+  whose latest probe reading is older than the loss's end window, stays an error;
+- targets that grow: where every step has a ``loss_constant`` (the loss a constant
+  prediction of that step's own targets scores) and the loss over it does not read as
+  diverged by the same tests, the loss rose with its targets' spread (a value network's
+  bootstrapped targets, returns that grow as a policy learns): a warning. A diverging
+  regression or classifier rises against a bar that stays put. The loss checks while a
+  run trains read the losses alone, so this applies to the verdict on the whole run.
 
 What it cannot see: a run that never learned and did not get worse (its ``start`` is its
 ``best``), and one that learned only a little before it stalled; those need a reference the
@@ -84,6 +90,7 @@ collapse is reported while the run trains.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -226,12 +233,20 @@ def held_on_the_probe_batch(
     return None
 
 
-def _loss_divergence(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
-    if a_game(view):
-        return
-    series = finite_losses(view, max(int(p["min_steps"]), 2))
-    if series is None:
-        return
+@dataclass(frozen=True)
+class Divergence:
+    """What the rule read: its message, value and threshold, and the loss's end window."""
+
+    message: str
+    value: float
+    threshold: float
+    last: int
+    w: int
+
+
+def divergence(series: pd.Series, p: dict[str, float]) -> Divergence | None:
+    """The rule's reading of a finite loss series indexed by step (module docstring), or
+    None where it did not diverge."""
     start, best, best_step, end, w = loss_levels(series, int(p["min_window"]))
     gained, rise, last = start - best, end - best, int(series.index[-1])
     # A change counts only past min_z times what the loss's own noise moves a level
@@ -250,8 +265,8 @@ def _loss_divergence(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
             f"to {end:.4g} by step {last}: the run gave back {share} what it had learned "
             f"(medians over {w} steps)"
         )
-        value, threshold = given, p["give_back"]
-    elif (
+        return Divergence(message, given, p["give_back"], last, w)
+    if (
         start != 0
         and end - start >= p["above_start"] * abs(start)
         and _stands_out(
@@ -262,11 +277,34 @@ def _loss_divergence(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
             f"the loss rose from {start:.4g} at the start to {end:.4g} by step {last}: the "
             f"run ends {end / start:.3g}x worse than it started (medians over {w} steps)"
         )
-        value, threshold = (end - start) / abs(start), p["above_start"]
-    else:
+        return Divergence(message, (end - start) / abs(start), p["above_start"], last, w)
+    return None
+
+
+def against_the_bar(view: RunView, series: pd.Series) -> pd.Series | None:
+    """Each step's loss over its ``loss_constant`` (the loss a constant prediction of that
+    step's own targets scores: record/constant_loss.py), where every step has one; None
+    where any lacks it (a loss of several terms, a language model's rare tokens)."""
+    rows = view.metrics("loss_constant")
+    bars = rows[rows.module == RUN_MODULE].groupby("step").value.mean()
+    bars = bars.reindex(series.index).to_numpy(float)
+    if not (np.isfinite(bars) & (bars > 0)).all():
+        return None
+    return series / bars
+
+
+def _loss_divergence(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
+    if a_game(view):
         return
-    severity = "error"
-    held = held_on_the_probe_batch(view, last, w, p["give_back"])
+    series = finite_losses(view, max(int(p["min_steps"]), 2))
+    if series is None:
+        return
+    read = divergence(series, p)
+    if read is None:
+        return
+    severity, message = "error", read.message
+    held = held_on_the_probe_batch(view, read.last, read.w, p["give_back"])
+    relative = against_the_bar(view, series)
     if held is not None:
         severity = "warning"
         message += (
@@ -274,14 +312,21 @@ def _loss_divergence(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
             f"-> {held[2]:.4g} (probe_loss): it kept what it learned there, so its batches "
             "got harder (a curriculum, a drifting stream), not the model worse"
         )
+    elif relative is not None and divergence(relative, p) is None:
+        severity = "warning"
+        message += (
+            "; but over the loss of a constant prediction of each step's own targets "
+            "(loss_constant) it did not: the targets' spread grew with it (a value "
+            "network's bootstrapped targets, a reward that grows as the policy learns)"
+        )
     yield finding(
         LOSS_DIVERGENCE,
         severity,
         message,
         module=RUN_MODULE,
-        step=last,
-        value=value,
-        threshold=threshold,
+        step=read.last,
+        value=read.value,
+        threshold=read.threshold,
         metric="loss",
         remedy="lower the peak learning rate or lengthen the warm-up; clip the gradient; "
         "look at the lr schedule around the step the loss turned, and at the earlier findings",
@@ -304,7 +349,7 @@ LOSS_DIVERGENCE = Rule(
     },
     _loss_divergence,
     "error",
-    (Request(("loss", "probe_loss")),),
+    (Request(("loss", "probe_loss", "loss_constant")),),
 )
 
 RULES = [LOSS_DIVERGENCE]
