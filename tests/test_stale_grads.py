@@ -37,9 +37,13 @@ def zeroing(how: str, model: torch.nn.Module, opt: torch.optim.Optimizer) -> Non
                 p.grad.zero_()
 
 
-def train(run, how: str, accumulate: int = 1, clip: bool = False) -> list[float]:
+def train(
+    run, how: str, accumulate: int = 1, clip: bool = False, logging: bool = False
+) -> list[float]:
     """An MLP regression under Adam; ``how`` zeroes the gradients after each step ("never":
-    not at all). Returns the norm of the gradient each step received, measured here."""
+    not at all); ``logging``: after each step and before that zeroing, one more backward
+    whose gradient norm the loop reads (a logging pass). Returns the norm of the gradient
+    each step received, measured here."""
     torch.manual_seed(0)
     model = mlp()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -55,6 +59,9 @@ def train(run, how: str, accumulate: int = 1, clip: bool = False) -> list[float]
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
             norms.append(torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item())
             opt.step()
+            if logging:
+                (model(x) - y).pow(2).mean().backward()
+                torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
             zeroing(how, model, opt)
             rec.step(loss=loss)
     return norms
@@ -83,6 +90,16 @@ def test_every_way_of_zeroing_is_seen(tmp_path, how):
     train(tmp_path / "r", how, accumulate=2, clip=True)
     assert "gradients-not-zeroed" not in findings(tmp_path / "r")
     assert stabscope.load_run(tmp_path / "r", metrics=["grad_not_zeroed"]).empty
+
+
+def test_a_backward_between_steps_that_is_zeroed_before_the_next_is_not_stale(tmp_path):
+    """A logging pass after the step adds onto the step's gradients; the loop zeroes them
+    before the next step, which receives fresh ones: no finding. The same pass in a loop
+    that never zeroes still is one."""
+    train(tmp_path / "ok", "set_to_none", logging=True)
+    assert "gradients-not-zeroed" not in findings(tmp_path / "ok")
+    train(tmp_path / "never", "never", logging=True)
+    assert findings(tmp_path / "never")["gradients-not-zeroed"].severity == "error"
 
 
 def test_a_closure_optimizer_that_zeroes_in_its_closure(tmp_path):

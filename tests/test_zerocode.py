@@ -577,3 +577,87 @@ def test_a_gradient_penalty_imported_by_name_is_not_the_losss_gradient(tmp_path)
     # d loss / d output: -1/32 for the real call's 32 outputs, +1/32 for the fake's.
     assert grads[grads.step == 0].value.tolist() == pytest.approx([1 / 32, 1 / 32], rel=1e-6)
     assert torch.autograd.grad.__module__ == "torch.autograd"  # given back at the end
+
+
+def printed_and_recorded(tmp_path, capfd, text: str, args: list[str]) -> tuple[list, list]:
+    """The ``LOSS step value`` lines a script printed, and the losses stabscope recorded."""
+    script = tmp_path / "script.py"
+    script.write_text(text)
+    capfd.readouterr()
+    profile_training_script(script, args, tmp_path / "run", RecorderConfig(online_rules=False))
+    printed = [float(line.split()[2]) for line in capfd.readouterr().out.splitlines()
+               if line.startswith("LOSS")]  # fmt: skip
+    return printed, values(tmp_path / "run", stabscope.RUN_MODULE, "loss").value.tolist()
+
+
+CHDIR = """
+import os
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+os.makedirs("elsewhere", exist_ok=True)
+os.chdir("elsewhere")  # as Hydra's hydra.job.chdir does, before the model is built
+torch.manual_seed(0)
+model = nn.Linear(4, 2)
+opt = torch.optim.SGD(model.parameters(), 0.1)
+for step in range(5):
+    x = torch.randn(8, 4)
+    loss = F.cross_entropy(model(x), (x[:, 0] > 0).long())
+    opt.zero_grad(); loss.backward(); opt.step()
+"""
+
+
+def test_a_script_that_changes_directory_records_where_out_said(tmp_path, monkeypatch):
+    """A relative --out means the caller's directory: the run is there, complete, and the
+    script's new directory holds no run (it got the run and its lock before)."""
+    (tmp_path / "chdir.py").write_text(CHDIR)
+    monkeypatch.chdir(tmp_path)
+    result = invoke("profile", "chdir.py", "--out", "runs/here", "-q", "--budget", "5")
+    assert result.exit_code == 0, result.output
+    meta = stabscope.read_meta(tmp_path / "runs" / "here")
+    assert meta["status"] == "complete" and meta["steps"] == 5
+    assert not (tmp_path / "elsewhere" / "runs").exists()
+
+
+BACKWARD_FORMS = """
+import sys
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+opt = torch.optim.Adam(model.parameters(), 1e-2)
+g = torch.Generator().manual_seed(1)
+for step in range(5):
+    x = torch.randn(16, 4, generator=g)
+    out = model(x)
+    l1 = F.cross_entropy(out, (x[:, 0] > 0).long())
+    l2 = out.pow(2).mean()
+    opt.zero_grad()
+    if sys.argv[1] == "direct":  # the call Tensor.backward makes, made by the script
+        torch.autograd.backward(l1 + l2)
+        objective = l1 + l2
+    elif sys.argv[1] == "list":
+        torch.autograd.backward([l1, l2])
+        objective = l1 + l2
+    elif sys.argv[1] == "gradient":
+        (l1 + l2).backward(gradient=torch.tensor(1.0))
+        objective = l1 + l2
+    else:  # weights per loss: the gradients are those of 1.0 * l1 + 0.5 * l2
+        torch.autograd.backward([l1, l2], grad_tensors=[torch.tensor(1.0), torch.tensor(0.5)])
+        objective = l1 + 0.5 * l2
+    opt.step()
+    print("LOSS", step, repr(objective.item()))
+"""
+
+
+@pytest.mark.parametrize("form", ["direct", "list", "gradient", "weights"])
+def test_every_form_of_backward_on_scalars_is_the_steps_loss(tmp_path, capfd, form):
+    """``torch.autograd.backward(loss)`` called by the script (handed on to the first step's
+    loss trace, which calls it again by name: step 0 read it twice before); several scalars
+    in one call, a scalar's ``gradient=``, weights per scalar: the step's loss is the
+    objective the gradients are of, Σ w_i · l_i (no loss was recorded before)."""
+    printed, recorded = printed_and_recorded(tmp_path, capfd, BACKWARD_FORMS, [form])
+    assert len(printed) == 5 and recorded == pytest.approx(printed, rel=1e-6)

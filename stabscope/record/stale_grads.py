@@ -7,10 +7,13 @@ to None (the next backward makes a new tensor). A loop that never zeroes it hand
 optimizer step the sum of all the gradients so far: the update of step t repeats every
 earlier one, the steps grow, and the loss diverges (a whole run: ``loss-divergence`` at the
 end; a few steps: nothing else shows it). ``StaleGradients`` watches one parameter with a
-post-accumulate-grad hook: at the first accumulation after an optimizer step, a ``.grad``
-that is the very tensor the step used, one version on, was added to without being zeroed.
-Anything else (a new tensor, a zeroing in place, a clip or an unscale in between, DDP's copy
-from its buckets) reads as zeroed: the check can miss a loop, never accuse one.
+post-accumulate-grad hook: at each accumulation after an optimizer step it notes whether the
+``.grad`` is the very tensor the step used with one version more per accumulation since,
+added to without being zeroed; the next optimizer step judges the gradients it receives by
+the last of those notes. A backward between steps that the script zeroes before the next
+step (a gradient-norm logging pass, a saliency map) is not the next step's. Anything else (a
+new tensor, a zeroing in place, a clip or an unscale in between, DDP's copy from its
+buckets) reads as zeroed: the check can miss a loop, never accuse one.
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ class StaleGradients:
         self._param = param
         self._handle: Any = param.register_post_accumulate_grad_hook(self._accumulated)
         self._stepped: GradMark | None = None  # .grad as the last optimizer step left it
+        self._since = 0  # accumulations into param's .grad since that step
+        self._onto = False  # the last of them added onto that step's gradients, unzeroed
         self._steps_it: dict[int, bool] = {}  # optimizer id -> whether it steps param
         self.stale = False  # this step's gradients were added onto the last step's
 
@@ -66,16 +71,19 @@ class StaleGradients:
             groups = optimizer.param_groups
             self._steps_it[key] = any(p is self._param for g in groups for p in g["params"])
         if self._steps_it[key]:
-            self._stepped = GradMark.of([self._param])
+            # The gradients this step received, judged by the last accumulation since the
+            # step before; then the watch starts again from what this step left.
+            self.stale |= self._onto
+            self._stepped, self._since, self._onto = GradMark.of([self._param]), 0, False
 
     def _accumulated(self, param: torch.Tensor) -> None:
-        stepped, self._stepped = self._stepped, None  # the first accumulation only
-        if stepped is None:
+        if self._stepped is None:
             return
+        self._since += 1
         now = GradMark.of([param])
-        if now is not None:
-            # One version on from the step's: backward's own addition, and nothing before it.
-            self.stale |= not stepped.changed_by_more_than(now, 1)
+        # One version on from the step's per accumulation since: backward's own additions,
+        # and no zeroing between them.
+        self._onto = now is not None and not self._stepped.changed_by_more_than(now, self._since)
 
     def take(self) -> bool:
         """Whether this step's gradients were stale; clears it for the next step."""

@@ -24,7 +24,9 @@ DEFAULTS = {"allow_incomplete": 0.0}
 
 def _run_status(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     state = run_state(view.run_dir, view.meta)
-    steps = view.meta.recorded_steps
+    # Every step, not only those the schedule probed in full (a meta.json without the count
+    # of steps has the recorded ones).
+    steps = view.meta.steps or view.meta.recorded_steps
     if state.status == "failed":
         error = view.meta.error or {}
         what = f"{error.get('type', 'error')}: {error.get('message', '')}".strip(": ")
@@ -36,7 +38,7 @@ def _run_status(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
         yield finding(
             RUN_STATUS,
             "error",
-            f"the run ended as failed after {steps} recorded steps: {what or 'no error saved'}",
+            f"the run ended as failed after {steps} steps: {what or 'no error saved'}",
             value=float(steps),
             remedy=f"{hint}; then profile again"
             if hint

@@ -35,6 +35,31 @@ from ...record.constant_loss import constant_read, merge_reads
 from ...record.hook_context import compiling, in_backward
 
 
+def weighted_scalars(tensors: Any, grads: Any) -> torch.Tensor | None:
+    """Σ w_i · l_i over the floating scalars ``tensors`` (one, or a list) with the weights
+    ``grads`` of a ``backward`` call (None, one, or a list, None meaning 1), detached, on the
+    first's device, no host sync; None where any is not a floating scalar (a vector's
+    backward with a given gradient is no loss)."""
+    many = isinstance(tensors, (tuple, list))
+    losses = list(tensors) if many else [tensors]
+    weights = list(grads) if isinstance(grads, (tuple, list)) else [grads] * len(losses)
+    if not losses or len(weights) != len(losses):
+        return None
+    total = None
+    for loss, weight in zip(losses, weights):
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            return None
+        if not loss.is_floating_point():
+            return None
+        term = loss.detach().reshape(()).float()
+        if weight is not None:
+            if not isinstance(weight, torch.Tensor) or weight.numel() != 1:
+                return None
+            term = term * weight.detach().reshape(()).float().to(term.device)
+        total = term if total is None else total + term.to(total.device)
+    return total
+
+
 class LossTap:
     """Collects the loss scalars of the current step; ``take()`` ends the step."""
 
@@ -68,6 +93,7 @@ class LossTap:
         # How many of _values each optimizer step of this step had used, in order.
         self._marks: list[int] = []
         self._closure_counted = False
+        self._inside_backward = False  # inside the wrapped torch.autograd.backward
 
     def optimizer_step(self, running: bool) -> None:
         """Told by the optimizer step hooks when a step starts (True) and ends (False)."""
@@ -138,23 +164,32 @@ class LossTap:
             tensors = tensors[0]
         if isinstance(grad_tensors, (tuple, list)) and all(g is None for g in grad_tensors):
             grad_tensors = None
-        if (
-            not isinstance(tensors, torch.Tensor)
-            or grad_tensors is not None
-            or tensors.numel() != 1
-            or not tensors.is_floating_point()
-        ):
+        if grad_tensors is not None or not isinstance(tensors, torch.Tensor):
+            # Several scalars at once, or weights given (``backward(gradient=w)``): the
+            # objective the gradients are of is Σ w_i · l_i (w_i = 1 where not given).
+            objective = weighted_scalars(tensors, grad_tensors)
+            if objective is None:
+                self._unclear = True
+                return
+            self._append(objective, None)
+            return
+        if tensors.numel() != 1 or not tensors.is_floating_point():
             self._unclear = True
             return
         known = self._unscaled.get(id(tensors))
         scaled = known is not None and known[0]() is tensors
         value = known[1] if known is not None and scaled else tensors.detach()
+        graph = known[2]() if known is not None and scaled else tensors
+        self._append(value, graph)
+
+    def _append(self, value: torch.Tensor, graph: torch.Tensor | None) -> None:
+        """One backward call's loss ``value``, and what is read from its ``graph`` (None: a
+        sum of several, or weighted: no loss function, no constant prediction read)."""
         if self._stepped > 0:  # an optimizer already stepped in this step
             self.backward_after_step = True
         self._values.append(value.reshape(()).float())
         if self.on_loss is None and self.on_first_graph is None and not self.read_constants:
             return
-        graph = known[2]() if known is not None and scaled else tensors
         if self.read_constants:  # before its backward frees the targets it saved
             self._constants.append(constant_read(graph) if graph is not None else None)
         if graph is None:
@@ -178,11 +213,17 @@ class LossTap:
         self._originals = (original_backward, original_scale)
 
         def backward(tensors: Any, grad_tensors: Any = None, *args: Any, **kwargs: Any) -> Any:
-            if not compiling() and not in_backward():
+            # Once per call: torch.autograd.backward hands a call on to a TorchFunctionMode
+            # (the loss trace of the first step), which calls it again by its module name.
+            if not compiling() and not in_backward() and not self._inside_backward:
                 if self.before_backward is not None:
                     self.before_backward()
                 self.see_backward(tensors, grad_tensors)
-            return original_backward(tensors, grad_tensors, *args, **kwargs)
+            entered, self._inside_backward = self._inside_backward, True
+            try:
+                return original_backward(tensors, grad_tensors, *args, **kwargs)
+            finally:
+                self._inside_backward = entered
 
         def scale(scaler: Any, outputs: Any) -> Any:
             scaled = original_scale(scaler, outputs)

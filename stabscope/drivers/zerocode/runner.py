@@ -136,6 +136,9 @@ def profile_training_script(
         raise UsageError(f"--budget must be positive, got {budget}", hint="e.g. --budget 10000")
     if budget is None and stop_script:
         budget = max_steps
+    # The run is written where ``out`` means now: the script may change the working
+    # directory (os.chdir, Hydra's hydra.job.chdir) before the model is found.
+    out = Path(os.path.abspath(out))
     run_info: dict[str, Any] = {
         "script": str(path),
         "script_args": list(args),
