@@ -16,6 +16,7 @@ import pytest
 import stabscope
 from stabscope import RecorderConfig
 from stabscope.drivers.zerocode import profile_training_script
+from stabscope.rules import check_run
 
 TWO_PHASES = """
 import sys
@@ -57,12 +58,17 @@ def test_a_second_model_trained_after_the_first_is_named_in_a_note(tmp_path):
     assert meta["status"] == "complete" and meta["steps"] == 30
     (note,) = [n for n in meta["notes"] if n.startswith("another optimizer")]
     assert "(SGD) stepped 20 times from step 30" in note and "not recorded" in note
+    assert meta["unrecorded_training"] == [{"optimizer": "SGD", "steps": 20, "from_step": 30}]
+    # The gate says so too: the verdict is on the teacher's training alone.
+    (said,) = [f for f in check_run(tmp_path / "student").findings if f.rule == "run-status"]
+    assert said.severity == "warning" and "stepped 20 times from step 30" in said.message
     profile_training_script(script, ["same"], tmp_path / "same", config)
     meta = json.loads((tmp_path / "same" / "meta.json").read_text())
     # Its steps are the run's (the one at the hand-over, where both optimizers own the
     # model for a step, is merged into the next: StepOwners).
     assert meta["steps"] >= 49
     assert not [n for n in meta["notes"] if n.startswith("another optimizer")]
+    assert "unrecorded_training" not in meta
 
 
 LORA = """

@@ -86,6 +86,25 @@ def _run_status(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
             remedy="check it again once training ends",
         )
     yield from _damaged_parts(view, p)
+    yield from _unrecorded_training(view)
+
+
+def _unrecorded_training(view: RunView) -> Iterator[Finding]:
+    """Optimizers that stepped on parameters outside the recorded model (meta.json
+    ``unrecorded_training``: a second model trained after the first, a student after its
+    teacher, the real training after a learning-rate finder on a copy): the verdict is on
+    the recorded model's training alone. A warning: what was recorded is sound."""
+    for entry in view.meta.doc.get("unrecorded_training") or []:
+        yield finding(
+            RUN_STATUS,
+            "warning",
+            f"part of the training was not recorded: another optimizer ({entry['optimizer']}) "
+            f"stepped {entry['steps']} times from step {entry['from_step']} on parameters "
+            "outside the recorded model; the findings are on the recorded model alone",
+            value=float(entry["steps"]),
+            remedy="train each model in a script of its own, or give the model you want "
+            "judged a stabscope.Recorder",
+        )
 
 
 def _damaged_parts(view: RunView, p: dict[str, float]) -> Iterator[Finding]:

@@ -228,6 +228,12 @@ META = Record(
         "loss_function": STR,
         "loss_classes": INT,
         "players": BOOL,
+        "unrecorded_training": ListOf(
+            Record(
+                {"optimizer": STR, "steps": INT, "from_step": INT},
+                required=("optimizer", "steps", "from_step"),
+            )
+        ),
         "loss_broadcast": Record(
             {
                 "function": STR,

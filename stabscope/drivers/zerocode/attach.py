@@ -177,6 +177,11 @@ class ScriptRecording:
             write_empty_run(self.out, self.config, self.run_info, self.notes, status, error)
             return
         notes = [*self.notes, *self._outside_notes()]
+        if self._outside:  # read by the run-status rule: part of the training is not here
+            rec.meta["unrecorded_training"] = [
+                {"optimizer": name, "steps": steps, "from_step": first}
+                for name, steps, first in self._outside.values()
+            ]
         if self.losses.steps_without_loss and self.steps_marked:
             notes.append(
                 f"no loss for {self.losses.steps_without_loss} of {self.steps_marked} steps: "
