@@ -18,6 +18,7 @@ from stabscope.store import RUN_MODULE
 
 SCRIPT = """
 import sys
+import time
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,6 +33,7 @@ for step in range(240):
     if sys.argv[1] == "jump" and step == 120:
         for group in opt.param_groups:
             group["lr"] *= 1000
+    time.sleep(float(sys.argv[2]) if len(sys.argv) > 2 else 0.0)  # a data loader's wait
     x = torch.randn(64, 4, generator=g)
     y = scale * (torch.sin(x @ w) + 0.3 * torch.randn(64, generator=g))
     loss = F.mse_loss(net(x).squeeze(1), y)
@@ -61,3 +63,20 @@ def test_a_loss_that_grows_with_its_targets_is_a_warning(tmp_path, case):
         assert bar.iloc[-20:].median() > 20 * bar.iloc[40:60].median()
     else:
         assert relative is not None and found.severity == "error"
+
+
+def test_while_it_trains_targets_that_grow_do_not_stop_the_run(tmp_path):
+    """The same growing targets judged while the run trains, under ``--on-error stop``, 10 ms
+    a step so that the loss checks run through the rise: each check reads every step's bar
+    beside its loss (those synced and those still in host memory), and none stops it."""
+    script = tmp_path / "targets.py"
+    script.write_text(SCRIPT)
+    run = tmp_path / "grow"
+    profile_training_script(
+        script, ["grow", "0.01"], run, RecorderConfig(), budget=240, on_error="stop"
+    )
+    meta = stabscope.read_meta(run)
+    assert meta["status"] == "complete" and meta["steps"] == 240
+    assert meta["online"]["loss_checks"] >= 2
+    live = [f["rule"] for f in meta["online"].get("findings", [])]
+    assert "loss-divergence" not in live

@@ -15,6 +15,7 @@ emits their rows.
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable
 
 import numpy as np
@@ -88,12 +89,31 @@ class PendingLosses:
         self.last: float | None = None  # the last loss synced
         self.history = LossHistory()
         self._pending: list[tuple[int, torch.Tensor]] = []  # (step, 0-d tensor)
+        # The constant prediction's loss of each step (``loss_constant``), beside the losses
+        # for the loss checks: those synced, and those pending in host memory (step, value).
+        self.bars = LossHistory()
+        self._bars_on_host: deque[tuple[int, float]] = deque()  # in step order
         self._values: list[tuple[int, torch.Tensor, StepDecoder]] = []  # other values
         self._on_host = 0  # pending losses in host memory
 
     def add_values(self, step: int, values: torch.Tensor, decode: StepDecoder) -> None:
         """Keep ``values`` (any shape, on its device) of ``step`` until the next sync."""
         self._values.append((step, values, decode))
+
+    def add_bar(self, step: int, read: torch.Tensor, decode: StepDecoder) -> None:
+        """The step's ``constant_read`` (``loss_constant`` first), kept as other values are;
+        in host memory already (a CPU tensor), the loss checks see its bar at once."""
+        self._values.append((step, read, decode))
+        if read.device.type == "cpu":
+            bar = float(read.reshape(-1)[0])
+            if math.isfinite(bar):
+                self._bars_on_host.append((step, bar))
+
+    def synced_bar(self, step: int, bar: float) -> None:
+        """A step's ``loss_constant`` as the sync decoded it (finite)."""
+        self.bars.extend(np.array([step], np.int32), np.array([bar], np.float32))
+        while self._bars_on_host and self._bars_on_host[0][0] <= step:
+            self._bars_on_host.popleft()  # synced now: in the history
 
     def add(self, step: int, loss: torch.Tensor | float) -> None:
         value = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
@@ -137,13 +157,32 @@ class PendingLosses:
             *pending, phase, self.run_code, metric
         )
 
+    @property
+    def has_bars_on_host(self) -> bool:
+        return bool(self._bars_on_host)
+
+    def bar_chunks(self, phase: int, metric: int) -> tuple[Chunk, Chunk]:
+        """``chunks`` of the steps' ``loss_constant`` (metric code ``metric``)."""
+        host = list(self._bars_on_host)
+        steps = np.array([s for s, _ in host], np.int32)
+        values = np.array([b for _, b in host], np.float32)
+        return _loss_chunk(*self.bars.view(), phase, self.run_code, metric), _loss_chunk(
+            steps, values, phase, self.run_code, metric
+        )
+
     def peek(self, rows: Rows) -> None:
         """Emit into ``rows`` the rows the next sync will write of the pending losses in host
-        memory; nothing is consumed. (Not the other values: no rule that acts online reads
-        them, and decoding them costs ~40 µs a step's worth; they wait for the sync.)"""
+        memory, and their ``loss_constant`` there; nothing is consumed. (Not the other values:
+        no rule that acts online reads them, and decoding them costs ~40 µs a step's worth;
+        they wait for the sync.)"""
         steps, values = self.on_host()
         if len(steps):
             rows.emit("train", self.run_code, 0, "loss", values, step=steps)
+        if self._bars_on_host:  # their bars, which loss-divergence reads the losses against
+            host = list(self._bars_on_host)
+            bars = np.array([b for _, b in host], np.float64)
+            at = np.array([s for s, _ in host], np.int32)
+            rows.emit("train", self.run_code, 0, "loss_constant", bars, step=at)
 
     @property
     def full(self) -> bool:

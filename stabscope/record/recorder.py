@@ -245,6 +245,7 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
     def _decode_constant(self, values: np.ndarray, rows: Rows, step: int) -> None:
         if np.isfinite(values[0]):  # NaN: this step's bar could not be read (no row)
             rows.emit("train", self._run_code, 0, READ_FIELDS[0], values[0], step=step)
+            self.losses.synced_bar(step, float(values[0]))  # for the loss checks
         if np.isfinite(values[1:]).all():  # NaN: a loss without target moments
             for name, value in zip(READ_FIELDS[1:], values[1:]):
                 rows.emit("train", self._run_code, 0, name, value, step=step)
@@ -269,7 +270,7 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
         for values, decode in self.step_norms.take():
             self.losses.add_values(step, values, decode)
         if self._step_constant is not None:
-            self.losses.add_values(step, self._step_constant, self._decode_constant)
+            self.losses.add_bar(step, self._step_constant, self._decode_constant)
             self._step_constant = None
         self.optimizer_watch.record_lr(self.rows, self._run_code, step)
         if self.hooks.attached:

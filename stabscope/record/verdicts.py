@@ -162,8 +162,13 @@ class VerdictActions:
         return True
 
     def _loss_rows(self) -> Unwritten:
-        """Every loss in host memory, as the loss check reads them (no part): O(1) here."""
-        chunks = self.losses.chunks(self.writer.phases("train"), self.writer.metrics("loss"))
+        """Every loss in host memory, and every step's ``loss_constant`` there (what
+        ``loss-divergence`` reads the loss against), as the loss check reads them (no part):
+        O(1) here but for the bars pending on the host."""
+        train = self.writer.phases("train")
+        chunks = self.losses.chunks(train, self.writer.metrics("loss"))
+        if self.losses.bars.n or self.losses.has_bars_on_host:
+            chunks += self.losses.bar_chunks(train, self.writer.metrics("loss_constant"))
         return Unwritten(chunks, self.rank, self.writer.names, with_parts=False)
 
     def _unwritten(self) -> Unwritten:

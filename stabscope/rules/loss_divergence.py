@@ -74,7 +74,7 @@ Two kinds of run are read apart:
   diverged by the same tests, the loss rose with its targets' spread (a value network's
   bootstrapped targets, returns that grow as a policy learns): a warning. A diverging
   regression or classifier rises against a bar that stays put. The loss checks while a
-  run trains read the losses alone, so this applies to the verdict on the whole run.
+  run trains read each step's bar beside its loss (record/losses.py), so it holds there too.
 
 What it cannot see: a run that never learned and did not get worse (its ``start`` is its
 ``best``), and one that learned only a little before it stalled; those need a reference the
