@@ -226,7 +226,6 @@ class SharpnessProbe(BaseProbe):
         )
         self.note: str | None = None
         self.loss_note: str | None = None
-        self._loss_steps: set[int] = set()
         self.last_loss_step: int | None = None  # None: never measured (no optimizer yet)
 
     @property
@@ -293,9 +292,8 @@ class SharpnessProbe(BaseProbe):
         with the data. ``loss-divergence`` reads it to tell a model that un-learned from
         batches that got harder (a curriculum, a drifting stream). Once a step; the first
         error ends these measurements, never the training."""
-        if self.loss_note is not None or step in self._loss_steps:
-            return
-        self._loss_steps.add(step)
+        if self.loss_note is not None or step == self.last_loss_step:
+            return  # steps only go forward: the end can be the last due step
         self.last_loss_step = step
         try:
             with paused(*pause), side_forward(self.model), torch.enable_grad():

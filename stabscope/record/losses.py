@@ -161,13 +161,16 @@ class PendingLosses:
     def has_bars_on_host(self) -> bool:
         return bool(self._bars_on_host)
 
-    def bar_chunks(self, phase: int, metric: int) -> tuple[Chunk, Chunk]:
-        """``chunks`` of the steps' ``loss_constant`` (metric code ``metric``)."""
+    def bars_on_host(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(steps, values)`` of the pending ``loss_constant`` in host memory (a copy)."""
         host = list(self._bars_on_host)
         steps = np.array([s for s, _ in host], np.int32)
-        values = np.array([b for _, b in host], np.float32)
+        return steps, np.array([b for _, b in host], np.float32)
+
+    def bar_chunks(self, phase: int, metric: int) -> tuple[Chunk, Chunk]:
+        """``chunks`` of the steps' ``loss_constant`` (metric code ``metric``)."""
         return _loss_chunk(*self.bars.view(), phase, self.run_code, metric), _loss_chunk(
-            steps, values, phase, self.run_code, metric
+            *self.bars_on_host(), phase, self.run_code, metric
         )
 
     def peek(self, rows: Rows) -> None:
@@ -179,9 +182,7 @@ class PendingLosses:
         if len(steps):
             rows.emit("train", self.run_code, 0, "loss", values, step=steps)
         if self._bars_on_host:  # their bars, which loss-divergence reads the losses against
-            host = list(self._bars_on_host)
-            bars = np.array([b for _, b in host], np.float64)
-            at = np.array([s for s, _ in host], np.int32)
+            at, bars = self.bars_on_host()
             rows.emit("train", self.run_code, 0, "loss_constant", bars, step=at)
 
     @property

@@ -58,7 +58,7 @@ learning-rate ramp or a warm-up past stability give back 69% to far above 100%. 
 recovers moves no median over ``w`` steps, and an lr schedule that ends in a plateau keeps
 ``end`` near ``best``.
 
-Two kinds of run are read apart:
+Three kinds of run are read apart:
 
 - a game (``a_game``: an optimizer stepped between two backward calls of one step, a
   GAN's two halves, an actor and a critic): the step's loss sums the players' scores,
@@ -304,7 +304,7 @@ def _loss_divergence(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
         return
     severity, message = "error", read.message
     held = held_on_the_probe_batch(view, read.last, read.w, p["give_back"])
-    relative = against_the_bar(view, series)
+    relative = against_the_bar(view, series) if held is None else None
     if held is not None:
         severity = "warning"
         message += (

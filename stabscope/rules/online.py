@@ -72,11 +72,11 @@ ACTING = "error"
 ON_ERROR = ("warn", "stop")
 #: The two kinds of check (module docstring).
 LOSS, FULL = "loss", "full"
-#: What the loss check holds: the rules that read only these run its way.
-#: What a loss check reads: the losses, and beside them what ``loss-divergence`` reads with
-#: them: the constant prediction's loss of each step (written with the loss) and the probe
-#: batch's loss (what the parts hold of it; a reading older than the losses' end window
-#: leaves the verdict an error, as it would be without it).
+#: What the loss check holds, and the rules that read only these run its way: the losses,
+#: and beside them what ``loss-divergence`` reads with them: the constant prediction's loss
+#: of each step (written with the loss) and the probe batch's loss (what the parts hold of
+#: it; a reading older than the losses' end window leaves the verdict an error, as it would
+#: be without it).
 LOSS_METRICS = frozenset({"loss", "loss_constant", "probe_loss"})
 
 
