@@ -6,6 +6,7 @@ gradients themselves."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -42,7 +43,11 @@ def train(
             loss.backward()
             if zero_before_step:
                 opt.zero_grad(set_to_none=False)  # the bug: the step sees zero gradients
-            grads = [p.grad.abs().max().item() for p in net.parameters() if p.dim() >= 2]
+            grads = [
+                p.grad.abs().max().item()
+                for p in net.parameters()
+                if p.dim() >= 2 and p.grad is not None
+            ]
             largest = max(largest, *grads)
             opt.step()
             rec.step(loss)
@@ -86,3 +91,57 @@ def test_a_dead_network_is_not_told_that_adams_eps_damps_its_updates(tmp_path):
     train(tmp_path / "big-eps", mlp(False), zero_before_step=False, eps=1.0)
     (f,) = [f for f in check_run(tmp_path / "big-eps").findings if f.rule == "adam-epsilon"]
     assert 0 < f.value < 10
+
+
+class TwoStage(nn.Module):
+    """A front (8 -> 64 -> 64) and a back (64 -> 4); ``cut`` decides how the front's output
+    reaches the back: through the graph, ``detach`` (the bug), or ``no_grad`` (a front meant
+    to stay frozen while an optimizer still holds it). ``side`` is a small module whose
+    output is computed and never used."""
+
+    def __init__(self, cut: str, side: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.front = nn.Sequential(nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, 64))
+        self.back = nn.Linear(64, 4)
+        self.side = nn.Linear(64, 2) if side else None
+        self.cut = cut
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cut == "no_grad":
+            with torch.no_grad():
+                h = self.front(x)
+        else:
+            h = self.front(x)
+        if self.cut == "detach":
+            h = h.detach()
+        if self.side is not None:
+            self.side(h)  # computed, never reaches the loss
+        return self.back(h)
+
+
+def test_a_front_cut_off_by_detach_is_an_error_and_one_frozen_under_no_grad_is_not(tmp_path):
+    for cut in ("detach", "no_grad"):
+        net = TwoStage(cut)
+        change, _ = train(tmp_path / cut, net, zero_before_step=False)
+        # The reference: the front's weights never moved, and never got a gradient.
+        assert all(bool((change[f"front.{i}.weight"] == 0).all()) for i in (0, 2))
+        assert all(p.grad is None for p in net.front.parameters())
+        assert bool((change["back.weight"] != 0).any())
+    (f,) = found(tmp_path / "detach")
+    share = (8 * 64 + 64 * 64) / (8 * 64 + 64 * 64 + 64 * 4)  # values of the cut matrices
+    assert (f.severity, f.metric, f.module) == ("error", "param_grad_norm", "front.0.weight")
+    assert f.value == pytest.approx(share) and "front.2.weight" in f.message
+    assert f"at any of the {STEPS} recorded steps" in f.message and ".detach()" in f.remedy
+    # Run under no_grad its modules' outputs never entered the graph: frozen on purpose.
+    assert found(tmp_path / "no_grad") == []
+
+
+def test_a_small_module_whose_output_never_reaches_the_loss_is_a_warning(tmp_path):
+    net = TwoStage("graph", side=True)
+    change, _ = train(tmp_path / "side", net, zero_before_step=False)
+    assert bool((change["side.weight"] == 0).all()) and net.side.weight.grad is None
+    (f,) = found(tmp_path / "side")
+    reached = 8 * 64 + 64 * 64 + 64 * 4
+    assert (f.severity, f.module) == ("warning", "side.weight")
+    assert f.value == pytest.approx(64 * 2 / (reached + 64 * 2))

@@ -14,7 +14,7 @@ import torch
 import stabscope
 from stabscope.drivers.script import ScriptConfig
 from stabscope.rules import check_run
-from stabscope.rules.spikes import DEFAULTS, spikes
+from stabscope.rules.spikes import DEFAULTS, LOSS_SPIKE, _finding, spikes
 
 STEPS, CORRUPT = 200, 150
 
@@ -106,3 +106,17 @@ def test_a_flat_window_then_a_jump_is_a_spike():
     series = pd.Series([2.0] * 30 + [2.5])
     found = spikes(series, {**DEFAULTS, "min_rise": 0.1})
     assert found.step.tolist() == [30] and found.z.iloc[0] == np.inf
+
+
+def test_an_early_spike_names_the_steps_its_window_held():
+    """At step 29 a window of 64 holds the 29 values before it: the z-score and the message
+    read those, not 64."""
+    rng = np.random.default_rng(1)
+    values = 3.0 + 0.1 * rng.standard_normal(60)
+    values[29] += 2.0
+    found = spikes(pd.Series(values), {**DEFAULTS, "min_rise": 0.1})
+    assert found.step.tolist() == [29] and found.seen.iloc[0] == 29
+    z = (values[29] - values[:29].mean()) / values[:29].std()
+    assert found.z.iloc[0] == pytest.approx(z, rel=1e-9)
+    message = _finding(LOSS_SPIKE, "the loss", found, {**DEFAULTS, "min_rise": 0.1}, "").message
+    assert "the previous 29 steps" in message

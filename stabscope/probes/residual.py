@@ -132,8 +132,9 @@ class ResidualProbe(BaseProbe):
         probe = cls(ctx.structure, ctx.modules, ctx.codes, ctx.listeners)
         if probe.skipped:
             ctx.notes.append(
-                f"residual stats skipped for {len(probe.skipped)} "
-                f"branches without a norm to read the stream from"
+                f"residual stats skipped for {len(probe.skipped)} branches without a norm "
+                "to read the stream from, or whose f is no module's output (an activation "
+                "or a gate applied to it inline)"
             )
         ctx.shared["norms_read"] = probe.norms_read  # the norm-input probe leaves them out
         return probe
@@ -166,7 +167,9 @@ class ResidualProbe(BaseProbe):
 
     @staticmethod
     def _measurable(b: Branch, modules: dict[str, nn.Module]) -> bool:
-        return b.norm is not None and b.norm in modules and b.output in modules
+        return (
+            b.norm is not None and b.norm in modules and b.output in modules and not b.transformed
+        )
 
     def _hold(self, i: int, value: Any) -> None:
         t = primary_tensor(value)

@@ -24,7 +24,7 @@ from ..store import interrupts
 from ..store import lock as locks
 from ..store.rank_errors import merge_rank_errors, write_rank_error
 from ..structure import discover
-from . import clip_sites, grad_calls
+from . import clip_sites, grad_calls, warning_display
 from .run_meta import error_entry
 
 _Run = TypeVar("_Run", bound="RunLifecycle")
@@ -65,6 +65,7 @@ class RunLifecycle:
         if self._started:
             return self
         self._started = True
+        warning_display.install()  # the script's warnings once per location, as without us
         self._signals = interrupts.install()
         atexit.register(self._close_at_exit)
         if self.structure is None and self.forward is not None:

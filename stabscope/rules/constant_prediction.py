@@ -92,9 +92,10 @@ def _still_warming_up(view: RunView) -> bool:
 
 def at_planned_end(view: RunView, min_steps: float) -> tuple[int, int] | None:
     """(the planned steps, the steps seen) of a run that reached its planned end
-    (meta.json's ``lr_plan.budget``) and plans at least ``min_steps`` steps; None for a run
-    not there yet, or too short to expect learning."""
-    budget = view.meta.budget
+    (meta.json's ``lr_plan.budget``, or the last step of a training script that ran to its
+    own end) and plans at least ``min_steps`` steps; None for a run not there yet, or too
+    short to expect learning."""
+    budget = view.meta.planned_end
     seen = view.until if view.until is not None else view.meta.steps
     if budget is None or seen < budget or budget < min_steps:
         return None

@@ -30,7 +30,7 @@ frozen backbone leaves other steps or other matrices moving, so neither counts.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -82,22 +82,18 @@ def _unstepped(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     reached = sorted(alive & unstepped)
     if not reached:
         return
-    numel = {q["name"]: int(q.get("numel", 0)) for q in meta.parameters}
-    total = sum(numel.get(n, 0) for n in alive if n in meta.trainable | meta.unstepped)
-    share = sum(numel.get(n, 0) for n in reached) / total if total else 1.0
-    severity = "error" if share >= p["unstepped_share"] else "warning"
-    named = ", ".join(reached[:3]) + (f" and {len(reached) - 3} more" if len(reached) > 3 else "")
-    yield finding(
-        NO_UPDATE,
-        severity,
-        f"{len(reached)} weight matrices receive gradients but no optimizer holds them, so "
-        f"they never change: {share:.1%} of the values of the weight matrices that get a "
-        f"gradient ({named})",
+    whole = {n for n in alive if n in meta.trainable | meta.unstepped}
+    yield _part(
+        view,
+        reached,
+        whole,
+        p,
+        lambda share, named: (
+            f"{len(reached)} weight matrices receive gradients but no "
+            f"optimizer holds them, so they never change: {share:.1%} of the values of the weight "
+            f"matrices that get a gradient ({named})"
+        ),
         step=int(grads[grads.module.isin(unstepped)].step.max()),
-        value=share,
-        threshold=p["unstepped_share"],
-        metric="param_grad_norm",
-        module=reached[0],
         remedy="build the optimizer from every parameter that should train "
         "(model.parameters(), after every module is added, and from the model object the "
         "loop trains: one built before `model = copy.deepcopy(model)` or a reload holds the "
@@ -106,8 +102,86 @@ def _unstepped(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     )
 
 
+def _cut_off(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
+    """Weight matrices an optimizer holds whose module ran inside the autograd graph (its
+    output required grad on a recorded training step: not under ``no_grad``), yet which
+    never received a gradient at any recorded step, while other matrices did: the graph is
+    cut between them and the loss (module docstring)."""
+    meta = view.meta
+    if run_state(view.run_dir, meta).status == "running":
+        return  # a part may join the graph later (a frozen body released): judged at the end
+    grads = view.metrics("param_grad_norm")
+    trained = view.matrices & meta.trainable
+    recorded = {int(s) for s in grads.step}
+    if grads.empty or len(recorded) < p["min_steps"]:
+        return
+    # NaN counts as reached (the gradient got there); only an exact 0, or no gradient at all
+    # (no row: ``.grad`` stayed None), does not.
+    reached = set(grads.module[grads.value.to_numpy(float) != 0]) & trained
+    if not reached:
+        return  # nothing trains at all: the zero-gradient case below says so
+    in_graph = {m["name"] for m in meta.modules if int(m.get("grad_hooks") or 0) > 0}
+    cut = sorted(
+        name for name in trained - reached if _owner(name) in in_graph
+    )  # their module's output was in the graph, yet no gradient came back to them
+    if not cut:
+        return
+    yield _part(
+        view,
+        cut,
+        reached | set(cut),
+        p,
+        lambda share, named: (
+            f"{len(cut)} weight matrices never received a gradient at any "
+            f"of the {len(recorded)} recorded steps although their modules ran with gradients on, "
+            f"so they never change: {share:.1%} of the values of the trained weight matrices "
+            f"({named})"
+        ),
+        step=max(recorded),
+        remedy="find where the graph is cut between these modules and the loss: a "
+        ".detach() or .data, a tensor rebuilt from .item(), .numpy() or .tolist(), an "
+        "integer cast or an argmax; or an output that never reaches the loss. A part meant "
+        "to stay frozen is frozen with requires_grad_(False) (or run under torch.no_grad())",
+    )
+
+
+def _part(
+    view: RunView,
+    part: list[str],
+    whole: set[str],
+    p: dict[str, float],
+    says: Callable[[float, str], str],
+    step: int,
+    remedy: str,
+) -> Finding:
+    """The finding on weight matrices ``part`` that never change, among ``whole``: an error
+    where they hold ``unstepped_share`` of its values or more, else a warning. ``says``
+    words it from that share and the first names of ``part``."""
+    numel = {q["name"]: int(q.get("numel", 0)) for q in view.meta.parameters}
+    total = sum(numel.get(n, 0) for n in whole)
+    share = sum(numel.get(n, 0) for n in part) / total if total else 1.0
+    named = ", ".join(part[:3]) + (f" and {len(part) - 3} more" if len(part) > 3 else "")
+    return finding(
+        NO_UPDATE,
+        "error" if share >= p["unstepped_share"] else "warning",
+        says(share, named),
+        step=step,
+        value=share,
+        threshold=p["unstepped_share"],
+        metric="param_grad_norm",
+        module=part[0],
+        remedy=remedy,
+    )
+
+
+def _owner(parameter: str) -> str:
+    """The name of the module that holds ``parameter`` (``<root>`` for the model's own)."""
+    return parameter.rpartition(".")[0] or "<root>"
+
+
 def _no_update(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     yield from _unstepped(view, p)
+    yield from _cut_off(view, p)
     still = {m: _still(view, m, int(p["min_steps"])) for m in CASES}
     # The weights not moving is the fact; zero gradients, where they are seen too, are why
     # (a dead network, or gradients zeroed before the optimizer's step reads them).

@@ -177,6 +177,16 @@ def _outside_ce_range(loss: float, z: pd.Series, head: str) -> str | None:
     )
 
 
+#: meta.json's ``loss_function`` of a regression: its model's outputs are values in the
+#: targets' units, not logits.
+REGRESSION_LOSSES = frozenset({"mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss"})
+
+
+def regression(view: RunView) -> bool:
+    """Whether the run's loss, read from its graph, is a regression's."""
+    return view.meta.doc.get("loss_function") in REGRESSION_LOSSES
+
+
 def init_logit_scale(view: RunView) -> Feature:
     """How far the output softmax is from uniform at init: the logits' span, in nats."""
     name = "init_logit_scale"
@@ -189,7 +199,9 @@ def init_logit_scale(view: RunView) -> Feature:
         return bad
     top, low = (float(z[z.metric == m].value.max()) for m in ("logit_max", "logit_min"))
     step = int(z.step.iloc[0])
-    evidence = f"output logits span {top - low:.4g} nats at step {step} ({low:.4g} to {top:.4g})"
+    # A regression's outputs are values in its targets' units, not logits in nats.
+    what, unit = ("model outputs", "") if regression(view) else ("output logits", " nats")
+    evidence = f"{what} span {top - low:.4g}{unit} at step {step} ({low:.4g} to {top:.4g})"
     return Feature(name, log10(top - low), evidence, step)
 
 

@@ -41,7 +41,8 @@ SOURCES = (
 
 def spikes(series: pd.Series, p: dict[str, float]) -> pd.DataFrame:
     """The spike steps of ``series`` (float values indexed by step, in step order): columns
-    step, value, mean, z. A previous window with zero spread and a rise gives z = inf."""
+    step, value, mean, z, and seen (how many previous values the window held: fewer than
+    ``window`` early on). A previous window with zero spread and a rise gives z = inf."""
     finite = series[np.isfinite(series.to_numpy(float))]
     # A window of at least 2 values; a configured window below min_steps checks once full.
     window = max(int(p["window"]), 2)
@@ -53,7 +54,13 @@ def spikes(series: pd.Series, p: dict[str, float]) -> pd.DataFrame:
     z = z.where(std > 0, np.where(rise > 0, np.inf, 0.0))
     hit = (z > p["z"]) & (rise > p["min_rise"] * mean.abs()) & mean.notna()
     return pd.DataFrame(
-        {"step": finite.index[hit], "value": finite[hit], "mean": mean[hit], "z": z[hit]}
+        {
+            "step": finite.index[hit],
+            "value": finite[hit],
+            "mean": mean[hit],
+            "z": z[hit],
+            "seen": prev.count()[hit],
+        }
     )
 
 
@@ -68,7 +75,7 @@ def _finding(
         "warning",
         f"{what} {first.value:.4g} at step {int(first.step)} is {first.z:.3g} standard "
         f"deviations above the mean {first['mean']:.4g} of the previous "
-        f"{int(p['window'])} steps ({first.value / first['mean']:.2f}x){more}",
+        f"{int(first['seen'])} steps ({first.value / first['mean']:.2f}x){more}",
         module=RUN_MODULE,
         step=int(first.step),
         value=float(first.z),

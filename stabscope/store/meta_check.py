@@ -115,6 +115,7 @@ BRANCH = Record(
         "alpha": MAYBE_NUMBER,
         "stack": STR,
         "position": INT,
+        "transformed": BOOL,
     }
 )
 ATTENTION = Record({"name": STR, "heads": MAYBE_INT, "kv_heads": MAYBE_INT})

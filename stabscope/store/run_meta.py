@@ -229,6 +229,18 @@ class RunMeta(Mapping[str, Any]):
         return budget if isinstance(budget, int) and not isinstance(budget, bool) else None
 
     @property
+    def planned_end(self) -> int | None:
+        """The step count at which the training ends: the ``budget`` where it is known, else
+        the steps seen of a training script that ran to its own end (``run.script_ended``:
+        it returned, so its last step was its last); None where neither is known."""
+        if self.budget is not None:
+            return self.budget
+        run = self.doc.get("run")
+        if isinstance(run, dict) and run.get("script_ended") is True and self.steps > 0:
+            return self.steps
+        return None
+
+    @property
     def optimizers(self) -> list[dict[str, Any]]:
         """Each owned optimizer's class and param groups' settings when it first stepped
         (record/optimizer_settings.py); empty for runs that predate it."""

@@ -30,6 +30,10 @@ class Branch:
     alpha: float
     stack: str = ""  # encoder | decoder | "" (decoder-only or encoder-only)
     position: int = 0  # index among the branches of its stack, in forward order
+    # f is an elementwise function of ``output``'s output, not that output itself: an
+    # activation (x + gelu(W·h)) or a gate or scale (adaLN-Zero's x + g·attn(h), LayerScale,
+    # ReZero): the block is a block, but the residual stats, which need f, skip the branch.
+    transformed: bool = False
 
 
 @dataclass

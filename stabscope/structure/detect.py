@@ -23,6 +23,7 @@ from .kinds import (
     stack_of,
 )
 from .trace import Call, Trace
+from .transformed import transformed_branch
 
 _TOL = 1e-4
 #: A parallel block's two added terms are looked for among this many latest-finishing
@@ -109,7 +110,7 @@ def analyse_block(trace: Trace, block: Call) -> tuple[list[Branch], list[Attenti
             for w in latest:
                 alpha = residual_alpha(t, stream, w)
                 if alpha is not None:
-                    return time, t, consumer, (maker(w),), alpha
+                    return time, t, consumer, (maker(w),), alpha, False
             # A parallel block (GPT-J, GPT-NeoX, Phi): x + attn(LN1 x) + mlp(LN2 x) in one
             # sum, no tensor between: two branch outputs added to the stream at once.
             for i, w1 in enumerate(latest[:PAIRED]):
@@ -119,14 +120,18 @@ def analyse_block(trace: Trace, block: Call) -> tuple[list[Branch], list[Attenti
                     alpha = residual_alpha(t, stream, w1 + w2.reshape(w1.shape))
                     if alpha is not None:
                         pair = sorted((maker(w1), maker(w2)), key=lambda c: c.start)
-                        return time, t, consumer, tuple(pair), alpha
+                        return time, t, consumer, tuple(pair), alpha, False
+            # x + h(w): an activation or a gate applied to the module's output inline.
+            for w in latest[:PAIRED]:
+                if transformed_branch(t, stream, w, tolerance(t)):
+                    return time, t, consumer, (maker(w),), 1.0, True
         return None
 
     branches: list[Branch] = []
     stream, since = block.input, block.start
     found = next_add(stream, since)
     while found is not None:
-        time, t, consumer, makers, alpha = found
+        time, t, consumer, makers, alpha, transformed = found
         out_call = makers[-1]
         norm_after = (
             consumer
@@ -174,7 +179,14 @@ def analyse_block(trace: Trace, block: Call) -> tuple[list[Branch], list[Attenti
             around = [trace.calls[p] for p in _ancestors(trace, made, block)]
             branches.append(
                 _branch(
-                    block, covered, made, norm_after if is_post else None, pre_norm, alpha, around
+                    block,
+                    covered,
+                    made,
+                    norm_after if is_post else None,
+                    pre_norm,
+                    alpha,
+                    around,
+                    transformed,
                 )
             )
         if is_post:
@@ -185,9 +197,12 @@ def analyse_block(trace: Trace, block: Call) -> tuple[list[Branch], list[Attenti
 
 
 def _found_misfit(found: tuple, stream: torch.Tensor) -> float:
-    """``_misfit`` of a sum ``next_add`` found, (time, t, consumer, makers, α), with the
-    makers' outputs added up as its f."""
-    _, t, _, makers, alpha = found
+    """``_misfit`` of a sum ``next_add`` found, (time, t, consumer, makers, α,
+    transformed), with the makers' outputs added up as its f; 1 for a transformed one,
+    whose f is no module's output: any exact fit ranks first."""
+    _, t, _, makers, alpha, transformed = found
+    if transformed:
+        return 1.0
     flat = [v.detach().reshape(-1).double() for v in (t, stream)]
     f = sum(m.output.detach().reshape(-1).double() for m in makers)
     return _misfit(flat[0], flat[1], f, alpha)
@@ -234,6 +249,7 @@ def _branch(
     pre_norm: Call | None,
     alpha: float,
     around: list[Call],
+    transformed: bool = False,
 ) -> Branch:
     # ``around``: the calls inside the block that enclose out_call, innermost first. A module
     # that adds the stream itself (BLOOM's attention and MLP, MPT's MLP take the residual as an
@@ -254,7 +270,16 @@ def _branch(
     else:
         placement = "pre"
         norm = pre_norm.name if pre_norm is not None else None
-    return Branch(name, out_call.name, kind, placement, norm, round(alpha, 6), stack_of(block.name))
+    return Branch(
+        name,
+        out_call.name,
+        kind,
+        placement,
+        norm,
+        round(alpha, 6),
+        stack_of(block.name),
+        transformed=transformed,
+    )
 
 
 def _last_projection(covered: list[Call], out_call: Call) -> str:

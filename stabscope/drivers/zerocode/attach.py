@@ -166,8 +166,15 @@ class ScriptRecording:
         if self._probe_loss is not None:
             self._probe_loss.abandon()
 
-    def close(self, status: str = "complete", error: BaseException | None = None) -> None:
-        """Remove every hook and wrapper, then close the run. Safe to call twice."""
+    def close(
+        self,
+        status: str = "complete",
+        error: BaseException | None = None,
+        script_ended: bool = False,
+    ) -> None:
+        """Remove every hook and wrapper, then close the run. Safe to call twice.
+        ``script_ended``: the script returned (or exited 0) while this recording was open, so
+        its last step is the end of its training (meta.json's ``run.script_ended``)."""
         if self.closed:
             return
         self.closed = True
@@ -187,7 +194,8 @@ class ScriptRecording:
                 f"no loss for {self.losses.steps_without_loss} of {self.steps_marked} steps: "
                 "no backward call on a single scalar was seen in them"
             )
-        update_meta(rec.meta, notes, run={"dynamo": self._dynamo.since_start()})
+        ended = {"script_ended": True} if script_ended else {}
+        update_meta(rec.meta, notes, run={"dynamo": self._dynamo.since_start(), **ended})
         rec.close(status, error)
 
     # -- root calls: finding the model -------------------------------------------------------

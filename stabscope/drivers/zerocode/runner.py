@@ -179,6 +179,7 @@ def _run(
 ) -> TrainingScriptResult:
     notes: list[str] = []
     ending = "ended"
+    returned = False  # the script ran to its own end: its last step ends its training
     seed_everything(seed)
     start = time.perf_counter()
     try:
@@ -190,6 +191,7 @@ def _run(
             warnings.filterwarnings("ignore", message=_COMPILE_WRAPPER_WARNING)
             recording.install()
             runpy.run_path(str(path), run_name="__main__")
+            returned = True
     except StopOnFinding as stop:
         notes.append(f"{stop} (on error: stop)")
     except StopScript:
@@ -211,7 +213,7 @@ def _run(
         ending = f"called sys.exit({exc.code!r})"
         _require_steps(recording, path, ending)
         when = _steps(recording)
-        recording.close("complete")
+        recording.close("complete", script_ended=True)
         raise UsageError(
             f"{path.name} {ending} {when}; what it recorded is kept and the run in {out} is "
             "complete",
@@ -235,7 +237,7 @@ def _run(
             )
         raise failure from exc
     _require_steps(recording, path, ending)
-    recording.close("complete")
+    recording.close("complete", script_ended=returned)
     rec = recording.recorder
     assert rec is not None
     # Said on the terminal too: without it the forecast lacks the stability index.

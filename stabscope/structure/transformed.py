@@ -1,0 +1,72 @@
+"""Residual adds whose added term is no module's output: x + h(w), h elementwise.
+
+``detect`` claims an add t = α·x + f where f *is* a module's output. Many blocks add a
+function of it instead: an activation applied inline (a message-passing layer's
+``h + gelu(W·m)``), or a gate or scale (adaLN-Zero's ``x + g·attn(h)`` with g per sample
+and channel, LayerScale's per-channel γ, ReZero's scalar α). Here t = x + h(w) is checked
+for w a module's output and h either an activation from a short list, or a product with a
+gate fitted by least squares over the dims it is shared along (every element, each channel,
+or each channel of one sample), to the precision t is stored in. A gate at 0 (adaLN-Zero
+and ReZero start there) leaves t equal to x in value but not in storage: a view of x (the
+same storage) is never a sum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+#: The activations tried for h(w) = act(w).
+ACTIVATIONS: tuple[Callable[[torch.Tensor], torch.Tensor], ...] = (
+    F.gelu,
+    partial(F.gelu, approximate="tanh"),
+    F.relu,
+    F.silu,
+    torch.tanh,
+    torch.sigmoid,
+)
+#: A gate fitted per channel must be shared by at least this many rows: with fewer, a
+#: per-channel least-squares fit matches almost anything.
+MIN_SHARED = 8
+#: The rows read at most (of one sample, or of a (rows, channels) tensor): bounds the cost
+#: of the check on a large stream.
+MAX_ROWS = 4096
+
+
+def transformed_branch(t: torch.Tensor, x: torch.Tensor, w: torch.Tensor, tol: float) -> bool:
+    """Whether t = x + h(w), h an activation or a gate (module docstring), to ``tol`` of
+    |t|. The three must have one shape; t must not share x's storage."""
+    if t is x or t is w or t.dim() < 2 or not (t.shape == x.shape == w.shape):
+        return False
+    if t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+        return False  # a view or the stream itself: nothing was added
+    # (rows, channels) of one sample: a gate per sample and channel is one per channel there.
+    tt, xx, ww = (_rows(v) for v in (t, x, w))
+    scale = float(tt.norm())
+    if scale == 0 or not bool(torch.isfinite(tt).all()):
+        return False
+    f = tt - xx
+    if any(float((f - act(ww)).norm()) < tol * scale for act in ACTIVATIONS):
+        return True
+    shared = [(0, 1)] + ([(0,)] if tt.shape[0] >= MIN_SHARED else [])  # every element; a channel
+    for dims in shared:
+        den = (ww * ww).sum(dims, keepdim=True)
+        gate = (f * ww).sum(dims, keepdim=True) / den.clamp_min(1e-300)  # least squares
+        if float((f - gate * ww).norm()) < tol * scale:
+            return True
+    return False
+
+
+def _rows(v: torch.Tensor) -> torch.Tensor:
+    """``v`` as float64 (rows, channels): its first sample where it has 3 dims or more, at
+    most ``MAX_ROWS`` rows."""
+    v = v.detach()
+    if v.dim() >= 3:
+        v = v[0]
+    return v.reshape(-1, v.shape[-1])[:MAX_ROWS].double()
+
+
+__all__ = ["ACTIVATIONS", "MAX_ROWS", "MIN_SHARED", "transformed_branch"]

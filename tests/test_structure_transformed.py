@@ -1,0 +1,147 @@
+"""Residual blocks whose added term is an elementwise function of a module's output: an
+inline activation (``h + gelu(W·m)``), a gate per sample and channel (adaLN-Zero, at its
+zero init), a per-channel scale (LayerScale). Each is found as a block, its branch marked
+``transformed`` (the residual stats, which need f itself, skip it), and the relation is
+checked here on the model's own tensors. Layers that add nothing are not claimed."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stabscope import Recorder, RecorderConfig, Schedule, load_run, read_meta
+from stabscope.structure import discover
+from stabscope.structure.transformed import transformed_branch
+
+D, T, B = 16, 12, 4
+
+
+class Inline(nn.Module):
+    """x + gelu(lin(norm(x))): the activation is applied to ``lin``'s output inline."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm, self.lin = nn.LayerNorm(D), nn.Linear(D, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + F.gelu(self.lin(self.norm(x)))
+
+
+class Gated(nn.Module):
+    """adaLN-Zero: x + g·attn(norm(x)), g per sample and channel from a zero-init Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(D)
+        self.attn = nn.MultiheadAttention(D, 2, batch_first=True)
+        self.gate = nn.Linear(D, D)
+        nn.init.zeros_(self.gate.weight)
+        nn.init.zeros_(self.gate.bias)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        g = self.gate(c).unsqueeze(1)  # (B, 1, D)
+        return x + g * self.attn(h, h, h, need_weights=False)[0]
+
+
+class Scaled(nn.Module):
+    """LayerScale: x + γ ⊙ mlp(norm(x)), γ per channel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(D)
+        self.mlp = nn.Sequential(nn.Linear(D, 2 * D), nn.GELU(), nn.Linear(2 * D, D))
+        self.gamma = nn.Parameter(0.1 * torch.rand(D) + 0.05)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.gamma * self.mlp(self.norm(x))
+
+
+class Plain(nn.Module):
+    """No residual: gelu(lin(norm(x))), same shape in and out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm, self.lin = nn.LayerNorm(D), nn.Linear(D, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.lin(self.norm(x)))
+
+
+class Stack(nn.Module):
+    def __init__(self, kind: type[nn.Module], n: int = 3) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList([kind() for _ in range(n)])
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x, c) if isinstance(block, Gated) else block(x)
+        return self.head(x)
+
+
+def forward(m: nn.Module) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return m(torch.randn(B, T, D, generator=g), torch.randn(B, D, generator=g))
+
+
+def test_inline_activation_gate_and_scale_make_blocks_with_transformed_branches():
+    for kind, output in ((Inline, "lin"), (Gated, "attn"), (Scaled, "mlp")):
+        s = discover(Stack(kind), forward)
+        assert s.recognised and [b.name for b in s.blocks] == [f"blocks.{i}" for i in range(3)]
+        for i, block in enumerate(s.blocks):
+            (branch,) = block.branches
+            assert (branch.output, branch.placement) == (f"blocks.{i}.{output}", "pre")
+            assert branch.transformed and branch.norm == f"blocks.{i}.norm"
+        if kind is Gated:
+            assert [a.name for a in s.attention] == [f"blocks.{i}.attn" for i in range(3)]
+
+
+def test_a_layer_that_adds_nothing_is_not_a_block():
+    s = discover(Stack(Plain), forward)
+    assert not s.recognised and s.blocks == []
+
+
+def test_the_relation_on_tensors():
+    torch.manual_seed(0)
+    x, w = torch.randn(B, T, D), torch.randn(B, T, D)
+    tol = 1e-4
+    assert transformed_branch(x + F.gelu(w), x, w, tol)
+    assert transformed_branch(x + torch.rand(B, 1, D) * w, x, w, tol)  # per sample, channel
+    assert transformed_branch(x + 0.0 * w, x, w, tol)  # a gate at its zero init
+    assert not transformed_branch(x.view(B, T, D), x, w, tol)  # a view adds nothing
+    assert not transformed_branch(x + w @ torch.randn(D, D), x, w, tol)  # a mix of channels
+    assert not transformed_branch(x + torch.rand(B, T, 1) * w, x, w, tol)  # per token
+
+
+def test_a_recorded_run_keeps_the_blocks_and_skips_only_their_residual_stats(tmp_path):
+    """Block outputs are recorded as blocks; the residual stats, which would read lin's
+    output as f where f is gelu of it, are left out and a note says why. The reference:
+    each block's output minus its input is gelu of its lin's output, on the model itself."""
+    model = Stack(Inline)
+    seen: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        if name.startswith("blocks.") and name.count(".") in (1, 2):
+            module.register_forward_hook(
+                lambda m, a, o, name=name: seen.update({name: o.detach(), name + "<": a[0]})
+            )
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    config = RecorderConfig(schedule=Schedule(2, 0), online_rules=False)
+    with Recorder(model, tmp_path / "run", config, forward=forward) as rec:
+        for _ in range(2):
+            loss = forward(model).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            rec.step(loss)
+    for i in range(3):
+        added = seen[f"blocks.{i}"] - seen[f"blocks.{i}<"]
+        torch.testing.assert_close(added, F.gelu(seen[f"blocks.{i}.lin"]))
+    rows = load_run(tmp_path / "run")
+    assert not rows.metric.str.startswith("res_").any()
+    blocks = set(rows[rows.metric == "act_rms"].module)
+    assert {f"blocks.{i}" for i in range(3)} <= blocks
+    meta_notes = " ".join(read_meta(tmp_path / "run")["notes"])
+    assert "whose f is no module's output" in meta_notes
