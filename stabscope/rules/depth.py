@@ -14,8 +14,9 @@ import math
 from collections.abc import Iterator
 
 import numpy as np
+import pandas as pd
 
-from ..analysis.summary import layer_param_grad_trends
+from ..analysis.summary import layer_modules, layer_param_grad_trends
 from ..store.findings import Finding
 from ..store.structure import Structure
 from .base import Rule, RunView, finding, graded
@@ -24,7 +25,13 @@ XIONG = "Xiong et al. 2020, On Layer Normalization in the Transformer Architectu
 
 
 def _grad_growth(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
-    trends = layer_param_grad_trends(view.metrics("param_grad_norm"), view.meta)
+    grads = view.metrics("param_grad_norm")
+    trends = layer_param_grad_trends(grads, view.meta)
+    if not view.block_names:
+        # A plain stack: its gradient vanishes toward the input only where the parameters
+        # that run before its first layer (a stem, an embedding) see it vanish too.
+        reaching = input_side_norms(view, grads)
+        trends = [t for t in trends if not reaching.get(t.step, 0.0) >= t.values[-1]]
     graded_steps = [(t, graded(t.first_to_last, p)) for t in trends]
     hits = [(t, g) for t, g in graded_steps if g is not None]
     if not hits:
@@ -59,6 +66,48 @@ def _grad_growth(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
         metric="param_grad_norm",
         remedy=PLAIN_REMEDY if not view.block_names else BLOCKS_REMEDY,
     )
+
+
+def input_side_norms(view: RunView, grads: pd.DataFrame) -> dict[int, float]:
+    """Per recorded step, the gradient norm of the parameters whose modules ran before the
+    first layer of the stack (a stem convolution, an embedding): outside every layer, and
+    done before any module of the first layer was (meta.json's ``forward_order``). {} where
+    no such parameter has a gradient.
+
+    Why: in a stack without residual blocks found (a ConvNeXt whose branch is added in
+    another layout, a ResNet's stages), the per-layer norm of a stage whose blocks are
+    scaled down (LayerScale at 0.1) sits far under the next stage's, which opens with a
+    downsampling layer outside any branch: 136x over two stages of a healthy ConvNeXt, while
+    its stem, nearer the input than either, had the largest gradient of all (3.23 against
+    0.88 and 0.0065). Gradients that vanish toward the input reach the stem smaller still."""
+    layers = layer_modules(view.meta.doc)
+    if not layers:
+        return {}
+    first = min(layers, key=lambda name: layers[name])
+
+    def inside(name: str, layer: str) -> bool:
+        return name == layer or name.startswith(layer + ".")
+
+    orders = [
+        int(m["forward_order"])
+        for m in view.meta.modules
+        if inside(str(m["name"]), first) and m.get("forward_order") is not None
+    ]
+    if not orders:
+        return {}
+    stem = {
+        str(m["name"])
+        for m in view.meta.modules
+        if m.get("forward_order") is not None
+        and m["forward_order"] < min(orders)
+        and not any(inside(str(m["name"]), layer) for layer in layers)
+    }
+    owner = grads.module.astype(str).str.rpartition(".")[0]
+    rows = grads[owner.isin(stem)]
+    if rows.empty:
+        return {}
+    squares = rows.value.astype(float) ** 2
+    return {int(s): float(v) for s, v in np.sqrt(squares.groupby(rows.step).sum()).items()}
 
 
 def _ratio_words(ratio: float) -> str:

@@ -274,8 +274,8 @@ def divergence(series: pd.Series, p: dict[str, float]) -> Divergence | None:
         )
     ):
         message = (
-            f"the loss rose from {start:.4g} at the start to {end:.4g} by step {last}: the "
-            f"run ends {end / start:.3g}x worse than it started (medians over {w} steps)"
+            f"the loss rose from {start:.4g} at the start to {end:.4g} by step {last}: "
+            f"{end / start:.3g}x worse than it started (medians over {w} steps)"
         )
         return Divergence(message, (end - start) / abs(start), p["above_start"], last, w)
     return None
