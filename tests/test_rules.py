@@ -349,7 +349,7 @@ def test_check_bad_input(tmp_path):
 def test_gradient_growth_on_a_deep_plain_mlp(tmp_path):
     """Xiong et al.'s depth profile on the simplest case: a default-init ReLU MLP has
     gradients that vanish toward the input, by a factor the rule reports exactly."""
-    from stabscope.analysis.summary import layer_param_grad_trend
+    from stabscope.analysis.summary import layer_modules, layer_param_grad_trend
     from stabscope.store import read_meta
 
     out = tmp_path / "mlp"
@@ -375,8 +375,10 @@ def test_gradient_growth_on_a_deep_plain_mlp(tmp_path):
     assert f.severity == "error"
     # No residual blocks: the lever is the init, not the norm placement.
     assert "Kaiming" in f.remedy and "Pre-LN" not in f.remedy
-    layers = f"the last of {len(trend.layers)} layers (layer {trend.layers[-1]})"
-    assert layers in f.message and f"the first (layer {trend.layers[0]}" in f.message
+    named = {i: n for n, i in layer_modules(read_meta(out)).items()}
+    last, first = (f"layer {i}, {named[i]}" for i in (trend.layers[-1], trend.layers[0]))
+    layers = f"the last of {len(trend.layers)} layers ({last})"
+    assert layers in f.message and f"the first ({first}" in f.message
     # Raising the thresholds past the measured factor silences it.
     assert (
         "gradient-growth"
@@ -507,4 +509,4 @@ def test_gradients_that_vanish_to_exactly_zero_before_the_input_are_an_error(tmp
             rec.step(loss=loss)
     f = rules_hit(tmp_path / "r")[0]["gradient-growth"]
     assert (f.severity, f.step, f.value) == ("error", 0, None)  # no ratio over 0
-    assert "(layer 0) is exactly 0 and that of the last" in f.message
+    assert "(layer 0, 0) is exactly 0 and that of the last" in f.message  # module "0"

@@ -38,20 +38,20 @@ def _grad_growth(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
         return
     worst = "error" if any(g[0] == "error" for _, g in hits) else "warning"
     trend, (severity, threshold) = next((t, g) for t, g in hits if g[0] == worst)
-    first, last = trend.layers[0], trend.layers[-1]
+    first, last = (_layer_named(view, i) for i in (trend.layers[0], trend.layers[-1]))
     # How it began, where the step found is a later one.
     start = trends[0]
     init = "" if trend is start else f"{_ratio_words(start.first_to_last)} at step {start.step}"
     if trend.first_to_last == math.inf:
         measured = (
-            f"the gradient norm of the first of {len(trend.layers)} layers (layer {first}) is "
-            f"exactly 0 and that of the last (layer {last}) is not{f' ({init})' if init else ''}"
+            f"the gradient norm of the first of {len(trend.layers)} layers ({first}) is "
+            f"exactly 0 and that of the last ({last}) is not{f' ({init})' if init else ''}"
             ": the gradients vanish before they reach the input"
         )
     else:
         measured = (
-            f"the gradient norm of the last of {len(trend.layers)} layers (layer {last}) is "
-            f"{trend.first_to_last:.3g}x that of the first (layer {first}"
+            f"the gradient norm of the last of {len(trend.layers)} layers ({last}) is "
+            f"{trend.first_to_last:.3g}x that of the first ({first}"
             f"{f'; {init}' if init else ''}): gradients grow toward the output and vanish "
             "toward the input"
         )
@@ -66,6 +66,13 @@ def _grad_growth(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
         metric="param_grad_norm",
         remedy=PLAIN_REMEDY if not view.block_names else BLOCKS_REMEDY,
     )
+
+
+def _layer_named(view: RunView, index: int) -> str:
+    """``layer i, NAME``: the layer's index and the module that stands for it (a stage of a
+    conv net, an encoder's or a decoder's layer), or ``layer i`` where no one module does."""
+    names = [n for n, i in layer_modules(view.meta.doc).items() if i == index]
+    return f"layer {index}, {names[0]}" if len(names) == 1 else f"layer {index}"
 
 
 def input_side_norms(view: RunView, grads: pd.DataFrame) -> dict[int, float]:

@@ -11,6 +11,7 @@ import pandas as pd
 from ..analysis.summary import layer_param_grad_trends
 from ..store.findings import Finding
 from ..theory.deepnorm import deepnorm_constants
+from ..wording import counted
 from . import residual_placement
 from .base import Rule, RunView, finding, finding_at, graded
 from .depth import GRAD_GROWTH
@@ -174,8 +175,10 @@ def _rank_collapse(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     yield finding_at(
         RANK_COLLAPSE,
         severity,
-        f"token correlation {row.value:.4f} at {row.module} {how}: {collapsed} block outputs "
-        f"carry nearly the same vector at every position (rank collapse; {by_step.iloc[0]:.3f} "
+        f"token correlation {row.value:.4f} at {row.module} {how}: "
+        f"{counted(collapsed, 'block output')} {'carries' if collapsed == 1 else 'carry'} "
+        "nearly the same vector at every "
+        f"position (rank collapse; {by_step.iloc[0]:.3f} "
         f"at step {first_step}, {by_step.iloc[-1]:.3f} at step {last_step}){out_note}",
         row,
         threshold=threshold,
