@@ -114,6 +114,8 @@ def test_the_relation_on_tensors():
     assert not transformed_branch(x.view(B, T, D), x, w, tol)  # a view adds nothing
     assert not transformed_branch(x + w @ torch.randn(D, D), x, w, tol)  # a mix of channels
     assert not transformed_branch(x + torch.rand(B, T, 1) * w, x, w, tol)  # per token
+    # A tensor without a plain storage is no branch, and never an error of detection.
+    assert not transformed_branch((x + F.gelu(w)).to_sparse(), x, w, tol)
 
 
 def test_a_recorded_run_keeps_the_blocks_and_skips_only_their_residual_stats(tmp_path):

@@ -31,6 +31,8 @@ ACTIVATIONS: tuple[Callable[[torch.Tensor], torch.Tensor], ...] = (
 #: A gate fitted per channel must be shared by at least this many rows: with fewer, a
 #: per-channel least-squares fit matches almost anything.
 MIN_SHARED = 8
+#: The rows of the first, strided check.
+SAMPLE_ROWS = 64
 #: The rows read at most (of one sample, or of a (rows, channels) tensor): bounds the cost
 #: of the check on a large stream.
 MAX_ROWS = 4096
@@ -38,13 +40,26 @@ MAX_ROWS = 4096
 
 def transformed_branch(t: torch.Tensor, x: torch.Tensor, w: torch.Tensor, tol: float) -> bool:
     """Whether t = x + h(w), h an activation or a gate (module docstring), to ``tol`` of
-    |t|. The three must have one shape; t must not share x's storage."""
+    |t|. The three must have one shape; t must not share x's storage. Checked first on a
+    strided sample of ``SAMPLE_ROWS`` rows (most candidates fail there, cheaply), then on
+    up to ``MAX_ROWS``. Never raises: a tensor that cannot be read so (a subclass without a
+    plain storage) is no transformed branch, and detection goes on."""
     if t is x or t is w or t.dim() < 2 or not (t.shape == x.shape == w.shape):
         return False
-    if t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
-        return False  # a view or the stream itself: nothing was added
-    # (rows, channels) of one sample: a gate per sample and channel is one per channel there.
-    tt, xx, ww = (_rows(v) for v in (t, x, w))
+    try:
+        if t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+            return False  # a view or the stream itself: nothing was added
+        # (rows, channels) of one sample: a gate per sample and channel is one per channel.
+        rows = [_rows(v) for v in (t, x, w)]  # (rows, channels) each, in their dtype
+        stride = max(1, rows[0].shape[0] // SAMPLE_ROWS)
+        sample = (r[::stride].double() for r in rows)
+        return _fits(*sample, tol) and _fits(*(r.double() for r in rows), tol)
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
+def _fits(tt: torch.Tensor, xx: torch.Tensor, ww: torch.Tensor, tol: float) -> bool:
+    """t = x + h(w) on (rows, channels) float64 tensors (``transformed_branch``)."""
     scale = float(tt.norm())
     if scale == 0 or not bool(torch.isfinite(tt).all()):
         return False
@@ -61,12 +76,12 @@ def transformed_branch(t: torch.Tensor, x: torch.Tensor, w: torch.Tensor, tol: f
 
 
 def _rows(v: torch.Tensor) -> torch.Tensor:
-    """``v`` as float64 (rows, channels): its first sample where it has 3 dims or more, at
-    most ``MAX_ROWS`` rows."""
+    """``v`` as (rows, channels): its first sample where it has 3 dims or more, at most
+    ``MAX_ROWS`` rows, in its own dtype (converted once sampled)."""
     v = v.detach()
     if v.dim() >= 3:
         v = v[0]
-    return v.reshape(-1, v.shape[-1])[:MAX_ROWS].double()
+    return v.reshape(-1, v.shape[-1])[:MAX_ROWS]
 
 
-__all__ = ["ACTIVATIONS", "MAX_ROWS", "MIN_SHARED", "transformed_branch"]
+__all__ = ["ACTIVATIONS", "MAX_ROWS", "MIN_SHARED", "SAMPLE_ROWS", "transformed_branch"]
