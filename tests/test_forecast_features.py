@@ -366,34 +366,35 @@ def test_a_roberta_head_tied_with_its_bias_beside_it_reads_the_word_embedding(tm
     )
 
 
-def test_a_regressions_output_scale_is_read_as_outputs_not_logits(tmp_path):
-    """A regression's outputs are values in its targets' units: the init signal names them
-    as outputs, without nats, and its remedy speaks of the targets' scale, not ln(classes).
-    The span is the one the test reads from the model's output itself, at the first step
-    the logits were recorded (a Recorder without a forward finds the head at step 0)."""
-    from stabscope.rules.forecast import REGRESSION_OUTPUT_SCALE, _remedy
+def test_a_regressions_output_scale_is_no_logit_signal(tmp_path):
+    """A regression's outputs are values in its targets' units: targets near 1000 make
+    outputs near 1000 that match them. The forecast's init signal (fitted on logits) does not
+    read them, and output-logit-divergence does not judge them; the same head under a
+    cross-entropy is read (the span the test reads from the model's own output)."""
+    from stabscope.rules import check_run
 
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
-    with torch.no_grad():
-        net[2].weight.mul_(300.0)  # outputs far off the targets' unit scale
-    x, y = torch.randn(32, 4), torch.randn(32, 3)
-    spans = []
-    opt = torch.optim.SGD(net.parameters(), lr=1e-4)
-    config = stabscope.RecorderConfig(schedule=Schedule(5, 0), online_rules=False)
-    with stabscope.Recorder(net, tmp_path / "reg", config) as rec:
-        for _ in range(5):
-            out = net(x)
-            spans.append(float(out.detach().max() - out.detach().min()))
-            loss = F.mse_loss(out, y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            rec.step(loss)
-    assert stabscope.read_meta(tmp_path / "reg")["loss_function"] == "mse_loss"
-    found = features(tmp_path / "reg")["init_logit_scale"]
-    span = spans[found.step]
-    assert found.value == pytest.approx(math.log10(span), rel=1e-5)
-    assert found.evidence.startswith(f"model outputs span {span:.4g} at step {found.step}")
-    assert "nats" not in found.evidence
-    assert _remedy("init_logit_scale", RunView.open(tmp_path / "reg")) == REGRESSION_OUTPUT_SCALE
+    spans = {}
+    for kind in ("mse", "ce"):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+        with torch.no_grad():
+            net[2].weight.mul_(10000.0)  # outputs in the thousands
+        x, y = torch.randn(32, 4), 3000.0 * torch.randn(32, 3)
+        opt = torch.optim.SGD(net.parameters(), lr=1e-6)
+        config = stabscope.RecorderConfig(schedule=Schedule(4, 0), online_rules=False)
+        with stabscope.Recorder(net, tmp_path / kind, config) as rec:
+            for _ in range(4):
+                out = net(x)
+                spans.setdefault(kind, []).append(float(out.detach().max() - out.detach().min()))
+                loss = F.mse_loss(out, y) if kind == "mse" else F.cross_entropy(out, y.argmax(1))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                rec.step(loss)
+    found = features(tmp_path / "mse")["init_logit_scale"]
+    assert math.isnan(found.value) and "targets' units" in found.evidence
+    read = features(tmp_path / "ce")["init_logit_scale"]
+    assert read.value == pytest.approx(math.log10(spans["ce"][read.step]), rel=1e-5)
+    rules = {kind: {f.rule for f in check_run(tmp_path / kind).findings} for kind in spans}
+    assert "output-logit-divergence" in rules["ce"]
+    assert "output-logit-divergence" not in rules["mse"]

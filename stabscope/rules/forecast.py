@@ -29,7 +29,7 @@ from . import forecast_features, nonfinite, stability_features
 from .base import Rule, RunView, finding
 from .forecast_model import load_default
 from .loss_divergence import MIN_WINDOW, loss_levels, loss_series, window
-from .output_features import log_classes, regression
+from .output_features import log_classes
 from .residual_placement import all_pre_ln
 from .trends import Feature
 from .view import Request
@@ -120,20 +120,11 @@ PRE_LN_TOKEN_CORR = (
 )
 
 
-#: ``init_logit_scale``'s remedy for a regression, whose outputs are no logits.
-REGRESSION_OUTPUT_SCALE = (
-    "initialise the output layer small (or zero) so the first outputs are on the targets' "
-    "scale; check the input and target scaling"
-)
-
-
 def _remedy(name: str, view: RunView) -> str:
     if name.startswith("stability"):
         return REMEDIES["stability"]
     if name == "init_token_corr" and all_pre_ln(view.structure):
         return PRE_LN_TOKEN_CORR
-    if name == "init_logit_scale" and regression(view):
-        return REGRESSION_OUTPUT_SCALE
     return REMEDIES.get(name, DEFAULT_REMEDY)
 
 

@@ -12,6 +12,7 @@ from ..store.findings import Finding
 from ..wording import counted
 from .base import Rule, RunView, finding_at
 from .nonfinite import NONFINITE
+from .output_features import regression
 from .run_status import RUN_STATUS
 from .spikes import GRAD_NORM_SPIKE, LOSS_SPIKE
 from .view import MATRICES, Request
@@ -107,6 +108,8 @@ ADAM_EPS = Rule(
 
 
 def _logits(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
+    if regression(view):
+        return  # its outputs are values in its targets' units (raw targets near 1000), no logits
     z = view.metrics("logit_max", "logit_min", "logit_lse_mean")
     ext = z[z.metric.isin(["logit_max", "logit_min"])]
     # Finite logits only: a NaN or Inf output is the nonfinite rule's error, not a magnitude.

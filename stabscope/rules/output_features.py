@@ -188,8 +188,13 @@ def regression(view: RunView) -> bool:
 
 
 def init_logit_scale(view: RunView) -> Feature:
-    """How far the output softmax is from uniform at init: the logits' span, in nats."""
+    """How far the output softmax is from uniform at init: the logits' span, in nats. Not
+    read for a regression: its outputs span its targets' units (raw targets near 1000 make
+    outputs near 1000 that match them), which says nothing of a softmax, and the forecast
+    was fitted on logits only."""
     name = "init_logit_scale"
+    if regression(view):
+        return undefined(name, "a regression's outputs are in its targets' units, not logits")
     z = first_logits(view)
     z = z[z.metric.isin(["logit_max", "logit_min"])]
     if z.empty:
@@ -199,9 +204,7 @@ def init_logit_scale(view: RunView) -> Feature:
         return bad
     top, low = (float(z[z.metric == m].value.max()) for m in ("logit_max", "logit_min"))
     step = int(z.step.iloc[0])
-    # A regression's outputs are values in its targets' units, not logits in nats.
-    what, unit = ("model outputs", "") if regression(view) else ("output logits", " nats")
-    evidence = f"{what} span {top - low:.4g}{unit} at step {step} ({low:.4g} to {top:.4g})"
+    evidence = f"output logits span {top - low:.4g} nats at step {step} ({low:.4g} to {top:.4g})"
     return Feature(name, log10(top - low), evidence, step)
 
 
