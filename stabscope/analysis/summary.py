@@ -28,6 +28,12 @@ from .losses import first_nonfinite_loss
 ROOT = "<root>"
 
 
+def owner_module(parameter: str) -> str:
+    """The name of the module that holds ``parameter`` directly (``ROOT`` for the model's
+    own parameters)."""
+    return parameter.rpartition(".")[0] or ROOT
+
+
 @dataclass(repr=False)
 class DepthTrend:
     """log10(rms) ≈ intercept + slope·layer over the layer-level modules."""

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import numpy as np
 import pandas as pd
 
-from ..analysis.summary import layer_modules, layer_param_grad_trends
+from ..analysis.summary import layer_modules, layer_param_grad_trends, owner_module
 from ..store.findings import Finding
 from ..store.structure import Structure
 from .base import Rule, RunView, finding, graded
@@ -27,10 +27,11 @@ XIONG = "Xiong et al. 2020, On Layer Normalization in the Transformer Architectu
 def _grad_growth(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     grads = view.metrics("param_grad_norm")
     trends = layer_param_grad_trends(grads, view.meta)
+    layers = layer_modules(view.meta.doc)  # the modules that stand for the trends' layers
     if not view.block_names:
         # A plain stack: its gradient vanishes toward the input only where the parameters
         # that run before its first layer (a stem, an embedding) see it vanish too.
-        reaching = input_side_norms(view, grads)
+        reaching = input_side_norms(view, grads, layers)
         trends = [t for t in trends if not reaching.get(t.step, 0.0) >= t.values[-1]]
     graded_steps = [(t, graded(t.first_to_last, p)) for t in trends]
     hits = [(t, g) for t, g in graded_steps if g is not None]
@@ -38,7 +39,7 @@ def _grad_growth(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
         return
     worst = "error" if any(g[0] == "error" for _, g in hits) else "warning"
     trend, (severity, threshold) = next((t, g) for t, g in hits if g[0] == worst)
-    first, last = (_layer_named(view, i) for i in (trend.layers[0], trend.layers[-1]))
+    first, last = (_layer_named(layers, i) for i in (trend.layers[0], trend.layers[-1]))
     # How it began, where the step found is a later one.
     start = trends[0]
     init = "" if trend is start else f"{_ratio_words(start.first_to_last)} at step {start.step}"
@@ -68,16 +69,20 @@ def _grad_growth(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     )
 
 
-def _layer_named(view: RunView, index: int) -> str:
-    """``layer i, NAME``: the layer's index and the module that stands for it (a stage of a
-    conv net, an encoder's or a decoder's layer), or ``layer i`` where no one module does."""
-    names = [n for n, i in layer_modules(view.meta.doc).items() if i == index]
+def _layer_named(layers: dict[str, int], index: int) -> str:
+    """``layer i, NAME``: the layer's index and the module that stands for it among
+    ``layers`` (``layer_modules``: a stage of a conv net, an encoder's or a decoder's
+    layer), or ``layer i`` where no one module does."""
+    names = [n for n, i in layers.items() if i == index]
     return f"layer {index}, {names[0]}" if len(names) == 1 else f"layer {index}"
 
 
-def input_side_norms(view: RunView, grads: pd.DataFrame) -> dict[int, float]:
+def input_side_norms(
+    view: RunView, grads: pd.DataFrame, layers: dict[str, int]
+) -> dict[int, float]:
     """Per recorded step, the gradient norm of the parameters whose modules ran before the
-    first layer of the stack (a stem convolution, an embedding): outside every layer, and
+    first of ``layers`` (``layer_modules``: the stack; a stem convolution, an embedding):
+    outside every layer, and
     done before any module of the first layer was (meta.json's ``forward_order``). {} where
     no such parameter has a gradient.
 
@@ -87,7 +92,6 @@ def input_side_norms(view: RunView, grads: pd.DataFrame) -> dict[int, float]:
     downsampling layer outside any branch: 136x over two stages of a healthy ConvNeXt, while
     its stem, nearer the input than either, had the largest gradient of all (3.23 against
     0.88 and 0.0065). Gradients that vanish toward the input reach the stem smaller still."""
-    layers = layer_modules(view.meta.doc)
     if not layers:
         return {}
     first = min(layers, key=lambda name: layers[name])
@@ -109,8 +113,10 @@ def input_side_norms(view: RunView, grads: pd.DataFrame) -> dict[int, float]:
         and m["forward_order"] < min(orders)
         and not any(inside(str(m["name"]), layer) for layer in layers)
     }
-    owner = grads.module.astype(str).str.rpartition(".")[0]
-    rows = grads[owner.isin(stem)]
+    # Each distinct parameter's owner once, then every row by its code (a long run has
+    # parameters x recorded steps rows).
+    codes, names = pd.factorize(grads.module.astype(str))
+    rows = grads[np.array([owner_module(n) in stem for n in names], bool)[codes]]
     if rows.empty:
         return {}
     squares = rows.value.astype(float) ** 2

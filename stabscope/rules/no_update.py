@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from ..analysis.summary import owner_module
 from ..store.findings import Finding
 from ..store.rundir import run_state
 from .base import Rule, RunView, finding
@@ -122,7 +123,7 @@ def _cut_off(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
         return  # nothing trains at all: the zero-gradient case below says so
     in_graph = {m["name"] for m in meta.modules if int(m.get("grad_hooks") or 0) > 0}
     cut = sorted(
-        name for name in trained - reached if _owner(name) in in_graph
+        name for name in trained - reached if owner_module(name) in in_graph
     )  # their module's output was in the graph, yet no gradient came back to them
     if not cut:
         return
@@ -172,11 +173,6 @@ def _part(
         module=part[0],
         remedy=remedy,
     )
-
-
-def _owner(parameter: str) -> str:
-    """The name of the module that holds ``parameter`` (``<root>`` for the model's own)."""
-    return parameter.rpartition(".")[0] or "<root>"
 
 
 def _no_update(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
