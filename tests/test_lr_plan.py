@@ -345,6 +345,24 @@ def test_zero_code_plans_the_scripts_scheduler_to_the_budget(tmp_path):
     np.testing.assert_allclose([rows[s] for s in range(6)], plan["lr"], rtol=1e-6)
 
 
+def test_a_weak_proxy_to_the_scheduler_does_not_step_the_plan_twice(tmp_path):
+    """A script holding ``weakref.proxy(schedule)`` (a callback registry, a logger) keeps a
+    second object that passes isinstance for the scheduler: the plan is the scheduler's own,
+    whose lr is the warm-up's end at step 4, as the recorded lr shows."""
+    script = tmp_path / "train.py"
+    script.write_text(
+        TRAINING_SCRIPT.replace(
+            "for step", "import weakref\nref = weakref.proxy(schedule)\nfor step", 1
+        )
+    )
+    out = tmp_path / "run"
+    profile_training_script(script, [], out, RecorderConfig(), budget=30)
+    plan = read_meta(out)["lr_plan"]
+    assert plan["peak"] == {"step": 4, "lr": 2e-2}
+    rows = recorded_lr(out)
+    np.testing.assert_allclose([rows[s] for s in range(10)], plan["lr"][:10], rtol=1e-6)
+
+
 def test_lightning_plans_its_step_schedulers_and_not_epoch_ones(tmp_path):
     from tests.test_integrations_lightning import Regressor, fit
 

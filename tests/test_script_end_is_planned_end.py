@@ -78,3 +78,19 @@ def test_a_recording_ended_by_max_steps_waits_for_a_planned_end(tmp_path):
     assert len(own["losses"]) == 150 and meta.steps == 120  # the script went on unrecorded
     assert "script_ended" not in meta.doc["run"] and meta.planned_end is None
     assert not errors & END_RULES, errors
+
+
+def test_the_forecast_of_a_script_that_ended_speaks_of_its_end(tmp_path):
+    """At the last step of a script that ran to its end, "fails by the end of training" is no
+    forecast: the end is known (the steps seen) and the rules on the outcome judge it."""
+    script = tmp_path / "clf.py"
+    script.write_text(textwrap.dedent(SCRIPT))
+    out = tmp_path / "run"
+    profile_training_script(
+        script, ["learnable", str(tmp_path / "l.json")], out, RecorderConfig(online_rules=False)
+    )
+    (forecast,) = [f for f in check_run(out).findings if f.rule == "failure-forecast"]
+    assert load_meta(out).planned_end == 150
+    assert forecast.severity == "info", forecast
+    assert "reached the planned end (step 150)" in forecast.message, forecast.message
+    assert "no longer applies" in forecast.message

@@ -292,15 +292,19 @@ def test_sample_training_script_from_the_readme(tmp_path):
 
 def test_models_trained_side_by_side_are_recorded_together(tmp_path):
     """An encoder and a critic, each with its own optimizer, called separately: both are the
-    model, under their class names, and a step is one step of both optimizers."""
+    model, under their class names, and a step is one step of both optimizers. A weak proxy
+    to one of them is not a third model."""
     script = write(
         tmp_path,
         "two_models.py",
         """
+        import weakref
         import torch
         from torch import nn
         torch.manual_seed(0)
         encoder, critic = nn.Linear(3, 4), nn.Bilinear(4, 4, 1)
+        # A live proxy passes isinstance(p, nn.Module) but is no module (type(p).forward fails).
+        critic_ref = weakref.proxy(critic)
         teacher = nn.Linear(3, 4).requires_grad_(False)  # frozen: never part of the model
         opt_encoder = torch.optim.SGD(encoder.parameters(), lr=0.1)
         opt_critic = torch.optim.SGD(critic.parameters(), lr=0.1)

@@ -85,17 +85,13 @@ def live_schedulers() -> list[LRScheduler]:
     """Every torch ``LRScheduler`` alive in the process, top-level ones only (one scan of
     the garbage collector's objects: no hook sees a scheduler being built, and a
     ``SequentialLR`` does not even call ``LRScheduler.__init__``)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # isinstance on some module-level proxies warns
-        found = [obj for obj in gc.get_objects() if _is_scheduler(obj)]
-    return top_level(found)
+    return top_level([obj for obj in gc.get_objects() if _is_scheduler(obj)])
 
 
 def _is_scheduler(obj: object) -> bool:
-    try:
-        return isinstance(obj, (LRScheduler, ReduceLROnPlateau))
-    except Exception:  # a dead weakref.proxy raises ReferenceError on any attribute access
-        return False
+    # The object's own type: a weakref.proxy to a scheduler passes isinstance (it forwards
+    # __class__) and would count it twice; a dead one raises on any attribute read.
+    return issubclass(type(obj), (LRScheduler, ReduceLROnPlateau))
 
 
 def _groups(optimizers: Iterable[Any]) -> list[dict[str, Any]]:

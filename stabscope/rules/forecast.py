@@ -206,7 +206,8 @@ def _forecast(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
         for name, share in shares
     )
     reasons = [name for name, share in shares if share > 0.5][:3]  # a clear share of the log-odds
-    budget = view.meta.budget
+    # The budget where one was given, else the last step of a script that ran to its end.
+    budget = view.meta.planned_end
     seen = view.until if view.until is not None else view.meta.steps
     end = f"the planned end (step {budget})" if budget else "the end of training"
     if prob >= p["error"]:

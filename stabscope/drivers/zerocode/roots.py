@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import gc
 import re
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -66,10 +65,7 @@ def live_modules() -> list[nn.Module]:
     """Every ``nn.Module`` alive in the process: PyTorch keeps no parent links and no
     registry, so this is one scan of the garbage collector's objects (at the first root call
     only, never per step)."""
-    with warnings.catch_warnings():
-        # isinstance on some live objects (deprecated module-level proxies) warns.
-        warnings.simplefilter("ignore")
-        return [obj for obj in gc.get_objects() if _is_module(obj)]
+    return [obj for obj in gc.get_objects() if _is_module(obj)]
 
 
 def _size(module: nn.Module, outermost: bool = False) -> tuple[int, int]:
@@ -128,10 +124,10 @@ def other_trained_models(
 
 
 def _is_module(obj: object) -> bool:
-    try:
-        return isinstance(obj, nn.Module)
-    except Exception:  # a dead weakref.proxy raises ReferenceError on any attribute access
-        return False
+    # The object's own type, not isinstance: a live ``weakref.proxy`` to a module passes
+    # isinstance (it forwards ``__class__``) but is no module (``type(p).forward`` fails), and
+    # a dead one raises ReferenceError on any attribute read. type() reads no attribute.
+    return issubclass(type(obj), nn.Module)
 
 
 class TrainedModels(nn.ModuleDict):
