@@ -141,6 +141,31 @@ def test_kwargs_dict_tuple_and_dataclass_outputs(run_dir):
     assert meta["hooks_never_fired"]["forward"] == []
 
 
+class TiedEmbedding(nn.Module):
+    """HF T5's layout: ``shared`` is never called; ``embed`` holds the same weight and runs.
+    ``spare`` has weights of its own and is never called either."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Embedding(10, 8)
+        self.embed = nn.Embedding(10, 8)
+        self.embed.weight = self.shared.weight
+        self.head = nn.Linear(8, 3)
+        self.spare = nn.Linear(8, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(ids))
+
+
+def test_a_module_whose_tied_weights_ran_elsewhere_is_not_said_never_to_fire(run_dir):
+    torch.manual_seed(0)
+    model = TiedEmbedding()
+    assert model.shared.weight is model.embed.weight
+    ids = torch.randint(0, 10, (4, 5))
+    _, meta = record_one_step(model, run_dir, lambda m: m(ids).pow(2).mean())
+    assert meta["hooks_never_fired"]["forward"] == ["spare"]
+
+
 @pytest.mark.parametrize("norm_first", [False, True])
 def test_transformer_encoder_both_norm_placements(run_dir, norm_first):
     torch.manual_seed(0)

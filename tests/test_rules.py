@@ -376,7 +376,11 @@ def test_gradient_growth_on_a_deep_plain_mlp(tmp_path):
     # No residual blocks: the lever is the init, not the norm placement.
     assert "Kaiming" in f.remedy and "Pre-LN" not in f.remedy
     named = {i: n for n, i in layer_modules(read_meta(out)).items()}
-    last, first = (f"layer {i}, {named[i]}" for i in (trend.layers[-1], trend.layers[0]))
+    # A Sequential's module "16" is its layer's index already: said once.
+    last, first = (
+        f"layer {i}" if named[i] == str(i) else f"layer {i}, {named[i]}"
+        for i in (trend.layers[-1], trend.layers[0])
+    )
     layers = f"the last of {len(trend.layers)} layers ({last})"
     assert layers in f.message and f"the first ({first}" in f.message
     # Raising the thresholds past the measured factor silences it.
@@ -509,4 +513,39 @@ def test_gradients_that_vanish_to_exactly_zero_before_the_input_are_an_error(tmp
             rec.step(loss=loss)
     f = rules_hit(tmp_path / "r")[0]["gradient-growth"]
     assert (f.severity, f.step, f.value) == ("error", 0, None)  # no ratio over 0
-    assert "(layer 0, 0) is exactly 0 and that of the last" in f.message  # module "0"
+    assert "(layer 0) is exactly 0 and that of the last" in f.message  # module "0"
+    assert "vanish before they reach the input" in f.message and "detach" in f.remedy
+
+
+def test_a_first_layer_gradient_that_dies_during_training_names_dead_units(tmp_path):
+    """A ReLU stack whose middle layer's units are all pushed below 0 after step 1 (its bias
+    set to -1e3, as an oversized update does): from then on the layers under it get exactly
+    0, where at step 0 they did not (checked on the model itself). That is no decay with
+    depth: the finding says a gradient reached the first layer before, and the remedy names
+    dead units and the learning rate, not the init."""
+    from stabscope import Recorder, Schedule
+
+    torch.manual_seed(0)
+    sizes = [(16, 32), (32, 32), (32, 32), (32, 32)]
+    layers = [m for i, o in sizes for m in (torch.nn.Linear(i, o), torch.nn.ReLU())]
+    model = torch.nn.Sequential(*layers, torch.nn.Linear(32, 4))
+    x, y = torch.randn(64, 16), torch.randint(4, (64,))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    first_grad = []
+    with Recorder(model, tmp_path / "r", schedule=Schedule(dense=4, every=0)) as rec:
+        for step in range(4):
+            if step == 2:
+                with torch.no_grad():
+                    model[4].bias.fill_(-1e3)  # every unit of layer 4 below 0 for all x
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            first_grad.append(model[0].weight.grad.abs().max().item())
+            opt.step()
+            rec.step(loss=loss)
+    assert first_grad[0] > 0 and first_grad[2] == first_grad[3] == 0.0
+    f = rules_hit(tmp_path / "r")[0]["gradient-growth"]
+    assert (f.severity, f.step) == ("error", 2)
+    assert "(layer 0) is exactly 0" in f.message
+    assert "no gradient passes between them, where one did at step 0" in f.message
+    assert "learning rate" in f.remedy and "Kaiming" not in f.remedy

@@ -88,9 +88,13 @@ def test_a_dead_network_is_not_told_that_adams_eps_damps_its_updates(tmp_path):
     train(tmp_path / "dead", mlp(True), zero_before_step=False)
     rules = {f.rule: f for f in check_run(tmp_path / "dead").findings}
     assert "no-update" in rules and "adam-epsilon" not in rules
-    train(tmp_path / "big-eps", mlp(False), zero_before_step=False, eps=1.0)
+    _, largest = train(tmp_path / "big-eps", mlp(False), zero_before_step=False, eps=1.0)
     (f,) = [f for f in check_run(tmp_path / "big-eps").findings if f.rule == "adam-epsilon"]
     assert 0 < f.value < 10
+    # Every gradient entry stayed under eps = 1, so sqrt(v) did too: eps outweighs it, and
+    # the finding says by how much (1 / the ratio) and that the step is an SGD step.
+    assert largest < 1 and f.value < 1
+    assert f"eps is {1 / f.value:.3g}x its gradient rms" in f.message and "SGD" in f.message
 
 
 class TwoStage(nn.Module):

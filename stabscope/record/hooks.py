@@ -72,10 +72,28 @@ class ModuleHooks(NotCopied):
         }
 
     def never_fired(self, names: list[str]) -> dict[str, list[str]]:
-        """Modules whose forward hook, or whose registered gradient hooks, never fired."""
+        """Modules whose forward hook, or whose registered gradient hooks, never fired.
+
+        A module never called whose parameters are all held by modules that were is left
+        out of ``forward``: its weights are tied to theirs and ran there (HF's T5 keeps
+        ``shared`` beside the ``embed_tokens`` of its encoder and decoder, which hold the
+        same weight and are the ones called)."""
         codes = [code for code, _ in self.modules]
+        ran = {
+            id(p)
+            for code, m in self.modules
+            if self.forward_calls[code] > 0
+            for p in m.parameters(recurse=False)
+        }
+
+        def tied(module: nn.Module) -> bool:
+            own = [id(p) for p in module.parameters()]
+            return bool(own) and all(i in ran for i in own)
+
         return {
-            "forward": [names[c] for c in codes if self.forward_calls[c] == 0],
+            "forward": [
+                names[c] for c, m in self.modules if self.forward_calls[c] == 0 and not tied(m)
+            ],
             "grad": [names[c] for c in codes if self.grad_hooks[c] > 0 and self.grad_calls[c] == 0],
         }
 

@@ -56,6 +56,7 @@ from .optimizers import OptimizerWatch
 from .probe_wiring import ProbeWiring
 from .run_meta import MetaWriting, error_entry, initial_meta
 from .schedule import Schedule
+from .squashed_logits import squashed_logits
 from .step_norms import StepNorms
 from .verdicts import VerdictActions, check_on_error
 
@@ -223,6 +224,9 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
         broadcast = loss_broadcast(loss)  # where the graph still holds what it saved
         if broadcast is not None:
             self.meta["loss_broadcast"] = broadcast
+        squashed = squashed_logits(loss)
+        if squashed is not None:
+            self.meta["squashed_logits"] = squashed
         read = loss_function(loss)
         if read is not None:  # always, for a loss with a graph
             self.meta["loss_function"], classes = read

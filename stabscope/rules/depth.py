@@ -43,12 +43,23 @@ def _grad_growth(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     # How it began, where the step found is a later one.
     start = trends[0]
     init = "" if trend is start else f"{_ratio_words(start.first_to_last)} at step {start.step}"
+    remedy = PLAIN_REMEDY if not view.block_names else BLOCKS_REMEDY
     if trend.first_to_last == math.inf:
         measured = (
             f"the gradient norm of the first of {len(trend.layers)} layers ({first}) is "
             f"exactly 0 and that of the last ({last}) is not{f' ({init})' if init else ''}"
-            ": the gradients vanish before they reach the input"
         )
+        # Where a gradient reached the first layer at an earlier step, its decay with depth
+        # did not change: units between stopped passing one (ReLUs that died). From the
+        # start, exactly 0 is a decay that float32 cannot hold (a 64-layer sigmoid stack)
+        # or a cut.
+        reached = next((t.step for t in trends if math.isfinite(t.first_to_last)), None)
+        if reached is not None and reached < trend.step:
+            measured += f": no gradient passes between them, where one did at step {reached}"
+            remedy = DIED_REMEDY
+        else:
+            measured += ": the gradients vanish before they reach the input"
+            remedy = f"{remedy}; or find what passes none: {CUT_REMEDY}"
     else:
         measured = (
             f"the gradient norm of the last of {len(trend.layers)} layers ({last}) is "
@@ -65,7 +76,7 @@ def _grad_growth(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
         value=trend.first_to_last if math.isfinite(trend.first_to_last) else None,  # JSON
         threshold=threshold,
         metric="param_grad_norm",
-        remedy=PLAIN_REMEDY if not view.block_names else BLOCKS_REMEDY,
+        remedy=remedy,
     )
 
 
@@ -74,7 +85,9 @@ def _layer_named(layers: dict[str, int], index: int) -> str:
     ``layers`` (``layer_modules``: a stage of a conv net, an encoder's or a decoder's
     layer), or ``layer i`` where no one module does."""
     names = [n for n, i in layers.items() if i == index]
-    return f"layer {index}, {names[0]}" if len(names) == 1 else f"layer {index}"
+    if len(names) != 1 or names[0] == str(index):  # a Sequential's "0" says no more
+        return f"layer {index}"
+    return f"layer {index}, {names[0]}"
 
 
 def input_side_norms(
@@ -129,6 +142,19 @@ def _ratio_words(ratio: float) -> str:
     return "exactly 0 at the first layer" if ratio == math.inf else "not finite"
 
 
+#: The first layer's gradient is exactly 0 where it was not at an earlier step: units that
+#: passed a gradient no longer do (ReLUs pushed below 0 for every input by an oversized
+#: update).
+DIED_REMEDY = (
+    "the units between stopped passing a gradient during training (ReLUs whose inputs went "
+    "below 0 for every example after oversized updates): lower the learning rate or add "
+    "warm-up; a leaky activation (LeakyReLU, GELU) keeps a gradient"
+)
+#: Exactly 0 from the first recorded step: besides a decay, something may pass none.
+CUT_REMEDY = (
+    "a .detach() or torch.no_grad() in the forward, or units dead from init (a large "
+    "negative bias before a ReLU)"
+)
 #: Residual blocks were found: the norm placement is the lever (Xiong et al. 2020).
 BLOCKS_REMEDY = "use Pre-LN or DeepNorm, or add learning-rate warm-up"
 #: No residual blocks: a plain deep stack, where the init sets how each layer scales the

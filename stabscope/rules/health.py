@@ -82,12 +82,20 @@ def _adam_eps(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     if low.empty:
         return
     worst = low.loc[low.value.idxmin()]
+    lowest = float(worst.value)
+    if lowest < 1:  # eps above the gradient rms: the step is lr·g/eps, an SGD step
+        effect = (
+            f"eps is {1 / lowest:.3g}x its gradient rms, so Adam's step there is lr·g/eps, "
+            f"an SGD step about {1 / lowest:.3g}x smaller than Adam's"
+        )
+    else:
+        effect = "their updates are damped"
     yield finding_at(
         ADAM_EPS,
         "warning",
-        f"{len(low)} parameters have gradient rms (sqrt of Adam's v) within "
-        f"{p['min_ratio']:g}x of eps at step {int(worst.step)}; lowest "
-        f"{worst.value:.3g} ({worst.module}): their updates are damped",
+        f"{len(low)} weight matrices have a gradient rms (the square root of Adam's v) "
+        f"under {p['min_ratio']:g}x Adam's eps at step {int(worst.step)}; the lowest ratio "
+        f"sqrt(v)/eps is {lowest:.3g} ({worst.module}): {effect}",
         worst,
         threshold=p["min_ratio"],
         metric="adam_sqrtv_over_eps",

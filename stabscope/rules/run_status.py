@@ -44,6 +44,18 @@ def _run_status(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
             if hint
             else "fix the error in meta.json's `error` entry, then profile again",
         )
+    elif view.meta.tool_error is not None:
+        fault = view.meta.tool_error
+        yield finding(
+            RUN_STATUS,
+            "warning" if p["allow_incomplete"] else "error",
+            f"the recording stopped at step {fault.get('step')} on stabscope's own error in "
+            f"{fault.get('where')} ({fault.get('type')}: {fault.get('message')}); the training "
+            "went on unrecorded, so the rules saw only the steps before",
+            value=float(steps),
+            remedy="report it with meta.json's tool_error.traceback; pass --allow-incomplete "
+            "to gate on what was recorded",
+        )
     elif state.status == "stopped":
         rule = (view.meta.stopped_by or {}).get("rule", "a rule")
         yield finding(

@@ -19,6 +19,7 @@ and then stays at their variance, which a rule on the loss sees only at the end.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 from ..store import RUN_MODULE
@@ -92,4 +93,61 @@ BROADCAST = Rule(
     _broadcast,
 )
 
-RULES = [NOT_ZEROED, BROADCAST]
+#: What each loss function applies to its input, for the finding's words.
+_APPLIES = {
+    "cross_entropy": "its own softmax",
+    "binary_cross_entropy_with_logits": "its own sigmoid",
+    "nll_loss": "nothing: it takes log-probabilities",
+}
+#: What to hand each loss function instead.
+_INSTEAD = {
+    "cross_entropy": "pass the raw scores (drop the {act} before the loss), or take "
+    "nll_loss of their log (log_softmax) if the probabilities are needed elsewhere",
+    "binary_cross_entropy_with_logits": "pass the raw scores (drop the {act} before the "
+    "loss), or use binary_cross_entropy on the probabilities",
+    "nll_loss": "hand it log-probabilities: log_softmax instead of the {act}, or "
+    "cross_entropy on the raw scores",
+}
+
+
+def _squashed(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
+    read = view.meta.doc.get("squashed_logits")
+    if not isinstance(read, dict):
+        return
+    function, act = str(read.get("function")), str(read.get("activation"))
+    low, high, floor = read.get("low"), read.get("high"), read.get("floor")
+    message = (
+        f"{function}, which applies {_APPLIES.get(function, 'its own squashing')}, was handed "
+        f"the outputs of a {act} (each in [{low:g}, {high:g}]): they are squashed twice, so no "
+        "prediction can be confident whatever the model learns"
+    )
+    if function == "nll_loss":
+        message += "; on probabilities it returns -p, no log-likelihood (it ranges over [-1, 0])"
+    elif isinstance(floor, (int, float)):
+        classes = read.get("classes")
+        over = f" over {classes} classes" if isinstance(classes, int) else " per element"
+        message += f", and the loss cannot fall below {floor:.3g}{over}"
+        if isinstance(classes, int) and classes > 1:
+            message += f" (a uniform guess scores ln {classes} = {math.log(classes):.3g})"
+    yield finding(
+        SQUASHED,
+        "error",
+        message,
+        module=None,
+        step=0,
+        value=float(floor) if isinstance(floor, (int, float)) else 1.0,
+        metric="loss",
+        remedy=_INSTEAD.get(function, "pass the raw scores to the loss").format(act=act),
+    )
+
+
+SQUASHED = Rule(
+    "squashed-logits",
+    "A loss that takes logits handed probabilities",
+    "",  # no paper: what torch.nn.functional's cross_entropy and *_with_logits compute
+    (),  # a meta.json entry written only when it happens
+    {},
+    _squashed,
+)
+
+RULES = [NOT_ZEROED, BROADCAST, SQUASHED]

@@ -244,6 +244,17 @@ META = Record(
             },
             required=("function", "shape", "output_dims", "target_dims"),
         ),
+        "squashed_logits": Record(
+            {
+                "function": STR,
+                "activation": STR,
+                "low": NUMBER,
+                "high": NUMBER,
+                "floor": MAYBE_NUMBER,
+                "classes": MAYBE_INT,
+            },
+            required=("function", "activation"),
+        ),
         "modules": ListOf(MODULE),
         "parameters": ListOf(PARAMETER),
         "parts": INT,
@@ -256,6 +267,10 @@ META = Record(
         "notes": ListOf(STR),
         "error": ERROR,
         "rank_errors": ListOf(Record(ERROR_FIELDS)),
+        "tool_error": Record(
+            {"where": STR, "step": INT, "type": STR, "message": STR, "traceback": STR},
+            required=("where", "step", "type", "message"),
+        ),
         "lr_plan": LR_PLAN,
         "optimizers": ListOf(OPTIMIZER),
         "online": ONLINE,

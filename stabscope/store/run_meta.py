@@ -58,6 +58,13 @@ class RunMeta(Mapping[str, Any]):
         return self.doc.get("error") or None
 
     @property
+    def tool_error(self) -> dict[str, Any] | None:
+        """``{where, step, type, message, traceback}`` of stabscope's own error that stopped
+        the recording while the script trained on (drivers/zerocode/tool_fault.py)."""
+        entry = self.doc.get("tool_error")
+        return entry if isinstance(entry, dict) else None
+
+    @property
     def rank_errors(self) -> list[dict[str, Any]]:
         """Every rank's error of a multi-rank run one of whose ranks failed, the earliest
         first (``error`` is the first of them); empty otherwise."""

@@ -70,6 +70,7 @@ from .roots import (
     other_trained_models,
 )
 from .scaler_steps import SkippedScalerSteps
+from .tool_fault import fault_entry, fault_note, guarded, warn_fault
 
 #: progress(step_done, total_or_None, last_recorded_loss)
 StepProgress = Callable[[int, int | None, float | None], None]
@@ -125,6 +126,7 @@ class ScriptRecording:
         self.steps_marked = 0  # step boundaries marked on the Recorder
         self.optimizer_steps = 0  # every optimizer.step() seen, model found or not
         self.done = False  # max_steps reached: close at the next safe point
+        self.tool_error: dict[str, Any] | None = None  # stabscope's own error (tool_fault.py)
         self._stop_raised = False  # StopOnFinding was raised (on_error="stop")
         self.closed = False
         self._owners = StepOwners([], set())
@@ -181,7 +183,8 @@ class ScriptRecording:
         self._remove()
         rec = self.recorder
         if rec is None:
-            write_empty_run(self.out, self.config, self.run_info, self.notes, status, error)
+            fault = {"tool_error": self.tool_error} if self.tool_error is not None else None
+            write_empty_run(self.out, self.config, self.run_info, self.notes, status, error, fault)
             return
         notes = [*self.notes, *self._outside_notes()]
         if self._outside:  # read by the run-status rule: part of the training is not here
@@ -194,9 +197,21 @@ class ScriptRecording:
                 f"no loss for {self.losses.steps_without_loss} of {self.steps_marked} steps: "
                 "no backward call on a single scalar was seen in them"
             )
+        if self.tool_error is not None:  # read by the run-status rule: recording cut short
+            rec.meta["tool_error"] = self.tool_error
+            script_ended = False  # its last steps are not recorded: not the run's end
         ended = {"script_ended": True} if script_ended else {}
         update_meta(rec.meta, notes, run={"dynamo": self._dynamo.since_start(), **ended})
         rec.close(status, error)
+
+    def on_tool_fault(self, where: str, exc: Exception) -> None:
+        """stabscope raised inside the script's training (tool_fault.py): keep it, stop
+        recording, and let the script go on; the run closes at the next safe point."""
+        step = self.recorder.step_index if self.recorder is not None else 0
+        self.tool_error = fault_entry(where, step, exc)
+        self.notes.append(fault_note(self.tool_error))
+        warn_fault(self.tool_error)
+        self.done = True
 
     # -- root calls: finding the model -------------------------------------------------------
     def _safe_point(self) -> None:
@@ -207,6 +222,7 @@ class ScriptRecording:
                 self.notes.append(CAUGHT_STOP_NOTE)
             self.close("complete")
 
+    @guarded
     def _on_root(self, module: nn.Module) -> None:
         if self._probe_loss is not None:
             self._probe_loss.safe_point()
@@ -303,11 +319,13 @@ class ScriptRecording:
             )
 
     # -- optimizer steps: marking steps ------------------------------------------------------
+    @guarded
     def _step_starts(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         self.losses.optimizer_step(running=True)
         if self._probe_loss is not None:
             self._probe_loss.safe_point()
 
+    @guarded
     def _count_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         self.losses.optimizer_step(running=False)
         self.optimizer_steps += 1
@@ -317,6 +335,7 @@ class ScriptRecording:
             self._steps_before[key] = self._steps_before.get(key, 0) + 1
             self.losses.clear()
 
+    @guarded
     def _skipped_step(self, optimizer: Optimizer) -> None:
         """An AMP GradScaler skipped ``optimizer``'s step (Inf/NaN gradients): the iteration
         is a step of the run all the same, with its loss (scaler_steps.py)."""
@@ -327,6 +346,7 @@ class ScriptRecording:
         if not self.done and self._owners.stepped(optimizer):
             self._end_step(self.recorder)
 
+    @guarded
     def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         if self.done or self.recorder is None:
             return

@@ -23,8 +23,10 @@ def write_empty_run(
     notes: list[str],
     status: str,
     error: BaseException | None,
+    extra: dict[str, Any] | None = None,
 ) -> None:
-    """Write ``out/meta.json`` for a run that recorded nothing (on rank 0 only)."""
+    """Write ``out/meta.json`` for a run that recorded nothing (on rank 0 only); ``extra``:
+    more meta.json entries (``tool_error``)."""
     if rank() != 0:
         return
     signum = interrupting_signal(error)
@@ -46,6 +48,7 @@ def write_empty_run(
         finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         error=None if error is None else error_entry(error),
         **({"interrupted_by": signal_name(signum)} if interrupted else {}),
+        **(extra or {}),
     )
     save_meta(out, meta)
 

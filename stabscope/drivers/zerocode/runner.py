@@ -239,7 +239,15 @@ def _run(
     _require_steps(recording, path, ending)
     recording.close("complete", script_ended=returned)
     rec = recording.recorder
-    assert rec is not None
+    if rec is None:  # stabscope's own error before the model was found (tool_fault.py)
+        return TrainingScriptResult(
+            run_dir=recording.out,
+            steps=0,
+            recorded_steps=0,
+            seconds=time.perf_counter() - start,
+            last_loss=None,
+            notes=notes,
+        )
     # Said on the terminal too: without it the forecast lacks the stability index.
     notes += [n for n in recording.notes if n.startswith(TAIL_NOTE)]
     return TrainingScriptResult(
@@ -276,8 +284,10 @@ def _steps(recording: ScriptRecording) -> str:
 
 
 def _require_steps(recording: ScriptRecording, path: Path, ending: str) -> None:
-    """A script that ended without a single step is bad input: say why, close as failed."""
-    if recording.steps_marked:
+    """A script that ended without a single step is bad input: say why, close as failed.
+    Not where stabscope's own error stopped the recording first (tool_fault.py): the script
+    is fine, and the run says what happened."""
+    if recording.steps_marked or recording.tool_error is not None:
         return
     # A file that built no optimizer may have been meant as a model script: say both readings.
     missing = [] if recording.optimizers.constructed else missing_entry_points(path)

@@ -1,0 +1,139 @@
+"""A loss that takes logits handed probabilities (meta.json ``squashed_logits``), read once
+from the first loss's autograd graph.
+
+``F.cross_entropy`` and ``F.binary_cross_entropy_with_logits`` apply their own softmax or
+sigmoid to their input. A model whose output already went through one (``nn.Softmax`` as
+the last layer, a ``sigmoid`` in ``forward`` for a decoder's pixels) hands them values in
+[0, 1]: the loss squashes them a second time, so no prediction can be confident whatever the
+model learns. Over V classes with inputs in [0, 1] the largest probability the loss can see
+is e / (e + V - 1): its cross-entropy is at least ln(1 + (V - 1) / e), 1.46 for V = 10
+against ln 10 = 2.30 for knowing nothing; a binary cross-entropy is at least
+ln(1 + 1/e) = 0.31 for a positive label and ln 2 = 0.69 for a negative one. The gradients
+shrink with the squashing's slope too (at most 1/4 for a sigmoid). ``F.nll_loss`` takes
+log-probabilities; handed probabilities it returns -p, which is no log-likelihood.
+
+The graph shows it: the loss function's node (``LogSoftmaxBackward0`` under a cross-entropy,
+``BinaryCrossEntropyWithLogitsBackward0``, ``NllLossBackward0``) has as its input, past
+shape-only nodes (a ``view``, a ``permute``), a ``SoftmaxBackward0``, ``SigmoidBackward0``
+or ``TanhBackward0``. A softmax that is a *target* (distillation's soft labels) enters the
+loss through a product with the log-probabilities, never as the normalised input, so it is
+not read. A ``log_softmax`` before ``cross_entropy`` is harmless (a log-softmax of
+log-probabilities returns them) and a ``sigmoid`` before ``binary_cross_entropy`` is how it
+is meant: neither is reported. The graph is walked breadth-first from the loss, at most
+``NODES`` nodes, so a loss that sums several terms (a VAE's reconstruction and KL) is read
+too.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Any
+
+import torch
+
+from .loss_function import NODES, _normalised_size
+
+#: The loss functions that take logits (or log-probabilities), by the autograd node whose
+#: first input is what the model handed them.
+TAKES_LOGITS = {
+    "LogSoftmaxBackward0": "cross_entropy",
+    "BinaryCrossEntropyWithLogitsBackward0": "binary_cross_entropy_with_logits",
+    "NllLossBackward0": "nll_loss",
+    "NllLoss2DBackward0": "nll_loss",
+}
+#: The squashing activations, by node, with the interval of their outputs.
+SQUASHING = {
+    "SoftmaxBackward0": ("softmax", (0.0, 1.0)),
+    "SigmoidBackward0": ("sigmoid", (0.0, 1.0)),
+    "TanhBackward0": ("tanh", (-1.0, 1.0)),
+}
+#: Nodes that move or select values without changing them: looked through.
+SHAPE_ONLY = frozenset(
+    {
+        "ViewBackward0",
+        "UnsafeViewBackward0",
+        "ReshapeAliasBackward0",
+        "SqueezeBackward0",
+        "SqueezeBackward1",
+        "SqueezeBackward2",
+        "UnsqueezeBackward0",
+        "PermuteBackward0",
+        "TransposeBackward0",
+        "TBackward0",
+        "ExpandBackward0",
+        "SelectBackward0",
+        "SliceBackward0",
+        "CloneBackward0",
+        "ToCopyBackward0",
+        "AliasBackward0",
+        "IndexBackward0",
+        "FlattenBackward0",
+    }
+)
+#: How many shape-only nodes are looked through between the loss and its input's producer.
+MAX_SHAPE_HOPS = 8
+
+
+def squashed_logits(loss: torch.Tensor) -> dict[str, Any] | None:
+    """``{"function", "activation", "low", "high", "floor", "classes"}`` where a loss function
+    that takes logits was handed the outputs of a softmax, sigmoid or tanh (``floor``: the
+    least loss those inputs allow, per element, None where it depends on what is unknown;
+    ``classes``: a cross-entropy's, where read); None otherwise or where ``loss`` has no
+    graph."""
+    start = getattr(loss, "grad_fn", None)
+    if start is None:
+        return None
+    queue, seen = deque([start]), {start}
+    while queue and len(seen) <= NODES:
+        node = queue.popleft()
+        function = TAKES_LOGITS.get(type(node).__name__)
+        children = getattr(node, "next_functions", ())
+        if function is not None:
+            producer = _producer(node)
+            name = type(producer).__name__
+            if name in SQUASHING:
+                return _describe(function, SQUASHING[name], node)
+            # Under the loss function is the model's graph: only a cross-entropy's own
+            # log-softmax under its nll_loss is still the loss's.
+            if name != "LogSoftmaxBackward0":
+                continue
+            children = ((producer, 0),)
+        for child, _ in children:
+            if child is not None and child not in seen:
+                seen.add(child)
+                queue.append(child)
+    return None
+
+
+def _producer(node: Any) -> Any:
+    """The node that computed the first input of ``node``, past shape-only nodes (None where
+    there is none, or more than ``MAX_SHAPE_HOPS`` of them)."""
+    inputs = getattr(node, "next_functions", ())
+    current = inputs[0][0] if inputs else None
+    for _ in range(MAX_SHAPE_HOPS):
+        if current is None or type(current).__name__ not in SHAPE_ONLY:
+            return current
+        current = current.next_functions[0][0] if current.next_functions else None
+    return None
+
+
+def _describe(function: str, found: tuple[str, tuple[float, float]], node: Any) -> dict[str, Any]:
+    activation, (low, high) = found
+    classes = _normalised_size(node) if function == "cross_entropy" else None
+    floor: float | None = None
+    if function == "cross_entropy" and classes is not None and classes > 1:
+        # The best case: the right class at `high`, every other at `low`.
+        floor = math.log1p((classes - 1) * math.exp(low - high))
+    elif function == "binary_cross_entropy_with_logits":
+        # A positive label at best `high`: ln(1 + e^-high); a negative one at best `low`:
+        # ln(1 + e^low). The smaller of the two bounds every element.
+        floor = min(math.log1p(math.exp(-high)), math.log1p(math.exp(low)))
+    return {
+        "function": function,
+        "activation": activation,
+        "low": low,
+        "high": high,
+        "floor": floor,
+        "classes": classes,
+    }

@@ -1,0 +1,131 @@
+"""Rule ``squashed-logits`` on real training: a classifier whose last layer is a softmax,
+trained with ``cross_entropy`` (which applies its own), and a decoder whose sigmoid output goes
+into ``binary_cross_entropy_with_logits`` beside a KL term, are errors from the first step; the
+same models handing the loss their raw scores are not.
+
+The references are analytic: over V classes with inputs in [0, 1] a cross-entropy is at least
+ln(1 + (V - 1) / e), and a binary cross-entropy at least ln(1 + 1/e) per element; each run's
+own losses are checked to stay above that floor while the fixed twin falls below it."""
+
+from __future__ import annotations
+
+import math
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stabscope import Recorder, RecorderConfig, Schedule
+from stabscope.drivers.zerocode import profile_training_script
+from stabscope.record.squashed_logits import squashed_logits
+from stabscope.rules import check_run
+
+CLASSIFIER = """
+import json, sys
+import torch
+from torch import nn
+
+torch.manual_seed(0)
+squashed = sys.argv[1] == "softmax"
+layers = [nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 10)]
+model = nn.Sequential(*layers, *([nn.Softmax(dim=-1)] if squashed else []))
+teacher = torch.randn(8, 10)
+opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+losses = []
+for step in range(120):
+    x = torch.randn(64, 8)
+    loss = nn.CrossEntropyLoss()(model(x), (x @ teacher).argmax(1))
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    losses.append(loss.item())
+json.dump(losses, open(sys.argv[2], "w"))
+"""
+
+
+def squashed_findings(run_dir) -> list:
+    return [f for f in check_run(run_dir).findings if f.rule == "squashed-logits"]
+
+
+@pytest.mark.parametrize("kind", ["softmax", "raw"])
+def test_a_softmax_before_cross_entropy_is_an_error(tmp_path, kind):
+    import json
+
+    script = tmp_path / "clf.py"
+    script.write_text(textwrap.dedent(CLASSIFIER))
+    out, log = tmp_path / "run", tmp_path / "losses.json"
+    profile_training_script(script, [kind, str(log)], out, RecorderConfig(online_rules=False))
+    losses = json.loads(log.read_text())
+    floor = math.log1p(9 / math.e)  # 10 classes, inputs in [0, 1]: 1.46
+    found = squashed_findings(out)
+    if kind == "softmax":
+        assert min(losses) >= floor - 1e-6  # the bound holds on the run's own losses
+        (f,) = found
+        assert f.severity == "error" and f.step == 0
+        assert f.value == pytest.approx(floor, rel=1e-9)
+        assert "softmax" in f.message and "10 classes" in f.message
+    else:
+        assert min(losses) < 0.5 * floor  # the raw scores learn past the squashed floor
+        assert found == []
+
+
+def vae_step(decoder: nn.Module, x: torch.Tensor, squashed: bool) -> torch.Tensor:
+    """A reconstruction (sum over pixels, mean over the batch) plus a KL-like term."""
+    out = decoder(x)
+    recon = torch.sigmoid(out) if squashed else out
+    bce = F.binary_cross_entropy_with_logits(recon, x, reduction="sum") / len(x)
+    return bce + 1e-3 * out.pow(2).mean()
+
+
+@pytest.mark.parametrize("squashed", [True, False])
+def test_a_sigmoid_before_bce_with_logits_in_a_summed_loss_is_an_error(tmp_path, squashed):
+    torch.manual_seed(0)
+    decoder = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 16))
+    opt = torch.optim.Adam(decoder.parameters(), lr=1e-2)
+    x = (torch.rand(64, 16) > 0.5).float()  # binary pixels: a perfect fit scores 0
+    config = RecorderConfig(schedule=Schedule(5, 0), online_rules=False)
+    per_element = []
+    with Recorder(decoder, tmp_path / "run", config) as rec:
+        for _ in range(40):
+            loss = vae_step(decoder, x, squashed)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            rec.step(loss)
+            per_element.append(loss.item() / x.shape[1])
+    found = squashed_findings(tmp_path / "run")
+    floor = math.log1p(1 / math.e)  # a positive pixel at best sigmoid(1): 0.313
+    if squashed:
+        assert min(per_element) >= floor
+        (f,) = found
+        assert f.value == pytest.approx(floor, rel=1e-9)
+        assert "binary_cross_entropy_with_logits" in f.message and "sigmoid" in f.message
+    else:
+        assert min(per_element) < floor
+        assert found == []
+
+
+def test_what_is_meant_is_not_read_as_squashed():
+    torch.manual_seed(0)
+    x = torch.randn(8, 5, requires_grad=True)
+    y = torch.randint(0, 5, (8,))
+    soft = torch.softmax(torch.randn(8, 5, requires_grad=True), -1)  # a trained teacher's
+    meant = [
+        F.cross_entropy(x, y),
+        F.cross_entropy(F.log_softmax(x, -1), y),  # a log-softmax of log-probabilities
+        F.nll_loss(F.log_softmax(x, -1), y),
+        F.binary_cross_entropy(torch.sigmoid(x), torch.rand(8, 5)),
+        F.cross_entropy(x, soft),  # soft labels from a softmax: a target, not the input
+        -(soft * F.log_softmax(x, -1)).sum(-1).mean(),
+        F.cross_entropy(2.0 * torch.softmax(x, -1), y),  # rescaled: not read as squashed
+    ]
+    assert [squashed_logits(loss) for loss in meant] == [None] * len(meant)
+    read = squashed_logits(F.nll_loss(torch.softmax(x, -1), y))
+    assert read is not None and read["function"] == "nll_loss" and read["floor"] is None
+    # Past shape-only nodes: a (B, T, V) softmax permuted to (B, V, T) for the loss.
+    seq = torch.softmax(x.view(2, 4, 5), -1).permute(0, 2, 1)
+    read = squashed_logits(F.cross_entropy(seq, y.view(2, 4)))
+    assert read is not None and read["classes"] == 5
+    assert read["floor"] == pytest.approx(math.log1p(4 / math.e))

@@ -1,0 +1,116 @@
+"""stabscope's own error inside a training script never ends the script: the recording stops
+at that step, what was recorded stays, and the gate reads the run as incomplete.
+
+The fault is injected into stabscope's own code (a step boundary that raises at step 3, a
+model search that raises); torch and the script are untouched. The reference is the script's
+own losses, computed again here without stabscope: with the fault they are the same, every
+step, to the last bit."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+import torch
+
+from stabscope.drivers.zerocode import attach as zerocode_attach
+from stabscope.drivers.zerocode import profile_training_script
+from stabscope.record import recorder as recorder_module
+from stabscope.record.config import RecorderConfig
+from stabscope.rules import check_run
+from stabscope.store import load_run
+from stabscope.store.run_meta import load_meta
+from tests.test_cli import invoke
+
+STEPS = 10
+SCRIPT = """
+import json, sys
+import torch
+
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+opt = torch.optim.SGD(model.parameters(), lr=0.05)
+x, y = torch.randn(32, 6), torch.randn(32, 1)
+losses = []
+for step in range(10):
+    loss = (model(x) - y).pow(2).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    losses.append(loss.item())
+json.dump(losses, open(sys.argv[1], "w"))
+"""
+
+
+def reference_losses() -> list[float]:
+    """The script's loop, run here without stabscope."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = torch.randn(32, 6), torch.randn(32, 1)
+    out = []
+    for _ in range(STEPS):
+        loss = (model(x) - y).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        out.append(loss.item())
+    return out
+
+
+def profile(tmp_path, capsys) -> tuple[object, list[float], str]:
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent(SCRIPT))
+    out, log = tmp_path / "run", tmp_path / "losses.json"
+    profile_training_script(script, [str(log)], out, RecorderConfig(online_rules=False))
+    return out, json.loads(log.read_text()), capsys.readouterr().err
+
+
+def test_a_fault_at_a_step_boundary_stops_the_recording_not_the_script(
+    tmp_path, capsys, monkeypatch
+):
+    every_boundary = recorder_module.Recorder._every_boundary
+
+    def faulty(self, step: int) -> None:
+        if step == 3:
+            raise RuntimeError("injected fault")
+        every_boundary(self, step)
+
+    monkeypatch.setattr(recorder_module.Recorder, "_every_boundary", faulty)
+    out, own, stderr = profile(tmp_path, capsys)
+    assert own == reference_losses()  # the script trained to its end, bit for bit
+    meta = load_meta(out)
+    fault = meta.tool_error
+    assert fault is not None
+    assert (fault["where"], fault["step"], fault["type"]) == ("after_step", 3, "RuntimeError")
+    assert "injected fault" in fault["message"] and "faulty" in fault["traceback"]
+    assert "script_ended" not in meta.doc["run"]  # its last steps are not recorded
+    assert stderr.count("stabscope's own error in after_step at step 3") == 1
+    # What was recorded before the fault is kept, and equals the script's own losses.
+    rows = load_run(out, modules=["__run__"], metrics=["loss"]).sort_values("step")
+    recorded = dict(zip(rows.step.astype(int), rows.value.astype(float)))
+    assert {0, 1, 2} <= set(recorded) and max(recorded) <= 3
+    for step, value in recorded.items():
+        assert value == pytest.approx(own[step], rel=1e-6)
+    # The gate reads it as incomplete: an error, a warning under --allow-incomplete.
+    (status,) = [f for f in check_run(out).findings if f.rule == "run-status"]
+    assert status.severity == "error" and "stabscope's own error" in status.message
+    assert invoke("check", out, "-q").exit_code == 1
+    res = invoke("check", out, "--allow-incomplete", "--format", "json")
+    found = {f["rule"]: f for f in json.loads(res.stdout)["findings"]}
+    assert found["run-status"]["severity"] == "warning"
+
+
+def test_a_fault_while_finding_the_model_leaves_a_run_that_says_so(tmp_path, capsys, monkeypatch):
+    def faulty(self, *args, **kwargs) -> None:
+        raise KeyError("injected while finding the model")
+
+    monkeypatch.setattr(zerocode_attach.ScriptRecording, "_find_model", faulty)
+    out, own, stderr = profile(tmp_path, capsys)
+    assert own == reference_losses()
+    fault = load_meta(out).tool_error
+    assert fault is not None and (fault["where"], fault["step"]) == ("on_root", 0)
+    assert "stabscope's own error in on_root" in stderr
+    (status,) = [f for f in check_run(out).findings if f.rule == "run-status"]
+    assert status.severity == "error" and "KeyError" in status.message
