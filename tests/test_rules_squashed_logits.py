@@ -21,6 +21,7 @@ from stabscope import Recorder, RecorderConfig, Schedule
 from stabscope.drivers.zerocode import profile_training_script
 from stabscope.record.squashed_logits import squashed_logits
 from stabscope.rules import check_run
+from stabscope.rules.training_loop import squashed_floors
 
 CLASSIFIER = """
 import json, sys
@@ -63,9 +64,9 @@ def test_a_softmax_before_cross_entropy_is_an_error(tmp_path, kind):
     if kind == "softmax":
         assert min(losses) >= floor - 1e-6  # the bound holds on the run's own losses
         (f,) = found
-        assert f.severity == "error" and f.step == 0
-        assert f.value == pytest.approx(floor, rel=1e-9)
-        assert "softmax" in f.message and "10 classes" in f.message
+        assert f.severity == "error" and f.step == 0  # 1.46 is over half of ln 10
+        assert f.value == pytest.approx(floor / math.log(10), rel=1e-9)
+        assert "softmax" in f.message and f"below {floor:.3g} over 10 classes" in f.message
     else:
         assert min(losses) < 0.5 * floor  # the raw scores learn past the squashed floor
         assert found == []
@@ -100,8 +101,10 @@ def test_a_sigmoid_before_bce_with_logits_in_a_summed_loss_is_an_error(tmp_path,
     if squashed:
         assert min(per_element) >= floor
         (f,) = found
-        assert f.value == pytest.approx(floor, rel=1e-9)
+        # A target of 0 can do no better than sigmoid(0) = 1/2: a coin flip, ln 2.
+        assert f.severity == "error" and f.value == pytest.approx(1.0)
         assert "binary_cross_entropy_with_logits" in f.message and "sigmoid" in f.message
+        assert f"at least ln(1 + e^-1) = {floor:.3g}" in f.message
     else:
         assert min(per_element) < floor
         assert found == []
@@ -129,3 +132,22 @@ def test_what_is_meant_is_not_read_as_squashed():
     read = squashed_logits(F.cross_entropy(seq, y.view(2, 4)))
     assert read is not None and read["classes"] == 5
     assert read["floor"] == pytest.approx(math.log1p(4 / math.e))
+
+
+def test_how_severe_depends_on_what_the_floor_leaves_of_a_uniform_guess():
+    """An error where the floor is at least half of a uniform guess's loss: over 2 classes a
+    sigmoid's [0, 1] still allows ln(1 + 1/e) = 0.313 < ln 2 / 2 (a warning), over 3 it
+    allows no less than ln(1 + 2/e) = 0.551 >= ln 3 / 2 (an error). A tanh's [-1, 1] over V
+    classes allows ln(1 + (V - 1) / e^2): under half of ln V at 30 classes, over at 50."""
+
+    def share(activation: str, classes: int) -> float:
+        x = torch.randn(6, classes, requires_grad=True)
+        squash = {"sigmoid": torch.sigmoid, "tanh": torch.tanh}[activation]
+        read = squashed_logits(F.cross_entropy(squash(x), torch.randint(0, classes, (6,))))
+        floor, uniform = squashed_floors(read)
+        return floor / uniform
+
+    assert share("sigmoid", 2) == pytest.approx(math.log1p(1 / math.e) / math.log(2))
+    assert share("sigmoid", 2) < 0.5 <= share("sigmoid", 3)
+    assert share("tanh", 30) < 0.5 <= share("tanh", 50)
+    assert share("tanh", 50) == pytest.approx(math.log1p(49 / math.e**2) / math.log(50))

@@ -83,10 +83,10 @@ def test_a_fault_at_a_step_boundary_stops_the_recording_not_the_script(
     meta = load_meta(out)
     fault = meta.tool_error
     assert fault is not None
-    assert (fault["where"], fault["step"], fault["type"]) == ("after_step", 3, "RuntimeError")
+    assert (fault["where"], fault["step"], fault["type"]) == ("a step boundary", 3, "RuntimeError")
     assert "injected fault" in fault["message"] and "faulty" in fault["traceback"]
     assert "script_ended" not in meta.doc["run"]  # its last steps are not recorded
-    assert stderr.count("stabscope's own error in after_step at step 3") == 1
+    assert stderr.count("stabscope's own error in a step boundary at step 3") == 1
     # What was recorded before the fault is kept, and equals the script's own losses.
     rows = load_run(out, modules=["__run__"], metrics=["loss"]).sort_values("step")
     recorded = dict(zip(rows.step.astype(int), rows.value.astype(float)))
@@ -110,7 +110,57 @@ def test_a_fault_while_finding_the_model_leaves_a_run_that_says_so(tmp_path, cap
     out, own, stderr = profile(tmp_path, capsys)
     assert own == reference_losses()
     fault = load_meta(out).tool_error
-    assert fault is not None and (fault["where"], fault["step"]) == ("on_root", 0)
-    assert "stabscope's own error in on_root" in stderr
+    assert fault is not None and (fault["where"], fault["step"]) == ("finding the model", 0)
+    assert "stabscope's own error in finding the model" in stderr
     (status,) = [f for f in check_run(out).findings if f.rule == "run-status"]
     assert status.severity == "error" and "KeyError" in status.message
+
+
+@pytest.mark.parametrize(
+    ("target", "where"),
+    [
+        ("stabscope.record.recorder.Recorder._on_forward", "a module's forward hook"),
+        ("stabscope.probes.flight_ring.FlightRing.put", "the flight recorder's forward hook"),
+    ],
+)
+def test_a_fault_in_a_hook_never_reaches_the_users_loop(
+    tmp_path, capsys, monkeypatch, target, where
+):
+    """Library mode: the fault is raised inside a hook of stabscope's that runs in the user's
+    own ``model(x)``. The loop, ``rec.step(loss)`` included, runs to its end unchanged."""
+    import importlib
+
+    from stabscope import Recorder, Schedule
+
+    module_name, cls_name, method = target.rsplit(".", 2)
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    original = getattr(cls, method)
+    calls = {"n": 0}
+
+    def faulty(self, *args, **kwargs):
+        calls["n"] += 1
+        if rec.step_index == 2:
+            raise ValueError("injected in a hook")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, method, faulty)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = torch.randn(32, 6), torch.randn(32, 1)
+    own = []
+    config = RecorderConfig(schedule=Schedule(STEPS, 0), online_rules=False)
+    with Recorder(model, tmp_path / "run", config) as rec:
+        for _ in range(STEPS):
+            loss = (model(x) - y).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            rec.step(loss)
+            own.append(loss.item())
+    assert own == reference_losses() and calls["n"] > 0
+    fault = load_meta(tmp_path / "run").tool_error
+    assert fault is not None and (fault["where"], fault["step"]) == (where, 2)
+    assert capsys.readouterr().err.count("stabscope's own error") == 1
+    steps = load_run(tmp_path / "run", metrics=["loss"]).step.astype(int)
+    assert set(steps) <= {0, 1, 2} and {0, 1} <= set(steps)

@@ -40,6 +40,7 @@ from ..record.config import RecorderConfig
 from ..record.copy_safe import NotCopied
 from ..record.hook_context import compiling, in_backward, outside_modes, primary_tensor
 from ..record.module_table import unwrap_model
+from ..record.tool_faults import guarded
 from .base import BaseProbe, ProbeContext
 from .flight_ring import FlightRing
 from .flight_search import (
@@ -134,6 +135,7 @@ class FlightRecorder(BaseProbe, NotCopied):
             handle.remove()
         self._handles.clear()
 
+    @guarded("the flight recorder's forward hook")
     def _forward_hook(self, w: int, module: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
         if compiling():  # tensor work only: Dynamo traces it into the graph
             tensor = primary_tensor(out)
@@ -160,6 +162,7 @@ class FlightRecorder(BaseProbe, NotCopied):
         if tensor.requires_grad:
             tensor.register_hook(partial(self._grad_hook, w))
 
+    @guarded("the flight recorder's gradient hook")
     def _grad_hook(self, w: int, grad: torch.Tensor) -> None:
         if is_moment_tensor(grad) and not grad_calls.inside():  # not a torch.autograd.grad's
             self.ring.put(w, 1, grad)

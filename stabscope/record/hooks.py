@@ -25,6 +25,7 @@ from ..probes.moments import is_moment_tensor
 from . import grad_calls
 from .copy_safe import NotCopied
 from .hook_context import compiling, in_backward, outside_modes, primary_tensor
+from .tool_faults import guarded
 
 TRAIN, EVAL = 0, 1  # phase codes; names in store.schema.PHASES
 
@@ -118,6 +119,7 @@ class ModuleHooks(NotCopied):
         self._handles.clear()
         self.end_step()
 
+    @guarded("a module's forward hook")
     def _forward_hook(
         self, code: int, module: nn.Module, args: Any, kwargs: Any, output: Any
     ) -> None:
@@ -154,6 +156,7 @@ class ModuleHooks(NotCopied):
             self._grad_keys[id(tensor)] = (weakref.ref(tensor), keys)
             self._tensor_handles.append(tensor.register_hook(partial(self._grad_hook, keys)))
 
+    @guarded("a module's gradient hook")
     def _grad_hook(self, keys: list[tuple[int, int]], grad: torch.Tensor) -> None:
         if grad_calls.inside():  # a torch.autograd.grad call's gradient, not the loss's
             return
@@ -209,6 +212,7 @@ class ListenerHooks(NotCopied):
         order = _Innermost(module) if innermost else None
         if pre is not None:
 
+            @guarded("a probe's forward pre-hook")
             def pre_hook(m: nn.Module, args: Any, kwargs: Any, fn: PreListener = pre) -> None:
                 if not self.paused and _training_call(m):
                     if order is not None:
@@ -222,6 +226,7 @@ class ListenerHooks(NotCopied):
                 order.pre = handle.id
         if post is not None:
 
+            @guarded("a probe's forward hook")
             def post_hook(
                 m: nn.Module, args: Any, kwargs: Any, out: Any, fn: PostListener = post
             ) -> None:

@@ -26,6 +26,7 @@ from ..store.rank_errors import merge_rank_errors, write_rank_error
 from ..structure import discover
 from . import clip_sites, grad_calls, warning_display
 from .run_meta import error_entry
+from .tool_faults import FAULTS, fault_note
 
 _Run = TypeVar("_Run", bound="RunLifecycle")
 
@@ -65,6 +66,7 @@ class RunLifecycle:
         if self._started:
             return self
         self._started = True
+        FAULTS.reset()  # a new run: no fault of stabscope's own yet (tool_faults.py)
         warning_display.install()  # the script's warnings once per location, as without us
         self._signals = interrupts.install()
         atexit.register(self._close_at_exit)
@@ -124,6 +126,9 @@ class RunLifecycle:
                 self.meta["write_error"] = error_entry(error)
             elif self._write_warned:  # the disk had room again: every row is on disk
                 self.meta["notes"].append(WRITE_RECOVERED_NOTE)
+            if FAULTS.error is not None:  # read by run-status: the recording stopped early
+                self.meta["tool_error"] = FAULTS.error
+                self.meta["notes"].append(fault_note(FAULTS.error))
             self.meta["status"] = status
             self.meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             if error is not None:

@@ -58,6 +58,7 @@ from .run_meta import MetaWriting, error_entry, initial_meta
 from .schedule import Schedule
 from .squashed_logits import squashed_logits
 from .step_norms import StepNorms
+from .tool_faults import FAULTS, guarded
 from .verdicts import VerdictActions, check_on_error
 
 
@@ -213,7 +214,7 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
             self.start()
         with interrupts.deferred():  # a signal waits until the step is recorded and counted
             self._step(loss)
-        self._judge_step()  # the online rules' verdicts (record/verdicts.py)
+        self._judge_after_step()
 
     def note_loss_function(self, loss: torch.Tensor) -> None:
         """Read which loss function ``loss`` is from its graph, once (meta.json's
@@ -261,8 +262,14 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
             self.note_loss_function(loss)
         self.meta.setdefault("loss_function", UNKNOWN)
 
+    @guarded("the online rules at a step boundary")
+    def _judge_after_step(self) -> None:
+        self._judge_step()  # the online rules' verdicts (record/verdicts.py)
+
+    @guarded("a step boundary")
     def _step(self, loss: torch.Tensor | float | None) -> None:
         step = self.step_index
+        FAULTS.step = step
         if loss is not None:
             if "loss_function" not in self.meta:
                 self._read_loss_function(loss)
@@ -285,6 +292,7 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
         if self.sharpness is not None:
             self._measure_sharpness(step)
         self.step_index += 1
+        FAULTS.step = self.step_index  # the next step's hooks run in it
         self.meta["steps"] = self.step_index
         if self.writer.parts_written != self.meta["parts"]:
             self._save_meta()  # meta.json counts the parts on disk
@@ -347,6 +355,7 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
             self.meta["lr_plan"] = plan
         return plan is not None
 
+    @guarded("an optimizer step's start")
     def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kw: Any) -> Any:
         if not self.optimizer_watch.owns(optimizer):
             return None
@@ -392,6 +401,7 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
         # The closure computes this step's gradients (and may clip them): measure after it.
         return after_first_call(args, kw, measure)
 
+    @guarded("an optimizer step's end")
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kw: Any) -> None:
         if self.optimizer_watch.owns(optimizer):
             # A step that began before the run did has no lr noted yet: the lr it used is

@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 
 from ..analysis.losses import first_nonfinite_loss
@@ -178,6 +179,15 @@ def _nonfinite(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     if loss is not None:
         parts.append(f"the loss went non-finite at step {loss[0]} ({loss[1]})")
     parts.append(f"{count} module outputs or gradients non-finite over {steps} steps")
+    remedy = (
+        f"look at {lead.module}: its {what} was the first non-finite one in "
+        f"{lead.direction} order; lower the learning rate, add warm-up or gradient clipping, "
+        "or compute that module in float32"
+    )
+    written = weights_written_nonfinite(view, lead.step)
+    if written is not None:
+        parts.insert(1, written)
+        remedy = UPDATE_REMEDY
     yield finding(
         NONFINITE,
         "error",
@@ -187,10 +197,40 @@ def _nonfinite(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
         value=float(count),
         threshold=0.0,
         metric=lead.metric,
-        remedy=f"look at {lead.module}: its {what} was the first non-finite one in "
-        f"{lead.direction} order; lower the learning rate, add warm-up or gradient clipping, "
-        "or compute that module in float32",
+        remedy=remedy,
     )
+
+
+#: The weights a step began with were already non-finite: an optimizer step wrote them.
+UPDATE_REMEDY = (
+    "the optimizer's update wrote non-finite weights: check its arithmetic in the weights' "
+    "dtype (in float16 Adam's eps = 1e-8 rounds to 0, so a zero second moment divides 0 by "
+    "0: keep the weights in float32 under autocast with a GradScaler, or raise eps), lower "
+    "the learning rate, or clip the gradients"
+)
+
+
+def weights_written_nonfinite(view: RunView, step: int) -> str | None:
+    """Where the weights that ``step``'s forward used (``param_norm``, read before the
+    optimizer step) were already non-finite: the first non-finite output was their
+    consequence, and the module that met them first in forward order only where they
+    were. Says how many, and which update wrote them where the step before was recorded
+    with finite weights; None where they were finite or not read at ``step``."""
+    norms = view.metrics("param_norm")
+    at = norms[norms.step == step]
+    if at.empty:
+        return None
+    bad = ~np.isfinite(at.value.to_numpy(float))
+    if not bad.any():
+        return None
+    said = (
+        f"the weights were non-finite before step {step}'s forward ({int(bad.sum())} of "
+        f"{len(at)} parameters, e.g. {at.module.astype(str).to_numpy()[bad][0]})"
+    )
+    before = norms[norms.step == step - 1]
+    if not before.empty and np.isfinite(before.value.to_numpy(float)).all():
+        said += f": the optimizer step of step {step - 1}, from finite weights, wrote them"
+    return said
 
 
 def _skipped(view: RunView, bad: pd.DataFrame, steps: list[int]) -> Finding:
@@ -223,5 +263,9 @@ NONFINITE = Rule(
     {},
     _nonfinite,
     # the flags and the loss, the markers, and lr: a step without one skipped its update
-    reads=(Request((*FLAGS, "loss", "first_nonfinite_forward", "first_nonfinite_backward", "lr")),),
+    # and the weights' norms, to tell weights an update wrote non-finite (before the forward)
+    reads=(
+        Request((*FLAGS, "loss", "first_nonfinite_forward", "first_nonfinite_backward", "lr")),
+        Request(("param_norm",)),
+    ),
 )

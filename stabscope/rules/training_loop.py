@@ -110,32 +110,58 @@ _INSTEAD = {
 }
 
 
+def squashed_floors(read: dict) -> tuple[float, float] | None:
+    """(the least loss the squashed inputs allow, a uniform guess's loss) for meta.json's
+    ``squashed_logits``, per example: a cross-entropy over its ``classes`` (ln V); a binary
+    one for the label it serves worse (ln 2): a target of 0 at best ln(1 + e^low), a
+    target of 1 at best ln(1 + e^-high). None where neither is known (``nll_loss``, a
+    cross-entropy whose classes were not read)."""
+    low, high = float(read.get("low", 0.0)), float(read.get("high", 1.0))
+    if read.get("function") == "binary_cross_entropy_with_logits":
+        return max(math.log1p(math.exp(low)), math.log1p(math.exp(-high))), math.log(2)
+    floor, classes = read.get("floor"), read.get("classes")
+    if isinstance(floor, (int, float)) and isinstance(classes, int) and classes > 1:
+        return float(floor), math.log(classes)
+    return None
+
+
 def _squashed(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     read = view.meta.doc.get("squashed_logits")
     if not isinstance(read, dict):
         return
     function, act = str(read.get("function")), str(read.get("activation"))
-    low, high, floor = read.get("low"), read.get("high"), read.get("floor")
+    low, high = float(read.get("low", 0.0)), float(read.get("high", 1.0))
+    classes = read.get("classes")
     message = (
         f"{function}, which applies {_APPLIES.get(function, 'its own squashing')}, was handed "
         f"the outputs of a {act} (each in [{low:g}, {high:g}]): they are squashed twice, so no "
         "prediction can be confident whatever the model learns"
     )
+    floors = squashed_floors(read)
     if function == "nll_loss":
         message += "; on probabilities it returns -p, no log-likelihood (it ranges over [-1, 0])"
-    elif isinstance(floor, (int, float)):
-        classes = read.get("classes")
-        over = f" over {classes} classes" if isinstance(classes, int) else " per element"
-        message += f", and the loss cannot fall below {floor:.3g}{over}"
-        if isinstance(classes, int) and classes > 1:
-            message += f" (a uniform guess scores ln {classes} = {math.log(classes):.3g})"
+    elif function == "binary_cross_entropy_with_logits":
+        message += (
+            f": a target of 0 scores at least ln(1 + e^{low:g}) = "
+            f"{math.log1p(math.exp(low)):.3g} and a target of 1 at least ln(1 + e^-{high:g}) "
+            f"= {math.log1p(math.exp(-high)):.3g}, against ln 2 = 0.693 for a coin flip"
+        )
+    elif floors is not None:
+        message += (
+            f", and the loss cannot fall below {floors[0]:.3g} over {classes} classes (a "
+            f"uniform guess scores ln {classes} = {floors[1]:.3g})"
+        )
+    # An error where the model can never remove `error_share` of a uniform guess's loss:
+    # then no run of it gets half-way to what the same model learns on raw scores.
+    severe = floors is not None and floors[0] >= p["error_share"] * floors[1]
     yield finding(
         SQUASHED,
-        "error",
+        "error" if severe else "warning",
         message,
         module=None,
         step=0,
-        value=float(floor) if isinstance(floor, (int, float)) else 1.0,
+        value=floors[0] / floors[1] if floors is not None else None,
+        threshold=p["error_share"],
         metric="loss",
         remedy=_INSTEAD.get(function, "pass the raw scores to the loss").format(act=act),
     )
@@ -146,7 +172,7 @@ SQUASHED = Rule(
     "A loss that takes logits handed probabilities",
     "",  # no paper: what torch.nn.functional's cross_entropy and *_with_logits compute
     (),  # a meta.json entry written only when it happens
-    {},
+    {"error_share": 0.5},
     _squashed,
 )
 

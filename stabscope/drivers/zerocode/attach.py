@@ -55,6 +55,7 @@ from ...record.lr_plan import live_schedulers
 from ...record.module_table import unwrap_model
 from ...record.probe_forward import LOSS_SHARE_KWARGS, FirstTrainingCall
 from ...record.recorder import Recorder
+from ...record.tool_faults import FAULTS, fault_note, guarded
 from ...store import update_meta
 from .compiled import COMPILE_NOTE, EAGER_NOTE, DynamoCounts, compiled_modules
 from .empty_run import write_empty_run
@@ -70,7 +71,6 @@ from .roots import (
     other_trained_models,
 )
 from .scaler_steps import SkippedScalerSteps
-from .tool_fault import fault_entry, fault_note, guarded, warn_fault
 
 #: progress(step_done, total_or_None, last_recorded_loss)
 StepProgress = Callable[[int, int | None, float | None], None]
@@ -126,7 +126,6 @@ class ScriptRecording:
         self.steps_marked = 0  # step boundaries marked on the Recorder
         self.optimizer_steps = 0  # every optimizer.step() seen, model found or not
         self.done = False  # max_steps reached: close at the next safe point
-        self.tool_error: dict[str, Any] | None = None  # stabscope's own error (tool_fault.py)
         self._stop_raised = False  # StopOnFinding was raised (on_error="stop")
         self.closed = False
         self._owners = StepOwners([], set())
@@ -146,6 +145,8 @@ class ScriptRecording:
     def install(self) -> None:
         """Start watching: optimizer construction, root calls, backward, optimizer steps."""
         self._dynamo = DynamoCounts()
+        FAULTS.reset()
+        FAULTS.on_fault = self._on_tool_fault
         self.optimizers.install()
         self.losses.install()
         self.roots.install()
@@ -157,6 +158,8 @@ class ScriptRecording:
 
     def _remove(self) -> None:
         # Never from inside an optimizer hook: PyTorch iterates the hook dicts while calling.
+        if FAULTS.on_fault == self._on_tool_fault:
+            FAULTS.on_fault = None
         self.optimizers.remove()
         self.losses.remove()
         self.roots.remove()
@@ -183,7 +186,10 @@ class ScriptRecording:
         self._remove()
         rec = self.recorder
         if rec is None:
-            fault = {"tool_error": self.tool_error} if self.tool_error is not None else None
+            fault = None
+            if self.tool_error is not None:
+                fault = {"tool_error": self.tool_error}
+                self.notes.append(fault_note(self.tool_error))
             write_empty_run(self.out, self.config, self.run_info, self.notes, status, error, fault)
             return
         notes = [*self.notes, *self._outside_notes()]
@@ -197,20 +203,19 @@ class ScriptRecording:
                 f"no loss for {self.losses.steps_without_loss} of {self.steps_marked} steps: "
                 "no backward call on a single scalar was seen in them"
             )
-        if self.tool_error is not None:  # read by the run-status rule: recording cut short
-            rec.meta["tool_error"] = self.tool_error
-            script_ended = False  # its last steps are not recorded: not the run's end
+        if self.tool_error is not None:  # the Recorder writes it; its last steps are not
+            script_ended = False  # recorded: not the run's end
         ended = {"script_ended": True} if script_ended else {}
         update_meta(rec.meta, notes, run={"dynamo": self._dynamo.since_start(), **ended})
         rec.close(status, error)
 
-    def on_tool_fault(self, where: str, exc: Exception) -> None:
-        """stabscope raised inside the script's training (tool_fault.py): keep it, stop
-        recording, and let the script go on; the run closes at the next safe point."""
-        step = self.recorder.step_index if self.recorder is not None else 0
-        self.tool_error = fault_entry(where, step, exc)
-        self.notes.append(fault_note(self.tool_error))
-        warn_fault(self.tool_error)
+    @property
+    def tool_error(self) -> dict[str, Any] | None:
+        """stabscope's own error that stopped this recording (record/tool_faults.py)."""
+        return FAULTS.error
+
+    def _on_tool_fault(self) -> None:
+        # Nothing more is recorded; the run closes at the next safe point (a backward).
         self.done = True
 
     # -- root calls: finding the model -------------------------------------------------------
@@ -222,7 +227,7 @@ class ScriptRecording:
                 self.notes.append(CAUGHT_STOP_NOTE)
             self.close("complete")
 
-    @guarded
+    @guarded("finding the model")
     def _on_root(self, module: nn.Module) -> None:
         if self._probe_loss is not None:
             self._probe_loss.safe_point()
@@ -319,13 +324,13 @@ class ScriptRecording:
             )
 
     # -- optimizer steps: marking steps ------------------------------------------------------
-    @guarded
+    @guarded("an optimizer step's start")
     def _step_starts(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         self.losses.optimizer_step(running=True)
         if self._probe_loss is not None:
             self._probe_loss.safe_point()
 
-    @guarded
+    @guarded("an optimizer step's end")
     def _count_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         self.losses.optimizer_step(running=False)
         self.optimizer_steps += 1
@@ -335,7 +340,7 @@ class ScriptRecording:
             self._steps_before[key] = self._steps_before.get(key, 0) + 1
             self.losses.clear()
 
-    @guarded
+    @guarded("a skipped optimizer step")
     def _skipped_step(self, optimizer: Optimizer) -> None:
         """An AMP GradScaler skipped ``optimizer``'s step (Inf/NaN gradients): the iteration
         is a step of the run all the same, with its loss (scaler_steps.py)."""
@@ -346,7 +351,7 @@ class ScriptRecording:
         if not self.done and self._owners.stepped(optimizer):
             self._end_step(self.recorder)
 
-    @guarded
+    @guarded("a step boundary")
     def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         if self.done or self.recorder is None:
             return

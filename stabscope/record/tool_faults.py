@@ -1,0 +1,106 @@
+"""stabscope's own errors never end the training they watch.
+
+stabscope's code runs inside the user's training step: its forward and gradient hooks, its
+optimizer step hooks, the step boundary (``Recorder.step``: rows, probes, the online rules),
+and in zero-code mode the global hooks that find the model. An exception raised there is
+stabscope's, not the training's: unguarded, it surfaced in the user's own ``model(x)``,
+``loss.backward()`` or ``opt.step()`` and ended the training (zero-code mode then reported
+it as the script's error, "fix the script"). Every such entry point runs under ``guarded``:
+the first exception is kept (``FAULTS.error``, written to meta.json as ``tool_error``:
+where, the step, the type, the message and the traceback), one line on stderr says so, and
+from then on every guarded entry point does nothing: the recording stops at that step, what
+was recorded before stays, and the training goes on as it would without stabscope. The
+``run-status`` rule reads such a run as incomplete, so a gate does not pass a run on steps it
+never saw.
+
+Exceptions that stabscope raises on purpose pass through: a ``UsageError`` (an ``--include``
+that matches no module), a ``RunWriteError`` (the disk), and ``StopScript`` /
+``StopOnFinding`` (``BaseException`` s, as are Ctrl-C and ``sys.exit``). Under
+``torch.compile`` a guarded hook is traced as it is (``compiling()``): Dynamo turns what it
+cannot trace into a graph break, never into an exception at run time.
+
+One state per process: a process records one run at a time (the zero-code runner, a
+callback, a ``Recorder``); a new run starts with no fault.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from ..errors import RunWriteError, UsageError
+from .hook_context import compiling
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: How much of the traceback meta.json keeps (its last frames, where stabscope raised).
+TRACEBACK_CHARS = 4000
+
+
+class ToolFaults:
+    """The process's first fault of stabscope's own, and the step the run was at."""
+
+    def __init__(self) -> None:
+        self.error: dict[str, Any] | None = None
+        self.step = 0  # the step being run (the Recorder sets it at each boundary)
+        #: Called once, at the fault (zero-code mode: close at the next safe point).
+        self.on_fault: Callable[[], None] | None = None
+
+    def reset(self) -> None:
+        """A new run: no fault, step 0 (``on_fault`` stays: its owner sets and clears it)."""
+        self.error, self.step = None, 0
+
+    def record(self, where: str, exc: BaseException) -> None:
+        if self.error is not None:
+            return
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        self.error = {
+            "where": where,
+            "step": self.step,
+            "type": type(exc).__name__,
+            "message": str(exc),
+            "traceback": text[-TRACEBACK_CHARS:],
+        }
+        print(f"stabscope: warning: {fault_note(self.error)}", file=sys.stderr, flush=True)
+        if self.on_fault is not None:
+            self.on_fault()
+
+
+FAULTS = ToolFaults()
+
+
+def fault_note(entry: dict[str, Any]) -> str:
+    """The run's note, and the console's warning, on a fault."""
+    return (
+        f"stabscope's own error in {entry['where']} at step {entry['step']} "
+        f"({entry['type']}: {entry['message']}) stopped the recording there; the training "
+        "went on without it and nothing after that step is recorded (meta.json's "
+        "tool_error keeps the traceback: please report it)"
+    )
+
+
+def guarded(where: str) -> Callable[[F], F]:
+    """Run the decorated entry point under the guard (module docstring): once a fault is
+    kept it does nothing and returns None (a hook's "no change")."""
+
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if compiling():  # traced into the graph as it is
+                return fn(*args, **kwargs)
+            if FAULTS.error is not None:
+                return None
+            try:
+                return fn(*args, **kwargs)
+            except (UsageError, RunWriteError):
+                raise
+            except Exception as exc:  # stabscope's own: BaseExceptions (stops, Ctrl-C) pass
+                FAULTS.record(where, exc)
+                return None
+
+        return call  # type: ignore[return-value]
+
+    return decorate
