@@ -332,6 +332,10 @@ def test_gate_fails_deep_post_ln_and_passes_pre_ln(tmp_path):
         line.startswith("::warning title=stabscope rank-collapse (blocks.") for line in lines
     )
     assert all(line.startswith(("::error ", "::warning ", "::notice ")) for line in lines)
+    # A finding on the run as a whole names no module ("__run__" stays in the JSON).
+    forecast = next(line for line in lines if "failure-forecast" in line)
+    assert forecast.split("::")[1] == "notice title=stabscope failure-forecast"
+    assert by_rule["failure-forecast"]["module"] == "__run__"
 
 
 def test_check_bad_input(tmp_path):

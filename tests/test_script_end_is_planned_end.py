@@ -17,6 +17,7 @@ import numpy as np
 
 from stabscope.drivers.zerocode import profile_training_script
 from stabscope.record.config import RecorderConfig
+from stabscope.report.findings import evidence
 from stabscope.rules import check_run
 from stabscope.store.run_meta import load_meta
 
@@ -94,3 +95,7 @@ def test_the_forecast_of_a_script_that_ended_speaks_of_its_end(tmp_path):
     assert forecast.severity == "info", forecast
     assert "reached the planned end (step 150)" in forecast.message, forecast.message
     assert "no longer applies" in forecast.message
+    assert forecast.remedy.startswith("none")  # a low score asks nothing of the user
+    # The run as a whole is no module to the reader; the JSON keeps "__run__".
+    assert forecast.module == "__run__" and "__run__" not in evidence(forecast)
+    assert evidence(forecast).endswith("from failure_probability at step 149")

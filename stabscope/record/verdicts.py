@@ -189,7 +189,7 @@ class VerdictActions:
             if stop:
                 self.stopped_by = entry
                 self._stop_at = self.step_index
-            where = f" ({f.module})" if f.module else ""
+            where = f" ({f.shown_module})" if f.shown_module else ""
             at = f"step {f.step}" if f.step is not None else "the run"
             action = "; stopping the run" if stop else ""
             line = f"{f.rule}{where} at {at}, seen after step {seen_at}: {f.message}{action}"

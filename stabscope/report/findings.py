@@ -19,8 +19,8 @@ def evidence(finding: Finding) -> str:
     if finding.metric and parts:
         parts.append(f"from {finding.metric}")
     where = []
-    if finding.module:
-        where.append(f"in {finding.module}")
+    if finding.shown_module:
+        where.append(f"in {finding.shown_module}")
     if finding.step is not None:
         where.append(f"at step {finding.step}")
     return ", ".join(parts) + (" " if parts and where else "") + " ".join(where)

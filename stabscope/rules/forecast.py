@@ -52,6 +52,8 @@ REMEDIES = {
     "init) so depth does not wash out token differences",
 }
 DEFAULT_REMEDY = "lower the learning rate or lengthen the warm-up; clip gradients"
+#: An info score: nothing to do.
+NO_REMEDY = "none: the forecast is below the warning threshold"
 
 #: What ``already_failed`` reads: the loss, and the non-finite flags with the steps that
 #: stepped (``nonfinite.skipped_overflow_steps``).
@@ -252,7 +254,11 @@ def _forecast(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
         value=prob,
         threshold=threshold,
         metric="failure_probability",
-        remedy=_remedy(reasons[0], view) if reasons else DEFAULT_REMEDY,
+        # A low score asks nothing of the user: the remedy of its strongest signal would
+        # read as advice (an output-head init for a normalising flow's 0.04).
+        remedy=NO_REMEDY
+        if severity == "info"
+        else (_remedy(reasons[0], view) if reasons else DEFAULT_REMEDY),
         evidence=evidence,
     )
 

@@ -63,7 +63,8 @@ def to_github(gate: GateResult) -> str:
     kind = {"error": "error", "warning": "warning", "info": "notice"}
     lines = []
     for f in gate.findings:
-        title = _escape_property(f"stabscope {f.rule}" + (f" ({f.module})" if f.module else ""))
+        where = f" ({f.shown_module})" if f.shown_module else ""
+        title = _escape_property(f"stabscope {f.rule}{where}")
         body = f.message + (f" Remedy: {f.remedy}" if f.remedy else "")
         lines.append(f"::{kind[f.severity]} title={title}::{_escape_data(body)}")
     for rule, line in zip(gate.failed, failure_lines(gate)):

@@ -20,6 +20,7 @@ from typing import Any
 from ..errors import FindingsError
 from .atomic import write_text_atomically
 from .layout import FINDINGS_FILE, META_FILE, PARTS_DIR, RANK_ERROR_PREFIX
+from .schema import RUN_MODULE
 
 SEVERITIES = ("error", "warning", "info")
 
@@ -43,6 +44,12 @@ class Finding:
     @property
     def rank(self) -> int:
         return severity_rank(self.severity)
+
+    @property
+    def shown_module(self) -> str | None:
+        """The module as text shows it: none for the run as a whole (``__run__``, which the
+        JSON keeps), the module otherwise."""
+        return None if self.module in (None, "", RUN_MODULE) else self.module
 
 
 def severity_rank(severity: str) -> int:
