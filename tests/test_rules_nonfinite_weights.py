@@ -50,7 +50,7 @@ def test_weights_an_update_wrote_non_finite_are_named_as_such(tmp_path):
     bad = finite[1].count(False)
     f = nonfinite(tmp_path / "half")
     assert f.step == 1
-    assert f"non-finite before step 1's forward ({bad} of 4 parameters" in f.message
+    assert f"norms were non-finite before step 1's forward ({bad} of 4 parameters" in f.message
     assert "the optimizer step of step 0, from finite weights, wrote them" in f.message
     assert "float16" in f.remedy and "eps" in f.remedy
 
@@ -59,5 +59,5 @@ def test_a_non_finite_input_with_finite_weights_is_not_told_so(tmp_path):
     finite = train(tmp_path / "input", half=False, bad_input_at=2)
     assert all(finite[2])  # the weights were finite when the Inf came in
     f = nonfinite(tmp_path / "input")
-    assert f.step == 2 and "weights were non-finite" not in f.message
+    assert f.step == 2 and "norms were non-finite" not in f.message
     assert "float16" not in f.remedy

@@ -164,3 +164,63 @@ def test_a_fault_in_a_hook_never_reaches_the_users_loop(
     assert capsys.readouterr().err.count("stabscope's own error") == 1
     steps = load_run(tmp_path / "run", metrics=["loss"]).step.astype(int)
     assert set(steps) <= {0, 1, 2} and {0, 1} <= set(steps)
+
+
+def test_a_fault_while_reading_the_loss_keeps_the_script_going(tmp_path, capsys, monkeypatch):
+    """Zero-code mode reads the loss's graph inside the user's own ``loss.backward()``."""
+    from stabscope.record import recorder
+
+    def faulty(loss):
+        raise AttributeError("injected while reading the loss")
+
+    monkeypatch.setattr(recorder, "squashed_logits", faulty)
+    out, own, stderr = profile(tmp_path, capsys)
+    assert own == reference_losses()
+    fault = load_meta(out).tool_error
+    assert fault is not None and fault["where"] == "reading the loss before its backward"
+    assert "AttributeError" in stderr
+
+
+def test_a_fault_inside_the_recorders_start_leaves_no_handler_behind(tmp_path, capsys, monkeypatch):
+    """The Recorder found for the script faults while starting: the run is closed at the
+    next safe point, so its signal handlers are the process's own again and meta.json says
+    complete with the fault, not failed at exit."""
+    import signal
+
+    def faulty(self) -> bool:
+        raise RuntimeError("injected in start")
+
+    before = signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(recorder_module.Recorder, "_plan_lr", faulty)
+    out, own, _ = profile(tmp_path, capsys)
+    assert own == reference_losses()
+    meta = load_meta(out)
+    assert meta.doc["status"] == "complete" and meta.tool_error["where"] == "finding the model"
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_the_users_on_finding_may_still_raise_to_stop_the_training(tmp_path):
+    """The callback is the user's code: its exception reaches the user's loop, as without
+    the guard, and is no fault of stabscope's."""
+    from stabscope import Recorder, Schedule
+
+    def stop_now(finding) -> None:
+        raise RuntimeError(f"stop now: {finding.rule}")
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = torch.randn(32, 6), torch.randn(32, 1)
+    config = RecorderConfig(schedule=Schedule(STEPS, 0))
+    recording = Recorder(model, tmp_path / "run", config, on_finding=stop_now)
+    with pytest.raises(RuntimeError, match="stop now: nonfinite"), recording as rec:
+        for step in range(STEPS):
+            inputs = x.clone()
+            if step == 2:
+                inputs[0, 0] = float("inf")  # the first non-finite: judged at once
+            loss = (model(inputs) - y).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            rec.step(loss)
+    assert load_meta(tmp_path / "run").tool_error is None

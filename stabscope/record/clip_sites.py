@@ -39,6 +39,7 @@ from torch.nn.utils import clip_grad
 
 from ..probes.kernels import host_params
 from .distributed import fsdp1_shards, local_tensor
+from .tool_faults import FAULTS, catching
 
 #: A listener: (the clipped parameters, their gradient norm before the clip, 0-d on device).
 #: A third argument, when not None, is the norm after the clip, known without a pass over the
@@ -88,8 +89,11 @@ def _tell(
     if norm is None or _state["depth"] > 0:  # inside a wrapped clip that reports for itself
         return
     norm = norm.detach()
+    if FAULTS.error is not None:
+        return
     for listener in list(_listeners):
-        listener(params, norm, after)
+        with catching("reading a gradient clip"):  # inside the user's clip_grad_norm_
+            listener(params, norm, after)
 
 
 def _is_plain_l2(total: Any, params: list[torch.Tensor]) -> bool:

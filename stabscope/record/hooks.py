@@ -88,6 +88,8 @@ class ModuleHooks(NotCopied):
         }
 
         def tied(module: nn.Module) -> bool:
+            if not ran:  # nothing ran (a compiled model's hooks): nothing to be tied to
+                return False
             own = [id(p) for p in module.parameters()]
             return bool(own) and all(i in ran for i in own)
 

@@ -67,6 +67,7 @@ class RunLifecycle:
             return self
         self._started = True
         FAULTS.reset()  # a new run: no fault of stabscope's own yet (tool_faults.py)
+        FAULTS.step = self.step_index  # zero-code: the steps before the model was found
         warning_display.install()  # the script's warnings once per location, as without us
         self._signals = interrupts.install()
         atexit.register(self._close_at_exit)

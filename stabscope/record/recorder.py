@@ -58,7 +58,7 @@ from .run_meta import MetaWriting, error_entry, initial_meta
 from .schedule import Schedule
 from .squashed_logits import squashed_logits
 from .step_norms import StepNorms
-from .tool_faults import FAULTS, guarded
+from .tool_faults import FAULTS, catching, guarded
 from .verdicts import VerdictActions, check_on_error
 
 
@@ -213,8 +213,11 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
             self._plan_at_optimizer_step = True
             self.start()
         with interrupts.deferred():  # a signal waits until the step is recorded and counted
-            self._step(loss)
-        self._judge_after_step()
+            if FAULTS.error is None:  # stabscope's own error stopped the recording
+                with catching("a step boundary"):
+                    self._step(loss)
+        # Not under the guard: the user's on_finding may raise to stop the training.
+        self._judge_step()  # the online rules' verdicts (record/verdicts.py)
 
     def note_loss_function(self, loss: torch.Tensor) -> None:
         """Read which loss function ``loss`` is from its graph, once (meta.json's
@@ -262,11 +265,6 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
             self.note_loss_function(loss)
         self.meta.setdefault("loss_function", UNKNOWN)
 
-    @guarded("the online rules at a step boundary")
-    def _judge_after_step(self) -> None:
-        self._judge_step()  # the online rules' verdicts (record/verdicts.py)
-
-    @guarded("a step boundary")
     def _step(self, loss: torch.Tensor | float | None) -> None:
         step = self.step_index
         FAULTS.step = step
@@ -386,6 +384,12 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
         recorded = self.hooks.attached
 
         def measure() -> None:
+            if FAULTS.error is not None:
+                return
+            with catching("an optimizer step's start"):  # also inside the user's closure
+                measure_unguarded()
+
+        def measure_unguarded() -> None:
             self._every_check()  # gradients in place, weights as the step's forward used them
             every = self.config.step_updates_every
             self.step_norms.before_optimizer_step(

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from .tool_faults import guarded
+
 
 class GradMark:
     """Which gradients a point of the step saw: the first gradient tensor of some parameters
@@ -76,6 +78,7 @@ class StaleGradients:
             self.stale |= self._onto
             self._stepped, self._since, self._onto = GradMark.of([self._param]), 0, False
 
+    @guarded("the gradient-zeroing watch")
     def _accumulated(self, param: torch.Tensor) -> None:
         if self._stepped is None:
             return

@@ -1,11 +1,14 @@
 """stabscope's own errors never end the training they watch.
 
 stabscope's code runs inside the user's training step: its forward and gradient hooks, its
-optimizer step hooks, the step boundary (``Recorder.step``: rows, probes, the online rules),
-and in zero-code mode the global hooks that find the model. An exception raised there is
+optimizer step hooks (and what they run inside a closure), the step boundary
+(``Recorder.step``: rows and probes), the listener inside a ``clip_grad_norm_``, and in
+zero-code mode the global hooks that find the model and the loss's reading inside
+``loss.backward()``. An exception raised there is
 stabscope's, not the training's: unguarded, it surfaced in the user's own ``model(x)``,
 ``loss.backward()`` or ``opt.step()`` and ended the training (zero-code mode then reported
-it as the script's error, "fix the script"). Every such entry point runs under ``guarded``:
+it as the script's error, "fix the script"). Every such entry point runs under ``guarded``
+(or ``catching``, inline):
 the first exception is kept (``FAULTS.error``, written to meta.json as ``tool_error``:
 where, the step, the type, the message and the traceback), one line on stderr says so, and
 from then on every guarded entry point does nothing: the recording stops at that step, what
@@ -19,8 +22,13 @@ that matches no module), a ``RunWriteError`` (the disk), and ``StopScript`` /
 ``torch.compile`` a guarded hook is traced as it is (``compiling()``): Dynamo turns what it
 cannot trace into a graph break, never into an exception at run time.
 
+The user's own code that stabscope calls is not guarded: an ``on_finding`` callback may
+raise to stop the training, as it could before.
+
 One state per process: a process records one run at a time (the zero-code runner, a
-callback, a ``Recorder``); a new run starts with no fault.
+callback, a ``Recorder``); a new run starts with no fault. Known limits: a run started while
+another is still open clears the other's fault; under torchrun a fault is kept in the
+faulting rank's memory and only rank 0's reaches meta.json.
 """
 
 from __future__ import annotations
@@ -80,6 +88,27 @@ def fault_note(entry: dict[str, Any]) -> str:
         "went on without it and nothing after that step is recorded (meta.json's "
         "tool_error keeps the traceback: please report it)"
     )
+
+
+class catching:
+    """The guard as a ``with`` block, for code that runs inline in a public call
+    (``Recorder.step``): the block runs in the caller's own frame, so warnings raised in it
+    keep the ``stacklevel`` that points at the user's line. Check ``FAULTS.error`` first
+    where the block must not run once a fault is kept."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def __enter__(self) -> catching:
+        return self
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> bool:
+        if exc is None or not isinstance(exc, Exception) or compiling():
+            return False
+        if isinstance(exc, (UsageError, RunWriteError)):
+            return False
+        FAULTS.record(self.where, exc)
+        return True  # suppressed: the training goes on
 
 
 def guarded(where: str) -> Callable[[F], F]:

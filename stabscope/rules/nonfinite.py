@@ -220,12 +220,14 @@ def weights_written_nonfinite(view: RunView, step: int) -> str | None:
     at = norms[norms.step == step]
     if at.empty:
         return None
+    # The norm as measured: a norm taken in float16 also overflows to Inf above 65504 with
+    # every weight finite, which only an update that grew them by that much does as well.
     bad = ~np.isfinite(at.value.to_numpy(float))
     if not bad.any():
         return None
     said = (
-        f"the weights were non-finite before step {step}'s forward ({int(bad.sum())} of "
-        f"{len(at)} parameters, e.g. {at.module.astype(str).to_numpy()[bad][0]})"
+        f"the weights' norms were non-finite before step {step}'s forward ({int(bad.sum())} "
+        f"of {len(at)} parameters, e.g. {at.module.astype(str).to_numpy()[bad][0]})"
     )
     before = norms[norms.step == step - 1]
     if not before.empty and np.isfinite(before.value.to_numpy(float)).all():

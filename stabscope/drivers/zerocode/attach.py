@@ -290,8 +290,10 @@ class ScriptRecording:
         before = (self._steps_before.get(k, 0) for k in self._owners.names)
         rec.step_index = max(before, default=0)
         self.losses.clear()
-        rec.start()
+        # Held before it starts: a fault inside start() (tool_faults.py) leaves a run whose
+        # lock and handlers the next safe point's close releases.
         self.recorder = rec
+        rec.start()
         self.losses.on_first_graph = rec.note_loss_function  # the loss before any scaling
         self.losses.read_constants = True  # each step's loss_constant
         if rec.wants_probe_forward and not isinstance(module, TrainedModels):
