@@ -166,21 +166,6 @@ def test_a_fault_in_a_hook_never_reaches_the_users_loop(
     assert set(steps) <= {0, 1, 2} and {0, 1} <= set(steps)
 
 
-def test_a_fault_while_reading_the_loss_keeps_the_script_going(tmp_path, capsys, monkeypatch):
-    """Zero-code mode reads the loss's graph inside the user's own ``loss.backward()``."""
-    from stabscope.record import recorder
-
-    def faulty(loss):
-        raise AttributeError("injected while reading the loss")
-
-    monkeypatch.setattr(recorder, "squashed_logits", faulty)
-    out, own, stderr = profile(tmp_path, capsys)
-    assert own == reference_losses()
-    fault = load_meta(out).tool_error
-    assert fault is not None and fault["where"] == "reading the loss before its backward"
-    assert "AttributeError" in stderr
-
-
 def test_a_fault_inside_the_recorders_start_leaves_no_handler_behind(tmp_path, capsys, monkeypatch):
     """The Recorder found for the script faults while starting: the run is closed at the
     next safe point, so its signal handlers are the process's own again and meta.json says

@@ -39,6 +39,7 @@ from torch.nn.utils import clip_grad
 
 from ..probes.kernels import host_params
 from .distributed import fsdp1_shards, local_tensor
+from .hook_context import compiling
 from .tool_faults import FAULTS, catching
 
 #: A listener: (the clipped parameters, their gradient norm before the clip, 0-d on device).
@@ -89,6 +90,10 @@ def _tell(
     if norm is None or _state["depth"] > 0:  # inside a wrapped clip that reports for itself
         return
     norm = norm.detach()
+    if compiling():  # a compiled clip: traced as it is
+        for listener in list(_listeners):
+            listener(params, norm, after)
+        return
     if FAULTS.error is not None:
         return
     for listener in list(_listeners):

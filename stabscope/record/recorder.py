@@ -42,6 +42,7 @@ from .config import RecorderConfig, keyword_names, with_options
 from .constant_loss import READ_FIELDS
 from .distributed import prepare_on_rank0
 from .distributed import rank as _rank
+from .hook_context import compiling
 from .hooks import ModuleHooks
 from .lifecycle import RunLifecycle
 from .live import LiveBridge, live_targets
@@ -384,6 +385,9 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
         recorded = self.hooks.attached
 
         def measure() -> None:
+            if compiling():  # a compiled optimizer step: traced as it is
+                measure_unguarded()
+                return
             if FAULTS.error is not None:
                 return
             with catching("an optimizer step's start"):  # also inside the user's closure

@@ -33,7 +33,6 @@ import torch
 from ...record import grad_calls
 from ...record.constant_loss import constant_read, merge_reads
 from ...record.hook_context import compiling, in_backward
-from ...record.tool_faults import FAULTS, catching
 
 
 def weighted_scalars(tensors: Any, grads: Any) -> torch.Tensor | None:
@@ -217,12 +216,9 @@ class LossTap:
             # Once per call: torch.autograd.backward hands a call on to a TorchFunctionMode
             # (the loss trace of the first step), which calls it again by its module name.
             if not compiling() and not in_backward() and not self._inside_backward:
-                # stabscope's own work, inside the user's backward call (tool_faults.py).
-                with catching("reading the loss before its backward"):
-                    if self.before_backward is not None:
-                        self.before_backward()  # closes a recording a fault stopped
-                    if FAULTS.error is None:
-                        self.see_backward(tensors, grad_tensors)
+                if self.before_backward is not None:
+                    self.before_backward()
+                self.see_backward(tensors, grad_tensors)
             entered, self._inside_backward = self._inside_backward, True
             try:
                 return original_backward(tensors, grad_tensors, *args, **kwargs)
