@@ -39,8 +39,7 @@ from torch.nn.utils import clip_grad
 
 from ..probes.kernels import host_params
 from .distributed import fsdp1_shards, local_tensor
-from .hook_context import compiling
-from .tool_faults import FAULTS, catching
+from .tool_faults import guarded
 
 #: A listener: (the clipped parameters, their gradient norm before the clip, 0-d on device).
 #: A third argument, when not None, is the norm after the clip, known without a pass over the
@@ -90,15 +89,15 @@ def _tell(
     if norm is None or _state["depth"] > 0:  # inside a wrapped clip that reports for itself
         return
     norm = norm.detach()
-    if compiling():  # a compiled clip: traced as it is
-        for listener in list(_listeners):
-            listener(params, norm, after)
-        return
-    if FAULTS.error is not None:
-        return
     for listener in list(_listeners):
-        with catching("reading a gradient clip"):  # inside the user's clip_grad_norm_
-            listener(params, norm, after)
+        _tell_one(listener, params, norm, after)
+
+
+@guarded("reading a gradient clip")  # inside the user's clip_grad_norm_
+def _tell_one(
+    listener: Listener, params: list[torch.Tensor], norm: torch.Tensor, after: torch.Tensor | None
+) -> None:
+    listener(params, norm, after)
 
 
 def _is_plain_l2(total: Any, params: list[torch.Tensor]) -> bool:

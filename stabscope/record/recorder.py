@@ -42,7 +42,6 @@ from .config import RecorderConfig, keyword_names, with_options
 from .constant_loss import READ_FIELDS
 from .distributed import prepare_on_rank0
 from .distributed import rank as _rank
-from .hook_context import compiling
 from .hooks import ModuleHooks
 from .lifecycle import RunLifecycle
 from .live import LiveBridge, live_targets
@@ -384,16 +383,8 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
         self.optimizer_watch.note_lrs(optimizer)
         recorded = self.hooks.attached
 
+        @guarded("an optimizer step's start")  # also inside the user's closure
         def measure() -> None:
-            if compiling():  # a compiled optimizer step: traced as it is
-                measure_unguarded()
-                return
-            if FAULTS.error is not None:
-                return
-            with catching("an optimizer step's start"):  # also inside the user's closure
-                measure_unguarded()
-
-        def measure_unguarded() -> None:
             self._every_check()  # gradients in place, weights as the step's forward used them
             every = self.config.step_updates_every
             self.step_norms.before_optimizer_step(

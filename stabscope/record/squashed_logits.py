@@ -26,12 +26,12 @@ too.
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from typing import Any
 
 import torch
 
+from ..theory.loss_floors import binary_floors, cross_entropy_floor
 from .loss_function import NODES, _normalised_size
 
 #: The loss functions that take logits (or log-probabilities), by the autograd node whose
@@ -123,12 +123,9 @@ def _describe(function: str, found: tuple[str, tuple[float, float]], node: Any) 
     classes = _normalised_size(node) if function == "cross_entropy" else None
     floor: float | None = None
     if function == "cross_entropy" and classes is not None and classes > 1:
-        # The best case: the right class at `high`, every other at `low`.
-        floor = math.log1p((classes - 1) * math.exp(low - high))
+        floor = cross_entropy_floor(classes, low, high)
     elif function == "binary_cross_entropy_with_logits":
-        # A positive label at best `high`: ln(1 + e^-high); a negative one at best `low`:
-        # ln(1 + e^low). The smaller of the two bounds every element.
-        floor = min(math.log1p(math.exp(-high)), math.log1p(math.exp(low)))
+        floor = min(binary_floors(low, high))  # the smaller of the two bounds every element
     return {
         "function": function,
         "activation": activation,

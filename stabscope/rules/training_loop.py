@@ -24,6 +24,7 @@ from collections.abc import Iterator
 
 from ..store import RUN_MODULE
 from ..store.findings import Finding
+from ..theory.loss_floors import binary_floors
 from .base import Rule, RunView, finding
 from .view import Request
 
@@ -116,9 +117,9 @@ def squashed_floors(read: dict) -> tuple[float, float] | None:
     one for the label it serves worse (ln 2): a target of 0 at best ln(1 + e^low), a
     target of 1 at best ln(1 + e^-high). None where neither is known (``nll_loss``, a
     cross-entropy whose classes were not read)."""
-    low, high = float(read.get("low", 0.0)), float(read.get("high", 1.0))
     if read.get("function") == "binary_cross_entropy_with_logits":
-        return max(math.log1p(math.exp(low)), math.log1p(math.exp(-high))), math.log(2)
+        low, high = float(read.get("low", 0.0)), float(read.get("high", 1.0))
+        return max(binary_floors(low, high)), math.log(2)
     floor, classes = read.get("floor"), read.get("classes")
     if isinstance(floor, (int, float)) and isinstance(classes, int) and classes > 1:
         return float(floor), math.log(classes)
@@ -141,10 +142,10 @@ def _squashed(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     if function == "nll_loss":
         message += "; on probabilities it returns -p, no log-likelihood (it ranges over [-1, 0])"
     elif function == "binary_cross_entropy_with_logits":
+        zero, one = binary_floors(low, high)
         message += (
-            f": a target of 0 scores at least ln(1 + e^{low:g}) = "
-            f"{math.log1p(math.exp(low)):.3g} and a target of 1 at least ln(1 + e^-{high:g}) "
-            f"= {math.log1p(math.exp(-high)):.3g}, against ln 2 = 0.693 for a coin flip"
+            f": a target of 0 scores at least ln(1 + e^{low:g}) = {zero:.3g} and a target of "
+            f"1 at least ln(1 + e^-{high:g}) = {one:.3g}, against ln 2 = 0.693 for a coin flip"
         )
     elif floors is not None:
         message += (
