@@ -69,9 +69,10 @@ OVERFLOW = 1e8
 
 def test_whole_run_rules_do_not_act_online():
     ids = {r.id for r in online_rules()}
+    # The forecast acts, in its window of the budget (tests/test_forecast_online.py).
+    assert "failure-forecast" in ids
     whole_run = {
         "run-status",
-        "failure-forecast",
         "model-update",
         "lr-rise-past-catapult",
         "constant-prediction",
@@ -85,6 +86,35 @@ def test_whole_run_rules_do_not_act_online():
 
 
 @pytest.mark.slow
+def test_the_forecast_stops_a_run_planned_to_diverge_at_a_tenth_of_it(tmp_path):
+    # The scheduler's plan holds the x1000 jump at step 95: at step 20 of 200 the forecast
+    # reads it ahead and stops the run 75 steps before the loss shows anything.
+    run = tmp_path / "late"
+    result = invoke("profile", LATE, "--steps", 200, "--on-error", "stop", "--out", run, "-q")
+    assert result.exit_code == 1, result.output
+    m = meta(run)
+    by = m["stopped_by"]
+    assert (by["rule"], m["status"], m["steps"]) == ("failure-forecast", "stopped", 20)
+    assert "expected to fail near step" in by["message"]
+    loss = stabscope.load_run(run, metrics=["loss"]).value.to_numpy(float)
+    assert loss[-1] < loss[0]  # the run was still learning when it was stopped
+    assert_readable_and_gated(run)
+
+
+@pytest.fixture
+def no_forecast(tmp_path, monkeypatch):
+    """A project whose pyproject.toml disables the forecast (``[tool.stabscope.rules]``, as
+    the online rules read it from the working directory): the divergence itself acts."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "pyproject.toml").write_text(
+        '[tool.stabscope.rules]\ndisable = ["failure-forecast"]\n'
+    )
+    monkeypatch.chdir(project)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("no_forecast")
 def test_on_error_stop_stops_a_diverging_model_script_at_the_finding(tmp_path):
     run = tmp_path / "late"
     with warnings.catch_warnings():  # a blanket filter, as a script's own may set one

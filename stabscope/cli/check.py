@@ -113,6 +113,7 @@ def _check(
     from rich.markup import escape
 
     from ..report.console import print_findings
+    from ..rules.applicability import INAPPLICABLE
     from ..rules.base import UNRECORDED
     from ..rules.gate import load_settings, run_gate
     from ..rules.output import failure_lines, to_github, to_json, to_junit
@@ -180,8 +181,17 @@ def _check(
                 f"not record: {escape(', '.join(unrecorded))} (--format json says which)[/]",
                 soft_wrap=True,
             )
+        # Rules that cannot apply to this model (attention rules without attention): one
+        # line, so that the line above names only what a richer preset would run.
+        moot = [rule for rule, why in gate.skipped.items() if why.startswith(INAPPLICABLE)]
+        if moot:
+            err.print(
+                f"[dim]skipped as not applicable to this model: {escape(', '.join(moot))} "
+                "(--format json says why)[/]",
+                soft_wrap=True,
+            )
         for rule, why in gate.skipped.items():
-            if rule not in unrecorded:
+            if rule not in unrecorded and rule not in moot:
                 err.print(f"[dim]skipped {escape(rule)}: {escape(why)}[/]", soft_wrap=True)
         for line in withdrawn(run_dir, findings):  # the profile's console showed them
             err.print(f"[yellow]note:[/] {escape(line)}", soft_wrap=True)

@@ -186,6 +186,7 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
         )
         self._build_core_probes(context)
         self._forward_order: dict[int, int] = {}
+        self._output_dtypes: dict[int, str] = {}
         self.hooks = ModuleHooks(
             mod_codes,
             on_forward=self._on_forward,
@@ -344,6 +345,9 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
     def _on_forward(self, phase: int, code: int, call: int, output: torch.Tensor) -> None:
         if code not in self._forward_order:
             self._forward_order[code] = len(self._forward_order)
+            # What the module computes in (autocast's float16, a bf16 model): the nonfinite
+            # rule's remedy differs for an overflow of float16 and of float32.
+            self._output_dtypes[code] = str(output.dtype).removeprefix("torch.")
         self.activations.on_forward(phase, code, call, output)
 
     def _plan_lr(self) -> bool:

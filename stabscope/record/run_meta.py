@@ -175,6 +175,7 @@ class MetaWriting:
             self.meta["probe_errors"] = errors
         for code, entry in zip(self._module_codes, self.meta["modules"]):
             entry["forward_order"] = self._forward_order.get(code)
+            entry["output_dtype"] = self._output_dtypes.get(code)
             entry.update(self.hooks.counts(code))
         if self.rank == 0:
             try:

@@ -2,9 +2,10 @@
 
 The online rules (``rules.online``) run in a worker thread over the rows in host memory, and
 at once, on the training thread, when the first non-finite value is seen in a module's output
-or gradient, or in a loss synced (its rows are written first). At each step boundary where
-the worker is free (``OnlineVerdicts.due``) and a new row has reached the host, the recorder
-hands it a snapshot, without a sync and without writing a part:
+or gradient, or in a loss synced (its rows are written first), and once at the first step
+boundary at the failure forecast's horizon (10% of a known budget, ``forecast.ONLINE_FROM``).
+At each step boundary where the worker is free (``OnlineVerdicts.due``) and a new row has
+reached the host, the recorder hands it a snapshot, without a sync and without writing a part:
 
 - the loss check: every loss synced so far (``losses.history``) and the pending losses
   already in host memory (a CPU loss: every step's; a loss on an accelerator waits for the
@@ -43,6 +44,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import UsageError, warn
+from ..rules.forecast import FORECAST, ONLINE_FROM
 from ..rules.gate import load_settings
 from ..rules.online import (
     CLOSE_WAIT,
@@ -87,6 +89,7 @@ class VerdictActions:
         self._stop_at: int | None = None  # step_index when the stop was asked for
         self._verdict_trigger = False
         self._loss_nonfinite = False  # a non-finite loss has triggered a check
+        self._forecast_judged = False  # the forecast's horizon has triggered a check
         self._judged = {LOSS: -1, FULL: -1}  # what each check saw: see ``_new_rows``
         # The loss check reads this rank's losses: with several ranks the run's loss is
         # their mean, which only the parts hold (the full check).
@@ -127,6 +130,8 @@ class VerdictActions:
         last = self.losses.last  # the last loss synced
         if last is not None and not math.isfinite(last) and not self._loss_nonfinite:
             self._loss_nonfinite = self._verdict_trigger = True
+        if self._forecast_due(verdicts):
+            self._verdict_trigger = True
         if self._verdict_trigger:
             self._verdict_trigger = False
             with interrupts.deferred():  # the rows that tripped it, on disk before the check
@@ -140,6 +145,20 @@ class VerdictActions:
         found = verdicts.take()
         if found:
             self._act(found)
+
+    def _forecast_due(self, verdicts: OnlineVerdicts) -> bool:
+        """Whether this boundary is the first at the failure forecast's horizon, a share
+        (``forecast.ONLINE_FROM``) of a known budget: judged there on the training thread
+        once, as a trigger is, so that a short run's forecast does not wait for the worker's
+        pause (a check of t seconds waits ``PAUSE`` x t for the next) and fall after its
+        end."""
+        if self._forecast_judged or not any(r.id == FORECAST.id for r in verdicts.rules):
+            return False
+        budget = (self.meta.get("lr_plan") or {}).get("budget")
+        if not isinstance(budget, int) or self.step_index < ONLINE_FROM * budget:
+            return False
+        self._forecast_judged = True
+        return True
 
     def _checks_due(self, verdicts: OnlineVerdicts) -> list[tuple[str, Callable[[], Unwritten]]]:
         """The checks to hand over now: those that would start at once, with new rows."""

@@ -17,6 +17,7 @@ from typing import Any
 
 from ..store.findings import Finding, worst_first
 from ..store.memory import Unwritten
+from .applicability import inapplicable
 from .failures import RuleFailure, isolated
 from .view import Request, RunView
 
@@ -134,7 +135,8 @@ def run_rules(
             failed[rule.id] = failure
             continue
         if findings is None:
-            skipped[rule.id] = f"{UNRECORDED}{', '.join(rule.needs)}"
+            why = inapplicable(rule.needs, view.structure)
+            skipped[rule.id] = why or f"{UNRECORDED}{', '.join(rule.needs)}"
             continue
         for f in findings:
             override = settings.severity.get(rule.id)

@@ -181,8 +181,8 @@ def _nonfinite(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     parts.append(f"{count} module outputs or gradients non-finite over {steps} steps")
     remedy = (
         f"look at {lead.module}: its {what} was the first non-finite one in "
-        f"{lead.direction} order; lower the learning rate, add warm-up or gradient clipping, "
-        "or compute that module in float32"
+        f"{lead.direction} order; lower the learning rate, add warm-up or gradient clipping"
+        + _precision_remedy(view, lead.module)
     )
     written = weights_written_nonfinite(view, lead.step)
     if written is not None:
@@ -199,6 +199,26 @@ def _nonfinite(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
         metric=lead.metric,
         remedy=remedy,
     )
+
+
+#: Output dtypes whose range is float32's or wider: computing in float32 changes nothing.
+WIDE_DTYPES = ("float32", "float64")
+
+
+def _precision_remedy(view: RunView, module: str) -> str:
+    """The remedy's last clause for ``module``'s output dtype (meta.json's module table):
+    a half-precision output overflows at 65504 (float16) where float32 would not; a float32
+    one is already wide, so the clause names what overflows float32 instead. Runs written
+    before the dtype was kept get the half-precision advice as well."""
+    dtype = next(
+        (m.get("output_dtype") for m in view.meta.modules if m.get("name") == module), None
+    )
+    if dtype in WIDE_DTYPES:
+        return (
+            f"; it computes in {dtype} already, so find what leaves that range there (an exp "
+            "of large values, a division by values near 0, a log of 0)"
+        )
+    return ", or compute that module in float32"
 
 
 #: The weights a step began with were already non-finite: an optimizer step wrote them.

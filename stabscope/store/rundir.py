@@ -37,6 +37,7 @@ from .layout import (
     RESERVE_FILE,
 )
 from .run_meta import RunMeta
+from .schema import RUN_MODULE
 
 PathLike = str | os.PathLike[str]
 
@@ -217,7 +218,7 @@ class RunState:
 def stopped_detail(meta: RunMeta) -> str:
     """One line on a stopped run: where, and the finding that stopped it."""
     by = meta.stopped_by or {}
-    where = f" ({by['module']})" if by.get("module") else ""
+    where = f" ({by['module']})" if by.get("module") not in (None, "", RUN_MODULE) else ""
     return (
         f"stopped after step {meta.steps - 1} by rule {by.get('rule', '?')}{where}: "
         f"{by.get('message', 'no finding saved')}"
