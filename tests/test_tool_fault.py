@@ -74,7 +74,9 @@ def test_a_fault_at_a_step_boundary_stops_the_recording_not_the_script(
 
     def faulty(self, step: int) -> None:
         if step == 3:
-            raise RuntimeError("injected fault")
+            # A message as long as torch's dispatcher errors: its first line, then 5,000
+            # lines of dispatch keys.
+            raise RuntimeError("injected fault\n" + "Key: registered at x.cpp:1\n" * 5000)
         every_boundary(self, step)
 
     monkeypatch.setattr(recorder_module.Recorder, "_every_boundary", faulty)
@@ -84,7 +86,11 @@ def test_a_fault_at_a_step_boundary_stops_the_recording_not_the_script(
     fault = meta.tool_error
     assert fault is not None
     assert (fault["where"], fault["step"], fault["type"]) == ("a step boundary", 3, "RuntimeError")
-    assert "injected fault" in fault["message"] and "faulty" in fault["traceback"]
+    assert fault["message"] == "injected fault" and "faulty" in fault["traceback"]
+    # The frames that say where it raised are kept, not the message's tail.
+    assert fault["traceback"].endswith("RuntimeError: injected fault\n")
+    assert "Key: registered" not in stderr  # the source line above is in the traceback
+    assert fault["traceback"].count("registered at x.cpp") <= 1
     assert "script_ended" not in meta.doc["run"]  # its last steps are not recorded
     assert stderr.count("stabscope's own error in a step boundary at step 3") == 1
     # What was recorded before the fault is kept, and equals the script's own losses.

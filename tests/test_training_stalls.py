@@ -17,6 +17,8 @@ import torch
 
 import stabscope
 from stabscope import Schedule
+from stabscope.drivers.zerocode import profile_training_script
+from stabscope.record.config import RecorderConfig
 from stabscope.rules import check_run
 from stabscope.rules.lr_plan_check import plan_conflict
 from stabscope.rules.view import RunView
@@ -353,3 +355,34 @@ def test_a_clip_at_every_step_with_an_lr_tuned_for_it_is_not_throttling(tmp_path
             rec.step(loss=loss)
     assert np.quantile(kept, 0.9) < 1e-2  # the clip acts as hard as in the throttled run
     assert found(tmp_path / "nsgd", "clip-throttles") == []
+
+
+TWO_OPTIMIZERS = """
+import torch
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(6, 64), torch.nn.Tanh(), torch.nn.Linear(64, 3))
+body = torch.optim.SGD(model[0].parameters(), lr=0.1)
+head = torch.optim.Adam(model[2].parameters(), lr=1e-2)
+g = torch.Generator().manual_seed(1)
+x, w = torch.randn(64, 6, generator=g), torch.randn(6, 3, generator=g)
+start = model[0].weight.detach().clone()
+for step in range(12):
+    loss = (model(x) - torch.tanh(x @ w)).pow(2).mean()
+    body.zero_grad()
+    head.zero_grad()
+    loss.backward()
+    head.step()  # the slip: body.step() is never called
+assert torch.equal(model[0].weight, start)
+"""
+
+
+def test_an_optimizer_built_and_never_stepped_is_named(tmp_path):
+    script = tmp_path / "two.py"
+    script.write_text(TWO_OPTIMIZERS)
+    run = tmp_path / "run"
+    profile_training_script(script, [], run, RecorderConfig(online_rules=False))
+    (f,) = found(run, "no-update")
+    # The body's matrix (6x64 = 384 values) against the head's (64x3 = 192): 2/3 of them.
+    assert f.severity == "error" and f.value == pytest.approx(384 / 576)
+    assert "no optimizer that stepped holds them (SGD was built and never stepped)" in f.message
+    assert f.remedy.startswith("call step() on every optimizer")

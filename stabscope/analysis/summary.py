@@ -122,7 +122,11 @@ def _alike(group: list[dict[str, Any]]) -> list[dict[str, Any]]:
     if not counts:
         return []
     common = max(counts, key=lambda t: counts[t])
-    return [m for m in owning if str(m.get("type")) == common]
+    alike = [m for m in owning if str(m.get("type")) == common]
+    # Lookups are no stack: an embedding takes integer ids, never the float output of the
+    # layer before it, so a numbered list of tables (a recommender's one per feature, a
+    # ModuleList of Embedding or EmbeddingBag) sits side by side at one depth.
+    return [] if all(m.get("role") == "embedding" for m in alike) else alike
 
 
 def layer_modules(meta: Mapping[str, Any]) -> dict[str, int]:

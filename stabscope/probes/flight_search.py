@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..record.grad_layout import norm_view
 from ..record.hook_context import primary_tensor
 from ..record.hooks import paused
 from ..record.module_table import clean_name
@@ -133,7 +134,7 @@ def inputs_nonfinite(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
 def _params_nonfinite(m: nn.Module, grads: bool) -> bool:
     for p in m.parameters(recurse=False):
         t = p.grad if grads else p
-        if t is not None and _nonfinite(t.detach()):
+        if t is not None and _nonfinite(norm_view(t.detach())):  # a sparse grad's values
             return True
     return False
 

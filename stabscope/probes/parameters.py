@@ -24,6 +24,7 @@ from torch import nn
 
 from ..record.collector import Collector, Rows
 from ..record.distributed import full_numel, local_tensor
+from ..record.grad_layout import dense_view, norm_view
 from .base import BaseProbe, ProbeContext, reached
 from .kernels import host_params
 from .moments import MomentRows, decode_moments
@@ -115,10 +116,15 @@ class ParameterProbe(BaseProbe):
         # tensor's, so the squares of the ranks' norms and rms add up to the full tensor's.
         params = [self.params[i] for i in which]
         weights = [local_tensor(p.detach()) for p in params]
-        grads = [None if p.grad is None else local_tensor(p.grad.detach()) for p in params]
+        raw = [None if p.grad is None else local_tensor(p.grad.detach()) for p in params]
+        # Sparse gradients (embeddings with sparse=True) as their coalesced values for the
+        # norms, densified for the moments over every element (record/grad_layout.py).
+        grads = [None if g is None else norm_view(g) for g in raw]
         with_grad = [k for k, g in enumerate(grads) if g is not None]
         copies: list[torch.Tensor | None] = [(copy_into or {}).get(i) for i in which]
-        copied = host_params.usable(weights, grads, copies)
+        # The kernel reads each gradient as its weight's size: a sparse one's values are not.
+        alike = all(g is None or g.shape == w.shape for w, g in zip(weights, grads))
+        copied = alike and host_params.usable(weights, grads, copies)
         if copied:
             norms = torch.from_numpy(np.sqrt(host_params.squares_and_copy(weights, grads, copies)))
             weight_norms, grad_norms = norms[:, 0], norms[with_grad, 1]
@@ -138,7 +144,8 @@ class ParameterProbe(BaseProbe):
             self._add_moments(collector, "param", which, weights)
             if with_grad:
                 got = [which[k] for k in with_grad]
-                self._add_moments(collector, "param_grad", got, [grads[k] for k in with_grad])
+                dense = [dense_view(raw[k]) for k in with_grad]  # type: ignore[arg-type]
+                self._add_moments(collector, "param_grad", got, dense)
         return copied
 
     def _norms_of(self, which: list[int]) -> torch.Tensor:

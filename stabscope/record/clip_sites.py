@@ -39,6 +39,7 @@ from torch.nn.utils import clip_grad
 
 from ..probes.kernels import host_params
 from .distributed import fsdp1_shards, local_tensor
+from .grad_layout import norm_view
 from .tool_faults import guarded
 
 #: A listener: (the clipped parameters, their gradient norm before the clip, 0-d on device).
@@ -55,7 +56,8 @@ def l2_norm(grads: Iterable[torch.Tensor | None]) -> torch.Tensor | None:
     """L2 norm over every tensor of ``grads`` (local shards of DTensors), as a 0-d float32
     tensor on the first one's device; None when there is none. One ``_foreach_norm`` per
     device, no host sync."""
-    tensors = [local_tensor(g.detach()) for g in grads if g is not None]
+    # A sparse gradient (an embedding's with sparse=True) as its coalesced values: same norm.
+    tensors = [norm_view(local_tensor(g.detach())) for g in grads if g is not None]
     if not tensors:
         return None
     if host_params.usable(tensors):

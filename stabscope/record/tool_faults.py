@@ -42,6 +42,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from ..errors import RunWriteError, UsageError
+from ..wording import first_line
 from .hook_context import compiling
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -66,12 +67,18 @@ class ToolFaults:
     def record(self, where: str, exc: BaseException) -> None:
         if self.error is not None:
             return
-        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        # Its first line: torch's "Could not run 'aten::...' with arguments from the
+        # 'SparseCPU' backend" goes on for 28 KB of dispatch keys, which would fill the
+        # console and push the frames that say where stabscope raised out of the traceback.
+        message = first_line(str(exc))
+        # The frames, then the exception's first line: the frames say where it raised.
+        frames = "".join(traceback.format_tb(exc.__traceback__))
+        text = f"{frames}{type(exc).__name__}: {message}\n"
         self.error = {
             "where": where,
             "step": self.step,
             "type": type(exc).__name__,
-            "message": str(exc),
+            "message": message,
             "traceback": text[-TRACEBACK_CHARS:],
         }
         print(f"stabscope: warning: {fault_note(self.error)}", file=sys.stderr, flush=True)

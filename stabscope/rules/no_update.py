@@ -84,23 +84,51 @@ def _unstepped(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     if not reached:
         return
     whole = {n for n in alive if n in meta.trainable | meta.unstepped}
+    idle = never_stepped(view)
+    held = (
+        f"no optimizer that stepped holds them ({', '.join(idle)} was built and never stepped)"
+        if idle
+        else "no optimizer holds them"
+    )
     yield _part(
         view,
         reached,
         whole,
         p,
         lambda share, named: (
-            f"{len(reached)} weight matrices receive gradients but no "
-            f"optimizer holds them, so they never change: {share:.1%} of the values of the weight "
-            f"matrices that get a gradient ({named})"
+            f"{len(reached)} weight matrices receive gradients but {held}, so they never "
+            f"change: {share:.1%} of the values of the weight matrices that get a gradient "
+            f"({named})"
         ),
         step=int(grads[grads.module.isin(unstepped)].step.max()),
-        remedy="build the optimizer from every parameter that should train "
+        remedy=(IDLE_REMEDY if idle else "")
+        + "build the optimizer from every parameter that should train "
         "(model.parameters(), after every module is added, and from the model object the "
         "loop trains: one built before `model = copy.deepcopy(model)` or a reload holds the "
         "old parameters), and freeze the rest with requires_grad_(False), which also spares "
         "their backward",
     )
+
+
+#: The remedy's first clause where an optimizer was built and never stepped.
+IDLE_REMEDY = "call step() on every optimizer the loop builds (with two, both: a sparse "
+IDLE_REMEDY += "one for the embeddings and a dense one, say); else "
+
+
+def never_stepped(view: RunView) -> list[str]:
+    """Optimizer classes zero-code mode saw built (``run.optimizer``) more often than an
+    optimizer of that class stepped (meta.json's ``optimizers``, one entry per optimizer
+    that stepped): those built and never stepped, whose parameters were then held by none
+    that stepped. [] where the run does not say (a Recorder of your own)."""
+    run = view.meta.doc.get("run")
+    built = run.get("optimizer") if isinstance(run, dict) else None
+    if not isinstance(built, str) or not built:
+        return []
+    left = [name.strip() for name in built.split(",") if name.strip()]
+    for entry in view.meta.optimizers:
+        if entry.get("class") in left:
+            left.remove(entry["class"])
+    return left
 
 
 def _cut_off(view: RunView, p: dict[str, float]) -> Iterator[Finding]:

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from ..store import count_rows, list_parts
 from ..store.findings import Finding
 from ..store.rundir import run_state
+from ..wording import first_line
 from .base import Rule, RunView, finding
 
 #: Set by ``check --allow-incomplete`` (or in ``[tool.stabscope.rules]``): a killed or
@@ -46,12 +47,13 @@ def _run_status(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
         )
     elif view.meta.tool_error is not None:
         fault = view.meta.tool_error
+        said = first_line(str(fault.get("message")))  # a run's kept before it was cut
         yield finding(
             RUN_STATUS,
             "warning" if p["allow_incomplete"] else "error",
             f"the recording stopped at step {fault.get('step')} on stabscope's own error in "
-            f"{fault.get('where')} ({fault.get('type')}: {fault.get('message')}); the training "
-            "went on unrecorded, so the rules saw only the steps before",
+            f"{fault.get('where')} ({fault.get('type')}: {said}); the training went on "
+            "unrecorded, so the rules saw only the steps before",
             value=float(steps),
             remedy="report it with meta.json's tool_error.traceback; pass --allow-incomplete "
             "to gate on what was recorded",
