@@ -22,6 +22,8 @@ kept beside the name (meta.json ``loss_classes``).
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -39,6 +41,9 @@ OTHERS = {
     "CtcLossBackward0": "ctc_loss",
     "KlDivBackward0": "kl_div",
 }
+#: Loss functions whose input is itself a ``log_softmax`` (``F.ctc_loss`` takes log
+#: probabilities): the walk does not look below them for a cross-entropy.
+TAKES_LOG_PROBS = frozenset({"CtcLossBackward0"})
 #: How many autograd nodes are looked at, at most.
 NODES = 256
 #: Where the graph was walked and held none of the loss functions above.
@@ -69,6 +74,11 @@ def loss_function(loss: torch.Tensor) -> tuple[str, int | None] | None:
                 break
         elif name in OTHERS and other is None:
             other = OTHERS[name]
+        if name in TAKES_LOG_PROBS:
+            # CTC's input is a log_softmax over the classes at every frame: that node is
+            # the loss's input, no cross-entropy of its own (a CTC model read against
+            # ln V would be judged on a loss that has no such bar).
+            continue
         for child, _ in getattr(node, "next_functions", ()):
             if child is not None and child not in seen:
                 seen.add(child)
@@ -76,6 +86,32 @@ def loss_function(loss: torch.Tensor) -> tuple[str, int | None] | None:
     if cross_entropy:
         return "cross_entropy", classes
     return (other or OTHER), None
+
+
+#: What a visitor of ``walk`` returns: a result that ends the walk (None: go on), and the
+#: nodes to go on to from this one (None: all of its inputs).
+Visit = Callable[[Any], tuple[Any, Iterable[Any] | None]]
+
+
+def walk(loss: torch.Tensor, visit: Visit) -> Any:
+    """Breadth-first over ``loss``'s autograd graph, at most ``NODES`` nodes, each node once:
+    the first result ``visit`` returns, or None (also where ``loss`` has no graph)."""
+    start = getattr(loss, "grad_fn", None)
+    if start is None:
+        return None
+    queue, seen = deque([start]), {start}
+    while queue and len(seen) <= NODES:
+        node = queue.popleft()
+        result, children = visit(node)
+        if result is not None:
+            return result
+        if children is None:
+            children = (child for child, _ in getattr(node, "next_functions", ()))
+        for child in children:
+            if child is not None and child not in seen:
+                seen.add(child)
+                queue.append(child)
+    return None
 
 
 def _normalised_size(node: object) -> int | None:

@@ -45,6 +45,7 @@ from .distributed import rank as _rank
 from .hooks import ModuleHooks
 from .lifecycle import RunLifecycle
 from .live import LiveBridge, live_targets
+from .log_prob_dim import wrong_log_softmax_dim
 from .loss_broadcast import loss_broadcast
 from .loss_function import UNKNOWN, loss_function
 from .losses import PendingLosses, nonfinite_on_host
@@ -232,6 +233,9 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
         squashed = squashed_logits(loss)
         if squashed is not None:
             self.meta["squashed_logits"] = squashed
+        misnormalised = wrong_log_softmax_dim(loss)
+        if misnormalised is not None:
+            self.meta["log_softmax_dim"] = misnormalised
         read = loss_function(loss)
         if read is not None:  # always, for a loss with a graph
             self.meta["loss_function"], classes = read

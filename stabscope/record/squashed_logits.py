@@ -26,13 +26,12 @@ too.
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Any
 
 import torch
 
 from ..theory.loss_floors import binary_floors, cross_entropy_floor
-from .loss_function import NODES, _normalised_size
+from .loss_function import _normalised_size, walk
 
 #: The loss functions that take logits (or log-probabilities), by the autograd node whose
 #: first input is what the model handed them.
@@ -81,29 +80,20 @@ def squashed_logits(loss: torch.Tensor) -> dict[str, Any] | None:
     least loss those inputs allow, per element, None where it depends on what is unknown;
     ``classes``: a cross-entropy's, where read); None otherwise or where ``loss`` has no
     graph."""
-    start = getattr(loss, "grad_fn", None)
-    if start is None:
-        return None
-    queue, seen = deque([start]), {start}
-    while queue and len(seen) <= NODES:
-        node = queue.popleft()
-        function = TAKES_LOGITS.get(type(node).__name__)
-        children = getattr(node, "next_functions", ())
-        if function is not None:
-            producer = _producer(node)
-            name = type(producer).__name__
-            if name in SQUASHING:
-                return _describe(function, SQUASHING[name], node)
-            # Under the loss function is the model's graph: only a cross-entropy's own
-            # log-softmax under its nll_loss is still the loss's.
-            if name != "LogSoftmaxBackward0":
-                continue
-            children = ((producer, 0),)
-        for child, _ in children:
-            if child is not None and child not in seen:
-                seen.add(child)
-                queue.append(child)
-    return None
+    return walk(loss, _visit)
+
+
+def _visit(node: Any) -> tuple[dict[str, Any] | None, Any]:
+    function = TAKES_LOGITS.get(type(node).__name__)
+    if function is None:
+        return None, None
+    producer = _producer(node)
+    name = type(producer).__name__
+    if name in SQUASHING:
+        return _describe(function, SQUASHING[name], node), ()
+    # Under the loss function is the model's graph: only a cross-entropy's own log-softmax
+    # under its nll_loss is still the loss's.
+    return None, ((producer,) if name == "LogSoftmaxBackward0" else ())
 
 
 def _producer(node: Any) -> Any:

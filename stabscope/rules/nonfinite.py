@@ -188,6 +188,15 @@ def _nonfinite(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     if written is not None:
         parts.insert(1, written)
         remedy = UPDATE_REMEDY
+    elif loss is not None and made_by_the_loss(view, rows, lead, loss[0]):
+        parts[0] = (
+            f"NaN/Inf from step {loss[0]}, first in the loss ({loss[1]}), from finite outputs "
+            "(every watched module's output was finite in that step's forward): the loss "
+            f"function made it, and its gradient carried it back (first the {what} of "
+            f"{lead.module})"
+        )
+        parts = [p for p in parts if not p.startswith("the loss went non-finite")]
+        remedy = LOSS_MADE_REMEDY.get(str(view.meta.doc.get("loss_function")), LOSS_MADE)
     yield finding(
         NONFINITE,
         "error",
@@ -199,6 +208,31 @@ def _nonfinite(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
         metric=lead.metric,
         remedy=remedy,
     )
+
+
+#: The loss function made the first non-finite value from finite outputs: what to look at.
+LOSS_MADE = (
+    "look at the loss function's inputs: a log of 0 (a probability that underflowed: compute "
+    "it from the raw scores with log_softmax or binary_cross_entropy_with_logits), a "
+    "division by 0, a target it cannot reach; clamp or mask those items"
+)
+LOSS_MADE_REMEDY = {
+    "ctc_loss": "a CTC loss is infinite where no alignment exists: a target longer than its "
+    "input after the model's downsampling (or with repeats that need a blank between them); "
+    "check input_lengths against target_lengths, drop those items, or pass "
+    "CTCLoss(zero_infinity=True)",
+}
+
+
+def made_by_the_loss(view: RunView, rows: pd.DataFrame, lead: FirstNonfinite, at: int) -> bool:
+    """Whether the first non-finite value is the loss's own: the loss went non-finite at
+    ``at``, the first flag is a gradient of that very step (the backward carried it), and
+    every forward flag of that step was recorded and 0 (a recorded step's, or the flight
+    recorder's watched modules)."""
+    if lead.direction != "backward" or lead.step != at:
+        return False
+    forward = rows[rows.metric.isin(DIRECTIONS["forward"][0]) & (rows.step == at)]
+    return not forward.empty and not (forward.value.to_numpy(float) > 0).any()
 
 
 #: Output dtypes whose range is float32's or wider: computing in float32 changes nothing.

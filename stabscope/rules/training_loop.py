@@ -177,4 +177,44 @@ SQUASHED = Rule(
     _squashed,
 )
 
-RULES = [NOT_ZEROED, BROADCAST, SQUASHED]
+
+def _log_softmax_dim(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
+    read = view.meta.doc.get("log_softmax_dim")
+    if not isinstance(read, dict):
+        return
+    function, shape = str(read.get("function")), tuple(read.get("shape") or ())
+    dim, classes, normalised = read.get("class_dim"), read.get("classes"), read.get("normalised")
+    yield finding(
+        LOG_SOFTMAX_DIM,
+        "error",
+        f"{function} takes log-probabilities over its {classes} classes (dim {dim} of its "
+        f"{shape} input), but the log_softmax before it normalised a dim of {normalised}: "
+        "the values sum to 1 over another axis (time, the batch), not over the classes, so "
+        "the loss trains on no distribution over what it scores",
+        module=None,
+        step=0,
+        value=float(normalised) if isinstance(normalised, int) else None,
+        threshold=float(classes) if isinstance(classes, int) else None,
+        metric="loss",
+        remedy=_LOG_SOFTMAX_REMEDY.get(function, "log_softmax over the class dim"),
+    )
+
+
+#: Where each loss function wants its classes.
+_LOG_SOFTMAX_REMEDY = {
+    "ctc_loss": "log_softmax over the classes: dim=-1 of the (T, N, C) log_probs (or of the "
+    "batch-first (N, T, C) output before its transpose)",
+    "nll_loss": "log_softmax over the classes: dim=1 of an (N, C, ...) input; or "
+    "cross_entropy on the raw scores",
+}
+
+LOG_SOFTMAX_DIM = Rule(
+    "log-softmax-dim",
+    "Log-probabilities normalised over the wrong dim",
+    "",  # no paper: the input nll_loss and ctc_loss document
+    (),  # a meta.json entry written only when it happens
+    {},
+    _log_softmax_dim,
+)
+
+RULES = [NOT_ZEROED, BROADCAST, SQUASHED, LOG_SOFTMAX_DIM]
