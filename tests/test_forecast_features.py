@@ -374,7 +374,7 @@ def test_a_regressions_output_scale_is_no_logit_signal(tmp_path):
     from stabscope.rules import check_run
 
     spans = {}
-    for kind in ("mse", "ce"):
+    for kind in ("mse", "ce", "triplet"):
         torch.manual_seed(0)
         net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
         with torch.no_grad():
@@ -386,7 +386,12 @@ def test_a_regressions_output_scale_is_no_logit_signal(tmp_path):
             for _ in range(4):
                 out = net(x)
                 spans.setdefault(kind, []).append(float(out.detach().max() - out.detach().min()))
-                loss = F.mse_loss(out, y) if kind == "mse" else F.cross_entropy(out, y.argmax(1))
+                if kind == "triplet":  # embeddings a margin loss compares: no logits
+                    loss = F.triplet_margin_loss(out[:10], out[10:20], out[20:30])
+                else:
+                    loss = (
+                        F.mse_loss(out, y) if kind == "mse" else F.cross_entropy(out, y.argmax(1))
+                    )
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -398,3 +403,15 @@ def test_a_regressions_output_scale_is_no_logit_signal(tmp_path):
     rules = {kind: {f.rule for f in check_run(tmp_path / kind).findings} for kind in spans}
     assert "output-logit-divergence" in rules["ce"]
     assert "output-logit-divergence" not in rules["mse"]
+    said = {
+        kind: next(
+            f for f in check_run(tmp_path / kind).findings if f.rule == "output-logit-divergence"
+        )
+        for kind in ("ce", "triplet")
+    }
+    assert said["ce"].message.startswith("output logit") and "z-loss" in said["ce"].remedy
+    # Outputs a triplet loss compares are no logits: no z-loss for them.
+    assert (
+        said["triplet"].message.startswith("output value")
+        and "z-loss" not in said["triplet"].remedy
+    )

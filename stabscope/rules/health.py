@@ -126,17 +126,31 @@ def _logits(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
         return
     row = ext.loc[ext.value.abs().idxmax()]
     if abs(row.value) > p["max_abs_logit"]:
+        # Logits where the loss takes them (or is not known); else the outputs are what the
+        # loss compares (an embedding a triplet or contrastive loss reads), and a z-loss,
+        # which bounds a softmax's normaliser, has nothing to bound.
+        logits = view.meta.doc.get("loss_function") in (None, UNKNOWN, *TAKE_LOGITS)
         yield finding_at(
             LOGITS,
             "warning",
-            f"output logit {row.value:.4g} at step {int(row.step)} exceeds "
-            f"{p['max_abs_logit']:g} in magnitude: output-logit divergence",
+            f"output {'logit ' if logits else 'value '}{row.value:.4g} at step "
+            f"{int(row.step)} exceeds {p['max_abs_logit']:g} in magnitude: "
+            + ("output-logit divergence" if logits else "the model's outputs diverge"),
             row,
             value=abs(row.value),
             threshold=p["max_abs_logit"],
             metric=str(row.metric),
-            remedy="add a z-loss (1e-4·log²Z) or weight decay on the output layer",
+            remedy="add a z-loss (1e-4·log²Z) or weight decay on the output layer"
+            if logits
+            else "lower the learning rate or add warm-up; bound the outputs the loss compares "
+            "(L2-normalise embeddings) or put weight decay on the output layer",
         )
+
+
+#: The loss functions (meta.json ``loss_function``) that take the model's outputs as logits.
+TAKE_LOGITS = ("cross_entropy", "binary_cross_entropy_with_logits")
+#: meta.json's ``loss_function`` where the first loss had no graph.
+UNKNOWN = "unknown"
 
 
 LOGITS = Rule(
