@@ -89,3 +89,15 @@ def test_ctc_over_the_classes_is_nothing_and_no_cross_entropy(tmp_path):
     assert torch.allclose(meta["sums"], torch.ones(4, 12)) and found == []
     # Read as CTC: the rules that read a cross-entropy against ln V leave it alone.
     assert meta["loss_function"] == "ctc_loss" and "loss_classes" not in meta
+
+
+def test_a_vocabulary_normalised_whole_then_narrowed_is_nothing(tmp_path):
+    # log_softmax over all 5 outputs, then the nll_loss of 3 candidate classes: a partial
+    # likelihood (it sums to less than 1 over the 3), not a log_softmax over the wrong dim.
+    def loss_of(model):
+        x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+        log_probs = F.log_softmax(model(x), dim=1)[:, :3]
+        return F.nll_loss(log_probs, y), log_probs, 1
+
+    found, meta = run(tmp_path, "narrowed", loss_of)
+    assert (meta["sums"] < 1).all() and found == []

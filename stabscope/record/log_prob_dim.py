@@ -11,8 +11,10 @@ learns the task (a CTC recogniser ended at 6.7 where its twin reached 0.04).
 The graph shows it without reading a value: the loss function's node has as its input, past
 shape-only nodes (the transpose, a view), a ``LogSoftmaxBackward0``, whose normalised size
 autograd keeps (``loss_function._normalised_size``); the first node under the loss function
-keeps the shape the loss received. The two sizes differ where the normalised dim is not the
-class dim. A dim of the same size as the classes (T = C) is not told apart.
+keeps the shape the loss received. Read: the normalised size is not the class dim's and is
+another dim's of that input (the frames, the batch). A dim of the same size as the classes
+(T = C) is not told apart; a vocabulary normalised whole and then narrowed to some of its
+columns (a size no dim has) is not reported.
 """
 
 from __future__ import annotations
@@ -57,7 +59,11 @@ def _check(node: Any, function: str, class_dim: int | None) -> dict[str, Any] | 
         return None
     dim = (1 if len(shape) > 1 else 0) if class_dim is None else class_dim % len(shape)
     classes = int(shape[dim])
-    if normalised == classes:
+    # The normalised dim must be one the loss received, beside the classes: a log_softmax
+    # over a whole vocabulary whose columns were then selected (a candidate subset, by
+    # index or slice) normalised a size no dim has, and is a likelihood, not this slip.
+    others = [int(size) for k, size in enumerate(shape) if k != dim]
+    if normalised == classes or normalised not in others:
         return None
     return {
         "function": function,
