@@ -101,3 +101,31 @@ def test_a_frozen_body_under_a_trained_head_has_no_layer_trend_and_no_crash(tmp_
     assert s.param_trend is None
     result = invoke("summary", tmp_path / "run")
     assert result.exit_code == 0, result.output
+
+
+class Twice(torch.nn.Module):
+    """The same three-layer stack applied twice a step (an ODE's field, an unrolled cell)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.Sequential(*(torch.nn.Linear(6, 6) for _ in range(3)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(torch.tanh(self.layers(x)))
+
+
+def test_the_depth_trend_of_a_module_called_twice_reads_what_the_extremes_read(tmp_path):
+    torch.manual_seed(0)
+    model = Twice()
+    with stabscope.Recorder(model, tmp_path / "run") as rec:
+        train(model, 3, batch_maker(6, 6), rec)
+    df = stabscope.load_run(tmp_path / "run", metrics="grad_rms", phase="train")
+    first = df[(df.step == df.step.min()) & df.module.isin([f"layers.{i}" for i in range(3)])]
+    assert set(first.call) == {0, 1}  # each layer's two calls, each its own row
+    s = summarize(tmp_path / "run")
+    by_layer = first.groupby("module", observed=True).value.max()
+    assert s.trend is not None and s.trend.metric == "grad_rms"
+    # Both ends of the trend are the largest call of their layer, as the extremes' lines are.
+    assert s.trend.values[0] == by_layer["layers.0"] and s.trend.values[-1] == by_layer["layers.2"]
+    listed = dict(s.largest + s.smallest)
+    assert listed["layers.0"] == by_layer["layers.0"]

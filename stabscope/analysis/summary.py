@@ -159,13 +159,15 @@ def layer_modules(meta: Mapping[str, Any]) -> dict[str, int]:
 
 def depth_trend(frame: pd.DataFrame, layers: dict[str, int], metric: str) -> DepthTrend | None:
     """Fit log10(metric) against layer index at the first recorded step that has it."""
-    sub = frame[(frame.metric == metric) & frame.module.isin(list(layers)) & (frame.call == 0)]
+    sub = frame[(frame.metric == metric) & frame.module.isin(list(layers))]
     if sub.empty:
         return None
     step = int(sub.step.min())
-    sub = sub[sub.step == step]
-    x = np.array([layers[m] for m in sub.module.astype(str)], float)
-    y = sub.value.to_numpy(float)
+    # A module called several times a step (an ODE's vector field, an unrolled cell): its
+    # largest call, as the summary's largest/smallest lines read it.
+    per_module = sub[sub.step == step].groupby("module", observed=True).value.max().dropna()
+    x = np.array([layers[str(m)] for m in per_module.index], float)
+    y = per_module.to_numpy(float)
     order = np.argsort(x)
     return trend_of(metric, step, x[order], y[order])
 
