@@ -293,17 +293,29 @@ def _skipped(view: RunView, bad: pd.DataFrame, steps: list[int]) -> Finding:
     markers = view.metrics(DIRECTIONS["backward"][1])
     first = first_nonfinite(view, bad, markers, "backward")
     assert first is not None  # bad holds backward flags at these steps
-    listed = ", ".join(map(str, steps[:8])) + (", ..." if len(steps) > 8 else "")
+    # The scaler skips until its scale fits: every step from the first flagged one to the
+    # next that stepped (an lr row), also those whose overflow was in a parameter's own
+    # gradient alone, which no watched output gradient shows.
+    stepped = sorted(set(view.metrics("lr").step.astype(int)))
+    resumed = next((s for s in stepped if s > steps[0]), None)
+    burst = range(steps[0], resumed) if resumed is not None else range(steps[0], steps[0] + 1)
+    skipped = sorted(set(burst) | set(steps))
+    listed = ", ".join(map(str, skipped[:16])) + (", ..." if len(skipped) > 16 else "")
+    shown = (
+        "at each of them"
+        if len(skipped) == len(steps)
+        else f"at {len(steps)} of them (the others overflowed in parameters' own gradients)"
+    )
     return finding(
         NONFINITE,
         "warning",
-        f"gradients were non-finite at {counted(len(steps), 'step')} "
-        f"({listed}; first the output gradient of {first.module}) and the optimizer skipped "
-        "each of them, as dynamic loss scaling does when its scale overflows; the loss and "
-        "every output stayed finite and training went on",
+        f"the optimizer skipped {counted(len(skipped), 'step')} ({listed}), as dynamic loss "
+        f"scaling does when its scale overflows: gradients were non-finite {shown}, first "
+        f"the output gradient of {first.module}; the loss and every output stayed finite and "
+        "training went on",
         module=first.module,
         step=first.step,
-        value=float(len(steps)),
+        value=float(len(skipped)),
         threshold=0.0,
         metric=first.metric,
         remedy="nothing if it stops early (the scaler found its scale); if it recurs, start "
