@@ -144,7 +144,7 @@ class ParameterProbe(BaseProbe):
             self._add_moments(collector, "param", which, weights)
             if with_grad:
                 got = [which[k] for k in with_grad]
-                dense = [dense_view(raw[k]) for k in with_grad]  # type: ignore[arg-type]
+                dense = [dense_view(g) for g in raw if g is not None]  # with_grad's order
                 self._add_moments(collector, "param_grad", got, dense)
         return copied
 

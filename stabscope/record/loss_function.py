@@ -43,7 +43,7 @@ OTHERS = {
 }
 #: Loss functions whose input is itself a ``log_softmax`` (``F.ctc_loss`` takes log
 #: probabilities): the walk does not look below them for a cross-entropy.
-TAKES_LOG_PROBS = frozenset({"CtcLossBackward0"})
+NO_CROSS_ENTROPY_BELOW = frozenset({"CtcLossBackward0"})
 #: How many autograd nodes are looked at, at most.
 NODES = 256
 #: Where the graph was walked and held none of the loss functions above.
@@ -59,33 +59,29 @@ def loss_function(loss: torch.Tensor) -> tuple[str, int | None] | None:
     loss plus an auxiliary ``mse_loss``); its ``classes`` are the size of the dim its
     ``log_softmax`` normalised (None where that cannot be read): a contrastive loss's are the
     batch's candidates, not the head's outputs."""
-    start = getattr(loss, "grad_fn", None)
-    if start is None:
+    if getattr(loss, "grad_fn", None) is None:
         return None
-    queue, seen = deque([start]), {start}
-    cross_entropy, classes, other = False, None, None
-    while queue and len(seen) <= NODES:
-        node = queue.popleft()
+    met: dict[str, str] = {}  # "cross_entropy" once a node of one was met; the first other
+
+    def visit(node: Any) -> tuple[tuple[str, int | None] | None, Iterable[Any] | None]:
         name = type(node).__name__
+        if name == "LogSoftmaxBackward0":
+            return ("cross_entropy", _normalised_size(node)), ()
         if name in CROSS_ENTROPY:
-            cross_entropy = True
-            if name == "LogSoftmaxBackward0":
-                classes = _normalised_size(node)
-                break
-        elif name in OTHERS and other is None:
-            other = OTHERS[name]
-        if name in TAKES_LOG_PROBS:
-            # CTC's input is a log_softmax over the classes at every frame: that node is
-            # the loss's input, no cross-entropy of its own (a CTC model read against
-            # ln V would be judged on a loss that has no such bar).
-            continue
-        for child, _ in getattr(node, "next_functions", ()):
-            if child is not None and child not in seen:
-                seen.add(child)
-                queue.append(child)
-    if cross_entropy:
-        return "cross_entropy", classes
-    return (other or OTHER), None
+            met["cross_entropy"] = name
+        elif name in OTHERS:
+            met.setdefault("other", OTHERS[name])
+        # CTC's input is a log_softmax over the classes at every frame: that node is the
+        # loss's input, no cross-entropy of its own (a CTC model read against ln V would be
+        # judged on a loss that has no such bar).
+        return None, (() if name in NO_CROSS_ENTROPY_BELOW else None)
+
+    found = walk(loss, visit)
+    if found is not None:
+        return found  # type: ignore[no-any-return]
+    if "cross_entropy" in met:
+        return "cross_entropy", None
+    return met.get("other", OTHER), None
 
 
 #: What a visitor of ``walk`` returns: a result that ends the walk (None: go on), and the

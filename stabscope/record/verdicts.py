@@ -89,7 +89,8 @@ class VerdictActions:
         self._stop_at: int | None = None  # step_index when the stop was asked for
         self._verdict_trigger = False
         self._loss_nonfinite = False  # a non-finite loss has triggered a check
-        self._forecast_judged = False  # the forecast's horizon has triggered a check
+        self._forecast_judged = False  # the forecast's horizon has triggered a check (or
+        # never will: no online rules, or the forecast does not act; ``_setup_verdicts``)
         self._judged = {LOSS: -1, FULL: -1}  # what each check saw: see ``_new_rows``
         # The loss check reads this rank's losses: with several ranks the run's loss is
         # their mean, which only the parts hold (the full check).
@@ -108,6 +109,8 @@ class VerdictActions:
             settings = None
             notes.append(f"online rules use their defaults: {e.message}")
         self.verdicts = OnlineVerdicts(self.run_dir, settings)
+        # Nothing to trigger where the forecast does not act (disabled, or not an error).
+        self._forecast_judged = not any(r.id == FORECAST.id for r in self.verdicts.rules)
         return notes
 
     @property
@@ -130,7 +133,7 @@ class VerdictActions:
         last = self.losses.last  # the last loss synced
         if last is not None and not math.isfinite(last) and not self._loss_nonfinite:
             self._loss_nonfinite = self._verdict_trigger = True
-        if self._forecast_due(verdicts):
+        if self._forecast_due():
             self._verdict_trigger = True
         if self._verdict_trigger:
             self._verdict_trigger = False
@@ -146,13 +149,13 @@ class VerdictActions:
         if found:
             self._act(found)
 
-    def _forecast_due(self, verdicts: OnlineVerdicts) -> bool:
+    def _forecast_due(self) -> bool:
         """Whether this boundary is the first at the failure forecast's horizon, a share
         (``forecast.ONLINE_FROM``) of a known budget: judged there on the training thread
         once, as a trigger is, so that a short run's forecast does not wait for the worker's
         pause (a check of t seconds waits ``PAUSE`` x t for the next) and fall after its
         end."""
-        if self._forecast_judged or not any(r.id == FORECAST.id for r in verdicts.rules):
+        if self._forecast_judged:
             return False
         budget = (self.meta.get("lr_plan") or {}).get("budget")
         if not isinstance(budget, int) or self.step_index < ONLINE_FROM * budget:

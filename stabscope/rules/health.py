@@ -12,7 +12,7 @@ from ..store.findings import Finding
 from ..wording import counted
 from .base import Rule, RunView, finding_at
 from .nonfinite import NONFINITE
-from .output_features import regression
+from .output_features import regression, takes_logits
 from .run_status import RUN_STATUS
 from .spikes import GRAD_NORM_SPIKE, LOSS_SPIKE
 from .view import MATRICES, Request
@@ -129,7 +129,7 @@ def _logits(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
         # Logits where the loss takes them (or is not known); else the outputs are what the
         # loss compares (an embedding a triplet or contrastive loss reads), and a z-loss,
         # which bounds a softmax's normaliser, has nothing to bound.
-        logits = view.meta.doc.get("loss_function") in (None, UNKNOWN, *TAKE_LOGITS)
+        logits = takes_logits(view)
         yield finding_at(
             LOGITS,
             "warning",
@@ -145,12 +145,6 @@ def _logits(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
             else "lower the learning rate or add warm-up; bound the outputs the loss compares "
             "(L2-normalise embeddings) or put weight decay on the output layer",
         )
-
-
-#: The loss functions (meta.json ``loss_function``) that take the model's outputs as logits.
-TAKE_LOGITS = ("cross_entropy", "binary_cross_entropy_with_logits")
-#: meta.json's ``loss_function`` where the first loss had no graph.
-UNKNOWN = "unknown"
 
 
 LOGITS = Rule(

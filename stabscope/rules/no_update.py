@@ -111,8 +111,10 @@ def _unstepped(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
 
 
 #: The remedy's first clause where an optimizer was built and never stepped.
-IDLE_REMEDY = "call step() on every optimizer the loop builds (with two, both: a sparse "
-IDLE_REMEDY += "one for the embeddings and a dense one, say); else "
+IDLE_REMEDY = (
+    "call step() on every optimizer the loop builds (with two, both: a sparse one for the "
+    "embeddings and a dense one, say); else "
+)
 
 
 def never_stepped(view: RunView) -> list[str]:

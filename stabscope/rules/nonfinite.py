@@ -168,35 +168,40 @@ def _nonfinite(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     firsts.sort(key=lambda f: (f.step, list(DIRECTIONS).index(f.direction)))
     lead = firsts[0]
     what = DIRECTIONS[lead.direction][2]
-    parts = [
-        f"NaN/Inf from step {lead.step}, first in the {lead.direction} pass: the {what} of "
-        f"{lead.module}"
-    ]
+    written = weights_written_nonfinite(view, lead.step)
+    # The loss, where it made the first non-finite value itself (from finite outputs).
+    made = loss if written is None and loss is not None else None
+    made = made if made is not None and made_by_the_loss(view, rows, lead, made[0]) else None
+    if made is not None:
+        parts = [
+            f"NaN/Inf from step {made[0]}, first in the loss ({made[1]}), from finite outputs "
+            "(every watched module's output was finite in that step's forward): the loss "
+            f"function made it, and its gradient carried it back (first the {what} of "
+            f"{lead.module})"
+        ]
+        remedy = LOSS_MADE_REMEDY.get(str(view.meta.doc.get("loss_function")), LOSS_MADE)
+    else:
+        parts = [
+            f"NaN/Inf from step {lead.step}, first in the {lead.direction} pass: the {what} "
+            f"of {lead.module}",
+            *([written] if written is not None else []),
+        ]
+        remedy = (
+            UPDATE_REMEDY
+            if written is not None
+            else (
+                f"look at {lead.module}: its {what} was the first non-finite one in "
+                f"{lead.direction} order; lower the learning rate, add warm-up or gradient "
+                "clipping" + _precision_remedy(view, lead.module)
+            )
+        )
     parts += [
         f"{f.direction} pass: first the {DIRECTIONS[f.direction][2]} of {f.module} at step {f.step}"
         for f in firsts[1:]
     ]
-    if loss is not None:
+    if loss is not None and made is None:
         parts.append(f"the loss went non-finite at step {loss[0]} ({loss[1]})")
     parts.append(f"{count} module outputs or gradients non-finite over {steps} steps")
-    remedy = (
-        f"look at {lead.module}: its {what} was the first non-finite one in "
-        f"{lead.direction} order; lower the learning rate, add warm-up or gradient clipping"
-        + _precision_remedy(view, lead.module)
-    )
-    written = weights_written_nonfinite(view, lead.step)
-    if written is not None:
-        parts.insert(1, written)
-        remedy = UPDATE_REMEDY
-    elif loss is not None and made_by_the_loss(view, rows, lead, loss[0]):
-        parts[0] = (
-            f"NaN/Inf from step {loss[0]}, first in the loss ({loss[1]}), from finite outputs "
-            "(every watched module's output was finite in that step's forward): the loss "
-            f"function made it, and its gradient carried it back (first the {what} of "
-            f"{lead.module})"
-        )
-        parts = [p for p in parts if not p.startswith("the loss went non-finite")]
-        remedy = LOSS_MADE_REMEDY.get(str(view.meta.doc.get("loss_function")), LOSS_MADE)
     yield finding(
         NONFINITE,
         "error",

@@ -120,7 +120,7 @@ def log_classes(view: RunView, checked: bool = False) -> tuple[float, str] | str
     if v < 2:
         return f"the output head ({head}) has one output: no classes to read the loss against"
     function = view.meta.doc.get("loss_function")
-    if function not in (None, "unknown", "cross_entropy"):  # read from the loss's own graph
+    if function not in (*UNREAD, "cross_entropy"):  # read from the loss's own graph
         return f"the loss is {function}, not a softmax cross-entropy of the output head"
     normalised = view.meta.doc.get("loss_classes")
     if isinstance(normalised, int) and normalised != v:  # a contrastive loss over the batch
@@ -185,6 +185,19 @@ REGRESSION_LOSSES = frozenset({"mse_loss", "l1_loss", "smooth_l1_loss", "huber_l
 def regression(view: RunView) -> bool:
     """Whether the run's loss, read from its graph, is a regression's."""
     return view.meta.doc.get("loss_function") in REGRESSION_LOSSES
+
+
+#: meta.json's ``loss_function`` where it was not read: a run recorded before the key, a
+#: first loss without a graph (``unknown``).
+UNREAD = (None, "unknown")
+#: The loss functions that take the model's outputs as logits.
+LOGIT_LOSSES = ("cross_entropy", "binary_cross_entropy_with_logits")
+
+
+def takes_logits(view: RunView) -> bool:
+    """Whether the run's outputs are logits as far as its loss says: a loss that takes them,
+    or a loss not read."""
+    return view.meta.doc.get("loss_function") in (*UNREAD, *LOGIT_LOSSES)
 
 
 def init_logit_scale(view: RunView) -> Feature:

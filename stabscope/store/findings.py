@@ -47,9 +47,13 @@ class Finding:
 
     @property
     def shown_module(self) -> str | None:
-        """The module as text shows it: none for the run as a whole (``__run__``, which the
-        JSON keeps), the module otherwise."""
-        return None if self.module in (None, "", RUN_MODULE) else self.module
+        return shown_module(self.module)
+
+
+def shown_module(module: str | None) -> str | None:
+    """A finding's module as text shows it: none for the run as a whole (``__run__``, which
+    the JSON keeps), the module otherwise."""
+    return None if module in (None, "", RUN_MODULE) else module
 
 
 def severity_rank(severity: str) -> int:

@@ -26,6 +26,7 @@ from typing import Any
 
 from ..errors import NestedRunError, RunExistsError, RunLockedError, UsageError
 from . import lock as locks
+from .findings import shown_module
 from .layout import (
     FINDINGS_FILE,
     META_FILE,
@@ -37,7 +38,6 @@ from .layout import (
     RESERVE_FILE,
 )
 from .run_meta import RunMeta
-from .schema import RUN_MODULE
 
 PathLike = str | os.PathLike[str]
 
@@ -218,7 +218,8 @@ class RunState:
 def stopped_detail(meta: RunMeta) -> str:
     """One line on a stopped run: where, and the finding that stopped it."""
     by = meta.stopped_by or {}
-    where = f" ({by['module']})" if by.get("module") not in (None, "", RUN_MODULE) else ""
+    shown = shown_module(by.get("module"))
+    where = f" ({shown})" if shown else ""
     return (
         f"stopped after step {meta.steps - 1} by rule {by.get('rule', '?')}{where}: "
         f"{by.get('message', 'no finding saved')}"
