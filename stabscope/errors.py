@@ -38,6 +38,15 @@ class ScriptError(UsageError):
         self.exit_code = exit_code
 
 
+class TrainingError(ScriptError):
+    """The script trained, but what it trains cannot be recorded for a fault of the training
+    itself (its optimizer holds no parameter of any module it called): the gate's exit code
+    1, not bad input's 2."""
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message, hint, exit_code=1)
+
+
 class ConfigError(UsageError, ValueError):
     """A ``[tool.stabscope]`` table that cannot be used: names the file, the key and what the
     key takes. A ``ValueError`` too, as config errors always were."""

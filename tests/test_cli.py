@@ -92,8 +92,8 @@ GOOD_HEAD = textwrap.dedent("""
 """)
 
 
-def assert_one_line_error(res, *needles):
-    assert res.exit_code == 2, res.output
+def assert_one_line_error(res, *needles, code: int = 2):
+    assert res.exit_code == code, res.output
     lines = res.stderr.strip().splitlines()
     assert lines[0].startswith("error:") and any(line.startswith("hint:") for line in lines)
     for needle in needles:

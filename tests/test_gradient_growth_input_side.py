@@ -1,15 +1,20 @@
-"""``gradient-growth`` on a stack without residual blocks found reads the input side too:
-gradients that vanish toward the input reach the parameters before the first layer (a stem,
-an embedding) smaller still. A ConvNeXt-like net, whose first stage's blocks are scaled down
-by LayerScale and whose second stage opens with a downsampling convolution outside any
-branch, has a last-over-first stage ratio past the rule's threshold at init while its stem
-has the largest gradient of all: no finding. A deep sigmoid stack behind a stem keeps its
-finding. The references are the models' own gradients after the first backward."""
+"""``gradient-growth`` on a ConvNeXt-like net. Its blocks are found (a channels-last MLP
+scaled by LayerScale and permuted back onto the stream), so the trend is read over the blocks
+of one stage, of one width, not across stages whose widths differ. Where its branches cannot
+be verified (a shift after the MLP that no module's output equals, in any layout) it is a
+plain stack of stages, and the input side is read too: gradients that vanish toward the input
+reach the parameters before the first layer (a stem, an embedding) smaller still. Its first
+stage is scaled down by LayerScale and its second opens with a downsampling convolution
+outside any branch, so the last-over-first stage ratio is past the rule's threshold at init
+while the stem has the largest gradient of all: no finding either way. A deep sigmoid stack
+behind a stem keeps its finding. The references are the models' own gradients after the first
+backward."""
 
 from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,6 +22,7 @@ from torch import nn
 from stabscope import Recorder, RecorderConfig, Schedule
 from stabscope.rules import check_run
 from stabscope.rules.depth import GRAD_GROWTH
+from stabscope.store.run_meta import load_meta
 
 
 class ConvUnit(nn.Module):
@@ -35,6 +41,14 @@ class ConvUnit(nn.Module):
         return x + (self.gamma * h).permute(0, 3, 1, 2)
 
 
+class ShiftedUnit(ConvUnit):
+    """The same unit, its added term shifted by one column: no residual add is verified."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.down(F.gelu(self.up(self.norm(self.dw(x).permute(0, 2, 3, 1)))))
+        return x + torch.roll((self.gamma * h).permute(0, 3, 1, 2), 1, dims=-1)
+
+
 class ChannelNorm(nn.LayerNorm):
     """A LayerNorm over the channels of a (B, C, H, W) map, as ConvNeXt's stem has."""
 
@@ -43,14 +57,14 @@ class ChannelNorm(nn.LayerNorm):
 
 
 class TwoStages(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, unit: type[ConvUnit] = ConvUnit) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.stem = nn.Sequential(nn.Conv2d(1, 16, 2, 2), ChannelNorm(16))
         self.stages = nn.ModuleList(
             [
-                nn.Sequential(ConvUnit(16), ConvUnit(16)),
-                nn.Sequential(nn.Conv2d(16, 32, 2, 2), ConvUnit(32), ConvUnit(32)),
+                nn.Sequential(unit(16), unit(16)),
+                nn.Sequential(nn.Conv2d(16, 32, 2, 2), unit(32), unit(32)),
             ]
         )
         self.head = nn.Linear(32, 4)
@@ -107,12 +121,17 @@ def growth(run) -> list:
     return [f for f in check_run(run).findings if f.rule == GRAD_GROWTH.id]
 
 
-def test_a_stage_ratio_past_the_threshold_with_the_stem_ahead_is_no_growth(tmp_path):
+@pytest.mark.parametrize("unit", [ConvUnit, ShiftedUnit])
+def test_a_stage_ratio_past_the_threshold_with_the_stem_ahead_is_no_growth(tmp_path, unit):
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(16, 1, 16, 16, generator=g), torch.randint(0, 4, (16,), generator=g)
-    first = train(TwoStages(), x, y, tmp_path / "convnext")
-    assert first["last"] / first["first"] > GRAD_GROWTH.defaults["warning"]  # what it read
+    first = train(TwoStages(unit), x, y, tmp_path / "convnext")
+    assert first["last"] / first["first"] > GRAD_GROWTH.defaults["warning"]  # across stages
     assert first["stem"] > first["last"]  # the input side has the largest gradient
+    structure = load_meta(tmp_path / "convnext").structure or {}
+    blocks = [b["name"] for b in structure.get("blocks", [])]
+    units = ["stages.0.0", "stages.0.1", "stages.1.1", "stages.1.2"]
+    assert blocks == (units if unit is ConvUnit else [])
     assert growth(tmp_path / "convnext") == []
 
 

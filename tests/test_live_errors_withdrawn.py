@@ -26,3 +26,23 @@ def test_a_live_error_the_run_does_not_bear_out_is_said(tmp_path):
     # summary -q shows the verdict of the last check (its findings.json): the same note.
     summary = invoke("summary", run, "-q")
     assert f"{NOTE} {seen}) is not an error of the whole run" in summary.output
+
+
+def test_a_live_error_at_another_module_of_a_rule_that_stands_is_not_withdrawn(tmp_path):
+    """Live errors of one rule at several modules (the fastest-growing layer moves as the
+    run trains), the whole run's error of that rule at another: the rule stands, no note."""
+    import json
+
+    run = tmp_path / "run"
+    stopped_run(run, 80)
+    path = run / "meta.json"
+    meta = json.loads(path.read_text())
+    first = meta["online"]["findings"][0]
+    meta["online"]["findings"] = [
+        {**first, "module": name, "seen_at": first["seen_at"] + i}
+        for i, name in enumerate(["blocks.0", "blocks.1"])
+    ]
+    path.write_text(json.dumps(meta))
+    stands = invoke("check", run)
+    assert stands.exit_code == 1
+    assert "error loss-divergence" in stands.output and NOTE not in stands.output

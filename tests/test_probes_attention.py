@@ -317,9 +317,10 @@ def test_patched_attributes_take_over_and_give_the_same_values(tmp_path):
     model, batch, sample = gpt("sdpa")
     seen = watch_modes(model)
     steps = record_steps(model, tmp_path, lambda m: sample.loss(m, batch))
-    # 2 layers a step: step 0 runs in the mode, steps 1-3 do not.
+    # 2 layers a step: step 0 runs in the mode, steps 1-3 do not. The structure's traced
+    # forward before them runs in discovery's own mode (it looks for attention calls).
     assert seen[-8:] == [True, True] + [False] * 6
-    assert seen.count(True) == 2
+    assert len(seen) == 10 and seen[:2] == [True, True]
     assert [len(s) for s in steps] == [2 * 2 * 4] * 4
     for later in steps[1:]:
         np.testing.assert_array_equal(later.value, steps[0].value)

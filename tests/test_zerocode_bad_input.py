@@ -148,6 +148,16 @@ def test_output_that_holds_a_run_fails_before_the_script_starts(tmp_path):
         profile_training_script(MLP, ["--steps", "2"], out, RecorderConfig())
 
 
+#: Three steps of a loop that trains ``model`` with ``opt``.
+LOOP = (
+    "for _ in range(3):\n"
+    "    loss = model(torch.ones(2, 3)).pow(2).mean()\n"
+    "    opt.zero_grad()\n"
+    "    loss.backward()\n"
+    "    opt.step()\n"
+)
+
+
 def test_an_optimizer_left_on_a_stale_copy_is_named_in_the_hint(tmp_path):
     """The optimizer is built, then ``model = copy.deepcopy(model)``: the loop trains the copy,
     whose parameters no optimizer holds, so no module can be recorded; the hint names the
@@ -157,12 +167,29 @@ def test_an_optimizer_left_on_a_stale_copy_is_named_in_the_hint(tmp_path):
         "import copy, torch\n"
         "model = torch.nn.Linear(3, 1)\n"
         "opt = torch.optim.SGD(model.parameters(), lr=0.1)\n"
-        "model = copy.deepcopy(model)\n"
-        "for _ in range(3):\n"
-        "    loss = model(torch.ones(2, 3)).pow(2).mean()\n"
-        "    opt.zero_grad()\n"
-        "    loss.backward()\n"
-        "    opt.step()\n"
+        "model = copy.deepcopy(model)\n" + LOOP
     )
     result = invoke("profile", script, "--out", tmp_path / "run")
-    assert_one_line_error(result, "no module it called holds", "copy.deepcopy(model)")
+    # Its training's fault, not the command's: the gate's exit code 1, as one line and a hint.
+    assert_one_line_error(result, "no module it called holds", "copy.deepcopy(model)", code=1)
+    # The module the loop trains, and its 4 parameters (3 weights, 1 bias) that got
+    # gradients no optimizer applied.
+    assert (
+        "the optimizer trains none of Linear (4 trainable parameters, 4 with a gradient no "
+        "optimizer applied), which the script called" in result.output
+    )
+
+
+def test_an_optimizer_over_an_ema_copy_names_the_module_the_script_trains(tmp_path):
+    """The EMA copy's parameters in the optimizer, the model's in the loss: the message names
+    the model the script called (its parameters, frozen in the copy, counted in it)."""
+    script = tmp_path / "ema.py"
+    script.write_text(
+        "import copy, torch\n"
+        "model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1))\n"
+        "ema = copy.deepcopy(model)\n"
+        "opt = torch.optim.Adam(ema.parameters(), lr=0.1)\n" + LOOP
+    )
+    result = invoke("profile", script, "--out", tmp_path / "run")
+    assert_one_line_error(result, "no module it called holds", "an EMA or a teacher", code=1)
+    assert "none of Sequential (21 trainable parameters, 21 with a gradient" in result.output

@@ -130,10 +130,16 @@ def _alike(group: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def layer_modules(meta: Mapping[str, Any]) -> dict[str, int]:
-    """Modules that stand for a whole layer: role ``block`` if any, else the shallowest
-    modules that carry a layer index (``layers.3`` rather than ``layers.3.fc``)."""
+    """Modules that stand for a whole layer: the residual blocks structure discovery found,
+    else those of role ``block``, else the shallowest modules that carry a layer index
+    (``layers.3`` rather than ``layers.3.fc``). Blocks are grouped by the container that
+    numbers them: a hierarchical model's stages each hold a stack of their own, of one
+    width, and the trend is read over the longest (the last among equals)."""
     mods = [m for m in RunMeta.of(meta).modules if m.get("layer") is not None]
-    blocks = [m for m in mods if m.get("role") == "block"]
+    found = {b.get("name") for b in (meta.get("structure") or {}).get("blocks") or []}
+    blocks = [m for m in mods if m["name"] in found] or [
+        m for m in mods if m.get("role") == "block"
+    ]
     if not blocks and mods:
         shallowest = min(m.get("depth", 0) for m in mods)
         blocks = [m for m in mods if m.get("depth", 0) == shallowest]
@@ -154,7 +160,15 @@ def layer_modules(meta: Mapping[str, Any]) -> dict[str, int]:
         return max((o for o in orders if o is not None), default=-1)
 
     best = max(groups.values(), key=lambda g: (len(g), runs_last(g)))
-    return {m["name"]: int(m["layer"]) for m in best}
+    return {m["name"]: _position(m) for m in best}
+
+
+def _position(module: Mapping[str, Any]) -> int:
+    """A layer's index in its own stack: the last number of its name. The first number
+    (``layer``) is the stage's in a hierarchical model (``stages.2.0`` and ``stages.2.1``
+    are both layer 2), the same as the last in a flat stack (``h.3``)."""
+    last = str(module["name"]).rsplit(".", 1)[-1]
+    return int(last) if last.isdigit() else int(module["layer"])
 
 
 def depth_trend(frame: pd.DataFrame, layers: dict[str, int], metric: str) -> DepthTrend | None:

@@ -39,7 +39,8 @@ from torch import nn
 
 from ..record.collector import Collector, Rows
 from ..record.hooks import ListenerHooks
-from .attention_routes import MHA, SDPA, AttentionRoutes
+from ..structure.attention_calls import MHA, SDPA, softmax_over_keys
+from .attention_routes import AttentionRoutes
 from .attention_sample import (
     entropy_and_max,
     entropy_rows,
@@ -66,7 +67,6 @@ class AttentionSampling:
         return self.batch * self.queries
 
 
-_SOFTMAX = {torch.softmax, F.softmax, torch.Tensor.softmax}
 _MHA_SIGNATURE = inspect.signature(MHA)
 
 
@@ -214,10 +214,8 @@ class AttentionProbe(BaseProbe):
             bound = _MHA_SIGNATURE.bind(*args, **kwargs)
             bound.apply_defaults()
             result = mha_sample(dict(bound.arguments), self.sampling)
-        elif func in _SOFTMAX and isinstance(out, torch.Tensor) and out.dim() == 4:
-            dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
-            if dim in (-1, 3):
-                result = self._from_softmax(args[0])
+        elif softmax_over_keys(func, args, kwargs, out):
+            result = self._from_softmax(args[0])
         if result is None or code is None:
             return False
         call = self._calls.get(code, 0)

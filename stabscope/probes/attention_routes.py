@@ -26,10 +26,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ..record.hook_context import outside_modes
-
-#: The functions as torch defines them (the attributes may be patched while a module runs).
-SDPA = F.scaled_dot_product_attention
-MHA = F.multi_head_attention_forward
+from ..structure.attention_calls import MHA, SDPA
 
 #: ``sample(func, args, kwargs, out, patched)``: the probe's handler of one intercepted call;
 #: returns whether the call was sampled (it was attention).

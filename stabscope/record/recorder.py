@@ -221,6 +221,22 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
         # Not under the guard: the user's on_finding may raise to stop the training.
         self._judge_step()  # the online rules' verdicts (record/verdicts.py)
 
+    def begin_phase(self, step: int, optimizers: list[str]) -> None:
+        """A new training phase from ``step`` on: new optimizers (``optimizers``, their class
+        names) took over from the phase before, over other parameters (meta.json's
+        ``phases``; the rules judge the last phase, ``RunMeta.phase_start``). Zero-code
+        mode calls it where it sees the optimizers change; a script may call it itself."""
+        phases = self.meta.setdefault("phases", [{"step": 0}])
+        if step <= phases[-1]["step"]:
+            return
+        phases.append({"step": int(step), "optimizers": list(optimizers)})
+        self.meta["notes"].append(
+            f"a new training phase began at step {step}: {', '.join(optimizers)} took over "
+            "from the optimizers before it, over other parameters (a fine-tune after a "
+            f"pretraining in one script); the rules judge the run from step {step}"
+        )
+        self._save_meta()
+
     def note_loss_function(self, loss: torch.Tensor) -> None:
         """Read which loss function ``loss`` is from its graph, once (meta.json's
         ``loss_function``; record/loss_function.py). Zero-code mode hands over the loss of

@@ -149,6 +149,7 @@ class Scan:
 
     phase: str = "train"
     until: int | None = None
+    since: int | None = None  # only steps from this one on (the last training phase)
     modules: Names = field(default_factory=Names)
     metrics: Names = field(default_factory=Names)
     phases: Names = field(default_factory=Names)
@@ -203,6 +204,8 @@ class Scan:
         if self.until is not None:
             step = batch.column("step").to_numpy()
             keep &= (step >= 0) & (step < self.until)
+        if self.since is not None:
+            keep &= batch.column("step").to_numpy() >= self.since
         local_metric = metric.indices.to_numpy()
         names = metric.dictionary.to_pylist()
         if census:

@@ -105,7 +105,9 @@ class RunView:
     def scan(self) -> Scan:
         """What was read so far; the first use reads every planned request."""
         if self._scan is None:
-            self._scan = Scan(until=self.until)
+            # A run of several training phases is judged on its last: a fine-tune after a
+            # pretraining in one script starts its loss afresh, on other data.
+            self._scan = Scan(until=self.until, since=self.meta.phase_start)
             self._read(self._planned)
         return self._scan
 

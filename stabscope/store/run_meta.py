@@ -230,6 +230,17 @@ class RunMeta(Mapping[str, Any]):
         return self.doc.get("lr_plan") or None
 
     @property
+    def phase_start(self) -> int | None:
+        """The first step of the run's last training phase (``phases``: a new optimizer over
+        other parameters took over from the one before, a fine-tune after a pretraining in
+        one script), or None for a run of one phase."""
+        phases = self.doc.get("phases")
+        if not isinstance(phases, list) or len(phases) < 2:
+            return None
+        step = phases[-1].get("step") if isinstance(phases[-1], dict) else None
+        return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+    @property
     def budget(self) -> int | None:
         """The planned number of steps (``lr_plan``'s budget), or None where it is unknown."""
         budget = (self.lr_plan or {}).get("budget")

@@ -9,6 +9,9 @@ Pre-LN. Blocks where no add can be verified are left out: a wrong guess is worse
 
 from __future__ import annotations
 
+import itertools
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -16,14 +19,16 @@ from ..store.structure import AttentionInfo, Block, Branch, Structure, unrecogni
 from .kinds import (
     block_candidates,
     count_heads,
+    inner_stack,
     is_attention,
     is_cross_attention,
     is_mlp,
     is_norm,
+    outermost,
     stack_of,
 )
 from .trace import Call, Trace
-from .transformed import transformed_branch
+from .transformed import rearranged_branch, transformed_branch
 
 _TOL = 1e-4
 #: A parallel block's two added terms are looked for among this many latest-finishing
@@ -38,6 +43,35 @@ def tolerance(t: torch.Tensor) -> float:
     the norm of the difference is too."""
     eps = torch.finfo(t.dtype).eps if t.dtype.is_floating_point else 0.0
     return max(_TOL, eps)
+
+
+#: The layouts tried for a branch output of the sum's sizes in another order: at most this
+#: many permutations (all five of a (B, C, H, W) stream whose C = H = W).
+LAYOUTS = 6
+
+
+def onto(w: torch.Tensor, t: torch.Tensor) -> list[tuple[int, ...]]:
+    """The permutations p, other than none, with ``w.permute(p)`` of t's shape: w's shape is
+    t's in another order (ConvNeXt's MLP runs channels-last, (B, H, W, C), and its output is
+    permuted back onto the (B, C, H, W) stream before the add), or t's own where sizes
+    repeat (H = W, or C = H = W). Tried only after w as it is."""
+    if w.dim() != t.dim() or sorted(w.shape) != sorted(t.shape):
+        return []
+    out: list[tuple[int, ...]] = []
+    for p in itertools.permutations(range(w.dim())):
+        if p != tuple(range(w.dim())) and all(w.shape[i] == n for i, n in zip(p, t.shape)):
+            out.append(p)
+            if len(out) == LAYOUTS:
+                break
+    return out
+
+
+def _inverse(p: tuple[int, ...]) -> tuple[int, ...]:
+    """q with ``v.permute(p).permute(q)`` equal to v."""
+    q = [0] * len(p)
+    for i, j in enumerate(p):
+        q[j] = i
+    return tuple(q)
 
 
 def _misfit(t: torch.Tensor, x: torch.Tensor, f: torch.Tensor, alpha: float) -> float:
@@ -78,6 +112,8 @@ def analyse_block(trace: Trace, block: Call) -> tuple[list[Branch], list[Attenti
         if is_attention(c)
         and not any(is_attention(trace.calls[p]) for p in _ancestors(trace, c, block))
     ]
+    inline = _inline_attention(trace, block, inner) if not attention else InlineAttention()
+    attention += [trace.calls[i] for i in inline.holders]
     infos = [AttentionInfo(c.name, *count_heads(c.module)) for c in attention]
     if block.input is None or block.output is None:
         return [], infos
@@ -108,9 +144,10 @@ def analyse_block(trace: Trace, block: Call) -> tuple[list[Branch], list[Attenti
                 return max((c for c in producers if c.output is w), key=lambda c: c.end)
 
             for w in latest:
-                alpha = residual_alpha(t, stream, w)
-                if alpha is not None:
-                    return time, t, consumer, (maker(w),), alpha, False
+                for wt in (w, *(w.permute(p) for p in onto(w, t))):
+                    alpha = residual_alpha(t, stream, wt)
+                    if alpha is not None:
+                        return time, t, consumer, (maker(w),), alpha, False
             # A parallel block (GPT-J, GPT-NeoX, Phi): x + attn(LN1 x) + mlp(LN2 x) in one
             # sum, no tensor between: two branch outputs added to the stream at once.
             for i, w1 in enumerate(latest[:PAIRED]):
@@ -123,7 +160,15 @@ def analyse_block(trace: Trace, block: Call) -> tuple[list[Branch], list[Attenti
                         return time, t, consumer, tuple(pair), alpha, False
             # x + h(w): an activation or a gate applied to the module's output inline.
             for w in latest[:PAIRED]:
-                if transformed_branch(t, stream, w, tolerance(t)):
+                # Read in w's layout, where a gate per channel is one per last dim: a branch
+                # computed channels-last and permuted back onto a channels-first stream.
+                layouts = onto(w, t) if stream.shape == t.shape else []
+                for back in ((), *(_inverse(p) for p in layouts)):
+                    tw, xw = (v.permute(back) if back else v for v in (t, stream))
+                    if transformed_branch(tw, xw, w, tolerance(t)):
+                        return time, t, consumer, (maker(w),), 1.0, True
+            for w in latest[:PAIRED]:
+                if rearranged_branch(t, stream, w, tolerance(t)):
                     return time, t, consumer, (maker(w),), 1.0, True
         return None
 
@@ -187,6 +232,7 @@ def analyse_block(trace: Trace, block: Call) -> tuple[list[Branch], list[Attenti
                     alpha,
                     around,
                     transformed,
+                    inline,
                 )
             )
         if is_post:
@@ -194,6 +240,25 @@ def analyse_block(trace: Trace, block: Call) -> tuple[list[Branch], list[Attenti
         else:
             stream, since, found = t, time, keep_sum
     return branches, infos
+
+
+@dataclass(frozen=True)
+class InlineAttention:
+    """Attention computed by no attention module (attention_calls.py): the calls in the
+    block that ran it (the block itself, or a child not named as attention), and the times
+    of those the block's own forward ran."""
+
+    holders: tuple[int, ...] = ()
+    own: tuple[int, ...] = ()
+
+
+def _inline_attention(trace: Trace, block: Call, inner: list[Call]) -> InlineAttention:
+    """Where ``block`` attends without an attention module: a hand-written block calling
+    ``F.scaled_dot_product_attention`` on its own ``qkv`` projection."""
+    inside = {block.index} | {c.index for c in inner}
+    calls = [(t, i) for t, i in trace.attending if i in inside and block.start < t < block.end]
+    holders = tuple(dict.fromkeys(i for _, i in calls))  # in the order they first attended
+    return InlineAttention(holders, tuple(t for t, i in calls if i == block.index))
 
 
 def _found_misfit(found: tuple, stream: torch.Tensor) -> float:
@@ -250,15 +315,25 @@ def _branch(
     alpha: float,
     around: list[Call],
     transformed: bool = False,
+    inline: InlineAttention | None = None,
 ) -> Branch:
     # ``around``: the calls inside the block that enclose out_call, innermost first. A module
     # that adds the stream itself (BLOOM's attention and MLP, MPT's MLP take the residual as an
     # argument) makes f inside it, so it ends after the sum and is not among ``covered``.
-    attn = [c for c in covered if is_attention(c)] or [c for c in around if is_attention(c)][-1:]
+    inline = inline or InlineAttention()
+
+    def attends(c: Call) -> bool:
+        return is_attention(c) or c.index in inline.holders
+
+    attn = [c for c in covered if attends(c)] or [c for c in around if attends(c)][-1:]
     mlp = [c for c in covered if is_mlp(c)] or [c for c in around if is_mlp(c)][-1:]
-    if attn:
+    start = min((c.start for c in covered), default=out_call.start)
+    if attn and attn[0].index != block.index:
         kind = "cross_attention" if is_cross_attention(attn[0].name) else "attention"
         name = attn[0].name
+    elif any(start < t < out_call.end for t in inline.own):
+        # The block's own forward attends between the norm and this branch's projection.
+        kind, name = "attention", _last_projection(covered, out_call)
     elif mlp or sum(isinstance(c.module, nn.Linear) for c in covered) >= 2:
         kind = "mlp"
         name = mlp[0].name if mlp else _last_projection(covered, out_call)
@@ -310,16 +385,12 @@ def detect(model: nn.Module, trace: Trace, names: dict[int, str]) -> Structure:
     norms = sorted({c.name for c in trace.calls if is_norm(c.module)})
     if not trace.calls:
         return unrecognised("the traced forward pass ran no module")
+    found: list[tuple[str, list[Branch], list[AttentionInfo]]] = []
+    skipped: list[str] = []
+    for name in outermost(candidates):
+        _resolve(trace, name, candidates, found, skipped)
     blocks: list[Block] = []
-    skipped = []
-    for name in candidates:
-        call = trace.first_call(name)
-        if call is None:
-            continue
-        branches, attention = analyse_block(trace, call)
-        if not branches:
-            skipped.append(name)
-            continue
+    for name, branches, attention in found:
         placements = {b.placement for b in branches}
         index = int(name.rsplit(".", 1)[-1]) if name.rsplit(".", 1)[-1].isdigit() else len(blocks)
         blocks.append(
@@ -334,6 +405,7 @@ def detect(model: nn.Module, trace: Trace, names: dict[int, str]) -> Structure:
             )
         )
     blocks.sort(key=lambda b: trace.first_call(b.name).start)  # type: ignore[union-attr]
+    _number_blocks(blocks)
     _number_branches(blocks)
     if not blocks:
         note = (
@@ -357,6 +429,53 @@ def detect(model: nn.Module, trace: Trace, names: dict[int, str]) -> Structure:
                     "still follow the tensors"
                 )
     return Structure(True, blocks, norms, notes, output_positions(trace, blocks[-1].name))
+
+
+def _resolve(
+    trace: Trace,
+    name: str,
+    candidates: dict[str, bool],
+    found: list[tuple[str, list[Branch], list[AttentionInfo]]],
+    skipped: list[str],
+) -> None:
+    """The blocks of candidate ``name``: those of the stack nested in it where two or more
+    of them verify and hold their own branches (a stage of Swin or ConvNeXt holds its
+    blocks, and a downsampling layer), else ``name`` itself where it verifies. An MoE
+    layer's experts hold no residual add, and the Annotated Transformer's two
+    ``SublayerConnection``s each add a module of the layer around them, not their own: the
+    layer stays the block."""
+    inner = inner_stack(name, candidates)
+    if len(inner) >= 2:
+        deeper: list[tuple[str, list[Branch], list[AttentionInfo]]] = []
+        missed: list[str] = []
+        for n in inner:
+            _resolve(trace, n, candidates, deeper, missed)
+        owned = all(br.name.startswith(n + ".") for n, brs, _ in deeper for br in brs)
+        if len(deeper) >= 2 and owned:
+            found += deeper
+            skipped += missed
+            return
+    call = trace.first_call(name)
+    if call is None:
+        return
+    branches, attention = analyse_block(trace, call)
+    if branches:
+        found.append((name, branches, attention))
+    else:
+        skipped.append(name)
+
+
+def _number_blocks(blocks: list[Block]) -> None:
+    """Blocks numbered by their names (``h.3`` is 3) unless two of one stack share a number,
+    as the blocks of a hierarchical model's stages do (``stages.0.layers.1`` and
+    ``stages.1.layers.1``): then each stack's blocks are numbered in the order they ran."""
+    seen = [(b.stack, b.index) for b in blocks]
+    if len(set(seen)) == len(seen):
+        return
+    counts: dict[str, int] = {}
+    for block in blocks:
+        block.index = counts.get(block.stack, 0)
+        counts[block.stack] = block.index + 1
 
 
 def output_positions(trace: Trace, last_block: str) -> bool | None:

@@ -67,10 +67,13 @@ def count_heads(module: nn.Module) -> tuple[int | None, int | None]:
     return heads, kv
 
 
-def block_candidates(model: nn.Module, names: dict[int, str]) -> list[str]:
+def block_candidates(model: nn.Module, names: dict[int, str]) -> dict[str, bool]:
     """Children of ModuleList/Sequential with a numeric name, of a repeated class, that have
-    children of their own; nested candidates are left to their outermost container."""
-    out = []
+    children of their own, in module order, each with whether its container holds two or
+    more of its class (a stack of like blocks, not T5's one attention and one MLP layer).
+    Nested ones are included: a stage of a hierarchical model (Swin's ``layers.0``,
+    ConvNeXt's ``stages.0``) holds a stack of its own blocks; detect.py chooses the level."""
+    out: dict[str, bool] = {}
     for module in model.modules():
         if not isinstance(module, (nn.ModuleList, nn.Sequential)):
             continue
@@ -82,8 +85,24 @@ def block_candidates(model: nn.Module, names: dict[int, str]) -> list[str]:
                 and any(True for _ in kid.children())
                 and (same >= 2 or re.search(r"Block|Layer", type(kid).__name__))
             ):
-                out.append(names[id(kid)])
-    return [n for n in out if not any(n.startswith(o + ".") for o in out if o != n)]
+                out[names[id(kid)]] = same >= 2
+    return out
+
+
+def inner_stack(name: str, candidates: dict[str, bool]) -> list[str]:
+    """The candidates of a repeated class nested in ``name`` with no candidate between
+    (a stage's blocks; the experts of an MoE layer, which detect.py finds no residual in)."""
+    inside = [n for n in candidates if n.startswith(name + ".")]
+    return [
+        n
+        for n in inside
+        if candidates[n] and not any(n.startswith(o + ".") for o in inside if o != n)
+    ]
+
+
+def outermost(candidates: dict[str, bool]) -> list[str]:
+    """The candidates no other candidate holds."""
+    return [n for n in candidates if not any(n.startswith(o + ".") for o in candidates if o != n)]
 
 
 def stack_of(name: str) -> str:
@@ -97,9 +116,11 @@ def stack_of(name: str) -> str:
 __all__ = [
     "block_candidates",
     "count_heads",
+    "inner_stack",
     "is_attention",
     "is_cross_attention",
     "is_mlp",
     "is_norm",
+    "outermost",
     "stack_of",
 ]

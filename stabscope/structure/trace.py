@@ -7,16 +7,19 @@ and removes them on exit.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
-from ..record.hook_context import primary_tensor
+from ..record.hook_context import compiling, in_backward, primary_tensor
 from ..record.module_table import clean_name, unwrap_model
+from .attention_calls import attention_call
 
 #: Keyword names under which HF-style modules take their main input.
 _INPUT_KWARGS = ("hidden_states", "x", "input", "inputs", "query", "src", "tgt")
@@ -54,6 +57,9 @@ def main_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | 
 @dataclass
 class Trace:
     calls: list[Call] = field(default_factory=list)
+    #: (time, index of the innermost module call running) of each attention computation
+    #: (attention_calls.py): a block that attends in its own forward has no attention module.
+    attending: list[tuple[int, int]] = field(default_factory=list)
 
     def first_call(self, name: str) -> Call | None:
         return next((c for c in self.calls if c.name == name), None)
@@ -66,6 +72,20 @@ class Trace:
             out.append(c)
             stack.extend(reversed(c.children))
         return sorted(out, key=lambda c: c.index)
+
+
+class _Attending(TorchFunctionMode):
+    """Notes each attention call (attention_calls.py) with the module call running it."""
+
+    def __init__(self, trace: Trace, stack: list[int], tick: Callable[[], int]) -> None:
+        super().__init__()
+        self.trace, self.stack, self.tick = trace, stack, tick
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None):
+        out = func(*args, **(kwargs or {}))
+        if self.stack and attention_call(func, args, kwargs or {}, out):
+            self.trace.attending.append((self.tick(), self.stack[-1]))
+        return out
 
 
 @contextmanager
@@ -83,6 +103,7 @@ def capture(model: nn.Module) -> Iterator[Trace]:
     root = unwrap_model(model)
 
     def pre(name: str, module: nn.Module, args: Any, kwargs: Any) -> None:
+        push()
         parent = stack[-1] if stack else None
         call = Call(len(trace.calls), name, module, parent, tick(), main_input(args, kwargs))
         trace.calls.append(call)
@@ -98,6 +119,28 @@ def capture(model: nn.Module) -> Iterator[Trace]:
                 call.output = primary_tensor(output)
                 call.end = tick()
                 break
+        pop()
+
+    # Attention calls are seen through a TorchFunctionMode pushed while the outermost module
+    # call runs (as the attention probe does around an attention module), not around the
+    # whole capture: a capture from a training step spans its backward and optimizer step.
+    mode = _Attending(trace, stack, tick)
+    owner = threading.get_ident()  # modes are per thread: DataParallel's replicas run apart
+    pushed: list[_Attending] = []
+
+    def push() -> None:
+        # On the capturing thread only; not inside a backward (activation checkpointing's
+        # recomputed forward runs there, where the engine restores its own mode stack after
+        # each node), nor while Dynamo traces the hooks.
+        if compiling():  # first: Dynamo cannot trace the thread or graph-task builtins
+            return
+        if not stack and not pushed and threading.get_ident() == owner and not in_backward():
+            mode.__enter__()
+            pushed.append(mode)
+
+    def pop() -> None:
+        if not stack and pushed:
+            pushed.pop().__exit__(None, None, None)
 
     try:
         for raw, module in root.named_modules():
@@ -116,3 +159,5 @@ def capture(model: nn.Module) -> Iterator[Trace]:
     finally:
         for h in handles:
             h.remove()
+        stack.clear()
+        pop()  # a forward that raised ran no post-hook

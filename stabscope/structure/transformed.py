@@ -58,6 +58,32 @@ def transformed_branch(t: torch.Tensor, x: torch.Tensor, w: torch.Tensor, tol: f
         return False
 
 
+#: The most elements ``rearranged_branch`` sorts (two float64 sorts of the sum's size).
+MAX_SORTED = 1 << 22
+
+
+def rearranged_branch(t: torch.Tensor, x: torch.Tensor, w: torch.Tensor, tol: float) -> bool:
+    """Whether t = x + r(w), r a rearrangement of w's elements that no module makes: window
+    attention's output, computed per window, (B·windows, tokens, C), and reversed onto the
+    (B, H, W, C) stream by a view and a permute before the add. The sorted values of t - x
+    equal w's, to ``tol`` of |t|. Never raises."""
+    if t is x or t is w or t.numel() != w.numel() or t.numel() != x.numel():
+        return False
+    if t.numel() > MAX_SORTED or t.dim() < 2:
+        return False
+    try:
+        if t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+            return False
+        tt, xx, ww = (v.detach().reshape(-1).double() for v in (t, x, w))
+        scale = float(tt.norm())
+        f = tt - xx
+        if scale == 0 or abs(float(f.norm()) - float(ww.norm())) >= tol * scale:
+            return False  # norms differ: no rearrangement (cheap, before sorting)
+        return float((f.sort().values - ww.sort().values).norm()) < tol * scale
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
 def _fits(tt: torch.Tensor, xx: torch.Tensor, ww: torch.Tensor, tol: float) -> bool:
     """t = x + h(w) on (rows, channels) float64 tensors (``transformed_branch``)."""
     scale = float(tt.norm())
@@ -84,4 +110,12 @@ def _rows(v: torch.Tensor) -> torch.Tensor:
     return v.reshape(-1, v.shape[-1])[:MAX_ROWS]
 
 
-__all__ = ["ACTIVATIONS", "MAX_ROWS", "MIN_SHARED", "SAMPLE_ROWS", "transformed_branch"]
+__all__ = [
+    "ACTIVATIONS",
+    "MAX_ROWS",
+    "MAX_SORTED",
+    "MIN_SHARED",
+    "SAMPLE_ROWS",
+    "rearranged_branch",
+    "transformed_branch",
+]

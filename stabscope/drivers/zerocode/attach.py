@@ -131,6 +131,10 @@ class ScriptRecording:
         self._owners = StepOwners([], set())
         self._steps_before: dict[int, int] = {}  # per optimizer, steps before the model
         self._other_roots: set[int] = set()  # trained root modules outside the model
+        # Root modules called with trainable parameters no optimizer held, before any model
+        # was found: what the script trains, where its optimizer holds something else.
+        self._unowned: dict[int, nn.Module] = {}
+        self._joined_at: dict[int, int] = {}  # an optimizer that joined the owners: its step
         # Optimizers that stepped on parameters outside the recorded model once it was
         # found (a second phase's model, a student after its teacher), by id: [class name,
         # steps, the run's step at the first one].
@@ -242,6 +246,8 @@ class ScriptRecording:
         params = parameter_ids(module)
         owners = self.optimizers.training(params) if params else []
         if not owners:
+            if len(self._unowned) < 4 and any(p.requires_grad for p in module.parameters()):
+                self._unowned.setdefault(id(module), module)
             return
         trained = set().union(*(trained_parameter_ids(o) for o in self.optimizers.alive()))
         if not trained <= params:
@@ -357,7 +363,16 @@ class ScriptRecording:
     def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         if self.done or self.recorder is None:
             return
+        joining = not self._owners.owns(optimizer)
         ended = self._owners.stepped(optimizer)
+        if joining and self._owners.owns(optimizer):
+            self._joined_at.setdefault(id(optimizer), self.recorder.step_index)
+        began = self._owners.new_phase()
+        if began is not None:
+            # From the step the first of them joined at (an owner left alive but silent is
+            # dropped only at the joiner's second step).
+            start = min(self._joined_at.pop(k, self.recorder.step_index) for k in began)
+            self.recorder.begin_phase(start, [self._owners.names[k] for k in began])
         if self._owners.repeated:
             # An owner stepped twice while another never did (an optimizer built and never
             # stepped, one whose parameters were frozen): the step had ended at the optimizer
@@ -374,6 +389,21 @@ class ScriptRecording:
                 id(optimizer), [type(optimizer).__name__, 0, self.recorder.step_index]
             )
             seen[1] += 1
+
+    def untrained_calls(self) -> str:
+        """The modules the script called whose trainable parameters no optimizer held, with
+        how many of those got a gradient: ``UNet (1,204 trainable parameters, 1,204 with a
+        gradient no optimizer applied)``; empty where there were none."""
+        said = []
+        for module in self._unowned.values():
+            trainable = [p for p in module.parameters() if p.requires_grad]
+            graded = sum(p.numel() for p in trainable if p.grad is not None)
+            total = sum(p.numel() for p in trainable)
+            with_grad = f", {graded:,} with a gradient no optimizer applied" if graded else ""
+            said.append(
+                f"{type(unwrap_model(module)).__name__} ({total:,} trainable parameters{with_grad})"
+            )
+        return ", ".join(said)
 
     def _outside_notes(self) -> list[str]:
         """What trained outside the recorded model, one note per optimizer: a run must not

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ...errors import ScriptError, UsageError
+from ...errors import ScriptError, TrainingError, UsageError
 from ...record.config import RecorderConfig
 from ...record.distributed import rank
 from ...store import RunMeta
@@ -306,12 +306,21 @@ def _require_steps(recording: ScriptRecording, path: Path, ending: str) -> None:
             "batches(cfg) and loss(model, batch) (README: Model scripts)",
         )
     else:
-        problem = UsageError(
+        called = recording.untrained_calls()
+        trains = (
+            f": the optimizer trains none of {called}, which the script called" if called else ""
+        )
+        # A training that steps nothing it runs: exit 1 where it called a trained module
+        # (its own fault), 2 where it called none (bad input: no model to record).
+        error = TrainingError if called else UsageError
+        problem = error(
             f"{what}{ending} after calling optimizer.step() {recording.optimizer_steps} times, "
-            "but no module it called holds the optimizer's parameters: nothing was recorded",
+            f"but no module it called holds the optimizer's parameters{trains}; nothing was "
+            "recorded",
             hint="stabscope records the first module, called from the script, whose parameters "
-            "an optimizer trains (docs/zero-code.md); an optimizer built before "
-            "`model = copy.deepcopy(model)` (or a reload) holds the old model's parameters",
+            "an optimizer trains (docs/zero-code.md); an optimizer built over a copy of the "
+            "model (an EMA or a teacher: `copy.deepcopy(model)`), or before a reload, steps "
+            "parameters the script never calls: build it over the model's own",
         )
     recording.close("failed", problem)
     raise problem

@@ -1,0 +1,36 @@
+"""Which torch calls compute attention: the calls the attention probe samples, and that
+structure discovery looks for in blocks whose attention is no module of its own.
+
+Three forms: ``F.scaled_dot_product_attention``, ``F.multi_head_attention_forward``
+(``nn.MultiheadAttention``), and an explicit softmax over the keys of (B, H, T, S) logits
+(HF's eager attention, hand-written attention). A softmax of fewer dims is a router's or a
+classifier's, not attention's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+#: The functions as torch defines them (the attention probe patches the attributes while an
+#: attention module runs).
+SDPA = F.scaled_dot_product_attention
+MHA = F.multi_head_attention_forward
+SOFTMAX = frozenset({torch.softmax, F.softmax, torch.Tensor.softmax})
+
+
+def softmax_over_keys(func: Any, args: tuple, kwargs: dict, out: Any) -> bool:
+    """Whether a call is a softmax over the last dim of (B, H, T, S) logits."""
+    if func not in SOFTMAX or not isinstance(out, torch.Tensor) or out.dim() != 4:
+        return False
+    return kwargs.get("dim", args[1] if len(args) > 1 else None) in (-1, 3)
+
+
+def attention_call(func: Any, args: tuple, kwargs: dict, out: Any) -> bool:
+    """Whether a call computes attention, in any of the three forms."""
+    return func is SDPA or func is MHA or softmax_over_keys(func, args, kwargs, out)
+
+
+__all__ = ["MHA", "SDPA", "SOFTMAX", "attention_call", "softmax_over_keys"]
