@@ -86,3 +86,33 @@ def test_a_replaced_block_is_not_read_after_it_left(run_dir, append):
     blocks = stabscope.load_run(run_dir, modules=["blocks.1"], metrics=["block_update_norm"])
     assert blocks.step.max() < CHANGE
     assert not [f for f in check_run(run_dir).findings if f.rule == "no-update"]
+
+
+def test_parameters_that_joined_with_none_leaving_are_named_once(run_dir):
+    """A block appended and the optimizer rebuilt for it (adapters put into a model, a head
+    added): nothing left, and the 4 parameters that joined are named, once, even where the
+    optimizer is rebuilt again over the same model."""
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with stabscope.Recorder(model, run_dir, schedule=Schedule(dense=STEPS, every=0)) as rec:
+        for step in range(STEPS):
+            if step == CHANGE:
+                model.blocks.append(Block())
+            if step in (CHANGE, CHANGE + 3):
+                opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+            x = torch.randn(8, 4)
+            loss = (model(x) - x.sum(1, keepdim=True)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            rec.step(loss)
+    meta = stabscope.read_meta(run_dir)
+    notes = [n for n in meta["notes"] if n.startswith("the model changed")]
+    assert notes == [
+        f"the model changed before step {CHANGE}: 4 parameters (blocks.2.ln.weight, "
+        "blocks.2.ln.bias, blocks.2.fc.weight and 1 more) joined it and are not recorded (a "
+        "Recorder records the model it was created for: create one for the changed model to "
+        "record it whole)"
+    ]
+    assert not [p for p in meta["parameters"] if "left_at" in p]

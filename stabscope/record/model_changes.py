@@ -29,6 +29,7 @@ class ParameterMembership:
     def __init__(self, model: nn.Module) -> None:
         self.first = {id(p) for p in unwrap_model(model).parameters()}
         self.departed: set[int] = set()  # ids of recorded parameters no longer in the model
+        self.joined: set[int] = set()  # ids of parameters that joined it, once said
 
     def update(
         self,
@@ -44,11 +45,20 @@ class ParameterMembership:
         inner = unwrap_model(model)
         live = {id(p) for p in inner.parameters()}
         left = mark_stepped(table, params, held, live, step)
+        new = [(n, p) for n, p in inner.named_parameters() if id(p) not in self.first]
+        joined = [clean_name(n) for n, p in new]
+        if not left and all(id(p) in self.joined for _, p in new):
+            return None  # nothing left, and what joined was said before (or nothing did)
+        self.joined.update(id(p) for _, p in new)
         if not left:
-            return None
+            # Adapters put into the model (LoRA), a head added: trained, and not recorded.
+            note = f"the model changed before step {step}: {_listed(joined)} joined it"
+            return note + (
+                " and are not recorded (a Recorder records the model it was created for: "
+                "create one for the changed model to record it whole)"
+            )
         gone = set(left)
         self.departed.update(id(p) for name, p in params if name in gone)
-        joined = [clean_name(n) for n, p in inner.named_parameters() if id(p) not in self.first]
         note = (
             f"the model changed before step {step}: {_listed(left)} left it and are not "
             f"recorded from step {step} on"
