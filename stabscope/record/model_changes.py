@@ -41,23 +41,31 @@ class ParameterMembership:
     ) -> str | None:
         """Mark ``table``'s records (meta.json's ``parameters``) as held or not by the owned
         optimizers (``held``) and as left at ``step``; a note for meta.json when parameters
-        left the model now, or joined it since the last note (blocks appended and the
-        optimizer rebuilt over the whole model), else None."""
+        left the model now, else None."""
         inner = unwrap_model(model)
         live = {id(p) for p in inner.parameters()}
         left = mark_stepped(table, params, held, live, step)
         new = [(n, p) for n, p in inner.named_parameters() if id(p) not in self.first]
+        joined = [clean_name(n) for n, p in new]
         if not left and all(id(p) in self.joined for _, p in new):
             return None  # nothing left, and what joined was said before (or nothing did)
         self.joined.update(id(p) for _, p in new)
+        if not left:
+            # Adapters put into the model (LoRA), a head added: trained, and not recorded.
+            note = f"the model changed before step {step}: {_listed(joined)} joined it"
+            return note + (
+                " and are not recorded (a Recorder records the model it was created for: "
+                "create one for the changed model to record it whole)"
+            )
         gone = set(left)
         self.departed.update(id(p) for name, p in params if name in gone)
-        said = [f"{_listed(left)} left it and are not recorded from step {step} on"] if left else []
-        if new:
-            said.append(
-                f"{_listed([clean_name(n) for n, _ in new])} joined it and are not recorded"
-            )
-        return f"the model changed before step {step}: {'; '.join(said)}" + (
+        note = (
+            f"the model changed before step {step}: {_listed(left)} left it and are not "
+            f"recorded from step {step} on"
+        )
+        if joined:
+            note += f"; {_listed(joined)} joined it and are not recorded"
+        return note + (
             " (a Recorder records the model it was created for: create one for the changed "
             "model to record it whole)"
         )

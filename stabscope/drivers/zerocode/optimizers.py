@@ -84,11 +84,11 @@ class StepOwners:
         self._model = model
         self._outside: set[int] = set()
         self._stepped: set[int] = set()  # owners that stepped since the last step ended
-        # The parameters the owners of the current training phase train, and for each owner
-        # that joined since (by id) those it trains and the step it joined at: a phase ends
-        # where only joiners that train other parameters are left (``new_phase``).
+        # The parameters the owners of the current training phase train, and those of each
+        # owner that joined since (by id): a phase ends where only joiners that train other
+        # parameters are left (``new_phase``).
         self._phase_params = set().union(*(trained_parameter_ids(o) for o in owners))
-        self._joined: dict[int, tuple[set[int], int]] = {}
+        self._joined: dict[int, set[int]] = {}
         # The last optimizer step was an owner's second since the last step's end (the
         # owners that never stepped were dropped then): the step had ended already, at
         # the optimizer step before it (attach.py ends it there).
@@ -118,9 +118,8 @@ class StepOwners:
         """Whether ``optimizer`` is one of the live owners."""
         return optimizer in self._owners
 
-    def stepped(self, optimizer: Optimizer, step: int) -> bool:
-        """Note that ``optimizer`` stepped, in the run's step ``step``; whether that ended a
-        step of the model."""
+    def stepped(self, optimizer: Optimizer) -> bool:
+        """Note that ``optimizer`` stepped; whether that ended a step of the model."""
         key = id(optimizer)
         self.repeated = False
         if optimizer not in self._owners:
@@ -128,7 +127,7 @@ class StepOwners:
                 return False
             self._stepped.discard(key)  # a freed owner's id, now another optimizer's
             self._owners.add(optimizer)
-            self._joined[key] = (trained_parameter_ids(optimizer), step)
+            self._joined[key] = trained_parameter_ids(optimizer)
         if key in self._stepped:
             self._owners.keep(self._stepped)
             # The owners left behind never stepped: the step had ended before this one.
@@ -142,21 +141,17 @@ class StepOwners:
             return True
         return False
 
-    def new_phase(self) -> tuple[int, list[int]] | None:
-        """(the step it began at, the ids of its owners) of a new training phase, once:
-        every owner of the phase before is gone (freed, or dropped for not stepping) and
-        those left joined since and train other parameters (a fine-tune's optimizer over
-        adapters after a pretraining's over the whole model). It begins at the step the
-        first of them joined at: an owner left alive but silent is dropped only at a
-        joiner's second step. None otherwise; an optimizer rebuilt over the same parameters
-        (to change its settings, or every step) continues the phase."""
+    def new_phase(self) -> list[int] | None:
+        """The ids of the owners that began a new training phase, once: every owner of the
+        phase before is gone (freed, or dropped for not stepping) and those left joined
+        since and train other parameters (a fine-tune's optimizer over adapters after a
+        pretraining's over the whole model). None otherwise; an optimizer rebuilt over the
+        same parameters (to change its settings, or every step) continues the phase."""
         owners = set(self._owners.alive())
-        # A joiner no longer an owner (freed, dropped) begins nothing.
-        self._joined = {k: v for k, v in self._joined.items() if k in owners}
         if not owners or not owners <= self._joined.keys():
             return None
-        joined = [self._joined.pop(k) for k in owners]
-        params = set().union(*(trained for trained, _ in joined))
+        params = set().union(*(self._joined.pop(k) for k in owners))
+        self._joined = {k: v for k, v in self._joined.items() if k in owners}
         began = params != self._phase_params
         self._phase_params = params
-        return (min(step for _, step in joined), sorted(owners)) if began else None
+        return sorted(owners) if began else None
