@@ -4,6 +4,8 @@ finite) under ``on_error="stop"``, for several step times (``load_ms``: a data l
 sleeps that long per batch, the GIL free), in one process.
 
     python bench/online_cadence.py                    # load 0, 10, 30 ms; 90 steps, jump 40
+    python bench/online_cadence.py --load-ms 30 --repeat 40 --busy 2 --sizes ''
+                                                      # 40 runs beside 2 busy processes
 
 Reported per step time: the first step at which ``loss-divergence`` holds on the losses so
 far (the rule run on each prefix of the finished run's losses), the step whose boundary the
@@ -11,12 +13,15 @@ verdict arrived after (``seen_at``), the delay in steps and seconds, the checks 
 and the time in them. Run it under another ``PYTHONPATH`` to compare versions (a version
 without the loss check reports its checks as ``-``). Then, with ``--sizes``, what one loss
 check costs over that many losses (median of 5, wall and CPU time, on this thread).
+``--repeat N`` runs each step time N times and reports how the delays spread; ``--busy K``
+keeps K processes spinning on the CPU meanwhile, as a loaded CI machine does.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -76,30 +81,55 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=90)
     ap.add_argument("--jump", type=int, default=40)
     ap.add_argument("--sizes", default="100,10000,100000", help="losses per timed loss check")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per step time")
+    ap.add_argument("--busy", type=int, default=0, help="processes spinning beside the runs")
     args = ap.parse_args()
     warnings.simplefilter("ignore")  # the verdicts' warnings: they are what is measured
     tmp = Path(tempfile.mkdtemp(prefix="stabscope-cadence-"))
-    print(f"# {stabscope.__file__}: diverging_finite, jump {args.jump}, {args.steps} steps")
-    print("| load | median step | first fires | seen after | delay | checks (loss) | in checks |")
-    print("|---|---|---|---|---|---|---|")
-    for ms in (float(m) for m in args.load_ms.split(",")):
-        run = tmp / f"load{ms:g}"
-        r = one_run(run, args.steps, load_ms=ms, jump=args.jump)
-        first, seen, online = first_divergence(run), r["seen"], r["online"]
-        if seen is not None and first is not None:
-            late = f"{seen - first} steps, {r['t_end'][seen] - r['t_end'][first]:.2f} s"
-        else:
-            late = "never stopped"
-        loss_checks = online.get("loss_checks", "-")
-        print(
-            f"| {ms:g} ms | {r['step'] * 1e3:.1f} ms | {first} | {seen} | {late} | "
-            f"{online['checks']} ({loss_checks}) | {online['seconds']:.2f} s |"
-        )
+    spin = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
+    try:
+        run = runs(tmp, args)
+    finally:
+        for p in spin:
+            p.kill()
     if args.sizes:
         print("\n| losses | one loss check: wall | CPU |\n|---|---|---|")
         for n in (int(s) for s in args.sizes.split(",")):
             wall, cpu = loss_check_time(run, n)
             print(f"| {n:,} | {wall * 1e3:.1f} ms | {cpu * 1e3:.1f} ms |")
+
+
+def runs(tmp: Path, args: argparse.Namespace) -> Path:
+    """The table: one row per run, then per step time the delays' spread when repeated;
+    the last run's directory."""
+    print(f"# {stabscope.__file__}: diverging_finite, jump {args.jump}, {args.steps} steps")
+    print("| load | median step | first fires | seen after | delay | checks (loss) | in checks |")
+    print("|---|---|---|---|---|---|---|")
+    spread = {}
+    for ms in (float(m) for m in args.load_ms.split(",")):
+        delays = spread.setdefault(ms, [])
+        for i in range(args.repeat):
+            run = tmp / f"load{ms:g}-{i}"
+            r = one_run(run, args.steps, load_ms=ms, jump=args.jump)
+            first, seen, online = first_divergence(run), r["seen"], r["online"]
+            if seen is not None and first is not None:
+                late = f"{seen - first} steps, {r['t_end'][seen] - r['t_end'][first]:.2f} s"
+                delays.append(seen - first)
+            else:
+                late = "never stopped"
+            loss_checks = online.get("loss_checks", "-")
+            print(
+                f"| {ms:g} ms | {r['step'] * 1e3:.1f} ms | {first} | {seen} | {late} | "
+                f"{online['checks']} ({loss_checks}) | {online['seconds']:.2f} s |",
+                flush=True,
+            )
+    if args.repeat > 1:
+        print("\n| load | runs stopped | delay: median | max |\n|---|---|---|---|")
+        for ms, delays in spread.items():
+            mid = statistics.median(delays) if delays else "-"
+            most = max(delays, default="-")
+            print(f"| {ms:g} ms | {len(delays)} of {args.repeat} | {mid} | {most} |")
+    return run
 
 
 def loss_check_time(run: Path, n: int) -> tuple[float, float]:

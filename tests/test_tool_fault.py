@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from stabscope.drivers.zerocode import attach as zerocode_attach
+from stabscope.drivers.zerocode import losses as zerocode_losses
 from stabscope.drivers.zerocode import profile_training_script
 from stabscope.record import recorder as recorder_module
 from stabscope.record.config import RecorderConfig
@@ -120,6 +121,35 @@ def test_a_fault_while_finding_the_model_leaves_a_run_that_says_so(tmp_path, cap
     assert "stabscope's own error in finding the model" in stderr
     (status,) = [f for f in check_run(out).findings if f.rule == "run-status"]
     assert status.severity == "error" and "KeyError" in status.message
+
+
+def test_a_fault_while_reading_the_loss_leaves_the_scripts_backward_alone(
+    tmp_path, capsys, monkeypatch
+):
+    """Zero-code mode reads each step's loss inside the script's own ``loss.backward()``,
+    before the pass: a fault there at the fourth backward stops the recording; the pass
+    runs, and the script's losses are those of the run without stabscope, bit for bit."""
+    see_backward = zerocode_losses.LossTap.see_backward
+    seen = {"n": 0}
+
+    def faulty(self, tensors, grad_tensors) -> None:
+        seen["n"] += 1
+        if seen["n"] == 4:
+            raise IndexError("injected while reading the loss")
+        see_backward(self, tensors, grad_tensors)
+
+    monkeypatch.setattr(zerocode_losses.LossTap, "see_backward", faulty)
+    out, own, stderr = profile(tmp_path, capsys)
+    assert own == reference_losses() and seen["n"] == 4  # not called again after the fault
+    fault = load_meta(out).tool_error
+    assert fault is not None and fault["where"] == "reading the loss in backward()"
+    assert fault["type"] == "IndexError" and fault["step"] == 3
+    assert stderr.count("stabscope's own error in reading the loss") == 1
+    rows = load_run(out, modules=["__run__"], metrics=["loss"]).sort_values("step")
+    assert list(rows.step.astype(int)) == [0, 1, 2]  # the losses read before it, kept
+    assert list(rows.value) == pytest.approx(own[:3], rel=1e-6)
+    (status,) = [f for f in check_run(out).findings if f.rule == "run-status"]
+    assert status.severity == "error" and "IndexError" in status.message
 
 
 @pytest.mark.parametrize(

@@ -41,7 +41,7 @@ class ParameterMembership:
     ) -> str | None:
         """Mark ``table``'s records (meta.json's ``parameters``) as held or not by the owned
         optimizers (``held``) and as left at ``step``; a note for meta.json when parameters
-        left the model now, else None."""
+        left the model now or joined it (each joined parameter named once), else None."""
         inner = unwrap_model(model)
         live = {id(p) for p in inner.parameters()}
         left = mark_stepped(table, params, held, live, step)
@@ -50,24 +50,16 @@ class ParameterMembership:
         if not left and all(id(p) in self.joined for _, p in new):
             return None  # nothing left, and what joined was said before (or nothing did)
         self.joined.update(id(p) for _, p in new)
-        if not left:
-            # Adapters put into the model (LoRA), a head added: trained, and not recorded.
-            note = f"the model changed before step {step}: {_listed(joined)} joined it"
-            return note + (
-                " and are not recorded (a Recorder records the model it was created for: "
-                "create one for the changed model to record it whole)"
-            )
-        gone = set(left)
-        self.departed.update(id(p) for name, p in params if name in gone)
-        note = (
-            f"the model changed before step {step}: {_listed(left)} left it and are not "
-            f"recorded from step {step} on"
-        )
-        if joined:
-            note += f"; {_listed(joined)} joined it and are not recorded"
-        return note + (
-            " (a Recorder records the model it was created for: create one for the changed "
-            "model to record it whole)"
+        said = []
+        if left:
+            gone = set(left)
+            self.departed.update(id(p) for name, p in params if name in gone)
+            said.append(f"{_listed(left)} left it and are not recorded from step {step} on")
+        if joined:  # adapters put into the model (LoRA), a head added: trained, not recorded
+            said.append(f"{_listed(joined)} joined it and are not recorded")
+        return (
+            f"the model changed before step {step}: {'; '.join(said)} (a Recorder records the "
+            "model it was created for: create one for the changed model to record it whole)"
         )
 
 

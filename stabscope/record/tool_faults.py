@@ -3,7 +3,8 @@
 stabscope's code runs inside the user's training step: its forward and gradient hooks, its
 optimizer step hooks (and what they run inside a closure), the step boundary
 (``Recorder.step``: rows and probes), the listener inside a ``clip_grad_norm_``, and in
-zero-code mode the global hooks that find the model. An exception raised there is
+zero-code mode the global hooks that find the model and the loss read inside the script's
+``loss.backward()`` before its pass. An exception raised there is
 stabscope's, not the training's: unguarded, it surfaced in the user's own ``model(x)``,
 ``loss.backward()`` or ``opt.step()`` and ended the training (zero-code mode then reported
 it as the script's error, "fix the script"). Every such entry point runs under ``guarded``
@@ -28,9 +29,7 @@ raise to stop the training, as it could before.
 One state per process: a process records one run at a time (the zero-code runner, a
 callback, a ``Recorder``); a new run starts with no fault. Known limits: a run started while
 another is still open clears the other's fault; under torchrun a fault is kept in the
-faulting rank's memory and only rank 0's reaches meta.json; zero-code mode's reading of the
-loss inside ``loss.backward()`` is not guarded yet (guarded, a fault there left a later
-compiled optimizer step in the same process tracing a stale path: not understood yet).
+faulting rank's memory and only rank 0's reaches meta.json.
 """
 
 from __future__ import annotations

@@ -24,9 +24,10 @@ prompt verdict matters more than one step's time.
   ``disable``), once per (rule, module, metric): the same finding seen again in a later check,
   of either kind, is not new. Only the rules that can find an error run (``acts``): a rule
   whose worst finding is a warning (``Rule.severity``) runs once configured as an error.
-- **Cost**: after a check that took ``t`` seconds of CPU time, that kind of check waits
-  ``PAUSE * t`` before the next, so each kind uses at most 1/(1 + PAUSE) of one core however
-  long the run grows, and the training thread never waits for one (handing a check over
+- **Cost**: after a check, that kind of check waits ``PAUSE * t`` before the next, ``t`` the
+  least CPU time of its last ``COSTS`` checks, so each kind uses about 1/(1 + PAUSE) of one
+  core however long the run grows, and the training thread never waits for one (handing a
+  check over
   costs it ~70-200 µs, a boundary with nothing to hand over ~7 µs). The loss check comes
   every ~0.25 s on a short run: every 3-8 steps of ~30 ms. Measured in
   docs/benchmarks.md.
@@ -43,6 +44,7 @@ from __future__ import annotations
 import threading
 import time
 import warnings
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +58,12 @@ from .failures import RuleFailure, isolated
 #: at most 1/(1 + PAUSE) of one core, 2%. At 19 (5%) the checks cost the sample GPT's CPU
 #: step 3.4% where torch's threads hold both cores, at 49 0.7% (docs/benchmarks.md).
 PAUSE = 49.0
+#: How many checks of a kind the pause looks back on: it follows the least CPU time of these.
+#: One check's time is not its cost: where torch's threads hold both cores, or a garbage
+#: collection runs inside it, a 5 ms loss check measured 15-18 ms, and a pause 3x as long let
+#: a short diverging run go 20 steps past its divergence. A check whose cost grows with the
+#: run (the losses it reads) is paced by its cost two checks back, about the same.
+COSTS = 3
 #: The worker thread's name; warnings raised on it are dropped (module docstring).
 WORKER = "stabscope-online-rules"
 #: Seconds a closing run waits for a check in progress (``close``).
@@ -147,6 +155,7 @@ class OnlineVerdicts:
         self._busy = False  # a submitted check is queued or running
         self._jobs: dict[str, Unwritten | None] = {}
         self._not_before = {LOSS: 0.0, FULL: 0.0}
+        self._costs: dict[str, deque[float]] = {k: deque(maxlen=COSTS) for k in (LOSS, FULL)}
         self._thread: threading.Thread | None = None
 
     # -- the training thread -----------------------------------------------------------------
@@ -237,8 +246,8 @@ class OnlineVerdicts:
             spent = time.perf_counter() - t0
             # The pause follows the core time the check took, not its wall time: a check that
             # waited for the GIL, held by the training thread, did not take that time from it.
-            cpu = time.thread_time() - cpu0
-            self._not_before[kind] = time.monotonic() + self.pause * cpu
+            self._costs[kind].append(time.thread_time() - cpu0)
+            self._not_before[kind] = time.monotonic() + self.pause * min(self._costs[kind])
             with self._lock:
                 self.checks[kind] += 1
                 self.seconds += spent

@@ -134,7 +134,6 @@ class ScriptRecording:
         # Root modules called with trainable parameters no optimizer held, before any model
         # was found: what the script trains, where its optimizer holds something else.
         self._unowned: dict[int, nn.Module] = {}
-        self._joined_at: dict[int, int] = {}  # an optimizer that joined the owners: its step
         # Optimizers that stepped on parameters outside the recorded model once it was
         # found (a second phase's model, a student after its teacher), by id: [class name,
         # steps, the run's step at the first one].
@@ -356,23 +355,18 @@ class ScriptRecording:
             self.losses.clear()
             return
         self.losses.optimizer_step(running=False)  # its losses are this step's
-        if not self.done and self._owners.stepped(optimizer):
+        if not self.done and self._owners.stepped(optimizer, self.recorder.step_index):
             self._end_step(self.recorder)
 
     @guarded("a step boundary")
     def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         if self.done or self.recorder is None:
             return
-        joining = not self._owners.owns(optimizer)
-        ended = self._owners.stepped(optimizer)
-        if joining and self._owners.owns(optimizer):
-            self._joined_at.setdefault(id(optimizer), self.recorder.step_index)
+        ended = self._owners.stepped(optimizer, self.recorder.step_index)
         began = self._owners.new_phase()
         if began is not None:
-            # From the step the first of them joined at (an owner left alive but silent is
-            # dropped only at the joiner's second step).
-            start = min(self._joined_at.pop(k, self.recorder.step_index) for k in began)
-            self.recorder.begin_phase(start, [self._owners.names[k] for k in began])
+            start, owners = began
+            self.recorder.begin_phase(start, [self._owners.names[k] for k in owners])
         if self._owners.repeated:
             # An owner stepped twice while another never did (an optimizer built and never
             # stepped, one whose parameters were frozen): the step had ended at the optimizer

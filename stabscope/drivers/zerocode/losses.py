@@ -33,6 +33,7 @@ import torch
 from ...record import grad_calls
 from ...record.constant_loss import constant_read, merge_reads
 from ...record.hook_context import compiling, in_backward
+from ...record.tool_faults import guarded
 
 
 def weighted_scalars(tensors: Any, grads: Any) -> torch.Tensor | None:
@@ -200,6 +201,14 @@ class LossTap:
             told, self.on_first_graph = self.on_first_graph, None
             told(graph)
 
+    @guarded("reading the loss in backward()")
+    def _read_loss(self, tensors: Any, grad_tensors: Any) -> None:
+        """stabscope's part of a top-level backward, before the pass runs: an error of its
+        own here stops the recording, never the script's backward (record/tool_faults.py)."""
+        if self.before_backward is not None:
+            self.before_backward()
+        self.see_backward(tensors, grad_tensors)
+
     def see_scaled(self, loss: Any, scaled: Any) -> None:
         if isinstance(loss, torch.Tensor) and isinstance(scaled, torch.Tensor):
             self._unscaled[id(scaled)] = (weakref.ref(scaled), loss.detach(), weakref.ref(loss))
@@ -216,9 +225,7 @@ class LossTap:
             # Once per call: torch.autograd.backward hands a call on to a TorchFunctionMode
             # (the loss trace of the first step), which calls it again by its module name.
             if not compiling() and not in_backward() and not self._inside_backward:
-                if self.before_backward is not None:
-                    self.before_backward()
-                self.see_backward(tensors, grad_tensors)
+                self._read_loss(tensors, grad_tensors)
             entered, self._inside_backward = self._inside_backward, True
             try:
                 return original_backward(tensors, grad_tensors, *args, **kwargs)

@@ -84,11 +84,11 @@ class StepOwners:
         self._model = model
         self._outside: set[int] = set()
         self._stepped: set[int] = set()  # owners that stepped since the last step ended
-        # The parameters the owners of the current training phase train, and those of each
-        # owner that joined since (by id): a phase ends where only joiners that train other
-        # parameters are left (``new_phase``).
+        # The parameters the owners of the current training phase train, and of each owner
+        # that joined since (by id) the step it joined at and the parameters it trains: a
+        # phase ends where only joiners that train other parameters are left (``new_phase``).
         self._phase_params = set().union(*(trained_parameter_ids(o) for o in owners))
-        self._joined: dict[int, set[int]] = {}
+        self._joined: dict[int, tuple[int, set[int]]] = {}
         # The last optimizer step was an owner's second since the last step's end (the
         # owners that never stepped were dropped then): the step had ended already, at
         # the optimizer step before it (attach.py ends it there).
@@ -118,8 +118,9 @@ class StepOwners:
         """Whether ``optimizer`` is one of the live owners."""
         return optimizer in self._owners
 
-    def stepped(self, optimizer: Optimizer) -> bool:
-        """Note that ``optimizer`` stepped; whether that ended a step of the model."""
+    def stepped(self, optimizer: Optimizer, step: int) -> bool:
+        """Note that ``optimizer`` stepped in the run's step ``step``; whether that ended a
+        step of the model."""
         key = id(optimizer)
         self.repeated = False
         if optimizer not in self._owners:
@@ -127,7 +128,7 @@ class StepOwners:
                 return False
             self._stepped.discard(key)  # a freed owner's id, now another optimizer's
             self._owners.add(optimizer)
-            self._joined[key] = trained_parameter_ids(optimizer)
+            self._joined[key] = (step, trained_parameter_ids(optimizer))
         if key in self._stepped:
             self._owners.keep(self._stepped)
             # The owners left behind never stepped: the step had ended before this one.
@@ -141,17 +142,20 @@ class StepOwners:
             return True
         return False
 
-    def new_phase(self) -> list[int] | None:
-        """The ids of the owners that began a new training phase, once: every owner of the
-        phase before is gone (freed, or dropped for not stepping) and those left joined
-        since and train other parameters (a fine-tune's optimizer over adapters after a
-        pretraining's over the whole model). None otherwise; an optimizer rebuilt over the
-        same parameters (to change its settings, or every step) continues the phase."""
+    def new_phase(self) -> tuple[int, list[int]] | None:
+        """Where a new training phase began, once: the step the first of its owners joined
+        at (an owner left alive but silent is dropped only at a joiner's second step), and
+        their ids. A phase begins where every owner of the phase before is gone (freed, or
+        dropped for not stepping) and those left joined since and train other parameters (a
+        fine-tune's optimizer over adapters after a pretraining's over the whole model).
+        None otherwise; an optimizer rebuilt over the same parameters (to change its
+        settings, or every step) continues the phase."""
         owners = set(self._owners.alive())
+        self._joined = {k: v for k, v in self._joined.items() if k in owners}  # the freed gone
         if not owners or not owners <= self._joined.keys():
             return None
-        params = set().union(*(self._joined.pop(k) for k in owners))
-        self._joined = {k: v for k, v in self._joined.items() if k in owners}
+        joined = [self._joined.pop(k) for k in owners]
+        params = set().union(*(p for _, p in joined))
         began = params != self._phase_params
         self._phase_params = params
-        return sorted(owners) if began else None
+        return (min(s for s, _ in joined), sorted(owners)) if began else None
