@@ -134,6 +134,29 @@ def test_what_is_meant_is_not_read_as_squashed():
     assert read["floor"] == pytest.approx(math.log1p(4 / math.e))
 
 
+def test_a_decoders_softmax_per_step_stacked_for_the_loss_is_read():
+    """A decoder that makes its (B, V) output one step at a time and stacks the T steps into
+    (B, T, V): the softmax of each step is past the stack (and a reshape), as one softmax
+    over the whole would be. Steps that mix a softmax with raw scores are not read."""
+    torch.manual_seed(0)
+    B, T, V = 3, 4, 6
+    steps = [torch.randn(B, V, requires_grad=True) for _ in range(T)]
+    y = torch.randint(0, V, (B * T,))
+
+    def loss(outputs: list[torch.Tensor]) -> torch.Tensor:
+        return F.cross_entropy(torch.stack(outputs, 1).reshape(-1, V), y)
+
+    read = squashed_logits(loss([torch.softmax(s, -1) for s in steps]))
+    assert read is not None and (read["activation"], read["classes"]) == ("softmax", V)
+    assert read["floor"] == pytest.approx(math.log1p((V - 1) / math.e))
+    cat = torch.cat([torch.sigmoid(s) for s in steps]).reshape(-1, V)  # (T*B, V)
+    read = squashed_logits(F.binary_cross_entropy_with_logits(cat, torch.rand(T * B, V)))
+    assert read is not None and read["activation"] == "sigmoid"
+    mixed = [torch.softmax(s, -1) for s in steps[:-1]] + [steps[-1]]
+    assert squashed_logits(loss(mixed)) is None
+    assert squashed_logits(loss(steps)) is None
+
+
 def test_how_severe_depends_on_what_the_floor_leaves_of_a_uniform_guess():
     """An error where the floor is at least half of a uniform guess's loss: over 2 classes a
     sigmoid's [0, 1] still allows ln(1 + 1/e) = 0.313 < ln 2 / 2 (a warning), over 3 it

@@ -165,6 +165,20 @@ def test_side_forward_gives_everything_back():
         assert torch.equal(b, buffers[name]), name
 
 
+def test_side_forward_gives_back_generators_held_or_handed_over():
+    model = nn.Linear(4, 4)
+    model.noise = torch.Generator().manual_seed(0)  # held by the module
+    handed = torch.Generator().manual_seed(1)  # among the pass's inputs
+    untouched = torch.Generator().manual_seed(2)  # neither: the pass is not told of it
+    before = [g.get_state() for g in (model.noise, handed, untouched)]
+    with side_forward(model, inputs=({"gen": [handed]},)):
+        for g in (model.noise, handed, untouched):
+            torch.rand(3, generator=g)
+    after = [g.get_state() for g in (model.noise, handed, untouched)]
+    assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
+    assert not torch.equal(after[2], before[2])
+
+
 def test_side_forward_restores_after_an_exception():
     model = nn.Sequential(nn.BatchNorm1d(4), nn.Dropout(0.5))
     model[0].eval()
@@ -207,3 +221,60 @@ def test_profile_keeps_a_model_scripts_frozen_submodules(tmp_path):
     df = stabscope.load_run(run.run_dir, metrics=["act_rms"])
     phases = df.groupby(df.module.astype(str)).phase.agg(lambda p: set(p.astype(str)))
     assert phases["1"] == {"eval"} and phases["0"] == phases["3"] == {"train"}
+
+
+MASKED = """
+import json, sys
+import torch
+from torch import nn
+
+class Masked(nn.Module):
+    '''Drops a random half of its input features each call, drawn from a generator it is
+    handed (``gen``) and, for its noise, from one it holds: a masked autoencoder's ways.'''
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 8))
+        self.noise = torch.Generator().manual_seed(5)
+
+    def forward(self, x, gen):
+        keep = (torch.rand(x.shape, generator=gen) > 0.5).float()
+        return self.body(x * keep + 0.01 * torch.randn(x.shape, generator=self.noise))
+
+torch.manual_seed(0)
+model = Masked()
+opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+gen = torch.Generator().manual_seed(1)
+x = torch.randn(32, 8)
+losses = []
+for step in range(12):
+    loss = (model(x, gen) - x).pow(2).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    losses.append(loss.item())
+json.dump(losses, open(sys.argv[1], "w"))
+"""
+
+
+def test_the_generators_a_model_is_handed_or_holds_are_given_back(tmp_path):
+    """The stability index replays the model's first training call at steps 2, 4, 8, on its
+    arguments: a generator among them, or held by a module, drew the replay's mask, and
+    every later step's mask moved (a masked autoencoder's losses differed from step 3 on).
+    The reference is the script run without stabscope."""
+    import json
+    import subprocess
+    import sys
+
+    from stabscope.drivers.zerocode import profile_training_script
+    from stabscope.record.config import RecorderConfig
+
+    script = tmp_path / "masked.py"
+    script.write_text(MASKED)
+    plain, profiled = tmp_path / "plain.json", tmp_path / "profiled.json"
+    subprocess.run([sys.executable, str(script), str(plain)], check=True)
+    out = tmp_path / "run"
+    profile_training_script(script, [str(profiled)], out, RecorderConfig(online_rules=False))
+    assert json.loads(profiled.read_text()) == json.loads(plain.read_text())
+    index = stabscope.read_meta(out)["stability_index"]
+    assert index["measured"] == 3, index  # the replays ran: steps 2, 4 and 8

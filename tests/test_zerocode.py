@@ -411,6 +411,43 @@ def test_closure_optimizer_first_seen_inside_its_step_records_no_weights_from_af
     assert [o["class"] for o in stabscope.read_meta(run)["optimizers"]] == ["LBFGS"]
 
 
+def test_closure_optimizer_beside_one_that_never_steps_is_recorded_from_inside_its_step(
+    tmp_path,
+):
+    """An Adam built over the same parameters and never stepped (a script that moves from
+    Adam to LBFGS after 0 steps): the owners end a step only at LBFGS's second step, and
+    LBFGS's first step began before the run did. That second step once raised inside
+    stabscope (the update of weights never read), ending the recording at step 0."""
+    log = tmp_path / "lbfgs.jsonl"
+    script = lbfgs_script(
+        tmp_path,
+        f"""
+        adam = torch.optim.Adam(model.parameters(), lr=1e-3)
+        def closure():
+            opt.zero_grad()
+            loss = (model(x) - y).pow(2).mean()
+            loss.backward()
+            return loss
+        for step in range(6):
+            weight = model.weight.detach().norm().item()
+            loss = opt.step(closure)
+            log_step({str(log)!r}, step=step, loss=loss.item(), weight=weight)
+        """,
+    )
+    run = tmp_path / "run"
+    profile_training_script(script, [], run, RecorderConfig())
+    logged = read_log(log)
+    meta = stabscope.read_meta(run)
+    assert "tool_error" not in meta and meta["status"] == "complete"
+    assert values(run, "__run__", "loss").value.tolist() == pytest.approx(
+        [r["loss"] for r in logged], rel=1e-6
+    )
+    norms = values(run, "weight", "param_norm")
+    assert len(norms) >= 4  # every step after the first two
+    for step, value in zip(norms.step, norms.value):
+        assert value == pytest.approx(logged[step]["weight"], rel=1e-6)
+
+
 @pytest.mark.slow
 def test_transformers_trainer_script(tmp_path):
     run, log = record(

@@ -116,7 +116,8 @@ def replay(
         for leaf, m in leaves(name, module):
             handles.append(m.register_forward_hook(check(leaf)))
         for keep_modes in (True, False):
-            with paused(*pause), side_forward(module, keep_modes=keep_modes), torch.no_grad():
+            keep = side_forward(module, keep_modes=keep_modes, inputs=(args, kwargs))
+            with paused(*pause), keep, torch.no_grad():
                 module(*args, **kwargs)
             if found:
                 break

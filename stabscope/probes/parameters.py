@@ -18,6 +18,8 @@ and with the ``full`` preset also ``param_{mean,absmax,nonfinite}`` and
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import nn
@@ -61,6 +63,7 @@ class ParameterProbe(BaseProbe):
         probe = cls(ctx.params, updates=ctx.config.grads, full=full)
         # Ids of parameters that left the model mid-run (record/model_changes.py).
         probe.departed = ctx.shared.setdefault("departed_params", set())
+        probe.step = ctx.shared.get("step", probe.step)
         return probe
 
     def __init__(self, params: list[tuple[int, nn.Parameter]], updates: bool, full: bool) -> None:
@@ -69,6 +72,10 @@ class ParameterProbe(BaseProbe):
         # Weight norms measured this step: parameter index -> (norms tensor, position in it).
         self._weight_norms: dict[int, tuple[torch.Tensor, int]] = {}
         self._unseen: set[int] = set()  # parameters whose optimizer step began unseen
+        # Those whose step began unseen in the step before and that step belongs to the next
+        # (``before_optimizer_step``): (the next step's index, parameter indices).
+        self._unseen_next: tuple[int, set[int]] = (-1, set())
+        self.step: Callable[[], int] = lambda: -1  # the step being run (the recorder's)
         # Per optimizer: copy buffers for the parameters it owns. On CPU they are kept across
         # steps: allocating a model-sized copy each time costs ~6x the copy itself in page
         # faults. Elsewhere (CUDA's caching allocator) they are freed after each step.
@@ -83,7 +90,9 @@ class ParameterProbe(BaseProbe):
     def begin_step(self, collector: Collector) -> None:
         self._collector = collector
         self._weight_norms.clear()
-        self._unseen.clear()
+        at, unseen = self._unseen_next
+        self._unseen = unseen if at == self.step() else set()
+        self._unseen_next = (-1, set())
         self._before.clear()
 
     def _owned(self, optimizer: torch.optim.Optimizer) -> list[int]:
@@ -188,6 +197,13 @@ class ParameterProbe(BaseProbe):
             old = [torch.empty_like(p) for p in params]
         buffers = dict(zip(which, old))
         copied = self._measure(collector, todo, {i: buffers[i] for i in todo})
+        if any(i in self._unseen for i in which):
+            # Its step already began unseen in this step (the run opened inside it, and
+            # another owner never stepped): this second step belongs to the next step, which
+            # the owners end this one before, and it began unseen too: at that next step's
+            # boundary its weights are already the step after's. Nothing of it is read.
+            self._unseen_next = (self.step() + 1, set(which))
+            return
         if which:
             if not copied or len(todo) != len(which):
                 torch._foreach_copy_(old, params)

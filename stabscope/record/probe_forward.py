@@ -39,6 +39,12 @@ def detached_copy(obj: Any, device: torch.device | None = None) -> Any:
     if isinstance(obj, torch.Tensor):
         out = obj.detach()
         return out.to(device, copy=True) if device is not None else out.clone()
+    if isinstance(obj, torch.Generator):
+        # A generator the model draws from (a random mask, a noise level): the replay draws
+        # from its own, so the user's next draw is the one it would have been.
+        own = torch.Generator(device=obj.device)
+        own.set_state(obj.get_state())
+        return own
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a namedtuple
         return type(obj)(*map(copy, obj))
     if isinstance(obj, (tuple, list)):
@@ -60,13 +66,31 @@ def call_model(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
 
 
 class Replay:
-    """``forward(model)``: ``call(model, *args, **kwargs)`` on arguments captured once."""
+    """``forward(model)``: ``call(model, *args, **kwargs)`` on arguments captured once; a
+    generator among them starts each replay in the state it was captured in (the same
+    random mask every time)."""
 
     def __init__(self, call: Call, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self.call, self.args, self.kwargs = call, args, kwargs
+        self._generators = [(g, g.get_state()) for g in generators_in((args, kwargs))]
 
     def __call__(self, model: nn.Module) -> Any:
+        for g, state in self._generators:
+            g.set_state(state)
         return self.call(model, *self.args, **self.kwargs)
+
+
+def generators_in(obj: Any) -> list[torch.Generator]:
+    """The ``torch.Generator`` s in ``obj``'s tuples, lists, mappings and dataclasses."""
+    if isinstance(obj, torch.Generator):
+        return [obj]
+    if isinstance(obj, (tuple, list)):
+        return [g for x in obj for g in generators_in(x)]
+    if isinstance(obj, Mapping):
+        return [g for x in obj.values() for g in generators_in(x)]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return [g for f in dataclasses.fields(obj) for g in generators_in(getattr(obj, f.name))]
+    return []
 
 
 def replay_of(
@@ -136,6 +160,7 @@ __all__ = [
     "Replay",
     "call_model",
     "detached_copy",
+    "generators_in",
     "replay_of",
     "single_device",
 ]

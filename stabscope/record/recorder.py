@@ -183,7 +183,8 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
             run_code=self._run_code,
             forward=self.forward,
             on_nonfinite=self._note_nonfinite,
-            shared={"departed_params": self._membership.departed},
+            # The step being run, for a probe whose reading spans a boundary (parameters.py).
+            shared={"departed_params": self._membership.departed, "step": lambda: self.step_index},
         )
         self._build_core_probes(context)
         self._forward_order: dict[int, int] = {}

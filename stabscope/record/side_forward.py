@@ -9,7 +9,9 @@ a dropout switched off would train again for good, and a module's own ``train()`
 - sets each submodule's ``training`` flag to False directly and gives each its own flag back
   (no ``train()``/``eval()`` call, so no override runs);
 - restores the random number generators the pass may draw from (torch's CPU and CUDA, Python's
-  ``random``, numpy's global one): the user's next dropout mask is the one it would have been;
+  ``random``, numpy's global one, and the ``torch.Generator`` s a module holds as attributes
+  or the pass is handed in ``inputs``: a masked autoencoder's own mask generator): the user's
+  next dropout mask is the one it would have been;
 - gives back every buffer the pass replaced or changed in place (found by identity and version
   counter; in eval mode torch's own modules change none, a custom one may).
 
@@ -22,19 +24,26 @@ from __future__ import annotations
 import contextlib
 import random
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from .probe_forward import generators_in
+
 
 @contextlib.contextmanager
-def side_forward(*models: nn.Module, keep_modes: bool = False) -> Iterator[None]:
+def side_forward(*models: nn.Module, keep_modes: bool = False, inputs: Any = ()) -> Iterator[None]:
     """Run the body with every submodule of ``models`` in eval mode (``keep_modes``: in the
     modes they are in, e.g. to replay a training forward); afterwards each module's
-    ``training`` flag, the RNG states, the buffers and the weights of embeddings that
-    renormalise in forward (``max_norm``) are what they were before."""
+    ``training`` flag, the RNG states (the generators in ``inputs`` too), the buffers and the
+    weights of embeddings that renormalise in forward (``max_norm``) are what they were
+    before."""
     modules = list({id(m): m for model in models for m in model.modules()}.values())
+    held = [v for m in modules for v in vars(m).values() if isinstance(v, torch.Generator)]
+    generators = {id(g): g for g in (*held, *generators_in(inputs))}.values()
+    generator_states = [(g, g.get_state()) for g in generators]
     flags = [m.training for m in modules]
     # (module, name, tensor, version, copy): every buffer, to give back by identity and value.
     # Inference tensors have no version counter and cannot change outside inference mode.
@@ -71,6 +80,8 @@ def side_forward(*models: nn.Module, keep_modes: bool = False) -> Iterator[None]
                     weight.copy_(saved)
         random.setstate(py_state)
         np.random.set_state(np_state)
+        for g, state in generator_states:
+            g.set_state(state)
 
 
 def _cuda_devices(models: tuple[nn.Module, ...]) -> list[int]:

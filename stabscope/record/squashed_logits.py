@@ -14,7 +14,8 @@ log-probabilities; handed probabilities it returns -p, which is no log-likelihoo
 
 The graph shows it: the loss function's node (``LogSoftmaxBackward0`` under a cross-entropy,
 ``BinaryCrossEntropyWithLogitsBackward0``, ``NllLossBackward0``) has as its input, past
-shape-only nodes (a ``view``, a ``permute``), a ``SoftmaxBackward0``, ``SigmoidBackward0``
+shape-only nodes (a ``view``, a ``permute``) and a ``stack`` or ``cat`` of outputs that one
+such node made each (a decoder's, one step at a time), a ``SoftmaxBackward0``, ``SigmoidBackward0``
 or ``TanhBackward0``. A softmax that is a *target* (distillation's soft labels) enters the
 loss through a product with the log-probabilities, never as the normalised input, so it is
 not read. A ``log_softmax`` before ``cross_entropy`` is harmless (a log-softmax of
@@ -72,6 +73,10 @@ SHAPE_ONLY = frozenset(
 )
 #: How many shape-only nodes are looked through between the loss and its input's producer.
 MAX_SHAPE_HOPS = 8
+#: Nodes that join several tensors into one: looked through where one kind of node made all.
+JOINS = frozenset({"StackBackward0", "CatBackward0"})
+#: How many joined tensors are read (a decoder of 4,096 steps: its first ones).
+MAX_JOINED = 256
 
 
 def squashed_logits(loss: torch.Tensor) -> dict[str, Any] | None:
@@ -98,12 +103,23 @@ def _visit(node: Any) -> tuple[dict[str, Any] | None, Any]:
 
 def _producer(node: Any) -> Any:
     """The node that computed the first input of ``node``, past shape-only nodes (None where
-    there is none, or more than ``MAX_SHAPE_HOPS`` of them)."""
+    there is none, or more than ``MAX_SHAPE_HOPS`` of them), and past a ``stack`` or ``cat``
+    of tensors that one kind of node computed each (a decoder's outputs, one per step)."""
     inputs = getattr(node, "next_functions", ())
-    current = inputs[0][0] if inputs else None
-    for _ in range(MAX_SHAPE_HOPS):
-        if current is None or type(current).__name__ not in SHAPE_ONLY:
+    return _made_by(inputs[0][0] if inputs else None, MAX_SHAPE_HOPS)
+
+
+def _made_by(current: Any, hops: int) -> Any:
+    for _ in range(hops):
+        name = type(current).__name__
+        if current is None or name not in SHAPE_ONLY | JOINS:
             return current
+        if name in JOINS:
+            # The joined tensors' producers: one kind of node for all of them is the
+            # producer; anything else leaves the join itself.
+            parts = [_made_by(f, hops - 1) for f, _ in current.next_functions[:MAX_JOINED]]
+            kinds = {type(p).__name__ for p in parts}
+            return parts[0] if parts and len(kinds) == 1 and parts[0] is not None else current
         current = current.next_functions[0][0] if current.next_functions else None
     return None
 

@@ -22,6 +22,13 @@ spares its backward; such a part is not counted here. Judged once the run has en
 while it trains: a part may still join the optimizer (``add_param_group``, when a frozen body
 is released).
 
+A fourth reads what zero-code mode saw outside the recorded model (meta.json's
+``untrained_models``): a model the script called before it, whose trainable parameters got
+gradients that no optimizer holds at the end (a GAN's generator whose optimizer was built over
+the discriminator's parameters). It never trains: an error where it was in train mode, a
+warning where it was in eval mode (a fixed teacher or a perceptual-loss network called with
+gradients on: wasted backward, nothing worse).
+
 Exactly zero, not small: a run with a small learning rate or vanishing gradients still moves
 its weights by some amount, and that is the depth and update rules' business; an exact zero
 over every matrix and every recorded step is a bug, not a regime. A warm-up from lr 0 or a
@@ -205,7 +212,36 @@ def _part(
     )
 
 
+def _untrained_models(view: RunView) -> Iterator[Finding]:
+    """Models outside the recorded one that got gradients no optimizer applied (module
+    docstring)."""
+    models = view.meta.doc.get("untrained_models")
+    for m in models if isinstance(models, list) else []:
+        if not isinstance(m, dict) or not m.get("with_grad"):
+            continue
+        training = bool(m.get("training"))
+        yield finding(
+            NO_UPDATE,
+            "error" if training else "warning",
+            f"{m.get('class')}, which the script called "
+            f"{'in train mode ' if training else 'in eval mode '}before the recorded "
+            f"model, has {int(m['with_grad']):,} trainable values that got gradients, and no "
+            "optimizer holds them: it never trains",
+            step=max(view.meta.steps - 1, 0),
+            value=float(m["with_grad"]),
+            threshold=0.0,
+            metric="param_grad_norm",
+            remedy=(
+                "build each model's optimizer from that model's own parameters (a copy-paste "
+                "of `Adam(D.parameters())` for the generator leaves it untrained); a model "
+                "meant to stay fixed (a teacher, a perceptual-loss network) is frozen with "
+                "requires_grad_(False) or called under torch.no_grad()"
+            ),
+        )
+
+
 def _no_update(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
+    yield from _untrained_models(view)
     yield from _unstepped(view, p)
     yield from _cut_off(view, p)
     still = {m: _still(view, m, int(p["min_steps"])) for m in CASES}

@@ -196,6 +196,9 @@ class ScriptRecording:
             write_empty_run(self.out, self.config, self.run_info, self.notes, status, error, fault)
             return
         notes = [*self.notes, *self._outside_notes()]
+        untrained = self._untrained_models()
+        if untrained:  # read by the no-update rule
+            rec.meta["untrained_models"] = untrained
         if self._outside:  # read by the run-status rule: part of the training is not here
             rec.meta["unrecorded_training"] = [
                 {"optimizer": name, "steps": steps, "from_step": first}
@@ -398,6 +401,36 @@ class ScriptRecording:
                 f"{type(unwrap_model(module)).__name__} ({total:,} trainable parameters{with_grad})"
             )
         return ", ".join(said)
+
+    def _untrained_models(self) -> list[dict[str, Any]]:
+        """The models the script called before the recorded one, with trainable parameters
+        that got a gradient and that no optimizer holds at the end (a GAN's generator whose
+        optimizer was built over the discriminator's parameters): their class, their
+        trainable values, those with a nonzero gradient, and whether they were in train
+        mode. Where an optimizer stepped outside the recorded model, the note on it says
+        more than this can: none are listed."""
+        if self._outside:
+            return []
+        found = []
+        for module in self._unowned.values():
+            trainable = [p for p in module.parameters() if p.requires_grad]
+            if self.optimizers.training({id(p) for p in trainable}):
+                continue  # an optimizer built for it later
+            graded = [
+                p
+                for p in trainable
+                if p.grad is not None and (p.grad.is_sparse or bool(p.grad.any()))
+            ]
+            if graded:
+                found.append(
+                    {
+                        "class": type(unwrap_model(module)).__name__,
+                        "trainable": sum(p.numel() for p in trainable),
+                        "with_grad": sum(p.numel() for p in graded),
+                        "training": module.training,
+                    }
+                )
+        return found
 
     def _outside_notes(self) -> list[str]:
         """What trained outside the recorded model, one note per optimizer: a run must not

@@ -1,0 +1,74 @@
+"""A model the script calls and never trains (rule ``no-update``, meta.json's
+``untrained_models``): a GAN whose generator's optimizer was built over the discriminator's
+parameters. The generator's gradients build up step after step and nothing applies them;
+the reference is the generator's own size, and its weights, which the script checks did not
+move. Its healthy twin, and a teacher called in eval mode with gradients on, are not errors."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+
+from stabscope.drivers.zerocode import profile_training_script
+from stabscope.record.config import RecorderConfig
+from stabscope.rules import check_run
+from stabscope.store.run_meta import load_meta
+
+SCRIPT = """
+import json, sys
+import torch
+from torch import nn
+
+torch.manual_seed(0)
+variant = sys.argv[1]
+G = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 2))
+D = nn.Sequential(nn.Linear(2, 32), nn.ReLU(), nn.Linear(32, 1))
+if variant == "teacher":
+    G.eval()  # a fixed network the loss runs through, called with gradients on
+opt_d = torch.optim.Adam(D.parameters(), lr=1e-3)
+opt_g = torch.optim.Adam((G if variant == "healthy" else D).parameters(), lr=1e-3)
+bce = nn.BCEWithLogitsLoss()
+start = [p.detach().clone() for p in G.parameters()]
+for step in range(12):
+    z, real = torch.randn(64, 4), torch.randn(64, 2) + 2.0
+    fake = G(z).detach()
+    d_loss = bce(D(real), torch.ones(64, 1)) + bce(D(fake), torch.zeros(64, 1))
+    opt_d.zero_grad()
+    d_loss.backward()
+    opt_d.step()
+    g_loss = bce(D(G(z)), torch.ones(64, 1))
+    opt_g.zero_grad()
+    g_loss.backward()
+    opt_g.step()
+moved = any(not torch.equal(a, b) for a, b in zip(start, G.parameters()))
+json.dump({"moved": moved, "numel": sum(p.numel() for p in G.parameters())}, open(sys.argv[2], "w"))
+"""
+
+
+def untrained_findings(run) -> list:
+    return [
+        f for f in check_run(run).findings if f.rule == "no-update" and "never trains" in f.message
+    ]
+
+
+@pytest.mark.parametrize("variant", ["wrong_params", "teacher", "healthy"])
+def test_a_generator_no_optimizer_holds(tmp_path, variant):
+    script = tmp_path / "gan.py"
+    script.write_text(textwrap.dedent(SCRIPT))
+    out, log = tmp_path / "run", tmp_path / "log.json"
+    profile_training_script(script, [variant, str(log)], out, RecorderConfig(online_rules=False))
+    seen = json.loads(log.read_text())
+    found = untrained_findings(out)
+    listed = load_meta(out).doc.get("untrained_models")
+    if variant == "healthy":
+        assert seen["moved"] and found == [] and listed is None
+        return
+    assert not seen["moved"]  # the script's own check: the generator never changed
+    (entry,) = listed
+    assert entry["class"] == "Sequential" and entry["training"] == (variant != "teacher")
+    assert entry["with_grad"] == entry["trainable"] == seen["numel"] == 4 * 32 + 32 + 32 * 2 + 2
+    (f,) = found
+    assert f.severity == ("error" if variant == "wrong_params" else "warning")
+    assert f"{seen['numel']:,} trainable values that got gradients" in f.message
