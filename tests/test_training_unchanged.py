@@ -4,6 +4,7 @@ submodule's own mode, the RNG streams and the buffers."""
 
 from __future__ import annotations
 
+import copy
 import random
 
 import numpy as np
@@ -166,17 +167,35 @@ def test_side_forward_gives_everything_back():
 
 
 def test_side_forward_gives_back_generators_held_or_handed_over():
+    """torch, numpy and Python generator objects, held by a module or among the pass's
+    inputs: each draws after the pass what it would have drawn without it."""
     model = nn.Linear(4, 4)
     model.noise = torch.Generator().manual_seed(0)  # held by the module
-    handed = torch.Generator().manual_seed(1)  # among the pass's inputs
-    untouched = torch.Generator().manual_seed(2)  # neither: the pass is not told of it
-    before = [g.get_state() for g in (model.noise, handed, untouched)]
-    with side_forward(model, inputs=({"gen": [handed]},)):
-        for g in (model.noise, handed, untouched):
-            torch.rand(3, generator=g)
-    after = [g.get_state() for g in (model.noise, handed, untouched)]
-    assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
-    assert not torch.equal(after[2], before[2])
+    model.np_rng = np.random.default_rng(1)
+    handed = (torch.Generator().manual_seed(2), random.Random(3), np.random.RandomState(4))
+    untouched = torch.Generator().manual_seed(5)  # neither: the pass is not told of it
+
+    def draw(gens) -> list:
+        """One draw of each: (module's torch, module's numpy, handed torch, handed Python,
+        handed RandomState, the untold torch)."""
+        t, n, h, r, s, u = gens
+        rand = torch.rand
+        return [rand(2, generator=t), n.random(2), rand(2, generator=h), r.random(), s.rand(2),
+                rand(2, generator=u)]  # fmt: skip
+
+    def clone(g):
+        if isinstance(g, torch.Generator):
+            return torch.Generator().set_state(g.get_state())
+        return copy.deepcopy(g)
+
+    gens = (model.noise, model.np_rng, *handed, untouched)
+    expected = draw(tuple(clone(g) for g in gens))
+    with side_forward(model, inputs=({"gen": list(handed)},)):
+        draw(gens)
+    after = draw(gens)
+    for a, b in zip(after[:5], expected[:5]):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert not torch.equal(after[5], expected[5])  # the one it was not told of moved
 
 
 def test_side_forward_restores_after_an_exception():
@@ -245,10 +264,14 @@ torch.manual_seed(0)
 model = Masked()
 opt = torch.optim.Adam(model.parameters(), lr=1e-2)
 gen = torch.Generator().manual_seed(1)
+jitter = torch.Generator().manual_seed(2)  # the loss's own noise, drawn around the output
 x = torch.randn(32, 8)
 losses = []
 for step in range(12):
-    loss = (model(x, gen) - x).pow(2).mean()
+    out = model(x, gen)
+    if sys.argv[2] == "jitter":
+        out = torch.normal(out, 0.01, generator=jitter)
+    loss = (out - x).pow(2).mean()
     opt.zero_grad()
     loss.backward()
     opt.step()
@@ -257,11 +280,13 @@ json.dump(losses, open(sys.argv[1], "w"))
 """
 
 
-def test_the_generators_a_model_is_handed_or_holds_are_given_back(tmp_path):
+@pytest.mark.parametrize("loss", ["plain", "jitter"])
+def test_the_generators_a_model_is_handed_or_holds_are_given_back(tmp_path, loss):
     """The stability index replays the model's first training call at steps 2, 4, 8, on its
     arguments: a generator among them, or held by a module, drew the replay's mask, and
     every later step's mask moved (a masked autoencoder's losses differed from step 3 on).
-    The reference is the script run without stabscope."""
+    The loss computed outside the model is replayed once, to check it: the generator of its
+    noise must not move either. The reference is the script run without stabscope."""
     import json
     import subprocess
     import sys
@@ -272,9 +297,12 @@ def test_the_generators_a_model_is_handed_or_holds_are_given_back(tmp_path):
     script = tmp_path / "masked.py"
     script.write_text(MASKED)
     plain, profiled = tmp_path / "plain.json", tmp_path / "profiled.json"
-    subprocess.run([sys.executable, str(script), str(plain)], check=True)
+    subprocess.run([sys.executable, str(script), str(plain), loss], check=True)
     out = tmp_path / "run"
-    profile_training_script(script, [str(profiled)], out, RecorderConfig(online_rules=False))
+    profile_training_script(script, [str(profiled), loss], out, RecorderConfig(online_rules=False))
     assert json.loads(profiled.read_text()) == json.loads(plain.read_text())
-    index = stabscope.read_meta(out)["stability_index"]
-    assert index["measured"] == 3, index  # the replays ran: steps 2, 4 and 8
+    meta = stabscope.read_meta(out)
+    if loss == "plain":  # the replays ran: steps 2, 4 and 8
+        assert meta["stability_index"]["measured"] == 3, meta["stability_index"]
+    else:  # a random loss: its replay (one, to check it) differs from the script's
+        assert any("loss computed outside the model is not replayed" in n for n in meta["notes"])

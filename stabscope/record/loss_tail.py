@@ -60,6 +60,7 @@ from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from .hook_context import compiling
+from .rng_objects import with_own_copies
 from .script_warnings import call_as_script, quiet
 
 #: A trace that records more calls than this is given up (a window that never reaches a backward).
@@ -300,6 +301,10 @@ class TailTrace(TorchFunctionMode):
             self._give_up(f"over {MAX_CALLS} torch calls before the first backward")
             return
         kept = [_Ref(r) if r is not None else x for x, r in zip(leaves, refs)]
+        # A generator the call drew from (a random mask in the loss): the replay draws from a
+        # copy, never from the script's own (its draws differ from the recorded ones, so the
+        # check gives no tail; the script's next draw is the one it would have been).
+        kept = with_own_copies(kept)
         for i, x in enumerate(kept):  # a constant a call changes in place: fresh each replay
             if isinstance(x, torch.Tensor) and any(x is t for t in results):
                 kept[i] = _Fresh(x)

@@ -19,6 +19,7 @@ from torch import nn
 
 from .copy_safe import NotCopied
 from .hook_context import compiling, in_backward
+from .rng_objects import RNG_TYPES, own_copy, restore, rngs_in, state_of
 
 #: call(model, *args, **kwargs): what the replay runs (default: ``model(*args, **kwargs)``)
 Call = Callable[..., Any]
@@ -39,12 +40,10 @@ def detached_copy(obj: Any, device: torch.device | None = None) -> Any:
     if isinstance(obj, torch.Tensor):
         out = obj.detach()
         return out.to(device, copy=True) if device is not None else out.clone()
-    if isinstance(obj, torch.Generator):
+    if isinstance(obj, RNG_TYPES):
         # A generator the model draws from (a random mask, a noise level): the replay draws
         # from its own, so the user's next draw is the one it would have been.
-        own = torch.Generator(device=obj.device)
-        own.set_state(obj.get_state())
-        return own
+        return own_copy(obj)
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a namedtuple
         return type(obj)(*map(copy, obj))
     if isinstance(obj, (tuple, list)):
@@ -72,25 +71,12 @@ class Replay:
 
     def __init__(self, call: Call, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self.call, self.args, self.kwargs = call, args, kwargs
-        self._generators = [(g, g.get_state()) for g in generators_in((args, kwargs))]
+        self._generators = [(g, state_of(g)) for g in rngs_in((args, kwargs))]
 
     def __call__(self, model: nn.Module) -> Any:
         for g, state in self._generators:
-            g.set_state(state)
+            restore(g, state)
         return self.call(model, *self.args, **self.kwargs)
-
-
-def generators_in(obj: Any) -> list[torch.Generator]:
-    """The ``torch.Generator`` s in ``obj``'s tuples, lists, mappings and dataclasses."""
-    if isinstance(obj, torch.Generator):
-        return [obj]
-    if isinstance(obj, (tuple, list)):
-        return [g for x in obj for g in generators_in(x)]
-    if isinstance(obj, Mapping):
-        return [g for x in obj.values() for g in generators_in(x)]
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return [g for f in dataclasses.fields(obj) for g in generators_in(getattr(obj, f.name))]
-    return []
 
 
 def replay_of(
@@ -160,7 +146,6 @@ __all__ = [
     "Replay",
     "call_model",
     "detached_copy",
-    "generators_in",
     "replay_of",
     "single_device",
 ]

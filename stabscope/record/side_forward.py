@@ -9,9 +9,9 @@ a dropout switched off would train again for good, and a module's own ``train()`
 - sets each submodule's ``training`` flag to False directly and gives each its own flag back
   (no ``train()``/``eval()`` call, so no override runs);
 - restores the random number generators the pass may draw from (torch's CPU and CUDA, Python's
-  ``random``, numpy's global one, and the ``torch.Generator`` s a module holds as attributes
-  or the pass is handed in ``inputs``: a masked autoencoder's own mask generator): the user's
-  next dropout mask is the one it would have been;
+  ``random``, numpy's global one, and the generator objects a module holds as attributes
+  or the pass is handed in ``inputs``: a masked autoencoder's own mask generator,
+  ``rng_objects.py``): the user's next dropout mask is the one it would have been;
 - gives back every buffer the pass replaced or changed in place (found by identity and version
   counter; in eval mode torch's own modules change none, a custom one may).
 
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .probe_forward import generators_in
+from .rng_objects import held_by, restore, rngs_in, state_of
 
 
 @contextlib.contextmanager
@@ -41,9 +41,8 @@ def side_forward(*models: nn.Module, keep_modes: bool = False, inputs: Any = ())
     weights of embeddings that renormalise in forward (``max_norm``) are what they were
     before."""
     modules = list({id(m): m for model in models for m in model.modules()}.values())
-    held = [v for m in modules for v in vars(m).values() if isinstance(v, torch.Generator)]
-    generators = {id(g): g for g in (*held, *generators_in(inputs))}.values()
-    generator_states = [(g, g.get_state()) for g in generators]
+    generators = {id(g): g for g in (*held_by(modules), *rngs_in(inputs))}.values()
+    generator_states = [(g, state_of(g)) for g in generators]
     flags = [m.training for m in modules]
     # (module, name, tensor, version, copy): every buffer, to give back by identity and value.
     # Inference tensors have no version counter and cannot change outside inference mode.
@@ -81,7 +80,7 @@ def side_forward(*models: nn.Module, keep_modes: bool = False, inputs: Any = ())
         random.setstate(py_state)
         np.random.set_state(np_state)
         for g, state in generator_states:
-            g.set_state(state)
+            restore(g, state)
 
 
 def _cuda_devices(models: tuple[nn.Module, ...]) -> list[int]:

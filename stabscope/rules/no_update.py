@@ -23,7 +23,7 @@ while it trains: a part may still join the optimizer (``add_param_group``, when 
 is released).
 
 A fourth reads what zero-code mode saw outside the recorded model (meta.json's
-``untrained_models``): a model the script called before it, whose trainable parameters got
+``untrained_models``): a model the script called beside it, whose trainable parameters got
 gradients that no optimizer holds at the end (a GAN's generator whose optimizer was built over
 the discriminator's parameters). It never trains: an error where it was in train mode, a
 warning where it was in eval mode (a fixed teacher or a perceptual-loss network called with
@@ -213,7 +213,7 @@ def _part(
 
 
 def _untrained_models(view: RunView) -> Iterator[Finding]:
-    """Models outside the recorded one that got gradients no optimizer applied (module
+    """Models beside the recorded one that got gradients no optimizer applied (module
     docstring)."""
     models = view.meta.doc.get("untrained_models")
     for m in models if isinstance(models, list) else []:
@@ -224,7 +224,7 @@ def _untrained_models(view: RunView) -> Iterator[Finding]:
             NO_UPDATE,
             "error" if training else "warning",
             f"{m.get('class')}, which the script called "
-            f"{'in train mode ' if training else 'in eval mode '}before the recorded "
+            f"{'in train mode ' if training else 'in eval mode '}beside the recorded "
             f"model, has {int(m['with_grad']):,} trainable values that got gradients, and no "
             "optimizer holds them: it never trains",
             step=max(view.meta.steps - 1, 0),

@@ -332,6 +332,8 @@ class ScriptRecording:
                 f"of the recorded model ({type(unwrap_model(self.model)).__name__}, the first "
                 "trained module the script called); it is not recorded"
             )
+        elif params and len(self._unowned) < 4:  # no optimizer trains it (_untrained_models)
+            self._unowned.setdefault(key, module)
 
     # -- optimizer steps: marking steps ------------------------------------------------------
     @guarded("an optimizer step's start")
@@ -403,7 +405,7 @@ class ScriptRecording:
         return ", ".join(said)
 
     def _untrained_models(self) -> list[dict[str, Any]]:
-        """The models the script called before the recorded one, with trainable parameters
+        """The models the script called beside the recorded one, with trainable parameters
         that got a gradient and that no optimizer holds at the end (a GAN's generator whose
         optimizer was built over the discriminator's parameters): their class, their
         trainable values, those with a nonzero gradient, and whether they were in train
