@@ -39,7 +39,7 @@ The rules (also in docs/zero-code.md):
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -131,8 +131,9 @@ class ScriptRecording:
         self._owners = StepOwners([], set())
         self._steps_before: dict[int, int] = {}  # per optimizer, steps before the model
         self._other_roots: set[int] = set()  # trained root modules outside the model
-        # Root modules called with trainable parameters no optimizer held, before any model
-        # was found: what the script trains, where its optimizer holds something else.
+        # Root modules called with trainable parameters no optimizer held, before the model
+        # was found or beside it in the first step (at most 4): what the script trains where
+        # its optimizer holds something else, or a model no optimizer trains.
         self._unowned: dict[int, nn.Module] = {}
         # Optimizers that stepped on parameters outside the recorded model once it was
         # found (a second phase's model, a student after its teacher), by id: [class name,
@@ -394,15 +395,19 @@ class ScriptRecording:
         how many of those got a gradient: ``UNet (1,204 trainable parameters, 1,204 with a
         gradient no optimizer applied)``; empty where there were none."""
         said = []
+        for name, trainable, graded in self._unowned_parameters():
+            total, got = (sum(p.numel() for p in ps) for ps in (trainable, graded))
+            with_grad = f", {got:,} with a gradient no optimizer applied" if got else ""
+            said.append(f"{name} ({total:,} trainable parameters{with_grad})")
+        return ", ".join(said)
+
+    def _unowned_parameters(self) -> Iterator[tuple[str, list[nn.Parameter], list[nn.Parameter]]]:
+        """For each module of ``_unowned``: its class name, its trainable parameters, and
+        those of them with a gradient."""
         for module in self._unowned.values():
             trainable = [p for p in module.parameters() if p.requires_grad]
-            graded = sum(p.numel() for p in trainable if p.grad is not None)
-            total = sum(p.numel() for p in trainable)
-            with_grad = f", {graded:,} with a gradient no optimizer applied" if graded else ""
-            said.append(
-                f"{type(unwrap_model(module)).__name__} ({total:,} trainable parameters{with_grad})"
-            )
-        return ", ".join(said)
+            graded = [p for p in trainable if p.grad is not None]
+            yield type(unwrap_model(module)).__name__, trainable, graded
 
     def _untrained_models(self) -> list[dict[str, Any]]:
         """The models the script called beside the recorded one, with trainable parameters
@@ -414,21 +419,18 @@ class ScriptRecording:
         if self._outside:
             return []
         found = []
-        for module in self._unowned.values():
-            trainable = [p for p in module.parameters() if p.requires_grad]
+        for module, (name, trainable, graded) in zip(
+            self._unowned.values(), self._unowned_parameters()
+        ):
             if self.optimizers.training({id(p) for p in trainable}):
                 continue  # an optimizer built for it later
-            graded = [
-                p
-                for p in trainable
-                if p.grad is not None and (p.grad.is_sparse or bool(p.grad.any()))
-            ]
-            if graded:
+            nonzero = [p for p in graded if p.grad.is_sparse or bool(p.grad.any())]
+            if nonzero:
                 found.append(
                     {
-                        "class": type(unwrap_model(module)).__name__,
+                        "class": name,
                         "trainable": sum(p.numel() for p in trainable),
-                        "with_grad": sum(p.numel() for p in graded),
+                        "with_grad": sum(p.numel() for p in nonzero),
                         "training": module.training,
                     }
                 )
