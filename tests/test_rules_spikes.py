@@ -120,3 +120,28 @@ def test_an_early_spike_names_the_steps_its_window_held():
     assert found.z.iloc[0] == pytest.approx(z, rel=1e-9)
     message = _finding(LOSS_SPIKE, "the loss", found, {**DEFAULTS, "min_rise": 0.1}, "").message
     assert "the previous 29 steps" in message
+
+
+def test_log_z_score_against_a_direct_computation():
+    """Over logarithms: z is the log value's distance from the window's mean log in their
+    std, ``mean`` the geometric mean; a zero norm is left out of every window. Over a window
+    whose values spread ±12% about their mean, a 1.86x blip is 7.4 raw deviations and 5.4 log
+    ones (ln 1.86 against the log spread): a spike on raw values only."""
+    rng = np.random.default_rng(2)
+    values = 0.4 * np.exp(0.3 * rng.standard_normal(200))  # log-normal noise, σ = 0.3
+    values[120] = 0.0
+    values[150] = 0.4 * 20.0  # 20x the scale: ln 20 / 0.3 ≈ 10 deviations
+    series = pd.Series(values)
+    p = {**DEFAULTS, "min_rise": 0.5, "log": 1.0}
+    found = spikes(series, p)
+    assert found.step.tolist() == [150]
+    window = np.log(values[:150][values[:150] > 0][-int(DEFAULTS["window"]) :])
+    z = (np.log(values[150]) - window.mean()) / window.std()
+    assert found.z.iloc[0] == pytest.approx(z, rel=1e-9)
+    assert found["mean"].iloc[0] == pytest.approx(np.exp(window.mean()), rel=1e-9)
+    blip = pd.Series([0.38, 0.48] * 32 + [0.80])  # mean 0.43, std 0.05
+    raw = spikes(blip, {**p, "log": 0.0})
+    assert raw.step.tolist() == [64] and raw.z.iloc[0] == pytest.approx(0.37 / 0.05, rel=1e-9)
+    logs = np.log([0.38, 0.48])
+    assert (np.log(0.80) - logs.mean()) / logs.std() < DEFAULTS["z"] < raw.z.iloc[0]
+    assert spikes(blip, p).empty

@@ -98,6 +98,8 @@ def test_a_fault_at_a_step_boundary_stops_the_recording_not_the_script(
     rows = load_run(out, modules=["__run__"], metrics=["loss"]).sort_values("step")
     recorded = dict(zip(rows.step.astype(int), rows.value.astype(float)))
     assert {0, 1, 2} <= set(recorded) and max(recorded) <= 3
+    # Step 3's rows were flushed before its boundary raised: it trained, and counts so.
+    assert meta.recorded_steps == len(recorded) <= meta.steps == max(recorded) + 1
     for step, value in recorded.items():
         assert value == pytest.approx(own[step], rel=1e-6)
     # The gate reads it as incomplete: an error, a warning under --allow-incomplete.

@@ -160,6 +160,7 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
         self._trace: Any = None
         self._sync_seconds = 0.0
         self._recorded_steps = 0
+        self._recorded_through = 0  # 1 + the last step whose rows were flushed
         self.host_syncs = 0  # device->host transfers so far: one per recorded step per device
 
         modules = select_modules(model, cfg.include, cfg.exclude)
@@ -354,6 +355,7 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
         if self.writer.parts_written == 0:
             self.writer.flush()  # the first recorded step is on disk at once
         self._recorded_steps += 1
+        self._recorded_through = step + 1
         self._sync_seconds += time.perf_counter() - t0
         if self._capture is not None:
             self._stop_capture()

@@ -161,6 +161,9 @@ class MetaWriting:
 
     def _save_meta(self) -> None:
         never = self.hooks.never_fired(self.writer.modules.names) if self._recorded_steps else {}
+        # A fault in the boundary after a step's rows were flushed leaves step_index behind
+        # that step: it trained, and its rows are on disk, so it counts as trained.
+        self.meta["steps"] = max(self.meta.get("steps") or 0, self._recorded_through)
         self.meta.update(
             parts=self.writer.parts_written,
             rows=self.writer.rows_written,
