@@ -12,7 +12,7 @@ import stabscope
 from stabscope.rules import check_run, write_findings
 from stabscope.store import new_meta, save_meta
 from stabscope.store.findings import findings_state
-from stabscope.store.rank_errors import write_rank_error
+from stabscope.store.rank_errors import write_rank_error, write_rank_fault
 from tests.rule_runs import write
 
 
@@ -57,3 +57,25 @@ def test_a_rank_error_written_after_the_check_makes_its_findings_stale(tmp_path)
     write_rank_error(run, 1, "failed", error("ValueError", "late", time.time()))
     os.utime(run / "error-rank1.json", ns=(later, later))
     assert findings_state(run) == "stale"
+
+
+def fault(step: int, message: str) -> dict:
+    return {"where": "a step boundary", "step": step, "type": "RuntimeError", "message": message}
+
+
+def test_the_earliest_rank_fault_is_the_runs_tool_error_unless_rank_0_kept_one(tmp_path):
+    """Ranks 2 and 1 stopped recording at steps 7 and 3: the run's tool_error is rank 1's
+    (the earlier step), its status stays complete, and run-status names the rank. Rank 0's
+    own fault, where it kept one, stays the run's."""
+    save_meta(tmp_path, new_meta(status="complete", rank=0, world_size=3, steps=10))
+    write_rank_fault(tmp_path, 2, fault(7, "late"))
+    write_rank_fault(tmp_path, 1, fault(3, "early"))
+    read = stabscope.read_meta(tmp_path)
+    assert read["status"] == "complete"
+    assert (read["tool_error"]["rank"], read["tool_error"]["message"]) == (1, "early")
+    (status,) = [f for f in check_run(tmp_path).findings if f.rule == "run-status"]
+    assert status.message.startswith("the recording of rank 1 stopped at step 3")
+    own = new_meta(status="complete", rank=0, world_size=3, steps=10)
+    own["tool_error"] = fault(5, "rank 0's")
+    save_meta(tmp_path, own)
+    assert stabscope.read_meta(tmp_path)["tool_error"]["message"] == "rank 0's"

@@ -41,11 +41,13 @@ def reference_grads() -> list[torch.Tensor]:
     return grads
 
 
-def torchrun_profile(out, logs, *script_args: str, force: bool = False):
+def torchrun_profile(
+    out, logs, *script_args: str, force: bool = False, script: str = "train_ddp.py"
+):
     """``torchrun --nproc_per_node=2 -m stabscope profile train_ddp.py`` (gloo, CPU)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     cmd += [f"--nproc_per_node={WORLD}", "-m", "stabscope", "profile"]
-    cmd += [str(SCRIPTS / "train_ddp.py"), "--out", str(out), "-q", *(["--force"] * force)]
+    cmd += [str(SCRIPTS / script), "--out", str(out), "-q", *(["--force"] * force)]
     return subprocess.run(
         [*cmd, "--", "--steps", str(STEPS), "--log-dir", str(logs), *script_args],
         cwd=ROOT,
@@ -130,3 +132,35 @@ def test_a_failure_on_rank_1_is_the_runs_error_not_rank_0s_knock_on(tmp_path):
     assert not list(out.glob("error-rank*.json"))
     assert stabscope.read_meta(out)["status"] == "complete"
     assert "rank_errors" not in stabscope.read_meta(out)
+
+
+def test_a_fault_of_stabscopes_own_on_rank_1_makes_the_run_incomplete(tmp_path):
+    """stabscope's step boundary raises on rank 1 at step 2 (rank 1's recording stops there;
+    its training goes on): meta.json, which rank 0 alone writes, must say so, and the gate
+    read the run as incomplete. Both ranks' losses are those of the script without the fault,
+    and rank 1's recorded steps end at the fault."""
+    out, logs = tmp_path / "run", tmp_path / "logs"
+    logs.mkdir()
+    proc = torchrun_profile(
+        out, logs, "--fault-rank", "1", "--fault-at", "2", script="train_ddp_tool_fault.py"
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "stabscope's own error in a step boundary at step 2" in proc.stderr
+    meta = stabscope.read_meta(out)
+    assert meta["status"] == "complete" and meta.get("error") is None
+    fault = meta["tool_error"]
+    assert (fault["rank"], fault["step"], fault["message"]) == (1, 2, "injected fault on rank 1")
+    df = stabscope.load_run(out, metrics=["loss"])
+    for rank in range(WORLD):
+        own = [r["loss"] for r in read_log(logs / f"rank{rank}.jsonl")]
+        assert len(own) == STEPS
+        mine = df[df["rank"] == rank].sort_values("step")
+        assert mine.value.tolist() == pytest.approx(own[: len(mine)], rel=1e-6)
+    assert df[df["rank"] == 1].step.max() <= 2 < df[df["rank"] == 0].step.max()
+    (status,) = [f for f in check_run(out).findings if f.rule == "run-status"]
+    assert status.severity == "error"
+    assert status.message.startswith("the recording of rank 1 stopped at step 2")
+    again = torchrun_profile(out, logs, force=True)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert not list(out.glob("fault-rank*.json"))
+    assert "tool_error" not in stabscope.read_meta(out)

@@ -22,7 +22,7 @@ from torch.optim.optimizer import (
 from ..errors import RunWriteError
 from ..store import interrupts
 from ..store import lock as locks
-from ..store.rank_errors import merge_rank_errors, write_rank_error
+from ..store.rank_errors import merge_rank_errors, write_rank_error, write_rank_fault
 from ..structure import discover
 from . import clip_sites, grad_calls, warning_display
 from .run_meta import error_entry
@@ -151,12 +151,15 @@ class RunLifecycle:
 
     def _share_rank_error(self, status: str) -> None:
         """Only rank 0 writes meta.json: another rank that failed leaves its error beside it
-        (the cause, where rank 0's own is the knock-on), and rank 0 takes in those already
-        there (store/rank_errors.py)."""
+        (the cause, where rank 0's own is the knock-on), one whose recording a fault of
+        stabscope's own stopped leaves that, and rank 0 takes in those already there
+        (store/rank_errors.py)."""
         if self.rank != 0:
-            if status == "failed" and self.meta.get("error"):
-                with contextlib.suppress(OSError):  # its console still has the error
+            with contextlib.suppress(OSError):  # its console still has the error
+                if status == "failed" and self.meta.get("error"):
                     write_rank_error(self.run_dir, self.rank, status, self.meta["error"])
+                if FAULTS.error is not None:  # its recording stopped early
+                    write_rank_fault(self.run_dir, self.rank, FAULTS.error)
             return
         merged = merge_rank_errors(self.meta, self.run_dir)
         if merged is not self.meta:

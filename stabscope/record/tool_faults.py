@@ -27,9 +27,9 @@ The user's own code that stabscope calls is not guarded: an ``on_finding`` callb
 raise to stop the training, as it could before.
 
 One state per process: a process records one run at a time (the zero-code runner, a
-callback, a ``Recorder``); a new run starts with no fault. Known limits: a run started while
-another is still open clears the other's fault; under torchrun a fault is kept in the
-faulting rank's memory and only rank 0's reaches meta.json.
+callback, a ``Recorder``); a new run starts with no fault. Known limit: a run started while
+another is still open clears the other's fault. Under torchrun a rank other than 0 writes
+its fault beside meta.json at close (``fault-rankR.json``, store/rank_errors.py).
 """
 
 from __future__ import annotations

@@ -48,10 +48,11 @@ def _run_status(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     elif view.meta.tool_error is not None:
         fault = view.meta.tool_error
         said = first_line(str(fault.get("message")))  # a run's kept before it was cut
+        rank = f" of rank {fault['rank']}" if "rank" in fault else ""
         yield finding(
             RUN_STATUS,
             "warning" if p["allow_incomplete"] else "error",
-            f"the recording stopped at step {fault.get('step')} on stabscope's own error in "
+            f"the recording{rank} stopped at step {fault.get('step')} on stabscope's own error in "
             f"{fault.get('where')} ({fault.get('type')}: {said}); the training went on "
             "unrecorded, so the rules saw only the steps before",
             value=float(steps),

@@ -19,7 +19,7 @@ from typing import Any
 
 from ..errors import FindingsError
 from .atomic import write_text_atomically
-from .layout import FINDINGS_FILE, META_FILE, PARTS_DIR, RANK_ERROR_PREFIX
+from .layout import FINDINGS_FILE, META_FILE, PARTS_DIR, RANK_ERROR_PREFIX, RANK_FAULT_PREFIX
 from .schema import RUN_MODULE
 
 SEVERITIES = ("error", "warning", "info")
@@ -157,8 +157,10 @@ def findings_state(run_dir: str | Path) -> str:
     except OSError:
         return "missing"
     run = Path(run_dir)
-    # A rank's error written after the check changes the run's status (store/rank_errors.py).
+    # A rank's error or tool fault written after the check changes what the run-status rule
+    # says (store/rank_errors.py).
     sources = [run / META_FILE, *run.glob(f"{RANK_ERROR_PREFIX}*.json")]
+    sources += run.glob(f"{RANK_FAULT_PREFIX}*.json")
     parts = run / PARTS_DIR
     if parts.is_dir():
         sources += [p for p in parts.iterdir() if not p.name.startswith(".")]

@@ -25,6 +25,8 @@ FINDINGS_FILE = "findings.json"
 PREDICTION_FILE = "prediction.json"
 #: ``error-rank1.json``: rank 1's error, where only rank 0 writes meta.json.
 RANK_ERROR_PREFIX = "error-rank"
+#: ``fault-rank1.json``: stabscope's own error that stopped rank 1's recording.
+RANK_FAULT_PREFIX = "fault-rank"
 LOCK_FILE = ".lock"
 RESERVE_FILE = ".reserve"
 
@@ -32,6 +34,11 @@ RESERVE_FILE = ".reserve"
 def rank_error_name(rank: int) -> str:
     """File name of rank ``rank``'s error (``error-rank1.json``)."""
     return f"{RANK_ERROR_PREFIX}{rank}.json"
+
+
+def rank_fault_name(rank: int) -> str:
+    """File name of rank ``rank``'s tool fault (``fault-rank1.json``)."""
+    return f"{RANK_FAULT_PREFIX}{rank}.json"
 
 
 def part_name(number: int) -> str:
@@ -48,7 +55,9 @@ __all__ = [
     "PART_SUFFIX",
     "PREDICTION_FILE",
     "RANK_ERROR_PREFIX",
+    "RANK_FAULT_PREFIX",
     "RESERVE_FILE",
     "part_name",
     "rank_error_name",
+    "rank_fault_name",
 ]

@@ -268,7 +268,14 @@ META = Record(
         "error": ERROR,
         "rank_errors": ListOf(Record(ERROR_FIELDS)),
         "tool_error": Record(
-            {"where": STR, "step": INT, "type": STR, "message": STR, "traceback": STR},
+            {
+                "where": STR,
+                "step": INT,
+                "type": STR,
+                "message": STR,
+                "traceback": STR,
+                "rank": INT,
+            },
             required=("where", "step", "type", "message"),
         ),
         "lr_plan": LR_PLAN,

@@ -12,6 +12,11 @@ first (Ctrl-C on every rank, the peers' knock-on errors after it) keeps rank 0's
 The order is by each host's clock: ranks on different machines are ordered only as well as
 their clocks agree. Rank 0 merges at its close too, so meta.json itself says
 it; readers merge again, for a rank that failed after rank 0 had closed.
+
+A fault of stabscope's own on another rank (record/tool_faults.py) stopped that rank's
+recording while its training went on: the rank writes ``fault-rankR.json``, and where rank 0
+kept none of its own, the earliest (by step) becomes the run's ``tool_error``, with its
+``rank``, so the gate reads the run as incomplete. It does not make the run failed.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import write_text_atomically
-from .layout import RANK_ERROR_PREFIX, rank_error_name
+from .layout import RANK_ERROR_PREFIX, RANK_FAULT_PREFIX, rank_error_name, rank_fault_name
 
 #: Statuses a failure on another rank turns into ``failed``: rank 0 ended, or was ended,
 #: without a verdict of its own (a ``stopped`` run names the finding that stopped it).
@@ -37,11 +42,19 @@ def write_rank_error(run_dir: Path, rank: int, status: str, error: dict[str, Any
     write_text_atomically(Path(run_dir) / rank_error_name(rank), text + "\n")
 
 
-def read_rank_errors(run_dir: Path) -> list[dict[str, Any]]:
-    """The errors other ranks wrote, unreadable files skipped (a rank killed mid-write
-    leaves only a dot-file, which is not read)."""
+def write_rank_fault(run_dir: Path, rank: int, fault: dict[str, Any]) -> None:
+    """Record that stabscope's own error stopped rank ``rank``'s (> 0) recording: the
+    ``tool_error`` entry (``where``, ``step``, ``type``, ``message``, ``traceback``)."""
+    text = json.dumps({**fault, "rank": rank}, indent=1, allow_nan=False, default=str)
+    write_text_atomically(Path(run_dir) / rank_fault_name(rank), text + "\n")
+
+
+def read_rank_errors(run_dir: Path, prefix: str = RANK_ERROR_PREFIX) -> list[dict[str, Any]]:
+    """The errors (or, with ``RANK_FAULT_PREFIX``, the tool faults) other ranks wrote,
+    unreadable files skipped (a rank killed mid-write leaves only a dot-file, which is not
+    read)."""
     found = []
-    for path in sorted(Path(run_dir).glob(f"{RANK_ERROR_PREFIX}*.json")):
+    for path in sorted(Path(run_dir).glob(f"{prefix}*.json")):
         try:
             entry = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -52,8 +65,9 @@ def read_rank_errors(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def merge_rank_errors(meta: dict[str, Any], run_dir: Path) -> dict[str, Any]:
-    """``meta`` with the other ranks' errors merged in (a new dict), or ``meta`` itself when
-    no other rank wrote one."""
+    """``meta`` with the other ranks' errors and tool faults merged in (a new dict), or
+    ``meta`` itself when no other rank wrote one."""
+    meta = _merge_rank_faults(meta, run_dir)
     others = read_rank_errors(run_dir)
     if not others:
         return meta
@@ -71,6 +85,22 @@ def merge_rank_errors(meta: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         if merged.get("status") in _BECOMES_FAILED:
             merged["status"] = "failed"
     return merged
+
+
+def _merge_rank_faults(meta: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """``meta`` with the earliest other rank's tool fault as its ``tool_error`` where rank 0
+    kept none; ``meta`` itself otherwise."""
+    if meta.get("tool_error") is not None:
+        return meta
+    faults = [f for f in read_rank_errors(run_dir, RANK_FAULT_PREFIX) if "step" in f]
+    if not faults:
+        return meta
+    first = min(faults, key=lambda f: (_number(f.get("step")), f["rank"]))
+    return {**meta, "tool_error": first}
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, int | float) else math.inf
 
 
 def _time(entry: dict[str, Any]) -> float:

@@ -35,6 +35,7 @@ from .layout import (
     PARTS_DIR,
     PREDICTION_FILE,
     RANK_ERROR_PREFIX,
+    RANK_FAULT_PREFIX,
     RESERVE_FILE,
 )
 from .run_meta import RunMeta
@@ -147,8 +148,9 @@ def replace_run(path: Path) -> None:
         )
     for name in (META_FILE, RESERVE_FILE, FINDINGS_FILE, PREDICTION_FILE):
         (path / name).unlink(missing_ok=True)  # RESERVE_FILE: left by a killed run
-    for stale in path.glob(f"{RANK_ERROR_PREFIX}*.json"):  # the old run's ranks' errors
-        stale.unlink(missing_ok=True)
+    for prefix in (RANK_ERROR_PREFIX, RANK_FAULT_PREFIX):  # the old run's ranks' errors
+        for stale in path.glob(f"{prefix}*.json"):
+            stale.unlink(missing_ok=True)
     shutil.rmtree(parts, ignore_errors=True)
 
 
