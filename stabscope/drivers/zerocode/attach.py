@@ -422,9 +422,16 @@ class ScriptRecording:
         for module, (name, trainable, graded) in zip(
             self._unowned.values(), self._unowned_parameters()
         ):
-            if self.optimizers.training({id(p) for p in trainable}):
-                continue  # an optimizer built for it later
-            nonzero = [p for p in graded if p.grad.is_sparse or bool(p.grad.any())]
+            # Parameters of the recorded model are not another model's (a spectral norm's
+            # parametrization, called alone when it is registered, holds the weight it norms).
+            theirs = {id(p) for p in trainable} - self._owners.model_params
+            if not theirs or self.optimizers.ever_held(theirs):
+                continue  # the model's own, or an optimizer (maybe freed since) held them
+            nonzero = [
+                p
+                for p in graded
+                if id(p) in theirs and (p.grad.is_sparse or bool(p.grad.any()))
+            ]
             if nonzero:
                 found.append(
                     {

@@ -34,9 +34,13 @@ class OptimizerTracker:
         self._built = WeakOptimizers()
         self._original_init: Any = None
         self.constructed = 0  # optimizers built while installed
+        #: ids of the parameters any optimizer held when built: read at the script's end,
+        #: when the optimizers of its loop may already be freed.
+        self.held_when_built: set[int] = set()
 
     def add(self, optimizer: Optimizer) -> None:
         self._built.add(optimizer)
+        self.held_when_built |= trained_parameter_ids(optimizer)
 
     def alive(self) -> list[Optimizer]:
         return list(self._built.alive().values())
@@ -44,6 +48,10 @@ class OptimizerTracker:
     def training(self, params: set[int]) -> list[Optimizer]:
         """The live optimizers that update at least one of ``params``."""
         return [opt for opt in self.alive() if trained_parameter_ids(opt) & params]
+
+    def ever_held(self, params: set[int]) -> bool:
+        """Whether an optimizer held any of ``params``, when built or now (alive)."""
+        return bool(params & self.held_when_built) or bool(self.training(params))
 
     def install(self) -> None:
         """Wrap ``Optimizer.__init__`` so that every new optimizer is added, until ``remove()``."""
