@@ -428,9 +428,7 @@ class ScriptRecording:
             if not theirs or self.optimizers.ever_held(theirs):
                 continue  # the model's own, or an optimizer (maybe freed since) held them
             nonzero = [
-                p
-                for p in graded
-                if id(p) in theirs and (p.grad.is_sparse or bool(p.grad.any()))
+                p for p in graded if id(p) in theirs and (p.grad.is_sparse or bool(p.grad.any()))
             ]
             if nonzero:
                 found.append(
