@@ -137,5 +137,18 @@ def decode_moments(vectors: np.ndarray, numel: np.ndarray) -> dict[str, np.ndarr
 
 
 def is_moment_tensor(t: object) -> bool:
-    """Whether ``t`` is a tensor whose moments we record (floating, non-empty, real)."""
-    return isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() > 0
+    """Whether ``t`` is a tensor whose moments we record (floating, non-empty, real), and
+    not one of ``torch.func``'s wrappers: inside ``grad``/``vmap`` (per-sample gradients
+    through ``functional_call``) a module's output is a wrapper with no storage of its own,
+    whose values no reduction outside the transform may read."""
+    return (
+        isinstance(t, torch.Tensor)
+        and t.is_floating_point()
+        and t.numel() > 0
+        and not _functorch_wrapped(t)
+    )
+
+
+def _functorch_wrapped(t: torch.Tensor) -> bool:
+    check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return bool(check is not None and check(t))
