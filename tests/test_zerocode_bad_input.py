@@ -37,6 +37,15 @@ def test_script_that_raises_partway_keeps_its_steps(tmp_path):
     df = stabscope.load_run(out, metrics=["loss"])
     assert sorted(df.step) == [0, 1, 2]
     assert df.sort_values("step").value.tolist() == pytest.approx([r["loss"] for r in log])
+    # `summary` shows where the script raised, as Python prints it: the script's own frames
+    # (the raise's source line, read from the file), none of the code that ran it.
+    shown = invoke("summary", out).output
+    raise_line = next(
+        line.strip() for line in MLP.read_text().splitlines() if "raise RuntimeError" in line
+    )
+    assert f'File "{MLP}"' in shown and raise_line in shown
+    assert "Traceback (most recent call last):" in shown
+    assert "runpy" not in shown and "stabscope/drivers" not in shown
 
 
 def test_a_raise_after_max_steps_says_where_the_recording_ended(tmp_path):

@@ -61,10 +61,10 @@ def script_failure(path: Path, err: BaseException, where: str) -> ScriptError:
     loc = f" at {path.name}:{frames[-1].lineno}" if frames else ""
     if where == "being imported":  # importing it again shows the same traceback
         hint = f"fix the script (`python {path}` shows the full traceback)"
-    else:  # the run holds it: running the script again would train again, or do nothing
+    else:  # the run holds it too: running the script again would train again
         hint = (
-            "fix the script; the run's meta.json keeps the full traceback (`error.traceback`) "
-            "and what was recorded so far"
+            "fix the script; `stabscope summary` of the run shows its traceback (meta.json's "
+            "`error.traceback`), and what was recorded so far is kept"
         )
     return ScriptError(f"{path.name} raised {type(err).__name__}{loc} while {where}: {err}", hint)
 

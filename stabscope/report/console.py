@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+import runpy
+from pathlib import Path
+
 from rich.console import Console
 from rich.markup import escape
 
@@ -22,6 +26,25 @@ STATUS_STYLE = {
 
 def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.4g}"
+
+
+#: Frames of these files ran the script (stabscope's driver, runpy); the rest are the
+#: script's own and those of the libraries it called.
+_RUNNER_FILES = (str(Path(__file__).resolve().parents[1]), runpy.__file__, "<frozen runpy>")
+_FRAME = re.compile(r'\s*File "([^"]*)"')
+
+
+def script_frames(traceback: object) -> list[str]:
+    """A saved traceback (meta.json's ``error.traceback``: the lines of
+    ``traceback.format_exception``) without the frames of the code that ran the script."""
+    if not isinstance(traceback, list):
+        return []
+    kept = []
+    for entry in traceback:
+        frame = _FRAME.match(str(entry))
+        if frame is None or not frame.group(1).startswith(_RUNNER_FILES):
+            kept.append(str(entry))
+    return kept
 
 
 def print_summary(summary: Summary, console: Console) -> None:
@@ -92,6 +115,9 @@ def print_summary(summary: Summary, console: Console) -> None:
     if s.error:
         error = f"{s.error.get('type')}: {s.error.get('message')}"
         console.print(f"[red]error:[/] {escape(error)}", soft_wrap=True)
+        frames = script_frames(s.error.get("traceback"))
+        if frames:  # where the script raised, as Python would have printed it
+            console.print(escape("".join(frames).rstrip("\n")), style="dim", soft_wrap=True)
 
 
 def print_findings(
