@@ -46,7 +46,8 @@ ITERATIONS = 8
 #: Reasons that hold at one step only: the probe tries again at the next due step.
 NONFINITE_LOSS = "the loss is not finite"
 NOT_STEPPED = "the optimizer has not stepped yet"
-PASSING = (NONFINITE_LOSS, NOT_STEPPED)
+NEGATIVE_LR = "a learning rate is negative"
+PASSING = (NONFINITE_LOSS, NOT_STEPPED, NEGATIVE_LR)
 #: How the note of a run whose budget skipped measurements begins.
 BUDGET_NOTE = "stability_index budget: "
 #: The first measurement's cost before one is timed, in training steps: ``iterations`` double
@@ -167,7 +168,10 @@ def stability_index(
         return f"no stability threshold for {', '.join(sc.unsupported)}"
     if sc.not_ready or not sc.params:
         return NOT_STEPPED
-    lr = max(float(g["lr"]) for opt in optimizers for g in opt.param_groups)
+    lrs = [float(g["lr"]) for opt in optimizers for g in opt.param_groups]
+    if min(lrs) < 0:  # the preconditioner's square root (M = lr ...) has no real value
+        return NEGATIVE_LR
+    lr = max(lrs)
     with paused(*pause), side_forward(model), _math_attention(), torch.enable_grad():
         loss = scalar_loss(forward(model))
         if loss is None:
