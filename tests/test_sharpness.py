@@ -346,3 +346,33 @@ def test_a_clipped_step_is_read_at_its_clipped_size(tmp_path) -> None:
     plain = stability_features(RunView.open(tmp_path / "free"))["stability_now"]
     assert plain.value == pytest.approx(math.log10(math.sqrt(free[4] * free[8])), abs=1e-6)
     assert "clip" not in plain.evidence
+
+
+def test_a_measurement_whose_clip_factor_has_not_landed_waits(tmp_path) -> None:
+    """While a run trains, a step's gradient norms reach host memory at the next sync: the
+    index measured at step 8 of a run that clips every step to 1% has no factor yet when the
+    norms have landed up to step 5. It is left out (its raw 100 would read as 100x past the
+    edge), and the signal reads the measurements whose factor is known. A run that wrote its
+    norms at recorded steps only (step 10 after it, none at 8) saw no clip there: x1."""
+    import math
+
+    from stabscope.rules.stability_features import stability_features
+    from stabscope.rules.view import RunView
+    from tests.rule_runs import write
+
+    def run(name: str, norm_steps: list[int]) -> dict:
+        rows = [(s, "__run__", "stability_index", -1, 100.0) for s in (2, 4, 8)]
+        rows += [(s, "__run__", "stability_lr", -1, 0.1) for s in (2, 4, 8)]
+        rows += [(s, "__run__", "grad_norm", -1, 50.0) for s in norm_steps]
+        rows += [(s, "__run__", "grad_norm_clipped", -1, 0.5) for s in norm_steps]
+        return stability_features(RunView.open(write(tmp_path / name, rows)))
+
+    waiting = run("waiting", list(range(6)))
+    assert waiting["stability_now"].value == pytest.approx(math.log10(1.0), abs=1e-6)
+    assert waiting["stability_now"].step == 4 and waiting["stability_peak"].step == 2
+    landed = run("landed", list(range(9)))
+    assert landed["stability_now"].step == 8
+    assert landed["stability_peak"].value == pytest.approx(0.0, abs=1e-6)  # 100 x 0.01
+    older = run("older", [*range(6), 10])
+    assert older["stability_peak"].value == pytest.approx(2.0, abs=1e-6)  # step 8 read x1
+    assert older["stability_peak"].step == 8

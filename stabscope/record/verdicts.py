@@ -138,6 +138,9 @@ class VerdictActions:
         if self._verdict_trigger:
             self._verdict_trigger = False
             with interrupts.deferred():  # the rows that tripped it, on disk before the check
+                # Every step's pending values too (one transfer): the forecast reads the
+                # gradient norms of the steps its stability index was measured at.
+                self.host_syncs += self.losses.sync(self.rows)
                 self.rows.flush_to_writer()
                 self.writer.flush()
                 self._save_meta()

@@ -72,7 +72,10 @@ def stability_features(view: RunView) -> dict[str, Feature]:
     if s.empty:
         return nan
     factors = clip_factors(view, s.index)
-    s = s * factors
+    s = (s * factors).dropna()  # a measurement whose clip factor has not landed yet waits
+    if s.empty:
+        why = "stability index: the clip's factor at its measured steps has not landed yet"
+        return {name: Feature(name, math.nan, why) for name in nan}
     last = int(s.index[-1])
     # The last two measurements, geometric mean: one Lanczos estimate on one probe batch
     # wobbles by a factor ~2 from step to step near the edge. Raw, not floored: the crossing
@@ -117,21 +120,33 @@ def stability_features(view: RunView) -> dict[str, Feature]:
 def clip_factors(view: RunView, steps: pd.Index) -> pd.Series:
     """(len(steps),) the factor the script's gradient clip scaled each of ``steps``' update
     by: the norm after the clip over the norm before it (``grad_norm_clipped`` /
-    ``grad_norm``, at most 1); 1 at a step without a clip. The index is the step's size in
+    ``grad_norm``, at most 1); 1 at a step without a clip; NaN at a step whose norms have not
+    landed yet in a run that clips. The index is the step's size in
     units of the edge, and a clip shrinks the step: under SGD by the factor itself; under
     Adam its moments hold clipped gradients, so the measured index (the state's √v against
     the probe batch's unclipped Hessian) reads 1/factor too high, and the factor puts it
     back. A clip to 0.05 of a recurrent net's gradients of norm ~17 read an index of 310
     for a run that trains (0.9 scaled)."""
     g = view.metrics("grad_norm", "grad_norm_clipped")
-    g = g[(g.module == RUN_MODULE) & g.step.isin(steps)]
-    wide = g.pivot_table(index="step", columns="metric", values="value", aggfunc="mean")
-    if "grad_norm_clipped" not in wide or "grad_norm" not in wide:
-        return pd.Series(1.0, index=steps)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = (wide["grad_norm_clipped"] / wide["grad_norm"]).to_numpy(float)
-    ratio = np.where(np.isfinite(ratio) & (ratio > 0), np.minimum(ratio, 1.0), 1.0)
-    return pd.Series(ratio, index=wide.index).reindex(steps, fill_value=1.0)
+    g = g[g.module == RUN_MODULE]
+    if not (g.metric.astype(str) == "grad_norm_clipped").any():
+        return pd.Series(1.0, index=steps)  # no clip seen
+    landed = int(g.step.max())
+    wide = g[g.step.isin(steps)].pivot_table(
+        index="step", columns="metric", values="value", aggfunc="mean"
+    )
+    factors = pd.Series(np.nan, index=steps)
+    if "grad_norm_clipped" in wide and "grad_norm" in wide:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = (wide["grad_norm_clipped"] / wide["grad_norm"]).to_numpy(float)
+        ratio = np.where(np.isfinite(ratio) & (ratio > 0), np.minimum(ratio, 1.0), 1.0)
+        factors = pd.Series(ratio, index=wide.index).reindex(steps)
+    # A step after the last whose norms have landed (a run judged while it trains: a step's
+    # norms reach host memory at the next sync) has a factor not known yet: NaN, and the
+    # measurement waits. One up to it without a clip's norms (no clip that step, or a run
+    # that wrote its norms only at its recorded steps) had no clip seen: 1.
+    late = np.asarray(steps) > landed
+    return factors.where(factors.notna() | late, 1.0)
 
 
 def crossing(now: float, ahead: Ahead, steps: np.ndarray, lrs: np.ndarray) -> Feature:
