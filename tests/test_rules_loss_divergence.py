@@ -6,6 +6,7 @@ no finding. The levels are recomputed here from the recorded losses with numpy."
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -178,3 +179,28 @@ def test_a_loss_at_exactly_zero_is_judged_without_raising(tmp_path):
     assert set(stabscope.load_run(tmp_path / "zero", metrics=["loss"]).value) == {0.0}
     result = check_run(tmp_path / "zero")
     assert "loss-divergence" not in result.failed and found(tmp_path / "zero") == []
+
+
+def test_a_loss_that_hovers_about_zero_is_a_surrogate_not_a_divergence(tmp_path):
+    """A loss centred on zero (a policy gradient's -log pi(a)*A over centred advantages)
+    that dips and rises as its entropy bonus does: it changes sign at a third of its steps,
+    so its rise is a warning. The same losses 1.0 higher change sign nowhere: an error. The
+    share of sign changes is counted here by hand."""
+    from stabscope.rules.loss_divergence import sign_changes
+    from tests.rule_runs import write
+
+    rng = np.random.default_rng(0)
+    trend = np.concatenate([np.linspace(0.0, -0.03, 50), np.linspace(-0.03, 0.04, 150)])
+    losses = trend + 0.02 * rng.standard_normal(200)
+    share = np.mean(np.sign(losses[1:]) != np.sign(losses[:-1]))
+    assert 0.1 < share == pytest.approx(sign_changes(pd.Series(losses)))
+
+    def judged(name: str, values: np.ndarray) -> list:
+        rows = [(s, "__run__", "loss", -1, float(v)) for s, v in enumerate(values)]
+        found = check_run(write(tmp_path / name, rows)).findings
+        return [f for f in found if f.rule == "loss-divergence"]
+
+    (f,) = judged("centred", losses)
+    assert f.severity == "warning" and f"changes sign at {share:.0%}" in f.message
+    (g,) = judged("shifted", losses + 0.06)
+    assert g.severity == "error"

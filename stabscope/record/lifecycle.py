@@ -24,7 +24,7 @@ from ..store import interrupts
 from ..store import lock as locks
 from ..store.rank_errors import merge_rank_errors, write_rank_error, write_rank_fault
 from ..structure import discover
-from . import clip_sites, grad_calls, warning_display
+from . import clip_sites, grad_calls, model_samples, warning_display
 from .run_meta import error_entry
 from .tool_faults import FAULTS, fault_note
 
@@ -86,6 +86,7 @@ class RunLifecycle:
             clip_sites.listen(self.step_norms.on_clip)
             self.step_norms.watch()
             grad_calls.watch()
+            model_samples.listen(self._on_model_sample)
             if self._plan_at_optimizer_step:
                 # Opened by the first step(): that step's forward, backward and optimizer step
                 # have run unseen, and its weights are already the next step's. Only its loss
@@ -180,6 +181,7 @@ class RunLifecycle:
         self._optimizer_hooks.clear()
         clip_sites.unlisten(self.step_norms.on_clip)
         grad_calls.unwatch()
+        model_samples.unlisten(self._on_model_sample)
         self.step_norms.release()
 
     def _write_remaining(self) -> BaseException | None:

@@ -380,6 +380,14 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
             self.meta["lr_plan"] = plan
         return plan is not None
 
+    @guarded("a draw from the model's outputs")  # runs inside the script's sampling call
+    def _on_model_sample(self, function: str) -> None:
+        """The script drew from a distribution its model output (``model_samples``): once,
+        in meta.json (``samples_model``, saved now for the rules judging while it trains)."""
+        if "samples_model" not in self.meta:
+            self.meta["samples_model"] = {"function": function, "step": self.step_index}
+            self._save_meta()
+
     @guarded("an optimizer step's start")
     def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kw: Any) -> Any:
         if not self.optimizer_watch.owns(optimizer):

@@ -74,7 +74,19 @@ Three kinds of run are read apart:
   diverged by the same tests, the loss rose with its targets' spread (a value network's
   bootstrapped targets, returns that grow as a policy learns): a warning. A diverging
   regression or classifier rises against a bar that stays put. The loss checks while a
-  run trains read each step's bar beside its loss (record/losses.py), so it holds there too.
+  run trains read each step's bar beside its loss (record/losses.py), so it holds there too;
+- a loss that hovers about zero: it changes sign between at least ``sign_changes`` (10%) of
+  its consecutive steps. An error measure (a cross-entropy, a squared error, an NLL) does
+  not: it is at or above 0, or crosses 0 once on its way down (a flow's NLL). A surrogate
+  does: a policy gradient's −log π(a)·A over centred advantages is 0 on average whatever
+  the policy, and its entropy bonus −β·H rises as the policy sharpens, which is the policy
+  learning (blind trial 34: a REINFORCE run whose return went to its maximum while this
+  loss rose from −0.02 to +0.04, changing sign at 30% of its steps). A warning, not an
+  error: its level says nothing of progress;
+- a loss of samples drawn from the model's own outputs (meta.json ``samples_model``:
+  ``torch.multinomial``, ``bernoulli`` or ``normal`` on a tensor that requires grad, as
+  ``Categorical(logits=policy(x)).sample()`` calls it; record/model_samples.py): the same
+  surrogate, whatever its sign. A warning.
 
 What it cannot see: a run that never learned and did not get worse (its ``start`` is its
 ``best``), and one that learned only a little before it stalled; those need a reference the
@@ -293,6 +305,12 @@ def against_the_bar(view: RunView, series: pd.Series) -> pd.Series | None:
     return series / bars
 
 
+def sign_changes(series: pd.Series) -> float:
+    """The share of consecutive losses of opposite signs (a 0 counts as no sign)."""
+    signs = np.sign(series.to_numpy(float))  # (n,)
+    return float(np.mean(signs[1:] * signs[:-1] < 0)) if len(signs) > 1 else 0.0
+
+
 def _loss_divergence(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     if a_game(view):
         return
@@ -311,6 +329,22 @@ def _loss_divergence(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
             f"; but on one fixed batch the model's loss went {held[0]:.4g} -> {held[1]:.4g} "
             f"-> {held[2]:.4g} (probe_loss): it kept what it learned there, so its batches "
             "got harder (a curriculum, a drifting stream), not the model worse"
+        )
+    elif sampled := view.meta.doc.get("samples_model"):
+        severity = "warning"
+        message += (
+            f"; but the script draws from its model's own outputs (torch."
+            f"{sampled.get('function')} from step {sampled.get('step')} on): an on-policy "
+            "surrogate (a policy gradient's -log pi(a)*A, an entropy bonus that rises as the "
+            "policy sharpens) whose level says nothing of progress; judge the run by its return"
+        )
+    elif (flips := sign_changes(series)) >= p["sign_changes"]:
+        severity = "warning"
+        message += (
+            f"; but the loss changes sign at {flips:.0%} of its steps: it hovers about zero, "
+            "a surrogate whose level says nothing of progress (a policy gradient's "
+            "-log pi(a)*A over centred advantages, with an entropy bonus that rises as the "
+            "policy sharpens)"
         )
     elif relative is not None and divergence(relative, p) is None:
         severity = "warning"
@@ -346,6 +380,7 @@ LOSS_DIVERGENCE = Rule(
         "min_steps": 2 * MIN_WINDOW,
         "min_window": MIN_WINDOW,
         "min_z": 3.0,
+        "sign_changes": 0.1,
     },
     _loss_divergence,
     "error",

@@ -279,6 +279,7 @@ META = Record(
             required=("where", "step", "type", "message"),
         ),
         "lr_plan": LR_PLAN,
+        "samples_model": Record({"function": STR, "step": INT}, required=("function",)),
         "optimizers": ListOf(OPTIMIZER),
         "online": ONLINE,
         "stopped_by": Record(ONLINE_FINDING.fields, ONLINE_FINDING.required, nullable=True),
