@@ -47,11 +47,18 @@ class NextToken(nn.Module):
 
 
 def train(
-    run, sees_input: bool, budget: int = STEPS, steps: int = STEPS, warmup: int = 0
+    run,
+    sees_input: bool,
+    budget: int = STEPS,
+    steps: int = STEPS,
+    warmup: int = 0,
+    lr: float = 1e-2,
 ) -> NextToken:
     torch.manual_seed(0)
     model = NextToken(sees_input)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for group in opt.param_groups:
+        group["lr"] = lr  # torch refuses a negative lr only when the optimizer is built
     ramp = lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0  # noqa: E731
     rise = torch.optim.lr_scheduler.LambdaLR(opt, ramp)
     g = torch.Generator().manual_seed(1)
@@ -109,6 +116,20 @@ def test_a_model_whose_input_never_arrives_is_an_error_at_the_planned_end(tmp_pa
     marginal = float(np.median([model.constant[s] for s in last]))
     assert f"H(p̄) {marginal:.4g}" in found.message
     assert found.step == last[-1]
+    assert "learned its outputs' marginal" in found.message  # its loss is near H(p̄)
+
+
+def test_one_confident_wrong_prediction_is_not_called_the_marginal(tmp_path):
+    """The same model trained up its loss (a negative lr): one prediction everywhere, with
+    its mass on tokens the chain rarely gives, so its loss ends far above H(p̄), which the
+    finding says instead of "learned its outputs' marginal"."""
+    model = train(tmp_path, sees_input=False, lr=-1e-2)
+    assert info_share(model) == pytest.approx(0.0, abs=1e-9)
+    loss = stabscope.load_run(tmp_path, metrics="loss").sort_values("step").value
+    (found,) = findings(tmp_path)
+    assert loss.iloc[-10:].median() > 2 * model.constant[-1]
+    assert "confidently, and they are wrong" in found.message
+    assert "learned its outputs' marginal" not in found.message
 
 
 def test_before_the_planned_end_or_on_a_short_budget_it_says_nothing(tmp_path):

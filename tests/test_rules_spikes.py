@@ -145,3 +145,13 @@ def test_log_z_score_against_a_direct_computation():
     logs = np.log([0.38, 0.48])
     assert (np.log(0.80) - logs.mean()) / logs.std() < DEFAULTS["z"] < raw.z.iloc[0]
     assert spikes(blip, p).empty
+
+
+def test_a_spike_above_a_negative_mean_is_said_as_a_difference():
+    """A loss below zero (a flow's NLL) that jumps to above it: the ratio to a negative mean
+    (-2x) would read as a fall; the message gives the rise itself."""
+    values = [-0.02, -0.018] * 32 + [0.036]
+    found = spikes(pd.Series(values), {**DEFAULTS, "min_rise": 0.1})
+    assert found.step.tolist() == [64]
+    message = _finding(LOSS_SPIKE, "loss", found, {**DEFAULTS, "min_rise": 0.1}, "").message
+    assert f"({0.036 - np.mean(values[:64]):+.3g})" in message and "x)" not in message

@@ -78,6 +78,12 @@ def spikes(series: pd.Series, p: dict[str, float]) -> pd.DataFrame:
     )
 
 
+def _rise(value: float, mean: float) -> str:
+    """How far above the mean: a ratio where the mean is positive; a difference where it is
+    not (a loss below zero, a flow's NLL: a ratio of -2x would read as a fall)."""
+    return f"{value / mean:.2f}x" if mean > 0 else f"{value - mean:+.3g}"
+
+
 def _finding(
     rule: Rule, what: str, found: pd.DataFrame, p: dict[str, float], remedy: str
 ) -> Finding:
@@ -90,7 +96,7 @@ def _finding(
         f"{what} {first.value:.4g} at step {int(first.step)} is {first.z:.3g} standard "
         f"deviations{' of its logarithm' if p.get('log') else ''} above the "
         f"{'geometric ' if p.get('log') else ''}mean {first['mean']:.4g} of the previous "
-        f"{int(first['seen'])} steps ({first.value / first['mean']:.2f}x){more}",
+        f"{int(first['seen'])} steps ({_rise(first.value, first['mean'])}){more}",
         module=RUN_MODULE,
         step=int(first.step),
         value=float(first.z),
