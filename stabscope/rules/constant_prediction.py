@@ -126,7 +126,7 @@ def _constant_prediction(view: RunView, p: dict[str, float]) -> Iterator[Finding
         f"{level / marginal:.0%} of the {marginal:.4g} nats of predicting p̄ everywhere: it "
         "learned its outputs' marginal and little more"
         if level <= 2 * marginal
-        else f"far above H(p̄): it puts its mass on the same outputs whatever the input, "
+        else "far above H(p̄): it puts its mass on the same outputs whatever the input, "
         "confidently, and they are wrong"
     )
     yield finding(
