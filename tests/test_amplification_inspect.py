@@ -85,3 +85,26 @@ def test_inspect_tree_and_json():
     assert data["blocks"][0]["alpha"] == round((2 * 8) ** 0.25, 6)  # DeepNet's α = (2N)^(1/4)
     res = runner.invoke(app, ["inspect", str(SAMPLES / "mlp.py")])
     assert res.exit_code == 0 and "not recognised" in res.stderr
+
+
+def test_inspect_of_a_run_shows_the_structure_it_recorded(tmp_path):
+    """A run directory: the structure in its meta.json, the same as inspecting the script
+    with the same settings; a directory that is no run is one error line."""
+    run = tmp_path / "run"
+    sets = ["--set", "norm=post", "--set", "depth=3"]
+    res = runner.invoke(
+        app, ["profile", str(SAMPLES / "gpt.py"), "--steps", "2", "--out", str(run), "-q", *sets]
+    )
+    assert res.exit_code == 0, res.output
+    recorded = runner.invoke(app, ["inspect", str(run), "--json"])
+    assert recorded.exit_code == 0, recorded.output
+    assert json.loads(recorded.stdout) == stabscope.read_meta(run)["structure"]
+    from_script = runner.invoke(app, ["inspect", str(SAMPLES / "gpt.py"), "--json", *sets])
+    assert json.loads(recorded.stdout)["blocks"] == json.loads(from_script.stdout)["blocks"]
+    tree = runner.invoke(app, ["inspect", str(run)])
+    assert tree.exit_code == 0 and "(3 blocks)" in tree.stderr and "Post-LN" in tree.stderr
+    empty = runner.invoke(app, ["inspect", str(tmp_path / "nothing")])
+    assert empty.exit_code == 2 and "no such script" in empty.stderr
+    (tmp_path / "folder").mkdir()
+    folder = runner.invoke(app, ["inspect", str(tmp_path / "folder")])
+    assert folder.exit_code == 2 and "is a directory, not a script" in folder.stderr

@@ -15,7 +15,13 @@ from .common import app, err, fail
 
 @app.command()
 def inspect(
-    script: Annotated[Path, typer.Argument(help="Model script (see README: Model scripts).")],
+    script: Annotated[
+        Path,
+        typer.Argument(
+            help="Model script (see README: Model scripts), or a run directory: the structure "
+            "it recorded."
+        ),
+    ],
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Override a CONFIG value (repeatable).")
     ] = None,
@@ -25,11 +31,49 @@ def inspect(
     seed: Annotated[int, typer.Option(help="Seed for building the model.")] = 0,
 ) -> None:
     """Show the detected structure: blocks, branches, norm placement, attention heads."""
+    from ..store.rundir import is_run_dir
+
     try:
+        if script.is_dir() and is_run_dir(script):
+            if set_:
+                raise UsageError(
+                    "--set changes a model script's CONFIG; a run's structure is as recorded",
+                    hint=f"stabscope inspect {script}",
+                )
+            _inspect_run(script, as_json)
+            return
         values.seed(seed)
         _inspect(script, set_ or [], as_json, seed)
     except UsageError as e:
         raise fail(e) from None
+
+
+def _inspect_run(run_dir: Path, as_json: bool) -> None:
+    """The structure a run recorded (meta.json's ``structure``), as ``inspect`` shows a
+    script's."""
+    import json
+
+    from ..report.structure_tree import print_structure
+    from ..store import NotARunError, read_meta
+    from ..store.structure import Structure
+
+    try:
+        meta = read_meta(run_dir)
+    except NotARunError as e:
+        raise UsageError(str(e), hint="pass a run directory written by stabscope") from None
+    recorded = meta.get("structure")
+    if not isinstance(recorded, dict):
+        raise UsageError(
+            f"{run_dir} recorded no structure",
+            hint="a run records its structure at its first recorded step",
+        )
+    if as_json:
+        typer.echo(json.dumps(recorded, indent=1))
+        return
+    structure = Structure.from_dict(recorded)
+    model = meta.get("model_type") or "the model"
+    title = f"{model} recorded in {run_dir} ({len(structure.blocks)} blocks)"
+    print_structure(structure, title, err)
 
 
 def _inspect(script: Path, sets: list[str], as_json: bool, seed: int) -> None:

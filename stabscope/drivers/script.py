@@ -72,6 +72,8 @@ def script_failure(path: Path, err: BaseException, where: str) -> ScriptError:
 def script_path(path: str | Path) -> Path:
     """The resolved path of an existing ``.py`` file; bad input otherwise."""
     path = Path(path).resolve()
+    if path.is_dir():
+        raise UsageError(f"{path} is a directory, not a script", hint="pass a Python script")
     if not path.is_file():
         raise UsageError(f"no such script: {path}", hint="pass the path of a Python script")
     if path.suffix != ".py":
