@@ -83,7 +83,10 @@ def test_script_without_any_optimizer_or_model(tmp_path):
     script.write_text("import torch\nprint(torch.nn.Linear(2, 2)(torch.ones(1, 2)).shape)\n")
     res, out, _ = profile(tmp_path, script=script)
     assert_one_line_error(
-        res, "forward_only.py does not define model, batches, loss and, run as a training script"
+        res,
+        "forward_only.py is no model script (it does not define model, batches, loss); as a "
+        "training script it ended without calling optimizer.step() of a torch.optim",
+        "an update written by hand (p -= lr * p.grad) is not seen",
     )
     meta = stabscope.read_meta(out)
     assert meta["status"] == "failed" and meta["modules"] == []

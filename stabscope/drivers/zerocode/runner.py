@@ -291,17 +291,19 @@ def _require_steps(recording: ScriptRecording, path: Path, ending: str) -> None:
         return
     # A file that built no optimizer may have been meant as a model script: say both readings.
     missing = [] if recording.optimizers.constructed else missing_entry_points(path)
-    what = (
-        f"{path.name} does not define {', '.join(missing)} and, run as a training script, "
-        if missing
-        else f"{path.name} "
-    )
+    what = f"{path.name} "
+    if missing:  # read both ways: a model script lacks these, a training script did this
+        what = f"{path.name} is no model script (it does not define {', '.join(missing)}); as a "
+        what += "training script it "
     if recording.optimizer_steps == 0:
         problem = UsageError(
-            f"{what}{ending} without calling optimizer.step(): nothing was recorded",
-            hint="a training script builds a torch.optim optimizer and calls optimizer.step() "
-            "(docs/zero-code.md); one that trains in processes it starts itself "
-            "(torch.multiprocessing.spawn) is profiled under torchrun instead (`torchrun "
+            f"{what}{ending} without calling optimizer.step() of a torch.optim optimizer: "
+            "nothing was recorded",
+            hint="stabscope marks each training step at optimizer.step(): an update written by "
+            "hand (p -= lr * p.grad) is not seen; use torch.optim.SGD for it, or record the "
+            "loop with the Python API (Recorder, rec.step(loss) each step; README); one "
+            "that trains in processes it starts itself "
+            "(torch.multiprocessing.spawn) is profiled under torchrun (`torchrun "
             "--nproc_per_node=N -m stabscope profile ...`); a model script defines model(cfg), "
             "batches(cfg) and loss(model, batch) (README: Model scripts)",
         )
