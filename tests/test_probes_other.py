@@ -194,6 +194,39 @@ def test_adam_eps_ratio(tmp_path):
     )
 
 
+class SpectralFilter(nn.Module):
+    """A learned complex filter in the frequency domain: one complex weight per frequency."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(n // 2 + 1, dtype=torch.cfloat) * 0.1 + 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (B, n)
+        return torch.fft.irfft(torch.fft.rfft(x) * self.w, n=x.shape[-1])
+
+
+def test_adam_eps_ratio_of_a_complex_parameter(tmp_path, recwarn):
+    """Adam steps a complex parameter through its real view: v holds the real and imaginary
+    parts' second moments, and the ratio reads all of them (no complex-to-real cast). The
+    stability index leaves the complex parameter out (its Hessian is over the real view's
+    pairs) and measures the others."""
+    torch.manual_seed(0)
+    model = nn.Sequential(SpectralFilter(16), nn.Tanh(), nn.Linear(16, 16))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, eps=1e-8)
+    x = torch.randn(8, 16)
+    forward = lambda m: (m(x) - x.roll(1, -1)).pow(2).mean()  # noqa: E731
+    record_steps(model, tmp_path, forward, opt, 3, schedule=Schedule(3, 0))
+    df = stabscope.load_run(tmp_path, phase="train")
+    # The stability index (at step 2) reads the real parameters only: measured, no cast.
+    assert value(df, "__run__", "stability_index", step=2) > 0
+    p = model[0].w
+    v = torch.view_as_real(opt.state[p]["exp_avg_sq"]).double()  # (9, 2), after step 2
+    v_hat = v / (1 - 0.999 ** float(opt.state[p]["step"]))
+    expected = v_hat.mean().sqrt().item() / 1e-8
+    assert value(df, "0.w", "adam_sqrtv_over_eps", step=2) == pytest.approx(expected, rel=1e-5)
+    assert not [w for w in recwarn if "complex" in str(w.message).lower()]
+
+
 def test_model_update_in_full_preset(tmp_path):
     before, after, forward, _, df = run_sample(tmp_path, preset="full", steps=3)
 

@@ -46,9 +46,13 @@ class AdamEpsProbe(BaseProbe):
                 # those get no bias correction (it only matters for the first ~1/(1-β₂) steps).
                 correction = 1.0 if on_device else 1.0 - float(betas[1]) ** float(step)
                 codes.append(code)
-                scale.append((full_numel(p) * correction, eps))
+                # A complex parameter's v holds its real and imaginary parts' second moments
+                # (Adam steps the real view): two values an element.
+                v = local_tensor(v.detach())
+                pair = 2 if v.is_complex() else 1
+                scale.append((full_numel(p) * pair * correction, eps))
                 # The full parameter's count (FSDP: not the shard's), the sum the local shard's.
-                squares.append(local_tensor(v.detach()))
+                squares.append(torch.view_as_real(v) if v.is_complex() else v)
         if squares:
             if host_params.usable(squares):  # one threaded pass over all of them
                 sums = torch.from_numpy(host_params.totals(squares))

@@ -83,7 +83,9 @@ def _walk(
         for group in opt.param_groups:
             lr = float(group["lr"])  # a number or a 0-d tensor
             for p in group["params"]:
-                if not p.requires_grad:
+                # A complex parameter is left out: its Hessian is over the real view's pairs,
+                # which the index's real Lanczos vectors do not span.
+                if not p.requires_grad or p.is_complex():
                     continue
                 if kind not in SUPPORTED:
                     if kind not in out.unsupported:
