@@ -135,7 +135,16 @@ def test_empty_corrupt_foreign_and_running_runs_render_with_warnings(tmp_path):
     res = report(empty, corrupt, "-o", tmp_path / "r.html")
     assert res.exit_code == 0, res.output
     err = res.stderr
-    assert "empty: no readable rows" in err
+    assert "empty: no readable rows (no parts written)" in err
+    gone = tmp_path / "gone"  # a run whose meta.json counts rows, its parts deleted since
+    gone.mkdir()
+    meta = json.loads((tmp_path / "seed" / "meta.json").read_text())
+    (gone / "meta.json").write_text(json.dumps({**meta, "rows": 1954}))
+    res = report(gone, "-o", tmp_path / "g.html")
+    assert res.exit_code == 0, res.output
+    assert "gone: no readable rows (meta.json counts 1,954 rows written; their parts are gone)" in (
+        res.stderr
+    )
     assert "skipping unreadable part" in err and "part-000900" in err
     assert "part-000901.parquet with another schema" in err
     assert "corrupt: still running (pid" in err  # its pid, this process, is alive

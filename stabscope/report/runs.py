@@ -70,7 +70,12 @@ def open_run(path: str | Path, name: str) -> Run:
             f"{name}: {run.state.detail}; the report shows the parts written so far"
         )
     if not parts.files:
-        why = "no parts written yet" if run.state.status == "running" else "no parts written"
+        if run.state.status == "running":
+            why = "no parts written yet"
+        elif meta.rows:  # meta.json counts rows that no part on disk holds now
+            why = f"meta.json counts {meta.rows:,} rows written; their parts are gone"
+        else:
+            why = "no parts written"
         run.warnings.append(f"{name}: no readable rows ({why})")
     run.layers, run.depth_source = depth_axis(meta)
     return run

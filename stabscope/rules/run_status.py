@@ -78,8 +78,8 @@ def _run_status(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
             if written
             else f"nothing was recorded (status {state.status}): the run has no readable rows",
             value=0.0,
-            remedy="the parts under parts/ are damaged (the warnings name them): restore them "
-            "from a copy, or profile again"
+            remedy="the parts under parts/ are missing or damaged (a damaged one is named in a "
+            "warning): restore them from a copy, or profile again"
             if written
             else "profile at least one step; check the module filters (--include/--exclude)",
         )
