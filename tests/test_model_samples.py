@@ -82,3 +82,17 @@ def test_sampling_under_no_grad_is_not_a_policy(tmp_path):
     _, _, run = run_both(tmp_path, CLASSIFIER, RecorderConfig(online_rules=False))
     assert "samples_model" not in load_meta(run).doc
     assert not model_samples._originals  # nothing left wrapped
+
+
+def test_profile_prints_each_note_once(tmp_path):
+    """The run's notes are printed by its summary; the driver's own notes that meta.json also
+    holds (the loss not replayed: its sampled actions differ at each replay) are not again."""
+    from tests.test_cli import invoke
+
+    script = tmp_path / "reinforce.py"
+    script.write_text(REINFORCE)
+    res = invoke("profile", script, "--out", tmp_path / "run", "--", tmp_path / "log.json")
+    assert res.exit_code == 0, res.output
+    notes = [line for line in res.stderr.splitlines() if line.startswith("note:")]
+    assert notes and len(notes) == len(set(notes))
+    assert sum("not replayed" in n for n in notes) == 1

@@ -248,7 +248,8 @@ def _print_profile_result(
     from .verdict import withdrawn
 
     notes = [*notes, *withdrawn(run_dir)]
-    for note in notes:
+    shown = {str(n) for n in headline.notes}  # the summary printed meta.json's notes
+    for note in dict.fromkeys(n for n in notes if n not in shown):
         err.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
     where = escape(str(run_dir))
     err.print(
