@@ -222,3 +222,15 @@ def test_header_shows_a_model_scripts_config_or_a_training_scripts_arguments(tmp
     row = re.search(r"<tr><th>script config or arguments</th>(.*?)</tr>", html).group(1)
     cells = re.findall(r"<td>(.*?)</td>", row)
     assert cells == ["depth=24, norm=post", "<code>--lr &lt;img src=x onerror=alert(1)&gt;</code>"]
+
+
+def test_the_training_cell_names_what_each_value_is():
+    """A zero-code run records its optimizer and seed but no device: "Adam, seed 0", not
+    "Adam, 0" (a seed that read as a device)."""
+    from stabscope.report.sections.header import _training
+    from stabscope.store.run_meta import RunMeta
+
+    assert _training(RunMeta({"run": {"optimizer": "Adam", "seed": 0}})) == "Adam, seed 0"
+    full = RunMeta({"run": {"optimizer": "AdamW", "device": "cpu", "seed": 3}})
+    assert _training(full) == "AdamW, on cpu, seed 3"
+    assert _training(RunMeta({"run": {}})) == "–"

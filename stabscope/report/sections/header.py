@@ -109,8 +109,14 @@ def _steps(run: Run) -> str:
 
 
 def _training(meta: RunMeta) -> str:
+    """``AdamW, on cuda, seed 0``: each part where the run knows it (a zero-code run records
+    no device), named, so a lone seed does not read as a device."""
     info = meta.run_info
-    return esc(", ".join(str(info[k]) for k in ("optimizer", "device", "seed") if k in info) or "–")
+    said = [str(info["optimizer"])] if "optimizer" in info else []
+    said += [
+        f"{word} {info[key]}" for key, word in (("device", "on"), ("seed", "seed")) if key in info
+    ]
+    return esc(", ".join(said) or "–")
 
 
 def _times(meta: RunMeta) -> str:
