@@ -581,6 +581,49 @@ def test_a_second_model_is_named_by_the_module_the_script_calls(tmp_path):
     }
 
 
+def test_two_models_of_one_class_are_named_by_the_scripts_variables(tmp_path):
+    """A two-tower recommender: two ``Tower`` models and an ``nn.Sequential`` scorer, each
+    called on its own and trained by one optimizer. Their classes cannot tell them apart, so
+    the recorded names are the script's variables (``user_tower``, ``item_tower``, ``scorer``),
+    read from the frame of its ``main()``."""
+    script = write(
+        tmp_path,
+        "towers.py",
+        """
+        import torch
+        from torch import nn
+        class Tower(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.emb = nn.Linear(6, 4)
+            def forward(self, x):
+                return self.emb(x)
+        def main():
+            torch.manual_seed(0)
+            user_tower, item_tower = Tower(), Tower()
+            scorer = nn.Sequential(nn.Linear(1, 1))
+            params = [*user_tower.parameters(), *item_tower.parameters(), *scorer.parameters()]
+            opt = torch.optim.SGD(params, lr=0.1)
+            for step in range(3):
+                u, i = user_tower(torch.randn(8, 6)), item_tower(torch.randn(8, 6))
+                score = scorer((u * i).sum(-1, keepdim=True))
+                loss = nn.functional.binary_cross_entropy_with_logits(score, torch.ones(8, 1))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        main()
+        """,
+    )
+    run = tmp_path / "run"
+    profile_training_script(script, [], run, RecorderConfig())
+    names = {p["name"] for p in stabscope.read_meta(run)["parameters"]}
+    assert names == {
+        *(f"{tower}.emb.{w}" for tower in ("user_tower", "item_tower") for w in ("weight", "bias")),
+        "scorer.0.weight",
+        "scorer.0.bias",
+    }
+
+
 def test_a_gradient_penalty_imported_by_name_is_not_the_losss_gradient(tmp_path):
     """WGAN-GP with ``from torch.autograd import grad`` at the script's top (before any run
     opens): the critic's head gets the loss's gradient for its real and fake calls only."""

@@ -260,7 +260,7 @@ class ScriptRecording:
             module = enclosing_model(module, trained, live)
             others = other_trained_models(module, trained - parameter_ids(module), live)
             if others:
-                module = TrainedModels([module, *others])
+                module = TrainedModels([module, *others], self.run_info.get("script"))
                 self.notes.append(
                     f"{len(others) + 1} trained models recorded as one, under the names "
                     f"{', '.join(module)}; a step ends once every optimizer has stepped"

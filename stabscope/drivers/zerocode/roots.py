@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import re
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -130,19 +131,56 @@ def _is_module(obj: object) -> bool:
     return issubclass(type(obj), nn.Module)
 
 
+#: Classes whose name says nothing of which model it is.
+GENERIC = frozenset({"Sequential", "Module"})
+
+
 class TrainedModels(nn.ModuleDict):
     """Several separately called models trained in one script, recorded as one: each under
-    its class name in snake case (``generator``, ``discriminator``). Never called itself."""
+    its class name in snake case (``generator``, ``discriminator``); where two share a class,
+    or the class is generic (``nn.Sequential``), under the script's own variable name for it
+    (``user_tower``, ``item_tower``), when a frame of the script holds one. Never called
+    itself."""
 
-    def __init__(self, models: list[nn.Module]) -> None:
+    def __init__(self, models: list[nn.Module], script: str | None = None) -> None:
+        classes = [type(unwrap_model(m)).__name__ for m in models]
+        variables = variable_names(models, script)
         names: dict[str, nn.Module] = {}
-        for m in models:
-            base = re.sub(r"(?<!^)(?=[A-Z])", "_", type(unwrap_model(m)).__name__).lower()
+        for m, cls in zip(models, classes):
+            base = re.sub(r"(?<!^)(?=[A-Z])", "_", cls).lower()
+            own = variables.get(id(m))
+            if (classes.count(cls) > 1 or cls in GENERIC) and own and _free(own, names):
+                base = own
             name, k = base, 2
             while name in names:
                 name, k = f"{base}_{k}", k + 1
             names[name] = m
         super().__init__(names)
+
+
+def _free(name: str, taken: dict[str, nn.Module]) -> bool:
+    """Whether ``name`` can key a ModuleDict: not taken, and no attribute of one."""
+    return name not in taken and not hasattr(nn.ModuleDict, name) and "." not in name
+
+
+def variable_names(models: list[nn.Module], script: str | None) -> dict[int, str]:
+    """id -> the name the script binds each of ``models`` to: the first variable that holds
+    it in the innermost frame of ``script`` on the stack (its locals, then its globals).
+    Empty where no frame of the script is running."""
+    if script is None:
+        return {}
+    wanted = {id(m) for m in models}
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename != script:
+        frame = frame.f_back
+    if frame is None:
+        return {}
+    found: dict[int, str] = {}
+    for scope in (frame.f_locals, frame.f_globals):
+        for name, value in scope.items():
+            if id(value) in wanted and id(value) not in found and not name.startswith("_"):
+                found[id(value)] = name
+    return found
 
 
 def call_unwrapped(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
