@@ -150,5 +150,7 @@ def is_moment_tensor(t: object) -> bool:
 
 
 def _functorch_wrapped(t: torch.Tensor) -> bool:
+    if torch.compiler.is_compiling():  # Dynamo's tensors are its own, and it cannot trace this
+        return False
     check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
     return bool(check is not None and check(t))

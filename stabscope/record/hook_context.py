@@ -56,4 +56,15 @@ def compiling() -> bool:
     return bool(is_compiling and is_compiling())
 
 
-__all__ = ["compiling", "in_backward", "outside_modes", "primary_tensor"]
+def eager(hook: Callable[..., Any]) -> Callable[..., Any]:
+    """``hook`` run as Python even inside a compiled function: an optimizer step hook in a
+    ``torch.compile(opt.step)``. Traced, its host work (a loss read, a row emitted) broke the
+    compiled step into pieces and recompiled the recorder's code up to Dynamo's limit, each
+    piece fusing the optimizer's update differently (its weights then differed in the last
+    bits from step 1 on) and the step ran 9x slower. Disabled for the compiler, the call is
+    one clean break around the compiled update."""
+    disable = getattr(torch.compiler, "disable", None)
+    return disable(hook) if disable is not None else hook
+
+
+__all__ = ["compiling", "eager", "in_backward", "outside_modes", "primary_tensor"]

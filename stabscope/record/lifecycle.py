@@ -25,6 +25,7 @@ from ..store import lock as locks
 from ..store.rank_errors import merge_rank_errors, write_rank_error, write_rank_fault
 from ..structure import discover
 from . import clip_sites, grad_calls, model_samples, warning_display
+from .hook_context import eager
 from .run_meta import error_entry
 from .tool_faults import FAULTS, fault_note
 
@@ -80,8 +81,8 @@ class RunLifecycle:
                 self._plan_lr()
             self._save_meta()
             self._optimizer_hooks = [
-                register_optimizer_step_pre_hook(self._before_optimizer_step),
-                register_optimizer_step_post_hook(self._after_optimizer_step),
+                register_optimizer_step_pre_hook(eager(self._before_optimizer_step)),
+                register_optimizer_step_post_hook(eager(self._after_optimizer_step)),
             ]
             clip_sites.listen(self.step_norms.on_clip)
             self.step_norms.watch()

@@ -51,6 +51,7 @@ from torch.optim.optimizer import (
 )
 
 from ...record.config import RecorderConfig
+from ...record.hook_context import eager
 from ...record.lr_plan import live_schedulers
 from ...record.module_table import unwrap_model
 from ...record.probe_forward import LOSS_SHARE_KWARGS, FirstTrainingCall
@@ -155,8 +156,8 @@ class ScriptRecording:
         self.losses.install()
         self.roots.install()
         self._hooks += [
-            register_optimizer_step_pre_hook(self._step_starts),
-            register_optimizer_step_post_hook(self._count_step),
+            register_optimizer_step_pre_hook(eager(self._step_starts)),
+            register_optimizer_step_post_hook(eager(self._count_step)),
             SkippedScalerSteps(lambda: self.optimizer_steps, self._skipped_step),
         ]
 
@@ -319,7 +320,7 @@ class ScriptRecording:
             )
         # Registered after the Recorder's own step hooks, so that its update ratios of this
         # step are in before the step ends.
-        self._hooks.append(register_optimizer_step_post_hook(self._after_step))
+        self._hooks.append(register_optimizer_step_post_hook(eager(self._after_step)))
 
     def _note_other_root(self, module: nn.Module) -> None:
         key = id(module)
