@@ -12,7 +12,13 @@ from torch import nn
 from stabscope import Recorder, RecorderConfig, load_run, read_meta
 from stabscope.errors import ConfigError
 from stabscope.probes.index_budget import IndexBudget
-from stabscope.probes.sharpness import BUDGET_NOTE, due, lanczos_top, stability_index
+from stabscope.probes.sharpness import (
+    BUDGET_NOTE,
+    due,
+    hessian_vector_product,
+    lanczos_top,
+    stability_index,
+)
 from stabscope.probes.stability_scale import scales
 from stabscope.record.config import config_from_mapping
 
@@ -376,3 +382,30 @@ def test_a_measurement_whose_clip_factor_has_not_landed_waits(tmp_path) -> None:
     older = run("older", [*range(6), 10])
     assert older["stability_peak"].value == pytest.approx(2.0, abs=1e-6)  # step 8 read x1
     assert older["stability_peak"].step == 8
+
+
+def test_a_loss_without_a_second_derivative_is_said_so(tmp_path) -> None:
+    """CTC's loss has no double backward in torch (its own error names the op): the index is
+    not measured, and the note says why in words, with torch's message."""
+    T, C, N, S = 12, 5, 3, 4
+    model = nn.Linear(6, C)
+    x, targets = torch.randn(T, N, 6), torch.randint(1, C, (N, S))
+
+    def loss_of(m: nn.Module) -> torch.Tensor:
+        logp = m(x).log_softmax(-1)  # (T, N, C)
+        return F.ctc_loss(logp, targets, torch.full((N,), T), torch.full((N,), S))
+
+    hvp, _ = hessian_vector_product(loss_of(model), list(model.parameters()))
+    with pytest.raises(RuntimeError, match="derivative for aten::_ctc_loss_backward") as torch_says:
+        hvp([torch.ones_like(p) for p in model.parameters()])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Recorder(model, tmp_path, forward=loss_of) as rec:
+        for _ in range(3):
+            loss = loss_of(model)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            rec.step(loss=loss)
+    (note,) = [n for n in read_meta(tmp_path)["notes"] if n.startswith("stability_index")]
+    assert "has no second derivative in torch" in note
+    assert str(torch_says.value).splitlines()[0] in note

@@ -275,6 +275,13 @@ class SharpnessProbe(BaseProbe):
             # whatever it raises ends the measurements, never the training.
             first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
             self.note = f"stability_index not measured: {type(err).__name__}: {first}"
+            if "derivative for" in first and "not implemented" in first:
+                # torch's own words for an op with no second derivative (CTC's loss, some
+                # fused kernels): the index needs Hessian-vector products through the loss.
+                self.note = (
+                    "stability_index not measured: an op of the loss or model has no second "
+                    f"derivative in torch, and the index needs one ({first})"
+                )
             return
         finally:
             seconds = time.perf_counter() - start
