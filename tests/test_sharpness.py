@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import batch_maker, train
+from conftest import batch_maker, record_steps, train
 from torch import nn
 
 from stabscope import Recorder, RecorderConfig, load_run, read_meta
@@ -398,14 +398,7 @@ def test_a_loss_without_a_second_derivative_is_said_so(tmp_path) -> None:
     hvp, _ = hessian_vector_product(loss_of(model), list(model.parameters()))
     with pytest.raises(RuntimeError, match="derivative for aten::_ctc_loss_backward") as torch_says:
         hvp([torch.ones_like(p) for p in model.parameters()])
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with Recorder(model, tmp_path, forward=loss_of) as rec:
-        for _ in range(3):
-            loss = loss_of(model)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            rec.step(loss=loss)
+    record_steps(model, tmp_path, loss_of, torch.optim.SGD(model.parameters(), lr=0.1), 3)
     (note,) = [n for n in read_meta(tmp_path)["notes"] if n.startswith("stability_index")]
     assert "has no second derivative in torch" in note
     assert str(torch_says.value).splitlines()[0] in note
