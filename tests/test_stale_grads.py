@@ -144,3 +144,37 @@ def test_the_watch_is_on_the_model_only_while_the_run_is_open(tmp_path):
     assert hooks() == 1
     rec.close()
     assert hooks() == 0
+
+
+@pytest.mark.parametrize("zeroed", ["both", "first_only", "second_only"])
+def test_two_optimizers_each_zeroed_or_not(tmp_path, zeroed):
+    """The body under SGD and the head under Adam (Muon's matrices beside AdamW's
+    embeddings), one zero_grad per optimizer: a loop that zeroes only one of them hands the
+    other's parameters every earlier gradient. Whichever is left, the step that received
+    them is an error from the second step on; zeroing both is clean. The reference: each
+    parameter's own gradient, checked here to carry the earlier ones."""
+    torch.manual_seed(0)
+    model = mlp()
+    first, second = list(model.parameters())[:2], list(model.parameters())[2:]
+    opts = [torch.optim.SGD(first, lr=1e-2), torch.optim.Adam(second, lr=1e-2)]
+    zero = {"both": opts, "first_only": opts[:1], "second_only": opts[1:]}[zeroed]
+    data = batches()
+    left = second[0] if zeroed == "first_only" else first[0]
+    seen = []
+    with stabscope.Recorder(model, tmp_path, schedule=Schedule(dense=2, every=0)) as rec:
+        for step in range(STEPS):
+            x, y = data[step % len(data)]
+            loss = (model(x) - y).pow(2).mean()
+            loss.backward()
+            seen.append(left.grad.detach().clone())
+            for opt in opts:
+                opt.step()
+            for opt in zero:
+                opt.zero_grad()
+            rec.step(loss=loss)
+    found = findings(tmp_path).get("gradients-not-zeroed")
+    if zeroed == "both":
+        assert found is None
+        return
+    assert not torch.equal(seen[1], seen[0]) and (seen[1] - seen[0]).norm() < seen[1].norm()
+    assert found is not None and (found.severity, found.step) == ("error", 1)

@@ -2,18 +2,20 @@
 that were never zeroed since the step before.
 
 A parameter's ``.grad`` is one tensor that backward adds into in place (its version counter
-goes up by one per accumulation) until ``zero_grad`` zeroes it in place (one more) or sets it
-to None (the next backward makes a new tensor). A loop that never zeroes it hands every
+goes up by one per accumulation) until ``zero_grad`` zeroes it in place (one more) or sets
+it to None (the next backward makes a new tensor). A loop that never zeroes it hands every
 optimizer step the sum of all the gradients so far: the update of step t repeats every
 earlier one, the steps grow, and the loss diverges (a whole run: ``loss-divergence`` at the
 end; a few steps: nothing else shows it). ``StaleGradients`` watches one parameter with a
-post-accumulate-grad hook: at each accumulation after an optimizer step it notes whether the
-``.grad`` is the very tensor the step used with one version more per accumulation since,
-added to without being zeroed; the next optimizer step judges the gradients it receives by
-the last of those notes. A backward between steps that the script zeroes before the next
-step (a gradient-norm logging pass, a saliency map) is not the next step's. Anything else (a
-new tensor, a zeroing in place, a clip or an unscale in between, DDP's copy from its
-buckets) reads as zeroed: the check can miss a loop, never accuse one.
+post-accumulate-grad hook (``StaleWatches``: the first of each optimizer's, up to
+``MAX_WATCHES``, for a loop that zeroes one optimizer's gradients and not another's): at
+each accumulation after an optimizer step it notes whether the ``.grad`` is the very tensor
+the step used with one version more per accumulation since, added to without being zeroed;
+the next optimizer step judges the gradients it receives by the last of those notes. A
+backward between steps that the script zeroes before the next step (a gradient-norm logging
+pass, a saliency map) is not the next step's. Anything else (a new tensor, a zeroing in
+place, a clip or an unscale in between, DDP's copy from its buckets) reads as zeroed: the
+check can miss a loop, never accuse one.
 """
 
 from __future__ import annotations
@@ -88,6 +90,9 @@ class StaleGradients:
         # and no zeroing between them.
         self._onto = now is not None and not self._stepped.changed_by_more_than(now, self._since)
 
+    def watches(self, param: torch.Tensor) -> bool:
+        return param is self._param
+
     def take(self) -> bool:
         """Whether this step's gradients were stale; clears it for the next step."""
         stale, self.stale = self.stale, False
@@ -95,3 +100,51 @@ class StaleGradients:
 
     def release(self) -> None:
         self._handle.remove()
+
+
+#: The most parameters watched: one per optimizer that steps the model (a GAN's two, Muon's
+#: matrices beside AdamW's embeddings), each a hook on one parameter.
+MAX_WATCHES = 8
+
+
+class StaleWatches:
+    """One ``StaleGradients`` for each optimizer that steps the model's parameters, on its
+    first: a loop may zero one optimizer's gradients and not another's (``zero_grad`` on
+    AdamW's optimizer only, Muon's matrices left to accumulate), which a watch on one
+    parameter sees only when that parameter is the one left."""
+
+    def __init__(self, model_params: set[int]) -> None:
+        self._model_params = model_params
+        self._watches: list[StaleGradients] = []
+        self._covered: set[int] = set()  # ids of optimizers one of the watches sees
+
+    def watch(self, param: torch.Tensor) -> None:
+        """Watch ``param`` (the model's first trained parameter, when the run opens)."""
+        found = StaleGradients.watching(param)
+        if found is not None:
+            self._watches.append(found)
+
+    def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        for w in self._watches:
+            w.after_optimizer_step(optimizer)
+        key = id(optimizer)
+        if key in self._covered or len(self._watches) >= MAX_WATCHES:
+            return
+        self._covered.add(key)
+        held = [p for g in optimizer.param_groups for p in g["params"]]
+        if any(w.watches(p) for w in self._watches for p in held):
+            return
+        first = next((p for p in held if id(p) in self._model_params and p.requires_grad), None)
+        found = None if first is None else StaleGradients.watching(first)
+        if found is not None:  # from this step on: what it left is the next step's start
+            found.after_optimizer_step(optimizer)
+            self._watches.append(found)
+
+    def take(self) -> bool:
+        """Whether this step's gradients were stale for any watched optimizer."""
+        return any([w.take() for w in self._watches])  # every watch cleared
+
+    def release(self) -> None:
+        for w in self._watches:
+            w.release()
+        self._watches = []

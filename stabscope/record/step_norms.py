@@ -52,7 +52,7 @@ from ..probes.kernels import host_params
 from .clip_sites import l2_norm
 from .collector import Rows
 from .distributed import local_tensor
-from .stale_grads import GradMark, StaleGradients
+from .stale_grads import GradMark, StaleWatches
 
 #: The block parameters are copied before each step (for ||Δθ||) up to this many values.
 MAX_COPIED = 100_000_000
@@ -84,14 +84,15 @@ class StepNorms:
         self._stepping: tuple[int, frozenset[int]] | None = None
         self._clipped_inside: set[int] = set()
         self._blocks: _BlockUpdates | None = None
-        self._stale: StaleGradients | None = None  # from watch() to release()
+        self._stale: StaleWatches | None = None  # from watch() to release()
 
     def watch(self) -> None:
         """Start the stale-gradient watch on the first trained parameter (a hook on the
         user's model: taken when the run opens, given back by ``release``)."""
         trained = next((p for _, p in self.named if p.requires_grad), None)
         if self._stale is None and trained is not None:
-            self._stale = StaleGradients.watching(trained)
+            self._stale = StaleWatches(self.param_ids)
+            self._stale.watch(trained)
 
     # -- gradient norms -----------------------------------------------------------------
     def on_clip(
