@@ -187,7 +187,7 @@ def test_a_model_script_error_keeps_the_users_frames(tmp_path):
     )
     proc = profile(tmp_path, path, "--steps", "10")
     assert proc.returncode == 2
-    assert "meta.json keeps the full traceback" in proc.stderr
+    assert "`stabscope summary` of the run shows its traceback" in proc.stderr
     trace = "".join(stabscope.read_meta(tmp_path / "run")["error"]["traceback"])
     assert 'model_script.py", line 16, in loss' in trace
     assert trace.rstrip().splitlines()[-1].startswith("stabscope.errors.ScriptError")
