@@ -79,3 +79,23 @@ def test_a_frozen_copy_or_a_loss_at_its_floor_is_not_frozen(tmp_path, kind):
         assert set(seen["losses"]) == {0.0}
     else:
         assert len(set(seen["losses"])) > 1
+
+
+def test_a_bfloat16_loss_needs_a_longer_streak(tmp_path):
+    """A loss computed in bfloat16 moves in steps of 0.4%: 30 equal values of it, with the
+    weights moving, may be a slow fine-tune; 200 may not."""
+    import torch
+
+    from tests.rule_runs import write
+
+    value = float(torch.tensor(math.log(2)).bfloat16().float())  # 0.69140625
+
+    def judged(name: str, steps: int) -> list:
+        rows = [(s, "__run__", "loss", -1, value) for s in range(steps)]
+        rows += [(s, "0.weight", "update_norm", -1, 1e-3) for s in range(0, steps, 10)]
+        found = check_run(write(tmp_path / name, rows)).findings
+        return [f for f in found if f.rule == "loss-frozen"]
+
+    assert judged("short", 30) == []
+    (f,) = judged("long", 200)
+    assert f.value == 200
