@@ -65,17 +65,17 @@ json.dump(log, open(sys.argv[1], "w"))
 
 
 def test_a_policy_gradients_rising_surrogate_is_not_a_divergence(tmp_path):
-    sampler = torch.multinomial
+    sampler = torch.distributions.Categorical.sample
     plain_log, profiled_log, run = run_both(tmp_path, REINFORCE, RecorderConfig())
     returns = json.loads(profiled_log.read_text())
     assert returns == json.loads(plain_log.read_text())  # training unchanged, to the bit
     assert sum(returns[-20:]) / 20 > sum(returns[:20]) / 20 + 0.3  # the policy learned
-    assert load_meta(run).doc["samples_model"] == {"function": "multinomial", "step": 0}
+    assert load_meta(run).doc["samples_model"] == {"function": "Categorical", "step": 0}
     (f,) = [f for f in check_run(run).findings if f.rule == "loss-divergence"]
     assert f.severity == "warning" and "draws from its model's own outputs" in f.message
     live = load_meta(run).doc["online"]["findings"]  # the verdicts while it trained
     assert not [e for e in live if e["rule"] == "loss-divergence" and e["severity"] == "error"]
-    assert torch.multinomial is sampler  # torch's function given back at close
+    assert torch.distributions.Categorical.sample is sampler  # given back at close
 
 
 def test_sampling_under_no_grad_is_not_a_policy(tmp_path):
@@ -96,3 +96,22 @@ def test_profile_prints_each_note_once(tmp_path):
     notes = [line for line in res.stderr.splitlines() if line.startswith("note:")]
     assert notes and len(notes) == len(set(notes))
     assert sum("not replayed" in n for n in notes) == 1
+
+
+def test_torch_functions_stay_torchs_own_while_a_run_is_open(tmp_path):
+    """TorchScript compiles calls to torch's built-in functions only: a function that draws
+    with ``torch.bernoulli`` scripts while a Recorder is open (the watch wraps the
+    distributions' ``sample`` methods, not torch's functions), and draws what it does after."""
+    import stabscope
+
+    model = torch.nn.Linear(2, 2)
+    with stabscope.Recorder(model, tmp_path / "run"):
+
+        def keep(x: torch.Tensor) -> torch.Tensor:
+            return x * torch.bernoulli(torch.full_like(x, 0.5))
+
+        scripted = torch.jit.script(keep)
+        torch.manual_seed(0)
+        inside = scripted(torch.ones(8))
+    torch.manual_seed(0)
+    assert torch.equal(inside, keep(torch.ones(8)))

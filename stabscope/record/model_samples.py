@@ -7,14 +7,16 @@ over centred advantages, and the entropy bonus rises as the policy sharpens, whi
 policy learning. A rule reading that loss as a training loss calls a healthy policy
 diverged (``loss-divergence`` reads meta.json's ``samples_model`` and says so instead).
 
-What is seen: ``torch.multinomial`` (``Categorical.sample``), ``torch.bernoulli``
-(``Bernoulli.sample``) and ``torch.normal`` (a Gaussian policy's ``Normal.sample``) called on
-a tensor that requires grad, i.e. one computed from the model's parameters. Sampling for
-evaluation under ``no_grad`` (a language model's generations) draws from tensors that do not
-require grad and is not counted; neither is a reparameterised draw (``rsample``: noise from
-``randn`` moved by the model's output), which trains the loss it reads. The functions are
-wrapped while a run is open (the first listener wraps, the last unwraps); a script that
-bound one by name before the run opened calls the original, which is not seen.
+What is seen: ``sample()`` of a ``torch.distributions`` ``Categorical``, ``Bernoulli`` or
+``Normal`` whose parameters (logits or probabilities; mean or scale) require grad, i.e. were
+computed from the model's parameters, as ``Categorical(logits=policy(x)).sample()`` is.
+``OneHotCategorical`` and ``Multinomial`` sample through ``Categorical``. A reparameterised
+draw (``rsample``: noise moved by the model's output) trains the loss it reads and is not
+counted; neither is ``torch.multinomial`` on probabilities computed under ``no_grad`` (a
+policy sampled that way, or a language model's generations), which carry nothing to tell
+them from data. The methods are wrapped on their classes while a run is open (the first
+listener wraps, the last unwraps): torch's functions themselves stay as they are, so
+``torch.jit.script`` and pickling see torch's own.
 """
 
 from __future__ import annotations
@@ -22,46 +24,54 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import torch
+from torch import distributions
 
 from .hook_context import compiling
 
-#: The sampling functions of ``torch.distributions``' discrete and Gaussian ``sample()``.
-SAMPLERS = ("multinomial", "bernoulli", "normal")
+#: The classes whose ``sample`` is watched, and the attributes that hold their parameters.
+WATCHED: tuple[tuple[type, tuple[str, ...]], ...] = (
+    (distributions.Categorical, ("_param",)),
+    (distributions.Bernoulli, ("_param",)),
+    (distributions.Normal, ("loc", "scale")),
+)
 
 Listener = Callable[[str], None]
 _listeners: list[Listener] = []
-_originals: dict[str, Callable[..., Any]] = {}
+_originals: dict[type, Callable[..., Any]] = {}
 
 
 def listen(listener: Listener) -> None:
-    """Call ``listener(name)`` at every draw from a tensor that requires grad (the first
-    listener wraps torch's functions)."""
+    """Call ``listener(class name)`` at every draw from a distribution whose parameters
+    require grad (the first listener wraps the classes' ``sample``)."""
     if not _listeners:
-        for name in SAMPLERS:
-            _originals[name] = getattr(torch, name)
-            setattr(torch, name, _watching(name, _originals[name]))
+        for cls, attrs in WATCHED:
+            _originals[cls] = cls.sample
+            cls.sample = _watching(cls.__name__, attrs, cls.sample)  # type: ignore[method-assign]
     _listeners.append(listener)
 
 
 def unlisten(listener: Listener) -> None:
-    """The last listener gives torch its functions back."""
+    """The last listener gives the classes their ``sample`` back."""
     if listener in _listeners:
         _listeners.remove(listener)
     if not _listeners:
-        for name, original in _originals.items():
-            setattr(torch, name, original)
+        for cls, original in _originals.items():
+            cls.sample = original  # type: ignore[method-assign]
         _originals.clear()
 
 
-def _watching(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
-    def sample(*args: Any, **kwargs: Any) -> Any:
-        if not compiling() and any(
-            isinstance(a, torch.Tensor) and a.requires_grad for a in (*args[:2], *kwargs.values())
-        ):
-            for listener in list(_listeners):
-                listener(name)
-        return original(*args, **kwargs)
+def _watching(
+    name: str, attrs: tuple[str, ...], original: Callable[..., Any]
+) -> Callable[..., Any]:
+    def sample(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if not compiling():
+            # vars(): a Categorical built from logits computes its probs lazily; read what
+            # was given, never trigger that.
+            given = vars(self)
+            if any(getattr(given.get(a), "requires_grad", False) for a in attrs):
+                for listener in list(_listeners):
+                    listener(name)
+        return original(self, *args, **kwargs)
 
     sample.__wrapped__ = original  # type: ignore[attr-defined]
     sample.__doc__ = original.__doc__

@@ -84,8 +84,8 @@ Three kinds of run are read apart:
   loss rose from −0.02 to +0.04, changing sign at 30% of its steps). A warning, not an
   error: its level says nothing of progress;
 - a loss of samples drawn from the model's own outputs (meta.json ``samples_model``:
-  ``torch.multinomial``, ``bernoulli`` or ``normal`` on a tensor that requires grad, as
-  ``Categorical(logits=policy(x)).sample()`` calls it; record/model_samples.py): the same
+  ``sample()`` of a ``Categorical``, ``Bernoulli`` or ``Normal`` whose parameters require
+  grad, as ``Categorical(logits=policy(x)).sample()``; record/model_samples.py): the same
   surrogate, whatever its sign. A warning.
 
 What it cannot see: a run that never learned and did not get worse (its ``start`` is its
@@ -333,8 +333,8 @@ def _loss_divergence(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     elif sampled := view.meta.doc.get("samples_model"):
         severity = "warning"
         message += (
-            f"; but the script draws from its model's own outputs (torch."
-            f"{sampled.get('function')} from step {sampled.get('step')} on): an on-policy "
+            f"; but the script draws from its model's own outputs ("
+            f"{sampled.get('function')}.sample() from step {sampled.get('step')} on): an on-policy "
             "surrogate (a policy gradient's -log pi(a)*A, an entropy bonus that rises as the "
             "policy sharpens) whose level says nothing of progress; judge the run by its return"
         )
