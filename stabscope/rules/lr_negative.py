@@ -9,10 +9,12 @@ schedule formula missing its offset: a cosine written ``peak * cos(pi * t)`` ins
 
 An error at the first step where a param group's recorded lr (the ``lr`` rows) is below
 ``-tolerance`` times the run's largest lr (a schedule computed to 0 may land a rounding
-error below it), or where the planned lr curve (meta.json ``lr_plan``, trusted only where it
-agrees with the lr the run used and has moved within the recorded steps: ``lr_plan_check``)
-is below that for every param group. From the plan it is found at the run's first steps,
-before the lr has turned.
+error below it). A warning where only the planned lr curve (meta.json ``lr_plan``, trusted
+only where it agrees with the lr the run used and has moved within the recorded steps:
+``lr_plan_check``) is below that for every param group, ahead of the steps recorded: found
+at a run's first steps, before the lr has turned, but a budget past the scheduler's own
+horizon plans below zero too (a linear decay to 0 stepped beyond its total, a budget counted
+in batches under gradient accumulation), and the run may end before it gets there.
 """
 
 from __future__ import annotations
@@ -70,15 +72,20 @@ def _lr_negative(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     used, planned = _in_rows(view, tolerance), _in_plan(view, tolerance)
     if used is not None and (planned is None or used[0] <= planned[0]):
         step, lr, group = used
+        severity = "error"
         what = f"the learning rate of param group {group} is {lr:.3g} at step {step}"
     elif planned is not None:
         step, lr = planned
-        what = f"the planned learning rate turns negative at step {step} ({lr:.3g})"
+        severity = "warning"
+        what = (
+            f"the planned learning rate turns negative at step {step} ({lr:.3g}), if the run "
+            "trains that far (a budget past the scheduler's own horizon plans this too)"
+        )
     else:
         return
     yield finding(
         LR_NEGATIVE,
-        "error",
+        severity,
         f"{what}: below zero, every optimizer step goes up the loss, undoing what the run learned",
         module="__run__",
         step=step,
