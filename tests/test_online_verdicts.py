@@ -79,6 +79,7 @@ def test_whole_run_rules_do_not_act_online():
         "loss-above-uniform",
         "loss-above-constant",
         "no-better-than-constant",
+        "loss-frozen",  # a streak the next step may end
     }
     assert whole_run.isdisjoint(ids)
     assert {"nonfinite", "gradient-growth", "attention-logit-growth"} <= ids
