@@ -745,3 +745,14 @@ def test_every_form_of_backward_on_scalars_is_the_steps_loss(tmp_path, capfd, fo
     objective the gradients are of, Σ w_i · l_i (no loss was recorded before)."""
     printed, recorded = printed_and_recorded(tmp_path, capfd, BACKWARD_FORMS, [form])
     assert len(printed) == 5 and recorded == pytest.approx(printed, rel=1e-6)
+
+
+def test_a_model_variable_named_like_a_module_attribute_keeps_its_class_name():
+    """Two models of one class, one held in a variable named ``training`` (a module's own
+    attribute, which no ModuleDict key may be): that one is named by its class, the other by
+    its variable, and nothing raises."""
+    from stabscope.drivers.zerocode.roots import TrainedModels
+
+    training, item_tower = nn.Linear(2, 2), nn.Linear(2, 2)
+    both = TrainedModels([training, item_tower], __file__)
+    assert list(both) == ["linear", "item_tower"]

@@ -159,8 +159,9 @@ class TrainedModels(nn.ModuleDict):
 
 
 def _free(name: str, taken: dict[str, nn.Module]) -> bool:
-    """Whether ``name`` can key a ModuleDict: not taken, and no attribute of one."""
-    return name not in taken and not hasattr(nn.ModuleDict, name) and "." not in name
+    """Whether ``name`` can key a ModuleDict: not taken, and no attribute of one (an
+    instance's too: ``training`` is set in ``__init__``)."""
+    return name not in taken and not hasattr(nn.ModuleDict(), name) and "." not in name
 
 
 def variable_names(models: list[nn.Module], script: str | None) -> dict[int, str]:
