@@ -205,3 +205,23 @@ def test_an_optimizer_over_an_ema_copy_names_the_module_the_script_trains(tmp_pa
     result = invoke("profile", script, "--out", tmp_path / "run")
     assert_one_line_error(result, "no module it called holds", "an EMA or a teacher", code=1)
     assert "none of Sequential (21 trainable parameters, 21 with a gradient" in result.output
+
+
+def test_a_traceback_keeps_a_folder_whose_name_begins_like_stabscopes():
+    """The frames hidden are those of stabscope's own files and runpy's; a user folder next
+    to it whose name only begins the same (``stabscope_runs/``) is the user's."""
+    from pathlib import Path
+
+    import stabscope
+    from stabscope.report.console import script_frames
+
+    package = Path(stabscope.__file__).resolve().parent
+    sibling = f"{package}_runs/train.py"
+    entries = [
+        "Traceback (most recent call last):\n",
+        f'  File "{package / "drivers" / "zerocode" / "runner.py"}", line 1, in _run\n',
+        '  File "<frozen runpy>", line 291, in run_path\n',
+        f'  File "{sibling}", line 8, in <module>\n    step()\n',
+        "ValueError: bad\n",
+    ]
+    assert script_frames(entries) == [entries[0], entries[3], entries[4]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import runpy
 from pathlib import Path
@@ -30,7 +31,11 @@ def _fmt(x: float | None) -> str:
 
 #: Frames of these files ran the script (stabscope's driver, runpy); the rest are the
 #: script's own and those of the libraries it called.
-_RUNNER_FILES = (str(Path(__file__).resolve().parents[1]), runpy.__file__, "<frozen runpy>")
+_RUNNER_FILES = (
+    str(Path(__file__).resolve().parents[1]) + os.sep,  # not a sibling "stabscope_exp/"
+    runpy.__file__,
+    "<frozen runpy>",
+)
 _FRAME = re.compile(r'\s*File "([^"]*)"')
 
 
