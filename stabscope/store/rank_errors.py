@@ -37,16 +37,18 @@ _BECOMES_FAILED = frozenset({"complete", "interrupted", "failed"})
 def write_rank_error(run_dir: Path, rank: int, status: str, error: dict[str, Any]) -> None:
     """Record how rank ``rank`` (> 0) ended: its status and its ``error`` entry (``type``,
     ``message``, ``traceback``, ``time``)."""
-    document = {**error, "rank": rank, "status": status}
-    text = json.dumps(document, indent=1, allow_nan=False, default=str)
-    write_text_atomically(Path(run_dir) / rank_error_name(rank), text + "\n")
+    _write(Path(run_dir) / rank_error_name(rank), {**error, "rank": rank, "status": status})
 
 
 def write_rank_fault(run_dir: Path, rank: int, fault: dict[str, Any]) -> None:
     """Record that stabscope's own error stopped rank ``rank``'s (> 0) recording: the
     ``tool_error`` entry (``where``, ``step``, ``type``, ``message``, ``traceback``)."""
-    text = json.dumps({**fault, "rank": rank}, indent=1, allow_nan=False, default=str)
-    write_text_atomically(Path(run_dir) / rank_fault_name(rank), text + "\n")
+    _write(Path(run_dir) / rank_fault_name(rank), {**fault, "rank": rank})
+
+
+def _write(path: Path, document: dict[str, Any]) -> None:
+    text = json.dumps(document, indent=1, allow_nan=False, default=str)
+    write_text_atomically(path, text + "\n")
 
 
 def read_rank_errors(run_dir: Path, prefix: str = RANK_ERROR_PREFIX) -> list[dict[str, Any]]:
@@ -100,10 +102,10 @@ def _merge_rank_faults(meta: dict[str, Any], run_dir: Path) -> dict[str, Any]:
 
 
 def _number(value: Any) -> float:
-    return float(value) if isinstance(value, int | float) else math.inf
+    """``value`` as a float to order by; one that is missing or no finite number goes last."""
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else math.inf
 
 
 def _time(entry: dict[str, Any]) -> float:
     """When the error happened (seconds since the epoch); an entry without one goes last."""
-    value = entry.get("time")
-    return float(value) if isinstance(value, int | float) and math.isfinite(value) else math.inf
+    return _number(entry.get("time"))
