@@ -23,6 +23,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from ..store import RUN_MODULE
 from ..store.findings import Finding
 from ..store.lr_plan import planned_lr_min
 from .base import Rule, RunView, finding
@@ -44,7 +45,7 @@ def _in_rows(view: RunView, tolerance: float) -> tuple[int, float, int] | None:
     rows = rows[np.isfinite(rows.value.to_numpy(float))]
     if rows.empty:
         return None
-    scale = max(float(rows.value.abs().max()), 0.0)
+    scale = float(rows.value.abs().max())
     low = rows[rows.value.to_numpy(float) < -tolerance * scale]
     if low.empty:
         return None
@@ -87,7 +88,7 @@ def _lr_negative(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
         LR_NEGATIVE,
         severity,
         f"{what}: below zero, every optimizer step goes up the loss, undoing what the run learned",
-        module="__run__",
+        module=RUN_MODULE,
         step=step,
         value=lr,
         threshold=0.0,
