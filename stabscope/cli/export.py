@@ -61,7 +61,7 @@ def export(
     try:
         values.positive_int(max_series, "--max-series", "256")
         require_tensorboard()  # before any reading: a missing extra is said at once
-        _check_run(run_dir)
+        values.run_meta(run_dir)
         refuse_output_in_run(target, "--out")
         old = event_files(target)
         if old and not force:
@@ -95,7 +95,7 @@ def _export_wandb(run_dir: Path, out: Path, project: str, max_series: int) -> No
     try:
         values.positive_int(max_series, "--max-series", "256")
         require_wandb()  # before any reading: a missing extra is said at once
-        _check_run(run_dir)
+        values.run_meta(run_dir)
         refuse_output_in_run(out, "--out")
         found, note = findings_for(run_dir)
         source = note or "the last `stabscope check`"
@@ -108,13 +108,3 @@ def _export_wandb(run_dir: Path, out: Path, project: str, max_series: int) -> No
         soft_wrap=True,
     )
     err.print(f"upload it: wandb sync {escape(str(done.path))}", soft_wrap=True)
-
-
-def _check_run(run_dir: Path) -> None:
-    from ..store import NotARunError, load_meta
-
-    try:
-        load_meta(run_dir)
-    except NotARunError as e:
-        hint = getattr(e, "hint", "pass a directory written by `stabscope profile`")
-        raise UsageError(str(e), hint=hint) from None

@@ -54,13 +54,9 @@ def _inspect_run(run_dir: Path, as_json: bool) -> None:
     import json
 
     from ..report.structure_tree import print_structure
-    from ..store import NotARunError, read_meta
     from ..store.structure import Structure
 
-    try:
-        meta = read_meta(run_dir)
-    except NotARunError as e:
-        raise UsageError(str(e), hint="pass a run directory written by stabscope") from None
+    meta = values.run_meta(run_dir)
     recorded = meta.get("structure")
     if not isinstance(recorded, dict):
         raise UsageError(

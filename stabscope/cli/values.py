@@ -170,3 +170,15 @@ __all__ = [
     "seed",
     "write_output",
 ]
+
+
+def run_meta(run_dir: Path) -> Any:
+    """The meta.json of the run in ``run_dir`` (a ``RunMeta``); bad input where it holds none
+    that can be read."""
+    from ..store import NotARunError, load_meta
+
+    try:
+        return load_meta(run_dir)
+    except NotARunError as e:
+        hint = getattr(e, "hint", "pass a directory written by `stabscope profile`")
+        raise UsageError(str(e), hint=hint) from None
