@@ -309,6 +309,25 @@ def test_an_init_the_loss_has_already_repaired_no_longer_counts(tmp_path) -> Non
     assert all(bad[s]["contribution"] > 0 for s in init) and bad[""].severity == "error"
 
 
+def test_a_forecast_read_at_the_planned_end_speaks_of_the_run_it_saw(tmp_path) -> None:
+    """The head 3000x too large, profiled to its planned end: the forecast's error is read at
+    the end, where it looks ahead no more, and says the run had a failing run's signals
+    (its loss still far above ln 16, checked here from the loss rows) in the past tense."""
+    script = ROOT / "tests" / "scripts" / "head_scaled.py"
+    out = tmp_path / "run"
+    args = ["profile", str(script), "--steps", "40", "--budget", "40", "-q"]
+    res = runner.invoke(app, [*args, "--set", "head_scale=3000", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    loss = load_run(out, metrics=["loss"]).sort_values("step").value.to_numpy(float)
+    assert np.mean(loss[-4:]) > 10 * math.log(16)
+    (found,) = [f for f in check_run(out).findings if f.rule == "failure-forecast"]
+    assert found.severity == "error"
+    assert found.message.startswith(
+        "the run reached the planned end (step 40) with the signals of a failing run"
+    )
+    assert "fails by" not in found.message
+
+
 @pytest.mark.parametrize("norm", ["pre", "post"])
 def test_the_token_correlation_remedy_follows_the_blocks_placement(tmp_path, norm) -> None:
     """ "Use Pre-LN" is the remedy for tokens that start alike in a Post-LN stack; a model whose

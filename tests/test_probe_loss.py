@@ -118,6 +118,55 @@ def test_a_curriculum_warns_and_a_divergence_stays_an_error(tmp_path):
     assert probe[max(probe)] - best > 0.5 * (probe[min(probe)] - best)  # un-learned there too
 
 
+def train_blown_up(run, steps: int = 120) -> list[float]:
+    """The logistic task at Adam lr 3 for two steps (the weights thrown far off), then at
+    1e-4, too small to bring them back: the script's own losses."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(10, generator=g)
+    w /= w.norm()
+
+    def sample(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn(n, 10, generator=g)
+        y = (torch.rand(n, generator=g) < torch.sigmoid(3 * (x @ w))).long()
+        return x, y
+
+    net = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 2))
+    opt = torch.optim.Adam(net.parameters(), lr=3.0)
+    first = sample(128)
+
+    def probe(model: nn.Module) -> torch.Tensor:
+        return F.cross_entropy(model(first[0]), first[1])
+
+    seen = []
+    with Recorder(net, run, RecorderConfig(online_rules=False), forward=probe) as rec:
+        for step in range(steps):
+            if step == 2:
+                for group in opt.param_groups:
+                    group["lr"] = 1e-4
+            x, y = first if step == 0 else sample(128)
+            loss = F.cross_entropy(net(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            rec.step(loss)
+            seen.append(loss.item())
+    return seen
+
+
+def test_a_probe_batch_first_read_after_a_blow_up_does_not_excuse_it(tmp_path):
+    """The probe batch is first read at step 2, after the blow-up: it falls a little from
+    there, but ends ~150x above the loss the same data scored at step 0. The model kept
+    nothing, and the rise stays an error."""
+    seen = train_blown_up(tmp_path / "run")
+    probe = probe_rows(tmp_path / "run")
+    first, end = probe[min(probe)], probe[max(probe)]
+    assert end < first  # what the probe alone would have called kept
+    assert end > 100 * seen[0]  # but far above where the model began
+    (error,) = divergence(tmp_path / "run")
+    assert error.severity == "error" and "got harder" not in error.message
+
+
 GAME = """
 import sys
 import torch

@@ -37,7 +37,7 @@ from torch import nn
 from ..record.grad_layout import norm_view
 from ..record.hook_context import primary_tensor
 from ..record.hooks import paused
-from ..record.module_table import clean_name
+from ..record.module_table import clean_name, scripted
 from ..record.side_forward import side_forward
 from ..store.structure import Structure
 
@@ -59,7 +59,7 @@ def watched_modules(root: nn.Module, structure: Structure | None) -> list[tuple[
 
     outside = [(n, m) for n, m in named if not any(m.children()) and not inside(n)]
     chosen = set(blocks) | {n for n, _ in outside[:MAX_OUTSIDE]}
-    return [(n, m) for n, m in named if n in chosen]
+    return [(n, m) for n, m in named if n in chosen and not scripted(m)]  # no hook fires there
 
 
 def _like_children(root: nn.Module) -> list[str]:
@@ -82,7 +82,7 @@ def leaves(name: str, module: nn.Module) -> list[tuple[str, nn.Module]]:
     found = [
         (f"{name}.{n}" if n else name, m)
         for n, m in module.named_modules()
-        if not any(m.children())
+        if not any(m.children()) and not scripted(m)
     ]
     return [(clean_name(n), m) for n, m in found]
 

@@ -20,6 +20,7 @@ from torch import nn
 from ..record.collector import Collector
 from ..record.config import RecorderConfig
 from ..record.hooks import ListenerHooks, ModuleHooks, paused
+from ..record.module_table import scripted
 from ..record.side_forward import side_forward
 from .base import BaseProbe, ProbeContext, switched
 from .logits import output_logits
@@ -56,6 +57,8 @@ class ModelUpdateProbe(BaseProbe):
         self.reference: torch.Tensor | None = None
 
     def output(self) -> torch.Tensor | None:
+        if scripted(self.model):
+            return None  # a scripted root refuses the hook that reads its output
         captured: list[torch.Tensor] = []
         handle = self.model.register_forward_hook(
             lambda m, a, o: captured.append(output_logits(o) if output_logits(o) is not None else o)

@@ -11,6 +11,10 @@ hook nothing about the pass that calls it, so ``torch.autograd.grad`` is wrapped
 is open and counts how deep the calls are; the zero-code driver wraps it before the script's
 imports run. A script that bound the function by name (``from torch.autograd import grad``)
 before a ``Recorder`` opened calls the original, which is not seen.
+
+Listeners (``listen``) are told of each outermost call, before it runs, with the call's
+arguments: the zero-code driver reads the loss of a script that trains by
+``torch.autograd.grad`` alone (``p.grad = g`` for each parameter, no ``backward``).
 """
 
 from __future__ import annotations
@@ -21,6 +25,18 @@ from typing import Any
 import torch
 
 _state: dict[str, Any] = {"depth": 0, "users": 0, "original": None}
+Listener = Callable[[tuple[Any, ...], dict[str, Any]], None]
+_listeners: list[Listener] = []
+
+
+def listen(listener: Listener) -> None:
+    """Call ``listener(args, kwargs)`` before each outermost ``torch.autograd.grad`` call."""
+    _listeners.append(listener)
+
+
+def unlisten(listener: Listener) -> None:
+    if listener in _listeners:
+        _listeners.remove(listener)
 
 
 def inside() -> bool:
@@ -48,6 +64,9 @@ def unwatch() -> None:
 
 def _counting(original: Callable[..., Any]) -> Callable[..., Any]:
     def grad(*args: Any, **kwargs: Any) -> Any:
+        if _state["depth"] == 0:
+            for listener in list(_listeners):
+                listener(args, kwargs)
         _state["depth"] += 1
         try:
             return original(*args, **kwargs)

@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import nn
 from torch.nn.modules.loss import _Loss
 
@@ -96,13 +97,48 @@ def matches(name: str, include: Iterable[str], exclude: Iterable[str]) -> bool:
     return not any(fnmatch.fnmatchcase(name, p) for p in exclude)
 
 
+def scripted(module: nn.Module) -> bool:
+    """A TorchScript module (``torch.jit.script`` or ``torch.jit.trace``): its forward runs in
+    TorchScript, where Python hooks never fire, and its class's ``forward`` is a descriptor
+    that fails when read from the class. Its parameters are ordinary tensors, read as any."""
+    return isinstance(module, torch.jit.ScriptModule)
+
+
+def scripted_note(model: nn.Module) -> str | None:
+    """meta.json's note for a model with scripted modules (the outermost ones named)."""
+    outer = [
+        clean_name(n) for n, m in unwrap_model(model).named_modules() if scripted(m)
+    ]  # a scripted module's children are scripted too: keep the outermost
+    outer = [n for n in outer if not any(n.startswith(o + ".") for o in outer if o != n)]
+    if not outer:
+        return None
+    if ROOT_NAME in outer:
+        return (
+            "the model runs as TorchScript (torch.jit): Python hooks never fire inside it, so "
+            "no module's activations or gradients are recorded, nor anything that replays its "
+            "forward; its parameters, the loss and the optimizer's steps are"
+        )
+    named = ", ".join(outer[:4]) + (f" and {len(outer) - 4} more" if len(outer) > 4 else "")
+    return (
+        f"{named} run as TorchScript (torch.jit): Python hooks never fire inside them, so "
+        "their activations and gradients are not recorded; their parameters are"
+    )
+
+
+def defines_forward(module: nn.Module) -> bool:
+    """Whether the module's class defines a forward: a ``ModuleList`` does not, and is never
+    called; a scripted module does (read without touching its class's descriptor)."""
+    return scripted(module) or type(module).forward is not nn.Module.forward
+
+
 def select_modules(
     model: nn.Module, include: Iterable[str] = ("*",), exclude: Iterable[str] = ()
 ) -> list[tuple[str, nn.Module]]:
     """(name, module) pairs to hook, in ``named_modules`` order; shared modules appear once.
 
     Containers without a forward of their own (``ModuleList``, ``ModuleDict``) are left out:
-    they are never called, so a hook on them could never fire. So are loss modules
+    they are never called, so a hook on them could never fire; so are scripted modules
+    (``scripted``), whose hooks never fire either. So are loss modules
     (``nn.CrossEntropyLoss`` and the other ``torch.nn`` losses) that a LightningModule or a
     model holds: their output is the loss, recorded as such, and the gradient w.r.t. it is 1.
     """
@@ -110,8 +146,8 @@ def select_modules(
     out = []
     for raw, module in unwrap_model(model).named_modules():
         name = clean_name(raw)
-        if type(module).forward is nn.Module.forward or isinstance(module, _Loss):
-            continue
+        if scripted(module) or not defines_forward(module) or isinstance(module, _Loss):
+            continue  # never called, scripted (no hook fires), or a loss
         if matches(name, include, exclude):
             out.append((name, module))
     if not out and not select_parameters(model, include, exclude):

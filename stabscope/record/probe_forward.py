@@ -19,6 +19,7 @@ from torch import nn
 
 from .copy_safe import NotCopied
 from .hook_context import compiling, in_backward
+from .module_table import scripted
 from .rng_objects import RNG_TYPES, own_copy, restore, rngs_in, state_of
 
 #: call(model, *args, **kwargs): what the replay runs (default: ``model(*args, **kwargs)``)
@@ -121,7 +122,11 @@ class FirstTrainingCall(NotCopied):
         self.with_output = with_output
         self.drop = frozenset(drop)
         self.device = single_device(model) if to_device else None
-        self._handle: Any = model.register_forward_hook(self._hook, with_kwargs=True)
+        # A scripted root refuses Python hooks: nothing is captured, and the probes that
+        # replay the model's forward are left out (as for a forward that cannot be replayed).
+        self._handle: Any = (
+            None if scripted(model) else model.register_forward_hook(self._hook, with_kwargs=True)
+        )
 
     def _hook(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         if compiling() or in_backward() or not (module.training and torch.is_grad_enabled()):

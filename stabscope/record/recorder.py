@@ -51,7 +51,7 @@ from .loss_function import UNKNOWN, loss_function
 from .losses import PendingLosses, nonfinite_on_host
 from .lr_plan import LrPlanner
 from .model_changes import ParameterMembership
-from .module_table import select_modules, select_parameters
+from .module_table import scripted_note, select_modules, select_parameters
 from .optim_closure import after_first_call, closure_of
 from .optimizers import OptimizerWatch
 from .probe_wiring import ProbeWiring
@@ -197,6 +197,8 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
             record_eval=cfg.record_eval,
         )
         self.meta = initial_meta(model, cfg, run_info, self.rank, modules, params)
+        if (note := scripted_note(model)) is not None:
+            self.meta["notes"].append(note)
         self._table_params = params  # the parameters of meta.json's table, in its order
         # (parameters the owned optimizers held, their ids) when last marked
         self._held: tuple[int, tuple[int, ...]] = (-1, ())

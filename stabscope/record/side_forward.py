@@ -12,8 +12,15 @@ a dropout switched off would train again for good, and a module's own ``train()`
   ``random``, numpy's global one, and the generator objects a module holds as attributes
   or the pass is handed in ``inputs``: a masked autoencoder's own mask generator,
   ``rng_objects.py``): the user's next dropout mask is the one it would have been;
-- gives back every buffer the pass replaced or changed in place (found by identity and version
-  counter; in eval mode torch's own modules change none, a custom one may).
+- gives back every buffer the pass replaced or changed in place: each is rebound by identity
+  and its value copied back from a copy taken before. Not only where its version counter
+  moved: a fused kernel may write a buffer without bumping it (quantization-aware training's
+  ``FusedMovingAvgObsFakeQuantize`` updates its observer's min/max and its scale so, and
+  observes in eval mode too, by its own ``observer_enabled`` flag);
+- gives back each module's plain attributes the pass rebound or added (a counter the forward
+  increments, ``self.calls += 1``, to anneal a temperature; a tensor it keeps, ``self.last =
+  x``): by identity, so a value changed in place inside a non-buffer tensor is not seen.
+  State outside the modules (a global counter) is not either.
 
 Gradient mode is the caller's: most passes run under ``no_grad``, the description takes one
 gradient with ``autograd.grad`` (no parameter's ``.grad`` is touched).
@@ -59,6 +66,7 @@ def side_forward(*models: nn.Module, keep_modes: bool = False, inputs: Any = ())
         for m in modules
         if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None
     ]
+    attributes = [(m, _plain(m)) for m in modules]  # (module, {name: value}) for each
     py_state, np_state = random.getstate(), np.random.get_state()
     try:
         with torch.random.fork_rng(devices=_cuda_devices(models)):
@@ -72,15 +80,39 @@ def side_forward(*models: nn.Module, keep_modes: bool = False, inputs: Any = ())
             for m, name, b, version, saved in buffers:
                 if m._buffers.get(name) is not b:
                     m._buffers[name] = b
-                if version is not None and b._version != version:
+                if version is not None:  # every one: a kernel may write without a bump
+                    if b.shape != saved.shape:
+                        b.resize_(saved.shape)
                     b.copy_(saved)
             for weight, version, saved in renormed:
                 if weight._version != version:
                     weight.copy_(saved)
+        for m, before in attributes:
+            _give_back(m, before)
         random.setstate(py_state)
         np.random.set_state(np_state)
         for g, state in generator_states:
             restore(g, state)
+
+
+def _plain(module: nn.Module) -> dict[str, Any]:
+    """The module's own attributes outside torch's bookkeeping (no leading underscore: its
+    parameters, buffers, submodules and hooks live in underscored dicts), but ``training``,
+    which ``side_forward`` gives back itself."""
+    return {k: v for k, v in vars(module).items() if not k.startswith("_") and k != "training"}
+
+
+def _give_back(module: nn.Module, before: dict[str, Any]) -> None:
+    """Rebind what the pass rebound, and drop what it added, of ``_plain(module)``."""
+    now = _plain(module)
+    for k, v in before.items():
+        if now.get(k, _MISSING) is not v:
+            setattr(module, k, v)
+    for k in now.keys() - before.keys():
+        delattr(module, k)
+
+
+_MISSING = object()
 
 
 def _cuda_devices(models: tuple[nn.Module, ...]) -> list[int]:

@@ -108,8 +108,12 @@ def print_summary(summary: Summary, console: Console) -> None:
             shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
             # A gradient hook sits on a module's output: it stays silent when that output
             # does not reach the loss (a GRU's sequence output when only its last state is
-            # used) or is changed in place, though the module's parameters may still train.
-            why = " (no gradient w.r.t. their outputs: unused by the loss, or changed in place)"
+            # used) or is changed in place, though the module's parameters may still train;
+            # gradients taken with torch.autograd.grad are left out (record/grad_calls.py).
+            why = (
+                " (no gradient w.r.t. their outputs: unused by the loss, changed in place, or "
+                "taken with torch.autograd.grad, whose gradients are not recorded)"
+            )
             why = why if kind == "grad" else ""
             console.print(
                 f"[yellow]{escape(kind)} hooks never fired{why}:[/] {escape(shown)}",

@@ -17,6 +17,7 @@ from . import (
     clip_throttle,
     constant_prediction,
     depth,
+    far_above_chance,
     forecast,
     health,
     loss_divergence,
@@ -56,6 +57,7 @@ ALL_RULES: list[Rule] = [
     *clip_throttle.RULES,
     *constant_prediction.RULES,
     *above_uniform.RULES,
+    *far_above_chance.RULES,
     *above_constant.RULES,
     *negligible_updates.RULES,
 ]

@@ -241,6 +241,11 @@ def _forecast(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
         severity, threshold = "info", p["warning"]
     said = "; ".join(features[r].evidence for r in reasons if r in features)
     message = f"fails by {end} with probability {prob:.2f}" + (f": {said}" if said else "")
+    if severity != "info" and budget is not None and seen >= budget:
+        # Read at the end, the forecast is no look-ahead: it says the run has a failing
+        # run's signals (the rules on the outcome say how it ended).
+        message = f"the run reached {end} with the signals of a failing run (probability "
+        message += f"{prob:.2f})" + (f": {said}" if said else "")
     if severity == "info" and budget is not None and seen >= budget:
         # Past its end a low score is no news about the run: how it ended is (the rules on
         # the outcome judge it), and "fails with probability 0.03" next to a loss-divergence

@@ -223,13 +223,19 @@ def a_game(view: RunView) -> bool:
 
 
 def held_on_the_probe_batch(
-    view: RunView, last: int, w: int, give_back: float
+    view: RunView, last: int, w: int, give_back: float, start: float
 ) -> tuple[float, float, float] | None:
     """``(first, best, end)`` of the probe batch's loss (``probe_loss``: the same batch,
     eval mode, at steps 2, 4, 8, ... and at the end) where the model kept what it learned on
     it: its end below its first and less than ``give_back`` of its gain given back. None
     where it did not, or where it cannot tell: fewer than 3 readings, or none within the
     training loss's end window (a run judged while it trains, the latest reading old).
+
+    The first reading comes at step 2, after two updates: a run that blew up at once has its
+    probe batch's first reading far above where it began. So ``first`` is at most the
+    training loss's ``start`` (the loss of the first batches, before any update, which a
+    batch from the same data scores alike): a model that ends worse on the batch than it
+    began kept nothing.
 
     A model that diverges un-learns on any batch, this one too; a loss that rises because
     the batches got harder (a curriculum, a stream that drifts) leaves the model's loss on
@@ -239,7 +245,8 @@ def held_on_the_probe_batch(
     probe = probe[np.isfinite(probe.to_numpy(float))]
     if len(probe) < 3 or int(probe.index[-1]) < last - w:
         return None
-    first, best, end = float(probe.iloc[0]), float(probe.min()), float(probe.iloc[-1])
+    first = min(float(probe.iloc[0]), start)
+    best, end = float(probe.min()), float(probe.iloc[-1])
     if end < first and end - best < give_back * (first - best):
         return first, best, end
     return None
@@ -321,7 +328,8 @@ def _loss_divergence(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     if read is None:
         return
     severity, message = "error", read.message
-    held = held_on_the_probe_batch(view, read.last, read.w, p["give_back"])
+    start = loss_levels(series, int(p["min_window"]))[0]
+    held = held_on_the_probe_batch(view, read.last, read.w, p["give_back"], start)
     relative = against_the_bar(view, series) if held is None else None
     if held is not None:
         severity = "warning"

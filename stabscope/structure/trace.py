@@ -18,7 +18,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..record.hook_context import compiling, in_backward, primary_tensor
-from ..record.module_table import clean_name, unwrap_model
+from ..record.module_table import clean_name, scripted, unwrap_model
 from .attention_calls import attention_call
 
 #: Keyword names under which HF-style modules take their main input.
@@ -144,6 +144,8 @@ def capture(model: nn.Module) -> Iterator[Trace]:
 
     try:
         for raw, module in root.named_modules():
+            if scripted(module):
+                continue  # TorchScript runs it: a hook would never fire, and its root refuses one
             name = clean_name(raw)
             handles.append(
                 module.register_forward_pre_hook(

@@ -16,6 +16,12 @@ trial parameters, and the first evaluation is the loss at the step's parameters 
 AMP: ``GradScaler.scale(loss)`` is wrapped too, and a backward on its result records the
 unscaled loss.
 
+A step with no such backward call whose script took the gradient of a floating scalar
+w.r.t. parameters with ``torch.autograd.grad`` (and set ``p.grad`` itself: a loop without
+``backward``) has that scalar as its loss, the sum where there are several. Where a step has
+both, its backward calls are its loss: a gradient penalty's or MAML's inner
+``torch.autograd.grad`` is no loss the optimizer descends.
+
 A ``zero_grad`` (an optimizer's or a module's, outside ``optimizer.step()``) throws away the
 gradients of the backward calls since the last optimizer step: their losses are dropped too.
 A spike guard that skips a bad batch (``loss.backward(); if bad: opt.zero_grad(); continue``)
@@ -95,6 +101,10 @@ class LossTap:
         self._marks: list[int] = []
         self._closure_counted = False
         self._inside_backward = False  # inside the wrapped torch.autograd.backward
+        # This step's scalars whose gradient w.r.t. parameters torch.autograd.grad took, and
+        # their constant predictions: its loss where it has no backward call.
+        self._grad_values: list[torch.Tensor] = []
+        self._grad_constants: list[torch.Tensor | None] = []
 
     def optimizer_step(self, running: bool) -> None:
         """Told by the optimizer step hooks when a step starts (True) and ends (False)."""
@@ -123,6 +133,8 @@ class LossTap:
     def take(self) -> torch.Tensor | None:
         """The step's loss as a 0-d tensor on its device (no host sync), or None."""
         values, unclear, constants = self._values, self._unclear, self._constants
+        if not values and not unclear:  # a step trained by torch.autograd.grad alone
+            values, constants = self._grad_values, self._grad_constants
         self.clear()
         return self._sum(values, constants, unclear)
 
@@ -153,6 +165,7 @@ class LossTap:
         """Forget the scalars seen since the last step (steps before the model was found)."""
         self._values, self._unclear, self._stepped = [], False, 0
         self._constants, self._marks, self.backward_after_step = [], [], False
+        self._grad_values, self._grad_constants = [], []
         self._unscaled.clear()
 
     def see_backward(self, tensors: Any, grad_tensors: Any) -> None:
@@ -209,6 +222,35 @@ class LossTap:
             self.before_backward()
         self.see_backward(tensors, grad_tensors)
 
+    @guarded("reading the loss in torch.autograd.grad()")
+    def _read_grad(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """An outermost ``torch.autograd.grad`` call, before it runs: a floating scalar's
+        gradient w.r.t. parameters, no ``grad_outputs``, is kept as a possible loss."""
+        if compiling() or in_backward() or self._in_step:
+            return
+        outputs = args[0] if args else kwargs.get("outputs")
+        inputs = args[1] if len(args) > 1 else kwargs.get("inputs")
+        given = args[2] if len(args) > 2 else kwargs.get("grad_outputs")
+        if isinstance(outputs, (tuple, list)) and len(outputs) == 1:
+            outputs = outputs[0]
+        if isinstance(given, (tuple, list)) and all(g is None for g in given):
+            given = None
+        inputs = list(inputs) if isinstance(inputs, (tuple, list)) else [inputs]
+        if (
+            given is not None
+            or not isinstance(outputs, torch.Tensor)
+            or outputs.numel() != 1
+            or not outputs.is_floating_point()
+            or not inputs
+            or not all(isinstance(p, torch.nn.Parameter) for p in inputs)
+        ):
+            return
+        self._grad_values.append(outputs.detach().reshape(()).float())
+        self._grad_constants.append(constant_read(outputs) if self.read_constants else None)
+        if self.on_first_graph is not None:
+            told, self.on_first_graph = self.on_first_graph, None
+            told(outputs)
+
     def see_scaled(self, loss: Any, scaled: Any) -> None:
         if isinstance(loss, torch.Tensor) and isinstance(scaled, torch.Tensor):
             self._unscaled[id(scaled)] = (weakref.ref(scaled), loss.detach(), weakref.ref(loss))
@@ -242,6 +284,7 @@ class LossTap:
         # Before the script's own imports run: `from torch.autograd import grad` at its top
         # then binds the counting wrapper, so a gradient penalty's pass is told apart.
         grad_calls.watch()
+        grad_calls.listen(self._read_grad)
         for owner in _ZEROING:
             original = owner.zero_grad
             self._zeroing.append((owner, original))
@@ -259,6 +302,7 @@ class LossTap:
             torch.autograd.backward, torch.amp.GradScaler.scale = self._originals  # type: ignore[method-assign]
             self._originals = ()
             grad_calls.unwatch()
+            grad_calls.unlisten(self._read_grad)
         while self._zeroing:
             owner, original = self._zeroing.pop()
             owner.zero_grad = original  # type: ignore[method-assign]

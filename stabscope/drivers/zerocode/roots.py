@@ -24,7 +24,7 @@ from torch.nn.modules.module import (
 )
 
 from ...record.hook_context import compiling, in_backward
-from ...record.module_table import unwrap_model
+from ...record.module_table import defines_forward, unwrap_model
 from .optimizers import parameter_ids
 
 
@@ -110,7 +110,7 @@ def other_trained_models(
         m
         for m in live
         if id(m) not in inside
-        and type(m).forward is not nn.Module.forward
+        and defines_forward(m)
         and (params := parameter_ids(m))
         and params <= rest
     ]
