@@ -234,3 +234,21 @@ def test_the_training_cell_names_what_each_value_is():
     full = RunMeta({"run": {"optimizer": "AdamW", "device": "cpu", "seed": 3}})
     assert _training(full) == "AdamW, on cpu, seed 3"
     assert _training(RunMeta({"run": {}})) == "–"
+
+
+def test_the_header_shows_each_runs_notes_escaped(tmp_path):
+    """meta.json's notes (two trained models recorded as one, modules left unhooked), as
+    ``profile`` prints them: one row, a run's notes one per line, text not markup."""
+    runs = [write_run(tmp_path / name, layers=2, steps=range(2)) for name in ("a", "b")]
+    notes = ["2 trained models recorded as one, under the names G, D", f"a note with {XSS}"]
+    meta = json.loads((runs[0] / "meta.json").read_text())
+    meta["notes"] = notes
+    (runs[0] / "meta.json").write_text(json.dumps(meta))
+    html = build_report(runs, tmp_path / "r.html").path.read_text()
+    row = re.search(r"<tr><th>notes</th>(.*?)</tr>", html).group(1)
+    cells = re.findall(r"<td>(.*?)</td>", row)
+    assert cells[0].split("<br>") == [
+        "2 trained models recorded as one, under the names G, D",
+        "a note with &lt;img src=x onerror=alert(1)&gt;",
+    ]
+    assert cells[1] == "–"

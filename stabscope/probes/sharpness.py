@@ -193,6 +193,27 @@ def stability_index(
         return lanczos_top(op, like, iterations), lr
 
 
+def _why_not(err: Exception) -> str:
+    """What an error of the index's measurement says to the reader: torch's first line, put
+    in words where it names a known cause."""
+    first = str(err).strip().splitlines()[0][:200] if str(err).strip() else "(no message)"
+    if "derivative for" in first and "not implemented" in first:
+        # torch's own words for an op with no second derivative (CTC's loss, some fused
+        # kernels): the index needs Hessian-vector products through the loss.
+        return (
+            "an op of the loss or model has no second derivative in torch, and the index "
+            f"needs one ({first})"
+        )
+    if "DTensor" in first:
+        # FSDP2 (fully_shard) holds each parameter as a DTensor shard: the index's
+        # Hessian-vector products mix them with whole tensors.
+        return (
+            "the model's parameters are sharded DTensors (FSDP2's fully_shard), which the "
+            f"index does not read ({first})"
+        )
+    return f"{type(err).__name__}: {first}"
+
+
 class SharpnessProbe(BaseProbe):
     """Measures ``stability_index`` at the ``due`` steps within its time budget; the first
     reason it cannot is kept in ``note`` and the probe stops trying (a model without double
@@ -273,15 +294,7 @@ class SharpnessProbe(BaseProbe):
         except Exception as err:  # no double backward, out of memory, a replayed step's error
             # The forward may be the user's code replayed (a training_step, a model call):
             # whatever it raises ends the measurements, never the training.
-            first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
-            self.note = f"stability_index not measured: {type(err).__name__}: {first}"
-            if "derivative for" in first and "not implemented" in first:
-                # torch's own words for an op with no second derivative (CTC's loss, some
-                # fused kernels): the index needs Hessian-vector products through the loss.
-                self.note = (
-                    "stability_index not measured: an op of the loss or model has no second "
-                    f"derivative in torch, and the index needs one ({first})"
-                )
+            self.note = f"stability_index not measured: {_why_not(err)}"
             return
         finally:
             seconds = time.perf_counter() - start

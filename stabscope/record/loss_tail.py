@@ -405,7 +405,8 @@ def _checked(tail: LossTail, sources: list[torch.Tensor], loss: torch.Tensor) ->
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             got = tail._run(sources)
     except Exception as err:
-        return f"its replay raised {type(err).__name__}"
+        said = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
+        return f"its replay raised {type(err).__name__}" + (f" ({said})" if said else "")
     want = loss.detach()
     if not isinstance(got, torch.Tensor) or got.shape != want.shape:
         return "its replay gives another shape"

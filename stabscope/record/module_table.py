@@ -211,7 +211,9 @@ def mark_stepped(
     gets gradients and never moves. A parameter no longer in the model (``live``: the ids of
     its parameters now; a block replaced mid-run) keeps its last ``stepped`` and gets
     ``left_at``, the step from which it is not part of the model; returns the names that
-    left now."""
+    left now. ``trainable`` is read again too: a body frozen for a fine-tune
+    (``requires_grad_(False)``) keeps the gradient of its last backward, which no optimizer
+    needs to hold, and a part unfrozen later trains."""
     left = []
     for record, (name, p) in zip(table, params):
         if "left_at" in record:
@@ -221,6 +223,7 @@ def mark_stepped(
             left.append(name)
         else:
             record["stepped"] = id(p) in held
+            record["trainable"] = p.requires_grad
     return left
 
 

@@ -1,13 +1,18 @@
 """The optimizers that train the recorded model, and the lr each param group used per step.
 
 Optimizer steps are seen through torch's global optimizer step hooks, so no optimizer needs to
-be passed in; an optimizer is owned when it holds one of the model's parameters. Owned
+be passed in; an optimizer is owned when it holds one of the model's parameters: those it had
+when recording began, or those it has when the optimizer first steps (a head put in place of
+another for a fine-tune, with a new optimizer over it: its lr is recorded, and the head that
+left is no longer read, ``model_changes.py``). Owned
 optimizers are held weakly: a script that builds a new optimizer every step (or once, to
 change its settings) frees the old one and its state, and the old one stops counting.
 """
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,9 +27,18 @@ class OptimizerWatch:
     """The owned optimizers, the lr of their groups at their last ``step()`` in the current
     step, and the planned lr curve once an optimizer is known."""
 
-    def __init__(self, param_ids: set[int], planner: LrPlanner | None) -> None:
+    def __init__(
+        self,
+        param_ids: set[int],
+        planner: LrPlanner | None,
+        live_ids: Callable[[], set[int]] | None = None,
+    ) -> None:
         self.param_ids = param_ids
         self.planner = planner
+        # The model's parameters now, read for an optimizer over none of those it began with.
+        self.live_ids = live_ids
+        # Optimizers found over none of them, weakly (a freed one's id may come back).
+        self._outside: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
         self._owned = WeakOptimizers()
         self._step_lrs: dict[int, list[float | None]] = {}
         self._planned_for: set[int] | None = None  # the optimizers the plan covers, once made
@@ -40,8 +54,11 @@ class OptimizerWatch:
 
     def owns(self, optimizer: torch.optim.Optimizer) -> bool:
         if optimizer not in self._owned:
+            if optimizer in self._outside:
+                return False
             ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
-            if not ids & self.param_ids:
+            if not ids & self.param_ids and not (self.live_ids and ids & self.live_ids()):
+                self._outside.add(optimizer)  # read once: its step is not the model's
                 return False
             replaced = len(self.optimizers) < len(self.settings)  # one of them was freed
             self._owned.add(optimizer)

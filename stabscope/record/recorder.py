@@ -100,7 +100,11 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
         # The planned lr curve (meta.json's lr_plan), when a scheduler or a budget is given.
         planned = schedulers is not None or budget is not None
         planner = LrPlanner(schedulers, budget) if planned else None
-        self.optimizer_watch = OptimizerWatch({id(p) for p in model.parameters()}, planner)
+        self.optimizer_watch = OptimizerWatch(
+            {id(p) for p in model.parameters()},
+            planner,
+            live_ids=lambda: {id(p) for p in model.parameters()},
+        )
         self._plan_at_optimizer_step = False  # start() came after this step's optimizer step
         cfg = (config or RecorderConfig()).replace(
             preset=preset,

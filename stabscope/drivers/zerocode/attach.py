@@ -264,7 +264,9 @@ class ScriptRecording:
                 module = TrainedModels([module, *others], self.run_info.get("script"))
                 self.notes.append(
                     f"{len(others) + 1} trained models recorded as one, under the names "
-                    f"{', '.join(module)}; a step ends once every optimizer has stepped"
+                    f"{', '.join(module)}; a step ends once every optimizer has stepped, or "
+                    "where one steps again before the others did (a critic stepped 5 times per "
+                    "generator step makes 5 steps, and --max-steps counts them)"
                 )
             params = parameter_ids(module)
             owners = self.optimizers.training(params)

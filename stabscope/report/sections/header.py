@@ -127,6 +127,12 @@ def _row(label: str, cells: list[str]) -> str:
     return f"<tr><th>{esc(label)}</th>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
 
 
+def _notes(meta: RunMeta) -> str:
+    """meta.json's notes, as ``profile`` and ``summary`` print them (two trained models
+    recorded as one, a new training phase, modules left unhooked), one per line."""
+    return "<br>".join(esc(n) for n in meta.notes) or "–"
+
+
 def header_section(ctx: Context) -> Section:
     runs = [d.run for d in ctx.data]
     rows = [
@@ -143,6 +149,7 @@ def header_section(ctx: Context) -> Section:
         ("started, finished", [_times(r.meta) for r in runs]),
         ("first non-finite", [_nonfinite(r.meta) for r in runs]),
         ("hooks that never fired", [_never_fired(r.meta) for r in runs]),
+        ("notes", [_notes(r.meta) for r in runs]),
         ("versions", [_config(r.meta.versions) for r in runs]),
     ]
     head = "<tr><th></th>" + "".join(f"<th>{esc(r.name)}</th>" for r in runs) + "</tr>"
