@@ -18,7 +18,7 @@ import json
 import pytest
 
 from stabscope.record.config import RecorderConfig
-from tests.scripts.harness import run_both
+from tests.scripts.harness import classify_loop, run_both
 
 SCRIPT = """
 import json, sys, warnings
@@ -53,15 +53,7 @@ if KIND == "qat":
         tq.prepare_qat(model, inplace=True)
 opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
 g = torch.Generator().manual_seed(1)
-log = []
-for step in range(12):
-    x = torch.randn(32, 16, generator=g)
-    loss = F.cross_entropy(model(x), x[:, :4].argmax(1))
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-    log.append(loss.item())
-log.append(model.calls)
+{loop}log.append(model.calls)
 json.dump(log, open(sys.argv[1], "w"))
 """
 
@@ -69,7 +61,8 @@ json.dump(log, open(sys.argv[1], "w"))
 @pytest.mark.parametrize("kind", ["qat", "counter"])
 def test_state_a_forward_changes_is_given_back_after_the_index_forwards(tmp_path, kind):
     config = RecorderConfig(sharpness=True)  # extra forward passes at steps 2, 4, 8
-    plain, profiled, _ = run_both(tmp_path, SCRIPT.format(kind=kind), config, budget=12)
+    text = SCRIPT.format(kind=kind, loop=classify_loop(16))
+    plain, profiled, _ = run_both(tmp_path, text, config, budget=12)
     plain_log, profiled_log = (json.loads(p.read_text()) for p in (plain, profiled))
     assert plain_log[-1] == 12  # the script's own forward calls
     assert profiled_log == plain_log

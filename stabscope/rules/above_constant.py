@@ -54,7 +54,7 @@ import pandas as pd
 from ..store import RUN_MODULE
 from ..store.findings import Finding
 from .above_uniform import COVER_THOMAS
-from .base import Rule, RunView, finding
+from .base import Rule, RunView, loss_finding
 from .constant_prediction import at_planned_end
 from .loss_divergence import finite_losses
 from .view import Request
@@ -169,16 +169,13 @@ def _loss_above_constant(view: RunView, p: dict[str, float]) -> Iterator[Finding
     read = end_ratio(view, p["min_steps"], p["min_bar_steps"])
     if read is None or not read.ratio >= p["min_ratio"] + read.noise:
         return
-    yield finding(
+    yield loss_finding(
         LOSS_ABOVE_CONSTANT,
-        "error",
         f"{read.said}: it does worse than ignoring its inputs",
-        module=None,
-        step=read.step,
-        value=read.ratio,
-        threshold=p["min_ratio"],
-        metric="loss",
-        remedy="look for what keeps the outputs from reaching the targets: targets in raw "
+        read.step,
+        read.ratio,
+        p["min_ratio"],
+        "look for what keeps the outputs from reaching the targets: targets in raw "
         "units far from the outputs' scale (standardise them, or start the output bias at "
         "their mean), a learning rate too small to move there, targets that do not match "
         "the inputs, dropout or noise so strong that training outputs are noise",
@@ -192,17 +189,14 @@ def _no_better_than_constant(view: RunView, p: dict[str, float]) -> Iterator[Fin
     above = LOSS_ABOVE_CONSTANT.defaults["min_ratio"]
     if read.ratio >= above + read.noise:
         return  # worse than the constant: loss-above-constant's case
-    yield finding(
+    yield loss_finding(
         NO_BETTER_THAN_CONSTANT,
-        "error",
         f"{read.said}: it explains under {1 - p['min_share']:.0%} of its targets' spread, "
         "and predicts little more than their mean",
-        module=None,
-        step=read.step,
-        value=read.ratio,
-        threshold=p["min_share"],
-        metric="loss",
-        remedy="check that the inputs reach the model and that the targets depend on them "
+        read.step,
+        read.ratio,
+        p["min_share"],
+        "check that the inputs reach the model and that the targets depend on them "
         "(a target drawn afresh, shuffled against its inputs), the learning rate and its "
         "schedule (too small to move, decayed to ~0), and the init (a dead or saturated "
         "body)",

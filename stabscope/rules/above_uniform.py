@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from ..store.findings import Finding
-from .base import Rule, RunView, finding
+from .base import Rule, RunView, loss_finding
 from .constant_prediction import ENTROPIES, at_planned_end, end_entropies
 from .loss_divergence import MIN_WINDOW, finite_losses, loss_levels
 from .output_features import LOGITS, log_classes
@@ -66,16 +66,13 @@ def _loss_above_uniform(view: RunView, p: dict[str, float]) -> Iterator[Finding]
     each = ends[0] if ends is not None else None
     if each is not None and each < level:
         said += f"; its predictions are confident (mean entropy {each:.3g} nats) and wrong"
-    yield finding(
+    yield loss_finding(
         LOSS_ABOVE_UNIFORM,
-        "error",
         said,
-        module=None,
-        step=int(loss.index[-1]),
-        value=ratio,
-        threshold=p["min_ratio"],
-        metric="loss",
-        remedy="look for what keeps the outputs from fitting the targets: dropout or noise "
+        int(loss.index[-1]),
+        ratio,
+        p["min_ratio"],
+        "look for what keeps the outputs from fitting the targets: dropout or noise "
         "so strong that training outputs are noise, targets that do not match the inputs, "
         "an init or learning rate the model never recovered from, a body left frozen",
     )

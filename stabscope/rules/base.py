@@ -87,6 +87,23 @@ def finding(rule: Rule, severity: str, message: str, **fields: Any) -> Finding:
     )
 
 
+def loss_finding(
+    rule: Rule, message: str, step: int, value: float, threshold: float, remedy: str
+) -> Finding:
+    """An error read from the run's loss series, said at ``step`` (its last step read)."""
+    return finding(
+        rule,
+        "error",
+        message,
+        module=None,
+        step=step,
+        value=value,
+        threshold=threshold,
+        metric="loss",
+        remedy=remedy,
+    )
+
+
 def finding_at(
     rule: Rule, severity: str, message: str, row: Any, value: float | None = None, **fields: Any
 ) -> Finding:

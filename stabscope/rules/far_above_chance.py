@@ -45,7 +45,7 @@ from ..store import RUN_MODULE
 from ..store.findings import Finding
 from .above_constant import pooling
 from .above_uniform import COVER_THOMAS
-from .base import Rule, RunView, finding
+from .base import Rule, RunView, loss_finding
 from .loss_divergence import MIN_WINDOW, finite_losses, loss_levels, window
 from .lr_plan_check import checked_plan, largest_lr
 from .output_features import LOGITS, first_logits, log_classes
@@ -128,19 +128,16 @@ def _loss_far_above_chance(view: RunView, p: dict[str, float]) -> Iterator[Findi
     ratio, step, said = read
     if not ratio >= p["min_ratio"]:
         return
-    yield finding(
+    yield loss_finding(
         LOSS_FAR_ABOVE_CHANCE,
-        "error",
         f"after {trained} steps at its full learning rate the loss has never come within "
         f"{p['min_ratio']:g}x of {said}: it started at {float(loss.iloc[0]):.4g}, and at its "
         f"best (step {step}) it was {ratio:.3g}x chance: wrong from the start, an init the "
         "model is not recovering from",
-        module=None,
-        step=int(loss.index[-1]),
-        value=ratio,
-        threshold=p["min_ratio"],
-        metric="loss",
-        remedy="scale the output layer's init down (std 0.02 or 1/sqrt(width), or zeros; "
+        int(loss.index[-1]),
+        ratio,
+        p["min_ratio"],
+        "scale the output layer's init down (std 0.02 or 1/sqrt(width), or zeros; "
         "an output bias at the targets' mean), remove any multiplier on the outputs, or "
         "check the init of the layers before it",
     )

@@ -19,6 +19,22 @@ from stabscope.record.config import RecorderConfig
 SCRIPTS = Path(__file__).resolve().parent
 
 
+def classify_loop(inputs: int) -> str:
+    """The training loop of an inline test script (its ``model``, ``opt`` and generator ``g``
+    defined before it): 12 steps of a cross-entropy on the argmax of the first 4 of
+    ``inputs`` features, the script's losses in ``log``."""
+    return f"""
+log = []
+for step in range(12):
+    x = torch.randn(32, {inputs}, generator=g)
+    loss = F.cross_entropy(model(x), x[:, :4].argmax(1))
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    log.append(loss.item())
+"""
+
+
 def read_log(path: Path) -> list[dict[str, float]]:
     if not path.exists():
         return []
