@@ -9,6 +9,8 @@ GAN's summed losses, two players', are not judged; one loss under two optimizers
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,6 +21,7 @@ from stabscope import Recorder, RecorderConfig
 from stabscope.drivers.zerocode import profile_training_script
 from stabscope.rules import check_run
 from stabscope.store import RUN_MODULE
+from stabscope.store.run_meta import load_meta
 
 STEPS = 40
 
@@ -64,11 +67,22 @@ def test_probe_loss_is_the_loss_on_the_probe_batch_with_each_steps_weights(tmp_p
     )
 
 
-def train_classifier(run, curriculum: bool, jump_at: int | None = None, steps: int = 160):
+def train_classifier(
+    run,
+    curriculum: bool,
+    jump_at: int | None = None,
+    steps: int = 160,
+    stop: bool = False,
+    easy_share: float = 0.4,
+    delay: float = 0.0,
+):
     """A logistic task on 10 features. ``curriculum``: early batches keep only the easy rows
-    (|margin| >= 2, almost noise-free labels) for the first 40% of the steps, then the full
-    data with its label noise (the loss rises to the best reachable, ~0.4 nats); ``jump_at``:
-    the lr x1000 from that step on (to 10: Adam then un-learns)."""
+    (|margin| >= 2, almost noise-free labels) for the first ``easy_share`` of the steps, then
+    the full data with its label noise (the loss rises to the best reachable, ~0.4 nats);
+    ``jump_at``: the lr x1000 from that step on (to 10: Adam then un-learns). ``stop``: the
+    online rules on, ``on_error="stop"``; ``delay``: seconds a step also takes (a step of a
+    real model's length, so that the online checks, paced to their cost, come every few
+    steps)."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(3)
     w = torch.randn(10, generator=g)
@@ -87,18 +101,23 @@ def train_classifier(run, curriculum: bool, jump_at: int | None = None, steps: i
     def probe(model: nn.Module) -> torch.Tensor:
         return F.cross_entropy(model(first[0]), first[1])
 
-    with Recorder(net, run, RecorderConfig(online_rules=False), forward=probe) as rec:
+    config = RecorderConfig(online_rules=stop)
+    on_error = "stop" if stop else "warn"
+    with Recorder(net, run, config, forward=probe, on_error=on_error) as rec:
         for step in range(steps):
+            if rec.should_stop:
+                break
             if jump_at is not None and step == jump_at:
                 for group in opt.param_groups:
                     group["lr"] *= 1000
-            margin = 2.0 if curriculum and step < 0.4 * steps else 0.0
+            margin = 2.0 if curriculum and step < easy_share * steps else 0.0
             x, y = first if step == 0 else sample(128, margin)
             loss = F.cross_entropy(net(x), y)
             opt.zero_grad()
             loss.backward()
             opt.step()
             rec.step(loss)
+            time.sleep(delay)
 
 
 @pytest.mark.slow
@@ -116,6 +135,28 @@ def test_a_curriculum_warns_and_a_divergence_stays_an_error(tmp_path):
     probe = probe_rows(jumped)
     best = min(probe.values())
     assert probe[max(probe)] - best > 0.5 * (probe[min(probe)] - best)  # un-learned there too
+
+
+@pytest.mark.slow
+def test_a_live_divergence_read_with_a_stale_probe_reading_is_read_again(tmp_path):
+    """Under ``on_error="stop"`` the loss check judges the curriculum's rise with the probe
+    batch's last reading, at a power-of-two step before it: the rise alone reads as a
+    divergence. The recorder then reads the probe batch once more at that boundary, and the
+    rule, run again, finds the model kept what it learned there: the run trains on, to the
+    end, as the check of the whole run judges it. The lr x1000 jump is stopped."""
+    curriculum, jumped = tmp_path / "curriculum", tmp_path / "jumped"
+    train_classifier(curriculum, curriculum=True, stop=True, easy_share=0.25, delay=0.05)
+    meta = load_meta(curriculum)
+    assert (meta.status, meta.steps) == ("complete", 160)
+    live = [f["rule"] for f in (meta.doc.get("online") or {}).get("findings", [])]
+    assert "loss-divergence" not in live
+    readings = sorted(probe_rows(curriculum))
+    # Read again where the live check asked: steps that are no power of two, before the end.
+    extra = [s for s in readings[:-1] if s & (s - 1)]
+    assert extra, readings
+    train_classifier(jumped, curriculum=False, jump_at=60, stop=True, delay=0.05)
+    meta = load_meta(jumped)
+    assert meta.status == "stopped" and meta.doc["stopped_by"]["rule"] == "loss-divergence"
 
 
 def train_blown_up(run, steps: int = 120) -> list[float]:

@@ -38,11 +38,11 @@ class Net(nn.Module):
         return self.head(self.body(self.emb(tokens)))
 
 
-def train(run, head_scale: float, warmup: int = 0) -> list[float]:
+def train(run, head_scale: float, warmup: int = 0, lr: float = 1e-3) -> list[float]:
     """The script's own loss at every step (budget 400 steps: far from the planned end)."""
     torch.manual_seed(0)
     model = Net(head_scale)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = (
         torch.optim.lr_scheduler.LinearLR(opt, start_factor=1e-3, total_iters=warmup)
         if warmup
@@ -122,3 +122,13 @@ def test_a_regression_far_above_its_targets_variance_is_read_against_it(tmp_path
     assert "the targets' mean" in error.message
     losses, bars, found = regression(tmp_path / "std", "--standardize")
     assert sum(losses[-5:]) / sum(bars[-5:]) < 1 and found == []
+
+
+def test_a_loss_that_began_near_chance_and_blew_up_is_not_an_init_finding(tmp_path):
+    """A sound init (the loss at step 0 near ln 16) at Adam lr 10: the first updates throw
+    the weights off and the loss sits far above 3 ln V from then on. That is a divergence
+    (``loss-divergence``'s), and no init the model failed to undo."""
+    seen = train(tmp_path / "run", head_scale=1.0, lr=10.0)
+    assert seen[0] < 1.5 * math.log(V)
+    assert best_level(seen) > 3 * math.log(V)
+    assert far_above(tmp_path / "run") == []

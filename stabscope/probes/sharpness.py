@@ -252,6 +252,8 @@ class SharpnessProbe(BaseProbe):
         self.note: str | None = None
         self.loss_note: str | None = None
         self.last_loss_step: int | None = None  # None: never measured (no optimizer yet)
+        # (step, probe_loss) of every reading, for the online loss check, which reads no part
+        self.readings: list[tuple[int, float]] = []
 
     @property
     def measured(self) -> int:
@@ -328,6 +330,7 @@ class SharpnessProbe(BaseProbe):
             return
         if value is not None and math.isfinite(value):
             rows.emit("train", self.run_code, 0, "probe_loss", value, step=step)
+            self.readings.append((step, value))
 
 
 __all__ = [

@@ -40,10 +40,9 @@ def nonfinite_on_host(loss: torch.Tensor | float) -> bool:
     return not math.isfinite(float(loss))
 
 
-def _loss_chunk(
-    steps: np.ndarray, values: np.ndarray, phase: int, module: int, metric: int
-) -> Chunk:
-    """Loss rows as a chunk: the constant columns as zero-stride views (O(1))."""
+def run_chunk(steps: np.ndarray, values: np.ndarray, phase: int, module: int, metric: int) -> Chunk:
+    """Rows of the run (``module``: its code) as a chunk, the constant columns as zero-stride
+    views (O(1)): the losses, their bars, the probe batch's losses."""
     n = len(values)
 
     def const(code: int, dtype: type) -> np.ndarray:
@@ -153,7 +152,7 @@ class PendingLosses:
         rows (``store.memory.Chunk``) under the codes of phase ``train`` and metric
         ``loss``; O(1) but for the pending ones (their columns are views)."""
         synced, pending = self.history.view(), self.on_host()
-        return _loss_chunk(*synced, phase, self.run_code, metric), _loss_chunk(
+        return run_chunk(*synced, phase, self.run_code, metric), run_chunk(
             *pending, phase, self.run_code, metric
         )
 
@@ -169,7 +168,7 @@ class PendingLosses:
 
     def bar_chunks(self, phase: int, metric: int) -> tuple[Chunk, Chunk]:
         """``chunks`` of the steps' ``loss_constant`` (metric code ``metric``)."""
-        return _loss_chunk(*self.bars.view(), phase, self.run_code, metric), _loss_chunk(
+        return run_chunk(*self.bars.view(), phase, self.run_code, metric), run_chunk(
             *self.bars_on_host(), phase, self.run_code, metric
         )
 

@@ -121,11 +121,16 @@ class ProbeWiring:
             self._capture.__exit__(None, None, None)
             self._capture = None
 
-    def _measure_sharpness(self, step: int) -> None:
-        assert self.sharpness is not None
+    def probe_pause(self) -> tuple[Any, ...]:
+        """What must not see a probe's own forward: the recorder's hooks, the structure
+        probes' listeners and the every-step probes."""
         listeners = self.structure_probes.listeners if self.structure_probes else None
         pause = (self.hooks, listeners) if listeners is not None else (self.hooks,)
-        pause += tuple(self.every.values())
+        return pause + tuple(self.every.values())
+
+    def _measure_sharpness(self, step: int) -> None:
+        assert self.sharpness is not None
+        pause = self.probe_pause()
         plan = self.meta.get("lr_plan")
         planned = plan.get("budget") if isinstance(plan, dict) else None
         optimizers = list(self.optimizer_watch.optimizers.values())

@@ -9,7 +9,10 @@ reached the host, the recorder hands it a snapshot, without a sync and without w
 
 - the loss check: every loss synced so far (``losses.history``) and the pending losses
   already in host memory (a CPU loss: every step's; a loss on an accelerator waits for the
-  recorder's next sync: the next recorded step or flight-recorder transfer);
+  recorder's next sync: the next recorded step or flight-recorder transfer), and the probe
+  batch's losses read so far (``probe_loss``, a float each, at steps 2, 4, 8, ...), which
+  tell a loss that rose with its data from a model that un-learned, as the check of the
+  whole run does;
 - the full check: the rows the writer buffers, those not yet handed to it, and the pending
   losses already in host memory (on CPU also the flight recorder's ring), next to the parts
   on disk.
@@ -43,9 +46,12 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from ..errors import UsageError, warn
 from ..rules.forecast import FORECAST, ONLINE_FROM
 from ..rules.gate import load_settings
+from ..rules.loss_divergence import LOSS_DIVERGENCE
 from ..rules.online import (
     CLOSE_WAIT,
     FULL,
@@ -60,6 +66,7 @@ from ..store.findings import Finding
 from ..store.memory import Unwritten
 from . import announce
 from .collector import Rows
+from .losses import run_chunk
 
 MULTI_RANK_NOTE = (
     "on_error=stop acts as warn with several ranks: stopping one rank would leave the others "
@@ -148,9 +155,25 @@ class VerdictActions:
         else:
             jobs = {kind: make() for kind, make in self._checks_due(verdicts)}
             verdicts.submit(jobs)
-        found = verdicts.take()
+        found = [f for f in verdicts.take() if self._still_holds(verdicts, f)]
         if found:
             self._act(found)
+
+    def _still_holds(self, verdicts: OnlineVerdicts, finding: Finding) -> bool:
+        """Whether a finding stands. A ``loss-divergence`` error read with a probe batch's
+        reading older than the step (they come at steps 2, 4, 8, ...: at step 60, step 32's)
+        is judged again with one read now, at this boundary: a loss that rose with its data
+        (a policy's value targets, a curriculum) leaves the probe batch's loss where the model
+        left it, and the rule says so as the check of the whole run does, at its end, with
+        its last reading; a model that un-learned raises it there too."""
+        probe = self.sharpness
+        if finding.rule != LOSS_DIVERGENCE.id or probe is None or not probe.readings:
+            return True
+        now = self.step_index - 1  # the step that just ended
+        if probe.readings[-1][0] >= now:
+            return True
+        probe.measure_loss(now, self.rows, self.probe_pause())
+        return verdicts.confirm(finding, self._loss_rows())
 
     def _forecast_due(self) -> bool:
         """Whether this boundary is the first at the failure forecast's horizon, a share
@@ -194,6 +217,12 @@ class VerdictActions:
         chunks = self.losses.chunks(train, self.writer.metrics("loss"))
         if self.losses.bars.n or self.losses.has_bars_on_host:
             chunks += self.losses.bar_chunks(train, self.writer.metrics("loss_constant"))
+        readings = self.sharpness.readings if self.sharpness is not None else []
+        if readings:  # the probe batch's losses: a rise of the data's, not the model's
+            steps = np.array([s for s, _ in readings], np.int32)
+            values = np.array([v for _, v in readings], np.float32)
+            metric = self.writer.metrics("probe_loss")
+            chunks += (run_chunk(steps, values, train, self.losses.run_code, metric),)
         return Unwritten(chunks, self.rank, self.writer.names, with_parts=False)
 
     def _unwritten(self) -> Unwritten:

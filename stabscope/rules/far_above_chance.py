@@ -18,6 +18,10 @@ undo its start: outputs so large that the optimizer, moving each weight by about
 step, needs far longer than the run to bring them back (an output layer initialised x1000, a
 multiplier on the logits, a temperature never learned).
 
+Only a loss that began there: its first value (before any update) at ``min_ratio`` x chance
+or more. A loss that began near chance and rose (an lr that throws the weights off at the
+first steps) is ``loss-divergence``'s, and no init of the model's.
+
 Judged once the run has trained ``min_steps`` recorded steps at its full learning rate (at
 least half its peak: the peak of the trusted planned lr where there is one, else of the lr
 used; none while the lr is still rising, so a large init under a long warm-up waits for its
@@ -74,9 +78,9 @@ def full_lr_steps(view: RunView, within: float = 1.1) -> int:
     return int((lr >= 0.5 * peak).sum())
 
 
-def _against_uniform(view: RunView, loss: pd.Series) -> tuple[float, int, str] | None:
-    """(the best level over ln V, its step, what ln V is) for a loss that reads as a mean
-    cross-entropy of the output head; None otherwise."""
+def _against_uniform(view: RunView, loss: pd.Series) -> tuple[float, float, int, str] | None:
+    """(the first loss over ln V, the best level over ln V, its step, what ln V is) for a
+    loss that reads as a mean cross-entropy of the output head; None otherwise."""
     if view.meta.doc.get("loss_function", "cross_entropy") != "cross_entropy":
         return None
     classes = log_classes(view, checked=True)
@@ -90,13 +94,13 @@ def _against_uniform(view: RunView, loss: pd.Series) -> tuple[float, int, str] |
         f"{source}, the loss of predicting every class with equal probability (the output "
         f"logits at the first step spanned {span:.3g})"
     )
-    return best / ln_v, step, said
+    return float(loss.iloc[0]) / ln_v, best / ln_v, step, said
 
 
-def _against_constant(view: RunView, loss: pd.Series) -> tuple[float, int, str] | None:
-    """(the lowest ratio of sums, loss over its constant bar, over ``window`` consecutive
-    steps; the step it ends at; what the bar is) for a run of one optimizer with a bar;
-    None otherwise."""
+def _against_constant(view: RunView, loss: pd.Series) -> tuple[float, float, int, str] | None:
+    """(the first loss over its bar; the lowest ratio of sums, loss over its constant bar,
+    over ``window`` consecutive steps; the step it ends at; what the bar is) for a run of
+    one optimizer with a bar; None otherwise."""
     if len(view.meta.doc.get("optimizers") or []) != 1 or not view.has("loss_constant"):
         return None
     bars = view.metrics("loss_constant")
@@ -114,7 +118,8 @@ def _against_constant(view: RunView, loss: pd.Series) -> tuple[float, int, str] 
         "chance, the loss of predicting the targets' mean (a regression) or their "
         "frequencies (a classifier) for every input"
     )
-    return float(ratio.iloc[at]), int(ratio.index[at]), said
+    first = float(pairs.loss.iloc[0] / bar.iloc[0])
+    return first, float(ratio.iloc[at]), int(ratio.index[at]), said
 
 
 def _loss_far_above_chance(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
@@ -125,15 +130,15 @@ def _loss_far_above_chance(view: RunView, p: dict[str, float]) -> Iterator[Findi
     read = _against_uniform(view, loss) or _against_constant(view, loss)
     if read is None:
         return
-    ratio, step, said = read
-    if not ratio >= p["min_ratio"]:
-        return
+    first, ratio, step, said = read
+    if not (ratio >= p["min_ratio"] and first >= p["min_ratio"]):
+        return  # came within it, or began within it (a blow-up after a sound start)
     yield loss_finding(
         LOSS_FAR_ABOVE_CHANCE,
         f"after {trained} steps at its full learning rate the loss has never come within "
-        f"{p['min_ratio']:g}x of {said}: it started at {float(loss.iloc[0]):.4g}, and at its "
-        f"best (step {step}) it was {ratio:.3g}x chance: wrong from the start, an init the "
-        "model is not recovering from",
+        f"{p['min_ratio']:g}x of {said}: it started at {float(loss.iloc[0]):.4g} "
+        f"({first:.3g}x chance), and at its best (step {step}) it was {ratio:.3g}x chance: "
+        "wrong from the start, an init the model is not recovering from",
         int(loss.index[-1]),
         ratio,
         p["min_ratio"],

@@ -223,13 +223,15 @@ def a_game(view: RunView) -> bool:
 
 
 def held_on_the_probe_batch(
-    view: RunView, last: int, w: int, give_back: float, start: float
+    view: RunView, series: pd.Series, give_back: float, min_window: int
 ) -> tuple[float, float, float] | None:
     """``(first, best, end)`` of the probe batch's loss (``probe_loss``: the same batch,
     eval mode, at steps 2, 4, 8, ... and at the end) where the model kept what it learned on
     it: its end below its first and less than ``give_back`` of its gain given back. None
-    where it did not, or where it cannot tell: fewer than 3 readings, or none within the
-    training loss's end window (a run judged while it trains, the latest reading old).
+    where it did not, or where it cannot tell: fewer than 3 readings, or a latest reading
+    older than the training loss's (``series``) end window that came before half of its rise
+    from its best level (a run judged while it trains reads the last power-of-two step's: at
+    step 40, step 32's, which speaks for the rise where the rise had mostly come by then).
 
     The first reading comes at step 2, after two updates: a run that blew up at once has its
     probe batch's first reading far above where it began. So ``first`` is at most the
@@ -243,8 +245,17 @@ def held_on_the_probe_batch(
     rows = view.metrics("probe_loss")
     probe = rows[rows.module == RUN_MODULE].groupby("step").value.mean().sort_index()
     probe = probe[np.isfinite(probe.to_numpy(float))]
-    if len(probe) < 3 or int(probe.index[-1]) < last - w:
+    if len(probe) < 3:
         return None
+    start, best_level, best_step, end_level, w = loss_levels(series, min_window)
+    reading = int(probe.index[-1])
+    if reading < int(series.index[-1]) - w:
+        upto = series[series.index <= reading]  # the training losses up to the reading
+        if reading <= best_step or len(upto) < w:
+            return None
+        level = float(upto.iloc[-w:].median())
+        if not level - best_level >= 0.5 * (end_level - best_level):
+            return None
     first = min(float(probe.iloc[0]), start)
     best, end = float(probe.min()), float(probe.iloc[-1])
     if end < first and end - best < give_back * (first - best):
@@ -328,8 +339,7 @@ def _loss_divergence(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     if read is None:
         return
     severity, message = "error", read.message
-    start = loss_levels(series, int(p["min_window"]))[0]
-    held = held_on_the_probe_batch(view, read.last, read.w, p["give_back"], start)
+    held = held_on_the_probe_batch(view, series, p["give_back"], int(p["min_window"]))
     relative = against_the_bar(view, series) if held is None else None
     if held is not None:
         severity = "warning"

@@ -82,9 +82,8 @@ ON_ERROR = ("warn", "stop")
 LOSS, FULL = "loss", "full"
 #: What the loss check holds, and the rules that read only these run its way: the losses,
 #: and beside them what ``loss-divergence`` reads with them: the constant prediction's loss
-#: of each step (written with the loss) and the probe batch's loss (what the parts hold of
-#: it; a reading older than the losses' end window leaves the verdict an error, as it would
-#: be without it).
+#: of each step (written with the loss) and the probe batch's loss (its readings so far,
+#: from the probe itself: the loss check reads no part).
 LOSS_METRICS = frozenset({"loss", "loss_constant", "probe_loss"})
 
 
@@ -185,6 +184,23 @@ class OnlineVerdicts:
         """A full check on this thread now (after a check in progress, if any)."""
         if not self._closed:
             self._check(FULL, memory)
+
+    def confirm(self, finding: Finding, memory: Unwritten) -> bool:
+        """Whether ``finding``'s rule, run now on this thread over ``memory`` (the loss
+        check's rows) alone, still finds it at ``error``; where it does not, the finding may
+        be reported again by a later check."""
+        rules = [r for r in self.loss_rules if r.id == finding.rule]
+        result, failure = isolated(
+            lambda: run_rules(self.run_dir, rules, self.settings, memory=memory)
+        )
+        if failure is not None or result is None or not rules:
+            return True  # it cannot be judged again: it stands
+        key = finding_key(finding)
+        if any(f.severity == ACTING and finding_key(f) == key for f in result.findings):
+            return True
+        with self._lock:
+            self._seen.discard(key)
+        return False
 
     def take(self) -> list[Finding]:
         """The new acting findings since the last call, in the order they were found."""
