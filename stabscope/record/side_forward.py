@@ -51,10 +51,10 @@ def side_forward(*models: nn.Module, keep_modes: bool = False, inputs: Any = ())
     generators = {id(g): g for g in (*held_by(modules), *rngs_in(inputs))}.values()
     generator_states = [(g, state_of(g)) for g in generators]
     flags = [m.training for m in modules]
-    # (module, name, tensor, version, copy): every buffer, to give back by identity and value.
-    # Inference tensors have no version counter and cannot change outside inference mode.
+    # (module, name, tensor, copy): every buffer, to give back by identity and value. An
+    # inference tensor (no copy) cannot change outside inference mode.
     buffers = [
-        (m, name, b, *((None, None) if b.is_inference() else (b._version, b.detach().clone())))
+        (m, name, b, None if b.is_inference() else b.detach().clone())
         for m in modules
         for name, b in m._buffers.items()
         if isinstance(b, torch.Tensor)
@@ -77,10 +77,10 @@ def side_forward(*models: nn.Module, keep_modes: bool = False, inputs: Any = ())
         for m, flag in zip(modules, flags):
             m.training = flag
         with torch.no_grad():
-            for m, name, b, version, saved in buffers:
+            for m, name, b, saved in buffers:
                 if m._buffers.get(name) is not b:
                     m._buffers[name] = b
-                if version is not None:  # every one: a kernel may write without a bump
+                if saved is not None:  # every one: a kernel may write without a bump
                     if b.shape != saved.shape:
                         b.resize_(saved.shape)
                     b.copy_(saved)

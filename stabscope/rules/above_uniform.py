@@ -36,18 +36,25 @@ from .view import Request
 COVER_THOMAS = "Cover and Thomas 2006, Elements of Information Theory, ch. 2"
 
 
+def checked_ln_v(view: RunView) -> tuple[float, str] | None:
+    """(ln V, where it comes from) where the loss reads as a mean cross-entropy of the output
+    head: its graph shows a cross-entropy (record/loss_function.py; a loss that came without
+    one, "unknown", is not enough, and a run recorded before the key existed is judged on
+    the checks of ``log_classes`` alone), and the first logits pass ``log_classes``' checks;
+    None otherwise."""
+    if view.meta.doc.get("loss_function", "cross_entropy") != "cross_entropy":
+        return None
+    classes = log_classes(view, checked=True)
+    return classes if isinstance(classes, tuple) else None
+
+
 def _loss_above_uniform(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     end = at_planned_end(view, p["min_steps"])
     if end is None:
         return  # not at the planned end: a healthy run can still be above ln V early on
     budget, seen = end
-    if view.meta.doc.get("loss_function", "cross_entropy") != "cross_entropy":
-        # Read from the loss's graph (record/loss_function.py); a loss that came without one
-        # ("unknown") is not enough. A run recorded before the key existed is judged on the
-        # checks of log_classes alone.
-        return
-    classes = log_classes(view, checked=True)
-    if not isinstance(classes, tuple):
+    classes = checked_ln_v(view)
+    if classes is None:
         return
     ln_v, source = classes
     loss = finite_losses(view)

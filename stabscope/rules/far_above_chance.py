@@ -48,11 +48,11 @@ import pandas as pd
 from ..store import RUN_MODULE
 from ..store.findings import Finding
 from .above_constant import pooling
-from .above_uniform import COVER_THOMAS
+from .above_uniform import COVER_THOMAS, checked_ln_v
 from .base import Rule, RunView, loss_finding
 from .loss_divergence import MIN_WINDOW, finite_losses, loss_levels, window
 from .lr_plan_check import checked_plan, largest_lr
-from .output_features import LOGITS, first_logits, log_classes
+from .output_features import LOGITS, first_logits
 from .view import Request
 
 #: Steps back over which a rising lr means a warm-up still under way.
@@ -81,10 +81,8 @@ def full_lr_steps(view: RunView, within: float = 1.1) -> int:
 def _against_uniform(view: RunView, loss: pd.Series) -> tuple[float, float, int, str] | None:
     """(the first loss over ln V, the best level over ln V, its step, what ln V is) for a
     loss that reads as a mean cross-entropy of the output head; None otherwise."""
-    if view.meta.doc.get("loss_function", "cross_entropy") != "cross_entropy":
-        return None
-    classes = log_classes(view, checked=True)
-    if not isinstance(classes, tuple):
+    classes = checked_ln_v(view)
+    if classes is None:
         return None
     ln_v, source = classes
     best, step = loss_levels(loss, MIN_WINDOW)[1:3]

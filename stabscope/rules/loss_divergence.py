@@ -222,16 +222,21 @@ def a_game(view: RunView) -> bool:
     return bool(view.meta.doc.get("players"))
 
 
+#: ``loss_levels``' reading: (start, best, best step, end, window).
+Levels = tuple[float, float, int, float, int]
+
+
 def held_on_the_probe_batch(
-    view: RunView, series: pd.Series, give_back: float, min_window: int
+    view: RunView, series: pd.Series, levels: Levels, give_back: float
 ) -> tuple[float, float, float] | None:
     """``(first, best, end)`` of the probe batch's loss (``probe_loss``: the same batch,
     eval mode, at steps 2, 4, 8, ... and at the end) where the model kept what it learned on
     it: its end below its first and less than ``give_back`` of its gain given back. None
     where it did not, or where it cannot tell: fewer than 3 readings, or a latest reading
-    older than the training loss's (``series``) end window that came before half of its rise
-    from its best level (a run judged while it trains reads the last power-of-two step's: at
-    step 40, step 32's, which speaks for the rise where the rise had mostly come by then).
+    older than the training loss's (``series``, read as ``levels``) end window that came
+    before half of its rise from its best level (a run judged while it trains reads the last
+    power-of-two step's: at step 40, step 32's, which speaks for the rise where the rise had
+    mostly come by then).
 
     The first reading comes at step 2, after two updates: a run that blew up at once has its
     probe batch's first reading far above where it began. So ``first`` is at most the
@@ -247,7 +252,7 @@ def held_on_the_probe_batch(
     probe = probe[np.isfinite(probe.to_numpy(float))]
     if len(probe) < 3:
         return None
-    start, best_level, best_step, end_level, w = loss_levels(series, min_window)
+    start, best_level, best_step, end_level, w = levels
     reading = int(probe.index[-1])
     if reading < int(series.index[-1]) - w:
         upto = series[series.index <= reading]  # the training losses up to the reading
@@ -265,19 +270,21 @@ def held_on_the_probe_batch(
 
 @dataclass(frozen=True)
 class Divergence:
-    """What the rule read: its message, value and threshold, and the loss's end window."""
+    """What the rule read: its message, value and threshold, the last step, and the loss's
+    levels."""
 
     message: str
     value: float
     threshold: float
     last: int
-    w: int
+    levels: Levels
 
 
 def divergence(series: pd.Series, p: dict[str, float]) -> Divergence | None:
     """The rule's reading of a finite loss series indexed by step (module docstring), or
     None where it did not diverge."""
-    start, best, best_step, end, w = loss_levels(series, int(p["min_window"]))
+    levels = loss_levels(series, int(p["min_window"]))
+    start, best, best_step, end, w = levels
     gained, rise, last = start - best, end - best, int(series.index[-1])
     # A change counts only past min_z times what the loss's own noise moves a level
     # difference, and the best level, the lowest of the k levels up to it, by what
@@ -295,7 +302,7 @@ def divergence(series: pd.Series, p: dict[str, float]) -> Divergence | None:
             f"to {end:.4g} by step {last}: the run gave back {share} what it had learned "
             f"(medians over {w} steps)"
         )
-        return Divergence(message, given, p["give_back"], last, w)
+        return Divergence(message, given, p["give_back"], last, levels)
     if (
         start != 0
         and end - start >= p["above_start"] * abs(start)
@@ -307,7 +314,7 @@ def divergence(series: pd.Series, p: dict[str, float]) -> Divergence | None:
             f"the loss rose from {start:.4g} at the start to {end:.4g} by step {last}: "
             f"{end / start:.3g}x worse than it started (medians over {w} steps)"
         )
-        return Divergence(message, (end - start) / abs(start), p["above_start"], last, w)
+        return Divergence(message, (end - start) / abs(start), p["above_start"], last, levels)
     return None
 
 
@@ -339,7 +346,7 @@ def _loss_divergence(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     if read is None:
         return
     severity, message = "error", read.message
-    held = held_on_the_probe_batch(view, series, p["give_back"], int(p["min_window"]))
+    held = held_on_the_probe_batch(view, series, read.levels, p["give_back"])
     relative = against_the_bar(view, series) if held is None else None
     if held is not None:
         severity = "warning"
