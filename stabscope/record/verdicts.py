@@ -169,6 +169,8 @@ class VerdictActions:
         probe = self.sharpness
         if finding.rule != LOSS_DIVERGENCE.id or probe is None or not probe.readings:
             return True
+        if not self._loss_check:
+            return True  # several ranks: their mean loss is in the parts, not this rank's rows
         now = self.step_index - 1  # the step that just ended
         if probe.readings[-1][0] >= now:
             return True
