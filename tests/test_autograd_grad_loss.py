@@ -14,6 +14,7 @@ import pytest
 import stabscope
 from stabscope.record.config import RecorderConfig
 from stabscope.rules import check_run
+from stabscope.store.run_meta import load_meta
 from tests.scripts.harness import run_both
 
 SCRIPT = """
@@ -54,3 +55,4 @@ def test_a_loop_that_takes_its_gradients_with_autograd_grad_has_its_loss_read(tm
     assert max(plain[20:]) > 1e4 * min(plain[:20])  # it did diverge, finite
     (found,) = [f for f in check_run(run).findings if f.rule == "loss-divergence"]
     assert found.severity == "error"
+    assert "samples_model" not in load_meta(run).doc  # gradients w.r.t. parameters: no sampler

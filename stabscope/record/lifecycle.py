@@ -87,6 +87,7 @@ class RunLifecycle:
             clip_sites.listen(self.step_norms.on_clip)
             self.step_norms.watch()
             grad_calls.watch()
+            grad_calls.listen(self._on_grad_call)
             model_samples.listen(self._on_model_sample)
             if self._plan_at_optimizer_step:
                 # Opened by the first step(): that step's forward, backward and optimizer step
@@ -181,6 +182,7 @@ class RunLifecycle:
             handle.remove()
         self._optimizer_hooks.clear()
         clip_sites.unlisten(self.step_norms.on_clip)
+        grad_calls.unlisten(self._on_grad_call)
         grad_calls.unwatch()
         model_samples.unlisten(self._on_model_sample)
         self.step_norms.release()

@@ -17,6 +17,15 @@ policy sampled that way, or a language model's generations), which carry nothing
 them from data. The methods are wrapped on their classes while a run is open (the first
 listener wraps, the last unwraps): torch's functions themselves stay as they are, so
 ``torch.jit.script`` and pickling see torch's own.
+
+Samples are also drawn by moving inputs along the model's own input gradient
+(``input_gradient_step``): an energy-based model's negatives by Langevin dynamics,
+x ← x − (ε²/2)·∂E/∂x + ε·noise, which contrastive divergence trains against, E(data) − E(x).
+That loss is no error measure either: it compares the model with its own sampler, and it
+returns toward 0 as the sampler catches up with the model while the model's likelihood of
+held-out data keeps improving (a blind trial's energy MLP: its loss fell from −0.13 to −0.56
+and came back to −0.13, while its held-out NLL fell throughout). The same gradient steps make
+adversarial examples (PGD), whose loss is a game against an attacker of the model's own.
 """
 
 from __future__ import annotations
@@ -24,7 +33,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from torch import distributions
+import torch
+from torch import distributions, nn
 
 from .hook_context import compiling
 
@@ -76,3 +86,29 @@ def _watching(
     sample.__wrapped__ = original  # type: ignore[attr-defined]
     sample.__doc__ = original.__doc__
     return sample
+
+
+def input_gradient_step(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether a ``torch.autograd.grad(outputs, inputs, ...)`` call (its arguments) is a step
+    on inputs: its ``inputs`` are one leaf tensor that requires grad and is no
+    ``nn.Parameter`` (a batch made to require grad, Langevin chains, a PGD perturbation), and
+    it keeps no graph (``create_graph`` false: the gradient moves the inputs and is not
+    trained through). Not: a penalty on the input gradient (WGAN-GP, R1, a physics-informed
+    loss's derivatives), which keeps the graph to train through it; MAML's inner step, whose
+    fast weights are computed from the parameters (no leaves), and a first-order one on
+    detached copies, which takes the gradient w.r.t. one tensor per parameter (a weight and
+    a bias at least); a loop that trains by ``autograd.grad`` w.r.t. its parameters."""
+    inputs = kwargs.get("inputs", args[1] if len(args) > 1 else None)
+    create_graph = kwargs.get("create_graph", args[4] if len(args) > 4 else False)
+    if inputs is None or create_graph:
+        return False
+    tensors = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
+    if len(tensors) != 1:
+        return False
+    (t,) = tensors
+    return (
+        isinstance(t, torch.Tensor)
+        and not isinstance(t, nn.Parameter)
+        and t.requires_grad
+        and t.grad_fn is None
+    )

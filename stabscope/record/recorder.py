@@ -35,8 +35,10 @@ from ..store import RUN_MODULE, PartWriter, interrupts
 from ..store import lock as locks
 from ..store.atomic import RESERVE_FILE, SpaceReserve
 from ..store.findings import Finding
+from ..store.meta_check import INPUT_GRADIENT
 from ..store.rundir import RunExistsError, RunLockedError, keyword_hint, prepare_run_dir
 from ..structure import Structure, capture, from_trace
+from . import model_samples
 from .collector import Collector, Rows
 from .config import RecorderConfig, keyword_names, with_options
 from .constant_loss import READ_FIELDS
@@ -178,6 +180,7 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
         # Gradient norms before/after clipping and block update norms, every step.
         self.step_norms = StepNorms(select_parameters(model), self._run_code, cfg.step_updates)
         self._membership = ParameterMembership(model)  # a block replaced mid-run
+        self._input_steps: set[int] = set()  # steps that moved inputs by their gradient
         self._step_constant: torch.Tensor | None = None  # this step's loss_constant
         # What every probe is built from (the registry, ``stabscope.probes``).
         context = ProbeContext(
@@ -387,12 +390,24 @@ class Recorder(RunLifecycle, ProbeWiring, MetaWriting, VerdictActions):
         return plan is not None
 
     @guarded("a draw from the model's outputs")  # runs inside the script's sampling call
-    def _on_model_sample(self, function: str) -> None:
+    def _on_model_sample(self, function: str, step: int | None = None) -> None:
         """The script drew from a distribution its model output (``model_samples``): once,
         in meta.json (``samples_model``, saved now for the rules judging while it trains)."""
         if "samples_model" not in self.meta:
-            self.meta["samples_model"] = {"function": function, "step": self.step_index}
+            first = self.step_index if step is None else step
+            self.meta["samples_model"] = {"function": function, "step": first}
             self._save_meta()
+
+    @guarded("a torch.autograd.grad call")  # runs inside the script's call, before it
+    def _on_grad_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """A ``torch.autograd.grad`` call that moves inputs along the model's gradient
+        (``model_samples.input_gradient_step``: Langevin sampling, adversarial examples), seen
+        at two steps (once is a look, a saliency map for a log): ``samples_model``."""
+        if "samples_model" in self.meta or not model_samples.input_gradient_step(args, kwargs):
+            return
+        self._input_steps.add(self.step_index)
+        if len(self._input_steps) >= 2:
+            self._on_model_sample(INPUT_GRADIENT, min(self._input_steps))
 
     @guarded("an optimizer step's start")
     def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kw: Any) -> Any:

@@ -86,7 +86,12 @@ Three kinds of run are read apart:
 - a loss of samples drawn from the model's own outputs (meta.json ``samples_model``:
   ``sample()`` of a ``Categorical``, ``Bernoulli`` or ``Normal`` whose parameters require
   grad, as ``Categorical(logits=policy(x)).sample()``; record/model_samples.py): the same
-  surrogate, whatever its sign. A warning.
+  surrogate, whatever its sign. A warning. So is the loss of a run that moves inputs along
+  its model's input gradient at two steps or more (``torch.autograd.grad`` w.r.t. leaf
+  tensors that are no parameters, keeping no graph): an energy model's Langevin negatives,
+  whose contrastive-divergence loss E(data) − E(samples) returns toward 0 as the sampler
+  catches up with the model (blind trial 38's energy MLP: −0.13 → −0.56 → −0.13 while its
+  held-out NLL fell throughout), or adversarial examples, a game against its own attacker.
 
 What it cannot see: a run that never learned and did not get worse (its ``start`` is its
 ``best``), and one that learned only a little before it stalled; those need a reference the
@@ -109,6 +114,7 @@ import pandas as pd
 
 from ..store import RUN_MODULE
 from ..store.findings import Finding
+from ..store.meta_check import INPUT_GRADIENT
 from .base import Rule, RunView, finding
 from .view import Request
 
@@ -355,7 +361,19 @@ def _loss_divergence(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
             f"-> {held[2]:.4g} (probe_loss): it kept what it learned there, so its batches "
             "got harder (a curriculum, a drifting stream), not the model worse"
         )
-    elif sampled := view.meta.doc.get("samples_model"):
+    elif (sampled := view.meta.doc.get("samples_model")) and sampled.get(
+        "function"
+    ) == INPUT_GRADIENT:
+        severity = "warning"
+        message += (
+            f"; but the script moves inputs along its model's own input gradient "
+            f"(torch.autograd.grad from step {sampled.get('step')} on: Langevin sampling, "
+            "adversarial examples) and trains on them: a loss against its own sampler, such "
+            "as contrastive divergence's E(data) - E(samples), which returns toward 0 as the "
+            "sampler catches up while the model goes on improving; judge the run by a "
+            "held-out measure"
+        )
+    elif sampled:
         severity = "warning"
         message += (
             f"; but the script draws from its model's own outputs ("

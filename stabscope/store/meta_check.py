@@ -142,6 +142,9 @@ STRUCTURE = Record(
     },
     nullable=True,
 )
+#: ``samples_model``'s ``function`` where the samples are inputs moved along the model's own
+#: input gradient (Langevin chains, adversarial examples: record/model_samples.py).
+INPUT_GRADIENT = "autograd.grad"
 NONFINITE = Record({"module": STR, "call": INT, "step": INT}, required=("module", "call", "step"))
 #: ``rank`` and ``status`` only in a multi-rank run's errors (store/rank_errors.py).
 ERROR_FIELDS: dict[str, Spec] = {
