@@ -1,8 +1,8 @@
-"""``update-ratio`` on a matrix initialised to zero (LoRA's B, a ViT's class token): grown
-from zero, its update is a large share of its norm by construction for its first
-1/max_ratio² steps, and that says nothing about the lr. The same rule still fires on a
-random-init matrix whose lr is too high. The ratios are checked against the script's own
-norms."""
+"""``update-ratio`` on a matrix initialised to zero (LoRA's B, a ViT's class token) or far
+below the usual scale (a policy head scaled by 0.01): grown from (near) zero, its update is a
+large share of its norm by construction for its first 1/max_ratio² steps, and that says
+nothing about the lr. The same rule still fires on a random-init matrix whose lr is too
+high. The ratios are checked against the script's own norms and Adam's first step."""
 
 from __future__ import annotations
 
@@ -109,3 +109,43 @@ def test_a_zero_initialised_class_token_is_not_an_oversized_update(tmp_path):
     assert ratios[ratios.module == "cls"].value.max() > 0.5  # its norm is its own updates
     assert ratios[ratios.module != "cls"].value.max() < 0.1  # the weights: small steps
     assert update_ratio_findings(tmp_path) == []
+
+
+def policy_head_run(run_dir, gain: float, lr: float, steps: int = 8) -> float:
+    """A policy whose last layer is scaled by ``gain`` after PyTorch's default init, as PPO
+    implementations initialise it, trained by Adam; returns the script's own ratio
+    ||ΔW|| / ||W|| of that head at step 0."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, 4))
+    with torch.no_grad():
+        model[2].weight.mul_(gain)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    first = None
+    with stabscope.Recorder(model, run_dir, schedule=Schedule(dense=steps, every=1)) as rec:
+        for _ in range(steps):
+            before = model[2].weight.detach().clone()
+            x, y = torch.randn(32, 8), torch.randint(4, (32,))
+            loss = F.cross_entropy(rec.model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            rec.step(loss=loss)
+            if first is None:
+                first = float((model[2].weight.detach() - before).norm() / before.norm())
+    return first
+
+
+def test_a_policy_head_initialised_100x_small_is_not_an_oversized_update(tmp_path):
+    ratio = policy_head_run(tmp_path / "small", gain=0.01, lr=3e-4)
+    # Adam's first step moves every element by lr (m̂/√v̂ = ±1): ||ΔW|| = lr·√256, against a
+    # head of rms 0.01/√(3·64) (kaiming-uniform's default, scaled).
+    assert ratio == pytest.approx(3e-4 * 16 / (0.01 * 256**0.5 / (3 * 64) ** 0.5), rel=0.1)
+    assert ratio > 0.1  # over the bar, by the init alone
+    assert update_ratio_findings(tmp_path / "small") == []
+
+
+def test_a_head_at_its_usual_scale_and_a_hot_lr_still_is(tmp_path):
+    ratio = policy_head_run(tmp_path / "hot", gain=1.0, lr=0.03)
+    assert ratio > 0.1  # lr·√256 over a head of the default rms: the lr's doing
+    (found,) = update_ratio_findings(tmp_path / "hot")
+    assert "2.weight" in found.message

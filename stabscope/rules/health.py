@@ -11,6 +11,7 @@ import pandas as pd
 from ..store.findings import Finding
 from ..wording import counted
 from .base import Rule, RunView, finding_at
+from .negligible_updates import KARPATHY
 from .nonfinite import NONFINITE
 from .output_features import regression, takes_logits
 from .run_status import RUN_STATUS
@@ -22,7 +23,7 @@ def _update_ratio(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     ratios = view.metrics("update_ratio")
     # Weight matrices only: biases and gains start at zero or one, so their ratio says little.
     ratios = ratios[ratios.module.isin(view.matrices) & np.isfinite(ratios.value)]
-    ratios = ratios[~_growing_from_zero(view, ratios, p["max_ratio"])]
+    ratios = ratios[~_growing_from_small(view, ratios, p["max_ratio"])]
     big = ratios[ratios.value > p["max_ratio"]]
     if big.empty:
         return
@@ -40,21 +41,42 @@ def _update_ratio(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     )
 
 
-def _growing_from_zero(view: RunView, ratios: pd.DataFrame, max_ratio: float) -> pd.Series:
-    """Rows of matrices initialised to zero (LoRA's B, adaLN-Zero, a zero-init output
-    projection) at steps where their ratio is large by construction. Grown from zero by k
-    steps of one size u, ||θ|| is k·u when the steps align and about √k·u when they do not,
-    so the ratio u/||θ|| stays above ``max_ratio`` for up to 1/max_ratio² steps (100 at 0.1)
-    in a healthy run: those steps say nothing about the lr."""
+def _growing_from_small(view: RunView, ratios: pd.DataFrame, max_ratio: float) -> pd.Series:
+    """Rows of matrices initialised at zero or far below the usual scale, at steps where their
+    ratio is large by construction. Zero: LoRA's B, adaLN-Zero, a zero-init output
+    projection. Far below: an rms under ``SMALL_INIT`` of PyTorch's default for the shape,
+    1/√(3·fan_in) (kaiming-uniform with a = √5, ``nn.Linear`` and ``nn.Conv*``'s), as the
+    0.01-gain policy head that PPO implementations use (Andrychowicz et al. 2021, What Matters
+    in On-Policy Reinforcement Learning?; a blind trial's PPO: 1.45 at step 0). Grown from
+    (near) zero by k steps of one size u, ||θ|| is k·u when the steps align and about √k·u
+    when they do not, so the ratio u/||θ|| stays above ``max_ratio`` for up to 1/max_ratio²
+    steps (100 at 0.1) in a healthy run: those steps say nothing about the lr."""
     first = view.metrics("param_norm", step="first", modules=view.matrices)
-    zero = set(first.module[(first.value == 0) & (first.step == 0)])
-    return ratios.module.isin(zero) & (ratios.step < 1.0 / max_ratio**2)
+    first = first[first.step == 0]
+    shapes = {p["name"]: p.get("shape") for p in view.meta.doc.get("parameters") or []}
+    small = set()
+    for name, norm in zip(first.module, first.value.to_numpy(float)):
+        shape = shapes.get(name) or []
+        numel = int(np.prod(shape)) if len(shape) >= 2 else 0
+        usual = 1.0 / np.sqrt(3.0 * numel / shape[0]) if numel else np.nan
+        if norm == 0 or norm / np.sqrt(numel or 1) < SMALL_INIT * usual:
+            small.add(name)
+    return ratios.module.isin(small) & (ratios.step < 1.0 / max_ratio**2)
 
+
+#: An init rms under this share of PyTorch's default for the shape is a small init by design.
+SMALL_INIT = 0.1
+
+
+ANDRYCHOWICZ = (
+    "Andrychowicz et al. 2021, What Matters in On-Policy Reinforcement Learning? "
+    "A Large-Scale Empirical Study"
+)
 
 UPDATE_RATIO = Rule(
     "update-ratio",
     "Update too large for the parameter",
-    "",
+    f"{KARPATHY}; {ANDRYCHOWICZ}",
     ("update_ratio",),
     {"max_ratio": 0.1},
     _update_ratio,
