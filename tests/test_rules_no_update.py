@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+import stabscope
 from stabscope import Recorder, RecorderConfig, Schedule
 from stabscope.rules import check_run
 
@@ -84,7 +85,7 @@ def test_a_dead_network_is_an_error_even_when_weight_decay_moves_it(tmp_path):
 def test_a_dead_network_is_not_told_that_adams_eps_damps_its_updates(tmp_path):
     """sqrt(v) = 0 in every weight matrix: no gradient reached them (no-update says so), and
     there is no update for eps to damp. Gradients that do arrive, under an eps as large as
-    they are, still get the warning."""
+    they are, still get the finding: an error, with eps above most matrices' gradient rms."""
     train(tmp_path / "dead", mlp(True), zero_before_step=False)
     rules = {f.rule: f for f in check_run(tmp_path / "dead").findings}
     assert "no-update" in rules and "adam-epsilon" not in rules
@@ -95,6 +96,13 @@ def test_a_dead_network_is_not_told_that_adams_eps_damps_its_updates(tmp_path):
     # the finding says by how much (1 / the ratio) and that the step is an SGD step.
     assert largest < 1 and f.value < 1
     assert f"eps is {1 / f.value:.3g}x its gradient rms" in f.message and "SGD" in f.message
+    # Under eps in most matrices (the median ratio below 1): the model trains as SGD at
+    # lr/eps, an error. The median is the recorded ratios' at the last step.
+    ratios = stabscope.load_run(tmp_path / "big-eps", metrics="adam_sqrtv_over_eps")
+    ratios = ratios[ratios.module.str.endswith("weight")]
+    median = float(ratios[ratios.step == ratios.step.max()].value.median())
+    assert median < 1 and f.severity == "error"
+    assert f"the median over the 2 weight matrices is {median:.3g}" in f.message
 
 
 class TwoStage(nn.Module):
