@@ -162,6 +162,8 @@ def test_rank_collapse_of_positions_the_output_does_not_keep_is_a_warning(tmp_pa
     pooled = run("pooled", False)["rank-collapse"]
     assert pooled.severity == "warning"
     assert "the model's output keeps none of blocks.3's positions (pooled)" in pooled.message
+    assert pooled.remedy.startswith("none for the collapse itself")  # nothing to lower
+    assert "the output of 1 block carries" in pooled.message  # a count of blocks, in words
 
 
 def test_gradient_growth_of_an_encoder_decoder_reads_the_decoder(tmp_path):

@@ -93,7 +93,7 @@ def test_attention_logit_growth_reads_finite_logits(tmp_path):
     rows = [(s, attn, "attn_logit_max", 0, v) for s, v in enumerate([5.0, 2e3, INF])]
     f = found(write(tmp_path / "inf", rows))["attention-logit-growth"]
     assert (f.severity, f.step, f.value) == ("warning", 1, 2e3)
-    assert f"x{2e3 / 5.0:.3g} over 1 steps" in f.message
+    assert f"x{2e3 / 5.0:.3g} over 1 steps (from 5, the largest at step 0)" in f.message
 
 
 def test_rank_collapse_that_lasted_until_the_run_went_nan(tmp_path):

@@ -178,7 +178,8 @@ def _check(
         if unrecorded:
             err.print(
                 f"[dim]skipped {counted(len(unrecorded), 'rule')} whose metrics this run did "
-                f"not record: {escape(', '.join(unrecorded))} (--format json says which)[/]",
+                f"not record: {escape(', '.join(unrecorded))} (--format json names the "
+                "metrics; `stabscope profile --preset full` records the most)[/]",
                 soft_wrap=True,
             )
         # Rules that cannot apply to this model (attention rules without attention): one

@@ -11,7 +11,6 @@ import pandas as pd
 from ..analysis.summary import layer_param_grad_trends
 from ..store.findings import Finding
 from ..theory.deepnorm import deepnorm_constants
-from ..wording import counted
 from . import residual_placement
 from .base import Rule, RunView, finding, finding_at, graded
 from .depth import GRAD_GROWTH
@@ -34,11 +33,16 @@ def _attention_logits(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     if grade is None:
         return
     severity, threshold = grade
+    # The peak over the largest logit of the first recorded step: a figure the run keeps once
+    # its peak is seen, whether read while it trains or after (the last step's would change).
     per_step = logits.groupby("step").value.max().sort_index()
     growth = ""
-    if len(per_step) >= 2 and per_step.iloc[0] > 0:
-        span = per_step.index[-1] - per_step.index[0]
-        growth = f", x{per_step.iloc[-1] / per_step.iloc[0]:.3g} over {span} steps"
+    first_step, first = int(per_step.index[0]), float(per_step.iloc[0])
+    if int(row.step) > first_step and first > 0:
+        growth = (
+            f", x{row.value / first:.3g} over {int(row.step) - first_step} steps (from "
+            f"{first:.3g}, the largest at step {first_step})"
+        )
     yield finding_at(
         ATTN_LOGITS,
         severity,
@@ -142,7 +146,7 @@ def _rank_collapse(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     # Per step, the most collapsed block among those with a finite correlation.
     by_step = corr.groupby("step").value.max().sort_index()
     first_step, last_step = int(by_step.index[0]), int(by_step.index[-1])
-    out, out_note = None, ""
+    out, out_note, pooled_note = None, "", False
     if by_step.iloc[0] > p["error"]:
         step, severity, threshold = first_step, "warning", p["error"]
         how = "from the start (a risk at init: the failure forecast weighs it)"
@@ -166,25 +170,33 @@ def _rank_collapse(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
                         f"; the model's output keeps none of {out}'s positions (pooled): "
                         "no output collapses with them"
                     )
+                    pooled_note = True
                 out = None
         step = last_step
         how = f"since step {since}" if severity == "error" else f"at step {last_step}"
     rows = corr[corr.step == step]
     row = rows.loc[rows[rows.module == out].value.idxmax() if out else rows.value.idxmax()]
     collapsed = int((rows.value > p["warning"]).sum())
+    carry = f"outputs of {collapsed} blocks carry" if collapsed > 1 else "output of 1 block carries"
     yield finding_at(
         RANK_COLLAPSE,
         severity,
-        f"token correlation {row.value:.4f} at {row.module} {how}: "
-        f"{counted(collapsed, 'block output')} {'carries' if collapsed == 1 else 'carry'} "
-        "nearly the same vector at every "
+        f"token correlation {row.value:.4f} at {row.module} {how}: the {carry} nearly the "
+        "same vector at every "
         f"position (rank collapse; {by_step.iloc[0]:.3f} "
         f"at step {first_step}, {by_step.iloc[-1]:.3f} at step {last_step}){out_note}",
         row,
         threshold=threshold,
         metric="token_corr",
-        remedy=_collapse_remedy(view),
+        remedy=POOLED_REMEDY if pooled_note else _collapse_remedy(view),
     )
+
+
+#: A collapse of positions a pooled output does not keep: nothing to change for it.
+POOLED_REMEDY = (
+    "none for the collapse itself: the output pools the positions, so no prediction "
+    "collapses with them; look further only if the loss stalls"
+)
 
 
 def _collapse_remedy(view: RunView) -> str:
