@@ -18,6 +18,7 @@ from torch import nn
 
 from stabscope import Recorder, RecorderConfig
 from stabscope.rules import check_run
+from tests.scripts.harness import recorded_ce_step
 
 STEPS, AT, WINDOW = 200, 100, 10  # 200 losses: levels are medians over max(5, 200 // 20)
 
@@ -56,12 +57,7 @@ def train(run, change: str) -> list[float]:
             x, y = first if step == 0 else sample(128, easy if step < AT else 0.0)
             if change == "corrupt" and step == AT:
                 y = y[torch.randperm(len(y), generator=g)]
-            loss = F.cross_entropy(net(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            rec.step(loss)
-            seen.append(loss.item())
+            seen.append(recorded_ce_step(net, opt, rec, x, y))
     return seen
 
 

@@ -22,6 +22,7 @@ from stabscope.drivers.zerocode import profile_training_script
 from stabscope.rules import check_run
 from stabscope.store import RUN_MODULE
 from stabscope.store.run_meta import load_meta
+from tests.scripts.harness import recorded_ce_step
 
 STEPS = 40
 
@@ -186,12 +187,7 @@ def train_blown_up(run, steps: int = 120) -> list[float]:
                 for group in opt.param_groups:
                     group["lr"] = 1e-4
             x, y = first if step == 0 else sample(128)
-            loss = F.cross_entropy(net(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            rec.step(loss)
-            seen.append(loss.item())
+            seen.append(recorded_ce_step(net, opt, rec, x, y))
     return seen
 
 

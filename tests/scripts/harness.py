@@ -35,6 +35,17 @@ for step in range(12):
 """
 
 
+def recorded_ce_step(net: Any, opt: Any, rec: Any, x: Any, y: Any) -> float:
+    """One recorded training step of a classifier: cross-entropy of ``net(x)`` against the
+    labels ``y``, backward, ``opt.step()``, ``rec.step(loss)``; the loss before the update."""
+    loss = torch.nn.functional.cross_entropy(net(x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    rec.step(loss)
+    return float(loss.item())
+
+
 def read_log(path: Path) -> list[dict[str, float]]:
     if not path.exists():
         return []
