@@ -129,3 +129,26 @@ def test_the_depth_trend_of_a_module_called_twice_reads_what_the_extremes_read(t
     assert s.trend.values[0] == by_layer["layers.0"] and s.trend.values[-1] == by_layer["layers.2"]
     listed = dict(s.largest + s.smallest)
     assert listed["layers.0"] == by_layer["layers.0"]
+
+
+def test_modules_that_pass_their_input_on_are_not_listed(tmp_path):
+    """A Dropout at p = 0 and an Identity hand on their input's gradient: their grad_rms is
+    their neighbour's (the recorded rows say so), and the extremes list the neighbour."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(6, 12),
+        torch.nn.Tanh(),
+        torch.nn.Dropout(0.0),
+        torch.nn.Linear(12, 12),
+        torch.nn.Identity(),
+        torch.nn.Linear(12, 3),
+    )
+    with stabscope.Recorder(model, tmp_path / "run") as rec:
+        train(model, 3, batch_maker(6, 3), rec)
+    rows = dict(reference(tmp_path / "run"))
+    assert rows["2"] == rows["1"] and rows["4"] == rows["3"]  # copies of their neighbours
+    s = summarize(tmp_path / "run", top=2)
+    listed = [name for name, _ in s.largest + s.smallest]
+    assert "2" not in listed and "4" not in listed
+    want = [(k, v) for k, v in reference(tmp_path / "run") if k not in ("2", "4")]
+    assert s.largest == want[:2] and s.smallest == want[2:][::-1]

@@ -220,6 +220,10 @@ def _unexpectedly_silent(meta: RunMeta) -> dict[str, list[str]]:
     return never
 
 
+#: Module classes whose output is their input, or a scaled copy of it (name prefixes).
+PASS_ON = ("Identity", "Dropout", "AlphaDropout", "FeatureAlphaDropout")
+
+
 def summarize(run_dir: str | Path, top: int = 3) -> Summary:
     """The headline numbers of a run (see module docstring)."""
     meta = load_meta(run_dir)
@@ -250,13 +254,16 @@ def summarize(run_dir: str | Path, top: int = 3) -> Summary:
     metrics = ["grad_rms", "act_rms"]
     frame = load_run(run_dir, metrics=metrics, phase="train", merge_ranks=True)
     frame = frame[(frame.module != ROOT) & (frame.module != RUN_MODULE)]
+    # Modules that pass their input on (an Identity, a Dropout: a scaled copy, the same at
+    # p = 0) repeat a neighbour's statistics: not listed among the extremes.
+    copies = {m["name"] for m in meta.modules if str(m.get("type", "")).startswith(PASS_ON)}
     for metric in metrics:
         sub = frame[frame.metric == metric]
         if sub.empty:
             continue
         first = int(sub.step.min())
         at = sub[sub.step == first].groupby("module", observed=True).value.max().dropna()
-        at = at.sort_values(ascending=False)
+        at = at[~at.index.isin(copies)].sort_values(ascending=False)
         s.extremes_metric, s.extremes_step = metric, first
         s.largest = [(str(k), float(v)) for k, v in at.head(top).items()]
         # From the modules not listed as largest: a model of fewer than 2 x top modules
