@@ -18,6 +18,7 @@ from torch import nn
 
 from stabscope import Recorder, RecorderConfig
 from stabscope.rules import check_run
+from tests.rule_runs import checked, write
 from tests.scripts.harness import recorded_ce_step
 
 STEPS, AT, WINDOW = 200, 100, 10  # 200 losses: levels are medians over max(5, 200 // 20)
@@ -90,3 +91,14 @@ def test_harder_batches_for_good_warn_and_one_corrupt_batch_is_nothing(tmp_path)
     seen = train(tmp_path / "corrupt", "corrupt")
     assert seen[AT] > 3 * statistics.median(seen[AT - WINDOW : AT])  # the spike
     assert divergence(tmp_path / "corrupt") == []
+
+
+def test_a_jump_from_a_loss_at_exactly_zero_is_read_without_a_ratio(tmp_path):
+    """A hinge loss that fell from 10 to exactly 0 (met) for 90 steps, then sits at 0.5 for
+    good: it gave back 5% of its fall (not the first case), ends far under its start (not
+    the second), and has no level before the jump to be a share above: no finding, and no
+    rule fails (checked: a division by that level would have raised)."""
+    losses = [10.0] * 10 + [0.0] * 90 + [0.5] * 100
+    rows = [(s, "__run__", "loss", -1, v) for s, v in enumerate(losses)]
+    result = checked(write(tmp_path / "run", rows))
+    assert [f for f in result.findings if f.rule == "loss-divergence"] == []

@@ -355,6 +355,8 @@ def unrecovered_jump(series: pd.Series, p: dict[str, float], levels: Levels) -> 
         if at < w or last - step < p["recover_steps"]:
             continue
         before = float(np.median(values[at - w : at]))
+        if before == 0:
+            continue  # a loss at exactly 0 (a hinge met): no level to be a share above
         if end - before >= p["min_rise"] * abs(before) and _stands_out(
             values, before, end, w, p["min_z"]
         ):
