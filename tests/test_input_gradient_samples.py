@@ -82,6 +82,8 @@ for step in range(30):
     if step == 10:  # one look at a saliency map, for a log: no sampler either
         probe = torch.randn(4, 8, generator=g).requires_grad_(True)
         torch.autograd.grad(model(probe).sum(), probe)
+    # Inputs given as a generator, which torch accepts: it must reach torch unread.
+    torch.autograd.grad(model(x).sum(), (p for p in model.parameters()))
     opt.zero_grad()
     loss.backward()
     opt.step()

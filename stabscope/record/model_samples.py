@@ -102,7 +102,14 @@ def input_gradient_step(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     create_graph = kwargs.get("create_graph", args[4] if len(args) > 4 else False)
     if inputs is None or create_graph:
         return False
-    tensors = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
+    # Only a tensor, a list or a tuple is looked into: a generator read here would reach
+    # torch empty.
+    if isinstance(inputs, torch.Tensor):
+        tensors = [inputs]
+    elif isinstance(inputs, (list, tuple)):
+        tensors = list(inputs)
+    else:
+        return False
     if len(tensors) != 1:
         return False
     (t,) = tensors
