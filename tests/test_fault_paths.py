@@ -127,6 +127,38 @@ def test_a_script_that_swallows_the_stop_still_ends_stopped(tmp_path):
     assert any("caught the exception that stopped it" in n for n in meta["notes"])
 
 
+def test_a_stopped_script_is_told_where_in_its_step_it_stopped(tmp_path):
+    """--on-error stop ends the script from inside the optimizer step of the step that shows
+    the NaN (step 5), after its update: the script's own line after ``opt.step()`` ran for
+    steps 0-4 only (its stdout is the reference), and meta.json's notes say why."""
+    path = tmp_path / "stopped.py"
+    path.write_text(
+        textwrap.dedent(
+            """
+            import torch
+            from torch import nn
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+            opt = torch.optim.AdamW(model.parameters(), 1e-2)
+            for i in range(12):
+                x = torch.randn(32, 8) * (float("nan") if i == 5 else 1.0)
+                loss = model(x).pow(2).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                print("after", i)
+            """
+        )
+    )
+    proc = profile(tmp_path, path, "--on-error", "stop")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    printed = [line for line in proc.stdout.splitlines() if line.startswith("after")]
+    assert printed == [f"after {i}" for i in range(5)]
+    meta = stabscope.read_meta(tmp_path / "run")
+    assert meta["status"] == "stopped" and meta["steps"] == 6  # step 5 was trained
+    assert any("from inside the last step's optimizer.step()" in n for n in meta["notes"])
+
+
 def test_warnings_as_errors_never_end_a_recorded_loop(tmp_path):
     """A program under ``warnings.simplefilter("error")`` (pytest -W error): the live finding
     of a NaN is a line on stderr, not an exception out of rec.step()."""

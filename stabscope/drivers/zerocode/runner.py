@@ -64,6 +64,14 @@ class TrainingScriptResult:
     stopped_by: dict[str, Any] | None = None
 
 
+#: Where a script stopped by ``--on-error stop`` was stopped, in meta.json's notes.
+STOPPED_INSIDE_NOTE = (
+    "--on-error stop ended the script from inside the last step's optimizer.step(), after "
+    "its update: the script's own lines after that call (a print, a scheduler step, a "
+    "checkpoint) did not run for that step"
+)
+
+
 def exit_status(code: Any) -> int:
     """The process exit status Python gives ``sys.exit(code)``."""
     if code is None:
@@ -194,6 +202,9 @@ def _run(
             returned = True
     except StopOnFinding as stop:
         notes.append(f"{stop} (on error: stop)")
+        # Raised from the optimizer step's end: the script's own lines after that call (a
+        # print, a scheduler step, a checkpoint) did not run for that step; meta.json says so.
+        recording.notes.append(STOPPED_INSIDE_NOTE)
     except StopScript:
         notes.append(f"stopped {path.name} after {max_steps} steps (--stop-script)")
     except (KeyboardInterrupt, Terminated) as exc:  # Terminated is a SystemExit: first
