@@ -95,29 +95,41 @@ def test_a_new_optimizer_every_step_gives_one_step_each(tmp_path):
     assert recorded_losses(tmp_path / "run") == pytest.approx(own[:3], rel=1e-6)
 
 
+#: A script whose step 5 feeds a NaN batch: its head, up to the loop, and one step's body
+#: (indented for the loop), for the tests of --on-error stop.
+NAN_AT_5_HEAD = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    opt = torch.optim.AdamW(model.parameters(), 1e-2)
+    for i in range(12):
+    """
+)
+NAN_AT_5_STEP = textwrap.indent(
+    textwrap.dedent(
+        """\
+        x = torch.randn(32, 8) * (float("nan") if i == 5 else 1.0)
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        """
+    ),
+    "    ",
+)
+
+
 def test_a_script_that_swallows_the_stop_still_ends_stopped(tmp_path):
     """--on-error stop raises at the step boundary after the NaN; a bare ``except:`` around
     the step trains on. The run still closes `stopped` there, and profile exits 1."""
     path = tmp_path / "swallow.py"
+    step = textwrap.indent(NAN_AT_5_STEP, "    ")
     path.write_text(
-        textwrap.dedent(
-            """
-            import torch
-            from torch import nn
-            torch.manual_seed(0)
-            model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
-            opt = torch.optim.AdamW(model.parameters(), 1e-2)
-            for i in range(12):
-                try:
-                    x = torch.randn(32, 8) * (float("nan") if i == 5 else 1.0)
-                    loss = model(x).pow(2).mean()
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-                except:  # noqa: E722  (the script's own: it logs and trains on)
-                    print("swallowed", i)
-            """
-        )
+        f"{NAN_AT_5_HEAD}    try:\n{step}"
+        "    except:  # noqa: E722  (the script's own: it logs and trains on)\n"
+        "        print('swallowed', i)\n"
     )
     proc = profile(tmp_path, path, "--on-error", "stop")
     assert proc.returncode == 1, proc.stderr[-2000:]
@@ -132,24 +144,7 @@ def test_a_stopped_script_is_told_where_in_its_step_it_stopped(tmp_path):
     the NaN (step 5), after its update: the script's own line after ``opt.step()`` ran for
     steps 0-4 only (its stdout is the reference), and meta.json's notes say why."""
     path = tmp_path / "stopped.py"
-    path.write_text(
-        textwrap.dedent(
-            """
-            import torch
-            from torch import nn
-            torch.manual_seed(0)
-            model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
-            opt = torch.optim.AdamW(model.parameters(), 1e-2)
-            for i in range(12):
-                x = torch.randn(32, 8) * (float("nan") if i == 5 else 1.0)
-                loss = model(x).pow(2).mean()
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                print("after", i)
-            """
-        )
-    )
+    path.write_text(f"{NAN_AT_5_HEAD}{NAN_AT_5_STEP}    print('after', i)\n")
     proc = profile(tmp_path, path, "--on-error", "stop")
     assert proc.returncode == 1, proc.stderr[-2000:]
     printed = [line for line in proc.stdout.splitlines() if line.startswith("after")]

@@ -118,20 +118,13 @@ def _adam_eps(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     # trials, no healthy run's median ratio at its last recorded step went under 10; the two
     # runs with eps = 1 sat at 1e-3, at 10% of their steps as at the end.
     median = float(last.value.median())
-    severity, threshold = (
-        ("error", p["error_median"])
-        if median < p["error_median"]
-        else (
-            "warning",
-            p["min_ratio"],
+    severity, threshold, most = "warning", p["min_ratio"], ""
+    if median < p["error_median"]:
+        severity, threshold = "error", p["error_median"]
+        most = (
+            f"; the median over the {len(last)} weight matrices is {median:.3g}: eps sets the "
+            "step of most of the model, which trains as SGD at lr/eps"
         )
-    )
-    most = (
-        f"; the median over the {len(last)} weight matrices is {median:.3g}: eps sets the "
-        "step of most of the model, which trains as SGD at lr/eps"
-        if severity == "error"
-        else ""
-    )
     yield finding_at(
         ADAM_EPS,
         severity,

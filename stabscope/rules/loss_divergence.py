@@ -8,7 +8,7 @@ On the loss of every step (finite values only; a NaN/Inf is the ``nonfinite`` ru
 - ``best``: the lowest median over ``w`` consecutive losses;
 - ``end``: the median of the last ``w`` losses.
 
-An error in two cases:
+An error in three cases:
 
 - it learned and gave it back: the loss fell by at least ``min_gain`` (10%) of its start,
   ``start - best >= min_gain * |start|``, then rose back by at least ``give_back`` (half) of
@@ -29,8 +29,8 @@ An error in two cases:
   healthy run's level passed 1.06x its level before a spike.
 
 The rise back from the best (or from the level before the jump) must also stand out of the
-loss's own noise: at least ``min_z``
-(3) times the standard deviation that noise alone gives a difference of two levels, plus
+loss's own noise: at least ``min_z`` (3) times the standard deviation that noise alone gives
+a difference of two levels, plus
 what picking the lowest of k levels lowers the best by chance. Read in log space when the
 losses are all positive: a batch loss that is a sum of squares is skewed far to the right
 (a few batches at 4x the level), and a loss that diverges wobbles in proportion to its
@@ -246,6 +246,13 @@ def a_game(view: RunView) -> bool:
 Levels = tuple[float, float, int, float, int]
 
 
+def probe_readings(view: RunView) -> pd.Series:
+    """The probe batch's finite losses (``probe_loss``) by step, in step order."""
+    rows = view.metrics("probe_loss")
+    probe = rows[rows.module == RUN_MODULE].groupby("step").value.mean().sort_index()
+    return probe[np.isfinite(probe.to_numpy(float))]
+
+
 def held_on_the_probe_batch(
     view: RunView, series: pd.Series, levels: Levels, give_back: float
 ) -> tuple[float, float, float] | None:
@@ -267,9 +274,7 @@ def held_on_the_probe_batch(
     A model that diverges un-learns on any batch, this one too; a loss that rises because
     the batches got harder (a curriculum, a stream that drifts) leaves the model's loss on
     a fixed batch where it was."""
-    rows = view.metrics("probe_loss")
-    probe = rows[rows.module == RUN_MODULE].groupby("step").value.mean().sort_index()
-    probe = probe[np.isfinite(probe.to_numpy(float))]
+    probe = probe_readings(view)
     if len(probe) < 3:
         return None
     start, best_level, best_step, end_level, w = levels
@@ -381,9 +386,7 @@ def held_after_the_jump(view: RunView, jump: int, min_rise: float) -> tuple[floa
     it had learned (a blind trial's PatchTST, 0.235 -> 0.499; its NeoX fed a shard tokenised
     otherwise, 0.995 -> 4.18). None where it did not, or where no reading came before or
     after the jump."""
-    rows = view.metrics("probe_loss")
-    probe = rows[rows.module == RUN_MODULE].groupby("step").value.mean().sort_index()
-    probe = probe[np.isfinite(probe.to_numpy(float))]
+    probe = probe_readings(view)
     earlier, later = probe[probe.index < jump], probe[probe.index > jump]
     if earlier.empty or later.empty:
         return None
