@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from stabscope import load_run
 from stabscope.cli import app
+from stabscope.rules import check_run
 from stabscope.rules.forecast import ONLINE_FROM, ONLINE_UNTIL, not_online_now
 from stabscope.rules.view import RunView
 
@@ -75,3 +76,13 @@ def test_outside_the_window_a_training_run_has_no_forecast(tmp_path) -> None:
     del meta["lr_plan"]
     (live / "meta.json").write_text(json.dumps({**meta, "status": "running"}))
     assert not_online_now(RunView.open(live, until=lo))
+    # Nor in a replay of the finished run before its end: where it would end was not known
+    # then. At its end the whole run is judged.
+    (live / "meta.json").write_text(json.dumps(meta))
+    assert not_online_now(RunView.open(live, until=lo))
+    assert not not_online_now(RunView.open(live)) and not not_online_now(
+        RunView.open(live, until=BUDGET)
+    )
+    replayed = {f.rule for f in check_run(live, until=lo).findings}
+    assert "failure-forecast" not in replayed
+    assert "failure-forecast" in {f.rule for f in check_run(tmp_path / "done", until=lo).findings}

@@ -203,11 +203,13 @@ ONLINE_FROM, ONLINE_UNTIL = 0.10, 0.25
 def not_online_now(view: RunView) -> bool:
     """Whether a run still training is outside the forecast's window (``ONLINE_FROM`` to
     ``ONLINE_UNTIL`` of its budget; always, without a budget): it gives no forecast now. A
-    run no longer training is always judged (``check``)."""
-    if view.meta.status != "running":
-        return False
+    run no longer training is judged at every step of a known budget (``check``, and a
+    replay with ``until``); without a budget only at its end, since a replay inside such a
+    run would know where it ends only in hindsight, which its live judge did not."""
     budget = view.meta.budget
     seen = view.until if view.until is not None else view.meta.steps
+    if view.meta.status != "running":
+        return budget is None and seen < view.meta.steps
     return budget is None or not ONLINE_FROM * budget <= seen < ONLINE_UNTIL * budget
 
 
