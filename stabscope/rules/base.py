@@ -82,9 +82,10 @@ def graded(value: float, p: dict[str, float]) -> tuple[str, float] | None:
 
 
 def finding(rule: Rule, severity: str, message: str, **fields: Any) -> Finding:
-    return Finding(
-        rule=rule.id, severity=severity, message=message, citation=rule.citation, **fields
-    )
+    """A finding of ``rule``; ``citation`` may replace the rule's own where it does not apply
+    to this finding ("" for none)."""
+    fields.setdefault("citation", rule.citation)
+    return Finding(rule=rule.id, severity=severity, message=message, **fields)
 
 
 def loss_finding(

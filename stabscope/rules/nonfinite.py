@@ -191,8 +191,13 @@ def _nonfinite(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
             if written is not None
             else (
                 f"look at {lead.module}: its {what} was the first non-finite one in "
-                f"{lead.direction} order; lower the learning rate, add warm-up or gradient "
-                "clipping" + _precision_remedy(view, lead.module)
+                f"{lead.direction} order; "
+                + (
+                    BEFORE_ANY_UPDATE[lead.direction]
+                    if not updated_before(view, lead.step)
+                    else "lower the learning rate, add warm-up or gradient clipping"
+                )
+                + _precision_remedy(view, lead.module)
             )
         )
     parts += [
@@ -212,6 +217,11 @@ def _nonfinite(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
         threshold=0.0,
         metric=lead.metric,
         remedy=remedy,
+        # Loss scaling's paper explains a half-precision overflow; not one in float32 or
+        # one the loss function made.
+        citation=""
+        if made is not None or _output_dtype(view, lead.module) in WIDE_DTYPES
+        else NONFINITE.citation,
     )
 
 
@@ -244,14 +254,36 @@ def made_by_the_loss(view: RunView, rows: pd.DataFrame, lead: FirstNonfinite, at
 WIDE_DTYPES = ("float32", "float64")
 
 
+def _output_dtype(view: RunView, module: str) -> str | None:
+    """``module``'s output dtype from meta.json's module table; None where not kept."""
+    return next((m.get("output_dtype") for m in view.meta.modules if m.get("name") == module), None)
+
+
+def updated_before(view: RunView, step: int) -> bool:
+    """Whether an optimizer step ran before ``step`` in this run (an ``lr`` row is written
+    where one stepped)."""
+    stepped = view.metrics("lr").step
+    return bool((stepped < step).any())
+
+
+#: A non-finite value before any update: the weights are the init's (or the checkpoint's),
+#: so the learning rate did not make it; the pass's own arithmetic did.
+BEFORE_ANY_UPDATE = {
+    "forward": "no optimizer step had run yet, so the learning rate did not make it: the "
+    "forward computation does at these weights and inputs (an exp or a power of large "
+    "values, a log or a division at 0, a sqrt of a negative, a NaN in the input)",
+    "backward": "no optimizer step had run yet, so the learning rate did not make it: the "
+    "backward computation does at these weights and inputs (the gradient of a sqrt, a norm "
+    "or a pow with exponent below 1 at 0 is infinite; of a log at 0 too)",
+}
+
+
 def _precision_remedy(view: RunView, module: str) -> str:
     """The remedy's last clause for ``module``'s output dtype (meta.json's module table):
     a half-precision output overflows at 65504 (float16) where float32 would not; a float32
     one is already wide, so the clause names what overflows float32 instead. Runs written
     before the dtype was kept get the half-precision advice as well."""
-    dtype = next(
-        (m.get("output_dtype") for m in view.meta.modules if m.get("name") == module), None
-    )
+    dtype = _output_dtype(view, module)
     if dtype in WIDE_DTYPES:
         return (
             f"; it computes in {dtype} already, so find what leaves that range there (an exp "

@@ -379,6 +379,28 @@ def _last_projection(covered: list[Call], out_call: Call) -> str:
     return out_call.name if inside and last.output is not out_call.output else last.name
 
 
+def first_nonfinite_call(trace: Trace) -> str | None:
+    """The name of the first module (in return order) whose traced output holds a NaN or an
+    Inf; None where every output was finite."""
+    for call in sorted(trace.calls, key=lambda c: c.end):
+        out = call.output
+        if out is not None and out.is_floating_point() and not bool(out.isfinite().all()):
+            return call.name
+    return None
+
+
+def _nonfinite_clause(trace: Trace) -> str:
+    """Why sums went unmatched where the traced forward went non-finite (NaN != NaN, so a
+    block whose tensors hold NaN cannot be verified): a clause for the notes, or ""."""
+    poisoned = first_nonfinite_call(trace)
+    if poisoned is None:
+        return ""
+    return (
+        f" (the traced forward pass went non-finite, first in the output of {poisoned}, "
+        "and a sum that holds NaN cannot be matched)"
+    )
+
+
 def detect(model: nn.Module, trace: Trace, names: dict[int, str]) -> Structure:
     """Structure of ``model`` from a traced forward pass; ``names`` maps id(module) -> name."""
     candidates = block_candidates(model, names)
@@ -410,7 +432,7 @@ def detect(model: nn.Module, trace: Trace, names: dict[int, str]) -> Structure:
     if not blocks:
         note = (
             "no residual blocks found: no tensor in any repeated layer equals input plus "
-            "branch output; recording generic per-module moments only"
+            f"branch output{_nonfinite_clause(trace)}; recording generic per-module moments only"
         )
         s = unrecognised(note)
         s.norms = norms
@@ -419,7 +441,7 @@ def detect(model: nn.Module, trace: Trace, names: dict[int, str]) -> Structure:
     if skipped:
         notes.append(
             f"{len(skipped)} repeated layers without a verified residual add "
-            f"(e.g. {skipped[0]}) are not treated as blocks"
+            f"(e.g. {skipped[0]}) are not treated as blocks{_nonfinite_clause(trace)}"
         )
     for b in blocks:
         for a in b.attention:
