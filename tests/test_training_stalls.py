@@ -205,6 +205,24 @@ def test_a_schedule_whose_horizon_is_shorter_than_the_run_is_an_error_at_its_fir
     assert found(tmp_path / "full", "lr-vanishes") == []
 
 
+def test_a_decay_that_falls_through_zero_is_said_to_go_negative_at_its_first_steps(tmp_path):
+    # The same horizon of 20 without HF's clamp at 0: (20 - s) / 15 is below 0 from step 21.
+    def through_zero(s: int) -> float:
+        return s / 5 if s < 5 else (20 - s) / 15
+
+    def unclamped(model):
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, through_zero)
+
+    train(tmp_path / "unclamped", unclamped, steps=8, budget=BUDGET)
+    (f,) = found(tmp_path / "unclamped", "lr-vanishes")
+    negative = next(s for s in range(BUDGET) if through_zero(s) < 0)
+    assert negative == 21 and f"below zero from step {negative}" in f.message
+    assert "the weights stop learning" in f.message
+    (neg,) = found(tmp_path / "unclamped", "lr-negative")
+    assert neg.step == negative
+
+
 def test_a_per_epoch_scheduler_is_judged_by_the_lr_it_used_not_a_per_step_plan(tmp_path):
     def step_lr(model):
         opt = torch.optim.SGD(model.parameters(), lr=0.05)

@@ -36,7 +36,7 @@ REMEDY = (
 )
 
 
-def _in_rows(view: RunView, tolerance: float) -> tuple[int, float, int] | None:
+def negative_in_rows(view: RunView, tolerance: float) -> tuple[int, float, int] | None:
     """(first step, lr, param group) where a recorded lr is below ``-tolerance`` x the
     largest recorded lr; None where none is."""
     if not view.has("lr"):
@@ -53,7 +53,7 @@ def _in_rows(view: RunView, tolerance: float) -> tuple[int, float, int] | None:
     return int(first.step), float(first.value), int(first["index"])
 
 
-def _in_plan(view: RunView, tolerance: float) -> tuple[int, float] | None:
+def negative_in_plan(view: RunView, tolerance: float) -> tuple[int, float] | None:
     """(first planned step, its lr) where the trusted plan's lr is below ``-tolerance`` x its
     peak for every param group; None where it never is, or without a trusted plan."""
     plan = checked_plan(view, moved=True)
@@ -70,7 +70,7 @@ def _in_plan(view: RunView, tolerance: float) -> tuple[int, float] | None:
 
 def _lr_negative(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     tolerance = p["tolerance"]
-    used, planned = _in_rows(view, tolerance), _in_plan(view, tolerance)
+    used, planned = negative_in_rows(view, tolerance), negative_in_plan(view, tolerance)
     if used is not None and (planned is None or used[0] <= planned[0]):
         step, lr, group = used
         severity = "error"

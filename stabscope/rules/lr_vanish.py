@@ -35,6 +35,7 @@ import pandas as pd
 from ..store.findings import Finding
 from ..store.lr_plan import METRIC_DRIVEN
 from .base import Rule, RunView, finding
+from .lr_negative import LR_NEGATIVE, negative_in_plan, negative_in_rows
 from .lr_plan_check import checked_plan
 from .view import Request
 
@@ -105,12 +106,24 @@ def _lr_vanishes(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     if count < share * total or first < 0:
         return
     whose = f"of the {total} planned steps" if planned else f"of the {total} steps so far"
+    # A schedule that falls through 0 (a linear decay stepped past its horizon) does worse
+    # than stop the weights: say so here too, since this rule may be the first to speak.
+    tolerance = LR_NEGATIVE.defaults["tolerance"]
+    negative = negative_in_rows(view, tolerance) or negative_in_plan(view, tolerance)
+    below_zero = (
+        f", below zero from step {negative[0]} ({negative[1]:.3g}: each step there goes up "
+        "the loss; see lr-negative)"
+        if negative is not None
+        else ""
+    )
     yield finding(
         LR_VANISHES,
         "error",
         f"the learning rate falls below {floor:g} of its peak ({peak:.3g} at step "
         f"{peak_step}) at step {first} and stays there for {count} {whose} "
-        f"({count / total:.0%}): the weights stop moving long before the end",
+        f"({count / total:.0%}){below_zero}: the weights stop "
+        + ("learning" if negative is not None else "moving")
+        + " long before the end",
         module="__run__",
         step=first,
         value=count / total,
