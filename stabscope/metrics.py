@@ -157,7 +157,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("attn_entropy", "entropy of the sampled queries' attention / log(keys), per head",
            "normalised, in [0, 1]", "module", "attention", "standard", worse="lower",
            heatmap="attention", headline="lowest attention entropy (normalised)"),
-    Metric("attn_logit_max", "largest |q·k|·scale of the sampled queries, per head",
+    Metric("attn_logit_max", "largest |q·k|·scale, sampled queries, keys with weight; per head",
            "attention logit", "module", "attention", "standard", ranks="max", heatmap="attention",
            headline="largest attention logit"),
     Metric("res_ratio", "rms(f)/rms(x) of a residual branch per token, averaged", "ratio", "module",

@@ -43,7 +43,11 @@ def reference(q, k, allowed, scale=None, causal=None):
     p = logits.masked_fill(~allowed, float("-inf")).softmax(-1)
     ent = -(p * torch.log(p.clamp_min(1e-30))).sum(-1)  # (B, H, L)
     keys = allowed.sum(-1)
-    row_max = logits.abs().masked_fill(~allowed, 0).amax(-1)  # (B, H, L)
+    # The max |logit| reads the allowed keys that carry softmax weight: within 100 nats of
+    # their row's largest (a finite mask fill such as -1e9 is not one of the model's logits).
+    top = logits.masked_fill(~allowed, float("-inf")).amax(-1, keepdim=True)
+    carried = allowed & (logits >= top - 100)
+    row_max = logits.abs().masked_fill(~carried, 0).amax(-1)  # (B, H, L)
     total = torch.zeros(q.shape[1], dtype=torch.float64)
     count = torch.zeros(q.shape[1], dtype=torch.float64)
     peak = torch.zeros(q.shape[1])
@@ -90,6 +94,14 @@ def test_sdpa_boolean_and_float_masks_and_scale():
     check(sdpa_sample(q, k, additive, False, 0.3, SAMPLING), reference(q, k, allowed, 0.3))
     hf_style = torch.zeros(3, 1, 40, 30).masked_fill(~allowed, torch.finfo(torch.float32).min)
     check(sdpa_sample(q, k, hf_style, False, 0.3, SAMPLING), reference(q, k, allowed, 0.3))
+    # A finite fill (HF's older additive -10000, The Annotated Transformer's -1e9) gives
+    # those keys no weight either: the max is the unmasked keys', not the fill's 1e4. (The
+    # entropy's normalisation still counts them as keys: not compared here.)
+    _, want = reference(q, k, allowed, 0.3)
+    for fill in (-1e4, -1e9):
+        finite = torch.zeros(3, 1, 40, 30).masked_fill(~allowed, fill)
+        got = sdpa_sample(q, k, finite, False, 0.3, SAMPLING)
+        np.testing.assert_allclose(got[:, 1].numpy(), want.numpy(), rtol=1e-5)
 
 
 def test_sdpa_grouped_query_attention():
@@ -558,7 +570,8 @@ def test_the_max_reads_the_likeliest_queries_of_every_sequence(host, monkeypatch
 
 def test_written_out_logits_give_their_whole_max(monkeypatch):
     """Explicit attention: the max over every allowed logit of every sequence, masked entries
-    (-inf, HF's most negative value) left out, a few sequences at a time; NaN shows."""
+    (-inf, HF's most negative value, a finite fill that leaves them no softmax weight) left
+    out, a few sequences at a time; NaN shows."""
     from stabscope.probes import attention_sample
 
     g = torch.Generator().manual_seed(2)
@@ -566,7 +579,7 @@ def test_written_out_logits_give_their_whole_max(monkeypatch):
     allowed = torch.rand(5, 1, 12, 12, generator=g) > 0.3
     want = logits.abs().masked_fill(~allowed, 0).amax((0, 2, 3))
     monkeypatch.setattr(attention_sample, "CHUNK", 2 * 3 * 12 * 12)  # two sequences at a time
-    for never in (float("-inf"), torch.finfo(torch.float32).min):
+    for never in (float("-inf"), torch.finfo(torch.float32).min, -1e9, -1e4):
         got = attention_sample.written_out_peak(logits.masked_fill(~allowed, never))
         np.testing.assert_array_equal(got.numpy(), want.numpy())
     logits[4, 2, 0, 0] = float("nan")

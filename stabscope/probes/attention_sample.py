@@ -30,6 +30,16 @@ from .kernels import host_kernels
 #: value mean "never attend" (-inf, or HF's ``finfo.min``).
 NEVER = 0.5
 
+#: A key whose logit lies this far below its row's largest gets a softmax weight under
+#: e^-100 (4e-44, below float32's smallest number): it is never attended, as a masked key is.
+#: A mask written as a finite fill (``masked_fill(mask, -1e9)`` in The Annotated Transformer,
+#: HF's additive -10000) leaves its keys among the allowed ones, so the max |logit| reads
+#: only keys within this of their row's largest: the fill is not read as one of the model's
+#: logits. The entropy's normalisation (the log of the keys a query may attend) still
+#: counts such keys: telling a fill from a head collapsed past 100 nats would need the
+#: mask's meaning, so padded batches under a finite fill read a lower normalised entropy.
+NO_WEIGHT = 100.0
+
 #: Elements of a model's written-out logits handled at once (a temporary of this many).
 CHUNK = 1 << 24
 
@@ -120,9 +130,18 @@ def sample_sdpa(
     r = rows.shape[1]
     result = entropy_and_max(logits[:, :, :r], allowed[:, :, :r])
     if peak > 0:
-        top = logits.abs().masked_fill(~allowed, 0).amax((0, 2, 3))
+        top = carried_peak(logits, allowed)
         result[:, 1] = torch.maximum(result[:, 1], top.to(result))
     return result
+
+
+def carried_peak(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """(H,) max |logit| of (b, H, q, S) ``logits`` over the ``allowed`` keys (broadcastable)
+    that carry softmax weight: within ``NO_WEIGHT`` of their row's largest allowed logit, so
+    a mask written as a finite fill (-1e9) is not read as a logit. A NaN stays in (data)."""
+    top = logits.masked_fill(~allowed, float("-inf")).amax(-1, keepdim=True)  # (b, H, q, 1)
+    carried = allowed & ~(logits < top - NO_WEIGHT)
+    return logits.abs().masked_fill(~carried, 0).amax((0, 2, 3))
 
 
 def _likeliest(q: torch.Tensor, k: torch.Tensor, causal: bool, n: int) -> torch.Tensor:
@@ -202,18 +221,16 @@ def entropy_and_max(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor
     norm = ent / torch.log(keys.clamp(min=2).float())
     valid = keys > 1  # rows with no choice (one key or none) are left out, not NaN
     mean_ent = torch.where(valid, norm, 0).sum((0, 2)) / valid.sum((0, 2)).clamp(min=1)
-    peak = logits.float().abs().masked_fill(~allowed, 0).amax((0, 2, 3))
-    return torch.stack((mean_ent, peak), 1)
+    return torch.stack((mean_ent, carried_peak(logits.float(), allowed)), 1)
 
 
 def written_out_peak(logits: torch.Tensor) -> torch.Tensor:
     """(H,) max |logit| over every entry of (B, H, L, S) logits a model wrote out, all
-    sequences; masked entries (-inf, or at most half the dtype's most negative value) left
-    out, a NaN or +inf kept (data). A few sequences at a time: the temporaries stay small."""
+    sequences; masked entries (-inf, or at most half the dtype's most negative value) and
+    entries that carry no softmax weight (``carried_peak``: a finite fill) left out, a NaN
+    or +inf kept (data). A few sequences at a time: the temporaries stay small."""
     x = logits.detach()
     floor = torch.finfo(x.dtype).min * NEVER
     step = max(1, CHUNK // max(1, x[0].numel()))
-    parts = [
-        part.masked_fill(part <= floor, 0).abs_().amax((0, 2, 3)) for part in x.split(step, dim=0)
-    ]
+    parts = [carried_peak(part, ~(part <= floor)) for part in x.split(step, dim=0)]
     return torch.stack(parts).amax(0).float()

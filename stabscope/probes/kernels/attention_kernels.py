@@ -20,6 +20,8 @@ import math
 import numba
 import numpy as np
 
+from ..attention_sample import NO_WEIGHT
+
 #: Lets LLVM reorder the dot products' sums so that they vectorise; NaN and inf keep their
 #: meaning (no ``nnan``/``ninf``): a NaN logit still shows as NaN.
 _REORDER_SUMS = {"reassoc", "contract"}
@@ -32,19 +34,29 @@ _fast = numba.njit(
 
 
 @_jit
+def _carried_peak(kept, m, top, peak):
+    # max(peak, |l|) over the logits kept[:m] that carry softmax weight (within NO_WEIGHT of
+    # the row's largest, ``top``: attention_sample.NO_WEIGHT); a NaN is not below anything,
+    # so it stays in (the callers flag it).
+    for j in range(m):
+        v = kept[j]
+        if not v < top - NO_WEIGHT:
+            peak = max(peak, abs(float(v)))
+    return peak
+
+
+@_jit
 def _add_row(kept, m, typed, acc):
     # One query's logits over its m allowed keys, kept[:m], into the head's running
     # acc = [Σ normalised entropy, rows counted, max |logit|, any NaN, ...]. The entropy is
     # log Z − Σ p·(l − max), over log m; rows with fewer than two keys carry none.
     top = typed[1]
-    peak = acc[2]  # locals in the loop: acc may alias kept as far as LLVM knows
     saw_nan = False
     for j in range(m):
         v = kept[j]
         saw_nan = saw_nan or math.isnan(v)  # NaN makes both results NaN, as in torch
         top = v if v > top else top
-        peak = max(peak, abs(float(v)))
-    acc[2] = peak
+    acc[2] = _carried_peak(kept, m, top, acc[2])
     if saw_nan:
         acc[3] = 1.0
     if m < 2:
@@ -90,16 +102,16 @@ def entropy_and_max(logits, allowed, out):
 
 
 @_jit
-def _add_peak(kept, m, acc):
+def _add_peak(kept, m, typed, acc):
     # The max |logit| of one of the likeliest queries' rows into acc; a NaN there makes the
     # max NaN (acc[4]), not the entropy, whose rows it is not.
-    peak = acc[2]
+    top = typed[1]
     saw_nan = False
     for j in range(m):
         v = kept[j]
         saw_nan = saw_nan or math.isnan(v)
-        peak = max(peak, abs(float(v)))
-    acc[2] = peak
+        top = v if v > top else top
+    acc[2] = _carried_peak(kept, m, top, acc[2])
     if saw_nan:
         acc[4] = 1.0
 
@@ -208,6 +220,6 @@ def sample_attention(
                             qr, k, i, g, k_heads_first, p, keys, causal, scale, allowed, bias,
                             floor, h, kept,
                         )  # fmt: skip
-                        _add_peak(kept, m, acc[h])
+                        _add_peak(kept, m, typed, acc[h])
     for h in range(heads):
         _write_head(acc[h], out, h)
