@@ -74,13 +74,26 @@ def fit_on(
     return fit(xs, ys, signals, l2=l2, risks=tuple(r for r in RISKS if r in signals))
 
 
+#: The shares of a run whose forecast a check at its planned end also reads (the rule's
+#: window, ``forecast.window_score``: ONLINE_FROM and ONLINE_UNTIL, 10% and 25%).
+WINDOW_KS = (10, 25)
+
+
 def detect(run, sig: dict, until: int, model) -> int | None:
-    """The gate's first error step on the run's first ``until`` steps under ``model``."""
+    """The gate's first error step on the run's first ``until`` steps under ``model``. At
+    the run's end the forecast is an error where its score there or at the window's cuts
+    reaches the rule's error threshold, as the rule reads a finished run (where the cache
+    holds those cuts)."""
     entry = sig[run.key][str(until)]
     other = entry["error"] if not isinstance(entry["error"], str) else None
-    values = {s: _num(entry["signals"].get(s)) for s in model.features}
+    cuts = [entry]
+    if until >= run.steps:
+        cuts += [sig[run.key][c] for k in WINDOW_KS if (c := str(until_of(run, k))) in sig[run.key]]
+    prob = max(
+        model.probability({s: _num(e["signals"].get(s)) for s in model.features}) for e in cuts
+    )
     known = entry.get("outcome_known", False)  # at its planned end, below ln V: a warning
-    flagged = until - 1 if model.probability(values) >= ERROR and not known else None
+    flagged = until - 1 if prob >= ERROR and not known else None
     found = [s for s in (other, flagged) if s is not None]
     return min(found) if found else None
 
