@@ -97,6 +97,15 @@ def test_rank_collapse_during_training_must_persist(tmp_path):
     lasting = [*transient, (60, 0.998)]
     f = rules_hit(run("l", lasting))[0]["rank-collapse"]
     assert (f.severity, f.step) == ("error", 60) and "since step 3" in f.message
+    # Collapsed from the start and never apart since: a risk at init while it is young, an
+    # error once it has lasted as a collapse that appeared must (a Post-LN decoder with its
+    # branches x4 sat at 0.999 from step 0 to its end, its loss stuck near chance).
+    young = [(0, 0.995), (3, 0.997), (9, 0.997)]
+    f = rules_hit(run("y", young))[0]["rank-collapse"]
+    assert (f.severity, f.step) == ("warning", 0) and "risk at init" in f.message
+    never_apart = [*young, (60, 0.998)]
+    f = rules_hit(run("n", never_apart))[0]["rank-collapse"]
+    assert (f.severity, f.step) == ("error", 60) and "since step 0" in f.message
     # The remedy follows the blocks: unknown or Post-LN, the placement; all Pre-LN, the lr.
     assert f.remedy.startswith("use Pre-LN")
     for placement, start in (("post", "use Pre-LN"), ("pre", "lower the peak learning rate")):

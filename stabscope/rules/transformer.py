@@ -128,8 +128,10 @@ KEDIA = "Kedia et al. 2024, Transformers get Stable: An End-to-End Signal Propag
 def _rank_collapse(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     """Collapse at init is a risk, not a verdict: deep Post-LN models whose tokens are 0.999
     correlated at step 0 train well with a warm-up or at a lower lr, so it is a warning, and
-    the failure forecast weighs it with the other signals (``init_token_corr``). Collapse that
-    appears during training is often a transient plateau (healthy runs at a high learning
+    the failure forecast weighs it with the other signals (``init_token_corr``); one that
+    never came apart (still above ``error`` at the latest step) is judged as a collapse
+    that appeared, from the start. Collapse that appears during training is often a
+    transient plateau (healthy runs at a high learning
     rate sit near 1 for a few steps, then recover), so it is an error only once it has lasted
     ``persist`` steps, and half the planned run where the budget is known (``_persist``), a
     warning before that; and only at the output block (the last block
@@ -147,7 +149,8 @@ def _rank_collapse(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     by_step = corr.groupby("step").value.max().sort_index()
     first_step, last_step = int(by_step.index[0]), int(by_step.index[-1])
     out, out_note, pooled_note = None, "", False
-    if by_step.iloc[0] > p["error"]:
+    at_init = by_step.iloc[0] > p["error"]
+    if at_init and not by_step.iloc[-1] > p["error"]:
         step, severity, threshold = first_step, "warning", p["error"]
         how = "from the start (a risk at init: the failure forecast weighs it)"
     else:
@@ -174,6 +177,9 @@ def _rank_collapse(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
                 out = None
         step = last_step
         how = f"since step {since}" if severity == "error" else f"at step {last_step}"
+        if at_init and severity != "error":  # not lasted long enough yet: the init's risk
+            step, threshold, out_note, pooled_note = first_step, p["error"], "", False
+            how = "from the start (a risk at init: the failure forecast weighs it)"
     rows = corr[corr.step == step]
     row = rows.loc[rows[rows.module == out].value.idxmax() if out else rows.value.idxmax()]
     collapsed = int((rows.value > p["warning"]).sum())
