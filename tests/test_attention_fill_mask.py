@@ -21,10 +21,10 @@ V, T, D, H = 16, 12, 32, 4
 
 
 class Attention(nn.Module):
-    def __init__(self, fill: float, additive: bool) -> None:
+    def __init__(self, fill: float, additive: bool, causal: bool) -> None:
         super().__init__()
         self.qkv, self.out = nn.Linear(D, 3 * D), nn.Linear(D, D)
-        self.fill, self.additive = fill, additive
+        self.fill, self.additive, self.causal = fill, additive, causal
         self.seen: list[torch.Tensor] = []  # the unmasked logits of each call (the reference)
 
     def forward(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
@@ -32,6 +32,8 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).view(b, T, 3, H, D // H).permute(2, 0, 3, 1, 4)  # (B, H, T, E)
         scores = q @ k.transpose(-2, -1) / math.sqrt(D // H)  # (B, H, T, T)
         keys = pad[:, None, None, :]  # (B, 1, 1, T): True at padding keys
+        if self.causal:  # and later keys: a left-padded query sees padding only (a row all fill)
+            keys = keys | torch.ones(T, T, dtype=torch.bool).triu(1)
         self.seen.append(scores.detach().abs().masked_fill(keys, 0).amax((0, 2, 3)))
         if self.additive:  # HF's older extended mask: (1 - mask) * -10000 added to the scores
             scores = scores + keys.float() * self.fill
@@ -41,10 +43,10 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, fill: float, additive: bool) -> None:
+    def __init__(self, fill: float, additive: bool, causal: bool) -> None:
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(D), nn.LayerNorm(D)
-        self.attn = Attention(fill, additive)
+        self.attn = Attention(fill, additive, causal)
         self.mlp = nn.Sequential(nn.Linear(D, 4 * D), nn.GELU(), nn.Linear(4 * D, D))
 
     def forward(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
@@ -53,10 +55,10 @@ class Block(nn.Module):
 
 
 class Classifier(nn.Module):
-    def __init__(self, fill: float, additive: bool) -> None:
+    def __init__(self, fill: float, additive: bool, causal: bool) -> None:
         super().__init__()
         self.emb = nn.Embedding(V, D)
-        self.blocks = nn.ModuleList([Block(fill, additive) for _ in range(2)])
+        self.blocks = nn.ModuleList([Block(fill, additive, causal) for _ in range(2)])
         self.head = nn.Linear(D, 2)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -68,23 +70,28 @@ class Classifier(nn.Module):
         return self.head((x * keep).sum(1) / keep.sum(1))  # masked mean pooling
 
 
-def batch(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def batch(g: torch.Generator, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
     tokens = torch.randint(1, V, (16, T), generator=g)
     lengths = torch.randint(4, T, (16,), generator=g)  # every sequence has padding
-    tokens[torch.arange(T)[None, :] >= lengths[:, None]] = 0
+    position = torch.arange(T)[None, :]
+    padded = position < (T - lengths)[:, None] if left else position >= lengths[:, None]
+    tokens[padded] = 0
     return tokens, ((tokens == 3).sum(1) > 0).long()
 
 
 @pytest.mark.parametrize("kernel", ["numba", "torch"])
-@pytest.mark.parametrize(("fill", "additive"), [(-1e9, False), (-1e4, True)])
+@pytest.mark.parametrize(
+    ("fill", "additive", "causal"), [(-1e9, False, False), (-1e4, True, False), (-1e9, False, True)]
+)
 def test_a_finite_fill_is_not_read_as_an_attention_logit(
-    tmp_path, monkeypatch, kernel, fill, additive
+    tmp_path, monkeypatch, kernel, fill, additive, causal
 ):
+    # causal: left padding under a causal mask, so a padded query's row is all fill.
     from stabscope.probes.kernels import host_kernels
 
     monkeypatch.setattr(host_kernels, "AVAILABLE", kernel == "numba" and host_kernels.AVAILABLE)
     torch.manual_seed(0)
-    model = Classifier(fill, additive)
+    model = Classifier(fill, additive, causal)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(0)
     steps = 6
@@ -93,7 +100,7 @@ def test_a_finite_fill_is_not_read_as_an_attention_logit(
         for _ in range(steps):
             for block in model.blocks:
                 block.attn.seen.clear()
-            tokens, labels = batch(g)
+            tokens, labels = batch(g, left=causal)
             loss = F.cross_entropy(model(tokens), labels)
             opt.zero_grad()
             loss.backward()

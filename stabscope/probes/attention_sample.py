@@ -40,6 +40,13 @@ NEVER = 0.5
 #: mask's meaning, so padded batches under a finite fill read a lower normalised entropy.
 NO_WEIGHT = 100.0
 
+#: A row whose largest allowed logit lies below minus this holds no logit of the model's:
+#: every key of it was masked by a finite fill (a padding query, a sliding window over
+#: padding), and the softmax spreads it evenly whatever the fill. Softmax reads differences
+#: only, so even a genuine row so far below zero carries its instability, if any, in the
+#: rows above it; training runs whose logits passed ~1e4 diverged (Wortsman et al. 2023).
+MASKED_ROW = 1e3
+
 #: Elements of a model's written-out logits handled at once (a temporary of this many).
 CHUNK = 1 << 24
 
@@ -137,10 +144,11 @@ def sample_sdpa(
 
 def carried_peak(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     """(H,) max |logit| of (b, H, q, S) ``logits`` over the ``allowed`` keys (broadcastable)
-    that carry softmax weight: within ``NO_WEIGHT`` of their row's largest allowed logit, so
-    a mask written as a finite fill (-1e9) is not read as a logit. A NaN stays in (data)."""
+    that carry softmax weight: within ``NO_WEIGHT`` of their row's largest allowed logit, in
+    a row not wholly masked by a finite fill (``MASKED_ROW``), so a mask written as a finite
+    fill (-1e9) is not read as a logit. A NaN stays in (data)."""
     top = logits.masked_fill(~allowed, float("-inf")).amax(-1, keepdim=True)  # (b, H, q, 1)
-    carried = allowed & ~(logits < top - NO_WEIGHT)
+    carried = allowed & ~(logits < top - NO_WEIGHT) & ~(top < -MASKED_ROW)  # NaN stays in
     return logits.abs().masked_fill(~carried, 0).amax((0, 2, 3))
 
 
