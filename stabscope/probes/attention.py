@@ -8,7 +8,7 @@ Metrics (module = the attention module, ``index`` = head):
   the batch: 1 is uniform attention, 0 a single key (Zhai et al. 2023: entropy collapse goes
   with instability);
 - ``attn_logit_max``: max |q·k|·scale over the allowed keys that carry softmax weight
-  (``attention_sample.NO_WEIGHT``: a finite mask fill such as -1e9 is not a logit) of the
+  (``kernels.attention_masks``: a finite mask fill such as -1e9 is not a logit) of the
   sampled queries and, in
   every sequence, of the ``peak`` queries likeliest to hold the maximum (``attention_sample``);
   over every logit where the model wrote them out. A lower bound of the batch's maximum

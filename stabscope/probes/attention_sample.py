@@ -25,27 +25,11 @@ import numpy as np
 import torch
 
 from .kernels import host_kernels
+from .kernels.attention_masks import MASKED_ROW, NO_WEIGHT
 
 #: Logits or additive-mask values at or below this fraction of the dtype's most negative
 #: value mean "never attend" (-inf, or HF's ``finfo.min``).
 NEVER = 0.5
-
-#: A key whose logit lies this far below its row's largest gets a softmax weight under
-#: e^-100 (4e-44, below float32's smallest number): it is never attended, as a masked key is.
-#: A mask written as a finite fill (``masked_fill(mask, -1e9)`` in The Annotated Transformer,
-#: HF's additive -10000) leaves its keys among the allowed ones, so the max |logit| reads
-#: only keys within this of their row's largest: the fill is not read as one of the model's
-#: logits. The entropy's normalisation (the log of the keys a query may attend) still
-#: counts such keys: telling a fill from a head collapsed past 100 nats would need the
-#: mask's meaning, so padded batches under a finite fill read a lower normalised entropy.
-NO_WEIGHT = 100.0
-
-#: A row whose largest allowed logit lies below minus this holds no logit of the model's:
-#: every key of it was masked by a finite fill (a padding query, a sliding window over
-#: padding), and the softmax spreads it evenly whatever the fill. Softmax reads differences
-#: only, so even a genuine row so far below zero carries its instability, if any, in the
-#: rows above it; training runs whose logits passed ~1e4 diverged (Wortsman et al. 2023).
-MASKED_ROW = 1e3
 
 #: Elements of a model's written-out logits handled at once (a temporary of this many).
 CHUNK = 1 << 24

@@ -20,7 +20,7 @@ import math
 import numba
 import numpy as np
 
-from ..attention_sample import MASKED_ROW, NO_WEIGHT
+from .attention_masks import MASKED_ROW, NO_WEIGHT
 
 #: Lets LLVM reorder the dot products' sums so that they vectorise; NaN and inf keep their
 #: meaning (no ``nnan``/``ninf``): a NaN logit still shows as NaN.
@@ -36,7 +36,7 @@ _fast = numba.njit(
 @_jit
 def _carried_peak(kept, m, top, peak):
     # max(peak, |l|) over the logits kept[:m] that carry softmax weight (within NO_WEIGHT of
-    # the row's largest, ``top``: attention_sample.NO_WEIGHT), none of a row wholly masked
+    # the row's largest, ``top``: attention_masks.NO_WEIGHT), none of a row wholly masked
     # by a finite fill (MASKED_ROW); a NaN is not below anything, so it stays in (the
     # callers flag it).
     for j in range(m):
