@@ -235,9 +235,11 @@ def window_score(
     best = None
     for share in (ONLINE_FROM, ONLINE_UNTIL):
         cut = math.ceil(share * budget)
+        if cut < 1:
+            continue
         early = RunView.open(view.run_dir, until=cut, memory=view.memory)
         early.plan(FORECAST.reads)
-        if cut < 1 or already_failed(early):
+        if already_failed(early):
             continue
         scored = score_view(early)
         if best is None or scored[0] > best[1][0]:
@@ -275,12 +277,8 @@ def _forecast(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     )
     reasons = [name for name, share in shares if share > 0.5][:3]  # a clear share of the log-odds
     end = f"the planned end (step {budget})" if budget else "the end of training"
-    if prob >= p["error"]:
-        severity, threshold = "error", p["error"]
-    elif prob >= p["warning"]:
-        severity, threshold = "warning", p["warning"]
-    else:
-        severity, threshold = "info", p["warning"]
+    severity = ("info", "warning", "error")[band(prob, p)]
+    threshold = p["error"] if severity == "error" else p["warning"]
     said = "; ".join(features[r].evidence for r in reasons if r in features)
     message = f"fails by {end} with probability {prob:.2f}" + (f": {said}" if said else "")
     if severity != "info" and budget is not None and seen >= budget:
