@@ -19,6 +19,7 @@ from stabscope.record.config import RecorderConfig
 from stabscope.rules import check_run
 from stabscope.store import read_meta
 from stabscope.structure import discover
+from stabscope.theory import predict
 
 runner = CliRunner()
 
@@ -195,3 +196,24 @@ def test_grouped_query_attention_is_named_as_not_covered():
 
     with pytest.raises(NotCovered, match=r"grouped- or multi-query.*k_proj 32->16"):
         describe(model, discover(model, forward), forward)
+
+
+def test_a_compiled_model_is_described_as_the_model_it_wraps():
+    """``torch.compile`` puts the model under ``_orig_mod``; the structure names its blocks
+    without that prefix, and the description (its projections' measured stds, its measured
+    input) is the uncompiled model's."""
+    script = load_script("sample_models/gpt.py", parse_set(["depth=2"]))
+    torch.manual_seed(0)
+    model = script.model(script.config)
+    batch = next(iter(script.batches(script.config)))
+
+    def forward(m):
+        return script.loss(m, batch)
+
+    plain = describe(model, discover(model, forward), forward)
+    compiled = torch.compile(model, backend="eager")
+    wrapped = describe(compiled, discover(compiled, forward), forward)
+    assert predict(wrapped).to_json() == predict(plain).to_json()
+    # The measured init is the wrapped model's own weights (blocks.0's MLP output map).
+    w = model.blocks[0].mlp.proj.weight.detach().double()
+    assert wrapped.projections[0]["proj"].std == pytest.approx(float(w.pow(2).mean().sqrt()))
