@@ -1,8 +1,9 @@
 """A padding mask written as a finite fill, ``scores.masked_fill(pad, -1e9)`` (The Annotated
 Transformer's idiom) or HF's older additive -10000: the fill is not one of the model's
 attention logits. The recorded ``attn_logit_max`` equals the max |q·k|/sqrt(d) over the
-unmasked keys, computed here from the module's own q and k, on the numba kernels and on
-torch's path alike, and a healthy padded classifier passes the gate (the fill alone read
+unmasked keys, computed here from the module's own q and k, the recorded ``attn_entropy`` is
+normalised by the log of the keys a query may attend (not the fill's), on the numba kernels
+and on torch's path alike, and a healthy padded classifier passes the gate (the fill alone read
 1e9, past attention-logit-growth's error at 1e4)."""
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from stabscope import Recorder, RecorderConfig, Schedule, load_run
+from stabscope.probes.attention import AttentionSampling
+from stabscope.probes.attention_sample import entropy_rows
 from stabscope.rules import check_run
 
 V, T, D, H = 16, 12, 32, 4
@@ -26,6 +29,9 @@ class Attention(nn.Module):
         self.qkv, self.out = nn.Linear(D, 3 * D), nn.Linear(D, D)
         self.fill, self.additive, self.causal = fill, additive, causal
         self.seen: list[torch.Tensor] = []  # the unmasked logits of each call (the reference)
+        # (scores, masked) of each call: the entropy's reference is computed after the step
+        # (a softmax in here would be read as one more attention call)
+        self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def forward(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
@@ -35,6 +41,7 @@ class Attention(nn.Module):
         if self.causal:  # and later keys: a left-padded query sees padding only (a row all fill)
             keys = keys | torch.ones(T, T, dtype=torch.bool).triu(1)
         self.seen.append(scores.detach().abs().masked_fill(keys, 0).amax((0, 2, 3)))
+        self.calls.append((scores.detach(), keys.expand(b, 1, T, T)))
         if self.additive:  # HF's older extended mask: (1 - mask) * -10000 added to the scores
             scores = scores + keys.float() * self.fill
         else:
@@ -70,6 +77,23 @@ class Classifier(nn.Module):
         return self.head((x * keep).sum(1) / keep.sum(1))  # masked mean pooling
 
 
+def sampled_entropy(scores: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """(H,) mean over the probe's sampled query rows of entropy / ln(keys the query may
+    attend), from the unmasked (B, H, T, T) scores; rows that may attend one key or none (a
+    left-padded query under a causal mask) are left out."""
+    b = scores.shape[0]
+    rows = entropy_rows(b, T, AttentionSampling().rows, scores.device)  # (B, r)
+    seq = torch.arange(b)[:, None]
+    x = scores[seq, :, rows].double()  # (B, r, H, T)
+    off = masked[seq, 0, rows][:, :, None, :].expand_as(x)  # (B, r, H, T): True = masked
+    p = x.masked_fill(off, float("-inf")).softmax(-1).nan_to_num()
+    ent = -(p * p.clamp(min=1e-300).log()).sum(-1)  # (B, r, H)
+    keys = (~off).sum(-1)
+    keep = keys > 1
+    norm = torch.where(keep, ent / keys.clamp(min=2).double().log(), 0.0)
+    return norm.sum((0, 1)) / keep.sum((0, 1))
+
+
 def batch(g: torch.Generator, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
     tokens = torch.randint(1, V, (16, T), generator=g)
     lengths = torch.randint(4, T, (16,), generator=g)  # every sequence has padding
@@ -100,6 +124,7 @@ def test_a_finite_fill_is_not_read_as_an_attention_logit(
         for _ in range(steps):
             for block in model.blocks:
                 block.attn.seen.clear()
+                block.attn.calls.clear()
             tokens, labels = batch(g, left=causal)
             loss = F.cross_entropy(model(tokens), labels)
             opt.zero_grad()
@@ -107,8 +132,13 @@ def test_a_finite_fill_is_not_read_as_an_attention_logit(
             opt.step()
             rec.step(loss)
             last = [block.attn.seen[-1] for block in model.blocks]
-    rows = load_run(tmp_path / "run", metrics="attn_logit_max")
-    final = rows[rows.step == steps - 1].sort_values(["module", "index"])
+            entropy = [sampled_entropy(*block.attn.calls[-1]) for block in model.blocks]
+    rows = load_run(tmp_path / "run", metrics=["attn_logit_max", "attn_entropy"])
+    rows = rows[rows.step == steps - 1].sort_values(["module", "index"])
+    # The entropy's normalisation counts the keys the query may attend, not the fill's.
+    got = rows[rows.metric == "attn_entropy"].value.to_numpy()
+    assert got == pytest.approx(torch.cat(entropy).numpy(), rel=1e-5)
+    final = rows[rows.metric == "attn_logit_max"]
     want = torch.cat(last).numpy()  # blocks.0's heads, then blocks.1's
     assert final.module.astype(str).tolist() == [
         f"blocks.{i}.attn" for i in (0, 1) for _ in range(H)

@@ -3,7 +3,8 @@
 Metrics (module = the attention module, ``index`` = head):
 
 - ``attn_entropy``: entropy of each query's attention distribution divided by log of the
-  number of keys it may attend to (causal, boolean, float and padding masks respected); the
+  number of keys it may attend to (causal, boolean, float and padding masks respected, and
+  a mask written as a finite fill: ``kernels.attention_masks``); the
   statistic is its mean over the sampled queries, an estimate of the mean over every query of
   the batch: 1 is uniform attention, 0 a single key (Zhai et al. 2023: entropy collapse goes
   with instability);

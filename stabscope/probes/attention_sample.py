@@ -206,12 +206,16 @@ def entropy_and_max(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor
         kernel(logits.numpy(), allowed.expand_as(logits).contiguous().numpy(), out)
         return torch.from_numpy(out)
     allowed = allowed.expand_as(logits)
-    masked = logits.float().masked_fill(~allowed, float("-inf"))
+    x = logits.float()
+    masked = x.masked_fill(~allowed, float("-inf"))
     p = masked.softmax(-1)
     ent = torch.special.entr(p).sum(-1)  # (b, H, q) in nats; 0·log 0 = 0
-    keys = allowed.sum(-1)  # (b, H, q)
+    top = masked.amax(-1, keepdim=True)  # (b, H, q, 1)
+    fill = (x < -MASKED_ROW) & (x < top - NO_WEIGHT)  # a finite fill's keys (attention_masks)
+    keys = (allowed & ~fill).sum(-1)  # (b, H, q): the keys the normalisation counts
     norm = ent / torch.log(keys.clamp(min=2).float())
-    valid = keys > 1  # rows with no choice (one key or none) are left out, not NaN
+    # Rows with no choice (one key or none) are left out, not NaN; so are rows all fill.
+    valid = (keys > 1) & ~(top[..., 0] < -MASKED_ROW)
     mean_ent = torch.where(valid, norm, 0).sum((0, 2)) / valid.sum((0, 2)).clamp(min=1)
     return torch.stack((mean_ent, carried_peak(logits.float(), allowed)), 1)
 

@@ -50,7 +50,8 @@ def _carried_peak(kept, m, top, peak):
 def _add_row(kept, m, typed, acc):
     # One query's logits over its m allowed keys, kept[:m], into the head's running
     # acc = [Σ normalised entropy, rows counted, max |logit|, any NaN, ...]. The entropy is
-    # log Z − Σ p·(l − max), over log m; rows with fewer than two keys carry none.
+    # log Z − Σ p·(l − max), over the log of the keys that are not a finite fill's
+    # (attention_masks); rows with fewer than two such keys, or all fill, carry none.
     top = typed[1]
     saw_nan = False
     for j in range(m):
@@ -60,16 +61,22 @@ def _add_row(kept, m, typed, acc):
     acc[2] = _carried_peak(kept, m, top, acc[2])
     if saw_nan:
         acc[3] = 1.0
-    if m < 2:
+    if m < 2 or top < -MASKED_ROW:  # a row all fill holds no attention of the model's
         return
     z = 0.0
     weighted = 0.0
+    own = 0  # the keys the normalisation counts: not a finite fill's (attention_masks)
     for j in range(m):
-        d = kept[j] - top
+        v = kept[j]
+        d = v - top
         weight = math.exp(d)
         z += weight
         weighted += weight * d
-    acc[0] += (math.log(z) - weighted / z) / math.log(m)
+        if not (v < -MASKED_ROW and d < -NO_WEIGHT):
+            own += 1
+    if own < 2:
+        return
+    acc[0] += (math.log(z) - weighted / z) / math.log(own)
     acc[1] += 1.0
 
 

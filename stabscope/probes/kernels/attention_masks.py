@@ -7,12 +7,16 @@ is. A mask written as a finite fill (``masked_fill(mask, -1e9)`` in The Annotate
 Transformer, HF's additive -10000) leaves its keys among the allowed ones, so the max
 |logit| reads only keys within this of their row's largest: the fill is not read as one of
 the model's logits. The entropy's normalisation (the log of the keys a query may attend)
-still counts such keys: telling a fill from a head collapsed past 100 nats would need the
-mask's meaning, so padded batches under a finite fill read a lower normalised entropy.
+leaves out the keys that are both this far below their row's largest and below
+-``MASKED_ROW``: a fill's, whose keys the query may not attend, so a padded batch under a
+finite fill reads the entropy it has over its real keys. A head whose own logits reach
+-1000 and lie 100 nats below its largest has collapsed onto the keys above them, and reads
+so over those.
 
 ``MASKED_ROW``: a row whose largest allowed logit lies below minus this holds no logit of
 the model's: every key of it was masked by a finite fill (a padding query, a sliding window
-over padding), and the softmax spreads it evenly whatever the fill. Softmax reads
+over padding), and the softmax spreads it evenly whatever the fill; it gives neither a max
+nor an entropy. Softmax reads
 differences only, so even a genuine row so far below zero carries its instability, if any,
 in the rows above it; training runs whose logits passed ~1e4 diverged (Wortsman et al.
 2023).
