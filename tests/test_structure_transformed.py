@@ -58,6 +58,22 @@ class Scaled(nn.Module):
         return x + self.gamma * self.mlp(self.norm(x))
 
 
+class Dropped(nn.Module):
+    """x + dropout(attn(norm1 x)), then + dropout(mlp(norm2 x)): dropout by function, as
+    HF's BART, OPT and Whisper layers apply it before their residual adds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(D), nn.LayerNorm(D)
+        self.attn = nn.MultiheadAttention(D, 2, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(D, 2 * D), nn.GELU(), nn.Linear(2 * D, D))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        x = x + F.dropout(self.attn(h, h, h, need_weights=False)[0], 0.3, self.training)
+        return x + F.dropout(self.mlp(self.norm2(x)), 0.3, self.training)
+
+
 class Plain(nn.Module):
     """No residual: gelu(lin(norm(x))), same shape in and out."""
 
@@ -114,6 +130,11 @@ def test_the_relation_on_tensors():
     assert not transformed_branch(x.view(B, T, D), x, w, tol)  # a view adds nothing
     assert not transformed_branch(x + w @ torch.randn(D, D), x, w, tol)  # a mix of channels
     assert not transformed_branch(x + torch.rand(B, T, 1) * w, x, w, tol)  # per token
+    for p in (0.1, 0.5):  # inverted dropout: zeros at a share p, the rest w / (1 - p)
+        assert transformed_branch(x + F.dropout(w, p), x, w, tol)
+    keep = (torch.rand(B, T, D) > 0.1).float()
+    assert not transformed_branch(x + keep * w, x, w, tol)  # a mask without dropout's scale
+    assert not transformed_branch(x + 2 * keep * w, x, w, tol)  # 1/(1 - p) = 2, 10% dropped
     # A tensor without a plain storage is no branch, and never an error of detection.
     assert not transformed_branch((x + F.gelu(w)).to_sparse(), x, w, tol)
 
@@ -147,3 +168,34 @@ def test_a_recorded_run_keeps_the_blocks_and_skips_only_their_residual_stats(tmp
     assert {f"blocks.{i}" for i in range(3)} <= blocks
     meta_notes = " ".join(read_meta(tmp_path / "run")["notes"])
     assert "whose f is no module's output" in meta_notes
+
+
+def test_dropout_by_function_in_a_training_step_keeps_the_blocks(tmp_path):
+    """A training script's structure is learned from its first recorded training step, where
+    ``F.dropout`` drops: every add is x + m ⊙ f / (1 - p). The blocks and branches found
+    there are those found in eval mode (no dropout: the adds are x + f), and the blocks'
+    outputs are recorded as blocks."""
+    model = Stack(Dropped)
+    want = discover(model, forward)
+    assert [b.name for b in want.blocks] == [f"blocks.{i}" for i in range(3)]
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    config = RecorderConfig(schedule=Schedule(2, 0), online_rules=False)
+    with Recorder(model, tmp_path / "run", config) as rec:  # no forward: learned in training
+        for _ in range(2):
+            loss = forward(model).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            rec.step(loss)
+        got = rec.structure
+    assert got is not None and got.recognised
+    assert [b.name for b in got.blocks] == [b.name for b in want.blocks]
+    for trained, plain in zip(got.blocks, want.blocks):
+        assert [br.output for br in trained.branches] == [br.output for br in plain.branches]
+        assert [br.norm for br in trained.branches] == [
+            f"{trained.name}.norm1",
+            f"{trained.name}.norm2",
+        ]
+        assert all(br.transformed for br in trained.branches)
+    rows = load_run(tmp_path / "run")
+    assert {f"blocks.{i}" for i in range(3)} <= set(rows[rows.metric == "act_rms"].module)

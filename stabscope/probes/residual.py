@@ -133,8 +133,8 @@ class ResidualProbe(BaseProbe):
         if probe.skipped:
             ctx.notes.append(
                 f"residual stats skipped for {len(probe.skipped)} branches without a norm "
-                "to read the stream from, or whose f is no module's output (an activation "
-                "or a gate applied to it inline)"
+                "to read the stream from, or whose f is no module's output (an activation, "
+                "a gate or dropout applied to it inline)"
             )
         ctx.shared["norms_read"] = probe.norms_read  # the norm-input probe leaves them out
         return probe

@@ -158,7 +158,7 @@ def analyse_block(trace: Trace, block: Call) -> tuple[list[Branch], list[Attenti
                     if alpha is not None:
                         pair = sorted((maker(w1), maker(w2)), key=lambda c: c.start)
                         return time, t, consumer, tuple(pair), alpha, False
-            # x + h(w): an activation or a gate applied to the module's output inline.
+            # x + h(w): an activation, a gate or dropout applied to the module's output inline.
             for w in latest[:PAIRED]:
                 # Read in w's layout, where a gate per channel is one per last dim: a branch
                 # computed channels-last and permuted back onto a channels-first stream.

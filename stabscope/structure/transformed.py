@@ -3,16 +3,20 @@
 ``detect`` claims an add t = α·x + f where f *is* a module's output. Many blocks add a
 function of it instead: an activation applied inline (a message-passing layer's
 ``h + gelu(W·m)``), or a gate or scale (adaLN-Zero's ``x + g·attn(h)`` with g per sample
-and channel, LayerScale's per-channel γ, ReZero's scalar α). Here t = x + h(w) is checked
-for w a module's output and h either an activation from a short list, or a product with a
-gate fitted by least squares over the dims it is shared along (every element, each channel,
-or each channel of one sample), to the precision t is stored in. A gate at 0 (adaLN-Zero
-and ReZero start there) leaves t equal to x in value but not in storage: a view of x (the
-same storage) is never a sum.
+and channel, LayerScale's per-channel γ, ReZero's scalar α), or dropout applied by function
+(``x + F.dropout(attn(h), p, self.training)``, as HF's BART, OPT and Whisper layers write
+it; the structure of a training script is learned from a training step, where it drops).
+Here t = x + h(w) is checked for w a module's output and h either an activation from a
+short list, or a product with a gate fitted by least squares over the dims it is shared
+along (every element, each channel, or each channel of one sample), or inverted dropout
+(``_dropped_out``), to the precision t is stored in. A gate at 0 (adaLN-Zero and ReZero
+start there) leaves t equal to x in value but not in storage: a view of x (the same
+storage) is never a sum.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from functools import partial
 
@@ -36,6 +40,12 @@ SAMPLE_ROWS = 64
 #: The rows read at most (of one sample, or of a (rows, channels) tensor): bounds the cost
 #: of the check on a large stream.
 MAX_ROWS = 4096
+#: Inverted dropout's scale 1/(1 - p) for the drop rates looked for: p from 1% to 95%.
+DROPOUT_SCALES = (1 / 0.99, 20.0)
+#: How far the share of dropped elements may stray from p beyond 5 binomial standard
+#: errors: a kept element whose s·w is below half a unit in the last place of x (bfloat16
+#: keeps 8 bits) adds nothing to t either, and reads as dropped.
+DROPPED_SHARE_SLACK = 0.02
 
 
 def transformed_branch(t: torch.Tensor, x: torch.Tensor, w: torch.Tensor, tol: float) -> bool:
@@ -98,7 +108,25 @@ def _fits(tt: torch.Tensor, xx: torch.Tensor, ww: torch.Tensor, tol: float) -> b
         gate = (f * ww).sum(dims, keepdim=True) / den.clamp_min(1e-300)  # least squares
         if float((f - gate * ww).norm()) < tol * scale:
             return True
-    return False
+    return _dropped_out(f, ww, tol * scale)
+
+
+def _dropped_out(f: torch.Tensor, ww: torch.Tensor, bound: float) -> bool:
+    """f = m ⊙ s·w, inverted dropout: m a 0/1 mask that keeps each element with probability
+    1 - p, s = 1/(1 - p). A dropped element adds exactly 0 (t equals x there, f is 0); the
+    kept ones share one scale s, fitted by least squares, within ``bound`` in norm; and the
+    share of zeros is p = 1 - 1/s, to a binomial spread. A mask without that scale, or a
+    scale without its share of zeros, is no dropout."""
+    kept = f != 0
+    n, k = f.numel(), int(kept.sum())
+    if k == 0 or k == n:
+        return False
+    fk, wk = f[kept], ww[kept]
+    s = float((fk * wk).sum() / (wk * wk).sum().clamp_min(1e-300))
+    if not DROPOUT_SCALES[0] <= s <= DROPOUT_SCALES[1] or float((fk - s * wk).norm()) >= bound:
+        return False
+    p = 1 - 1 / s
+    return abs((n - k) / n - p) <= 5 * math.sqrt(p * (1 - p) / n) + DROPPED_SHARE_SLACK
 
 
 def _rows(v: torch.Tensor) -> torch.Tensor:
@@ -112,6 +140,7 @@ def _rows(v: torch.Tensor) -> torch.Tensor:
 
 __all__ = [
     "ACTIVATIONS",
+    "DROPOUT_SCALES",
     "MAX_ROWS",
     "MAX_SORTED",
     "MIN_SHARED",
