@@ -131,6 +131,22 @@ def test_a_prediction_that_overflowed_reads_back_as_nan_and_judges_nothing(tmp_p
     assert "prediction-mismatch" not in {f.rule for f in result.findings}
 
 
+def test_an_init_that_overflows_the_theory_predicts_nan_without_numpy_warnings():
+    """Weights of std 1 at width 64: the attention's e^c overflows float64. The profile
+    holds no finite value past that point, and numpy prints nothing into the user's run."""
+    import warnings
+
+    from stabscope.theory import ModelDescription
+
+    desc = ModelDescription(depth=4, width=64, init="normal", init_std=1.0, seq=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a RuntimeWarning would raise here
+        prediction = predict(desc)
+    assert not all(math.isfinite(x.act_rms) for x in prediction.layers)
+    sane = predict(ModelDescription(depth=4, width=64, init="normal", init_std=0.02, seq=32))
+    assert all(math.isfinite(x.act_rms) for x in sane.layers)
+
+
 def test_report_overlays_the_prediction(tmp_path):
     run = _profile(tmp_path, "gpt", ["depth=2"])
     html = tmp_path / "r.html"
