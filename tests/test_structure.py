@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from stabscope.structure import discover
+from stabscope.structure import capture, discover, from_trace
 from tests.conftest import sample_gpt
 
 
@@ -316,6 +316,43 @@ def test_hf_opt_adds_its_ffn_on_the_flattened_stream(transformers):
     assert summary(s) == pre_ln_blocks(
         "model.decoder.layers", "self_attn_layer_norm", "final_layer_norm"
     )
+
+
+@pytest.mark.parametrize("family", ["opt", "bart"])
+def test_hf_layers_with_dropout_by_function_keep_their_blocks_in_training(transformers, family):
+    """OPT and BART apply ``nn.functional.dropout`` to each branch before the residual add
+    (OPT's FFN add on the flattened stream). A training script's structure comes from a
+    training step, where the dropout drops 30% here: the blocks found there are the ones
+    found in eval mode, where it does not."""
+    if family == "opt":
+        config = transformers.OPTConfig(
+            num_hidden_layers=2, hidden_size=32, ffn_dim=64, num_attention_heads=2,
+            vocab_size=50, max_position_embeddings=16, word_embed_proj_dim=32, dropout=0.3,
+        )  # fmt: skip
+        model, norms = (
+            transformers.OPTForCausalLM(config),
+            ("self_attn_layer_norm", "final_layer_norm"),
+        )
+    else:
+        config = transformers.BartConfig(
+            decoder_layers=2, d_model=32, decoder_ffn_dim=64, decoder_attention_heads=2,
+            vocab_size=50, max_position_embeddings=16, dropout=0.3,
+        )  # fmt: skip
+        model, norms = (
+            transformers.BartForCausalLM(config),
+            ("self_attn_layer_norm", "final_layer_norm"),
+        )
+    want = discover(model, lambda m: m(input_ids=IDS))
+    model.train()
+    with torch.no_grad(), capture(model) as trace:
+        model(input_ids=IDS)
+    got = from_trace(model, trace)
+    assert summary(got) == summary(want)
+    if family == "opt":
+        assert summary(got) == pre_ln_blocks("model.decoder.layers", *norms)
+    else:  # Post-LN: each norm follows its add
+        assert [b.placement for b in got.blocks] == ["post", "post"]
+    assert all(br.transformed for b in got.blocks for br in b.branches)
 
 
 def test_hf_gpt_neox_parallel_residual_has_two_branches_from_one_sum(transformers):

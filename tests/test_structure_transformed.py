@@ -135,6 +135,9 @@ def test_the_relation_on_tensors():
     keep = (torch.rand(B, T, D) > 0.1).float()
     assert not transformed_branch(x + keep * w, x, w, tol)  # a mask without dropout's scale
     assert not transformed_branch(x + 2 * keep * w, x, w, tol)  # 1/(1 - p) = 2, 10% dropped
+    # Added on the stream flattened to (tokens, d) and viewed back (HF's OPT).
+    flat, wflat = x.reshape(-1, D), w.reshape(-1, D)
+    assert transformed_branch((flat + F.dropout(wflat, 0.1)).view(B, T, D), flat, wflat, tol)
     # A tensor without a plain storage is no branch, and never an error of detection.
     assert not transformed_branch((x + F.gelu(w)).to_sparse(), x, w, tol)
 

@@ -49,16 +49,21 @@ DROPPED_SHARE_SLACK = 0.02
 
 
 def transformed_branch(t: torch.Tensor, x: torch.Tensor, w: torch.Tensor, tol: float) -> bool:
-    """Whether t = x + h(w), h an activation or a gate (module docstring), to ``tol`` of
-    |t|. The three must have one shape; t must not share x's storage. Checked first on a
-    strided sample of ``SAMPLE_ROWS`` rows (most candidates fail there, cheaply), then on
-    up to ``MAX_ROWS``. Never raises: a tensor that cannot be read so (a subclass without a
-    plain storage) is no transformed branch, and detection goes on."""
-    if t is x or t is w or t.dim() < 2 or not (t.shape == x.shape == w.shape):
+    """Whether t = x + h(w), h an activation, a gate or dropout (module docstring), to
+    ``tol`` of |t|. The three must have one shape, up to a reshape that keeps the feature
+    dimension (HF's OPT adds its FFN on the stream flattened to (batch·tokens, d), then
+    views the sum back); t must not share x's storage. Checked first on a strided sample of
+    ``SAMPLE_ROWS`` rows (most candidates fail there, cheaply), then on up to ``MAX_ROWS``.
+    Never raises: a tensor that cannot be read so (a subclass without a plain storage) is
+    no transformed branch, and detection goes on."""
+    if t is x or t is w or t.dim() < 2 or not (t.numel() == x.numel() == w.numel()):
+        return False
+    if not (t.shape[-1] == x.shape[-1] == w.shape[-1]):
         return False
     try:
         if t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
             return False  # a view or the stream itself: nothing was added
+        x, w = (v if v.shape == t.shape else v.reshape(t.shape) for v in (x, w))
         # (rows, channels) of one sample: a gate per sample and channel is one per channel.
         rows = [_rows(v) for v in (t, x, w)]  # (rows, channels) each, in their dtype
         stride = max(1, rows[0].shape[0] // SAMPLE_ROWS)
