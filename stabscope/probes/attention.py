@@ -24,8 +24,9 @@ inside the attention modules of a recorded training step (how: ``attention_route
 ``F.scaled_dot_product_attention`` (is_causal, boolean and float masks, GQA),
 ``F.multi_head_attention_forward`` (``nn.MultiheadAttention``; q and k are recomputed from its
 projection weights), and softmax over the last dimension of a 4-D tensor (explicit attention,
-HF eager). The model's own computation is never changed. With dropout, the probabilities are
-those before dropout.
+HF eager), or of a 3-D (B·H, T, S) one in a module whose head count the structure read
+(``torch.bmm`` attention: HF's XGLM, older BART/OPT/Whisper). The model's own computation
+is never changed. With dropout, the probabilities are those before dropout.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from torch import nn
 
 from ..record.collector import Collector, Rows
 from ..record.hooks import ListenerHooks
-from ..structure.attention_calls import MHA, SDPA, softmax_over_keys
+from ..structure.attention_calls import MHA, SDPA, softmax_over_folded_keys, softmax_over_keys
 from .attention_routes import AttentionRoutes
 from .attention_sample import (
     entropy_and_max,
@@ -153,7 +154,8 @@ class AttentionProbe(BaseProbe):
         if not ctx.structure.recognised or sampling.queries <= 0 or sampling.batch <= 0:
             return None
         attention = {a.name: ctx.modules[a.name] for a in ctx.structure.attention}
-        return cls(attention, ctx.codes, ctx.listeners, sampling)
+        heads = {a.name: a.heads for a in ctx.structure.attention if a.heads}
+        return cls(attention, ctx.codes, ctx.listeners, sampling, heads)
 
     #: Set to False between steps to stop sampling (and intercepting) until set back; the
     #: overhead bench measures the probe's share of a step this way, on one model.
@@ -165,9 +167,13 @@ class AttentionProbe(BaseProbe):
         codes: dict[str, int],
         listeners: ListenerHooks,
         sampling: AttentionSampling | None = None,
+        heads: dict[str, int] | None = None,
     ) -> None:
         self.sampling = sampling or AttentionSampling()
         self.codes = codes
+        # module code -> its head count, where the structure read one: a softmax of
+        # (B·H, T, S) logits in that module is attention with the heads folded into dim 0.
+        self._heads = {codes[name]: h for name, h in (heads or {}).items() if name in modules}
         self.routes = AttentionRoutes(self._sample)
         self._calls: dict[int, int] = {}
         self._results: list[tuple[int, int, torch.Tensor]] = []  # (module code, call, (H, 2))
@@ -219,6 +225,11 @@ class AttentionProbe(BaseProbe):
             result = mha_sample(dict(bound.arguments), self.sampling)
         elif softmax_over_keys(func, args, kwargs, out):
             result = self._from_softmax(args[0])
+        elif code in self._heads and softmax_over_folded_keys(
+            func, args, kwargs, out, self._heads[code]
+        ):
+            logits = args[0]  # (B·H, T, S), sequence-major: row b·H + h is head h of b
+            result = self._from_softmax(logits.reshape(-1, self._heads[code], *logits.shape[1:]))
         if result is None or code is None:
             return False
         call = self._calls.get(code, 0)

@@ -28,9 +28,28 @@ def softmax_over_keys(func: Any, args: tuple, kwargs: dict, out: Any) -> bool:
     return kwargs.get("dim", args[1] if len(args) > 1 else None) in (-1, 3)
 
 
+def softmax_over_folded_keys(func: Any, args: tuple, kwargs: dict, out: Any, heads: int) -> bool:
+    """Whether a call is a softmax over the last dim of (B·H, T, S) logits, batch and heads
+    folded into one dim (``torch.bmm`` attention: HF's XGLM, and BART, OPT or Whisper in
+    older transformers releases). Read only inside a module known to attend with ``heads``
+    heads: a 3-D softmax elsewhere is a router's or a classifier's."""
+    if func not in SOFTMAX or not isinstance(out, torch.Tensor) or out.dim() != 3:
+        return False
+    if heads <= 0 or out.shape[0] % heads:
+        return False
+    return kwargs.get("dim", args[1] if len(args) > 1 else None) in (-1, 2)
+
+
 def attention_call(func: Any, args: tuple, kwargs: dict, out: Any) -> bool:
     """Whether a call computes attention, in any of the three forms."""
     return func is SDPA or func is MHA or softmax_over_keys(func, args, kwargs, out)
 
 
-__all__ = ["MHA", "SDPA", "SOFTMAX", "attention_call", "softmax_over_keys"]
+__all__ = [
+    "MHA",
+    "SDPA",
+    "SOFTMAX",
+    "attention_call",
+    "softmax_over_folded_keys",
+    "softmax_over_keys",
+]
