@@ -1,6 +1,7 @@
 """Weight decay that outpaces the updates: real training under AdamW at lr·wd 0.1 per step is
-an error, at 0.03 a warning, each with the weights' norm ratio measured here; a wd 0.1 twin,
-coupled L2 (Adam, which the rule does not judge) and a rate below 0.01 have no finding. The
+an error, at 0.03 a warning, or an error where the norm has halved, each with the weights'
+norm ratio measured here; a wd 0.1 twin, coupled L2 (Adam, which the rule does not judge)
+and a rate below 0.01 have no finding. The
 decay rate follows each optimizer's own update rule: SGD's momentum repeats it
 1/(1-momentum) times, a warm-up's peak lr counts, not the lr it started at."""
 
@@ -65,12 +66,25 @@ def test_adamw_decaying_a_tenth_a_step_is_an_error_a_thirtieth_a_warning(tmp_pat
     assert "keeps e^-1 of what it learned 10 steps before" in f.message
     norms = train(tmp_path / "wd3", lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=10))
     (f,) = found(tmp_path / "wd3")
-    assert f.severity == "warning" and f.value <= 0.75
+    assert f.severity == "warning" and 0.5 < f.value <= 0.75
     assert f.value == pytest.approx(norms[STEPS - 1] / norms[0], rel=1e-5)
     assert "lr·wd = 0.003·10 = 0.03 per step (half-life 23 steps)" in f.message
     twin = train(tmp_path / "wd01", lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1))
     assert twin[STEPS - 1] > 0.75 * twin[0]
     assert found(tmp_path / "wd01") == []
+
+
+def test_from_a_fiftieth_a_step_a_norm_halved_is_an_error(tmp_path):
+    """lr·wd 0.03 at lr 1e-3: the updates are smaller than at lr 3e-3 (the warning above, its
+    norm at 0.58), so the decay holds the weights below half their start: an error. The
+    ratio is the one measured here."""
+    norms = train(tmp_path / "slow", lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=30))
+    assert norms[STEPS - 1] <= 0.5 * norms[0]
+    (f,) = found(tmp_path / "slow")
+    assert f.severity == "error"
+    assert f.value == pytest.approx(norms[STEPS - 1] / norms[0], rel=1e-5)
+    assert "lr·wd = 0.001·30 = 0.03 per step" in f.message
+    assert "keeps e^-1 of what it learned 33 steps before" in f.message
 
 
 def test_coupled_l2_and_a_small_rate_are_not_judged(tmp_path):
