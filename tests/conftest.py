@@ -107,3 +107,14 @@ def sample_gpt(norm: str, depth: int = 3):
 @pytest.fixture
 def run_dir(tmp_path: Path) -> Path:
     return tmp_path / "run"
+
+
+@pytest.fixture(params=["numba", "torch"])
+def kernel_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test on the host's numba kernels (where numba is installed) and on torch's
+    path: the two compute the same statistics by different code."""
+    from stabscope.probes.kernels import host_kernels
+
+    numba = request.param == "numba" and host_kernels.AVAILABLE
+    monkeypatch.setattr(host_kernels, "AVAILABLE", numba)
+    return request.param

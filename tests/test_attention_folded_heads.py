@@ -17,6 +17,7 @@ from torch import nn
 from stabscope import Recorder, RecorderConfig, Schedule, load_run
 from stabscope.probes.attention import AttentionSampling
 from stabscope.probes.attention_sample import entropy_rows
+from tests.conftest import record_steps
 
 V, T, D, H = 20, 10, 32, 4
 CAUSAL = torch.ones(T, T, dtype=torch.bool).triu(1)  # True above the diagonal: masked
@@ -31,7 +32,7 @@ class FoldedAttention(nn.Module):
         self.num_heads = H
         self.q_proj, self.k_proj = nn.Linear(D, D), nn.Linear(D, D)
         self.v_proj, self.out_proj = nn.Linear(D, D), nn.Linear(D, D)
-        self.scores: list[torch.Tensor] = []  # (B, H, T, T) unmasked logits of each call
+        self.scores = torch.empty(0)  # (B, H, T, T): the last call's unmasked logits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
@@ -42,7 +43,7 @@ class FoldedAttention(nn.Module):
         q = fold(self.q_proj(x) / math.sqrt(D // H))
         k, v = fold(self.k_proj(x)), fold(self.v_proj(x))
         logits = torch.bmm(q, k.transpose(1, 2))  # (B·H, T, T)
-        self.scores.append(logits.detach().view(b, H, T, T))
+        self.scores = logits.detach().view(b, H, T, T)
         bias = torch.zeros(T, T).masked_fill(CAUSAL, torch.finfo(torch.float32).min)
         weights = F.softmax(logits + bias, dim=-1)
         out = torch.bmm(weights, v).view(b, H, T, D // H).transpose(1, 2).reshape(b, T, D)
@@ -93,29 +94,22 @@ def reference(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return peak, norm.sum((0, 1)) / keep.sum((0, 1))
 
 
-@pytest.mark.parametrize("kernel", ["numba", "torch"])
-def test_folded_heads_are_recorded_per_head(tmp_path, monkeypatch, kernel):
-    from stabscope.probes.kernels import host_kernels
-
-    monkeypatch.setattr(host_kernels, "AVAILABLE", kernel == "numba" and host_kernels.AVAILABLE)
+def test_folded_heads_are_recorded_per_head(tmp_path, kernel_path):
     torch.manual_seed(0)
     model = LM()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
+
+    def lm_loss(m: nn.Module) -> torch.Tensor:
+        tokens = torch.randint(0, V, (8, T), generator=g)
+        logits = m(tokens)
+        return F.cross_entropy(logits[:, :-1].reshape(-1, V), tokens[:, 1:].reshape(-1))
+
     steps = 4
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     config = RecorderConfig(schedule=Schedule(steps, 0), online_rules=False)
-    with Recorder(model, tmp_path / "run", config) as rec:
-        for _ in range(steps):
-            for block in model.blocks:
-                block.self_attn.scores.clear()
-            tokens = torch.randint(0, V, (8, T), generator=g)
-            logits = model(tokens)
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, V), tokens[:, 1:].reshape(-1))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            rec.step(loss)
-            last = [reference(block.self_attn.scores[-1]) for block in model.blocks]
+    record_steps(model, tmp_path / "run", lm_loss, opt, steps, config, probe_forward=False)
+    # The last step's forward: the logits its recorded statistics read.
+    last = [reference(block.self_attn.scores) for block in model.blocks]
     rows = load_run(tmp_path / "run", metrics=["attn_logit_max", "attn_entropy"])
     rows = rows[rows.step == steps - 1].sort_values(["module", "index"])
     for metric, i in (("attn_logit_max", 0), ("attn_entropy", 1)):

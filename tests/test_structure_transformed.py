@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stabscope import Recorder, RecorderConfig, Schedule, load_run, read_meta
+from stabscope import RecorderConfig, Schedule, load_run, read_meta
 from stabscope.structure import discover
 from stabscope.structure.transformed import transformed_branch
+from tests.conftest import record_steps
 
 D, T, B = 16, 12, 4
 
@@ -103,6 +104,17 @@ def forward(m: nn.Module) -> torch.Tensor:
     return m(torch.randn(B, T, D, generator=g), torch.randn(B, D, generator=g))
 
 
+def train_two_steps(model: nn.Module, run, probe_forward: bool = True):
+    """Two recorded SGD steps of ``forward``'s loss; the structure the run stored. With no
+    probe forward the Recorder learns the structure from the first training step."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    config = RecorderConfig(schedule=Schedule(2, 0), online_rules=False)
+    record_steps(
+        model, run, lambda m: forward(m).pow(2).mean(), opt, 2, config, probe_forward=probe_forward
+    )
+    return read_meta(run)["structure"]
+
+
 def test_inline_activation_gate_and_scale_make_blocks_with_transformed_branches():
     for kind, output in ((Inline, "lin"), (Gated, "attn"), (Scaled, "mlp")):
         s = discover(Stack(kind), forward)
@@ -153,15 +165,7 @@ def test_a_recorded_run_keeps_the_blocks_and_skips_only_their_residual_stats(tmp
             module.register_forward_hook(
                 lambda m, a, o, name=name: seen.update({name: o.detach(), name + "<": a[0]})
             )
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    config = RecorderConfig(schedule=Schedule(2, 0), online_rules=False)
-    with Recorder(model, tmp_path / "run", config, forward=forward) as rec:
-        for _ in range(2):
-            loss = forward(model).pow(2).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            rec.step(loss)
+    train_two_steps(model, tmp_path / "run")
     for i in range(3):
         added = seen[f"blocks.{i}"] - seen[f"blocks.{i}<"]
         torch.testing.assert_close(added, F.gelu(seen[f"blocks.{i}.lin"]))
@@ -181,24 +185,13 @@ def test_dropout_by_function_in_a_training_step_keeps_the_blocks(tmp_path):
     model = Stack(Dropped)
     want = discover(model, forward)
     assert [b.name for b in want.blocks] == [f"blocks.{i}" for i in range(3)]
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    config = RecorderConfig(schedule=Schedule(2, 0), online_rules=False)
-    with Recorder(model, tmp_path / "run", config) as rec:  # no forward: learned in training
-        for _ in range(2):
-            loss = forward(model).pow(2).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            rec.step(loss)
-        got = rec.structure
-    assert got is not None and got.recognised
-    assert [b.name for b in got.blocks] == [b.name for b in want.blocks]
-    for trained, plain in zip(got.blocks, want.blocks):
-        assert [br.output for br in trained.branches] == [br.output for br in plain.branches]
-        assert [br.norm for br in trained.branches] == [
-            f"{trained.name}.norm1",
-            f"{trained.name}.norm2",
-        ]
-        assert all(br.transformed for br in trained.branches)
+    got = train_two_steps(model, tmp_path / "run", probe_forward=False)  # learned in training
+    assert got["recognised"]
+    assert [b["name"] for b in got["blocks"]] == [b.name for b in want.blocks]
+    for trained, plain in zip(got["blocks"], want.blocks):
+        branches = trained["branches"]
+        assert [br["output"] for br in branches] == [br.output for br in plain.branches]
+        assert [br["norm"] for br in branches] == [f"{plain.name}.norm1", f"{plain.name}.norm2"]
+        assert all(br["transformed"] for br in branches)
     rows = load_run(tmp_path / "run")
     assert {f"blocks.{i}" for i in range(3)} <= set(rows[rows.metric == "act_rms"].module)
