@@ -81,7 +81,7 @@ def test_from_a_fiftieth_a_step_a_norm_halved_is_an_error(tmp_path):
     norms = train(tmp_path / "slow", lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=30))
     assert norms[STEPS - 1] <= 0.5 * norms[0]
     (f,) = found(tmp_path / "slow")
-    assert f.severity == "error"
+    assert f.severity == "error" and f.threshold == 0.5  # the bound it was judged at
     assert f.value == pytest.approx(norms[STEPS - 1] / norms[0], rel=1e-5)
     assert "lr·wd = 0.001·30 = 0.03 per step" in f.message
     assert "keeps e^-1 of what it learned 33 steps before" in f.message

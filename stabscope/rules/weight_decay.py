@@ -173,7 +173,10 @@ def _weight_decay_dominance(view: RunView, p: dict[str, float]) -> Iterator[Find
         f"{ratio:.2f} of its step-{first} value by step {last}: the decay outpaces the updates"
     )
     fast = at_least(worst.rate, p["fast_decay"]) and ratio <= p["fast_norm_ratio"]
-    if at_least(worst.rate, p["error_decay"]) or fast:
+    slow = not at_least(worst.rate, p["error_decay"])
+    # The norm bound the finding was judged at: halved, for an error below error_decay.
+    bound = p["fast_norm_ratio"] if fast and slow else p["max_norm_ratio"]
+    if fast or not slow:
         severity = "error"
         said += (
             f", and a weight keeps e^-1 of what it learned {1 / worst.rate:.0f} steps before: "
@@ -189,7 +192,7 @@ def _weight_decay_dominance(view: RunView, p: dict[str, float]) -> Iterator[Find
         module="__run__",
         step=last,
         value=ratio,
-        threshold=p["max_norm_ratio"],
+        threshold=bound,
         metric="param_norm",
         remedy=f"lower weight_decay (a decay rate near 1e-5-1e-4 per step is usual: wd "
         f"{1e-4 / (worst.lr * worst.factor):.2g} or less at lr {worst.lr:.3g}), and leave norm "
