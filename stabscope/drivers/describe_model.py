@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..record.module_table import clean_name, unwrap_model
+from ..record.module_table import modules_by_name
 from ..record.side_forward import side_forward
 from ..structure import Structure
 from ..theory import ModelDescription, Projection
@@ -43,9 +43,9 @@ def describe(
         raise NotCovered(f"blocks of mixed or unknown norm placement: {sorted(placements)}")
     if len({b.stack for b in blocks}) != 1:
         raise NotCovered("encoder-decoder stacks are not composed by the theory")
-    # The structure names modules as ``module_table.clean_name`` does: a compiled model's
-    # modules sit under ``_orig_mod.``, which its names leave out.
-    modules = {clean_name(n): m for n, m in unwrap_model(model).named_modules()}
+    # The structure's names: a compiled model's modules sit under ``_orig_mod.``, which they
+    # leave out.
+    modules = modules_by_name(model)
     projections, activation, norm_kind, dropout = [], None, None, 0.0
     for block in blocks:
         kinds = [br.kind for br in block.branches]

@@ -173,7 +173,7 @@ class AttentionProbe(BaseProbe):
         self.codes = codes
         # module code -> its head count, where the structure read one: a softmax of
         # (B·H, T, S) logits in that module is attention with the heads folded into dim 0.
-        self._heads = {codes[name]: h for name, h in (heads or {}).items() if name in modules}
+        self._heads = {codes[name]: h for name, h in (heads or {}).items()}
         self.routes = AttentionRoutes(self._sample)
         self._calls: dict[int, int] = {}
         self._results: list[tuple[int, int, torch.Tensor]] = []  # (module code, call, (H, 2))
@@ -205,6 +205,7 @@ class AttentionProbe(BaseProbe):
 
     def _sample(self, func: Any, args: Any, kwargs: Any, out: Any, patched: bool) -> bool:
         code = self.routes.active_code
+        heads = self._heads.get(code) if code is not None else None
         result = None
         if func is SDPA:
             bound = dict(
@@ -225,11 +226,9 @@ class AttentionProbe(BaseProbe):
             result = mha_sample(dict(bound.arguments), self.sampling)
         elif softmax_over_keys(func, args, kwargs, out):
             result = self._from_softmax(args[0])
-        elif code in self._heads and softmax_over_folded_keys(
-            func, args, kwargs, out, self._heads[code]
-        ):
+        elif heads and softmax_over_folded_keys(func, args, kwargs, out, heads):
             logits = args[0]  # (B·H, T, S), sequence-major: row b·H + h is head h of b
-            result = self._from_softmax(logits.reshape(-1, self._heads[code], *logits.shape[1:]))
+            result = self._from_softmax(logits.reshape(-1, heads, *logits.shape[1:]))
         if result is None or code is None:
             return False
         call = self._calls.get(code, 0)

@@ -217,7 +217,7 @@ def entropy_and_max(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor
     # Rows with no choice (one key or none) are left out, not NaN; so are rows all fill.
     valid = (keys > 1) & ~(top[..., 0] < -MASKED_ROW)
     mean_ent = torch.where(valid, norm, 0).sum((0, 2)) / valid.sum((0, 2)).clamp(min=1)
-    return torch.stack((mean_ent, carried_peak(logits.float(), allowed)), 1)
+    return torch.stack((mean_ent, carried_peak(x, allowed)), 1)
 
 
 def written_out_peak(logits: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..record.collector import Collector
 from ..record.hooks import ListenerHooks, ModuleHooks
-from ..record.module_table import clean_name, unwrap_model
+from ..record.module_table import modules_by_name
 from ..structure import Structure
 from .base import BaseProbe, ProbeContext, build_probes
 
@@ -33,8 +33,7 @@ class StructureProbes:
         module_hooks: ModuleHooks,
     ) -> None:
         self.listeners = ListenerHooks()
-        root = unwrap_model(model)
-        modules = {clean_name(n): m for n, m in root.named_modules()}
+        modules = modules_by_name(model)
         ctx = dataclasses.replace(
             context,
             structure=structure,

@@ -61,6 +61,12 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
+def modules_by_name(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's modules (inside its wrappers) by their ``clean_name``: the names the
+    structure, the run table and the probes use."""
+    return {clean_name(n): m for n, m in unwrap_model(model).named_modules()}
+
+
 def clean_name(name: str) -> str:
     """Qualified name without wrapper prefixes; ``<root>`` for the model itself."""
     parts = [p for p in name.split(".") if p not in ("_orig_mod",)]

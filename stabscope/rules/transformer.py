@@ -125,6 +125,10 @@ def attention_unharmed(view: RunView) -> str | None:
 KEDIA = "Kedia et al. 2024, Transformers get Stable: An End-to-End Signal Propagation Theory"
 
 
+#: How a rank collapse present at step 0 that has not lasted as an error is told.
+AT_INIT = "from the start (a risk at init: the failure forecast weighs it)"
+
+
 def _rank_collapse(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     """Collapse at init is a risk, not a verdict: deep Post-LN models whose tokens are 0.999
     correlated at step 0 train well with a warm-up or at a lower lr, so it is a warning, and
@@ -152,7 +156,7 @@ def _rank_collapse(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     at_init = by_step.iloc[0] > p["error"]
     if at_init and not by_step.iloc[-1] > p["error"]:
         step, severity, threshold = first_step, "warning", p["error"]
-        how = "from the start (a risk at init: the failure forecast weighs it)"
+        how = AT_INIT
     else:
         grade = graded(float(by_step.iloc[-1]), p)
         if grade is None:
@@ -179,7 +183,7 @@ def _rank_collapse(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
         how = f"since step {since}" if severity == "error" else f"at step {last_step}"
         if at_init and severity != "error":  # not lasted long enough yet: the init's risk
             step, threshold, out_note, pooled_note = first_step, p["error"], "", False
-            how = "from the start (a risk at init: the failure forecast weighs it)"
+            how = AT_INIT
     rows = corr[corr.step == step]
     row = rows.loc[rows[rows.module == out].value.idxmax() if out else rows.value.idxmax()]
     collapsed = int((rows.value > p["warning"]).sum())

@@ -172,11 +172,11 @@ def _weight_decay_dominance(view: RunView, p: dict[str, float]) -> Iterator[Find
         f"per step (half-life {half_life:.0f} steps), and the weights' norm fell to "
         f"{ratio:.2f} of its step-{first} value by step {last}: the decay outpaces the updates"
     )
-    fast = at_least(worst.rate, p["fast_decay"]) and ratio <= p["fast_norm_ratio"]
-    slow = not at_least(worst.rate, p["error_decay"])
+    at_error_rate = at_least(worst.rate, p["error_decay"])
+    halved = at_least(worst.rate, p["fast_decay"]) and ratio <= p["fast_norm_ratio"]
     # The norm bound the finding was judged at: halved, for an error below error_decay.
-    bound = p["fast_norm_ratio"] if fast and slow else p["max_norm_ratio"]
-    if fast or not slow:
+    bound = p["max_norm_ratio"] if at_error_rate or not halved else p["fast_norm_ratio"]
+    if at_error_rate or halved:
         severity = "error"
         said += (
             f", and a weight keeps e^-1 of what it learned {1 / worst.rate:.0f} steps before: "

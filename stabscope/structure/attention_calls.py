@@ -21,11 +21,16 @@ MHA = F.multi_head_attention_forward
 SOFTMAX = frozenset({torch.softmax, F.softmax, torch.Tensor.softmax})
 
 
+def _softmax_over_last(func: Any, args: tuple, kwargs: dict, out: Any, dims: int) -> bool:
+    """Whether a call is a softmax over the last dim of a ``dims``-D tensor."""
+    if func not in SOFTMAX or not isinstance(out, torch.Tensor) or out.dim() != dims:
+        return False
+    return kwargs.get("dim", args[1] if len(args) > 1 else None) in (-1, dims - 1)
+
+
 def softmax_over_keys(func: Any, args: tuple, kwargs: dict, out: Any) -> bool:
     """Whether a call is a softmax over the last dim of (B, H, T, S) logits."""
-    if func not in SOFTMAX or not isinstance(out, torch.Tensor) or out.dim() != 4:
-        return False
-    return kwargs.get("dim", args[1] if len(args) > 1 else None) in (-1, 3)
+    return _softmax_over_last(func, args, kwargs, out, 4)
 
 
 def softmax_over_folded_keys(func: Any, args: tuple, kwargs: dict, out: Any, heads: int) -> bool:
@@ -33,11 +38,9 @@ def softmax_over_folded_keys(func: Any, args: tuple, kwargs: dict, out: Any, hea
     folded into one dim (``torch.bmm`` attention: HF's XGLM, and BART, OPT or Whisper in
     older transformers releases). Read only inside a module known to attend with ``heads``
     heads: a 3-D softmax elsewhere is a router's or a classifier's."""
-    if func not in SOFTMAX or not isinstance(out, torch.Tensor) or out.dim() != 3:
-        return False
-    if heads <= 0 or out.shape[0] % heads:
-        return False
-    return kwargs.get("dim", args[1] if len(args) > 1 else None) in (-1, 2)
+    return (
+        heads > 0 and _softmax_over_last(func, args, kwargs, out, 3) and out.shape[0] % heads == 0
+    )
 
 
 def attention_call(func: Any, args: tuple, kwargs: dict, out: Any) -> bool:

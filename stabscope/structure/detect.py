@@ -28,7 +28,7 @@ from .kinds import (
     stack_of,
 )
 from .trace import Call, Trace
-from .transformed import rearranged_branch, transformed_branch
+from .transformed import rearranged_branch, reshaped_alike, transformed_branch
 
 _TOL = 1e-4
 #: A parallel block's two added terms are looked for among this many latest-finishing
@@ -84,9 +84,7 @@ def residual_alpha(t: torch.Tensor, x: torch.Tensor, f: torch.Tensor) -> float |
     shape up to a reshape that keeps the feature dimension: HF's OPT runs its FFN on the
     stream flattened to (batch·tokens, d) and adds it there, then views the sum back to
     (batch, tokens, d). Elements are compared in order, so only a true reshape matches."""
-    if t is f or t is x or not (t.numel() == x.numel() == f.numel()) or t.dim() == 0:
-        return None
-    if not (t.shape[-1] == x.shape[-1] == f.shape[-1]):
+    if t is f or t is x or t.dim() == 0 or not reshaped_alike(t, x, f):
         return None
     tol = tolerance(t)
     # Cheap filter on a strided sample before the exact check on everything.

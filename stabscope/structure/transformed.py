@@ -48,17 +48,21 @@ DROPOUT_SCALES = (1 / 0.99, 20.0)
 DROPPED_SHARE_SLACK = 0.02
 
 
+def reshaped_alike(t: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Whether ``others`` hold as many elements as ``t`` and share its last (feature) dim:
+    one shape up to a reshape that keeps the features (HF's OPT adds its FFN on the stream
+    flattened to (batch·tokens, d), then views the sum back)."""
+    return all(v.numel() == t.numel() and v.shape[-1] == t.shape[-1] for v in others)
+
+
 def transformed_branch(t: torch.Tensor, x: torch.Tensor, w: torch.Tensor, tol: float) -> bool:
     """Whether t = x + h(w), h an activation, a gate or dropout (module docstring), to
     ``tol`` of |t|. The three must have one shape, up to a reshape that keeps the feature
-    dimension (HF's OPT adds its FFN on the stream flattened to (batch·tokens, d), then
-    views the sum back); t must not share x's storage. Checked first on a strided sample of
-    ``SAMPLE_ROWS`` rows (most candidates fail there, cheaply), then on up to ``MAX_ROWS``.
-    Never raises: a tensor that cannot be read so (a subclass without a plain storage) is
-    no transformed branch, and detection goes on."""
-    if t is x or t is w or t.dim() < 2 or not (t.numel() == x.numel() == w.numel()):
-        return False
-    if not (t.shape[-1] == x.shape[-1] == w.shape[-1]):
+    dimension (``reshaped_alike``); t must not share x's storage. Checked first on a
+    strided sample of ``SAMPLE_ROWS`` rows (most candidates fail there, cheaply), then on
+    up to ``MAX_ROWS``. Never raises: a tensor that cannot be read so (a subclass without
+    a plain storage) is no transformed branch, and detection goes on."""
+    if t is x or t is w or t.dim() < 2 or not reshaped_alike(t, x, w):
         return False
     try:
         if t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
@@ -151,5 +155,6 @@ __all__ = [
     "MIN_SHARED",
     "SAMPLE_ROWS",
     "rearranged_branch",
+    "reshaped_alike",
     "transformed_branch",
 ]
