@@ -9,14 +9,21 @@ def counted(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
-__all__ = ["counted"]
-
-
 #: How much of an exception's message a one-line report keeps (``first_line``).
 MESSAGE_CHARS = 300
 
 
 def first_line(message: str, limit: int = MESSAGE_CHARS) -> str:
-    """The first non-empty line of ``message``, cut to ``limit`` characters."""
+    """The first non-empty line of ``message``, cut to ``limit`` characters, at a word's end
+    where one is near the cut (never mid-word in a note that names an API)."""
     line = next((part.strip() for part in message.splitlines() if part.strip()), "")
-    return line if len(line) <= limit else line[: limit - 3].rstrip() + "..."
+    if len(line) <= limit:
+        return line
+    cut = line[: limit - 3]
+    space = cut.rfind(" ")
+    if space >= limit // 2:
+        cut = cut[:space]
+    return cut.rstrip() + "..."
+
+
+__all__ = ["MESSAGE_CHARS", "counted", "first_line"]

@@ -61,3 +61,56 @@ def test_the_scripts_warning_names_its_line_as_often_as_without_stabscope(tmp_pa
     torch.manual_seed(0)
     under = broadcast_warnings(profiled)
     assert [(w.filename, w.lineno) for w in under] == [(w.filename, w.lineno) for w in without]
+
+
+MODEL_WARNS = """
+import warnings
+import torch
+
+
+class Warns(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 1)
+
+    def forward(self, x):
+        warnings.warn("the model's own warning")  # as nn.MultiheadAttention's mask warning
+        return self.fc(x).squeeze(1)
+
+
+torch.manual_seed(0)
+model = Warns()
+opt = torch.optim.SGD(model.parameters(), lr=0.05)
+for step in range(12):
+    x = torch.randn(8, 4)
+    loss = (model(x) - x.sum(1)).pow(2).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+"""
+
+
+def test_the_models_own_warning_is_not_raised_again_by_stabscopes_replays_of_it(tmp_path):
+    """The probe forward and the stability index call the model again on a stored batch: a
+    warning its forward raises is the script's, shown by the script's own calls, and not once
+    more per replay (under an ``always`` filter, as many as without stabscope)."""
+    script = tmp_path / "warns.py"
+    script.write_text(textwrap.dedent(MODEL_WARNS))
+
+    def caught(run) -> int:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            run()
+        return sum("the model's own warning" in str(w.message) for w in seen)
+
+    def plain() -> None:
+        with as_main(script, []):
+            runpy.run_path(str(script), run_name="__main__")
+
+    def profiled() -> None:
+        config = RecorderConfig(sharpness=True)
+        profile_training_script(script, [], tmp_path / "run", config, budget=12)
+
+    assert caught(plain) == 12
+    torch.manual_seed(0)
+    assert caught(profiled) == 12

@@ -95,11 +95,13 @@ def test_a_signal_closes_a_profiled_model_script(tmp_path, sig):
     code, finding = run_status_finding(out)
     assert code == 1 and finding["severity"] == "error"
     assert (
-        f"interrupted by {name} after {meta['recorded_steps']} recorded steps"
-        in (finding["message"])
+        f"interrupted by {name} after {meta['steps']} steps ({meta['recorded_steps']} of them "
+        "with the full probes)" in (finding["message"])
     )
+    assert "pass --allow-incomplete" in finding["remedy"]
     _, finding = run_status_finding(out, "--allow-incomplete")
     assert finding["severity"] == "warning"
+    assert "--allow-incomplete" not in finding["remedy"]  # taken: not asked for again
 
 
 @pytest.mark.slow

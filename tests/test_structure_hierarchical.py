@@ -284,3 +284,73 @@ def test_sublayers_that_add_their_layers_modules_leave_the_layer_the_block():
     assert [[br.name for br in b.branches] for b in s.blocks] == [
         [f"{i}.self_attn", f"{i}.feed_forward"] for i in range(3)
     ]
+
+
+def _pre_ln_layer(d: int) -> nn.Module:
+    return nn.TransformerEncoderLayer(d, 2, 2 * d, dropout=0.0, batch_first=True, norm_first=True)
+
+
+class KeyedStages(nn.Module):
+    """Pre-LN layers held in ModuleDicts: two stages keyed by name, each layer keyed
+    ``layer{i}``, run in key order. ``listed=True`` holds the same layers in ModuleLists."""
+
+    def __init__(self, d: int = 16, depths: tuple[int, int] = (2, 3), listed: bool = False):
+        super().__init__()
+        self.emb = nn.Linear(4, d)
+        layers = [[_pre_ln_layer(d) for _ in range(n)] for n in depths]
+        if listed:
+            self.stages = nn.ModuleList(nn.ModuleList(s) for s in layers)
+        else:
+            self.stages = nn.ModuleDict(
+                {
+                    key: nn.ModuleDict({f"layer{i}": m for i, m in enumerate(s)})
+                    for key, s in zip(("low", "high"), layers)
+                }
+            )
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)
+        stages = self.stages.values() if isinstance(self.stages, nn.ModuleDict) else self.stages
+        for stage in stages:
+            for layer in stage.values() if isinstance(stage, nn.ModuleDict) else stage:
+                h = layer(h)
+        return self.head(h)
+
+
+def test_layers_held_in_module_dicts_are_the_blocks_a_module_list_of_them_gives(tmp_path):
+    """The reference is the same model with ModuleLists (a stack discovery has always read):
+    the same blocks in the same order, with the same branches, under the keyed names; and the
+    depth trend reads the last stage's blocks by the number their keys end with."""
+    from tests.conftest import record_steps
+
+    torch.manual_seed(0)
+    keyed = KeyedStages()
+    listed = KeyedStages(listed=True)
+    listed.load_state_dict(
+        {
+            k.replace("low.layer", "0.").replace("high.layer", "1."): v
+            for k, v in keyed.state_dict().items()
+        }
+    )
+    x = torch.randn(2, 5, 4)
+    s_keyed = discover(keyed, lambda m: m(x))
+    s_listed = discover(listed, lambda m: m(x))
+    names = [f"stages.{s}.layer{i}" for s, n in (("low", 2), ("high", 3)) for i in range(n)]
+    assert s_listed.recognised and len(s_listed.blocks) == 5
+    assert [b.name for b in s_keyed.blocks] == names
+    assert [b.index for b in s_keyed.blocks] == [b.index for b in s_listed.blocks]
+
+    def shape(s):
+        return [
+            (b.placement, round(b.alpha, 6), [(br.kind, br.placement) for br in b.branches])
+            for b in s.blocks
+        ]
+
+    assert shape(s_keyed) == shape(s_listed)
+    opt = torch.optim.SGD(keyed.parameters(), lr=0.01)
+    run = record_steps(keyed, tmp_path / "run", lambda m: m(x).pow(2).mean(), opt, 2)
+    import json
+
+    meta = json.loads((run / "meta.json").read_text())
+    assert layer_modules(meta) == {f"stages.high.layer{i}": i for i in range(3)}

@@ -112,10 +112,17 @@ def test_sys_exit_0_before_the_first_step_is_bad_input(tmp_path):
     assert stabscope.load_run(out).empty
 
 
-def test_sys_exit_0_after_training_steps_keeps_a_complete_run_and_exits_2(tmp_path):
+def test_sys_exit_0_after_training_steps_is_the_end_of_training_and_exits_0(tmp_path):
+    """Python's success (``sys.exit(main())``) is a return: exit 0, a complete run that
+    ended where the script did, and a line saying how it ended."""
     res, out, log = profile(tmp_path, "--steps", "6", "--exit-at", "2", "--exit-code", "0")
-    assert_one_line_error(res, "train_mlp.py called sys.exit(0) after 2 optimizer steps")
-    assert stabscope.read_meta(out)["status"] == "complete"
+    assert res.exit_code == 0, res.output
+    meta = stabscope.read_meta(out)
+    assert (
+        "train_mlp.py called sys.exit(0) after 2 optimizer steps: taken as its end"
+        in (meta["notes"])
+    )
+    assert meta["status"] == "complete" and meta["run"]["script_ended"] is True
     df = stabscope.load_run(out, metrics=["loss"])
     assert df.sort_values("step").value.tolist() == pytest.approx([r["loss"] for r in log])
 

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
@@ -135,8 +136,9 @@ def layer_modules(meta: Mapping[str, Any]) -> dict[str, int]:
     (``layers.3`` rather than ``layers.3.fc``). Blocks are grouped by the container that
     numbers them: a hierarchical model's stages each hold a stack of their own, of one
     width, and the trend is read over the longest (the last among equals)."""
-    mods = [m for m in RunMeta.of(meta).modules if m.get("layer") is not None]
     found = {b.get("name") for b in (meta.get("structure") or {}).get("blocks") or []}
+    # A found block need not carry a number in its name (a ModuleDict's "layer0", "low").
+    mods = [m for m in RunMeta.of(meta).modules if m.get("layer") is not None or m["name"] in found]
     blocks = [m for m in mods if m["name"] in found] or [
         m for m in mods if m.get("role") == "block"
     ]
@@ -160,15 +162,20 @@ def layer_modules(meta: Mapping[str, Any]) -> dict[str, int]:
         return max((o for o in orders if o is not None), default=-1)
 
     best = max(groups.values(), key=lambda g: (len(g), runs_last(g)))
-    return {m["name"]: _position(m) for m in best}
+    order = sorted(best, key=lambda m: m.get("forward_order", 0))
+    return {m["name"]: _position(m, order.index(m)) for m in best}
 
 
-def _position(module: Mapping[str, Any]) -> int:
-    """A layer's index in its own stack: the last number of its name. The first number
-    (``layer``) is the stage's in a hierarchical model (``stages.2.0`` and ``stages.2.1``
-    are both layer 2), the same as the last in a flat stack (``h.3``)."""
-    last = str(module["name"]).rsplit(".", 1)[-1]
-    return int(last) if last.isdigit() else int(module["layer"])
+def _position(module: Mapping[str, Any], order: int) -> int:
+    """A layer's index in its own stack: the number its name ends with (``h.3``, a
+    ModuleDict's ``layer3``). The first number (``layer``) is the stage's in a hierarchical
+    model (``stages.2.0`` and ``stages.2.1`` are both layer 2), the same as the last in a flat
+    stack. A block whose name ends in none (``stages.low``) is placed by ``order``, its rank
+    in its stack's forward order."""
+    ending = re.search(r"(\d+)$", str(module["name"]).rsplit(".", 1)[-1])
+    if ending:
+        return int(ending.group(1))
+    return int(module["layer"]) if module.get("layer") is not None else order
 
 
 def depth_trend(frame: pd.DataFrame, layers: dict[str, int], metric: str) -> DepthTrend | None:

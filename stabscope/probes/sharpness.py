@@ -38,6 +38,7 @@ from ..record.collector import Rows
 from ..record.config import RecorderConfig
 from ..record.hooks import paused
 from ..record.side_forward import side_forward
+from ..wording import first_line
 from .base import BaseProbe, ProbeContext, switched
 from .index_budget import IndexBudget
 from .stability_scale import participants, scales
@@ -196,7 +197,7 @@ def stability_index(
 def _why_not(err: Exception) -> str:
     """What an error of the index's measurement says to the reader: torch's first line, put
     in words where it names a known cause."""
-    first = str(err).strip().splitlines()[0][:200] if str(err).strip() else "(no message)"
+    first = first_line(str(err)) or "(no message)"
     if "derivative for" in first and "not implemented" in first:
         # torch's own words for an op with no second derivative (CTC's loss, some fused
         # kernels): the index needs Hessian-vector products through the loss.

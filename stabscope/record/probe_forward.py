@@ -21,6 +21,7 @@ from .copy_safe import NotCopied
 from .hook_context import compiling, in_backward
 from .module_table import scripted
 from .rng_objects import RNG_TYPES, own_copy, restore, rngs_in, state_of
+from .script_warnings import quiet
 
 #: call(model, *args, **kwargs): what the replay runs (default: ``model(*args, **kwargs)``)
 Call = Callable[..., Any]
@@ -77,7 +78,8 @@ class Replay:
     def __call__(self, model: nn.Module) -> Any:
         for g, state in self._generators:
             restore(g, state)
-        return self.call(model, *self.args, **self.kwargs)
+        with quiet():  # the script's own call of the model showed its warnings
+            return self.call(model, *self.args, **self.kwargs)
 
 
 def replay_of(

@@ -49,7 +49,8 @@ def traceback_lines(error: BaseException) -> list[str]:
     while root.__cause__ is not None and root.__cause__ is not root:
         root = root.__cause__
     lines = traceback.format_exception(type(root), root, root.__traceback__, chain=False)
-    lines = lines[:1] + lines[1:-1][-TRACEBACK_FRAMES:] + lines[-1:]  # header, frames, line
+    if len(lines) > 2:  # header, frames, line; one never raised is its line alone
+        lines = lines[:1] + lines[1:-1][-TRACEBACK_FRAMES:] + lines[-1:]
     if root is not error:
         lines += traceback.format_exception_only(type(error), error)
     return lines

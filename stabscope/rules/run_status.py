@@ -23,6 +23,16 @@ from .base import Rule, RunView, finding
 DEFAULTS = {"allow_incomplete": 0.0}
 
 
+def _or_allow(p: dict[str, float], remedy: str, gated: str) -> str:
+    """``remedy``, with the way to gate on ``gated`` alone where it was not already taken
+    (``--allow-incomplete`` made this finding a warning: saying it again reads as unheard)."""
+    return (
+        remedy
+        if p["allow_incomplete"]
+        else f"{remedy}, or pass --allow-incomplete to gate on {gated}"
+    )
+
+
 def _run_status(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     state = run_state(view.run_dir, view.meta)
     # Every step, not only those the schedule probed in full (a meta.json without the count
@@ -56,8 +66,9 @@ def _run_status(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
             f"{fault.get('where')} ({fault.get('type')}: {said}); the training went on "
             "unrecorded, so the rules saw only the steps before",
             value=float(steps),
-            remedy="report it with meta.json's tool_error.traceback; pass --allow-incomplete "
-            "to gate on what was recorded",
+            remedy=_or_allow(
+                p, "report it with meta.json's tool_error.traceback", "what was recorded"
+            ),
         )
     elif state.status == "stopped":
         rule = (view.meta.stopped_by or {}).get("rule", "a rule")
@@ -89,8 +100,7 @@ def _run_status(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
             "warning" if p["allow_incomplete"] else "error",
             f"the run is incomplete: {state.detail}; the rules saw the parts written before",
             value=float(steps),
-            remedy="profile it again to the end, or pass --allow-incomplete to gate on what "
-            "was recorded",
+            remedy=_or_allow(p, "profile it again to the end", "what was recorded"),
         )
     elif state.status == "running":
         yield finding(
@@ -137,8 +147,7 @@ def _damaged_parts(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
         f"{len(parts.skipped)} of {len(parts.skipped) + len(parts.files)} parts cannot be "
         f"read ({names}{more}): their rows are lost and the rules saw the rest",
         value=float(len(parts.skipped)),
-        remedy="restore the parts from a copy or profile again, or pass --allow-incomplete to "
-        "gate on the readable parts",
+        remedy=_or_allow(p, "restore the parts from a copy or profile again", "the readable parts"),
     )
 
 

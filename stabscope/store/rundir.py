@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import NestedRunError, RunExistsError, RunLockedError, UsageError
+from ..wording import counted
 from . import lock as locks
 from .findings import shown_module
 from .layout import (
@@ -237,7 +238,13 @@ def run_state(run_dir: PathLike, meta: Mapping[str, Any], reread: bool = True) -
     status = meta.status
     if status == "interrupted":
         by = meta.interrupted_by or "a signal"
-        return RunState(status, f"interrupted by {by} after {meta.recorded_steps} recorded steps")
+        # Steps taken, as the script's own log counts them; the schedule's full probes read
+        # only some of them (every step has the every-step tier's rows).
+        return RunState(
+            status,
+            f"interrupted by {by} after {counted(meta.steps, 'step')} "
+            f"({meta.recorded_steps} of them with the full probes)",
+        )
     if status == "stopped":
         return RunState(status, stopped_detail(meta))
     if status != "running":

@@ -68,14 +68,15 @@ def count_heads(module: nn.Module) -> tuple[int | None, int | None]:
 
 
 def block_candidates(model: nn.Module, names: dict[int, str]) -> dict[str, bool]:
-    """Children of ModuleList/Sequential with a numeric name, of a repeated class, that have
-    children of their own, in module order, each with whether its container holds two or
-    more of its class (a stack of like blocks, not T5's one attention and one MLP layer).
-    Nested ones are included: a stage of a hierarchical model (Swin's ``layers.0``,
-    ConvNeXt's ``stages.0``) holds a stack of its own blocks; detect.py chooses the level."""
+    """Children of a ModuleList, Sequential or ModuleDict (blocks keyed ``"layer0"``, or stages
+    keyed ``"low"``/``"high"``), of a repeated class, that have children of their own, in
+    module order, each with whether its container holds two or more of its class (a stack of
+    like blocks, not T5's one attention and one MLP layer). Nested ones are included: a stage
+    of a hierarchical model (Swin's ``layers.0``, ConvNeXt's ``stages.0``) holds a stack of
+    its own blocks; detect.py chooses the level."""
     out: dict[str, bool] = {}
     for module in model.modules():
-        if not isinstance(module, (nn.ModuleList, nn.Sequential)):
+        if not isinstance(module, (nn.ModuleList, nn.Sequential, nn.ModuleDict)):
             continue
         kids = list(module.children())
         for kid in kids:

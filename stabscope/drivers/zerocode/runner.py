@@ -7,9 +7,8 @@ script ends decides the result:
   ``TrainingScriptResult`` comes back;
 - is stopped by an error finding (``on_error="stop"``): the run is ``stopped`` (the finding in
   meta.json's ``stopped_by`` and the result's), and a ``TrainingScriptResult`` comes back;
-- calls ``sys.exit(0)`` / ``sys.exit()`` after at least one step: the run is closed as
-  ``complete`` (every step it took is recorded), then ``UsageError`` (exit code 2): the
-  script left through ``SystemExit``, so stabscope cannot tell whether training ended;
+- calls ``sys.exit(0)`` / ``sys.exit()`` after at least one step: as a return (Python's
+  success; ``sys.exit(main())``), with a note saying so;
 - raises: the run is ``failed``, ``ScriptError`` (exit code 2) names the script's line;
 - ``sys.exit(N)`` with N != 0: ``failed``, ``ScriptError`` with exit code N (1 for a message,
   as Python does);
@@ -221,17 +220,12 @@ def _run(
                 f"in {out}",
                 exit_code=status,
             ) from None
+        # Success, as Python reads it (``sys.exit(main())`` with main() returning None): the
+        # end of the script's training, as a return is.
         ending = f"called sys.exit({exc.code!r})"
-        _require_steps(recording, path, ending)
-        when = _steps(recording)
-        recording.close("complete", script_ended=True)
-        raise UsageError(
-            f"{path.name} {ending} {when}; what it recorded is kept and the run in {out} is "
-            "complete",
-            hint="stabscope cannot tell sys.exit(0) from an early exit, so it exits 2; let the "
-            "script return instead (main() rather than sys.exit(main())), or stop it with "
-            "--max-steps N --stop-script",
-        ) from None
+        returned = True
+        if recording.steps_marked:
+            recording.notes.append(f"{path.name} {ending} {_steps(recording)}: taken as its end")
     except UsageError as exc:  # stabscope's own refusal (e.g. --include matching nothing)
         recording.close("failed", exc)
         raise
