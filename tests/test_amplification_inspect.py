@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 import stabscope
@@ -22,6 +23,7 @@ def test_linear_fit_is_exact_on_a_line():
     assert (round(fit.slope, 9), round(fit.intercept, 9), round(fit.r2, 9)) == (2.0, 1.0, 1.0)
 
 
+@pytest.mark.slow
 def test_post_ln_amplifies_faster_with_depth_than_pre_ln(tmp_path):
     growth, better = {}, {}
     for norm in ("post", "pre"):
@@ -36,6 +38,7 @@ def test_post_ln_amplifies_faster_with_depth_than_pre_ln(tmp_path):
     assert (better["post"], better["pre"]) == ("N", "log N")
 
 
+@pytest.mark.slow
 def test_amplification_cli_and_bad_depths(tmp_path):
     res = runner.invoke(
         app,
@@ -62,6 +65,7 @@ def test_amplification_cli_and_bad_depths(tmp_path):
     assert res.exit_code == 0, res.output  # mlp.py has a depth key too
 
 
+@pytest.mark.slow
 def test_inspect_tree_and_json():
     res = runner.invoke(
         app, ["inspect", str(SAMPLES / "gpt.py"), "--set", "norm=post", "--set", "depth=3"]
@@ -87,6 +91,7 @@ def test_inspect_tree_and_json():
     assert res.exit_code == 0 and "not recognised" in res.stderr
 
 
+@pytest.mark.slow
 def test_inspect_of_a_run_shows_the_structure_it_recorded(tmp_path):
     """A run directory: the structure in its meta.json, the same as inspecting the script
     with the same settings; a directory that is no run is one error line."""

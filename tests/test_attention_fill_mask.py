@@ -103,6 +103,7 @@ def batch(g: torch.Generator, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens, ((tokens == 3).sum(1) > 0).long()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("fill", "additive", "causal"), [(-1e9, False, False), (-1e4, True, False), (-1e9, False, True)]
 )

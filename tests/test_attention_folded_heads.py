@@ -94,6 +94,7 @@ def reference(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return peak, norm.sum((0, 1)) / keep.sum((0, 1))
 
 
+@pytest.mark.slow
 def test_folded_heads_are_recorded_per_head(tmp_path, kernel_path):
     torch.manual_seed(0)
     model = LM()

@@ -45,6 +45,7 @@ json.dump(log, open(sys.argv[1], "w"))
 """
 
 
+@pytest.mark.slow
 def test_a_loop_that_takes_its_gradients_with_autograd_grad_has_its_loss_read(tmp_path):
     plain_log, profiled_log, run = run_both(tmp_path, SCRIPT, RecorderConfig(online_rules=False))
     plain, profiled = (json.loads(p.read_text()) for p in (plain_log, profiled_log))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
 import torch
 from torch import nn
 
@@ -13,6 +14,7 @@ import stabscope
 from tests.test_cli import invoke
 
 
+@pytest.mark.slow
 def test_rules_skipped_for_unrecorded_metrics_are_one_line(tmp_path):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
@@ -80,6 +82,7 @@ def _skipped_of(net: nn.Module, run) -> tuple[dict[str, str], str]:
 ATTENTION_RULES = {"attention-logit-growth", "attention-entropy-collapse"}
 
 
+@pytest.mark.slow
 def test_rules_a_model_without_blocks_cannot_feed_are_not_called_unrecorded(tmp_path):
     torch.manual_seed(0)
     skipped, table = _skipped_of(
@@ -95,6 +98,7 @@ def test_rules_a_model_without_blocks_cannot_feed_are_not_called_unrecorded(tmp_
     assert not any(rule in line for rule in moot for line in unrecorded)
 
 
+@pytest.mark.slow
 def test_attention_rules_do_not_apply_to_blocks_without_attention(tmp_path):
     torch.manual_seed(0)
     skipped, _ = _skipped_of(ResidualMLP(), tmp_path / "resmlp")

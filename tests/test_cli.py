@@ -22,6 +22,7 @@ def invoke(*args: str):
     return runner.invoke(app, [str(a) for a in args])
 
 
+@pytest.mark.slow
 def test_profile_sample_gpt_end_to_end(tmp_path):
     out = tmp_path / "gpt"
     res = invoke(
@@ -55,6 +56,7 @@ def test_profile_sample_gpt_end_to_end(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_profile_mlp_sample_and_summary(tmp_path):
     out = tmp_path / "mlp"
     res = invoke("profile", SAMPLES / "mlp.py", "--steps", 5, "--out", out, "-q")
@@ -64,6 +66,7 @@ def test_profile_mlp_sample_and_summary(tmp_path):
     assert "depth trend of grad_rms" in res.stderr
 
 
+@pytest.mark.slow
 def test_help_everywhere():
     commands = [c.name or c.callback.__name__ for c in app.registered_commands]
     assert {"profile", "report", "check", "predict", "grow"} <= set(commands)
@@ -144,6 +147,7 @@ def test_unknown_set_key_and_bad_value(tmp_path):
     assert_one_line_error(invoke("profile", script, "--set", "fail_at=three"), "expected a int")
 
 
+@pytest.mark.slow
 def test_existing_run_needs_force(tmp_path):
     script = write(tmp_path, "ok.py", GOOD_HEAD + "def loss(m, b): return m(b).mean()\n")
     out = tmp_path / "r"
@@ -174,6 +178,7 @@ def test_bad_options(tmp_path, option):
     assert res.stderr.startswith("error:")
 
 
+@pytest.mark.slow
 def test_help_shows_the_defaults_written_in_option_texts():
     """Rich markup would swallow a bare "[default: 25]" as a style tag: every default written
     into an option's help text must reach the terminal as written."""

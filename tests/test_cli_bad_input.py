@@ -33,6 +33,7 @@ def bracket_run(tmp_path_factory) -> Path:
     return record_bracket_run(tmp_path_factory.mktemp("markup"))
 
 
+@pytest.mark.slow
 def test_markup_in_names_and_paths_is_printed_as_text(bracket_run, tmp_path):
     out = bracket_run
     res = invoke("summary", out)

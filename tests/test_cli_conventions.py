@@ -127,6 +127,7 @@ for _ in range(7):
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("budget", "shown"), [(None, "7/?"), ("7", "7/7")])
 def test_a_training_scripts_bar_ends_at_its_budget(tmp_path, budget, shown) -> None:
     """A training script's length is unknown without ``--max-steps``: the bar counts steps

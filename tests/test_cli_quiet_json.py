@@ -110,6 +110,7 @@ for i in range(30):
 """
 
 
+@pytest.mark.slow
 def test_profile_json_says_why_on_stdout_when_the_script_fails(tmp_path: Path):
     """A caller that parses stdout gets one JSON object when the run fails too: the error
     line's text, exit code 2, and the run the script left (12 optimizer steps before its
@@ -136,6 +137,7 @@ def test_profile_json_says_why_on_stdout_when_the_script_fails(tmp_path: Path):
     }
 
 
+@pytest.mark.slow
 def test_profile_json_never_reports_an_earlier_run_as_the_one_a_failure_left(tmp_path):
     """A model script profiled once, then broken at import and profiled again with --force:
     the run directory still holds the first run, which this failure did not record; the JSON
@@ -186,6 +188,7 @@ def test_summary_quiet_is_the_verdict_line(tmp_path: Path):
     assert quiet_line(run, "complete", 4, FINDINGS) == lines(res.stderr)[0]
 
 
+@pytest.mark.slow
 def test_check_quiet_keeps_the_failing_findings_and_the_verdict(tmp_path: Path):
     run = write_run(tmp_path / "r", layers=2, steps=range(4), status="failed")
     gate = json.loads(runner.invoke(app, ["check", str(run), "--format", "json"]).stdout)
@@ -204,6 +207,7 @@ def test_check_quiet_keeps_the_failing_findings_and_the_verdict(tmp_path: Path):
     assert len(out) < len(lines(loud.stderr))
 
 
+@pytest.mark.slow
 def test_report_and_export_quiet_write_their_files_and_say_nothing(tmp_path: Path):
     pytest.importorskip("tensorboard")
     run = write_run(tmp_path / "r", layers=2, steps=range(4), findings=FINDINGS)

@@ -35,6 +35,7 @@ def test_compiled_model_trains_identically_and_keeps_parameter_stats(tmp_path):
     assert "0" in meta["hooks_never_fired"]["forward"]
 
 
+@pytest.mark.slow
 def test_recorder_hooks_add_no_graph_break(tmp_path):
     # The hooks ask Dynamo whether it is tracing before anything it cannot trace (the
     # backward check): asked the other way round, every hooked module broke the graph.

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 import stabscope
 from tests.scripts.harness import run_both
 
@@ -38,6 +40,7 @@ with open(sys.argv[1], "w") as log:
 """
 
 
+@pytest.mark.slow
 def test_a_deep_copy_of_the_recorded_model_trains_and_runs_as_without_stabscope(tmp_path):
     plain, profiled, run = run_both(tmp_path, SCRIPT, budget=30)
     read = [json.loads(line) for line in profiled.read_text().splitlines()]

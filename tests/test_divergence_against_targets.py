@@ -46,6 +46,7 @@ def series(run, metric):
     return df.groupby("step").value.mean().sort_index()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["grow", "jump"])
 def test_a_loss_that_grows_with_its_targets_is_a_warning(tmp_path, case):
     script = tmp_path / "targets.py"
@@ -65,6 +66,7 @@ def test_a_loss_that_grows_with_its_targets_is_a_warning(tmp_path, case):
         assert relative is not None and found.severity == "error"
 
 
+@pytest.mark.slow
 def test_while_it_trains_targets_that_grow_do_not_stop_the_run(tmp_path):
     """The same growing targets judged while the run trains, under ``--on-error stop``, 10 ms
     a step so that the loss checks run through the rise: each check reads every step's bar

@@ -91,6 +91,7 @@ def expected(frame, tag: str) -> tuple[list[int], np.ndarray]:
     return by.index.tolist(), by.to_numpy(np.float32)
 
 
+@pytest.mark.slow
 def test_event_files_hold_the_run_tables_numbers(gpt_run: Path, tmp_path: Path):  # noqa: F811
     export(gpt_run, tmp_path / "tb")
     acc = read_back(tmp_path / "tb")
@@ -111,6 +112,7 @@ def test_event_files_hold_the_run_tables_numbers(gpt_run: Path, tmp_path: Path):
     assert scalars(acc, "loss")[0] == list(range(6))  # every step, recorded or not
 
 
+@pytest.mark.slow
 def test_findings_are_text_with_remedies_and_heatmaps_images(gpt_run: Path, tmp_path: Path):  # noqa: F811
     from PIL import Image
 
@@ -129,6 +131,7 @@ def test_findings_are_text_with_remedies_and_heatmaps_images(gpt_run: Path, tmp_
     assert png.size == (image.width, image.height) and min(png.size) >= 4
 
 
+@pytest.mark.slow
 def test_a_32_layer_run_stays_under_the_cap_and_thins_blocks_evenly(tmp_path: Path):
     run = write_run(tmp_path / "deep", layers=32, steps=range(3), findings=FINDINGS)
     res = export(run, tmp_path / "all", "--no-images")
@@ -169,6 +172,7 @@ print(json.dumps({"code": res.exit_code, "stderr": res.stderr, "torch": "torch" 
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("blocked", ["torch", "tensorboard"])
 def test_without_torch_it_exports_and_without_tensorboard_it_says_how(tmp_path: Path, blocked):
     run = write_run(tmp_path / "r", layers=2, steps=range(2), findings=FINDINGS)
@@ -198,6 +202,7 @@ def test_the_run_directory_is_left_as_it_was(gpt_run: Path, tmp_path: Path):  # 
     assert res.exit_code == 2 and "inside the run directory" in res.stderr
 
 
+@pytest.mark.slow
 def test_a_run_without_a_probe_forward_exports_step_0_from_the_recorded_step(tmp_path: Path):
     """Without a probe forward the blocks are known from step 1: the flight recorder's rows
     start there, and step 0, recorded, gives its scheduled value of the same definition."""

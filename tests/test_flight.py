@@ -63,6 +63,7 @@ def table(df, metric):
     return {(int(s), str(m)): float(v) for s, m, v in zip(rows.step, rows.module, rows.value)}
 
 
+@pytest.mark.slow
 def test_every_step_block_rms_matches_hooks_and_the_scheduled_probe(tmp_path):
     model, loss_of = sample_gpt("pre")
     seen, handles = reference_hooks(model, WATCHED)
@@ -123,6 +124,7 @@ def first_nonfinite_leaf(model, step_of, poison_step):
     return found, handles
 
 
+@pytest.mark.slow
 def test_weight_poisoned_between_scheduled_steps_is_found_at_its_leaf_and_step(tmp_path):
     model, loss_of = sample_gpt("pre")
     step_of = [0]
@@ -198,6 +200,7 @@ def poisoned_forward(tmp_path, at: int, calls: float) -> dict:
     return stabscope.read_meta(tmp_path / "r")["first_nonfinite"]["forward"]
 
 
+@pytest.mark.slow
 def test_a_nan_made_in_training_mode_only_is_found_by_a_replay_in_that_mode(tmp_path):
     forward = poisoned_forward(tmp_path, at=7, calls=math.inf)  # step 7: not on the schedule
     assert (forward["module"], forward["step"], forward["found_by"]) == (
@@ -207,6 +210,7 @@ def test_a_nan_made_in_training_mode_only_is_found_by_a_replay_in_that_mode(tmp_
     )
 
 
+@pytest.mark.slow
 def test_a_recorded_step_names_the_leaf_a_replay_could_not_find(tmp_path):
     # Step 5 is on the schedule; the NaN comes once, so the flight recorder's replay stays
     # finite and it can only name the block; the recorded step's probes saw the leaf.
@@ -231,6 +235,7 @@ class NoReplay(torch.nn.Module):
         return torch.nn.functional.gelu(x)
 
 
+@pytest.mark.slow
 def test_a_recorded_step_keeps_the_block_of_a_leaf_named_by_its_parameters(tmp_path):
     model, loss_of = sample_gpt("pre")
     step_of = [0]
@@ -251,6 +256,7 @@ def test_a_recorded_step_keeps_the_block_of_a_leaf_named_by_its_parameters(tmp_p
     assert any("replay of blocks.1 failed: RuntimeError" in n for n in meta["notes"])
 
 
+@pytest.mark.slow
 def test_nan_in_one_modules_gradient_is_found_at_that_module_and_step(tmp_path):
     model, loss_of = sample_gpt("pre")
     handle = []

@@ -35,6 +35,7 @@ def profile(out: Path, *extra: str):
     return runner.invoke(app, [*args, *extra])
 
 
+@pytest.mark.slow
 def test_force_leaves_no_file_of_the_old_run(tmp_path):
     out = tmp_path / "run"
     assert profile(out).exit_code == 0
@@ -72,6 +73,7 @@ def test_a_parts_folder_of_someone_elses_files_is_refused_whole(tmp_path):
     assert snapshot(out) == before
 
 
+@pytest.mark.slow
 def test_force_clears_the_temporary_part_a_killed_writer_left(tmp_path):
     out = tmp_path / "run"
     assert profile(out).exit_code == 0

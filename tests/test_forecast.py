@@ -42,6 +42,7 @@ def before_ramp(tmp_path_factory) -> Path:
     return profile(tmp_path_factory.mktemp("ramp") / "run", 9)
 
 
+@pytest.mark.slow
 def test_the_look_ahead_equals_the_index_times_the_planned_lr(before_ramp) -> None:
     df = load_run(before_ramp, metrics=["stability_index", "stability_lr"])
     index = df[df.metric == "stability_index"].set_index("step").value
@@ -57,6 +58,7 @@ def test_the_look_ahead_equals_the_index_times_the_planned_lr(before_ramp) -> No
     assert crossing_step(found) == want
 
 
+@pytest.mark.slow
 def test_the_crossing_of_a_flat_start_uses_the_raw_index(tmp_path) -> None:
     # At lr 1e-4 the index is ~7e-5, under the signals' log floor (1e-3); the plan ramps the
     # lr x1e5. Scaled from the floored 1e-3 the index would cross 1 at step 16; from the
@@ -72,6 +74,7 @@ def test_the_crossing_of_a_flat_start_uses_the_raw_index(tmp_path) -> None:
     assert found["stability_forecast"].value == pytest.approx(math.log10(now * 1e5), abs=1e-5)
 
 
+@pytest.mark.slow
 def test_the_forecast_comes_before_the_failure(before_ramp, tmp_path) -> None:
     found = signals(RunView.open(before_ramp))
     predicted = crossing_step(found)
@@ -82,6 +85,7 @@ def test_the_forecast_comes_before_the_failure(before_ramp, tmp_path) -> None:
     assert predicted is not None and predicted < blown
 
 
+@pytest.mark.slow
 def test_check_reports_the_score_and_its_evidence(before_ramp, tmp_path) -> None:
     # Planned to 32x the edge of stability: a warning at least (p ~0.8 with the shipped fit).
     f = next(f for f in check_run(before_ramp).findings if f.rule == "failure-forecast")
@@ -133,6 +137,7 @@ def forecast_of(json_output: str) -> dict:
     return next(f for f in findings if f["rule"] == "failure-forecast")
 
 
+@pytest.mark.slow
 def test_check_of_a_script_looks_ahead_to_its_budget(tmp_path, monkeypatch) -> None:
     # `check SCRIPT --steps 9 --budget 40`: the 9 steps before the ramp, the plan to step 40.
     monkeypatch.chdir(tmp_path)  # check writes runs/ramping_sgd-check here
@@ -154,6 +159,7 @@ def test_check_of_a_script_looks_ahead_to_its_budget(tmp_path, monkeypatch) -> N
     assert res.exit_code == 2 and "--budget 5 is less than --steps 9" in res.stderr
 
 
+@pytest.mark.slow
 def test_check_of_a_run_directory_refuses_budget_instead_of_reading_it_against_steps(
     tmp_path, monkeypatch
 ) -> None:
@@ -171,6 +177,7 @@ def test_check_of_a_run_directory_refuses_budget_instead_of_reading_it_against_s
     assert "less than --steps" not in res.stderr and res.stdout == ""
 
 
+@pytest.mark.slow
 def test_a_finished_run_that_learned_is_judged_by_its_outcome(tmp_path) -> None:
     """At its planned end a run's outcome is known: the forecast gives way (``learned_by_the
     _end``) when the last losses sit below a uniform guess over the head's V outputs (ln V,
@@ -215,6 +222,7 @@ def test_an_index_already_past_one_has_no_crossing_step() -> None:
     assert crossing(0.5, rising, steps, doubling).value == 150
 
 
+@pytest.mark.slow
 def test_a_finished_run_of_few_losses_is_not_called_learned(tmp_path) -> None:
     """Two steps at their planned end: too few losses for a start and an end level, so the
     outcome does not override the forecast (and reading it does not fail)."""
@@ -269,6 +277,7 @@ def test_a_regression_heads_growth_to_its_targets_scale_is_not_residual_growth(t
     )
 
 
+@pytest.mark.slow
 def test_a_constant_lr_is_not_read_as_rising_from_its_float32_row(tmp_path) -> None:
     # The lr the index used is stored as float32: 0.03 reads back as 0.029999999, just under
     # the plan's 0.03, which is not a rise of the lr.
@@ -281,6 +290,7 @@ def test_a_constant_lr_is_not_read_as_rising_from_its_float32_row(tmp_path) -> N
     assert np.isnan(found["stability_forecast"].value)  # no rise: stability_now reads it
 
 
+@pytest.mark.slow
 def test_an_init_the_loss_has_already_repaired_no_longer_counts(tmp_path) -> None:
     """A head started 30x too large: the first loss is 15x ln 16, and 20 steps of Adam bring it
     under 1.5 ln 16 and under half its start (checked here from the loss rows). The init
@@ -309,6 +319,7 @@ def test_an_init_the_loss_has_already_repaired_no_longer_counts(tmp_path) -> Non
     assert all(bad[s]["contribution"] > 0 for s in init) and bad[""].severity == "error"
 
 
+@pytest.mark.slow
 def test_a_forecast_read_at_the_planned_end_speaks_of_the_run_it_saw(tmp_path) -> None:
     """The head 3000x too large, profiled to its planned end: the forecast's error is read at
     the end, where it looks ahead no more, and says the run had a failing run's signals
@@ -328,6 +339,7 @@ def test_a_forecast_read_at_the_planned_end_speaks_of_the_run_it_saw(tmp_path) -
     assert "fails by" not in found.message
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", ["pre", "post"])
 def test_the_token_correlation_remedy_follows_the_blocks_placement(tmp_path, norm) -> None:
     """ "Use Pre-LN" is the remedy for tokens that start alike in a Post-LN stack; a model whose

@@ -149,6 +149,7 @@ def reference(run: Path, until: int | None) -> dict[str, float]:
     return ref
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("run", "until"), [("plain", None), ("plain", 6), ("plain", 2),
                                             ("post", None)])  # fmt: skip
 def test_features_equal_an_independent_computation(runs, run, until):
@@ -261,6 +262,7 @@ def test_one_step_has_levels_but_no_trends(runs):
     assert all(math.isnan(f.value) for f in empty.values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head_bias", [True, False])
 def test_a_tied_head_reads_its_classes_from_its_bias_or_the_embedding(tmp_path, head_bias):
     """The head's weight is the embedding's (listed once, as ``tok.weight``): V comes from
@@ -277,6 +279,7 @@ def test_a_tied_head_reads_its_classes_from_its_bias_or_the_embedding(tmp_path, 
     assert np.isfinite(found["loss_level"].value)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head", ["Linear", "Conv1D"])
 def test_features_of_a_model_without_attention_or_residual_blocks(tmp_path, head):
     """A plain MLP classifier: no attention (NaN), no residual blocks (every module's
@@ -306,6 +309,7 @@ def test_features_of_a_model_without_attention_or_residual_blocks(tmp_path, head
     assert "V = 5, 2" in found["init_loss_ratio"].evidence
 
 
+@pytest.mark.slow
 def test_reading_the_features_does_not_import_torch(runs):
     import subprocess
     import sys
@@ -332,6 +336,7 @@ def test_grid_auc_counts_pairs_ties_and_inf():
     assert math.isnan(auc([math.nan], [1.0])[0])
 
 
+@pytest.mark.slow
 def test_a_roberta_head_tied_with_its_bias_beside_it_reads_the_word_embedding(tmp_path):
     """HF RoBERTa's masked-LM head ties its decoder to the word embeddings and lists its bias
     as ``lm_head.bias``. With 128 tokens, width 64 and 130 positions, the head's count
@@ -366,6 +371,7 @@ def test_a_roberta_head_tied_with_its_bias_beside_it_reads_the_word_embedding(tm
     )
 
 
+@pytest.mark.slow
 def test_a_regressions_output_scale_is_no_logit_signal(tmp_path):
     """A regression's outputs are values in its targets' units: targets near 1000 make
     outputs near 1000 that match them. The forecast's init signal (fitted on logits) does not

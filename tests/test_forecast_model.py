@@ -32,6 +32,7 @@ def newton(z: np.ndarray, y: np.ndarray, l2: float) -> tuple[np.ndarray, float]:
     return theta[:-1], float(theta[-1])
 
 
+@pytest.mark.slow
 def test_fit_equals_newton_when_the_optimum_is_monotone() -> None:
     rows, y, x = data()
     model = fit(rows, y, ("a", "b"), l2=1.0, iterations=20000)
@@ -43,6 +44,7 @@ def test_fit_equals_newton_when_the_optimum_is_monotone() -> None:
     assert model.bias == pytest.approx(b, rel=1e-3)
 
 
+@pytest.mark.slow
 def test_a_protective_signal_gets_no_weight() -> None:
     rows, y, _ = data()
     flipped = [{"a": r["a"], "b": -r["b"]} for r in rows]  # b now lowers the risk

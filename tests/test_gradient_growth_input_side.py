@@ -121,6 +121,7 @@ def growth(run) -> list:
     return [f for f in check_run(run).findings if f.rule == GRAD_GROWTH.id]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("unit", [ConvUnit, ShiftedUnit])
 def test_a_stage_ratio_past_the_threshold_with_the_stem_ahead_is_no_growth(tmp_path, unit):
     g = torch.Generator().manual_seed(1)

@@ -78,6 +78,7 @@ ALONE = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("init", ["random", "copy"])
 @pytest.mark.parametrize("expansion", list(ALONE))
 @pytest.mark.parametrize("norm", ["pre", "post", "deepnorm"])
@@ -107,6 +108,7 @@ def test_hidden_expansion_alone_keeps_the_rms_sample_gpt_outputs(init):
     assert max_change(base, grown) <= TOL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", ["pre", "post", "deepnorm"])
 def test_layer_addition_is_exact_for_pre_norm_and_within_eps_for_post_norm(norm):
     # In float64, away from rounding: a pre-norm identity layer is exact; a post-norm one
@@ -159,6 +161,7 @@ def test_post_norm_layer_addition_needs_untrained_norms():
         expand(perturb(sample_gpt("post", trained=False)), depth="2x")
 
 
+@pytest.mark.slow
 def test_the_zero_constraints_are_what_keeps_the_function():
     # Break the zeros of each expansion and the outputs move: the constraints are not vacuous.
     base = sample_gpt("pre")
@@ -336,6 +339,7 @@ def grad_of(model: nn.Module, piece) -> torch.Tensor:
     raise AssertionError("slice of no parameter")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("expansion", list(NEW))
 def test_gradients_reach_every_new_parameter_after_one_step(expansion):
     sizes, pieces = NEW[expansion]
@@ -353,6 +357,7 @@ def test_gradients_reach_every_new_parameter_after_one_step(expansion):
         assert float(grad_of(grown, piece).norm()) > 0, f"{name}: no gradient after one step"
 
 
+@pytest.mark.slow
 def test_zero_new_gains_would_leave_the_new_hidden_coordinates_dead():
     # Table 1 of the paper lists the new norm gains among the zeros; its Thm 3.5 (eqs. 33-37)
     # does not need them. With zero gains no gradient ever reaches the new coordinates of a
@@ -406,6 +411,7 @@ def tiny_hf(kind: str = "llama", **overrides) -> nn.Module:
     return model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "sizes",
     [{"mlp": "2x"}, {"heads": "2x"}, {"head_dim": "2x"}, {"hidden": "2x"}, {"depth": "2x"},
@@ -500,6 +506,7 @@ def test_insertion_counts():
     assert insertion_counts(3, 2, "1") == [0, 2, 0, 0]
 
 
+@pytest.mark.slow
 def test_layer_position_puts_identity_layers_where_asked():
     base = sample_gpt("pre")
     grown = expand(base, depth=4, position="1")  # two new layers before layer 1

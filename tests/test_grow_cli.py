@@ -138,6 +138,7 @@ def test_a_failed_preservation_check_exits_1_and_profiles_nothing(tmp_path):
     assert not (out / "grown" / "meta.json").exists()
 
 
+@pytest.mark.slow
 def test_mlp_growth_is_exact_even_at_zero_tolerance(tmp_path):
     res = invoke(
         "grow", SAMPLES / "gpt.py", *SETS, "--mlp", "3x", "--tolerance", "0", "--no-base",
@@ -173,6 +174,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     assert message in res.stderr and "hint:" in res.stderr
 
 
+@pytest.mark.slow
 def test_unknown_family_and_existing_output_exit_2(tmp_path):
     res = invoke("grow", SAMPLES / "mlp.py", "--depth", "2x", "--out", tmp_path / "m", "-q")
     assert res.exit_code == 2, res.output
@@ -193,6 +195,7 @@ def test_unwritable_output_exits_2_before_any_work(tmp_path):
     assert "cannot write to" in res.stderr and "hint:" in res.stderr
 
 
+@pytest.mark.slow
 def test_a_grow_and_a_sweep_of_one_script_have_their_own_default_outputs(tmp_path, monkeypatch):
     # The README runs both one after the other on the sample GPT.
     monkeypatch.chdir(tmp_path)

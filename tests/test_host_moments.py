@@ -116,6 +116,7 @@ def test_forked_child_of_a_threaded_parent_survives():
     assert queue.get(timeout=5) == host_kernels.PARALLEL_FROM  # sum of squares of ones
 
 
+@pytest.mark.slow
 def test_environment_forces_the_torch_path():
     env = dict(os.environ, STABSCOPE_MOMENTS="torch")
     code = "from stabscope.probes.kernels import host_kernels as h; print(h.AVAILABLE)"

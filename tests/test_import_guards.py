@@ -80,6 +80,7 @@ print(json.dumps({"codes": codes, "torch": "torch" in sys.modules}))
 """
 
 
+@pytest.mark.slow
 def test_the_read_side_imports_and_runs_without_torch(tmp_path: Path):
     # A real recorded run (the sample GPT, its structure found) ...
     model, forward = sample_gpt("post", depth=2)

@@ -11,6 +11,7 @@ import copy
 import types
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -40,6 +41,7 @@ def by_layer(rows):
     return rows.sort_values(["layer", "metric", "index"]).reset_index(drop=True)
 
 
+@pytest.mark.slow
 def test_inline_attention_is_found_in_the_block_that_runs_it():
     model, batch, sample = gpt("sdpa")
     s = discover(inlined(model), lambda m: sample.loss(m, batch))
@@ -54,6 +56,7 @@ def test_inline_attention_is_found_in_the_block_that_runs_it():
     ]
 
 
+@pytest.mark.slow
 def test_inline_attention_records_what_the_attention_module_records(tmp_path):
     model, batch, sample = gpt("sdpa")
     forward = lambda m: sample.loss(m, batch)  # noqa: E731
@@ -66,6 +69,7 @@ def test_inline_attention_records_what_the_attention_module_records(tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_inline_attention_found_from_the_first_training_step(tmp_path):
     """No probe forward: the structure comes from step 0's own forward, traced while it
     trains (the attention calls are watched inside the model's call only), and the attention

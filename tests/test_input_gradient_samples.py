@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import statistics
 
+import pytest
+
 from stabscope.record.config import RecorderConfig
 from stabscope.rules import check_run
 from stabscope.store.run_meta import load_meta
@@ -92,6 +94,7 @@ json.dump(log, open(sys.argv[1], "w"))
 """
 
 
+@pytest.mark.slow
 def test_an_energy_models_contrastive_loss_is_not_a_divergence(tmp_path):
     plain_log, profiled_log, run = run_both(tmp_path, EBM, RecorderConfig())
     log = json.loads(profiled_log.read_text())

@@ -119,6 +119,7 @@ def series(run_dir, metric: str, module: str) -> np.ndarray:
     return df[df.call == 0].sort_values("step").value.to_numpy(np.float64)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("accumulate", [1, 2])
 def test_recorded_steps_loss_and_gradients_are_the_trainers(run_dir, accumulate):
     model, witness, trainer = train(run_dir, accumulate)
@@ -147,6 +148,7 @@ def test_recorded_steps_loss_and_gradients_are_the_trainers(run_dir, accumulate)
     assert not model._forward_hooks
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("accumulate", [1, 2])
 def test_grad_norm_is_the_trainers_logged_norm_before_its_clip(run_dir, accumulate):
     """With the Trainer clipping (max_grad_norm), grad_norm is the norm it logged (its clip's
@@ -159,6 +161,7 @@ def test_grad_norm_is_the_trainers_logged_norm_before_its_clip(run_dir, accumula
     np.testing.assert_allclose(series(run_dir, "grad_norm_clipped", "__run__"), handed, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_without_loss_kwargs_the_micro_batch_means_are_averaged(run_dir):
     _, witness, trainer = train(run_dir, 2, Bigram())
     assert not trainer.model_accepts_loss_kwargs
@@ -166,6 +169,7 @@ def test_without_loss_kwargs_the_micro_batch_means_are_averaged(run_dir):
     np.testing.assert_allclose(series(run_dir, "loss", "__run__"), logged, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_lr_is_the_one_each_optimizer_step_used(run_dir):
     """The Trainer steps its scheduler before ``on_step_end``: with a linear schedule of 2
     warm-up steps over 4, the lr recorded at step s is the one step s used,
@@ -204,6 +208,7 @@ class IndexWitness(TrainerCallback):
         self.index[state.global_step - 1] = found[0]
 
 
+@pytest.mark.slow
 def test_stability_index_is_measured_on_the_first_batch_and_training_is_unchanged(run_dir):
     """5 steps of 2 micro-batches: the index at steps 2 and 4 is the first micro-batch's,
     with its own mean loss (not the Trainer's share of the step's tokens); the weights after

@@ -109,6 +109,7 @@ def assert_wandb_rows_are_the_table(rows: list[dict], frame, logged: set[str]) -
         np.testing.assert_allclose(values, want, rtol=2e-6, err_msg=key)
 
 
+@pytest.mark.slow
 def test_tensorboard_live_series_equal_the_run_table(tmp_path: Path):
     tb = tmp_path / "tb"
     train_gpt(tmp_path / "run", log_to=f"tensorboard:{tb}")
@@ -130,6 +131,7 @@ def test_tensorboard_live_series_equal_the_run_table(tmp_path: Path):
     assert [e.step for e in acc.Scalars("act_rms/blocks.1")] == list(range(STEPS))
 
 
+@pytest.mark.slow
 def test_findings_arrive_as_text_with_their_remedy(tmp_path: Path):
     tb = tmp_path / "tb"
     seen = []
@@ -177,6 +179,7 @@ def test_bad_targets_are_usage_errors_before_the_run_is_made(tmp_path: Path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_an_unwritable_log_dir_warns_once_and_records_everything(tmp_path: Path):
     """A log directory that cannot be made (a file is in its way): one warning, the run's rows
     all on disk, the same as without the bridge."""

@@ -6,12 +6,15 @@ warning in the project's settings (the live error is not an error of the run).""
 
 from __future__ import annotations
 
+import pytest
+
 from tests.test_cli import invoke
 from tests.test_online_cadence import stopped_run
 
 NOTE = "the live error loss-divergence (seen after step"
 
 
+@pytest.mark.slow
 def test_a_live_error_the_run_does_not_bear_out_is_said(tmp_path):
     run = tmp_path / "run"
     meta = stopped_run(run, 80)
@@ -28,6 +31,7 @@ def test_a_live_error_the_run_does_not_bear_out_is_said(tmp_path):
     assert f"{NOTE} {seen}) is not an error of the whole run" in summary.output
 
 
+@pytest.mark.slow
 def test_a_live_error_at_another_module_of_a_rule_that_stands_is_not_withdrawn(tmp_path):
     """Live errors of one rule at several modules (the fastest-growing layer moves as the
     run trains), the whole run's error of that rule at another: the rule stands, no note."""

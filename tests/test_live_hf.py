@@ -50,6 +50,7 @@ def run_table(run: Path):
     return frame[frame.call == 0].astype({"module": str, "metric": str})
 
 
+@pytest.mark.slow
 def test_hf_tensorboard_gets_the_live_series_next_to_the_trainers(tmp_path: Path, monkeypatch):
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
     run = train_reporting(tmp_path, ["tensorboard"])
@@ -72,6 +73,7 @@ def test_hf_tensorboard_gets_the_live_series_next_to_the_trainers(tmp_path: Path
     assert [e.step for e in acc.Scalars("stabscope/loss")] == list(range(STEPS))
 
 
+@pytest.mark.slow
 def test_hf_tensorboard_logging_dir_from_the_environment(tmp_path: Path, monkeypatch):
     """TENSORBOARD_LOGGING_DIR, the Trainer's override of its logging directory."""
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
@@ -85,6 +87,7 @@ def test_hf_tensorboard_logging_dir_from_the_environment(tmp_path: Path, monkeyp
     assert "train/loss" in acc.Tags()["scalars"]
 
 
+@pytest.mark.slow
 def test_hf_wandb_gets_the_live_series_in_the_trainers_run(tmp_path: Path, monkeypatch):
     wandb = pytest.importorskip("wandb")
     from tests.wandb_records import history, offline_run

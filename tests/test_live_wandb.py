@@ -31,6 +31,7 @@ def wandb_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]
     wandb.teardown()
 
 
+@pytest.mark.slow
 def test_wandb_live_series_and_alerts_equal_the_run_table(wandb_dir: Path):
     seen = []
     with warnings.catch_warnings():
@@ -52,6 +53,7 @@ def test_wandb_live_series_and_alerts_equal_the_run_table(wandb_dir: Path):
     assert found[0].level == ("ERROR" if seen[0].severity == "error" else "WARN")
 
 
+@pytest.mark.slow
 def test_a_wandb_run_finished_mid_run_warns_once_and_loses_no_row(wandb_dir: Path):
     import torch
 
@@ -106,6 +108,7 @@ def test_export_to_wandb_writes_the_curated_series_and_findings(wandb_dir: Path)
     assert len(alerts(path)) == len(FINDINGS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("blocked", ["torch", "wandb"])
 def test_export_to_wandb_needs_no_torch_and_says_how_without_wandb(wandb_dir: Path, blocked):
     import json
@@ -138,6 +141,7 @@ print(json.dumps({"code": res.exit_code, "stderr": res.stderr}))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "target, blocked, line",
     [

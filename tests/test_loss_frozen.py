@@ -62,6 +62,7 @@ def frozen(tmp_path, kind: str) -> tuple[list, dict]:
     return found, json.loads(log.read_text())
 
 
+@pytest.mark.slow
 def test_a_reference_that_is_the_policy_freezes_the_loss_at_ln_2(tmp_path):
     found, seen = frozen(tmp_path, "same")
     assert seen["moved"] and len(set(seen["losses"])) == 1
@@ -71,6 +72,7 @@ def test_a_reference_that_is_the_policy_freezes_the_loss_at_ln_2(tmp_path):
     assert f"the loss is {seen['losses'][0]:.7g} at every one of its 30 steps" in f.message
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["copy", "hinge"])
 def test_a_frozen_copy_or_a_loss_at_its_floor_is_not_frozen(tmp_path, kind):
     found, seen = frozen(tmp_path, kind)

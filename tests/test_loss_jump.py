@@ -66,6 +66,7 @@ def divergence(run) -> list:
     return [f for f in check_run(run).findings if f.rule == "loss-divergence"]
 
 
+@pytest.mark.slow
 def test_a_jump_the_loss_does_not_come_back_from_is_an_error(tmp_path):
     seen = train(tmp_path / "restart", "restart")
     # Step AT's loss is read before its update, the first at the raised lr: it jumps at AT+1.
@@ -83,6 +84,7 @@ def test_a_jump_the_loss_does_not_come_back_from_is_an_error(tmp_path):
     assert error.value > 0.2
 
 
+@pytest.mark.slow
 def test_harder_batches_for_good_warn_and_one_corrupt_batch_is_nothing(tmp_path):
     seen = train(tmp_path / "harder", "harder")
     assert statistics.median(seen[-WINDOW:]) > 1.5 * statistics.median(seen[AT - WINDOW : AT])

@@ -78,6 +78,7 @@ def test_the_plan_names_the_negative_lr_at_the_runs_tenth_step(tmp_path):
     assert f.severity == "warning"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["hand", "lambda"])
 def test_a_cosine_that_ends_at_zero_is_not_negative(tmp_path, kind):
     assert negative_findings(tmp_path, kind, STEPS) == []

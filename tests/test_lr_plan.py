@@ -268,6 +268,7 @@ MODEL_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_profile_writes_the_plan_the_recorded_lr_follows(tmp_path):
     script = tmp_path / "warm.py"
     script.write_text(MODEL_SCRIPT)
@@ -322,6 +323,7 @@ TRAINING_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_zero_code_plans_the_scripts_scheduler_to_the_budget(tmp_path):
     script = tmp_path / "train.py"
     script.write_text(TRAINING_SCRIPT)
@@ -345,6 +347,7 @@ def test_zero_code_plans_the_scripts_scheduler_to_the_budget(tmp_path):
     np.testing.assert_allclose([rows[s] for s in range(6)], plan["lr"], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_weak_proxy_to_the_scheduler_does_not_step_the_plan_twice(tmp_path):
     """A script holding ``weakref.proxy(schedule)`` (a callback registry, a logger) keeps a
     second object that passes isinstance for the scheduler: the plan is the scheduler's own,
@@ -384,6 +387,7 @@ def test_lightning_plans_its_step_schedulers_and_not_epoch_ones(tmp_path):
     assert plan["budget"] == 5
 
 
+@pytest.mark.slow
 def test_hf_trainer_plans_its_warmup_and_decay_to_max_steps(tmp_path):
     from transformers import Trainer, TrainingArguments
 
@@ -413,6 +417,7 @@ def test_hf_trainer_plans_its_warmup_and_decay_to_max_steps(tmp_path):
     assert plan["lr"] == used and math.isclose(max(used), 1e-3)
 
 
+@pytest.mark.slow
 def test_the_read_side_does_not_import_torch(tmp_path):
     save_meta(tmp_path, {"schema_version": 1, "status": "complete", "lr_plan": PLAN})
     code = (

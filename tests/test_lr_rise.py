@@ -51,6 +51,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     }
 
 
+@pytest.mark.slow
 def test_a_ramp_past_six_times_the_edge_is_an_error(runs) -> None:
     now = index_now(runs["steep"])
     assert now * 1000 > 6  # the plan's x1000 takes the measured index past the bound

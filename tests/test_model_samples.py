@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from stabscope.record import model_samples
@@ -64,6 +65,7 @@ json.dump(log, open(sys.argv[1], "w"))
 )
 
 
+@pytest.mark.slow
 def test_a_policy_gradients_rising_surrogate_is_not_a_divergence(tmp_path):
     sampler = torch.distributions.Categorical.sample
     plain_log, profiled_log, run = run_both(tmp_path, REINFORCE, RecorderConfig())

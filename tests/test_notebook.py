@@ -56,6 +56,7 @@ def test_findings_are_checks_and_nothing_is_written(gpt_run: Path, tmp_path: Pat
     assert stabscope.open_run(copy).verdict().source == "findings.json"  # check's, current now
 
 
+@pytest.mark.slow
 def test_each_figure_is_the_reports(gpt_run: Path, tmp_path: Path):  # noqa: F811
     run = stabscope.open_run(gpt_run)
     names = run.figures()

@@ -178,6 +178,7 @@ def assert_stopped_soon_after_it_diverged(run, m: dict) -> None:
     assert m["online"]["loss_checks"] >= 1
 
 
+@pytest.mark.slow
 def test_a_short_run_whose_loss_diverges_stops_within_a_few_steps(tmp_path):
     """80 steps of ~33 ms; the loss rises x1.2 a step from step 40 and never overflows.
     Before the loss check its losses reached the rules at the recorded steps (every 25th)
@@ -200,6 +201,7 @@ def test_profile_on_error_stop_stops_a_short_diverging_run_with_exit_1(tmp_path)
     assert f"stopped after step {by['seen_at']} by rule loss-divergence" in result.output
 
 
+@pytest.mark.slow
 def test_a_healthy_short_run_is_judged_every_few_steps_and_never_stops(tmp_path):
     run = tmp_path / "run"
     m = stopped_run(run, 60, factor=1.0, load_ms=15.0)

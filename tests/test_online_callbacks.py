@@ -101,6 +101,7 @@ class Regression(nn.Module):
         return {"loss": (self.model(x) - labels).pow(2).mean()}
 
 
+@pytest.mark.slow
 def test_hf_trainer_stops(tmp_path):
     from transformers import Trainer, TrainingArguments
 

@@ -176,6 +176,7 @@ def late_training(cfg: Namespace):
     return script_training(diverging_late, cfg)
 
 
+@pytest.mark.slow
 def test_on_finding_gets_each_error_finding_once(tmp_path):
     cfg = Namespace(**diverging_late.CONFIG)
     net, step = late_training(cfg)

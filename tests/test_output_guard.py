@@ -65,6 +65,7 @@ def test_a_run_inside_a_run_is_refused(run, tmp_path):
     assert not (run / "parts" / "sub").exists()
 
 
+@pytest.mark.slow
 def test_outputs_next_to_a_run_or_in_a_look_alike_are_written(run, tmp_path):
     res = runner.invoke(app, ["report", str(run), "-o", str(run.parent / "run-report.html")])
     assert res.exit_code == 0, res.output

@@ -92,6 +92,7 @@ def test_load_run_reads_the_good_rows_and_warns_once(mixed_run):
     assert np.isfinite(again.value).all() and again.value.max() < 1e9
 
 
+@pytest.mark.slow
 def test_check_sees_no_false_nonfinite_and_summary_and_report_the_good_rows(mixed_run, tmp_path):
     run, rows = mixed_run
     with warnings.catch_warnings():  # as outside pytest, which records warnings instead

@@ -98,6 +98,7 @@ def test_profile_stores_prediction_or_a_note(tmp_path):
     assert any(n.startswith("no theory prediction") for n in read_meta(mlp)["notes"])
 
 
+@pytest.mark.slow
 def test_prediction_mismatch_fires_on_another_init_and_not_on_its_own(tmp_path):
     run = _profile(tmp_path, "gpt", ["depth=4"])
     own = check_run(run)
@@ -147,6 +148,7 @@ def test_an_init_that_overflows_the_theory_predicts_nan_without_numpy_warnings()
     assert all(math.isfinite(x.act_rms) for x in sane.layers)
 
 
+@pytest.mark.slow
 def test_report_overlays_the_prediction(tmp_path):
     run = _profile(tmp_path, "gpt", ["depth=2"])
     html = tmp_path / "r.html"
@@ -157,6 +159,7 @@ def test_report_overlays_the_prediction(tmp_path):
     assert "predicted at init" not in html.read_text()
 
 
+@pytest.mark.slow
 def test_theory_and_rule_do_not_import_torch():
     import subprocess
     import sys
@@ -214,6 +217,7 @@ def test_grouped_query_attention_is_named_as_not_covered():
         describe(model, discover(model, forward), forward)
 
 
+@pytest.mark.slow
 def test_a_compiled_model_is_described_as_the_model_it_wraps():
     """``torch.compile`` puts the model under ``_orig_mod``; the structure names its blocks
     without that prefix, and the description (its projections' measured stds, its measured

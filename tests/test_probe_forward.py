@@ -75,6 +75,7 @@ def hand_indices(steps: int) -> dict[int, float]:
     return found
 
 
+@pytest.mark.slow
 def test_zero_code_measures_the_index_of_a_model_that_returns_its_loss(tmp_path):
     weights = tmp_path / "recorded.pt"
     run, recorded = record(tmp_path, "train_lm_loss.py", "--steps", "5", "--save", str(weights))

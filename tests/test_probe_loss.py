@@ -191,6 +191,7 @@ def train_blown_up(run, steps: int = 120) -> list[float]:
     return seen
 
 
+@pytest.mark.slow
 def test_a_probe_batch_first_read_after_a_blow_up_does_not_excuse_it(tmp_path):
     """The probe batch is first read at step 2, after the blow-up: it falls a little from
     there, but ends ~150x above the loss the same data scored at step 0. The model kept

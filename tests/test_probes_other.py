@@ -227,6 +227,7 @@ def test_adam_eps_ratio_of_a_complex_parameter(tmp_path, recwarn):
     assert not [w for w in recwarn if "complex" in str(w.message).lower()]
 
 
+@pytest.mark.slow
 def test_model_update_in_full_preset(tmp_path):
     before, after, forward, _, df = run_sample(tmp_path, preset="full", steps=3)
 
@@ -263,6 +264,7 @@ def test_model_update_is_off_in_standard_and_on_when_asked(tmp_path):
     assert got[got.metric.astype(str).str.startswith("attn")].empty
 
 
+@pytest.mark.slow
 def test_model_update_probe_keeps_training_bit_identical(tmp_path):
     model, forward = sample_gpt("post", 2)
     twin = copy.deepcopy(model)

@@ -233,6 +233,7 @@ def test_beta_of_an_infinite_branch_is_nan_without_a_warning():
     assert math.isnan(rows[1][2])
 
 
+@pytest.mark.slow
 def test_post_ln_depends_on_its_branch_pre_ln_dilutes_it(tmp_path):
     """Admin (Liu et al. 2020), at init on the sample GPT: Post-LN's β_{i,i} stays large at every
     depth (heavy dependency on the branch), Pre-LN's shrinks as the stream accumulates."""

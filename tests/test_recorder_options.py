@@ -173,6 +173,7 @@ def test_lightning_trainer_run_twice(run_dir):
     assert stabscope.read_meta(run_dir)["status"] == "complete"
 
 
+@pytest.mark.slow
 def test_hf_trainer_run_twice(run_dir):
     from tests.test_integrations_hf import train as hf_train
 

@@ -68,6 +68,7 @@ def assert_figures_are_the_pages(run: Path, names: set[str], tmp_path: Path) -> 
         assert data, name
 
 
+@pytest.mark.slow
 def test_section_figures_of_a_transformer_are_the_reports(gpt_run: Path, tmp_path: Path):  # noqa: F811
     names = {"propagation", "attn_heads", "attn_logit_max_over_time", "res_beta"}
     assert_figures_are_the_pages(gpt_run, names, tmp_path)
@@ -81,6 +82,7 @@ def test_the_nonfinite_timeline_is_the_reports(fresh_profile: Path, tmp_path: Pa
     assert data and all(len(trace["x"]["bdata"]) > 0 for trace in data)
 
 
+@pytest.mark.slow
 def test_the_per_rank_figures_are_the_reports(tmp_path: Path):
     run = two_ranks(write_run(tmp_path / "r", layers=3, steps=range(6)))
     names = {"ranks-loss", "ranks-param_grad_norm", "ranks-act_rms", "ranks-grad_rms"}

@@ -170,6 +170,7 @@ def test_summary_prints_findings_worst_first(tmp_path):
     assert (plain / "findings.json").read_text() == "{not json"  # left as it was
 
 
+@pytest.mark.slow
 def test_report_side_never_imports_torch(tmp_path):
     run = write_run(tmp_path / "t", layers=2, steps=range(3))
     code = (

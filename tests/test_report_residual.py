@@ -71,6 +71,7 @@ def section_notes(html: str) -> str:
     return html.split('<section id="residual">', 1)[1].split("</section>", 1)[0]
 
 
+@pytest.mark.slow
 def test_omega_is_undefined_for_pre_ln_not_missing(tmp_path):
     runs = {}
     for norm_first, name in ((True, "pre"), (False, "post")):

@@ -10,6 +10,7 @@ import re
 import shutil
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from stabscope.cli import app
@@ -31,6 +32,7 @@ def checked_rules(run: Path) -> list[str]:
     return [f["rule"] for f in json.loads(res.stdout)["findings"]]
 
 
+@pytest.mark.slow
 def test_report_of_a_fresh_run_shows_what_check_finds(gpt_run: Path, tmp_path: Path):  # noqa: F811
     run = shutil.copytree(gpt_run, tmp_path / "run")
     before = snapshot(run)

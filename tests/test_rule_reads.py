@@ -222,6 +222,7 @@ def write_two_ranks(run: Path) -> None:
         w.flush()
 
 
+@pytest.mark.slow
 def test_two_rank_sharded_reads_equal_the_eager_reads(tmp_path):
     run = tmp_path / "run"
     write_two_ranks(run)
@@ -241,6 +242,7 @@ def test_two_rank_reads_of_the_first_steps_equal_the_eager_reads(tmp_path):
     assert_reads_equal(run, until=4)
 
 
+@pytest.mark.slow
 def test_findings_equal_the_eager_views_on_a_two_rank_run(tmp_path):
     run = tmp_path / "run"
     write_two_ranks(run)

@@ -361,6 +361,7 @@ def test_check_bad_input(tmp_path):
     assert res.exit_code == 2 and "unknown key 'bogus'" in res.stderr
 
 
+@pytest.mark.slow
 def test_gradient_growth_on_a_deep_plain_mlp(tmp_path):
     """Xiong et al.'s depth profile on the simplest case: a default-init ReLU MLP has
     gradients that vanish toward the input, by a factor the rule reports exactly."""
@@ -502,6 +503,7 @@ def test_gate_fails_a_failed_or_empty_run_and_warns_on_an_unfinished_one(tmp_pat
     assert res.exit_code == 1, res.output
 
 
+@pytest.mark.slow
 def test_gradients_that_vanish_to_exactly_zero_before_the_input_are_an_error(tmp_path):
     """A 64-layer sigmoid stack: each layer scales the backward signal by at most 1/4, and by
     the first layers float32 holds exactly 0 (checked here on a copy of the model). No ratio

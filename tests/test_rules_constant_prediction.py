@@ -97,12 +97,14 @@ def findings(run, until=None):
     return [f for f in check_run(run, until=until).findings if f.rule == CONSTANT_PREDICTION.id]
 
 
+@pytest.mark.slow
 def test_a_model_that_learned_its_inputs_passes(tmp_path):
     model = train(tmp_path, sees_input=True)
     assert info_share(model) > 0.3  # it predicts the chain's transitions
     assert findings(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_a_model_whose_input_never_arrives_is_an_error_at_the_planned_end(tmp_path):
     model = train(tmp_path, sees_input=False)
     assert info_share(model) == pytest.approx(0.0, abs=1e-9)  # one prediction everywhere
@@ -119,6 +121,7 @@ def test_a_model_whose_input_never_arrives_is_an_error_at_the_planned_end(tmp_pa
     assert "learned its outputs' marginal" in found.message  # its loss is near H(p̄)
 
 
+@pytest.mark.slow
 def test_one_confident_wrong_prediction_is_not_called_the_marginal(tmp_path):
     """The same model trained up its loss (a negative lr): one prediction everywhere, with
     its mass on tokens the chain rarely gives, so its loss ends far above H(p̄), which the
@@ -132,6 +135,7 @@ def test_one_confident_wrong_prediction_is_not_called_the_marginal(tmp_path):
     assert "learned its outputs' marginal" not in found.message
 
 
+@pytest.mark.slow
 def test_before_the_planned_end_or_on_a_short_budget_it_says_nothing(tmp_path):
     train(tmp_path / "long", sees_input=False)
     assert findings(tmp_path / "long", until=STEPS // 2) == []  # the run was still going
@@ -139,6 +143,7 @@ def test_before_the_planned_end_or_on_a_short_budget_it_says_nothing(tmp_path):
     assert findings(tmp_path / "short") == []
 
 
+@pytest.mark.slow
 def test_a_run_that_ends_inside_its_warm_up_is_told_so(tmp_path):
     """A warm-up ten times longer than the run: the lr still rises at the end, and the
     finding names the warm-up; one that ends within the run does not."""
@@ -154,6 +159,7 @@ def test_a_run_that_ends_inside_its_warm_up_is_told_so(tmp_path):
     assert WARMING_UP not in warm.message
 
 
+@pytest.mark.slow
 def test_a_regression_output_is_not_read_as_a_constant_prediction(tmp_path):
     """Eight small regression outputs read as logits are near uniform (information ~0), but
     the loss (a small MSE) sits far under their entropy ln 8: no finding."""

@@ -134,6 +134,7 @@ def bar_of(step: int, accum: int, signal: bool = True, grouped: bool = False) ->
     )
 
 
+@pytest.mark.slow
 def test_a_regression_on_raw_targets_ends_above_its_targets_variance(tmp_path):
     _, losses, found = raw_regression(tmp_path, "--accum", "2")
     # The script's own losses over the last 16 steps against their steps' bars.
@@ -147,6 +148,7 @@ def test_a_regression_on_raw_targets_ends_above_its_targets_variance(tmp_path):
     assert statistics.mean(bar_of(s, 2) for s in range(120)) == pytest.approx(variance, rel=0.1)
 
 
+@pytest.mark.slow
 def test_standardised_targets_and_two_optimizers_are_not_flagged(tmp_path):
     _, losses, found = raw_regression(tmp_path / "std", "--standardize")
     assert statistics.median(losses[-6:]) < 0.2 and found == []
@@ -156,6 +158,7 @@ def test_standardised_targets_and_two_optimizers_are_not_flagged(tmp_path):
     assert statistics.median(losses[-6:]) > 6_800 and found == []
 
 
+@pytest.mark.slow
 def test_a_regression_whose_inputs_carry_nothing_ends_at_its_targets_variance(tmp_path):
     """Standardised targets drawn apart from the inputs: the model learns their mean and no
     more, its loss / bar at 1.00 (within noise); with the inputs that carry them it is far
@@ -265,6 +268,7 @@ for step in range(120):
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["broken", "healthy"])
 def test_a_contrastive_model_that_keeps_nothing_ends_at_ln_of_its_batch(tmp_path, variant):
     script = tmp_path / "towers.py"
@@ -318,6 +322,7 @@ def test_target_moments_come_with_the_bar_and_merge_over_micro_batches():
         assert math.isfinite(read[0].item()) and read[1:].isnan().all()
 
 
+@pytest.mark.slow
 def test_batches_of_one_group_are_read_against_one_constant_for_the_window(tmp_path):
     """Each batch one group with an offset no input reveals (sd 2 in standardised units):
     each batch's own variance leaves that offset out, so a model that learned everything
@@ -368,6 +373,7 @@ for step in range(200):
 """
 
 
+@pytest.mark.slow
 def test_a_binary_rate_that_swings_between_batches_is_pooled(tmp_path):
     """A click model whose batches alternate between rates near 0.1 and 0.9: each batch's
     own rate's entropy is far below what one rate for every batch scores, the entropy of

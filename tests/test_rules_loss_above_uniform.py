@@ -57,6 +57,7 @@ def above_uniform(run) -> list:
     return [f for f in check_run(run).findings if f.rule == "loss-above-uniform"]
 
 
+@pytest.mark.slow
 def test_a_model_worse_than_uniform_at_its_planned_end_is_an_error(tmp_path):
     seen = train(tmp_path / "run", dropout=0.98, lr=0.1)
     (found,) = above_uniform(tmp_path / "run")
@@ -67,6 +68,7 @@ def test_a_model_worse_than_uniform_at_its_planned_end_is_an_error(tmp_path):
     assert f"{level:.4g}" in found.message and "worse than knowing nothing" in found.message
 
 
+@pytest.mark.slow
 def test_the_model_that_learns_and_a_run_before_its_planned_end_pass(tmp_path):
     seen = train(tmp_path / "healthy", dropout=0.0, lr=1e-2)
     assert statistics.median(seen[-6:]) < 0.5 * math.log(V)
@@ -100,6 +102,7 @@ def train_regression(run, signal: float, small_head: bool, as_float: bool) -> li
     return losses
 
 
+@pytest.mark.slow
 def test_a_regression_head_is_not_read_against_ln_v(tmp_path):
     """Targets of variance ~2, the loss handed over as a float (no graph to read its loss
     function from): the loss ends near 1, above ln 2, and at step 0 it is outside the range a
@@ -113,6 +116,7 @@ def test_a_regression_head_is_not_read_against_ln_v(tmp_path):
     assert above_uniform(tmp_path / "run") == []
 
 
+@pytest.mark.slow
 def test_a_noisy_regression_that_fits_as_well_as_it_can_is_neither_rules_case(tmp_path):
     """Targets 0.3·x + noise of variance 1 (R² ~ 0.08): the best fit's outputs stay small, so
     read as two logits they are nearly uniform whatever the input, and its error (the noise's
@@ -125,6 +129,7 @@ def test_a_noisy_regression_that_fits_as_well_as_it_can_is_neither_rules_case(tm
     assert not ids & {"loss-above-uniform", "constant-prediction"}
 
 
+@pytest.mark.slow
 def test_a_contrastive_loss_over_the_batch_is_not_read_against_the_projection_width(tmp_path):
     """InfoNCE over 64 candidates of 16-wide projections: a cross-entropy whose classes are the
     batch's candidates, its floor far above ln 16. The loss's graph says so (64 classes, not

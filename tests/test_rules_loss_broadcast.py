@@ -66,6 +66,7 @@ def test_an_output_against_targets_of_another_shape_is_an_error_from_step_0(tmp_
     assert found.severity == "error" and f"broadcast to {B}x{B}" in found.message
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", ["same", "one-sided"])
 def test_matching_shapes_and_a_one_sided_broadcast_are_not_reported(tmp_path, shape):
     run = profile(tmp_path, shape, "fp32")
@@ -97,6 +98,7 @@ def loss(model, batch):
 """
 
 
+@pytest.mark.slow
 def test_a_model_scripts_loss_is_read_before_its_backward(tmp_path):
     script = tmp_path / "reg.py"
     script.write_text(MODEL_SCRIPT)

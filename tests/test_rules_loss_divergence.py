@@ -88,6 +88,7 @@ def test_a_run_that_ends_worse_than_it_started_is_an_error(tmp_path):
     assert "worse than it started" in f.message
 
 
+@pytest.mark.slow
 def test_ten_losses_are_enough_for_a_run_that_blew_up(tmp_path):
     """lr 100 from the first step, seen through its first 12 steps (an early check, or a
     compiled run whose probes are blind): the medians of its first and last 5 losses share
@@ -141,6 +142,7 @@ def test_a_rise_within_the_losses_own_noise_is_no_divergence(tmp_path):
     assert early == [] and found(run) == []
 
 
+@pytest.mark.slow
 def test_a_noisy_healthy_run_is_never_called_diverged_while_it_trains(tmp_path):
     """The online checks judge the losses written so far. The same healthy run, judged after
     every 5th step: its best level is the lowest of many noisy medians, and its batch losses

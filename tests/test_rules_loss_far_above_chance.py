@@ -85,6 +85,7 @@ def test_an_output_layer_too_large_to_recover_from_is_an_error(tmp_path):
     assert f"after {STEPS} steps at its full learning rate" in found.message
 
 
+@pytest.mark.slow
 def test_a_large_init_that_falls_back_and_one_under_warm_up_pass(tmp_path):
     seen = train(tmp_path / "recovers", head_scale=10.0)
     assert seen[0] > 1.5 * math.log(V)  # it did start above ln V
@@ -112,6 +113,7 @@ def regression(tmp_path, *args: str) -> tuple[list[float], list[float], list]:
     return [row["loss"] for row in log], bars, far_above(run)
 
 
+@pytest.mark.slow
 def test_a_regression_far_above_its_targets_variance_is_read_against_it(tmp_path):
     losses, bars, found = regression(tmp_path / "raw")
     # The lowest ratio of sums over 5 consecutive steps (30 steps: a window of 5).

@@ -48,6 +48,7 @@ def negligible(run) -> list:
     return [f for f in check_run(run).findings if f.rule == "negligible-updates"]
 
 
+@pytest.mark.slow
 def test_an_lr_far_too_small_is_read_at_the_first_tenth_of_the_run(tmp_path):
     ratios = train(tmp_path / "run", lr=1e-7)
     (found,) = negligible(tmp_path / "run")
@@ -57,6 +58,7 @@ def test_an_lr_far_too_small_is_read_at_the_first_tenth_of_the_run(tmp_path):
     assert found.value < 1e-3 and found.step in LAST
 
 
+@pytest.mark.slow
 def test_an_lr_that_trains_passes(tmp_path):
     ratios = train(tmp_path / "run", lr=1e-2)
     assert max(ratios[s] for s in LAST) * BUDGET > 0.1

@@ -60,6 +60,7 @@ def found(run_dir) -> list:
     return [f for f in check_run(run_dir).findings if f.rule == "no-update"]
 
 
+@pytest.mark.slow
 def test_weights_that_never_move_are_an_error(tmp_path):
     change, largest = train(tmp_path / "bug", mlp(False), zero_before_step=True)
     assert largest == 0 and all(bool((d == 0).all()) for d in change.values())

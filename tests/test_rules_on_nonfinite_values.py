@@ -105,6 +105,7 @@ def poison(run, pattern: str) -> int:
     return poisoned
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_no_rule_raises_on_non_finite_values(source_run, tmp_path, pattern):
     run = tmp_path / "run"

@@ -47,6 +47,7 @@ def record(model, run_dir, forward, steps=2, probe_forward=True):
 X = 0.02 * torch.randn(4, 6, 32, generator=torch.Generator().manual_seed(1))
 
 
+@pytest.mark.slow
 def test_shallow_pre_ln_encoder_is_not_called_post_ln_like(run_dir):
     """Two Pre-LN layers: the stream accumulates four branches, so β_ii = 1, 0.74, 0.73, 0.45
     by Pre-LN's own dilution (1/sqrt(i+1) with branches of one scale). That is Admin's light
@@ -71,6 +72,7 @@ def test_pre_ln_branches_that_outgrow_the_stream(run_dir):
     assert "1/sqrt(2N)" in f.remedy
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("probe_forward", [True, False])
 def test_post_ln_gpt_says_post_ln_and_the_step_it_read(tmp_path, probe_forward):
     model, forward = sample_gpt("post", depth=3)

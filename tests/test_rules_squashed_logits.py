@@ -50,6 +50,7 @@ def squashed_findings(run_dir) -> list:
     return [f for f in check_run(run_dir).findings if f.rule == "squashed-logits"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["softmax", "raw"])
 def test_a_softmax_before_cross_entropy_is_an_error(tmp_path, kind):
     import json

@@ -96,6 +96,7 @@ def test_a_closed_run_is_what_its_status_says(tmp_path):
     assert run_state(tmp_path / "ok", meta).status == "complete"
 
 
+@pytest.mark.slow
 def test_the_first_part_is_written_within_seconds_not_flush_seconds(tmp_path):
     writer = PartWriter(tmp_path, flush_seconds=30.0)
 

@@ -14,6 +14,7 @@ import math
 import textwrap
 
 import numpy as np
+import pytest
 
 from stabscope.drivers.zerocode import profile_training_script
 from stabscope.record.config import RecorderConfig
@@ -60,6 +61,7 @@ def label_entropy(labels: list[int]) -> float:
     return float(-(p[p > 0] * np.log(p[p > 0])).sum())
 
 
+@pytest.mark.slow
 def test_a_script_that_ended_on_its_own_is_judged_at_its_end(tmp_path):
     errors, own, meta = run(tmp_path, "shuffled")
     # The reference: the script's last losses sit at its labels' entropy (about ln 4).

@@ -380,6 +380,7 @@ def test_hf_gpt_neox_parallel_residual_has_two_branches_from_one_sum(transformer
     )
 
 
+@pytest.mark.slow
 def test_hf_gptj_parallel_block_from_one_norm_has_an_attention_and_an_mlp_branch(transformers):
     """GPT-J adds x + attn(LN x) + mlp(LN x): one norm feeds both branches. The MLP branch is
     the MLP's, not the attention's that ran between the norm and it."""

@@ -131,6 +131,7 @@ def test_linear_with_bias_against_monte_carlo():
     assert_close(K_mc, g_mc, *theory(Linear(d_in, d_out, std, bias), 1.5, 0.2))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["relu", "gelu"])
 def test_activation_after_linear_against_monte_carlo(kind):
     d, std = 256, 1.0 / 16

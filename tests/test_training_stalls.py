@@ -132,6 +132,7 @@ for step in range(12):
 """
 
 
+@pytest.mark.slow
 def test_a_body_replaced_after_the_optimizer_was_built_is_an_error(tmp_path):
     """The optimizer still holds the old body, out of the graph: the recorder sees it too (a
     second set of parameters the script's optimizer steps), but it gets no gradient, so the
@@ -182,6 +183,7 @@ def linear(horizon: int, warmup: int = 5) -> Callable[[int], float]:
     return lambda s: s / warmup if s < warmup else max(0.0, (horizon - s) / (horizon - warmup))
 
 
+@pytest.mark.slow
 def test_a_schedule_whose_horizon_is_shorter_than_the_run_is_an_error_at_its_first_steps(
     tmp_path,
 ):
@@ -223,6 +225,7 @@ def test_a_decay_that_falls_through_zero_is_said_to_go_negative_at_its_first_ste
     assert neg.step == negative
 
 
+@pytest.mark.slow
 def test_a_per_epoch_scheduler_is_judged_by_the_lr_it_used_not_a_per_step_plan(tmp_path):
     def step_lr(model):
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -280,6 +283,7 @@ def test_a_plan_of_chunks_is_checked_from_below_too(tmp_path):
     assert found(tmp_path / "k", "lr-vanishes") == []
 
 
+@pytest.mark.slow
 def test_an_lr_at_exactly_a_thousandth_of_its_peak_is_not_below_it(tmp_path):
     """Three x0.1 step decays from lr 0.1 end at 1e-4, 1/1000 of the peak, which the float32
     lr rows store just under 1e-4 x float32(0.1): not below. A fourth decay is."""
@@ -296,6 +300,7 @@ def test_an_lr_at_exactly_a_thousandth_of_its_peak_is_not_below_it(tmp_path):
     assert f.step == 40 and f.value == pytest.approx(40 / 80)
 
 
+@pytest.mark.slow
 def test_an_sgd_phase_handed_to_an_adam_fine_tune_is_two_scales_not_a_vanishing_lr(tmp_path):
     """SGD at lr 0.1 for 20 steps, then a new Adam at 1e-5 for 40: the second optimizer's lr is
     1e-4 of the first's, but each group is read against its own peak. The same drop inside one
@@ -331,6 +336,7 @@ def sgd(model):
     return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), None
 
 
+@pytest.mark.slow
 def test_sgd_under_a_clip_a_thousand_times_below_the_gradient_norm_is_an_error(tmp_path):
     torch.manual_seed(0)
     weights = math.sqrt(sum(float(p.detach().pow(2).sum()) for p in mlp(hidden=32).parameters()))

@@ -280,6 +280,7 @@ json.dump(losses, open(sys.argv[1], "w"))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["plain", "jitter"])
 def test_the_generators_a_model_is_handed_or_holds_are_given_back(tmp_path, loss):
     """The stability index replays the model's first training call at steps 2, 4, 8, on its

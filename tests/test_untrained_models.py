@@ -66,6 +66,7 @@ def untrained_findings(run) -> list:
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["wrong_params", "d_first", "teacher", "healthy", "early_call"])
 def test_a_generator_no_optimizer_holds(tmp_path, variant):
     script = tmp_path / "gan.py"

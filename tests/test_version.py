@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from typer.testing import CliRunner
 
 import stabscope
@@ -32,6 +33,7 @@ def test_cli_prints_the_version():
     assert result.stdout == f"stabscope {PYPROJECT_VERSION}\n"
 
 
+@pytest.mark.slow
 def test_module_entry_point_prints_the_version():
     done = subprocess.run(
         [sys.executable, "-m", "stabscope", "--version"],

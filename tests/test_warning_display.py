@@ -12,6 +12,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 LOOP = """
 import warnings
 {setup}
@@ -36,15 +38,18 @@ def test_a_reset_registry_shows_the_warning_again_in_plain_python():
     assert shown("", RESET) == 40  # what every reset did to a script's warning
 
 
+@pytest.mark.slow
 def test_with_the_display_installed_it_is_shown_once_despite_the_resets():
     assert shown(INSTALL, RESET) == 1
 
 
+@pytest.mark.slow
 def test_an_always_filter_is_still_shown_every_time():
     always = INSTALL + "; warnings.simplefilter('always')"
     assert shown(always, RESET) == 40 == shown("warnings.simplefilter('always')", "pass")
 
 
+@pytest.mark.slow
 def test_a_once_filter_is_once_per_text_across_lines():
     once = INSTALL + "; warnings.simplefilter('once')"
     code = textwrap.dedent(
@@ -78,6 +83,7 @@ for step in range(300):
 """
 
 
+@pytest.mark.slow
 def test_a_profiled_script_shows_its_warning_as_often_as_without_stabscope(tmp_path):
     script = tmp_path / "warns.py"
     script.write_text(textwrap.dedent(SCRIPT))

@@ -55,6 +55,7 @@ def found(run) -> list:
     return [f for f in check_run(run).findings if f.rule == RULE]
 
 
+@pytest.mark.slow
 def test_adamw_decaying_a_tenth_a_step_is_an_error_a_thirtieth_a_warning(tmp_path):
     norms = train(tmp_path / "wd10", lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=10))
     (f,) = found(tmp_path / "wd10")
@@ -87,6 +88,7 @@ def test_from_a_fiftieth_a_step_a_norm_halved_is_an_error(tmp_path):
     assert "keeps e^-1 of what it learned 33 steps before" in f.message
 
 
+@pytest.mark.slow
 def test_coupled_l2_and_a_small_rate_are_not_judged(tmp_path):
     # Adam's coupled L2 at wd 10 shrinks the weights too, through the normalised gradient;
     # the rule reads only decays that multiply the weights.
@@ -101,6 +103,7 @@ def test_coupled_l2_and_a_small_rate_are_not_judged(tmp_path):
     assert found(tmp_path / "small") == []
 
 
+@pytest.mark.slow
 def test_the_rate_follows_each_optimizers_update_rule(tmp_path):
     # SGD: the decay term passes through the momentum buffer, 1/(1 - 0.9) = 10 times.
     sgd = lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=0.02)  # noqa: E731

@@ -110,6 +110,7 @@ def test_grad_scaler_loss_is_recorded_unscaled(tmp_path):
     assert stabscope.read_meta(run)["loss_function"] == "mse_loss"
 
 
+@pytest.mark.slow
 def test_a_step_the_grad_scaler_skipped_is_a_step_of_the_run(tmp_path):
     """An Inf gradient in the first 3 iterations: the scaler skips their optimizer.step(), as
     it does after an fp16 overflow. They are steps 0-2 of the run all the same, with the
@@ -264,6 +265,7 @@ def test_optimizer_steps_before_the_model_is_called_keep_their_numbers(tmp_path)
     assert sorted(values(run, "__run__", "loss").step) == [2, 3, 4]
 
 
+@pytest.mark.slow
 def test_sample_training_script_from_the_readme(tmp_path):
     out = tmp_path / "plain"
     args = ["--depth", "2", "--width", "16", "--seq-len", "8", "--steps", "4", "--accum", "2"]
@@ -692,6 +694,7 @@ for step in range(5):
 """
 
 
+@pytest.mark.slow
 def test_a_script_that_changes_directory_records_where_out_said(tmp_path, monkeypatch):
     """A relative --out means the caller's directory: the run is there, complete, and the
     script's new directory holds no run (it got the run and its lock before)."""

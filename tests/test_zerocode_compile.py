@@ -46,6 +46,7 @@ def eager_reference(steps: int) -> dict[str, list[float]]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
 def test_compiled_model_keeps_parameter_statistics_and_adds_no_graph_break(tmp_path, backend):
     args = ["--backend", backend, "--graph-break", "--steps", "4"]
@@ -78,6 +79,7 @@ def test_compiled_model_keeps_parameter_statistics_and_adds_no_graph_break(tmp_p
     assert values(run, "fc1", "act_rms").empty  # inside compiled code: not measured
 
 
+@pytest.mark.slow
 def test_a_compiled_loss_in_the_traced_window_adds_no_graph_break(tmp_path):
     """The loss function is compiled too: Dynamo traces it while the loss trace's mode is on
     the stack (the first step). The mode adds nothing to its graph (before it did, a
@@ -97,6 +99,7 @@ def test_a_compiled_loss_in_the_traced_window_adds_no_graph_break(tmp_path):
     assert values(run, "__run__", "stability_index").step.tolist() == [2]
 
 
+@pytest.mark.slow
 def test_compile_with_a_sparse_schedule_compiles_three_variants(tmp_path):
     fresh_dynamo()
     config = RecorderConfig(schedule=Schedule(dense=2, every=3))

@@ -96,6 +96,7 @@ def linear1_rms(step: int) -> tuple[float, float]:
     return train_rms, seen[-1]
 
 
+@pytest.mark.slow
 def test_transformer_encoder_eval_fast_path_is_kept_apart(tmp_path):
     config = RecorderConfig(schedule=Schedule(dense=2, every=3))
     run, log = record(tmp_path, "train_transformer.py", "--steps", "4", config=config)

@@ -82,6 +82,7 @@ class Summary:
     recorded_steps: int
     rows: int
     loss_first: float | None = None
+    loss_first_step: int = 0  # a run recorded from a later step (a model found late) starts there
     loss_last: float | None = None
     loss_nonfinite_step: int | None = None  # the first step whose loss was NaN/Inf
     extremes_metric: str | None = None
@@ -214,7 +215,9 @@ def trend_of(metric: str, step: int, x: np.ndarray, y: np.ndarray) -> DepthTrend
 def _unexpectedly_silent(meta: RunMeta) -> dict[str, list[str]]:
     """meta.json's hooks that never fired, less the forward hooks of every
     ``nn.MultiheadAttention``'s ``out_proj``: torch's attention multiplies by that weight
-    directly and never calls the module, in every model that uses it (the run keeps them)."""
+    directly and never calls the module, in every model that uses it (the run keeps them);
+    and less those of ``LooseParameters``, which holds tensors no module computes with and
+    is never called by design (its note says so)."""
     types = {m["name"]: m.get("type") for m in meta.modules}
     never = dict(meta.hooks_never_fired)
     never["forward"] = [
@@ -223,6 +226,7 @@ def _unexpectedly_silent(meta: RunMeta) -> dict[str, list[str]]:
         if not (
             n.endswith(".out_proj") and types.get(n[: -len(".out_proj")]) == "MultiheadAttention"
         )
+        and types.get(n) != "LooseParameters"
     ]
     return never
 
@@ -250,8 +254,9 @@ def summarize(run_dir: str | Path, top: int = 3) -> Summary:
         run_dir, modules=[RUN_MODULE], metrics=["loss"], phase="train", merge_ranks=True
     )
     if not loss.empty:
-        values = loss.sort_values("step").value.to_numpy(float)
-        s.loss_first = float(values[0])
+        ordered = loss.sort_values("step")
+        values = ordered.value.to_numpy(float)
+        s.loss_first, s.loss_first_step = float(values[0]), int(ordered.step.iloc[0])
         # A loss that overflowed while every module stayed finite is said as such.
         first_bad = first_nonfinite_loss(loss)
         s.loss_nonfinite_step = None if first_bad is None else first_bad[0]

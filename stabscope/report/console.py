@@ -67,7 +67,8 @@ def print_summary(summary: Summary, console: Console) -> None:
         console.print(f"structure: {escape(s.structure)}", soft_wrap=True)
     if s.loss_first is not None:
         console.print(
-            f"loss {_fmt(s.loss_first)} at step 0 -> {_fmt(s.loss_last)} (mean of the last tenth)"
+            f"loss {_fmt(s.loss_first)} at step {s.loss_first_step} -> {_fmt(s.loss_last)} "
+            "(mean of the last tenth)"
         )
     if s.largest:
         # One line per module, the whole name: a table would cut names to the terminal's

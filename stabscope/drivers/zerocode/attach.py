@@ -60,6 +60,7 @@ from ...record.tool_faults import FAULTS, fault_note, guarded
 from ...store import update_meta
 from .compiled import COMPILE_NOTE, EAGER_NOTE, DynamoCounts, compiled_modules
 from .empty_run import write_empty_run
+from .loose import LOOSE_NOTE, LooseParameters, held_by_no_module
 from .losses import LossTap
 from .optimizers import OptimizerTracker, StepOwners, parameter_ids, trained_parameter_ids
 from .probe_loss import ProbeLoss
@@ -145,6 +146,10 @@ class ScriptRecording:
         self._probe_batch: FirstTrainingCall | None = None
         self._probe_loss: ProbeLoss | None = None
         self._dynamo = DynamoCounts()
+        # Tensors the optimizers step that no module holds (loose.py), to record from the
+        # next safe point; looked for once, at the first optimizer step's end.
+        self._loose: LooseParameters | None = None
+        self._loose_checked = False
 
     # -- lifecycle ---------------------------------------------------------------------------
     def install(self) -> None:
@@ -229,7 +234,9 @@ class ScriptRecording:
     # -- root calls: finding the model -------------------------------------------------------
     def _safe_point(self) -> None:
         # Called where no optimizer hook is running: PyTorch iterates the optimizer hook
-        # dicts while calling them, so hooks can only be removed out here.
+        # dicts while calling them, so hooks can only be added or removed out here.
+        if self._loose is not None and self.recorder is None and not self.done:
+            self._start_loose()
         if self.done:
             if self._stop_raised and CAUGHT_STOP_NOTE not in self.notes:
                 self.notes.append(CAUGHT_STOP_NOTE)
@@ -241,6 +248,8 @@ class ScriptRecording:
             self._probe_loss.safe_point()
         if self.done:
             self._safe_point()
+        elif self._loose is not None and self.recorder is None:
+            self._start_loose()
         elif self.recorder is None:
             self._find_model(module)
         elif module is not self.model:
@@ -271,6 +280,13 @@ class ScriptRecording:
             params = parameter_ids(module)
             owners = self.optimizers.training(params)
         self._start(module, params, owners)
+
+    def _start_loose(self) -> None:
+        module, self._loose = self._loose, None
+        assert module is not None
+        params = parameter_ids(module)
+        self.notes.append(LOOSE_NOTE.format(step=max(self._steps_before.values(), default=0)))
+        self._start(module, params, self.optimizers.training(params))
 
     def _start(self, module: nn.Module, params: set[int], owners: list[Optimizer]) -> None:
         self.model = module
@@ -308,7 +324,7 @@ class ScriptRecording:
         rec.start()
         self.losses.on_first_graph = rec.note_loss_function  # the loss before any scaling
         self.losses.read_constants = True  # each step's loss_constant
-        if rec.wants_probe_forward and not isinstance(module, TrainedModels):
+        if rec.wants_probe_forward and not isinstance(module, (TrainedModels, LooseParameters)):
             # Registered inside the model's first call: it already sees that call's output.
             self._probe_loss = ProbeLoss(rec.set_probe_forward, self.notes.append)
             self.losses.on_loss = self._probe_loss.loss
@@ -355,6 +371,15 @@ class ScriptRecording:
             key = id(optimizer)
             self._steps_before[key] = self._steps_before.get(key, 0) + 1
             self.losses.clear()
+            if not self._loose_checked:
+                self._loose_checked = True
+                alive = self.optimizers.alive()
+                # A called module whose parameters got gradients that no optimizer holds is
+                # what the script trains (an optimizer left on a stale copy): its fault,
+                # named at the end (_require_steps). A vmap's meta copy gets none.
+                astray = any(graded for _, _, graded in self._unowned_parameters())
+                if not astray and held_by_no_module(alive):
+                    self._loose = LooseParameters(alive)
 
     @guarded("a skipped optimizer step")
     def _skipped_step(self, optimizer: Optimizer) -> None:
