@@ -44,7 +44,9 @@ TOLERANCE = 1e-5
 
 REMEDY = (
     "give the scheduler the number of optimizer steps the run trains for "
-    "(num_training_steps, T_max, total_steps), and step a per-epoch scheduler once per epoch"
+    "(num_training_steps, T_max, total_steps), and step a per-epoch scheduler once per epoch; "
+    "a schedule written by hand that multiplies group['lr'] by its factor each step compounds "
+    "the factors: set the lr from the base lr and the step instead"
 )
 
 
