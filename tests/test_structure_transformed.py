@@ -75,6 +75,24 @@ class Dropped(nn.Module):
         return x + F.dropout(self.mlp(self.norm2(x)), 0.3, self.training)
 
 
+class PostDropped(nn.Module):
+    """Post-LN with dropout by function (HF BART's and Marian's layers):
+    norm1(x + dropout(attn(x))), then norm2(x + dropout(mlp(x))). ``p`` 0: no dropout."""
+
+    def __init__(self, p: float = 0.3) -> None:
+        super().__init__()
+        self.p = p
+        self.norm1, self.norm2 = nn.LayerNorm(D), nn.LayerNorm(D)
+        self.attn = nn.MultiheadAttention(D, 2, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(D, 2 * D), nn.GELU(), nn.Linear(2 * D, D))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm1(
+            x + F.dropout(self.attn(x, x, x, need_weights=False)[0], self.p, self.training)
+        )
+        return self.norm2(x + F.dropout(self.mlp(x), self.p, self.training))
+
+
 class Plain(nn.Module):
     """No residual: gelu(lin(norm(x))), same shape in and out."""
 
@@ -195,3 +213,36 @@ def test_dropout_by_function_in_a_training_step_keeps_the_blocks(tmp_path):
         assert all(br["transformed"] for br in branches)
     rows = load_run(tmp_path / "run")
     assert {f"blocks.{i}" for i in range(3)} <= set(rows[rows.metric == "act_rms"].module)
+
+
+def test_a_post_ln_branch_that_drops_by_function_in_training_gets_no_residual_stats(tmp_path):
+    """A probe forward finds the structure in eval mode, where F.dropout does nothing; in
+    training the norm's input is x + m ⊙ f / (1 - p), so the stream read from it as (norm
+    input - f) would carry the dropped-out f (checked here on the model's own tensors). The
+    training-mode trace marks those branches, and the run records no res_* rows for them;
+    the same model without dropout keeps its residual stats."""
+    model = Stack(PostDropped)
+    model.train()
+    seen: dict[str, torch.Tensor] = {}
+    block = model.blocks[0]
+    block.register_forward_pre_hook(lambda m, a: seen.update(x=a[0].detach()))
+    block.attn.register_forward_hook(lambda m, a, o: seen.update(f=o[0].detach()))
+    block.norm1.register_forward_hook(lambda m, a, o: seen.update(t=a[0].detach()))
+    with torch.no_grad():
+        forward(model)
+    stream_read = seen["t"] - seen["f"]
+    assert (stream_read - seen["x"]).norm() > 0.05 * seen["x"].norm()  # not the stream
+    structure = train_two_steps(model, tmp_path / "drop")  # with a probe forward
+    branches = [br for b in structure["blocks"] for br in b["branches"]]
+    assert len(branches) == 6 and all(br["placement"] == "post" for br in branches)
+    assert all(br["transformed"] for br in branches)
+    rows = load_run(tmp_path / "drop")
+    assert not rows.metric.str.startswith("res_").any()
+
+    plain = Stack(lambda: PostDropped(0.0))
+    plain.train()
+    structure = train_two_steps(plain, tmp_path / "plain")
+    branches = [br for b in structure["blocks"] for br in b["branches"]]
+    assert len(branches) == 6 and not any(br["transformed"] for br in branches)
+    rows = load_run(tmp_path / "plain")
+    assert set(rows[rows.metric == "res_dependency"].module) == {br["name"] for br in branches}

@@ -37,16 +37,38 @@ def discover(model: nn.Module, forward: Callable[[nn.Module], Any]) -> Structure
     (no shapes to trace) and run fused kernels that the training forward never calls.
     """
     try:
-        with (
-            side_forward(model),
-            torch.no_grad(),
-            _without_inference_fastpath(),
-            capture(model) as trace,
-        ):
-            forward(model)
+        found = _traced(model, forward, keep_modes=False)
     except Exception as err:  # the user's forward raised: say so, never crash here
         return unrecognised(f"structure trace failed: {type(err).__name__}: {err}")
+    if model.training and any(b.placement != "pre" for b in found.branches):
+        # A Post-LN sum read in eval mode may not hold in training: HF BART, Marian and
+        # OPT add F.dropout(f, p, self.training), which eval mode skips. The residual probe
+        # reads a Post-LN stream as (norm input - f)/alpha, so such a branch would carry the
+        # dropped-out f: a training-mode trace (RNG and buffers given back) marks it.
+        with contextlib.suppress(Exception):  # best effort: the eval-mode reading stands
+            _mark_dropped_in_training(found, _traced(model, forward, keep_modes=True))
+    return found
+
+
+def _traced(model: nn.Module, forward: Callable[[nn.Module], Any], keep_modes: bool) -> Structure:
+    with (
+        side_forward(model, keep_modes=keep_modes),
+        torch.no_grad(),
+        _without_inference_fastpath(),
+        capture(model) as trace,
+    ):
+        forward(model)
     return from_trace(model, trace)
+
+
+def _mark_dropped_in_training(found: Structure, training: Structure) -> None:
+    """Mark ``transformed`` the branches of ``found`` (eval mode) that the training-mode
+    trace found transformed: their sum in training is not the eval-mode one (dropout by
+    function), and the residual stats skip them as they do in a training script's run."""
+    changed = {(b.name, b.output) for b in training.branches if b.transformed}
+    for branch in found.branches:
+        if (branch.name, branch.output) in changed and branch.placement != "pre":
+            branch.transformed = True
 
 
 def from_trace(model: nn.Module, trace: Trace) -> Structure:
