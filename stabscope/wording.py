@@ -21,7 +21,7 @@ def first_line(message: str, limit: int = MESSAGE_CHARS) -> str:
         return line
     cut = line[: limit - 3]
     space = cut.rfind(" ")
-    if space >= limit // 2:
+    if line[limit - 3] != " " and space >= limit // 2:  # the cut is inside a word
         cut = cut[:space]
     return cut.rstrip() + "..."
 

@@ -354,3 +354,17 @@ def test_layers_held_in_module_dicts_are_the_blocks_a_module_list_of_them_gives(
 
     meta = json.loads((run / "meta.json").read_text())
     assert layer_modules(meta) == {f"stages.high.layer{i}": i for i in range(3)}
+
+
+def test_a_found_block_that_never_ran_is_placed_after_those_that_did():
+    """meta.json gives a module that never ran ``forward_order`` None (a block the forward
+    skips): the stack's order puts it last, and nothing fails on it."""
+    meta = {
+        "structure": {"blocks": [{"name": f"stages.s.{k}"} for k in ("low", "mid", "top")]},
+        "modules": [
+            {"name": "stages.s.low", "type": "Block", "role": "block", "forward_order": 3},
+            {"name": "stages.s.mid", "type": "Block", "role": "block", "forward_order": None},
+            {"name": "stages.s.top", "type": "Block", "role": "block", "forward_order": 7},
+        ],
+    }
+    assert layer_modules(meta) == {"stages.s.low": 0, "stages.s.top": 1, "stages.s.mid": 2}

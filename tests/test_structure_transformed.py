@@ -232,6 +232,10 @@ def test_a_post_ln_branch_that_drops_by_function_in_training_gets_no_residual_st
         forward(model)
     stream_read = seen["t"] - seen["f"]
     assert (stream_read - seen["x"]).norm() > 0.05 * seen["x"].norm()  # not the stream
+    model.eval()  # found before a train() call (a Recorder opened on an eval-mode model)
+    assert all(br.transformed for br in discover(model, forward).branches)
+    assert not any(m.training for m in model.modules())  # its modes given back
+    model.train()
     structure = train_two_steps(model, tmp_path / "drop")  # with a probe forward
     branches = [br for b in structure["blocks"] for br in b["branches"]]
     assert len(branches) == 6 and all(br["placement"] == "post" for br in branches)

@@ -18,6 +18,11 @@ def test_a_long_line_is_cut_at_a_words_end_within_the_limit():
     assert len(" ".join(words[: len(kept) + 1])) > 117  # and no whole word more fits
 
 
+def test_a_cut_that_falls_on_a_space_keeps_the_word_before_it():
+    line = "a" * 50 + " " + "b" * 6 + " " + "c" * 20  # the 57th character ends the b's
+    assert first_line(line, limit=60) == "a" * 50 + " " + "b" * 6 + "..."
+
+
 def test_a_short_line_is_kept_whole_and_a_word_longer_than_the_limit_is_cut():
     assert first_line("\n\n  short message  \nmore") == "short message"
     assert first_line("x" * (MESSAGE_CHARS + 50)) == "x" * (MESSAGE_CHARS - 3) + "..."

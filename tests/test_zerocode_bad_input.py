@@ -221,3 +221,16 @@ def test_a_traceback_keeps_a_folder_whose_name_begins_like_stabscopes():
         "ValueError: bad\n",
     ]
     assert script_frames(entries) == [entries[0], entries[3], entries[4]]
+
+
+def test_one_step_over_tensors_no_module_holds_says_they_are_recorded_from_the_second(tmp_path):
+    script = tmp_path / "raw.py"
+    script.write_text(
+        "import torch\nw = torch.zeros(3, requires_grad=True)\n"
+        "opt = torch.optim.SGD([w], lr=0.1)\n(w - 1).pow(2).sum().backward()\nopt.step()\n"
+    )
+    res, out, _ = profile(tmp_path, script=script)
+    assert_one_line_error(
+        res, "raw.py ended after 1 optimizer step, over tensors no module holds", "second"
+    )
+    assert stabscope.read_meta(out)["status"] == "failed"

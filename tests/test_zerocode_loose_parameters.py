@@ -61,8 +61,9 @@ for step in range(12):
     loss = F.mse_loss(out, x[:, :1].sin().expand(3, 16, 1))
     opt.zero_grad()
     loss.backward()
+    norm = torch.cat([p.grad.reshape(-1) for p in params.values()]).norm()
     opt.step()
-    log.append({"loss": loss.item()})
+    log.append({"loss": loss.item(), "grad_norm": norm.item()})
 json.dump(log, open(sys.argv[1], "w"))
 """
 
@@ -121,7 +122,10 @@ def test_raw_tensors_that_diverge_fail_the_gate(tmp_path):
     assert res.exit_code == 0, res.output
     loss = _series(out, "loss")
     assert loss[39] > 1e3 * loss[1] or loss[39] != loss[39]
-    assert invoke("check", out).exit_code == 1
+    res = invoke("check", out, "--format", "json")
+    assert res.exit_code == 1
+    errors = {f["rule"] for f in json.loads(res.stdout)["findings"] if f["severity"] == "error"}
+    assert errors == {"loss-divergence", "nonfinite"}
 
 
 def test_parameters_stacked_for_vmap_are_recorded(tmp_path):
@@ -132,5 +136,38 @@ def test_parameters_stacked_for_vmap_are_recorded(tmp_path):
     log = json.loads(log_path.read_text())
     loss = _series(out, "loss")
     assert [loss[s] for s in range(1, 12)] == pytest.approx([r["loss"] for r in log[1:]], rel=1e-6)
+    grad_norm = _series(out, "grad_norm")
+    assert [grad_norm[s] for s in range(1, 12)] == pytest.approx(
+        [r["grad_norm"] for r in log[1:]], rel=1e-5
+    )
     shapes = [p["shape"] for p in stabscope.read_meta(out)["parameters"]]
     assert shapes == [[3, 8, 4], [3, 8], [3, 1, 8], [3, 1]]  # the stacked tensors themselves
+
+
+GRAD_ONLY = """
+import json, sys
+import torch
+
+g = torch.Generator().manual_seed(0)
+w = torch.zeros(6, requires_grad=True)
+x = torch.randn(64, 6, generator=g)
+y = x @ torch.randn(6, generator=g)
+opt = torch.optim.SGD([w], lr=0.1)
+log = []
+for step in range(12):
+    loss = (x @ w - y).pow(2).mean()
+    (w.grad,) = torch.autograd.grad(loss, [w])
+    opt.step()
+    log.append(loss.item())
+json.dump(log, open(sys.argv[1], "w"))
+"""
+
+
+def test_raw_tensors_whose_gradient_is_taken_with_autograd_grad_are_recorded(tmp_path):
+    script, log_path, out = tmp_path / "grad.py", tmp_path / "log.json", tmp_path / "run"
+    script.write_text(textwrap.dedent(GRAD_ONLY))
+    res = invoke("profile", script, "--out", out, "-q", "--", log_path)
+    assert res.exit_code == 0, res.output
+    log = json.loads(log_path.read_text())
+    loss = _series(out, "loss")
+    assert [loss[s] for s in range(1, 12)] == pytest.approx(log[1:], rel=1e-6)

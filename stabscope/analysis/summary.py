@@ -163,8 +163,12 @@ def layer_modules(meta: Mapping[str, Any]) -> dict[str, int]:
         return max((o for o in orders if o is not None), default=-1)
 
     best = max(groups.values(), key=lambda g: (len(g), runs_last(g)))
-    order = sorted(best, key=lambda m: m.get("forward_order", 0))
-    return {m["name"]: _position(m, order.index(m)) for m in best}
+    # A module that never ran has forward_order None: placed after those that ran.
+    order = sorted(
+        best, key=lambda m: (m.get("forward_order") is None, m.get("forward_order") or 0)
+    )
+    rank = {m["name"]: k for k, m in enumerate(order)}
+    return {m["name"]: _position(m, rank[m["name"]]) for m in best}
 
 
 def _position(module: Mapping[str, Any], order: int) -> int:
@@ -215,9 +219,7 @@ def trend_of(metric: str, step: int, x: np.ndarray, y: np.ndarray) -> DepthTrend
 def _unexpectedly_silent(meta: RunMeta) -> dict[str, list[str]]:
     """meta.json's hooks that never fired, less the forward hooks of every
     ``nn.MultiheadAttention``'s ``out_proj``: torch's attention multiplies by that weight
-    directly and never calls the module, in every model that uses it (the run keeps them);
-    and less those of ``LooseParameters``, which holds tensors no module computes with and
-    is never called by design (its note says so)."""
+    directly and never calls the module, in every model that uses it (the run keeps them)."""
     types = {m["name"]: m.get("type") for m in meta.modules}
     never = dict(meta.hooks_never_fired)
     never["forward"] = [
@@ -226,7 +228,6 @@ def _unexpectedly_silent(meta: RunMeta) -> dict[str, list[str]]:
         if not (
             n.endswith(".out_proj") and types.get(n[: -len(".out_proj")]) == "MultiheadAttention"
         )
-        and types.get(n) != "LooseParameters"
     ]
     return never
 

@@ -95,7 +95,9 @@ class ModuleHooks(NotCopied):
 
         return {
             "forward": [
-                names[c] for c, m in self.modules if self.forward_calls[c] == 0 and not tied(m)
+                names[c]
+                for c, m in self.modules
+                if self.forward_calls[c] == 0 and not tied(m) and not holds_only(m)
             ],
             "grad": [names[c] for c in codes if self.grad_hooks[c] > 0 and self.grad_calls[c] == 0],
         }
@@ -298,3 +300,9 @@ def paused(*hooks: ModuleHooks | ListenerHooks) -> Iterator[None]:
     finally:
         for h, flag in zip(hooks, was):
             h.paused = flag
+
+
+def holds_only(module: nn.Module) -> bool:
+    """A module that holds tensors for recording and is never meant to be called (zero-code
+    mode's ``LooseParameters``, marked ``computes = False``): its silence says nothing."""
+    return getattr(type(module), "computes", True) is False

@@ -37,26 +37,33 @@ def discover(model: nn.Module, forward: Callable[[nn.Module], Any]) -> Structure
     (no shapes to trace) and run fused kernels that the training forward never calls.
     """
     try:
-        found = _traced(model, forward, keep_modes=False)
+        found = _traced(model, forward)
     except Exception as err:  # the user's forward raised: say so, never crash here
         return unrecognised(f"structure trace failed: {type(err).__name__}: {err}")
-    if model.training and any(b.placement != "pre" for b in found.branches):
+    if any(b.placement != "pre" for b in found.branches):
         # A Post-LN sum read in eval mode may not hold in training: HF BART, Marian and
         # OPT add F.dropout(f, p, self.training), which eval mode skips. The residual probe
         # reads a Post-LN stream as (norm input - f)/alpha, so such a branch would carry the
-        # dropped-out f: a training-mode trace (RNG and buffers given back) marks it.
+        # dropped-out f: a training-mode trace (every module in training mode, whatever the
+        # model's mode now: a model may be switched to train() after the Recorder opened;
+        # modes, RNG and buffers given back) marks it.
         with contextlib.suppress(Exception):  # best effort: the eval-mode reading stands
-            _mark_dropped_in_training(found, _traced(model, forward, keep_modes=True))
+            _mark_dropped_in_training(found, _traced(model, forward, training=True))
     return found
 
 
-def _traced(model: nn.Module, forward: Callable[[nn.Module], Any], keep_modes: bool) -> Structure:
+def _traced(
+    model: nn.Module, forward: Callable[[nn.Module], Any], training: bool = False
+) -> Structure:
     with (
-        side_forward(model, keep_modes=keep_modes),
+        side_forward(model, keep_modes=training),
         torch.no_grad(),
         _without_inference_fastpath(),
         capture(model) as trace,
     ):
+        if training:
+            for m in model.modules():  # side_forward gives each its own flag back
+                m.training = True
         forward(model)
     return from_trace(model, trace)
 

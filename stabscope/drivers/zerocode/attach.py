@@ -58,9 +58,10 @@ from ...record.probe_forward import LOSS_SHARE_KWARGS, FirstTrainingCall
 from ...record.recorder import Recorder
 from ...record.tool_faults import FAULTS, fault_note, guarded
 from ...store import update_meta
+from ...store.structure import unrecognised
 from .compiled import COMPILE_NOTE, EAGER_NOTE, DynamoCounts, compiled_modules
 from .empty_run import write_empty_run
-from .loose import LOOSE_NOTE, LooseParameters, held_by_no_module
+from .loose import LOOSE_NOTE, LOOSE_STRUCTURE, LooseParameters, held_by_no_module
 from .losses import LossTap
 from .optimizers import OptimizerTracker, StepOwners, parameter_ids, trained_parameter_ids
 from .probe_loss import ProbeLoss
@@ -281,10 +282,16 @@ class ScriptRecording:
             owners = self.optimizers.training(params)
         self._start(module, params, owners)
 
+    @property
+    def loose_pending(self) -> bool:
+        """Tensors no module holds were found at the first step, and no step came after."""
+        return self._loose is not None and self.recorder is None
+
     def _start_loose(self) -> None:
         module, self._loose = self._loose, None
         assert module is not None
         params = parameter_ids(module)
+        self.losses.loose_ids = params
         self.notes.append(LOOSE_NOTE.format(step=max(self._steps_before.values(), default=0)))
         self._start(module, params, self.optimizers.training(params))
 
@@ -313,6 +320,9 @@ class ScriptRecording:
             schedulers=schedulers,
             budget=self.budget,
             on_error=self.on_error,
+            structure=unrecognised(LOOSE_STRUCTURE)
+            if isinstance(module, LooseParameters)
+            else None,
         )
         # Steps taken before the model was first called keep their numbers.
         before = (self._steps_before.get(k, 0) for k in self._owners.names)

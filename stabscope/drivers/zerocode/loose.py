@@ -13,12 +13,11 @@ hook), and a note says so.
 
 from __future__ import annotations
 
-import gc
-
 from torch import nn
 from torch.optim import Optimizer
 
 from .optimizers import trained_parameter_ids
+from .roots import live_modules
 
 LOOSE_NOTE = (
     "the optimizer's parameters belong to no module (raw tensors, or parameters stacked for "
@@ -28,10 +27,16 @@ LOOSE_NOTE = (
     "statistics"
 )
 
+#: The structure of such a run: there is no forward of a module to trace.
+LOOSE_STRUCTURE = "no module computes with the optimizer's tensors (LooseParameters)"
+
 
 class LooseParameters(nn.Module):
     """The script's own tensors (not copies) under ``group{g}_{i}`` names (``opt{k}_`` first
-    where several optimizers step), in the order the optimizers hold them. Never called."""
+    where several optimizers are alive), in the order the optimizers hold them. Never
+    called: ``computes = False`` keeps it out of the hooks that never fired."""
+
+    computes = False
 
     def __init__(self, optimizers: list[Optimizer]) -> None:
         super().__init__()
@@ -58,15 +63,13 @@ def held_by_no_module(optimizers: list[Optimizer]) -> bool:
     trained = set().union(*(trained_parameter_ids(o) for o in optimizers)) if optimizers else set()
     if not trained:
         return False
-    # type(), not isinstance: a weakref.proxy passes isinstance and is no module (roots.py).
-    modules = (
-        obj
-        for obj in gc.get_objects()
-        if issubclass(type(obj), nn.Module) and type(obj) is not LooseParameters
-    )
     return not any(
-        id(p) in trained for m in modules for p in m._parameters.values() if p is not None
+        id(p) in trained
+        for m in live_modules()
+        if type(m) is not LooseParameters
+        for p in m._parameters.values()
+        if p is not None
     )
 
 
-__all__ = ["LOOSE_NOTE", "LooseParameters", "held_by_no_module"]
+__all__ = ["LOOSE_NOTE", "LOOSE_STRUCTURE", "LooseParameters", "held_by_no_module"]

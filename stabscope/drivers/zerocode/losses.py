@@ -86,6 +86,9 @@ class LossTap:
         # Told the first loss with its graph once, then dropped (which loss function it is).
         self.on_first_graph: Callable[[torch.Tensor], None] | None = None
         self.steps_without_loss = 0
+        # ids of plain tensors the optimizers train, counted as parameters where a gradient
+        # is taken with autograd.grad (an optimizer over raw tensors: loose.py)
+        self.loose_ids: set[int] = set()
         # The constant prediction's loss of each of this step's losses, read while
         # ``read_constants`` (record/constant_loss.py); the step's sum is ``step_constant``.
         self.read_constants = False
@@ -228,6 +231,8 @@ class LossTap:
         gradient w.r.t. parameters, no ``grad_outputs``, is kept as a possible loss."""
         if compiling() or in_backward() or self._in_step:
             return
+        if self.before_backward is not None:  # a safe point, as a backward() call is
+            self.before_backward()
         outputs = args[0] if args else kwargs.get("outputs")
         inputs = args[1] if len(args) > 1 else kwargs.get("inputs")
         given = args[2] if len(args) > 2 else kwargs.get("grad_outputs")
@@ -242,7 +247,7 @@ class LossTap:
             or outputs.numel() != 1
             or not outputs.is_floating_point()
             or not inputs
-            or not all(isinstance(p, torch.nn.Parameter) for p in inputs)
+            or not all(isinstance(p, torch.nn.Parameter) or id(p) in self.loose_ids for p in inputs)
         ):
             return
         self._grad_values.append(outputs.detach().reshape(()).float())

@@ -312,6 +312,14 @@ def _require_steps(recording: ScriptRecording, path: Path, ending: str) -> None:
             "--nproc_per_node=N -m stabscope profile ...`); a model script defines model(cfg), "
             "batches(cfg) and loss(model, batch) (README: Model scripts)",
         )
+    elif recording.loose_pending:
+        problem = UsageError(
+            f"{what}{ending} after {recording.optimizer_steps} optimizer step, over tensors no "
+            "module holds: nothing was recorded",
+            hint="such tensors (raw tensors, parameters stacked for vmap) are recorded from "
+            "the second optimizer step on (docs/zero-code.md, Tensors no module holds); "
+            "train for two steps or more",
+        )
     else:
         called = recording.untrained_calls()
         trains = (
