@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,12 +75,18 @@ def _series(run, metric: str, module: str = "__run__") -> dict[int, float]:
     return dict(zip(df.step.astype(int), df.value.astype(float)))
 
 
-def test_raw_tensors_are_recorded_from_the_second_step_as_the_script_computes_them(tmp_path):
-    script, log_path, out = tmp_path / "raw.py", tmp_path / "log.json", tmp_path / "run"
-    script.write_text(textwrap.dedent(RAW))
-    res = invoke("profile", script, "--out", out, "-q", "--", "0.5", log_path)
+def _profiled(tmp_path, source: str, *args: str) -> tuple[Path, list]:
+    """``source`` written as a script, profiled zero-code with ``args`` and the path of the
+    log it writes last; the run directory and the script's log."""
+    script, log_path, out = tmp_path / "script.py", tmp_path / "log.json", tmp_path / "run"
+    script.write_text(textwrap.dedent(source))
+    res = invoke("profile", script, "--out", out, "-q", "--", *args, log_path)
     assert res.exit_code == 0, res.output
-    log = json.loads(log_path.read_text())
+    return out, json.loads(log_path.read_text())
+
+
+def test_raw_tensors_are_recorded_from_the_second_step_as_the_script_computes_them(tmp_path):
+    out, log = _profiled(tmp_path, RAW, "0.5")
     meta = stabscope.read_meta(out)
     assert meta["status"] == "complete" and meta["model_type"] == "LooseParameters"
     assert [p["name"] for p in meta["parameters"]] == ["group0_0", "group0_1"]
@@ -129,11 +136,7 @@ def test_raw_tensors_that_diverge_fail_the_gate(tmp_path):
 
 
 def test_parameters_stacked_for_vmap_are_recorded(tmp_path):
-    script, log_path, out = tmp_path / "stacked.py", tmp_path / "log.json", tmp_path / "run"
-    script.write_text(textwrap.dedent(STACKED))
-    res = invoke("profile", script, "--out", out, "-q", "--", log_path)
-    assert res.exit_code == 0, res.output
-    log = json.loads(log_path.read_text())
+    out, log = _profiled(tmp_path, STACKED)
     loss = _series(out, "loss")
     assert [loss[s] for s in range(1, 12)] == pytest.approx([r["loss"] for r in log[1:]], rel=1e-6)
     grad_norm = _series(out, "grad_norm")
@@ -164,10 +167,6 @@ json.dump(log, open(sys.argv[1], "w"))
 
 
 def test_raw_tensors_whose_gradient_is_taken_with_autograd_grad_are_recorded(tmp_path):
-    script, log_path, out = tmp_path / "grad.py", tmp_path / "log.json", tmp_path / "run"
-    script.write_text(textwrap.dedent(GRAD_ONLY))
-    res = invoke("profile", script, "--out", out, "-q", "--", log_path)
-    assert res.exit_code == 0, res.output
-    log = json.loads(log_path.read_text())
+    out, log = _profiled(tmp_path, GRAD_ONLY)
     loss = _series(out, "loss")
     assert [loss[s] for s in range(1, 12)] == pytest.approx(log[1:], rel=1e-6)
