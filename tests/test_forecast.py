@@ -356,3 +356,56 @@ def test_the_token_correlation_remedy_follows_the_blocks_placement(tmp_path, nor
     assert {b.placement for b in view.structure.blocks} == {norm}
     expected = PRE_LN_TOKEN_CORR if norm == "pre" else REMEDIES["init_token_corr"]
     assert _remedy("init_token_corr", view) == expected
+
+
+def _tied_head_run(run, scale: float, steps: int = 60, noisy: bool = False):
+    """A next-token model whose logits are ``scale`` x F.linear(h, emb.weight): its head is
+    applied by function (no module has the 12 outputs), so only the loss's graph says how
+    many classes there are. Target: the token after x, (x + 1) mod 12; ``noisy``: a random
+    token for half the batch (the best loss is then 1.79 nats, ln 12 = 2.48)."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from stabscope import Recorder
+
+    torch.manual_seed(0)
+    emb, body = nn.Embedding(12, 16), nn.Linear(16, 16)
+    model = nn.ModuleDict({"emb": emb, "body": body})
+    opt = torch.optim.Adam(model.parameters(), lr=3e-2)
+    g = torch.Generator().manual_seed(1)
+    with Recorder(model, run, budget=steps) as rec:
+        for _ in range(steps):
+            x = torch.randint(0, 12, (64,), generator=g)
+            logits = scale * F.linear(torch.tanh(body(emb(x))), emb.weight)
+            y = (x + 1) % 12
+            if noisy:
+                y[::2] = torch.randint(0, 12, (32,), generator=g)
+            loss = F.cross_entropy(logits, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            rec.step(loss=loss)
+    return RunView.open(run)
+
+
+def test_a_head_applied_by_function_is_read_against_the_losss_own_classes(tmp_path) -> None:
+    """No module holds the 12 outputs, so the head's ln V is unknown; at the run's end the
+    loss's own 12 classes give ln 12, with the start counted as at most ln 12. Learned: it
+    ends under half of ln 12. A start 3x too hot (8 nats) that falls only to between half of ln 12
+    and ln 12 has not (against its own start it would read as learned)."""
+    from stabscope.rules.forecast import learned, learned_by_the_end
+    from stabscope.rules.output_features import log_classes
+
+    view = _tied_head_run(tmp_path / "tied", 1.0)
+    assert view.meta.doc["loss_classes"] == 12 and not isinstance(log_classes(view), tuple)
+    loss = load_run(tmp_path / "tied", metrics=["loss"]).sort_values("step").value.to_numpy()
+    assert np.median(loss[-5:]) < 0.5 * math.log(12)  # the reference: it learned
+    said = learned_by_the_end(view, 60, 60)
+    assert said is not None and "ln N = 2.48, the loss's 12 classes" in said
+    assert learned(view) is None  # the forecast's own signals keep the head's reading
+
+    hot = _tied_head_run(tmp_path / "hot", 3.0, noisy=True)
+    loss = load_run(tmp_path / "hot", metrics=["loss"]).sort_values("step").value.to_numpy()
+    assert 0.5 * math.log(12) < np.median(loss[-5:]) < math.log(12) < 0.5 * loss[0]
+    assert learned_by_the_end(hot, 60, 60) is None

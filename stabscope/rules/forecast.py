@@ -158,14 +158,25 @@ def learned_by_the_end(view: RunView, budget: int | None, seen: int) -> str | No
     error."""
     if budget is None or seen < budget:
         return None
-    said = learned(view)
+    said = learned(view, own_classes=True)
     return f"{said}: the rules on the outcome judge it" if said else None
 
 
-def learned(view: RunView, ceiling: float = 1.0) -> str | None:
+def learned(view: RunView, ceiling: float = 1.0, own_classes: bool = False) -> str | None:
     """Why the loss of the steps seen shows the model learned (``learned_by_the_end``): its
-    last losses below ``ceiling`` x ln V and at most half its start; or None."""
+    last losses below ``ceiling`` x ln V and at most half its start; or None. With
+    ``own_classes``, where no output head gives V, the classes of the cross-entropy itself
+    (meta.json ``loss_classes``, read from the loss's graph) do: a head applied by function,
+    ``F.linear(x, wte.weight)``, is no module, and a uniform guess over the loss's N classes
+    costs ln N wherever its logits came from. Read so, the start counts as at most ln N: no
+    head's logits at the first step say that the init was sane, and a loss that fell from 31
+    to 3.6 against ln 64 = 4.16 (LayerNorm gains of 100: blind trial 46) has shed a bad
+    init's excess, not learned."""
     classes = log_classes(view)
+    count = view.meta.doc.get("loss_classes")
+    by_loss = not isinstance(classes, tuple) and own_classes
+    if by_loss and isinstance(count, int) and count > 1:
+        classes = (math.log(count), f"ln N = {math.log(count):.3g}, the loss's {count} classes")
     if not isinstance(classes, tuple):
         return None  # no ln V: nothing to read the loss against
     loss = loss_series(view)
@@ -176,6 +187,8 @@ def learned(view: RunView, ceiling: float = 1.0) -> str | None:
         return None
     start, _, _, level, _ = loss_levels(loss, MIN_WINDOW)
     ln_v, where = classes
+    if by_loss:
+        start = min(start, ln_v)
     if level >= ceiling * ln_v or level > LEARNED_SHARE * start:
         return None
     bar = "below a uniform guess" if ceiling == 1 else f"under {ceiling:g}x a uniform guess"
