@@ -35,9 +35,7 @@ def _or_allow(p: dict[str, float], remedy: str, gated: str) -> str:
 
 def _run_status(view: RunView, p: dict[str, float]) -> Iterator[Finding]:
     state = run_state(view.run_dir, view.meta)
-    # Every step, not only those the schedule probed in full (a meta.json without the count
-    # of steps has the recorded ones).
-    steps = view.meta.steps or view.meta.recorded_steps
+    steps = view.meta.steps_taken
     if state.status == "failed":
         error = view.meta.error or {}
         what = f"{error.get('type', 'error')}: {error.get('message', '')}".strip(": ")

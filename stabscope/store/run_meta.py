@@ -112,6 +112,12 @@ class RunMeta(Mapping[str, Any]):
         return self._int("steps", 0)
 
     @property
+    def steps_taken(self) -> int:
+        """Every step taken, not only those the schedule probed in full; a meta.json without
+        the count of steps gives its recorded ones."""
+        return self.steps or self.recorded_steps
+
+    @property
     def recorded_steps(self) -> int:
         """Steps with recorded rows (the schedule may skip some)."""
         return self._int("recorded_steps", 0)

@@ -242,7 +242,7 @@ def run_state(run_dir: PathLike, meta: Mapping[str, Any], reread: bool = True) -
         # only some of them (every step has the every-step tier's rows).
         return RunState(
             status,
-            f"interrupted by {by} after {counted(meta.steps or meta.recorded_steps, 'step')} "
+            f"interrupted by {by} after {counted(meta.steps_taken, 'step')} "
             f"({meta.recorded_steps} of them with the full probes)",
         )
     if status == "stopped":

@@ -236,7 +236,7 @@ class ScriptRecording:
     def _safe_point(self) -> None:
         # Called where no optimizer hook is running: PyTorch iterates the optimizer hook
         # dicts while calling them, so hooks can only be added or removed out here.
-        if self._loose is not None and self.recorder is None and not self.done:
+        if self.loose_pending and not self.done:
             self._start_loose()
         if self.done:
             if self._stop_raised and CAUGHT_STOP_NOTE not in self.notes:
@@ -249,7 +249,7 @@ class ScriptRecording:
             self._probe_loss.safe_point()
         if self.done:
             self._safe_point()
-        elif self._loose is not None and self.recorder is None:
+        elif self.loose_pending:
             self._start_loose()
         elif self.recorder is None:
             self._find_model(module)
